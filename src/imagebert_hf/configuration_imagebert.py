@@ -1,0 +1,200 @@
+"""ImageBERT model configuration."""
+
+from transformers import PreTrainedConfig
+
+
+MOC_LOSS_TYPES = ("cross_entropy", "kl")
+RETRIEVAL_LOSS_TYPES = ("binary", "multiclass", "triplet")
+
+
+class ImageBERTConfig(PreTrainedConfig):
+    r"""
+    Configuration of an ImageBERT model: a single-stream BERT over WordPiece tokens and object regions
+    (Qi et al. 2020, arXiv 2001.07966). The text fields are BERT's, so a BERT `config.json` loads unchanged; the
+    region, pretraining and retrieval fields are ImageBERT's. Defaults give the paper's base model.
+
+    The input sequence is `[CLS] text [SEP]` followed by the regions. Text positions count up from 0; every
+    region uses the one position `region_position_id`, since regions have no order.
+
+    Args:
+        vocab_size (`int`, *optional*, defaults to 30522):
+            Size of the WordPiece vocabulary.
+        hidden_size (`int`, *optional*, defaults to 768):
+            Width of the encoder.
+        num_hidden_layers (`int`, *optional*, defaults to 12):
+            Number of transformer layers.
+        num_attention_heads (`int`, *optional*, defaults to 12):
+            Attention heads per layer.
+        intermediate_size (`int`, *optional*, defaults to 3072):
+            Width of the feed-forward layer.
+        hidden_act (`str`, *optional*, defaults to `"gelu"`):
+            Feed-forward activation.
+        hidden_dropout_prob (`float`, *optional*, defaults to 0.1):
+            Dropout on embeddings and residual branches.
+        attention_probs_dropout_prob (`float`, *optional*, defaults to 0.1):
+            Dropout on attention probabilities.
+        max_position_embeddings (`int`, *optional*, defaults to 512):
+            Rows of the position table. Text can be at most `max_position_embeddings - 1` tokens long, since
+            row `region_position_id` is reserved for regions.
+        type_vocab_size (`int`, *optional*, defaults to 2):
+            Rows of the segment table. Text uses segment 0, regions `region_token_type_id`.
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Standard deviation of the normal initialiser.
+        layer_norm_eps (`float`, *optional*, defaults to 1e-12):
+            LayerNorm epsilon.
+        pad_token_id (`int`, *optional*, defaults to 0):
+            Id of the padding token.
+        region_feature_size (`int`, *optional*, defaults to 2048):
+            Size of one region's visual feature (2048 for a ResNet-101 Faster R-CNN).
+        region_location_size (`int`, *optional*, defaults to 5):
+            Size of the location vector `(x1/W, y1/H, x2/W, y2/H, area/(W*H))`.
+        num_object_classes (`int`, *optional*, defaults to 1600):
+            Object classes of the detector (1600 for Visual Genome); the size of the MOC head.
+        max_regions (`int`, *optional*, defaults to 100):
+            Most regions per image.
+        max_text_length (`int`, *optional*, defaults to 44):
+            Text tokens per sample, [CLS] and [SEP] included, as the processor pads and truncates them.
+        region_position_id (`int`, *optional*):
+            The position row shared by all regions. Defaults to `max_position_embeddings - 1`, a row that text of
+            ordinary length never uses.
+        region_token_type_id (`int`, *optional*, defaults to 1):
+            Segment id of the regions.
+        mlm_probability (`float`, *optional*, defaults to 0.15):
+            Share of text tokens masked for MLM (80% [MASK], 10% random, 10% kept).
+        region_mask_probability (`float`, *optional*, defaults to 0.15):
+            Share of regions masked for MOC and MRFR.
+        region_zero_probability (`float`, *optional*, defaults to 0.9):
+            Share of masked regions whose feature is zeroed; the others keep their feature.
+        itm_negative_probability (`float`, *optional*, defaults to 0.5):
+            Share of pretraining samples whose text or regions are replaced by another sample's.
+        mlm_loss_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the masked language modelling loss.
+        moc_loss_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the masked object classification loss.
+        mrfr_loss_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the masked region feature regression loss.
+        itm_loss_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the image-text matching loss.
+        moc_loss_type (`str`, *optional*, defaults to `"cross_entropy"`):
+            `"cross_entropy"` against the detector's hard label, or `"kl"` against its class distribution.
+        retrieval_loss_weights (`dict[str, float]`, *optional*):
+            Weights of the retrieval losses by name (`"binary"`, `"multiclass"`, `"triplet"`). Defaults to
+            `{"binary": 1.0}`, the paper's best.
+        retrieval_num_negatives (`int`, *optional*, defaults to 3):
+            Negatives per positive for the multi-class and triplet losses (the paper's P).
+        triplet_margin (`float`, *optional*, defaults to 0.2):
+            Margin of the triplet loss.
+        contrastive_embedding_size (`int`, *optional*, defaults to 256):
+            Size of the unimodal embeddings used to shortlist retrieval candidates.
+        contrastive_temperature (`float`, *optional*, defaults to 0.05):
+            Temperature of the contrastive loss over those embeddings.
+    """
+
+    model_type = "imagebert"
+
+    def __init__(
+        self,
+        vocab_size: int = 30522,
+        hidden_size: int = 768,
+        num_hidden_layers: int = 12,
+        num_attention_heads: int = 12,
+        intermediate_size: int = 3072,
+        hidden_act: str = "gelu",
+        hidden_dropout_prob: float = 0.1,
+        attention_probs_dropout_prob: float = 0.1,
+        max_position_embeddings: int = 512,
+        type_vocab_size: int = 2,
+        initializer_range: float = 0.02,
+        layer_norm_eps: float = 1e-12,
+        pad_token_id: int = 0,
+        region_feature_size: int = 2048,
+        region_location_size: int = 5,
+        num_object_classes: int = 1600,
+        max_regions: int = 100,
+        max_text_length: int = 44,
+        region_position_id: int | None = None,
+        region_token_type_id: int = 1,
+        mlm_probability: float = 0.15,
+        region_mask_probability: float = 0.15,
+        region_zero_probability: float = 0.9,
+        itm_negative_probability: float = 0.5,
+        mlm_loss_weight: float = 1.0,
+        moc_loss_weight: float = 1.0,
+        mrfr_loss_weight: float = 1.0,
+        itm_loss_weight: float = 1.0,
+        moc_loss_type: str = "cross_entropy",
+        retrieval_loss_weights: dict[str, float] | None = None,
+        retrieval_num_negatives: int = 3,
+        triplet_margin: float = 0.2,
+        contrastive_embedding_size: int = 256,
+        contrastive_temperature: float = 0.05,
+        **kwargs,
+    ):
+        super().__init__(pad_token_id=pad_token_id, **kwargs)
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.intermediate_size = intermediate_size
+        self.hidden_act = hidden_act
+        self.hidden_dropout_prob = hidden_dropout_prob
+        self.attention_probs_dropout_prob = attention_probs_dropout_prob
+        self.max_position_embeddings = max_position_embeddings
+        self.type_vocab_size = type_vocab_size
+        self.initializer_range = initializer_range
+        self.layer_norm_eps = layer_norm_eps
+        self.region_feature_size = region_feature_size
+        self.region_location_size = region_location_size
+        self.num_object_classes = num_object_classes
+        self.max_regions = max_regions
+        self.max_text_length = max_text_length
+        self.region_position_id = max_position_embeddings - 1 if region_position_id is None else region_position_id
+        self.region_token_type_id = region_token_type_id
+        self.mlm_probability = mlm_probability
+        self.region_mask_probability = region_mask_probability
+        self.region_zero_probability = region_zero_probability
+        self.itm_negative_probability = itm_negative_probability
+        self.mlm_loss_weight = mlm_loss_weight
+        self.moc_loss_weight = moc_loss_weight
+        self.mrfr_loss_weight = mrfr_loss_weight
+        self.itm_loss_weight = itm_loss_weight
+        self.moc_loss_type = moc_loss_type
+        self.retrieval_loss_weights = dict(retrieval_loss_weights) if retrieval_loss_weights else {"binary": 1.0}
+        self.retrieval_num_negatives = retrieval_num_negatives
+        self.triplet_margin = triplet_margin
+        self.contrastive_embedding_size = contrastive_embedding_size
+        self.contrastive_temperature = contrastive_temperature
+        self._validate()
+
+    def _validate(self):
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
+                f"({self.num_attention_heads})."
+            )
+        if self.moc_loss_type not in MOC_LOSS_TYPES:
+            raise ValueError(f"moc_loss_type must be one of {MOC_LOSS_TYPES}, got {self.moc_loss_type!r}.")
+        unknown = set(self.retrieval_loss_weights) - set(RETRIEVAL_LOSS_TYPES)
+        if unknown:
+            raise ValueError(
+                f"retrieval_loss_weights has unknown losses {sorted(unknown)}; expected keys among "
+                f"{RETRIEVAL_LOSS_TYPES}."
+            )
+        if not 0 <= self.region_position_id < self.max_position_embeddings:
+            raise ValueError(
+                f"region_position_id ({self.region_position_id}) must index the position table of "
+                f"max_position_embeddings={self.max_position_embeddings} rows."
+            )
+        if not 0 <= self.region_token_type_id < self.type_vocab_size:
+            raise ValueError(
+                f"region_token_type_id ({self.region_token_type_id}) must be below type_vocab_size "
+                f"({self.type_vocab_size})."
+            )
+        if self.max_text_length > self.region_position_id:
+            raise ValueError(
+                f"max_text_length ({self.max_text_length}) must not reach region_position_id "
+                f"({self.region_position_id}), the position row reserved for regions."
+            )
+
+
+__all__ = ["ImageBERTConfig"]
