@@ -1,6 +1,29 @@
-"""ImageBERT for the Hugging Face ecosystem."""
+"""ImageBERT for the Hugging Face ecosystem: a single-stream BERT over text and image regions."""
 
 from .configuration_imagebert import ImageBERTConfig
+from .modeling_imagebert import (
+    ImageBERTForImageTextRetrieval,
+    ImageBERTForImageTextRetrievalOutput,
+    ImageBERTForPreTraining,
+    ImageBERTForPreTrainingOutput,
+    ImageBERTModel,
+    ImageBERTModelOutput,
+    ImageBERTPreTrainedModel,
+)
+from .modeling_auto import AutoModelForImageTextRetrieval
 
 
 __version__ = "0.1.0"
+
+
+def register() -> None:
+    """Makes the Auto classes (and the pipeline, when its module is present) know ImageBERT. Safe to call twice."""
+    from transformers import AutoConfig, AutoModel, AutoModelForPreTraining
+
+    AutoConfig.register("imagebert", ImageBERTConfig, exist_ok=True)
+    AutoModel.register(ImageBERTConfig, ImageBERTModel, exist_ok=True)
+    AutoModelForPreTraining.register(ImageBERTConfig, ImageBERTForPreTraining, exist_ok=True)
+    AutoModelForImageTextRetrieval.register(ImageBERTConfig, ImageBERTForImageTextRetrieval, exist_ok=True)
+
+
+register()

@@ -44,6 +44,8 @@ class ImageBERTConfig(PreTrainedConfig):
             LayerNorm epsilon.
         pad_token_id (`int`, *optional*, defaults to 0):
             Id of the padding token.
+        tie_word_embeddings (`bool`, *optional*, defaults to `True`):
+            Whether the MLM decoder shares its weight with the word embeddings, as in BERT.
         region_feature_size (`int`, *optional*, defaults to 2048):
             Size of one region's visual feature (2048 for a ResNet-101 Faster R-CNN).
         region_location_size (`int`, *optional*, defaults to 5):
@@ -107,6 +109,7 @@ class ImageBERTConfig(PreTrainedConfig):
         initializer_range: float = 0.02,
         layer_norm_eps: float = 1e-12,
         pad_token_id: int = 0,
+        tie_word_embeddings: bool = True,
         region_feature_size: int = 2048,
         region_location_size: int = 5,
         num_object_classes: int = 1600,
@@ -131,6 +134,7 @@ class ImageBERTConfig(PreTrainedConfig):
         **kwargs,
     ):
         super().__init__(pad_token_id=pad_token_id, **kwargs)
+        self.tie_word_embeddings = tie_word_embeddings
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers

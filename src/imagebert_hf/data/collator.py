@@ -1,0 +1,293 @@
+"""Batches for ImageBERT pretraining: ITM negatives, MLM and region masking (MOC, MRFR), per-batch padding."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def _as_tensor(value: Any, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype)
+    return torch.as_tensor(np.asarray(value), dtype=dtype)
+
+
+@dataclass
+class DataCollatorForImageBERTPretraining:
+    """Turns per-sample features into a padded pretraining batch for `ImageBERTForPreTraining`.
+
+    Each feature is a dict with `input_ids` (special tokens included, unpadded), `region_features` (R, F) and
+    `region_locations` (R, 5), and optionally `token_type_ids`, `region_class_labels` (R,), `region_class_probs`
+    (R, C), `image_id`, `itm_labels` and `sample_seed`. `None` features (records that failed to load) are dropped
+    and counted.
+
+    What it does, in order:
+    1. ITM: when the features carry no `itm_labels`, each sample becomes a negative with probability
+       `itm_negative_probability`: its text (share `text_negative_share`) or its regions are replaced by those of
+       another sample of the batch with a different `image_id`. When they carry `itm_labels` (a dataset that picks
+       negatives from the whole corpus), those are kept.
+    2. MLM on positives only: each text token that is neither special nor padding is chosen with probability
+       `mlm_probability`; chosen tokens become [MASK] (80%), a random non-special token (10%) or stay (10%).
+    3. Region masking on positives only: each real region is chosen with probability `region_mask_probability`;
+       chosen regions get a zero feature with probability `region_zero_probability` and keep it otherwise.
+       `region_feature_targets` holds the features before masking (MRFR), `region_class_labels` /
+       `region_class_probs` pass through for MOC, which reads them at `masked_regions`.
+    4. Padding of text and regions to the longest in this batch (optionally to a multiple).
+
+    Negatives are left unmasked, so MLM, MOC and MRFR see only matched pairs (conditional masking).
+
+    Randomness: a sample with `sample_seed` draws its masks from a generator seeded with it alone, so the batch is
+    the same however the samples are split across processes or resumed; otherwise draws come from one generator
+    seeded with `seed`, so the same sequence of calls gives the same batches.
+
+    Args:
+        tokenizer: A BERT tokenizer; gives the pad, [MASK] and special token ids and the vocabulary size.
+        mlm_probability (`float`, defaults to 0.15): Share of text tokens chosen for MLM.
+        region_mask_probability (`float`, defaults to 0.15): Share of regions chosen for MOC and MRFR.
+        region_zero_probability (`float`, defaults to 0.9): Share of chosen regions whose feature is zeroed.
+        itm_negative_probability (`float`, defaults to 0.5): Share of samples made negatives (in-batch mode).
+        text_negative_share (`float`, defaults to 0.5): Among negatives, the share whose text (rather than regions)
+            is replaced.
+        ensure_one_masked (`bool`, defaults to `True`): Mask at least one token and one region of every positive
+            with any, so every masked loss is defined even for short captions (UNITER does the same).
+        max_text_length (`int`, *optional*): Truncate text to this many tokens (the last one kept is [SEP]).
+        max_regions (`int`, *optional*): Keep at most this many regions per sample.
+        pad_to_multiple_of (`int`, *optional*): Round padded lengths up to a multiple of this.
+        return_region_class_probs (`bool`, defaults to `True`): Return `region_class_probs` when features have it.
+        count_failed (`bool`, defaults to `False`): Add `num_failed_records` (dropped `None` features) to the batch.
+        seed (`int`, *optional*): Seed of the generator used for samples without `sample_seed`.
+    """
+
+    tokenizer: Any
+    mlm_probability: float = 0.15
+    region_mask_probability: float = 0.15
+    region_zero_probability: float = 0.9
+    itm_negative_probability: float = 0.5
+    text_negative_share: float = 0.5
+    ensure_one_masked: bool = True
+    max_text_length: int | None = None
+    max_regions: int | None = None
+    pad_to_multiple_of: int | None = None
+    return_region_class_probs: bool = True
+    count_failed: bool = False
+    seed: int | None = None
+
+    def __post_init__(self):
+        for name in (
+            "mlm_probability",
+            "region_mask_probability",
+            "region_zero_probability",
+            "itm_negative_probability",
+            "text_negative_share",
+        ):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}.")
+        if self.tokenizer.mask_token_id is None or self.tokenizer.pad_token_id is None:
+            raise ValueError("The tokenizer needs a [MASK] and a [PAD] token for MLM.")
+        self._special_ids = torch.tensor(sorted(set(self.tokenizer.all_special_ids)), dtype=torch.long)
+        vocab_ids = torch.arange(len(self.tokenizer))
+        self._random_token_ids = vocab_ids[~torch.isin(vocab_ids, self._special_ids)]
+        self._generator = torch.Generator()
+        self._generator.manual_seed(self.seed if self.seed is not None else torch.seed() % (2**63))
+
+    # --- randomness -------------------------------------------------------------------------------------------
+    def _sample_generator(self, feature: dict) -> torch.Generator:
+        seed = feature.get("sample_seed")
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=self._generator))
+        generator = torch.Generator()
+        generator.manual_seed(int(seed))
+        return generator
+
+    # --- steps ------------------------------------------------------------------------------------------------
+    def _in_batch_negatives(self, samples: list[dict]) -> None:
+        if len(samples) < 2 or self.itm_negative_probability == 0.0:
+            return
+        image_ids = [sample.get("image_id") for sample in samples]
+        for i, sample in enumerate(samples):
+            generator = sample["_generator"]
+            draws = torch.rand(2, generator=generator)
+            if draws[0] >= self.itm_negative_probability:
+                continue
+            others = [j for j in range(len(samples)) if j != i and (image_ids[j] is None or image_ids[j] != image_ids[i])]
+            if not others:
+                continue
+            j = others[int(torch.randint(len(others), (1,), generator=generator))]
+            # Sources are read from the untouched copies, so a sample already turned negative is never chained.
+            if draws[1] < self.text_negative_share:
+                sample["input_ids"] = samples[j]["_orig_input_ids"]
+                sample["token_type_ids"] = samples[j]["_orig_token_type_ids"]
+            else:
+                for key in ("region_features", "region_locations", "region_class_labels", "region_class_probs"):
+                    if key in samples[j]["_orig_regions"]:
+                        sample[key] = samples[j]["_orig_regions"][key]
+                    else:
+                        sample.pop(key, None)
+            sample["itm_labels"] = 0
+
+    def _mask_text(self, input_ids: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.full_like(input_ids, -100)
+        candidates = ~torch.isin(input_ids, self._special_ids)
+        if not candidates.any() or self.mlm_probability == 0.0:
+            return input_ids, labels
+        chosen = (torch.rand(input_ids.shape, generator=generator) < self.mlm_probability) & candidates
+        if self.ensure_one_masked and not chosen.any():
+            positions = candidates.nonzero().flatten()
+            chosen[positions[int(torch.randint(len(positions), (1,), generator=generator))]] = True
+        labels[chosen] = input_ids[chosen]
+        action = torch.rand(input_ids.shape, generator=generator)
+        random_ids = self._random_token_ids[
+            torch.randint(len(self._random_token_ids), input_ids.shape, generator=generator)
+        ]
+        masked = input_ids.clone()
+        masked[chosen & (action < 0.8)] = self.tokenizer.mask_token_id
+        to_random = chosen & (action >= 0.8) & (action < 0.9)
+        masked[to_random] = random_ids[to_random]
+        return masked, labels
+
+    def _mask_regions(self, features: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        num_regions = features.shape[0]
+        chosen = torch.rand(num_regions, generator=generator) < self.region_mask_probability
+        if self.region_mask_probability == 0.0:
+            chosen[:] = False
+        elif self.ensure_one_masked and num_regions > 0 and not chosen.any():
+            chosen[int(torch.randint(num_regions, (1,), generator=generator))] = True
+        zero = chosen & (torch.rand(num_regions, generator=generator) < self.region_zero_probability)
+        masked = features.clone()
+        masked[zero] = 0.0
+        return masked, chosen
+
+    # --- entry point ------------------------------------------------------------------------------------------
+    def __call__(self, features: Sequence[dict | None]) -> dict[str, torch.Tensor]:
+        num_failed = sum(feature is None for feature in features)
+        samples = [self._prepare(feature) for feature in features if feature is not None]
+        if not samples:
+            raise ValueError(f"every record of this batch ({num_failed}) failed to load; nothing to collate.")
+
+        if all("itm_labels" in sample for sample in samples):
+            for sample in samples:
+                sample["itm_labels"] = int(sample["itm_labels"])
+        else:
+            for sample in samples:
+                sample["itm_labels"] = 1
+            self._in_batch_negatives(samples)
+
+        for sample in samples:
+            generator = sample["_generator"]
+            sample["labels"] = torch.full_like(sample["input_ids"], -100)
+            sample["masked_regions"] = torch.zeros(sample["region_features"].shape[0], dtype=torch.bool)
+            sample["region_feature_targets"] = sample["region_features"]
+            if sample["itm_labels"] == 1:
+                sample["input_ids"], sample["labels"] = self._mask_text(sample["input_ids"], generator)
+                sample["region_features"], sample["masked_regions"] = self._mask_regions(
+                    sample["region_features"], generator
+                )
+        batch = self._pad(samples)
+        if self.count_failed:
+            batch["num_failed_records"] = torch.tensor(num_failed)
+        return batch
+
+    def _prepare(self, feature: dict) -> dict:
+        if "input_ids" not in feature or "region_features" not in feature or "region_locations" not in feature:
+            raise KeyError(
+                "each feature needs 'input_ids', 'region_features' and 'region_locations'; got keys "
+                f"{sorted(feature)}."
+            )
+        input_ids = _as_tensor(feature["input_ids"], torch.long).flatten()
+        token_type_ids = feature.get("token_type_ids")
+        token_type_ids = (
+            torch.zeros_like(input_ids) if token_type_ids is None else _as_tensor(token_type_ids, torch.long).flatten()
+        )
+        if self.max_text_length is not None and input_ids.shape[0] > self.max_text_length:
+            # Keep [SEP] last so a truncated caption still looks like BERT input.
+            input_ids = torch.cat([input_ids[: self.max_text_length - 1], input_ids[-1:]])
+            token_type_ids = token_type_ids[: self.max_text_length]
+        regions = {
+            "region_features": _as_tensor(feature["region_features"], torch.float32),
+            "region_locations": _as_tensor(feature["region_locations"], torch.float32),
+        }
+        num_regions = regions["region_features"].shape[0]
+        if feature.get("region_class_labels") is not None:
+            regions["region_class_labels"] = _as_tensor(feature["region_class_labels"], torch.long)
+        if self.return_region_class_probs and feature.get("region_class_probs") is not None:
+            regions["region_class_probs"] = _as_tensor(feature["region_class_probs"], torch.float32)
+        for key, value in regions.items():
+            if value.shape[0] != num_regions:
+                raise ValueError(f"{key} has {value.shape[0]} rows but region_features has {num_regions}.")
+            if self.max_regions is not None:
+                regions[key] = value[: self.max_regions]
+        sample = {
+            "input_ids": input_ids,
+            "token_type_ids": token_type_ids,
+            "_orig_input_ids": input_ids,
+            "_orig_token_type_ids": token_type_ids,
+            "_orig_regions": dict(regions),
+            "_generator": self._sample_generator(feature),
+            "image_id": feature.get("image_id"),
+            **regions,
+        }
+        if "itm_labels" in feature and feature["itm_labels"] is not None:
+            sample["itm_labels"] = feature["itm_labels"]
+        return sample
+
+    def _round(self, length: int) -> int:
+        if self.pad_to_multiple_of:
+            return -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        return length
+
+    def _pad(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        batch_size = len(samples)
+        text_length = self._round(max(sample["input_ids"].shape[0] for sample in samples))
+        num_regions = self._round(max(sample["region_features"].shape[0] for sample in samples))
+        feature_size = samples[0]["region_features"].shape[-1]
+        pad_id = self.tokenizer.pad_token_id
+        has_labels = all("region_class_labels" in s for s in samples)
+        has_probs = all("region_class_probs" in s for s in samples)
+
+        batch = {
+            "input_ids": torch.full((batch_size, text_length), pad_id, dtype=torch.long),
+            "attention_mask": torch.zeros(batch_size, text_length, dtype=torch.long),
+            "token_type_ids": torch.zeros(batch_size, text_length, dtype=torch.long),
+            "labels": torch.full((batch_size, text_length), -100, dtype=torch.long),
+            "region_features": torch.zeros(batch_size, num_regions, feature_size),
+            "region_locations": torch.zeros(batch_size, num_regions, 5),
+            "region_attention_mask": torch.zeros(batch_size, num_regions, dtype=torch.long),
+            "masked_regions": torch.zeros(batch_size, num_regions, dtype=torch.bool),
+            "region_feature_targets": torch.zeros(batch_size, num_regions, feature_size),
+            "itm_labels": torch.tensor([int(s["itm_labels"]) for s in samples], dtype=torch.long),
+        }
+        if has_labels:
+            batch["region_class_labels"] = torch.full((batch_size, num_regions), -100, dtype=torch.long)
+        if has_probs:
+            num_classes = samples[0]["region_class_probs"].shape[-1]
+            batch["region_class_probs"] = torch.zeros(batch_size, num_regions, num_classes)
+        for i, sample in enumerate(samples):
+            length = sample["input_ids"].shape[0]
+            batch["input_ids"][i, :length] = sample["input_ids"]
+            batch["attention_mask"][i, :length] = 1
+            batch["token_type_ids"][i, :length] = sample["token_type_ids"][:length]
+            batch["labels"][i, :length] = sample["labels"]
+            count = sample["region_features"].shape[0]
+            if sample["region_features"].shape[-1] != feature_size:
+                raise ValueError(
+                    f"region feature sizes differ within the batch: {sample['region_features'].shape[-1]} vs "
+                    f"{feature_size}."
+                )
+            batch["region_features"][i, :count] = sample["region_features"]
+            batch["region_locations"][i, :count] = sample["region_locations"]
+            batch["region_attention_mask"][i, :count] = 1
+            batch["masked_regions"][i, :count] = sample["masked_regions"]
+            batch["region_feature_targets"][i, :count] = sample["region_feature_targets"]
+            if has_labels:
+                batch["region_class_labels"][i, :count] = sample["region_class_labels"]
+            if has_probs:
+                batch["region_class_probs"][i, :count] = sample["region_class_probs"]
+        return batch
+
+
+__all__ = ["DataCollatorForImageBERTPretraining"]

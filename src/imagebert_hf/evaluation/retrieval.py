@@ -1,0 +1,178 @@
+"""Recall@K for image-text retrieval from a score matrix.
+
+Conventions (those of the ImageBERT, UNITER and BLIP papers):
+
+- TR (text retrieval): each image is a query over all texts; it is a hit at K when any of its captions is among
+  the K best-scored texts.
+- IR (image retrieval): each text is a query over all images; it is a hit at K when its image is among the K
+  best-scored images.
+- Ties are broken against the query: a candidate that scores exactly as high as the best correct one counts as
+  ranked above it. A constant scorer therefore gets chance level or less, never a perfect score, and the result
+  does not depend on the order of the gallery.
+- Several folds (COCO 1k): the images are cut into consecutive, equal folds; each fold is ranked against its own
+  images and their captions only, and every recall is averaged over the folds.
+"""
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+
+DEFAULT_KS = (1, 5, 10)
+
+
+def _as_score_tensor(scores) -> torch.Tensor:
+    scores = torch.as_tensor(np.asarray(scores) if not isinstance(scores, torch.Tensor) else scores)
+    scores = scores.detach().to("cpu")
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be a (num_images, num_texts) matrix, got shape {tuple(scores.shape)}.")
+    if scores.shape[0] == 0 or scores.shape[1] == 0:
+        raise ValueError(f"scores is empty (shape {tuple(scores.shape)}): there is nothing to rank.")
+    if not scores.is_floating_point():
+        scores = scores.double()
+    if not torch.isfinite(scores).all():
+        bad = torch.nonzero(~torch.isfinite(scores))[0].tolist()
+        raise ValueError(f"scores must be finite; scores[{bad[0]}, {bad[1]}] is {scores[bad[0], bad[1]].item()}.")
+    return scores
+
+
+def _as_text_to_image(text_to_image, num_images: int, num_texts: int) -> torch.Tensor:
+    text_to_image = torch.as_tensor(np.asarray(text_to_image), dtype=torch.long).reshape(-1)
+    if text_to_image.numel() != num_texts:
+        raise ValueError(
+            f"text_to_image has {text_to_image.numel()} entries but scores has {num_texts} texts (columns); "
+            "give the image index of every text."
+        )
+    if text_to_image.numel() and (text_to_image.min() < 0 or text_to_image.max() >= num_images):
+        raise ValueError(
+            f"text_to_image must hold image indices in [0, {num_images}); got values from "
+            f"{text_to_image.min().item()} to {text_to_image.max().item()}."
+        )
+    return text_to_image
+
+
+def retrieval_ranks(scores, text_to_image, chunk_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-based rank of the first correct candidate of every query.
+
+    Args:
+        scores (`array-like` of shape `(num_images, num_texts)`):
+            Relevance of every image-text pair; higher is better.
+        text_to_image (`array-like` of shape `(num_texts,)`):
+            The index of the image each text describes.
+        chunk_size (`int`, *optional*, defaults to 256):
+            Queries compared at once; bounds memory on large galleries (COCO 5k is 5,000 x 25,000).
+
+    Returns:
+        `tuple[torch.Tensor, torch.Tensor]`: `tr_ranks` of shape `(num_images,)`, the rank of each image's best
+        caption among all texts, and `ir_ranks` of shape `(num_texts,)`, the rank of each text's image among all
+        images. A query is a hit at K when its rank is below K.
+    """
+    scores = _as_score_tensor(scores)
+    num_images, num_texts = scores.shape
+    text_to_image = _as_text_to_image(text_to_image, num_images, num_texts)
+    captions_per_image = torch.bincount(text_to_image, minlength=num_images)
+    if (captions_per_image == 0).any():
+        missing = torch.nonzero(captions_per_image == 0).flatten()[:5].tolist()
+        raise ValueError(
+            f"{int((captions_per_image == 0).sum())} image(s) have no caption (e.g. image indices {missing}); "
+            "text retrieval for them is undefined. Drop them from the score matrix."
+        )
+
+    # IR: for text t with image i, count the other images scoring at least scores[i, t].
+    positive_scores = scores[text_to_image, torch.arange(num_texts)]
+    ir_ranks = torch.empty(num_texts, dtype=torch.long)
+    for start in range(0, num_texts, chunk_size):
+        block = scores[:, start : start + chunk_size]
+        ir_ranks[start : start + chunk_size] = (block >= positive_scores[start : start + chunk_size]).sum(0) - 1
+
+    # TR: for image i, count the texts of other images scoring at least its best caption.
+    tr_ranks = torch.empty(num_images, dtype=torch.long)
+    for start in range(0, num_images, chunk_size):
+        block = scores[start : start + chunk_size]
+        is_positive = text_to_image[None, :] == torch.arange(start, start + block.shape[0])[:, None]
+        best_positive = block.masked_fill(~is_positive, float("-inf")).max(dim=1).values
+        tr_ranks[start : start + block.shape[0]] = ((block >= best_positive[:, None]) & ~is_positive).sum(1)
+    return tr_ranks, ir_ranks
+
+
+def recall_at_k(ranks, k: int) -> float:
+    """Share of queries (in percent) whose rank is below `k`."""
+    ranks = torch.as_tensor(ranks)
+    return 100.0 * (ranks < k).double().mean().item()
+
+
+def _single_fold_metrics(scores, text_to_image, ks: Sequence[int], ir_scores=None) -> dict[str, float]:
+    tr_ranks, ir_ranks = retrieval_ranks(scores, text_to_image)
+    if ir_scores is not None:
+        _, ir_ranks = retrieval_ranks(ir_scores, text_to_image)
+    metrics = {}
+    for k in ks:
+        metrics[f"tr_r{k}"] = recall_at_k(tr_ranks, k)
+    for k in ks:
+        metrics[f"ir_r{k}"] = recall_at_k(ir_ranks, k)
+    metrics["rsum"] = sum(metrics.values())
+    return metrics
+
+
+def retrieval_metrics(
+    scores, text_to_image, num_folds: int = 1, ks: Sequence[int] = DEFAULT_KS, ir_scores=None
+) -> dict[str, float]:
+    """Text and image retrieval recall@K and their sum (RSUM), in percent.
+
+    Args:
+        scores (`array-like` of shape `(num_images, num_texts)`):
+            Relevance of every image-text pair (numpy, torch or nested lists); higher is better.
+        text_to_image (`array-like` of shape `(num_texts,)`):
+            The index of the image each text describes; an image may have several texts.
+        num_folds (`int`, *optional*, defaults to 1):
+            Cut the images into this many consecutive equal folds, rank each fold on its own and average
+            (COCO 1k: the 5k test images in 5 folds of 1,000). The number of images must be a multiple of it.
+        ks (`Sequence[int]`, *optional*, defaults to `(1, 5, 10)`):
+            Cut-offs K.
+        ir_scores (`array-like` of shape `(num_images, num_texts)`, *optional*):
+            A separate matrix for the text queries. Shortlist re-ranking gives each direction its own matrix
+            (image queries re-rank their shortlisted texts, text queries their shortlisted images); `scores` then
+            serves the image queries only.
+
+    Returns:
+        `dict[str, float]`: `tr_r1, tr_r5, tr_r10` (image query, text gallery), `ir_r1, ir_r5, ir_r10` (text
+        query, image gallery) and `rsum`, the sum of the six, for the default `ks`.
+
+    Example:
+        >>> retrieval_metrics([[0.9, 0.1], [0.2, 0.8]], text_to_image=[0, 1])["tr_r1"]
+        100.0
+    """
+    scores = _as_score_tensor(scores)
+    num_images, num_texts = scores.shape
+    text_to_image = _as_text_to_image(text_to_image, num_images, num_texts)
+    if num_folds < 1 or num_images % num_folds:
+        raise ValueError(f"num_folds must be a positive divisor of the number of images ({num_images}), got {num_folds}.")
+    if ir_scores is not None:
+        ir_scores = _as_score_tensor(ir_scores)
+        if ir_scores.shape != scores.shape:
+            raise ValueError(f"ir_scores has shape {tuple(ir_scores.shape)}; expected {tuple(scores.shape)} as scores.")
+    if num_folds == 1:
+        return _single_fold_metrics(scores, text_to_image, ks, ir_scores)
+
+    fold_size = num_images // num_folds
+    per_fold = []
+    for fold in range(num_folds):
+        first, last = fold * fold_size, (fold + 1) * fold_size
+        texts = torch.nonzero((text_to_image >= first) & (text_to_image < last)).flatten()
+        fold_ir = None if ir_scores is None else ir_scores[first:last][:, texts]
+        per_fold.append(_single_fold_metrics(scores[first:last][:, texts], text_to_image[texts] - first, ks, fold_ir))
+    return {key: sum(fold[key] for fold in per_fold) / num_folds for key in per_fold[0]}
+
+
+def format_metrics_table(results: dict[str, dict[str, float]], ks: Sequence[int] = DEFAULT_KS) -> str:
+    """A markdown table of several evaluations, one row each (e.g. `{"COCO 1k": metrics, "COCO 5k": metrics}`)."""
+    header = ["split"] + [f"TR R@{k}" for k in ks] + [f"IR R@{k}" for k in ks] + ["RSUM"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, metrics in results.items():
+        values = [metrics[f"tr_r{k}"] for k in ks] + [metrics[f"ir_r{k}"] for k in ks] + [metrics["rsum"]]
+        lines.append("| " + " | ".join([name] + [f"{v:.1f}" for v in values]) + " |")
+    return "\n".join(lines)
+
+
+__all__ = ["DEFAULT_KS", "format_metrics_table", "recall_at_k", "retrieval_metrics", "retrieval_ranks"]
