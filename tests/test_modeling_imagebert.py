@@ -183,7 +183,8 @@ def test_loss_weights_from_config(tester):
 
 
 @pytest.mark.parametrize(
-    "weights", [{"binary": 1.0}, {"multiclass": 1.0}, {"triplet": 1.0}, {"binary": 1.0, "multiclass": 0.5, "triplet": 2.0}]
+    "weights",
+    [{"binary": 1.0}, {"multiclass": 1.0}, {"triplet": 1.0}, {"binary": 1.0, "multiclass": 0.5, "triplet": 2.0}],
 )
 def test_retrieval_losses(weights):
     tester = ImageBERTModelTester(batch_size=4)
@@ -238,7 +239,9 @@ def _overfit(model, batch, steps=30, lr=3e-3):
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        history.append({k: float(getattr(out, k).detach()) for k in out.keys() if k.endswith("loss") and getattr(out, k) is not None})
+        history.append(
+            {k: float(getattr(out, k).detach()) for k in out if k.endswith("loss") and getattr(out, k) is not None}
+        )
     return history
 
 
@@ -501,18 +504,24 @@ def _bad_input_cases(config, inputs):
     out_of_range[0, 0, 2] = 1.7
     yield "region_locations", {"region_locations": out_of_range}
     too_many = config.max_regions + 1
-    yield "max_regions", {
-        "region_features": torch.randn(batch, too_many, config.region_feature_size),
-        "region_locations": torch.rand(batch, too_many, 5),
-        "region_attention_mask": None,
-    }
+    yield (
+        "max_regions",
+        {
+            "region_features": torch.randn(batch, too_many, config.region_feature_size),
+            "region_locations": torch.rand(batch, too_many, 5),
+            "region_attention_mask": None,
+        },
+    )
     long_ids = torch.randint(1, config.vocab_size, (batch, config.max_position_embeddings))
     yield "input_ids", {"input_ids": long_ids, "attention_mask": None, "token_type_ids": None}
-    yield "batch size", {
-        "region_features": inputs["region_features"][:-1],
-        "region_locations": inputs["region_locations"][:-1],
-        "region_attention_mask": inputs["region_attention_mask"][:-1],
-    }
+    yield (
+        "batch size",
+        {
+            "region_features": inputs["region_features"][:-1],
+            "region_locations": inputs["region_locations"][:-1],
+            "region_attention_mask": inputs["region_attention_mask"][:-1],
+        },
+    )
     yield "attention_mask", {"attention_mask": inputs["attention_mask"][:, :-1]}
     yield "region_attention_mask", {"region_attention_mask": inputs["region_attention_mask"][:, :-1]}
     yield "vocab_size", {"input_ids": inputs["input_ids"] + config.vocab_size}
@@ -555,7 +564,9 @@ def test_bad_pretraining_targets_name_the_argument(tester):
         with pytest.raises(ValueError, match=name):
             model(**inputs, **{**targets, name: value})
     with pytest.raises(ValueError, match="region_class_labels"):
-        model(**inputs, **{**targets, "region_class_labels": targets["region_class_labels"] + config.num_object_classes})
+        model(
+            **inputs, **{**targets, "region_class_labels": targets["region_class_labels"] + config.num_object_classes}
+        )
 
 
 def test_bad_retrieval_inputs(tester):

@@ -30,20 +30,20 @@ def require_module(name: str):
 
 def tiny_config_kwargs(**overrides) -> dict:
     """A configuration small enough for unit tests (tester-class practice of transformers)."""
-    kwargs = dict(
-        vocab_size=99,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=37,
-        max_position_embeddings=64,
-        region_feature_size=24,
-        num_object_classes=11,
-        max_regions=10,
-        max_text_length=16,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        contrastive_embedding_size=16,
-    )
+    kwargs = {
+        "vocab_size": 99,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 37,
+        "max_position_embeddings": 64,
+        "region_feature_size": 24,
+        "num_object_classes": 11,
+        "max_regions": 10,
+        "max_text_length": 16,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "contrastive_embedding_size": 16,
+    }
     kwargs.update(overrides)
     return kwargs

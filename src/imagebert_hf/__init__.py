@@ -1,6 +1,7 @@
 """ImageBERT for the Hugging Face ecosystem: a single-stream BERT over text and image regions."""
 
 from .configuration_imagebert import ImageBERTConfig
+from .modeling_auto import AutoModelForImageTextRetrieval
 from .modeling_imagebert import (
     ImageBERTForImageTextRetrieval,
     ImageBERTForImageTextRetrievalOutput,
@@ -10,7 +11,6 @@ from .modeling_imagebert import (
     ImageBERTModelOutput,
     ImageBERTPreTrainedModel,
 )
-from .modeling_auto import AutoModelForImageTextRetrieval
 
 
 __version__ = "0.1.0"

@@ -743,7 +743,11 @@ class ImageBERTForPreTraining(ImageBERTPreTrainedModel):
                 mlm_logits.float().flatten(0, 1), labels.clamp(min=0).flatten(), reduction="none"
             ).view_as(labels)
             losses["mlm"] = _masked_mean(token_losses, selected)
-        if region_targets is not None and self.config.moc_loss_type == "cross_entropy" and region_class_labels is not None:
+        if (
+            region_targets is not None
+            and self.config.moc_loss_type == "cross_entropy"
+            and region_class_labels is not None
+        ):
             selected = region_targets & (region_class_labels != IGNORE_INDEX)
             region_losses = F.cross_entropy(
                 moc_logits.float().flatten(0, 1), region_class_labels.clamp(min=0).flatten(), reduction="none"
@@ -800,7 +804,9 @@ class ImageBERTForPreTraining(ImageBERTPreTrainedModel):
         else:
             num_regions = region_features.shape[1]
             _expect_shape("masked_regions", masked_regions, (batch_size, num_regions), "one flag per region")
-            _expect_shape("region_class_labels", region_class_labels, (batch_size, num_regions), "one label per region")
+            _expect_shape(
+                "region_class_labels", region_class_labels, (batch_size, num_regions), "one label per region"
+            )
             _expect_shape(
                 "region_class_probs",
                 region_class_probs,

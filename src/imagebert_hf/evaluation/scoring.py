@@ -50,13 +50,15 @@ def prepare_region_inputs(region_inputs: Mapping) -> dict[str, torch.Tensor]:
     return {"region_features": features, "region_locations": locations, "region_attention_mask": mask}
 
 
-def _gather_batch(
+def gather_pair_inputs(
     texts: dict[str, torch.Tensor],
     regions: dict[str, torch.Tensor],
     text_index: torch.Tensor,
     image_index: torch.Tensor,
     device: torch.device,
 ) -> dict[str, torch.Tensor]:
+    """Model inputs of the pairs `(image_index[j], text_index[j])`, trimmed to the batch's longest text and most
+    regions."""
     text_mask = texts["attention_mask"][text_index]
     region_mask = regions["region_attention_mask"][image_index]
     # Keep at least one column so that a batch of regions-free images still has a valid shape.
@@ -118,7 +120,7 @@ def score_pairs(
     try:
         for start in range(0, image_indices.numel(), batch_size):
             end = start + batch_size
-            batch = _gather_batch(texts, regions, text_indices[start:end], image_indices[start:end], device)
+            batch = gather_pair_inputs(texts, regions, text_indices[start:end], image_indices[start:end], device)
             scores[start:end] = model(**batch).logits.float().cpu()
             if progress is not None:
                 progress(int(min(end, image_indices.numel()) - start))
@@ -151,4 +153,4 @@ def score_all_pairs(
     return scores.view(num_images, num_texts)
 
 
-__all__ = ["prepare_region_inputs", "prepare_text_inputs", "score_all_pairs", "score_pairs"]
+__all__ = ["gather_pair_inputs", "prepare_region_inputs", "prepare_text_inputs", "score_all_pairs", "score_pairs"]
