@@ -1,0 +1,214 @@
+"""Training-step speed of the ImageBERT encoder against BERT and VisualBERT, measured in one process.
+
+Prints:
+1. base-size forward+backward at 44 text tokens + 100 regions, batch 8, over `BertModel` (sdpa) at length 144 and
+   over `VisualBertModel` at the same total length (targets: <= 1.05x and <= 1.0x);
+2. achieved FLOP/s of that step over the matmul FLOP/s measured here (target >= 0.7);
+3. samples/s at realistic lengths, padding each batch only to its own longest text and region count, over the
+   paper's fixed 144-token layout (target >= 2x), and a check that padding leaves outputs unchanged.
+
+Run: `python benchmarks/bench_model.py [--size base|small] [--repeats N]`.
+"""
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+from transformers import BertConfig, BertModel, VisualBertConfig, VisualBertModel
+
+from imagebert_hf import ImageBERTConfig, ImageBERTModel
+
+
+SIZES = {
+    "base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072},
+    "small": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 1024},
+}
+TEXT_LENGTH, NUM_REGIONS, BATCH_SIZE, FEATURE_SIZE = 44, 100, 8, 2048
+
+
+def time_call(fn, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of `fn()` in seconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_flops_per_second(repeats: int) -> float:
+    size = 2048
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    seconds = time_call(lambda: a @ b, repeats=max(repeats, 5), warmup=2)
+    return 2 * size**3 / seconds
+
+
+def encoder_step_flops(hidden: int, intermediate: int, layers: int, length: int, batch: int, extra: int = 0) -> float:
+    """Matmul FLOPs of one forward+backward step (backward = 2x forward); `extra` adds forward FLOPs per sample."""
+    per_token = 2 * (4 * hidden * hidden + 2 * hidden * intermediate) + 2 * 2 * length * hidden
+    forward = batch * (layers * length * per_token + extra)
+    return 3 * forward
+
+
+def training_step(model, inputs):
+    def step():
+        model.zero_grad(set_to_none=True)
+        out = model(**inputs)
+        out.last_hidden_state.float().mean().backward()
+
+    return step
+
+
+def imagebert_inputs(config: ImageBERTConfig, text_lengths, region_counts, generator, pad_to=None):
+    """A batch of samples with the given lengths, padded to `pad_to` (text, regions) or to the batch's longest."""
+    text_pad = pad_to[0] if pad_to else max(text_lengths)
+    region_pad = pad_to[1] if pad_to else max(region_counts)
+    batch = len(text_lengths)
+    input_ids = torch.zeros(batch, text_pad, dtype=torch.long)
+    attention_mask = torch.zeros(batch, text_pad, dtype=torch.long)
+    features = torch.zeros(batch, region_pad, config.region_feature_size)
+    locations = torch.zeros(batch, region_pad, 5)
+    region_mask = torch.zeros(batch, region_pad, dtype=torch.long)
+    for i, (length, count) in enumerate(zip(text_lengths, region_counts)):
+        input_ids[i, :length] = torch.randint(1, config.vocab_size, (length,), generator=generator)
+        attention_mask[i, :length] = 1
+        features[i, :count] = torch.randn(count, config.region_feature_size, generator=generator).relu()
+        corners = torch.rand(count, 4, generator=generator).sort(dim=-1).values
+        locations[i, :count, :4] = corners
+        locations[i, :count, 4] = (corners[:, 2] - corners[:, 0]) * (corners[:, 3] - corners[:, 1])
+        region_mask[i, :count] = 1
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "region_features": features,
+        "region_locations": locations,
+        "region_attention_mask": region_mask,
+    }
+
+
+def realistic_lengths(num_samples: int, rng: np.random.Generator):
+    """Caption lengths of 8-30 tokens (+2 special tokens) and 10-100 regions, log-uniform as a detector with a
+    confidence threshold gives (most images have a few dozen confident boxes, few have a hundred)."""
+    text = rng.integers(8, 31, size=num_samples) + 2
+    regions = np.exp(rng.uniform(np.log(10), np.log(100), size=num_samples)).round().astype(int)
+    return text.tolist(), regions.tolist()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="base", help="model size to measure")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median is kept)")
+    parser.add_argument("--realistic_samples", type=int, default=64, help="samples in the realistic-length run")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    size = SIZES[args.size]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, size={args.size}")
+
+    peak = matmul_flops_per_second(args.repeats)
+    print(f"matmul peak (fp32 2048^3): {peak / 1e9:.1f} GFLOP/s")
+
+    # 1. Fixed layout, base size: ImageBERT vs BERT vs VisualBERT at the same total length.
+    total_length = TEXT_LENGTH + NUM_REGIONS
+    ours = ImageBERTModel(ImageBERTConfig(**size, region_feature_size=FEATURE_SIZE)).train()
+    bert = BertModel(BertConfig(**size, attn_implementation="sdpa")).train()
+    visual = VisualBertModel(VisualBertConfig(**size, visual_embedding_dim=FEATURE_SIZE)).train()
+    generator = torch.Generator().manual_seed(0)
+    ours_inputs = imagebert_inputs(ours.config, [TEXT_LENGTH] * BATCH_SIZE, [NUM_REGIONS] * BATCH_SIZE, generator)
+    bert_inputs = {"input_ids": torch.randint(1, 30000, (BATCH_SIZE, total_length))}
+    visual_inputs = {
+        "input_ids": torch.randint(1, 30000, (BATCH_SIZE, TEXT_LENGTH)),
+        "visual_embeds": ours_inputs["region_features"],
+    }
+    steps = {
+        "imagebert": training_step(ours, ours_inputs),
+        "bert": training_step(bert, bert_inputs),
+        "visualbert": training_step(visual, visual_inputs),
+    }
+    # Interleave the models so that drifting machine load hits all of them alike.
+    seconds = {name: [] for name in steps}
+    for step in steps.values():
+        step()
+    for _ in range(args.repeats):
+        for name, step in steps.items():
+            seconds[name].append(time_call(step, repeats=1, warmup=0))
+    median = {name: statistics.median(values) for name, values in seconds.items()}
+    for name, value in median.items():
+        print(f"  {name:<11} forward+backward, batch {BATCH_SIZE}, length {total_length}: {value * 1000:8.1f} ms")
+    print(f"ImageBERT / BERT (sdpa) time ratio:   {median['imagebert'] / median['bert']:.3f}  (target <= 1.05)")
+    print(f"ImageBERT / VisualBERT time ratio:    {median['imagebert'] / median['visualbert']:.3f}  (target <= 1.0)")
+
+    # 2. Achieved FLOP/s of the ImageBERT step over the matmul peak.
+    flops = encoder_step_flops(
+        size["hidden_size"],
+        size["intermediate_size"],
+        size["num_hidden_layers"],
+        total_length,
+        BATCH_SIZE,
+        extra=NUM_REGIONS * 2 * FEATURE_SIZE * size["hidden_size"],
+    )
+    achieved = flops / median["imagebert"]
+    print(f"ImageBERT step: {flops / 1e9:.0f} GFLOP, {achieved / 1e9:.1f} GFLOP/s")
+    print(f"achieved / matmul FLOP/s:             {achieved / peak:.3f}  (target >= 0.7)")
+
+    # 3. Realistic lengths: fixed 144 layout vs each batch padded to its own longest, batches grouped by length.
+    rng = np.random.default_rng(0)
+    text_lengths, region_counts = realistic_lengths(args.realistic_samples, rng)
+    order = np.argsort(np.array(text_lengths) + np.array(region_counts))
+    grouped = [order[i : i + BATCH_SIZE] for i in range(0, len(order), BATCH_SIZE)]
+    random_batches = [np.arange(i, min(i + BATCH_SIZE, len(order))) for i in range(0, len(order), BATCH_SIZE)]
+
+    def batches(indices_list, pad_to):
+        generator = torch.Generator().manual_seed(1)
+        return [
+            imagebert_inputs(
+                ours.config,
+                [text_lengths[i] for i in idx],
+                [region_counts[i] for i in idx],
+                generator,
+                pad_to=pad_to,
+            )
+            for idx in indices_list
+        ]
+
+    layouts = {
+        "fixed 144": batches(random_batches, (TEXT_LENGTH, NUM_REGIONS)),
+        "longest in batch": batches(random_batches, None),
+        "longest in batch, grouped by length": batches(grouped, None),
+    }
+    throughput = {}
+    for name, layout in layouts.items():
+        seconds = time_call(lambda layout=layout: [training_step(ours, inputs)() for inputs in layout], repeats=1)
+        throughput[name] = args.realistic_samples / seconds
+        mean_length = np.mean([b["input_ids"].shape[1] + b["region_features"].shape[1] for b in layout])
+        print(f"  {name:<36} mean padded length {mean_length:6.1f}: {throughput[name]:6.2f} samples/s")
+    base = throughput["fixed 144"]
+    print(f"per-batch padding / fixed 144:        {throughput['longest in batch'] / base:.2f}x")
+    print(
+        f"grouped per-batch padding / fixed 144: {throughput['longest in batch, grouped by length'] / base:.2f}x (target >= 2x)"
+    )
+
+    # Padding must not change outputs: the same sample in the fixed layout and alone.
+    ours.eval()
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(2)
+        alone = imagebert_inputs(ours.config, [text_lengths[0]], [region_counts[0]], generator)
+        generator = torch.Generator().manual_seed(2)
+        padded = imagebert_inputs(
+            ours.config, [text_lengths[0]], [region_counts[0]], generator, pad_to=(TEXT_LENGTH, NUM_REGIONS)
+        )
+        a = ours(**alone).last_hidden_state[0]
+        b = ours(**padded).last_hidden_state[0]
+        text = text_lengths[0]
+        difference = max(
+            (a[:text] - b[:text]).abs().max().item(),
+            (a[text:] - b[TEXT_LENGTH : TEXT_LENGTH + region_counts[0]]).abs().max().item(),
+        )
+    print(f"max |hidden(alone) - hidden(padded to 144)| = {difference:.2e}")
+
+
+if __name__ == "__main__":
+    main()
