@@ -28,21 +28,33 @@ SIZES = {
 TEXT_LENGTH, NUM_REGIONS, BATCH_SIZE, FEATURE_SIZE = 44, 100, 8, 2048
 
 
+DEVICE = torch.device("cpu")
+DTYPE = torch.float32
+
+
+def synchronize():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def time_call(fn, repeats: int, warmup: int = 1) -> float:
     """Median wall time of `fn()` in seconds."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        synchronize()
         start = time.perf_counter()
         fn()
+        synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
 def matmul_flops_per_second(repeats: int) -> float:
-    size = 2048
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    size = 2048 if DEVICE.type == "cpu" else 8192
+    a = torch.randn(size, size, device=DEVICE, dtype=DTYPE)
+    b = torch.randn(size, size, device=DEVICE, dtype=DTYPE)
     seconds = time_call(lambda: a @ b, repeats=max(repeats, 5), warmup=2)
     return 2 * size**3 / seconds
 
@@ -55,9 +67,12 @@ def encoder_step_flops(hidden: int, intermediate: int, layers: int, length: int,
 
 
 def training_step(model, inputs):
+    inputs = {key: value.to(DEVICE) for key, value in inputs.items()}
+
     def step():
         model.zero_grad(set_to_none=True)
-        out = model(**inputs)
+        with torch.autocast(DEVICE.type, dtype=DTYPE, enabled=DTYPE is not torch.float32):
+            out = model(**inputs)
         out.last_hidden_state.float().mean().backward()
 
     return step
@@ -103,19 +118,23 @@ def main():
     parser.add_argument("--size", choices=sorted(SIZES), default="base", help="model size to measure")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median is kept)")
     parser.add_argument("--realistic_samples", type=int, default=64, help="samples in the realistic-length run")
+    parser.add_argument("--device", default="cpu", help="device to run on (cpu, cuda)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="autocast dtype")
     args = parser.parse_args()
+    global DEVICE, DTYPE
+    DEVICE, DTYPE = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
     size = SIZES[args.size]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, size={args.size}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, size={args.size}, {DEVICE}, {args.dtype}")
 
     peak = matmul_flops_per_second(args.repeats)
-    print(f"matmul peak (fp32 2048^3): {peak / 1e9:.1f} GFLOP/s")
+    print(f"matmul peak ({args.dtype}): {peak / 1e9:.1f} GFLOP/s")
 
     # 1. Fixed layout, base size: ImageBERT vs BERT vs VisualBERT at the same total length.
     total_length = TEXT_LENGTH + NUM_REGIONS
-    ours = ImageBERTModel(ImageBERTConfig(**size, region_feature_size=FEATURE_SIZE)).train()
-    bert = BertModel(BertConfig(**size, attn_implementation="sdpa")).train()
-    visual = VisualBertModel(VisualBertConfig(**size, visual_embedding_dim=FEATURE_SIZE)).train()
+    ours = ImageBERTModel(ImageBERTConfig(**size, region_feature_size=FEATURE_SIZE)).to(DEVICE).train()
+    bert = BertModel(BertConfig(**size, attn_implementation="sdpa")).to(DEVICE).train()
+    visual = VisualBertModel(VisualBertConfig(**size, visual_embedding_dim=FEATURE_SIZE)).to(DEVICE).train()
     generator = torch.Generator().manual_seed(0)
     ours_inputs = imagebert_inputs(ours.config, [TEXT_LENGTH] * BATCH_SIZE, [NUM_REGIONS] * BATCH_SIZE, generator)
     bert_inputs = {"input_ids": torch.randint(1, 30000, (BATCH_SIZE, total_length))}
@@ -200,8 +219,8 @@ def main():
         padded = imagebert_inputs(
             ours.config, [text_lengths[0]], [region_counts[0]], generator, pad_to=(TEXT_LENGTH, NUM_REGIONS)
         )
-        a = ours(**alone).last_hidden_state[0]
-        b = ours(**padded).last_hidden_state[0]
+        a = ours(**{k: v.to(DEVICE) for k, v in alone.items()}).last_hidden_state[0]
+        b = ours(**{k: v.to(DEVICE) for k, v in padded.items()}).last_hidden_state[0]
         text = text_lengths[0]
         difference = max(
             (a[:text] - b[:text]).abs().max().item(),

@@ -1,6 +1,7 @@
 """ImageBERT for the Hugging Face ecosystem: a single-stream BERT over text and image regions."""
 
 from .configuration_imagebert import ImageBERTConfig
+from .data.feature_cache import extract_regions, load_region_cache, load_region_dataset
 from .modeling_auto import AutoModelForImageTextRetrieval
 from .modeling_imagebert import (
     ImageBERTForImageTextRetrieval,
@@ -10,6 +11,13 @@ from .modeling_imagebert import (
     ImageBERTModel,
     ImageBERTModelOutput,
     ImageBERTPreTrainedModel,
+)
+from .processing_imagebert import ImageBERTProcessor, check_processor_config, register_processing
+from .roi_extraction import (
+    ImageBERTRoIExtractor,
+    ImageLoadError,
+    RegionExtractionError,
+    offline_default_config_kwargs,
 )
 
 
@@ -24,6 +32,7 @@ def register() -> None:
     AutoModel.register(ImageBERTConfig, ImageBERTModel, exist_ok=True)
     AutoModelForPreTraining.register(ImageBERTConfig, ImageBERTForPreTraining, exist_ok=True)
     AutoModelForImageTextRetrieval.register(ImageBERTConfig, ImageBERTForImageTextRetrieval, exist_ok=True)
+    register_processing()
 
 
 register()

@@ -1,0 +1,260 @@
+"""ImageBERTProcessor: a BERT tokenizer and the RoI extractor, giving everything `ImageBERTModel` takes."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from transformers import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+
+from .configuration_imagebert import ImageBERTConfig
+from .roi_extraction.image_processing_imagebert import ImageBERTRoIExtractor, check_region_sizes
+
+
+logger = logging.getLogger(__name__)
+
+PADDING = ("max_length", "longest")
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+REGION_INPUTS = ("region_features", "region_locations", "region_attention_mask")
+
+
+class ImageBERTProcessor(ProcessorMixin):
+    r"""
+    Bundles a BERT tokenizer and an [`ImageBERTRoIExtractor`]: `processor(images=..., text=...)` returns a
+    `BatchFeature` with the inputs of `ImageBERTModel` (names and shapes in `docs/architecture.md`):
+
+    - `input_ids`, `attention_mask`, `token_type_ids` of shape (B, T): `[CLS] text [SEP]`, padded with `[PAD]`;
+    - `region_features` (B, R, F), `region_locations` (B, R, 5), `region_attention_mask` (B, R), zero-padded;
+    - with `return_region_labels=True`, `region_class_labels` (B, R; -100 on padding and where the extractor has no
+      label) and `region_class_probs` (B, R, C; when the regions carry distributions), the MOC targets.
+
+    T is `max_text_length` and R `max_regions` (the model config's lengths) with `padding="max_length"`, or the
+    longest in the batch (capped by them) with `padding="longest"`. `regions=` takes region records (from the
+    extractor or `load_region_cache`) instead of images, so cached features never meet the extractor again. A
+    batch gives what its samples give one at a time.
+
+    Args:
+        image_processor ([`ImageBERTRoIExtractor`]):
+            The region extractor.
+        tokenizer ([`BertTokenizer`]):
+            A WordPiece tokenizer with `[CLS]`, `[SEP]`, `[PAD]`.
+        max_text_length (`int`, *optional*, defaults to 44):
+            Text tokens per sample, `[CLS]` and `[SEP]` included (the config's `max_text_length`).
+        max_regions (`int`, *optional*, defaults to 100):
+            Regions per sample (the config's `max_regions`).
+    """
+
+    def __init__(
+        self,
+        image_processor: ImageBERTRoIExtractor,
+        tokenizer,
+        max_text_length: int = 44,
+        max_regions: int = 100,
+        **kwargs,
+    ):
+        super().__init__(image_processor=image_processor, tokenizer=tokenizer, **kwargs)
+        self.max_text_length = max_text_length
+        self.max_regions = max_regions
+
+    @classmethod
+    def from_model_config(
+        cls, config: ImageBERTConfig, tokenizer, image_processor: ImageBERTRoIExtractor | None = None
+    ) -> ImageBERTProcessor:
+        """A processor with the config's lengths; checks that the extractor's regions fit the config."""
+        image_processor = image_processor or ImageBERTRoIExtractor(max_regions=config.max_regions)
+        processor = cls(image_processor, tokenizer, config.max_text_length, config.max_regions)
+        processor.check_model_config(config)
+        return processor
+
+    def check_model_config(self, config: ImageBERTConfig) -> None:
+        """Raises ValueError, naming both numbers, when the regions or lengths do not fit `config`."""
+        check_region_sizes(self.image_processor.region_feature_size, self.image_processor.num_object_classes, config)
+        if self.max_text_length > config.max_text_length:
+            raise ValueError(
+                f"the processor's max_text_length {self.max_text_length} exceeds the model config's "
+                f"max_text_length {config.max_text_length}."
+            )
+        if len(self.tokenizer) > config.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {len(self.tokenizer)} tokens but the model config's vocab_size is "
+                f"{config.vocab_size}."
+            )
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return list(TEXT_INPUTS + REGION_INPUTS)
+
+    def __call__(
+        self,
+        images: Any = None,
+        text: str | Sequence[str] | None = None,
+        regions: dict[str, Any] | Sequence[dict[str, Any]] | None = None,
+        boxes: Any = None,
+        box_format: str = "xyxy",
+        padding: str = "max_length",
+        truncation: bool = True,
+        max_length: int | None = None,
+        max_regions: int | None = None,
+        return_region_labels: bool = False,
+        return_tensors: str | None = "pt",
+        **extractor_kwargs,
+    ) -> BatchFeature:
+        """Tokenizes `text` and extracts (or takes) the regions of `images`, padded into model inputs.
+
+        Args:
+            images: One image or a list (anything `ImageBERTRoIExtractor.extract` takes).
+            text: One string or a list, one per image.
+            regions: Region records instead of `images` (one dict or a list).
+            boxes: Boxes per image for the extractor (see `ImageBERTRoIExtractor.extract`).
+            box_format: `"xyxy"` or `"xywh"` for `boxes`.
+            padding: `"max_length"` (to `max_text_length` / `max_regions`) or `"longest"` (in the batch).
+            truncation: Truncate text to the length limit.
+            max_length: Text length for this call instead of `max_text_length`.
+            max_regions: Region count for this call instead of `max_regions`.
+            return_region_labels: Add `region_class_labels` and, when available, `region_class_probs`.
+            return_tensors: `"pt"` (default), `"np"` or None (numpy arrays as well).
+            **extractor_kwargs: Per-call extractor settings (e.g. `grid_sizes`).
+
+        Returns:
+            A `BatchFeature` of model inputs.
+        """
+        if padding not in PADDING:
+            raise ValueError(f"padding must be one of {PADDING} (regions cannot be ragged), got {padding!r}.")
+        if images is not None and regions is not None:
+            raise ValueError("pass images or regions, not both.")
+        if images is None and regions is None and text is None:
+            raise ValueError("pass at least text, images or regions.")
+        data: dict[str, Any] = {}
+        batch_size = None
+        if text is not None:
+            texts = [text] if isinstance(text, str) else list(text)
+            data.update(self._encode_text(texts, padding, truncation, max_length or self.max_text_length))
+            batch_size = len(texts)
+        if images is not None:
+            max_count = max_regions or self.max_regions
+            extractor_kwargs.setdefault("max_regions", max_count)
+            regions = self.image_processor.extract(images, boxes=boxes, box_format=box_format, **extractor_kwargs)
+        elif boxes is not None or extractor_kwargs:
+            raise ValueError(f"boxes and extractor settings {sorted(extractor_kwargs)} need images.")
+        if regions is not None:
+            records = [regions] if isinstance(regions, dict) else list(regions)
+            if batch_size is not None and len(records) != batch_size:
+                raise ValueError(f"got {batch_size} texts and {len(records)} images/regions; give one text per image.")
+            data.update(self._pad_regions(records, padding, max_regions or self.max_regions, return_region_labels))
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _encode_text(self, texts: list[str], padding: str, truncation: bool, max_length: int) -> dict[str, np.ndarray]:
+        encoded = self.tokenizer(
+            texts,
+            padding=padding,
+            truncation=truncation,
+            max_length=max_length,
+            return_attention_mask=True,
+            return_token_type_ids=True,
+        )
+        lengths = {len(ids) for ids in encoded["input_ids"]}
+        if len(lengths) > 1:
+            raise ValueError(f"text longer than max_length={max_length}; pass truncation=True.")
+        return {name: np.asarray(encoded[name], dtype=np.int64) for name in TEXT_INPUTS}
+
+    def _pad_regions(
+        self, records: list[dict[str, Any]], padding: str, max_regions: int, return_labels: bool
+    ) -> dict[str, np.ndarray]:
+        features, locations, labels, probs = [], [], [], []
+        for index, record in enumerate(records):
+            if record.get("error"):
+                raise ValueError(f"regions of sample {index} ({record.get('image_id')}) failed: {record['error']}")
+            count = min(int(len(record["region_locations"])), max_regions)
+            features.append(
+                np.asarray(record["region_features"], dtype=np.float32).reshape(len(record["region_locations"]), -1)[
+                    :count
+                ]
+            )
+            locations.append(np.asarray(record["region_locations"], dtype=np.float32).reshape(-1, 5)[:count])
+            record_labels = record.get("region_class_labels")
+            labels.append(
+                np.full(count, -100, dtype=np.int64)
+                if record_labels is None
+                else np.asarray(record_labels, dtype=np.int64).reshape(-1)[:count]
+            )
+            record_probs = record.get("region_class_probs")
+            probs.append(None if record_probs is None else np.asarray(record_probs, dtype=np.float32)[:count])
+        feature_sizes = {f.shape[1] for f in features if len(f)} or {self.image_processor.region_feature_size}
+        if len(feature_sizes) > 1:
+            raise ValueError(f"the regions have different feature sizes {sorted(feature_sizes)}.")
+        feature_size = feature_sizes.pop()
+        width = max_regions if padding == "max_length" else max(1, max(len(f) for f in features))
+        batch = len(records)
+        out = {
+            "region_features": np.zeros((batch, width, feature_size), dtype=np.float32),
+            "region_locations": np.zeros((batch, width, 5), dtype=np.float32),
+            "region_attention_mask": np.zeros((batch, width), dtype=np.int64),
+        }
+        for i, (f, loc) in enumerate(zip(features, locations)):
+            if len(f):
+                out["region_features"][i, : len(f)] = f
+                out["region_locations"][i, : len(f)] = loc
+                out["region_attention_mask"][i, : len(f)] = 1
+        if return_labels:
+            out["region_class_labels"] = np.full((batch, width), -100, dtype=np.int64)
+            for i, record_labels in enumerate(labels):
+                out["region_class_labels"][i, : len(record_labels)] = record_labels
+            if all(p is not None for p in probs):
+                num_classes = max((p.shape[1] for p in probs if p.ndim == 2 and len(p)), default=0)
+                num_classes = num_classes or self.image_processor.num_object_classes
+                out["region_class_probs"] = np.zeros((batch, width, num_classes), dtype=np.float32)
+                for i, p in enumerate(probs):
+                    if len(p):
+                        out["region_class_probs"][i, : len(p)] = p.reshape(len(p), -1)
+        return out
+
+    # ---------------------------------------------------------------- saving and loading
+
+    def to_dict(self) -> dict[str, Any]:
+        # ProcessorMixin would deep-copy every attribute, the extractor's backend model included.
+        output = {
+            "image_processor": self.image_processor.to_dict(),
+            "max_text_length": self.max_text_length,
+            "max_regions": self.max_regions,
+            "processor_class": self.__class__.__name__,
+        }
+        if getattr(self, "auto_map", None):
+            output["auto_map"] = self.auto_map
+        return output
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> list[str]:
+        """Saves the tokenizer files, `processor_config.json` and the extractor's weights
+        (`roi_extractor.safetensors`, when its backend has weights)."""
+        files = super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        weights = self.image_processor.save_weights(save_directory)
+        return files + ([weights] if weights else [])
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> ImageBERTProcessor:
+        register_processing()
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+
+def check_processor_config(processor: ImageBERTProcessor, config: ImageBERTConfig) -> None:
+    """Raises ValueError, naming both numbers, when `processor` produces inputs `config`'s model cannot take."""
+    processor.check_model_config(config)
+
+
+def register_processing() -> None:
+    """Registers the extractor with `AutoImageProcessor` and the processor with `AutoProcessor` (idempotent)."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoProcessor
+
+    AutoConfig.register(ImageBERTConfig.model_type, ImageBERTConfig, exist_ok=True)
+    AutoImageProcessor.register(
+        ImageBERTConfig,
+        image_processor_classes={"torchvision": ImageBERTRoIExtractor, "pil": ImageBERTRoIExtractor},
+        exist_ok=True,
+    )
+    AutoProcessor.register(ImageBERTConfig, ImageBERTProcessor, exist_ok=True)
+
+
+__all__ = ["ImageBERTProcessor", "check_processor_config", "register_processing"]

@@ -1,0 +1,448 @@
+"""The three ways of getting regions: a timm backbone pooled over boxes, a torchvision detector, precomputed files.
+
+A backend turns a batch of `LoadedImage`s (plus optional boxes in original pixels) into, per image, region
+features, boxes, class labels and class distributions. `ImageBERTRoIExtractor` builds one from its settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .boxes import scale_boxes
+from .image_loading import LoadedImage
+from .offline_weights import OFFLINE_WEIGHTS, load_efficientnet_lite0_state_dict
+from .precomputed import TsvRegionIndex, read_npz_regions
+
+
+logger = logging.getLogger(__name__)
+
+# The special weight sources; anything else is a local file path.
+RANDOM_WEIGHTS_WARNING = (
+    "%s is randomly initialised: its regions carry no visual meaning. Random weights are for tests only; pass "
+    "weights (a local file, %r for the packaged EfficientNet-Lite0, or a registry name when online)."
+)
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Loads a state dict from `.safetensors`, or from a `.pt`/`.pth`/`.bin` file without unpickling code."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        # Training checkpoints often nest the weights one level down.
+        if isinstance(state_dict, dict) and isinstance(state_dict.get(key), dict):
+            state_dict = state_dict[key]
+    return state_dict
+
+
+class RegionBackend:
+    """Interface of a region backend."""
+
+    #: Whether the backend owns weights that `save_pretrained` should store.
+    has_weights = False
+
+    @property
+    def feature_size(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int:
+        """Size of the class distribution per region (0 when the backend has no classifier)."""
+        raise NotImplementedError
+
+    def extract(
+        self, images: list[LoadedImage], boxes: list[np.ndarray | None], settings: dict[str, Any]
+    ) -> list[dict[str, np.ndarray | None]]:
+        """Regions of a batch: per image `region_features`, `region_boxes`, `region_class_labels`,
+        `region_class_probs` (or None)."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+
+def _resize_target(width: int, height: int, size: dict[str, int]) -> tuple[int, int]:
+    if "height" in size and "width" in size:
+        return int(size["width"]), int(size["height"])
+    if "shortest_edge" in size:
+        scale = size["shortest_edge"] / min(width, height)
+        if "longest_edge" in size:
+            scale = min(scale, size["longest_edge"] / max(width, height))
+        return max(1, round(width * scale)), max(1, round(height * scale))
+    raise ValueError(f"size must have height and width, or shortest_edge (and longest_edge); got {size}.")
+
+
+def _to_tensor(image: Image.Image, target: tuple[int, int], mean, std) -> torch.Tensor:
+    if image.size != target:
+        image = image.resize(target, Image.Resampling.BICUBIC)
+    pixels = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1) / 255.0
+    return (pixels - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+class BackboneBackend(RegionBackend):
+    """A timm classification backbone pooled with RoIAlign over boxes (given, or the multi-scale grid).
+
+    With `out_indices=None` the regions are pooled on the last feature map (`forward_features`) and passed through
+    the model's own head: the pre-logits vector is the region feature (1280-d for EfficientNet-Lite0, 2048-d for a
+    ResNet-50) and the classifier's softmax the region's class distribution (ImageNet-1k for ImageNet weights).
+    With `out_indices` the feature maps of those stages (as timm's `features_only` exposes them) are pooled and
+    concatenated; there is no classifier then, labels are -100.
+
+    Args:
+        name: timm model name.
+        weights: `"efficientnet_lite0_package"`, a local state dict file, `"timm"` (timm's pretrained weights,
+            needs the network or a filled cache), or None for random weights (tests only; a warning is logged).
+        out_indices: Feature stages to pool instead of the head.
+        model_kwargs: Extra `timm.create_model` arguments.
+        device: Torch device.
+    """
+
+    has_weights = True
+
+    def __init__(
+        self,
+        name: str,
+        weights: str | None,
+        out_indices: list[int] | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        device: str = "cpu",
+    ):
+        import timm
+
+        self.name = name
+        self.out_indices = list(out_indices) if out_indices is not None else None
+        self.model = timm.create_model(name, pretrained=weights == "timm", **(model_kwargs or {}))
+        if weights is None:
+            logger.warning(RANDOM_WEIGHTS_WARNING, f"RoI backbone {name!r}", OFFLINE_WEIGHTS)
+        elif weights == OFFLINE_WEIGHTS:
+            stage_depths = [len(stage) for stage in self.model.blocks]
+            self.model.load_state_dict(load_efficientnet_lite0_state_dict(stage_depths), strict=True)
+        elif weights != "timm":
+            self.model.load_state_dict(load_state_dict_file(weights), strict=True)
+        self.model.eval().to(device)
+        self.device = device
+        self.reductions = [info["reduction"] for info in self.model.feature_info]
+        self.channels = [info["num_chs"] for info in self.model.feature_info]
+        if self.out_indices is not None:
+            for index in self.out_indices:
+                if not -len(self.channels) <= index < len(self.channels):
+                    raise ValueError(
+                        f"out_indices {self.out_indices} out of range for {name} ({len(self.channels)} stages)"
+                    )
+        self.mean = tuple(self.model.pretrained_cfg.get("mean", (0.485, 0.456, 0.406)))
+        self.std = tuple(self.model.pretrained_cfg.get("std", (0.229, 0.224, 0.225)))
+
+    @property
+    def feature_size(self) -> int:
+        if self.out_indices is not None:
+            return sum(self.channels[index] for index in self.out_indices)
+        return int(self.model.num_features)
+
+    @property
+    def num_classes(self) -> int:
+        return 0 if self.out_indices is not None else int(self.model.num_classes)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {key: value.detach().cpu().contiguous() for key, value in self.model.state_dict().items()}
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state_dict, strict=True)
+
+    def _pool(self, feature_map, boxes, sizes, resized, reduction, pool_size):
+        from torchvision.ops import roi_align
+
+        rois = []
+        for image_boxes, (width, height), (resized_w, resized_h) in zip(boxes, sizes, resized):
+            # Original pixels -> resized pixels -> feature cells (one stride = `reduction` pixels).
+            sx, sy = resized_w / (width * reduction), resized_h / (height * reduction)
+            rois.append(torch.from_numpy(scale_boxes(image_boxes, sx, sy)).to(feature_map.device))
+        # Adaptive sampling (ceil(roi size / bins) points per bin): dense enough for large boxes, cheap for grid cells.
+        return roi_align(feature_map, rois, output_size=pool_size, spatial_scale=1.0, sampling_ratio=0, aligned=True)
+
+    @torch.inference_mode()
+    def extract(self, images, boxes, settings):
+        mean = settings.get("image_mean") or self.mean
+        std = settings.get("image_std") or self.std
+        targets = [_resize_target(image.width, image.height, settings["size"]) for image in images]
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for index, target in enumerate(targets):
+            groups[target].append(index)
+        results: list[dict | None] = [None] * len(images)
+        # Images of one resized shape are stacked; no padding, so a batch gives what one-at-a-time gives.
+        for target, indices in groups.items():
+            pixels = torch.stack([_to_tensor(images[i].image, target, mean, std) for i in indices]).to(self.device)
+            sizes = [(images[i].width, images[i].height) for i in indices]
+            group_boxes = [boxes[i] for i in indices]
+            resized = [target] * len(indices)
+            pool_size = int(settings["roi_pool_size"])
+            if self.out_indices is None:
+                feature_map = self.model.forward_features(pixels)
+                if feature_map.ndim != 4:
+                    raise ValueError(
+                        f"{self.name} gives no spatial feature map ({tuple(feature_map.shape)}); "
+                        "set backbone_out_indices to pool intermediate feature maps instead."
+                    )
+                pooled = self._pool(feature_map, group_boxes, sizes, resized, self.reductions[-1], pool_size)
+                features = self.model.forward_head(pooled, pre_logits=True)
+                classifier = self.model.get_classifier()
+                logits = classifier(features) if self.num_classes else None
+            else:
+                maps = self.model.forward_intermediates(pixels, indices=self.out_indices, intermediates_only=True)
+                levels = [
+                    self._pool(feature_map, group_boxes, sizes, resized, self.reductions[index], pool_size).mean(
+                        (2, 3)
+                    )
+                    for feature_map, index in zip(maps, self.out_indices)
+                ]
+                features = torch.cat(levels, dim=1)
+                logits = None
+            counts = [len(b) for b in group_boxes]
+            features = np.split(features.float().cpu().numpy(), np.cumsum(counts)[:-1])
+            probs = (
+                np.split(F.softmax(logits.float(), dim=-1).cpu().numpy(), np.cumsum(counts)[:-1])
+                if logits is not None
+                else [None] * len(indices)
+            )
+            for local, index in enumerate(indices):
+                image_probs = probs[local]
+                labels = (
+                    image_probs.argmax(axis=1).astype(np.int64)
+                    if image_probs is not None
+                    else np.full(counts[local], -100, dtype=np.int64)
+                )
+                results[index] = {
+                    "region_features": features[local].astype(np.float32),
+                    "region_boxes": group_boxes[local].astype(np.float32),
+                    "region_class_labels": labels,
+                    "region_class_probs": None if image_probs is None else image_probs.astype(np.float32),
+                }
+        return results
+
+
+class DetectorBackend(RegionBackend):
+    """A torchvision two-stage detector (Faster R-CNN family) in the bottom-up-attention manner.
+
+    Every proposal is scored by the box head; per-class NMS (`nms_threshold`) over the class-specific boxes gives
+    each proposal its best surviving class confidence; the proposals whose confidence reaches `score_threshold`
+    are kept, at least `min_regions` and at most `max_regions`, best first. A region's box is its proposal box, its
+    feature the box head's output for it (1024-d for torchvision's `TwoMLPHead`) and its class distribution the
+    box classifier's softmax without the background column, renormalised. With given boxes, the boxes replace the
+    proposals and are all kept.
+
+    Args:
+        name: A `torchvision.models.get_model` detection model name, e.g. `fasterrcnn_resnet50_fpn`.
+        weights: A local state dict file; a torchvision weights name (e.g. `"DEFAULT"`, needs the network or a
+            filled cache); or None for random weights (tests only; a warning is logged).
+        num_classes: Classes of the detector, background included (91 for torchvision's COCO models).
+        model_kwargs: Extra `get_model` arguments (e.g. `min_size`, `max_size`, `rpn_post_nms_top_n_test`).
+        device: Torch device.
+    """
+
+    has_weights = True
+
+    def __init__(
+        self,
+        name: str,
+        weights: str | None,
+        num_classes: int = 91,
+        model_kwargs: dict[str, Any] | None = None,
+        device: str = "cpu",
+    ):
+        import torchvision
+
+        self.name = name
+        kwargs = dict(model_kwargs or {})
+        local_file = weights is not None and (os.path.sep in weights or Path(weights).suffix != "")
+        if weights is None or local_file:
+            self.model = torchvision.models.get_model(
+                name, weights=None, weights_backbone=None, num_classes=num_classes, **kwargs
+            )
+            if weights is None:
+                logger.warning(RANDOM_WEIGHTS_WARNING, f"detector {name!r}", OFFLINE_WEIGHTS)
+            else:
+                self.model.load_state_dict(load_state_dict_file(weights), strict=True)
+        else:
+            self.model = torchvision.models.get_model(name, weights=weights, **kwargs)
+        self.model.eval().to(device)
+        self.device = device
+        predictor = self.model.roi_heads.box_predictor
+        self._feature_size = int(predictor.cls_score.in_features)
+        self._num_classes = int(predictor.cls_score.out_features) - 1
+
+    @property
+    def feature_size(self) -> int:
+        return self._feature_size
+
+    @property
+    def num_classes(self) -> int:
+        return self._num_classes
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {key: value.detach().cpu().contiguous() for key, value in self.model.state_dict().items()}
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state_dict, strict=True)
+
+    def _select(self, proposals, probs, class_boxes, settings) -> torch.Tensor:
+        from torchvision.ops import batched_nms
+
+        foreground = probs[:, 1:]
+        num_proposals, num_classes = foreground.shape
+        confidence = torch.zeros(num_proposals, device=probs.device)
+        # Pairs far below any useful threshold cannot survive; dropping them keeps NMS small.
+        floor = min(float(settings["score_threshold"]), 0.05)
+        candidate = (foreground >= floor).nonzero()
+        if len(candidate):
+            proposal_index, class_index = candidate[:, 0], candidate[:, 1]
+            scores = foreground[proposal_index, class_index]
+            keep = batched_nms(
+                class_boxes[proposal_index, class_index + 1], scores, class_index, float(settings["nms_threshold"])
+            )
+            confidence.scatter_reduce_(0, proposal_index[keep], scores[keep], reduce="amax")
+        best = foreground.max(dim=1).values
+        order = np.lexsort((-best.cpu().numpy(), -confidence.cpu().numpy()))
+        passing = int((confidence >= float(settings["score_threshold"])).sum())
+        count = min(max(passing, int(settings["min_regions"])), int(settings["max_regions"]), num_proposals)
+        return torch.from_numpy(order[:count].copy()).to(probs.device)
+
+    @torch.inference_mode()
+    def extract(self, images, boxes, settings):
+        from torchvision.ops import boxes as box_ops
+
+        pixels = [
+            torch.from_numpy(np.array(image.image, dtype=np.float32)).permute(2, 0, 1).div(255.0).to(self.device)
+            for image in images
+        ]
+        image_list, _ = self.model.transform(pixels)
+        features = self.model.backbone(image_list.tensors)
+        # (scale from original pixels to the detector's input frame) per image
+        scales = [
+            (width / image.width, height / image.height)
+            for image, (height, width) in zip(images, image_list.image_sizes)
+        ]
+        given = [b is not None for b in boxes]
+        if any(given) and not all(given):
+            raise ValueError("give boxes for every image of a batch or for none.")
+        if all(given):
+            proposals = [
+                torch.from_numpy(scale_boxes(b, sx, sy)).to(self.device) for b, (sx, sy) in zip(boxes, scales)
+            ]
+        else:
+            proposals, _ = self.model.rpn(image_list, features)
+        roi_heads = self.model.roi_heads
+        box_features = roi_heads.box_head(roi_heads.box_roi_pool(features, proposals, image_list.image_sizes))
+        class_logits, box_regression = roi_heads.box_predictor(box_features)
+        probs = F.softmax(class_logits.float(), dim=-1)
+        class_boxes = roi_heads.box_coder.decode(box_regression, proposals)
+        counts = [len(p) for p in proposals]
+        results = []
+        for i, (image_proposals, image_probs, image_features, image_boxes, image_size) in enumerate(
+            zip(
+                proposals,
+                probs.split(counts),
+                box_features.split(counts),
+                class_boxes.split(counts),
+                image_list.image_sizes,
+            )
+        ):
+            if all(given):
+                keep = torch.arange(min(len(image_proposals), int(settings["max_regions"])), device=self.device)
+            else:
+                image_boxes = box_ops.clip_boxes_to_image(image_boxes, image_size)
+                keep = self._select(image_proposals, image_probs, image_boxes, settings)
+            foreground = image_probs[keep, 1:]
+            foreground = foreground / foreground.sum(dim=1, keepdim=True).clamp_min(1e-12)
+            sx, sy = scales[i]
+            region_boxes = scale_boxes(image_proposals[keep].float().cpu().numpy(), 1.0 / sx, 1.0 / sy)
+            results.append(
+                {
+                    "region_features": image_features[keep].float().cpu().numpy(),
+                    "region_boxes": region_boxes,
+                    "region_class_labels": foreground.argmax(dim=1).cpu().numpy().astype(np.int64),
+                    "region_class_probs": foreground.cpu().numpy().astype(np.float32),
+                }
+            )
+        return results
+
+
+class PrecomputedBackend(RegionBackend):
+    """Regions read from bottom-up-attention files: a folder of per-image `.npz`, or a base64 `.tsv`.
+
+    Images are looked up by key: the image id given to the extractor, else the input's file name without
+    extension (`images/000000000139.jpg` -> `000000000139`), else the file name.
+
+    Args:
+        path: A folder of `<key>.npz` files, or a `.tsv` file.
+        tsv_fieldnames: Column names of the `.tsv` when neither standard layout fits.
+        feature_size: Expected feature size; read from the first file when None.
+        num_classes: Expected size of the class distribution; read from the first file when None.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        tsv_fieldnames: list[str] | None = None,
+        feature_size: int | None = None,
+        num_classes: int | None = None,
+    ):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"precomputed region path not found: {self.path}")
+        self._tsv = TsvRegionIndex(self.path, tsv_fieldnames) if self.path.is_file() else None
+        self._feature_size = feature_size
+        self._num_classes = num_classes
+
+    def _first_record(self) -> dict[str, Any]:
+        if self._tsv is not None:
+            keys = self._tsv.keys()
+            if not keys:
+                raise ValueError(f"{self.path} holds no rows")
+            return self._tsv[keys[0]]
+        files = sorted(self.path.glob("*.npz"))
+        if not files:
+            raise ValueError(f"{self.path} holds no .npz files")
+        return read_npz_regions(files[0])
+
+    @property
+    def feature_size(self) -> int:
+        if self._feature_size is None:
+            self._feature_size = int(self._first_record()["region_features"].shape[1])
+        return self._feature_size
+
+    @property
+    def num_classes(self) -> int:
+        if self._num_classes is None:
+            probs = self._first_record()["region_class_probs"]
+            self._num_classes = 0 if probs is None else int(probs.shape[1])
+        return self._num_classes
+
+    def candidate_keys(self, key: str) -> list[str]:
+        path = Path(key)
+        return list(dict.fromkeys([key, path.stem, path.name]))
+
+    def read(self, key: str) -> dict[str, Any]:
+        """The raw record of `key`; raises KeyError naming the key and the place searched."""
+        for candidate in self.candidate_keys(key):
+            if self._tsv is not None:
+                if candidate in self._tsv:
+                    return self._tsv[candidate]
+            elif (self.path / f"{candidate}.npz").is_file():
+                return read_npz_regions(self.path / f"{candidate}.npz")
+        raise KeyError(f"no precomputed regions for {key!r} in {self.path}")
+
+    def extract(self, images, boxes, settings):
+        raise TypeError("precomputed regions are read by key, not computed from pixels")

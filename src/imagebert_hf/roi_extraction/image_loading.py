@@ -1,0 +1,307 @@
+"""Defensive image loading: any common input becomes an RGB PIL image with its size, or an `ImageLoadError`.
+
+Web images are messy (truncated downloads, HTML saved as `.jpg`, CMYK scans, 16-bit PNGs, animated GIFs, EXIF
+rotations, decompression bombs). Every check that can be made on the header is made before pixels are decoded, so a
+hostile file costs at most `max_file_bytes` of reading and never a huge allocation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
+DEFAULT_MAX_FILE_BYTES = 64 * 1024 * 1024
+DEFAULT_MIN_IMAGE_SIDE = 4
+DEFAULT_MAX_ASPECT_RATIO = 50.0
+DEFAULT_MAX_DECODE_SIDE = 1333
+
+
+class RegionExtractionError(ValueError):
+    """Regions could not be extracted for one input; `source` names it and `reason` says why."""
+
+    action = "cannot extract regions for"
+
+    def __init__(self, source: str, reason: str):
+        self.source = source
+        self.reason = reason
+        super().__init__(f"{self.action} {source}: {reason}")
+
+    def __reduce__(self):
+        # Keeps the two fields when the error crosses a process boundary (multiprocessing pickles it).
+        return (self.__class__, (self.source, self.reason))
+
+
+class ImageLoadError(RegionExtractionError):
+    """An image could not be turned into pixels: missing, empty, not an image, truncated, too large, too small."""
+
+    action = "cannot load image"
+
+
+@dataclass
+class LoadedImage:
+    """An RGB image ready for a backbone, and the frame its boxes refer to.
+
+    Attributes:
+        image (`PIL.Image.Image`): RGB pixels, possibly downscaled from the original to bound memory.
+        width (`int`): Width of the original image (after EXIF orientation), the frame of all boxes.
+        height (`int`): Height of the original image.
+        image_id (`str`): sha1 of the file bytes, or of the pixels for in-memory images.
+        source (`str`): A printable name of the input (its path, or its type).
+    """
+
+    image: Image.Image
+    width: int
+    height: int
+    image_id: str
+    source: str
+
+
+def sha1_hex(data: bytes | memoryview) -> str:
+    return hashlib.sha1(data).hexdigest()
+
+
+def describe_source(image: Any) -> str:
+    if isinstance(image, (str, os.PathLike)):
+        return str(image)
+    if isinstance(image, dict):
+        return str(image.get("path") or "<image bytes>")
+    return f"<{type(image).__name__}>"
+
+
+def read_image_bytes(path: str | os.PathLike, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes:
+    """Reads a file's bytes after checking that it exists, is a file and is neither empty nor too large."""
+    source = str(path)
+    try:
+        size = os.stat(path).st_size
+    except FileNotFoundError:
+        raise ImageLoadError(source, "file not found") from None
+    except OSError as error:
+        raise ImageLoadError(source, f"cannot stat file ({error.strerror or error})") from None
+    if not os.path.isfile(path):
+        raise ImageLoadError(source, "not a regular file")
+    if size == 0:
+        raise ImageLoadError(source, "empty file (0 bytes)")
+    if size > max_file_bytes:
+        raise ImageLoadError(source, f"file too large ({size} bytes > max_file_bytes={max_file_bytes})")
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError as error:
+        raise ImageLoadError(source, f"cannot read file ({error.strerror or error})") from None
+
+
+def _check_geometry(source: str, width: int, height: int, max_image_pixels: int, min_side: int, max_aspect: float):
+    if width <= 0 or height <= 0:
+        raise ImageLoadError(source, f"image has no pixels ({width}x{height})")
+    if width * height > max_image_pixels:
+        raise ImageLoadError(
+            source,
+            f"declared size {width}x{height} = {width * height} pixels exceeds max_image_pixels={max_image_pixels} "
+            "(possible decompression bomb)",
+        )
+    if min(width, height) < min_side:
+        raise ImageLoadError(source, f"image too small ({width}x{height}; min_image_side={min_side})")
+    aspect = max(width, height) / min(width, height)
+    if aspect > max_aspect:
+        raise ImageLoadError(
+            source, f"extreme aspect ratio {aspect:.1f} ({width}x{height}; max_aspect_ratio={max_aspect})"
+        )
+
+
+def _flatten_alpha(image: Image.Image) -> Image.Image:
+    # Transparent pixels carry arbitrary colours; compositing on white is what a browser shows.
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Converts any PIL mode to 8-bit RGB, rescaling high bit depths instead of clipping them."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("RGBA", "LA", "RGBa", "La", "PA") or (mode == "P" and "transparency" in image.info):
+        return _flatten_alpha(image)
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(array).all():
+            array = np.nan_to_num(array, nan=0.0, posinf=0.0, neginf=0.0)
+        # 16-bit data spans 0..65535; PIL's own "L" conversion would clip it to white.
+        high = 65535.0 if mode.startswith("I;16") or array.max() > 255 else 255.0
+        array = np.clip(array, 0, high) * (255.0 / high)
+        grey = Image.fromarray(np.round(array).astype(np.uint8))
+        return grey.convert("RGB")
+    return image.convert("RGB")
+
+
+def _array_to_pil(array: np.ndarray, source: str) -> Image.Image:
+    if array.size == 0:
+        raise ImageLoadError(source, f"empty array of shape {tuple(array.shape)}")
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = np.moveaxis(array, 0, -1)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise ImageLoadError(source, f"unsupported array shape {tuple(array.shape)} (expected HxW, HxWxC or CxHxW)")
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    elif array.dtype == np.uint16:
+        array = np.round(array.astype(np.float64) / 257.0).astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ImageLoadError(source, "array contains NaN or infinite values")
+        scale = 255.0 if array.max(initial=0.0) <= 1.0 else 1.0
+        array = np.round(np.clip(array * scale, 0, 255)).astype(np.uint8)
+    elif array.dtype != np.uint8:
+        array = np.clip(array, 0, 255).astype(np.uint8)
+    if array.ndim == 3 and array.shape[-1] == 4:
+        return _flatten_alpha(Image.fromarray(np.ascontiguousarray(array)))
+    return to_rgb(Image.fromarray(np.ascontiguousarray(array)))
+
+
+def _decode_bytes(
+    data: bytes,
+    source: str,
+    max_image_pixels: int,
+    min_side: int,
+    max_aspect: float,
+    max_decode_side: int,
+    apply_exif_orientation: bool,
+) -> tuple[Image.Image, int, int]:
+    with warnings.catch_warnings():
+        # Our own pixel limit is checked below, before decoding; PIL's warning would only add noise.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as error:
+            raise ImageLoadError(source, f"declared size too large, possible decompression bomb ({error})") from None
+        except UnidentifiedImageError:
+            head = data[:32].lstrip().lower()
+            hint = " (looks like text/HTML)" if head.startswith((b"<", b"{", b"[")) or head.isascii() else ""
+            raise ImageLoadError(source, f"not a recognised image format{hint}") from None
+        except Exception as error:  # PIL raises many types on corrupt headers
+            raise ImageLoadError(source, f"corrupt image header ({type(error).__name__}: {error})") from None
+        width, height = image.size
+        try:
+            # EXIF orientations 5-8 swap the axes; the limits apply to the displayed image. (Reading the EXIF
+            # of a PNG can already decode data, hence inside the guard.)
+            orientation = image.getexif().get(0x0112, 1) if apply_exif_orientation else 1
+            if orientation in (5, 6, 7, 8):
+                width, height = height, width
+            _check_geometry(source, width, height, max_image_pixels, min_side, max_aspect)
+            if getattr(image, "is_animated", False):
+                image.seek(0)
+            if image.format == "JPEG" and max(width, height) > 2 * max_decode_side:
+                # JPEG can decode at 1/2, 1/4 or 1/8 scale directly: large photos never reach full size in memory.
+                image.draft("RGB", (2 * max_decode_side, 2 * max_decode_side))
+            image.load()
+        except ImageLoadError:
+            raise
+        except Image.DecompressionBombError as error:
+            raise ImageLoadError(source, f"possible decompression bomb ({error})") from None
+        except Exception as error:  # truncated data surfaces as OSError, SyntaxError, EOFError, struct.error...
+            raise ImageLoadError(
+                source, f"truncated or corrupt image data ({type(error).__name__}: {error})"
+            ) from None
+        if apply_exif_orientation and orientation != 1:
+            with contextlib.suppress(Exception):  # a broken EXIF block must not cost the image
+                image = ImageOps.exif_transpose(image)
+        image = to_rgb(image)
+    return image, width, height
+
+
+def load_image(
+    image: Any,
+    *,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    min_image_side: int = DEFAULT_MIN_IMAGE_SIDE,
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
+    max_decode_side: int = DEFAULT_MAX_DECODE_SIDE,
+    apply_exif_orientation: bool = True,
+) -> LoadedImage:
+    """Loads one image from a path, bytes, a `datasets` image dict, a PIL image, a numpy array or a torch tensor.
+
+    Args:
+        image: The input. Arrays may be HxW, HxWxC or CxHxW, uint8/uint16/bool or float in [0, 1]; a dict is the
+            `{"bytes": ..., "path": ...}` form of a `datasets.Image(decode=False)` column.
+        max_image_pixels: Largest accepted width * height, checked on the header before any decoding.
+        max_file_bytes: Largest accepted file size.
+        min_image_side: Smallest accepted side in pixels.
+        max_aspect_ratio: Largest accepted long side / short side.
+        max_decode_side: Pixels are kept at most this long on their longest side (boxes still refer to the
+            original size, see `LoadedImage.width`).
+        apply_exif_orientation: Rotate/flip according to the EXIF orientation tag, as viewers display it.
+
+    Returns:
+        A `LoadedImage`.
+
+    Raises:
+        ImageLoadError: With the source and the reason, for anything that cannot become an RGB image.
+    """
+    source = describe_source(image)
+    limits = (max_image_pixels, min_image_side, max_aspect_ratio)
+    if isinstance(image, dict):
+        data = image.get("bytes")
+        if data is None and image.get("path"):
+            data = read_image_bytes(image["path"], max_file_bytes)
+        if data is None:
+            raise ImageLoadError(source, "image dict has neither bytes nor path")
+        image = bytes(data)
+    if isinstance(image, (str, os.PathLike)):
+        image = read_image_bytes(Path(image), max_file_bytes)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        data = bytes(image)
+        if not data:
+            raise ImageLoadError(source, "empty file (0 bytes)")
+        if len(data) > max_file_bytes:
+            raise ImageLoadError(source, f"file too large ({len(data)} bytes > max_file_bytes={max_file_bytes})")
+        pil, width, height = _decode_bytes(data, source, *limits, max_decode_side, apply_exif_orientation)
+        image_id = sha1_hex(data)
+    else:
+        if isinstance(image, Image.Image):
+            _check_geometry(source, image.width, image.height, *limits)
+            if getattr(image, "is_animated", False):
+                image.seek(0)
+            pil = to_rgb(image)
+        else:
+            if type(image).__module__.startswith("torch"):
+                image = image.detach().cpu().numpy()
+            if not isinstance(image, np.ndarray):
+                raise ImageLoadError(source, f"unsupported input type {type(image).__name__}")
+            pil = _array_to_pil(image, source)
+            _check_geometry(source, pil.width, pil.height, *limits)
+        width, height = pil.size
+        pixels = np.asarray(pil)
+        image_id = sha1_hex(f"{pixels.shape}".encode() + pixels.tobytes())
+    if max(pil.size) > max_decode_side:
+        pil = pil.copy()
+        pil.thumbnail((max_decode_side, max_decode_side), Image.Resampling.BICUBIC)
+    return LoadedImage(image=pil, width=width, height=height, image_id=image_id, source=source)
+
+
+def image_content_hash(image: Any, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> str:
+    """The `image_id` that `load_image` would give, without decoding when the input is a file or bytes."""
+    if isinstance(image, dict):
+        data = image.get("bytes")
+        if data is None and image.get("path"):
+            return sha1_hex(read_image_bytes(image["path"], max_file_bytes))
+        if data is None:
+            raise ImageLoadError(describe_source(image), "image dict has neither bytes nor path")
+        return sha1_hex(bytes(data))
+    if isinstance(image, (str, os.PathLike)):
+        return sha1_hex(read_image_bytes(image, max_file_bytes))
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return sha1_hex(bytes(image))
+    return load_image(image).image_id

