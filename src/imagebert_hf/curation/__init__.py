@@ -1,0 +1,62 @@
+"""LAIT-style curation: web pages (WARC files, saved HTML) -> clean image-text pairs, locally or on Spark.
+
+Five stages, each a pure function over a batch of records returning the kept records and a `Tally` of what it
+received, kept and dropped (by reason): `parse_pages`, `filter_images`, `clean_texts`, `score_relevance`, then
+the corpus-wide `aggregate`. `run_local` and `run_spark` run them and write the same parquet shards and funnel
+report. Heavy dependencies (fastwarc, resiliparse, nudenet, pyspark) are imported only where used.
+"""
+
+from .aggregation import aggregate, aggregate_image_group, aggregate_text_group
+from .config import (
+    AggregationConfig,
+    CurationConfig,
+    ImageFilterConfig,
+    ParseConfig,
+    RelevanceConfig,
+    TextCleaningConfig,
+)
+from .image_filters import filter_images, image_statistics
+from .linear import LinearModel
+from .parse import parse_pages
+from .pipeline import CurationResult, load_curated, run_local
+from .relevance import relevance_features, score_relevance
+from .sources import discover_sources, scan_source
+from .tally import Tally, funnel_markdown, write_funnel_report
+from .text_cleaning import check_text, clean_texts
+
+
+def run_spark(*args, **kwargs):
+    """See `imagebert_hf.curation.spark.run_spark` (imported lazily: pyspark is optional)."""
+    from .spark import run_spark as _run_spark
+
+    return _run_spark(*args, **kwargs)
+
+
+__all__ = [
+    "AggregationConfig",
+    "CurationConfig",
+    "CurationResult",
+    "ImageFilterConfig",
+    "LinearModel",
+    "ParseConfig",
+    "RelevanceConfig",
+    "Tally",
+    "TextCleaningConfig",
+    "aggregate",
+    "aggregate_image_group",
+    "aggregate_text_group",
+    "check_text",
+    "clean_texts",
+    "discover_sources",
+    "filter_images",
+    "funnel_markdown",
+    "image_statistics",
+    "load_curated",
+    "parse_pages",
+    "relevance_features",
+    "run_local",
+    "run_spark",
+    "scan_source",
+    "score_relevance",
+    "write_funnel_report",
+]

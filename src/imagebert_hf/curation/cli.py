@@ -1,0 +1,118 @@
+"""`imagebert-curate`: web pages (WARC files, saved HTML folders) -> image-text pairs and a funnel report.
+
+    imagebert-curate --inputs crawl/*.warc.gz --output_dir outputs/lait --num_proc 4
+    imagebert-curate --inputs crawl/ --output_dir outputs/lait --runner spark --spark_master local[8]
+    spark-submit --master yarn "$(python -c 'import imagebert_hf.curation.cli as m; print(m.__file__)')" \
+        --inputs /shared/crawl --output_dir /shared/lait --runner spark
+
+Every stage option is a flag (see `--help`); `--config_file run.json` reads them from a JSON file written by an
+earlier run (`config.json` in its output folder), and flags given as well override it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+
+from .config import (
+    AggregationConfig,
+    CurationConfig,
+    ImageFilterConfig,
+    ParseConfig,
+    RelevanceConfig,
+    TextCleaningConfig,
+)
+
+
+@dataclass
+class RunArguments:
+    """Where to read, where to write, and how to run."""
+
+    inputs: list[str] = field(metadata={"help": "WARC files (.warc, .warc.gz), saved HTML pages, or folders of them."})
+    output_dir: str = field(metadata={"help": "Output folder: data/*.parquet, funnel.{json,md,png}, config.json."})
+    runner: str = field(default="local", metadata={"help": "`local` (datasets, several processes) or `spark`."})
+    num_proc: int = field(default=1, metadata={"help": "Local runner: worker processes."})
+    batch_size: int = field(default=32, metadata={"help": "Records per batch handed to each stage function."})
+    rows_per_shard: int = field(default=2000, metadata={"help": "Local runner: rows per output parquet shard."})
+    spark_master: str | None = field(
+        default=None,
+        metadata={"help": "Spark runner: master URL for a new session (e.g. local[8]); unset under spark-submit."},
+    )
+    num_partitions: int | None = field(
+        default=None, metadata={"help": "Spark runner: partitions of the page records."}
+    )
+    config_file: str | None = field(default=None, metadata={"help": "JSON stage configuration (a run's config.json)."})
+    log_level: str = field(default="WARNING", metadata={"help": "Python logging level."})
+
+
+_STAGE_CLASSES = {
+    "parse": ParseConfig,
+    "images": ImageFilterConfig,
+    "text": TextCleaningConfig,
+    "relevance": RelevanceConfig,
+    "aggregation": AggregationConfig,
+}
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[RunArguments, CurationConfig]:
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser((RunArguments, *_STAGE_CLASSES.values()))
+    parser.description = "LAIT-style curation of web pages into image-text pairs."
+    argv = list(sys.argv[1:] if argv is None else argv)
+    run, *stages = parser.parse_args_into_dataclasses(args=argv)
+    config = CurationConfig(**dict(zip(_STAGE_CLASSES, stages)))
+    if run.config_file:
+        # File values are the base; flags given explicitly on the command line win.
+        given = {arg.lstrip("-").split("=")[0] for arg in argv if arg.startswith("--")}
+        base = CurationConfig.load(run.config_file)
+        for name, part in dataclasses.asdict(config).items():
+            section = getattr(base, name)
+            for key, value in part.items():
+                if key in given:
+                    setattr(section, key, value)
+        config = base
+    return run, config
+
+
+def main(argv: list[str] | None = None) -> int:
+    run, config = parse_args(argv)
+    logging.basicConfig(level=run.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if run.runner == "local":
+        from .pipeline import run_local
+
+        result = run_local(
+            run.inputs,
+            run.output_dir,
+            config,
+            num_proc=run.num_proc,
+            batch_size=run.batch_size,
+            rows_per_shard=run.rows_per_shard,
+        )
+    elif run.runner == "spark":
+        from .spark import local_spark_session, run_spark
+
+        spark = None
+        if run.spark_master:
+            spark = local_spark_session(run.spark_master)
+        result = run_spark(
+            run.inputs,
+            run.output_dir,
+            config,
+            spark=spark,
+            num_partitions=run.num_partitions,
+            batch_size=run.batch_size,
+        )
+    else:
+        raise SystemExit(f"unknown runner {run.runner!r}: use local or spark")
+    summary = {"pairs": len(result.dataset), "output_dir": str(result.output_dir), "drops": result.tally.drops()}
+    print(json.dumps(summary, indent=2, sort_keys=True))
+    print((result.output_dir / "funnel.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""A standardised logistic-regression model stored as JSON, so inference needs only numpy.
+
+scikit-learn is needed to train (`fit_linear_model`), not to curate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class LinearModel:
+    """`sigmoid(((x - mean) / scale) @ coef + intercept)` with named features."""
+
+    feature_names: list[str]
+    mean: np.ndarray
+    scale: np.ndarray
+    coef: np.ndarray
+    intercept: float
+    metadata: dict = field(default_factory=dict)
+
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        features = np.atleast_2d(np.asarray(features, dtype=np.float64))
+        if features.shape[1] != len(self.coef):
+            raise ValueError(f"expected {len(self.coef)} features, got {features.shape[1]}")
+        standardized = (features - self.mean) / self.scale * self.coef
+        # fsum is exact, so a score never depends on batch size or memory layout (local and Spark runs agree).
+        z = np.array([math.fsum(row) + self.intercept for row in standardized.tolist()], dtype=np.float64)
+        return 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
+
+    def to_dict(self) -> dict:
+        return {
+            "feature_names": list(self.feature_names),
+            "mean": self.mean.tolist(),
+            "scale": self.scale.tolist(),
+            "coef": self.coef.tolist(),
+            "intercept": float(self.intercept),
+            "metadata": self.metadata,
+        }
+
+    def save(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> LinearModel:
+        data = json.loads(Path(path).read_text())
+        return cls(
+            feature_names=data["feature_names"],
+            mean=np.asarray(data["mean"], dtype=np.float64),
+            scale=np.asarray(data["scale"], dtype=np.float64),
+            coef=np.asarray(data["coef"], dtype=np.float64),
+            intercept=float(data["intercept"]),
+            metadata=data.get("metadata", {}),
+        )
+
+
+def fit_linear_model(
+    features: np.ndarray,
+    labels: np.ndarray,
+    feature_names: list[str],
+    c: float = 1.0,
+    metadata: dict | None = None,
+    seed: int = 0,
+) -> LinearModel:
+    """Fits a class-balanced, L2-regularised logistic regression on standardised features."""
+    from sklearn.linear_model import LogisticRegression
+
+    features = np.asarray(features, dtype=np.float64)
+    mean = features.mean(axis=0)
+    scale = features.std(axis=0)
+    scale[scale < 1e-8] = 1.0
+    clf = LogisticRegression(C=c, max_iter=2000, class_weight="balanced", random_state=seed)
+    clf.fit((features - mean) / scale, np.asarray(labels))
+    return LinearModel(
+        feature_names=list(feature_names),
+        mean=mean,
+        scale=scale,
+        coef=clf.coef_[0].astype(np.float64),
+        intercept=float(clf.intercept_[0]),
+        metadata=dict(metadata or {}),
+    )

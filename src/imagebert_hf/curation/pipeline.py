@@ -1,0 +1,263 @@
+"""The stage list, record schemas, and the local runner (`datasets` map with several processes).
+
+Stages are pure functions `stage(batch, config) -> (kept_batch, tally)` over columns of records. Runners never
+look inside them: they feed batches, and carry each batch's counts to the end as a "tally row" (a record whose
+only non-null column is `_tally`). Tally rows pass through later stages untouched, so counting needs no shared
+state between processes and works the same in `datasets` workers and Spark executors.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .aggregation import aggregate
+from .config import CurationConfig
+from .image_filters import ADDED_COLUMNS, filter_images
+from .parse import IMAGE_COLUMNS, parse_pages
+from .relevance import score_relevance
+from .sources import PAGE_COLUMNS, discover_sources, scan_source
+from .tally import Tally, write_funnel_report
+from .text_cleaning import PAIR_COLUMNS, clean_texts, text_key
+
+
+logger = logging.getLogger(__name__)
+
+TALLY = "_tally"
+
+# Column types, shared by the local runner (datasets Features) and the Spark runner (its own StructType).
+COLUMN_TYPES: dict[str, str] = {
+    "page_id": "string",
+    "page_url": "string",
+    "source": "string",
+    "html": "binary",
+    "charset": "string",
+    "image_id": "string",
+    "image_url": "string",
+    "image": "binary",
+    "dom_score": "float64",
+    "language_rank": "float64",
+    "texts": "list<string>",
+    "text_sources": "list<string>",
+    "image_hash": "string",
+    "width": "int64",
+    "height": "int64",
+    "nsfw_score": "float64",
+    "natural_score": "float64",
+    "image_stats": "list<float32>",
+    "pair_id": "string",
+    "text": "string",
+    "text_source": "string",
+    "rare_word_ratio": "float64",
+    "relevance_score": "float64",
+    TALLY: "string",
+}
+
+FILTERED_COLUMNS = (*IMAGE_COLUMNS, *ADDED_COLUMNS)
+SCORED_COLUMNS = (*PAIR_COLUMNS, "relevance_score")
+OUTPUT_COLUMNS = (
+    "pair_id",
+    "image",
+    "text",
+    "image_url",
+    "page_url",
+    "source",
+    "text_source",
+    "image_hash",
+    "width",
+    "height",
+    "dom_score",
+    "language_rank",
+    "natural_score",
+    "nsfw_score",
+    "rare_word_ratio",
+    "relevance_score",
+)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    fn: Callable
+    config_attr: str
+    columns: tuple[str, ...]
+
+
+STAGES = (
+    Stage("parse", parse_pages, "parse", IMAGE_COLUMNS),
+    Stage("images", filter_images, "images", FILTERED_COLUMNS),
+    Stage("text", clean_texts, "text", PAIR_COLUMNS),
+    Stage("relevance", score_relevance, "relevance", SCORED_COLUMNS),
+)
+
+
+def features_for(columns: tuple[str, ...], with_tally: bool = True):
+    """`datasets.Features` of a record schema, plus the tally column unless `with_tally` is False."""
+    from datasets import Features, List, Value
+
+    def feature(kind: str):
+        if kind.startswith("list<"):
+            return List(Value(kind[5:-1]))
+        return Value(kind)
+
+    names = (*columns, TALLY) if with_tally else columns
+    return Features({name: feature(COLUMN_TYPES[name]) for name in names})
+
+
+def tally_row(columns: tuple[str, ...], tally: Tally) -> dict:
+    row = dict.fromkeys(columns)
+    row[TALLY] = tally.to_json()
+    return row
+
+
+def apply_stage(batch: dict[str, list], stage: Stage, config: CurationConfig) -> dict[str, list]:
+    """Runs one stage on a batch that may hold tally rows; returns its records, the tally rows and one new tally."""
+    tallies = batch.get(TALLY) or [None] * len(next(iter(batch.values())))
+    data_idx = [i for i, t in enumerate(tallies) if t is None]
+    data = {k: [v[i] for i in data_idx] for k, v in batch.items() if k != TALLY}
+    out, tally = stage.fn(data, getattr(config, stage.config_attr))
+    n_out = len(out[stage.columns[0]])
+    passed = [t for t in tallies if t is not None]
+    result = {name: list(out[name]) + [None] * (len(passed) + 1) for name in stage.columns}
+    result[TALLY] = [None] * n_out + passed + [tally.to_json()]
+    return result
+
+
+def _generate_pages(sources: list[dict], config: CurationConfig) -> Iterator[dict]:
+    for source in sources:
+        tally = Tally()
+        try:
+            for row in scan_source(source, config.parse, tally):
+                yield {**row, TALLY: None}
+        except Exception as err:  # a file that cannot be opened at all is counted, not fatal
+            logger.warning("could not read %s: %r", source.get("path"), err)
+            tally.drop("read", "file", "unreadable_file")
+        yield tally_row(PAGE_COLUMNS, tally)
+
+
+@dataclass
+class CurationResult:
+    """What a run produced: the curated dataset, its counts, and where both were written."""
+
+    dataset: object
+    tally: Tally
+    output_dir: Path
+
+
+def _write_parquet_shards(dataset, data_dir: Path, rows_per_shard: int) -> None:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    n_shards = max(1, math.ceil(len(dataset) / rows_per_shard))
+    for index in range(n_shards):
+        shard = dataset.shard(n_shards, index, contiguous=True)
+        shard.to_parquet(str(data_dir / f"part-{index:05d}-of-{n_shards:05d}.parquet"))
+
+
+def load_curated(output_dir: str | Path, cache_dir: str | None = None):
+    """Loads the curated pairs written by either runner as a `datasets.Dataset`, in `pair_id` order."""
+    from datasets import Dataset
+
+    files = sorted(str(p) for p in (Path(output_dir) / "data").glob("*.parquet"))
+    if not files:
+        empty = {name: [] for name in OUTPUT_COLUMNS}
+        return Dataset.from_dict(empty, features=features_for(OUTPUT_COLUMNS, with_tally=False))
+    return Dataset.from_parquet(files, cache_dir=cache_dir)
+
+
+def finalize_report(tally: Tally, output_dir: Path, config: CurationConfig) -> None:
+    config.save(output_dir / "config.json")
+    write_funnel_report(tally, output_dir)
+
+
+def run_local(
+    inputs: list[str | Path],
+    output_dir: str | Path,
+    config: CurationConfig | None = None,
+    num_proc: int = 1,
+    batch_size: int = 32,
+    rows_per_shard: int = 2000,
+) -> CurationResult:
+    """Curates WARC files and HTML folders on one machine with `datasets`.
+
+    Args:
+        inputs: WARC files, saved HTML pages, or folders holding either.
+        output_dir: Where `data/*.parquet`, `funnel.{json,md,png}` and `config.json` are written.
+        config: Stage configuration; defaults everywhere when omitted.
+        num_proc: Worker processes for reading and for every stage.
+        batch_size: Records per batch handed to a stage function.
+        rows_per_shard: Rows per output parquet shard.
+
+    Returns:
+        The curated dataset (sorted by `pair_id`), the counts, and the output folder.
+    """
+    from datasets import Dataset, disable_progress_bars
+
+    disable_progress_bars()
+    config = config or CurationConfig()
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if (output_dir / "data").exists():
+        shutil.rmtree(output_dir / "data")
+    sources = [s.to_dict() for s in discover_sources(inputs)]
+    work = Path(tempfile.mkdtemp(prefix="curation-", dir=output_dir))
+    try:
+        ds = Dataset.from_generator(
+            _generate_pages,
+            features=features_for(PAGE_COLUMNS),
+            gen_kwargs={"sources": sources, "config": config},
+            num_proc=max(1, min(num_proc, len(sources))) if len(sources) > 1 else None,
+            cache_dir=str(work),
+        )
+        for stage in STAGES:
+            ds = ds.map(
+                apply_stage,
+                batched=True,
+                batch_size=batch_size,
+                fn_kwargs={"stage": stage, "config": config},
+                remove_columns=ds.column_names,
+                features=features_for(stage.columns),
+                num_proc=num_proc if num_proc > 1 and len(ds) > 1 else None,
+                load_from_cache_file=False,
+                desc=f"curation: {stage.name}",
+            )
+
+        keys = ds.select_columns(["pair_id", "image_hash", "text", "relevance_score", TALLY])
+        tally = Tally()
+        key_rows = []
+        for batch in keys.iter(batch_size=10_000):
+            for pid, image_hash, text, score, t in zip(
+                batch["pair_id"], batch["image_hash"], batch["text"], batch["relevance_score"], batch[TALLY]
+            ):
+                if t is not None:
+                    tally.update(Tally.from_json(t))
+                else:
+                    key_rows.append(
+                        {
+                            "pair_id": pid,
+                            "image_hash": image_hash,
+                            "text_key": text_key(text),
+                            "relevance_score": score,
+                        }
+                    )
+        kept_ids, agg_tally = aggregate(key_rows, config.aggregation)
+        tally.update(agg_tally)
+
+        ds = ds.filter(
+            lambda batch: [t is None and pid in kept_ids for pid, t in zip(batch["pair_id"], batch[TALLY])],
+            batched=True,
+            batch_size=1000,
+            load_from_cache_file=False,
+            # An explicit fingerprint spares datasets from hashing the closure (the set of kept ids).
+            new_fingerprint=f"curation-kept-{uuid.uuid4().hex}",
+        )
+        ds = ds.select_columns(list(OUTPUT_COLUMNS)).sort("pair_id")
+        _write_parquet_shards(ds, output_dir / "data", rows_per_shard)
+        finalize_report(tally, output_dir, config)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return CurationResult(dataset=load_curated(output_dir), tally=tally, output_dir=output_dir)

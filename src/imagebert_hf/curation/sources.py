@@ -1,0 +1,312 @@
+"""Reading the inputs: WARC files (plain or gzip) and folders of saved HTML pages.
+
+Scanning turns every input into page records (`PAGE_COLUMNS`) and counts every record it skips (stage `read`).
+Image bytes are not copied into page records: the parse stage asks an `ImageResolver` for the few images it needs,
+which reads them from the same WARC by offset, or from the files saved next to the page. Memory therefore stays
+bounded by one page and one image at a time, whatever the size of the archive.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urldefrag, urlsplit
+
+from .config import ParseConfig
+from .tally import INPUT, KEPT, Tally
+
+
+logger = logging.getLogger(__name__)
+
+WARC_SUFFIXES = (".warc", ".warc.gz", ".arc", ".arc.gz")
+HTML_SUFFIXES = (".html", ".htm", ".xhtml")
+HTML_TYPES = ("text/html", "application/xhtml+xml")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".avif")
+_GZIP_MAGIC = b"\x1f\x8b\x08"
+_WARC_MAGIC = b"WARC/1."
+_SCAN_CHUNK = 1 << 20
+
+PAGE_COLUMNS = ("page_id", "page_url", "source", "html", "charset")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input unit: a WARC file, or one saved HTML page (`root` is the folder the user gave)."""
+
+    kind: str
+    path: str
+    root: str = ""
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "path": self.path, "root": self.root}
+
+
+def discover_sources(inputs: list[str | os.PathLike]) -> list[Source]:
+    """Expands files and folders into a sorted list of sources (sorting keeps reruns identical)."""
+    sources: list[Source] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            for sub in sorted(p for p in path.rglob("*") if p.is_file()):
+                name = sub.name.lower()
+                if name.endswith(WARC_SUFFIXES):
+                    sources.append(Source("warc", str(sub)))
+                elif name.endswith(HTML_SUFFIXES):
+                    sources.append(Source("html", str(sub), str(path)))
+        elif path.name.lower().endswith(HTML_SUFFIXES):
+            sources.append(Source("html", str(path), str(path.parent)))
+        elif path.is_file():
+            sources.append(Source("warc", str(path)))
+        else:
+            raise FileNotFoundError(f"input not found: {item}")
+    return sorted(set(sources), key=lambda s: (s.path, s.kind))
+
+
+def _page_row(page_id: str, page_url: str, source: str, html: bytes, charset: str | None) -> dict:
+    return {"page_id": page_id, "page_url": page_url, "source": source, "html": html, "charset": charset}
+
+
+def scan_source(source: Source | dict, config: ParseConfig, tally: Tally) -> Iterator[dict]:
+    """Yields the page records of one source and counts in `tally` every record that is not a page."""
+    if isinstance(source, dict):
+        source = Source(**source)
+    if source.kind == "warc":
+        yield from _scan_warc(source.path, config, tally)
+    else:
+        yield from _scan_html_file(source, config, tally)
+
+
+def _scan_html_file(source: Source, config: ParseConfig, tally: Tally) -> Iterator[dict]:
+    tally.add("read", "record", INPUT)
+    path = Path(source.path)
+    try:
+        size = path.stat().st_size
+        if size > config.max_page_bytes:
+            tally.drop("read", "record", "page_too_large")
+            return
+        html = path.read_bytes()
+    except OSError:
+        tally.drop("read", "record", "unreadable_file")
+        return
+    rel = path.relative_to(source.root).as_posix() if source.root else path.name
+    tally.add("read", "record", KEPT)
+    yield _page_row(source.path, f"file:{rel}", source.path, html, None)
+
+
+def _is_gzip(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(3) == _GZIP_MAGIC
+
+
+def _next_marker(f, start: int, marker: bytes) -> int | None:
+    """Offset of the next record start at or after `start`, found by its magic bytes (resynchronisation)."""
+    pos = start
+    tail = b""
+    while True:
+        f.seek(pos)
+        chunk = f.read(_SCAN_CHUNK)
+        if not chunk:
+            return None
+        data = tail + chunk
+        hit = data.find(marker)
+        if hit >= 0:
+            return pos - len(tail) + hit
+        tail = data[-(len(marker) - 1) :]
+        pos += len(chunk)
+
+
+def iter_warc_records(path: str, tally: Tally, max_resyncs: int, **iterator_kwargs) -> Iterator:
+    """Iterates the records of a WARC file, skipping unreadable segments instead of stopping at the first one.
+
+    fastwarc stops a file at the first corrupt gzip member or invalid header; this restarts it at the next record
+    start (gzip member or `WARC/1.` line) and counts each restart as `unreadable_segment`.
+    """
+    from fastwarc.warc import ArchiveIterator
+
+    marker = _GZIP_MAGIC if _is_gzip(path) else _WARC_MAGIC
+    with open(path, "rb") as f:
+        start, resyncs = 0, 0
+        while True:
+            f.seek(start)
+            last = None
+            try:
+                for record in ArchiveIterator(f, quirks_mode=True, **iterator_kwargs):
+                    last = record.stream_pos
+                    yield record
+                return
+            except OSError as err:
+                logger.debug("unreadable segment in %s after offset %s: %s", path, last, err)
+                # An unreadable segment stands for at least one record: counted in and dropped.
+                tally.add("read", "record", INPUT)
+                tally.drop("read", "record", "unreadable_segment")
+                resyncs += 1
+                if resyncs > max_resyncs:
+                    tally.drop("read", "file", "too_many_unreadable_segments")
+                    return
+                nxt = _next_marker(f, (last if last is not None else start) + 1, marker)
+                if nxt is None:
+                    return
+                start = nxt
+
+
+def _content_type(record) -> str:
+    try:
+        return (record.http_content_type or "").lower()
+    except Exception:
+        return ""
+
+
+def _target_uri(record) -> str:
+    return record.headers.get("WARC-Target-URI", "") or ""
+
+
+def _is_image_record(content_type: str, url: str) -> bool:
+    return content_type.startswith("image/") or urlsplit(url).path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _scan_warc(path: str, config: ParseConfig, tally: Tally) -> Iterator[dict]:
+    from fastwarc.warc import WarcRecordType
+
+    for record in iter_warc_records(path, tally, config.max_resyncs_per_file, parse_http=True):
+        tally.add("read", "record", INPUT)
+        if record.record_type == WarcRecordType.unknown:
+            tally.drop("read", "record", "malformed_record")
+            continue
+        if record.record_type != WarcRecordType.response:
+            tally.drop("read", "record", "not_a_response")
+            continue
+        url = _target_uri(record)
+        if not url or not (record.headers.get("Content-Length") or "").strip().isdigit():
+            tally.drop("read", "record", "malformed_record")
+            continue
+        ctype = _content_type(record)
+        status = getattr(record.http_headers, "status_code", None) if record.is_http else None
+        if status is not None and status != 200:
+            tally.drop("read", "record", "http_status_not_200")
+            continue
+        if _is_image_record(ctype, url):
+            # Indexed by the resolver; image records are not pages.
+            tally.drop("read", "record", "image_record")
+            continue
+        if not ctype.startswith(HTML_TYPES):
+            tally.drop("read", "record", "not_html")
+            continue
+        if record.content_length > config.max_page_bytes:
+            tally.drop("read", "record", "page_too_large")
+            continue
+        try:
+            html = record.reader.read(config.max_page_bytes + 1)
+        except OSError:
+            tally.drop("read", "record", "truncated_record")
+            continue
+        if len(html) < record.content_length:
+            tally.drop("read", "record", "truncated_record")
+            continue
+        if len(html) > config.max_page_bytes:
+            tally.drop("read", "record", "page_too_large")
+            continue
+        charset = record.http_charset if record.is_http else None
+        tally.add("read", "record", KEPT)
+        yield _page_row(f"{path}#{record.stream_pos}", url, path, html, charset)
+
+
+def normalize_url(url: str) -> str:
+    return urldefrag(url.strip())[0]
+
+
+class ImageResolver:
+    """Finds the bytes of an image referenced by a page. `fetch` returns `(bytes, None)` or `(None, reason)`."""
+
+    def fetch(self, url: str, max_bytes: int) -> tuple[bytes | None, str | None]:
+        raise NotImplementedError
+
+
+class WarcImageResolver(ImageResolver):
+    """Reads image payloads from the WARC holding the page, by the offset of their response record."""
+
+    def __init__(self, path: str, max_resyncs: int = 1000):
+        self.path = path
+        self.offsets: dict[str, int] = {}
+        index_tally = Tally()
+        for record in iter_warc_records(path, index_tally, max_resyncs, parse_http=True):
+            try:
+                url = _target_uri(record)
+                if record.is_http and _is_image_record(_content_type(record), url):
+                    # The first capture wins, as in a replay: later duplicates are ignored.
+                    self.offsets.setdefault(normalize_url(url), record.stream_pos)
+            except Exception:  # noqa: S112 - an unindexable record only means its image is not found later
+                continue
+
+    def fetch(self, url: str, max_bytes: int) -> tuple[bytes | None, str | None]:
+        from fastwarc.warc import ArchiveIterator
+
+        key = normalize_url(url)
+        pos = self.offsets.get(key)
+        if pos is None and key.startswith(("http://", "https://")):
+            other = "https://" + key[7:] if key.startswith("http://") else "http://" + key[8:]
+            pos = self.offsets.get(other)
+        if pos is None:
+            return None, "image_not_archived"
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(pos)
+                record = next(iter(ArchiveIterator(f, quirks_mode=True, parse_http=True)))
+                if record.content_length > max_bytes:
+                    return None, "image_too_large"
+                data = record.reader.read(max_bytes + 1)
+        except (OSError, StopIteration):
+            return None, "image_record_unreadable"
+        if len(data) < record.content_length:
+            return None, "image_record_unreadable"
+        return data, None
+
+
+class FolderImageResolver(ImageResolver):
+    """Reads images saved next to an HTML page (as browsers save them: relative paths or `<page>_files/`)."""
+
+    def __init__(self, page_path: str):
+        self.page = Path(page_path)
+        self.folder = self.page.parent.resolve()
+
+    def _candidates(self, url: str) -> list[Path]:
+        parts = urlsplit(url)
+        name = Path(unquote(parts.path)).name
+        if parts.scheme in ("", "file") and not parts.netloc:
+            rel = unquote(parts.path).lstrip("/") if parts.scheme == "file" else unquote(parts.path)
+            return [self.folder / rel, self.folder / f"{self.page.stem}_files" / name]
+        return [self.folder / f"{self.page.stem}_files" / name, self.folder / name]
+
+    def fetch(self, url: str, max_bytes: int) -> tuple[bytes | None, str | None]:
+        if url.startswith("data:"):
+            return None, "data_uri"
+        for candidate in self._candidates(url):
+            try:
+                resolved = candidate.resolve()
+            except (OSError, RuntimeError):
+                continue
+            # Never read outside the page's folder, whatever the page links to.
+            if self.folder not in resolved.parents or not resolved.is_file():
+                continue
+            if resolved.stat().st_size > max_bytes:
+                return None, "image_too_large"
+            try:
+                return resolved.read_bytes(), None
+            except OSError:
+                return None, "image_record_unreadable"
+        return None, "image_not_archived"
+
+
+@functools.lru_cache(maxsize=4)
+def _warc_resolver(path: str, mtime_ns: int, max_resyncs: int) -> WarcImageResolver:
+    return WarcImageResolver(path, max_resyncs)
+
+
+def resolver_for(source: str, max_resyncs: int = 1000) -> ImageResolver:
+    """The resolver for a page's source; WARC indexes are cached per process, keyed by path and mtime."""
+    if source.lower().endswith(HTML_SUFFIXES):
+        return FolderImageResolver(source)
+    return _warc_resolver(source, os.stat(source).st_mtime_ns, max_resyncs)

@@ -1,0 +1,188 @@
+"""Stage 3: sentence cleaning. Turns each image's candidate texts into image-text pairs, dropping noisy texts.
+
+Rules follow the paper (noise words, normal-length sentences, rare-word ratio) and Conceptual Captions (keyword
+lists without determiner or preposition, title case, token repetition). Each text gets the first rule it breaks
+as its drop reason; every rule is a field of `TextCleaningConfig`.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import re
+from collections import Counter
+from pathlib import Path
+
+from .config import TextCleaningConfig
+from .tally import INPUT, KEPT, Tally
+
+
+STAGE = "text"
+PAIR_COLUMNS = (
+    "pair_id",
+    "image_id",
+    "page_url",
+    "source",
+    "image_url",
+    "image",
+    "image_hash",
+    "width",
+    "height",
+    "text",
+    "text_source",
+    "dom_score",
+    "language_rank",
+    "nsfw_score",
+    "natural_score",
+    "rare_word_ratio",
+    "image_stats",
+)
+
+_WORD = re.compile(r"[A-Za-z]+(?:['’][A-Za-z]+)?")
+_TOKEN = re.compile(r"\S+")
+_SPACE = re.compile(r"\s+")
+_FILE_EXT = re.compile(r"\.(jpe?g|png|gif|webp|bmp|tiff?|svg|heic|avif)\b", re.IGNORECASE)
+_CAMERA_NAME = re.compile(r"^(img|dsc|dscn|dscf|dcim|pict|pic|photo|image|screenshot|scan|p)[\s_\-]*\d{2,}", re.I)
+_SLUG = re.compile(r"^[\w]+([_\-][\w]+){2,}$")
+_URL = re.compile(r"(https?://|www\.|\b[\w\-]+\.(com|net|org|io|co|info|biz|ru|de|uk|html?|php)\b)", re.IGNORECASE)
+_MOJIBAKE = re.compile("(\ufffd|Ã.|â€|Â )")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+
+
+def normalize_text(text: str) -> str:
+    return _SPACE.sub(" ", text).strip()
+
+
+def text_key(text: str) -> str:
+    """The form under which texts count as the same (aggregation's shared-text rule uses it too)."""
+    return normalize_text(text).lower().rstrip(" .!")
+
+
+def _phrase_pattern(phrases: tuple[str, ...]) -> re.Pattern | None:
+    parts = [re.escape(p.lower()) for p in phrases if p.strip()]
+    if not parts:
+        return None
+    # Whole words only, so "ad" does not match "bread" and "sex" does not match "Essex".
+    return re.compile(r"(?<![a-z])(" + "|".join(sorted(parts, key=len, reverse=True)) + r")(?![a-z])")
+
+
+@functools.lru_cache(maxsize=32)
+def _patterns(spam: tuple[str, ...], porn: tuple[str, ...], boilerplate: tuple[str, ...]):
+    return _phrase_pattern(spam), _phrase_pattern(porn), _phrase_pattern(boilerplate)
+
+
+@functools.lru_cache(maxsize=4)
+def load_vocabulary(vocabulary: str, size: int) -> frozenset[str]:
+    """The set of known lowercase words: wordfreq's top English words (offline) or a one-word-per-line file."""
+    if vocabulary == "wordfreq":
+        from wordfreq import top_n_list
+
+        return frozenset(top_n_list("en", size))
+    words = set()
+    for line in Path(vocabulary).read_text(encoding="utf-8").splitlines():
+        word = line.strip().lower()
+        if word and not word.startswith("##") and not word.startswith("["):
+            words.add(word)
+    return frozenset(words)
+
+
+def rare_word_ratio(words: list[str], vocabulary: frozenset[str]) -> float:
+    if not words:
+        return 1.0
+    rare = sum(1 for w in words if w.lower().replace("’", "'") not in vocabulary and w.lower() not in vocabulary)
+    return rare / len(words)
+
+
+def check_text(text: str, config: TextCleaningConfig) -> tuple[str | None, float]:
+    """The first rule `text` breaks (or None) and its rare-word ratio."""
+    if _CONTROL.search(text) or _MOJIBAKE.search(text):
+        return "bad_characters", 1.0
+    tokens = _TOKEN.findall(text)
+    words = _WORD.findall(text)
+    # File names and URLs first: they are usually also too short, and this reason says more.
+    if config.drop_url_like and _URL.search(text):
+        return "url_like", 1.0
+    if config.drop_filename_like and (
+        _FILE_EXT.search(text) or _CAMERA_NAME.match(text) or (len(tokens) == 1 and _SLUG.match(text))
+    ):
+        return "filename_like", 1.0
+    if len(tokens) < config.min_words or len(text) < config.min_chars or not words:
+        return "too_short", 1.0
+    if len(tokens) > config.max_words or len(text) > config.max_chars:
+        return "too_long", 1.0
+    lower = text.lower()
+    spam, porn, boilerplate = _patterns(
+        tuple(config.spam_phrases), tuple(config.porn_words), tuple(config.boilerplate_phrases)
+    )
+    if porn is not None and porn.search(lower):
+        return "porn", 1.0
+    if spam is not None and spam.search(lower):
+        return "spam", 1.0
+    if boilerplate is not None and boilerplate.search(lower):
+        return "boilerplate", 1.0
+    if sum(c.isdigit() for c in text) > config.max_digit_ratio * len(text):
+        return "too_many_digits", 1.0
+    lower_words = [w.lower() for w in words]
+    if config.require_function_word and not set(lower_words) & set(config.function_words):
+        return "no_function_word", 1.0
+    later = words[1:]
+    if later and sum(w[0].isupper() for w in later) > config.max_capitalized_ratio * len(later):
+        return "capitalized", 1.0
+    top_word, top_count = Counter(lower_words).most_common(1)[0]
+    if top_count >= 3 and top_count > config.max_repeated_word_ratio * len(lower_words):
+        return "repeated_words", 1.0
+    ratio = rare_word_ratio(words, load_vocabulary(config.vocabulary, config.vocabulary_size))
+    if ratio > config.max_rare_word_ratio:
+        return "rare_words", ratio
+    return None, ratio
+
+
+def pair_id(image_id: str, text: str) -> str:
+    return hashlib.sha1(f"{image_id}|{text}".encode()).hexdigest()[:24]
+
+
+def clean_texts(batch: dict[str, list], config: TextCleaningConfig) -> tuple[dict[str, list], Tally]:
+    """Stage 3 over a batch of filtered image records -> one pair record (`PAIR_COLUMNS`) per clean text.
+
+    Args:
+        batch: Columns of image records with `texts` and `text_sources` lists.
+        config: Text-cleaning configuration.
+
+    Returns:
+        The pair records as columns, and the counts of this batch (units `image` and `pair`).
+    """
+    tally = Tally()
+    out = {name: [] for name in PAIR_COLUMNS}
+    shared = [name for name in PAIR_COLUMNS if name in batch]
+    for i in range(len(batch["image_id"])):
+        tally.add(STAGE, "image", INPUT)
+        seen: set[str] = set()
+        n_kept = 0
+        for raw, origin in zip(batch["texts"][i] or [], batch["text_sources"][i] or []):
+            tally.add(STAGE, "pair", INPUT)
+            text = normalize_text(raw)
+            key = text_key(text)
+            if key in seen:
+                tally.drop(STAGE, "pair", "duplicate_text")
+                continue
+            seen.add(key)
+            try:
+                reason, ratio = check_text(text, config)
+            except Exception:  # one bad text must never stop a run
+                reason, ratio = "text_error", 1.0
+            if reason is not None:
+                tally.drop(STAGE, "pair", reason)
+                continue
+            for name in shared:
+                out[name].append(batch[name][i])
+            out["pair_id"].append(pair_id(batch["image_id"][i], text))
+            out["text"].append(text)
+            out["text_source"].append(origin)
+            out["rare_word_ratio"].append(float(ratio))
+            n_kept += 1
+        tally.add(STAGE, "pair", KEPT, n_kept)
+        if n_kept:
+            tally.add(STAGE, "image", KEPT)
+        else:
+            tally.drop(STAGE, "image", "no_clean_text")
+    return out, tally
