@@ -299,10 +299,12 @@ class ImageBERTSelfAttention(nn.Module):
         return context, probabilities
 
 
-class ImageBERTSelfOutput(nn.Module):
-    def __init__(self, config: ImageBERTConfig):
+class ImageBERTResidualOutput(nn.Module):
+    """Projection back to the hidden size, dropout, residual and LayerNorm: BERT's `attention.output` and `output`."""
+
+    def __init__(self, config: ImageBERTConfig, input_size: int):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = nn.Linear(input_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -314,7 +316,7 @@ class ImageBERTAttention(nn.Module):
     def __init__(self, config: ImageBERTConfig):
         super().__init__()
         self.self = ImageBERTSelfAttention(config)
-        self.output = ImageBERTSelfOutput(config)
+        self.output = ImageBERTResidualOutput(config, config.hidden_size)
 
     def forward(self, hidden_states, key_mask, output_attentions=False):
         context, probabilities = self.self(hidden_states, key_mask, output_attentions)
@@ -331,23 +333,12 @@ class ImageBERTIntermediate(nn.Module):
         return self.intermediate_act_fn(self.dense(hidden_states))
 
 
-class ImageBERTOutput(nn.Module):
-    def __init__(self, config: ImageBERTConfig):
-        super().__init__()
-        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + residual)
-
-
 class ImageBERTLayer(nn.Module):
     def __init__(self, config: ImageBERTConfig):
         super().__init__()
         self.attention = ImageBERTAttention(config)
         self.intermediate = ImageBERTIntermediate(config)
-        self.output = ImageBERTOutput(config)
+        self.output = ImageBERTResidualOutput(config, config.intermediate_size)
 
     def forward(self, hidden_states, key_mask, output_attentions=False):
         attended, probabilities = self.attention(hidden_states, key_mask, output_attentions)
