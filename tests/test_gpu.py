@@ -40,7 +40,7 @@ def test_bf16_autocast_training_step(attn_implementation):
     config._attn_implementation = attn_implementation
     torch.manual_seed(0)
     model = ImageBERTForPreTraining(config).cuda().train()
-    model.activation_checkpointing_enable()
+    model.gradient_checkpointing_enable()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     batch = {k: v.cuda() for k, v in _batch(config, tester).items()}
     losses = []
