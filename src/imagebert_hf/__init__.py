@@ -1,7 +1,10 @@
 """ImageBERT for the Hugging Face ecosystem: a single-stream BERT over text and image regions."""
 
 from .configuration_imagebert import ImageBERTConfig
+from .data.collator import DataCollatorForImageBERTPretraining
 from .data.feature_cache import extract_regions, load_region_cache, load_region_dataset
+from .evaluation import retrieval_metrics
+from .hub import build_model_card, push_to_hub
 from .modeling_auto import AutoModelForImageTextRetrieval
 from .modeling_imagebert import (
     ImageBERTForImageTextRetrieval,
@@ -12,6 +15,7 @@ from .modeling_imagebert import (
     ImageBERTModelOutput,
     ImageBERTPreTrainedModel,
 )
+from .pipelines import ImageTextRetrievalPipeline, RetrievalIndex, register_pipeline
 from .processing_imagebert import ImageBERTProcessor, check_processor_config, register_processing
 from .roi_extraction import (
     ImageBERTRoIExtractor,
@@ -25,7 +29,7 @@ __version__ = "0.1.0"
 
 
 def register() -> None:
-    """Makes the Auto classes (and the pipeline, when its module is present) know ImageBERT. Safe to call twice."""
+    """Makes the Auto classes and `pipeline("image-text-retrieval")` know ImageBERT. Safe to call twice."""
     from transformers import AutoConfig, AutoModel, AutoModelForPreTraining
 
     AutoConfig.register("imagebert", ImageBERTConfig, exist_ok=True)
@@ -33,6 +37,7 @@ def register() -> None:
     AutoModelForPreTraining.register(ImageBERTConfig, ImageBERTForPreTraining, exist_ok=True)
     AutoModelForImageTextRetrieval.register(ImageBERTConfig, ImageBERTForImageTextRetrieval, exist_ok=True)
     register_processing()
+    register_pipeline()
 
 
 register()

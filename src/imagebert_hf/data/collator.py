@@ -30,15 +30,16 @@ class DataCollatorForImageBERTPretraining:
        `itm_negative_probability`: its text (share `text_negative_share`) or its regions are replaced by those of
        another sample of the batch with a different `image_id`. When they carry `itm_labels` (a dataset that picks
        negatives from the whole corpus), those are kept.
-    2. MLM on positives only: each text token that is neither special nor padding is chosen with probability
-       `mlm_probability`; chosen tokens become [MASK] (80%), a random non-special token (10%) or stay (10%).
-    3. Region masking on positives only: each real region is chosen with probability `region_mask_probability`;
+    2. MLM: each text token that is neither special nor padding is chosen with probability `mlm_probability`;
+       chosen tokens become [MASK] (80%), a random non-special token (10%) or stay (10%).
+    3. Region masking: each real region is chosen with probability `region_mask_probability`;
        chosen regions get a zero feature with probability `region_zero_probability` and keep it otherwise.
        `region_feature_targets` holds the features before masking (MRFR), `region_class_labels` /
        `region_class_probs` pass through for MOC, which reads them at `masked_regions`.
     4. Padding of text and regions to the longest in this batch (optionally to a multiple).
 
-    Negatives are left unmasked, so MLM, MOC and MRFR see only matched pairs (conditional masking).
+    Negatives are masked like positives (so masking says nothing about the ITM label) but get no MLM, MOC or MRFR
+    targets: those losses see only matched pairs (conditional masking).
 
     Randomness: a sample with `sample_seed` draws its masks from a generator seeded with it alone, so the batch is
     the same however the samples are split across processes or resumed; otherwise draws come from one generator
@@ -114,7 +115,9 @@ class DataCollatorForImageBERTPretraining:
             draws = torch.rand(2, generator=generator)
             if draws[0] >= self.itm_negative_probability:
                 continue
-            others = [j for j in range(len(samples)) if j != i and (image_ids[j] is None or image_ids[j] != image_ids[i])]
+            others = [
+                j for j in range(len(samples)) if j != i and (image_ids[j] is None or image_ids[j] != image_ids[i])
+            ]
             if not others:
                 continue
             j = others[int(torch.randint(len(others), (1,), generator=generator))]
@@ -182,11 +185,13 @@ class DataCollatorForImageBERTPretraining:
             sample["labels"] = torch.full_like(sample["input_ids"], -100)
             sample["masked_regions"] = torch.zeros(sample["region_features"].shape[0], dtype=torch.bool)
             sample["region_feature_targets"] = sample["region_features"]
+            # Negatives are masked the same way but keep no targets: masked inputs on positives only would tell
+            # the ITM head the answer, and a model that learnt that shortcut ranks unmasked pairs poorly.
+            input_ids, labels = self._mask_text(sample["input_ids"], generator)
+            region_features, masked_regions = self._mask_regions(sample["region_features"], generator)
+            sample["input_ids"], sample["region_features"] = input_ids, region_features
             if sample["itm_labels"] == 1:
-                sample["input_ids"], sample["labels"] = self._mask_text(sample["input_ids"], generator)
-                sample["region_features"], sample["masked_regions"] = self._mask_regions(
-                    sample["region_features"], generator
-                )
+                sample["labels"], sample["masked_regions"] = labels, masked_regions
         batch = self._pad(samples)
         if self.count_failed:
             batch["num_failed_records"] = torch.tensor(num_failed)

@@ -147,11 +147,15 @@ def retrieval_metrics(
     num_images, num_texts = scores.shape
     text_to_image = _as_text_to_image(text_to_image, num_images, num_texts)
     if num_folds < 1 or num_images % num_folds:
-        raise ValueError(f"num_folds must be a positive divisor of the number of images ({num_images}), got {num_folds}.")
+        raise ValueError(
+            f"num_folds must be a positive divisor of the number of images ({num_images}), got {num_folds}."
+        )
     if ir_scores is not None:
         ir_scores = _as_score_tensor(ir_scores)
         if ir_scores.shape != scores.shape:
-            raise ValueError(f"ir_scores has shape {tuple(ir_scores.shape)}; expected {tuple(scores.shape)} as scores.")
+            raise ValueError(
+                f"ir_scores has shape {tuple(ir_scores.shape)}; expected {tuple(scores.shape)} as scores."
+            )
     if num_folds == 1:
         return _single_fold_metrics(scores, text_to_image, ks, ir_scores)
 
@@ -166,12 +170,14 @@ def retrieval_metrics(
 
 
 def format_metrics_table(results: dict[str, dict[str, float]], ks: Sequence[int] = DEFAULT_KS) -> str:
-    """A markdown table of several evaluations, one row each (e.g. `{"COCO 1k": metrics, "COCO 5k": metrics}`)."""
+    """A markdown table of several evaluations, one row each (e.g. `{"COCO 1k": metrics, "COCO 5k": metrics}`);
+    a metric an evaluation lacks shows as `-`."""
     header = ["split"] + [f"TR R@{k}" for k in ks] + [f"IR R@{k}" for k in ks] + ["RSUM"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, metrics in results.items():
-        values = [metrics[f"tr_r{k}"] for k in ks] + [metrics[f"ir_r{k}"] for k in ks] + [metrics["rsum"]]
-        lines.append("| " + " | ".join([name] + [f"{v:.1f}" for v in values]) + " |")
+        keys = [f"tr_r{k}" for k in ks] + [f"ir_r{k}" for k in ks] + ["rsum"]
+        cells = [f"{metrics[key]:.1f}" if key in metrics else "-" for key in keys]
+        lines.append("| " + " | ".join([name] + cells) + " |")
     return "\n".join(lines)
 
 

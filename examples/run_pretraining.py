@@ -1,0 +1,69 @@
+"""Multi-stage ImageBERT pretraining (MLM, MOC, MRFR, ITM) with Accelerate.
+
+    accelerate launch examples/run_pretraining.py --config examples/configs/pretrain_tiny_synthetic.yaml
+    accelerate launch --config_file examples/configs/accelerate_4gpu.yaml examples/run_pretraining.py \
+        --config examples/configs/pretrain_paper_lait_ccsbu.yaml
+    python examples/run_pretraining.py --config recipe.yaml --output_dir out --resume --set stages.0.max_steps=100
+
+Flags left unset never override the recipe; `--set dotted.key=value` reaches any recipe field.
+"""
+
+import sys
+
+from transformers import HfArgumentParser
+
+from imagebert_hf.training import PretrainingArguments, PretrainingRunOptions, load_recipe, run_pretraining
+from imagebert_hf.training.loop import TrainingStopped
+
+
+# Flags that replace the same field of every stage.
+STAGE_FLAGS = ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate")
+# Flags that replace a top-level recipe field.
+RUN_FLAGS = (
+    "output_dir",
+    "seed",
+    "checkpointing_steps",
+    "save_total_limit",
+    "logging_steps",
+    "report_to",
+    "max_failure_rate",
+    "num_workers",
+)
+
+
+def recipe_overrides(args: PretrainingArguments, num_stages: int) -> list[str]:
+    overrides = [f"{name}={getattr(args, name)}" for name in RUN_FLAGS if getattr(args, name) is not None]
+    for name in STAGE_FLAGS:
+        value = getattr(args, name)
+        if value is not None:
+            overrides += [f"stages.{i}.{name}={value}" for i in range(num_stages)]
+            if name == "max_steps":
+                overrides += [f"stages.{i}.num_epochs=null" for i in range(num_stages)]
+    return overrides
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = HfArgumentParser(PretrainingArguments)
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    if args.mixed_precision not in ("no", "fp16", "bf16"):
+        parser.error(f"--mixed_precision must be no, fp16 or bf16, got {args.mixed_precision!r}")
+    first = load_recipe(args.config, args.set)
+    recipe = load_recipe(args.config, args.set + recipe_overrides(args, len(first.stages)))
+    options = PretrainingRunOptions(
+        resume=args.resume,
+        mixed_precision=args.mixed_precision,
+        gradient_checkpointing=args.gradient_checkpointing,
+        cpu=args.cpu,
+        push_to_hub=args.push_to_hub,
+        hub_model_id=args.hub_model_id,
+        stop_after_steps=args.stop_after_steps,
+    )
+    try:
+        return run_pretraining(recipe, options)
+    except TrainingStopped as stop:
+        print(f"{stop}; continue with --resume", file=sys.stderr)
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main()

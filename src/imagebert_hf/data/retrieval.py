@@ -1,0 +1,523 @@
+"""Retrieval data: image-caption corpora, negative sampling (random or hard-mined) and the grouped collator.
+
+A `RetrievalCorpus` holds each image once and each caption once, tokenized once and with its regions loaded once,
+so that training batches, evaluation and hard-negative mining all gather rows instead of recomputing anything.
+Sources: the Karpathy split files everyone uses for COCO and Flickr30k (`dataset_coco.json`,
+`dataset_flickr30k.json`) and our jsonl manifests (the layout of the real data and the synthetic set).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+KARPATHY_SPLITS = ("train", "restval", "val", "test")
+NEGATIVE_TYPES = ("text", "image", "both")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Sources
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def load_karpathy_split(
+    path: str | os.PathLike,
+    split: str | Sequence[str] = "test",
+    image_root: str | os.PathLike | None = None,
+    max_images: int | None = None,
+) -> list[dict[str, Any]]:
+    """Reads one split of a Karpathy split file (`dataset_coco.json`, `dataset_flickr30k.json`).
+
+    Args:
+        path: the json file: `{"images": [{"filepath"?, "filename", "split", "sentences": [{"raw"}], ...}]}`.
+        split: `"train"`, `"restval"`, `"val"` or `"test"`, or several (COCO's usual training set is
+            `("train", "restval")`).
+        image_root: folder the image paths are relative to (COCO: the folder holding `val2014/`, `train2014/`;
+            Flickr30k: the image folder). Defaults to the json's folder.
+        max_images: keep only the first images (quick runs).
+
+    Returns:
+        Records `{"image_id", "image" (path), "captions"}` in file order: the order the 1k folds are cut from.
+    """
+    splits = (split,) if isinstance(split, str) else tuple(split)
+    unknown = set(splits) - set(KARPATHY_SPLITS)
+    if unknown:
+        raise ValueError(f"unknown split(s) {sorted(unknown)}; the Karpathy files use {KARPATHY_SPLITS}.")
+    path = Path(path)
+    with open(path, encoding="utf-8") as handle:
+        data = json.load(handle)
+    if "images" not in data:
+        raise ValueError(f"{path} is not a Karpathy split file: it has no 'images' list.")
+    root = Path(image_root) if image_root is not None else path.parent
+    records = []
+    for entry in data["images"]:
+        if entry.get("split") not in splits:
+            continue
+        relative = Path(entry.get("filepath", "")) / entry["filename"]
+        image_id = entry.get("cocoid", entry.get("imgid", entry["filename"]))
+        captions = [sentence["raw"].strip() for sentence in entry["sentences"]]
+        records.append({"image_id": str(image_id), "image": str(root / relative), "captions": captions})
+        if max_images is not None and len(records) >= max_images:
+            break
+    if not records:
+        raise ValueError(f"{path} has no image in split(s) {splits}.")
+    return records
+
+
+def load_manifest_records(
+    path: str | os.PathLike,
+    split: str | None = None,
+    max_images: int | None = None,
+    image_root: str | os.PathLike | None = None,
+) -> list[dict[str, Any]]:
+    """Reads a jsonl manifest (the layout of the real data and the synthetic set) with the package's manifest reader.
+
+    Args:
+        path: the `.jsonl` file (`{"image", "captions", "split"?, "image_id"?, ...}` per line).
+        split: keep only lines with this `split` (e.g. `"dev"`, `"test"`); all lines when None.
+        max_images: keep only the first images.
+        image_root: folder the image paths are relative to; the manifest's folder by default.
+
+    Returns:
+        Records `{"image_id", "image" (resolved path), "manifest_image" (the path as written, the region cache
+        key), "captions"}` in file order.
+    """
+    from .manifest import iter_manifest
+
+    records = []
+    for record in iter_manifest(path, image_root):
+        if split is not None and record.extra.get("split") != split:
+            continue
+        if not record.captions:
+            raise ValueError(f"{path}: image {record.image} has no captions.")
+        image_id = record.extra.get("image_id") or record.extra.get("coco_id") or Path(record.image).stem
+        records.append(
+            {
+                "image_id": str(image_id),
+                "image": str(record.image_path),
+                "manifest_image": record.image,
+                "captions": list(record.captions),
+            }
+        )
+        if max_images is not None and len(records) >= max_images:
+            break
+    if not records:
+        raise ValueError(f"{path} has no record" + (f" with split {split!r}." if split else "."))
+    return records
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Corpus
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def stack_region_records(records: Sequence[Mapping], max_regions: int | None = None) -> dict[str, torch.Tensor]:
+    """Pads region records (extractor output or cache rows) into model inputs: `region_features` (N, R, F),
+    `region_locations` (N, R, 5), `region_attention_mask` (N, R), R the most regions of any record (at most
+    `max_regions`)."""
+    if not records:
+        raise ValueError("no region records to stack.")
+    features = [torch.as_tensor(np.asarray(r["region_features"]), dtype=torch.float32) for r in records]
+    locations = [torch.as_tensor(np.asarray(r["region_locations"]), dtype=torch.float32) for r in records]
+    for index, (feature, location) in enumerate(zip(features, locations)):
+        if feature.ndim != 2 or location.shape != (feature.shape[0], 5):
+            raise ValueError(
+                f"region record {index} ({records[index].get('image_id')}) has region_features of shape "
+                f"{tuple(feature.shape)} and region_locations of shape {tuple(location.shape)}; expected (R, F) "
+                "and (R, 5)."
+            )
+    counts = [min(f.shape[0], max_regions) if max_regions else f.shape[0] for f in features]
+    width = max(max(counts), 1)
+    dim = features[0].shape[1]
+    out = {
+        "region_features": torch.zeros(len(records), width, dim),
+        "region_locations": torch.zeros(len(records), width, 5),
+        "region_attention_mask": torch.zeros(len(records), width, dtype=torch.long),
+    }
+    for index, (feature, location, count) in enumerate(zip(features, locations, counts)):
+        if feature.shape[1] != dim:
+            raise ValueError(f"region record {index} has features of size {feature.shape[1]}, the first has {dim}.")
+        out["region_features"][index, :count] = feature[:count]
+        out["region_locations"][index, :count] = location[:count]
+        out["region_attention_mask"][index, :count] = 1
+    return out
+
+
+@dataclass
+class RetrievalCorpus:
+    """Images and captions of a retrieval split, each stored once.
+
+    Attributes:
+        image_ids: one id per image (the region cache key).
+        texts: every caption, image by image.
+        text_to_image: `(num_texts,)` long, the image index of each caption.
+        text_inputs: tokenized captions (`input_ids`, `attention_mask`, `token_type_ids`), padded to one length.
+        region_inputs: regions of each image (`region_features`, `region_locations`, `region_attention_mask`).
+    """
+
+    image_ids: list[str]
+    texts: list[str]
+    text_to_image: torch.Tensor
+    text_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    region_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.image_ids)
+
+    @property
+    def num_texts(self) -> int:
+        return len(self.texts)
+
+    @classmethod
+    def from_records(
+        cls,
+        records: Sequence[Mapping],
+        tokenizer=None,
+        regions: Mapping[str, Mapping] | Callable[[str], Mapping] | Sequence[Mapping] | None = None,
+        max_text_length: int = 44,
+        max_regions: int | None = None,
+        captions_per_image: int | None = None,
+    ) -> RetrievalCorpus:
+        """Builds a corpus from image records (`{"image_id", "captions", ...}`).
+
+        Args:
+            records: image records, e.g. from `load_karpathy_split` or `load_manifest_records`.
+            tokenizer: a BERT tokenizer; captions are tokenized once, padded to `max_text_length`.
+            regions: the regions of each image: a mapping by `image_id`, a function given the record (e.g.
+                `region_cache_lookup(load_region_cache(path))`), or a sequence aligned with `records`. Records whose regions carry an `error` are rejected with
+                their id, rather than silently dropped: filter them out before building the corpus.
+            max_text_length: tokens per caption, [CLS] and [SEP] included.
+            max_regions: most regions per image.
+            captions_per_image: keep the first captions of each image only (COCO has a few images with 6 or 7;
+                the standard protocol uses 5).
+        """
+        if not records:
+            raise ValueError("no records: a retrieval corpus needs at least one image with a caption.")
+        image_ids, texts, text_to_image = [], [], []
+        for index, record in enumerate(records):
+            captions = list(record["captions"])[:captions_per_image]
+            if not captions:
+                raise ValueError(f"record {index} ({record.get('image_id')}) has no caption.")
+            image_ids.append(str(record["image_id"]))
+            texts.extend(captions)
+            text_to_image.extend([index] * len(captions))
+        corpus = cls(image_ids, texts, torch.tensor(text_to_image, dtype=torch.long))
+        if tokenizer is not None:
+            corpus.text_inputs = tokenize_texts(tokenizer, texts, max_text_length)
+        if regions is not None:
+            if isinstance(regions, Mapping):
+                region_records = [regions[image_id] for image_id in image_ids]
+            elif callable(regions):
+                region_records = [regions(record) for record in records]
+            else:
+                region_records = list(regions)
+                if len(region_records) != len(image_ids):
+                    raise ValueError(f"{len(region_records)} region records for {len(image_ids)} images.")
+            failed = [(r.get("image_id"), r.get("error")) for r in region_records if r.get("error")]
+            if failed:
+                raise ValueError(f"{len(failed)} image(s) have no regions (first: {failed[0][0]}: {failed[0][1]}).")
+            corpus.region_inputs = stack_region_records(region_records, max_regions)
+        return corpus
+
+    def subset(self, image_indices: Sequence[int]) -> RetrievalCorpus:
+        """The corpus of the given images and their captions (e.g. one 1k fold of COCO 5k)."""
+        image_indices = torch.as_tensor(image_indices, dtype=torch.long)
+        new_index = torch.full((self.num_images,), -1, dtype=torch.long)
+        new_index[image_indices] = torch.arange(image_indices.numel())
+        keep = torch.nonzero(new_index[self.text_to_image] >= 0).flatten()
+        order = keep[torch.argsort(new_index[self.text_to_image[keep]], stable=True)]
+        return RetrievalCorpus(
+            image_ids=[self.image_ids[i] for i in image_indices.tolist()],
+            texts=[self.texts[t] for t in order.tolist()],
+            text_to_image=new_index[self.text_to_image[order]],
+            text_inputs={key: value[order] for key, value in self.text_inputs.items()},
+            region_inputs={key: value[image_indices] for key, value in self.region_inputs.items()},
+        )
+
+
+def region_cache_lookup(cache) -> Callable[[Mapping], Mapping]:
+    """A function finding a record's regions in a region cache (`load_region_cache`): by its manifest path, image
+    path or id, the keys the cache may have been written with."""
+
+    def lookup(record: Mapping) -> Mapping:
+        candidates = [record.get("manifest_image"), record.get("image"), record.get("image_id")]
+        if isinstance(record.get("image"), str):
+            candidates.append(os.path.basename(record["image"]))
+        for key in candidates:
+            if isinstance(key, str) and key in cache:
+                return cache[key]
+        raise KeyError(f"no regions in the cache for image {record.get('image_id')!r} (tried {candidates}).")
+
+    return lookup
+
+
+def tokenize_texts(tokenizer, texts: Sequence[str], max_length: int = 44) -> dict[str, torch.Tensor]:
+    """Tokenizes captions once: `input_ids`, `attention_mask`, `token_type_ids`, padded to `max_length`."""
+    if not texts:
+        raise ValueError("no texts to tokenize.")
+    encoded = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    if "token_type_ids" not in encoded:
+        encoded["token_type_ids"] = torch.zeros_like(encoded["input_ids"])
+    return {key: encoded[key].long() for key in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Negatives
+# ------------------------------------------------------------------------------------------------------------------
+
+
+class _Candidates:
+    """Valid negatives of a positive pair: never the pair's image, nor a caption identical to the positive one
+    (short captions repeat across images, and a duplicate counted as a negative teaches the model a falsehood)."""
+
+    def __init__(self, corpus: RetrievalCorpus):
+        self.corpus = corpus
+        signature: dict[tuple, int] = {}
+        if corpus.text_inputs:
+            ids, mask = corpus.text_inputs["input_ids"], corpus.text_inputs["attention_mask"].bool()
+            keys = [tuple(ids[t][mask[t]].tolist()) for t in range(corpus.num_texts)]
+        else:
+            keys = [(text.strip().lower(),) for text in corpus.texts]
+        self.text_group = torch.tensor([signature.setdefault(key, len(signature)) for key in keys], dtype=torch.long)
+        self.images_of_group: dict[int, set[int]] = {}
+        for t, group in enumerate(self.text_group.tolist()):
+            self.images_of_group.setdefault(group, set()).add(int(corpus.text_to_image[t]))
+
+    def text_is_valid(self, text: int, positive_text: int, image: int) -> bool:
+        # Any caption that describes `image` (its own, or an identical caption of another image) is a positive.
+        return image not in self.images_of_group[int(self.text_group[text])]
+
+    def image_is_valid(self, image: int, positive_text: int) -> bool:
+        return image not in self.images_of_group[int(self.text_group[positive_text])]
+
+    def sample(self, positive_text: int, kind: str, count: int, generator: torch.Generator) -> list[tuple[int, int]]:
+        """`count` negative pairs `(image, text)` of one kind, drawn with replacement-free rejection sampling."""
+        image = int(self.corpus.text_to_image[positive_text])
+        size = self.corpus.num_texts if kind == "text" else self.corpus.num_images
+        pairs, tried = [], set()
+        while len(pairs) < count and len(tried) < size:
+            candidate = int(torch.randint(size, (1,), generator=generator))
+            if candidate in tried:
+                continue
+            tried.add(candidate)
+            if kind == "text" and self.text_is_valid(candidate, positive_text, image):
+                pairs.append((image, candidate))
+            elif kind == "image" and self.image_is_valid(candidate, positive_text):
+                pairs.append((candidate, positive_text))
+        if len(pairs) < count:
+            raise ValueError(
+                f"caption {positive_text} has only {len(pairs)} valid {kind} negatives, {count} needed; the corpus "
+                "is too small (or too repetitive) for this many negatives."
+            )
+        return pairs
+
+
+class RandomNegativeSampler:
+    """Negatives drawn uniformly: other images' captions (`"text"`), other images (`"image"`), or either
+    (`"both"`, half and half on average), as in the paper's ITM.
+
+    Args:
+        corpus: the training corpus.
+        num_negatives: negatives per positive (the paper's P).
+        negative_type: `"text"`, `"image"` or `"both"`.
+        seed: seed of the sampler's own generator.
+    """
+
+    def __init__(self, corpus: RetrievalCorpus, num_negatives: int = 3, negative_type: str = "both", seed: int = 0):
+        if num_negatives < 1:
+            raise ValueError(f"num_negatives must be at least 1, got {num_negatives}.")
+        if negative_type not in NEGATIVE_TYPES:
+            raise ValueError(f"negative_type must be one of {NEGATIVE_TYPES}, got {negative_type!r}.")
+        self.corpus = corpus
+        self.num_negatives = num_negatives
+        self.negative_type = negative_type
+        self.candidates = _Candidates(corpus)
+        self.seed = int(seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def _draw(self, positive_text: int, count: int, generator: torch.Generator) -> list[tuple[int, int]]:
+        if self.negative_type == "both":
+            kinds = ["text" if bit else "image" for bit in torch.randint(2, (count,), generator=generator).tolist()]
+        else:
+            kinds = [self.negative_type] * count
+        pairs = []
+        for kind in ("text", "image"):
+            wanted = kinds.count(kind)
+            if wanted:
+                pairs += self.candidates.sample(positive_text, kind, wanted, generator)
+        return pairs
+
+    def _generators(self, count: int, seeds: Sequence[int] | None) -> list[torch.Generator]:
+        if seeds is None:
+            return [self.generator] * count
+        # One generator per sample seed: the same negatives on resume and however batches are split.
+        return [torch.Generator().manual_seed(int(seed) ^ self.seed) for seed in seeds]
+
+    def __call__(
+        self, positive_texts: Sequence[int], seeds: Sequence[int] | None = None
+    ) -> list[list[tuple[int, int]]]:
+        """For each positive caption, `num_negatives` negative `(image, text)` pairs.
+
+        Args:
+            positive_texts: caption indices of the positives.
+            seeds: one seed per positive (`MixtureSampler`'s sample seeds); the sampler's own generator otherwise.
+        """
+        generators = self._generators(len(positive_texts), seeds)
+        return [self._draw(int(t), self.num_negatives, g) for t, g in zip(positive_texts, generators)]
+
+
+class HardNegativeSampler(RandomNegativeSampler):
+    """Hard negatives: draw a random pool of `pool_size` candidates per positive, score it with the current model
+    (no gradients), keep the `num_negatives` the model finds most relevant.
+
+    The model is read from the attribute `model` at every call, so a training loop sets it once (the unwrapped
+    model) and mining always uses the current weights. Mining runs where the collator runs: keep the data loader
+    in the main process (`num_workers=0`).
+
+    Args:
+        corpus: the training corpus (with `text_inputs` and `region_inputs`).
+        num_negatives: negatives kept per positive.
+        pool_size: random candidates scored per positive; `pool_size == num_negatives` is random sampling.
+        negative_type: `"text"`, `"image"` or `"both"`.
+        model: the cross-encoder (settable later).
+        batch_size: pairs per scoring forward pass.
+        seed: seed of the sampler's generator.
+    """
+
+    def __init__(
+        self,
+        corpus: RetrievalCorpus,
+        num_negatives: int = 3,
+        pool_size: int = 16,
+        negative_type: str = "both",
+        model=None,
+        batch_size: int = 256,
+        seed: int = 0,
+    ):
+        super().__init__(corpus, num_negatives, negative_type, seed)
+        if pool_size < num_negatives:
+            raise ValueError(f"pool_size ({pool_size}) must be at least num_negatives ({num_negatives}).")
+        if not corpus.text_inputs or not corpus.region_inputs:
+            raise ValueError("hard-negative mining scores pairs: the corpus needs text_inputs and region_inputs.")
+        self.pool_size = pool_size
+        self.model = model
+        self.batch_size = batch_size
+
+    def __call__(
+        self, positive_texts: Sequence[int], seeds: Sequence[int] | None = None
+    ) -> list[list[tuple[int, int]]]:
+        if self.model is None:
+            raise ValueError("HardNegativeSampler.model is not set: give it the model to mine with.")
+        from ..evaluation.scoring import score_pairs
+
+        generators = self._generators(len(positive_texts), seeds)
+        pools = [self._draw(int(t), self.pool_size, g) for t, g in zip(positive_texts, generators)]
+        flat = [pair for pool in pools for pair in pool]
+        scores = score_pairs(
+            self.model,
+            self.corpus.text_inputs,
+            self.corpus.region_inputs,
+            [image for image, _ in flat],
+            [text for _, text in flat],
+            self.batch_size,
+        ).view(len(pools), self.pool_size)
+        hardest = scores.topk(self.num_negatives, dim=1).indices
+        return [[pool[i] for i in keep] for pool, keep in zip(pools, hardest.tolist())]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Datasets and collator
+# ------------------------------------------------------------------------------------------------------------------
+
+
+class RetrievalPairDataset(torch.utils.data.Dataset):
+    """One item per caption: a positive (caption, image) pair of the corpus, as `{"text_index", "sample_seed"}`.
+
+    Indexed by a caption index, or by what `MixtureSampler` yields, `(index, sample_seed)`; the seed then fixes the
+    sample's negatives.
+    """
+
+    def __init__(self, corpus: RetrievalCorpus):
+        self.corpus = corpus
+
+    def __len__(self) -> int:
+        return self.corpus.num_texts
+
+    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, int | None]:
+        index, seed = index if isinstance(index, tuple) else (index, None)
+        if not 0 <= int(index) < len(self):
+            raise IndexError(f"caption index {index} out of range for {len(self)} captions.")
+        return {"text_index": int(index), "sample_seed": seed}
+
+
+@dataclass
+class DataCollatorForImageTextRetrieval:
+    """Builds retrieval batches of groups: each positive (caption, image) pair followed by its negatives.
+
+    The batch holds the model inputs of `B * (1 + P)` pairs, `labels` (1 for the first pair of each group, 0 for
+    the others) and `group_size = 1 + P`, which is what `ImageBERTForImageTextRetrieval` needs for the binary,
+    multi-class and triplet losses. `positive_index` (B,) points at each group's positive, for the contrastive
+    loss of the unimodal heads. Text and regions are trimmed to the longest in the batch.
+
+    Args:
+        corpus: the corpus the caption indices refer to (with `text_inputs` and `region_inputs`).
+        sampler: a `RandomNegativeSampler` or `HardNegativeSampler` (its `num_negatives` is P).
+    """
+
+    corpus: RetrievalCorpus
+    sampler: RandomNegativeSampler
+
+    def __call__(self, samples: Iterable[int | Mapping]) -> dict[str, Any]:
+        samples = [s if isinstance(s, Mapping) else {"text_index": int(s), "sample_seed": None} for s in samples]
+        if not samples:
+            raise ValueError("an empty batch: no positive caption to build groups from.")
+        positive_texts = [int(s["text_index"]) for s in samples]
+        seeds = [s.get("sample_seed") for s in samples]
+        negatives = self.sampler(positive_texts, None if any(seed is None for seed in seeds) else seeds)
+        image_index, text_index = [], []
+        for text, group in zip(positive_texts, negatives):
+            image_index.append(int(self.corpus.text_to_image[text]))
+            text_index.append(text)
+            image_index += [image for image, _ in group]
+            text_index += [negative_text for _, negative_text in group]
+        group_size = 1 + self.sampler.num_negatives
+        from ..evaluation.scoring import gather_pair_inputs
+
+        batch = gather_pair_inputs(
+            self.corpus.text_inputs,
+            self.corpus.region_inputs,
+            torch.tensor(text_index),
+            torch.tensor(image_index),
+            torch.device("cpu"),
+        )
+        labels = torch.zeros(len(text_index), dtype=torch.float32)
+        labels[::group_size] = 1.0
+        batch["labels"] = labels
+        batch["group_size"] = group_size
+        batch["positive_index"] = torch.arange(0, len(text_index), group_size)
+        return batch
+
+
+__all__ = [
+    "KARPATHY_SPLITS",
+    "NEGATIVE_TYPES",
+    "DataCollatorForImageTextRetrieval",
+    "HardNegativeSampler",
+    "RandomNegativeSampler",
+    "RetrievalCorpus",
+    "RetrievalPairDataset",
+    "load_karpathy_split",
+    "load_manifest_records",
+    "region_cache_lookup",
+    "stack_region_records",
+    "tokenize_texts",
+]

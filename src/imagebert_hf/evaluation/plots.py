@@ -1,0 +1,87 @@
+"""Retrieval plots (PNG, matplotlib's Agg backend, so they work without a display)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from .retrieval import retrieval_ranks
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_recall_curves(runs: Mapping[str, tuple], path: str | Path, max_k: int = 50, title: str | None = None) -> Path:
+    """Recall@K against K for text retrieval (left) and image retrieval (right), one line per run.
+
+    Args:
+        runs: `{name: (scores, text_to_image)}` or `{name: (scores, text_to_image, ir_scores)}` (a shortlist run's
+            two matrices).
+        path: the PNG to write.
+        max_k: the largest K drawn (clamped to each gallery).
+        title: figure title.
+    """
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
+    for name, run in runs.items():
+        scores, text_to_image = run[0], run[1]
+        tr_ranks, ir_ranks = retrieval_ranks(scores, text_to_image)
+        if len(run) > 2 and run[2] is not None:
+            _, ir_ranks = retrieval_ranks(run[2], text_to_image)
+        for axis, ranks, gallery in ((axes[0], tr_ranks, len(text_to_image)), (axes[1], ir_ranks, len(tr_ranks))):
+            ks = torch.arange(1, min(max_k, gallery) + 1)
+            recall = 100.0 * (ranks[None, :] < ks[:, None]).double().mean(dim=1)
+            axis.plot(ks.numpy(), recall.numpy(), label=name)
+    axes[0].set_title("text retrieval (image query)")
+    axes[1].set_title("image retrieval (text query)")
+    for axis in axes:
+        axis.set_xlabel("K")
+        axis.set_xscale("log")
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("recall@K (%)")
+    axes[1].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_score_histograms(scores, text_to_image, path: str | Path, bins: int = 50, title: str | None = None) -> Path:
+    """Histograms of the scores of matching pairs and of all other pairs (normalised, overlaid): how well the
+    cross-encoder separates them."""
+    plt = _pyplot()
+    scores = torch.as_tensor(scores).float().cpu()
+    text_to_image = torch.as_tensor(text_to_image).long()
+    positive = torch.zeros_like(scores, dtype=torch.bool)
+    positive[text_to_image, torch.arange(scores.shape[1])] = True
+    fig, axis = plt.subplots(figsize=(5, 3.4))
+    axis.hist(
+        scores[~positive].numpy(), bins=bins, density=True, alpha=0.6, label=f"non-matching ({(~positive).sum()})"
+    )
+    axis.hist(scores[positive].numpy(), bins=bins, density=True, alpha=0.6, label=f"matching ({positive.sum()})")
+    axis.set_xlabel("score (log-odds of a match)")
+    axis.set_ylabel("density")
+    axis.legend(fontsize=8)
+    if title:
+        axis.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["plot_recall_curves", "plot_score_histograms"]

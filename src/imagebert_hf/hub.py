@@ -1,0 +1,249 @@
+"""Sharing a retrieval model on the Hub: a folder that loads with `trust_remote_code=True`, and its model card.
+
+`save_for_hub` writes what is uploaded: the model (safetensors, config with `auto_map`, modeling code), the processor
+(tokenizer, region extractor config, processing code), the `image-text-retrieval` pipeline code with its
+`custom_pipelines` entry, and `README.md`, the model card. `push_to_hub` uploads that folder in one commit. The card
+is built with `huggingface_hub.ModelCard` from its standard template (or another one), and its `model-index` holds
+the recall@K of an evaluation run (`examples/evaluate_retrieval.py --results_json`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+
+BASE_MODEL = "google-bert/bert-base-uncased"
+DEFAULT_TAGS = ("imagebert", "image-text-retrieval", "vision-language", "multimodal", "cross-encoder", "custom_code")
+METRIC_NAMES = {
+    "tr_r1": "Text retrieval R@1",
+    "tr_r5": "Text retrieval R@5",
+    "tr_r10": "Text retrieval R@10",
+    "ir_r1": "Image retrieval R@1",
+    "ir_r5": "Image retrieval R@5",
+    "ir_r10": "Image retrieval R@10",
+    "rsum": "RSUM",
+}
+PAPER_BIBTEX = """@article{qi2020imagebert,
+  title={ImageBERT: Cross-modal Pre-training with Large-scale Weak-supervised Image-Text Data},
+  author={Qi, Di and Su, Lin and Song, Jia and Cui, Edward and Bharti, Taroon and Sacheti, Arun},
+  journal={arXiv preprint arXiv:2001.07966},
+  year={2020}
+}"""
+
+
+def load_results(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Reads the results json written by `examples/evaluate_retrieval.py` (`{"results": [...]}` or a list)."""
+    with open(path, encoding="utf-8") as handle:
+        data = json.load(handle)
+    return list(data["results"] if isinstance(data, Mapping) else data)
+
+
+def eval_results_from_run(results: Sequence[Mapping[str, Any]]):
+    """`huggingface_hub.EvalResult`s (the card's `model-index`) from evaluation results.
+
+    Args:
+        results: one entry per evaluated split: `{"dataset_name": "MS-COCO 5k", "dataset_type": "coco",
+            "dataset_split": "test", "metrics": {"tr_r1": ..., ..., "rsum": ...}}` (percent), optionally with
+            `dataset_config` (e.g. `"1k"`) and `source_name`.
+    """
+    from huggingface_hub import EvalResult
+
+    eval_results = []
+    for number, result in enumerate(results):
+        for key in ("dataset_name", "dataset_type", "metrics"):
+            if key not in result:
+                raise ValueError(f"evaluation result {number} has no {key!r}; got keys {sorted(result)}.")
+        unknown = set(result["metrics"]) - set(METRIC_NAMES)
+        if unknown:
+            raise ValueError(f"evaluation result {number} has unknown metrics {sorted(unknown)}.")
+        for key, name in METRIC_NAMES.items():
+            if key not in result["metrics"]:
+                continue
+            eval_results.append(
+                EvalResult(
+                    task_type="image-text-retrieval",
+                    task_name="Image-Text Retrieval",
+                    dataset_type=result["dataset_type"],
+                    dataset_name=result["dataset_name"],
+                    dataset_config=result.get("dataset_config"),
+                    dataset_split=result.get("dataset_split"),
+                    metric_type="recall" if key != "rsum" else "rsum",
+                    metric_name=name,
+                    metric_value=round(float(result["metrics"][key]), 2),
+                    source_name=result.get("source_name"),
+                )
+            )
+    return eval_results
+
+
+def _results_table(results: Sequence[Mapping[str, Any]]) -> str:
+    from .evaluation.retrieval import format_metrics_table
+
+    rows = {}
+    for result in results:
+        name = result["dataset_name"] + (f" ({result['dataset_split']})" if result.get("dataset_split") else "")
+        rows[name] = result["metrics"]
+    return format_metrics_table(rows)
+
+
+def build_model_card(
+    results: Sequence[Mapping[str, Any]] | None = None,
+    model_id: str = "imagebert-base",
+    config=None,
+    datasets: Sequence[str] | None = None,
+    base_model: str = BASE_MODEL,
+    license: str = "apache-2.0",
+    tags: Sequence[str] = DEFAULT_TAGS,
+    template_path: str | os.PathLike | None = None,
+    **fields: str,
+):
+    """A model card: YAML metadata (license, library, tags, datasets, base model, `model-index` from `results`) and
+    the sections of huggingface_hub's model card template, filled for ImageBERT retrieval.
+
+    Args:
+        results: evaluation results (see `eval_results_from_run`); they fill `model-index` and the results table.
+        model_id: the card's title and `model-index` name.
+        config: the model's `ImageBERTConfig`, to state its size in the card.
+        datasets: Hub dataset ids the model was trained or evaluated on.
+        base_model: the checkpoint the text side started from.
+        license: the card's license id.
+        tags: Hub tags (the task has no Hub id, so it goes in the tags rather than `pipeline_tag`).
+        template_path: a Jinja template; huggingface_hub's standard model card template by default.
+        **fields: any template section to set or override (e.g. `training_data="..."`).
+
+    Returns:
+        `huggingface_hub.ModelCard`.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    results = list(results or [])
+    card_data = ModelCardData(
+        model_name=model_id,
+        license=license,
+        library_name="transformers",
+        tags=list(tags),
+        datasets=list(datasets) if datasets else None,
+        metrics=["recall"],
+        base_model=base_model,
+        eval_results=eval_results_from_run(results) or None,
+    )
+    size = ""
+    if config is not None:
+        size = (
+            f" This checkpoint has {config.num_hidden_layers} layers of width {config.hidden_size}, "
+            f"{config.num_attention_heads} heads, up to {config.max_regions} regions of {config.region_feature_size}-d "
+            f"features and {config.max_text_length} text tokens; retrieval losses {config.retrieval_loss_weights}."
+        )
+    defaults = {
+        "model_id": model_id,
+        "model_summary": "ImageBERT cross-encoder for image-text retrieval: one BERT over WordPiece tokens and "
+        "object regions, scoring how well a caption matches an image.",
+        "model_description": "ImageBERT (Qi et al. 2020) feeds `[CLS] text [SEP]` followed by the image's regions "
+        "(a visual feature and a 5-d location each) through one transformer; a head on `[CLS]` gives the relevance "
+        "score of the pair. Two small projection heads over text-only and regions-only passes give unimodal "
+        "embeddings, used to shortlist candidates before the cross-encoder re-ranks them." + size,
+        "model_type": "Single-stream vision-language transformer (cross-encoder)",
+        "language": "en",
+        "license": license,
+        "base_model": base_model,
+        "repo": "imagebert_hf",
+        "paper": "https://arxiv.org/abs/2001.07966",
+        "direct_use": "Ranking captions for an image (text retrieval) or images for a caption (image retrieval), "
+        'or scoring given pairs, with `pipeline("image-text-retrieval", model=..., trust_remote_code=True)`.',
+        "downstream_use": "Re-ranking the candidates of a fast first-stage retriever.",
+        "out_of_scope_use": "Decisions about people; captioning or any generation (the model only scores pairs).",
+        "bias_risks_limitations": "Scores reflect the training pairs: web captions carry their sources' biases, "
+        "and region features come from a detector trained on a fixed label set.",
+        "bias_recommendations": "Evaluate on data from the target domain before relying on the rankings.",
+        "get_started_code": 'from transformers import pipeline\n\nretriever = pipeline("image-text-retrieval", '
+        f'model="{model_id}", trust_remote_code=True)\n'
+        'retriever(images="photo.jpg", texts=["a dog on a beach", "a bowl of soup"], top_k=1)',
+        "training_regime": "fp32, AdamW; see the training script's arguments stored with the run.",
+        "testing_metrics": "Recall@K (K = 1, 5, 10) for text retrieval (image queries; a hit when any of the "
+        "image's captions is in the top K) and image retrieval (caption queries), and RSUM, their sum. Ties count "
+        "against the query.",
+        "results": _results_table(results) if results else "No evaluation run was attached to this card.",
+        "citation_bibtex": PAPER_BIBTEX,
+    }
+    defaults.update(fields)
+    if template_path is None:
+        return ModelCard.from_template(card_data, **defaults)
+    return ModelCard.from_template(card_data, template_path=str(template_path), **defaults)
+
+
+def save_for_hub(model, processor, output_dir: str | os.PathLike, card=None) -> list[str]:
+    """Writes the folder `push_to_hub` uploads and returns its files (relative paths, sorted).
+
+    The model and processor are saved with their code (`register_for_auto_class`) and the retrieval pipeline's
+    `custom_pipelines` entry, so `pipeline(model=repo, trust_remote_code=True)` needs no installed package.
+    """
+    from .pipelines.image_text_retrieval import ImageTextRetrievalPipeline, register_pipeline
+
+    register_pipeline()
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    pipe = ImageTextRetrievalPipeline(model=model, processor=processor, task="image-text-retrieval", device=-1)
+    pipe.save_pretrained(output_dir)
+    if card is not None:
+        card.save(output_dir / "README.md")
+    return sorted(str(path.relative_to(output_dir)) for path in output_dir.rglob("*") if path.is_file())
+
+
+def push_to_hub(
+    model,
+    processor,
+    repo_id: str,
+    card=None,
+    results: Sequence[Mapping[str, Any]] | None = None,
+    private: bool | None = None,
+    token: str | None = None,
+    revision: str | None = None,
+    commit_message: str = "Upload ImageBERT image-text retrieval model",
+    api=None,
+):
+    """Pushes model, processor, pipeline code and model card to `repo_id` in one commit.
+
+    Args:
+        model: an `ImageBERTForImageTextRetrieval`.
+        processor: its `ImageBERTProcessor`.
+        repo_id: `user/name` on the Hub (created when missing).
+        card: a `ModelCard`; built with `build_model_card(results, model_id=repo_id, config=model.config)` if None.
+        results: evaluation results for the card's `model-index` (ignored when `card` is given).
+        private, token, revision, commit_message: as in `huggingface_hub.HfApi`.
+        api: an `HfApi`-like object (`create_repo`, `upload_folder`); a new `HfApi(token=token)` by default.
+
+    Returns:
+        What `api.upload_folder` returns (a `CommitInfo` from the real Hub).
+    """
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+    if card is None:
+        card = build_model_card(results, model_id=repo_id, config=getattr(model, "config", None))
+    api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
+    with tempfile.TemporaryDirectory() as folder:
+        save_for_hub(model, processor, folder, card)
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            repo_type="model",
+            revision=revision,
+            commit_message=commit_message,
+        )
+
+
+__all__ = [
+    "BASE_MODEL",
+    "DEFAULT_TAGS",
+    "build_model_card",
+    "eval_results_from_run",
+    "load_results",
+    "push_to_hub",
+    "save_for_hub",
+]

@@ -1,0 +1,273 @@
+"""A reusable Accelerate training loop: gradient accumulation, clipping, logging, checkpoints, resumption and a
+budget for records that fail to load. Pretraining and retrieval fine-tuning both run on it."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpointing import TrainState, save_checkpoint
+
+
+logger = logging.getLogger(__name__)
+
+
+class TooManyFailedRecords(RuntimeError):
+    """More records failed to load than the run allows."""
+
+
+class TrainingStopped(Exception):
+    """Raised when a run stops on purpose before its end (`stop_after_steps`), as if it had been interrupted."""
+
+
+def build_accelerator(
+    output_dir: str | Path,
+    mixed_precision: str = "no",
+    report_to: str | None = "tensorboard",
+    cpu: bool = False,
+    gradient_accumulation_steps: int = 1,
+):
+    """An `Accelerator` logging under `output_dir/logs`, on the CPU when asked or when no GPU is present.
+
+    Forcing the CPU is what makes `accelerate launch --multi_gpu --num_processes 2` run two real CPU processes.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    log_with = None if report_to in (None, "", "none") else report_to
+    return Accelerator(
+        cpu=cpu or not torch.cuda.is_available(),
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(Path(output_dir) / "logs")),
+    )
+
+
+def build_optimizer(
+    model: torch.nn.Module,
+    learning_rate: float,
+    weight_decay: float = 0.01,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> torch.optim.Optimizer:
+    """AdamW with no weight decay on biases and LayerNorm weights (BERT's practice)."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        (no_decay if parameter.ndim < 2 or "LayerNorm" in name else decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps)
+
+
+def build_scheduler(optimizer, name: str, total_steps: int, warmup_steps: int, num_processes: int):
+    """A transformers schedule over `total_steps` optimizer steps.
+
+    Accelerate's prepared scheduler advances `num_processes` times per optimizer step, so the lengths are scaled by
+    it; the learning rate is then the same at each step whatever the number of processes.
+    """
+    from transformers import get_scheduler
+
+    return get_scheduler(
+        name,
+        optimizer=optimizer,
+        num_warmup_steps=warmup_steps * num_processes,
+        num_training_steps=total_steps * num_processes,
+    )
+
+
+def steps_per_epoch(num_batches: int, gradient_accumulation_steps: int) -> int:
+    """Optimizer steps in an epoch of `num_batches` micro-batches (a partial accumulation still steps at the end)."""
+    return max(1, math.ceil(num_batches / gradient_accumulation_steps))
+
+
+def _loss_value(outputs, name: str) -> torch.Tensor | None:
+    value = getattr(outputs, "loss" if name == "loss" else f"{name}_loss", None)
+    return None if value is None else value.detach().float()
+
+
+def train_loop(
+    accelerator,
+    model: torch.nn.Module,
+    optimizer,
+    scheduler,
+    dataloader,
+    state: TrainState,
+    *,
+    sampler=None,
+    loss_names: Sequence[str] = ("mlm", "moc", "mrfr", "itm"),
+    checkpoint_dir: str | Path | None = None,
+    checkpointing_steps: int | None = None,
+    save_total_limit: int | None = None,
+    logging_steps: int = 10,
+    max_grad_norm: float | None = 1.0,
+    max_failure_rate: float = 1.0,
+    min_records_for_failure_check: int = 200,
+    stop_after_global_step: int | None = None,
+    on_step: Callable[[TrainState, dict[str, Any]], None] | None = None,
+    loss_counts: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+    task_weights: dict[str, float] | None = None,
+) -> TrainState:
+    """Trains until `state.completed_steps == state.total_steps`, resuming from `state` (epoch, micro-batches).
+
+    The model's output must have `loss` and may have `<name>_loss` for each of `loss_names`. Batches may carry
+    `num_failed_records` (from the collator); the share of failed records is checked, over all processes, once
+    `min_records_for_failure_check` records were seen.
+
+    Args:
+        accelerator: The run's `Accelerator`; `model`, `optimizer`, `scheduler` and `dataloader` are prepared by it.
+        state: Where the stage is; updated in place and returned.
+        sampler: The sampler inside `dataloader`; its `set_epoch` is called at each epoch.
+        checkpoint_dir: Where `save_checkpoint` writes every `checkpointing_steps` steps.
+        logging_steps: Every this many steps, losses go to the trackers and to `state.history`.
+        stop_after_global_step: Raise `TrainingStopped` once the run-wide step reaches this (tests of resumption).
+        on_step: Called after each optimizer step with the state and that step's averaged losses.
+        loss_counts: Maps a batch to the number of targets behind each task's loss (e.g.
+            `pretraining_loss_counts`). Logged losses are then averages over targets rather than over batches, so
+            they do not depend on how a global batch is split across processes.
+        task_weights: When given, the logged total is the weighted sum of the logged task losses (consistent with
+            them) instead of the average of the model's `loss`.
+
+    Returns:
+        The final `state`.
+    """
+    from tqdm.auto import tqdm
+
+    names = ["loss", *loss_names]
+    progress = tqdm(
+        total=state.total_steps,
+        initial=state.completed_steps,
+        desc=f"stage {state.stage_index + 1} ({state.stage_name})",
+        disable=not accelerator.is_local_main_process,
+        dynamic_ncols=True,
+    )
+    sums = torch.zeros(len(names), device=accelerator.device)
+    counts = torch.zeros(len(names), device=accelerator.device)
+    records = torch.zeros(2, device=accelerator.device)
+    model.train()
+    while state.completed_steps < state.total_steps:
+        if sampler is not None and hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(state.epoch)
+        loader = dataloader
+        if state.batches_in_epoch:
+            loader = accelerator.skip_first_batches(dataloader, state.batches_in_epoch)
+        for batch in loader:
+            failed = batch.pop("num_failed_records", None)
+            batch_size = next(iter(batch.values())).shape[0]
+            records[0] += batch_size + (0 if failed is None else float(failed))
+            records[1] += 0 if failed is None else float(failed)
+            state.batches_in_epoch += 1
+            weights = loss_counts(batch) if loss_counts is not None else {}
+            with accelerator.accumulate(model):
+                outputs = model(**batch)
+                accelerator.backward(outputs.loss)
+                if accelerator.sync_gradients and max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            for i, name in enumerate(names):
+                value = _loss_value(outputs, name)
+                weight = weights.get(name, 1.0)
+                if value is not None and torch.isfinite(value) and float(weight) > 0:
+                    sums[i] += value * weight
+                    counts[i] += weight
+            if not accelerator.sync_gradients:
+                continue
+
+            state.completed_steps += 1
+            totals = accelerator.reduce(torch.cat([sums, counts, records]), reduction="sum")
+            step_sums, step_counts = totals[: len(names)], totals[len(names) : 2 * len(names)]
+            state.records_seen += int(totals[-2])
+            state.records_failed += int(totals[-1])
+            sums.zero_(), counts.zero_(), records.zero_()
+            losses = {
+                name: (float(step_sums[i] / step_counts[i]) if step_counts[i] > 0 else None)
+                for i, name in enumerate(names)
+            }
+            if task_weights is not None:
+                parts = [task_weights.get(name, 1.0) * losses[name] for name in loss_names if losses[name] is not None]
+                losses["loss"] = float(sum(parts)) if parts else None
+            progress.update(1)
+            progress.set_postfix(loss=f"{losses['loss']:.3f}" if losses["loss"] is not None else "n/a")
+            _check_failures(state, max_failure_rate, min_records_for_failure_check)
+            if state.completed_steps % logging_steps == 0 or state.completed_steps == state.total_steps:
+                entry = {
+                    "step": state.global_step,
+                    "stage": state.stage_name,
+                    "lr": scheduler.get_last_lr()[0],
+                    **losses,
+                }
+                state.history.append(entry)
+                accelerator.log(
+                    {f"train/{k}": v for k, v in entry.items() if isinstance(v, float)}, step=state.global_step
+                )
+            if on_step is not None:
+                on_step(state, losses)
+            if (
+                checkpoint_dir is not None
+                and checkpointing_steps
+                and state.completed_steps % checkpointing_steps == 0
+                and state.completed_steps < state.total_steps
+            ):
+                save_checkpoint(accelerator, checkpoint_dir, state, save_total_limit)
+            if stop_after_global_step is not None and state.global_step >= stop_after_global_step:
+                progress.close()
+                raise TrainingStopped(f"stopped after run-wide step {state.global_step} as asked")
+            if state.completed_steps >= state.total_steps:
+                break
+        else:
+            state.epoch += 1
+            state.batches_in_epoch = 0
+    progress.close()
+    _check_failures(state, max_failure_rate, 0)
+    return state
+
+
+def pretraining_loss_counts(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Targets behind each pretraining loss in a collated batch (matched pairs only, as the model counts them)."""
+    matched = (
+        batch["itm_labels"] == 1 if "itm_labels" in batch else torch.ones(batch["labels"].shape[0], dtype=torch.bool)
+    )
+    masked = batch["masked_regions"].bool() & matched[:, None]
+    if "region_attention_mask" in batch:
+        masked &= batch["region_attention_mask"].bool()
+    counts = {
+        "mlm": ((batch["labels"] != -100) & matched[:, None]).sum(),
+        "mrfr": masked.sum(),
+        "itm": torch.tensor(matched.numel()),
+        "moc": masked.sum(),
+    }
+    if "region_class_labels" in batch and "region_class_probs" not in batch:
+        counts["moc"] = (masked & (batch["region_class_labels"] != -100)).sum()
+    return {name: value.float() for name, value in counts.items()}
+
+
+def _check_failures(state: TrainState, max_failure_rate: float, min_records: int) -> None:
+    if state.records_failed == 0 or state.records_seen < max(min_records, 1):
+        return
+    rate = state.records_failed / state.records_seen
+    if rate > max_failure_rate:
+        raise TooManyFailedRecords(
+            f"{state.records_failed} of {state.records_seen} records ({rate:.1%}) failed to load in stage "
+            f"{state.stage_name!r}, above max_failure_rate={max_failure_rate:.1%}; check the sources and the region "
+            "cache (the warnings above name the first failures), or raise max_failure_rate."
+        )
+
+
+__all__ = [
+    "TooManyFailedRecords",
+    "TrainingStopped",
+    "build_accelerator",
+    "build_optimizer",
+    "build_scheduler",
+    "pretraining_loss_counts",
+    "steps_per_epoch",
+    "train_loop",
+]

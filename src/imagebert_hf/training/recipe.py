@@ -1,0 +1,292 @@
+"""Pretraining recipes: a YAML file with a model section and an ordered list of stages.
+
+```yaml
+output_dir: outputs/my_run
+seed: 42
+model:
+  config: {hidden_size: 768, num_hidden_layers: 12, region_feature_size: 2048, num_object_classes: 1600}
+  text_pretrained: bert-base-uncased     # or "minilm" (the offline package); optional
+  tokenizer: bert-base-uncased           # or "minilm", "synthetic", a folder
+stages:
+  - name: lait
+    sources:
+      - {name: lait, type: webdataset, path: "lait/{00000..00999}.tar", region_cache: lait_regions, weight: 1.0}
+    num_epochs: 1                        # or max_steps
+    per_device_train_batch_size: 12
+    learning_rate: 1.0e-4
+    warmup_ratio: 0.05
+    loss_weights: {mlm: 1.0, moc: 1.0, mrfr: 1.0, itm: 1.0}
+```
+
+Every key is checked: an unknown key, a missing source, zero steps or a weight that is not positive fails at load
+time with the dotted path of the field (`stages[1].sources[0].weight`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+SOURCE_TYPES = ("manifest", "hf_dataset", "webdataset", "synthetic")
+LOSS_TASKS = ("mlm", "moc", "mrfr", "itm")
+SCHEDULER_TYPES = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be run; the message names the offending field."""
+
+
+@dataclass
+class SourceSpec:
+    """One image-text pair source of a stage."""
+
+    name: str
+    type: str
+    path: str | None = None
+    weight: float = 1.0
+    region_cache: str | None = None
+    # manifest
+    image_root: str | None = None
+    splits: list[str] | None = None
+    key_field: str = "image"
+    max_captions_per_image: int | None = None
+    # hf_dataset
+    text_column: str = "captions"
+    image_column: str = "image"
+    id_column: str | None = None
+    # synthetic
+    num_images: int | None = None
+    seed: int = 0
+    first_image: int = 0
+    image_size: int = 96
+    captions_per_image: int = 2
+    caption_noise: float = 0.0
+    regions: str | None = None
+
+
+@dataclass
+class StageSpec:
+    """One pretraining stage: data, length, optimisation and loss weights."""
+
+    name: str
+    sources: list[SourceSpec]
+    max_steps: int | None = None
+    num_epochs: float | None = None
+    samples_per_epoch: int | None = None
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    warmup_steps: int | None = None
+    warmup_ratio: float = 0.0
+    lr_scheduler_type: str = "linear"
+    loss_weights: dict[str, float] = field(default_factory=lambda: dict.fromkeys(LOSS_TASKS, 1.0))
+    itm_negative_probability: float = 0.5
+    text_negative_share: float = 0.5
+    mlm_probability: float = 0.15
+    region_mask_probability: float = 0.15
+    region_zero_probability: float = 0.9
+
+
+@dataclass
+class ModelSpec:
+    """How the stage-1 model and the tokenizer are made (later stages start from the previous stage's weights)."""
+
+    config: dict[str, Any] = field(default_factory=dict)
+    config_path: str | None = None
+    text_pretrained: str | None = None
+    init_from: str | None = None
+    tokenizer: str | None = None
+    processor: str | None = None
+
+
+@dataclass
+class Recipe:
+    """A whole pretraining run."""
+
+    stages: list[StageSpec]
+    model: ModelSpec = field(default_factory=ModelSpec)
+    output_dir: str = "outputs/pretraining"
+    seed: int = 42
+    checkpointing_steps: int | None = 500
+    save_total_limit: int | None = 2
+    logging_steps: int = 10
+    report_to: str = "tensorboard"
+    max_failure_rate: float = 0.01
+    min_records_for_failure_check: int = 200
+    num_workers: int = 0
+
+
+def _build(cls, data: Any, where: str):
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where} must be a mapping, got {type(data).__name__}.")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise RecipeError(f"{where}: unknown key(s) {unknown}; allowed keys are {sorted(fields)}.")
+    required = [
+        name
+        for name, f in fields.items()
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and name not in data
+    ]
+    if required:
+        raise RecipeError(f"{where}: missing required key(s) {required}.")
+    return data
+
+
+def _source(data: Any, where: str) -> SourceSpec:
+    _build(SourceSpec, data, where)
+    spec = SourceSpec(**data)
+    if spec.type not in SOURCE_TYPES:
+        raise RecipeError(f"{where}.type is {spec.type!r}; expected one of {SOURCE_TYPES}.")
+    if not isinstance(spec.weight, (int, float)) or spec.weight <= 0:
+        raise RecipeError(f"{where}.weight must be a positive number, got {spec.weight!r}.")
+    if spec.type == "synthetic":
+        if not spec.num_images or spec.num_images < 1:
+            raise RecipeError(f"{where}.num_images must be a positive integer for a synthetic source.")
+        if spec.region_cache is None and spec.regions != "annotations":
+            raise RecipeError(f"{where}: a synthetic source needs region_cache or `regions: annotations`.")
+        if not 0.0 <= spec.caption_noise <= 1.0:
+            raise RecipeError(f"{where}.caption_noise must be in [0, 1], got {spec.caption_noise}.")
+    else:
+        if not spec.path:
+            raise RecipeError(f"{where}.path is required for a {spec.type} source.")
+        if not spec.region_cache:
+            raise RecipeError(f"{where}.region_cache is required: pretraining reads regions from the cache.")
+    if spec.regions not in (None, "annotations"):
+        raise RecipeError(f"{where}.regions must be 'annotations' or absent, got {spec.regions!r}.")
+    return spec
+
+
+def _stage(data: Any, where: str) -> StageSpec:
+    _build(StageSpec, data, where)
+    data = dict(data)
+    sources = data.pop("sources")
+    if not isinstance(sources, list) or not sources:
+        raise RecipeError(f"{where}.sources must be a non-empty list of sources.")
+    specs = [_source(source, f"{where}.sources[{i}]") for i, source in enumerate(sources)]
+    names = [spec.name for spec in specs]
+    if len(set(names)) != len(names):
+        raise RecipeError(f"{where}.sources: source names must be distinct, got {names}.")
+    stage = StageSpec(sources=specs, **data)
+    if (stage.max_steps is None) == (stage.num_epochs is None):
+        raise RecipeError(f"{where}: give exactly one of max_steps and num_epochs.")
+    if stage.max_steps is not None and (not isinstance(stage.max_steps, int) or stage.max_steps < 1):
+        raise RecipeError(f"{where}.max_steps must be a positive integer, got {stage.max_steps!r}.")
+    if stage.num_epochs is not None and not stage.num_epochs > 0:
+        raise RecipeError(f"{where}.num_epochs must be positive, got {stage.num_epochs!r}.")
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        value = getattr(stage, name)
+        if not isinstance(value, int) or value < 1:
+            raise RecipeError(f"{where}.{name} must be a positive integer, got {value!r}.")
+    if not stage.learning_rate > 0:
+        raise RecipeError(f"{where}.learning_rate must be positive, got {stage.learning_rate!r}.")
+    if stage.lr_scheduler_type not in SCHEDULER_TYPES:
+        raise RecipeError(
+            f"{where}.lr_scheduler_type is {stage.lr_scheduler_type!r}; expected one of {SCHEDULER_TYPES}."
+        )
+    if not 0.0 <= stage.warmup_ratio < 1.0:
+        raise RecipeError(f"{where}.warmup_ratio must be in [0, 1), got {stage.warmup_ratio}.")
+    unknown = sorted(set(stage.loss_weights) - set(LOSS_TASKS))
+    if unknown:
+        raise RecipeError(f"{where}.loss_weights: unknown task(s) {unknown}; expected keys among {LOSS_TASKS}.")
+    stage.loss_weights = {**dict.fromkeys(LOSS_TASKS, 1.0), **stage.loss_weights}
+    for name in (
+        "itm_negative_probability",
+        "text_negative_share",
+        "mlm_probability",
+        "region_mask_probability",
+        "region_zero_probability",
+    ):
+        if not 0.0 <= getattr(stage, name) <= 1.0:
+            raise RecipeError(f"{where}.{name} must be in [0, 1], got {getattr(stage, name)}.")
+    return stage
+
+
+def recipe_from_dict(data: Any, where: str = "recipe") -> Recipe:
+    """Validates a recipe given as a dict (as read from YAML)."""
+    _build(Recipe, data, where)
+    data = dict(data)
+    stages = data.pop("stages")
+    if not isinstance(stages, list) or not stages:
+        raise RecipeError(f"{where}.stages must be a non-empty list of stages.")
+    model = data.pop("model", {}) or {}
+    _build(ModelSpec, model, f"{where}.model")
+    recipe = Recipe(
+        stages=[_stage(stage, f"{where}.stages[{i}]") for i, stage in enumerate(stages)],
+        model=ModelSpec(**model),
+        **data,
+    )
+    names = [stage.name for stage in recipe.stages]
+    if len(set(names)) != len(names):
+        raise RecipeError(f"{where}.stages: stage names must be distinct, got {names}.")
+    if recipe.checkpointing_steps is not None and recipe.checkpointing_steps < 1:
+        raise RecipeError(f"{where}.checkpointing_steps must be positive or null, got {recipe.checkpointing_steps}.")
+    if not 0.0 <= recipe.max_failure_rate <= 1.0:
+        raise RecipeError(f"{where}.max_failure_rate must be in [0, 1], got {recipe.max_failure_rate}.")
+    if recipe.logging_steps < 1:
+        raise RecipeError(f"{where}.logging_steps must be positive, got {recipe.logging_steps}.")
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Reads and validates a YAML recipe; `overrides` are `dotted.key=value` strings (`stages.0.max_steps=10`),
+    values parsed as YAML. Relative paths in the recipe stay relative to the working directory."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {path} does not exist.")
+    with open(path, encoding="utf-8") as handle:
+        data = yaml.safe_load(handle)
+    return recipe_from_dict(apply_overrides(data, overrides or []), where=path.name)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Returns a copy of `data` with each `dotted.key=value` override set (list items by index)."""
+    import yaml
+
+    data = copy.deepcopy(data)
+    for override in overrides:
+        if "=" not in override:
+            raise RecipeError(f"override {override!r} must look like dotted.key=value.")
+        dotted, raw = override.split("=", 1)
+        keys = dotted.split(".")
+        node = data
+        for i, key in enumerate(keys[:-1]):
+            node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
+            if not isinstance(node, (dict, list)):
+                raise RecipeError(f"override {override!r}: {'.'.join(keys[: i + 1])} is not a mapping or list.")
+        last = keys[-1]
+        value = yaml.safe_load(raw)
+        if isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return data
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    return dataclasses.asdict(recipe)
+
+
+__all__ = [
+    "LOSS_TASKS",
+    "ModelSpec",
+    "Recipe",
+    "RecipeError",
+    "SourceSpec",
+    "StageSpec",
+    "apply_overrides",
+    "load_recipe",
+    "recipe_from_dict",
+    "recipe_to_dict",
+]

@@ -1,0 +1,98 @@
+"""Zero-shot retrieval of a pretrained checkpoint: score every (image, caption) pair of a manifest split with the
+ITM head, and compare recall@K with chance. Used at the end of the demo and of the real-data pretraining example."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def manifest_retrieval_inputs(
+    manifest: str | Path,
+    region_cache,
+    tokenizer,
+    split: str | None = None,
+    max_text_length: int = 44,
+    max_regions: int | None = None,
+    max_images: int | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[int]]:
+    """Tokenized captions, padded regions and the caption -> image map of one split of a jsonl manifest.
+
+    Args:
+        manifest: The `captions.jsonl` file.
+        region_cache: A region cache folder, or any mapping from the manifest's image path to a region record.
+        tokenizer: The model's tokenizer.
+        split: Keep only images whose `"split"` is this.
+        max_text_length: Tokens per caption, special tokens included.
+        max_regions: Regions kept per image.
+        max_images: Keep the first this many images.
+
+    Returns:
+        `(text_inputs, region_inputs, text_to_image)`, the inputs of `evaluation.scoring.score_all_pairs` and of
+        `evaluation.retrieval_metrics`.
+    """
+    from ..data.manifest import read_manifest
+
+    if isinstance(region_cache, (str, Path)):
+        from ..data.feature_cache import load_region_cache
+
+        region_cache = load_region_cache(region_cache)
+    records = [r for r in read_manifest(manifest) if split is None or r.extra.get("split") == split]
+    records = records[:max_images]
+    if not records:
+        raise ValueError(f"{manifest} has no images in split {split!r}.")
+    texts = [caption for record in records for caption in record.captions]
+    text_to_image = [i for i, record in enumerate(records) for _ in record.captions]
+    text_inputs = tokenizer(texts, padding=True, truncation=True, max_length=max_text_length, return_tensors="pt")
+    regions = [region_cache[record.image] for record in records]
+    counts = [min(len(r["region_features"]), max_regions or len(r["region_features"])) for r in regions]
+    feature_size = regions[0]["region_features"].shape[1]
+    features = np.zeros((len(regions), max(counts), feature_size), dtype=np.float32)
+    locations = np.zeros((len(regions), max(counts), 5), dtype=np.float32)
+    mask = np.zeros((len(regions), max(counts)), dtype=np.int64)
+    for i, (record, count) in enumerate(zip(regions, counts)):
+        features[i, :count] = record["region_features"][:count]
+        locations[i, :count] = record["region_locations"][:count]
+        mask[i, :count] = 1
+    region_inputs = {
+        "region_features": torch.from_numpy(features),
+        "region_locations": torch.from_numpy(locations),
+        "region_attention_mask": torch.from_numpy(mask),
+    }
+    return dict(text_inputs), region_inputs, text_to_image
+
+
+def chance_metrics(text_to_image: list[int], ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+    """Expected recall@K (in %) of a random ranking, with the same keys as `retrieval_metrics`."""
+    from ..data.synthetic import chance_recall
+
+    num_images, num_texts = max(text_to_image) + 1, len(text_to_image)
+    captions = np.bincount(text_to_image, minlength=num_images)
+    metrics = {}
+    for k in ks:
+        metrics[f"tr_r{k}"] = 100 * float(np.mean([chance_recall(num_texts, k, int(c)) for c in captions]))
+        metrics[f"ir_r{k}"] = 100 * chance_recall(num_images, k)
+    metrics["rsum"] = sum(metrics.values())
+    return metrics
+
+
+def zero_shot_retrieval(
+    model: Any, text_inputs, region_inputs, text_to_image, batch_size: int = 512
+) -> dict[str, float]:
+    """Recall@K of a model's ITM head over every pair (a folder or an `ImageBERTForImageTextRetrieval`)."""
+    from ..evaluation import retrieval_metrics
+    from ..evaluation.scoring import score_all_pairs
+
+    if isinstance(model, (str, Path)):
+        from ..modeling_imagebert import ImageBERTForImageTextRetrieval
+
+        model = ImageBERTForImageTextRetrieval.from_pretrained(str(model))
+    with torch.inference_mode():
+        scores = score_all_pairs(model, text_inputs, region_inputs, batch_size=batch_size)
+    return retrieval_metrics(scores, text_to_image)
+
+
+__all__ = ["chance_metrics", "manifest_retrieval_inputs", "zero_shot_retrieval"]

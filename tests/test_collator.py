@@ -1,0 +1,209 @@
+import numpy as np
+import pytest
+import torch
+
+from imagebert_hf.data.collator import DataCollatorForImageBERTPretraining
+from imagebert_hf.data.synthetic import make_synthetic_tokenizer
+
+
+FEATURE_SIZE = 6
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_synthetic_tokenizer()
+
+
+def make_features(tokenizer, num_samples, num_regions=(3, 7), num_classes=None, seed=0, long_text=False):
+    rng = np.random.default_rng(seed)
+    words = ["red", "blue", "circle", "square", "left", "right", "above", "a", "of", "the"]
+    features = []
+    for i in range(num_samples):
+        length = int(rng.integers(20, 30)) if long_text else int(rng.integers(3, 9))
+        text = " ".join(rng.choice(words, size=length))
+        count = int(rng.integers(num_regions[0], num_regions[1] + 1))
+        feature = {
+            "input_ids": tokenizer(text)["input_ids"],
+            "region_features": rng.standard_normal((count, FEATURE_SIZE)).astype(np.float32) + 5.0,
+            "region_locations": rng.uniform(0, 1, (count, 5)).astype(np.float32),
+            "region_class_labels": rng.integers(0, 5, count),
+            "image_id": f"img{i}",
+        }
+        if num_classes:
+            probs = rng.uniform(0, 1, (count, num_classes))
+            feature["region_class_probs"] = (probs / probs.sum(1, keepdims=True)).astype(np.float32)
+        features.append(feature)
+    return features
+
+
+def test_shapes_and_padding_to_longest(tokenizer):
+    features = make_features(tokenizer, 5, num_classes=4)
+    batch = DataCollatorForImageBERTPretraining(tokenizer, itm_negative_probability=0.0, seed=0)(features)
+    longest_text = max(len(f["input_ids"]) for f in features)
+    most_regions = max(len(f["region_features"]) for f in features)
+    assert batch["input_ids"].shape == (5, longest_text)
+    for key in ("attention_mask", "token_type_ids", "labels"):
+        assert batch[key].shape == (5, longest_text)
+    assert batch["region_features"].shape == (5, most_regions, FEATURE_SIZE)
+    assert batch["region_feature_targets"].shape == (5, most_regions, FEATURE_SIZE)
+    assert batch["region_locations"].shape == (5, most_regions, 5)
+    assert batch["region_class_probs"].shape == (5, most_regions, 4)
+    for key in ("region_attention_mask", "masked_regions", "region_class_labels"):
+        assert batch[key].shape == (5, most_regions)
+    assert batch["masked_regions"].dtype == torch.bool
+    assert batch["itm_labels"].shape == (5,)
+    for i, feature in enumerate(features):
+        length, count = len(feature["input_ids"]), len(feature["region_features"])
+        assert batch["attention_mask"][i].sum() == length
+        assert (batch["input_ids"][i, length:] == tokenizer.pad_token_id).all()
+        assert batch["region_attention_mask"][i].sum() == count
+        assert not batch["masked_regions"][i, count:].any()
+        assert (batch["region_class_labels"][i, count:] == -100).all()
+
+    padded = DataCollatorForImageBERTPretraining(tokenizer, seed=0, pad_to_multiple_of=8)(features)
+    assert padded["input_ids"].shape[1] % 8 == 0 and padded["region_features"].shape[1] % 8 == 0
+
+
+def test_mlm_rates_and_never_special_tokens(tokenizer):
+    features = make_features(tokenizer, 400, long_text=True, seed=1)
+    collator = DataCollatorForImageBERTPretraining(tokenizer, itm_negative_probability=0.0, seed=3)
+    batch = collator(features)
+    original = torch.full_like(batch["input_ids"], tokenizer.pad_token_id)
+    for i, feature in enumerate(features):
+        original[i, : len(feature["input_ids"])] = torch.tensor(feature["input_ids"])
+    special = torch.isin(original, torch.tensor(tokenizer.all_special_ids))
+    chosen = batch["labels"] != -100
+    assert not (chosen & special).any(), "special or pad tokens were masked"
+    assert torch.equal(batch["labels"][chosen], original[chosen])
+    assert torch.equal(batch["input_ids"][~chosen], original[~chosen])
+    rate = chosen.sum().item() / (~special).sum().item()
+    assert 0.13 < rate < 0.17
+    as_mask = (batch["input_ids"][chosen] == tokenizer.mask_token_id).float().mean().item()
+    unchanged = (batch["input_ids"][chosen] == original[chosen]).float().mean().item()
+    assert 0.75 < as_mask < 0.85
+    assert 0.06 < unchanged < 0.15
+    random_ids = batch["input_ids"][chosen & (batch["input_ids"] != tokenizer.mask_token_id)]
+    assert not torch.isin(random_ids, torch.tensor(tokenizer.all_special_ids)).any()
+
+
+def test_region_masking_rates_and_targets(tokenizer):
+    features = make_features(tokenizer, 400, num_regions=(20, 30), seed=2)
+    batch = DataCollatorForImageBERTPretraining(tokenizer, itm_negative_probability=0.0, seed=0)(features)
+    real = batch["region_attention_mask"].bool()
+    masked = batch["masked_regions"]
+    assert 0.13 < masked.sum().item() / real.sum().item() < 0.17
+    for i, feature in enumerate(features):
+        count = len(feature["region_features"])
+        assert torch.allclose(batch["region_feature_targets"][i, :count], torch.from_numpy(feature["region_features"]))
+    zeroed = (batch["region_features"] == 0).all(-1) & masked
+    kept = masked & ~zeroed
+    assert 0.85 < zeroed.sum().item() / masked.sum().item() < 0.95
+    assert torch.equal(batch["region_features"][kept], batch["region_feature_targets"][kept])
+    assert torch.equal(batch["region_features"][real & ~masked], batch["region_feature_targets"][real & ~masked])
+
+
+def test_itm_negatives_swap_text_or_regions_and_switch_off_masked_losses(tokenizer):
+    features = make_features(tokenizer, 300, num_classes=3, seed=4)
+    collator = DataCollatorForImageBERTPretraining(tokenizer, itm_negative_probability=0.3, seed=0)
+    batch = collator(features)
+    negatives = batch["itm_labels"] == 0
+    assert 0.2 < negatives.float().mean().item() < 0.4
+    assert (batch["labels"][negatives] == -100).all()
+    assert not batch["masked_regions"][negatives].any()
+    assert batch["masked_regions"][~negatives].any(-1).all()
+    # Inputs of negatives are masked as often as those of positives, so [MASK] cannot give the ITM label away.
+    mask_share = (batch["input_ids"] == tokenizer.mask_token_id).float().sum(-1) / batch["attention_mask"].sum(-1)
+    assert abs(mask_share[negatives].mean() - mask_share[~negatives].mean()) < 0.05
+    assert (batch["input_ids"][negatives] == tokenizer.mask_token_id).any()
+
+    # Without masking, the swapped side can be told exactly.
+    collator = DataCollatorForImageBERTPretraining(
+        tokenizer, itm_negative_probability=0.3, mlm_probability=0.0, region_mask_probability=0.0, seed=0
+    )
+    batch = collator(features)
+    negatives = batch["itm_labels"] == 0
+    swapped_text = swapped_regions = 0
+    for i in negatives.nonzero().flatten().tolist():
+        feature = features[i]
+        length = int(batch["attention_mask"][i].sum())
+        same_text = length == len(feature["input_ids"]) and batch["input_ids"][i, :length].tolist() == list(
+            feature["input_ids"]
+        )
+        count = int(batch["region_attention_mask"][i].sum())
+        same_regions = count == len(feature["region_features"]) and torch.allclose(
+            batch["region_features"][i, :count], torch.from_numpy(feature["region_features"])
+        )
+        # Exactly one side is another sample's.
+        assert same_text != same_regions
+        swapped_text += not same_text
+        swapped_regions += not same_regions
+    assert swapped_text > 10 and swapped_regions > 10
+
+
+def test_no_negative_from_the_same_image(tokenizer):
+    features = make_features(tokenizer, 4)
+    for feature in features:
+        feature["image_id"] = "same"
+    batch = DataCollatorForImageBERTPretraining(tokenizer, itm_negative_probability=1.0, seed=0)(features)
+    assert (batch["itm_labels"] == 1).all()
+
+
+def test_dataset_given_itm_labels_are_kept(tokenizer):
+    features = make_features(tokenizer, 6)
+    for i, feature in enumerate(features):
+        feature["itm_labels"] = i % 2
+    batch = DataCollatorForImageBERTPretraining(tokenizer, itm_negative_probability=1.0, seed=0)(features)
+    assert batch["itm_labels"].tolist() == [0, 1, 0, 1, 0, 1]
+    assert (batch["labels"][0] == -100).all() and (batch["labels"][1] != -100).any()
+
+
+def test_deterministic_for_a_seed(tokenizer):
+    features = make_features(tokenizer, 16, num_classes=3)
+    first = DataCollatorForImageBERTPretraining(tokenizer, seed=7)(features)
+    second = DataCollatorForImageBERTPretraining(tokenizer, seed=7)(features)
+    other = DataCollatorForImageBERTPretraining(tokenizer, seed=8)(features)
+    assert all(torch.equal(first[key], second[key]) for key in first)
+    assert any(not torch.equal(first[key], other[key]) for key in ("labels", "masked_regions", "itm_labels"))
+
+
+def test_sample_seeds_make_masks_independent_of_batch_split(tokenizer):
+    features = make_features(tokenizer, 8)
+    for i, feature in enumerate(features):
+        feature["sample_seed"] = 1000 + i
+        feature["itm_labels"] = 1
+    collator = DataCollatorForImageBERTPretraining(tokenizer)
+    whole = collator(features)
+    halves = [collator(features[:4]), collator(features[4:])]
+    for offset, half in zip((0, 4), halves):
+        for i in range(4):
+            length = int(half["attention_mask"][i].sum())
+            assert torch.equal(half["input_ids"][i, :length], whole["input_ids"][offset + i, :length])
+            assert torch.equal(half["labels"][i, :length], whole["labels"][offset + i, :length])
+            count = int(half["region_attention_mask"][i].sum())
+            assert torch.equal(half["masked_regions"][i, :count], whole["masked_regions"][offset + i, :count])
+
+
+def test_failed_records_are_dropped_and_counted(tokenizer):
+    features = make_features(tokenizer, 3)
+    collator = DataCollatorForImageBERTPretraining(tokenizer, seed=0, count_failed=True)
+    batch = collator([features[0], None, features[1], None, features[2]])
+    assert batch["input_ids"].shape[0] == 3
+    assert batch["num_failed_records"].item() == 2
+    with pytest.raises(ValueError, match="failed to load"):
+        collator([None, None])
+
+
+def test_truncation_keeps_sep_and_bad_inputs(tokenizer):
+    features = make_features(tokenizer, 2, long_text=True, num_regions=(12, 12))
+    batch = DataCollatorForImageBERTPretraining(tokenizer, seed=0, max_text_length=10, max_regions=5)(features)
+    assert batch["input_ids"].shape[1] == 10 and batch["region_features"].shape[1] == 5
+    assert (batch["input_ids"][:, -1] == tokenizer.sep_token_id).all()
+    with pytest.raises(ValueError, match="mlm_probability"):
+        DataCollatorForImageBERTPretraining(tokenizer, mlm_probability=1.5)
+    with pytest.raises(KeyError, match="region_features"):
+        DataCollatorForImageBERTPretraining(tokenizer)([{"input_ids": [2, 5, 3]}])
+    broken = make_features(tokenizer, 1)[0]
+    broken["region_locations"] = broken["region_locations"][:1]
+    if len(broken["region_features"]) > 1:
+        with pytest.raises(ValueError, match="region_locations"):
+            DataCollatorForImageBERTPretraining(tokenizer)([broken])

@@ -1,0 +1,237 @@
+"""`pipeline("image-text-retrieval")`: every mode, prebuilt indexes, bad input and remote-code loading."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imagebert_hf import ImageBERTConfig, ImageBERTForImageTextRetrieval
+from imagebert_hf.data.synthetic import make_synthetic_examples, make_synthetic_tokenizer
+from imagebert_hf.pipelines import ImageTextRetrievalPipeline, RetrievalIndex, register_pipeline
+
+from .testing_utils import require_module, tiny_config_kwargs
+
+
+TEXTS = ["a red circle", "a blue square above a green cross", "there is a yellow triangle", "an orange cross"]
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    from imagebert_hf.processing_imagebert import ImageBERTProcessor, register_processing
+    from imagebert_hf.roi_extraction import ImageBERTRoIExtractor
+
+    register_processing()
+    register_pipeline()
+    tokenizer = make_synthetic_tokenizer()
+    # A randomly initialised test backbone: the regions mean nothing, which is all these tests need.
+    extractor = ImageBERTRoIExtractor(
+        backbone_name="test_efficientnet",
+        backbone_weights=None,
+        size={"height": 64, "width": 64},
+        grid_sizes=[1, 2],
+        max_regions=10,
+        return_class_probs=False,
+    )
+    config = ImageBERTConfig(**tiny_config_kwargs(vocab_size=len(tokenizer), **extractor.config_kwargs()))
+    torch.manual_seed(0)
+    model = ImageBERTForImageTextRetrieval(config)
+    processor = ImageBERTProcessor.from_model_config(config, tokenizer, extractor)
+    folder = tmp_path_factory.mktemp("retrieval-model")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    images_dir = tmp_path_factory.mktemp("images")
+    paths = []
+    for i, example in enumerate(make_synthetic_examples(3, seed=5, image_size=48)):
+        path = images_dir / f"image{i}.png"
+        example["image"].save(path)
+        paths.append(str(path))
+    return folder, paths
+
+
+@pytest.fixture(scope="module")
+def retriever(saved_model):
+    from transformers import pipeline
+
+    return pipeline("image-text-retrieval", model=str(saved_model[0]), device=-1)
+
+
+def _direct_scores(retriever, images, texts):
+    """Scores of (images[i], texts[i]) computed by hand: processor, then the model."""
+    inputs = retriever.processor(images=images, text=texts, return_tensors="pt")
+    with torch.no_grad():
+        return retriever.model(**inputs).logits
+
+
+def test_pipeline_loads_from_a_path_alone(retriever):
+    assert isinstance(retriever, ImageTextRetrievalPipeline)
+    assert isinstance(retriever.model, ImageBERTForImageTextRetrieval)
+    assert retriever.processor.image_processor is not None
+
+
+def test_rank_texts_for_an_image(retriever, saved_model):
+    _, paths = saved_model
+    results = retriever(images=paths[0], texts=TEXTS)
+    assert [r["text"] for r in results] == [TEXTS[r["index"]] for r in results]
+    assert sorted(r["index"] for r in results) == [0, 1, 2, 3]
+    scores = [r["score"] for r in results]
+    assert scores == sorted(scores, reverse=True)
+    expected = _direct_scores(retriever, [paths[0]] * len(TEXTS), TEXTS)
+    for r in results:
+        assert r["score"] == pytest.approx(expected[r["index"]].item(), abs=1e-5)
+        assert r["probability"] == pytest.approx(torch.sigmoid(expected[r["index"]]).item(), abs=1e-6)
+    top = retriever(images=paths[0], texts=TEXTS, top_k=2)
+    assert top == results[:2]
+
+
+def test_rank_images_for_a_text_with_mixed_image_kinds(retriever, saved_model):
+    _, paths = saved_model
+    pil = Image.open(paths[1]).convert("RGB")
+    record = retriever.processor.image_processor.extract([paths[2]])[0]
+    results = retriever(images=[paths[0], pil, record], texts=TEXTS[1], top_k=10)
+    assert len(results) == 3  # top_k beyond the gallery is clamped to it
+    assert sorted(r["index"] for r in results) == [0, 1, 2]
+    by_index = {r["index"]: r for r in results}
+    assert by_index[1]["image"] is pil and by_index[2]["image"] is record
+    expected = _direct_scores(retriever, paths, [TEXTS[1]] * 3)
+    for index, r in by_index.items():
+        assert r["score"] == pytest.approx(expected[index].item(), abs=1e-5)
+
+
+def test_several_queries_and_pairs(retriever, saved_model):
+    _, paths = saved_model
+    per_image = retriever(images=paths, texts=TEXTS, mode="rank_texts", top_k=1, batch_size=3)
+    assert len(per_image) == 3 and all(len(r) == 1 for r in per_image)
+    per_text = retriever(images=paths, texts=TEXTS, mode="rank_images")
+    assert len(per_text) == 4 and all(len(r) == 3 for r in per_text)
+    pairs = retriever(images=paths, texts=TEXTS[:3], mode="pairs")
+    expected = _direct_scores(retriever, paths, TEXTS[:3])
+    assert [p["score"] for p in pairs] == pytest.approx(expected.tolist(), abs=1e-5)
+    single = retriever(images=paths[0], texts=TEXTS[0])
+    assert single["score"] == pytest.approx(pairs[0]["score"], abs=1e-5)
+    # The best text of image 0 over the whole gallery is the best of its own full ranking.
+    assert per_image[0][0]["index"] == retriever(images=paths[0], texts=TEXTS)[0]["index"]
+
+
+def test_prebuilt_index_and_shortlist(retriever, saved_model):
+    _, paths = saved_model
+    gallery = retriever.build_index(images=paths)
+    assert isinstance(gallery, RetrievalIndex) and len(gallery) == 3 and gallery.kind == "images"
+    full = retriever(images=paths, texts=TEXTS, mode="rank_images")
+    indexed = retriever(texts=TEXTS, index=gallery, shortlist_k=3)
+    assert [[r["index"] for r in q] for q in indexed] == [[r["index"] for r in q] for q in full]
+    shortlisted = retriever(texts=TEXTS[0], index=gallery, shortlist_k=1)
+    assert len(shortlisted) == 1
+    # The one candidate is the nearest image by the unimodal embeddings.
+    with torch.no_grad():
+        query = retriever.model.get_text_embeddings(**retriever.processor(text=[TEXTS[0]], return_tensors="pt"))
+    assert shortlisted[0]["index"] == int((query @ gallery.embeddings.T).argmax())
+    texts_index = retriever.build_index(texts=TEXTS)
+    assert len(retriever(images=paths[1], index=texts_index, top_k=2)) == 2
+
+
+@require_module("faiss")
+def test_approximate_index(retriever):
+    gallery = retriever.build_index(texts=TEXTS * 5, index_type="hnsw")
+    assert gallery._faiss_index is not None
+    record = {
+        "region_features": np.ones((2, retriever.model.config.region_feature_size)),
+        "region_locations": [[0.0, 0.0, 1.0, 1.0, 1.0]] * 2,
+    }
+    results = retriever(images=record, index=gallery, top_k=4, shortlist_k=8)
+    assert len(results) == 4
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"images": [], "texts": TEXTS}, ValueError, "images is an empty list"),
+        ({"images": "IMG", "texts": []}, ValueError, "texts is an empty list"),
+        ({"texts": TEXTS}, ValueError, "without images"),
+        ({"images": "IMG"}, ValueError, "without texts"),
+        ({}, ValueError, "got neither"),
+        ({"images": ["IMG", "IMG"], "texts": TEXTS}, ValueError, "mode="),
+        ({"images": ["IMG", "IMG"], "texts": TEXTS, "mode": "pairs"}, ValueError, "2 images and 4 texts"),
+        ({"images": "IMG", "texts": TEXTS, "top_k": 0}, ValueError, "top_k"),
+        ({"images": "IMG", "texts": TEXTS, "mode": "both"}, ValueError, "mode must be one of"),
+        ({"images": "IMG", "texts": [TEXTS[0], 3]}, TypeError, r"texts\[1\]"),
+        ({"images": [42], "texts": TEXTS[0]}, ValueError, r"images\[0\].*int"),
+        ({"images": "IMG", "texts": TEXTS, "colour": 1}, TypeError, "colour"),
+    ],
+)
+def test_bad_input_is_named(retriever, saved_model, kwargs, error, message):
+    _, paths = saved_model
+    if kwargs.get("images") == "IMG":
+        kwargs = {**kwargs, "images": paths[0]}
+    elif isinstance(kwargs.get("images"), list) and "IMG" in kwargs["images"]:
+        kwargs = {**kwargs, "images": [paths[0] if item == "IMG" else item for item in kwargs["images"]]}
+    with pytest.raises(error, match=message):
+        retriever(**kwargs)
+
+
+def test_unreadable_images_are_all_named_and_nothing_is_scored(retriever, saved_model, tmp_path):
+    _, paths = saved_model
+    truncated = tmp_path / "truncated.jpg"
+    with open(paths[0], "rb") as handle:
+        truncated.write_bytes(handle.read()[:60])
+    text_file = tmp_path / "notes.jpg"
+    text_file.write_text("not an image")
+    images = [paths[0], str(truncated), paths[1], str(text_file), str(tmp_path / "missing.png")]
+    with pytest.raises(ValueError) as caught:
+        retriever(images=images, texts=TEXTS[0])
+    message = str(caught.value)
+    assert "3 of 5 image(s)" in message
+    for position, path in ((1, truncated), (3, text_file), (4, tmp_path / "missing.png")):
+        assert f"images[{position}]" in message and str(path) in message
+    assert "images[0]" not in message and "images[2]" not in message
+
+
+def test_index_and_inputs_must_agree(retriever, saved_model):
+    _, paths = saved_model
+    gallery = retriever.build_index(images=paths[:2])
+    with pytest.raises(ValueError, match="already holds the images"):
+        retriever(images=paths[0], texts=TEXTS[0], index=gallery)
+    with pytest.raises(ValueError, match="give texts"):
+        retriever(index=gallery)
+    with pytest.raises(ValueError, match="serves mode"):
+        retriever(texts=TEXTS[0], index=gallery, mode="rank_texts")
+    with pytest.raises(ValueError, match="either images= or texts="):
+        retriever.build_index(images=paths, texts=TEXTS)
+    with pytest.raises(TypeError, match="RetrievalIndex"):
+        retriever(texts=TEXTS[0], index=[1, 2])
+
+
+def test_saved_pipeline_loads_as_remote_code_without_the_package(retriever, tmp_path):
+    retriever.save_pretrained(tmp_path / "saved")
+    config = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert config["custom_pipelines"]["image-text-retrieval"]["pt"] == ["AutoModel"]
+    assert config["auto_map"]["AutoModel"] == "modeling_imagebert.ImageBERTForImageTextRetrieval"
+    assert (tmp_path / "saved" / "image_text_retrieval.py").is_file()
+    rng = np.random.default_rng(0)
+    record = {
+        "region_features": rng.standard_normal((3, retriever.model.config.region_feature_size)).tolist(),
+        "region_locations": [[0.0, 0.0, 0.5, 0.5, 0.25], [0.5, 0.5, 1.0, 1.0, 0.25], [0.0, 0.0, 1.0, 1.0, 1.0]],
+    }
+    expected = retriever(images=record, texts=TEXTS)
+    script = f"""
+import json, sys
+sys.modules["imagebert_hf"] = None  # as if the package were not installed
+from transformers import pipeline
+pipe = pipeline(model={str(tmp_path / "saved")!r}, trust_remote_code=True, device=-1)
+assert type(pipe).__module__.startswith("transformers_modules"), type(pipe).__module__
+assert type(pipe.model).__module__.startswith("transformers_modules"), type(pipe.model).__module__
+print(json.dumps(pipe(images=json.loads({json.dumps(json.dumps(record))}), texts={TEXTS!r})))
+"""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    remote = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [r["text"] for r in remote] == [r["text"] for r in expected]
+    assert [r["score"] for r in remote] == pytest.approx([r["score"] for r in expected], abs=1e-5)
