@@ -7,7 +7,7 @@
   the paper's detector is a ResNet-101 Faster R-CNN, about 1.5x the backbone cost) at 600 x 1000, and of the
   offline EfficientNet-Lite0 backbone with RoIAlign over 100 boxes at 384 x 384.
 
-    python benchmarks/bench_paper_scale.py
+    python benchmarks/gpu_paper_scale.py
 """
 
 from __future__ import annotations
