@@ -367,3 +367,22 @@ def test_demo_retrieval_is_clearly_better_than_chance(tmp_path):
     for key in ("tr_r5", "tr_r10", "ir_r5", "ir_r10"):
         assert final[key] > 3 * chance[key], (key, final[key], chance[key])
     assert final["rsum"] > results["after stage1-noisy_web"]["rsum"]
+
+
+def test_recipe_reads_exponent_floats_and_rejects_words():
+    from imagebert_hf.training.recipe import RecipeError, apply_overrides, recipe_from_dict
+
+    data = {
+        "stages": [
+            {
+                "name": "s",
+                "sources": [{"name": "a", "type": "synthetic", "num_images": 8}],
+                "max_steps": 2,
+                "learning_rate": 1.0,
+            }
+        ]
+    }
+    recipe = recipe_from_dict(apply_overrides(data, ["stages.0.learning_rate=3e-4"]))
+    assert recipe.stages[0].learning_rate == pytest.approx(3e-4)
+    with pytest.raises(RecipeError, match=r"stages\[0\]\.learning_rate must be a number"):
+        recipe_from_dict(apply_overrides(data, ["stages.0.learning_rate=fast"]))

@@ -139,11 +139,19 @@ def _build(cls, data: Any, where: str):
     ]
     if required:
         raise RecipeError(f"{where}: missing required key(s) {required}.")
+    data = dict(data)
+    for name, value in data.items():
+        # YAML 1.1 reads `1e-4` (no dot) as a string; take it as the number it was meant to be.
+        if isinstance(value, str) and str(fields[name].type).startswith("float"):
+            try:
+                data[name] = float(value)
+            except ValueError:
+                raise RecipeError(f"{where}.{name} must be a number, got {value!r}.") from None
     return data
 
 
 def _source(data: Any, where: str) -> SourceSpec:
-    _build(SourceSpec, data, where)
+    data = _build(SourceSpec, data, where)
     spec = SourceSpec(**data)
     if spec.type not in SOURCE_TYPES:
         raise RecipeError(f"{where}.type is {spec.type!r}; expected one of {SOURCE_TYPES}.")
@@ -167,7 +175,7 @@ def _source(data: Any, where: str) -> SourceSpec:
 
 
 def _stage(data: Any, where: str) -> StageSpec:
-    _build(StageSpec, data, where)
+    data = _build(StageSpec, data, where)
     data = dict(data)
     sources = data.pop("sources")
     if not isinstance(sources, list) or not sources:
@@ -213,13 +221,13 @@ def _stage(data: Any, where: str) -> StageSpec:
 
 def recipe_from_dict(data: Any, where: str = "recipe") -> Recipe:
     """Validates a recipe given as a dict (as read from YAML)."""
-    _build(Recipe, data, where)
+    data = _build(Recipe, data, where)
     data = dict(data)
     stages = data.pop("stages")
     if not isinstance(stages, list) or not stages:
         raise RecipeError(f"{where}.stages must be a non-empty list of stages.")
     model = data.pop("model", {}) or {}
-    _build(ModelSpec, model, f"{where}.model")
+    model = _build(ModelSpec, model, f"{where}.model")
     recipe = Recipe(
         stages=[_stage(stage, f"{where}.stages[{i}]") for i, stage in enumerate(stages)],
         model=ModelSpec(**model),
