@@ -376,7 +376,7 @@ def test_recipe_reads_exponent_floats_and_rejects_words():
         "stages": [
             {
                 "name": "s",
-                "sources": [{"name": "a", "type": "synthetic", "num_images": 8}],
+                "sources": [{"name": "a", "type": "synthetic", "num_images": 8, "regions": "annotations"}],
                 "max_steps": 2,
                 "learning_rate": 1.0,
             }
