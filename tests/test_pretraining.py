@@ -359,7 +359,6 @@ def test_demo_runs_end_to_end_small(tmp_path, capsys):
         assert (tmp_path / "demo" / path).is_file(), path
 
 
-@pytest.mark.slow
 def test_demo_retrieval_is_clearly_better_than_chance(tmp_path):
     demo = _demo_module()
     results = demo.main(["--output_dir", str(tmp_path / "demo"), "--report_to", "none"])["results"]

@@ -190,7 +190,6 @@ def test_script_trains_checkpoints_and_resumes(tmp_path):
     assert set(straight["eval"]["full"]) == {"tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "rsum"}
 
 
-@pytest.mark.slow
 def test_brief_training_ranks_better_than_chance(tmp_path):
     # From scratch the cross-encoder sits on a plateau (loss at the label prior) for a couple of hundred steps before
     # it starts to match words to regions, hence the length of this run (a minute or two on 2 cores).
