@@ -81,16 +81,13 @@ def funnel_markdown(tally: Tally) -> str:
 
 def funnel_chart(tally: Tally, path: str | Path, title: str = "Curation funnel") -> None:
     """Horizontal bar chart of kept and dropped counts per stage and reason, saved as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..plotting import save_figure, subplots
 
     rows = [row for row in tally.rows() if row["reason"] != INPUT]
     labels = [f"{r['stage']} ({r['unit']}): {r['reason']}" for r in rows][::-1]
     counts = [r["count"] for r in rows][::-1]
     colors = ["tab:green" if r["reason"] == KEPT else "tab:red" for r in rows][::-1]
-    fig, ax = plt.subplots(figsize=(10, max(3.0, 0.32 * len(rows) + 1.2)))
+    fig, ax = subplots(figsize=(10, max(3.0, 0.32 * len(rows) + 1.2)))
     ax.barh(range(len(rows)), counts, color=colors)
     ax.set_yticks(range(len(rows)), labels, fontsize=8)
     ax.set_xscale("symlog")
@@ -98,9 +95,7 @@ def funnel_chart(tally: Tally, path: str | Path, title: str = "Curation funnel")
     ax.set_title(title)
     for i, n in enumerate(counts):
         ax.text(n, i, f" {n}", va="center", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def write_funnel_report(tally: Tally, output_dir: str | Path) -> dict[str, Path]:

@@ -7,16 +7,8 @@ from pathlib import Path
 
 import torch
 
+from ..plotting import save_figure, subplots
 from .retrieval import retrieval_ranks
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def plot_recall_curves(runs: Mapping[str, tuple], path: str | Path, max_k: int = 50, title: str | None = None) -> Path:
@@ -29,8 +21,7 @@ def plot_recall_curves(runs: Mapping[str, tuple], path: str | Path, max_k: int =
         max_k: the largest K drawn (clamped to each gallery).
         title: figure title.
     """
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
+    fig, axes = subplots(1, 2, figsize=(9, 3.4), sharey=True)
     for name, run in runs.items():
         scores, text_to_image = run[0], run[1]
         tr_ranks, ir_ranks = retrieval_ranks(scores, text_to_image)
@@ -50,23 +41,17 @@ def plot_recall_curves(runs: Mapping[str, tuple], path: str | Path, max_k: int =
     axes[1].legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_score_histograms(scores, text_to_image, path: str | Path, bins: int = 50, title: str | None = None) -> Path:
     """Histograms of the scores of matching pairs and of all other pairs (normalised, overlaid): how well the
     cross-encoder separates them."""
-    plt = _pyplot()
     scores = torch.as_tensor(scores).float().cpu()
     text_to_image = torch.as_tensor(text_to_image).long()
     positive = torch.zeros_like(scores, dtype=torch.bool)
     positive[text_to_image, torch.arange(scores.shape[1])] = True
-    fig, axis = plt.subplots(figsize=(5, 3.4))
+    fig, axis = subplots(figsize=(5, 3.4))
     axis.hist(
         scores[~positive].numpy(), bins=bins, density=True, alpha=0.6, label=f"non-matching ({(~positive).sum()})"
     )
@@ -76,12 +61,7 @@ def plot_score_histograms(scores, text_to_image, path: str | Path, bins: int = 5
     axis.legend(fontsize=8)
     if title:
         axis.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 __all__ = ["plot_recall_curves", "plot_score_histograms"]

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..plotting import save_figure, subplots
+
 
 def plot_losses(
     history: Sequence[dict[str, Any]],
@@ -28,14 +30,10 @@ def plot_losses(
     """
     if not history:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
     tasks = [task for task in tasks if any(entry.get(task) is not None for entry in history)]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 2.8), squeeze=False)
+    fig, axes = subplots(1, len(tasks), figsize=(3.2 * len(tasks), 2.8), squeeze=False)
     boundaries, seen = [], set()
     for entry in history:
         if entry["stage"] not in seen:
@@ -56,12 +54,7 @@ def plot_losses(
         axes[0][0].annotate(stage, (step, 1.0), xycoords=("data", "axes fraction"), fontsize=7, va="top")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 __all__ = ["plot_losses"]
