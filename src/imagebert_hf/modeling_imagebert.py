@@ -148,11 +148,6 @@ def check_model_inputs(
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids has shape {_shape(input_ids)}; expected (batch_size, text_length).")
         batch_size, text_length = input_ids.shape
-        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= config.vocab_size):
-            raise ValueError(
-                f"input_ids holds ids in [{int(input_ids.min())}, {int(input_ids.max())}]; expected ids in "
-                f"[0, {config.vocab_size}) for vocab_size={config.vocab_size}."
-            )
         _expect_shape("attention_mask", attention_mask, (batch_size, text_length), "one entry per text token")
         _expect_shape("token_type_ids", token_type_ids, (batch_size, text_length), "one entry per text token")
 
@@ -180,12 +175,6 @@ def check_model_inputs(
             "(x1/W, y1/H, x2/W, y2/H, area/(W*H)) per region",
         )
         _expect_shape("region_attention_mask", region_attention_mask, (batch_size, num_regions), "one per region")
-        real = region_locations if region_attention_mask is None else region_locations[region_attention_mask.bool()]
-        if real.numel() and (real.min() < -1e-4 or real.max() > 1 + 1e-4 or not torch.isfinite(real).all()):
-            raise ValueError(
-                f"region_locations holds values in [{float(real.min()):.4g}, {float(real.max()):.4g}]; expected "
-                "coordinates normalised by the image size, all in [0, 1]."
-            )
         max_text = config.region_position_id
         if text_length > max_text:
             raise ValueError(
@@ -197,7 +186,39 @@ def check_model_inputs(
             f"input_ids has {text_length} tokens; expected at most max_position_embeddings="
             f"{config.max_position_embeddings}."
         )
+    _check_value_ranges(config, input_ids, region_locations, region_attention_mask)
     return batch_size, text_length, num_regions
+
+
+def _check_value_ranges(config, input_ids, region_locations, region_attention_mask):
+    """Token ids within the vocabulary and real regions' locations in [0, 1], read back in one device sync."""
+    statistics = []
+    if input_ids is not None and input_ids.numel():
+        statistics += [input_ids.min(), input_ids.max()]
+    if region_locations is not None and region_locations.numel():
+        real = torch.ones_like(region_locations[..., 0], dtype=torch.bool)
+        if region_attention_mask is not None:
+            real = region_attention_mask.bool()
+        # Padding is replaced by a harmless 0.5 so that only real regions decide the range.
+        locations = region_locations.float().masked_fill(~real[..., None], 0.5)
+        statistics += [locations.min(), locations.max(), torch.isfinite(locations).all().float()]
+    if not statistics:
+        return
+    values = torch.stack([value.float() for value in statistics]).tolist()
+    if input_ids is not None and input_ids.numel():
+        lowest_id, highest_id, *values = values
+        if lowest_id < 0 or highest_id >= config.vocab_size:
+            raise ValueError(
+                f"input_ids holds ids in [{int(lowest_id)}, {int(highest_id)}]; expected ids in "
+                f"[0, {config.vocab_size}) for vocab_size={config.vocab_size}."
+            )
+    if values:
+        lowest, highest, finite = values
+        if lowest < -1e-4 or highest > 1 + 1e-4 or not finite:
+            raise ValueError(
+                f"region_locations holds values in [{lowest:.4g}, {highest:.4g}]; expected coordinates "
+                "normalised by the image size, all in [0, 1]."
+            )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -610,10 +631,11 @@ class ImageBERTModel(ImageBERTPreTrainedModel):
                 else torch.ones(batch_size, num_regions, dtype=torch.bool, device=device)
             )
         mask = torch.cat(parts, dim=1)
+        all_real, every_sample_has_one = torch.stack([mask.all(), mask.any(dim=1).all()]).tolist()
         # Without a mask, SDPA can use its fastest kernels.
-        if bool(mask.all()):
+        if all_real:
             return None
-        if not bool(mask.any(dim=1).all()):
+        if not every_sample_has_one:
             raise ValueError(
                 "A sample has neither a real text token nor a real region: attention_mask and "
                 "region_attention_mask are all zeros for it."
