@@ -65,10 +65,10 @@ def main() -> None:
 
     from transformers import BertTokenizer
 
+    from imagebert_hf import ImageBERTRoIExtractor
     from imagebert_hf.configuration_imagebert import ImageBERTConfig
     from imagebert_hf.modeling_imagebert import ImageBERTModel
     from imagebert_hf.processing_imagebert import ImageBERTProcessor
-    from imagebert_hf.roi_extraction import ImageBERTRoIExtractor
 
     images, boxes, source = load_inputs(args.images, args.coco_dir)
     extractor = ImageBERTRoIExtractor(device=args.device)

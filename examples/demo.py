@@ -79,9 +79,9 @@ def extract_demo_regions(manifest: Path, cache_dir: Path, extraction_size: int) 
     """Regions over the annotated object boxes plus the whole image, through the region cache."""
     import datasets
 
+    from imagebert_hf import ImageBERTRoIExtractor
     from imagebert_hf.data.feature_cache import extract_regions
     from imagebert_hf.data.manifest import read_manifest
-    from imagebert_hf.roi_extraction import ImageBERTRoIExtractor
 
     records = read_manifest(manifest)
     table = datasets.Dataset.from_dict(
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from imagebert_hf.data.synthetic import make_synthetic_tokenizer, write_synthetic_manifest
     from imagebert_hf.evaluation import format_metrics_table
-    from imagebert_hf.roi_extraction.offline_weights import OFFLINE_NUM_CLASSES
+    from imagebert_hf.roi_offline_weights import OFFLINE_NUM_CLASSES
     from imagebert_hf.training import recipe_from_dict, run_pretraining
 
     data_dir = output_dir / "data"

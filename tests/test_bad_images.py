@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from imagebert_hf.roi_extraction import ImageBERTRoIExtractor, ImageLoadError, load_image
+from imagebert_hf import ImageBERTRoIExtractor, ImageLoadError, load_image
 
 
 def _png_chunk(tag: bytes, data: bytes) -> bytes:

@@ -56,8 +56,8 @@ class RecordingHub:
 
 @pytest.fixture(scope="module")
 def model_and_processor():
+    from imagebert_hf import ImageBERTRoIExtractor
     from imagebert_hf.processing_imagebert import ImageBERTProcessor
-    from imagebert_hf.roi_extraction import ImageBERTRoIExtractor
 
     tokenizer = make_synthetic_tokenizer()
     extractor = ImageBERTRoIExtractor(
@@ -125,14 +125,17 @@ def test_push_uploads_exactly_model_processor_code_and_card(model_and_processor)
         "processor_config.json",
         "tokenizer.json",
         "tokenizer_config.json",
+        "processing_imagebert.py",
+        "image_processing_imagebert.py",
+        "roi_backends.py",
+        "roi_boxes.py",
+        "roi_image_loading.py",
+        "roi_offline_weights.py",
+        "roi_precomputed.py",
+        "roi_extractor.safetensors",
     }
     assert expected <= set(hub.files)
-    # Processor code and weights travel only when the processor's code can be loaded as remote code.
-    extra = set(hub.files) - expected
-    assert extra <= {
-        "processing_imagebert.py", "image_processing_imagebert.py", "backends.py", "boxes.py", "image_loading.py",
-        "offline_weights.py", "precomputed.py", "roi_extractor.safetensors", "preprocessor_config.json",
-    }, extra  # fmt: skip
+    assert set(hub.files) - expected <= {"preprocessor_config.json"}, set(hub.files) - expected
     card = hub.files["README.md"].decode()
     assert card.startswith("---\n") and "model-index:" in card and "value: 41.25" in card
     import json
@@ -142,8 +145,14 @@ def test_push_uploads_exactly_model_processor_code_and_card(model_and_processor)
     assert (
         config["custom_pipelines"]["image-text-retrieval"]["impl"] == "image_text_retrieval.ImageTextRetrievalPipeline"
     )
+    processor_config = json.loads(hub.files["processor_config.json"])
+    assert processor_config["auto_map"]["AutoProcessor"] == "processing_imagebert.ImageBERTProcessor"
+    assert processor_config["image_processor"]["auto_map"]["AutoImageProcessor"] == (
+        "image_processing_imagebert.ImageBERTRoIExtractor"
+    )
     # Saving for the Hub leaves the classes as they were for later, ordinary saves.
-    assert getattr(type(model), "_auto_class", None) is None
+    for cls in (type(model), type(processor), type(processor.image_processor)):
+        assert getattr(cls, "_auto_class", None) is None, cls
 
 
 def test_save_for_hub_lists_the_written_files(model_and_processor, tmp_path):

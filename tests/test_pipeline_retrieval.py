@@ -22,8 +22,8 @@ TEXTS = ["a red circle", "a blue square above a green cross", "there is a yellow
 
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
+    from imagebert_hf import ImageBERTRoIExtractor
     from imagebert_hf.processing_imagebert import ImageBERTProcessor, register_processing
-    from imagebert_hf.roi_extraction import ImageBERTRoIExtractor
 
     register_processing()
     register_pipeline()
@@ -206,25 +206,40 @@ def test_index_and_inputs_must_agree(retriever, saved_model):
 
 
 def test_saved_pipeline_loads_as_remote_code_without_the_package(retriever, tmp_path):
-    retriever.save_pretrained(tmp_path / "saved")
-    config = json.loads((tmp_path / "saved" / "config.json").read_text())
+    saved = tmp_path / "saved"
+    retriever.save_pretrained(saved)
+    config = json.loads((saved / "config.json").read_text())
     assert config["custom_pipelines"]["image-text-retrieval"]["pt"] == ["AutoModel"]
     assert config["auto_map"]["AutoModel"] == "modeling_imagebert.ImageBERTForImageTextRetrieval"
-    assert (tmp_path / "saved" / "image_text_retrieval.py").is_file()
+    processor_config = json.loads((saved / "processor_config.json").read_text())
+    assert processor_config["auto_map"]["AutoProcessor"] == "processing_imagebert.ImageBERTProcessor"
+    assert processor_config["image_processor"]["auto_map"]["AutoImageProcessor"] == (
+        "image_processing_imagebert.ImageBERTRoIExtractor"
+    )
+    code = {"image_text_retrieval.py", "processing_imagebert.py", "image_processing_imagebert.py", "roi_boxes.py"}
+    code |= {"roi_backends.py", "roi_image_loading.py", "roi_offline_weights.py", "roi_precomputed.py"}
+    assert code <= {path.name for path in saved.iterdir()}
+    assert (saved / "roi_extractor.safetensors").is_file()
     rng = np.random.default_rng(0)
     record = {
         "region_features": rng.standard_normal((3, retriever.model.config.region_feature_size)).tolist(),
         "region_locations": [[0.0, 0.0, 0.5, 0.5, 0.25], [0.5, 0.5, 1.0, 1.0, 0.25], [0.0, 0.0, 1.0, 1.0, 1.0]],
     }
-    expected = retriever(images=record, texts=TEXTS)
+    image_path = tmp_path / "raw.png"
+    Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(image_path)
+    expected_record = retriever(images=record, texts=TEXTS)
+    expected_image = retriever(images=str(image_path), texts=TEXTS)
     script = f"""
 import json, sys
 sys.modules["imagebert_hf"] = None  # as if the package were not installed
 from transformers import pipeline
-pipe = pipeline(model={str(tmp_path / "saved")!r}, trust_remote_code=True, device=-1)
-assert type(pipe).__module__.startswith("transformers_modules"), type(pipe).__module__
-assert type(pipe.model).__module__.startswith("transformers_modules"), type(pipe.model).__module__
-print(json.dumps(pipe(images=json.loads({json.dumps(json.dumps(record))}), texts={TEXTS!r})))
+pipe = pipeline(model={str(saved)!r}, trust_remote_code=True, device=-1)
+for part in (pipe, pipe.model, pipe.processor, pipe.processor.image_processor):
+    assert type(part).__module__.startswith("transformers_modules"), type(part).__module__
+print(json.dumps([
+    pipe(images=json.loads({json.dumps(json.dumps(record))}), texts={TEXTS!r}),
+    pipe(images={str(image_path)!r}, texts={TEXTS!r}),
+]))
 """
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
@@ -232,6 +247,9 @@ print(json.dumps(pipe(images=json.loads({json.dumps(json.dumps(record))}), texts
         [sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    remote = json.loads(done.stdout.strip().splitlines()[-1])
-    assert [r["text"] for r in remote] == [r["text"] for r in expected]
-    assert [r["score"] for r in remote] == pytest.approx([r["score"] for r in expected], abs=1e-5)
+    # The extractor's backbone weights come from the folder, not from a fresh random initialisation.
+    assert "randomly initialised" not in done.stderr, done.stderr[-3000:]
+    remote_record, remote_image = json.loads(done.stdout.strip().splitlines()[-1])
+    for remote, expected in ((remote_record, expected_record), (remote_image, expected_image)):
+        assert [r["text"] for r in remote] == [r["text"] for r in expected]
+        assert [r["score"] for r in remote] == pytest.approx([r["score"] for r in expected], abs=1e-5)

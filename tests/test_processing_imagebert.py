@@ -6,9 +6,9 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, BertTokenizer
 
+from imagebert_hf import ImageBERTRoIExtractor
 from imagebert_hf.configuration_imagebert import ImageBERTConfig
 from imagebert_hf.processing_imagebert import ImageBERTProcessor, check_processor_config, register_processing
-from imagebert_hf.roi_extraction import ImageBERTRoIExtractor
 
 from .testing_utils import COCO_DIR, require_module, require_shared_data, tiny_config_kwargs
 
@@ -150,6 +150,28 @@ def test_save_and_auto_processor_round_trip(processor, tmp_path):
         torch.testing.assert_close(before[name], after[name])
     direct = ImageBERTProcessor.from_pretrained(tmp_path)
     torch.testing.assert_close(direct(images=_images())["region_features"], before["region_features"])
+
+
+def test_processor_code_travels_as_remote_code():
+    """transformers copies a module and its same-folder relative imports only: the processor's must be all there."""
+    from pathlib import Path
+
+    from transformers.dynamic_module_utils import get_imports, get_relative_import_files
+
+    import imagebert_hf.processing_imagebert as module
+
+    files = get_relative_import_files(module.__file__)
+    assert {Path(f).name for f in files} == {
+        "configuration_imagebert.py",
+        "image_processing_imagebert.py",
+        "roi_backends.py",
+        "roi_boxes.py",
+        "roi_image_loading.py",
+        "roi_offline_weights.py",
+        "roi_precomputed.py",
+    }
+    for path in [module.__file__, *files]:
+        assert "imagebert_hf" not in get_imports(path), path
 
 
 def test_feeds_the_model(processor, config):

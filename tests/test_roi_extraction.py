@@ -12,8 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from imagebert_hf.data.manifest import read_manifest
-from imagebert_hf.roi_extraction import (
+from imagebert_hf import (
     WEIGHTS_NAME,
     ImageBERTRoIExtractor,
     RegionExtractionError,
@@ -24,7 +23,8 @@ from imagebert_hf.roi_extraction import (
     write_npz_regions,
     write_tsv_regions,
 )
-from imagebert_hf.roi_extraction.precomputed import LXMERT_TSV_FIELDS
+from imagebert_hf.data.manifest import read_manifest
+from imagebert_hf.roi_precomputed import LXMERT_TSV_FIELDS
 
 from .testing_utils import COCO_DIR, require_module, require_shared_data
 

@@ -1,7 +1,7 @@
 """Sharing a retrieval model on the Hub: a folder that loads with `trust_remote_code=True`, and its model card.
 
 `save_for_hub` writes what is uploaded: the model (safetensors, config with `auto_map`, modeling code), the processor
-(tokenizer, region extractor config, processing code), the `image-text-retrieval` pipeline code with its
+(tokenizer, region extractor config and backbone weights, processing and region extraction code), the `image-text-retrieval` pipeline code with its
 `custom_pipelines` entry, and `README.md`, the model card. `push_to_hub` uploads that folder in one commit. The card
 is built with `huggingface_hub.ModelCard` from its standard template (or another one), and its `model-index` holds
 the recall@K of an evaluation run (`examples/evaluate_retrieval.py --results_json`).
@@ -179,8 +179,9 @@ def build_model_card(
 def save_for_hub(model, processor, output_dir: str | os.PathLike, card=None) -> list[str]:
     """Writes the folder `push_to_hub` uploads and returns its files (relative paths, sorted).
 
-    The model and processor are saved with their code (`register_for_auto_class`) and the retrieval pipeline's
-    `custom_pipelines` entry, so `pipeline(model=repo, trust_remote_code=True)` needs no installed package.
+    The model, processor and region extractor are saved with their code (`register_for_auto_class`) and the
+    retrieval pipeline's `custom_pipelines` entry, so `pipeline(model=repo, trust_remote_code=True)` needs no
+    installed package, raw images included.
     """
     from .pipelines.image_text_retrieval import ImageTextRetrievalPipeline, register_pipeline
 

@@ -12,7 +12,7 @@ from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
 from .configuration_imagebert import ImageBERTConfig
-from .roi_extraction.image_processing_imagebert import ImageBERTRoIExtractor, check_region_sizes
+from .image_processing_imagebert import ImageBERTRoIExtractor, check_region_sizes
 
 
 logger = logging.getLogger(__name__)

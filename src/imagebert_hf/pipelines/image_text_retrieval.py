@@ -149,8 +149,8 @@ class ImageTextRetrievalPipeline(Pipeline):
     image is ever dropped silently.
     """
 
-    # The processor is loaded in __init__ rather than by the pipeline factory, so that a folder whose processor
-    # code cannot travel as remote code still serves texts and cached regions (see `_load_processor_for`).
+    # The processor is loaded in __init__ rather than by the pipeline factory, so that a folder saved without its
+    # processor still serves texts and cached regions (see `_load_processor_for`).
     _load_processor = False
     _load_tokenizer = False
     _load_image_processor = False
@@ -502,8 +502,9 @@ class ImageTextRetrievalPipeline(Pipeline):
         return self._make_index(kind, items, inputs, batch_size, index_type, nlist, nprobe, hnsw_m)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
-        """Saves model, processor and the code of all three (pipeline, modeling, processing), so that
-        `pipeline(model=save_directory, trust_remote_code=True)` works where `imagebert_hf` is not installed."""
+        """Saves model, processor (tokenizer, region extractor and its weights) and the code of all of them
+        (pipeline, modeling, processing, region extraction), so that `pipeline(model=save_directory,
+        trust_remote_code=True)` works, raw images included, where `imagebert_hf` is not installed."""
         # The remote pipeline loads its model through AutoModel (transformers resolves the model classes of a custom
         # pipeline by name among its own), so the folder's auto_map sends AutoModel to the retrieval class.
         auto_classes = [(type(self.model), "AutoModel"), (type(self.model.config), "AutoConfig")]
@@ -516,21 +517,6 @@ class ImageTextRetrievalPipeline(Pipeline):
             for cls, name in auto_classes
             if not cls.__module__.startswith("transformers.") and hasattr(cls, "register_for_auto_class")
         ]
-        unportable = [cls.__name__ for cls, _ in auto_classes if not _code_is_portable(cls)]
-        if unportable:
-            logger.warning(
-                "The code of %s imports from sub-packages, which remote code cannot follow; the folder will load "
-                "with trust_remote_code=True without it, serving texts and cached regions but not raw images.",
-                ", ".join(unportable),
-            )
-            # The extractor is reachable only through the processor's config, so it stays out with it.
-            processor_parts = {type(self.processor), type(image_processor)}
-            auto_classes = [
-                (cls, name)
-                for cls, name in auto_classes
-                if cls.__name__ not in unportable
-                and not (type(self.processor).__name__ in unportable and cls in processor_parts)
-            ]
         previous = [(cls, cls.__dict__.get("_auto_class")) for cls, _ in auto_classes]
         registered = getattr(self, "_registered_impl", None)
         try:
@@ -551,22 +537,9 @@ class ImageTextRetrievalPipeline(Pipeline):
                 self._registered_impl = registered
 
 
-def _code_is_portable(cls) -> bool:
-    """Whether transformers can copy `cls`'s module as remote code (only flat, same-folder relative imports)."""
-    import inspect
-
-    from transformers.dynamic_module_utils import get_relative_import_files
-
-    try:
-        get_relative_import_files(inspect.getfile(cls))
-    except (OSError, TypeError):
-        return False
-    return True
-
-
 class RegionsOnlyProcessor:
-    """Stands in for the model's processor where its code is not available (remote code without `imagebert_hf`):
-    tokenizes texts and pads cached region records, and refuses raw images with a clear message."""
+    """Stands in for the model's processor in a folder saved without it (a model and tokenizer only): tokenizes
+    texts and pads cached region records, and refuses raw images with a clear message."""
 
     def __init__(self, tokenizer, max_text_length: int, max_regions: int):
         self.tokenizer = tokenizer
@@ -577,9 +550,9 @@ class RegionsOnlyProcessor:
     def __call__(self, images=None, text=None, regions=None, return_tensors="pt"):
         if images is not None:
             raise ValueError(
-                "this pipeline was loaded without its region extractor (the processor's code is not available), so "
-                "it cannot read images; install imagebert_hf, or pass cached region records (dicts with "
-                "region_features and region_locations) as images."
+                "this pipeline was loaded without its region extractor (the folder has no processor), so it cannot "
+                "read images; save the model with its ImageBERTProcessor, or pass cached region records (dicts "
+                "with region_features and region_locations) as images."
             )
         out = {}
         if text is not None:
@@ -612,7 +585,7 @@ class RegionsOnlyProcessor:
 
 
 def _load_processor_for(model):
-    """The processor saved with the model, or a `RegionsOnlyProcessor` where its code cannot be loaded."""
+    """The processor saved with the model, or a `RegionsOnlyProcessor` where the folder has none that loads."""
     from transformers import AutoProcessor, AutoTokenizer
 
     path = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)

@@ -12,9 +12,9 @@ import numpy as np
 from transformers.image_processing_base import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 
-from .backends import BackboneBackend, DetectorBackend, PrecomputedBackend, RegionBackend
-from .boxes import as_boxes, box_locations, clip_boxes, grid_boxes
-from .image_loading import (
+from .roi_backends import BackboneBackend, DetectorBackend, PrecomputedBackend, RegionBackend
+from .roi_boxes import as_boxes, box_locations, clip_boxes, grid_boxes
+from .roi_image_loading import (
     DEFAULT_MAX_ASPECT_RATIO,
     DEFAULT_MAX_DECODE_SIDE,
     DEFAULT_MAX_FILE_BYTES,
@@ -25,7 +25,7 @@ from .image_loading import (
     describe_source,
     load_image,
 )
-from .offline_weights import OFFLINE_BACKBONE_NAME, OFFLINE_WEIGHTS
+from .roi_offline_weights import OFFLINE_BACKBONE_NAME, OFFLINE_WEIGHTS
 
 
 logger = logging.getLogger(__name__)

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .boxes import scale_boxes
-from .image_loading import LoadedImage
-from .offline_weights import OFFLINE_WEIGHTS, load_efficientnet_lite0_state_dict
-from .precomputed import TsvRegionIndex, read_npz_regions
+from .roi_boxes import scale_boxes
+from .roi_image_loading import LoadedImage
+from .roi_offline_weights import OFFLINE_WEIGHTS, load_efficientnet_lite0_state_dict
+from .roi_precomputed import TsvRegionIndex, read_npz_regions
 
 
 logger = logging.getLogger(__name__)
