@@ -217,7 +217,8 @@ def main():
     # 3. Realistic lengths: fixed 144 layout vs each batch padded to its own longest, batches grouped by length.
     rng = np.random.default_rng(0)
     text_lengths, region_counts = realistic_lengths(args.realistic_samples, rng)
-    order = np.argsort(np.array(text_lengths) + np.array(region_counts))
+    # Regions vary more than captions, so batches are grouped by region count first, then by caption length.
+    order = np.lexsort((np.array(text_lengths), np.array(region_counts)))
     grouped = [order[i : i + BATCH_SIZE] for i in range(0, len(order), BATCH_SIZE)]
     random_batches = [np.arange(i, min(i + BATCH_SIZE, len(order))) for i in range(0, len(order), BATCH_SIZE)]
 
