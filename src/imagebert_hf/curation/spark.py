@@ -40,11 +40,15 @@ def local_spark_session(master: str = "local[2]", app_name: str = "imagebert-cur
     """A local-mode SparkSession tuned for one machine (no UI, few shuffle partitions)."""
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    # A local session talks only to itself: keep the driver, its block manager and the workers on loopback.
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     from pyspark.sql import SparkSession
 
     return (
         SparkSession.builder.master(master)
         .appName(app_name)
+        .config("spark.driver.host", "127.0.0.1")
+        .config("spark.driver.bindAddress", "127.0.0.1")
         .config("spark.ui.enabled", "false")
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.sql.shuffle.partitions", str(shuffle_partitions))
