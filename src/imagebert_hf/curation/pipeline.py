@@ -13,7 +13,7 @@ import math
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,7 +129,8 @@ def apply_stage(batch: dict[str, list], stage: Stage, config: CurationConfig) ->
     return result
 
 
-def _generate_pages(sources: list[dict], config: CurationConfig) -> Iterator[dict]:
+def scan_sources(sources: Iterable[dict], config: CurationConfig) -> Iterator[dict]:
+    """Page rows of every source, then one tally row per source; shared by the local and the Spark runner."""
     for source in sources:
         tally = Tally()
         try:
@@ -207,7 +208,7 @@ def run_local(
     work = Path(tempfile.mkdtemp(prefix="curation-", dir=output_dir))
     try:
         ds = Dataset.from_generator(
-            _generate_pages,
+            scan_sources,
             features=features_for(PAGE_COLUMNS),
             gen_kwargs={"sources": sources, "config": config},
             num_proc=max(1, min(num_proc, len(sources))) if len(sources) > 1 else None,

@@ -27,8 +27,9 @@ from .pipeline import (
     apply_stage,
     finalize_report,
     load_curated,
+    scan_sources,
 )
-from .sources import PAGE_COLUMNS, discover_sources, scan_source
+from .sources import discover_sources
 from .tally import Tally
 from .text_cleaning import text_key
 
@@ -57,18 +58,6 @@ def local_spark_session(master: str = "local[2]", app_name: str = "imagebert-cur
         .config("spark.python.worker.reuse", "true")
         .getOrCreate()
     )
-
-
-def _scan_partition(sources: Iterator[dict], config: CurationConfig) -> Iterator[dict]:
-    for source in sources:
-        tally = Tally()
-        try:
-            for row in scan_source(source, config.parse, tally):
-                yield {**row, TALLY: None}
-        except Exception as err:  # a file that cannot be opened at all is counted, not fatal
-            logger.warning("could not read %s: %r", source.get("path"), err)
-            tally.drop("read", "file", "unreadable_file")
-        yield {**dict.fromkeys(PAGE_COLUMNS), TALLY: tally.to_json()}
 
 
 def _stage_partition(rows: Iterator[dict], stage: Stage, config: CurationConfig, batch_size: int) -> Iterator[dict]:
@@ -150,7 +139,7 @@ def run_spark(
     partitions = num_partitions or 2 * sc.defaultParallelism
 
     rdd = sc.parallelize(sources, max(1, min(len(sources), partitions)))
-    rdd = rdd.mapPartitions(lambda it: _scan_partition(it, config))
+    rdd = rdd.mapPartitions(lambda it: scan_sources(it, config))
     # Pages of one WARC would otherwise all sit in one partition; spread them before the costly stages.
     rdd = rdd.repartition(partitions)
     for stage in STAGES:
