@@ -15,7 +15,7 @@ import re
 
 import numpy as np
 
-from .config import DEFAULT_FUNCTION_WORDS, RelevanceConfig
+from .config import RelevanceConfig
 from .image_filters import COLOUR_NAMES, STAT_NAMES, load_packaged_model
 from .linear import LinearModel
 from .tally import INPUT, KEPT, Tally
@@ -211,7 +211,26 @@ _CROSS_STATS = (
     "skin_fraction",
 )
 _CROSS_INDEX = np.array([STAT_NAMES.index(name) for name in _CROSS_STATS])
-_DETERMINERS = frozenset(DEFAULT_FUNCTION_WORDS)
+_DETERMINERS = frozenset(
+    [
+        "a",
+        "an",
+        "the",
+        "this",
+        "that",
+        "these",
+        "those",
+        "some",
+        "two",
+        "three",
+        "several",
+        "many",
+        "his",
+        "her",
+        "their",
+        "its",
+    ]
+)
 _PREPOSITIONS = frozenset(
     [
         "in",
