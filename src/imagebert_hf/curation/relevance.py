@@ -211,6 +211,8 @@ _CROSS_STATS = (
     "skin_fraction",
 )
 _CROSS_INDEX = np.array([STAT_NAMES.index(name) for name in _CROSS_STATS])
+# Fixed word lists, separate from the configurable text-cleaning ones: the shipped weights were fitted on exactly
+# these features, so they must not change with a user's cleaning rules.
 _DETERMINERS = frozenset(
     [
         "a",
