@@ -19,6 +19,7 @@ import torch
 from transformers import BertConfig, BertModel, VisualBertConfig, VisualBertModel
 
 from imagebert_hf import ImageBERTConfig, ImageBERTModel
+from imagebert_hf.data.sources import group_by_length
 
 
 SIZES = {
@@ -226,8 +227,10 @@ def main():
     rng = np.random.default_rng(0)
     pool = max(args.group_pool, args.realistic_samples)
     text_lengths, region_counts = realistic_lengths(pool, rng)
-    # Regions vary more than captions, so batches are grouped by region count first, then by caption length.
-    order = np.lexsort((np.array(text_lengths), np.array(region_counts)))
+    # The pretraining sampler's grouping: by region count first (they vary most), then caption length.
+    order = group_by_length(
+        list(range(pool)), list(zip(region_counts, text_lengths)), BATCH_SIZE, pool, np.random.default_rng(1)
+    )
     grouped = [order[i : i + BATCH_SIZE] for i in range(0, pool, BATCH_SIZE)]
     random_batches = [
         np.arange(i, min(i + BATCH_SIZE, args.realistic_samples)) for i in range(0, args.realistic_samples, BATCH_SIZE)

@@ -77,7 +77,7 @@ def worker(name: str, steps: int, warmup: int) -> None:
 
     accelerator = build_accelerator(tempfile.gettempdir(), report_to="none")
     torch.manual_seed(0)
-    config = ImageBERTConfig(**spec["model"])
+    config = ImageBERTConfig(**spec["model"], sparse_prediction=True)  # as pretraining runs set it
     model = ImageBERTForPreTraining(config)
 
     class WordTokenizer:

@@ -63,6 +63,16 @@ def test_shapes_and_padding_to_longest(tokenizer):
     padded = DataCollatorForImageBERTPretraining(tokenizer, seed=0, pad_to_multiple_of=8)(features)
     assert padded["input_ids"].shape[1] % 8 == 0 and padded["region_features"].shape[1] % 8 == 0
 
+    fixed = DataCollatorForImageBERTPretraining(
+        tokenizer, itm_negative_probability=0.0, seed=0, max_text_length=16, max_regions=9, pad_to_max_length=True
+    )(features)
+    assert fixed["input_ids"].shape == (5, 16) and fixed["region_features"].shape == (5, 9, FEATURE_SIZE)
+    assert torch.equal(fixed["input_ids"][:, :longest_text], batch["input_ids"])
+    assert torch.equal(fixed["region_attention_mask"][:, :most_regions], batch["region_attention_mask"])
+    assert not fixed["region_attention_mask"][:, most_regions:].any()
+    with pytest.raises(ValueError, match="pad_to_max_length needs max_text_length and max_regions"):
+        DataCollatorForImageBERTPretraining(tokenizer, max_regions=9, pad_to_max_length=True)
+
 
 def test_mlm_rates_and_never_special_tokens(tokenizer):
     features = make_features(tokenizer, 400, long_text=True, seed=1)

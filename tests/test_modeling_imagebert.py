@@ -174,6 +174,41 @@ def test_moc_kl_variant(tester):
     assert model(**inputs, **targets).moc_loss.abs() < 1e-5
 
 
+@pytest.mark.parametrize("moc_loss_type", ["cross_entropy", "kl"])
+def test_sparse_prediction_gives_the_same_losses_and_gradients(tester, moc_loss_type):
+    config = tester.get_config(moc_loss_type=moc_loss_type)
+    dense = _eval(ImageBERTForPreTraining(config))
+    sparse = _eval(ImageBERTForPreTraining(tester.get_config(moc_loss_type=moc_loss_type, sparse_prediction=True)))
+    sparse.load_state_dict(dense.state_dict())
+    inputs = tester.prepare_inputs(config)
+    targets = tester.prepare_pretraining_targets(config, inputs)
+    targets["region_class_labels"][0, 1] = -100  # a masked region without a class
+    targets["masked_regions"][1, -1] = True  # a masked flag on a padded region
+    out_dense, out_sparse = dense(**inputs, **targets), sparse(**inputs, **targets)
+    for name in ("loss", "mlm_loss", "moc_loss", "mrfr_loss", "itm_loss"):
+        torch.testing.assert_close(getattr(out_sparse, name), getattr(out_dense, name), msg=name)
+    out_dense.loss.backward()
+    out_sparse.loss.backward()
+    for (name, a), b in zip(sparse.named_parameters(), dense.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+    # Outputs are flattened over the positions with targets: matched pairs' masked tokens and real masked regions.
+    matched = targets["itm_labels"] == 1
+    tokens = (targets["labels"] != -100) & matched[:, None]
+    regions = targets["masked_regions"] & matched[:, None] & inputs["region_attention_mask"].bool()
+    assert out_sparse.mlm_logits.shape == (int(tokens.sum()), config.vocab_size)
+    assert out_sparse.moc_logits.shape == (int(regions.sum()), config.num_object_classes)
+    torch.testing.assert_close(out_sparse.mlm_logits, out_dense.mlm_logits[tokens])
+    torch.testing.assert_close(out_sparse.moc_logits, out_dense.moc_logits[regions])
+    torch.testing.assert_close(out_sparse.mrfr_predictions, out_dense.mrfr_predictions[regions])
+    # Without targets, full outputs; with none selected, zero losses that still reach the heads.
+    assert sparse(**inputs).mlm_logits.shape == out_dense.mlm_logits.shape
+    targets["labels"].fill_(-100)
+    targets["masked_regions"].fill_(False)
+    empty = sparse(**inputs, **targets)
+    assert empty.mlm_loss == 0 and empty.mrfr_loss == 0 and empty.mlm_loss.requires_grad
+
+
 def test_loss_weights_from_config(tester):
     config = tester.get_config(mlm_loss_weight=0.0, moc_loss_weight=2.0, mrfr_loss_weight=0.5, itm_loss_weight=1.0)
     model = _eval(ImageBERTForPreTraining(config))

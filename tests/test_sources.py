@@ -15,6 +15,7 @@ from imagebert_hf.data.sources import (
     PretrainingPairDataset,
     SyntheticPairSource,
     WebDatasetPairSource,
+    group_by_length,
 )
 from imagebert_hf.data.synthetic import (
     make_synthetic_dataset,
@@ -111,6 +112,63 @@ def test_mixture_sampler_is_reproducible_weighted_and_covers_sources():
         MixtureSampler([5], [0.0], seed=0)
 
 
+def _padded_cost(order, lengths, group_size):
+    """Sum over groups of group_size x (longest first length + longest second length): what padding costs."""
+    total = 0
+    for start in range(0, len(order), group_size):
+        group = np.asarray([lengths[i] for i in order[start : start + group_size]])
+        total += len(group) * int(group.max(axis=0).sum())
+    return total
+
+
+def test_group_by_length_sorts_within_pools_and_keeps_every_sample():
+    rng = np.random.default_rng(0)
+    lengths = [(int(r), int(t)) for r, t in zip(rng.integers(10, 101, 1000), rng.integers(8, 31, 1000))]
+    samples = list(range(1000))
+    grouped = group_by_length(samples, lengths, group_size=8, pool_size=400, rng=np.random.default_rng(1))
+    assert sorted(grouped) == samples
+    assert grouped == group_by_length(samples, lengths, 8, 400, np.random.default_rng(1))
+    assert grouped != group_by_length(samples, lengths, 8, 400, np.random.default_rng(2))
+    # The longest group leads; every other group is a run of its pool sorted longest first.
+    assert lengths[grouped[0]] == max(lengths)
+    pool_of = {sample: sample // 400 for sample in samples}
+    for start in range(0, 1000, 8):
+        group = grouped[start : start + 8]
+        assert len({pool_of[sample] for sample in group}) == 1 or start == 0
+        assert [lengths[s] for s in group] == sorted((lengths[s] for s in group), reverse=True)
+    assert _padded_cost(grouped, lengths, 8) < 0.75 * _padded_cost(samples, lengths, 8)
+    # Unreadable samples (length None) spread over the groups instead of filling groups of their own.
+    unknown = [None if i % 4 == 0 else length for i, length in enumerate(lengths)]
+    spread = group_by_length(samples, unknown, 8, 400, np.random.default_rng(1))
+    assert sorted(spread) == samples
+    assert max(sum(s % 4 == 0 for s in spread[i : i + 8]) for i in range(0, 1000, 8)) <= 6
+    # The last pool may be short, the last group too.
+    assert sorted(group_by_length(samples[:13], lengths[:13], 4, 8, np.random.default_rng(0))) == samples[:13]
+    with pytest.raises(ValueError, match="one length per sample"):
+        group_by_length(samples, lengths[:10], 8, 400, np.random.default_rng(0))
+
+
+def test_grouped_mixture_sampler_reorders_the_same_samples_and_seeds():
+    lengths = {index: (index % 7, index % 3) for index in range(150)}
+    plain = MixtureSampler([100, 50], [3.0, 1.0], seed=0, num_samples=960)
+    grouped = MixtureSampler(
+        [100, 50],
+        [3.0, 1.0],
+        seed=0,
+        num_samples=960,
+        sample_lengths=lambda samples: [lengths[index] for index, _ in samples],
+        group_size=16,
+        pool_groups=10,
+    )
+    assert sorted(grouped.indices(0)) == sorted(plain.indices(0))
+    assert grouped.indices(0) == list(iter(grouped)) and grouped.indices(0) != plain.indices(0)
+    order = [index for index, _ in grouped.indices(0)]
+    ungrouped = [index for index, _ in plain.indices(0)]
+    assert _padded_cost(order, lengths, 16) < 0.8 * _padded_cost(ungrouped, lengths, 16)
+    with pytest.raises(ValueError, match="group_size"):
+        MixtureSampler([5], [1.0], seed=0, group_size=0)
+
+
 def _dataset(num_images=12, negative=0.5, drop=()):
     source = SyntheticPairSource(num_images, seed=3)
     store = source.annotation_regions(feature_size=16)
@@ -138,6 +196,20 @@ def test_pretraining_dataset_negatives_come_from_other_images():
             assert text_same != regions_same
     assert dataset[(5, 42)]["input_ids"] == dataset[(5, 42)]["input_ids"]
     assert dataset[(5, 42)]["sample_seed"] == 42
+
+
+def test_sample_lengths_replay_the_sample_negatives_included():
+    source, dataset, _ = _dataset(num_images=30)
+    store = dataset.region_stores[0]
+    # Synthetic images all have 3 regions; keep 1 to 3 of them so that negatives change the region count.
+    for number, key in enumerate(source.image_keys()):
+        store[key] = {name: store[key][name][: 1 + number % 3] for name in ("region_features", "region_locations")}
+    samples = [(position % len(dataset), 7000 + position) for position in range(300)]
+    lengths = dataset.sample_lengths(samples)
+    for sample, length in zip(samples, lengths):
+        loaded = dataset[sample]
+        assert length == (len(loaded["region_features"]), len(loaded["input_ids"]))
+    assert dataset.sample_lengths(samples[::-1]) == lengths[::-1]
 
 
 def test_failed_records_are_skipped_counted_and_warned(caplog):
@@ -182,5 +254,8 @@ def test_manifest_pairs_find_their_regions_in_the_region_cache(tmp_path):
     items = [dataset[i] for i in range(len(dataset))]
     assert all(item is not None for item in items)
     assert {item["region_features"].shape for item in items} == {(3, extractor.region_feature_size)}
+    store = dataset.region_stores[0]
+    assert all(store.num_regions(key) == len(store[key]["region_features"]) == 5 for key in source.image_keys())
+    assert {length[0] for length in dataset.sample_lengths([(i, i) for i in range(len(dataset))])} == {3}
     batch = DataCollatorForImageBERTPretraining(tokenizer, seed=0)(items)
     assert batch["region_features"].shape == (len(items), 3, extractor.region_feature_size)

@@ -79,6 +79,11 @@ class ImageBERTConfig(PreTrainedConfig):
             Weight of the image-text matching loss.
         moc_loss_type (`str`, *optional*, defaults to `"cross_entropy"`):
             `"cross_entropy"` against the detector's hard label, or `"kl"` against its class distribution.
+        sparse_prediction (`bool`, *optional*, defaults to `False`):
+            When pretraining targets are given, run the MLM, MOC and MRFR heads only on the positions that have
+            targets (masked tokens and regions of matched pairs), and return their outputs flattened over those
+            positions. The losses are the same; the heads cost a fraction (the MLM decoder over the whole vocabulary
+            is the largest matrix product of a step). Pretraining runs turn it on.
         retrieval_loss_weights (`dict[str, float]`, *optional*):
             Weights of the retrieval losses by name (`"binary"`, `"multiclass"`, `"triplet"`). Defaults to
             `{"binary": 1.0}`, the paper's best.
@@ -126,6 +131,7 @@ class ImageBERTConfig(PreTrainedConfig):
         mrfr_loss_weight: float = 1.0,
         itm_loss_weight: float = 1.0,
         moc_loss_type: str = "cross_entropy",
+        sparse_prediction: bool = False,
         retrieval_loss_weights: dict[str, float] | None = None,
         retrieval_num_negatives: int = 3,
         triplet_margin: float = 0.2,
@@ -163,6 +169,7 @@ class ImageBERTConfig(PreTrainedConfig):
         self.mrfr_loss_weight = mrfr_loss_weight
         self.itm_loss_weight = itm_loss_weight
         self.moc_loss_type = moc_loss_type
+        self.sparse_prediction = sparse_prediction
         self.retrieval_loss_weights = dict(retrieval_loss_weights) if retrieval_loss_weights else {"binary": 1.0}
         self.retrieval_num_negatives = retrieval_num_negatives
         self.triplet_margin = triplet_margin

@@ -63,10 +63,14 @@ class ImageBERTForPreTrainingOutput(ModelOutput):
         moc_loss (`torch.FloatTensor` of shape `()`): masked object classification loss (cross-entropy or KL).
         mrfr_loss (`torch.FloatTensor` of shape `()`): masked region feature regression loss (mean squared error).
         itm_loss (`torch.FloatTensor` of shape `()`): image-text matching loss.
-        mlm_logits (`torch.FloatTensor` of shape `(batch_size, text_length, vocab_size)`): word scores.
+        mlm_logits (`torch.FloatTensor` of shape `(batch_size, text_length, vocab_size)`): word scores. With
+            `config.sparse_prediction` and `labels` given: `(num_targets, vocab_size)`, the scores of the tokens
+            that have an MLM target, in row-major order.
         moc_logits (`torch.FloatTensor` of shape `(batch_size, num_regions, num_object_classes)`): object class scores.
+            With `config.sparse_prediction` and `masked_regions` given: `(num_masked, num_object_classes)`, for the
+            masked regions of matched pairs only.
         mrfr_predictions (`torch.FloatTensor` of shape `(batch_size, num_regions, region_feature_size)`):
-            reconstructed region features.
+            reconstructed region features; `(num_masked, region_feature_size)` like `moc_logits`.
         itm_logits (`torch.FloatTensor` of shape `(batch_size, 2)`): scores of "not matched" and "matched".
         hidden_states, attentions: as in [`ImageBERTModelOutput`].
     """
@@ -643,6 +647,11 @@ class ImageBERTModel(ImageBERTPreTrainedModel):
         return mask[:, None, None, :]
 
 
+def _mean_or_zero(values: torch.Tensor) -> torch.Tensor:
+    """Mean of `values`; for none, a zero that keeps the graph (see `_masked_mean`)."""
+    return values.mean() if values.numel() else values.sum() * 0.0
+
+
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of `values` where `mask` is True; a zero that keeps the graph when nothing is selected, so every head
     takes part in every step (distributed training expects it)."""
@@ -744,18 +753,36 @@ class ImageBERTForPreTraining(ImageBERTPreTrainedModel):
             if region_attention_mask is not None:
                 region_targets &= region_attention_mask.bool()
 
-        mlm_logits = self.cls.predictions(text_output) if input_ids is not None else None
-        moc_logits = self.cls.object_predictions(region_output) if region_features is not None else None
-        mrfr_predictions = self.cls.feature_regression(region_output) if region_features is not None else None
+        sparse = self.config.sparse_prediction
         itm_logits = self.cls.seq_relationship(outputs.pooler_output)
-
         losses = {}
-        if labels is not None and mlm_logits is not None:
-            selected = (labels != IGNORE_INDEX) & matched[:, None]
-            token_losses = F.cross_entropy(
-                mlm_logits.float().flatten(0, 1), labels.clamp(min=0).flatten(), reduction="none"
-            ).view_as(labels)
-            losses["mlm"] = _masked_mean(token_losses, selected)
+
+        mlm_logits = None
+        if input_ids is not None:
+            selected = None if labels is None else (labels != IGNORE_INDEX) & matched[:, None]
+            if sparse and selected is not None:
+                mlm_logits = self.cls.predictions(text_output[selected])
+                losses["mlm"] = _mean_or_zero(F.cross_entropy(mlm_logits.float(), labels[selected], reduction="none"))
+            else:
+                mlm_logits = self.cls.predictions(text_output)
+                if selected is not None:
+                    token_losses = F.cross_entropy(
+                        mlm_logits.float().flatten(0, 1), labels.clamp(min=0).flatten(), reduction="none"
+                    ).view_as(labels)
+                    losses["mlm"] = _masked_mean(token_losses, selected)
+
+        moc_logits = mrfr_predictions = None
+        if region_features is not None:
+            if sparse and region_targets is not None:
+                # Flattened over the masked regions of matched pairs; every target below is indexed alike.
+                region_output = region_output[region_targets]
+                region_class_labels = None if region_class_labels is None else region_class_labels[region_targets]
+                region_class_probs = None if region_class_probs is None else region_class_probs[region_targets]
+                if region_feature_targets is not None:
+                    region_feature_targets = region_feature_targets[region_targets]
+                region_targets = torch.ones(region_output.shape[0], dtype=torch.bool, device=region_output.device)
+            moc_logits = self.cls.object_predictions(region_output)
+            mrfr_predictions = self.cls.feature_regression(region_output)
         if (
             region_targets is not None
             and self.config.moc_loss_type == "cross_entropy"
@@ -763,7 +790,7 @@ class ImageBERTForPreTraining(ImageBERTPreTrainedModel):
         ):
             selected = region_targets & (region_class_labels != IGNORE_INDEX)
             region_losses = F.cross_entropy(
-                moc_logits.float().flatten(0, 1), region_class_labels.clamp(min=0).flatten(), reduction="none"
+                moc_logits.float().flatten(0, -2), region_class_labels.clamp(min=0).flatten(), reduction="none"
             ).view_as(region_class_labels)
             losses["moc"] = _masked_mean(region_losses, selected)
         if region_targets is not None and self.config.moc_loss_type == "kl" and region_class_probs is not None:

@@ -58,6 +58,9 @@ class DataCollatorForImageBERTPretraining:
         max_text_length (`int`, *optional*): Truncate text to this many tokens (the last one kept is [SEP]).
         max_regions (`int`, *optional*): Keep at most this many regions per sample.
         pad_to_multiple_of (`int`, *optional*): Round padded lengths up to a multiple of this.
+        pad_to_max_length (`bool`, defaults to `False`): Pad every batch to `max_text_length` tokens and `max_regions`
+            regions (the paper's fixed layout; static shapes for compilers that want them) instead of to the batch's
+            own longest sample.
         return_region_class_probs (`bool`, defaults to `True`): Return `region_class_probs` when features have it.
         count_failed (`bool`, defaults to `False`): Add `num_failed_records` (dropped `None` features) to the batch.
         seed (`int`, *optional*): Seed of the generator used for samples without `sample_seed`.
@@ -73,6 +76,7 @@ class DataCollatorForImageBERTPretraining:
     max_text_length: int | None = None
     max_regions: int | None = None
     pad_to_multiple_of: int | None = None
+    pad_to_max_length: bool = False
     return_region_class_probs: bool = True
     count_failed: bool = False
     seed: int | None = None
@@ -88,6 +92,11 @@ class DataCollatorForImageBERTPretraining:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}.")
+        if self.pad_to_max_length and (self.max_text_length is None or self.max_regions is None):
+            raise ValueError(
+                "pad_to_max_length needs max_text_length and max_regions, got "
+                f"{self.max_text_length} and {self.max_regions}."
+            )
         if self.tokenizer.mask_token_id is None or self.tokenizer.pad_token_id is None:
             raise ValueError("The tokenizer needs a [MASK] and a [PAD] token for MLM.")
         self._special_ids = torch.tensor(sorted(set(self.tokenizer.all_special_ids)), dtype=torch.long)
@@ -247,8 +256,11 @@ class DataCollatorForImageBERTPretraining:
 
     def _pad(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         batch_size = len(samples)
-        text_length = self._round(max(sample["input_ids"].shape[0] for sample in samples))
-        num_regions = self._round(max(sample["region_features"].shape[0] for sample in samples))
+        if self.pad_to_max_length:
+            text_length, num_regions = self.max_text_length, self.max_regions
+        else:
+            text_length = self._round(max(sample["input_ids"].shape[0] for sample in samples))
+            num_regions = self._round(max(sample["region_features"].shape[0] for sample in samples))
         feature_size = samples[0]["region_features"].shape[-1]
         pad_id = self.tokenizer.pad_token_id
         has_labels = all("region_class_labels" in s for s in samples)

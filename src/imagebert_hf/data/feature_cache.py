@@ -458,7 +458,8 @@ class RegionCache:
         self.info = json.loads((self.path / CACHE_INFO_NAME).read_text())
         self.dataset = load_region_dataset(self.path)
         self._rows = self.dataset.with_format("numpy")
-        small = self.dataset.select_columns(["cache_key", "image_id", "error"])
+        small = self.dataset.select_columns(["cache_key", "image_id", "error", "num_regions"])
+        self._num_regions = np.asarray(small["num_regions"], dtype=np.int64)
         self._row_of: dict[str, int] = {}
         self._failed: dict[str, str] = {}
         for row, (cache_key, image_id, error) in enumerate(zip(small["cache_key"], small["image_id"], small["error"])):
@@ -504,6 +505,10 @@ class RegionCache:
             count = record["num_regions"]
             record["region_class_probs"] = np.asarray(row["region_class_probs"], dtype=np.float32).reshape(count, -1)
         return record
+
+    def num_regions(self, key: str) -> int:
+        """How many regions `key` has, read from one small column (no features are decoded)."""
+        return int(self._num_regions[self._row(key)])
 
     def __contains__(self, key: object) -> bool:
         try:

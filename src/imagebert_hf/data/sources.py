@@ -277,6 +277,62 @@ def open_region_store(path: str | Path) -> Mapping[str, dict]:
     return load_region_cache(str(path))
 
 
+def group_by_length(
+    samples: Sequence[Any],
+    lengths: Sequence[tuple[int, ...] | None],
+    group_size: int,
+    pool_size: int,
+    rng: np.random.Generator,
+    longest_first: bool = True,
+) -> list[Any]:
+    """Reorders `samples` so that each run of `group_size` consecutive samples has similar lengths.
+
+    The order is cut into pools of `pool_size` consecutive samples; each pool is sorted by `lengths` (longest first,
+    compared as tuples, so the first entry decides and the next ones break ties) and cut into groups, and the groups
+    of a pool are shuffled. Samples never leave their pool, so the order stays as random as its pools are small.
+    With `longest_first`, the longest group of all is moved to the front, so an out-of-memory error shows at the
+    first step.
+
+    A sample of unknown length (`None`: its record cannot be read, and will be skipped) takes the length of the
+    sample before it. Giving all of them one length would put them together into batches with nothing left to train
+    on; this way they spread over the batches as the readable samples do.
+
+    Args:
+        samples (`Sequence`): The samples in their random order.
+        lengths (`Sequence[tuple[int, ...] | None]`): One length tuple per sample, e.g. `(num_regions, num_tokens)`,
+            or `None` where it is unknown.
+        group_size (`int`): Samples per group (the batch every optimizer step pads to its own longest).
+        pool_size (`int`): Samples per pool; rounded down to a multiple of `group_size` (at least one group).
+        rng (`np.random.Generator`): Shuffles the groups.
+        longest_first (`bool`, defaults to `True`): Move the longest group to the front.
+
+    Returns:
+        `list`: The same samples, reordered.
+    """
+    if len(samples) != len(lengths):
+        raise ValueError(f"need one length per sample; got {len(samples)} samples and {len(lengths)} lengths.")
+    if group_size < 1:
+        raise ValueError(f"group_size must be at least 1, got {group_size}.")
+    pool_size = max(group_size, pool_size - pool_size % group_size)
+    known = next((length for length in lengths if length is not None), ())
+    filled = []
+    for length in lengths:
+        known = known if length is None else length
+        filled.append(tuple(known))
+    keys = np.asarray(filled, dtype=np.int64).reshape(len(lengths), -1)
+    groups: list[np.ndarray] = []
+    for start in range(0, len(samples), pool_size):
+        pool = np.arange(start, min(start + pool_size, len(samples)))
+        # lexsort sorts by its last key first; negated keys give the longest first, and it is stable.
+        ordered = pool[np.lexsort(-keys[pool].T[::-1])]
+        pool_groups = [ordered[i : i + group_size] for i in range(0, len(ordered), group_size)]
+        groups.extend(pool_groups[i] for i in rng.permutation(len(pool_groups)))
+    if groups and longest_first:
+        longest = max(range(len(groups)), key=lambda i: tuple(keys[groups[i][0]]))
+        groups[0], groups[longest] = groups[longest], groups[0]
+    return [samples[i] for group in groups for i in group]
+
+
 class MixtureSampler(torch.utils.data.Sampler):
     """Yields `(flat_index, sample_seed)` for a weighted mixture of sources, reproducibly per epoch.
 
@@ -285,20 +341,40 @@ class MixtureSampler(torch.utils.data.Sampler):
     sources; `sample_seed` depends only on `(seed, e, p)`, so every random choice made for the sample (negatives,
     masks) is the same on resume and however batches are split across processes.
 
+    With `sample_lengths`, the epoch's order is then grouped by length (`group_by_length`): each run of `group_size`
+    samples (the global batch of one step) holds samples of similar region count and caption length, so padding
+    each batch to its own longest sample wastes little. Samples only move within pools of `pool_groups` groups, and
+    lengths are asked for one pool at a time, as the epoch is iterated.
+
     Args:
         sizes (`Sequence[int]`): Pairs per source.
         weights (`Sequence[float]`): Mixing weights (any positive scale).
         seed (`int`): Seed of the order.
         num_samples (`int`, *optional*): Samples per epoch; the total size of the sources by default.
+        sample_lengths (`Callable`, *optional*): Maps a list of samples `(flat_index, sample_seed)` to their length
+            tuples (`None` where unknown), e.g. `PretrainingPairDataset.sample_lengths`. No grouping without it.
+        group_size (`int`, defaults to 1): Samples per group: the per-device batch size times the number of processes.
+        pool_groups (`int`, defaults to 50): Groups per pool.
     """
 
-    def __init__(self, sizes: Sequence[int], weights: Sequence[float], seed: int, num_samples: int | None = None):
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        weights: Sequence[float],
+        seed: int,
+        num_samples: int | None = None,
+        sample_lengths: Callable[[list[tuple[int, int]]], list[tuple[int, ...] | None]] | None = None,
+        group_size: int = 1,
+        pool_groups: int = 50,
+    ):
         if len(sizes) != len(weights) or not sizes:
             raise ValueError(f"need one weight per source; got {len(sizes)} sources and {len(weights)} weights.")
         if any(w <= 0 for w in weights):
             raise ValueError(f"mixing weights must be positive, got {list(weights)}.")
         if any(s <= 0 for s in sizes):
             raise ValueError(f"every source needs at least one pair, got sizes {list(sizes)}.")
+        if group_size < 1 or pool_groups < 1:
+            raise ValueError(f"group_size and pool_groups must be at least 1, got {group_size} and {pool_groups}.")
         self.sizes = [int(s) for s in sizes]
         self.probabilities = np.asarray(weights, dtype=np.float64) / float(sum(weights))
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
@@ -306,6 +382,9 @@ class MixtureSampler(torch.utils.data.Sampler):
         self.num_samples = int(num_samples) if num_samples is not None else int(sum(self.sizes))
         if self.num_samples < 1:
             raise ValueError(f"num_samples must be at least 1, got {self.num_samples}.")
+        self.sample_lengths = sample_lengths
+        self.group_size = int(group_size)
+        self.pool_groups = int(pool_groups)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -315,6 +394,10 @@ class MixtureSampler(torch.utils.data.Sampler):
         return self.num_samples
 
     def indices(self, epoch: int) -> list[tuple[int, int]]:
+        """The whole order of `epoch` (iterating the sampler gives the same, computed pool by pool)."""
+        return list(self._iterate(epoch))
+
+    def _ungrouped(self, epoch: int) -> list[tuple[int, int]]:
         rng = np.random.default_rng([self.seed, epoch])
         choices = rng.choice(len(self.sizes), size=self.num_samples, p=self.probabilities)
         orders = [rng.permutation(size) for size in self.sizes]
@@ -330,8 +413,22 @@ class MixtureSampler(torch.utils.data.Sampler):
             result.append((int(self.offsets[source] + item), int(seeds[position])))
         return result
 
+    def _iterate(self, epoch: int) -> Iterator[tuple[int, int]]:
+        order = self._ungrouped(epoch)
+        if self.sample_lengths is None:
+            yield from order
+            return
+        # A generator of its own, so grouping leaves the ungrouped order (and every sample seed) as it was.
+        group_rng = np.random.default_rng([self.seed, epoch, 1])
+        pool_size = self.group_size * self.pool_groups
+        # Pool by pool, so the first batch does not wait for the lengths of a whole epoch.
+        for start in range(0, len(order), pool_size):
+            pool = order[start : start + pool_size]
+            lengths = self.sample_lengths(pool)
+            yield from group_by_length(pool, lengths, self.group_size, pool_size, group_rng, longest_first=start == 0)
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        return iter(self.indices(self.epoch))
+        return self._iterate(self.epoch)
 
 
 class PretrainingPairDataset(torch.utils.data.Dataset):
@@ -381,6 +478,8 @@ class PretrainingPairDataset(torch.utils.data.Dataset):
         self._warnings = 0
         self.max_cached_regions = max_cached_regions
         self._cached: OrderedDict[tuple[int, str], dict[str, Any]] = OrderedDict()
+        self._token_count_cache: dict[int, np.ndarray] = {}  # per source; -1 until first asked for
+        self._region_count_cache: dict[tuple[int, str], int] = {}
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -428,35 +527,88 @@ class PretrainingPairDataset(torch.utils.data.Dataset):
                 message + (" (further failures are counted silently)" if self._warnings == self.max_warnings else "")
             )
 
-    def _other_pair(self, source: PairSource, key: str, rng: np.random.Generator) -> tuple[str, str] | None:
+    def _other_pair(self, source: PairSource, key: str, rng: np.random.Generator) -> int | None:
         # A few tries are enough: a source where most pairs share one image cannot give negatives anyway.
         for _ in range(8):
-            other_key, other_text = source[int(rng.integers(len(source)))]
-            if other_key != key:
-                return other_key, other_text
+            other = int(rng.integers(len(source)))
+            if source[other][0] != key:
+                return other
         return None
 
-    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any] | None:
-        index, sample_seed = item if isinstance(item, tuple) else (int(item), int(item))
-        source_index, local = self._locate(index)
+    def _plan(self, index: int, sample_seed: int) -> tuple[int, int, int, str, int]:
+        """What the sample is made of: `(source_index, pair, text_pair, region_key, itm_label)`.
+
+        Every random choice comes from `sample_seed`, so `sample_lengths` can replay it without loading anything.
+        """
+        source_index, pair = self._locate(index)
         source = self.sources[source_index]
-        key, text = source[local]
+        key = source[pair][0]
         rng = np.random.default_rng([sample_seed, 17])
-        itm_label, region_key = 1, key
+        text_pair, region_key, itm_label = pair, key, 1
         if rng.random() < self.itm_negative_probability:
             other = self._other_pair(source, key, rng)
             if other is not None:
                 itm_label = 0
                 if rng.random() < self.text_negative_share:
-                    text = other[1]
+                    text_pair = other
                 else:
-                    region_key = other[0]
+                    region_key = source[other][0]
+        return source_index, pair, text_pair, region_key, itm_label
+
+    def _token_counts(self, source_index: int, pairs: Sequence[int]) -> list[int]:
+        counts = self._token_count_cache.setdefault(
+            source_index, np.full(len(self.sources[source_index]), -1, dtype=np.int32)
+        )
+        missing = sorted({pair for pair in pairs if counts[pair] < 0})
+        if missing:
+            source = self.sources[source_index]
+            # One batched call lets the fast tokenizer work in parallel; a call per caption costs several times more.
+            encoded = self.tokenizer(
+                [source[pair][1] for pair in missing], truncation=True, max_length=self.max_text_length
+            )
+            counts[missing] = [len(ids) for ids in encoded["input_ids"]]
+        return [int(counts[pair]) for pair in pairs]
+
+    def _region_count(self, source_index: int, key: str) -> int | None:
+        cache_key = (source_index, key)
+        if cache_key not in self._region_count_cache:
+            store = self.region_stores[source_index]
+            try:
+                count = store.num_regions(key) if hasattr(store, "num_regions") else len(store[key]["region_features"])
+                count = min(int(count), self.max_regions)
+            except Exception:  # noqa: BLE001 - an unreadable record is skipped (and counted) when loaded
+                count = None
+            self._region_count_cache[cache_key] = count
+        return self._region_count_cache[cache_key]
+
+    def sample_lengths(self, samples: Sequence[tuple[int, int]]) -> list[tuple[int, int] | None]:
+        """`(num_regions, num_tokens)` of each sample `(index, sample_seed)`, negatives included, without loading it.
+
+        This is what `MixtureSampler` groups by. Every random choice of the sample is replayed from its seed; caption
+        token counts are computed in one batch per call and kept; region counts come from the store
+        (`RegionCache.num_regions` reads one column, not the features). `None` for a record that cannot be read.
+        """
+        plans = [self._plan(int(index), int(seed)) for index, seed in samples]
+        tokens: dict[int, dict[int, int]] = {}
+        for source_index in {plan[0] for plan in plans}:
+            pairs = sorted({plan[2] for plan in plans if plan[0] == source_index})
+            tokens[source_index] = dict(zip(pairs, self._token_counts(source_index, pairs)))
+        lengths = []
+        for source_index, _, text_pair, region_key, _ in plans:
+            num_regions = self._region_count(source_index, region_key)
+            lengths.append(None if num_regions is None else (num_regions, tokens[source_index][text_pair]))
+        return lengths
+
+    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any] | None:
+        index, sample_seed = item if isinstance(item, tuple) else (int(item), int(item))
+        source_index, pair, text_pair, region_key, itm_label = self._plan(index, sample_seed)
+        source = self.sources[source_index]
         try:
             regions = self._cached_regions(source_index, region_key)
         except Exception as error:  # noqa: BLE001 - any unreadable record is skipped and counted, never fatal here
-            self._warn(f"skipping pair {local} of source {source.name!r} (image {region_key!r}): {error!r}")
+            self._warn(f"skipping pair {pair} of source {source.name!r} (image {region_key!r}): {error!r}")
             return None
-        encoding = self.tokenizer(text, truncation=True, max_length=self.max_text_length)
+        encoding = self.tokenizer(source[text_pair][1], truncation=True, max_length=self.max_text_length)
         return {
             "input_ids": encoding["input_ids"],
             "token_type_ids": encoding.get("token_type_ids"),
@@ -497,6 +649,7 @@ __all__ = [
     "SyntheticPairSource",
     "WebDatasetPairSource",
     "build_region_store",
+    "group_by_length",
     "open_region_store",
     "stable_seed",
 ]

@@ -94,6 +94,9 @@ class StageSpec:
     mlm_probability: float = 0.15
     region_mask_probability: float = 0.15
     region_zero_probability: float = 0.9
+    # Batches of similar region count and caption length, each padded to its own longest (see MixtureSampler).
+    group_by_length: bool = True
+    length_group_pool: int = 50
 
 
 @dataclass
@@ -191,7 +194,9 @@ def _stage(data: Any, where: str) -> StageSpec:
         raise RecipeError(f"{where}.max_steps must be a positive integer, got {stage.max_steps!r}.")
     if stage.num_epochs is not None and not stage.num_epochs > 0:
         raise RecipeError(f"{where}.num_epochs must be positive, got {stage.num_epochs!r}.")
-    for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+    if not isinstance(stage.group_by_length, bool):
+        raise RecipeError(f"{where}.group_by_length must be true or false, got {stage.group_by_length!r}.")
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "length_group_pool"):
         value = getattr(stage, name)
         if not isinstance(value, int) or value < 1:
             raise RecipeError(f"{where}.{name} must be a positive integer, got {value!r}.")

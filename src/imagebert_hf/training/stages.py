@@ -152,8 +152,12 @@ def build_source(spec: SourceSpec, feature_size: int) -> tuple[PairSource, Any]:
     return source, open_region_store(spec.region_cache)
 
 
-def build_stage_data(stage: StageSpec, tokenizer, config, seed: int, num_workers: int = 0):
-    """The stage's mixture sampler, dataset and collator, and a DataLoader over them (not yet prepared)."""
+def build_stage_data(stage: StageSpec, tokenizer, config, seed: int, num_workers: int = 0, num_processes: int = 1):
+    """The stage's mixture sampler, dataset and collator, and a DataLoader over them (not yet prepared).
+
+    With `stage.group_by_length`, each run of `per_device_train_batch_size * num_processes` samples (one step's
+    batches on every process) is grouped by length, so the batches every process pads are short as well.
+    """
     sources, stores = zip(*(build_source(spec, config.region_feature_size) for spec in stage.sources))
     dataset = PretrainingPairDataset(
         sources,
@@ -165,7 +169,13 @@ def build_stage_data(stage: StageSpec, tokenizer, config, seed: int, num_workers
         text_negative_share=stage.text_negative_share,
     )
     sampler = MixtureSampler(
-        dataset.sizes, [spec.weight for spec in stage.sources], seed=seed, num_samples=stage.samples_per_epoch
+        dataset.sizes,
+        [spec.weight for spec in stage.sources],
+        seed=seed,
+        num_samples=stage.samples_per_epoch,
+        sample_lengths=dataset.sample_lengths if stage.group_by_length else None,
+        group_size=stage.per_device_train_batch_size * num_processes,
+        pool_groups=stage.length_group_pool,
     )
     collator = DataCollatorForImageBERTPretraining(
         tokenizer,
@@ -198,6 +208,8 @@ def _configure_for_stage(model, stage: StageSpec) -> None:
     config.mlm_probability = stage.mlm_probability
     config.region_mask_probability = stage.region_mask_probability
     config.region_zero_probability = stage.region_zero_probability
+    # The loop reads only the losses, so the heads run on the positions that have targets alone.
+    config.sparse_prediction = True
     config.itm_negative_probability = stage.itm_negative_probability
 
 
@@ -285,7 +297,9 @@ def run_pretraining(recipe: Recipe, options: PretrainingRunOptions | None = None
             # transformers 5 renamed the switch; the old name still works but warns.
             enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
             enable()
-        dataloader, sampler, _ = build_stage_data(stage, tokenizer, model.config, stage_seed, recipe.num_workers)
+        dataloader, sampler, _ = build_stage_data(
+            stage, tokenizer, model.config, stage_seed, recipe.num_workers, accelerator.num_processes
+        )
         optimizer = build_optimizer(
             model, stage.learning_rate, stage.weight_decay, (stage.adam_beta1, stage.adam_beta2), stage.adam_epsilon
         )
