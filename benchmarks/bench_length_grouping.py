@@ -11,7 +11,7 @@ negatives. Three layouts, each over the same whole pools of batches:
 
 Also prints what the grouping itself costs the sampler, per sample.
 
-    python benchmarks/bench_length_grouping.py                 # base size, about 4 minutes on 2 CPU cores
+    python benchmarks/bench_length_grouping.py                 # base size, about 9 minutes on 2 CPU cores
     python benchmarks/bench_length_grouping.py --size small    # a quick look
 """
 
@@ -92,7 +92,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="base", help="model size")
     parser.add_argument("--batch_size", type=int, default=8, help="samples per batch")
-    parser.add_argument("--pool_groups", type=int, default=25, help="batches per grouping pool (recipes use 50)")
+    parser.add_argument("--pool_groups", type=int, default=50, help="batches per grouping pool (as the recipes)")
     parser.add_argument("--pools", type=int, default=1, help="whole pools timed per layout")
     args = parser.parse_args()
     torch.manual_seed(0)
