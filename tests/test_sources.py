@@ -142,6 +142,7 @@ def test_group_by_length_sorts_within_pools_and_keeps_every_sample():
     spread = group_by_length(samples, unknown, 8, 400, np.random.default_rng(1))
     assert sorted(spread) == samples
     assert max(sum(s % 4 == 0 for s in spread[i : i + 8]) for i in range(0, 1000, 8)) <= 6
+    assert group_by_length(samples[:5], [None] * 5, 2, 4, np.random.default_rng(0)) == samples[:5]
     # The last pool may be short, the last group too.
     assert sorted(group_by_length(samples[:13], lengths[:13], 4, 8, np.random.default_rng(0))) == samples[:13]
     with pytest.raises(ValueError, match="one length per sample"):

@@ -235,9 +235,9 @@ _DROPOUT_LEVELS = 2**15
 def dropout(hidden_states: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """`F.dropout`, with the keep mask drawn as 15-bit integers on CPU.
 
-    torch's CPU dropout draws each element through `bernoulli_`, which costs more than everything else the layer
-    does element-wise: 19 ms forward and backward over base-size attention probabilities (batch 8, length 144),
-    against 12 ms here, and about 13% of a whole training step. An element is kept when a uniform integer in
+    torch's CPU dropout draws each element through `bernoulli_`, which takes about 13% of a base-size training
+    step: 19 ms forward and backward over the attention probabilities of one layer (batch 8, length 144), against
+    12 ms here. An element is kept when a uniform integer in
     [0, 2**15) is at least round(p * 2**15), so it is dropped with probability p to within 2**-16, and the kept ones
     are scaled by the exact inverse of their keep probability, so expectations are unchanged. Other devices keep
     torch's kernels, which are fast there.

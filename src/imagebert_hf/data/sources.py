@@ -314,7 +314,9 @@ def group_by_length(
     if group_size < 1:
         raise ValueError(f"group_size must be at least 1, got {group_size}.")
     pool_size = max(group_size, pool_size - pool_size % group_size)
-    known = next((length for length in lengths if length is not None), ())
+    known = next((length for length in lengths if length is not None), None)
+    if known is None:  # nothing to sort by
+        return list(samples)
     filled = []
     for length in lengths:
         known = known if length is None else length
