@@ -34,6 +34,15 @@ BACKENDS = ("backbone", "detector", "precomputed")
 WEIGHTS_NAME = "roi_extractor.safetensors"
 ON_ERROR = ("raise", "record")
 
+# How images are read and guarded (load_image's keyword arguments).
+_LOAD_SETTINGS = (
+    "max_image_pixels",
+    "max_file_bytes",
+    "min_image_side",
+    "max_aspect_ratio",
+    "max_decode_side",
+    "apply_exif_orientation",
+)
 # Settings that may change from one call to the next; the others define the backend and are fixed.
 CALL_SETTINGS = (
     "max_regions",
@@ -47,20 +56,7 @@ CALL_SETTINGS = (
     "grid_sizes",
     "return_class_probs",
     "batch_size",
-    "max_image_pixels",
-    "max_file_bytes",
-    "min_image_side",
-    "max_aspect_ratio",
-    "max_decode_side",
-    "apply_exif_orientation",
-)
-_LOAD_SETTINGS = (
-    "max_image_pixels",
-    "max_file_bytes",
-    "min_image_side",
-    "max_aspect_ratio",
-    "max_decode_side",
-    "apply_exif_orientation",
+    *_LOAD_SETTINGS,
 )
 
 

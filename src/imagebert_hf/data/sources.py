@@ -558,9 +558,9 @@ class PretrainingPairDataset(torch.utils.data.Dataset):
         return source_index, pair, text_pair, region_key, itm_label
 
     def _token_counts(self, source_index: int, pairs: Sequence[int]) -> list[int]:
-        counts = self._token_count_cache.setdefault(
-            source_index, np.full(len(self.sources[source_index]), -1, dtype=np.int32)
-        )
+        if source_index not in self._token_count_cache:
+            self._token_count_cache[source_index] = np.full(len(self.sources[source_index]), -1, dtype=np.int32)
+        counts = self._token_count_cache[source_index]
         missing = sorted({pair for pair in pairs if counts[pair] < 0})
         if missing:
             source = self.sources[source_index]
