@@ -66,9 +66,9 @@ def main() -> None:
     from transformers import BertTokenizer
 
     from imagebert_hf import ImageBERTRoIExtractor
-    from imagebert_hf.configuration_imagebert import ImageBERTConfig
-    from imagebert_hf.modeling_imagebert import ImageBERTModel
-    from imagebert_hf.processing_imagebert import ImageBERTProcessor
+    from imagebert_hf.models.imagebert.configuration_imagebert import ImageBERTConfig
+    from imagebert_hf.models.imagebert.modeling_imagebert import ImageBERTModel
+    from imagebert_hf.models.imagebert.processing_imagebert import ImageBERTProcessor
 
     images, boxes, source = load_inputs(args.images, args.coco_dir)
     extractor = ImageBERTRoIExtractor(device=args.device)

@@ -80,8 +80,8 @@ def extract_demo_regions(manifest: Path, cache_dir: Path, extraction_size: int) 
     import datasets
 
     from imagebert_hf import ImageBERTRoIExtractor
-    from imagebert_hf.data.feature_cache import extract_regions
     from imagebert_hf.data.manifest import read_manifest
+    from imagebert_hf.regions.feature_cache import extract_regions
 
     records = read_manifest(manifest)
     table = datasets.Dataset.from_dict(
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from imagebert_hf.data.synthetic import make_synthetic_tokenizer, write_synthetic_manifest
     from imagebert_hf.evaluation import format_metrics_table
-    from imagebert_hf.roi_offline_weights import OFFLINE_NUM_CLASSES
+    from imagebert_hf.models.imagebert.roi_offline_weights import OFFLINE_NUM_CLASSES
     from imagebert_hf.training import recipe_from_dict, run_pretraining
 
     data_dir = output_dir / "data"
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
     log(f"pretrained {run['steps_per_stage']} steps -> {run['final_model']}", started)
 
     from imagebert_hf import ImageBERTConfig, ImageBERTForImageTextRetrieval
-    from imagebert_hf.training.zero_shot import chance_metrics, manifest_retrieval_inputs, zero_shot_retrieval
+    from imagebert_hf.evaluation.zero_shot import chance_metrics, manifest_retrieval_inputs, zero_shot_retrieval
 
     # The pretraining heads are not part of the retrieval model; the load report listing them is expected.
     transformers.logging.set_verbosity_error()

@@ -12,7 +12,7 @@ fine-tuned, by full ranking or shortlist + re-rank.
         --manifest ../shared/data/flickr8k_trainval/captions.jsonl --split dev --region_cache regions/f8k --output_dir out
 
 Texts are tokenized once and regions read once from the cache (`--corpus_cache` keeps both for the next run);
-writes `results.json` (the input of `imagebert_hf.hub.build_model_card`), recall@K curves, score histograms and,
+writes `results.json` (the input of `imagebert_hf.evaluation.hub.build_model_card`), recall@K curves, score histograms and,
 with `--model_card`, a filled model card.
 """
 
@@ -103,7 +103,7 @@ def load_corpus(args: EvaluationArguments, tokenizer, config) -> RetrievalCorpus
             records = load_manifest_records(args.manifest, args.split, args.max_images)
         else:
             raise ValueError(f"--dataset must be one of {DATASETS}, got {args.dataset!r}.")
-        from imagebert_hf.data.feature_cache import load_region_cache
+        from imagebert_hf.regions.feature_cache import load_region_cache
 
         cache = load_region_cache(args.region_cache)
         # The standard protocols use 5 captions per image (a few COCO images have 6 or 7).
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
     with open(output_dir / "results.json", "w", encoding="utf-8") as handle:
         json.dump({"model": args.model_name_or_path, "results": results}, handle, indent=1)
     if args.model_card:
-        from imagebert_hf.hub import build_model_card
+        from imagebert_hf.evaluation.hub import build_model_card
 
         card_results = [r for r in results if r["ranking"] == "full"]
         build_model_card(card_results, model_id=args.model_id, config=model.config).save(output_dir / "README.md")

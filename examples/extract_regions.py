@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from transformers import BertTokenizer, HfArgumentParser
 
 from imagebert_hf import ImageBERTRoIExtractor
-from imagebert_hf.configuration_imagebert import ImageBERTConfig
-from imagebert_hf.data.feature_cache import extract_regions, load_region_cache
 from imagebert_hf.data.manifest import read_manifest
-from imagebert_hf.processing_imagebert import ImageBERTProcessor
+from imagebert_hf.models.imagebert.configuration_imagebert import ImageBERTConfig
+from imagebert_hf.models.imagebert.processing_imagebert import ImageBERTProcessor
+from imagebert_hf.regions.feature_cache import extract_regions, load_region_cache
 
 
 @dataclass

@@ -47,11 +47,11 @@ class SharedDataArguments:
 def main(argv: list[str] | None = None) -> dict:
     (args,) = HfArgumentParser(SharedDataArguments).parse_args_into_dataclasses(args=argv)
     from imagebert_hf import ImageBERTConfig, ImageBERTRoIExtractor
-    from imagebert_hf.data.feature_cache import extract_regions
     from imagebert_hf.evaluation import format_metrics_table
+    from imagebert_hf.evaluation.zero_shot import chance_metrics, manifest_retrieval_inputs, zero_shot_retrieval
+    from imagebert_hf.regions.feature_cache import extract_regions
     from imagebert_hf.training import PretrainingRunOptions, load_recipe, run_pretraining
     from imagebert_hf.training.stages import load_tokenizer
-    from imagebert_hf.training.zero_shot import chance_metrics, manifest_retrieval_inputs, zero_shot_retrieval
 
     started = time.perf_counter()
     data_dir, cache_dir = Path(args.data_dir), Path(args.cache_dir)

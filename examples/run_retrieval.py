@@ -172,7 +172,7 @@ def build_corpora(args: RetrievalArguments, tokenizer, config) -> tuple[Retrieva
         raise ValueError("give --train_file (with --region_cache) or --synthetic_images.")
     if args.region_cache is None:
         raise ValueError("--train_file needs --region_cache: extract the regions once with imagebert-extract-regions.")
-    from imagebert_hf.data.feature_cache import load_region_cache
+    from imagebert_hf.regions.feature_cache import load_region_cache
 
     cache = load_region_cache(args.region_cache)
 
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.push_to_hub:
             if not args.hub_model_id or processor is None:
                 raise ValueError("--push_to_hub needs --hub_model_id and a checkpoint saved with its processor.")
-            from imagebert_hf.hub import push_to_hub
+            from imagebert_hf.evaluation.hub import push_to_hub
 
             push_to_hub(model, processor, args.hub_model_id, results=None)
     accelerator.end_training()

@@ -7,7 +7,7 @@ import torch
 
 from imagebert_hf import ImageBERTConfig, ImageBERTForImageTextRetrieval
 from imagebert_hf.data.synthetic import make_synthetic_tokenizer
-from imagebert_hf.hub import build_model_card, eval_results_from_run, push_to_hub, save_for_hub
+from imagebert_hf.evaluation.hub import build_model_card, eval_results_from_run, push_to_hub, save_for_hub
 
 from .testing_utils import tiny_config_kwargs
 
@@ -57,7 +57,7 @@ class RecordingHub:
 @pytest.fixture(scope="module")
 def model_and_processor():
     from imagebert_hf import ImageBERTRoIExtractor
-    from imagebert_hf.processing_imagebert import ImageBERTProcessor
+    from imagebert_hf.models.imagebert.processing_imagebert import ImageBERTProcessor
 
     tokenizer = make_synthetic_tokenizer()
     extractor = ImageBERTRoIExtractor(

@@ -396,7 +396,7 @@ def test_gradient_checkpointing_gives_same_gradients(tester, dropout):
 
 
 def test_dropout_rate_scale_and_gradient():
-    from imagebert_hf.modeling_imagebert import ImageBERTDropout, dropout
+    from imagebert_hf.models.imagebert.modeling_imagebert import ImageBERTDropout, dropout
 
     torch.manual_seed(0)
     values = torch.full((1_000_000,), 2.0, requires_grad=True)

@@ -12,7 +12,11 @@ from PIL import Image
 
 from imagebert_hf import ImageBERTConfig, ImageBERTForImageTextRetrieval
 from imagebert_hf.data.synthetic import make_synthetic_examples, make_synthetic_tokenizer
-from imagebert_hf.pipelines import ImageTextRetrievalPipeline, RetrievalIndex, register_pipeline
+from imagebert_hf.models.imagebert.pipeline_image_text_retrieval import (
+    ImageTextRetrievalPipeline,
+    RetrievalIndex,
+    register_pipeline,
+)
 
 from .testing_utils import require_module, tiny_config_kwargs
 
@@ -23,7 +27,7 @@ TEXTS = ["a red circle", "a blue square above a green cross", "there is a yellow
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
     from imagebert_hf import ImageBERTRoIExtractor
-    from imagebert_hf.processing_imagebert import ImageBERTProcessor, register_processing
+    from imagebert_hf.models.imagebert.processing_imagebert import ImageBERTProcessor, register_processing
 
     register_processing()
     register_pipeline()

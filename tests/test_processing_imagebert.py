@@ -7,8 +7,12 @@ from PIL import Image
 from transformers import AutoProcessor, BertTokenizer
 
 from imagebert_hf import ImageBERTRoIExtractor
-from imagebert_hf.configuration_imagebert import ImageBERTConfig
-from imagebert_hf.processing_imagebert import ImageBERTProcessor, check_processor_config, register_processing
+from imagebert_hf.models.imagebert.configuration_imagebert import ImageBERTConfig
+from imagebert_hf.models.imagebert.processing_imagebert import (
+    ImageBERTProcessor,
+    check_processor_config,
+    register_processing,
+)
 
 from .testing_utils import COCO_DIR, require_module, require_shared_data, tiny_config_kwargs
 
@@ -158,7 +162,7 @@ def test_processor_code_travels_as_remote_code():
 
     from transformers.dynamic_module_utils import get_imports, get_relative_import_files
 
-    import imagebert_hf.processing_imagebert as module
+    import imagebert_hf.models.imagebert.processing_imagebert as module
 
     files = get_relative_import_files(module.__file__)
     assert {Path(f).name for f in files} == {
@@ -175,7 +179,7 @@ def test_processor_code_travels_as_remote_code():
 
 
 def test_feeds_the_model(processor, config):
-    from imagebert_hf.modeling_imagebert import ImageBERTModel
+    from imagebert_hf.models.imagebert.modeling_imagebert import ImageBERTModel
 
     model = ImageBERTModel(config).eval()
     out = processor(images=_images(), text=TEXTS, grid_sizes=[1, 2])

@@ -24,7 +24,7 @@ from imagebert_hf import (
     write_tsv_regions,
 )
 from imagebert_hf.data.manifest import read_manifest
-from imagebert_hf.roi_precomputed import LXMERT_TSV_FIELDS
+from imagebert_hf.models.imagebert.roi_precomputed import LXMERT_TSV_FIELDS
 
 from .testing_utils import COCO_DIR, require_module, require_shared_data
 
@@ -186,7 +186,7 @@ def test_save_and_load_round_trip(tiny, tmp_path):
 def test_auto_image_processor(tiny, tmp_path):
     from transformers import AutoImageProcessor
 
-    from imagebert_hf.processing_imagebert import register_processing
+    from imagebert_hf.models.imagebert.processing_imagebert import register_processing
 
     register_processing()
     tiny.save_pretrained(tmp_path)

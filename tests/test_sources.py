@@ -240,8 +240,8 @@ def test_real_manifests_give_the_documented_pairs():
 
 def test_manifest_pairs_find_their_regions_in_the_region_cache(tmp_path):
     from imagebert_hf import ImageBERTRoIExtractor
-    from imagebert_hf.data.feature_cache import extract_regions
     from imagebert_hf.data.sources import open_region_store
+    from imagebert_hf.regions.feature_cache import extract_regions
 
     manifest = write_synthetic_manifest(tmp_path / "shapes", 6, seed=0, image_size=64)
     # Random weights keep the test fast; only the keys and shapes matter here.

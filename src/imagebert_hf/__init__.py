@@ -1,13 +1,13 @@
 """ImageBERT for the Hugging Face ecosystem: a single-stream BERT over text and image regions."""
 
-from .configuration_imagebert import ImageBERTConfig
 from .data.collator import DataCollatorForImageBERTPretraining
-from .data.feature_cache import extract_regions, load_region_cache, load_region_dataset
 from .evaluation import retrieval_metrics
-from .hub import build_model_card, push_to_hub
-from .image_processing_imagebert import WEIGHTS_NAME, ImageBERTRoIExtractor, check_region_sizes
-from .modeling_auto import AutoModelForImageTextRetrieval
-from .modeling_imagebert import (
+from .evaluation.hub import build_model_card, push_to_hub
+from .models.imagebert import (
+    MODES,
+    WEIGHTS_NAME,
+    AutoModelForImageTextRetrieval,
+    ImageBERTConfig,
     ImageBERTForImageTextRetrieval,
     ImageBERTForImageTextRetrievalOutput,
     ImageBERTForPreTraining,
@@ -15,13 +15,20 @@ from .modeling_imagebert import (
     ImageBERTModel,
     ImageBERTModelOutput,
     ImageBERTPreTrainedModel,
+    ImageBERTProcessor,
+    ImageBERTRoIExtractor,
+    ImageTextRetrievalPipeline,
+    RetrievalIndex,
+    check_processor_config,
+    check_region_sizes,
+    register_pipeline,
+    register_processing,
 )
-from .pipelines import ImageTextRetrievalPipeline, RetrievalIndex, register_pipeline
-from .processing_imagebert import ImageBERTProcessor, check_processor_config, register_processing
-from .roi_boxes import as_boxes, box_locations, clip_boxes, grid_boxes
-from .roi_image_loading import ImageLoadError, LoadedImage, RegionExtractionError, load_image
-from .roi_offline_weights import offline_default_config_kwargs
-from .roi_precomputed import read_npz_regions, write_npz_regions, write_tsv_regions
+from .models.imagebert.roi_boxes import as_boxes, box_locations, clip_boxes, grid_boxes
+from .models.imagebert.roi_image_loading import ImageLoadError, LoadedImage, RegionExtractionError, load_image
+from .models.imagebert.roi_offline_weights import offline_default_config_kwargs
+from .models.imagebert.roi_precomputed import read_npz_regions, write_npz_regions, write_tsv_regions
+from .regions import extract_regions, load_region_cache, load_region_dataset
 
 
 __version__ = "0.1.0"

@@ -272,7 +272,7 @@ class SyntheticPairSource(PairSource):
 
 def open_region_store(path: str | Path) -> Mapping[str, dict]:
     """Opens a region cache written by `extract_regions` as a mapping from image key to region record."""
-    from .feature_cache import load_region_cache
+    from ..regions.feature_cache import load_region_cache
 
     return load_region_cache(str(path))
 

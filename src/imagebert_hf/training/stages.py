@@ -96,8 +96,8 @@ def load_tokenizer(spec: ModelSpec):
 
 def build_model(spec: ModelSpec, tokenizer, init_from: str | Path | None = None):
     """The model a stage starts from: the previous stage's (`init_from`), else the recipe's init, else a fresh one."""
-    from ..configuration_imagebert import ImageBERTConfig
-    from ..modeling_imagebert import ImageBERTForPreTraining
+    from ..models.imagebert.configuration_imagebert import ImageBERTConfig
+    from ..models.imagebert.modeling_imagebert import ImageBERTForPreTraining
 
     if init_from is not None or spec.init_from is not None:
         return ImageBERTForPreTraining.from_pretrained(str(init_from or resolve_pretrained(spec.init_from)))
@@ -147,7 +147,7 @@ def build_source(spec: SourceSpec, feature_size: int) -> tuple[PairSource, Any]:
     if not Path(spec.region_cache).exists():
         raise FileNotFoundError(
             f"region cache {spec.region_cache} of source {spec.name!r} does not exist; build it with "
-            "examples/extract_regions.py (or imagebert_hf.data.feature_cache.extract_regions) first."
+            "examples/extract_regions.py (or imagebert_hf.regions.feature_cache.extract_regions) first."
         )
     return source, open_region_store(spec.region_cache)
 
@@ -269,7 +269,7 @@ def run_pretraining(recipe: Recipe, options: PretrainingRunOptions | None = None
     tokenizer = load_tokenizer(recipe.model)
     processor = None
     if recipe.model.processor is not None:
-        from ..processing_imagebert import ImageBERTProcessor
+        from ..models.imagebert.processing_imagebert import ImageBERTProcessor
 
         processor = ImageBERTProcessor.from_pretrained(recipe.model.processor)
 

@@ -37,7 +37,7 @@ def manifest_retrieval_inputs(
     from ..data.manifest import read_manifest
 
     if isinstance(region_cache, (str, Path)):
-        from ..data.feature_cache import load_region_cache
+        from ..regions.feature_cache import load_region_cache
 
         region_cache = load_region_cache(region_cache)
     records = [r for r in read_manifest(manifest) if split is None or r.extra.get("split") == split]
@@ -83,11 +83,11 @@ def zero_shot_retrieval(
     model: Any, text_inputs, region_inputs, text_to_image, batch_size: int = 512
 ) -> dict[str, float]:
     """Recall@K of a model's ITM head over every pair (a folder or an `ImageBERTForImageTextRetrieval`)."""
-    from ..evaluation import retrieval_metrics
-    from ..evaluation.scoring import score_all_pairs
+    from . import retrieval_metrics
+    from .scoring import score_all_pairs
 
     if isinstance(model, (str, Path)):
-        from ..modeling_imagebert import ImageBERTForImageTextRetrieval
+        from ..models.imagebert.modeling_imagebert import ImageBERTForImageTextRetrieval
 
         model = ImageBERTForImageTextRetrieval.from_pretrained(str(model))
     with torch.inference_mode():

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from ..roi_image_loading import ImageLoadError, image_content_hash
+from ..models.imagebert.roi_image_loading import ImageLoadError, image_content_hash
 
 
 logger = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class CacheReport:
 
 
 def _manifest_items(path: str | os.PathLike, image_root, use_boxes: bool) -> list[dict[str, Any]]:
-    from .manifest import iter_manifest
+    from ..data.manifest import iter_manifest
 
     return [
         {
@@ -95,7 +95,7 @@ def _manifest_items(path: str | os.PathLike, image_root, use_boxes: bool) -> lis
 def _dataset_items(dataset, image_column: str, key_column: str | None, boxes_column: str | None, box_format: str):
     from datasets import Image as ImageFeature
 
-    from ..roi_boxes import as_boxes
+    from ..models.imagebert.roi_boxes import as_boxes
 
     if isinstance(dataset.features.get(image_column), ImageFeature):
         # Undecoded, the column gives the file bytes: hashed as they are, decoded once by the extractor.
@@ -251,7 +251,7 @@ def _init_worker(extractor_dir: str, num_threads: int) -> None:
     global _WORKER_EXTRACTOR
     import torch
 
-    from ..image_processing_imagebert import ImageBERTRoIExtractor
+    from ..models.imagebert.image_processing_imagebert import ImageBERTRoIExtractor
 
     torch.set_num_threads(max(1, num_threads))
     _WORKER_EXTRACTOR = ImageBERTRoIExtractor.from_pretrained(extractor_dir)
@@ -267,7 +267,7 @@ def _worker_task(task: tuple[int, list[dict[str, Any]], str, int, bool]) -> tupl
 
 
 def _resolve_extractor(extractor):
-    from ..image_processing_imagebert import ImageBERTRoIExtractor
+    from ..models.imagebert.image_processing_imagebert import ImageBERTRoIExtractor
 
     if extractor is None:
         return ImageBERTRoIExtractor()
@@ -582,7 +582,7 @@ def main(argv: Sequence[str] | None = None) -> CacheReport:
     """`imagebert-extract-regions --output_dir cache --manifest data/captions.jsonl [--num_proc 2]`."""
     from transformers import HfArgumentParser
 
-    from ..image_processing_imagebert import ImageBERTRoIExtractor
+    from ..models.imagebert.image_processing_imagebert import ImageBERTRoIExtractor
 
     (args,) = HfArgumentParser(ExtractRegionsArguments).parse_args_into_dataclasses(args=argv)
     if (args.manifest is None) == (args.dataset_path is None):

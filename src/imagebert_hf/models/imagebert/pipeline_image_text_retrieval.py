@@ -633,7 +633,7 @@ def register_pipeline() -> None:
     from transformers.pipelines import PIPELINE_REGISTRY
 
     try:
-        from imagebert_hf.modeling_auto import AutoModelForImageTextRetrieval
+        from imagebert_hf.models.imagebert.modeling_auto import AutoModelForImageTextRetrieval
 
         model_class = AutoModelForImageTextRetrieval
     except ImportError:  # loaded as remote code: transformers' own AutoModel reads the folder's auto_map

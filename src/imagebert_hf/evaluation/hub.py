@@ -82,7 +82,7 @@ def eval_results_from_run(results: Sequence[Mapping[str, Any]]):
 
 
 def _results_table(results: Sequence[Mapping[str, Any]]) -> str:
-    from .evaluation.retrieval import format_metrics_table
+    from .retrieval import format_metrics_table
 
     rows = {}
     for result in results:
@@ -183,7 +183,7 @@ def save_for_hub(model, processor, output_dir: str | os.PathLike, card=None) -> 
     retrieval pipeline's `custom_pipelines` entry, so `pipeline(model=repo, trust_remote_code=True)` needs no
     installed package, raw images included.
     """
-    from .pipelines.image_text_retrieval import ImageTextRetrievalPipeline, register_pipeline
+    from ..models.imagebert.pipeline_image_text_retrieval import ImageTextRetrievalPipeline, register_pipeline
 
     register_pipeline()
     output_dir = Path(output_dir)

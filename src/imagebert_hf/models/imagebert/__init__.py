@@ -1,0 +1,20 @@
+"""ImageBERT: configuration, model, region extraction, processor and the retrieval pipeline.
+
+Everything here imports only same-folder modules and third-party packages, so a saved model, processor or pipeline
+carries these files as remote code and loads with `trust_remote_code=True` where the package is not installed.
+"""
+
+from .configuration_imagebert import ImageBERTConfig
+from .image_processing_imagebert import WEIGHTS_NAME, ImageBERTRoIExtractor, check_region_sizes
+from .modeling_auto import AutoModelForImageTextRetrieval
+from .modeling_imagebert import (
+    ImageBERTForImageTextRetrieval,
+    ImageBERTForImageTextRetrievalOutput,
+    ImageBERTForPreTraining,
+    ImageBERTForPreTrainingOutput,
+    ImageBERTModel,
+    ImageBERTModelOutput,
+    ImageBERTPreTrainedModel,
+)
+from .pipeline_image_text_retrieval import MODES, ImageTextRetrievalPipeline, RetrievalIndex, register_pipeline
+from .processing_imagebert import ImageBERTProcessor, check_processor_config, register_processing
