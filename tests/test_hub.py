@@ -121,7 +121,7 @@ def test_push_uploads_exactly_model_processor_code_and_card(model_and_processor)
         "model.safetensors",
         "configuration_imagebert.py",
         "modeling_imagebert.py",
-        "image_text_retrieval.py",
+        "pipeline_image_text_retrieval.py",
         "processor_config.json",
         "tokenizer.json",
         "tokenizer_config.json",
@@ -143,7 +143,7 @@ def test_push_uploads_exactly_model_processor_code_and_card(model_and_processor)
     config = json.loads(hub.files["config.json"])
     assert config["auto_map"]["AutoModel"] == "modeling_imagebert.ImageBERTForImageTextRetrieval"
     assert (
-        config["custom_pipelines"]["image-text-retrieval"]["impl"] == "image_text_retrieval.ImageTextRetrievalPipeline"
+        config["custom_pipelines"]["image-text-retrieval"]["impl"] == "pipeline_image_text_retrieval.ImageTextRetrievalPipeline"
     )
     processor_config = json.loads(hub.files["processor_config.json"])
     assert processor_config["auto_map"]["AutoProcessor"] == "processing_imagebert.ImageBERTProcessor"

@@ -220,7 +220,12 @@ def test_saved_pipeline_loads_as_remote_code_without_the_package(retriever, tmp_
     assert processor_config["image_processor"]["auto_map"]["AutoImageProcessor"] == (
         "image_processing_imagebert.ImageBERTRoIExtractor"
     )
-    code = {"image_text_retrieval.py", "processing_imagebert.py", "image_processing_imagebert.py", "roi_boxes.py"}
+    code = {
+        "pipeline_image_text_retrieval.py",
+        "processing_imagebert.py",
+        "image_processing_imagebert.py",
+        "roi_boxes.py",
+    }
     code |= {"roi_backends.py", "roi_image_loading.py", "roi_offline_weights.py", "roi_precomputed.py"}
     assert code <= {path.name for path in saved.iterdir()}
     assert (saved / "roi_extractor.safetensors").is_file()
