@@ -15,19 +15,19 @@ import functools
 import hashlib
 import importlib
 import io
-import logging
 import warnings
 from importlib import resources
 from typing import Protocol
 
 import numpy as np
+from transformers.utils import logging
 
 from .config import ImageFilterConfig
 from .linear import LinearModel
 from .tally import INPUT, KEPT, Tally
 
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 STAGE = "images"
 ADDED_COLUMNS = ("image_hash", "width", "height", "nsfw_score", "natural_score", "image_stats")

@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import hashlib
 import io
-import logging
 import math
 import re
 import warnings
 from dataclasses import dataclass, field
 from urllib.parse import urljoin
 
+from transformers.utils import logging
+
 from .config import ParseConfig
 from .sources import HTML_SUFFIXES, ImageResolver, resolver_for
 from .tally import INPUT, KEPT, Tally
 
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 STAGE = "parse"
 IMAGE_COLUMNS = (

@@ -8,7 +8,6 @@ state between processes and works the same in `datasets` workers and Spark execu
 
 from __future__ import annotations
 
-import logging
 import math
 import shutil
 import tempfile
@@ -16,6 +15,8 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from transformers.utils import logging
 
 from .aggregation import aggregate
 from .config import CurationConfig
@@ -27,7 +28,7 @@ from .tally import Tally, write_funnel_report
 from .text_cleaning import PAIR_COLUMNS, clean_texts, text_key
 
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 TALLY = "_tally"
 

@@ -9,18 +9,19 @@ bounded by one page and one image at a time, whatever the size of the archive.
 from __future__ import annotations
 
 import functools
-import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urldefrag, urlsplit
 
+from transformers.utils import logging
+
 from .config import ParseConfig
 from .tally import INPUT, KEPT, Tally
 
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 WARC_SUFFIXES = (".warc", ".warc.gz", ".arc", ".arc.gz")
 HTML_SUFFIXES = (".html", ".htm", ".xhtml")

@@ -8,12 +8,13 @@ with `--py-files`).
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+
+from transformers.utils import logging
 
 from .aggregation import aggregate_image_group, aggregate_text_group
 from .config import CurationConfig
@@ -34,7 +35,7 @@ from .tally import Tally
 from .text_cleaning import text_key
 
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 
 def local_spark_session(master: str = "local[2]", app_name: str = "imagebert-curate", shuffle_partitions: int = 4):

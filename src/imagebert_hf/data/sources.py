@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import tarfile
 import zlib
 from collections import OrderedDict
@@ -20,9 +19,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers.utils import logging
 
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 _IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 _REGION_KEYS = ("region_features", "region_locations", "region_class_labels", "region_class_probs")

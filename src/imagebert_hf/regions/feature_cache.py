@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import shutil
 import time
@@ -32,11 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from transformers.utils import logging
 
 from ..models.imagebert.roi_image_loading import ImageLoadError, image_content_hash
 
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 CACHE_INFO_NAME = "cache_info.json"
 INDEX_NAME = "index.jsonl"

@@ -3,18 +3,18 @@ budget for records that fail to load. Pretraining and retrieval fine-tuning both
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.utils import logging
 
 from .checkpointing import TrainState, save_checkpoint
 
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 
 class TooManyFailedRecords(RuntimeError):

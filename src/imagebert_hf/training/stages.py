@@ -4,7 +4,6 @@ weights, and ends with a `save_pretrained` model that the next stage (and retrie
 from __future__ import annotations
 
 import json
-import logging
 import math
 import shutil
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.utils import logging
 
 from ..data.collator import DataCollatorForImageBERTPretraining
 from ..data.sources import (
@@ -47,7 +47,7 @@ from .plots import plot_losses
 from .recipe import ModelSpec, Recipe, SourceSpec, StageSpec, recipe_to_dict
 
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 PRETRAINING_TASKS = ("mlm", "moc", "mrfr", "itm")
 

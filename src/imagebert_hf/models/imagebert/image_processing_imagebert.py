@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any, TypedDict
 import numpy as np
 from transformers.image_processing_base import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
+from transformers.utils import logging
 
 from .roi_backends import BackboneBackend, DetectorBackend, PrecomputedBackend, RegionBackend
 from .roi_boxes import as_boxes, box_locations, clip_boxes, grid_boxes
@@ -28,7 +28,7 @@ from .roi_image_loading import (
 from .roi_offline_weights import OFFLINE_BACKBONE_NAME, OFFLINE_WEIGHTS
 
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 BACKENDS = ("backbone", "detector", "precomputed")
 WEIGHTS_NAME = "roi_extractor.safetensors"

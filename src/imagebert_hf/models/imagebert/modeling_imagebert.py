@@ -6,7 +6,6 @@ Parameter names follow BERT's (`embeddings.word_embeddings`, `encoder.layer.N.at
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -15,12 +14,12 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from .configuration_imagebert import ImageBERTConfig
 
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 IGNORE_INDEX = -100
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -10,12 +9,13 @@ from typing import Any
 import numpy as np
 from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
+from transformers.utils import logging
 
 from .configuration_imagebert import ImageBERTConfig
 from .image_processing_imagebert import ImageBERTRoIExtractor, check_region_sizes
 
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 PADDING = ("max_length", "longest")
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")

@@ -6,7 +6,6 @@ features, boxes, class labels and class distributions. `ImageBERTRoIExtractor` b
 
 from __future__ import annotations
 
-import logging
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from transformers.utils import logging
 
 from .roi_boxes import scale_boxes
 from .roi_image_loading import LoadedImage
@@ -23,7 +23,7 @@ from .roi_offline_weights import OFFLINE_WEIGHTS, load_efficientnet_lite0_state_
 from .roi_precomputed import TsvRegionIndex, read_npz_regions
 
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 # The special weight sources; anything else is a local file path.
 RANDOM_WEIGHTS_WARNING = (
