@@ -1,0 +1,116 @@
+"""`imagebert-app`: serve the retrieval app on a model and a gallery (the `make demo` checkpoint and its held-out
+photos by default, built first when absent).
+
+    imagebert-app                                   # make demo's model and test photos, on http://127.0.0.1:7860
+    imagebert-app --model path/or/hub-id --gallery photos/   # any model, a folder of images
+    imagebert-app --model ... --gallery captions.jsonl --split test      # or a jsonl manifest
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import HfArgumentParser
+
+
+DEMO_MODEL = Path("pretraining") / "stage2-clean" / "final"
+DEMO_GALLERY = Path("data") / "captions.jsonl"
+
+
+@dataclass
+class AppArguments:
+    """Settings of `imagebert-app`."""
+
+    model: str | None = field(
+        default=None,
+        metadata={"help": "A model folder or Hub id with its processor; the `make demo` checkpoint when unset."},
+    )
+    gallery: str | None = field(
+        default=None,
+        metadata={"help": "A folder of images or a jsonl manifest; the demo's photos when unset."},
+    )
+    split: str | None = field(
+        default=None,
+        metadata={"help": "Keep only this split of a manifest gallery ('test' for the default demo gallery)."},
+    )
+    max_gallery: int | None = field(default=None, metadata={"help": "Use at most this many gallery photos."})
+    demo_dir: str = field(default="outputs/demo", metadata={"help": "Where `make demo` writes (and the app reads)."})
+    host: str = field(default="127.0.0.1", metadata={"help": "Address to serve on (loopback by default)."})
+    port: int = field(default=7860, metadata={"help": "Port to serve on."})
+    top_k: int = field(default=8, metadata={"help": "Photos shown per text query (changeable in the page)."})
+    shortlist_k: int = field(
+        default=128, metadata={"help": "Candidates of the prebuilt index re-ranked by the cross-encoder per query."}
+    )
+    batch_size: int = field(default=32, metadata={"help": "Images per extraction batch and pairs per forward."})
+    device: int = field(default=-1, metadata={"help": "CUDA device index, or -1 for the CPU."})
+
+
+def find_demo_script() -> Path | None:
+    """`examples/demo.py` of a source checkout: under the working folder, or beside the installed sources."""
+    for root in (Path.cwd(), Path(__file__).resolve().parents[3]):
+        if (root / "examples" / "demo.py").is_file():
+            return root / "examples" / "demo.py"
+    return None
+
+
+def ensure_demo_model(demo_dir: str | os.PathLike) -> Path:
+    """The `make demo` checkpoint under `demo_dir`, built first (about 2 minutes on a CPU) when it is absent."""
+    demo_dir = Path(demo_dir)
+    model = demo_dir / DEMO_MODEL
+    if (model / "config.json").is_file() and (demo_dir / DEMO_GALLERY).is_file():
+        return model
+    script = find_demo_script()
+    if script is None:
+        raise SystemExit(
+            f"no demo model at {model}, and examples/demo.py (which builds it) is not here: run the app from a "
+            "source checkout, or pass --model and --gallery."
+        )
+    print(f"No demo model at {model}: building it with {script} (about 2 minutes on a CPU) ...", flush=True)
+    subprocess.run([sys.executable, str(script), "--output_dir", str(demo_dir), "--report_to", "none"], check=True)
+    print(f"Demo model ready at {model}.", flush=True)
+    return model
+
+
+def load_demo(args: AppArguments):
+    """The `RetrievalDemo` the arguments describe: the pipeline and the gallery, indexed."""
+    import transformers
+    from transformers import pipeline
+
+    import imagebert_hf  # noqa: F401  (registers the pipeline)
+
+    from .engine import RetrievalDemo, read_gallery
+
+    model, gallery, split = args.model, args.gallery, args.split
+    if model is None:
+        model = str(ensure_demo_model(args.demo_dir))
+        if gallery is None:
+            gallery, split = str(Path(args.demo_dir) / DEMO_GALLERY), split or "test"
+    if gallery is None:
+        raise SystemExit("--gallery is needed with --model: a folder of images or a jsonl manifest.")
+    # A pretraining checkpoint loads into the retrieval class without its pretraining heads; that report is expected.
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        retriever = pipeline("image-text-retrieval", model=model, device=args.device)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    photos = read_gallery(gallery, split=split, limit=args.max_gallery)
+    print(f"Indexing {len(photos)} gallery photos from {gallery} ...", flush=True)
+    return RetrievalDemo(retriever, photos, shortlist_k=args.shortlist_k, batch_size=args.batch_size)
+
+
+def main(argv: list[str] | None = None) -> None:
+    (args,) = HfArgumentParser(AppArguments).parse_args_into_dataclasses(args=argv)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from .ui import build_app, launch_app
+
+    demo = load_demo(args)
+    launch_app(build_app(demo, top_k=args.top_k), server_name=args.host, server_port=args.port)
+
+
+if __name__ == "__main__":
+    main()

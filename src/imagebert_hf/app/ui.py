@@ -1,0 +1,199 @@
+"""The Gradio page: text -> images and image -> texts, each with the region picture of its top match.
+
+Every handler turns a bad input (an empty query, a file that is not an image, a decompression bomb) into a warning
+toast and a message in the page; anything unexpected is logged with its traceback on the server and shown as one
+readable line, never as a stack trace.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from transformers.utils import logging
+
+from .drawing import render_regions
+from .engine import AppInputError, RetrievalDemo, parse_caption_list
+
+
+logger = logging.get_logger(__name__)
+
+CSS = """
+#search-results table, #caption-results table { font-size: 0.95em; }
+.error-message { color: #b00020; font-weight: 600; }
+"""
+
+
+def _theme():
+    import gradio as gr
+
+    # System fonts only: the default theme's web fonts would make every browser fetch them from outside.
+    return gr.themes.Default(
+        font=["ui-sans-serif", "system-ui", "Segoe UI", "Helvetica", "Arial", "sans-serif"],
+        font_mono=["ui-monospace", "Consolas", "monospace"],
+    )
+
+
+def error_markdown(message: str) -> str:
+    return f"**Could not do that:** {html.escape(message)}"
+
+
+def _report(error: Exception) -> str:
+    """The message a person sees for a failed request (a warning toast too)."""
+    import gradio as gr
+
+    if isinstance(error, AppInputError):
+        message = str(error)
+    else:
+        logger.error("request failed", exc_info=error)
+        message = f"something went wrong on the server ({type(error).__name__}: {error})."
+    gr.Warning(message)
+    return error_markdown(message)
+
+
+def _results_table(rows: list[tuple], header: tuple[str, ...]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        lines.append("| " + " | ".join(html.escape(str(cell)).replace("|", "\\|") for cell in row) + " |")
+    return "\n".join(lines)
+
+
+def search_view(demo: RetrievalDemo, query: str, top_k: float) -> tuple[list, str, Any, str]:
+    """Text -> images: the gallery items `(path, caption)`, the results table, the region picture of the top photo
+    and the error message (empty on success)."""
+    try:
+        hits = demo.search_images(query, int(top_k))
+        top = hits[0]
+        importance = demo.region_importance(query.strip(), top.record)
+        with Image.open(top.image.path) as photo:
+            picture = render_regions(
+                photo, top.record, demo.labels_for(top.record, top.image), importance, text=query.strip()
+            )
+    except Exception as error:
+        return [], "", None, _report(error)
+    items = [(str(hit.image.path), f"#{hit.rank}  {hit.score:.3f}  {Path(hit.image.key).stem}") for hit in hits]
+    table = _results_table(
+        [(hit.rank, f"{hit.score:.3f}", f"{hit.probability:.3f}", hit.image.key) for hit in hits],
+        ("rank", "score", "match probability", "photo"),
+    )
+    return items, table, picture, ""
+
+
+def photo_view(demo: RetrievalDemo, upload: str | None, pick: str | None, captions: str, top_k: float):
+    """Image -> texts: the captions table, the region picture for the best caption, and the error message. An
+    upload is used when there is one, else the picked gallery photo."""
+    try:
+        if upload:
+            photo = demo.load_photo(upload)
+            record = demo.photo_regions(photo)
+            labels = demo.labels_for(record)
+        elif pick:
+            image, record = demo.gallery_image(pick)
+            photo = demo.load_photo(str(image.path))
+            labels = demo.labels_for(record, image)
+        else:
+            raise AppInputError("Upload a photo or pick one from the gallery first.")
+        hits = demo.rank_captions(record, parse_caption_list(captions), int(top_k))
+        importance = demo.region_importance(hits[0].text, record)
+        picture = render_regions(photo, record, labels, importance, text=hits[0].text)
+    except Exception as error:
+        return "", None, _report(error)
+    table = _results_table(
+        [(hit.rank, f"{hit.score:.3f}", f"{hit.probability:.3f}", hit.text) for hit in hits],
+        ("rank", "score", "match probability", "caption"),
+    )
+    return table, picture, ""
+
+
+def build_app(demo: RetrievalDemo, title: str = "ImageBERT image-text retrieval", top_k: int = 8):
+    """The app's `gr.Blocks` over a `RetrievalDemo` (model + prebuilt gallery). Launch it with `launch_app`."""
+    import gradio as gr
+
+    num_images, num_captions = len(demo.gallery), len(demo.captions)
+    model_name = getattr(demo.retriever.model, "name_or_path", "") or "the model"
+    with gr.Blocks(title=title, analytics_enabled=False) as blocks:
+        gr.Markdown(
+            f"# {title}\n"
+            f"Model `{model_name}` · gallery of {num_images} photos and {num_captions} captions · "
+            f"each query is ranked by the cross-encoder over the {min(demo.shortlist_k, num_images)} nearest "
+            "candidates of a prebuilt index."
+        )
+        with gr.Tab("Text → images", id="text-to-images"):
+            with gr.Row():
+                query = gr.Textbox(
+                    label="Describe a photo",
+                    placeholder="a red circle to the left of a blue square",
+                    elem_id="query",
+                    scale=4,
+                )
+                search_k = gr.Slider(1, min(32, num_images), value=min(top_k, num_images), step=1, label="photos")
+                search_button = gr.Button("Search", variant="primary", elem_id="search-button")
+            search_error = gr.Markdown(elem_id="search-error", elem_classes="error-message")
+            results = gr.Gallery(
+                label="Best matches, best first",
+                columns=8,
+                height=230,
+                object_fit="contain",
+                elem_id="result-gallery",
+                allow_preview=False,
+            )
+            with gr.Row():
+                search_table = gr.Markdown(elem_id="search-results")
+                search_regions = gr.Image(
+                    label="Regions of the best match",
+                    type="pil",
+                    elem_id="search-regions",
+                    interactive=False,
+                )
+        with gr.Tab("Image → texts", id="image-to-texts"), gr.Row():
+            with gr.Column(scale=1):
+                upload = gr.File(label="Upload a photo", type="filepath", elem_id="photo-upload")
+                pick = gr.Dropdown(
+                    [image.key for image in demo.gallery],
+                    value=None,
+                    label="or pick a gallery photo",
+                    elem_id="photo-pick",
+                )
+                captions = gr.Textbox(
+                    label="Captions to rank, one per line (empty: the gallery's captions)",
+                    lines=4,
+                    elem_id="caption-list",
+                )
+                caption_k = gr.Slider(1, 20, value=5, step=1, label="captions")
+                caption_button = gr.Button("Rank captions", variant="primary", elem_id="caption-button")
+            with gr.Column(scale=2):
+                photo_error = gr.Markdown(elem_id="photo-error", elem_classes="error-message")
+                caption_table = gr.Markdown(elem_id="caption-results")
+                photo_regions = gr.Image(
+                    label="Regions, and which ones mattered for the best caption",
+                    type="pil",
+                    elem_id="photo-regions",
+                    interactive=False,
+                )
+
+        search_outputs = [results, search_table, search_regions, search_error]
+        search_inputs = [query, search_k]
+        search_button.click(lambda q, k: search_view(demo, q, k), search_inputs, search_outputs)
+        query.submit(lambda q, k: search_view(demo, q, k), search_inputs, search_outputs)
+
+        photo_outputs = [caption_table, photo_regions, photo_error]
+        caption_button.click(
+            lambda f, p, c, k: photo_view(demo, f, p, c, k), [upload, pick, captions, caption_k], photo_outputs
+        )
+        upload.upload(lambda f, c, k: photo_view(demo, f, None, c, k), [upload, captions, caption_k], photo_outputs)
+        pick.input(lambda p, c, k: photo_view(demo, None, p, c, k), [pick, captions, caption_k], photo_outputs)
+    return blocks
+
+
+def launch_app(blocks, server_name: str | None = "127.0.0.1", server_port: int | None = None, **kwargs):
+    """`blocks.launch` with the app's theme and styles, no share link, and the extractor's file size limit. Pass
+    `server_name=None` where the host sets `GRADIO_SERVER_NAME` (a Space)."""
+    kwargs.setdefault("max_file_size", "64mb")
+    return blocks.launch(
+        server_name=server_name, server_port=server_port, share=False, theme=_theme(), css=CSS, **kwargs
+    )
+
+
+__all__ = ["build_app", "launch_app", "photo_view", "search_view"]
