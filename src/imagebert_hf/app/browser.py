@@ -1,0 +1,243 @@
+"""Driving the app in a real headless Chromium (Selenium with the system `chromedriver`): what the browser tests do,
+and how the screenshots in docs/ are taken.
+
+    python -m imagebert_hf.app.browser --output_dir docs     # the `make demo` model, as `imagebert-app` serves it
+
+The browser is kept on the loopback interface: every host name other than 127.0.0.1 fails to resolve.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
+DRIVER_NAMES = ("chromedriver",)
+CHROMIUM_FLAGS = (
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-default-apps",
+    "--disable-extensions",
+    "--disable-sync",
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+)
+
+
+def find_chromium() -> tuple[str, str] | None:
+    """`(browser, driver)` executables (Debian's `chromium` and `chromium-driver`), or None when either is absent."""
+    browser = next((shutil.which(name) for name in CHROMIUM_NAMES if shutil.which(name)), None)
+    driver = next((shutil.which(name) for name in DRIVER_NAMES if shutil.which(name)), None)
+    return (browser, driver) if browser and driver else None
+
+
+def open_chromium(width: int = 1200, height: int = 900):
+    """A headless Chromium webdriver of that window size; raises RuntimeError when Chromium is not installed."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    found = find_chromium()
+    if found is None:
+        raise RuntimeError("Chromium and its driver are needed: apt-get install chromium chromium-driver.")
+    options = webdriver.ChromeOptions()
+    options.binary_location = found[0]
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--window-size={width},{height}")
+    return webdriver.Chrome(service=Service(found[1]), options=options)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(blocks):
+    """Serves a built app on a free loopback port for the duration of the block; yields its URL."""
+    from .ui import launch_app
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    port = free_port()
+    launch_app(blocks, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        blocks.close()
+
+
+# ------------------------------------------------------------------------------------------------ page actions
+
+
+def _wait(driver, condition, timeout: float = 60.0):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.2).until(lambda d: condition(d))
+
+
+def _elements(driver, css: str):
+    from selenium.webdriver.common.by import By
+
+    return driver.find_elements(By.CSS_SELECTOR, css)
+
+
+def open_page(driver, url: str) -> None:
+    driver.get(url)
+    _wait(driver, lambda d: _elements(d, "#search-button"))
+
+
+def show_tab(driver, name: str) -> None:
+    """Clicks the tab whose title starts with `name` ("Text", "Image")."""
+    tab = _wait(driver, lambda d: [t for t in _elements(d, "button[role='tab']") if t.text.startswith(name)])[0]
+    tab.click()
+
+
+def search(driver, query: str, expect: int | None = None) -> list[str]:
+    """Types the query, presses Enter, and returns the result gallery's captions (once `expect` of them, or any, or an
+    error message, are shown)."""
+    from selenium.webdriver.common.keys import Keys
+
+    box = _wait(driver, lambda d: _elements(d, "#query textarea, #query input"))[0]
+    box.clear()
+    # Enter submits, as the Search button does; warning toasts from earlier requests may cover the button.
+    box.send_keys(query + Keys.ENTER)
+
+    def done(d):
+        captions = [c.text for c in _elements(d, "#result-gallery .caption-label")]
+        if expect is None:
+            return captions or error_text(d, "search-error")
+        return len(captions) == expect and captions
+
+    _wait(driver, done)
+    return [c.text for c in _elements(driver, "#result-gallery .caption-label")]
+
+
+def upload_photo(driver, path: str | os.PathLike) -> None:
+    """Sends a file to the photo upload field (the upload then ranks the captions), clearing the earlier one."""
+    for button in _elements(driver, "#photo-upload button[aria-label='Clear']"):
+        button.click()
+    field_ = _wait(driver, lambda d: _elements(d, "#photo-upload input[type='file']"))[0]
+    field_.send_keys(str(Path(path).resolve()))
+
+
+def table_rows(driver, elem_id: str) -> list[list[str]]:
+    """The body rows of the Markdown table in `#elem_id`, as cell texts."""
+    rows = _elements(driver, f"#{elem_id} tbody tr")
+    return [[cell.text for cell in row.find_elements("css selector", "td")] for row in rows]
+
+
+def error_text(driver, elem_id: str) -> str:
+    found = _elements(driver, f"#{elem_id}")
+    return found[0].text.strip() if found else ""
+
+
+def wait_for_captions_or_error(driver, previous: str = "", timeout: float = 60.0) -> tuple[list[list[str]], str]:
+    """Waits for the caption table to change from `previous` (its text before) or for an error; returns both."""
+
+    def done(d):
+        table = _elements(d, "#caption-results")
+        text = table[0].text if table else ""
+        return (text and text != previous) or error_text(d, "photo-error")
+
+    _wait(driver, done, timeout)
+    return table_rows(driver, "caption-results"), error_text(driver, "photo-error")
+
+
+def region_picture_shown(driver, elem_id: str) -> bool:
+    """Whether `#elem_id` shows a loaded image (its natural width is not zero)."""
+    images = _elements(driver, f"#{elem_id} img")
+    return bool(images) and bool(driver.execute_script("return arguments[0].naturalWidth", images[0]))
+
+
+def save_screenshot(driver, path: str | os.PathLike, colours: int = 96) -> Path:
+    """The window as a palette PNG (a few dozen kilobytes rather than hundreds)."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.open(BytesIO(driver.get_screenshot_as_png())).convert("RGB")
+    image.quantize(colours, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+    return path
+
+
+def scroll_to(driver, elem_id: str) -> None:
+    found = _elements(driver, f"#{elem_id}")
+    if found:
+        driver.execute_script("arguments[0].scrollIntoView({block: 'start'})", found[0])
+        time.sleep(0.3)
+
+
+# ------------------------------------------------------------------------------------------------ screenshots
+
+
+@dataclass
+class ScreenshotArguments:
+    """Settings of the screenshot run (the app's own settings are those of `imagebert-app`)."""
+
+    output_dir: str = field(default="docs", metadata={"help": "Where app_*.png go."})
+    query: str = field(default="a red circle above a blue square", metadata={"help": "The text query shown."})
+    photo: str | None = field(
+        default=None, metadata={"help": "The photo uploaded (the gallery's first photo when unset)."}
+    )
+
+
+def take_screenshots(blocks, demo, output_dir: str | os.PathLike, query: str, photo: str | None = None) -> list[Path]:
+    """The three views (text -> images, image -> texts, a refused upload) as docs/app_*.png."""
+    output_dir = Path(output_dir)
+    photo = photo or str(demo.gallery[0].path)
+    shots = []
+    driver = open_chromium(1200, 980)
+    try:
+        with serving(blocks) as url:
+            open_page(driver, url)
+            search(driver, query)
+            _wait(driver, lambda d: region_picture_shown(d, "search-regions"))
+            shots.append(save_screenshot(driver, output_dir / "app_text_to_images.png"))
+            show_tab(driver, "Image")
+            upload_photo(driver, photo)
+            wait_for_captions_or_error(driver)
+            _wait(driver, lambda d: region_picture_shown(d, "photo-regions"))
+            shots.append(save_screenshot(driver, output_dir / "app_image_to_texts.png"))
+            not_an_image = output_dir / "not-an-image.txt"
+            not_an_image.write_text("this is not a photo\n")
+            try:
+                upload_photo(driver, not_an_image)
+                _wait(driver, lambda d: error_text(d, "photo-error"))
+                time.sleep(0.5)  # the warning toast
+                shots.append(save_screenshot(driver, output_dir / "app_bad_upload.png"))
+            finally:
+                not_an_image.unlink()
+    finally:
+        driver.quit()
+    return shots
+
+
+def main(argv: list[str] | None = None) -> None:
+    from transformers import HfArgumentParser
+
+    from .cli import AppArguments, load_demo
+    from .ui import build_app
+
+    app_args, shot_args = HfArgumentParser((AppArguments, ScreenshotArguments)).parse_args_into_dataclasses(args=argv)
+    demo = load_demo(app_args)
+    for path in take_screenshots(
+        build_app(demo, top_k=app_args.top_k), demo, shot_args.output_dir, shot_args.query, shot_args.photo
+    ):
+        print(f"wrote {path} ({path.stat().st_size // 1024} KiB)")
+
+
+if __name__ == "__main__":
+    main()

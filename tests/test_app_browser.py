@@ -1,0 +1,107 @@
+"""The retrieval app in a real headless Chromium: the page served on a loopback port and driven like a person would.
+
+Needs Debian's `chromium` and `chromium-driver` (the Makefile's setup installs them) and selenium (the `app` extra);
+skips, saying which is missing, where they are absent.
+"""
+
+import re
+
+import pytest
+
+from .test_app import QUERY, make_tiny_demo
+from .test_bad_images import png_header_only
+from .testing_utils import require_module
+
+
+pytestmark = [require_module("gradio"), require_module("selenium")]
+
+
+def _chromium_or_skip():
+    from imagebert_hf.app.browser import find_chromium
+
+    if find_chromium() is None:
+        pytest.skip("Chromium or chromedriver not found: apt-get install chromium chromium-driver (make setup does)")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    _chromium_or_skip()
+    from imagebert_hf.app import build_app
+    from imagebert_hf.app.browser import open_chromium, open_page, serving
+
+    demo = make_tiny_demo(tmp_path_factory.mktemp("browser-app"))
+    driver = open_chromium()
+    try:
+        with serving(build_app(demo, top_k=5)) as url:
+            assert url.startswith("http://127.0.0.1:")
+            open_page(driver, url)
+            yield demo, driver
+    finally:
+        driver.quit()
+
+
+def test_a_text_query_shows_the_gallery_in_score_order(served):
+    from imagebert_hf.app.browser import region_picture_shown, search, table_rows
+
+    demo, driver = served
+    captions = search(driver, QUERY, expect=5)
+    ranks = [int(re.match(r"#(\d+)", caption).group(1)) for caption in captions]
+    scores = [float(caption.split()[1]) for caption in captions]
+    assert ranks == [1, 2, 3, 4, 5]
+    assert scores == sorted(scores, reverse=True) and len(set(scores)) > 1
+    expected = demo.search_images(QUERY, 5)
+    assert scores == pytest.approx([round(hit.score, 3) for hit in expected], abs=1e-3)
+    shown = [
+        driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image)
+        for image in driver.find_elements("css selector", "#result-gallery img")
+    ]
+    assert len(shown) == 5 and all(shown)  # five photos actually loaded, not just captions
+    assert [row[3] for row in table_rows(driver, "search-results")] == [hit.image.key for hit in expected]
+    assert region_picture_shown(driver, "search-regions")
+
+
+def test_an_uploaded_photo_gets_captions_and_its_region_picture(served):
+    from imagebert_hf.app.browser import region_picture_shown, show_tab, upload_photo, wait_for_captions_or_error
+
+    demo, driver = served
+    show_tab(driver, "Image")
+    upload_photo(driver, demo.gallery[4].path)
+    rows, error = wait_for_captions_or_error(driver)
+    assert error == "" and len(rows) == 5
+    assert [int(row[0]) for row in rows] == [1, 2, 3, 4, 5]
+    scores = [float(row[1]) for row in rows]
+    assert scores == sorted(scores, reverse=True) and all(row[3] in demo.captions for row in rows)
+    assert region_picture_shown(driver, "photo-regions")
+
+
+def test_a_bad_upload_shows_a_readable_message(served, tmp_path):
+    from imagebert_hf.app.browser import error_text, show_tab, upload_photo, wait_for_captions_or_error
+
+    _, driver = served
+    show_tab(driver, "Image")
+    previous = driver.find_element("css selector", "#caption-results").text
+    not_an_image = tmp_path / "holiday-notes.txt"
+    not_an_image.write_text("this is not a photo\n")
+    upload_photo(driver, not_an_image)
+    _, error = wait_for_captions_or_error(driver, previous)
+    assert "holiday-notes.txt is not a usable image" in error and "Traceback" not in driver.page_source
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_header_only(30000, 30000))
+    upload_photo(driver, bomb)
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, 60).until(lambda d: "bomb.png" in error_text(d, "photo-error"))
+    assert "decompression bomb" in error_text(driver, "photo-error")
+
+
+def test_an_empty_query_shows_a_readable_message(served):
+    from imagebert_hf.app.browser import error_text, search, show_tab
+
+    _, driver = served
+    show_tab(driver, "Text")
+    search(driver, "   ")
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, 60).until(lambda d: error_text(d, "search-error"))
+    assert "Type a query first" in error_text(driver, "search-error")
