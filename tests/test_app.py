@@ -293,3 +293,22 @@ def test_the_package_imports_without_gradio():
     code = "import sys; sys.modules['gradio'] = None; import imagebert_hf, imagebert_hf.app; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+@require_module("gradio")
+def test_the_space_app_builds_the_page_from_its_folder(demo, monkeypatch):
+    import runpy
+
+    import gradio as gr
+
+    from .testing_utils import PROJECT_ROOT
+
+    manifest = demo.gallery[0].path.parents[1] / "captions.jsonl"
+    monkeypatch.setenv("IMAGEBERT_MODEL", demo.retriever.model.name_or_path)
+    monkeypatch.setenv("IMAGEBERT_GALLERY", str(manifest))
+    monkeypatch.setenv("IMAGEBERT_SPLIT", "")
+    monkeypatch.setenv("IMAGEBERT_MAX_GALLERY", "4")
+    space = runpy.run_path(str(PROJECT_ROOT / "spaces" / "app.py"), run_name="space_app")
+    assert isinstance(space["demo"], gr.Blocks) and space["args"].max_gallery == 4 and space["args"].split is None
+    header = (PROJECT_ROOT / "spaces" / "README.md").read_text().split("---")[1]
+    assert "sdk: gradio" in header and "app_file: app.py" in header

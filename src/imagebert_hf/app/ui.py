@@ -8,6 +8,7 @@ readable line, never as a stack trace.
 from __future__ import annotations
 
 import html
+import os
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,8 @@ def photo_view(demo: RetrievalDemo, upload: str | None, pick: str | None, captio
 
 def build_app(demo: RetrievalDemo, title: str = "ImageBERT image-text retrieval", top_k: int = 8):
     """The app's `gr.Blocks` over a `RetrievalDemo` (model + prebuilt gallery). Launch it with `launch_app`."""
+    # No usage reports or version checks: the app runs offline (set before gradio is first imported).
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
     num_images, num_captions = len(demo.gallery), len(demo.captions)

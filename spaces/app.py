@@ -1,0 +1,25 @@
+"""The ImageBERT retrieval app on a Hugging Face Space: the same page as `imagebert-app`.
+
+The Space holds (see README.md and docs/app.md of the project):
+- `model/`: a retrieval model folder with its processor (e.g. the `make demo` checkpoint), or set the Space variable
+  `IMAGEBERT_MODEL` to a Hub id;
+- `gallery/`: a folder of photos or a jsonl manifest with its images (`IMAGEBERT_GALLERY`, `IMAGEBERT_SPLIT`).
+"""
+
+import os
+
+from imagebert_hf.app import build_app, launch_app
+from imagebert_hf.app.cli import AppArguments, load_demo
+
+
+args = AppArguments(
+    model=os.environ.get("IMAGEBERT_MODEL", "model"),
+    gallery=os.environ.get("IMAGEBERT_GALLERY", "gallery/captions.jsonl"),
+    split=os.environ.get("IMAGEBERT_SPLIT", "test") or None,
+    max_gallery=int(os.environ["IMAGEBERT_MAX_GALLERY"]) if os.environ.get("IMAGEBERT_MAX_GALLERY") else None,
+)
+demo = build_app(load_demo(args), title=os.environ.get("IMAGEBERT_TITLE", "ImageBERT image-text retrieval"))
+
+if __name__ == "__main__":
+    # A Space sets GRADIO_SERVER_NAME and GRADIO_SERVER_PORT; elsewhere this serves on the loopback address.
+    launch_app(demo, server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
