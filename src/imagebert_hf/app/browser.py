@@ -199,7 +199,7 @@ def take_screenshots(blocks, demo, output_dir: str | os.PathLike, query: str, ph
     output_dir = Path(output_dir)
     photo = photo or str(demo.gallery[0].path)
     shots = []
-    driver = open_chromium(1200, 980)
+    driver = open_chromium(1200, 1180)
     try:
         with serving(blocks) as url:
             open_page(driver, url)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import html
 import os
-from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -74,10 +73,10 @@ def search_view(demo: RetrievalDemo, query: str, top_k: float) -> tuple[list, st
             )
     except Exception as error:
         return [], "", None, _report(error)
-    items = [(str(hit.image.path), f"#{hit.rank}  {hit.score:.3f}  {Path(hit.image.key).stem}") for hit in hits]
+    items = [(str(hit.image.path), f"#{hit.rank}  {hit.score:.3f}") for hit in hits]
     table = _results_table(
         [(hit.rank, f"{hit.score:.3f}", f"{hit.probability:.3f}", hit.image.key) for hit in hits],
-        ("rank", "score", "match probability", "photo"),
+        ("#", "score", "p(match)", "photo"),
     )
     return items, table, picture, ""
 
@@ -103,7 +102,7 @@ def photo_view(demo: RetrievalDemo, upload: str | None, pick: str | None, captio
         return "", None, _report(error)
     table = _results_table(
         [(hit.rank, f"{hit.score:.3f}", f"{hit.probability:.3f}", hit.text) for hit in hits],
-        ("rank", "score", "match probability", "caption"),
+        ("#", "score", "p(match)", "caption"),
     )
     return table, picture, ""
 
@@ -137,7 +136,7 @@ def build_app(demo: RetrievalDemo, title: str = "ImageBERT image-text retrieval"
             results = gr.Gallery(
                 label="Best matches, best first",
                 columns=8,
-                height=230,
+                height=170,
                 object_fit="contain",
                 elem_id="result-gallery",
                 allow_preview=False,
@@ -145,6 +144,7 @@ def build_app(demo: RetrievalDemo, title: str = "ImageBERT image-text retrieval"
             with gr.Row():
                 search_table = gr.Markdown(elem_id="search-results")
                 search_regions = gr.Image(
+                    scale=2,
                     label="Regions of the best match",
                     type="pil",
                     elem_id="search-regions",
