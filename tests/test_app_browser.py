@@ -75,7 +75,7 @@ def test_an_uploaded_photo_gets_captions_and_its_region_picture(served):
 
 
 def test_a_bad_upload_shows_a_readable_message(served, tmp_path):
-    from imagebert_hf.app.browser import error_text, show_tab, upload_photo, wait_for_captions_or_error
+    from imagebert_hf.app.browser import error_text, show_tab, upload_photo, wait_for_captions_or_error, wait_until
 
     _, driver = served
     show_tab(driver, "Image")
@@ -89,19 +89,15 @@ def test_a_bad_upload_shows_a_readable_message(served, tmp_path):
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(png_header_only(30000, 30000))
     upload_photo(driver, bomb)
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    WebDriverWait(driver, 60).until(lambda d: "bomb.png" in error_text(d, "photo-error"))
+    wait_until(driver, lambda d: "bomb.png" in error_text(d, "photo-error"))
     assert "decompression bomb" in error_text(driver, "photo-error")
 
 
 def test_an_empty_query_shows_a_readable_message(served):
-    from imagebert_hf.app.browser import error_text, search, show_tab
+    from imagebert_hf.app.browser import error_text, search, show_tab, wait_until
 
     _, driver = served
     show_tab(driver, "Text")
     search(driver, "   ")
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    WebDriverWait(driver, 60).until(lambda d: error_text(d, "search-error"))
+    wait_until(driver, lambda d: error_text(d, "search-error"))
     assert "Type a query first" in error_text(driver, "search-error")

@@ -80,10 +80,13 @@ def serving(blocks):
 # ------------------------------------------------------------------------------------------------ page actions
 
 
-def _wait(driver, condition, timeout: float = 60.0):
+def wait_until(driver, condition, timeout: float = 60.0):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout, poll_frequency=0.2).until(lambda d: condition(d))
+    # The page re-renders as results arrive: an element read mid-update is tried again at the next poll.
+    wait = WebDriverWait(driver, timeout, poll_frequency=0.2, ignored_exceptions=[StaleElementReferenceException])
+    return wait.until(lambda d: condition(d))
 
 
 def _elements(driver, css: str):
@@ -94,12 +97,12 @@ def _elements(driver, css: str):
 
 def open_page(driver, url: str) -> None:
     driver.get(url)
-    _wait(driver, lambda d: _elements(d, "#search-button"))
+    wait_until(driver, lambda d: _elements(d, "#search-button"))
 
 
 def show_tab(driver, name: str) -> None:
     """Clicks the tab whose title starts with `name` ("Text", "Image")."""
-    tab = _wait(driver, lambda d: [t for t in _elements(d, "button[role='tab']") if t.text.startswith(name)])[0]
+    tab = wait_until(driver, lambda d: [t for t in _elements(d, "button[role='tab']") if t.text.startswith(name)])[0]
     tab.click()
 
 
@@ -108,7 +111,7 @@ def search(driver, query: str, expect: int | None = None) -> list[str]:
     error message, are shown)."""
     from selenium.webdriver.common.keys import Keys
 
-    box = _wait(driver, lambda d: _elements(d, "#query textarea, #query input"))[0]
+    box = wait_until(driver, lambda d: _elements(d, "#query textarea, #query input"))[0]
     box.clear()
     # Enter submits, as the Search button does; warning toasts from earlier requests may cover the button.
     box.send_keys(query + Keys.ENTER)
@@ -116,18 +119,17 @@ def search(driver, query: str, expect: int | None = None) -> list[str]:
     def done(d):
         captions = [c.text for c in _elements(d, "#result-gallery .caption-label")]
         if expect is None:
-            return captions or error_text(d, "search-error")
-        return len(captions) == expect and captions
+            return (captions,) if captions or error_text(d, "search-error") else None
+        return (captions,) if len(captions) == expect else None
 
-    _wait(driver, done)
-    return [c.text for c in _elements(driver, "#result-gallery .caption-label")]
+    return wait_until(driver, done)[0]
 
 
 def upload_photo(driver, path: str | os.PathLike) -> None:
     """Sends a file to the photo upload field (the upload then ranks the captions), clearing the earlier one."""
     for button in _elements(driver, "#photo-upload button[aria-label='Clear']"):
         button.click()
-    field_ = _wait(driver, lambda d: _elements(d, "#photo-upload input[type='file']"))[0]
+    field_ = wait_until(driver, lambda d: _elements(d, "#photo-upload input[type='file']"))[0]
     field_.send_keys(str(Path(path).resolve()))
 
 
@@ -148,10 +150,10 @@ def wait_for_captions_or_error(driver, previous: str = "", timeout: float = 60.0
     def done(d):
         table = _elements(d, "#caption-results")
         text = table[0].text if table else ""
-        return (text and text != previous) or error_text(d, "photo-error")
+        error = error_text(d, "photo-error")
+        return (table_rows(d, "caption-results"), error) if (text and text != previous) or error else None
 
-    _wait(driver, done, timeout)
-    return table_rows(driver, "caption-results"), error_text(driver, "photo-error")
+    return wait_until(driver, done, timeout)
 
 
 def region_picture_shown(driver, elem_id: str) -> bool:
@@ -204,18 +206,18 @@ def take_screenshots(blocks, demo, output_dir: str | os.PathLike, query: str, ph
         with serving(blocks) as url:
             open_page(driver, url)
             search(driver, query)
-            _wait(driver, lambda d: region_picture_shown(d, "search-regions"))
+            wait_until(driver, lambda d: region_picture_shown(d, "search-regions"))
             shots.append(save_screenshot(driver, output_dir / "app_text_to_images.png"))
             show_tab(driver, "Image")
             upload_photo(driver, photo)
             wait_for_captions_or_error(driver)
-            _wait(driver, lambda d: region_picture_shown(d, "photo-regions"))
+            wait_until(driver, lambda d: region_picture_shown(d, "photo-regions"))
             shots.append(save_screenshot(driver, output_dir / "app_image_to_texts.png"))
             not_an_image = output_dir / "not-an-image.txt"
             not_an_image.write_text("this is not a photo\n")
             try:
                 upload_photo(driver, not_an_image)
-                _wait(driver, lambda d: error_text(d, "photo-error"))
+                wait_until(driver, lambda d: error_text(d, "photo-error"))
                 time.sleep(0.5)  # the warning toast
                 shots.append(save_screenshot(driver, output_dir / "app_bad_upload.png"))
             finally:
