@@ -56,7 +56,7 @@ def test_a_text_query_shows_the_gallery_in_score_order(served):
         for image in driver.find_elements("css selector", "#result-gallery img")
     ]
     assert len(shown) == 5 and all(shown)  # five photos actually loaded, not just captions
-    assert [row[3] for row in table_rows(driver, "search-results")] == [hit.image.key for hit in expected]
+    assert [row[3] for row in table_rows(driver, "search-results")] == [hit.image.path.name for hit in expected]
     assert region_picture_shown(driver, "search-regions")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import os
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -75,7 +76,7 @@ def search_view(demo: RetrievalDemo, query: str, top_k: float) -> tuple[list, st
         return [], "", None, _report(error)
     items = [(str(hit.image.path), f"#{hit.rank}  {hit.score:.3f}") for hit in hits]
     table = _results_table(
-        [(hit.rank, f"{hit.score:.3f}", f"{hit.probability:.3f}", hit.image.key) for hit in hits],
+        [(hit.rank, f"{hit.score:.3f}", f"{hit.probability:.3f}", Path(hit.image.key).name) for hit in hits],
         ("#", "score", "p(match)", "photo"),
     )
     return items, table, picture, ""
@@ -136,7 +137,7 @@ def build_app(demo: RetrievalDemo, title: str = "ImageBERT image-text retrieval"
             results = gr.Gallery(
                 label="Best matches, best first",
                 columns=8,
-                height=170,
+                height=150,
                 object_fit="contain",
                 elem_id="result-gallery",
                 allow_preview=False,
@@ -146,6 +147,7 @@ def build_app(demo: RetrievalDemo, title: str = "ImageBERT image-text retrieval"
                 search_regions = gr.Image(
                     scale=2,
                     label="Regions of the best match",
+                    show_label=False,  # the label would cover the picture's top left corner, where tags are
                     type="pil",
                     elem_id="search-regions",
                     interactive=False,
@@ -171,6 +173,7 @@ def build_app(demo: RetrievalDemo, title: str = "ImageBERT image-text retrieval"
                 caption_table = gr.Markdown(elem_id="caption-results")
                 photo_regions = gr.Image(
                     label="Regions, and which ones mattered for the best caption",
+                    show_label=False,
                     type="pil",
                     elem_id="photo-regions",
                     interactive=False,
