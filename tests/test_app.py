@@ -95,6 +95,15 @@ def test_read_gallery_from_a_manifest_and_a_folder(demo, tmp_path):
         read_gallery(tmp_path / "missing.csv")
 
 
+def test_an_unreadable_gallery_photo_is_named_at_start(demo, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.new("RGB", (32, 32), (10, 200, 10)).save(folder / "good.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(AppInputError, match=r"1 gallery image\(s\) could not be read:\n  broken.png: "):
+        RetrievalDemo(demo.retriever, read_gallery(folder))
+
+
 def test_caption_helpers():
     assert parse_caption_list(" a red circle \n\n  a blue square\n") == ["a red circle", "a blue square"]
     assert parse_caption_list(None) == []
