@@ -4,6 +4,7 @@ from transformers import PreTrainedConfig
 
 
 MOC_LOSS_TYPES = ("cross_entropy", "kl")
+REGION_LOCATION_SIZES = (5, 7)
 RETRIEVAL_LOSS_TYPES = ("binary", "multiclass", "triplet")
 
 
@@ -49,7 +50,16 @@ class ImageBERTConfig(PreTrainedConfig):
         region_feature_size (`int`, *optional*, defaults to 2048):
             Size of one region's visual feature (2048 for a ResNet-101 Faster R-CNN).
         region_location_size (`int`, *optional*, defaults to 5):
-            Size of the location vector `(x1/W, y1/H, x2/W, y2/H, area/(W*H))`.
+            Size of the location vector: 5 for the paper's `(x1/W, y1/H, x2/W, y2/H, area/(W*H))`, 7 for UNITER's
+            `(x1/W, y1/H, x2/W, y2/H, w/W, h/H, w*h/(W*H))`. The region extractor's `region_location_size` must match.
+        region_projection_layer_norm (`bool`, *optional*, defaults to `False`):
+            Normalise the projected region feature and the projected location each with its own LayerNorm before
+            they are summed (UNITER's `img_layer_norm` and `pos_layer_norm`). The paper sums them directly.
+        region_position_embedding (`bool`, *optional*, defaults to `True`):
+            Add the position row `region_position_id` to every region, as the paper does. UNITER adds none.
+        separate_region_layer_norm (`bool`, *optional*, defaults to `False`):
+            Normalise region embeddings with their own LayerNorm (UNITER's image-embedding LayerNorm) instead of the
+            one shared with text.
         num_object_classes (`int`, *optional*, defaults to 1600):
             Object classes of the detector (1600 for Visual Genome); the size of the MOC head.
         max_regions (`int`, *optional*, defaults to 100):
@@ -117,6 +127,9 @@ class ImageBERTConfig(PreTrainedConfig):
         tie_word_embeddings: bool = True,
         region_feature_size: int = 2048,
         region_location_size: int = 5,
+        region_projection_layer_norm: bool = False,
+        region_position_embedding: bool = True,
+        separate_region_layer_norm: bool = False,
         num_object_classes: int = 1600,
         max_regions: int = 100,
         max_text_length: int = 44,
@@ -155,6 +168,9 @@ class ImageBERTConfig(PreTrainedConfig):
         self.layer_norm_eps = layer_norm_eps
         self.region_feature_size = region_feature_size
         self.region_location_size = region_location_size
+        self.region_projection_layer_norm = region_projection_layer_norm
+        self.region_position_embedding = region_position_embedding
+        self.separate_region_layer_norm = separate_region_layer_norm
         self.num_object_classes = num_object_classes
         self.max_regions = max_regions
         self.max_text_length = max_text_length
@@ -182,6 +198,11 @@ class ImageBERTConfig(PreTrainedConfig):
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
                 f"({self.num_attention_heads})."
+            )
+        if self.region_location_size not in REGION_LOCATION_SIZES:
+            raise ValueError(
+                f"region_location_size must be one of {REGION_LOCATION_SIZES} (the paper's 5-d or UNITER's 7-d box "
+                f"position), got {self.region_location_size}."
             )
         if self.moc_loss_type not in MOC_LOSS_TYPES:
             raise ValueError(f"moc_loss_type must be one of {MOC_LOSS_TYPES}, got {self.moc_loss_type!r}.")

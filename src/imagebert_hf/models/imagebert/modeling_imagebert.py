@@ -261,7 +261,12 @@ class ImageBERTDropout(nn.Dropout):
 
 
 class ImageBERTEmbeddings(nn.Module):
-    """Text embeddings as BERT's; region embeddings from a projected feature and location, one shared position."""
+    """Text embeddings as BERT's; region embeddings from a projected feature and location, one shared position.
+
+    The UNITER layout is a configuration of the same module: `region_projection_layer_norm` normalises the two
+    projections before they are summed, `region_position_embedding=False` leaves out the shared position row, and
+    `separate_region_layer_norm` gives regions their own final LayerNorm.
+    """
 
     def __init__(self, config: ImageBERTConfig):
         super().__init__()
@@ -271,6 +276,11 @@ class ImageBERTEmbeddings(nn.Module):
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.region_feature_projection = nn.Linear(config.region_feature_size, config.hidden_size)
         self.region_location_projection = nn.Linear(config.region_location_size, config.hidden_size)
+        if config.region_projection_layer_norm:
+            self.region_feature_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+            self.region_location_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        if config.separate_region_layer_norm:
+            self.region_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = ImageBERTDropout(config.hidden_dropout_prob)
 
@@ -286,15 +296,15 @@ class ImageBERTEmbeddings(nn.Module):
 
     def embed_regions(self, region_features: torch.Tensor, region_locations: torch.Tensor) -> torch.Tensor:
         dtype = self.region_feature_projection.weight.dtype
-        shared = (
-            self.position_embeddings.weight[self.config.region_position_id]
-            + self.token_type_embeddings.weight[self.config.region_token_type_id]
-        )
-        return (
-            self.region_feature_projection(region_features.to(dtype))
-            + self.region_location_projection(region_locations.to(dtype))
-            + shared
-        )
+        shared = self.token_type_embeddings.weight[self.config.region_token_type_id]
+        if self.config.region_position_embedding:
+            shared = shared + self.position_embeddings.weight[self.config.region_position_id]
+        features = self.region_feature_projection(region_features.to(dtype))
+        locations = self.region_location_projection(region_locations.to(dtype))
+        if self.config.region_projection_layer_norm:
+            features = self.region_feature_layer_norm(features)
+            locations = self.region_location_layer_norm(locations)
+        return features + locations + shared
 
     def forward(
         self,
@@ -303,13 +313,15 @@ class ImageBERTEmbeddings(nn.Module):
         region_features: torch.Tensor | None = None,
         region_locations: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        # LayerNorm acts per position, so normalising each part equals normalising their concatenation.
         parts = []
         if input_ids is not None:
-            parts.append(self.embed_text(input_ids, token_type_ids))
+            parts.append(self.LayerNorm(self.embed_text(input_ids, token_type_ids)))
         if region_features is not None:
-            parts.append(self.embed_regions(region_features, region_locations))
+            norm = self.region_layer_norm if self.config.separate_region_layer_norm else self.LayerNorm
+            parts.append(norm(self.embed_regions(region_features, region_locations)))
         embeddings = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        return self.dropout(self.LayerNorm(embeddings))
+        return self.dropout(embeddings)
 
 
 # --------------------------------------------------------------------------------------------------------------------
