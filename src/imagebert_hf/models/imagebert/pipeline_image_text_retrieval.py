@@ -568,7 +568,8 @@ class RegionsOnlyProcessor:
             records = [regions] if isinstance(regions, Mapping) else list(regions)
             feature_size = len(records[0]["region_features"][0])
             out["region_features"] = torch.zeros(len(records), self.max_regions, feature_size)
-            out["region_locations"] = torch.zeros(len(records), self.max_regions, 5)
+            location_size = len(records[0]["region_locations"][0])
+            out["region_locations"] = torch.zeros(len(records), self.max_regions, location_size)
             out["region_attention_mask"] = torch.zeros(len(records), self.max_regions, dtype=torch.long)
             for row, record in enumerate(records):
                 features = torch.as_tensor(record["region_features"], dtype=torch.float32)[: self.max_regions]

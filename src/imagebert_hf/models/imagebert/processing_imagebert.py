@@ -28,7 +28,8 @@ class ImageBERTProcessor(ProcessorMixin):
     `BatchFeature` with the inputs of `ImageBERTModel` (names and shapes in `docs/architecture.md`):
 
     - `input_ids`, `attention_mask`, `token_type_ids` of shape (B, T): `[CLS] text [SEP]`, padded with `[PAD]`;
-    - `region_features` (B, R, F), `region_locations` (B, R, 5), `region_attention_mask` (B, R), zero-padded;
+    - `region_features` (B, R, F), `region_locations` (B, R, 5; 7 for UNITER's layout), `region_attention_mask`
+      (B, R), zero-padded;
     - with `return_region_labels=True`, `region_class_labels` (B, R; -100 on padding and where the extractor has no
       label) and `region_class_probs` (B, R, C; when the regions carry distributions), the MOC targets.
 
@@ -65,14 +66,19 @@ class ImageBERTProcessor(ProcessorMixin):
         cls, config: ImageBERTConfig, tokenizer, image_processor: ImageBERTRoIExtractor | None = None
     ) -> ImageBERTProcessor:
         """A processor with the config's lengths; checks that the extractor's regions fit the config."""
-        image_processor = image_processor or ImageBERTRoIExtractor(max_regions=config.max_regions)
+        image_processor = image_processor or ImageBERTRoIExtractor(
+            max_regions=config.max_regions, region_location_size=config.region_location_size
+        )
         processor = cls(image_processor, tokenizer, config.max_text_length, config.max_regions)
         processor.check_model_config(config)
         return processor
 
     def check_model_config(self, config: ImageBERTConfig) -> None:
         """Raises ValueError, naming both numbers, when the regions or lengths do not fit `config`."""
-        check_region_sizes(self.image_processor.region_feature_size, self.image_processor.num_object_classes, config)
+        extractor = self.image_processor
+        check_region_sizes(
+            extractor.region_feature_size, extractor.num_object_classes, config, extractor.region_location_size
+        )
         if self.max_text_length > config.max_text_length:
             raise ValueError(
                 f"the processor's max_text_length {self.max_text_length} exceeds the model config's "
@@ -174,7 +180,10 @@ class ImageBERTProcessor(ProcessorMixin):
                     :count
                 ]
             )
-            locations.append(np.asarray(record["region_locations"], dtype=np.float32).reshape(-1, 5)[:count])
+            record_locations = np.asarray(record["region_locations"], dtype=np.float32)
+            locations.append(
+                record_locations.reshape(-1, record_locations.shape[-1] if record_locations.ndim == 2 else 5)[:count]
+            )
             record_labels = record.get("region_class_labels")
             labels.append(
                 np.full(count, -100, dtype=np.int64)
@@ -187,11 +196,14 @@ class ImageBERTProcessor(ProcessorMixin):
         if len(feature_sizes) > 1:
             raise ValueError(f"the regions have different feature sizes {sorted(feature_sizes)}.")
         feature_size = feature_sizes.pop()
+        location_sizes = {loc.shape[1] for loc in locations if len(loc)} or {self.image_processor.region_location_size}
+        if len(location_sizes) > 1:
+            raise ValueError(f"the regions have different location sizes {sorted(location_sizes)}.")
         width = max_regions if padding == "max_length" else max(1, max(len(f) for f in features))
         batch = len(records)
         out = {
             "region_features": np.zeros((batch, width, feature_size), dtype=np.float32),
-            "region_locations": np.zeros((batch, width, 5), dtype=np.float32),
+            "region_locations": np.zeros((batch, width, location_sizes.pop()), dtype=np.float32),
             "region_attention_mask": np.zeros((batch, width), dtype=np.int64),
         }
         for i, (f, loc) in enumerate(zip(features, locations)):

@@ -1,4 +1,4 @@
-"""Box geometry: format conversion, clipping, the multi-scale grid and the 5-d location features of the paper.
+"""Box geometry: format conversion, clipping, the multi-scale grid and the location features (5-d, or UNITER's 7-d).
 
 All boxes here are float32 arrays of shape (R, 4) in pixels of the original image, `x1, y1, x2, y2`.
 """
@@ -45,22 +45,37 @@ def clip_boxes(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
     return clipped
 
 
-def box_locations(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
-    """The paper's 5-d location `(x1/W, y1/H, x2/W, y2/H, area/(W*H))` of each box, every value in [0, 1].
+LOCATION_SIZES = (5, 7)
+
+
+def box_locations(boxes: np.ndarray, width: int, height: int, size: int = 5) -> np.ndarray:
+    """The location feature of each box, every value in [0, 1].
+
+    `size=5` is the ImageBERT paper's `(x1/W, y1/H, x2/W, y2/H, area/(W*H))`; `size=7` is UNITER's
+    `(x1/W, y1/H, x2/W, y2/H, w/W, h/H, (w/W)*(h/H))` with `w = x2 - x1`, `h = y2 - y1`.
 
     Args:
         boxes: (R, 4) pixel boxes `x1, y1, x2, y2` (clipped to the image here).
         width: Image width W.
         height: Image height H.
+        size: 5 or 7.
 
     Returns:
-        float32 array of shape (R, 5).
+        float32 array of shape (R, size).
     """
+    if size not in LOCATION_SIZES:
+        raise ValueError(f"location size must be one of {LOCATION_SIZES}, got {size}.")
     boxes = clip_boxes(np.asarray(boxes, dtype=np.float32).reshape(-1, 4), width, height)
     scale = np.array([width, height, width, height], dtype=np.float32)
     corners = boxes / scale
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / np.float32(width * height)
-    return np.concatenate([corners, area[:, None]], axis=1).clip(0.0, 1.0).astype(np.float32)
+    relative_w = corners[:, 2] - corners[:, 0]
+    relative_h = corners[:, 3] - corners[:, 1]
+    if size == 5:
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / np.float32(width * height)
+        extra = [area[:, None]]
+    else:
+        extra = [relative_w[:, None], relative_h[:, None], (relative_w * relative_h)[:, None]]
+    return np.concatenate([corners, *extra], axis=1).clip(0.0, 1.0).astype(np.float32)
 
 
 def grid_boxes(width: int, height: int, grid_sizes: Sequence[int]) -> np.ndarray:
