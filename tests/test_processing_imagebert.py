@@ -172,6 +172,7 @@ def test_processor_code_travels_as_remote_code():
         "roi_boxes.py",
         "roi_image_loading.py",
         "roi_offline_weights.py",
+        "roi_butd.py",
         "roi_precomputed.py",
     }
     for path in [module.__file__, *files]:

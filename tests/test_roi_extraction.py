@@ -202,7 +202,11 @@ def test_offline_default_recognises_a_bear():
     assert extractor.backbone_weights == "efficientnet_lite0_package"
     path = COCO_DIR / "images" / "000000000285.jpg"
     record = extractor.extract(path, grid_sizes=[1])[0]
-    assert extractor.config_kwargs() == {**offline_default_config_kwargs(), "max_regions": 100}
+    assert extractor.config_kwargs() == {
+        **offline_default_config_kwargs(),
+        "max_regions": 100,
+        "region_location_size": 5,
+    }
     assert record["region_features"].shape == (1, 1280)
     # ImageNet-1k classes 294-297 are the bears; the whole-image region of this photo is one.
     bears = (294, 295, 296, 297)

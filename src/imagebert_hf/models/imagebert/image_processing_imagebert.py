@@ -1,4 +1,4 @@
-"""ImageBERTRoIExtractor: images in, region records out (features, boxes, 5-d locations, MOC labels)."""
+"""ImageBERTRoIExtractor: images in, region records out (features, boxes, locations, MOC labels)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from transformers.image_processing_utils import BaseImageProcessor
 from transformers.utils import logging
 
 from .roi_backends import BackboneBackend, DetectorBackend, PrecomputedBackend, RegionBackend
-from .roi_boxes import as_boxes, box_locations, clip_boxes, grid_boxes
+from .roi_boxes import LOCATION_SIZES, as_boxes, box_locations, clip_boxes, grid_boxes
+from .roi_butd import BUTD_SIZE, BUTDBackend
 from .roi_image_loading import (
     DEFAULT_MAX_ASPECT_RATIO,
     DEFAULT_MAX_DECODE_SIDE,
@@ -30,7 +31,7 @@ from .roi_offline_weights import OFFLINE_BACKBONE_NAME, OFFLINE_WEIGHTS
 
 logger = logging.get_logger(__name__)
 
-BACKENDS = ("backbone", "detector", "precomputed")
+BACKENDS = ("backbone", "detector", "butd", "precomputed")
 WEIGHTS_NAME = "roi_extractor.safetensors"
 ON_ERROR = ("raise", "record")
 
@@ -55,9 +56,11 @@ CALL_SETTINGS = (
     "roi_pool_size",
     "grid_sizes",
     "return_class_probs",
+    "region_location_size",
     "batch_size",
     *_LOAD_SETTINGS,
 )
+ATTRIBUTE_FIELDS = ("region_attribute_labels", "region_attribute_scores")
 
 
 class ImageBERTRoIExtractorKwargs(TypedDict, total=False):
@@ -86,6 +89,7 @@ class ImageBERTRoIExtractorKwargs(TypedDict, total=False):
     precomputed_feature_size: int | None
     precomputed_num_classes: int | None
     return_class_probs: bool
+    region_location_size: int
     batch_size: int
     device: str | None
     max_image_pixels: int
@@ -106,11 +110,11 @@ def _is_single(images: Any) -> bool:
 class ImageBERTRoIExtractor(BaseImageProcessor):
     r"""
     Turns images into ImageBERT region records: up to `max_regions` regions per image with pooled features, pixel
-    boxes, the 5-d locations `(x1/W, y1/H, x2/W, y2/H, area/(W*H))`, and the class label and distribution that
-    masked object classification (MOC) predicts. The schema is the "Region records" table of
-    `docs/architecture.md`.
+    boxes, the 5-d locations `(x1/W, y1/H, x2/W, y2/H, area/(W*H))` (UNITER's 7-d ones with
+    `region_location_size=7`), and the class label and distribution that masked object classification (MOC)
+    predicts. The schema is the "Region records" table of `docs/architecture.md`.
 
-    Three backends, chosen by `backend`:
+    Four backends, chosen by `backend`:
 
     - `"backbone"` (default): a timm backbone. Features are RoIAligned over the given boxes (e.g. dataset
       annotations), or, when an image has none, over a multi-scale grid (`grid_sizes`). With the default
@@ -120,6 +124,10 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
     - `"detector"`: a torchvision Faster R-CNN (or another torchvision two-stage detector) gives boxes, features
       and class scores, with a score threshold and `min_regions`..`max_regions` boxes per image (the
       bottom-up-attention practice: 10 to 100).
+    - `"butd"`: the bottom-up-attention Visual Genome Faster R-CNN (ResNet-101 C4, the network of the paper's
+      regions; `roi_butd.py`): 2048-d features, a 1600-way Visual Genome class distribution and the best of 400
+      attributes per region, 10 to 100 regions per image. `detector_weights` is a local checkpoint (file or
+      folder) or the Hub name `"unc-nlp/frcnn-vg-finetuned"`; `size` defaults to shortest side 600, longest 1000.
     - `"precomputed"`: regions read from bottom-up-attention files (a folder of per-image `.npz` or a base64
       `.tsv`), looked up by image id or file name.
 
@@ -132,7 +140,7 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
 
     Args:
         backend (`str`, *optional*, defaults to `"backbone"`):
-            `"backbone"`, `"detector"` or `"precomputed"`.
+            `"backbone"`, `"detector"`, `"butd"` or `"precomputed"`.
         max_regions (`int`, *optional*, defaults to 100):
             Most regions per image (given boxes and grid cells beyond it are dropped, in order).
         min_regions (`int`, *optional*, defaults to 10):
@@ -152,6 +160,7 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
         backbone_kwargs (`dict`, *optional*):
             Extra `timm.create_model` arguments.
         size (`dict[str, int]`, *optional*, defaults to `{"height": 320, "width": 320}`):
+            For `"butd"` the default is `{"shortest_edge": 600, "longest_edge": 1000}` (it takes only that form).
             Backbone input size: `{"height", "width"}`, or `{"shortest_edge"[, "longest_edge"]}` to keep the
             aspect ratio (images of equal resized shape are then batched together). Larger inputs give finer
             feature maps for small regions but flatter ImageNet distributions (the classifier was trained at 224).
@@ -168,11 +177,14 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
             `torchvision.models.get_model` name of the detector.
         detector_weights (`str`, *optional*):
             A local state dict file, a torchvision weights name such as `"DEFAULT"` (network or cache), or None
-            (random, tests only).
+            (random, tests only). For `"butd"`: a local checkpoint file or folder, or a Hub repository name such
+            as `"unc-nlp/frcnn-vg-finetuned"` (network or cache).
         detector_num_classes (`int`, *optional*, defaults to 91):
             Classes of the detector with background (91 for torchvision's COCO models, 1601 for Visual Genome).
         detector_kwargs (`dict`, *optional*):
-            Extra `get_model` arguments (`min_size`, `max_size`, `rpn_post_nms_top_n_test`, ...).
+            Extra `get_model` arguments (`min_size`, `max_size`, `rpn_post_nms_top_n_test`, ...). For `"butd"`:
+            network settings among `roi_butd.BUTD_DEFAULTS` (`rpn_pre_nms_top_n` 6000, `rpn_post_nms_top_n` 300,
+            `rpn_nms_threshold` 0.7, anchors, `caffe_maxpool`).
         precomputed_path (`str`, *optional*):
             Precomputed backend: a folder of `<image key>.npz` files or a `.tsv` file.
         tsv_fieldnames (`list[str]`, *optional*):
@@ -183,6 +195,9 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
             Class distribution size of the precomputed files; read from the first file when None.
         return_class_probs (`bool`, *optional*, defaults to `True`):
             Include `region_class_probs` (R x classes floats: large) in the records.
+        region_location_size (`int`, *optional*, defaults to 5):
+            5 for the paper's `region_locations`, 7 for UNITER's `(x1/W, y1/H, x2/W, y2/H, w/W, h/H, w*h/(W*H))`;
+            the model config's `region_location_size`.
         batch_size (`int`, *optional*, defaults to 8):
             Images per backbone/detector forward.
         device (`str`, *optional*):
@@ -229,6 +244,7 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
         precomputed_feature_size: int | None = None,
         precomputed_num_classes: int | None = None,
         return_class_probs: bool = True,
+        region_location_size: int = 5,
         batch_size: int = 8,
         device: str | None = None,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
@@ -254,7 +270,7 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
         self.backbone_weights = backbone_weights
         self.backbone_out_indices = list(backbone_out_indices) if backbone_out_indices is not None else None
         self.backbone_kwargs = dict(backbone_kwargs) if backbone_kwargs else None
-        self.size = dict(size) if size else {"height": 320, "width": 320}
+        self.size = dict(size) if size else dict(BUTD_SIZE if backend == "butd" else {"height": 320, "width": 320})
         self.image_mean = list(image_mean) if image_mean is not None else None
         self.image_std = list(image_std) if image_std is not None else None
         self.roi_pool_size = roi_pool_size
@@ -268,6 +284,7 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
         self.precomputed_feature_size = precomputed_feature_size
         self.precomputed_num_classes = precomputed_num_classes
         self.return_class_probs = return_class_probs
+        self.region_location_size = region_location_size
         self.batch_size = batch_size
         self.device = device
         self.max_image_pixels = max_image_pixels
@@ -341,6 +358,8 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
                 self._backend = DetectorBackend(
                     self.detector_name, weights, self.detector_num_classes, self.detector_kwargs, device
                 )
+            elif self.backend == "butd":
+                self._backend = BUTDBackend(self._weights_file or self.detector_weights, self.detector_kwargs, device)
             else:
                 self._backend = PrecomputedBackend(
                     self.precomputed_path,
@@ -366,11 +385,12 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
             "region_feature_size": self.region_feature_size,
             "num_object_classes": self.num_object_classes,
             "max_regions": self.max_regions,
+            "region_location_size": self.region_location_size,
         }
 
     def check_model_config(self, config) -> None:
         """Raises ValueError, naming both numbers, when the model's config does not fit these regions."""
-        check_region_sizes(self.region_feature_size, self.num_object_classes, config)
+        check_region_sizes(self.region_feature_size, self.num_object_classes, config, self.region_location_size)
 
     # ---------------------------------------------------------------- extraction
 
@@ -391,6 +411,10 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
             raise ValueError(f"max_regions must be at least 1, got {settings['max_regions']}.")
         if settings["batch_size"] < 1:
             raise ValueError(f"batch_size must be at least 1, got {settings['batch_size']}.")
+        if settings["region_location_size"] not in LOCATION_SIZES:
+            raise ValueError(
+                f"region_location_size must be one of {LOCATION_SIZES}, got {settings['region_location_size']}."
+            )
 
     def extract(
         self,
@@ -488,7 +512,11 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
             return [self._run_backend(backend, [item], settings, on_error)[0] for item in chunk]
 
     def _backend_call(self, backend, loaded, given, settings):
-        if self.backend == "detector" and any(b is not None for b in given) and not all(b is not None for b in given):
+        if (
+            self.backend in ("detector", "butd")
+            and any(b is not None for b in given)
+            and not all(b is not None for b in given)
+        ):
             # Detections and given boxes cannot share a forward; run the two kinds apart.
             results: list[Any] = [None] * len(loaded)
             for want_boxes in (True, False):
@@ -529,9 +557,12 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
             "image_id": image_id,
             "region_features": features,
             "region_boxes": region_boxes,
-            "region_locations": box_locations(region_boxes, width, height),
+            "region_locations": box_locations(region_boxes, width, height, settings["region_location_size"]),
             "region_class_labels": np.asarray(labels, dtype=np.int64).reshape(count),
         }
+        for name in ATTRIBUTE_FIELDS:
+            if regions.get(name) is not None:
+                record[name] = np.asarray(regions[name]).reshape(count)
         if settings["return_class_probs"]:
             num_classes = self.num_object_classes
             record["region_class_probs"] = (
@@ -548,9 +579,14 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
             "image_id": source,
             "region_features": np.zeros((0, feature_size), dtype=np.float32),
             "region_boxes": np.zeros((0, 4), dtype=np.float32),
-            "region_locations": np.zeros((0, 5), dtype=np.float32),
+            "region_locations": np.zeros((0, self.region_location_size), dtype=np.float32),
             "region_class_labels": np.zeros((0,), dtype=np.int64),
         }
+        if self.backend == "butd":
+            record.update(
+                region_attribute_labels=np.zeros((0,), dtype=np.int64),
+                region_attribute_scores=np.zeros((0,), dtype=np.float32),
+            )
         if self.return_class_probs:
             record["region_class_probs"] = np.zeros((0, self.num_object_classes), dtype=np.float32)
         record.update(image_width=0, image_height=0, num_regions=0, error=reason)
@@ -597,9 +633,15 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
         return self.preprocess(images, boxes=boxes, **kwargs)
 
 
-def check_region_sizes(feature_size: int, num_classes: int, config) -> None:
-    """Raises ValueError when regions of `feature_size` and `num_classes` do not fit an `ImageBERTConfig`."""
+def check_region_sizes(feature_size: int, num_classes: int, config, location_size: int | None = None) -> None:
+    """Raises ValueError when regions of `feature_size`, `num_classes` (and `location_size`, when given) do not fit
+    an `ImageBERTConfig`."""
     problems = []
+    if location_size is not None and location_size != config.region_location_size:
+        problems.append(
+            f"region location size {location_size} != the model config's region_location_size "
+            f"{config.region_location_size} (set the extractor's region_location_size)"
+        )
     if feature_size != config.region_feature_size:
         problems.append(
             f"region feature size {feature_size} != the model config's region_feature_size "

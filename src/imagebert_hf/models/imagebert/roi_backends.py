@@ -49,6 +49,39 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state_dict
 
 
+def select_detections(foreground: torch.Tensor, class_boxes: torch.Tensor, settings: dict[str, Any]) -> torch.Tensor:
+    """The bottom-up-attention selection of detections: indices of the kept proposals, best first.
+
+    Per-class NMS (`nms_threshold`) over the class-specific boxes gives each proposal its best surviving class
+    confidence; the proposals whose confidence reaches `score_threshold` are kept, at least `min_regions` and at most
+    `max_regions`, ordered by that confidence (ties, and proposals with none, by their best class probability).
+
+    Args:
+        foreground: (P, C) class probabilities without the background column.
+        class_boxes: (P, C, 4) class-specific boxes, the same columns.
+        settings: `nms_threshold`, `score_threshold`, `min_regions`, `max_regions`.
+    """
+    from torchvision.ops import batched_nms
+
+    num_proposals, num_classes = foreground.shape
+    confidence = torch.zeros(num_proposals, device=foreground.device)
+    # Pairs far below any useful threshold cannot survive; dropping them keeps NMS small.
+    floor = min(float(settings["score_threshold"]), 0.05)
+    candidate = (foreground >= floor).nonzero()
+    if len(candidate):
+        proposal_index, class_index = candidate[:, 0], candidate[:, 1]
+        scores = foreground[proposal_index, class_index]
+        keep = batched_nms(
+            class_boxes[proposal_index, class_index], scores, class_index, float(settings["nms_threshold"])
+        )
+        confidence.scatter_reduce_(0, proposal_index[keep], scores[keep], reduce="amax")
+    best = foreground.max(dim=1).values
+    order = np.lexsort((-best.cpu().numpy(), -confidence.cpu().numpy()))
+    passing = int((confidence >= float(settings["score_threshold"])).sum())
+    count = min(max(passing, int(settings["min_regions"])), int(settings["max_regions"]), num_proposals)
+    return torch.from_numpy(order[:count].copy()).to(foreground.device)
+
+
 class RegionBackend:
     """Interface of a region backend."""
 
@@ -297,28 +330,6 @@ class DetectorBackend(RegionBackend):
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         self.model.load_state_dict(state_dict, strict=True)
 
-    def _select(self, proposals, probs, class_boxes, settings) -> torch.Tensor:
-        from torchvision.ops import batched_nms
-
-        foreground = probs[:, 1:]
-        num_proposals, num_classes = foreground.shape
-        confidence = torch.zeros(num_proposals, device=probs.device)
-        # Pairs far below any useful threshold cannot survive; dropping them keeps NMS small.
-        floor = min(float(settings["score_threshold"]), 0.05)
-        candidate = (foreground >= floor).nonzero()
-        if len(candidate):
-            proposal_index, class_index = candidate[:, 0], candidate[:, 1]
-            scores = foreground[proposal_index, class_index]
-            keep = batched_nms(
-                class_boxes[proposal_index, class_index + 1], scores, class_index, float(settings["nms_threshold"])
-            )
-            confidence.scatter_reduce_(0, proposal_index[keep], scores[keep], reduce="amax")
-        best = foreground.max(dim=1).values
-        order = np.lexsort((-best.cpu().numpy(), -confidence.cpu().numpy()))
-        passing = int((confidence >= float(settings["score_threshold"])).sum())
-        count = min(max(passing, int(settings["min_regions"])), int(settings["max_regions"]), num_proposals)
-        return torch.from_numpy(order[:count].copy()).to(probs.device)
-
     @torch.inference_mode()
     def extract(self, images, boxes, settings):
         from torchvision.ops import boxes as box_ops
@@ -363,7 +374,7 @@ class DetectorBackend(RegionBackend):
                 keep = torch.arange(min(len(image_proposals), int(settings["max_regions"])), device=self.device)
             else:
                 image_boxes = box_ops.clip_boxes_to_image(image_boxes, image_size)
-                keep = self._select(image_proposals, image_probs, image_boxes, settings)
+                keep = select_detections(image_probs[:, 1:], image_boxes[:, 1:], settings)
             foreground = image_probs[keep, 1:]
             foreground = foreground / foreground.sum(dim=1, keepdim=True).clamp_min(1e-12)
             sx, sy = scales[i]
