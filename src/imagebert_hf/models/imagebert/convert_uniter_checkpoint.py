@@ -1,0 +1,299 @@
+"""Converts a UNITER checkpoint (Chen et al. 2020, `ChenRocks/UNITER`) into ImageBERT classes.
+
+UNITER is a single-stream BERT over WordPiece tokens and bottom-up-attention regions, like ImageBERT. Its published
+`uniter-base.pt` / `uniter-large.pt` (pretrained with MLM, MRFR, MRC-kl and ITM) and the checkpoints fine-tuned from
+them with UNITER's retrieval code (`UniterForImageTextRetrieval`, with a `rank_output` score) become an
+`ImageBERTForPreTraining` or an `ImageBERTForImageTextRetrieval` computing the same function, through the UNITER
+layout of `ImageBERTConfig`:
+
+- `region_location_size=7`: UNITER's box position `(x1/W, y1/H, x2/W, y2/H, w/W, h/H, w*h/(W*H))`;
+- `region_projection_layer_norm=True`: `img_layer_norm` after the feature projection, `pos_layer_norm` after the
+  position projection;
+- `separate_region_layer_norm=True`: the image embeddings' own `LayerNorm`;
+- `region_position_embedding=False`: regions get the segment embedding 1 and no position.
+
+Heads: UNITER's MLM head (`cls.predictions`) is ours; `itm_output` is our ITM classifier (`cls.seq_relationship`);
+`region_classifier` (1601 classes, background first) is our MOC head without the background row; `feat_regress`
+(which reuses the transposed `img_linear` weight) is our MRFR head with that weight copied. A fine-tuned
+`rank_output` becomes the retrieval classifier with a zero "not matched" row, so the retrieval score (matched logit
+minus not-matched logit) is UNITER's rank score exactly.
+
+Not carried over: `uniter.img_embeddings.mask_embedding` (the vector UNITER adds to masked regions during
+pretraining; ImageBERT zeroes masked features instead), and, in a fine-tuned checkpoint, `itm_output` (superseded
+by `rank_output`). The retrieval model's unimodal projections (`cls.text_projection`, `cls.region_projection`,
+used to shortlist) have no UNITER counterpart and keep their initialisation.
+
+    imagebert-convert-uniter --checkpoint uniter-base.pt --output uniter-base-imagebert \\
+        [--task pretraining|retrieval] [--uniter_config uniter-base.json] \\
+        [--tokenizer bert-base-cased --detector_weights unc-nlp/frcnn-vg-finetuned]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .configuration_imagebert import ImageBERTConfig
+from .modeling_imagebert import ImageBERTForImageTextRetrieval, ImageBERTForPreTraining
+from .roi_backends import load_state_dict_file
+
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("pretraining", "retrieval")
+# UNITER prefix -> ImageBERT prefix; the rest of the key is unchanged.
+PREFIXES = {
+    "uniter.embeddings.": "bert.embeddings.",
+    "uniter.encoder.": "bert.encoder.",
+    "uniter.pooler.": "bert.pooler.",
+    "uniter.img_embeddings.img_linear.": "bert.embeddings.region_feature_projection.",
+    "uniter.img_embeddings.img_layer_norm.": "bert.embeddings.region_feature_layer_norm.",
+    "uniter.img_embeddings.pos_linear.": "bert.embeddings.region_location_projection.",
+    "uniter.img_embeddings.pos_layer_norm.": "bert.embeddings.region_location_layer_norm.",
+    "uniter.img_embeddings.LayerNorm.": "bert.embeddings.region_layer_norm.",
+}
+PRETRAINING_PREFIXES = {
+    "cls.predictions.transform.": "cls.predictions.transform.",
+    "itm_output.": "cls.seq_relationship.",
+    "region_classifier.net.0.": "cls.object_predictions.transform.dense.",
+    "region_classifier.net.2.": "cls.object_predictions.transform.LayerNorm.",
+    "feat_regress.net.0.": "cls.feature_regression.transform.dense.",
+    "feat_regress.net.2.": "cls.feature_regression.transform.LayerNorm.",
+}
+# Keys that UNITER's modules hold but ImageBERT computes otherwise (see the module docstring).
+DROPPED = ("uniter.img_embeddings.mask_embedding.weight",)
+# UNITER's tied copies: the MLM decoder is the word embedding, feat_regress.weight is img_linear.weight.
+TIED = ("cls.predictions.decoder.weight", "feat_regress.weight")
+# Keys converted one by one in `convert_uniter_state_dict` (a retrieval model keeps one pair scorer and drops the
+# pretraining heads).
+CONVERTED_BELOW = {
+    "pretraining": ("cls.predictions.bias", "region_classifier.net.3.", "feat_regress.bias"),
+    "retrieval": ("rank_output.", "itm_output.", "cls.predictions.", "region_classifier.", "feat_regress."),
+}
+# UNITER's `max_txt_len` and the bottom-up-attention region count.
+UNITER_MAX_TEXT_LENGTH = 60
+UNITER_MAX_REGIONS = 100
+
+
+def _rename_layer_norm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Old BERT checkpoints name LayerNorm parameters gamma/beta (UNITER's loader renames them too)."""
+    renamed = {}
+    for key, value in state_dict.items():
+        key = re.sub(r"\.gamma$", ".weight", key)
+        renamed[re.sub(r"\.beta$", ".bias", key)] = value
+    return renamed
+
+
+def detect_task(state_dict: dict[str, torch.Tensor]) -> str:
+    """ "retrieval" for a checkpoint fine-tuned with UNITER's retrieval code (`rank_output`), else "pretraining"."""
+    return "retrieval" if "rank_output.weight" in state_dict else "pretraining"
+
+
+def uniter_config_kwargs(
+    state_dict: dict[str, torch.Tensor], uniter_config: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """`ImageBERTConfig` arguments for a UNITER state dict: sizes read from the tensors, the rest from UNITER's JSON
+    config (`config/uniter-base.json`) when given (the attention heads default to hidden_size / 64)."""
+    uniter_config = dict(uniter_config or {})
+    words = state_dict["uniter.embeddings.word_embeddings.weight"]
+    layers = {int(m.group(1)) for key in state_dict if (m := re.match(r"uniter\.encoder\.layer\.(\d+)\.", key))}
+    if not layers:
+        raise ValueError("the checkpoint has no uniter.encoder.layer.* weights: is it a UNITER state dict?")
+    hidden_size = int(words.shape[1])
+    kwargs = {
+        "vocab_size": int(words.shape[0]),
+        "hidden_size": hidden_size,
+        "num_hidden_layers": max(layers) + 1,
+        "num_attention_heads": int(uniter_config.get("num_attention_heads", hidden_size // 64)),
+        "intermediate_size": int(state_dict["uniter.encoder.layer.0.intermediate.dense.weight"].shape[0]),
+        "max_position_embeddings": int(state_dict["uniter.embeddings.position_embeddings.weight"].shape[0]),
+        "type_vocab_size": int(state_dict["uniter.embeddings.token_type_embeddings.weight"].shape[0]),
+        "region_feature_size": int(state_dict["uniter.img_embeddings.img_linear.weight"].shape[1]),
+        "region_location_size": int(state_dict["uniter.img_embeddings.pos_linear.weight"].shape[1]),
+        "region_projection_layer_norm": True,
+        "region_position_embedding": False,
+        "separate_region_layer_norm": True,
+        "region_token_type_id": 1,
+        "layer_norm_eps": 1e-12,
+        "pad_token_id": 0,
+        "max_text_length": UNITER_MAX_TEXT_LENGTH,
+        "max_regions": UNITER_MAX_REGIONS,
+    }
+    if "region_classifier.net.3.weight" in state_dict:
+        # UNITER's 1601 soft labels put the background first; ImageBERT's classes have none.
+        kwargs["num_object_classes"] = int(state_dict["region_classifier.net.3.weight"].shape[0]) - 1
+    for name in ("hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "initializer_range"):
+        if name in uniter_config:
+            kwargs[name] = uniter_config[name]
+    return kwargs
+
+
+def convert_uniter_state_dict(state_dict: dict[str, torch.Tensor], task: str) -> dict[str, torch.Tensor]:
+    """Renames (and, for the heads, reshapes) a UNITER state dict into ImageBERT's keys for `task`.
+
+    Raises:
+        ValueError: On a key that is neither mapped nor known to be dropped, or when `task` needs heads the
+            checkpoint lacks.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}.")
+    state_dict = _rename_layer_norm(state_dict)
+    heads = ("cls.predictions.bias", "itm_output.weight", "region_classifier.net.3.weight", "feat_regress.bias")
+    missing = [key for key in heads if key not in state_dict]
+    if task == "pretraining" and missing:
+        raise ValueError(f"the checkpoint lacks the pretraining heads {missing}; convert it with task='retrieval'.")
+    prefixes = dict(PREFIXES)
+    if task == "pretraining":
+        prefixes.update(PRETRAINING_PREFIXES)
+    converted: dict[str, torch.Tensor] = {}
+    unmapped = []
+    for key, value in state_dict.items():
+        prefix = next((p for p in prefixes if key.startswith(p)), None)
+        if prefix is not None:
+            converted[prefixes[prefix] + key[len(prefix) :]] = value
+        elif key not in DROPPED + TIED and not key.startswith(CONVERTED_BELOW[task]):
+            unmapped.append(key)
+    if unmapped:
+        raise ValueError(f"UNITER keys with no ImageBERT counterpart: {sorted(unmapped)}.")
+
+    if task == "pretraining":
+        converted["cls.predictions.bias"] = state_dict["cls.predictions.bias"]
+        converted["cls.predictions.decoder.bias"] = state_dict["cls.predictions.bias"]
+        converted["cls.predictions.decoder.weight"] = state_dict["uniter.embeddings.word_embeddings.weight"]
+        converted["cls.object_predictions.decoder.weight"] = state_dict["region_classifier.net.3.weight"][1:]
+        converted["cls.object_predictions.decoder.bias"] = state_dict["region_classifier.net.3.bias"][1:]
+        # F.linear(hidden, img_linear.weight.t(), bias): a (feature, hidden) decoder weight.
+        img_linear = state_dict.get("feat_regress.weight", state_dict["uniter.img_embeddings.img_linear.weight"])
+        converted["cls.feature_regression.decoder.weight"] = img_linear.t().contiguous()
+        converted["cls.feature_regression.decoder.bias"] = state_dict["feat_regress.bias"]
+    elif "rank_output.weight" in state_dict:
+        weight, bias = state_dict["rank_output.weight"], state_dict["rank_output.bias"]
+        # score = logit(matched) - logit(not matched) = rank_output(pooled).
+        converted["cls.seq_relationship.weight"] = torch.cat([torch.zeros_like(weight), weight])
+        converted["cls.seq_relationship.bias"] = torch.cat([torch.zeros_like(bias), bias])
+    elif "itm_output.weight" in state_dict:
+        converted["cls.seq_relationship.weight"] = state_dict["itm_output.weight"]
+        converted["cls.seq_relationship.bias"] = state_dict["itm_output.bias"]
+    else:
+        raise ValueError("the checkpoint has neither rank_output nor itm_output: nothing scores a pair.")
+    return converted
+
+
+def load_uniter_model(
+    state_dict: dict[str, torch.Tensor],
+    task: str | None = None,
+    uniter_config: dict[str, Any] | None = None,
+    **config_overrides,
+) -> ImageBERTForPreTraining | ImageBERTForImageTextRetrieval:
+    """An ImageBERT model holding a UNITER state dict, loaded with a strict key check.
+
+    Args:
+        state_dict: UNITER's weights (`torch.load("uniter-base.pt")`).
+        task: "pretraining" (`ImageBERTForPreTraining`) or "retrieval" (`ImageBERTForImageTextRetrieval`);
+            detected from the keys when None.
+        uniter_config: UNITER's JSON config as a dict (for the attention heads and dropouts).
+        **config_overrides: `ImageBERTConfig` fields to set (e.g. `max_text_length`).
+    """
+    state_dict = _rename_layer_norm(state_dict)
+    task = task or detect_task(state_dict)
+    config = ImageBERTConfig(**{**uniter_config_kwargs(state_dict, uniter_config), **config_overrides})
+    model_class = ImageBERTForPreTraining if task == "pretraining" else ImageBERTForImageTextRetrieval
+    model = model_class(config)
+    converted = convert_uniter_state_dict(state_dict, task)
+    expected = model.state_dict()
+    # Only the retrieval projections have no UNITER counterpart.
+    allowed_missing = {key for key in expected if key.startswith(("cls.text_projection.", "cls.region_projection."))}
+    missing = sorted(set(expected) - set(converted) - allowed_missing)
+    unexpected = sorted(set(converted) - set(expected))
+    misshapen = [
+        f"{key} {tuple(converted[key].shape)} != {tuple(expected[key].shape)}"
+        for key in sorted(set(converted) & set(expected))
+        if converted[key].shape != expected[key].shape
+    ]
+    if missing or unexpected or misshapen:
+        raise ValueError(
+            f"the converted UNITER weights do not fit {model_class.__name__}: missing {missing}, unexpected "
+            f"{unexpected}, wrong shapes {misshapen}."
+        )
+    model.load_state_dict(converted, strict=False)
+    if task == "retrieval":
+        logger.info(
+            "cls.text_projection and cls.region_projection have no UNITER counterpart: left at initialisation."
+        )
+    return model.eval()
+
+
+def convert_uniter_checkpoint(
+    checkpoint: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    task: str | None = None,
+    uniter_config: str | os.PathLike | None = None,
+    tokenizer: str | None = None,
+    detector_weights: str | None = None,
+    **config_overrides,
+):
+    """Converts `checkpoint` and saves the model (and, with `tokenizer`, an `ImageBERTProcessor` whose region
+    extractor is the BUTD detector with 7-d locations) to `output_dir`. Returns the model."""
+    uniter = json.loads(Path(uniter_config).read_text()) if uniter_config else None
+    model = load_uniter_model(load_state_dict_file(checkpoint), task, uniter, **config_overrides)
+    model.save_pretrained(output_dir)
+    if tokenizer is not None:
+        from transformers import AutoTokenizer
+
+        from .image_processing_imagebert import ImageBERTRoIExtractor
+        from .processing_imagebert import ImageBERTProcessor
+
+        extractor = ImageBERTRoIExtractor(
+            backend="butd",
+            detector_weights=detector_weights,
+            max_regions=model.config.max_regions,
+            region_location_size=model.config.region_location_size,
+        )
+        processor = ImageBERTProcessor.from_model_config(
+            model.config, AutoTokenizer.from_pretrained(tokenizer), extractor
+        )
+        processor.save_pretrained(output_dir)
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--checkpoint", required=True, help="UNITER .pt state dict (uniter-base.pt, a fine-tuned ckpt)"
+    )
+    parser.add_argument("--output", required=True, help="folder to save the ImageBERT model to")
+    parser.add_argument("--task", choices=TASKS, default=None, help="default: retrieval when rank_output is present")
+    parser.add_argument("--uniter_config", default=None, help="UNITER's model JSON config (e.g. uniter-base.json)")
+    parser.add_argument(
+        "--tokenizer", default=None, help="also save a processor with this tokenizer (bert-base-cased)"
+    )
+    parser.add_argument(
+        "--detector_weights", default=None, help="BUTD checkpoint (folder, file or Hub name) for the processor"
+    )
+    parser.add_argument("--max_text_length", type=int, default=UNITER_MAX_TEXT_LENGTH)
+    args = parser.parse_args(argv)
+    model = convert_uniter_checkpoint(
+        args.checkpoint,
+        args.output,
+        args.task,
+        args.uniter_config,
+        args.tokenizer,
+        args.detector_weights,
+        max_text_length=args.max_text_length,
+    )
+    print(f"saved {type(model).__name__} ({model.num_parameters() / 1e6:.1f} M parameters) to {args.output}")
+    return 0
+
+
+__all__ = ["convert_uniter_checkpoint", "convert_uniter_state_dict", "load_uniter_model", "uniter_config_kwargs"]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
