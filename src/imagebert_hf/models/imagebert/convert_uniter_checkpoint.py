@@ -32,20 +32,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.utils import logging
 
 from .configuration_imagebert import ImageBERTConfig
 from .modeling_imagebert import ImageBERTForImageTextRetrieval, ImageBERTForPreTraining
 from .roi_backends import load_state_dict_file
 
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 TASKS = ("pretraining", "retrieval")
 # UNITER prefix -> ImageBERT prefix; the rest of the key is unchanged.

@@ -18,7 +18,6 @@ confidence; the proposals at or above 0.2 are kept, at least 10 and at most 100,
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from pathlib import Path
@@ -29,13 +28,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from transformers.utils import logging
 
-from .roi_backends import RANDOM_WEIGHTS_WARNING, RegionBackend, load_state_dict_file, select_detections
+from .roi_backends import RegionBackend, load_state_dict_file, select_detections
 from .roi_boxes import scale_boxes
-from .roi_offline_weights import OFFLINE_WEIGHTS
 
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 BUTD_HUB_NAME = "unc-nlp/frcnn-vg-finetuned"
 BUTD_CHECKPOINT_FILES = ("pytorch_model.bin", "model.safetensors", "roi_extractor.safetensors")
@@ -460,7 +459,11 @@ def build_butd_detector(
     """A `BUTDDetector` with the weights of `weights` (see `resolve_butd_weights`), or random ones for None."""
     detector = BUTDDetector(settings=settings)
     if weights is None:
-        logger.warning(RANDOM_WEIGHTS_WARNING, "the BUTD detector", OFFLINE_WEIGHTS)
+        logger.warning(
+            "the BUTD detector is randomly initialised: its regions carry no visual meaning. Random weights are for "
+            "tests only; pass detector_weights (a local checkpoint file or folder, or %r when online).",
+            BUTD_HUB_NAME,
+        )
     else:
         path = resolve_butd_weights(weights)
         detector.load_checkpoint(load_state_dict_file(path), source=str(path))
