@@ -269,6 +269,8 @@ def test_extracted_records_have_the_model_fields(extractor):
         np.testing.assert_array_equal(record["region_class_labels"], probs.argmax(axis=1))
         assert ((record["region_attribute_labels"] >= 0) & (record["region_attribute_labels"] < 400)).all()
         assert ((record["region_attribute_scores"] > 0) & (record["region_attribute_scores"] <= 1)).all()
+    with pytest.raises(ValueError, match="resizes by the shortest edge"):
+        extractor.extract(images[0], size={"height": 64, "width": 64})
     given = np.array([[0, 0, 60, 45], [30, 20, 120, 90], [10, 10, 20, 30]], dtype=np.float32)
     record = extractor.extract(images[0], boxes=given)[0]
     np.testing.assert_allclose(record["region_boxes"], given, rtol=1e-5, atol=1e-3)

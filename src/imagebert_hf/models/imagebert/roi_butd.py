@@ -519,7 +519,12 @@ class BUTDBackend(RegionBackend):
 
     def preprocess(self, images, settings) -> tuple[torch.Tensor, list[tuple[int, int]], list[tuple[float, float]]]:
         """Padded caffe pixels, each image's (height, width) in them, and its (x, y) scale from original pixels."""
-        size = settings["size"] if "shortest_edge" in settings["size"] else BUTD_SIZE
+        size = settings["size"]
+        if "shortest_edge" not in size:
+            raise ValueError(
+                f"the BUTD detector resizes by the shortest edge: size must be {{'shortest_edge': ..., "
+                f"'longest_edge': ...}} (default {BUTD_SIZE}), got {size}."
+            )
         mean = settings.get("image_mean") or BUTD_PIXEL_MEAN
         sizes, scales, tensors = [], [], []
         for image in images:
