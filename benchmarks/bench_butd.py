@@ -7,8 +7,8 @@ the same run. The RoI head (res5 at 14 x 14 on every proposal) dominates the cos
 on CPU the default is 50 proposals per image to keep the run to a few minutes; `--proposals 300` is the detector's
 own setting (and the default on CUDA).
 
-Runs on COCO images from ../shared/data when present (upscaled to 480 x 640), else on generated images. About three
-minutes on two busy CPU cores.
+Runs on COCO images from ../shared/data when present (upscaled to 480 x 640), else on generated images. About seven
+minutes on two heavily loaded CPU cores (load average 10); `--single 1` saves one image of batch 1.
 
     python benchmarks/bench_butd.py [--proposals 50] [--device cpu] [--images 8]
 """
