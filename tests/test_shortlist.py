@@ -120,6 +120,64 @@ def test_approximate_indexes_find_the_nearest_items(index_type):
     assert (indices[:, 0] == targets).float().mean() >= 0.9
 
 
+@require_module("faiss")
+@pytest.mark.parametrize(
+    ("index_type", "factory"), [("ivfpq", "IVF51,PQ4x5"), ("IVF32,PQ8x4", "IVF32,PQ8x4"), ("HNSW16,Flat", None)]
+)
+def test_factory_strings_and_ivfpq_find_the_nearest_items(index_type, factory):
+    generator = torch.Generator().manual_seed(2)
+    gallery = torch.nn.functional.normalize(torch.randn(2000, 16, generator=generator), dim=1)
+    targets = torch.arange(0, 2000, 97)
+    queries = torch.nn.functional.normalize(gallery[targets] + 0.01 * torch.randn(len(targets), 16), dim=1)
+    index = EmbeddingIndex(gallery, index_type, nprobe=8)
+    assert index.factory == (factory or index_type)
+    _, indices = index.search(queries, 10)
+    # Product quantization is lossy: the target is among the first ten, not always the first.
+    assert (indices == targets[:, None]).any(1).float().mean() >= 0.9
+
+
+@pytest.mark.parametrize(
+    "index_type",
+    ["flat", pytest.param("ivf", marks=require_module("faiss")), pytest.param("ivfpq", marks=require_module("faiss"))],
+)
+def test_index_saves_and_loads(tmp_path, index_type):
+    generator = torch.Generator().manual_seed(3)
+    gallery = torch.nn.functional.normalize(torch.randn(600, 16, generator=generator), dim=1)
+    queries = torch.nn.functional.normalize(torch.randn(5, 16, generator=generator), dim=1)
+    index = EmbeddingIndex(gallery, index_type, nprobe=4)
+    index.save(tmp_path / "index")
+    loaded = EmbeddingIndex.load(tmp_path / "index")
+    assert (loaded.factory, loaded.nprobe, loaded.backend, len(loaded)) == (index.factory, 4, index.backend, 600)
+    for got, expected in zip(loaded.search(queries, 7), index.search(queries, 7)):
+        assert torch.equal(got, expected)
+    with pytest.raises(FileNotFoundError, match="index_config.json"):
+        EmbeddingIndex.load(tmp_path)
+
+
+@require_module("faiss")
+def test_missing_approximate_hits_are_filled_by_exact_search():
+    generator = torch.Generator().manual_seed(4)
+    gallery = torch.nn.functional.normalize(torch.randn(400, 8, generator=generator), dim=1)
+    index = EmbeddingIndex(gallery, "ivf", nlist=10, nprobe=1)
+    queries = gallery[:3]
+    _, raw = index.search(queries, 400)
+    assert (raw < 0).any()  # one cell of ten holds far fewer than 400 items
+    _, filled = index.search(queries, 400, fill_missing=True)
+    assert (filled >= 0).all()
+
+
+@require_module("faiss")
+def test_gpu_is_asked_for_plainly():
+    import faiss
+
+    if faiss.get_num_gpus() > 0:
+        pytest.skip("a GPU is visible to faiss; tests/test_gpu.py covers it")
+    index = EmbeddingIndex(torch.randn(50, 4), "flat")
+    assert index.backend == "faiss" and not index.on_gpu
+    with pytest.raises(RuntimeError, match="faiss sees no GPU"):
+        EmbeddingIndex(torch.randn(50, 4), "flat", use_gpu=True)
+
+
 def test_index_errors_name_the_problem():
     with pytest.raises(ValueError, match="index_type"):
         EmbeddingIndex(torch.randn(3, 4), "lsh")

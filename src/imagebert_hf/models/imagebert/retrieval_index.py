@@ -1,0 +1,437 @@
+"""The one retrieval engine: cross-encoder pair scoring, unimodal embeddings and an embedding search index.
+
+The retrieval pipeline, full-ranking and shortlist evaluation (`imagebert_hf.evaluation`) and hard-negative mining
+(`imagebert_hf.data.retrieval`) all go through these functions. The pipeline travels as remote code, so this file
+imports only torch, numpy and faiss (optional).
+
+A cross-encoder must see every pair it ranks, so scoring never re-tokenizes or re-extracts: texts are tokenized once
+(`text_inputs`), regions come from the cache or the extractor once (`region_inputs`), and each batch of pairs only
+gathers rows from them. Each batch is trimmed to its longest text and its most regions, which leaves the scores
+unchanged (padding never changes an output) and saves most of the cost when the gallery is padded to the maximum.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import torch
+
+
+try:  # exact and approximate search when faiss is installed; a torch matrix product otherwise
+    import faiss
+except ImportError:
+    faiss = None
+
+
+TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+REGION_KEYS = ("region_features", "region_locations", "region_attention_mask")
+INDEX_TYPES = ("flat", "ivf", "hnsw", "ivfpq")
+INDEX_FILE = "index.faiss"
+VECTORS_FILE = "embeddings.npy"
+INDEX_CONFIG_FILE = "index_config.json"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model inputs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _tensor(value) -> torch.Tensor:
+    return value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter (the CPU for a model without parameters)."""
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def prepare_text_inputs(text_inputs: Mapping) -> dict[str, torch.Tensor]:
+    """Checks and completes tokenized texts: `input_ids` (N, T), plus `attention_mask` and `token_type_ids`."""
+    if "input_ids" not in text_inputs:
+        raise ValueError(f"text_inputs needs input_ids (tokenized texts); got keys {sorted(text_inputs)}.")
+    input_ids = _tensor(text_inputs["input_ids"]).long()
+    if input_ids.ndim != 2 or input_ids.shape[0] == 0:
+        raise ValueError(f"text_inputs['input_ids'] has shape {tuple(input_ids.shape)}; expected (num_texts>0, T).")
+    attention_mask = text_inputs.get("attention_mask")
+    attention_mask = torch.ones_like(input_ids) if attention_mask is None else _tensor(attention_mask).long()
+    token_type_ids = text_inputs.get("token_type_ids")
+    token_type_ids = torch.zeros_like(input_ids) if token_type_ids is None else _tensor(token_type_ids).long()
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+
+
+def prepare_region_inputs(region_inputs: Mapping) -> dict[str, torch.Tensor]:
+    """Checks and completes padded regions: `region_features` (N, R, F), `region_locations` (N, R, 5) and
+    `region_attention_mask` (N, R)."""
+    for key in REGION_KEYS[:2]:
+        if key not in region_inputs:
+            raise ValueError(f"region_inputs needs {key}; got keys {sorted(region_inputs)}.")
+    features = _tensor(region_inputs["region_features"]).float()
+    if features.ndim != 3 or features.shape[0] == 0:
+        raise ValueError(
+            f"region_inputs['region_features'] has shape {tuple(features.shape)}; expected (num_images>0, R, F)."
+        )
+    locations = _tensor(region_inputs["region_locations"]).float()
+    mask = region_inputs.get("region_attention_mask")
+    mask = torch.ones(features.shape[:2], dtype=torch.long, device=features.device) if mask is None else mask
+    return {"region_features": features, "region_locations": locations, "region_attention_mask": _tensor(mask).long()}
+
+
+def gather_pair_inputs(
+    texts: dict[str, torch.Tensor],
+    regions: dict[str, torch.Tensor],
+    text_index: torch.Tensor,
+    image_index: torch.Tensor,
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """Model inputs of the pairs `(image_index[j], text_index[j])`, trimmed to the batch's longest text and most
+    regions. Inputs already on `device` (a prebuilt gallery) are gathered there, without a copy."""
+    text_index = text_index.to(texts["input_ids"].device)
+    image_index = image_index.to(regions["region_features"].device)
+    text_mask = texts["attention_mask"][text_index]
+    region_mask = regions["region_attention_mask"][image_index]
+    # Keep at least one column so that a batch of regions-free images still has a valid shape.
+    text_length = max(int(text_mask.sum(1).max()), 1)
+    num_regions = max(int(region_mask.sum(1).max()), 1)
+    batch = {key: texts[key][text_index, :text_length] for key in TEXT_KEYS}
+    batch.update({key: regions[key][image_index, :num_regions] for key in REGION_KEYS})
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cross-encoder scores and unimodal embeddings
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def score_pairs(
+    model,
+    text_inputs: Mapping,
+    region_inputs: Mapping,
+    image_indices,
+    text_indices,
+    batch_size: int = 256,
+    progress: Callable | None = None,
+) -> torch.Tensor:
+    """Cross-encoder scores of the pairs `(image_indices[j], text_indices[j])`.
+
+    Args:
+        model (`ImageBERTForImageTextRetrieval`): the cross-encoder; run in eval mode, its mode restored after.
+        text_inputs (`Mapping`): tokenized texts, `input_ids` (num_texts, T) and optionally `attention_mask`,
+            `token_type_ids` (a processor's or tokenizer's output).
+        region_inputs (`Mapping`): padded regions, `region_features` (num_images, R, F), `region_locations`
+            (num_images, R, 5) and optionally `region_attention_mask` (num_images, R).
+        image_indices, text_indices (`array-like` of shape `(num_pairs,)`): the pairs to score.
+        batch_size (`int`, *optional*, defaults to 256): pairs per forward pass.
+        progress (`Callable`, *optional*): called with the number of pairs done after each batch (e.g. a
+            `tqdm.update`).
+
+    Returns:
+        `torch.Tensor` of shape `(num_pairs,)`, float32 on the CPU: the model's `logits` for each pair.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    texts = prepare_text_inputs(text_inputs)
+    regions = prepare_region_inputs(region_inputs)
+    image_indices = _tensor(image_indices).long().reshape(-1).cpu()
+    text_indices = _tensor(text_indices).long().reshape(-1).cpu()
+    if image_indices.shape != text_indices.shape:
+        raise ValueError(
+            f"image_indices has {image_indices.numel()} entries and text_indices {text_indices.numel()}; each pair "
+            "needs one of each."
+        )
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    scores = torch.empty(image_indices.numel(), dtype=torch.float32)
+    try:
+        for start in range(0, image_indices.numel(), batch_size):
+            end = start + batch_size
+            batch = gather_pair_inputs(texts, regions, text_indices[start:end], image_indices[start:end], device)
+            scores[start:end] = model(**batch).logits.float().cpu()
+            if progress is not None:
+                progress(int(min(end, image_indices.numel()) - start))
+    finally:
+        model.train(was_training)
+    return scores
+
+
+def score_all_pairs(
+    model, text_inputs: Mapping, region_inputs: Mapping, batch_size: int = 256, progress: Callable | None = None
+) -> torch.Tensor:
+    """Full ranking: the cross-encoder score of every (image, text) pair, a `(num_images, num_texts)` float32
+    matrix (the input of `retrieval_metrics`). Arguments as in `score_pairs`."""
+    num_texts = prepare_text_inputs(text_inputs)["input_ids"].shape[0]
+    num_images = prepare_region_inputs(region_inputs)["region_features"].shape[0]
+    # Image-major order, the order `shortlist_rerank` also uses, so that both batch the same pairs identically.
+    image_indices = torch.arange(num_images).repeat_interleave(num_texts)
+    text_indices = torch.arange(num_texts).repeat(num_images)
+    scores = score_pairs(model, text_inputs, region_inputs, image_indices, text_indices, batch_size, progress)
+    return scores.view(num_images, num_texts)
+
+
+@torch.no_grad()
+def _encode(model, inputs: dict[str, torch.Tensor], keys, mask_key: str, embed: Callable, batch_size: int):
+    device, was_training = model_device(model), model.training
+    model.eval()
+    chunks = []
+    try:
+        for start in range(0, inputs[keys[0]].shape[0], batch_size):
+            width = max(int(inputs[mask_key][start : start + batch_size].sum(1).max()), 1)
+            batch = {key: inputs[key][start : start + batch_size, :width].to(device) for key in keys}
+            chunks.append(embed(**batch).float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(chunks)
+
+
+def encode_texts(model, text_inputs: Mapping, batch_size: int = 256) -> torch.Tensor:
+    """Unimodal text embeddings `(num_texts, contrastive_embedding_size)`, float32 on the CPU."""
+    texts = prepare_text_inputs(text_inputs)
+    return _encode(model, texts, TEXT_KEYS, "attention_mask", model.get_text_embeddings, batch_size)
+
+
+def encode_images(model, region_inputs: Mapping, batch_size: int = 256) -> torch.Tensor:
+    """Unimodal image embeddings `(num_images, contrastive_embedding_size)` from regions, float32 on the CPU."""
+    regions = prepare_region_inputs(region_inputs)
+    return _encode(model, regions, REGION_KEYS, "region_attention_mask", model.get_region_embeddings, batch_size)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Search index
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def index_factory_string(
+    index_type: str, num_items: int, dim: int, nlist: int | None = None, hnsw_m: int = 32, pq_m: int | None = None
+) -> str:
+    """The faiss `index_factory` string of a named index type; a factory string itself (`"IVF1024,PQ16"`,
+    `"HNSW32,Flat"`, `"OPQ16,IVF256,PQ16"`) is returned unchanged.
+
+    `"flat"` is exact (`Flat`); `"ivf"` (`IVF{nlist},Flat`, inverted lists), `"hnsw"` (`HNSW{m},Flat`, a proximity
+    graph) and `"ivfpq"` (`IVF{nlist},PQ{m}x{bits}`, inverted lists over product-quantized codes, the compact one for
+    large galleries) are approximate. `nlist` defaults to about `4 * sqrt(num_items)` (at least 39 training points
+    per cell); `pq_m` to a divisor of `dim` near `dim / 4`, with 8-bit codes where there are 39 * 256 points to train them on.
+    """
+    if index_type not in INDEX_TYPES:
+        if index_type and index_type[0].isupper():
+            return index_type
+        raise ValueError(
+            f"index_type must be one of {INDEX_TYPES} or a faiss index_factory string such as 'IVF256,PQ16', got "
+            f"{index_type!r}."
+        )
+    if index_type == "flat":
+        return "Flat"
+    if index_type == "hnsw":
+        return f"HNSW{hnsw_m},Flat"
+    nlist = nlist or max(1, min(int(4 * num_items**0.5), num_items // 39 or 1))
+    if index_type == "ivf":
+        return f"IVF{nlist},Flat"
+    if pq_m is None:
+        pq_m = max(m for m in range(1, max(dim // 4, 1) + 1) if dim % m == 0)
+    if dim % pq_m:
+        raise ValueError(f"pq_m={pq_m} must divide the embedding size {dim}.")
+    bits = max(1, min(8, int(np.log2(max(num_items // 39, 2)))))
+    return f"IVF{nlist},PQ{pq_m}x{bits}"
+
+
+class EmbeddingIndex:
+    """Inner-product search over L2-normalised embeddings (cosine similarity), with faiss when installed.
+
+    Args:
+        embeddings (`torch.Tensor` or `np.ndarray` of shape `(num_items, dim)`): the gallery.
+        index_type (`str`, *optional*, defaults to `"flat"`): `"flat"`, `"ivf"`, `"hnsw"`, `"ivfpq"` or any faiss
+            `index_factory` string (see `index_factory_string`). `"flat"` without faiss is a torch matrix product.
+        nlist (`int`, *optional*): IVF cells; defaults to about `4 * sqrt(num_items)`.
+        nprobe (`int`, *optional*, defaults to 16): IVF cells visited per query (recall vs speed).
+        hnsw_m (`int`, *optional*, defaults to 32): HNSW neighbours per node.
+        ef_search (`int`, *optional*, defaults to 128): HNSW search breadth (recall vs speed).
+        pq_m (`int`, *optional*): product-quantizer sub-vectors of `"ivfpq"`.
+        use_faiss (`bool`, *optional*): force faiss on or off; by default it is used when installed.
+        use_gpu (`bool`, *optional*): put the faiss index on every visible GPU; by default when faiss sees one
+            (`faiss.get_num_gpus()`) and the index type runs there (HNSW does not; it stays on the CPU).
+        keep_vectors (`bool`, *optional*, defaults to `True`): keep the float32 embeddings next to the index, for
+            `fill_missing` and `save`; turn off for a compressed (IVF-PQ) gallery too large to hold twice.
+    """
+
+    def __init__(
+        self,
+        embeddings,
+        index_type: str = "flat",
+        nlist: int | None = None,
+        nprobe: int = 16,
+        hnsw_m: int = 32,
+        ef_search: int = 128,
+        pq_m: int | None = None,
+        use_faiss: bool | None = None,
+        use_gpu: bool | None = None,
+        keep_vectors: bool = True,
+    ):
+        vectors = _as_matrix(embeddings, "embeddings")
+        if vectors.shape[0] == 0:
+            raise ValueError(f"embeddings must be a non-empty (num_items, dim) matrix, got shape {vectors.shape}.")
+        if use_faiss and faiss is None:
+            raise ImportError("use_faiss=True needs faiss: pip install faiss-cpu (or imagebert_hf[retrieval]).")
+        self.factory = index_factory_string(index_type, vectors.shape[0], vectors.shape[1], nlist, hnsw_m, pq_m)
+        self.index_type = index_type
+        self.nprobe, self.ef_search = nprobe, ef_search
+        self.dim, self.num_items = vectors.shape[1], vectors.shape[0]
+        self._index, self.nlist = None, None
+        if use_faiss is False or faiss is None:
+            if self.factory != "Flat":
+                raise ImportError(f"index_type={index_type!r} needs faiss: pip install faiss-cpu.")
+        else:
+            index = self._place(faiss.index_factory(self.dim, self.factory, faiss.METRIC_INNER_PRODUCT), use_gpu)
+            if not index.is_trained:
+                index.train(vectors)
+            index.add(vectors)
+        self.vectors = vectors if (keep_vectors or self._index is None) else None
+
+    # -- faiss placement and parameters ----------------------------------------------------------------------------
+
+    @property
+    def backend(self) -> str:
+        """`"faiss-gpu"`, `"faiss"` or `"torch"`."""
+        if self._index is None:
+            return "torch"
+        return "faiss-gpu" if self.on_gpu else "faiss"
+
+    @property
+    def on_gpu(self) -> bool:
+        name = "" if self._index is None else type(self._index).__name__
+        return name.startswith("Gpu") or name in ("IndexShards", "IndexReplicas")
+
+    def _place(self, index, use_gpu: bool | None):
+        """Moves a trained or untrained CPU faiss index to the GPUs where wanted, and sets nprobe / efSearch."""
+        self.nlist = faiss.extract_index_ivf(index).nlist if "IVF" in self.factory else None
+        num_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+        if use_gpu is None:
+            use_gpu = num_gpus > 0 and "HNSW" not in self.factory
+        if use_gpu and num_gpus == 0:
+            raise RuntimeError("use_gpu=True, but faiss sees no GPU (faiss.get_num_gpus() is 0; install faiss-gpu).")
+        if use_gpu:
+            index = faiss.index_cpu_to_all_gpus(index)
+        self._index = index
+        space = faiss.GpuParameterSpace() if self.on_gpu else faiss.ParameterSpace()
+        if self.nlist is not None:
+            space.set_index_parameter(index, "nprobe", min(self.nprobe, self.nlist))
+        if "HNSW" in self.factory:
+            space.set_index_parameter(index, "efSearch", self.ef_search)
+        return index
+
+    # -- search ------------------------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    @property
+    def embeddings(self) -> torch.Tensor:
+        """The gallery's embeddings `(num_items, dim)` as a float32 CPU tensor (needs `keep_vectors`)."""
+        if self.vectors is None:
+            raise ValueError("this index was built with keep_vectors=False; it holds no float32 embeddings.")
+        return torch.from_numpy(self.vectors)
+
+    def search(self, queries, k: int, fill_missing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The `k` most similar gallery items of every query (k is clamped to the gallery size).
+
+        Returns:
+            `(similarities, indices)`, both `(num_queries, k)` torch tensors, best first. Approximate indexes may
+            find fewer than k hits for a query; those slots hold index -1, or, with `fill_missing=True`, the exact
+            top-k at the same rank.
+        """
+        queries = _as_matrix(queries, "queries")
+        if queries.shape[1] != self.dim:
+            raise ValueError(f"queries must have shape (num_queries, {self.dim}), got {queries.shape}.")
+        k = min(int(k), len(self))
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}.")
+        if self._index is None:
+            return self._exact(queries, k)
+        values, indices = self._index.search(queries, k)
+        values, indices = torch.from_numpy(values), torch.from_numpy(indices).long()
+        if fill_missing and (indices < 0).any():
+            exact_values, exact_indices = self._exact(queries, k)
+            missing = indices < 0
+            values = torch.where(missing, exact_values, values)
+            indices = torch.where(missing, exact_indices, indices)
+        return values, indices
+
+    def _exact(self, queries: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        similarities = torch.from_numpy(queries) @ self.embeddings.T
+        return similarities.topk(k, dim=1)
+
+    # -- saving ------------------------------------------------------------------------------------------------------
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Writes `index_config.json`, the faiss index (`index.faiss`, from the CPU) and, when kept, the
+        embeddings (`embeddings.npy`) to `directory`."""
+        os.makedirs(directory, exist_ok=True)
+        config = {
+            "index_type": self.index_type,
+            "factory": self.factory,
+            "nprobe": self.nprobe,
+            "ef_search": self.ef_search,
+            "dim": self.dim,
+            "num_items": self.num_items,
+            "faiss": self._index is not None,
+        }
+        with open(os.path.join(directory, INDEX_CONFIG_FILE), "w") as handle:
+            json.dump(config, handle, indent=2)
+        if self._index is not None:
+            cpu_index = faiss.index_gpu_to_cpu(self._index) if self.on_gpu else self._index
+            faiss.write_index(cpu_index, os.path.join(directory, INDEX_FILE))
+        if self.vectors is not None:
+            np.save(os.path.join(directory, VECTORS_FILE), self.vectors)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, use_gpu: bool | None = None) -> EmbeddingIndex:
+        """Reads an index written by `save` (moved to the GPU as in `__init__`)."""
+        config_path = os.path.join(directory, INDEX_CONFIG_FILE)
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"{directory} holds no {INDEX_CONFIG_FILE}: not a folder written by save().")
+        with open(config_path) as handle:
+            config = json.load(handle)
+        vectors_path = os.path.join(directory, VECTORS_FILE)
+        index = cls.__new__(cls)
+        index.index_type, index.factory = config["index_type"], config["factory"]
+        index.nprobe, index.ef_search = config["nprobe"], config["ef_search"]
+        index.dim, index.num_items = config["dim"], config["num_items"]
+        index.vectors = np.load(vectors_path) if os.path.isfile(vectors_path) else None
+        index._index, index.nlist = None, None
+        if config["faiss"]:
+            if faiss is None:
+                if index.factory != "Flat" or index.vectors is None:
+                    raise ImportError(f"{directory} holds a faiss {index.factory!r} index: pip install faiss-cpu.")
+            else:
+                index._place(faiss.read_index(os.path.join(directory, INDEX_FILE)), use_gpu)
+        return index
+
+
+def _as_matrix(values, name: str) -> np.ndarray:
+    values = values.detach().float().cpu().numpy() if isinstance(values, torch.Tensor) else values
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if values.ndim != 2:
+        raise ValueError(f"{name} must be a (num_items, dim) matrix, got shape {values.shape}.")
+    return values
+
+
+__all__ = [
+    "INDEX_TYPES",
+    "REGION_KEYS",
+    "TEXT_KEYS",
+    "EmbeddingIndex",
+    "encode_images",
+    "encode_texts",
+    "gather_pair_inputs",
+    "index_factory_string",
+    "model_device",
+    "prepare_region_inputs",
+    "prepare_text_inputs",
+    "score_all_pairs",
+    "score_pairs",
+]
