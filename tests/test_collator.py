@@ -217,3 +217,43 @@ def test_truncation_keeps_sep_and_bad_inputs(tokenizer):
     if len(broken["region_features"]) > 1:
         with pytest.raises(ValueError, match="region_locations"):
             DataCollatorForImageBERTPretraining(tokenizer)([broken])
+
+
+def test_pad_to_multiple_never_exceeds_the_model_limits(tokenizer):
+    # 100 regions rounded to a multiple of 8 would be 104, which the model refuses: the cap is max_regions.
+    features = make_features(tokenizer, 3, num_regions=(100, 100), long_text=True)
+    collator = DataCollatorForImageBERTPretraining(
+        tokenizer, max_regions=100, max_text_length=21, pad_to_multiple_of=8, seed=0
+    )
+    batch = collator(features)
+    assert batch["region_features"].shape[1] == 100 and batch["input_ids"].shape[1] == 21
+    fewer = DataCollatorForImageBERTPretraining(tokenizer, max_regions=100, pad_to_multiple_of=8, seed=0)(
+        make_features(tokenizer, 3, num_regions=(9, 9))
+    )
+    assert fewer["region_features"].shape[1] == 16 and fewer["input_ids"].shape[1] % 8 == 0
+
+
+def test_one_region_batch_for_processor_collator_and_corpus(tokenizer):
+    from imagebert_hf.data.retrieval import stack_region_records
+    from imagebert_hf.models.imagebert.region_batching import pad_region_records
+
+    records = make_features(tokenizer, 4, num_classes=3)
+    records[1].pop("region_class_labels")
+    counts = [len(r["region_features"]) for r in records]
+    longest = pad_region_records(records, return_labels=True, return_probs=True)
+    assert longest["region_features"].shape == (4, max(counts), FEATURE_SIZE)
+    assert longest["region_attention_mask"].sum(1).tolist() == counts
+    assert (longest["region_class_labels"][1] == -100).all()  # no labels: ignored by MOC
+    assert longest["region_class_probs"].shape == (4, max(counts), 3)
+    np.testing.assert_array_equal(longest["region_locations"][2, : counts[2]], records[2]["region_locations"])
+    fixed = pad_region_records(records, "max_length", max_regions=10, return_tensors="np")
+    assert isinstance(fixed["region_features"], np.ndarray) and fixed["region_features"].shape[1] == 10
+    capped = pad_region_records(records, max_regions=4, pad_to_multiple_of=3)
+    assert capped["region_features"].shape[1] == 4 and capped["region_attention_mask"].sum(1).max() == 4
+    torch.testing.assert_close(stack_region_records(records), pad_region_records(records))
+    with pytest.raises(ValueError, match=r"sample 0 \(broken\) failed: unreadable"):
+        pad_region_records([{"image_id": "broken", "error": "unreadable"}])
+    with pytest.raises(ValueError, match="region_locations of shape"):
+        pad_region_records([{"region_features": np.zeros((2, 3)), "region_locations": np.zeros((3, 5))}])
+    with pytest.raises(ValueError, match="padding='max_length' needs"):
+        pad_region_records(records, "max_length")

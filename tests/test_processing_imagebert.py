@@ -174,6 +174,7 @@ def test_processor_code_travels_as_remote_code():
         "roi_offline_weights.py",
         "roi_butd.py",
         "roi_precomputed.py",
+        "region_batching.py",
     }
     for path in [module.__file__, *files]:
         assert "imagebert_hf" not in get_imports(path), path

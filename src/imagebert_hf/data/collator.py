@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..models.imagebert.region_batching import pad_region_records, padded_length
+
 
 def _as_tensor(value: Any, dtype: torch.dtype) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
@@ -36,7 +38,8 @@ class DataCollatorForImageBERTPretraining:
        chosen regions get a zero feature with probability `region_zero_probability` and keep it otherwise.
        `region_feature_targets` holds the features before masking (MRFR), `region_class_labels` /
        `region_class_probs` pass through for MOC, which reads them at `masked_regions`.
-    4. Padding of text and regions to the longest in this batch (optionally to a multiple).
+    4. Padding of text and regions to the longest in this batch (optionally to a multiple, never beyond
+       `max_text_length` / `max_regions`), regions through the shared `pad_region_records`.
 
     Negatives are masked like positives (so masking says nothing about the ITM label) but get no MLM, MOC or MRFR
     targets: those losses see only matched pairs (conditional masking).
@@ -57,7 +60,8 @@ class DataCollatorForImageBERTPretraining:
             with any, so every masked loss is defined even for short captions (UNITER does the same).
         max_text_length (`int`, *optional*): Truncate text to this many tokens (the last one kept is [SEP]).
         max_regions (`int`, *optional*): Keep at most this many regions per sample.
-        pad_to_multiple_of (`int`, *optional*): Round padded lengths up to a multiple of this.
+        pad_to_multiple_of (`int`, *optional*): Round padded lengths up to a multiple of this, capped by
+            `max_text_length` and `max_regions` (which the model checks its inputs against).
         pad_to_max_length (`bool`, defaults to `False`): Pad every batch to `max_text_length` tokens and `max_regions`
             regions (the paper's fixed layout; static shapes for compilers that want them) instead of to the batch's
             own longest sample.
@@ -249,61 +253,34 @@ class DataCollatorForImageBERTPretraining:
             sample["itm_labels"] = feature["itm_labels"]
         return sample
 
-    def _round(self, length: int) -> int:
-        if self.pad_to_multiple_of:
-            return -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        return length
-
     def _pad(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         batch_size = len(samples)
-        if self.pad_to_max_length:
-            text_length, num_regions = self.max_text_length, self.max_regions
-        else:
-            text_length = self._round(max(sample["input_ids"].shape[0] for sample in samples))
-            num_regions = self._round(max(sample["region_features"].shape[0] for sample in samples))
-        feature_size = samples[0]["region_features"].shape[-1]
-        pad_id = self.tokenizer.pad_token_id
-        has_labels = all("region_class_labels" in s for s in samples)
-        has_probs = all("region_class_probs" in s for s in samples)
-
+        padding = "max_length" if self.pad_to_max_length else "longest"
+        lengths = [sample["input_ids"].shape[0] for sample in samples]
+        text_length = padded_length(lengths, padding, self.max_text_length, self.pad_to_multiple_of)
         batch = {
-            "input_ids": torch.full((batch_size, text_length), pad_id, dtype=torch.long),
+            "input_ids": torch.full((batch_size, text_length), self.tokenizer.pad_token_id, dtype=torch.long),
             "attention_mask": torch.zeros(batch_size, text_length, dtype=torch.long),
             "token_type_ids": torch.zeros(batch_size, text_length, dtype=torch.long),
             "labels": torch.full((batch_size, text_length), -100, dtype=torch.long),
-            "region_features": torch.zeros(batch_size, num_regions, feature_size),
-            "region_locations": torch.zeros(batch_size, num_regions, 5),
-            "region_attention_mask": torch.zeros(batch_size, num_regions, dtype=torch.long),
-            "masked_regions": torch.zeros(batch_size, num_regions, dtype=torch.bool),
-            "region_feature_targets": torch.zeros(batch_size, num_regions, feature_size),
-            "itm_labels": torch.tensor([int(s["itm_labels"]) for s in samples], dtype=torch.long),
         }
-        if has_labels:
-            batch["region_class_labels"] = torch.full((batch_size, num_regions), -100, dtype=torch.long)
-        if has_probs:
-            num_classes = samples[0]["region_class_probs"].shape[-1]
-            batch["region_class_probs"] = torch.zeros(batch_size, num_regions, num_classes)
-        for i, sample in enumerate(samples):
-            length = sample["input_ids"].shape[0]
+        for i, (sample, length) in enumerate(zip(samples, lengths)):
             batch["input_ids"][i, :length] = sample["input_ids"]
             batch["attention_mask"][i, :length] = 1
             batch["token_type_ids"][i, :length] = sample["token_type_ids"][:length]
             batch["labels"][i, :length] = sample["labels"]
-            count = sample["region_features"].shape[0]
-            if sample["region_features"].shape[-1] != feature_size:
-                raise ValueError(
-                    f"region feature sizes differ within the batch: {sample['region_features'].shape[-1]} vs "
-                    f"{feature_size}."
-                )
-            batch["region_features"][i, :count] = sample["region_features"]
-            batch["region_locations"][i, :count] = sample["region_locations"]
-            batch["region_attention_mask"][i, :count] = 1
-            batch["masked_regions"][i, :count] = sample["masked_regions"]
-            batch["region_feature_targets"][i, :count] = sample["region_feature_targets"]
-            if has_labels:
-                batch["region_class_labels"][i, :count] = sample["region_class_labels"]
-            if has_probs:
-                batch["region_class_probs"][i, :count] = sample["region_class_probs"]
+        batch.update(
+            pad_region_records(
+                samples,
+                padding,
+                self.max_regions,
+                self.pad_to_multiple_of,
+                return_labels=all("region_class_labels" in s for s in samples),
+                return_probs=True,
+                extra_keys={"masked_regions": False, "region_feature_targets": 0.0},
+            )
+        )
+        batch["itm_labels"] = torch.tensor([int(s["itm_labels"]) for s in samples], dtype=torch.long)
         return batch
 
 

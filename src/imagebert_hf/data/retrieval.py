@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+
+from ..models.imagebert.region_batching import pad_region_records
 
 
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
@@ -122,33 +123,8 @@ def load_manifest_records(
 def stack_region_records(records: Sequence[Mapping], max_regions: int | None = None) -> dict[str, torch.Tensor]:
     """Pads region records (extractor output or cache rows) into model inputs: `region_features` (N, R, F),
     `region_locations` (N, R, 5), `region_attention_mask` (N, R), R the most regions of any record (at most
-    `max_regions`)."""
-    if not records:
-        raise ValueError("no region records to stack.")
-    features = [torch.as_tensor(np.asarray(r["region_features"]), dtype=torch.float32) for r in records]
-    locations = [torch.as_tensor(np.asarray(r["region_locations"]), dtype=torch.float32) for r in records]
-    for index, (feature, location) in enumerate(zip(features, locations)):
-        if feature.ndim != 2 or location.shape != (feature.shape[0], 5):
-            raise ValueError(
-                f"region record {index} ({records[index].get('image_id')}) has region_features of shape "
-                f"{tuple(feature.shape)} and region_locations of shape {tuple(location.shape)}; expected (R, F) "
-                "and (R, 5)."
-            )
-    counts = [min(f.shape[0], max_regions) if max_regions else f.shape[0] for f in features]
-    width = max(max(counts), 1)
-    dim = features[0].shape[1]
-    out = {
-        "region_features": torch.zeros(len(records), width, dim),
-        "region_locations": torch.zeros(len(records), width, 5),
-        "region_attention_mask": torch.zeros(len(records), width, dtype=torch.long),
-    }
-    for index, (feature, location, count) in enumerate(zip(features, locations, counts)):
-        if feature.shape[1] != dim:
-            raise ValueError(f"region record {index} has features of size {feature.shape[1]}, the first has {dim}.")
-        out["region_features"][index, :count] = feature[:count]
-        out["region_locations"][index, :count] = location[:count]
-        out["region_attention_mask"][index, :count] = 1
-    return out
+    `max_regions`). See `pad_region_records`."""
+    return pad_region_records(records, "longest", max_regions)
 
 
 @dataclass

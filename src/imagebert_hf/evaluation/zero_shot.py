@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..models.imagebert.region_batching import pad_region_records
+
 
 def manifest_retrieval_inputs(
     manifest: str | Path,
@@ -48,20 +50,7 @@ def manifest_retrieval_inputs(
     text_to_image = [i for i, record in enumerate(records) for _ in record.captions]
     text_inputs = tokenizer(texts, padding=True, truncation=True, max_length=max_text_length, return_tensors="pt")
     regions = [region_cache[record.image] for record in records]
-    counts = [min(len(r["region_features"]), max_regions or len(r["region_features"])) for r in regions]
-    feature_size = regions[0]["region_features"].shape[1]
-    features = np.zeros((len(regions), max(counts), feature_size), dtype=np.float32)
-    locations = np.zeros((len(regions), max(counts), 5), dtype=np.float32)
-    mask = np.zeros((len(regions), max(counts)), dtype=np.int64)
-    for i, (record, count) in enumerate(zip(regions, counts)):
-        features[i, :count] = record["region_features"][:count]
-        locations[i, :count] = record["region_locations"][:count]
-        mask[i, :count] = 1
-    region_inputs = {
-        "region_features": torch.from_numpy(features),
-        "region_locations": torch.from_numpy(locations),
-        "region_attention_mask": torch.from_numpy(mask),
-    }
+    region_inputs = pad_region_records(regions, "longest", max_regions)
     return dict(text_inputs), region_inputs, text_to_image
 
 

@@ -13,6 +13,7 @@ from transformers.utils import logging
 
 from .configuration_imagebert import ImageBERTConfig
 from .image_processing_imagebert import ImageBERTRoIExtractor, check_region_sizes
+from .region_batching import pad_region_records
 
 
 logger = logging.get_logger(__name__)
@@ -170,59 +171,17 @@ class ImageBERTProcessor(ProcessorMixin):
     def _pad_regions(
         self, records: list[dict[str, Any]], padding: str, max_regions: int, return_labels: bool
     ) -> dict[str, np.ndarray]:
-        features, locations, labels, probs = [], [], [], []
-        for index, record in enumerate(records):
-            if record.get("error"):
-                raise ValueError(f"regions of sample {index} ({record.get('image_id')}) failed: {record['error']}")
-            count = min(int(len(record["region_locations"])), max_regions)
-            features.append(
-                np.asarray(record["region_features"], dtype=np.float32).reshape(len(record["region_locations"]), -1)[
-                    :count
-                ]
-            )
-            record_locations = np.asarray(record["region_locations"], dtype=np.float32)
-            locations.append(
-                record_locations.reshape(-1, record_locations.shape[-1] if record_locations.ndim == 2 else 5)[:count]
-            )
-            record_labels = record.get("region_class_labels")
-            labels.append(
-                np.full(count, -100, dtype=np.int64)
-                if record_labels is None
-                else np.asarray(record_labels, dtype=np.int64).reshape(-1)[:count]
-            )
-            record_probs = record.get("region_class_probs")
-            probs.append(None if record_probs is None else np.asarray(record_probs, dtype=np.float32)[:count])
-        feature_sizes = {f.shape[1] for f in features if len(f)} or {self.image_processor.region_feature_size}
-        if len(feature_sizes) > 1:
-            raise ValueError(f"the regions have different feature sizes {sorted(feature_sizes)}.")
-        feature_size = feature_sizes.pop()
-        location_sizes = {loc.shape[1] for loc in locations if len(loc)} or {self.image_processor.region_location_size}
-        if len(location_sizes) > 1:
-            raise ValueError(f"the regions have different location sizes {sorted(location_sizes)}.")
-        width = max_regions if padding == "max_length" else max(1, max(len(f) for f in features))
-        batch = len(records)
-        out = {
-            "region_features": np.zeros((batch, width, feature_size), dtype=np.float32),
-            "region_locations": np.zeros((batch, width, location_sizes.pop()), dtype=np.float32),
-            "region_attention_mask": np.zeros((batch, width), dtype=np.int64),
-        }
-        for i, (f, loc) in enumerate(zip(features, locations)):
-            if len(f):
-                out["region_features"][i, : len(f)] = f
-                out["region_locations"][i, : len(f)] = loc
-                out["region_attention_mask"][i, : len(f)] = 1
-        if return_labels:
-            out["region_class_labels"] = np.full((batch, width), -100, dtype=np.int64)
-            for i, record_labels in enumerate(labels):
-                out["region_class_labels"][i, : len(record_labels)] = record_labels
-            if all(p is not None for p in probs):
-                num_classes = max((p.shape[1] for p in probs if p.ndim == 2 and len(p)), default=0)
-                num_classes = num_classes or self.image_processor.num_object_classes
-                out["region_class_probs"] = np.zeros((batch, width, num_classes), dtype=np.float32)
-                for i, p in enumerate(probs):
-                    if len(p):
-                        out["region_class_probs"][i, : len(p)] = p.reshape(len(p), -1)
-        return out
+        return pad_region_records(
+            records,
+            padding,
+            max_regions,
+            return_labels=return_labels,
+            return_probs=return_labels,
+            feature_size=self.image_processor.region_feature_size,
+            num_classes=self.image_processor.num_object_classes,
+            location_size=self.image_processor.region_location_size,
+            return_tensors="np",
+        )
 
     # ---------------------------------------------------------------- saving and loading
 

@@ -1,0 +1,164 @@
+"""One batch of regions from many region records: the padding every part of the package shares.
+
+A region record is what the extractor returns, a region-cache row or a precomputed file gives: `region_features`
+(R, F), `region_locations` (R, 5; UNITER's 7-d boxes: R, 7) and optionally `region_class_labels` (R,) and `region_class_probs` (R, C). The
+processor, the pretraining collator, the retrieval corpus, zero-shot evaluation and the retrieval pipeline all turn a
+list of them into model inputs with `pad_region_records`. This file travels as remote code with the processor and
+the pipeline, so it imports only torch and numpy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+
+PADDING = ("longest", "max_length")
+
+
+def _as_tensor(value: Any, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype)
+    return torch.as_tensor(np.asarray(value), dtype=dtype)
+
+
+def padded_length(
+    lengths: Sequence[int],
+    padding: str = "longest",
+    max_length: int | None = None,
+    pad_to_multiple_of: int | None = None,
+) -> int:
+    """The padded size of a batch whose samples have `lengths`: `max_length` with `padding="max_length"`, else the
+    longest (at least 1), rounded up to a multiple of `pad_to_multiple_of` but never beyond `max_length` (a model
+    checks its inputs against that limit, so 100 regions rounded to a multiple of 8 stay 100, not 104)."""
+    if padding not in PADDING:
+        raise ValueError(f"padding must be one of {PADDING}, got {padding!r}.")
+    if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+        raise ValueError(f"pad_to_multiple_of must be at least 1, got {pad_to_multiple_of}.")
+    if padding == "max_length":
+        if max_length is None:
+            raise ValueError("padding='max_length' needs a maximum length (max_regions / max_text_length).")
+        return max_length
+    length = max(max(lengths, default=0), 1)
+    if pad_to_multiple_of:
+        length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+    return length if max_length is None else min(length, max(max_length, 1))
+
+
+def pad_region_records(
+    records: Sequence[Mapping],
+    padding: str = "longest",
+    max_regions: int | None = None,
+    pad_to_multiple_of: int | None = None,
+    return_labels: bool = False,
+    return_probs: bool = False,
+    extra_keys: Mapping[str, Any] | None = None,
+    feature_size: int | None = None,
+    num_classes: int | None = None,
+    location_size: int = 5,
+    return_tensors: str = "pt",
+) -> dict[str, Any]:
+    """Pads region records into `region_features` (N, R, F), `region_locations` (N, R, L) and
+    `region_attention_mask` (N, R), zero on padding.
+
+    Args:
+        records: Region records (dicts with `region_features` and `region_locations`, numpy arrays, lists or
+            tensors). A record whose extraction failed (its `error` set) raises, naming it.
+        padding: `"longest"` (the most regions of any record) or `"max_length"` (`max_regions`).
+        max_regions: Regions kept per record; also the cap of any rounding.
+        pad_to_multiple_of: Round R up to a multiple of this (capped by `max_regions`).
+        return_labels: Add `region_class_labels` (N, R): the records' labels, -100 on padding and where a record
+            has none (MOC ignores those).
+        return_probs: Add `region_class_probs` (N, R, C) when every record has them.
+        extra_keys: Other per-region arrays to pad, `{name: fill_value}` (the collator's MRFR targets and masks).
+        feature_size, num_classes, location_size: F, C and L where no record has a region to read them from.
+        return_tensors: `"pt"` (torch tensors) or `"np"` (numpy arrays).
+
+    Returns:
+        A dict of the padded arrays.
+    """
+    if return_tensors not in ("pt", "np"):
+        raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}.")
+    records = list(records)
+    if not records:
+        raise ValueError("no region records to pad.")
+    features, locations = [], []
+    for index, record in enumerate(records):
+        if record.get("error"):
+            raise ValueError(f"regions of sample {index} ({record.get('image_id')}) failed: {record['error']}")
+        if "region_features" not in record or "region_locations" not in record:
+            raise ValueError(
+                f"region record {index} ({record.get('image_id')}) needs region_features and region_locations; got "
+                f"keys {sorted(record)}."
+            )
+        feature = _as_tensor(record["region_features"], torch.float32)
+        location = _as_tensor(record["region_locations"], torch.float32)
+        if feature.numel() == 0:
+            feature = feature.reshape(0, feature.shape[-1] if feature.ndim == 2 else feature_size or 0)
+            location = location.reshape(0, location.shape[-1] if location.ndim == 2 else location_size)
+        if feature.ndim != 2 or location.ndim != 2 or location.shape[0] != feature.shape[0]:
+            raise ValueError(
+                f"region record {index} ({record.get('image_id')}) has region_features of shape "
+                f"{tuple(feature.shape)} and region_locations of shape {tuple(location.shape)}; expected (R, F) "
+                "and (R, L), L the location size (5, or UNITER's 7)."
+            )
+        features.append(feature[:max_regions] if max_regions is not None else feature)
+        locations.append(location[: features[-1].shape[0]])
+
+    sizes = {f.shape[1] for f in features if len(f)} or {feature_size or 0}
+    if len(sizes) > 1:
+        raise ValueError(f"the region records have different feature sizes {sorted(sizes)}.")
+    dim = sizes.pop()
+    location_sizes = {loc.shape[1] for loc in locations if len(loc)} or {location_size}
+    if len(location_sizes) > 1:
+        raise ValueError(f"the region records have different location sizes {sorted(location_sizes)}.")
+    counts = [f.shape[0] for f in features]
+    width = padded_length(counts, padding, max_regions, pad_to_multiple_of)
+    batch = len(records)
+    out = {
+        "region_features": torch.zeros(batch, width, dim),
+        "region_locations": torch.zeros(batch, width, location_sizes.pop()),
+        "region_attention_mask": torch.zeros(batch, width, dtype=torch.long),
+    }
+    for i, (feature, location, count) in enumerate(zip(features, locations, counts)):
+        out["region_features"][i, :count] = feature
+        out["region_locations"][i, :count] = location
+        out["region_attention_mask"][i, :count] = 1
+
+    padded = dict(extra_keys or {})
+    if return_labels:
+        padded["region_class_labels"] = -100
+    probs_given = return_probs and all(record.get("region_class_probs") is not None for record in records)
+    if probs_given:
+        padded["region_class_probs"] = 0.0
+    for key, fill in padded.items():
+        values = [record.get(key) for record in records]
+        if key == "region_class_labels":
+            values = [
+                torch.full((count,), -100) if v is None else _as_tensor(v, torch.long)
+                for v, count in zip(values, counts)
+            ]
+        else:
+            values = [
+                _as_tensor(v, torch.float32 if isinstance(fill, float) else torch.long)
+                if not isinstance(v, torch.Tensor)
+                else v
+                for v in values
+            ]
+        trailing = next((v.shape[1:] for v in values if v.shape[0]), None)
+        if trailing is None:
+            trailing = (num_classes or 0,) if key == "region_class_probs" else values[0].shape[1:]
+        out[key] = torch.full((batch, width, *trailing), fill, dtype=values[0].dtype)
+        for i, (value, count) in enumerate(zip(values, counts)):
+            if value.shape[0] < count:
+                raise ValueError(f"{key} of region record {i} has {value.shape[0]} rows but it has {count} regions.")
+            out[key][i, :count] = value[:count].reshape(count, *trailing)
+    if return_tensors == "np":
+        return {key: value.numpy() for key, value in out.items()}
+    return out
+
+
+__all__ = ["PADDING", "pad_region_records", "padded_length"]
