@@ -138,10 +138,61 @@ def test_prebuilt_index_and_shortlist(retriever, saved_model):
     assert len(retriever(images=paths[1], index=texts_index, top_k=2)) == 2
 
 
+def test_lists_generators_and_datasets_stream_like_any_pipeline(retriever, saved_model):
+    _, paths = saved_model
+    queries = [{"images": paths[0], "texts": TEXTS}, {"images": paths[1], "texts": TEXTS[:2], "mode": None}]
+    queries[1].pop("mode")
+    one_by_one = [retriever(images=query["images"], texts=query["texts"]) for query in queries]
+    assert retriever(queries) == one_by_one
+    streamed = retriever(query for query in queries)
+    assert not isinstance(streamed, list) and list(streamed) == one_by_one
+    # A dataset's rows name their columns image / text.
+    datasets = pytest.importorskip("datasets")
+    rows = datasets.Dataset.from_dict({"image": paths[:2], "text": [TEXTS[0], TEXTS[1]]})
+    assert list(retriever(rows, top_k=1)) == [retriever(images=paths[i], texts=TEXTS[i], top_k=1) for i in range(2)]
+    # Positional images, as before.
+    assert retriever(paths[0], texts=TEXTS) == one_by_one[0]
+
+
+def test_a_prebuilt_gallery_stays_out_of_the_per_query_inputs(retriever, saved_model):
+    _, paths = saved_model
+    gallery = retriever.build_index(images=paths)
+    inputs = retriever.preprocess({"texts": TEXTS[0]}, index=gallery)
+    # Pipeline.forward copies the per-query inputs to the device and back: the gallery is not among them.
+    assert inputs["region_inputs"] is None and inputs["index"] is gallery
+    assert all(value.device == retriever.device for value in gallery.inputs.values())
+
+
+def test_a_pretraining_checkpoint_says_once_which_heads_are_untrained(saved_model, tmp_path, caplog, capfd):
+    import logging
+
+    from transformers import pipeline
+
+    from imagebert_hf import ImageBERTForPreTraining, ImageBERTProcessor
+
+    folder, paths = saved_model
+    pretrained = tmp_path / "pretrained"
+    config = ImageBERTConfig.from_pretrained(folder)
+    ImageBERTForPreTraining(config).save_pretrained(pretrained)
+    ImageBERTProcessor.from_pretrained(folder).save_pretrained(pretrained)
+    capfd.readouterr()
+    with caplog.at_level(logging.WARNING):
+        pipe = pipeline("image-text-retrieval", model=str(pretrained), device=-1)
+        full = pipe(images=paths[0], texts=TEXTS)
+        shortlisted = pipe(images=paths[0], texts=TEXTS, shortlist_k=1)
+    notices = [r.getMessage() for r in caplog.records if "untrained heads" in r.getMessage()]
+    assert len(notices) == 1 and "cls.text_projection, cls.region_projection" in notices[0]
+    assert "LOAD REPORT" not in capfd.readouterr().err
+    # No shortlist through random projections: every text is ranked by the cross-encoder.
+    assert len(shortlisted) == len(full) == len(TEXTS) and shortlisted == full
+    with pytest.raises(ValueError, match="projection heads .* were not trained"):
+        pipe.build_index(images=paths)
+
+
 @require_module("faiss")
 def test_approximate_index(retriever):
     gallery = retriever.build_index(texts=TEXTS * 5, index_type="hnsw")
-    assert gallery._faiss_index is not None
+    assert gallery.index.backend == "faiss" and gallery.index.factory == "HNSW32,Flat"
     record = {
         "region_features": np.ones((2, retriever.model.config.region_feature_size)),
         "region_locations": [[0.0, 0.0, 1.0, 1.0, 1.0]] * 2,
@@ -225,6 +276,7 @@ def test_saved_pipeline_loads_as_remote_code_without_the_package(retriever, tmp_
         "processing_imagebert.py",
         "image_processing_imagebert.py",
         "roi_boxes.py",
+        "retrieval_index.py",
     }
     code |= {"roi_backends.py", "roi_image_loading.py", "roi_offline_weights.py", "roi_precomputed.py"}
     assert code <= {path.name for path in saved.iterdir()}

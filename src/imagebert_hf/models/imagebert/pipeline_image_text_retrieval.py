@@ -1,13 +1,15 @@
 """`pipeline("image-text-retrieval")`: rank texts for images, images for texts, or score given pairs.
 
 This file is copied next to the weights by `pipe.save_pretrained(dir)` and then loaded by
-`pipeline(model=dir, trust_remote_code=True)` in environments without `imagebert_hf`, so it imports only torch,
-numpy, PIL and transformers (faiss when installed), and no other module of the package.
+`pipeline(model=dir, trust_remote_code=True)` in environments without `imagebert_hf`, so it imports only third-party
+packages and the files of its own folder (`retrieval_index.py`: scoring, embeddings and the search index;
+`roi_image_loading.py`: the image loader), which transformers copies along.
 """
 
 from __future__ import annotations
 
 import os
+import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,18 +18,21 @@ import torch
 from transformers import AutoModel, Pipeline
 from transformers.utils import logging
 
+from .region_batching import pad_region_records
+from .retrieval_index import (
+    TEXT_KEYS,
+    EmbeddingIndex,
+    encode_images,
+    encode_texts,
+    index_factory_string,
+    score_pairs,
+)
 
-try:  # exact and approximate (IVF, HNSW) search when faiss is installed; a torch matrix product otherwise
-    import faiss
-except ImportError:
-    faiss = None
 
 logger = logging.get_logger(__name__)
 
 MODES = ("rank_texts", "rank_images", "pairs")
-INDEX_TYPES = ("flat", "ivf", "hnsw")
-TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
-REGION_KEYS = ("region_features", "region_locations", "region_attention_mask")
+QUERY_KEYS = ("images", "texts", "image", "text")
 
 
 def _describe(item: Any) -> str:
@@ -52,7 +57,8 @@ def _is_image_list(images: Any) -> bool:
 
 @dataclass
 class RetrievalIndex:
-    """A prebuilt gallery for repeated queries: its model inputs, unimodal embeddings and a search index.
+    """A prebuilt gallery for repeated queries: its model inputs (on the pipeline's device, moved there once) and an
+    `EmbeddingIndex` over its unimodal embeddings.
 
     Build it with `ImageTextRetrievalPipeline.build_index(images=...)` (a gallery of images, queried with texts) or
     `build_index(texts=...)` (a gallery of texts, queried with images).
@@ -62,51 +68,40 @@ class RetrievalIndex:
         items: the gallery as given (texts, or the images' paths / PIL images / region records).
         inputs: the gallery's model inputs (region inputs or token ids), so the cross-encoder re-ranks without
             re-extracting or re-tokenizing.
-        embeddings: `(len(items), dim)` L2-normalised unimodal embeddings.
-        index_type: `"flat"` (exact), `"ivf"` or `"hnsw"` (approximate, faiss only).
+        index: the `EmbeddingIndex` (faiss `Flat`, IVF, HNSW, IVF-PQ or a torch matrix product) of the gallery's
+            L2-normalised unimodal embeddings.
     """
 
     kind: str
     items: list
     inputs: dict[str, torch.Tensor]
-    embeddings: torch.Tensor
-    index_type: str = "flat"
-    _faiss_index: Any = None
+    index: EmbeddingIndex
 
     def __len__(self) -> int:
         return len(self.items)
 
+    @property
+    def embeddings(self) -> torch.Tensor:
+        """`(len(items), dim)` L2-normalised unimodal embeddings, float32 on the CPU."""
+        return self.index.embeddings
+
+    @property
+    def index_type(self) -> str:
+        return self.index.index_type
+
     def search(self, queries: torch.Tensor, k: int) -> torch.Tensor:
-        """Indices `(num_queries, min(k, len(self)))` of the most similar gallery items, best first."""
-        k = min(k, len(self))
-        if self._faiss_index is None:
-            return (queries.float().cpu() @ self.embeddings.T).topk(k, dim=1).indices
-        _, indices = self._faiss_index.search(queries.float().cpu().contiguous().numpy(), k)
-        indices = torch.from_numpy(indices).long()
-        if (indices < 0).any():  # an approximate index may find fewer than k: complete with exact search
-            exact = (queries.float().cpu() @ self.embeddings.T).topk(k, dim=1).indices
-            indices = torch.where(indices < 0, exact, indices)
-        return indices
+        """Indices `(num_queries, min(k, len(self)))` of the most similar gallery items, best first (slots an
+        approximate index leaves empty are filled by exact search)."""
+        return self.index.search(queries, k, fill_missing=True)[1]
 
 
-def _build_faiss_index(embeddings: torch.Tensor, index_type: str, nlist: int | None, nprobe: int, hnsw_m: int):
-    if faiss is None:
-        if index_type != "flat":
-            raise ImportError(f"index_type={index_type!r} needs faiss: pip install faiss-cpu.")
-        return None
-    vectors = embeddings.float().contiguous().numpy()
-    dim = vectors.shape[1]
-    if index_type == "flat":
-        index = faiss.IndexFlatIP(dim)
-    elif index_type == "ivf":
-        nlist = nlist or max(1, min(int(4 * len(vectors) ** 0.5), len(vectors) // 39 or 1))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.train(vectors)
-        index.nprobe = min(nprobe, nlist)
-    else:
-        index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-    index.add(vectors)
-    return index
+def _is_hf_dataset(inputs: Any) -> bool:
+    return type(inputs).__module__.startswith("datasets.") and type(inputs).__name__ in ("Dataset", "IterableDataset")
+
+
+def _is_query(item: Any) -> bool:
+    """A query dict (`{"images": ..., "texts": ...}` or `{"image", "text"}`, a dataset row), not a region record."""
+    return isinstance(item, Mapping) and "region_features" not in item and any(key in item for key in QUERY_KEYS)
 
 
 class ImageTextRetrievalPipeline(Pipeline):
@@ -170,12 +165,26 @@ class ImageTextRetrievalPipeline(Pipeline):
                 f"{type(self.model).__name__} is not an image-text retrieval model (it has no {', '.join(missing)}); "
                 "load ImageBERTForImageTextRetrieval."
             )
+        self._untrained_heads = untrained_heads(self.model)
+        if self._untrained_heads:
+            logger.warning(
+                "%s has untrained heads: %s (it comes from a pretraining checkpoint, which has no unimodal projection "
+                "heads). The pipeline ranks every candidate with the cross-encoder (no shortlist) and build_index() "
+                "refuses, until the model is fine-tuned for retrieval.",
+                getattr(self.model, "name_or_path", "") or type(self.model).__name__,
+                ", ".join(self._untrained_heads),
+            )
+
+    def _heads_trained(self) -> bool:
+        return not self._untrained_heads
 
     # ------------------------------------------------------------------------------------------------------------
     # Parameters and entry point
     # ------------------------------------------------------------------------------------------------------------
 
-    def _sanitize_parameters(self, mode=None, top_k=None, batch_size=None, shortlist_k=None, index=None, **kwargs):
+    def _sanitize_parameters(
+        self, mode=None, top_k=None, pair_batch_size=None, shortlist_k=None, index=None, batch_size=None, **kwargs
+    ):
         if kwargs:
             raise TypeError(f"unknown argument(s) {sorted(kwargs)} for the image-text-retrieval pipeline.")
         preprocess, forward, postprocess = {}, {}, {}
@@ -187,6 +196,7 @@ class ImageTextRetrievalPipeline(Pipeline):
             if not isinstance(index, RetrievalIndex):
                 raise TypeError(f"index must be a RetrievalIndex from build_index(), got {type(index).__name__}.")
             preprocess["index"] = index
+        batch_size = pair_batch_size if pair_batch_size is not None else batch_size
         if batch_size is not None:
             if int(batch_size) < 1:
                 raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
@@ -201,60 +211,40 @@ class ImageTextRetrievalPipeline(Pipeline):
             postprocess["top_k"] = forward["top_k"] = int(top_k)
         return preprocess, forward, postprocess
 
-    def __call__(self, images=None, texts=None, **kwargs):
+    def __call__(self, inputs=None, images=None, texts=None, **kwargs):
         """See the class docstring. Returns, per image query (`rank_texts`) or text query (`rank_images`), a list of
         `{"score", "probability", "index", "text" | "image"}` best first (a list of such lists for several queries);
-        for `pairs`, one `{"score", "probability"}` per pair (a single dict for a single pair)."""
-        preprocess, forward, postprocess = self._sanitize_parameters(**kwargs)
-        if self._batch_size is not None:
-            preprocess.setdefault("batch_size", self._batch_size)
-            forward.setdefault("batch_size", self._batch_size)
-        preprocess = {**self._preprocess_params, **preprocess}
-        forward = {**self._forward_params, **forward}
-        postprocess = {**self._postprocess_params, **postprocess}
-        return self.run_single({"images": images, "texts": texts}, preprocess, forward, postprocess)
+        for `pairs`, one `{"score", "probability"}` per pair (a single dict for a single pair).
+
+        `inputs` may also be one query dict (`{"images": ..., "texts": ...}`, or a row with `image` / `text`), or a
+        list, generator or `datasets.Dataset` of them: they go through `Pipeline.__call__`, so a list returns a list
+        of results and a generator or dataset streams them, one query at a time.
+        """
+        if _is_hf_dataset(inputs):
+            inputs = (row for row in inputs)  # rows stream like a generator's items
+        if inputs is not None and (_is_query(inputs) or self._is_query_stream(inputs)):
+            if images is not None or texts is not None:
+                raise ValueError("give the queries as inputs (dicts) or as images=/texts=, not both.")
+        elif inputs is not None and images is not None:
+            raise ValueError("images were given twice: positionally and as images=.")
+        else:  # `retriever(images=..., texts=...)`, or `retriever("dog.jpg", texts=[...])`
+            inputs = {"images": images if inputs is None else inputs, "texts": texts}
+        # `batch_size` here means pairs per cross-encoder pass; the data loader of `Pipeline.__call__` takes one
+        # query at a time (a query is already a batch of pairs).
+        pair_batch_size = kwargs.pop("batch_size", None) or self._batch_size
+        if pair_batch_size is not None:
+            kwargs["pair_batch_size"] = pair_batch_size
+        return super().__call__(inputs, batch_size=1, **kwargs)
+
+    @staticmethod
+    def _is_query_stream(inputs: Any) -> bool:
+        if isinstance(inputs, list):
+            return bool(inputs) and all(_is_query(item) for item in inputs)
+        return isinstance(inputs, (types.GeneratorType, torch.utils.data.Dataset))
 
     # ------------------------------------------------------------------------------------------------------------
     # Inputs
     # ------------------------------------------------------------------------------------------------------------
-
-    def _load_images(self, images: Sequence) -> list:
-        """Opens paths and checks every item; raises once, naming every unreadable image."""
-        from PIL import Image
-
-        loaded, errors = [], []
-        for position, item in enumerate(images):
-            if isinstance(item, Mapping):
-                if "region_features" not in item or "region_locations" not in item:
-                    errors.append(
-                        f"images[{position}] ({_describe(item)}): a region record needs region_features and "
-                        "region_locations"
-                    )
-                elif item.get("error"):
-                    errors.append(f"images[{position}] ({_describe(item)}): its extraction failed: {item['error']}")
-                loaded.append(item)
-            elif isinstance(item, (str, os.PathLike)):
-                try:
-                    with Image.open(item) as image:
-                        image.load()
-                        loaded.append(image.convert("RGB"))
-                except Exception as error:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError)
-                    errors.append(f"images[{position}] ({_describe(item)}): {type(error).__name__}: {error}")
-                    loaded.append(None)
-            elif isinstance(item, Image.Image):
-                loaded.append(item)
-            else:
-                errors.append(
-                    f"images[{position}]: expected a PIL image, a file path or a region record, got "
-                    f"{type(item).__name__}"
-                )
-                loaded.append(None)
-        if errors:
-            raise ValueError(
-                f"{len(errors)} of {len(images)} image(s) could not be used, so nothing was scored:\n  "
-                + "\n  ".join(errors)
-            )
-        return loaded
 
     def _text_inputs(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         for position, text in enumerate(texts):
@@ -267,30 +257,52 @@ class ImageTextRetrievalPipeline(Pipeline):
         return out
 
     def _region_inputs(self, images: Sequence, batch_size: int) -> dict[str, torch.Tensor]:
-        loaded = self._load_images(images)
-        chunks = []
-        for start in range(0, len(loaded), batch_size):
-            chunk = loaded[start : start + batch_size]
-            cached = [isinstance(item, Mapping) for item in chunk]
-            # Region records and pixels take different processor paths; a mixed chunk runs both, in order.
-            groups, current = [], [chunk[0]]
-            for previous_cached, item_cached, item in zip(cached, cached[1:], chunk[1:]):
-                if item_cached == previous_cached:
-                    current.append(item)
-                else:
-                    groups.append(current)
-                    current = [item]
-            groups.append(current)
-            for group in groups:
-                if isinstance(group[0], Mapping):
-                    encoded = self.processor(regions=group, return_tensors="pt")
-                else:
-                    encoded = self.processor(images=group, return_tensors="pt")
-                chunks.append({key: encoded[key] for key in REGION_KEYS if key in encoded})
-        return _concat_regions(chunks)
+        """Region records of every image (given records as they are, others through the processor's extractor and
+        its one image loader), padded into one batch. Raises once, naming every image that cannot be used."""
+        extractor = getattr(self.processor, "image_processor", None)
+        records, errors, to_extract = [None] * len(images), [], []
+        for position, item in enumerate(images):
+            if isinstance(item, Mapping) and "bytes" not in item and "path" not in item:
+                if "region_features" not in item or "region_locations" not in item:
+                    errors.append(
+                        f"images[{position}] ({_describe(item)}): a region record needs region_features and "
+                        "region_locations"
+                    )
+                elif item.get("error"):
+                    errors.append(f"images[{position}] ({_describe(item)}): its extraction failed: {item['error']}")
+                records[position] = item
+            elif extractor is None:
+                errors.append(
+                    f"images[{position}] ({_describe(item)}): this pipeline was loaded without its region extractor "
+                    "(the folder has no processor), so it cannot read images; save the model with its "
+                    "ImageBERTProcessor, or pass cached region records (dicts with region_features and "
+                    "region_locations)"
+                )
+            else:
+                to_extract.append(position)
+        for start in range(0, len(to_extract) if not errors else 0, batch_size):
+            chunk = to_extract[start : start + batch_size]
+            extracted = extractor.extract(
+                [images[i] for i in chunk], on_error="record", max_regions=self.processor.max_regions
+            )
+            for position, record in zip(chunk, extracted):
+                if record.get("error"):
+                    errors.append(f"images[{position}] ({_describe(images[position])}): {record['error']}")
+                records[position] = record
+        if errors:
+            raise ValueError(
+                f"{len(errors)} of {len(images)} image(s) could not be used, so nothing was scored:\n  "
+                + "\n  ".join(errors)
+            )
+        return pad_region_records(records, "longest", self.processor.max_regions)
 
     def preprocess(self, inputs: dict, mode: str | None = None, index: RetrievalIndex | None = None, batch_size=None):
-        images, texts = inputs["images"], inputs["texts"]
+        if not _is_query(inputs) and not (isinstance(inputs, Mapping) and not inputs):
+            raise TypeError(
+                f"a query is a dict with images and/or texts (or image / text), got {type(inputs).__name__}."
+            )
+        images = inputs.get("images", inputs.get("image"))
+        texts = inputs.get("texts", inputs.get("text"))
         batch_size = batch_size or self.default_batch_size
         single_image = images is not None and not _is_image_list(images)
         single_text = isinstance(texts, str)
@@ -344,6 +356,8 @@ class ImageTextRetrievalPipeline(Pipeline):
                     f"{len(text_list)} texts."
                 )
 
+        # The gallery of an index stays where build_index put it (on the device) and is not part of the inputs that
+        # `Pipeline.forward` moves to the device and back; only the query side is.
         return {
             "mode": mode,
             "index": index,
@@ -351,59 +365,32 @@ class ImageTextRetrievalPipeline(Pipeline):
             "texts": _Items(text_list if text_list is not None else index.items),
             "single_query": single_image if mode == "rank_texts" else single_text,
             "single_pair": single_image and single_text,
-            "text_inputs": self._text_inputs(text_list) if text_list is not None else index.inputs,
-            "region_inputs": (self._region_inputs(image_list, batch_size) if image_list is not None else index.inputs),
+            "text_inputs": self._text_inputs(text_list) if text_list is not None else None,
+            "region_inputs": self._region_inputs(image_list, batch_size) if image_list is not None else None,
         }
 
     # ------------------------------------------------------------------------------------------------------------
     # Scoring
     # ------------------------------------------------------------------------------------------------------------
 
-    def _score(self, text_inputs, region_inputs, image_index, text_index, batch_size: int) -> torch.Tensor:
-        scores = torch.empty(image_index.numel())
-        for start in range(0, image_index.numel(), batch_size):
-            images = image_index[start : start + batch_size]
-            texts = text_index[start : start + batch_size]
-            text_mask = text_inputs["attention_mask"][texts]
-            region_mask = region_inputs["region_attention_mask"][images]
-            # Padding never changes a score, so each batch is cut to its longest text and most regions.
-            length = max(int(text_mask.sum(1).max()), 1)
-            count = max(int(region_mask.sum(1).max()), 1)
-            batch = {key: text_inputs[key][texts, :length] for key in TEXT_KEYS}
-            batch.update({key: region_inputs[key][images, :count] for key in REGION_KEYS})
-            batch = {key: value.to(self.device) for key, value in batch.items()}
-            scores[start : start + batch_size] = self.model(**batch).logits.float().cpu()
-        return scores
-
-    def _embed_texts(self, text_inputs, batch_size: int) -> torch.Tensor:
-        chunks = []
-        for start in range(0, text_inputs["input_ids"].shape[0], batch_size):
-            batch = {key: text_inputs[key][start : start + batch_size].to(self.device) for key in TEXT_KEYS}
-            chunks.append(self.model.get_text_embeddings(**batch).float().cpu())
-        return torch.cat(chunks)
-
-    def _embed_images(self, region_inputs, batch_size: int) -> torch.Tensor:
-        chunks = []
-        for start in range(0, region_inputs["region_features"].shape[0], batch_size):
-            batch = {key: region_inputs[key][start : start + batch_size].to(self.device) for key in REGION_KEYS}
-            chunks.append(self.model.get_region_embeddings(**batch).float().cpu())
-        return torch.cat(chunks)
-
     def _forward(self, model_inputs, batch_size=None, shortlist_k=None, top_k=None):
         self.model.eval()
         batch_size = batch_size or self.default_batch_size
         mode, index = model_inputs["mode"], model_inputs["index"]
-        text_inputs = {key: value.cpu() for key, value in model_inputs["text_inputs"].items()}
-        region_inputs = {key: value.cpu() for key, value in model_inputs["region_inputs"].items()}
+        text_inputs = model_inputs["text_inputs"] if model_inputs["text_inputs"] is not None else index.inputs
+        region_inputs = model_inputs["region_inputs"] if model_inputs["region_inputs"] is not None else index.inputs
         num_images = region_inputs["region_features"].shape[0]
         num_texts = text_inputs["input_ids"].shape[0]
+        outputs = {key: model_inputs[key] for key in ("mode", "images", "texts", "single_query", "single_pair")}
         if mode == "pairs":
             pairs = torch.arange(num_images)
-            scores = self._score(text_inputs, region_inputs, pairs, pairs, batch_size)
-            return {**model_inputs, "candidates": pairs[:, None], "scores": scores[:, None]}
+            scores = score_pairs(self.model, text_inputs, region_inputs, pairs, pairs, batch_size)
+            return {**outputs, "candidates": pairs[:, None], "scores": scores[:, None]}
 
         num_queries, gallery_size = (num_images, num_texts) if mode == "rank_texts" else (num_texts, num_images)
-        if shortlist_k is None and index is not None:
+        if not self._heads_trained():
+            shortlist_k = None  # untrained projection heads cannot shortlist: rank the whole gallery
+        elif shortlist_k is None and index is not None:
             shortlist_k = self.default_index_shortlist
         if shortlist_k is not None and top_k is not None:
             shortlist_k = max(shortlist_k, top_k)
@@ -411,17 +398,17 @@ class ImageTextRetrievalPipeline(Pipeline):
             candidates = torch.arange(gallery_size).expand(num_queries, gallery_size)
         else:
             if mode == "rank_texts":
-                queries = self._embed_images(region_inputs, batch_size)
+                queries = encode_images(self.model, region_inputs, batch_size)
                 gallery = index if index is not None else self._make_index("texts", [], text_inputs, batch_size)
             else:
-                queries = self._embed_texts(text_inputs, batch_size)
+                queries = encode_texts(self.model, text_inputs, batch_size)
                 gallery = index if index is not None else self._make_index("images", [], region_inputs, batch_size)
             candidates = gallery.search(queries, shortlist_k)
         queries = torch.arange(num_queries)[:, None].expand_as(candidates).reshape(-1)
         flat = candidates.reshape(-1)
         image_index, text_index = (queries, flat) if mode == "rank_texts" else (flat, queries)
-        scores = self._score(text_inputs, region_inputs, image_index, text_index, batch_size)
-        return {**model_inputs, "candidates": candidates, "scores": scores.view_as(candidates)}
+        scores = score_pairs(self.model, text_inputs, region_inputs, image_index, text_index, batch_size)
+        return {**outputs, "candidates": candidates, "scores": scores.view_as(candidates)}
 
     def postprocess(self, model_outputs, top_k=None):
         mode, scores, candidates = model_outputs["mode"], model_outputs["scores"], model_outputs["candidates"]
@@ -452,14 +439,12 @@ class ImageTextRetrievalPipeline(Pipeline):
     # Prebuilt galleries and saving
     # ------------------------------------------------------------------------------------------------------------
 
-    def _make_index(self, kind, items, inputs, batch_size, index_type="flat", nlist=None, nprobe=16, hnsw_m=32):
-        with torch.no_grad():
-            if kind == "images":
-                embeddings = self._embed_images(inputs, batch_size)
-            else:
-                embeddings = self._embed_texts(inputs, batch_size)
-        faiss_index = _build_faiss_index(embeddings, index_type, nlist, nprobe, hnsw_m)
-        return RetrievalIndex(kind, list(items), inputs, embeddings, index_type, faiss_index)
+    def _make_index(self, kind, items, inputs, batch_size, index_type="flat", **index_kwargs) -> RetrievalIndex:
+        if kind == "images":
+            embeddings = encode_images(self.model, inputs, batch_size)
+        else:
+            embeddings = encode_texts(self.model, inputs, batch_size)
+        return RetrievalIndex(kind, list(items), inputs, EmbeddingIndex(embeddings, index_type, **index_kwargs))
 
     def build_index(
         self,
@@ -467,23 +452,30 @@ class ImageTextRetrievalPipeline(Pipeline):
         texts=None,
         index_type: str = "flat",
         batch_size: int | None = None,
-        nlist: int | None = None,
-        nprobe: int = 16,
-        hnsw_m: int = 32,
+        **index_kwargs,
     ) -> RetrievalIndex:
-        """Prepares a gallery once (regions or tokens, embeddings, search index) for many queries.
+        """Prepares a gallery once (regions or tokens on the pipeline's device, embeddings, search index) for many
+        queries.
 
         Args:
             images: the gallery images (PIL, paths or region records), queried later with `texts=`.
             texts: the gallery texts, queried later with `images=`. Give exactly one of the two.
-            index_type: `"flat"` (exact), `"ivf"` or `"hnsw"` (approximate; faiss needed).
+            index_type: `"flat"` (exact), `"ivf"`, `"hnsw"`, `"ivfpq"` (approximate; faiss needed) or a faiss
+                `index_factory` string (see `EmbeddingIndex`).
             batch_size: images per processor call and inputs per embedding pass.
-            nlist, nprobe: IVF cells and cells visited per query. hnsw_m: HNSW graph degree.
+            **index_kwargs: `EmbeddingIndex` settings: `nlist`, `nprobe` (IVF), `hnsw_m`, `ef_search` (HNSW), `pq_m`
+                (IVF-PQ), `use_faiss`, `use_gpu` (faiss on the GPU, by default when faiss sees one).
         """
-        if index_type not in INDEX_TYPES:
-            raise ValueError(f"index_type must be one of {INDEX_TYPES}, got {index_type!r}.")
+        index_factory_string(index_type, 1, 4)  # names a bad index_type before any work
         if (images is None) == (texts is None):
             raise ValueError("build_index takes either images= or texts= (the gallery), not both or neither.")
+        if not self._heads_trained():
+            raise ValueError(
+                f"the unimodal projection heads of this model ({', '.join(self._untrained_heads)}) were not trained "
+                "(it comes from a pretraining checkpoint), so an index of their embeddings would shortlist at "
+                "random. Fine-tune it for retrieval first, or rank without an index: retriever(images=..., "
+                "texts=...)."
+            )
         batch_size = batch_size or self._batch_size or self.default_batch_size
         self.model.eval()
         if images is not None:
@@ -498,8 +490,8 @@ class ImageTextRetrievalPipeline(Pipeline):
                 raise ValueError("texts is an empty list: an index needs at least one text.")
             inputs = self._text_inputs(items)
             kind = "texts"
-        inputs = {key: value.cpu() for key, value in inputs.items()}
-        return self._make_index(kind, items, inputs, batch_size, index_type, nlist, nprobe, hnsw_m)
+        inputs = {key: value.to(self.device) for key, value in inputs.items()}  # once, for every later query
+        return self._make_index(kind, items, inputs, batch_size, index_type, **index_kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
         """Saves model, processor (tokenizer, region extractor and its weights) and the code of all of them
@@ -539,7 +531,7 @@ class ImageTextRetrievalPipeline(Pipeline):
 
 class RegionsOnlyProcessor:
     """Stands in for the model's processor in a folder saved without it (a model and tokenizer only): tokenizes
-    texts and pads cached region records, and refuses raw images with a clear message."""
+    texts; the pipeline then takes images only as cached region records."""
 
     def __init__(self, tokenizer, max_text_length: int, max_regions: int):
         self.tokenizer = tokenizer
@@ -547,39 +539,15 @@ class RegionsOnlyProcessor:
         self.max_regions = max_regions
         self.image_processor = None
 
-    def __call__(self, images=None, text=None, regions=None, return_tensors="pt"):
-        if images is not None:
-            raise ValueError(
-                "this pipeline was loaded without its region extractor (the folder has no processor), so it cannot "
-                "read images; save the model with its ImageBERTProcessor, or pass cached region records (dicts "
-                "with region_features and region_locations) as images."
-            )
-        out = {}
-        if text is not None:
-            encoded = self.tokenizer(
-                [text] if isinstance(text, str) else list(text),
-                padding="max_length",
-                truncation=True,
-                max_length=self.max_text_length,
-                return_tensors="pt",
-            )
-            out.update({key: encoded[key] for key in TEXT_KEYS if key in encoded})
-        if regions is not None:
-            records = [regions] if isinstance(regions, Mapping) else list(regions)
-            feature_size = len(records[0]["region_features"][0])
-            out["region_features"] = torch.zeros(len(records), self.max_regions, feature_size)
-            location_size = len(records[0]["region_locations"][0])
-            out["region_locations"] = torch.zeros(len(records), self.max_regions, location_size)
-            out["region_attention_mask"] = torch.zeros(len(records), self.max_regions, dtype=torch.long)
-            for row, record in enumerate(records):
-                features = torch.as_tensor(record["region_features"], dtype=torch.float32)[: self.max_regions]
-                count = features.shape[0]
-                out["region_features"][row, :count] = features
-                out["region_locations"][row, :count] = torch.as_tensor(
-                    record["region_locations"], dtype=torch.float32
-                )[:count]
-                out["region_attention_mask"][row, :count] = 1
-        return out
+    def __call__(self, text=None, return_tensors="pt"):
+        encoded = self.tokenizer(
+            [text] if isinstance(text, str) else list(text),
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_text_length,
+            return_tensors=return_tensors,
+        )
+        return {key: encoded[key] for key in TEXT_KEYS if key in encoded}
 
     def save_pretrained(self, save_directory, **kwargs):
         return self.tokenizer.save_pretrained(save_directory, **kwargs)
@@ -614,19 +582,72 @@ def _load_processor_for(model):
     )
 
 
-def _concat_regions(chunks: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Concatenates region inputs of several processor calls, padding the region axis to the widest."""
-    width = max(chunk["region_features"].shape[1] for chunk in chunks)
-    out = {key: [] for key in REGION_KEYS}
-    for chunk in chunks:
-        mask = chunk.get("region_attention_mask")
-        if mask is None:
-            mask = torch.ones(chunk["region_features"].shape[:2], dtype=torch.long)
-        pad = width - chunk["region_features"].shape[1]
-        out["region_features"].append(torch.nn.functional.pad(chunk["region_features"].float(), (0, 0, 0, pad)))
-        out["region_locations"].append(torch.nn.functional.pad(chunk["region_locations"].float(), (0, 0, 0, pad)))
-        out["region_attention_mask"].append(torch.nn.functional.pad(mask.long(), (0, pad)))
-    return {key: torch.cat(values) for key, values in out.items()}
+PROJECTION_HEADS = ("cls.text_projection", "cls.region_projection")
+PRETRAINING_ONLY = ("cls.predictions.", "cls.object_predictions.", "cls.feature_regression")
+
+
+def _checkpoint_keys(path: str | os.PathLike) -> set[str] | None:
+    """The parameter names stored in a local checkpoint folder (safetensors, one file or sharded), or None."""
+    import json
+
+    single, sharded = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(sharded):
+        with open(sharded) as handle:
+            return set(json.load(handle)["weight_map"])
+    if os.path.isfile(single):
+        from safetensors import safe_open
+
+        with safe_open(single, framework="pt") as handle:
+            return set(handle.keys())
+    return None
+
+
+def untrained_heads(model) -> list[str]:
+    """The unimodal projection heads that `model`'s checkpoint did not hold (so they are freshly initialised); empty
+    for a fine-tuned checkpoint or a model not loaded from a local folder."""
+    missing = getattr(model, "_missing_keys_at_load", None)
+    if missing is None:
+        path = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+        keys = _checkpoint_keys(path) if path and os.path.isdir(path) else None
+        if keys is None:
+            return []
+        return [head for head in PROJECTION_HEADS if not any(key.startswith(head + ".") for key in keys)]
+    return [head for head in PROJECTION_HEADS if any(key.startswith(head + ".") for key in missing)]
+
+
+class _RetrievalModelLoader:
+    """What `pipeline("image-text-retrieval", model=path)` loads the model with: the registered retrieval class
+    through `AutoModelForImageTextRetrieval`, whose load report is replaced by the pipeline's own notice when the only
+    differences are the expected ones of a pretraining checkpoint (pretraining heads unused, projection heads new)."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        from transformers.utils import logging as hf_logging
+
+        from .modeling_auto import AutoModelForImageTextRetrieval
+
+        loading_logger = hf_logging.get_logger("transformers.modeling_utils")
+        level = loading_logger.level
+        loading_logger.setLevel(hf_logging.ERROR)
+        try:
+            model, info = AutoModelForImageTextRetrieval.from_pretrained(
+                pretrained_model_name_or_path, output_loading_info=True, **kwargs
+            )
+        finally:
+            loading_logger.setLevel(level)
+        missing, unexpected = list(info.get("missing_keys", [])), list(info.get("unexpected_keys", []))
+        other_missing = [key for key in missing if not key.startswith(PROJECTION_HEADS)]
+        other_unexpected = [key for key in unexpected if not key.startswith(PRETRAINING_ONLY)]
+        if other_missing or other_unexpected:
+            logger.warning(
+                "Loading %s: weights missing from the checkpoint (initialised at random): %s; weights of the "
+                "checkpoint left unused: %s.",
+                pretrained_model_name_or_path,
+                other_missing or "none",
+                other_unexpected or "none",
+            )
+        model._missing_keys_at_load = missing
+        return model
 
 
 def register_pipeline() -> None:
@@ -634,9 +655,9 @@ def register_pipeline() -> None:
     from transformers.pipelines import PIPELINE_REGISTRY
 
     try:
-        from imagebert_hf.models.imagebert.modeling_auto import AutoModelForImageTextRetrieval
+        from imagebert_hf.models.imagebert.modeling_auto import AutoModelForImageTextRetrieval  # noqa: F401
 
-        model_class = AutoModelForImageTextRetrieval
+        model_class = _RetrievalModelLoader
     except ImportError:  # loaded as remote code: transformers' own AutoModel reads the folder's auto_map
         model_class = AutoModel
     PIPELINE_REGISTRY.register_pipeline(
