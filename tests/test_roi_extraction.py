@@ -112,6 +112,27 @@ def test_fixed_settings_cannot_change_per_call(tiny):
         tiny.extract(_image(), backbone_name="resnet50")
 
 
+@pytest.mark.parametrize("return_tensors", ["pt", "np", None])
+def test_standard_image_processor_call_takes_return_tensors(tiny, return_tensors):
+    images = [_image(), _image((0, 0, 0), (80, 40))]
+    records = tiny.extract(images, grid_sizes=[1, 2])
+    out = tiny(images, return_tensors=return_tensors, grid_sizes=[1, 2])
+    if return_tensors is None:  # per-image lists: regions differ in number
+        np.testing.assert_array_equal(out["region_features"][1], records[1]["region_features"])
+        assert out["image_id"] == [record["image_id"] for record in records]
+        return
+    kind = torch.Tensor if return_tensors == "pt" else np.ndarray
+    assert all(isinstance(out[key], kind) for key in ("region_features", "region_locations", "region_attention_mask"))
+    assert tuple(out["region_features"].shape) == (2, 5, tiny.region_feature_size)
+    assert out["region_attention_mask"].sum() == 10 and tuple(out["region_class_probs"].shape) == (2, 5, 1000)
+    np.testing.assert_allclose(np.asarray(out["region_features"][1]), records[1]["region_features"], atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(out["region_class_labels"][0]), records[0]["region_class_labels"])
+    # Fewer regions for one call pads to that call's count.
+    assert tuple(tiny(images[0], return_tensors=return_tensors, max_regions=3)["region_features"].shape[:2]) == (1, 3)
+    with pytest.raises(ValueError, match="return_tensors must be"):
+        tiny(images, return_tensors="tf")
+
+
 def test_random_weights_warn(caplog):
     extractor = ImageBERTRoIExtractor(**TINY)
     with caplog.at_level(logging.WARNING):

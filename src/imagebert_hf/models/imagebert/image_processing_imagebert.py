@@ -12,6 +12,7 @@ from transformers.image_processing_base import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.utils import logging
 
+from .region_batching import pad_region_records
 from .roi_backends import BackboneBackend, DetectorBackend, PrecomputedBackend, RegionBackend
 from .roi_boxes import LOCATION_SIZES, as_boxes, box_locations, clip_boxes, grid_boxes
 from .roi_butd import BUTD_SIZE, BUTDBackend
@@ -623,14 +624,40 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
         record_id = image_id or raw.get("image_id") or Path(key).stem
         return self._record(record_id, None, regions, settings)
 
-    def preprocess(self, images: Any = None, boxes: Any = None, **kwargs) -> BatchFeature:
-        """`extract` returned as a `BatchFeature` of per-image lists (regions differ in number: no tensors)."""
-        records = self.extract(images, boxes=boxes, **kwargs)
-        keys = list(records[0]) if records else []
-        return BatchFeature(data={key: [record.get(key) for record in records] for key in keys})
+    def preprocess(
+        self, images: Any = None, boxes: Any = None, return_tensors: str | None = None, **kwargs
+    ) -> BatchFeature:
+        """`extract` returned as a `BatchFeature`.
 
-    def __call__(self, images: Any = None, boxes: Any = None, **kwargs) -> BatchFeature:
-        return self.preprocess(images, boxes=boxes, **kwargs)
+        Args:
+            images, boxes, **kwargs: as in `extract`.
+            return_tensors: None (default): per-image lists of the records' fields (regions differ in number).
+                `"pt"` or `"np"`: the records padded to the most regions of the batch (see `pad_region_records`):
+                `region_features`, `region_locations`, `region_attention_mask`, `region_class_labels` and, when
+                returned, `region_class_probs`, as torch tensors or numpy arrays.
+        """
+        records = self.extract(images, boxes=boxes, **kwargs)
+        if return_tensors is None:
+            keys = list(records[0]) if records else []
+            return BatchFeature(data={key: [record.get(key) for record in records] for key in keys})
+        if return_tensors not in ("pt", "np"):
+            raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}.")
+        data = pad_region_records(
+            records,
+            "longest",
+            kwargs.get("max_regions") or self.max_regions,
+            return_labels=True,
+            return_probs=True,
+            feature_size=self.region_feature_size,
+            num_classes=self.num_object_classes,
+            return_tensors=return_tensors,
+        )
+        return BatchFeature(data=data)
+
+    def __call__(
+        self, images: Any = None, boxes: Any = None, return_tensors: str | None = None, **kwargs
+    ) -> BatchFeature:
+        return self.preprocess(images, boxes=boxes, return_tensors=return_tensors, **kwargs)
 
 
 def check_region_sizes(feature_size: int, num_classes: int, config, location_size: int | None = None) -> None:
