@@ -1,7 +1,9 @@
 """Stage 2: image decoding and content filters (size, aspect ratio, NSFW, natural photo).
 
-Decompression bombs are rejected from the image header before any pixel is decoded. JPEGs are decoded at reduced
-scale (`draft`) to the analysis size, which is all the statistics and the classifiers need.
+Images are read by the package's one loader (`models/imagebert/roi_image_loading.load_image`, as region extraction
+and the retrieval pipeline read them): decompression bombs, tiny images and extreme aspect ratios are rejected from
+the header before any pixel is decoded, and JPEGs are decoded at reduced scale (`draft`) to the analysis size, which
+is all the statistics and the classifiers need.
 
 The NSFW detector and the natural-photo classifier are plug-ins named in the config: a built-in name, `none`, or
 `package.module:Class` (a class whose no-argument constructor builds it and whose `score(images, stats)` returns
@@ -14,14 +16,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib
-import io
-import warnings
 from importlib import resources
 from typing import Protocol
 
 import numpy as np
 from transformers.utils import logging
 
+from ..models.imagebert.roi_image_loading import ImageLoadError, load_image
 from .config import ImageFilterConfig
 from .linear import LinearModel
 from .tally import INPUT, KEPT, Tally
@@ -213,35 +214,21 @@ def get_natural_classifier(spec: str, model_path: str | None = None) -> ImageSco
 
 
 def decode_image(data: bytes, config: ImageFilterConfig):
-    """Decodes image bytes for analysis. Returns `(image, width, height, None)` or `(None, 0, 0, reason)`.
-
-    The size comes from the header; oversized images are refused before decoding their pixels.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    if not data:
-        return None, 0, 0, "empty_image"
+    """Decodes image bytes for analysis with the package's one image loader (`load_image`: its size, pixel-count,
+    side and aspect checks run on the header, before any pixel is decoded). Returns `(image, width, height, None)`
+    or `(None, 0, 0, reason)`, the reason being the loader's `ImageLoadError.code`."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
-            width, height = im.size
-            if width * height > config.max_image_pixels:
-                return None, width, height, "decompression_bomb"
-            if min(width, height) <= config.min_side:
-                return None, width, height, "too_small"
-            if max(width, height) / max(1, min(width, height)) > config.max_aspect_ratio:
-                return None, width, height, "extreme_aspect_ratio"
-            im.draft("RGB", (config.analysis_size, config.analysis_size))
-            im = im.convert("RGB")
-            im.thumbnail((config.analysis_size, config.analysis_size))
-            return im, width, height, None
-    except Image.DecompressionBombError:
-        return None, 0, 0, "decompression_bomb"
-    except UnidentifiedImageError:
-        return None, 0, 0, "not_an_image"
-    except (OSError, ValueError, SyntaxError, EOFError):
-        return None, 0, 0, "corrupt_image"
+        loaded = load_image(
+            data,
+            max_image_pixels=config.max_image_pixels,
+            min_image_side=config.min_side + 1,  # both sides strictly greater than min_side
+            max_aspect_ratio=config.max_aspect_ratio,
+            max_decode_side=config.analysis_size,
+            draft_margin=1,
+        )
+    except ImageLoadError as error:
+        return None, 0, 0, error.code
+    return loaded.image, loaded.width, loaded.height, None
 
 
 def filter_images(batch: dict[str, list], config: ImageFilterConfig) -> tuple[dict[str, list], Tally]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..models.imagebert.roi_image_loading import load_image
 from .image_filters import STAT_NAMES, image_statistics
 from .linear import LinearModel, fit_linear_model
 from .relevance import FEATURE_NAMES, relevance_features
@@ -45,11 +46,8 @@ def load_captioned_images(
 
 def photo_statistics(path: str | Path, analysis_size: int = 320) -> np.ndarray:
     """Statistics of an image file decoded as the image-filter stage decodes it."""
-    with Image.open(path) as im:
-        im.draft("RGB", (analysis_size, analysis_size))
-        im = im.convert("RGB")
-        im.thumbnail((analysis_size, analysis_size))
-        return image_statistics(im)
+    loaded = load_image(path, max_decode_side=analysis_size, draft_margin=1, min_image_side=1, max_aspect_ratio=1e9)
+    return image_statistics(loaded.image)
 
 
 def graphic_statistics(n: int, seed: int = 0) -> np.ndarray:
