@@ -395,30 +395,6 @@ def test_gradient_checkpointing_gives_same_gradients(tester, dropout):
             torch.testing.assert_close(p.grad, reference[name], atol=1e-5, rtol=1e-4)
 
 
-def test_dropout_rate_scale_and_gradient():
-    from imagebert_hf.models.imagebert.modeling_imagebert import ImageBERTDropout, dropout
-
-    torch.manual_seed(0)
-    values = torch.full((1_000_000,), 2.0, requires_grad=True)
-    dropped = dropout(values, 0.1, training=True)
-    kept = dropped != 0
-    assert abs(1 - kept.float().mean().item() - 0.1) < 0.002
-    assert torch.allclose(dropped[kept], torch.tensor(2.0 / (1 - 3277 / 2**15)))  # round(0.1 * 2**15) = 3277
-    assert abs(dropped.mean().item() - 2.0) < 0.01
-    dropped.sum().backward()
-    torch.testing.assert_close(values.grad, dropped.detach() / 2.0)
-    # Seeded, like torch's; off in eval mode and at p = 0; p = 1 drops everything; the dtype is kept.
-    torch.manual_seed(3)
-    first = dropout(values, 0.3, training=True)
-    torch.manual_seed(3)
-    assert torch.equal(first, dropout(values, 0.3, training=True))
-    assert dropout(values, 0.1, training=False) is values and torch.equal(dropout(values, 0.0, True), values)
-    assert not dropout(values, 1.0, training=True).any()
-    assert dropout(values.detach().bfloat16(), 0.1, training=True).dtype == torch.bfloat16
-    module = ImageBERTDropout(0.5).eval()
-    assert torch.equal(module(values), values)
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_dtypes(tester, dtype):
     config = tester.get_config()

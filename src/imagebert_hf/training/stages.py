@@ -205,12 +205,9 @@ def _configure_for_stage(model, stage: StageSpec) -> None:
     config = model.config
     for task in PRETRAINING_TASKS:
         setattr(config, f"{task}_loss_weight", float(stage.loss_weights[task]))
-    config.mlm_probability = stage.mlm_probability
-    config.region_mask_probability = stage.region_mask_probability
-    config.region_zero_probability = stage.region_zero_probability
-    # The loop reads only the losses, so the heads run on the positions that have targets alone.
+    # The loop reads only the losses, so the heads run on the positions that have targets alone. A runtime switch:
+    # saved checkpoints leave it out and load with dense outputs. (Masking probabilities live in the collator.)
     config.sparse_prediction = True
-    config.itm_negative_probability = stage.itm_negative_probability
 
 
 def stage_directory(output_dir: str | Path, index: int, stage: StageSpec) -> Path:

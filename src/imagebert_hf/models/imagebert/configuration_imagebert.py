@@ -1,11 +1,25 @@
 """ImageBERT model configuration."""
 
 from transformers import PreTrainedConfig
+from transformers.utils import logging
 
+
+logger = logging.get_logger(__name__)
 
 MOC_LOSS_TYPES = ("cross_entropy", "kl")
 REGION_LOCATION_SIZES = (5, 7)
 RETRIEVAL_LOSS_TYPES = ("binary", "multiclass", "triplet")
+# Settings of the data pipeline that older configs carried but no model ever read; the collator, the pair dataset
+# and the recipes hold their own. Configs that still have them load, without them.
+REMOVED_FIELDS = (
+    "mlm_probability",
+    "region_mask_probability",
+    "region_zero_probability",
+    "itm_negative_probability",
+    "retrieval_num_negatives",
+)
+# Switches for training runs only, left out of saved configs.
+RUNTIME_FIELDS = ("sparse_prediction",)
 
 
 class ImageBERTConfig(PreTrainedConfig):
@@ -71,14 +85,6 @@ class ImageBERTConfig(PreTrainedConfig):
             ordinary length never uses.
         region_token_type_id (`int`, *optional*, defaults to 1):
             Segment id of the regions.
-        mlm_probability (`float`, *optional*, defaults to 0.15):
-            Share of text tokens masked for MLM (80% [MASK], 10% random, 10% kept).
-        region_mask_probability (`float`, *optional*, defaults to 0.15):
-            Share of regions masked for MOC and MRFR.
-        region_zero_probability (`float`, *optional*, defaults to 0.9):
-            Share of masked regions whose feature is zeroed; the others keep their feature.
-        itm_negative_probability (`float`, *optional*, defaults to 0.5):
-            Share of pretraining samples whose text or regions are replaced by another sample's.
         mlm_loss_weight (`float`, *optional*, defaults to 1.0):
             Weight of the masked language modelling loss.
         moc_loss_weight (`float`, *optional*, defaults to 1.0):
@@ -93,12 +99,11 @@ class ImageBERTConfig(PreTrainedConfig):
             When pretraining targets are given, run the MLM, MOC and MRFR heads only on the positions that have
             targets (masked tokens and regions of matched pairs), and return their outputs flattened over those
             positions. The losses are the same; the heads cost a fraction (the MLM decoder over the whole vocabulary
-            is the largest matrix product of a step). Pretraining runs turn it on.
+            is the largest matrix product of a step). Pretraining runs turn it on. A training-time switch: it is
+            never saved, so a checkpoint always loads with the documented dense outputs.
         retrieval_loss_weights (`dict[str, float]`, *optional*):
             Weights of the retrieval losses by name (`"binary"`, `"multiclass"`, `"triplet"`). Defaults to
             `{"binary": 1.0}`, the paper's best.
-        retrieval_num_negatives (`int`, *optional*, defaults to 3):
-            Negatives per positive for the multi-class and triplet losses (the paper's P).
         triplet_margin (`float`, *optional*, defaults to 0.2):
             Margin of the triplet loss.
         contrastive_embedding_size (`int`, *optional*, defaults to 256):
@@ -135,10 +140,6 @@ class ImageBERTConfig(PreTrainedConfig):
         max_text_length: int = 44,
         region_position_id: int | None = None,
         region_token_type_id: int = 1,
-        mlm_probability: float = 0.15,
-        region_mask_probability: float = 0.15,
-        region_zero_probability: float = 0.9,
-        itm_negative_probability: float = 0.5,
         mlm_loss_weight: float = 1.0,
         moc_loss_weight: float = 1.0,
         mrfr_loss_weight: float = 1.0,
@@ -146,12 +147,17 @@ class ImageBERTConfig(PreTrainedConfig):
         moc_loss_type: str = "cross_entropy",
         sparse_prediction: bool = False,
         retrieval_loss_weights: dict[str, float] | None = None,
-        retrieval_num_negatives: int = 3,
         triplet_margin: float = 0.2,
         contrastive_embedding_size: int = 256,
         contrastive_temperature: float = 0.05,
         **kwargs,
     ):
+        removed = sorted(name for name in REMOVED_FIELDS if kwargs.pop(name, None) is not None)
+        if removed:
+            logger.info(
+                f"ImageBERTConfig ignores {', '.join(removed)}: data-pipeline settings the model never reads (the "
+                "collator and the recipe hold them)."
+            )
         super().__init__(pad_token_id=pad_token_id, **kwargs)
         self.tie_word_embeddings = tie_word_embeddings
         self.vocab_size = vocab_size
@@ -176,10 +182,6 @@ class ImageBERTConfig(PreTrainedConfig):
         self.max_text_length = max_text_length
         self.region_position_id = max_position_embeddings - 1 if region_position_id is None else region_position_id
         self.region_token_type_id = region_token_type_id
-        self.mlm_probability = mlm_probability
-        self.region_mask_probability = region_mask_probability
-        self.region_zero_probability = region_zero_probability
-        self.itm_negative_probability = itm_negative_probability
         self.mlm_loss_weight = mlm_loss_weight
         self.moc_loss_weight = moc_loss_weight
         self.mrfr_loss_weight = mrfr_loss_weight
@@ -187,11 +189,24 @@ class ImageBERTConfig(PreTrainedConfig):
         self.moc_loss_type = moc_loss_type
         self.sparse_prediction = sparse_prediction
         self.retrieval_loss_weights = dict(retrieval_loss_weights) if retrieval_loss_weights else {"binary": 1.0}
-        self.retrieval_num_negatives = retrieval_num_negatives
         self.triplet_margin = triplet_margin
         self.contrastive_embedding_size = contrastive_embedding_size
         self.contrastive_temperature = contrastive_temperature
         self._validate()
+
+    def to_dict(self) -> dict:
+        """As `PreTrainedConfig.to_dict`, without the training-only switches (`RUNTIME_FIELDS`)."""
+        output = super().to_dict()
+        for name in RUNTIME_FIELDS:
+            output.pop(name, None)
+        return output
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """As `PreTrainedConfig.from_dict`; a saved `sparse_prediction` (written by older versions) is ignored, so a
+        checkpoint loads with dense outputs, while `sparse_prediction=...` given in `kwargs` still applies."""
+        config_dict = {key: value for key, value in config_dict.items() if key not in RUNTIME_FIELDS}
+        return super().from_dict(config_dict, **kwargs)
 
     def _validate(self):
         if self.hidden_size % self.num_attention_heads != 0:

@@ -6,6 +6,7 @@ Parameter names follow BERT's (`embeddings.word_embeddings`, `encoder.layer.N.at
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,8 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
 from .configuration_imagebert import ImageBERTConfig
@@ -112,8 +115,38 @@ class ImageBERTForImageTextRetrievalOutput(ModelOutput):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Input checks: every malformed input fails here, naming the argument, rather than deep inside torch.
+# Input validation at the forward boundary: every malformed input fails here, naming the argument, rather than deep
+# inside torch. Types, dtypes and shapes are checked always (they cost nothing and never touch the data). Checks that
+# read the values (id and label ranges, 0/1 masks, NaN in real regions) run only on CPU tensors outside
+# `torch.compile`: on an accelerator they would stall the device for a host sync in every step, and the processor
+# and the collator have already made those values on the CPU.
 # --------------------------------------------------------------------------------------------------------------------
+
+# Each argument: (kind, dimensions, meaning). The kind fixes the accepted dtypes: "ids" integer, "flags" integer,
+# bool or float holding 0/1, "float" floating point. Dimensions name the sizes they must match: "B" the batch, "T"
+# the text length, "R" the regions, or a config field.
+_ARGUMENTS = {
+    "input_ids": ("ids", ("B", "T"), "token ids"),
+    "attention_mask": ("flags", ("B", "T"), "one entry per text token"),
+    "token_type_ids": ("ids", ("B", "T"), "one entry per text token"),
+    "region_features": ("float", ("B", "R", "region_feature_size"), "one feature per region"),
+    "region_locations": (
+        "float",
+        ("B", "R", "region_location_size"),
+        "(x1/W, y1/H, x2/W, y2/H, area/(W*H)) per region",
+    ),
+    "region_attention_mask": ("flags", ("B", "R"), "one per region"),
+    "labels": ("ids", ("B", "T"), "one MLM target per text token, -100 where unmasked"),
+    "masked_regions": ("flags", ("B", "R"), "one flag per region"),
+    "region_class_labels": ("ids", ("B", "R"), "one label per region"),
+    "region_class_probs": ("float", ("B", "R", "num_object_classes"), "a distribution over the classes per region"),
+    "region_feature_targets": ("float", ("B", "R", "region_feature_size"), "the unmasked feature of each region"),
+    "itm_labels": ("ids", ("B",), "1 for a matched pair, 0 for a negative"),
+    "pair_labels": ("flags", ("B",), "1 for a matching pair, 0 otherwise"),
+}
+# Retrieval's pair labels are its `labels` argument; the MLM targets of pretraining hold that name here.
+_SHOWN_AS = {"pair_labels": "labels"}
+_DTYPES = {"ids": "an integer dtype", "flags": "an integer, bool or float dtype", "float": "a floating dtype"}
 
 
 def _shape(tensor: torch.Tensor) -> tuple[int, ...]:
@@ -130,30 +163,58 @@ def _expect_shape(name: str, tensor: torch.Tensor | None, expected: tuple, meani
         raise ValueError(f"{name} has shape {got}; expected {shown} ({meaning}).")
 
 
-def check_model_inputs(
-    config: ImageBERTConfig,
-    input_ids: torch.Tensor | None,
-    attention_mask: torch.Tensor | None,
-    token_type_ids: torch.Tensor | None,
-    region_features: torch.Tensor | None,
-    region_locations: torch.Tensor | None,
-    region_attention_mask: torch.Tensor | None,
-) -> tuple[int, int, int]:
-    """Validates the model inputs against each other and the config; returns (batch_size, text_length, num_regions)."""
+def _expect_kind(name: str, value, kind: str):
+    """TypeError unless `value` is a tensor of the dtypes `kind` accepts."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} is a {type(value).__name__}; expected a torch.Tensor ({_DTYPES[kind]}).")
+    floating = value.is_floating_point()
+    if (
+        value.is_complex()
+        or (kind == "ids" and (floating or value.dtype == torch.bool))
+        or (kind == "float" and not floating)
+    ):
+        raise TypeError(f"{name} has dtype {value.dtype}; expected {_DTYPES[kind]}.")
+
+
+def _can_read_values(tensors) -> bool:
+    """Whether value checks may run: not while compiling or exporting, and only on CPU tensors (no device sync)."""
+    return not torch.compiler.is_compiling() and all(t.device.type == "cpu" for t in tensors)
+
+
+def _check_range(name: str, values: torch.Tensor, low: int, high: int, expected: str):
+    """ValueError unless every entry of `values` lies in [low, high)."""
+    if values.numel() and (values.min() < low or values.max() >= high):
+        raise ValueError(f"{name} holds values in [{int(values.min())}, {int(values.max())}]; expected {expected}.")
+
+
+def validate_inputs(config: ImageBERTConfig, **arguments) -> tuple[int, int, int]:
+    """Validates the model inputs and targets given (None: absent) against each other and the config.
+
+    Returns (batch_size, text_length, num_regions). Raises TypeError for a non-tensor or a wrong dtype and ValueError
+    for a wrong shape or, on CPU outside `torch.compile`, a wrong value; each message names the argument.
+    """
+    given = {name: value for name, value in arguments.items() if value is not None}
+    for name, value in given.items():
+        _expect_kind(_SHOWN_AS.get(name, name), value, _ARGUMENTS[name][0])
+    input_ids, region_features = given.get("input_ids"), given.get("region_features")
     if input_ids is None and region_features is None:
         raise ValueError("Give input_ids, region_features or both; got neither.")
-    if (region_features is None) != (region_locations is None):
-        given, missing = ("region_features", "region_locations")[:: 1 if region_locations is None else -1]
-        raise ValueError(f"{given} was given without {missing}; regions need both.")
+    if (region_features is None) != ("region_locations" not in given):
+        present, missing = ("region_features", "region_locations")[:: 1 if region_features is not None else -1]
+        raise ValueError(f"{present} was given without {missing}; regions need both.")
+    if "labels" in given and input_ids is None:
+        raise ValueError("labels (MLM targets) were given without input_ids.")
+    region_only = [name for name in given if _ARGUMENTS[name][1][1:2] == ("R",) and name != "region_features"]
+    if region_features is None and region_only:
+        raise ValueError(f"{', '.join(region_only)} given without region_features.")
 
     batch_size, text_length, num_regions = None, 0, 0
     if input_ids is not None:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids has shape {_shape(input_ids)}; expected (batch_size, text_length).")
         batch_size, text_length = input_ids.shape
-        _expect_shape("attention_mask", attention_mask, (batch_size, text_length), "one entry per text token")
-        _expect_shape("token_type_ids", token_type_ids, (batch_size, text_length), "one entry per text token")
-
+        if text_length == 0:
+            raise ValueError("input_ids has shape (batch_size, 0); expected at least one token ([CLS]) per sample.")
     if region_features is not None:
         if region_features.dim() != 3 or region_features.shape[-1] != config.region_feature_size:
             raise ValueError(
@@ -171,88 +232,89 @@ def check_model_inputs(
                 f"region_features has {num_regions} regions per sample; expected at most max_regions="
                 f"{config.max_regions} from the config."
             )
-        _expect_shape(
-            "region_locations",
-            region_locations,
-            (batch_size, num_regions, config.region_location_size),
-            "(x1/W, y1/H, x2/W, y2/H, area/(W*H)) per region",
-        )
-        _expect_shape("region_attention_mask", region_attention_mask, (batch_size, num_regions), "one per region")
-        max_text = config.region_position_id
-        if text_length > max_text:
+        if text_length > config.region_position_id:
             raise ValueError(
-                f"input_ids has {text_length} tokens; with regions, text can have at most {max_text} tokens "
-                f"(position {config.region_position_id} is the regions')."
+                f"input_ids has {text_length} tokens; with regions, text can have at most {config.region_position_id} "
+                f"tokens (position {config.region_position_id} is the regions')."
             )
     elif text_length > config.max_position_embeddings:
         raise ValueError(
             f"input_ids has {text_length} tokens; expected at most max_position_embeddings="
             f"{config.max_position_embeddings}."
         )
-    _check_value_ranges(config, input_ids, region_locations, region_attention_mask)
+    if batch_size == 0:
+        raise ValueError("The batch is empty (batch size 0); expected at least one sample.")
+    sizes = {"B": batch_size, "T": text_length, "R": num_regions}
+    for name, value in given.items():
+        _, dims, meaning = _ARGUMENTS[name]
+        expected = tuple(sizes[d] if d in sizes else getattr(config, d) for d in dims)
+        _expect_shape(_SHOWN_AS.get(name, name), value, expected, meaning)
+
+    if _can_read_values(given.values()):
+        _check_values(config, given)
     return batch_size, text_length, num_regions
 
 
-def _check_value_ranges(config, input_ids, region_locations, region_attention_mask):
-    """Token ids within the vocabulary and real regions' locations in [0, 1], read back in one device sync."""
-    statistics = []
-    if input_ids is not None and input_ids.numel():
-        statistics += [input_ids.min(), input_ids.max()]
-    if region_locations is not None and region_locations.numel():
-        real = torch.ones_like(region_locations[..., 0], dtype=torch.bool)
-        if region_attention_mask is not None:
-            real = region_attention_mask.bool()
-        # Padding is replaced by a harmless 0.5 so that only real regions decide the range.
-        locations = region_locations.float().masked_fill(~real[..., None], 0.5)
-        statistics += [locations.min(), locations.max(), torch.isfinite(locations).all().float()]
-    if not statistics:
-        return
-    values = torch.stack([value.float() for value in statistics]).tolist()
-    if input_ids is not None and input_ids.numel():
-        lowest_id, highest_id, *values = values
-        if lowest_id < 0 or highest_id >= config.vocab_size:
+def _check_values(config: ImageBERTConfig, given: dict):
+    """The value checks of `validate_inputs` (CPU tensors only)."""
+    for name in ("attention_mask", "region_attention_mask", "masked_regions", "pair_labels"):
+        if name in given and not ((given[name] == 0) | (given[name] == 1)).all():
             raise ValueError(
-                f"input_ids holds ids in [{int(lowest_id)}, {int(highest_id)}]; expected ids in "
-                f"[0, {config.vocab_size}) for vocab_size={config.vocab_size}."
+                f"{_SHOWN_AS.get(name, name)} holds values other than 0 and 1; expected 1 (real, yes) or 0 (padding, no)."
             )
-    if values:
-        lowest, highest, finite = values
-        if lowest < -1e-4 or highest > 1 + 1e-4 or not finite:
+    if "input_ids" in given:
+        _check_range(
+            "input_ids",
+            given["input_ids"],
+            0,
+            config.vocab_size,
+            f"ids in [0, {config.vocab_size}) for vocab_size={config.vocab_size}",
+        )
+    if "token_type_ids" in given:
+        _check_range(
+            "token_type_ids", given["token_type_ids"], 0, config.type_vocab_size,
+            f"segment ids in [0, {config.type_vocab_size}) for type_vocab_size={config.type_vocab_size}",
+        )  # fmt: skip
+    if "labels" in given:
+        targets = given["labels"][given["labels"] != IGNORE_INDEX]
+        _check_range("labels", targets, 0, config.vocab_size, f"token ids in [0, {config.vocab_size}) or -100")
+    if "region_class_labels" in given:
+        targets = given["region_class_labels"][given["region_class_labels"] != IGNORE_INDEX]
+        _check_range(
+            "region_class_labels", targets, 0, config.num_object_classes,
+            f"labels in [0, {config.num_object_classes}) or -100",
+        )  # fmt: skip
+    if "itm_labels" in given:
+        _check_range("itm_labels", given["itm_labels"], 0, 2, "1 for a matched pair or 0 for a negative")
+
+    real_text = given.get("attention_mask")
+    real_regions = given.get("region_attention_mask")
+    if "region_features" in given:
+        real = torch.ones(given["region_features"].shape[:2], dtype=torch.bool) if real_regions is None else (
+            real_regions.bool()
+        )  # fmt: skip
+        for name in ("region_features", "region_feature_targets", "region_class_probs"):
+            if name in given and not torch.isfinite(given[name][real]).all():
+                raise ValueError(f"{name} holds NaN or infinite values in real regions; expected finite numbers.")
+        locations = given["region_locations"][real]
+        if locations.numel() and not (
+            torch.isfinite(locations).all() and locations.min() >= -1e-4 and locations.max() <= 1 + 1e-4
+        ):
             raise ValueError(
-                f"region_locations holds values in [{lowest:.4g}, {highest:.4g}]; expected coordinates "
-                "normalised by the image size, all in [0, 1]."
+                f"region_locations holds values in [{locations.min():.4g}, {locations.max():.4g}]; expected "
+                "coordinates normalised by the image size, all in [0, 1]."
             )
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Dropout
-# --------------------------------------------------------------------------------------------------------------------
-
-_DROPOUT_LEVELS = 2**15
-
-
-def dropout(hidden_states: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """`F.dropout`, with the keep mask drawn as 15-bit integers on CPU.
-
-    torch's CPU dropout draws each element through `bernoulli_`, which takes about 13% of a base-size training
-    step: 19 ms forward and backward over the attention probabilities of one layer (batch 8, length 144), against
-    12 ms here. An element is kept when a uniform integer in
-    [0, 2**15) is at least round(p * 2**15), so it is dropped with probability p to within 2**-16, and the kept ones
-    are scaled by the exact inverse of their keep probability, so expectations are unchanged. Other devices keep
-    torch's kernels, which are fast there.
-    """
-    if not training or not 0.0 < p < 1.0 or hidden_states.device.type != "cpu":
-        return F.dropout(hidden_states, p, training)
-    threshold = round(p * _DROPOUT_LEVELS)
-    keep = torch.empty(hidden_states.shape, dtype=torch.int16).random_(0, _DROPOUT_LEVELS) >= threshold
-    return hidden_states * keep.to(hidden_states.dtype).mul_(_DROPOUT_LEVELS / (_DROPOUT_LEVELS - threshold))
-
-
-class ImageBERTDropout(nn.Dropout):
-    """`nn.Dropout` through `dropout` above (same module tree and settings as BERT's)."""
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return dropout(hidden_states, self.p, self.training)
+        if "region_class_probs" in given and (given["region_class_probs"][real] < 0).any():
+            raise ValueError("region_class_probs holds negative values; expected a probability distribution.")
+    if real_text is not None or real_regions is not None:
+        has_text = real_text.bool().any(dim=1) if real_text is not None else "input_ids" in given
+        has_regions = real_regions.bool().any(dim=1) if real_regions is not None else "region_features" in given
+        empty = ~(torch.as_tensor(has_text) | torch.as_tensor(has_regions))
+        if empty.any():
+            raise ValueError(
+                f"Sample {int(empty.nonzero()[0, 0])} has neither a real text token nor a real region: "
+                "attention_mask and region_attention_mask are all zeros for it."
+            )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -282,7 +344,7 @@ class ImageBERTEmbeddings(nn.Module):
         if config.separate_region_layer_norm:
             self.region_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = ImageBERTDropout(config.hidden_dropout_prob)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def embed_text(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
@@ -325,8 +387,31 @@ class ImageBERTEmbeddings(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Encoder (BERT's module tree and names; attention through scaled_dot_product_attention or an eager path)
+# Encoder (BERT's module tree and names; attention through transformers' attention interface)
 # --------------------------------------------------------------------------------------------------------------------
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention in plain torch ops, as BERT's: the fallback of the interface, and the path that returns the
+    probabilities. `attention_mask` is additive (float) or True where a key may be attended to (bool)."""
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask
+    probabilities = nn.functional.dropout(scores.softmax(dim=-1), p=dropout, training=module.training)
+    context = torch.matmul(probabilities, value).transpose(1, 2).contiguous()
+    return context, probabilities
 
 
 class ImageBERTSelfAttention(nn.Module):
@@ -335,38 +420,38 @@ class ImageBERTSelfAttention(nn.Module):
         self.config = config
         self.num_attention_heads = config.num_attention_heads
         self.attention_head_size = config.hidden_size // config.num_attention_heads
+        self.scaling = self.attention_head_size**-0.5
         self.query = nn.Linear(config.hidden_size, config.hidden_size)
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
-        self.dropout_prob = config.attention_probs_dropout_prob
-
-    def _split_heads(self, states: torch.Tensor) -> torch.Tensor:
-        batch_size, length, _ = states.shape
-        return states.view(batch_size, length, self.num_attention_heads, self.attention_head_size).transpose(1, 2)
+        self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
+        # Read by the sdpa and flash kernels of the interface: every position sees every other.
+        self.is_causal = False
 
     def forward(
-        self, hidden_states: torch.Tensor, key_mask: torch.Tensor | None, output_attentions: bool = False
+        self, hidden_states: torch.Tensor, attention_mask, output_attentions: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        query = self._split_heads(self.query(hidden_states))
-        key = self._split_heads(self.key(hidden_states))
-        value = self._split_heads(self.value(hidden_states))
-        dropout_prob = self.dropout_prob if self.training else 0.0
-        # SDPA's CPU kernels cannot drop attention probabilities; its fallback for that is slower than these three
-        # ops with our dropout (34 vs 29 ms per base layer, forward and backward, batch 8, length 144).
-        eager = self.config._attn_implementation == "eager" or (dropout_prob > 0 and query.device.type == "cpu")
-        # `key_mask` is (batch, 1, 1, length) and True where a key may be attended to.
-        if output_attentions or eager:
-            scores = query @ key.transpose(-1, -2) * self.attention_head_size**-0.5
-            if key_mask is not None:
-                scores = scores.masked_fill(~key_mask, torch.finfo(scores.dtype).min)
-            probabilities = dropout(scores.softmax(dim=-1), p=dropout_prob, training=self.training)
-            context = probabilities @ value
-        else:
-            probabilities = None
-            context = F.scaled_dot_product_attention(query, key, value, attn_mask=key_mask, dropout_p=dropout_prob)
-        batch_size, _, length, _ = context.shape
-        context = context.transpose(1, 2).reshape(batch_size, length, -1)
-        return context, probabilities
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.attention_head_size)
+        query = self.query(hidden_states).view(hidden_shape).transpose(1, 2)
+        key = self.key(hidden_states).view(hidden_shape).transpose(1, 2)
+        value = self.value(hidden_states).view(hidden_shape).transpose(1, 2)
+        # Only the eager path materialises the probabilities, so `output_attentions` takes it (with an eager mask).
+        attention_interface = eager_attention_forward
+        if not output_attentions:
+            attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, eager_attention_forward
+            )
+        context, probabilities = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.dropout.p if self.training else 0.0,
+            scaling=self.scaling,
+        )
+        return context.reshape(*input_shape, -1).contiguous(), probabilities
 
 
 class ImageBERTResidualOutput(nn.Module):
@@ -376,7 +461,7 @@ class ImageBERTResidualOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(input_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = ImageBERTDropout(config.hidden_dropout_prob)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return self.LayerNorm(self.dropout(self.dense(hidden_states)) + residual)
@@ -388,8 +473,8 @@ class ImageBERTAttention(nn.Module):
         self.self = ImageBERTSelfAttention(config)
         self.output = ImageBERTResidualOutput(config, config.hidden_size)
 
-    def forward(self, hidden_states, key_mask, output_attentions=False):
-        context, probabilities = self.self(hidden_states, key_mask, output_attentions)
+    def forward(self, hidden_states, attention_mask, output_attentions=False):
+        context, probabilities = self.self(hidden_states, attention_mask, output_attentions)
         return self.output(context, hidden_states), probabilities
 
 
@@ -410,8 +495,8 @@ class ImageBERTLayer(nn.Module):
         self.intermediate = ImageBERTIntermediate(config)
         self.output = ImageBERTResidualOutput(config, config.intermediate_size)
 
-    def forward(self, hidden_states, key_mask, output_attentions=False):
-        attended, probabilities = self.attention(hidden_states, key_mask, output_attentions)
+    def forward(self, hidden_states, attention_mask, output_attentions=False):
+        attended, probabilities = self.attention(hidden_states, attention_mask, output_attentions)
         return self.output(self.intermediate(attended), attended), probabilities
 
 
@@ -422,16 +507,16 @@ class ImageBERTEncoder(nn.Module):
         # Set by PreTrainedModel.gradient_checkpointing_enable(), together with `_gradient_checkpointing_func`.
         self.gradient_checkpointing = False
 
-    def forward(self, hidden_states, key_mask, output_attentions=False, output_hidden_states=False):
+    def forward(self, hidden_states, attention_mask, output_attentions=False, output_hidden_states=False):
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
         for layer in self.layer:
             if self.gradient_checkpointing and self.training:
                 hidden_states, probabilities = self._gradient_checkpointing_func(
-                    layer.__call__, hidden_states, key_mask, output_attentions
+                    layer.__call__, hidden_states, attention_mask, output_attentions
                 )
             else:
-                hidden_states, probabilities = layer(hidden_states, key_mask, output_attentions)
+                hidden_states, probabilities = layer(hidden_states, attention_mask, output_attentions)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             if output_attentions:
@@ -516,12 +601,30 @@ class ImageBERTRetrievalHeads(nn.Module):
 # --------------------------------------------------------------------------------------------------------------------
 
 
+@contextmanager
+def _quiet_transformers_loading():
+    """Silences transformers' own load report while `from_text_pretrained` reports in its own words."""
+    loading_logger = logging.get_logger("transformers.modeling_utils")
+    level = loading_logger.level
+    loading_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        loading_logger.setLevel(level)
+
+
 class ImageBERTPreTrainedModel(PreTrainedModel):
     config_class = ImageBERTConfig
     config: ImageBERTConfig
     base_model_prefix = "bert"
     supports_gradient_checkpointing = True
+    # Attention goes through `ALL_ATTENTION_FUNCTIONS`: no cache, not causal, a padding mask built per backend.
     _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    # The units `device_map="auto"` and FSDP auto-wrap keep whole: a layer's residuals must stay on one device.
+    _no_split_modules = ["ImageBERTEmbeddings", "ImageBERTLayer"]
     # Older BERT checkpoints store their position-id buffer; ours computes positions on the fly.
     _keys_to_ignore_on_load_unexpected = [r"position_ids"]
 
@@ -532,14 +635,24 @@ class ImageBERTPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_text_pretrained(
-        cls, pretrained_model_name_or_path: str, output_loading_info: bool = False, **config_overrides
+        cls,
+        pretrained_model_name_or_path: str,
+        output_loading_info: bool = False,
+        itm_from_nsp: bool = True,
+        **config_overrides,
     ):
         """Builds an ImageBERT model from a BERT checkpoint: text embeddings, encoder (and MLM head, pooler) load,
         everything region-specific starts fresh.
 
+        BERT's next-sentence head (`cls.seq_relationship`, the name our ITM head shares) scores class 0 for "is the
+        next sentence", while ITM's class 1 is "matched". With `itm_from_nsp` (the paper's initialisation) its two
+        rows are swapped on loading, so "is next" becomes "matched"; without, the ITM head starts fresh.
+
         Args:
             pretrained_model_name_or_path: a BERT checkpoint (hub id or local folder with `config.json`).
-            output_loading_info: also return a dict with `new_keys` (freshly initialised) and `unused_keys`.
+            output_loading_info: also return a dict with `new_keys` (freshly initialised), `unused_keys` and
+                `itm_head` (`"mapped from NSP"`, `"new"`, or None for a model without the head).
+            itm_from_nsp: map a checkpoint's NSP head into the ITM head (True) or start the ITM head fresh (False).
             **config_overrides: ImageBERT fields to set, e.g. `region_feature_size=1280, num_object_classes=1000`.
         """
         from transformers import AutoConfig
@@ -548,18 +661,44 @@ class ImageBERTPreTrainedModel(PreTrainedModel):
         for key in ("model_type", "architectures", "auto_map", "transformers_version"):
             text_config.pop(key, None)
         config = ImageBERTConfig(**{**text_config, **config_overrides})
-        model, info = cls.from_pretrained(pretrained_model_name_or_path, config=config, output_loading_info=True)
-        new_keys = sorted(info.get("missing_keys", []))
+        with _quiet_transformers_loading():
+            model, info = cls.from_pretrained(pretrained_model_name_or_path, config=config, output_loading_info=True)
+        new_keys = set(info.get("missing_keys", []))
         unused_keys = sorted(info.get("unexpected_keys", []))
-        logger.info(
-            "Initialised %s from %s; %d new weights: %s",
-            cls.__name__,
-            pretrained_model_name_or_path,
-            len(new_keys),
-            ", ".join(new_keys),
+
+        itm_head = None
+        heads = getattr(model, "cls", None)
+        if heads is not None and hasattr(heads, "seq_relationship"):
+            itm_keys = {"cls.seq_relationship.weight", "cls.seq_relationship.bias"}
+            if itm_from_nsp and not itm_keys & new_keys:
+                with torch.no_grad():
+                    head = heads.seq_relationship
+                    head.weight.copy_(head.weight.flip(0))
+                    head.bias.copy_(head.bias.flip(0))
+                itm_head = "mapped from NSP"
+            else:
+                model._init_weights(heads.seq_relationship)
+                new_keys |= itm_keys
+                itm_head = "new"
+        new_keys = sorted(new_keys)
+
+        message = (
+            f"Initialised {cls.__name__} from the text checkpoint {pretrained_model_name_or_path}. "
+            f"{len(new_keys)} weights are new, as expected for parts a text-only BERT does not have (region "
+            f"embeddings, region heads, projections): {', '.join(new_keys) or 'none'}."
         )
+        if itm_head == "mapped from NSP":
+            message += (
+                " The ITM head was mapped from BERT's next-sentence head with its two rows swapped: NSP class 0 "
+                "('is next') is ITM class 1 ('matched')."
+            )
+        elif itm_head == "new" and not itm_from_nsp:
+            message += " The ITM head starts fresh (itm_from_nsp=False)."
+        if unused_keys:
+            message += f" Unused checkpoint weights: {', '.join(unused_keys)}."
+        logger.info(message)
         if output_loading_info:
-            return model, {"new_keys": new_keys, "unused_keys": unused_keys}
+            return model, {"new_keys": new_keys, "unused_keys": unused_keys, "itm_head": itm_head}
         return model
 
 
@@ -631,16 +770,15 @@ class ImageBERTModel(ImageBERTPreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        batch_size, text_length, num_regions = check_model_inputs(
+        batch_size, text_length, num_regions = validate_inputs(
             self.config,
-            input_ids,
-            attention_mask,
-            token_type_ids,
-            region_features,
-            region_locations,
-            region_attention_mask,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            region_features=region_features,
+            region_locations=region_locations,
+            region_attention_mask=region_attention_mask,
         )
-        key_mask = self._key_mask(batch_size, text_length, num_regions, attention_mask, region_attention_mask)
         if region_features is not None and region_attention_mask is not None:
             # Padded regions must not influence anything, whatever numbers they hold (NaN included).
             keep = region_attention_mask.bool()[..., None]
@@ -648,8 +786,22 @@ class ImageBERTModel(ImageBERTPreTrainedModel):
             region_locations = region_locations.masked_fill(~keep, 0.0)
 
         embeddings = self.embeddings(input_ids, token_type_ids, region_features, region_locations)
+        padding_mask = _padding_mask(batch_size, text_length, num_regions, attention_mask, region_attention_mask)
+        if padding_mask is not None:
+            padding_mask = padding_mask.to(embeddings.device)
+        if output_attentions:
+            # The eager path, which alone returns probabilities, takes the padding mask as (batch, 1, 1, length).
+            mask = None if padding_mask is None else padding_mask[:, None, None, :]
+        else:
+            mask = create_bidirectional_mask(
+                config=self.config,
+                inputs_embeds=embeddings,
+                attention_mask=padding_mask,
+                # Dropping an all-real mask reads the mask on the host; only on CPU is that free.
+                allow_is_bidirectional_skip=embeddings.device.type == "cpu",
+            )
         sequence_output, all_hidden_states, all_attentions = self.encoder(
-            embeddings, key_mask, output_attentions, output_hidden_states
+            embeddings, mask, output_attentions, output_hidden_states
         )
         pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
         if not return_dict:
@@ -663,46 +815,34 @@ class ImageBERTModel(ImageBERTPreTrainedModel):
             attentions=all_attentions,
         )
 
-    def _key_mask(self, batch_size, text_length, num_regions, attention_mask, region_attention_mask):
-        """(batch, 1, 1, length) boolean mask of attendable keys, or None when every key is real."""
-        device = self.embeddings.word_embeddings.weight.device
-        parts = []
-        if text_length:
-            parts.append(
-                attention_mask.bool()
-                if attention_mask is not None
-                else torch.ones(batch_size, text_length, dtype=torch.bool, device=device)
-            )
-        if num_regions:
-            parts.append(
-                region_attention_mask.bool()
-                if region_attention_mask is not None
-                else torch.ones(batch_size, num_regions, dtype=torch.bool, device=device)
-            )
-        mask = torch.cat(parts, dim=1)
-        all_real, every_sample_has_one = torch.stack([mask.all(), mask.any(dim=1).all()]).tolist()
-        # Without a mask, SDPA can use its fastest kernels.
-        if all_real:
-            return None
-        if not every_sample_has_one:
-            raise ValueError(
-                "A sample has neither a real text token nor a real region: attention_mask and "
-                "region_attention_mask are all zeros for it."
-            )
-        return mask[:, None, None, :]
 
-
-def _mean_or_zero(values: torch.Tensor) -> torch.Tensor:
-    """Mean of `values`; for none, a zero that keeps the graph (see `_masked_mean`)."""
-    return values.mean() if values.numel() else values.sum() * 0.0
+def _padding_mask(batch_size, text_length, num_regions, attention_mask, region_attention_mask):
+    """(batch, text_length + num_regions) boolean mask, True at real positions; None when no mask was given (every
+    position real), decided from the arguments alone so that nothing reads the data."""
+    if attention_mask is None and region_attention_mask is None:
+        return None
+    device = (attention_mask if attention_mask is not None else region_attention_mask).device
+    parts = []
+    if text_length:
+        parts.append(
+            attention_mask.bool()
+            if attention_mask is not None
+            else torch.ones(batch_size, text_length, dtype=torch.bool, device=device)
+        )
+    if num_regions:
+        parts.append(
+            region_attention_mask.to(device).bool()
+            if region_attention_mask is not None
+            else torch.ones(batch_size, num_regions, dtype=torch.bool, device=device)
+        )
+    return torch.cat(parts, dim=1)
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of `values` where `mask` is True; a zero that keeps the graph when nothing is selected, so every head
-    takes part in every step (distributed training expects it)."""
-    if bool(mask.any()):
-        return values[mask].mean()
-    return values.sum() * 0.0
+    """Mean of `values` where `mask` is True, without reading the mask on the host. With nothing selected, a zero
+    that keeps the graph, so every head takes part in every step (distributed training expects it)."""
+    total = torch.where(mask, values, values.new_zeros(())).sum()
+    return total / mask.sum().clamp(min=1).to(values.dtype)
 
 
 class ImageBERTForPreTraining(ImageBERTPreTrainedModel):
@@ -769,6 +909,19 @@ class ImageBERTForPreTraining(ImageBERTPreTrainedModel):
                 1 when the text describes the regions' image, 0 for a negative pair.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        validate_inputs(
+            self.config,
+            input_ids=input_ids,
+            region_features=region_features,
+            region_locations=region_locations,
+            region_attention_mask=region_attention_mask,
+            labels=labels,
+            masked_regions=masked_regions,
+            region_class_labels=region_class_labels,
+            region_class_probs=region_class_probs,
+            region_feature_targets=region_feature_targets,
+            itm_labels=itm_labels,
+        )
         outputs = self.bert(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -780,10 +933,6 @@ class ImageBERTForPreTraining(ImageBERTPreTrainedModel):
             output_hidden_states=output_hidden_states,
             return_dict=True,
         )
-        self._check_targets(
-            input_ids, region_features, labels, masked_regions, region_class_labels, region_class_probs,
-            region_feature_targets, itm_labels,
-        )  # fmt: skip
         sequence_output = outputs.last_hidden_state
         text_length = 0 if input_ids is None else input_ids.shape[1]
         text_output, region_output = sequence_output[:, :text_length], sequence_output[:, text_length:]
@@ -807,7 +956,8 @@ class ImageBERTForPreTraining(ImageBERTPreTrainedModel):
             selected = None if labels is None else (labels != IGNORE_INDEX) & matched[:, None]
             if sparse and selected is not None:
                 mlm_logits = self.cls.predictions(text_output[selected])
-                losses["mlm"] = _mean_or_zero(F.cross_entropy(mlm_logits.float(), labels[selected], reduction="none"))
+                token_losses = F.cross_entropy(mlm_logits.float(), labels[selected], reduction="sum")
+                losses["mlm"] = token_losses / selected.sum().clamp(min=1)
             else:
                 mlm_logits = self.cls.predictions(text_output)
                 if selected is not None:
@@ -867,52 +1017,6 @@ class ImageBERTForPreTraining(ImageBERTPreTrainedModel):
         )
         return output if return_dict else output.to_tuple()
 
-    def _check_targets(
-        self, input_ids, region_features, labels, masked_regions, region_class_labels, region_class_probs,
-        region_feature_targets, itm_labels,
-    ):  # fmt: skip
-        batch_size = (input_ids if input_ids is not None else region_features).shape[0]
-        if input_ids is not None:
-            _expect_shape("labels", labels, _shape(input_ids), "one MLM target per text token, -100 where unmasked")
-        elif labels is not None:
-            raise ValueError("labels (MLM targets) were given without input_ids.")
-        region_targets = {
-            "masked_regions": masked_regions,
-            "region_class_labels": region_class_labels,
-            "region_class_probs": region_class_probs,
-            "region_feature_targets": region_feature_targets,
-        }
-        if region_features is None:
-            given = [name for name, value in region_targets.items() if value is not None]
-            if given:
-                raise ValueError(f"{', '.join(given)} given without region_features.")
-        else:
-            num_regions = region_features.shape[1]
-            _expect_shape("masked_regions", masked_regions, (batch_size, num_regions), "one flag per region")
-            _expect_shape(
-                "region_class_labels", region_class_labels, (batch_size, num_regions), "one label per region"
-            )
-            _expect_shape(
-                "region_class_probs",
-                region_class_probs,
-                (batch_size, num_regions, self.config.num_object_classes),
-                f"a distribution over num_object_classes={self.config.num_object_classes} per region",
-            )
-            _expect_shape(
-                "region_feature_targets",
-                region_feature_targets,
-                (batch_size, num_regions, self.config.region_feature_size),
-                "the unmasked feature of each region",
-            )
-            if region_class_labels is not None:
-                real = region_class_labels[region_class_labels != IGNORE_INDEX]
-                if real.numel() and (real.min() < 0 or real.max() >= self.config.num_object_classes):
-                    raise ValueError(
-                        f"region_class_labels holds labels in [{int(real.min())}, {int(real.max())}]; expected "
-                        f"labels in [0, {self.config.num_object_classes}) or -100."
-                    )
-        _expect_shape("itm_labels", itm_labels, (batch_size,), "1 for a matched pair, 0 for a negative")
-
 
 class ImageBERTForImageTextRetrieval(ImageBERTPreTrainedModel):
     r"""
@@ -964,6 +1068,15 @@ class ImageBERTForImageTextRetrieval(ImageBERTPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if input_ids is None or region_features is None:
             raise ValueError("Retrieval scores (text, regions) pairs: give both input_ids and region_features.")
+        validate_inputs(
+            self.config,
+            input_ids=input_ids,
+            region_features=region_features,
+            region_locations=region_locations,
+            pair_labels=labels,
+        )
+        if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)):
+            raise TypeError(f"group_size is a {type(group_size).__name__}; expected an int.")
         outputs = self.bert(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -1008,7 +1121,6 @@ class ImageBERTForImageTextRetrieval(ImageBERTPreTrainedModel):
             labels = torch.zeros_like(groups)
             labels[:, 0] = 1
             labels = labels.flatten()
-        _expect_shape("labels", labels, (batch_size,), "1 for a matching pair, 0 otherwise")
 
         losses = {}
         if "binary" in wanted and labels is not None:
