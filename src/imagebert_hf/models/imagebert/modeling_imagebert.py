@@ -677,7 +677,9 @@ class ImageBERTPreTrainedModel(PreTrainedModel):
                     head.bias.copy_(head.bias.flip(0))
                 itm_head = "mapped from NSP"
             else:
-                model._init_weights(heads.seq_relationship)
+                with torch.no_grad():
+                    heads.seq_relationship.weight.normal_(mean=0.0, std=config.initializer_range)
+                    heads.seq_relationship.bias.zero_()
                 new_keys |= itm_keys
                 itm_head = "new"
         new_keys = sorted(new_keys)
