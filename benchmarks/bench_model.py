@@ -1,13 +1,15 @@
 """Training-step speed of the ImageBERT encoder against BERT and VisualBERT, measured in one process.
 
 Prints:
-1. base-size forward+backward at 44 text tokens + 100 regions, batch 8, over `BertModel` (sdpa) at length 144 and
-   over `VisualBertModel` at the same total length (targets: <= 1.05x and <= 1.0x);
-2. achieved FLOP/s of that step over the matmul FLOP/s measured here (target >= 0.7);
+1. base-size forward+backward at 44 text tokens + 100 regions, batch 8, eager (attention through the model's default
+   backend, sdpa), over `BertModel` (sdpa) at length 144 and over `VisualBertModel` at the same total length
+   (targets: <= 1.05x and <= 1.0x); and the same ImageBERT step under `torch.compile` over eager (the gain);
+2. achieved FLOP/s of the eager step over the matmul FLOP/s measured here (target >= 0.7);
 3. samples/s at realistic lengths, padding each batch only to its own longest text and region count, over the
    paper's fixed 144-token layout (target >= 2x), and a check that padding leaves outputs unchanged.
 
-Run: `python benchmarks/bench_model.py [--size base|small] [--repeats N]`.
+Run: `python benchmarks/bench_model.py [--size base|small] [--repeats N] [--no_compile]`. The first compiled step
+compiles the model (minutes on a small CPU) and is not timed.
 """
 
 import argparse
@@ -171,6 +173,7 @@ def main():
     )
     parser.add_argument("--device", default="cpu", help="device to run on (cpu, cuda)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="autocast dtype")
+    parser.add_argument("--no_compile", action="store_true", help="skip the torch.compile measurement")
     args = parser.parse_args()
     global DEVICE, DTYPE
     DEVICE, DTYPE = torch.device(args.device), getattr(torch, args.dtype)
@@ -205,6 +208,7 @@ def main():
     gemm_size = 2048 if DEVICE.type == "cpu" else 8192
     steps = {
         "imagebert": training_step(ours, ours_inputs),
+        **({} if args.no_compile else {"imagebert compiled": training_step(torch.compile(ours), ours_inputs)}),
         "bert": training_step(bert, bert_inputs),
         "visualbert": training_step(visual, visual_inputs),
         "step matmuls": matmul_run(shapes),
@@ -212,18 +216,25 @@ def main():
     }
     # Interleaved, so that drifting machine load hits every measurement alike; the median of each is kept.
     seconds = {name: [] for name in steps}
-    for step in steps.values():
-        step()
+    for name, step in steps.items():
+        start = time.perf_counter()
+        step()  # warm-up; compiles the compiled step
+        if name == "imagebert compiled":
+            print(f"  (torch.compile of the step took {time.perf_counter() - start:.0f} s)")
     for _ in range(args.repeats):
         for name, step in steps.items():
             seconds[name].append(time_call(step, repeats=1, warmup=0))
     median = {name: statistics.median(values) for name, values in seconds.items()}
-    for name in ("imagebert", "bert", "visualbert"):
-        print(
-            f"  {name:<11} forward+backward, batch {BATCH_SIZE}, length {total_length}: {median[name] * 1000:8.1f} ms"
-        )
+    for name in ("imagebert", "imagebert compiled", "bert", "visualbert"):
+        if name in median:
+            print(
+                f"  {name:<18} forward+backward, batch {BATCH_SIZE}, length {total_length}: "
+                f"{median[name] * 1000:8.1f} ms"
+            )
     print(f"ImageBERT / BERT (sdpa) time ratio:   {median['imagebert'] / median['bert']:.3f}  (target <= 1.05)")
     print(f"ImageBERT / VisualBERT time ratio:    {median['imagebert'] / median['visualbert']:.3f}  (target <= 1.0)")
+    if "imagebert compiled" in median:
+        print(f"torch.compile gain (eager / compiled): {median['imagebert'] / median['imagebert compiled']:.3f}x")
 
     achieved = flops / median["imagebert"]
     own_matmuls = flops / median["step matmuls"]
