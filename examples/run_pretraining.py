@@ -3,9 +3,12 @@
     accelerate launch examples/run_pretraining.py --config examples/configs/pretrain_tiny_synthetic.yaml
     accelerate launch --config_file examples/configs/accelerate_4gpu.yaml examples/run_pretraining.py \
         --config examples/configs/pretrain_paper_lait_ccsbu.yaml
+    accelerate launch --config_file examples/configs/accelerate_fsdp.yaml examples/run_pretraining.py ...
     python examples/run_pretraining.py --config recipe.yaml --output_dir out --resume --set stages.0.max_steps=100
 
-Flags left unset never override the recipe; `--set dotted.key=value` reaches any recipe field.
+Flags left unset never override the recipe; `--set dotted.key=value` reaches any recipe field. The device, mixed
+precision and distributed engine (DDP, FSDP, DeepSpeed) come from the accelerate launch config; `--mixed_precision`
+and `--cpu` override it only when given.
 """
 
 import sys
@@ -45,7 +48,7 @@ def recipe_overrides(args: PretrainingArguments, num_stages: int) -> list[str]:
 def main(argv: list[str] | None = None) -> dict:
     parser = HfArgumentParser(PretrainingArguments)
     (args,) = parser.parse_args_into_dataclasses(args=argv)
-    if args.mixed_precision not in ("no", "fp16", "bf16"):
+    if args.mixed_precision not in (None, "no", "fp16", "bf16"):
         parser.error(f"--mixed_precision must be no, fp16 or bf16, got {args.mixed_precision!r}")
     first = load_recipe(args.config, args.set)
     recipe = load_recipe(args.config, args.set + recipe_overrides(args, len(first.stages)))

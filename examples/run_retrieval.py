@@ -45,7 +45,7 @@ from imagebert_hf.training import (
     plot_losses,
     train_loop,
 )
-from imagebert_hf.training.checkpointing import publish_folder, remove_partial_checkpoints
+from imagebert_hf.training.checkpointing import publish_folder, remove_partial_checkpoints, save_model
 
 
 LOSS_NAMES = ("binary", "multiclass", "triplet", "contrastive")
@@ -103,7 +103,9 @@ class RetrievalArguments:
     resume: bool = field(default=False, metadata={"help": "Continue from the last complete checkpoint."})
     stop_after_steps: int | None = field(default=None, metadata={"help": "Stop as if killed (resumption tests)."})
     report_to: str = field(default="tensorboard", metadata={"help": "Accelerate tracker, or 'none'."})
-    mixed_precision: str = field(default="no", metadata={"help": "'no', 'fp16' or 'bf16'."})
+    mixed_precision: str | None = field(
+        default=None, metadata={"help": "'no', 'fp16' or 'bf16' to override the accelerate launch config."}
+    )
     cpu: bool = field(default=False, metadata={"help": "Train on the CPU even when a GPU is present."})
     eval_batch_size: int = field(default=256, metadata={"help": "Pairs per forward pass when evaluating."})
     eval_shortlist_k: int | None = field(
@@ -270,6 +272,11 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator = build_accelerator(
         output_dir, args.mixed_precision, args.report_to, args.cpu, args.gradient_accumulation_steps
     )
+    if args.hard_negatives and accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
+        raise SystemExit(
+            "--hard_negatives scores candidates with the whole model inside the collator, which sharded parameters "
+            "(FSDP, DeepSpeed) do not allow; use a DDP launch config (accelerate_4gpu.yaml) or random negatives."
+        )
     if (output_dir / "final").exists() and not args.resume:
         raise FileExistsError(f"{output_dir} already holds a finished run; pass --resume or another --output_dir.")
     set_seed(args.seed)
@@ -343,11 +350,15 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit(3)
 
     accelerator.wait_for_everyone()
+    tmp = output_dir / ".tmp-final"
+    # Gathers sharded parameters (FSDP, DeepSpeed ZeRO-3) on every process; the main process writes.
+    save_model(accelerator, wrapper, tmp, submodule="model")
     model = accelerator.unwrap_model(wrapper).model
     results = {"history": state.history, "final_model": str(output_dir / "final")}
     if accelerator.is_main_process:
-        tmp = output_dir / ".tmp-final"
-        model.save_pretrained(tmp)
+        if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
+            # The model in memory holds this process's shards only; evaluate and publish the gathered copy.
+            model = type(model).from_pretrained(tmp).to(accelerator.device)
         (processor or tokenizer).save_pretrained(tmp)
         state.save(tmp)
         publish_folder(tmp, output_dir / "final")

@@ -44,7 +44,13 @@ class PretrainingArguments:
     report_to: str | None = field(
         default=None, metadata={"help": "Accelerate tracker to log to: 'tensorboard' (the default) or 'none'."}
     )
-    mixed_precision: str = field(default="no", metadata={"help": "'no', 'fp16' or 'bf16' (bf16 also works on CPU)."})
+    mixed_precision: str | None = field(
+        default=None,
+        metadata={
+            "help": "'no', 'fp16' or 'bf16' (bf16 also works on CPU) to override the launch config; unset, the "
+            "accelerate launch config (or `accelerate config`'s default) decides."
+        },
+    )
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute activations in the backward pass to save memory."}
     )
@@ -53,7 +59,10 @@ class PretrainingArguments:
         metadata={"help": "Stop the run when more than this share of records fails to load (0 to 1)."},
     )
     num_workers: int | None = field(default=None, metadata={"help": "DataLoader worker processes per process."})
-    cpu: bool = field(default=False, metadata={"help": "Train on the CPU even when an accelerator is present."})
+    cpu: bool = field(
+        default=False,
+        metadata={"help": "Train on the CPU even when an accelerator is present (else the launch config decides)."},
+    )
     push_to_hub: bool = field(
         default=False, metadata={"help": "Push each stage's final model (and processor) to the Hub."}
     )

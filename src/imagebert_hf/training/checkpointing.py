@@ -151,6 +151,31 @@ def load_checkpoint(accelerator, checkpoint: str | Path) -> TrainState:
     return TrainState.load(checkpoint)
 
 
+def save_model(accelerator, model, folder: str | Path, submodule: str | None = None) -> None:
+    """`save_pretrained` of a prepared model into `folder`, correct when its parameters are sharded. Call on every
+    process.
+
+    The full state dict is gathered with `accelerator.get_state_dict` (a collective under FSDP and DeepSpeed
+    ZeRO-3; a plain `state_dict()` under DDP) and written by the main process only.
+
+    Args:
+        accelerator: The run's `Accelerator`.
+        model: The prepared model.
+        folder: Where to write (`config.json`, `model.safetensors`).
+        submodule: Save only this attribute of the unwrapped model (its keys lose the `submodule.` prefix), for a
+            training wrapper around the model to publish.
+    """
+    state_dict = accelerator.get_state_dict(model)
+    target = accelerator.unwrap_model(model)
+    if submodule is not None:
+        target = getattr(target, submodule)
+        prefix = submodule + "."
+        state_dict = {k[len(prefix) :]: v for k, v in (state_dict or {}).items() if k.startswith(prefix)}
+    target.save_pretrained(
+        folder, is_main_process=accelerator.is_main_process, state_dict=state_dict, save_function=accelerator.save
+    )
+
+
 def publish_folder(tmp: str | Path, final: str | Path) -> None:
     """Atomically replaces `final` by the fully written folder `tmp` (main process only)."""
     tmp, final = Path(tmp), Path(final)
@@ -170,4 +195,5 @@ __all__ = [
     "publish_folder",
     "remove_partial_checkpoints",
     "save_checkpoint",
+    "save_model",
 ]

@@ -4,6 +4,7 @@ budget for records that fail to load. Pretraining and retrieval fine-tuning both
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,25 +28,54 @@ class TrainingStopped(Exception):
 
 def build_accelerator(
     output_dir: str | Path,
-    mixed_precision: str = "no",
+    mixed_precision: str | None = None,
     report_to: str | None = "tensorboard",
     cpu: bool = False,
     gradient_accumulation_steps: int = 1,
 ):
-    """An `Accelerator` logging under `output_dir/logs`, on the CPU when asked or when no GPU is present.
+    """An `Accelerator` logging under `output_dir/logs`, configured by `accelerate launch`.
 
-    Forcing the CPU is what makes `accelerate launch --multi_gpu --num_processes 2` run two real CPU processes.
+    The launch config (or `accelerate config`'s default, or the `ACCELERATE_*` variables it sets) decides the device
+    (CUDA, MPS, XPU or CPU), the mixed precision and the distributed engine (DDP, FSDP, DeepSpeed); `mixed_precision`
+    and `cpu` override it only when given. One fallback: a multi-process launch on a machine without an
+    accelerator runs on the CPU (gloo), since accelerate would otherwise start every process as a separate run.
+
+    Args:
+        output_dir: The run's folder; trackers log to `output_dir/logs`.
+        mixed_precision: `"no"`, `"fp16"` or `"bf16"` to override the launch config; None keeps it.
+        report_to: Accelerate tracker (`"tensorboard"`), or None / `"none"` for no tracking.
+        cpu: Run on the CPU even when an accelerator is present.
+        gradient_accumulation_steps: Micro-batches per optimizer step.
     """
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
+    if mixed_precision not in (None, "no", "fp16", "bf16"):
+        raise ValueError(f"mixed_precision must be None, 'no', 'fp16' or 'bf16', got {mixed_precision!r}.")
     log_with = None if report_to in (None, "", "none") else report_to
+    overrides = {} if mixed_precision is None else {"mixed_precision": mixed_precision}
     return Accelerator(
-        cpu=cpu or not torch.cuda.is_available(),
-        mixed_precision=mixed_precision,
+        cpu=cpu or _multi_process_without_accelerator(),
         gradient_accumulation_steps=gradient_accumulation_steps,
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(Path(output_dir) / "logs")),
+        **overrides,
+    )
+
+
+def _multi_process_without_accelerator() -> bool:
+    world_size = max(
+        int(os.environ.get(name, "1") or 1) for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
+    )
+    return world_size > 1 and not torch.accelerator.is_available()
+
+
+def describe_accelerator(accelerator) -> str:
+    """One line naming what the launch config chose, e.g. `2 processes, MULTI_CPU on cpu, mixed precision bf16`."""
+    processes = f"{accelerator.num_processes} process{'es' if accelerator.num_processes > 1 else ''}"
+    return (
+        f"{processes}, {accelerator.distributed_type.value} on {accelerator.device.type}, "
+        f"mixed precision {accelerator.mixed_precision}"
     )
 
 
@@ -270,6 +300,7 @@ __all__ = [
     "TooManyFailedRecords",
     "TrainingStopped",
     "build_accelerator",
+    "describe_accelerator",
     "build_optimizer",
     "build_scheduler",
     "pretraining_loss_counts",

@@ -33,12 +33,14 @@ from .checkpointing import (
     publish_folder,
     remove_partial_checkpoints,
     save_checkpoint,
+    save_model,
 )
 from .loop import (
     TrainingStopped,
     build_accelerator,
     build_optimizer,
     build_scheduler,
+    describe_accelerator,
     pretraining_loss_counts,
     steps_per_epoch,
     train_loop,
@@ -57,8 +59,10 @@ class PretrainingRunOptions:
     """Per-invocation settings that are not part of the recipe."""
 
     resume: bool = False
-    mixed_precision: str = "no"
+    #: None keeps the launch config's mixed precision; "no", "fp16" or "bf16" override it.
+    mixed_precision: str | None = None
     gradient_checkpointing: bool = False
+    #: Train on the CPU even where the launch config would use an accelerator.
     cpu: bool = False
     push_to_hub: bool = False
     hub_model_id: str | None = None
@@ -220,8 +224,7 @@ def _save_final(accelerator, model, tokenizer, processor, state: TrainState, fin
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model)
-    unwrapped.save_pretrained(tmp, is_main_process=accelerator.is_main_process, save_function=accelerator.save)
+    save_model(accelerator, model, tmp)
     if accelerator.is_main_process:
         (processor or tokenizer).save_pretrained(tmp)
         state.save(tmp)
@@ -333,7 +336,7 @@ def run_pretraining(recipe: Recipe, options: PretrainingRunOptions | None = None
         accelerator.print(
             f"stage {index + 1}/{len(recipe.stages)} ({stage.name}): {total_steps} steps, global batch "
             f"{stage.per_device_train_batch_size * accelerator.num_processes * stage.gradient_accumulation_steps}, "
-            f"{len(sampler)} samples per epoch, lr {stage.learning_rate:g}"
+            f"{len(sampler)} samples per epoch, lr {stage.learning_rate:g}; {describe_accelerator(accelerator)}"
         )
         state = train_loop(
             accelerator,
@@ -364,10 +367,16 @@ def run_pretraining(recipe: Recipe, options: PretrainingRunOptions | None = None
         if options.push_to_hub and accelerator.is_main_process:
             if not options.hub_model_id:
                 raise ValueError("push_to_hub needs hub_model_id.")
-            accelerator.unwrap_model(model).push_to_hub(
-                options.hub_model_id, commit_message=f"stage {index + 1}: {stage.name}"
+            # The published folder holds the gathered weights; a sharded model in memory does not.
+            from huggingface_hub import HfApi
+
+            api = HfApi()
+            api.create_repo(options.hub_model_id, exist_ok=True)
+            api.upload_folder(
+                repo_id=options.hub_model_id,
+                folder_path=str(final_dir),
+                commit_message=f"stage {index + 1}: {stage.name}",
             )
-            (processor or tokenizer).push_to_hub(options.hub_model_id)
         if accelerator.is_main_process:
             plot_losses(state.history, output_dir / "losses.png", title="pretraining losses")
         history, global_offset = state.history, state.global_step
