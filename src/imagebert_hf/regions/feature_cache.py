@@ -146,11 +146,19 @@ def _plan(items: list[dict[str, Any]], max_file_bytes: int) -> tuple[list[dict[s
 
 
 def _fingerprint(
-    units: list[dict[str, Any]], extractor_config: dict[str, Any], store_class_probs: bool, shard_size: int
+    units: list[dict[str, Any]],
+    extractor_config: dict[str, Any],
+    store_class_probs: bool,
+    shard_size: int,
+    storage_dtype: str = "float32",
 ):
     digest = hashlib.sha1()
-    digest.update(json.dumps(extractor_config, sort_keys=True, default=str).encode())
-    digest.update(f"{store_class_probs}|{shard_size}".encode())
+    # The device is where a process runs, not what it computes: every device of a run shares one cache.
+    digest.update(json.dumps({**extractor_config, "device": None}, sort_keys=True, default=str).encode())
+    # float32 caches, written before the storage dtype was a setting, keep their fingerprint.
+    digest.update(
+        f"{store_class_probs}|{shard_size}{'' if storage_dtype == 'float32' else '|' + storage_dtype}".encode()
+    )
     for unit in units:
         digest.update(unit["cache_key"].encode() + b"\n")
     return digest.hexdigest()
@@ -161,20 +169,23 @@ def _fingerprint(
 _WORKER_EXTRACTOR = None
 
 
-def _features(feature_size: int, num_classes: int, store_class_probs: bool):
+STORAGE_DTYPES = ("float16", "float32")
+
+
+def _features(feature_size: int, num_classes: int, store_class_probs: bool, storage_dtype: str = "float32"):
     from datasets import Array2D, Features, Sequence, Value
 
     features = {
         "cache_key": Value("string"),
         "image_id": Value("string"),
         "source": Value("string"),
-        "region_features": Array2D(shape=(None, feature_size), dtype="float32"),
+        "region_features": Array2D(shape=(None, feature_size), dtype=storage_dtype),
         "region_boxes": Array2D(shape=(None, 4), dtype="float32"),
         "region_locations": Array2D(shape=(None, 5), dtype="float32"),
         "region_class_labels": Sequence(Value("int64")),
     }
     if store_class_probs:
-        features["region_class_probs"] = Array2D(shape=(None, max(num_classes, 1)), dtype="float32")
+        features["region_class_probs"] = Array2D(shape=(None, max(num_classes, 1)), dtype=storage_dtype)
     features.update(
         image_width=Value("int32"), image_height=Value("int32"), num_regions=Value("int32"), error=Value("string")
     )
@@ -192,12 +203,14 @@ def _extract_shard(
     batch_size: int,
     store_class_probs: bool,
     on_batch: Callable[[int], None] | None = None,
+    storage_dtype: str = "float32",
 ) -> dict[str, Any]:
     import datasets
     from datasets import Dataset
 
     feature_size, num_classes = extractor.region_feature_size, extractor.num_object_classes
-    columns: dict[str, list[Any]] = {name: [] for name in _features(feature_size, num_classes, store_class_probs)}
+    features = _features(feature_size, num_classes, store_class_probs, storage_dtype)
+    columns: dict[str, list[Any]] = {name: [] for name in features}
     failures = []
     for start in range(0, len(units), batch_size):
         batch = units[start : start + batch_size]
@@ -232,7 +245,7 @@ def _extract_shard(
     tmp_path = shard_path.with_name(f"{shard_path.name}.tmp-{os.getpid()}")
     if tmp_path.exists():
         shutil.rmtree(tmp_path)
-    shard = Dataset.from_dict(columns, features=_features(feature_size, num_classes, store_class_probs))
+    shard = Dataset.from_dict(columns, features=features)
     bars_were_on = not datasets.utils.are_progress_bars_disabled()
     datasets.utils.disable_progress_bars()  # one bar per shard would drown the run's own bar
     try:
@@ -247,19 +260,23 @@ def _extract_shard(
     return shard_report
 
 
-def _init_worker(extractor_dir: str, num_threads: int) -> None:
+def _init_worker(extractor_dir: str, num_threads: int, devices) -> None:
     global _WORKER_EXTRACTOR
     import torch
 
     from ..models.imagebert.image_processing_imagebert import ImageBERTRoIExtractor
 
     torch.set_num_threads(max(1, num_threads))
-    _WORKER_EXTRACTOR = ImageBERTRoIExtractor.from_pretrained(extractor_dir)
+    # Worker k takes the k-th device from the queue, so N workers on N GPUs use one GPU each.
+    device = devices.get() if devices is not None else None
+    _WORKER_EXTRACTOR = ImageBERTRoIExtractor.from_pretrained(extractor_dir, device=device)
 
 
-def _worker_task(task: tuple[int, list[dict[str, Any]], str, int, bool]) -> tuple[int, int, dict[str, Any]]:
-    shard, units, shard_path, batch_size, store_class_probs = task
-    report = _extract_shard(_WORKER_EXTRACTOR, units, Path(shard_path), batch_size, store_class_probs)
+def _worker_task(task: tuple[int, list[dict[str, Any]], str, int, bool, str]) -> tuple[int, int, dict[str, Any]]:
+    shard, units, shard_path, batch_size, store_class_probs, storage_dtype = task
+    report = _extract_shard(
+        _WORKER_EXTRACTOR, units, Path(shard_path), batch_size, store_class_probs, storage_dtype=storage_dtype
+    )
     return shard, len(units), report
 
 
@@ -274,6 +291,84 @@ def _resolve_extractor(extractor):
     if isinstance(extractor, (str, os.PathLike)):
         return ImageBERTRoIExtractor.from_pretrained(extractor)
     return extractor
+
+
+def launch_process() -> tuple[int, int, int]:
+    """`(rank, world_size, local_rank)` of this process as `torchrun` / `accelerate launch` set them ((0, 1, 0) alone)."""
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    return rank, world, local_rank
+
+
+def shards_of(num_cache_shards: int, num_shards: int = 1, shard_index: int = 0, rank: int = 0, world: int = 1):
+    """The cache shards one process extracts: machine `shard_index` of `num_shards` takes every `num_shards`-th
+    shard, and process `rank` of the `world` processes on that machine every `world`-th of those.
+
+    Deterministic and independent of how many processes the other machines run, so any set of machines covers
+    every shard exactly once.
+    """
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise ValueError(
+            f"need 0 <= shard_index < num_shards, got shard_index={shard_index}, num_shards={num_shards}."
+        )
+    mine = list(range(shard_index, num_cache_shards, num_shards))
+    return mine[rank::world]
+
+
+def _device_queue(context, num_proc: int, extractor):
+    import torch
+
+    if extractor.device not in (None, "cuda") or not torch.cuda.is_available():
+        return None
+    devices = context.Queue()
+    for worker in range(num_proc):
+        devices.put(f"cuda:{worker % torch.cuda.device_count()}")
+    return devices
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _start_cache(output_dir: Path, extractor, index, shard_of, info: dict[str, Any]) -> None:
+    """Writes the extractor, `index.jsonl` and `cache_info.json` of a new cache; safe when several processes or
+    machines start the same cache at once (each writes identical files and renames them into place)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if not (output_dir / EXTRACTOR_DIR).is_dir():
+        tmp = output_dir / f".{EXTRACTOR_DIR}.tmp-{os.getpid()}"
+        extractor.save_pretrained(tmp)
+        try:
+            os.replace(tmp, output_dir / EXTRACTOR_DIR)
+        except OSError:  # another process published it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    lines = [json.dumps({"key": key, "cache_key": ck, "shard": shard_of[ck]}) + "\n" for key, ck in index]
+    _write_atomically(output_dir / INDEX_NAME, "".join(lines))
+    _write_atomically(output_dir / CACHE_INFO_NAME, json.dumps(info, indent=2, default=str))
+
+
+def _finish_cache(output_dir: Path, report: CacheReport, num_shards: int) -> CacheReport:
+    """Counts every finished shard into `report`; once all are there, marks the cache complete and builds its
+    key table. Run by whichever process finishes last (running it twice writes the same files)."""
+    finished = [shard for shard in range(num_shards) if _shard_dir(output_dir, shard).is_dir()]
+    rows = 0
+    report.failures = []
+    for shard in finished:
+        shard_report = json.loads((_shard_dir(output_dir, shard) / SHARD_REPORT_NAME).read_text())
+        report.failures.extend(shard_report["failures"])
+        rows += shard_report["rows"]
+    report.num_failed = len(report.failures)
+    report.num_extracted = rows - report.num_failed
+    if len(finished) == num_shards:
+        info = json.loads((output_dir / CACHE_INFO_NAME).read_text())
+        if not info.get("complete"):
+            RegionCache(output_dir)  # builds lookup.arrow from the shards and the index
+            info["complete"] = True
+            _write_atomically(output_dir / CACHE_INFO_NAME, json.dumps(info, indent=2, default=str))
+    _write_atomically(output_dir / REPORT_NAME, json.dumps(asdict(report), indent=2))
+    return report
 
 
 def extract_regions(
@@ -291,10 +386,19 @@ def extract_regions(
     num_proc: int = 1,
     batch_size: int | None = None,
     store_class_probs: bool = True,
+    storage_dtype: str = "float16",
+    num_shards: int = 1,
+    shard_index: int = 0,
     progress: bool = True,
     max_shards: int | None = None,
 ) -> CacheReport:
     """Extracts the regions of every image of `source` into a region cache at `output_dir`.
+
+    Across devices and machines: started by `torchrun` or `accelerate launch`, process `k` of a machine runs on
+    device `k` (`cuda:LOCAL_RANK`) and takes its share of the shards; with `num_shards` / `shard_index`, each
+    machine takes a deterministic share (see `shards_of`). All processes may write into one `output_dir` on a shared
+    filesystem (the cache completes when its last shard lands), or each machine into its own folder, joined by
+    `merge_region_caches`; either way the cache equals that of a single-machine run.
 
     Args:
         source: A jsonl manifest path (the `../shared/data` layout, see `data.manifest`) or a `datasets.Dataset`
@@ -308,23 +412,37 @@ def extract_regions(
         boxes_column: Dataset column of per-image boxes in `box_format`.
         box_format: `"xyxy"` or `"xywh"` for `boxes_column`.
         shard_size: Distinct images per shard (the unit of resumption and of parallel work).
-        num_proc: Worker processes (each loads the saved extractor and takes whole shards).
+        num_proc: Worker processes on this machine (each loads the saved extractor, takes whole shards and, with
+            GPUs, one GPU: worker k uses `cuda:k`).
         batch_size: Images per extractor forward (the extractor's `batch_size` by default).
         store_class_probs: Keep `region_class_probs` (regions x classes floats per image; MOC's KL variant).
+        storage_dtype: `"float16"` (half the disk and page cache; features and class distributions lose nothing a
+            model trained in mixed precision would see) or `"float32"`. Boxes and locations stay float32.
+        num_shards: Machines the work is split across.
+        shard_index: This machine's part, `0 <= shard_index < num_shards`.
         progress: Show a tqdm progress bar.
         max_shards: Stop after computing this many shards in this call (a partial run, resumed by the next).
 
     Returns:
-        A `CacheReport`; the same numbers are in `output_dir/report.json`.
+        A `CacheReport` of this process's work (failures and counts of every shard finished so far); the same
+        numbers are in `output_dir/report.json`.
 
     Raises:
-        ValueError: When `output_dir` holds a cache of another source or extractor.
+        ValueError: When `output_dir` holds a cache of another source, extractor or storage dtype.
     """
     from tqdm.auto import tqdm
 
+    if storage_dtype not in STORAGE_DTYPES:
+        raise ValueError(f"storage_dtype must be one of {STORAGE_DTYPES}, got {storage_dtype!r}.")
     started = time.perf_counter()
     output_dir = Path(output_dir)
     extractor = _resolve_extractor(extractor)
+    rank, world, local_rank = launch_process()
+    if world > 1 and extractor.device in (None, "cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            extractor.device = f"cuda:{local_rank % torch.cuda.device_count()}"
     batch_size = batch_size or extractor.batch_size
     if isinstance(source, (str, os.PathLike)):
         items = _manifest_items(source, image_root, use_boxes)
@@ -332,7 +450,7 @@ def extract_regions(
         items = _dataset_items(source, image_column, key_column, boxes_column, box_format)
     units, index = _plan(items, extractor.max_file_bytes)
     extractor_config = extractor.to_dict()
-    fingerprint = _fingerprint(units, extractor_config, store_class_probs, shard_size)
+    fingerprint = _fingerprint(units, extractor_config, store_class_probs, shard_size, storage_dtype)
     shards = [units[i : i + shard_size] for i in range(0, len(units), shard_size)]
     shard_of = {unit["cache_key"]: shard for shard, chunk in enumerate(shards) for unit in chunk}
 
@@ -341,15 +459,11 @@ def extract_regions(
         previous = json.loads(info_path.read_text())
         if previous.get("fingerprint") != fingerprint:
             raise ValueError(
-                f"{output_dir} holds a region cache of another source, extractor or shard size; "
-                "use a new output_dir or delete it."
+                f"{output_dir} holds a region cache of another source, extractor, shard size or storage dtype (it "
+                f"stores {previous.get('feature_dtype', 'float32')}; pass storage_dtype to match); use a new "
+                "output_dir or delete it."
             )
     else:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        extractor.save_pretrained(output_dir / EXTRACTOR_DIR)
-        with open(output_dir / INDEX_NAME, "w", encoding="utf-8") as handle:
-            for key, cache_key in index:
-                handle.write(json.dumps({"key": key, "cache_key": cache_key, "shard": shard_of[cache_key]}) + "\n")
         info = {
             "format_version": CACHE_FORMAT_VERSION,
             "fingerprint": fingerprint,
@@ -357,40 +471,61 @@ def extract_regions(
             "region_feature_size": extractor.region_feature_size,
             "num_object_classes": extractor.num_object_classes,
             "store_class_probs": store_class_probs,
+            "feature_dtype": storage_dtype,
             "shard_size": shard_size,
             "num_shards": len(shards),
-            "extractor": extractor_config,
+            "extractor": {**extractor_config, "device": None},
         }
-        info_path.write_text(json.dumps(info, indent=2, default=str))
+        _start_cache(output_dir, extractor, index, shard_of, info)
     (output_dir / SHARDS_DIR).mkdir(exist_ok=True)
-    for stale in (output_dir / SHARDS_DIR).glob("*.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    if world == 1:  # with several processes, another one's temporary folder may be in use
+        for stale in (output_dir / SHARDS_DIR).glob("*.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
 
-    todo = [shard for shard in range(len(shards)) if not _shard_dir(output_dir, shard).is_dir()]
-    skipped = len(shards) - len(todo)
+    mine = shards_of(len(shards), num_shards, shard_index, rank, world)
+    todo = [shard for shard in mine if not _shard_dir(output_dir, shard).is_dir()]
+    skipped = len(mine) - len(todo)
     if max_shards is not None:
         todo = todo[:max_shards]
-    bar = tqdm(total=sum(len(shards[s]) for s in todo), desc="extracting regions", unit="img", disable=not progress)
+    bar = tqdm(
+        total=sum(len(shards[s]) for s in todo),
+        desc="extracting regions" + (f" (process {rank}/{world})" if world > 1 else ""),
+        unit="img",
+        disable=not progress,
+    )
     try:
         if num_proc > 1 and len(todo) > 1:
             import multiprocessing
 
             # Spawned workers: forking a process whose torch already ran OpenMP threads can deadlock.
             context = multiprocessing.get_context("spawn")
-            threads = max(1, (os.cpu_count() or 1) // num_proc)
+            workers = min(num_proc, len(todo))
+            threads = max(1, (os.cpu_count() or 1) // workers)
             tasks = [
-                (shard, shards[shard], str(_shard_dir(output_dir, shard)), batch_size, store_class_probs)
+                (
+                    shard,
+                    shards[shard],
+                    str(_shard_dir(output_dir, shard)),
+                    batch_size,
+                    store_class_probs,
+                    storage_dtype,
+                )
                 for shard in todo
             ]
-            with context.Pool(
-                min(num_proc, len(todo)), initializer=_init_worker, initargs=(str(output_dir / EXTRACTOR_DIR), threads)
-            ) as pool:
+            initargs = (str(output_dir / EXTRACTOR_DIR), threads, _device_queue(context, workers, extractor))
+            with context.Pool(workers, initializer=_init_worker, initargs=initargs) as pool:
                 for _, count, _ in pool.imap_unordered(_worker_task, tasks):
                     bar.update(count)
         else:
             for shard in todo:
                 _extract_shard(
-                    extractor, shards[shard], _shard_dir(output_dir, shard), batch_size, store_class_probs, bar.update
+                    extractor,
+                    shards[shard],
+                    _shard_dir(output_dir, shard),
+                    batch_size,
+                    store_class_probs,
+                    bar.update,
+                    storage_dtype=storage_dtype,
                 )
     finally:
         bar.close()
@@ -403,18 +538,8 @@ def extract_regions(
         num_shards=len(shards),
         num_shards_skipped=skipped,
     )
-    finished = [shard for shard in range(len(shards)) if _shard_dir(output_dir, shard).is_dir()]
-    for shard in finished:
-        shard_report = json.loads((_shard_dir(output_dir, shard) / SHARD_REPORT_NAME).read_text())
-        report.failures.extend(shard_report["failures"])
-    report.num_failed = len(report.failures)
-    report.num_extracted = sum(len(shards[s]) for s in finished) - report.num_failed
+    report = _finish_cache(output_dir, report, len(shards))
     report.seconds = round(time.perf_counter() - started, 3)
-    if len(finished) == len(shards):
-        info = json.loads(info_path.read_text())
-        info["complete"] = True
-        info_path.write_text(json.dumps(info, indent=2, default=str))
-    (output_dir / REPORT_NAME).write_text(json.dumps(asdict(report), indent=2))
     if report.num_failed:
         logger.warning(
             "%d of %d images failed; reasons in %s", report.num_failed, len(units), output_dir / REPORT_NAME
@@ -422,7 +547,96 @@ def extract_regions(
     return report
 
 
+def merge_region_caches(parts: Sequence[str | os.PathLike], output_dir: str | os.PathLike) -> CacheReport:
+    """Joins the folders that machines of one split run (`num_shards` / `shard_index`) wrote into one cache.
+
+    Every part must come from the same source, extractor and settings (the same fingerprint); the shards are copied
+    (hard-linked where the filesystem allows) into `output_dir`, which then equals a single-machine run's cache.
+
+    Raises:
+        ValueError: When the parts are of different caches, or together miss shards.
+    """
+    parts = [Path(part) for part in parts]
+    output_dir = Path(output_dir)
+    infos = [_read_info(part) for part in parts]
+    fingerprints = {info["fingerprint"] for info in infos}
+    if len(fingerprints) != 1:
+        raise ValueError(
+            f"the parts {[str(p) for p in parts]} are of different caches (source, extractor or settings differ)."
+        )
+    info = dict(infos[0], complete=False)
+    if (output_dir / CACHE_INFO_NAME).is_file() and _read_info(output_dir)["fingerprint"] not in fingerprints:
+        raise ValueError(f"{output_dir} holds another region cache; merge into a new folder.")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if not (output_dir / EXTRACTOR_DIR).is_dir():
+        shutil.copytree(parts[0] / EXTRACTOR_DIR, output_dir / EXTRACTOR_DIR)
+    shutil.copyfile(parts[0] / INDEX_NAME, output_dir / INDEX_NAME)
+    if not (output_dir / CACHE_INFO_NAME).is_file():
+        _write_atomically(output_dir / CACHE_INFO_NAME, json.dumps(info, indent=2, default=str))
+    (output_dir / SHARDS_DIR).mkdir(exist_ok=True)
+    for part in parts:
+        for shard in range(info["num_shards"]):
+            source, target = _shard_dir(part, shard), _shard_dir(output_dir, shard)
+            if source.is_dir() and not target.exists() and source.resolve() != target.resolve():
+                tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+                shutil.copytree(source, tmp, copy_function=_link_or_copy)
+                os.replace(tmp, target)
+    missing = [shard for shard in range(info["num_shards"]) if not _shard_dir(output_dir, shard).is_dir()]
+    if missing:
+        raise ValueError(
+            f"the parts hold {info['num_shards'] - len(missing)} of {info['num_shards']} shards (missing e.g. "
+            f"shard {missing[0]}); run the missing shard_index values first."
+        )
+    report = CacheReport(output_dir=str(output_dir), num_shards=info["num_shards"])
+    with open(output_dir / INDEX_NAME, encoding="utf-8") as handle:
+        report.num_items = sum(1 for _ in handle)
+    report.num_unique = sum(
+        json.loads((_shard_dir(output_dir, s) / SHARD_REPORT_NAME).read_text())["rows"]
+        for s in range(info["num_shards"])
+    )
+    report.num_duplicates = report.num_items - report.num_unique
+    return _finish_cache(output_dir, report, info["num_shards"])
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
 # ------------------------------------------------------------------------------------------------ reading
+
+
+class RegionCacheError(ValueError):
+    """A region cache folder that cannot be read: missing, incomplete or damaged (the message says how to fix it)."""
+
+
+def _read_info(path: Path) -> dict[str, Any]:
+    info_path = path / CACHE_INFO_NAME
+    if not info_path.is_file():
+        raise RegionCacheError(
+            f"{path} is not a region cache (no {CACHE_INFO_NAME}); build it with imagebert-extract-regions."
+        )
+    try:
+        return json.loads(info_path.read_text())
+    except json.JSONDecodeError as error:
+        raise RegionCacheError(
+            f"{info_path} is damaged ({error}); delete the cache folder {path} and rerun imagebert-extract-regions."
+        ) from error
+
+
+def _shard_dirs(path: Path, info: dict[str, Any]) -> list[Path]:
+    shards = [_shard_dir(path, shard) for shard in range(info["num_shards"])]
+    missing = [s.name for s in shards if not s.is_dir()]
+    if missing:
+        raise RegionCacheError(
+            f"region cache {path} is incomplete ({len(missing)} shards missing, e.g. {missing[0]}); rerun "
+            "extract_regions with the same arguments to finish it (finished shards are kept)."
+        )
+    if not shards:
+        raise RegionCacheError(f"region cache {path} is empty.")
+    return shards
 
 
 def load_region_dataset(path: str | os.PathLike):
@@ -430,14 +644,146 @@ def load_region_dataset(path: str | os.PathLike):
     from datasets import concatenate_datasets, load_from_disk
 
     path = Path(path)
-    info = json.loads((path / CACHE_INFO_NAME).read_text())
-    shards = [_shard_dir(path, shard) for shard in range(info["num_shards"])]
-    missing = [s.name for s in shards if not s.is_dir()]
-    if missing:
-        raise ValueError(f"region cache {path} is incomplete ({len(missing)} shards missing); rerun extract_regions.")
-    if not shards:
-        raise ValueError(f"region cache {path} is empty.")
+    shards = _shard_dirs(path, _read_info(path))
     return concatenate_datasets([load_from_disk(str(s)) for s in shards])
+
+
+def _damaged(file: Path, error: Exception) -> RegionCacheError:
+    shard = file.parent
+    return RegionCacheError(
+        f"region cache file {file} is damaged ({type(error).__name__}: {error}). Delete its shard folder {shard} "
+        f"and rerun extract_regions (imagebert-extract-regions) with the same arguments into {shard.parent.parent}: "
+        "only that shard is recomputed."
+    )
+
+
+def _open_shard_table(shard: Path):
+    """A shard's Arrow table, memory-mapped (no copy, nothing decoded)."""
+    import pyarrow as pa
+
+    files = sorted(shard.glob("data-*.arrow"))
+    if not files:
+        raise _damaged(shard / "data-00000-of-00001.arrow", FileNotFoundError("no Arrow file in the shard"))
+    tables = []
+    for file in files:
+        try:
+            with pa.memory_map(str(file)) as source:
+                tables.append(pa.ipc.open_stream(source).read_all())
+        except (OSError, pa.ArrowException) as error:
+            raise _damaged(file, error) from error
+    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+
+def _storage(chunk):
+    import pyarrow as pa
+
+    return chunk.storage if isinstance(chunk.type, pa.ExtensionType) else chunk
+
+
+class _ListColumn:
+    """Zero-copy row access to a list column (a datasets `Array2D(shape=(None, D))` or `Sequence`) of one table."""
+
+    def __init__(self, column, width: int | None):
+        self.width = width
+        self.starts, self.parts = [], []
+        start = 0
+        for chunk in column.chunks:
+            array = _storage(chunk)
+            outer = array.offsets.to_numpy()
+            if width is None:  # list<value>
+                self.parts.append((outer, None, array.values.to_numpy(zero_copy_only=True)))
+            else:  # list<list<value>>, every inner list of `width` values
+                inner = array.values.offsets.to_numpy()
+                self.parts.append((outer, inner, array.values.values.to_numpy(zero_copy_only=True)))
+            self.starts.append(start)
+            start += len(array)
+        self.starts = np.asarray(self.starts, dtype=np.int64)
+
+    def __getitem__(self, row: int) -> np.ndarray:
+        part = int(np.searchsorted(self.starts, row, side="right") - 1)
+        outer, inner, values = self.parts[part]
+        local = row - int(self.starts[part])
+        if inner is None:
+            return values[outer[local] : outer[local + 1]]
+        first, last = inner[outer[local]], inner[outer[local + 1]]
+        return values[first:last].reshape(-1, self.width)
+
+
+def _half_to_float(values: np.ndarray) -> np.ndarray:
+    """float16 -> float32 through torch's vectorised kernel: 20x numpy's `astype` on one core."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        # The source is a read-only view of the mapped file; it is only read, into a new tensor.
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(values).to(torch.float32).numpy()
+
+
+_KIND_ITEM, _KIND_CACHE_KEY, _KIND_IMAGE_ID = 0, 1, 2
+LOOKUP_NAME = "lookup.arrow"
+
+
+def _key_hash(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def _build_lookup(path: Path, cache_keys: list[str], image_ids: list[str]):
+    """The key -> row table: every item key of `index.jsonl`, cache key and image id, sorted by a 64-bit hash.
+
+    Built once (at the end of extraction, or at the first open of a cache written before it existed) and stored as
+    `lookup.arrow`, so opening a cache later maps it rather than reading every key into Python.
+    """
+    import pyarrow as pa
+
+    row_of = {cache_key: row for row, cache_key in enumerate(cache_keys)}
+    keys, rows, kinds = [], [], []
+    seen = set()
+    with open(path / INDEX_NAME, encoding="utf-8") as handle:
+        for line in handle:
+            entry = json.loads(line)
+            if entry["key"] in seen:  # the first line of a repeated key decides, as in the index
+                continue
+            seen.add(entry["key"])
+            keys.append(entry["key"]), rows.append(row_of[entry["cache_key"]]), kinds.append(_KIND_ITEM)
+    keys += cache_keys + image_ids
+    rows += list(range(len(cache_keys))) * 2
+    kinds += [_KIND_CACHE_KEY] * len(cache_keys) + [_KIND_IMAGE_ID] * len(image_ids)
+    hashes = np.fromiter((_key_hash(key) for key in keys), dtype=np.uint64, count=len(keys))
+    order_in_index = np.arange(len(keys), dtype=np.int64)
+    order = np.lexsort((order_in_index, np.asarray(kinds), hashes))
+    table = pa.table(
+        {
+            "hash": pa.array(hashes[order]),
+            "key": pa.array(keys).take(pa.array(order)),
+            "row": pa.array(np.asarray(rows, dtype=np.int64)[order]),
+            "kind": pa.array(np.asarray(kinds, dtype=np.int8)[order]),
+            "position": pa.array(order_in_index[order]),
+        }
+    )
+    tmp = path / f".{LOOKUP_NAME}.tmp-{os.getpid()}"
+    try:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+        os.replace(tmp, path / LOOKUP_NAME)
+    except OSError as error:  # a read-only cache works, with the table in memory
+        logger.warning("could not store %s in %s (%s); it is rebuilt at each open", LOOKUP_NAME, path, error)
+    return table
+
+
+def _open_lookup(path: Path):
+    import pyarrow as pa
+
+    file = path / LOOKUP_NAME
+    if not file.is_file():
+        return None
+    try:
+        with pa.memory_map(str(file)) as source:
+            return pa.ipc.open_file(source).read_all().combine_chunks()
+    except (OSError, pa.ArrowException) as error:
+        logger.warning("%s is damaged (%s); rebuilding it from %s", file, error, INDEX_NAME)
+        return None
 
 
 class RegionCache:
@@ -449,61 +795,123 @@ class RegionCache:
     `image_width`, `image_height`, `num_regions`; `image_id`, `cache_key`, `source`, `error`). An image that
     failed raises KeyError with its reason; `errors` lists them. `keys()` are the item keys with regions.
 
+    Opening maps the shards' Arrow files and a key table sorted by hash (`lookup.arrow`) into memory: no Python
+    object per key is made, so a cache of millions of images opens in milliseconds and costs no RAM until read.
+    A record is read straight from the Arrow buffers (no `datasets` row formatting).
+
     Args:
         path: The cache folder written by `extract_regions`.
+        dtype: Dtype of the returned features and class distributions: `"float32"` (the default, what models
+            take) or None for the stored dtype (`info["feature_dtype"]`, float16 by default), as read-only views of
+            the memory-mapped file; the collator converts them when it fills the batch.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, dtype: str | None = "float32"):
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
         self.path = Path(path)
-        self.info = json.loads((self.path / CACHE_INFO_NAME).read_text())
-        self.dataset = load_region_dataset(self.path)
-        self._rows = self.dataset.with_format("numpy")
-        small = self.dataset.select_columns(["cache_key", "image_id", "error", "num_regions"])
-        self._num_regions = np.asarray(small["num_regions"], dtype=np.int64)
-        self._row_of: dict[str, int] = {}
-        self._failed: dict[str, str] = {}
-        for row, (cache_key, image_id, error) in enumerate(zip(small["cache_key"], small["image_id"], small["error"])):
-            self._row_of[cache_key] = row
-            self._row_of.setdefault(image_id, row)
-            if error:
-                self._failed[cache_key] = error
-        self._key_to_cache: dict[str, str] = {}
-        with open(self.path / INDEX_NAME, encoding="utf-8") as handle:
-            for line in handle:
-                entry = json.loads(line)
-                self._key_to_cache.setdefault(entry["key"], entry["cache_key"])
-        #: Item key -> why its image has no regions.
-        self.errors: dict[str, str] = {
-            key: self._failed[cache_key] for key, cache_key in self._key_to_cache.items() if cache_key in self._failed
+        self.info = _read_info(self.path)
+        self.dtype = None if dtype is None else np.dtype(dtype)
+        self.feature_dtype = np.dtype(self.info.get("feature_dtype", "float32"))
+        shards = _shard_dirs(self.path, self.info)
+        tables = [_open_shard_table(shard) for shard in shards]
+        for shard, table in zip(shards, tables):
+            report = shard / SHARD_REPORT_NAME
+            expected = json.loads(report.read_text())["rows"] if report.is_file() else table.num_rows
+            if table.num_rows != expected:
+                raise _damaged(
+                    sorted(shard.glob("data-*.arrow"))[0], ValueError(f"{table.num_rows} rows, {expected} expected")
+                )
+        self.table = pa.concat_tables(tables)
+        feature_size = self.info["region_feature_size"]
+        self._lists = {
+            "region_features": _ListColumn(self.table.column("region_features"), feature_size),
+            "region_boxes": _ListColumn(self.table.column("region_boxes"), 4),
+            "region_locations": _ListColumn(self.table.column("region_locations"), 5),
+            "region_class_labels": _ListColumn(self.table.column("region_class_labels"), None),
         }
+        if "region_class_probs" in self.table.column_names:
+            width = max(self.info["num_object_classes"], 1)
+            self._lists["region_class_probs"] = _ListColumn(self.table.column("region_class_probs"), width)
+        self._num_regions = self.table.column("num_regions").to_numpy().astype(np.int64)
+        self._width = self.table.column("image_width").to_numpy()
+        self._height = self.table.column("image_height").to_numpy()
+        errors = self.table.column("error")
+        self._failed = pc.fill_null(pc.greater(pc.utf8_length(errors), 0), False).to_numpy(zero_copy_only=False)
+        self._strings = {name: self.table.column(name) for name in ("cache_key", "image_id", "source", "error")}
+
+        lookup = _open_lookup(self.path)
+        if lookup is None or lookup.num_rows == 0:
+            lookup = _build_lookup(
+                self.path, self._strings["cache_key"].to_pylist(), self._strings["image_id"].to_pylist()
+            )
+        # One chunk each: numpy views of the mapped file, not copies.
+        self._hashes = lookup.column("hash").chunk(0).to_numpy()
+        self._lookup_rows = lookup.column("row").chunk(0).to_numpy()
+        self._lookup_keys = lookup.column("key").chunk(0)
+        kinds, positions = lookup.column("kind").chunk(0).to_numpy(), lookup.column("position").chunk(0).to_numpy()
+        items = np.flatnonzero(kinds == _KIND_ITEM)
+        good = items[~self._failed[self._lookup_rows[items]]]
+        #: Lookup-table positions of the item keys with regions, in source order.
+        self._good_items = good[np.argsort(positions[good], kind="stable")]
+        bad = items[self._failed[self._lookup_rows[items]]]
+        #: Item key -> why its image has no regions (failures are few; this is small).
+        self.errors: dict[str, str] = {
+            self._lookup_keys[int(i)].as_py(): self._string("error", int(self._lookup_rows[i])) for i in bad
+        }
+
+    @property
+    def dataset(self):
+        """The records as a `datasets.Dataset` (memory-mapped), for `map`, `filter` or export."""
+        return load_region_dataset(self.path)
+
+    def _string(self, column: str, row: int) -> str | None:
+        chunks = self._strings[column]
+        return chunks[row].as_py()
+
+    def _find(self, key: str) -> int | None:
+        target = np.uint64(_key_hash(key))
+        position = int(np.searchsorted(self._hashes, target, side="left"))
+        while position < len(self._hashes) and self._hashes[position] == target:
+            if self._lookup_keys[position].as_py() == key:
+                return int(self._lookup_rows[position])
+            position += 1
+        return None
 
     def _row(self, key: str) -> int:
-        cache_key = self._key_to_cache.get(key, key)
-        if cache_key not in self._row_of:
+        row = self._find(key)
+        if row is None:
             raise KeyError(f"{key!r} is not in the region cache {self.path}")
-        if cache_key in self._failed:
-            raise KeyError(f"{key!r} has no regions: {self._failed[cache_key]}")
-        return self._row_of[cache_key]
+        if self._failed[row]:
+            raise KeyError(f"{key!r} has no regions: {self._string('error', row)}")
+        return row
+
+    def _array(self, name: str, row: int, dtype) -> np.ndarray:
+        values = self._lists[name][row]
+        if dtype is None:
+            return values
+        if values.dtype == np.float16 and dtype == np.float32:
+            return _half_to_float(values)
+        return values.astype(dtype)  # a writable copy, as a caller (or torch.as_tensor) may expect
 
     def __getitem__(self, key: str) -> dict[str, Any]:
-        row = self._rows[self._row(key)]
-        feature_size = self.info["region_feature_size"]
+        row = self._row(key)
         record = {
-            "image_id": str(row["image_id"]),
-            "cache_key": str(row["cache_key"]),
-            "source": str(row["source"]),
-            "region_features": np.asarray(row["region_features"], dtype=np.float32).reshape(-1, feature_size),
-            "region_boxes": np.asarray(row["region_boxes"], dtype=np.float32).reshape(-1, 4),
-            "region_locations": np.asarray(row["region_locations"], dtype=np.float32).reshape(-1, 5),
-            "region_class_labels": np.asarray(row["region_class_labels"], dtype=np.int64).reshape(-1),
-            "image_width": int(row["image_width"]),
-            "image_height": int(row["image_height"]),
-            "num_regions": int(row["num_regions"]),
+            "image_id": self._string("image_id", row),
+            "cache_key": self._string("cache_key", row),
+            "source": self._string("source", row),
+            "region_features": self._array("region_features", row, self.dtype),
+            "region_boxes": self._array("region_boxes", row, np.float32),
+            "region_locations": self._array("region_locations", row, np.float32),
+            "region_class_labels": self._array("region_class_labels", row, np.int64),
+            "image_width": int(self._width[row]),
+            "image_height": int(self._height[row]),
+            "num_regions": int(self._num_regions[row]),
             "error": None,
         }
-        if "region_class_probs" in row:
-            count = record["num_regions"]
-            record["region_class_probs"] = np.asarray(row["region_class_probs"], dtype=np.float32).reshape(count, -1)
+        if "region_class_probs" in self._lists:
+            record["region_class_probs"] = self._array("region_class_probs", row, self.dtype)
         return record
 
     def num_regions(self, key: str) -> int:
@@ -511,11 +919,8 @@ class RegionCache:
         return int(self._num_regions[self._row(key)])
 
     def __contains__(self, key: object) -> bool:
-        try:
-            self._row(str(key))
-        except KeyError:
-            return False
-        return True
+        row = self._find(str(key))
+        return row is not None and not self._failed[row]
 
     def get(self, key: str, default: Any = None) -> dict[str, Any] | Any:
         try:
@@ -525,10 +930,10 @@ class RegionCache:
 
     def keys(self) -> list[str]:
         """Item keys (manifest paths or dataset keys) that have regions, in source order."""
-        return [key for key, cache_key in self._key_to_cache.items() if cache_key not in self._failed]
+        return self._lookup_keys.take(self._good_items).to_pylist()
 
     def __len__(self) -> int:
-        return len(self.keys())
+        return len(self._good_items)
 
     def __iter__(self):
         return iter(self.keys())
@@ -538,9 +943,9 @@ class RegionCache:
         return [self[key] for key in keys]
 
 
-def load_region_cache(path: str | os.PathLike) -> RegionCache:
+def load_region_cache(path: str | os.PathLike, dtype: str | None = "float32") -> RegionCache:
     """Opens a region cache written by `extract_regions` for lookups by key (see `RegionCache`)."""
-    return RegionCache(path)
+    return RegionCache(path, dtype=dtype)
 
 
 # ------------------------------------------------------------------------------------------------ command line
@@ -576,15 +981,37 @@ class ExtractRegionsArguments:
     no_class_probs: bool = field(
         default=False, metadata={"help": "Do not store region class distributions (smaller cache)."}
     )
+    storage_dtype: str = field(
+        default="float16",
+        metadata={"help": "float16 (half the size) or float32 for features and class distributions."},
+    )
+    num_shards: int = field(default=1, metadata={"help": "Machines the extraction is split across."})
+    shard_index: int = field(default=0, metadata={"help": "This machine's part (0 .. num_shards - 1)."})
+    merge: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Instead of extracting, join these part folders (one per shard_index) into output_dir.",
+            "nargs": "*",
+        },
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> CacheReport:
-    """`imagebert-extract-regions --output_dir cache --manifest data/captions.jsonl [--num_proc 2]`."""
+    """`imagebert-extract-regions --output_dir cache --manifest data/captions.jsonl [--num_proc 2]`.
+
+    On several GPUs: `torchrun --nproc_per_node 8 -m imagebert_hf.regions.feature_cache ...` (or `accelerate
+    launch`); on several machines add `--num_shards M --shard_index K`, then `--merge part0 part1 ...` when the
+    machines wrote separate folders.
+    """
     from transformers import HfArgumentParser
 
     from ..models.imagebert.image_processing_imagebert import ImageBERTRoIExtractor
 
     (args,) = HfArgumentParser(ExtractRegionsArguments).parse_args_into_dataclasses(args=argv)
+    if args.merge:
+        report = merge_region_caches(args.merge, args.output_dir)
+        print(f"merged {len(args.merge)} parts: {report.num_unique} distinct images, {report.num_failed} failed")
+        return report
     if (args.manifest is None) == (args.dataset_path is None):
         raise SystemExit("give exactly one of --manifest and --dataset_path")
     if args.dataset_path is not None:
@@ -606,6 +1033,9 @@ def main(argv: Sequence[str] | None = None) -> CacheReport:
         num_proc=args.num_proc,
         batch_size=args.batch_size,
         store_class_probs=not args.no_class_probs,
+        storage_dtype=args.storage_dtype,
+        num_shards=args.num_shards,
+        shard_index=args.shard_index,
     )
     print(
         f"{report.num_items} items, {report.num_unique} distinct images, {report.num_extracted} extracted, "

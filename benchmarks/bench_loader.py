@@ -1,0 +1,201 @@
+"""The pretraining data path at paper size: samples/s on one core, region cache -> dataset -> length-grouped
+sampler -> collator, against the GPU step rate it has to feed.
+
+A region cache of generated images at the paper's layout (2048-d features, up to 100 regions, 12 to 100 per image,
+56 on average; MOC's cross-entropy variant, so no class distributions) is written through `extract_regions` with a
+generated-feature extractor (no CNN runs), in float16 (the default) and float32. Three readers feed the same loader
+(`PretrainingPairDataset` with half the pairs ITM negatives, `MixtureSampler` grouping by length, the pretraining
+collator, batch 48), each timed over the same number of samples on one thread:
+
+- `datasets rows (float32)`: the cache read as before this change, one row at a time through `datasets`' numpy
+  formatting (`Dataset.with_format("numpy")[row]`), keys found through Python dicts;
+- `arrow (float32 cache)` and `arrow (float16 cache)`: `RegionCache`, reading each record straight from the
+  memory-mapped Arrow buffers.
+
+The dataset's own record cache is off, as it is in effect on a real corpus (10M images never repeat within it).
+The target is the H200's step rate recorded in docs/reproducing.md (bf16, batch 48): one core per GPU at least.
+
+    python benchmarks/bench_loader.py                     # 2,000 images, about 1 GB of temporary disk
+    python benchmarks/bench_loader.py --num_images 500    # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from imagebert_hf.data.collator import DataCollatorForImageBERTPretraining
+from imagebert_hf.data.sources import MixtureSampler, PairSource, PretrainingPairDataset
+from imagebert_hf.regions.feature_cache import extract_regions, load_region_cache, load_region_dataset
+
+
+FEATURE_SIZE, NUM_CLASSES, MAX_REGIONS, MAX_TEXT_LENGTH = 2048, 1600, 100, 44
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class GeneratedExtractor:
+    """Stands in for `ImageBERTRoIExtractor` in `extract_regions`: regions generated from each image's id."""
+
+    region_feature_size, num_object_classes, batch_size, max_file_bytes, device = (
+        FEATURE_SIZE,
+        NUM_CLASSES,
+        64,
+        1,
+        None,
+    )
+
+    def to_dict(self):
+        return {"generated": True, "region_feature_size": FEATURE_SIZE}
+
+    def save_pretrained(self, folder):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+
+    def extract(self, images, boxes=None, image_ids=None, on_error="record", return_class_probs=False):
+        records = []
+        for image_id in image_ids:
+            rng = np.random.default_rng(int(image_id[:12], 16))
+            count = int(rng.integers(12, 101))  # 56 on average
+            corners = np.sort(rng.random((count, 4), dtype=np.float32), axis=1)
+            area = (corners[:, 2] - corners[:, 0]) * (corners[:, 3] - corners[:, 1])
+            records.append(
+                {
+                    "region_features": np.maximum(rng.standard_normal((count, FEATURE_SIZE), dtype=np.float32), 0),
+                    "region_boxes": corners * 640,
+                    "region_locations": np.concatenate([corners, area[:, None]], axis=1),
+                    "region_class_labels": rng.integers(0, NUM_CLASSES, count),
+                    "image_width": 640,
+                    "image_height": 480,
+                    "num_regions": count,
+                    "error": None,
+                }
+            )
+        return records
+
+
+class DatasetsRowStore:
+    """The region cache as it was read before: `datasets` numpy formatting per row, dicts over every key."""
+
+    def __init__(self, path):
+        self.dataset = load_region_dataset(path)
+        self._rows = self.dataset.with_format("numpy")
+        self._row_of = {key: row for row, key in enumerate(self.dataset["source"])}
+        self._num_regions = np.asarray(self.dataset["num_regions"])
+
+    def num_regions(self, key):
+        return int(self._num_regions[self._row_of[key]])
+
+    def __getitem__(self, key):
+        row = self._rows[self._row_of[key]]
+        return {
+            "region_features": np.asarray(row["region_features"], dtype=np.float32).reshape(-1, FEATURE_SIZE),
+            "region_locations": np.asarray(row["region_locations"], dtype=np.float32).reshape(-1, 5),
+            "region_class_labels": np.asarray(row["region_class_labels"], dtype=np.int64).reshape(-1),
+        }
+
+
+def build_cache(folder: Path, num_images: int, storage_dtype: str):
+    import datasets
+
+    table = datasets.Dataset.from_dict(
+        {
+            "key": [f"img{i:07d}" for i in range(num_images)],
+            "image": [{"bytes": b"%d" % i, "path": None} for i in range(num_images)],
+        }
+    )
+    start = time.perf_counter()
+    extract_regions(
+        table, folder, GeneratedExtractor(), key_column="key", store_class_probs=False, storage_dtype=storage_dtype,
+        shard_size=500, progress=False,
+    )  # fmt: skip
+    return time.perf_counter() - start
+
+
+def gpu_step_rate() -> float:
+    """The bf16, batch-48 H200 pretraining step rate recorded in docs/reproducing.md (samples/s)."""
+    text = (ROOT / "docs" / "reproducing.md").read_text()
+    match = re.search(r"batch 48, bf16 autocast \| NVIDIA H200 \| ([\d,]+) samples/s", text)
+    return float(match.group(1).replace(",", "")) if match else float("nan")
+
+
+def samples_per_second(store, num_images: int, tokenizer, num_samples: int, batch_size: int) -> float:
+    rng = np.random.default_rng(0)
+    words = np.asarray([word for word in tokenizer.get_vocab() if word.isalpha()])
+    pairs = [
+        (f"img{i:07d}", " ".join(rng.choice(words, size=int(rng.integers(8, 31)))))
+        for i in range(num_images)
+        for _ in range(2)
+    ]
+    dataset = PretrainingPairDataset(
+        [PairSource("generated", pairs)], [store], tokenizer, MAX_TEXT_LENGTH, MAX_REGIONS, max_cached_regions=0
+    )
+    sampler = MixtureSampler(
+        dataset.sizes, [1.0], seed=0, num_samples=num_samples, sample_lengths=dataset.sample_lengths,
+        group_size=batch_size, pool_groups=50,
+    )  # fmt: skip
+    collator = DataCollatorForImageBERTPretraining(
+        tokenizer, itm_negative_probability=0.0, max_text_length=MAX_TEXT_LENGTH, max_regions=MAX_REGIONS, seed=0
+    )
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collator)
+    start = time.perf_counter()
+    seen = sum(len(batch["input_ids"]) for batch in loader)
+    return seen / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num_images", type=int, default=2000, help="images in the generated cache")
+    parser.add_argument("--num_samples", type=int, default=2400, help="samples timed per reader")
+    parser.add_argument("--batch_size", type=int, default=48, help="samples per batch")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    from transformers import AutoTokenizer
+
+    from imagebert_hf.training.stages import resolve_pretrained
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained("minilm"))
+    print(f"one thread; {args.num_images} images, {FEATURE_SIZE}-d features, 12-100 regions (56 on average)")
+    folder = Path(tempfile.mkdtemp(prefix="bench_loader-"))
+    try:
+        rates = {}
+        for dtype in ("float32", "float16"):
+            seconds = build_cache(folder / dtype, args.num_images, dtype)
+            size = sum(f.stat().st_size for f in (folder / dtype).rglob("*") if f.is_file())
+            print(f"  {dtype} cache: {size / args.num_images / 1e3:.0f} KB per image (written in {seconds:.0f} s)")
+        start = time.perf_counter()
+        baseline_store = DatasetsRowStore(folder / "float32")
+        baseline_open = time.perf_counter() - start
+        rates["datasets rows (float32)"] = samples_per_second(
+            baseline_store, args.num_images, tokenizer, args.num_samples, args.batch_size
+        )
+        opens = {}
+        for dtype in ("float32", "float16"):
+            start = time.perf_counter()
+            cache = load_region_cache(folder / dtype)
+            opens[dtype] = time.perf_counter() - start
+            rates[f"arrow ({dtype} cache)"] = samples_per_second(
+                cache, args.num_images, tokenizer, args.num_samples, args.batch_size
+            )
+        print(
+            f"open: datasets + dicts {baseline_open * 1e3:.0f} ms; RegionCache {opens['float32'] * 1e3:.0f} ms "
+            f"(float32), {opens['float16'] * 1e3:.0f} ms (float16)"
+        )
+        target = gpu_step_rate()
+        baseline = rates["datasets rows (float32)"]
+        for name, rate in rates.items():
+            print(
+                f"  {name:<24} {rate:7.0f} samples/s per core = {rate / baseline:5.2f}x the datasets path, "
+                f"{rate / target:5.2f}x the H200 step rate ({target:,.0f} samples/s: {target / rate:.1f} cores per GPU)"
+            )
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
