@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
+import os
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -150,44 +150,77 @@ class DatasetPairSource(PairSource):
         return self.dataset[self._rows[key]][self.image_column].convert("RGB")
 
 
+def _is_text_member(name: str) -> bool:
+    return name.rsplit(".", 1)[-1].lower() in ("txt", "json")
+
+
+def _caption_of(sample: dict[str, Any]) -> str | None:
+    """The caption of a webdataset sample as img2dataset writes it: `KEY.txt`, else `"caption"` of `KEY.json`."""
+    if sample.get("txt"):
+        text = bytes(sample["txt"]).decode("utf-8").strip()
+        if text:
+            return text
+    if sample.get("json"):
+        caption = json.loads(bytes(sample["json"])).get("caption")
+        return str(caption).strip() if caption else None
+    return None
+
+
+def _image_of(sample: dict[str, Any]) -> bytes | None:
+    for extension in _IMAGE_EXTENSIONS:
+        if sample.get(extension) is not None:
+            return bytes(sample[extension])
+    return None
+
+
+def _webdataset(urls: list[str], select_files=None, split: bool = False):
+    """The `webdataset` library's reader over `urls` (paths, http(s)/s3/gs URLs, `pipe:` commands), undecoded.
+
+    With `split`, the shards are divided between the processes of the run and the DataLoader workers of each.
+    """
+    import webdataset as wds
+
+    return wds.WebDataset(
+        urls,
+        shardshuffle=False,
+        nodesplitter=wds.split_by_node if split else (lambda shards: shards),
+        workersplitter=wds.split_by_worker if split else (lambda shards: shards),
+        empty_check=False,
+        select_files=select_files,
+    )
+
+
 class WebDatasetPairSource(PairSource):
     """Pairs from webdataset tar shards as img2dataset writes them: per sample `KEY.jpg` (or another image
     extension), `KEY.txt` (the caption) and optionally `KEY.json` (with `"key"`, `"caption"`, ...).
 
-    Captions are read once at construction; images are read on demand from the tar offsets.
+    Read with the `webdataset` library, so shards may be local paths, URLs (`https://`, `s3://` through its
+    handlers) or `pipe:` commands (`pipe:aws s3 cp s3://bucket/00000.tar -`). Captions are read once at
+    construction; images are read by streaming their shard again (for extraction use `image_table`, one pass over
+    all shards). For corpora too large to list in memory, use `WebDatasetStream`.
 
     Args:
-        urls (`str` or `Sequence[str]`): Shard paths; a string may use brace notation (`shards/{00000..00009}.tar`).
+        urls (`str` or `Sequence[str]`): Shards; a string may use brace notation (`shards/{00000..00009}.tar`) or,
+            for local files, a glob.
         name (`str`, defaults to `"webdataset"`): Name used in logs.
     """
 
     def __init__(self, urls: str | Sequence[str], name: str = "webdataset"):
-        shards = _expand_urls(urls)
-        self._images: dict[str, tuple[str, int, int]] = {}
+        self.urls = _expand_urls(urls)
+        self._shard_of: dict[str, str] = {}
         pairs = []
-        for shard in shards:
-            with tarfile.open(shard) as tar:
-                texts: dict[str, str] = {}
-                for member in tar:
-                    if not member.isfile() or "." not in member.name:
-                        continue
-                    key, extension = member.name.split(".", 1)
-                    if extension == "txt":
-                        texts[key] = tar.extractfile(member).read().decode("utf-8").strip()
-                    elif extension.lower() in _IMAGE_EXTENSIONS:
-                        self._images[key] = (shard, member.offset_data, member.size)
-                    elif extension == "json" and key not in texts:
-                        meta = json.loads(tar.extractfile(member).read())
-                        if meta.get("caption"):
-                            texts.setdefault(key, meta["caption"])
-            pairs.extend((key, text) for key, text in texts.items() if key in self._images and text)
+        for sample in _webdataset(self.urls):
+            caption = _caption_of(sample)
+            if caption and _image_of(sample) is not None:
+                self._shard_of[sample["__key__"]] = sample["__url__"]
+                pairs.append((sample["__key__"], caption))
         super().__init__(name, pairs)
 
     def image_bytes(self, key: str) -> bytes:
-        shard, offset, size = self._images[key]
-        with open(shard, "rb") as handle:
-            handle.seek(offset)
-            return handle.read(size)
+        for sample in _webdataset([self._shard_of[key]]):
+            if sample["__key__"] == key:
+                return _image_of(sample)
+        raise KeyError(f"{key!r} is no longer in shard {self._shard_of[key]}")
 
     def open_image(self, key: str):
         from PIL import Image
@@ -196,16 +229,23 @@ class WebDatasetPairSource(PairSource):
 
     def image_table(self):
         """A `datasets.Dataset` with `key` and `image` (`{"bytes", "path"}`) per distinct image, streamed from the
-        shards: the input `extract_regions(table, cache_dir, key_column="key")` needs to build this source's
-        region cache."""
+        shards in one pass: the input `extract_regions(table, cache_dir, key_column="key")` needs to build this
+        source's region cache."""
         import datasets
 
         def rows():
-            for key in self.image_keys():
-                yield {"key": key, "image": {"bytes": self.image_bytes(key), "path": None}}
+            wanted = set(self._shard_of)
+            for sample in _webdataset(self.urls):
+                if sample["__key__"] in wanted:
+                    wanted.discard(sample["__key__"])
+                    yield {"key": sample["__key__"], "image": {"bytes": _image_of(sample), "path": None}}
 
         features = datasets.Features({"key": datasets.Value("string"), "image": datasets.Image(decode=False)})
         return datasets.Dataset.from_generator(rows, features=features)
+
+
+def _is_remote(url: str) -> bool:
+    return url.startswith("pipe:") or "://" in url
 
 
 def _expand_urls(urls: str | Sequence[str]) -> list[str]:
@@ -220,13 +260,119 @@ def _expand_urls(urls: str | Sequence[str]) -> list[str]:
             patterns = [urls]
         expanded = []
         for pattern in patterns:
-            expanded.extend(sorted(glob.glob(pattern)) if any(ch in pattern for ch in "*?[") else [pattern])
+            local_glob = not _is_remote(pattern) and any(ch in pattern for ch in "*?[")
+            expanded.extend(sorted(glob.glob(pattern)) if local_glob else [pattern])
     else:
         expanded = [str(url) for url in urls]
-    missing = [url for url in expanded if not Path(url).is_file()]
+    missing = [url for url in expanded if not _is_remote(url) and not Path(url).is_file()]
     if not expanded or missing:
         raise FileNotFoundError(f"webdataset shards not found: {missing or urls}")
     return expanded
+
+
+# ------------------------------------------------------------------------------------------------ streaming
+
+
+class StreamingPairSource:
+    """Pairs read as a stream, never listed or held in memory: each process of the run and each DataLoader worker
+    reads its own part. `epoch_pairs(epoch)` gives the `(image_key, caption)` pairs of that part for one epoch.
+    """
+
+    name: str
+
+    def epoch_pairs(self, epoch: int) -> Iterator[tuple[str, str]]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+class WebDatasetStream(StreamingPairSource):
+    """img2dataset webdataset shards as a stream through the `webdataset` library: local paths, URLs or `pipe:`
+    commands; shards split between processes (`split_by_node`) and DataLoader workers (`split_by_worker`), in an
+    order reshuffled each epoch from `seed`. Only captions are read: regions come from the region cache.
+
+    Args:
+        urls (`str` or `Sequence[str]`): Shards, with brace notation (`pipe:aws s3 cp s3://b/{00000..09999}.tar -`).
+        name (`str`, defaults to `"webdataset"`): Name used in logs.
+        shuffle_shards (`bool`, defaults to `True`): Visit the shards in another order each epoch.
+        seed (`int`, defaults to 0): Seed of that order (the same in every process, so the split stays disjoint).
+    """
+
+    def __init__(
+        self, urls: str | Sequence[str], name: str = "webdataset", shuffle_shards: bool = True, seed: int = 0
+    ):
+        self.urls = _expand_urls(urls)
+        self.name = name
+        self.shuffle_shards = shuffle_shards
+        self.seed = seed
+
+    def epoch_pairs(self, epoch: int) -> Iterator[tuple[str, str]]:
+        urls = list(self.urls)
+        if self.shuffle_shards:
+            urls = [urls[i] for i in np.random.default_rng([self.seed, epoch]).permutation(len(urls))]
+        for sample in _webdataset(urls, select_files=_is_text_member, split=True):
+            caption = _caption_of(sample)
+            if caption:
+                yield sample["__key__"], caption
+
+
+class DatasetStream(StreamingPairSource):
+    """A `datasets` streaming dataset (`load_dataset(..., streaming=True)`) as a pair stream: split between
+    processes with `split_dataset_by_node`; `datasets` splits its shards between DataLoader workers.
+
+    Args:
+        dataset: A `datasets.IterableDataset`, a Hub id or folder for `load_dataset`, or data files (`.jsonl`,
+            `.json`, `.parquet`, `.csv`, a glob of them, or an fsspec URL to them).
+        text_column (`str`, defaults to `"captions"`): Caption(s) of each row (a string or a list of strings).
+        id_column (`str`, defaults to `"key"`): The image key (the region cache's key).
+        split (`str`, defaults to `"train"`): The split to stream.
+        name (`str`, defaults to `"dataset"`): Name used in logs.
+    """
+
+    _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+    def __init__(
+        self,
+        dataset,
+        text_column: str = "captions",
+        id_column: str = "key",
+        split: str = "train",
+        name: str = "dataset",
+    ):
+        self.dataset, self.text_column, self.id_column = dataset, text_column, id_column
+        self.split, self.name = split, name
+
+    def _open(self):
+        import datasets
+
+        if not isinstance(self.dataset, (str, Path)):
+            return self.dataset
+        path = str(self.dataset)
+        builder = self._BUILDERS.get(Path(path.split("?")[0]).suffix.lower())
+        if builder is not None:
+            return datasets.load_dataset(builder, data_files={self.split: path}, split=self.split, streaming=True)
+        return datasets.load_dataset(path, split=self.split, streaming=True)
+
+    def epoch_pairs(self, epoch: int) -> Iterator[tuple[str, str]]:
+        from datasets.distributed import split_dataset_by_node
+
+        stream = self._open()
+        if hasattr(stream, "set_epoch"):
+            stream.set_epoch(epoch)
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        if world > 1:
+            stream = split_dataset_by_node(stream, rank=rank, world_size=world)
+        for row in stream:
+            if self.text_column not in row or self.id_column not in row:
+                raise ValueError(
+                    f"streaming source {self.name!r}: rows need columns {self.text_column!r} and {self.id_column!r}; "
+                    f"got {sorted(row)}."
+                )
+            texts = row[self.text_column]
+            for text in [texts] if isinstance(texts, str) else texts or ():
+                if text:
+                    yield str(row[self.id_column]), text
 
 
 class SyntheticPairSource(PairSource):
@@ -268,6 +414,24 @@ class SyntheticPairSource(PairSource):
         from .synthetic import synthetic_region_record
 
         return {key: synthetic_region_record(example, feature_size) for key, example in self.examples.items()}
+
+
+def _region_arrays(store: Mapping[str, dict], key: str, max_regions: int) -> dict[str, Any]:
+    """The region arrays of `key` in `store`, cut to `max_regions`; raises when the record is missing or unusable."""
+    record = store[key]
+    if record is None:
+        raise KeyError(key)
+    if record.get("error"):
+        raise ValueError(f"region extraction failed: {record['error']}")
+    regions = {}
+    for name in _REGION_KEYS:
+        if record.get(name) is not None:
+            regions[name] = np.asarray(record[name])[:max_regions]
+    if "region_features" not in regions or "region_locations" not in regions:
+        raise ValueError(f"region record of {key!r} lacks region_features or region_locations.")
+    if len(regions["region_features"]) == 0:
+        raise ValueError(f"region record of {key!r} has no regions.")
+    return regions
 
 
 def open_region_store(path: str | Path) -> Mapping[str, dict]:
@@ -509,20 +673,7 @@ class PretrainingPairDataset(torch.utils.data.Dataset):
         return regions
 
     def _regions(self, store: Mapping[str, dict], key: str) -> dict[str, Any]:
-        record = store[key]
-        if record is None:
-            raise KeyError(key)
-        if record.get("error"):
-            raise ValueError(f"region extraction failed: {record['error']}")
-        regions = {}
-        for name in _REGION_KEYS:
-            if record.get(name) is not None:
-                regions[name] = np.asarray(record[name])[: self.max_regions]
-        if "region_features" not in regions or "region_locations" not in regions:
-            raise ValueError(f"region record of {key!r} lacks region_features or region_locations.")
-        if len(regions["region_features"]) == 0:
-            raise ValueError(f"region record of {key!r} has no regions.")
-        return regions
+        return _region_arrays(store, key, self.max_regions)
 
     def _warn(self, message: str) -> None:
         self._warnings += 1
@@ -633,6 +784,159 @@ class PretrainingPairDataset(torch.utils.data.Dataset):
         return samples
 
 
+def _other_pair(recent, key: str, rng: np.random.Generator) -> tuple[str, str] | None:
+    """A recent pair showing another image than `key` (a few tries, as in `PretrainingPairDataset`)."""
+    for _ in range(8 if recent else 0):
+        pair = recent[int(rng.integers(len(recent)))]
+        if pair[0] != key:
+            return pair
+    return None
+
+
+class StreamingPretrainingDataset(torch.utils.data.IterableDataset):
+    """Pretraining samples from streaming sources: pairs mixed by weight, joined to their regions by image key, ITM
+    negatives drawn from a buffer of recent pairs of the same source, and grouped by length pool by pool.
+
+    Each process and DataLoader worker reads its own part of every source (see `StreamingPairSource`) and draws
+    from its own generator (seeded by `seed`, the process rank and the worker id); sources start again at their
+    end, epoch after epoch, so the stream never ends: a stage over streaming sources runs `max_steps`. Samples look
+    like `PretrainingPairDataset`'s; a pair whose regions cannot be loaded gives `None` (counted by the collator).
+
+    Args:
+        sources (`Sequence[StreamingPairSource]`): The sources, in mixture order.
+        region_stores (`Sequence[Mapping]`): One mapping from image key to region record per source.
+        weights (`Sequence[float]`): Mixing weights.
+        tokenizer: BERT tokenizer.
+        max_text_length (`int`): Tokens per caption, [CLS] and [SEP] included.
+        max_regions (`int`): Regions kept per image.
+        seed (`int`, defaults to 0): Seed of the mixture, negatives and grouping.
+        itm_negative_probability (`float`, defaults to 0.5): Share of negatives.
+        text_negative_share (`float`, defaults to 0.5): Share of negatives that swap the caption.
+        group_size (`int`, defaults to 1): Samples per group, the per-device batch size (each process reads its own
+            stream). 1 turns grouping off.
+        pool_groups (`int`, defaults to 50): Groups per pool.
+        negative_buffer (`int`, defaults to 1024): Recent pairs per source that negatives are drawn from.
+        max_warnings (`int`, defaults to 10): Load failures logged individually before going quiet.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[StreamingPairSource],
+        region_stores: Sequence[Mapping[str, dict]],
+        weights: Sequence[float],
+        tokenizer,
+        max_text_length: int,
+        max_regions: int,
+        seed: int = 0,
+        itm_negative_probability: float = 0.5,
+        text_negative_share: float = 0.5,
+        group_size: int = 1,
+        pool_groups: int = 50,
+        negative_buffer: int = 1024,
+        max_warnings: int = 10,
+    ):
+        if not (len(sources) == len(region_stores) == len(weights)) or not sources:
+            raise ValueError(
+                f"need one region store and one weight per source; got {len(sources)} sources, "
+                f"{len(region_stores)} stores and {len(weights)} weights."
+            )
+        if any(w <= 0 for w in weights):
+            raise ValueError(f"mixing weights must be positive, got {list(weights)}.")
+        self.sources, self.region_stores = list(sources), list(region_stores)
+        self.probabilities = np.asarray(weights, dtype=np.float64) / float(sum(weights))
+        self.tokenizer = tokenizer
+        self.max_text_length, self.max_regions = max_text_length, max_regions
+        self.seed = int(seed)
+        self.itm_negative_probability, self.text_negative_share = itm_negative_probability, text_negative_share
+        self.group_size, self.pool_size = int(group_size), int(group_size) * int(pool_groups)
+        self.negative_buffer = negative_buffer
+        self.max_warnings = max_warnings
+        self._warnings = 0
+
+    def _pairs(self, source_index: int, where: str) -> Iterator[tuple[str, str]]:
+        source, epoch = self.sources[source_index], 0
+        while True:
+            count = 0
+            for pair in source.epoch_pairs(epoch):
+                count += 1
+                yield pair
+            if count == 0:
+                raise ValueError(
+                    f"streaming source {source.name!r} gave {where} no pairs: it is empty, or has fewer shards than "
+                    "processes x DataLoader workers (each reads whole shards)."
+                )
+            epoch += 1
+
+    def _warn(self, message: str) -> None:
+        self._warnings += 1
+        if self._warnings <= self.max_warnings:
+            logger.warning(message)
+
+    def __iter__(self) -> Iterator[dict[str, Any] | None]:
+        from collections import deque
+
+        worker = torch.utils.data.get_worker_info()
+        worker_id = worker.id if worker is not None else 0
+        rank = int(os.environ.get("RANK", 0))
+        where = f"process {rank}, worker {worker_id}"
+        rng = np.random.default_rng([self.seed, rank, worker_id])
+        streams = [self._pairs(i, where) for i in range(len(self.sources))]
+        recent = [deque(maxlen=self.negative_buffer) for _ in self.sources]
+        pool: list[tuple[int, str, str, int, int]] = []
+        while True:
+            source_index = int(rng.choice(len(self.sources), p=self.probabilities))
+            key, caption = next(streams[source_index])
+            region_key, text, label = key, caption, 1
+            if rng.random() < self.itm_negative_probability:
+                other = _other_pair(recent[source_index], key, rng)
+                if other is not None:
+                    label = 0
+                    if rng.random() < self.text_negative_share:
+                        text = other[1]
+                    else:
+                        region_key = other[0]
+            recent[source_index].append((key, caption))
+            pool.append((source_index, region_key, text, label, int(rng.integers(0, 2**62))))
+            if len(pool) >= max(self.pool_size, 1):
+                yield from self._emit(pool, rng)
+                pool = []
+
+    def _emit(self, pool: list[tuple[int, str, str, int, int]], rng: np.random.Generator):
+        encoded = self.tokenizer([text for _, _, text, _, _ in pool], truncation=True, max_length=self.max_text_length)
+        token_types = encoded.get("token_type_ids")
+        order = list(range(len(pool)))
+        if self.group_size > 1:
+            lengths = []
+            for row, (source_index, region_key, _, _, _) in enumerate(pool):
+                store = self.region_stores[source_index]
+                try:
+                    if hasattr(store, "num_regions"):
+                        regions = store.num_regions(region_key)
+                    else:
+                        regions = len(store[region_key]["region_features"])
+                    lengths.append((min(int(regions), self.max_regions), len(encoded["input_ids"][row])))
+                except Exception:  # noqa: BLE001 - unreadable: skipped (and counted) when loaded
+                    lengths.append(None)
+            order = group_by_length(order, lengths, self.group_size, self.pool_size, rng)
+        for row in order:
+            source_index, region_key, _, label, sample_seed = pool[row]
+            try:
+                regions = _region_arrays(self.region_stores[source_index], region_key, self.max_regions)
+            except Exception as error:  # noqa: BLE001 - any unreadable record is skipped and counted, never fatal
+                name = self.sources[source_index].name
+                self._warn(f"skipping a pair of source {name!r} (image {region_key!r}): {error!r}")
+                yield None
+                continue
+            yield {
+                "input_ids": encoded["input_ids"][row],
+                "token_type_ids": None if token_types is None else token_types[row],
+                **regions,
+                "image_id": region_key,
+                "itm_labels": label,
+                "sample_seed": sample_seed,
+            }
+
+
 def stable_seed(*parts: Any) -> int:
     """A seed from strings and ints that is the same in every process (unlike `hash`)."""
     return zlib.crc32("\x1f".join(str(part) for part in parts).encode()) & 0x7FFFFFFF
@@ -656,12 +960,16 @@ def build_region_store(
 
 __all__ = [
     "DatasetPairSource",
+    "DatasetStream",
     "ManifestPairSource",
     "MixtureSampler",
     "PairSource",
     "PretrainingPairDataset",
+    "StreamingPairSource",
+    "StreamingPretrainingDataset",
     "SyntheticPairSource",
     "WebDatasetPairSource",
+    "WebDatasetStream",
     "build_region_store",
     "group_by_length",
     "open_region_store",

@@ -193,6 +193,10 @@ def train_loop(
         if state.batches_in_epoch:
             loader = accelerator.skip_first_batches(dataloader, state.batches_in_epoch)
         for batch in loader:
+            # A loader that accelerate did not prepare (a stream each process reads its own part of) is moved here.
+            batch = {
+                k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
+            }
             failed = batch.pop("num_failed_records", None)
             batch_size = next(iter(batch.values())).shape[0]
             records[0] += batch_size + (0 if failed is None else float(failed))

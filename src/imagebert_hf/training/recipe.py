@@ -49,6 +49,9 @@ class SourceSpec:
     path: str | None = None
     weight: float = 1.0
     region_cache: str | None = None
+    # webdataset, hf_dataset: read as a stream (never listed in memory; the stage then needs max_steps)
+    streaming: bool = False
+    split: str = "train"
     # manifest
     image_root: str | None = None
     splits: list[str] | None = None
@@ -174,6 +177,8 @@ def _source(data: Any, where: str) -> SourceSpec:
             raise RecipeError(f"{where}.region_cache is required: pretraining reads regions from the cache.")
     if spec.regions not in (None, "annotations"):
         raise RecipeError(f"{where}.regions must be 'annotations' or absent, got {spec.regions!r}.")
+    if spec.streaming not in (False, True) or (spec.streaming and spec.type not in ("webdataset", "hf_dataset")):
+        raise RecipeError(f"{where}.streaming must be true or false, and true only for webdataset or hf_dataset.")
     return spec
 
 
@@ -190,6 +195,8 @@ def _stage(data: Any, where: str) -> StageSpec:
     stage = StageSpec(sources=specs, **data)
     if (stage.max_steps is None) == (stage.num_epochs is None):
         raise RecipeError(f"{where}: give exactly one of max_steps and num_epochs.")
+    if any(spec.streaming for spec in specs) and not (all(spec.streaming for spec in specs) and stage.max_steps):
+        raise RecipeError(f"{where}: a stage over streaming sources needs max_steps, and every source streaming.")
     if stage.max_steps is not None and (not isinstance(stage.max_steps, int) or stage.max_steps < 1):
         raise RecipeError(f"{where}.max_steps must be a positive integer, got {stage.max_steps!r}.")
     if stage.num_epochs is not None and not stage.num_epochs > 0:

@@ -16,12 +16,16 @@ from transformers.utils import logging
 from ..data.collator import DataCollatorForImageBERTPretraining
 from ..data.sources import (
     DatasetPairSource,
+    DatasetStream,
     ManifestPairSource,
     MixtureSampler,
     PairSource,
     PretrainingPairDataset,
+    StreamingPairSource,
+    StreamingPretrainingDataset,
     SyntheticPairSource,
     WebDatasetPairSource,
+    WebDatasetStream,
     open_region_store,
     stable_seed,
 )
@@ -121,9 +125,14 @@ def build_model(spec: ModelSpec, tokenizer, init_from: str | Path | None = None)
     return ImageBERTForPreTraining(config)
 
 
-def build_source(spec: SourceSpec, feature_size: int) -> tuple[PairSource, Any]:
-    """A recipe source as a `PairSource` and the mapping that gives its regions by image key."""
-    if spec.type == "manifest":
+def build_source(spec: SourceSpec, feature_size: int) -> tuple[PairSource | StreamingPairSource, Any]:
+    """A recipe source as a `PairSource` (a `StreamingPairSource` with `streaming: true`) and the mapping that gives
+    its regions by image key."""
+    if spec.streaming and spec.type == "webdataset":
+        source = WebDatasetStream(spec.path, name=spec.name, seed=spec.seed)
+    elif spec.streaming:
+        source = DatasetStream(spec.path, spec.text_column, spec.id_column or "key", spec.split, name=spec.name)
+    elif spec.type == "manifest":
         source = ManifestPairSource(
             spec.path,
             image_root=spec.image_root,
@@ -163,6 +172,38 @@ def build_stage_data(stage: StageSpec, tokenizer, config, seed: int, num_workers
     batches on every process) is grouped by length, so the batches every process pads are short as well.
     """
     sources, stores = zip(*(build_source(spec, config.region_feature_size) for spec in stage.sources))
+    collator = DataCollatorForImageBERTPretraining(
+        tokenizer,
+        mlm_probability=stage.mlm_probability,
+        region_mask_probability=stage.region_mask_probability,
+        region_zero_probability=stage.region_zero_probability,
+        # Negatives were already chosen by the dataset, from the whole source.
+        itm_negative_probability=0.0,
+        max_text_length=config.max_text_length,
+        max_regions=config.max_regions,
+        return_region_class_probs=config.moc_loss_type == "kl",
+        count_failed=True,
+        seed=seed,
+    )
+    if isinstance(sources[0], StreamingPairSource):
+        # Each process reads its own part of the streams: the loader is used as it is, not sharded by accelerate.
+        dataset = StreamingPretrainingDataset(
+            sources,
+            stores,
+            [spec.weight for spec in stage.sources],
+            tokenizer,
+            max_text_length=config.max_text_length,
+            max_regions=config.max_regions,
+            seed=seed,
+            itm_negative_probability=stage.itm_negative_probability,
+            text_negative_share=stage.text_negative_share,
+            group_size=stage.per_device_train_batch_size if stage.group_by_length else 1,
+            pool_groups=stage.length_group_pool,
+        )
+        dataloader = torch.utils.data.DataLoader(
+            dataset, batch_size=stage.per_device_train_batch_size, collate_fn=collator, num_workers=num_workers
+        )
+        return dataloader, None, dataset
     dataset = PretrainingPairDataset(
         sources,
         stores,
@@ -180,19 +221,6 @@ def build_stage_data(stage: StageSpec, tokenizer, config, seed: int, num_workers
         sample_lengths=dataset.sample_lengths if stage.group_by_length else None,
         group_size=stage.per_device_train_batch_size * num_processes,
         pool_groups=stage.length_group_pool,
-    )
-    collator = DataCollatorForImageBERTPretraining(
-        tokenizer,
-        mlm_probability=stage.mlm_probability,
-        region_mask_probability=stage.region_mask_probability,
-        region_zero_probability=stage.region_zero_probability,
-        # Negatives were already chosen by the dataset, from the whole source.
-        itm_negative_probability=0.0,
-        max_text_length=config.max_text_length,
-        max_regions=config.max_regions,
-        return_region_class_probs=config.moc_loss_type == "kl",
-        count_failed=True,
-        seed=seed,
     )
     dataloader = torch.utils.data.DataLoader(
         dataset,
@@ -305,7 +333,8 @@ def run_pretraining(recipe: Recipe, options: PretrainingRunOptions | None = None
         )
         accelerator.gradient_accumulation_steps = stage.gradient_accumulation_steps
         # Scheduler lengths need the per-process batch count, known once the dataloader is sharded.
-        dataloader = accelerator.prepare(dataloader)
+        if sampler is not None:
+            dataloader = accelerator.prepare(dataloader)
         if stage.max_steps is not None:
             total_steps = stage.max_steps
         else:
@@ -336,7 +365,8 @@ def run_pretraining(recipe: Recipe, options: PretrainingRunOptions | None = None
         accelerator.print(
             f"stage {index + 1}/{len(recipe.stages)} ({stage.name}): {total_steps} steps, global batch "
             f"{stage.per_device_train_batch_size * accelerator.num_processes * stage.gradient_accumulation_steps}, "
-            f"{len(sampler)} samples per epoch, lr {stage.learning_rate:g}; {describe_accelerator(accelerator)}"
+            f"{len(sampler) if sampler is not None else 'streamed'} samples per epoch, lr {stage.learning_rate:g}; "
+            f"{describe_accelerator(accelerator)}"
         )
         state = train_loop(
             accelerator,

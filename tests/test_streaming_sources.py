@@ -1,0 +1,165 @@
+"""Streaming sources: webdataset shards through the webdataset library (paths, `pipe:`, node and worker
+splitting), `datasets` streaming, joined to the region cache by key, and a recipe stage that trains on them."""
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from imagebert_hf.data.sources import (
+    DatasetStream,
+    StreamingPretrainingDataset,
+    WebDatasetPairSource,
+    WebDatasetStream,
+)
+from imagebert_hf.data.synthetic import make_synthetic_examples, make_synthetic_tokenizer
+from imagebert_hf.regions.feature_cache import extract_regions, load_region_cache
+from imagebert_hf.training import RecipeError, recipe_from_dict, run_pretraining
+
+from .test_region_cache_scale import CLASSES, FEATURES, GeneratedExtractor
+from .test_sources import write_img2dataset_shards
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("shards")
+    examples = make_synthetic_examples(12, seed=3)
+    write_img2dataset_shards(folder, examples, per_shard=3)  # 4 shards of 3
+    return folder, examples
+
+
+def all_pairs(folder):
+    return WebDatasetPairSource(str(folder / "{00000..00003}.tar")).pairs
+
+
+def test_a_stream_reads_every_pair_of_its_shards_and_pipe_urls(shards):
+    folder, examples = shards
+    expected = all_pairs(folder)
+    assert [caption for _, caption in expected] == [example["captions"][0] for example in examples]
+    stream = WebDatasetStream(str(folder / "{00000..00003}.tar"), shuffle_shards=False)
+    assert list(stream.epoch_pairs(0)) == expected
+    piped = WebDatasetStream([f"pipe:cat {folder / f'{i:05d}.tar'}" for i in range(4)], shuffle_shards=False)
+    assert list(piped.epoch_pairs(0)) == expected
+    shuffled = WebDatasetStream(str(folder / "*.tar"), seed=1)
+    first, second = list(shuffled.epoch_pairs(0)), list(shuffled.epoch_pairs(1))
+    assert sorted(first) == sorted(second) == sorted(expected) and first != second
+    with pytest.raises(FileNotFoundError, match="not found"):
+        WebDatasetStream(str(folder / "{00007..00008}.tar"))
+
+
+def test_a_stream_is_split_between_processes_and_workers(shards, monkeypatch):
+    folder, _ = shards
+    expected = all_pairs(folder)
+    parts = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        parts.append(list(WebDatasetStream(str(folder / "*.tar"), seed=5).epoch_pairs(0)))
+    assert len(parts[0]) == len(parts[1]) == 6 and sorted(parts[0] + parts[1]) == sorted(expected)
+
+    class Pairs(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield from WebDatasetStream(str(folder / "*.tar"), seed=5).epoch_pairs(0)
+
+    monkeypatch.setenv("RANK", "1")  # process 1 of 2, two DataLoader workers: one shard each
+    loader = torch.utils.data.DataLoader(Pairs(), batch_size=None, num_workers=2, collate_fn=lambda pair: pair)
+    seen = list(loader)
+    assert sorted(seen) == sorted(parts[1])
+
+
+def test_a_datasets_stream_from_files_split_between_processes(tmp_path, monkeypatch):
+    rows = [{"key": f"img{i}", "captions": [f"caption {i}a", f"caption {i}b"]} for i in range(6)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    stream = DatasetStream(str(path))
+    pairs = list(stream.epoch_pairs(0))
+    assert pairs == [(row["key"], text) for row in rows for text in row["captions"]]
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    half = list(stream.epoch_pairs(0))
+    assert 0 < len(half) < len(pairs) and set(half) <= set(pairs)
+    with pytest.raises(ValueError, match="rows need columns 'text'"):
+        next(DatasetStream(str(path), text_column="text").epoch_pairs(0))
+
+
+@pytest.fixture(scope="module")
+def region_cache(shards, tmp_path_factory):
+    folder, _ = shards
+    cache_dir = tmp_path_factory.mktemp("cache") / "regions"
+    table = WebDatasetPairSource(str(folder / "*.tar")).image_table()
+    extract_regions(table, cache_dir, GeneratedExtractor(), key_column="key", progress=False)
+    return cache_dir
+
+
+def test_the_streaming_dataset_joins_regions_by_key_mixes_and_groups(shards, region_cache):
+    folder, _ = shards
+    cache = load_region_cache(region_cache)
+    missing = {key: cache[key] for key in cache}
+    dropped = sorted(missing)[0]
+    del missing[dropped]  # one image without regions: its samples come as None
+    tokenizer = make_synthetic_tokenizer()
+    dataset = StreamingPretrainingDataset(
+        [WebDatasetStream(str(folder / "*.tar"), seed=0), WebDatasetStream(str(folder / "0000[01].tar"), seed=1)],
+        [cache, missing],
+        [3.0, 1.0],
+        tokenizer,
+        max_text_length=16,
+        max_regions=6,
+        group_size=4,
+        pool_groups=5,
+    )
+    iterator = iter(dataset)
+    samples = [next(iterator) for _ in range(400)]
+    loaded = [sample for sample in samples if sample is not None]
+    assert 0 < len(samples) - len(loaded) < 40
+    for sample in loaded[:50]:
+        stored = cache[sample["image_id"]]
+        np.testing.assert_array_equal(sample["region_features"], stored["region_features"][:6])
+    negatives = sum(sample["itm_labels"] == 0 for sample in loaded) / len(loaded)
+    assert 0.35 < negatives < 0.65
+    # Within each pool of 20, groups of 4 share their lengths' order: sorted within a group, longest first.
+    first_group = [len(sample["region_features"]) for sample in samples[:4] if sample is not None]
+    assert first_group == sorted(first_group, reverse=True)
+    counts = Counter(sample["image_id"] for sample in loaded)
+    assert len(counts) == 12
+
+
+def test_a_recipe_trains_on_streaming_sources(shards, region_cache, tmp_path):
+    folder, _ = shards
+    stream = {"name": "web", "type": "webdataset", "streaming": True, "path": str(folder / "{00000..00003}.tar"),
+              "region_cache": str(region_cache)}  # fmt: skip
+    recipe = {
+        "output_dir": str(tmp_path / "run"),
+        "report_to": "none",
+        "checkpointing_steps": 2,
+        "model": {
+            "tokenizer": "synthetic",
+            "config": {
+                "hidden_size": 32,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 4,
+                "intermediate_size": 64,
+                "region_feature_size": FEATURES,
+                "num_object_classes": CLASSES,
+                "max_regions": 8,
+                "max_text_length": 20,
+            },
+        },  # fmt: skip
+        "stages": [{"name": "stream", "sources": [stream], "max_steps": 3, "per_device_train_batch_size": 4}],
+    }
+    result = run_pretraining(recipe_from_dict(recipe))
+    assert result["steps_per_stage"] == [3]
+    final = tmp_path / "run" / "stage1-stream" / "final"
+    state = json.loads((final / "trainer_state.json").read_text())
+    assert state["records_failed"] == 0 and state["records_seen"] == 12
+    assert all(np.isfinite(entry["loss"]) for entry in state["history"])
+    bad = yaml.safe_load(yaml.safe_dump(recipe))
+    bad["stages"][0].update(max_steps=None, num_epochs=1)
+    with pytest.raises(RecipeError, match="streaming sources needs max_steps"):
+        recipe_from_dict(bad)
+    bad["stages"][0]["sources"][0]["type"] = "manifest"
+    with pytest.raises(RecipeError, match="streaming must be"):
+        recipe_from_dict(bad)
