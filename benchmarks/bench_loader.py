@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from generated_regions import GeneratedExtractor, image_table
 
 from imagebert_hf.data.collator import DataCollatorForImageBERTPretraining
 from imagebert_hf.data.sources import MixtureSampler, PairSource, PretrainingPairDataset
@@ -38,45 +39,6 @@ from imagebert_hf.regions.feature_cache import extract_regions, load_region_cach
 
 FEATURE_SIZE, NUM_CLASSES, MAX_REGIONS, MAX_TEXT_LENGTH = 2048, 1600, 100, 44
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class GeneratedExtractor:
-    """Stands in for `ImageBERTRoIExtractor` in `extract_regions`: regions generated from each image's id."""
-
-    region_feature_size, num_object_classes, batch_size, max_file_bytes, device = (
-        FEATURE_SIZE,
-        NUM_CLASSES,
-        64,
-        1,
-        None,
-    )
-
-    def to_dict(self):
-        return {"generated": True, "region_feature_size": FEATURE_SIZE}
-
-    def save_pretrained(self, folder):
-        Path(folder).mkdir(parents=True, exist_ok=True)
-
-    def extract(self, images, boxes=None, image_ids=None, on_error="record", return_class_probs=False):
-        records = []
-        for image_id in image_ids:
-            rng = np.random.default_rng(int(image_id[:12], 16))
-            count = int(rng.integers(12, 101))  # 56 on average
-            corners = np.sort(rng.random((count, 4), dtype=np.float32), axis=1)
-            area = (corners[:, 2] - corners[:, 0]) * (corners[:, 3] - corners[:, 1])
-            records.append(
-                {
-                    "region_features": np.maximum(rng.standard_normal((count, FEATURE_SIZE), dtype=np.float32), 0),
-                    "region_boxes": corners * 640,
-                    "region_locations": np.concatenate([corners, area[:, None]], axis=1),
-                    "region_class_labels": rng.integers(0, NUM_CLASSES, count),
-                    "image_width": 640,
-                    "image_height": 480,
-                    "num_regions": count,
-                    "error": None,
-                }
-            )
-        return records
 
 
 class DatasetsRowStore:
@@ -101,17 +63,11 @@ class DatasetsRowStore:
 
 
 def build_cache(folder: Path, num_images: int, storage_dtype: str):
-    import datasets
-
-    table = datasets.Dataset.from_dict(
-        {
-            "key": [f"img{i:07d}" for i in range(num_images)],
-            "image": [{"bytes": b"%d" % i, "path": None} for i in range(num_images)],
-        }
-    )
+    table = image_table(num_images)
     start = time.perf_counter()
+    extractor = GeneratedExtractor(FEATURE_SIZE, NUM_CLASSES, 12, MAX_REGIONS, relu=True)  # 56 regions on average
     extract_regions(
-        table, folder, GeneratedExtractor(), key_column="key", store_class_probs=False, storage_dtype=storage_dtype,
+        table, folder, extractor, key_column="key", store_class_probs=False, storage_dtype=storage_dtype,
         shard_size=500, progress=False,
     )  # fmt: skip
     return time.perf_counter() - start

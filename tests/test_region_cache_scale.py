@@ -252,9 +252,7 @@ def test_two_processes_on_each_of_two_machines_give_the_single_machine_cache(tmp
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT / "src"), "OMP_NUM_THREADS": "1"}
     for index in (0, 1):  # two "machines", each launching two processes with torchrun, into one shared folder
         script = tmp_path / f"extract{index}.py"
-        script.write_text(
-            EXTRACT_SCRIPT.format(root=str(PROJECT_ROOT), folder=str(tmp_path / "shared"), index=index)
-        )
+        script.write_text(EXTRACT_SCRIPT.format(root=str(PROJECT_ROOT), folder=str(tmp_path / "shared"), index=index))
         command = [
             sys.executable,
             "-m",
@@ -272,3 +270,26 @@ def test_two_processes_on_each_of_two_machines_give_the_single_machine_cache(tmp
     assert_same_records(
         records_of(load_region_cache(tmp_path / "shared")), records_of(load_region_cache(tmp_path / "single"))
     )
+
+
+def test_a_gallery_batch_equals_the_stacked_records_and_holds_no_features(tmp_path):
+    import torch
+
+    from imagebert_hf.data.retrieval import stack_region_records
+
+    build(tmp_path)
+    cache = load_region_cache(tmp_path)
+    keys = cache.keys()[::-1]
+    gallery = cache.gallery(keys, max_regions=5)
+    assert len(gallery) == len(keys) and gallery.rows.nbytes + gallery.num_regions.nbytes == 16 * len(keys)
+    for indices in ([3, 0, 7], slice(2, 9), torch.tensor([11, 1])):
+        positions = list(range(len(keys)))[indices] if isinstance(indices, slice) else [int(i) for i in indices]
+        expected = stack_region_records([cache[keys[i]] for i in positions], max_regions=5)
+        batch = gallery.batch(indices)
+        for name, value in expected.items():
+            torch.testing.assert_close(batch[name], value, rtol=0, atol=0, msg=name)
+    assert gallery.batch([0], pad_to=5)["region_features"].shape == (1, 5, FEATURES)
+    whole = cache.gallery()  # every image in cache.keys() order, without a lookup per key
+    assert len(whole) == len(cache) and np.array_equal(whole.rows, cache.gallery(cache.keys()).rows)
+    with pytest.raises(KeyError, match="not in the region cache"):
+        cache.gallery(["nope"])

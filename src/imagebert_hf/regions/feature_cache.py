@@ -942,6 +942,68 @@ class RegionCache:
         """The records of several keys, e.g. for `ImageBERTProcessor(regions=...)`."""
         return [self[key] for key in keys]
 
+    def gallery(self, keys: Sequence[str] | None = None, max_regions: int | None = None) -> RegionGallery:
+        """The regions of the images `keys` as a `RegionGallery`: padded batches read on demand, for scoring a
+        gallery too large to stack in memory."""
+        return RegionGallery(self, keys, max_regions)
+
+
+class RegionGallery:
+    """The regions of a gallery of images as model inputs, read from a region cache on demand.
+
+    Holds one row number and one region count per image (16 bytes), not their features: a gallery of millions of
+    images costs megabytes, and the operating system pages the mapped shards in as batches are read. `batch(...)`
+    pads the regions of some images into the tensors `stack_region_records` would give for them.
+
+    Args:
+        cache (`RegionCache`): The open cache.
+        keys (`Sequence[str]`, *optional*): The gallery's images, by any key of the cache (failed images raise
+            `KeyError`); one lookup each. None: every image with regions, in the order of `cache.keys()`, found
+            without a lookup per key.
+        max_regions (`int`, *optional*): Most regions per image.
+    """
+
+    def __init__(self, cache: RegionCache, keys: Sequence[str] | None = None, max_regions: int | None = None):
+        self.cache = cache
+        self.max_regions = max_regions
+        if keys is None:
+            self.rows = np.asarray(cache._lookup_rows[cache._good_items], dtype=np.int64)
+        else:
+            self.rows = np.fromiter((cache._row(key) for key in keys), dtype=np.int64, count=len(keys))
+        counts = cache._num_regions[self.rows]
+        self.num_regions = np.minimum(counts, max_regions) if max_regions else counts
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch(self, indices, pad_to: int | None = None) -> dict[str, Any]:
+        """`region_features` (B, R, F) float32, `region_locations` (B, R, 5), `region_attention_mask` (B, R) of the
+        gallery images at `indices` (a slice, or a sequence / tensor of positions), R their most regions (or
+        `pad_to`)."""
+        import warnings
+
+        import torch
+
+        positions = np.arange(len(self))[indices] if isinstance(indices, slice) else np.asarray(indices).reshape(-1)
+        counts = self.num_regions[positions]
+        width = max(int(pad_to or (counts.max() if len(counts) else 0)), 1)
+        features = self.cache._lists["region_features"]
+        locations = self.cache._lists["region_locations"]
+        out = {
+            "region_features": torch.zeros(len(positions), width, features.width),
+            "region_locations": torch.zeros(len(positions), width, 5),
+            "region_attention_mask": torch.zeros(len(positions), width, dtype=torch.long),
+        }
+        with warnings.catch_warnings():
+            # Views of the read-only mapped file, only ever copied from.
+            warnings.simplefilter("ignore", UserWarning)
+            for i, (row, count) in enumerate(zip(self.rows[positions], counts)):
+                count = min(int(count), width)
+                out["region_features"][i, :count] = torch.from_numpy(features[int(row)][:count])
+                out["region_locations"][i, :count] = torch.from_numpy(locations[int(row)][:count])
+                out["region_attention_mask"][i, :count] = 1
+        return out
+
 
 def load_region_cache(path: str | os.PathLike, dtype: str | None = "float32") -> RegionCache:
     """Opens a region cache written by `extract_regions` for lookups by key (see `RegionCache`)."""

@@ -1,0 +1,157 @@
+"""Retrieval over a gallery read from the region cache: resident memory, index build time and text -> images
+latency with re-ranking, on a generated gallery of 100k images against the same on 10k.
+
+Per image (kept small so 100k fit this machine): 8 to 16 regions of 64-d features in float16, 5-d locations; the
+shortlist embeddings are random 64-d unit vectors (an embedding per image, as the unimodal heads give). Two ways to
+hold the gallery's regions:
+
+- `stacked`: every image's regions padded into RAM tensors (`stack_region_records`, what `RetrievalCorpus`
+  holds today);
+- `mapped`: a `RegionGallery` over the memory-mapped cache (a row number and a region count per image); the
+  candidates' regions are read when they are re-ranked.
+
+A query is: search the shortlist index (today's `EmbeddingIndex`, IVF; `--index_type`) for the top `--k` images,
+read their regions, score the k pairs with a tiny `ImageBERTForImageTextRetrieval` cross-encoder. p50 / p95 over
+`--queries` queries, one thread. Resident memory is the process RSS after the gallery is open (psutil), so it
+includes the Python and torch baseline printed first.
+
+    python benchmarks/bench_gallery.py                       # 10k and 100k, about 1 GB of temporary disk
+    python benchmarks/bench_gallery.py --sizes 2000 20000    # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from generated_regions import GeneratedExtractor, image_table
+
+from imagebert_hf.regions.feature_cache import extract_regions, load_region_cache
+
+
+FEATURES, MAX_REGIONS, EMBEDDING = 64, 16, 64
+
+
+def rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def build_gallery(folder: Path, num_images: int) -> float:
+    table = image_table(num_images)
+    start = time.perf_counter()
+    extractor = GeneratedExtractor(FEATURES, 10, 8, MAX_REGIONS)
+    extract_regions(
+        table, folder, extractor, key_column="key", store_class_probs=False, shard_size=10_000, progress=False
+    )
+    return time.perf_counter() - start
+
+
+def tiny_cross_encoder():
+    from imagebert_hf import ImageBERTConfig, ImageBERTForImageTextRetrieval
+
+    config = ImageBERTConfig(
+        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        region_feature_size=FEATURES, max_regions=MAX_REGIONS, max_text_length=16,
+    )  # fmt: skip
+    return ImageBERTForImageTextRetrieval(config).eval()
+
+
+def query_latencies(index, regions_of, model, num_queries: int, k: int, seed: int = 0) -> np.ndarray:
+    from imagebert_hf.evaluation.scoring import score_pairs
+
+    rng = np.random.default_rng(seed)
+    text = {"input_ids": torch.randint(5, 99, (1, 12)), "attention_mask": torch.ones(1, 12, dtype=torch.long)}
+    seconds = []
+    for _ in range(num_queries):
+        query = torch.nn.functional.normalize(torch.from_numpy(rng.standard_normal((1, EMBEDDING), dtype=np.float32)))
+        start = time.perf_counter()
+        _, candidates = index.search(query, k)
+        regions = regions_of(candidates[0])
+        score_pairs(model, text, regions, torch.arange(k), torch.zeros(k, dtype=torch.long), batch_size=k)
+        seconds.append(time.perf_counter() - start)
+    return np.asarray(seconds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000], help="gallery sizes")
+    parser.add_argument("--queries", type=int, default=200, help="queries timed per gallery")
+    parser.add_argument("--k", type=int, default=32, help="candidates re-ranked per query")
+    parser.add_argument("--index_type", default="ivf", help="EmbeddingIndex type: flat, ivf or hnsw")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    from imagebert_hf.data.retrieval import stack_region_records
+    from imagebert_hf.evaluation.shortlist import EmbeddingIndex
+
+    model = tiny_cross_encoder()
+    print(f"one thread; baseline RSS {rss_mb():.0f} MB; {FEATURES}-d float16 features, 8-{MAX_REGIONS} regions/image")
+    folder = Path(tempfile.mkdtemp(prefix="bench_gallery-"))
+    results = {}
+    try:
+        for size in args.sizes:
+            written = build_gallery(folder / str(size), size)
+            disk = sum(f.stat().st_size for f in (folder / str(size)).rglob("*") if f.is_file()) / 2**20
+            keys = [f"img{i:07d}" for i in range(size)]
+            before = rss_mb()
+            start = time.perf_counter()
+            cache = load_region_cache(folder / str(size))
+            gallery = cache.gallery(max_regions=MAX_REGIONS)  # every image, in key order: no lookup per key
+            opened = time.perf_counter() - start
+            mapped_rss = rss_mb() - before
+            rng = np.random.default_rng(1)
+            embeddings = torch.nn.functional.normalize(
+                torch.from_numpy(rng.standard_normal((size, EMBEDDING), dtype=np.float32))
+            )
+            start = time.perf_counter()
+            index = EmbeddingIndex(embeddings, index_type=args.index_type)
+            built = time.perf_counter() - start
+            mapped = query_latencies(index, lambda c: gallery.batch(c.numpy()), model, args.queries, args.k)
+            before = rss_mb()
+            start = time.perf_counter()
+            stacked_inputs = stack_region_records(cache.records(keys), MAX_REGIONS)
+            stacked_seconds = time.perf_counter() - start
+            stacked_rss = rss_mb() - before
+            stacked = query_latencies(
+                index,
+                lambda c: {name: value[c] for name, value in stacked_inputs.items()},
+                model,
+                args.queries,
+                args.k,
+            )
+            stacked_inputs = None  # released before the next gallery
+            results[size] = (mapped_rss, stacked_rss, built, mapped, stacked)
+            print(
+                f"{size:>7} images: cache {disk:.0f} MB on disk (written in {written:.0f} s); mapped gallery open "
+                f"{opened * 1e3:.0f} ms, {mapped_rss:+.0f} MB RSS; stacked in RAM {stacked_seconds:.1f} s, "
+                f"{stacked_rss:+.0f} MB RSS; {args.index_type} index built in {built:.2f} s"
+            )
+            for name, times in (("mapped", mapped), ("stacked", stacked)):
+                print(
+                    f"          {name:<8} text -> images, top {args.k} re-ranked: p50 {np.percentile(times, 50) * 1e3:6.1f} ms, "
+                    f"p95 {np.percentile(times, 95) * 1e3:6.1f} ms"
+                )
+            shutil.rmtree(folder / str(size), ignore_errors=True)
+        if len(results) >= 2:
+            small, large = min(results), max(results)
+            grow = large / small
+            print(f"growth {small} -> {large} images ({grow:.0f}x):")
+            print(f"  RSS added     mapped {results[small][0]:+.0f} -> {results[large][0]:+.0f} MB, stacked "
+                  f"{results[small][1]:+.0f} -> {results[large][1]:+.0f} MB")  # fmt: skip
+            print(f"  index build  {results[large][2] / max(results[small][2], 1e-9):6.1f}x")
+            for label, i in (("mapped p50", 3), ("stacked p50", 4)):
+                print(
+                    f"  {label:<12} {np.percentile(results[large][i], 50) / np.percentile(results[small][i], 50):6.1f}x"
+                )
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
