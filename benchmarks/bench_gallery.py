@@ -10,7 +10,9 @@ hold the gallery's regions:
 - `mapped`: a `RegionGallery` over the memory-mapped cache (a row number and a region count per image); the
   candidates' regions are read when they are re-ranked.
 
-A query is: search the shortlist index (today's `EmbeddingIndex`, IVF; `--index_type`) for the top `--k` images,
+The shortlist index is the retrieval engine's `EmbeddingIndex`, IVF-PQ by default (`--index_type`: `ivfpq`,
+`ivf`, `hnsw`, `flat` or a faiss factory string), without the float32 vectors kept beside it; it is saved and
+loaded again before the queries, and its size on disk is printed. A query is: search it for the top `--k` images,
 read their regions, score the k pairs with a tiny `ImageBERTForImageTextRetrieval` cross-encoder. p50 / p95 over
 `--queries` queries, one thread. Resident memory is the process RSS after the gallery is open (psutil), so it
 includes the Python and torch baseline printed first.
@@ -64,7 +66,7 @@ def tiny_cross_encoder():
 
 
 def query_latencies(index, regions_of, model, num_queries: int, k: int, seed: int = 0) -> np.ndarray:
-    from imagebert_hf.evaluation.scoring import score_pairs
+    from imagebert_hf.models.imagebert.retrieval_index import score_pairs
 
     rng = np.random.default_rng(seed)
     text = {"input_ids": torch.randint(5, 99, (1, 12)), "attention_mask": torch.ones(1, 12, dtype=torch.long)}
@@ -84,11 +86,11 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000], help="gallery sizes")
     parser.add_argument("--queries", type=int, default=200, help="queries timed per gallery")
     parser.add_argument("--k", type=int, default=32, help="candidates re-ranked per query")
-    parser.add_argument("--index_type", default="ivf", help="EmbeddingIndex type: flat, ivf or hnsw")
+    parser.add_argument("--index_type", default="ivfpq", help="EmbeddingIndex type or faiss factory string")
     args = parser.parse_args()
     torch.set_num_threads(1)
     from imagebert_hf.data.retrieval import stack_region_records
-    from imagebert_hf.evaluation.shortlist import EmbeddingIndex
+    from imagebert_hf.models.imagebert.retrieval_index import EmbeddingIndex
 
     model = tiny_cross_encoder()
     print(f"one thread; baseline RSS {rss_mb():.0f} MB; {FEATURES}-d float16 features, 8-{MAX_REGIONS} regions/image")
@@ -110,8 +112,13 @@ def main() -> None:
                 torch.from_numpy(rng.standard_normal((size, EMBEDDING), dtype=np.float32))
             )
             start = time.perf_counter()
-            index = EmbeddingIndex(embeddings, index_type=args.index_type)
+            index = EmbeddingIndex(embeddings, index_type=args.index_type, keep_vectors=False)
             built = time.perf_counter() - start
+            index.save(folder / f"index-{size}")
+            index_mb = sum(f.stat().st_size for f in (folder / f"index-{size}").rglob("*") if f.is_file()) / 2**20
+            start = time.perf_counter()
+            index = EmbeddingIndex.load(folder / f"index-{size}")
+            loaded = time.perf_counter() - start
             mapped = query_latencies(index, lambda c: gallery.batch(c.numpy()), model, args.queries, args.k)
             before = rss_mb()
             start = time.perf_counter()
@@ -130,7 +137,8 @@ def main() -> None:
             print(
                 f"{size:>7} images: cache {disk:.0f} MB on disk (written in {written:.0f} s); mapped gallery open "
                 f"{opened * 1e3:.0f} ms, {mapped_rss:+.0f} MB RSS; stacked in RAM {stacked_seconds:.1f} s, "
-                f"{stacked_rss:+.0f} MB RSS; {args.index_type} index built in {built:.2f} s"
+                f"{stacked_rss:+.0f} MB RSS; {index.factory} index built in {built:.2f} s, "
+                f"{index_mb:.1f} MB saved, loaded in {loaded * 1e3:.0f} ms"
             )
             for name, times in (("mapped", mapped), ("stacked", stacked)):
                 print(

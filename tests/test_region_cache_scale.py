@@ -288,7 +288,7 @@ def test_a_gallery_batch_equals_the_stacked_records_and_holds_no_features(tmp_pa
         batch = gallery.batch(indices)
         for name, value in expected.items():
             torch.testing.assert_close(batch[name], value, rtol=0, atol=0, msg=name)
-    assert gallery.batch([0], pad_to=5)["region_features"].shape == (1, 5, FEATURES)
+    assert gallery.batch([0], padding="max_length")["region_features"].shape == (1, 5, FEATURES)
     whole = cache.gallery()  # every image in cache.keys() order, without a lookup per key
     assert len(whole) == len(cache) and np.array_equal(whole.rows, cache.gallery(cache.keys()).rows)
     with pytest.raises(KeyError, match="not in the region cache"):

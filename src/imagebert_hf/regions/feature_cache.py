@@ -976,33 +976,26 @@ class RegionGallery:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def batch(self, indices, pad_to: int | None = None) -> dict[str, Any]:
+    def batch(self, indices, padding: str = "longest") -> dict[str, Any]:
         """`region_features` (B, R, F) float32, `region_locations` (B, R, 5), `region_attention_mask` (B, R) of the
-        gallery images at `indices` (a slice, or a sequence / tensor of positions), R their most regions (or
-        `pad_to`)."""
+        gallery images at `indices` (a slice, or a sequence / tensor of positions), padded by `pad_region_records`
+        (`padding="max_length"` pads to `max_regions`)."""
         import warnings
 
-        import torch
+        from ..models.imagebert.region_batching import pad_region_records
 
         positions = np.arange(len(self))[indices] if isinstance(indices, slice) else np.asarray(indices).reshape(-1)
-        counts = self.num_regions[positions]
-        width = max(int(pad_to or (counts.max() if len(counts) else 0)), 1)
-        features = self.cache._lists["region_features"]
-        locations = self.cache._lists["region_locations"]
-        out = {
-            "region_features": torch.zeros(len(positions), width, features.width),
-            "region_locations": torch.zeros(len(positions), width, 5),
-            "region_attention_mask": torch.zeros(len(positions), width, dtype=torch.long),
-        }
+        features, locations = self.cache._lists["region_features"], self.cache._lists["region_locations"]
+        records = [
+            {"region_features": features[int(row)], "region_locations": locations[int(row)]}
+            for row in self.rows[positions]
+        ]
         with warnings.catch_warnings():
             # Views of the read-only mapped file, only ever copied from.
             warnings.simplefilter("ignore", UserWarning)
-            for i, (row, count) in enumerate(zip(self.rows[positions], counts)):
-                count = min(int(count), width)
-                out["region_features"][i, :count] = torch.from_numpy(features[int(row)][:count])
-                out["region_locations"][i, :count] = torch.from_numpy(locations[int(row)][:count])
-                out["region_attention_mask"][i, :count] = 1
-        return out
+            return pad_region_records(
+                records, padding, self.max_regions, feature_size=features.width, location_size=locations.width
+            )
 
 
 def load_region_cache(path: str | os.PathLike, dtype: str | None = "float32") -> RegionCache:
