@@ -45,4 +45,39 @@ def test_spark_and_local_runs_agree(spark, corpus, tmp_path):
         "funnel.json",
         "funnel.md",
         "funnel.png",
+        "parts",
     ]
+
+
+def assert_same_rows(actual: list[dict], expected: list[dict]) -> None:
+    assert len(actual) == len(expected)
+    for index, (row, wanted) in enumerate(zip(actual, expected)):
+        differing = sorted(name for name in wanted if row.get(name) != wanted[name])
+        assert not differing, (index, {name: (row.get(name), wanted[name]) for name in differing if name != "image"})
+
+
+def test_spark_writes_to_a_url_in_parts_and_a_rerun_redoes_only_unfinished_parts(spark, corpus, tmp_path):
+    from imagebert_hf.curation.spark import run_spark
+
+    config: CurationConfig = lenient_config()
+    local = run_local(corpus["inputs"], tmp_path / "local", config, batch_size=7)
+    inputs = [f"file://{item}" for item in corpus["inputs"]]
+    output = f"file://{tmp_path / 'out'}"
+    with pytest.raises(ValueError, match="local paths or file:// URLs"):
+        run_spark(["s3://bucket/crawl"], output, config, spark=spark)
+    first = run_spark(inputs, output, config, spark=spark, num_partitions=2, batch_size=16, sources_per_part=1)
+    assert_same_rows(first.dataset.to_list(), local.dataset.to_list())
+    assert first.tally == local.tally
+    parts = sorted((tmp_path / "out" / "parts").iterdir())
+    from imagebert_hf.curation.spark import discover_inputs
+
+    assert len(parts) == len(discover_inputs(inputs)) > 1 and all((part / "_SUCCESS").is_file() for part in parts)
+    written = {path: path.stat().st_mtime_ns for path in (tmp_path / "out" / "parts").rglob("records-*.parquet")}
+    # A crash after the last part: its marker is missing, so it alone is redone; the others are reused as they are.
+    (parts[-1] / "_SUCCESS").unlink()
+    again = run_spark(inputs, output, config, spark=spark, num_partitions=2, batch_size=16, sources_per_part=1)
+    assert_same_rows(again.dataset.to_list(), local.dataset.to_list())
+    assert again.tally == local.tally
+    for path, mtime in written.items():
+        if path.parent != parts[-1]:
+            assert path.stat().st_mtime_ns == mtime, f"{path} was rewritten"

@@ -154,9 +154,7 @@ def test_cache_from_datasets_dataset(extractor, tmp_path):
     dataset = Dataset.from_dict(
         {"image": [str(r.image_path) for r in records], "name": [f"coco-{i}" for i in range(3)]}
     ).cast_column("image", Image())
-    report = extract_regions(
-        dataset, tmp_path, extractor, key_column="name", progress=False, storage_dtype="float32"
-    )
+    report = extract_regions(dataset, tmp_path, extractor, key_column="name", progress=False, storage_dtype="float32")
     assert report.num_extracted == 3
     cache = load_region_cache(tmp_path)
     assert cache.keys() == ["coco-0", "coco-1", "coco-2"] and cache.feature_dtype == np.float32

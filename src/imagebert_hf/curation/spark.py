@@ -1,16 +1,20 @@
 """The Spark runner: the same stage functions as the local runner, over RDD partitions.
 
-Works with a local-mode session (tests, one machine) and on a cluster through `spark-submit`. Input files must be
-readable at the same path from every executor (a shared or network file system), because image bytes are read
-from the WARC by offset where the page is parsed. The package must be installed on the executors (or shipped
-with `--py-files`).
+Works with a local-mode session (tests, one machine) and on a cluster through `spark-submit`. Inputs are local
+paths or `file://` URLs readable at the same path from every executor (a shared or network file system); the
+output folder may be any fsspec URL the executors can reach (`s3://`, `gs://`, `hdfs://`, `file://`, ...).
+Executors read the inputs, write the output files and count what they drop; the driver only plans, and receives
+one merged tally per part. The work is cut into parts (groups of input files): a finished part is kept under
+`output_dir/parts/` and not redone when the run is started again after a crash. The package must be installed on
+the executors (or shipped with `--py-files`).
 """
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -103,6 +107,100 @@ def output_schema():
     return T.StructType([T.StructField(name, _spark_type(COLUMN_TYPES[name])) for name in OUTPUT_COLUMNS])
 
 
+def _filesystem(url: str | Path):
+    """`(fsspec filesystem, path)` of a local path or URL."""
+    from fsspec.core import url_to_fs
+
+    return url_to_fs(str(url))
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and "::" not in url
+
+
+def discover_inputs(inputs: list[str | Path]) -> list[dict]:
+    """Sources of local paths and `file://` URLs, as the local runner finds them (sorted, so reruns are identical).
+
+    Pages are read where they are parsed and their images by offset from the same WARC, so every executor must
+    reach the input files at the same path (a shared or network file system).
+    """
+    remote = [str(item) for item in inputs if not (_is_local(str(item)) or str(item).startswith("file://"))]
+    if remote:
+        raise ValueError(
+            f"inputs must be local paths or file:// URLs readable from every executor; got {remote[0]!r}. Copy "
+            "remote WARC files to a shared file system first (the output folder may be any fsspec URL)."
+        )
+    return [s.to_dict() for s in discover_sources([str(item).removeprefix("file://") for item in inputs])]
+
+
+def _merge_tallies(rdd) -> Tally:
+    """The tally rows of `rdd` summed by Spark: partial sums per partition, combined in a tree; the driver gets one
+    tally whatever the input size."""
+
+    def add(total: Tally, row: dict) -> Tally:
+        total.update(Tally.from_json(row[TALLY]))
+        return total
+
+    def combine(a: Tally, b: Tally) -> Tally:
+        a.update(b)
+        return a
+
+    return rdd.filter(lambda r: r[TALLY] is not None).treeAggregate(Tally(), add, combine)
+
+
+def _write_parquet(url_prefix: str, columns: tuple[str, ...]):
+    """A `mapPartitionsWithIndex` function writing each partition's rows to `url_prefix-NNNNN.parquet` (fsspec) from
+    the executor; yields the row count."""
+
+    def write(index: int, rows: Iterator) -> Iterator[int]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from .pipeline import features_for
+
+        schema = features_for(columns, with_tally=False).arrow_schema
+        batch = [dict(zip(columns, row)) if isinstance(row, tuple) else row for row in rows]
+        table = pa.Table.from_pylist([{name: row[name] for name in columns} for row in batch], schema=schema)
+        fs, path = _filesystem(f"{url_prefix}-{index:05d}.parquet")
+        fs.makedirs(os.path.dirname(path), exist_ok=True)
+        with fs.open(path, "wb") as handle:
+            pq.write_table(table, handle)
+        yield len(batch)
+
+    return write
+
+
+def _read_parquet(url: str) -> Iterator[dict]:
+    import pyarrow.parquet as pq
+
+    fs, path = _filesystem(url)
+    with fs.open(path, "rb") as handle:
+        yield from pq.read_table(handle).to_pylist()
+
+
+def _part_name(part: int) -> str:
+    return f"part-{part:05d}"
+
+
+def _run_part(sc, sources: list[dict], part_url: str, config, num_partitions: int, batch_size: int) -> Tally:
+    """Scans and runs the stages on one part's sources; executors write its records; returns its tally."""
+    from pyspark import StorageLevel
+
+    rdd = sc.parallelize(sources, max(1, min(len(sources), num_partitions)))
+    rdd = rdd.mapPartitions(lambda it: scan_sources(it, config))
+    # Pages of one WARC would otherwise all sit in one partition; spread them before the costly stages.
+    rdd = rdd.repartition(num_partitions)
+    for stage in STAGES:
+        rdd = rdd.mapPartitions(lambda it, stage=stage: _stage_partition(it, stage, config, batch_size))
+    rdd = rdd.persist(StorageLevel.MEMORY_AND_DISK)
+    tally = _merge_tallies(rdd)
+    rdd.filter(lambda r: r[TALLY] is None).mapPartitionsWithIndex(
+        _write_parquet(f"{part_url}/records", OUTPUT_COLUMNS)
+    ).sum()
+    rdd.unpersist()
+    return tally
+
+
 def run_spark(
     inputs: list[str | Path],
     output_dir: str | Path,
@@ -110,19 +208,31 @@ def run_spark(
     spark=None,
     num_partitions: int | None = None,
     batch_size: int = 32,
+    sources_per_part: int = 64,
+    load_result: bool = True,
 ) -> CurationResult:
     """Curates WARC files and HTML folders with Spark; same output as `run_local` on the same input.
 
+    The input files are cut into parts of `sources_per_part`; each part is scanned, parsed, filtered and scored
+    on the executors, which write its records to `output_dir/parts/part-N/`, and is marked done (`_SUCCESS`) with
+    its tally. A rerun skips the finished parts. Deduplication by text and by image then runs over all parts'
+    records, and the executors write the curated pairs to `output_dir/data/`.
+
     Args:
-        inputs: WARC files, saved HTML pages, or folders holding either (readable from every executor).
-        output_dir: Where `data/*.parquet`, `funnel.{json,md,png}` and `config.json` are written (driver side).
+        inputs: WARC files, saved HTML pages, or folders holding either: local paths or `file://` URLs, readable
+            from every executor.
+        output_dir: A local folder or an fsspec URL: `data/*.parquet` (pair_id order), `funnel.{json,md,png}`,
+            `config.json`, and `parts/` (what a rerun reuses; delete it to start over).
         config: Stage configuration; defaults everywhere when omitted.
         spark: A SparkSession; the active one (e.g. from spark-submit) or a new local one when omitted.
         num_partitions: Partitions for the page records; twice the default parallelism when omitted.
         batch_size: Records per batch handed to a stage function.
+        sources_per_part: Input files per part (the unit of resumption).
+        load_result: Load the curated pairs as a `datasets.Dataset` for the result (False: `dataset` is None, for
+            outputs too large for the driver).
 
     Returns:
-        The curated dataset (sorted by `pair_id`), the counts, and the output folder.
+        The curated dataset (sorted by `pair_id`) unless `load_result` is False, the counts, and the output folder.
     """
     from pyspark import StorageLevel
 
@@ -132,25 +242,38 @@ def run_spark(
         spark = SparkSession.getActiveSession() or local_spark_session()
     sc = spark.sparkContext
     config = config or CurationConfig()
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if (output_dir / "data").exists():
-        shutil.rmtree(output_dir / "data")
-    sources = [s.to_dict() for s in discover_sources(inputs)]
+    output_url = str(output_dir).rstrip("/")
+    fs, root = _filesystem(output_url)
+    fs.makedirs(root, exist_ok=True)
+    settings = json.dumps(config.to_dict(), sort_keys=True, default=str)
+    sources = discover_inputs(inputs)
     partitions = num_partitions or 2 * sc.defaultParallelism
 
-    rdd = sc.parallelize(sources, max(1, min(len(sources), partitions)))
-    rdd = rdd.mapPartitions(lambda it: scan_sources(it, config))
-    # Pages of one WARC would otherwise all sit in one partition; spread them before the costly stages.
-    rdd = rdd.repartition(partitions)
-    for stage in STAGES:
-        rdd = rdd.mapPartitions(lambda it, stage=stage: _stage_partition(it, stage, config, batch_size))
-    rdd = rdd.persist(StorageLevel.MEMORY_AND_DISK)
+    tally = Tally()
+    parts = [sources[i : i + sources_per_part] for i in range(0, len(sources), sources_per_part)]
+    for index, part_sources in enumerate(parts):
+        part_url = f"{output_url}/parts/{_part_name(index)}"
+        part_path = f"{root}/parts/{_part_name(index)}"
+        plan = {"sources": [s["path"] for s in part_sources], "config": settings}
+        done = f"{part_path}/_SUCCESS"
+        if fs.exists(done) and json.loads(fs.cat(done))["plan"] == plan:
+            tally.update(Tally.from_json(json.loads(fs.cat(done))["tally"]))
+            logger.info("part %d of %d already done; skipping it", index + 1, len(parts))
+            continue
+        if fs.exists(part_path):
+            fs.rm(part_path, recursive=True)
+        part_tally = _run_part(sc, part_sources, part_url, config, partitions, batch_size)
+        # Written last: a part without it is redone from scratch.
+        fs.pipe(done, json.dumps({"plan": plan, "tally": part_tally.to_json()}).encode())
+        tally.update(part_tally)
 
-    tally = Tally.merge(
-        Tally.from_json(t) for t in rdd.filter(lambda r: r[TALLY] is not None).map(lambda r: r[TALLY]).collect()
+    record_files = sorted(
+        f"{output_url}/parts/{_part_name(i)}/{Path(f).name}"
+        for i in range(len(parts))
+        for f in fs.glob(f"{root}/parts/{_part_name(i)}/records-*.parquet")
     )
-    records = rdd.filter(lambda r: r[TALLY] is None)
+    records = sc.parallelize(record_files, max(1, min(len(record_files), partitions))).flatMap(_read_parquet)
+    records = records.persist(StorageLevel.MEMORY_AND_DISK)
     keys = records.map(
         lambda r: (
             text_key(r["text"]),
@@ -168,22 +291,27 @@ def run_spark(
         .map(lambda kv: aggregate_image_group(list(kv[1])))
         .persist(StorageLevel.MEMORY_AND_DISK)
     )
-    tally.update(Tally.merge(by_text.map(lambda kt: kt[1]).collect()))
-    tally.update(Tally.merge(by_image.map(lambda kt: kt[1]).collect()))
+    tally.update(_merge_tallies(by_text.map(lambda kt: {TALLY: kt[1].to_json()})))
+    tally.update(_merge_tallies(by_image.map(lambda kt: {TALLY: kt[1].to_json()})))
     kept = by_image.flatMap(lambda kt: [(row["pair_id"], None) for row in kt[0]])
-
-    final = (
-        records.map(lambda r: (r["pair_id"], r))
-        .join(kept)
-        .map(lambda kv: tuple(kv[1][0][name] for name in OUTPUT_COLUMNS))
-        .sortBy(lambda row: row[0])
-    )
-    spark.createDataFrame(final, schema=output_schema()).write.mode("overwrite").parquet(str(output_dir / "data"))
-    for leftover in (output_dir / "data").glob("*.crc"):
-        leftover.unlink()
-    for leftover in (output_dir / "data").glob(".*.crc"):
-        leftover.unlink()
-    finalize_report(tally, output_dir, config)
-    for cached in (rdd, by_text, by_image):
+    final = records.map(lambda r: (r["pair_id"], r)).join(kept).map(lambda kv: kv[1][0]).sortBy(lambda r: r["pair_id"])
+    if fs.exists(f"{root}/data"):
+        fs.rm(f"{root}/data", recursive=True)
+    final.mapPartitionsWithIndex(_write_parquet(f"{output_url}/data/part", OUTPUT_COLUMNS)).sum()
+    for cached in (records, by_text, by_image):
         cached.unpersist()
-    return CurationResult(dataset=load_curated(output_dir), tally=tally, output_dir=output_dir)
+
+    with tempfile.TemporaryDirectory() as report_dir:
+        finalize_report(tally, Path(report_dir), config)
+        for file in Path(report_dir).iterdir():
+            fs.put(str(file), f"{root}/{file.name}")
+    dataset = None
+    if load_result:
+        dataset = load_curated(root) if _is_local(output_url) or output_url.startswith("file://") else None
+        if dataset is None:
+            from datasets import Dataset
+
+            dataset = Dataset.from_parquet(
+                sorted(f"{output_url}/data/{Path(f).name}" for f in fs.glob(f"{root}/data/*.parquet"))
+            )
+    return CurationResult(dataset=dataset, tally=tally, output_dir=Path(root))
