@@ -180,7 +180,7 @@ class ImageBERTConfig(PreTrainedConfig):
         self.num_object_classes = num_object_classes
         self.max_regions = max_regions
         self.max_text_length = max_text_length
-        self.region_position_id = max_position_embeddings - 1 if region_position_id is None else region_position_id
+        self.region_position_id = region_position_id
         self.region_token_type_id = region_token_type_id
         self.mlm_loss_weight = mlm_loss_weight
         self.moc_loss_weight = moc_loss_weight
@@ -209,6 +209,20 @@ class ImageBERTConfig(PreTrainedConfig):
         return super().from_dict(config_dict, **kwargs)
 
     def _validate(self):
+        """Checks every field's type and range, and the fields that must agree, naming the field."""
+        if self.region_position_id is None:  # the default: the last row of the position table
+            _check_field(
+                "max_position_embeddings", self.max_position_embeddings, *_FIELD_RULES["max_position_embeddings"]
+            )
+            self.region_position_id = self.max_position_embeddings - 1
+        for name, (kind, low, high) in _FIELD_RULES.items():
+            _check_field(name, getattr(self, name), kind, low, high)
+        if self.pad_token_id is not None:
+            _check_field("pad_token_id", self.pad_token_id, "int", 0, self.vocab_size - 1)
+        from transformers.activations import ACT2FN
+
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACT2FN:
+            raise ValueError(f"hidden_act must be one of {sorted(ACT2FN)}, got {self.hidden_act!r}.")
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
@@ -227,21 +241,81 @@ class ImageBERTConfig(PreTrainedConfig):
                 f"retrieval_loss_weights has unknown losses {sorted(unknown)}; expected keys among "
                 f"{RETRIEVAL_LOSS_TYPES}."
             )
+        for loss, weight in self.retrieval_loss_weights.items():
+            _check_field(f"retrieval_loss_weights[{loss!r}]", weight, "float", 0.0, None)
         if not 0 <= self.region_position_id < self.max_position_embeddings:
             raise ValueError(
-                f"region_position_id ({self.region_position_id}) must index the position table of "
-                f"max_position_embeddings={self.max_position_embeddings} rows."
+                f"region_position_id must index the position table of max_position_embeddings="
+                f"{self.max_position_embeddings} rows, got {self.region_position_id}."
             )
         if not 0 <= self.region_token_type_id < self.type_vocab_size:
             raise ValueError(
-                f"region_token_type_id ({self.region_token_type_id}) must be below type_vocab_size "
-                f"({self.type_vocab_size})."
+                f"region_token_type_id must be below type_vocab_size ({self.type_vocab_size}), "
+                f"got {self.region_token_type_id}."
             )
         if self.max_text_length > self.region_position_id:
             raise ValueError(
                 f"max_text_length ({self.max_text_length}) must not reach region_position_id "
                 f"({self.region_position_id}), the position row reserved for regions."
             )
+
+
+# field: (kind, lowest, highest), bounds inclusive (None: unbounded). "prob<1" is a float in [0, 1).
+_FIELD_RULES: dict[str, tuple[str, float | None, float | None]] = {
+    "vocab_size": ("int", 1, None),
+    "hidden_size": ("int", 1, None),
+    "num_hidden_layers": ("int", 1, None),
+    "num_attention_heads": ("int", 1, None),
+    "intermediate_size": ("int", 1, None),
+    "hidden_dropout_prob": ("prob<1", 0.0, None),
+    "attention_probs_dropout_prob": ("prob<1", 0.0, None),
+    "max_position_embeddings": ("int", 2, None),
+    "type_vocab_size": ("int", 1, None),
+    "initializer_range": ("float", 0.0, None),
+    "layer_norm_eps": ("positive", None, None),
+    "tie_word_embeddings": ("bool", None, None),
+    "region_feature_size": ("int", 1, None),
+    "region_location_size": ("int", 1, None),
+    "num_object_classes": ("int", 1, None),
+    "max_regions": ("int", 1, None),
+    "max_text_length": ("int", 2, None),
+    "region_position_id": ("int", 0, None),
+    "region_token_type_id": ("int", 0, None),
+    "mlm_probability": ("float", 0.0, 1.0),
+    "region_mask_probability": ("float", 0.0, 1.0),
+    "region_zero_probability": ("float", 0.0, 1.0),
+    "itm_negative_probability": ("float", 0.0, 1.0),
+    "mlm_loss_weight": ("float", 0.0, None),
+    "moc_loss_weight": ("float", 0.0, None),
+    "mrfr_loss_weight": ("float", 0.0, None),
+    "itm_loss_weight": ("float", 0.0, None),
+    "sparse_prediction": ("bool", None, None),
+    "retrieval_num_negatives": ("int", 1, None),
+    "triplet_margin": ("float", 0.0, None),
+    "contrastive_embedding_size": ("int", 1, None),
+    "contrastive_temperature": ("positive", None, None),
+}
+
+
+def _check_field(name: str, value, kind: str, low, high) -> None:
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be true or false, got {value!r} ({type(value).__name__}).")
+        return
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__}).")
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__}).")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be a finite number, got {value!r}.")
+    if kind == "positive" and not value > 0:
+        raise ValueError(f"{name} must be positive, got {value!r}.")
+    if kind == "prob<1" and not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}.")
+    if (low is not None and value < low) or (high is not None and value > high):
+        expected = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {expected}, got {value!r}.")
 
 
 __all__ = ["ImageBERTConfig"]
