@@ -71,9 +71,10 @@ def one_thread():
 
 def test_shipped_recipes_are_valid():
     for path in sorted((PROJECT_ROOT / "examples" / "configs").glob("pretrain_*.yaml")):
-        recipe = load_recipe(path)
+        # The paper's and the real-data recipes name data and caches that are built elsewhere.
+        recipe = load_recipe(path, check_paths=False)
         assert recipe.stages, path
-    paper = load_recipe(PROJECT_ROOT / "examples" / "configs" / "pretrain_paper_lait_ccsbu.yaml")
+    paper = load_recipe(PROJECT_ROOT / "examples" / "configs" / "pretrain_paper_lait_ccsbu.yaml", check_paths=False)
     assert [stage.name for stage in paper.stages] == ["lait", "cc_sbu"]
     assert {source.name for source in paper.stages[1].sources} == {"conceptual_captions", "sbu"}
     assert paper.model.config["max_regions"] == 100 and paper.model.config["max_text_length"] == 44

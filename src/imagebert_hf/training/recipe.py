@@ -18,14 +18,16 @@ stages:
     loss_weights: {mlm: 1.0, moc: 1.0, mrfr: 1.0, itm: 1.0}
 ```
 
-Every key is checked: an unknown key, a missing source, zero steps or a weight that is not positive fails at load
-time with the dotted path of the field (`stages[1].sources[0].weight`).
+Every key is checked: an unknown key or one given twice, a value of the wrong type or out of range, a source whose
+file or region cache does not exist, zero steps or a weight that is not positive fails at load time with the dotted
+path of the field (`stages[1].sources[0].weight`).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,7 +155,82 @@ def _build(cls, data: Any, where: str):
                 data[name] = float(value)
             except ValueError:
                 raise RecipeError(f"{where}.{name} must be a number, got {value!r}.") from None
+        _check_type(data[name], str(fields[name].type), f"{where}.{name}")
+        if name in _RANGES.get(cls.__name__, {}) and data[name] is not None:
+            _check_range(data[name], *_RANGES[cls.__name__][name], f"{where}.{name}")
     return data
+
+
+# Ranges of the numeric fields not checked with a message of their own: (lowest, highest, lowest excluded),
+# None for no bound.
+_RANGES: dict[str, dict[str, tuple[float | None, float | None, bool]]] = {
+    "SourceSpec": {
+        "max_captions_per_image": (1, None, False),
+        "first_image": (0, None, False),
+        "image_size": (1, None, False),
+        "captions_per_image": (1, None, False),
+    },
+    "StageSpec": {
+        "samples_per_epoch": (1, None, False),
+        "weight_decay": (0.0, None, False),
+        "adam_beta1": (0.0, 1.0, False),
+        "adam_beta2": (0.0, 1.0, False),
+        "adam_epsilon": (0.0, None, True),
+        "max_grad_norm": (0.0, None, False),
+        "warmup_steps": (0, None, False),
+    },
+    "Recipe": {
+        "save_total_limit": (1, None, False),
+        "min_records_for_failure_check": (0, None, False),
+        "num_workers": (0, None, False),
+    },
+}
+
+_TYPE_NAMES = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false", "None": "null"}
+
+
+def _matches(value: Any, annotation: str) -> bool:
+    if annotation == "None":
+        return value is None
+    if annotation == "bool":
+        return isinstance(value, bool)
+    if annotation == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if annotation == "str":
+        return isinstance(value, str)
+    if annotation == "list[str]":
+        return isinstance(value, list) and all(isinstance(item, str) for item in value)
+    if annotation == "dict[str, float]":
+        return isinstance(value, dict) and all(_matches(item, "float") for item in value.values())
+    if annotation.startswith("dict["):
+        return isinstance(value, dict)
+    return True  # nested specs are checked by their own builder
+
+
+def _check_type(value: Any, annotation: str, where: str) -> None:
+    options = [option.strip() for option in annotation.split("|")]
+    if any(_matches(value, option) for option in options):
+        return
+    names = {
+        "list[str]": "a list of strings",
+        "dict[str, float]": "a mapping of names to numbers",
+        "dict[str, Any]": "a mapping",
+    }
+    expected = " or ".join(_TYPE_NAMES.get(option) or names.get(option, option) for option in options)
+    raise RecipeError(f"{where} must be {expected}, got {value!r} ({type(value).__name__}).")
+
+
+def _check_range(value: float, low: float | None, high: float | None, low_excluded: bool, where: str) -> None:
+    too_low = low is not None and (value <= low if low_excluded else value < low)
+    too_high = high is not None and value > high
+    if too_low or too_high:
+        if high is None:
+            expected = f"{'>' if low_excluded else '>='} {low}"
+        else:
+            expected = f"in {'(' if low_excluded else '['}{low}, {high}]"
+        raise RecipeError(f"{where} must be {expected}, got {value!r}.")
 
 
 def _source(data: Any, where: str) -> SourceSpec:
@@ -163,9 +240,13 @@ def _source(data: Any, where: str) -> SourceSpec:
         raise RecipeError(f"{where}.type is {spec.type!r}; expected one of {SOURCE_TYPES}.")
     if not isinstance(spec.weight, (int, float)) or spec.weight <= 0:
         raise RecipeError(f"{where}.weight must be a positive number, got {spec.weight!r}.")
+    if spec.regions not in (None, "annotations"):
+        raise RecipeError(f"{where}.regions must be 'annotations' or absent, got {spec.regions!r}.")
     if spec.type == "synthetic":
         if not spec.num_images or spec.num_images < 1:
-            raise RecipeError(f"{where}.num_images must be a positive integer for a synthetic source.")
+            raise RecipeError(
+                f"{where}.num_images must be a positive integer for a synthetic source, got {spec.num_images!r}."
+            )
         if spec.region_cache is None and spec.regions != "annotations":
             raise RecipeError(f"{where}: a synthetic source needs region_cache or `regions: annotations`.")
         if not 0.0 <= spec.caption_noise <= 1.0:
@@ -175,8 +256,6 @@ def _source(data: Any, where: str) -> SourceSpec:
             raise RecipeError(f"{where}.path is required for a {spec.type} source.")
         if not spec.region_cache:
             raise RecipeError(f"{where}.region_cache is required: pretraining reads regions from the cache.")
-    if spec.regions not in (None, "annotations"):
-        raise RecipeError(f"{where}.regions must be 'annotations' or absent, got {spec.regions!r}.")
     if spec.streaming not in (False, True) or (spec.streaming and spec.type not in ("webdataset", "hf_dataset")):
         raise RecipeError(f"{where}.streaming must be true or false, and true only for webdataset or hf_dataset.")
     return spec
@@ -219,6 +298,8 @@ def _stage(data: Any, where: str) -> StageSpec:
     if unknown:
         raise RecipeError(f"{where}.loss_weights: unknown task(s) {unknown}; expected keys among {LOSS_TASKS}.")
     stage.loss_weights = {**dict.fromkeys(LOSS_TASKS, 1.0), **stage.loss_weights}
+    for task, weight in stage.loss_weights.items():
+        _check_range(weight, 0.0, None, False, f"{where}.loss_weights.{task}")
     for name in (
         "itm_negative_probability",
         "text_negative_share",
@@ -231,6 +312,45 @@ def _stage(data: Any, where: str) -> StageSpec:
     return stage
 
 
+def _check_model_config(config: dict[str, Any], where: str) -> None:
+    """Types and ranges of the config fields a recipe sets (fields that must agree are checked when the model is
+    made, since a text checkpoint may supply the rest)."""
+    from ..models.imagebert.configuration_imagebert import _FIELD_RULES, _check_field
+
+    for name, value in config.items():
+        if name in _FIELD_RULES:
+            try:
+                _check_field(name, value, *_FIELD_RULES[name])
+            except (TypeError, ValueError) as error:
+                raise RecipeError(f"{where}.{error}") from None
+
+
+def check_source_paths(recipe: Recipe, where: str = "recipe") -> None:
+    """Fails with a `RecipeError` naming the field when a source's data or region cache does not exist."""
+    from ..data.sources import _expand_urls
+
+    for i, stage in enumerate(recipe.stages):
+        for j, spec in enumerate(stage.sources):
+            at = f"{where}.stages[{i}].sources[{j}]"
+            if spec.type == "manifest" and not Path(spec.path).is_file():
+                raise RecipeError(f"{at}.path: manifest {spec.path} does not exist (expected a .jsonl file).")
+            streamed = spec.streaming  # a stream's path may be a URL or a Hub name
+            if spec.type == "hf_dataset" and not streamed and not Path(spec.path).is_dir():
+                raise RecipeError(f"{at}.path: {spec.path} is not a folder saved with Dataset.save_to_disk.")
+            if spec.type == "webdataset" and not streamed:
+                try:
+                    _expand_urls(spec.path)
+                except FileNotFoundError as error:
+                    raise RecipeError(f"{at}.path: {error}") from None
+            if spec.image_root is not None and not Path(spec.image_root).is_dir():
+                raise RecipeError(f"{at}.image_root: {spec.image_root} is not a folder.")
+            if spec.region_cache is not None and not Path(spec.region_cache).exists():
+                raise RecipeError(
+                    f"{at}.region_cache: {spec.region_cache} does not exist; build it with "
+                    "`imagebert-extract-regions` first."
+                )
+
+
 def recipe_from_dict(data: Any, where: str = "recipe") -> Recipe:
     """Validates a recipe given as a dict (as read from YAML)."""
     data = _build(Recipe, data, where)
@@ -240,6 +360,7 @@ def recipe_from_dict(data: Any, where: str = "recipe") -> Recipe:
         raise RecipeError(f"{where}.stages must be a non-empty list of stages.")
     model = data.pop("model", {}) or {}
     model = _build(ModelSpec, model, f"{where}.model")
+    _check_model_config(model.get("config", {}), f"{where}.model.config")
     recipe = Recipe(
         stages=[_stage(stage, f"{where}.stages[{i}]") for i, stage in enumerate(stages)],
         model=ModelSpec(**model),
@@ -257,17 +378,44 @@ def recipe_from_dict(data: Any, where: str = "recipe") -> Recipe:
     return recipe
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+def _unique_key_loader():
+    """A safe YAML loader that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise RecipeError(
+                        f"{key_node.start_mark.name}:{line}: key {key!r} is given twice (first on line {seen[key]})."
+                    )
+                seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None, check_paths: bool = True) -> Recipe:
     """Reads and validates a YAML recipe; `overrides` are `dotted.key=value` strings (`stages.0.max_steps=10`),
-    values parsed as YAML. Relative paths in the recipe stay relative to the working directory."""
+    values parsed as YAML. Relative paths in the recipe stay relative to the working directory. A key given twice
+    fails, and with `check_paths` so does a source whose data or region cache does not exist."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"recipe {path} does not exist.")
     with open(path, encoding="utf-8") as handle:
-        data = yaml.safe_load(handle)
-    return recipe_from_dict(apply_overrides(data, overrides or []), where=path.name)
+        try:
+            data = yaml.load(handle, Loader=_unique_key_loader())  # noqa: S506 - a SafeLoader subclass
+        except yaml.YAMLError as error:
+            raise RecipeError(f"{path} is not valid YAML: {error}") from None
+    recipe = recipe_from_dict(apply_overrides(data, overrides or []), where=path.name)
+    if check_paths:
+        check_source_paths(recipe, where=path.name)
+    return recipe
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -281,16 +429,25 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         dotted, raw = override.split("=", 1)
         keys = dotted.split(".")
         node = data
-        for i, key in enumerate(keys[:-1]):
-            node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
+        for i, key in enumerate(keys):
+            if isinstance(node, list) and not (key.isdigit() and int(key) < len(node)):
+                raise RecipeError(
+                    f"override {override!r}: {'.'.join(keys[:i]) or 'the recipe'} is a list of {len(node)}; "
+                    f"expected an index below {len(node)}, got {key!r}."
+                )
             if not isinstance(node, (dict, list)):
-                raise RecipeError(f"override {override!r}: {'.'.join(keys[: i + 1])} is not a mapping or list.")
-        last = keys[-1]
-        value = yaml.safe_load(raw)
+                raise RecipeError(f"override {override!r}: {'.'.join(keys[:i])} is not a mapping or list.")
+            if i == len(keys) - 1:
+                break
+            node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as error:
+            raise RecipeError(f"override {override!r}: the value is not valid YAML ({error}).") from None
         if isinstance(node, list):
-            node[int(last)] = value
+            node[int(keys[-1])] = value
         else:
-            node[last] = value
+            node[keys[-1]] = value
     return data
 
 
@@ -306,6 +463,7 @@ __all__ = [
     "SourceSpec",
     "StageSpec",
     "apply_overrides",
+    "check_source_paths",
     "load_recipe",
     "recipe_from_dict",
     "recipe_to_dict",

@@ -1,0 +1,227 @@
+"""Bad input at the recipe boundary: every field of the wrong type or out of range, keys given twice, sources whose
+files do not exist and malformed overrides fail at load time with a `RecipeError` naming the field."""
+
+import copy
+import dataclasses
+import json
+import math
+
+import pytest
+import yaml
+
+from imagebert_hf.training.recipe import (
+    ModelSpec,
+    Recipe,
+    RecipeError,
+    SourceSpec,
+    StageSpec,
+    apply_overrides,
+    load_recipe,
+    recipe_from_dict,
+)
+
+from .testing_utils import PROJECT_ROOT
+
+
+TINY = yaml.safe_load((PROJECT_ROOT / "examples" / "configs" / "pretrain_tiny_synthetic.yaml").read_text())
+NESTED = {"stages", "sources", "model"}
+
+# One value of the wrong type per annotation: a string where a list belongs must not become a list of characters.
+WRONG_VALUES = {
+    "str": [5, ["a"]],
+    "int": ["three", 2.5, True],
+    "float": ["fast", [1.0], math.nan],
+    "bool": ["yes", 1],
+    "list[str]": ["train", [1, 2]],
+    "dict[str, float]": [[1.0], {"mlm": "high"}],
+    "dict[str, Any]": [["hidden_size", 32]],
+}
+
+
+def _wrong_values(annotation: str):
+    for option in annotation.split("|"):
+        yield from WRONG_VALUES.get(option.strip(), [])
+
+
+def _locate(recipe: dict, cls):
+    """The mapping of `recipe` that builds `cls`, and the dotted path the error must name."""
+    if cls is Recipe:
+        return recipe, "recipe"
+    if cls is ModelSpec:
+        return recipe["model"], "recipe.model"
+    if cls is StageSpec:
+        return recipe["stages"][0], "recipe.stages[0]"
+    return recipe["stages"][0]["sources"][0], "recipe.stages[0].sources[0]"
+
+
+def _type_cases():
+    for cls in (Recipe, ModelSpec, StageSpec, SourceSpec):
+        for f in dataclasses.fields(cls):
+            if f.name in NESTED:
+                continue
+            for value in _wrong_values(str(f.type)):
+                if str(f.type).startswith("int") and isinstance(value, float) and "float" in str(f.type):
+                    continue
+                yield cls, f.name, value
+
+
+RANGE_CASES = [
+    (StageSpec, "per_device_train_batch_size", 0),
+    (StageSpec, "gradient_accumulation_steps", -1),
+    (StageSpec, "max_steps", 0),
+    (StageSpec, "learning_rate", 0.0),
+    (StageSpec, "learning_rate", -1e-4),
+    (StageSpec, "warmup_ratio", 1.0),
+    (StageSpec, "warmup_steps", -1),
+    (StageSpec, "weight_decay", -0.01),
+    (StageSpec, "adam_beta1", 1.5),
+    (StageSpec, "adam_beta2", -0.1),
+    (StageSpec, "adam_epsilon", 0.0),
+    (StageSpec, "max_grad_norm", -1.0),
+    (StageSpec, "samples_per_epoch", 0),
+    (StageSpec, "mlm_probability", 1.5),
+    (StageSpec, "region_mask_probability", -0.5),
+    (StageSpec, "region_zero_probability", 2.0),
+    (StageSpec, "itm_negative_probability", -0.1),
+    (StageSpec, "text_negative_share", 1.1),
+    (StageSpec, "length_group_pool", 0),
+    (StageSpec, "lr_scheduler_type", "step"),
+    (StageSpec, "loss_weights", {"mlm": -1.0}),
+    (SourceSpec, "weight", -2.0),
+    (SourceSpec, "num_images", 0),
+    (SourceSpec, "caption_noise", 1.5),
+    (SourceSpec, "first_image", -1),
+    (SourceSpec, "image_size", 0),
+    (SourceSpec, "captions_per_image", 0),
+    (SourceSpec, "max_captions_per_image", 0),
+    (SourceSpec, "type", "csv"),
+    (SourceSpec, "regions", "detector"),
+    (Recipe, "checkpointing_steps", 0),
+    (Recipe, "save_total_limit", 0),
+    (Recipe, "logging_steps", 0),
+    (Recipe, "max_failure_rate", 1.5),
+    (Recipe, "min_records_for_failure_check", -1),
+    (Recipe, "num_workers", -2),
+]
+MODEL_CONFIG_CASES = [
+    ("hidden_size", 0),
+    ("hidden_size", "32"),
+    ("num_hidden_layers", -1),
+    ("hidden_dropout_prob", 1.0),
+    ("max_regions", 2.5),
+    ("layer_norm_eps", 0.0),
+]
+CASES = [(cls, name, value) for cls, name, value in _type_cases()] + RANGE_CASES
+
+
+@pytest.mark.parametrize(
+    ("cls", "name", "value"), CASES, ids=[f"{cls.__name__}.{name}={value!r}" for cls, name, value in CASES]
+)
+def test_bad_field_fails_naming_it(cls, name, value):
+    recipe = copy.deepcopy(TINY)
+    mapping, where = _locate(recipe, cls)
+    if name == "max_steps" or (cls is StageSpec and name == "num_epochs"):
+        mapping.pop("max_steps", None)
+    mapping[name] = value
+    with pytest.raises(RecipeError) as info:
+        recipe_from_dict(recipe)
+    message = str(info.value)
+    assert f"{where}.{name}" in message and ("got" in message or "expected" in message), message
+
+
+@pytest.mark.parametrize(("name", "value"), MODEL_CONFIG_CASES, ids=[f"{n}={v!r}" for n, v in MODEL_CONFIG_CASES])
+def test_bad_model_config_field_fails_at_load_time(name, value):
+    recipe = copy.deepcopy(TINY)
+    recipe["model"]["config"][name] = value
+    with pytest.raises(RecipeError, match=rf"recipe\.model\.config\.{name} must be"):
+        recipe_from_dict(recipe)
+
+
+DUPLICATES = [
+    ("top level", "seed: 1\nseed: 2\n", "seed", 2),
+    ("model", "model:\n  tokenizer: a\n  tokenizer: b\n", "tokenizer", 3),
+    ("model config", "model:\n  config:\n    hidden_size: 32\n    hidden_size: 64\n", "hidden_size", 4),
+    (
+        "stage",
+        "stages:\n  - name: a\n    max_steps: 2\n    max_steps: 3\n",
+        "max_steps",
+        4,
+    ),
+    ("flow mapping", "stages:\n  - {name: a, sources: [{name: s, name: t}]}\n", "name", 2),
+]
+
+
+@pytest.mark.parametrize(("text", "key", "line"), [d[1:] for d in DUPLICATES], ids=[d[0] for d in DUPLICATES])
+def test_a_key_given_twice_fails_naming_key_and_line(tmp_path, text, key, line):
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert f"dup.yaml:{line}: key {key!r} is given twice" in str(info.value)
+
+
+def _written(tmp_path, recipe: dict):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _manifest_recipe(tmp_path, **source) -> dict:
+    recipe = copy.deepcopy(TINY)
+    recipe["stages"][0]["sources"] = [{"name": "m", "type": "manifest", "path": "x.jsonl", "region_cache": "c"}]
+    recipe["stages"][0]["sources"][0].update(source)
+    return recipe
+
+
+def _ok_files(tmp_path):
+    (tmp_path / "m.jsonl").write_text(json.dumps({"image": "a.jpg", "captions": ["x"]}) + "\n")
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "shard-0.tar").write_bytes(b"")
+    (tmp_path / "saved").mkdir()
+    return {"path": str(tmp_path / "m.jsonl"), "region_cache": str(tmp_path / "cache")}
+
+
+PATH_CASES = [
+    ("missing manifest", {"path": "missing.jsonl"}, "sources[0].path", "missing.jsonl"),
+    ("missing region cache", {"region_cache": "no_cache"}, "sources[0].region_cache", "imagebert-extract-regions"),
+    ("missing image root", {"image_root": "no_images"}, "sources[0].image_root", "no_images"),
+    ("missing shards", {"type": "webdataset", "path": "shard-{0..3}.tar"}, "sources[0].path", "shard-1.tar"),
+    ("missing dataset", {"type": "hf_dataset", "path": "nothing_saved"}, "sources[0].path", "save_to_disk"),
+]
+
+
+@pytest.mark.parametrize(("edit", "field", "named"), [c[1:] for c in PATH_CASES], ids=[c[0] for c in PATH_CASES])
+def test_a_missing_source_path_fails_at_load_time(tmp_path, monkeypatch, edit, field, named):
+    monkeypatch.chdir(tmp_path)
+    recipe = _manifest_recipe(tmp_path, **_ok_files(tmp_path))
+    load_recipe(_written(tmp_path, recipe))  # the valid recipe loads
+    if edit.get("type") == "webdataset":
+        edit = {**edit, "path": str(tmp_path / edit["path"])}
+    recipe["stages"][0]["sources"][0].update(edit)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(_written(tmp_path, recipe))
+    assert f"recipe.yaml.stages[0].{field}" in str(info.value) and named in str(info.value)
+    load_recipe(_written(tmp_path, recipe), check_paths=False)  # the check can be left for later
+
+
+OVERRIDE_CASES = [
+    ("stages.7.max_steps=3", "expected an index below 2"),
+    ("stages.first.max_steps=3", "got 'first'"),
+    ("seed.value=3", "seed is not a mapping"),
+    ("stages.0.max_steps=[1", "not valid YAML"),
+    ("stages.0.max_steps", "dotted.key=value"),
+]
+
+
+@pytest.mark.parametrize(("override", "named"), OVERRIDE_CASES, ids=[c[0] for c in OVERRIDE_CASES])
+def test_a_bad_override_names_itself(override, named):
+    with pytest.raises(RecipeError) as info:
+        apply_overrides(TINY, [override])
+    assert override in str(info.value) and named in str(info.value)
+
+
+def test_invalid_yaml_names_the_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("stages: [\n")
+    with pytest.raises(RecipeError, match="broken.yaml is not valid YAML"):
+        load_recipe(path)
