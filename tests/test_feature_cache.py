@@ -27,9 +27,13 @@ def extractor():
     )
 
 
+ROOT = {"image_root": COCO_DIR, "allow_outside_root": True}
+
+
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
-    """Six COCO images, a repeated line, and a copy of the first image under another name (same bytes)."""
+    """Six COCO images, a repeated line, and a copy of the first image under another name (same bytes), outside
+    the image root (read with `allow_outside_root=True`, see ROOT)."""
     if not (COCO_DIR / "captions.jsonl").is_file():
         pytest.skip(f"real data not found at {COCO_DIR}")
     folder = tmp_path_factory.mktemp("manifest")
@@ -86,9 +90,7 @@ def test_manifest_errors_name_the_line(tmp_path):
 @require_shared_data
 def test_cache_dedup_lookup_and_resume(manifest, extractor, tmp_path):
     partial = tmp_path / "partial"
-    first = extract_regions(
-        manifest, partial, extractor, image_root=COCO_DIR, shard_size=2, max_shards=1, progress=False
-    )
+    first = extract_regions(manifest, partial, extractor, **ROOT, shard_size=2, max_shards=1, progress=False)
     assert (first.num_items, first.num_unique, first.num_duplicates) == (8, 6, 2)
     assert first.num_shards == 3 and first.num_extracted == 2
     assert not json.loads((partial / "cache_info.json").read_text())["complete"]
@@ -96,17 +98,17 @@ def test_cache_dedup_lookup_and_resume(manifest, extractor, tmp_path):
         load_region_cache(partial)
     # A kill during a shard leaves only a temporary folder, which the rerun discards.
     (partial / "shards" / "shard-00001.tmp-999").mkdir()
-    resumed = extract_regions(manifest, partial, extractor, image_root=COCO_DIR, shard_size=2, progress=False)
+    resumed = extract_regions(manifest, partial, extractor, **ROOT, shard_size=2, progress=False)
     assert resumed.num_shards_skipped == 1 and resumed.num_extracted == 6 and resumed.num_failed == 0
     assert not list((partial / "shards").glob("*.tmp-*"))
     assert json.loads((partial / "cache_info.json").read_text())["complete"]
 
     fresh = tmp_path / "fresh"
-    extract_regions(manifest, fresh, extractor, image_root=COCO_DIR, shard_size=2, progress=False)
+    extract_regions(manifest, fresh, extractor, **ROOT, shard_size=2, progress=False)
     cache = load_region_cache(partial)
     _assert_same_cache(cache, load_region_cache(fresh))
 
-    records = read_manifest(manifest, COCO_DIR)
+    records = read_manifest(manifest, **ROOT)
     assert cache.keys() == list(dict.fromkeys(r.image for r in records))
     copy_key = records[-1].image
     # Same bytes under two names: extracted once, found under both, by content hash and by cache key.
@@ -127,19 +129,17 @@ def test_cache_dedup_lookup_and_resume(manifest, extractor, tmp_path):
 
 @require_shared_data
 def test_cache_refuses_another_extractor(manifest, extractor, tmp_path):
-    extract_regions(manifest, tmp_path, extractor, image_root=COCO_DIR, shard_size=4, max_shards=1, progress=False)
+    extract_regions(manifest, tmp_path, extractor, **ROOT, shard_size=4, max_shards=1, progress=False)
     other = ImageBERTRoIExtractor.from_dict({**extractor.to_dict(), "max_regions": 3})
     with pytest.raises(ValueError, match="another source, extractor"):
-        extract_regions(manifest, tmp_path, other, image_root=COCO_DIR, shard_size=4, progress=False)
+        extract_regions(manifest, tmp_path, other, **ROOT, shard_size=4, progress=False)
 
 
 @require_shared_data
 def test_cache_with_manifest_boxes(manifest, extractor, tmp_path):
-    extract_regions(
-        manifest, tmp_path, extractor, image_root=COCO_DIR, use_boxes=True, progress=False, store_class_probs=False
-    )
+    extract_regions(manifest, tmp_path, extractor, **ROOT, use_boxes=True, progress=False, store_class_probs=False)
     cache = load_region_cache(tmp_path)
-    for record in read_manifest(manifest, COCO_DIR):
+    for record in read_manifest(manifest, **ROOT):
         regions = cache[record.image]
         assert regions["num_regions"] == min(len(record.boxes), 8)
         np.testing.assert_allclose(regions["region_boxes"], np.array(record.boxes)[:8].clip(0, None), atol=1e-3)
@@ -164,11 +164,9 @@ def test_cache_from_datasets_dataset(extractor, tmp_path):
 
 @require_shared_data
 def test_cache_parallel_equals_serial(manifest, extractor, tmp_path):
-    serial = extract_regions(
-        manifest, tmp_path / "serial", extractor, image_root=COCO_DIR, shard_size=3, progress=False
-    )
+    serial = extract_regions(manifest, tmp_path / "serial", extractor, **ROOT, shard_size=3, progress=False)
     parallel = extract_regions(
-        manifest, tmp_path / "parallel", extractor, image_root=COCO_DIR, shard_size=3, num_proc=2, progress=False
+        manifest, tmp_path / "parallel", extractor, **ROOT, shard_size=3, num_proc=2, progress=False
     )
     assert parallel.num_extracted == serial.num_extracted == 6
     # Workers run with other thread counts: equal up to float summation order.
@@ -182,7 +180,7 @@ def test_command_line(manifest, extractor, tmp_path):
         [
             "--output_dir", str(tmp_path / "cache"),
             "--manifest", str(manifest),
-            "--image_root", str(COCO_DIR),
+            "--image_root", str(COCO_DIR), "--allow_outside_root",
             "--extractor", str(tmp_path / "extractor"),
             "--shard_size", "4",
             "--no_class_probs",

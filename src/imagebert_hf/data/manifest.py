@@ -7,12 +7,15 @@
 
 `image` is relative to the manifest's folder (or to `image_root`); `captions` (or one `caption`) is required;
 `objects` with `bbox_xywh` (absolute pixels, COCO style) or `bbox_xyxy` is optional. Other keys are kept in
-`extra`. Reading is pure: no image is opened.
+`extra`. Reading is pure: no image is opened. Every line is checked where it is read: a malformed one raises
+`ManifestError` with `file:line` and the field; captions must be non-empty strings, and an `image` path that leaves
+the image root (absolute, or `../`) is refused unless `allow_outside_root=True`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -51,37 +54,122 @@ class ManifestRecord:
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
-def _parse_objects(objects: list[dict[str, Any]], where: str):
+class ManifestError(ValueError):
+    """A manifest line that cannot be read; the message starts with `file:line` and names the field."""
+
+
+def _fail(where: str, message: str):
+    raise ManifestError(f"{where}: {message}" if where else message)
+
+
+def _number(value: Any, where: str, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        _fail(where, f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _parse_objects(objects: Any, where: str):
+    if not isinstance(objects, list):
+        _fail(where, f"'objects' must be a list of objects, got {type(objects).__name__} {objects!r:.60}")
     boxes, labels, class_ids = [], [], []
-    for obj in objects:
-        if "bbox_xyxy" in obj:
-            x1, y1, x2, y2 = (float(v) for v in obj["bbox_xyxy"])
-        elif "bbox_xywh" in obj:
-            x, y, w, h = (float(v) for v in obj["bbox_xywh"])
-            x1, y1, x2, y2 = x, y, x + w, y + h
-        else:
-            raise ValueError(f"{where}: an object has neither bbox_xywh nor bbox_xyxy")
+    for i, obj in enumerate(objects):
+        name = f"objects[{i}]"
+        if not isinstance(obj, dict):
+            _fail(where, f"{name} must be an object with bbox_xywh or bbox_xyxy, got {obj!r:.60}")
+        key = "bbox_xyxy" if "bbox_xyxy" in obj else "bbox_xywh" if "bbox_xywh" in obj else None
+        if key is None:
+            _fail(where, f"{name} has neither bbox_xywh nor bbox_xyxy")
+        box = obj[key]
+        if not isinstance(box, (list, tuple)) or len(box) != 4:
+            _fail(where, f"{name}.{key} must be 4 numbers, got {box!r:.60}")
+        a, b, c, d = (_number(v, where, f"{name}.{key}[{k}]") for k, v in enumerate(box))
+        x1, y1, x2, y2 = (a, b, c, d) if key == "bbox_xyxy" else (a, b, a + c, b + d)
+        if x2 < x1 or y2 < y1:
+            _fail(where, f"{name}.{key} has a negative width or height, got {list(box)}")
+        label, class_id = obj.get("label", ""), obj.get("class_id", -1)
+        if not isinstance(label, str):
+            _fail(where, f"{name}.label must be a string, got {label!r}")
+        if isinstance(class_id, bool) or not isinstance(class_id, int):
+            _fail(where, f"{name}.class_id must be an integer, got {class_id!r}")
         boxes.append((x1, y1, x2, y2))
-        labels.append(str(obj.get("label", "")))
-        class_ids.append(int(obj.get("class_id", -1)))
+        labels.append(label)
+        class_ids.append(class_id)
     return tuple(boxes), tuple(labels), tuple(class_ids)
 
 
-def parse_manifest_line(line: str | dict[str, Any], image_root: str | os.PathLike, where: str = "") -> ManifestRecord:
-    """Parses one manifest line (a JSON string or an already decoded dict)."""
-    item = json.loads(line) if isinstance(line, str) else dict(line)
+def _captions(item: dict[str, Any], where: str) -> tuple[str, ...]:
+    if "captions" in item:
+        captions = item["captions"]
+        if isinstance(captions, str):
+            _fail(
+                where,
+                f"'captions' must be a list of strings, got the string {captions!r:.60} (write [...] or use 'caption')",
+            )
+        if not isinstance(captions, list) or not captions:
+            _fail(where, f"'captions' must be a non-empty list of strings, got {captions!r:.60}")
+        name = "captions[{}]"
+    elif "caption" in item:
+        captions, name = [item["caption"]], "caption"
+    else:
+        _fail(where, "no 'captions' (or 'caption') key")
+    for i, caption in enumerate(captions):
+        if not isinstance(caption, str) or not caption.strip():
+            _fail(where, f"{name.format(i)} must be a non-empty string, got {caption!r:.60}")
+    return tuple(captions)
+
+
+def _image_path(image: Any, image_root: str | os.PathLike, where: str, allow_outside_root: bool) -> Path:
+    if not isinstance(image, str) or not image.strip():
+        _fail(where, f"'image' must be a non-empty path string, got {image!r:.60}")
+    path = Path(image_root) / image
+    if not allow_outside_root:
+        root = os.path.normpath(os.path.abspath(image_root))
+        resolved = os.path.normpath(os.path.abspath(path))
+        if os.path.isabs(image) or os.path.commonpath([root, resolved]) != root:
+            _fail(
+                where,
+                f"'image' {image!r} points outside the image root {image_root}; give a path inside it, or pass "
+                "allow_outside_root=True to follow it",
+            )
+    return path
+
+
+def parse_manifest_line(
+    line: str | dict[str, Any],
+    image_root: str | os.PathLike,
+    where: str = "",
+    allow_outside_root: bool = False,
+) -> ManifestRecord:
+    """Parses one manifest line (a JSON string or an already decoded dict); a malformed line raises
+    `ManifestError` naming `where` (`file:line`) and the field.
+
+    Args:
+        line: The line.
+        image_root: Folder the `image` path is relative to.
+        where: Printed before every error.
+        allow_outside_root: Follow `image` paths that leave `image_root` (absolute, or `../`); refused by default.
+    """
+    try:
+        item = json.loads(line) if isinstance(line, str) else line
+    except json.JSONDecodeError as error:
+        _fail(where, f"invalid JSON ({error})")
+    if not isinstance(item, dict):
+        _fail(where, f"a line must be a JSON object, got {type(item).__name__}")
     if "image" not in item:
-        raise ValueError(f"{where}: no 'image' key")
-    captions = item.get("captions", [item["caption"]] if "caption" in item else None)
-    if captions is None:
-        raise ValueError(f"{where}: no 'captions' (or 'caption') key")
+        _fail(where, "no 'image' key")
+    captions = _captions(item, where)
+    image_path = _image_path(item["image"], image_root, where, allow_outside_root)
     boxes = labels = class_ids = None
     if item.get("objects") is not None:
         boxes, labels, class_ids = _parse_objects(item["objects"], where)
+    for key in ("width", "height"):
+        value = item.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            _fail(where, f"{key!r} must be a positive integer, got {value!r}")
     return ManifestRecord(
-        image=str(item["image"]),
-        image_path=Path(image_root) / item["image"],
-        captions=tuple(str(c) for c in captions),
+        image=item["image"],
+        image_path=image_path,
+        captions=captions,
         boxes=boxes,
         box_labels=labels,
         box_class_ids=class_ids,
@@ -91,28 +179,33 @@ def parse_manifest_line(line: str | dict[str, Any], image_root: str | os.PathLik
     )
 
 
-def iter_manifest(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> Iterator[ManifestRecord]:
-    """Yields the records of a jsonl manifest; blank lines are skipped, a malformed line raises ValueError with its
-    line number.
+def iter_manifest(
+    path: str | os.PathLike, image_root: str | os.PathLike | None = None, allow_outside_root: bool = False
+) -> Iterator[ManifestRecord]:
+    """Yields the records of a jsonl manifest; blank lines are skipped, a malformed line raises `ManifestError`
+    with `file:line` and the field.
 
     Args:
         path: The `.jsonl` file.
         image_root: Folder the `image` paths are relative to; the manifest's folder by default.
+        allow_outside_root: Follow `image` paths that leave the image root (absolute, or `../`); refused by default.
     """
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
     with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                try:
-                    yield parse_manifest_line(line, root, where=f"{path}:{number}")
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}:{number}: invalid JSON ({error})") from None
+        try:
+            for number, line in enumerate(handle, start=1):
+                if line.strip():
+                    yield parse_manifest_line(line, root, f"{path}:{number}", allow_outside_root)
+        except UnicodeDecodeError as error:
+            raise ManifestError(f"{path}: not UTF-8 text ({error})") from None
 
 
-def read_manifest(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> list[ManifestRecord]:
+def read_manifest(
+    path: str | os.PathLike, image_root: str | os.PathLike | None = None, allow_outside_root: bool = False
+) -> list[ManifestRecord]:
     """All records of a jsonl manifest (see `iter_manifest`)."""
-    return list(iter_manifest(path, image_root))
+    return list(iter_manifest(path, image_root, allow_outside_root))
 
 
-__all__ = ["ManifestRecord", "iter_manifest", "parse_manifest_line", "read_manifest"]
+__all__ = ["ManifestError", "ManifestRecord", "iter_manifest", "parse_manifest_line", "read_manifest"]

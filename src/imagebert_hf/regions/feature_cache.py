@@ -79,7 +79,9 @@ class CacheReport:
 # ------------------------------------------------------------------------------------------------ planning
 
 
-def _manifest_items(path: str | os.PathLike, image_root, use_boxes: bool) -> list[dict[str, Any]]:
+def _manifest_items(
+    path: str | os.PathLike, image_root, use_boxes: bool, allow_outside_root: bool = False
+) -> list[dict[str, Any]]:
     from ..data.manifest import iter_manifest
 
     return [
@@ -88,7 +90,7 @@ def _manifest_items(path: str | os.PathLike, image_root, use_boxes: bool) -> lis
             "image": str(record.image_path),
             "boxes": np.asarray(record.boxes, dtype=np.float32).reshape(-1, 4) if use_boxes and record.boxes else None,
         }
-        for record in iter_manifest(path, image_root)
+        for record in iter_manifest(path, image_root, allow_outside_root)
     ]
 
 
@@ -377,6 +379,7 @@ def extract_regions(
     extractor=None,
     *,
     image_root: str | os.PathLike | None = None,
+    allow_outside_root: bool = False,
     use_boxes: bool = False,
     image_column: str = "image",
     key_column: str | None = None,
@@ -406,6 +409,7 @@ def extract_regions(
         output_dir: The cache folder; an unfinished cache there is resumed.
         extractor: An `ImageBERTRoIExtractor`, a folder saved from one, or None for the offline default.
         image_root: Folder the manifest's image paths are relative to (the manifest's folder by default).
+        allow_outside_root: Follow manifest image paths that leave `image_root` (absolute, or `../`).
         use_boxes: Use the manifest's object boxes as regions (else the extractor's own: grid or detections).
         image_column: Dataset column of the images.
         key_column: Dataset column giving each row's key (default: the image path, else `row-<index>`).
@@ -445,7 +449,7 @@ def extract_regions(
             extractor.device = f"cuda:{local_rank % torch.cuda.device_count()}"
     batch_size = batch_size or extractor.batch_size
     if isinstance(source, (str, os.PathLike)):
-        items = _manifest_items(source, image_root, use_boxes)
+        items = _manifest_items(source, image_root, use_boxes, allow_outside_root)
     else:
         items = _dataset_items(source, image_column, key_column, boxes_column, box_format)
     units, index = _plan(items, extractor.max_file_bytes)
@@ -1020,6 +1024,9 @@ class ExtractRegionsArguments:
     image_root: str | None = field(
         default=None, metadata={"help": "Folder the manifest's image paths are relative to (its own by default)."}
     )
+    allow_outside_root: bool = field(
+        default=False, metadata={"help": "Follow manifest image paths outside the image root (absolute, ../)."}
+    )
     image_column: str = field(default="image", metadata={"help": "Dataset column of the images."})
     key_column: str | None = field(default=None, metadata={"help": "Dataset column naming each row."})
     use_boxes: bool = field(
@@ -1081,6 +1088,7 @@ def main(argv: Sequence[str] | None = None) -> CacheReport:
         args.output_dir,
         extractor,
         image_root=args.image_root,
+        allow_outside_root=args.allow_outside_root,
         use_boxes=args.use_boxes,
         image_column=args.image_column,
         key_column=args.key_column,
