@@ -162,10 +162,12 @@ def _write_parquet_shards(dataset, data_dir: Path, rows_per_shard: int) -> None:
 
 def load_curated(output_dir: str | Path, cache_dir: str | None = None):
     """Loads the curated pairs written by either runner as a `datasets.Dataset`, in `pair_id` order."""
+    import pyarrow.parquet as pq
     from datasets import Dataset
 
     files = sorted(str(p) for p in (Path(output_dir) / "data").glob("*.parquet"))
-    if not files:
+    # A run that kept nothing writes one empty shard, which `datasets` cannot read back.
+    if sum(pq.read_metadata(f).num_rows for f in files) == 0:
         empty = {name: [] for name in OUTPUT_COLUMNS}
         return Dataset.from_dict(empty, features=features_for(OUTPUT_COLUMNS, with_tally=False))
     return Dataset.from_parquet(files, cache_dir=cache_dir)

@@ -169,9 +169,35 @@ def _is_image_record(content_type: str, url: str) -> bool:
     return content_type.startswith("image/") or urlsplit(url).path.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def warc_signature_problem(path: str) -> str | None:
+    """Why a file named like a WARC is not one (`empty_file`, `not_a_warc_file`), or None when it starts like one:
+    `WARC/` (or an ARC's `filedesc://`), plain or in a gzip member."""
+    import zlib
+
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if not head:
+        return "empty_file"
+    if head.startswith(_GZIP_MAGIC):
+        try:
+            head = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(head, 64)
+        except zlib.error:
+            return "not_a_warc_file"
+    head = head.lstrip()
+    return None if head.startswith((b"WARC/", b"filedesc://")) else "not_a_warc_file"
+
+
 def _scan_warc(path: str, config: ParseConfig, tally: Tally) -> Iterator[dict]:
     from fastwarc.warc import WarcRecordType
 
+    problem = warc_signature_problem(path)
+    if problem is not None:
+        # Counted, never silently zero pages: the funnel report shows the file and the reason.
+        logger.warning(
+            "%s is not a WARC file (%s); it is counted as read/file/%s and skipped.", path, problem, problem
+        )
+        tally.drop("read", "file", problem)
+        return
     for record in iter_warc_records(path, tally, config.max_resyncs_per_file, parse_http=True):
         tally.add("read", "record", INPUT)
         if record.record_type == WarcRecordType.unknown:

@@ -6,7 +6,7 @@ Both train in seconds on CPU from a folder of captioned photos in the `captions.
 
 from __future__ import annotations
 
-import json
+import itertools
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +33,13 @@ def load_captioned_images(
     data_dir: str | Path, with_stats: bool = True, limit: int | None = None
 ) -> list[CaptionedImage]:
     """Reads a `captions.jsonl` folder; with `with_stats`, computes every image's statistics."""
+    from ..data.manifest import iter_manifest
+
     data_dir = Path(data_dir)
     items = []
-    for line in (data_dir / "captions.jsonl").read_text().splitlines()[:limit]:
-        record = json.loads(line)
-        items.append(CaptionedImage(data_dir / record["image"], list(record["captions"]), record.get("split", "val")))
+    # The manifest reader checks every line (captions a list of non-empty strings), naming file:line and field.
+    for record in itertools.islice(iter_manifest(data_dir / "captions.jsonl"), limit):
+        items.append(CaptionedImage(record.image_path, list(record.captions), record.extra.get("split", "val")))
     if with_stats:
         for item in items:
             item.stats = photo_statistics(item.path)
