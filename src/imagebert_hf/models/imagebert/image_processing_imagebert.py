@@ -271,11 +271,16 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
         self.backbone_weights = backbone_weights
         self.backbone_out_indices = list(backbone_out_indices) if backbone_out_indices is not None else None
         self.backbone_kwargs = dict(backbone_kwargs) if backbone_kwargs else None
-        self.size = dict(size) if size else dict(BUTD_SIZE if backend == "butd" else {"height": 320, "width": 320})
+        # Kept as given when malformed, so that _settings_check below names them.
+        self.size = (
+            dict(size)
+            if isinstance(size, dict)
+            else size or dict(BUTD_SIZE if backend == "butd" else {"height": 320, "width": 320})
+        )
         self.image_mean = list(image_mean) if image_mean is not None else None
         self.image_std = list(image_std) if image_std is not None else None
         self.roi_pool_size = roi_pool_size
-        self.grid_sizes = list(grid_sizes)
+        self.grid_sizes = list(grid_sizes) if isinstance(grid_sizes, (list, tuple)) else grid_sizes
         self.detector_name = detector_name
         self.detector_weights = detector_weights
         self.detector_num_classes = detector_num_classes
@@ -294,7 +299,14 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
         self.max_aspect_ratio = max_aspect_ratio
         self.max_decode_side = max_decode_side
         self.apply_exif_orientation = apply_exif_orientation
-        self._settings_check(self._settings({}))
+        self._settings_check(
+            {
+                **self._settings({}),
+                "backbone_weights": backbone_weights,
+                "detector_weights": detector_weights,
+                "detector_num_classes": detector_num_classes,
+            }
+        )
         self._backend: RegionBackend | None = None
         self._weights_file: str | None = None
 
@@ -349,18 +361,29 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
             import torch
 
             device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            if self.backend == "backbone":
-                weights = self._weights_file or self.backbone_weights
-                self._backend = BackboneBackend(
-                    self.backbone_name, weights, self.backbone_out_indices, self.backbone_kwargs, device
-                )
-            elif self.backend == "detector":
-                weights = self._weights_file or self.detector_weights
-                self._backend = DetectorBackend(
-                    self.detector_name, weights, self.detector_num_classes, self.detector_kwargs, device
-                )
-            elif self.backend == "butd":
-                self._backend = BUTDBackend(self._weights_file or self.detector_weights, self.detector_kwargs, device)
+            if self.backend in ("backbone", "detector", "butd"):
+                name = "backbone_weights" if self.backend == "backbone" else "detector_weights"
+                weights = self._weights_file or getattr(self, name)
+                try:
+                    if self.backend == "backbone":
+                        self._backend = BackboneBackend(
+                            self.backbone_name, weights, self.backbone_out_indices, self.backbone_kwargs, device
+                        )
+                    elif self.backend == "detector":
+                        self._backend = DetectorBackend(
+                            self.detector_name, weights, self.detector_num_classes, self.detector_kwargs, device
+                        )
+                    else:
+                        self._backend = BUTDBackend(weights, self.detector_kwargs, device)
+                except Exception as error:
+                    if weights is None or not _looks_like_file(weights):
+                        raise
+                    # A missing, damaged or mismatched state dict names the file and the setting.
+                    model = {"backbone": self.backbone_name, "detector": self.detector_name}.get(self.backend, "butd")
+                    raise ValueError(
+                        f"{name}: cannot load weights file {weights} into {model!r} ({type(error).__name__}: "
+                        f"{str(error)[:300]}); expected a .safetensors or .pth state dict of that model."
+                    ) from error
             else:
                 self._backend = PrecomputedBackend(
                     self.precomputed_path,
@@ -408,11 +431,44 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
 
     @staticmethod
     def _settings_check(settings: dict[str, Any]) -> None:
-        if settings["max_regions"] < 1:
-            raise ValueError(f"max_regions must be at least 1, got {settings['max_regions']}.")
-        if settings["batch_size"] < 1:
-            raise ValueError(f"batch_size must be at least 1, got {settings['batch_size']}.")
-        if settings["region_location_size"] not in LOCATION_SIZES:
+        """The one check of the extractor's settings (those present in `settings`): types, ranges, the `size`
+        layout, the weights settings' types. Raises TypeError/ValueError naming the setting, its value and what was
+        expected."""
+        for name, (kind, low, high) in _SETTING_RULES.items():
+            if name in settings:
+                _check_setting(name, settings[name], kind, low, high)
+        if "size" in settings:
+            size = settings["size"]
+            layouts = ({"height", "width"}, {"shortest_edge"}, {"shortest_edge", "longest_edge"})
+            if not isinstance(size, dict) or set(size) not in layouts:
+                raise ValueError(
+                    f"size must be {{'height': H, 'width': W}} or {{'shortest_edge': S[, 'longest_edge': L]}}, "
+                    f"got {size!r}."
+                )
+            for key, value in size.items():
+                _check_setting(f"size[{key!r}]", value, "int", 1, None)
+            if size.get("longest_edge", size.get("shortest_edge", 0)) < size.get("shortest_edge", 0):
+                raise ValueError(f"size['longest_edge'] must be >= size['shortest_edge'], got {size!r}.")
+        if "grid_sizes" in settings:
+            grid = settings["grid_sizes"]
+            if not isinstance(grid, (list, tuple)) or not grid:
+                raise ValueError(f"grid_sizes must be a non-empty list of positive integers, got {grid!r}.")
+            for i, n in enumerate(grid):
+                _check_setting(f"grid_sizes[{i}]", n, "int", 1, None)
+        for name in ("image_mean", "image_std"):
+            values = settings.get(name)
+            if values is None:
+                continue
+            if not isinstance(values, (list, tuple)) or len(values) != 3:
+                raise ValueError(f"{name} must be 3 numbers (one per RGB channel) or None, got {values!r}.")
+            for i, value in enumerate(values):
+                _check_setting(f"{name}[{i}]", value, "positive" if name == "image_std" else "float", None, None)
+        for name in ("backbone_weights", "detector_weights"):
+            weights = settings.get(name)
+            # A weights file is opened when the backend is built (a saved folder's own weights take precedence).
+            if weights is not None and not isinstance(weights, (str, os.PathLike)):
+                raise TypeError(f"{name} must be a path, a weights name or None, got {type(weights).__name__}.")
+        if "region_location_size" in settings and settings["region_location_size"] not in LOCATION_SIZES:
             raise ValueError(
                 f"region_location_size must be one of {LOCATION_SIZES}, got {settings['region_location_size']}."
             )
@@ -539,7 +595,16 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
     def _prepare_boxes(self, loaded: LoadedImage, boxes, box_format: str, settings) -> np.ndarray | None:
         if boxes is None:
             return None
-        boxes = clip_boxes(as_boxes(boxes, box_format), loaded.width, loaded.height)
+        given = as_boxes(boxes, box_format)
+        boxes = clip_boxes(given, loaded.width, loaded.height)
+        empty = np.flatnonzero((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1]))
+        if len(empty):
+            # A zero-area region would pool features from nowhere: refuse it instead.
+            j = int(empty[0])
+            raise ValueError(
+                f"boxes[{j}] = {given[j].tolist()} ({box_format}) has no area inside the {loaded.width}x"
+                f"{loaded.height} image ({len(empty)} such box(es)); expected boxes that overlap the image."
+            )
         if len(boxes) == 0:
             return None
         return boxes[: settings["max_regions"]]
@@ -658,6 +723,49 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
         self, images: Any = None, boxes: Any = None, return_tensors: str | None = None, **kwargs
     ) -> BatchFeature:
         return self.preprocess(images, boxes=boxes, return_tensors=return_tensors, **kwargs)
+
+
+# setting: (kind, lowest, highest), bounds inclusive (None: unbounded).
+_SETTING_RULES: dict[str, tuple[str, float | None, float | None]] = {
+    "max_regions": ("int", 1, None),
+    "min_regions": ("int", 0, None),
+    "score_threshold": ("float", 0.0, 1.0),
+    "nms_threshold": ("float", 0.0, 1.0),
+    "roi_pool_size": ("int", 1, None),
+    "return_class_probs": ("bool", None, None),
+    "batch_size": ("int", 1, None),
+    "max_image_pixels": ("int", 1, None),
+    "max_file_bytes": ("int", 1, None),
+    "min_image_side": ("int", 1, None),
+    "max_aspect_ratio": ("float", 1.0, None),
+    "max_decode_side": ("int", 1, None),
+    "apply_exif_orientation": ("bool", None, None),
+    "detector_num_classes": ("int", 2, None),
+}
+
+
+def _check_setting(name: str, value: Any, kind: str, low, high) -> None:
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}.")
+        return
+    integer = kind == "int"
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        expected = "an integer" if integer else "a number"
+        raise TypeError(f"{name} must be {expected}, got {value!r} ({type(value).__name__}).")
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}.")
+    if kind == "positive" and not value > 0:
+        raise ValueError(f"{name} must be positive, got {value!r}.")
+    if (low is not None and value < low) or (high is not None and value > high):
+        expected = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {expected}, got {value!r}.")
+
+
+def _looks_like_file(weights: str | os.PathLike) -> bool:
+    """Whether a weights setting names a local file (rather than a registry name such as "DEFAULT")."""
+    weights = str(weights)
+    return os.path.sep in weights or Path(weights).suffix in (".safetensors", ".pth", ".pt", ".bin")
 
 
 def check_region_sizes(feature_size: int, num_classes: int, config, location_size: int | None = None) -> None:
