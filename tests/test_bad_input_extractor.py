@@ -176,3 +176,23 @@ def test_a_saved_extractor_with_damaged_weights_names_the_file(tmp_path, extract
     (tmp_path / "roi_extractor.safetensors").write_bytes(b"damaged")
     with pytest.raises(ValueError, match=r"roi_extractor\.safetensors"):
         ImageBERTRoIExtractor.from_pretrained(tmp_path).extract(image)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [("region_features", math.nan), ("region_features", math.inf), ("region_boxes", math.nan)]
+)
+def test_precomputed_regions_with_nan_are_refused_naming_the_file(tmp_path, name, value):
+    from imagebert_hf.models.imagebert.roi_precomputed import write_npz_regions
+
+    record = {
+        "region_features": np.ones((3, 8), dtype=np.float32),
+        "region_boxes": np.array([[0, 0, 10, 10], [5, 5, 20, 20], [0, 0, 30, 30]], dtype=np.float32),
+        "image_width": 40,
+        "image_height": 40,
+    }
+    record[name][1, 2] = value
+    write_npz_regions(tmp_path / "img_a.npz", record)
+    extractor = ImageBERTRoIExtractor(backend="precomputed", precomputed_path=str(tmp_path))
+    with pytest.raises(RegionExtractionError, match=rf"img_a: {name} in the file contain NaN or infinite"):
+        extractor.extract(image_ids=["img_a"])
+    assert "NaN" in extractor.extract(image_ids=["img_a"], on_error="record")[0]["error"]

@@ -672,6 +672,9 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
                 raise ValueError(
                     f"features of size {raw['region_features'].shape[1]}, expected {backend.feature_size}"
                 )
+            for name in ("region_features", "region_boxes"):
+                if not np.isfinite(raw[name]).all():
+                    raise ValueError(f"{name} in the file contain NaN or infinite values")
         except (KeyError, ValueError, OSError) as error:
             reason = error.args[0] if isinstance(error, KeyError) else str(error)
             if on_error == "raise":
