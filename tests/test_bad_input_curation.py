@@ -109,7 +109,7 @@ def test_training_captions_stay_lists_of_captions(tmp_path):
     assert [item.split for item in items] == ["train", "val"] and items[0].path == tmp_path / "a.jpg"
 
 
-@pytest.mark.parametrize(("data", "named"), [(b"", "empty_image"), (b"<html>", "not_an_image")])
+@pytest.mark.parametrize(("data", "named"), [(b"", "empty file"), (b"<html>", "not a recognised image format")])
 def test_photo_statistics_names_an_unusable_file(tmp_path, data, named):
     from imagebert_hf.curation.training import photo_statistics
 
