@@ -393,3 +393,94 @@ def test_cache_counts_and_skips_bad_files(corpus, tiny_extractor, tmp_path):
     assert set(cache.keys()) == set(files.values()) - expected_bad
     with pytest.raises(KeyError, match="empty file"):
         cache[files["zero_bytes"]]
+
+
+# --------------------------------------------------------------------------------- the 12000 x 12000 PNG bomb
+# A 140 kB greyscale PNG that declares 12000 x 12000 pixels (144 M, over the 64 M limit, under PIL's own 179 M):
+# decoding it takes 137 MiB, more once converted. The size check must come before any pixel is decoded (reading a
+# PNG's EXIF decodes it), on every path.
+
+BOMB_SIDE = 12000
+
+
+@pytest.fixture(scope="module")
+def png_bomb_12000(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("bomb") / "bomb_12000.png"
+    path.write_bytes(png_zero_bomb(BOMB_SIDE, BOMB_SIDE))
+    return path
+
+
+def _bomb_paths():
+    """Every way a user hands us an image file or its bytes, and what each must answer."""
+    from imagebert_hf.curation.config import ImageFilterConfig
+    from imagebert_hf.curation.image_filters import decode_image
+    from imagebert_hf.curation.training import photo_statistics
+
+    def curation_stage(path):
+        image, _, _, reason = decode_image(Path(path).read_bytes(), ImageFilterConfig())
+        assert image is None and reason == "decompression_bomb"
+        raise ValueError(reason)  # the stage counts the reason; here it is the answer
+
+    def extractor(path):
+        ImageBERTRoIExtractor(backbone_name="test_efficientnet", backbone_weights=None).extract(str(path))
+
+    return {
+        "bytes": lambda path: load_image(Path(path).read_bytes()),
+        "file": lambda path: load_image(str(path)),
+        "datasets_dict": lambda path: load_image({"bytes": Path(path).read_bytes(), "path": None}),
+        "extractor": extractor,
+        "curation_stage": curation_stage,
+        "curation_training": photo_statistics,
+    }
+
+
+BOMB_PATHS = ["bytes", "file", "datasets_dict", "extractor", "curation_stage", "curation_training"]
+
+
+@pytest.mark.parametrize("name", BOMB_PATHS)
+def test_bomb_is_refused_before_any_pixel_is_decoded(png_bomb_12000, monkeypatch, name):
+    from PIL import ImageFile, ImageOps
+
+    decoded = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self, *a: decoded.append("load") or 1 / 0)
+    monkeypatch.setattr(ImageOps, "exif_transpose", lambda image, **k: decoded.append("exif_transpose") or 1 / 0)
+    try:
+        _bomb_paths()[name](png_bomb_12000)
+    except ZeroDivisionError:
+        pass  # reached a decode: the list says which
+    except (ImageLoadError, ValueError) as error:
+        assert "12000x12000" in str(error) or "decompression_bomb" in str(error), str(error)
+    assert decoded == [], f"{name}: {decoded} ran before the size check"
+
+
+def _reset_peak_rss() -> bool:
+    """Resets the process's peak resident memory (Linux `clear_refs`); False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+@pytest.mark.parametrize("name", BOMB_PATHS)
+def test_bomb_memory_stays_bounded(png_bomb_12000, name):
+    """Peak memory while each path refuses the bomb, measured from a reset peak (a test session's earlier peak
+    would hide the growth otherwise)."""
+    call = _bomb_paths()[name]
+    data = png_bomb_12000.read_bytes()  # the file is read before the peak is reset
+    assert data
+    if not _reset_peak_rss():
+        pytest.skip("the peak resident memory cannot be reset here (needs Linux /proc/self/clear_refs)")
+    before = _peak_rss_mib()
+    with pytest.raises((ImageLoadError, ValueError), match="12000x12000|decompression_bomb"):
+        call(png_bomb_12000)
+    grown = _peak_rss_mib() - before
+    # Decoding would take 137 MiB at least; the refused header costs a few.
+    assert grown < 48, f"{name}: peak memory grew by {grown:.0f} MiB"

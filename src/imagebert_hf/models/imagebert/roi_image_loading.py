@@ -215,12 +215,13 @@ def _decode_bytes(
             ) from None
         width, height = image.size
         try:
-            # EXIF orientations 5-8 swap the axes; the limits apply to the displayed image. (Reading the EXIF
-            # of a PNG can already decode data, hence inside the guard.)
+            # The header's size is checked before anything else is read: the limits do not depend on which side
+            # is which, and reading the EXIF of a PNG decodes the whole image when the EXIF follows the pixels.
+            _check_geometry(source, width, height, max_image_pixels, min_side, max_aspect)
+            # EXIF orientations 5-8 swap the axes of the displayed image (the frame of all boxes).
             orientation = image.getexif().get(0x0112, 1) if apply_exif_orientation else 1
             if orientation in (5, 6, 7, 8):
                 width, height = height, width
-            _check_geometry(source, width, height, max_image_pixels, min_side, max_aspect)
             if getattr(image, "is_animated", False):
                 image.seek(0)
             if image.format == "JPEG" and max(width, height) > draft_margin * max_decode_side:
