@@ -129,30 +129,94 @@ class ImageBERTProcessor(ProcessorMixin):
         Returns:
             A `BatchFeature` of model inputs.
         """
+        texts, records = self._check_call(images, text, regions, padding, max_length, max_regions)
+        max_length = self.max_text_length if max_length is None else max_length
+        max_regions = self.max_regions if max_regions is None else max_regions
+        data: dict[str, Any] = {}
+        if texts is not None:
+            data.update(self._encode_text(texts, padding, truncation, max_length))
+        if images is not None:
+            extractor_kwargs.setdefault("max_regions", max_regions)
+            records = self.image_processor.extract(images, boxes=boxes, box_format=box_format, **extractor_kwargs)
+        elif boxes is not None or extractor_kwargs:
+            raise ValueError(f"boxes and extractor settings {sorted(extractor_kwargs)} need images.")
+        if records is not None:
+            if texts is not None and len(records) != len(texts):
+                raise ValueError(f"got {len(texts)} texts and {len(records)} images/regions; give one text per image.")
+            self._check_records(records, return_region_labels)
+            data.update(self._pad_regions(records, padding, max_regions, return_region_labels))
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _check_call(self, images, text, regions, padding, max_length, max_regions):
+        """The processor's one input check: text types and emptiness, lengths, what is given with what. Returns the
+        texts and the region records as lists (None where not given). Region records are checked by
+        `_check_records` once they exist."""
         if padding not in PADDING:
             raise ValueError(f"padding must be one of {PADDING} (regions cannot be ragged), got {padding!r}.")
         if images is not None and regions is not None:
             raise ValueError("pass images or regions, not both.")
         if images is None and regions is None and text is None:
             raise ValueError("pass at least text, images or regions.")
-        data: dict[str, Any] = {}
-        batch_size = None
+        for name, value, lowest in (("max_length", max_length, 2), ("max_regions", max_regions, 1)):
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__}).")
+            if value < lowest:
+                raise ValueError(f"{name} must be at least {lowest}, got {value}.")
+        texts = None
         if text is not None:
-            texts = [text] if isinstance(text, str) else list(text)
-            data.update(self._encode_text(texts, padding, truncation, max_length or self.max_text_length))
-            batch_size = len(texts)
-        if images is not None:
-            max_count = max_regions or self.max_regions
-            extractor_kwargs.setdefault("max_regions", max_count)
-            regions = self.image_processor.extract(images, boxes=boxes, box_format=box_format, **extractor_kwargs)
-        elif boxes is not None or extractor_kwargs:
-            raise ValueError(f"boxes and extractor settings {sorted(extractor_kwargs)} need images.")
+            if isinstance(text, str):
+                texts = [text]
+            elif isinstance(text, (Sequence, np.ndarray)):
+                texts = list(text)
+            else:
+                raise TypeError(f"text must be a string or a list of strings, got {type(text).__name__}.")
+            if not texts:
+                raise ValueError("text is an empty list: give one string per sample.")
+            for i, item in enumerate(texts):
+                if not isinstance(item, str):
+                    raise TypeError(f"text[{i}] must be a string, got {type(item).__name__} {item!r:.60}.")
+                if not item.strip():
+                    raise ValueError(f"text[{i}] is empty ({item!r}); give every sample some text.")
+        records = None
         if regions is not None:
-            records = [regions] if isinstance(regions, dict) else list(regions)
-            if batch_size is not None and len(records) != batch_size:
-                raise ValueError(f"got {batch_size} texts and {len(records)} images/regions; give one text per image.")
-            data.update(self._pad_regions(records, padding, max_regions or self.max_regions, return_region_labels))
-        return BatchFeature(data=data, tensor_type=return_tensors)
+            if isinstance(regions, dict):
+                records = [regions]
+            elif isinstance(regions, Sequence) and not isinstance(regions, (str, bytes)):
+                records = list(regions)
+            else:
+                raise TypeError(
+                    f"regions must be a region record (dict) or a list of them, got {type(regions).__name__}."
+                )
+            if not records:
+                raise ValueError("regions is an empty list: give one region record per sample.")
+            for i, record in enumerate(records):
+                if not isinstance(record, dict):
+                    raise TypeError(f"regions[{i}] must be a region record (dict), got {type(record).__name__}.")
+        return texts, records
+
+    def _check_records(self, records: list[dict[str, Any]], return_labels: bool) -> None:
+        """Values that padding cannot see: NaN/inf features or locations, class labels beyond the extractor's
+        classes (never clamped: a wrong label would be trained on)."""
+        num_classes = self.image_processor.num_object_classes if return_labels else 0
+        for i, record in enumerate(records):
+            if record.get("error"):
+                continue  # padding names the failed record
+            for name in ("region_features", "region_locations"):
+                if name in record and not np.isfinite(np.asarray(record[name], dtype=np.float32)).all():
+                    raise ValueError(
+                        f"regions[{i}] ({record.get('image_id')}): {name} contain NaN or infinite values."
+                    )
+            labels = record.get("region_class_labels")
+            if return_labels and labels is not None and num_classes:
+                labels = np.asarray(labels)
+                bad = (labels != -100) & ((labels < 0) | (labels >= num_classes))
+                if bad.any():
+                    raise ValueError(
+                        f"regions[{i}] ({record.get('image_id')}): region_class_labels {labels[bad][:5].tolist()} "
+                        f"are outside [0, {num_classes}) (the extractor's classes; -100 for none)."
+                    )
 
     def _encode_text(self, texts: list[str], padding: str, truncation: bool, max_length: int) -> dict[str, np.ndarray]:
         encoded = self.tokenizer(
