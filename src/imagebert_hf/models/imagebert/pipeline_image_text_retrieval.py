@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import AutoModel, Pipeline
 from transformers.utils import logging
@@ -33,6 +34,15 @@ logger = logging.get_logger(__name__)
 
 MODES = ("rank_texts", "rank_images", "pairs")
 QUERY_KEYS = ("images", "texts", "image", "text")
+
+
+def _positive_int(name: str, value: Any) -> int:
+    """`value` as a count of at least 1; anything else (0, 2.5, "3", True) raises naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be a positive integer, got {value!r} ({type(value).__name__}).")
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}.")
+    return int(value)
 
 
 def _describe(item: Any) -> str:
@@ -198,17 +208,11 @@ class ImageTextRetrievalPipeline(Pipeline):
             preprocess["index"] = index
         batch_size = pair_batch_size if pair_batch_size is not None else batch_size
         if batch_size is not None:
-            if int(batch_size) < 1:
-                raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
-            preprocess["batch_size"] = forward["batch_size"] = int(batch_size)
+            preprocess["batch_size"] = forward["batch_size"] = _positive_int("batch_size", batch_size)
         if shortlist_k is not None:
-            if int(shortlist_k) < 1:
-                raise ValueError(f"shortlist_k must be at least 1, got {shortlist_k}.")
-            forward["shortlist_k"] = int(shortlist_k)
+            forward["shortlist_k"] = _positive_int("shortlist_k", shortlist_k)
         if top_k is not None:
-            if int(top_k) < 1:
-                raise ValueError(f"top_k must be at least 1, got {top_k}.")
-            postprocess["top_k"] = forward["top_k"] = int(top_k)
+            postprocess["top_k"] = forward["top_k"] = _positive_int("top_k", top_k)
         return preprocess, forward, postprocess
 
     def __call__(self, inputs=None, images=None, texts=None, **kwargs):
@@ -231,7 +235,10 @@ class ImageTextRetrievalPipeline(Pipeline):
             inputs = {"images": images if inputs is None else inputs, "texts": texts}
         # `batch_size` here means pairs per cross-encoder pass; the data loader of `Pipeline.__call__` takes one
         # query at a time (a query is already a batch of pairs).
-        pair_batch_size = kwargs.pop("batch_size", None) or self._batch_size
+        pair_batch_size = kwargs.pop("batch_size", None)
+        pair_batch_size = (
+            self._batch_size if pair_batch_size is None else pair_batch_size
+        )  # 0 is refused, not replaced
         if pair_batch_size is not None:
             kwargs["pair_batch_size"] = pair_batch_size
         return super().__call__(inputs, batch_size=1, **kwargs)
@@ -250,6 +257,8 @@ class ImageTextRetrievalPipeline(Pipeline):
         for position, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"texts[{position}] is a {type(text).__name__}; expected a string.")
+            if not text.strip():
+                raise ValueError(f"texts[{position}] is empty ({text!r}); every text needs some words to score.")
         encoded = self.processor(text=list(texts), return_tensors="pt")
         out = {key: encoded[key] for key in TEXT_KEYS if key in encoded}
         out.setdefault("attention_mask", torch.ones_like(out["input_ids"]))
@@ -270,6 +279,14 @@ class ImageTextRetrievalPipeline(Pipeline):
                     )
                 elif item.get("error"):
                     errors.append(f"images[{position}] ({_describe(item)}): its extraction failed: {item['error']}")
+                else:
+                    for name in ("region_features", "region_locations"):
+                        values = item[name]
+                        values = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else values
+                        if not np.isfinite(np.asarray(values, dtype=np.float32)).all():
+                            errors.append(
+                                f"images[{position}] ({_describe(item)}): {name} contain NaN or infinite values"
+                            )
                 records[position] = item
             elif extractor is None:
                 errors.append(
