@@ -67,6 +67,8 @@ class DataCollatorForImageBERTPretraining:
             own longest sample.
         return_region_class_probs (`bool`, defaults to `True`): Return `region_class_probs` when features have it.
         count_failed (`bool`, defaults to `False`): Add `num_failed_records` (dropped `None` features) to the batch.
+        num_object_classes (`int`, *optional*): The MOC head's classes; a `region_class_labels` value outside
+            `[0, num_object_classes)` (other than -100) then raises, naming the sample, instead of reaching the loss.
         seed (`int`, *optional*): Seed of the generator used for samples without `sample_seed`.
     """
 
@@ -84,6 +86,7 @@ class DataCollatorForImageBERTPretraining:
     return_region_class_probs: bool = True
     count_failed: bool = False
     seed: int | None = None
+    num_object_classes: int | None = None
 
     def __post_init__(self):
         for name in (
@@ -234,6 +237,7 @@ class DataCollatorForImageBERTPretraining:
             regions["region_class_labels"] = _as_tensor(feature["region_class_labels"], torch.long)
         if self.return_region_class_probs and feature.get("region_class_probs") is not None:
             regions["region_class_probs"] = _as_tensor(feature["region_class_probs"], torch.float32)
+        self._check_values(feature, input_ids, regions)
         for key, value in regions.items():
             if value.shape[0] != num_regions:
                 raise ValueError(f"{key} has {value.shape[0]} rows but region_features has {num_regions}.")
@@ -252,6 +256,32 @@ class DataCollatorForImageBERTPretraining:
         if "itm_labels" in feature and feature["itm_labels"] is not None:
             sample["itm_labels"] = feature["itm_labels"]
         return sample
+
+    def _check_values(self, feature: dict, input_ids: torch.Tensor, regions: dict[str, torch.Tensor]) -> None:
+        """The values a model would fail on deep inside (or train on silently): token ids beyond the tokenizer,
+        NaN/inf regions, class labels beyond the MOC head, ITM labels other than 0/1. Checked here, on the data
+        loader's side, so the training step needs no check that waits for the device."""
+        name = f"sample {feature.get('image_id')!r}"
+        vocab = len(self.tokenizer)
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+            raise ValueError(
+                f"{name}: input_ids hold {int(input_ids.min())}..{int(input_ids.max())}, outside the tokenizer's "
+                f"{vocab} ids (was the text tokenized with another tokenizer?)."
+            )
+        for key in ("region_features", "region_locations"):
+            if not torch.isfinite(regions[key]).all():
+                raise ValueError(f"{name}: {key} contain NaN or infinite values.")
+        labels = regions.get("region_class_labels")
+        if labels is not None and self.num_object_classes is not None:
+            bad = (labels != -100) & ((labels < 0) | (labels >= self.num_object_classes))
+            if bad.any():
+                raise ValueError(
+                    f"{name}: region_class_labels {labels[bad][:5].tolist()} are outside [0, "
+                    f"{self.num_object_classes}) (num_object_classes; -100 for none), and are never clamped."
+                )
+        itm = feature.get("itm_labels")
+        if itm is not None and (isinstance(itm, bool) or int(itm) not in (0, 1) or int(itm) != itm):
+            raise ValueError(f"{name}: itm_labels must be 0 or 1, got {itm!r}.")
 
     def _pad(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         batch_size = len(samples)

@@ -184,6 +184,7 @@ def build_stage_data(stage: StageSpec, tokenizer, config, seed: int, num_workers
         return_region_class_probs=config.moc_loss_type == "kl",
         count_failed=True,
         seed=seed,
+        num_object_classes=config.num_object_classes,
     )
     if isinstance(sources[0], StreamingPairSource):
         # Each process reads its own part of the streams: the loader is used as it is, not sharded by accelerate.
