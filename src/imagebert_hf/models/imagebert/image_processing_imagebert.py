@@ -12,6 +12,7 @@ from transformers.image_processing_base import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.utils import logging
 
+from .configuration_imagebert import _check_field
 from .region_batching import pad_region_records
 from .roi_backends import BackboneBackend, DetectorBackend, PrecomputedBackend, RegionBackend
 from .roi_boxes import LOCATION_SIZES, as_boxes, box_locations, clip_boxes, grid_boxes
@@ -436,7 +437,7 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
         expected."""
         for name, (kind, low, high) in _SETTING_RULES.items():
             if name in settings:
-                _check_setting(name, settings[name], kind, low, high)
+                _check_field(name, settings[name], kind, low, high)
         if "size" in settings:
             size = settings["size"]
             layouts = ({"height", "width"}, {"shortest_edge"}, {"shortest_edge", "longest_edge"})
@@ -446,7 +447,7 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
                     f"got {size!r}."
                 )
             for key, value in size.items():
-                _check_setting(f"size[{key!r}]", value, "int", 1, None)
+                _check_field(f"size[{key!r}]", value, "int", 1, None)
             if size.get("longest_edge", size.get("shortest_edge", 0)) < size.get("shortest_edge", 0):
                 raise ValueError(f"size['longest_edge'] must be >= size['shortest_edge'], got {size!r}.")
         if "grid_sizes" in settings:
@@ -454,7 +455,7 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
             if not isinstance(grid, (list, tuple)) or not grid:
                 raise ValueError(f"grid_sizes must be a non-empty list of positive integers, got {grid!r}.")
             for i, n in enumerate(grid):
-                _check_setting(f"grid_sizes[{i}]", n, "int", 1, None)
+                _check_field(f"grid_sizes[{i}]", n, "int", 1, None)
         for name in ("image_mean", "image_std"):
             values = settings.get(name)
             if values is None:
@@ -462,7 +463,7 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
             if not isinstance(values, (list, tuple)) or len(values) != 3:
                 raise ValueError(f"{name} must be 3 numbers (one per RGB channel) or None, got {values!r}.")
             for i, value in enumerate(values):
-                _check_setting(f"{name}[{i}]", value, "positive" if name == "image_std" else "float", None, None)
+                _check_field(f"{name}[{i}]", value, "positive" if name == "image_std" else "float", None, None)
         for name in ("backbone_weights", "detector_weights"):
             weights = settings.get(name)
             # A weights file is opened when the backend is built (a saved folder's own weights take precedence).
@@ -728,7 +729,7 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
         return self.preprocess(images, boxes=boxes, return_tensors=return_tensors, **kwargs)
 
 
-# setting: (kind, lowest, highest), bounds inclusive (None: unbounded).
+# setting: (kind, lowest, highest), bounds inclusive (None: unbounded), checked as the config's fields are.
 _SETTING_RULES: dict[str, tuple[str, float | None, float | None]] = {
     "max_regions": ("int", 1, None),
     "min_regions": ("int", 0, None),
@@ -745,24 +746,6 @@ _SETTING_RULES: dict[str, tuple[str, float | None, float | None]] = {
     "apply_exif_orientation": ("bool", None, None),
     "detector_num_classes": ("int", 2, None),
 }
-
-
-def _check_setting(name: str, value: Any, kind: str, low, high) -> None:
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be True or False, got {value!r}.")
-        return
-    integer = kind == "int"
-    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
-        expected = "an integer" if integer else "a number"
-        raise TypeError(f"{name} must be {expected}, got {value!r} ({type(value).__name__}).")
-    if not np.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}.")
-    if kind == "positive" and not value > 0:
-        raise ValueError(f"{name} must be positive, got {value!r}.")
-    if (low is not None and value < low) or (high is not None and value > high):
-        expected = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be {expected}, got {value!r}.")
 
 
 def _looks_like_file(weights: str | os.PathLike) -> bool:
