@@ -126,3 +126,15 @@ def test_a_good_manifest_reads_with_boxes(tmp_path):
     path = _write(tmp_path, _line({"objects": [{"bbox_xywh": [1, 2, 3, 4], "label": "dog", "class_id": 17}]}))
     records = read_manifest(path)
     assert len(records) == 4 and records[2].boxes == ((1.0, 2.0, 4.0, 6.0),) and records[2].box_class_ids == (17,)
+
+
+def test_pretraining_sources_follow_outside_paths_only_with_the_option(tmp_path):
+    from imagebert_hf.data.sources import ManifestPairSource
+
+    path = tmp_path / "data" / "captions.jsonl"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"image": str(tmp_path / "elsewhere.jpg"), "captions": ["A dog."]}) + "\n")
+    with pytest.raises(ManifestError, match="captions.jsonl:1: 'image' .* allow_outside_root"):
+        ManifestPairSource(path)
+    source = ManifestPairSource(path, allow_outside_root=True)
+    assert len(source) == 1

@@ -72,6 +72,7 @@ class ManifestPairSource(PairSource):
         key_field (`str`, defaults to `"image"`): The field used as the image key (the region cache's key).
         max_captions_per_image (`int`, *optional*): Use at most this many captions of each image.
         name (`str`, *optional*): Name used in logs (the manifest's folder name by default).
+        allow_outside_root (`bool`, defaults to `False`): Follow image paths that leave `image_root`.
     """
 
     def __init__(
@@ -82,6 +83,7 @@ class ManifestPairSource(PairSource):
         key_field: str = "image",
         max_captions_per_image: int | None = None,
         name: str | None = None,
+        allow_outside_root: bool = False,
     ):
         from .manifest import iter_manifest
 
@@ -90,7 +92,7 @@ class ManifestPairSource(PairSource):
             raise FileNotFoundError(f"manifest {manifest} does not exist.")
         self._paths: dict[str, Path] = {}
         pairs = []
-        for record in iter_manifest(manifest, image_root):
+        for record in iter_manifest(manifest, image_root, allow_outside_root):
             if splits is not None and record.extra.get("split") not in splits:
                 continue
             # The region cache keys items by the manifest's image path, the default key here too.

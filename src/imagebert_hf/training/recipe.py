@@ -56,6 +56,7 @@ class SourceSpec:
     split: str = "train"
     # manifest
     image_root: str | None = None
+    allow_outside_root: bool = False
     splits: list[str] | None = None
     key_field: str = "image"
     max_captions_per_image: int | None = None

@@ -140,6 +140,7 @@ def build_source(spec: SourceSpec, feature_size: int) -> tuple[PairSource | Stre
             key_field=spec.key_field,
             max_captions_per_image=spec.max_captions_per_image,
             name=spec.name,
+            allow_outside_root=spec.allow_outside_root,
         )
     elif spec.type == "hf_dataset":
         source = DatasetPairSource(spec.path, spec.text_column, spec.image_column, spec.id_column, name=spec.name)
