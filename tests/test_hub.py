@@ -132,6 +132,10 @@ def test_push_uploads_exactly_model_processor_code_and_card(model_and_processor)
         "roi_image_loading.py",
         "roi_offline_weights.py",
         "roi_precomputed.py",
+        "roi_butd.py",
+        "region_batching.py",
+        "retrieval_index.py",
+        "modeling_auto.py",
         "roi_extractor.safetensors",
     }
     assert expected <= set(hub.files)
