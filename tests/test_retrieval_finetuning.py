@@ -19,6 +19,7 @@ from imagebert_hf.data.retrieval import (
     load_manifest_records,
 )
 from imagebert_hf.data.synthetic import make_synthetic_examples, make_synthetic_tokenizer, synthetic_region_record
+from imagebert_hf.training.retrieval import RetrievalTrainingModel, parse_loss_weights
 
 from .testing_utils import FLICKR_DIR, PROJECT_ROOT, require_shared_data, tiny_config_kwargs
 
@@ -142,9 +143,8 @@ def test_collator_builds_groups(corpus):
     [{"binary": 1.0}, {"multiclass": 1.0}, {"triplet": 1.0}, {"binary": 1.0, "multiclass": 0.5, "triplet": 2.0}],
 )
 def test_one_training_step_per_loss(corpus, weights):
-    run_retrieval = _load_example("run_retrieval")
     model = _model(corpus, retrieval_loss_weights=weights)
-    wrapper = run_retrieval.RetrievalTrainingModel(model, contrastive_weight=0.5)
+    wrapper = RetrievalTrainingModel(model, contrastive_weight=0.5)
     collator = DataCollatorForImageTextRetrieval(corpus, RandomNegativeSampler(corpus, 3, "both", seed=0))
     batch = collator(list(range(4)))
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -161,12 +161,11 @@ def test_one_training_step_per_loss(corpus, weights):
 
 
 def test_loss_weight_flag_parsing():
-    run_retrieval = _load_example("run_retrieval")
-    assert run_retrieval.parse_loss_weights("binary=1, triplet=0.5") == {"binary": 1.0, "triplet": 0.5}
+    assert parse_loss_weights("binary=1, triplet=0.5") == {"binary": 1.0, "triplet": 0.5}
     with pytest.raises(ValueError, match="name=weight"):
-        run_retrieval.parse_loss_weights("contrastive=1")
+        parse_loss_weights("contrastive=1")
     with pytest.raises(ValueError, match="turns every retrieval loss off"):
-        run_retrieval.parse_loss_weights("binary=0")
+        parse_loss_weights("binary=0")
 
 
 def test_script_trains_checkpoints_and_resumes(tmp_path):

@@ -1,7 +1,8 @@
-"""Multi-stage pretraining with Accelerate: recipes, the training loop, crash-safe checkpoints and loss plots.
+"""Training with Accelerate: multi-stage pretraining (recipes, `run_pretraining`) and retrieval fine-tuning
+(`run_retrieval_finetuning`), on one training loop with crash-safe checkpoints and loss plots.
 
 The loop pieces (`build_accelerator`, `build_optimizer`, `build_scheduler`, `train_loop`, `save_checkpoint`,
-`load_checkpoint`, `plot_losses`) are generic, so retrieval fine-tuning runs on them too.
+`load_checkpoint`, `plot_losses`) are generic; both kinds of training run on them.
 """
 
 from .arguments import PretrainingArguments
@@ -16,6 +17,7 @@ from .loop import (
 )
 from .plots import plot_losses
 from .recipe import Recipe, RecipeError, load_recipe, recipe_from_dict
+from .retrieval import RetrievalArguments, RetrievalTrainingModel, run_retrieval_finetuning
 from .stages import PretrainingRunOptions, run_pretraining
 
 
@@ -24,6 +26,8 @@ __all__ = [
     "PretrainingRunOptions",
     "Recipe",
     "RecipeError",
+    "RetrievalArguments",
+    "RetrievalTrainingModel",
     "TooManyFailedRecords",
     "TrainState",
     "TrainingStopped",
@@ -36,6 +40,7 @@ __all__ = [
     "plot_losses",
     "recipe_from_dict",
     "run_pretraining",
+    "run_retrieval_finetuning",
     "save_checkpoint",
     "train_loop",
 ]

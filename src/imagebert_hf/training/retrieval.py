@@ -1,0 +1,375 @@
+"""Retrieval fine-tuning with Accelerate (binary, multi-class, triplet or a weighted mix), on the shared loop.
+
+`examples/run_retrieval.py` parses `RetrievalArguments` and calls `run_retrieval_finetuning`. Each positive
+caption-image pair comes with `num_negatives` negatives (other captions or other images, at random or the hardest of
+a scored pool); the unimodal heads that shortlist candidates learn alongside with a contrastive loss over the batch's
+positives (`RetrievalTrainingModel`). Checkpoints, resumption, logging and the loss plot work as in pretraining.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers.utils import ModelOutput
+
+from ..data.retrieval import (
+    DataCollatorForImageTextRetrieval,
+    HardNegativeSampler,
+    RandomNegativeSampler,
+    RetrievalCorpus,
+    RetrievalPairDataset,
+    load_karpathy_split,
+    load_manifest_records,
+    region_cache_lookup,
+)
+from .checkpointing import (
+    TrainState,
+    latest_checkpoint,
+    load_checkpoint,
+    publish_folder,
+    remove_partial_checkpoints,
+    save_model,
+)
+from .loop import TrainingStopped, build_accelerator, build_optimizer, build_scheduler, train_loop
+from .plots import plot_losses
+
+
+LOSS_NAMES = ("binary", "multiclass", "triplet", "contrastive")
+
+
+@dataclass
+class RetrievalArguments:
+    """Flags of `examples/run_retrieval.py` (`HfArgumentParser` dataclass)."""
+
+    output_dir: str = field(metadata={"help": "Where checkpoints, the final model, logs and plots go."})
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "ImageBERT checkpoint to start from (e.g. a pretraining stage's final/)."}
+    )
+    train_file: str | None = field(
+        default=None,
+        metadata={"help": "Karpathy split file (dataset_coco.json, dataset_flickr30k.json) or a jsonl manifest."},
+    )
+    image_root: str | None = field(default=None, metadata={"help": "Folder the Karpathy image paths start from."})
+    train_split: str = field(
+        default="train", metadata={"help": "Split(s) to train on, comma-separated (COCO: train,restval)."}
+    )
+    eval_split: str | None = field(default=None, metadata={"help": "Split to evaluate on at the end (e.g. test)."})
+    region_cache: str | None = field(
+        default=None, metadata={"help": "Region cache folder (imagebert-extract-regions)."}
+    )
+    synthetic_images: int | None = field(
+        default=None, metadata={"help": "Train on this many generated images instead of files (demo and tests)."}
+    )
+    eval_images: int = field(default=100, metadata={"help": "Held-out generated images evaluated at the end."})
+    max_images: int | None = field(default=None, metadata={"help": "Use only the first images of each split."})
+    captions_per_image: int | None = field(default=None, metadata={"help": "Keep at most this many captions."})
+    loss_weights: str = field(
+        default="binary=1", metadata={"help": "Retrieval losses and weights, e.g. binary=1,multiclass=0.5,triplet=1."}
+    )
+    contrastive_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the contrastive loss of the shortlist heads (0: not trained)."}
+    )
+    num_negatives: int = field(default=3, metadata={"help": "Negatives per positive (the paper's P)."})
+    negative_type: str = field(default="both", metadata={"help": "'text', 'image' or 'both' (random mix)."})
+    hard_negatives: bool = field(default=False, metadata={"help": "Mine the hardest of a scored random pool."})
+    hard_pool_size: int = field(default=16, metadata={"help": "Candidates scored per positive when mining."})
+    seed: int = field(default=42, metadata={"help": "Seed of initialisation, data order and negatives."})
+    max_steps: int | None = field(default=None, metadata={"help": "Optimizer steps (overrides num_epochs)."})
+    num_epochs: float = field(default=1.0, metadata={"help": "Epochs over the training captions."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Positives per process and micro-batch."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate (the paper: 5e-5)."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "Share of steps with linear warmup."})
+    lr_scheduler_type: str = field(default="linear", metadata={"help": "A transformers scheduler name."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    logging_steps: int = field(default=10, metadata={"help": "Log losses every this many steps."})
+    checkpointing_steps: int | None = field(default=None, metadata={"help": "Save the training state this often."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
+    resume: bool = field(default=False, metadata={"help": "Continue from the last complete checkpoint."})
+    stop_after_steps: int | None = field(default=None, metadata={"help": "Stop as if killed (resumption tests)."})
+    report_to: str = field(default="tensorboard", metadata={"help": "Accelerate tracker, or 'none'."})
+    mixed_precision: str | None = field(
+        default=None, metadata={"help": "'no', 'fp16' or 'bf16' to override the accelerate launch config."}
+    )
+    cpu: bool = field(default=False, metadata={"help": "Train on the CPU even when a GPU is present."})
+    eval_batch_size: int = field(default=256, metadata={"help": "Pairs per forward pass when evaluating."})
+    eval_shortlist_k: int | None = field(
+        default=None, metadata={"help": "Also evaluate shortlist + re-rank with this k."}
+    )
+    push_to_hub: bool = field(default=False, metadata={"help": "Push model, processor and card when done."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository for push_to_hub."})
+
+
+def parse_loss_weights(text: str) -> dict[str, float]:
+    weights = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        if name not in LOSS_NAMES[:3] or not value:
+            raise ValueError(f"--loss_weights takes name=weight with names {LOSS_NAMES[:3]}; got {item!r}.")
+        weights[name] = float(value)
+    if not any(weights.values()):
+        raise ValueError(f"--loss_weights {text!r} turns every retrieval loss off.")
+    return weights
+
+
+class RetrievalTrainingModel(torch.nn.Module):
+    """The cross-encoder's retrieval losses plus the contrastive loss of its unimodal heads, as one module, so the
+    shared Accelerate loop (one forward, one `loss`) trains both."""
+
+    def __init__(self, model, contrastive_weight: float = 1.0):
+        super().__init__()
+        self.model = model
+        self.contrastive_weight = contrastive_weight
+
+    def forward(self, labels, group_size, positive_index, **inputs) -> ModelOutput:
+        outputs = self.model(**inputs, labels=labels, group_size=group_size)
+        losses = {f"{name}_loss": getattr(outputs, f"{name}_loss") for name in LOSS_NAMES[:3]}
+        result = ModelOutput(loss=outputs.loss, **{key: value for key, value in losses.items() if value is not None})
+        if self.contrastive_weight and positive_index.numel() > 1:
+            text = {key: inputs[key][positive_index] for key in ("input_ids", "attention_mask", "token_type_ids")}
+            regions = {
+                key: inputs[key][positive_index]
+                for key in ("region_features", "region_locations", "region_attention_mask")
+            }
+            contrastive = self.model.contrastive_loss(
+                self.model.get_text_embeddings(**text), self.model.get_region_embeddings(**regions)
+            )
+            result["contrastive_loss"] = contrastive
+            result["loss"] = outputs.loss + self.contrastive_weight * contrastive
+        return result
+
+
+def build_corpora(args: RetrievalArguments, tokenizer, config) -> tuple[RetrievalCorpus, RetrievalCorpus | None]:
+    """The training corpus and the evaluation corpus (None when no evaluation split is asked for)."""
+    if args.synthetic_images:
+        from ..data.synthetic import make_synthetic_examples, synthetic_region_record
+
+        examples = make_synthetic_examples(args.synthetic_images + args.eval_images, seed=args.seed, image_size=32)
+        regions = [synthetic_region_record(example, config.region_feature_size) for example in examples]
+
+        def corpus(part: slice) -> RetrievalCorpus:
+            return RetrievalCorpus.from_records(
+                examples[part], tokenizer, regions[part], config.max_text_length, config.max_regions
+            )
+
+        train = corpus(slice(0, args.synthetic_images))
+        return train, corpus(slice(args.synthetic_images, None)) if args.eval_images else None
+
+    if args.train_file is None:
+        raise ValueError("give --train_file (with --region_cache) or --synthetic_images.")
+    if args.region_cache is None:
+        raise ValueError("--train_file needs --region_cache: extract the regions once with imagebert-extract-regions.")
+    from ..regions.feature_cache import load_region_cache
+
+    cache = load_region_cache(args.region_cache)
+
+    def read(split: str) -> list[dict]:
+        if args.train_file.endswith(".json"):
+            return load_karpathy_split(args.train_file, split.split(","), args.image_root, args.max_images)
+        return load_manifest_records(args.train_file, split, args.max_images)
+
+    def corpus(split: str) -> RetrievalCorpus:
+        return RetrievalCorpus.from_records(
+            read(split),
+            tokenizer,
+            region_cache_lookup(cache),
+            config.max_text_length,
+            config.max_regions,
+            args.captions_per_image,
+        )
+
+    return corpus(args.train_split), corpus(args.eval_split) if args.eval_split else None
+
+
+def load_model_and_tokenizer(args: RetrievalArguments, loss_weights: dict[str, float]):
+    from ..models.imagebert import ImageBERTConfig, ImageBERTForImageTextRetrieval
+
+    overrides = {"retrieval_loss_weights": loss_weights, "retrieval_num_negatives": args.num_negatives}
+    if args.model_name_or_path is not None:
+        from transformers import AutoTokenizer
+
+        model = ImageBERTForImageTextRetrieval.from_pretrained(args.model_name_or_path, **overrides)
+        try:  # a checkpoint saved with its processor keeps it, so the fine-tuned folder serves the pipeline
+            from transformers import AutoProcessor
+
+            processor = AutoProcessor.from_pretrained(args.model_name_or_path)
+            if getattr(processor, "image_processor", None) is not None:
+                return model, processor.tokenizer, processor
+        except (OSError, ValueError, KeyError):
+            pass
+        return model, AutoTokenizer.from_pretrained(args.model_name_or_path), None
+    if not args.synthetic_images:
+        raise ValueError("--model_name_or_path is needed unless --synthetic_images builds a tiny model.")
+    from ..data.synthetic import make_synthetic_tokenizer
+
+    tokenizer = make_synthetic_tokenizer()
+    config = ImageBERTConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        region_feature_size=32,
+        num_object_classes=24,
+        max_regions=8,
+        max_text_length=16,
+        contrastive_embedding_size=32,
+        **overrides,
+    )
+    return ImageBERTForImageTextRetrieval(config), tokenizer, None
+
+
+def evaluate(model, corpus: RetrievalCorpus, args: RetrievalArguments, output_dir: Path) -> dict:
+    from ..evaluation.plots import plot_recall_curves, plot_score_histograms
+    from ..evaluation.retrieval import retrieval_metrics
+    from ..evaluation.scoring import score_all_pairs
+    from ..evaluation.shortlist import shortlist_rerank
+
+    scores = score_all_pairs(model, corpus.text_inputs, corpus.region_inputs, args.eval_batch_size)
+    results = {"full": retrieval_metrics(scores, corpus.text_to_image)}
+    runs = {"full ranking": (scores, corpus.text_to_image)}
+    if args.eval_shortlist_k:
+        shortlist = shortlist_rerank(
+            model, corpus.text_inputs, corpus.region_inputs, args.eval_shortlist_k, args.eval_batch_size
+        )
+        results[f"shortlist_k{args.eval_shortlist_k}"] = retrieval_metrics(
+            shortlist.i2t_scores, corpus.text_to_image, ir_scores=shortlist.t2i_scores
+        )
+        runs[f"shortlist k={args.eval_shortlist_k}"] = (
+            shortlist.i2t_scores,
+            corpus.text_to_image,
+            shortlist.t2i_scores,
+        )
+    plot_recall_curves(runs, output_dir / "recall_at_k.png", title=f"{corpus.num_images} images")
+    plot_score_histograms(scores, corpus.text_to_image, output_dir / "score_histogram.png")
+    return results
+
+
+def run_retrieval_finetuning(args: RetrievalArguments) -> dict:
+    """Fine-tunes (or, with `--synthetic_images`, trains a tiny model) for retrieval, saves `final/` with its
+    processor or tokenizer, and evaluates on the evaluation split when there is one.
+
+    Returns:
+        `{"history", "final_model"}` and, with an evaluation split, `"eval"` (recall of full ranking and, with
+        `eval_shortlist_k`, of shortlist + re-rank).
+    """
+    from accelerate.utils import set_seed
+
+    from ..data.sources import MixtureSampler
+
+    output_dir = Path(args.output_dir)
+    loss_weights = parse_loss_weights(args.loss_weights)
+    accelerator = build_accelerator(
+        output_dir, args.mixed_precision, args.report_to, args.cpu, args.gradient_accumulation_steps
+    )
+    if args.hard_negatives and accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
+        raise SystemExit(
+            "--hard_negatives scores candidates with the whole model inside the collator, which sharded parameters "
+            "(FSDP, DeepSpeed) do not allow; use a DDP launch config (accelerate_4gpu.yaml) or random negatives."
+        )
+    if (output_dir / "final").exists() and not args.resume:
+        raise FileExistsError(f"{output_dir} already holds a finished run; pass --resume or another --output_dir.")
+    set_seed(args.seed)
+    model, tokenizer, processor = load_model_and_tokenizer(args, loss_weights)
+    train_corpus, eval_corpus = build_corpora(args, tokenizer, model.config)
+    if args.hard_negatives:
+        negatives = HardNegativeSampler(
+            train_corpus, args.num_negatives, args.hard_pool_size, args.negative_type, model, seed=args.seed
+        )
+    else:
+        negatives = RandomNegativeSampler(train_corpus, args.num_negatives, args.negative_type, args.seed)
+    sampler = MixtureSampler([train_corpus.num_texts], [1.0], seed=args.seed)
+    dataloader = torch.utils.data.DataLoader(
+        RetrievalPairDataset(train_corpus),
+        batch_size=args.per_device_train_batch_size,
+        sampler=sampler,
+        # Hard mining runs the model inside the collator, so batches are built in the main process.
+        collate_fn=DataCollatorForImageTextRetrieval(train_corpus, negatives),
+        num_workers=0,
+        # Its own generator: creating an iterator would otherwise draw from the global RNG, which a resumed run
+        # does once more than an uninterrupted one (dropout masks would then differ).
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    wrapper = RetrievalTrainingModel(model, args.contrastive_weight)
+    optimizer = build_optimizer(wrapper, args.learning_rate, args.weight_decay)
+    dataloader = accelerator.prepare(dataloader)
+    steps_per_epoch = max(1, math.ceil(len(dataloader) / args.gradient_accumulation_steps))
+    total_steps = args.max_steps or math.ceil(args.num_epochs * steps_per_epoch)
+    scheduler = build_scheduler(
+        optimizer, args.lr_scheduler_type, total_steps, int(args.warmup_ratio * total_steps), accelerator.num_processes
+    )
+    wrapper, optimizer, scheduler = accelerator.prepare(wrapper, optimizer, scheduler)
+    if args.hard_negatives:
+        negatives.model = accelerator.unwrap_model(wrapper).model
+    if accelerator.log_with:
+        accelerator.init_trackers("imagebert_retrieval", config={"seed": args.seed, "total_steps": total_steps})
+
+    state = TrainState(stage_name="retrieval", total_steps=total_steps)
+    checkpoint_dir = output_dir / "checkpoints"
+    if accelerator.is_main_process:
+        remove_partial_checkpoints(checkpoint_dir)
+    accelerator.wait_for_everyone()
+    checkpoint = latest_checkpoint(checkpoint_dir) if args.resume else None
+    if checkpoint is not None:
+        state = load_checkpoint(accelerator, checkpoint)
+        accelerator.print(f"resumed from {checkpoint} at step {state.completed_steps}")
+    accelerator.print(
+        f"{train_corpus.num_images} images, {train_corpus.num_texts} captions; {total_steps} steps; losses "
+        f"{loss_weights} + contrastive x{args.contrastive_weight}; {args.num_negatives} "
+        f"{'hard' if args.hard_negatives else 'random'} negatives ({args.negative_type})"
+    )
+    try:
+        state = train_loop(
+            accelerator,
+            wrapper,
+            optimizer,
+            scheduler,
+            dataloader,
+            state,
+            sampler=sampler,
+            loss_names=LOSS_NAMES,
+            checkpoint_dir=checkpoint_dir,
+            checkpointing_steps=args.checkpointing_steps,
+            save_total_limit=args.save_total_limit,
+            logging_steps=args.logging_steps,
+            max_grad_norm=args.max_grad_norm,
+            stop_after_global_step=args.stop_after_steps,
+        )
+    except TrainingStopped as stop:
+        print(f"{stop}; continue with --resume", file=sys.stderr)
+        sys.exit(3)  # the exit status a job scheduler reads as "resubmit with --resume"
+
+    accelerator.wait_for_everyone()
+    tmp = output_dir / ".tmp-final"
+    # Gathers sharded parameters (FSDP, DeepSpeed ZeRO-3) on every process; the main process writes.
+    save_model(accelerator, wrapper, tmp, submodule="model")
+    model = accelerator.unwrap_model(wrapper).model
+    results = {"history": state.history, "final_model": str(output_dir / "final")}
+    if accelerator.is_main_process:
+        if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
+            # The model in memory holds this process's shards only; evaluate and publish the gathered copy.
+            model = type(model).from_pretrained(tmp).to(accelerator.device)
+        (processor or tokenizer).save_pretrained(tmp)
+        state.save(tmp)
+        publish_folder(tmp, output_dir / "final")
+        plot_losses(state.history, output_dir / "losses.png", tasks=("loss", *LOSS_NAMES), title="retrieval losses")
+        if eval_corpus is not None:
+            results["eval"] = evaluate(model, eval_corpus, args, output_dir)
+            with open(output_dir / "eval_results.json", "w", encoding="utf-8") as handle:
+                json.dump(results["eval"], handle, indent=1)
+            accelerator.print(json.dumps(results["eval"], indent=1))
+        if args.push_to_hub:
+            if not args.hub_model_id or processor is None:
+                raise ValueError("--push_to_hub needs --hub_model_id and a checkpoint saved with its processor.")
+            from ..evaluation.hub import push_to_hub
+
+            push_to_hub(model, processor, args.hub_model_id, results=None)
+    accelerator.end_training()
+    return results
