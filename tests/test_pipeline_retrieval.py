@@ -185,8 +185,9 @@ def test_a_pretraining_checkpoint_says_once_which_heads_are_untrained(saved_mode
     assert "LOAD REPORT" not in capfd.readouterr().err
     # No shortlist through random projections: every text is ranked by the cross-encoder.
     assert len(shortlisted) == len(full) == len(TEXTS) and shortlisted == full
-    with pytest.raises(ValueError, match="projection heads .* were not trained"):
-        pipe.build_index(images=paths)
+    # A prebuilt gallery is ranked whole as well, whatever shortlist_k says.
+    gallery = pipe.build_index(texts=TEXTS)
+    assert pipe(images=paths[0], index=gallery, shortlist_k=1) == full
 
 
 @require_module("faiss")

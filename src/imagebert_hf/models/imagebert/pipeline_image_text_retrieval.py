@@ -179,8 +179,8 @@ class ImageTextRetrievalPipeline(Pipeline):
         if self._untrained_heads:
             logger.warning(
                 "%s has untrained heads: %s (it comes from a pretraining checkpoint, which has no unimodal projection "
-                "heads). The pipeline ranks every candidate with the cross-encoder (no shortlist) and build_index() "
-                "refuses, until the model is fine-tuned for retrieval.",
+                "heads). The pipeline ranks every candidate with the cross-encoder, with or without an index (no "
+                "shortlist), until the model is fine-tuned for retrieval.",
                 getattr(self.model, "name_or_path", "") or type(self.model).__name__,
                 ", ".join(self._untrained_heads),
             )
@@ -311,7 +311,10 @@ class ImageTextRetrievalPipeline(Pipeline):
                 f"{len(errors)} of {len(images)} image(s) could not be used, so nothing was scored:\n  "
                 + "\n  ".join(errors)
             )
-        return pad_region_records(records, "longest", self.processor.max_regions)
+        location_size = getattr(
+            extractor, "region_location_size", getattr(self.model.config, "region_location_size", 5)
+        )
+        return pad_region_records(records, "longest", self.processor.max_regions, location_size=location_size)
 
     def preprocess(self, inputs: dict, mode: str | None = None, index: RetrievalIndex | None = None, batch_size=None):
         if not _is_query(inputs) and not (isinstance(inputs, Mapping) and not inputs):
@@ -486,13 +489,6 @@ class ImageTextRetrievalPipeline(Pipeline):
         index_factory_string(index_type, 1, 4)  # names a bad index_type before any work
         if (images is None) == (texts is None):
             raise ValueError("build_index takes either images= or texts= (the gallery), not both or neither.")
-        if not self._heads_trained():
-            raise ValueError(
-                f"the unimodal projection heads of this model ({', '.join(self._untrained_heads)}) were not trained "
-                "(it comes from a pretraining checkpoint), so an index of their embeddings would shortlist at "
-                "random. Fine-tune it for retrieval first, or rank without an index: retriever(images=..., "
-                "texts=...)."
-            )
         batch_size = batch_size or self._batch_size or self.default_batch_size
         self.model.eval()
         if images is not None:
