@@ -719,6 +719,7 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
             return_probs=True,
             feature_size=self.region_feature_size,
             num_classes=self.num_object_classes,
+            location_size=self.region_location_size,
             return_tensors=return_tensors,
         )
         return BatchFeature(data=data)
