@@ -11,20 +11,12 @@ earlier run (`config.json` in its output folder), and flags given as well overri
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import sys
 from dataclasses import dataclass, field
 
-from .config import (
-    AggregationConfig,
-    CurationConfig,
-    ImageFilterConfig,
-    ParseConfig,
-    RelevanceConfig,
-    TextCleaningConfig,
-)
+from .config import STAGE_CLASSES, CurationConfig
 
 
 @dataclass
@@ -48,33 +40,22 @@ class RunArguments:
     log_level: str = field(default="WARNING", metadata={"help": "Python logging level."})
 
 
-_STAGE_CLASSES = {
-    "parse": ParseConfig,
-    "images": ImageFilterConfig,
-    "text": TextCleaningConfig,
-    "relevance": RelevanceConfig,
-    "aggregation": AggregationConfig,
-}
-
-
 def parse_args(argv: list[str] | None = None) -> tuple[RunArguments, CurationConfig]:
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser((RunArguments, *_STAGE_CLASSES.values()))
+    parser = HfArgumentParser((RunArguments, *STAGE_CLASSES.values()))
     parser.description = "LAIT-style curation of web pages into image-text pairs."
     argv = list(sys.argv[1:] if argv is None else argv)
     run, *stages = parser.parse_args_into_dataclasses(args=argv)
-    config = CurationConfig(**dict(zip(_STAGE_CLASSES, stages)))
+    config = CurationConfig(**dict(zip(STAGE_CLASSES, stages)))
     if run.config_file:
-        # File values are the base; flags given explicitly on the command line win.
+        # File values are the base; flags given explicitly on the command line win. The merged values go through
+        # `from_dict`, so they are checked like any other configuration.
         given = {arg.lstrip("-").split("=")[0] for arg in argv if arg.startswith("--")}
-        base = CurationConfig.load(run.config_file)
-        for name, part in dataclasses.asdict(config).items():
-            section = getattr(base, name)
-            for key, value in part.items():
-                if key in given:
-                    setattr(section, key, value)
-        config = base
+        merged = CurationConfig.load(run.config_file).to_dict()
+        for name, part in config.to_dict().items():
+            merged[name].update({key: value for key, value in part.items() if key in given})
+        config = CurationConfig.from_dict(merged)
     return run, config
 
 

@@ -7,9 +7,14 @@ field names are unique across all of them for the same reason. `CurationConfig` 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from ..models.imagebert.configuration_imagebert import _check_field
 
 
 def _help(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
@@ -177,6 +182,9 @@ class ParseConfig:
         "After this many unreadable segments in one WARC file the rest of the file is skipped.", 1000
     )
 
+    def __post_init__(self):
+        check_stage_config(self)
+
 
 @dataclass
 class ImageFilterConfig:
@@ -202,6 +210,9 @@ class ImageFilterConfig:
         "JSON weights for the default natural-photo classifier; the packaged weights when unset.", None
     )
     natural_threshold: float = _help("Images whose natural-photo probability is below this are dropped.", 0.5)
+
+    def __post_init__(self):
+        check_stage_config(self)
 
 
 @dataclass
@@ -247,6 +258,9 @@ class TextCleaningConfig:
         "Drop texts where more than this ratio of words is outside the vocabulary.", 0.25
     )
 
+    def __post_init__(self):
+        check_stage_config(self)
+
 
 @dataclass
 class RelevanceConfig:
@@ -258,6 +272,9 @@ class RelevanceConfig:
     )
     relevance_threshold: float = _help("Pairs whose relevance probability is below this are dropped.", 0.2)
 
+    def __post_init__(self):
+        check_stage_config(self)
+
 
 @dataclass
 class AggregationConfig:
@@ -266,6 +283,9 @@ class AggregationConfig:
     max_images_per_text: int = _help(
         "A text attached to more than this many distinct images is dropped with all its pairs.", 5
     )
+
+    def __post_init__(self):
+        check_stage_config(self)
 
 
 @dataclass
@@ -278,22 +298,168 @@ class CurationConfig:
     relevance: RelevanceConfig = field(default_factory=RelevanceConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
 
+    def __post_init__(self):
+        for name, cls in STAGE_CLASSES.items():
+            if not isinstance(getattr(self, name), cls):
+                value = getattr(self, name)
+                raise TypeError(f"{name} must be a {cls.__name__}, got {value!r} ({type(value).__name__}).")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> CurationConfig:
-        return cls(
-            parse=ParseConfig(**data.get("parse", {})),
-            images=ImageFilterConfig(**data.get("images", {})),
-            text=TextCleaningConfig(**data.get("text", {})),
-            relevance=RelevanceConfig(**data.get("relevance", {})),
-            aggregation=AggregationConfig(**data.get("aggregation", {})),
-        )
+        """Builds the configuration from `{section: {field: value}}` (what `to_dict` and `save` write); an unknown
+        section or field, and every value of the wrong type or out of range, is named in the error."""
+        if not isinstance(data, dict):
+            raise TypeError(f"the curation configuration must be a mapping of sections, got {type(data).__name__}.")
+        unknown = sorted(set(data) - set(STAGE_CLASSES))
+        if unknown:
+            raise ValueError(f"unknown section(s) {unknown}; expected sections among {list(STAGE_CLASSES)}.")
+        stages = {}
+        for name, stage_cls in STAGE_CLASSES.items():
+            section = data.get(name, {})
+            if not isinstance(section, dict):
+                raise TypeError(f"{name} must be a mapping of fields, got {section!r} ({type(section).__name__}).")
+            known = {f.name for f in dataclasses.fields(stage_cls)}
+            unknown = sorted(set(section) - known)
+            if unknown:
+                raise ValueError(f"{name}: unknown field(s) {unknown}; allowed fields are {sorted(known)}.")
+            stages[name] = stage_cls(**section)
+        return cls(**stages)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> CurationConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Reads a file written by `save`; a file that is not JSON, or holds a bad value, is named in the error."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"{path} is not a valid JSON curation configuration (line {error.lineno}, column {error.colno}: "
+                f"{error.msg}); expected the config.json written by `CurationConfig.save`."
+            ) from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{path} is not a text file; expected a JSON curation configuration.") from None
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{path}: {error}") from None
+
+
+STAGE_CLASSES = {
+    "parse": ParseConfig,
+    "images": ImageFilterConfig,
+    "text": TextCleaningConfig,
+    "relevance": RelevanceConfig,
+    "aggregation": AggregationConfig,
+}
+TEXT_SOURCES = ("alt", "title", "figcaption", "context")
+_SECTIONS = {cls.__name__: name for name, cls in STAGE_CLASSES.items()}
+
+# Numeric fields: (lowest, highest), both inclusive, None for no bound. Sizes and counts that must let something
+# through are at least 1; ratios, probabilities and thresholds lie in [0, 1].
+_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "max_page_bytes": (1, None),
+    "max_image_bytes": (1, None),
+    "max_images_per_page": (1, None),
+    "max_dominant_images": (1, None),
+    "max_language_rank": (0, None),
+    "min_page_text_chars": (0, None),
+    "max_replacement_char_ratio": (0.0, 1.0),
+    "min_declared_side": (0, None),
+    "real_size_candidates": (1, None),
+    "max_context_chars": (1, None),
+    "max_context_sentences": (1, None),
+    "max_resyncs_per_file": (0, None),
+    "min_side": (0, None),
+    "max_aspect_ratio": (1.0, None),
+    "max_image_pixels": (1, None),
+    "analysis_size": (1, None),
+    "nsfw_threshold": (0.0, 1.0),
+    "natural_threshold": (0.0, 1.0),
+    "min_words": (0, None),
+    "max_words": (1, None),
+    "min_chars": (0, None),
+    "max_chars": (1, None),
+    "max_capitalized_ratio": (0.0, 1.0),
+    "max_repeated_word_ratio": (0.0, 1.0),
+    "max_digit_ratio": (0.0, 1.0),
+    "vocabulary_size": (1, None),
+    "max_rare_word_ratio": (0.0, 1.0),
+    "relevance_threshold": (0.0, 1.0),
+    "max_images_per_text": (1, None),
+}
+# Lists that must hold at least one entry (an empty one would drop every page).
+_NON_EMPTY_LISTS = ("languages", "text_sources")
+# Scorer choices: a built-in name or `module:Class`.
+_SCORERS = {"nsfw_detector": ("nudenet", "none"), "natural_classifier": ("default", "none")}
+_MIN_MAX = (("min_words", "max_words"), ("min_chars", "max_chars"))
+
+
+def check_stage_config(config: Any) -> None:
+    """Checks every field of a stage configuration, naming it (`text.max_words`) with what it got and what was
+    expected: its type by the dataclass annotation, numeric ranges, lists of non-empty strings, known text sources
+    and scorers, and that each minimum is at most its maximum. Runs in every stage's `__post_init__`, so a config
+    built in Python, by `CurationConfig.from_dict` / `load` or from command-line flags is checked the same way."""
+    section = _SECTIONS[type(config).__name__]
+    for f in dataclasses.fields(config):
+        name, value = f"{section}.{f.name}", getattr(config, f.name)
+        annotation, optional = _field_kinds(type(config))[f.name]
+        if optional and value is None:
+            continue
+        if annotation == "str":
+            expected = "a non-empty string" + (" or null" if optional else "")
+            if not isinstance(value, str):
+                raise TypeError(f"{name} must be {expected}, got {value!r} ({type(value).__name__}).")
+            if not value.strip():
+                raise ValueError(f"{name} must be {expected}, got {value!r}.")
+        elif annotation == "list[str]":
+            if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
+                raise TypeError(f"{name} must be a list of strings, got {value!r} ({type(value).__name__}).")
+            if not all(item.strip() for item in value):
+                raise ValueError(f"{name} must be a list of non-empty strings, got {value!r}.")
+            if not value and f.name in _NON_EMPTY_LISTS:
+                raise ValueError(f"{name} must hold at least one entry, got an empty list.")
+        else:
+            _check_field(name, value, annotation, *_RANGES.get(f.name, (None, None)))
+    if isinstance(config, ParseConfig):
+        unknown = sorted(set(config.text_sources) - set(TEXT_SOURCES))
+        if unknown:
+            raise ValueError(f"parse.text_sources has unknown source(s) {unknown}; expected some of {TEXT_SOURCES}.")
+    for field_name, builtins in _SCORERS.items():
+        value = getattr(config, field_name, None)
+        if value is not None and value not in builtins and not _is_import_path(value):
+            raise ValueError(f"{section}.{field_name} must be one of {builtins} or `module:Class`, got {value!r}.")
+    for low_name, high_name in _MIN_MAX:
+        if hasattr(config, low_name) and getattr(config, low_name) > getattr(config, high_name):
+            raise ValueError(
+                f"{section}.{low_name} ({getattr(config, low_name)}) must be at most {section}.{high_name} "
+                f"({getattr(config, high_name)})."
+            )
+    if isinstance(config, TextCleaningConfig) and config.require_function_word and not config.function_words:
+        raise ValueError(
+            "text.function_words is empty while text.require_function_word is true: every text would be dropped; "
+            "give function words or set require_function_word to false."
+        )
+
+
+@functools.cache
+def _field_kinds(cls: type) -> dict[str, tuple[str, bool]]:
+    """Each field's type as `int`, `float`, `bool`, `str` or `list[str]`, and whether None is allowed. Read from the
+    resolved hints, since `HfArgumentParser` replaces the fields' string annotations with types."""
+    kinds = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        args = typing.get_args(hint)
+        optional = type(None) in args
+        if optional:
+            (hint,) = [arg for arg in args if arg is not type(None)]
+        kinds[name] = ("list[str]" if typing.get_origin(hint) is list else hint.__name__, optional)
+    return kinds
+
+
+def _is_import_path(value: str) -> bool:
+    module, _, attr = value.partition(":")
+    return bool(attr) and all(part.isidentifier() for part in module.split(".")) and attr.isidentifier()
