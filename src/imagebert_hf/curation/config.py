@@ -428,7 +428,9 @@ def check_stage_config(config: Any) -> None:
     if isinstance(config, ParseConfig):
         unknown = sorted(set(config.text_sources) - set(TEXT_SOURCES))
         if unknown:
-            raise ValueError(f"parse.text_sources has unknown source(s) {unknown}; expected some of {TEXT_SOURCES}.")
+            raise ValueError(
+                f"parse.text_sources must be some of {TEXT_SOURCES}, got {config.text_sources!r} (unknown: {unknown})."
+            )
     for field_name, builtins in _SCORERS.items():
         value = getattr(config, field_name, None)
         if value is not None and value not in builtins and not _is_import_path(value):
