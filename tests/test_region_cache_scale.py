@@ -3,8 +3,8 @@ damaged files that name themselves, and extraction split across processes and ma
 
 import json
 import os
-import subprocess
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
