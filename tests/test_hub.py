@@ -147,7 +147,8 @@ def test_push_uploads_exactly_model_processor_code_and_card(model_and_processor)
     config = json.loads(hub.files["config.json"])
     assert config["auto_map"]["AutoModel"] == "modeling_imagebert.ImageBERTForImageTextRetrieval"
     assert (
-        config["custom_pipelines"]["image-text-retrieval"]["impl"] == "pipeline_image_text_retrieval.ImageTextRetrievalPipeline"
+        config["custom_pipelines"]["image-text-retrieval"]["impl"]
+        == "pipeline_image_text_retrieval.ImageTextRetrievalPipeline"
     )
     processor_config = json.loads(hub.files["processor_config.json"])
     assert processor_config["auto_map"]["AutoProcessor"] == "processing_imagebert.ImageBERTProcessor"
