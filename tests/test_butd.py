@@ -6,11 +6,7 @@ out here independently of `roi_butd.py`. The detector runs with random weights: 
 (anchors, box decoding, proposal order, class-wise NMS and thresholds), not the boxes' meaning.
 """
 
-import json
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -24,7 +20,7 @@ from imagebert_hf.models.imagebert.processing_imagebert import ImageBERTProcesso
 from imagebert_hf.models.imagebert.roi_backends import select_detections
 from imagebert_hf.models.imagebert.roi_butd import BUTDDetector, cell_anchors, decode_boxes, grid_anchors
 
-from .testing_utils import tiny_config_kwargs
+from .testing_utils import run_without_the_package, tiny_config_kwargs
 
 
 # Small inputs keep the random-weight runs short: about 10 proposals on a 96-pixel image.
@@ -309,7 +305,6 @@ def test_pipeline_with_the_butd_backend_saves_and_loads_as_remote_code(extractor
     assert "roi_butd.py" in {path.name for path in saved.iterdir()}
     script = f"""
 import json, sys
-sys.modules["imagebert_hf"] = None  # as if the package were not installed
 from transformers import pipeline
 pipe = pipeline(model={str(saved)!r}, trust_remote_code=True, device=-1)
 extractor = pipe.processor.image_processor
@@ -317,14 +312,6 @@ assert type(extractor.get_backend()).__module__.startswith("transformers_modules
 assert extractor.backend == "butd"
 print(json.dumps(pipe(images={str(image_path)!r}, texts={texts!r})))
 """
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    done = subprocess.run(
-        [sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    # The detector's weights come from the folder, not from a fresh random initialisation.
-    assert "randomly initialised" not in done.stderr, done.stderr[-3000:]
-    remote = json.loads(done.stdout.strip().splitlines()[-1])
+    remote = run_without_the_package(script, tmp_path)
     assert [r["text"] for r in remote] == [r["text"] for r in expected]
     assert [r["score"] for r in remote] == pytest.approx([r["score"] for r in expected], abs=1e-5)

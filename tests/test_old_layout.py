@@ -6,10 +6,7 @@ from a folder saved today and loads it with today's package.
 """
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -25,7 +22,7 @@ from imagebert_hf import (
 )
 from imagebert_hf.data.synthetic import make_synthetic_tokenizer
 
-from .testing_utils import tiny_config_kwargs
+from .testing_utils import run_without_the_package, tiny_config_kwargs
 
 
 OLD_PIPELINE = "image_text_retrieval.ImageTextRetrievalPipeline"
@@ -98,24 +95,12 @@ def test_old_pipeline_folder_serves_todays_pipeline(old_folder):
     # And the folder's own code, where the package is not installed, still resolves the old names.
     script = f"""
 import json, sys
-sys.modules["imagebert_hf"] = None  # as if the package were not installed
 from transformers import pipeline
 pipe = pipeline(model={str(folder)!r}, trust_remote_code=True, device=-1)
 assert type(pipe).__module__.endswith("image_text_retrieval"), type(pipe).__module__
 record = {{key: [list(map(float, row)) for row in value] for key, value in json.loads(sys.argv[1]).items()}}
 print(json.dumps([r["score"] for r in pipe(images=record, texts={TEXTS!r})]))
 """
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(folder.parent / "modules"))
     argument = json.dumps({key: value.tolist() for key, value in record.items()})
-    done = subprocess.run(
-        [sys.executable, "-c", script, argument],
-        env=env,
-        cwd=folder.parent,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    remote_scores = json.loads(done.stdout.strip().splitlines()[-1])
+    remote_scores = run_without_the_package(script, folder.parent, argument)
     assert remote_scores == pytest.approx([r["score"] for r in expected], abs=1e-5)

@@ -1,9 +1,6 @@
 """`pipeline("image-text-retrieval")`: every mode, prebuilt indexes, bad input and remote-code loading."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,7 +15,7 @@ from imagebert_hf.models.imagebert.pipeline_image_text_retrieval import (
     register_pipeline,
 )
 
-from .testing_utils import require_module, tiny_config_kwargs
+from .testing_utils import require_module, run_without_the_package, tiny_config_kwargs
 
 
 TEXTS = ["a red circle", "a blue square above a green cross", "there is a yellow triangle", "an orange cross"]
@@ -293,7 +290,6 @@ def test_saved_pipeline_loads_as_remote_code_without_the_package(retriever, tmp_
     expected_image = retriever(images=str(image_path), texts=TEXTS)
     script = f"""
 import json, sys
-sys.modules["imagebert_hf"] = None  # as if the package were not installed
 from transformers import pipeline
 pipe = pipeline(model={str(saved)!r}, trust_remote_code=True, device=-1)
 for part in (pipe, pipe.model, pipe.processor, pipe.processor.image_processor):
@@ -303,15 +299,7 @@ print(json.dumps([
     pipe(images={str(image_path)!r}, texts={TEXTS!r}),
 ]))
 """
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    done = subprocess.run(
-        [sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    # The extractor's backbone weights come from the folder, not from a fresh random initialisation.
-    assert "randomly initialised" not in done.stderr, done.stderr[-3000:]
-    remote_record, remote_image = json.loads(done.stdout.strip().splitlines()[-1])
+    remote_record, remote_image = run_without_the_package(script, tmp_path)
     for remote, expected in ((remote_record, expected_record), (remote_image, expected_image)):
         assert [r["text"] for r in remote] == [r["text"] for r in expected]
         assert [r["score"] for r in remote] == pytest.approx([r["score"] for r in expected], abs=1e-5)

@@ -47,3 +47,22 @@ def tiny_config_kwargs(**overrides) -> dict:
     }
     kwargs.update(overrides)
     return kwargs
+
+
+def run_without_the_package(script: str, cwd, *args: str):
+    """Runs `script` in a fresh offline interpreter where `imagebert_hf` cannot be imported, as on a machine that only
+    has a saved folder's remote code, and returns the JSON its last printed line holds."""
+    import json
+    import subprocess
+    import sys
+
+    preamble = 'import sys\nsys.modules["imagebert_hf"] = None  # as if the package were not installed\n'
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(Path(cwd) / "modules"))
+    done = subprocess.run(
+        [sys.executable, "-c", preamble + script, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    # A saved extractor's weights come from the folder, not from a fresh random initialisation.
+    assert "randomly initialised" not in done.stderr, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
