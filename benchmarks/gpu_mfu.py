@@ -24,6 +24,8 @@ import time
 import numpy as np
 import torch
 
+from imagebert_hf.models.imagebert.modeling_imagebert import pretraining_targets
+
 
 # Dense (not sparse) bf16 tensor-core peaks, in FLOP/s, by a substring of `torch.cuda.get_device_name()`.
 DENSE_BF16_PEAK = {
@@ -92,9 +94,10 @@ def step_flops(config, batch: dict, padded: bool) -> float:
     tokens = float(lengths.sum())
     per_layer = 2 * tokens * (4 * hidden * hidden + 2 * hidden * inner) + 4 * float((lengths**2).sum()) * hidden
     forward = layers * per_layer + 2 * len(lengths) * hidden * hidden  # encoder and pooler
-    matched = batch["itm_labels"].bool()[:, None]
-    masked_tokens = float(((batch["labels"] != -100) & matched).sum())
-    masked_regions = float((batch["masked_regions"].bool() & matched & region_mask).sum())
+    text_targets, region_targets = pretraining_targets(
+        batch["itm_labels"], batch["labels"], batch["masked_regions"], region_mask
+    )
+    masked_tokens, masked_regions = float(text_targets.sum()), float(region_targets.sum())
     forward += masked_tokens * 2 * hidden * (hidden + config.vocab_size)
     forward += masked_regions * 2 * hidden * (2 * hidden + config.num_object_classes + config.region_feature_size)
     forward += 2 * len(lengths) * hidden * 2  # ITM

@@ -112,15 +112,15 @@ def test_region_masking_rates_and_targets(tokenizer):
     assert torch.equal(batch["region_features"][real & ~masked], batch["region_feature_targets"][real & ~masked])
 
 
-def test_itm_negatives_swap_text_or_regions_and_switch_off_masked_losses(tokenizer):
+def test_itm_negatives_swap_text_or_regions_and_are_masked_like_positives(tokenizer):
     features = make_features(tokenizer, 300, num_classes=3, seed=4)
     collator = DataCollatorForImageBERTPretraining(tokenizer, itm_negative_probability=0.3, seed=0)
     batch = collator(features)
     negatives = batch["itm_labels"] == 0
     assert 0.2 < negatives.float().mean().item() < 0.4
-    assert (batch["labels"][negatives] == -100).all()
-    assert not batch["masked_regions"][negatives].any()
-    assert batch["masked_regions"][~negatives].any(-1).all()
+    # Negatives keep their targets (the model leaves them out of the losses, see test_conditional_masking.py).
+    assert (batch["labels"] != -100).any(-1).all()
+    assert batch["masked_regions"].any(-1).all()
     # Inputs of negatives are masked as often as those of positives, so [MASK] cannot give the ITM label away.
     mask_share = (batch["input_ids"] == tokenizer.mask_token_id).float().sum(-1) / batch["attention_mask"].sum(-1)
     assert abs(mask_share[negatives].mean() - mask_share[~negatives].mean()) < 0.05
@@ -164,7 +164,15 @@ def test_dataset_given_itm_labels_are_kept(tokenizer):
         feature["itm_labels"] = i % 2
     batch = DataCollatorForImageBERTPretraining(tokenizer, itm_negative_probability=1.0, seed=0)(features)
     assert batch["itm_labels"].tolist() == [0, 1, 0, 1, 0, 1]
-    assert (batch["labels"][0] == -100).all() and (batch["labels"][1] != -100).any()
+    # Nothing was swapped: each sample's own text and regions, masked alike whatever its label.
+    unmasked = DataCollatorForImageBERTPretraining(
+        tokenizer, itm_negative_probability=1.0, mlm_probability=0.0, region_mask_probability=0.0, seed=0
+    )(features)
+    for i, feature in enumerate(features):
+        assert unmasked["input_ids"][i, : len(feature["input_ids"])].tolist() == list(feature["input_ids"])
+        count = len(feature["region_features"])
+        assert torch.equal(unmasked["region_features"][i, :count], torch.from_numpy(feature["region_features"]))
+    assert (batch["labels"] != -100).any(-1).all()
 
 
 def test_deterministic_for_a_seed(tokenizer):

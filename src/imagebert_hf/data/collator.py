@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..models.imagebert.region_batching import pad_region_records, padded_length
+from .negatives import choose_negative
 
 
 def _as_tensor(value: Any, dtype: torch.dtype) -> torch.Tensor:
@@ -30,8 +31,9 @@ class DataCollatorForImageBERTPretraining:
     What it does, in order:
     1. ITM: when the features carry no `itm_labels`, each sample becomes a negative with probability
        `itm_negative_probability`: its text (share `text_negative_share`) or its regions are replaced by those of
-       another sample of the batch with a different `image_id`. When they carry `itm_labels` (a dataset that picks
-       negatives from the whole corpus), those are kept.
+       another sample of the batch with a different `image_id` (`data.negatives.choose_negative`, the rule the
+       datasets apply over a whole source). When they carry `itm_labels` (a dataset that picks negatives from the
+       whole corpus), those are kept and nothing is drawn here.
     2. MLM: each text token that is neither special nor padding is chosen with probability `mlm_probability`;
        chosen tokens become [MASK] (80%), a random non-special token (10%) or stay (10%).
     3. Region masking: each real region is chosen with probability `region_mask_probability`;
@@ -41,12 +43,15 @@ class DataCollatorForImageBERTPretraining:
     4. Padding of text and regions to the longest in this batch (optionally to a multiple, never beyond
        `max_text_length` / `max_regions`), regions through the shared `pad_region_records`.
 
-    Negatives are masked like positives (so masking says nothing about the ITM label) but get no MLM, MOC or MRFR
-    targets: those losses see only matched pairs (conditional masking).
+    Negatives are masked exactly like positives (so masking says nothing about the ITM label) and keep their
+    `labels`, `masked_regions` and region targets: `ImageBERTForPreTraining` leaves the targets of pairs with
+    `itm_labels == 0` out of MLM, MOC and MRFR (conditional masking, `pretraining_targets`), and the training loop
+    counts targets the same way.
 
-    Randomness: a sample with `sample_seed` draws its masks from a generator seeded with it alone, so the batch is
-    the same however the samples are split across processes or resumed; otherwise draws come from one generator
-    seeded with `seed`, so the same sequence of calls gives the same batches.
+    Randomness: a sample with `sample_seed` draws its masks (and, in-batch, its negative) from generators seeded
+    with it alone, so the batch is the same however the samples are split across processes or resumed; otherwise
+    each sample's seed comes from one generator seeded with `seed`, so the same sequence of calls gives the same
+    batches. A sample's masks do not depend on whether negatives are drawn.
 
     Args:
         tokenizer: A BERT tokenizer; gives the pad, [MASK] and special token ids and the vocabulary size.
@@ -56,7 +61,7 @@ class DataCollatorForImageBERTPretraining:
         itm_negative_probability (`float`, defaults to 0.5): Share of samples made negatives (in-batch mode).
         text_negative_share (`float`, defaults to 0.5): Among negatives, the share whose text (rather than regions)
             is replaced.
-        ensure_one_masked (`bool`, defaults to `True`): Mask at least one token and one region of every positive
+        ensure_one_masked (`bool`, defaults to `True`): Mask at least one token and one region of every sample
             with any, so every masked loss is defined even for short captions (UNITER does the same).
         max_text_length (`int`, *optional*): Truncate text to this many tokens (the last one kept is [SEP]).
         max_regions (`int`, *optional*): Keep at most this many regions per sample.
@@ -113,38 +118,44 @@ class DataCollatorForImageBERTPretraining:
         self._generator.manual_seed(self.seed if self.seed is not None else torch.seed() % (2**63))
 
     # --- randomness -------------------------------------------------------------------------------------------
-    def _sample_generator(self, feature: dict) -> torch.Generator:
+    def _sample_seed(self, feature: dict) -> int:
         seed = feature.get("sample_seed")
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,), generator=self._generator))
+        return int(seed)
+
+    @staticmethod
+    def _mask_generator(seed: int) -> torch.Generator:
         generator = torch.Generator()
-        generator.manual_seed(int(seed))
+        generator.manual_seed(seed)
         return generator
 
     # --- steps ------------------------------------------------------------------------------------------------
     def _in_batch_negatives(self, samples: list[dict]) -> None:
-        if len(samples) < 2 or self.itm_negative_probability == 0.0:
-            return
         image_ids = [sample.get("image_id") for sample in samples]
         for i, sample in enumerate(samples):
-            generator = sample["_generator"]
-            draws = torch.rand(2, generator=generator)
-            if draws[0] >= self.itm_negative_probability:
+            # The shared rule (`choose_negative`), over the other samples of the batch, drawn from the sample's
+            # seed apart from its masks, as the datasets draw theirs over a whole source.
+            negative = choose_negative(
+                np.random.default_rng([sample["_seed"], 17]),
+                image_ids[i],
+                len(samples),
+                image_ids.__getitem__,
+                self.itm_negative_probability,
+                self.text_negative_share,
+                exclude=i,
+            )
+            if negative is None:
                 continue
-            others = [
-                j for j in range(len(samples)) if j != i and (image_ids[j] is None or image_ids[j] != image_ids[i])
-            ]
-            if not others:
-                continue
-            j = others[int(torch.randint(len(others), (1,), generator=generator))]
+            source = samples[negative.partner]
             # Sources are read from the untouched copies, so a sample already turned negative is never chained.
-            if draws[1] < self.text_negative_share:
-                sample["input_ids"] = samples[j]["_orig_input_ids"]
-                sample["token_type_ids"] = samples[j]["_orig_token_type_ids"]
+            if negative.swap_text:
+                sample["input_ids"] = source["_orig_input_ids"]
+                sample["token_type_ids"] = source["_orig_token_type_ids"]
             else:
                 for key in ("region_features", "region_locations", "region_class_labels", "region_class_probs"):
-                    if key in samples[j]["_orig_regions"]:
-                        sample[key] = samples[j]["_orig_regions"][key]
+                    if key in source["_orig_regions"]:
+                        sample[key] = source["_orig_regions"][key]
                     else:
                         sample.pop(key, None)
             sample["itm_labels"] = 0
@@ -197,17 +208,14 @@ class DataCollatorForImageBERTPretraining:
             self._in_batch_negatives(samples)
 
         for sample in samples:
-            generator = sample["_generator"]
-            sample["labels"] = torch.full_like(sample["input_ids"], -100)
-            sample["masked_regions"] = torch.zeros(sample["region_features"].shape[0], dtype=torch.bool)
+            # Negatives are masked exactly like positives and keep their targets; the model ignores those
+            # (conditional masking is applied in one place, `pretraining_targets`).
+            generator = self._mask_generator(sample["_seed"])
             sample["region_feature_targets"] = sample["region_features"]
-            # Negatives are masked the same way but keep no targets: masked inputs on positives only would tell
-            # the ITM head the answer, and a model that learnt that shortcut ranks unmasked pairs poorly.
-            input_ids, labels = self._mask_text(sample["input_ids"], generator)
-            region_features, masked_regions = self._mask_regions(sample["region_features"], generator)
-            sample["input_ids"], sample["region_features"] = input_ids, region_features
-            if sample["itm_labels"] == 1:
-                sample["labels"], sample["masked_regions"] = labels, masked_regions
+            sample["input_ids"], sample["labels"] = self._mask_text(sample["input_ids"], generator)
+            sample["region_features"], sample["masked_regions"] = self._mask_regions(
+                sample["region_features"], generator
+            )
         batch = self._pad(samples)
         if self.count_failed:
             batch["num_failed_records"] = torch.tensor(num_failed)
@@ -249,7 +257,7 @@ class DataCollatorForImageBERTPretraining:
             "_orig_input_ids": input_ids,
             "_orig_token_type_ids": token_type_ids,
             "_orig_regions": dict(regions),
-            "_generator": self._sample_generator(feature),
+            "_seed": self._sample_seed(feature),
             "image_id": feature.get("image_id"),
             **regions,
         }

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
+from .negatives import choose_negative
+
 
 logger = logging.get_logger(__name__)
 
@@ -684,14 +686,6 @@ class PretrainingPairDataset(torch.utils.data.Dataset):
                 message + (" (further failures are counted silently)" if self._warnings == self.max_warnings else "")
             )
 
-    def _other_pair(self, source: PairSource, key: str, rng: np.random.Generator) -> int | None:
-        # A few tries are enough: a source where most pairs share one image cannot give negatives anyway.
-        for _ in range(8):
-            other = int(rng.integers(len(source)))
-            if source[other][0] != key:
-                return other
-        return None
-
     def _plan(self, index: int, sample_seed: int) -> tuple[int, int, int, str, int]:
         """What the sample is made of: `(source_index, pair, text_pair, region_key, itm_label)`.
 
@@ -700,17 +694,19 @@ class PretrainingPairDataset(torch.utils.data.Dataset):
         source_index, pair = self._locate(index)
         source = self.sources[source_index]
         key = source[pair][0]
-        rng = np.random.default_rng([sample_seed, 17])
-        text_pair, region_key, itm_label = pair, key, 1
-        if rng.random() < self.itm_negative_probability:
-            other = self._other_pair(source, key, rng)
-            if other is not None:
-                itm_label = 0
-                if rng.random() < self.text_negative_share:
-                    text_pair = other
-                else:
-                    region_key = source[other][0]
-        return source_index, pair, text_pair, region_key, itm_label
+        negative = choose_negative(
+            np.random.default_rng([sample_seed, 17]),
+            key,
+            len(source),
+            lambda other: source[other][0],
+            self.itm_negative_probability,
+            self.text_negative_share,
+        )
+        if negative is None:
+            return source_index, pair, pair, key, 1
+        if negative.swap_text:
+            return source_index, pair, negative.partner, key, 0
+        return source_index, pair, pair, source[negative.partner][0], 0
 
     def _token_counts(self, source_index: int, pairs: Sequence[int]) -> list[int]:
         if source_index not in self._token_count_cache:
@@ -784,15 +780,6 @@ class PretrainingPairDataset(torch.utils.data.Dataset):
                 sample["input_ids"] = encoding["input_ids"][row]
                 sample["token_type_ids"] = None if token_types is None else token_types[row]
         return samples
-
-
-def _other_pair(recent, key: str, rng: np.random.Generator) -> tuple[str, str] | None:
-    """A recent pair showing another image than `key` (a few tries, as in `PretrainingPairDataset`)."""
-    for _ in range(8 if recent else 0):
-        pair = recent[int(rng.integers(len(recent)))]
-        if pair[0] != key:
-            return pair
-    return None
 
 
 class StreamingPretrainingDataset(torch.utils.data.IterableDataset):
@@ -889,15 +876,22 @@ class StreamingPretrainingDataset(torch.utils.data.IterableDataset):
             source_index = int(rng.choice(len(self.sources), p=self.probabilities))
             key, caption = next(streams[source_index])
             region_key, text, label = key, caption, 1
-            if rng.random() < self.itm_negative_probability:
-                other = _other_pair(recent[source_index], key, rng)
-                if other is not None:
-                    label = 0
-                    if rng.random() < self.text_negative_share:
-                        text = other[1]
-                    else:
-                        region_key = other[0]
-            recent[source_index].append((key, caption))
+            candidates = recent[source_index]
+            negative = choose_negative(
+                rng,
+                key,
+                len(candidates),
+                lambda other: candidates[other][0],
+                self.itm_negative_probability,
+                self.text_negative_share,
+            )
+            if negative is not None:
+                label = 0
+                if negative.swap_text:
+                    text = candidates[negative.partner][1]
+                else:
+                    region_key = candidates[negative.partner][0]
+            candidates.append((key, caption))
             pool.append((source_index, region_key, text, label, int(rng.integers(0, 2**62))))
             if len(pool) >= max(self.pool_size, 1):
                 yield from self._emit(pool, rng)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from transformers.utils import logging
 
+from ..models.imagebert.modeling_imagebert import IGNORE_INDEX, pretraining_targets
 from .checkpointing import TrainState, save_checkpoint
 
 
@@ -270,21 +271,19 @@ def train_loop(
 
 
 def pretraining_loss_counts(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Targets behind each pretraining loss in a collated batch (matched pairs only, as the model counts them)."""
-    matched = (
-        batch["itm_labels"] == 1 if "itm_labels" in batch else torch.ones(batch["labels"].shape[0], dtype=torch.bool)
+    """Targets behind each pretraining loss in a collated batch: the positions the model computes its losses at
+    (`pretraining_targets`, which leaves out the targets of negatives), so the counts match the losses."""
+    text_targets, region_targets = pretraining_targets(
+        batch.get("itm_labels"), batch["labels"], batch["masked_regions"], batch.get("region_attention_mask")
     )
-    masked = batch["masked_regions"].bool() & matched[:, None]
-    if "region_attention_mask" in batch:
-        masked &= batch["region_attention_mask"].bool()
     counts = {
-        "mlm": ((batch["labels"] != -100) & matched[:, None]).sum(),
-        "mrfr": masked.sum(),
-        "itm": torch.tensor(matched.numel()),
-        "moc": masked.sum(),
+        "mlm": text_targets.sum(),
+        "mrfr": region_targets.sum(),
+        "itm": torch.tensor(batch["labels"].shape[0]),
+        "moc": region_targets.sum(),
     }
     if "region_class_labels" in batch and "region_class_probs" not in batch:
-        counts["moc"] = (masked & (batch["region_class_labels"] != -100)).sum()
+        counts["moc"] = (region_targets & (batch["region_class_labels"] != IGNORE_INDEX)).sum()
     return {name: value.float() for name, value in counts.items()}
 
 

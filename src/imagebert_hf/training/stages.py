@@ -178,8 +178,10 @@ def build_stage_data(stage: StageSpec, tokenizer, config, seed: int, num_workers
         mlm_probability=stage.mlm_probability,
         region_mask_probability=stage.region_mask_probability,
         region_zero_probability=stage.region_zero_probability,
-        # Negatives were already chosen by the dataset, from the whole source.
-        itm_negative_probability=0.0,
+        # The datasets below pick negatives from the whole source and give their itm_labels, which the collator
+        # keeps; it would draw in-batch negatives (with the same settings) only for samples without them.
+        itm_negative_probability=stage.itm_negative_probability,
+        text_negative_share=stage.text_negative_share,
         max_text_length=config.max_text_length,
         max_regions=config.max_regions,
         return_region_class_probs=config.moc_loss_type == "kl",

@@ -847,13 +847,60 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return total / mask.sum().clamp(min=1).to(values.dtype)
 
 
+def pretraining_targets(
+    itm_labels: torch.Tensor | None,
+    labels: torch.Tensor | None = None,
+    masked_regions: torch.Tensor | None = None,
+    region_attention_mask: torch.Tensor | None = None,
+) -> tuple[torch.BoolTensor | None, torch.BoolTensor | None]:
+    """Where the masked losses have targets; the one statement of conditional masking.
+
+    MLM is computed at the masked tokens (`labels != -100`) and MOC / MRFR at the masked real regions
+    (`masked_regions` where `region_attention_mask` is set), of matched pairs only (`itm_labels == 1`; every pair
+    when `itm_labels` is None): a caption is not reconstructed from an image it does not describe. Whatever targets
+    a negative carries are ignored, so the data may (and should) mask negatives exactly like positives; masking
+    only positives would let the ITM head read the answer off the `[MASK]` tokens.
+
+    `ImageBERTForPreTraining` computes its losses here, and the training loop counts each loss's targets with it.
+
+    Args:
+        itm_labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): 1 for a matched pair, 0 for a negative.
+        labels (`torch.LongTensor` of shape `(batch_size, text_length)`, *optional*): MLM targets, -100 elsewhere.
+        masked_regions (`torch.BoolTensor` of shape `(batch_size, num_regions)`, *optional*): masked regions.
+        region_attention_mask (`torch.Tensor` of shape `(batch_size, num_regions)`, *optional*): real regions.
+
+    Returns:
+        `(text_targets, region_targets)`: boolean masks of the shapes of `labels` and `masked_regions`, each None
+        when its input is.
+    """
+    reference = labels if labels is not None else masked_regions
+    matched = None
+    if itm_labels is not None and reference is not None:
+        matched = (itm_labels.to(reference.device) == 1)[:, None]
+    text_targets = region_targets = None
+    if labels is not None:
+        text_targets = labels != IGNORE_INDEX
+        if matched is not None:
+            text_targets &= matched
+    if masked_regions is not None:
+        region_targets = masked_regions.bool()
+        if matched is not None:
+            region_targets = region_targets & matched
+        if region_attention_mask is not None:
+            region_targets = region_targets & region_attention_mask.to(region_targets.device).bool()
+    return text_targets, region_targets
+
+
 class ImageBERTForPreTraining(ImageBERTPreTrainedModel):
     r"""
     ImageBERT with its four pretraining heads: masked language modelling (MLM), masked object classification (MOC),
     masked region feature regression (MRFR) and image-text matching (ITM).
 
     Each loss is computed only where its targets are given. When `itm_labels` is given, MLM, MOC and MRFR count only
-    the matched pairs (conditional masking): a caption is not reconstructed from an image it does not describe.
+    the matched pairs (conditional masking, see `pretraining_targets`): a caption is not reconstructed from an image
+    it does not describe, and targets given for a negative (`itm_labels == 0`) never reach a loss. This model is the
+    one place that applies the rule: `DataCollatorForImageBERTPretraining` masks negatives like positives and leaves
+    their targets in the batch.
     """
 
     _tied_weights_keys = {
@@ -908,7 +955,8 @@ class ImageBERTForPreTraining(ImageBERTPreTrainedModel):
             region_feature_targets (`torch.FloatTensor` of shape `(batch_size, num_regions, region_feature_size)`, *optional*):
                 The regions' features before masking, for MRFR.
             itm_labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
-                1 when the text describes the regions' image, 0 for a negative pair.
+                1 when the text describes the regions' image, 0 for a negative pair. The MLM, MOC and MRFR targets
+                of a negative are ignored (conditional masking).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         validate_inputs(
@@ -938,16 +986,13 @@ class ImageBERTForPreTraining(ImageBERTPreTrainedModel):
         sequence_output = outputs.last_hidden_state
         text_length = 0 if input_ids is None else input_ids.shape[1]
         text_output, region_output = sequence_output[:, :text_length], sequence_output[:, text_length:]
-        batch_size = sequence_output.shape[0]
 
-        matched = torch.ones(batch_size, dtype=torch.bool, device=sequence_output.device)
-        if itm_labels is not None:
-            matched = itm_labels.to(matched.device) == 1
-        region_targets = None
-        if masked_regions is not None and region_features is not None:
-            region_targets = masked_regions.bool() & matched[:, None]
-            if region_attention_mask is not None:
-                region_targets &= region_attention_mask.bool()
+        text_targets, region_targets = pretraining_targets(
+            itm_labels,
+            labels if input_ids is not None else None,
+            masked_regions if region_features is not None else None,
+            region_attention_mask,
+        )
 
         sparse = self.config.sparse_prediction
         itm_logits = self.cls.seq_relationship(outputs.pooler_output)
@@ -955,7 +1000,7 @@ class ImageBERTForPreTraining(ImageBERTPreTrainedModel):
 
         mlm_logits = None
         if input_ids is not None:
-            selected = None if labels is None else (labels != IGNORE_INDEX) & matched[:, None]
+            selected = text_targets
             if sparse and selected is not None:
                 mlm_logits = self.cls.predictions(text_output[selected])
                 token_losses = F.cross_entropy(mlm_logits.float(), labels[selected], reduction="sum")
@@ -1190,4 +1235,5 @@ __all__ = [
     "ImageBERTModel",
     "ImageBERTModelOutput",
     "ImageBERTPreTrainedModel",
+    "pretraining_targets",
 ]

@@ -1,0 +1,64 @@
+"""ITM negatives: which samples become negatives and what they swap, decided in one function for every data path
+(the map-style dataset over a whole source, the streaming dataset over recent pairs, the collator within a batch)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import NamedTuple
+
+import numpy as np
+
+
+class Negative(NamedTuple):
+    """A sample made an ITM negative: `partner` is the candidate whose text (`swap_text`) or regions replace the
+    sample's own."""
+
+    partner: int
+    swap_text: bool
+
+
+def choose_negative(
+    rng: np.random.Generator,
+    image_key: Hashable | None,
+    num_candidates: int,
+    candidate_key: Callable[[int], Hashable | None],
+    probability: float,
+    text_share: float,
+    exclude: int | None = None,
+    tries: int = 8,
+) -> Negative | None:
+    """Whether a sample becomes an ITM negative, and with which candidate and which side swapped.
+
+    With probability `probability`, up to `tries` candidates are drawn uniformly from `range(num_candidates)`; the
+    first that shows another image (its key differs from `image_key`, or either key is unknown, `None`) and is not
+    `exclude` (the sample's own position among the candidates) is the partner. Its text replaces the sample's with
+    probability `text_share`, its regions otherwise. A few tries are enough: candidates where most show the same
+    image cannot give negatives anyway, and the draw needs no list of all valid candidates (a source may hold
+    millions). Every draw comes from `rng`, so a sample's choice is replayed from its seed.
+
+    Args:
+        rng (`np.random.Generator`): The sample's own generator.
+        image_key: The key of the sample's image (`None`: unknown, any other candidate qualifies).
+        num_candidates (`int`): Candidates to draw from (a source's pairs, recent pairs, a batch's samples).
+        candidate_key (`Callable[[int], Hashable | None]`): The image key of candidate `i`.
+        probability (`float`): Chance of the sample becoming a negative.
+        text_share (`float`): Chance that a negative swaps its text rather than its regions.
+        exclude (`int`, *optional*): The sample's own position among the candidates.
+        tries (`int`, defaults to 8): Candidates drawn before giving up (the sample then stays a positive).
+
+    Returns:
+        `Negative(partner, swap_text)`, or `None` when the sample stays a matched pair.
+    """
+    if rng.random() >= probability:
+        return None
+    for _ in range(tries if num_candidates > 0 else 0):
+        candidate = int(rng.integers(num_candidates))
+        if candidate == exclude:
+            continue
+        key = candidate_key(candidate)
+        if image_key is None or key is None or key != image_key:
+            return Negative(candidate, bool(rng.random() < text_share))
+    return None
+
+
+__all__ = ["Negative", "choose_negative"]
