@@ -227,28 +227,14 @@ def load_model_and_tokenizer(args: RetrievalArguments, loss_weights: dict[str, f
 
 
 def evaluate(model, corpus: RetrievalCorpus, args: RetrievalArguments, output_dir: Path) -> dict:
-    from ..evaluation.plots import plot_recall_curves, plot_score_histograms
+    from ..evaluation.full_ranking import rank_corpus
     from ..evaluation.retrieval import retrieval_metrics
-    from ..evaluation.scoring import score_all_pairs
-    from ..evaluation.shortlist import shortlist_rerank
 
-    scores = score_all_pairs(model, corpus.text_inputs, corpus.region_inputs, args.eval_batch_size)
-    results = {"full": retrieval_metrics(scores, corpus.text_to_image)}
-    runs = {"full ranking": (scores, corpus.text_to_image)}
-    if args.eval_shortlist_k:
-        shortlist = shortlist_rerank(
-            model, corpus.text_inputs, corpus.region_inputs, args.eval_shortlist_k, args.eval_batch_size
-        )
-        results[f"shortlist_k{args.eval_shortlist_k}"] = retrieval_metrics(
-            shortlist.i2t_scores, corpus.text_to_image, ir_scores=shortlist.t2i_scores
-        )
-        runs[f"shortlist k={args.eval_shortlist_k}"] = (
-            shortlist.i2t_scores,
-            corpus.text_to_image,
-            shortlist.t2i_scores,
-        )
-    plot_recall_curves(runs, output_dir / "recall_at_k.png", title=f"{corpus.num_images} images")
-    plot_score_histograms(scores, corpus.text_to_image, output_dir / "score_histogram.png")
+    ranking = rank_corpus(model, corpus, args.eval_batch_size, args.eval_shortlist_k)
+    results = {"full": retrieval_metrics(ranking.scores, corpus.text_to_image)}
+    if ranking.shortlist is not None:
+        results[f"shortlist_k{args.eval_shortlist_k}"] = ranking.shortlist_metrics()
+    ranking.plot(output_dir, title=f"{corpus.num_images} images")
     return results
 
 

@@ -1,0 +1,231 @@
+"""Retrieval evaluation of a checkpoint on a standard split: TR/IR R@1/5/10 and RSUM, zero-shot (a pretraining
+checkpoint, ITM head) or fine-tuned, by full ranking and optionally shortlist + re-rank; what
+`examples/evaluate_retrieval.py` runs.
+
+Texts are tokenized once and regions read once from the region cache (`corpus_cache` keeps both for the next run).
+A run writes `results.json` (the input of `evaluation.hub.build_model_card`), recall@K curves, score histograms and,
+with `model_card`, a filled model card.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..data.retrieval import RetrievalCorpus, load_karpathy_split, load_manifest_records, region_cache_lookup
+from .plots import plot_recall_curves, plot_score_histograms
+from .retrieval import format_metrics_table, retrieval_metrics
+from .scoring import score_all_pairs
+from .shortlist import ShortlistResult, shortlist_rerank
+
+
+DATASETS = ("coco", "flickr30k", "manifest", "synthetic")
+
+
+@dataclass
+class EvaluationArguments:
+    """Flags of `examples/evaluate_retrieval.py`."""
+
+    output_dir: str = field(metadata={"help": "Where results.json, plots and the model card go."})
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Retrieval or pretraining checkpoint (a pretraining one is zero-shot)."}
+    )
+    dataset: str = field(default="manifest", metadata={"help": f"One of {DATASETS}."})
+    karpathy_file: str | None = field(default=None, metadata={"help": "dataset_coco.json or dataset_flickr30k.json."})
+    image_root: str | None = field(default=None, metadata={"help": "Folder the Karpathy image paths start from."})
+    manifest: str | None = field(default=None, metadata={"help": "A jsonl manifest (dataset=manifest)."})
+    split: str = field(default="test", metadata={"help": "Split to evaluate."})
+    region_cache: str | None = field(default=None, metadata={"help": "Region cache folder of the split's images."})
+    corpus_cache: str | None = field(
+        default=None, metadata={"help": "A .pt file keeping the tokenized texts and stacked regions between runs."}
+    )
+    max_images: int | None = field(default=None, metadata={"help": "Evaluate only the first images (quick runs)."})
+    synthetic_images: int = field(default=100, metadata={"help": "Generated images for dataset=synthetic."})
+    batch_size: int = field(default=256, metadata={"help": "Pairs per cross-encoder forward pass."})
+    shortlist_k: int | None = field(
+        default=None, metadata={"help": "Also rank with a unimodal shortlist of k candidates per query + re-ranking."}
+    )
+    index_type: str = field(default="flat", metadata={"help": "Shortlist index: flat (exact), ivf or hnsw."})
+    model_card: bool = field(default=False, metadata={"help": "Write README.md, a model card with these results."})
+    model_id: str = field(default="imagebert-base", metadata={"help": "Name of the model in the card."})
+
+
+def protocols(dataset: str, num_images: int) -> list[tuple[str, str | None, int]]:
+    """(name, dataset_config, num_folds) of each standard protocol the split supports."""
+    if dataset == "coco" and num_images % 1000 == 0 and num_images >= 5000:
+        return [("MS-COCO 1k", "1k", num_images // 1000), ("MS-COCO 5k", "5k", 1)]
+    if dataset == "coco":
+        return [("MS-COCO", None, 1)]
+    if dataset == "flickr30k":
+        return [("Flickr30k 1k", "1k", 1)]
+    return [(dataset, None, 1)]
+
+
+def load_evaluation_corpus(args: EvaluationArguments, tokenizer, config) -> RetrievalCorpus:
+    """The split's tokenized texts and padded regions (from `args.corpus_cache` when it exists, and kept there)."""
+    if args.corpus_cache and Path(args.corpus_cache).is_file():
+        return RetrievalCorpus(**torch.load(args.corpus_cache, weights_only=False))
+    if args.dataset == "synthetic":
+        from ..data.synthetic import make_synthetic_examples, synthetic_region_record
+
+        # A seed the training script never uses for its images, so the evaluation set is held out.
+        examples = make_synthetic_examples(args.synthetic_images, seed=1234, image_size=32)
+        regions = [synthetic_region_record(example, config.region_feature_size) for example in examples]
+        corpus = RetrievalCorpus.from_records(examples, tokenizer, regions, config.max_text_length, config.max_regions)
+    else:
+        if args.region_cache is None:
+            raise ValueError("give --region_cache (extract the regions once with imagebert-extract-regions).")
+        if args.dataset in ("coco", "flickr30k"):
+            if args.karpathy_file is None:
+                raise ValueError(f"--dataset {args.dataset} needs --karpathy_file.")
+            records = load_karpathy_split(args.karpathy_file, args.split, args.image_root, args.max_images)
+        elif args.dataset == "manifest":
+            if args.manifest is None:
+                raise ValueError("--dataset manifest needs --manifest.")
+            records = load_manifest_records(args.manifest, args.split, args.max_images)
+        else:
+            raise ValueError(f"--dataset must be one of {DATASETS}, got {args.dataset!r}.")
+        from ..regions.feature_cache import load_region_cache
+
+        cache = load_region_cache(args.region_cache)
+        # The standard protocols use 5 captions per image (a few COCO images have 6 or 7).
+        captions = 5 if args.dataset in ("coco", "flickr30k") else None
+        corpus = RetrievalCorpus.from_records(
+            records, tokenizer, region_cache_lookup(cache), config.max_text_length, config.max_regions, captions
+        )
+    if args.corpus_cache:
+        Path(args.corpus_cache).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(corpus.__dict__, args.corpus_cache)
+    return corpus
+
+
+@dataclass
+class CorpusRanking:
+    """Full ranking of a corpus and, optionally, shortlist + re-rank of the same corpus.
+
+    Attributes:
+        scores: `(num_images, num_texts)` cross-encoder scores of every pair.
+        text_to_image: the image index of every text.
+        seconds: time spent scoring every pair.
+        shortlist: the shortlist run, when one was asked for; `shortlist_k` and `shortlist_seconds` go with it.
+    """
+
+    scores: torch.Tensor
+    text_to_image: torch.Tensor
+    seconds: float
+    shortlist: ShortlistResult | None = None
+    shortlist_k: int | None = None
+    shortlist_seconds: float | None = None
+
+    def shortlist_metrics(self) -> dict[str, float]:
+        """Recall of the shortlist run, each direction ranked with its own matrix."""
+        return retrieval_metrics(self.shortlist.i2t_scores, self.text_to_image, ir_scores=self.shortlist.t2i_scores)
+
+    def plot(self, output_dir: str | Path, title: str | None = None) -> None:
+        """`recall_at_k.png` (full ranking and the shortlist run) and `score_histogram.png` in `output_dir`."""
+        runs = {"full ranking": (self.scores, self.text_to_image)}
+        if self.shortlist is not None:
+            runs[f"shortlist k={self.shortlist_k}"] = (
+                self.shortlist.i2t_scores,
+                self.text_to_image,
+                self.shortlist.t2i_scores,
+            )
+        plot_recall_curves(runs, Path(output_dir) / "recall_at_k.png", title=title)
+        plot_score_histograms(self.scores, self.text_to_image, Path(output_dir) / "score_histogram.png")
+
+
+def rank_corpus(
+    model, corpus: RetrievalCorpus, batch_size: int = 256, shortlist_k: int | None = None, index_type: str = "flat"
+) -> CorpusRanking:
+    """Scores every pair of `corpus` with the cross-encoder and, with `shortlist_k`, also ranks it by a unimodal
+    shortlist of that many candidates per query and re-ranking (`shortlist_rerank` with `index_type`)."""
+    start = time.perf_counter()
+    scores = score_all_pairs(model, corpus.text_inputs, corpus.region_inputs, batch_size)
+    ranking = CorpusRanking(scores, corpus.text_to_image, time.perf_counter() - start)
+    if shortlist_k:
+        start = time.perf_counter()
+        ranking.shortlist = shortlist_rerank(
+            model, corpus.text_inputs, corpus.region_inputs, shortlist_k, batch_size, index_type
+        )
+        ranking.shortlist_k, ranking.shortlist_seconds = shortlist_k, time.perf_counter() - start
+    return ranking
+
+
+def run_retrieval_evaluation(args: EvaluationArguments) -> dict:
+    """Evaluates `args.model_name_or_path` on the split `args` names; prints the corpus size and a table of the
+    results, writes `results.json`, the plots and (with `args.model_card`) `README.md` under `args.output_dir`.
+
+    Returns:
+        `{"results": [...], "table": {...}}`: one result per protocol of full ranking (and one for the shortlist
+        run), as `results.json` holds them, and the rows of the printed table.
+    """
+    from transformers import AutoTokenizer
+
+    from ..models.imagebert.modeling_imagebert import ImageBERTForImageTextRetrieval
+
+    if args.model_name_or_path is None:
+        raise ValueError("give --model_name_or_path (a retrieval or pretraining checkpoint).")
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model = ImageBERTForImageTextRetrieval.from_pretrained(args.model_name_or_path).eval()
+    if torch.cuda.is_available():
+        model.cuda()
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    corpus = load_evaluation_corpus(args, tokenizer, model.config)
+    print(f"{corpus.num_images} images, {corpus.num_texts} texts: {corpus.num_images * corpus.num_texts:,} pairs")
+
+    ranking = rank_corpus(model, corpus, args.batch_size, args.shortlist_k, args.index_type)
+    results, table = [], {}
+    for name, config_name, folds in protocols(args.dataset, corpus.num_images):
+        metrics = retrieval_metrics(ranking.scores, corpus.text_to_image, num_folds=folds)
+        results.append(
+            {
+                "dataset_name": name,
+                "dataset_type": args.dataset,
+                "dataset_config": config_name,
+                "dataset_split": args.split,
+                "metrics": metrics,
+                "ranking": "full",
+                "seconds": round(ranking.seconds, 2),
+            }
+        )
+        table[f"{name} (full)"] = metrics
+    if ranking.shortlist is not None:
+        metrics = ranking.shortlist_metrics()
+        table[f"{args.dataset} (shortlist k={args.shortlist_k})"] = metrics
+        results.append(
+            {
+                "dataset_name": args.dataset,
+                "dataset_type": args.dataset,
+                "dataset_split": args.split,
+                "metrics": metrics,
+                "ranking": f"shortlist k={args.shortlist_k}",
+                "seconds": round(ranking.shortlist_seconds, 2),
+                "pairs_scored": ranking.shortlist.num_pairs_scored,
+            }
+        )
+    print(format_metrics_table(table))
+    ranking.plot(output_dir, title=f"{args.dataset} {args.split}")
+    with open(output_dir / "results.json", "w", encoding="utf-8") as handle:
+        json.dump({"model": args.model_name_or_path, "results": results}, handle, indent=1)
+    if args.model_card:
+        from .hub import build_model_card
+
+        card_results = [r for r in results if r["ranking"] == "full"]
+        build_model_card(card_results, model_id=args.model_id, config=model.config).save(output_dir / "README.md")
+    return {"results": results, "table": table}
+
+
+__all__ = [
+    "DATASETS",
+    "CorpusRanking",
+    "EvaluationArguments",
+    "load_evaluation_corpus",
+    "protocols",
+    "rank_corpus",
+    "run_retrieval_evaluation",
+]

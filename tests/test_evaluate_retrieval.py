@@ -1,0 +1,74 @@
+"""`examples/evaluate_retrieval.py` end to end on generated data with a tiny saved checkpoint: the printed table,
+`results.json`, the plots, the model card and the corpus cache."""
+
+import json
+import runpy
+
+import pytest
+import torch
+
+from imagebert_hf import ImageBERTConfig, ImageBERTForImageTextRetrieval
+from imagebert_hf.data.synthetic import make_synthetic_tokenizer
+from imagebert_hf.evaluation.full_ranking import EvaluationArguments, load_evaluation_corpus, run_retrieval_evaluation
+from imagebert_hf.evaluation.retrieval import retrieval_metrics
+from imagebert_hf.evaluation.scoring import score_all_pairs
+
+from .testing_utils import PROJECT_ROOT, tiny_config_kwargs
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("checkpoint")
+    tokenizer = make_synthetic_tokenizer()
+    torch.manual_seed(0)
+    ImageBERTForImageTextRetrieval(ImageBERTConfig(**tiny_config_kwargs(vocab_size=len(tokenizer)))).save_pretrained(
+        folder
+    )
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_the_example_prints_and_writes_the_evaluation(checkpoint, tmp_path, capsys):
+    main = runpy.run_path(str(PROJECT_ROOT / "examples" / "evaluate_retrieval.py"))["main"]
+    flags = ["--model_name_or_path", str(checkpoint), "--dataset", "synthetic", "--synthetic_images", "12"]
+    flags += ["--shortlist_k", "24", "--batch_size", "64", "--model_card", "--corpus_cache", str(tmp_path / "c.pt")]
+    returned = main([*flags, "--output_dir", str(tmp_path / "out")])
+
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "12 images, 24 texts: 288 pairs"
+    assert printed[1].startswith("| split | TR R@1 | TR R@5 | TR R@10 | IR R@1")
+    assert printed[3].startswith("| synthetic (full) |") and printed[4].startswith("| synthetic (shortlist k=24) |")
+
+    written = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert written["model"] == str(checkpoint)
+    assert written["results"] == returned["results"]
+    full, shortlist = written["results"]
+    assert full["ranking"] == "full" and full["dataset_name"] == "synthetic" and full["dataset_split"] == "test"
+    assert shortlist["ranking"] == "shortlist k=24" and shortlist["pairs_scored"] == 288
+
+    # The metrics are those of the model on the held-out generated set, computed here on their own.
+    model = ImageBERTForImageTextRetrieval.from_pretrained(checkpoint).eval()
+    args = EvaluationArguments(output_dir=str(tmp_path), dataset="synthetic", synthetic_images=12)
+    corpus = load_evaluation_corpus(args, make_synthetic_tokenizer(), model.config)
+    expected = retrieval_metrics(
+        score_all_pairs(model, corpus.text_inputs, corpus.region_inputs), corpus.text_to_image
+    )
+    for key, value in expected.items():
+        assert full["metrics"][key] == pytest.approx(value), key
+        # A shortlist as large as the gallery re-scores every pair: the same ranking.
+        assert shortlist["metrics"][key] == pytest.approx(value), key
+    for name in ("recall_at_k.png", "score_histogram.png", "README.md"):
+        assert (tmp_path / "out" / name).stat().st_size > 0, name
+    assert "imagebert-base" in (tmp_path / "out" / "README.md").read_text()
+
+    # A second run reads the corpus cache and gives the same results.
+    again = main([*flags, "--output_dir", str(tmp_path / "again")])
+    assert [r["metrics"] for r in again["results"]] == [r["metrics"] for r in returned["results"]]
+
+
+def test_flags_that_are_missing_are_named(tmp_path):
+    with pytest.raises(ValueError, match="--model_name_or_path"):
+        run_retrieval_evaluation(EvaluationArguments(output_dir=str(tmp_path)))
+    args = EvaluationArguments(output_dir=str(tmp_path), dataset="coco", region_cache=str(tmp_path))
+    with pytest.raises(ValueError, match="--dataset coco needs --karpathy_file"):
+        load_evaluation_corpus(args, make_synthetic_tokenizer(), ImageBERTConfig(**tiny_config_kwargs()))
