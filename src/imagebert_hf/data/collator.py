@@ -132,6 +132,8 @@ class DataCollatorForImageBERTPretraining:
 
     # --- steps ------------------------------------------------------------------------------------------------
     def _in_batch_negatives(self, samples: list[dict]) -> None:
+        if self.itm_negative_probability == 0.0:  # nothing to draw (the choice would always be "positive")
+            return
         image_ids = [sample.get("image_id") for sample in samples]
         for i, sample in enumerate(samples):
             # The shared rule (`choose_negative`), over the other samples of the batch, drawn from the sample's
