@@ -75,6 +75,7 @@ def train(model, corpus, seconds: float, batch_size: int, learning_rate: float, 
     while time.perf_counter() - start < seconds:
         batch = collator(torch.randint(corpus.num_texts, (batch_size,), generator=generator).tolist())
         positives = batch.pop("positive_index")
+        batch.pop("positive_images")
         outputs = model(**batch)
         text = {k: batch[k][positives] for k in ("input_ids", "attention_mask", "token_type_ids")}
         regions = {k: batch[k][positives] for k in ("region_features", "region_locations", "region_attention_mask")}

@@ -19,7 +19,7 @@ from imagebert_hf.data.retrieval import (
     load_manifest_records,
 )
 from imagebert_hf.data.synthetic import make_synthetic_examples, make_synthetic_tokenizer, synthetic_region_record
-from imagebert_hf.training.retrieval import RetrievalTrainingModel, parse_loss_weights
+from imagebert_hf.training.retrieval import RetrievalTrainingModel, mine_contrastive_negatives, parse_loss_weights
 
 from .testing_utils import FLICKR_DIR, PROJECT_ROOT, require_shared_data, tiny_config_kwargs
 
@@ -158,6 +158,53 @@ def test_one_training_step_per_loss(corpus, weights):
     torch.optim.SGD(model.parameters(), lr=0.1).step()
     changed = {name for name, p in model.named_parameters() if not torch.equal(before[name], p)}
     assert {"cls.seq_relationship.weight", "cls.text_projection.weight", "cls.region_projection.weight"} <= changed
+
+
+def test_contrastive_mining_draws_by_similarity_and_never_the_same_image():
+    # Texts 0-3 of images 0, 0, 1, 2: each text's only similar image is the next positive's.
+    images = torch.tensor([0, 0, 1, 2])
+    similarities = torch.full((4, 4), -30.0)
+    for text, image in ((0, 2), (1, 2), (2, 3), (3, 0)):
+        similarities[text, image] = 30.0
+    generator = torch.Generator().manual_seed(0)
+    texts, regions, found = mine_contrastive_negatives(similarities, images, 4, "both", generator)
+    assert found.all()
+    own = torch.arange(4)[:, None].expand(4, 4)
+    # Even slots swap the text (another caption for the positive's image), odd ones the image.
+    assert torch.equal(regions[:, ::2], own[:, ::2]) and torch.equal(texts[:, 1::2], own[:, 1::2])
+    assert regions[:, 1::2].tolist() == [[2, 2], [2, 2], [3, 3], [0, 0]]
+    # Column 2 (image 1) is most similar to texts 0 and 1; column 0 only to text 3.
+    assert set(texts[2, ::2].tolist()) <= {0, 1} and texts[0, ::2].tolist() == [3, 3]
+    assert not (images[texts] == images[regions]).any()
+    # A batch of one image has nothing to draw from: the caller keeps its random negatives.
+    _, _, found = mine_contrastive_negatives(torch.zeros(2, 2), torch.tensor([5, 5]), 2, "text")
+    assert not found.any()
+
+
+def test_contrastive_mining_replaces_the_collators_negatives(corpus):
+    model = _model(corpus, retrieval_loss_weights={"binary": 1.0, "multiclass": 1.0})
+    collator = DataCollatorForImageTextRetrieval(corpus, RandomNegativeSampler(corpus, 3, "both", seed=0))
+    batch = collator([0, 2, 4, 6])
+    assert batch["positive_images"].tolist() == [int(corpus.text_to_image[t]) for t in (0, 2, 4, 6)]
+    mining = RetrievalTrainingModel(model, 1.0, negative_mining="contrastive", seed=0)
+    seen = {}
+    model.register_forward_pre_hook(lambda module, args, kwargs: seen.update(kwargs), with_kwargs=True)
+    outputs = mining(**batch)
+    assert torch.isfinite(outputs["loss"]) and outputs["multiclass_loss"] is not None
+    positives = batch["positive_index"]
+    pair_text, pair_regions = seen["input_ids"], seen["region_features"]
+    assert torch.equal(pair_text[positives], batch["input_ids"][positives])
+    texts_of_positives = [batch["input_ids"][i] for i in positives]
+    regions_of_positives = [batch["region_features"][i] for i in positives]
+    for row in range(pair_text.shape[0]):
+        text = next(i for i, t in enumerate(texts_of_positives) if torch.equal(t, pair_text[row]))
+        image = next(i for i, r in enumerate(regions_of_positives) if torch.equal(r, pair_regions[row]))
+        # Every pair is made of the batch's positives; negatives pair two different images' halves.
+        assert (text == image) == (row % 4 == 0)
+    with pytest.raises(ValueError, match="negative_mining"):
+        RetrievalTrainingModel(model, 1.0, negative_mining="hardest")
+    with pytest.raises(ValueError, match="contrastive_weight"):
+        RetrievalTrainingModel(model, 0.0, negative_mining="contrastive")
 
 
 def test_loss_weight_flag_parsing():

@@ -442,7 +442,7 @@ class DataCollatorForImageTextRetrieval:
     The batch holds the model inputs of `B * (1 + P)` pairs, `labels` (1 for the first pair of each group, 0 for
     the others) and `group_size = 1 + P`, which is what `ImageBERTForImageTextRetrieval` needs for the binary,
     multi-class and triplet losses. `positive_index` (B,) points at each group's positive, for the contrastive
-    loss of the unimodal heads. Text and regions are trimmed to the longest in the batch.
+    loss of the unimodal heads, and `positive_images` (B,) gives its image (in-batch negative mining). Text and regions are trimmed to the longest in the batch.
 
     Args:
         corpus: the corpus the caption indices refer to (with `text_inputs` and `region_inputs`).
@@ -480,6 +480,7 @@ class DataCollatorForImageTextRetrieval:
         batch["labels"] = labels
         batch["group_size"] = group_size
         batch["positive_index"] = torch.arange(0, len(text_index), group_size)
+        batch["positive_images"] = torch.tensor(image_index[::group_size])
         return batch
 
 

@@ -34,6 +34,14 @@ class ShortlistResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def dual_encoder_scores(model, text_inputs: Mapping, region_inputs: Mapping, batch_size: int = 256) -> torch.Tensor:
+    """Ranking by the unimodal heads alone (a dual encoder, no cross-encoder): the `(num_images, num_texts)` cosine
+    similarities of `get_region_embeddings` and `get_text_embeddings`, the input of `retrieval_metrics`."""
+    text_embeddings = encode_texts(model, text_inputs, batch_size)
+    image_embeddings = encode_images(model, region_inputs, batch_size)
+    return image_embeddings @ text_embeddings.T
+
+
 def shortlist_rerank(
     model,
     text_inputs: Mapping,
@@ -104,4 +112,12 @@ def shortlist_rerank(
     return ShortlistResult(i2t_scores, t2i_scores, int(image_index.numel()), timings)
 
 
-__all__ = ["INDEX_TYPES", "EmbeddingIndex", "ShortlistResult", "encode_images", "encode_texts", "shortlist_rerank"]
+__all__ = [
+    "INDEX_TYPES",
+    "EmbeddingIndex",
+    "ShortlistResult",
+    "dual_encoder_scores",
+    "encode_images",
+    "encode_texts",
+    "shortlist_rerank",
+]

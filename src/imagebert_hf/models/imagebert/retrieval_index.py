@@ -149,13 +149,17 @@ def score_pairs(
     was_training = model.training
     model.eval()
     scores = torch.empty(image_indices.numel(), dtype=torch.float32)
+    # Pairs of similar text length share a batch (a stable sort: one set of pairs is always batched the same way),
+    # so each batch is trimmed to about its own captions' length rather than to the longest of the gallery.
+    text_lengths = texts["attention_mask"].sum(1).cpu()
+    order = torch.argsort(text_lengths[text_indices], stable=True)
     try:
         for start in range(0, image_indices.numel(), batch_size):
-            end = start + batch_size
-            batch = gather_pair_inputs(texts, regions, text_indices[start:end], image_indices[start:end], device)
-            scores[start:end] = model(**batch).logits.float().cpu()
+            chunk = order[start : start + batch_size]
+            batch = gather_pair_inputs(texts, regions, text_indices[chunk], image_indices[chunk], device)
+            scores[chunk] = model(**batch).logits.float().cpu()
             if progress is not None:
-                progress(int(min(end, image_indices.numel()) - start))
+                progress(int(chunk.numel()))
     finally:
         model.train(was_training)
     return scores

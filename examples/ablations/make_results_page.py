@@ -1,0 +1,94 @@
+"""Fills the tables of docs/results.md from the run files that `run_ablations.py` wrote (docs/results/).
+
+    python examples/ablations/make_results_page.py
+
+Each table sits between `<!-- results:STUDY -->` and `<!-- /results:STUDY -->` in the page; the text around the
+markers is left as written. A table gives, per variant and ranking, the mean and standard deviation over the seeds
+found, the scoring protocol, the seeds, and the minutes one run took here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+
+COLUMNS = ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "rsum")
+HEADERS = ("TR R@1", "TR R@5", "TR R@10", "IR R@1", "IR R@5", "IR R@10", "RSUM")
+
+
+def load_runs(results_dir: Path) -> dict[str, list[dict]]:
+    """Run files by study, in a stable order."""
+    runs = defaultdict(list)
+    for path in sorted(results_dir.glob("*/*.json")):
+        run = json.loads(path.read_text())
+        runs[run["study"]].append(run)
+    return dict(runs)
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def study_table(runs: list[dict]) -> str:
+    """A markdown table of one study: one row per (variant, ranking), in the order the runs name them."""
+    by_variant = defaultdict(list)
+    for run in runs:
+        by_variant[run["variant"]].append(run)
+    protocols = sorted({run["protocol"] for run in runs})
+    lines = [f"Scoring: {'; '.join(protocols)}. Recall in %, mean ± standard deviation over seeds.", ""]
+    lines.append("| variant | ranking | seeds | " + " | ".join(HEADERS) + " | minutes per run |")
+    lines.append("|---|---|---|" + "---|" * len(HEADERS) + "---|")
+    chance_row = None
+    for variant, variant_runs in by_variant.items():
+        seeds = ", ".join(str(run["seed"]) for run in sorted(variant_runs, key=lambda r: r["seed"]))
+        minutes = statistics.mean(sum(run["seconds"].values()) / 60 for run in variant_runs)
+        for way in variant_runs[0]["metrics"]:
+            if way == "chance":
+                chance_row = variant_runs[0]["metrics"]["chance"]
+                continue
+            cells = [mean_std([run["metrics"][way][column] for run in variant_runs]) for column in COLUMNS]
+            lines.append(f"| {variant} | {way} | {seeds} | " + " | ".join(cells) + f" | {minutes:.1f} |")
+    if chance_row is not None:
+        lines.append("| chance | random ranking | | " + " | ".join(f"{chance_row[c]:.1f}" for c in COLUMNS) + " | |")
+    commands = sorted({run["command"] for run in runs})
+    lines += ["", "Command" + ("s" if len(commands) > 1 else "") + ": " + "; ".join(f"`{c}`" for c in commands)]
+    dates = sorted({run["date"] for run in runs})
+    lines.append(f"Run on {', '.join(dates)}; {len(runs)} runs.")
+    return "\n".join(lines)
+
+
+def fill_page(page: str, tables: dict[str, str]) -> str:
+    """The page with the block between each study's markers replaced by its table (a study without runs says so)."""
+
+    def replace(match: re.Match) -> str:
+        study = match.group(1)
+        table = tables.get(study, "_No runs yet: run the command above._")
+        return f"<!-- results:{study} -->\n{table}\n<!-- /results:{study} -->"
+
+    return re.sub(r"<!-- results:(\w+) -->.*?<!-- /results:\1 -->", replace, page, flags=re.DOTALL)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results_dir", default="docs/results", help="Folder of run files, one subfolder per study.")
+    parser.add_argument("--page", default="docs/results.md", help="The page whose tables are filled.")
+    args = parser.parse_args(argv)
+    page_path = Path(args.page)
+    if not page_path.is_file():
+        raise FileNotFoundError(f"--page {page_path} does not exist; it holds the text around the tables.")
+    tables = {study: study_table(runs) for study, runs in load_runs(Path(args.results_dir)).items()}
+    page = fill_page(page_path.read_text(encoding="utf-8"), tables)
+    page_path.write_text(page, encoding="utf-8")
+    print(f"{page_path}: filled {sorted(tables)}")
+    return page
+
+
+if __name__ == "__main__":
+    main()

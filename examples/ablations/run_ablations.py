@@ -1,0 +1,337 @@
+"""The paper's ablations at small scale, on the bundled real data, from offline weights, with several seeds.
+
+Text encoder: the offline MiniLM (6 layers, 384 wide); regions: the offline EfficientNet-Lite0 extractor over a
+1+4+9+16 grid (30 regions, 1280-d); data: ../shared/data (Flickr8k train/dev, COCO 128). Every run writes one JSON
+file to `--results_dir` (its metrics, seconds, steps, protocol and command); `make_results_page.py` turns them into
+docs/results.md. A run whose JSON exists is skipped, and an interrupted one resumes from its last checkpoint.
+
+    python examples/ablations/run_ablations.py --study rerank            # cross-encoder vs dual encoder
+    python examples/ablations/run_ablations.py --study finetune_losses   # binary / multi-class / triplet / all
+    python examples/ablations/run_ablations.py --study stages            # single- vs multi-stage pretraining
+    python examples/ablations/run_ablations.py --study mrfr_regions      # MRFR on/off, 5 / 14 / 30 regions
+    python examples/ablations/make_results_page.py
+
+Fine-tuning studies start from `--pretrained` (the real-data example's final stage, see `--help`) and are scored on
+the first `--eval_images` Flickr8k dev images with all their captions, every pair by the cross-encoder.
+Pretraining studies run `--pretrain_steps` steps per variant and are scored zero-shot the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import transformers
+from transformers import HfArgumentParser
+
+
+STUDIES = ("rerank", "finetune_losses", "stages", "mrfr_regions")
+FINETUNE_LOSSES = {
+    "binary": "binary=1",
+    "multiclass": "multiclass=1",
+    "triplet": "triplet=1",
+    "all three": "binary=1,multiclass=1,triplet=1",
+}
+
+
+@dataclass
+class AblationArguments:
+    """Settings of the ablation runs."""
+
+    study: str = field(metadata={"help": f"One of {STUDIES}."})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds, one run each."})
+    variants: list[str] | None = field(default=None, metadata={"help": "Run only these variants of the study."})
+    output_dir: str = field(default="outputs/ablations", metadata={"help": "Run folders (checkpoints, models)."})
+    results_dir: str = field(default="docs/results", metadata={"help": "One JSON per finished run."})
+    data_dir: str = field(
+        default="../shared/data", metadata={"help": "Folder of flickr8k_trainval/, coco_val2017_128/."}
+    )
+    cache_dir: str = field(default="outputs/regions", metadata={"help": "Region caches (extracted when missing)."})
+    pretrained: str = field(
+        default="outputs/ablations/pretrained/stage2-flickr8k_coco/final",
+        metadata={
+            "help": "Checkpoint the fine-tuning studies start from: the final stage of "
+            "`python examples/pretrain_shared_data.py --output_dir outputs/ablations/pretrained`."
+        },
+    )
+    recipe: str = field(
+        default="examples/configs/pretrain_minilm_shared_data.yaml",
+        metadata={"help": "Recipe whose model and stage settings the pretraining studies reuse."},
+    )
+    eval_images: int = field(default=50, metadata={"help": "Flickr8k dev images scored (first ones, file order)."})
+    eval_captions_per_image: int = field(default=5, metadata={"help": "Captions per dev image (5: all)."})
+    eval_batch_size: int = field(default=256, metadata={"help": "Pairs per forward pass when scoring."})
+    shortlist_k: int = field(default=8, metadata={"help": "Candidates per query re-ranked by the cross-encoder."})
+    finetune_steps: int = field(default=200, metadata={"help": "Optimizer steps of each fine-tuning run."})
+    finetune_batch_size: int = field(default=8, metadata={"help": "Positives per fine-tuning step."})
+    finetune_learning_rate: float = field(default=1e-4, metadata={"help": "Peak fine-tuning learning rate."})
+    num_negatives: int = field(default=3, metadata={"help": "Negatives per positive when fine-tuning."})
+    pretrain_steps: int = field(default=600, metadata={"help": "Total optimizer steps of each pretraining run."})
+    noise_seed: int = field(default=0, metadata={"help": "Seed of the web-like caption noise of the noisy source."})
+
+
+def study_variants(study: str) -> list[str]:
+    if study == "rerank":
+        return ["random negatives", "contrastive-mined negatives"]
+    if study == "finetune_losses":
+        return list(FINETUNE_LOSSES)
+    if study == "stages":
+        return ["clean only", "noisy + clean mixed", "noisy, then clean"]
+    if study == "mrfr_regions":
+        return ["30 regions, MRFR", "30 regions, no MRFR", "14 regions, MRFR", "5 regions, MRFR"]
+    raise ValueError(f"--study must be one of {STUDIES}, got {study!r}.")
+
+
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-").replace("--", "-")
+
+
+# ---------------------------------------------------------------------------------------------------- evaluation
+
+
+def eval_inputs(args: AblationArguments, tokenizer, max_text_length: int, max_regions: int):
+    """Tokenized dev captions, padded dev regions and the caption -> image map of the scoring protocol."""
+    from imagebert_hf.evaluation.zero_shot import manifest_retrieval_inputs
+
+    flickr = Path(args.data_dir) / "flickr8k_trainval" / "captions.jsonl"
+    text_inputs, region_inputs, text_to_image = manifest_retrieval_inputs(
+        flickr, Path(args.cache_dir) / "flickr8k", tokenizer, split="dev", max_text_length=max_text_length,
+        max_regions=max_regions, max_images=args.eval_images,
+    )  # fmt: skip
+    keep = [
+        i
+        for i, image in enumerate(text_to_image)
+        if text_to_image[: i + 1].count(image) <= args.eval_captions_per_image
+    ]
+    text_inputs = {key: value[keep] for key, value in text_inputs.items()}
+    return text_inputs, region_inputs, [text_to_image[i] for i in keep]
+
+
+def protocol(args: AblationArguments, text_to_image: list[int]) -> str:
+    return (
+        f"Flickr8k dev, first {max(text_to_image) + 1} images x {len(text_to_image)} captions "
+        f"({args.eval_captions_per_image} per image), every pair scored"
+    )
+
+
+def evaluate_model(model, args: AblationArguments, tokenizer, ways: tuple[str, ...]) -> tuple[dict, str]:
+    """Recall of a retrieval model on the protocol's pairs: `"cross-encoder"` (full ranking), `"dual encoder"`
+    (unimodal heads alone), `"shortlist + re-rank"` (top `shortlist_k` of the heads, re-scored)."""
+    import torch
+
+    from imagebert_hf.evaluation.retrieval import retrieval_metrics
+    from imagebert_hf.evaluation.shortlist import dual_encoder_scores, shortlist_rerank
+    from imagebert_hf.evaluation.zero_shot import chance_metrics, zero_shot_retrieval
+
+    config = model.config
+    text_inputs, region_inputs, text_to_image = eval_inputs(
+        args, tokenizer, config.max_text_length, config.max_regions
+    )
+    results = {"chance": chance_metrics(text_to_image)}
+    model.eval()
+    with torch.inference_mode():
+        if "cross-encoder" in ways:
+            results["cross-encoder"] = zero_shot_retrieval(
+                model, text_inputs, region_inputs, text_to_image, args.eval_batch_size
+            )
+        if "dual encoder" in ways:
+            scores = dual_encoder_scores(model, text_inputs, region_inputs, args.eval_batch_size)
+            results["dual encoder"] = retrieval_metrics(scores, text_to_image)
+        if "shortlist + re-rank" in ways:
+            shortlist = shortlist_rerank(model, text_inputs, region_inputs, args.shortlist_k, args.eval_batch_size)
+            results["shortlist + re-rank"] = retrieval_metrics(
+                shortlist.i2t_scores, text_to_image, ir_scores=shortlist.t2i_scores
+            )
+    return results, protocol(args, text_to_image)
+
+
+# ---------------------------------------------------------------------------------------------------- fine-tuning
+
+
+def finetune(args: AblationArguments, loss_weights: str, negative_mining: str, seed: int, run_dir: Path) -> dict:
+    from imagebert_hf.training.retrieval import RetrievalArguments, run_retrieval_finetuning
+
+    if not Path(args.pretrained).is_dir():
+        raise FileNotFoundError(
+            f"--pretrained {args.pretrained} does not exist; run examples/pretrain_shared_data.py first (see --help)."
+        )
+    finetune_args = RetrievalArguments(
+        output_dir=str(run_dir),
+        model_name_or_path=args.pretrained,
+        train_file=str(Path(args.data_dir) / "flickr8k_trainval" / "captions.jsonl"),
+        train_split="train",
+        region_cache=str(Path(args.cache_dir) / "flickr8k"),
+        loss_weights=loss_weights,
+        negative_mining=negative_mining,
+        num_negatives=args.num_negatives,
+        seed=seed,
+        max_steps=args.finetune_steps,
+        per_device_train_batch_size=args.finetune_batch_size,
+        learning_rate=args.finetune_learning_rate,
+        checkpointing_steps=50,
+        save_total_limit=1,
+        logging_steps=10,
+        report_to="none",
+        resume=run_dir.exists(),
+    )
+    return run_retrieval_finetuning(finetune_args)
+
+
+def run_finetuning_variant(args: AblationArguments, variant: str, seed: int) -> dict:
+    from transformers import AutoTokenizer
+
+    from imagebert_hf import ImageBERTForImageTextRetrieval
+
+    if args.study == "rerank":
+        loss_weights, mining = "binary=1", "random" if variant == "random negatives" else "contrastive"
+        ways = ("dual encoder", "cross-encoder", "shortlist + re-rank")
+    else:
+        loss_weights, mining = FINETUNE_LOSSES[variant], "contrastive"
+        ways = ("cross-encoder",)
+    # Runs are shared between studies: the rerank study's mined run is the loss study's binary run.
+    run_dir = Path(args.output_dir) / "finetune" / f"{slug(loss_weights)}-{mining}" / f"seed{seed}"
+    started = time.perf_counter()
+    if not (run_dir / "final").is_dir():
+        finetune(args, loss_weights, mining, seed, run_dir)
+    train_seconds = time.perf_counter() - started
+    transformers.logging.set_verbosity_error()
+    model = ImageBERTForImageTextRetrieval.from_pretrained(str(run_dir / "final"))
+    tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "final"))
+    started = time.perf_counter()
+    metrics, scoring = evaluate_model(model, args, tokenizer, ways)
+    state = json.loads((run_dir / "final" / "trainer_state.json").read_text())
+    return {
+        "metrics": metrics,
+        "protocol": scoring,
+        "steps": state.get("completed_steps", args.finetune_steps),
+        "seconds": {"train": round(train_seconds), "score": round(time.perf_counter() - started)},
+        "settings": {
+            "loss_weights": loss_weights, "negative_mining": mining, "contrastive_weight": 1.0,
+            "num_negatives": args.num_negatives, "batch_size": args.finetune_batch_size,
+            "learning_rate": args.finetune_learning_rate, "shortlist_k": args.shortlist_k,
+            "pretrained": args.pretrained,
+        },
+    }  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------- pretraining
+
+
+def pretraining_recipe(args: AblationArguments, variant: str, seed: int, run_dir: Path):
+    """The recipe of one pretraining variant: the real-data recipe's model and stage settings, `pretrain_steps`
+    optimizer steps in total, Flickr8k train as the clean source and its web-noised copy as the noisy one."""
+    import yaml
+
+    from imagebert_hf.data.web_noise import write_web_noisy_manifest
+    from imagebert_hf.training.recipe import check_source_paths, recipe_from_dict
+
+    with open(args.recipe, encoding="utf-8") as handle:
+        data = yaml.safe_load(handle)
+    flickr = Path(args.data_dir) / "flickr8k_trainval" / "captions.jsonl"
+    noisy = Path(args.output_dir) / "noisy_source" / f"flickr8k_train_web_noise_seed{args.noise_seed}.jsonl"
+    if not noisy.is_file():
+        write_web_noisy_manifest(flickr, noisy, seed=args.noise_seed, splits=["train"])
+    cache = str(Path(args.cache_dir) / "flickr8k")
+    clean_source = {"name": "flickr8k_clean", "type": "manifest", "path": str(flickr), "splits": ["train"],
+                    "region_cache": cache}  # fmt: skip
+    noisy_source = {"name": "flickr8k_web_noise", "type": "manifest", "path": str(noisy),
+                    "image_root": str(flickr.parent), "region_cache": cache}  # fmt: skip
+    template = {key: value for key, value in data["stages"][0].items() if key not in ("sources", "num_epochs", "name")}
+
+    def stage(name: str, sources: list[dict], steps: int) -> dict:
+        return {**template, "name": name, "sources": sources, "max_steps": steps}
+
+    steps = args.pretrain_steps
+    if variant == "noisy + clean mixed":
+        stages = [stage("mixed", [noisy_source, clean_source], steps)]
+    elif variant == "noisy, then clean":
+        stages = [stage("noisy", [noisy_source], steps // 2), stage("clean", [clean_source], steps - steps // 2)]
+    else:
+        stages = [stage("clean", [clean_source], steps)]
+    if "no MRFR" in variant:
+        stages[0]["loss_weights"] = {**stages[0]["loss_weights"], "mrfr": 0.0}
+    if variant.split()[0] in ("5", "14"):
+        data["model"]["config"]["max_regions"] = int(variant.split()[0])
+    data.update(output_dir=str(run_dir), seed=seed, stages=stages, report_to="none", checkpointing_steps=100)
+    recipe = recipe_from_dict(data, where=f"{args.study}/{variant}")
+    check_source_paths(recipe, where=f"{args.study}/{variant}")
+    return recipe
+
+
+def run_pretraining_variant(args: AblationArguments, variant: str, seed: int) -> dict:
+    from imagebert_hf import ImageBERTForImageTextRetrieval
+    from imagebert_hf.training import PretrainingRunOptions, run_pretraining
+    from imagebert_hf.training.stages import load_tokenizer
+
+    # The 30-region MRFR run of the regions study is the clean-only run of the stages study.
+    shared = "clean only" if variant == "30 regions, MRFR" else variant
+    run_dir = Path(args.output_dir) / "pretrain" / slug(shared) / f"seed{seed}"
+    recipe = pretraining_recipe(args, shared, seed, run_dir)
+    started = time.perf_counter()
+    run = run_pretraining(recipe, PretrainingRunOptions(resume=run_dir.exists()))
+    train_seconds = time.perf_counter() - started
+    transformers.logging.set_verbosity_error()
+    model = ImageBERTForImageTextRetrieval.from_pretrained(run["final_model"])
+    started = time.perf_counter()
+    metrics, scoring = evaluate_model(model, args, load_tokenizer(recipe.model), ("cross-encoder",))
+    return {
+        "metrics": metrics,
+        "protocol": "zero-shot (ITM head), " + scoring,
+        "steps": sum(run["steps_per_stage"]),
+        "seconds": {"train": round(train_seconds), "score": round(time.perf_counter() - started)},
+        "settings": {"stages": [(s.name, [src.name for src in s.sources], s.max_steps) for s in recipe.stages],
+                     "loss_weights": recipe.stages[0].loss_weights, "max_regions": model.config.max_regions},
+    }  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+
+def ensure_region_caches(args: AblationArguments) -> None:
+    from imagebert_hf import ImageBERTRoIExtractor
+    from imagebert_hf.regions.feature_cache import extract_regions
+
+    extractor = ImageBERTRoIExtractor(grid_sizes=[1, 2, 3, 4], max_regions=30)
+    for name, folder in (("flickr8k", "flickr8k_trainval"), ("coco128", "coco_val2017_128")):
+        manifest = Path(args.data_dir) / folder / "captions.jsonl"
+        if not manifest.is_file():
+            raise FileNotFoundError(f"{manifest} not found; point --data_dir at the folder holding the real data.")
+        extract_regions(manifest, Path(args.cache_dir) / name, extractor, store_class_probs=False)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    (args,) = HfArgumentParser(AblationArguments).parse_args_into_dataclasses(args=argv)
+    variants = study_variants(args.study)
+    unknown = sorted(set(args.variants or []) - set(variants))
+    if unknown:
+        raise ValueError(f"--variants {unknown} are not variants of {args.study}; expected some of {variants}.")
+    ensure_region_caches(args)
+    command = "python examples/ablations/run_ablations.py " + " ".join(map(shlex.quote, argv or sys.argv[1:]))
+    finished = []
+    for variant in args.variants or variants:
+        for seed in args.seeds:
+            result_file = Path(args.results_dir) / args.study / f"{slug(variant)}_seed{seed}.json"
+            if result_file.is_file():
+                print(f"{args.study} / {variant} / seed {seed}: done ({result_file})")
+                finished.append(json.loads(result_file.read_text()))
+                continue
+            print(f"{args.study} / {variant} / seed {seed}: running", flush=True)
+            if args.study in ("rerank", "finetune_losses"):
+                result = run_finetuning_variant(args, variant, seed)
+            else:
+                result = run_pretraining_variant(args, variant, seed)
+            result = {"study": args.study, "variant": variant, "seed": seed, "command": command,
+                      "date": time.strftime("%Y-%m-%d"), "arguments": asdict(args), **result}  # fmt: skip
+            result_file.parent.mkdir(parents=True, exist_ok=True)
+            result_file.write_text(json.dumps(result, indent=1) + "\n")
+            finished.append(result)
+            print(json.dumps({key: result[key] for key in ("variant", "seed", "seconds")}), flush=True)
+    return finished
+
+
+if __name__ == "__main__":
+    main()

