@@ -1,7 +1,9 @@
 """Retrieval data: image-caption corpora, negative sampling (random or hard-mined) and the grouped collator.
 
 A `RetrievalCorpus` holds each image once and each caption once, tokenized once and with its regions loaded once,
-so that training batches, evaluation and hard-negative mining all gather rows instead of recomputing anything.
+so that training batches, evaluation and hard-negative mining all gather rows instead of recomputing anything. The
+regions are either stacked in memory or, for a gallery too large for that, a `RegionGallery` over the
+memory-mapped region cache (`RetrievalCorpus.from_region_cache`).
 Sources: the Karpathy split files everyone uses for COCO and Flickr30k (`dataset_coco.json`,
 `dataset_flickr30k.json`) and our jsonl manifests (the layout of the real data and the synthetic set).
 """
@@ -15,9 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..models.imagebert.region_batching import pad_region_records
+from ..models.imagebert.retrieval_index import RegionBatches, is_region_batches
 
 
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
@@ -136,14 +140,16 @@ class RetrievalCorpus:
         texts: every caption, image by image.
         text_to_image: `(num_texts,)` long, the image index of each caption.
         text_inputs: tokenized captions (`input_ids`, `attention_mask`, `token_type_ids`), padded to one length.
-        region_inputs: regions of each image (`region_features`, `region_locations`, `region_attention_mask`).
+        region_inputs: regions of each image: stacked tensors (`region_features`, `region_locations`,
+            `region_attention_mask`), or a `RegionBatches` gallery (a `RegionGallery` over the memory-mapped region
+            cache) that pads them by index; scoring, mining and the collator take either, with the same results.
     """
 
     image_ids: list[str]
     texts: list[str]
     text_to_image: torch.Tensor
     text_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
-    region_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    region_inputs: dict[str, torch.Tensor] | RegionBatches = field(default_factory=dict)
 
     @property
     def num_images(self) -> int:
@@ -158,7 +164,7 @@ class RetrievalCorpus:
         cls,
         records: Sequence[Mapping],
         tokenizer=None,
-        regions: Mapping[str, Mapping] | Callable[[str], Mapping] | Sequence[Mapping] | None = None,
+        regions: Mapping[str, Mapping] | Callable[[str], Mapping] | Sequence[Mapping] | RegionBatches | None = None,
         max_text_length: int = 44,
         max_regions: int | None = None,
         captions_per_image: int | None = None,
@@ -169,10 +175,12 @@ class RetrievalCorpus:
             records: image records, e.g. from `load_karpathy_split` or `load_manifest_records`.
             tokenizer: a BERT tokenizer; captions are tokenized once, padded to `max_text_length`.
             regions: the regions of each image: a mapping by `image_id`, a function given the record (e.g.
-                `region_cache_lookup(load_region_cache(path))`), or a sequence aligned with `records`. Records whose regions carry an `error` are rejected with
-                their id, rather than silently dropped: filter them out before building the corpus.
+                `region_cache_lookup(load_region_cache(path))`), or a sequence aligned with `records`, all stacked
+                into memory; or a `RegionBatches` gallery aligned with `records` (`cache.gallery(keys)`), kept as
+                it is (see `from_region_cache`). Records whose regions carry an `error` are rejected with their id,
+                rather than silently dropped: filter them out before building the corpus.
             max_text_length: tokens per caption, [CLS] and [SEP] included.
-            max_regions: most regions per image.
+            max_regions: most regions per image (a gallery applies its own `max_regions`).
             captions_per_image: keep the first captions of each image only (COCO has a few images with 6 or 7;
                 the standard protocol uses 5).
         """
@@ -189,7 +197,16 @@ class RetrievalCorpus:
         corpus = cls(image_ids, texts, torch.tensor(text_to_image, dtype=torch.long))
         if tokenizer is not None:
             corpus.text_inputs = tokenize_texts(tokenizer, texts, max_text_length)
-        if regions is not None:
+        if is_region_batches(regions):
+            if len(regions) != len(image_ids):
+                raise ValueError(f"the region gallery has {len(regions)} images; the records have {len(image_ids)}.")
+            if max_regions is not None and getattr(regions, "max_regions", max_regions) != max_regions:
+                raise ValueError(
+                    f"max_regions={max_regions}, but the gallery keeps {regions.max_regions}: set it on the gallery "
+                    "(cache.gallery(keys, max_regions))."
+                )
+            corpus.region_inputs = regions
+        elif regions is not None:
             if isinstance(regions, Mapping):
                 region_records = [regions[image_id] for image_id in image_ids]
             elif callable(regions):
@@ -204,6 +221,35 @@ class RetrievalCorpus:
             corpus.region_inputs = stack_region_records(region_records, max_regions)
         return corpus
 
+    @classmethod
+    def from_region_cache(
+        cls,
+        records: Sequence[Mapping],
+        region_cache,
+        tokenizer=None,
+        max_text_length: int = 44,
+        max_regions: int | None = None,
+        captions_per_image: int | None = None,
+    ) -> RetrievalCorpus:
+        """A corpus whose regions stay in the region cache: `region_inputs` is a `RegionGallery` (a row number and a
+        region count per image) that reads each batch's regions from the memory-mapped shards, so the gallery's
+        features are never copied into RAM. Scores, mined negatives and batches equal those of the stacked corpus
+        `from_records(records, tokenizer, region_cache_lookup(cache), ...)`.
+
+        Args:
+            records: image records, found in the cache by their manifest path, image path or id (as
+                `region_cache_lookup`); an image missing from the cache or whose extraction failed raises `KeyError`.
+            region_cache: a `RegionCache` (`load_region_cache`) or its folder.
+            tokenizer, max_text_length, max_regions, captions_per_image: as in `from_records`.
+        """
+        if isinstance(region_cache, (str, os.PathLike)):
+            from ..regions.feature_cache import load_region_cache
+
+            region_cache = load_region_cache(region_cache)
+        keys = [region_cache_key(region_cache, record) for record in records]
+        gallery = region_cache.gallery(keys, max_regions)
+        return cls.from_records(records, tokenizer, gallery, max_text_length, None, captions_per_image)
+
     def subset(self, image_indices: Sequence[int]) -> RetrievalCorpus:
         """The corpus of the given images and their captions (e.g. one 1k fold of COCO 5k)."""
         image_indices = torch.as_tensor(image_indices, dtype=torch.long)
@@ -216,22 +262,48 @@ class RetrievalCorpus:
             texts=[self.texts[t] for t in order.tolist()],
             text_to_image=new_index[self.text_to_image[order]],
             text_inputs={key: value[order] for key, value in self.text_inputs.items()},
-            region_inputs={key: value[image_indices] for key, value in self.region_inputs.items()},
+            region_inputs=(
+                GallerySubset(self.region_inputs, image_indices.numpy())
+                if is_region_batches(self.region_inputs)
+                else {key: value[image_indices] for key, value in self.region_inputs.items()}
+            ),
         )
+
+
+class GallerySubset:
+    """Some images of a `RegionBatches` gallery, in the given order; itself a gallery (`len`, `batch(indices)`)."""
+
+    def __init__(self, gallery: RegionBatches, positions: Sequence[int] | np.ndarray):
+        self.gallery = gallery
+        self.positions = np.asarray(positions, dtype=np.int64).reshape(-1)
+        self.max_regions = getattr(gallery, "max_regions", None)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def batch(self, indices) -> dict[str, torch.Tensor]:
+        selected = self.positions[indices] if isinstance(indices, slice) else self.positions[np.asarray(indices)]
+        return self.gallery.batch(selected.reshape(-1))
+
+
+def region_cache_key(cache, record: Mapping) -> str:
+    """The key a record's regions have in a region cache: its manifest path, image path, id or file name,
+    whichever the cache was written with."""
+    candidates = [record.get("manifest_image"), record.get("image"), record.get("image_id")]
+    if isinstance(record.get("image"), str):
+        candidates.append(os.path.basename(record["image"]))
+    for key in candidates:
+        if isinstance(key, str) and key in cache:
+            return key
+    raise KeyError(f"no regions in the cache for image {record.get('image_id')!r} (tried {candidates}).")
 
 
 def region_cache_lookup(cache) -> Callable[[Mapping], Mapping]:
     """A function finding a record's regions in a region cache (`load_region_cache`): by its manifest path, image
-    path or id, the keys the cache may have been written with."""
+    path or id, the keys the cache may have been written with (see `region_cache_key`)."""
 
     def lookup(record: Mapping) -> Mapping:
-        candidates = [record.get("manifest_image"), record.get("image"), record.get("image_id")]
-        if isinstance(record.get("image"), str):
-            candidates.append(os.path.basename(record["image"]))
-        for key in candidates:
-            if isinstance(key, str) and key in cache:
-                return cache[key]
-        raise KeyError(f"no regions in the cache for image {record.get('image_id')!r} (tried {candidates}).")
+        return cache[region_cache_key(cache, record)]
 
     return lookup
 
@@ -488,12 +560,14 @@ __all__ = [
     "KARPATHY_SPLITS",
     "NEGATIVE_TYPES",
     "DataCollatorForImageTextRetrieval",
+    "GallerySubset",
     "HardNegativeSampler",
     "RandomNegativeSampler",
     "RetrievalCorpus",
     "RetrievalPairDataset",
     "load_karpathy_split",
     "load_manifest_records",
+    "region_cache_key",
     "region_cache_lookup",
     "stack_region_records",
     "tokenize_texts",

@@ -7,8 +7,10 @@ folder travels as remote code); this module is their evaluation-side name.
 from ..models.imagebert.retrieval_index import (
     REGION_KEYS,
     TEXT_KEYS,
+    RegionBatches,
     gather_pair_inputs,
     model_device,
+    num_region_images,
     prepare_region_inputs,
     prepare_text_inputs,
     score_all_pairs,
@@ -19,8 +21,10 @@ from ..models.imagebert.retrieval_index import (
 __all__ = [
     "REGION_KEYS",
     "TEXT_KEYS",
+    "RegionBatches",
     "gather_pair_inputs",
     "model_device",
+    "num_region_images",
     "prepare_region_inputs",
     "prepare_text_inputs",
     "score_all_pairs",

@@ -12,7 +12,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..models.imagebert.retrieval_index import INDEX_TYPES, EmbeddingIndex, encode_images, encode_texts, score_pairs
+from ..models.imagebert.retrieval_index import (
+    INDEX_TYPES,
+    EmbeddingIndex,
+    RegionBatches,
+    encode_images,
+    encode_texts,
+    score_pairs,
+)
 
 
 @dataclass
@@ -45,7 +52,7 @@ def dual_encoder_scores(model, text_inputs: Mapping, region_inputs: Mapping, bat
 def shortlist_rerank(
     model,
     text_inputs: Mapping,
-    region_inputs: Mapping,
+    region_inputs: Mapping | RegionBatches,
     k: int = 128,
     batch_size: int = 256,
     index_type: str = "flat",
@@ -59,7 +66,8 @@ def shortlist_rerank(
     Args:
         model (`ImageBERTForImageTextRetrieval`): provides the unimodal embeddings and the cross-encoder.
         text_inputs (`Mapping`): tokenized texts (see `score_pairs`).
-        region_inputs (`Mapping`): cached regions (see `score_pairs`).
+        region_inputs (`Mapping` or `RegionBatches`): cached regions, stacked or a `RegionGallery` over the
+            memory-mapped cache read batch by batch (see `score_pairs`); the scores are the same.
         k (`int`, *optional*, defaults to 128): candidates per query; clamped to the gallery size. k equal to the
             gallery size scores every pair and reproduces full ranking exactly.
         batch_size (`int`, *optional*, defaults to 256): pairs (or unimodal inputs) per forward pass.

@@ -20,7 +20,8 @@ def manifest_retrieval_inputs(
     max_text_length: int = 44,
     max_regions: int | None = None,
     max_images: int | None = None,
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[int]]:
+    memory_mapped: bool = False,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | Any, list[int]]:
     """Tokenized captions, padded regions and the caption -> image map of one split of a jsonl manifest.
 
     Args:
@@ -31,6 +32,9 @@ def manifest_retrieval_inputs(
         max_text_length: Tokens per caption, special tokens included.
         max_regions: Regions kept per image.
         max_images: Keep the first this many images.
+        memory_mapped: Leave the regions in the cache: `region_inputs` is then a `RegionGallery` (padded batches
+            read from the memory-mapped shards) instead of one stacked tensor; the scores are the same. Needs a
+            region cache (folder or `RegionCache`).
 
     Returns:
         `(text_inputs, region_inputs, text_to_image)`, the inputs of `evaluation.scoring.score_all_pairs` and of
@@ -49,8 +53,15 @@ def manifest_retrieval_inputs(
     texts = [caption for record in records for caption in record.captions]
     text_to_image = [i for i, record in enumerate(records) for _ in record.captions]
     text_inputs = tokenizer(texts, padding=True, truncation=True, max_length=max_text_length, return_tensors="pt")
-    regions = [region_cache[record.image] for record in records]
-    region_inputs = pad_region_records(regions, "longest", max_regions)
+    if memory_mapped:
+        if not hasattr(region_cache, "gallery"):
+            raise TypeError(
+                f"memory_mapped=True reads regions from a region cache (folder or RegionCache), got "
+                f"{type(region_cache).__name__}."
+            )
+        region_inputs = region_cache.gallery([record.image for record in records], max_regions)
+    else:
+        region_inputs = pad_region_records([region_cache[record.image] for record in records], "longest", max_regions)
     return dict(text_inputs), region_inputs, text_to_image
 
 
@@ -72,7 +83,8 @@ def zero_shot_retrieval(
     model: Any, text_inputs, region_inputs, text_to_image, batch_size: int = 512, progress: bool = True
 ) -> dict[str, float]:
     """Recall@K of a model's ITM head over every pair (a folder or an `ImageBERTForImageTextRetrieval`), with a
-    progress bar over the pairs (`progress=False`: none); every pair is scored, minutes here, hours at COCO 5k."""
+    progress bar over the pairs (`progress=False`: none); every pair is scored, minutes here, hours at COCO 5k.
+    `region_inputs` is stacked or a `RegionGallery` (see `manifest_retrieval_inputs`)."""
     from tqdm.auto import tqdm
 
     from . import retrieval_metrics

@@ -23,9 +23,13 @@ from .region_batching import pad_region_records
 from .retrieval_index import (
     TEXT_KEYS,
     EmbeddingIndex,
+    RegionBatches,
     encode_images,
     encode_texts,
     index_factory_string,
+    is_region_batches,
+    num_region_images,
+    prepare_region_inputs,
     score_pairs,
 )
 
@@ -75,16 +79,18 @@ class RetrievalIndex:
 
     Attributes:
         kind: `"images"` or `"texts"`, what the gallery holds.
-        items: the gallery as given (texts, or the images' paths / PIL images / region records).
+        items: the gallery as given (texts, or the images' paths / PIL images / region records); for a
+            `RegionBatches` gallery, its positions (`range(len(gallery))`).
         inputs: the gallery's model inputs (region inputs or token ids), so the cross-encoder re-ranks without
-            re-extracting or re-tokenizing.
+            re-extracting or re-tokenizing; a `RegionBatches` gallery (the region cache's `RegionGallery`) stays as
+            it is, read from the memory-mapped cache as candidates are re-ranked.
         index: the `EmbeddingIndex` (faiss `Flat`, IVF, HNSW, IVF-PQ or a torch matrix product) of the gallery's
             L2-normalised unimodal embeddings.
     """
 
     kind: str
-    items: list
-    inputs: dict[str, torch.Tensor]
+    items: Sequence
+    inputs: dict[str, torch.Tensor] | RegionBatches
     index: EmbeddingIndex
 
     def __len__(self) -> int:
@@ -125,6 +131,8 @@ class ImageTextRetrievalPipeline(Pipeline):
 
     Images are PIL images, file paths or cached region records (dicts with `region_features` and
     `region_locations`, as the region cache stores them); the pipeline's processor turns them into model inputs.
+    `images` may also be a whole `RegionBatches` gallery (`RegionCache.gallery(keys)`): its regions are read from the
+    memory-mapped cache batch by batch, and each result's `"image"` is the gallery position.
 
     Example:
 
@@ -324,9 +332,13 @@ class ImageTextRetrievalPipeline(Pipeline):
         images = inputs.get("images", inputs.get("image"))
         texts = inputs.get("texts", inputs.get("text"))
         batch_size = batch_size or self.default_batch_size
-        single_image = images is not None and not _is_image_list(images)
+        mapped_images = is_region_batches(images)
+        single_image = images is not None and not mapped_images and not _is_image_list(images)
         single_text = isinstance(texts, str)
-        image_list = None if images is None else ([images] if single_image else list(images))
+        if mapped_images:
+            image_list = range(len(images))  # positions stand for the gallery's images in the results
+        else:
+            image_list = None if images is None else ([images] if single_image else list(images))
         if texts is not None and not single_text and not isinstance(texts, (list, tuple)):
             raise TypeError(f"texts must be a string or a list of strings, got {type(texts).__name__}.")
         text_list = None if texts is None else ([texts] if single_text else list(texts))
@@ -386,7 +398,13 @@ class ImageTextRetrievalPipeline(Pipeline):
             "single_query": single_image if mode == "rank_texts" else single_text,
             "single_pair": single_image and single_text,
             "text_inputs": self._text_inputs(text_list) if text_list is not None else None,
-            "region_inputs": self._region_inputs(image_list, batch_size) if image_list is not None else None,
+            "region_inputs": (
+                images
+                if mapped_images
+                else self._region_inputs(image_list, batch_size)
+                if image_list is not None
+                else None
+            ),
         }
 
     # ------------------------------------------------------------------------------------------------------------
@@ -399,7 +417,7 @@ class ImageTextRetrievalPipeline(Pipeline):
         mode, index = model_inputs["mode"], model_inputs["index"]
         text_inputs = model_inputs["text_inputs"] if model_inputs["text_inputs"] is not None else index.inputs
         region_inputs = model_inputs["region_inputs"] if model_inputs["region_inputs"] is not None else index.inputs
-        num_images = region_inputs["region_features"].shape[0]
+        num_images = num_region_images(region_inputs)
         num_texts = text_inputs["input_ids"].shape[0]
         outputs = {key: model_inputs[key] for key in ("mode", "images", "texts", "single_query", "single_pair")}
         if mode == "pairs":
@@ -464,7 +482,8 @@ class ImageTextRetrievalPipeline(Pipeline):
             embeddings = encode_images(self.model, inputs, batch_size)
         else:
             embeddings = encode_texts(self.model, inputs, batch_size)
-        return RetrievalIndex(kind, list(items), inputs, EmbeddingIndex(embeddings, index_type, **index_kwargs))
+        items = items if isinstance(items, range) else list(items)
+        return RetrievalIndex(kind, items, inputs, EmbeddingIndex(embeddings, index_type, **index_kwargs))
 
     def build_index(
         self,
@@ -478,7 +497,9 @@ class ImageTextRetrievalPipeline(Pipeline):
         queries.
 
         Args:
-            images: the gallery images (PIL, paths or region records), queried later with `texts=`.
+            images: the gallery images (PIL, paths or region records), queried later with `texts=`; or a
+                `RegionBatches` gallery (`RegionCache.gallery(keys, max_regions)`), which stays memory-mapped: only
+                its embeddings are computed now, and the candidates' regions are read when they are re-ranked.
             texts: the gallery texts, queried later with `images=`. Give exactly one of the two.
             index_type: `"flat"` (exact), `"ivf"`, `"hnsw"`, `"ivfpq"` (approximate; faiss needed) or a faiss
                 `index_factory` string (see `EmbeddingIndex`).
@@ -491,7 +512,9 @@ class ImageTextRetrievalPipeline(Pipeline):
             raise ValueError("build_index takes either images= or texts= (the gallery), not both or neither.")
         batch_size = batch_size or self._batch_size or self.default_batch_size
         self.model.eval()
-        if images is not None:
+        if is_region_batches(images):
+            items, inputs, kind = range(len(images)), prepare_region_inputs(images), "images"
+        elif images is not None:
             items = list(images) if _is_image_list(images) else [images]
             if not items:
                 raise ValueError("images is an empty list: an index needs at least one image.")
@@ -503,7 +526,8 @@ class ImageTextRetrievalPipeline(Pipeline):
                 raise ValueError("texts is an empty list: an index needs at least one text.")
             inputs = self._text_inputs(items)
             kind = "texts"
-        inputs = {key: value.to(self.device) for key, value in inputs.items()}  # once, for every later query
+        if not is_region_batches(inputs):  # once, for every later query (a mapped gallery is read where it lies)
+            inputs = {key: value.to(self.device) for key, value in inputs.items()}
         return self._make_index(kind, items, inputs, batch_size, index_type, **index_kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):

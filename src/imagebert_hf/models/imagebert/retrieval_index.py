@@ -6,7 +6,8 @@ imports only torch, numpy and faiss (optional).
 
 A cross-encoder must see every pair it ranks, so scoring never re-tokenizes or re-extracts: texts are tokenized once
 (`text_inputs`), regions come from the cache or the extractor once (`region_inputs`), and each batch of pairs only
-gathers rows from them. Each batch is trimmed to its longest text and its most regions, which leaves the scores
+gathers rows from them. `region_inputs` is either stacked tensors in memory or a `RegionBatches` gallery (the region
+cache's `RegionGallery`: padded batches read by index from the memory-mapped cache), for galleries too large to stack. Each batch is trimmed to its longest text and its most regions, which leaves the scores
 unchanged (padding never changes an output) and saves most of the cost when the gallery is padded to the maximum.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Mapping
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -65,9 +67,40 @@ def prepare_text_inputs(text_inputs: Mapping) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
 
 
-def prepare_region_inputs(region_inputs: Mapping) -> dict[str, torch.Tensor]:
+@runtime_checkable
+class RegionBatches(Protocol):
+    """A gallery whose regions are padded on demand: `len(gallery)` images, and `gallery.batch(indices)` (a
+    slice, or a sequence / array of positions) returning `region_features` (B, R, F), `region_locations` (B, R, L)
+    and `region_attention_mask` (B, R), R the most regions among those images.
+
+    The region cache's `RegionGallery` (`RegionCache.gallery(keys, max_regions)`) is one: it holds a row number per
+    image and reads the features from the memory-mapped shards, so a gallery of millions of images costs megabytes
+    of RAM. Every function here that takes `region_inputs` takes such a gallery as well, with the same scores as
+    the stacked tensors of the same regions.
+    """
+
+    def __len__(self) -> int: ...
+
+    def batch(self, indices) -> Mapping: ...
+
+
+def is_region_batches(region_inputs) -> bool:
+    """Whether `region_inputs` is a `RegionBatches` gallery rather than a mapping of stacked tensors."""
+    return not isinstance(region_inputs, Mapping) and isinstance(region_inputs, RegionBatches)
+
+
+def prepare_region_inputs(region_inputs: Mapping | RegionBatches) -> dict[str, torch.Tensor] | RegionBatches:
     """Checks and completes padded regions: `region_features` (N, R, F), `region_locations` (N, R, 5) and
-    `region_attention_mask` (N, R)."""
+    `region_attention_mask` (N, R). A `RegionBatches` gallery is returned as it is (its batches are complete)."""
+    if is_region_batches(region_inputs):
+        if len(region_inputs) == 0:
+            raise ValueError("region_inputs is an empty gallery; expected at least one image.")
+        return region_inputs
+    if not isinstance(region_inputs, Mapping):
+        raise TypeError(
+            "region_inputs must be a mapping of padded region tensors or a gallery with __len__ and batch(indices), "
+            f"got {type(region_inputs).__name__}."
+        )
     for key in REGION_KEYS[:2]:
         if key not in region_inputs:
             raise ValueError(f"region_inputs needs {key}; got keys {sorted(region_inputs)}.")
@@ -82,24 +115,45 @@ def prepare_region_inputs(region_inputs: Mapping) -> dict[str, torch.Tensor]:
     return {"region_features": features, "region_locations": locations, "region_attention_mask": _tensor(mask).long()}
 
 
+def num_region_images(region_inputs: Mapping | RegionBatches) -> int:
+    """The number of images of stacked region inputs or of a `RegionBatches` gallery."""
+    if is_region_batches(region_inputs):
+        return len(region_inputs)
+    return int(_tensor(region_inputs["region_features"]).shape[0])
+
+
+def region_rows(
+    regions: dict[str, torch.Tensor] | RegionBatches, image_index: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The regions of the images `image_index` (one row each, repeats allowed), trimmed to their most regions:
+    gathered from stacked tensors, or read once per distinct image from a gallery."""
+    if is_region_batches(regions):
+        unique, inverse = torch.unique(image_index.cpu(), return_inverse=True)
+        batch = prepare_region_inputs(dict(regions.batch(unique.numpy())))
+        rows = {key: batch[key][inverse] for key in REGION_KEYS}
+    else:
+        image_index = image_index.to(regions["region_features"].device)
+        rows = {key: regions[key][image_index] for key in REGION_KEYS}
+    # Keep at least one column so that a batch of regions-free images still has a valid shape.
+    num_regions = max(int(rows["region_attention_mask"].sum(1).max()), 1)
+    return {key: value[:, :num_regions] for key, value in rows.items()}
+
+
 def gather_pair_inputs(
     texts: dict[str, torch.Tensor],
-    regions: dict[str, torch.Tensor],
+    regions: dict[str, torch.Tensor] | RegionBatches,
     text_index: torch.Tensor,
     image_index: torch.Tensor,
     device: torch.device,
 ) -> dict[str, torch.Tensor]:
     """Model inputs of the pairs `(image_index[j], text_index[j])`, trimmed to the batch's longest text and most
-    regions. Inputs already on `device` (a prebuilt gallery) are gathered there, without a copy."""
+    regions. Inputs already on `device` (a prebuilt gallery) are gathered there, without a copy; a `RegionBatches`
+    gallery is read once per distinct image of the batch."""
     text_index = text_index.to(texts["input_ids"].device)
-    image_index = image_index.to(regions["region_features"].device)
     text_mask = texts["attention_mask"][text_index]
-    region_mask = regions["region_attention_mask"][image_index]
-    # Keep at least one column so that a batch of regions-free images still has a valid shape.
     text_length = max(int(text_mask.sum(1).max()), 1)
-    num_regions = max(int(region_mask.sum(1).max()), 1)
     batch = {key: texts[key][text_index, :text_length] for key in TEXT_KEYS}
-    batch.update({key: regions[key][image_index, :num_regions] for key in REGION_KEYS})
+    batch.update(region_rows(regions, image_index))
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
@@ -112,7 +166,7 @@ def gather_pair_inputs(
 def score_pairs(
     model,
     text_inputs: Mapping,
-    region_inputs: Mapping,
+    region_inputs: Mapping | RegionBatches,
     image_indices,
     text_indices,
     batch_size: int = 256,
@@ -124,8 +178,9 @@ def score_pairs(
         model (`ImageBERTForImageTextRetrieval`): the cross-encoder; run in eval mode, its mode restored after.
         text_inputs (`Mapping`): tokenized texts, `input_ids` (num_texts, T) and optionally `attention_mask`,
             `token_type_ids` (a processor's or tokenizer's output).
-        region_inputs (`Mapping`): padded regions, `region_features` (num_images, R, F), `region_locations`
-            (num_images, R, 5) and optionally `region_attention_mask` (num_images, R).
+        region_inputs (`Mapping` or `RegionBatches`): padded regions, `region_features` (num_images, R, F),
+            `region_locations` (num_images, R, 5) and optionally `region_attention_mask` (num_images, R); or a
+            gallery that pads them by index (`RegionCache.gallery(...)`), read batch by batch.
         image_indices, text_indices (`array-like` of shape `(num_pairs,)`): the pairs to score.
         batch_size (`int`, *optional*, defaults to 256): pairs per forward pass.
         progress (`Callable`, *optional*): called with the number of pairs done after each batch (e.g. a
@@ -166,12 +221,16 @@ def score_pairs(
 
 
 def score_all_pairs(
-    model, text_inputs: Mapping, region_inputs: Mapping, batch_size: int = 256, progress: Callable | None = None
+    model,
+    text_inputs: Mapping,
+    region_inputs: Mapping | RegionBatches,
+    batch_size: int = 256,
+    progress: Callable | None = None,
 ) -> torch.Tensor:
     """Full ranking: the cross-encoder score of every (image, text) pair, a `(num_images, num_texts)` float32
     matrix (the input of `retrieval_metrics`). Arguments as in `score_pairs`."""
     num_texts = prepare_text_inputs(text_inputs)["input_ids"].shape[0]
-    num_images = prepare_region_inputs(region_inputs)["region_features"].shape[0]
+    num_images = num_region_images(prepare_region_inputs(region_inputs))
     # Image-major order, the order `shortlist_rerank` also uses, so that both batch the same pairs identically.
     image_indices = torch.arange(num_images).repeat_interleave(num_texts)
     text_indices = torch.arange(num_texts).repeat(num_images)
@@ -180,14 +239,15 @@ def score_all_pairs(
 
 
 @torch.no_grad()
-def _encode(model, inputs: dict[str, torch.Tensor], keys, mask_key: str, embed: Callable, batch_size: int):
+def _encode(model, num_items: int, rows: Callable[[torch.Tensor], dict], embed: Callable, batch_size: int):
+    """Embeddings of `num_items` inputs, `batch_size` at a time; `rows(positions)` gives a batch's trimmed inputs."""
     device, was_training = model_device(model), model.training
     model.eval()
     chunks = []
     try:
-        for start in range(0, inputs[keys[0]].shape[0], batch_size):
-            width = max(int(inputs[mask_key][start : start + batch_size].sum(1).max()), 1)
-            batch = {key: inputs[key][start : start + batch_size, :width].to(device) for key in keys}
+        for start in range(0, num_items, batch_size):
+            positions = torch.arange(start, min(start + batch_size, num_items))
+            batch = {key: value.to(device) for key, value in rows(positions).items()}
             chunks.append(embed(**batch).float().cpu())
     finally:
         model.train(was_training)
@@ -197,13 +257,25 @@ def _encode(model, inputs: dict[str, torch.Tensor], keys, mask_key: str, embed: 
 def encode_texts(model, text_inputs: Mapping, batch_size: int = 256) -> torch.Tensor:
     """Unimodal text embeddings `(num_texts, contrastive_embedding_size)`, float32 on the CPU."""
     texts = prepare_text_inputs(text_inputs)
-    return _encode(model, texts, TEXT_KEYS, "attention_mask", model.get_text_embeddings, batch_size)
+
+    def rows(positions: torch.Tensor) -> dict[str, torch.Tensor]:
+        width = max(int(texts["attention_mask"][positions].sum(1).max()), 1)
+        return {key: texts[key][positions, :width] for key in TEXT_KEYS}
+
+    return _encode(model, texts["input_ids"].shape[0], rows, model.get_text_embeddings, batch_size)
 
 
-def encode_images(model, region_inputs: Mapping, batch_size: int = 256) -> torch.Tensor:
-    """Unimodal image embeddings `(num_images, contrastive_embedding_size)` from regions, float32 on the CPU."""
+def encode_images(model, region_inputs: Mapping | RegionBatches, batch_size: int = 256) -> torch.Tensor:
+    """Unimodal image embeddings `(num_images, contrastive_embedding_size)` from regions (stacked, or a
+    `RegionBatches` gallery read batch by batch), float32 on the CPU."""
     regions = prepare_region_inputs(region_inputs)
-    return _encode(model, regions, REGION_KEYS, "region_attention_mask", model.get_region_embeddings, batch_size)
+    return _encode(
+        model,
+        num_region_images(regions),
+        lambda positions: region_rows(regions, positions),
+        model.get_region_embeddings,
+        batch_size,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -429,13 +501,17 @@ __all__ = [
     "REGION_KEYS",
     "TEXT_KEYS",
     "EmbeddingIndex",
+    "RegionBatches",
     "encode_images",
     "encode_texts",
     "gather_pair_inputs",
     "index_factory_string",
+    "is_region_batches",
     "model_device",
+    "num_region_images",
     "prepare_region_inputs",
     "prepare_text_inputs",
+    "region_rows",
     "score_all_pairs",
     "score_pairs",
 ]
