@@ -2,23 +2,28 @@
 latency with re-ranking, on a generated gallery of 100k images against the same on 10k.
 
 Per image (kept small so 100k fit this machine): 8 to 16 regions of 64-d features in float16, 5-d locations; the
-shortlist embeddings are random 64-d unit vectors (an embedding per image, as the unimodal heads give). Two ways to
-hold the gallery's regions:
+shortlist embeddings are random 64-d unit vectors (an embedding per image, as the unimodal heads give). Two
+`RetrievalCorpus` of the same gallery, one after the other in the same process:
 
-- `stacked`: every image's regions padded into RAM tensors (`stack_region_records`, what `RetrievalCorpus`
-  holds today);
-- `mapped`: a `RegionGallery` over the memory-mapped cache (a row number and a region count per image); the
-  candidates' regions are read when they are re-ranked.
+- `mapped`: `RetrievalCorpus.from_region_cache` (its `region_inputs` a `RegionGallery` over the memory-mapped cache:
+  a row number and a region count per image); the candidates' regions are read when they are re-ranked;
+- `stacked`: `RetrievalCorpus.from_records(..., regions=region_cache_lookup(cache))`, every image's regions padded
+  into RAM tensors.
+
+Both are queried through the same `score_pairs` (the cross-encoder's pairs gathered from `region_inputs`), and give
+the same scores.
 
 The shortlist index is the retrieval engine's `EmbeddingIndex`, IVF-PQ by default (`--index_type`: `ivfpq`,
 `ivf`, `hnsw`, `flat` or a faiss factory string), without the float32 vectors kept beside it; it is saved and
 loaded again before the queries, and its size on disk is printed. A query is: search it for the top `--k` images,
 read their regions, score the k pairs with a tiny `ImageBERTForImageTextRetrieval` cross-encoder. p50 / p95 over
-`--queries` queries, one thread. Resident memory is the process RSS after the gallery is open (psutil), so it
-includes the Python and torch baseline printed first.
+`--queries` queries, one thread. Resident memory is what building each corpus adds to the process's private RSS
+(psutil, after freed memory went back to the system), and for the mapped one also after its queries, with the
+pages of the mapped cache files the queries touched apart: those count in RSS too, but they are clean file pages
+the operating system drops when memory is short, unlike the stacked tensors.
 
     python benchmarks/bench_gallery.py                       # 10k and 100k, about 1 GB of temporary disk
-    python benchmarks/bench_gallery.py --sizes 2000 20000    # a quick look
+    python benchmarks/bench_gallery.py --sizes 5000 50000 --index_type flat --queries 50   # a quick look
 """
 
 from __future__ import annotations
@@ -39,10 +44,23 @@ from imagebert_hf.regions.feature_cache import extract_regions, load_region_cach
 FEATURES, MAX_REGIONS, EMBEDDING = 64, 16, 64
 
 
-def rss_mb() -> float:
-    import psutil
+def rss_mb(file_backed: bool = False) -> float:
+    """The process RSS in MB once freed memory went back to the system (so that what a gallery adds is measurable):
+    the private (anonymous) part, or with `file_backed` the pages of mapped files, which the system may drop."""
+    import contextlib
+    import ctypes
+    import gc
 
-    return psutil.Process().memory_info().rss / 2**20
+    import psutil
+    import pyarrow
+
+    gc.collect()
+    pyarrow.default_memory_pool().release_unused()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: freed, unreturned memory then counts too
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    memory = psutil.Process().memory_info()
+    shared = getattr(memory, "shared", 0)  # Linux: file-backed and shared pages
+    return (shared if file_backed else memory.rss - shared) / 2**20
 
 
 def build_gallery(folder: Path, num_images: int) -> float:
@@ -65,20 +83,20 @@ def tiny_cross_encoder():
     return ImageBERTForImageTextRetrieval(config).eval()
 
 
-def query_latencies(index, regions_of, model, num_queries: int, k: int, seed: int = 0) -> np.ndarray:
+def query_latencies(index, region_inputs, model, num_queries: int, k: int, seed: int = 0):
+    """Seconds per query (search, then re-rank the top k from `region_inputs`) and the scores, for comparing."""
     from imagebert_hf.models.imagebert.retrieval_index import score_pairs
 
     rng = np.random.default_rng(seed)
-    text = {"input_ids": torch.randint(5, 99, (1, 12)), "attention_mask": torch.ones(1, 12, dtype=torch.long)}
-    seconds = []
+    text = {"input_ids": torch.from_numpy(rng.integers(5, 99, (1, 12))), "attention_mask": torch.ones(1, 12).long()}
+    seconds, scores = [], []
     for _ in range(num_queries):
         query = torch.nn.functional.normalize(torch.from_numpy(rng.standard_normal((1, EMBEDDING), dtype=np.float32)))
         start = time.perf_counter()
         _, candidates = index.search(query, k)
-        regions = regions_of(candidates[0])
-        score_pairs(model, text, regions, torch.arange(k), torch.zeros(k, dtype=torch.long), batch_size=k)
+        scores.append(score_pairs(model, text, region_inputs, candidates[0], torch.zeros(k, dtype=torch.long), k))
         seconds.append(time.perf_counter() - start)
-    return np.asarray(seconds)
+    return np.asarray(seconds), torch.stack(scores)
 
 
 def main() -> None:
@@ -89,24 +107,25 @@ def main() -> None:
     parser.add_argument("--index_type", default="ivfpq", help="EmbeddingIndex type or faiss factory string")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    from imagebert_hf.data.retrieval import stack_region_records
+    from imagebert_hf.data.retrieval import RetrievalCorpus, region_cache_lookup
     from imagebert_hf.models.imagebert.retrieval_index import EmbeddingIndex
 
     model = tiny_cross_encoder()
-    print(f"one thread; baseline RSS {rss_mb():.0f} MB; {FEATURES}-d float16 features, 8-{MAX_REGIONS} regions/image")
+    warm_up = {
+        "region_features": torch.zeros(1, MAX_REGIONS, FEATURES),
+        "region_locations": torch.zeros(1, MAX_REGIONS, 5),
+    }
+    query_latencies(EmbeddingIndex(torch.ones(1, EMBEDDING)), warm_up, model, 2, 1)  # torch's first-call allocations
+    print(
+        f"one thread; baseline private RSS {rss_mb():.0f} MB; {FEATURES}-d float16 features, 8-{MAX_REGIONS} regions/image"
+    )
     folder = Path(tempfile.mkdtemp(prefix="bench_gallery-"))
     results = {}
     try:
         for size in args.sizes:
             written = build_gallery(folder / str(size), size)
             disk = sum(f.stat().st_size for f in (folder / str(size)).rglob("*") if f.is_file()) / 2**20
-            keys = [f"img{i:07d}" for i in range(size)]
-            before = rss_mb()
-            start = time.perf_counter()
-            cache = load_region_cache(folder / str(size))
-            gallery = cache.gallery(max_regions=MAX_REGIONS)  # every image, in key order: no lookup per key
-            opened = time.perf_counter() - start
-            mapped_rss = rss_mb() - before
+            records = [{"image_id": f"img{i:07d}", "captions": ["a photo"]} for i in range(size)]
             rng = np.random.default_rng(1)
             embeddings = torch.nn.functional.normalize(
                 torch.from_numpy(rng.standard_normal((size, EMBEDDING), dtype=np.float32))
@@ -119,26 +138,34 @@ def main() -> None:
             start = time.perf_counter()
             index = EmbeddingIndex.load(folder / f"index-{size}")
             loaded = time.perf_counter() - start
-            mapped = query_latencies(index, lambda c: gallery.batch(c.numpy()), model, args.queries, args.k)
+            embeddings = None  # the index holds the gallery's search side from here
+            before, file_before = rss_mb(), rss_mb(file_backed=True)
+            start = time.perf_counter()
+            cache = load_region_cache(folder / str(size))
+            corpus = RetrievalCorpus.from_region_cache(records, cache, max_regions=MAX_REGIONS)
+            opened = time.perf_counter() - start
+            mapped_rss = rss_mb() - before
+            mapped, mapped_scores = query_latencies(index, corpus.region_inputs, model, args.queries, args.k)
+            mapped_after, mapped_file = rss_mb() - before, rss_mb(file_backed=True) - file_before
+            corpus = None
             before = rss_mb()
             start = time.perf_counter()
-            stacked_inputs = stack_region_records(cache.records(keys), MAX_REGIONS)
+            corpus = RetrievalCorpus.from_records(records, regions=region_cache_lookup(cache), max_regions=MAX_REGIONS)
             stacked_seconds = time.perf_counter() - start
             stacked_rss = rss_mb() - before
-            stacked = query_latencies(
-                index,
-                lambda c: {name: value[c] for name, value in stacked_inputs.items()},
-                model,
-                args.queries,
-                args.k,
-            )
-            stacked_inputs = None  # released before the next gallery
+            tensors_mb = sum(value.nbytes for value in corpus.region_inputs.values()) / 2**20
+            stacked, stacked_scores = query_latencies(index, corpus.region_inputs, model, args.queries, args.k)
+            if not torch.equal(mapped_scores, stacked_scores):
+                raise AssertionError("the mapped and the stacked gallery gave different scores")
+            corpus = cache = None  # released before the next gallery
             results[size] = (mapped_rss, stacked_rss, built, mapped, stacked)
             print(
-                f"{size:>7} images: cache {disk:.0f} MB on disk (written in {written:.0f} s); mapped gallery open "
-                f"{opened * 1e3:.0f} ms, {mapped_rss:+.0f} MB RSS; stacked in RAM {stacked_seconds:.1f} s, "
-                f"{stacked_rss:+.0f} MB RSS; {index.factory} index built in {built:.2f} s, "
-                f"{index_mb:.1f} MB saved, loaded in {loaded * 1e3:.0f} ms"
+                f"{size:>7} images: cache {disk:.0f} MB on disk (written in {written:.0f} s); mapped corpus built in "
+                f"{opened * 1e3:.0f} ms, {mapped_rss:+.0f} MB RSS ({mapped_after:+.0f} MB after its queries, plus {mapped_file:+.0f} MB of "
+                f"mapped cache pages); "
+                f"stacked corpus {stacked_seconds:.1f} s, {stacked_rss:+.0f} MB RSS ({tensors_mb:.0f} MB of tensors); "
+                f"{index.factory} index built in {built:.2f} s, {index_mb:.1f} MB saved, loaded in "
+                f"{loaded * 1e3:.0f} ms; scores identical"
             )
             for name, times in (("mapped", mapped), ("stacked", stacked)):
                 print(
