@@ -165,14 +165,19 @@ def test_default_relevance_threshold_only_removes_pairs(corpus, local_run, tmp_p
 # Reading ---------------------------------------------------------------------------------------------------------
 
 
-def test_scan_survives_corrupt_and_truncated_warcs(tmp_path):
+def write_damaged_warcs(folder: Path) -> None:
+    """A good WARC, one with a corrupt gzip member, a truncated one, an empty one and a text file named like one."""
     page = synthetic.page_html("T", "/a.jpg", alt="A cat on a mat", paragraphs=synthetic.FILLER_PARAGRAPHS[:2])
     records = [("https://x.example.com/p.html", "text/html; charset=utf-8", page.encode())] * 3
-    whole = synthetic.write_warc(tmp_path / "a.warc.gz", records).read_bytes()
-    (tmp_path / "junk.warc.gz").write_bytes(whole[:300] + b"\x1f\x8b\x08junk" + whole[300:])
-    (tmp_path / "cut.warc.gz").write_bytes(whole[: len(whole) - 200])
-    (tmp_path / "empty.warc").write_bytes(b"")
-    (tmp_path / "text.warc").write_bytes(b"this is not a warc file\n" * 100)
+    whole = synthetic.write_warc(folder / "a.warc.gz", records).read_bytes()
+    (folder / "junk.warc.gz").write_bytes(whole[:300] + b"\x1f\x8b\x08junk" + whole[300:])
+    (folder / "cut.warc.gz").write_bytes(whole[: len(whole) - 200])
+    (folder / "empty.warc").write_bytes(b"")
+    (folder / "text.warc").write_bytes(b"this is not a warc file\n" * 100)
+
+
+def test_scan_survives_corrupt_and_truncated_warcs(tmp_path):
+    write_damaged_warcs(tmp_path)
     tally = Tally()
     pages = []
     for source in discover_sources([tmp_path]):
@@ -181,6 +186,96 @@ def test_scan_survives_corrupt_and_truncated_warcs(tmp_path):
     assert tally.get_count("read", "record", "unreadable_segment") >= 2
     assert tally.get_count("read", "record", KEPT) == len(pages)
     assert tally.get_count("read", "record", INPUT) == len(pages) + sum(tally.drops("read", "record").values())
+
+
+@pytest.fixture
+def memory_fs():
+    """fsspec's in-process `memory://` filesystem, emptied afterwards (it is shared by the whole process)."""
+    fsspec = pytest.importorskip("fsspec")
+    fs = fsspec.filesystem("memory")
+    yield fs
+    if fs.exists("/curation-test"):
+        fs.rm("/curation-test", recursive=True)
+
+
+def copy_to_memory(fs, local: Path, url_folder: str) -> None:
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        fs.pipe(f"{url_folder}/{path.relative_to(local).as_posix()}", path.read_bytes())
+
+
+def test_scan_reads_fsspec_urls_as_local_files(tmp_path, memory_fs):
+    write_damaged_warcs(tmp_path)
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "page.html").write_text("<html><body><p>hi</p></body></html>")
+    (tmp_path / "site" / "notes.txt").write_text("not an input")
+    copy_to_memory(memory_fs, tmp_path, "memory://curation-test/crawl")
+    by_url, by_path = Tally(), Tally()
+    pages = {
+        name: [page for source in discover_sources(inputs) for page in scan_source(source, ParseConfig(), tally)]
+        for name, inputs, tally in (
+            ("url", ["memory://curation-test/crawl/"], by_url),
+            ("path", [tmp_path], by_path),
+        )
+    }
+    assert by_url == by_path and len(pages["url"]) == len(pages["path"]) > 3
+    for url_page, path_page in zip(pages["url"], pages["path"]):
+        assert url_page["source"].startswith("memory://curation-test/crawl/")
+        assert url_page["source"].removeprefix("memory://curation-test/crawl/") == (
+            Path(path_page["source"]).relative_to(tmp_path).as_posix()
+        )
+        assert {k: v for k, v in url_page.items() if k not in ("page_id", "source")} == (
+            {k: v for k, v in path_page.items() if k not in ("page_id", "source")}
+        )
+    # A glob, a file by name, file:// URLs (read as the local paths they name) and a missing URL.
+    html = discover_sources(["memory://curation-test/crawl/**/*.html"])
+    assert [(s.kind, s.path) for s in html] == [("html", "memory://curation-test/crawl/site/page.html")]
+    assert [s.kind for s in discover_sources(["memory://curation-test/crawl/a.warc.gz"])] == ["warc"]
+    assert discover_sources([f"file://{tmp_path}"]) == discover_sources([tmp_path])
+    with pytest.raises(FileNotFoundError, match="input not found: memory://curation-test/nowhere"):
+        discover_sources(["memory://curation-test/nowhere"])
+
+
+def test_images_next_to_a_page_url_are_read_and_kept_inside_its_folder(memory_fs):
+    from imagebert_hf.curation.sources import input_version, resolver_for
+
+    memory_fs.pipe("/curation-test/site/page.html", b"<html></html>")
+    memory_fs.pipe("/curation-test/site/page_files/cat.jpg", b"cat")
+    memory_fs.pipe("/curation-test/site/dog.jpg", b"dog" * 100)
+    memory_fs.pipe("/curation-test/secret.jpg", b"secret")
+    resolver = resolver_for("memory://curation-test/site/page.html")
+    assert resolver.fetch("https://cdn.example.com/img/cat.jpg", 1000) == (b"cat", None)
+    assert resolver.fetch("dog.jpg", 100) == (None, "image_too_large")
+    assert resolver.fetch("dog.jpg", 1000) == (b"dog" * 100, None)
+    assert resolver.fetch("../secret.jpg", 1000) == (None, "image_not_archived")
+    assert resolver.fetch("/curation-test/secret.jpg", 1000) == (None, "image_not_archived")
+    assert resolver.fetch("data:image/png;base64,AAAA", 1000) == (None, "data_uri")
+    version = input_version("memory://curation-test/site/dog.jpg")
+    memory_fs.pipe("/curation-test/site/dog.jpg", b"a longer dog" * 100)
+    assert input_version("memory://curation-test/site/dog.jpg") != version
+
+
+@require_shared_data
+def test_local_run_on_fsspec_urls_matches_local_paths(corpus, local_run, memory_fs, tmp_path):
+    folder = Path(corpus["inputs"][0]).parent
+    copy_to_memory(memory_fs, folder, "memory://curation-test/corpus")
+    inputs = [
+        f"memory://curation-test/corpus/{Path(item).relative_to(folder).as_posix()}" for item in corpus["inputs"]
+    ]
+    result = run_local(inputs, tmp_path / "from-urls", lenient_config())
+    assert result.tally == local_run.tally
+    # Pair ids hash the page id, which names the input; everything else is the same, pair for pair.
+    drop = ("pair_id", "source")
+
+    def rows(dataset):
+        return sorted(
+            ({k: v for k, v in row.items() if k not in drop} for row in dataset.to_list()),
+            key=lambda r: (r["image_hash"], r["text"]),
+        )
+
+    assert rows(result.dataset) == rows(local_run.dataset)
+    assert all(source.startswith("memory://curation-test/corpus/") for source in result.dataset["source"])
+    with pytest.raises(ValueError, match="writes to a local folder"):
+        run_local(inputs, "memory://curation-test/out", lenient_config())
 
 
 # Stage 1: parsing ------------------------------------------------------------------------------------------------

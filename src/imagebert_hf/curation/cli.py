@@ -23,7 +23,9 @@ from .config import STAGE_CLASSES, CurationConfig
 class RunArguments:
     """Where to read, where to write, and how to run."""
 
-    inputs: list[str] = field(metadata={"help": "WARC files (.warc, .warc.gz), saved HTML pages, or folders of them."})
+    inputs: list[str] = field(
+        metadata={"help": "WARC files (.warc, .warc.gz), saved HTML pages, or folders of them: paths or fsspec URLs."}
+    )
     output_dir: str = field(metadata={"help": "Output folder: data/*.parquet, funnel.{json,md,png}, config.json."})
     runner: str = field(default="local", metadata={"help": "`local` (datasets, several processes) or `spark`."})
     num_proc: int = field(default=1, metadata={"help": "Local runner: worker processes."})

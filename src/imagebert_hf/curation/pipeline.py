@@ -23,7 +23,7 @@ from .config import CurationConfig
 from .image_filters import ADDED_COLUMNS, filter_images
 from .parse import IMAGE_COLUMNS, parse_pages
 from .relevance import score_relevance
-from .sources import PAGE_COLUMNS, discover_sources, scan_source
+from .sources import PAGE_COLUMNS, discover_sources, is_url, scan_source
 from .tally import Tally, write_funnel_report
 from .text_cleaning import PAIR_COLUMNS, clean_texts, text_key
 
@@ -189,8 +189,9 @@ def run_local(
     """Curates WARC files and HTML folders on one machine with `datasets`.
 
     Args:
-        inputs: WARC files, saved HTML pages, or folders holding either.
-        output_dir: Where `data/*.parquet`, `funnel.{json,md,png}` and `config.json` are written.
+        inputs: WARC files, saved HTML pages, folders holding either, or glob patterns: local paths or any fsspec
+            URL (`s3://`, `hdfs://`, `memory://`, ...), read through fsspec.
+        output_dir: The local folder where `data/*.parquet`, `funnel.{json,md,png}` and `config.json` are written.
         config: Stage configuration; defaults everywhere when omitted.
         num_proc: Worker processes for reading and for every stage.
         batch_size: Records per batch handed to a stage function.
@@ -203,6 +204,12 @@ def run_local(
 
     disable_progress_bars()
     config = config or CurationConfig()
+    output_dir = str(output_dir).removeprefix("file://")
+    if is_url(output_dir):
+        raise ValueError(
+            f"the local runner writes to a local folder, got output_dir={str(output_dir)!r}; write to an fsspec URL "
+            "with the Spark runner (run_spark, --runner spark), or copy the folder afterwards."
+        )
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if (output_dir / "data").exists():

@@ -4,12 +4,17 @@ Scanning turns every input into page records (`PAGE_COLUMNS`) and counts every r
 Image bytes are not copied into page records: the parse stage asks an `ImageResolver` for the few images it needs,
 which reads them from the same WARC by offset, or from the files saved next to the page. Memory therefore stays
 bounded by one page and one image at a time, whatever the size of the archive.
+
+Inputs are local paths or any fsspec URL (`s3://`, `gs://`, `hdfs://`, `https://`, `memory://`, chained URLs such
+as `simplecache::s3://...`): folders are listed and files opened through fsspec, so a source found on the driver is
+read by its URL wherever it is parsed. `file://` URLs are read as the local paths they name.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,10 +51,83 @@ class Source:
         return {"kind": self.kind, "path": self.path, "root": self.root}
 
 
+def is_url(path: str) -> bool:
+    """Whether `path` is an fsspec URL (`s3://...`, `memory://...`, `simplecache::...`) rather than a local path."""
+    return "://" in path or "::" in path
+
+
+def _local(item: str | os.PathLike) -> str:
+    """A local path as it is, a `file://` URL as the path it names, any other URL unchanged."""
+    item = os.fspath(item)
+    return item.removeprefix("file://") if item.startswith("file://") else item
+
+
+def open_input(path: str):
+    """A binary file object of a local path or an fsspec URL (a context manager; close it)."""
+    if is_url(path):
+        import fsspec
+
+        return fsspec.open(path, "rb").open()
+    return open(path, "rb")
+
+
+def input_version(path: str) -> tuple:
+    """What changes when the file at `path` (local or URL) is rewritten: its modification time and size."""
+    if not is_url(path):
+        stat = os.stat(path)
+        return stat.st_mtime_ns, stat.st_size
+    from fsspec.core import url_to_fs
+
+    fs, fs_path = url_to_fs(path)
+    info = fs.info(fs_path)
+    marks = ("mtime", "LastModified", "last_modified", "updated", "created", "ETag", "etag", "md5")
+    return (info.get("size"), *(str(info[key]) for key in marks if info.get(key) is not None))
+
+
+def _discover_url(url: str) -> list[Source]:
+    """The sources under an fsspec URL: a file, a folder (listed recursively) or a glob pattern."""
+    from fsspec.core import url_to_fs
+
+    fs, root = url_to_fs(url)
+    magic = [root.index(char) for char in "*?[" if char in root]
+    in_folder = not magic and fs.isdir(root)
+    if magic:
+        base = root[: min(magic)].rsplit("/", 1)[0]  # the folder the pattern starts from
+        paths = [path for path in fs.glob(root) if fs.isfile(path)]
+        if not paths:
+            raise FileNotFoundError(f"input not found: no file matches {url}")
+    elif in_folder:
+        base, paths = root.rstrip("/"), sorted(fs.find(root))
+    elif fs.isfile(root):
+        base, paths = root, [root]
+    else:
+        raise FileNotFoundError(f"input not found: {url}")
+    # Found files keep the URL as the user wrote it (protocol options, chained URLs): the URL up to `base`, then
+    # each file's path below it.
+    pattern = root[len(base) :].rstrip("/")
+    start = url.rstrip("/")
+    start = start[: len(start) - len(pattern)] if start.endswith(pattern) else None
+    sources = []
+    for path in paths:
+        child = start + path[len(base) :] if start is not None and path.startswith(base) else fs.unstrip_protocol(path)
+        name = child.rsplit("/", 1)[-1].lower()
+        if name.endswith(HTML_SUFFIXES):
+            # Page URLs are reported relative to the folder given, as for local folders.
+            sources.append(Source("html", child, start if in_folder and start else child.rsplit("/", 1)[0]))
+        elif name.endswith(WARC_SUFFIXES) or not in_folder:
+            sources.append(Source("warc", child))
+    return sources
+
+
 def discover_sources(inputs: list[str | os.PathLike]) -> list[Source]:
-    """Expands files and folders into a sorted list of sources (sorting keeps reruns identical)."""
+    """Expands files and folders (local paths or fsspec URLs, see the module docstring) into a sorted list of
+    sources (sorting keeps reruns identical). In a folder, files named like WARCs or HTML pages are taken; a file
+    given by name is a WARC unless it is named like an HTML page."""
     sources: list[Source] = []
-    for item in inputs:
+    for item in map(_local, inputs):
+        if is_url(item):
+            sources.extend(_discover_url(item))
+            continue
         path = Path(item)
         if path.is_dir():
             for sub in sorted(p for p in path.rglob("*") if p.is_file()):
@@ -83,23 +161,26 @@ def scan_source(source: Source | dict, config: ParseConfig, tally: Tally) -> Ite
 
 def _scan_html_file(source: Source, config: ParseConfig, tally: Tally) -> Iterator[dict]:
     tally.add("read", "record", INPUT)
-    path = Path(source.path)
     try:
-        size = path.stat().st_size
-        if size > config.max_page_bytes:
-            tally.drop("read", "record", "page_too_large")
-            return
-        html = path.read_bytes()
+        with open_input(source.path) as handle:
+            html = handle.read(config.max_page_bytes + 1)
     except OSError:
         tally.drop("read", "record", "unreadable_file")
         return
-    rel = path.relative_to(source.root).as_posix() if source.root else path.name
+    if len(html) > config.max_page_bytes:
+        tally.drop("read", "record", "page_too_large")
+        return
+    if is_url(source.path):
+        rel = posixpath.relpath(source.path, source.root) if source.root else source.path.rsplit("/", 1)[-1]
+    else:
+        path = Path(source.path)
+        rel = path.relative_to(source.root).as_posix() if source.root else path.name
     tally.add("read", "record", KEPT)
     yield _page_row(source.path, f"file:{rel}", source.path, html, None)
 
 
 def _is_gzip(path: str) -> bool:
-    with open(path, "rb") as f:
+    with open_input(path) as f:
         return f.read(3) == _GZIP_MAGIC
 
 
@@ -129,7 +210,7 @@ def iter_warc_records(path: str, tally: Tally, max_resyncs: int, **iterator_kwar
     from fastwarc.warc import ArchiveIterator
 
     marker = _GZIP_MAGIC if _is_gzip(path) else _WARC_MAGIC
-    with open(path, "rb") as f:
+    with open_input(path) as f:
         start, resyncs = 0, 0
         while True:
             f.seek(start)
@@ -174,7 +255,7 @@ def warc_signature_problem(path: str) -> str | None:
     `WARC/` (or an ARC's `filedesc://`), plain or in a gzip member."""
     import zlib
 
-    with open(path, "rb") as f:
+    with open_input(path) as f:
         head = f.read(1 << 16)
     if not head:
         return "empty_file"
@@ -279,7 +360,7 @@ class WarcImageResolver(ImageResolver):
         if pos is None:
             return None, "image_not_archived"
         try:
-            with open(self.path, "rb") as f:
+            with open_input(self.path) as f:
                 f.seek(pos)
                 record = next(iter(ArchiveIterator(f, quirks_mode=True, parse_http=True)))
                 if record.content_length > max_bytes:
@@ -299,41 +380,79 @@ class FolderImageResolver(ImageResolver):
         self.page = Path(page_path)
         self.folder = self.page.parent.resolve()
 
-    def _candidates(self, url: str) -> list[Path]:
+    def _relative_candidates(self, url: str) -> list[str]:
+        """Where the image of `url` may lie, relative to the page's folder (an absolute path stays absolute)."""
         parts = urlsplit(url)
         name = Path(unquote(parts.path)).name
         if parts.scheme in ("", "file") and not parts.netloc:
             rel = unquote(parts.path).lstrip("/") if parts.scheme == "file" else unquote(parts.path)
-            return [self.folder / rel, self.folder / f"{self.page.stem}_files" / name]
-        return [self.folder / f"{self.page.stem}_files" / name, self.folder / name]
+            return [rel, f"{self.page.stem}_files/{name}"]
+        return [f"{self.page.stem}_files/{name}", name]
+
+    def _file_in_folder(self, candidate: str):
+        """The candidate's file when it exists inside the page's folder, else None."""
+        try:
+            resolved = (self.folder / candidate).resolve()
+        except (OSError, RuntimeError):
+            return None
+        return resolved if self.folder in resolved.parents and resolved.is_file() else None
+
+    def _size(self, path) -> int:
+        return path.stat().st_size
+
+    def _read(self, path) -> bytes:
+        return path.read_bytes()
 
     def fetch(self, url: str, max_bytes: int) -> tuple[bytes | None, str | None]:
         if url.startswith("data:"):
             return None, "data_uri"
-        for candidate in self._candidates(url):
-            try:
-                resolved = candidate.resolve()
-            except (OSError, RuntimeError):
-                continue
+        for candidate in self._relative_candidates(url):
             # Never read outside the page's folder, whatever the page links to.
-            if self.folder not in resolved.parents or not resolved.is_file():
+            path = self._file_in_folder(candidate)
+            if path is None:
                 continue
-            if resolved.stat().st_size > max_bytes:
-                return None, "image_too_large"
             try:
-                return resolved.read_bytes(), None
+                if self._size(path) > max_bytes:
+                    return None, "image_too_large"
+                return self._read(path), None
             except OSError:
                 return None, "image_record_unreadable"
         return None, "image_not_archived"
 
 
+class UrlFolderImageResolver(FolderImageResolver):
+    """`FolderImageResolver` for a page given by an fsspec URL: the same candidates, read through fsspec."""
+
+    def __init__(self, page_url: str):
+        from fsspec.core import url_to_fs
+
+        self.fs, page = url_to_fs(page_url)
+        self.page = Path(posixpath.basename(page))
+        self.folder = posixpath.dirname(page)
+
+    def _file_in_folder(self, candidate: str):
+        path = posixpath.normpath(posixpath.join(self.folder, candidate))
+        inside = path.startswith(self.folder.rstrip("/") + "/")
+        try:
+            return path if inside and self.fs.isfile(path) else None
+        except OSError:
+            return None
+
+    def _size(self, path) -> int:
+        return self.fs.size(path)
+
+    def _read(self, path) -> bytes:
+        return self.fs.cat_file(path)
+
+
 @functools.lru_cache(maxsize=4)
-def _warc_resolver(path: str, mtime_ns: int, max_resyncs: int) -> WarcImageResolver:
+def _warc_resolver(path: str, version: tuple, max_resyncs: int) -> WarcImageResolver:
     return WarcImageResolver(path, max_resyncs)
 
 
 def resolver_for(source: str, max_resyncs: int = 1000) -> ImageResolver:
-    """The resolver for a page's source; WARC indexes are cached per process, keyed by path and mtime."""
+    """The resolver for a page's source (a local path or an fsspec URL); WARC indexes are cached per process, keyed
+    by path, modification time and size."""
     if source.lower().endswith(HTML_SUFFIXES):
-        return FolderImageResolver(source)
-    return _warc_resolver(source, os.stat(source).st_mtime_ns, max_resyncs)
+        return UrlFolderImageResolver(source) if is_url(source) else FolderImageResolver(source)
+    return _warc_resolver(source, input_version(source), max_resyncs)

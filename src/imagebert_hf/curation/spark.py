@@ -1,8 +1,9 @@
 """The Spark runner: the same stage functions as the local runner, over RDD partitions.
 
-Works with a local-mode session (tests, one machine) and on a cluster through `spark-submit`. Inputs are local
-paths or `file://` URLs readable at the same path from every executor (a shared or network file system); the
-output folder may be any fsspec URL the executors can reach (`s3://`, `gs://`, `hdfs://`, `file://`, ...).
+Works with a local-mode session (tests, one machine) and on a cluster through `spark-submit`. Inputs and the output
+folder may be any fsspec URL the executors can reach (`s3://`, `gs://`, `hdfs://`, `file://`, ...), or local
+paths readable at the same path from every executor (a shared or network file system): the driver lists the input
+folders through fsspec, and each executor opens the WARC and HTML files it parses by their URL.
 Executors read the inputs, write the output files and count what they drop; the driver only plans, and receives
 one merged tally per part. The work is cut into parts (groups of input files): a finished part is kept under
 `output_dir/parts/` and not redone when the run is started again after a crash. The package must be installed on
@@ -119,18 +120,14 @@ def _is_local(url: str) -> bool:
 
 
 def discover_inputs(inputs: list[str | Path]) -> list[dict]:
-    """Sources of local paths and `file://` URLs, as the local runner finds them (sorted, so reruns are identical).
+    """Sources of local paths and fsspec URLs (files, folders, glob patterns), as the local runner finds them
+    (sorted, so reruns are identical).
 
     Pages are read where they are parsed and their images by offset from the same WARC, so every executor must
-    reach the input files at the same path (a shared or network file system).
+    reach each input by the same path or URL: an object store or HDFS URL, or a shared file system. (An in-process
+    filesystem such as `memory://` is only visible to executors in the driver's process.)
     """
-    remote = [str(item) for item in inputs if not (_is_local(str(item)) or str(item).startswith("file://"))]
-    if remote:
-        raise ValueError(
-            f"inputs must be local paths or file:// URLs readable from every executor; got {remote[0]!r}. Copy "
-            "remote WARC files to a shared file system first (the output folder may be any fsspec URL)."
-        )
-    return [s.to_dict() for s in discover_sources([str(item).removeprefix("file://") for item in inputs])]
+    return [s.to_dict() for s in discover_sources(inputs)]
 
 
 def _merge_tallies(rdd) -> Tally:
@@ -219,8 +216,8 @@ def run_spark(
     records, and the executors write the curated pairs to `output_dir/data/`.
 
     Args:
-        inputs: WARC files, saved HTML pages, or folders holding either: local paths or `file://` URLs, readable
-            from every executor.
+        inputs: WARC files, saved HTML pages, folders holding either, or glob patterns: local paths or any fsspec
+            URL, readable from every executor.
         output_dir: A local folder or an fsspec URL: `data/*.parquet` (pair_id order), `funnel.{json,md,png}`,
             `config.json`, and `parts/` (what a rerun reuses; delete it to start over).
         config: Stage configuration; defaults everywhere when omitted.
