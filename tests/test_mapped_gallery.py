@@ -158,3 +158,23 @@ def test_the_pipeline_indexes_and_queries_a_mapped_gallery(setup, tmp_path):
             assert [r["image"] for r in got] == [r["index"] for r in got]
     direct = retriever(images=gallery, texts="a green cross")
     assert [r["score"] for r in direct] == [r["score"] for r in retriever(images=records, texts="a green cross")]
+
+
+def test_the_evaluation_reads_a_mapped_corpus_with_the_same_scores(setup, tmp_path):
+    from imagebert_hf.evaluation.full_ranking import EvaluationArguments, load_evaluation_corpus
+
+    model, _, _, folder, tokenizer = setup
+    manifest = tmp_path / "captions.jsonl"
+    lines = [{"image": f"img{i:05d}", "captions": [CAPTIONS[i % 5]], "split": "test"} for i in range(NUM_IMAGES)]
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    flags = {"output_dir": str(tmp_path), "manifest": str(manifest), "region_cache": str(folder)}
+    stacked = load_evaluation_corpus(EvaluationArguments(**flags), tokenizer, model.config)
+    mapped = load_evaluation_corpus(EvaluationArguments(**flags, memory_mapped=True), tokenizer, model.config)
+    assert isinstance(mapped.region_inputs, RegionBatches) and not isinstance(stacked.region_inputs, RegionBatches)
+    assert torch.equal(
+        score_all_pairs(model, mapped.text_inputs, mapped.region_inputs, 16),
+        score_all_pairs(model, stacked.text_inputs, stacked.region_inputs, 16),
+    )
+    with pytest.raises(ValueError, match="--memory_mapped reads the regions from --region_cache"):
+        args = EvaluationArguments(**flags, memory_mapped=True, corpus_cache=str(tmp_path / "c.pt"))
+        load_evaluation_corpus(args, tokenizer, model.config)

@@ -43,6 +43,13 @@ class EvaluationArguments:
     corpus_cache: str | None = field(
         default=None, metadata={"help": "A .pt file keeping the tokenized texts and stacked regions between runs."}
     )
+    memory_mapped: bool = field(
+        default=False,
+        metadata={
+            "help": "Leave the regions in the region cache, read batch by batch from its memory-mapped files, "
+            "instead of stacking them in RAM (galleries larger than memory; the same scores)."
+        },
+    )
     max_images: int | None = field(default=None, metadata={"help": "Evaluate only the first images (quick runs)."})
     synthetic_images: int = field(default=100, metadata={"help": "Generated images for dataset=synthetic."})
     batch_size: int = field(default=256, metadata={"help": "Pairs per cross-encoder forward pass."})
@@ -67,6 +74,11 @@ def protocols(dataset: str, num_images: int) -> list[tuple[str, str | None, int]
 
 def load_evaluation_corpus(args: EvaluationArguments, tokenizer, config) -> RetrievalCorpus:
     """The split's tokenized texts and padded regions (from `args.corpus_cache` when it exists, and kept there)."""
+    if args.memory_mapped and (args.corpus_cache or args.dataset == "synthetic"):
+        raise ValueError(
+            "--memory_mapped reads the regions from --region_cache: it goes with neither --corpus_cache (which "
+            "stores stacked regions) nor --dataset synthetic (which has no region cache)."
+        )
     if args.corpus_cache and Path(args.corpus_cache).is_file():
         return RetrievalCorpus(**torch.load(args.corpus_cache, weights_only=False))
     if args.dataset == "synthetic":
@@ -94,9 +106,14 @@ def load_evaluation_corpus(args: EvaluationArguments, tokenizer, config) -> Retr
         cache = load_region_cache(args.region_cache)
         # The standard protocols use 5 captions per image (a few COCO images have 6 or 7).
         captions = 5 if args.dataset in ("coco", "flickr30k") else None
-        corpus = RetrievalCorpus.from_records(
-            records, tokenizer, region_cache_lookup(cache), config.max_text_length, config.max_regions, captions
-        )
+        if args.memory_mapped:
+            corpus = RetrievalCorpus.from_region_cache(
+                records, cache, tokenizer, config.max_text_length, config.max_regions, captions
+            )
+        else:
+            corpus = RetrievalCorpus.from_records(
+                records, tokenizer, region_cache_lookup(cache), config.max_text_length, config.max_regions, captions
+            )
     if args.corpus_cache:
         Path(args.corpus_cache).parent.mkdir(parents=True, exist_ok=True)
         torch.save(corpus.__dict__, args.corpus_cache)
