@@ -41,7 +41,9 @@ class ShortlistResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def dual_encoder_scores(model, text_inputs: Mapping, region_inputs: Mapping, batch_size: int = 256) -> torch.Tensor:
+def dual_encoder_scores(
+    model, text_inputs: Mapping, region_inputs: Mapping | RegionBatches, batch_size: int = 256
+) -> torch.Tensor:
     """Ranking by the unimodal heads alone (a dual encoder, no cross-encoder): the `(num_images, num_texts)` cosine
     similarities of `get_region_embeddings` and `get_text_embeddings`, the input of `retrieval_metrics`."""
     text_embeddings = encode_texts(model, text_inputs, batch_size)
