@@ -15,7 +15,7 @@ from imagebert_hf.data.retrieval import (
 )
 from imagebert_hf.data.synthetic import make_synthetic_tokenizer
 from imagebert_hf.evaluation.scoring import score_all_pairs, score_pairs
-from imagebert_hf.evaluation.shortlist import encode_images, shortlist_rerank
+from imagebert_hf.evaluation.shortlist import dual_encoder_scores, encode_images, shortlist_rerank
 from imagebert_hf.models.imagebert.retrieval_index import RegionBatches, gather_pair_inputs
 from imagebert_hf.regions.feature_cache import load_region_cache
 
@@ -82,6 +82,10 @@ def test_scores_and_embeddings_are_identical_to_the_stacked_path(setup):
             encode_images(model, mapped.region_inputs, batch_size),
             encode_images(model, stacked.region_inputs, batch_size),
         )
+    assert torch.equal(
+        dual_encoder_scores(model, mapped.text_inputs, mapped.region_inputs, 4),
+        dual_encoder_scores(model, stacked.text_inputs, stacked.region_inputs, 4),
+    )
     for k in (3, stacked.num_texts):
         expected = shortlist_rerank(model, stacked.text_inputs, stacked.region_inputs, k=k, batch_size=8)
         result = shortlist_rerank(model, mapped.text_inputs, mapped.region_inputs, k=k, batch_size=8)
