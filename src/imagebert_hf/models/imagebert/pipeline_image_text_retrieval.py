@@ -388,6 +388,11 @@ class ImageTextRetrievalPipeline(Pipeline):
                     f"{len(text_list)} texts."
                 )
 
+        text_inputs = self._text_inputs(text_list) if text_list is not None else None
+        if mapped_images:  # read batch by batch where it lies
+            region_inputs = images
+        else:
+            region_inputs = self._region_inputs(image_list, batch_size) if image_list is not None else None
         # The gallery of an index stays where build_index put it (on the device) and is not part of the inputs that
         # `Pipeline.forward` moves to the device and back; only the query side is.
         return {
@@ -397,14 +402,8 @@ class ImageTextRetrievalPipeline(Pipeline):
             "texts": _Items(text_list if text_list is not None else index.items),
             "single_query": single_image if mode == "rank_texts" else single_text,
             "single_pair": single_image and single_text,
-            "text_inputs": self._text_inputs(text_list) if text_list is not None else None,
-            "region_inputs": (
-                images
-                if mapped_images
-                else self._region_inputs(image_list, batch_size)
-                if image_list is not None
-                else None
-            ),
+            "text_inputs": text_inputs,
+            "region_inputs": region_inputs,
         }
 
     # ------------------------------------------------------------------------------------------------------------
