@@ -11,6 +11,8 @@ COCO images (../shared/data, never copied). Reports ITM-ranked R@1/5/10 on the F
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,7 +115,14 @@ def main(argv: list[str] | None = None) -> dict:
     )
     print(format_metrics_table(results))
     print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
-    summary = {"results": results, "seconds": timings, "steps_per_stage": run["steps_per_stage"]}
+    command = "python examples/pretrain_shared_data.py " + " ".join(map(shlex.quote, argv or sys.argv[1:]))
+    summary = {
+        "results": results,
+        "seconds": timings,
+        "steps_per_stage": run["steps_per_stage"],
+        "protocol": f"Flickr8k dev, {num_images} images x {len(text_to_image)} captions, every pair scored",
+        "command": command,
+    }
     (Path(args.output_dir) / "results.json").write_text(json.dumps(summary, indent=1))
     return summary
 

@@ -170,6 +170,11 @@ def test_rerank_study_runs_and_resumes(tiny_study_setup):
     assert again[0]["seconds"] == result["seconds"]
     [binary] = runner.main(_common_args(root, "finetune_losses") + ["--variants", "binary"])
     assert binary["metrics"]["cross-encoder"] == result["metrics"]["cross-encoder"]
+    # A run another process has claimed is left to it.
+    claim = root / "results" / "rerank" / "random-negatives_seed0.running"
+    claim.touch()
+    assert [r["variant"] for r in runner.main(_common_args(root, "rerank"))] == ["contrastive-mined negatives"]
+    claim.unlink()
     with pytest.raises(ValueError, match="not variants of rerank"):
         runner.main(_common_args(root, "rerank") + ["--variants", "hardest negatives"])
 

@@ -201,6 +201,10 @@ def test_contrastive_mining_replaces_the_collators_negatives(corpus):
         image = next(i for i, r in enumerate(regions_of_positives) if torch.equal(r, pair_regions[row]))
         # Every pair is made of the batch's positives; negatives pair two different images' halves.
         assert (text == image) == (row % 4 == 0)
+    # The draw depends only on the batch and the seed: a resumed run mines the same negatives.
+    first = {key: value.clone() for key, value in seen.items() if torch.is_tensor(value)}
+    RetrievalTrainingModel(model, 1.0, negative_mining="contrastive", seed=0)(**batch)
+    assert all(torch.equal(first[key], seen[key]) for key in first)
     with pytest.raises(ValueError, match="negative_mining"):
         RetrievalTrainingModel(model, 1.0, negative_mining="hardest")
     with pytest.raises(ValueError, match="contrastive_weight"):

@@ -3,7 +3,8 @@
     python examples/ablations/make_results_page.py
 
 Each table sits between `<!-- results:STUDY -->` and `<!-- /results:STUDY -->` in the page; the text around the
-markers is left as written. A table gives, per variant and ranking, the mean and standard deviation over the seeds
+markers is left as written. `<!-- results:shipped -->` takes `docs/results/pretrain_shared_data.json`, the
+`results.json` of `examples/pretrain_shared_data.py` (with the command that made it). A table gives, per variant and ranking, the mean and standard deviation over the seeds
 found, the scoring protocol, the seeds, and the minutes one run took here.
 """
 
@@ -64,6 +65,23 @@ def study_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def shipped_recipe_table(summary: dict) -> str:
+    """The table of `examples/pretrain_shared_data.py`'s `results.json` (copied to `docs/results/`)."""
+    lines = []
+    if "protocol" in summary:
+        lines += [f"Scoring: {summary['protocol']}. Recall in %, one run (seed 42).", ""]
+    lines += ["| model | " + " | ".join(HEADERS) + " |", "|---|" + "---|" * len(HEADERS)]
+    for name, metrics in summary["results"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{metrics[c]:.1f}" for c in COLUMNS) + " |")
+    seconds = ", ".join(f"{key} {value / 60:.1f}" for key, value in summary["seconds"].items())
+    lines += ["", f"Minutes: {seconds}. Steps per stage: {summary['steps_per_stage']}."]
+    if "command" in summary:
+        lines.append(f"Command: `{summary['command']}`")
+    if "note" in summary:
+        lines.append(summary["note"])
+    return "\n".join(lines)
+
+
 def fill_page(page: str, tables: dict[str, str]) -> str:
     """The page with the block between each study's markers replaced by its table (a study without runs says so)."""
 
@@ -84,6 +102,9 @@ def main(argv: list[str] | None = None) -> str:
     if not page_path.is_file():
         raise FileNotFoundError(f"--page {page_path} does not exist; it holds the text around the tables.")
     tables = {study: study_table(runs) for study, runs in load_runs(Path(args.results_dir)).items()}
+    shipped = Path(args.results_dir) / "pretrain_shared_data.json"
+    if shipped.is_file():
+        tables["shipped"] = shipped_recipe_table(json.loads(shipped.read_text()))
     page = fill_page(page_path.read_text(encoding="utf-8"), tables)
     page_path.write_text(page, encoding="utf-8")
     print(f"{page_path}: filled {sorted(tables)}")

@@ -3,7 +3,8 @@
 Text encoder: the offline MiniLM (6 layers, 384 wide); regions: the offline EfficientNet-Lite0 extractor over a
 1+4+9+16 grid (30 regions, 1280-d); data: ../shared/data (Flickr8k train/dev, COCO 128). Every run writes one JSON
 file to `--results_dir` (its metrics, seconds, steps, protocol and command); `make_results_page.py` turns them into
-docs/results.md. A run whose JSON exists is skipped, and an interrupted one resumes from its last checkpoint.
+docs/results.md. A run whose JSON exists is skipped, and an interrupted one resumes from its last checkpoint;
+several processes started with the same arguments share the runs between them.
 
     python examples/ablations/run_ablations.py --study rerank            # cross-encoder vs dual encoder
     python examples/ablations/run_ablations.py --study finetune_losses   # binary / multi-class / triplet / all
@@ -19,6 +20,7 @@ Pretraining studies run `--pretrain_steps` steps per variant and are scored zero
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 import time
@@ -66,7 +68,7 @@ class AblationArguments:
     eval_captions_per_image: int = field(default=5, metadata={"help": "Captions per dev image (5: all)."})
     eval_batch_size: int = field(default=256, metadata={"help": "Pairs per forward pass when scoring."})
     shortlist_k: int = field(default=8, metadata={"help": "Candidates per query re-ranked by the cross-encoder."})
-    finetune_steps: int = field(default=200, metadata={"help": "Optimizer steps of each fine-tuning run."})
+    finetune_steps: int = field(default=150, metadata={"help": "Optimizer steps of each fine-tuning run."})
     finetune_batch_size: int = field(default=8, metadata={"help": "Positives per fine-tuning step."})
     finetune_learning_rate: float = field(default=1e-4, metadata={"help": "Peak fine-tuning learning rate."})
     num_negatives: int = field(default=3, metadata={"help": "Negatives per positive when fine-tuning."})
@@ -202,7 +204,19 @@ def run_finetuning_variant(args: AblationArguments, variant: str, seed: int) -> 
     model = ImageBERTForImageTextRetrieval.from_pretrained(str(run_dir / "final"))
     tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "final"))
     started = time.perf_counter()
-    metrics, scoring = evaluate_model(model, args, tokenizer, ways)
+    # Rankings already computed for this model on this protocol (by the other fine-tuning study) are reused.
+    scored_file = run_dir / "rankings.json"
+    scored = json.loads(scored_file.read_text()) if scored_file.is_file() else {}
+    key = json.dumps([args.eval_images, args.eval_captions_per_image, args.shortlist_k])
+    missing = tuple(way for way in ways if way not in scored.get(key, {}).get("metrics", {}))
+    if missing:
+        metrics, scoring = evaluate_model(model, args, tokenizer, missing)
+        entry = scored.setdefault(key, {"metrics": {}, "protocol": scoring})
+        entry["metrics"].update(metrics)
+        scored_file.write_text(json.dumps(scored, indent=1))
+    entry = scored[key]
+    metrics = {way: entry["metrics"][way] for way in ("chance", *ways)}
+    scoring = entry["protocol"]
     state = json.loads((run_dir / "final" / "trainer_state.json").read_text())
     return {
         "metrics": metrics,
@@ -312,18 +326,30 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ensure_region_caches(args)
     command = "python examples/ablations/run_ablations.py " + " ".join(map(shlex.quote, argv or sys.argv[1:]))
     finished = []
-    for variant in args.variants or variants:
-        for seed in args.seeds:
+    # Seed-major, so that every variant has a first result early.
+    for seed in args.seeds:
+        for variant in args.variants or variants:
             result_file = Path(args.results_dir) / args.study / f"{slug(variant)}_seed{seed}.json"
             if result_file.is_file():
                 print(f"{args.study} / {variant} / seed {seed}: done ({result_file})")
                 finished.append(json.loads(result_file.read_text()))
                 continue
+            # Several processes may share the queue (one thread each on a small machine): each run is claimed.
+            claim = result_file.with_suffix(".running")
+            claim.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                print(f"{args.study} / {variant} / seed {seed}: taken by another process ({claim}; delete it if not)")
+                continue
             print(f"{args.study} / {variant} / seed {seed}: running", flush=True)
-            if args.study in ("rerank", "finetune_losses"):
-                result = run_finetuning_variant(args, variant, seed)
-            else:
-                result = run_pretraining_variant(args, variant, seed)
+            try:
+                if args.study in ("rerank", "finetune_losses"):
+                    result = run_finetuning_variant(args, variant, seed)
+                else:
+                    result = run_pretraining_variant(args, variant, seed)
+            finally:
+                claim.unlink()
             result = {"study": args.study, "variant": variant, "seed": seed, "command": command,
                       "date": time.strftime("%Y-%m-%d"), "arguments": asdict(args), **result}  # fmt: skip
             result_file.parent.mkdir(parents=True, exist_ok=True)

@@ -199,12 +199,16 @@ class RetrievalTrainingModel(torch.nn.Module):
         self.contrastive_weight = contrastive_weight
         self.negative_mining = negative_mining
         self.negative_type = negative_type
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = int(seed)
 
     def _mined_inputs(self, inputs, group_size, positive_index, positive_images, similarities):
         num_negatives = group_size - 1
+        positive_images = positive_images.cpu()
+        # Seeded by the batch itself, so that a resumed run (same data order) draws the same negatives.
+        batch_key = int((positive_images * torch.arange(1, positive_images.numel() + 1)).sum())
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + batch_key)
         text_source, image_source, found = mine_contrastive_negatives(
-            similarities.cpu(), positive_images.cpu(), num_negatives, self.negative_type, self.generator
+            similarities.cpu(), positive_images, num_negatives, self.negative_type, generator
         )
         device = positive_index.device
         positives = positive_index.cpu()
