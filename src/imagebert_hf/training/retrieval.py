@@ -415,7 +415,7 @@ def run_retrieval_finetuning(args: RetrievalArguments) -> dict:
     accelerator.print(
         f"{train_corpus.num_images} images, {train_corpus.num_texts} captions; {total_steps} steps; losses "
         f"{loss_weights} + contrastive x{args.contrastive_weight}; {args.num_negatives} "
-        f"{'hard' if args.hard_negatives else 'random'} negatives ({args.negative_type})"
+        f"{'hard' if args.hard_negatives else 'in-batch mined' if args.negative_mining == 'contrastive' else 'random'} negatives ({args.negative_type})"
     )
     try:
         state = train_loop(
