@@ -173,8 +173,11 @@ def test_rerank_study_runs_and_resumes(tiny_study_setup):
     # A run another process has claimed is left to it.
     claim = root / "results" / "rerank" / "random-negatives_seed0.running"
     claim.touch()
-    assert [r["variant"] for r in runner.main(_common_args(root, "rerank"))] == ["contrastive-mined negatives"]
+    rest = runner.main(_common_args(root, "rerank"))
+    assert [r["variant"] for r in rest] == ["contrastive-mined negatives", "random negatives, no contrastive loss"]
     claim.unlink()
+    # Without the contrastive loss the heads stay untrained: only the cross-encoder is scored.
+    assert set(rest[1]["metrics"]) == {"chance", "cross-encoder"} and rest[1]["settings"]["contrastive_weight"] == 0
     with pytest.raises(ValueError, match="not variants of rerank"):
         runner.main(_common_args(root, "rerank") + ["--variants", "hardest negatives"])
 

@@ -78,7 +78,7 @@ class AblationArguments:
 
 def study_variants(study: str) -> list[str]:
     if study == "rerank":
-        return ["random negatives", "contrastive-mined negatives"]
+        return ["random negatives", "contrastive-mined negatives", "random negatives, no contrastive loss"]
     if study == "finetune_losses":
         return list(FINETUNE_LOSSES)
     if study == "stages":
@@ -154,7 +154,14 @@ def evaluate_model(model, args: AblationArguments, tokenizer, ways: tuple[str, .
 # ---------------------------------------------------------------------------------------------------- fine-tuning
 
 
-def finetune(args: AblationArguments, loss_weights: str, negative_mining: str, seed: int, run_dir: Path) -> dict:
+def finetune(
+    args: AblationArguments,
+    loss_weights: str,
+    negative_mining: str,
+    contrastive_weight: float,
+    seed: int,
+    run_dir: Path,
+) -> dict:
     from imagebert_hf.training.retrieval import RetrievalArguments, run_retrieval_finetuning
 
     if not Path(args.pretrained).is_dir():
@@ -169,6 +176,7 @@ def finetune(args: AblationArguments, loss_weights: str, negative_mining: str, s
         region_cache=str(Path(args.cache_dir) / "flickr8k"),
         loss_weights=loss_weights,
         negative_mining=negative_mining,
+        contrastive_weight=contrastive_weight,
         num_negatives=args.num_negatives,
         seed=seed,
         max_steps=args.finetune_steps,
@@ -188,17 +196,22 @@ def run_finetuning_variant(args: AblationArguments, variant: str, seed: int) -> 
 
     from imagebert_hf import ImageBERTForImageTextRetrieval
 
+    contrastive_weight, ways = 1.0, ("cross-encoder",)
     if args.study == "rerank":
-        loss_weights, mining = "binary=1", "random" if variant == "random negatives" else "contrastive"
-        ways = ("dual encoder", "cross-encoder", "shortlist + re-rank")
+        loss_weights, mining = "binary=1", "contrastive" if variant.startswith("contrastive") else "random"
+        if variant.endswith("no contrastive loss"):
+            # The cross-encoder alone: do the unimodal heads' loss and the ITM loss pull the shared encoder apart?
+            contrastive_weight = 0.0
+        else:
+            ways = ("dual encoder", "cross-encoder", "shortlist + re-rank")
     else:
         loss_weights, mining = FINETUNE_LOSSES[variant], "contrastive"
-        ways = ("cross-encoder",)
     # Runs are shared between studies: the rerank study's mined run is the loss study's binary run.
-    run_dir = Path(args.output_dir) / "finetune" / f"{slug(loss_weights)}-{mining}" / f"seed{seed}"
+    name = f"{slug(loss_weights)}-{mining}" + ("" if contrastive_weight else "-no-contrastive")
+    run_dir = Path(args.output_dir) / "finetune" / name / f"seed{seed}"
     started = time.perf_counter()
     if not (run_dir / "final").is_dir():
-        finetune(args, loss_weights, mining, seed, run_dir)
+        finetune(args, loss_weights, mining, contrastive_weight, seed, run_dir)
     train_seconds = time.perf_counter() - started
     transformers.logging.set_verbosity_error()
     model = ImageBERTForImageTextRetrieval.from_pretrained(str(run_dir / "final"))
@@ -224,7 +237,7 @@ def run_finetuning_variant(args: AblationArguments, variant: str, seed: int) -> 
         "steps": state.get("completed_steps", args.finetune_steps),
         "seconds": {"train": round(train_seconds), "score": round(time.perf_counter() - started)},
         "settings": {
-            "loss_weights": loss_weights, "negative_mining": mining, "contrastive_weight": 1.0,
+            "loss_weights": loss_weights, "negative_mining": mining, "contrastive_weight": contrastive_weight,
             "num_negatives": args.num_negatives, "batch_size": args.finetune_batch_size,
             "learning_rate": args.finetune_learning_rate, "shortlist_k": args.shortlist_k,
             "pretrained": args.pretrained,
