@@ -211,6 +211,21 @@ def test_contrastive_mining_replaces_the_collators_negatives(corpus):
         RetrievalTrainingModel(model, 0.0, negative_mining="contrastive")
 
 
+def test_contrastive_loss_can_train_the_heads_only(corpus):
+    model = _model(corpus)
+    collator = DataCollatorForImageTextRetrieval(corpus, RandomNegativeSampler(corpus, 3, "both", seed=0))
+    batch = collator(list(range(4)))
+    for trains_encoder in (True, False):
+        model.zero_grad()
+        wrapper = RetrievalTrainingModel(model, 1.0, contrastive_trains_encoder=trains_encoder)
+        wrapper(**batch)["contrastive_loss"].backward()
+        grads = {name: p.grad for name, p in model.named_parameters()}
+        assert grads["cls.text_projection.weight"].abs().sum() > 0
+        assert grads["cls.region_projection.weight"].abs().sum() > 0
+        encoder = grads["bert.encoder.layer.0.attention.self.query.weight"]
+        assert (encoder is not None and encoder.abs().sum() > 0) == trains_encoder
+
+
 def test_loss_weight_flag_parsing():
     assert parse_loss_weights("binary=1, triplet=0.5") == {"binary": 1.0, "triplet": 0.5}
     with pytest.raises(ValueError, match="name=weight"):

@@ -78,7 +78,12 @@ class AblationArguments:
 
 def study_variants(study: str) -> list[str]:
     if study == "rerank":
-        return ["random negatives", "contrastive-mined negatives", "random negatives, no contrastive loss"]
+        return [
+            "random negatives",
+            "contrastive-mined negatives",
+            "random negatives, no contrastive loss",
+            "random negatives, contrastive loss on the heads only",
+        ]
     if study == "finetune_losses":
         return list(FINETUNE_LOSSES)
     if study == "stages":
@@ -161,6 +166,7 @@ def finetune(
     contrastive_weight: float,
     seed: int,
     run_dir: Path,
+    contrastive_trains_encoder: bool = True,
 ) -> dict:
     from imagebert_hf.training.retrieval import RetrievalArguments, run_retrieval_finetuning
 
@@ -177,6 +183,7 @@ def finetune(
         loss_weights=loss_weights,
         negative_mining=negative_mining,
         contrastive_weight=contrastive_weight,
+        contrastive_trains_encoder=contrastive_trains_encoder,
         num_negatives=args.num_negatives,
         seed=seed,
         max_steps=args.finetune_steps,
@@ -196,7 +203,7 @@ def run_finetuning_variant(args: AblationArguments, variant: str, seed: int) -> 
 
     from imagebert_hf import ImageBERTForImageTextRetrieval
 
-    contrastive_weight, ways = 1.0, ("cross-encoder",)
+    contrastive_weight, ways, trains_encoder = 1.0, ("cross-encoder",), True
     if args.study == "rerank":
         loss_weights, mining = "binary=1", "contrastive" if variant.startswith("contrastive") else "random"
         if variant.endswith("no contrastive loss"):
@@ -204,14 +211,16 @@ def run_finetuning_variant(args: AblationArguments, variant: str, seed: int) -> 
             contrastive_weight = 0.0
         else:
             ways = ("dual encoder", "cross-encoder", "shortlist + re-rank")
+            trains_encoder = not variant.endswith("heads only")
     else:
         loss_weights, mining = FINETUNE_LOSSES[variant], "contrastive"
     # Runs are shared between studies: the rerank study's mined run is the loss study's binary run.
     name = f"{slug(loss_weights)}-{mining}" + ("" if contrastive_weight else "-no-contrastive")
+    name += "" if trains_encoder else "-heads-only"
     run_dir = Path(args.output_dir) / "finetune" / name / f"seed{seed}"
     started = time.perf_counter()
     if not (run_dir / "final").is_dir():
-        finetune(args, loss_weights, mining, contrastive_weight, seed, run_dir)
+        finetune(args, loss_weights, mining, contrastive_weight, seed, run_dir, trains_encoder)
     train_seconds = time.perf_counter() - started
     transformers.logging.set_verbosity_error()
     model = ImageBERTForImageTextRetrieval.from_pretrained(str(run_dir / "final"))
@@ -238,6 +247,7 @@ def run_finetuning_variant(args: AblationArguments, variant: str, seed: int) -> 
         "seconds": {"train": round(train_seconds), "score": round(time.perf_counter() - started)},
         "settings": {
             "loss_weights": loss_weights, "negative_mining": mining, "contrastive_weight": contrastive_weight,
+            "contrastive_trains_encoder": trains_encoder,
             "num_negatives": args.num_negatives, "batch_size": args.finetune_batch_size,
             "learning_rate": args.finetune_learning_rate, "shortlist_k": args.shortlist_k,
             "pretrained": args.pretrained,

@@ -80,6 +80,13 @@ class RetrievalArguments:
     negative_type: str = field(default="both", metadata={"help": "'text', 'image' or 'both' (random mix)."})
     hard_negatives: bool = field(default=False, metadata={"help": "Mine the hardest of a scored random pool."})
     hard_pool_size: int = field(default=16, metadata={"help": "Candidates scored per positive when mining."})
+    contrastive_trains_encoder: bool = field(
+        default=True,
+        metadata={
+            "help": "Let the contrastive loss train the encoder the cross-encoder shares (False: only the "
+            "projection heads learn from it, on the encoder's detached outputs)."
+        },
+    )
     negative_mining: str = field(
         default="random",
         metadata={
@@ -177,6 +184,10 @@ class RetrievalTrainingModel(torch.nn.Module):
     """The cross-encoder's retrieval losses plus the contrastive loss of its unimodal heads, as one module, so the
     shared Accelerate loop (one forward, one `loss`) trains both.
 
+    With `contrastive_trains_encoder=False`, the contrastive loss trains the projection heads only: the encoder the
+    cross-encoder shares then learns from the retrieval losses alone (on the shared data the contrastive loss
+    otherwise halves the cross-encoder's recall, docs/results.md).
+
     With `negative_mining="contrastive"`, each group's negatives are replaced by in-batch hard negatives drawn by
     the unimodal similarity (`mine_contrastive_negatives`): the cross-encoder then learns to separate the candidates
     a shortlist actually gives it, rather than random pairs, which a briefly trained shortlist already tells apart.
@@ -189,6 +200,7 @@ class RetrievalTrainingModel(torch.nn.Module):
         negative_mining: str = "random",
         negative_type: str = "both",
         seed: int = 0,
+        contrastive_trains_encoder: bool = True,
     ):
         super().__init__()
         if negative_mining not in NEGATIVE_MINING:
@@ -200,6 +212,7 @@ class RetrievalTrainingModel(torch.nn.Module):
         self.negative_mining = negative_mining
         self.negative_type = negative_type
         self.seed = int(seed)
+        self.contrastive_trains_encoder = contrastive_trains_encoder
 
     def _mined_inputs(self, inputs, group_size, positive_index, positive_images, similarities):
         num_negatives = group_size - 1
@@ -230,8 +243,9 @@ class RetrievalTrainingModel(torch.nn.Module):
         if self.contrastive_weight and positive_index.numel() > 1:
             text = {key: inputs[key][positive_index] for key in TEXT_INPUTS if key in inputs}
             regions = {key: inputs[key][positive_index] for key in REGION_INPUTS if key in inputs}
-            text_embeddings = self.model.get_text_embeddings(**text)
-            region_embeddings = self.model.get_region_embeddings(**regions)
+            grad = self.contrastive_trains_encoder
+            text_embeddings = self.model.get_text_embeddings(**text, encoder_grad=grad)
+            region_embeddings = self.model.get_region_embeddings(**regions, encoder_grad=grad)
             contrastive = self.model.contrastive_loss(text_embeddings, region_embeddings)
             similarities = text_embeddings @ region_embeddings.T / self.model.config.contrastive_temperature
         if self.negative_mining == "contrastive" and similarities is not None and group_size > 1:
@@ -388,7 +402,12 @@ def run_retrieval_finetuning(args: RetrievalArguments) -> dict:
         generator=torch.Generator().manual_seed(args.seed),
     )
     wrapper = RetrievalTrainingModel(
-        model, args.contrastive_weight, args.negative_mining, args.negative_type, seed=args.seed
+        model,
+        args.contrastive_weight,
+        args.negative_mining,
+        args.negative_type,
+        seed=args.seed,
+        contrastive_trains_encoder=args.contrastive_trains_encoder,
     )
     optimizer = build_optimizer(wrapper, args.learning_rate, args.weight_decay)
     dataloader = accelerator.prepare(dataloader)

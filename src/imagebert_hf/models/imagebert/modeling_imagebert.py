@@ -1191,10 +1191,13 @@ class ImageBERTForImageTextRetrieval(ImageBERTPreTrainedModel):
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.LongTensor | None = None,
+        encoder_grad: bool = True,
     ) -> torch.FloatTensor:
         """L2-normalised `(batch_size, contrastive_embedding_size)` embeddings of texts alone ([CLS] of a text-only
-        pass)."""
-        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        pass). With `encoder_grad=False` the encoder pass keeps no gradients: a loss on the embeddings then trains
+        the projection head only, and leaves the encoder the cross-encoder shares to its own losses."""
+        with torch.set_grad_enabled(encoder_grad and torch.is_grad_enabled()):
+            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
         return F.normalize(self.cls.text_projection(hidden.last_hidden_state[:, 0]).float(), dim=-1)
 
     def get_region_embeddings(
@@ -1202,14 +1205,16 @@ class ImageBERTForImageTextRetrieval(ImageBERTPreTrainedModel):
         region_features: torch.FloatTensor,
         region_locations: torch.FloatTensor,
         region_attention_mask: torch.Tensor | None = None,
+        encoder_grad: bool = True,
     ) -> torch.FloatTensor:
         """L2-normalised `(batch_size, contrastive_embedding_size)` embeddings of images alone (mean of a
-        regions-only pass over the real regions)."""
-        hidden = self.bert(
-            region_features=region_features,
-            region_locations=region_locations,
-            region_attention_mask=region_attention_mask,
-        ).last_hidden_state
+        regions-only pass over the real regions); `encoder_grad` as in `get_text_embeddings`."""
+        with torch.set_grad_enabled(encoder_grad and torch.is_grad_enabled()):
+            hidden = self.bert(
+                region_features=region_features,
+                region_locations=region_locations,
+                region_attention_mask=region_attention_mask,
+            ).last_hidden_state
         if region_attention_mask is None:
             pooled = hidden.mean(dim=1)
         else:
