@@ -31,6 +31,17 @@ def load_runs(results_dir: Path) -> dict[str, list[dict]]:
     return dict(runs)
 
 
+def variant_rank(study: str, variant: str) -> tuple[int, str]:
+    """Where a variant stands in its study's list (`run_ablations.study_variants`), unknown ones last by name."""
+    try:
+        from run_ablations import study_variants
+
+        order = study_variants(study)
+    except (ImportError, ValueError):
+        order = []
+    return (order.index(variant) if variant in order else len(order), variant)
+
+
 def mean_std(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.1f}"
@@ -40,7 +51,7 @@ def mean_std(values: list[float]) -> str:
 def study_table(runs: list[dict]) -> str:
     """A markdown table of one study: one row per (variant, ranking), in the order the runs name them."""
     by_variant = defaultdict(list)
-    for run in runs:
+    for run in sorted(runs, key=lambda run: variant_rank(run["study"], run["variant"])):
         by_variant[run["variant"]].append(run)
     protocols = sorted({run["protocol"] for run in runs})
     lines = [f"Scoring: {'; '.join(protocols)}. Recall in %, mean ± standard deviation over seeds.", ""]
