@@ -174,10 +174,16 @@ def test_rerank_study_runs_and_resumes(tiny_study_setup):
     claim = root / "results" / "rerank" / "random-negatives_seed0.running"
     claim.touch()
     rest = runner.main(_common_args(root, "rerank"))
-    assert [r["variant"] for r in rest] == ["contrastive-mined negatives", "random negatives, no contrastive loss"]
+    assert [r["variant"] for r in rest] == [
+        "contrastive-mined negatives",
+        "random negatives, no contrastive loss",
+        "random negatives, contrastive loss on the heads only",
+    ]
     claim.unlink()
     # Without the contrastive loss the heads stay untrained: only the cross-encoder is scored.
     assert set(rest[1]["metrics"]) == {"chance", "cross-encoder"} and rest[1]["settings"]["contrastive_weight"] == 0
+    assert rest[2]["settings"]["contrastive_trains_encoder"] is False and len(rest[2]["metrics"]) == 4
+    assert all(isinstance(value, int) for value in rest[2]["seconds"].values())
     with pytest.raises(ValueError, match="not variants of rerank"):
         runner.main(_common_args(root, "rerank") + ["--variants", "hardest negatives"])
 

@@ -60,13 +60,14 @@ def study_table(runs: list[dict]) -> str:
     chance_row = None
     for variant, variant_runs in by_variant.items():
         seeds = ", ".join(str(run["seed"]) for run in sorted(variant_runs, key=lambda r: r["seed"]))
-        minutes = statistics.mean(sum(run["seconds"].values()) / 60 for run in variant_runs)
+        timed = [sum(run["seconds"].values()) / 60 for run in variant_runs if None not in run["seconds"].values()]
+        minutes = f"{statistics.mean(timed):.1f}" if timed else "n/a"
         for way in variant_runs[0]["metrics"]:
             if way == "chance":
                 chance_row = variant_runs[0]["metrics"]["chance"]
                 continue
             cells = [mean_std([run["metrics"][way][column] for run in variant_runs]) for column in COLUMNS]
-            lines.append(f"| {variant} | {way} | {seeds} | " + " | ".join(cells) + f" | {minutes:.1f} |")
+            lines.append(f"| {variant} | {way} | {seeds} | " + " | ".join(cells) + f" | {minutes} |")
     if chance_row is not None:
         lines.append("| chance | random ranking | | " + " | ".join(f"{chance_row[c]:.1f}" for c in COLUMNS) + " | |")
     commands = sorted({run["command"] for run in runs})

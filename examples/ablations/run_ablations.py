@@ -218,10 +218,12 @@ def run_finetuning_variant(args: AblationArguments, variant: str, seed: int) -> 
     name = f"{slug(loss_weights)}-{mining}" + ("" if contrastive_weight else "-no-contrastive")
     name += "" if trains_encoder else "-heads-only"
     run_dir = Path(args.output_dir) / "finetune" / name / f"seed{seed}"
-    started = time.perf_counter()
+    timings_file = run_dir / "timings.json"
     if not (run_dir / "final").is_dir():
+        started = time.perf_counter()
         finetune(args, loss_weights, mining, contrastive_weight, seed, run_dir, trains_encoder)
-    train_seconds = time.perf_counter() - started
+        timings_file.write_text(json.dumps({"train": round(time.perf_counter() - started)}))
+    train_seconds = json.loads(timings_file.read_text())["train"] if timings_file.is_file() else None
     transformers.logging.set_verbosity_error()
     model = ImageBERTForImageTextRetrieval.from_pretrained(str(run_dir / "final"))
     tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "final"))
@@ -233,8 +235,9 @@ def run_finetuning_variant(args: AblationArguments, variant: str, seed: int) -> 
     missing = tuple(way for way in ways if way not in scored.get(key, {}).get("metrics", {}))
     if missing:
         metrics, scoring = evaluate_model(model, args, tokenizer, missing)
-        entry = scored.setdefault(key, {"metrics": {}, "protocol": scoring})
+        entry = scored.setdefault(key, {"metrics": {}, "protocol": scoring, "seconds": {}})
         entry["metrics"].update(metrics)
+        entry.setdefault("seconds", {})[", ".join(missing)] = round(time.perf_counter() - started)
         scored_file.write_text(json.dumps(scored, indent=1))
     entry = scored[key]
     metrics = {way: entry["metrics"][way] for way in ("chance", *ways)}
@@ -244,7 +247,8 @@ def run_finetuning_variant(args: AblationArguments, variant: str, seed: int) -> 
         "metrics": metrics,
         "protocol": scoring,
         "steps": state.get("completed_steps", args.finetune_steps),
-        "seconds": {"train": round(train_seconds), "score": round(time.perf_counter() - started)},
+        # Training and every ranking computed for this model, when this invocation only reused them.
+        "seconds": {"train": train_seconds, "score": sum(entry.get("seconds", {}).values())},
         "settings": {
             "loss_weights": loss_weights, "negative_mining": mining, "contrastive_weight": contrastive_weight,
             "contrastive_trains_encoder": trains_encoder,
