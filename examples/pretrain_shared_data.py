@@ -91,16 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = load_tokenizer(recipe.model)
     text_inputs, region_inputs, text_to_image = manifest_retrieval_inputs(
         flickr, cache_dir / "flickr8k", tokenizer, split="dev", max_text_length=config.max_text_length,
-        max_regions=config.max_regions,
+        max_regions=config.max_regions, captions_per_image=args.eval_captions_per_image,
     )  # fmt: skip
-    if args.eval_captions_per_image < 5:
-        keep = [
-            i
-            for i, image in enumerate(text_to_image)
-            if text_to_image[: i + 1].count(image) <= args.eval_captions_per_image
-        ]
-        text_inputs = {key: value[keep] for key, value in text_inputs.items()}
-        text_to_image = [text_to_image[i] for i in keep]
     eval_started = time.perf_counter()
     results = {"chance": chance_metrics(text_to_image)}
     for stage_dir in run["stage_dirs"]:

@@ -105,17 +105,10 @@ def eval_inputs(args: AblationArguments, tokenizer, max_text_length: int, max_re
     from imagebert_hf.evaluation.zero_shot import manifest_retrieval_inputs
 
     flickr = Path(args.data_dir) / "flickr8k_trainval" / "captions.jsonl"
-    text_inputs, region_inputs, text_to_image = manifest_retrieval_inputs(
+    return manifest_retrieval_inputs(
         flickr, Path(args.cache_dir) / "flickr8k", tokenizer, split="dev", max_text_length=max_text_length,
-        max_regions=max_regions, max_images=args.eval_images,
+        max_regions=max_regions, max_images=args.eval_images, captions_per_image=args.eval_captions_per_image,
     )  # fmt: skip
-    keep = [
-        i
-        for i, image in enumerate(text_to_image)
-        if text_to_image[: i + 1].count(image) <= args.eval_captions_per_image
-    ]
-    text_inputs = {key: value[keep] for key, value in text_inputs.items()}
-    return text_inputs, region_inputs, [text_to_image[i] for i in keep]
 
 
 def protocol(args: AblationArguments, text_to_image: list[int]) -> str:

@@ -21,6 +21,7 @@ def manifest_retrieval_inputs(
     max_regions: int | None = None,
     max_images: int | None = None,
     memory_mapped: bool = False,
+    captions_per_image: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | Any, list[int]]:
     """Tokenized captions, padded regions and the caption -> image map of one split of a jsonl manifest.
 
@@ -32,6 +33,7 @@ def manifest_retrieval_inputs(
         max_text_length: Tokens per caption, special tokens included.
         max_regions: Regions kept per image.
         max_images: Keep the first this many images.
+        captions_per_image: Keep the first this many captions of each image (None: all).
         memory_mapped: Leave the regions in the cache: `region_inputs` is then a `RegionGallery` (padded batches
             read from the memory-mapped shards) instead of one stacked tensor; the scores are the same. Needs a
             region cache (folder or `RegionCache`).
@@ -50,8 +52,9 @@ def manifest_retrieval_inputs(
     records = records[:max_images]
     if not records:
         raise ValueError(f"{manifest} has no images in split {split!r}.")
-    texts = [caption for record in records for caption in record.captions]
-    text_to_image = [i for i, record in enumerate(records) for _ in record.captions]
+    captions = [record.captions[:captions_per_image] for record in records]
+    texts = [caption for kept in captions for caption in kept]
+    text_to_image = [i for i, kept in enumerate(captions) for _ in kept]
     text_inputs = tokenizer(texts, padding=True, truncation=True, max_length=max_text_length, return_tensors="pt")
     if memory_mapped:
         if not hasattr(region_cache, "gallery"):
