@@ -265,3 +265,70 @@ def test_one_region_batch_for_processor_collator_and_corpus(tokenizer):
         pad_region_records([{"region_features": np.zeros((2, 3)), "region_locations": np.zeros((3, 5))}])
     with pytest.raises(ValueError, match="padding='max_length' needs"):
         pad_region_records(records, "max_length")
+
+
+def test_float16_regions_give_the_batch_of_their_float32_values(tokenizer):
+    """A float16 cache row (a read-only view of the mapped file) is converted once, into the float32 batch: the
+    batch equals the one made from the same values in float32, and the row is never written to."""
+    features = make_features(tokenizer, 6, seed=4)
+    halves = []
+    for feature in features:
+        half = feature["region_features"].astype(np.float16)
+        half.flags.writeable = False
+        halves.append({**feature, "region_features": half})
+    exact = [{**f, "region_features": h["region_features"].astype(np.float32)} for f, h in zip(features, halves)]
+    collate = lambda items: DataCollatorForImageBERTPretraining(tokenizer, seed=0)(items)  # noqa: E731
+    from_half, from_float = collate(halves), collate(exact)
+    assert from_half["region_features"].dtype == from_half["region_feature_targets"].dtype == torch.float32
+    for key in from_float:
+        assert torch.equal(from_half[key], from_float[key]), key
+    assert from_half["masked_regions"].any() and not torch.equal(
+        from_half["region_features"], from_half["region_feature_targets"]
+    )
+    for half, original in zip(halves, features):
+        assert np.array_equal(half["region_features"], original["region_features"].astype(np.float16))
+
+
+def test_non_finite_regions_are_named_by_their_image_and_large_finite_ones_pass(tokenizer):
+    features = make_features(tokenizer, 4, seed=5)
+    features[2]["region_features"] = features[2]["region_features"].astype(np.float16)
+    features[2]["region_features"][1, 3] = np.inf
+    collate = DataCollatorForImageBERTPretraining(tokenizer, seed=0, itm_negative_probability=0.0)
+    with pytest.raises(ValueError, match="sample 'img2': region_features contain NaN or infinite values"):
+        collate(features)
+    # Finite values whose sum overflows float32 are not an error: the batch-wide sum only decides when to look.
+    features = make_features(tokenizer, 4, seed=5)
+    for feature in features:
+        feature["region_features"][:] = 3e38
+    batch = collate(features)
+    assert torch.isinf(batch["region_feature_targets"].sum()) and torch.isfinite(batch["region_feature_targets"]).all()
+
+
+class _CollateAndReportSharing:
+    """The collator, plus whether its two feature tensors were in shared memory where they were made."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        batch["made_shared"] = torch.tensor(
+            [batch["region_features"].is_shared(), batch["region_feature_targets"].is_shared()]
+        )
+        return batch
+
+
+def test_dataloader_workers_collate_the_features_straight_into_shared_memory(tokenizer):
+    features = make_features(tokenizer, 8, seed=6)
+
+    def collate():
+        return _CollateAndReportSharing(DataCollatorForImageBERTPretraining(tokenizer, seed=0))
+
+    in_process = collate()(features[:4])
+    assert not in_process["made_shared"].any()
+    loader = torch.utils.data.DataLoader(features, batch_size=4, collate_fn=collate(), num_workers=1)
+    batches = list(loader)
+    assert all(batch["made_shared"].all() for batch in batches)
+    for key, value in in_process.items():
+        if key != "made_shared":
+            assert torch.equal(batches[0][key], value), key

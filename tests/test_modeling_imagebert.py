@@ -781,12 +781,25 @@ def test_itm_head_can_start_fresh(tmp_path):
 
 
 def test_from_text_pretrained_reports_in_its_own_words(tmp_path, capfd, caplog):
+    import logging
+
     _tiny_bert_with_nsp_head(tmp_path)
     capfd.readouterr()
-    with caplog.at_level("INFO", logger="imagebert_hf"):
-        ImageBERTForPreTraining.from_text_pretrained(tmp_path, region_feature_size=24, num_object_classes=11)
+    # transformers' own loggers do not propagate to caplog; this one reports its tensor-parallel check, which the
+    # quiet loading logger sets off (a warning naming every layer of any BERT).
+    tensor_parallel = logging.getLogger("transformers.distributed.tensor_parallel")
+    heard = []
+    listener = logging.Handler()
+    listener.emit = heard.append
+    tensor_parallel.addHandler(listener)
+    try:
+        with caplog.at_level("INFO", logger="imagebert_hf"):
+            ImageBERTForPreTraining.from_text_pretrained(tmp_path, region_feature_size=24, num_object_classes=11)
+    finally:
+        tensor_parallel.removeHandler(listener)
     printed = capfd.readouterr().err
     assert "LOAD REPORT" not in printed and "seem corrupted" not in printed and "missing" not in printed.lower()
+    assert not [record.getMessage() for record in heard if record.levelno >= logging.WARNING]
     ours = [record.getMessage() for record in caplog.records if record.name.startswith("imagebert_hf")]
     assert len(ours) == 1
     assert "weights are new, as expected" in ours[0] and "rows swapped" in ours[0]

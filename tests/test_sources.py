@@ -6,6 +6,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 
 from imagebert_hf.data.collator import DataCollatorForImageBERTPretraining
 from imagebert_hf.data.sources import (
@@ -260,3 +261,27 @@ def test_manifest_pairs_find_their_regions_in_the_region_cache(tmp_path):
     assert {length[0] for length in dataset.sample_lengths([(i, i) for i in range(len(dataset))])} == {3}
     batch = DataCollatorForImageBERTPretraining(tokenizer, seed=0)(items)
     assert batch["region_features"].shape == (len(items), 3, extractor.region_feature_size)
+
+
+def test_training_reads_float16_caches_without_a_float32_copy(tmp_path):
+    """`open_region_store` (what training opens) yields the stored float16 rows; the collated batch is the same as
+    from the cache opened as float32."""
+    from imagebert_hf import ImageBERTRoIExtractor
+    from imagebert_hf.data.sources import open_region_store
+    from imagebert_hf.regions.feature_cache import extract_regions, load_region_cache
+
+    manifest = write_synthetic_manifest(tmp_path / "shapes", 4, seed=1, image_size=64)
+    extractor = ImageBERTRoIExtractor(backbone_weights=None, size={"height": 64, "width": 64}, grid_sizes=[1, 2])
+    extract_regions(manifest, tmp_path / "cache", extractor, store_class_probs=False, progress=False)
+    tokenizer = make_synthetic_tokenizer()
+    batches = []
+    for store in (open_region_store(tmp_path / "cache"), load_region_cache(tmp_path / "cache", dtype="float32")):
+        dataset = PretrainingPairDataset([ManifestPairSource(manifest)], [store], tokenizer, 16, 5)
+        items = dataset.__getitems__(list(range(len(dataset))))
+        batches.append((items, DataCollatorForImageBERTPretraining(tokenizer, seed=0)(items)))
+    (stored_items, stored), (float_items, as_float) = batches
+    assert {item["region_features"].dtype for item in stored_items} == {np.dtype(np.float16)}
+    assert {item["region_features"].dtype for item in float_items} == {np.dtype(np.float32)}
+    assert stored.keys() == as_float.keys()
+    for key in stored:
+        assert torch.equal(stored[key], as_float[key]), key

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..models.imagebert.region_batching import pad_region_records, padded_length
+from ..models.imagebert.region_batching import as_feature_tensor, empty_batch_tensor, pad_region_records, padded_length
 from .negatives import choose_negative
 
 
@@ -160,6 +160,7 @@ class DataCollatorForImageBERTPretraining:
                         sample[key] = source["_orig_regions"][key]
                     else:
                         sample.pop(key, None)
+                sample["_regions_of"] = source["_regions_of"]
             sample["itm_labels"] = 0
 
     def _mask_text(self, input_ids: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,17 +183,16 @@ class DataCollatorForImageBERTPretraining:
         masked[to_random] = random_ids[to_random]
         return masked, labels
 
-    def _mask_regions(self, features: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        num_regions = features.shape[0]
+    def _mask_regions(self, num_regions: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which regions are chosen for MOC / MRFR, and which of those get a zero feature. The features themselves
+        are zeroed once, in the padded batch."""
         chosen = torch.rand(num_regions, generator=generator) < self.region_mask_probability
         if self.region_mask_probability == 0.0:
             chosen[:] = False
         elif self.ensure_one_masked and num_regions > 0 and not chosen.any():
             chosen[int(torch.randint(num_regions, (1,), generator=generator))] = True
         zero = chosen & (torch.rand(num_regions, generator=generator) < self.region_zero_probability)
-        masked = features.clone()
-        masked[zero] = 0.0
-        return masked, chosen
+        return chosen, zero
 
     # --- entry point ------------------------------------------------------------------------------------------
     def __call__(self, features: Sequence[dict | None]) -> dict[str, torch.Tensor]:
@@ -213,10 +213,9 @@ class DataCollatorForImageBERTPretraining:
             # Negatives are masked exactly like positives and keep their targets; the model ignores those
             # (conditional masking is applied in one place, `pretraining_targets`).
             generator = self._mask_generator(sample["_seed"])
-            sample["region_feature_targets"] = sample["region_features"]
             sample["input_ids"], sample["labels"] = self._mask_text(sample["input_ids"], generator)
-            sample["region_features"], sample["masked_regions"] = self._mask_regions(
-                sample["region_features"], generator
+            sample["masked_regions"], sample["_zeroed_regions"] = self._mask_regions(
+                sample["region_features"].shape[0], generator
             )
         batch = self._pad(samples)
         if self.count_failed:
@@ -239,7 +238,8 @@ class DataCollatorForImageBERTPretraining:
             input_ids = torch.cat([input_ids[: self.max_text_length - 1], input_ids[-1:]])
             token_type_ids = token_type_ids[: self.max_text_length]
         regions = {
-            "region_features": _as_tensor(feature["region_features"], torch.float32),
+            # Kept in the dtype they come in (a float16 cache row is not copied here); the batch is float32.
+            "region_features": as_feature_tensor(feature["region_features"]),
             "region_locations": _as_tensor(feature["region_locations"], torch.float32),
         }
         num_regions = regions["region_features"].shape[0]
@@ -261,6 +261,7 @@ class DataCollatorForImageBERTPretraining:
             "_orig_regions": dict(regions),
             "_seed": self._sample_seed(feature),
             "image_id": feature.get("image_id"),
+            "_regions_of": feature.get("image_id"),
             **regions,
         }
         if "itm_labels" in feature and feature["itm_labels"] is not None:
@@ -269,8 +270,9 @@ class DataCollatorForImageBERTPretraining:
 
     def _check_values(self, feature: dict, input_ids: torch.Tensor, regions: dict[str, torch.Tensor]) -> None:
         """The values a model would fail on deep inside (or train on silently): token ids beyond the tokenizer,
-        NaN/inf regions, class labels beyond the MOC head, ITM labels other than 0/1. Checked here, on the data
-        loader's side, so the training step needs no check that waits for the device."""
+        class labels beyond the MOC head, ITM labels other than 0/1 (NaN/inf regions: `_check_finite`, on the
+        whole batch). Checked here, on the data loader's side, so the training step needs no check that waits for
+        the device."""
         name = f"sample {feature.get('image_id')!r}"
         vocab = len(self.tokenizer)
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
@@ -278,9 +280,6 @@ class DataCollatorForImageBERTPretraining:
                 f"{name}: input_ids hold {int(input_ids.min())}..{int(input_ids.max())}, outside the tokenizer's "
                 f"{vocab} ids (was the text tokenized with another tokenizer?)."
             )
-        for key in ("region_features", "region_locations"):
-            if not torch.isfinite(regions[key]).all():
-                raise ValueError(f"{name}: {key} contain NaN or infinite values.")
         labels = regions.get("region_class_labels")
         if labels is not None and self.num_object_classes is not None:
             bad = (labels != -100) & ((labels < 0) | (labels >= self.num_object_classes))
@@ -292,6 +291,19 @@ class DataCollatorForImageBERTPretraining:
         itm = feature.get("itm_labels")
         if itm is not None and (isinstance(itm, bool) or int(itm) not in (0, 1) or int(itm) != itm):
             raise ValueError(f"{name}: itm_labels must be 0 or 1, got {itm!r}.")
+
+    @staticmethod
+    def _check_finite(batch: dict[str, torch.Tensor], samples: list[dict]) -> None:
+        """NaN / inf region values raise, naming the image they came from. One reduction over the padded batch
+        (a sum is finite only if every term is); the samples are searched only when it is not."""
+        for key in ("region_features", "region_locations"):
+            values = batch[key]
+            if torch.isfinite(values.sum()):
+                continue
+            bad = (~torch.isfinite(values.flatten(1)).all(dim=1)).nonzero().flatten()
+            if len(bad):
+                name = samples[int(bad[0])]["_regions_of"]
+                raise ValueError(f"sample {name!r}: {key} contain NaN or infinite values.")
 
     def _pad(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         batch_size = len(samples)
@@ -317,9 +329,16 @@ class DataCollatorForImageBERTPretraining:
                 self.pad_to_multiple_of,
                 return_labels=all("region_class_labels" in s for s in samples),
                 return_probs=True,
-                extra_keys={"masked_regions": False, "region_feature_targets": 0.0},
+                extra_keys={"masked_regions": False, "_zeroed_regions": False},
             )
         )
+        self._check_finite(batch, samples)
+        # MRFR regresses the features before masking; the model sees them with the chosen rows zeroed.
+        zeroed = batch.pop("_zeroed_regions")
+        targets = batch["region_features"]
+        batch["region_feature_targets"] = targets
+        batch["region_features"] = empty_batch_tensor(targets.shape, targets.dtype).copy_(targets)
+        batch["region_features"][zeroed] = 0.0
         batch["itm_labels"] = torch.tensor([int(s["itm_labels"]) for s in samples], dtype=torch.long)
         return batch
 

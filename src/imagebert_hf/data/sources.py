@@ -442,7 +442,8 @@ def open_region_store(path: str | Path) -> Mapping[str, dict]:
     """Opens a region cache written by `extract_regions` as a mapping from image key to region record."""
     from ..regions.feature_cache import load_region_cache
 
-    return load_region_cache(str(path))
+    # Stored dtype (float16 by default): the collator converts each row once, into the padded float32 batch.
+    return load_region_cache(str(path), dtype=None)
 
 
 def group_by_length(

@@ -602,15 +602,19 @@ class ImageBERTRetrievalHeads(nn.Module):
 
 
 @contextmanager
-def _quiet_transformers_loading():
-    """Silences transformers' own load report while `from_text_pretrained` reports in its own words."""
-    loading_logger = logging.get_logger("transformers.modeling_utils")
-    level = loading_logger.level
-    loading_logger.setLevel(logging.ERROR)
+def quiet_transformers_loading():
+    """Silences transformers' own load report while the caller reports in its own words. The tensor-parallel
+    logger goes quiet too: transformers checks its TP plan (and warns, for every unsharded layer of any BERT) exactly
+    when the loading logger's level is set at WARNING or above."""
+    loggers = [logging.get_logger(name) for name in ("transformers.modeling_utils", "transformers.distributed")]
+    levels = [each.level for each in loggers]
+    for each in loggers:
+        each.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        loading_logger.setLevel(level)
+        for each, level in zip(loggers, levels):
+            each.setLevel(level)
 
 
 class ImageBERTPreTrainedModel(PreTrainedModel):
@@ -661,7 +665,7 @@ class ImageBERTPreTrainedModel(PreTrainedModel):
         for key in ("model_type", "architectures", "auto_map", "transformers_version"):
             text_config.pop(key, None)
         config = ImageBERTConfig(**{**text_config, **config_overrides})
-        with _quiet_transformers_loading():
+        with quiet_transformers_loading():
             model, info = cls.from_pretrained(pretrained_model_name_or_path, config=config, output_loading_info=True)
         new_keys = set(info.get("missing_keys", []))
         unused_keys = sorted(info.get("unexpected_keys", []))

@@ -658,19 +658,13 @@ class _RetrievalModelLoader:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        from transformers.utils import logging as hf_logging
-
         from .modeling_auto import AutoModelForImageTextRetrieval
+        from .modeling_imagebert import quiet_transformers_loading
 
-        loading_logger = hf_logging.get_logger("transformers.modeling_utils")
-        level = loading_logger.level
-        loading_logger.setLevel(hf_logging.ERROR)
-        try:
+        with quiet_transformers_loading():
             model, info = AutoModelForImageTextRetrieval.from_pretrained(
                 pretrained_model_name_or_path, output_loading_info=True, **kwargs
             )
-        finally:
-            loading_logger.setLevel(level)
         missing, unexpected = list(info.get("missing_keys", [])), list(info.get("unexpected_keys", []))
         other_missing = [key for key in missing if not key.startswith(PROJECTION_HEADS)]
         other_unexpected = [key for key in unexpected if not key.startswith(PRETRAINING_ONLY)]
