@@ -11,8 +11,7 @@ collator, batch 48), each timed over the same number of samples on one thread:
   formatting (`Dataset.with_format("numpy")[row]`), keys found through Python dicts;
 - `arrow (float32 cache)` and `arrow (float16 cache)`: the cache as training opens it (`open_region_store`): each
   record read straight from the memory-mapped Arrow buffers in its stored dtype, converted to float32 once, while
-  the collator fills the padded batch.
-
+  the collator fills the padded batch;
 - `arrow (float16), 1 worker`: the float16 reader in one DataLoader worker process, as training runs it with
   `num_workers`; its CPU time and the training process's together (the batch crosses between them in shared memory).
 
