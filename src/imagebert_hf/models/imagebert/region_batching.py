@@ -47,12 +47,12 @@ def as_feature_tensor(value: Any) -> torch.Tensor:
     array = np.asarray(value)
     if array.dtype.kind != "f":
         return torch.as_tensor(array, dtype=torch.float32)
-    if not array.flags.writeable:
-        with warnings.catch_warnings():
-            # Only read, into the padded batch; torch warns because it cannot know that.
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.from_numpy(array)
-    return torch.from_numpy(array)
+    if array.flags.writeable:
+        return torch.from_numpy(array)
+    with warnings.catch_warnings():
+        # A read-only view is only read (into a batch or a converted copy); torch warns because it cannot know that.
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
 
 
 def padded_length(
