@@ -111,6 +111,37 @@ def test_results_page_tables_come_from_the_run_files(tmp_path):
         page_maker.main(["--results_dir", str(tmp_path / "results"), "--page", str(tmp_path / "missing.md")])
 
 
+def test_results_page_by_seed_table_pairs_variants_at_each_seed(tmp_path):
+    page_maker = _load("make_results_page")
+    # Each recall of "b" is 1, 3 and 0 above that of "a" at seeds 0, 1, 2, so its RSUM (six recalls) 6, 18 and 0.
+    for variant, shifts in (("a", (0.0, 4.0, 8.0)), ("b", (1.0, 7.0, 8.0)), ("c", (0.0, 4.0))):
+        for seed, shift in enumerate(shifts):
+            path = tmp_path / "results" / "stages" / f"{variant}_seed{seed}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(_run_file("stages", variant, seed, shift)))
+    page = tmp_path / "results.md"
+    page.write_text("<!-- results:stages_by_seed -->\n<!-- /results:stages_by_seed -->\n")
+    text = page_maker.main(["--results_dir", str(tmp_path / "results"), "--page", str(page)])
+    lines = text.splitlines()
+    assert "minus that of `a` at the same seed" in lines[1]
+    # Only the seeds every variant has (0 and 1) are compared.
+    assert lines[3] == "| variant | seed 0 | seed 1 | mean ± std |"
+    assert "| b | +6.0 | +18.0 | +12.0 ± 8.5 |" in lines and "| c | +0.0 | +0.0 | +0.0 ± 0.0 |" in lines
+    single = [_run_file("stages", "a", 0, 0.0), _run_file("stages", "b", 0, 1.0)]
+    assert page_maker.by_seed_table(single) is None
+
+
+def test_shipped_results_page_matches_its_run_files(tmp_path):
+    """docs/results.md's tables are what the page maker writes from docs/results/ today."""
+    page_maker = _load("make_results_page")
+    shipped = PROJECT_ROOT / "docs" / "results.md"
+    page = tmp_path / "results.md"
+    page.write_text(shipped.read_text(encoding="utf-8"), encoding="utf-8")
+    text = page_maker.main(["--results_dir", str(PROJECT_ROOT / "docs" / "results"), "--page", str(page)])
+    assert text == shipped.read_text(encoding="utf-8"), "run `python examples/ablations/make_results_page.py`"
+    assert "_No runs yet" not in text
+
+
 @pytest.fixture(scope="module")
 def tiny_study_setup(tmp_path_factory):
     """A data folder in the layout of ../shared/data (6 + 2 generated photos), and a tiny pretrained folder with the

@@ -5,15 +5,18 @@
 Each table sits between `<!-- results:STUDY -->` and `<!-- /results:STUDY -->` in the page; the text around the
 markers is left as written. `<!-- results:shipped -->` takes `docs/results/pretrain_shared_data.json`, the
 `results.json` of `examples/pretrain_shared_data.py` (with the command that made it). A table gives, per variant and ranking, the mean and standard deviation over the seeds
-found, the scoring protocol, the seeds, and the minutes one run took here.
+found, the scoring protocol, the seeds, and the minutes one run took here. `<!-- results:STUDY_by_seed -->` takes
+each variant's RSUM minus the study's first variant's, seed by seed.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -31,13 +34,22 @@ def load_runs(results_dir: Path) -> dict[str, list[dict]]:
     return dict(runs)
 
 
+def study_variants(study: str) -> list[str]:
+    """`run_ablations.study_variants`, read from the file beside this one however this one was loaded."""
+    runner = sys.modules.get("run_ablations")
+    if runner is None:
+        spec = importlib.util.spec_from_file_location("run_ablations", Path(__file__).with_name("run_ablations.py"))
+        runner = importlib.util.module_from_spec(spec)
+        sys.modules["run_ablations"] = runner  # its dataclasses look their module up while it loads
+        spec.loader.exec_module(runner)
+    return runner.study_variants(study)
+
+
 def variant_rank(study: str, variant: str) -> tuple[int, str]:
     """Where a variant stands in its study's list (`run_ablations.study_variants`), unknown ones last by name."""
     try:
-        from run_ablations import study_variants
-
         order = study_variants(study)
-    except (ImportError, ValueError):
+    except ValueError:
         order = []
     return (order.index(variant) if variant in order else len(order), variant)
 
@@ -77,6 +89,41 @@ def study_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def by_seed_table(runs: list[dict], column: str = "rsum") -> str | None:
+    """Seed-by-seed differences from the study's first variant, for studies whose variants share their seeds.
+
+    A seed fixes what a run draws (initialisation, data order, masking) the same way for every variant, so the
+    difference between two variants at one seed leaves out the part of the spread that belongs to the seed. None
+    for a study of one variant, or when its variants share fewer than two seeds. Variants that lack the baseline's
+    ranking are left out.
+    """
+    by_variant = defaultdict(dict)
+    for run in sorted(runs, key=lambda run: variant_rank(run["study"], run["variant"])):
+        by_variant[run["variant"]][run["seed"]] = run
+    baseline, *others = by_variant
+    seeds = sorted(set.intersection(*(set(seeded) for seeded in by_variant.values())))
+    if not others or len(seeds) < 2:
+        return None
+    way = next(way for way in by_variant[baseline][seeds[0]]["metrics"] if way != "chance")
+    header = HEADERS[COLUMNS.index(column)]
+    lines = [
+        f"{header} ({way}) of each variant minus that of `{baseline}` at the same seed.",
+        "",
+        "| variant | " + " | ".join(f"seed {seed}" for seed in seeds) + " | mean ± std |",
+        "|---|" + "---|" * len(seeds) + "---|",
+    ]
+    for variant in others:
+        if any(way not in by_variant[variant][seed]["metrics"] for seed in seeds):
+            continue
+        gaps = [
+            by_variant[variant][seed]["metrics"][way][column] - by_variant[baseline][seed]["metrics"][way][column]
+            for seed in seeds
+        ]
+        mean, std = statistics.mean(gaps), statistics.stdev(gaps)
+        lines.append(f"| {variant} | " + " | ".join(f"{gap:+.1f}" for gap in gaps) + f" | {mean:+.1f} ± {std:.1f} |")
+    return "\n".join(lines)
+
+
 def shipped_recipe_table(summary: dict) -> str:
     """The table of `examples/pretrain_shared_data.py`'s `results.json` (copied to `docs/results/`)."""
     lines = []
@@ -113,13 +160,19 @@ def main(argv: list[str] | None = None) -> str:
     page_path = Path(args.page)
     if not page_path.is_file():
         raise FileNotFoundError(f"--page {page_path} does not exist; it holds the text around the tables.")
-    tables = {study: study_table(runs) for study, runs in load_runs(Path(args.results_dir)).items()}
+    tables = {}
+    for study, runs in load_runs(Path(args.results_dir)).items():
+        tables[study] = study_table(runs)
+        seed_gaps = by_seed_table(runs)
+        if seed_gaps is not None:
+            tables[f"{study}_by_seed"] = seed_gaps
     shipped = Path(args.results_dir) / "pretrain_shared_data.json"
     if shipped.is_file():
         tables["shipped"] = shipped_recipe_table(json.loads(shipped.read_text()))
-    page = fill_page(page_path.read_text(encoding="utf-8"), tables)
+    template = page_path.read_text(encoding="utf-8")
+    page = fill_page(template, tables)
     page_path.write_text(page, encoding="utf-8")
-    print(f"{page_path}: filled {sorted(tables)}")
+    print(f"{page_path}: filled {sorted(name for name in tables if f'<!-- results:{name} -->' in template)}")
     return page
 
 
