@@ -32,7 +32,7 @@ def load_inputs(count: int, coco_dir: Path) -> tuple[list, list[np.ndarray], str
     """Images and their boxes: real COCO photos and annotations when available."""
     manifest = coco_dir / "captions.jsonl"
     if manifest.is_file():
-        from imagebert_hf.data.manifest import read_manifest
+        from imagebert_hf.formats.manifest import read_manifest
 
         records = [r for r in read_manifest(manifest) if r.boxes][:count]
         return [str(r.image_path) for r in records], [np.array(r.boxes, dtype=np.float32) for r in records], "COCO"

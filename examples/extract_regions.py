@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from transformers import BertTokenizer, HfArgumentParser
 
 from imagebert_hf import ImageBERTRoIExtractor
-from imagebert_hf.data.manifest import read_manifest
+from imagebert_hf.formats.manifest import read_manifest
 from imagebert_hf.models.imagebert.configuration_imagebert import ImageBERTConfig
 from imagebert_hf.models.imagebert.processing_imagebert import ImageBERTProcessor
 from imagebert_hf.regions.feature_cache import extract_regions, load_region_cache

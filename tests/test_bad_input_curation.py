@@ -12,7 +12,7 @@ from imagebert_hf.curation import synthetic
 from imagebert_hf.curation.config import ParseConfig
 from imagebert_hf.curation.sources import discover_sources, scan_source, warc_signature_problem
 from imagebert_hf.curation.tally import KEPT, Tally
-from imagebert_hf.data.manifest import ManifestError
+from imagebert_hf.formats.manifest import ManifestError
 
 
 def _html_page() -> bytes:

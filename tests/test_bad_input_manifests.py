@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from imagebert_hf.data.manifest import ManifestError, parse_manifest_line, read_manifest
+from imagebert_hf.formats.manifest import ManifestError, parse_manifest_line, read_manifest
 
 
 GOOD = {"image": "images/a.jpg", "captions": ["A dog on a sofa."], "width": 640, "height": 480}

@@ -23,7 +23,7 @@ from imagebert_hf import (
     write_npz_regions,
     write_tsv_regions,
 )
-from imagebert_hf.data.manifest import read_manifest
+from imagebert_hf.formats.manifest import read_manifest
 from imagebert_hf.models.imagebert.roi_precomputed import LXMERT_TSV_FIELDS
 
 from .testing_utils import COCO_DIR, require_module, require_shared_data

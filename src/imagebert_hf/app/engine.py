@@ -18,6 +18,7 @@ import torch
 from transformers.utils import logging
 
 from imagebert_hf import ImageLoadError, RegionExtractionError, load_image
+from imagebert_hf.formats.manifest import read_manifest
 
 
 logger = logging.get_logger(__name__)
@@ -54,7 +55,7 @@ class GalleryImage:
 
 
 def read_gallery(source: str | os.PathLike, split: str | None = None, limit: int | None = None) -> list[GalleryImage]:
-    """The gallery of a folder of images (sorted by name) or of a jsonl manifest (`imagebert_hf.data.manifest`).
+    """The gallery of a folder of images (sorted by name) or of a jsonl manifest (`imagebert_hf.formats.manifest`).
 
     A manifest's object boxes are used as the regions, with the whole image added as one more region, as
     `make demo` trains on; a folder's images get the extractor's own regions (the grid, or the detections).
@@ -64,8 +65,6 @@ def read_gallery(source: str | os.PathLike, split: str | None = None, limit: int
         split: keep only the manifest lines whose `"split"` is this (e.g. `"test"`); all lines when None.
         limit: keep at most this many images (the first ones).
     """
-    from imagebert_hf.data.manifest import read_manifest
-
     source = Path(source)
     if source.is_dir():
         paths = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())

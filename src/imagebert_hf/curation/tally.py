@@ -6,6 +6,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from ..formats.plotting import save_figure, subplots
+
 
 # Reserved reasons: everything else a stage records is a drop reason.
 INPUT = "input"
@@ -81,8 +83,6 @@ def funnel_markdown(tally: Tally) -> str:
 
 def funnel_chart(tally: Tally, path: str | Path, title: str = "Curation funnel") -> None:
     """Horizontal bar chart of kept and dropped counts per stage and reason, saved as a PNG."""
-    from ..plotting import save_figure, subplots
-
     rows = [row for row in tally.rows() if row["reason"] != INPUT]
     labels = [f"{r['stage']} ({r['unit']}): {r['reason']}" for r in rows][::-1]
     counts = [r["count"] for r in rows][::-1]

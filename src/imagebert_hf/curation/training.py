@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..formats.manifest import iter_manifest
 from ..models.imagebert.roi_image_loading import load_image
 from .image_filters import STAT_NAMES, image_statistics
 from .linear import LinearModel, fit_linear_model
@@ -33,8 +34,6 @@ def load_captioned_images(
     data_dir: str | Path, with_stats: bool = True, limit: int | None = None
 ) -> list[CaptionedImage]:
     """Reads a `captions.jsonl` folder; with `with_stats`, computes every image's statistics."""
-    from ..data.manifest import iter_manifest
-
     data_dir = Path(data_dir)
     items = []
     # The manifest reader checks every line (captions a list of non-empty strings), naming file:line and field.

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..formats.manifest import iter_manifest
 from ..models.imagebert.region_batching import pad_region_records
 from ..models.imagebert.retrieval_index import RegionBatches, is_region_batches
 
@@ -95,8 +96,6 @@ def load_manifest_records(
         Records `{"image_id", "image" (resolved path), "manifest_image" (the path as written, the region cache
         key), "captions"}` in file order.
     """
-    from .manifest import iter_manifest
-
     records = []
     for record in iter_manifest(path, image_root):
         if split is not None and record.extra.get("split") != split:

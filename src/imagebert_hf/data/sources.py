@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
+from ..formats.manifest import iter_manifest
 from .negatives import choose_negative
 
 
@@ -87,8 +88,6 @@ class ManifestPairSource(PairSource):
         name: str | None = None,
         allow_outside_root: bool = False,
     ):
-        from .manifest import iter_manifest
-
         manifest = Path(manifest)
         if not manifest.is_file():
             raise FileNotFoundError(f"manifest {manifest} does not exist.")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..plotting import save_figure, subplots
+from ..formats.plotting import save_figure, subplots
 from .retrieval import retrieval_ranks
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..formats.manifest import read_manifest
 from ..models.imagebert.region_batching import pad_region_records
 
 
@@ -42,8 +43,6 @@ def manifest_retrieval_inputs(
         `(text_inputs, region_inputs, text_to_image)`, the inputs of `evaluation.scoring.score_all_pairs` and of
         `evaluation.retrieval_metrics`.
     """
-    from ..data.manifest import read_manifest
-
     if isinstance(region_cache, (str, Path)):
         from ..regions.feature_cache import load_region_cache
 

@@ -33,6 +33,9 @@ from typing import Any
 import numpy as np
 from transformers.utils import logging
 
+from ..formats.files import atomic_write_json, atomic_write_text, atomic_writer, publish_folder
+from ..formats.manifest import iter_manifest
+from ..models.imagebert.region_batching import RegionRecord
 from ..models.imagebert.roi_image_loading import ImageLoadError, image_content_hash
 
 
@@ -82,8 +85,6 @@ class CacheReport:
 def _manifest_items(
     path: str | os.PathLike, image_root, use_boxes: bool, allow_outside_root: bool = False
 ) -> list[dict[str, Any]]:
-    from ..data.manifest import iter_manifest
-
     return [
         {
             "key": record.image,
@@ -258,7 +259,7 @@ def _extract_shard(
     shard_report = {"rows": len(units), "failures": failures}
     (tmp_path / SHARD_REPORT_NAME).write_text(json.dumps(shard_report))
     # The rename is the commit: a shard folder without the .tmp suffix is always complete.
-    os.replace(tmp_path, shard_path)
+    publish_folder(tmp_path, shard_path, replace=False)
     return shard_report
 
 
@@ -329,12 +330,6 @@ def _device_queue(context, num_proc: int, extractor):
     return devices
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _start_cache(output_dir: Path, extractor, index, shard_of, info: dict[str, Any]) -> None:
     """Writes the extractor, `index.jsonl` and `cache_info.json` of a new cache; safe when several processes or
     machines start the same cache at once (each writes identical files and renames them into place)."""
@@ -343,12 +338,12 @@ def _start_cache(output_dir: Path, extractor, index, shard_of, info: dict[str, A
         tmp = output_dir / f".{EXTRACTOR_DIR}.tmp-{os.getpid()}"
         extractor.save_pretrained(tmp)
         try:
-            os.replace(tmp, output_dir / EXTRACTOR_DIR)
+            publish_folder(tmp, output_dir / EXTRACTOR_DIR, replace=False)
         except OSError:  # another process published it first
             shutil.rmtree(tmp, ignore_errors=True)
     lines = [json.dumps({"key": key, "cache_key": ck, "shard": shard_of[ck]}) + "\n" for key, ck in index]
-    _write_atomically(output_dir / INDEX_NAME, "".join(lines))
-    _write_atomically(output_dir / CACHE_INFO_NAME, json.dumps(info, indent=2, default=str))
+    atomic_write_text(output_dir / INDEX_NAME, "".join(lines))
+    atomic_write_json(output_dir / CACHE_INFO_NAME, info, indent=2, default=str)
 
 
 def _finish_cache(output_dir: Path, report: CacheReport, num_shards: int) -> CacheReport:
@@ -368,8 +363,8 @@ def _finish_cache(output_dir: Path, report: CacheReport, num_shards: int) -> Cac
         if not info.get("complete"):
             RegionCache(output_dir)  # builds lookup.arrow from the shards and the index
             info["complete"] = True
-            _write_atomically(output_dir / CACHE_INFO_NAME, json.dumps(info, indent=2, default=str))
-    _write_atomically(output_dir / REPORT_NAME, json.dumps(asdict(report), indent=2))
+            atomic_write_json(output_dir / CACHE_INFO_NAME, info, indent=2, default=str)
+    atomic_write_json(output_dir / REPORT_NAME, asdict(report), indent=2)
     return report
 
 
@@ -404,7 +399,7 @@ def extract_regions(
     `merge_region_caches`; either way the cache equals that of a single-machine run.
 
     Args:
-        source: A jsonl manifest path (the `../shared/data` layout, see `data.manifest`) or a `datasets.Dataset`
+        source: A jsonl manifest path (the `../shared/data` layout, see `formats.manifest`) or a `datasets.Dataset`
             whose `image_column` holds paths, `Image()` values or `{"bytes", "path"}` dicts.
         output_dir: The cache folder; an unfinished cache there is resumed.
         extractor: An `ImageBERTRoIExtractor`, a folder saved from one, or None for the offline default.
@@ -576,7 +571,7 @@ def merge_region_caches(parts: Sequence[str | os.PathLike], output_dir: str | os
         shutil.copytree(parts[0] / EXTRACTOR_DIR, output_dir / EXTRACTOR_DIR)
     shutil.copyfile(parts[0] / INDEX_NAME, output_dir / INDEX_NAME)
     if not (output_dir / CACHE_INFO_NAME).is_file():
-        _write_atomically(output_dir / CACHE_INFO_NAME, json.dumps(info, indent=2, default=str))
+        atomic_write_json(output_dir / CACHE_INFO_NAME, info, indent=2, default=str)
     (output_dir / SHARDS_DIR).mkdir(exist_ok=True)
     for part in parts:
         for shard in range(info["num_shards"]):
@@ -584,7 +579,7 @@ def merge_region_caches(parts: Sequence[str | os.PathLike], output_dir: str | os
             if source.is_dir() and not target.exists() and source.resolve() != target.resolve():
                 tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
                 shutil.copytree(source, tmp, copy_function=_link_or_copy)
-                os.replace(tmp, target)
+                publish_folder(tmp, target, replace=False)
     missing = [shard for shard in range(info["num_shards"]) if not _shard_dir(output_dir, shard).is_dir()]
     if missing:
         raise ValueError(
@@ -763,11 +758,9 @@ def _build_lookup(path: Path, cache_keys: list[str], image_ids: list[str]):
             "position": pa.array(order_in_index[order]),
         }
     )
-    tmp = path / f".{LOOKUP_NAME}.tmp-{os.getpid()}"
     try:
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        with atomic_writer(path / LOOKUP_NAME) as sink, pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table)
-        os.replace(tmp, path / LOOKUP_NAME)
     except OSError as error:  # a read-only cache works, with the table in memory
         logger.warning("could not store %s in %s (%s); it is rebuilt at each open", LOOKUP_NAME, path, error)
     return table
@@ -896,9 +889,9 @@ class RegionCache:
             return _half_to_float(values)
         return values.astype(dtype)  # a writable copy, as a caller (or torch.as_tensor) may expect
 
-    def __getitem__(self, key: str) -> dict[str, Any]:
+    def __getitem__(self, key: str) -> RegionRecord:
         row = self._row(key)
-        record = {
+        record: RegionRecord = {
             "image_id": self._string("image_id", row),
             "cache_key": self._string("cache_key", row),
             "source": self._string("source", row),
@@ -923,7 +916,7 @@ class RegionCache:
         row = self._find(str(key))
         return row is not None and not self._failed[row]
 
-    def get(self, key: str, default: Any = None) -> dict[str, Any] | Any:
+    def get(self, key: str, default: Any = None) -> RegionRecord | Any:
         try:
             return self[key]
         except KeyError:
@@ -939,7 +932,7 @@ class RegionCache:
     def __iter__(self):
         return iter(self.keys())
 
-    def records(self, keys: Iterable[str]) -> list[dict[str, Any]]:
+    def records(self, keys: Iterable[str]) -> list[RegionRecord]:
         """The records of several keys, e.g. for `ImageBERTProcessor(regions=...)`."""
         return [self[key] for key in keys]
 

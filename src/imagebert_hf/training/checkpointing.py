@@ -9,11 +9,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..formats.files import publish_folder
 
 
 STATE_FILE = "trainer_state.json"
@@ -95,14 +96,6 @@ def remove_partial_checkpoints(root: str | Path) -> None:
                 shutil.rmtree(path, ignore_errors=True)
 
 
-def _fsync_tree(folder: Path) -> None:
-    # The rename must not reach the disk before the files it publishes.
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-
-
 def save_checkpoint(accelerator, root: str | Path, state: TrainState, save_total_limit: int | None = None) -> Path:
     """Saves `accelerator.save_state` plus `state` as `root/step_NNNNNNNN`, atomically. Call on every process.
 
@@ -134,10 +127,7 @@ def save_checkpoint(accelerator, root: str | Path, state: TrainState, save_total
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state.save(tmp)
-        _fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        publish_folder(tmp, final)
         if save_total_limit is not None and save_total_limit > 0:
             for old in list_checkpoints(root)[:-save_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -176,15 +166,6 @@ def save_model(accelerator, model, folder: str | Path, submodule: str | None = N
     )
 
 
-def publish_folder(tmp: str | Path, final: str | Path) -> None:
-    """Atomically replaces `final` by the fully written folder `tmp` (main process only)."""
-    tmp, final = Path(tmp), Path(final)
-    _fsync_tree(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-
-
 __all__ = [
     "COMPLETE_FILE",
     "STATE_FILE",
@@ -192,7 +173,6 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
-    "publish_folder",
     "remove_partial_checkpoints",
     "save_checkpoint",
     "save_model",

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..plotting import save_figure, subplots
+from ..formats.plotting import save_figure, subplots
 
 
 def plot_losses(

@@ -27,11 +27,11 @@ from ..data.retrieval import (
     load_manifest_records,
     region_cache_lookup,
 )
+from ..formats.files import publish_folder
 from .checkpointing import (
     TrainState,
     latest_checkpoint,
     load_checkpoint,
-    publish_folder,
     remove_partial_checkpoints,
     save_model,
 )

@@ -29,12 +29,12 @@ from ..data.sources import (
     open_region_store,
     stable_seed,
 )
+from ..formats.files import publish_folder
 from .checkpointing import (
     COMPLETE_FILE,
     TrainState,
     latest_checkpoint,
     load_checkpoint,
-    publish_folder,
     remove_partial_checkpoints,
     save_checkpoint,
     save_model,

@@ -12,13 +12,54 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
 
 
 PADDING = ("longest", "max_length")
+
+# numpy arrays from the extractor and the cache; lists and tensors are accepted wherever records are padded.
+RegionArray = np.ndarray | torch.Tensor | Sequence[Any]
+
+
+class RegionRecord(TypedDict, total=False):
+    """The regions of one image: what the extractor returns, a region-cache row or a precomputed file gives.
+
+    Only `region_features` and `region_locations` are needed to pad a record into model inputs; the rest is there
+    when its source has it (see docs/architecture.md, "Region records").
+
+    Attributes:
+        image_id (`str`): Content hash (sha1 of the image bytes) unless the source gives an id.
+        region_features (float32 (R, F)): Pooled features (float16 in a cache stored as float16).
+        region_boxes (float32 (R, 4)): Pixel boxes `x1, y1, x2, y2`.
+        region_locations (float32 (R, 5) or (R, 7)): As the model input (7 with `region_location_size=7`).
+        region_class_labels (int64 (R,)): Arg-max class of each region.
+        region_class_probs (float32 (R, C)): Class distribution (optional: large).
+        region_attribute_labels (int64 (R,)): BUTD backend only: best Visual Genome attribute.
+        region_attribute_scores (float32 (R,)): BUTD backend only: that attribute's probability.
+        image_width (`int`), image_height (`int`): Size of the image the boxes refer to.
+        num_regions (`int`): R.
+        error (`str | None`): Why extraction failed for this record (its arrays are then empty).
+        cache_key (`str`), source (`str`): Region-cache rows only: the content key the row is stored under and
+            the source item (manifest path or dataset key) that first gave it.
+    """
+
+    image_id: str
+    region_features: RegionArray
+    region_boxes: RegionArray
+    region_locations: RegionArray
+    region_class_labels: RegionArray
+    region_class_probs: RegionArray
+    region_attribute_labels: RegionArray
+    region_attribute_scores: RegionArray
+    image_width: int
+    image_height: int
+    num_regions: int
+    error: str | None
+    cache_key: str
+    source: str
 
 
 def _as_tensor(value: Any, dtype: torch.dtype) -> torch.Tensor:
@@ -79,7 +120,7 @@ def padded_length(
 
 
 def pad_region_records(
-    records: Sequence[Mapping],
+    records: Sequence[RegionRecord],
     padding: str = "longest",
     max_regions: int | None = None,
     pad_to_multiple_of: int | None = None,
@@ -194,4 +235,12 @@ def pad_region_records(
     return out
 
 
-__all__ = ["PADDING", "as_feature_tensor", "empty_batch_tensor", "pad_region_records", "padded_length"]
+__all__ = [
+    "PADDING",
+    "RegionArray",
+    "RegionRecord",
+    "as_feature_tensor",
+    "empty_batch_tensor",
+    "pad_region_records",
+    "padded_length",
+]

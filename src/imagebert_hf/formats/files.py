@@ -1,0 +1,109 @@
+"""Atomic writes: a reader sees either the previous file (or folder) or the complete new one, never a part of it.
+
+Every writer here writes under a temporary name in the target's folder, flushes it and syncs it to disk, renames it
+over the target with `os.replace` (atomic on one filesystem), then syncs the folder so that the rename itself
+survives a crash (where the OS lets a folder be opened). A write that fails leaves the target as it was and removes
+its temporary file. `publish_folder` does the same for a whole folder written under a temporary name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+
+def _fsync_folder(folder: str | os.PathLike) -> None:
+    """Syncs a folder's entries (a rename inside it) to disk; nothing where a folder cannot be opened (Windows)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike) -> Iterator[IO[bytes]]:
+    """A binary file to write `path` through: it appears at `path`, complete and synced, when the block ends
+    without an error; on an error `path` is left as it was.
+
+    The temporary name (`.NAME.tmp-PID-RANDOM`, in the same folder) is unique, so several processes or threads may
+    write the same file at once: each rename puts one complete file in place.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "xb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_folder(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes | bytearray | memoryview) -> None:
+    """Writes `data` to `path` atomically (see `atomic_writer`)."""
+    with atomic_writer(path) as handle:
+        handle.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
+    """Writes `text` to `path` atomically (see `atomic_writer`)."""
+    atomic_write_bytes(path, text.encode(encoding))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, **json_kwargs) -> None:
+    """Writes `json.dumps(obj, **json_kwargs)` to `path` atomically (see `atomic_writer`)."""
+    atomic_write_text(path, json.dumps(obj, **json_kwargs))
+
+
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """Syncs every file under `folder` to disk, so that a rename publishing the folder never reaches the disk
+    before the files it publishes."""
+    for path in Path(folder).rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def publish_folder(tmp: str | os.PathLike, final: str | os.PathLike, replace: bool = True) -> None:
+    """Atomically puts the fully written folder `tmp` at `final`: its files are synced, then it is renamed.
+
+    Args:
+        tmp: The folder, written under a temporary name next to `final`.
+        final: Where it goes.
+        replace: Remove an existing `final` first. When False, an existing `final` raises `FileExistsError` (an
+            `OSError`, as when another process publishes the same folder at the same moment) and `tmp` is kept.
+    """
+    tmp, final = Path(tmp), Path(final)
+    fsync_tree(tmp)
+    if final.exists():
+        if not replace:
+            raise FileExistsError(f"{final} exists")
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_folder(final.parent)
+
+
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "atomic_writer",
+    "fsync_tree",
+    "publish_folder",
+]

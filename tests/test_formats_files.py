@@ -1,0 +1,59 @@
+"""The atomic writers of `formats/files.py`: complete files or none, no temporary file left, folders published whole."""
+
+import json
+import os
+
+import pytest
+
+from imagebert_hf.formats.files import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    atomic_writer,
+    fsync_tree,
+    publish_folder,
+)
+
+
+def test_writers_write_and_replace(tmp_path):
+    target = tmp_path / "a.txt"
+    atomic_write_text(target, "first")
+    atomic_write_text(target, "second é")
+    assert target.read_text(encoding="utf-8") == "second é"
+    atomic_write_bytes(tmp_path / "b.bin", b"\x00\x01")
+    assert (tmp_path / "b.bin").read_bytes() == b"\x00\x01"
+    atomic_write_json(tmp_path / "c.json", {"x": [1, 2]}, indent=2)
+    assert (tmp_path / "c.json").read_text() == json.dumps({"x": [1, 2]}, indent=2)
+    assert sorted(os.listdir(tmp_path)) == ["a.txt", "b.bin", "c.json"]
+
+
+def test_failed_write_keeps_the_old_file(tmp_path):
+    target = tmp_path / "a.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_writer(target) as handle:
+        handle.write(b"half")
+        raise RuntimeError("killed")
+    assert target.read_text() == "old"
+    assert os.listdir(tmp_path) == ["a.txt"]
+    with pytest.raises(TypeError):
+        atomic_write_json(target, {"x": object()})
+    assert target.read_text() == "old"
+    assert os.listdir(tmp_path) == ["a.txt"]
+
+
+def test_publish_folder(tmp_path):
+    tmp, final = tmp_path / ".tmp-out", tmp_path / "out"
+    (tmp / "sub").mkdir(parents=True)
+    (tmp / "sub" / "f.txt").write_text("new")
+    fsync_tree(tmp)
+    final.mkdir()
+    (final / "stale.txt").write_text("stale")
+    publish_folder(tmp, final)
+    assert not tmp.exists()
+    assert (final / "sub" / "f.txt").read_text() == "new" and not (final / "stale.txt").exists()
+
+    tmp.mkdir()
+    (tmp / "g.txt").write_text("other")
+    with pytest.raises(FileExistsError):
+        publish_folder(tmp, final, replace=False)
+    assert (tmp / "g.txt").is_file() and (final / "sub" / "f.txt").is_file()
