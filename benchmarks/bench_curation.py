@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from imagebert_hf.curation import CurationConfig, Tally, parse_pages, run_local, synthetic
-from imagebert_hf.curation.sources import discover_sources, scan_source
+from imagebert_hf.curation.inputs import discover_sources, scan_source
 
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco_val2017_128"

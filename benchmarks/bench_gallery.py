@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--index_type", default="ivfpq", help="EmbeddingIndex type or faiss factory string")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    from imagebert_hf.data.retrieval import RetrievalCorpus, region_cache_lookup
+    from imagebert_hf.data.retrieval_corpus import RetrievalCorpus, region_cache_lookup
     from imagebert_hf.models.imagebert.retrieval_index import EmbeddingIndex
 
     model = tiny_cross_encoder()

@@ -25,7 +25,7 @@ import torch
 
 from imagebert_hf import ImageBERTConfig, ImageBERTForPreTraining
 from imagebert_hf.data.collator import DataCollatorForImageBERTPretraining
-from imagebert_hf.data.sources import MixtureSampler, PairSource, PretrainingPairDataset
+from imagebert_hf.data.pair_sources import MixtureSampler, PairSource, PretrainingPairDataset
 from imagebert_hf.data.synthetic import make_synthetic_tokenizer
 from imagebert_hf.training import build_optimizer
 

@@ -40,7 +40,7 @@ import torch
 from generated_regions import GeneratedExtractor, image_table
 
 from imagebert_hf.data.collator import DataCollatorForImageBERTPretraining
-from imagebert_hf.data.sources import MixtureSampler, PairSource, PretrainingPairDataset, open_region_store
+from imagebert_hf.data.pair_sources import MixtureSampler, PairSource, PretrainingPairDataset, open_region_store
 from imagebert_hf.regions.feature_cache import extract_regions, load_region_dataset
 
 
@@ -147,7 +147,7 @@ def main() -> None:
     torch.set_num_threads(1)
     from transformers import AutoTokenizer
 
-    from imagebert_hf.training.stages import resolve_pretrained
+    from imagebert_hf.training.pretraining import resolve_pretrained
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained("minilm"))
     print(f"one thread; {args.num_images} images, {FEATURE_SIZE}-d features, 12-100 regions (56 on average)")

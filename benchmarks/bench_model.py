@@ -21,7 +21,7 @@ import torch
 from transformers import BertConfig, BertModel, VisualBertConfig, VisualBertModel
 
 from imagebert_hf import ImageBERTConfig, ImageBERTModel
-from imagebert_hf.data.sources import group_by_length
+from imagebert_hf.data.pair_sources import group_by_length
 
 
 SIZES = {

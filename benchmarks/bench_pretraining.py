@@ -68,7 +68,7 @@ def worker(name: str, steps: int, warmup: int) -> None:
 
     from imagebert_hf import ImageBERTConfig, ImageBERTForPreTraining
     from imagebert_hf.data.collator import DataCollatorForImageBERTPretraining
-    from imagebert_hf.data.sources import MixtureSampler, PairSource, PretrainingPairDataset
+    from imagebert_hf.data.pair_sources import MixtureSampler, PairSource, PretrainingPairDataset
     from imagebert_hf.training import TrainState, build_accelerator, build_optimizer, build_scheduler, train_loop
     from imagebert_hf.training.loop import pretraining_loss_counts
 

@@ -65,7 +65,7 @@ def tiny_config(vocab_size: int, feature_size: int):
 
 
 def train(model, corpus, seconds: float, batch_size: int, learning_rate: float, seed: int) -> dict:
-    from imagebert_hf.data.retrieval import DataCollatorForImageTextRetrieval, RandomNegativeSampler
+    from imagebert_hf.data.retrieval_corpus import DataCollatorForImageTextRetrieval, RandomNegativeSampler
 
     collator = DataCollatorForImageTextRetrieval(corpus, RandomNegativeSampler(corpus, 3, "both", seed=seed))
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
@@ -110,11 +110,11 @@ def main() -> dict:
     args = parser.parse_args()
 
     from imagebert_hf import ImageBERTConfig, ImageBERTForImageTextRetrieval
-    from imagebert_hf.data.retrieval import RetrievalCorpus
+    from imagebert_hf.data.retrieval_corpus import RetrievalCorpus
     from imagebert_hf.data.synthetic import make_synthetic_examples, make_synthetic_tokenizer, synthetic_region_record
-    from imagebert_hf.evaluation.retrieval import retrieval_metrics
-    from imagebert_hf.evaluation.scoring import score_all_pairs
+    from imagebert_hf.evaluation.recall import retrieval_metrics
     from imagebert_hf.evaluation.shortlist import shortlist_rerank
+    from imagebert_hf.models.imagebert.retrieval_index import score_all_pairs
 
     torch.manual_seed(args.seed)
     report: dict = {"threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}

@@ -8,14 +8,14 @@
         --loss_weights binary=1 --output_dir outputs/flickr30k
 
 The fine-tuning itself (negatives, the contrastive loss of the shortlist heads, checkpoints, resumption, evaluation)
-is `imagebert_hf.training.retrieval`; this script only reads the flags.
+is `imagebert_hf.training.retrieval_finetuning`; this script only reads the flags.
 """
 
 from __future__ import annotations
 
 from transformers import HfArgumentParser
 
-from imagebert_hf.training.retrieval import RetrievalArguments, run_retrieval_finetuning
+from imagebert_hf.training.retrieval_finetuning import RetrievalArguments, run_retrieval_finetuning
 
 
 def main(argv: list[str] | None = None) -> dict:

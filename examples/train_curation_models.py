@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from transformers import HfArgumentParser
 
-from imagebert_hf.curation.training import (
+from imagebert_hf.curation.fitting import (
     graphic_statistics,
     load_captioned_images,
     ranking_accuracy,

@@ -149,7 +149,7 @@ def tiny_study_setup(tmp_path_factory):
     from transformers import AutoTokenizer
 
     from imagebert_hf import ImageBERTConfig, ImageBERTForPreTraining
-    from imagebert_hf.training.stages import resolve_pretrained
+    from imagebert_hf.training.pretraining import resolve_pretrained
 
     root = tmp_path_factory.mktemp("ablation")
     rng = np.random.default_rng(0)

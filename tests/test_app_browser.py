@@ -1,6 +1,6 @@
 """The retrieval app in a real headless Chromium: the page served on a loopback port and driven like a person would.
 
-Needs Debian's `chromium` and `chromium-driver` (the Makefile's setup installs them) and selenium (the `app` extra);
+Needs Debian's `chromium` and `chromium-driver` (the Makefile's setup installs them) and selenium (the `testing` extra);
 skips, saying which is missing, where they are absent.
 """
 
@@ -17,7 +17,7 @@ pytestmark = [require_module("gradio"), require_module("selenium")]
 
 
 def _chromium_or_skip():
-    from imagebert_hf.app.browser import find_chromium
+    from .browser_helpers import find_chromium
 
     if find_chromium() is None:
         pytest.skip("Chromium or chromedriver not found: apt-get install chromium chromium-driver (make setup does)")
@@ -27,7 +27,8 @@ def _chromium_or_skip():
 def served(tmp_path_factory):
     _chromium_or_skip()
     from imagebert_hf.app import build_app
-    from imagebert_hf.app.browser import open_chromium, open_page, serving
+
+    from .browser_helpers import open_chromium, open_page, serving
 
     demo = make_tiny_demo(tmp_path_factory.mktemp("browser-app"))
     driver = open_chromium()
@@ -41,7 +42,7 @@ def served(tmp_path_factory):
 
 
 def test_a_text_query_shows_the_gallery_in_score_order(served):
-    from imagebert_hf.app.browser import region_picture_shown, search, table_rows
+    from .browser_helpers import region_picture_shown, search, table_rows
 
     demo, driver = served
     captions = search(driver, QUERY, expect=5)
@@ -61,7 +62,7 @@ def test_a_text_query_shows_the_gallery_in_score_order(served):
 
 
 def test_an_uploaded_photo_gets_captions_and_its_region_picture(served):
-    from imagebert_hf.app.browser import region_picture_shown, show_tab, upload_photo, wait_for_captions_or_error
+    from .browser_helpers import region_picture_shown, show_tab, upload_photo, wait_for_captions_or_error
 
     demo, driver = served
     show_tab(driver, "Image")
@@ -75,7 +76,7 @@ def test_an_uploaded_photo_gets_captions_and_its_region_picture(served):
 
 
 def test_a_bad_upload_shows_a_readable_message(served, tmp_path):
-    from imagebert_hf.app.browser import error_text, show_tab, upload_photo, wait_for_captions_or_error, wait_until
+    from .browser_helpers import error_text, show_tab, upload_photo, wait_for_captions_or_error, wait_until
 
     _, driver = served
     show_tab(driver, "Image")
@@ -94,7 +95,7 @@ def test_a_bad_upload_shows_a_readable_message(served, tmp_path):
 
 
 def test_an_empty_query_shows_a_readable_message(served):
-    from imagebert_hf.app.browser import error_text, search, show_tab, wait_until
+    from .browser_helpers import error_text, search, show_tab, wait_until
 
     _, driver = served
     show_tab(driver, "Text")

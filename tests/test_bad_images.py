@@ -413,8 +413,8 @@ def png_bomb_12000(tmp_path_factory) -> Path:
 def _bomb_paths():
     """Every way a user hands us an image file or its bytes, and what each must answer."""
     from imagebert_hf.curation.config import ImageFilterConfig
+    from imagebert_hf.curation.fitting import photo_statistics
     from imagebert_hf.curation.image_filters import decode_image
-    from imagebert_hf.curation.training import photo_statistics
 
     def curation_stage(path):
         image, _, _, reason = decode_image(Path(path).read_bytes(), ImageFilterConfig())

@@ -10,7 +10,7 @@ import pytest
 
 from imagebert_hf.curation import synthetic
 from imagebert_hf.curation.config import ParseConfig
-from imagebert_hf.curation.sources import discover_sources, scan_source, warc_signature_problem
+from imagebert_hf.curation.inputs import discover_sources, scan_source, warc_signature_problem
 from imagebert_hf.curation.tally import KEPT, Tally
 from imagebert_hf.formats.manifest import ManifestError
 
@@ -87,7 +87,7 @@ BAD_CAPTION_LINES = [
 
 @pytest.mark.parametrize(("line", "field"), [c[1:] for c in BAD_CAPTION_LINES], ids=[c[0] for c in BAD_CAPTION_LINES])
 def test_malformed_training_captions_name_file_line_and_field(tmp_path, line, field):
-    from imagebert_hf.curation.training import load_captioned_images
+    from imagebert_hf.curation.fitting import load_captioned_images
 
     good = {"image": "a.jpg", "captions": ["A dog."], "split": "train"}
     (tmp_path / "captions.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(line) + "\n")
@@ -97,7 +97,7 @@ def test_malformed_training_captions_name_file_line_and_field(tmp_path, line, fi
 
 
 def test_training_captions_stay_lists_of_captions(tmp_path):
-    from imagebert_hf.curation.training import load_captioned_images
+    from imagebert_hf.curation.fitting import load_captioned_images
 
     lines = [
         {"image": "a.jpg", "captions": ["A dog.", "A pet."], "split": "train"},
@@ -111,7 +111,7 @@ def test_training_captions_stay_lists_of_captions(tmp_path):
 
 @pytest.mark.parametrize(("data", "named"), [(b"", "empty file"), (b"<html>", "not a recognised image format")])
 def test_photo_statistics_names_an_unusable_file(tmp_path, data, named):
-    from imagebert_hf.curation.training import photo_statistics
+    from imagebert_hf.curation.fitting import photo_statistics
 
     path = tmp_path / "x.jpg"
     path.write_bytes(data)

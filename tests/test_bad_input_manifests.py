@@ -129,7 +129,7 @@ def test_a_good_manifest_reads_with_boxes(tmp_path):
 
 
 def test_pretraining_sources_follow_outside_paths_only_with_the_option(tmp_path):
-    from imagebert_hf.data.sources import ManifestPairSource
+    from imagebert_hf.data.pair_sources import ManifestPairSource
 
     path = tmp_path / "data" / "captions.jsonl"
     path.parent.mkdir()

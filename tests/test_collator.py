@@ -242,7 +242,7 @@ def test_pad_to_multiple_never_exceeds_the_model_limits(tokenizer):
 
 
 def test_one_region_batch_for_processor_collator_and_corpus(tokenizer):
-    from imagebert_hf.data.retrieval import stack_region_records
+    from imagebert_hf.data.retrieval_corpus import stack_region_records
     from imagebert_hf.models.imagebert.region_batching import pad_region_records
 
     records = make_features(tokenizer, 4, num_classes=3)

@@ -28,8 +28,8 @@ from imagebert_hf.curation import (
     synthetic,
 )
 from imagebert_hf.curation.image_filters import STAT_NAMES, NudeNetDetector, get_natural_classifier
+from imagebert_hf.curation.inputs import ImageResolver, discover_sources, scan_source
 from imagebert_hf.curation.relevance import load_relevance_model, relevance_features
-from imagebert_hf.curation.sources import ImageResolver, discover_sources, scan_source
 from imagebert_hf.curation.tally import INPUT, KEPT, load_funnel
 
 from .testing_utils import COCO_DIR, FLICKR_DIR, require_module, require_shared_data
@@ -42,7 +42,7 @@ FILLER_TEXT = " ".join(synthetic.FILLER_PARAGRAPHS)
 
 def select_photos(n: int) -> list[tuple[bytes, list[str]]]:
     """COCO photos usable as known survivors: large enough and confidently natural."""
-    from imagebert_hf.curation.training import photo_statistics
+    from imagebert_hf.curation.fitting import photo_statistics
 
     classifier = get_natural_classifier("default")
     photos = []
@@ -236,7 +236,7 @@ def test_scan_reads_fsspec_urls_as_local_files(tmp_path, memory_fs):
 
 
 def test_images_next_to_a_page_url_are_read_and_kept_inside_its_folder(memory_fs):
-    from imagebert_hf.curation.sources import input_version, resolver_for
+    from imagebert_hf.curation.inputs import input_version, resolver_for
 
     memory_fs.pipe("/curation-test/site/page.html", b"<html></html>")
     memory_fs.pipe("/curation-test/site/page_files/cat.jpg", b"cat")
@@ -512,7 +512,7 @@ def test_relevance_threshold_drops_exactly_the_low_scores():
 def captioned(tmp_path_factory):
     if not (FLICKR_DIR / "captions.jsonl").is_file():
         pytest.skip("shared data not available")
-    from imagebert_hf.curation.training import load_captioned_images
+    from imagebert_hf.curation.fitting import load_captioned_images
 
     flickr = load_captioned_images(FLICKR_DIR, limit=400)
     coco = load_captioned_images(COCO_DIR)
@@ -521,8 +521,8 @@ def captioned(tmp_path_factory):
 
 @require_shared_data
 def test_train_relevance_model_on_shared_data(captioned, tmp_path):
+    from imagebert_hf.curation.fitting import ranking_accuracy, train_relevance_model
     from imagebert_hf.curation.linear import LinearModel
-    from imagebert_hf.curation.training import ranking_accuracy, train_relevance_model
 
     flickr, coco = captioned
     model = train_relevance_model(flickr)
@@ -536,7 +536,7 @@ def test_train_relevance_model_on_shared_data(captioned, tmp_path):
 
 @require_shared_data
 def test_train_natural_photo_model_on_shared_data(captioned):
-    from imagebert_hf.curation.training import graphic_statistics, train_natural_photo_model
+    from imagebert_hf.curation.fitting import graphic_statistics, train_natural_photo_model
 
     flickr, coco = captioned
     model = train_natural_photo_model(np.stack([x.stats for x in flickr]), graphic_statistics(120, seed=0))

@@ -10,8 +10,8 @@ import torch
 from imagebert_hf import ImageBERTConfig, ImageBERTForImageTextRetrieval
 from imagebert_hf.data.synthetic import make_synthetic_tokenizer
 from imagebert_hf.evaluation.full_ranking import EvaluationArguments, load_evaluation_corpus, run_retrieval_evaluation
-from imagebert_hf.evaluation.retrieval import retrieval_metrics
-from imagebert_hf.evaluation.scoring import score_all_pairs
+from imagebert_hf.evaluation.recall import retrieval_metrics
+from imagebert_hf.models.imagebert.retrieval_index import score_all_pairs
 
 from .testing_utils import PROJECT_ROOT, tiny_config_kwargs
 

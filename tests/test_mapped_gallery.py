@@ -7,16 +7,21 @@ import pytest
 import torch
 
 from imagebert_hf import ImageBERTConfig, ImageBERTForImageTextRetrieval
-from imagebert_hf.data.retrieval import (
+from imagebert_hf.data.retrieval_corpus import (
     DataCollatorForImageTextRetrieval,
     HardNegativeSampler,
     RetrievalCorpus,
     region_cache_lookup,
 )
 from imagebert_hf.data.synthetic import make_synthetic_tokenizer
-from imagebert_hf.evaluation.scoring import score_all_pairs, score_pairs
-from imagebert_hf.evaluation.shortlist import dual_encoder_scores, encode_images, shortlist_rerank
-from imagebert_hf.models.imagebert.retrieval_index import RegionBatches, gather_pair_inputs
+from imagebert_hf.evaluation.shortlist import dual_encoder_scores, shortlist_rerank
+from imagebert_hf.models.imagebert.retrieval_index import (
+    RegionBatches,
+    encode_images,
+    gather_pair_inputs,
+    score_all_pairs,
+    score_pairs,
+)
 from imagebert_hf.regions.feature_cache import load_region_cache
 
 from .test_region_cache_scale import FEATURES, build

@@ -24,7 +24,7 @@ from imagebert_hf.training import (
     recipe_from_dict,
     run_pretraining,
 )
-from imagebert_hf.training import stages as stages_module
+from imagebert_hf.training import pretraining as pretraining_module
 
 from .testing_utils import PROJECT_ROOT
 
@@ -295,7 +295,7 @@ def test_an_existing_run_needs_resume(reference_run):
 
 
 def test_failed_records_are_counted_and_stop_the_run_past_the_rate(tmp_path, monkeypatch):
-    original = stages_module.build_source
+    original = pretraining_module.build_source
 
     def lossy_source(spec, feature_size):
         source, store = original(spec, feature_size)
@@ -303,7 +303,7 @@ def test_failed_records_are_counted_and_stop_the_run_past_the_rate(tmp_path, mon
             store.pop(key)
         return source, store
 
-    monkeypatch.setattr(stages_module, "build_source", lossy_source)
+    monkeypatch.setattr(pretraining_module, "build_source", lossy_source)
     recipe = tiny_recipe(tmp_path / "strict", max_failure_rate=0.05, checkpointing_steps=None)
     with pytest.raises(TooManyFailedRecords, match=r"failed to load in stage 'noisy'.*max_failure_rate=5\.0%"):
         run_pretraining(recipe_from_dict(recipe))

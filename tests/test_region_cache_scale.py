@@ -278,7 +278,7 @@ def test_two_processes_on_each_of_two_machines_give_the_single_machine_cache(tmp
 def test_a_gallery_batch_equals_the_stacked_records_and_holds_no_features(tmp_path):
     import torch
 
-    from imagebert_hf.data.retrieval import stack_region_records
+    from imagebert_hf.data.retrieval_corpus import stack_region_records
 
     build(tmp_path)
     cache = load_region_cache(tmp_path)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from imagebert_hf import ImageBERTConfig, ImageBERTForImageTextRetrieval
-from imagebert_hf.data.retrieval import (
+from imagebert_hf.data.retrieval_corpus import (
     DataCollatorForImageTextRetrieval,
     HardNegativeSampler,
     RandomNegativeSampler,
@@ -19,7 +19,11 @@ from imagebert_hf.data.retrieval import (
     load_manifest_records,
 )
 from imagebert_hf.data.synthetic import make_synthetic_examples, make_synthetic_tokenizer, synthetic_region_record
-from imagebert_hf.training.retrieval import RetrievalTrainingModel, mine_contrastive_negatives, parse_loss_weights
+from imagebert_hf.training.retrieval_finetuning import (
+    RetrievalTrainingModel,
+    mine_contrastive_negatives,
+    parse_loss_weights,
+)
 
 from .testing_utils import FLICKR_DIR, PROJECT_ROOT, require_shared_data, tiny_config_kwargs
 
@@ -116,7 +120,7 @@ def test_hard_negatives_are_the_highest_scored_of_the_pool(corpus):
     sampler = HardNegativeSampler(corpus, num_negatives=2, pool_size=6, negative_type="text", model=model, seed=0)
     [kept] = sampler([0], seeds=[5])
     pool = RandomNegativeSampler(corpus, 6, "text", seed=0)([0], seeds=[5])[0]
-    from imagebert_hf.evaluation.scoring import score_pairs
+    from imagebert_hf.models.imagebert.retrieval_index import score_pairs
 
     scores = score_pairs(model, corpus.text_inputs, corpus.region_inputs, [p[0] for p in pool], [p[1] for p in pool])
     assert kept == [pool[i] for i in scores.topk(2).indices.tolist()]

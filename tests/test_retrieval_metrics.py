@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from imagebert_hf.evaluation.retrieval import format_metrics_table, retrieval_metrics, retrieval_ranks
+from imagebert_hf.evaluation.recall import format_metrics_table, retrieval_metrics, retrieval_ranks
 
 
 def test_perfect_and_reversed_one_caption_per_image():

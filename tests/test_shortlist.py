@@ -4,11 +4,17 @@ import pytest
 import torch
 
 from imagebert_hf import ImageBERTConfig, ImageBERTForImageTextRetrieval
-from imagebert_hf.data.retrieval import RetrievalCorpus
+from imagebert_hf.data.retrieval_corpus import RetrievalCorpus
 from imagebert_hf.data.synthetic import make_synthetic_examples, make_synthetic_tokenizer, synthetic_region_record
-from imagebert_hf.evaluation.retrieval import retrieval_metrics, retrieval_ranks
-from imagebert_hf.evaluation.scoring import score_all_pairs, score_pairs
-from imagebert_hf.evaluation.shortlist import EmbeddingIndex, encode_images, encode_texts, shortlist_rerank
+from imagebert_hf.evaluation.recall import retrieval_metrics, retrieval_ranks
+from imagebert_hf.evaluation.shortlist import shortlist_rerank
+from imagebert_hf.models.imagebert.retrieval_index import (
+    EmbeddingIndex,
+    encode_images,
+    encode_texts,
+    score_all_pairs,
+    score_pairs,
+)
 
 from .testing_utils import require_module, tiny_config_kwargs
 

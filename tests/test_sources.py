@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from imagebert_hf.data.collator import DataCollatorForImageBERTPretraining
-from imagebert_hf.data.sources import (
+from imagebert_hf.data.pair_sources import (
     DatasetPairSource,
     ManifestPairSource,
     MixtureSampler,
@@ -218,7 +218,7 @@ def test_failed_records_are_skipped_counted_and_warned(caplog):
     source, _, _ = _dataset()
     missing = source.image_keys()[0]
     _, dataset, tokenizer = _dataset(negative=0.0, drop=[missing])
-    with caplog.at_level(logging.WARNING, logger="imagebert_hf.data.sources"):
+    with caplog.at_level(logging.WARNING, logger="imagebert_hf.data.pair_sources"):
         items = [dataset[i] for i in range(len(dataset))]
     failed = [i for i, item in enumerate(items) if item is None]
     assert failed == [i for i, (key, _) in enumerate(source.pairs) if key == missing]
@@ -241,7 +241,7 @@ def test_real_manifests_give_the_documented_pairs():
 
 def test_manifest_pairs_find_their_regions_in_the_region_cache(tmp_path):
     from imagebert_hf import ImageBERTRoIExtractor
-    from imagebert_hf.data.sources import open_region_store
+    from imagebert_hf.data.pair_sources import open_region_store
     from imagebert_hf.regions.feature_cache import extract_regions
 
     manifest = write_synthetic_manifest(tmp_path / "shapes", 6, seed=0, image_size=64)
@@ -267,7 +267,7 @@ def test_training_reads_float16_caches_without_a_float32_copy(tmp_path):
     """`open_region_store` (what training opens) yields the stored float16 rows; the collated batch is the same as
     from the cache opened as float32."""
     from imagebert_hf import ImageBERTRoIExtractor
-    from imagebert_hf.data.sources import open_region_store
+    from imagebert_hf.data.pair_sources import open_region_store
     from imagebert_hf.regions.feature_cache import extract_regions, load_region_cache
 
     manifest = write_synthetic_manifest(tmp_path / "shapes", 4, seed=1, image_size=64)

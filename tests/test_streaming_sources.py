@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from imagebert_hf.data.sources import (
+from imagebert_hf.data.pair_sources import (
     DatasetStream,
     StreamingPretrainingDataset,
     WebDatasetPairSource,

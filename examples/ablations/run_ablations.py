@@ -123,7 +123,7 @@ def evaluate_model(model, args: AblationArguments, tokenizer, ways: tuple[str, .
     (unimodal heads alone), `"shortlist + re-rank"` (top `shortlist_k` of the heads, re-scored)."""
     import torch
 
-    from imagebert_hf.evaluation.retrieval import retrieval_metrics
+    from imagebert_hf.evaluation.recall import retrieval_metrics
     from imagebert_hf.evaluation.shortlist import dual_encoder_scores, shortlist_rerank
     from imagebert_hf.evaluation.zero_shot import chance_metrics, zero_shot_retrieval
 
@@ -161,7 +161,7 @@ def finetune(
     run_dir: Path,
     contrastive_trains_encoder: bool = True,
 ) -> dict:
-    from imagebert_hf.training.retrieval import RetrievalArguments, run_retrieval_finetuning
+    from imagebert_hf.training.retrieval_finetuning import RetrievalArguments, run_retrieval_finetuning
 
     if not Path(args.pretrained).is_dir():
         raise FileNotFoundError(
@@ -299,7 +299,7 @@ def pretraining_recipe(args: AblationArguments, variant: str, seed: int, run_dir
 def run_pretraining_variant(args: AblationArguments, variant: str, seed: int) -> dict:
     from imagebert_hf import ImageBERTForImageTextRetrieval
     from imagebert_hf.training import PretrainingRunOptions, run_pretraining
-    from imagebert_hf.training.stages import load_tokenizer
+    from imagebert_hf.training.pretraining import load_tokenizer
 
     # The 30-region MRFR run of the regions study is the clean-only run of the stages study.
     shared = "clean only" if variant == "30 regions, MRFR" else variant

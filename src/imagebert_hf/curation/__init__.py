@@ -16,11 +16,11 @@ from .config import (
     TextCleaningConfig,
 )
 from .image_filters import filter_images, image_statistics
+from .inputs import discover_sources, scan_source
 from .linear import LinearModel
 from .parse import parse_pages
 from .pipeline import CurationResult, load_curated, run_local
 from .relevance import relevance_features, score_relevance
-from .sources import discover_sources, scan_source
 from .tally import Tally, funnel_markdown, write_funnel_report
 from .text_cleaning import check_text, clean_texts
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..models.imagebert.configuration_imagebert import _check_field
+from ..models.imagebert.configuration_imagebert import check_field
 
 
 def _help(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
@@ -424,7 +424,7 @@ def check_stage_config(config: Any) -> None:
             if not value and f.name in _NON_EMPTY_LISTS:
                 raise ValueError(f"{name} must hold at least one entry, got an empty list.")
         else:
-            _check_field(name, value, annotation, *_RANGES.get(f.name, (None, None)))
+            check_field(name, value, annotation, *_RANGES.get(f.name, (None, None)))
     if isinstance(config, ParseConfig):
         unknown = sorted(set(config.text_sources) - set(TEXT_SOURCES))
         if unknown:

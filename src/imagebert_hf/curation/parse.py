@@ -20,7 +20,7 @@ from urllib.parse import urljoin
 from transformers.utils import logging
 
 from .config import ParseConfig
-from .sources import HTML_SUFFIXES, ImageResolver, resolver_for
+from .inputs import HTML_SUFFIXES, ImageResolver, resolver_for
 from .tally import INPUT, KEPT, Tally
 
 

@@ -21,9 +21,9 @@ from transformers.utils import logging
 from .aggregation import aggregate
 from .config import CurationConfig
 from .image_filters import ADDED_COLUMNS, filter_images
+from .inputs import PAGE_COLUMNS, discover_sources, is_url, scan_source
 from .parse import IMAGE_COLUMNS, parse_pages
 from .relevance import score_relevance
-from .sources import PAGE_COLUMNS, discover_sources, is_url, scan_source
 from .tally import Tally, write_funnel_report
 from .text_cleaning import PAIR_COLUMNS, clean_texts, text_key
 

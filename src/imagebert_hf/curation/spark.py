@@ -23,6 +23,7 @@ from transformers.utils import logging
 
 from .aggregation import aggregate_image_group, aggregate_text_group
 from .config import CurationConfig
+from .inputs import discover_sources
 from .pipeline import (
     COLUMN_TYPES,
     OUTPUT_COLUMNS,
@@ -35,7 +36,6 @@ from .pipeline import (
     load_curated,
     scan_sources,
 )
-from .sources import discover_sources
 from .tally import Tally
 from .text_cleaning import text_key
 

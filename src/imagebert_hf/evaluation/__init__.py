@@ -1,9 +1,11 @@
-"""Retrieval evaluation: recall@K, batched cross-encoder scoring, shortlist re-ranking and plots.
+"""Retrieval evaluation: recall@K, full ranking, shortlist re-ranking, zero-shot retrieval, plots and Hub cards.
 
-Only the metric is imported here; scoring, shortlisting (faiss) and plotting (matplotlib) load on first use.
+The scoring itself (the cross-encoder over pairs, the unimodal embeddings and the index) is
+`models/imagebert/retrieval_index.py`, shared with the pipeline. Only the metric is imported here; full ranking,
+shortlisting (faiss) and plotting (matplotlib) load on first use.
 """
 
-from .retrieval import DEFAULT_KS, format_metrics_table, recall_at_k, retrieval_metrics, retrieval_ranks
+from .recall import DEFAULT_KS, format_metrics_table, recall_at_k, retrieval_metrics, retrieval_ranks
 
 
 __all__ = ["DEFAULT_KS", "format_metrics_table", "recall_at_k", "retrieval_metrics", "retrieval_ranks"]

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from ..data.retrieval import RetrievalCorpus, load_karpathy_split, load_manifest_records, region_cache_lookup
+from ..data.retrieval_corpus import RetrievalCorpus, load_karpathy_split, load_manifest_records, region_cache_lookup
+from ..models.imagebert.retrieval_index import score_all_pairs
 from .plots import plot_recall_curves, plot_score_histograms
-from .retrieval import format_metrics_table, retrieval_metrics
-from .scoring import score_all_pairs
+from .recall import format_metrics_table, retrieval_metrics
 from .shortlist import ShortlistResult, shortlist_rerank
 
 

@@ -82,7 +82,7 @@ def eval_results_from_run(results: Sequence[Mapping[str, Any]]):
 
 
 def _results_table(results: Sequence[Mapping[str, Any]]) -> str:
-    from .retrieval import format_metrics_table
+    from .recall import format_metrics_table
 
     rows = {}
     for result in results:

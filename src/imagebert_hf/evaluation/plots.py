@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..formats.plotting import save_figure, subplots
-from .retrieval import retrieval_ranks
+from .recall import retrieval_ranks
 
 
 def plot_recall_curves(runs: Mapping[str, tuple], path: str | Path, max_k: int = 50, title: str | None = None) -> Path:

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 import torch
 
 from ..models.imagebert.retrieval_index import (
-    INDEX_TYPES,
     EmbeddingIndex,
     RegionBatches,
     encode_images,
@@ -122,12 +121,4 @@ def shortlist_rerank(
     return ShortlistResult(i2t_scores, t2i_scores, int(image_index.numel()), timings)
 
 
-__all__ = [
-    "INDEX_TYPES",
-    "EmbeddingIndex",
-    "ShortlistResult",
-    "dual_encoder_scores",
-    "encode_images",
-    "encode_texts",
-    "shortlist_rerank",
-]
+__all__ = ["ShortlistResult", "dual_encoder_scores", "shortlist_rerank"]

@@ -40,7 +40,7 @@ def manifest_retrieval_inputs(
             region cache (folder or `RegionCache`).
 
     Returns:
-        `(text_inputs, region_inputs, text_to_image)`, the inputs of `evaluation.scoring.score_all_pairs` and of
+        `(text_inputs, region_inputs, text_to_image)`, the inputs of `models.imagebert.retrieval_index.score_all_pairs` and of
         `evaluation.retrieval_metrics`.
     """
     if isinstance(region_cache, (str, Path)):
@@ -89,8 +89,8 @@ def zero_shot_retrieval(
     `region_inputs` is stacked or a `RegionGallery` (see `manifest_retrieval_inputs`)."""
     from tqdm.auto import tqdm
 
+    from ..models.imagebert.retrieval_index import score_all_pairs
     from . import retrieval_metrics
-    from .scoring import score_all_pairs
 
     if isinstance(model, (str, Path)):
         from ..models.imagebert.modeling_imagebert import ImageBERTForImageTextRetrieval

@@ -16,9 +16,9 @@ from .loop import (
     train_loop,
 )
 from .plots import plot_losses
+from .pretraining import PretrainingRunOptions, run_pretraining
 from .recipe import Recipe, RecipeError, load_recipe, recipe_from_dict
-from .retrieval import RetrievalArguments, RetrievalTrainingModel, run_retrieval_finetuning
-from .stages import PretrainingRunOptions, run_pretraining
+from .retrieval_finetuning import RetrievalArguments, RetrievalTrainingModel, run_retrieval_finetuning
 
 
 __all__ = [

@@ -316,19 +316,19 @@ def _stage(data: Any, where: str) -> StageSpec:
 def _check_model_config(config: dict[str, Any], where: str) -> None:
     """Types and ranges of the config fields a recipe sets (fields that must agree are checked when the model is
     made, since a text checkpoint may supply the rest)."""
-    from ..models.imagebert.configuration_imagebert import _FIELD_RULES, _check_field
+    from ..models.imagebert.configuration_imagebert import FIELD_RULES, check_field
 
     for name, value in config.items():
-        if name in _FIELD_RULES:
+        if name in FIELD_RULES:
             try:
-                _check_field(name, value, *_FIELD_RULES[name])
+                check_field(name, value, *FIELD_RULES[name])
             except (TypeError, ValueError) as error:
                 raise RecipeError(f"{where}.{error}") from None
 
 
 def check_source_paths(recipe: Recipe, where: str = "recipe") -> None:
     """Fails with a `RecipeError` naming the field when a source's data or region cache does not exist."""
-    from ..data.sources import _expand_urls
+    from ..data.pair_sources import expand_urls
 
     for i, stage in enumerate(recipe.stages):
         for j, spec in enumerate(stage.sources):
@@ -340,7 +340,7 @@ def check_source_paths(recipe: Recipe, where: str = "recipe") -> None:
                 raise RecipeError(f"{at}.path: {spec.path} is not a folder saved with Dataset.save_to_disk.")
             if spec.type == "webdataset" and not streamed:
                 try:
-                    _expand_urls(spec.path)
+                    expand_urls(spec.path)
                 except FileNotFoundError as error:
                     raise RecipeError(f"{at}.path: {error}") from None
             if spec.image_root is not None and not Path(spec.image_root).is_dir():

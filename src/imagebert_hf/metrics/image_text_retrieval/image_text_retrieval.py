@@ -4,7 +4,7 @@ import datasets
 import evaluate
 import numpy as np
 
-from imagebert_hf.evaluation.retrieval import retrieval_metrics
+from imagebert_hf.evaluation.recall import retrieval_metrics
 
 
 _DESCRIPTION = """

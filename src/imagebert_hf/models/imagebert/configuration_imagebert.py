@@ -211,14 +211,14 @@ class ImageBERTConfig(PreTrainedConfig):
     def _validate(self):
         """Checks every field's type and range, and the fields that must agree, naming the field."""
         if self.region_position_id is None:  # the default: the last row of the position table
-            _check_field(
-                "max_position_embeddings", self.max_position_embeddings, *_FIELD_RULES["max_position_embeddings"]
+            check_field(
+                "max_position_embeddings", self.max_position_embeddings, *FIELD_RULES["max_position_embeddings"]
             )
             self.region_position_id = self.max_position_embeddings - 1
-        for name, (kind, low, high) in _FIELD_RULES.items():
-            _check_field(name, getattr(self, name), kind, low, high)
+        for name, (kind, low, high) in FIELD_RULES.items():
+            check_field(name, getattr(self, name), kind, low, high)
         if self.pad_token_id is not None:
-            _check_field("pad_token_id", self.pad_token_id, "int", 0, self.vocab_size - 1)
+            check_field("pad_token_id", self.pad_token_id, "int", 0, self.vocab_size - 1)
         from transformers.activations import ACT2FN
 
         if not isinstance(self.hidden_act, str) or self.hidden_act not in ACT2FN:
@@ -242,7 +242,7 @@ class ImageBERTConfig(PreTrainedConfig):
                 f"{RETRIEVAL_LOSS_TYPES}."
             )
         for loss, weight in self.retrieval_loss_weights.items():
-            _check_field(f"retrieval_loss_weights[{loss!r}]", weight, "float", 0.0, None)
+            check_field(f"retrieval_loss_weights[{loss!r}]", weight, "float", 0.0, None)
         if not 0 <= self.region_position_id < self.max_position_embeddings:
             raise ValueError(
                 f"region_position_id must index the position table of max_position_embeddings="
@@ -261,7 +261,7 @@ class ImageBERTConfig(PreTrainedConfig):
 
 
 # field: (kind, lowest, highest), bounds inclusive (None: unbounded). "prob<1" is a float in [0, 1).
-_FIELD_RULES: dict[str, tuple[str, float | None, float | None]] = {
+FIELD_RULES: dict[str, tuple[str, float | None, float | None]] = {
     "vocab_size": ("int", 1, None),
     "hidden_size": ("int", 1, None),
     "num_hidden_layers": ("int", 1, None),
@@ -292,7 +292,14 @@ _FIELD_RULES: dict[str, tuple[str, float | None, float | None]] = {
 }
 
 
-def _check_field(name: str, value, kind: str, low, high) -> None:
+def check_field(name: str, value, kind: str, low, high) -> None:
+    """Raises `TypeError` / `ValueError`, naming `name`, unless `value` is of `kind` within `[low, high]`.
+
+    `kind` is `"bool"`, `"int"`, `"float"`, `"positive"` (a number > 0) or `"prob<1"` (a float in [0, 1)); `low`
+    and `high` are inclusive bounds, None for unbounded. `FIELD_RULES` gives `(kind, low, high)` for every numeric
+    and boolean field of `ImageBERTConfig`; recipes, the curation config and the extractor check their own values
+    with the same rules and messages.
+    """
     if kind == "bool":
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be true or false, got {value!r} ({type(value).__name__}).")
@@ -313,4 +320,4 @@ def _check_field(name: str, value, kind: str, low, high) -> None:
         raise ValueError(f"{name} must be {expected}, got {value!r}.")
 
 
-__all__ = ["ImageBERTConfig"]
+__all__ = ["FIELD_RULES", "ImageBERTConfig", "check_field"]

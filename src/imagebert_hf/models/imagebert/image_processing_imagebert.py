@@ -12,7 +12,7 @@ from transformers.image_processing_base import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.utils import logging
 
-from .configuration_imagebert import _check_field
+from .configuration_imagebert import check_field
 from .region_batching import pad_region_records
 from .roi_backends import BackboneBackend, DetectorBackend, PrecomputedBackend, RegionBackend
 from .roi_boxes import LOCATION_SIZES, as_boxes, box_locations, clip_boxes, grid_boxes
@@ -437,7 +437,7 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
         expected."""
         for name, (kind, low, high) in _SETTING_RULES.items():
             if name in settings:
-                _check_field(name, settings[name], kind, low, high)
+                check_field(name, settings[name], kind, low, high)
         if "size" in settings:
             size = settings["size"]
             layouts = ({"height", "width"}, {"shortest_edge"}, {"shortest_edge", "longest_edge"})
@@ -447,7 +447,7 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
                     f"got {size!r}."
                 )
             for key, value in size.items():
-                _check_field(f"size[{key!r}]", value, "int", 1, None)
+                check_field(f"size[{key!r}]", value, "int", 1, None)
             if size.get("longest_edge", size.get("shortest_edge", 0)) < size.get("shortest_edge", 0):
                 raise ValueError(f"size['longest_edge'] must be >= size['shortest_edge'], got {size!r}.")
         if "grid_sizes" in settings:
@@ -455,7 +455,7 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
             if not isinstance(grid, (list, tuple)) or not grid:
                 raise ValueError(f"grid_sizes must be a non-empty list of positive integers, got {grid!r}.")
             for i, n in enumerate(grid):
-                _check_field(f"grid_sizes[{i}]", n, "int", 1, None)
+                check_field(f"grid_sizes[{i}]", n, "int", 1, None)
         for name in ("image_mean", "image_std"):
             values = settings.get(name)
             if values is None:
@@ -463,7 +463,7 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
             if not isinstance(values, (list, tuple)) or len(values) != 3:
                 raise ValueError(f"{name} must be 3 numbers (one per RGB channel) or None, got {values!r}.")
             for i, value in enumerate(values):
-                _check_field(f"{name}[{i}]", value, "positive" if name == "image_std" else "float", None, None)
+                check_field(f"{name}[{i}]", value, "positive" if name == "image_std" else "float", None, None)
         for name in ("backbone_weights", "detector_weights"):
             weights = settings.get(name)
             # A weights file is opened when the backend is built (a saved folder's own weights take precedence).

@@ -1,7 +1,7 @@
 """The one retrieval engine: cross-encoder pair scoring, unimodal embeddings and an embedding search index.
 
 The retrieval pipeline, full-ranking and shortlist evaluation (`imagebert_hf.evaluation`) and hard-negative mining
-(`imagebert_hf.data.retrieval`) all go through these functions. The pipeline travels as remote code, so this file
+(`imagebert_hf.data.retrieval_corpus`) all go through these functions. The pipeline travels as remote code, so this file
 imports only torch, numpy and faiss (optional).
 
 A cross-encoder must see every pair it ranks, so scoring never re-tokenizes or re-extracts: texts are tokenized once

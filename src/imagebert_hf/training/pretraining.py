@@ -14,7 +14,7 @@ import torch
 from transformers.utils import logging
 
 from ..data.collator import DataCollatorForImageBERTPretraining
-from ..data.sources import (
+from ..data.pair_sources import (
     DatasetPairSource,
     DatasetStream,
     ManifestPairSource,

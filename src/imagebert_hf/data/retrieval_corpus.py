@@ -464,7 +464,7 @@ class HardNegativeSampler(RandomNegativeSampler):
     ) -> list[list[tuple[int, int]]]:
         if self.model is None:
             raise ValueError("HardNegativeSampler.model is not set: give it the model to mine with.")
-        from ..evaluation.scoring import score_pairs
+        from ..models.imagebert.retrieval_index import score_pairs
 
         generators = self._generators(len(positive_texts), seeds)
         pools = [self._draw(int(t), self.pool_size, g) for t, g in zip(positive_texts, generators)]
@@ -537,7 +537,7 @@ class DataCollatorForImageTextRetrieval:
             image_index += [image for image, _ in group]
             text_index += [negative_text for _, negative_text in group]
         group_size = 1 + self.sampler.num_negatives
-        from ..evaluation.scoring import gather_pair_inputs
+        from ..models.imagebert.retrieval_index import gather_pair_inputs
 
         batch = gather_pair_inputs(
             self.corpus.text_inputs,

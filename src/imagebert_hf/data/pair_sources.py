@@ -209,7 +209,7 @@ class WebDatasetPairSource(PairSource):
     """
 
     def __init__(self, urls: str | Sequence[str], name: str = "webdataset"):
-        self.urls = _expand_urls(urls)
+        self.urls = expand_urls(urls)
         self._shard_of: dict[str, str] = {}
         pairs = []
         for sample in _webdataset(self.urls):
@@ -251,7 +251,10 @@ def _is_remote(url: str) -> bool:
     return url.startswith("pipe:") or "://" in url
 
 
-def _expand_urls(urls: str | Sequence[str]) -> list[str]:
+def expand_urls(urls: str | Sequence[str]) -> list[str]:
+    """The webdataset shards `urls` names: a string is a brace pattern (`shards-{000..009}.tar`, expanded when
+    `braceexpand` is installed) or a local glob, a list is taken as it is. Raises `FileNotFoundError` when none is
+    found or a local one is missing (remote URLs are not checked)."""
     if isinstance(urls, str):
         import glob
 
@@ -305,7 +308,7 @@ class WebDatasetStream(StreamingPairSource):
     def __init__(
         self, urls: str | Sequence[str], name: str = "webdataset", shuffle_shards: bool = True, seed: int = 0
     ):
-        self.urls = _expand_urls(urls)
+        self.urls = expand_urls(urls)
         self.name = name
         self.shuffle_shards = shuffle_shards
         self.seed = seed
@@ -967,6 +970,7 @@ __all__ = [
     "WebDatasetPairSource",
     "WebDatasetStream",
     "build_region_store",
+    "expand_urls",
     "group_by_length",
     "open_region_store",
     "stable_seed",

@@ -1,7 +1,7 @@
 """Driving the app in a real headless Chromium (Selenium with the system `chromedriver`): what the browser tests do,
 and how the screenshots in docs/ are taken.
 
-    python -m imagebert_hf.app.browser --output_dir docs     # the `make demo` model, as `imagebert-app` serves it
+    python -m tests.browser_helpers --output_dir docs     # the `make demo` model, as `imagebert-app` serves it
 
 The browser is kept on the loopback interface: every host name other than 127.0.0.1 fails to resolve.
 """
@@ -66,7 +66,7 @@ def free_port() -> int:
 @contextlib.contextmanager
 def serving(blocks):
     """Serves a built app on a free loopback port for the duration of the block; yields its URL."""
-    from .ui import launch_app
+    from imagebert_hf.app.ui import launch_app
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     port = free_port()
@@ -230,8 +230,8 @@ def take_screenshots(blocks, demo, output_dir: str | os.PathLike, query: str, ph
 def main(argv: list[str] | None = None) -> None:
     from transformers import HfArgumentParser
 
-    from .cli import AppArguments, load_demo
-    from .ui import build_app
+    from imagebert_hf.app.cli import AppArguments, load_demo
+    from imagebert_hf.app.ui import build_app
 
     app_args, shot_args = HfArgumentParser((AppArguments, ScreenshotArguments)).parse_args_into_dataclasses(args=argv)
     demo = load_demo(app_args)

@@ -1,4 +1,4 @@
-"""Training the two small default models: the natural-photo classifier and the weak relevance model.
+"""Fitting the curation's two small filter models: the natural-photo classifier and the weak relevance model.
 
 Both train in seconds on CPU from a folder of captioned photos in the `captions.jsonl` layout of COCO/Flickr
 (`{"image": "images/x.jpg", "captions": [...]}` per line). examples/train_curation_models.py is the script.

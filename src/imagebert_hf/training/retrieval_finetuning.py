@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers.utils import ModelOutput
 
-from ..data.retrieval import (
+from ..data.retrieval_corpus import (
     DataCollatorForImageTextRetrieval,
     HardNegativeSampler,
     RandomNegativeSampler,
@@ -344,7 +344,7 @@ def load_model_and_tokenizer(args: RetrievalArguments, loss_weights: dict[str, f
 
 def evaluate(model, corpus: RetrievalCorpus, args: RetrievalArguments, output_dir: Path) -> dict:
     from ..evaluation.full_ranking import rank_corpus
-    from ..evaluation.retrieval import retrieval_metrics
+    from ..evaluation.recall import retrieval_metrics
 
     ranking = rank_corpus(model, corpus, args.eval_batch_size, args.eval_shortlist_k)
     results = {"full": retrieval_metrics(ranking.scores, corpus.text_to_image)}
@@ -364,7 +364,7 @@ def run_retrieval_finetuning(args: RetrievalArguments) -> dict:
     """
     from accelerate.utils import set_seed
 
-    from ..data.sources import MixtureSampler
+    from ..data.pair_sources import MixtureSampler
 
     output_dir = Path(args.output_dir)
     loss_weights = parse_loss_weights(args.loss_weights)
