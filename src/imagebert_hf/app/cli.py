@@ -16,6 +16,9 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
+from .engine import RetrievalDemo, read_gallery
+from .ui import build_app, launch_app
+
 
 DEMO_MODEL = Path("pretraining") / "stage2-clean" / "final"
 DEMO_GALLERY = Path("data") / "captions.jsonl"
@@ -80,10 +83,6 @@ def load_demo(args: AppArguments):
     import transformers
     from transformers import pipeline
 
-    import imagebert_hf  # noqa: F401  (registers the pipeline)
-
-    from .engine import RetrievalDemo, read_gallery
-
     model, gallery, split = args.model, args.gallery, args.split
     if model is None:
         model = str(ensure_demo_model(args.demo_dir))
@@ -94,7 +93,7 @@ def load_demo(args: AppArguments):
     # A pretraining checkpoint loads into the retrieval class without its pretraining heads; that report is expected.
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
-    try:
+    try:  # the task is registered when the package is imported (`imagebert_hf.register`)
         retriever = pipeline("image-text-retrieval", model=model, device=args.device)
     finally:
         transformers.logging.set_verbosity(verbosity)
@@ -106,7 +105,6 @@ def load_demo(args: AppArguments):
 def main(argv: list[str] | None = None) -> None:
     (args,) = HfArgumentParser(AppArguments).parse_args_into_dataclasses(args=argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    from .ui import build_app, launch_app
 
     demo = load_demo(args)
     launch_app(build_app(demo, top_k=args.top_k), server_name=args.host, server_port=args.port)

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
-from imagebert_hf import ImageLoadError, RegionExtractionError, load_image
-from imagebert_hf.formats.manifest import read_manifest
+from ..formats.manifest import read_manifest
+from ..models.imagebert.roi_image_loading import ImageLoadError, RegionExtractionError, load_image
 
 
 logger = logging.get_logger(__name__)

@@ -21,15 +21,9 @@ from .linear import LinearModel
 from .parse import parse_pages
 from .pipeline import CurationResult, load_curated, run_local
 from .relevance import relevance_features, score_relevance
+from .spark import run_spark
 from .tally import Tally, funnel_markdown, write_funnel_report
 from .text_cleaning import check_text, clean_texts
-
-
-def run_spark(*args, **kwargs):
-    """See `imagebert_hf.curation.spark.run_spark` (imported lazily: pyspark is optional)."""
-    from .spark import run_spark as _run_spark
-
-    return _run_spark(*args, **kwargs)
 
 
 __all__ = [

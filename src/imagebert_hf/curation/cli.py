@@ -17,6 +17,8 @@ import sys
 from dataclasses import dataclass, field
 
 from .config import STAGE_CLASSES, CurationConfig
+from .pipeline import run_local
+from .spark import local_spark_session, run_spark
 
 
 @dataclass
@@ -65,8 +67,6 @@ def main(argv: list[str] | None = None) -> int:
     run, config = parse_args(argv)
     logging.basicConfig(level=run.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if run.runner == "local":
-        from .pipeline import run_local
-
         result = run_local(
             run.inputs,
             run.output_dir,
@@ -76,8 +76,6 @@ def main(argv: list[str] | None = None) -> int:
             rows_per_shard=run.rows_per_shard,
         )
     elif run.runner == "spark":
-        from .spark import local_spark_session, run_spark
-
         spark = None
         if run.spark_master:
             spark = local_spark_session(run.spark_master)

@@ -22,7 +22,9 @@ import torch
 from transformers.utils import logging
 
 from ..formats.manifest import iter_manifest
+from ..regions.feature_cache import load_region_cache
 from .negatives import choose_negative
+from .synthetic import corrupt_captions, make_synthetic_examples, synthetic_region_record
 
 
 logger = logging.get_logger(__name__)
@@ -404,8 +406,6 @@ class SyntheticPairSource(PairSource):
         first_image: int = 0,
         name: str = "synthetic",
     ):
-        from .synthetic import corrupt_captions, make_synthetic_examples
-
         examples = make_synthetic_examples(first_image + num_images, seed, image_size, captions_per_image)
         self.examples = {example["image_id"]: example for example in examples[first_image:]}
         pairs = [(key, caption) for key, example in self.examples.items() for caption in example["captions"]]
@@ -417,8 +417,6 @@ class SyntheticPairSource(PairSource):
 
     def annotation_regions(self, feature_size: int) -> dict[str, dict]:
         """Region records made from the annotations (see `synthetic_region_record`), keyed like the pairs."""
-        from .synthetic import synthetic_region_record
-
         return {key: synthetic_region_record(example, feature_size) for key, example in self.examples.items()}
 
 
@@ -442,8 +440,6 @@ def _region_arrays(store: Mapping[str, dict], key: str, max_regions: int) -> dic
 
 def open_region_store(path: str | Path) -> Mapping[str, dict]:
     """Opens a region cache written by `extract_regions` as a mapping from image key to region record."""
-    from ..regions.feature_cache import load_region_cache
-
     # Stored dtype (float16 by default): the collator converts each row once, into the padded float32 batch.
     return load_region_cache(str(path), dtype=None)
 

@@ -22,7 +22,8 @@ import torch
 
 from ..formats.manifest import iter_manifest
 from ..models.imagebert.region_batching import pad_region_records
-from ..models.imagebert.retrieval_index import RegionBatches, is_region_batches
+from ..models.imagebert.retrieval_index import RegionBatches, gather_pair_inputs, is_region_batches, score_pairs
+from ..regions.feature_cache import load_region_cache
 
 
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
@@ -242,8 +243,6 @@ class RetrievalCorpus:
             tokenizer, max_text_length, max_regions, captions_per_image: as in `from_records`.
         """
         if isinstance(region_cache, (str, os.PathLike)):
-            from ..regions.feature_cache import load_region_cache
-
             region_cache = load_region_cache(region_cache)
         keys = [region_cache_key(region_cache, record) for record in records]
         gallery = region_cache.gallery(keys, max_regions)
@@ -464,7 +463,6 @@ class HardNegativeSampler(RandomNegativeSampler):
     ) -> list[list[tuple[int, int]]]:
         if self.model is None:
             raise ValueError("HardNegativeSampler.model is not set: give it the model to mine with.")
-        from ..models.imagebert.retrieval_index import score_pairs
 
         generators = self._generators(len(positive_texts), seeds)
         pools = [self._draw(int(t), self.pool_size, g) for t, g in zip(positive_texts, generators)]
@@ -537,7 +535,6 @@ class DataCollatorForImageTextRetrieval:
             image_index += [image for image, _ in group]
             text_index += [negative_text for _, negative_text in group]
         group_size = 1 + self.sampler.num_negatives
-        from ..models.imagebert.retrieval_index import gather_pair_inputs
 
         batch = gather_pair_inputs(
             self.corpus.text_inputs,

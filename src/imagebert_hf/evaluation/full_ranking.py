@@ -17,7 +17,11 @@ from pathlib import Path
 import torch
 
 from ..data.retrieval_corpus import RetrievalCorpus, load_karpathy_split, load_manifest_records, region_cache_lookup
+from ..data.synthetic import make_synthetic_examples, synthetic_region_record
+from ..models.imagebert.modeling_imagebert import ImageBERTForImageTextRetrieval
 from ..models.imagebert.retrieval_index import score_all_pairs
+from ..regions.feature_cache import load_region_cache
+from .hub import build_model_card
 from .plots import plot_recall_curves, plot_score_histograms
 from .recall import format_metrics_table, retrieval_metrics
 from .shortlist import ShortlistResult, shortlist_rerank
@@ -82,8 +86,6 @@ def load_evaluation_corpus(args: EvaluationArguments, tokenizer, config) -> Retr
     if args.corpus_cache and Path(args.corpus_cache).is_file():
         return RetrievalCorpus(**torch.load(args.corpus_cache, weights_only=False))
     if args.dataset == "synthetic":
-        from ..data.synthetic import make_synthetic_examples, synthetic_region_record
-
         # A seed the training script never uses for its images, so the evaluation set is held out.
         examples = make_synthetic_examples(args.synthetic_images, seed=1234, image_size=32)
         regions = [synthetic_region_record(example, config.region_feature_size) for example in examples]
@@ -101,7 +103,6 @@ def load_evaluation_corpus(args: EvaluationArguments, tokenizer, config) -> Retr
             records = load_manifest_records(args.manifest, args.split, args.max_images)
         else:
             raise ValueError(f"--dataset must be one of {DATASETS}, got {args.dataset!r}.")
-        from ..regions.feature_cache import load_region_cache
 
         cache = load_region_cache(args.region_cache)
         # The standard protocols use 5 captions per image (a few COCO images have 6 or 7).
@@ -182,8 +183,6 @@ def run_retrieval_evaluation(args: EvaluationArguments) -> dict:
     """
     from transformers import AutoTokenizer
 
-    from ..models.imagebert.modeling_imagebert import ImageBERTForImageTextRetrieval
-
     if args.model_name_or_path is None:
         raise ValueError("give --model_name_or_path (a retrieval or pretraining checkpoint).")
     output_dir = Path(args.output_dir)
@@ -230,8 +229,6 @@ def run_retrieval_evaluation(args: EvaluationArguments) -> dict:
     with open(output_dir / "results.json", "w", encoding="utf-8") as handle:
         json.dump({"model": args.model_name_or_path, "results": results}, handle, indent=1)
     if args.model_card:
-        from .hub import build_model_card
-
         card_results = [r for r in results if r["ranking"] == "full"]
         build_model_card(card_results, model_id=args.model_id, config=model.config).save(output_dir / "README.md")
     return {"results": results, "table": table}

@@ -16,6 +16,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..models.imagebert.pipeline_image_text_retrieval import ImageTextRetrievalPipeline, register_pipeline
+from .recall import format_metrics_table
+
 
 BASE_MODEL = "google-bert/bert-base-uncased"
 DEFAULT_TAGS = ("imagebert", "image-text-retrieval", "vision-language", "multimodal", "cross-encoder", "custom_code")
@@ -82,8 +85,6 @@ def eval_results_from_run(results: Sequence[Mapping[str, Any]]):
 
 
 def _results_table(results: Sequence[Mapping[str, Any]]) -> str:
-    from .recall import format_metrics_table
-
     rows = {}
     for result in results:
         name = result["dataset_name"] + (f" ({result['dataset_split']})" if result.get("dataset_split") else "")
@@ -183,8 +184,6 @@ def save_for_hub(model, processor, output_dir: str | os.PathLike, card=None) -> 
     retrieval pipeline's `custom_pipelines` entry, so `pipeline(model=repo, trust_remote_code=True)` needs no
     installed package, raw images included.
     """
-    from ..models.imagebert.pipeline_image_text_retrieval import ImageTextRetrievalPipeline, register_pipeline
-
     register_pipeline()
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

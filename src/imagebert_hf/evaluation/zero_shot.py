@@ -9,8 +9,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data.synthetic import chance_recall
 from ..formats.manifest import read_manifest
+from ..models.imagebert.modeling_imagebert import ImageBERTForImageTextRetrieval
 from ..models.imagebert.region_batching import pad_region_records
+from ..models.imagebert.retrieval_index import score_all_pairs
+from ..regions.feature_cache import load_region_cache
+from .recall import retrieval_metrics
 
 
 def manifest_retrieval_inputs(
@@ -44,8 +49,6 @@ def manifest_retrieval_inputs(
         `evaluation.retrieval_metrics`.
     """
     if isinstance(region_cache, (str, Path)):
-        from ..regions.feature_cache import load_region_cache
-
         region_cache = load_region_cache(region_cache)
     records = [r for r in read_manifest(manifest) if split is None or r.extra.get("split") == split]
     records = records[:max_images]
@@ -69,8 +72,6 @@ def manifest_retrieval_inputs(
 
 def chance_metrics(text_to_image: list[int], ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
     """Expected recall@K (in %) of a random ranking, with the same keys as `retrieval_metrics`."""
-    from ..data.synthetic import chance_recall
-
     num_images, num_texts = max(text_to_image) + 1, len(text_to_image)
     captions = np.bincount(text_to_image, minlength=num_images)
     metrics = {}
@@ -89,12 +90,7 @@ def zero_shot_retrieval(
     `region_inputs` is stacked or a `RegionGallery` (see `manifest_retrieval_inputs`)."""
     from tqdm.auto import tqdm
 
-    from ..models.imagebert.retrieval_index import score_all_pairs
-    from . import retrieval_metrics
-
     if isinstance(model, (str, Path)):
-        from ..models.imagebert.modeling_imagebert import ImageBERTForImageTextRetrieval
-
         model = ImageBERTForImageTextRetrieval.from_pretrained(str(model))
     num_images, num_texts = max(text_to_image) + 1, len(text_to_image)
     bar = tqdm(total=num_images * num_texts, desc="scoring pairs", unit="pair", disable=not progress)

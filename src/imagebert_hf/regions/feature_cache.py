@@ -35,7 +35,9 @@ from transformers.utils import logging
 
 from ..formats.files import atomic_write_json, atomic_write_text, atomic_writer, publish_folder
 from ..formats.manifest import iter_manifest
-from ..models.imagebert.region_batching import RegionRecord
+from ..models.imagebert.image_processing_imagebert import ImageBERTRoIExtractor
+from ..models.imagebert.region_batching import RegionRecord, as_feature_tensor, pad_region_records
+from ..models.imagebert.roi_boxes import as_boxes
 from ..models.imagebert.roi_image_loading import ImageLoadError, image_content_hash
 
 
@@ -97,8 +99,6 @@ def _manifest_items(
 
 def _dataset_items(dataset, image_column: str, key_column: str | None, boxes_column: str | None, box_format: str):
     from datasets import Image as ImageFeature
-
-    from ..models.imagebert.roi_boxes import as_boxes
 
     if isinstance(dataset.features.get(image_column), ImageFeature):
         # Undecoded, the column gives the file bytes: hashed as they are, decoded once by the extractor.
@@ -267,8 +267,6 @@ def _init_worker(extractor_dir: str, num_threads: int, devices) -> None:
     global _WORKER_EXTRACTOR
     import torch
 
-    from ..models.imagebert.image_processing_imagebert import ImageBERTRoIExtractor
-
     torch.set_num_threads(max(1, num_threads))
     # Worker k takes the k-th device from the queue, so N workers on N GPUs use one GPU each.
     device = devices.get() if devices is not None else None
@@ -287,8 +285,6 @@ def _worker_task(task: tuple[int, list[dict[str, Any]], str, int, bool, str]) ->
 
 
 def _resolve_extractor(extractor):
-    from ..models.imagebert.image_processing_imagebert import ImageBERTRoIExtractor
-
     if extractor is None:
         return ImageBERTRoIExtractor()
     if isinstance(extractor, (str, os.PathLike)):
@@ -712,8 +708,6 @@ def _half_to_float(values: np.ndarray) -> np.ndarray:
     """float16 -> float32 through torch's vectorised kernel: 20x numpy's `astype` on one core."""
     import torch
 
-    from ..models.imagebert.region_batching import as_feature_tensor
-
     return as_feature_tensor(values).to(torch.float32).numpy()
 
 
@@ -976,8 +970,6 @@ class RegionGallery:
         (`padding="max_length"` pads to `max_regions`)."""
         import warnings
 
-        from ..models.imagebert.region_batching import pad_region_records
-
         positions = np.arange(len(self))[indices] if isinstance(indices, slice) else np.asarray(indices).reshape(-1)
         features, locations = self.cache._lists["region_features"], self.cache._lists["region_locations"]
         records = [
@@ -1056,8 +1048,6 @@ def main(argv: Sequence[str] | None = None) -> CacheReport:
     machines wrote separate folders.
     """
     from transformers import HfArgumentParser
-
-    from ..models.imagebert.image_processing_imagebert import ImageBERTRoIExtractor
 
     (args,) = HfArgumentParser(ExtractRegionsArguments).parse_args_into_dataclasses(args=argv)
     if args.merge:

@@ -29,7 +29,11 @@ from ..data.pair_sources import (
     open_region_store,
     stable_seed,
 )
+from ..data.synthetic import make_synthetic_tokenizer
 from ..formats.files import publish_folder
+from ..models.imagebert.configuration_imagebert import ImageBERTConfig
+from ..models.imagebert.modeling_imagebert import ImageBERTForPreTraining
+from ..models.imagebert.processing_imagebert import ImageBERTProcessor
 from .checkpointing import (
     COMPLETE_FILE,
     TrainState,
@@ -96,17 +100,12 @@ def load_tokenizer(spec: ModelSpec):
             "recipe.model needs a tokenizer (or text_pretrained / init_from / processor to take it from)."
         )
     if name == "synthetic":
-        from ..data.synthetic import make_synthetic_tokenizer
-
         return make_synthetic_tokenizer()
     return AutoTokenizer.from_pretrained(resolve_pretrained(name))
 
 
 def build_model(spec: ModelSpec, tokenizer, init_from: str | Path | None = None):
     """The model a stage starts from: the previous stage's (`init_from`), else the recipe's init, else a fresh one."""
-    from ..models.imagebert.configuration_imagebert import ImageBERTConfig
-    from ..models.imagebert.modeling_imagebert import ImageBERTForPreTraining
-
     if init_from is not None or spec.init_from is not None:
         return ImageBERTForPreTraining.from_pretrained(str(init_from or resolve_pretrained(spec.init_from)))
     overrides = dict(spec.config)
@@ -301,8 +300,6 @@ def run_pretraining(recipe: Recipe, options: PretrainingRunOptions | None = None
     tokenizer = load_tokenizer(recipe.model)
     processor = None
     if recipe.model.processor is not None:
-        from ..models.imagebert.processing_imagebert import ImageBERTProcessor
-
         processor = ImageBERTProcessor.from_pretrained(recipe.model.processor)
 
     previous_final: Path | None = None

@@ -32,6 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..data.pair_sources import expand_urls
+from ..models.imagebert.configuration_imagebert import FIELD_RULES, check_field
+
 
 SOURCE_TYPES = ("manifest", "hf_dataset", "webdataset", "synthetic")
 LOSS_TASKS = ("mlm", "moc", "mrfr", "itm")
@@ -316,8 +319,6 @@ def _stage(data: Any, where: str) -> StageSpec:
 def _check_model_config(config: dict[str, Any], where: str) -> None:
     """Types and ranges of the config fields a recipe sets (fields that must agree are checked when the model is
     made, since a text checkpoint may supply the rest)."""
-    from ..models.imagebert.configuration_imagebert import FIELD_RULES, check_field
-
     for name, value in config.items():
         if name in FIELD_RULES:
             try:
@@ -328,8 +329,6 @@ def _check_model_config(config: dict[str, Any], where: str) -> None:
 
 def check_source_paths(recipe: Recipe, where: str = "recipe") -> None:
     """Fails with a `RecipeError` naming the field when a source's data or region cache does not exist."""
-    from ..data.pair_sources import expand_urls
-
     for i, stage in enumerate(recipe.stages):
         for j, spec in enumerate(stage.sources):
             at = f"{where}.stages[{i}].sources[{j}]"

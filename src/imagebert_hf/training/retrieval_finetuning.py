@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers.utils import ModelOutput
 
+from ..data.pair_sources import MixtureSampler
 from ..data.retrieval_corpus import (
     DataCollatorForImageTextRetrieval,
     HardNegativeSampler,
@@ -27,7 +28,13 @@ from ..data.retrieval_corpus import (
     load_manifest_records,
     region_cache_lookup,
 )
+from ..data.synthetic import make_synthetic_examples, make_synthetic_tokenizer, synthetic_region_record
+from ..evaluation.full_ranking import rank_corpus
+from ..evaluation.hub import push_to_hub
+from ..evaluation.recall import retrieval_metrics
 from ..formats.files import publish_folder
+from ..models.imagebert import ImageBERTConfig, ImageBERTForImageTextRetrieval
+from ..regions.feature_cache import load_region_cache
 from .checkpointing import (
     TrainState,
     latest_checkpoint,
@@ -264,8 +271,6 @@ class RetrievalTrainingModel(torch.nn.Module):
 def build_corpora(args: RetrievalArguments, tokenizer, config) -> tuple[RetrievalCorpus, RetrievalCorpus | None]:
     """The training corpus and the evaluation corpus (None when no evaluation split is asked for)."""
     if args.synthetic_images:
-        from ..data.synthetic import make_synthetic_examples, synthetic_region_record
-
         examples = make_synthetic_examples(args.synthetic_images + args.eval_images, seed=args.seed, image_size=32)
         regions = [synthetic_region_record(example, config.region_feature_size) for example in examples]
 
@@ -281,7 +286,6 @@ def build_corpora(args: RetrievalArguments, tokenizer, config) -> tuple[Retrieva
         raise ValueError("give --train_file (with --region_cache) or --synthetic_images.")
     if args.region_cache is None:
         raise ValueError("--train_file needs --region_cache: extract the regions once with imagebert-extract-regions.")
-    from ..regions.feature_cache import load_region_cache
 
     cache = load_region_cache(args.region_cache)
 
@@ -304,8 +308,6 @@ def build_corpora(args: RetrievalArguments, tokenizer, config) -> tuple[Retrieva
 
 
 def load_model_and_tokenizer(args: RetrievalArguments, loss_weights: dict[str, float]):
-    from ..models.imagebert import ImageBERTConfig, ImageBERTForImageTextRetrieval
-
     overrides = {"retrieval_loss_weights": loss_weights}
     if args.model_name_or_path is not None:
         from transformers import AutoTokenizer
@@ -322,7 +324,6 @@ def load_model_and_tokenizer(args: RetrievalArguments, loss_weights: dict[str, f
         return model, AutoTokenizer.from_pretrained(args.model_name_or_path), None
     if not args.synthetic_images:
         raise ValueError("--model_name_or_path is needed unless --synthetic_images builds a tiny model.")
-    from ..data.synthetic import make_synthetic_tokenizer
 
     tokenizer = make_synthetic_tokenizer()
     config = ImageBERTConfig(
@@ -343,9 +344,6 @@ def load_model_and_tokenizer(args: RetrievalArguments, loss_weights: dict[str, f
 
 
 def evaluate(model, corpus: RetrievalCorpus, args: RetrievalArguments, output_dir: Path) -> dict:
-    from ..evaluation.full_ranking import rank_corpus
-    from ..evaluation.recall import retrieval_metrics
-
     ranking = rank_corpus(model, corpus, args.eval_batch_size, args.eval_shortlist_k)
     results = {"full": retrieval_metrics(ranking.scores, corpus.text_to_image)}
     if ranking.shortlist is not None:
@@ -363,8 +361,6 @@ def run_retrieval_finetuning(args: RetrievalArguments) -> dict:
         `eval_shortlist_k`, of shortlist + re-rank).
     """
     from accelerate.utils import set_seed
-
-    from ..data.pair_sources import MixtureSampler
 
     output_dir = Path(args.output_dir)
     loss_weights = parse_loss_weights(args.loss_weights)
@@ -479,7 +475,6 @@ def run_retrieval_finetuning(args: RetrievalArguments) -> dict:
         if args.push_to_hub:
             if not args.hub_model_id or processor is None:
                 raise ValueError("--push_to_hub needs --hub_model_id and a checkpoint saved with its processor.")
-            from ..evaluation.hub import push_to_hub
 
             push_to_hub(model, processor, args.hub_model_id, results=None)
     accelerator.end_training()
