@@ -12,7 +12,7 @@ from PIL import Image
 
 from imagebert_hf.data.web_noise import WebNoise, noisy_caption, write_web_noisy_manifest
 
-from .testing_utils import PROJECT_ROOT, require_module, tiny_config_kwargs
+from .testing_utils import PROJECT_ROOT, require_module
 
 
 def _load(name: str):
@@ -143,12 +143,12 @@ def test_shipped_results_page_matches_its_run_files(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_study_setup(tmp_path_factory):
+def tiny_study_setup(make_tiny_config, tmp_path_factory):
     """A data folder in the layout of ../shared/data (6 + 2 generated photos), and a tiny pretrained folder with the
     MiniLM tokenizer and the extractor's feature size."""
     from transformers import AutoTokenizer
 
-    from imagebert_hf import ImageBERTConfig, ImageBERTForPreTraining
+    from imagebert_hf import ImageBERTForPreTraining
     from imagebert_hf.training.pretraining import resolve_pretrained
 
     root = tmp_path_factory.mktemp("ablation")
@@ -164,10 +164,13 @@ def tiny_study_setup(tmp_path_factory):
             lines.append({"image": name, "captions": captions, "split": "dev" if i >= 4 else "train"})
         _write_manifest(root / "data" / folder / "captions.jsonl", lines)
     tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained("minilm"))
-    config = ImageBERTConfig(
-        **tiny_config_kwargs(vocab_size=len(tokenizer), region_feature_size=1280, num_object_classes=1000,
-                             max_regions=30, max_text_length=32)
-    )  # fmt: skip
+    config = make_tiny_config(
+        vocab_size=len(tokenizer),
+        region_feature_size=1280,
+        num_object_classes=1000,
+        max_regions=30,
+        max_text_length=32,
+    )
     torch.manual_seed(0)
     ImageBERTForPreTraining(config).save_pretrained(root / "pretrained")
     tokenizer.save_pretrained(root / "pretrained")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from imagebert_hf import ImageBERTConfig, ImageBERTForImageTextRetrieval, ImageBERTProcessor, ImageBERTRoIExtractor
+from imagebert_hf import ImageBERTForImageTextRetrieval, ImageBERTProcessor
 from imagebert_hf.app.drawing import importance_colour, render_regions
 from imagebert_hf.app.engine import (
     AppInputError,
@@ -22,29 +22,23 @@ from imagebert_hf.app.engine import (
     read_gallery,
     region_labels,
 )
-from imagebert_hf.data.synthetic import make_synthetic_tokenizer, write_synthetic_manifest
+from imagebert_hf.data.synthetic import write_synthetic_manifest
 
 from .test_bad_images import png_header_only
-from .testing_utils import require_module, tiny_config_kwargs
+from .testing_utils import require_module
 
 
 QUERY = "a red circle to the left of a blue square"
 
 
-def make_tiny_app_files(folder):
-    """A tiny retrieval model folder (model + processor) and a 12-photo synthetic manifest under `folder`."""
-    tokenizer = make_synthetic_tokenizer()
+def make_tiny_app_files(folder, tokenizer, make_tiny_extractor, make_tiny_config):
+    """A tiny retrieval model folder (model + processor) and a 12-photo synthetic manifest under `folder` (the
+    other arguments are the conftest fixtures)."""
     # A randomly initialised test backbone with its 1000-way classifier: regions mean nothing, but carry classes.
-    extractor = ImageBERTRoIExtractor(
-        backbone_name="test_efficientnet",
-        backbone_weights=None,
-        size={"height": 64, "width": 64},
-        grid_sizes=[1, 2],
-        max_regions=6,
-    )
+    extractor = make_tiny_extractor(max_regions=6)
     sizes = {**extractor.config_kwargs(), "max_regions": 6}
     # A wide initialisation spreads the random scores apart, so that rankings are not ties.
-    config = ImageBERTConfig(**tiny_config_kwargs(vocab_size=len(tokenizer), initializer_range=0.5, **sizes))
+    config = make_tiny_config(vocab_size=len(tokenizer), initializer_range=0.5, **sizes)
     torch.manual_seed(0)
     model = ImageBERTForImageTextRetrieval(config)
     model_dir = folder / "model"
@@ -54,18 +48,18 @@ def make_tiny_app_files(folder):
     return model_dir, manifest
 
 
-def make_tiny_demo(folder, **kwargs) -> RetrievalDemo:
+def make_tiny_demo(folder, tokenizer, make_tiny_extractor, make_tiny_config, **kwargs) -> RetrievalDemo:
     from transformers import pipeline
 
-    model_dir, manifest = make_tiny_app_files(folder)
+    model_dir, manifest = make_tiny_app_files(folder, tokenizer, make_tiny_extractor, make_tiny_config)
     torch.manual_seed(0)
     retriever = pipeline("image-text-retrieval", model=str(model_dir), device=-1)
     return RetrievalDemo(retriever, read_gallery(manifest), **kwargs)
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    return make_tiny_demo(tmp_path_factory.mktemp("app"))
+def demo(tmp_path_factory, tokenizer, make_tiny_extractor, make_tiny_config):
+    return make_tiny_demo(tmp_path_factory.mktemp("app"), tokenizer, make_tiny_extractor, make_tiny_config)
 
 
 def test_read_gallery_from_a_manifest_and_a_folder(demo, tmp_path):

@@ -24,13 +24,13 @@ def _chromium_or_skip():
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tmp_path_factory, tokenizer, make_tiny_extractor, make_tiny_config):
     _chromium_or_skip()
     from imagebert_hf.app import build_app
 
     from .browser_helpers import open_chromium, open_page, serving
 
-    demo = make_tiny_demo(tmp_path_factory.mktemp("browser-app"))
+    demo = make_tiny_demo(tmp_path_factory.mktemp("browser-app"), tokenizer, make_tiny_extractor, make_tiny_config)
     driver = open_chromium()
     try:
         with serving(build_app(demo, top_k=5)) as url:

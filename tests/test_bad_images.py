@@ -339,15 +339,8 @@ def test_bombs_use_bounded_memory(corpus):
 
 
 @pytest.fixture(scope="module")
-def tiny_extractor():
-    return ImageBERTRoIExtractor(
-        backbone_name="test_efficientnet",
-        backbone_weights=None,
-        size={"height": 64, "width": 64},
-        grid_sizes=[1, 2],
-        max_regions=5,
-        return_class_probs=False,
-    )
+def tiny_extractor(make_tiny_extractor):
+    return make_tiny_extractor(max_regions=5, return_class_probs=False)
 
 
 def test_extractor_records_every_bad_input(corpus, tiny_extractor):

@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 
 from imagebert_hf.data.collator import DataCollatorForImageBERTPretraining
-from imagebert_hf.data.synthetic import make_synthetic_tokenizer
 
 
 @pytest.fixture(scope="module")
-def collator():
-    return DataCollatorForImageBERTPretraining(make_synthetic_tokenizer(), num_object_classes=24, seed=0)
+def collator(tokenizer):
+    return DataCollatorForImageBERTPretraining(tokenizer, num_object_classes=24, seed=0)
 
 
 def feature(collator, **changes) -> dict:
@@ -64,7 +63,7 @@ def test_good_labels_pass_unchanged(collator):
     assert batch["region_class_labels"][0].tolist() == [-100, 0, 23]
 
 
-def test_without_num_object_classes_labels_are_not_checked():
-    collator = DataCollatorForImageBERTPretraining(make_synthetic_tokenizer(), seed=0)
+def test_without_num_object_classes_labels_are_not_checked(tokenizer):
+    collator = DataCollatorForImageBERTPretraining(tokenizer, seed=0)
     batch = collator([feature(collator, region_class_labels=np.array([0, 999, 1]))])
     assert batch["region_class_labels"][0].tolist() == [0, 999, 1]

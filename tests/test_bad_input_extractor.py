@@ -11,14 +11,8 @@ from imagebert_hf import ImageBERTRoIExtractor
 from imagebert_hf.models.imagebert.roi_image_loading import RegionExtractionError
 
 
-TINY = {
-    "backbone_name": "test_efficientnet",
-    "backbone_weights": None,
-    "size": {"height": 64, "width": 64},
-    "grid_sizes": [1, 2],
-    "max_regions": 5,
-    "return_class_probs": False,
-}
+# On top of conftest's tiny extractor.
+SMALL = {"max_regions": 5, "return_class_probs": False}
 
 INT_SETTINGS = {
     "max_regions": 1,
@@ -72,9 +66,9 @@ _ids = [f"{name}={value!r}" for name, value, _ in SETTING_CASES]
 
 
 @pytest.mark.parametrize(("name", "value", "error"), SETTING_CASES, ids=_ids)
-def test_bad_setting_fails_at_construction_naming_it(name, value, error):
+def test_bad_setting_fails_at_construction_naming_it(make_tiny_extractor, name, value, error):
     with pytest.raises(error) as info:
-        ImageBERTRoIExtractor(**{**TINY, name: value})
+        make_tiny_extractor(**{**SMALL, name: value})
     assert name in str(info.value) and "got" in str(info.value), str(info.value)
 
 
@@ -86,8 +80,8 @@ CALL_CASES = [
 
 
 @pytest.fixture(scope="module")
-def extractor():
-    return ImageBERTRoIExtractor(**TINY)
+def extractor(make_tiny_extractor):
+    return make_tiny_extractor(**SMALL)
 
 
 @pytest.fixture(scope="module")
@@ -150,25 +144,25 @@ WEIGHTS_CASES = [
 
 
 @pytest.mark.parametrize(("data", "named"), [c[1:] for c in WEIGHTS_CASES], ids=[c[0] for c in WEIGHTS_CASES])
-def test_missing_or_damaged_weights_name_the_file_and_setting(tmp_path, image, data, named):
+def test_missing_or_damaged_weights_name_the_file_and_setting(make_tiny_extractor, tmp_path, image, data, named):
     path = tmp_path / "roi.safetensors"
     if data is not None:
         path.write_bytes(data)
-    extractor = ImageBERTRoIExtractor(**{**TINY, "backbone_weights": str(path)})
+    extractor = make_tiny_extractor(**SMALL, backbone_weights=str(path))
     with pytest.raises(ValueError) as info:
         extractor.extract(image)
     message = str(info.value)
     assert "backbone_weights" in message and str(path) in message and named in message, message
 
 
-def test_weights_of_another_model_name_the_file(tmp_path, image):
+def test_weights_of_another_model_name_the_file(make_tiny_extractor, tmp_path, image):
     import torch
     from safetensors.torch import save_file
 
     path = tmp_path / "other.safetensors"
     save_file({"fc.weight": torch.zeros(2, 2)}, str(path))
     with pytest.raises(ValueError, match=r"backbone_weights: cannot load weights file .*other\.safetensors"):
-        ImageBERTRoIExtractor(**{**TINY, "backbone_weights": str(path)}).extract(image)
+        make_tiny_extractor(**SMALL, backbone_weights=str(path)).extract(image)
 
 
 def test_a_saved_extractor_with_damaged_weights_names_the_file(tmp_path, extractor, image):

@@ -9,7 +9,6 @@ import pytest
 from PIL import Image
 
 from imagebert_hf import ImageBERTRoIExtractor
-from imagebert_hf.data.synthetic import make_synthetic_tokenizer
 from imagebert_hf.models.imagebert.processing_imagebert import ImageBERTProcessor
 
 
@@ -29,9 +28,9 @@ class _Regions(ImageBERTRoIExtractor):
 
 
 @pytest.fixture(scope="module")
-def processor():
+def processor(tokenizer):
     extractor = _Regions(backbone_name="test_efficientnet", backbone_weights=None, max_regions=4)
-    return ImageBERTProcessor(extractor, make_synthetic_tokenizer(), max_text_length=12, max_regions=4)
+    return ImageBERTProcessor(extractor, tokenizer, max_text_length=12, max_regions=4)
 
 
 def record(rows: int = 3, locations: int | None = None, **changes) -> dict:

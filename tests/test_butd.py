@@ -13,14 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-from imagebert_hf import ImageBERTConfig, ImageBERTForImageTextRetrieval, ImageBERTRoIExtractor
-from imagebert_hf.data.synthetic import make_synthetic_tokenizer
+from imagebert_hf import ImageBERTForImageTextRetrieval, ImageBERTRoIExtractor
 from imagebert_hf.models.imagebert import roi_butd
 from imagebert_hf.models.imagebert.processing_imagebert import ImageBERTProcessor, register_processing
 from imagebert_hf.models.imagebert.roi_backends import select_detections
 from imagebert_hf.models.imagebert.roi_butd import BUTDDetector, cell_anchors, decode_boxes, grid_anchors
 
-from .testing_utils import run_without_the_package, tiny_config_kwargs
+from .testing_utils import run_without_the_package
 
 
 # Small inputs keep the random-weight runs short: about 10 proposals on a 96-pixel image.
@@ -273,18 +272,19 @@ def test_extracted_records_have_the_model_fields(extractor):
     assert record["region_features"].shape == (3, 2048) and record["region_locations"].shape == (3, 5)
 
 
-def test_pipeline_with_the_butd_backend_saves_and_loads_as_remote_code(extractor, tmp_path):
+def test_pipeline_with_the_butd_backend_saves_and_loads_as_remote_code(
+    make_tiny_config, tokenizer, extractor, tmp_path
+):
     from transformers import pipeline
 
     from imagebert_hf.models.imagebert.pipeline_image_text_retrieval import register_pipeline
 
     register_processing()
     register_pipeline()
-    tokenizer = make_synthetic_tokenizer()
     butd = ImageBERTRoIExtractor(
         backend="butd", detector_weights=extractor.detector_weights, max_regions=10, region_location_size=7, **SMALL
     )
-    config = ImageBERTConfig(**tiny_config_kwargs(vocab_size=len(tokenizer), **butd.config_kwargs()))
+    config = make_tiny_config(vocab_size=len(tokenizer), **butd.config_kwargs())
     assert (config.region_feature_size, config.num_object_classes, config.region_location_size) == (2048, 1600, 7)
     torch.manual_seed(0)
     model = ImageBERTForImageTextRetrieval(config)

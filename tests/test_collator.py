@@ -3,15 +3,9 @@ import pytest
 import torch
 
 from imagebert_hf.data.collator import DataCollatorForImageBERTPretraining
-from imagebert_hf.data.synthetic import make_synthetic_tokenizer
 
 
 FEATURE_SIZE = 6
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return make_synthetic_tokenizer()
 
 
 def make_features(tokenizer, num_samples, num_regions=(3, 7), num_classes=None, seed=0, long_text=False):

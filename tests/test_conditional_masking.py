@@ -7,18 +7,12 @@ import torch
 
 from imagebert_hf import ImageBERTConfig, ImageBERTForPreTraining
 from imagebert_hf.data.collator import DataCollatorForImageBERTPretraining
-from imagebert_hf.data.synthetic import make_synthetic_tokenizer
 from imagebert_hf.training.loop import pretraining_loss_counts
 
 from .testing_utils import tiny_config_kwargs
 
 
 NUM_CLASSES = 5
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return make_synthetic_tokenizer()
 
 
 def _features(tokenizer, num_samples=24, seed=0):

@@ -7,28 +7,24 @@ import runpy
 import pytest
 import torch
 
-from imagebert_hf import ImageBERTConfig, ImageBERTForImageTextRetrieval
-from imagebert_hf.data.synthetic import make_synthetic_tokenizer
+from imagebert_hf import ImageBERTForImageTextRetrieval
 from imagebert_hf.evaluation.full_ranking import EvaluationArguments, load_evaluation_corpus, run_retrieval_evaluation
 from imagebert_hf.evaluation.recall import retrieval_metrics
 from imagebert_hf.models.imagebert.retrieval_index import score_all_pairs
 
-from .testing_utils import PROJECT_ROOT, tiny_config_kwargs
+from .testing_utils import PROJECT_ROOT
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def checkpoint(make_tiny_config, tokenizer, tmp_path_factory):
     folder = tmp_path_factory.mktemp("checkpoint")
-    tokenizer = make_synthetic_tokenizer()
     torch.manual_seed(0)
-    ImageBERTForImageTextRetrieval(ImageBERTConfig(**tiny_config_kwargs(vocab_size=len(tokenizer)))).save_pretrained(
-        folder
-    )
+    ImageBERTForImageTextRetrieval(make_tiny_config(vocab_size=len(tokenizer))).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
 
-def test_the_example_prints_and_writes_the_evaluation(checkpoint, tmp_path, capsys):
+def test_the_example_prints_and_writes_the_evaluation(tokenizer, checkpoint, tmp_path, capsys):
     main = runpy.run_path(str(PROJECT_ROOT / "examples" / "evaluate_retrieval.py"))["main"]
     flags = ["--model_name_or_path", str(checkpoint), "--dataset", "synthetic", "--synthetic_images", "12"]
     flags += ["--shortlist_k", "24", "--batch_size", "64", "--model_card", "--corpus_cache", str(tmp_path / "c.pt")]
@@ -49,7 +45,7 @@ def test_the_example_prints_and_writes_the_evaluation(checkpoint, tmp_path, caps
     # The metrics are those of the model on the held-out generated set, computed here on their own.
     model = ImageBERTForImageTextRetrieval.from_pretrained(checkpoint).eval()
     args = EvaluationArguments(output_dir=str(tmp_path), dataset="synthetic", synthetic_images=12)
-    corpus = load_evaluation_corpus(args, make_synthetic_tokenizer(), model.config)
+    corpus = load_evaluation_corpus(args, tokenizer, model.config)
     expected = retrieval_metrics(
         score_all_pairs(model, corpus.text_inputs, corpus.region_inputs), corpus.text_to_image
     )
@@ -66,9 +62,9 @@ def test_the_example_prints_and_writes_the_evaluation(checkpoint, tmp_path, caps
     assert [r["metrics"] for r in again["results"]] == [r["metrics"] for r in returned["results"]]
 
 
-def test_flags_that_are_missing_are_named(tmp_path):
+def test_flags_that_are_missing_are_named(make_tiny_config, tokenizer, tmp_path):
     with pytest.raises(ValueError, match="--model_name_or_path"):
         run_retrieval_evaluation(EvaluationArguments(output_dir=str(tmp_path)))
     args = EvaluationArguments(output_dir=str(tmp_path), dataset="coco", region_cache=str(tmp_path))
     with pytest.raises(ValueError, match="--dataset coco needs --karpathy_file"):
-        load_evaluation_corpus(args, make_synthetic_tokenizer(), ImageBERTConfig(**tiny_config_kwargs()))
+        load_evaluation_corpus(args, tokenizer, make_tiny_config())

@@ -17,14 +17,8 @@ ARRAYS = ("region_features", "region_boxes", "region_locations", "region_class_l
 
 
 @pytest.fixture(scope="module")
-def extractor():
-    return ImageBERTRoIExtractor(
-        backbone_name="test_efficientnet",
-        backbone_weights=None,
-        size={"height": 64, "width": 64},
-        grid_sizes=[1, 2],
-        max_regions=8,
-    )
+def extractor(make_tiny_extractor):
+    return make_tiny_extractor(max_regions=8)
 
 
 ROOT = {"image_root": COCO_DIR, "allow_outside_root": True}

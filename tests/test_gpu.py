@@ -6,7 +6,6 @@ import torch
 from imagebert_hf import ImageBERTConfig, ImageBERTForImageTextRetrieval, ImageBERTForPreTraining
 
 from .test_modeling_imagebert import ImageBERTModelTester
-from .testing_utils import tiny_config_kwargs
 
 
 pytestmark = [
@@ -20,9 +19,9 @@ def _batch(config, tester):
     return {**inputs, **tester.prepare_pretraining_targets(config, inputs)}
 
 
-def test_cuda_matches_cpu():
+def test_cuda_matches_cpu(make_tiny_config):
     tester = ImageBERTModelTester()
-    config = ImageBERTConfig(**tiny_config_kwargs())
+    config = make_tiny_config()
     torch.manual_seed(0)
     model = ImageBERTForPreTraining(config).eval()
     batch = _batch(config, tester)
@@ -34,9 +33,9 @@ def test_cuda_matches_cpu():
 
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
-def test_bf16_autocast_training_step(attn_implementation):
+def test_bf16_autocast_training_step(make_tiny_config, attn_implementation):
     tester = ImageBERTModelTester(batch_size=4)
-    config = ImageBERTConfig(**tiny_config_kwargs())
+    config = make_tiny_config()
     config._attn_implementation = attn_implementation
     torch.manual_seed(0)
     model = ImageBERTForPreTraining(config).cuda().train()

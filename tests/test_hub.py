@@ -5,11 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from imagebert_hf import ImageBERTConfig, ImageBERTForImageTextRetrieval
-from imagebert_hf.data.synthetic import make_synthetic_tokenizer
+from imagebert_hf import ImageBERTForImageTextRetrieval
 from imagebert_hf.evaluation.hub import build_model_card, eval_results_from_run, push_to_hub, save_for_hub
-
-from .testing_utils import tiny_config_kwargs
 
 
 RESULTS = [
@@ -55,15 +52,11 @@ class RecordingHub:
 
 
 @pytest.fixture(scope="module")
-def model_and_processor():
-    from imagebert_hf import ImageBERTRoIExtractor
+def model_and_processor(tokenizer, make_tiny_extractor, make_tiny_config):
     from imagebert_hf.models.imagebert.processing_imagebert import ImageBERTProcessor
 
-    tokenizer = make_synthetic_tokenizer()
-    extractor = ImageBERTRoIExtractor(
-        backbone_name="test_efficientnet", backbone_weights=None, size={"height": 64, "width": 64}, grid_sizes=[1]
-    )
-    config = ImageBERTConfig(**tiny_config_kwargs(vocab_size=len(tokenizer), **extractor.config_kwargs()))
+    extractor = make_tiny_extractor(grid_sizes=[1])
+    config = make_tiny_config(vocab_size=len(tokenizer), **extractor.config_kwargs())
     torch.manual_seed(0)
     return ImageBERTForImageTextRetrieval(config), ImageBERTProcessor.from_model_config(config, tokenizer, extractor)
 

@@ -6,14 +6,13 @@ import json
 import pytest
 import torch
 
-from imagebert_hf import ImageBERTConfig, ImageBERTForImageTextRetrieval
+from imagebert_hf import ImageBERTForImageTextRetrieval
 from imagebert_hf.data.retrieval_corpus import (
     DataCollatorForImageTextRetrieval,
     HardNegativeSampler,
     RetrievalCorpus,
     region_cache_lookup,
 )
-from imagebert_hf.data.synthetic import make_synthetic_tokenizer
 from imagebert_hf.evaluation.shortlist import dual_encoder_scores, shortlist_rerank
 from imagebert_hf.models.imagebert.retrieval_index import (
     RegionBatches,
@@ -25,7 +24,6 @@ from imagebert_hf.models.imagebert.retrieval_index import (
 from imagebert_hf.regions.feature_cache import load_region_cache
 
 from .test_region_cache_scale import FEATURES, build
-from .testing_utils import tiny_config_kwargs
 
 
 NUM_IMAGES, MAX_REGIONS = 9, 6
@@ -33,7 +31,7 @@ CAPTIONS = ["a red circle", "a blue square", "a green cross", "two yellow triang
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(make_tiny_config, tokenizer, tmp_path_factory):
     folder = tmp_path_factory.mktemp("region-cache")
     build(folder, num_images=NUM_IMAGES)  # float16 storage, 1 to 8 regions an image, 5 images a shard
     cache = load_region_cache(folder)
@@ -42,12 +40,11 @@ def setup(tmp_path_factory):
         {"image_id": f"img{i:05d}", "captions": [CAPTIONS[i % 5], CAPTIONS[(i + 2) % 5]]}
         for i in (4, 0, 8, 2, 7, 1, 6, 3, 5)
     ]
-    tokenizer = make_synthetic_tokenizer()
     stacked = RetrievalCorpus.from_records(
         records, tokenizer, region_cache_lookup(cache), max_text_length=16, max_regions=MAX_REGIONS
     )
     mapped = RetrievalCorpus.from_region_cache(records, folder, tokenizer, 16, MAX_REGIONS)
-    config = ImageBERTConfig(**tiny_config_kwargs(vocab_size=len(tokenizer), region_feature_size=FEATURES))
+    config = make_tiny_config(vocab_size=len(tokenizer), region_feature_size=FEATURES)
     torch.manual_seed(0)
     model = ImageBERTForImageTextRetrieval(config).eval()
     return model, stacked, mapped, folder, tokenizer

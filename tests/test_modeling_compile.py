@@ -79,9 +79,9 @@ def test_no_recompile_for_every_new_batch_length():
     assert counter.frame_count == 2
 
 
-def test_no_recompile_for_new_batch_sizes_with_mark_dynamic():
+def test_no_recompile_for_new_batch_sizes_with_mark_dynamic(make_tiny_config):
     counter = CompileCounterWithBackend("aot_eager")
-    config = ImageBERTConfig(**tiny_config_kwargs(num_hidden_layers=1))
+    config = make_tiny_config(num_hidden_layers=1)
     compiled = torch.compile(ImageBERTModel(config).eval(), fullgraph=True, backend=counter)
     for seed, (batch_size, text_length) in enumerate([(2, 7), (3, 9), (5, 6), (4, 11)]):
         tester = ImageBERTModelTester(batch_size=batch_size, text_length=text_length, seed=seed)

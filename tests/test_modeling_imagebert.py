@@ -622,15 +622,15 @@ def test_bad_retrieval_inputs(tester):
         model(**inputs, labels=torch.tensor([1, 0]))
 
 
-def test_bad_config_values():
+def test_bad_config_values(make_tiny_config):
     with pytest.raises(ValueError, match="moc_loss_type"):
-        ImageBERTConfig(**tiny_config_kwargs(moc_loss_type="mse"))
+        make_tiny_config(moc_loss_type="mse")
     with pytest.raises(ValueError, match="retrieval_loss_weights"):
-        ImageBERTConfig(**tiny_config_kwargs(retrieval_loss_weights={"hinge": 1.0}))
+        make_tiny_config(retrieval_loss_weights={"hinge": 1.0})
     with pytest.raises(ValueError, match="num_attention_heads"):
-        ImageBERTConfig(**tiny_config_kwargs(num_attention_heads=5))
+        make_tiny_config(num_attention_heads=5)
     with pytest.raises(ValueError, match="max_text_length"):
-        ImageBERTConfig(**tiny_config_kwargs(max_text_length=200))
+        make_tiny_config(max_text_length=200)
 
 
 # ----------------------------------------------------------------------------------------- attention backends
@@ -824,7 +824,7 @@ def test_minilm_loads_without_remapping_or_noise(capfd):
 # -------------------------------------------------------------------------------------------- config hygiene
 
 
-def test_old_configs_with_removed_fields_still_load(tester, tmp_path):
+def test_old_configs_with_removed_fields_still_load(make_tiny_config, tester, tmp_path):
     import json
 
     config = tester.get_config()
@@ -844,7 +844,7 @@ def test_old_configs_with_removed_fields_still_load(tester, tmp_path):
     for name in removed:
         assert not hasattr(loaded.config, name), name
     assert loaded.config.sparse_prediction is False
-    assert ImageBERTConfig(**tiny_config_kwargs(mlm_probability=0.3)).to_dict().get("mlm_probability") is None
+    assert make_tiny_config(mlm_probability=0.3).to_dict().get("mlm_probability") is None
 
 
 def test_sparse_prediction_is_not_saved(tester, tmp_path):

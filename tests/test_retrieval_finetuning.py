@@ -18,7 +18,7 @@ from imagebert_hf.data.retrieval_corpus import (
     load_karpathy_split,
     load_manifest_records,
 )
-from imagebert_hf.data.synthetic import make_synthetic_examples, make_synthetic_tokenizer, synthetic_region_record
+from imagebert_hf.data.synthetic import make_synthetic_examples, synthetic_region_record
 from imagebert_hf.training.retrieval_finetuning import (
     RetrievalTrainingModel,
     mine_contrastive_negatives,
@@ -40,8 +40,7 @@ def _load_example(name: str):
 
 
 @pytest.fixture(scope="module")
-def corpus():
-    tokenizer = make_synthetic_tokenizer()
+def corpus(tokenizer):
     examples = make_synthetic_examples(12, seed=1, image_size=32, captions_per_image=2)
     # Two images share a caption: neither may serve as the other's negative.
     examples[5]["captions"][0] = examples[4]["captions"][0]

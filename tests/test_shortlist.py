@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from imagebert_hf import ImageBERTConfig, ImageBERTForImageTextRetrieval
+from imagebert_hf import ImageBERTForImageTextRetrieval
 from imagebert_hf.data.retrieval_corpus import RetrievalCorpus
-from imagebert_hf.data.synthetic import make_synthetic_examples, make_synthetic_tokenizer, synthetic_region_record
+from imagebert_hf.data.synthetic import make_synthetic_examples, synthetic_region_record
 from imagebert_hf.evaluation.recall import retrieval_metrics, retrieval_ranks
 from imagebert_hf.evaluation.shortlist import shortlist_rerank
 from imagebert_hf.models.imagebert.retrieval_index import (
@@ -16,12 +16,11 @@ from imagebert_hf.models.imagebert.retrieval_index import (
     score_pairs,
 )
 
-from .testing_utils import require_module, tiny_config_kwargs
+from .testing_utils import require_module
 
 
 @pytest.fixture(scope="module")
-def setup():
-    tokenizer = make_synthetic_tokenizer()
+def setup(make_tiny_config, tokenizer):
     examples = make_synthetic_examples(10, seed=3, image_size=32, captions_per_image=2)
     regions = [synthetic_region_record(example, 24) for example in examples]
     # Uneven region counts, so that padding and per-batch trimming are exercised.
@@ -29,7 +28,7 @@ def setup():
     regions[3]["region_locations"] = regions[3]["region_locations"][:1]
     corpus = RetrievalCorpus.from_records(examples, tokenizer, regions, max_text_length=16)
     torch.manual_seed(0)
-    model = ImageBERTForImageTextRetrieval(ImageBERTConfig(**tiny_config_kwargs(vocab_size=len(tokenizer)))).eval()
+    model = ImageBERTForImageTextRetrieval(make_tiny_config(vocab_size=len(tokenizer))).eval()
     return model, corpus
 
 

@@ -239,17 +239,15 @@ def test_real_manifests_give_the_documented_pairs():
     assert coco.open_image(coco.image_keys()[0]).mode == "RGB"
 
 
-def test_manifest_pairs_find_their_regions_in_the_region_cache(tmp_path):
-    from imagebert_hf import ImageBERTRoIExtractor
+def test_manifest_pairs_find_their_regions_in_the_region_cache(tokenizer, make_tiny_extractor, tmp_path):
     from imagebert_hf.data.pair_sources import open_region_store
     from imagebert_hf.regions.feature_cache import extract_regions
 
     manifest = write_synthetic_manifest(tmp_path / "shapes", 6, seed=0, image_size=64)
     # Random weights keep the test fast; only the keys and shapes matter here.
-    extractor = ImageBERTRoIExtractor(backbone_weights=None, size={"height": 64, "width": 64}, grid_sizes=[1, 2])
+    extractor = make_tiny_extractor()
     extract_regions(manifest, tmp_path / "cache", extractor, store_class_probs=False, progress=False)
     source = ManifestPairSource(manifest)
-    tokenizer = make_synthetic_tokenizer()
     dataset = PretrainingPairDataset(
         [source], [open_region_store(tmp_path / "cache")], tokenizer, 16, 3, itm_negative_probability=0.0
     )
@@ -263,17 +261,15 @@ def test_manifest_pairs_find_their_regions_in_the_region_cache(tmp_path):
     assert batch["region_features"].shape == (len(items), 3, extractor.region_feature_size)
 
 
-def test_training_reads_float16_caches_without_a_float32_copy(tmp_path):
+def test_training_reads_float16_caches_without_a_float32_copy(tokenizer, make_tiny_extractor, tmp_path):
     """`open_region_store` (what training opens) yields the stored float16 rows; the collated batch is the same as
     from the cache opened as float32."""
-    from imagebert_hf import ImageBERTRoIExtractor
     from imagebert_hf.data.pair_sources import open_region_store
     from imagebert_hf.regions.feature_cache import extract_regions, load_region_cache
 
     manifest = write_synthetic_manifest(tmp_path / "shapes", 4, seed=1, image_size=64)
-    extractor = ImageBERTRoIExtractor(backbone_weights=None, size={"height": 64, "width": 64}, grid_sizes=[1, 2])
+    extractor = make_tiny_extractor()
     extract_regions(manifest, tmp_path / "cache", extractor, store_class_probs=False, progress=False)
-    tokenizer = make_synthetic_tokenizer()
     batches = []
     for store in (open_region_store(tmp_path / "cache"), load_region_cache(tmp_path / "cache", dtype="float32")):
         dataset = PretrainingPairDataset([ManifestPairSource(manifest)], [store], tokenizer, 16, 5)

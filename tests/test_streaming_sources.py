@@ -15,7 +15,7 @@ from imagebert_hf.data.pair_sources import (
     WebDatasetPairSource,
     WebDatasetStream,
 )
-from imagebert_hf.data.synthetic import make_synthetic_examples, make_synthetic_tokenizer
+from imagebert_hf.data.synthetic import make_synthetic_examples
 from imagebert_hf.regions.feature_cache import extract_regions, load_region_cache
 from imagebert_hf.training import RecipeError, recipe_from_dict, run_pretraining
 
@@ -94,13 +94,12 @@ def region_cache(shards, tmp_path_factory):
     return cache_dir
 
 
-def test_the_streaming_dataset_joins_regions_by_key_mixes_and_groups(shards, region_cache):
+def test_the_streaming_dataset_joins_regions_by_key_mixes_and_groups(tokenizer, shards, region_cache):
     folder, _ = shards
     cache = load_region_cache(region_cache)
     missing = {key: cache[key] for key in cache}
     dropped = sorted(missing)[0]
     del missing[dropped]  # one image without regions: its samples come as None
-    tokenizer = make_synthetic_tokenizer()
     dataset = StreamingPretrainingDataset(
         [WebDatasetStream(str(folder / "*.tar"), seed=0), WebDatasetStream(str(folder / "0000[01].tar"), seed=1)],
         [cache, missing],

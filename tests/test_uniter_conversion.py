@@ -178,11 +178,11 @@ def test_uniter_box_position_is_seven_dimensional():
         box_locations(boxes, 200, 100, size=6)
 
 
-def test_paper_defaults_are_unchanged_and_the_uniter_fields_are_checked():
+def test_paper_defaults_are_unchanged_and_the_uniter_fields_are_checked(make_tiny_config):
     config = ImageBERTConfig()
     assert (config.region_location_size, config.region_position_embedding) == (5, True)
     assert not config.region_projection_layer_norm and not config.separate_region_layer_norm
-    keys = set(ImageBERTModel(ImageBERTConfig(**tiny_config_kwargs())).state_dict())
+    keys = set(ImageBERTModel(make_tiny_config()).state_dict())
     assert not any("region_layer_norm" in key or "region_feature_layer_norm" in key for key in keys)
     with pytest.raises(ValueError, match="region_location_size must be one of"):
         ImageBERTConfig(region_location_size=6)

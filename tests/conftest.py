@@ -1,0 +1,50 @@
+"""Fixtures shared by the test files: the tiny offline extractor, the synthetic tokenizer and the tiny model config.
+
+Each builds in well under a second, offline: the extractor runs the randomly initialised `test_efficientnet`
+backbone, the tokenizer is the synthetic set's own word list, and the config is `testing_utils.tiny_config_kwargs`.
+The factories take keyword overrides, so a test states only what it changes.
+"""
+
+import pytest
+
+from imagebert_hf.data.synthetic import make_synthetic_tokenizer
+from imagebert_hf.models.imagebert.configuration_imagebert import ImageBERTConfig
+from imagebert_hf.models.imagebert.image_processing_imagebert import ImageBERTRoIExtractor
+
+from .testing_utils import tiny_config_kwargs
+
+
+# A randomly initialised test backbone at 64 x 64 with the whole image and a 2 x 2 grid as regions: the regions mean
+# nothing, which is all the tests that use it need.
+TINY_EXTRACTOR_KWARGS = {
+    "backbone_name": "test_efficientnet",
+    "backbone_weights": None,
+    "size": {"height": 64, "width": 64},
+    "grid_sizes": [1, 2],
+}
+
+
+@pytest.fixture(scope="session")
+def make_tiny_extractor():
+    """`make_tiny_extractor(**overrides)`: a new `ImageBERTRoIExtractor(**TINY_EXTRACTOR_KWARGS, **overrides)`."""
+
+    def make(**overrides) -> ImageBERTRoIExtractor:
+        return ImageBERTRoIExtractor(**{**TINY_EXTRACTOR_KWARGS, **overrides})
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The synthetic set's word-level BERT tokenizer (`make_synthetic_tokenizer`): every caption, no download."""
+    return make_synthetic_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def make_tiny_config():
+    """`make_tiny_config(**overrides)`: a new `ImageBERTConfig(**tiny_config_kwargs(**overrides))`."""
+
+    def make(**overrides) -> ImageBERTConfig:
+        return ImageBERTConfig(**tiny_config_kwargs(**overrides))
+
+    return make
