@@ -110,5 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     launch_app(build_app(demo, top_k=args.top_k), server_name=args.host, server_port=args.port)
 
 
+__all__ = ["AppArguments", "DEMO_GALLERY", "DEMO_MODEL", "ensure_demo_model", "find_demo_script", "load_demo", "main"]
+
+
 if __name__ == "__main__":
     main()

@@ -16,7 +16,6 @@ from .tally import INPUT, KEPT, Tally
 
 
 STAGE = "aggregation"
-KEY_COLUMNS = ("pair_id", "image_hash", "text_key", "relevance_score")
 
 
 def aggregate_text_group(rows: list[dict], config: AggregationConfig) -> tuple[list[dict], Tally]:
@@ -58,3 +57,6 @@ def aggregate(keys: list[dict], config: AggregationConfig) -> tuple[set[str], Ta
         tally.update(counts)
         kept_ids.update(row["pair_id"] for row in kept)
     return kept_ids, tally
+
+
+__all__ = ["STAGE", "aggregate", "aggregate_image_group", "aggregate_text_group"]

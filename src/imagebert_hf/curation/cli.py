@@ -95,5 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+__all__ = ["RunArguments", "main", "parse_args"]
+
+
 if __name__ == "__main__":
     sys.exit(main())

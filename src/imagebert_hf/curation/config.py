@@ -465,3 +465,15 @@ def _field_kinds(cls: type) -> dict[str, tuple[str, bool]]:
 def _is_import_path(value: str) -> bool:
     module, _, attr = value.partition(":")
     return bool(attr) and all(part.isidentifier() for part in module.split(".")) and attr.isidentifier()
+
+
+__all__ = [
+    "AggregationConfig",
+    "CurationConfig",
+    "ImageFilterConfig",
+    "ParseConfig",
+    "RelevanceConfig",
+    "STAGE_CLASSES",
+    "TextCleaningConfig",
+    "check_stage_config",
+]

@@ -119,3 +119,13 @@ def ranking_accuracy(model: LinearModel, images: list[CaptionedImage], seed: int
     p_true = model.predict_proba(relevance_features(texts, np.stack(stats_true)))
     p_other = model.predict_proba(relevance_features(texts, np.stack(stats_other)))
     return float(np.mean(p_true > p_other) + 0.5 * np.mean(p_true == p_other))
+
+
+__all__ = [
+    "graphic_statistics",
+    "load_captioned_images",
+    "photo_statistics",
+    "ranking_accuracy",
+    "train_natural_photo_model",
+    "train_relevance_model",
+]

@@ -284,3 +284,17 @@ def filter_images(batch: dict[str, list], config: ImageFilterConfig) -> tuple[di
         out["image_stats"].append([float(x) for x in stats[j]])
         tally.add(STAGE, "image", KEPT)
     return out, tally
+
+
+__all__ = [
+    "ADDED_COLUMNS",
+    "COLOUR_NAMES",
+    "NudeNetDetector",
+    "STAGE",
+    "STAT_NAMES",
+    "decode_image",
+    "filter_images",
+    "get_natural_classifier",
+    "image_statistics",
+    "load_packaged_model",
+]

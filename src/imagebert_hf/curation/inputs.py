@@ -456,3 +456,17 @@ def resolver_for(source: str, max_resyncs: int = 1000) -> ImageResolver:
     if source.lower().endswith(HTML_SUFFIXES):
         return UrlFolderImageResolver(source) if is_url(source) else FolderImageResolver(source)
     return _warc_resolver(source, input_version(source), max_resyncs)
+
+
+__all__ = [
+    "HTML_SUFFIXES",
+    "ImageResolver",
+    "PAGE_COLUMNS",
+    "Source",
+    "discover_sources",
+    "input_version",
+    "is_url",
+    "resolver_for",
+    "scan_source",
+    "warc_signature_problem",
+]

@@ -85,3 +85,6 @@ def fit_linear_model(
         intercept=float(clf.intercept_[0]),
         metadata=dict(metadata or {}),
     )
+
+
+__all__ = ["LinearModel", "fit_linear_model"]

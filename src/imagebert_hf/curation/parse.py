@@ -389,3 +389,6 @@ def parse_pages(
             for name in IMAGE_COLUMNS:
                 out[name].append(record[name])
     return out, tally
+
+
+__all__ = ["IMAGE_COLUMNS", "STAGE", "parse_pages"]

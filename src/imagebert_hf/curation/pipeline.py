@@ -272,3 +272,18 @@ def run_local(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return CurationResult(dataset=load_curated(output_dir), tally=tally, output_dir=output_dir)
+
+
+__all__ = [
+    "CurationResult",
+    "OUTPUT_COLUMNS",
+    "STAGES",
+    "Stage",
+    "TALLY",
+    "apply_stage",
+    "features_for",
+    "finalize_report",
+    "load_curated",
+    "run_local",
+    "scan_sources",
+]

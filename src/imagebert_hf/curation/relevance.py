@@ -361,3 +361,6 @@ def score_relevance(batch: dict[str, list], config: RelevanceConfig) -> tuple[di
         out["relevance_score"].append(float(score))
         tally.add(STAGE, "pair", KEPT)
     return out, tally
+
+
+__all__ = ["FEATURE_NAMES", "STAGE", "load_relevance_model", "relevance_features", "score_relevance"]

@@ -25,7 +25,6 @@ from .aggregation import aggregate_image_group, aggregate_text_group
 from .config import CurationConfig
 from .inputs import discover_sources
 from .pipeline import (
-    COLUMN_TYPES,
     OUTPUT_COLUMNS,
     STAGES,
     TALLY,
@@ -85,27 +84,6 @@ def _stage_partition(rows: Iterator[dict], stage: Stage, config: CurationConfig,
             buffer = []
     if buffer:
         yield from flush()
-
-
-def _spark_type(kind: str):
-    from pyspark.sql import types as T
-
-    simple = {
-        "string": T.StringType(),
-        "binary": T.BinaryType(),
-        "float64": T.DoubleType(),
-        "float32": T.FloatType(),
-        "int64": T.LongType(),
-    }
-    if kind.startswith("list<"):
-        return T.ArrayType(simple[kind[5:-1]])
-    return simple[kind]
-
-
-def output_schema():
-    from pyspark.sql import types as T
-
-    return T.StructType([T.StructField(name, _spark_type(COLUMN_TYPES[name])) for name in OUTPUT_COLUMNS])
 
 
 def _filesystem(url: str | Path):
@@ -312,3 +290,6 @@ def run_spark(
                 sorted(f"{output_url}/data/{Path(f).name}" for f in fs.glob(f"{root}/data/*.parquet"))
             )
     return CurationResult(dataset=dataset, tally=tally, output_dir=Path(root))
+
+
+__all__ = ["discover_inputs", "local_spark_session", "run_spark"]

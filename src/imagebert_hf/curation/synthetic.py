@@ -487,3 +487,18 @@ def build_corpus(out_dir: str | Path, photos: list[tuple[bytes, list[str]]], see
     ]
     inputs = sorted(str(p) for p in out_dir.glob("*.warc*")) + [str(site)]
     return {"inputs": inputs, "expected": expected, "rejected": rejected, "expected_reasons": expected_reasons}
+
+
+__all__ = [
+    "FILLER_PARAGRAPHS",
+    "GERMAN_PARAGRAPH",
+    "GRAPHIC_KINDS",
+    "PHOTOS_NEEDED",
+    "build_corpus",
+    "decompression_bomb_png",
+    "encode_image",
+    "graphic_image",
+    "page_html",
+    "web_sentences",
+    "write_warc",
+]

@@ -120,3 +120,6 @@ def load_funnel(output_dir: str | Path) -> Tally:
     for row in rows:
         tally.add(row["stage"], row["unit"], row["reason"], row["count"])
     return tally
+
+
+__all__ = ["INPUT", "KEPT", "Tally", "funnel_markdown", "load_funnel", "write_funnel_report"]

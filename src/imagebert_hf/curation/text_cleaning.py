@@ -186,3 +186,15 @@ def clean_texts(batch: dict[str, list], config: TextCleaningConfig) -> tuple[dic
         else:
             tally.drop(STAGE, "image", "no_clean_text")
     return out, tally
+
+
+__all__ = [
+    "PAIR_COLUMNS",
+    "STAGE",
+    "check_text",
+    "clean_texts",
+    "load_vocabulary",
+    "pair_id",
+    "rare_word_ratio",
+    "text_key",
+]

@@ -1,1 +1,3 @@
-"""Data for ImageBERT: pair sources, the region cache, the pretraining collator and the synthetic demo set."""
+"""Data for ImageBERT: pretraining pair sources and the collator, retrieval corpora, and the synthetic demo set."""
+
+__all__: list[str] = []  # nothing of its own: import the modules

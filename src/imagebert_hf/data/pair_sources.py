@@ -937,22 +937,6 @@ def stable_seed(*parts: Any) -> int:
     return zlib.crc32("\x1f".join(str(part) for part in parts).encode()) & 0x7FFFFFFF
 
 
-def build_region_store(
-    source: PairSource, extract: Callable[[list], list[dict]], batch_size: int = 8
-) -> dict[str, dict]:
-    """Runs `extract` (a list of PIL images -> list of region records) over a source's images, in memory.
-
-    For small sources (the demo, tests); large ones go through the region cache.
-    """
-    store = {}
-    keys = source.image_keys()
-    for start in range(0, len(keys), batch_size):
-        chunk = keys[start : start + batch_size]
-        for key, record in zip(chunk, extract([source.open_image(key) for key in chunk])):
-            store[key] = record
-    return store
-
-
 __all__ = [
     "DatasetPairSource",
     "DatasetStream",
@@ -965,7 +949,6 @@ __all__ = [
     "SyntheticPairSource",
     "WebDatasetPairSource",
     "WebDatasetStream",
-    "build_region_store",
     "expand_urls",
     "group_by_length",
     "open_region_store",

@@ -24,3 +24,6 @@ def save_figure(figure, path: str | Path, dpi: int = 100) -> Path:
     figure.tight_layout()
     figure.savefig(path, dpi=dpi)
     return path
+
+
+__all__ = ["save_figure", "subplots"]

@@ -1088,5 +1088,20 @@ def main(argv: Sequence[str] | None = None) -> CacheReport:
     return report
 
 
+__all__ = [
+    "CacheReport",
+    "ExtractRegionsArguments",
+    "RegionCache",
+    "RegionCacheError",
+    "RegionGallery",
+    "extract_regions",
+    "load_region_cache",
+    "load_region_dataset",
+    "main",
+    "merge_region_caches",
+    "shards_of",
+]
+
+
 if __name__ == "__main__":
     main()

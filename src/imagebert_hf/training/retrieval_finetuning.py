@@ -479,3 +479,12 @@ def run_retrieval_finetuning(args: RetrievalArguments) -> dict:
             push_to_hub(model, processor, args.hub_model_id, results=None)
     accelerator.end_training()
     return results
+
+
+__all__ = [
+    "RetrievalArguments",
+    "RetrievalTrainingModel",
+    "mine_contrastive_negatives",
+    "parse_loss_weights",
+    "run_retrieval_finetuning",
+]

@@ -58,3 +58,6 @@ class ImageTextRetrieval(evaluate.Metric):
         if scores.ndim != 2:
             raise ValueError("every prediction must hold one score per gallery image, the same number for all texts.")
         return retrieval_metrics(scores.T, np.asarray(references), num_folds=num_folds, ks=tuple(ks))
+
+
+__all__ = ["ImageTextRetrieval"]

@@ -18,3 +18,26 @@ from .modeling_imagebert import (
 )
 from .pipeline_image_text_retrieval import MODES, ImageTextRetrievalPipeline, RetrievalIndex, register_pipeline
 from .processing_imagebert import ImageBERTProcessor, check_processor_config, register_processing
+
+
+__all__ = [
+    "AutoModelForImageTextRetrieval",
+    "ImageBERTConfig",
+    "ImageBERTForImageTextRetrieval",
+    "ImageBERTForImageTextRetrievalOutput",
+    "ImageBERTForPreTraining",
+    "ImageBERTForPreTrainingOutput",
+    "ImageBERTModel",
+    "ImageBERTModelOutput",
+    "ImageBERTPreTrainedModel",
+    "ImageBERTProcessor",
+    "ImageBERTRoIExtractor",
+    "ImageTextRetrievalPipeline",
+    "MODES",
+    "RetrievalIndex",
+    "WEIGHTS_NAME",
+    "check_processor_config",
+    "check_region_sizes",
+    "register_pipeline",
+    "register_processing",
+]

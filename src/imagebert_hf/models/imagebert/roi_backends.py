@@ -457,3 +457,13 @@ class PrecomputedBackend(RegionBackend):
 
     def extract(self, images, boxes, settings):
         raise TypeError("precomputed regions are read by key, not computed from pixels")
+
+
+__all__ = [
+    "BackboneBackend",
+    "DetectorBackend",
+    "PrecomputedBackend",
+    "RegionBackend",
+    "load_state_dict_file",
+    "select_detections",
+]

@@ -99,3 +99,6 @@ def grid_boxes(width: int, height: int, grid_sizes: Sequence[int]) -> np.ndarray
 def scale_boxes(boxes: np.ndarray, scale_x: float, scale_y: float) -> np.ndarray:
     """Multiplies x coordinates by `scale_x` and y coordinates by `scale_y`."""
     return (boxes * np.array([scale_x, scale_y, scale_x, scale_y], dtype=np.float32)).astype(np.float32)
+
+
+__all__ = ["LOCATION_SIZES", "as_boxes", "box_locations", "clip_boxes", "grid_boxes", "scale_boxes"]

@@ -335,3 +335,18 @@ def image_content_hash(image: Any, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES)
     if isinstance(image, (bytes, bytearray, memoryview)):
         return sha1_hex(bytes(image))
     return load_image(image).image_id
+
+
+__all__ = [
+    "DEFAULT_MAX_ASPECT_RATIO",
+    "DEFAULT_MAX_DECODE_SIDE",
+    "DEFAULT_MAX_FILE_BYTES",
+    "DEFAULT_MAX_IMAGE_PIXELS",
+    "DEFAULT_MIN_IMAGE_SIDE",
+    "ImageLoadError",
+    "LoadedImage",
+    "RegionExtractionError",
+    "describe_source",
+    "image_content_hash",
+    "load_image",
+]

@@ -17,8 +17,6 @@ OFFLINE_BACKBONE_NAME = "tf_efficientnet_lite0"
 OFFLINE_WEIGHTS = "efficientnet_lite0_package"
 OFFLINE_FEATURE_SIZE = 1280
 OFFLINE_NUM_CLASSES = 1000
-OFFLINE_IMAGE_MEAN = (0.5, 0.5, 0.5)
-OFFLINE_IMAGE_STD = (0.5, 0.5, 0.5)
 
 _TOP_LEVEL = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
 # Inside a block: with an expansion conv (inverted residual) and without (the first, depthwise-separable block).
@@ -94,3 +92,12 @@ def offline_default_config_kwargs() -> dict[str, int]:
         ```
     """
     return {"region_feature_size": OFFLINE_FEATURE_SIZE, "num_object_classes": OFFLINE_NUM_CLASSES}
+
+
+__all__ = [
+    "OFFLINE_BACKBONE_NAME",
+    "OFFLINE_NUM_CLASSES",
+    "OFFLINE_WEIGHTS",
+    "load_efficientnet_lite0_state_dict",
+    "offline_default_config_kwargs",
+]

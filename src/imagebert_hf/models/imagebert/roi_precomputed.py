@@ -228,3 +228,6 @@ def write_tsv_regions(
                     )
                 row.append(value)
             writer.writerow(row)
+
+
+__all__ = ["LXMERT_TSV_FIELDS", "TsvRegionIndex", "read_npz_regions", "write_npz_regions", "write_tsv_regions"]
