@@ -13,6 +13,7 @@ read by its URL wherever it is parsed. `file://` URLs are read as the local path
 from __future__ import annotations
 
 import functools
+import glob
 import os
 import posixpath
 from collections.abc import Iterator
@@ -119,16 +120,10 @@ def _discover_url(url: str) -> list[Source]:
     return sources
 
 
-def discover_sources(inputs: list[str | os.PathLike]) -> list[Source]:
-    """Expands files and folders (local paths or fsspec URLs, see the module docstring) into a sorted list of
-    sources (sorting keeps reruns identical). In a folder, files named like WARCs or HTML pages are taken; a file
-    given by name is a WARC unless it is named like an HTML page."""
-    sources: list[Source] = []
-    for item in map(_local, inputs):
-        if is_url(item):
-            sources.extend(_discover_url(item))
-            continue
-        path = Path(item)
+def _local_sources(paths: list[Path], given: str) -> list[Source]:
+    """The sources of local files and folders (a folder: its WARC and HTML files, found recursively)."""
+    sources = []
+    for path in paths:
         if path.is_dir():
             for sub in sorted(p for p in path.rglob("*") if p.is_file()):
                 name = sub.name.lower()
@@ -141,7 +136,48 @@ def discover_sources(inputs: list[str | os.PathLike]) -> list[Source]:
         elif path.is_file():
             sources.append(Source("warc", str(path)))
         else:
+            raise FileNotFoundError(f"input not found: {path} (from {given})")
+    return sources
+
+
+def discover_sources(inputs: list[str | os.PathLike]) -> list[Source]:
+    """Expands files, folders and glob patterns (local paths or fsspec URLs, see the module docstring) into a sorted
+    list of sources (sorting keeps reruns identical). In a folder, files named like WARCs or HTML pages are taken; a
+    file given by name is a WARC unless it is named like an HTML page. A local pattern (`crawl/*.warc.gz`, quoted
+    so that the shell leaves it alone) is expanded here, like a URL's.
+
+    Raises:
+        TypeError: `inputs` is a single string rather than a list of them.
+        FileNotFoundError: an input (or a pattern's match) does not exist; the message names it.
+        ValueError: the inputs hold no WARC or HTML file at all.
+    """
+    if isinstance(inputs, (str, bytes, os.PathLike)):
+        raise TypeError(f"inputs must be a list of paths or URLs, got the single {type(inputs).__name__} {inputs!r}.")
+    inputs = list(inputs)
+    if not inputs:
+        raise ValueError("inputs is empty: give WARC files, HTML pages, folders or glob patterns.")
+    sources: list[Source] = []
+    for item in map(_local, inputs):
+        if not isinstance(item, str) or not item:
+            raise TypeError(f"every input must be a non-empty path or URL string, got {item!r}.")
+        if is_url(item):
+            sources.extend(_discover_url(item))
+            continue
+        if not os.path.exists(item) and any(char in item for char in "*?["):
+            matches = sorted(glob.glob(item, recursive=True))
+            if not matches:
+                raise FileNotFoundError(f"input not found: no file matches the pattern {item}")
+            sources.extend(_local_sources([Path(match) for match in matches], item))
+            continue
+        path = Path(item)
+        if not path.exists():
             raise FileNotFoundError(f"input not found: {item}")
+        sources.extend(_local_sources([path], item))
+    if not sources:
+        raise ValueError(
+            f"no WARC (.warc, .warc.gz) or HTML file in inputs {inputs}: a folder is searched for files with those "
+            "names."
+        )
     return sorted(set(sources), key=lambda s: (s.path, s.kind))
 
 

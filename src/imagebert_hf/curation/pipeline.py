@@ -8,7 +8,9 @@ state between processes and works the same in `datasets` workers and Spark execu
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import shutil
 import tempfile
 import uuid
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from transformers.utils import logging
 
+from ..formats.files import atomic_write_text, publish_folder
 from .aggregation import aggregate
 from .config import CurationConfig
 from .image_filters import ADDED_COLUMNS, filter_images
@@ -153,11 +156,19 @@ class CurationResult:
 
 
 def _write_parquet_shards(dataset, data_dir: Path, rows_per_shard: int) -> None:
-    data_dir.mkdir(parents=True, exist_ok=True)
-    n_shards = max(1, math.ceil(len(dataset) / rows_per_shard))
-    for index in range(n_shards):
-        shard = dataset.shard(n_shards, index, contiguous=True)
-        shard.to_parquet(str(data_dir / f"part-{index:05d}-of-{n_shards:05d}.parquet"))
+    """Writes the shards into a temporary folder next to `data_dir`, then publishes it in one rename: a run that
+    fails or is killed leaves the previous run's `data/` as it was."""
+    tmp = data_dir.with_name(f".{data_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    try:
+        n_shards = max(1, math.ceil(len(dataset) / rows_per_shard))
+        for index in range(n_shards):
+            shard = dataset.shard(n_shards, index, contiguous=True)
+            shard.to_parquet(str(tmp / f"part-{index:05d}-of-{n_shards:05d}.parquet"))
+        publish_folder(tmp, data_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def load_curated(output_dir: str | Path, cache_dir: str | None = None):
@@ -174,8 +185,15 @@ def load_curated(output_dir: str | Path, cache_dir: str | None = None):
 
 
 def finalize_report(tally: Tally, output_dir: Path, config: CurationConfig) -> None:
-    config.save(output_dir / "config.json")
+    atomic_write_text(output_dir / "config.json", json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
     write_funnel_report(tally, output_dir)
+
+
+def check_run_settings(num_proc, batch_size, rows_per_shard) -> None:
+    """The runner's counts must be positive integers (checked before anything is read or written)."""
+    for name, value in (("num_proc", num_proc), ("batch_size", batch_size), ("rows_per_shard", rows_per_shard)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
 
 def run_local(
@@ -204,6 +222,9 @@ def run_local(
 
     disable_progress_bars()
     config = config or CurationConfig()
+    if not isinstance(config, CurationConfig):
+        raise TypeError(f"config must be a CurationConfig, got {type(config).__name__}.")
+    check_run_settings(num_proc, batch_size, rows_per_shard)
     output_dir = str(output_dir).removeprefix("file://")
     if is_url(output_dir):
         raise ValueError(
@@ -211,10 +232,12 @@ def run_local(
             "with the Spark runner (run_spark, --runner spark), or copy the folder afterwards."
         )
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if (output_dir / "data").exists():
-        shutil.rmtree(output_dir / "data")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise NotADirectoryError(f"output_dir {output_dir} exists and is not a folder.")
+    # Every input is found before the output folder is touched: a missing input leaves an earlier run's output
+    # intact. The previous `data/` is replaced only once the new one is complete (one rename).
     sources = [s.to_dict() for s in discover_sources(inputs)]
+    output_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="curation-", dir=output_dir))
     try:
         ds = Dataset.from_generator(
@@ -281,6 +304,7 @@ __all__ = [
     "Stage",
     "TALLY",
     "apply_stage",
+    "check_run_settings",
     "features_for",
     "finalize_report",
     "load_curated",

@@ -19,12 +19,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers.utils import logging
 
 from ..formats.manifest import iter_manifest
 from ..models.imagebert.region_batching import pad_region_records
 from ..models.imagebert.retrieval_index import RegionBatches, gather_pair_inputs, is_region_batches, score_pairs
 from ..regions.feature_cache import load_region_cache
 
+
+logger = logging.get_logger(__name__)
 
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
 NEGATIVE_TYPES = ("text", "image", "both")
@@ -33,6 +36,12 @@ NEGATIVE_TYPES = ("text", "image", "both")
 # ------------------------------------------------------------------------------------------------------------------
 # Sources
 # ------------------------------------------------------------------------------------------------------------------
+
+
+def check_max_images(max_images) -> None:
+    """`max_images` must be None (every image) or a positive integer: 0 would evaluate nothing (or one image)."""
+    if max_images is not None and (isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1):
+        raise ValueError(f"max_images must be a positive integer or None (every image), got {max_images!r}.")
 
 
 def load_karpathy_split(
@@ -54,23 +63,37 @@ def load_karpathy_split(
     Returns:
         Records `{"image_id", "image" (path), "captions"}` in file order: the order the 1k folds are cut from.
     """
+    check_max_images(max_images)
     splits = (split,) if isinstance(split, str) else tuple(split)
     unknown = set(splits) - set(KARPATHY_SPLITS)
     if unknown:
         raise ValueError(f"unknown split(s) {sorted(unknown)}; the Karpathy files use {KARPATHY_SPLITS}.")
     path = Path(path)
-    with open(path, encoding="utf-8") as handle:
-        data = json.load(handle)
-    if "images" not in data:
+    if not path.is_file():
+        raise FileNotFoundError(f"karpathy_file {path} does not exist (expected dataset_coco.json or similar).")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not a Karpathy split file: not JSON ({error}).") from error
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise ValueError(f"{path} is not a Karpathy split file: it has no 'images' list.")
     root = Path(image_root) if image_root is not None else path.parent
     records = []
-    for entry in data["images"]:
-        if entry.get("split") not in splits:
+    for number, entry in enumerate(data["images"]):
+        if not isinstance(entry, dict) or entry.get("split") not in splits:
             continue
+        where = f"{path}: images[{number}]"
+        if not isinstance(entry.get("filename"), str) or not entry["filename"]:
+            raise ValueError(f"{where} has no 'filename' string, got {entry.get('filename')!r}.")
+        sentences = entry.get("sentences")
+        if not isinstance(sentences, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("raw"), str) for s in sentences
+        ):
+            raise ValueError(f"{where} ({entry['filename']}): 'sentences' must be a list of {{'raw': str}}.")
         relative = Path(entry.get("filepath", "")) / entry["filename"]
         image_id = entry.get("cocoid", entry.get("imgid", entry["filename"]))
-        captions = [sentence["raw"].strip() for sentence in entry["sentences"]]
+        captions = [sentence["raw"].strip() for sentence in sentences]
         records.append({"image_id": str(image_id), "image": str(root / relative), "captions": captions})
         if max_images is not None and len(records) >= max_images:
             break
@@ -97,6 +120,7 @@ def load_manifest_records(
         Records `{"image_id", "image" (resolved path), "manifest_image" (the path as written, the region cache
         key), "captions"}` in file order.
     """
+    check_max_images(max_images)
     records = []
     for record in iter_manifest(path, image_root):
         if split is not None and record.extra.get("split") != split:
@@ -122,6 +146,34 @@ def load_manifest_records(
 # ------------------------------------------------------------------------------------------------------------------
 # Corpus
 # ------------------------------------------------------------------------------------------------------------------
+
+
+def merge_duplicate_images(records: Sequence[Mapping]) -> list[Mapping]:
+    """Each image once: a record whose `image_id` came earlier has its captions added to the first record of that
+    id, with a warning naming the ids. An image listed twice would otherwise be two gallery items, each a wrong
+    answer for the other's captions, which lowers recall without a word."""
+    first: dict[str, int] = {}
+    merged: list[Mapping] = []
+    repeated: list[str] = []
+    for number, record in enumerate(records):
+        if not isinstance(record, Mapping) or "image_id" not in record or "captions" not in record:
+            raise ValueError(f"record {number} must be a dict with 'image_id' and 'captions', got {record!r:.200}.")
+        image_id = str(record["image_id"])
+        if image_id in first:
+            target = merged[first[image_id]]
+            target["captions"] = list(target["captions"]) + list(record["captions"])
+            repeated.append(image_id)
+        else:
+            first[image_id] = len(merged)
+            merged.append(dict(record))
+    if repeated:
+        logger.warning(
+            "%d record(s) repeat an image listed earlier (first: %r); their captions were merged into the first "
+            "record of that image, so each image is one gallery item.",
+            len(repeated),
+            repeated[0],
+        )
+    return merged
 
 
 def stack_region_records(records: Sequence[Mapping], max_regions: int | None = None) -> dict[str, torch.Tensor]:
@@ -186,6 +238,16 @@ class RetrievalCorpus:
         """
         if not records:
             raise ValueError("no records: a retrieval corpus needs at least one image with a caption.")
+        if is_region_batches(regions) or isinstance(regions, Sequence):
+            ids = [str(record["image_id"]) for record in records]
+            if len(set(ids)) != len(ids):
+                repeated = next(i for n, i in enumerate(ids) if i in ids[:n])
+                raise ValueError(
+                    f"image_id {repeated!r} is listed more than once, and the regions are aligned with the records: "
+                    "merge the records first (merge_duplicate_images) so that each image is one gallery item."
+                )
+        else:
+            records = merge_duplicate_images(records)
         image_ids, texts, text_to_image = [], [], []
         for index, record in enumerate(records):
             captions = list(record["captions"])[:captions_per_image]
@@ -244,6 +306,7 @@ class RetrievalCorpus:
         """
         if isinstance(region_cache, (str, os.PathLike)):
             region_cache = load_region_cache(region_cache)
+        records = merge_duplicate_images(records)
         keys = [region_cache_key(region_cache, record) for record in records]
         gallery = region_cache.gallery(keys, max_regions)
         return cls.from_records(records, tokenizer, gallery, max_text_length, None, captions_per_image)
@@ -561,8 +624,10 @@ __all__ = [
     "RandomNegativeSampler",
     "RetrievalCorpus",
     "RetrievalPairDataset",
+    "check_max_images",
     "load_karpathy_split",
     "load_manifest_records",
+    "merge_duplicate_images",
     "region_cache_key",
     "region_cache_lookup",
     "stack_region_records",

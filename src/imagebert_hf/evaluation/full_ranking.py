@@ -9,7 +9,9 @@ with `model_card`, a filled model card.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,10 +20,11 @@ import torch
 
 from ..data.retrieval_corpus import RetrievalCorpus, load_karpathy_split, load_manifest_records, region_cache_lookup
 from ..data.synthetic import make_synthetic_examples, synthetic_region_record
+from ..formats.files import atomic_write_bytes, atomic_write_json
 from ..models.imagebert.modeling_imagebert import ImageBERTForImageTextRetrieval
 from ..models.imagebert.retrieval_index import score_all_pairs
 from ..regions.feature_cache import load_region_cache
-from .hub import build_model_card
+from .hub import build_model_card, save_model_card
 from .plots import plot_recall_curves, plot_score_histograms
 from .recall import format_metrics_table, retrieval_metrics
 from .shortlist import ShortlistResult, shortlist_rerank
@@ -45,7 +48,11 @@ class EvaluationArguments:
     split: str = field(default="test", metadata={"help": "Split to evaluate."})
     region_cache: str | None = field(default=None, metadata={"help": "Region cache folder of the split's images."})
     corpus_cache: str | None = field(
-        default=None, metadata={"help": "A .pt file keeping the tokenized texts and stacked regions between runs."}
+        default=None,
+        metadata={
+            "help": "A file (safetensors) keeping the tokenized texts and stacked regions between runs; reused only "
+            "for the same dataset, split, records, tokenizer and region cache."
+        },
     )
     memory_mapped: bool = field(
         default=False,
@@ -64,6 +71,20 @@ class EvaluationArguments:
     model_card: bool = field(default=False, metadata={"help": "Write README.md, a model card with these results."})
     model_id: str = field(default="imagebert-base", metadata={"help": "Name of the model in the card."})
 
+    def __post_init__(self):
+        if self.dataset not in DATASETS:
+            raise ValueError(f"--dataset must be one of {DATASETS}, got {self.dataset!r}.")
+        for name in ("max_images", "shortlist_k"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"--{name} must be a positive integer or unset, got {value!r}.")
+        for name in ("batch_size", "synthetic_images"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{name} must be a positive integer, got {value!r}.")
+        if not isinstance(self.output_dir, str) or not self.output_dir:
+            raise ValueError(f"--output_dir must be a non-empty path, got {self.output_dir!r}.")
+
 
 def protocols(dataset: str, num_images: int) -> list[tuple[str, str | None, int]]:
     """(name, dataset_config, num_folds) of each standard protocol the split supports."""
@@ -76,35 +97,138 @@ def protocols(dataset: str, num_images: int) -> list[tuple[str, str | None, int]
     return [(dataset, None, 1)]
 
 
+CORPUS_CACHE_FORMAT = "imagebert-corpus-cache/1"
+
+
+class CorpusCacheError(ValueError):
+    """A `--corpus_cache` file that cannot be used: not a corpus cache, damaged, or built for another split."""
+
+
+def _split_records(args: EvaluationArguments, config) -> list[dict]:
+    """The split's image records (for `dataset=synthetic`, the generated examples), in evaluation order."""
+    if args.dataset == "synthetic":
+        # A seed the training script never uses for its images, so the evaluation set is held out.
+        return make_synthetic_examples(args.synthetic_images, seed=1234, image_size=32)
+    if args.dataset in ("coco", "flickr30k"):
+        if args.karpathy_file is None:
+            raise ValueError(f"--dataset {args.dataset} needs --karpathy_file.")
+        return load_karpathy_split(args.karpathy_file, args.split, args.image_root, args.max_images)
+    if args.manifest is None:
+        raise ValueError("--dataset manifest needs --manifest.")
+    return load_manifest_records(args.manifest, args.split, args.max_images)
+
+
+def corpus_fingerprint(args: EvaluationArguments, records, tokenizer, config, region_cache_fingerprint=None) -> dict:
+    """What a corpus cache is built from: the dataset, split and its records (ids and captions), the tokenizer,
+    the text and region limits and the region cache. Two runs share a cache only when all of these agree."""
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(json.dumps([str(record["image_id"]), list(record["captions"])]).encode() + b"\n")
+    return {
+        "dataset": args.dataset,
+        "split": args.split,
+        "num_images": len(records),
+        "records_sha256": digest.hexdigest(),
+        "tokenizer": f"{type(tokenizer).__name__}/{len(tokenizer)}",
+        "max_text_length": int(config.max_text_length),
+        "max_regions": int(config.max_regions),
+        "region_feature_size": int(config.region_feature_size),
+        "region_cache": region_cache_fingerprint,
+    }
+
+
+def save_corpus_cache(path: str | os.PathLike, corpus: RetrievalCorpus, fingerprint: dict) -> None:
+    """Writes a stacked corpus as one safetensors file (tensors, plus ids, captions and `fingerprint` as JSON
+    metadata), atomically: an interrupted write leaves the previous file."""
+    from safetensors.torch import save
+
+    tensors = {"text_to_image": corpus.text_to_image.contiguous()}
+    tensors.update({f"text_inputs.{k}": v.contiguous() for k, v in corpus.text_inputs.items()})
+    tensors.update({f"region_inputs.{k}": torch.as_tensor(v).contiguous() for k, v in corpus.region_inputs.items()})
+    metadata = {
+        "format": CORPUS_CACHE_FORMAT,
+        "fingerprint": json.dumps(fingerprint, sort_keys=True),
+        "image_ids": json.dumps(corpus.image_ids),
+        "texts": json.dumps(corpus.texts),
+    }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
+def load_corpus_cache(path: str | os.PathLike, fingerprint: dict) -> RetrievalCorpus:
+    """Reads a corpus cache written by `save_corpus_cache`, after checking it was built from `fingerprint`.
+
+    The file is a safetensors file (tensors and JSON): nothing in it can run code. A file in any other format (a
+    pickled `.pt` cache of an older version included) is refused, never unpickled.
+
+    Raises:
+        CorpusCacheError: the file is not a corpus cache, is damaged, or was built for another split, dataset,
+            tokenizer or region cache (the message names the settings that differ).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    path = Path(path)
+    data = path.read_bytes()
+    header_size = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    if not 2 <= header_size <= len(data) - 8 or data[8:9] != b"{":
+        raise CorpusCacheError(
+            f"--corpus_cache {path} is not a corpus cache written by this version (a safetensors file); got "
+            f"{len(data)} bytes starting with {data[:8]!r}. Older .pt caches were pickles, which are never loaded "
+            "(they can run code): delete the file and rerun, which rebuilds it."
+        )
+    try:
+        metadata = json.loads(data[8 : 8 + header_size]).get("__metadata__") or {}
+        tensors = load(data)
+        stored = json.loads(metadata["fingerprint"])
+        image_ids, texts = json.loads(metadata["image_ids"]), json.loads(metadata["texts"])
+    except (SafetensorError, ValueError, KeyError, TypeError) as error:
+        raise CorpusCacheError(
+            f"--corpus_cache {path} is damaged ({type(error).__name__}: {error}); delete it and rerun to rebuild it."
+        ) from error
+    if metadata.get("format") != CORPUS_CACHE_FORMAT:
+        raise CorpusCacheError(
+            f"--corpus_cache {path} has format {metadata.get('format')!r}, expected {CORPUS_CACHE_FORMAT!r}; delete "
+            "it and rerun to rebuild it."
+        )
+    if stored != fingerprint:
+        differs = {key: (stored.get(key), value) for key, value in fingerprint.items() if stored.get(key) != value}
+        described = "; ".join(f"{key}: cache {old!r}, this run {new!r}" for key, (old, new) in differs.items())
+        raise CorpusCacheError(
+            f"--corpus_cache {path} was built from other data or settings ({described}); give another "
+            "--corpus_cache path for this run, or delete the file to rebuild it."
+        )
+    text_to_image = tensors.get("text_to_image")
+    if text_to_image is None or len(image_ids) != fingerprint["num_images"] or text_to_image.numel() != len(texts):
+        raise CorpusCacheError(f"--corpus_cache {path} is damaged (its ids, captions and tensors disagree).")
+    return RetrievalCorpus(
+        image_ids=image_ids,
+        texts=texts,
+        text_to_image=text_to_image,
+        text_inputs={k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("text_inputs.")},
+        region_inputs={k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("region_inputs.")},
+    )
+
+
 def load_evaluation_corpus(args: EvaluationArguments, tokenizer, config) -> RetrievalCorpus:
-    """The split's tokenized texts and padded regions (from `args.corpus_cache` when it exists, and kept there)."""
+    """The split's tokenized texts and padded regions (from `args.corpus_cache` when it exists and was built from
+    the same split and settings, and kept there otherwise)."""
     if args.memory_mapped and (args.corpus_cache or args.dataset == "synthetic"):
         raise ValueError(
             "--memory_mapped reads the regions from --region_cache: it goes with neither --corpus_cache (which "
             "stores stacked regions) nor --dataset synthetic (which has no region cache)."
         )
+    if args.dataset != "synthetic" and args.region_cache is None:
+        raise ValueError("give --region_cache (extract the regions once with imagebert-extract-regions).")
+    records = _split_records(args, config)
+    cache = None if args.dataset == "synthetic" else load_region_cache(args.region_cache)
+    fingerprint = corpus_fingerprint(args, records, tokenizer, config, cache and cache.info.get("fingerprint"))
     if args.corpus_cache and Path(args.corpus_cache).is_file():
-        return RetrievalCorpus(**torch.load(args.corpus_cache, weights_only=False))
+        return load_corpus_cache(args.corpus_cache, fingerprint)
     if args.dataset == "synthetic":
-        # A seed the training script never uses for its images, so the evaluation set is held out.
-        examples = make_synthetic_examples(args.synthetic_images, seed=1234, image_size=32)
-        regions = [synthetic_region_record(example, config.region_feature_size) for example in examples]
-        corpus = RetrievalCorpus.from_records(examples, tokenizer, regions, config.max_text_length, config.max_regions)
+        regions = [synthetic_region_record(example, config.region_feature_size) for example in records]
+        corpus = RetrievalCorpus.from_records(records, tokenizer, regions, config.max_text_length, config.max_regions)
     else:
-        if args.region_cache is None:
-            raise ValueError("give --region_cache (extract the regions once with imagebert-extract-regions).")
-        if args.dataset in ("coco", "flickr30k"):
-            if args.karpathy_file is None:
-                raise ValueError(f"--dataset {args.dataset} needs --karpathy_file.")
-            records = load_karpathy_split(args.karpathy_file, args.split, args.image_root, args.max_images)
-        elif args.dataset == "manifest":
-            if args.manifest is None:
-                raise ValueError("--dataset manifest needs --manifest.")
-            records = load_manifest_records(args.manifest, args.split, args.max_images)
-        else:
-            raise ValueError(f"--dataset must be one of {DATASETS}, got {args.dataset!r}.")
-
-        cache = load_region_cache(args.region_cache)
         # The standard protocols use 5 captions per image (a few COCO images have 6 or 7).
         captions = 5 if args.dataset in ("coco", "flickr30k") else None
         if args.memory_mapped:
@@ -116,8 +240,7 @@ def load_evaluation_corpus(args: EvaluationArguments, tokenizer, config) -> Retr
                 records, tokenizer, region_cache_lookup(cache), config.max_text_length, config.max_regions, captions
             )
     if args.corpus_cache:
-        Path(args.corpus_cache).parent.mkdir(parents=True, exist_ok=True)
-        torch.save(corpus.__dict__, args.corpus_cache)
+        save_corpus_cache(args.corpus_cache, corpus, fingerprint)
     return corpus
 
 
@@ -226,20 +349,23 @@ def run_retrieval_evaluation(args: EvaluationArguments) -> dict:
         )
     print(format_metrics_table(table))
     ranking.plot(output_dir, title=f"{args.dataset} {args.split}")
-    with open(output_dir / "results.json", "w", encoding="utf-8") as handle:
-        json.dump({"model": args.model_name_or_path, "results": results}, handle, indent=1)
+    atomic_write_json(output_dir / "results.json", {"model": args.model_name_or_path, "results": results}, indent=1)
     if args.model_card:
         card_results = [r for r in results if r["ranking"] == "full"]
-        build_model_card(card_results, model_id=args.model_id, config=model.config).save(output_dir / "README.md")
+        save_model_card(build_model_card(card_results, model_id=args.model_id, config=model.config), output_dir)
     return {"results": results, "table": table}
 
 
 __all__ = [
     "DATASETS",
+    "CorpusCacheError",
     "CorpusRanking",
     "EvaluationArguments",
+    "corpus_fingerprint",
+    "load_corpus_cache",
     "load_evaluation_corpus",
     "protocols",
     "rank_corpus",
     "run_retrieval_evaluation",
+    "save_corpus_cache",
 ]

@@ -10,12 +10,14 @@ the recall@K of an evaluation run (`examples/evaluate_retrieval.py --results_jso
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..formats.files import atomic_write_text
 from ..models.imagebert.pipeline_image_text_retrieval import ImageTextRetrievalPipeline, register_pipeline
 from .recall import format_metrics_table
 
@@ -57,13 +59,10 @@ def eval_results_from_run(results: Sequence[Mapping[str, Any]]):
     from huggingface_hub import EvalResult
 
     eval_results = []
+    if isinstance(results, (str, bytes, Mapping)) or not isinstance(results, Sequence):
+        raise TypeError(f"results must be a list of evaluation results (dicts), got {type(results).__name__}.")
     for number, result in enumerate(results):
-        for key in ("dataset_name", "dataset_type", "metrics"):
-            if key not in result:
-                raise ValueError(f"evaluation result {number} has no {key!r}; got keys {sorted(result)}.")
-        unknown = set(result["metrics"]) - set(METRIC_NAMES)
-        if unknown:
-            raise ValueError(f"evaluation result {number} has unknown metrics {sorted(unknown)}.")
+        _check_result(number, result)
         for key, name in METRIC_NAMES.items():
             if key not in result["metrics"]:
                 continue
@@ -82,6 +81,50 @@ def eval_results_from_run(results: Sequence[Mapping[str, Any]]):
                 )
             )
     return eval_results
+
+
+def _check_result(number: int, result) -> None:
+    """Refuses an evaluation result the card would misreport: missing fields, names that are not strings, metrics
+    that are not finite numbers, recalls outside [0, 100] and RSUM outside [0, 600]."""
+    if not isinstance(result, Mapping):
+        raise TypeError(f"evaluation result {number} must be a dict, got {type(result).__name__}: {result!r}.")
+    for key in ("dataset_name", "dataset_type", "metrics"):
+        if key not in result:
+            raise ValueError(f"evaluation result {number} has no {key!r}; got keys {sorted(result)}.")
+    for key in ("dataset_name", "dataset_type", "dataset_config", "dataset_split", "source_name"):
+        value = result.get(key)
+        if value is not None and not (isinstance(value, str) and value.strip()):
+            raise ValueError(f"evaluation result {number}: {key} must be a non-empty string, got {value!r}.")
+    metrics = result["metrics"]
+    if not isinstance(metrics, Mapping) or not metrics:
+        raise ValueError(
+            f"evaluation result {number}: metrics must be a non-empty dict of {sorted(METRIC_NAMES)}, got {metrics!r}."
+        )
+    unknown = set(metrics) - set(METRIC_NAMES)
+    if unknown:
+        raise ValueError(f"evaluation result {number} has unknown metrics {sorted(unknown)}.")
+    for key, value in metrics.items():
+        top = 600.0 if key == "rsum" else 100.0
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"evaluation result {number}: metric {key} must be a finite number, got {value!r}.")
+        if not 0.0 <= value <= top:
+            raise ValueError(
+                f"evaluation result {number}: metric {key} is {value}, outside [0, {top:g}] (recalls are percent)."
+            )
+
+
+def _check_names(name: str, values) -> list[str] | None:
+    """A list of non-empty strings (a single string is one name, never split into letters), or None."""
+    if values is None:
+        return None
+    if isinstance(values, str):
+        values = [values]
+    if not isinstance(values, Sequence) or not values:
+        raise ValueError(f"{name} must be a non-empty string or list of strings, got {values!r}.")
+    for value in values:
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{name} must hold non-empty strings, got {value!r} in {list(values)!r}.")
+    return list(values)
 
 
 def _results_table(results: Sequence[Mapping[str, Any]]) -> str:
@@ -122,16 +165,21 @@ def build_model_card(
     """
     from huggingface_hub import ModelCard, ModelCardData
 
+    eval_results = eval_results_from_run([] if results is None else results) or None
     results = list(results or [])
+    if not isinstance(model_id, str) or not model_id.strip():
+        raise ValueError(f"model_id must be a non-empty string, got {model_id!r}.")
+    datasets = _check_names("datasets", datasets)
+    tags = _check_names("tags", tags) or []
     card_data = ModelCardData(
         model_name=model_id,
         license=license,
         library_name="transformers",
         tags=list(tags),
-        datasets=list(datasets) if datasets else None,
+        datasets=datasets,
         metrics=["recall"],
         base_model=base_model,
-        eval_results=eval_results_from_run(results) or None,
+        eval_results=eval_results,
     )
     size = ""
     if config is not None:
@@ -177,6 +225,14 @@ def build_model_card(
     return ModelCard.from_template(card_data, template_path=str(template_path), **defaults)
 
 
+def save_model_card(card, output_dir: str | os.PathLike) -> Path:
+    """Writes `card` as `output_dir/README.md` atomically (a reader never sees half a card) and returns the path."""
+    path = Path(output_dir) / "README.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, str(card))
+    return path
+
+
 def save_for_hub(model, processor, output_dir: str | os.PathLike, card=None) -> list[str]:
     """Writes the folder `push_to_hub` uploads and returns its files (relative paths, sorted).
 
@@ -190,7 +246,7 @@ def save_for_hub(model, processor, output_dir: str | os.PathLike, card=None) -> 
     pipe = ImageTextRetrievalPipeline(model=model, processor=processor, task="image-text-retrieval", device=-1)
     pipe.save_pretrained(output_dir)
     if card is not None:
-        card.save(output_dir / "README.md")
+        save_model_card(card, output_dir)
     return sorted(str(path.relative_to(output_dir)) for path in output_dir.rglob("*") if path.is_file())
 
 
@@ -246,4 +302,5 @@ __all__ = [
     "load_results",
     "push_to_hub",
     "save_for_hub",
+    "save_model_card",
 ]

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data.retrieval_corpus import check_max_images
 from ..data.synthetic import chance_recall
 from ..formats.manifest import read_manifest
 from ..models.imagebert.modeling_imagebert import ImageBERTForImageTextRetrieval
@@ -48,6 +49,7 @@ def manifest_retrieval_inputs(
         `(text_inputs, region_inputs, text_to_image)`, the inputs of `models.imagebert.retrieval_index.score_all_pairs` and of
         `evaluation.retrieval_metrics`.
     """
+    check_max_images(max_images)
     if isinstance(region_cache, (str, Path)):
         region_cache = load_region_cache(region_cache)
     records = [r for r in read_manifest(manifest) if split is None or r.extra.get("split") == split]
