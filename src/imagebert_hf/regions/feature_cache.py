@@ -169,6 +169,23 @@ def _fingerprint(
 
 # ------------------------------------------------------------------------------------------------ shards
 
+
+def _file_checksum(path: Path) -> dict[str, Any]:
+    """`{"size", "sha256"}` of a file, read in 8 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(8 << 20), b""):
+            digest.update(block)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _check_positive(name: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer{' or None' if allow_none else ''}, got {value!r}.")
+
+
 _WORKER_EXTRACTOR = None
 
 
@@ -256,8 +273,17 @@ def _extract_shard(
     finally:
         if bars_were_on:
             datasets.utils.enable_progress_bars()
-    shard_report = {"rows": len(units), "failures": failures}
-    (tmp_path / SHARD_REPORT_NAME).write_text(json.dumps(shard_report))
+    shard_report = {
+        "rows": len(units),
+        "failures": failures,
+        # What a reader checks: the shard's place, the keys of its first and last rows (cheap, at every open), and
+        # each file's size (at every open) and sha256 (`verify_region_cache`).
+        "shard": int(shard_path.name.rsplit("-", 1)[-1]),
+        "first_cache_key": units[0]["cache_key"] if units else None,
+        "last_cache_key": units[-1]["cache_key"] if units else None,
+        "files": {file.name: _file_checksum(file) for file in sorted(tmp_path.glob("data-*.arrow"))},
+    }
+    atomic_write_json(tmp_path / SHARD_REPORT_NAME, shard_report)
     # The rename is the commit: a shard folder without the .tmp suffix is always complete.
     publish_folder(tmp_path, shard_path, replace=False)
     return shard_report
@@ -337,8 +363,10 @@ def _start_cache(output_dir: Path, extractor, index, shard_of, info: dict[str, A
             publish_folder(tmp, output_dir / EXTRACTOR_DIR, replace=False)
         except OSError:  # another process published it first
             shutil.rmtree(tmp, ignore_errors=True)
-    lines = [json.dumps({"key": key, "cache_key": ck, "shard": shard_of[ck]}) + "\n" for key, ck in index]
-    atomic_write_text(output_dir / INDEX_NAME, "".join(lines))
+    lines = "".join(json.dumps({"key": key, "cache_key": ck, "shard": shard_of[ck]}) + "\n" for key, ck in index)
+    atomic_write_text(output_dir / INDEX_NAME, lines)
+    data = lines.encode("utf-8")
+    info = {**info, "index": {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}}
     atomic_write_json(output_dir / CACHE_INFO_NAME, info, indent=2, default=str)
 
 
@@ -429,6 +457,17 @@ def extract_regions(
 
     if storage_dtype not in STORAGE_DTYPES:
         raise ValueError(f"storage_dtype must be one of {STORAGE_DTYPES}, got {storage_dtype!r}.")
+    for name, value in (("shard_size", shard_size), ("num_proc", num_proc), ("num_shards", num_shards)):
+        _check_positive(name, value)
+    _check_positive("batch_size", batch_size, allow_none=True)
+    _check_positive("max_shards", max_shards, allow_none=True)
+    if box_format not in ("xyxy", "xywh"):
+        raise ValueError(f"box_format must be 'xyxy' or 'xywh', got {box_format!r}.")
+    if isinstance(source, (str, os.PathLike)) and not Path(source).is_file():
+        raise FileNotFoundError(f"source {source} does not exist (expected a jsonl manifest or a datasets.Dataset).")
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise NotADirectoryError(f"output_dir {output_dir} exists and is not a folder.")
     started = time.perf_counter()
     output_dir = Path(output_dir)
     extractor = _resolve_extractor(extractor)
@@ -614,11 +653,38 @@ def _read_info(path: Path) -> dict[str, Any]:
             f"{path} is not a region cache (no {CACHE_INFO_NAME}); build it with imagebert-extract-regions."
         )
     try:
-        return json.loads(info_path.read_text())
-    except json.JSONDecodeError as error:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise RegionCacheError(
             f"{info_path} is damaged ({error}); delete the cache folder {path} and rerun imagebert-extract-regions."
         ) from error
+    problem = _info_problem(info)
+    if problem:
+        raise RegionCacheError(
+            f"{info_path} is damaged ({problem}); delete the cache folder {path} and rerun imagebert-extract-regions."
+        )
+    return info
+
+
+_INFO_FIELDS = {"fingerprint": str, "num_shards": int, "region_feature_size": int, "num_object_classes": int}
+
+
+def _info_problem(info) -> str | None:
+    """What is wrong with a parsed `cache_info.json`, or None."""
+    if not isinstance(info, dict):
+        return f"expected a JSON object, got {type(info).__name__}"
+    for name, kind in _INFO_FIELDS.items():
+        value = info.get(name)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            return f"field {name!r} should be {kind.__name__}, got {value!r}"
+    if info["num_shards"] < 0 or info["region_feature_size"] < 1 or info["num_object_classes"] < 0:
+        return (
+            f"num_shards={info['num_shards']}, region_feature_size={info['region_feature_size']}, "
+            f"num_object_classes={info['num_object_classes']} out of range"
+        )
+    if info.get("feature_dtype", "float32") not in STORAGE_DTYPES:
+        return f"feature_dtype {info.get('feature_dtype')!r} is not one of {STORAGE_DTYPES}"
+    return None
 
 
 def _shard_dirs(path: Path, info: dict[str, Any]) -> list[Path]:
@@ -727,16 +793,33 @@ def _build_lookup(path: Path, cache_keys: list[str], image_ids: list[str]):
     """
     import pyarrow as pa
 
+    index_path = path / INDEX_NAME
+    info = _read_info(path)
+    if not index_path.is_file():
+        raise RegionCacheError(f"region cache {path} has no {INDEX_NAME}; rerun extract_regions into a new folder.")
+    data = index_path.read_bytes()
+    recorded = info.get("index")
+    if recorded and (len(data) != recorded.get("size") or hashlib.sha256(data).hexdigest() != recorded.get("sha256")):
+        raise RegionCacheError(
+            f"{index_path} does not match the checksum in {CACHE_INFO_NAME} (the key table was changed or swapped); "
+            "its keys would point at other images' regions. Rebuild the cache into a new folder."
+        )
     row_of = {cache_key: row for row, cache_key in enumerate(cache_keys)}
     keys, rows, kinds = [], [], []
     seen = set()
-    with open(path / INDEX_NAME, encoding="utf-8") as handle:
-        for line in handle:
+    for number, line in enumerate(data.decode("utf-8").splitlines(), 1):
+        try:
             entry = json.loads(line)
-            if entry["key"] in seen:  # the first line of a repeated key decides, as in the index
-                continue
-            seen.add(entry["key"])
-            keys.append(entry["key"]), rows.append(row_of[entry["cache_key"]]), kinds.append(_KIND_ITEM)
+            key, row = entry["key"], row_of[entry["cache_key"]]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise RegionCacheError(
+                f"{index_path}:{number} is damaged ({type(error).__name__}: {error}); rebuild the cache into a new "
+                "folder."
+            ) from error
+        if key in seen:  # the first line of a repeated key decides, as in the index
+            continue
+        seen.add(key)
+        keys.append(key), rows.append(row), kinds.append(_KIND_ITEM)
     keys += cache_keys + image_ids
     rows += list(range(len(cache_keys))) * 2
     kinds += [_KIND_CACHE_KEY] * len(cache_keys) + [_KIND_IMAGE_ID] * len(image_ids)
@@ -750,7 +833,10 @@ def _build_lookup(path: Path, cache_keys: list[str], image_ids: list[str]):
             "row": pa.array(np.asarray(rows, dtype=np.int64)[order]),
             "kind": pa.array(np.asarray(kinds, dtype=np.int8)[order]),
             "position": pa.array(order_in_index[order]),
-        }
+            # The cache key of each entry's row: every lookup checks the row it lands on against it.
+            "cache_key": pa.array(cache_keys).take(pa.array(np.asarray(rows, dtype=np.int64)[order])),
+        },
+        metadata={"fingerprint": info["fingerprint"], "num_rows": str(len(cache_keys))},
     )
     try:
         with atomic_writer(path / LOOKUP_NAME) as sink, pa.ipc.new_file(sink, table.schema) as writer:
@@ -760,7 +846,9 @@ def _build_lookup(path: Path, cache_keys: list[str], image_ids: list[str]):
     return table
 
 
-def _open_lookup(path: Path):
+def _open_lookup(path: Path, fingerprint: str, num_rows: int):
+    """The stored key table, or None (rebuilt from `index.jsonl`) when it is missing, damaged, of another cache or
+    of another number of rows."""
     import pyarrow as pa
 
     file = path / LOOKUP_NAME
@@ -768,10 +856,116 @@ def _open_lookup(path: Path):
         return None
     try:
         with pa.memory_map(str(file)) as source:
-            return pa.ipc.open_file(source).read_all().combine_chunks()
+            table = pa.ipc.open_file(source).read_all().combine_chunks()
     except (OSError, pa.ArrowException) as error:
         logger.warning("%s is damaged (%s); rebuilding it from %s", file, error, INDEX_NAME)
         return None
+    metadata = table.schema.metadata or {}
+    stored = (metadata.get(b"fingerprint", b"").decode(), metadata.get(b"num_rows", b"").decode())
+    if stored != (fingerprint, str(num_rows)) or "cache_key" not in table.column_names:
+        logger.warning(
+            "%s is of another cache or an older version (fingerprint %s, %s rows; this cache: %s, %d rows); "
+            "rebuilding it from %s",
+            file,
+            stored[0] or "none",
+            stored[1] or "?",
+            fingerprint,
+            num_rows,
+            INDEX_NAME,
+        )
+        return None
+    return table
+
+
+READ_DTYPES = (None, "float16", "float32", "float64")
+
+
+def _shard_report(shard: Path) -> dict[str, Any] | None:
+    """A shard's `shard_report.json` (None for shards written before it existed)."""
+    file = shard / SHARD_REPORT_NAME
+    if not file.is_file():
+        return None
+    try:
+        report = json.loads(file.read_text(encoding="utf-8"))
+        if not isinstance(report, dict) or not isinstance(report.get("rows"), int):
+            raise ValueError(f"expected an object with an integer 'rows', got {str(report)[:80]}")
+    except (ValueError, UnicodeDecodeError) as error:
+        raise _damaged(file, error) from error
+    return report
+
+
+def _check_shard_files(shard: Path, number: int, report: dict[str, Any] | None) -> None:
+    """Cheap checks at every open: the shard is where it was written and its files have their recorded sizes."""
+    if not report or "files" not in report:
+        return
+    if report.get("shard") != number:
+        raise RegionCacheError(
+            f"region cache shard folder {shard} holds shard {report.get('shard')} (its {SHARD_REPORT_NAME} says so), "
+            f"not shard {number}: shard folders were renamed or swapped, and would return other images' regions. "
+            f"Delete {shard} and rerun extract_regions with the same arguments."
+        )
+    present = {file.name for file in shard.glob("data-*.arrow")}
+    if present != set(report["files"]):
+        raise _damaged(
+            shard / SHARD_REPORT_NAME, ValueError(f"files {sorted(present)}, {sorted(report['files'])} recorded")
+        )
+    for name, recorded in report["files"].items():
+        size = (shard / name).stat().st_size
+        if size != recorded.get("size"):
+            raise _damaged(shard / name, ValueError(f"{size} bytes, {recorded.get('size')} recorded when written"))
+
+
+def _check_shard_rows(shard: Path, table, report: dict[str, Any] | None) -> None:
+    """The table has the recorded rows, and its first and last rows the recorded cache keys."""
+    if report is None:
+        return
+    file = sorted(shard.glob("data-*.arrow"))[0]
+    if table.num_rows != report["rows"]:
+        raise _damaged(file, ValueError(f"{table.num_rows} rows, {report['rows']} expected"))
+    if table.num_rows and "first_cache_key" in report:
+        keys = table.column("cache_key")
+        ends = (keys[0].as_py(), keys[table.num_rows - 1].as_py())
+        if ends != (report["first_cache_key"], report["last_cache_key"]):
+            raise RegionCacheError(
+                f"region cache file {file} holds rows {ends[0]} .. {ends[1]}, but {SHARD_REPORT_NAME} recorded "
+                f"{report['first_cache_key']} .. {report['last_cache_key']}: the file was swapped or replaced. Delete "
+                f"{shard} and rerun extract_regions with the same arguments."
+            )
+
+
+def verify_region_cache(path: str | os.PathLike) -> int:
+    """The full integrity check of a region cache: reads every shard file and `index.jsonl` and compares their
+    sha256 with the checksums recorded when they were written. Slow (it reads the whole cache): run it after copying
+    a cache or when in doubt; opening a cache only checks sizes, shard places and key ranges.
+
+    Returns:
+        The number of files checked.
+
+    Raises:
+        RegionCacheError: naming the first file that is missing or whose contents differ.
+    """
+    path = Path(path)
+    info = _read_info(path)
+    checked = 0
+    recorded = info.get("index")
+    if recorded:
+        actual = _file_checksum(path / INDEX_NAME) if (path / INDEX_NAME).is_file() else None
+        if actual != {"size": recorded.get("size"), "sha256": recorded.get("sha256")}:
+            raise RegionCacheError(
+                f"{path / INDEX_NAME} does not match the checksum recorded in {CACHE_INFO_NAME}; rebuild the cache."
+            )
+        checked += 1
+    for number, shard in enumerate(_shard_dirs(path, info)):
+        report = _shard_report(shard)
+        if not report or "files" not in report:
+            logger.warning("%s was written without checksums; only its rows can be checked", shard)
+            continue
+        _check_shard_files(shard, number, report)
+        for name, expected in report["files"].items():
+            if _file_checksum(shard / name) != expected:
+                raise _damaged(shard / name, ValueError("its sha256 differs from the one recorded when written"))
+            checked += 1
+    return checked
 
 
 class RegionCache:
@@ -798,19 +992,24 @@ class RegionCache:
         import pyarrow as pa
         import pyarrow.compute as pc
 
+        if dtype not in READ_DTYPES:
+            raise ValueError(
+                f"dtype must be one of {READ_DTYPES} (None: the stored dtype), got {dtype!r}; the regions are floats."
+            )
         self.path = Path(path)
         self.info = _read_info(self.path)
         self.dtype = None if dtype is None else np.dtype(dtype)
         self.feature_dtype = np.dtype(self.info.get("feature_dtype", "float32"))
         shards = _shard_dirs(self.path, self.info)
-        tables = [_open_shard_table(shard) for shard in shards]
-        for shard, table in zip(shards, tables):
-            report = shard / SHARD_REPORT_NAME
-            expected = json.loads(report.read_text())["rows"] if report.is_file() else table.num_rows
-            if table.num_rows != expected:
-                raise _damaged(
-                    sorted(shard.glob("data-*.arrow"))[0], ValueError(f"{table.num_rows} rows, {expected} expected")
-                )
+        tables = []
+        self._shard_rows = []
+        for number, shard in enumerate(shards):
+            report = _shard_report(shard)
+            _check_shard_files(shard, number, report)
+            table = _open_shard_table(shard)
+            _check_shard_rows(shard, table, report)
+            tables.append(table)
+            self._shard_rows.append(table.num_rows)
         self.table = pa.concat_tables(tables)
         feature_size = self.info["region_feature_size"]
         self._lists = {
@@ -829,7 +1028,7 @@ class RegionCache:
         self._failed = pc.fill_null(pc.greater(pc.utf8_length(errors), 0), False).to_numpy(zero_copy_only=False)
         self._strings = {name: self.table.column(name) for name in ("cache_key", "image_id", "source", "error")}
 
-        lookup = _open_lookup(self.path)
+        lookup = _open_lookup(self.path, self.info["fingerprint"], self.table.num_rows)
         if lookup is None or lookup.num_rows == 0:
             lookup = _build_lookup(
                 self.path, self._strings["cache_key"].to_pylist(), self._strings["image_id"].to_pylist()
@@ -838,6 +1037,7 @@ class RegionCache:
         self._hashes = lookup.column("hash").chunk(0).to_numpy()
         self._lookup_rows = lookup.column("row").chunk(0).to_numpy()
         self._lookup_keys = lookup.column("key").chunk(0)
+        self._lookup_cache_keys = lookup.column("cache_key").chunk(0)
         kinds, positions = lookup.column("kind").chunk(0).to_numpy(), lookup.column("position").chunk(0).to_numpy()
         items = np.flatnonzero(kinds == _KIND_ITEM)
         good = items[~self._failed[self._lookup_rows[items]]]
@@ -863,9 +1063,32 @@ class RegionCache:
         position = int(np.searchsorted(self._hashes, target, side="left"))
         while position < len(self._hashes) and self._hashes[position] == target:
             if self._lookup_keys[position].as_py() == key:
-                return int(self._lookup_rows[position])
+                row = int(self._lookup_rows[position])
+                expected = self._lookup_cache_keys[position].as_py()
+                if self._string("cache_key", row) != expected:
+                    shard = self._shard_of_row(row)
+                    raise RegionCacheError(
+                        f"region cache {self.path}: key {key!r} should read the regions of {expected}, but row {row} "
+                        f"({shard}) holds {self._string('cache_key', row)}: shard files were swapped or replaced. "
+                        f"Delete {shard} and rerun extract_regions with the same arguments."
+                    )
+                return row
             position += 1
         return None
+
+    def _shard_of_row(self, row: int) -> Path:
+        offsets = np.cumsum([0] + [int(n) for n in self._shard_rows])
+        return _shard_dir(self.path, int(np.searchsorted(offsets, row, side="right") - 1))
+
+    def verify(self) -> None:
+        """Reads every file of the cache and checks its sha256 against the one recorded when it was written (shard
+        files in each shard's report, `index.jsonl` in `cache_info.json`). Opening a cache checks sizes, shard
+        places and key ranges only: this full read is the explicit, slow check (see `verify_region_cache`).
+
+        Raises:
+            RegionCacheError: naming the first file whose contents differ.
+        """
+        verify_region_cache(self.path)
 
     def _row(self, key: str) -> int:
         row = self._find(key)
@@ -933,6 +1156,10 @@ class RegionCache:
     def gallery(self, keys: Sequence[str] | None = None, max_regions: int | None = None) -> RegionGallery:
         """The regions of the images `keys` as a `RegionGallery`: padded batches read on demand, for scoring a
         gallery too large to stack in memory."""
+        if isinstance(keys, (str, bytes)):
+            raise TypeError(
+                f"keys must be a list of keys, got the single string {keys!r}; pass [{keys!r}] for one image."
+            )
         return RegionGallery(self, keys, max_regions)
 
 
@@ -954,6 +1181,14 @@ class RegionGallery:
     def __init__(self, cache: RegionCache, keys: Sequence[str] | None = None, max_regions: int | None = None):
         self.cache = cache
         self.max_regions = max_regions
+        if isinstance(keys, (str, bytes)):
+            raise TypeError(
+                f"keys must be a list of keys, got the single string {keys!r}; pass [{keys!r}] for one image."
+            )
+        if max_regions is not None and (
+            isinstance(max_regions, bool) or not isinstance(max_regions, int) or max_regions < 1
+        ):
+            raise ValueError(f"max_regions must be a positive integer or None, got {max_regions!r}.")
         if keys is None:
             self.rows = np.asarray(cache._lookup_rows[cache._good_items], dtype=np.int64)
         else:
@@ -1100,6 +1335,7 @@ __all__ = [
     "main",
     "merge_region_caches",
     "shards_of",
+    "verify_region_cache",
 ]
 
 
