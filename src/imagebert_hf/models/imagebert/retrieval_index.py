@@ -34,6 +34,7 @@ INDEX_TYPES = ("flat", "ivf", "hnsw", "ivfpq")
 INDEX_FILE = "index.faiss"
 VECTORS_FILE = "embeddings.npy"
 INDEX_CONFIG_FILE = "index_config.json"
+INDEX_FORMAT_VERSION = 2
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -294,8 +295,14 @@ def index_factory_string(
     large galleries) are approximate. `nlist` defaults to about `4 * sqrt(num_items)` (at least 39 training points
     per cell); `pq_m` to a divisor of `dim` near `dim / 4`, with 8-bit codes where there are 39 * 256 points to train them on.
     """
+    if not isinstance(index_type, str):
+        raise TypeError(f"index_type must be a string, got {type(index_type).__name__}: {index_type!r}.")
+    for name, value, minimum in (("nlist", nlist, 1), ("hnsw_m", hnsw_m, 2), ("pq_m", pq_m, 1)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
     if index_type not in INDEX_TYPES:
         if index_type and index_type[0].isupper():
+            check_factory_string(index_type, dim)
             return index_type
         raise ValueError(
             f"index_type must be one of {INDEX_TYPES} or a faiss index_factory string such as 'IVF256,PQ16', got "
@@ -314,6 +321,66 @@ def index_factory_string(
         raise ValueError(f"pq_m={pq_m} must divide the embedding size {dim}.")
     bits = max(1, min(8, int(np.log2(max(num_items // 39, 2)))))
     return f"IVF{nlist},PQ{pq_m}x{bits}"
+
+
+_CHECKED_FACTORIES: dict[tuple[str, int], str | None] = {}
+
+
+def check_factory_string(factory: str, dim: int) -> None:
+    """Refuses a faiss `index_factory` string that faiss cannot build, before this process calls `index_factory`.
+
+    Some strings (`"HNSW0,Flat"`, malformed quantizer specs) make faiss abort the whole process (SIGABRT) instead of
+    raising, and no grammar kept here can follow every faiss version. So the string is built once in a child
+    process (a fraction of a second; the answer is remembered for this process): a crash or an error there becomes
+    a `ValueError` here, naming the string and what faiss said. Strings that only contain the characters faiss
+    uses are probed; anything else (spaces, quotes, newlines) is refused outright.
+    """
+    import re
+    import subprocess
+    import sys
+
+    if not re.fullmatch(r"[A-Za-z0-9_,.:=x\-]{1,200}", factory):
+        raise ValueError(
+            f"index_type {factory!r} is not a faiss index_factory string (letters, digits and , . : = _ x - only, "
+            "e.g. 'IVF256,PQ16' or 'HNSW32,Flat')."
+        )
+    if faiss is None:
+        return  # refused later with an ImportError: only "Flat" runs without faiss
+    key = (factory, int(dim))
+    if key not in _CHECKED_FACTORIES:
+        # Built, and when it needs no training, filled and searched: some strings abort only at `add`.
+        probe = (
+            "import sys, numpy, faiss\n"
+            f"index = faiss.index_factory({int(dim)}, {factory!r}, faiss.METRIC_INNER_PRODUCT)\n"
+            "if index.is_trained:\n"
+            f"    x = numpy.random.default_rng(0).standard_normal((64, {int(dim)})).astype('float32')\n"
+            "    index.add(x)\n"
+            "    index.search(x[:2], 4)\n"
+            "sys.stdout.write(type(index).__name__)\n"
+        )
+        try:
+            done = subprocess.run(
+                [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False
+            )
+            problem = None
+            if done.returncode != 0:
+                lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+                said = lines[-1] if lines else f"the process died with signal {-done.returncode}"
+                if done.returncode < 0:
+                    said = f"faiss aborted the process (signal {-done.returncode}); {said}"
+                problem = said[-400:]
+        except (OSError, subprocess.TimeoutExpired) as error:  # no child process here: let faiss itself answer
+            problem = None
+            try:
+                faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
+            except RuntimeError as faiss_error:
+                problem = str(faiss_error).strip().splitlines()[-1] if str(faiss_error).strip() else repr(error)
+        _CHECKED_FACTORIES[key] = problem
+    if _CHECKED_FACTORIES[key]:
+        raise ValueError(
+            f"faiss cannot build index_type {factory!r} for {dim}-d embeddings: {_CHECKED_FACTORIES[key]}. Use one of "
+            f"{INDEX_TYPES} or a valid index_factory string such as 'IVF256,Flat' or 'HNSW32,Flat'."
+        )
 
 
 class EmbeddingIndex:
@@ -349,6 +416,7 @@ class EmbeddingIndex:
         keep_vectors: bool = True,
     ):
         vectors = _as_matrix(embeddings, "embeddings")
+        _check_finite(vectors, "embeddings")
         if vectors.shape[0] == 0:
             raise ValueError(f"embeddings must be a non-empty (num_items, dim) matrix, got shape {vectors.shape}.")
         if use_faiss and faiss is None:
@@ -363,9 +431,17 @@ class EmbeddingIndex:
                 raise ImportError(f"index_type={index_type!r} needs faiss: pip install faiss-cpu.")
         else:
             index = self._place(faiss.index_factory(self.dim, self.factory, faiss.METRIC_INNER_PRODUCT), use_gpu)
-            if not index.is_trained:
-                index.train(vectors)
-            index.add(vectors)
+            try:
+                if not index.is_trained:
+                    index.train(vectors)
+                index.add(vectors)
+            except RuntimeError as error:
+                said = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+                raise ValueError(
+                    f"faiss could not build index_type {index_type!r} ({self.factory}) over {self.num_items} "
+                    f"embeddings of size {self.dim}: {said}. Too few embeddings to train it? Use 'flat' or fewer "
+                    "cells (nlist)."
+                ) from error
         self.vectors = vectors if (keep_vectors or self._index is None) else None
 
     # -- faiss placement and parameters ----------------------------------------------------------------------------
@@ -423,6 +499,9 @@ class EmbeddingIndex:
         queries = _as_matrix(queries, "queries")
         if queries.shape[1] != self.dim:
             raise ValueError(f"queries must have shape (num_queries, {self.dim}), got {queries.shape}.")
+        _check_finite(queries, "queries")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+            raise TypeError(f"k must be an integer, got {type(k).__name__}: {k!r}.")
         k = min(int(k), len(self))
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}.")
@@ -443,11 +522,25 @@ class EmbeddingIndex:
 
     # -- saving ------------------------------------------------------------------------------------------------------
 
-    def save(self, directory: str | os.PathLike) -> None:
-        """Writes `index_config.json`, the faiss index (`index.faiss`, from the CPU) and, when kept, the
-        embeddings (`embeddings.npy`) to `directory`."""
-        os.makedirs(directory, exist_ok=True)
+    def save(self, directory: str | os.PathLike, metadata: Mapping | None = None) -> None:
+        """Writes `index_config.json`, the faiss index (`index.faiss`, from the CPU) and, when kept, the embeddings
+        (`embeddings.npy`) to `directory`.
+
+        The config records what the index was built from (`built_from`: the settings, the sha256 of the embeddings
+        when kept, and `metadata`, e.g. the model and gallery it embeds) and the size and sha256 of each file. The
+        folder is written under a temporary name and renamed into place, so a failed or killed save leaves an
+        earlier index there intact.
+        """
+        if metadata is not None and not isinstance(metadata, Mapping):
+            raise TypeError(f"metadata must be a dict (saved as JSON), got {type(metadata).__name__}.")
+        directory = os.path.abspath(os.fspath(directory))
+        if os.path.exists(directory) and not os.path.isdir(directory):
+            raise NotADirectoryError(f"{directory} exists and is not a folder; save() writes a folder.")
+        built_from = {"factory": self.factory, "dim": self.dim, "num_items": self.num_items, **dict(metadata or {})}
+        if self.vectors is not None:
+            built_from["embeddings_sha256"] = _sha256_bytes(self.vectors.tobytes())
         config = {
+            "format_version": INDEX_FORMAT_VERSION,
             "index_type": self.index_type,
             "factory": self.factory,
             "nprobe": self.nprobe,
@@ -455,42 +548,182 @@ class EmbeddingIndex:
             "dim": self.dim,
             "num_items": self.num_items,
             "faiss": self._index is not None,
+            "built_from": built_from,
         }
-        with open(os.path.join(directory, INDEX_CONFIG_FILE), "w") as handle:
-            json.dump(config, handle, indent=2)
-        if self._index is not None:
-            cpu_index = faiss.index_gpu_to_cpu(self._index) if self.on_gpu else self._index
-            faiss.write_index(cpu_index, os.path.join(directory, INDEX_FILE))
-        if self.vectors is not None:
-            np.save(os.path.join(directory, VECTORS_FILE), self.vectors)
+        json.dumps(config)  # metadata that is not JSON fails here, before anything is written
+        parent = os.path.dirname(directory)
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".{os.path.basename(directory)}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+        os.makedirs(tmp)
+        try:
+            files = {}
+            if self._index is not None:
+                cpu_index = faiss.index_gpu_to_cpu(self._index) if self.on_gpu else self._index
+                faiss.write_index(cpu_index, os.path.join(tmp, INDEX_FILE))
+                files[INDEX_FILE] = _file_checksum(os.path.join(tmp, INDEX_FILE))
+            if self.vectors is not None:
+                np.save(os.path.join(tmp, VECTORS_FILE), self.vectors, allow_pickle=False)
+                files[VECTORS_FILE] = _file_checksum(os.path.join(tmp, VECTORS_FILE))
+            config["files"] = files
+            with open(os.path.join(tmp, INDEX_CONFIG_FILE), "w", encoding="utf-8") as handle:
+                json.dump(config, handle, indent=2)
+            _publish(tmp, directory)
+        except BaseException:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, use_gpu: bool | None = None) -> EmbeddingIndex:
-        """Reads an index written by `save` (moved to the GPU as in `__init__`)."""
+    def load(cls, directory: str | os.PathLike, use_gpu: bool | None = None, verify: bool = False) -> EmbeddingIndex:
+        """Reads an index written by `save` (moved to the GPU as in `__init__`).
+
+        Every load checks the config's fields, each file's size against the size recorded at save time, and that
+        the arrays agree with the config (embeddings `(num_items, dim)`, the faiss index's size and dimension).
+        With `verify=True` it also reads every file to compare its sha256 (slow for a large gallery).
+
+        Raises:
+            FileNotFoundError: `directory` holds no index.
+            ValueError: a damaged or inconsistent index; the message names the file and what disagrees.
+        """
+        directory = os.fspath(directory)
         config_path = os.path.join(directory, INDEX_CONFIG_FILE)
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"{directory} holds no {INDEX_CONFIG_FILE}: not a folder written by save().")
-        with open(config_path) as handle:
-            config = json.load(handle)
+        config = _read_index_config(config_path)
+        for name, recorded in config.get("files", {}).items():
+            path = os.path.join(directory, name)
+            if not os.path.isfile(path):
+                raise ValueError(f"{path} is missing; {INDEX_CONFIG_FILE} lists it. Save the index again.")
+            size = os.path.getsize(path)
+            if size != recorded.get("size") or (verify and _file_checksum(path) != recorded):
+                what = f"{size} bytes, {recorded.get('size')} recorded" if size != recorded.get("size") else "sha256"
+                raise ValueError(f"{path} does not match {INDEX_CONFIG_FILE} ({what}): damaged or replaced.")
         vectors_path = os.path.join(directory, VECTORS_FILE)
         index = cls.__new__(cls)
         index.index_type, index.factory = config["index_type"], config["factory"]
         index.nprobe, index.ef_search = config["nprobe"], config["ef_search"]
         index.dim, index.num_items = config["dim"], config["num_items"]
-        index.vectors = np.load(vectors_path) if os.path.isfile(vectors_path) else None
+        index.vectors = None
+        if os.path.isfile(vectors_path):
+            try:
+                index.vectors = np.load(vectors_path, allow_pickle=False)
+            except (ValueError, OSError, EOFError) as error:
+                raise ValueError(f"{vectors_path} is damaged or not a float32 matrix ({error}).") from error
+            if index.vectors.dtype != np.float32 or index.vectors.shape != (index.num_items, index.dim):
+                raise ValueError(
+                    f"{vectors_path} holds a {index.vectors.dtype} array of shape {index.vectors.shape}, but "
+                    f"{INDEX_CONFIG_FILE} says ({index.num_items}, {index.dim}) float32: they belong to different "
+                    "indexes."
+                )
         index._index, index.nlist = None, None
         if config["faiss"]:
             if faiss is None:
                 if index.factory != "Flat" or index.vectors is None:
                     raise ImportError(f"{directory} holds a faiss {index.factory!r} index: pip install faiss-cpu.")
             else:
-                index._place(faiss.read_index(os.path.join(directory, INDEX_FILE)), use_gpu)
+                faiss_path = os.path.join(directory, INDEX_FILE)
+                if not os.path.isfile(faiss_path):
+                    raise ValueError(f"{faiss_path} is missing; {INDEX_CONFIG_FILE} says the index is a faiss index.")
+                try:
+                    cpu_index = faiss.read_index(faiss_path)
+                except RuntimeError as error:
+                    message = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+                    raise ValueError(f"{faiss_path} is damaged or not a faiss index ({message}).") from error
+                if cpu_index.ntotal != index.num_items or cpu_index.d != index.dim:
+                    raise ValueError(
+                        f"{faiss_path} holds {cpu_index.ntotal} vectors of dimension {cpu_index.d}, but "
+                        f"{INDEX_CONFIG_FILE} says {index.num_items} of dimension {index.dim}: they belong to "
+                        "different indexes."
+                    )
+                index._place(cpu_index, use_gpu)
+        elif index.vectors is None:
+            raise ValueError(f"{directory} holds neither {INDEX_FILE} nor {VECTORS_FILE}: nothing to search.")
         return index
+
+
+_INDEX_CONFIG_FIELDS = {
+    "index_type": str,
+    "factory": str,
+    "nprobe": int,
+    "ef_search": int,
+    "dim": int,
+    "num_items": int,
+    "faiss": bool,
+}
+
+
+def _read_index_config(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is damaged (not JSON: {error}); save the index again.") from error
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}.")
+    for name, kind in _INDEX_CONFIG_FIELDS.items():
+        value = config.get(name)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ValueError(f"{path}: field {name!r} must be {kind.__name__}, got {value!r}.")
+    for name in ("dim", "num_items", "nprobe", "ef_search"):
+        if config[name] < 1:
+            raise ValueError(f"{path}: field {name!r} must be at least 1, got {config[name]}.")
+    files = config.get("files", {})
+    if not isinstance(files, dict) or not all(
+        isinstance(v, dict) and isinstance(v.get("size"), int) for v in files.values()
+    ):
+        raise ValueError(f"{path}: field 'files' must map file names to {{'size', 'sha256'}}, got {files!r:.200}.")
+    if any(os.path.basename(name) != name for name in files):
+        raise ValueError(f"{path}: field 'files' names a file outside the index folder: {sorted(files)}.")
+    return config
+
+
+def _sha256_bytes(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def _file_checksum(path: str) -> dict:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(8 << 20), b""):
+            digest.update(block)
+    return {"size": os.path.getsize(path), "sha256": digest.hexdigest()}
+
+
+def _publish(tmp: str, directory: str) -> None:
+    """Syncs the folder `tmp` and renames it to `directory` (the previous one removed first). This file travels as
+    remote code and imports no package module, so it keeps this short copy of `formats.files.publish_folder`."""
+    import shutil
+
+    for name in os.listdir(tmp):
+        with open(os.path.join(tmp, name), "rb") as handle:
+            os.fsync(handle.fileno())
+    if os.path.exists(directory):
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+
+
+def _check_finite(values: np.ndarray, name: str) -> None:
+    """NaN or inf rows would make faiss return -1 for every slot (or rank them anywhere): refused, naming a row."""
+    finite = np.isfinite(values).all(axis=1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise ValueError(
+            f"{name} has {bad.size} row(s) with NaN or inf (first: row {int(bad[0])}); every embedding must be finite "
+            "(check the model's outputs and the regions it was given)."
+        )
 
 
 def _as_matrix(values, name: str) -> np.ndarray:
     values = values.detach().float().cpu().numpy() if isinstance(values, torch.Tensor) else values
-    values = np.ascontiguousarray(values, dtype=np.float32)
+    try:
+        values = np.ascontiguousarray(values, dtype=np.float32)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"{name} must be a numeric (num_items, dim) matrix, got {type(values).__name__}.") from error
     if values.ndim != 2:
         raise ValueError(f"{name} must be a (num_items, dim) matrix, got shape {values.shape}.")
     return values
@@ -504,6 +737,7 @@ __all__ = [
     "RegionBatches",
     "encode_images",
     "encode_texts",
+    "check_factory_string",
     "gather_pair_inputs",
     "index_factory_string",
     "is_region_batches",
