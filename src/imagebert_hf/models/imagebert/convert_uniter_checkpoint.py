@@ -42,6 +42,7 @@ from transformers.utils import logging
 
 from .configuration_imagebert import ImageBERTConfig
 from .modeling_imagebert import ImageBERTForImageTextRetrieval, ImageBERTForPreTraining
+from .retrieval_index import _publish
 from .roi_backends import load_state_dict_file
 
 
@@ -89,6 +90,80 @@ def _rename_layer_norm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.T
         key = re.sub(r"\.gamma$", ".weight", key)
         renamed[re.sub(r"\.beta$", ".bias", key)] = value
     return renamed
+
+
+NESTING_KEYS = ("model", "state_dict", "module", "model_state_dict", "net")
+BERT_MARKERS = ("bert.embeddings.word_embeddings.weight", "embeddings.word_embeddings.weight")
+
+
+def read_uniter_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Reads a UNITER checkpoint file without unpickling code (`.pt` with `weights_only=True`, or `.safetensors`).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file is not a readable checkpoint (a text file, a truncated download, a pickle holding
+            code); the message names the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist (expected UNITER's .pt, e.g. uniter-base.pt).")
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint {path} is empty (0 bytes): an interrupted download? Fetch it again.")
+    try:
+        state_dict = load_state_dict_file(path)
+    except (RuntimeError, ValueError, EOFError, OSError, AttributeError, ImportError) as error:
+        said = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"checkpoint {path} ({path.stat().st_size} bytes) cannot be read as a PyTorch or safetensors state dict "
+            f"({type(error).__name__}: {said[:300]}). Is it a truncated download, a text file, or a pickle holding "
+            "code (never loaded)?"
+        ) from error
+    return prepare_uniter_state_dict(state_dict, str(path))
+
+
+def prepare_uniter_state_dict(state_dict, source: str = "the state dict") -> dict[str, torch.Tensor]:
+    """A UNITER state dict ready to convert: weights nested under a key (`model`, `state_dict`, ...) unwrapped,
+    DataParallel's `module.` prefix stripped, LayerNorm `gamma`/`beta` renamed; a plain BERT checkpoint, or anything
+    else without UNITER's keys, refused with what it holds."""
+    for _ in range(3):
+        if isinstance(state_dict, dict) and not any(isinstance(v, torch.Tensor) for v in state_dict.values()):
+            nested = [key for key in NESTING_KEYS if isinstance(state_dict.get(key), dict)]
+            if not nested:
+                break
+            state_dict = state_dict[nested[0]]
+    if not isinstance(state_dict, dict) or not state_dict:
+        raise ValueError(f"{source} holds {type(state_dict).__name__}, not a non-empty dict of weight tensors.")
+    not_tensors = [key for key, value in state_dict.items() if not isinstance(value, torch.Tensor)]
+    if not_tensors:
+        raise ValueError(
+            f"{source} holds non-tensor entries {sorted(map(str, not_tensors))[:5]}: not a state dict (weights nested "
+            f"under another key? known ones: {NESTING_KEYS})."
+        )
+    if all(str(key).startswith("module.") for key in state_dict):
+        state_dict = {key[len("module.") :]: value for key, value in state_dict.items()}
+    state_dict = _rename_layer_norm(state_dict)
+    if "uniter.embeddings.word_embeddings.weight" not in state_dict:
+        if any(marker in state_dict for marker in BERT_MARKERS):
+            raise ValueError(
+                f"{source} is a plain BERT checkpoint (bert.* / embeddings.* keys), not UNITER: it has no region "
+                "embeddings. Load it with ImageBERTForPreTraining.from_pretrained or ImageBERTModel's BERT weights "
+                "instead (docs/pretrained_components.md)."
+            )
+        raise ValueError(
+            f"{source} is not a UNITER checkpoint: no uniter.embeddings.word_embeddings.weight; its keys start "
+            f"{sorted(state_dict)[:5]}."
+        )
+    needed = [
+        "uniter.encoder.layer.0.intermediate.dense.weight",
+        "uniter.embeddings.position_embeddings.weight",
+        "uniter.embeddings.token_type_embeddings.weight",
+        "uniter.img_embeddings.img_linear.weight",
+        "uniter.img_embeddings.pos_linear.weight",
+    ]
+    missing = [key for key in needed if key not in state_dict]
+    if missing:
+        raise ValueError(f"{source} is an incomplete UNITER checkpoint: it lacks {missing}.")
+    return state_dict
 
 
 def detect_task(state_dict: dict[str, torch.Tensor]) -> str:
@@ -201,7 +276,9 @@ def load_uniter_model(
         uniter_config: UNITER's JSON config as a dict (for the attention heads and dropouts).
         **config_overrides: `ImageBERTConfig` fields to set (e.g. `max_text_length`).
     """
-    state_dict = _rename_layer_norm(state_dict)
+    state_dict = prepare_uniter_state_dict(state_dict)
+    if task is not None and task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS} or None (detected), got {task!r}.")
     task = task or detect_task(state_dict)
     config = ImageBERTConfig(**{**uniter_config_kwargs(state_dict, uniter_config), **config_overrides})
     model_class = ImageBERTForPreTraining if task == "pretraining" else ImageBERTForImageTextRetrieval
@@ -241,9 +318,36 @@ def convert_uniter_checkpoint(
 ):
     """Converts `checkpoint` and saves the model (and, with `tokenizer`, an `ImageBERTProcessor` whose region
     extractor is the BUTD detector with 7-d locations) to `output_dir`. Returns the model."""
-    uniter = json.loads(Path(uniter_config).read_text()) if uniter_config else None
-    model = load_uniter_model(load_state_dict_file(checkpoint), task, uniter, **config_overrides)
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise NotADirectoryError(f"output {output_dir} exists and is not a folder; the model is saved as a folder.")
+    uniter = None
+    if uniter_config:
+        try:
+            uniter = json.loads(Path(uniter_config).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise ValueError(f"uniter_config {uniter_config} cannot be read as JSON ({error}).") from error
+        if not isinstance(uniter, dict):
+            raise ValueError(f"uniter_config {uniter_config} must hold a JSON object, got {type(uniter).__name__}.")
+    model = load_uniter_model(read_uniter_checkpoint(checkpoint), task, uniter, **config_overrides)
+    # Written under a temporary name and renamed once complete: a failed save raises and leaves no half folder.
+    tmp = output_dir.with_name(f".{output_dir.name}.tmp-{os.getpid()}")
+    try:
+        _save_converted(model, tmp, tokenizer, detector_weights)
+        _publish(str(tmp), str(output_dir))
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return model
+
+
+def _save_converted(model, output_dir: Path, tokenizer: str | None, detector_weights: str | None) -> None:
     model.save_pretrained(output_dir)
+    written = {path.name for path in output_dir.glob("*")} if output_dir.is_dir() else set()
+    if "config.json" not in written or not any(name.endswith((".safetensors", ".bin")) for name in written):
+        raise OSError(f"saving the model to {output_dir} failed: it holds {sorted(written)}.")
     if tokenizer is not None:
         from transformers import AutoTokenizer
 
@@ -260,7 +364,6 @@ def convert_uniter_checkpoint(
             model.config, AutoTokenizer.from_pretrained(tokenizer), extractor
         )
         processor.save_pretrained(output_dir)
-    return model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -292,7 +395,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["convert_uniter_checkpoint", "convert_uniter_state_dict", "load_uniter_model", "uniter_config_kwargs"]
+__all__ = [
+    "convert_uniter_checkpoint",
+    "convert_uniter_state_dict",
+    "load_uniter_model",
+    "prepare_uniter_state_dict",
+    "read_uniter_checkpoint",
+    "uniter_config_kwargs",
+]
 
 
 if __name__ == "__main__":

@@ -699,9 +699,10 @@ def _publish(tmp: str, directory: str) -> None:
     remote code and imports no package module, so it keeps this short copy of `formats.files.publish_folder`."""
     import shutil
 
-    for name in os.listdir(tmp):
-        with open(os.path.join(tmp, name), "rb") as handle:
-            os.fsync(handle.fileno())
+    for folder, _, names in os.walk(tmp):
+        for name in names:
+            with open(os.path.join(folder, name), "rb") as handle:
+                os.fsync(handle.fileno())
     if os.path.exists(directory):
         shutil.rmtree(directory)
     os.replace(tmp, directory)
