@@ -160,15 +160,46 @@ def _is_text_member(name: str) -> bool:
 
 
 def _caption_of(sample: dict[str, Any]) -> str | None:
-    """The caption of a webdataset sample as img2dataset writes it: `KEY.txt`, else `"caption"` of `KEY.json`."""
-    if sample.get("txt"):
-        text = bytes(sample["txt"]).decode("utf-8").strip()
-        if text:
-            return text
-    if sample.get("json"):
-        caption = json.loads(bytes(sample["json"])).get("caption")
-        return str(caption).strip() if caption else None
+    """The caption of a webdataset sample as img2dataset writes it: `KEY.txt`, else `"caption"` of `KEY.json`.
+
+    Raises:
+        ValueError: naming the shard and key of a caption that is not UTF-8 or a `.json` member that is not a JSON
+            object.
+    """
+    where = f"webdataset shard {sample.get('__url__')}, key {sample.get('__key__')!r}"
+    try:
+        if sample.get("txt"):
+            text = bytes(sample["txt"]).decode("utf-8").strip()
+            if text:
+                return text
+        if sample.get("json"):
+            meta = json.loads(bytes(sample["json"]))
+            if not isinstance(meta, dict):
+                raise ValueError(f"the .json member is a {type(meta).__name__}, not an object")
+            caption = meta.get("caption")
+            return str(caption).strip() if caption else None
+    except (UnicodeDecodeError, ValueError) as error:
+        raise ValueError(f"{where}: unreadable caption ({type(error).__name__}: {error}).") from error
     return None
+
+
+def _read_samples(reader, name: str):
+    """The samples of a webdataset reader; an error of the tar reader (a truncated or non-tar shard) becomes a
+    `ValueError` naming the source and the last shard and key read, and `StopIteration` never leaks."""
+    last = {"__url__": None, "__key__": None}
+    iterator = iter(reader)
+    while True:
+        try:
+            sample = next(iterator)
+        except StopIteration:
+            return
+        except Exception as error:
+            raise ValueError(
+                f"webdataset source {name!r}: reading failed after shard {last['__url__']}, key {last['__key__']!r} "
+                f"({type(error).__name__}: {str(error)[:300]}); is a shard truncated or not a tar file?"
+            ) from error
+        last = sample
+        yield sample
 
 
 def _image_of(sample: dict[str, Any]) -> bytes | None:
@@ -214,7 +245,7 @@ class WebDatasetPairSource(PairSource):
         self.urls = expand_urls(urls)
         self._shard_of: dict[str, str] = {}
         pairs = []
-        for sample in _webdataset(self.urls):
+        for sample in _read_samples(_webdataset(self.urls), name):
             caption = _caption_of(sample)
             if caption and _image_of(sample) is not None:
                 self._shard_of[sample["__key__"]] = sample["__url__"]
@@ -270,11 +301,20 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
         for pattern in patterns:
             local_glob = not _is_remote(pattern) and any(ch in pattern for ch in "*?[")
             expanded.extend(sorted(glob.glob(pattern)) if local_glob else [pattern])
-    else:
+    elif isinstance(urls, Sequence) and not isinstance(urls, bytes):
         expanded = [str(url) for url in urls]
+    else:
+        raise TypeError(f"urls must be a string (pattern) or a list of shard paths/URLs, got {type(urls).__name__}.")
     missing = [url for url in expanded if not _is_remote(url) and not Path(url).is_file()]
-    if not expanded or missing:
-        raise FileNotFoundError(f"webdataset shards not found: {missing or urls}")
+    if not expanded:
+        raise FileNotFoundError(
+            f"webdataset shards not found: no file matches {urls!r} (a local pattern is expanded with glob, braces "
+            "with braceexpand when installed)."
+        )
+    if missing:
+        raise FileNotFoundError(
+            f"webdataset shards not found: {missing[:5]} ({len(missing)} of {len(expanded)} missing)."
+        )
     return expanded
 
 
@@ -319,7 +359,7 @@ class WebDatasetStream(StreamingPairSource):
         urls = list(self.urls)
         if self.shuffle_shards:
             urls = [urls[i] for i in np.random.default_rng([self.seed, epoch]).permutation(len(urls))]
-        for sample in _webdataset(urls, select_files=_is_text_member, split=True):
+        for sample in _read_samples(_webdataset(urls, select_files=_is_text_member, split=True), self.name):
             caption = _caption_of(sample)
             if caption:
                 yield sample["__key__"], caption
@@ -365,21 +405,44 @@ class DatasetStream(StreamingPairSource):
     def epoch_pairs(self, epoch: int) -> Iterator[tuple[str, str]]:
         from datasets.distributed import split_dataset_by_node
 
-        stream = self._open()
+        try:
+            stream = self._open()
+        except (FileNotFoundError, ValueError, OSError) as error:
+            raise ValueError(
+                f"streaming source {self.name!r}: cannot open {self.dataset} ({type(error).__name__}: "
+                f"{str(error)[:300]})."
+            ) from error
         if hasattr(stream, "set_epoch"):
             stream.set_epoch(epoch)
         rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         if world > 1:
             stream = split_dataset_by_node(stream, rank=rank, world_size=world)
-        for row in stream:
-            if self.text_column not in row or self.id_column not in row:
+        rows = iter(stream)
+        number = 0
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                return
+            except Exception as error:  # pyarrow / datasets / json errors of a damaged data file
+                raise ValueError(
+                    f"streaming source {self.name!r} ({self.dataset}): reading failed after row {number} "
+                    f"({type(error).__name__}: {str(error)[:300]})."
+                ) from error
+            number += 1
+            if not isinstance(row, dict) or self.text_column not in row or self.id_column not in row:
                 raise ValueError(
                     f"streaming source {self.name!r}: rows need columns {self.text_column!r} and {self.id_column!r}; "
                     f"got {sorted(row)}."
                 )
             texts = row[self.text_column]
+            if texts is not None and not isinstance(texts, (str, list, tuple)):
+                raise ValueError(
+                    f"streaming source {self.name!r}, row {number - 1} (key {row[self.id_column]!r}): "
+                    f"{self.text_column!r} must be a string or a list of strings, got {type(texts).__name__}."
+                )
             for text in [texts] if isinstance(texts, str) else texts or ():
-                if text:
+                if isinstance(text, str) and text.strip():
                     yield str(row[self.id_column]), text
 
 
@@ -873,7 +936,12 @@ class StreamingPretrainingDataset(torch.utils.data.IterableDataset):
         pool: list[tuple[int, str, str, int, int]] = []
         while True:
             source_index = int(rng.choice(len(self.sources), p=self.probabilities))
-            key, caption = next(streams[source_index])
+            try:
+                key, caption = next(streams[source_index])
+            except StopIteration:  # a source's stream never ends; if one does, say which instead of stopping silently
+                raise RuntimeError(
+                    f"streaming source {self.sources[source_index].name!r} stopped ({where}); streams are endless."
+                ) from None
             region_key, text, label = key, caption, 1
             candidates = recent[source_index]
             negative = choose_negative(

@@ -20,6 +20,20 @@ REMOVED_FIELDS = (
 )
 # Switches for training runs only, left out of saved configs.
 RUNTIME_FIELDS = ("sparse_prediction",)
+# Keys a config may carry that ImageBERT does not read, accepted without a warning: `PreTrainedConfig`'s own, what
+# transformers writes into saved configs, and BERT's fields (a BERT config.json loads unchanged).
+KNOWN_EXTRA_KEYS = frozenset(
+    {
+        "_name_or_path", "architectures", "auto_map", "chunk_size_feed_forward", "custom_pipelines", "dtype",
+        "torch_dtype", "id2label", "label2id", "num_labels", "is_encoder_decoder", "model_type", "output_attentions",
+        "output_hidden_states", "problem_type", "return_dict", "transformers_version", "_attn_implementation",
+        "attn_implementation", "_commit_hash", "name_or_path", "tokenizer_class", "prefix", "finetuning_task",
+        "task_specific_params", "bos_token_id", "eos_token_id", "sep_token_id", "decoder_start_token_id",
+        "add_cross_attention", "classifier_dropout", "is_decoder", "use_cache", "position_embedding_type",
+        "gradient_checkpointing", "pruned_heads", "tie_encoder_decoder", "cross_attention_hidden_size",
+        "_experts_implementation",
+    }
+)  # fmt: skip
 
 
 class ImageBERTConfig(PreTrainedConfig):
@@ -157,6 +171,22 @@ class ImageBERTConfig(PreTrainedConfig):
             logger.info(
                 f"ImageBERTConfig ignores {', '.join(removed)}: data-pipeline settings the model never reads (the "
                 "collator and the recipe hold them)."
+            )
+        unknown = sorted(key for key in kwargs if key not in KNOWN_EXTRA_KEYS and not key.startswith("_"))
+        if unknown:
+            import difflib
+            import inspect
+
+            fields = [name for name in inspect.signature(type(self).__init__).parameters if name not in ("self",)]
+            hints = [
+                f"{key!r} (did you mean {close[0]!r}?)"
+                if (close := difflib.get_close_matches(key, fields, 1))
+                else repr(key)
+                for key in unknown
+            ]
+            logger.warning(
+                f"ImageBERTConfig got unknown field(s) {', '.join(hints)}: kept on the config as transformers does, "
+                "but no part of ImageBERT reads them."
             )
         super().__init__(pad_token_id=pad_token_id, **kwargs)
         self.tie_word_embeddings = tie_word_embeddings
@@ -320,4 +350,4 @@ def check_field(name: str, value, kind: str, low, high) -> None:
         raise ValueError(f"{name} must be {expected}, got {value!r}.")
 
 
-__all__ = ["FIELD_RULES", "ImageBERTConfig", "check_field"]
+__all__ = ["FIELD_RULES", "KNOWN_EXTRA_KEYS", "ImageBERTConfig", "check_field"]

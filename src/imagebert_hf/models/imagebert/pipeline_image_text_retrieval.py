@@ -295,6 +295,11 @@ class ImageTextRetrievalPipeline(Pipeline):
                             errors.append(
                                 f"images[{position}] ({_describe(item)}): {name} contain NaN or infinite values"
                             )
+                    if np.ndim(item["region_features"]) == 0 or len(item["region_features"]) == 0:
+                        errors.append(
+                            f"images[{position}] ({_describe(item)}): the record has no regions (region_features of "
+                            f"shape {tuple(np.shape(item['region_features']))}); every image needs at least one region"
+                        )
                 records[position] = item
             elif extractor is None:
                 errors.append(

@@ -208,6 +208,13 @@ class ImageBERTProcessor(ProcessorMixin):
                     raise ValueError(
                         f"regions[{i}] ({record.get('image_id')}): {name} contain NaN or infinite values."
                     )
+            features = record.get("region_features")
+            if features is not None and (np.ndim(features) == 0 or len(features) == 0):
+                raise ValueError(
+                    f"regions[{i}] ({record.get('image_id')}): the record has no regions (region_features of shape "
+                    f"{tuple(np.shape(features))}); every image needs at least one region (drop it, or extract its "
+                    "regions again)."
+                )
             labels = record.get("region_class_labels")
             if return_labels and labels is not None and num_classes:
                 labels = np.asarray(labels)
