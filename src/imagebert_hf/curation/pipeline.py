@@ -238,6 +238,10 @@ def run_local(
     # intact. The previous `data/` is replaced only once the new one is complete (one rename).
     sources = [s.to_dict() for s in discover_sources(inputs)]
     output_dir.mkdir(parents=True, exist_ok=True)
+    # What a killed run left: its work folder and its unpublished data folder (one local run per output folder).
+    for stale in [*output_dir.glob("curation-*"), *output_dir.glob(".data.tmp-*")]:
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
     work = Path(tempfile.mkdtemp(prefix="curation-", dir=output_dir))
     try:
         ds = Dataset.from_generator(
