@@ -111,7 +111,7 @@ def read_uniter_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise ValueError(f"checkpoint {path} is empty (0 bytes): an interrupted download? Fetch it again.")
     try:
         state_dict = load_state_dict_file(path)
-    except (RuntimeError, ValueError, EOFError, OSError, AttributeError, ImportError) as error:
+    except Exception as error:  # torch / pickle / safetensors / zip errors of a file that is not a state dict
         said = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(
             f"checkpoint {path} ({path.stat().st_size} bytes) cannot be read as a PyTorch or safetensors state dict "
