@@ -157,9 +157,10 @@ def discover_sources(inputs: list[str | os.PathLike]) -> list[Source]:
     if not inputs:
         raise ValueError("inputs is empty: give WARC files, HTML pages, folders or glob patterns.")
     sources: list[Source] = []
-    for item in map(_local, inputs):
-        if not isinstance(item, str) or not item:
+    for item in inputs:
+        if not isinstance(item, (str, os.PathLike)) or not os.fspath(item):
             raise TypeError(f"every input must be a non-empty path or URL string, got {item!r}.")
+        item = _local(item)
         if is_url(item):
             sources.extend(_discover_url(item))
             continue
