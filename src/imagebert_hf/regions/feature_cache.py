@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from transformers.utils import logging
 
-from ..formats.files import atomic_write_json, atomic_write_text, atomic_writer, publish_folder
+from ..formats.files import atomic_write_bytes, atomic_write_json, atomic_write_text, atomic_writer, publish_folder
 from ..formats.manifest import iter_manifest
 from ..models.imagebert.image_processing_imagebert import ImageBERTRoIExtractor
 from ..models.imagebert.region_batching import RegionRecord, as_feature_tensor, pad_region_records
@@ -604,7 +604,7 @@ def merge_region_caches(parts: Sequence[str | os.PathLike], output_dir: str | os
     output_dir.mkdir(parents=True, exist_ok=True)
     if not (output_dir / EXTRACTOR_DIR).is_dir():
         shutil.copytree(parts[0] / EXTRACTOR_DIR, output_dir / EXTRACTOR_DIR)
-    shutil.copyfile(parts[0] / INDEX_NAME, output_dir / INDEX_NAME)
+    atomic_write_bytes(output_dir / INDEX_NAME, (parts[0] / INDEX_NAME).read_bytes())
     if not (output_dir / CACHE_INFO_NAME).is_file():
         atomic_write_json(output_dir / CACHE_INFO_NAME, info, indent=2, default=str)
     (output_dir / SHARDS_DIR).mkdir(exist_ok=True)
@@ -1219,8 +1219,15 @@ class RegionGallery:
             )
 
 
-def load_region_cache(path: str | os.PathLike, dtype: str | None = "float32") -> RegionCache:
-    """Opens a region cache written by `extract_regions` for lookups by key (see `RegionCache`)."""
+def load_region_cache(path: str | os.PathLike, dtype: str | None = "float32", verify: bool = False) -> RegionCache:
+    """Opens a region cache written by `extract_regions` for lookups by key (see `RegionCache`).
+
+    Opening checks what is cheap at any scale: `cache_info.json`, each shard's place, file sizes and first and last
+    keys, and every lookup's row. With `verify=True` every file is read first and its sha256 compared with the one
+    recorded when it was written (`verify_region_cache`): the full check, as slow as reading the cache once.
+    """
+    if verify:
+        verify_region_cache(path)
     return RegionCache(path, dtype=dtype)
 
 
