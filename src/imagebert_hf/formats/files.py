@@ -80,6 +80,17 @@ def fsync_tree(folder: str | os.PathLike) -> None:
                 os.fsync(handle.fileno())
 
 
+def file_checksum(path: str | os.PathLike) -> dict[str, Any]:
+    """`{"size", "sha256"}` of a file, read in 8 MiB blocks: what integrity records store and verification compares."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(8 << 20), b""):
+            digest.update(block)
+    return {"size": os.path.getsize(path), "sha256": digest.hexdigest()}
+
+
 def publish_folder(tmp: str | os.PathLike, final: str | os.PathLike, replace: bool = True) -> None:
     """Atomically puts the fully written folder `tmp` at `final`: its files are synced, then it is renamed.
 
@@ -104,6 +115,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "atomic_writer",
+    "file_checksum",
     "fsync_tree",
     "publish_folder",
 ]

@@ -33,7 +33,14 @@ from typing import Any
 import numpy as np
 from transformers.utils import logging
 
-from ..formats.files import atomic_write_bytes, atomic_write_json, atomic_write_text, atomic_writer, publish_folder
+from ..formats.files import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    atomic_writer,
+    file_checksum,
+    publish_folder,
+)
 from ..formats.manifest import iter_manifest
 from ..models.imagebert.image_processing_imagebert import ImageBERTRoIExtractor
 from ..models.imagebert.region_batching import RegionRecord, as_feature_tensor, pad_region_records
@@ -170,15 +177,6 @@ def _fingerprint(
 # ------------------------------------------------------------------------------------------------ shards
 
 
-def _file_checksum(path: Path) -> dict[str, Any]:
-    """`{"size", "sha256"}` of a file, read in 8 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(8 << 20), b""):
-            digest.update(block)
-    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
-
-
 def _check_positive(name: str, value, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -281,7 +279,7 @@ def _extract_shard(
         "shard": int(shard_path.name.rsplit("-", 1)[-1]),
         "first_cache_key": units[0]["cache_key"] if units else None,
         "last_cache_key": units[-1]["cache_key"] if units else None,
-        "files": {file.name: _file_checksum(file) for file in sorted(tmp_path.glob("data-*.arrow"))},
+        "files": {file.name: file_checksum(file) for file in sorted(tmp_path.glob("data-*.arrow"))},
     }
     atomic_write_json(tmp_path / SHARD_REPORT_NAME, shard_report)
     # The rename is the commit: a shard folder without the .tmp suffix is always complete.
@@ -949,7 +947,7 @@ def verify_region_cache(path: str | os.PathLike) -> int:
     checked = 0
     recorded = info.get("index")
     if recorded:
-        actual = _file_checksum(path / INDEX_NAME) if (path / INDEX_NAME).is_file() else None
+        actual = file_checksum(path / INDEX_NAME) if (path / INDEX_NAME).is_file() else None
         if actual != {"size": recorded.get("size"), "sha256": recorded.get("sha256")}:
             raise RegionCacheError(
                 f"{path / INDEX_NAME} does not match the checksum recorded in {CACHE_INFO_NAME}; rebuild the cache."
@@ -962,7 +960,7 @@ def verify_region_cache(path: str | os.PathLike) -> int:
             continue
         _check_shard_files(shard, number, report)
         for name, expected in report["files"].items():
-            if _file_checksum(shard / name) != expected:
+            if file_checksum(shard / name) != expected:
                 raise _damaged(shard / name, ValueError("its sha256 differs from the one recorded when written"))
             checked += 1
     return checked

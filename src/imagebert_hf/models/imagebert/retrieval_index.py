@@ -685,6 +685,8 @@ def _sha256_bytes(data: bytes) -> str:
 
 
 def _file_checksum(path: str) -> dict:
+    """`formats.files.file_checksum`, kept here because this file travels as remote code and imports no package
+    module."""
     import hashlib
 
     digest = hashlib.sha256()
