@@ -280,3 +280,20 @@ def test_bad_dataset_names_are_named(datasets, message):
 def test_a_model_id_that_is_not_a_name_is_refused(model_id):
     with pytest.raises(ValueError, match=r"model_id must be a non-empty string, got"):
         build_model_card([_result()], model_id=model_id)
+
+
+def test_zero_shot_inputs_merge_an_image_listed_twice(tmp_path, tokenizer):
+    from imagebert_hf.data import retrieval_corpus
+    from imagebert_hf.evaluation.zero_shot import manifest_retrieval_inputs
+
+    lines = [("a.jpg", "a cat"), ("b.jpg", "a dog"), ("a.jpg", "a cat on a mat")]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps({"image": i, "captions": [c]}) + "\n" for i, c in lines))
+    regions = {
+        name: {"region_features": torch.ones(2, 4).numpy(), "region_locations": torch.zeros(2, 5).numpy()}
+        for name in ("a.jpg", "b.jpg")
+    }
+    with CaptureLogger(retrieval_corpus.logger) as captured:
+        text_inputs, region_inputs, text_to_image = manifest_retrieval_inputs(tmp_path / "m.jsonl", regions, tokenizer)
+    assert "repeat an image listed earlier (first: 'a.jpg')" in captured.out
+    assert text_to_image == [0, 0, 1] and region_inputs["region_features"].shape[0] == 2
+    assert text_inputs["input_ids"].shape[0] == 3

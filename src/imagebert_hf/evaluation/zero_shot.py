@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.retrieval_corpus import check_max_images
+from ..data.retrieval_corpus import check_max_images, merge_duplicate_images
 from ..data.synthetic import chance_recall
 from ..formats.manifest import read_manifest
 from ..models.imagebert.modeling_imagebert import ImageBERTForImageTextRetrieval
@@ -56,7 +56,12 @@ def manifest_retrieval_inputs(
     records = records[:max_images]
     if not records:
         raise ValueError(f"{manifest} has no images in split {split!r}.")
-    captions = [record.captions[:captions_per_image] for record in records]
+    # An image listed on two lines is one gallery item with the captions of both (a warning names it).
+    merged = merge_duplicate_images(
+        [{"image_id": record.image, "captions": list(record.captions), "record": record} for record in records]
+    )
+    records = [entry["record"] for entry in merged]
+    captions = [list(entry["captions"])[:captions_per_image] for entry in merged]
     texts = [caption for kept in captions for caption in kept]
     text_to_image = [i for i, kept in enumerate(captions) for _ in kept]
     text_inputs = tokenizer(texts, padding=True, truncation=True, max_length=max_text_length, return_tensors="pt")
