@@ -9,8 +9,6 @@ positives (`RetrievalTrainingModel`). Checkpoints, resumption, logging and the l
 from __future__ import annotations
 
 import json
-import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,18 +30,13 @@ from ..data.synthetic import make_synthetic_examples, make_synthetic_tokenizer, 
 from ..evaluation.full_ranking import rank_corpus
 from ..evaluation.hub import push_to_hub
 from ..evaluation.recall import retrieval_metrics
-from ..formats.files import publish_folder
+from ..formats.files import atomic_write_json
 from ..models.imagebert import ImageBERTConfig, ImageBERTForImageTextRetrieval
 from ..regions.feature_cache import load_region_cache
-from .checkpointing import (
-    TrainState,
-    latest_checkpoint,
-    load_checkpoint,
-    remove_partial_checkpoints,
-    save_model,
-)
-from .loop import TrainingStopped, build_accelerator, build_optimizer, build_scheduler, train_loop
+from .checkpointing import TrainState
+from .loop import LoopSettings, build_accelerator
 from .plots import plot_losses
+from .runner import Schedule, Stage, run_stage, save_final
 
 
 LOSS_NAMES = ("binary", "multiclass", "triplet", "contrastive")
@@ -352,33 +345,26 @@ def evaluate(model, corpus: RetrievalCorpus, args: RetrievalArguments, output_di
     return results
 
 
-def run_retrieval_finetuning(args: RetrievalArguments) -> dict:
-    """Fine-tunes (or, with `--synthetic_images`, trains a tiny model) for retrieval, saves `final/` with its
-    processor or tokenizer, and evaluates on the evaluation split when there is one.
-
-    Returns:
-        `{"history", "final_model"}` and, with an evaluation split, `"eval"` (recall of full ranking and, with
-        `eval_shortlist_k`, of shortlist + re-rank).
-    """
-    from accelerate.utils import set_seed
-
-    output_dir = Path(args.output_dir)
-    loss_weights = parse_loss_weights(args.loss_weights)
-    accelerator = build_accelerator(
-        output_dir, args.mixed_precision, args.report_to, args.cpu, args.gradient_accumulation_steps
-    )
+def _check_arguments(args: RetrievalArguments, accelerator) -> None:
     if args.hard_negatives and args.negative_mining != "random":
-        raise ValueError("--hard_negatives and --negative_mining contrastive both choose the negatives; pick one.")
-    if args.hard_negatives and accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
-        raise SystemExit(
-            "--hard_negatives scores candidates with the whole model inside the collator, which sharded parameters "
-            "(FSDP, DeepSpeed) do not allow; use a DDP launch config (accelerate_4gpu.yaml) or random negatives."
+        raise ValueError(
+            f"--hard_negatives and --negative_mining {args.negative_mining} both choose the negatives; pick one."
         )
-    if (output_dir / "final").exists() and not args.resume:
-        raise FileExistsError(f"{output_dir} already holds a finished run; pass --resume or another --output_dir.")
-    set_seed(args.seed)
-    model, tokenizer, processor = load_model_and_tokenizer(args, loss_weights)
-    train_corpus, eval_corpus = build_corpora(args, tokenizer, model.config)
+    if args.hard_negatives and accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
+        raise ValueError(
+            f"--hard_negatives scores candidates with the whole model inside the collator, which sharded parameters "
+            f"({accelerator.distributed_type.value}) do not allow; use a DDP launch config (accelerate_4gpu.yaml) "
+            "or random negatives."
+        )
+    if (Path(args.output_dir) / "final").exists() and not args.resume:
+        raise FileExistsError(
+            f"{args.output_dir} already holds a finished run; pass --resume or another --output_dir."
+        )
+
+
+def retrieval_stage(args: RetrievalArguments, accelerator, model, train_corpus: RetrievalCorpus) -> Stage:
+    """Fine-tuning as the stage runner takes it: the model with its contrastive heads (`RetrievalTrainingModel`),
+    the positives in a seeded order, the collator adding each positive's negatives."""
     if args.hard_negatives:
         negatives = HardNegativeSampler(
             train_corpus, args.num_negatives, args.hard_pool_size, args.negative_type, model, seed=args.seed
@@ -405,78 +391,102 @@ def run_retrieval_finetuning(args: RetrievalArguments) -> dict:
         seed=args.seed,
         contrastive_trains_encoder=args.contrastive_trains_encoder,
     )
-    optimizer = build_optimizer(wrapper, args.learning_rate, args.weight_decay)
-    dataloader = accelerator.prepare(dataloader)
-    steps_per_epoch = max(1, math.ceil(len(dataloader) / args.gradient_accumulation_steps))
-    total_steps = args.max_steps or math.ceil(args.num_epochs * steps_per_epoch)
-    scheduler = build_scheduler(
-        optimizer, args.lr_scheduler_type, total_steps, int(args.warmup_ratio * total_steps), accelerator.num_processes
-    )
-    wrapper, optimizer, scheduler = accelerator.prepare(wrapper, optimizer, scheduler)
-    if args.hard_negatives:
-        negatives.model = accelerator.unwrap_model(wrapper).model
-    if accelerator.log_with:
-        accelerator.init_trackers("imagebert_retrieval", config={"seed": args.seed, "total_steps": total_steps})
 
-    state = TrainState(stage_name="retrieval", total_steps=total_steps)
-    checkpoint_dir = output_dir / "checkpoints"
-    if accelerator.is_main_process:
-        remove_partial_checkpoints(checkpoint_dir)
-    accelerator.wait_for_everyone()
-    checkpoint = latest_checkpoint(checkpoint_dir) if args.resume else None
-    if checkpoint is not None:
-        state = load_checkpoint(accelerator, checkpoint)
-        accelerator.print(f"resumed from {checkpoint} at step {state.completed_steps}")
-    accelerator.print(
-        f"{train_corpus.num_images} images, {train_corpus.num_texts} captions; {total_steps} steps; losses "
-        f"{loss_weights} + contrastive x{args.contrastive_weight}; {args.num_negatives} "
-        f"{'hard' if args.hard_negatives else 'in-batch mined' if args.negative_mining == 'contrastive' else 'random'} negatives ({args.negative_type})"
-    )
-    try:
-        state = train_loop(
-            accelerator,
-            wrapper,
-            optimizer,
-            scheduler,
-            dataloader,
-            state,
-            sampler=sampler,
-            loss_names=LOSS_NAMES,
-            checkpoint_dir=checkpoint_dir,
-            checkpointing_steps=args.checkpointing_steps,
-            save_total_limit=args.save_total_limit,
-            logging_steps=args.logging_steps,
-            max_grad_norm=args.max_grad_norm,
-            stop_after_global_step=args.stop_after_steps,
+    def on_prepared(prepared, state: TrainState) -> None:
+        if args.hard_negatives:
+            negatives.model = accelerator.unwrap_model(prepared).model
+        if accelerator.log_with:
+            accelerator.init_trackers(
+                "imagebert_retrieval", config={"seed": args.seed, "total_steps": state.total_steps}
+            )
+
+    def describe(total_steps: int) -> str:
+        kind = (
+            "hard" if args.hard_negatives else "in-batch mined" if args.negative_mining == "contrastive" else "random"
         )
-    except TrainingStopped as stop:
-        print(f"{stop}; continue with --resume", file=sys.stderr)
-        sys.exit(3)  # the exit status a job scheduler reads as "resubmit with --resume"
+        return (
+            f"{train_corpus.num_images} images, {train_corpus.num_texts} captions; {total_steps} steps; losses "
+            f"{parse_loss_weights(args.loss_weights)} + contrastive x{args.contrastive_weight}; {args.num_negatives} "
+            f"{kind} negatives ({args.negative_type})"
+        )
 
-    accelerator.wait_for_everyone()
-    tmp = output_dir / ".tmp-final"
+    schedule = Schedule(
+        learning_rate=args.learning_rate,
+        max_steps=args.max_steps or None,
+        num_epochs=args.num_epochs,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        weight_decay=args.weight_decay,
+        lr_scheduler_type=args.lr_scheduler_type,
+        warmup_ratio=args.warmup_ratio,
+    )
+    return Stage(
+        name="retrieval",
+        model=wrapper,
+        dataloader=dataloader,
+        schedule=schedule,
+        folder=Path(args.output_dir),
+        sampler=sampler,
+        describe=describe,
+        on_prepared=on_prepared,
+    )
+
+
+def _finish(accelerator, wrapper, state, companion, processor, eval_corpus, args: RetrievalArguments) -> dict:
+    """Saves `final/`, plots the losses, evaluates on the evaluation corpus and pushes to the Hub when asked."""
+    output_dir = Path(args.output_dir)
     # Gathers sharded parameters (FSDP, DeepSpeed ZeRO-3) on every process; the main process writes.
-    save_model(accelerator, wrapper, tmp, submodule="model")
+    final_dir = save_final(accelerator, wrapper, state, output_dir / "final", companion, submodule="model")
     model = accelerator.unwrap_model(wrapper).model
-    results = {"history": state.history, "final_model": str(output_dir / "final")}
-    if accelerator.is_main_process:
-        if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
-            # The model in memory holds this process's shards only; evaluate and publish the gathered copy.
-            model = type(model).from_pretrained(tmp).to(accelerator.device)
-        (processor or tokenizer).save_pretrained(tmp)
-        state.save(tmp)
-        publish_folder(tmp, output_dir / "final")
-        plot_losses(state.history, output_dir / "losses.png", tasks=("loss", *LOSS_NAMES), title="retrieval losses")
-        if eval_corpus is not None:
-            results["eval"] = evaluate(model, eval_corpus, args, output_dir)
-            with open(output_dir / "eval_results.json", "w", encoding="utf-8") as handle:
-                json.dump(results["eval"], handle, indent=1)
-            accelerator.print(json.dumps(results["eval"], indent=1))
-        if args.push_to_hub:
-            if not args.hub_model_id or processor is None:
-                raise ValueError("--push_to_hub needs --hub_model_id and a checkpoint saved with its processor.")
+    results = {"history": state.history, "final_model": str(final_dir)}
+    if not accelerator.is_main_process:
+        return results
+    if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
+        # The model in memory holds this process's shards only; evaluate and publish the gathered copy.
+        model = type(model).from_pretrained(final_dir).to(accelerator.device)
+    plot_losses(state.history, output_dir / "losses.png", tasks=("loss", *LOSS_NAMES), title="retrieval losses")
+    if eval_corpus is not None:
+        results["eval"] = evaluate(model, eval_corpus, args, output_dir)
+        atomic_write_json(output_dir / "eval_results.json", results["eval"], indent=1)
+        accelerator.print(json.dumps(results["eval"], indent=1))
+    if args.push_to_hub:
+        if not args.hub_model_id or processor is None:
+            raise ValueError("--push_to_hub needs --hub_model_id and a checkpoint saved with its processor.")
+        push_to_hub(model, processor, args.hub_model_id, results=None)
+    return results
 
-            push_to_hub(model, processor, args.hub_model_id, results=None)
+
+def run_retrieval_finetuning(args: RetrievalArguments) -> dict:
+    """Fine-tunes (or, with `--synthetic_images`, trains a tiny model) for retrieval, saves `final/` with its
+    processor or tokenizer, and evaluates on the evaluation split when there is one.
+
+    Raises:
+        TrainingStopped: `args.stop_after_steps` was reached (the run continues with `--resume`).
+
+    Returns:
+        `{"history", "final_model"}` and, with an evaluation split, `"eval"` (recall of full ranking and, with
+        `eval_shortlist_k`, of shortlist + re-rank).
+    """
+    from accelerate.utils import set_seed
+
+    loss_weights = parse_loss_weights(args.loss_weights)
+    accelerator = build_accelerator(
+        args.output_dir, args.mixed_precision, args.report_to, args.cpu, args.gradient_accumulation_steps
+    )
+    _check_arguments(args, accelerator)
+    set_seed(args.seed)
+    model, tokenizer, processor = load_model_and_tokenizer(args, loss_weights)
+    train_corpus, eval_corpus = build_corpora(args, tokenizer, model.config)
+    stage = retrieval_stage(args, accelerator, model, train_corpus)
+    settings = LoopSettings(
+        loss_names=LOSS_NAMES,
+        checkpointing_steps=args.checkpointing_steps,
+        save_total_limit=args.save_total_limit,
+        logging_steps=args.logging_steps,
+        max_grad_norm=args.max_grad_norm,
+        stop_after_global_step=args.stop_after_steps,
+    )
+    wrapper, state = run_stage(accelerator, stage, settings, resume=args.resume)
+    results = _finish(accelerator, wrapper, state, processor or tokenizer, processor, eval_corpus, args)
     accelerator.end_training()
     return results
 
@@ -486,5 +496,6 @@ __all__ = [
     "RetrievalTrainingModel",
     "mine_contrastive_negatives",
     "parse_loss_weights",
+    "retrieval_stage",
     "run_retrieval_finetuning",
 ]
