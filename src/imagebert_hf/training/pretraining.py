@@ -41,6 +41,14 @@ from .runner import Schedule, Stage, run_stage, save_final
 logger = logging.get_logger(__name__)
 
 PRETRAINING_TASKS = ("mlm", "moc", "mrfr", "itm")
+# The stage fields that configure the collator's masking and ITM negatives.
+MASKING_FIELDS = (
+    "mlm_probability",
+    "region_mask_probability",
+    "region_zero_probability",
+    "itm_negative_probability",
+    "text_negative_share",
+)
 
 
 @dataclass
@@ -105,6 +113,11 @@ def build_model(spec: ModelSpec, tokenizer, init_from: str | Path | None = None)
     return ImageBERTForPreTraining(config)
 
 
+def _fields(spec, *names: str) -> dict[str, Any]:
+    """Fields of a recipe spec as keyword arguments of the class they configure, which names them the same."""
+    return {name: getattr(spec, name) for name in names}
+
+
 def build_source(spec: SourceSpec, feature_size: int) -> tuple[PairSource | StreamingPairSource, Any]:
     """A recipe source as a `PairSource` (a `StreamingPairSource` with `streaming: true`) and the mapping that gives
     its regions by image key."""
@@ -115,12 +128,8 @@ def build_source(spec: SourceSpec, feature_size: int) -> tuple[PairSource | Stre
     elif spec.type == "manifest":
         source = ManifestPairSource(
             spec.path,
-            image_root=spec.image_root,
-            splits=spec.splits,
-            key_field=spec.key_field,
-            max_captions_per_image=spec.max_captions_per_image,
             name=spec.name,
-            allow_outside_root=spec.allow_outside_root,
+            **_fields(spec, "image_root", "splits", "key_field", "max_captions_per_image", "allow_outside_root"),
         )
     elif spec.type == "hf_dataset":
         source = DatasetPairSource(spec.path, spec.text_column, spec.image_column, spec.id_column, name=spec.name)
@@ -129,12 +138,8 @@ def build_source(spec: SourceSpec, feature_size: int) -> tuple[PairSource | Stre
     else:
         source = SyntheticPairSource(
             spec.num_images,
-            seed=spec.seed,
-            image_size=spec.image_size,
-            captions_per_image=spec.captions_per_image,
-            caption_noise=spec.caption_noise,
-            first_image=spec.first_image,
             name=spec.name,
+            **_fields(spec, "seed", "image_size", "captions_per_image", "caption_noise", "first_image"),
         )
         if spec.region_cache is None:
             return source, source.annotation_regions(feature_size)
@@ -155,13 +160,9 @@ def build_stage_data(stage: StageSpec, tokenizer, config, seed: int, num_workers
     sources, stores = zip(*(build_source(spec, config.region_feature_size) for spec in stage.sources))
     collator = DataCollatorForImageBERTPretraining(
         tokenizer,
-        mlm_probability=stage.mlm_probability,
-        region_mask_probability=stage.region_mask_probability,
-        region_zero_probability=stage.region_zero_probability,
         # The datasets below pick negatives from the whole source and give their itm_labels, which the collator
         # keeps; it would draw in-batch negatives (with the same settings) only for samples without them.
-        itm_negative_probability=stage.itm_negative_probability,
-        text_negative_share=stage.text_negative_share,
+        **_fields(stage, *MASKING_FIELDS),
         max_text_length=config.max_text_length,
         max_regions=config.max_regions,
         return_region_class_probs=config.moc_loss_type == "kl",

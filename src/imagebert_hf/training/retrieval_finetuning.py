@@ -477,13 +477,12 @@ def run_retrieval_finetuning(args: RetrievalArguments) -> dict:
     model, tokenizer, processor = load_model_and_tokenizer(args, loss_weights)
     train_corpus, eval_corpus = build_corpora(args, tokenizer, model.config)
     stage = retrieval_stage(args, accelerator, model, train_corpus)
+    # The loop's settings that RetrievalArguments holds under the same names.
+    shared = ("checkpointing_steps", "save_total_limit", "logging_steps", "max_grad_norm")
     settings = LoopSettings(
         loss_names=LOSS_NAMES,
-        checkpointing_steps=args.checkpointing_steps,
-        save_total_limit=args.save_total_limit,
-        logging_steps=args.logging_steps,
-        max_grad_norm=args.max_grad_norm,
         stop_after_global_step=args.stop_after_steps,
+        **{name: getattr(args, name) for name in shared},
     )
     wrapper, state = run_stage(accelerator, stage, settings, resume=args.resume)
     results = _finish(accelerator, wrapper, state, processor or tokenizer, processor, eval_corpus, args)
