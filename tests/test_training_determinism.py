@@ -63,7 +63,7 @@ def run_tiny_pretraining(recipe_dict: dict, output_dir: Path) -> list[dict]:
 
 
 def run_tiny_retrieval(arguments: dict, output_dir: Path) -> list[dict]:
-    from imagebert_hf.training.retrieval_finetuning import RetrievalArguments, run_retrieval_finetuning
+    from imagebert_hf.training import RetrievalArguments, run_retrieval_finetuning
 
     args = RetrievalArguments(**{**arguments, "output_dir": str(output_dir)})
     return _losses(run_retrieval_finetuning(args)["history"])
@@ -73,8 +73,8 @@ def write_golden(work_dir: Path) -> dict:
     """Runs both and writes the settings and losses to `GOLDEN` (the recipe and arguments spelled out in full)."""
     import dataclasses
 
+    from imagebert_hf.training import RetrievalArguments
     from imagebert_hf.training.recipe import load_recipe, recipe_to_dict
-    from imagebert_hf.training.retrieval_finetuning import RetrievalArguments
 
     recipe_dict = recipe_to_dict(load_recipe(TINY_RECIPE, ["report_to=none", "logging_steps=1"]))
     recipe_dict.pop("output_dir")

@@ -170,25 +170,9 @@ def build_stage_data(stage: StageSpec, tokenizer, config, seed: int, num_workers
         seed=seed,
         num_object_classes=config.num_object_classes,
     )
+    weights = [spec.weight for spec in stage.sources]
     if isinstance(sources[0], StreamingPairSource):
-        # Each process reads its own part of the streams: the loader is used as it is, not sharded by accelerate.
-        dataset = StreamingPretrainingDataset(
-            sources,
-            stores,
-            [spec.weight for spec in stage.sources],
-            tokenizer,
-            max_text_length=config.max_text_length,
-            max_regions=config.max_regions,
-            seed=seed,
-            itm_negative_probability=stage.itm_negative_probability,
-            text_negative_share=stage.text_negative_share,
-            group_size=stage.per_device_train_batch_size if stage.group_by_length else 1,
-            pool_groups=stage.length_group_pool,
-        )
-        dataloader = torch.utils.data.DataLoader(
-            dataset, batch_size=stage.per_device_train_batch_size, collate_fn=collator, num_workers=num_workers
-        )
-        return dataloader, None, dataset
+        return _streaming_data(stage, sources, stores, weights, tokenizer, config, collator, seed, num_workers)
     dataset = PretrainingPairDataset(
         sources,
         stores,
@@ -200,7 +184,7 @@ def build_stage_data(stage: StageSpec, tokenizer, config, seed: int, num_workers
     )
     sampler = MixtureSampler(
         dataset.sizes,
-        [spec.weight for spec in stage.sources],
+        weights,
         seed=seed,
         num_samples=stage.samples_per_epoch,
         sample_lengths=dataset.sample_lengths if stage.group_by_length else None,
@@ -216,6 +200,28 @@ def build_stage_data(stage: StageSpec, tokenizer, config, seed: int, num_workers
         drop_last=False,
     )
     return dataloader, sampler, dataset
+
+
+def _streaming_data(stage: StageSpec, sources, stores, weights, tokenizer, config, collator, seed, num_workers):
+    """A stage over streams: each process reads its own part of them, so the loader is used as it is, not sharded
+    by accelerate; there is no sampler."""
+    dataset = StreamingPretrainingDataset(
+        sources,
+        stores,
+        weights,
+        tokenizer,
+        max_text_length=config.max_text_length,
+        max_regions=config.max_regions,
+        seed=seed,
+        itm_negative_probability=stage.itm_negative_probability,
+        text_negative_share=stage.text_negative_share,
+        group_size=stage.per_device_train_batch_size if stage.group_by_length else 1,
+        pool_groups=stage.length_group_pool,
+    )
+    dataloader = torch.utils.data.DataLoader(
+        dataset, batch_size=stage.per_device_train_batch_size, collate_fn=collator, num_workers=num_workers
+    )
+    return dataloader, None, dataset
 
 
 def _configure_for_stage(model, stage: StageSpec) -> None:

@@ -9,11 +9,9 @@ positives (`RetrievalTrainingModel`). Checkpoints, resumption, logging and the l
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers.utils import ModelOutput
 
 from ..data.pair_sources import MixtureSampler
 from ..data.retrieval_corpus import (
@@ -33,93 +31,12 @@ from ..evaluation.recall import retrieval_metrics
 from ..formats.files import atomic_write_json
 from ..models.imagebert import ImageBERTConfig, ImageBERTForImageTextRetrieval
 from ..regions.feature_cache import load_region_cache
+from .arguments import RetrievalArguments
 from .checkpointing import TrainState
 from .loop import LoopSettings, build_accelerator
 from .plots import plot_losses
+from .retrieval_objective import LOSS_NAMES, RetrievalTrainingModel
 from .runner import Schedule, Stage, run_stage, save_final
-
-
-LOSS_NAMES = ("binary", "multiclass", "triplet", "contrastive")
-TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-REGION_INPUTS = ("region_features", "region_locations", "region_attention_mask")
-
-
-@dataclass
-class RetrievalArguments:
-    """Flags of `examples/run_retrieval.py` (`HfArgumentParser` dataclass)."""
-
-    output_dir: str = field(metadata={"help": "Where checkpoints, the final model, logs and plots go."})
-    model_name_or_path: str | None = field(
-        default=None, metadata={"help": "ImageBERT checkpoint to start from (e.g. a pretraining stage's final/)."}
-    )
-    train_file: str | None = field(
-        default=None,
-        metadata={"help": "Karpathy split file (dataset_coco.json, dataset_flickr30k.json) or a jsonl manifest."},
-    )
-    image_root: str | None = field(default=None, metadata={"help": "Folder the Karpathy image paths start from."})
-    train_split: str = field(
-        default="train", metadata={"help": "Split(s) to train on, comma-separated (COCO: train,restval)."}
-    )
-    eval_split: str | None = field(default=None, metadata={"help": "Split to evaluate on at the end (e.g. test)."})
-    region_cache: str | None = field(
-        default=None, metadata={"help": "Region cache folder (imagebert-extract-regions)."}
-    )
-    synthetic_images: int | None = field(
-        default=None, metadata={"help": "Train on this many generated images instead of files (demo and tests)."}
-    )
-    eval_images: int = field(default=100, metadata={"help": "Held-out generated images evaluated at the end."})
-    max_images: int | None = field(default=None, metadata={"help": "Use only the first images of each split."})
-    captions_per_image: int | None = field(default=None, metadata={"help": "Keep at most this many captions."})
-    loss_weights: str = field(
-        default="binary=1", metadata={"help": "Retrieval losses and weights, e.g. binary=1,multiclass=0.5,triplet=1."}
-    )
-    contrastive_weight: float = field(
-        default=1.0, metadata={"help": "Weight of the contrastive loss of the shortlist heads (0: not trained)."}
-    )
-    num_negatives: int = field(default=3, metadata={"help": "Negatives per positive (the paper's P)."})
-    negative_type: str = field(default="both", metadata={"help": "'text', 'image' or 'both' (random mix)."})
-    hard_negatives: bool = field(default=False, metadata={"help": "Mine the hardest of a scored random pool."})
-    hard_pool_size: int = field(default=16, metadata={"help": "Candidates scored per positive when mining."})
-    contrastive_trains_encoder: bool = field(
-        default=True,
-        metadata={
-            "help": "Let the contrastive loss train the encoder the cross-encoder shares (False: only the "
-            "projection heads learn from it, on the encoder's detached outputs)."
-        },
-    )
-    negative_mining: str = field(
-        default="random",
-        metadata={
-            "help": "'random': the collator's negatives; 'contrastive': in-batch negatives drawn by the unimodal "
-            "similarity (ALBEF / BLIP), the candidates a shortlist gives the re-ranker."
-        },
-    )
-    seed: int = field(default=42, metadata={"help": "Seed of initialisation, data order and negatives."})
-    max_steps: int | None = field(default=None, metadata={"help": "Optimizer steps (overrides num_epochs)."})
-    num_epochs: float = field(default=1.0, metadata={"help": "Epochs over the training captions."})
-    per_device_train_batch_size: int = field(default=8, metadata={"help": "Positives per process and micro-batch."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
-    learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate (the paper: 5e-5)."})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
-    warmup_ratio: float = field(default=0.1, metadata={"help": "Share of steps with linear warmup."})
-    lr_scheduler_type: str = field(default="linear", metadata={"help": "A transformers scheduler name."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
-    logging_steps: int = field(default=10, metadata={"help": "Log losses every this many steps."})
-    checkpointing_steps: int | None = field(default=None, metadata={"help": "Save the training state this often."})
-    save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
-    resume: bool = field(default=False, metadata={"help": "Continue from the last complete checkpoint."})
-    stop_after_steps: int | None = field(default=None, metadata={"help": "Stop as if killed (resumption tests)."})
-    report_to: str = field(default="tensorboard", metadata={"help": "Accelerate tracker, or 'none'."})
-    mixed_precision: str | None = field(
-        default=None, metadata={"help": "'no', 'fp16' or 'bf16' to override the accelerate launch config."}
-    )
-    cpu: bool = field(default=False, metadata={"help": "Train on the CPU even when a GPU is present."})
-    eval_batch_size: int = field(default=256, metadata={"help": "Pairs per forward pass when evaluating."})
-    eval_shortlist_k: int | None = field(
-        default=None, metadata={"help": "Also evaluate shortlist + re-rank with this k."}
-    )
-    push_to_hub: bool = field(default=False, metadata={"help": "Push model, processor and card when done."})
-    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository for push_to_hub."})
 
 
 def parse_loss_weights(text: str) -> dict[str, float]:
@@ -132,133 +49,6 @@ def parse_loss_weights(text: str) -> dict[str, float]:
     if not any(weights.values()):
         raise ValueError(f"--loss_weights {text!r} turns every retrieval loss off.")
     return weights
-
-
-NEGATIVE_MINING = ("random", "contrastive")
-
-
-def mine_contrastive_negatives(
-    similarities: torch.Tensor,
-    positive_images: torch.Tensor,
-    num_negatives: int,
-    negative_type: str,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """In-batch hard negatives drawn by the unimodal similarity of the positives, as ALBEF and BLIP train ITM.
-
-    Args:
-        similarities: `(B, B)` text-image similarities of the batch's positives (row: text, column: image), already
-            divided by the temperature.
-        positive_images: `(B,)` the image of each positive; pairs of one image are never negatives of each other.
-        num_negatives: negatives per positive (P).
-        negative_type: `"text"` (another caption for the positive's image), `"image"` (another image for its
-            caption) or `"both"` (alternating, text first).
-        generator: seeds the draws.
-
-    Returns:
-        `(text_source, image_source, found)`, each `(B, P)`: negative p of positive i pairs the caption of positive
-        `text_source[i, p]` with the image of positive `image_source[i, p]`; `found` is False where the batch holds
-        no other image to draw from (the caller keeps its random negative there).
-    """
-    batch_size = similarities.shape[0]
-    same_image = positive_images[:, None] == positive_images[None, :]
-    logits = similarities.detach().float().masked_fill(same_image, float("-inf"))
-    found_any = ~same_image.all(dim=1)
-    # Rows without candidates get uniform weights; their draws are discarded through `found`.
-    safe = torch.where(found_any[:, None], logits, torch.zeros_like(logits))
-    own = torch.arange(batch_size, device=similarities.device)[:, None].expand(batch_size, num_negatives)
-    texts_for_image = torch.multinomial(safe.T.softmax(dim=1), num_negatives, replacement=True, generator=generator)
-    images_for_text = torch.multinomial(safe.softmax(dim=1), num_negatives, replacement=True, generator=generator)
-    if negative_type == "text":
-        use_text = torch.ones(batch_size, num_negatives, dtype=torch.bool, device=similarities.device)
-    elif negative_type == "image":
-        use_text = torch.zeros(batch_size, num_negatives, dtype=torch.bool, device=similarities.device)
-    else:
-        use_text = (torch.arange(num_negatives, device=similarities.device) % 2 == 0)[None].expand(batch_size, -1)
-    text_source = torch.where(use_text, texts_for_image, own)
-    image_source = torch.where(use_text, own, images_for_text)
-    return text_source, image_source, found_any[:, None].expand(batch_size, num_negatives)
-
-
-class RetrievalTrainingModel(torch.nn.Module):
-    """The cross-encoder's retrieval losses plus the contrastive loss of its unimodal heads, as one module, so the
-    shared Accelerate loop (one forward, one `loss`) trains both.
-
-    With `contrastive_trains_encoder=False`, the contrastive loss trains the projection heads only: the encoder the
-    cross-encoder shares then learns from the retrieval losses alone (on the shared data the contrastive loss
-    otherwise halves the cross-encoder's recall, docs/results.md).
-
-    With `negative_mining="contrastive"`, each group's negatives are replaced by in-batch hard negatives drawn by
-    the unimodal similarity (`mine_contrastive_negatives`): the cross-encoder then learns to separate the candidates
-    a shortlist actually gives it, rather than random pairs, which a briefly trained shortlist already tells apart.
-    """
-
-    def __init__(
-        self,
-        model,
-        contrastive_weight: float = 1.0,
-        negative_mining: str = "random",
-        negative_type: str = "both",
-        seed: int = 0,
-        contrastive_trains_encoder: bool = True,
-    ):
-        super().__init__()
-        if negative_mining not in NEGATIVE_MINING:
-            raise ValueError(f"negative_mining must be one of {NEGATIVE_MINING}, got {negative_mining!r}.")
-        if negative_mining == "contrastive" and not contrastive_weight:
-            raise ValueError("negative_mining='contrastive' draws by the unimodal heads: give contrastive_weight > 0.")
-        self.model = model
-        self.contrastive_weight = contrastive_weight
-        self.negative_mining = negative_mining
-        self.negative_type = negative_type
-        self.seed = int(seed)
-        self.contrastive_trains_encoder = contrastive_trains_encoder
-
-    def _mined_inputs(self, inputs, group_size, positive_index, positive_images, similarities):
-        num_negatives = group_size - 1
-        positive_images = positive_images.cpu()
-        # Seeded by the batch itself, so that a resumed run (same data order) draws the same negatives.
-        batch_key = int((positive_images * torch.arange(1, positive_images.numel() + 1)).sum())
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + batch_key)
-        text_source, image_source, found = mine_contrastive_negatives(
-            similarities.cpu(), positive_images, num_negatives, self.negative_type, generator
-        )
-        device = positive_index.device
-        positives = positive_index.cpu()
-        # Row of the batch each pair's text and regions come from: the positive itself first, then the negatives
-        # (the mined one where the batch had another image, the collator's random one otherwise).
-        random_rows = positives[:, None] + torch.arange(1, group_size)[None]
-        text_rows = torch.where(found, positives[text_source], random_rows)
-        image_rows = torch.where(found, positives[image_source], random_rows)
-        text_rows = torch.cat([positives[:, None], text_rows], dim=1).reshape(-1).to(device)
-        image_rows = torch.cat([positives[:, None], image_rows], dim=1).reshape(-1).to(device)
-        mined = {}
-        for key, value in inputs.items():
-            rows = text_rows if key in TEXT_INPUTS else image_rows if key in REGION_INPUTS else None
-            mined[key] = value[rows] if rows is not None else value
-        return mined
-
-    def forward(self, labels, group_size, positive_index, positive_images=None, **inputs) -> ModelOutput:
-        contrastive, similarities = None, None
-        if self.contrastive_weight and positive_index.numel() > 1:
-            text = {key: inputs[key][positive_index] for key in TEXT_INPUTS if key in inputs}
-            regions = {key: inputs[key][positive_index] for key in REGION_INPUTS if key in inputs}
-            grad = self.contrastive_trains_encoder
-            text_embeddings = self.model.get_text_embeddings(**text, encoder_grad=grad)
-            region_embeddings = self.model.get_region_embeddings(**regions, encoder_grad=grad)
-            contrastive = self.model.contrastive_loss(text_embeddings, region_embeddings)
-            similarities = text_embeddings @ region_embeddings.T / self.model.config.contrastive_temperature
-        if self.negative_mining == "contrastive" and similarities is not None and group_size > 1:
-            if positive_images is None:
-                raise ValueError("negative_mining='contrastive' needs the batch's positive_images (the collator's).")
-            inputs = self._mined_inputs(inputs, group_size, positive_index, positive_images, similarities)
-        outputs = self.model(**inputs, labels=labels, group_size=group_size)
-        losses = {f"{name}_loss": getattr(outputs, f"{name}_loss") for name in LOSS_NAMES[:3]}
-        result = ModelOutput(loss=outputs.loss, **{key: value for key, value in losses.items() if value is not None})
-        if contrastive is not None:
-            result["contrastive_loss"] = contrastive
-            result["loss"] = outputs.loss + self.contrastive_weight * contrastive
-        return result
 
 
 def build_corpora(args: RetrievalArguments, tokenizer, config) -> tuple[RetrievalCorpus, RetrievalCorpus | None]:
@@ -362,9 +152,9 @@ def _check_arguments(args: RetrievalArguments, accelerator) -> None:
         )
 
 
-def retrieval_stage(args: RetrievalArguments, accelerator, model, train_corpus: RetrievalCorpus) -> Stage:
-    """Fine-tuning as the stage runner takes it: the model with its contrastive heads (`RetrievalTrainingModel`),
-    the positives in a seeded order, the collator adding each positive's negatives."""
+def retrieval_dataloader(args: RetrievalArguments, train_corpus: RetrievalCorpus, model):
+    """The positives in a seeded order, each with `num_negatives` negatives from the collator (random, or the
+    hardest of a pool scored by `model`), and the sampler inside the loader."""
     if args.hard_negatives:
         negatives = HardNegativeSampler(
             train_corpus, args.num_negatives, args.hard_pool_size, args.negative_type, model, seed=args.seed
@@ -383,6 +173,13 @@ def retrieval_stage(args: RetrievalArguments, accelerator, model, train_corpus: 
         # does once more than an uninterrupted one (dropout masks would then differ).
         generator=torch.Generator().manual_seed(args.seed),
     )
+    return dataloader, sampler, negatives
+
+
+def retrieval_stage(args: RetrievalArguments, accelerator, model, train_corpus: RetrievalCorpus) -> Stage:
+    """Fine-tuning as the stage runner takes it: the model with its contrastive heads (`RetrievalTrainingModel`)
+    and `retrieval_dataloader`'s batches."""
+    dataloader, sampler, negatives = retrieval_dataloader(args, train_corpus, model)
     wrapper = RetrievalTrainingModel(
         model,
         args.contrastive_weight,
@@ -491,10 +288,11 @@ def run_retrieval_finetuning(args: RetrievalArguments) -> dict:
 
 
 __all__ = [
-    "RetrievalArguments",
-    "RetrievalTrainingModel",
-    "mine_contrastive_negatives",
+    "build_corpora",
+    "evaluate",
+    "load_model_and_tokenizer",
     "parse_loss_weights",
+    "retrieval_dataloader",
     "retrieval_stage",
     "run_retrieval_finetuning",
 ]
