@@ -125,6 +125,9 @@ def run_stage(
 ) -> tuple[torch.nn.Module, TrainState]:
     """Trains `stage` to its end and returns the prepared module and the final `TrainState`.
 
+    A checkpoint holds everything the accelerator has prepared, so it must hold no earlier stage's objects: after
+    `save_final`, call `accelerator.free_memory()` before the next stage.
+
     Args:
         accelerator: The run's `Accelerator`; its gradient accumulation is set to the stage's.
         stage: The task's pieces.
