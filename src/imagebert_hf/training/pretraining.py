@@ -3,6 +3,7 @@ weights, and ends with a `save_pretrained` model that the next stage (and retrie
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -238,20 +239,9 @@ def stage_directory(output_dir: str | Path, index: int, stage: StageSpec) -> Pat
 
 
 def stage_schedule(stage: StageSpec) -> Schedule:
-    """The stage's length, optimizer and learning-rate schedule, as the stage runner takes them."""
-    return Schedule(
-        learning_rate=stage.learning_rate,
-        max_steps=stage.max_steps,
-        num_epochs=stage.num_epochs,
-        gradient_accumulation_steps=stage.gradient_accumulation_steps,
-        weight_decay=stage.weight_decay,
-        adam_beta1=stage.adam_beta1,
-        adam_beta2=stage.adam_beta2,
-        adam_epsilon=stage.adam_epsilon,
-        lr_scheduler_type=stage.lr_scheduler_type,
-        warmup_steps=stage.warmup_steps,
-        warmup_ratio=stage.warmup_ratio,
-    )
+    """The stage's length, optimizer and learning-rate schedule, as the stage runner takes them (a recipe stage
+    names every `Schedule` field the same)."""
+    return Schedule(**_fields(stage, *(item.name for item in dataclasses.fields(Schedule))))
 
 
 def loop_settings(recipe: Recipe, stage: StageSpec, options: PretrainingRunOptions) -> LoopSettings:

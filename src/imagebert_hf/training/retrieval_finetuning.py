@@ -228,11 +228,13 @@ def retrieval_stage(args: RetrievalArguments, accelerator, model, train_corpus: 
     )
 
 
-def _finish(accelerator, wrapper, state, companion, processor, eval_corpus, args: RetrievalArguments) -> dict:
+def _finish(accelerator, wrapper, state, tokenizer, processor, eval_corpus, args: RetrievalArguments) -> dict:
     """Saves `final/`, plots the losses, evaluates on the evaluation corpus and pushes to the Hub when asked."""
     output_dir = Path(args.output_dir)
     # Gathers sharded parameters (FSDP, DeepSpeed ZeRO-3) on every process; the main process writes.
-    final_dir = save_final(accelerator, wrapper, state, output_dir / "final", companion, submodule="model")
+    final_dir = save_final(
+        accelerator, wrapper, state, output_dir / "final", processor or tokenizer, submodule="model"
+    )
     model = accelerator.unwrap_model(wrapper).model
     results = {"history": state.history, "final_model": str(final_dir)}
     if not accelerator.is_main_process:
@@ -282,7 +284,7 @@ def run_retrieval_finetuning(args: RetrievalArguments) -> dict:
         **{name: getattr(args, name) for name in shared},
     )
     wrapper, state = run_stage(accelerator, stage, settings, resume=args.resume)
-    results = _finish(accelerator, wrapper, state, processor or tokenizer, processor, eval_corpus, args)
+    results = _finish(accelerator, wrapper, state, tokenizer, processor, eval_corpus, args)
     accelerator.end_training()
     return results
 
