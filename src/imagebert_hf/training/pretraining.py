@@ -42,6 +42,14 @@ from .runner import Schedule, Stage, run_stage, save_final
 logger = logging.get_logger(__name__)
 
 PRETRAINING_TASKS = ("mlm", "moc", "mrfr", "itm")
+# The recipe fields `LoopSettings` names the same.
+RECIPE_LOOP_FIELDS = (
+    "checkpointing_steps",
+    "save_total_limit",
+    "logging_steps",
+    "max_failure_rate",
+    "min_records_for_failure_check",
+)
 # The stage fields that configure the collator's masking and ITM negatives.
 MASKING_FIELDS = (
     "mlm_probability",
@@ -248,15 +256,11 @@ def loop_settings(recipe: Recipe, stage: StageSpec, options: PretrainingRunOptio
     """The loop's settings for one stage: losses averaged over their targets, the total weighted as the stage."""
     return LoopSettings(
         loss_names=PRETRAINING_TASKS,
-        checkpointing_steps=recipe.checkpointing_steps,
-        save_total_limit=recipe.save_total_limit,
-        logging_steps=recipe.logging_steps,
         max_grad_norm=stage.max_grad_norm,
-        max_failure_rate=recipe.max_failure_rate,
-        min_records_for_failure_check=recipe.min_records_for_failure_check,
         stop_after_global_step=options.stop_after_steps,
         loss_counts=pretraining_loss_counts,
         task_weights=stage.loss_weights,
+        **_fields(recipe, *RECIPE_LOOP_FIELDS),
     )
 
 
