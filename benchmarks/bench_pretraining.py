@@ -69,7 +69,14 @@ def worker(name: str, steps: int, warmup: int) -> None:
     from imagebert_hf import ImageBERTConfig, ImageBERTForPreTraining
     from imagebert_hf.data.collator import DataCollatorForImageBERTPretraining
     from imagebert_hf.data.pair_sources import MixtureSampler, PairSource, PretrainingPairDataset
-    from imagebert_hf.training import TrainState, build_accelerator, build_optimizer, build_scheduler, train_loop
+    from imagebert_hf.training import (
+        LoopSettings,
+        TrainState,
+        build_accelerator,
+        build_optimizer,
+        build_scheduler,
+        train_loop,
+    )
     from imagebert_hf.training.loop import pretraining_loss_counts
 
     spec = CONFIGS[name]
@@ -124,10 +131,8 @@ def worker(name: str, steps: int, warmup: int) -> None:
             marks[state.completed_steps] = time.perf_counter()
 
     state = TrainState(stage_name=name, total_steps=total)
-    train_loop(
-        accelerator, model, optimizer, scheduler, loader, state, sampler=sampler, on_step=on_step,
-        loss_counts=pretraining_loss_counts, logging_steps=total,
-    )  # fmt: skip
+    settings = LoopSettings(loss_counts=pretraining_loss_counts, logging_steps=total)
+    train_loop(accelerator, model, optimizer, scheduler, loader, state, settings, sampler=sampler, on_step=on_step)
     seconds = marks[total] - marks[warmup]
     samples = steps * spec["batch_size"] * accelerator.num_processes
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import transformers
 from transformers import HfArgumentParser
@@ -57,22 +56,6 @@ class DemoArguments:
 
 def log(message: str, started: float) -> None:
     print(f"[{time.perf_counter() - started:6.1f}s] {message}", flush=True)
-
-
-def write_noisy_manifest(manifest: Path, output: Path, rate: float, seed: int) -> None:
-    """The training lines of `manifest` with a `rate` share of captions corrupted (same images, same keys)."""
-    from imagebert_hf.data.synthetic import corrupt_captions
-
-    lines = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
-    lines = [line for line in lines if line["split"] == "train"]
-    captions = corrupt_captions([c for line in lines for c in line["captions"]], rate, seed)
-    position = 0
-    with open(output, "w", encoding="utf-8") as handle:
-        for line in lines:
-            count = len(line["captions"])
-            line["captions"] = captions[position : position + count]
-            position += count
-            handle.write(json.dumps(line) + "\n")
 
 
 def extract_demo_regions(manifest: Path, cache_dir: Path, extraction_size: int) -> dict:
@@ -173,27 +156,6 @@ def demo_recipe(args: DemoArguments, data_dir: Path, cache_dir: Path, feature_si
     }
 
 
-def plot_recall(results: dict[str, dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = ["tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10"]
-    labels = ["TR R@1", "TR R@5", "TR R@10", "IR R@1", "IR R@5", "IR R@10"]
-    fig, axis = plt.subplots(figsize=(8, 3.2))
-    width = 0.8 / len(results)
-    for i, (name, metrics) in enumerate(results.items()):
-        axis.bar(np.arange(len(keys)) + i * width, [metrics[k] for k in keys], width, label=name)
-    axis.set_xticks(np.arange(len(keys)) + 0.4 - width / 2, labels)
-    axis.set_ylabel("recall (%)")
-    axis.set_title("zero-shot retrieval on held-out synthetic images")
-    axis.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def main(argv: list[str] | None = None) -> dict:
     (args,) = HfArgumentParser(DemoArguments).parse_args_into_dataclasses(args=argv)
     logging.basicConfig(level=logging.WARNING)
@@ -209,6 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
             shutil.rmtree(output_dir / name)
 
     from imagebert_hf.data.synthetic import make_synthetic_tokenizer, write_synthetic_manifest
+    from imagebert_hf.data.web_noise import corrupted_captions, write_noisy_manifest
     from imagebert_hf.evaluation import format_metrics_table
     from imagebert_hf.models.imagebert.roi_offline_weights import OFFLINE_NUM_CLASSES
     from imagebert_hf.training import recipe_from_dict, run_pretraining
@@ -218,7 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
     manifest = write_synthetic_manifest(
         data_dir, total, seed=args.seed, image_size=args.image_size, test_fraction=args.num_test_images / total
     )
-    write_noisy_manifest(manifest, data_dir / "captions_noisy.jsonl", args.caption_noise, args.seed)
+    noise = corrupted_captions(args.caption_noise, args.seed)
+    write_noisy_manifest(manifest, data_dir / "captions_noisy.jsonl", noise, splits=["train"])
     log(f"generated {total} images ({args.num_test_images} held out) in {data_dir}", started)
 
     cache_dir = output_dir / "regions"
@@ -239,6 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
     log(f"pretrained {run['steps_per_stage']} steps -> {run['final_model']}", started)
 
     from imagebert_hf import ImageBERTConfig, ImageBERTForImageTextRetrieval
+    from imagebert_hf.evaluation.plots import plot_recall_bars
     from imagebert_hf.evaluation.zero_shot import chance_metrics, manifest_retrieval_inputs, zero_shot_retrieval
 
     # The pretraining heads are not part of the retrieval model; the load report listing them is expected.
@@ -266,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
         "(TR: image -> text, IR: text -> image; recall in %)"
     )
     print(format_metrics_table(results))
-    plot_recall(results, output_dir / "retrieval.png")
+    plot_recall_bars(results, output_dir / "retrieval.png", title="zero-shot retrieval on held-out synthetic images")
     summary = {
         "results": results,
         "seconds": time.perf_counter() - started,

@@ -15,8 +15,13 @@ import sys
 
 from transformers import HfArgumentParser
 
-from imagebert_hf.training import PretrainingArguments, PretrainingRunOptions, load_recipe, run_pretraining
-from imagebert_hf.training.loop import TrainingStopped
+from imagebert_hf.training import (
+    PretrainingArguments,
+    PretrainingRunOptions,
+    TrainingStopped,
+    load_recipe,
+    run_pretraining,
+)
 
 
 # Flags that replace the same field of every stage.
@@ -45,14 +50,8 @@ def recipe_overrides(args: PretrainingArguments, num_stages: int) -> list[str]:
     return overrides
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser(PretrainingArguments)
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
-    if args.mixed_precision not in (None, "no", "fp16", "bf16"):
-        parser.error(f"--mixed_precision must be no, fp16 or bf16, got {args.mixed_precision!r}")
-    first = load_recipe(args.config, args.set)
-    recipe = load_recipe(args.config, args.set + recipe_overrides(args, len(first.stages)))
-    options = PretrainingRunOptions(
+def run_options(args: PretrainingArguments) -> PretrainingRunOptions:
+    return PretrainingRunOptions(
         resume=args.resume,
         mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing,
@@ -61,9 +60,19 @@ def main(argv: list[str] | None = None) -> dict:
         hub_model_id=args.hub_model_id,
         stop_after_steps=args.stop_after_steps,
     )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = HfArgumentParser(PretrainingArguments)
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    if args.mixed_precision not in (None, "no", "fp16", "bf16"):
+        parser.error(f"--mixed_precision must be no, fp16 or bf16, got {args.mixed_precision!r}")
+    first = load_recipe(args.config, args.set)
+    recipe = load_recipe(args.config, args.set + recipe_overrides(args, len(first.stages)))
     try:
-        return run_pretraining(recipe, options)
+        return run_pretraining(recipe, run_options(args))
     except TrainingStopped as stop:
+        # Exit status 3: what a job scheduler reads as "resubmit with --resume".
         print(f"{stop}; continue with --resume", file=sys.stderr)
         sys.exit(3)
 

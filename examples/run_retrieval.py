@@ -8,19 +8,27 @@
         --loss_weights binary=1 --output_dir outputs/flickr30k
 
 The fine-tuning itself (negatives, the contrastive loss of the shortlist heads, checkpoints, resumption, evaluation)
-is `imagebert_hf.training.retrieval_finetuning`; this script only reads the flags.
+is `imagebert_hf.training.retrieval_finetuning`; this script reads the flags and sets the exit status: 3 when
+`--stop_after_steps` stopped the run before its end (resubmit with `--resume`).
 """
 
 from __future__ import annotations
 
+import sys
+
 from transformers import HfArgumentParser
 
-from imagebert_hf.training.retrieval_finetuning import RetrievalArguments, run_retrieval_finetuning
+from imagebert_hf.training import RetrievalArguments, TrainingStopped, run_retrieval_finetuning
 
 
 def main(argv: list[str] | None = None) -> dict:
     (args,) = HfArgumentParser(RetrievalArguments).parse_args_into_dataclasses(args=argv)
-    return run_retrieval_finetuning(args)
+    try:
+        return run_retrieval_finetuning(args)
+    except TrainingStopped as stop:
+        # Exit status 3: what a job scheduler reads as "resubmit with --resume".
+        print(f"{stop}; continue with --resume", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

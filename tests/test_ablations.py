@@ -10,7 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from imagebert_hf.data.web_noise import WebNoise, noisy_caption, write_web_noisy_manifest
+from imagebert_hf.data.synthetic import corrupt_captions
+from imagebert_hf.data.web_noise import (
+    WebNoise,
+    corrupted_captions,
+    noisy_caption,
+    write_noisy_manifest,
+    write_web_noisy_manifest,
+)
 
 from .testing_utils import PROJECT_ROOT, require_module
 
@@ -73,6 +80,26 @@ def test_noisy_manifest_keeps_images_and_is_deterministic(tmp_path):
     assert mismatched == counts["mismatched"] > 0
     with pytest.raises(ValueError, match="at least 2 images"):
         write_web_noisy_manifest(tmp_path / "captions.jsonl", tmp_path / "d.jsonl", splits=["test"])
+
+
+def test_the_synthetic_noise_goes_through_the_same_writer(tmp_path):
+    lines = [
+        {"image": f"images/{i}.jpg", "captions": [f"a red circle {i}", f"a blue square {i}"], "split": split, "k": i}
+        for i, split in enumerate(["train"] * 6 + ["test"] * 2)
+    ]
+    _write_manifest(tmp_path / "captions.jsonl", lines)
+    written = write_noisy_manifest(
+        tmp_path / "captions.jsonl", tmp_path / "out" / "noisy.jsonl", corrupted_captions(0.5, seed=1), ["train"]
+    )
+    clean = [caption for line in lines[:6] for caption in line["captions"]]
+    expected = corrupt_captions(clean, 0.5, seed=1)
+    assert [caption for line in written for caption in line["captions"]] == expected != clean
+    read_back = [json.loads(line) for line in (tmp_path / "out" / "noisy.jsonl").read_text().splitlines()]
+    assert read_back == written
+    assert [{**line, "captions": None} for line in written] == [{**line, "captions": None} for line in lines[:6]]
+    with pytest.raises(ValueError, match="captions for 1 lines"):
+        write_noisy_manifest(tmp_path / "captions.jsonl", tmp_path / "bad.jsonl", lambda kept: [["x"]])
+    assert not (tmp_path / "bad.jsonl").exists()
 
 
 def _run_file(study, variant, seed, rsum_shift):

@@ -19,11 +19,8 @@ from imagebert_hf.data.retrieval_corpus import (
     load_manifest_records,
 )
 from imagebert_hf.data.synthetic import make_synthetic_examples, synthetic_region_record
-from imagebert_hf.training.retrieval_finetuning import (
-    RetrievalTrainingModel,
-    mine_contrastive_negatives,
-    parse_loss_weights,
-)
+from imagebert_hf.training.retrieval_finetuning import parse_loss_weights
+from imagebert_hf.training.retrieval_objective import RetrievalTrainingModel, mine_contrastive_negatives
 
 from .testing_utils import FLICKR_DIR, PROJECT_ROOT, require_shared_data, tiny_config_kwargs
 

@@ -222,6 +222,226 @@ N_SHARED_TEXT_IMAGES = 6
 PHOTOS_NEEDED = 26
 
 
+EXPECTED_REASONS = (
+    "read/record/page_too_large",
+    "read/record/unreadable_segment",
+    "read/record/malformed_record",
+    "parse/image/image_record_unreadable",
+    "parse/page/wrong_language",
+    "parse/page/no_dominant_image",
+    "parse/image/logo_or_icon",
+    "parse/image/advertisement",
+    "parse/image/tracking_pixel",
+    "parse/image/beyond_image_limit",
+    "parse/image/image_not_archived",
+    "images/image/too_small",
+    "images/image/not_an_image",
+    "images/image/decompression_bomb",
+    "images/image/not_natural_photo",
+    "text/pair/spam",
+    "text/pair/filename_like",
+    "text/image/no_clean_text",
+    "aggregation/pair/text_shared_by_too_many_images",
+    "aggregation/pair/duplicate_image_lower_score",
+)
+
+
+class _Crawl:
+    """The crawl `build_corpus` writes, case by case: the records of the main WARC, the photos still to use, and
+    what each image must become (`expected` captions, or the reason it is `rejected`)."""
+
+    def __init__(self, out_dir: Path, photos: list[tuple[bytes, list[str]]], seed: int):
+        self.out_dir = out_dir
+        self.rng = np.random.default_rng(seed)
+        self.photos = iter(photos)
+        self.records: list[tuple[str, str, bytes]] = []
+        self.expected: dict[str, set[str]] = {}
+        self.rejected: dict[str, str] = {}
+
+    def add_page(self, url: str, page: str | bytes, content_type: str = "text/html; charset=utf-8") -> None:
+        self.records.append((url, content_type, page.encode("utf-8") if isinstance(page, str) else page))
+
+    def add_image(self, url: str, data: bytes, content_type: str = "image/jpeg") -> None:
+        self.records.append((url, content_type, data))
+
+    def good_articles(self) -> None:
+        """Good article pages, one of them in two copies with another caption (aggregation keeps one)."""
+        for i in range(8):
+            data, captions = next(self.photos)
+            host = f"site{i % 3}.example.com"
+            page = page_html(
+                f"Story {i}",
+                f"/photos/{i}.jpg",
+                alt=captions[0],
+                caption=captions[1],
+                paragraphs=FILLER_PARAGRAPHS[i % 4 :][:2],
+            )
+            self.add_page(f"https://{host}/story/{i}.html", page)
+            self.add_image(f"https://{host}/photos/{i}.jpg", data)
+            self.expected[_sha1(data)] = set(captions[:2])
+            if i == 0:
+                copy = page_html(
+                    "Copy", "https://site0.example.com/photos/0.jpg", alt=captions[2], paragraphs=FILLER_PARAGRAPHS[:1]
+                )
+                self.add_page("https://mirror.example.org/copy.html", copy)
+                self.expected[_sha1(data)].add(captions[2])
+
+    def shared_text(self) -> None:
+        """One text on more images than allowed: all its pairs go."""
+        for k in range(N_SHARED_TEXT_IMAGES):
+            data, _ = next(self.photos)
+            page = page_html(
+                f"Garden day {k}",
+                f"/img/{k}.jpg",
+                alt=SHARED_ALT,
+                paragraphs=FILLER_PARAGRAPHS[:2],
+                prose_near_image=False,
+            )
+            self.add_page(f"https://garden.example.com/day/{k}.html", page)
+            self.add_image(f"https://garden.example.com/img/{k}.jpg", data)
+            self.rejected[_sha1(data)] = "text_shared_by_too_many_images"
+
+    def lone_page(self, slug: str, data: bytes, alt: str, reason: str, content_type="image/jpeg", size=(640, 480)):
+        page = page_html(
+            slug.title(),
+            f"/media/{slug}.jpg",
+            alt=alt,
+            paragraphs=FILLER_PARAGRAPHS[:2],
+            prose_near_image=False,
+            image_size=size,
+        )
+        self.add_page(f"https://bad.example.com/{slug}.html", page)
+        self.add_image(f"https://bad.example.com/media/{slug}.jpg", data, content_type)
+        self.rejected[_sha1(data)] = reason
+
+    def bad_images_and_texts(self) -> None:
+        """Pages whose one image or text each filter must drop, and one whose image is not in the archive."""
+        data, captions = next(self.photos)
+        self.lone_page("tiny", _resize_jpeg(data, (280, 210)), captions[0], "too_small")
+        data, _ = next(self.photos)
+        self.lone_page("spam", data, "Buy cheap sunglasses now with free shipping on every order", "no_clean_text")
+        data, _ = next(self.photos)
+        self.lone_page("filename", data, "IMG_2041.JPG", "no_clean_text")
+        not_image = b"<html><body>Not an image at all</body></html>" * 20
+        self.lone_page("notimage", not_image, "A dog running on the beach", "not_an_image")
+        bomb = decompression_bomb_png()
+        self.lone_page("bomb", bomb, "A very large picture of a mountain lake", "decompression_bomb", "image/png")
+        chart = encode_image(graphic_image("chart", self.rng, (640, 480)))
+        self.lone_page("chart", chart, "A bar chart of the monthly sales in the store", "not_natural_photo")
+        missing = page_html(
+            "Missing",
+            "/media/not-in-archive.jpg",
+            alt="A boat on a calm lake at sunset",
+            paragraphs=FILLER_PARAGRAPHS[:2],
+        )
+        self.add_page("https://bad.example.com/missing.html", missing)
+
+    def hard_pages(self) -> None:
+        """A German page (dropped), a page in Windows-1252 without a declared charset (decoded, kept), a gallery of
+        thousands of images (the main photo wins), binary garbage served as HTML and a page above the size limit."""
+        data, captions = next(self.photos)
+        german = page_html("Ein Tag", "/bild.jpg", alt=captions[0], paragraphs=[GERMAN_PARAGRAPH] * 2, lang="de")
+        self.add_page("https://de.example.com/artikel.html", german)
+        self.add_image("https://de.example.com/bild.jpg", data)
+        self.rejected[_sha1(data)] = "wrong_language"
+
+        data, captions = next(self.photos)
+        page = page_html("Café naïve", "/cafe.jpg", alt=captions[0], paragraphs=FILLER_PARAGRAPHS[:2])
+        cp1252 = page.replace('<meta charset="utf-8">', "").encode("cp1252", "replace")
+        self.add_page("https://cafe.example.com/", cp1252, "text/html")
+        self.add_image("https://cafe.example.com/cafe.jpg", data)
+        self.expected[_sha1(data)] = {captions[0]}
+
+        data, captions = next(self.photos)
+        thumbs = [f"/thumbs/{n}.jpg" for n in range(2500)]
+        gallery = page_html(
+            "Gallery", "/main.jpg", alt=captions[0], paragraphs=FILLER_PARAGRAPHS[:2], extra_images=thumbs
+        )
+        self.add_page("https://gallery.example.com/all.html", gallery)
+        self.add_image("https://gallery.example.com/main.jpg", data)
+        self.expected[_sha1(data)] = {captions[0]}
+
+        garbage = self.rng.integers(0, 256, 20_000, dtype=np.uint8).tobytes()
+        self.add_page("https://bad.example.com/garbage.html", garbage, "text/html")
+        self.add_page("https://bad.example.com/huge.html", page_html("Huge", "/x.jpg", paragraphs=["word " * 500_000]))
+
+    def capture(self, scratch: str, page_url: str, title: str, data: bytes, gzip: bool = True, **page) -> bytes:
+        """The bytes of a WARC holding one page (`page_url` + `.html`) and its image (`page_url` + `.jpg`), written
+        to the scratch file `_SCRATCH.warc[.gz]` (its name is in the WARC's warcinfo), read back and removed."""
+        name = page_url.rsplit("/", 1)[1]
+        page = {"paragraphs": FILLER_PARAGRAPHS[:2], **page}
+        html = page_html(title, f"/{name}.jpg", **page).encode()
+        scratch = self.out_dir / f"_{scratch}.warc{'.gz' if gzip else ''}"
+        base = page_url.rsplit("/", 1)[0]
+        records = [
+            (f"{base}/{name}.html", "text/html; charset=utf-8", html),
+            (f"{base}/{name}.jpg", "image/jpeg", data),
+        ]
+        content = write_warc(scratch, records, gzip=gzip).read_bytes()
+        scratch.unlink()
+        return content
+
+    def plain_warc_with_malformed_record(self) -> None:
+        """A plain WARC with a malformed record between two good captures."""
+        base = "https://plain.example.com"
+        data, captions = next(self.photos)
+        first = self.capture("first", f"{base}/a", "Plain", data, gzip=False, alt=captions[0], caption=captions[1])
+        self.expected[_sha1(data)] = set(captions[:2])
+        data, captions = next(self.photos)
+        second = self.capture(
+            "second",
+            f"{base}/b",
+            "Plain B",
+            data,
+            gzip=False,
+            alt=captions[0],
+            caption=captions[1],
+            paragraphs=FILLER_PARAGRAPHS[1:3],
+        )
+        self.expected[_sha1(data)] = set(captions[:2])
+        garbage = (
+            b"WARC/1.0\r\nWARC-Type: response\r\nContent-Length: not-a-number\r\n\r\n" + b"\x00\xff" * 64 + b"\r\n\r\n"
+        )
+        (self.out_dir / "crawl-00001.warc").write_bytes(first + garbage + second)
+
+    def cut_gzip_warc(self) -> None:
+        """A gzip WARC with a corrupt segment between two captures, then cut in the middle of its last record."""
+        base = "https://cut.example.com"
+        data, captions = next(self.photos)
+        cut_data, _ = next(self.photos)
+        ok = self.capture("ok", f"{base}/ok", "Cut", data, alt=captions[0])
+        late = self.capture("late", f"{base}/late", "Late", cut_data, alt=captions[1])
+        corrupt = b"these bytes are not a gzip member" + self.rng.integers(0, 256, 512, dtype=np.uint8).tobytes()
+        (self.out_dir / "crawl-00002.warc.gz").write_bytes(ok + corrupt + late[: len(late) - len(cut_data) // 2])
+        self.expected[_sha1(data)] = {captions[0]}
+        self.rejected[_sha1(cut_data)] = "truncated"
+
+    def saved_pages(self) -> Path:
+        """Saved HTML pages with their images next to them, as browsers save them."""
+        site = self.out_dir / "saved_pages"
+        (site / "trip_files").mkdir(parents=True, exist_ok=True)
+        (site / "images").mkdir(parents=True, exist_ok=True)
+        data, captions = next(self.photos)
+        (site / "trip_files" / "photo.jpg").write_bytes(data)
+        trip = page_html(
+            "Trip",
+            "https://travel.example.com/photo.jpg",
+            alt=captions[0],
+            paragraphs=FILLER_PARAGRAPHS[:2],
+            canonical="https://travel.example.com/trip",
+        )
+        (site / "trip.html").write_text(trip)
+        self.expected[_sha1(data)] = {captions[0]}
+        data, captions = next(self.photos)
+        (site / "images" / "walk.jpg").write_bytes(data)
+        walk = page_html(
+            "Walk", "images/walk.jpg", alt=captions[0], caption=captions[1], paragraphs=FILLER_PARAGRAPHS[2:]
+        )
+        (site / "walk.html").write_text(walk)
+        self.expected[_sha1(data)] = set(captions[:2])
+        return site
+
+
 def build_corpus(out_dir: str | Path, photos: list[tuple[bytes, list[str]]], seed: int = 0) -> dict:
     """Writes a small crawl with known outcome: good article pages and deliberately bad cases.
 
@@ -240,253 +460,22 @@ def build_corpus(out_dir: str | Path, photos: list[tuple[bytes, list[str]]], see
         raise ValueError(f"build_corpus needs {PHOTOS_NEEDED} photos, got {len(photos)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    expected: dict[str, set[str]] = {}
-    rejected: dict[str, str] = {}
-    records: list[tuple[str, str, bytes]] = []
-    photo_iter = iter(photos)
-
-    def add_page(url: str, page: str | bytes, content_type: str = "text/html; charset=utf-8") -> None:
-        records.append((url, content_type, page.encode("utf-8") if isinstance(page, str) else page))
-
-    def good_page(i: int, data: bytes, captions: list[str], host: str) -> None:
-        add_page(
-            f"https://{host}/story/{i}.html",
-            page_html(
-                f"Story {i}",
-                f"/photos/{i}.jpg",
-                alt=captions[0],
-                caption=captions[1],
-                paragraphs=FILLER_PARAGRAPHS[i % 4 :][:2],
-            ),
-        )
-        records.append((f"https://{host}/photos/{i}.jpg", "image/jpeg", data))
-        expected[_sha1(data)] = set(captions[:2])
-
-    # Good article pages, one of them in two copies with another caption (aggregation keeps one).
-    for i in range(8):
-        data, captions = next(photo_iter)
-        good_page(i, data, captions, f"site{i % 3}.example.com")
-        if i == 0:
-            add_page(
-                "https://mirror.example.org/copy.html",
-                page_html(
-                    "Copy", "https://site0.example.com/photos/0.jpg", alt=captions[2], paragraphs=FILLER_PARAGRAPHS[:1]
-                ),
-            )
-            expected[_sha1(data)].add(captions[2])
-
-    # One text on more images than allowed: all its pairs go.
-    for k in range(N_SHARED_TEXT_IMAGES):
-        data, _ = next(photo_iter)
-        add_page(
-            f"https://garden.example.com/day/{k}.html",
-            page_html(
-                f"Garden day {k}",
-                f"/img/{k}.jpg",
-                alt=SHARED_ALT,
-                paragraphs=FILLER_PARAGRAPHS[:2],
-                prose_near_image=False,
-            ),
-        )
-        records.append((f"https://garden.example.com/img/{k}.jpg", "image/jpeg", data))
-        rejected[_sha1(data)] = "text_shared_by_too_many_images"
-
-    def lone_page(
-        slug: str, data: bytes, alt: str, reason: str, content_type: str = "image/jpeg", size=(640, 480)
-    ) -> None:
-        add_page(
-            f"https://bad.example.com/{slug}.html",
-            page_html(
-                slug.title(),
-                f"/media/{slug}.jpg",
-                alt=alt,
-                paragraphs=FILLER_PARAGRAPHS[:2],
-                prose_near_image=False,
-                image_size=size,
-            ),
-        )
-        records.append((f"https://bad.example.com/media/{slug}.jpg", content_type, data))
-        rejected[_sha1(data)] = reason
-
-    data, captions = next(photo_iter)
-    lone_page("tiny", _resize_jpeg(data, (280, 210)), captions[0], "too_small")
-    data, _ = next(photo_iter)
-    lone_page("spam", data, "Buy cheap sunglasses now with free shipping on every order", "no_clean_text")
-    data, _ = next(photo_iter)
-    lone_page("filename", data, "IMG_2041.JPG", "no_clean_text")
-    lone_page(
-        "notimage", b"<html><body>Not an image at all</body></html>" * 20, "A dog running on the beach", "not_an_image"
-    )
-    lone_page(
-        "bomb", decompression_bomb_png(), "A very large picture of a mountain lake", "decompression_bomb", "image/png"
-    )
-    chart = encode_image(graphic_image("chart", rng, (640, 480)))
-    lone_page("chart", chart, "A bar chart of the monthly sales in the store", "not_natural_photo")
-    add_page(
-        "https://bad.example.com/missing.html",
-        page_html(
-            "Missing",
-            "/media/not-in-archive.jpg",
-            alt="A boat on a calm lake at sunset",
-            paragraphs=FILLER_PARAGRAPHS[:2],
-        ),
-    )
-    data, captions = next(photo_iter)
-    add_page(
-        "https://de.example.com/artikel.html",
-        page_html("Ein Tag", "/bild.jpg", alt=captions[0], paragraphs=[GERMAN_PARAGRAPH] * 2, lang="de"),
-    )
-    records.append(("https://de.example.com/bild.jpg", "image/jpeg", data))
-    rejected[_sha1(data)] = "wrong_language"
-
-    # Declared charset missing and text in Windows-1252: detected, decoded, kept.
-    data, captions = next(photo_iter)
-    page = page_html("Café naïve", "/cafe.jpg", alt=captions[0], paragraphs=FILLER_PARAGRAPHS[:2])
-    add_page(
-        "https://cafe.example.com/",
-        page.replace('<meta charset="utf-8">', "").encode("cp1252", "replace"),
-        "text/html",
-    )
-    records.append(("https://cafe.example.com/cafe.jpg", "image/jpeg", data))
-    expected[_sha1(data)] = {captions[0]}
-
-    # Thousands of images on one page: the main photo still wins, the rest are counted.
-    data, captions = next(photo_iter)
-    thumbs = [f"/thumbs/{n}.jpg" for n in range(2500)]
-    add_page(
-        "https://gallery.example.com/all.html",
-        page_html("Gallery", "/main.jpg", alt=captions[0], paragraphs=FILLER_PARAGRAPHS[:2], extra_images=thumbs),
-    )
-    records.append(("https://gallery.example.com/main.jpg", "image/jpeg", data))
-    expected[_sha1(data)] = {captions[0]}
-
-    # Binary garbage served as HTML, and a page far above the size limit.
-    add_page(
-        "https://bad.example.com/garbage.html", rng.integers(0, 256, 20_000, dtype=np.uint8).tobytes(), "text/html"
-    )
-    add_page("https://bad.example.com/huge.html", page_html("Huge", "/x.jpg", paragraphs=["word " * 500_000]))
-    write_warc(out_dir / "crawl-00000.warc.gz", records, gzip=True)
-
-    # A plain WARC with a malformed record between two good captures.
-    data, captions = next(photo_iter)
-    first = write_warc(
-        out_dir / "_first.warc",
-        [
-            (
-                "https://plain.example.com/a.html",
-                "text/html; charset=utf-8",
-                page_html(
-                    "Plain", "/a.jpg", alt=captions[0], caption=captions[1], paragraphs=FILLER_PARAGRAPHS[:2]
-                ).encode(),
-            ),
-            ("https://plain.example.com/a.jpg", "image/jpeg", data),
-        ],
-        gzip=False,
-    ).read_bytes()
-    expected[_sha1(data)] = set(captions[:2])
-    data, captions = next(photo_iter)
-    second = write_warc(
-        out_dir / "_second.warc",
-        [
-            (
-                "https://plain.example.com/b.html",
-                "text/html; charset=utf-8",
-                page_html(
-                    "Plain B", "/b.jpg", alt=captions[0], caption=captions[1], paragraphs=FILLER_PARAGRAPHS[1:3]
-                ).encode(),
-            ),
-            ("https://plain.example.com/b.jpg", "image/jpeg", data),
-        ],
-        gzip=False,
-    ).read_bytes()
-    expected[_sha1(data)] = set(captions[:2])
-    garbage = (
-        b"WARC/1.0\r\nWARC-Type: response\r\nContent-Length: not-a-number\r\n\r\n" + b"\x00\xff" * 64 + b"\r\n\r\n"
-    )
-    (out_dir / "crawl-00001.warc").write_bytes(first + garbage + second)
-    (out_dir / "_first.warc").unlink()
-    (out_dir / "_second.warc").unlink()
-
-    # A gzip WARC with a corrupt segment between two captures, then cut in the middle of its last record.
-    data, captions = next(photo_iter)
-    cut_data, _ = next(photo_iter)
-    ok = write_warc(
-        out_dir / "_ok.warc.gz",
-        [
-            (
-                "https://cut.example.com/ok.html",
-                "text/html; charset=utf-8",
-                page_html("Cut", "/ok.jpg", alt=captions[0], paragraphs=FILLER_PARAGRAPHS[:2]).encode(),
-            ),
-            ("https://cut.example.com/ok.jpg", "image/jpeg", data),
-        ],
-    ).read_bytes()
-    late = write_warc(
-        out_dir / "_late.warc.gz",
-        [
-            (
-                "https://cut.example.com/late.html",
-                "text/html; charset=utf-8",
-                page_html("Late", "/late.jpg", alt=captions[1], paragraphs=FILLER_PARAGRAPHS[:2]).encode(),
-            ),
-            ("https://cut.example.com/late.jpg", "image/jpeg", cut_data),
-        ],
-    ).read_bytes()
-    corrupt = b"these bytes are not a gzip member" + rng.integers(0, 256, 512, dtype=np.uint8).tobytes()
-    (out_dir / "crawl-00002.warc.gz").write_bytes(ok + corrupt + late[: len(late) - len(cut_data) // 2])
-    (out_dir / "_ok.warc.gz").unlink()
-    (out_dir / "_late.warc.gz").unlink()
-    expected[_sha1(data)] = {captions[0]}
-    rejected[_sha1(cut_data)] = "truncated"
-
-    # Saved HTML pages with their images next to them, as browsers save them.
-    site = out_dir / "saved_pages"
-    (site / "trip_files").mkdir(parents=True, exist_ok=True)
-    (site / "images").mkdir(parents=True, exist_ok=True)
-    data, captions = next(photo_iter)
-    (site / "trip_files" / "photo.jpg").write_bytes(data)
-    (site / "trip.html").write_text(
-        page_html(
-            "Trip",
-            "https://travel.example.com/photo.jpg",
-            alt=captions[0],
-            paragraphs=FILLER_PARAGRAPHS[:2],
-            canonical="https://travel.example.com/trip",
-        )
-    )
-    expected[_sha1(data)] = {captions[0]}
-    data, captions = next(photo_iter)
-    (site / "images" / "walk.jpg").write_bytes(data)
-    (site / "walk.html").write_text(
-        page_html("Walk", "images/walk.jpg", alt=captions[0], caption=captions[1], paragraphs=FILLER_PARAGRAPHS[2:])
-    )
-    expected[_sha1(data)] = set(captions[:2])
-
-    expected_reasons = [
-        "read/record/page_too_large",
-        "read/record/unreadable_segment",
-        "read/record/malformed_record",
-        "parse/image/image_record_unreadable",
-        "parse/page/wrong_language",
-        "parse/page/no_dominant_image",
-        "parse/image/logo_or_icon",
-        "parse/image/advertisement",
-        "parse/image/tracking_pixel",
-        "parse/image/beyond_image_limit",
-        "parse/image/image_not_archived",
-        "images/image/too_small",
-        "images/image/not_an_image",
-        "images/image/decompression_bomb",
-        "images/image/not_natural_photo",
-        "text/pair/spam",
-        "text/pair/filename_like",
-        "text/image/no_clean_text",
-        "aggregation/pair/text_shared_by_too_many_images",
-        "aggregation/pair/duplicate_image_lower_score",
-    ]
+    crawl = _Crawl(out_dir, photos, seed)
+    crawl.good_articles()
+    crawl.shared_text()
+    crawl.bad_images_and_texts()
+    crawl.hard_pages()
+    write_warc(out_dir / "crawl-00000.warc.gz", crawl.records, gzip=True)
+    crawl.plain_warc_with_malformed_record()
+    crawl.cut_gzip_warc()
+    site = crawl.saved_pages()
     inputs = sorted(str(p) for p in out_dir.glob("*.warc*")) + [str(site)]
-    return {"inputs": inputs, "expected": expected, "rejected": rejected, "expected_reasons": expected_reasons}
+    return {
+        "inputs": inputs,
+        "expected": crawl.expected,
+        "rejected": crawl.rejected,
+        "expected_reasons": list(EXPECTED_REASONS),
+    }
 
 
 __all__ = [
@@ -494,6 +483,7 @@ __all__ = [
     "GERMAN_PARAGRAPH",
     "GRAPHIC_KINDS",
     "PHOTOS_NEEDED",
+    "EXPECTED_REASONS",
     "build_corpus",
     "decompression_bomb_png",
     "encode_image",

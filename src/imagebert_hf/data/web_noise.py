@@ -13,14 +13,22 @@ goes wrong (`WebNoise` holds the rates):
 
 The kinds are exclusive; the rest of the captions stay clean. The draw of caption j of image i depends only on
 `(seed, i, j)`, so the noisy manifest is the same on every machine and for every subset of images.
+
+`write_noisy_manifest` is the one writer of noisy manifest copies: web noise (`write_web_noisy_manifest`) and the
+synthetic set's corruption (`corrupted_captions`, the demo's noisy stage) both go through it.
 """
 
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
+
+from ..formats.files import atomic_write_text
+from .synthetic import corrupt_captions
 
 
 BOILERPLATE = (
@@ -83,6 +91,41 @@ def noisy_caption(caption: str, other_caption: str, rng: random.Random, noise: W
     return caption, "clean"
 
 
+def write_noisy_manifest(
+    manifest: str | Path,
+    output: str | Path,
+    noisy_captions: Callable[[list[dict[str, Any]]], list[list[str]]],
+    splits: Sequence[str] | None = None,
+) -> list[dict[str, Any]]:
+    """Writes a copy of a jsonl manifest whose captions are replaced by `noisy_captions(lines)`, atomically.
+
+    Every other field of a line (the image path, its split, boxes) is kept, so the copy reads the same region cache
+    (whose keys are the manifest's image paths).
+
+    Args:
+        manifest: The clean `captions.jsonl`.
+        output: Where the noisy manifest goes.
+        noisy_captions: Given the kept lines (dicts, in order), the captions of each line in the copy.
+        splits: Keep only lines whose `"split"` is one of these (None: every line).
+
+    Returns:
+        The lines written.
+    """
+    manifest = Path(manifest)
+    with open(manifest, encoding="utf-8") as handle:
+        lines = [json.loads(line) for line in handle if line.strip()]
+    lines = [line for line in lines if splits is None or line.get("split") in splits]
+    captions = noisy_captions(lines)
+    if len(captions) != len(lines):
+        raise ValueError(
+            f"noisy_captions gave captions for {len(captions)} lines of {manifest}, expected {len(lines)}."
+        )
+    written = [{**line, "captions": list(texts)} for line, texts in zip(lines, captions)]
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(output, "".join(json.dumps(line) + "\n" for line in written))
+    return written
+
+
 def write_web_noisy_manifest(
     manifest: str | Path,
     output: str | Path,
@@ -90,10 +133,8 @@ def write_web_noisy_manifest(
     seed: int = 0,
     splits: list[str] | None = None,
 ) -> dict[str, int]:
-    """Writes a copy of a jsonl manifest whose captions carry web-like noise (see the module docstring).
-
-    Every other field of a line (the image path, its split, boxes) is kept, so the copy reads the same region cache
-    (whose keys are the manifest's image paths).
+    """Writes a copy of a jsonl manifest whose captions carry web-like noise (see the module docstring), through
+    `write_noisy_manifest`.
 
     Args:
         manifest: The clean `captions.jsonl`.
@@ -106,15 +147,12 @@ def write_web_noisy_manifest(
         How many captions got each kind of noise (`{"clean": ..., "mismatched": ..., ...}`).
     """
     noise = noise or WebNoise()
-    manifest, output = Path(manifest), Path(output)
-    with open(manifest, encoding="utf-8") as handle:
-        lines = [json.loads(line) for line in handle if line.strip()]
-    lines = [line for line in lines if splits is None or line.get("split") in splits]
-    if len(lines) < 2:
-        raise ValueError(f"{manifest} has {len(lines)} usable lines; mismatched captions need at least 2 images.")
     counts = dict.fromkeys(("clean", "mismatched", "truncated", "boilerplate"), 0)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with open(output, "w", encoding="utf-8") as handle:
+
+    def web_captions(lines: list[dict[str, Any]]) -> list[list[str]]:
+        if len(lines) < 2:
+            raise ValueError(f"{manifest} has {len(lines)} usable lines; mismatched captions need at least 2 images.")
+        result = []
         for i, line in enumerate(lines):
             captions = []
             for j, caption in enumerate(line["captions"]):
@@ -123,8 +161,30 @@ def write_web_noisy_manifest(
                 text, kind = noisy_caption(caption, rng.choice(other["captions"]), rng, noise)
                 captions.append(text)
                 counts[kind] += 1
-            handle.write(json.dumps({**line, "captions": captions}) + "\n")
+            result.append(captions)
+        return result
+
+    write_noisy_manifest(manifest, output, web_captions, splits)
     return counts
 
 
-__all__ = ["BOILERPLATE", "WebNoise", "boilerplate_text", "noisy_caption", "write_web_noisy_manifest"]
+def corrupted_captions(rate: float, seed: int = 0) -> Callable[[list[dict[str, Any]]], list[list[str]]]:
+    """The synthetic set's caption noise (`corrupt_captions`: a `rate` share of all captions, drawn with `seed` in
+    manifest order) as `write_noisy_manifest` takes it."""
+
+    def corrupt(lines: list[dict[str, Any]]) -> list[list[str]]:
+        flat = iter(corrupt_captions([caption for line in lines for caption in line["captions"]], rate, seed))
+        return [[next(flat) for _ in line["captions"]] for line in lines]
+
+    return corrupt
+
+
+__all__ = [
+    "BOILERPLATE",
+    "WebNoise",
+    "boilerplate_text",
+    "corrupted_captions",
+    "noisy_caption",
+    "write_noisy_manifest",
+    "write_web_noisy_manifest",
+]

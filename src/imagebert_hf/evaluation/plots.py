@@ -1,8 +1,9 @@
-"""Retrieval plots (PNG, matplotlib's Agg backend, so they work without a display)."""
+"""Retrieval plots (PNG, drawn on a `matplotlib.figure.Figure`, so they work without a display): recall@K curves
+from score matrices, recall bars from metrics, score histograms."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -44,6 +45,43 @@ def plot_recall_curves(runs: Mapping[str, tuple], path: str | Path, max_k: int =
     return save_figure(fig, path)
 
 
+RECALL_KEYS = ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10")
+
+
+def plot_recall_bars(
+    results: Mapping[str, Mapping[str, float]],
+    path: str | Path,
+    keys: Sequence[str] = RECALL_KEYS,
+    title: str | None = None,
+) -> Path:
+    """Recall@K of several runs side by side, one group of bars per metric: for runs known by their metrics only
+    (`retrieval_metrics`, `chance_metrics`), where `plot_recall_curves` needs the score matrices.
+
+    Args:
+        results: `{run name: metrics}`, each holding every key of `keys` (in percent).
+        path: the PNG to write.
+        keys: the metrics drawn, in order; `tr_r5` is labelled `TR R@5`.
+        title: figure title.
+    """
+    import numpy as np
+
+    fig, axis = subplots(figsize=(8, 3.2))
+    width = 0.8 / max(len(results), 1)
+    positions = np.arange(len(keys))
+    for i, (name, metrics) in enumerate(results.items()):
+        missing = [key for key in keys if key not in metrics]
+        if missing:
+            raise KeyError(f"results[{name!r}] has no {missing}; plot_recall_bars draws {list(keys)}.")
+        axis.bar(positions + i * width, [metrics[key] for key in keys], width, label=name)
+    labels = [f"{key[:2].upper()} R@{key.split('_r')[-1]}" for key in keys]
+    axis.set_xticks(positions + 0.4 - width / 2, labels)
+    axis.set_ylabel("recall (%)")
+    if title:
+        axis.set_title(title)
+    axis.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
 def plot_score_histograms(scores, text_to_image, path: str | Path, bins: int = 50, title: str | None = None) -> Path:
     """Histograms of the scores of matching pairs and of all other pairs (normalised, overlaid): how well the
     cross-encoder separates them."""
@@ -64,4 +102,4 @@ def plot_score_histograms(scores, text_to_image, path: str | Path, bins: int = 5
     return save_figure(fig, path)
 
 
-__all__ = ["plot_recall_curves", "plot_score_histograms"]
+__all__ = ["RECALL_KEYS", "plot_recall_bars", "plot_recall_curves", "plot_score_histograms"]

@@ -1,6 +1,7 @@
-"""Command-line arguments of the pretraining script (`HfArgumentParser` dataclasses).
+"""Command-line arguments of the training scripts (`HfArgumentParser` dataclasses, help on every field).
 
-The recipe file holds the run; these flags override it for one invocation. A flag left unset never overrides.
+`PretrainingArguments`: the recipe file holds the run; these flags override it for one invocation, and a flag left
+unset never overrides. `RetrievalArguments`: every setting of a fine-tuning run.
 """
 
 from __future__ import annotations
@@ -89,4 +90,82 @@ class PretrainingArguments:
     )
 
 
-__all__ = ["PretrainingArguments"]
+@dataclass
+class RetrievalArguments:
+    """Flags of `examples/run_retrieval.py` (`HfArgumentParser` dataclass)."""
+
+    output_dir: str = field(metadata={"help": "Where checkpoints, the final model, logs and plots go."})
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "ImageBERT checkpoint to start from (e.g. a pretraining stage's final/)."}
+    )
+    train_file: str | None = field(
+        default=None,
+        metadata={"help": "Karpathy split file (dataset_coco.json, dataset_flickr30k.json) or a jsonl manifest."},
+    )
+    image_root: str | None = field(default=None, metadata={"help": "Folder the Karpathy image paths start from."})
+    train_split: str = field(
+        default="train", metadata={"help": "Split(s) to train on, comma-separated (COCO: train,restval)."}
+    )
+    eval_split: str | None = field(default=None, metadata={"help": "Split to evaluate on at the end (e.g. test)."})
+    region_cache: str | None = field(
+        default=None, metadata={"help": "Region cache folder (imagebert-extract-regions)."}
+    )
+    synthetic_images: int | None = field(
+        default=None, metadata={"help": "Train on this many generated images instead of files (demo and tests)."}
+    )
+    eval_images: int = field(default=100, metadata={"help": "Held-out generated images evaluated at the end."})
+    max_images: int | None = field(default=None, metadata={"help": "Use only the first images of each split."})
+    captions_per_image: int | None = field(default=None, metadata={"help": "Keep at most this many captions."})
+    loss_weights: str = field(
+        default="binary=1", metadata={"help": "Retrieval losses and weights, e.g. binary=1,multiclass=0.5,triplet=1."}
+    )
+    contrastive_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the contrastive loss of the shortlist heads (0: not trained)."}
+    )
+    num_negatives: int = field(default=3, metadata={"help": "Negatives per positive (the paper's P)."})
+    negative_type: str = field(default="both", metadata={"help": "'text', 'image' or 'both' (random mix)."})
+    hard_negatives: bool = field(default=False, metadata={"help": "Mine the hardest of a scored random pool."})
+    hard_pool_size: int = field(default=16, metadata={"help": "Candidates scored per positive when mining."})
+    contrastive_trains_encoder: bool = field(
+        default=True,
+        metadata={
+            "help": "Let the contrastive loss train the encoder the cross-encoder shares (False: only the "
+            "projection heads learn from it, on the encoder's detached outputs)."
+        },
+    )
+    negative_mining: str = field(
+        default="random",
+        metadata={
+            "help": "'random': the collator's negatives; 'contrastive': in-batch negatives drawn by the unimodal "
+            "similarity (ALBEF / BLIP), the candidates a shortlist gives the re-ranker."
+        },
+    )
+    seed: int = field(default=42, metadata={"help": "Seed of initialisation, data order and negatives."})
+    max_steps: int | None = field(default=None, metadata={"help": "Optimizer steps (overrides num_epochs)."})
+    num_epochs: float = field(default=1.0, metadata={"help": "Epochs over the training captions."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Positives per process and micro-batch."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate (the paper: 5e-5)."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "Share of steps with linear warmup."})
+    lr_scheduler_type: str = field(default="linear", metadata={"help": "A transformers scheduler name."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    logging_steps: int = field(default=10, metadata={"help": "Log losses every this many steps."})
+    checkpointing_steps: int | None = field(default=None, metadata={"help": "Save the training state this often."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
+    resume: bool = field(default=False, metadata={"help": "Continue from the last complete checkpoint."})
+    stop_after_steps: int | None = field(default=None, metadata={"help": "Stop as if killed (resumption tests)."})
+    report_to: str = field(default="tensorboard", metadata={"help": "Accelerate tracker, or 'none'."})
+    mixed_precision: str | None = field(
+        default=None, metadata={"help": "'no', 'fp16' or 'bf16' to override the accelerate launch config."}
+    )
+    cpu: bool = field(default=False, metadata={"help": "Train on the CPU even when a GPU is present."})
+    eval_batch_size: int = field(default=256, metadata={"help": "Pairs per forward pass when evaluating."})
+    eval_shortlist_k: int | None = field(
+        default=None, metadata={"help": "Also evaluate shortlist + re-rank with this k."}
+    )
+    push_to_hub: bool = field(default=False, metadata={"help": "Push model, processor and card when done."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository for push_to_hub."})
+
+
+__all__ = ["PretrainingArguments", "RetrievalArguments"]

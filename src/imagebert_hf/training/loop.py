@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -123,9 +124,77 @@ def steps_per_epoch(num_batches: int, gradient_accumulation_steps: int) -> int:
     return max(1, math.ceil(num_batches / gradient_accumulation_steps))
 
 
-def _loss_value(outputs, name: str) -> torch.Tensor | None:
-    value = getattr(outputs, "loss" if name == "loss" else f"{name}_loss", None)
-    return None if value is None else value.detach().float()
+@dataclass
+class LoopSettings:
+    """How `train_loop` runs a stage: what it logs, when it checkpoints, and when it stops early.
+
+    Attributes:
+        loss_names: The tasks whose losses are logged; the model's output may have `<name>_loss` for each.
+        checkpoint_dir: Where `save_checkpoint` writes every `checkpointing_steps` steps (None: never).
+        checkpointing_steps: Save the full training state every this many optimizer steps (None: never).
+        save_total_limit: Keep at most this many step checkpoints (oldest deleted; None keeps all).
+        logging_steps: Every this many steps (and at the last), losses go to the trackers and to `state.history`.
+        max_grad_norm: Clip the gradient norm to this before each optimizer step (None or 0: no clipping).
+        max_failure_rate: Raise `TooManyFailedRecords` when a larger share of records fails to load (batches carry
+            `num_failed_records` from the collator); checked over all processes.
+        min_records_for_failure_check: Records to see before the failure rate is first checked (all are checked
+            at the end).
+        stop_after_global_step: Raise `TrainingStopped` once the run-wide step reaches this (tests of resumption).
+        loss_counts: Maps a batch to the number of targets behind each task's loss (e.g.
+            `pretraining_loss_counts`). Logged losses are then averages over targets rather than over batches, so
+            they do not depend on how a global batch is split across processes.
+        task_weights: When given, the logged total is the weighted sum of the logged task losses (consistent with
+            them) instead of the average of the model's `loss`.
+    """
+
+    loss_names: Sequence[str] = ("mlm", "moc", "mrfr", "itm")
+    checkpoint_dir: str | Path | None = None
+    checkpointing_steps: int | None = None
+    save_total_limit: int | None = None
+    logging_steps: int = 10
+    max_grad_norm: float | None = 1.0
+    max_failure_rate: float = 1.0
+    min_records_for_failure_check: int = 200
+    stop_after_global_step: int | None = None
+    loss_counts: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+    task_weights: dict[str, float] | None = None
+
+
+class _StepTally:
+    """Losses and record counts of the micro-batches of one optimizer step, summed on the device and reduced over
+    the processes once per step."""
+
+    def __init__(self, names: Sequence[str], device):
+        self.names = list(names)
+        self.sums = torch.zeros(len(self.names), device=device)
+        self.counts = torch.zeros(len(self.names), device=device)
+        self.records = torch.zeros(2, device=device)
+
+    def add_records(self, batch_size: int, failed) -> None:
+        self.records[0] += batch_size + (0 if failed is None else float(failed))
+        self.records[1] += 0 if failed is None else float(failed)
+
+    def add_losses(self, outputs, weights: dict[str, torch.Tensor]) -> None:
+        for i, name in enumerate(self.names):
+            value = getattr(outputs, "loss" if name == "loss" else f"{name}_loss", None)
+            value = None if value is None else value.detach().float()
+            weight = weights.get(name, 1.0)
+            if value is not None and torch.isfinite(value) and float(weight) > 0:
+                self.sums[i] += value * weight
+                self.counts[i] += weight
+
+    def reduce(self, accelerator, state: TrainState) -> dict[str, float | None]:
+        """Adds the step's records to `state`, returns its average losses over all processes and starts afresh."""
+        n = len(self.names)
+        totals = accelerator.reduce(torch.cat([self.sums, self.counts, self.records]), reduction="sum")
+        step_sums, step_counts = totals[:n], totals[n : 2 * n]
+        state.records_seen += int(totals[-2])
+        state.records_failed += int(totals[-1])
+        self.sums.zero_(), self.counts.zero_(), self.records.zero_()
+        return {
+            name: (float(step_sums[i] / step_counts[i]) if step_counts[i] > 0 else None)
+            for i, name in enumerate(self.names)
+        }
 
 
 def train_loop(
@@ -135,47 +204,28 @@ def train_loop(
     scheduler,
     dataloader,
     state: TrainState,
+    settings: LoopSettings | None = None,
     *,
     sampler=None,
-    loss_names: Sequence[str] = ("mlm", "moc", "mrfr", "itm"),
-    checkpoint_dir: str | Path | None = None,
-    checkpointing_steps: int | None = None,
-    save_total_limit: int | None = None,
-    logging_steps: int = 10,
-    max_grad_norm: float | None = 1.0,
-    max_failure_rate: float = 1.0,
-    min_records_for_failure_check: int = 200,
-    stop_after_global_step: int | None = None,
     on_step: Callable[[TrainState, dict[str, Any]], None] | None = None,
-    loss_counts: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
-    task_weights: dict[str, float] | None = None,
 ) -> TrainState:
     """Trains until `state.completed_steps == state.total_steps`, resuming from `state` (epoch, micro-batches).
 
-    The model's output must have `loss` and may have `<name>_loss` for each of `loss_names`. Batches may carry
-    `num_failed_records` (from the collator); the share of failed records is checked, over all processes, once
-    `min_records_for_failure_check` records were seen.
+    The model's output must have `loss` and may have `<name>_loss` for each of `settings.loss_names`.
 
     Args:
         accelerator: The run's `Accelerator`; `model`, `optimizer`, `scheduler` and `dataloader` are prepared by it.
         state: Where the stage is; updated in place and returned.
+        settings: Logging, checkpoints, clipping, the failure budget and early stop (`LoopSettings()` if None).
         sampler: The sampler inside `dataloader`; its `set_epoch` is called at each epoch.
-        checkpoint_dir: Where `save_checkpoint` writes every `checkpointing_steps` steps.
-        logging_steps: Every this many steps, losses go to the trackers and to `state.history`.
-        stop_after_global_step: Raise `TrainingStopped` once the run-wide step reaches this (tests of resumption).
         on_step: Called after each optimizer step with the state and that step's averaged losses.
-        loss_counts: Maps a batch to the number of targets behind each task's loss (e.g.
-            `pretraining_loss_counts`). Logged losses are then averages over targets rather than over batches, so
-            they do not depend on how a global batch is split across processes.
-        task_weights: When given, the logged total is the weighted sum of the logged task losses (consistent with
-            them) instead of the average of the model's `loss`.
 
     Returns:
         The final `state`.
     """
     from tqdm.auto import tqdm
 
-    names = ["loss", *loss_names]
+    settings = settings or LoopSettings()
     progress = tqdm(
         total=state.total_steps,
         initial=state.completed_steps,
@@ -183,91 +233,84 @@ def train_loop(
         disable=not accelerator.is_local_main_process,
         dynamic_ncols=True,
     )
-    sums = torch.zeros(len(names), device=accelerator.device)
-    counts = torch.zeros(len(names), device=accelerator.device)
-    records = torch.zeros(2, device=accelerator.device)
+    tally = _StepTally(["loss", *settings.loss_names], accelerator.device)
     model.train()
-    while state.completed_steps < state.total_steps:
-        if sampler is not None and hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(state.epoch)
-        loader = dataloader
-        if state.batches_in_epoch:
-            loader = accelerator.skip_first_batches(dataloader, state.batches_in_epoch)
-        for batch in loader:
-            # A loader that accelerate did not prepare (a stream each process reads its own part of) is moved here.
-            batch = {
-                k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
-            }
-            failed = batch.pop("num_failed_records", None)
-            batch_size = next(iter(batch.values())).shape[0]
-            records[0] += batch_size + (0 if failed is None else float(failed))
-            records[1] += 0 if failed is None else float(failed)
-            state.batches_in_epoch += 1
-            weights = loss_counts(batch) if loss_counts is not None else {}
-            with accelerator.accumulate(model):
-                outputs = model(**batch)
-                accelerator.backward(outputs.loss)
-                if accelerator.sync_gradients and max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            for i, name in enumerate(names):
-                value = _loss_value(outputs, name)
-                weight = weights.get(name, 1.0)
-                if value is not None and torch.isfinite(value) and float(weight) > 0:
-                    sums[i] += value * weight
-                    counts[i] += weight
-            if not accelerator.sync_gradients:
-                continue
-
-            state.completed_steps += 1
-            totals = accelerator.reduce(torch.cat([sums, counts, records]), reduction="sum")
-            step_sums, step_counts = totals[: len(names)], totals[len(names) : 2 * len(names)]
-            state.records_seen += int(totals[-2])
-            state.records_failed += int(totals[-1])
-            sums.zero_(), counts.zero_(), records.zero_()
-            losses = {
-                name: (float(step_sums[i] / step_counts[i]) if step_counts[i] > 0 else None)
-                for i, name in enumerate(names)
-            }
-            if task_weights is not None:
-                parts = [task_weights.get(name, 1.0) * losses[name] for name in loss_names if losses[name] is not None]
-                losses["loss"] = float(sum(parts)) if parts else None
-            progress.update(1)
-            progress.set_postfix(loss=f"{losses['loss']:.3f}" if losses["loss"] is not None else "n/a")
-            _check_failures(state, max_failure_rate, min_records_for_failure_check)
-            if state.completed_steps % logging_steps == 0 or state.completed_steps == state.total_steps:
-                entry = {
-                    "step": state.global_step,
-                    "stage": state.stage_name,
-                    "lr": scheduler.get_last_lr()[0],
-                    **losses,
-                }
-                state.history.append(entry)
-                accelerator.log(
-                    {f"train/{k}": v for k, v in entry.items() if isinstance(v, float)}, step=state.global_step
-                )
-            if on_step is not None:
-                on_step(state, losses)
-            if (
-                checkpoint_dir is not None
-                and checkpointing_steps
-                and state.completed_steps % checkpointing_steps == 0
-                and state.completed_steps < state.total_steps
-            ):
-                save_checkpoint(accelerator, checkpoint_dir, state, save_total_limit)
-            if stop_after_global_step is not None and state.global_step >= stop_after_global_step:
-                progress.close()
-                raise TrainingStopped(f"stopped after run-wide step {state.global_step} as asked")
-            if state.completed_steps >= state.total_steps:
-                break
-        else:
-            state.epoch += 1
-            state.batches_in_epoch = 0
-    progress.close()
-    _check_failures(state, max_failure_rate, 0)
+    try:
+        while state.completed_steps < state.total_steps:
+            if sampler is not None and hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(state.epoch)
+            loader = dataloader
+            if state.batches_in_epoch:
+                loader = accelerator.skip_first_batches(dataloader, state.batches_in_epoch)
+            for batch in loader:
+                _train_micro_batch(accelerator, model, optimizer, scheduler, batch, state, settings, tally)
+                if not accelerator.sync_gradients:
+                    continue
+                losses = _finish_step(accelerator, scheduler, state, settings, tally)
+                progress.update(1)
+                progress.set_postfix(loss=f"{losses['loss']:.3f}" if losses["loss"] is not None else "n/a")
+                if on_step is not None:
+                    on_step(state, losses)
+                _checkpoint_or_stop(accelerator, state, settings)
+                if state.completed_steps >= state.total_steps:
+                    break
+            else:
+                state.epoch += 1
+                state.batches_in_epoch = 0
+    finally:
+        progress.close()
+    _check_failures(state, settings.max_failure_rate, 0)
     return state
+
+
+def _train_micro_batch(accelerator, model, optimizer, scheduler, batch, state, settings, tally) -> None:
+    """Forward and backward of one micro-batch; the optimizer steps when the accumulation is complete."""
+    # A loader that accelerate did not prepare (a stream each process reads its own part of) is moved here.
+    batch = {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    failed = batch.pop("num_failed_records", None)
+    tally.add_records(next(iter(batch.values())).shape[0], failed)
+    state.batches_in_epoch += 1
+    weights = settings.loss_counts(batch) if settings.loss_counts is not None else {}
+    with accelerator.accumulate(model):
+        outputs = model(**batch)
+        accelerator.backward(outputs.loss)
+        if accelerator.sync_gradients and settings.max_grad_norm:
+            accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    tally.add_losses(outputs, weights)
+
+
+def _finish_step(accelerator, scheduler, state: TrainState, settings: LoopSettings, tally) -> dict[str, float | None]:
+    """Counts the optimizer step, checks the failure budget, logs; returns the step's losses."""
+    state.completed_steps += 1
+    losses = tally.reduce(accelerator, state)
+    if settings.task_weights is not None:
+        parts = [
+            settings.task_weights.get(name, 1.0) * losses[name]
+            for name in settings.loss_names
+            if losses[name] is not None
+        ]
+        losses["loss"] = float(sum(parts)) if parts else None
+    _check_failures(state, settings.max_failure_rate, settings.min_records_for_failure_check)
+    if state.completed_steps % settings.logging_steps == 0 or state.completed_steps == state.total_steps:
+        entry = {"step": state.global_step, "stage": state.stage_name, "lr": scheduler.get_last_lr()[0], **losses}
+        state.history.append(entry)
+        accelerator.log({f"train/{k}": v for k, v in entry.items() if isinstance(v, float)}, step=state.global_step)
+    return losses
+
+
+def _checkpoint_or_stop(accelerator, state: TrainState, settings: LoopSettings) -> None:
+    if (
+        settings.checkpoint_dir is not None
+        and settings.checkpointing_steps
+        and state.completed_steps % settings.checkpointing_steps == 0
+        and state.completed_steps < state.total_steps
+    ):
+        save_checkpoint(accelerator, settings.checkpoint_dir, state, settings.save_total_limit)
+    if settings.stop_after_global_step is not None and state.global_step >= settings.stop_after_global_step:
+        raise TrainingStopped(f"stopped after run-wide step {state.global_step} as asked")
 
 
 def pretraining_loss_counts(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -300,6 +343,7 @@ def _check_failures(state: TrainState, max_failure_rate: float, min_records: int
 
 
 __all__ = [
+    "LoopSettings",
     "TooManyFailedRecords",
     "TrainingStopped",
     "build_accelerator",

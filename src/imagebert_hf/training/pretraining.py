@@ -3,10 +3,8 @@ weights, and ends with a `save_pretrained` model that the next stage (and retrie
 
 from __future__ import annotations
 
-import json
-import math
-import shutil
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,36 +28,36 @@ from ..data.pair_sources import (
     stable_seed,
 )
 from ..data.synthetic import make_synthetic_tokenizer
-from ..formats.files import publish_folder
+from ..formats.files import atomic_write_text
 from ..models.imagebert.configuration_imagebert import ImageBERTConfig
 from ..models.imagebert.modeling_imagebert import ImageBERTForPreTraining
 from ..models.imagebert.processing_imagebert import ImageBERTProcessor
-from .checkpointing import (
-    COMPLETE_FILE,
-    TrainState,
-    latest_checkpoint,
-    load_checkpoint,
-    remove_partial_checkpoints,
-    save_checkpoint,
-    save_model,
-)
-from .loop import (
-    TrainingStopped,
-    build_accelerator,
-    build_optimizer,
-    build_scheduler,
-    describe_accelerator,
-    pretraining_loss_counts,
-    steps_per_epoch,
-    train_loop,
-)
+from .checkpointing import COMPLETE_FILE, TrainState
+from .loop import LoopSettings, build_accelerator, describe_accelerator, pretraining_loss_counts
 from .plots import plot_losses
 from .recipe import ModelSpec, Recipe, SourceSpec, StageSpec, recipe_to_dict
+from .runner import Schedule, Stage, run_stage, save_final
 
 
 logger = logging.get_logger(__name__)
 
 PRETRAINING_TASKS = ("mlm", "moc", "mrfr", "itm")
+# The recipe fields `LoopSettings` names the same.
+RECIPE_LOOP_FIELDS = (
+    "checkpointing_steps",
+    "save_total_limit",
+    "logging_steps",
+    "max_failure_rate",
+    "min_records_for_failure_check",
+)
+# The stage fields that configure the collator's masking and ITM negatives.
+MASKING_FIELDS = (
+    "mlm_probability",
+    "region_mask_probability",
+    "region_zero_probability",
+    "itm_negative_probability",
+    "text_negative_share",
+)
 
 
 @dataclass
@@ -124,6 +122,11 @@ def build_model(spec: ModelSpec, tokenizer, init_from: str | Path | None = None)
     return ImageBERTForPreTraining(config)
 
 
+def _fields(spec, *names: str) -> dict[str, Any]:
+    """Fields of a recipe spec as keyword arguments of the class they configure, which names them the same."""
+    return {name: getattr(spec, name) for name in names}
+
+
 def build_source(spec: SourceSpec, feature_size: int) -> tuple[PairSource | StreamingPairSource, Any]:
     """A recipe source as a `PairSource` (a `StreamingPairSource` with `streaming: true`) and the mapping that gives
     its regions by image key."""
@@ -134,12 +137,8 @@ def build_source(spec: SourceSpec, feature_size: int) -> tuple[PairSource | Stre
     elif spec.type == "manifest":
         source = ManifestPairSource(
             spec.path,
-            image_root=spec.image_root,
-            splits=spec.splits,
-            key_field=spec.key_field,
-            max_captions_per_image=spec.max_captions_per_image,
             name=spec.name,
-            allow_outside_root=spec.allow_outside_root,
+            **_fields(spec, "image_root", "splits", "key_field", "max_captions_per_image", "allow_outside_root"),
         )
     elif spec.type == "hf_dataset":
         source = DatasetPairSource(spec.path, spec.text_column, spec.image_column, spec.id_column, name=spec.name)
@@ -148,12 +147,8 @@ def build_source(spec: SourceSpec, feature_size: int) -> tuple[PairSource | Stre
     else:
         source = SyntheticPairSource(
             spec.num_images,
-            seed=spec.seed,
-            image_size=spec.image_size,
-            captions_per_image=spec.captions_per_image,
-            caption_noise=spec.caption_noise,
-            first_image=spec.first_image,
             name=spec.name,
+            **_fields(spec, "seed", "image_size", "captions_per_image", "caption_noise", "first_image"),
         )
         if spec.region_cache is None:
             return source, source.annotation_regions(feature_size)
@@ -174,13 +169,9 @@ def build_stage_data(stage: StageSpec, tokenizer, config, seed: int, num_workers
     sources, stores = zip(*(build_source(spec, config.region_feature_size) for spec in stage.sources))
     collator = DataCollatorForImageBERTPretraining(
         tokenizer,
-        mlm_probability=stage.mlm_probability,
-        region_mask_probability=stage.region_mask_probability,
-        region_zero_probability=stage.region_zero_probability,
         # The datasets below pick negatives from the whole source and give their itm_labels, which the collator
         # keeps; it would draw in-batch negatives (with the same settings) only for samples without them.
-        itm_negative_probability=stage.itm_negative_probability,
-        text_negative_share=stage.text_negative_share,
+        **_fields(stage, *MASKING_FIELDS),
         max_text_length=config.max_text_length,
         max_regions=config.max_regions,
         return_region_class_probs=config.moc_loss_type == "kl",
@@ -188,25 +179,9 @@ def build_stage_data(stage: StageSpec, tokenizer, config, seed: int, num_workers
         seed=seed,
         num_object_classes=config.num_object_classes,
     )
+    weights = [spec.weight for spec in stage.sources]
     if isinstance(sources[0], StreamingPairSource):
-        # Each process reads its own part of the streams: the loader is used as it is, not sharded by accelerate.
-        dataset = StreamingPretrainingDataset(
-            sources,
-            stores,
-            [spec.weight for spec in stage.sources],
-            tokenizer,
-            max_text_length=config.max_text_length,
-            max_regions=config.max_regions,
-            seed=seed,
-            itm_negative_probability=stage.itm_negative_probability,
-            text_negative_share=stage.text_negative_share,
-            group_size=stage.per_device_train_batch_size if stage.group_by_length else 1,
-            pool_groups=stage.length_group_pool,
-        )
-        dataloader = torch.utils.data.DataLoader(
-            dataset, batch_size=stage.per_device_train_batch_size, collate_fn=collator, num_workers=num_workers
-        )
-        return dataloader, None, dataset
+        return _streaming_data(stage, sources, stores, weights, tokenizer, config, collator, seed, num_workers)
     dataset = PretrainingPairDataset(
         sources,
         stores,
@@ -218,7 +193,7 @@ def build_stage_data(stage: StageSpec, tokenizer, config, seed: int, num_workers
     )
     sampler = MixtureSampler(
         dataset.sizes,
-        [spec.weight for spec in stage.sources],
+        weights,
         seed=seed,
         num_samples=stage.samples_per_epoch,
         sample_lengths=dataset.sample_lengths if stage.group_by_length else None,
@@ -236,6 +211,28 @@ def build_stage_data(stage: StageSpec, tokenizer, config, seed: int, num_workers
     return dataloader, sampler, dataset
 
 
+def _streaming_data(stage: StageSpec, sources, stores, weights, tokenizer, config, collator, seed, num_workers):
+    """A stage over streams: each process reads its own part of them, so the loader is used as it is, not sharded
+    by accelerate; there is no sampler."""
+    dataset = StreamingPretrainingDataset(
+        sources,
+        stores,
+        weights,
+        tokenizer,
+        max_text_length=config.max_text_length,
+        max_regions=config.max_regions,
+        seed=seed,
+        itm_negative_probability=stage.itm_negative_probability,
+        text_negative_share=stage.text_negative_share,
+        group_size=stage.per_device_train_batch_size if stage.group_by_length else 1,
+        pool_groups=stage.length_group_pool,
+    )
+    dataloader = torch.utils.data.DataLoader(
+        dataset, batch_size=stage.per_device_train_batch_size, collate_fn=collator, num_workers=num_workers
+    )
+    return dataloader, None, dataset
+
+
 def _configure_for_stage(model, stage: StageSpec) -> None:
     config = model.config
     for task in PRETRAINING_TASKS:
@@ -249,36 +246,45 @@ def stage_directory(output_dir: str | Path, index: int, stage: StageSpec) -> Pat
     return Path(output_dir) / f"stage{index + 1}-{stage.name}"
 
 
-def _save_final(accelerator, model, tokenizer, processor, state: TrainState, final_dir: Path) -> None:
-    accelerator.wait_for_everyone()
-    tmp = final_dir.parent / f".tmp-{final_dir.name}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    save_model(accelerator, model, tmp)
-    if accelerator.is_main_process:
-        (processor or tokenizer).save_pretrained(tmp)
-        state.save(tmp)
-        with open(tmp / COMPLETE_FILE, "w", encoding="utf-8") as handle:
-            json.dump({"stage": state.stage_name, "steps": state.completed_steps}, handle)
-        publish_folder(tmp, final_dir)
-    accelerator.wait_for_everyone()
+def stage_schedule(stage: StageSpec) -> Schedule:
+    """The stage's length, optimizer and learning-rate schedule, as the stage runner takes them (a recipe stage
+    names every `Schedule` field the same)."""
+    return Schedule(**_fields(stage, *(item.name for item in dataclasses.fields(Schedule))))
 
 
-def run_pretraining(recipe: Recipe, options: PretrainingRunOptions | None = None) -> dict[str, Any]:
-    """Runs every stage of `recipe` in order (or the rest of them, with `options.resume`).
+def loop_settings(recipe: Recipe, stage: StageSpec, options: PretrainingRunOptions) -> LoopSettings:
+    """The loop's settings for one stage: losses averaged over their targets, the total weighted as the stage."""
+    return LoopSettings(
+        loss_names=PRETRAINING_TASKS,
+        max_grad_norm=stage.max_grad_norm,
+        stop_after_global_step=options.stop_after_steps,
+        loss_counts=pretraining_loss_counts,
+        task_weights=stage.loss_weights,
+        **_fields(recipe, *RECIPE_LOOP_FIELDS),
+    )
 
-    Layout under `recipe.output_dir`: `recipe.yaml`; per stage `stageK-NAME/checkpoints/step_N` (full training state)
-    and `stageK-NAME/final` (model, tokenizer or processor, `trainer_state.json`); `logs/` (tensorboard);
-    `losses.png`.
 
-    Returns:
-        A dict with `final_model` (the last stage's folder), `stage_dirs`, `history` and `steps_per_stage`.
-    """
+@dataclass
+class _RunProgress:
+    """What the stages done so far hand the next one."""
+
+    previous_final: Path | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    global_step: int = 0
+    stage_dirs: list[Path] = field(default_factory=list)
+    steps_per_stage: list[int] = field(default_factory=list)
+
+    def add(self, stage_dir: Path, state: TrainState) -> None:
+        self.stage_dirs.append(stage_dir)
+        self.history, self.global_step = state.history, state.global_step
+        self.steps_per_stage.append(state.completed_steps)
+        self.previous_final = stage_dir / "final"
+
+
+def _start_run(recipe: Recipe, options: PretrainingRunOptions):
+    """The run's accelerator, after refusing to overwrite an earlier run and writing `recipe.yaml`."""
     import yaml
-    from accelerate.utils import set_seed
 
-    options = options or PretrainingRunOptions()
     output_dir = Path(recipe.output_dir)
     accelerator = build_accelerator(
         output_dir, options.mixed_precision, recipe.report_to, options.cpu, gradient_accumulation_steps=1
@@ -291,149 +297,124 @@ def run_pretraining(recipe: Recipe, options: PretrainingRunOptions | None = None
         )
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        with open(output_dir / "recipe.yaml", "w", encoding="utf-8") as handle:
-            yaml.safe_dump(recipe_to_dict(recipe), handle, sort_keys=False)
+        atomic_write_text(output_dir / "recipe.yaml", yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
     if accelerator.log_with:
         flat = {"seed": recipe.seed, "num_stages": len(recipe.stages), "num_processes": accelerator.num_processes}
         accelerator.init_trackers("imagebert_pretraining", config=flat)
+    return accelerator
 
+
+def _pretraining_stage(accelerator, recipe: Recipe, options, index: int, tokenizer, progress: _RunProgress) -> Stage:
+    """Stage `index` of the recipe as the stage runner takes it: its model (from the previous stage's), its data."""
+    from accelerate.utils import set_seed
+
+    stage = recipe.stages[index]
+    stage_seed = stable_seed(recipe.seed, index, stage.name)
+    set_seed(stage_seed)
+    model = build_model(recipe.model, tokenizer, init_from=progress.previous_final)
+    _configure_for_stage(model, stage)
+    if options.gradient_checkpointing:
+        # transformers 5 renamed the switch; the old name still works but warns.
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
+    dataloader, sampler, _ = build_stage_data(
+        stage, tokenizer, model.config, stage_seed, recipe.num_workers, accelerator.num_processes
+    )
+
+    def describe(total_steps: int) -> str:
+        global_batch = (
+            stage.per_device_train_batch_size * accelerator.num_processes * stage.gradient_accumulation_steps
+        )
+        return (
+            f"stage {index + 1}/{len(recipe.stages)} ({stage.name}): {total_steps} steps, global batch {global_batch}, "
+            f"{len(sampler) if sampler is not None else 'streamed'} samples per epoch, lr {stage.learning_rate:g}; "
+            f"{describe_accelerator(accelerator)}"
+        )
+
+    return Stage(
+        name=stage.name,
+        model=model,
+        dataloader=dataloader,
+        schedule=stage_schedule(stage),
+        folder=stage_directory(recipe.output_dir, index, stage),
+        index=index,
+        sampler=sampler,
+        # Each process reads its own part of a stream: that loader is used as it is, not sharded by accelerate.
+        shard_dataloader=sampler is not None,
+        global_step_offset=progress.global_step,
+        history=list(progress.history),
+        describe=describe,
+    )
+
+
+def _push_stage(final_dir: Path, hub_model_id: str | None, message: str) -> None:
+    """Uploads a stage's published folder (the gathered weights; a sharded model in memory has only its shards)."""
+    if not hub_model_id:
+        raise ValueError("push_to_hub needs hub_model_id, got none.")
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(hub_model_id, exist_ok=True)
+    api.upload_folder(repo_id=hub_model_id, folder_path=str(final_dir), commit_message=message)
+
+
+def run_pretraining(recipe: Recipe, options: PretrainingRunOptions | None = None) -> dict[str, Any]:
+    """Runs every stage of `recipe` in order (or the rest of them, with `options.resume`).
+
+    Layout under `recipe.output_dir`: `recipe.yaml`; per stage `stageK-NAME/checkpoints/step_N` (full training state)
+    and `stageK-NAME/final` (model, tokenizer or processor, `trainer_state.json`); `logs/` (tensorboard);
+    `losses.png`.
+
+    Raises:
+        TrainingStopped: `options.stop_after_steps` was reached (the run continues with `resume`).
+
+    Returns:
+        A dict with `final_model` (the last stage's folder), `stage_dirs`, `history` and `steps_per_stage`.
+    """
+    options = options or PretrainingRunOptions()
+    accelerator = _start_run(recipe, options)
     tokenizer = load_tokenizer(recipe.model)
     processor = None
     if recipe.model.processor is not None:
         processor = ImageBERTProcessor.from_pretrained(recipe.model.processor)
-
-    previous_final: Path | None = None
-    history: list[dict[str, Any]] = []
-    global_offset = 0
-    stage_dirs, steps_per_stage = [], []
-    for index, stage in enumerate(recipe.stages):
-        stage_dir = stage_directory(output_dir, index, stage)
-        final_dir = stage_dir / "final"
-        stage_dirs.append(stage_dir)
-        if options.resume and (final_dir / COMPLETE_FILE).is_file():
-            done = TrainState.load(final_dir)
-            history, global_offset = done.history, done.global_step
-            steps_per_stage.append(done.completed_steps)
-            previous_final = final_dir
-            accelerator.print(f"stage {index + 1} ({stage.name}) already complete; skipping it")
+    progress = _RunProgress()
+    for index, spec in enumerate(recipe.stages):
+        stage_dir = stage_directory(recipe.output_dir, index, spec)
+        if options.resume and (stage_dir / "final" / COMPLETE_FILE).is_file():
+            progress.add(stage_dir, TrainState.load(stage_dir / "final"))
+            accelerator.print(f"stage {index + 1} ({spec.name}) already complete; skipping it")
             continue
-
-        stage_seed = stable_seed(recipe.seed, index, stage.name)
-        set_seed(stage_seed)
-        model = build_model(recipe.model, tokenizer, init_from=previous_final)
-        _configure_for_stage(model, stage)
-        if options.gradient_checkpointing:
-            # transformers 5 renamed the switch; the old name still works but warns.
-            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-            enable()
-        dataloader, sampler, _ = build_stage_data(
-            stage, tokenizer, model.config, stage_seed, recipe.num_workers, accelerator.num_processes
-        )
-        optimizer = build_optimizer(
-            model, stage.learning_rate, stage.weight_decay, (stage.adam_beta1, stage.adam_beta2), stage.adam_epsilon
-        )
-        accelerator.gradient_accumulation_steps = stage.gradient_accumulation_steps
-        # Scheduler lengths need the per-process batch count, known once the dataloader is sharded.
-        if sampler is not None:
-            dataloader = accelerator.prepare(dataloader)
-        if stage.max_steps is not None:
-            total_steps = stage.max_steps
-        else:
-            total_steps = math.ceil(
-                stage.num_epochs * steps_per_epoch(len(dataloader), stage.gradient_accumulation_steps)
-            )
-        warmup = stage.warmup_steps if stage.warmup_steps is not None else int(stage.warmup_ratio * total_steps)
-        scheduler = build_scheduler(optimizer, stage.lr_scheduler_type, total_steps, warmup, accelerator.num_processes)
-        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-
-        state = TrainState(
-            stage_index=index,
-            stage_name=stage.name,
-            total_steps=total_steps,
-            global_step_offset=global_offset,
-            history=list(history),
-        )
-        checkpoint_dir = stage_dir / "checkpoints"
+        stage = _pretraining_stage(accelerator, recipe, options, index, tokenizer, progress)
+        settings = loop_settings(recipe, spec, options)
+        model, state = run_stage(accelerator, stage, settings, resume=options.resume, checkpoint_at_end=True)
+        save_final(accelerator, model, state, stage.final_dir, processor or tokenizer)
         if accelerator.is_main_process:
-            remove_partial_checkpoints(checkpoint_dir)
-        accelerator.wait_for_everyone()
-        checkpoint = latest_checkpoint(checkpoint_dir) if options.resume else None
-        if checkpoint is not None:
-            state = load_checkpoint(accelerator, checkpoint)
-            accelerator.print(
-                f"resumed stage {index + 1} ({stage.name}) from {checkpoint} at step {state.completed_steps}"
-            )
-        accelerator.print(
-            f"stage {index + 1}/{len(recipe.stages)} ({stage.name}): {total_steps} steps, global batch "
-            f"{stage.per_device_train_batch_size * accelerator.num_processes * stage.gradient_accumulation_steps}, "
-            f"{len(sampler) if sampler is not None else 'streamed'} samples per epoch, lr {stage.learning_rate:g}; "
-            f"{describe_accelerator(accelerator)}"
-        )
-        state = train_loop(
-            accelerator,
-            model,
-            optimizer,
-            scheduler,
-            dataloader,
-            state,
-            sampler=sampler,
-            loss_names=PRETRAINING_TASKS,
-            checkpoint_dir=checkpoint_dir,
-            checkpointing_steps=recipe.checkpointing_steps,
-            save_total_limit=recipe.save_total_limit,
-            logging_steps=recipe.logging_steps,
-            max_grad_norm=stage.max_grad_norm,
-            max_failure_rate=recipe.max_failure_rate,
-            min_records_for_failure_check=recipe.min_records_for_failure_check,
-            stop_after_global_step=options.stop_after_steps,
-            loss_counts=pretraining_loss_counts,
-            task_weights=stage.loss_weights,
-        )
-        if (
-            latest_checkpoint(checkpoint_dir) is None
-            or TrainState.load(latest_checkpoint(checkpoint_dir)).completed_steps != state.completed_steps
-        ):
-            save_checkpoint(accelerator, checkpoint_dir, state, recipe.save_total_limit)
-        _save_final(accelerator, model, tokenizer, processor, state, final_dir)
-        if options.push_to_hub and accelerator.is_main_process:
-            if not options.hub_model_id:
-                raise ValueError("push_to_hub needs hub_model_id.")
-            # The published folder holds the gathered weights; a sharded model in memory does not.
-            from huggingface_hub import HfApi
-
-            api = HfApi()
-            api.create_repo(options.hub_model_id, exist_ok=True)
-            api.upload_folder(
-                repo_id=options.hub_model_id,
-                folder_path=str(final_dir),
-                commit_message=f"stage {index + 1}: {stage.name}",
-            )
-        if accelerator.is_main_process:
-            plot_losses(state.history, output_dir / "losses.png", title="pretraining losses")
-        history, global_offset = state.history, state.global_step
-        steps_per_stage.append(state.completed_steps)
-        previous_final = final_dir
+            if options.push_to_hub:
+                _push_stage(stage.final_dir, options.hub_model_id, f"stage {index + 1}: {spec.name}")
+            plot_losses(state.history, Path(recipe.output_dir) / "losses.png", title="pretraining losses")
+        progress.add(stage_dir, state)
         accelerator.free_memory()
-        del model, optimizer, scheduler, dataloader
+        del model, stage
 
     accelerator.end_training()
     return {
-        "final_model": str(previous_final),
-        "stage_dirs": [str(path) for path in stage_dirs],
-        "history": history,
-        "steps_per_stage": steps_per_stage,
+        "final_model": str(progress.previous_final),
+        "stage_dirs": [str(path) for path in progress.stage_dirs],
+        "history": progress.history,
+        "steps_per_stage": progress.steps_per_stage,
     }
 
 
 __all__ = [
     "PRETRAINING_TASKS",
     "PretrainingRunOptions",
-    "TrainingStopped",
     "build_model",
     "build_source",
     "build_stage_data",
     "load_tokenizer",
+    "loop_settings",
     "resolve_pretrained",
     "run_pretraining",
     "stage_directory",
+    "stage_schedule",
 ]

@@ -1,0 +1,216 @@
+"""The stage runner both kinds of training share: prepare, resume, train, save.
+
+A task (pretraining's stages, retrieval fine-tuning) builds its pieces into a `Stage` (the module to train with its
+data, a `Schedule` and the folder the stage writes to) and hands it to `run_stage`, which builds the optimizer and the
+schedule, prepares everything with Accelerate, resumes from the stage's last checkpoint when asked, runs `train_loop`
+and returns the trained, prepared module with its `TrainState`. `save_final` then writes the stage's model folder.
+
+Folder of a stage: `checkpoints/step_N` (full training state, `save_checkpoint`) and `final/` (the model with its
+processor or tokenizer and `trainer_state.json`, published atomically).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers.utils import logging
+
+from ..formats.files import atomic_write_json, publish_folder
+from .checkpointing import (
+    COMPLETE_FILE,
+    TrainState,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_partial_checkpoints,
+    save_checkpoint,
+    save_model,
+)
+from .loop import LoopSettings, build_optimizer, build_scheduler, steps_per_epoch, train_loop
+
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class Schedule:
+    """How long a stage trains and how its AdamW learning rate moves.
+
+    Attributes:
+        learning_rate: Peak learning rate.
+        max_steps: Optimizer steps of the stage; None trains `num_epochs` over the (prepared) dataloader.
+        num_epochs: Epochs when `max_steps` is None (fractions allowed).
+        gradient_accumulation_steps: Micro-batches per optimizer step.
+        weight_decay: AdamW weight decay (never on biases and LayerNorm weights).
+        adam_beta1, adam_beta2, adam_epsilon: AdamW's betas and epsilon.
+        lr_scheduler_type: A transformers scheduler name (`"linear"`, `"cosine"`, ...).
+        warmup_steps: Steps of warmup; None takes `warmup_ratio` of the stage's steps.
+        warmup_ratio: Share of the steps with warmup when `warmup_steps` is None.
+    """
+
+    learning_rate: float
+    max_steps: int | None = None
+    num_epochs: float | None = 1.0
+    gradient_accumulation_steps: int = 1
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    lr_scheduler_type: str = "linear"
+    warmup_steps: int | None = None
+    warmup_ratio: float = 0.0
+
+    def total_steps(self, dataloader) -> int:
+        """`max_steps`, else `num_epochs` over `dataloader` (a partial accumulation still steps at an epoch's end)."""
+        if self.max_steps is not None:
+            return self.max_steps
+        if self.num_epochs is None:
+            raise ValueError("a Schedule needs max_steps or num_epochs; both are None.")
+        return math.ceil(self.num_epochs * steps_per_epoch(len(dataloader), self.gradient_accumulation_steps))
+
+    def warmup(self, total_steps: int) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else int(self.warmup_ratio * total_steps)
+
+
+@dataclass
+class Stage:
+    """What a task hands `run_stage`: the module to train, its data, its schedule and where the stage writes.
+
+    Attributes:
+        name: The stage's name (progress bar, logs, `TrainState.stage_name`).
+        model: The module trained: its forward takes a batch and returns `loss` and `<task>_loss` outputs.
+        dataloader: The stage's DataLoader (not yet prepared).
+        schedule: Length, optimizer and learning-rate schedule.
+        folder: The stage's folder; `checkpoints/` and `final/` go inside.
+        index: Position of the stage in its run (0-based).
+        sampler: The sampler inside `dataloader`, whose `set_epoch` the loop calls; None for a stream.
+        shard_dataloader: Let accelerate shard the dataloader across processes; False for streams that every
+            process already reads its own part of.
+        global_step_offset: Optimizer steps of the run's earlier stages (run-wide step numbers).
+        history: The logged steps of the earlier stages; the stage's own are appended.
+        describe: Gives the line printed when the stage starts, from its total steps.
+        on_prepared: Called with the prepared module and the stage's state before training (e.g. to hand the
+            model to a collator that scores with it, or to start trackers that log the number of steps).
+    """
+
+    name: str
+    model: torch.nn.Module
+    dataloader: Any
+    schedule: Schedule
+    folder: Path
+    index: int = 0
+    sampler: Any = None
+    shard_dataloader: bool = True
+    global_step_offset: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    describe: Callable[[int], str] | None = None
+    on_prepared: Callable[[torch.nn.Module, TrainState], None] | None = None
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.folder) / "checkpoints"
+
+    @property
+    def final_dir(self) -> Path:
+        return Path(self.folder) / "final"
+
+
+def run_stage(
+    accelerator, stage: Stage, settings: LoopSettings, resume: bool = False, checkpoint_at_end: bool = False
+) -> tuple[torch.nn.Module, TrainState]:
+    """Trains `stage` to its end and returns the prepared module and the final `TrainState`.
+
+    A checkpoint holds everything the accelerator has prepared, so it must hold no earlier stage's objects: after
+    `save_final`, call `accelerator.free_memory()` before the next stage.
+
+    Args:
+        accelerator: The run's `Accelerator`; its gradient accumulation is set to the stage's.
+        stage: The task's pieces.
+        settings: The loop's settings; `checkpoint_dir` is set to the stage's.
+        resume: Continue from the stage's newest complete checkpoint (same data order, same random draws).
+        checkpoint_at_end: Also save a checkpoint at the last step (a run killed while it writes the final model
+            then resumes without repeating a step).
+    """
+    settings.checkpoint_dir = stage.checkpoint_dir
+    schedule = stage.schedule
+    optimizer = build_optimizer(
+        stage.model,
+        schedule.learning_rate,
+        schedule.weight_decay,
+        (schedule.adam_beta1, schedule.adam_beta2),
+        schedule.adam_epsilon,
+    )
+    accelerator.gradient_accumulation_steps = schedule.gradient_accumulation_steps
+    # Scheduler lengths need the per-process batch count, known once the dataloader is sharded.
+    dataloader = accelerator.prepare(stage.dataloader) if stage.shard_dataloader else stage.dataloader
+    total_steps = schedule.total_steps(dataloader)
+    scheduler = build_scheduler(
+        optimizer, schedule.lr_scheduler_type, total_steps, schedule.warmup(total_steps), accelerator.num_processes
+    )
+    model, optimizer, scheduler = accelerator.prepare(stage.model, optimizer, scheduler)
+    state = _start_state(accelerator, stage, total_steps, resume)
+    if stage.on_prepared is not None:
+        stage.on_prepared(model, state)
+    if stage.describe is not None:
+        accelerator.print(stage.describe(total_steps))
+    state = train_loop(accelerator, model, optimizer, scheduler, dataloader, state, settings, sampler=stage.sampler)
+    if checkpoint_at_end:
+        newest = latest_checkpoint(stage.checkpoint_dir)
+        if newest is None or TrainState.load(newest).completed_steps != state.completed_steps:
+            save_checkpoint(accelerator, stage.checkpoint_dir, state, settings.save_total_limit)
+    return model, state
+
+
+def _start_state(accelerator, stage: Stage, total_steps: int, resume: bool) -> TrainState:
+    """A fresh state, or the newest checkpoint's with `resume` (its accelerate state restored)."""
+    state = TrainState(
+        stage_index=stage.index,
+        stage_name=stage.name,
+        total_steps=total_steps,
+        global_step_offset=stage.global_step_offset,
+        history=list(stage.history),
+    )
+    if accelerator.is_main_process:
+        remove_partial_checkpoints(stage.checkpoint_dir)
+    accelerator.wait_for_everyone()
+    checkpoint = latest_checkpoint(stage.checkpoint_dir) if resume else None
+    if checkpoint is not None:
+        state = load_checkpoint(accelerator, checkpoint)
+        accelerator.print(
+            f"resumed stage {stage.index + 1} ({stage.name}) from {checkpoint} at step {state.completed_steps}"
+        )
+    return state
+
+
+def save_final(
+    accelerator, model, state: TrainState, final_dir: str | Path, companion, submodule: str | None = None
+) -> Path:
+    """Writes the trained model with its processor or tokenizer (`companion`), `trainer_state.json` and the
+    completion marker to a hidden folder, then renames it to `final_dir`. Call on every process.
+
+    Args:
+        model: The prepared module; its full state dict is gathered when the parameters are sharded.
+        submodule: Save only this attribute of it (a training wrapper around the model to publish).
+    """
+    final_dir = Path(final_dir)
+    tmp = final_dir.parent / f".tmp-{final_dir.name}"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    save_model(accelerator, model, tmp, submodule=submodule)
+    if accelerator.is_main_process:
+        companion.save_pretrained(tmp)
+        state.save(tmp)
+        atomic_write_json(tmp / COMPLETE_FILE, {"stage": state.stage_name, "steps": state.completed_steps})
+        publish_folder(tmp, final_dir)
+    accelerator.wait_for_everyone()
+    return final_dir
+
+
+__all__ = ["Schedule", "Stage", "run_stage", "save_final"]
