@@ -133,6 +133,48 @@ def upload_photo(driver, path: str | os.PathLike) -> None:
     field_.send_keys(str(Path(path).resolve()))
 
 
+def pick_photo(driver, key: str) -> None:
+    """Picks a gallery photo in the dropdown: opens its list and clicks the option of that name."""
+    box = wait_until(driver, lambda d: _elements(d, "#photo-pick input"))[0]
+    box.click()
+    options = "li[data-testid='dropdown-option']"
+    option = wait_until(driver, lambda d: [o for o in _elements(d, options) if o.get_attribute("aria-label") == key])
+    driver.execute_script("arguments[0].scrollIntoView({block: 'nearest'})", option[0])
+    option[0].click()
+
+
+def dropdown_value(driver, elem_id: str) -> str:
+    found = _elements(driver, f"#{elem_id} input")
+    return found[0].get_attribute("value") if found else ""
+
+
+def wrapped_headers(driver, elem_id: str) -> list[str]:
+    """The header cells of the table in `#elem_id` whose text takes more than one line."""
+    script = """
+        return Array.from(arguments[0].querySelectorAll('th')).filter(th => {
+            const range = document.createRange();
+            range.selectNodeContents(th);
+            return new Set(Array.from(range.getClientRects()).map(r => Math.round(r.top))).size > 1;
+        }).map(th => th.textContent);
+    """
+    found = _elements(driver, f"#{elem_id}")
+    return driver.execute_script(script, found[0]) if found else []
+
+
+def covers_header(driver) -> bool:
+    """Whether something (a toast, say) lies over the page header's text."""
+    script = """
+        const header = document.querySelector('#page-header');
+        const box = header.getBoundingClientRect();
+        const points = [[0.25, 0.3], [0.5, 0.3], [0.9, 0.3], [0.5, 0.8], [0.95, 0.8]];
+        return points.some(([fx, fy]) => {
+            const hit = document.elementFromPoint(box.left + fx * box.width, box.top + fy * box.height);
+            return hit !== null && !header.contains(hit) && !hit.contains(header);
+        });
+    """
+    return bool(driver.execute_script(script))
+
+
 def table_rows(driver, elem_id: str) -> list[list[str]]:
     """The body rows of the Markdown table in `#elem_id`, as cell texts."""
     rows = _elements(driver, f"#{elem_id} tbody tr")
