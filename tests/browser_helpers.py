@@ -232,35 +232,52 @@ class ScreenshotArguments:
     """Settings of the screenshot run (the app's own settings are those of `imagebert-app`)."""
 
     output_dir: str = field(default="docs", metadata={"help": "Where app_*.png go."})
-    query: str = field(default="a red circle above a blue square", metadata={"help": "The text query shown."})
+    query: str | None = field(
+        default=None,
+        metadata={"help": "The text query shown (the page's placeholder, a query it answers, when unset)."},
+    )
     photo: str | None = field(
         default=None, metadata={"help": "The photo uploaded (the gallery's first photo when unset)."}
     )
 
 
-def take_screenshots(blocks, demo, output_dir: str | os.PathLike, query: str, photo: str | None = None) -> list[Path]:
+SCREENSHOT_SIZE = (1400, 1180)  # wide enough that the result tables sit beside the region pictures unsqueezed
+
+
+def take_screenshots(
+    blocks, demo, output_dir: str | os.PathLike, query: str | None = None, photo: str | None = None
+) -> list[Path]:
     """The three views (text -> images, image -> texts, a refused upload) as docs/app_*.png."""
+    from imagebert_hf.app.ui import GENERIC_PLACEHOLDER
+
     output_dir = Path(output_dir)
+    query = query or (demo.example_queries() or [GENERIC_PLACEHOLDER])[0]
     photo = photo or str(demo.gallery[0].path)
     shots = []
-    driver = open_chromium(1200, 1180)
+    driver = open_chromium(*SCREENSHOT_SIZE)
     try:
         with serving(blocks) as url:
             open_page(driver, url)
             search(driver, query)
             wait_until(driver, lambda d: region_picture_shown(d, "search-regions"))
+            if wrapped_headers(driver, "search-results"):
+                raise RuntimeError(
+                    f"table headers wrap at {SCREENSHOT_SIZE}: {wrapped_headers(driver, 'search-results')}"
+                )
             shots.append(save_screenshot(driver, output_dir / "app_text_to_images.png"))
             show_tab(driver, "Image")
             upload_photo(driver, photo)
             wait_for_captions_or_error(driver)
             wait_until(driver, lambda d: region_picture_shown(d, "photo-regions"))
+            if wrapped_headers(driver, "caption-results"):
+                raise RuntimeError(f"caption table headers wrap at {SCREENSHOT_SIZE}")
             shots.append(save_screenshot(driver, output_dir / "app_image_to_texts.png"))
             not_an_image = output_dir / "not-an-image.txt"
             not_an_image.write_text("this is not a photo\n")
             try:
                 upload_photo(driver, not_an_image)
                 wait_until(driver, lambda d: error_text(d, "photo-error"))
-                time.sleep(0.5)  # the warning toast
+                time.sleep(0.5)  # the page settles
                 shots.append(save_screenshot(driver, output_dir / "app_bad_upload.png"))
             finally:
                 not_an_image.unlink()

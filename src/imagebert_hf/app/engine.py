@@ -26,8 +26,6 @@ from ..models.imagebert.roi_image_loading import ImageLoadError, RegionExtractio
 logger = logging.get_logger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-# A box covering at least this share of the image is the "whole image" region.
-WHOLE_IMAGE_SHARE = 0.98
 
 
 class AppInputError(ValueError):
