@@ -133,6 +133,48 @@ def upload_photo(driver, path: str | os.PathLike) -> None:
     field_.send_keys(str(Path(path).resolve()))
 
 
+def pick_photo(driver, key: str) -> None:
+    """Picks a gallery photo in the dropdown: opens its list and clicks the option of that name."""
+    box = wait_until(driver, lambda d: _elements(d, "#photo-pick input"))[0]
+    box.click()
+    options = "li[data-testid='dropdown-option']"
+    option = wait_until(driver, lambda d: [o for o in _elements(d, options) if o.get_attribute("aria-label") == key])
+    driver.execute_script("arguments[0].scrollIntoView({block: 'nearest'})", option[0])
+    option[0].click()
+
+
+def dropdown_value(driver, elem_id: str) -> str:
+    found = _elements(driver, f"#{elem_id} input")
+    return found[0].get_attribute("value") if found else ""
+
+
+def wrapped_headers(driver, elem_id: str) -> list[str]:
+    """The header cells of the table in `#elem_id` whose text takes more than one line."""
+    script = """
+        return Array.from(arguments[0].querySelectorAll('th')).filter(th => {
+            const range = document.createRange();
+            range.selectNodeContents(th);
+            return new Set(Array.from(range.getClientRects()).map(r => Math.round(r.top))).size > 1;
+        }).map(th => th.textContent);
+    """
+    found = _elements(driver, f"#{elem_id}")
+    return driver.execute_script(script, found[0]) if found else []
+
+
+def covers_header(driver) -> bool:
+    """Whether something (a toast, say) lies over the page header's text."""
+    script = """
+        const header = document.querySelector('#page-header');
+        const box = header.getBoundingClientRect();
+        const points = [[0.25, 0.3], [0.5, 0.3], [0.9, 0.3], [0.5, 0.8], [0.95, 0.8]];
+        return points.some(([fx, fy]) => {
+            const hit = document.elementFromPoint(box.left + fx * box.width, box.top + fy * box.height);
+            return hit !== null && !header.contains(hit) && !hit.contains(header);
+        });
+    """
+    return bool(driver.execute_script(script))
+
+
 def table_rows(driver, elem_id: str) -> list[list[str]]:
     """The body rows of the Markdown table in `#elem_id`, as cell texts."""
     rows = _elements(driver, f"#{elem_id} tbody tr")
@@ -190,35 +232,52 @@ class ScreenshotArguments:
     """Settings of the screenshot run (the app's own settings are those of `imagebert-app`)."""
 
     output_dir: str = field(default="docs", metadata={"help": "Where app_*.png go."})
-    query: str = field(default="a red circle above a blue square", metadata={"help": "The text query shown."})
+    query: str | None = field(
+        default=None,
+        metadata={"help": "The text query shown (the page's placeholder, a query it answers, when unset)."},
+    )
     photo: str | None = field(
         default=None, metadata={"help": "The photo uploaded (the gallery's first photo when unset)."}
     )
 
 
-def take_screenshots(blocks, demo, output_dir: str | os.PathLike, query: str, photo: str | None = None) -> list[Path]:
+SCREENSHOT_SIZE = (1400, 1180)  # wide enough that the result tables sit beside the region pictures unsqueezed
+
+
+def take_screenshots(
+    blocks, demo, output_dir: str | os.PathLike, query: str | None = None, photo: str | None = None
+) -> list[Path]:
     """The three views (text -> images, image -> texts, a refused upload) as docs/app_*.png."""
+    from imagebert_hf.app.ui import GENERIC_PLACEHOLDER
+
     output_dir = Path(output_dir)
+    query = query or (demo.example_queries() or [GENERIC_PLACEHOLDER])[0]
     photo = photo or str(demo.gallery[0].path)
     shots = []
-    driver = open_chromium(1200, 1180)
+    driver = open_chromium(*SCREENSHOT_SIZE)
     try:
         with serving(blocks) as url:
             open_page(driver, url)
             search(driver, query)
             wait_until(driver, lambda d: region_picture_shown(d, "search-regions"))
+            if wrapped_headers(driver, "search-results"):
+                raise RuntimeError(
+                    f"table headers wrap at {SCREENSHOT_SIZE}: {wrapped_headers(driver, 'search-results')}"
+                )
             shots.append(save_screenshot(driver, output_dir / "app_text_to_images.png"))
             show_tab(driver, "Image")
             upload_photo(driver, photo)
             wait_for_captions_or_error(driver)
             wait_until(driver, lambda d: region_picture_shown(d, "photo-regions"))
+            if wrapped_headers(driver, "caption-results"):
+                raise RuntimeError(f"caption table headers wrap at {SCREENSHOT_SIZE}")
             shots.append(save_screenshot(driver, output_dir / "app_image_to_texts.png"))
             not_an_image = output_dir / "not-an-image.txt"
             not_an_image.write_text("this is not a photo\n")
             try:
                 upload_photo(driver, not_an_image)
                 wait_until(driver, lambda d: error_text(d, "photo-error"))
-                time.sleep(0.5)  # the warning toast
+                time.sleep(0.5)  # the page settles
                 shots.append(save_screenshot(driver, output_dir / "app_bad_upload.png"))
             finally:
                 not_an_image.unlink()

@@ -3,6 +3,8 @@ picture, readable errors for bad inputs, the page's construction and the command
 
 Everything runs on a tiny random-weight ImageBERT, the synthetic tokenizer and a 12-photo synthetic gallery."""
 
+import json
+import random
 import subprocess
 import sys
 
@@ -12,23 +14,34 @@ import torch
 from PIL import Image
 
 from imagebert_hf import ImageBERTForImageTextRetrieval, ImageBERTProcessor
-from imagebert_hf.app.drawing import importance_colour, render_regions
+from imagebert_hf.app.drawing import importance_colour, region_weights, render_regions
 from imagebert_hf.app.engine import (
     AppInputError,
+    GalleryImage,
     RegionImportance,
     RetrievalDemo,
+    covering_grid,
     gallery_captions,
+    grid_cell_name,
     parse_caption_list,
     read_gallery,
     region_labels,
 )
-from imagebert_hf.data.synthetic import write_synthetic_manifest
+from imagebert_hf.data.synthetic import (
+    CLASS_NAMES,
+    COLORS,
+    SHAPES,
+    make_synthetic_examples,
+    synthetic_region_record,
+    write_synthetic_manifest,
+)
 
 from .test_bad_images import png_header_only
 from .testing_utils import require_module
 
 
 QUERY = "a red circle to the left of a blue square"
+QUARTERS = ("top-left quarter", "top-right quarter", "bottom-left quarter", "bottom-right quarter")
 
 
 def make_tiny_app_files(folder, tokenizer, make_tiny_extractor, make_tiny_config):
@@ -168,22 +181,86 @@ def test_region_importance_is_the_score_drop_of_each_region_removed(demo):
     assert importance.ranking()[0] == int(np.argmax(importance.drops))
 
 
-def test_region_labels_name_objects_and_classes(demo):
+def test_region_labels_say_where_each_name_comes_from(demo):
     image, record = demo.gallery_image(demo.gallery[0].key)
     labels = demo.labels_for(record, image)
+    # A gallery photo: the manifest's object names, then the whole image; no number, since nothing was predicted.
     assert [label.name for label in labels] == list(image.box_labels[: len(labels)])
-    # The test backbone's classifier is 1000-way: the ImageNet names, with the class probability as the score.
-    assert demo.class_names is not None and len(demo.class_names) == 1000 and demo.class_names[0] == "tench"
+    assert [label.source for label in labels] == ["annotation"] * (len(labels) - 1) + ["whole image"]
+    assert all(label.score is None for label in labels)
+    # An upload: grid cells named by their place, never by the backbone's ImageNet guess for the cell.
     grid = demo.photo_regions(demo.load_photo(str(image.path)))
     grid_labels = demo.labels_for(grid)
-    assert grid_labels[0].name == "whole image"
-    label = int(grid["region_class_labels"][1])
-    assert grid_labels[1].name == demo.class_names[label]
-    assert grid_labels[1].score == pytest.approx(float(grid["region_class_probs"][1, label]))
-    no_classes = region_labels({**grid, "region_class_probs": None}, None)
-    assert no_classes[1].name == f"class {label}" and no_classes[1].score is None
+    assert [label.name for label in grid_labels] == ["whole image", *QUARTERS]
+    assert [label.source for label in grid_labels] == ["whole image"] + ["grid"] * 4
+    assert demo.class_names is None and all(label.score is None for label in grid_labels)
+    # A detector's regions: its class and the probability of that class.
+    detections = {
+        "region_boxes": np.array([[0, 0, 10, 10], [5, 5, 30, 20]], dtype=np.float32),
+        "region_class_labels": np.array([1, 2]),
+        "region_class_probs": np.array([[0.1, 0.7, 0.2], [0.0, 0.1, 0.9]], dtype=np.float32),
+        "image_width": 40,
+        "image_height": 40,
+    }
+    named = region_labels(detections, "detector", ["cat", "dog", "kite"])
+    assert [(label.name, label.source) for label in named] == [("dog", "detector"), ("kite", "detector")]
+    assert [label.score for label in named] == pytest.approx([0.7, 0.9])
+    unnamed = region_labels({**detections, "region_class_probs": None}, "detector")
+    assert [label.name for label in unnamed] == ["class 1", "class 2"] and unnamed[0].score is None
     with pytest.raises(AppInputError, match="not a photo of the gallery"):
         demo.gallery_image("nope.png")
+
+
+def test_grid_cells_are_named_by_their_place():
+    assert grid_cell_name((0, 0, 90, 60), 90, 60) == "whole image"
+    assert grid_cell_name((45, 0, 90, 60), 90, 60) == "right half"
+    assert grid_cell_name((0, 30, 90, 60), 90, 60) == "bottom half"
+    assert grid_cell_name((45, 0, 90, 30), 90, 60) == "top-right quarter"
+    assert grid_cell_name((30, 20, 60, 40), 90, 60) == "row 2, col 2 of 3x3"
+    assert grid_cell_name((10, 10, 50, 33), 90, 60) is None
+
+
+def _covered(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
+    covered = np.zeros((height, width), dtype=bool)
+    for x1, y1, x2, y2 in np.round(boxes).astype(int):
+        covered[y1:y2, x1:x2] = True
+    return covered
+
+
+@pytest.mark.parametrize("max_regions", range(1, 16))
+@pytest.mark.parametrize("size", [(64, 48), (48, 64)])
+def test_an_uploads_regions_cover_the_whole_photo_whatever_max_regions(max_regions, size):
+    width, height = size
+    boxes = covering_grid(width, height, (1, 2, 3, 4, 5, 6), max_regions)
+    assert 1 <= len(boxes) <= max_regions and _covered(boxes, width, height).all()
+    assert grid_cell_name(boxes[0], width, height) == "whole image"
+    assert all(grid_cell_name(box, width, height) for box in boxes)  # every box is a grid cell or a half
+    # Beyond the whole image: only finer cells, each level whole (4 quarters, 9 thirds...) or two halves.
+    expected = {1: 1, 2: 1, 3: 3, 4: 3, 5: 5, 14: 14, 15: 14}.get(max_regions)
+    assert expected is None or len(boxes) == expected
+    if max_regions in (3, 4):
+        halves = ("left half", "right half") if width >= height else ("top half", "bottom half")
+        assert [grid_cell_name(box, width, height) for box in boxes[1:]] == list(halves)
+
+
+def test_the_extractors_own_grid_would_leave_a_quarter_out():
+    """The bug `covering_grid` fixes: the grid cut at 4 regions is the whole image and three quarters, so a
+    photo whose objects sit in the fourth quarter is described by the whole image alone there."""
+    from imagebert_hf.models.imagebert.roi_boxes import grid_boxes
+
+    cut = grid_boxes(64, 64, (1, 2, 3))[:4]
+    assert _covered(cut[1:], 64, 64).mean() == pytest.approx(0.75)
+    assert _covered(covering_grid(64, 64, (1, 2, 3), 4)[1:], 64, 64).all()
+
+
+def test_an_upload_is_seen_whole_with_a_small_max_regions(demo, monkeypatch):
+    photo = demo.load_photo(str(demo.gallery[5].path))
+    monkeypatch.setattr(demo.processor, "max_regions", 4)
+    record = demo.photo_regions(photo)
+    assert record["num_regions"] == 3 and _covered(record["region_boxes"][1:], photo.width, photo.height).all()
+    assert [label.name for label in demo.labels_for(record)] == ["whole image", "left half", "right half"]
+    # The scores go through: each of the three regions has its importance.
+    assert demo.region_importance(QUERY, record).drops.shape == (3,)
 
 
 def test_region_picture_colours_boxes_by_importance(demo):
@@ -202,6 +279,142 @@ def test_region_picture_colours_boxes_by_importance(demo):
     edge = picture.getpixel((int(x1) + 2, int((y1 + y2) / 2)))
     assert edge == importance_colour(1.0) and edge[0] > 150 > edge[2]
     assert importance_colour(0.0) == (150, 150, 150) and importance_colour(-1.0)[2] > importance_colour(-1.0)[0]
+
+
+# ------------------------------------------------------------------------------------------ a model with known answers
+
+
+def with_article(name: str) -> str:
+    return ("an " if name[0] in "aeiou" else "a ") + name
+
+
+def manifest_examples(manifest) -> list[dict]:
+    """The manifest's lines as synthetic examples (`image_id`, `objects`, `width`, `height`, `captions`)."""
+    return [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+
+
+def train_grounded_model(folder, tokenizer, make_tiny_extractor, make_tiny_config, steps: int = 800):
+    """A tiny retrieval model whose scores depend on the regions a text names, saved with its processor in `folder`.
+
+    It learns on region records made from the synthetic annotations (`synthetic_region_record`: each object's feature
+    is its colour's direction plus its shape's), from its own images (seed 11, not the gallery's): a caption or an
+    object name is a match for its photo (1), not for the same photo with a region it names masked out (0),
+    while masking a region it does not name keeps the match (1); not a match for an object whose colour is absent
+    (0); and a match for another photo only when that photo holds every object it names. So the known answer:
+    masking the region a text names lowers the text's score, more than masking another object does.
+    """
+    extractor = make_tiny_extractor(max_regions=6)
+    config = make_tiny_config(vocab_size=len(tokenizer), **{**extractor.config_kwargs(), "max_regions": 6})
+    processor = ImageBERTProcessor.from_model_config(config, tokenizer, extractor)
+    train = make_synthetic_examples(200, seed=11, image_size=48)
+    # Every image has two objects and the whole image: three regions, so the batches need no region padding.
+    regions = processor(
+        text=[example["captions"][0] for example in train],
+        regions=[synthetic_region_record(example, extractor.region_feature_size) for example in train],
+        return_tensors="pt",
+    )
+    ids = {}
+
+    def token_ids(text: str) -> list[int]:
+        if text not in ids:
+            ids[text] = tokenizer(text)["input_ids"]
+        return ids[text]
+
+    torch.manual_seed(0)
+    model = ImageBERTForImageTextRetrieval(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    rng = random.Random(0)
+    for _ in range(steps):
+        texts, images, labels, masked = [], [], [], []
+        for _ in range(16):
+            i = rng.randrange(len(train))
+            names = [obj["label"] for obj in train[i]["objects"]]
+            text = with_article(rng.choice(names)) if rng.random() < 0.5 else rng.choice(train[i]["captions"])
+            named = [k for k, name in enumerate(names) if name in text]
+            unnamed = [k for k in range(len(names) + 1) if k not in named]  # the last region is the whole image
+            colours = {name.split()[0] for name in names}
+            absent = rng.choice([name for name in CLASS_NAMES if name.split()[0] not in colours])
+            j = rng.randrange(len(train))
+            other = {obj["label"] for obj in train[j]["objects"]}
+            texts += [text, text, text, with_article(absent), text]
+            images += [i, i, i, i, j]
+            labels += [1, 0, 1, 0, int(all(names[k] in other for k in named))]
+            masked += [None, rng.choice(named), rng.choice(unnamed), None, None]
+        length = max(len(token_ids(text)) for text in texts)
+        input_ids = torch.tensor([token_ids(text) + [0] * (length - len(token_ids(text))) for text in texts])
+        region_mask = regions["region_attention_mask"][images].clone()
+        for row, region in enumerate(masked):
+            if region is not None:
+                region_mask[row, region] = 0
+        loss = model(
+            input_ids=input_ids,
+            attention_mask=(input_ids != 0).long(),
+            region_features=regions["region_features"][images],
+            region_locations=regions["region_locations"][images],
+            region_attention_mask=region_mask,
+            labels=torch.tensor(labels),
+        ).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def grounded_demo(demo, tmp_path_factory, tokenizer, make_tiny_extractor, make_tiny_config):
+    """The 12-photo gallery over `train_grounded_model`, its regions made from the annotations the same way."""
+    from transformers import pipeline
+
+    folder = train_grounded_model(
+        tmp_path_factory.mktemp("grounded"), tokenizer, make_tiny_extractor, make_tiny_config
+    )
+    retriever = pipeline("image-text-retrieval", model=str(folder), device=-1)
+    manifest = demo.gallery[0].path.parents[1] / "captions.jsonl"
+    feature_size = retriever.processor.image_processor.region_feature_size
+    records = [synthetic_region_record(example, feature_size) for example in manifest_examples(manifest)]
+    return RetrievalDemo(retriever, read_gallery(manifest), records=records)
+
+
+def named_objects(text: str) -> list[str]:
+    """The "colour shape" names a synthetic caption or query mentions."""
+    words = text.split()
+    return [f"{a} {b}" for a, b in zip(words, words[1:]) if a in COLORS and b in SHAPES]
+
+
+@require_module("gradio")
+def test_the_placeholder_query_is_answered_by_the_gallery(grounded_demo):
+    from imagebert_hf.app import build_app
+
+    demo = grounded_demo
+    examples = demo.example_queries()
+    assert len(examples) == 3 and len(set(examples)) == 3
+    for query in examples:
+        top = demo.search_images(query, 1)[0]
+        # The best match holds every object the query names (the annotations say so), and carries the caption.
+        assert query in top.image.captions
+        assert set(named_objects(query)) <= set(top.image.box_labels) and named_objects(query)
+    blocks = build_app(demo)
+    [box] = [block for block in blocks.blocks.values() if getattr(block, "elem_id", None) == "query"]
+    assert box.placeholder == examples[0]
+
+
+def test_masking_the_region_a_text_names_lowers_its_score(grounded_demo):
+    demo = grounded_demo
+    for image, record in zip(demo.gallery, demo.records):
+        objects = image.box_labels[:-1]  # the last region is the whole image
+        for text in (*image.captions, *(with_article(name) for name in objects)):
+            importance = demo.region_importance(text, record)
+            named = [k for k, name in enumerate(objects) if name in named_objects(text)]
+            assert named and all(importance.drops[k] > 0 for k in named), (text, importance.drops)
+            if len(named) == 1:  # one object named: it matters more than the other one
+                other = 1 - named[0]
+                assert importance.drops[named[0]] > importance.drops[other], (text, importance.drops)
+            if text == image.captions[0]:
+                # The picture draws the named regions red (masking them lowers the score), never blue.
+                weights = region_weights(importance, len(importance.drops))
+                assert all(importance_colour(weights[k])[0] > importance_colour(weights[k])[2] for k in named)
 
 
 @pytest.fixture
@@ -240,8 +453,11 @@ def test_views_on_good_inputs(demo, monkeypatch):
     assert table.count("\n") == 5 and hits[0].image.path.name in table
     table, picture, error = photo_view(demo, None, demo.gallery[3].key, "a green cross\nan orange circle", 5)
     assert error == "" and "a green cross" in table and isinstance(picture, Image.Image)
+    assert table.startswith(f"Captions ranked for the gallery photo **{demo.gallery[3].path.name}**")
+    # An upload wins over a pick, and the table says which photo it ranked.
     table, picture, error = photo_view(demo, str(demo.gallery[3].path), demo.gallery[0].key, "", 2)
-    assert error == "" and table.count("\n") == 3
+    assert error == "" and table.startswith(f"Captions ranked for the uploaded photo **{demo.gallery[3].path.name}**")
+    assert table.count("\n") == 5  # the line naming the photo, a blank line, the header, the rule and two captions
 
     def broken(*args, **kwargs):
         raise RuntimeError("index went away")
@@ -262,6 +478,46 @@ def test_build_app_gives_the_page(demo):
     ids = {block.elem_id for block in blocks.blocks.values() if getattr(block, "elem_id", None)}
     assert {"query", "search-button", "result-gallery", "search-regions", "photo-upload", "photo-pick"} <= ids
     assert {"caption-results", "photo-regions", "photo-error", "search-error"} <= ids
+
+
+def test_the_header_says_how_queries_are_ranked_and_counts_the_captions(demo, tmp_path):
+    from imagebert_hf import ImageBERTConfig, ImageBERTForPreTraining
+    from imagebert_hf.app.ui import page_header
+
+    # A retrieval checkpoint with its unimodal heads: a shortlist only where the gallery is larger than shortlist_k.
+    assert demo.untrained_heads == [] and not demo.uses_shortlist(12)
+    assert "all 12 photos are scored by the cross-encoder" in demo.ranking_summary()
+    small = RetrievalDemo(demo.retriever, demo.gallery, shortlist_k=4, records=demo.records)
+    assert small.uses_shortlist(12) and "the 4 photos nearest by the unimodal embeddings" in small.ranking_summary()
+
+    # A pretraining checkpoint (untrained unimodal heads): the pipeline ranks everything, and the header says so.
+    from transformers import pipeline
+
+    folder = demo.retriever.model.name_or_path
+    pretrained = tmp_path / "pretrained"
+    ImageBERTForPreTraining(ImageBERTConfig.from_pretrained(folder)).save_pretrained(pretrained)
+    demo.processor.save_pretrained(pretrained)
+    untrained = RetrievalDemo(pipeline("image-text-retrieval", model=str(pretrained)), demo.gallery, shortlist_k=4)
+    assert untrained.untrained_heads and not untrained.uses_shortlist(12)
+    summary = untrained.ranking_summary()
+    assert "no index shortlist is used" in summary and "nearest" not in summary
+    # The pipeline agrees: its ranking is the full one, whatever shortlist_k is.
+    full = untrained.retriever(images=untrained.records, texts=QUERY)
+    assert [hit.image.key for hit in untrained.search_images(QUERY, 3)] == [
+        untrained.gallery[r["index"]].key for r in full[:3]
+    ]
+
+    # Captions counted per photo, as an evaluation of the split counts them, and the distinct texts ranked.
+    twins = [
+        GalleryImage(f"{i}.png", image.path, ("a red circle", f"caption {i}"))
+        for i, image in enumerate(demo.gallery[:3])
+    ]
+    shared = RetrievalDemo(demo.retriever, twins, records=demo.records[:3])
+    assert shared.num_caption_lines == 6 and len(shared.captions) == 4
+    assert "gallery of 3 photos with 6 captions (4 distinct texts, each ranked once)" in page_header(shared, "T")
+    distinct = len(demo.captions)
+    counts = "24 captions" + (f" ({distinct} distinct texts, each ranked once)" if distinct != 24 else "")
+    assert demo.num_caption_lines == 24 and f"gallery of 12 photos with {counts} ·" in page_header(demo, "T")
 
 
 def test_command_line_loads_a_model_and_a_gallery(demo, tmp_path, monkeypatch):

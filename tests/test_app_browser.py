@@ -42,9 +42,14 @@ def served(tmp_path_factory, tokenizer, make_tiny_extractor, make_tiny_config):
 
 
 def test_a_text_query_shows_the_gallery_in_score_order(served):
-    from .browser_helpers import region_picture_shown, search, table_rows
+    from imagebert_hf.app.ui import GENERIC_PLACEHOLDER
+
+    from .browser_helpers import region_picture_shown, search, table_rows, wrapped_headers
 
     demo, driver = served
+    # The placeholder is a query the gallery answers (or a plain prompt where none is found).
+    placeholder = driver.find_element("css selector", "#query textarea").get_attribute("placeholder")
+    assert placeholder == (demo.example_queries() or [GENERIC_PLACEHOLDER])[0]
     captions = search(driver, QUERY, expect=5)
     ranks = [int(re.match(r"#(\d+)", caption).group(1)) for caption in captions]
     scores = [float(caption.split()[1]) for caption in captions]
@@ -59,16 +64,36 @@ def test_a_text_query_shows_the_gallery_in_score_order(served):
     assert len(shown) == 5 and all(shown)  # five photos actually loaded, not just captions
     assert [row[3] for row in table_rows(driver, "search-results")] == [hit.image.path.name for hit in expected]
     assert region_picture_shown(driver, "search-regions")
+    assert wrapped_headers(driver, "search-results") == []  # "score", not "sco" over "re"
 
 
 def test_an_uploaded_photo_gets_captions_and_its_region_picture(served):
-    from .browser_helpers import region_picture_shown, show_tab, upload_photo, wait_for_captions_or_error
+    from .browser_helpers import (
+        dropdown_value,
+        pick_photo,
+        region_picture_shown,
+        show_tab,
+        upload_photo,
+        wait_for_captions_or_error,
+        wrapped_headers,
+    )
 
     demo, driver = served
     show_tab(driver, "Image")
+    pick_photo(driver, demo.gallery[1].key)
+    wait_for_captions_or_error(driver)
+    table = driver.find_element("css selector", "#caption-results").text
+    assert table.startswith(f"Captions ranked for the gallery photo {demo.gallery[1].path.name}")
+    assert dropdown_value(driver, "photo-pick") == demo.gallery[1].key
+
+    # An upload replaces the pick: the dropdown empties, and the table names the uploaded photo.
     upload_photo(driver, demo.gallery[4].path)
-    rows, error = wait_for_captions_or_error(driver)
+    rows, error = wait_for_captions_or_error(driver, table)
     assert error == "" and len(rows) == 5
+    table = driver.find_element("css selector", "#caption-results").text
+    assert table.startswith(f"Captions ranked for the uploaded photo {demo.gallery[4].path.name}")
+    assert dropdown_value(driver, "photo-pick") == ""
+    assert wrapped_headers(driver, "caption-results") == []
     assert [int(row[0]) for row in rows] == [1, 2, 3, 4, 5]
     scores = [float(row[1]) for row in rows]
     assert scores == sorted(scores, reverse=True) and all(row[3] in demo.captions for row in rows)
@@ -76,7 +101,14 @@ def test_an_uploaded_photo_gets_captions_and_its_region_picture(served):
 
 
 def test_a_bad_upload_shows_a_readable_message(served, tmp_path):
-    from .browser_helpers import error_text, show_tab, upload_photo, wait_for_captions_or_error, wait_until
+    from .browser_helpers import (
+        covers_header,
+        error_text,
+        show_tab,
+        upload_photo,
+        wait_for_captions_or_error,
+        wait_until,
+    )
 
     _, driver = served
     show_tab(driver, "Image")
@@ -92,6 +124,10 @@ def test_a_bad_upload_shows_a_readable_message(served, tmp_path):
     upload_photo(driver, bomb)
     wait_until(driver, lambda d: "bomb.png" in error_text(d, "photo-error"))
     assert "decompression bomb" in error_text(driver, "photo-error")
+    # The message is in the page; nothing stays over the header, here or on the other tab.
+    assert not covers_header(driver)
+    show_tab(driver, "Text")
+    assert not covers_header(driver)
 
 
 def test_an_empty_query_shows_a_readable_message(served):

@@ -1,5 +1,10 @@
 """The region picture: a photo with its regions boxed and labelled, coloured by how much each mattered, and a ranked
-legend beside it, so that it reads at a glance."""
+legend beside it that says what the colours, names and numbers are, so that it reads at a glance.
+
+A region's importance for a (text, photo) match is its score drop, `score(all regions) - score(that region masked
+out)` (`RetrievalDemo.region_importance`): red when masking the region lowers the score (it supported the match),
+blue when masking it raises the score, grey when it changes little, and thicker the larger the drop is against the
+largest one of the photo."""
 
 from __future__ import annotations
 
@@ -10,15 +15,15 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .engine import RegionImportance, RegionLabel
+from .engine import LABEL_SOURCES, RegionImportance, RegionLabel
 
 
 DISPLAY_SIDE = 448
 LEGEND_WIDTH = 330
 # Boxes without an importance (a photo not yet matched with a text) cycle through these.
 PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75))
-SUPPORT = np.array((200, 30, 40), dtype=np.float32)  # masking it lowers the score: the region supported the match
-AGAINST = np.array((40, 90, 210), dtype=np.float32)  # masking it raises the score
+SUPPORT = np.array((200, 30, 40), dtype=np.float32)  # red: masking it lowers the score (a positive drop)
+AGAINST = np.array((40, 90, 210), dtype=np.float32)  # blue: masking it raises the score (a negative drop)
 NEUTRAL = np.array((150, 150, 150), dtype=np.float32)
 
 
@@ -30,7 +35,8 @@ def _font(size: int):
 
 
 def importance_colour(weight: float) -> tuple[int, int, int]:
-    """Grey at 0, red towards +1 (supported the match), blue towards -1 (spoke against it)."""
+    """The colour of a region whose score drop, over the largest drop of its photo, is `weight` in [-1, 1]: grey at
+    0, red towards +1 (masking the region lowers the score), blue towards -1 (masking it raises the score)."""
     weight = float(np.clip(weight, -1.0, 1.0))
     end = SUPPORT if weight >= 0 else AGAINST
     colour = NEUTRAL + abs(weight) * (end - NEUTRAL)
@@ -60,7 +66,8 @@ def render_regions(
         record: its region record (`region_boxes` in pixels).
         labels: what to write on each box (`region_labels`).
         importance: the score drops of `RegionImportance` for the matched text; boxes are then coloured red
-            (supported the match) to blue (spoke against it) and drawn thicker the more they mattered.
+            (masking the region lowers the score) to blue (masking it raises the score) and drawn thicker the more
+            they mattered.
         text: the matched text, written above the legend.
     """
     boxes = np.asarray(record["region_boxes"], dtype=np.float32).reshape(-1, 4)
@@ -75,7 +82,7 @@ def render_regions(
     order = importance.ranking()[:count] if importance is not None else list(range(count))
     rank_of = {region: rank for rank, region in enumerate(order, start=1)}
 
-    canvas = Image.new("RGB", (shown.width + LEGEND_WIDTH, max(shown.height, 190 + 26 * count)), (255, 255, 255))
+    canvas = Image.new("RGB", (shown.width + LEGEND_WIDTH, max(shown.height, 250 + 26 * count)), (255, 255, 255))
     canvas.paste(shown, (0, 0))
     draw = ImageDraw.Draw(canvas)
     tag_font, legend_font, title_font = _font(13), _font(14), _font(15)
@@ -84,7 +91,7 @@ def render_regions(
         return importance_colour(weights[region]) if weights is not None else PALETTE[region % len(PALETTE)]
 
     def tag_of(region: int) -> str:
-        label = labels[region] if region < len(labels) else RegionLabel("region")
+        label = labels[region] if region < len(labels) else RegionLabel(f"region {region + 1}")
         score = f" {100 * label.score:.0f}%" if label.score is not None else ""
         return f"#{rank_of[region]} {label.name}{score}"
 
@@ -121,14 +128,13 @@ def render_regions(
 
     x, y = shown.width + 14, 10
     if importance is not None:
-        title = "Regions, most important first"
-        draw.text((x, y), title, fill=(0, 0, 0), font=title_font)
+        draw.text((x, y), "Regions, most important first", fill=(0, 0, 0), font=title_font)
         y += 22
         if text:
             for line in textwrap.wrap(f'for "{text}" (score {importance.score:.3f})', 40)[:3]:
                 draw.text((x, y), line, fill=(70, 70, 70), font=legend_font)
                 y += 18
-        draw.text((x, y), "score drop when it is masked out:", fill=(70, 70, 70), font=legend_font)
+        draw.text((x, y), "drop: score minus the score without it", fill=(70, 70, 70), font=legend_font)
         y += 24
     else:
         draw.text((x, y), "Extracted regions", fill=(0, 0, 0), font=title_font)
@@ -137,17 +143,23 @@ def render_regions(
         draw.rectangle((x, y + 2, x + 14, y + 16), fill=colour_of(region))
         line = tag_of(region)
         if importance is not None:
-            line += f"   {float(importance.drops[region]):+.3f}"
+            line += f"   drop {float(importance.drops[region]):+.3f}"
         draw.text((x + 22, y), line[:42], fill=(0, 0, 0), font=legend_font)
         y += 26
+    y += 4
+    notes: list[str] = []
     if importance is not None:
-        y += 4
-        notes = ("red: it supported the match", "blue: it spoke against it", "thicker: it mattered more")
-        if any(label.score is not None for label in labels):
-            notes += ("%: the extractor's class probability",)
-        for line in notes:
-            draw.text((x, y), line, fill=(90, 90, 90), font=tag_font)
-            y += 17
+        notes += [
+            "red: masking it lowers the score",
+            "blue: masking it raises the score",
+            "grey: masking it changes little",
+            "thicker: a larger drop",
+        ]
+    sources = dict.fromkeys(label.source for label in labels[:count])
+    notes += [LABEL_SOURCES[source] for source in sources if source in LABEL_SOURCES]
+    for line in notes:
+        draw.text((x, y), line, fill=(90, 90, 90), font=tag_font)
+        y += 17
     return canvas
 
 

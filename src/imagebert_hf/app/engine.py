@@ -18,14 +18,14 @@ import torch
 from transformers.utils import logging
 
 from ..formats.manifest import read_manifest
+from ..models.imagebert.pipeline_image_text_retrieval import untrained_heads
+from ..models.imagebert.roi_boxes import grid_boxes
 from ..models.imagebert.roi_image_loading import ImageLoadError, RegionExtractionError, load_image
 
 
 logger = logging.get_logger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-# A box covering at least this share of the image is the "whole image" region.
-WHOLE_IMAGE_SHARE = 0.98
 
 
 class AppInputError(ValueError):
@@ -103,66 +103,163 @@ def parse_caption_list(text: str | None) -> list[str]:
     return [line.strip() for line in (text or "").splitlines() if line.strip()]
 
 
-# ---------------------------------------------------------------------------------------------- region class names
+# ------------------------------------------------------------------------------------ regions that cover a photo
+
+
+def covering_grid(width: float, height: float, grid_sizes: Sequence[int], max_regions: int) -> np.ndarray:
+    """Grid boxes `x1, y1, x2, y2` that cover the whole photo with at most `max_regions` boxes.
+
+    The extractor's own grid is `grid_boxes(width, height, grid_sizes)[:max_regions]`, which cuts the last level
+    short: with `grid_sizes=(1, 2, ...)` and `max_regions=4` it keeps the whole image and three of the four quarters,
+    and the fourth quarter is never seen. Here a level (n x n cells) is taken whole or not at all, coarse to fine, so
+    every part of the photo is in some region: each level of `grid_sizes` that fits whole into the regions left, and,
+    when none past the whole image fits but two more boxes do, the two halves along the longer side (left and right
+    for a square photo). The whole image always comes first.
+    """
+    if max_regions < 1:
+        raise ValueError(f"max_regions must be at least 1, got {max_regions}.")
+    whole = grid_boxes(width, height, [1])
+    boxes = [whole]
+    count = 1
+    for n in dict.fromkeys(int(n) for n in grid_sizes):
+        if n > 1 and count + n * n <= max_regions:
+            boxes.append(grid_boxes(width, height, [n]))
+            count += n * n
+    if count == 1 and max_regions >= 3:
+        if width >= height:
+            halves = [(0.0, 0.0, width / 2, height), (width / 2, 0.0, width, height)]
+        else:
+            halves = [(0.0, 0.0, width, height / 2), (0.0, height / 2, width, height)]
+        boxes.append(np.asarray(halves, dtype=np.float32))
+    return np.concatenate(boxes).astype(np.float32)
+
+
+_QUARTERS = ("top-left quarter", "top-right quarter", "bottom-left quarter", "bottom-right quarter")
+
+
+def grid_cell_name(box: Sequence[float], width: float, height: float) -> str | None:
+    """The name of a grid box by its place in the photo ("whole image", "left half", "top-right quarter", "row 2,
+    col 3 of 4x4"), or None when the box is not a cell of a regular grid (up to 8 x 8) or a half."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    tolerance = 0.01 * max(width, height, 1.0)
+
+    def near(a: float, b: float) -> bool:
+        return abs(a - b) <= tolerance
+
+    if near(x1, 0) and near(y1, 0) and near(x2, width) and near(y2, height):
+        return "whole image"
+    halves = {
+        "left half": (0, 0, width / 2, height),
+        "right half": (width / 2, 0, width, height),
+        "top half": (0, 0, width, height / 2),
+        "bottom half": (0, height / 2, width, height),
+    }
+    for name, (a, b, c, d) in halves.items():
+        if near(x1, a) and near(y1, b) and near(x2, c) and near(y2, d):
+            return name
+    for n in range(2, 9):
+        column, row = round(x1 * n / width), round(y1 * n / height)
+        cell = (column * width / n, row * height / n, (column + 1) * width / n, (row + 1) * height / n)
+        if all(near(v, c) for v, c in zip((x1, y1, x2, y2), cell)):
+            return _QUARTERS[2 * row + column] if n == 2 else f"row {row + 1}, col {column + 1} of {n}x{n}"
+    return None
+
+
+def _photo_size(path: str | os.PathLike) -> tuple[int, int]:
+    """Width and height of an image file as the extractor sees it (after its EXIF rotation), from the header."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        width, height = image.size
+        if image.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated by a quarter turn
+            width, height = height, width
+    return width, height
+
+
+# ---------------------------------------------------------------------------------------------- region labels
 
 
 def region_class_names(extractor) -> list[str] | None:
-    """Names of the extractor's object classes, where its backend has a known label set.
+    """Names of a detector's object classes where its label set is known (COCO for a torchvision detector with 91
+    classes); None otherwise (detections are then labelled `class N`).
 
-    ImageNet-1k for the backbone backend with a 1000-way classifier (names from timm), COCO for a torchvision
-    detector with 91 classes; None otherwise (regions are then labelled by class id).
+    The backbone backend's ImageNet classes are not used as labels: its regions are grid cells, and the classifier's
+    guess for a cell (a "joystick" for a square of colour) says nothing about it.
     """
-    num_classes = extractor.num_object_classes
     try:
-        if extractor.backend == "backbone" and num_classes == 1000:
-            from timm.data import ImageNetInfo
-
-            info = ImageNetInfo()
-            return [info.index_to_description(i).split(",")[0] for i in range(num_classes)]
         if extractor.backend == "detector" and extractor.detector_num_classes == 91:
             from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
 
             return list(FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"][1:])
-    except Exception as error:  # an older timm or torchvision without the label files: ids instead of names
-        logger.warning("no class names for the extractor's labels (%s: %s)", type(error).__name__, error)
+    except Exception as error:  # an older torchvision without the label files: ids instead of names
+        logger.warning("no class names for the detector's labels (%s: %s)", type(error).__name__, error)
     return None
+
+
+# Where a region's name comes from; the region picture's legend explains each source it shows.
+LABEL_SOURCES = {
+    "annotation": "names: the gallery's object annotations",
+    "whole image": "whole image: the photo as one region",
+    "grid": "names: the cell's place in a grid over the photo",
+    "detector": "names: the detector's class; %: its probability",
+    "box": "region N: a box without a name",
+}
 
 
 @dataclass
 class RegionLabel:
-    """What the region picture writes next to one box."""
+    """What the region picture writes next to one box.
+
+    Attributes:
+        name: the region's name.
+        source: where the name comes from, a key of `LABEL_SOURCES`: `"annotation"` (the manifest's object label),
+            `"whole image"`, `"grid"` (the cell's place), `"detector"` (the detector's class) or `"box"`.
+        score: the detector's probability for that class (detector labels only), else None.
+    """
 
     name: str
+    source: str = "box"
     score: float | None = None
 
 
 def region_labels(
-    record: dict[str, Any], class_names: Sequence[str] | None, box_labels: Sequence[str] | None = None
+    record: dict[str, Any],
+    backend: str,
+    class_names: Sequence[str] | None = None,
+    box_labels: Sequence[str] | None = None,
 ) -> list[RegionLabel]:
-    """One label per region of `record`: the gallery's object name where it has one, else the backend's class
-    (its name, or `class N`) with the class probability where the record carries a distribution."""
+    """One label per region of `record`, saying where it comes from.
+
+    A gallery photo's annotated objects keep the manifest's name (no number: nothing was predicted); the full-image
+    box is "whole image"; the backbone backend's grid cells are named by their place ("top-left quarter"); a
+    detector's regions (`backend` "detector", "butd" or "precomputed") by their class (`class_names`, or `class N`)
+    with the class probability where the record carries a distribution.
+    """
     boxes = np.asarray(record["region_boxes"], dtype=np.float32).reshape(-1, 4)
     labels = np.asarray(record.get("region_class_labels", np.full(len(boxes), -100))).reshape(-1)
     probs = record.get("region_class_probs")
     probs = None if probs is None else np.asarray(probs, dtype=np.float32).reshape(len(boxes), -1)
-    area = float(record.get("image_width", 0)) * float(record.get("image_height", 0))
+    width, height = float(record.get("image_width") or 0), float(record.get("image_height") or 0)
     out = []
     for i, box in enumerate(boxes):
-        label = int(labels[i]) if i < len(labels) else -100
-        score = None
-        if probs is not None and probs.shape[1] > label >= 0 and probs[i].sum() > 0:
-            score = float(probs[i, label])
-        if box_labels is not None and i < len(box_labels) and box_labels[i]:
-            name = box_labels[i]
-        elif area and (box[2] - box[0]) * (box[3] - box[1]) >= WHOLE_IMAGE_SHARE * area:
-            name = "whole image"
-        elif label < 0:
-            name = "region"
-        elif class_names is not None and label < len(class_names):
-            name = class_names[label]
+        given = box_labels[i] if box_labels is not None and i < len(box_labels) else None
+        place = grid_cell_name(box, width, height) if width and height else None
+        if given == "whole image" or (not given and place == "whole image"):
+            out.append(RegionLabel("whole image", "whole image"))
+        elif given:
+            out.append(RegionLabel(given, "annotation"))
+        elif backend == "backbone":
+            out.append(RegionLabel(place, "grid") if place else RegionLabel(f"region {i + 1}", "box"))
         else:
-            name = f"class {label}"
-        out.append(RegionLabel(name, score))
+            label = int(labels[i]) if i < len(labels) else -100
+            if label < 0:
+                out.append(RegionLabel(f"region {i + 1}", "box"))
+                continue
+            score = None
+            if probs is not None and probs.shape[1] > label and probs[i].sum() > 0:
+                score = float(probs[i, label])
+            name = class_names[label] if class_names is not None and label < len(class_names) else f"class {label}"
+            out.append(RegionLabel(name, "detector", score))
     return out
 
 
@@ -215,11 +312,21 @@ class RetrievalDemo:
         retriever: an `ImageTextRetrievalPipeline` (`pipeline("image-text-retrieval", model=...)`).
         gallery: the photos (`read_gallery`).
         shortlist_k: candidates re-ranked by the cross-encoder per query, taken by the unimodal embeddings from
-            the prebuilt index; a gallery no larger is ranked in full.
+            the prebuilt index; a gallery no larger is ranked in full, and so is every gallery when the model's
+            unimodal heads are untrained (a pretraining checkpoint: `uses_shortlist` says which).
         batch_size: images per extraction batch and pairs per forward pass.
+        records: the gallery's region records, one per photo in gallery order, when they were extracted before
+            (a region cache, or records made another way); the photos are read and extracted at start when None.
     """
 
-    def __init__(self, retriever, gallery: Sequence[GalleryImage], shortlist_k: int = 128, batch_size: int = 32):
+    def __init__(
+        self,
+        retriever,
+        gallery: Sequence[GalleryImage],
+        shortlist_k: int = 128,
+        batch_size: int = 32,
+        records: Sequence[dict[str, Any]] | None = None,
+    ):
         if not gallery:
             raise AppInputError("the gallery is empty.")
         self.retriever = retriever
@@ -233,17 +340,38 @@ class RetrievalDemo:
         self.gallery = list(gallery)
         self.shortlist_k = shortlist_k
         self.batch_size = batch_size
+        # The same test the pipeline makes: untrained projection heads rank everything with the cross-encoder.
+        self.untrained_heads = untrained_heads(retriever.model)
         self.class_names = region_class_names(self.extractor)
-        self.records = self._extract_gallery()
+        if records is None:
+            self.records = self._extract_gallery()
+        elif len(records) != len(self.gallery):
+            raise AppInputError(f"got {len(records)} region records for a gallery of {len(self.gallery)} photos.")
+        else:
+            self.records = list(records)
         self.image_index = retriever.build_index(images=self.records, batch_size=batch_size)
         self.captions = gallery_captions(self.gallery)
         self.caption_index = (
             retriever.build_index(texts=self.captions, batch_size=batch_size) if self.captions else None
         )
+        self._examples: list[str] | None = None
 
     @property
     def max_regions(self) -> int:
         return int(self.processor.max_regions)
+
+    @property
+    def num_caption_lines(self) -> int:
+        """The gallery's captions counted per photo (a text two photos share counts twice), as an evaluation of the
+        same split counts them; `captions` holds each distinct text once."""
+        return sum(len(image.captions) for image in self.gallery)
+
+    def _grid_for(self, width: float, height: float) -> np.ndarray | None:
+        """The boxes a photo without annotations is pooled over: a grid covering it (`covering_grid`) for the
+        backbone backend; None (the extractor's own detections) for the others."""
+        if self.extractor.backend != "backbone":
+            return None
+        return covering_grid(width, height, self.extractor.grid_sizes, self.max_regions)
 
     def _extract_gallery(self) -> list[dict[str, Any]]:
         from tqdm.auto import tqdm
@@ -252,7 +380,15 @@ class RetrievalDemo:
         failures = []
         for start in tqdm(range(0, len(self.gallery), self.batch_size), desc="gallery regions", unit="batch"):
             chunk = self.gallery[start : start + self.batch_size]
-            boxes = [None if image.boxes is None else np.asarray(image.boxes, dtype=np.float32) for image in chunk]
+            boxes = []
+            for image in chunk:
+                if image.boxes is not None:
+                    boxes.append(np.asarray(image.boxes, dtype=np.float32))
+                    continue
+                try:
+                    boxes.append(self._grid_for(*_photo_size(image.path)))
+                except OSError:  # unreadable: the extractor names the reason below
+                    boxes.append(None)
             out = self.extractor.extract(
                 [str(image.path) for image in chunk],
                 boxes=boxes,
@@ -270,6 +406,61 @@ class RetrievalDemo:
             )
         return records
 
+    # ------------------------------------------------------------------------------------------------ what it does
+
+    def uses_shortlist(self, gallery_size: int) -> bool:
+        """Whether a query over `gallery_size` candidates is shortlisted by the unimodal embeddings before the
+        cross-encoder re-ranks it (the pipeline's rule), rather than scored against every candidate."""
+        return not self.untrained_heads and self.shortlist_k < gallery_size
+
+    def ranking_summary(self) -> str:
+        """One sentence, for the page's header, on how a query is ranked here: what the engine does, not what it
+        could do (no shortlist is claimed where the model's unimodal heads are untrained)."""
+        num_images, num_captions = len(self.gallery), len(self.captions)
+        if self.untrained_heads:
+            return (
+                f"Every query is scored against all {num_images} photos (a photo against all {num_captions} "
+                "captions) by the cross-encoder: this model's unimodal heads are untrained (a pretraining "
+                "checkpoint), so no index shortlist is used."
+            )
+        parts = []
+        for kind, size in (("photos", num_images), ("captions", num_captions)):
+            if not size:
+                continue
+            if self.uses_shortlist(size):
+                parts.append(
+                    f"the {self.shortlist_k} {kind} nearest by the unimodal embeddings (a prebuilt index of "
+                    f"{size}) are re-ranked by the cross-encoder"
+                )
+            else:
+                parts.append(f"all {size} {kind} are scored by the cross-encoder")
+        return "Per query, " + "; ".join(parts) + "."
+
+    def example_queries(self, count: int = 3, max_tries: int = 40) -> list[str]:
+        """Gallery captions the app answers: up to `count` of them (the first caption of one photo after another,
+        at most `max_tries` searched) whose best match is a photo carrying that caption. Empty for a gallery
+        without captions. Computed once; the page shows the first as the query box's placeholder."""
+        if self._examples is None:
+            tried = list(dict.fromkeys(image.captions[0] for image in self.gallery if image.captions))[:max_tries]
+            self._examples = []
+            if tried:
+                results = self.retriever(
+                    texts=tried,
+                    index=self.image_index,
+                    top_k=1,
+                    shortlist_k=self.shortlist_k,
+                    batch_size=self.batch_size,
+                )
+                for query, result in zip(tried, results):
+                    if query in self.gallery[result[0]["index"]].captions:
+                        self._examples.append(query)
+                    if len(self._examples) == count:
+                        break
+            logger.info(
+                "example queries: %d of %d gallery captions tried are answered", len(self._examples), len(tried)
+            )
+        return list(self._examples)
+
     # ------------------------------------------------------------------------------------------------ photos
 
     def load_photo(self, image: Any):
@@ -286,9 +477,11 @@ class RetrievalDemo:
         return loaded.image
 
     def photo_regions(self, photo) -> dict[str, Any]:
-        """The region record of a PIL photo (the extractor's own regions, at most the model's `max_regions`)."""
+        """The region record of a PIL photo: a grid covering all of it (`covering_grid`, at most the model's
+        `max_regions` boxes) for the backbone backend, the detections for a detector."""
         try:
-            return self.extractor.extract(photo, max_regions=self.max_regions)[0]
+            boxes = self._grid_for(photo.width, photo.height)
+            return self.extractor.extract(photo, boxes=boxes, max_regions=self.max_regions)[0]
         except RegionExtractionError as error:
             raise AppInputError(f"no regions could be extracted from the photo: {error.reason.rstrip('.')}.") from None
 
@@ -343,18 +536,23 @@ class RetrievalDemo:
         return RegionImportance(float(scores[0]), (scores[0] - scores[1:]).astype(np.float32))
 
     def labels_for(self, record: dict[str, Any], image: GalleryImage | None = None) -> list[RegionLabel]:
-        return region_labels(record, self.class_names, image.box_labels if image is not None else None)
+        """The region labels of a record: a gallery photo's annotated names where `image` has them."""
+        box_labels = image.box_labels if image is not None else None
+        return region_labels(record, self.extractor.backend, self.class_names, box_labels)
 
 
 __all__ = [
     "AppInputError",
     "CaptionHit",
     "GalleryImage",
+    "LABEL_SOURCES",
     "ImageHit",
     "RegionImportance",
     "RegionLabel",
     "RetrievalDemo",
+    "covering_grid",
     "gallery_captions",
+    "grid_cell_name",
     "parse_caption_list",
     "read_gallery",
     "region_class_names",

@@ -1,8 +1,8 @@
 """The Gradio page: text -> images and image -> texts, each with the region picture of its top match.
 
-Every handler turns a bad input (an empty query, a file that is not an image, a decompression bomb) into a warning
-toast and a message in the page; anything unexpected is logged with its traceback on the server and shown as one
-readable line, never as a stack trace.
+Every handler turns a bad input (an empty query, a file that is not an image, a decompression bomb) into a message in
+the page, beside the results it replaces (no toast, which would stay over the header); anything unexpected is logged
+with its traceback on the server and shown as one readable line, never as a stack trace.
 """
 
 from __future__ import annotations
@@ -23,8 +23,13 @@ logger = logging.get_logger(__name__)
 
 CSS = """
 #search-results table, #caption-results table { font-size: 0.95em; }
+#search-results th, #caption-results th, #search-results td:not(:last-child), #caption-results td:not(:last-child) {
+  white-space: nowrap;
+}
 .error-message { color: #b00020; font-weight: 600; }
 """
+# The query box's placeholder where the gallery has no caption the model answers (a folder of photos, say).
+GENERIC_PLACEHOLDER = "Describe a photo"
 
 
 def _theme():
@@ -42,16 +47,23 @@ def error_markdown(message: str) -> str:
 
 
 def _report(error: Exception) -> str:
-    """The message a person sees for a failed request (a warning toast too)."""
-    import gradio as gr
-
+    """The message a person sees in the page for a failed request."""
     if isinstance(error, AppInputError):
         message = str(error)
     else:
         logger.error("request failed", exc_info=error)
         message = f"something went wrong on the server ({type(error).__name__}: {error})."
-    gr.Warning(message)
     return error_markdown(message)
+
+
+def page_header(demo: RetrievalDemo, title: str) -> str:
+    """The header's Markdown: the model, the gallery's counts and how a query is ranked (from the engine's state)."""
+    model_name = getattr(demo.retriever.model, "name_or_path", "") or "the model"
+    num_images, lines, distinct = len(demo.gallery), demo.num_caption_lines, len(demo.captions)
+    captions = f"{lines} captions" + (f" ({distinct} distinct texts, each ranked once)" if distinct != lines else "")
+    return (
+        f"# {title}\nModel `{model_name}` · gallery of {num_images} photos with {captions} · {demo.ranking_summary()}"
+    )
 
 
 def _results_table(rows: list[tuple], header: tuple[str, ...]) -> str:
@@ -90,10 +102,12 @@ def photo_view(demo: RetrievalDemo, upload: str | None, pick: str | None, captio
             photo = demo.load_photo(upload)
             record = demo.photo_regions(photo)
             labels = demo.labels_for(record)
+            which = f"the uploaded photo **{html.escape(Path(upload).name)}**"
         elif pick:
             image, record = demo.gallery_image(pick)
             photo = demo.load_photo(str(image.path))
             labels = demo.labels_for(record, image)
+            which = f"the gallery photo **{html.escape(Path(image.key).name)}**"
         else:
             raise AppInputError("Upload a photo or pick one from the gallery first.")
         hits = demo.rank_captions(record, parse_caption_list(captions), int(top_k))
@@ -105,7 +119,7 @@ def photo_view(demo: RetrievalDemo, upload: str | None, pick: str | None, captio
         [(hit.rank, f"{hit.score:.3f}", f"{hit.probability:.3f}", hit.text) for hit in hits],
         ("#", "score", "p(match)", "caption"),
     )
-    return table, picture, ""
+    return f"Captions ranked for {which}:\n\n{table}", picture, ""
 
 
 def build_app(demo: RetrievalDemo, title: str = "ImageBERT image-text retrieval", top_k: int = 8):
@@ -114,25 +128,28 @@ def build_app(demo: RetrievalDemo, title: str = "ImageBERT image-text retrieval"
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
-    num_images, num_captions = len(demo.gallery), len(demo.captions)
-    model_name = getattr(demo.retriever.model, "name_or_path", "") or "the model"
+    num_images = len(demo.gallery)
+    # Gallery captions whose best match is their own photo: the placeholder is a query the app answers.
+    examples = demo.example_queries()
     with gr.Blocks(title=title, analytics_enabled=False) as blocks:
-        gr.Markdown(
-            f"# {title}\n"
-            f"Model `{model_name}` · gallery of {num_images} photos and {num_captions} captions · "
-            f"each query is ranked by the cross-encoder over the {min(demo.shortlist_k, num_images)} nearest "
-            "candidates of a prebuilt index."
-        )
+        gr.Markdown(page_header(demo, title), elem_id="page-header")
         with gr.Tab("Text → images", id="text-to-images"):
             with gr.Row():
                 query = gr.Textbox(
                     label="Describe a photo",
-                    placeholder="a red circle to the left of a blue square",
+                    placeholder=examples[0] if examples else GENERIC_PLACEHOLDER,
                     elem_id="query",
                     scale=4,
                 )
                 search_k = gr.Slider(1, min(32, num_images), value=min(top_k, num_images), step=1, label="photos")
                 search_button = gr.Button("Search", variant="primary", elem_id="search-button")
+            if examples:
+                gr.Examples(
+                    [[example] for example in examples],
+                    inputs=[query],
+                    label="Gallery captions whose best match is their own photo (click one, then Search)",
+                    elem_id="query-examples",
+                )
             search_error = gr.Markdown(elem_id="search-error", elem_classes="error-message")
             results = gr.Gallery(
                 label="Best matches, best first",
@@ -188,8 +205,18 @@ def build_app(demo: RetrievalDemo, title: str = "ImageBERT image-text retrieval"
         caption_button.click(
             lambda f, p, c, k: photo_view(demo, f, p, c, k), [upload, pick, captions, caption_k], photo_outputs
         )
-        upload.upload(lambda f, c, k: photo_view(demo, f, None, c, k), [upload, captions, caption_k], photo_outputs)
-        pick.input(lambda p, c, k: photo_view(demo, None, p, c, k), [pick, captions, caption_k], photo_outputs)
+        # One photo at a time: an upload clears the gallery pick, and a pick clears the upload, so the page never
+        # shows one photo while ranking another (the caption table also names the photo it ranked).
+        upload.upload(
+            lambda f, c, k: (*photo_view(demo, f, None, c, k), None),
+            [upload, captions, caption_k],
+            [*photo_outputs, pick],
+        )
+        pick.input(
+            lambda p, c, k: (*photo_view(demo, None, p, c, k), None),
+            [pick, captions, caption_k],
+            [*photo_outputs, upload],
+        )
     return blocks
 
 
@@ -202,4 +229,4 @@ def launch_app(blocks, server_name: str | None = "127.0.0.1", server_port: int |
     )
 
 
-__all__ = ["build_app", "launch_app", "photo_view", "search_view"]
+__all__ = ["build_app", "launch_app", "page_header", "photo_view", "search_view"]
