@@ -1,0 +1,105 @@
+"""Learning quality as a feature: pretraining must learn to match captions to images, not only run.
+
+The fast guard trains the shipped recipe `examples/configs/learning_quality_synthetic.yaml` (a small model on the
+generated shapes set) and ranks held-out images zero-shot with its ITM head; the slow one runs the shipped
+real-photo example on Flickr8k. Both floors come from measured runs (docs/pretraining.md, "Learning-quality
+guards"), with a margin, so a change that slows or breaks learning fails here instead of in a user's run.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from imagebert_hf.data.synthetic import make_synthetic_examples, make_synthetic_tokenizer, synthetic_region_record
+from imagebert_hf.evaluation.zero_shot import chance_metrics, zero_shot_retrieval
+from imagebert_hf.models.imagebert.region_batching import pad_region_records
+from imagebert_hf.training import PretrainingRunOptions, load_recipe, run_pretraining
+
+from .testing_utils import PROJECT_ROOT, SHARED_DATA, require_shared_data
+
+
+GUARD_RECIPE = PROJECT_ROOT / "examples" / "configs" / "learning_quality_synthetic.yaml"
+HELD_OUT_IMAGES = 100
+# Ten seeds of the guard recipe (one thread, 2 CPU cores): nine left the ITM plateau by step 320-630 and reached
+# held-out RSUM 336.5-520.0; one (seed 4) never left it (RSUM 35.0, chance 31.7). The run here (seed 0) leaves it at
+# step 485 and reaches 336.5. The floor sits below every run that learned and far above every run that did not, so a
+# change that reshuffles the random draws fails here with a chance of about 1 in 10 (docs/pretraining.md).
+SYNTHETIC_RSUM_FLOOR = 200.0
+SYNTHETIC_ITM_CEILING = 0.62
+# The shipped real-photo recipe, stage-1 dev RSUM over seven runs (seeds 1, 2, 42 of today's code, 1, 2, 3, 42 of an
+# earlier version with the same numerics): 71.7-127.4, chance 28.3.
+REAL_RSUM_FLOOR = 55.0
+
+
+@pytest.fixture
+def one_thread():
+    """The guard's figures were measured on one thread; reductions over more threads change the trajectory."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def held_out_synthetic_inputs(recipe):
+    """Captions and annotation regions of the shapes images generated after the training ones (same generator)."""
+    source = recipe.stages[0].sources[0]
+    config = recipe.model.config
+    examples = make_synthetic_examples(source.num_images + HELD_OUT_IMAGES, seed=source.seed)[source.num_images :]
+    texts = [caption for example in examples for caption in example["captions"]]
+    text_to_image = [i for i, example in enumerate(examples) for _ in example["captions"]]
+    tokenizer = make_synthetic_tokenizer()
+    text_inputs = dict(tokenizer(texts, padding=True, return_tensors="pt"))
+    region_inputs = pad_region_records(
+        [synthetic_region_record(example, config["region_feature_size"]) for example in examples]
+    )
+    return text_inputs, region_inputs, text_to_image
+
+
+def mean_itm_loss(history, last_steps: int) -> float:
+    final_step = history[-1]["step"]
+    values = [entry["itm"] for entry in history if entry["step"] > final_step - last_steps and "itm" in entry]
+    return sum(values) / len(values)
+
+
+def test_synthetic_pretraining_learns_to_match(tmp_path, one_thread):
+    recipe = load_recipe(GUARD_RECIPE, [f"output_dir={tmp_path}"])
+    run = run_pretraining(recipe, PretrainingRunOptions())
+    text_inputs, region_inputs, text_to_image = held_out_synthetic_inputs(recipe)
+    metrics = zero_shot_retrieval(run["final_model"], text_inputs, region_inputs, text_to_image, progress=False)
+    chance = chance_metrics(text_to_image)["rsum"]
+    itm = mean_itm_loss(run["history"], last_steps=100)
+    first_below = next((entry["step"] for entry in run["history"] if entry["itm"] < 0.6), None)
+    report = (
+        f"held-out RSUM {metrics['rsum']:.1f} (floor {SYNTHETIC_RSUM_FLOOR}, chance {chance:.1f}); ITM loss over "
+        f"the last 100 steps {itm:.3f} (ceiling {SYNTHETIC_ITM_CEILING}, ln 2 = {math.log(2):.3f}); ITM first "
+        f"below 0.6 at step {first_below}"
+    )
+    assert metrics["rsum"] >= SYNTHETIC_RSUM_FLOOR, "learning quality fell: " + report
+    assert itm <= SYNTHETIC_ITM_CEILING, "learning quality fell: " + report
+
+
+@pytest.mark.slow
+@require_shared_data
+def test_real_photo_pretraining_learns_to_match(tmp_path):
+    """The shipped real-data example as a user runs it (stage 2 cut to one step): about 25-40 minutes on 2 CPU
+    cores, region extraction included."""
+    output_dir = tmp_path / "run"
+    command = [
+        sys.executable, str(PROJECT_ROOT / "examples" / "pretrain_shared_data.py"), "--output_dir", str(output_dir),
+        "--cache_dir", str(tmp_path / "regions"), "--data_dir", str(SHARED_DATA), "--eval_captions_per_image", "1",
+        "--set", "stages.1.max_steps=1", "stages.1.num_epochs=null",
+    ]  # fmt: skip
+    completed = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    results = json.loads((output_dir / "results.json").read_text())["results"]
+    stage_one = next(value for key, value in results.items() if key.startswith("after stage1"))
+    chance = results["chance"]["rsum"]
+    assert stage_one["rsum"] >= REAL_RSUM_FLOOR, (
+        f"learning quality fell: Flickr8k dev RSUM after stage 1 {stage_one['rsum']:.1f} "
+        f"(floor {REAL_RSUM_FLOOR}, chance {chance:.1f})"
+    )
