@@ -20,7 +20,7 @@ def _chromium_or_skip():
     from .browser_helpers import find_chromium
 
     if find_chromium() is None:
-        pytest.skip("Chromium or chromedriver not found: apt-get install chromium chromium-driver (`make browser` does)")
+        pytest.skip("Chromium or chromedriver not found: `make browser` installs them (apt-get, as root)")
 
 
 @pytest.fixture(scope="module")

@@ -116,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
             f"imagebert-app: error: --model {args.model}: no such folder (expected a saved model folder or a Hub id "
             "such as owner/name)"
         )
+    if args.model is not None and args.gallery is None:
+        raise SystemExit(
+            "imagebert-app: error: --gallery is needed with --model: a folder of images or a jsonl manifest"
+        )
     if args.gallery is not None and not Path(args.gallery).exists():
         raise SystemExit(
             f"imagebert-app: error: --gallery {args.gallery}: no such file or folder (expected a folder of images "
