@@ -17,25 +17,33 @@ import pytest
 from .testing_utils import COCO_DIR, PROJECT_ROOT, require_shared_data
 
 
-def console_scripts() -> list[str]:
+def console_scripts() -> dict[str, str]:
+    """Script name -> the module whose `main` it runs."""
     parser = configparser.ConfigParser()
     parser.read(PROJECT_ROOT / "setup.cfg")
     lines = parser["options.entry_points"]["console_scripts"].strip().splitlines()
-    return [line.split("=")[0].strip() for line in lines]
+    return {name.strip(): target.strip().split(":")[0] for name, target in (line.split("=") for line in lines)}
 
 
-SCRIPTS = console_scripts()
+SCRIPTS = list(console_scripts())
+# The `python -m` form of each script, as the docs give it.
+MODULES = {**console_scripts(), "imagebert-extract-regions": "imagebert_hf.regions"}
 
 
-def run_script(name: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Runs the installed script `name` on this checkout's sources (PYTHONPATH first), as a shell would."""
+def run_script(name: str, *args: str, timeout: float = 600, as_module: bool = False) -> subprocess.CompletedProcess:
+    """Runs the installed script `name` (or `python -m` its module) on this checkout's sources (PYTHONPATH first),
+    as a shell would."""
     script = Path(sys.executable).parent / name
-    if not script.is_file():
+    if as_module:
+        command = [sys.executable, "-m", MODULES[name]]
+    elif script.is_file():
+        command = [str(script)]
+    else:
         pytest.skip(f"{name} is not installed next to {sys.executable} (run `make setup`, or pip install -e .)")
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT / "src"), env.get("PYTHONPATH")]))
     return subprocess.run(
-        [str(script), *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=PROJECT_ROOT
+        [*command, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=PROJECT_ROOT
     )
 
 
@@ -73,10 +81,11 @@ def missing_input_args(name: str, tmp_path: Path) -> tuple[list[str], str]:
     return args, next(arg for arg in args if arg.startswith(missing))
 
 
+@pytest.mark.parametrize("as_module", [False, True], ids=["script", "python -m"])
 @pytest.mark.parametrize("name", SCRIPTS)
-def test_missing_input_fails_with_one_line_naming_it(name, tmp_path):
+def test_missing_input_fails_with_one_line_naming_it(name, as_module, tmp_path):
     args, missing = missing_input_args(name, tmp_path)
-    result = run_script(name, *args)
+    result = run_script(name, *args, as_module=as_module)
     assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()

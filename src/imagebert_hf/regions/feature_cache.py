@@ -1046,7 +1046,7 @@ class ExtractRegionsArguments:
 def main(argv: Sequence[str] | None = None) -> int:
     """`imagebert-extract-regions --output_dir cache --manifest data/captions.jsonl [--num_proc 2]`.
 
-    On several GPUs: `torchrun --nproc_per_node 8 -m imagebert_hf.regions.feature_cache ...` (or `accelerate
+    On several GPUs: `torchrun --nproc_per_node 8 -m imagebert_hf.regions ...` (or `accelerate
     launch`); on several machines add `--num_shards M --shard_index K`, then `--merge part0 part1 ...` when the
     machines wrote separate folders.
 
