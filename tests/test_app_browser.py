@@ -1,6 +1,6 @@
 """The retrieval app in a real headless Chromium: the page served on a loopback port and driven like a person would.
 
-Needs Debian's `chromium` and `chromium-driver` (the Makefile's setup installs them) and selenium (the `testing` extra);
+Needs Debian's `chromium` and `chromium-driver` (`make browser` installs them) and selenium (the `testing` extra);
 skips, saying which is missing, where they are absent.
 """
 
@@ -20,7 +20,7 @@ def _chromium_or_skip():
     from .browser_helpers import find_chromium
 
     if find_chromium() is None:
-        pytest.skip("Chromium or chromedriver not found: apt-get install chromium chromium-driver (make setup does)")
+        pytest.skip("Chromium or chromedriver not found: `make browser` installs them (apt-get, as root)")
 
 
 @pytest.fixture(scope="module")

@@ -245,6 +245,55 @@ def test_class_wise_nms_and_thresholds_by_hand():
         assert select_detections(foreground, class_boxes, settings).tolist() == ranked[:count]
 
 
+def generate_tsv_selection(foreground, class_boxes, nms_threshold, conf_thresh, min_boxes, max_boxes):
+    """bottom-up-attention's tools/generate_tsv.py, best first: `max_conf` from per-class NMS over every proposal,
+    `keep_boxes = np.where(max_conf >= conf_thresh)`, else `np.argsort(max_conf)[::-1][:MIN_BOXES]` (or
+    `[:MAX_BOXES]`); returns the kept indices and `max_conf`."""
+    max_conf = np.zeros(foreground.shape[0])
+    for c in range(foreground.shape[1]):
+        for i in _greedy_nms(class_boxes[:, c], foreground[:, c], nms_threshold):
+            max_conf[i] = max(max_conf[i], float(foreground[i, c]))
+    keep = np.where(max_conf >= conf_thresh)[0]
+    if len(keep) < min_boxes:
+        keep = np.argsort(max_conf)[::-1][:min_boxes]
+    elif len(keep) > max_boxes:
+        keep = np.argsort(max_conf)[::-1][:max_boxes]
+    return sorted(keep.tolist(), key=lambda i: -max_conf[i]), max_conf
+
+
+def test_slots_under_the_threshold_are_filled_by_confidence_not_by_class_probability():
+    """Proposal 1 lies on proposal 0: its best class (0.04) is suppressed by proposal 0's 0.9 in that class, and
+    what survives of it is 0.01. Proposal 2 keeps 0.03. One proposal passes 0.2 and two are wanted: the second slot
+    goes to the higher confidence, proposal 2 (filling it by best class probability would pick proposal 1)."""
+    foreground = torch.tensor([[0.9, 0.0], [0.04, 0.01], [0.02, 0.03]])
+    boxes = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 10], [50, 50, 60, 60]])
+    class_boxes = boxes[:, None, :].expand(3, 2, 4).contiguous()
+    settings = {"nms_threshold": 0.3, "score_threshold": 0.2, "min_regions": 2, "max_regions": 36}
+    assert select_detections(foreground, class_boxes, settings).tolist() == [0, 2]
+    assert generate_tsv_selection(foreground, class_boxes, 0.3, 0.2, 2, 36)[0] == [0, 2]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_selection_equals_generate_tsv_when_few_pass(seed):
+    """Many classes, so most class probabilities are under 0.05 (below which pairs skip the first NMS pass) and few
+    proposals pass the threshold: the selection still equals generate_tsv's, in order."""
+    generator = torch.Generator().manual_seed(seed)
+    num_proposals, num_classes = 40, 60
+    foreground = torch.softmax(0.5 * torch.randn(num_proposals, num_classes + 1, generator=generator), dim=1)[:, :-1]
+    corners = torch.rand(num_proposals, num_classes, 2, generator=generator) * 40
+    class_boxes = torch.cat([corners, corners + 15 + 10 * torch.rand(num_proposals, num_classes, 2)], dim=-1)
+    for min_regions, max_regions in ((10, 36), (1, 5), (36, 36)):
+        settings = {
+            "nms_threshold": 0.3,
+            "score_threshold": 0.2,
+            "min_regions": min_regions,
+            "max_regions": max_regions,
+        }
+        expected, max_conf = generate_tsv_selection(foreground, class_boxes, 0.3, 0.2, min_regions, max_regions)
+        assert select_detections(foreground, class_boxes, settings).tolist() == expected
+    assert max_conf[expected].min() < 0.05  # the last case (36 of 40) keeps proposals of confidence under 0.05
+
+
 def test_extracted_records_have_the_model_fields(extractor):
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((90, 120), (70, 60))]

@@ -170,7 +170,7 @@ def test_cache_parallel_equals_serial(manifest, extractor, tmp_path):
 @require_shared_data
 def test_command_line(manifest, extractor, tmp_path):
     extractor.save_pretrained(tmp_path / "extractor")
-    report = main(
+    status = main(
         [
             "--output_dir", str(tmp_path / "cache"),
             "--manifest", str(manifest),
@@ -180,6 +180,7 @@ def test_command_line(manifest, extractor, tmp_path):
             "--no_class_probs",
         ]
     )  # fmt: skip
-    assert report.num_extracted == 6 and report.num_shards == 2
+    report = json.loads((tmp_path / "cache" / "report.json").read_text())
+    assert status == 0 and report["num_extracted"] == 6 and report["num_shards"] == 2 and report["seconds"] > 0
     cache = load_region_cache(tmp_path / "cache")
     assert cache[cache.keys()[0]]["region_features"].shape == (5, 256)

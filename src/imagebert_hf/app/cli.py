@@ -17,7 +17,6 @@ from pathlib import Path
 from transformers import HfArgumentParser
 
 from .engine import RetrievalDemo, read_gallery
-from .ui import build_app, launch_app
 
 
 DEMO_MODEL = Path("pretraining") / "stage2-clean" / "final"
@@ -102,16 +101,51 @@ def load_demo(args: AppArguments):
     return RetrievalDemo(retriever, photos, shortlist_k=args.shortlist_k, batch_size=args.batch_size)
 
 
-def main(argv: list[str] | None = None) -> None:
+def _looks_like_a_path(name: str) -> bool:
+    """A `--model` value that can only be a local folder (a Hub id is `name` or `owner/name`)."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serves the app until stopped; returns 0. A bad argument (a missing model folder or gallery, a gallery
+    without images) ends it with one line naming it and exit status 1, before any model is loaded."""
     (args,) = HfArgumentParser(AppArguments).parse_args_into_dataclasses(args=argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    if args.model is not None and not Path(args.model).expanduser().exists() and _looks_like_a_path(args.model):
+        raise SystemExit(
+            f"imagebert-app: error: --model {args.model}: no such folder (expected a saved model folder or a Hub id "
+            "such as owner/name)"
+        )
+    if args.model is not None and args.gallery is None:
+        raise SystemExit(
+            "imagebert-app: error: --gallery is needed with --model: a folder of images or a jsonl manifest"
+        )
+    if args.gallery is not None and not Path(args.gallery).exists():
+        raise SystemExit(
+            f"imagebert-app: error: --gallery {args.gallery}: no such file or folder (expected a folder of images "
+            "or a .jsonl manifest)"
+        )
+    try:
+        from .ui import build_app, launch_app
 
-    demo = load_demo(args)
-    launch_app(build_app(demo, top_k=args.top_k), server_name=args.host, server_port=args.port)
+        demo = load_demo(args)
+        launch_app(build_app(demo, top_k=args.top_k), server_name=args.host, server_port=args.port)
+    except ModuleNotFoundError as error:
+        raise SystemExit(
+            f"imagebert-app: error: {error}; the app needs its extra: pip install 'imagebert_hf[app]'"
+        ) from None
+    except subprocess.CalledProcessError as error:
+        raise SystemExit(
+            f"imagebert-app: error: building the demo model failed (exit status {error.returncode}, output above); "
+            "or pass --model and --gallery"
+        ) from None
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"imagebert-app: error: {error}") from None
+    return 0
 
 
 __all__ = ["AppArguments", "DEMO_GALLERY", "DEMO_MODEL", "ensure_demo_model", "find_demo_script", "load_demo", "main"]
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

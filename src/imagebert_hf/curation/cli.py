@@ -17,8 +17,6 @@ import sys
 from dataclasses import dataclass, field
 
 from .config import STAGE_CLASSES, CurationConfig
-from .pipeline import run_local
-from .spark import local_spark_session, run_spark
 
 
 @dataclass
@@ -64,31 +62,43 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunArguments, CurationCon
 
 
 def main(argv: list[str] | None = None) -> int:
-    run, config = parse_args(argv)
-    logging.basicConfig(level=run.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if run.runner == "local":
-        result = run_local(
-            run.inputs,
-            run.output_dir,
-            config,
-            num_proc=run.num_proc,
-            batch_size=run.batch_size,
-            rows_per_shard=run.rows_per_shard,
-        )
-    elif run.runner == "spark":
-        spark = None
-        if run.spark_master:
-            spark = local_spark_session(run.spark_master)
-        result = run_spark(
-            run.inputs,
-            run.output_dir,
-            config,
-            spark=spark,
-            num_partitions=run.num_partitions,
-            batch_size=run.batch_size,
-        )
-    else:
-        raise SystemExit(f"unknown runner {run.runner!r}: use local or spark")
+    """Runs `imagebert-curate`; returns 0 on success. A bad input (a missing file, a value the stages reject) ends
+    the command with one line naming it and exit status 1."""
+    try:
+        run, config = parse_args(argv)
+        if run.runner not in ("local", "spark"):
+            raise ValueError(f"--runner must be local or spark, got {run.runner!r}")
+        logging.basicConfig(level=run.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if run.runner == "local":
+            from .pipeline import run_local
+
+            result = run_local(
+                run.inputs,
+                run.output_dir,
+                config,
+                num_proc=run.num_proc,
+                batch_size=run.batch_size,
+                rows_per_shard=run.rows_per_shard,
+            )
+        else:
+            from .spark import local_spark_session, run_spark
+
+            spark = local_spark_session(run.spark_master) if run.spark_master else None
+            result = run_spark(
+                run.inputs,
+                run.output_dir,
+                config,
+                spark=spark,
+                num_partitions=run.num_partitions,
+                batch_size=run.batch_size,
+            )
+    except ModuleNotFoundError as error:
+        raise SystemExit(
+            f"imagebert-curate: error: {error}; the curation stages and the spark runner need the extras: "
+            "pip install 'imagebert_hf[curation,spark]'"
+        ) from None
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"imagebert-curate: error: {error}") from None
     summary = {"pairs": len(result.dataset), "output_dir": str(result.output_dir), "drops": result.tally.drops()}
     print(json.dumps(summary, indent=2, sort_keys=True))
     print((result.output_dir / "funnel.md").read_text())

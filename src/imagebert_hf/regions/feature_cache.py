@@ -368,9 +368,10 @@ def _start_cache(output_dir: Path, extractor, index, shard_of, info: dict[str, A
     atomic_write_json(output_dir / CACHE_INFO_NAME, info, indent=2, default=str)
 
 
-def _finish_cache(output_dir: Path, report: CacheReport, num_shards: int) -> CacheReport:
+def _finish_cache(output_dir: Path, report: CacheReport, num_shards: int, started: float | None = None) -> CacheReport:
     """Counts every finished shard into `report`; once all are there, marks the cache complete and builds its
-    key table. Run by whichever process finishes last (running it twice writes the same files)."""
+    key table. Run by whichever process finishes last (running it twice writes the same files). With `started`
+    (a `time.perf_counter()` value), `report.seconds` is the wall time since then, in `report.json` too."""
     finished = [shard for shard in range(num_shards) if _shard_dir(output_dir, shard).is_dir()]
     rows = 0
     report.failures = []
@@ -386,6 +387,8 @@ def _finish_cache(output_dir: Path, report: CacheReport, num_shards: int) -> Cac
             RegionCache(output_dir)  # builds lookup.arrow from the shards and the index
             info["complete"] = True
             atomic_write_json(output_dir / CACHE_INFO_NAME, info, indent=2, default=str)
+    if started is not None:
+        report.seconds = round(time.perf_counter() - started, 3)
     atomic_write_json(output_dir / REPORT_NAME, asdict(report), indent=2)
     return report
 
@@ -570,8 +573,7 @@ def extract_regions(
         num_shards=len(shards),
         num_shards_skipped=skipped,
     )
-    report = _finish_cache(output_dir, report, len(shards))
-    report.seconds = round(time.perf_counter() - started, 3)
+    report = _finish_cache(output_dir, report, len(shards), started)
     if report.num_failed:
         logger.warning(
             "%d of %d images failed; reasons in %s", report.num_failed, len(units), output_dir / REPORT_NAME
@@ -588,6 +590,7 @@ def merge_region_caches(parts: Sequence[str | os.PathLike], output_dir: str | os
     Raises:
         ValueError: When the parts are of different caches, or together miss shards.
     """
+    started = time.perf_counter()
     parts = [Path(part) for part in parts]
     output_dir = Path(output_dir)
     infos = [_read_info(part) for part in parts]
@@ -627,7 +630,7 @@ def merge_region_caches(parts: Sequence[str | os.PathLike], output_dir: str | os
         for s in range(info["num_shards"])
     )
     report.num_duplicates = report.num_items - report.num_unique
-    return _finish_cache(output_dir, report, info["num_shards"])
+    return _finish_cache(output_dir, report, info["num_shards"], started)
 
 
 def _link_or_copy(source: str, target: str) -> None:
@@ -1280,52 +1283,61 @@ class ExtractRegionsArguments:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> CacheReport:
+def main(argv: Sequence[str] | None = None) -> int:
     """`imagebert-extract-regions --output_dir cache --manifest data/captions.jsonl [--num_proc 2]`.
 
-    On several GPUs: `torchrun --nproc_per_node 8 -m imagebert_hf.regions.feature_cache ...` (or `accelerate
+    On several GPUs: `torchrun --nproc_per_node 8 -m imagebert_hf.regions ...` (or `accelerate
     launch`); on several machines add `--num_shards M --shard_index K`, then `--merge part0 part1 ...` when the
     machines wrote separate folders.
+
+    Returns 0 when the command ran (images that failed are counted and listed in `report.json`); a bad argument or
+    input (a missing manifest, a cache of another source in `output_dir`) ends it with one line naming it and exit
+    status 1.
     """
     from transformers import HfArgumentParser
 
     (args,) = HfArgumentParser(ExtractRegionsArguments).parse_args_into_dataclasses(args=argv)
-    if args.merge:
-        report = merge_region_caches(args.merge, args.output_dir)
-        print(f"merged {len(args.merge)} parts: {report.num_unique} distinct images, {report.num_failed} failed")
-        return report
-    if (args.manifest is None) == (args.dataset_path is None):
-        raise SystemExit("give exactly one of --manifest and --dataset_path")
-    if args.dataset_path is not None:
-        from datasets import load_from_disk
+    try:
+        if args.merge:
+            report = merge_region_caches(args.merge, args.output_dir)
+            print(f"merged {len(args.merge)} parts: {report.num_unique} distinct images, {report.num_failed} failed")
+            return 0
+        if (args.manifest is None) == (args.dataset_path is None):
+            raise ValueError("give exactly one of --manifest and --dataset_path")
+        if args.dataset_path is not None:
+            from datasets import load_from_disk
 
-        source = load_from_disk(args.dataset_path)
-    else:
-        source = args.manifest
-    extractor = args.extractor or ImageBERTRoIExtractor(max_regions=args.max_regions)
-    report = extract_regions(
-        source,
-        args.output_dir,
-        extractor,
-        image_root=args.image_root,
-        allow_outside_root=args.allow_outside_root,
-        use_boxes=args.use_boxes,
-        image_column=args.image_column,
-        key_column=args.key_column,
-        shard_size=args.shard_size,
-        num_proc=args.num_proc,
-        batch_size=args.batch_size,
-        store_class_probs=not args.no_class_probs,
-        storage_dtype=args.storage_dtype,
-        num_shards=args.num_shards,
-        shard_index=args.shard_index,
-    )
+            source = load_from_disk(args.dataset_path)
+        else:
+            if not Path(args.manifest).is_file():
+                raise FileNotFoundError(f"--manifest {args.manifest}: no such file (expected a jsonl manifest)")
+            source = args.manifest
+        extractor = args.extractor or ImageBERTRoIExtractor(max_regions=args.max_regions)
+        report = extract_regions(
+            source,
+            args.output_dir,
+            extractor,
+            image_root=args.image_root,
+            allow_outside_root=args.allow_outside_root,
+            use_boxes=args.use_boxes,
+            image_column=args.image_column,
+            key_column=args.key_column,
+            shard_size=args.shard_size,
+            num_proc=args.num_proc,
+            batch_size=args.batch_size,
+            store_class_probs=not args.no_class_probs,
+            storage_dtype=args.storage_dtype,
+            num_shards=args.num_shards,
+            shard_index=args.shard_index,
+        )
+    except (ImportError, OSError, ValueError) as error:  # ImportError: the offline weights package is missing
+        raise SystemExit(f"imagebert-extract-regions: error: {error}") from None
     print(
         f"{report.num_items} items, {report.num_unique} distinct images, {report.num_extracted} extracted, "
-        f"{report.num_failed} failed, {report.num_shards_skipped} shards reused; report: "
+        f"{report.num_failed} failed, {report.num_shards_skipped} shards reused in {report.seconds:.1f} s; report: "
         f"{Path(args.output_dir) / REPORT_NAME}"
     )
-    return report
+    return 0
 
 
 __all__ = [
@@ -1345,4 +1357,4 @@ __all__ = [
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -367,6 +367,8 @@ def _save_converted(model, output_dir: Path, tokenizer: str | None, detector_wei
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs `imagebert-convert-uniter`; returns 0. A missing or unreadable checkpoint, config or tokenizer ends it
+    with one line naming it and exit status 1."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--checkpoint", required=True, help="UNITER .pt state dict (uniter-base.pt, a fine-tuned ckpt)"
@@ -382,15 +384,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--max_text_length", type=int, default=UNITER_MAX_TEXT_LENGTH)
     args = parser.parse_args(argv)
-    model = convert_uniter_checkpoint(
-        args.checkpoint,
-        args.output,
-        args.task,
-        args.uniter_config,
-        args.tokenizer,
-        args.detector_weights,
-        max_text_length=args.max_text_length,
-    )
+    try:
+        model = convert_uniter_checkpoint(
+            args.checkpoint,
+            args.output,
+            args.task,
+            args.uniter_config,
+            args.tokenizer,
+            args.detector_weights,
+            max_text_length=args.max_text_length,
+        )
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"imagebert-convert-uniter: error: {error}") from None
     print(f"saved {type(model).__name__} ({model.num_parameters() / 1e6:.1f} M parameters) to {args.output}")
     return 0
 

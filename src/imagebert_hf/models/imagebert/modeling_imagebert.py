@@ -702,7 +702,7 @@ class ImageBERTPreTrainedModel(PreTrainedModel):
             message += " The ITM head starts fresh (itm_from_nsp=False)."
         if unused_keys:
             message += f" Unused checkpoint weights: {', '.join(unused_keys)}."
-        logger.info(message)
+        logger.warning(message)
         if output_loading_info:
             return model, {"new_keys": new_keys, "unused_keys": unused_keys, "itm_head": itm_head}
         return model

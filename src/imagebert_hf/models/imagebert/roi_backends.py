@@ -49,36 +49,50 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state_dict
 
 
+def _surviving_confidence(
+    foreground: torch.Tensor, class_boxes: torch.Tensor, nms_threshold: float, candidate: torch.Tensor
+) -> torch.Tensor:
+    """(P,) each proposal's best class probability that survives per-class NMS among the `candidate` (P, C) pairs;
+    0 for a proposal with none."""
+    from torchvision.ops import batched_nms
+
+    confidence = torch.zeros(foreground.shape[0], device=foreground.device)
+    pairs = candidate.nonzero()
+    if len(pairs):
+        proposal_index, class_index = pairs[:, 0], pairs[:, 1]
+        scores = foreground[proposal_index, class_index]
+        keep = batched_nms(class_boxes[proposal_index, class_index], scores, class_index, nms_threshold)
+        confidence.scatter_reduce_(0, proposal_index[keep], scores[keep], reduce="amax")
+    return confidence
+
+
 def select_detections(foreground: torch.Tensor, class_boxes: torch.Tensor, settings: dict[str, Any]) -> torch.Tensor:
     """The bottom-up-attention selection of detections: indices of the kept proposals, best first.
 
-    Per-class NMS (`nms_threshold`) over the class-specific boxes gives each proposal its best surviving class
-    confidence; the proposals whose confidence reaches `score_threshold` are kept, at least `min_regions` and at most
-    `max_regions`, ordered by that confidence (ties, and proposals with none, by their best class probability).
+    As `generate_tsv.py` of bottom-up-attention: per-class NMS (`nms_threshold`) over the class-specific boxes gives
+    each proposal its confidence, the best class probability of it that survives NMS (`max_conf`); the proposals
+    whose confidence reaches `score_threshold` are kept, at most `max_regions` of them, by confidence. When fewer
+    than `min_regions` reach it, the `min_regions` proposals of highest confidence are kept, whatever their
+    confidence. Ties (and proposals with no surviving class, confidence 0) go by their best class probability.
 
     Args:
         foreground: (P, C) class probabilities without the background column.
         class_boxes: (P, C, 4) class-specific boxes, the same columns.
         settings: `nms_threshold`, `score_threshold`, `min_regions`, `max_regions`.
     """
-    from torchvision.ops import batched_nms
-
-    num_proposals, num_classes = foreground.shape
-    confidence = torch.zeros(num_proposals, device=foreground.device)
-    # Pairs far below any useful threshold cannot survive; dropping them keeps NMS small.
-    floor = min(float(settings["score_threshold"]), 0.05)
-    candidate = (foreground >= floor).nonzero()
-    if len(candidate):
-        proposal_index, class_index = candidate[:, 0], candidate[:, 1]
-        scores = foreground[proposal_index, class_index]
-        keep = batched_nms(
-            class_boxes[proposal_index, class_index], scores, class_index, float(settings["nms_threshold"])
-        )
-        confidence.scatter_reduce_(0, proposal_index[keep], scores[keep], reduce="amax")
+    num_proposals = foreground.shape[0]
+    threshold, nms_threshold = float(settings["score_threshold"]), float(settings["nms_threshold"])
+    # NMS over (proposal, class) pairs at or above a floor only: a pair is suppressed only by pairs of its class
+    # scoring higher, so every confidence at or above the floor is exact, and the floor keeps NMS small.
+    floor = min(threshold, 0.05)
+    confidence = _surviving_confidence(foreground, class_boxes, nms_threshold, foreground >= floor)
+    passing = int((confidence >= threshold).sum())
+    count = min(max(passing, int(settings["min_regions"])), int(settings["max_regions"]), num_proposals)
+    if floor > 0 and int((confidence >= floor).sum()) < count:
+        # Slots left for proposals under the floor: they are ranked by their own confidence, which needs every pair.
+        confidence = _surviving_confidence(foreground, class_boxes, nms_threshold, foreground > 0)
     best = foreground.max(dim=1).values
     order = np.lexsort((-best.cpu().numpy(), -confidence.cpu().numpy()))
-    passing = int((confidence >= float(settings["score_threshold"])).sum())
-    count = min(max(passing, int(settings["min_regions"])), int(settings["max_regions"]), num_proposals)
     return torch.from_numpy(order[:count].copy()).to(foreground.device)
 
 
