@@ -215,14 +215,16 @@ def _extract_shard(
     features = _features(feature_size, num_classes, store_class_probs, storage_dtype)
     columns: dict[str, list[Any]] = {name: [] for name in features}
     failures = []
-    for start in range(0, len(units), batch_size):
+    stream = extractor.extract_stream(
+        [unit["image"] for unit in units],
+        boxes=[unit["boxes"] for unit in units],
+        image_ids=[unit["image_id"] for unit in units],
+        on_error="record",
+        return_class_probs=store_class_probs,
+        batch_size=batch_size,
+    )
+    for start, records in zip(range(0, len(units), batch_size), stream):
         batch = units[start : start + batch_size]
-        images = [unit["image"] for unit in batch]
-        boxes = [unit["boxes"] for unit in batch]
-        ids = [unit["image_id"] for unit in batch]
-        records = extractor.extract(
-            images, boxes=boxes, image_ids=ids, on_error="record", return_class_probs=store_class_probs
-        )
         for unit, record in zip(batch, records):
             columns["cache_key"].append(unit["cache_key"])
             columns["image_id"].append(unit["image_id"])
