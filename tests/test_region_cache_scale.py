@@ -62,12 +62,6 @@ class GeneratedExtractor:
             )
         return records
 
-    def extract_stream(self, images, boxes=None, image_ids=None, on_error="record", return_class_probs=False, **kw):
-        size = kw.get("batch_size") or self.batch_size
-        for start in range(0, len(images), size):
-            end = start + size
-            yield self.extract(images[start:end], boxes[start:end], image_ids[start:end], on_error, return_class_probs)
-
 
 def image_table(num_images: int, repeat_first: bool = True):
     import datasets

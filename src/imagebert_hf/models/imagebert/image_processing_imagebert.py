@@ -756,6 +756,25 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
         return self.preprocess(images, boxes=boxes, return_tensors=return_tensors, **kwargs)
 
 
+def extract_in_batches(extractor, images: Sequence[Any], batch_size: int, **kwargs) -> Iterator[list[dict[str, Any]]]:
+    """Region records of `images`, `batch_size` at a time: `extractor.extract_stream` (decoding ahead in worker
+    processes) when the extractor has it, else `extractor.extract` batch by batch (any object with the
+    `extract(images, boxes=..., image_ids=..., **kwargs)` of `ImageBERTRoIExtractor`). `boxes` and `image_ids`
+    in `kwargs` are lists parallel to `images`."""
+    if hasattr(extractor, "extract_stream"):
+        yield from extractor.extract_stream(images, batch_size=batch_size, **kwargs)
+        return
+    boxes, image_ids = kwargs.pop("boxes", None), kwargs.pop("image_ids", None)
+    for start in range(0, len(images), batch_size):
+        end = start + batch_size
+        yield extractor.extract(
+            images[start:end],
+            boxes=None if boxes is None else boxes[start:end],
+            image_ids=None if image_ids is None else image_ids[start:end],
+            **kwargs,
+        )
+
+
 def _prepare_boxes(loaded: LoadedImage, boxes, box_format: str, max_regions: int) -> np.ndarray | None:
     if boxes is None:
         return None
@@ -873,4 +892,4 @@ def _find_weights_file(path: str | os.PathLike, kwargs: dict[str, Any]) -> str |
     return resolved
 
 
-__all__ = ["ImageBERTRoIExtractor", "check_region_sizes", "WEIGHTS_NAME"]
+__all__ = ["ImageBERTRoIExtractor", "check_region_sizes", "extract_in_batches", "WEIGHTS_NAME"]
