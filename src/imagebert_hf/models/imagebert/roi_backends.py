@@ -385,8 +385,13 @@ class BackboneBackend(RegionBackend):
         try:
             folded, count = fold_batch_norms(self.model, example, forward=lambda m, x: self._forward_maps(m, x))
             folded = folded.to(memory_format=torch.channels_last)
-            expected = self._forward_maps(self.model, example)
-            got = self._forward_maps(folded, example.contiguous(memory_format=torch.channels_last))
+            # Compared in full float32: TF32 convolutions (cuDNN's default) would differ by more than folding does.
+            allow_tf32, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False
+            try:
+                expected = self._forward_maps(self.model, example)
+                got = self._forward_maps(folded, example.contiguous(memory_format=torch.channels_last))
+            finally:
+                torch.backends.cudnn.allow_tf32 = allow_tf32
             error = max(float((a.float() - b.float()).abs().max()) for a, b in zip(expected, got))
         except Exception as failure:  # an unusual network: the plain model still works
             logger.warning("%s: batch norm folding failed (%s); running the model unfused.", self.name, failure)
