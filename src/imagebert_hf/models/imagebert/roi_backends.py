@@ -198,8 +198,8 @@ def fold_batch_norms(model: torch.nn.Module, example: torch.Tensor, forward=None
     timm's `BatchNormAct2d`, whose dropout and activation are kept) whose input is exactly the output of a `Conv2d`,
     read by no other module, becomes `conv(x) * s + t` in the convolution's own weights and bias. A use of that
     output outside modules (functional code) is not seen here: compare the copy's outputs with the model's, as
-    `BackboneBackend` does, before trusting it. The original model is not changed, so its
-    parameter names, its training behaviour and its `state_dict` stay as they are.
+    `BackboneBackend` does, before trusting it. The original model is not changed, so its parameter names, its
+    training behaviour and its `state_dict` stay as they are.
 
     Returns:
         The folded copy (in eval mode) and the number of folded pairs.
@@ -253,12 +253,9 @@ def fold_batch_norms(model: torch.nn.Module, example: torch.Tensor, forward=None
         if convs.count(conv) != 1 or consumers[output] != 1:
             continue  # a convolution run twice, or an output another module also reads (or changes): not foldable
         with torch.no_grad():
-            scale = norm.weight / torch.sqrt(norm.running_var + norm.eps) if norm.affine else None
-            if scale is None:
-                scale = 1.0 / torch.sqrt(norm.running_var + norm.eps)
-                shift = -norm.running_mean * scale
-            else:
-                shift = norm.bias - norm.running_mean * scale
+            inverse_std = 1.0 / torch.sqrt(norm.running_var + norm.eps)
+            scale = norm.weight * inverse_std if norm.affine else inverse_std
+            shift = (norm.bias if norm.affine else 0.0) - norm.running_mean * scale
             bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.running_mean)
             weight = conv.weight * scale.reshape(-1, *([1] * (conv.weight.ndim - 1)))
             conv.weight = nn.Parameter(weight.to(conv.weight.dtype), requires_grad=False)
@@ -364,7 +361,9 @@ class BackboneBackend(RegionBackend):
     def inference_model(self) -> torch.nn.Module:
         """The network `extract` runs: with `fuse` (default), an eval-only copy with batch norms folded into their
         convolutions, in channels-last memory format, checked once against `model` (within 1e-4, else `model`
-        itself is used and a warning says why). `model` keeps its parameter names and training behaviour."""
+        itself is used and a warning says why). `model` keeps its parameter names and training behaviour. The copy
+        is made on first use: after changing `model`'s weights other than through `load_state_dict`, set
+        `backend.fuse = False` or rebuild the backend."""
         if not self.fuse:
             return self.model
         if self._inference_model is None:
