@@ -73,7 +73,7 @@ else
   step "MFU of a bf16 pretraining step" 115 "README: 'the MFU of a bf16 pretraining step (gpu_mfu.py)'" \
     "$PYTHON" benchmarks/gpu_mfu.py --batch_size 256 --steps 10 --backends sdpa
   step "extraction images/s at batch 64" 75 "docs/regions.md Costs table (GPU rows); README bench_extraction row" \
-    "$PYTHON" benchmarks/bench_extraction.py --device cuda --batch_size 64 --images 256 --rounds 2 --workers 4
+    "$PYTHON" benchmarks/bench_extraction.py --device cuda --batch_size 64 --images 256 --rounds 2 --workers 8
   step "loader feeding" 60 "README bench_loader row: samples/s per core against the H200 step rate" \
     "$PYTHON" benchmarks/bench_loader.py --num_images 500 --num_samples 960
   if [[ "$GPUS" -gt 1 ]]; then
