@@ -710,6 +710,9 @@ __all__ = [
     "DetectorBackend",
     "PrecomputedBackend",
     "RegionBackend",
+    "fold_batch_norms",
     "load_state_dict_file",
+    "resized_pixels",
+    "roi_align_mean",
     "select_detections",
 ]
