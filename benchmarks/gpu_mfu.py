@@ -11,7 +11,8 @@ matrix product of the encoder, the region projection, the pooler and the heads, 
 of a product costs twice its forward; the region projection has no input gradient). Two figures: over the padded
 batch (the work the kernels are given) and over the real tokens only (what a perfectly unpadded kernel would do).
 
-    python benchmarks/gpu_mfu.py [--batch_size 256] [--steps 20] [--peak_tflops N]
+    python benchmarks/gpu_mfu.py [--batch_size 256] [--steps 20] [--peak_tflops N] [--backends sdpa]
+    python benchmarks/gpu_mfu.py --device cpu --dry_run   # a tiny model, one step: checks the script runs
 """
 
 from __future__ import annotations
@@ -109,13 +110,14 @@ def measure(backend: str, compiled: bool, args, batches, config) -> dict:
     from imagebert_hf import ImageBERTForPreTraining
 
     torch.manual_seed(0)
-    model = ImageBERTForPreTraining(config).cuda().train()
+    device = torch.device(args.device)
+    model = ImageBERTForPreTraining(config).to(device).train()
     model.set_attn_implementation(backend)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     forward = torch.compile(model) if compiled else model
 
     def step(batch):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = forward(**batch).loss
         loss.backward()
         optimizer.step()
@@ -124,14 +126,15 @@ def measure(backend: str, compiled: bool, args, batches, config) -> dict:
     start = time.perf_counter()
     for batch in batches:  # warm-up over every shape: compiles (and recompiles once for dynamic sizes)
         step(batch)
-    torch.cuda.synchronize()
+    synchronize(device)
     warmup_s = time.perf_counter() - start
-    torch.cuda.reset_peak_memory_stats()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     timed = [batches[i % len(batches)] for i in range(args.steps)]
     start = time.perf_counter()
     for batch in timed:
         step(batch)
-    torch.cuda.synchronize()
+    synchronize(device)
     seconds = time.perf_counter() - start
     padded = sum(step_flops(config, b, padded=True) for b in timed) / seconds
     real = sum(step_flops(config, b, padded=False) for b in timed) / seconds
@@ -143,8 +146,13 @@ def measure(backend: str, compiled: bool, args, batches, config) -> dict:
         "model_tflops_padded": padded / 1e12,
         "model_tflops_real_tokens": real / 1e12,
         "warmup_s": warmup_s,
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan"),
     }
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -154,23 +162,42 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
     parser.add_argument("--peak_tflops", type=float, default=None, help="dense bf16 peak, if the chip is not known")
     parser.add_argument("--no_compile", action="store_true", help="time eager only")
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        default=None,
+        help="attention backends to time (default: eager, sdpa, and flash when installed)",
+    )
+    parser.add_argument("--device", default="cuda", help="torch device; the MFU needs a GPU, cpu only with --dry_run")
+    parser.add_argument(
+        "--dry_run", action="store_true", help="a tiny model, batch 4, one step, eager: checks the script"
+    )
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("gpu_mfu.py needs a CUDA device.")
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("gpu_mfu.py: --device cuda but no CUDA device is available (use --device cpu --dry_run).")
+    if torch.device(args.device).type != "cuda" and not args.dry_run:
+        raise SystemExit(f"gpu_mfu.py measures a GPU; got --device {args.device} without --dry_run.")
+    if args.dry_run:
+        args.batch_size, args.num_batches, args.steps, args.no_compile = 4, 2, 1, True
 
     from imagebert_hf import ImageBERTConfig
     from imagebert_hf.data.collator import DataCollatorForImageBERTPretraining
 
-    name = torch.cuda.get_device_name()
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
     peak = args.peak_tflops * 1e12 if args.peak_tflops else chip_peak(name)
     print(
         f"device: {name}; dense bf16 peak: {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s; torch {torch.__version__}"
     )
-    config = ImageBERTConfig(sparse_prediction=True)
+    size = (
+        {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+        if args.dry_run
+        else {}
+    )
+    config = ImageBERTConfig(sparse_prediction=True, **size)
     collator = DataCollatorForImageBERTPretraining(_Tokenizer(), seed=0)
     features = realistic_features(args.batch_size * args.num_batches, config, np.random.default_rng(0))
     batches = [
-        {key: value.cuda() for key, value in collator(features[i : i + args.batch_size]).items()}
+        {key: value.to(args.device) for key, value in collator(features[i : i + args.batch_size]).items()}
         for i in range(0, len(features), args.batch_size)
     ]
     mean_length = np.mean([b["input_ids"].shape[1] + b["region_features"].shape[1] for b in batches])
@@ -179,6 +206,7 @@ def main() -> None:
     backends = ["eager", "sdpa"]
     if importlib.util.find_spec("flash_attn") is not None:
         backends.append("flash_attention_2")
+    backends = args.backends or backends
     rows = []
     for backend in backends:
         for compiled in (False,) if args.no_compile else (False, True):
@@ -192,7 +220,8 @@ def main() -> None:
                 row["mfu_real_tokens"] = row["model_tflops_real_tokens"] * 1e12 / peak
             rows.append(row)
             print(json.dumps(row), flush=True)
-            torch.cuda.empty_cache()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     print("\n| backend | compile | samples/s | model TFLOP/s (padded) | MFU (padded) | MFU (real tokens) |")
     print("|---|---|---|---|---|---|")
     for row in rows:

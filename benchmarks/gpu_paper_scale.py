@@ -8,10 +8,12 @@
   offline EfficientNet-Lite0 backbone with RoIAlign over 100 boxes at 384 x 384.
 
     python benchmarks/gpu_paper_scale.py
+    python benchmarks/gpu_paper_scale.py --device cpu --dry_run   # tiny sizes, one step each: checks the script
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 
@@ -32,7 +34,7 @@ def timed(fn, warmup: int, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def pretraining(device: str, batch_size: int, dtype: torch.dtype | None, repeats: int) -> dict:
+def pretraining(device: str, batch_size: int, dtype: torch.dtype | None, repeats: int, tiny: bool = False) -> dict:
     from imagebert_hf import ImageBERTConfig, ImageBERTForPreTraining
     from imagebert_hf.data.collator import DataCollatorForImageBERTPretraining
 
@@ -43,7 +45,8 @@ def pretraining(device: str, batch_size: int, dtype: torch.dtype | None, repeats
         def __len__(self):
             return 30522
 
-    config = ImageBERTConfig()
+    size = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+    config = ImageBERTConfig(**(size if tiny else {}))
     model = ImageBERTForPreTraining(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
     rng = np.random.default_rng(0)
@@ -75,7 +78,7 @@ def pretraining(device: str, batch_size: int, dtype: torch.dtype | None, repeats
         optimizer.zero_grad(set_to_none=True)
 
     torch.cuda.reset_peak_memory_stats() if device == "cuda" else None
-    seconds = timed(step, warmup=10, repeats=repeats)
+    seconds = timed(step, warmup=1 if tiny else 10, repeats=repeats)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
     torch.cuda.empty_cache() if device == "cuda" else None
     return {
@@ -86,7 +89,7 @@ def pretraining(device: str, batch_size: int, dtype: torch.dtype | None, repeats
     }
 
 
-def extraction(device: str, repeats: int) -> list[dict]:
+def extraction(device: str, repeats: int, tiny: bool = False) -> list[dict]:
     import timm
     import torchvision
     from torchvision.ops import roi_align
@@ -99,15 +102,17 @@ def extraction(device: str, repeats: int) -> list[dict]:
         .to(device)
         .eval()
     )
-    images = [torch.rand(3, 600, 800, device=device) for _ in range(8)]
+    images = [torch.rand(3, 600, 800, device=device) for _ in range(1 if tiny else 8)]
     with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-        seconds = timed(lambda: detector(images), warmup=2, repeats=repeats)
-    results.append({"extractor": "Faster R-CNN R50-FPN 600x800, batch 8", "images_per_s": 8 / seconds})
+        seconds = timed(lambda: detector(images), warmup=0 if tiny else 2, repeats=repeats)
+    name = f"Faster R-CNN R50-FPN 600x800, batch {len(images)}"
+    results.append({"extractor": name, "images_per_s": len(images) / seconds})
 
     backbone = timm.create_model("tf_efficientnet_lite0", pretrained=False, features_only=True, out_indices=(4,))
     backbone = backbone.to(device).eval()
-    batch = torch.rand(32, 3, 384, 384, device=device)
-    boxes = [torch.rand(100, 4, device=device).sort(dim=1).values * 384 for _ in range(32)]
+    count = 2 if tiny else 32
+    batch = torch.rand(count, 3, 384, 384, device=device)
+    boxes = [torch.rand(100, 4, device=device).sort(dim=1).values * 384 for _ in range(count)]
     boxes = [
         torch.stack([b[:, 0], b[:, 1], b[:, 2].clamp(min=b[:, 0] + 8), b[:, 3].clamp(min=b[:, 1] + 8)], 1)
         for b in boxes
@@ -118,27 +123,38 @@ def extraction(device: str, repeats: int) -> list[dict]:
         return roi_align(feature_map, boxes, output_size=7, spatial_scale=1 / 32, aligned=True).mean((2, 3))
 
     with torch.inference_mode():
-        seconds = timed(lite0, warmup=2, repeats=repeats)
+        seconds = timed(lite0, warmup=0 if tiny else 2, repeats=repeats)
     results.append(
-        {"extractor": "EfficientNet-Lite0 + RoIAlign, 100 boxes, 384x384, batch 32", "images_per_s": 32 / seconds}
+        {
+            "extractor": f"EfficientNet-Lite0 + RoIAlign, 100 boxes, 384x384, batch {count}",
+            "images_per_s": count / seconds,
+        }
     )
     return results
 
 
 def main() -> None:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument(
+        "--dry_run", action="store_true", help="a tiny model, batch 2, one step each: checks the script"
+    )
+    args = parser.parse_args()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("gpu_paper_scale.py: --device cuda but no CUDA device is available.")
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    repeats = 30 if device == "cuda" else 2
+    repeats = 1 if args.dry_run else 30 if device == "cuda" else 2
     rows = []
-    for batch_size in (12, 48):
+    for batch_size in (2,) if args.dry_run else (12, 48):
         for dtype in (None, torch.bfloat16):
             try:
-                rows.append(pretraining(device, batch_size, dtype, repeats))
+                rows.append(pretraining(device, batch_size, dtype, repeats, tiny=args.dry_run))
             except Exception as error:  # noqa: BLE001 - report and go on to the other measurements
                 print(f"pretraining batch {batch_size} {dtype} failed: {error!r}", flush=True)
                 continue
             print(json.dumps(rows[-1]), flush=True)
-    extract = extraction(device, repeats=5 if device == "cuda" else 1)
+    extract = extraction(device, repeats=5 if device == "cuda" and not args.dry_run else 1, tiny=args.dry_run)
     print(f"\ndevice: {name}")
     print("| ImageBERT-base pretraining step | samples/s | peak GPU memory (GiB) |\n|---|---|---|")
     for row in rows:

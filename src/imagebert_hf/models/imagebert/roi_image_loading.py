@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import multiprocessing
 import os
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,18 +66,22 @@ class LoadedImage:
     """An RGB image ready for a backbone, and the frame its boxes refer to.
 
     Attributes:
-        image (`PIL.Image.Image`): RGB pixels, possibly downscaled from the original to bound memory.
+        image (`PIL.Image.Image`): RGB pixels, possibly downscaled from the original to bound memory; None once
+            `pixels` holds what the backend reads.
         width (`int`): Width of the original image (after EXIF orientation), the frame of all boxes.
         height (`int`): Height of the original image.
         image_id (`str`): sha1 of the file bytes, or of the pixels for in-memory images.
         source (`str`): A printable name of the input (its path, or its type).
+        pixels (`torch.Tensor`, *optional*): The backend's input made ahead of time (for the backbone: the
+            resized (H, W, 3) uint8 pixels), when a worker process prepared it; backends recompute it otherwise.
     """
 
-    image: Image.Image
+    image: Image.Image | None
     width: int
     height: int
     image_id: str
     source: str
+    pixels: Any = None
 
 
 def sha1_hex(data: bytes | memoryview) -> str:
@@ -337,6 +343,79 @@ def image_content_hash(image: Any, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES)
     return load_image(image).image_id
 
 
+class _LoadingDataset:
+    """`load(items[i])` by index: the map-style dataset a `torch.utils.data.DataLoader` reads."""
+
+    def __init__(self, items: Sequence[Any], load: Callable[[Any], Any]):
+        self.items = items
+        self.load = load
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.load(self.items[index])
+
+
+def collate_loaded(batch: list[Any]) -> list[Any]:
+    """The collate of `iter_loaded_batches`: the batch as the list of what `load` gave, in order.
+
+    torch's default collate would stack or convert the fields (numpy boxes into tensors, images of different sizes
+    would not stack); the backends group and stack pixels themselves."""
+    return list(batch)
+
+
+def default_decode_workers() -> int:
+    """Worker processes for decoding by default: none inside a daemonic process (a multiprocessing pool's worker
+    may not start children), else a quarter of the CPU cores, at most 4."""
+    if multiprocessing.current_process().daemon:
+        return 0
+    return min(4, (os.cpu_count() or 1) // 4)
+
+
+def iter_loaded_batches(
+    items: Sequence[Any],
+    load: Callable[[Any], Any],
+    batch_size: int,
+    num_workers: int = 0,
+    prefetch_factor: int = 2,
+) -> Iterator[list[Any]]:
+    """Yields `[load(item) for item in batch]` for consecutive batches of `items`, in order.
+
+    With `num_workers > 0` the batches are made by a `torch.utils.data.DataLoader` in that many worker processes,
+    up to `prefetch_factor` batches per worker ahead of the caller, so that decoding overlaps the caller's compute.
+    `load` then runs in the workers: it must be picklable where processes are spawned (a module-level function or
+    a `functools.partial` of one), and should return its errors rather than raise them (a worker's exception
+    reaches the caller as a `RuntimeError` that loses the error's type).
+
+    Args:
+        items: The inputs, one per image.
+        load: Turns one input into what the caller consumes (e.g. a `LoadedImage` and its boxes).
+        batch_size: Items per yielded list (the last may be shorter).
+        num_workers: Worker processes; 0 loads in this process, one batch at a time.
+        prefetch_factor: Batches each worker prepares ahead.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    if not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}.")
+    if num_workers == 0 or len(items) <= batch_size:
+        for start in range(0, len(items), batch_size):
+            yield [load(item) for item in items[start : start + batch_size]]
+        return
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(
+        _LoadingDataset(items, load),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=min(num_workers, -(-len(items) // batch_size)),
+        collate_fn=collate_loaded,
+        prefetch_factor=prefetch_factor,
+    )
+    yield from loader
+
+
 __all__ = [
     "DEFAULT_MAX_ASPECT_RATIO",
     "DEFAULT_MAX_DECODE_SIDE",
@@ -346,7 +425,10 @@ __all__ = [
     "ImageLoadError",
     "LoadedImage",
     "RegionExtractionError",
+    "collate_loaded",
+    "default_decode_workers",
     "describe_source",
     "image_content_hash",
+    "iter_loaded_batches",
     "load_image",
 ]
