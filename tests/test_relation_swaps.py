@@ -330,6 +330,32 @@ def test_script_end_to_end(tmp_path, tiny_model, tokenizer, make_tiny_config, ca
     assert set(summary["results"]["object_swap"]) == {"chance", "cross_encoder"}
 
 
+def test_script_on_a_manifest_with_a_region_cache(tmp_path, tokenizer, make_tiny_config, make_tiny_extractor):
+    """The real-photo path end to end, on generated images written as a manifest with boxes and labels."""
+    from imagebert_hf.data.synthetic import write_synthetic_manifest
+    from imagebert_hf.regions import extract_regions
+
+    main = runpy.run_path(str(SCRIPT))["main"]
+    manifest = write_synthetic_manifest(tmp_path / "data", 8, seed=1)
+    extractor = make_tiny_extractor()
+    extract_regions(manifest, tmp_path / "regions", extractor, progress=False)
+    config = make_tiny_config(
+        vocab_size=len(tokenizer), region_feature_size=extractor.region_feature_size, max_text_length=24
+    )
+    torch.manual_seed(0)
+    ImageBERTForImageTextRetrieval(config).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    probes, kept = manifest_swap_probes(read_manifest(manifest), min_area_fraction=0.01)
+    summary = main([
+        "--model_name_or_path", str(tmp_path / "model"), "--probe", "manifest", "--manifest", str(manifest),
+        "--region_cache", str(tmp_path / "regions"),
+    ])  # fmt: skip
+    assert summary["images"] == len(kept) >= 2
+    assert summary["results"]["object_swap"]["cross_encoder"]["n"] == len(kept)
+    assert summary["results"]["object_swap"]["dual_encoder"]["n"] == len(kept)
+    assert summary["examples"][0]["true"] == probes[0].true_caption
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
