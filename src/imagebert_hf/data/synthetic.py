@@ -297,6 +297,56 @@ def synthetic_region_record(example: dict[str, Any], feature_size: int, seed: in
     }
 
 
+def relation_caption(first: str, relation: str, second: str) -> str:
+    """Two object names joined by a relation, each with its article: `relation_caption("red circle", "to the left
+    of", "orange square")` is `"a red circle to the left of an orange square"`."""
+    return f"{_article(first)} {first} {relation} {_article(second)} {second}"
+
+
+def synthetic_relation(example: dict[str, Any]) -> tuple[int, str, int] | None:
+    """The spatial relation of an example's two objects, read from their boxes: `(first, relation, second)`, the
+    object indices in caption order, `relation` being `"to the left of"` when the boxes do not overlap horizontally
+    and `"above"` when they overlap horizontally but not vertically. None when the example does not hold exactly
+    two objects or their boxes overlap both ways (no clear relation)."""
+    objects = example["objects"]
+    if len(objects) != 2:
+        return None
+    (ax, ay, aw, ah), (bx, by, bw, bh) = (obj["bbox_xywh"] for obj in objects)
+    if ax + aw <= bx:
+        return 0, "to the left of", 1
+    if bx + bw <= ax:
+        return 1, "to the left of", 0
+    if ay + ah <= by:
+        return 0, "above", 1
+    if by + bh <= ay:
+        return 1, "above", 0
+    return None
+
+
+def synthetic_swap_captions(example: dict[str, Any]) -> dict[str, str] | None:
+    """A true relation caption of a synthetic example and its two false twins, built from the annotations.
+
+    For a red circle left of a blue square: `"true"` is "a red circle to the left of a blue square",
+    `"object_swap"` (the two objects exchanged) "a blue square to the left of a red circle", and `"attribute_swap"`
+    (the colours exchanged between the shapes) "a blue circle to the left of a red square". A twin that would
+    read like the true caption (two objects with the same label, or the same colour) is left out.
+
+    Returns:
+        The captions by name, or None when the example has no clear relation (see `synthetic_relation`).
+    """
+    relation = synthetic_relation(example)
+    if relation is None:
+        return None
+    first, words, second = relation
+    (color_a, shape_a), (color_b, shape_b) = (example["objects"][i]["label"].split() for i in (first, second))
+    captions = {"true": relation_caption(f"{color_a} {shape_a}", words, f"{color_b} {shape_b}")}
+    if (color_a, shape_a) != (color_b, shape_b):
+        captions["object_swap"] = relation_caption(f"{color_b} {shape_b}", words, f"{color_a} {shape_a}")
+    if color_a != color_b:
+        captions["attribute_swap"] = relation_caption(f"{color_b} {shape_a}", words, f"{color_a} {shape_b}")
+    return captions
+
+
 def chance_recall(num_candidates: int, k: int, num_relevant: int = 1) -> float:
     """Probability that a random ranking of `num_candidates` puts one of `num_relevant` items in the top `k`."""
     if k >= num_candidates:
@@ -315,7 +365,10 @@ __all__ = [
     "make_synthetic_dataset",
     "make_synthetic_examples",
     "make_synthetic_tokenizer",
+    "relation_caption",
     "synthetic_region_record",
+    "synthetic_relation",
+    "synthetic_swap_captions",
     "synthetic_vocabulary",
     "write_synthetic_manifest",
 ]

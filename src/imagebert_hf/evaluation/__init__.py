@@ -6,6 +6,14 @@ shortlisting (faiss) and plotting (matplotlib) load on first use.
 """
 
 from .recall import DEFAULT_KS, format_metrics_table, recall_at_k, retrieval_metrics, retrieval_ranks
+from .relation_swaps import relation_swap_accuracy
 
 
-__all__ = ["DEFAULT_KS", "format_metrics_table", "recall_at_k", "retrieval_metrics", "retrieval_ranks"]
+__all__ = [
+    "DEFAULT_KS",
+    "format_metrics_table",
+    "recall_at_k",
+    "relation_swap_accuracy",
+    "retrieval_metrics",
+    "retrieval_ranks",
+]
