@@ -3,15 +3,21 @@ shards and key tables, a read dtype that is not a float, a gallery given a strin
 argument; a swapped file never returns another image's regions."""
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from imagebert_hf.regions.feature_cache import RegionCacheError, load_region_cache, verify_region_cache
+from imagebert_hf.regions.cache_layout import RegionCacheError
+from imagebert_hf.regions.cache_reader import load_region_cache, verify_region_cache
+from imagebert_hf.regions.cli import main
 
 from .test_region_cache_scale import build
+from .testing_utils import PROJECT_ROOT
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +59,7 @@ def test_a_setting_out_of_range_is_named_before_anything_is_written(tmp_path, na
 
 
 def test_a_missing_manifest_is_named(tmp_path):
-    from imagebert_hf.regions.feature_cache import extract_regions
+    from imagebert_hf.regions.cache_writer import extract_regions
 
     with pytest.raises(FileNotFoundError, match=r"source .*nope.jsonl does not exist"):
         extract_regions(tmp_path / "nope.jsonl", tmp_path / "out", progress=False)
@@ -149,6 +155,31 @@ def test_a_changed_byte_is_found_by_verify_not_by_every_open(cache_copy):
         verify_region_cache(cache_copy)
     with pytest.raises(RegionCacheError, match="sha256 differs"):
         load_region_cache(cache_copy).verify()
+
+
+def test_the_verify_flag_exits_0_on_an_intact_cache_and_1_naming_a_damaged_shard_file(cache_copy, capsys):
+    assert main(["--output_dir", str(cache_copy), "--verify"]) == 0
+    assert f"{cache_copy}: intact (4 files match their recorded checksums)" in capsys.readouterr().out
+    arrow = next((cache_copy / "shards" / "shard-00002").glob("data-*.arrow"))
+    data = bytearray(arrow.read_bytes())
+    data[-100] ^= 0xFF  # same size, same keys: only the full read finds it
+    arrow.write_bytes(bytes(data))
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "imagebert_hf.regions", "--output_dir", str(cache_copy), "--verify"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert re.fullmatch(
+        rf"imagebert-extract-regions: error: region cache file {re.escape(str(arrow))} is damaged "
+        r"\(ValueError: its sha256 differs from the one recorded when written\)\. .*",
+        lines[0],
+    ), lines[0]
+
+
+def test_the_verify_flag_is_refused_with_a_source_to_extract(cache_copy):
+    with pytest.raises(SystemExit, match=r"--verify checks the cache in --output_dir; give it without --manifest"):
+        main(["--output_dir", str(cache_copy), "--verify", "--manifest", "captions.jsonl"])
 
 
 def test_an_edited_key_table_is_refused_when_the_lookup_is_rebuilt(cache_copy):

@@ -73,7 +73,8 @@ def folder_bytes(folder) -> dict[str, bytes]:
 
 
 def test_region_cache_extraction_killed_mid_shard_resumes_to_the_same_cache(tmp_path):
-    from imagebert_hf.regions.feature_cache import RegionCacheError, load_region_cache, verify_region_cache
+    from imagebert_hf.regions.cache_layout import RegionCacheError
+    from imagebert_hf.regions.cache_reader import load_region_cache, verify_region_cache
 
     from .test_region_cache_scale import assert_same_records, build, records_of
 
@@ -85,14 +86,14 @@ def test_region_cache_extraction_killed_mid_shard_resumes_to_the_same_cache(tmp_
 
     kill_during(
         f"""
-        import imagebert_hf.regions.feature_cache as feature_cache
+        import imagebert_hf.regions.cache_writer as cache_writer
         from tests.test_region_cache_scale import build
-        publish = feature_cache.publish_folder
+        publish = cache_writer.publish_folder
         def publish_then_pause(tmp, final, replace=True):
             if "shard-00001" in str(final):
                 pause()
             return publish(tmp, final, replace)
-        feature_cache.publish_folder = publish_then_pause
+        cache_writer.publish_folder = publish_then_pause
         build({str(cache)!r})
         """,
         tmp_path,

@@ -21,7 +21,7 @@ from imagebert_hf.models.imagebert.retrieval_index import (
     score_all_pairs,
     score_pairs,
 )
-from imagebert_hf.regions.feature_cache import load_region_cache
+from imagebert_hf.regions.cache_reader import load_region_cache
 
 from .test_region_cache_scale import FEATURES, build
 

@@ -11,13 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imagebert_hf.regions.feature_cache import (
-    RegionCacheError,
-    extract_regions,
-    load_region_cache,
-    merge_region_caches,
-    shards_of,
-)
+from imagebert_hf.regions.cache_layout import RegionCacheError
+from imagebert_hf.regions.cache_reader import load_region_cache
+from imagebert_hf.regions.cache_writer import extract_regions, merge_region_caches, shards_of
 
 from .testing_utils import PROJECT_ROOT
 

@@ -4,7 +4,8 @@ The extractor itself (`ImageBERTRoIExtractor`, its backends and the precomputed 
 `imagebert_hf.models.imagebert`, because saved processors carry it as remote code.
 """
 
-from .feature_cache import extract_regions, load_region_cache, load_region_dataset
+from .cache_reader import load_region_cache, load_region_dataset
+from .cache_writer import extract_regions
 
 
 __all__ = ["extract_regions", "load_region_cache", "load_region_dataset"]

@@ -1,0 +1,115 @@
+"""The region cache's folder layout, shared by its writer and its reader.
+
+Layout of a cache folder:
+
+```
+cache/
+  cache_info.json      # extractor settings, sizes, plan fingerprint, counts; "complete": true when done
+  index.jsonl          # one line per source item: {"key": ..., "cache_key": ..., "shard": ...}
+  extractor/           # the extractor that made the regions (save_pretrained, weights included)
+  shards/shard-00000/  # a datasets.Dataset (save_to_disk) of region records, one row per distinct image
+  lookup.arrow         # key -> row table sorted by key hash (built when the cache completes)
+  report.json          # counts and every failure with its reason
+```
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+CACHE_INFO_NAME = "cache_info.json"
+INDEX_NAME = "index.jsonl"
+REPORT_NAME = "report.json"
+EXTRACTOR_DIR = "extractor"
+SHARDS_DIR = "shards"
+SHARD_REPORT_NAME = "shard_report.json"
+CACHE_FORMAT_VERSION = 1
+
+STORAGE_DTYPES = ("float16", "float32")
+
+
+def _shard_dir(output_dir: Path, shard: int) -> Path:
+    return output_dir / SHARDS_DIR / f"shard-{shard:05d}"
+
+
+class RegionCacheError(ValueError):
+    """A region cache folder that cannot be read: missing, incomplete or damaged (the message says how to fix it)."""
+
+
+def _read_info(path: Path) -> dict[str, Any]:
+    info_path = path / CACHE_INFO_NAME
+    if not info_path.is_file():
+        raise RegionCacheError(
+            f"{path} is not a region cache (no {CACHE_INFO_NAME}); build it with imagebert-extract-regions."
+        )
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RegionCacheError(
+            f"{info_path} is damaged ({error}); delete the cache folder {path} and rerun imagebert-extract-regions."
+        ) from error
+    problem = _info_problem(info)
+    if problem:
+        raise RegionCacheError(
+            f"{info_path} is damaged ({problem}); delete the cache folder {path} and rerun imagebert-extract-regions."
+        )
+    return info
+
+
+_INFO_FIELDS = {"fingerprint": str, "num_shards": int, "region_feature_size": int, "num_object_classes": int}
+
+
+def _info_problem(info) -> str | None:
+    """What is wrong with a parsed `cache_info.json`, or None."""
+    if not isinstance(info, dict):
+        return f"expected a JSON object, got {type(info).__name__}"
+    for name, kind in _INFO_FIELDS.items():
+        value = info.get(name)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            return f"field {name!r} should be {kind.__name__}, got {value!r}"
+    if info["num_shards"] < 0 or info["region_feature_size"] < 1 or info["num_object_classes"] < 0:
+        return (
+            f"num_shards={info['num_shards']}, region_feature_size={info['region_feature_size']}, "
+            f"num_object_classes={info['num_object_classes']} out of range"
+        )
+    if info.get("feature_dtype", "float32") not in STORAGE_DTYPES:
+        return f"feature_dtype {info.get('feature_dtype')!r} is not one of {STORAGE_DTYPES}"
+    return None
+
+
+def _shard_dirs(path: Path, info: dict[str, Any]) -> list[Path]:
+    shards = [_shard_dir(path, shard) for shard in range(info["num_shards"])]
+    missing = [s.name for s in shards if not s.is_dir()]
+    if missing:
+        raise RegionCacheError(
+            f"region cache {path} is incomplete ({len(missing)} shards missing, e.g. {missing[0]}); rerun "
+            "extract_regions with the same arguments to finish it (finished shards are kept)."
+        )
+    if not shards:
+        raise RegionCacheError(f"region cache {path} is empty.")
+    return shards
+
+
+def _damaged(file: Path, error: Exception) -> RegionCacheError:
+    shard = file.parent
+    return RegionCacheError(
+        f"region cache file {file} is damaged ({type(error).__name__}: {error}). Delete its shard folder {shard} "
+        f"and rerun extract_regions (imagebert-extract-regions) with the same arguments into {shard.parent.parent}: "
+        "only that shard is recomputed."
+    )
+
+
+__all__ = [
+    "CACHE_FORMAT_VERSION",
+    "CACHE_INFO_NAME",
+    "EXTRACTOR_DIR",
+    "INDEX_NAME",
+    "REPORT_NAME",
+    "SHARDS_DIR",
+    "SHARD_REPORT_NAME",
+    "STORAGE_DTYPES",
+    "RegionCacheError",
+]

@@ -1,0 +1,502 @@
+"""Reading a region cache: `load_region_cache` opens it for lookups by key (`RegionCache`), `verify_region_cache`
+checks every file against the checksums recorded when it was written, `load_region_dataset` gives the records as a
+`datasets.Dataset`. Consumers read regions with `load_region_cache(path)[key]`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from transformers.utils import logging
+
+from ..formats.files import atomic_writer, file_checksum
+from ..models.imagebert.region_batching import RegionRecord, as_feature_tensor
+from .cache_layout import (
+    CACHE_INFO_NAME,
+    INDEX_NAME,
+    SHARD_REPORT_NAME,
+    RegionCacheError,
+    _damaged,
+    _read_info,
+    _shard_dir,
+    _shard_dirs,
+)
+from .gallery import RegionGallery
+
+
+logger = logging.get_logger(__name__)
+
+
+def load_region_dataset(path: str | os.PathLike):
+    """The cache's region records as one `datasets.Dataset` (all shards, in order; memory-mapped)."""
+    from datasets import concatenate_datasets, load_from_disk
+
+    path = Path(path)
+    shards = _shard_dirs(path, _read_info(path))
+    return concatenate_datasets([load_from_disk(str(s)) for s in shards])
+
+
+def _open_shard_table(shard: Path):
+    """A shard's Arrow table, memory-mapped (no copy, nothing decoded)."""
+    import pyarrow as pa
+
+    files = sorted(shard.glob("data-*.arrow"))
+    if not files:
+        raise _damaged(shard / "data-00000-of-00001.arrow", FileNotFoundError("no Arrow file in the shard"))
+    tables = []
+    for file in files:
+        try:
+            with pa.memory_map(str(file)) as source:
+                tables.append(pa.ipc.open_stream(source).read_all())
+        except (OSError, pa.ArrowException) as error:
+            raise _damaged(file, error) from error
+    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+
+def _storage(chunk):
+    import pyarrow as pa
+
+    return chunk.storage if isinstance(chunk.type, pa.ExtensionType) else chunk
+
+
+class _ListColumn:
+    """Zero-copy row access to a list column (a datasets `Array2D(shape=(None, D))` or `Sequence`) of one table."""
+
+    def __init__(self, column, width: int | None):
+        self.width = width
+        self.starts, self.parts = [], []
+        start = 0
+        for chunk in column.chunks:
+            array = _storage(chunk)
+            outer = array.offsets.to_numpy()
+            if width is None:  # list<value>
+                self.parts.append((outer, None, array.values.to_numpy(zero_copy_only=True)))
+            else:  # list<list<value>>, every inner list of `width` values
+                inner = array.values.offsets.to_numpy()
+                self.parts.append((outer, inner, array.values.values.to_numpy(zero_copy_only=True)))
+            self.starts.append(start)
+            start += len(array)
+        self.starts = np.asarray(self.starts, dtype=np.int64)
+
+    def __getitem__(self, row: int) -> np.ndarray:
+        part = int(np.searchsorted(self.starts, row, side="right") - 1)
+        outer, inner, values = self.parts[part]
+        local = row - int(self.starts[part])
+        if inner is None:
+            return values[outer[local] : outer[local + 1]]
+        first, last = inner[outer[local]], inner[outer[local + 1]]
+        return values[first:last].reshape(-1, self.width)
+
+
+def _half_to_float(values: np.ndarray) -> np.ndarray:
+    """float16 -> float32 through torch's vectorised kernel: 20x numpy's `astype` on one core."""
+    import torch
+
+    return as_feature_tensor(values).to(torch.float32).numpy()
+
+
+_KIND_ITEM, _KIND_CACHE_KEY, _KIND_IMAGE_ID = 0, 1, 2
+LOOKUP_NAME = "lookup.arrow"
+
+
+def _key_hash(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def _build_lookup(path: Path, cache_keys: list[str], image_ids: list[str]):
+    """The key -> row table: every item key of `index.jsonl`, cache key and image id, sorted by a 64-bit hash.
+
+    Built once (at the end of extraction, or at the first open of a cache written before it existed) and stored as
+    `lookup.arrow`, so opening a cache later maps it rather than reading every key into Python.
+    """
+    import pyarrow as pa
+
+    index_path = path / INDEX_NAME
+    info = _read_info(path)
+    if not index_path.is_file():
+        raise RegionCacheError(f"region cache {path} has no {INDEX_NAME}; rerun extract_regions into a new folder.")
+    data = index_path.read_bytes()
+    recorded = info.get("index")
+    if recorded and (len(data) != recorded.get("size") or hashlib.sha256(data).hexdigest() != recorded.get("sha256")):
+        raise RegionCacheError(
+            f"{index_path} does not match the checksum in {CACHE_INFO_NAME} (the key table was changed or swapped); "
+            "its keys would point at other images' regions. Rebuild the cache into a new folder."
+        )
+    row_of = {cache_key: row for row, cache_key in enumerate(cache_keys)}
+    keys, rows, kinds = [], [], []
+    seen = set()
+    for number, line in enumerate(data.decode("utf-8").splitlines(), 1):
+        try:
+            entry = json.loads(line)
+            key, row = entry["key"], row_of[entry["cache_key"]]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise RegionCacheError(
+                f"{index_path}:{number} is damaged ({type(error).__name__}: {error}); rebuild the cache into a new "
+                "folder."
+            ) from error
+        if key in seen:  # the first line of a repeated key decides, as in the index
+            continue
+        seen.add(key)
+        keys.append(key), rows.append(row), kinds.append(_KIND_ITEM)
+    keys += cache_keys + image_ids
+    rows += list(range(len(cache_keys))) * 2
+    kinds += [_KIND_CACHE_KEY] * len(cache_keys) + [_KIND_IMAGE_ID] * len(image_ids)
+    hashes = np.fromiter((_key_hash(key) for key in keys), dtype=np.uint64, count=len(keys))
+    order_in_index = np.arange(len(keys), dtype=np.int64)
+    order = np.lexsort((order_in_index, np.asarray(kinds), hashes))
+    table = pa.table(
+        {
+            "hash": pa.array(hashes[order]),
+            "key": pa.array(keys).take(pa.array(order)),
+            "row": pa.array(np.asarray(rows, dtype=np.int64)[order]),
+            "kind": pa.array(np.asarray(kinds, dtype=np.int8)[order]),
+            "position": pa.array(order_in_index[order]),
+            # The cache key of each entry's row: every lookup checks the row it lands on against it.
+            "cache_key": pa.array(cache_keys).take(pa.array(np.asarray(rows, dtype=np.int64)[order])),
+        },
+        metadata={"fingerprint": info["fingerprint"], "num_rows": str(len(cache_keys))},
+    )
+    try:
+        with atomic_writer(path / LOOKUP_NAME) as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+    except OSError as error:  # a read-only cache works, with the table in memory
+        logger.warning("could not store %s in %s (%s); it is rebuilt at each open", LOOKUP_NAME, path, error)
+    return table
+
+
+def _open_lookup(path: Path, fingerprint: str, num_rows: int):
+    """The stored key table, or None (rebuilt from `index.jsonl`) when it is missing, damaged, of another cache or
+    of another number of rows."""
+    import pyarrow as pa
+
+    file = path / LOOKUP_NAME
+    if not file.is_file():
+        return None
+    try:
+        with pa.memory_map(str(file)) as source:
+            table = pa.ipc.open_file(source).read_all().combine_chunks()
+    except (OSError, pa.ArrowException) as error:
+        logger.warning("%s is damaged (%s); rebuilding it from %s", file, error, INDEX_NAME)
+        return None
+    metadata = table.schema.metadata or {}
+    stored = (metadata.get(b"fingerprint", b"").decode(), metadata.get(b"num_rows", b"").decode())
+    if stored != (fingerprint, str(num_rows)) or "cache_key" not in table.column_names:
+        logger.warning(
+            "%s is of another cache or an older version (fingerprint %s, %s rows; this cache: %s, %d rows); "
+            "rebuilding it from %s",
+            file,
+            stored[0] or "none",
+            stored[1] or "?",
+            fingerprint,
+            num_rows,
+            INDEX_NAME,
+        )
+        return None
+    return table
+
+
+READ_DTYPES = (None, "float16", "float32", "float64")
+
+
+def _shard_report(shard: Path) -> dict[str, Any] | None:
+    """A shard's `shard_report.json` (None for shards written before it existed)."""
+    file = shard / SHARD_REPORT_NAME
+    if not file.is_file():
+        return None
+    try:
+        report = json.loads(file.read_text(encoding="utf-8"))
+        if not isinstance(report, dict) or not isinstance(report.get("rows"), int):
+            raise ValueError(f"expected an object with an integer 'rows', got {str(report)[:80]}")
+    except (ValueError, UnicodeDecodeError) as error:
+        raise _damaged(file, error) from error
+    return report
+
+
+def _check_shard_files(shard: Path, number: int, report: dict[str, Any] | None) -> None:
+    """Cheap checks at every open: the shard is where it was written and its files have their recorded sizes."""
+    if not report or "files" not in report:
+        return
+    if report.get("shard") != number:
+        raise RegionCacheError(
+            f"region cache shard folder {shard} holds shard {report.get('shard')} (its {SHARD_REPORT_NAME} says so), "
+            f"not shard {number}: shard folders were renamed or swapped, and would return other images' regions. "
+            f"Delete {shard} and rerun extract_regions with the same arguments."
+        )
+    present = {file.name for file in shard.glob("data-*.arrow")}
+    if present != set(report["files"]):
+        raise _damaged(
+            shard / SHARD_REPORT_NAME, ValueError(f"files {sorted(present)}, {sorted(report['files'])} recorded")
+        )
+    for name, recorded in report["files"].items():
+        size = (shard / name).stat().st_size
+        if size != recorded.get("size"):
+            raise _damaged(shard / name, ValueError(f"{size} bytes, {recorded.get('size')} recorded when written"))
+
+
+def _check_shard_rows(shard: Path, table, report: dict[str, Any] | None) -> None:
+    """The table has the recorded rows, and its first and last rows the recorded cache keys."""
+    if report is None:
+        return
+    file = sorted(shard.glob("data-*.arrow"))[0]
+    if table.num_rows != report["rows"]:
+        raise _damaged(file, ValueError(f"{table.num_rows} rows, {report['rows']} expected"))
+    if table.num_rows and "first_cache_key" in report:
+        keys = table.column("cache_key")
+        ends = (keys[0].as_py(), keys[table.num_rows - 1].as_py())
+        if ends != (report["first_cache_key"], report["last_cache_key"]):
+            raise RegionCacheError(
+                f"region cache file {file} holds rows {ends[0]} .. {ends[1]}, but {SHARD_REPORT_NAME} recorded "
+                f"{report['first_cache_key']} .. {report['last_cache_key']}: the file was swapped or replaced. Delete "
+                f"{shard} and rerun extract_regions with the same arguments."
+            )
+
+
+def verify_region_cache(path: str | os.PathLike) -> int:
+    """The full integrity check of a region cache: reads every shard file and `index.jsonl` and compares their
+    sha256 with the checksums recorded when they were written. Slow (it reads the whole cache): run it after copying
+    a cache or when in doubt; opening a cache only checks sizes, shard places and key ranges.
+
+    Returns:
+        The number of files checked.
+
+    Raises:
+        RegionCacheError: naming the first file that is missing or whose contents differ.
+    """
+    path = Path(path)
+    info = _read_info(path)
+    checked = 0
+    recorded = info.get("index")
+    if recorded:
+        actual = file_checksum(path / INDEX_NAME) if (path / INDEX_NAME).is_file() else None
+        if actual != {"size": recorded.get("size"), "sha256": recorded.get("sha256")}:
+            raise RegionCacheError(
+                f"{path / INDEX_NAME} does not match the checksum recorded in {CACHE_INFO_NAME}; rebuild the cache."
+            )
+        checked += 1
+    for number, shard in enumerate(_shard_dirs(path, info)):
+        report = _shard_report(shard)
+        if not report or "files" not in report:
+            logger.warning("%s was written without checksums; only its rows can be checked", shard)
+            continue
+        _check_shard_files(shard, number, report)
+        for name, expected in report["files"].items():
+            if file_checksum(shard / name) != expected:
+                raise _damaged(shard / name, ValueError("its sha256 differs from the one recorded when written"))
+            checked += 1
+    return checked
+
+
+class RegionCache:
+    """Region records by key: the manifest path (or dataset key) of an item, its `cache_key`, or its content hash
+    (`image_id`).
+
+    `cache[key]` returns the region record (numpy arrays: `region_features` (R, F), `region_boxes` (R, 4),
+    `region_locations` (R, 5), `region_class_labels` (R,), `region_class_probs` (R, C) when stored; ints
+    `image_width`, `image_height`, `num_regions`; `image_id`, `cache_key`, `source`, `error`). An image that
+    failed raises KeyError with its reason; `errors` lists them. `keys()` are the item keys with regions.
+
+    Opening maps the shards' Arrow files and a key table sorted by hash (`lookup.arrow`) into memory: no Python
+    object per key is made, so a cache of millions of images opens in milliseconds and costs no RAM until read.
+    A record is read straight from the Arrow buffers (no `datasets` row formatting).
+
+    Args:
+        path: The cache folder written by `extract_regions`.
+        dtype: Dtype of the returned features and class distributions: `"float32"` (the default, what models
+            take) or None for the stored dtype (`info["feature_dtype"]`, float16 by default), as read-only views of
+            the memory-mapped file; the collator converts them when it fills the batch.
+    """
+
+    def __init__(self, path: str | os.PathLike, dtype: str | None = "float32"):
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        if dtype not in READ_DTYPES:
+            raise ValueError(
+                f"dtype must be one of {READ_DTYPES} (None: the stored dtype), got {dtype!r}; the regions are floats."
+            )
+        self.path = Path(path)
+        self.info = _read_info(self.path)
+        self.dtype = None if dtype is None else np.dtype(dtype)
+        self.feature_dtype = np.dtype(self.info.get("feature_dtype", "float32"))
+        shards = _shard_dirs(self.path, self.info)
+        tables = []
+        self._shard_rows = []
+        for number, shard in enumerate(shards):
+            report = _shard_report(shard)
+            _check_shard_files(shard, number, report)
+            table = _open_shard_table(shard)
+            _check_shard_rows(shard, table, report)
+            tables.append(table)
+            self._shard_rows.append(table.num_rows)
+        self.table = pa.concat_tables(tables)
+        feature_size = self.info["region_feature_size"]
+        self._lists = {
+            "region_features": _ListColumn(self.table.column("region_features"), feature_size),
+            "region_boxes": _ListColumn(self.table.column("region_boxes"), 4),
+            "region_locations": _ListColumn(self.table.column("region_locations"), 5),
+            "region_class_labels": _ListColumn(self.table.column("region_class_labels"), None),
+        }
+        if "region_class_probs" in self.table.column_names:
+            width = max(self.info["num_object_classes"], 1)
+            self._lists["region_class_probs"] = _ListColumn(self.table.column("region_class_probs"), width)
+        self._num_regions = self.table.column("num_regions").to_numpy().astype(np.int64)
+        self._width = self.table.column("image_width").to_numpy()
+        self._height = self.table.column("image_height").to_numpy()
+        errors = self.table.column("error")
+        self._failed = pc.fill_null(pc.greater(pc.utf8_length(errors), 0), False).to_numpy(zero_copy_only=False)
+        self._strings = {name: self.table.column(name) for name in ("cache_key", "image_id", "source", "error")}
+
+        lookup = _open_lookup(self.path, self.info["fingerprint"], self.table.num_rows)
+        if lookup is None or lookup.num_rows == 0:
+            lookup = _build_lookup(
+                self.path, self._strings["cache_key"].to_pylist(), self._strings["image_id"].to_pylist()
+            )
+        # One chunk each: numpy views of the mapped file, not copies.
+        self._hashes = lookup.column("hash").chunk(0).to_numpy()
+        self._lookup_rows = lookup.column("row").chunk(0).to_numpy()
+        self._lookup_keys = lookup.column("key").chunk(0)
+        self._lookup_cache_keys = lookup.column("cache_key").chunk(0)
+        kinds, positions = lookup.column("kind").chunk(0).to_numpy(), lookup.column("position").chunk(0).to_numpy()
+        items = np.flatnonzero(kinds == _KIND_ITEM)
+        good = items[~self._failed[self._lookup_rows[items]]]
+        #: Lookup-table positions of the item keys with regions, in source order.
+        self._good_items = good[np.argsort(positions[good], kind="stable")]
+        bad = items[self._failed[self._lookup_rows[items]]]
+        #: Item key -> why its image has no regions (failures are few; this is small).
+        self.errors: dict[str, str] = {
+            self._lookup_keys[int(i)].as_py(): self._string("error", int(self._lookup_rows[i])) for i in bad
+        }
+
+    @property
+    def dataset(self):
+        """The records as a `datasets.Dataset` (memory-mapped), for `map`, `filter` or export."""
+        return load_region_dataset(self.path)
+
+    def _string(self, column: str, row: int) -> str | None:
+        chunks = self._strings[column]
+        return chunks[row].as_py()
+
+    def _find(self, key: str) -> int | None:
+        target = np.uint64(_key_hash(key))
+        position = int(np.searchsorted(self._hashes, target, side="left"))
+        while position < len(self._hashes) and self._hashes[position] == target:
+            if self._lookup_keys[position].as_py() == key:
+                row = int(self._lookup_rows[position])
+                expected = self._lookup_cache_keys[position].as_py()
+                if self._string("cache_key", row) != expected:
+                    shard = self._shard_of_row(row)
+                    raise RegionCacheError(
+                        f"region cache {self.path}: key {key!r} should read the regions of {expected}, but row {row} "
+                        f"({shard}) holds {self._string('cache_key', row)}: shard files were swapped or replaced. "
+                        f"Delete {shard} and rerun extract_regions with the same arguments."
+                    )
+                return row
+            position += 1
+        return None
+
+    def _shard_of_row(self, row: int) -> Path:
+        offsets = np.cumsum([0] + [int(n) for n in self._shard_rows])
+        return _shard_dir(self.path, int(np.searchsorted(offsets, row, side="right") - 1))
+
+    def verify(self) -> None:
+        """Reads every file of the cache and checks its sha256 against the one recorded when it was written (shard
+        files in each shard's report, `index.jsonl` in `cache_info.json`). Opening a cache checks sizes, shard
+        places and key ranges only: this full read is the explicit, slow check (see `verify_region_cache`).
+
+        Raises:
+            RegionCacheError: naming the first file whose contents differ.
+        """
+        verify_region_cache(self.path)
+
+    def _row(self, key: str) -> int:
+        row = self._find(key)
+        if row is None:
+            raise KeyError(f"{key!r} is not in the region cache {self.path}")
+        if self._failed[row]:
+            raise KeyError(f"{key!r} has no regions: {self._string('error', row)}")
+        return row
+
+    def _array(self, name: str, row: int, dtype) -> np.ndarray:
+        values = self._lists[name][row]
+        if dtype is None:
+            return values
+        if values.dtype == np.float16 and dtype == np.float32:
+            return _half_to_float(values)
+        return values.astype(dtype)  # a writable copy, as a caller (or torch.as_tensor) may expect
+
+    def __getitem__(self, key: str) -> RegionRecord:
+        row = self._row(key)
+        record: RegionRecord = {
+            "image_id": self._string("image_id", row),
+            "cache_key": self._string("cache_key", row),
+            "source": self._string("source", row),
+            "region_features": self._array("region_features", row, self.dtype),
+            "region_boxes": self._array("region_boxes", row, np.float32),
+            "region_locations": self._array("region_locations", row, np.float32),
+            "region_class_labels": self._array("region_class_labels", row, np.int64),
+            "image_width": int(self._width[row]),
+            "image_height": int(self._height[row]),
+            "num_regions": int(self._num_regions[row]),
+            "error": None,
+        }
+        if "region_class_probs" in self._lists:
+            record["region_class_probs"] = self._array("region_class_probs", row, self.dtype)
+        return record
+
+    def num_regions(self, key: str) -> int:
+        """How many regions `key` has, read from one small column (no features are decoded)."""
+        return int(self._num_regions[self._row(key)])
+
+    def __contains__(self, key: object) -> bool:
+        row = self._find(str(key))
+        return row is not None and not self._failed[row]
+
+    def get(self, key: str, default: Any = None) -> RegionRecord | Any:
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def keys(self) -> list[str]:
+        """Item keys (manifest paths or dataset keys) that have regions, in source order."""
+        return self._lookup_keys.take(self._good_items).to_pylist()
+
+    def __len__(self) -> int:
+        return len(self._good_items)
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def records(self, keys: Iterable[str]) -> list[RegionRecord]:
+        """The records of several keys, e.g. for `ImageBERTProcessor(regions=...)`."""
+        return [self[key] for key in keys]
+
+    def gallery(self, keys: Sequence[str] | None = None, max_regions: int | None = None) -> RegionGallery:
+        """The regions of the images `keys` as a `RegionGallery`: padded batches read on demand, for scoring a
+        gallery too large to stack in memory."""
+        if isinstance(keys, (str, bytes)):
+            raise TypeError(
+                f"keys must be a list of keys, got the single string {keys!r}; pass [{keys!r}] for one image."
+            )
+        return RegionGallery(self, keys, max_regions)
+
+
+def load_region_cache(path: str | os.PathLike, dtype: str | None = "float32", verify: bool = False) -> RegionCache:
+    """Opens a region cache written by `extract_regions` for lookups by key (see `RegionCache`).
+
+    Opening checks what is cheap at any scale: `cache_info.json`, each shard's place, file sizes and first and last
+    keys, and every lookup's row. With `verify=True` every file is read first and its sha256 compared with the one
+    recorded when it was written (`verify_region_cache`): the full check, as slow as reading the cache once.
+    """
+    if verify:
+        verify_region_cache(path)
+    return RegionCache(path, dtype=dtype)
+
+
+__all__ = ["RegionCache", "RegionCacheError", "load_region_cache", "load_region_dataset", "verify_region_cache"]

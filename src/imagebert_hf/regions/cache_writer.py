@@ -1,0 +1,730 @@
+"""Writing a region cache: run the RoI extractor once over a dataset and keep its regions as Arrow shards.
+
+Items are keyed by their manifest path (or a dataset column) and deduplicated by content: the sha1 of the image
+bytes (with a digest of the boxes when boxes are given), so an image listed twice is extracted once. Each shard is
+written under a temporary name and renamed when complete: a rerun after a kill skips the finished shards and gives
+the same cache. A bad image becomes a row with its reason in `error` and a line of the report; it never stops the
+run. Machines of a split run join their folders with `merge_region_caches`. The folder layout is in
+`cache_layout`; reading is `cache_reader`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from transformers.utils import logging
+
+from ..formats.files import atomic_write_bytes, atomic_write_json, atomic_write_text, file_checksum, publish_folder
+from ..formats.manifest import iter_manifest
+from ..models.imagebert.image_processing_imagebert import ImageBERTRoIExtractor, extract_in_batches
+from ..models.imagebert.roi_boxes import as_boxes
+from ..models.imagebert.roi_image_loading import ImageLoadError, image_content_hash
+from .cache_layout import (
+    CACHE_FORMAT_VERSION,
+    CACHE_INFO_NAME,
+    EXTRACTOR_DIR,
+    INDEX_NAME,
+    REPORT_NAME,
+    SHARD_REPORT_NAME,
+    SHARDS_DIR,
+    STORAGE_DTYPES,
+    _read_info,
+    _shard_dir,
+)
+from .cache_reader import RegionCache
+
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class CacheReport:
+    """What `extract_regions` did.
+
+    Attributes:
+        output_dir: The cache folder.
+        num_items: Source items (manifest lines or dataset rows).
+        num_unique: Distinct images (by content hash and boxes) after deduplication.
+        num_duplicates: Items that reused another item's regions.
+        num_extracted: Distinct images with regions.
+        num_failed: Distinct images that failed (see `failures`).
+        num_shards: Shards of the cache.
+        num_shards_skipped: Shards found finished from an earlier run and not recomputed.
+        seconds: Wall time of this call.
+        failures: One `{"key", "cache_key", "error"}` per failed image.
+    """
+
+    output_dir: str
+    num_items: int = 0
+    num_unique: int = 0
+    num_duplicates: int = 0
+    num_extracted: int = 0
+    num_failed: int = 0
+    num_shards: int = 0
+    num_shards_skipped: int = 0
+    seconds: float = 0.0
+    failures: list[dict[str, str]] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------ planning
+
+
+def _manifest_items(
+    path: str | os.PathLike, image_root, use_boxes: bool, allow_outside_root: bool = False
+) -> list[dict[str, Any]]:
+    return [
+        {
+            "key": record.image,
+            "image": str(record.image_path),
+            "boxes": np.asarray(record.boxes, dtype=np.float32).reshape(-1, 4) if use_boxes and record.boxes else None,
+        }
+        for record in iter_manifest(path, image_root, allow_outside_root)
+    ]
+
+
+def _dataset_items(dataset, image_column: str, key_column: str | None, boxes_column: str | None, box_format: str):
+    from datasets import Image as ImageFeature
+
+    if isinstance(dataset.features.get(image_column), ImageFeature):
+        # Undecoded, the column gives the file bytes: hashed as they are, decoded once by the extractor.
+        dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
+    columns = [c for c in (image_column, key_column, boxes_column) if c]
+    items = []
+    for row_index, row in enumerate(dataset.select_columns(columns)):
+        image = row[image_column]
+        if key_column:
+            key = str(row[key_column])
+        elif isinstance(image, str):
+            key = image
+        elif isinstance(image, dict) and image.get("path"):
+            key = str(image["path"])
+        else:
+            key = f"row-{row_index}"
+        boxes = row[boxes_column] if boxes_column else None
+        boxes = as_boxes(boxes, box_format) if boxes is not None and len(boxes) else None
+        items.append({"key": key, "image": image, "boxes": boxes})
+    return items
+
+
+def _plan(items: list[dict[str, Any]], max_file_bytes: int) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """Deduplicates items into units (one per distinct image and boxes); returns units and (key, cache_key)."""
+    units: dict[str, dict[str, Any]] = {}
+    index: list[tuple[str, str]] = []
+    for item in items:
+        try:
+            content = image_content_hash(item["image"], max_file_bytes)
+        except ImageLoadError:
+            # Unreadable: its own unit, so the worker records the reason in the error column.
+            content = "unreadable-" + hashlib.sha1(item["key"].encode()).hexdigest()
+        cache_key = content
+        if item["boxes"] is not None:
+            cache_key += (
+                "-" + hashlib.sha1(np.ascontiguousarray(item["boxes"], dtype=np.float32).tobytes()).hexdigest()[:12]
+            )
+        if cache_key not in units:
+            units[cache_key] = {
+                "cache_key": cache_key,
+                "image_id": content,
+                "key": item["key"],
+                "image": item["image"],
+                "boxes": item["boxes"],
+            }
+        index.append((item["key"], cache_key))
+    return list(units.values()), index
+
+
+def _fingerprint(
+    units: list[dict[str, Any]],
+    extractor_config: dict[str, Any],
+    store_class_probs: bool,
+    shard_size: int,
+    storage_dtype: str = "float32",
+):
+    digest = hashlib.sha1()
+    # The device is where a process runs, not what it computes: every device of a run shares one cache.
+    digest.update(json.dumps({**extractor_config, "device": None}, sort_keys=True, default=str).encode())
+    # float32 caches, written before the storage dtype was a setting, keep their fingerprint.
+    digest.update(
+        f"{store_class_probs}|{shard_size}{'' if storage_dtype == 'float32' else '|' + storage_dtype}".encode()
+    )
+    for unit in units:
+        digest.update(unit["cache_key"].encode() + b"\n")
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------ shards
+
+
+def _check_positive(name: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer{' or None' if allow_none else ''}, got {value!r}.")
+
+
+_WORKER_EXTRACTOR = None
+
+
+def _features(feature_size: int, num_classes: int, store_class_probs: bool, storage_dtype: str = "float32"):
+    from datasets import Array2D, Features, Sequence, Value
+
+    features = {
+        "cache_key": Value("string"),
+        "image_id": Value("string"),
+        "source": Value("string"),
+        "region_features": Array2D(shape=(None, feature_size), dtype=storage_dtype),
+        "region_boxes": Array2D(shape=(None, 4), dtype="float32"),
+        "region_locations": Array2D(shape=(None, 5), dtype="float32"),
+        "region_class_labels": Sequence(Value("int64")),
+    }
+    if store_class_probs:
+        features["region_class_probs"] = Array2D(shape=(None, max(num_classes, 1)), dtype=storage_dtype)
+    features.update(
+        image_width=Value("int32"), image_height=Value("int32"), num_regions=Value("int32"), error=Value("string")
+    )
+    return Features(features)
+
+
+def _shard_columns(
+    extractor,
+    units: list[dict[str, Any]],
+    features,
+    batch_size: int,
+    store_class_probs: bool,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[dict[str, list[Any]], list[dict[str, str]]]:
+    """Runs the extractor over a shard's units: the shard's columns, and one failure entry per image that failed."""
+    num_classes = extractor.num_object_classes
+    columns: dict[str, list[Any]] = {name: [] for name in features}
+    failures = []
+    stream = extract_in_batches(
+        extractor,
+        [unit["image"] for unit in units],
+        batch_size,
+        boxes=[unit["boxes"] for unit in units],
+        image_ids=[unit["image_id"] for unit in units],
+        on_error="record",
+        return_class_probs=store_class_probs,
+    )
+    for start, records in zip(range(0, len(units), batch_size), stream):
+        batch = units[start : start + batch_size]
+        for unit, record in zip(batch, records):
+            columns["cache_key"].append(unit["cache_key"])
+            columns["image_id"].append(unit["image_id"])
+            columns["source"].append(unit["key"])
+            for name in ("region_features", "region_boxes", "region_locations"):
+                columns[name].append(record[name])
+            columns["region_class_labels"].append(record["region_class_labels"])
+            if store_class_probs:
+                probs = record.get("region_class_probs")
+                columns["region_class_probs"].append(
+                    np.zeros((record["num_regions"], max(num_classes, 1)), np.float32)
+                    if probs is None or probs.shape[1] == 0
+                    else probs
+                )
+            columns["image_width"].append(record["image_width"])
+            columns["image_height"].append(record["image_height"])
+            columns["num_regions"].append(record["num_regions"])
+            columns["error"].append(record["error"])
+            if record["error"]:
+                failures.append({"key": unit["key"], "cache_key": unit["cache_key"], "error": record["error"]})
+        if on_batch is not None:
+            on_batch(len(batch))
+    return columns, failures
+
+
+def _write_shard(
+    columns: dict[str, list[Any]], features, units: list[dict[str, Any]], failures, shard_path: Path
+) -> dict[str, Any]:
+    """Saves the columns under a temporary name with their `shard_report.json`, then renames the folder into place."""
+    import datasets
+    from datasets import Dataset
+
+    tmp_path = shard_path.with_name(f"{shard_path.name}.tmp-{os.getpid()}")
+    if tmp_path.exists():
+        shutil.rmtree(tmp_path)
+    shard = Dataset.from_dict(columns, features=features)
+    bars_were_on = not datasets.utils.are_progress_bars_disabled()
+    datasets.utils.disable_progress_bars()  # one bar per shard would drown the run's own bar
+    try:
+        shard.save_to_disk(str(tmp_path))
+    finally:
+        if bars_were_on:
+            datasets.utils.enable_progress_bars()
+    shard_report = {
+        "rows": len(units),
+        "failures": failures,
+        # What a reader checks: the shard's place, the keys of its first and last rows (cheap, at every open), and
+        # each file's size (at every open) and sha256 (`verify_region_cache`).
+        "shard": int(shard_path.name.rsplit("-", 1)[-1]),
+        "first_cache_key": units[0]["cache_key"] if units else None,
+        "last_cache_key": units[-1]["cache_key"] if units else None,
+        "files": {file.name: file_checksum(file) for file in sorted(tmp_path.glob("data-*.arrow"))},
+    }
+    atomic_write_json(tmp_path / SHARD_REPORT_NAME, shard_report)
+    # The rename is the commit: a shard folder without the .tmp suffix is always complete.
+    publish_folder(tmp_path, shard_path, replace=False)
+    return shard_report
+
+
+def _extract_shard(
+    extractor,
+    units: list[dict[str, Any]],
+    shard_path: Path,
+    batch_size: int,
+    store_class_probs: bool,
+    on_batch: Callable[[int], None] | None = None,
+    storage_dtype: str = "float32",
+) -> dict[str, Any]:
+    features = _features(extractor.region_feature_size, extractor.num_object_classes, store_class_probs, storage_dtype)
+    columns, failures = _shard_columns(extractor, units, features, batch_size, store_class_probs, on_batch)
+    return _write_shard(columns, features, units, failures, shard_path)
+
+
+def _init_worker(extractor_dir: str, num_threads: int, devices) -> None:
+    global _WORKER_EXTRACTOR
+    import torch
+
+    torch.set_num_threads(max(1, num_threads))
+    # Worker k takes the k-th device from the queue, so N workers on N GPUs use one GPU each.
+    device = devices.get() if devices is not None else None
+    _WORKER_EXTRACTOR = ImageBERTRoIExtractor.from_pretrained(extractor_dir, device=device)
+
+
+def _worker_task(task: tuple[int, list[dict[str, Any]], str, int, bool, str]) -> tuple[int, int, dict[str, Any]]:
+    shard, units, shard_path, batch_size, store_class_probs, storage_dtype = task
+    report = _extract_shard(
+        _WORKER_EXTRACTOR, units, Path(shard_path), batch_size, store_class_probs, storage_dtype=storage_dtype
+    )
+    return shard, len(units), report
+
+
+# ------------------------------------------------------------------------------------------------ entry point
+
+
+def _resolve_extractor(extractor):
+    if extractor is None:
+        return ImageBERTRoIExtractor()
+    if isinstance(extractor, (str, os.PathLike)):
+        return ImageBERTRoIExtractor.from_pretrained(extractor)
+    return extractor
+
+
+def launch_process() -> tuple[int, int, int]:
+    """`(rank, world_size, local_rank)` of this process as `torchrun` / `accelerate launch` set them ((0, 1, 0) alone)."""
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    return rank, world, local_rank
+
+
+def shards_of(num_cache_shards: int, num_shards: int = 1, shard_index: int = 0, rank: int = 0, world: int = 1):
+    """The cache shards one process extracts: machine `shard_index` of `num_shards` takes every `num_shards`-th
+    shard, and process `rank` of the `world` processes on that machine every `world`-th of those.
+
+    Deterministic and independent of how many processes the other machines run, so any set of machines covers
+    every shard exactly once.
+    """
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise ValueError(
+            f"need 0 <= shard_index < num_shards, got shard_index={shard_index}, num_shards={num_shards}."
+        )
+    mine = list(range(shard_index, num_cache_shards, num_shards))
+    return mine[rank::world]
+
+
+def _device_queue(context, num_proc: int, extractor):
+    import torch
+
+    if extractor.device not in (None, "cuda") or not torch.cuda.is_available():
+        return None
+    devices = context.Queue()
+    for worker in range(num_proc):
+        devices.put(f"cuda:{worker % torch.cuda.device_count()}")
+    return devices
+
+
+def _start_cache(output_dir: Path, extractor, index, shard_of, info: dict[str, Any]) -> None:
+    """Writes the extractor, `index.jsonl` and `cache_info.json` of a new cache; safe when several processes or
+    machines start the same cache at once (each writes identical files and renames them into place)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if not (output_dir / EXTRACTOR_DIR).is_dir():
+        tmp = output_dir / f".{EXTRACTOR_DIR}.tmp-{os.getpid()}"
+        extractor.save_pretrained(tmp)
+        try:
+            publish_folder(tmp, output_dir / EXTRACTOR_DIR, replace=False)
+        except OSError:  # another process published it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    lines = "".join(json.dumps({"key": key, "cache_key": ck, "shard": shard_of[ck]}) + "\n" for key, ck in index)
+    atomic_write_text(output_dir / INDEX_NAME, lines)
+    data = lines.encode("utf-8")
+    info = {**info, "index": {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}}
+    atomic_write_json(output_dir / CACHE_INFO_NAME, info, indent=2, default=str)
+
+
+def _finish_cache(output_dir: Path, report: CacheReport, num_shards: int, started: float | None = None) -> CacheReport:
+    """Counts every finished shard into `report`; once all are there, marks the cache complete and builds its
+    key table. Run by whichever process finishes last (running it twice writes the same files). With `started`
+    (a `time.perf_counter()` value), `report.seconds` is the wall time since then, in `report.json` too."""
+    finished = [shard for shard in range(num_shards) if _shard_dir(output_dir, shard).is_dir()]
+    rows = 0
+    report.failures = []
+    for shard in finished:
+        shard_report = json.loads((_shard_dir(output_dir, shard) / SHARD_REPORT_NAME).read_text())
+        report.failures.extend(shard_report["failures"])
+        rows += shard_report["rows"]
+    report.num_failed = len(report.failures)
+    report.num_extracted = rows - report.num_failed
+    if len(finished) == num_shards:
+        info = json.loads((output_dir / CACHE_INFO_NAME).read_text())
+        if not info.get("complete"):
+            RegionCache(output_dir)  # builds lookup.arrow from the shards and the index
+            info["complete"] = True
+            atomic_write_json(output_dir / CACHE_INFO_NAME, info, indent=2, default=str)
+    if started is not None:
+        report.seconds = round(time.perf_counter() - started, 3)
+    atomic_write_json(output_dir / REPORT_NAME, asdict(report), indent=2)
+    return report
+
+
+def _check_extract_arguments(
+    source,
+    output_dir,
+    *,
+    storage_dtype: str,
+    box_format: str,
+    shard_size,
+    num_proc,
+    num_shards,
+    batch_size,
+    max_shards,
+) -> None:
+    """Refuses bad arguments of `extract_regions` before any work, each with a message naming it."""
+    if storage_dtype not in STORAGE_DTYPES:
+        raise ValueError(f"storage_dtype must be one of {STORAGE_DTYPES}, got {storage_dtype!r}.")
+    for name, value in (("shard_size", shard_size), ("num_proc", num_proc), ("num_shards", num_shards)):
+        _check_positive(name, value)
+    _check_positive("batch_size", batch_size, allow_none=True)
+    _check_positive("max_shards", max_shards, allow_none=True)
+    if box_format not in ("xyxy", "xywh"):
+        raise ValueError(f"box_format must be 'xyxy' or 'xywh', got {box_format!r}.")
+    if isinstance(source, (str, os.PathLike)) and not Path(source).is_file():
+        raise FileNotFoundError(f"source {source} does not exist (expected a jsonl manifest or a datasets.Dataset).")
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise NotADirectoryError(f"output_dir {output_dir} exists and is not a folder.")
+
+
+def _place_on_launch_device(extractor, world: int, local_rank: int) -> None:
+    """Under a launcher with several processes, moves an extractor without a fixed GPU to `cuda:LOCAL_RANK`."""
+    if world > 1 and extractor.device in (None, "cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            extractor.device = f"cuda:{local_rank % torch.cuda.device_count()}"
+
+
+def _open_cache(
+    output_dir: Path,
+    extractor,
+    units: list[dict[str, Any]],
+    index: list[tuple[str, str]],
+    shards: list[list[dict[str, Any]]],
+    world: int,
+    *,
+    store_class_probs: bool,
+    shard_size: int,
+    storage_dtype: str,
+) -> None:
+    """Starts the cache at `output_dir`, or checks that the one there is of the same plan (its fingerprint); alone
+    (`world == 1`), removes the temporary shard folders a killed run left."""
+    extractor_config = extractor.to_dict()
+    fingerprint = _fingerprint(units, extractor_config, store_class_probs, shard_size, storage_dtype)
+    shard_of = {unit["cache_key"]: shard for shard, chunk in enumerate(shards) for unit in chunk}
+    info_path = output_dir / CACHE_INFO_NAME
+    if info_path.is_file():
+        previous = json.loads(info_path.read_text())
+        if previous.get("fingerprint") != fingerprint:
+            raise ValueError(
+                f"{output_dir} holds a region cache of another source, extractor, shard size or storage dtype (it "
+                f"stores {previous.get('feature_dtype', 'float32')}; pass storage_dtype to match); use a new "
+                "output_dir or delete it."
+            )
+    else:
+        info = {
+            "format_version": CACHE_FORMAT_VERSION,
+            "fingerprint": fingerprint,
+            "complete": False,
+            "region_feature_size": extractor.region_feature_size,
+            "num_object_classes": extractor.num_object_classes,
+            "store_class_probs": store_class_probs,
+            "feature_dtype": storage_dtype,
+            "shard_size": shard_size,
+            "num_shards": len(shards),
+            "extractor": {**extractor_config, "device": None},
+        }
+        _start_cache(output_dir, extractor, index, shard_of, info)
+    (output_dir / SHARDS_DIR).mkdir(exist_ok=True)
+    if world == 1:  # with several processes, another one's temporary folder may be in use
+        for stale in (output_dir / SHARDS_DIR).glob("*.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _run_shards(
+    extractor,
+    output_dir: Path,
+    shards: list[list[dict[str, Any]]],
+    todo: list[int],
+    on_images: Callable[[int], Any],
+    *,
+    num_proc: int,
+    batch_size: int,
+    store_class_probs: bool,
+    storage_dtype: str,
+) -> None:
+    """Extracts the shards `todo`: in this process, or with `num_proc > 1` in spawned workers, one shard a task;
+    `on_images(n)` is called as images are done."""
+    if num_proc > 1 and len(todo) > 1:
+        import multiprocessing
+
+        # Spawned workers: forking a process whose torch already ran OpenMP threads can deadlock.
+        context = multiprocessing.get_context("spawn")
+        workers = min(num_proc, len(todo))
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        tasks = [
+            (
+                shard,
+                shards[shard],
+                str(_shard_dir(output_dir, shard)),
+                batch_size,
+                store_class_probs,
+                storage_dtype,
+            )
+            for shard in todo
+        ]
+        initargs = (str(output_dir / EXTRACTOR_DIR), threads, _device_queue(context, workers, extractor))
+        with context.Pool(workers, initializer=_init_worker, initargs=initargs) as pool:
+            for _, count, _ in pool.imap_unordered(_worker_task, tasks):
+                on_images(count)
+    else:
+        for shard in todo:
+            _extract_shard(
+                extractor,
+                shards[shard],
+                _shard_dir(output_dir, shard),
+                batch_size,
+                store_class_probs,
+                on_images,
+                storage_dtype=storage_dtype,
+            )
+
+
+def extract_regions(
+    source: str | os.PathLike | Any,
+    output_dir: str | os.PathLike,
+    extractor=None,
+    *,
+    image_root: str | os.PathLike | None = None,
+    allow_outside_root: bool = False,
+    use_boxes: bool = False,
+    image_column: str = "image",
+    key_column: str | None = None,
+    boxes_column: str | None = None,
+    box_format: str = "xyxy",
+    shard_size: int = 512,
+    num_proc: int = 1,
+    batch_size: int | None = None,
+    store_class_probs: bool = True,
+    storage_dtype: str = "float16",
+    num_shards: int = 1,
+    shard_index: int = 0,
+    progress: bool = True,
+    max_shards: int | None = None,
+) -> CacheReport:
+    """Extracts the regions of every image of `source` into a region cache at `output_dir`.
+
+    Across devices and machines: started by `torchrun` or `accelerate launch`, process `k` of a machine runs on
+    device `k` (`cuda:LOCAL_RANK`) and takes its share of the shards; with `num_shards` / `shard_index`, each
+    machine takes a deterministic share (see `shards_of`). All processes may write into one `output_dir` on a shared
+    filesystem (the cache completes when its last shard lands), or each machine into its own folder, joined by
+    `merge_region_caches`; either way the cache equals that of a single-machine run.
+
+    Args:
+        source: A jsonl manifest path (the `../shared/data` layout, see `formats.manifest`) or a `datasets.Dataset`
+            whose `image_column` holds paths, `Image()` values or `{"bytes", "path"}` dicts.
+        output_dir: The cache folder; an unfinished cache there is resumed.
+        extractor: An `ImageBERTRoIExtractor`, a folder saved from one, or None for the offline default.
+        image_root: Folder the manifest's image paths are relative to (the manifest's folder by default).
+        allow_outside_root: Follow manifest image paths that leave `image_root` (absolute, or `../`).
+        use_boxes: Use the manifest's object boxes as regions (else the extractor's own: grid or detections).
+        image_column: Dataset column of the images.
+        key_column: Dataset column giving each row's key (default: the image path, else `row-<index>`).
+        boxes_column: Dataset column of per-image boxes in `box_format`.
+        box_format: `"xyxy"` or `"xywh"` for `boxes_column`.
+        shard_size: Distinct images per shard (the unit of resumption and of parallel work).
+        num_proc: Worker processes on this machine (each loads the saved extractor, takes whole shards and, with
+            GPUs, one GPU: worker k uses `cuda:k`).
+        batch_size: Images per extractor forward (the extractor's `batch_size` by default).
+        store_class_probs: Keep `region_class_probs` (regions x classes floats per image; MOC's KL variant).
+        storage_dtype: `"float16"` (half the disk and page cache; features and class distributions lose nothing a
+            model trained in mixed precision would see) or `"float32"`. Boxes and locations stay float32.
+        num_shards: Machines the work is split across.
+        shard_index: This machine's part, `0 <= shard_index < num_shards`.
+        progress: Show a tqdm progress bar.
+        max_shards: Stop after computing this many shards in this call (a partial run, resumed by the next).
+
+    Returns:
+        A `CacheReport` of this process's work (failures and counts of every shard finished so far); the same
+        numbers are in `output_dir/report.json`.
+
+    Raises:
+        ValueError: When `output_dir` holds a cache of another source, extractor or storage dtype.
+    """
+    from tqdm.auto import tqdm
+
+    _check_extract_arguments(
+        source,
+        output_dir,
+        storage_dtype=storage_dtype,
+        box_format=box_format,
+        shard_size=shard_size,
+        num_proc=num_proc,
+        num_shards=num_shards,
+        batch_size=batch_size,
+        max_shards=max_shards,
+    )
+    started = time.perf_counter()
+    output_dir = Path(output_dir)
+    extractor = _resolve_extractor(extractor)
+    rank, world, local_rank = launch_process()
+    _place_on_launch_device(extractor, world, local_rank)
+    batch_size = batch_size or extractor.batch_size
+    if isinstance(source, (str, os.PathLike)):
+        items = _manifest_items(source, image_root, use_boxes, allow_outside_root)
+    else:
+        items = _dataset_items(source, image_column, key_column, boxes_column, box_format)
+    units, index = _plan(items, extractor.max_file_bytes)
+    shards = [units[i : i + shard_size] for i in range(0, len(units), shard_size)]
+    _open_cache(
+        output_dir,
+        extractor,
+        units,
+        index,
+        shards,
+        world,
+        store_class_probs=store_class_probs,
+        shard_size=shard_size,
+        storage_dtype=storage_dtype,
+    )
+
+    mine = shards_of(len(shards), num_shards, shard_index, rank, world)
+    todo = [shard for shard in mine if not _shard_dir(output_dir, shard).is_dir()]
+    skipped = len(mine) - len(todo)
+    if max_shards is not None:
+        todo = todo[:max_shards]
+    bar = tqdm(
+        total=sum(len(shards[s]) for s in todo),
+        desc="extracting regions" + (f" (process {rank}/{world})" if world > 1 else ""),
+        unit="img",
+        disable=not progress,
+    )
+    try:
+        _run_shards(
+            extractor,
+            output_dir,
+            shards,
+            todo,
+            bar.update,
+            num_proc=num_proc,
+            batch_size=batch_size,
+            store_class_probs=store_class_probs,
+            storage_dtype=storage_dtype,
+        )
+    finally:
+        bar.close()
+
+    report = CacheReport(
+        output_dir=str(output_dir),
+        num_items=len(items),
+        num_unique=len(units),
+        num_duplicates=len(items) - len(units),
+        num_shards=len(shards),
+        num_shards_skipped=skipped,
+    )
+    report = _finish_cache(output_dir, report, len(shards), started)
+    if report.num_failed:
+        logger.warning(
+            "%d of %d images failed; reasons in %s", report.num_failed, len(units), output_dir / REPORT_NAME
+        )
+    return report
+
+
+def merge_region_caches(parts: Sequence[str | os.PathLike], output_dir: str | os.PathLike) -> CacheReport:
+    """Joins the folders that machines of one split run (`num_shards` / `shard_index`) wrote into one cache.
+
+    Every part must come from the same source, extractor and settings (the same fingerprint); the shards are copied
+    (hard-linked where the filesystem allows) into `output_dir`, which then equals a single-machine run's cache.
+
+    Raises:
+        ValueError: When the parts are of different caches, or together miss shards.
+    """
+    started = time.perf_counter()
+    parts = [Path(part) for part in parts]
+    output_dir = Path(output_dir)
+    infos = [_read_info(part) for part in parts]
+    fingerprints = {info["fingerprint"] for info in infos}
+    if len(fingerprints) != 1:
+        raise ValueError(
+            f"the parts {[str(p) for p in parts]} are of different caches (source, extractor or settings differ)."
+        )
+    info = dict(infos[0], complete=False)
+    if (output_dir / CACHE_INFO_NAME).is_file() and _read_info(output_dir)["fingerprint"] not in fingerprints:
+        raise ValueError(f"{output_dir} holds another region cache; merge into a new folder.")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if not (output_dir / EXTRACTOR_DIR).is_dir():
+        shutil.copytree(parts[0] / EXTRACTOR_DIR, output_dir / EXTRACTOR_DIR)
+    atomic_write_bytes(output_dir / INDEX_NAME, (parts[0] / INDEX_NAME).read_bytes())
+    if not (output_dir / CACHE_INFO_NAME).is_file():
+        atomic_write_json(output_dir / CACHE_INFO_NAME, info, indent=2, default=str)
+    (output_dir / SHARDS_DIR).mkdir(exist_ok=True)
+    for part in parts:
+        for shard in range(info["num_shards"]):
+            source, target = _shard_dir(part, shard), _shard_dir(output_dir, shard)
+            if source.is_dir() and not target.exists() and source.resolve() != target.resolve():
+                tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+                shutil.copytree(source, tmp, copy_function=_link_or_copy)
+                publish_folder(tmp, target, replace=False)
+    missing = [shard for shard in range(info["num_shards"]) if not _shard_dir(output_dir, shard).is_dir()]
+    if missing:
+        raise ValueError(
+            f"the parts hold {info['num_shards'] - len(missing)} of {info['num_shards']} shards (missing e.g. "
+            f"shard {missing[0]}); run the missing shard_index values first."
+        )
+    report = CacheReport(output_dir=str(output_dir), num_shards=info["num_shards"])
+    with open(output_dir / INDEX_NAME, encoding="utf-8") as handle:
+        report.num_items = sum(1 for _ in handle)
+    report.num_unique = sum(
+        json.loads((_shard_dir(output_dir, s) / SHARD_REPORT_NAME).read_text())["rows"]
+        for s in range(info["num_shards"])
+    )
+    report.num_duplicates = report.num_items - report.num_unique
+    return _finish_cache(output_dir, report, info["num_shards"], started)
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+__all__ = ["CacheReport", "extract_regions", "launch_process", "merge_region_caches", "shards_of"]

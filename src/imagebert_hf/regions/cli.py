@@ -1,0 +1,153 @@
+"""The `imagebert-extract-regions` command: extract a region cache, join the parts of a split run, or verify a
+cache (`python -m imagebert_hf.regions ...` runs the same `main`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..models.imagebert.image_processing_imagebert import ImageBERTRoIExtractor
+from .cache_layout import REPORT_NAME
+from .cache_reader import verify_region_cache
+from .cache_writer import extract_regions, merge_region_caches
+
+
+@dataclass
+class ExtractRegionsArguments:
+    """Arguments of `imagebert-extract-regions`."""
+
+    output_dir: str = field(metadata={"help": "Folder of the region cache (an unfinished one is resumed)."})
+    manifest: str | None = field(
+        default=None, metadata={"help": "A jsonl manifest (one image per line, as in ../shared/data)."}
+    )
+    dataset_path: str | None = field(
+        default=None, metadata={"help": "A datasets folder saved with save_to_disk, instead of a manifest."}
+    )
+    image_root: str | None = field(
+        default=None, metadata={"help": "Folder the manifest's image paths are relative to (its own by default)."}
+    )
+    allow_outside_root: bool = field(
+        default=False, metadata={"help": "Follow manifest image paths outside the image root (absolute, ../)."}
+    )
+    image_column: str = field(default="image", metadata={"help": "Dataset column of the images."})
+    key_column: str | None = field(default=None, metadata={"help": "Dataset column naming each row."})
+    use_boxes: bool = field(
+        default=False, metadata={"help": "Pool over the manifest's object boxes instead of the extractor's regions."}
+    )
+    extractor: str | None = field(
+        default=None,
+        metadata={"help": "A saved ImageBERTRoIExtractor folder; the offline EfficientNet-Lite0 default if unset."},
+    )
+    max_regions: int = field(default=100, metadata={"help": "Most regions per image (for the default extractor)."})
+    shard_size: int = field(default=512, metadata={"help": "Distinct images per shard."})
+    num_proc: int = field(default=1, metadata={"help": "Worker processes."})
+    batch_size: int = field(default=8, metadata={"help": "Images per extractor forward."})
+    no_class_probs: bool = field(
+        default=False, metadata={"help": "Do not store region class distributions (smaller cache)."}
+    )
+    storage_dtype: str = field(
+        default="float16",
+        metadata={"help": "float16 (half the size) or float32 for features and class distributions."},
+    )
+    num_shards: int = field(default=1, metadata={"help": "Machines the extraction is split across."})
+    shard_index: int = field(default=0, metadata={"help": "This machine's part (0 .. num_shards - 1)."})
+    merge: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Instead of extracting, join these part folders (one per shard_index) into output_dir.",
+            "nargs": "*",
+        },
+    )
+    verify: bool = field(
+        default=False,
+        metadata={
+            "help": "Instead of extracting, check every file of the cache in output_dir against the checksums "
+            "recorded when it was written (exit status 1 and the damaged file's name when one differs)."
+        },
+    )
+
+
+def _verify(args: ExtractRegionsArguments) -> int:
+    if args.merge or args.manifest is not None or args.dataset_path is not None:
+        raise ValueError(
+            "--verify checks the cache in --output_dir; give it without --manifest, --dataset_path or --merge"
+        )
+    checked = verify_region_cache(args.output_dir)
+    print(f"{args.output_dir}: intact ({checked} files match their recorded checksums)")
+    return 0
+
+
+def _merge(args: ExtractRegionsArguments) -> int:
+    report = merge_region_caches(args.merge, args.output_dir)
+    print(f"merged {len(args.merge)} parts: {report.num_unique} distinct images, {report.num_failed} failed")
+    return 0
+
+
+def _extract(args: ExtractRegionsArguments) -> int:
+    if (args.manifest is None) == (args.dataset_path is None):
+        raise ValueError("give exactly one of --manifest and --dataset_path")
+    if args.dataset_path is not None:
+        from datasets import load_from_disk
+
+        source = load_from_disk(args.dataset_path)
+    else:
+        if not Path(args.manifest).is_file():
+            raise FileNotFoundError(f"--manifest {args.manifest}: no such file (expected a jsonl manifest)")
+        source = args.manifest
+    extractor = args.extractor or ImageBERTRoIExtractor(max_regions=args.max_regions)
+    report = extract_regions(
+        source,
+        args.output_dir,
+        extractor,
+        image_root=args.image_root,
+        allow_outside_root=args.allow_outside_root,
+        use_boxes=args.use_boxes,
+        image_column=args.image_column,
+        key_column=args.key_column,
+        shard_size=args.shard_size,
+        num_proc=args.num_proc,
+        batch_size=args.batch_size,
+        store_class_probs=not args.no_class_probs,
+        storage_dtype=args.storage_dtype,
+        num_shards=args.num_shards,
+        shard_index=args.shard_index,
+    )
+    print(
+        f"{report.num_items} items, {report.num_unique} distinct images, {report.num_extracted} extracted, "
+        f"{report.num_failed} failed, {report.num_shards_skipped} shards reused in {report.seconds:.1f} s; report: "
+        f"{Path(args.output_dir) / REPORT_NAME}"
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`imagebert-extract-regions --output_dir cache --manifest data/captions.jsonl [--num_proc 2]`.
+
+    On several GPUs: `torchrun --nproc_per_node 8 -m imagebert_hf.regions ...` (or `accelerate
+    launch`); on several machines add `--num_shards M --shard_index K`, then `--merge part0 part1 ...` when the
+    machines wrote separate folders. `--output_dir cache --verify` reads every file of an existing cache and compares
+    it with the checksums recorded when it was written.
+
+    Returns 0 when the command ran (images that failed are counted and listed in `report.json`) or the verified
+    cache is intact; a bad argument or input (a missing manifest, a cache of another source in `output_dir`, a
+    damaged file of a verified cache) ends it with one line naming it and exit status 1.
+    """
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(ExtractRegionsArguments).parse_args_into_dataclasses(args=argv)
+    try:
+        if args.verify:
+            return _verify(args)
+        if args.merge:
+            return _merge(args)
+        return _extract(args)
+    except (ImportError, OSError, ValueError) as error:  # ImportError: the offline weights package is missing
+        raise SystemExit(f"imagebert-extract-regions: error: {error}") from None
+
+
+__all__ = ["ExtractRegionsArguments", "main"]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
