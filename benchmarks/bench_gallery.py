@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from generated_regions import GeneratedExtractor, image_table
 
-from imagebert_hf.regions.feature_cache import extract_regions, load_region_cache
+from imagebert_hf.regions import extract_regions, load_region_cache
 
 
 FEATURES, MAX_REGIONS, EMBEDDING = 64, 16, 64

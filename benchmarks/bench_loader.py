@@ -41,7 +41,7 @@ from generated_regions import GeneratedExtractor, image_table
 
 from imagebert_hf.data.collator import DataCollatorForImageBERTPretraining
 from imagebert_hf.data.pair_sources import MixtureSampler, PairSource, PretrainingPairDataset, open_region_store
-from imagebert_hf.regions.feature_cache import extract_regions, load_region_dataset
+from imagebert_hf.regions import extract_regions, load_region_dataset
 
 
 FEATURE_SIZE, NUM_CLASSES, MAX_REGIONS, MAX_TEXT_LENGTH = 2048, 1600, 100, 44

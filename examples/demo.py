@@ -64,7 +64,7 @@ def extract_demo_regions(manifest: Path, cache_dir: Path, extraction_size: int) 
 
     from imagebert_hf import ImageBERTRoIExtractor
     from imagebert_hf.formats.manifest import read_manifest
-    from imagebert_hf.regions.feature_cache import extract_regions
+    from imagebert_hf.regions import extract_regions
 
     records = read_manifest(manifest)
     table = datasets.Dataset.from_dict(

@@ -19,7 +19,7 @@ from imagebert_hf import ImageBERTRoIExtractor
 from imagebert_hf.formats.manifest import read_manifest
 from imagebert_hf.models.imagebert.configuration_imagebert import ImageBERTConfig
 from imagebert_hf.models.imagebert.processing_imagebert import ImageBERTProcessor
-from imagebert_hf.regions.feature_cache import extract_regions, load_region_cache
+from imagebert_hf.regions import extract_regions, load_region_cache
 
 
 @dataclass

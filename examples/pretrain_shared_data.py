@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     from imagebert_hf import ImageBERTConfig, ImageBERTRoIExtractor
     from imagebert_hf.evaluation import format_metrics_table
     from imagebert_hf.evaluation.zero_shot import chance_metrics, manifest_retrieval_inputs, zero_shot_retrieval
-    from imagebert_hf.regions.feature_cache import extract_regions
+    from imagebert_hf.regions import extract_regions
     from imagebert_hf.training import PretrainingRunOptions, load_recipe, run_pretraining
     from imagebert_hf.training.pretraining import load_tokenizer
 

@@ -362,7 +362,7 @@ def test_extractor_raises_by_default(corpus, tiny_extractor):
 
 
 def test_cache_counts_and_skips_bad_files(corpus, tiny_extractor, tmp_path):
-    from imagebert_hf.regions.feature_cache import extract_regions, load_region_cache
+    from imagebert_hf.regions import extract_regions, load_region_cache
 
     files = {name: value for name, value in corpus.items() if isinstance(value, str)}
     manifest = tmp_path / "bad.jsonl"

@@ -8,7 +8,8 @@ import pytest
 
 from imagebert_hf import ImageBERTRoIExtractor
 from imagebert_hf.formats.manifest import parse_manifest_line, read_manifest
-from imagebert_hf.regions.feature_cache import extract_regions, load_region_cache, load_region_dataset, main
+from imagebert_hf.regions import extract_regions, load_region_cache, load_region_dataset
+from imagebert_hf.regions.cli import main
 
 from .testing_utils import COCO_DIR, FLICKR_DIR, require_shared_data
 

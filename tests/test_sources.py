@@ -241,7 +241,7 @@ def test_real_manifests_give_the_documented_pairs():
 
 def test_manifest_pairs_find_their_regions_in_the_region_cache(tokenizer, make_tiny_extractor, tmp_path):
     from imagebert_hf.data.pair_sources import open_region_store
-    from imagebert_hf.regions.feature_cache import extract_regions
+    from imagebert_hf.regions import extract_regions
 
     manifest = write_synthetic_manifest(tmp_path / "shapes", 6, seed=0, image_size=64)
     # Random weights keep the test fast; only the keys and shapes matter here.
@@ -265,7 +265,7 @@ def test_training_reads_float16_caches_without_a_float32_copy(tokenizer, make_ti
     """`open_region_store` (what training opens) yields the stored float16 rows; the collated batch is the same as
     from the cache opened as float32."""
     from imagebert_hf.data.pair_sources import open_region_store
-    from imagebert_hf.regions.feature_cache import extract_regions, load_region_cache
+    from imagebert_hf.regions import extract_regions, load_region_cache
 
     manifest = write_synthetic_manifest(tmp_path / "shapes", 4, seed=1, image_size=64)
     extractor = make_tiny_extractor()

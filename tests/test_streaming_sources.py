@@ -16,7 +16,7 @@ from imagebert_hf.data.pair_sources import (
     WebDatasetStream,
 )
 from imagebert_hf.data.synthetic import make_synthetic_examples
-from imagebert_hf.regions.feature_cache import extract_regions, load_region_cache
+from imagebert_hf.regions import extract_regions, load_region_cache
 from imagebert_hf.training import RecipeError, recipe_from_dict, run_pretraining
 
 from .test_region_cache_scale import CLASSES, FEATURES, GeneratedExtractor

@@ -327,7 +327,7 @@ def run_pretraining_variant(args: AblationArguments, variant: str, seed: int) ->
 
 def ensure_region_caches(args: AblationArguments) -> None:
     from imagebert_hf import ImageBERTRoIExtractor
-    from imagebert_hf.regions.feature_cache import extract_regions
+    from imagebert_hf.regions import extract_regions
 
     extractor = ImageBERTRoIExtractor(grid_sizes=[1, 2, 3, 4], max_regions=30)
     for name, folder in (("flickr8k", "flickr8k_trainval"), ("coco128", "coco_val2017_128")):

@@ -22,7 +22,7 @@ import torch
 from transformers.utils import logging
 
 from ..formats.manifest import iter_manifest
-from ..regions.feature_cache import load_region_cache
+from ..regions.cache_reader import load_region_cache
 from .negatives import choose_negative
 from .synthetic import corrupt_captions, make_synthetic_examples, synthetic_region_record
 

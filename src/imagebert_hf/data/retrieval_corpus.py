@@ -24,7 +24,7 @@ from transformers.utils import logging
 from ..formats.manifest import iter_manifest
 from ..models.imagebert.region_batching import pad_region_records
 from ..models.imagebert.retrieval_index import RegionBatches, gather_pair_inputs, is_region_batches, score_pairs
-from ..regions.feature_cache import load_region_cache
+from ..regions.cache_reader import load_region_cache
 
 
 logger = logging.get_logger(__name__)

@@ -23,7 +23,7 @@ from ..data.synthetic import make_synthetic_examples, synthetic_region_record
 from ..formats.files import atomic_write_bytes, atomic_write_json
 from ..models.imagebert.modeling_imagebert import ImageBERTForImageTextRetrieval
 from ..models.imagebert.retrieval_index import score_all_pairs
-from ..regions.feature_cache import load_region_cache
+from ..regions.cache_reader import load_region_cache
 from .hub import build_model_card, save_model_card
 from .plots import plot_recall_curves, plot_score_histograms
 from .recall import format_metrics_table, retrieval_metrics

@@ -43,7 +43,7 @@ from ..models.imagebert.retrieval_index import (
     region_rows,
     score_pairs,
 )
-from ..regions.feature_cache import load_region_cache
+from ..regions.cache_reader import load_region_cache
 
 
 logger = logging.get_logger(__name__)

@@ -15,7 +15,7 @@ from ..formats.manifest import read_manifest
 from ..models.imagebert.modeling_imagebert import ImageBERTForImageTextRetrieval
 from ..models.imagebert.region_batching import pad_region_records
 from ..models.imagebert.retrieval_index import score_all_pairs
-from ..regions.feature_cache import load_region_cache
+from ..regions.cache_reader import load_region_cache
 from .recall import retrieval_metrics
 
 

@@ -155,7 +155,7 @@ def build_source(spec: SourceSpec, feature_size: int) -> tuple[PairSource | Stre
     if not Path(spec.region_cache).exists():
         raise FileNotFoundError(
             f"region cache {spec.region_cache} of source {spec.name!r} does not exist; build it with "
-            "examples/extract_regions.py (or imagebert_hf.regions.feature_cache.extract_regions) first."
+            "examples/extract_regions.py (or imagebert_hf.regions.extract_regions) first."
         )
     return source, open_region_store(spec.region_cache)
 

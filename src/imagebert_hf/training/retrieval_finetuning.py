@@ -30,7 +30,7 @@ from ..evaluation.hub import push_to_hub
 from ..evaluation.recall import retrieval_metrics
 from ..formats.files import atomic_write_json
 from ..models.imagebert import ImageBERTConfig, ImageBERTForImageTextRetrieval
-from ..regions.feature_cache import load_region_cache
+from ..regions.cache_reader import load_region_cache
 from .arguments import RetrievalArguments
 from .checkpointing import TrainState
 from .loop import LoopSettings, build_accelerator
