@@ -16,8 +16,6 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from .engine import RetrievalDemo, read_gallery
-
 
 DEMO_MODEL = Path("pretraining") / "stage2-clean" / "final"
 DEMO_GALLERY = Path("data") / "captions.jsonl"
@@ -81,6 +79,8 @@ def load_demo(args: AppArguments):
     """The `RetrievalDemo` the arguments describe: the pipeline and the gallery, indexed."""
     import transformers
     from transformers import pipeline
+
+    from .engine import RetrievalDemo, read_gallery
 
     model, gallery, split = args.model, args.gallery, args.split
     if model is None:

@@ -4,26 +4,33 @@ Five stages, each a pure function over a batch of records returning the kept rec
 received, kept and dropped (by reason): `parse_pages`, `filter_images`, `clean_texts`, `score_relevance`, then
 the corpus-wide `aggregate`. `run_local` and `run_spark` run them and write the same parquet shards and funnel
 report. Heavy dependencies (fastwarc, resiliparse, nudenet, pyspark) are imported only where used.
+
+The names below load their module on first access, so `imagebert-curate --help` imports none of the stages.
 """
 
-from .aggregation import aggregate, aggregate_image_group, aggregate_text_group
-from .config import (
-    AggregationConfig,
-    CurationConfig,
-    ImageFilterConfig,
-    ParseConfig,
-    RelevanceConfig,
-    TextCleaningConfig,
-)
-from .image_filters import filter_images, image_statistics
-from .inputs import discover_sources, scan_source
-from .linear import LinearModel
-from .parse import parse_pages
-from .pipeline import CurationResult, load_curated, run_local
-from .relevance import relevance_features, score_relevance
-from .spark import run_spark
-from .tally import Tally, funnel_markdown, write_funnel_report
-from .text_cleaning import check_text, clean_texts
+import importlib
+from typing import TYPE_CHECKING
+
+
+if TYPE_CHECKING:
+    from .aggregation import aggregate, aggregate_image_group, aggregate_text_group
+    from .config import (
+        AggregationConfig,
+        CurationConfig,
+        ImageFilterConfig,
+        ParseConfig,
+        RelevanceConfig,
+        TextCleaningConfig,
+    )
+    from .image_filters import filter_images, image_statistics
+    from .inputs import discover_sources, scan_source
+    from .linear import LinearModel
+    from .parse import parse_pages
+    from .pipeline import CurationResult, load_curated, run_local
+    from .relevance import relevance_features, score_relevance
+    from .spark import run_spark
+    from .tally import Tally, funnel_markdown, write_funnel_report
+    from .text_cleaning import check_text, clean_texts
 
 
 __all__ = [
@@ -54,3 +61,39 @@ __all__ = [
     "score_relevance",
     "write_funnel_report",
 ]
+
+_MODULES = {
+    "aggregation": ["aggregate", "aggregate_image_group", "aggregate_text_group"],
+    "config": [
+        "AggregationConfig",
+        "CurationConfig",
+        "ImageFilterConfig",
+        "ParseConfig",
+        "RelevanceConfig",
+        "TextCleaningConfig",
+    ],
+    "image_filters": ["filter_images", "image_statistics"],
+    "inputs": ["discover_sources", "scan_source"],
+    "linear": ["LinearModel"],
+    "parse": ["parse_pages"],
+    "pipeline": ["CurationResult", "load_curated", "run_local"],
+    "relevance": ["relevance_features", "score_relevance"],
+    "spark": ["run_spark"],
+    "tally": ["Tally", "funnel_markdown", "write_funnel_report"],
+    "text_cleaning": ["check_text", "clean_texts"],
+}
+# public name -> the module (in this package) that defines it
+_LAZY_NAMES = {name: module for module, names in _MODULES.items() for name in names}
+
+
+def __getattr__(name: str):
+    module = _LAZY_NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

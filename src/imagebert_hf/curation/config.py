@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..models.imagebert.configuration_imagebert import check_field
-
 
 def _help(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
     if factory is not dataclasses.MISSING:
@@ -424,6 +422,9 @@ def check_stage_config(config: Any) -> None:
             if not value and f.name in _NON_EMPTY_LISTS:
                 raise ValueError(f"{name} must hold at least one entry, got an empty list.")
         else:
+            # imported here: the config module loads transformers (and torch); `imagebert-curate --help` does not
+            from ..models.imagebert.configuration_imagebert import check_field
+
             check_field(name, value, annotation, *_RANGES.get(f.name, (None, None)))
     if isinstance(config, ParseConfig):
         unknown = sorted(set(config.text_sources) - set(TEXT_SOURCES))

@@ -2,22 +2,29 @@
 
 Everything here imports only same-folder modules and third-party packages, so a saved model, processor or pipeline
 carries these files as remote code and loads with `trust_remote_code=True` where the package is not installed.
+The names below load their module on first access, so importing one module of this folder (the UNITER converter,
+the region helpers) does not import every other one.
 """
 
-from .configuration_imagebert import ImageBERTConfig
-from .image_processing_imagebert import WEIGHTS_NAME, ImageBERTRoIExtractor, check_region_sizes
-from .modeling_auto import AutoModelForImageTextRetrieval
-from .modeling_imagebert import (
-    ImageBERTForImageTextRetrieval,
-    ImageBERTForImageTextRetrievalOutput,
-    ImageBERTForPreTraining,
-    ImageBERTForPreTrainingOutput,
-    ImageBERTModel,
-    ImageBERTModelOutput,
-    ImageBERTPreTrainedModel,
-)
-from .pipeline_image_text_retrieval import MODES, ImageTextRetrievalPipeline, RetrievalIndex, register_pipeline
-from .processing_imagebert import ImageBERTProcessor, check_processor_config, register_processing
+import importlib
+from typing import TYPE_CHECKING
+
+
+if TYPE_CHECKING:
+    from .configuration_imagebert import ImageBERTConfig
+    from .image_processing_imagebert import WEIGHTS_NAME, ImageBERTRoIExtractor, check_region_sizes
+    from .modeling_auto import AutoModelForImageTextRetrieval
+    from .modeling_imagebert import (
+        ImageBERTForImageTextRetrieval,
+        ImageBERTForImageTextRetrievalOutput,
+        ImageBERTForPreTraining,
+        ImageBERTForPreTrainingOutput,
+        ImageBERTModel,
+        ImageBERTModelOutput,
+        ImageBERTPreTrainedModel,
+    )
+    from .pipeline_image_text_retrieval import MODES, ImageTextRetrievalPipeline, RetrievalIndex, register_pipeline
+    from .processing_imagebert import ImageBERTProcessor, check_processor_config, register_processing
 
 
 __all__ = [
@@ -41,3 +48,35 @@ __all__ = [
     "register_pipeline",
     "register_processing",
 ]
+
+_MODULES = {
+    "configuration_imagebert": ["ImageBERTConfig"],
+    "image_processing_imagebert": ["WEIGHTS_NAME", "ImageBERTRoIExtractor", "check_region_sizes"],
+    "modeling_auto": ["AutoModelForImageTextRetrieval"],
+    "modeling_imagebert": [
+        "ImageBERTForImageTextRetrieval",
+        "ImageBERTForImageTextRetrievalOutput",
+        "ImageBERTForPreTraining",
+        "ImageBERTForPreTrainingOutput",
+        "ImageBERTModel",
+        "ImageBERTModelOutput",
+        "ImageBERTPreTrainedModel",
+    ],
+    "pipeline_image_text_retrieval": ["MODES", "ImageTextRetrievalPipeline", "RetrievalIndex", "register_pipeline"],
+    "processing_imagebert": ["ImageBERTProcessor", "check_processor_config", "register_processing"],
+}
+# public name -> the same-folder module that defines it
+_LAZY_NAMES = {name: module for module, names in _MODULES.items() for name in names}
+
+
+def __getattr__(name: str):
+    module = _LAZY_NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -35,15 +35,16 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from transformers.utils import logging
 
-from .configuration_imagebert import ImageBERTConfig
-from .modeling_imagebert import ImageBERTForImageTextRetrieval, ImageBERTForPreTraining
-from .retrieval_index import _publish
-from .roi_backends import load_state_dict_file
+
+# torch and the model load inside the functions that use them, so `imagebert-convert-uniter --help` stays fast.
+if TYPE_CHECKING:
+    import torch
+
+    from .modeling_imagebert import ImageBERTForImageTextRetrieval, ImageBERTForPreTraining
 
 
 logger = logging.get_logger(__name__)
@@ -104,6 +105,8 @@ def read_uniter_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         ValueError: the file is not a readable checkpoint (a text file, a truncated download, a pickle holding
             code); the message names the file.
     """
+    from .roi_backends import load_state_dict_file
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist (expected UNITER's .pt, e.g. uniter-base.pt).")
@@ -125,6 +128,8 @@ def prepare_uniter_state_dict(state_dict, source: str = "the state dict") -> dic
     """A UNITER state dict ready to convert: weights nested under a key (`model`, `state_dict`, ...) unwrapped,
     DataParallel's `module.` prefix stripped, LayerNorm `gamma`/`beta` renamed; a plain BERT checkpoint, or anything
     else without UNITER's keys, refused with what it holds."""
+    import torch
+
     for _ in range(3):
         if isinstance(state_dict, dict) and not any(isinstance(v, torch.Tensor) for v in state_dict.values()):
             nested = [key for key in NESTING_KEYS if isinstance(state_dict.get(key), dict)]
@@ -217,6 +222,8 @@ def convert_uniter_state_dict(state_dict: dict[str, torch.Tensor], task: str) ->
         ValueError: On a key that is neither mapped nor known to be dropped, or when `task` needs heads the
             checkpoint lacks.
     """
+    import torch
+
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}.")
     state_dict = _rename_layer_norm(state_dict)
@@ -276,6 +283,9 @@ def load_uniter_model(
         uniter_config: UNITER's JSON config as a dict (for the attention heads and dropouts).
         **config_overrides: `ImageBERTConfig` fields to set (e.g. `max_text_length`).
     """
+    from .configuration_imagebert import ImageBERTConfig
+    from .modeling_imagebert import ImageBERTForImageTextRetrieval, ImageBERTForPreTraining
+
     state_dict = prepare_uniter_state_dict(state_dict)
     if task is not None and task not in TASKS:
         raise ValueError(f"task must be one of {TASKS} or None (detected), got {task!r}.")
@@ -318,6 +328,8 @@ def convert_uniter_checkpoint(
 ):
     """Converts `checkpoint` and saves the model (and, with `tokenizer`, an `ImageBERTProcessor` whose region
     extractor is the BUTD detector with 7-d locations) to `output_dir`. Returns the model."""
+    from .retrieval_index import _publish
+
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise NotADirectoryError(f"output {output_dir} exists and is not a folder; the model is saved as a folder.")
