@@ -58,10 +58,12 @@ OPTIONAL_DEPENDENCIES = {
 NEEDS_OPTIONAL_DEPENDENCY: set[str] = set()
 # `(module, function)` whose cross-folder imports wait inside the function so that `import imagebert_hf` and the
 # console scripts' `--help` load no torch: the package root's `register` (it runs once transformers' Auto classes
-# load) and the curation config's shared field check (`configuration_imagebert` loads transformers, hence torch).
+# load), the curation config's shared field check (`configuration_imagebert` loads transformers, hence torch) and
+# the region-extraction command's extractor.
 KEPT_OFF_THE_IMPORT: set[tuple[str, str]] = {
     (PACKAGE, "register"),
     (f"{PACKAGE}.curation.config", "check_stage_config"),
+    (f"{PACKAGE}.regions.cli", "_extract"),
 }
 
 

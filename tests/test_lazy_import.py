@@ -75,7 +75,7 @@ def test_lazy_names_match_the_type_checking_imports():
 
 # The console scripts whose `--help` must not load torch (what makes it slow). `imagebert-extract-regions` is absent:
 # its module imports the extractor, hence torch, at the top.
-LIGHT_SCRIPTS = ["imagebert-curate", "imagebert-app", "imagebert-convert-uniter"]
+LIGHT_SCRIPTS = ["imagebert-curate", "imagebert-app", "imagebert-convert-uniter", "imagebert-extract-regions"]
 
 
 @pytest.mark.parametrize("script", LIGHT_SCRIPTS)

@@ -41,7 +41,8 @@ if TYPE_CHECKING:
     from .models.imagebert.roi_image_loading import ImageLoadError, LoadedImage, RegionExtractionError, load_image
     from .models.imagebert.roi_offline_weights import offline_default_config_kwargs
     from .models.imagebert.roi_precomputed import read_npz_regions, write_npz_regions, write_tsv_regions
-    from .regions.feature_cache import extract_regions, load_region_cache, load_region_dataset
+    from .regions.cache_reader import load_region_cache, load_region_dataset
+    from .regions.cache_writer import extract_regions
 
 
 __version__ = "0.1.0"
@@ -123,7 +124,8 @@ _MODULES = {
     "models.imagebert.roi_image_loading": ["ImageLoadError", "LoadedImage", "RegionExtractionError", "load_image"],
     "models.imagebert.roi_offline_weights": ["offline_default_config_kwargs"],
     "models.imagebert.roi_precomputed": ["read_npz_regions", "write_npz_regions", "write_tsv_regions"],
-    "regions.feature_cache": ["extract_regions", "load_region_cache", "load_region_dataset"],
+    "regions.cache_reader": ["load_region_cache", "load_region_dataset"],
+    "regions.cache_writer": ["extract_regions"],
 }
 # public name -> the module (relative to this package) that defines it
 _LAZY_NAMES = {name: module for module, names in _MODULES.items() for name in names}

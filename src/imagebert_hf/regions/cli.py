@@ -7,10 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..models.imagebert.image_processing_imagebert import ImageBERTRoIExtractor
 from .cache_layout import REPORT_NAME
-from .cache_reader import verify_region_cache
-from .cache_writer import extract_regions, merge_region_caches
 
 
 @dataclass
@@ -68,7 +65,10 @@ class ExtractRegionsArguments:
     )
 
 
+# The cache's reader and writer (and torch with them) are imported by the command that needs them, so `--help` is fast.
 def _verify(args: ExtractRegionsArguments) -> int:
+    from .cache_reader import verify_region_cache
+
     if args.merge or args.manifest is not None or args.dataset_path is not None:
         raise ValueError(
             "--verify checks the cache in --output_dir; give it without --manifest, --dataset_path or --merge"
@@ -79,12 +79,17 @@ def _verify(args: ExtractRegionsArguments) -> int:
 
 
 def _merge(args: ExtractRegionsArguments) -> int:
+    from .cache_writer import merge_region_caches
+
     report = merge_region_caches(args.merge, args.output_dir)
     print(f"merged {len(args.merge)} parts: {report.num_unique} distinct images, {report.num_failed} failed")
     return 0
 
 
 def _extract(args: ExtractRegionsArguments) -> int:
+    from ..models.imagebert.image_processing_imagebert import ImageBERTRoIExtractor
+    from .cache_writer import extract_regions
+
     if (args.manifest is None) == (args.dataset_path is None):
         raise ValueError("give exactly one of --manifest and --dataset_path")
     if args.dataset_path is not None:
