@@ -162,3 +162,67 @@ def test_save_for_hub_lists_the_written_files(model_and_processor, tmp_path):
     reloaded = ImageBERTForImageTextRetrieval.from_pretrained(tmp_path)
     for name, value in model.state_dict().items():
         torch.testing.assert_close(reloaded.state_dict()[name], value)
+
+
+def test_save_for_hub_refused_or_failing_rerun_leaves_the_earlier_folder(model_and_processor, tmp_path, monkeypatch):
+    model, processor = model_and_processor
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("a file of the user's")
+    save_for_hub(model, processor, folder, build_model_card(RESULTS[:1], model_id="first"))
+    earlier = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert "notes.txt" in earlier and "model.safetensors" in earlier
+
+    with pytest.raises(TypeError, match="processor must be an ImageBERTProcessor, got BertTokenizer"):
+        save_for_hub(model, processor.tokenizer, folder)
+    with pytest.raises(TypeError, match="card must be a huggingface_hub.ModelCard .*got dict"):
+        save_for_hub(model, processor, folder, card={"model_id": "x"})
+    import imagebert_hf.evaluation.hub as hub
+
+    def full_disk(card, output_dir):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(hub, "save_model_card", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        save_for_hub(model, processor, folder, build_model_card(RESULTS[:1], model_id="second"))
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == earlier
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hub"]
+
+
+class SpyUpload:
+    """Records every call of `evaluation.hub.upload_to_hub`, then runs it against a `RecordingHub`."""
+
+    def __init__(self, upload):
+        self.upload, self.calls, self.hub = upload, [], RecordingHub()
+
+    def __call__(self, folder, repo_id, commit_message, **kwargs):
+        self.calls.append((Path(folder), repo_id, commit_message))
+        return self.upload(folder, repo_id, commit_message, **{**kwargs, "api": self.hub})
+
+
+def test_pretraining_stages_and_retrieval_push_go_through_the_one_hub_publisher(
+    model_and_processor, tmp_path, monkeypatch
+):
+    import imagebert_hf.evaluation.hub as hub
+    from imagebert_hf.training.pretraining import _push_stage
+
+    spy = SpyUpload(hub.upload_to_hub)
+    monkeypatch.setattr(hub, "upload_to_hub", spy)
+    stage_final = tmp_path / "stage1-mlm" / "final"
+    stage_final.mkdir(parents=True)
+    (stage_final / "config.json").write_text("{}")
+    _push_stage(stage_final, "someone/imagebert-pretrained", "stage 1: mlm")
+    assert spy.calls == [(stage_final, "someone/imagebert-pretrained", "stage 1: mlm")]
+    assert spy.hub.calls[0] == (
+        "create_repo", {"repo_id": "someone/imagebert-pretrained", "private": None, "exist_ok": True, "repo_type": "model"},
+    )  # fmt: skip
+    assert spy.hub.calls[1][1]["repo_id"] == "someone/imagebert-pretrained" and spy.hub.files == {"config.json": b"{}"}
+
+    model, processor = model_and_processor
+    push_to_hub(model, processor, "someone/imagebert-retrieval", results=RESULTS, commit_message="fine-tuned")
+    assert spy.calls[1][1:] == ("someone/imagebert-retrieval", "fine-tuned")
+    assert spy.hub.calls[-1][1]["repo_id"] == "someone/imagebert-retrieval" and "model.safetensors" in spy.hub.files
+    with pytest.raises(ValueError, match="push_to_hub needs hub_model_id, got none"):
+        _push_stage(stage_final, None, "stage 1: mlm")
+    with pytest.raises(ValueError, match="repo_id must be a non-empty Hub id such as 'user/name', got ''"):
+        hub.upload_to_hub(stage_final, "", "x", api=RecordingHub())

@@ -261,3 +261,92 @@ def test_checkpoint_save_killed_keeps_the_previous_checkpoint_and_resumes(tmp_pa
     assert latest_checkpoint(tmp_path / "ckpt").name == "step_00000001"
     assert TrainState.load(latest_checkpoint(tmp_path / "ckpt")).completed_steps == 1
     assert (tmp_path / "ckpt" / ".tmp-step_00000002").is_dir()  # half a checkpoint, never listed
+
+
+# ------------------------------------------------------------------------------------------------ saved models
+
+
+def test_save_model_killed_keeps_the_earlier_model_and_the_folders_other_files(tmp_path):
+    pytest.importorskip("accelerate")
+    import torch
+    from accelerate import Accelerator
+
+    from imagebert_hf import ImageBERTForPreTraining
+    from imagebert_hf.models.imagebert.configuration_imagebert import ImageBERTConfig
+    from imagebert_hf.training.checkpointing import save_model
+
+    from .testing_utils import tiny_config_kwargs
+
+    folder = tmp_path / "final"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text("{}")
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    save_model(
+        accelerator, accelerator.prepare(ImageBERTForPreTraining(ImageBERTConfig(**tiny_config_kwargs()))), folder
+    )
+    earlier = folder_bytes(folder)
+
+    script = f"""
+        import torch
+        from accelerate import Accelerator
+        from imagebert_hf import ImageBERTForPreTraining
+        from imagebert_hf.models.imagebert.configuration_imagebert import ImageBERTConfig
+        import imagebert_hf.training.checkpointing as checkpointing
+        from tests.testing_utils import tiny_config_kwargs
+        checkpointing.publish_folder_keeping_others = pause
+        accelerator = Accelerator(cpu=True)
+        torch.manual_seed(1)
+        model = ImageBERTForPreTraining(ImageBERTConfig(**tiny_config_kwargs(num_hidden_layers=1)))
+        checkpointing.save_model(accelerator, accelerator.prepare(model), {str(folder)!r})
+        """
+    kill_during(script, tmp_path)
+    assert folder_bytes(folder) == earlier
+    assert (tmp_path / ".final.tmp-save" / "model.safetensors").is_file()  # the new model, never published
+    assert ImageBERTForPreTraining.from_pretrained(folder).config.num_hidden_layers == 2
+
+    torch.manual_seed(1)
+    second = ImageBERTForPreTraining(ImageBERTConfig(**tiny_config_kwargs(num_hidden_layers=1)))
+    save_model(accelerator, accelerator.prepare(second), folder)
+    assert ImageBERTForPreTraining.from_pretrained(folder).config.num_hidden_layers == 1
+    assert (folder / "tokenizer.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "ready") == ["final"]
+
+
+def test_save_for_hub_killed_keeps_the_earlier_hub_folder(tmp_path):
+    script = """
+        import torch
+        from imagebert_hf import ImageBERTForImageTextRetrieval
+        from imagebert_hf.data.synthetic import make_synthetic_tokenizer
+        from imagebert_hf.models.imagebert.configuration_imagebert import ImageBERTConfig
+        from imagebert_hf.models.imagebert.image_processing_imagebert import ImageBERTRoIExtractor
+        from imagebert_hf.models.imagebert.processing_imagebert import ImageBERTProcessor
+        import imagebert_hf.evaluation.hub as hub
+        from tests.conftest import TINY_EXTRACTOR_KWARGS
+        from tests.testing_utils import tiny_config_kwargs
+        name = sys.argv[1] if len(sys.argv) > 1 else "second"
+        if name == "second":
+            hub.publish_folder_keeping_others = pause
+        tokenizer = make_synthetic_tokenizer()
+        extractor = ImageBERTRoIExtractor(**TINY_EXTRACTOR_KWARGS)
+        config = ImageBERTConfig(**tiny_config_kwargs(vocab_size=len(tokenizer), **extractor.config_kwargs()))
+        torch.manual_seed(0)
+        processor = ImageBERTProcessor.from_model_config(config, tokenizer, extractor)
+        card = hub.build_model_card(model_id=name + "-model")
+        hub.save_for_hub(ImageBERTForImageTextRetrieval(config), processor, FOLDER, card)
+        """.replace("FOLDER", repr(str(tmp_path / "hub")))
+    prelude = PAUSE.format(root=str(PROJECT_ROOT), src=str(PROJECT_ROOT / "src"), ready=str(tmp_path / "unused"))
+    done = subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(script), "first"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr
+    earlier = folder_bytes(tmp_path / "hub")
+    assert "first-model" in earlier["README.md"].decode() and "model.safetensors" in earlier
+
+    kill_during(script, tmp_path)
+    assert folder_bytes(tmp_path / "hub") == earlier
+    (written,) = tmp_path.glob(".hub.tmp-*")  # the complete new folder, never published
+    assert "second-model" in (written / "README.md").read_text()

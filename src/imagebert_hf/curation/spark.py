@@ -16,11 +16,13 @@ import json
 import os
 import sys
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 from transformers.utils import logging
 
+from ..formats.files import atomic_write_text, publish_folder
 from .aggregation import aggregate_image_group, aggregate_text_group
 from .config import CurationConfig
 from .inputs import discover_sources
@@ -145,6 +147,23 @@ def _write_parquet(url_prefix: str, columns: tuple[str, ...]):
     return write
 
 
+def _check_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def _publish_data(fs, tmp: str, final: str, local: bool) -> None:
+    """Puts the fully written folder `tmp` at `final`: `publish_folder` (synced, one rename) on a local disk; on a
+    remote filesystem, where a folder cannot be renamed atomically, the earlier folder is removed only now that the
+    new one is complete, then the new one is moved in."""
+    if local:
+        publish_folder(tmp, final)
+        return
+    if fs.exists(final):
+        fs.rm(final, recursive=True)
+    fs.mv(tmp, final, recursive=True)
+
+
 def _read_parquet(url: str) -> Iterator[dict]:
     import pyarrow.parquet as pq
 
@@ -217,12 +236,19 @@ def run_spark(
         spark = SparkSession.getActiveSession() or local_spark_session()
     sc = spark.sparkContext
     config = config or CurationConfig()
+    # Everything is checked and the inputs found before the output folder is touched.
+    for name, value in (("batch_size", batch_size), ("sources_per_part", sources_per_part)):
+        _check_positive(name, value)
+    if num_partitions is not None:
+        _check_positive("num_partitions", num_partitions)
     output_url = str(output_dir).rstrip("/")
     fs, root = _filesystem(output_url)
-    fs.makedirs(root, exist_ok=True)
     settings = json.dumps(config.to_dict(), sort_keys=True, default=str)
     sources = discover_inputs(inputs)
     partitions = num_partitions or 2 * sc.defaultParallelism
+    fs.makedirs(root, exist_ok=True)
+    for stale in fs.glob(f"{root}/.data.tmp-*"):  # left by a killed run
+        fs.rm(stale, recursive=True)
 
     tally = Tally()
     parts = [sources[i : i + sources_per_part] for i in range(0, len(sources), sources_per_part)]
@@ -238,8 +264,12 @@ def run_spark(
         if fs.exists(part_path):
             fs.rm(part_path, recursive=True)
         part_tally = _run_part(sc, part_sources, part_url, config, partitions, batch_size)
-        # Written last: a part without it is redone from scratch.
-        fs.pipe(done, json.dumps({"plan": plan, "tally": part_tally.to_json()}).encode())
+        # Written last (atomically on a local disk; one object on a store): a part without it is redone.
+        marker = json.dumps({"plan": plan, "tally": part_tally.to_json()})
+        if _is_local(output_url):
+            atomic_write_text(done, marker)
+        else:
+            fs.pipe(done, marker.encode())
         tally.update(part_tally)
 
     record_files = sorted(
@@ -270,16 +300,26 @@ def run_spark(
     tally.update(_merge_tallies(by_image.map(lambda kt: {TALLY: kt[1].to_json()})))
     kept = by_image.flatMap(lambda kt: [(row["pair_id"], None) for row in kt[0]])
     final = records.map(lambda r: (r["pair_id"], r)).join(kept).map(lambda kv: kv[1][0]).sortBy(lambda r: r["pair_id"])
-    if fs.exists(f"{root}/data"):
-        fs.rm(f"{root}/data", recursive=True)
-    final.mapPartitionsWithIndex(_write_parquet(f"{output_url}/data/part", OUTPUT_COLUMNS)).sum()
+    # The executors write the new `data/` under a temporary name; it replaces the earlier one only once complete.
+    tmp_name = f".data.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        final.mapPartitionsWithIndex(_write_parquet(f"{output_url}/{tmp_name}/part", OUTPUT_COLUMNS)).sum()
+        fs.makedirs(f"{root}/{tmp_name}", exist_ok=True)  # an RDD without partitions writes no file
+        _publish_data(fs, f"{root}/{tmp_name}", f"{root}/data", local=_is_local(output_url))
+    except BaseException:
+        if fs.exists(f"{root}/{tmp_name}"):
+            fs.rm(f"{root}/{tmp_name}", recursive=True)
+        raise
     for cached in (records, by_text, by_image):
         cached.unpersist()
 
-    with tempfile.TemporaryDirectory() as report_dir:
-        finalize_report(tally, Path(report_dir), config)
-        for file in Path(report_dir).iterdir():
-            fs.put(str(file), f"{root}/{file.name}")
+    if _is_local(output_url):
+        finalize_report(tally, Path(root), config)  # atomic file by file
+    else:
+        with tempfile.TemporaryDirectory() as report_dir:
+            finalize_report(tally, Path(report_dir), config)
+            for file in Path(report_dir).iterdir():
+                fs.put(str(file), f"{root}/{file.name}")  # one object each: a store shows all of it or none
     dataset = None
     if load_result:
         dataset = load_curated(root) if _is_local(output_url) or output_url.startswith("file://") else None

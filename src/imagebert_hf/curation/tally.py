@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import numbers
 from collections import Counter
 from pathlib import Path
 
-from ..formats.plotting import save_figure, subplots
+from ..formats.files import atomic_write_text, atomic_writer
+from ..formats.plotting import subplots
 
 
 # Reserved reasons: everything else a stage records is a drop reason.
@@ -95,21 +97,39 @@ def funnel_chart(tally: Tally, path: str | Path, title: str = "Curation funnel")
     ax.set_title(title)
     for i, n in enumerate(counts):
         ax.text(n, i, f" {n}", va="center", fontsize=7)
-    save_figure(fig, path, dpi=110)
+    fig.tight_layout()
+    with atomic_writer(path) as handle:
+        fig.savefig(handle, format="png", dpi=110)
+
+
+def check_tally(tally) -> None:
+    """A funnel report needs a `Tally` of `stage/unit/reason` keys and non-negative integer counts."""
+    if not isinstance(tally, Counter):
+        raise TypeError(f"tally must be a Tally (a Counter of 'stage/unit/reason' keys), got {type(tally).__name__}.")
+    for key, count in tally.items():
+        if not isinstance(key, str) or key.count("/") < 2:
+            raise ValueError(f"tally key {key!r} is not of the form 'stage/unit/reason'.")
+        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
+            raise ValueError(f"tally count of {key!r} must be a non-negative integer, got {count!r}.")
 
 
 def write_funnel_report(tally: Tally, output_dir: str | Path) -> dict[str, Path]:
-    """Writes `funnel.json`, `funnel.md` and `funnel.png` into `output_dir` and returns their paths."""
+    """Writes `funnel.json`, `funnel.md` and `funnel.png` into `output_dir` atomically (each under a temporary name,
+    synced, renamed) and returns their paths; the tally is checked before anything is written."""
+    check_tally(tally)
     output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"output_dir {str(output_dir)!r} is an existing file, expected a folder.")
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {
         "json": output_dir / "funnel.json",
         "markdown": output_dir / "funnel.md",
         "png": output_dir / "funnel.png",
     }
-    paths["json"].write_text(json.dumps({"rows": tally.rows()}, indent=2) + "\n")
-    paths["markdown"].write_text(funnel_markdown(tally))
+    # Each file is written atomically, the JSON (what `load_funnel` and reruns read) last.
     funnel_chart(tally, paths["png"])
+    atomic_write_text(paths["markdown"], funnel_markdown(tally))
+    atomic_write_text(paths["json"], json.dumps({"rows": tally.rows()}, indent=2) + "\n")
     return paths
 
 

@@ -12,12 +12,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..formats.files import atomic_write_text
+from ..formats.files import atomic_write_text, publish_folder_keeping_others
 from ..models.imagebert.pipeline_image_text_retrieval import ImageTextRetrievalPipeline, register_pipeline
 from .recall import format_metrics_table
 
@@ -233,21 +235,84 @@ def save_model_card(card, output_dir: str | os.PathLike) -> Path:
     return path
 
 
+def _check_card(card) -> None:
+    if card is not None and not hasattr(card, "content") and not isinstance(card, str):
+        raise TypeError(f"card must be a huggingface_hub.ModelCard (see build_model_card), got {type(card).__name__}.")
+
+
 def save_for_hub(model, processor, output_dir: str | os.PathLike, card=None) -> list[str]:
     """Writes the folder `push_to_hub` uploads and returns its files (relative paths, sorted).
 
     The model, processor and region extractor are saved with their code (`register_for_auto_class`) and the
     retrieval pipeline's `custom_pipelines` entry, so `pipeline(model=repo, trust_remote_code=True)` needs no
     installed package, raw images included.
+
+    The inputs are checked first, then everything is written to a hidden sibling of `output_dir`, which replaces it
+    in one rename (other files already in `output_dir` are kept, see `publish_folder_keeping_others`): a save that
+    fails or is killed leaves the earlier folder as it was.
     """
-    register_pipeline()
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    pipe = ImageTextRetrievalPipeline(model=model, processor=processor, task="image-text-retrieval", device=-1)
-    pipe.save_pretrained(output_dir)
-    if card is not None:
-        save_model_card(card, output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"save_for_hub: output_dir {str(output_dir)!r} is an existing file, expected a folder.")
+    if not hasattr(model, "save_pretrained") or getattr(model, "config", None) is None:
+        raise TypeError(f"save_for_hub: model must be an ImageBERT model, got {type(model).__name__}.")
+    if not hasattr(processor, "save_pretrained") or not hasattr(processor, "image_processor"):
+        raise TypeError(f"save_for_hub: processor must be an ImageBERTProcessor, got {type(processor).__name__}.")
+    _check_card(card)
+    register_pipeline()
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output_dir.with_name(f".{output_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.mkdir()
+        pipe = ImageTextRetrievalPipeline(model=model, processor=processor, task="image-text-retrieval", device=-1)
+        pipe.save_pretrained(tmp)
+        if card is not None:
+            save_model_card(card, tmp)
+        written = set(os.listdir(tmp))
+        publish_folder_keeping_others(tmp, output_dir, owned=lambda name: name in written)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return sorted(str(path.relative_to(output_dir)) for path in output_dir.rglob("*") if path.is_file())
+
+
+def upload_to_hub(
+    folder: str | os.PathLike,
+    repo_id: str,
+    commit_message: str,
+    private: bool | None = None,
+    token: str | None = None,
+    revision: str | None = None,
+    api=None,
+):
+    """Uploads `folder` to the model repository `repo_id` (created when missing) in one commit: the one place the
+    package talks to the Hub (retrieval `push_to_hub` and each pretraining stage go through it).
+
+    Args:
+        folder: A local folder, uploaded as it is.
+        repo_id: `user/name` on the Hub.
+        commit_message, private, token, revision: as in `huggingface_hub.HfApi`.
+        api: an `HfApi`-like object (`create_repo`, `upload_folder`); a new `HfApi(token=token)` by default.
+
+    Returns:
+        What `api.upload_folder` returns (a `CommitInfo` from the real Hub).
+    """
+    if not isinstance(repo_id, str) or not repo_id.strip():
+        raise ValueError(f"repo_id must be a non-empty Hub id such as 'user/name', got {repo_id!r}.")
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"upload_to_hub: folder {str(folder)!r} is not a folder.")
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+    api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
+    return api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(folder),
+        repo_type="model",
+        revision=revision,
+        commit_message=commit_message,
+    )
 
 
 def push_to_hub(
@@ -262,7 +327,7 @@ def push_to_hub(
     commit_message: str = "Upload ImageBERT image-text retrieval model",
     api=None,
 ):
-    """Pushes model, processor, pipeline code and model card to `repo_id` in one commit.
+    """Pushes model, processor, pipeline code and model card to `repo_id` in one commit (`upload_to_hub`).
 
     Args:
         model: an `ImageBERTForImageTextRetrieval`.
@@ -276,21 +341,20 @@ def push_to_hub(
     Returns:
         What `api.upload_folder` returns (a `CommitInfo` from the real Hub).
     """
-    if api is None:
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
+    if not isinstance(repo_id, str) or not repo_id.strip():
+        raise ValueError(f"repo_id must be a non-empty Hub id such as 'user/name', got {repo_id!r}.")
     if card is None:
         card = build_model_card(results, model_id=repo_id, config=getattr(model, "config", None))
-    api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
     with tempfile.TemporaryDirectory() as folder:
-        save_for_hub(model, processor, folder, card)
-        return api.upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
-            repo_type="model",
+        save_for_hub(model, processor, Path(folder) / "upload", card)
+        return upload_to_hub(
+            Path(folder) / "upload",
+            repo_id,
+            commit_message,
+            private=private,
+            token=token,
             revision=revision,
-            commit_message=commit_message,
+            api=api,
         )
 
 
@@ -303,4 +367,5 @@ __all__ = [
     "push_to_hub",
     "save_for_hub",
     "save_model_card",
+    "upload_to_hub",
 ]

@@ -3,7 +3,8 @@
 Every writer here writes under a temporary name in the target's folder, flushes it and syncs it to disk, renames it
 over the target with `os.replace` (atomic on one filesystem), then syncs the folder so that the rename itself
 survives a crash (where the OS lets a folder be opened). A write that fails leaves the target as it was and removes
-its temporary file. `publish_folder` does the same for a whole folder written under a temporary name.
+its temporary file. `publish_folder` does the same for a whole folder written under a temporary name, and
+`publish_folder_keeping_others` for a writer that owns only some files of its folder.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -102,12 +103,58 @@ def publish_folder(tmp: str | os.PathLike, final: str | os.PathLike, replace: bo
     """
     tmp, final = Path(tmp), Path(final)
     fsync_tree(tmp)
-    if final.exists():
-        if not replace:
-            raise FileExistsError(f"{final} exists")
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    if not final.exists():
+        os.replace(tmp, final)
+        _fsync_folder(final.parent)
+        return
+    if not replace:
+        raise FileExistsError(f"{final} exists")
+    # The earlier folder is renamed aside, not deleted, before the new one goes in: a kill between the two renames
+    # leaves it whole under `.NAME.old-*` rather than half deleted.
+    old = final.with_name(f".{final.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        os.replace(old, final)
+        raise
     _fsync_folder(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    """Recreates `source` at `target` with hard links to its files (a copy where links are refused)."""
+    if source.is_symlink():
+        os.symlink(os.readlink(source), target)
+    elif source.is_dir():
+        target.mkdir()
+        for entry in source.iterdir():
+            _link_tree(entry, target / entry.name)
+    else:
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copy2(source, target)
+
+
+def publish_folder_keeping_others(
+    tmp: str | os.PathLike, final: str | os.PathLike, owned: Callable[[str], bool] = lambda name: False
+) -> None:
+    """`publish_folder` for a writer that owns only some files of `final`: the entries of `final` that `tmp` lacks
+    and that are not `owned` (the writer's stale files, e.g. old weight shards) are carried into `tmp` as hard links
+    (no data is copied), then `tmp` replaces `final`. Other files of the folder (a run's logs, a tokenizer) stay.
+
+    Args:
+        tmp: The writer's new files, written under a temporary name next to `final`.
+        final: Where they go.
+        owned: Whether a top-level name in `final` belongs to the writer (dropped when the new save lacks it).
+    """
+    tmp, final = Path(tmp), Path(final)
+    if final.is_dir():
+        for entry in final.iterdir():
+            if not (tmp / entry.name).exists() and not (tmp / entry.name).is_symlink() and not owned(entry.name):
+                _link_tree(entry, tmp / entry.name)
+    publish_folder(tmp, final)
 
 
 __all__ = [
@@ -118,4 +165,5 @@ __all__ = [
     "file_checksum",
     "fsync_tree",
     "publish_folder",
+    "publish_folder_keeping_others",
 ]

@@ -9,12 +9,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..formats.files import publish_folder
+from ..formats.files import publish_folder, publish_folder_keeping_others
 
 
 STATE_FILE = "trainer_state.json"
@@ -141,12 +142,23 @@ def load_checkpoint(accelerator, checkpoint: str | Path) -> TrainState:
     return TrainState.load(checkpoint)
 
 
+# What `save_pretrained` writes or, when it is stale, removes: a new save drops these from the folder when it lacks
+# them (an old shard, an index for a layout no longer used); any other file there (a tokenizer, logs) is kept.
+_MODEL_FILE = re.compile(
+    r"^(config\.json|generation_config\.json|(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)"
+    r"(\.index\.json)?)$"
+)
+
+
 def save_model(accelerator, model, folder: str | Path, submodule: str | None = None) -> None:
-    """`save_pretrained` of a prepared model into `folder`, correct when its parameters are sharded. Call on every
-    process.
+    """`save_pretrained` of a prepared model into `folder`, correct when its parameters are sharded, and atomic.
+    Call on every process.
 
     The full state dict is gathered with `accelerator.get_state_dict` (a collective under FSDP and DeepSpeed
-    ZeRO-3; a plain `state_dict()` under DDP) and written by the main process only.
+    ZeRO-3; a plain `state_dict()` under DDP). The model is written to a hidden sibling of `folder`
+    (`.NAME.tmp-save`), which then replaces `folder` in one rename: the files of the model's earlier save there are
+    replaced or dropped, every other file of the folder is kept (hard-linked into the new folder). A save that fails
+    or is killed leaves `folder` as it was.
 
     Args:
         accelerator: The run's `Accelerator`.
@@ -154,16 +166,45 @@ def save_model(accelerator, model, folder: str | Path, submodule: str | None = N
         folder: Where to write (`config.json`, `model.safetensors`).
         submodule: Save only this attribute of the unwrapped model (its keys lose the `submodule.` prefix), for a
             training wrapper around the model to publish.
+
+    Raises:
+        ValueError: `folder` is an existing file, `submodule` is not an attribute of the model with
+            `save_pretrained` (checked on every process before anything is written).
     """
-    state_dict = accelerator.get_state_dict(model)
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"save_model: folder {str(folder)!r} is an existing file, expected a folder.")
     target = accelerator.unwrap_model(model)
     if submodule is not None:
-        target = getattr(target, submodule)
+        inner = getattr(target, submodule, None) if isinstance(submodule, str) else None
+        if not hasattr(inner, "save_pretrained"):
+            raise ValueError(
+                f"save_model: submodule {submodule!r} is not an attribute of {type(target).__name__} with "
+                f"save_pretrained; got {type(inner).__name__}."
+            )
+        target = inner
+    state_dict = accelerator.get_state_dict(model)
+    if submodule is not None:
         prefix = submodule + "."
         state_dict = {k[len(prefix) :]: v for k, v in (state_dict or {}).items() if k.startswith(prefix)}
-    target.save_pretrained(
-        folder, is_main_process=accelerator.is_main_process, state_dict=state_dict, save_function=accelerator.save
-    )
+    tmp = folder.with_name(f".{folder.name}.tmp-save")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    try:
+        target.save_pretrained(
+            tmp, is_main_process=accelerator.is_main_process, state_dict=state_dict, save_function=accelerator.save
+        )
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            publish_folder_keeping_others(tmp, folder, owned=lambda name: bool(_MODEL_FILE.match(name)))
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    accelerator.wait_for_everyone()
 
 
 __all__ = [

@@ -28,6 +28,7 @@ from ..data.pair_sources import (
     stable_seed,
 )
 from ..data.synthetic import make_synthetic_tokenizer
+from ..evaluation import hub
 from ..formats.files import atomic_write_text
 from ..models.imagebert.configuration_imagebert import ImageBERTConfig
 from ..models.imagebert.modeling_imagebert import ImageBERTForPreTraining
@@ -351,11 +352,7 @@ def _push_stage(final_dir: Path, hub_model_id: str | None, message: str) -> None
     """Uploads a stage's published folder (the gathered weights; a sharded model in memory has only its shards)."""
     if not hub_model_id:
         raise ValueError("push_to_hub needs hub_model_id, got none.")
-    from huggingface_hub import HfApi
-
-    api = HfApi()
-    api.create_repo(hub_model_id, exist_ok=True)
-    api.upload_folder(repo_id=hub_model_id, folder_path=str(final_dir), commit_message=message)
+    hub.upload_to_hub(final_dir, hub_model_id, message)
 
 
 def run_pretraining(recipe: Recipe, options: PretrainingRunOptions | None = None) -> dict[str, Any]:
