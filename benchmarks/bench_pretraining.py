@@ -77,7 +77,7 @@ def worker(name: str, steps: int, warmup: int) -> None:
 
     accelerator = build_accelerator(tempfile.gettempdir(), report_to="none")
     torch.manual_seed(0)
-    config = ImageBERTConfig(**spec["model"], sparse_prediction=True)  # as pretraining runs set it
+    config = ImageBERTConfig(**spec["model"])
     model = ImageBERTForPreTraining(config)
 
     class WordTokenizer:
@@ -126,7 +126,7 @@ def worker(name: str, steps: int, warmup: int) -> None:
     state = TrainState(stage_name=name, total_steps=total)
     train_loop(
         accelerator, model, optimizer, scheduler, loader, state, sampler=sampler, on_step=on_step,
-        loss_counts=pretraining_loss_counts, logging_steps=total,
+        loss_counts=pretraining_loss_counts, logging_steps=total, model_kwargs={"sparse_prediction": True},
     )  # fmt: skip
     seconds = marks[total] - marks[warmup]
     samples = steps * spec["batch_size"] * accelerator.num_processes

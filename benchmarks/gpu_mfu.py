@@ -116,7 +116,7 @@ def measure(backend: str, compiled: bool, args, batches, config) -> dict:
 
     def step(batch):
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = forward(**batch).loss
+            loss = forward(**batch, sparse_prediction=True).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -166,7 +166,7 @@ def main() -> None:
     print(
         f"device: {name}; dense bf16 peak: {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s; torch {torch.__version__}"
     )
-    config = ImageBERTConfig(sparse_prediction=True)
+    config = ImageBERTConfig()
     collator = DataCollatorForImageBERTPretraining(_Tokenizer(), seed=0)
     features = realistic_features(args.batch_size * args.num_batches, config, np.random.default_rng(0))
     batches = [

@@ -149,6 +149,7 @@ def train_loop(
     on_step: Callable[[TrainState, dict[str, Any]], None] | None = None,
     loss_counts: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
     task_weights: dict[str, float] | None = None,
+    model_kwargs: dict[str, Any] | None = None,
 ) -> TrainState:
     """Trains until `state.completed_steps == state.total_steps`, resuming from `state` (epoch, micro-batches).
 
@@ -169,6 +170,7 @@ def train_loop(
             they do not depend on how a global batch is split across processes.
         task_weights: When given, the logged total is the weighted sum of the logged task losses (consistent with
             them) instead of the average of the model's `loss`.
+        model_kwargs: Keyword arguments added to every forward call (e.g. `{"sparse_prediction": True}`).
 
     Returns:
         The final `state`.
@@ -205,7 +207,7 @@ def train_loop(
             state.batches_in_epoch += 1
             weights = loss_counts(batch) if loss_counts is not None else {}
             with accelerator.accumulate(model):
-                outputs = model(**batch)
+                outputs = model(**batch, **(model_kwargs or {}))
                 accelerator.backward(outputs.loss)
                 if accelerator.sync_gradients and max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)

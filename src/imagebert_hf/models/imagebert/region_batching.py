@@ -19,6 +19,8 @@ import torch
 
 
 PADDING = ("longest", "max_length")
+# Rounding slack of normalised box coordinates (a box edge at the image border may land a hair outside [0, 1]).
+LOCATION_TOLERANCE = 1e-4
 
 # numpy arrays from the extractor and the cache; lists and tensors are accepted wherever records are padded.
 RegionArray = np.ndarray | torch.Tensor | Sequence[Any]
@@ -235,11 +237,72 @@ def pad_region_records(
     return out
 
 
+def check_region_values(batch: Mapping[str, Any], names: Sequence[str] | None = None) -> None:
+    """Checks the values of a padded region batch, where it is made (on the CPU): finite `region_features`,
+    `region_class_probs` without negative or non-finite entries, and `region_locations` in [0, 1] (normalised by the
+    image size), in the real regions (`region_attention_mask`). The model checks only shapes and dtypes, so the same
+    batch behaves alike on every device; the processor, the collators and the pipeline call this.
+
+    Each test is one reduction over the batch; only when it fails are the samples searched, and the message names the
+    first bad sample by its position or, with `names`, by its name (an image id).
+
+    Raises:
+        ValueError: naming the array, the sample and what was expected.
+    """
+    real = batch.get("region_attention_mask")
+    real = None if real is None else torch.as_tensor(real).bool()
+
+    def first_bad(bad_per_sample: torch.Tensor) -> str:
+        index = int(bad_per_sample.nonzero()[0, 0])
+        return repr(names[index]) if names is not None else str(index)
+
+    def per_sample(values: torch.Tensor, good: torch.Tensor) -> torch.Tensor:
+        """(B,) True where a real region of the sample has a value that is not `good`."""
+        bad = ~good.flatten(2).all(dim=-1) if good.dim() > 2 else ~good
+        return (bad & real).any(dim=1) if real is not None else bad.any(dim=1)
+
+    for key in ("region_features", "region_class_probs"):
+        values = batch.get(key)
+        if values is None or not torch.as_tensor(values).numel():
+            continue
+        values = torch.as_tensor(values)
+        probabilities = key == "region_class_probs"
+        if torch.isfinite(values.sum()) and not (probabilities and (values < 0).any()):
+            continue
+        good = torch.isfinite(values)
+        if probabilities:
+            good &= values >= 0
+        bad = per_sample(values, good)
+        if bad.any():
+            problem, expected = ("NaN, infinite or negative", "a probability distribution") if probabilities else (
+                "NaN or infinite", "finite numbers"
+            )  # fmt: skip
+            raise ValueError(
+                f"sample {first_bad(bad)}: {key} hold {problem} values in real regions; expected {expected}."
+            )
+    if batch.get("region_locations") is not None:
+        locations = torch.as_tensor(batch["region_locations"])
+        if locations.numel() and not (
+            torch.isfinite(locations.sum()) and locations.min() >= -LOCATION_TOLERANCE
+            and locations.max() <= 1 + LOCATION_TOLERANCE
+        ):  # fmt: skip
+            good = (
+                torch.isfinite(locations) & (locations >= -LOCATION_TOLERANCE) & (locations <= 1 + LOCATION_TOLERANCE)
+            )
+            bad = per_sample(locations, good)
+            if bad.any():
+                raise ValueError(
+                    f"sample {first_bad(bad)}: region_locations hold values outside [0, 1] or not finite in real "
+                    "regions; expected box coordinates and area normalised by the image size, all in [0, 1]."
+                )
+
+
 __all__ = [
     "PADDING",
     "RegionArray",
     "RegionRecord",
     "as_feature_tensor",
+    "check_region_values",
     "empty_batch_tensor",
     "pad_region_records",
     "padded_length",
