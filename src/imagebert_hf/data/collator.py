@@ -9,7 +9,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..models.imagebert.region_batching import as_feature_tensor, empty_batch_tensor, pad_region_records, padded_length
+from ..models.imagebert.region_batching import (
+    as_feature_tensor,
+    check_region_values,
+    empty_batch_tensor,
+    pad_region_records,
+    padded_length,
+)
 from .negatives import choose_negative
 
 
@@ -38,8 +44,9 @@ class DataCollatorForImageBERTPretraining:
        chosen tokens become [MASK] (80%), a random non-special token (10%) or stay (10%).
     3. Region masking: each real region is chosen with probability `region_mask_probability`;
        chosen regions get a zero feature with probability `region_zero_probability` and keep it otherwise.
-       `region_feature_targets` holds the features before masking (MRFR), `region_class_labels` /
-       `region_class_probs` pass through for MOC, which reads them at `masked_regions`.
+       `region_feature_targets` holds the features of the chosen regions before masking (MRFR): one row per True of
+       `masked_regions`, in its row-major order, `(num_masked, F)`; `region_class_labels` / `region_class_probs`
+       pass through for MOC, which reads them at `masked_regions`.
     4. Padding of text and regions to the longest in this batch (optionally to a multiple, never beyond
        `max_text_length` / `max_regions`), regions through the shared `pad_region_records`.
 
@@ -75,6 +82,13 @@ class DataCollatorForImageBERTPretraining:
         num_object_classes (`int`, *optional*): The MOC head's classes; a `region_class_labels` value outside
             `[0, num_object_classes)` (other than -100) then raises, naming the sample, instead of reaching the loss.
         seed (`int`, *optional*): Seed of the generator used for samples without `sample_seed`.
+        full_region_feature_targets (`bool`, defaults to `False`): Return `region_feature_targets` for every region,
+            `(batch_size, num_regions, F)`, as before the model accepted the masked rows only (a copy of the whole
+            feature batch: the slower layout, for code that indexes the targets by region).
+
+    Values are checked here, on the CPU, where the batch is made: token ids within the tokenizer, class labels
+    within `num_object_classes`, ITM labels 0 or 1 (per sample), finite features and class distributions and
+    locations in [0, 1] (`check_region_values`, once over the padded batch). The model checks only shapes.
     """
 
     tokenizer: Any
@@ -92,6 +106,7 @@ class DataCollatorForImageBERTPretraining:
     count_failed: bool = False
     seed: int | None = None
     num_object_classes: int | None = None
+    full_region_feature_targets: bool = False
 
     def __post_init__(self):
         for name in (
@@ -270,9 +285,9 @@ class DataCollatorForImageBERTPretraining:
 
     def _check_values(self, feature: dict, input_ids: torch.Tensor, regions: dict[str, torch.Tensor]) -> None:
         """The values a model would fail on deep inside (or train on silently): token ids beyond the tokenizer,
-        class labels beyond the MOC head, ITM labels other than 0/1 (NaN/inf regions: `_check_finite`, on the
-        whole batch). Checked here, on the data loader's side, so the training step needs no check that waits for
-        the device."""
+        class labels beyond the MOC head, ITM labels other than 0/1 (features and locations: `check_region_values`,
+        on the whole batch). Checked here, on the data loader's side, on every device alike; the model checks
+        shapes only."""
         name = f"sample {feature.get('image_id')!r}"
         vocab = len(self.tokenizer)
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
@@ -291,19 +306,6 @@ class DataCollatorForImageBERTPretraining:
         itm = feature.get("itm_labels")
         if itm is not None and (isinstance(itm, bool) or int(itm) not in (0, 1) or int(itm) != itm):
             raise ValueError(f"{name}: itm_labels must be 0 or 1, got {itm!r}.")
-
-    @staticmethod
-    def _check_finite(batch: dict[str, torch.Tensor], samples: list[dict]) -> None:
-        """NaN / inf region values raise, naming the image they came from. One reduction over the padded batch
-        (a sum is finite only if every term is); the samples are searched only when it is not."""
-        for key in ("region_features", "region_locations"):
-            values = batch[key]
-            if torch.isfinite(values.sum()):
-                continue
-            bad = (~torch.isfinite(values.flatten(1)).all(dim=1)).nonzero().flatten()
-            if len(bad):
-                name = samples[int(bad[0])]["_regions_of"]
-                raise ValueError(f"sample {name!r}: {key} contain NaN or infinite values.")
 
     def _pad(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         batch_size = len(samples)
@@ -332,13 +334,19 @@ class DataCollatorForImageBERTPretraining:
                 extra_keys={"masked_regions": False, "_zeroed_regions": False},
             )
         )
-        self._check_finite(batch, samples)
-        # MRFR regresses the features before masking; the model sees them with the chosen rows zeroed.
+        check_region_values(batch, [sample["_regions_of"] for sample in samples])
+        # MRFR regresses the features before masking; the model sees them with the chosen rows zeroed. The targets
+        # are the masked rows only (a few percent of the batch), copied out before the zeroing, in place.
         zeroed = batch.pop("_zeroed_regions")
-        targets = batch["region_features"]
-        batch["region_feature_targets"] = targets
-        batch["region_features"] = empty_batch_tensor(targets.shape, targets.dtype).copy_(targets)
-        batch["region_features"][zeroed] = 0.0
+        features = batch["region_features"]
+        if self.full_region_feature_targets:
+            batch["region_feature_targets"] = features
+            batch["region_features"] = features = empty_batch_tensor(features.shape, features.dtype).copy_(features)
+        else:
+            rows = batch["masked_regions"].flatten().nonzero().flatten()
+            targets = empty_batch_tensor((len(rows), features.shape[-1]), features.dtype)
+            batch["region_feature_targets"] = torch.index_select(features.flatten(0, 1), 0, rows, out=targets)
+        features[zeroed] = 0.0
         batch["itm_labels"] = torch.tensor([int(s["itm_labels"]) for s in samples], dtype=torch.long)
         return batch
 
