@@ -955,3 +955,19 @@ def test_mrfr_targets_of_the_masked_rows_equal_full_targets(tester, sparse_predi
     # A row count that does not match masked_regions fails rather than pairing rows wrongly.
     with pytest.raises((IndexError, RuntimeError)):
         model(**inputs, **{**targets, "region_feature_targets": rows[:-1]}, sparse_prediction=sparse_prediction)
+
+
+def test_float16_region_batches_give_the_losses_of_their_float32_values(tester):
+    """The collator hands float16 caches over as float16 batches; the model converts them, exactly."""
+    config = tester.get_config()
+    model = _eval(ImageBERTForPreTraining(config))
+    inputs = tester.prepare_inputs(config)
+    targets = tester.prepare_pretraining_targets(config, inputs)
+    inputs["region_features"] = inputs["region_features"].half().float()
+    targets["region_feature_targets"] = inputs["region_features"][targets["masked_regions"]]
+    expected = model(**inputs, **targets, sparse_prediction=True)
+    half = {**inputs, "region_features": inputs["region_features"].half()}
+    got = model(**half, **{**targets, "region_feature_targets": targets["region_feature_targets"].half()},
+                sparse_prediction=True)  # fmt: skip
+    for name in ("loss", "mlm_loss", "moc_loss", "mrfr_loss", "itm_loss"):
+        assert torch.equal(getattr(got, name), getattr(expected, name)), name

@@ -82,6 +82,9 @@ class DataCollatorForImageBERTPretraining:
         num_object_classes (`int`, *optional*): The MOC head's classes; a `region_class_labels` value outside
             `[0, num_object_classes)` (other than -100) then raises, naming the sample, instead of reaching the loss.
         seed (`int`, *optional*): Seed of the generator used for samples without `sample_seed`.
+        feature_dtype (`torch.dtype`, *optional*): The dtype of `region_features` and `region_feature_targets`. By
+            default the records' own floating dtype: a float16 region cache gives float16 batches (exact, half the
+            bytes to fill and to move to the device; the model converts them to its own dtype), a float32 one float32.
         full_region_feature_targets (`bool`, defaults to `False`): Return `region_feature_targets` for every region,
             `(batch_size, num_regions, F)`, as before the model accepted the masked rows only (a copy of the whole
             feature batch: the slower layout, for code that indexes the targets by region).
@@ -107,6 +110,7 @@ class DataCollatorForImageBERTPretraining:
     seed: int | None = None
     num_object_classes: int | None = None
     full_region_feature_targets: bool = False
+    feature_dtype: torch.dtype | None = None
 
     def __post_init__(self):
         for name in (
@@ -332,6 +336,7 @@ class DataCollatorForImageBERTPretraining:
                 return_labels=all("region_class_labels" in s for s in samples),
                 return_probs=True,
                 extra_keys={"masked_regions": False, "_zeroed_regions": False},
+                feature_dtype=self.feature_dtype,
             )
         )
         check_region_values(batch, [sample["_regions_of"] for sample in samples])
@@ -346,7 +351,8 @@ class DataCollatorForImageBERTPretraining:
             rows = batch["masked_regions"].flatten().nonzero().flatten()
             targets = empty_batch_tensor((len(rows), features.shape[-1]), features.dtype)
             batch["region_feature_targets"] = torch.index_select(features.flatten(0, 1), 0, rows, out=targets)
-        features[zeroed] = 0.0
+        # Row indices rather than a boolean mask over (B, R, F): a tenth of the time.
+        features.flatten(0, 1).index_fill_(0, zeroed.flatten().nonzero().flatten(), 0.0)
         batch["itm_labels"] = torch.tensor([int(s["itm_labels"]) for s in samples], dtype=torch.long)
         return batch
 
