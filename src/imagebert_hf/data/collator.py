@@ -131,6 +131,9 @@ class DataCollatorForImageBERTPretraining:
         if self.tokenizer.mask_token_id is None or self.tokenizer.pad_token_id is None:
             raise ValueError("The tokenizer needs a [MASK] and a [PAD] token for MLM.")
         self._special_ids = torch.tensor(sorted(set(self.tokenizer.all_special_ids)), dtype=torch.long)
+        # A lookup table (token id -> special), indexed by ids that `_check_values` keeps inside the vocabulary.
+        self._is_special = np.zeros(max(len(self.tokenizer), int(self._special_ids.max()) + 1), dtype=bool)
+        self._is_special[self._special_ids.numpy()] = True
         vocab_ids = torch.arange(len(self.tokenizer))
         self._random_token_ids = vocab_ids[~torch.isin(vocab_ids, self._special_ids)]
         self._generator = torch.Generator()
@@ -183,35 +186,36 @@ class DataCollatorForImageBERTPretraining:
             sample["itm_labels"] = 0
 
     def _mask_text(self, input_ids: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        labels = torch.full_like(input_ids, -100)
-        candidates = ~torch.isin(input_ids, self._special_ids)
+        # The draws come from the sample's torch generator; the rest is numpy, cheaper on arrays this small.
+        ids = input_ids.numpy()
+        candidates = ~self._is_special[ids]
         if not candidates.any() or self.mlm_probability == 0.0:
-            return input_ids, labels
-        chosen = (torch.rand(input_ids.shape, generator=generator) < self.mlm_probability) & candidates
+            return input_ids, torch.full_like(input_ids, -100)
+        shape = input_ids.shape
+        chosen = (torch.rand(shape, generator=generator).numpy() < np.float32(self.mlm_probability)) & candidates
         if self.ensure_one_masked and not chosen.any():
-            positions = candidates.nonzero().flatten()
+            positions = np.flatnonzero(candidates)
             chosen[positions[int(torch.randint(len(positions), (1,), generator=generator))]] = True
-        labels[chosen] = input_ids[chosen]
-        action = torch.rand(input_ids.shape, generator=generator)
-        random_ids = self._random_token_ids[
-            torch.randint(len(self._random_token_ids), input_ids.shape, generator=generator)
-        ]
-        masked = input_ids.clone()
-        masked[chosen & (action < 0.8)] = self.tokenizer.mask_token_id
-        to_random = chosen & (action >= 0.8) & (action < 0.9)
-        masked[to_random] = random_ids[to_random]
-        return masked, labels
+        action = torch.rand(shape, generator=generator).numpy()
+        random_ids = self._random_token_ids[torch.randint(len(self._random_token_ids), shape, generator=generator)]
+        # [MASK] for 80% of the chosen tokens, a random token for 10%, unchanged for the rest.
+        masked = np.where(chosen & (action < np.float32(0.8)), self.tokenizer.mask_token_id, ids)
+        to_random = chosen & (action >= np.float32(0.8)) & (action < np.float32(0.9))
+        masked = np.where(to_random, random_ids.numpy(), masked)
+        return torch.from_numpy(masked), torch.from_numpy(np.where(chosen, ids, -100))
 
     def _mask_regions(self, num_regions: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Which regions are chosen for MOC / MRFR, and which of those get a zero feature. The features themselves
         are zeroed once, in the padded batch."""
-        chosen = torch.rand(num_regions, generator=generator) < self.region_mask_probability
+        chosen = torch.rand(num_regions, generator=generator).numpy() < np.float32(self.region_mask_probability)
         if self.region_mask_probability == 0.0:
             chosen[:] = False
         elif self.ensure_one_masked and num_regions > 0 and not chosen.any():
             chosen[int(torch.randint(num_regions, (1,), generator=generator))] = True
-        zero = chosen & (torch.rand(num_regions, generator=generator) < self.region_zero_probability)
-        return chosen, zero
+        zero = chosen & (
+            torch.rand(num_regions, generator=generator).numpy() < np.float32(self.region_zero_probability)
+        )
+        return torch.from_numpy(chosen), torch.from_numpy(zero)
 
     # --- entry point ------------------------------------------------------------------------------------------
     def __call__(self, features: Sequence[dict | None]) -> dict[str, torch.Tensor]:
