@@ -81,7 +81,7 @@ def loader(dataset, tokenizer, layout: str, batch_size: int, pool_groups: int, s
 def train_steps(model, optimizer, batches) -> float:
     start = time.perf_counter()
     for batch in batches:
-        loss = model(**batch).loss
+        loss = model(**batch, sparse_prediction=True).loss  # as pretraining runs call it
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -107,7 +107,6 @@ def main() -> None:
         num_object_classes=NUM_CLASSES,
         max_regions=MAX_REGIONS,
         max_text_length=MAX_TEXT_LENGTH,
-        sparse_prediction=True,  # as pretraining runs set it
     )
     model = ImageBERTForPreTraining(config).train()
     optimizer = build_optimizer(model, 1e-4)

@@ -84,7 +84,7 @@ def worker(name: str, steps: int, warmup: int) -> None:
 
     accelerator = build_accelerator(tempfile.gettempdir(), report_to="none")
     torch.manual_seed(0)
-    config = ImageBERTConfig(**spec["model"], sparse_prediction=True)  # as pretraining runs set it
+    config = ImageBERTConfig(**spec["model"])
     model = ImageBERTForPreTraining(config)
 
     class WordTokenizer:
@@ -131,7 +131,9 @@ def worker(name: str, steps: int, warmup: int) -> None:
             marks[state.completed_steps] = time.perf_counter()
 
     state = TrainState(stage_name=name, total_steps=total)
-    settings = LoopSettings(loss_counts=pretraining_loss_counts, logging_steps=total)
+    settings = LoopSettings(
+        loss_counts=pretraining_loss_counts, logging_steps=total, model_kwargs={"sparse_prediction": True}
+    )
     train_loop(accelerator, model, optimizer, scheduler, loader, state, settings, sampler=sampler, on_step=on_step)
     seconds = marks[total] - marks[warmup]
     samples = steps * spec["batch_size"] * accelerator.num_processes

@@ -47,7 +47,6 @@ def _worker(rank: int, world_size: int, port: int, device_type: str, steps: int,
             intermediate_size=1024,
             region_feature_size=64,
             num_object_classes=16,
-            sparse_prediction=True,
         )
         torch.manual_seed(0)
         model = ImageBERTForPreTraining(config).to(device).train()

@@ -118,7 +118,7 @@ def measure(backend: str, compiled: bool, args, batches, config) -> dict:
 
     def step(batch):
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = forward(**batch).loss
+            loss = forward(**batch, sparse_prediction=True).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -193,7 +193,7 @@ def main() -> None:
         if args.dry_run
         else {}
     )
-    config = ImageBERTConfig(sparse_prediction=True, **size)
+    config = ImageBERTConfig(**size)
     collator = DataCollatorForImageBERTPretraining(_Tokenizer(), seed=0)
     features = realistic_features(args.batch_size * args.num_batches, config, np.random.default_rng(0))
     batches = [

@@ -26,7 +26,7 @@ INT_FIELDS = {
 DROPOUTS = ("hidden_dropout_prob", "attention_probs_dropout_prob")
 WEIGHTS = ("mlm_loss_weight", "moc_loss_weight", "mrfr_loss_weight", "itm_loss_weight", "triplet_margin")
 POSITIVE_FLOATS = ("layer_norm_eps", "contrastive_temperature")
-BOOLS = ("tie_word_embeddings", "sparse_prediction")
+BOOLS = ("tie_word_embeddings",)
 
 
 def _cases():

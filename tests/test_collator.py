@@ -39,7 +39,7 @@ def test_shapes_and_padding_to_longest(tokenizer):
     for key in ("attention_mask", "token_type_ids", "labels"):
         assert batch[key].shape == (5, longest_text)
     assert batch["region_features"].shape == (5, most_regions, FEATURE_SIZE)
-    assert batch["region_feature_targets"].shape == (5, most_regions, FEATURE_SIZE)
+    assert batch["region_feature_targets"].shape == (int(batch["masked_regions"].sum()), FEATURE_SIZE)
     assert batch["region_locations"].shape == (5, most_regions, 5)
     assert batch["region_class_probs"].shape == (5, most_regions, 4)
     for key in ("region_attention_mask", "masked_regions", "region_class_labels"):
@@ -96,14 +96,25 @@ def test_region_masking_rates_and_targets(tokenizer):
     real = batch["region_attention_mask"].bool()
     masked = batch["masked_regions"]
     assert 0.13 < masked.sum().item() / real.sum().item() < 0.17
+    # MRFR targets: the masked rows' features before masking, one per True of masked_regions, in its order.
+    originals = torch.zeros(batch["region_features"].shape)
     for i, feature in enumerate(features):
-        count = len(feature["region_features"])
-        assert torch.allclose(batch["region_feature_targets"][i, :count], torch.from_numpy(feature["region_features"]))
+        originals[i, : len(feature["region_features"])] = torch.from_numpy(feature["region_features"])
+    assert torch.equal(batch["region_feature_targets"], originals[masked])
     zeroed = (batch["region_features"] == 0).all(-1) & masked
     kept = masked & ~zeroed
     assert 0.85 < zeroed.sum().item() / masked.sum().item() < 0.95
-    assert torch.equal(batch["region_features"][kept], batch["region_feature_targets"][kept])
-    assert torch.equal(batch["region_features"][real & ~masked], batch["region_feature_targets"][real & ~masked])
+    assert torch.equal(batch["region_features"][kept], originals[kept])
+    assert torch.equal(batch["region_features"][real & ~masked], originals[real & ~masked])
+
+    # The full layout, for code that indexes targets by region: the same batch, targets for every region.
+    full = DataCollatorForImageBERTPretraining(
+        tokenizer, itm_negative_probability=0.0, seed=0, full_region_feature_targets=True
+    )(features)
+    assert torch.equal(full["region_feature_targets"], originals)
+    for key, value in batch.items():
+        if key != "region_feature_targets":
+            assert torch.equal(full[key], value), key
 
 
 def test_itm_negatives_swap_text_or_regions_and_are_masked_like_positives(tokenizer):
@@ -261,9 +272,10 @@ def test_one_region_batch_for_processor_collator_and_corpus(tokenizer):
         pad_region_records(records, "max_length")
 
 
-def test_float16_regions_give_the_batch_of_their_float32_values(tokenizer):
-    """A float16 cache row (a read-only view of the mapped file) is converted once, into the float32 batch: the
-    batch equals the one made from the same values in float32, and the row is never written to."""
+def test_float16_regions_give_a_float16_batch_of_the_same_values(tokenizer):
+    """A float16 cache row (a read-only view of the mapped file) is copied once, into a float16 batch (half the
+    bytes to fill and move; float16 -> float32 is exact, so the model sees the same numbers): it equals the batch made
+    from the same values in float32, and the row is never written to. `feature_dtype` converts on the CPU instead."""
     features = make_features(tokenizer, 6, seed=4)
     halves = []
     for feature in features:
@@ -271,14 +283,18 @@ def test_float16_regions_give_the_batch_of_their_float32_values(tokenizer):
         half.flags.writeable = False
         halves.append({**feature, "region_features": half})
     exact = [{**f, "region_features": h["region_features"].astype(np.float32)} for f, h in zip(features, halves)]
-    collate = lambda items: DataCollatorForImageBERTPretraining(tokenizer, seed=0)(items)  # noqa: E731
+    collate = lambda items, **kw: DataCollatorForImageBERTPretraining(tokenizer, seed=0, **kw)(items)  # noqa: E731
     from_half, from_float = collate(halves), collate(exact)
-    assert from_half["region_features"].dtype == from_half["region_feature_targets"].dtype == torch.float32
+    assert from_half["region_features"].dtype == from_half["region_feature_targets"].dtype == torch.float16
+    assert from_float["region_features"].dtype == from_float["region_feature_targets"].dtype == torch.float32
     for key in from_float:
-        assert torch.equal(from_half[key], from_float[key]), key
-    assert from_half["masked_regions"].any() and not torch.equal(
-        from_half["region_features"], from_half["region_feature_targets"]
-    )
+        assert torch.equal(from_half[key].float() if from_half[key].is_floating_point() else from_half[key],
+                           from_float[key]), key  # fmt: skip
+    assert from_half["masked_regions"].any() and from_half["region_feature_targets"].abs().sum() > 0
+    converted = collate(halves, feature_dtype=torch.float32)
+    assert converted["region_features"].dtype == converted["region_feature_targets"].dtype == torch.float32
+    for key in from_float:
+        assert torch.equal(converted[key], from_float[key]), key
     for half, original in zip(halves, features):
         assert np.array_equal(half["region_features"], original["region_features"].astype(np.float16))
 
@@ -288,14 +304,30 @@ def test_non_finite_regions_are_named_by_their_image_and_large_finite_ones_pass(
     features[2]["region_features"] = features[2]["region_features"].astype(np.float16)
     features[2]["region_features"][1, 3] = np.inf
     collate = DataCollatorForImageBERTPretraining(tokenizer, seed=0, itm_negative_probability=0.0)
-    with pytest.raises(ValueError, match="sample 'img2': region_features contain NaN or infinite values"):
+    with pytest.raises(ValueError, match="sample 'img2': region_features hold NaN or infinite values"):
         collate(features)
     # Finite values whose sum overflows float32 are not an error: the batch-wide sum only decides when to look.
     features = make_features(tokenizer, 4, seed=5)
     for feature in features:
         feature["region_features"][:] = 3e38
     batch = collate(features)
-    assert torch.isinf(batch["region_feature_targets"].sum()) and torch.isfinite(batch["region_feature_targets"]).all()
+    assert torch.isinf(batch["region_features"].sum()) and torch.isfinite(batch["region_features"]).all()
+
+
+def test_region_values_are_checked_where_the_batch_is_made(tokenizer):
+    """Locations outside [0, 1] and broken class distributions raise in the collator, naming the image: the model
+    reads no values, so this is where a bad record stops, on any device."""
+    collate = DataCollatorForImageBERTPretraining(tokenizer, seed=0, itm_negative_probability=0.0)
+    features = make_features(tokenizer, 4, num_classes=3, seed=7)
+    features[1]["region_locations"] = features[1]["region_locations"] * 640  # pixels, not normalised
+    with pytest.raises(ValueError, match="sample 'img1': region_locations hold values outside"):
+        collate(features)
+    features = make_features(tokenizer, 4, num_classes=3, seed=7)
+    features[3]["region_class_probs"][0, 0] = -0.5
+    with pytest.raises(ValueError, match="sample 'img3': region_class_probs hold NaN, infinite or negative"):
+        collate(features)
+    # The same records, well formed, pass.
+    collate(make_features(tokenizer, 4, num_classes=3, seed=7))
 
 
 class _CollateAndReportSharing:

@@ -66,22 +66,25 @@ MASKED_LOSSES = ("mlm_loss", "moc_loss", "mrfr_loss")
 @pytest.mark.parametrize("moc_loss_type", ["cross_entropy", "kl"])
 @pytest.mark.parametrize("sparse_prediction", [False, True])
 def test_a_negatives_targets_never_reach_the_masked_losses(tokenizer, moc_loss_type, sparse_prediction):
-    model = _model(tokenizer, moc_loss_type=moc_loss_type, sparse_prediction=sparse_prediction)
+    model = _model(tokenizer, moc_loss_type=moc_loss_type)
     batch, negatives = _batch(tokenizer, moc_loss_type)
+    # The collator gives MRFR targets for the masked rows only, one per True of masked_regions, in its order.
+    row_is_negative = negatives[batch["masked_regions"].nonzero()[:, 0]]
     with torch.no_grad():
-        out = model(**batch)
+        out = model(**batch, sparse_prediction=sparse_prediction)
 
         # The negatives' targets taken out by hand give the same losses ...
         blanked = dict(batch)
         blanked["labels"] = batch["labels"].masked_fill(negatives[:, None], -100)
         blanked["masked_regions"] = batch["masked_regions"] & ~negatives[:, None]
-        out_blanked = model(**blanked)
+        blanked["region_feature_targets"] = batch["region_feature_targets"][~row_is_negative]
+        out_blanked = model(**blanked, sparse_prediction=sparse_prediction)
         # ... and so do other targets on the negatives.
         scrambled = dict(batch)
         scrambled["labels"] = torch.where(
             negatives[:, None] & (batch["labels"] != -100), (batch["labels"] + 1) % len(tokenizer), batch["labels"]
         )
-        scrambled["region_feature_targets"] = batch["region_feature_targets"] + 10.0 * negatives[:, None, None]
+        scrambled["region_feature_targets"] = batch["region_feature_targets"] + 10.0 * row_is_negative[:, None]
         scrambled["region_class_labels"] = torch.where(
             negatives[:, None] & (batch["region_class_labels"] != -100),
             (batch["region_class_labels"] + 1) % NUM_CLASSES,
@@ -91,7 +94,7 @@ def test_a_negatives_targets_never_reach_the_masked_losses(tokenizer, moc_loss_t
             scrambled["region_class_probs"] = torch.where(
                 negatives[:, None, None], batch["region_class_probs"].flip(-1), batch["region_class_probs"]
             )
-        out_scrambled = model(**scrambled)
+        out_scrambled = model(**scrambled, sparse_prediction=sparse_prediction)
         for name in MASKED_LOSSES:
             torch.testing.assert_close(getattr(out_blanked, name), getattr(out, name), msg=name)
             torch.testing.assert_close(getattr(out_scrambled, name), getattr(out, name), msg=name)
@@ -99,7 +102,7 @@ def test_a_negatives_targets_never_reach_the_masked_losses(tokenizer, moc_loss_t
 
         # The same targets on pairs marked matched do count (the checks above are not vacuous).
         all_matched = dict(scrambled, itm_labels=torch.ones_like(batch["itm_labels"]))
-        out_matched = model(**all_matched)
+        out_matched = model(**all_matched, sparse_prediction=sparse_prediction)
         for name in MASKED_LOSSES:
             assert not torch.allclose(getattr(out_matched, name), getattr(out, name)), name
 
@@ -116,6 +119,7 @@ def test_a_negative_given_to_the_model_directly_has_no_masked_loss(tokenizer):
     direct = dict(batch, itm_labels=only_first)
     direct["labels"] = batch["labels"].masked_fill(~keep[:, None], -100)
     direct["masked_regions"] = batch["masked_regions"] & keep[:, None]
+    direct["region_feature_targets"] = batch["region_feature_targets"][keep[batch["masked_regions"].nonzero()[:, 0]]]
     with torch.no_grad():
         out = model(**direct)
     for name in MASKED_LOSSES:
@@ -127,11 +131,11 @@ def test_a_negative_given_to_the_model_directly_has_no_masked_loss(tokenizer):
 @pytest.mark.parametrize("moc_loss_type", ["cross_entropy", "kl"])
 def test_loss_counts_are_the_targets_the_model_used(tokenizer, moc_loss_type):
     # A sparse model returns its head outputs flattened over the positions it computed losses at.
-    model = _model(tokenizer, moc_loss_type=moc_loss_type, sparse_prediction=True)
+    model = _model(tokenizer, moc_loss_type=moc_loss_type)
     batch, negatives = _batch(tokenizer, moc_loss_type)
     batch["region_class_labels"][~negatives, 0] = -100  # some masked regions without a class (MOC skips them)
     with torch.no_grad():
-        out = model(**batch)
+        out = model(**batch, sparse_prediction=True)
     counts = pretraining_loss_counts(batch)
     assert counts["mlm"] == out.mlm_logits.shape[0]
     assert counts["mrfr"] == out.mrfr_predictions.shape[0]

@@ -36,7 +36,7 @@ def _worker(rank, world_size, port, folder):
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     torch.set_num_threads(1)
     try:
-        config = ImageBERTConfig(**tiny_config_kwargs(sparse_prediction=True))
+        config = ImageBERTConfig(**tiny_config_kwargs())
         torch.manual_seed(0)
         model = ImageBERTForPreTraining(config).train()
         reference = ImageBERTForPreTraining(config).train()
@@ -58,12 +58,12 @@ def _worker(rank, world_size, port, folder):
 
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         batch = _batch(config, rank)
-        loss = model(**batch).loss
+        loss = model(**batch, sparse_prediction=True).loss
         loss.backward()
         optimizer.step()
 
         # The same step without FSDP: the mean of both processes' gradients, applied to the full model.
-        reference_loss = reference(**batch).loss
+        reference_loss = reference(**batch, sparse_prediction=True).loss
         reference_loss.backward()
         for parameter in reference.parameters():
             dist.all_reduce(parameter.grad)

@@ -178,13 +178,13 @@ def test_moc_kl_variant(tester):
 def test_sparse_prediction_gives_the_same_losses_and_gradients(tester, moc_loss_type):
     config = tester.get_config(moc_loss_type=moc_loss_type)
     dense = _eval(ImageBERTForPreTraining(config))
-    sparse = _eval(ImageBERTForPreTraining(tester.get_config(moc_loss_type=moc_loss_type, sparse_prediction=True)))
+    sparse = _eval(ImageBERTForPreTraining(config))
     sparse.load_state_dict(dense.state_dict())
     inputs = tester.prepare_inputs(config)
     targets = tester.prepare_pretraining_targets(config, inputs)
     targets["region_class_labels"][0, 1] = -100  # a masked region without a class
     targets["masked_regions"][1, -1] = True  # a masked flag on a padded region
-    out_dense, out_sparse = dense(**inputs, **targets), sparse(**inputs, **targets)
+    out_dense, out_sparse = dense(**inputs, **targets), sparse(**inputs, **targets, sparse_prediction=True)
     for name in ("loss", "mlm_loss", "moc_loss", "mrfr_loss", "itm_loss"):
         torch.testing.assert_close(getattr(out_sparse, name), getattr(out_dense, name), msg=name)
     out_dense.loss.backward()
@@ -202,10 +202,10 @@ def test_sparse_prediction_gives_the_same_losses_and_gradients(tester, moc_loss_
     torch.testing.assert_close(out_sparse.moc_logits, out_dense.moc_logits[regions])
     torch.testing.assert_close(out_sparse.mrfr_predictions, out_dense.mrfr_predictions[regions])
     # Without targets, full outputs; with none selected, zero losses that still reach the heads.
-    assert sparse(**inputs).mlm_logits.shape == out_dense.mlm_logits.shape
+    assert sparse(**inputs, sparse_prediction=True).mlm_logits.shape == out_dense.mlm_logits.shape
     targets["labels"].fill_(-100)
     targets["masked_regions"].fill_(False)
-    empty = sparse(**inputs, **targets)
+    empty = sparse(**inputs, **targets, sparse_prediction=True)
     assert empty.mlm_loss == 0 and empty.mrfr_loss == 0 and empty.mlm_loss.requires_grad
 
 
@@ -386,7 +386,7 @@ def test_gradient_checkpointing_gives_same_gradients(tester, dropout):
     reference = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
     model.activation_checkpointing_enable()
-    assert model.bert.encoder.gradient_checkpointing
+    assert all(layer.gradient_checkpointing for layer in model.bert.encoder.layer)
     # The recomputed layers must draw the same dropout masks as the first pass did.
     torch.manual_seed(1)
     model(**batch).loss.backward()
@@ -539,9 +539,6 @@ def _bad_input_cases(config, inputs):
     batch, regions = inputs["region_features"].shape[:2]
     yield "region_features", {"region_features": torch.randn(batch, regions, config.region_feature_size + 1)}
     yield "region_locations", {"region_locations": torch.rand(batch, regions, 4)}
-    out_of_range = inputs["region_locations"].clone()
-    out_of_range[0, 0, 2] = 1.7
-    yield "region_locations", {"region_locations": out_of_range}
     too_many = config.max_regions + 1
     yield (
         "max_regions",
@@ -563,7 +560,6 @@ def _bad_input_cases(config, inputs):
     )
     yield "attention_mask", {"attention_mask": inputs["attention_mask"][:, :-1]}
     yield "region_attention_mask", {"region_attention_mask": inputs["region_attention_mask"][:, :-1]}
-    yield "vocab_size", {"input_ids": inputs["input_ids"] + config.vocab_size}
     yield "region_locations", {"region_locations": None}
 
 
@@ -602,10 +598,6 @@ def test_bad_pretraining_targets_name_the_argument(tester):
     for name, value in cases.items():
         with pytest.raises(ValueError, match=name):
             model(**inputs, **{**targets, name: value})
-    with pytest.raises(ValueError, match="region_class_labels"):
-        model(
-            **inputs, **{**targets, "region_class_labels": targets["region_class_labels"] + config.num_object_classes}
-        )
 
 
 def test_bad_retrieval_inputs(tester):
@@ -841,29 +833,31 @@ def test_old_configs_with_removed_fields_still_load(make_tiny_config, tester, tm
     assert not set(removed) & set(saved)
     path.write_text(json.dumps({**saved, **removed, "sparse_prediction": True}))
     loaded = ImageBERTModel.from_pretrained(tmp_path)
-    for name in removed:
+    for name in (*removed, "sparse_prediction"):
         assert not hasattr(loaded.config, name), name
-    assert loaded.config.sparse_prediction is False
     assert make_tiny_config(mlm_probability=0.3).to_dict().get("mlm_probability") is None
 
 
-def test_sparse_prediction_is_not_saved(tester, tmp_path):
-    """A checkpoint saved from a pretraining run (sparse heads on) loads with the documented dense outputs."""
+def test_sparse_prediction_is_a_forward_argument_and_old_configs_still_load(tester, tmp_path):
+    """Outputs keep their documented (dense) shapes unless a call asks for sparse heads; a config saved by an older
+    version with `sparse_prediction` loads, warning, without it."""
+    import json
+
     config = tester.get_config()
-    model = ImageBERTForPreTraining(config)
-    model.config.sparse_prediction = True  # as the pretraining stages set it
+    model = _eval(ImageBERTForPreTraining(config))
     inputs = tester.prepare_inputs(config)
     targets = tester.prepare_pretraining_targets(config, inputs)
-    assert model(**inputs, **targets).mlm_logits.dim() == 2  # flattened while training
-    model.save_pretrained(tmp_path)
-    assert "sparse_prediction" not in (tmp_path / "config.json").read_text()
-    loaded = _eval(ImageBERTForPreTraining.from_pretrained(tmp_path))
-    assert loaded.config.sparse_prediction is False
-    out = loaded(**inputs, **targets)
+    assert model(**inputs, **targets, sparse_prediction=True).mlm_logits.dim() == 2  # flattened while training
+    out = model(**inputs, **targets)
     assert out.mlm_logits.shape == (tester.batch_size, tester.text_length, config.vocab_size)
     assert out.moc_logits.shape == (tester.batch_size, tester.num_regions, config.num_object_classes)
-    # A user who asks for it still gets it.
-    assert ImageBERTForPreTraining.from_pretrained(tmp_path, sparse_prediction=True).config.sparse_prediction
+    model.save_pretrained(tmp_path)
+    assert "sparse_prediction" not in (tmp_path / "config.json").read_text()
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "sparse_prediction": True}))
+    loaded = _eval(ImageBERTForPreTraining.from_pretrained(tmp_path))
+    assert not hasattr(loaded.config, "sparse_prediction")
+    assert loaded(**inputs, **targets).mlm_logits.shape == out.mlm_logits.shape
 
 
 # --------------------------------------------------------------------------------- forward-boundary validation
@@ -871,8 +865,6 @@ def test_sparse_prediction_is_not_saved(tester, tmp_path):
 
 def _boundary_cases(config, inputs, targets):
     """(argument the message must name, error type, changed arguments) for ImageBERTForPreTraining.forward."""
-    batch, length = inputs["input_ids"].shape
-    regions = inputs["region_features"].shape[1]
     yield "input_ids", TypeError, {"input_ids": inputs["input_ids"].tolist()}
     yield "input_ids", TypeError, {"input_ids": inputs["input_ids"].float()}
     yield "region_features", TypeError, {"region_features": inputs["region_features"].numpy()}
@@ -884,35 +876,16 @@ def _boundary_cases(config, inputs, targets):
     yield "itm_labels", TypeError, {"itm_labels": targets["itm_labels"].float()}
     yield "region_class_labels", TypeError, {"region_class_labels": targets["region_class_labels"].float()}
     yield "region_class_probs", TypeError, {"region_class_probs": targets["region_class_probs"].long()}
-    yield "attention_mask", ValueError, {"attention_mask": inputs["attention_mask"] * 2}
-    yield "region_attention_mask", ValueError, {"region_attention_mask": inputs["region_attention_mask"] - 1}
-    yield "masked_regions", ValueError, {"masked_regions": targets["masked_regions"].long() * 3}
-    yield "input_ids", ValueError, {"input_ids": inputs["input_ids"] - config.vocab_size}
-    yield "token_type_ids", ValueError, {"token_type_ids": inputs["token_type_ids"] + config.type_vocab_size}
-    yield "labels", ValueError, {"labels": targets["labels"].masked_fill(targets["labels"] != -100, -5)}
-    yield "labels", ValueError, {"labels": targets["labels"].masked_fill(targets["labels"] != -100, config.vocab_size)}
-    yield "itm_labels", ValueError, {"itm_labels": targets["itm_labels"] + 1}
-    yield "region_class_labels", ValueError, {"region_class_labels": targets["region_class_labels"] - 50}
-    nan_features = inputs["region_features"].clone()
-    nan_features[0, 0, 0] = float("nan")  # a real region
-    yield "region_features", ValueError, {"region_features": nan_features}
-    inf_targets = targets["region_feature_targets"].clone()
-    inf_targets[0, 0, 0] = float("inf")
-    yield "region_feature_targets", ValueError, {"region_feature_targets": inf_targets}
-    yield "region_class_probs", ValueError, {"region_class_probs": -targets["region_class_probs"]}
     empty = {name: value[:0] for name, value in {**inputs, **targets}.items()}
     yield "empty", ValueError, empty
     yield "at least one token", ValueError, {"input_ids": inputs["input_ids"][:, :0], "attention_mask": None,
                                             "token_type_ids": None, "labels": None}  # fmt: skip
-    nothing_real = {"attention_mask": inputs["attention_mask"].clone(), "region_attention_mask": None}
-    nothing_real["attention_mask"][2] = 0
-    nothing_real["region_attention_mask"] = inputs["region_attention_mask"].clone()
-    nothing_real["region_attention_mask"][2] = 0
-    yield "neither a real text token nor a real region", ValueError, nothing_real
     yield "region_features", ValueError, {"masked_regions": None, "region_features": None, "region_locations": None,
                                          "region_attention_mask": None}  # fmt: skip
     yield "input_ids", ValueError, {"input_ids": None, "attention_mask": None, "token_type_ids": None}
-    assert batch and length and regions
+    masked_rows = targets["region_feature_targets"][targets["masked_regions"]]
+    yield "region_feature_targets", ValueError, {"region_feature_targets": masked_rows[:, :3]}
+    yield "masked_regions too", ValueError, {"region_feature_targets": masked_rows, "masked_regions": None}
 
 
 def test_bad_forward_arguments_name_the_argument(tester):
@@ -924,15 +897,13 @@ def test_bad_forward_arguments_name_the_argument(tester):
     for expected_word, error, change in cases:
         with pytest.raises(error, match=expected_word):
             model(**{**inputs, **targets, **change})
-    assert len(cases) == 28
+    assert len(cases) == 17
 
 
 def test_bad_retrieval_labels_and_group_size(tester):
     config = tester.get_config()
     model = ImageBERTForImageTextRetrieval(config)
     inputs = tester.prepare_inputs(config)
-    with pytest.raises(ValueError, match="labels holds values other than 0 and 1"):
-        model(**inputs, labels=torch.tensor([1, 2, 0]))
     with pytest.raises(TypeError, match="labels"):
         model(**inputs, labels=[1, 0, 1])
     with pytest.raises(TypeError, match="group_size"):
@@ -940,14 +911,63 @@ def test_bad_retrieval_labels_and_group_size(tester):
     assert torch.isfinite(model(**inputs, labels=torch.tensor([1.0, 0.0, 1.0])).loss)
 
 
-def test_value_checks_are_skipped_while_compiling(tester, monkeypatch):
-    """Inside torch.compile nothing may read the data; the shape and dtype checks still run."""
+def test_input_checks_never_read_values(tester):
+    """The model checks types, dtypes and shapes only: tensors without data (the meta device) pass them, so no check
+    waits for a device or behaves differently on CPU and GPU. Values are the data boundaries' to check."""
+    from imagebert_hf.models.imagebert.modeling_imagebert import validate_inputs
+
     config = tester.get_config()
-    model = _eval(ImageBERTModel(config))
     inputs = tester.prepare_inputs(config)
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    bad_ids = {**inputs, "input_ids": inputs["input_ids"] % 7, "attention_mask": inputs["attention_mask"] * 1}
-    bad_ids["attention_mask"][1, 0] = 3  # a value error, not checked while compiling
-    model(**bad_ids)
-    with pytest.raises(TypeError, match="input_ids"):
-        model(**{**inputs, "input_ids": inputs["input_ids"].float()})
+    targets = tester.prepare_pretraining_targets(config, inputs)
+    on_meta = {name: value.to("meta") for name, value in {**inputs, **targets}.items()}
+    assert validate_inputs(config, **on_meta) == (tester.batch_size, tester.text_length, tester.num_regions)
+    masked_rows = torch.empty(4, config.region_feature_size, device="meta")
+    assert validate_inputs(config, **{**on_meta, "region_feature_targets": masked_rows})[0] == tester.batch_size
+    # Out-of-range values are not the model's to catch: an id beyond the vocabulary fails in the embedding, as in
+    # any transformers model, on CPU and GPU alike.
+    model = _eval(ImageBERTModel(config))
+    with pytest.raises(IndexError):
+        model(**{**inputs, "input_ids": inputs["input_ids"] + config.vocab_size})
+
+
+@pytest.mark.parametrize("sparse_prediction", [False, True])
+def test_mrfr_targets_of_the_masked_rows_equal_full_targets(tester, sparse_prediction):
+    """`region_feature_targets` may hold the masked rows only, (M, F) in the order of `masked_regions.nonzero()`, as
+    the collator gives them: same losses and gradients as the full (B, R, F) targets."""
+    config = tester.get_config()
+    model = _eval(ImageBERTForPreTraining(config))
+    inputs = tester.prepare_inputs(config)
+    targets = tester.prepare_pretraining_targets(config, inputs)
+    targets["masked_regions"][1, -1] = True  # a masked flag on a padded region: a row, never in a loss
+    targets["region_feature_targets"] = torch.randn(targets["region_feature_targets"].shape)
+    full = model(**inputs, **targets, sparse_prediction=sparse_prediction)
+    full.loss.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    rows = targets["region_feature_targets"][targets["masked_regions"]]
+    masked_only = model(**inputs, **{**targets, "region_feature_targets": rows}, sparse_prediction=sparse_prediction)
+    masked_only.loss.backward()
+    for name in ("loss", "mrfr_loss", "moc_loss", "mlm_loss"):
+        torch.testing.assert_close(getattr(masked_only, name), getattr(full, name), msg=name)
+    for name, p in model.named_parameters():
+        if name in expected:
+            torch.testing.assert_close(p.grad, expected[name], msg=name)
+    # A row count that does not match masked_regions fails rather than pairing rows wrongly.
+    with pytest.raises((IndexError, RuntimeError)):
+        model(**inputs, **{**targets, "region_feature_targets": rows[:-1]}, sparse_prediction=sparse_prediction)
+
+
+def test_float16_region_batches_give_the_losses_of_their_float32_values(tester):
+    """The collator hands float16 caches over as float16 batches; the model converts them, exactly."""
+    config = tester.get_config()
+    model = _eval(ImageBERTForPreTraining(config))
+    inputs = tester.prepare_inputs(config)
+    targets = tester.prepare_pretraining_targets(config, inputs)
+    inputs["region_features"] = inputs["region_features"].half().float()
+    targets["region_feature_targets"] = inputs["region_features"][targets["masked_regions"]]
+    expected = model(**inputs, **targets, sparse_prediction=True)
+    half = {**inputs, "region_features": inputs["region_features"].half()}
+    got = model(**half, **{**targets, "region_feature_targets": targets["region_feature_targets"].half()},
+                sparse_prediction=True)  # fmt: skip
+    for name in ("loss", "mlm_loss", "moc_loss", "mrfr_loss", "itm_loss"):
+        assert torch.equal(getattr(got, name), getattr(expected, name)), name

@@ -9,7 +9,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..models.imagebert.region_batching import as_feature_tensor, empty_batch_tensor, pad_region_records, padded_length
+from ..models.imagebert.region_batching import (
+    as_feature_tensor,
+    check_region_values,
+    empty_batch_tensor,
+    pad_region_records,
+    padded_length,
+)
 from .negatives import choose_negative
 
 
@@ -38,8 +44,9 @@ class DataCollatorForImageBERTPretraining:
        chosen tokens become [MASK] (80%), a random non-special token (10%) or stay (10%).
     3. Region masking: each real region is chosen with probability `region_mask_probability`;
        chosen regions get a zero feature with probability `region_zero_probability` and keep it otherwise.
-       `region_feature_targets` holds the features before masking (MRFR), `region_class_labels` /
-       `region_class_probs` pass through for MOC, which reads them at `masked_regions`.
+       `region_feature_targets` holds the features of the chosen regions before masking (MRFR): one row per True of
+       `masked_regions`, in its row-major order, `(num_masked, F)`; `region_class_labels` / `region_class_probs`
+       pass through for MOC, which reads them at `masked_regions`.
     4. Padding of text and regions to the longest in this batch (optionally to a multiple, never beyond
        `max_text_length` / `max_regions`), regions through the shared `pad_region_records`.
 
@@ -75,6 +82,16 @@ class DataCollatorForImageBERTPretraining:
         num_object_classes (`int`, *optional*): The MOC head's classes; a `region_class_labels` value outside
             `[0, num_object_classes)` (other than -100) then raises, naming the sample, instead of reaching the loss.
         seed (`int`, *optional*): Seed of the generator used for samples without `sample_seed`.
+        feature_dtype (`torch.dtype`, *optional*): The dtype of `region_features` and `region_feature_targets`. By
+            default the records' own floating dtype: a float16 region cache gives float16 batches (exact, half the
+            bytes to fill and to move to the device; the model converts them to its own dtype), a float32 one float32.
+        full_region_feature_targets (`bool`, defaults to `False`): Return `region_feature_targets` for every region,
+            `(batch_size, num_regions, F)`, as before the model accepted the masked rows only (a copy of the whole
+            feature batch: the slower layout, for code that indexes the targets by region).
+
+    Values are checked here, on the CPU, where the batch is made: token ids within the tokenizer, class labels
+    within `num_object_classes`, ITM labels 0 or 1 (per sample), finite features and class distributions and
+    locations in [0, 1] (`check_region_values`, once over the padded batch). The model checks only shapes.
     """
 
     tokenizer: Any
@@ -92,6 +109,8 @@ class DataCollatorForImageBERTPretraining:
     count_failed: bool = False
     seed: int | None = None
     num_object_classes: int | None = None
+    full_region_feature_targets: bool = False
+    feature_dtype: torch.dtype | None = None
 
     def __post_init__(self):
         for name in (
@@ -112,6 +131,9 @@ class DataCollatorForImageBERTPretraining:
         if self.tokenizer.mask_token_id is None or self.tokenizer.pad_token_id is None:
             raise ValueError("The tokenizer needs a [MASK] and a [PAD] token for MLM.")
         self._special_ids = torch.tensor(sorted(set(self.tokenizer.all_special_ids)), dtype=torch.long)
+        # A lookup table (token id -> special), indexed by ids that `_check_values` keeps inside the vocabulary.
+        self._is_special = np.zeros(max(len(self.tokenizer), int(self._special_ids.max()) + 1), dtype=bool)
+        self._is_special[self._special_ids.numpy()] = True
         vocab_ids = torch.arange(len(self.tokenizer))
         self._random_token_ids = vocab_ids[~torch.isin(vocab_ids, self._special_ids)]
         self._generator = torch.Generator()
@@ -164,35 +186,36 @@ class DataCollatorForImageBERTPretraining:
             sample["itm_labels"] = 0
 
     def _mask_text(self, input_ids: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        labels = torch.full_like(input_ids, -100)
-        candidates = ~torch.isin(input_ids, self._special_ids)
+        # The draws come from the sample's torch generator; the rest is numpy, cheaper on arrays this small.
+        ids = input_ids.numpy()
+        candidates = ~self._is_special[ids]
         if not candidates.any() or self.mlm_probability == 0.0:
-            return input_ids, labels
-        chosen = (torch.rand(input_ids.shape, generator=generator) < self.mlm_probability) & candidates
+            return input_ids, torch.full_like(input_ids, -100)
+        shape = input_ids.shape
+        chosen = (torch.rand(shape, generator=generator).numpy() < np.float32(self.mlm_probability)) & candidates
         if self.ensure_one_masked and not chosen.any():
-            positions = candidates.nonzero().flatten()
+            positions = np.flatnonzero(candidates)
             chosen[positions[int(torch.randint(len(positions), (1,), generator=generator))]] = True
-        labels[chosen] = input_ids[chosen]
-        action = torch.rand(input_ids.shape, generator=generator)
-        random_ids = self._random_token_ids[
-            torch.randint(len(self._random_token_ids), input_ids.shape, generator=generator)
-        ]
-        masked = input_ids.clone()
-        masked[chosen & (action < 0.8)] = self.tokenizer.mask_token_id
-        to_random = chosen & (action >= 0.8) & (action < 0.9)
-        masked[to_random] = random_ids[to_random]
-        return masked, labels
+        action = torch.rand(shape, generator=generator).numpy()
+        random_ids = self._random_token_ids[torch.randint(len(self._random_token_ids), shape, generator=generator)]
+        # [MASK] for 80% of the chosen tokens, a random token for 10%, unchanged for the rest.
+        masked = np.where(chosen & (action < np.float32(0.8)), self.tokenizer.mask_token_id, ids)
+        to_random = chosen & (action >= np.float32(0.8)) & (action < np.float32(0.9))
+        masked = np.where(to_random, random_ids.numpy(), masked)
+        return torch.from_numpy(masked), torch.from_numpy(np.where(chosen, ids, -100))
 
     def _mask_regions(self, num_regions: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Which regions are chosen for MOC / MRFR, and which of those get a zero feature. The features themselves
         are zeroed once, in the padded batch."""
-        chosen = torch.rand(num_regions, generator=generator) < self.region_mask_probability
+        chosen = torch.rand(num_regions, generator=generator).numpy() < np.float32(self.region_mask_probability)
         if self.region_mask_probability == 0.0:
             chosen[:] = False
         elif self.ensure_one_masked and num_regions > 0 and not chosen.any():
             chosen[int(torch.randint(num_regions, (1,), generator=generator))] = True
-        zero = chosen & (torch.rand(num_regions, generator=generator) < self.region_zero_probability)
-        return chosen, zero
+        zero = chosen & (
+            torch.rand(num_regions, generator=generator).numpy() < np.float32(self.region_zero_probability)
+        )
+        return torch.from_numpy(chosen), torch.from_numpy(zero)
 
     # --- entry point ------------------------------------------------------------------------------------------
     def __call__(self, features: Sequence[dict | None]) -> dict[str, torch.Tensor]:
@@ -270,9 +293,9 @@ class DataCollatorForImageBERTPretraining:
 
     def _check_values(self, feature: dict, input_ids: torch.Tensor, regions: dict[str, torch.Tensor]) -> None:
         """The values a model would fail on deep inside (or train on silently): token ids beyond the tokenizer,
-        class labels beyond the MOC head, ITM labels other than 0/1 (NaN/inf regions: `_check_finite`, on the
-        whole batch). Checked here, on the data loader's side, so the training step needs no check that waits for
-        the device."""
+        class labels beyond the MOC head, ITM labels other than 0/1 (features and locations: `check_region_values`,
+        on the whole batch). Checked here, on the data loader's side, on every device alike; the model checks
+        shapes only."""
         name = f"sample {feature.get('image_id')!r}"
         vocab = len(self.tokenizer)
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
@@ -291,19 +314,6 @@ class DataCollatorForImageBERTPretraining:
         itm = feature.get("itm_labels")
         if itm is not None and (isinstance(itm, bool) or int(itm) not in (0, 1) or int(itm) != itm):
             raise ValueError(f"{name}: itm_labels must be 0 or 1, got {itm!r}.")
-
-    @staticmethod
-    def _check_finite(batch: dict[str, torch.Tensor], samples: list[dict]) -> None:
-        """NaN / inf region values raise, naming the image they came from. One reduction over the padded batch
-        (a sum is finite only if every term is); the samples are searched only when it is not."""
-        for key in ("region_features", "region_locations"):
-            values = batch[key]
-            if torch.isfinite(values.sum()):
-                continue
-            bad = (~torch.isfinite(values.flatten(1)).all(dim=1)).nonzero().flatten()
-            if len(bad):
-                name = samples[int(bad[0])]["_regions_of"]
-                raise ValueError(f"sample {name!r}: {key} contain NaN or infinite values.")
 
     def _pad(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         batch_size = len(samples)
@@ -330,15 +340,23 @@ class DataCollatorForImageBERTPretraining:
                 return_labels=all("region_class_labels" in s for s in samples),
                 return_probs=True,
                 extra_keys={"masked_regions": False, "_zeroed_regions": False},
+                feature_dtype=self.feature_dtype,
             )
         )
-        self._check_finite(batch, samples)
-        # MRFR regresses the features before masking; the model sees them with the chosen rows zeroed.
+        check_region_values(batch, [sample["_regions_of"] for sample in samples])
+        # MRFR regresses the features before masking; the model sees them with the chosen rows zeroed. The targets
+        # are the masked rows only (a few percent of the batch), copied out before the zeroing, in place.
         zeroed = batch.pop("_zeroed_regions")
-        targets = batch["region_features"]
-        batch["region_feature_targets"] = targets
-        batch["region_features"] = empty_batch_tensor(targets.shape, targets.dtype).copy_(targets)
-        batch["region_features"][zeroed] = 0.0
+        features = batch["region_features"]
+        if self.full_region_feature_targets:
+            batch["region_feature_targets"] = features
+            batch["region_features"] = features = empty_batch_tensor(features.shape, features.dtype).copy_(features)
+        else:
+            rows = batch["masked_regions"].flatten().nonzero().flatten()
+            targets = empty_batch_tensor((len(rows), features.shape[-1]), features.dtype)
+            batch["region_feature_targets"] = torch.index_select(features.flatten(0, 1), 0, rows, out=targets)
+        # Row indices rather than a boolean mask over (B, R, F): a tenth of the time.
+        features.flatten(0, 1).index_fill_(0, zeroed.flatten().nonzero().flatten(), 0.0)
         batch["itm_labels"] = torch.tensor([int(s["itm_labels"]) for s in samples], dtype=torch.long)
         return batch
 

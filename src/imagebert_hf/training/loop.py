@@ -145,6 +145,7 @@ class LoopSettings:
             they do not depend on how a global batch is split across processes.
         task_weights: When given, the logged total is the weighted sum of the logged task losses (consistent with
             them) instead of the average of the model's `loss`.
+        model_kwargs: Keyword arguments added to every forward call (e.g. `{"sparse_prediction": True}`).
     """
 
     loss_names: Sequence[str] = ("mlm", "moc", "mrfr", "itm")
@@ -158,6 +159,7 @@ class LoopSettings:
     stop_after_global_step: int | None = None
     loss_counts: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
     task_weights: dict[str, float] | None = None
+    model_kwargs: dict[str, Any] | None = None
 
 
 class _StepTally:
@@ -272,7 +274,7 @@ def _train_micro_batch(accelerator, model, optimizer, scheduler, batch, state, s
     state.batches_in_epoch += 1
     weights = settings.loss_counts(batch) if settings.loss_counts is not None else {}
     with accelerator.accumulate(model):
-        outputs = model(**batch)
+        outputs = model(**batch, **(settings.model_kwargs or {}))
         accelerator.backward(outputs.loss)
         if accelerator.sync_gradients and settings.max_grad_norm:
             accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)

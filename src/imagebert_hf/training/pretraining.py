@@ -238,9 +238,7 @@ def _configure_for_stage(model, stage: StageSpec) -> None:
     config = model.config
     for task in PRETRAINING_TASKS:
         setattr(config, f"{task}_loss_weight", float(stage.loss_weights[task]))
-    # The loop reads only the losses, so the heads run on the positions that have targets alone. A runtime switch:
-    # saved checkpoints leave it out and load with dense outputs. (Masking probabilities live in the collator.)
-    config.sparse_prediction = True
+    # (Masking probabilities live in the collator.)
 
 
 def stage_directory(output_dir: str | Path, index: int, stage: StageSpec) -> Path:
@@ -261,6 +259,8 @@ def loop_settings(recipe: Recipe, stage: StageSpec, options: PretrainingRunOptio
         stop_after_global_step=options.stop_after_steps,
         loss_counts=pretraining_loss_counts,
         task_weights=stage.loss_weights,
+        # The loop reads only the losses, so the heads run on the positions that have targets alone.
+        model_kwargs={"sparse_prediction": True},
         **_fields(recipe, *RECIPE_LOOP_FIELDS),
     )
 

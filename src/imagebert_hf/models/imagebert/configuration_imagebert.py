@@ -18,8 +18,6 @@ REMOVED_FIELDS = (
     "itm_negative_probability",
     "retrieval_num_negatives",
 )
-# Switches for training runs only, left out of saved configs.
-RUNTIME_FIELDS = ("sparse_prediction",)
 # Keys a config may carry that ImageBERT does not read, accepted without a warning: `PreTrainedConfig`'s own, what
 # transformers writes into saved configs, and BERT's fields (a BERT config.json loads unchanged).
 KNOWN_EXTRA_KEYS = frozenset(
@@ -34,6 +32,9 @@ KNOWN_EXTRA_KEYS = frozenset(
         "_experts_implementation",
     }
 )  # fmt: skip
+# Fields that moved out of the config: `sparse_prediction` is an argument of `ImageBERTForPreTraining.forward`.
+# Configs (and code) that still set it load, with a deprecation warning, without it.
+DEPRECATED_FIELDS = ("sparse_prediction",)
 
 
 class ImageBERTConfig(PreTrainedConfig):
@@ -109,12 +110,6 @@ class ImageBERTConfig(PreTrainedConfig):
             Weight of the image-text matching loss.
         moc_loss_type (`str`, *optional*, defaults to `"cross_entropy"`):
             `"cross_entropy"` against the detector's hard label, or `"kl"` against its class distribution.
-        sparse_prediction (`bool`, *optional*, defaults to `False`):
-            When pretraining targets are given, run the MLM, MOC and MRFR heads only on the positions that have
-            targets (masked tokens and regions of matched pairs), and return their outputs flattened over those
-            positions. The losses are the same; the heads cost a fraction (the MLM decoder over the whole vocabulary
-            is the largest matrix product of a step). Pretraining runs turn it on. A training-time switch: it is
-            never saved, so a checkpoint always loads with the documented dense outputs.
         retrieval_loss_weights (`dict[str, float]`, *optional*):
             Weights of the retrieval losses by name (`"binary"`, `"multiclass"`, `"triplet"`). Defaults to
             `{"binary": 1.0}`, the paper's best.
@@ -159,7 +154,6 @@ class ImageBERTConfig(PreTrainedConfig):
         mrfr_loss_weight: float = 1.0,
         itm_loss_weight: float = 1.0,
         moc_loss_type: str = "cross_entropy",
-        sparse_prediction: bool = False,
         retrieval_loss_weights: dict[str, float] | None = None,
         triplet_margin: float = 0.2,
         contrastive_embedding_size: int = 256,
@@ -171,6 +165,13 @@ class ImageBERTConfig(PreTrainedConfig):
             logger.info(
                 f"ImageBERTConfig ignores {', '.join(removed)}: data-pipeline settings the model never reads (the "
                 "collator and the recipe hold them)."
+            )
+        deprecated = sorted(name for name in DEPRECATED_FIELDS if kwargs.pop(name, None) is not None)
+        if deprecated:
+            logger.warning_once(
+                f"ImageBERTConfig ignores {', '.join(deprecated)}: it is no longer a config field. Pass "
+                "`sparse_prediction=True` to `ImageBERTForPreTraining.forward` instead (outputs keep their "
+                "documented shapes otherwise)."
             )
         unknown = sorted(key for key in kwargs if key not in KNOWN_EXTRA_KEYS and not key.startswith("_"))
         if unknown:
@@ -217,26 +218,11 @@ class ImageBERTConfig(PreTrainedConfig):
         self.mrfr_loss_weight = mrfr_loss_weight
         self.itm_loss_weight = itm_loss_weight
         self.moc_loss_type = moc_loss_type
-        self.sparse_prediction = sparse_prediction
         self.retrieval_loss_weights = dict(retrieval_loss_weights) if retrieval_loss_weights else {"binary": 1.0}
         self.triplet_margin = triplet_margin
         self.contrastive_embedding_size = contrastive_embedding_size
         self.contrastive_temperature = contrastive_temperature
         self._validate()
-
-    def to_dict(self) -> dict:
-        """As `PreTrainedConfig.to_dict`, without the training-only switches (`RUNTIME_FIELDS`)."""
-        output = super().to_dict()
-        for name in RUNTIME_FIELDS:
-            output.pop(name, None)
-        return output
-
-    @classmethod
-    def from_dict(cls, config_dict: dict, **kwargs):
-        """As `PreTrainedConfig.from_dict`; a saved `sparse_prediction` (written by older versions) is ignored, so a
-        checkpoint loads with dense outputs, while `sparse_prediction=...` given in `kwargs` still applies."""
-        config_dict = {key: value for key, value in config_dict.items() if key not in RUNTIME_FIELDS}
-        return super().from_dict(config_dict, **kwargs)
 
     def _validate(self):
         """Checks every field's type and range, and the fields that must agree, naming the field."""
@@ -315,7 +301,6 @@ FIELD_RULES: dict[str, tuple[str, float | None, float | None]] = {
     "moc_loss_weight": ("float", 0.0, None),
     "mrfr_loss_weight": ("float", 0.0, None),
     "itm_loss_weight": ("float", 0.0, None),
-    "sparse_prediction": ("bool", None, None),
     "triplet_margin": ("float", 0.0, None),
     "contrastive_embedding_size": ("int", 1, None),
     "contrastive_temperature": ("positive", None, None),

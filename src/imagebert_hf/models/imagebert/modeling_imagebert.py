@@ -6,7 +6,6 @@ Parameter names follow BERT's (`embeddings.word_embeddings`, `encoder.layer.N.at
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -16,8 +15,17 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import ModelOutput, logging
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs, logging
+from transformers.utils.generic import can_return_tuple
+
+
+try:
+    from transformers.utils.output_capturing import capture_outputs
+except ImportError:  # transformers 5 releases before the split: the same output recorder under its earlier name
+    from transformers.utils.generic import check_model_inputs as capture_outputs
 
 from .configuration_imagebert import ImageBERTConfig
 
@@ -66,10 +74,10 @@ class ImageBERTForPreTrainingOutput(ModelOutput):
         mrfr_loss (`torch.FloatTensor` of shape `()`): masked region feature regression loss (mean squared error).
         itm_loss (`torch.FloatTensor` of shape `()`): image-text matching loss.
         mlm_logits (`torch.FloatTensor` of shape `(batch_size, text_length, vocab_size)`): word scores. With
-            `config.sparse_prediction` and `labels` given: `(num_targets, vocab_size)`, the scores of the tokens
+            `sparse_prediction=True` and `labels` given: `(num_targets, vocab_size)`, the scores of the tokens
             that have an MLM target, in row-major order.
         moc_logits (`torch.FloatTensor` of shape `(batch_size, num_regions, num_object_classes)`): object class scores.
-            With `config.sparse_prediction` and `masked_regions` given: `(num_masked, num_object_classes)`, for the
+            With `sparse_prediction=True` and `masked_regions` given: `(num_masked, num_object_classes)`, for the
             masked regions of matched pairs only.
         mrfr_predictions (`torch.FloatTensor` of shape `(batch_size, num_regions, region_feature_size)`):
             reconstructed region features; `(num_masked, region_feature_size)` like `moc_logits`.
@@ -115,11 +123,11 @@ class ImageBERTForImageTextRetrievalOutput(ModelOutput):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Input validation at the forward boundary: every malformed input fails here, naming the argument, rather than deep
-# inside torch. Types, dtypes and shapes are checked always (they cost nothing and never touch the data). Checks that
-# read the values (id and label ranges, 0/1 masks, NaN in real regions) run only on CPU tensors outside
-# `torch.compile`: on an accelerator they would stall the device for a host sync in every step, and the processor
-# and the collator have already made those values on the CPU.
+# Input checks at the forward boundary: every malformed input fails here, naming the argument, rather than deep
+# inside torch. They read only types, dtypes and shapes, never the values: they cost nothing, need no host-device
+# sync and behave the same on every device and under `torch.compile`. The values (id and label ranges, 0/1 masks,
+# finite features, locations in [0, 1]) are checked where the data is made, on the CPU: the collator, region
+# batching (`region_batching.check_region_values`), the processor and the pipeline.
 # --------------------------------------------------------------------------------------------------------------------
 
 # Each argument: (kind, dimensions, meaning). The kind fixes the accepted dtypes: "ids" integer, "flags" integer,
@@ -176,22 +184,12 @@ def _expect_kind(name: str, value, kind: str):
         raise TypeError(f"{name} has dtype {value.dtype}; expected {_DTYPES[kind]}.")
 
 
-def _can_read_values(tensors) -> bool:
-    """Whether value checks may run: not while compiling or exporting, and only on CPU tensors (no device sync)."""
-    return not torch.compiler.is_compiling() and all(t.device.type == "cpu" for t in tensors)
-
-
-def _check_range(name: str, values: torch.Tensor, low: int, high: int, expected: str):
-    """ValueError unless every entry of `values` lies in [low, high)."""
-    if values.numel() and (values.min() < low or values.max() >= high):
-        raise ValueError(f"{name} holds values in [{int(values.min())}, {int(values.max())}]; expected {expected}.")
-
-
 def validate_inputs(config: ImageBERTConfig, **arguments) -> tuple[int, int, int]:
-    """Validates the model inputs and targets given (None: absent) against each other and the config.
+    """Checks the types, dtypes and shapes of the model inputs and targets given (None: absent) against each other
+    and the config; never their values, so it behaves alike on every device and under `torch.compile`.
 
     Returns (batch_size, text_length, num_regions). Raises TypeError for a non-tensor or a wrong dtype and ValueError
-    for a wrong shape or, on CPU outside `torch.compile`, a wrong value; each message names the argument.
+    for a wrong shape or a missing companion argument; each message names the argument.
     """
     given = {name: value for name, value in arguments.items() if value is not None}
     for name, value in given.items():
@@ -245,76 +243,26 @@ def validate_inputs(config: ImageBERTConfig, **arguments) -> tuple[int, int, int
     if batch_size == 0:
         raise ValueError("The batch is empty (batch size 0); expected at least one sample.")
     sizes = {"B": batch_size, "T": text_length, "R": num_regions}
+    targets = given.get("region_feature_targets")
+    if targets is not None and targets.dim() == 2:
+        # The masked rows only: one row per True of `masked_regions`, in its row-major order.
+        if "masked_regions" not in given:
+            raise ValueError(
+                f"region_feature_targets has shape {_shape(targets)}, the masked rows only; give masked_regions too "
+                "(one row per True in it, in row-major order), or targets of shape (batch_size, num_regions, "
+                f"{config.region_feature_size})."
+            )
+        given["region_feature_targets"] = None
+        _expect_shape(
+            "region_feature_targets", targets, (None, config.region_feature_size),
+            "the unmasked feature of each masked region, one row per True in masked_regions; or (batch_size, "
+            "num_regions, region_feature_size)",
+        )  # fmt: skip
     for name, value in given.items():
         _, dims, meaning = _ARGUMENTS[name]
         expected = tuple(sizes[d] if d in sizes else getattr(config, d) for d in dims)
         _expect_shape(_SHOWN_AS.get(name, name), value, expected, meaning)
-
-    if _can_read_values(given.values()):
-        _check_values(config, given)
     return batch_size, text_length, num_regions
-
-
-def _check_values(config: ImageBERTConfig, given: dict):
-    """The value checks of `validate_inputs` (CPU tensors only)."""
-    for name in ("attention_mask", "region_attention_mask", "masked_regions", "pair_labels"):
-        if name in given and not ((given[name] == 0) | (given[name] == 1)).all():
-            raise ValueError(
-                f"{_SHOWN_AS.get(name, name)} holds values other than 0 and 1; expected 1 (real, yes) or 0 (padding, no)."
-            )
-    if "input_ids" in given:
-        _check_range(
-            "input_ids",
-            given["input_ids"],
-            0,
-            config.vocab_size,
-            f"ids in [0, {config.vocab_size}) for vocab_size={config.vocab_size}",
-        )
-    if "token_type_ids" in given:
-        _check_range(
-            "token_type_ids", given["token_type_ids"], 0, config.type_vocab_size,
-            f"segment ids in [0, {config.type_vocab_size}) for type_vocab_size={config.type_vocab_size}",
-        )  # fmt: skip
-    if "labels" in given:
-        targets = given["labels"][given["labels"] != IGNORE_INDEX]
-        _check_range("labels", targets, 0, config.vocab_size, f"token ids in [0, {config.vocab_size}) or -100")
-    if "region_class_labels" in given:
-        targets = given["region_class_labels"][given["region_class_labels"] != IGNORE_INDEX]
-        _check_range(
-            "region_class_labels", targets, 0, config.num_object_classes,
-            f"labels in [0, {config.num_object_classes}) or -100",
-        )  # fmt: skip
-    if "itm_labels" in given:
-        _check_range("itm_labels", given["itm_labels"], 0, 2, "1 for a matched pair or 0 for a negative")
-
-    real_text = given.get("attention_mask")
-    real_regions = given.get("region_attention_mask")
-    if "region_features" in given:
-        real = torch.ones(given["region_features"].shape[:2], dtype=torch.bool) if real_regions is None else (
-            real_regions.bool()
-        )  # fmt: skip
-        for name in ("region_features", "region_feature_targets", "region_class_probs"):
-            if name in given and not torch.isfinite(given[name][real]).all():
-                raise ValueError(f"{name} holds NaN or infinite values in real regions; expected finite numbers.")
-        locations = given["region_locations"][real]
-        if locations.numel() and not (
-            torch.isfinite(locations).all() and locations.min() >= -1e-4 and locations.max() <= 1 + 1e-4
-        ):
-            raise ValueError(
-                f"region_locations holds values in [{locations.min():.4g}, {locations.max():.4g}]; expected "
-                "coordinates normalised by the image size, all in [0, 1]."
-            )
-        if "region_class_probs" in given and (given["region_class_probs"][real] < 0).any():
-            raise ValueError("region_class_probs holds negative values; expected a probability distribution.")
-    if real_text is not None or real_regions is not None:
-        has_text = real_text.bool().any(dim=1) if real_text is not None else "input_ids" in given
-        has_regions = real_regions.bool().any(dim=1) if real_regions is not None else "region_features" in given
-        empty = ~(torch.as_tensor(has_text) | torch.as_tensor(has_regions))
-        if empty.any():
-            raise ValueError(
-                f"Sample {int(empty.nonzero()[0, 0])} has neither a real text token nor a real region: "
-                "attention_mask and region_attention_mask are all zeros for it."
-            )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -429,7 +377,7 @@ class ImageBERTSelfAttention(nn.Module):
         self.is_causal = False
 
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask, output_attentions: bool = False
+        self, hidden_states: torch.Tensor, attention_mask=None, **kwargs: Unpack[TransformersKwargs]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.attention_head_size)
@@ -438,7 +386,7 @@ class ImageBERTSelfAttention(nn.Module):
         value = self.value(hidden_states).view(hidden_shape).transpose(1, 2)
         # Only the eager path materialises the probabilities, so `output_attentions` takes it (with an eager mask).
         attention_interface = eager_attention_forward
-        if not output_attentions:
+        if not kwargs.get("output_attentions"):
             attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
                 self.config._attn_implementation, eager_attention_forward
             )
@@ -450,6 +398,7 @@ class ImageBERTSelfAttention(nn.Module):
             attention_mask,
             dropout=self.dropout.p if self.training else 0.0,
             scaling=self.scaling,
+            **kwargs,
         )
         return context.reshape(*input_shape, -1).contiguous(), probabilities
 
@@ -473,9 +422,11 @@ class ImageBERTAttention(nn.Module):
         self.self = ImageBERTSelfAttention(config)
         self.output = ImageBERTResidualOutput(config, config.hidden_size)
 
-    def forward(self, hidden_states, attention_mask, output_attentions=False):
-        context, probabilities = self.self(hidden_states, attention_mask, output_attentions)
-        return self.output(context, hidden_states), probabilities
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask=None, **kwargs: Unpack[TransformersKwargs]
+    ) -> torch.Tensor:
+        context, _ = self.self(hidden_states, attention_mask, **kwargs)
+        return self.output(context, hidden_states)
 
 
 class ImageBERTIntermediate(nn.Module):
@@ -488,40 +439,35 @@ class ImageBERTIntermediate(nn.Module):
         return self.intermediate_act_fn(self.dense(hidden_states))
 
 
-class ImageBERTLayer(nn.Module):
+class ImageBERTLayer(GradientCheckpointingLayer):
+    """One transformer layer. Gradient checkpointing (`model.gradient_checkpointing_enable()`) wraps its forward,
+    through transformers' `GradientCheckpointingLayer`."""
+
     def __init__(self, config: ImageBERTConfig):
         super().__init__()
         self.attention = ImageBERTAttention(config)
         self.intermediate = ImageBERTIntermediate(config)
         self.output = ImageBERTResidualOutput(config, config.intermediate_size)
 
-    def forward(self, hidden_states, attention_mask, output_attentions=False):
-        attended, probabilities = self.attention(hidden_states, attention_mask, output_attentions)
-        return self.output(self.intermediate(attended), attended), probabilities
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask=None, **kwargs: Unpack[TransformersKwargs]
+    ) -> torch.Tensor:
+        attended = self.attention(hidden_states, attention_mask, **kwargs)
+        return self.output(self.intermediate(attended), attended)
 
 
 class ImageBERTEncoder(nn.Module):
     def __init__(self, config: ImageBERTConfig):
         super().__init__()
         self.layer = nn.ModuleList([ImageBERTLayer(config) for _ in range(config.num_hidden_layers)])
-        # Set by PreTrainedModel.gradient_checkpointing_enable(), together with `_gradient_checkpointing_func`.
-        self.gradient_checkpointing = False
 
-    def forward(self, hidden_states, attention_mask, output_attentions=False, output_hidden_states=False):
-        all_hidden_states = (hidden_states,) if output_hidden_states else None
-        all_attentions = () if output_attentions else None
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask=None, **kwargs: Unpack[TransformersKwargs]
+    ) -> torch.Tensor:
         for layer in self.layer:
-            if self.gradient_checkpointing and self.training:
-                hidden_states, probabilities = self._gradient_checkpointing_func(
-                    layer.__call__, hidden_states, attention_mask, output_attentions
-                )
-            else:
-                hidden_states, probabilities = layer(hidden_states, attention_mask, output_attentions)
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            if output_attentions:
-                all_attentions += (probabilities,)
-        return hidden_states, all_hidden_states, all_attentions
+            # The hidden states go positionally: gradient checkpointing replays the layer from its positional inputs.
+            hidden_states = layer(hidden_states, attention_mask, **kwargs)
+        return hidden_states
 
 
 class ImageBERTPooler(nn.Module):
@@ -601,22 +547,6 @@ class ImageBERTRetrievalHeads(nn.Module):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@contextmanager
-def quiet_transformers_loading():
-    """Silences transformers' own load report while the caller reports in its own words. The tensor-parallel
-    logger goes quiet too: transformers checks its TP plan (and warns, for every unsharded layer of any BERT) exactly
-    when the loading logger's level is set at WARNING or above."""
-    loggers = [logging.get_logger(name) for name in ("transformers.modeling_utils", "transformers.distributed")]
-    levels = [each.level for each in loggers]
-    for each in loggers:
-        each.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for each, level in zip(loggers, levels):
-            each.setLevel(level)
-
-
 class ImageBERTPreTrainedModel(PreTrainedModel):
     config_class = ImageBERTConfig
     config: ImageBERTConfig
@@ -631,6 +561,9 @@ class ImageBERTPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["ImageBERTEmbeddings", "ImageBERTLayer"]
     # Older BERT checkpoints store their position-id buffer; ours computes positions on the fly.
     _keys_to_ignore_on_load_unexpected = [r"position_ids"]
+    # What `output_hidden_states` / `output_attentions` collect (transformers' output recorder, through hooks): the
+    # embeddings and each layer's output; each layer's attention probabilities (eager path).
+    _can_record_outputs = {"hidden_states": ImageBERTLayer, "attentions": ImageBERTSelfAttention}
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -665,8 +598,7 @@ class ImageBERTPreTrainedModel(PreTrainedModel):
         for key in ("model_type", "architectures", "auto_map", "transformers_version"):
             text_config.pop(key, None)
         config = ImageBERTConfig(**{**text_config, **config_overrides})
-        with quiet_transformers_loading():
-            model, info = cls.from_pretrained(pretrained_model_name_or_path, config=config, output_loading_info=True)
+        model, info = cls.from_pretrained(pretrained_model_name_or_path, config=config, output_loading_info=True)
         new_keys = set(info.get("missing_keys", []))
         unused_keys = sorted(info.get("unexpected_keys", []))
 
@@ -741,6 +673,7 @@ class ImageBERTModel(ImageBERTPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embeddings.word_embeddings = value
 
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -749,10 +682,7 @@ class ImageBERTModel(ImageBERTPreTrainedModel):
         region_features: torch.FloatTensor | None = None,
         region_locations: torch.FloatTensor | None = None,
         region_attention_mask: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> ImageBERTModelOutput | tuple:
         r"""
         Args:
@@ -768,14 +698,9 @@ class ImageBERTModel(ImageBERTPreTrainedModel):
                 `(x1/W, y1/H, x2/W, y2/H, area/(W*H))` of each region, in [0, 1].
             region_attention_mask (`torch.Tensor` of shape `(batch_size, num_regions)`, *optional*):
                 1 for real regions, 0 for padding.
+            kwargs: transformers' standard keyword arguments: `output_attentions`, `output_hidden_states`,
+                `return_dict`, and what the attention backend reads.
         """
-        if kwargs:
-            raise TypeError(f"ImageBERTModel.forward got unexpected arguments: {sorted(kwargs)}.")
-        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         batch_size, text_length, num_regions = validate_inputs(
             self.config,
             input_ids=input_ids,
@@ -795,30 +720,17 @@ class ImageBERTModel(ImageBERTPreTrainedModel):
         padding_mask = _padding_mask(batch_size, text_length, num_regions, attention_mask, region_attention_mask)
         if padding_mask is not None:
             padding_mask = padding_mask.to(embeddings.device)
-        if output_attentions:
+        output_attentions = kwargs.get("output_attentions")
+        if output_attentions if output_attentions is not None else self.config.output_attentions:
             # The eager path, which alone returns probabilities, takes the padding mask as (batch, 1, 1, length).
+            kwargs["output_attentions"] = True
             mask = None if padding_mask is None else padding_mask[:, None, None, :]
         else:
-            mask = create_bidirectional_mask(
-                config=self.config,
-                inputs_embeds=embeddings,
-                attention_mask=padding_mask,
-                # Dropping an all-real mask reads the mask on the host; only on CPU is that free.
-                allow_is_bidirectional_skip=embeddings.device.type == "cpu",
-            )
-        sequence_output, all_hidden_states, all_attentions = self.encoder(
-            embeddings, mask, output_attentions, output_hidden_states
-        )
-        pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
-        if not return_dict:
-            return tuple(
-                v for v in (sequence_output, pooled_output, all_hidden_states, all_attentions) if v is not None
-            )
+            mask = create_bidirectional_mask(config=self.config, inputs_embeds=embeddings, attention_mask=padding_mask)
+        sequence_output = self.encoder(embeddings, mask, **kwargs)
         return ImageBERTModelOutput(
             last_hidden_state=sequence_output,
-            pooler_output=pooled_output,
-            hidden_states=all_hidden_states,
-            attentions=all_attentions,
+            pooler_output=self.pooler(sequence_output) if self.pooler is not None else None,
         )
 
 
@@ -849,6 +761,74 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     that keeps the graph, so every head takes part in every step (distributed training expects it)."""
     total = torch.where(mask, values, values.new_zeros(())).sum()
     return total / mask.sum().clamp(min=1).to(values.dtype)
+
+
+# One small function per pretraining task. Each takes the head's output and its targets, either over the whole
+# batch with `selected` marking where targets count (dense), or already gathered at those positions (sparse,
+# `selected` all True), and returns a mean over the selected targets.
+
+
+def masked_language_modeling_loss(
+    logits: torch.Tensor, labels: torch.Tensor, selected: torch.Tensor, sparse: bool
+) -> torch.Tensor:
+    """MLM: cross-entropy of the word scores `logits` (..., vocab_size) against `labels` where `selected`."""
+    if sparse:
+        return F.cross_entropy(logits.float(), labels, reduction="sum") / selected.sum().clamp(min=1)
+    token_losses = F.cross_entropy(
+        logits.float().flatten(0, -2), labels.clamp(min=0).flatten(), reduction="none"
+    ).view_as(labels)
+    return _masked_mean(token_losses, selected)
+
+
+def masked_object_classification_loss(
+    logits: torch.Tensor,
+    selected: torch.Tensor,
+    loss_type: str,
+    class_labels: torch.Tensor | None = None,
+    class_probs: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """MOC: cross-entropy against the detector's labels (`loss_type="cross_entropy"`, -100: none) or KL divergence
+    from its class distribution (`"kl"`), over the `selected` regions; None when the variant's targets are absent."""
+    if loss_type == "cross_entropy" and class_labels is not None:
+        region_losses = F.cross_entropy(
+            logits.float().flatten(0, -2), class_labels.clamp(min=0).flatten(), reduction="none"
+        ).view_as(class_labels)
+        return _masked_mean(region_losses, selected & (class_labels != IGNORE_INDEX))
+    if loss_type == "kl" and class_probs is not None:
+        target = class_probs.float()
+        region_losses = (target * (target.clamp(min=1e-12).log() - logits.float().log_softmax(dim=-1))).sum(dim=-1)
+        return _masked_mean(region_losses, selected)
+    return None
+
+
+def masked_region_feature_regression_loss(
+    predictions: torch.Tensor, targets: torch.Tensor, selected: torch.Tensor
+) -> torch.Tensor:
+    """MRFR: mean squared error between reconstructed and original features, averaged per region over `selected`."""
+    region_losses = (predictions.float() - targets.float()).pow(2).mean(dim=-1)
+    return _masked_mean(region_losses, selected)
+
+
+def image_text_matching_loss(logits: torch.Tensor, itm_labels: torch.Tensor) -> torch.Tensor:
+    """ITM: cross-entropy of the (not matched, matched) scores against `itm_labels`."""
+    return F.cross_entropy(logits.float(), itm_labels.long())
+
+
+def _aligned_feature_targets(
+    targets: torch.Tensor, masked_regions: torch.Tensor, region_targets: torch.Tensor, sparse: bool
+) -> torch.Tensor:
+    """The MRFR targets laid out like the predictions: (num_selected, F) gathered at `region_targets` when sparse,
+    (B, R, F) otherwise. `targets` is either (B, R, F) or the masked rows only, (M, F), one row per True of
+    `masked_regions` in row-major order (what the pretraining collator gives)."""
+    if targets.dim() == 3:
+        return targets[region_targets] if sparse else targets
+    masked = masked_regions.bool()
+    if sparse:
+        # `region_targets` is a subset of `masked` (matched pairs, real regions): keep those rows, in order.
+        return targets[region_targets[masked]]
+    full = targets.new_zeros((*masked.shape, targets.shape[-1]))
+    full[masked] = targets
+    return full
 
 
 def pretraining_targets(
@@ -926,6 +906,7 @@ class ImageBERTForPreTraining(ImageBERTPreTrainedModel):
         self.cls.predictions.decoder = new_embeddings
         self.cls.predictions.bias = new_embeddings.bias
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -940,9 +921,8 @@ class ImageBERTForPreTraining(ImageBERTPreTrainedModel):
         region_class_probs: torch.FloatTensor | None = None,
         region_feature_targets: torch.FloatTensor | None = None,
         itm_labels: torch.LongTensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
+        sparse_prediction: bool = False,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> ImageBERTForPreTrainingOutput | tuple:
         r"""
         Model inputs as in [`ImageBERTModel.forward`], plus the targets:
@@ -956,13 +936,20 @@ class ImageBERTForPreTraining(ImageBERTPreTrainedModel):
                 The detector's label of each region (-100 for none), for MOC with `moc_loss_type="cross_entropy"`.
             region_class_probs (`torch.FloatTensor` of shape `(batch_size, num_regions, num_object_classes)`, *optional*):
                 The detector's class distribution of each region, for MOC with `moc_loss_type="kl"`.
-            region_feature_targets (`torch.FloatTensor` of shape `(batch_size, num_regions, region_feature_size)`, *optional*):
-                The regions' features before masking, for MRFR.
+            region_feature_targets (`torch.FloatTensor` of shape `(num_masked, region_feature_size)` or `(batch_size, num_regions, region_feature_size)`, *optional*):
+                The regions' features before masking, for MRFR: either of the masked regions only, one row per True
+                of `masked_regions` in row-major order (`masked_regions.nonzero()`; what the pretraining collator
+                gives), or of every region.
             itm_labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
                 1 when the text describes the regions' image, 0 for a negative pair. The MLM, MOC and MRFR targets
                 of a negative are ignored (conditional masking).
+            sparse_prediction (`bool`, defaults to `False`):
+                Run the MLM, MOC and MRFR heads only where their losses have targets (the loss is the same, the step
+                cheaper: pretraining runs use it); `mlm_logits`, `moc_logits` and `mrfr_predictions` then come back
+                flattened over those positions, `(num_targets, ...)`.
+            kwargs: transformers' standard keyword arguments (`output_attentions`, `output_hidden_states`,
+                `return_dict`, ...), passed to [`ImageBERTModel.forward`].
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         validate_inputs(
             self.config,
             input_ids=input_ids,
@@ -976,6 +963,7 @@ class ImageBERTForPreTraining(ImageBERTPreTrainedModel):
             region_feature_targets=region_feature_targets,
             itm_labels=itm_labels,
         )
+        kwargs["return_dict"] = True
         outputs = self.bert(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -983,77 +971,64 @@ class ImageBERTForPreTraining(ImageBERTPreTrainedModel):
             region_features=region_features,
             region_locations=region_locations,
             region_attention_mask=region_attention_mask,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
+            **kwargs,
         )
-        sequence_output = outputs.last_hidden_state
         text_length = 0 if input_ids is None else input_ids.shape[1]
-        text_output, region_output = sequence_output[:, :text_length], sequence_output[:, text_length:]
-
+        text_output = outputs.last_hidden_state[:, :text_length]
+        region_output = outputs.last_hidden_state[:, text_length:]
         text_targets, region_targets = pretraining_targets(
             itm_labels,
             labels if input_ids is not None else None,
             masked_regions if region_features is not None else None,
             region_attention_mask,
         )
-
-        sparse = self.config.sparse_prediction
         itm_logits = self.cls.seq_relationship(outputs.pooler_output)
         losses = {}
 
         mlm_logits = None
         if input_ids is not None:
-            selected = text_targets
-            if sparse and selected is not None:
-                mlm_logits = self.cls.predictions(text_output[selected])
-                token_losses = F.cross_entropy(mlm_logits.float(), labels[selected], reduction="sum")
-                losses["mlm"] = token_losses / selected.sum().clamp(min=1)
+            if sparse_prediction and text_targets is not None:
+                mlm_logits = self.cls.predictions(text_output[text_targets])
+                losses["mlm"] = masked_language_modeling_loss(
+                    mlm_logits, labels[text_targets], text_targets, sparse=True
+                )
             else:
                 mlm_logits = self.cls.predictions(text_output)
-                if selected is not None:
-                    token_losses = F.cross_entropy(
-                        mlm_logits.float().flatten(0, 1), labels.clamp(min=0).flatten(), reduction="none"
-                    ).view_as(labels)
-                    losses["mlm"] = _masked_mean(token_losses, selected)
+                if text_targets is not None:
+                    losses["mlm"] = masked_language_modeling_loss(mlm_logits, labels, text_targets, sparse=False)
 
         moc_logits = mrfr_predictions = None
         if region_features is not None:
-            if sparse and region_targets is not None:
+            sparse = sparse_prediction and region_targets is not None
+            if region_feature_targets is not None and region_targets is not None:
+                region_feature_targets = _aligned_feature_targets(
+                    region_feature_targets, masked_regions, region_targets, sparse
+                )
+            if sparse:
                 # Flattened over the masked regions of matched pairs; every target below is indexed alike.
                 region_output = region_output[region_targets]
                 region_class_labels = None if region_class_labels is None else region_class_labels[region_targets]
                 region_class_probs = None if region_class_probs is None else region_class_probs[region_targets]
-                if region_feature_targets is not None:
-                    region_feature_targets = region_feature_targets[region_targets]
                 region_targets = torch.ones(region_output.shape[0], dtype=torch.bool, device=region_output.device)
             moc_logits = self.cls.object_predictions(region_output)
             mrfr_predictions = self.cls.feature_regression(region_output)
-        if (
-            region_targets is not None
-            and self.config.moc_loss_type == "cross_entropy"
-            and region_class_labels is not None
-        ):
-            selected = region_targets & (region_class_labels != IGNORE_INDEX)
-            region_losses = F.cross_entropy(
-                moc_logits.float().flatten(0, -2), region_class_labels.clamp(min=0).flatten(), reduction="none"
-            ).view_as(region_class_labels)
-            losses["moc"] = _masked_mean(region_losses, selected)
-        if region_targets is not None and self.config.moc_loss_type == "kl" and region_class_probs is not None:
-            log_predicted = moc_logits.float().log_softmax(dim=-1)
-            target = region_class_probs.float()
-            region_losses = (target * (target.clamp(min=1e-12).log() - log_predicted)).sum(dim=-1)
-            losses["moc"] = _masked_mean(region_losses, region_targets)
-        if region_targets is not None and region_feature_targets is not None:
-            region_losses = (mrfr_predictions.float() - region_feature_targets.float()).pow(2).mean(dim=-1)
-            losses["mrfr"] = _masked_mean(region_losses, region_targets)
+            if region_targets is not None:
+                moc_loss = masked_object_classification_loss(
+                    moc_logits, region_targets, self.config.moc_loss_type, region_class_labels, region_class_probs
+                )
+                if moc_loss is not None:
+                    losses["moc"] = moc_loss
+                if region_feature_targets is not None:
+                    losses["mrfr"] = masked_region_feature_regression_loss(
+                        mrfr_predictions, region_feature_targets, region_targets
+                    )
         if itm_labels is not None:
-            losses["itm"] = F.cross_entropy(itm_logits.float(), itm_labels.long())
+            losses["itm"] = image_text_matching_loss(itm_logits, itm_labels)
 
         loss = None
         if losses:
             loss = sum(getattr(self.config, f"{task}_loss_weight") * value for task, value in losses.items())
-        output = ImageBERTForPreTrainingOutput(
+        return ImageBERTForPreTrainingOutput(
             loss=loss,
             mlm_loss=losses.get("mlm"),
             moc_loss=losses.get("moc"),
@@ -1066,7 +1041,6 @@ class ImageBERTForPreTraining(ImageBERTPreTrainedModel):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
-        return output if return_dict else output.to_tuple()
 
 
 class ImageBERTForImageTextRetrieval(ImageBERTPreTrainedModel):
@@ -1092,6 +1066,7 @@ class ImageBERTForImageTextRetrieval(ImageBERTPreTrainedModel):
         # Initialize weights and apply final processing
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1102,9 +1077,7 @@ class ImageBERTForImageTextRetrieval(ImageBERTPreTrainedModel):
         region_attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         group_size: int | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> ImageBERTForImageTextRetrievalOutput | tuple:
         r"""
         Model inputs as in [`ImageBERTModel.forward`] (text and regions both required), plus:
@@ -1115,8 +1088,8 @@ class ImageBERTForImageTextRetrieval(ImageBERTPreTrainedModel):
             group_size (`int`, *optional*):
                 Size of the consecutive candidate groups (one positive first, then its negatives) for the multi-class
                 and triplet losses.
+            kwargs: transformers' standard keyword arguments, passed to [`ImageBERTModel.forward`].
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         if input_ids is None or region_features is None:
             raise ValueError("Retrieval scores (text, regions) pairs: give both input_ids and region_features.")
         validate_inputs(
@@ -1128,6 +1101,7 @@ class ImageBERTForImageTextRetrieval(ImageBERTPreTrainedModel):
         )
         if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)):
             raise TypeError(f"group_size is a {type(group_size).__name__}; expected an int.")
+        kwargs["return_dict"] = True
         outputs = self.bert(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -1135,9 +1109,7 @@ class ImageBERTForImageTextRetrieval(ImageBERTPreTrainedModel):
             region_features=region_features,
             region_locations=region_locations,
             region_attention_mask=region_attention_mask,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
+            **kwargs,
         )
         pair_logits = self.cls.seq_relationship(outputs.pooler_output).float()
         # The score is the log-odds of "matched", so binary cross-entropy on it equals ITM's 2-way softmax loss.
@@ -1146,7 +1118,7 @@ class ImageBERTForImageTextRetrieval(ImageBERTPreTrainedModel):
         loss = None
         if losses:
             loss = sum(self.config.retrieval_loss_weights.get(name, 0.0) * value for name, value in losses.items())
-        output = ImageBERTForImageTextRetrievalOutput(
+        return ImageBERTForImageTextRetrievalOutput(
             loss=loss,
             binary_loss=losses.get("binary"),
             multiclass_loss=losses.get("multiclass"),
@@ -1155,7 +1127,6 @@ class ImageBERTForImageTextRetrieval(ImageBERTPreTrainedModel):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
-        return output if return_dict else output.to_tuple()
 
     def _losses(self, scores: torch.Tensor, labels: torch.Tensor | None, group_size: int | None) -> dict:
         batch_size = scores.shape[0]

@@ -664,12 +664,10 @@ class _RetrievalModelLoader:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         from .modeling_auto import AutoModelForImageTextRetrieval
-        from .modeling_imagebert import quiet_transformers_loading
 
-        with quiet_transformers_loading():
-            model, info = AutoModelForImageTextRetrieval.from_pretrained(
-                pretrained_model_name_or_path, output_loading_info=True, **kwargs
-            )
+        model, info = AutoModelForImageTextRetrieval.from_pretrained(
+            pretrained_model_name_or_path, output_loading_info=True, **kwargs
+        )
         missing, unexpected = list(info.get("missing_keys", [])), list(info.get("unexpected_keys", []))
         other_missing = [key for key in missing if not key.startswith(PROJECTION_HEADS)]
         other_unexpected = [key for key in unexpected if not key.startswith(PRETRAINING_ONLY)]

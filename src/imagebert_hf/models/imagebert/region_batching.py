@@ -9,6 +9,7 @@ the pipeline, so it imports only torch and numpy.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -19,6 +20,8 @@ import torch
 
 
 PADDING = ("longest", "max_length")
+# Rounding slack of normalised box coordinates (a box edge at the image border may land a hair outside [0, 1]).
+LOCATION_TOLERANCE = 1e-4
 
 # numpy arrays from the extractor and the cache; lists and tensors are accepted wherever records are padded.
 RegionArray = np.ndarray | torch.Tensor | Sequence[Any]
@@ -131,6 +134,7 @@ def pad_region_records(
     num_classes: int | None = None,
     location_size: int = 5,
     return_tensors: str = "pt",
+    feature_dtype: torch.dtype | None = torch.float32,
 ) -> dict[str, Any]:
     """Pads region records into `region_features` (N, R, F), `region_locations` (N, R, L) and
     `region_attention_mask` (N, R), zero on padding.
@@ -147,6 +151,8 @@ def pad_region_records(
         extra_keys: Other per-region arrays to pad, `{name: fill_value}` (the collator's MRFR targets and masks).
         feature_size, num_classes, location_size: F, C and L where no record has a region to read them from.
         return_tensors: `"pt"` (torch tensors) or `"np"` (numpy arrays).
+        feature_dtype: The dtype of the padded `region_features`; None keeps the records' own floating dtype (a
+            float16 cache gives a float16 batch: exact, half the bytes to write and move; the model converts it).
 
     Returns:
         A dict of the padded arrays.
@@ -190,9 +196,12 @@ def pad_region_records(
     width = padded_length(counts, padding, max_regions, pad_to_multiple_of)
     batch = len(records)
     out = {
-        # Filled row by row (converting to float32 on the way) and zeroed only on padding: the features are most
-        # of a batch's bytes (40 MB at 48 x 100 x 2048), so they are written once.
-        "region_features": empty_batch_tensor((batch, width, dim)),
+        # Filled row by row (converting to `feature_dtype` on the way) and zeroed only on padding: the features are
+        # most of a batch's bytes (40 MB at 48 x 100 x 2048 in float32), so they are written once.
+        "region_features": empty_batch_tensor(
+            (batch, width, dim),
+            feature_dtype or functools.reduce(torch.promote_types, [f.dtype for f in features], torch.float16),
+        ),
         "region_locations": torch.zeros(batch, width, location_sizes.pop()),
         "region_attention_mask": torch.zeros(batch, width, dtype=torch.long),
     }
@@ -235,11 +244,78 @@ def pad_region_records(
     return out
 
 
+def _non_finite_rows(values: torch.Tensor) -> torch.Tensor:
+    """(B, R) True where a region's vector in `values` (B, R, D) holds NaN or inf, exactly, in about two reads of
+    `values` in its own dtype: a row's sum is non-finite if the row is (inf and NaN propagate), and only rows whose
+    sum is not finite (a bad value, or a float16 sum that overflowed) are looked at element by element."""
+    rows = values.sum(dim=-1)
+    suspect = ~torch.isfinite(rows)
+    if suspect.any():
+        suspect[suspect.clone()] = ~torch.isfinite(values[suspect]).all(dim=-1)
+    return suspect
+
+
+def check_region_values(batch: Mapping[str, Any], names: Sequence[str] | None = None) -> None:
+    """Checks the values of a padded region batch, where it is made (on the CPU): finite `region_features`,
+    `region_class_probs` without negative or non-finite entries, and `region_locations` in [0, 1] (normalised by the
+    image size), in the real regions (`region_attention_mask`). The model checks only shapes and dtypes, so the same
+    batch behaves alike on every device; the processor, the collators and the pipeline call this.
+
+    The features are read once in their own dtype (a sum per region; a region whose sum is not finite is then looked
+    at element by element); the message names the first bad sample by its position or, with `names`, by its name.
+
+    Raises:
+        ValueError: naming the array, the sample and what was expected.
+    """
+    real = batch.get("region_attention_mask")
+    real = None if real is None else torch.as_tensor(real).bool()
+
+    def first_bad(bad_rows: torch.Tensor) -> str | None:
+        """The first sample with a bad real region (`bad_rows` (B, R)), named; None when there is none."""
+        bad = (bad_rows & real).any(dim=1) if real is not None else bad_rows.any(dim=1)
+        if not bad.any():
+            return None
+        index = int(bad.nonzero()[0, 0])
+        return repr(names[index]) if names is not None else str(index)
+
+    features = batch.get("region_features")
+    if features is not None and torch.as_tensor(features).numel():
+        sample = first_bad(_non_finite_rows(torch.as_tensor(features)))
+        if sample is not None:
+            raise ValueError(
+                f"sample {sample}: region_features hold NaN or infinite values in real regions; expected finite "
+                "numbers."
+            )
+    probs = batch.get("region_class_probs")
+    if probs is not None and torch.as_tensor(probs).numel():
+        probs = torch.as_tensor(probs)
+        if not torch.isfinite(probs.sum()) or (probs < 0).any():
+            sample = first_bad(_non_finite_rows(probs) | (probs < 0).any(dim=-1))
+            if sample is not None:
+                raise ValueError(
+                    f"sample {sample}: region_class_probs hold NaN, infinite or negative values in real regions; "
+                    "expected a probability distribution."
+                )
+    locations = batch.get("region_locations")
+    if locations is not None and torch.as_tensor(locations).numel():
+        locations = torch.as_tensor(locations)
+        low, high = -LOCATION_TOLERANCE, 1 + LOCATION_TOLERANCE
+        if not (torch.isfinite(locations.sum()) and locations.min() >= low and locations.max() <= high):
+            good = torch.isfinite(locations) & (locations >= low) & (locations <= high)
+            sample = first_bad(~good.all(dim=-1))
+            if sample is not None:
+                raise ValueError(
+                    f"sample {sample}: region_locations hold values outside [0, 1] or not finite in real regions; "
+                    "expected box coordinates and area normalised by the image size, all in [0, 1]."
+                )
+
+
 __all__ = [
     "PADDING",
     "RegionArray",
     "RegionRecord",
     "as_feature_tensor",
+    "check_region_values",
     "empty_batch_tensor",
     "pad_region_records",
     "padded_length",
