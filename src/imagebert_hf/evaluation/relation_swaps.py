@@ -34,7 +34,7 @@ from ..data.synthetic import (
 )
 from ..formats.files import atomic_write_json
 from ..formats.manifest import read_manifest
-from ..models.imagebert.modeling_imagebert import ImageBERTForImageTextRetrieval, quiet_transformers_loading
+from ..models.imagebert.modeling_imagebert import ImageBERTForImageTextRetrieval
 from ..models.imagebert.region_batching import pad_region_records
 from ..models.imagebert.retrieval_index import (
     encode_images,
@@ -335,8 +335,7 @@ def _check_arguments(
 def load_retrieval_model(model_name_or_path: str) -> tuple[ImageBERTForImageTextRetrieval, bool]:
     """The model as `ImageBERTForImageTextRetrieval` and whether its dual-encoder heads were loaded (False for a
     pretraining checkpoint: the projections are then freshly initialised and their scores mean nothing)."""
-    with quiet_transformers_loading():
-        model, info = ImageBERTForImageTextRetrieval.from_pretrained(model_name_or_path, output_loading_info=True)
+    model, info = ImageBERTForImageTextRetrieval.from_pretrained(model_name_or_path, output_loading_info=True)
     new = [key for key in info.get("missing_keys", []) if "projection" in key]
     if new:
         logger.warning(
