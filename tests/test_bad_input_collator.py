@@ -36,9 +36,17 @@ def _nan(shape, where=(1, 2), value=math.nan):
 CASES = [
     ("token id beyond the vocabulary", {"input_ids": [2, 10_000, 3]}, "input_ids hold"),
     ("negative token id", {"input_ids": [2, -1, 3]}, "input_ids hold"),
-    ("NaN feature", {"region_features": _nan((3, 6))}, "region_features contain NaN"),
-    ("infinite feature", {"region_features": _nan((3, 6), value=math.inf)}, "region_features contain NaN"),
-    ("NaN location", {"region_locations": _nan((3, 5))}, "region_locations contain NaN"),
+    ("NaN feature", {"region_features": _nan((3, 6))}, "region_features hold NaN or infinite values"),
+    (
+        "infinite feature",
+        {"region_features": _nan((3, 6), value=math.inf)},
+        "region_features hold NaN or infinite values",
+    ),
+    (
+        "NaN location",
+        {"region_locations": _nan((3, 5))},
+        "region_locations hold values outside \\[0, 1\\] or not finite",
+    ),
     ("label beyond the classes", {"region_class_labels": np.array([0, 24, 1])}, r"region_class_labels \[24\]"),
     ("label 150", {"region_class_labels": np.array([150, 0, 1])}, r"region_class_labels \[150\]"),
     ("negative label", {"region_class_labels": np.array([0, -1, 1])}, r"region_class_labels \[-1\]"),
