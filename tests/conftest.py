@@ -48,3 +48,15 @@ def make_tiny_config():
         return ImageBERTConfig(**tiny_config_kwargs(**overrides))
 
     return make
+
+
+@pytest.fixture
+def one_thread():
+    """Runs the test on one torch thread: figures recorded that way (learning floors, golden losses) depend on the
+    order of float reductions, which the thread count changes."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from imagebert_hf.data.synthetic import make_synthetic_examples, make_synthetic_tokenizer, synthetic_region_record
 from imagebert_hf.evaluation.zero_shot import chance_metrics, zero_shot_retrieval
@@ -34,15 +33,6 @@ SYNTHETIC_ITM_CEILING = 0.62
 # The shipped real-photo recipe, stage-1 dev RSUM over seven runs (seeds 1, 2, 42 of today's code, 1, 2, 3, 42 of an
 # earlier version with the same numerics): 71.7-127.4, chance 28.3.
 REAL_RSUM_FLOOR = 55.0
-
-
-@pytest.fixture
-def one_thread():
-    """The guard's figures were measured on one thread; reductions over more threads change the trajectory."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def held_out_synthetic_inputs(recipe):

@@ -108,13 +108,13 @@ def golden() -> dict:
     return json.loads(GOLDEN.read_text(encoding="utf-8"))
 
 
-def test_pretraining_losses_are_unchanged(golden, tmp_path):
+def test_pretraining_losses_are_unchanged(golden, tmp_path, one_thread):
     got = run_tiny_pretraining(golden["recipe"], tmp_path / "pretraining")
     assert len(got) == 12 and {entry["stage"] for entry in got} == {"noisy", "clean"}
     _assert_same(got, golden["pretraining"], "pretraining", exact=golden["machine"] == _machine())
 
 
-def test_retrieval_finetuning_losses_are_unchanged(golden, tmp_path):
+def test_retrieval_finetuning_losses_are_unchanged(golden, tmp_path, one_thread):
     got = run_tiny_retrieval(golden["retrieval_arguments"], tmp_path / "retrieval")
     assert len(got) == 6
     _assert_same(got, golden["retrieval"], "retrieval fine-tuning", exact=golden["machine"] == _machine())
@@ -125,6 +125,9 @@ if __name__ == "__main__":
 
     if sys.argv[1:] != ["--write"]:
         sys.exit("usage: python tests/test_training_determinism.py --write  (rewrites tests/data/" + GOLDEN.name + ")")
+    import torch
+
+    torch.set_num_threads(1)  # as the tests run it (`one_thread`)
     with tempfile.TemporaryDirectory() as folder:
         written = write_golden(Path(folder))
     print(f"wrote {GOLDEN}: {len(written['pretraining'])} pretraining and {len(written['retrieval'])} retrieval steps")
