@@ -57,3 +57,21 @@ def test_publish_folder(tmp_path):
     with pytest.raises(FileExistsError):
         publish_folder(tmp, final, replace=False)
     assert (tmp / "g.txt").is_file() and (final / "sub" / "f.txt").is_file()
+
+
+def test_a_kill_between_the_two_renames_is_undone_by_the_next_publish(tmp_path):
+    from imagebert_hf.formats.files import restore_set_aside
+
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "a.txt").write_text("earlier")
+    # What a kill between `publish_folder`'s two renames leaves: the earlier folder set aside, nothing at `final`.
+    os.replace(final, tmp_path / ".out.old-123-abcd")
+    assert restore_set_aside(final) and (final / "a.txt").read_text() == "earlier"
+    assert not list(tmp_path.glob(".out.old-*")) and not restore_set_aside(final)
+    os.replace(final, tmp_path / ".out.old-124-abcd")
+    new = tmp_path / ".out.tmp"
+    new.mkdir()
+    (new / "a.txt").write_text("new")
+    publish_folder(new, final)
+    assert (final / "a.txt").read_text() == "new" and not list(tmp_path.glob(".out.*"))

@@ -103,6 +103,7 @@ def publish_folder(tmp: str | os.PathLike, final: str | os.PathLike, replace: bo
     """
     tmp, final = Path(tmp), Path(final)
     fsync_tree(tmp)
+    restore_set_aside(final)
     if not final.exists():
         os.replace(tmp, final)
         _fsync_folder(final.parent)
@@ -120,6 +121,20 @@ def publish_folder(tmp: str | os.PathLike, final: str | os.PathLike, replace: bo
         raise
     _fsync_folder(final.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def restore_set_aside(final: str | os.PathLike) -> bool:
+    """Puts back the earlier folder that `publish_folder` set aside as `.NAME.old-*` when a kill came between its two
+    renames (`final` is then missing); the newest one wins and the others are removed. Returns whether it restored."""
+    final = Path(final)
+    set_aside = sorted(final.parent.glob(f".{final.name}.old-*"), key=lambda path: path.stat().st_mtime)
+    if not set_aside or final.exists():
+        return False
+    os.replace(set_aside[-1], final)
+    _fsync_folder(final.parent)
+    for stale in set_aside[:-1]:
+        shutil.rmtree(stale, ignore_errors=True)
+    return True
 
 
 def _link_tree(source: Path, target: Path) -> None:
@@ -166,4 +181,5 @@ __all__ = [
     "fsync_tree",
     "publish_folder",
     "publish_folder_keeping_others",
+    "restore_set_aside",
 ]
