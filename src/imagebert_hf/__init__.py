@@ -7,10 +7,11 @@ known to `AutoConfig`, `AutoModel`, `AutoModelForPreTraining`, `AutoImageProcess
 are loaded (now, when they already are, or right after the import that loads them).
 """
 
-import importlib
 import sys
 import threading
 from typing import TYPE_CHECKING
+
+from .models.imagebert.lazy_names import lazy_names as _lazy_names
 
 
 if TYPE_CHECKING:
@@ -127,21 +128,7 @@ _MODULES = {
     "regions.cache_reader": ["load_region_cache", "load_region_dataset"],
     "regions.cache_writer": ["extract_regions"],
 }
-# public name -> the module (relative to this package) that defines it
-_LAZY_NAMES = {name: module for module, names in _MODULES.items() for name in names}
-
-
-def __getattr__(name: str):
-    module = _LAZY_NAMES.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = _lazy_names(__name__, _MODULES, globals())
 
 
 def register() -> None:

@@ -6,8 +6,9 @@ it; gradio is imported only when the page is built, so this package imports with
 The names below load their module on first access, so `imagebert-app --help` imports neither torch nor gradio.
 """
 
-import importlib
 from typing import TYPE_CHECKING
+
+from ..models.imagebert.lazy_names import lazy_names
 
 
 if TYPE_CHECKING:
@@ -21,18 +22,4 @@ _MODULES = {
     "engine": ["AppInputError", "GalleryImage", "RetrievalDemo", "read_gallery"],
     "ui": ["build_app", "launch_app"],
 }
-# public name -> the module (in this package) that defines it
-_LAZY_NAMES = {name: module for module, names in _MODULES.items() for name in names}
-
-
-def __getattr__(name: str):
-    module = _LAZY_NAMES.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_names(__name__, _MODULES, globals())

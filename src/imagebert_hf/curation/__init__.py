@@ -8,8 +8,9 @@ report. Heavy dependencies (fastwarc, resiliparse, nudenet, pyspark) are importe
 The names below load their module on first access, so `imagebert-curate --help` imports none of the stages.
 """
 
-import importlib
 from typing import TYPE_CHECKING
+
+from ..models.imagebert.lazy_names import lazy_names
 
 
 if TYPE_CHECKING:
@@ -82,18 +83,4 @@ _MODULES = {
     "tally": ["Tally", "funnel_markdown", "write_funnel_report"],
     "text_cleaning": ["check_text", "clean_texts"],
 }
-# public name -> the module (in this package) that defines it
-_LAZY_NAMES = {name: module for module, names in _MODULES.items() for name in names}
-
-
-def __getattr__(name: str):
-    module = _LAZY_NAMES.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_names(__name__, _MODULES, globals())

@@ -6,8 +6,9 @@ The names below load their module on first access, so importing one module of th
 the region helpers) does not import every other one.
 """
 
-import importlib
 from typing import TYPE_CHECKING
+
+from .lazy_names import lazy_names
 
 
 if TYPE_CHECKING:
@@ -65,18 +66,4 @@ _MODULES = {
     "pipeline_image_text_retrieval": ["MODES", "ImageTextRetrievalPipeline", "RetrievalIndex", "register_pipeline"],
     "processing_imagebert": ["ImageBERTProcessor", "check_processor_config", "register_processing"],
 }
-# public name -> the same-folder module that defines it
-_LAZY_NAMES = {name: module for module, names in _MODULES.items() for name in names}
-
-
-def __getattr__(name: str):
-    module = _LAZY_NAMES.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_names(__name__, _MODULES, globals())
