@@ -19,7 +19,7 @@ collator, batch 48), each timed over the same number of samples on one thread:
   2048) feature batch (`full_region_feature_targets=True`). The collator now keeps the cache's float16 (exact; the
   model converts) and gives the masked rows' targets only, (masked regions, 2048).
 
-Targets (issue 27): >= 1,500 samples per CPU-second in the training process, and >= 1,218 per CPU-second (the
+Targets: >= 1,500 samples per CPU-second in the training process, and >= 1,218 per CPU-second (the
 H200's step rate) with one worker. Rates are samples per CPU-second of the processes (user + system time, so the page faults of fresh batch tensors
 count): what one core delivers, also on a machine busy with other work. Wall-clock rates are printed beside
 them; on an idle machine the two agree.

@@ -6,7 +6,7 @@ defaults do not move it) and the loss of every step, written by the code before 
 tests rerun both and compare the losses bit for bit (every step, every task; the random draws of masking, negatives
 and data order all feed them). A deliberate change of the numerics rewrites the file:
 
-    PYTHONPATH=src python tests/test_training_determinism.py --write
+    python tests/test_training_determinism.py --write
 
 Float results can differ in the last bits between torch builds or CPU instruction sets; on a machine other than
 the one recorded (torch version, processor), the comparison allows a relative 1e-5 instead of equality.
