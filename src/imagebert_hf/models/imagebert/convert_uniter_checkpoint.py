@@ -277,7 +277,7 @@ def load_uniter_model(
     """An ImageBERT model holding a UNITER state dict, loaded with a strict key check.
 
     Args:
-        state_dict: UNITER's weights (`torch.load("uniter-base.pt")`).
+        state_dict: UNITER's weights, as `read_uniter_checkpoint` returns them (a `weights_only=True` load).
         task: "pretraining" (`ImageBERTForPreTraining`) or "retrieval" (`ImageBERTForImageTextRetrieval`);
             detected from the keys when None.
         uniter_config: UNITER's JSON config as a dict (for the attention heads and dropouts).
