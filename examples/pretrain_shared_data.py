@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
         "results": results,
         "seconds": timings,
         "steps_per_stage": run["steps_per_stage"],
+        "history": run["history"],
         "protocol": f"Flickr8k dev, {num_images} images x {len(text_to_image)} captions, every pair scored",
         "command": command,
     }

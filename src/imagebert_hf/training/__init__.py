@@ -17,7 +17,7 @@ from .loop import (
     build_scheduler,
     train_loop,
 )
-from .plots import plot_losses
+from .plots import plot_losses, plot_run_groups
 from .pretraining import PretrainingRunOptions, run_pretraining
 from .recipe import Recipe, RecipeError, load_recipe, recipe_from_dict
 from .retrieval_finetuning import run_retrieval_finetuning
@@ -45,6 +45,7 @@ __all__ = [
     "load_checkpoint",
     "load_recipe",
     "plot_losses",
+    "plot_run_groups",
     "recipe_from_dict",
     "run_pretraining",
     "run_retrieval_finetuning",

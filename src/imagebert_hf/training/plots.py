@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,4 +57,53 @@ def plot_losses(
     return save_figure(fig, path)
 
 
-__all__ = ["plot_losses"]
+def plot_run_groups(
+    groups: Mapping[str, Sequence[Sequence[dict[str, Any]]]],
+    path: str | Path,
+    task: str = "itm",
+    smoothing: int = 25,
+    reference_lines: Mapping[str, float] | None = None,
+    title: str | None = None,
+) -> Path:
+    """Draws one task's loss for several runs, one colour per group of runs (e.g. seeds of a recipe before and after
+    a change), each run its moving average, so that where each run leaves a plateau can be compared at a glance.
+
+    Args:
+        groups: `{label: [history, ...]}`, each history as for `plot_losses`.
+        path: The PNG to write.
+        task: The history key to plot.
+        smoothing: Width of the moving average (1 draws the raw values).
+        reference_lines: `{label: value}` drawn as dotted horizontal lines (e.g. ln 2 for ITM).
+        title: Figure title.
+
+    Returns:
+        The written path.
+    """
+    import numpy as np
+
+    if not groups or not any(groups.values()):
+        raise ValueError("plot_run_groups needs at least one group with at least one run.")
+    fig, axis = subplots(1, 1, figsize=(6.4, 3.6))
+    colours = ["tab:gray", "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
+    for index, (label, runs) in enumerate(groups.items()):
+        colour = colours[index % len(colours)]
+        for number, history in enumerate(runs):
+            points = [(entry["step"], entry[task]) for entry in history if entry.get(task) is not None]
+            if not points:
+                raise ValueError(f"run {number} of group {label!r} logs no {task!r} loss.")
+            steps, values = np.array([p[0] for p in points]), np.array([p[1] for p in points], dtype=float)
+            width = max(1, min(smoothing, len(values)))
+            smoothed = np.convolve(values, np.ones(width) / width, mode="valid")
+            axis.plot(steps[width - 1 :], smoothed, color=colour, linewidth=1.2, label=label if number == 0 else None)
+    for name, value in (reference_lines or {}).items():
+        axis.axhline(value, color="black", linestyle=":", linewidth=0.8)
+        axis.annotate(name, (1.0, value), xycoords=("axes fraction", "data"), fontsize=7, ha="right", va="bottom")
+    axis.set_xlabel("step")
+    axis.set_ylabel(f"{task.upper()} loss (moving average of {smoothing} logged steps)" if smoothing > 1 else task)
+    axis.legend(fontsize=8)
+    if title:
+        axis.set_title(title, fontsize=9)
+    return save_figure(fig, path)
+
+
+__all__ = ["plot_losses", "plot_run_groups"]
