@@ -270,6 +270,9 @@ class RelationView:
 
 __all__ = [
     "KIND_NAMES",
+    "MIN_AREA_FRACTION",
+    "SCORER_NAMES",
+    "TIE_TOLERANCE",
     "RelationExample",
     "RelationView",
     "ScorerComparison",
