@@ -137,7 +137,10 @@ def test_the_rate_is_read_against_its_interval():
         return {"wins": wins, "n": n, "accuracy": wins / n, "ci_low": low, "ci_high": high, "ties": ties}
 
     assert "better than chance" in share_sentence(result(90, 100, 0.82, 0.94), "cross_encoder")
-    assert "worse than chance" in share_sentence(result(10, 100, 0.06, 0.18), "cross_encoder")
+    assert "worse than chance: it prefers the twin" in share_sentence(result(10, 100, 0.06, 0.18), "cross_encoder")
+    # A low rate made of ties (a tie counts as a loss) is no preference for the twin.
+    tied = share_sentence(result(2, 36, 0.015, 0.18, ties=28), "cross_encoder")
+    assert "28 ties" in tied and "below chance through ties" in tied and "prefers the twin" not in tied
     chance = share_sentence(result(52, 100, 0.42, 0.62, ties=3), "dual_encoder")
     assert chance == (
         "dual encoder (cosine of embeddings): the true caption wins for 52 of 100 photos (52%, 95% interval 42-62%, "

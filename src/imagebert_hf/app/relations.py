@@ -153,16 +153,23 @@ class SwapComparison:
 def share_sentence(result: dict[str, Any], scorer: str) -> str:
     """One scorer's gallery rate (`relation_swap_accuracy`) in words, read against its 95% interval and chance."""
     low, high = 100 * result["ci_low"], 100 * result["ci_high"]
+    ties = int(result.get("ties") or 0)
+    losses = result["n"] - result["wins"] - ties
     if low > 50:
         reading = "better than chance: it reads who is where here"
-    elif high < 50:
+    elif high < 50 and losses > ties:
         reading = "worse than chance: it prefers the twin"
+    elif high < 50:
+        # The probe counts a tie as a loss: a rate this low made of ties is no preference for the twin.
+        reading = (
+            "below chance through ties (an equal score counts as a loss): the model cannot tell these twins apart"
+        )
     else:
         reading = "no better than chance: the model cannot tell these twins apart"
-    ties = f", {result['ties']} ties" if result.get("ties") else ""
+    tied = f", {ties} ties" if ties else ""
     return (
         f"{SCORER_NAMES[scorer]}: the true caption wins for {result['wins']} of {result['n']} photos "
-        f"({100 * result['accuracy']:.0f}%, 95% interval {low:.0f}-{high:.0f}%{ties}; chance 50%), {reading}."
+        f"({100 * result['accuracy']:.0f}%, 95% interval {low:.0f}-{high:.0f}%{tied}; chance 50%), {reading}."
     )
 
 
