@@ -233,3 +233,18 @@ def test_the_page_has_a_relations_tab_only_for_a_gallery_with_relations(demo, tm
 
     plain = RetrievalDemo(demo.retriever, read_gallery(folder))
     assert RelationView(plain).examples == [] and "relations-tab" not in ids(build_app(plain))
+
+
+def test_the_gallery_rate_of_a_large_gallery_takes_its_first_photos(demo, monkeypatch):
+    import imagebert_hf.app.relations as relations
+
+    monkeypatch.setattr(relations, "MAX_SUMMARY_PHOTOS", 2)
+    view = RelationView(demo)
+    first = view.photos()[:2]
+    summary = view.summary()
+    for kind in ("object_swap", "attribute_swap"):
+        expected = sum(1 for e in view.examples if e.key in first and e.kind == kind)
+        if expected:
+            assert summary[kind]["cross_encoder"]["n"] == expected
+        else:
+            assert kind not in summary

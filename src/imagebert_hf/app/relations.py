@@ -32,6 +32,8 @@ KIND_NAMES = {"object_swap": "objects swapped", "attribute_swap": "colours swapp
 SCORER_NAMES = {"cross_encoder": "cross-encoder (ITM head)", "dual_encoder": "dual encoder (cosine of embeddings)"}
 # Smallest share of the photo each box of a real photo's pair covers (the probe script's default).
 MIN_AREA_FRACTION = 0.01
+# The gallery's rate is taken over the examples of at most this many photos (their regions are padded in one batch).
+MAX_SUMMARY_PHOTOS = 500
 # Scores are shown to 3 decimals: a margin below half the last digit reads as equal scores.
 TIE_TOLERANCE = 5e-4
 
@@ -56,11 +58,6 @@ class RelationExample:
     first: int
     second: int
     relation: str
-
-    @property
-    def label(self) -> str:
-        """The example's name in the page's lists: photo and kind."""
-        return f"{self.key} · {KIND_NAMES[self.kind]}"
 
 
 def _annotated_objects(image: GalleryImage, record: dict[str, Any]) -> list[tuple[int, str, tuple[float, ...]]]:
@@ -234,15 +231,20 @@ class RelationView:
         )
 
     def summary(self) -> dict[str, Any]:
-        """`relation_swap_accuracy` over every example of the gallery, by kind and scorer (computed once)."""
+        """`relation_swap_accuracy` over the examples of the gallery's first `MAX_SUMMARY_PHOTOS` photos with one, by
+        kind and scorer (computed once)."""
         if self._summary is None:
             if not self.examples:
                 raise AppInputError(
                     "no gallery photo has two labelled objects in a clear relation, so there is nothing to compare."
                 )
-            rows = {key: row for row, key in enumerate(self.photos())}
+            rows = {key: row for row, key in enumerate(self.photos()[:MAX_SUMMARY_PHOTOS])}
             records = [self.demo.gallery_image(key)[1] for key in rows]
-            probes = [SwapProbe(rows[e.key], e.true_caption, e.swapped_caption, e.kind) for e in self.examples]
+            probes = [
+                SwapProbe(rows[e.key], e.true_caption, e.swapped_caption, e.kind)
+                for e in self.examples
+                if e.key in rows
+            ]
             region_inputs = dict(self.demo.processor(regions=records, return_tensors="pt"))
             self._summary = relation_swap_accuracy(
                 self.demo.retriever.model,
@@ -277,6 +279,7 @@ class RelationView:
 
 __all__ = [
     "KIND_NAMES",
+    "MAX_SUMMARY_PHOTOS",
     "MIN_AREA_FRACTION",
     "SCORER_NAMES",
     "TIE_TOLERANCE",
