@@ -204,6 +204,39 @@ def region_picture_shown(driver, elem_id: str) -> bool:
     return bool(images) and bool(driver.execute_script("return arguments[0].naturalWidth", images[0]))
 
 
+def click_example(driver, elem_id: str, row: int = 0) -> None:
+    """Clicks row `row` of the `gr.Examples` table in `#elem_id` (the view then runs on it)."""
+    css = f"#{elem_id} td[data-testid='dataset-cell-{row}-0']"
+    wait_until(driver, lambda d: _elements(d, css))[0].click()
+
+
+def wait_for_relations(driver, previous: str = "", timeout: float = 60.0) -> tuple[list[list[str]], str]:
+    """Waits for the relations table to change from `previous` (its text before) with both region pictures shown, or
+    for an error; returns the table's rows and the error."""
+
+    def done(d):
+        table = _elements(d, "#relation-results")
+        text = table[0].text if table else ""
+        error = error_text(d, "relation-error")
+        pictures = region_picture_shown(d, "relation-true-regions") and region_picture_shown(
+            d, "relation-twin-regions"
+        )
+        return (
+            (table_rows(d, "relation-results"), error) if (text and text != previous and pictures) or error else None
+        )
+
+    return wait_until(driver, done, timeout)
+
+
+def scroll_to_tabs(driver) -> None:
+    """Scrolls the page so that the tab bar is at the top of the window."""
+    driver.execute_script(
+        "window.scrollTo(0, document.querySelector(\"button[role='tab']\").getBoundingClientRect().top"
+        " + window.scrollY - 8)"
+    )
+    time.sleep(0.3)
+
+
 def save_screenshot(driver, path: str | os.PathLike, colours: int = 96) -> Path:
     """The window as a palette PNG (a few dozen kilobytes rather than hundreds)."""
     from io import BytesIO
@@ -247,7 +280,8 @@ SCREENSHOT_SIZE = (1400, 1180)  # wide enough that the result tables sit beside 
 def take_screenshots(
     blocks, demo, output_dir: str | os.PathLike, query: str | None = None, photo: str | None = None
 ) -> list[Path]:
-    """The three views (text -> images, image -> texts, a refused upload) as docs/app_*.png."""
+    """The four views (text -> images, image -> texts, a refused upload, relations: its first example, scrolled to
+    the tab bar) as docs/app_*.png."""
     from imagebert_hf.app.ui import GENERIC_PLACEHOLDER
 
     output_dir = Path(output_dir)
@@ -281,6 +315,15 @@ def take_screenshots(
                 shots.append(save_screenshot(driver, output_dir / "app_bad_upload.png"))
             finally:
                 not_an_image.unlink()
+            show_tab(driver, "Relations")
+            click_example(driver, "relation-examples", 0)
+            _, error = wait_for_relations(driver)
+            if error:
+                raise RuntimeError(f"the relations example failed: {error}")
+            if wrapped_headers(driver, "relation-results"):
+                raise RuntimeError(f"relations table headers wrap at {SCREENSHOT_SIZE}")
+            scroll_to_tabs(driver)
+            shots.append(save_screenshot(driver, output_dir / "app_relations.png"))
     finally:
         driver.quit()
     return shots

@@ -138,3 +138,48 @@ def test_an_empty_query_shows_a_readable_message(served):
     search(driver, "   ")
     wait_until(driver, lambda d: error_text(d, "search-error"))
     assert "Type a query first" in error_text(driver, "search-error")
+
+
+def test_the_relations_example_shows_both_captions_and_their_scores(served):
+    from imagebert_hf.app.relations import KIND_NAMES, SCORER_NAMES, RelationView
+
+    from .browser_helpers import (
+        click_example,
+        covers_header,
+        dropdown_value,
+        show_tab,
+        wait_for_relations,
+        wrapped_headers,
+    )
+
+    demo, driver = served
+    view = RelationView(demo)
+    show_tab(driver, "Relations")
+    click_example(driver, "relation-examples", 0)
+    rows, error = wait_for_relations(driver)
+    example = view.examples[0]
+    comparison = view.compare(example)
+    assert error == "" and dropdown_value(driver, "relation-pick") == example.key
+    headers = [th.text for th in driver.find_elements("css selector", "#relation-results thead th")]
+    assert headers == ["", "caption", *(SCORER_NAMES[score.scorer] for score in comparison.scores)]
+    assert len(rows) == 3 and rows[2][:2] == ["", ""]  # the captions, then who wins under each score
+    assert [row[:2] for row in rows[:2]] == [["true", example.true_caption], ["twin", example.swapped_caption]]
+    for column, score in enumerate(comparison.scores, start=2):
+        shown_true, shown_twin = float(rows[0][column]), float(rows[1][column])
+        assert (shown_true, shown_twin) == pytest.approx((score.true_score, score.swapped_score), abs=1e-3)
+        # The page shows the two captions' scores apart where the model scores them apart, and says who wins.
+        assert (shown_true != shown_twin) == (round(score.true_score, 3) != round(score.swapped_score, 3))
+        assert rows[2][column] == score.verdict()
+    assert any(shown_true != shown_twin for shown_true, shown_twin in zip(rows[0][2:], rows[1][2:]))
+    assert view.where(example) in driver.find_element("css selector", "#relation-results").text
+    assert wrapped_headers(driver, "relation-results") == [] and not covers_header(driver)
+
+    # Another example (a colour swap when the first photos have one): the table follows it.
+    row = next(i for i, e in enumerate(view.examples[:3]) if (e.key, e.kind) != (example.key, example.kind))
+    other = view.examples[row]
+    previous = driver.find_element("css selector", "#relation-results").text
+    click_example(driver, "relation-examples", row)
+    rows, error = wait_for_relations(driver, previous)
+    assert error == "" and [row[1] for row in rows[:2]] == [other.true_caption, other.swapped_caption]
+    checked = driver.find_element("css selector", "#relation-kind input:checked").get_attribute("value")
+    assert checked == KIND_NAMES[other.kind]

@@ -1,4 +1,5 @@
-"""The Gradio page: text -> images and image -> texts, each with the region picture of its top match.
+"""The Gradio page: text -> images and image -> texts, each with the region picture of its top match, and relations: a
+gallery photo's true relation caption against its swapped twin, scored side by side.
 
 Every handler turns a bad input (an empty query, a file that is not an image, a decompression bomb) into a message in
 the page, beside the results it replaces (no toast, which would stay over the header); anything unexpected is logged
@@ -17,13 +18,15 @@ from transformers.utils import logging
 
 from .drawing import render_regions
 from .engine import AppInputError, RetrievalDemo, parse_caption_list
+from .relations import KIND_NAMES, SCORER_NAMES, RelationView
 
 
 logger = logging.get_logger(__name__)
 
 CSS = """
-#search-results table, #caption-results table { font-size: 0.95em; }
-#search-results th, #caption-results th, #search-results td:not(:last-child), #caption-results td:not(:last-child) {
+#search-results table, #caption-results table, #relation-results table { font-size: 0.95em; }
+#search-results th, #caption-results th, #search-results td:not(:last-child), #caption-results td:not(:last-child),
+#relation-results th, #relation-results td:not(:nth-child(2)) {
   white-space: nowrap;
 }
 .error-message { color: #b00020; font-weight: 600; }
@@ -122,6 +125,50 @@ def photo_view(demo: RetrievalDemo, upload: str | None, pick: str | None, captio
     return f"Captions ranked for {which}:\n\n{table}", picture, ""
 
 
+def relation_view(view: RelationView, key: str | None, kind_name: str | None) -> tuple[str, Any, Any, str]:
+    """Relations: for a gallery photo and a kind of twin ("objects swapped", "colours swapped"), the Markdown with
+    both captions' scores per scorer, which one wins, where the objects are and the gallery's rate; the region
+    picture for the true caption and for the twin; and the error message (empty on success)."""
+    try:
+        kinds = {name: kind for kind, name in KIND_NAMES.items()}
+        example = view.example(key, kinds.get(kind_name or ""))
+        comparison = view.compare(example)
+        image, record = view.demo.gallery_image(example.key)
+        labels = view.demo.labels_for(record, image)
+        with Image.open(image.path) as photo:
+            pictures = [
+                render_regions(photo, record, labels, importance, text=caption)
+                for importance, caption in (
+                    (comparison.true_importance, example.true_caption),
+                    (comparison.swapped_importance, example.swapped_caption),
+                )
+            ]
+        gallery = view.summary_lines(example.kind)
+    except Exception as error:
+        return "", None, None, _report(error)
+    header = ("", "caption", *(SCORER_NAMES[score.scorer] for score in comparison.scores))
+    rows = [
+        ("true", example.true_caption, *(f"{score.true_score:.3f}" for score in comparison.scores)),
+        ("twin", example.swapped_caption, *(f"{score.swapped_score:.3f}" for score in comparison.scores)),
+        ("", "", *(score.verdict() for score in comparison.scores)),
+    ]
+    lines = [
+        f"**{html.escape(image.path.name)}**, {KIND_NAMES[example.kind]}: {html.escape(view.where(example))}",
+        "",
+        _results_table(rows, header),
+        "",
+        "Below, each caption's region picture: how much its score drops when each region is masked out.",
+    ]
+    if "dual_encoder" not in view.scorers:
+        lines += [
+            "",
+            "Dual encoder not shown: this checkpoint's projection heads are untrained (a pretraining checkpoint), so "
+            "their cosines mean nothing.",
+        ]
+    lines += ["", f"**On this gallery** ({KIND_NAMES[example.kind]}):", *(f"- {line}" for line in gallery)]
+    return "\n".join(lines), pictures[0], pictures[1], ""
+
+
 def build_app(demo: RetrievalDemo, title: str = "ImageBERT image-text retrieval", top_k: int = 8):
     """The app's `gr.Blocks` over a `RetrievalDemo` (model + prebuilt gallery). Launch it with `launch_app`."""
     # No usage reports or version checks: the app runs offline (set before gradio is first imported).
@@ -131,6 +178,7 @@ def build_app(demo: RetrievalDemo, title: str = "ImageBERT image-text retrieval"
     num_images = len(demo.gallery)
     # Gallery captions whose best match is their own photo: the placeholder is a query the app answers.
     examples = demo.example_queries()
+    relations = RelationView(demo)
     with gr.Blocks(title=title, analytics_enabled=False) as blocks:
         gr.Markdown(page_header(demo, title), elem_id="page-header")
         with gr.Tab("Text → images", id="text-to-images"):
@@ -141,7 +189,10 @@ def build_app(demo: RetrievalDemo, title: str = "ImageBERT image-text retrieval"
                     elem_id="query",
                     scale=4,
                 )
-                search_k = gr.Slider(1, min(32, num_images), value=min(top_k, num_images), step=1, label="photos")
+                # A slider needs two ends: a one-photo gallery still gets 1..2 (a search returns what there is).
+                search_k = gr.Slider(
+                    1, max(2, min(32, num_images)), value=min(top_k, num_images), step=1, label="photos"
+                )
                 search_button = gr.Button("Search", variant="primary", elem_id="search-button")
             if examples:
                 gr.Examples(
@@ -195,6 +246,67 @@ def build_app(demo: RetrievalDemo, title: str = "ImageBERT image-text retrieval"
                     elem_id="photo-regions",
                     interactive=False,
                 )
+        if relations.examples:
+            with gr.Tab("Relations", id="relations", elem_id="relations-tab"):
+                # The outputs are made first (unrendered) so that the examples can sit beside the controls.
+                relation_error = gr.Markdown(elem_id="relation-error", elem_classes="error-message", render=False)
+                relation_table = gr.Markdown(elem_id="relation-results", render=False)
+                relation_pictures = [
+                    gr.Image(
+                        label=label,
+                        show_label=False,  # the label would cover the picture's top left corner, where tags are
+                        type="pil",
+                        elem_id=elem_id,
+                        interactive=False,
+                        render=False,
+                    )
+                    for label, elem_id in (
+                        ("Regions for the true caption", "relation-true-regions"),
+                        ("Regions for the twin", "relation-twin-regions"),
+                    )
+                ]
+                with gr.Row():
+                    with gr.Column(scale=2):
+                        gr.Markdown(
+                            "A photo's true caption against its **twin**: the same words with the two objects (or "
+                            "their colours) exchanged. Only a model that ties words to regions and their places can "
+                            "tell them apart.",
+                            elem_id="relation-intro",
+                        )
+                        relation_pick = gr.Dropdown(
+                            relations.photos(),
+                            value=None,
+                            label="photo",
+                            info="gallery photos with two labelled objects in a clear relation",
+                            elem_id="relation-pick",
+                        )
+                        relation_kind = gr.Radio(
+                            list(KIND_NAMES.values()),
+                            value=KIND_NAMES["object_swap"],
+                            label="twin",
+                            elem_id="relation-kind",
+                        )
+                        relation_button = gr.Button("Compare", variant="primary", elem_id="relation-button")
+                        relation_inputs = [relation_pick, relation_kind]
+                        relation_outputs = [relation_table, *relation_pictures, relation_error]
+                        gr.Examples(
+                            [[example.key, KIND_NAMES[example.kind]] for example in relations.examples[:3]],
+                            inputs=relation_inputs,
+                            outputs=relation_outputs,
+                            fn=lambda p, k: relation_view(relations, p, k),
+                            run_on_click=True,
+                            cache_examples=False,
+                            label="Examples: the gallery's first photos with a relation (click one)",
+                            elem_id="relation-examples",
+                        )
+                    with gr.Column(scale=3):
+                        relation_error.render()
+                        relation_table.render()
+                with gr.Row():
+                    for picture in relation_pictures:
+                        picture.render()
+                for event in (relation_button.click, relation_pick.input, relation_kind.input):
+                    event(lambda p, k: relation_view(relations, p, k), relation_inputs, relation_outputs)
 
         search_outputs = [results, search_table, search_regions, search_error]
         search_inputs = [query, search_k]
@@ -229,4 +341,4 @@ def launch_app(blocks, server_name: str | None = "127.0.0.1", server_port: int |
     )
 
 
-__all__ = ["build_app", "launch_app", "page_header", "photo_view", "search_view"]
+__all__ = ["build_app", "launch_app", "page_header", "photo_view", "relation_view", "search_view"]
