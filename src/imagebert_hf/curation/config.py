@@ -96,7 +96,9 @@ DEFAULT_BOILERPLATE_PHRASES = (
     "posted by",
     "share this",
 )
-DEFAULT_FUNCTION_WORDS = (
+# The determiners and prepositions whose share of a text is a feature of the relevance model. Fixed: the shipped
+# weights were fitted on exactly these words, so they do not follow a user's cleaning rules.
+RELEVANCE_DETERMINERS = (
     "a",
     "an",
     "the",
@@ -113,6 +115,8 @@ DEFAULT_FUNCTION_WORDS = (
     "her",
     "their",
     "its",
+)
+RELEVANCE_PREPOSITIONS = (
     "in",
     "on",
     "at",
@@ -128,14 +132,12 @@ DEFAULT_FUNCTION_WORDS = (
     "onto",
     "behind",
     "beside",
-    "next",
     "through",
-    "across",
-    "along",
-    "around",
-    "inside",
-    "outside",
-    "while",
+)
+DEFAULT_FUNCTION_WORDS = (
+    *RELEVANCE_DETERMINERS,
+    *RELEVANCE_PREPOSITIONS,
+    *("next", "across", "along", "around", "inside", "outside", "while"),
 )
 
 
