@@ -141,8 +141,16 @@ DEFAULT_FUNCTION_WORDS = (
 )
 
 
+class _StageConfig:
+    """What every stage configuration does when it is built, in Python, from a file or from flags: check its fields
+    (`check_stage_config`)."""
+
+    def __post_init__(self):
+        check_stage_config(self)
+
+
 @dataclass
-class ParseConfig:
+class ParseConfig(_StageConfig):
     """Stage 1: reading WARC files or saved HTML pages and choosing each page's dominant image."""
 
     max_page_bytes: int = _help("Pages larger than this many bytes are skipped (reason `page_too_large`).", 2_000_000)
@@ -182,12 +190,9 @@ class ParseConfig:
         "After this many unreadable segments in one WARC file the rest of the file is skipped.", 1000
     )
 
-    def __post_init__(self):
-        check_stage_config(self)
-
 
 @dataclass
-class ImageFilterConfig:
+class ImageFilterConfig(_StageConfig):
     """Stage 2: decoding and image-content filters."""
 
     min_side: int = _help("Width and height must both be strictly greater than this (the paper uses 300).", 300)
@@ -211,12 +216,9 @@ class ImageFilterConfig:
     )
     natural_threshold: float = _help("Images whose natural-photo probability is below this are dropped.", 0.5)
 
-    def __post_init__(self):
-        check_stage_config(self)
-
 
 @dataclass
-class TextCleaningConfig:
+class TextCleaningConfig(_StageConfig):
     """Stage 3: sentence cleaning rules (from the paper and Conceptual Captions)."""
 
     min_words: int = _help("Texts with fewer words are dropped (`too_short`).", 3)
@@ -258,12 +260,9 @@ class TextCleaningConfig:
         "Drop texts where more than this ratio of words is outside the vocabulary.", 0.25
     )
 
-    def __post_init__(self):
-        check_stage_config(self)
-
 
 @dataclass
-class RelevanceConfig:
+class RelevanceConfig(_StageConfig):
     """Stage 4: weak image-text relevance scoring."""
 
     relevance_model_path: str | None = _help(
@@ -272,20 +271,14 @@ class RelevanceConfig:
     )
     relevance_threshold: float = _help("Pairs whose relevance probability is below this are dropped.", 0.2)
 
-    def __post_init__(self):
-        check_stage_config(self)
-
 
 @dataclass
-class AggregationConfig:
+class AggregationConfig(_StageConfig):
     """Stage 5: aggregation over the whole corpus."""
 
     max_images_per_text: int = _help(
         "A text attached to more than this many distinct images is dropped with all its pairs.", 5
     )
-
-    def __post_init__(self):
-        check_stage_config(self)
 
 
 @dataclass
