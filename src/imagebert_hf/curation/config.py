@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..formats.files import atomic_write_text
+
 
 def _help(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
     if factory is not dataclasses.MISSING:
@@ -322,7 +324,7 @@ class CurationConfig:
         return cls(**stages)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> CurationConfig:
