@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import inspect
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -20,6 +19,11 @@ from .roi_backends import BackboneBackend, DetectorBackend, PrecomputedBackend, 
 from .roi_boxes import LOCATION_SIZES, as_boxes, box_locations, clip_boxes, grid_boxes
 from .roi_butd import BUTD_SIZE, BUTDBackend
 from .roi_image_loading import (
+    DEFAULT_MAX_ASPECT_RATIO,
+    DEFAULT_MAX_DECODE_SIDE,
+    DEFAULT_MAX_FILE_BYTES,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DEFAULT_MIN_IMAGE_SIDE,
     LoadedImage,
     RegionExtractionError,
     default_decode_workers,
@@ -36,13 +40,15 @@ BACKENDS = ("backbone", "detector", "butd", "precomputed")
 WEIGHTS_NAME = "roi_extractor.safetensors"
 ON_ERROR = ("raise", "record")
 
-# How images are read and guarded: `load_image`'s keyword arguments, with its defaults (`draft_margin` aside: how far
-# a JPEG may be decoded at reduced scale is the loader's business). The extractor takes them as settings.
-_LOAD_DEFAULTS = {
-    name: parameter.default
-    for name, parameter in inspect.signature(load_image).parameters.items()
-    if parameter.kind is parameter.KEYWORD_ONLY and name != "draft_margin"
-}
+# How images are read and guarded (load_image's keyword arguments).
+_LOAD_SETTINGS = (
+    "max_image_pixels",
+    "max_file_bytes",
+    "min_image_side",
+    "max_aspect_ratio",
+    "max_decode_side",
+    "apply_exif_orientation",
+)
 # Settings that may change from one call to the next; the others define the backend and are fixed.
 CALL_SETTINGS = (
     "max_regions",
@@ -57,7 +63,7 @@ CALL_SETTINGS = (
     "return_class_probs",
     "region_location_size",
     "batch_size",
-    *_LOAD_DEFAULTS,
+    *_LOAD_SETTINGS,
 )
 ATTRIBUTE_FIELDS = ("region_attribute_labels", "region_attribute_scores")
 
@@ -246,11 +252,15 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
         region_location_size: int = 5,
         batch_size: int = 8,
         device: str | None = None,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+        min_image_side: int = DEFAULT_MIN_IMAGE_SIDE,
+        max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
+        max_decode_side: int = DEFAULT_MAX_DECODE_SIDE,
+        apply_exif_orientation: bool = True,
         **kwargs,
     ):
         kwargs.pop("image_processor_type", None)
-        # The image loading settings (documented above), defaulting as `load_image` does.
-        load_settings = {name: kwargs.pop(name, default) for name, default in _LOAD_DEFAULTS.items()}
         super().__init__(**kwargs)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
@@ -287,8 +297,12 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
         self.region_location_size = region_location_size
         self.batch_size = batch_size
         self.device = device
-        for name, value in load_settings.items():
-            setattr(self, name, value)
+        self.max_image_pixels = max_image_pixels
+        self.max_file_bytes = max_file_bytes
+        self.min_image_side = min_image_side
+        self.max_aspect_ratio = max_aspect_ratio
+        self.max_decode_side = max_decode_side
+        self.apply_exif_orientation = apply_exif_orientation
         self._settings_check(
             {
                 **self._settings({}),
@@ -463,22 +477,42 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
                 f"region_location_size must be one of {LOCATION_SIZES}, got {settings['region_location_size']}."
             )
 
-    def extract(self, images: Any = None, boxes: Any = None, **kwargs) -> list[dict[str, Any]]:
-        """Extracts the region records of one image or a batch, in this process: `extract_stream` with
-        `num_workers=0`, its batches joined.
+    def extract(
+        self,
+        images: Any = None,
+        boxes: Any = None,
+        image_ids: str | Sequence[str] | None = None,
+        box_format: str = "xyxy",
+        on_error: str = "raise",
+        **overrides,
+    ) -> list[dict[str, Any]]:
+        """Extracts the region records of one image or a batch.
 
         Args:
             images: One image or a list: paths, bytes, `{"bytes", "path"}` dicts, PIL images, numpy arrays, torch
                 tensors. For the precomputed backend: keys (image ids or file names), or None with `image_ids`.
             boxes: Boxes in original pixels, one (R, 4) array (or None) per image; None for all: the grid
                 (backbone) or the detections (detector). An image given no boxes (None or empty) gets the grid.
-            **kwargs: The keyword arguments of `extract_stream` (`image_ids`, `box_format`, `on_error` and per-call
-                settings such as `max_regions=36`), `num_workers` aside.
+            image_ids: Ids for the records instead of the content hash.
+            box_format: `"xyxy"` or `"xywh"` (COCO's) for `boxes`.
+            on_error: `"raise"` (default): an unusable input raises `RegionExtractionError` (`ImageLoadError` for
+                an unreadable image) naming it and the reason. `"record"`: it yields a record with empty arrays and
+                its reason in `error`, and the batch goes on.
+            **overrides: Per-call values of the settings in `CALL_SETTINGS` (e.g. `max_regions=36`).
 
         Returns:
             One region record (dict of numpy arrays and scalars) per image, in order.
         """
-        return [record for batch in self.extract_stream(images, boxes, num_workers=0, **kwargs) for record in batch]
+        stream = self.extract_stream(
+            images,
+            boxes=boxes,
+            image_ids=image_ids,
+            box_format=box_format,
+            on_error=on_error,
+            num_workers=0,
+            **overrides,
+        )
+        return [record for batch in stream for record in batch]
 
     def extract_stream(
         self,
@@ -490,20 +524,13 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
         num_workers: int | None = None,
         **overrides,
     ) -> Iterator[list[dict[str, Any]]]:
-        """The region records of `batch_size` inputs at a time, in order, while `num_workers` worker processes
-        decode, check and resize the next batches (`iter_loaded_batches`).
+        """`extract` batch by batch: yields the records of `batch_size` inputs at a time, in order, while
+        `num_workers` worker processes decode, check and resize the next batches (`iter_loaded_batches`).
 
-        Args:
-            images, boxes: as in `extract`.
-            image_ids: Ids for the records instead of the content hash.
-            box_format: `"xyxy"` or `"xywh"` (COCO's) for `boxes`.
-            on_error: `"raise"` (default): an unusable input raises `RegionExtractionError` (`ImageLoadError` for
-                an unreadable image) naming it and the reason. `"record"`: it yields a record with empty arrays and
-                its reason in `error`, and the batch goes on.
+        Same arguments and records as `extract`, plus:
             num_workers: Decoding processes; None: `default_decode_workers()` (0 inside a multiprocessing pool's
                 worker), 0: decode in this process. Workers pay off when decoding would otherwise leave the
                 backbone's device (a GPU, or free CPU cores) waiting.
-            **overrides: Per-call values of the settings in `CALL_SETTINGS` (e.g. `max_regions=36`).
         """
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}.")
@@ -521,7 +548,7 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
             return
         load = functools.partial(
             _load_input,
-            load_settings={name: settings[name] for name in _LOAD_DEFAULTS},
+            load_settings={name: settings[name] for name in _LOAD_SETTINGS},
             box_format=box_format,
             max_regions=settings["max_regions"],
             # The backbone's resize runs with the decoding (in the workers); other backends resize themselves.
