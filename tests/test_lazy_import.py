@@ -7,6 +7,7 @@ an ImageBERT class first.
 """
 
 import ast
+import importlib
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import textwrap
 import pytest
 import torch
 
-import imagebert_hf
+from imagebert_hf.models.imagebert.lazy_names import type_checking_imports
 
 from .test_console_scripts import console_scripts
 from .testing_utils import PROJECT_ROOT
@@ -55,22 +56,44 @@ def test_the_package_import_loads_no_heavy_package():
     assert loaded_after("import imagebert_hf") == set()
 
 
-def test_lazy_names_match_the_type_checking_imports():
-    """The name -> module table the package resolves from is the one its `if TYPE_CHECKING:` block spells out."""
-    tree = ast.parse((PROJECT_ROOT / "src" / "imagebert_hf" / "__init__.py").read_text(encoding="utf-8"))
-    spelled = {
-        alias.asname or alias.name: node.module
-        for block in tree.body
-        if isinstance(block, ast.If) and ast.unparse(block.test) == "TYPE_CHECKING"
-        for node in block.body
-        if isinstance(node, ast.ImportFrom)
-        for alias in node.names
-    }
-    assert spelled == {name: module for module, names in imagebert_hf._MODULES.items() for name in names}
-    assert set(imagebert_hf.__all__) == set(spelled) | {"register"}
-    assert set(imagebert_hf.__all__) <= set(dir(imagebert_hf))
+def spelled_imports(package: str) -> dict[str, str]:
+    """Name -> defining module, as the `if TYPE_CHECKING:` block of `package`'s `__init__.py` spells it, a
+    `from .sub import *` followed into `sub`'s own block."""
+    init_file = PROJECT_ROOT / "src" / package.replace(".", "/") / "__init__.py"
+    tree = ast.parse(init_file.read_text(encoding="utf-8"))
+    spelled = {}
+    for block in tree.body:
+        if isinstance(block, ast.If) and ast.unparse(block.test) == "TYPE_CHECKING":
+            for node in block.body:
+                if [alias.name for alias in node.names] == ["*"]:
+                    spelled.update(spelled_imports(f"{package}.{node.module}"))
+                else:
+                    spelled.update({alias.name: f"{package}.{node.module}" for alias in node.names})
+    return spelled
+
+
+@pytest.mark.parametrize(
+    "package", ["imagebert_hf", "imagebert_hf.models.imagebert", "imagebert_hf.regions", "imagebert_hf.curation"]
+)
+def test_lazy_names_are_the_type_checking_imports(package):
+    """A package's public names (`__all__`, what `dir` shows, what resolves) are the ones its `if TYPE_CHECKING:`
+    block imports, each the object of the module that block names."""
+    loaded = importlib.import_module(package)
+    spelled = spelled_imports(package)
+    assert spelled
+    assert set(loaded.__all__) == set(spelled) | ({"register"} if package == "imagebert_hf" else set())
+    assert set(loaded.__all__) <= set(dir(loaded))
+    for name, module in spelled.items():
+        assert getattr(loaded, name) is getattr(importlib.import_module(module), name), name
     with pytest.raises(AttributeError, match="no attribute 'NotAName'"):
-        imagebert_hf.NotAName  # noqa: B018
+        loaded.NotAName  # noqa: B018
+
+
+def test_a_type_checking_block_with_other_lines_is_refused(tmp_path):
+    init_file = tmp_path / "__init__.py"
+    init_file.write_text("if TYPE_CHECKING:\n    from .module import name as alias\n", encoding="utf-8")
+    with pytest.raises(ImportError, match=r"__init__.py, line 2: the TYPE_CHECKING block holds 'from .module import"):
+        type_checking_imports(str(init_file), "some_package")
 
 
 # The console scripts whose `--help` must not load torch (what makes it slow).

@@ -52,7 +52,10 @@ def test_the_package_exports_exactly_its_all():
         block for block in tree.body if isinstance(block, ast.If) and ast.unparse(block.test) == "TYPE_CHECKING"
     ]
     for node in tree.body + [node for block in type_checking for node in block.body]:
-        if isinstance(node, ast.ImportFrom) and node.module != "typing":
+        if isinstance(node, ast.ImportFrom) and [alias.name for alias in node.names] == ["*"]:
+            # `from .subpackage import *`: the names the subpackage exports
+            bound.update(importlib.import_module(f"{imagebert_hf.__name__}.{node.module}").__all__)
+        elif isinstance(node, ast.ImportFrom) and node.module != "typing":
             bound.update(alias.asname or alias.name for alias in node.names)
         elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
             bound.add(node.name)

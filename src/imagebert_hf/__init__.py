@@ -12,122 +12,39 @@ import threading
 from typing import TYPE_CHECKING
 
 from .models.imagebert.lazy_names import lazy_names as _lazy_names
+from .models.imagebert.lazy_names import type_checking_imports as _type_checking_imports
 
 
+# The public names: each loads its module on first access. This block is their one list (`_MODULES` and `__all__`
+# are read back from it).
 if TYPE_CHECKING:
+    # Model inputs: the pretraining collator
     from .data.collator import DataCollatorForImageBERTPretraining
+
+    # Evaluation and publishing: recall@K, the model card, the Hub upload
     from .evaluation.hub import build_model_card, push_to_hub
     from .evaluation.recall import retrieval_metrics
-    from .models.imagebert.configuration_imagebert import ImageBERTConfig
-    from .models.imagebert.image_processing_imagebert import WEIGHTS_NAME, ImageBERTRoIExtractor, check_region_sizes
-    from .models.imagebert.modeling_auto import AutoModelForImageTextRetrieval
-    from .models.imagebert.modeling_imagebert import (
-        ImageBERTForImageTextRetrieval,
-        ImageBERTForImageTextRetrievalOutput,
-        ImageBERTForPreTraining,
-        ImageBERTForPreTrainingOutput,
-        ImageBERTModel,
-        ImageBERTModelOutput,
-        ImageBERTPreTrainedModel,
-    )
-    from .models.imagebert.pipeline_image_text_retrieval import (
-        MODES,
-        ImageTextRetrievalPipeline,
-        RetrievalIndex,
-        register_pipeline,
-    )
-    from .models.imagebert.processing_imagebert import ImageBERTProcessor, check_processor_config, register_processing
+
+    # Everything `models.imagebert` exports: the configuration, the model classes and their outputs, the Auto class
+    # of the retrieval head, the RoI extractor, the processor and the retrieval pipeline
+    from .models.imagebert import *  # noqa: F403
+
+    # Images to regions: loading, boxes, precomputed region files and the region record
     from .models.imagebert.region_batching import RegionRecord
     from .models.imagebert.roi_boxes import as_boxes, box_locations, clip_boxes, grid_boxes
     from .models.imagebert.roi_image_loading import ImageLoadError, LoadedImage, RegionExtractionError, load_image
     from .models.imagebert.roi_offline_weights import offline_default_config_kwargs
     from .models.imagebert.roi_precomputed import read_npz_regions, write_npz_regions, write_tsv_regions
+
+    # The region cache: extraction at scale and reading it back
     from .regions.cache_reader import load_region_cache, load_region_dataset
     from .regions.cache_writer import extract_regions
 
 
 __version__ = "0.1.0"
 
-__all__ = [
-    # The model: configuration, model classes and their outputs, the Auto class of the retrieval head
-    "AutoModelForImageTextRetrieval",
-    "ImageBERTConfig",
-    "ImageBERTForImageTextRetrieval",
-    "ImageBERTForImageTextRetrievalOutput",
-    "ImageBERTForPreTraining",
-    "ImageBERTForPreTrainingOutput",
-    "ImageBERTModel",
-    "ImageBERTModelOutput",
-    "ImageBERTPreTrainedModel",
-    "register",
-    # Images to regions: loading, the RoI extractor, boxes, precomputed region files and the region record
-    "ImageBERTRoIExtractor",
-    "ImageLoadError",
-    "LoadedImage",
-    "RegionExtractionError",
-    "RegionRecord",
-    "WEIGHTS_NAME",
-    "as_boxes",
-    "box_locations",
-    "check_region_sizes",
-    "clip_boxes",
-    "grid_boxes",
-    "load_image",
-    "offline_default_config_kwargs",
-    "read_npz_regions",
-    "write_npz_regions",
-    "write_tsv_regions",
-    # The region cache: extraction at scale and reading it back
-    "extract_regions",
-    "load_region_cache",
-    "load_region_dataset",
-    # Model inputs: the processor (text + regions) and the pretraining collator
-    "DataCollatorForImageBERTPretraining",
-    "ImageBERTProcessor",
-    "check_processor_config",
-    "register_processing",
-    # Retrieval: the pipeline and its prebuilt index
-    "MODES",
-    "ImageTextRetrievalPipeline",
-    "RetrievalIndex",
-    "register_pipeline",
-    # Evaluation and publishing: recall@K, the model card, the Hub upload
-    "build_model_card",
-    "push_to_hub",
-    "retrieval_metrics",
-]
-
-_MODULES = {
-    "data.collator": ["DataCollatorForImageBERTPretraining"],
-    "evaluation.hub": ["build_model_card", "push_to_hub"],
-    "evaluation.recall": ["retrieval_metrics"],
-    "models.imagebert.configuration_imagebert": ["ImageBERTConfig"],
-    "models.imagebert.image_processing_imagebert": ["WEIGHTS_NAME", "ImageBERTRoIExtractor", "check_region_sizes"],
-    "models.imagebert.modeling_auto": ["AutoModelForImageTextRetrieval"],
-    "models.imagebert.modeling_imagebert": [
-        "ImageBERTForImageTextRetrieval",
-        "ImageBERTForImageTextRetrievalOutput",
-        "ImageBERTForPreTraining",
-        "ImageBERTForPreTrainingOutput",
-        "ImageBERTModel",
-        "ImageBERTModelOutput",
-        "ImageBERTPreTrainedModel",
-    ],
-    "models.imagebert.pipeline_image_text_retrieval": [
-        "MODES",
-        "ImageTextRetrievalPipeline",
-        "RetrievalIndex",
-        "register_pipeline",
-    ],
-    "models.imagebert.processing_imagebert": ["ImageBERTProcessor", "check_processor_config", "register_processing"],
-    "models.imagebert.region_batching": ["RegionRecord"],
-    "models.imagebert.roi_boxes": ["as_boxes", "box_locations", "clip_boxes", "grid_boxes"],
-    "models.imagebert.roi_image_loading": ["ImageLoadError", "LoadedImage", "RegionExtractionError", "load_image"],
-    "models.imagebert.roi_offline_weights": ["offline_default_config_kwargs"],
-    "models.imagebert.roi_precomputed": ["read_npz_regions", "write_npz_regions", "write_tsv_regions"],
-    "regions.cache_reader": ["load_region_cache", "load_region_dataset"],
-    "regions.cache_writer": ["extract_regions"],
-}
+_MODULES = _type_checking_imports(__file__, __name__)
+__all__ = [*(name for names in _MODULES.values() for name in names), "register"]
 __getattr__, __dir__ = _lazy_names(__name__, _MODULES, globals())
 
 

@@ -10,7 +10,7 @@ The names below load their module on first access, so `imagebert-curate --help` 
 
 from typing import TYPE_CHECKING
 
-from ..models.imagebert.lazy_names import lazy_names
+from ..models.imagebert.lazy_names import lazy_names, type_checking_imports
 
 
 if TYPE_CHECKING:
@@ -34,53 +34,7 @@ if TYPE_CHECKING:
     from .text_cleaning import check_text, clean_texts
 
 
-__all__ = [
-    "AggregationConfig",
-    "CurationConfig",
-    "CurationResult",
-    "ImageFilterConfig",
-    "LinearModel",
-    "ParseConfig",
-    "RelevanceConfig",
-    "Tally",
-    "TextCleaningConfig",
-    "aggregate",
-    "aggregate_image_group",
-    "aggregate_text_group",
-    "check_text",
-    "clean_texts",
-    "discover_sources",
-    "filter_images",
-    "funnel_markdown",
-    "image_statistics",
-    "load_curated",
-    "parse_pages",
-    "relevance_features",
-    "run_local",
-    "run_spark",
-    "scan_source",
-    "score_relevance",
-    "write_funnel_report",
-]
-
-_MODULES = {
-    "aggregation": ["aggregate", "aggregate_image_group", "aggregate_text_group"],
-    "config": [
-        "AggregationConfig",
-        "CurationConfig",
-        "ImageFilterConfig",
-        "ParseConfig",
-        "RelevanceConfig",
-        "TextCleaningConfig",
-    ],
-    "image_filters": ["filter_images", "image_statistics"],
-    "inputs": ["discover_sources", "scan_source"],
-    "linear": ["LinearModel"],
-    "parse": ["parse_pages"],
-    "pipeline": ["CurationResult", "load_curated", "run_local"],
-    "relevance": ["relevance_features", "score_relevance"],
-    "spark": ["run_spark"],
-    "tally": ["Tally", "funnel_markdown", "write_funnel_report"],
-    "text_cleaning": ["check_text", "clean_texts"],
-}
+# The names above, read back from that block: the table they load from, and `__all__`.
+_MODULES = type_checking_imports(__file__, __name__)
+__all__ = [name for names in _MODULES.values() for name in names]
 __getattr__, __dir__ = lazy_names(__name__, _MODULES, globals())

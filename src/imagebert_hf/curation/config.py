@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..formats.files import atomic_write_text
+
 
 def _help(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
     if factory is not dataclasses.MISSING:
@@ -96,7 +98,9 @@ DEFAULT_BOILERPLATE_PHRASES = (
     "posted by",
     "share this",
 )
-DEFAULT_FUNCTION_WORDS = (
+# The determiners and prepositions whose share of a text is a feature of the relevance model. Fixed: the shipped
+# weights were fitted on exactly these words, so they do not follow a user's cleaning rules.
+RELEVANCE_DETERMINERS = (
     "a",
     "an",
     "the",
@@ -113,6 +117,8 @@ DEFAULT_FUNCTION_WORDS = (
     "her",
     "their",
     "its",
+)
+RELEVANCE_PREPOSITIONS = (
     "in",
     "on",
     "at",
@@ -128,19 +134,25 @@ DEFAULT_FUNCTION_WORDS = (
     "onto",
     "behind",
     "beside",
-    "next",
     "through",
-    "across",
-    "along",
-    "around",
-    "inside",
-    "outside",
-    "while",
+)
+DEFAULT_FUNCTION_WORDS = (
+    *RELEVANCE_DETERMINERS,
+    *RELEVANCE_PREPOSITIONS,
+    *("next", "across", "along", "around", "inside", "outside", "while"),
 )
 
 
+class _StageConfig:
+    """What every stage configuration does when it is built, in Python, from a file or from flags: check its fields
+    (`check_stage_config`)."""
+
+    def __post_init__(self):
+        check_stage_config(self)
+
+
 @dataclass
-class ParseConfig:
+class ParseConfig(_StageConfig):
     """Stage 1: reading WARC files or saved HTML pages and choosing each page's dominant image."""
 
     max_page_bytes: int = _help("Pages larger than this many bytes are skipped (reason `page_too_large`).", 2_000_000)
@@ -180,12 +192,9 @@ class ParseConfig:
         "After this many unreadable segments in one WARC file the rest of the file is skipped.", 1000
     )
 
-    def __post_init__(self):
-        check_stage_config(self)
-
 
 @dataclass
-class ImageFilterConfig:
+class ImageFilterConfig(_StageConfig):
     """Stage 2: decoding and image-content filters."""
 
     min_side: int = _help("Width and height must both be strictly greater than this (the paper uses 300).", 300)
@@ -209,12 +218,9 @@ class ImageFilterConfig:
     )
     natural_threshold: float = _help("Images whose natural-photo probability is below this are dropped.", 0.5)
 
-    def __post_init__(self):
-        check_stage_config(self)
-
 
 @dataclass
-class TextCleaningConfig:
+class TextCleaningConfig(_StageConfig):
     """Stage 3: sentence cleaning rules (from the paper and Conceptual Captions)."""
 
     min_words: int = _help("Texts with fewer words are dropped (`too_short`).", 3)
@@ -256,12 +262,9 @@ class TextCleaningConfig:
         "Drop texts where more than this ratio of words is outside the vocabulary.", 0.25
     )
 
-    def __post_init__(self):
-        check_stage_config(self)
-
 
 @dataclass
-class RelevanceConfig:
+class RelevanceConfig(_StageConfig):
     """Stage 4: weak image-text relevance scoring."""
 
     relevance_model_path: str | None = _help(
@@ -270,20 +273,14 @@ class RelevanceConfig:
     )
     relevance_threshold: float = _help("Pairs whose relevance probability is below this are dropped.", 0.2)
 
-    def __post_init__(self):
-        check_stage_config(self)
-
 
 @dataclass
-class AggregationConfig:
+class AggregationConfig(_StageConfig):
     """Stage 5: aggregation over the whole corpus."""
 
     max_images_per_text: int = _help(
         "A text attached to more than this many distinct images is dropped with all its pairs.", 5
     )
-
-    def __post_init__(self):
-        check_stage_config(self)
 
 
 @dataclass
@@ -327,7 +324,7 @@ class CurationConfig:
         return cls(**stages)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> CurationConfig:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..formats.files import atomic_write_text
+
 
 @dataclass
 class LinearModel:
@@ -45,7 +47,7 @@ class LinearModel:
 
     def save(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> LinearModel:

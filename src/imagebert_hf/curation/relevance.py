@@ -15,7 +15,7 @@ import re
 
 import numpy as np
 
-from .config import RelevanceConfig
+from .config import RELEVANCE_DETERMINERS, RELEVANCE_PREPOSITIONS, RelevanceConfig
 from .image_filters import COLOUR_NAMES, STAT_NAMES, load_packaged_model
 from .linear import LinearModel
 from .tally import INPUT, KEPT, Tally
@@ -211,48 +211,9 @@ _CROSS_STATS = (
     "skin_fraction",
 )
 _CROSS_INDEX = np.array([STAT_NAMES.index(name) for name in _CROSS_STATS])
-# Fixed word lists, separate from the configurable text-cleaning ones: the shipped weights were fitted on exactly
-# these features, so they must not change with a user's cleaning rules.
-_DETERMINERS = frozenset(
-    [
-        "a",
-        "an",
-        "the",
-        "this",
-        "that",
-        "these",
-        "those",
-        "some",
-        "two",
-        "three",
-        "several",
-        "many",
-        "his",
-        "her",
-        "their",
-        "its",
-    ]
-)
-_PREPOSITIONS = frozenset(
-    [
-        "in",
-        "on",
-        "at",
-        "with",
-        "of",
-        "for",
-        "by",
-        "from",
-        "near",
-        "under",
-        "over",
-        "into",
-        "onto",
-        "behind",
-        "beside",
-        "through",
-    ]
-)
+# Fixed word lists (not the configurable text-cleaning ones: the shipped weights were fitted on exactly these).
+_DETERMINERS = frozenset(RELEVANCE_DETERMINERS)
+_PREPOSITIONS = frozenset(RELEVANCE_PREPOSITIONS)
 _FIRST_PERSON = frozenset(["i", "we", "our", "us", "my", "me", "mine", "ours"])
 _SECOND_PERSON = frozenset(["you", "your", "yours"])
 _WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")

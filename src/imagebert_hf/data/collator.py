@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,8 +26,39 @@ def _as_tensor(value: Any, dtype: torch.dtype) -> torch.Tensor:
     return torch.as_tensor(np.asarray(value), dtype=dtype)
 
 
+@dataclass(kw_only=True)
+class MaskingSettings:
+    """How pretraining batches are masked, and how many of their pairs become ITM negatives: settings of the
+    collator, and of a recipe stage, which hands them on to its collator and datasets.
+
+    Args:
+        mlm_probability (`float`, defaults to 0.15): Share of text tokens chosen for MLM.
+        region_mask_probability (`float`, defaults to 0.15): Share of regions chosen for MOC and MRFR.
+        region_zero_probability (`float`, defaults to 0.9): Share of chosen regions whose feature is zeroed.
+        itm_negative_probability (`float`, defaults to 0.5): Share of samples made negatives.
+        text_negative_share (`float`, defaults to 0.5): Among negatives, the share whose text (rather than regions)
+            is replaced.
+    """
+
+    mlm_probability: float = 0.15
+    region_mask_probability: float = 0.15
+    region_zero_probability: float = 0.9
+    itm_negative_probability: float = 0.5
+    text_negative_share: float = 0.5
+
+    def masking_settings(self) -> dict[str, float]:
+        """The settings above, by name."""
+        return {item.name: getattr(self, item.name) for item in dataclasses.fields(MaskingSettings)}
+
+    def check_masking_settings(self, where: str = "") -> None:
+        """Raises ValueError, naming the setting (after `where`), unless every one is a share in [0, 1]."""
+        for name, value in self.masking_settings().items():
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{where}{name} must be in [0, 1], got {value}.")
+
+
 @dataclass
-class DataCollatorForImageBERTPretraining:
+class DataCollatorForImageBERTPretraining(MaskingSettings):
     """Turns per-sample features into a padded pretraining batch for `ImageBERTForPreTraining`.
 
     Each feature is a dict with `input_ids` (special tokens included, unpadded), `region_features` (R, F) and
@@ -62,12 +94,8 @@ class DataCollatorForImageBERTPretraining:
 
     Args:
         tokenizer: A BERT tokenizer; gives the pad, [MASK] and special token ids and the vocabulary size.
-        mlm_probability (`float`, defaults to 0.15): Share of text tokens chosen for MLM.
-        region_mask_probability (`float`, defaults to 0.15): Share of regions chosen for MOC and MRFR.
-        region_zero_probability (`float`, defaults to 0.9): Share of chosen regions whose feature is zeroed.
-        itm_negative_probability (`float`, defaults to 0.5): Share of samples made negatives (in-batch mode).
-        text_negative_share (`float`, defaults to 0.5): Among negatives, the share whose text (rather than regions)
-            is replaced.
+        mlm_probability, region_mask_probability, region_zero_probability, itm_negative_probability,
+            text_negative_share: as in `MaskingSettings` (keyword arguments); negatives are drawn in-batch.
         ensure_one_masked (`bool`, defaults to `True`): Mask at least one token and one region of every sample
             with any, so every masked loss is defined even for short captions (UNITER does the same).
         max_text_length (`int`, *optional*): Truncate text to this many tokens (the last one kept is [SEP]).
@@ -95,11 +123,6 @@ class DataCollatorForImageBERTPretraining:
     """
 
     tokenizer: Any
-    mlm_probability: float = 0.15
-    region_mask_probability: float = 0.15
-    region_zero_probability: float = 0.9
-    itm_negative_probability: float = 0.5
-    text_negative_share: float = 0.5
     ensure_one_masked: bool = True
     max_text_length: int | None = None
     max_regions: int | None = None
@@ -113,16 +136,7 @@ class DataCollatorForImageBERTPretraining:
     feature_dtype: torch.dtype | None = None
 
     def __post_init__(self):
-        for name in (
-            "mlm_probability",
-            "region_mask_probability",
-            "region_zero_probability",
-            "itm_negative_probability",
-            "text_negative_share",
-        ):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {value}.")
+        self.check_masking_settings()
         if self.pad_to_max_length and (self.max_text_length is None or self.max_regions is None):
             raise ValueError(
                 "pad_to_max_length needs max_text_length and max_regions, got "
@@ -361,4 +375,4 @@ class DataCollatorForImageBERTPretraining:
         return batch
 
 
-__all__ = ["DataCollatorForImageBERTPretraining"]
+__all__ = ["DataCollatorForImageBERTPretraining", "MaskingSettings"]

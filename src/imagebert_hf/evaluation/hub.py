@@ -276,6 +276,11 @@ def save_for_hub(model, processor, output_dir: str | os.PathLike, card=None) -> 
     return sorted(str(path.relative_to(output_dir)) for path in output_dir.rglob("*") if path.is_file())
 
 
+def _check_repo_id(repo_id) -> None:
+    if not isinstance(repo_id, str) or not repo_id.strip():
+        raise ValueError(f"repo_id must be a non-empty Hub id such as 'user/name', got {repo_id!r}.")
+
+
 def upload_to_hub(
     folder: str | os.PathLike,
     repo_id: str,
@@ -297,8 +302,7 @@ def upload_to_hub(
     Returns:
         What `api.upload_folder` returns (a `CommitInfo` from the real Hub).
     """
-    if not isinstance(repo_id, str) or not repo_id.strip():
-        raise ValueError(f"repo_id must be a non-empty Hub id such as 'user/name', got {repo_id!r}.")
+    _check_repo_id(repo_id)
     if not Path(folder).is_dir():
         raise FileNotFoundError(f"upload_to_hub: folder {str(folder)!r} is not a folder.")
     if api is None:
@@ -335,14 +339,9 @@ def push_to_hub(
         repo_id: `user/name` on the Hub (created when missing).
         card: a `ModelCard`; built with `build_model_card(results, model_id=repo_id, config=model.config)` if None.
         results: evaluation results for the card's `model-index` (ignored when `card` is given).
-        private, token, revision, commit_message: as in `huggingface_hub.HfApi`.
-        api: an `HfApi`-like object (`create_repo`, `upload_folder`); a new `HfApi(token=token)` by default.
-
-    Returns:
-        What `api.upload_folder` returns (a `CommitInfo` from the real Hub).
+        private, token, revision, commit_message, api: as in `upload_to_hub`, which this returns from.
     """
-    if not isinstance(repo_id, str) or not repo_id.strip():
-        raise ValueError(f"repo_id must be a non-empty Hub id such as 'user/name', got {repo_id!r}.")
+    _check_repo_id(repo_id)
     if card is None:
         card = build_model_card(results, model_id=repo_id, config=getattr(model, "config", None))
     with tempfile.TemporaryDirectory() as folder:

@@ -6,16 +6,15 @@ The extractor itself (`ImageBERTRoIExtractor`, its backends and the precomputed 
 
 from typing import TYPE_CHECKING
 
-from ..models.imagebert.lazy_names import lazy_names
+from ..models.imagebert.lazy_names import lazy_names, type_checking_imports
 
 
 if TYPE_CHECKING:
     from .cache_reader import load_region_cache, load_region_dataset
     from .cache_writer import extract_regions
 
-# The names load their module on first access, so `imagebert-extract-regions --help` imports no torch.
-_MODULES = {"cache_reader": ["load_region_cache", "load_region_dataset"], "cache_writer": ["extract_regions"]}
+# The names load their module on first access, so `imagebert-extract-regions --help` imports no torch. The table
+# they load from, and `__all__`, are read back from the block above.
+_MODULES = type_checking_imports(__file__, __name__)
+__all__ = [name for names in _MODULES.values() for name in names]
 __getattr__, __dir__ = lazy_names(__name__, _MODULES, globals())
-
-
-__all__ = ["extract_regions", "load_region_cache", "load_region_dataset"]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..formats.files import publish_folder, publish_folder_keeping_others
+from ..formats.files import atomic_write_json, publish_folder, publish_folder_keeping_others
 
 
 STATE_FILE = "trainer_state.json"
@@ -57,8 +57,7 @@ class TrainState:
         return self.global_step_offset + self.completed_steps
 
     def save(self, folder: str | Path) -> None:
-        with open(Path(folder) / STATE_FILE, "w", encoding="utf-8") as handle:
-            json.dump(dataclasses.asdict(self), handle, indent=1)
+        atomic_write_json(Path(folder) / STATE_FILE, dataclasses.asdict(self), indent=1)
 
     @classmethod
     def load(cls, folder: str | Path) -> TrainState:

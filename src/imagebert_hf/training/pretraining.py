@@ -36,28 +36,19 @@ from ..models.imagebert.processing_imagebert import ImageBERTProcessor
 from .checkpointing import COMPLETE_FILE, TrainState
 from .loop import LoopSettings, build_accelerator, describe_accelerator, pretraining_loss_counts
 from .plots import plot_losses
-from .recipe import ModelSpec, Recipe, SourceSpec, StageSpec, recipe_to_dict
+from .recipe import LOSS_TASKS, ModelSpec, Recipe, SourceSpec, StageSpec, recipe_to_dict
 from .runner import Schedule, Stage, run_stage, save_final
 
 
 logger = logging.get_logger(__name__)
 
-PRETRAINING_TASKS = ("mlm", "moc", "mrfr", "itm")
-# The recipe fields `LoopSettings` names the same.
-RECIPE_LOOP_FIELDS = (
-    "checkpointing_steps",
-    "save_total_limit",
-    "logging_steps",
-    "max_failure_rate",
-    "min_records_for_failure_check",
-)
-# The stage fields that configure the collator's masking and ITM negatives.
-MASKING_FIELDS = (
-    "mlm_probability",
-    "region_mask_probability",
-    "region_zero_probability",
-    "itm_negative_probability",
-    "text_negative_share",
+# The pretraining tasks (a stage's `loss_weights` keys), whose losses the loop logs.
+PRETRAINING_TASKS = LOSS_TASKS
+# The recipe fields `LoopSettings` names the same (how often to log and checkpoint, when to stop for failed records).
+RECIPE_LOOP_FIELDS = tuple(
+    item.name
+    for item in dataclasses.fields(LoopSettings)
+    if item.name in {recipe_field.name for recipe_field in dataclasses.fields(Recipe)}
 )
 
 
@@ -172,7 +163,7 @@ def build_stage_data(stage: StageSpec, tokenizer, config, seed: int, num_workers
         tokenizer,
         # The datasets below pick negatives from the whole source and give their itm_labels, which the collator
         # keeps; it would draw in-batch negatives (with the same settings) only for samples without them.
-        **_fields(stage, *MASKING_FIELDS),
+        **stage.masking_settings(),
         max_text_length=config.max_text_length,
         max_regions=config.max_regions,
         return_region_class_probs=config.moc_loss_type == "kl",

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..data.collator import MaskingSettings
 from ..data.pair_sources import expand_urls
 from ..models.imagebert.configuration_imagebert import FIELD_RULES, check_field
 
@@ -78,8 +79,8 @@ class SourceSpec:
 
 
 @dataclass
-class StageSpec:
-    """One pretraining stage: data, length, optimisation and loss weights."""
+class StageSpec(MaskingSettings):
+    """One pretraining stage: data, length, optimisation, loss weights and masking (`MaskingSettings`)."""
 
     name: str
     sources: list[SourceSpec]
@@ -98,11 +99,6 @@ class StageSpec:
     warmup_ratio: float = 0.0
     lr_scheduler_type: str = "linear"
     loss_weights: dict[str, float] = field(default_factory=lambda: dict.fromkeys(LOSS_TASKS, 1.0))
-    itm_negative_probability: float = 0.5
-    text_negative_share: float = 0.5
-    mlm_probability: float = 0.15
-    region_mask_probability: float = 0.15
-    region_zero_probability: float = 0.9
     # Batches of similar region count and caption length, each padded to its own longest (see MixtureSampler).
     group_by_length: bool = True
     length_group_pool: int = 50
@@ -304,15 +300,10 @@ def _stage(data: Any, where: str) -> StageSpec:
     stage.loss_weights = {**dict.fromkeys(LOSS_TASKS, 1.0), **stage.loss_weights}
     for task, weight in stage.loss_weights.items():
         _check_range(weight, 0.0, None, False, f"{where}.loss_weights.{task}")
-    for name in (
-        "itm_negative_probability",
-        "text_negative_share",
-        "mlm_probability",
-        "region_mask_probability",
-        "region_zero_probability",
-    ):
-        if not 0.0 <= getattr(stage, name) <= 1.0:
-            raise RecipeError(f"{where}.{name} must be in [0, 1], got {getattr(stage, name)}.")
+    try:
+        stage.check_masking_settings(f"{where}.")
+    except ValueError as error:
+        raise RecipeError(str(error)) from None
     return stage
 
 

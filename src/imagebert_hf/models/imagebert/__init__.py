@@ -2,13 +2,13 @@
 
 Everything here imports only same-folder modules and third-party packages, so a saved model, processor or pipeline
 carries these files as remote code and loads with `trust_remote_code=True` where the package is not installed.
-The names below load their module on first access, so importing one module of this folder (the UNITER converter,
+The names imported under `TYPE_CHECKING` below (the one list of them) load their module on first access, so importing one module of this folder (the UNITER converter,
 the region helpers) does not import every other one.
 """
 
 from typing import TYPE_CHECKING
 
-from .lazy_names import lazy_names
+from .lazy_names import lazy_names, type_checking_imports
 
 
 if TYPE_CHECKING:
@@ -28,42 +28,7 @@ if TYPE_CHECKING:
     from .processing_imagebert import ImageBERTProcessor, check_processor_config, register_processing
 
 
-__all__ = [
-    "AutoModelForImageTextRetrieval",
-    "ImageBERTConfig",
-    "ImageBERTForImageTextRetrieval",
-    "ImageBERTForImageTextRetrievalOutput",
-    "ImageBERTForPreTraining",
-    "ImageBERTForPreTrainingOutput",
-    "ImageBERTModel",
-    "ImageBERTModelOutput",
-    "ImageBERTPreTrainedModel",
-    "ImageBERTProcessor",
-    "ImageBERTRoIExtractor",
-    "ImageTextRetrievalPipeline",
-    "MODES",
-    "RetrievalIndex",
-    "WEIGHTS_NAME",
-    "check_processor_config",
-    "check_region_sizes",
-    "register_pipeline",
-    "register_processing",
-]
-
-_MODULES = {
-    "configuration_imagebert": ["ImageBERTConfig"],
-    "image_processing_imagebert": ["WEIGHTS_NAME", "ImageBERTRoIExtractor", "check_region_sizes"],
-    "modeling_auto": ["AutoModelForImageTextRetrieval"],
-    "modeling_imagebert": [
-        "ImageBERTForImageTextRetrieval",
-        "ImageBERTForImageTextRetrievalOutput",
-        "ImageBERTForPreTraining",
-        "ImageBERTForPreTrainingOutput",
-        "ImageBERTModel",
-        "ImageBERTModelOutput",
-        "ImageBERTPreTrainedModel",
-    ],
-    "pipeline_image_text_retrieval": ["MODES", "ImageTextRetrievalPipeline", "RetrievalIndex", "register_pipeline"],
-    "processing_imagebert": ["ImageBERTProcessor", "check_processor_config", "register_processing"],
-}
+# The names above, read back from that block: the table they load from, and `__all__`.
+_MODULES = type_checking_imports(__file__, __name__)
+__all__ = [name for names in _MODULES.values() for name in names]
 __getattr__, __dir__ = lazy_names(__name__, _MODULES, globals())

@@ -1,11 +1,17 @@
 """Public names that load their module on first access, so importing a package (and a console script's `--help`)
 loads no torch. It sits here, at the bottom of the package's layers, because every package uses it and this folder
-travels as remote code on its own."""
+travels as remote code on its own.
+
+A package lists its public names once, as the imports of its `if TYPE_CHECKING:` block (what type checkers and
+editors read); `type_checking_imports` reads that block back (with `ast`, importing nothing) into the name -> module
+table that `lazy_names` resolves from and that the package's `__all__` is made of."""
 
 from __future__ import annotations
 
+import ast
 import importlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -35,4 +41,34 @@ def lazy_names(
     return __getattr__, __dir__
 
 
-__all__ = ["lazy_names"]
+def type_checking_imports(init_file: str, package: str) -> dict[str, list[str]]:
+    """Module (relative to `package`) -> the names that the `if TYPE_CHECKING:` block of the package's `__init__.py`
+    imports from it, in order. `from .sub import *` stands for the names in `sub.__all__` (`sub` being a package of
+    lazy names itself, importing it loads nothing heavy).
+
+    Args:
+        init_file: The package's `__file__`.
+        package: The package's `__name__`.
+
+    Raises:
+        ImportError: naming the file and line of an entry that is not a `from .module import name, ...` line.
+    """
+    tree = ast.parse(Path(init_file).read_text(encoding="utf-8"))
+    modules: dict[str, list[str]] = {}
+    for block in tree.body:
+        if not (isinstance(block, ast.If) and isinstance(block.test, ast.Name) and block.test.id == "TYPE_CHECKING"):
+            continue
+        for node in block.body:
+            if not (isinstance(node, ast.ImportFrom) and node.level == 1 and not any(a.asname for a in node.names)):
+                raise ImportError(
+                    f"{init_file}, line {node.lineno}: the TYPE_CHECKING block holds {ast.unparse(node)!r}; expected "
+                    "only `from .module import name, ...` lines (no alias), the package's public names."
+                )
+            names = [alias.name for alias in node.names]
+            if names == ["*"]:
+                names = list(importlib.import_module(f".{node.module}", package).__all__)
+            modules.setdefault(node.module, []).extend(names)
+    return modules
+
+
+__all__ = ["lazy_names", "type_checking_imports"]

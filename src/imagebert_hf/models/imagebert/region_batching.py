@@ -255,6 +255,36 @@ def _non_finite_rows(values: torch.Tensor) -> torch.Tensor:
     return suspect
 
 
+def _bad_prob_rows(probs: torch.Tensor) -> torch.Tensor | None:
+    """(B, R) True where a class distribution holds NaN, inf or a negative entry; None after one read when none does."""
+    if torch.isfinite(probs.sum()) and not (probs < 0).any():
+        return None
+    return _non_finite_rows(probs) | (probs < 0).any(dim=-1)
+
+
+def _bad_location_rows(locations: torch.Tensor) -> torch.Tensor | None:
+    """(B, R) True where a location is not finite or outside [0, 1] (give or take `LOCATION_TOLERANCE`); None after
+    one read when every one is fine."""
+    low, high = -LOCATION_TOLERANCE, 1 + LOCATION_TOLERANCE
+    if torch.isfinite(locations.sum()) and locations.min() >= low and locations.max() <= high:
+        return None
+    good = torch.isfinite(locations) & (locations >= low) & (locations <= high)
+    return ~good.all(dim=-1)
+
+
+# What `check_region_values` checks: the array, its bad rows (None: none), what they hold and what was expected.
+_REGION_VALUE_CHECKS = (
+    ("region_features", _non_finite_rows, "NaN or infinite values", "finite numbers"),
+    ("region_class_probs", _bad_prob_rows, "NaN, infinite or negative values", "a probability distribution"),
+    (
+        "region_locations",
+        _bad_location_rows,
+        "values outside [0, 1] or not finite",
+        "box coordinates and area normalised by the image size, all in [0, 1]",
+    ),
+)
+
+
 def check_region_values(batch: Mapping[str, Any], names: Sequence[str] | None = None) -> None:
     """Checks the values of a padded region batch, where it is made (on the CPU): finite `region_features`,
     `region_class_probs` without negative or non-finite entries, and `region_locations` in [0, 1] (normalised by the
@@ -278,36 +308,14 @@ def check_region_values(batch: Mapping[str, Any], names: Sequence[str] | None = 
         index = int(bad.nonzero()[0, 0])
         return repr(names[index]) if names is not None else str(index)
 
-    features = batch.get("region_features")
-    if features is not None and torch.as_tensor(features).numel():
-        sample = first_bad(_non_finite_rows(torch.as_tensor(features)))
+    for name, bad_rows, problem, expected in _REGION_VALUE_CHECKS:
+        values = batch.get(name)
+        if values is None or not torch.as_tensor(values).numel():
+            continue
+        rows = bad_rows(torch.as_tensor(values))
+        sample = None if rows is None else first_bad(rows)
         if sample is not None:
-            raise ValueError(
-                f"sample {sample}: region_features hold NaN or infinite values in real regions; expected finite "
-                "numbers."
-            )
-    probs = batch.get("region_class_probs")
-    if probs is not None and torch.as_tensor(probs).numel():
-        probs = torch.as_tensor(probs)
-        if not torch.isfinite(probs.sum()) or (probs < 0).any():
-            sample = first_bad(_non_finite_rows(probs) | (probs < 0).any(dim=-1))
-            if sample is not None:
-                raise ValueError(
-                    f"sample {sample}: region_class_probs hold NaN, infinite or negative values in real regions; "
-                    "expected a probability distribution."
-                )
-    locations = batch.get("region_locations")
-    if locations is not None and torch.as_tensor(locations).numel():
-        locations = torch.as_tensor(locations)
-        low, high = -LOCATION_TOLERANCE, 1 + LOCATION_TOLERANCE
-        if not (torch.isfinite(locations.sum()) and locations.min() >= low and locations.max() <= high):
-            good = torch.isfinite(locations) & (locations >= low) & (locations <= high)
-            sample = first_bad(~good.all(dim=-1))
-            if sample is not None:
-                raise ValueError(
-                    f"sample {sample}: region_locations hold values outside [0, 1] or not finite in real regions; "
-                    "expected box coordinates and area normalised by the image size, all in [0, 1]."
-                )
+            raise ValueError(f"sample {sample}: {name} hold {problem} in real regions; expected {expected}.")
 
 
 __all__ = [
