@@ -30,9 +30,10 @@ HELD_OUT_IMAGES = 100
 # change that reshuffles the random draws fails here with a chance of about 1 in 10 (docs/pretraining.md).
 SYNTHETIC_RSUM_FLOOR = 200.0
 SYNTHETIC_ITM_CEILING = 0.62
-# The shipped real-photo recipe, stage-1 dev RSUM over seven runs (seeds 1, 2, 42 of today's code, 1, 2, 3, 42 of an
-# earlier version with the same numerics): 71.7-127.4, chance 28.3.
-REAL_RSUM_FLOOR = 55.0
+# The shipped real-photo recipe (stage 1 at ten epochs), stage-1 dev RSUM over seeds 42, 1, 2: 214.2, 188.5, 202.7;
+# chance 28.3. The six-epoch recipe it replaced gave 71.7-127.4 over seven runs (two code versions with the same
+# numerics), so the floor fails that recipe and keeps a margin of about 60 below the lowest ten-epoch run.
+REAL_RSUM_FLOOR = 130.0
 
 
 def held_out_synthetic_inputs(recipe):
@@ -76,7 +77,7 @@ def test_synthetic_pretraining_learns_to_match(tmp_path, one_thread):
 @pytest.mark.slow
 @require_shared_data
 def test_real_photo_pretraining_learns_to_match(tmp_path):
-    """The shipped real-data example as a user runs it (stage 2 cut to one step): about 25-40 minutes on 2 CPU
+    """The shipped real-data example as a user runs it (stage 2 cut to one step): about 30-60 minutes on 2 CPU
     cores, region extraction included."""
     output_dir = tmp_path / "run"
     command = [
