@@ -9,6 +9,7 @@ guards"), with a margin, so a change that slows or breaks learning fails here in
 import json
 import math
 import os
+import runpy
 import subprocess
 import sys
 
@@ -94,3 +95,42 @@ def test_real_photo_pretraining_learns_to_match(tmp_path):
         f"learning quality fell: Flickr8k dev RSUM after stage 1 {stage_one['rsum']:.1f} "
         f"(floor {REAL_RSUM_FLOOR}, chance {chance:.1f})"
     )
+
+
+def _subset_manifest(source_dir, target_dir, rows_by_split):
+    """A copy of a real manifest with its first rows of each split, its images reached through a link to the real
+    folder (nothing copied)."""
+    target_dir.mkdir(parents=True)
+    (target_dir / "images").symlink_to(source_dir / "images", target_is_directory=True)
+    kept, counts = [], {}
+    for line in (source_dir / "captions.jsonl").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        split = row.get("split", "train")
+        if counts.get(split, 0) < rows_by_split.get(split, 0):
+            counts[split] = counts.get(split, 0) + 1
+            kept.append(line)
+    (target_dir / "captions.jsonl").write_text("\n".join(kept) + "\n", encoding="utf-8")
+
+
+@require_shared_data
+def test_real_photo_example_runs_end_to_end_on_a_subset(tmp_path, one_thread):
+    """The shipped real-data example's plumbing, fast: 12 Flickr8k train images, 4 COCO ones, 4 dev images; three
+    steps of stage 1 and one of stage 2. What it learns is the slow test's business."""
+    data_dir = tmp_path / "data"
+    _subset_manifest(SHARED_DATA / "flickr8k_trainval", data_dir / "flickr8k_trainval", {"train": 12, "dev": 4})
+    _subset_manifest(SHARED_DATA / "coco_val2017_128", data_dir / "coco_val2017_128", {"train": 4})
+    output_dir = tmp_path / "run"
+    main = runpy.run_path(str(PROJECT_ROOT / "examples" / "pretrain_shared_data.py"))["main"]
+    summary = main([
+        "--output_dir", str(output_dir), "--data_dir", str(data_dir), "--cache_dir", str(tmp_path / "regions"),
+        "--eval_captions_per_image", "1", "--set", "stages.0.max_steps=3", "stages.0.num_epochs=null",
+        "stages.0.per_device_train_batch_size=4", "stages.1.max_steps=1", "stages.1.num_epochs=null",
+        "stages.1.per_device_train_batch_size=4", "logging_steps=1", "report_to=none",
+    ])  # fmt: skip
+    written = json.loads((output_dir / "results.json").read_text())
+    assert written["steps_per_stage"] == summary["steps_per_stage"] == [3, 1]
+    assert set(written["results"]) == {"chance", "after stage1-flickr8k", "after stage2-flickr8k_coco"}
+    assert written["results"]["chance"]["rsum"] == pytest.approx(chance_metrics(list(range(4)))["rsum"])
+    # The loss history travels with the run file, so that its curves can be drawn (examples/plot_loss_curves.py).
+    assert [entry["step"] for entry in written["history"]] == [1, 2, 3, 4]
+    assert all(0.0 < entry["itm"] < 2.0 for entry in written["history"])
