@@ -35,6 +35,8 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 # One class per (colour, shape): the object label the MOC task can learn from the annotated boxes.
 CLASS_NAMES: tuple[str, ...] = tuple(f"{color} {shape}" for shape in SHAPES for color in COLORS)
 _RELATIONS = ("horizontal", "vertical")
+# The false twins `synthetic_swap_captions` builds: the two objects exchanged, or their colours.
+SWAP_CAPTION_KINDS: tuple[str, ...] = ("object_swap", "attribute_swap")
 _FILLER_WORDS = ("there", "is", "on", "the", "of", "and", "with", "image", "background", "shows", "next", "to")
 
 
@@ -359,6 +361,7 @@ __all__ = [
     "CLASS_NAMES",
     "COLORS",
     "SHAPES",
+    "SWAP_CAPTION_KINDS",
     "chance_recall",
     "corrupt_caption",
     "corrupt_captions",
