@@ -7,7 +7,7 @@ import pytest
 from imagebert_hf.data.collator import DataCollatorForImageBERTPretraining
 from imagebert_hf.data.negatives import choose_hard_caption, choose_negative
 from imagebert_hf.data.pair_sources import MixtureSampler, PretrainingPairDataset, SyntheticPairSource
-from imagebert_hf.data.synthetic import make_synthetic_tokenizer, synthetic_swap_captions
+from imagebert_hf.data.synthetic import make_synthetic_tokenizer, swap_caption_words, synthetic_swap_captions
 from imagebert_hf.training.pretraining import build_source
 from imagebert_hf.training.recipe import RecipeError, recipe_from_dict
 
@@ -49,14 +49,47 @@ def test_choose_hard_caption_rate_and_choices():
     assert all(choose_hard_caption(np.random.default_rng(seed), 1.0, list) is None for seed in range(20))
 
 
-def test_source_hard_captions_are_the_swaps_of_its_image():
-    source = SyntheticPairSource(30, swap_negatives=0.5)
+@pytest.mark.parametrize(
+    ("caption", "twins"),
+    [
+        (
+            "a blue square to the right of an orange circle",
+            {
+                "object_swap": "an orange circle to the right of a blue square",
+                "attribute_swap": "an orange square to the right of a blue circle",
+            },
+        ),
+        ("a red cross above a red circle", {"object_swap": "a red circle above a red cross"}),
+        # "and" joins without a relation: exchanging the objects keeps it true, so only the colours are swapped.
+        (
+            "a red circle and a green square on a white background",
+            {"attribute_swap": "a green circle and a red square on a white background"},
+        ),
+        ("a red circle above a red circle", {}),
+        ("circle red above blue square", {}),
+    ],
+)
+def test_swap_caption_words(caption, twins):
+    assert swap_caption_words(caption) == twins
+
+
+def test_source_hard_captions_swap_each_true_caption_in_its_wording():
+    source = SyntheticPairSource(30, swap_negatives=0.5, caption_noise=0.5)
+    clean = SyntheticPairSource(30)
     for index, (key, _) in enumerate(source.pairs):
-        swaps = synthetic_swap_captions(source.examples[key])
-        expected = [] if swaps is None else [swaps[k] for k in ("object_swap", "attribute_swap") if k in swaps]
-        assert source.hard_negative_captions(index) == expected
-        own = {caption for other, caption in source.pairs if other == key}
-        assert not set(expected) & own  # a swap is never one of the image's true captions
+        true_caption = clean.pairs[index][1]
+        twins = swap_caption_words(true_caption)
+        assert source.hard_negative_captions(index) == [
+            twins[k] for k in ("object_swap", "attribute_swap") if k in twins
+        ]
+        assert "attribute_swap" in twins  # the generator draws two different colours
+        if " and " not in true_caption:
+            assert "object_swap" in twins
+        # A twin is false of the image: it is none of the image's true captions (left-of and right-of included).
+        example = source.examples[key]
+        for twin in twins.values():
+            assert twin not in example["captions"]
+            assert twin != (synthetic_swap_captions(example) or {}).get("true")
     assert SyntheticPairSource(5).hard_negative_share == 0.0
     with pytest.raises(ValueError, match="swap_negatives must be in"):
         SyntheticPairSource(5, swap_negatives=1.5)

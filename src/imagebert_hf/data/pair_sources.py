@@ -28,8 +28,8 @@ from .synthetic import (
     SWAP_CAPTION_KINDS,
     corrupt_captions,
     make_synthetic_examples,
+    swap_caption_words,
     synthetic_region_record,
-    synthetic_swap_captions,
 )
 
 
@@ -471,9 +471,10 @@ class SyntheticPairSource(PairSource):
         first_image (`int`, defaults to 0): Index of the first image, to carve disjoint splits from one seed.
         name (`str`, defaults to `"synthetic"`): Name used in logs.
         swap_negatives (`float`, defaults to 0.0): Share of this source's ITM negatives that become hard ones: the
-            sample's own image with a relation caption whose two objects or whose colours are swapped ("a blue
-            square to the left of a red circle" for a red circle left of a blue square; `synthetic_swap_captions`).
-            Only a model that reads word order against region positions can tell those from the true caption.
+            sample's own image with its own caption's two objects or two colours swapped ("a blue square to the
+            left of a red circle" for a red circle left of a blue square; `swap_caption_words`, from the caption
+            before any `caption_noise`). Only a model that reads word order against the regions' positions can
+            tell those from the true caption; the wording stays the caption's, so it gives nothing away.
     """
 
     def __init__(
@@ -490,24 +491,21 @@ class SyntheticPairSource(PairSource):
         if not 0.0 <= swap_negatives <= 1.0:
             raise ValueError(f"swap_negatives must be in [0, 1], got {swap_negatives}.")
         self.hard_negative_share = float(swap_negatives)
-        self._swaps: dict[str, list[str]] = {}
         examples = make_synthetic_examples(first_image + num_images, seed, image_size, captions_per_image)
         self.examples = {example["image_id"]: example for example in examples[first_image:]}
         pairs = [(key, caption) for key, example in self.examples.items() for caption in example["captions"]]
-        texts = corrupt_captions([text for _, text in pairs], caption_noise, seed=seed + 1)
+        self._true_captions = [text for _, text in pairs]
+        texts = corrupt_captions(self._true_captions, caption_noise, seed=seed + 1)
         super().__init__(name, [(key, text) for (key, _), text in zip(pairs, texts)])
 
     def open_image(self, key: str):
         return self.examples[key]["image"]
 
     def hard_negative_captions(self, index: int) -> list[str]:
-        """The object swap and attribute swap of the relation in pair `index`'s image (those that exist; none when
-        its objects stand in no clear relation), built from the annotations by `synthetic_swap_captions`."""
-        key = self.pairs[index][0]
-        if key not in self._swaps:
-            captions = synthetic_swap_captions(self.examples[key]) or {}
-            self._swaps[key] = [captions[kind] for kind in SWAP_CAPTION_KINDS if kind in captions]
-        return self._swaps[key]
+        """The object swap and attribute swap of pair `index`'s true caption (those that exist), in its wording:
+        `swap_caption_words`."""
+        twins = swap_caption_words(self._true_captions[index])
+        return [twins[kind] for kind in SWAP_CAPTION_KINDS if kind in twins]
 
     def annotation_regions(self, feature_size: int) -> dict[str, dict]:
         """Region records made from the annotations (see `synthetic_region_record`), keyed like the pairs."""
