@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -61,4 +61,27 @@ def choose_negative(
     return None
 
 
-__all__ = ["Negative", "choose_negative"]
+def choose_hard_caption(rng: np.random.Generator, share: float, captions: Callable[[], Sequence[str]]) -> str | None:
+    """Whether a sample already made a negative (by `choose_negative`) becomes a hard one instead: its own image
+    with a caption that is false of it but holds the same words, e.g. the two objects of its relation swapped.
+
+    With probability `share` one of `captions()` is drawn uniformly. With `share` 0 nothing is drawn from `rng`
+    (and `captions` is not called), so a run without hard negatives makes exactly the draws it made before.
+
+    Args:
+        rng (`np.random.Generator`): The sample's own generator, after `choose_negative` drew from it.
+        share (`float`): Chance that the negative becomes a hard one.
+        captions (`Callable[[], Sequence[str]]`): The hard negative captions of the sample's image (may be empty).
+
+    Returns:
+        The caption that replaces the sample's own, or `None` when the negative stays as `choose_negative` made it.
+    """
+    if share <= 0.0 or rng.random() >= share:
+        return None
+    options = captions()
+    if not options:
+        return None
+    return options[int(rng.integers(len(options)))]
+
+
+__all__ = ["Negative", "choose_hard_caption", "choose_negative"]

@@ -23,8 +23,14 @@ from transformers.utils import logging
 
 from ..formats.manifest import iter_manifest
 from ..regions.cache_reader import load_region_cache
-from .negatives import choose_negative
-from .synthetic import corrupt_captions, make_synthetic_examples, synthetic_region_record
+from .negatives import choose_hard_caption, choose_negative
+from .synthetic import (
+    SWAP_CAPTION_KINDS,
+    corrupt_captions,
+    make_synthetic_examples,
+    swap_caption_words,
+    synthetic_region_record,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -36,11 +42,14 @@ _REGION_KEYS = ("region_features", "region_locations", "region_class_labels", "r
 class PairSource:
     """A named list of `(image_key, caption)` pairs, with a way to open each image for region extraction.
 
-    Subclasses fill `pairs` and may override `open_image`.
+    Subclasses fill `pairs` and may override `open_image`. A source that knows captions false of an image but made
+    of the same words (relation swaps) gives them by `hard_negative_captions` and sets `hard_negative_share`, the
+    share of its ITM negatives that `PretrainingPairDataset` turns into such hard ones (none by default).
     """
 
     name: str
     pairs: list[tuple[str, str]]
+    hard_negative_share: float = 0.0
 
     def __init__(self, name: str, pairs: list[tuple[str, str]]):
         if not pairs:
@@ -61,6 +70,10 @@ class PairSource:
     def open_image(self, key: str):
         """The image behind `key` as a PIL image (for region extraction)."""
         raise NotImplementedError(f"{type(self).__name__} cannot open images.")
+
+    def hard_negative_captions(self, index: int) -> list[str]:
+        """Captions false of the image of pair `index` that share its words (none here; see `SyntheticPairSource`)."""
+        return []
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, pairs={len(self.pairs)}, images={len(self.image_keys())})"
@@ -457,6 +470,11 @@ class SyntheticPairSource(PairSource):
         caption_noise (`float`, defaults to 0.0): Share of captions replaced by a corrupted (mostly false) version.
         first_image (`int`, defaults to 0): Index of the first image, to carve disjoint splits from one seed.
         name (`str`, defaults to `"synthetic"`): Name used in logs.
+        swap_negatives (`float`, defaults to 0.0): Share of this source's ITM negatives that become hard ones: the
+            sample's own image with its own caption's two objects or two colours swapped ("a blue square to the
+            left of a red circle" for a red circle left of a blue square; `swap_caption_words`, from the caption
+            before any `caption_noise`). Only a model that reads word order against the regions' positions can
+            tell those from the true caption; the wording stays the caption's, so it gives nothing away.
     """
 
     def __init__(
@@ -468,15 +486,26 @@ class SyntheticPairSource(PairSource):
         caption_noise: float = 0.0,
         first_image: int = 0,
         name: str = "synthetic",
+        swap_negatives: float = 0.0,
     ):
+        if not 0.0 <= swap_negatives <= 1.0:
+            raise ValueError(f"swap_negatives must be in [0, 1], got {swap_negatives}.")
+        self.hard_negative_share = float(swap_negatives)
         examples = make_synthetic_examples(first_image + num_images, seed, image_size, captions_per_image)
         self.examples = {example["image_id"]: example for example in examples[first_image:]}
         pairs = [(key, caption) for key, example in self.examples.items() for caption in example["captions"]]
-        texts = corrupt_captions([text for _, text in pairs], caption_noise, seed=seed + 1)
+        self._true_captions = [text for _, text in pairs]
+        texts = corrupt_captions(self._true_captions, caption_noise, seed=seed + 1)
         super().__init__(name, [(key, text) for (key, _), text in zip(pairs, texts)])
 
     def open_image(self, key: str):
         return self.examples[key]["image"]
+
+    def hard_negative_captions(self, index: int) -> list[str]:
+        """The object swap and attribute swap of pair `index`'s true caption (those that exist), in its wording:
+        `swap_caption_words`."""
+        twins = swap_caption_words(self._true_captions[index])
+        return [twins[kind] for kind in SWAP_CAPTION_KINDS if kind in twins]
 
     def annotation_regions(self, feature_size: int) -> dict[str, dict]:
         """Region records made from the annotations (see `synthetic_region_record`), keyed like the pairs."""
@@ -669,7 +698,9 @@ class PretrainingPairDataset(torch.utils.data.Dataset):
     Indexed by what `MixtureSampler` yields, `(flat_index, sample_seed)` (a plain int index also works, with the
     index as seed). With probability `itm_negative_probability` the sample becomes a negative: its caption (share
     `text_negative_share`) or its regions are replaced by those of a random pair of the same source showing another
-    image. A record whose regions cannot be loaded gives `None` (the collator drops and counts it) and a warning.
+    image. A source with a `hard_negative_share` (`SyntheticPairSource(swap_negatives=...)`) turns that share of
+    its negatives into hard ones: the sample's own image with one of its `hard_negative_captions`. A record whose
+    regions cannot be loaded gives `None` (the collator drops and counts it) and a warning.
 
     Args:
         sources (`Sequence[PairSource]`): The sources, in mixture order.
@@ -748,16 +779,19 @@ class PretrainingPairDataset(torch.utils.data.Dataset):
                 message + (" (further failures are counted silently)" if self._warnings == self.max_warnings else "")
             )
 
-    def _plan(self, index: int, sample_seed: int) -> tuple[int, int, int, str, int]:
-        """What the sample is made of: `(source_index, pair, text_pair, region_key, itm_label)`.
+    def _plan(self, index: int, sample_seed: int) -> tuple[int, int, int | str, str, int]:
+        """What the sample is made of: `(source_index, pair, text, region_key, itm_label)`, `text` being the index
+        of the pair whose caption it shows, or the caption itself for a hard negative (see
+        `PairSource.hard_negative_captions`).
 
         Every random choice comes from `sample_seed`, so `sample_lengths` can replay it without loading anything.
         """
         source_index, pair = self._locate(index)
         source = self.sources[source_index]
         key = source[pair][0]
+        rng = np.random.default_rng([sample_seed, 17])
         negative = choose_negative(
-            np.random.default_rng([sample_seed, 17]),
+            rng,
             key,
             len(source),
             lambda other: source[other][0],
@@ -766,6 +800,9 @@ class PretrainingPairDataset(torch.utils.data.Dataset):
         )
         if negative is None:
             return source_index, pair, pair, key, 1
+        hard = choose_hard_caption(rng, source.hard_negative_share, lambda: source.hard_negative_captions(pair))
+        if hard is not None:
+            return source_index, pair, hard, key, 0
         if negative.swap_text:
             return source_index, pair, negative.partner, key, 0
         return source_index, pair, pair, source[negative.partner][0], 0
@@ -804,14 +841,21 @@ class PretrainingPairDataset(torch.utils.data.Dataset):
         (`RegionCache.num_regions` reads one column, not the features). `None` for a record that cannot be read.
         """
         plans = [self._plan(int(index), int(seed)) for index, seed in samples]
-        tokens: dict[int, dict[int, int]] = {}
+        tokens: dict[int, dict[int | str, int]] = {}
         for source_index in {plan[0] for plan in plans}:
-            pairs = sorted({plan[2] for plan in plans if plan[0] == source_index})
+            pairs = sorted({plan[2] for plan in plans if plan[0] == source_index and not isinstance(plan[2], str)})
             tokens[source_index] = dict(zip(pairs, self._token_counts(source_index, pairs)))
+        captions = sorted({plan[2] for plan in plans if isinstance(plan[2], str)})
+        if captions:  # hard negatives: captions of no pair
+            encoded = self.tokenizer(captions, truncation=True, max_length=self.max_text_length)["input_ids"]
+            counts = {caption: len(ids) for caption, ids in zip(captions, encoded)}
+            for source_index, _, text, _, _ in plans:
+                if isinstance(text, str):
+                    tokens[source_index][text] = counts[text]
         lengths = []
-        for source_index, _, text_pair, region_key, _ in plans:
+        for source_index, _, text, region_key, _ in plans:
             num_regions = self._region_count(source_index, region_key)
-            lengths.append(None if num_regions is None else (num_regions, tokens[source_index][text_pair]))
+            lengths.append(None if num_regions is None else (num_regions, tokens[source_index][text]))
         return lengths
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any] | None:
@@ -822,7 +866,7 @@ class PretrainingPairDataset(torch.utils.data.Dataset):
         samples, texts = [], []
         for item in items:
             index, sample_seed = item if isinstance(item, tuple) else (int(item), int(item))
-            source_index, pair, text_pair, region_key, itm_label = self._plan(index, sample_seed)
+            source_index, pair, text, region_key, itm_label = self._plan(index, sample_seed)
             source = self.sources[source_index]
             try:
                 regions = self._cached_regions(source_index, region_key)
@@ -830,7 +874,7 @@ class PretrainingPairDataset(torch.utils.data.Dataset):
                 self._warn(f"skipping pair {pair} of source {source.name!r} (image {region_key!r}): {error!r}")
                 samples.append(None)
                 continue
-            texts.append(source[text_pair][1])
+            texts.append(text if isinstance(text, str) else source[text][1])
             samples.append(
                 {**regions, "image_id": region_key, "itm_labels": itm_label, "sample_seed": int(sample_seed)}
             )

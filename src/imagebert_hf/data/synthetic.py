@@ -35,6 +35,8 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 # One class per (colour, shape): the object label the MOC task can learn from the annotated boxes.
 CLASS_NAMES: tuple[str, ...] = tuple(f"{color} {shape}" for shape in SHAPES for color in COLORS)
 _RELATIONS = ("horizontal", "vertical")
+# The false twins `synthetic_swap_captions` builds: the two objects exchanged, or their colours.
+SWAP_CAPTION_KINDS: tuple[str, ...] = ("object_swap", "attribute_swap")
 _FILLER_WORDS = ("there", "is", "on", "the", "of", "and", "with", "image", "background", "shows", "next", "to")
 
 
@@ -347,6 +349,40 @@ def synthetic_swap_captions(example: dict[str, Any]) -> dict[str, str] | None:
     return captions
 
 
+def swap_caption_words(caption: str) -> dict[str, str]:
+    """The false twins of one synthetic caption, in its own wording: `"object_swap"` exchanges its two objects
+    ("a blue square to the right of a red circle" becomes "a red circle to the right of a blue square") and
+    `"attribute_swap"` its two colours ("a red square to the right of a blue circle").
+
+    Unlike `synthetic_swap_captions`, which builds the twins of an image's relation in one wording ("to the left
+    of", "above"), these keep the caption's wording, so a twin can be told from a true caption only by what it
+    says, never by how it is phrased. Only a caption of two "<colour> <shape>" objects gets twins; a caption that
+    joins its objects with "and" (no relation: swapping them keeps it true) gets no object swap, and a twin that
+    would read like the caption (same objects, or same colours) is left out.
+    """
+    words = caption.split()
+    colors = [i for i, word in enumerate(words) if word in COLORS]
+    if len(colors) != 2 or any(i + 1 >= len(words) or words[i + 1] not in SHAPES for i in colors):
+        return {}
+    (first, second) = colors
+
+    def with_objects(one: tuple[str, str], other: tuple[str, str]) -> str:
+        swapped = list(words)
+        for index, (color, shape) in zip((first, second), (one, other)):
+            swapped[index], swapped[index + 1] = color, shape
+            if index > 0 and swapped[index - 1] in ("a", "an"):
+                swapped[index - 1] = _article(color)
+        return " ".join(swapped)
+
+    a, b = (words[first], words[first + 1]), (words[second], words[second + 1])
+    twins = {}
+    if a != b and "and" not in words[first + 2 : second]:
+        twins["object_swap"] = with_objects(b, a)
+    if a[0] != b[0]:
+        twins["attribute_swap"] = with_objects((b[0], a[1]), (a[0], b[1]))
+    return twins
+
+
 def chance_recall(num_candidates: int, k: int, num_relevant: int = 1) -> float:
     """Probability that a random ranking of `num_candidates` puts one of `num_relevant` items in the top `k`."""
     if k >= num_candidates:
@@ -359,6 +395,7 @@ __all__ = [
     "CLASS_NAMES",
     "COLORS",
     "SHAPES",
+    "SWAP_CAPTION_KINDS",
     "chance_recall",
     "corrupt_caption",
     "corrupt_captions",
@@ -369,6 +406,7 @@ __all__ = [
     "synthetic_region_record",
     "synthetic_relation",
     "synthetic_swap_captions",
+    "swap_caption_words",
     "synthetic_vocabulary",
     "write_synthetic_manifest",
 ]

@@ -27,6 +27,7 @@ import torch
 from transformers.utils import logging
 
 from ..data.synthetic import (
+    SWAP_CAPTION_KINDS,
     make_synthetic_examples,
     relation_caption,
     synthetic_region_record,
@@ -48,7 +49,7 @@ from ..regions.cache_reader import load_region_cache
 
 logger = logging.get_logger(__name__)
 
-SWAP_KINDS = ("object_swap", "attribute_swap")
+SWAP_KINDS = SWAP_CAPTION_KINDS
 # A control, not a swap: the true caption against another image's true caption (other words), which any model that
 # matches captions to images at all gets right; swaps near chance next to a high control mean "bag of words".
 CONTROL_KIND = "other_image"

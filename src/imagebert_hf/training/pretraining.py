@@ -140,7 +140,9 @@ def build_source(spec: SourceSpec, feature_size: int) -> tuple[PairSource | Stre
         source = SyntheticPairSource(
             spec.num_images,
             name=spec.name,
-            **_fields(spec, "seed", "image_size", "captions_per_image", "caption_noise", "first_image"),
+            **_fields(
+                spec, "seed", "image_size", "captions_per_image", "caption_noise", "first_image", "swap_negatives"
+            ),
         )
         if spec.region_cache is None:
             return source, source.annotation_regions(feature_size)

@@ -76,6 +76,9 @@ class SourceSpec:
     captions_per_image: int = 2
     caption_noise: float = 0.0
     regions: str | None = None
+    # Share of the source's ITM negatives that are its own image with the objects or colours of the caption's
+    # relation swapped (hard negatives; see SyntheticPairSource). 0 keeps the plain negatives.
+    swap_negatives: float = 0.0
 
 
 @dataclass
@@ -251,7 +254,14 @@ def _source(data: Any, where: str) -> SourceSpec:
             raise RecipeError(f"{where}: a synthetic source needs region_cache or `regions: annotations`.")
         if not 0.0 <= spec.caption_noise <= 1.0:
             raise RecipeError(f"{where}.caption_noise must be in [0, 1], got {spec.caption_noise}.")
+        if not 0.0 <= spec.swap_negatives <= 1.0:
+            raise RecipeError(f"{where}.swap_negatives must be in [0, 1], got {spec.swap_negatives}.")
     else:
+        if spec.swap_negatives != 0.0:
+            raise RecipeError(
+                f"{where}.swap_negatives is {spec.swap_negatives}, but only a synthetic source can build swapped "
+                f"captions (this one is {spec.type!r}); leave it out."
+            )
         if not spec.path:
             raise RecipeError(f"{where}.path is required for a {spec.type} source.")
         if not spec.region_cache:
