@@ -245,6 +245,16 @@ def test_accuracy_with_stub_scorers(tokenizer):
     assert results["object_swap"]["chance"] == 0.5
 
 
+def test_scores_a_few_float32_units_apart_are_ties(tokenizer):
+    """The same pair in two rows of a batch can score 1e-7 apart; that decides nothing."""
+    nearly_flat = torch.tensor([-1.1696841, -1.1696839] * 4)
+    clear = torch.tensor([0.5, 0.4] * 4)
+    scorers = {"nearly_flat": lambda *args: nearly_flat, "clear": lambda *args: clear}
+    results = relation_swap_accuracy(StubModel(tokenizer), PROBES, tokenizer, region_inputs=None, scorers=scorers)
+    assert results["all_swaps"]["nearly_flat"]["ties"] == 3 and results["all_swaps"]["nearly_flat"]["wins"] == 0
+    assert results["all_swaps"]["clear"]["wins"] == 3 and results["all_swaps"]["clear"]["ties"] == 0
+
+
 def test_accuracy_refuses_bad_input(tokenizer):
     with pytest.raises(ValueError, match="probes is empty"):
         relation_swap_accuracy(None, [], tokenizer, None)

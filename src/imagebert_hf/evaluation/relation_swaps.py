@@ -57,6 +57,9 @@ PROBE_KINDS = (*SWAP_KINDS, CONTROL_KIND)
 PROBE_SETS = ("synthetic", "manifest")
 # The normal quantile of a two-sided 95% interval.
 Z_95 = 1.959963984540054
+# Scores this close are a tie: the same input in two rows of a batch can score a few float32 units apart (1e-7 of
+# the score); a real difference of a tiny random model is already 1e-4 of it.
+TIE_RTOL, TIE_ATOL = 1e-6, 1e-9
 
 
 @dataclass(frozen=True)
@@ -261,8 +264,8 @@ def relation_swap_accuracy(
     Returns:
         `{kind: {scorer: {"accuracy", "ci_low", "ci_high", "wins", "n", "ties"}, "chance": 0.5}}` for each kind
         present, plus `"all_swaps"` over the swap probes when there is more than one kind of swap (the
-        `"other_image"` control stays apart). A tie counts as a loss (the true caption must win), and `ties` says
-        how many there were. `"all_swaps"` pools two probes per image, which are not independent: its interval is
+        `"other_image"` control stays apart). A tie (scores within `TIE_RTOL` / `TIE_ATOL`, float32 batch noise)
+        counts as a loss (the true caption must win), and `ties` says how many there were. `"all_swaps"` pools two probes per image, which are not independent: its interval is
         too narrow, so read the per-kind ones.
     """
     if not probes:
@@ -291,8 +294,11 @@ def relation_swap_accuracy(
         true_scores, swapped_scores = scores.view(-1, 2).unbind(1)
         for group, members in groups.items():
             members = torch.tensor(members)
-            wins = int((true_scores[members] > swapped_scores[members]).sum())
-            ties = int((true_scores[members] == swapped_scores[members]).sum())
+            true_member, swapped_member = true_scores[members], swapped_scores[members]
+            # The same pair in two rows of a batch can score a few float32 units apart: that is a tie, not a win.
+            tied = torch.isclose(true_member, swapped_member, rtol=TIE_RTOL, atol=TIE_ATOL)
+            wins = int(((true_member > swapped_member) & ~tied).sum())
+            ties = int(tied.sum())
             results[group][name] = {**_share(wins, len(members)), "ties": ties}
     return results
 
