@@ -10,7 +10,6 @@ COCO images (../shared/data, never copied). Reports ITM-ranked R@1/5/10 on the F
 
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 import time
@@ -51,6 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     from imagebert_hf import ImageBERTConfig, ImageBERTRoIExtractor
     from imagebert_hf.evaluation import format_metrics_table
     from imagebert_hf.evaluation.zero_shot import chance_metrics, manifest_retrieval_inputs, zero_shot_retrieval
+    from imagebert_hf.formats.files import atomic_write_json
     from imagebert_hf.regions import extract_regions
     from imagebert_hf.training import PretrainingRunOptions, load_recipe, run_pretraining
     from imagebert_hf.training.pretraining import load_tokenizer
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
         "protocol": f"Flickr8k dev, {num_images} images x {len(text_to_image)} captions, every pair scored",
         "command": command,
     }
-    (Path(args.output_dir) / "results.json").write_text(json.dumps(summary, indent=1))
+    atomic_write_json(Path(args.output_dir) / "results.json", summary, indent=1)
     return summary
 
 
