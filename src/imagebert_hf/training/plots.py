@@ -6,7 +6,20 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..formats.plotting import save_figure, subplots
+
+
+def _task_curve(history: Sequence[dict[str, Any]], task: str):
+    """(steps, values) of the logged steps that hold `task`, as numpy arrays."""
+    points = [(entry["step"], entry[task]) for entry in history if entry.get(task) is not None]
+    return np.array([p[0] for p in points]), np.array([p[1] for p in points], dtype=float)
+
+
+def _moving_average(steps, values, width: int):
+    """The steps where a full window ends, and the mean of the `width` values up to each."""
+    return steps[width - 1 :], np.convolve(values, np.ones(width) / width, mode="valid")
 
 
 def plot_losses(
@@ -30,8 +43,6 @@ def plot_losses(
     """
     if not history:
         return None
-    import numpy as np
-
     tasks = [task for task in tasks if any(entry.get(task) is not None for entry in history)]
     fig, axes = subplots(1, len(tasks), figsize=(3.2 * len(tasks), 2.8), squeeze=False)
     boundaries, seen = [], set()
@@ -40,12 +51,10 @@ def plot_losses(
             seen.add(entry["stage"])
             boundaries.append((entry["step"], entry["stage"]))
     for axis, task in zip(axes[0], tasks):
-        points = [(entry["step"], entry[task]) for entry in history if entry.get(task) is not None]
-        steps, values = np.array([p[0] for p in points]), np.array([p[1] for p in points], dtype=float)
+        steps, values = _task_curve(history, task)
         axis.plot(steps, values, alpha=0.35 if smoothing > 1 else 1.0, color="tab:blue")
         if smoothing > 1 and len(values) >= smoothing:
-            kernel = np.ones(smoothing) / smoothing
-            axis.plot(steps[smoothing - 1 :], np.convolve(values, kernel, mode="valid"), color="tab:blue")
+            axis.plot(*_moving_average(steps, values, smoothing), color="tab:blue")
         for step, stage in boundaries[1:]:
             axis.axvline(step, color="gray", linestyle="--", linewidth=0.8)
         axis.set_title("total" if task == "loss" else task.upper())
@@ -79,8 +88,6 @@ def plot_run_groups(
     Returns:
         The written path.
     """
-    import numpy as np
-
     if not groups or not any(groups.values()):
         raise ValueError("plot_run_groups needs at least one group with at least one run.")
     fig, axis = subplots(1, 1, figsize=(6.4, 3.6))
@@ -88,13 +95,16 @@ def plot_run_groups(
     for index, (label, runs) in enumerate(groups.items()):
         colour = colours[index % len(colours)]
         for number, history in enumerate(runs):
-            points = [(entry["step"], entry[task]) for entry in history if entry.get(task) is not None]
-            if not points:
+            steps, values = _task_curve(history, task)
+            if not len(values):
                 raise ValueError(f"run {number} of group {label!r} logs no {task!r} loss.")
-            steps, values = np.array([p[0] for p in points]), np.array([p[1] for p in points], dtype=float)
             width = max(1, min(smoothing, len(values)))
-            smoothed = np.convolve(values, np.ones(width) / width, mode="valid")
-            axis.plot(steps[width - 1 :], smoothed, color=colour, linewidth=1.2, label=label if number == 0 else None)
+            axis.plot(
+                *_moving_average(steps, values, width),
+                color=colour,
+                linewidth=1.2,
+                label=label if number == 0 else None,
+            )
     for name, value in (reference_lines or {}).items():
         axis.axhline(value, color="black", linestyle=":", linewidth=0.8)
         axis.annotate(name, (1.0, value), xycoords=("axes fraction", "data"), fontsize=7, ha="right", va="bottom")
