@@ -23,12 +23,14 @@ def test_every_public_module_has_all():
         if module_name(path) not in PUBLIC_MODULES:
             continue
         tree = ast.parse(path.read_text(encoding="utf-8"))
+        # `__all__ = [...]`, or one name of a tuple assignment (`__all__, __getattr__, __dir__ = lazy_package(...)`)
         assigned = {
-            target.id
+            name.id
             for node in tree.body
             if isinstance(node, (ast.Assign, ast.AnnAssign))
             for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
-            if isinstance(target, ast.Name)
+            for name in (target.elts if isinstance(target, ast.Tuple) else [target])
+            if isinstance(name, ast.Name)
         }
         if "__all__" not in assigned:
             missing.append(str(path.relative_to(SOURCE)))

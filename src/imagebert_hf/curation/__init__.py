@@ -10,7 +10,7 @@ The names below load their module on first access, so `imagebert-curate --help` 
 
 from typing import TYPE_CHECKING
 
-from ..models.imagebert.lazy_names import lazy_names, type_checking_imports
+from ..models.imagebert.lazy_names import lazy_package
 
 
 if TYPE_CHECKING:
@@ -35,6 +35,4 @@ if TYPE_CHECKING:
 
 
 # The names above, read back from that block: the table they load from, and `__all__`.
-_MODULES = type_checking_imports(__file__, __name__)
-__all__ = [name for names in _MODULES.values() for name in names]
-__getattr__, __dir__ = lazy_names(__name__, _MODULES, globals())
+__all__, __getattr__, __dir__ = lazy_package(__file__, __name__, globals())

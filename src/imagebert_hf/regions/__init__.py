@@ -6,7 +6,7 @@ The extractor itself (`ImageBERTRoIExtractor`, its backends and the precomputed 
 
 from typing import TYPE_CHECKING
 
-from ..models.imagebert.lazy_names import lazy_names, type_checking_imports
+from ..models.imagebert.lazy_names import lazy_package
 
 
 if TYPE_CHECKING:
@@ -15,6 +15,4 @@ if TYPE_CHECKING:
 
 # The names load their module on first access, so `imagebert-extract-regions --help` imports no torch. The table
 # they load from, and `__all__`, are read back from the block above.
-_MODULES = type_checking_imports(__file__, __name__)
-__all__ = [name for names in _MODULES.values() for name in names]
-__getattr__, __dir__ = lazy_names(__name__, _MODULES, globals())
+__all__, __getattr__, __dir__ = lazy_package(__file__, __name__, globals())

@@ -4,7 +4,11 @@ travels as remote code on its own.
 
 A package lists its public names once, as the imports of its `if TYPE_CHECKING:` block (what type checkers and
 editors read); `type_checking_imports` reads that block back (with `ast`, importing nothing) into the name -> module
-table that `lazy_names` resolves from and that the package's `__all__` is made of."""
+table that `lazy_names` resolves from and that the package's `__all__` is made of; `lazy_package` does both, as the
+last line of the package's `__init__.py`:
+
+    __all__, __getattr__, __dir__ = lazy_package(__file__, __name__, globals())
+"""
 
 from __future__ import annotations
 
@@ -71,4 +75,20 @@ def type_checking_imports(init_file: str, package: str) -> dict[str, list[str]]:
     return modules
 
 
-__all__ = ["lazy_names", "type_checking_imports"]
+def lazy_package(
+    init_file: str, package: str, namespace: dict[str, Any]
+) -> tuple[list[str], Callable[[str], Any], Callable[[], list[str]]]:
+    """The `__all__`, `__getattr__` and `__dir__` of a package whose public names are the imports of the
+    `if TYPE_CHECKING:` block of its `__init__.py`: that block read by `type_checking_imports`, resolved by
+    `lazy_names`.
+
+    Args:
+        init_file: The package's `__file__`.
+        package: The package's `__name__`.
+        namespace: The package's `globals()`.
+    """
+    modules = type_checking_imports(init_file, package)
+    return [name for names in modules.values() for name in names], *lazy_names(package, modules, namespace)
+
+
+__all__ = ["lazy_names", "lazy_package", "type_checking_imports"]
