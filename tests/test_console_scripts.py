@@ -116,3 +116,26 @@ def test_extract_regions_succeeds_and_records_its_time(tmp_path):
     assert report["seconds"] > 0
     assert f"in {report['seconds']:.1f} s" in result.stdout
     assert "2 extracted, 0 failed" in result.stdout
+
+
+def test_exit_on_error_turns_bad_inputs_into_one_line():
+    """The scripts' shared ending: the listed errors become `<program>: error: ...`, a missing optional module gets
+    the install hint, anything else (a bug) keeps its traceback."""
+    from imagebert_hf.models.imagebert.script_errors import exit_on_error
+
+    with pytest.raises(SystemExit) as stop, exit_on_error("prog"):
+        raise FileNotFoundError("no such file: x.jsonl")
+    assert stop.value.code == "prog: error: no such file: x.jsonl"
+    assert stop.value.__suppress_context__
+    hinted = exit_on_error("prog", missing_extra="pip install it")
+    with pytest.raises(SystemExit, match=r"^prog: error: No module named 'gradio'; pip install it$"), hinted:
+        raise ModuleNotFoundError("No module named 'gradio'")
+    with pytest.raises(ModuleNotFoundError), exit_on_error("prog"):  # no hint given: not a bad input
+        raise ModuleNotFoundError("No module named 'gradio'")
+    with pytest.raises(SystemExit, match=r"^prog: error: weights missing$"), exit_on_error("prog", (ImportError,)):
+        raise ImportError("weights missing")
+    with pytest.raises(KeyError), exit_on_error("prog"):
+        raise KeyError("a bug")
+    with exit_on_error("prog"):
+        result = "finished"
+    assert result == "finished"

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
+from ..models.imagebert.script_errors import exit_on_error
+
 
 DEMO_MODEL = Path("pretraining") / "stage2-clean" / "final"
 DEMO_GALLERY = Path("data") / "captions.jsonl"
@@ -125,22 +127,17 @@ def main(argv: list[str] | None = None) -> int:
             f"imagebert-app: error: --gallery {args.gallery}: no such file or folder (expected a folder of images "
             "or a .jsonl manifest)"
         )
-    try:
+    with exit_on_error("imagebert-app", missing_extra="the app needs its extra: pip install 'imagebert_hf[app]'"):
         from .ui import build_app, launch_app
 
-        demo = load_demo(args)
+        try:
+            demo = load_demo(args)
+        except subprocess.CalledProcessError as error:
+            raise SystemExit(
+                f"imagebert-app: error: building the demo model failed (exit status {error.returncode}, output "
+                "above); or pass --model and --gallery"
+            ) from None
         launch_app(build_app(demo, top_k=args.top_k), server_name=args.host, server_port=args.port)
-    except ModuleNotFoundError as error:
-        raise SystemExit(
-            f"imagebert-app: error: {error}; the app needs its extra: pip install 'imagebert_hf[app]'"
-        ) from None
-    except subprocess.CalledProcessError as error:
-        raise SystemExit(
-            f"imagebert-app: error: building the demo model failed (exit status {error.returncode}, output above); "
-            "or pass --model and --gallery"
-        ) from None
-    except (OSError, ValueError) as error:
-        raise SystemExit(f"imagebert-app: error: {error}") from None
     return 0
 
 

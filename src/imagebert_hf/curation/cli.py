@@ -16,6 +16,7 @@ import logging
 import sys
 from dataclasses import dataclass, field
 
+from ..models.imagebert.script_errors import exit_on_error
 from .config import STAGE_CLASSES, CurationConfig
 
 
@@ -64,7 +65,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunArguments, CurationCon
 def main(argv: list[str] | None = None) -> int:
     """Runs `imagebert-curate`; returns 0 on success. A bad input (a missing file, a value the stages reject) ends
     the command with one line naming it and exit status 1."""
-    try:
+    with exit_on_error(
+        "imagebert-curate",
+        missing_extra=(
+            "the curation stages and the spark runner need the extras: pip install 'imagebert_hf[curation,spark]'"
+        ),
+    ):
         run, config = parse_args(argv)
         if run.runner not in ("local", "spark"):
             raise ValueError(f"--runner must be local or spark, got {run.runner!r}")
@@ -92,13 +98,6 @@ def main(argv: list[str] | None = None) -> int:
                 num_partitions=run.num_partitions,
                 batch_size=run.batch_size,
             )
-    except ModuleNotFoundError as error:
-        raise SystemExit(
-            f"imagebert-curate: error: {error}; the curation stages and the spark runner need the extras: "
-            "pip install 'imagebert_hf[curation,spark]'"
-        ) from None
-    except (OSError, ValueError) as error:
-        raise SystemExit(f"imagebert-curate: error: {error}") from None
     summary = {"pairs": len(result.dataset), "output_dir": str(result.output_dir), "drops": result.tally.drops()}
     print(json.dumps(summary, indent=2, sort_keys=True))
     print((result.output_dir / "funnel.md").read_text())

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..models.imagebert.script_errors import exit_on_error
 from .cache_layout import REPORT_NAME
 
 
@@ -141,14 +142,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from transformers import HfArgumentParser
 
     (args,) = HfArgumentParser(ExtractRegionsArguments).parse_args_into_dataclasses(args=argv)
-    try:
+    # ImportError: the offline weights package is missing
+    with exit_on_error("imagebert-extract-regions", errors=(ImportError, OSError, ValueError)):
         if args.verify:
             return _verify(args)
         if args.merge:
             return _merge(args)
         return _extract(args)
-    except (ImportError, OSError, ValueError) as error:  # ImportError: the offline weights package is missing
-        raise SystemExit(f"imagebert-extract-regions: error: {error}") from None
 
 
 __all__ = ["ExtractRegionsArguments", "main"]

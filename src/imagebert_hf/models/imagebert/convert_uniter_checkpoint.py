@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING, Any
 
 from transformers.utils import logging
 
+from .script_errors import exit_on_error
+
 
 # torch and the model load inside the functions that use them, so `imagebert-convert-uniter --help` stays fast.
 if TYPE_CHECKING:
@@ -396,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--max_text_length", type=int, default=UNITER_MAX_TEXT_LENGTH)
     args = parser.parse_args(argv)
-    try:
+    with exit_on_error("imagebert-convert-uniter"):
         model = convert_uniter_checkpoint(
             args.checkpoint,
             args.output,
@@ -406,8 +408,6 @@ def main(argv: list[str] | None = None) -> int:
             args.detector_weights,
             max_text_length=args.max_text_length,
         )
-    except (OSError, ValueError) as error:
-        raise SystemExit(f"imagebert-convert-uniter: error: {error}") from None
     print(f"saved {type(model).__name__} ({model.num_parameters() / 1e6:.1f} M parameters) to {args.output}")
     return 0
 
