@@ -96,9 +96,34 @@ def _one_thread(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-def _cpu_seconds(process) -> float:
+def _cpu_seconds(process) -> tuple[float, float]:
+    """(user + system, system) CPU seconds of `process`."""
     times = process.cpu_times()
-    return times.user + times.system
+    return times.user + times.system, times.system
+
+
+def shared_memory_cost(shape: tuple[int, ...], repeats: int = 48) -> tuple[float, float]:
+    """CPU milliseconds to allocate and fill one float16 tensor of `shape` in shared memory (as a DataLoader
+    worker's batch is) and in ordinary memory, the median of `repeats`; the last three stay alive, as batches in
+    flight do."""
+    import resource
+
+    def allocate_shared():
+        storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * 2)
+        return torch.empty(0, dtype=torch.float16).set_(storage, 0, shape)
+
+    def cost(allocate) -> float:
+        kept, samples = [], []
+        for _ in range(repeats):
+            before = resource.getrusage(resource.RUSAGE_SELF)
+            tensor = allocate()
+            tensor.fill_(1.0)
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            samples.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+            kept = [*kept[-2:], tensor]
+        return float(np.median(samples)) * 1e3
+
+    return cost(allocate_shared), cost(lambda: torch.empty(shape, dtype=torch.float16))
 
 
 def samples_per_second(
@@ -110,8 +135,9 @@ def samples_per_second(
     num_workers: int = 0,
     former_layout: bool = False,
 ) -> tuple[float, float]:
-    """(samples per CPU-second, samples per wall-clock second) of the loader over `num_samples` samples; with
-    `num_workers`, CPU-seconds of the workers and this process together, after the first batch (worker start-up)."""
+    """(samples per CPU-second, samples per wall-clock second, the share of that CPU time spent in the kernel) of the
+    loader over `num_samples` samples; with `num_workers`, CPU-seconds of the workers and this process together,
+    after the first batch (worker start-up)."""
     import psutil
 
     rng = np.random.default_rng(0)
@@ -143,11 +169,12 @@ def samples_per_second(
     start, start_cpu = time.perf_counter(), [_cpu_seconds(p) for p in [main, *workers]]
     # Stops one batch short: the workers must still be alive to read their CPU time.
     seen = sum(len(next(batches)["input_ids"]) for _ in range(len(loader) - 2))
-    cpu = sum(_cpu_seconds(p) - t for p, t in zip([main, *workers], start_cpu))
+    spent = [(now[0] - then[0], now[1] - then[1]) for now, then in zip(map(_cpu_seconds, [main, *workers]), start_cpu)]
+    cpu, system = sum(total for total, _ in spent), sum(kernel for _, kernel in spent)
     wall = time.perf_counter() - start
     for _ in batches:
         pass
-    return seen / cpu, seen / wall
+    return seen / cpu, seen / wall, system / cpu
 
 
 def main() -> None:
@@ -198,9 +225,10 @@ def main() -> None:
         )
         target = gpu_step_rate()
         baseline = rates["datasets rows (float32)"][0]
-        for name, (rate, wall_rate) in rates.items():
+        for name, (rate, wall_rate, kernel) in rates.items():
             print(
-                f"  {name:<43} {rate:7.0f} samples/s per core ({wall_rate:.0f} per wall-clock second) = "
+                f"  {name:<43} {rate:7.0f} samples/s per core ({wall_rate:.0f} per wall-clock second, "
+                f"{kernel:.0%} in the kernel) = "
                 f"{rate / baseline:5.2f}x the datasets path, {rate / target:5.2f}x the H200 step rate "
                 f"({target:,.0f} samples/s: {target / rate:.1f} cores per GPU)"
             )
@@ -216,6 +244,12 @@ def main() -> None:
         )
         print(f"in process: {in_process:,.0f} samples per CPU-second (target >= 1,500)")
         print(f"1 worker:   {worker:,.0f} samples per CPU-second (target >= {target:,.0f}, the H200 step rate)")
+        # What a worker pays that the training process does not: every batch tensor in fresh shared-memory pages.
+        shared, ordinary = shared_memory_cost((args.batch_size, MAX_REGIONS, FEATURE_SIZE))
+        print(
+            f"a ({args.batch_size}, {MAX_REGIONS}, {FEATURE_SIZE}) float16 batch tensor, allocated and filled: "
+            f"{shared:.1f} ms of CPU in shared memory, {ordinary:.1f} ms in ordinary memory"
+        )
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

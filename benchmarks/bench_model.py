@@ -87,7 +87,9 @@ def step_matmuls(hidden: int, intermediate: int, heads: int, layers: int, length
         + batched(batch * heads, length, head_size, length)  # scores
         + batched(batch * heads, length, length, head_size)  # weighted values
     )
-    return per_layer * layers + linear(batch * regions, FEATURE_SIZE, hidden)
+    # The region features are inputs, not parameters: their projection has no input gradient to compute.
+    region_projection = linear(batch * regions, FEATURE_SIZE, hidden)
+    return per_layer * layers + [region_projection[0], region_projection[2]]
 
 
 def matmul_run(shapes):
@@ -158,7 +160,12 @@ def realistic_lengths(num_samples: int, rng: np.random.Generator):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="base", help="model size to measure")
-    parser.add_argument("--repeats", type=int, default=7, help="timed repeats per measurement (median is kept)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=10,
+        help="timed rounds per measurement (median is kept; the order rotates each round)",
+    )
     parser.add_argument(
         "--realistic_passes", type=int, default=2, help="timed passes over each realistic layout (fastest is kept)"
     )
@@ -214,16 +221,20 @@ def main():
         "step matmuls": matmul_run(shapes),
         "square GEMM": square_gemm_run(gemm_size, times=8),
     }
-    # Interleaved, so that drifting machine load hits every measurement alike; the median of each is kept.
+    # Interleaved, so that drifting machine load hits every measurement alike, and in an order rotated each round, so
+    # that no step always runs right after the square GEMM (which can leave a busy CPU clocked down); the median of
+    # each is kept.
     seconds = {name: [] for name in steps}
     for name, step in steps.items():
         start = time.perf_counter()
         step()  # warm-up; compiles the compiled step
         if name == "imagebert compiled":
             print(f"  (torch.compile of the step took {time.perf_counter() - start:.0f} s)")
-    for _ in range(args.repeats):
-        for name, step in steps.items():
-            seconds[name].append(time_call(step, repeats=1, warmup=0))
+    names = list(steps)
+    for round_index in range(args.repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            seconds[name].append(time_call(steps[name], repeats=1, warmup=0))
     median = {name: statistics.median(values) for name, values in seconds.items()}
     for name in ("imagebert", "imagebert compiled", "bert", "visualbert"):
         if name in median:
@@ -232,6 +243,20 @@ def main():
                 f"{median[name] * 1000:8.1f} ms"
             )
     print(f"ImageBERT / BERT (sdpa) time ratio:   {median['imagebert'] / median['bert']:.3f}  (target <= 1.0)")
+    # What the region projection adds: the only matmuls ImageBERT has and BERT at the same length has not.
+    bert_shapes = step_matmuls(
+        size["hidden_size"],
+        size["intermediate_size"],
+        size["num_attention_heads"],
+        size["num_hidden_layers"],
+        total_length,
+        BATCH_SIZE,
+        0,
+    )
+    bert_flops = sum(2 * b * m * k * n for b, m, k, n in bert_shapes)
+    print(
+        f"  its matmul FLOPs over BERT's at the same length: {flops / bert_flops:.3f} (the ratio of equal efficiency)"
+    )
     print(f"ImageBERT / VisualBERT time ratio:    {median['imagebert'] / median['visualbert']:.3f}  (target <= 1.0)")
     if "imagebert compiled" in median:
         print(f"torch.compile gain (eager / compiled): {median['imagebert'] / median['imagebert compiled']:.3f}x")
