@@ -134,7 +134,7 @@ def samples_per_second(
     batch_size: int,
     num_workers: int = 0,
     former_layout: bool = False,
-) -> tuple[float, float]:
+) -> tuple[float, float, float]:
     """(samples per CPU-second, samples per wall-clock second, the share of that CPU time spent in the kernel) of the
     loader over `num_samples` samples; with `num_workers`, CPU-seconds of the workers and this process together,
     after the first batch (worker start-up)."""
