@@ -4,6 +4,7 @@ import importlib.util
 import json
 import random
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -261,3 +262,44 @@ def test_multi_stage_variant_pretrains_noisy_then_clean(tiny_study_setup):
     assert set(result["metrics"]) == {"chance", "cross-encoder"}
     noisy = next((root / "runs" / "noisy_source").glob("*.jsonl"))
     assert len(noisy.read_text().splitlines()) == 4  # the train images only
+
+
+def test_synthetic_grid_regions_feed_the_region_count_recipe(tmp_path, one_thread):
+    """The generated shapes with grid regions (the region-count study's data): the split, the coarse-to-fine cells
+    that `max_regions` 5, 14 and 30 keep, and two steps of the shipped recipe on them at 5 regions."""
+    from imagebert_hf.models.imagebert.roi_boxes import grid_boxes
+    from imagebert_hf.regions import load_region_cache
+    from imagebert_hf.training import PretrainingRunOptions, load_recipe, run_pretraining
+
+    made = _load("synthetic_grid_regions").main(
+        ["--output_dir", str(tmp_path / "grid"), "--num_images", "6", "--test_images", "2", "--extraction_size", "64"]
+    )
+    rows = [json.loads(line) for line in Path(made["manifest"]).read_text(encoding="utf-8").splitlines()]
+    assert [row["split"] for row in rows] == ["train"] * 4 + ["test"] * 2
+    cache = load_region_cache(made["region_cache"])
+    record = cache[rows[0]["image"]]
+    assert record["region_features"].shape == (30, 1280)
+    expected_boxes = grid_boxes(rows[0]["width"], rows[0]["height"], [1, 2, 3, 4])
+    np.testing.assert_allclose(record["region_boxes"], expected_boxes, atol=1e-3)
+
+    recipe = load_recipe(
+        PROJECT_ROOT / "examples" / "configs" / "ablation_region_count_synthetic.yaml",
+        [
+            f"output_dir={tmp_path / 'run'}", "model.config.max_regions=5", "stages.0.max_steps=2",
+            "stages.0.per_device_train_batch_size=4", f"stages.0.sources.0.path={made['manifest']}",
+            f"stages.0.sources.0.region_cache={made['region_cache']}",
+        ],
+    )  # fmt: skip
+    run = run_pretraining(recipe, PretrainingRunOptions())
+    assert json.loads((Path(run["final_model"]) / "config.json").read_text())["max_regions"] == 5
+    assert [entry["step"] for entry in run["history"]][-1] == 2
+
+
+def test_synthetic_grid_regions_refuses_a_test_split_as_large_as_the_set(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        _load("synthetic_grid_regions").main(
+            ["--output_dir", str(tmp_path), "--num_images", "4", "--test_images", "4"]
+        )
+    assert stopped.value.code == 1
+    assert "--test_images must be in [1, num_images), got 4" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

@@ -31,10 +31,11 @@ HELD_OUT_IMAGES = 100
 # change that reshuffles the random draws fails here with a chance of about 1 in 10 (docs/pretraining.md).
 SYNTHETIC_RSUM_FLOOR = 200.0
 SYNTHETIC_ITM_CEILING = 0.62
-# The shipped real-photo recipe (stage 1 at ten epochs), stage-1 dev RSUM over seeds 42, 1, 2, 3: 214.2, 188.5,
-# 202.7, 206.2; chance 28.3. The six-epoch recipe it replaced gave 71.7-127.4 over seven runs (two code versions with
-# the same numerics), so the floor fails that recipe and keeps a margin of about 60 below the lowest ten-epoch run.
-REAL_RSUM_FLOOR = 130.0
+# The shipped real-photo recipe (stage 1 at ten epochs), stage-1 dev RSUM over seeds 42, 1-5: 214.2, 188.5, 202.7,
+# 206.2, 188.5, 130.1 (mean 188.3, std 30.3); chance 28.3. The six-epoch recipe it replaced gave 71.7-127.4 over seven
+# runs (two code versions with the same numerics), five of them below the floor. The two ranges nearly meet, so the
+# floor sits about 2.2 standard deviations below the ten-epoch mean, 10 below its lowest run.
+REAL_RSUM_FLOOR = 120.0
 
 
 def held_out_synthetic_inputs(recipe):
