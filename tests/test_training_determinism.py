@@ -9,7 +9,8 @@ and data order all feed them). A deliberate change of the numerics rewrites the 
     python tests/test_training_determinism.py --write
 
 Float results can differ in the last bits between torch builds or CPU instruction sets; on a machine other than
-the one recorded (torch version, processor), the comparison allows a relative 1e-5 instead of equality.
+the one recorded (torch version, processor and the instruction set torch's CPU kernels use; a record without the
+last is from an unknown one), the comparison allows a relative 1e-5 instead of equality.
 """
 
 from __future__ import annotations
@@ -47,7 +48,13 @@ RETRIEVAL_SETTINGS = {
 
 
 def _machine() -> dict[str, str]:
-    return {"torch": torch.__version__, "processor": platform.machine(), "python": platform.python_version()}
+    # The kernels torch picks follow the CPU's instruction set (AVX2, AVX512, ...), and so do the last bits of a sum.
+    return {
+        "torch": torch.__version__,
+        "processor": platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "python": platform.python_version(),
+    }
 
 
 def _losses(history: list[dict]) -> list[dict]:
