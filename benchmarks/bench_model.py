@@ -200,18 +200,25 @@ def main():
         "input_ids": torch.randint(1, 30000, (BATCH_SIZE, TEXT_LENGTH)),
         "visual_embeds": ours_inputs["region_features"],
     }
+
     # 2. The matmul FLOP/s to compare the ImageBERT step with: the step's own products timed alone (the speed the
     # step would have if nothing but its matmuls cost time), and a square GEMM.
-    shapes = step_matmuls(
-        size["hidden_size"],
-        size["intermediate_size"],
-        size["num_attention_heads"],
-        size["num_hidden_layers"],
-        total_length,
-        BATCH_SIZE,
-        NUM_REGIONS,
-    )
-    flops = sum(2 * b * m * k * n for b, m, k, n in shapes)
+    def shapes_of_step(num_regions: int) -> list[tuple[int, int, int, int]]:
+        return step_matmuls(
+            size["hidden_size"],
+            size["intermediate_size"],
+            size["num_attention_heads"],
+            size["num_hidden_layers"],
+            total_length,
+            BATCH_SIZE,
+            num_regions,
+        )
+
+    def matmul_flops(shapes: list[tuple[int, int, int, int]]) -> int:
+        return sum(2 * b * m * k * n for b, m, k, n in shapes)
+
+    shapes = shapes_of_step(NUM_REGIONS)
+    flops = matmul_flops(shapes)
     gemm_size = 2048 if DEVICE.type == "cpu" else 8192
     steps = {
         "imagebert": training_step(ours, ours_inputs),
@@ -244,16 +251,7 @@ def main():
             )
     print(f"ImageBERT / BERT (sdpa) time ratio:   {median['imagebert'] / median['bert']:.3f}  (target <= 1.0)")
     # What the region projection adds: the only matmuls ImageBERT has and BERT at the same length has not.
-    bert_shapes = step_matmuls(
-        size["hidden_size"],
-        size["intermediate_size"],
-        size["num_attention_heads"],
-        size["num_hidden_layers"],
-        total_length,
-        BATCH_SIZE,
-        0,
-    )
-    bert_flops = sum(2 * b * m * k * n for b, m, k, n in bert_shapes)
+    bert_flops = matmul_flops(shapes_of_step(0))
     print(
         f"  its matmul FLOPs over BERT's at the same length: {flops / bert_flops:.3f} (the ratio of equal efficiency)"
     )

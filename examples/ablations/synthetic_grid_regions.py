@@ -13,12 +13,11 @@ model sees the regions a real extractor gives (cells of a 1+4+9+16 grid) instead
    study in docs/results.md).
 
 A finished output is kept: the manifest is rewritten only when absent, and the extraction resumes or skips.
-Exits 1 with one line on stderr when an argument or file is wrong.
+Exits 1 with one line on stderr when an argument or file is wrong (`exit_on_error`, as the console scripts).
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,20 +39,18 @@ class SyntheticGridArguments:
 
 def main(argv: list[str] | None = None) -> dict:
     (args,) = HfArgumentParser(SyntheticGridArguments).parse_args_into_dataclasses(args=argv)
-    if not 0 < args.test_images < args.num_images:
-        print(
-            f"synthetic_grid_regions: --test_images must be in [1, num_images), got {args.test_images} with "
-            f"--num_images {args.num_images}.",
-            file=sys.stderr,
-        )
-        sys.exit(1)
     from imagebert_hf import ImageBERTRoIExtractor
     from imagebert_hf.data.synthetic import write_synthetic_manifest
+    from imagebert_hf.models.imagebert.script_errors import exit_on_error
     from imagebert_hf.regions import extract_regions
 
     output_dir = Path(args.output_dir)
     manifest = output_dir / "data" / "captions.jsonl"
-    try:
+    with exit_on_error("synthetic_grid_regions"):
+        if not 0 < args.test_images < args.num_images:
+            raise ValueError(
+                f"--test_images must be in [1, num_images), got {args.test_images} with --num_images {args.num_images}."
+            )
         if not manifest.is_file():
             manifest = write_synthetic_manifest(
                 output_dir / "data",
@@ -69,12 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
             batch_size=16,
         )
         report = extract_regions(manifest, output_dir / "regions", extractor, store_class_probs=False)
-    except (ValueError, OSError) as error:
-        print(f"synthetic_grid_regions: {error}", file=sys.stderr)
-        sys.exit(1)
-    if report.num_failed:
-        print(f"synthetic_grid_regions: {report.num_failed} images failed: {report.failures[:3]}", file=sys.stderr)
-        sys.exit(1)
+        if report.num_failed:
+            raise ValueError(f"{report.num_failed} images failed: {report.failures[:3]}")
     print(f"{report.num_unique} images, {extractor.region_feature_size}-d grid regions -> {output_dir / 'regions'}")
     return {"manifest": str(manifest), "region_cache": str(output_dir / "regions"), "report": report}
 
