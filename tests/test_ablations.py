@@ -159,6 +159,31 @@ def test_results_page_by_seed_table_pairs_variants_at_each_seed(tmp_path):
     assert page_maker.by_seed_table(single) is None
 
 
+def test_results_page_keeps_an_earlier_series_in_its_own_table(tmp_path):
+    """Runs of one study from another checkpoint, kept in a folder of their own, fill that folder's table and
+    keep the study's variant order; the study's own folder fills its table alone."""
+    page_maker = _load("make_results_page")
+    for folder, shift in (("rerank", 0.0), ("rerank_six_epochs", 5.0)):
+        for variant in ("random negatives, no contrastive loss", "random negatives"):
+            path = tmp_path / "results" / folder / f"{page_maker.study_variants('rerank').index(variant)}_seed0.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(_run_file("rerank", variant, 0, shift)))
+    page = tmp_path / "results.md"
+    page.write_text(
+        "<!-- results:rerank -->\n<!-- /results:rerank -->\n"
+        "<!-- results:rerank_six_epochs -->\n<!-- /results:rerank_six_epochs -->\n"
+    )
+    text = page_maker.main(["--results_dir", str(tmp_path / "results"), "--page", str(page)])
+    current, earlier = text.split("<!-- results:rerank_six_epochs -->")
+    for table, tr_r1 in ((current, "10.0"), (earlier, "15.0")):
+        rows = [line for line in table.splitlines() if line.startswith("| random negatives")]
+        assert [row.split(" | ")[0] for row in rows] == [
+            "| random negatives",
+            "| random negatives, no contrastive loss",
+        ]
+        assert all(row.split(" | ")[3] == tr_r1 for row in rows)
+
+
 def test_shipped_results_page_matches_its_run_files(tmp_path):
     """docs/results.md's tables are what the page maker writes from docs/results/ today."""
     page_maker = _load("make_results_page")

@@ -2,10 +2,11 @@
 
     python examples/ablations/make_results_page.py
 
-Each table sits between `<!-- results:STUDY -->` and `<!-- /results:STUDY -->` in the page; the text around the
-markers is left as written. `<!-- results:shipped -->` takes `docs/results/pretrain_shared_data.json`, the
+Each table sits between `<!-- results:TABLE -->` and `<!-- /results:TABLE -->` in the page, TABLE the folder of its
+run files under docs/results/ (a study's name, or a kept earlier series such as `rerank_six_epochs`); the text around
+the markers is left as written. `<!-- results:shipped -->` takes `docs/results/pretrain_shared_data.json`, the
 `results.json` of `examples/pretrain_shared_data.py` (with the command that made it). A table gives, per variant and ranking, the mean and standard deviation over the seeds
-found, the scoring protocol, the seeds, and the minutes one run took here. `<!-- results:STUDY_by_seed -->` takes
+found, the scoring protocol, the seeds, and the minutes one run took here. `<!-- results:TABLE_by_seed -->` takes
 each variant's RSUM minus the study's first variant's, seed by seed.
 """
 
@@ -26,11 +27,11 @@ HEADERS = ("TR R@1", "TR R@5", "TR R@10", "IR R@1", "IR R@5", "IR R@10", "RSUM")
 
 
 def load_runs(results_dir: Path) -> dict[str, list[dict]]:
-    """Run files by study, in a stable order."""
+    """Run files by table, in a stable order. The folder a run file sits in names its table: the study's own
+    (`rerank`), or a kept earlier series of it (`rerank_six_epochs`, started from another checkpoint)."""
     runs = defaultdict(list)
     for path in sorted(results_dir.glob("*/*.json")):
-        run = json.loads(path.read_text())
-        runs[run["study"]].append(run)
+        runs[path.parent.name].append(json.loads(path.read_text()))
     return dict(runs)
 
 
@@ -161,11 +162,11 @@ def main(argv: list[str] | None = None) -> str:
     if not page_path.is_file():
         raise FileNotFoundError(f"--page {page_path} does not exist; it holds the text around the tables.")
     tables = {}
-    for study, runs in load_runs(Path(args.results_dir)).items():
-        tables[study] = study_table(runs)
+    for table, runs in load_runs(Path(args.results_dir)).items():
+        tables[table] = study_table(runs)
         seed_gaps = by_seed_table(runs)
         if seed_gaps is not None:
-            tables[f"{study}_by_seed"] = seed_gaps
+            tables[f"{table}_by_seed"] = seed_gaps
     shipped = Path(args.results_dir) / "pretrain_shared_data.json"
     if shipped.is_file():
         tables["shipped"] = shipped_recipe_table(json.loads(shipped.read_text()))

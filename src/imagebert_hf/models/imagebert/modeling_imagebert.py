@@ -984,46 +984,21 @@ class ImageBERTForPreTraining(ImageBERTPreTrainedModel):
         )
         itm_logits = self.cls.seq_relationship(outputs.pooler_output)
         losses = {}
-
-        mlm_logits = None
+        mlm_logits = moc_logits = mrfr_predictions = None
         if input_ids is not None:
-            if sparse_prediction and text_targets is not None:
-                mlm_logits = self.cls.predictions(text_output[text_targets])
-                losses["mlm"] = masked_language_modeling_loss(
-                    mlm_logits, labels[text_targets], text_targets, sparse=True
-                )
-            else:
-                mlm_logits = self.cls.predictions(text_output)
-                if text_targets is not None:
-                    losses["mlm"] = masked_language_modeling_loss(mlm_logits, labels, text_targets, sparse=False)
-
-        moc_logits = mrfr_predictions = None
+            mlm_logits, losses["mlm"] = self._text_predictions(text_output, labels, text_targets, sparse_prediction)
         if region_features is not None:
-            sparse = sparse_prediction and region_targets is not None
             if region_feature_targets is not None and region_targets is not None:
                 region_feature_targets = _aligned_feature_targets(
-                    region_feature_targets, masked_regions, region_targets, sparse
+                    region_feature_targets, masked_regions, region_targets, sparse_prediction
                 )
-            if sparse:
-                # Flattened over the masked regions of matched pairs; every target below is indexed alike.
-                region_output = region_output[region_targets]
-                region_class_labels = None if region_class_labels is None else region_class_labels[region_targets]
-                region_class_probs = None if region_class_probs is None else region_class_probs[region_targets]
-                region_targets = torch.ones(region_output.shape[0], dtype=torch.bool, device=region_output.device)
-            moc_logits = self.cls.object_predictions(region_output)
-            mrfr_predictions = self.cls.feature_regression(region_output)
-            if region_targets is not None:
-                moc_loss = masked_object_classification_loss(
-                    moc_logits, region_targets, self.config.moc_loss_type, region_class_labels, region_class_probs
-                )
-                if moc_loss is not None:
-                    losses["moc"] = moc_loss
-                if region_feature_targets is not None:
-                    losses["mrfr"] = masked_region_feature_regression_loss(
-                        mrfr_predictions, region_feature_targets, region_targets
-                    )
+            moc_logits, mrfr_predictions, losses["moc"], losses["mrfr"] = self._region_predictions(
+                region_output, region_targets, region_class_labels, region_class_probs, region_feature_targets,
+                sparse_prediction,
+            )  # fmt: skip
         if itm_labels is not None:
             losses["itm"] = image_text_matching_loss(itm_logits, itm_labels)
+        losses = {task: value for task, value in losses.items() if value is not None}
 
         loss = None
         if losses:
@@ -1041,6 +1016,50 @@ class ImageBERTForPreTraining(ImageBERTPreTrainedModel):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
+
+    def _text_predictions(
+        self,
+        text_output: torch.Tensor,
+        labels: torch.Tensor | None,
+        text_targets: torch.Tensor | None,
+        sparse_prediction: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The MLM scores and, where the text has targets, the MLM loss. Sparse: scored only where a target is."""
+        if sparse_prediction and text_targets is not None:
+            logits = self.cls.predictions(text_output[text_targets])
+            return logits, masked_language_modeling_loss(logits, labels[text_targets], text_targets, sparse=True)
+        logits = self.cls.predictions(text_output)
+        if text_targets is None:
+            return logits, None
+        return logits, masked_language_modeling_loss(logits, labels, text_targets, sparse=False)
+
+    def _region_predictions(
+        self,
+        region_output: torch.Tensor,
+        region_targets: torch.Tensor | None,
+        region_class_labels: torch.Tensor | None,
+        region_class_probs: torch.Tensor | None,
+        region_feature_targets: torch.Tensor | None,
+        sparse_prediction: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The MOC scores and MRFR predictions, and their losses where regions have targets (`region_targets`:
+        the masked regions of matched pairs). Sparse: every output and target flattened over those regions."""
+        if sparse_prediction and region_targets is not None:
+            region_output = region_output[region_targets]
+            region_class_labels = None if region_class_labels is None else region_class_labels[region_targets]
+            region_class_probs = None if region_class_probs is None else region_class_probs[region_targets]
+            region_targets = torch.ones(region_output.shape[0], dtype=torch.bool, device=region_output.device)
+        moc_logits = self.cls.object_predictions(region_output)
+        mrfr_predictions = self.cls.feature_regression(region_output)
+        if region_targets is None:
+            return moc_logits, mrfr_predictions, None, None
+        moc_loss = masked_object_classification_loss(
+            moc_logits, region_targets, self.config.moc_loss_type, region_class_labels, region_class_probs
+        )
+        mrfr_loss = None
+        if region_feature_targets is not None:
+            mrfr_loss = masked_region_feature_regression_loss(mrfr_predictions, region_feature_targets, region_targets)
+        return moc_logits, mrfr_predictions, moc_loss, mrfr_loss
 
 
 class ImageBERTForImageTextRetrieval(ImageBERTPreTrainedModel):

@@ -122,6 +122,63 @@ def padded_length(
     return length if max_length is None else min(length, max(max_length, 1))
 
 
+def _record_arrays(
+    records: list[RegionRecord], max_regions: int | None, feature_size: int | None, location_size: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each record's (R, F) features and (R, L) locations as tensors, cut to `max_regions`; a failed or malformed
+    record raises, naming it."""
+    features, locations = [], []
+    for index, record in enumerate(records):
+        if record.get("error"):
+            raise ValueError(f"regions of sample {index} ({record.get('image_id')}) failed: {record['error']}")
+        if "region_features" not in record or "region_locations" not in record:
+            raise ValueError(
+                f"region record {index} ({record.get('image_id')}) needs region_features and region_locations; got "
+                f"keys {sorted(record)}."
+            )
+        feature = as_feature_tensor(record["region_features"])
+        location = _as_tensor(record["region_locations"], torch.float32)
+        if feature.numel() == 0:
+            feature = feature.reshape(0, feature.shape[-1] if feature.ndim == 2 else feature_size or 0)
+            location = location.reshape(0, location.shape[-1] if location.ndim == 2 else location_size)
+        if feature.ndim != 2 or location.ndim != 2 or location.shape[0] != feature.shape[0]:
+            raise ValueError(
+                f"region record {index} ({record.get('image_id')}) has region_features of shape "
+                f"{tuple(feature.shape)} and region_locations of shape {tuple(location.shape)}; expected (R, F) "
+                "and (R, L), L the location size (5, or UNITER's 7)."
+            )
+        features.append(feature[:max_regions] if max_regions is not None else feature)
+        locations.append(location[: features[-1].shape[0]])
+    return features, locations
+
+
+def _pad_per_region(
+    key: str, fill: float | int, values: list, counts: list[int], width: int, num_classes: int | None
+) -> torch.Tensor:
+    """One per-region array of every record (None: the record has none) padded to (N, `width`, ...) with `fill`;
+    a record without `region_class_labels` gets -100 (no MOC target) on every region."""
+    if key == "region_class_labels":
+        values = [
+            torch.full((count,), -100) if v is None else _as_tensor(v, torch.long) for v, count in zip(values, counts)
+        ]
+    else:
+        values = [
+            _as_tensor(v, torch.float32 if isinstance(fill, float) else torch.long)
+            if not isinstance(v, torch.Tensor)
+            else v
+            for v in values
+        ]
+    trailing = next((v.shape[1:] for v in values if v.shape[0]), None)
+    if trailing is None:
+        trailing = (num_classes or 0,) if key == "region_class_probs" else values[0].shape[1:]
+    padded = torch.full((len(values), width, *trailing), fill, dtype=values[0].dtype)
+    for i, (value, count) in enumerate(zip(values, counts)):
+        if value.shape[0] < count:
+            raise ValueError(f"{key} of region record {i} has {value.shape[0]} rows but it has {count} regions.")
+        padded[i, :count] = value[:count].reshape(count, *trailing)
+    return padded
+
+
 def pad_region_records(
     records: Sequence[RegionRecord],
     padding: str = "longest",
@@ -162,29 +219,7 @@ def pad_region_records(
     records = list(records)
     if not records:
         raise ValueError("no region records to pad.")
-    features, locations = [], []
-    for index, record in enumerate(records):
-        if record.get("error"):
-            raise ValueError(f"regions of sample {index} ({record.get('image_id')}) failed: {record['error']}")
-        if "region_features" not in record or "region_locations" not in record:
-            raise ValueError(
-                f"region record {index} ({record.get('image_id')}) needs region_features and region_locations; got "
-                f"keys {sorted(record)}."
-            )
-        feature = as_feature_tensor(record["region_features"])
-        location = _as_tensor(record["region_locations"], torch.float32)
-        if feature.numel() == 0:
-            feature = feature.reshape(0, feature.shape[-1] if feature.ndim == 2 else feature_size or 0)
-            location = location.reshape(0, location.shape[-1] if location.ndim == 2 else location_size)
-        if feature.ndim != 2 or location.ndim != 2 or location.shape[0] != feature.shape[0]:
-            raise ValueError(
-                f"region record {index} ({record.get('image_id')}) has region_features of shape "
-                f"{tuple(feature.shape)} and region_locations of shape {tuple(location.shape)}; expected (R, F) "
-                "and (R, L), L the location size (5, or UNITER's 7)."
-            )
-        features.append(feature[:max_regions] if max_regions is not None else feature)
-        locations.append(location[: features[-1].shape[0]])
-
+    features, locations = _record_arrays(records, max_regions, feature_size, location_size)
     sizes = {f.shape[1] for f in features if len(f)} or {feature_size or 0}
     if len(sizes) > 1:
         raise ValueError(f"the region records have different feature sizes {sorted(sizes)}.")
@@ -214,31 +249,10 @@ def pad_region_records(
     padded = dict(extra_keys or {})
     if return_labels:
         padded["region_class_labels"] = -100
-    probs_given = return_probs and all(record.get("region_class_probs") is not None for record in records)
-    if probs_given:
+    if return_probs and all(record.get("region_class_probs") is not None for record in records):
         padded["region_class_probs"] = 0.0
     for key, fill in padded.items():
-        values = [record.get(key) for record in records]
-        if key == "region_class_labels":
-            values = [
-                torch.full((count,), -100) if v is None else _as_tensor(v, torch.long)
-                for v, count in zip(values, counts)
-            ]
-        else:
-            values = [
-                _as_tensor(v, torch.float32 if isinstance(fill, float) else torch.long)
-                if not isinstance(v, torch.Tensor)
-                else v
-                for v in values
-            ]
-        trailing = next((v.shape[1:] for v in values if v.shape[0]), None)
-        if trailing is None:
-            trailing = (num_classes or 0,) if key == "region_class_probs" else values[0].shape[1:]
-        out[key] = torch.full((batch, width, *trailing), fill, dtype=values[0].dtype)
-        for i, (value, count) in enumerate(zip(values, counts)):
-            if value.shape[0] < count:
-                raise ValueError(f"{key} of region record {i} has {value.shape[0]} rows but it has {count} regions.")
-            out[key][i, :count] = value[:count].reshape(count, *trailing)
+        out[key] = _pad_per_region(key, fill, [record.get(key) for record in records], counts, width, num_classes)
     if return_tensors == "np":
         return {key: value.numpy() for key, value in out.items()}
     return out
