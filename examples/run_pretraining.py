@@ -50,27 +50,15 @@ def recipe_overrides(args: PretrainingArguments, num_stages: int) -> list[str]:
     return overrides
 
 
-def run_options(args: PretrainingArguments) -> PretrainingRunOptions:
-    return PretrainingRunOptions(
-        resume=args.resume,
-        mixed_precision=args.mixed_precision,
-        gradient_checkpointing=args.gradient_checkpointing,
-        cpu=args.cpu,
-        push_to_hub=args.push_to_hub,
-        hub_model_id=args.hub_model_id,
-        stop_after_steps=args.stop_after_steps,
-    )
-
-
 def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser(PretrainingArguments)
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
-    if args.mixed_precision not in (None, "no", "fp16", "bf16"):
-        parser.error(f"--mixed_precision must be no, fp16 or bf16, got {args.mixed_precision!r}")
+    parser = HfArgumentParser((PretrainingArguments, PretrainingRunOptions))
+    args, options = parser.parse_args_into_dataclasses(args=argv)
+    if options.mixed_precision not in (None, "no", "fp16", "bf16"):
+        parser.error(f"--mixed_precision must be no, fp16 or bf16, got {options.mixed_precision!r}")
     first = load_recipe(args.config, args.set)
     recipe = load_recipe(args.config, args.set + recipe_overrides(args, len(first.stages)))
     try:
-        return run_pretraining(recipe, run_options(args))
+        return run_pretraining(recipe, options)
     except TrainingStopped as stop:
         # Exit status 3: what a job scheduler reads as "resubmit with --resume".
         print(f"{stop}; continue with --resume", file=sys.stderr)

@@ -6,7 +6,7 @@ resumes it and trains it with `train_loop` under `LoopSettings`, and `save_final
 A run stopped on purpose (`stop_after_steps`) raises `TrainingStopped`; the example scripts turn it into exit status 3.
 """
 
-from .arguments import PretrainingArguments, RetrievalArguments
+from .arguments import PretrainingArguments, PretrainingRunOptions, RetrievalArguments
 from .checkpointing import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from .loop import (
     LoopSettings,
@@ -18,7 +18,7 @@ from .loop import (
     train_loop,
 )
 from .plots import plot_losses, plot_run_groups
-from .pretraining import PretrainingRunOptions, run_pretraining
+from .pretraining import run_pretraining
 from .recipe import Recipe, RecipeError, load_recipe, recipe_from_dict
 from .retrieval_finetuning import run_retrieval_finetuning
 from .retrieval_objective import RetrievalTrainingModel

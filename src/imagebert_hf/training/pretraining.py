@@ -33,6 +33,7 @@ from ..formats.files import atomic_write_text
 from ..models.imagebert.configuration_imagebert import ImageBERTConfig
 from ..models.imagebert.modeling_imagebert import ImageBERTForPreTraining
 from ..models.imagebert.processing_imagebert import ImageBERTProcessor
+from .arguments import PretrainingRunOptions
 from .checkpointing import COMPLETE_FILE, TrainState
 from .loop import LoopSettings, build_accelerator, describe_accelerator, pretraining_loss_counts
 from .plots import plot_losses
@@ -50,21 +51,6 @@ RECIPE_LOOP_FIELDS = tuple(
     for item in dataclasses.fields(LoopSettings)
     if item.name in {recipe_field.name for recipe_field in dataclasses.fields(Recipe)}
 )
-
-
-@dataclass
-class PretrainingRunOptions:
-    """Per-invocation settings that are not part of the recipe."""
-
-    resume: bool = False
-    #: None keeps the launch config's mixed precision; "no", "fp16" or "bf16" override it.
-    mixed_precision: str | None = None
-    gradient_checkpointing: bool = False
-    #: Train on the CPU even where the launch config would use an accelerator.
-    cpu: bool = False
-    push_to_hub: bool = False
-    hub_model_id: str | None = None
-    stop_after_steps: int | None = None
 
 
 def resolve_pretrained(name: str | None) -> str | None:

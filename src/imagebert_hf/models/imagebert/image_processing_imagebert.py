@@ -503,15 +503,7 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
         Returns:
             One region record (dict of numpy arrays and scalars) per image, in order.
         """
-        stream = self.extract_stream(
-            images,
-            boxes=boxes,
-            image_ids=image_ids,
-            box_format=box_format,
-            on_error=on_error,
-            num_workers=0,
-            **overrides,
-        )
+        stream = self.extract_stream(images, boxes, image_ids, box_format, on_error, num_workers=0, **overrides)
         return [record for batch in stream for record in batch]
 
     def extract_stream(
