@@ -358,3 +358,57 @@ def test_dataloader_workers_collate_the_features_straight_into_shared_memory(tok
     for key, value in in_process.items():
         if key != "made_shared":
             assert torch.equal(batches[0][key], value), key
+
+
+class _CollateAndCountSegments:
+    """The collator, plus how many storages (shared-memory segments, in a worker) its batch's tensors use."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        tensors = [value for value in batch.values() if isinstance(value, torch.Tensor)]
+        segments = {value.untyped_storage().data_ptr() for value in tensors}
+        return {**batch, "num_tensors": len(tensors), "num_segments": len(segments)}
+
+
+def test_a_worker_hands_the_small_batch_tensors_over_in_one_shared_block(tokenizer):
+    features = make_features(tokenizer, 8, seed=6)
+
+    def collate():
+        return _CollateAndCountSegments(DataCollatorForImageBERTPretraining(tokenizer, seed=0))
+
+    in_process = collate()(features[:4])
+    assert in_process["num_segments"] == in_process["num_tensors"] >= 10
+    batches = list(torch.utils.data.DataLoader(features, batch_size=4, collate_fn=collate(), num_workers=1))
+    # The features and the MRFR targets, collated straight into shared memory, and one block for the rest.
+    assert batches[0]["num_segments"] == 3
+    for key, value in in_process.items():
+        if isinstance(value, torch.Tensor):
+            assert batches[0][key].dtype == value.dtype and torch.equal(batches[0][key], value), key
+
+
+def test_share_batch_tensors_packs_unshared_tensors_aligned_and_leaves_the_rest(monkeypatch):
+    from imagebert_hf.models.imagebert.region_batching import share_batch_tensors
+
+    already_shared = torch.arange(6, dtype=torch.float32).share_memory_()
+    batch = {
+        "flags": torch.tensor([True, False, True]),
+        "ids": torch.arange(5, dtype=torch.int64).view(1, 5),
+        "half": torch.linspace(-1, 1, 7, dtype=torch.float16),
+        "scalar": torch.tensor(3.5),
+        "strided_view": torch.arange(12, dtype=torch.int32).view(3, 4)[:, 1],
+        "shared": already_shared,
+        "group_size": 4,
+    }
+    assert share_batch_tensors(batch) is batch  # outside a DataLoader worker: untouched
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())
+    packed = share_batch_tensors(batch)
+    assert packed["shared"] is already_shared and packed["group_size"] == 4
+    block = {packed[name].untyped_storage().data_ptr() for name in ("flags", "ids", "half", "scalar", "strided_view")}
+    assert len(block) == 1 and packed["flags"].is_shared()
+    for name in ("flags", "ids", "half", "scalar", "strided_view"):
+        assert packed[name].dtype == batch[name].dtype and packed[name].shape == batch[name].shape, name
+        assert torch.equal(packed[name], batch[name]), name
+        assert packed[name].data_ptr() % 64 == 0, name

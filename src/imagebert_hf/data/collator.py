@@ -16,6 +16,7 @@ from ..models.imagebert.region_batching import (
     empty_batch_tensor,
     pad_region_records,
     padded_length,
+    share_batch_tensors,
 )
 from .negatives import choose_negative
 
@@ -257,7 +258,7 @@ class DataCollatorForImageBERTPretraining(MaskingSettings):
         batch = self._pad(samples)
         if self.count_failed:
             batch["num_failed_records"] = torch.tensor(num_failed)
-        return batch
+        return share_batch_tensors(batch)
 
     def _prepare(self, feature: dict) -> dict:
         if "input_ids" not in feature or "region_features" not in feature or "region_locations" not in feature:

@@ -82,6 +82,37 @@ def empty_batch_tensor(shape: Sequence[int], dtype: torch.dtype = torch.float32)
     return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 
+def share_batch_tensors(batch: dict[str, Any]) -> dict[str, Any]:
+    """Inside a DataLoader worker, moves the batch's tensors that are not yet in shared memory into one shared block
+    and returns views of it; elsewhere returns `batch` as it is.
+
+    A worker's batch reaches the training process through shared memory, one segment and one file descriptor per
+    tensor storage; a descriptor travels over a socket, which costs as much for a (48,) label tensor as for the
+    features. One block for the small tensors makes that one handle (at paper size, a sixth of the worker path's CPU
+    time). Values, dtypes and shapes are unchanged.
+    """
+    if torch.utils.data.get_worker_info() is None:
+        return batch
+    moving = {
+        name: value
+        for name, value in batch.items()
+        if isinstance(value, torch.Tensor) and not value.is_shared() and value.layout == torch.strided
+    }
+    if len(moving) < 2:
+        return batch
+    # Each tensor starts on a 64-byte boundary, so every dtype stays aligned.
+    offsets, total = {}, 0
+    for name, value in moving.items():
+        offsets[name] = total
+        total += -(-value.numel() * value.element_size() // 64) * 64
+    block = torch.UntypedStorage._new_shared(total)
+    shared = dict(batch)
+    for name, value in moving.items():
+        view = torch.empty(0, dtype=value.dtype).set_(block, offsets[name] // value.element_size(), value.shape)
+        shared[name] = view.copy_(value)
+    return shared
+
+
 def as_feature_tensor(value: Any) -> torch.Tensor:
     """`value` as a floating tensor without a copy where it already is one (a float16 cache row stays float16, a
     read-only view of the mapped file): the padded batch converts it once, while it is filled. Other dtypes become
@@ -341,4 +372,5 @@ __all__ = [
     "empty_batch_tensor",
     "pad_region_records",
     "padded_length",
+    "share_batch_tensors",
 ]
