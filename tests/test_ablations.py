@@ -329,3 +329,61 @@ def test_synthetic_grid_regions_refuses_a_test_split_as_large_as_the_set(tmp_pat
         "synthetic_grid_regions: error: --test_images must be in [1, num_images), got 4 with --num_images 4."
     )
     assert not any(tmp_path.iterdir())
+
+
+def test_synthetic_plateau_summarises_the_itm_curve():
+    plateau = _load("synthetic_plateau")
+    history = [{"step": step, "itm": 0.69 if step < 300 else 0.5, "mlm": 1.0} for step in range(5, 1001, 5)]
+    history.insert(3, {"step": 17, "mlm": 1.0})  # a logged step without ITM is passed over
+    summary = plateau.itm_summary(history)
+    assert summary["first_step_below_0.6"] == 300
+    assert summary["itm_steps_126_150"] == pytest.approx(0.69)
+    assert summary["itm_last_100_steps"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="no ITM loss"):
+        plateau.itm_summary([{"step": 5, "mlm": 1.0}])
+
+
+def test_synthetic_plateau_appends_one_line_per_run_and_skips_finished_ones(tmp_path, one_thread):
+    plateau = _load("synthetic_plateau")
+    results = tmp_path / "runs.jsonl"
+    arguments = ["--setting", "short", "--seeds", "3", "--results_file", str(results), "--set"]
+    rows = plateau.main([*arguments, "stages.0.max_steps=10", "stages.0.sources.0.num_images=40"])
+    assert [(row["setting"], row["seed"]) for row in rows] == [("short", 3)]
+    assert json.loads(results.read_text())["rsum"] == rows[0]["rsum"] >= 0
+    assert plateau.main([*arguments, "stages.0.max_steps=10", "stages.0.sources.0.num_images=40"]) == []
+    assert len(results.read_text().splitlines()) == 1
+
+
+def test_synthetic_plateau_names_a_bad_override_in_one_line(tmp_path):
+    plateau = _load("synthetic_plateau")
+    with pytest.raises(SystemExit) as raised:  # a message as the exit code: printed to stderr, exit status 1
+        plateau.main(["--setting", "bad", "--results_file", str(tmp_path / "r.jsonl"), "--set", "stages.0.nope=1"])
+    message = str(raised.value.code)
+    assert message.startswith("synthetic_plateau: error:") and "'nope'" in message and "\n" not in message
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_synthetic_plateau_table_pairs_each_setting_with_the_first_by_seed():
+    plateau = _load("synthetic_plateau")
+
+    def run(setting, seed, rsum, first, last):
+        return {"setting": setting, "seed": seed, "rsum": rsum, "first_step_below_0.6": first,
+                "itm_steps_126_150": 0.69, "itm_last_100_steps": last}  # fmt: skip
+
+    rows = [run("base", 0, 400.0, 300, 0.5), run("base", 1, 300.0, 500, 0.55), run("base", 2, 35.0, None, 0.69)]
+    rows += [run("other", 0, 410.0, 200, 0.4), run("other", 1, 330.0, 250, 0.45), run("other", 3, 999.0, 100, 0.3)]
+    table = plateau.summary_table(rows).splitlines()
+    assert table[2] == "| base | 3 | 2 | 300-500 | 0.690 | 245.0 +- 188.6 |  |"
+    # Seeds 0 and 1 in both: differences +10 and +30, mean +20, half width 12.706 * 14.142 / sqrt(2) = 127.1.
+    assert table[3] == "| other | 3 | 3 | 100-250 | 0.690 | 579.7 +- 365.3 | +20.0 [-107.1, 147.1] |"
+
+
+def test_the_plateau_table_in_the_docs_is_the_shipped_runs_summary():
+    plateau = _load("synthetic_plateau")
+    runs = PROJECT_ROOT / "docs" / "learning_quality" / "synthetic_plateau.jsonl"
+    rows = [json.loads(line) for line in runs.read_text(encoding="utf-8").splitlines()]
+    seeds_per_setting = {}
+    for row in rows:
+        seeds_per_setting.setdefault(row["setting"], set()).add(row["seed"])
+    assert len(seeds_per_setting) >= 8 and all(len(seeds) == 10 for seeds in seeds_per_setting.values())
+    assert plateau.summary_table(rows) in (PROJECT_ROOT / "docs" / "pretraining.md").read_text(encoding="utf-8")

@@ -10,7 +10,12 @@ import numpy as np
 import torch
 
 from ..data.retrieval_corpus import check_max_images, merge_duplicate_images
-from ..data.synthetic import chance_recall
+from ..data.synthetic import (
+    chance_recall,
+    make_synthetic_examples,
+    make_synthetic_tokenizer,
+    synthetic_region_record,
+)
 from ..formats.manifest import read_manifest
 from ..models.imagebert.modeling_imagebert import ImageBERTForImageTextRetrieval
 from ..models.imagebert.region_batching import pad_region_records
@@ -77,6 +82,22 @@ def manifest_retrieval_inputs(
     return dict(text_inputs), region_inputs, text_to_image
 
 
+def synthetic_retrieval_inputs(
+    first_image: int, num_images: int, seed: int, region_feature_size: int
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[int]]:
+    """Tokenized captions, padded annotation regions and the caption -> image map of the generated shapes images
+    `first_image` to `first_image + num_images` of the generator seeded `seed`: images a synthetic source of
+    `first_image` images with that seed never showed in training (the learning-quality guard's held-out set)."""
+    if first_image < 0 or num_images < 1:
+        raise ValueError(f"first_image must be >= 0 and num_images >= 1, got {first_image} and {num_images}.")
+    examples = make_synthetic_examples(first_image + num_images, seed=seed)[first_image:]
+    texts = [caption for example in examples for caption in example["captions"]]
+    text_to_image = [i for i, example in enumerate(examples) for _ in example["captions"]]
+    text_inputs = dict(make_synthetic_tokenizer()(texts, padding=True, return_tensors="pt"))
+    region_inputs = pad_region_records([synthetic_region_record(example, region_feature_size) for example in examples])
+    return text_inputs, region_inputs, text_to_image
+
+
 def chance_metrics(text_to_image: list[int], ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
     """Expected recall@K (in %) of a random ranking, with the same keys as `retrieval_metrics`."""
     num_images, num_texts = max(text_to_image) + 1, len(text_to_image)
@@ -106,4 +127,4 @@ def zero_shot_retrieval(
     return retrieval_metrics(scores, text_to_image)
 
 
-__all__ = ["chance_metrics", "manifest_retrieval_inputs", "zero_shot_retrieval"]
+__all__ = ["chance_metrics", "manifest_retrieval_inputs", "synthetic_retrieval_inputs", "zero_shot_retrieval"]
