@@ -135,8 +135,8 @@ def main() -> None:
         rows.append(("whole pipeline, local (datasets)", args.num_proc, n / t))
 
         if not args.no_spark:
-            from imagebert_hf.curation.pipeline import STAGES
-            from imagebert_hf.curation.spark import _scan_partition, _stage_partition, local_spark_session, run_spark
+            from imagebert_hf.curation.pipeline import STAGES, scan_sources
+            from imagebert_hf.curation.spark import _stage_partition, local_spark_session, run_spark
 
             spark = local_spark_session(f"local[{args.num_proc}]", shuffle_partitions=args.num_proc * 2)
             spark.sparkContext.setLogLevel("ERROR")
@@ -144,7 +144,7 @@ def main() -> None:
             sources = [s.to_dict() for s in discover_sources(inputs)]
 
             def spark_parse() -> int:
-                rdd = sc.parallelize(sources, len(sources)).mapPartitions(lambda it: _scan_partition(it, config))
+                rdd = sc.parallelize(sources, len(sources)).mapPartitions(lambda it: scan_sources(it, config))
                 return rdd.mapPartitions(lambda it: _stage_partition(it, STAGES[0], config, 32)).count()
 
             spark_parse()  # starts and warms the Python workers

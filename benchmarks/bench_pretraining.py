@@ -97,6 +97,9 @@ def worker(name: str, steps: int, warmup: int) -> None:
             return config.vocab_size
 
         def __call__(self, text, truncation=True, max_length=None):
+            if not isinstance(text, str):  # a batch of captions, as the dataset tokenizes them
+                encoded = [self(one) for one in text]
+                return {key: [one[key] for one in encoded] for key in ("input_ids", "token_type_ids")}
             rng = np.random.default_rng(abs(hash(text)) % 2**32)
             ids = rng.integers(5, config.vocab_size, spec["text_length"] - 2).tolist()
             return {"input_ids": [2, *ids, 3], "token_type_ids": [0] * spec["text_length"]}
