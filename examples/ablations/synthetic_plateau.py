@@ -2,7 +2,7 @@
 (`examples/configs/learning_quality_synthetic.yaml`) with recipe overrides, over seeds, each run ranked zero-shot
 with its ITM head on 100 held-out images, as `tests/test_learning_quality.py` ranks it.
 
-    OMP_NUM_THREADS=1 python examples/ablations/synthetic_plateau.py --setting "lr 3e-3" --seeds 0 1 2 3 4 5 6 7 8 9
+    OMP_NUM_THREADS=1 python examples/ablations/synthetic_plateau.py --setting "guard recipe (lr 3e-3, batch 32)"
     OMP_NUM_THREADS=1 python examples/ablations/synthetic_plateau.py --setting "batch 128" \
         --seeds 0 1 2 3 4 5 6 7 8 9 --set stages.0.per_device_train_batch_size=128
 

@@ -88,8 +88,8 @@ def share_batch_tensors(batch: dict[str, Any]) -> dict[str, Any]:
 
     A worker's batch reaches the training process through shared memory, one segment and one file descriptor per
     tensor storage; a descriptor travels over a socket, which costs as much for a (48,) label tensor as for the
-    features. One block for the small tensors makes that one handle (at paper size, a sixth of the worker path's CPU
-    time). Values, dtypes and shapes are unchanged.
+    features. One block for the small tensors makes that one handle (at paper size the worker path then delivers
+    1.25x the samples per CPU-second; `benchmarks/bench_loader.py`). Values, dtypes and shapes are unchanged.
     """
     if torch.utils.data.get_worker_info() is None:
         return batch
