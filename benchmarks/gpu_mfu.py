@@ -21,6 +21,7 @@ import argparse
 import importlib.util
 import json
 import time
+import traceback
 
 import numpy as np
 import torch
@@ -213,7 +214,9 @@ def main() -> None:
             try:
                 row = measure(backend, compiled, args, batches, config)
             except Exception as error:  # noqa: BLE001 - report and go on to the other configurations
-                print(f"{backend} compiled={compiled} failed: {error!r}", flush=True)
+                # The last frames say where (a compiler bug reads differently from a shape bug in the model).
+                where = "".join(traceback.format_exception(error)[-4:])
+                print(f"{backend} compiled={compiled} failed: {error!r}\n{where}", flush=True)
                 continue
             if peak:
                 row["mfu_padded"] = row["model_tflops_padded"] * 1e12 / peak
