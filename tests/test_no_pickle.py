@@ -181,3 +181,31 @@ def test_an_evaluation_run_refuses_a_pickle_left_by_an_older_version(tmp_path, t
     with pytest.raises(CorpusCacheError, match="never loaded"):
         load_evaluation_corpus(args, tokenizer, make_tiny_config(vocab_size=len(tokenizer)))
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
+def test_a_checkpoint_with_a_crafted_random_state_file_is_refused_and_never_runs(tmp_path, writer):
+    """accelerate skips a random-state file it cannot read without a word; resuming from one must fail, naming it."""
+    from accelerate import Accelerator
+
+    from imagebert_hf.training.checkpointing import TrainState, load_checkpoint, save_checkpoint
+
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(torch.nn.Linear(4, 2))
+    checkpoint = save_checkpoint(accelerator, tmp_path / "checkpoints", TrainState(completed_steps=3))
+    assert load_checkpoint(accelerator, checkpoint).completed_steps == 3  # the file as saved loads
+
+    marker = tmp_path / MARKER_NAME
+    random_states = checkpoint / "random_states_0.pkl"
+    payload = {"random_state": _RunsCode(marker)}
+    if writer == "torch.save":
+        torch.save(payload, random_states)
+    else:
+        random_states.write_bytes(pickle.dumps(payload))
+    weights = model.weight.detach().clone()
+    with pytest.raises(
+        ValueError, match=r"random_states_0\.pkl: this checkpoint.s random-state file does not load as tensors"
+    ):
+        load_checkpoint(accelerator, checkpoint)
+    assert not marker.exists()
+    torch.testing.assert_close(model.weight.detach(), weights)  # refused before anything was restored

@@ -137,8 +137,36 @@ def save_checkpoint(accelerator, root: str | Path, state: TrainState, save_total
 
 def load_checkpoint(accelerator, checkpoint: str | Path) -> TrainState:
     """Restores the accelerate state saved by `save_checkpoint` and returns its `TrainState`."""
+    _check_random_states(Path(checkpoint), accelerator.process_index)
     accelerator.load_state(str(checkpoint))
     return TrainState.load(checkpoint)
+
+
+def _check_random_states(checkpoint: Path, process_index: int) -> None:
+    """Raises if this process's random-state file is there but cannot be read as accelerate reads it (weights only).
+
+    accelerate skips such a file without a word, and the run would then go on with other random streams than the
+    checkpoint's: a resumed run that is silently not the run it continues. Its format is a pickle, so a tampered
+    file is refused here, never executed.
+    """
+    path = checkpoint / f"random_states_{process_index}.pkl"
+    if not path.is_file():
+        return
+    from accelerate.utils import load as weights_only_load
+
+    try:
+        weights_only_load(path)
+    except Exception as error:  # noqa: BLE001 - any failure to read it means the same to the user
+        # torch's message opens with advice to load with weights_only=False (never for a file we did not write);
+        # the line after "WeightsUnpickler error" says what was refused.
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        marker = next((i for i, line in enumerate(lines) if "WeightsUnpickler error" in line), None)
+        detail = lines[marker + 1] if marker is not None and marker + 1 < len(lines) else (lines or [""])[0]
+        raise ValueError(
+            f"{path}: this checkpoint's random-state file does not load as tensors and plain values "
+            f"({type(error).__name__}: {detail[:200]}); resuming would silently change the run's random streams. "
+            "Delete the file to resume with fresh random streams."
+        ) from error
 
 
 # What `save_pretrained` writes or, when it is stale, removes: a new save drops these from the folder when it lacks
