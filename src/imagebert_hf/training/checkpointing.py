@@ -152,10 +152,8 @@ def _check_random_states(checkpoint: Path, process_index: int) -> None:
     path = checkpoint / f"random_states_{process_index}.pkl"
     if not path.is_file():
         return
-    from accelerate.utils import load as weights_only_load
-
     try:
-        weights_only_load(path)
+        _load_weights_only(path)
     except Exception as error:  # noqa: BLE001 - any failure to read it means the same to the user
         # torch's message opens with advice to load with weights_only=False (never for a file we did not write);
         # the line after "WeightsUnpickler error" says what was refused.
@@ -167,6 +165,29 @@ def _check_random_states(checkpoint: Path, process_index: int) -> None:
             f"({type(error).__name__}: {detail[:200]}); resuming would silently change the run's random streams. "
             "Delete the file to resume with fresh random streams."
         ) from error
+
+
+def _load_weights_only(path: Path):
+    """`torch.load(path, weights_only=True)` with numpy's arrays and dtypes allowed, as newer accelerate reads its RNG
+    files; older accelerate (before its own `load`) unpickles them without `weights_only`, so the check must not lean
+    on it."""
+    try:
+        from accelerate.utils import load
+    except ImportError:
+        import codecs
+
+        import numpy as np
+        import torch
+
+        multiarray = getattr(np, "_core", None) or np.core
+        allowed = [multiarray.multiarray._reconstruct, np.ndarray, np.dtype, codecs.encode]
+        allowed += [np.dtypes.UInt32DType] if hasattr(np, "dtypes") else []
+        if not hasattr(torch.serialization, "safe_globals"):  # torch 2.4: the registry only
+            torch.serialization.add_safe_globals(allowed)
+            return torch.load(path, weights_only=True)
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, weights_only=True)
+    return load(path)
 
 
 # What `save_pretrained` writes or, when it is stale, removes: a new save drops these from the folder when it lacks
