@@ -155,7 +155,7 @@ def _check_random_states(checkpoint: Path, process_index: int) -> None:
     try:
         _load_weights_only(path)
     except Exception as error:  # noqa: BLE001 - any failure to read it means the same to the user
-        # torch's message opens with advice to load with weights_only=False (never for a file we did not write);
+        # torch's message opens with advice to drop the weights-only guard (never for a file we did not write);
         # the line after "WeightsUnpickler error" says what was refused.
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         marker = next((i for i, line in enumerate(lines) if "WeightsUnpickler error" in line), None)
@@ -168,26 +168,21 @@ def _check_random_states(checkpoint: Path, process_index: int) -> None:
 
 
 def _load_weights_only(path: Path):
-    """`torch.load(path, weights_only=True)` with numpy's arrays and dtypes allowed, as newer accelerate reads its RNG
-    files; older accelerate (before its own `load`) unpickles them without `weights_only`, so the check must not lean
-    on it."""
-    try:
-        from accelerate.utils import load
-    except ImportError:
-        import codecs
+    """`torch.load(path, weights_only=True)` with numpy's arrays and dtypes allowed: what accelerate's RNG files hold.
+    Read here rather than through accelerate, whose 1.0 release unpickles them fully."""
+    import codecs
 
-        import numpy as np
-        import torch
+    import numpy as np
+    import torch
 
-        multiarray = getattr(np, "_core", None) or np.core
-        allowed = [multiarray.multiarray._reconstruct, np.ndarray, np.dtype, codecs.encode]
-        allowed += [np.dtypes.UInt32DType] if hasattr(np, "dtypes") else []
-        if not hasattr(torch.serialization, "safe_globals"):  # torch 2.4: the registry only
-            torch.serialization.add_safe_globals(allowed)
-            return torch.load(path, weights_only=True)
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(path, weights_only=True)
-    return load(path)
+    multiarray = getattr(np, "_core", None) or np.core
+    allowed = [multiarray.multiarray._reconstruct, np.ndarray, np.dtype, codecs.encode]
+    allowed += [np.dtypes.UInt32DType] if hasattr(np, "dtypes") else []
+    if not hasattr(torch.serialization, "safe_globals"):  # torch 2.4 has only the process-wide registry
+        torch.serialization.add_safe_globals(allowed)
+        return torch.load(path, weights_only=True)
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, weights_only=True)
 
 
 # What `save_pretrained` writes or, when it is stale, removes: a new save drops these from the folder when it lacks
