@@ -354,6 +354,17 @@ def test_synthetic_plateau_appends_one_line_per_run_and_skips_finished_ones(tmp_
     assert len(results.read_text().splitlines()) == 1
 
 
+def test_synthetic_plateau_pretrains_from_a_region_alignment_warm_start(tmp_path, one_thread):
+    plateau = _load("synthetic_plateau")
+    results = tmp_path / "runs.jsonl"
+    overrides = ["stages.0.max_steps=10", "stages.0.sources.0.num_images=40"]
+    arguments = ["--setting", "warm", "--seeds", "1", "--results_file", str(results), "--region_alignment_steps", "5"]
+    (row,) = plateau.main([*arguments, "--set", *overrides])
+    # The row records the warm start's steps and the overrides as given, not the temporary folder it started from.
+    assert row["region_alignment_steps"] == 5 and row["overrides"] == overrides
+    assert json.loads(results.read_text()) == row
+
+
 def test_synthetic_plateau_names_a_bad_override_in_one_line(tmp_path):
     plateau = _load("synthetic_plateau")
     with pytest.raises(SystemExit) as raised:  # a message as the exit code: printed to stderr, exit status 1
@@ -387,3 +398,59 @@ def test_the_plateau_table_in_the_docs_is_the_shipped_runs_summary():
         seeds_per_setting.setdefault(row["setting"], set()).add(row["seed"])
     assert len(seeds_per_setting) >= 8 and all(len(seeds) == 10 for seeds in seeds_per_setting.values())
     assert plateau.summary_table(rows) in (PROJECT_ROOT / "docs" / "pretraining.md").read_text(encoding="utf-8")
+
+
+SYNTHETIC_RECIPE = PROJECT_ROOT / "examples" / "configs" / "learning_quality_synthetic.yaml"
+
+
+def test_region_alignment_fits_only_the_region_projections(tmp_path, one_thread):
+    from imagebert_hf import ImageBERTForPreTraining
+    from imagebert_hf.training import load_recipe
+    from imagebert_hf.training.pretraining import build_model, load_tokenizer
+
+    alignment = _load("region_alignment")
+    output_dir = tmp_path / "aligned"
+    arguments = ["--config", str(SYNTHETIC_RECIPE), "--output_dir", str(output_dir), "--seed", "3"]
+    report = alignment.main([*arguments, "--max_steps", "40", "--batch_size", "32", "--logging_steps", "10"])
+    losses = [entry["loss"] for entry in report["losses"]]
+    assert [entry["step"] for entry in report["losses"]] == [10, 20, 30, 40]
+    assert losses[-1] < losses[0] - 0.3, losses  # in-batch chance is ln 32 = 3.47
+    assert report["images"] + report["held_out_images"] == 800 and report["held_out_images"] == 80
+    assert json.loads((output_dir / "region_alignment.json").read_text())["losses"] == report["losses"]
+
+    # The same seed builds the same starting model: only the two region projections moved.
+    torch.manual_seed(3)
+    from accelerate.utils import set_seed
+
+    set_seed(3)
+    recipe = load_recipe(SYNTHETIC_RECIPE)
+    fresh = build_model(recipe.model, load_tokenizer(recipe.model)).state_dict()
+    aligned = ImageBERTForPreTraining.from_pretrained(output_dir).state_dict()
+    moved = sorted(name for name, value in aligned.items() if not torch.equal(value, fresh[name]))
+    assert moved == [
+        "bert.embeddings.region_feature_projection.bias",
+        "bert.embeddings.region_feature_projection.weight",
+        "bert.embeddings.region_location_projection.bias",
+        "bert.embeddings.region_location_projection.weight",
+    ]
+    # A run pretrains from it as from any checkpoint.
+    assert load_recipe(SYNTHETIC_RECIPE, [f"model.init_from={output_dir}"]).model.init_from == str(output_dir)
+
+
+def test_region_alignment_refuses_bad_arguments_before_writing(tmp_path):
+    alignment = _load("region_alignment")
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("x")
+    for extra, expected in (
+        (["--output_dir", str(taken)], "already holds files"),
+        (["--output_dir", str(tmp_path / "new"), "--held_out_fraction", "1.5"], "--held_out_fraction"),
+        (["--output_dir", str(tmp_path / "new"), "--temperature", "0"], "--temperature"),
+        (["--output_dir", str(tmp_path / "new"), "--device", "gpu9"], "--device 'gpu9'"),
+        (["--output_dir", str(tmp_path / "new"), "--set", "stages.0.nope=1"], "'nope'"),
+    ):
+        with pytest.raises(SystemExit) as raised:
+            alignment.main(["--config", str(SYNTHETIC_RECIPE), *extra])
+        message = str(raised.value.code)
+        assert message.startswith("region_alignment: error:") and expected in message and "\n" not in message
+    assert [path.name for path in taken.iterdir()] == ["keep.txt"] and not (tmp_path / "new").exists()

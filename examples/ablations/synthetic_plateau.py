@@ -6,6 +6,9 @@ with its ITM head on 100 held-out images, as `tests/test_learning_quality.py` ra
     OMP_NUM_THREADS=1 python examples/ablations/synthetic_plateau.py --setting "batch 128" \
         --seeds 0 1 2 3 4 5 6 7 8 9 --set stages.0.per_device_train_batch_size=128
 
+    OMP_NUM_THREADS=1 python examples/ablations/synthetic_plateau.py \
+        --setting "region alignment warm start (200 steps)" --region_alignment_steps 200
+
     python examples/ablations/synthetic_plateau.py --summary   # the table in docs/pretraining.md
 
 Each run appends one line to `--results_file` (JSON: setting, seed, overrides, held-out RSUM, the first logged step
@@ -46,6 +49,13 @@ class PlateauArguments:
     )
     seeds: list[int] = field(default_factory=lambda: list(range(10)), metadata={"help": "Seeds, one run each."})
     set: list[str] = field(default_factory=list, metadata={"help": "Recipe overrides, as run_pretraining's --set."})
+    region_alignment_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Before pretraining, fit the region projections to the frozen encoder for this many steps "
+            "(examples/ablations/region_alignment.py, same seed) and pretrain from the result; 0: no warm start."
+        },
+    )
     results_file: str = field(
         default=str(ROOT / "docs" / "learning_quality" / "synthetic_plateau.jsonl"),
         metadata={"help": "JSON-lines file the runs are appended to."},
@@ -106,12 +116,35 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_one(setting: str, seed: int, overrides: list[str]) -> dict:
+def _load_sibling(name: str):
+    """Another study script of this folder, as a module."""
+    import importlib.util
+    import sys
+
+    if name not in sys.modules:  # registered first: its dataclasses look their module up by name
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+def run_one(setting: str, seed: int, overrides: list[str], region_alignment_steps: int = 0) -> dict:
     from imagebert_hf.evaluation.zero_shot import synthetic_retrieval_inputs, zero_shot_retrieval
     from imagebert_hf.training import PretrainingRunOptions, load_recipe, run_pretraining
 
     start = time.perf_counter()
+    recorded = {"overrides": overrides}
     with tempfile.TemporaryDirectory(prefix="synthetic_plateau-") as output_dir:
+        if region_alignment_steps:
+            recorded["region_alignment_steps"] = region_alignment_steps
+            aligned = str(Path(output_dir) / "aligned")
+            alignment = _load_sibling("region_alignment")
+            alignment.main(
+                ["--config", str(GUARD_RECIPE), "--output_dir", aligned, "--seed", str(seed)]
+                + ["--max_steps", str(region_alignment_steps)]
+                + (["--set", *overrides] if overrides else [])
+            )
+            overrides = [*overrides, f"model.init_from={aligned}"]
         recipe = load_recipe(GUARD_RECIPE, [f"output_dir={output_dir}", f"seed={seed}", *overrides])
         run = run_pretraining(recipe, PretrainingRunOptions())
         source = recipe.stages[0].sources[0]
@@ -122,7 +155,7 @@ def run_one(setting: str, seed: int, overrides: list[str]) -> dict:
     return {
         "setting": setting,
         "seed": seed,
-        "overrides": overrides,
+        **recorded,
         "rsum": metrics["rsum"],
         **itm_summary(run["history"]),
         "seconds": round(time.perf_counter() - start, 1),
@@ -152,7 +185,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for seed in args.seeds:
             if (args.setting, seed) in done:
                 continue
-            row = run_one(args.setting, seed, args.set)
+            row = run_one(args.setting, seed, args.set, args.region_alignment_steps)
             print(json.dumps(row), flush=True)
             new_rows.append(row)
             lines.append(json.dumps(row))
