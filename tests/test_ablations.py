@@ -404,6 +404,8 @@ SYNTHETIC_RECIPE = PROJECT_ROOT / "examples" / "configs" / "learning_quality_syn
 
 
 def test_region_alignment_fits_only_the_region_projections(tmp_path, one_thread):
+    from accelerate.utils import set_seed
+
     from imagebert_hf import ImageBERTForPreTraining
     from imagebert_hf.training import load_recipe
     from imagebert_hf.training.pretraining import build_model, load_tokenizer
@@ -419,9 +421,6 @@ def test_region_alignment_fits_only_the_region_projections(tmp_path, one_thread)
     assert json.loads((output_dir / "region_alignment.json").read_text())["losses"] == report["losses"]
 
     # The same seed builds the same starting model: only the two region projections moved.
-    torch.manual_seed(3)
-    from accelerate.utils import set_seed
-
     set_seed(3)
     recipe = load_recipe(SYNTHETIC_RECIPE)
     fresh = build_model(recipe.model, load_tokenizer(recipe.model)).state_dict()
