@@ -23,6 +23,16 @@ from imagebert_hf.data.web_noise import (
 from .testing_utils import PROJECT_ROOT, require_module
 
 
+def _load_example(name: str):
+    """A script of examples/ (not a package), as a module."""
+    module_name = f"example_{name}"
+    if module_name not in sys.modules:  # registered first: its dataclasses look their module up by name
+        spec = importlib.util.spec_from_file_location(module_name, PROJECT_ROOT / "examples" / f"{name}.py")
+        sys.modules[module_name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[module_name])
+    return sys.modules[module_name]
+
+
 def _load(name: str):
     if name in sys.modules:
         return sys.modules[name]
@@ -284,6 +294,8 @@ def test_multi_stage_variant_pretrains_noisy_then_clean(tiny_study_setup):
     names = [(stage[0], stage[1]) for stage in result["settings"]["stages"]]
     assert names == [("noisy", ["flickr8k_web_noise"]), ("clean", ["flickr8k_clean"])]
     assert result["steps"] == 2 and result["protocol"].startswith("zero-shot (ITM head), Flickr8k dev")
+    # The variants take the recipe's all-task Flickr8k stage, not its first stage (ITM alone).
+    assert result["settings"]["loss_weights"] == {"mlm": 1.0, "moc": 1.0, "mrfr": 1.0, "itm": 2.0}
     assert set(result["metrics"]) == {"chance", "cross-encoder"}
     noisy = next((root / "runs" / "noisy_source").glob("*.jsonl"))
     assert len(noisy.read_text().splitlines()) == 4  # the train images only
@@ -410,7 +422,7 @@ def test_region_alignment_fits_only_the_region_projections(tmp_path, one_thread)
     from imagebert_hf.training import load_recipe
     from imagebert_hf.training.pretraining import build_model, load_tokenizer
 
-    alignment = _load("region_alignment")
+    alignment = _load_example("region_alignment")
     output_dir = tmp_path / "aligned"
     arguments = ["--config", str(SYNTHETIC_RECIPE), "--output_dir", str(output_dir), "--seed", "3"]
     report = alignment.main([*arguments, "--max_steps", "40", "--batch_size", "32", "--logging_steps", "10"])
@@ -437,15 +449,16 @@ def test_region_alignment_fits_only_the_region_projections(tmp_path, one_thread)
 
 
 def test_region_alignment_refuses_bad_arguments_before_writing(tmp_path):
-    alignment = _load("region_alignment")
+    alignment = _load_example("region_alignment")
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "keep.txt").write_text("x")
     for extra, expected in (
         (["--output_dir", str(taken)], "already holds files"),
-        (["--output_dir", str(tmp_path / "new"), "--held_out_fraction", "1.5"], "--held_out_fraction"),
-        (["--output_dir", str(tmp_path / "new"), "--temperature", "0"], "--temperature"),
-        (["--output_dir", str(tmp_path / "new"), "--device", "gpu9"], "--device 'gpu9'"),
+        (["--output_dir", str(tmp_path / "new"), "--held_out_fraction", "1.5"], "held_out_fraction must be"),
+        (["--output_dir", str(tmp_path / "new"), "--temperature", "0"], "temperature must be"),
+        (["--output_dir", str(tmp_path / "new"), "--max_steps", "0"], "max_steps must be"),
+        (["--output_dir", str(tmp_path / "new"), "--device", "gpu9"], "device 'gpu9'"),
         (["--output_dir", str(tmp_path / "new"), "--set", "stages.0.nope=1"], "'nope'"),
     ):
         with pytest.raises(SystemExit) as raised:
@@ -453,3 +466,28 @@ def test_region_alignment_refuses_bad_arguments_before_writing(tmp_path):
         message = str(raised.value.code)
         assert message.startswith("region_alignment: error:") and expected in message and "\n" not in message
     assert [path.name for path in taken.iterdir()] == ["keep.txt"] and not (tmp_path / "new").exists()
+
+
+def test_task_gradients_measures_each_task_on_its_own_parameters(one_thread):
+    gradients = _load("task_gradients")
+    (row,) = gradients.main(["--config", str(SYNTHETIC_RECIPE), "--num_batches", "1", "--seed", "0"])
+    assert row["batch"] == 0 and set(row) - {"batch"} == {"mlm", "moc", "mrfr", "itm"}
+    for task in ("mlm", "moc", "mrfr", "itm"):
+        assert row[task]["total"] > 0 and row[task]["encoder"] > 0
+        # Only ITM reaches its head and the pooler; the groups are parts of the whole.
+        assert (row[task]["itm_head_and_pooler"] > 0) == (task == "itm")
+        parts = [row[task][group] ** 2 for group in gradients.PARAMETER_GROUPS]
+        assert sum(parts) <= row[task]["total"] ** 2 * (1 + 1e-9)
+    # A task weighted 0 is not measured.
+    (row,) = gradients.main(
+        ["--config", str(SYNTHETIC_RECIPE), "--num_batches", "1", "--set", "stages.0.loss_weights.mlm=0"]
+    )
+    assert "mlm" not in row and "itm" in row
+
+
+def test_task_gradients_names_a_bad_stage_in_one_line():
+    gradients = _load("task_gradients")
+    with pytest.raises(SystemExit) as raised:
+        gradients.main(["--config", str(SYNTHETIC_RECIPE), "--stage", "3"])
+    message = str(raised.value.code)
+    assert message.startswith("task_gradients: error:") and "--stage must be in [0, 0], got 3" in message

@@ -129,7 +129,8 @@ def shipped_recipe_table(summary: dict) -> str:
     """The table of `examples/pretrain_shared_data.py`'s `results.json` (copied to `docs/results/`)."""
     lines = []
     if "protocol" in summary:
-        lines += [f"Scoring: {summary['protocol']}. Recall in %, one run (seed 42).", ""]
+        run = f"one run (seed {summary['seed']})" if "seed" in summary else "one run"
+        lines += [f"Scoring: {summary['protocol']}. Recall in %, {run}.", ""]
     lines += ["| model | " + " | ".join(HEADERS) + " |", "|---|" + "---|" * len(HEADERS)]
     for name, metrics in summary["results"].items():
         lines.append(f"| {name} | " + " | ".join(f"{metrics[c]:.1f}" for c in COLUMNS) + " |")

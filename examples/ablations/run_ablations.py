@@ -32,6 +32,8 @@ from transformers import HfArgumentParser
 
 
 STUDIES = ("rerank", "finetune_losses", "stages", "mrfr_regions")
+# The recipe stage whose settings (rate, masking, loss weights) the pretraining studies reuse.
+TEMPLATE_STAGE = "flickr8k"
 FINETUNE_LOSSES = {
     "binary": "binary=1",
     "multiclass": "multiclass=1",
@@ -54,7 +56,7 @@ class AblationArguments:
     )
     cache_dir: str = field(default="outputs/regions", metadata={"help": "Region caches (extracted when missing)."})
     pretrained: str = field(
-        default="outputs/ablations/pretrained/stage2-flickr8k_coco/final",
+        default="outputs/ablations/pretrained/stage3-flickr8k_coco/final",
         metadata={
             "help": "Checkpoint the fine-tuning studies start from: the final stage of "
             "`python examples/pretrain_shared_data.py --output_dir outputs/ablations/pretrained`."
@@ -274,7 +276,13 @@ def pretraining_recipe(args: AblationArguments, variant: str, seed: int, run_dir
                     "region_cache": cache}  # fmt: skip
     noisy_source = {"name": "flickr8k_web_noise", "type": "manifest", "path": str(noisy),
                     "image_root": str(flickr.parent), "region_cache": cache}  # fmt: skip
-    template = {key: value for key, value in data["stages"][0].items() if key not in ("sources", "num_epochs", "name")}
+    # The all-task Flickr8k stage's settings (the recipe's first stage trains ITM alone, on unmasked pairs).
+    named = {stage.get("name"): stage for stage in data["stages"]}
+    if TEMPLATE_STAGE not in named:
+        raise ValueError(f"--recipe {args.recipe} has no stage named {TEMPLATE_STAGE!r}; its stages: {list(named)}.")
+    template = {
+        key: value for key, value in named[TEMPLATE_STAGE].items() if key not in ("sources", "num_epochs", "name")
+    }
 
     def stage(name: str, sources: list[dict], steps: int) -> dict:
         return {**template, "name": name, "sources": sources, "max_steps": steps}

@@ -53,7 +53,7 @@ class PlateauArguments:
         default=0,
         metadata={
             "help": "Before pretraining, fit the region projections to the frozen encoder for this many steps "
-            "(examples/ablations/region_alignment.py, same seed) and pretrain from the result; 0: no warm start."
+            "(examples/region_alignment.py, same seed) and pretrain from the result; 0: no warm start."
         },
     )
     results_file: str = field(
@@ -116,21 +116,10 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _load_sibling(name: str):
-    """Another study script of this folder, as a module."""
-    import importlib.util
-    import sys
-
-    if name not in sys.modules:  # registered first: its dataclasses look their module up by name
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
 def run_one(setting: str, seed: int, overrides: list[str], region_alignment_steps: int = 0) -> dict:
     from imagebert_hf.evaluation.zero_shot import synthetic_retrieval_inputs, zero_shot_retrieval
     from imagebert_hf.training import PretrainingRunOptions, load_recipe, run_pretraining
+    from imagebert_hf.training.region_alignment import RegionAlignmentSettings, run_region_alignment
 
     start = time.perf_counter()
     recorded = {"overrides": overrides}
@@ -138,11 +127,11 @@ def run_one(setting: str, seed: int, overrides: list[str], region_alignment_step
         if region_alignment_steps:
             recorded["region_alignment_steps"] = region_alignment_steps
             aligned = str(Path(output_dir) / "aligned")
-            alignment = _load_sibling("region_alignment")
-            alignment.main(
-                ["--config", str(GUARD_RECIPE), "--output_dir", aligned, "--seed", str(seed)]
-                + ["--max_steps", str(region_alignment_steps)]
-                + (["--set", *overrides] if overrides else [])
+            run_region_alignment(
+                load_recipe(GUARD_RECIPE, overrides),
+                aligned,
+                RegionAlignmentSettings(max_steps=region_alignment_steps),
+                seed,
             )
             overrides = [*overrides, f"model.init_from={aligned}"]
         recipe = load_recipe(GUARD_RECIPE, [f"output_dir={output_dir}", f"seed={seed}", *overrides])

@@ -261,6 +261,17 @@ class _RunProgress:
         self.previous_final = stage_dir / "final"
 
 
+def check_run_folder(output_dir: str | Path, resume: bool) -> None:
+    """Refuses to start a new run over an earlier one's stages (`resume` continues it instead)."""
+    output_dir = Path(output_dir)
+    existing = [p for p in output_dir.glob("stage*-*") if p.is_dir()] if output_dir.is_dir() else []
+    if existing and not resume:
+        raise FileExistsError(
+            f"{output_dir} already holds a run ({existing[0].name}); pass --resume to continue it or choose another "
+            "output_dir."
+        )
+
+
 def _start_run(recipe: Recipe, options: PretrainingRunOptions):
     """The run's accelerator, after refusing to overwrite an earlier run and writing `recipe.yaml`."""
     import yaml
@@ -269,12 +280,7 @@ def _start_run(recipe: Recipe, options: PretrainingRunOptions):
     accelerator = build_accelerator(
         output_dir, options.mixed_precision, recipe.report_to, options.cpu, gradient_accumulation_steps=1
     )
-    existing = [p for p in output_dir.glob("stage*-*") if p.is_dir()] if output_dir.is_dir() else []
-    if existing and not options.resume:
-        raise FileExistsError(
-            f"{output_dir} already holds a run ({existing[0].name}); pass --resume to continue it or choose another "
-            "output_dir."
-        )
+    check_run_folder(output_dir, options.resume)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(output_dir / "recipe.yaml", yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
@@ -387,6 +393,7 @@ __all__ = [
     "build_model",
     "build_source",
     "build_stage_data",
+    "check_run_folder",
     "load_tokenizer",
     "loop_settings",
     "resolve_pretrained",
