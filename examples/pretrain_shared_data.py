@@ -90,15 +90,14 @@ def main(argv: list[str] | None = None) -> dict:
         "flickr8k_train": (flickr, cache_dir / "flickr8k"),
         "coco128": (coco, cache_dir / "coco128"),
     }
+    # The recipe and --set are checked here, before anything is extracted or trained (the caches come next).
     overrides = [f"output_dir={args.output_dir}"]
-    for stage_index, stage in enumerate(load_recipe(args.config, check_paths=False).stages):
+    for stage_index, stage in enumerate(load_recipe(args.config, args.set, check_paths=False).stages):
         for source_index, source in enumerate(stage.sources):
             if source.name in data_of_source:
                 path, cache = data_of_source[source.name]
                 where = f"stages.{stage_index}.sources.{source_index}"
                 overrides += [f"{where}.path={path}", f"{where}.region_cache={cache}"]
-    # The recipe and its overrides are checked before anything is extracted or trained (the caches come next).
-    load_recipe(args.config, overrides + args.set, check_paths=False)
 
     extractor = ImageBERTRoIExtractor(grid_sizes=args.grid_sizes, max_regions=sum(n * n for n in args.grid_sizes))
     timings = {}
