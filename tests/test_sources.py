@@ -228,6 +228,20 @@ def test_failed_records_are_skipped_counted_and_warned(caplog):
     assert batch["input_ids"].shape[0] == 6 - batch["num_failed_records"].item()
 
 
+def test_failure_warnings_stop_at_the_budget_and_say_so(caplog):
+    source, _, _ = _dataset()
+    dropped = source.image_keys()[:3]
+    _, dataset, _ = _dataset(negative=0.0, drop=dropped)
+    dataset._warnings.limit = 2
+    with caplog.at_level(logging.WARNING, logger="imagebert_hf.data.pair_sources"):
+        items = [dataset[i] for i in range(len(dataset))]
+    failures = sum(item is None for item in items)
+    messages = [record.getMessage() for record in caplog.records]
+    assert failures > 2 and dataset._warnings.count == failures
+    assert len(messages) == 2
+    assert "counted silently" in messages[1] and "counted silently" not in messages[0]
+
+
 @require_shared_data
 def test_real_manifests_give_the_documented_pairs():
     flickr = ManifestPairSource(FLICKR_DIR / "captions.jsonl", splits=["train"])

@@ -530,6 +530,31 @@ def _region_arrays(store: Mapping[str, dict], key: str, max_regions: int) -> dic
     return regions
 
 
+def _stored_region_count(store: Mapping[str, dict], key: str, max_regions: int) -> int | None:
+    """How many regions of `key` a sample uses, without loading its features when the store can say
+    (`RegionCache.num_regions` reads one column); None for a record that cannot be read (it is skipped, and counted,
+    when loaded)."""
+    try:
+        count = store.num_regions(key) if hasattr(store, "num_regions") else len(store[key]["region_features"])
+        return min(int(count), max_regions)
+    except Exception:  # noqa: BLE001 - any unreadable record
+        return None
+
+
+class _WarningBudget:
+    """Logs the first `limit` warnings of skipped records, then counts the rest silently."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.count = 0
+
+    def warn(self, message: str) -> None:
+        self.count += 1
+        if self.count <= self.limit:
+            suffix = " (further failures are counted silently)" if self.count == self.limit else ""
+            logger.warning(message + suffix)
+
+
 def open_region_store(path: str | Path) -> Mapping[str, dict]:
     """Opens a region cache written by `extract_regions` as a mapping from image key to region record."""
     # Stored dtype (float16 by default): the collator converts each row once, into the padded float32 batch.
@@ -738,9 +763,8 @@ class PretrainingPairDataset(torch.utils.data.Dataset):
         self.max_regions = max_regions
         self.itm_negative_probability = itm_negative_probability
         self.text_negative_share = text_negative_share
-        self.max_warnings = max_warnings
+        self._warnings = _WarningBudget(max_warnings)
         self.offsets = np.cumsum([0] + [len(source) for source in self.sources])
-        self._warnings = 0
         self.max_cached_regions = max_cached_regions
         self._cached: OrderedDict[tuple[int, str], dict[str, Any]] = OrderedDict()
         self._token_count_cache: dict[int, np.ndarray] = {}  # per source; -1 until first asked for
@@ -771,13 +795,6 @@ class PretrainingPairDataset(torch.utils.data.Dataset):
 
     def _regions(self, store: Mapping[str, dict], key: str) -> dict[str, Any]:
         return _region_arrays(store, key, self.max_regions)
-
-    def _warn(self, message: str) -> None:
-        self._warnings += 1
-        if self._warnings <= self.max_warnings:
-            logger.warning(
-                message + (" (further failures are counted silently)" if self._warnings == self.max_warnings else "")
-            )
 
     def _plan(self, index: int, sample_seed: int) -> tuple[int, int, int | str, str, int]:
         """What the sample is made of: `(source_index, pair, text, region_key, itm_label)`, `text` being the index
@@ -825,12 +842,7 @@ class PretrainingPairDataset(torch.utils.data.Dataset):
         cache_key = (source_index, key)
         if cache_key not in self._region_count_cache:
             store = self.region_stores[source_index]
-            try:
-                count = store.num_regions(key) if hasattr(store, "num_regions") else len(store[key]["region_features"])
-                count = min(int(count), self.max_regions)
-            except Exception:  # noqa: BLE001 - an unreadable record is skipped (and counted) when loaded
-                count = None
-            self._region_count_cache[cache_key] = count
+            self._region_count_cache[cache_key] = _stored_region_count(store, key, self.max_regions)
         return self._region_count_cache[cache_key]
 
     def sample_lengths(self, samples: Sequence[tuple[int, int]]) -> list[tuple[int, int] | None]:
@@ -871,7 +883,9 @@ class PretrainingPairDataset(torch.utils.data.Dataset):
             try:
                 regions = self._cached_regions(source_index, region_key)
             except Exception as error:  # noqa: BLE001 - any unreadable record is skipped and counted, never fatal here
-                self._warn(f"skipping pair {pair} of source {source.name!r} (image {region_key!r}): {error!r}")
+                self._warnings.warn(
+                    f"skipping pair {pair} of source {source.name!r} (image {region_key!r}): {error!r}"
+                )
                 samples.append(None)
                 continue
             texts.append(text if isinstance(text, str) else source[text][1])
@@ -945,8 +959,7 @@ class StreamingPretrainingDataset(torch.utils.data.IterableDataset):
         self.itm_negative_probability, self.text_negative_share = itm_negative_probability, text_negative_share
         self.group_size, self.pool_size = int(group_size), int(group_size) * int(pool_groups)
         self.negative_buffer = negative_buffer
-        self.max_warnings = max_warnings
-        self._warnings = 0
+        self._warnings = _WarningBudget(max_warnings)
 
     def _pairs(self, source_index: int, where: str) -> Iterator[tuple[str, str]]:
         source, epoch = self.sources[source_index], 0
@@ -961,11 +974,6 @@ class StreamingPretrainingDataset(torch.utils.data.IterableDataset):
                     "processes x DataLoader workers (each reads whole shards)."
                 )
             epoch += 1
-
-    def _warn(self, message: str) -> None:
-        self._warnings += 1
-        if self._warnings <= self.max_warnings:
-            logger.warning(message)
 
     def __iter__(self) -> Iterator[dict[str, Any] | None]:
         from collections import deque
@@ -1015,15 +1023,8 @@ class StreamingPretrainingDataset(torch.utils.data.IterableDataset):
         if self.group_size > 1:
             lengths = []
             for row, (source_index, region_key, _, _, _) in enumerate(pool):
-                store = self.region_stores[source_index]
-                try:
-                    if hasattr(store, "num_regions"):
-                        regions = store.num_regions(region_key)
-                    else:
-                        regions = len(store[region_key]["region_features"])
-                    lengths.append((min(int(regions), self.max_regions), len(encoded["input_ids"][row])))
-                except Exception:  # noqa: BLE001 - unreadable: skipped (and counted) when loaded
-                    lengths.append(None)
+                regions = _stored_region_count(self.region_stores[source_index], region_key, self.max_regions)
+                lengths.append(None if regions is None else (regions, len(encoded["input_ids"][row])))
             order = group_by_length(order, lengths, self.group_size, self.pool_size, rng)
         for row in order:
             source_index, region_key, _, label, sample_seed = pool[row]
@@ -1031,7 +1032,7 @@ class StreamingPretrainingDataset(torch.utils.data.IterableDataset):
                 regions = _region_arrays(self.region_stores[source_index], region_key, self.max_regions)
             except Exception as error:  # noqa: BLE001 - any unreadable record is skipped and counted, never fatal
                 name = self.sources[source_index].name
-                self._warn(f"skipping a pair of source {name!r} (image {region_key!r}): {error!r}")
+                self._warnings.warn(f"skipping a pair of source {name!r} (image {region_key!r}): {error!r}")
                 yield None
                 continue
             yield {
