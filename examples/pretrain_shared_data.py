@@ -122,6 +122,11 @@ def main(argv: list[str] | None = None) -> dict:
                         f"{aligned} was fitted for {fitted_steps} steps, not --region_alignment_steps "
                         f"{args.region_alignment_steps}; pass {fitted_steps} or remove that folder."
                     )
+                if alignment.get("seed") != recipe.seed:
+                    raise ValueError(
+                        f"{aligned} was fitted with seed {alignment.get('seed')}, not this run's seed {recipe.seed}; "
+                        "pass that seed or remove that folder."
+                    )
             else:
                 align_started = time.perf_counter()
                 settings = RegionAlignmentSettings(max_steps=args.region_alignment_steps)

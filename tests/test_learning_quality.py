@@ -150,6 +150,8 @@ def test_real_photo_example_runs_end_to_end_on_a_subset(tmp_path, one_thread):
     other_steps = [*arguments[:9], "3", *arguments[10:], "--resume"]
     with pytest.raises(ValueError, match="fitted for 2 steps, not --region_alignment_steps 3"):
         main(other_steps)
+    with pytest.raises(ValueError, match="fitted with seed 42, not this run's seed 7"):
+        main([*arguments, "seed=7", "--resume"])
     # A second call over the same folder is refused before anything is extracted, aligned or trained.
     (output_dir / "region_alignment" / "region_alignment.json").unlink()
     with pytest.raises(FileExistsError, match="already holds a run"):

@@ -512,7 +512,7 @@ class SyntheticPairSource(PairSource):
         return {key: synthetic_region_record(example, feature_size) for key, example in self.examples.items()}
 
 
-def _region_arrays(store: Mapping[str, dict], key: str, max_regions: int) -> dict[str, Any]:
+def region_arrays(store: Mapping[str, dict], key: str, max_regions: int) -> dict[str, Any]:
     """The region arrays of `key` in `store`, cut to `max_regions`; raises when the record is missing or unusable."""
     record = store[key]
     if record is None:
@@ -794,7 +794,7 @@ class PretrainingPairDataset(torch.utils.data.Dataset):
         return regions
 
     def _regions(self, store: Mapping[str, dict], key: str) -> dict[str, Any]:
-        return _region_arrays(store, key, self.max_regions)
+        return region_arrays(store, key, self.max_regions)
 
     def _plan(self, index: int, sample_seed: int) -> tuple[int, int, int | str, str, int]:
         """What the sample is made of: `(source_index, pair, text, region_key, itm_label)`, `text` being the index
@@ -1029,7 +1029,7 @@ class StreamingPretrainingDataset(torch.utils.data.IterableDataset):
         for row in order:
             source_index, region_key, _, label, sample_seed = pool[row]
             try:
-                regions = _region_arrays(self.region_stores[source_index], region_key, self.max_regions)
+                regions = region_arrays(self.region_stores[source_index], region_key, self.max_regions)
             except Exception as error:  # noqa: BLE001 - any unreadable record is skipped and counted, never fatal
                 name = self.sources[source_index].name
                 self._warnings.warn(f"skipping a pair of source {name!r} (image {region_key!r}): {error!r}")
@@ -1065,5 +1065,6 @@ __all__ = [
     "expand_urls",
     "group_by_length",
     "open_region_store",
+    "region_arrays",
     "stable_seed",
 ]

@@ -28,6 +28,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
+from ..data.pair_sources import region_arrays
 from ..evaluation.recall import retrieval_metrics
 from ..formats.files import atomic_write_json, publish_folder
 from ..models.imagebert.region_batching import pad_region_records
@@ -89,14 +90,11 @@ def images_and_captions(stage: StageSpec, feature_size: int, max_regions: int) -
             captions.setdefault(key, []).append(caption)
         for key, texts in captions.items():
             try:
-                record = store[key]
-            except KeyError:  # not in the cache, or its extraction failed: pretraining skips it too
-                record = None
-            if record is None or record.get("error") or not len(record["region_features"]):
+                regions = region_arrays(store, key, max_regions)
+            except (KeyError, ValueError):  # not in the cache, or its extraction failed: pretraining skips it too
                 missing += 1
                 continue
-            regions = {name: record[name][:max_regions] for name in ("region_features", "region_locations")}
-            images.append((regions, texts))
+            images.append(({name: regions[name] for name in ("region_features", "region_locations")}, texts))
     if missing:
         logger.warning(f"{missing} image(s) without regions skipped.")
     if len(images) < 2:
