@@ -491,3 +491,89 @@ def test_task_gradients_names_a_bad_stage_in_one_line():
         gradients.main(["--config", str(SYNTHETIC_RECIPE), "--stage", "3"])
     message = str(raised.value.code)
     assert message.startswith("task_gradients: error:") and "--stage must be in [0, 0], got 3" in message
+
+
+def test_seed_spread_separates_the_query_sets_share_from_the_runs():
+    from imagebert_hf.evaluation.recall import retrieval_metrics
+
+    spread = _load("seed_spread")
+    generator = torch.Generator().manual_seed(0)
+    text_to_image = torch.arange(40).repeat_interleave(3)
+    base = torch.randn(40, 120, generator=generator)
+    base[text_to_image, torch.arange(120)] += 2.0
+    # The RSUM over the first caption of each image is the package's own metric on those columns.
+    (row,) = [spread.spread_report([base, base], text_to_image, 1, num_resamples=20, seed=0)]
+    first = torch.arange(0, 120, 3)
+    assert row["rsum"][0] == pytest.approx(retrieval_metrics(base[:, first], text_to_image[first])["rsum"])
+    assert row["num_queries"] == {"image": 40, "text": 40}
+    # Identical runs: no spread, and none from the queries either.
+    assert row["std"] == 0 and row["std_from_the_query_set"] == 0
+    # Runs that differ only by independent per-pair noise: equally good on the population, so the query set makes
+    # most of their spread.
+    runs = [base + 1.5 * torch.randn(40, 120, generator=generator) for _ in range(4)]
+    row = spread.spread_report(runs, text_to_image, 3, num_resamples=200, seed=0)
+    assert row["num_queries"] == {"image": 40, "text": 120}
+    assert row["std"] > 0 and row["std_from_the_query_set"] > 0.5 * row["std"]
+    assert all(value > 0 for value in row["resampling_std_of_each_rsum"])
+
+
+def test_seed_spread_scores_checkpoints_and_rereads_their_matrices(tiny_study_setup, tmp_path, one_thread):
+    from imagebert_hf import ImageBERTConfig, ImageBERTForPreTraining, ImageBERTRoIExtractor
+    from imagebert_hf.evaluation.zero_shot import manifest_retrieval_inputs, zero_shot_retrieval
+    from imagebert_hf.regions import extract_regions
+
+    spread = _load("seed_spread")
+    root = tiny_study_setup
+    manifest = root / "data" / "flickr8k_trainval" / "captions.jsonl"
+    extract_regions(manifest, tmp_path / "regions", ImageBERTRoIExtractor(grid_sizes=[1, 2], max_regions=5))
+    torch.manual_seed(1)
+    ImageBERTForPreTraining(ImageBERTConfig.from_pretrained(root / "pretrained")).save_pretrained(tmp_path / "other")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "other" / name).write_bytes((root / "pretrained" / name).read_bytes())
+    common = ["--manifest", str(manifest), "--region_cache", str(tmp_path / "regions"), "--num_resamples", "20"]
+    checkpoints = [str(root / "pretrained"), str(tmp_path / "other")]
+    report = spread.main(
+        ["--output", str(tmp_path / "a.json"), "--checkpoints", *checkpoints, "--captions_per_image", "3",
+         "--save_scores", str(tmp_path / "scores"), *common]
+    )  # fmt: skip
+    assert [row["captions_per_image"] for row in report["by_captions"]] == [1, 3]
+    assert report["by_captions"][1]["num_queries"] == {"image": 2, "text": 6}
+    # The first-caption figures are what the example's own zero-shot ranking gives.
+    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(checkpoints[0])
+    inputs = manifest_retrieval_inputs(
+        manifest, tmp_path / "regions", tokenizer, split="dev", max_text_length=32, max_regions=30,
+        captions_per_image=1,
+    )  # fmt: skip
+    expected = zero_shot_retrieval(checkpoints[0], *inputs, progress=False)["rsum"]
+    assert report["by_captions"][0]["rsum"][0] == pytest.approx(expected)
+    assert json.loads((tmp_path / "a.json").read_text()) == report
+    saved = sorted(str(path) for path in (tmp_path / "scores").iterdir())
+    again = spread.main(["--output", str(tmp_path / "b.json"), "--scores", *saved, *common])
+    assert again["by_captions"] == report["by_captions"]
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        ([], "pass either --checkpoints or --scores"),
+        (["--scores", "ONE"], "a spread needs at least 2 runs, got 1"),
+        (["--scores", "ONE", "MISSING"], "missing.safetensors not found"),
+        (["--scores", "ONE", "OTHER"], "ranks other captions than"),
+        (["--scores", "ONE", "BAD"], "is not a score file of this script"),
+    ],
+)
+def test_seed_spread_names_a_bad_input_in_one_line(tmp_path, extra, expected):
+    from safetensors.torch import save_file
+
+    spread = _load("seed_spread")
+    mapping = torch.arange(3).repeat_interleave(2)
+    save_file({"scores": torch.randn(3, 6), "text_to_image": mapping}, tmp_path / "one.safetensors")
+    save_file({"scores": torch.randn(3, 3), "text_to_image": torch.arange(3)}, tmp_path / "other.safetensors")
+    save_file({"weights": torch.randn(3)}, tmp_path / "bad.safetensors")
+    names = {"ONE": "one", "OTHER": "other", "BAD": "bad", "MISSING": "missing"}
+    extra = [str(tmp_path / f"{names[a]}.safetensors") if a in names else a for a in extra]
+    with pytest.raises(SystemExit) as raised:
+        spread.main(["--output", str(tmp_path / "out.json"), *extra])
+    message = str(raised.value.code)
+    assert message.startswith("seed_spread: error:") and expected in message and "\n" not in message
+    assert not (tmp_path / "out.json").exists()
