@@ -518,6 +518,8 @@ def test_seed_spread_separates_the_query_sets_share_from_the_runs():
 
 
 def test_seed_spread_scores_checkpoints_and_rereads_their_matrices(tiny_study_setup, tmp_path, one_thread):
+    from transformers import AutoTokenizer
+
     from imagebert_hf import ImageBERTConfig, ImageBERTForPreTraining, ImageBERTRoIExtractor
     from imagebert_hf.evaluation.zero_shot import manifest_retrieval_inputs, zero_shot_retrieval
     from imagebert_hf.regions import extract_regions
@@ -539,7 +541,7 @@ def test_seed_spread_scores_checkpoints_and_rereads_their_matrices(tiny_study_se
     assert [row["captions_per_image"] for row in report["by_captions"]] == [1, 3]
     assert report["by_captions"][1]["num_queries"] == {"image": 2, "text": 6}
     # The first-caption figures are what the example's own zero-shot ranking gives.
-    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(checkpoints[0])
+    tokenizer = AutoTokenizer.from_pretrained(checkpoints[0])
     inputs = manifest_retrieval_inputs(
         manifest, tmp_path / "regions", tokenizer, split="dev", max_text_length=32, max_regions=30,
         captions_per_image=1,
