@@ -554,6 +554,23 @@ def test_seed_spread_scores_checkpoints_and_rereads_their_matrices(tiny_study_se
     assert again["by_captions"] == report["by_captions"]
 
 
+def test_seed_spread_checks_every_checkpoint_before_replacing_saved_scores(tiny_study_setup, tmp_path):
+    spread = _load("seed_spread")
+    kept = tmp_path / "scores" / "run0.safetensors"
+    kept.parent.mkdir()
+    kept.write_bytes(b"an earlier call's matrix")
+    (tmp_path / "not_a_checkpoint").mkdir()
+    with pytest.raises(SystemExit) as raised:
+        spread.main(
+            ["--output", str(tmp_path / "out.json"), "--save_scores", str(kept.parent), "--checkpoints",
+             str(tiny_study_setup / "pretrained"), str(tmp_path / "not_a_checkpoint")]
+        )  # fmt: skip
+    assert str(raised.value.code) == (
+        f"seed_spread: error: {tmp_path / 'not_a_checkpoint'} is not a checkpoint folder: it has no config.json."
+    )
+    assert kept.read_bytes() == b"an earlier call's matrix"
+
+
 @pytest.mark.parametrize(
     "extra, expected",
     [

@@ -151,6 +151,10 @@ def main(argv: list[str] | None = None) -> dict:
         for name in names:
             if not Path(name).exists():
                 raise FileNotFoundError(f"{name} not found.")
+            # Every folder is checked before the first is scored, so that a bad one late in the list fails before
+            # --save_scores replaces a matrix an earlier call kept.
+            if args.checkpoints and not (Path(name) / "config.json").is_file():
+                raise FileNotFoundError(f"{name} is not a checkpoint folder: it has no config.json.")
         matrices, text_to_image = [], None
         for index, name in enumerate(names):
             scores, mapping = score_checkpoint(name, args) if args.checkpoints else read_scores(name)
