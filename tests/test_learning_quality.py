@@ -75,8 +75,8 @@ def test_synthetic_pretraining_learns_to_match(tmp_path, one_thread):
 @pytest.mark.slow
 @require_shared_data
 def test_real_photo_pretraining_learns_to_match(tmp_path):
-    """The shipped real-data example as a user runs it (stage 3 cut to one step); three full runs of it sharing 2
-    CPU cores took 70-72 minutes each, plus 5-8 minutes of region alignment warm start."""
+    """The shipped real-data example as a user runs it (stage 3 cut to one step): 49 minutes on 2 CPU cores beside
+    one other one-thread job, warm start included."""
     output_dir = tmp_path / "run"
     command = [
         sys.executable, str(PROJECT_ROOT / "examples" / "pretrain_shared_data.py"), "--output_dir", str(output_dir),
