@@ -105,9 +105,8 @@ def spread_report(
 def score_checkpoint(path: str, args) -> tuple[torch.Tensor, torch.Tensor]:
     from transformers import AutoTokenizer
 
-    from imagebert_hf import ImageBERTConfig, ImageBERTForImageTextRetrieval
-    from imagebert_hf.evaluation.zero_shot import manifest_retrieval_inputs
-    from imagebert_hf.models.imagebert.retrieval_index import score_all_pairs
+    from imagebert_hf import ImageBERTConfig
+    from imagebert_hf.evaluation.zero_shot import manifest_retrieval_inputs, zero_shot_scores
 
     config = ImageBERTConfig.from_pretrained(path)
     text_inputs, region_inputs, text_to_image = manifest_retrieval_inputs(
@@ -115,9 +114,7 @@ def score_checkpoint(path: str, args) -> tuple[torch.Tensor, torch.Tensor]:
         max_text_length=config.max_text_length, max_regions=config.max_regions,
         captions_per_image=args.captions_per_image,
     )  # fmt: skip
-    model = ImageBERTForImageTextRetrieval.from_pretrained(path).eval()
-    with torch.inference_mode():
-        scores = score_all_pairs(model, text_inputs, region_inputs, batch_size=args.batch_size)
+    scores = zero_shot_scores(path, text_inputs, region_inputs, text_to_image, batch_size=args.batch_size)
     return scores, torch.tensor(text_to_image)
 
 

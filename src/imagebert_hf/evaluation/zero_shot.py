@@ -110,11 +110,11 @@ def chance_metrics(text_to_image: list[int], ks: tuple[int, ...] = (1, 5, 10)) -
     return metrics
 
 
-def zero_shot_retrieval(
+def zero_shot_scores(
     model: Any, text_inputs, region_inputs, text_to_image, batch_size: int = 512, progress: bool = True
-) -> dict[str, float]:
-    """Recall@K of a model's ITM head over every pair (a folder or an `ImageBERTForImageTextRetrieval`), with a
-    progress bar over the pairs (`progress=False`: none); every pair is scored, minutes here, hours at COCO 5k.
+) -> torch.Tensor:
+    """The (images, texts) ITM score matrix of a model (a folder or an `ImageBERTForImageTextRetrieval`) over every
+    pair, with a progress bar over the pairs (`progress=False`: none); minutes here, hours at COCO 5k.
     `region_inputs` is stacked or a `RegionGallery` (see `manifest_retrieval_inputs`)."""
     from tqdm.auto import tqdm
 
@@ -123,8 +123,21 @@ def zero_shot_retrieval(
     num_images, num_texts = max(text_to_image) + 1, len(text_to_image)
     bar = tqdm(total=num_images * num_texts, desc="scoring pairs", unit="pair", disable=not progress)
     with bar, torch.inference_mode():
-        scores = score_all_pairs(model, text_inputs, region_inputs, batch_size=batch_size, progress=bar.update)
+        return score_all_pairs(model, text_inputs, region_inputs, batch_size=batch_size, progress=bar.update)
+
+
+def zero_shot_retrieval(
+    model: Any, text_inputs, region_inputs, text_to_image, batch_size: int = 512, progress: bool = True
+) -> dict[str, float]:
+    """Recall@K of a model's ITM head over every pair (`zero_shot_scores`, whose arguments it takes)."""
+    scores = zero_shot_scores(model, text_inputs, region_inputs, text_to_image, batch_size, progress)
     return retrieval_metrics(scores, text_to_image)
 
 
-__all__ = ["chance_metrics", "manifest_retrieval_inputs", "synthetic_retrieval_inputs", "zero_shot_retrieval"]
+__all__ = [
+    "chance_metrics",
+    "manifest_retrieval_inputs",
+    "synthetic_retrieval_inputs",
+    "zero_shot_retrieval",
+    "zero_shot_scores",
+]
