@@ -476,6 +476,59 @@ def test_fold_batch_norms_folds_conv_norm_pairs_only():
         torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-5)
 
 
+def test_fold_batch_norms_folds_every_norm_of_the_default_backbone():
+    """timm's EfficientNet-Lite0 follows each convolution with a `BatchNormAct2d` (a norm with children): all 49 fold,
+    on every pass, whatever memory addresses the traced tensors get."""
+    import timm
+    from timm.layers import BatchNormAct2d
+
+    from imagebert_hf.models.imagebert.roi_backends import fold_batch_norms
+
+    model = timm.create_model("efficientnet_lite0").eval()
+    norms = [name for name, module in model.named_modules() if isinstance(module, BatchNormAct2d)]
+    assert len(norms) == 49
+
+    def forward(module, pixels):
+        return module.forward_features(pixels)
+
+    counts = []
+    for height in (64, 96, 64):
+        x = torch.randn(2, 3, height, 80, generator=torch.Generator().manual_seed(height))
+        folded, count = fold_batch_norms(model, x, forward=forward)
+        counts.append(count)
+        assert not any(isinstance(module, BatchNormAct2d) for module in folded.modules())
+        with torch.no_grad():
+            torch.testing.assert_close(forward(folded, x), forward(model, x), atol=1e-4, rtol=1e-4)
+    assert counts == [49, 49, 49]
+
+
+REGION_DIGEST_SCRIPT = """
+import hashlib, sys
+import numpy as np
+from PIL import Image
+from imagebert_hf import ImageBERTRoIExtractor
+rng = np.random.default_rng(0)
+images = [Image.fromarray(rng.integers(0, 256, (72, 88, 3), dtype=np.uint8)) for _ in range(3)]
+records = ImageBERTRoIExtractor(size={"height": 96, "width": 96}).extract(images)
+print(hashlib.sha256(b"".join(r["region_features"].tobytes() for r in records)).hexdigest())
+"""
+
+
+def test_default_extractor_gives_the_same_features_bit_for_bit_in_every_process():
+    """Region caches (and everything trained on them) repeat from one run to the next only if extraction does: the
+    folded inference copy must be the same network in every process."""
+    import subprocess
+    import sys
+
+    digests = [
+        subprocess.run(
+            [sys.executable, "-c", REGION_DIGEST_SCRIPT], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        for _ in range(2)
+    ]
+    assert len(digests[0]) == 64 and digests[0] == digests[1]
+
+
 def test_roi_align_mean_matches_torchvision():
     from torchvision.ops import roi_align
 

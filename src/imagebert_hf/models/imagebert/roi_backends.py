@@ -242,18 +242,26 @@ def fold_batch_norms(model: torch.nn.Module, example: torch.Tensor, forward=None
         if found is not None and found[1] is inputs[0]:
             pairs.append((found[0], module, id(inputs[0])))
 
+    # Every tensor a hook sees stays referenced until the pass ends: a freed one's id() would be handed to a later
+    # tensor, mixing up their counts (which convolutions fold would then depend on memory addresses).
+    seen: list[torch.Tensor] = []
+
     def count_uses(module, inputs):
         for value in inputs:
             if isinstance(value, torch.Tensor):
+                seen.append(value)
                 consumers[id(value)] += 1
 
     hooks = []
     for module in folded.modules():
-        if type(module) in foldable and module.track_running_stats and module.running_mean is not None:
+        is_norm = type(module) in foldable
+        if is_norm and module.track_running_stats and module.running_mean is not None:
             hooks.append(module.register_forward_pre_hook(before_norm))
         elif isinstance(module, nn.Conv2d):
             hooks.append(module.register_forward_hook(after_conv))
-        if not list(module.children()):
+        # Uses are counted at the leaves, and at the norms: timm's BatchNormAct2d has children (its dropout and
+        # activation), which read the norm's output, not the convolution's.
+        if is_norm or not list(module.children()):
             hooks.append(module.register_forward_pre_hook(count_uses))
     try:
         with torch.no_grad():
