@@ -270,8 +270,8 @@ def main():
             )
 
     def ratio_line(label: str, numerator: str, denominator: str, target: str = "") -> None:
-        mean, low, high = paired_ratio(seconds[numerator], seconds[denominator])
-        print(f"{label:<40}{mean:.3f}  (95% interval {low:.3f} to {high:.3f}){target}")
+        ratio, low, high = paired_ratio(seconds[numerator], seconds[denominator])
+        print(f"{label:<40}{ratio:.3f}  (95% interval {low:.3f} to {high:.3f}){target}")
 
     ratio_line("ImageBERT / BERT (sdpa) time ratio:", "imagebert", "bert", "  (target <= 1.0)")
     # What the region projection adds: the only matmuls ImageBERT has and BERT at the same length has not.
