@@ -503,7 +503,7 @@ def test_fold_batch_norms_folds_every_norm_of_the_default_backbone():
 
 
 REGION_DIGEST_SCRIPT = """
-import hashlib, sys
+import hashlib
 import numpy as np
 from PIL import Image
 from imagebert_hf import ImageBERTRoIExtractor
