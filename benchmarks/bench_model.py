@@ -299,7 +299,7 @@ def main():
     rng = np.random.default_rng(0)
     pool = max(args.group_pool, args.realistic_samples)
     text_lengths, region_counts = realistic_lengths(pool, rng)
-    # The pretraining sampler's grouping: by region count first (they vary most), then caption length.
+    # The pretraining sampler's grouping: by region count (they vary most), then by caption length within windows.
     order = group_by_length(
         list(range(pool)), list(zip(region_counts, text_lengths)), BATCH_SIZE, pool, np.random.default_rng(1)
     )

@@ -63,7 +63,7 @@ class _Tokenizer:
 def realistic_features(num_samples: int, config, rng: np.random.Generator) -> list[dict]:
     text = rng.integers(8, 41, size=num_samples)
     regions = np.exp(rng.uniform(np.log(10), np.log(100), size=num_samples)).round().astype(int)
-    # Grouped by length as the pretraining sampler does: regions vary most, then caption length.
+    # Sorted by region count, then caption length: the pretraining sampler's first pass, here over the whole set.
     order = np.lexsort((text, regions))
     features = []
     for i in order:

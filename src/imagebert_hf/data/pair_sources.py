@@ -561,6 +561,47 @@ def open_region_store(path: str | Path) -> Mapping[str, dict]:
     return load_region_cache(str(path), dtype=None)
 
 
+# How many groups, at most, the second sorting pass of `length_groups` may mix (tried in turn; 1 is no second pass).
+LENGTH_GROUP_WINDOWS = (1, 2, 3, 4, 6, 8)
+
+
+def length_groups(lengths: np.ndarray, group_size: int) -> list[np.ndarray]:
+    """Cuts samples into groups of `group_size` (the last may be short) that waste few positions on padding.
+
+    A batch pads each length entry (region count, caption length) to its own longest, so a group costs its size
+    times the sum of its maxima. Sorting by the first entry alone leaves the second as random as it came: with
+    10-100 regions and 10-32 tokens, a batch of 8 then pads its captions by about 9 tokens. So the samples are
+    sorted by the first entry (longest first), and then within each window of a few consecutive groups by the next
+    entries; every window size of `LENGTH_GROUP_WINDOWS` is tried and the cheapest kept (1, the plain sort, on a
+    tie). The result depends only on `lengths`.
+
+    Args:
+        lengths (`np.ndarray` of shape `(num_samples, num_entries)`): Integer lengths, the entries in priority order.
+        group_size (`int`): Samples per group.
+
+    Returns:
+        `list[np.ndarray]`: Row indices of `lengths`, one array per group, each sorted longest first.
+    """
+    if len(lengths) == 0:
+        return []
+    descending = -np.asarray(lengths, dtype=np.int64).reshape(len(lengths), -1)
+    # lexsort sorts by its last key first, and it is stable.
+    order = np.lexsort(descending.T[::-1])
+    starts = np.arange(0, len(order), group_size)
+    sizes = np.diff(np.append(starts, len(order)))
+    windows = LENGTH_GROUP_WINDOWS if descending.shape[1] > 1 else (1,)
+    best, best_cost = order, None
+    for window in windows:
+        window_of = np.arange(len(order)) // (window * group_size)
+        later_entries = descending[order, 1:].T[::-1]
+        candidate = order[np.lexsort((descending[order, 0], *later_entries, window_of))] if window > 1 else order
+        cost = int((sizes * np.maximum.reduceat(-descending[candidate], starts, axis=0).sum(axis=1)).sum())
+        if best_cost is None or cost < best_cost:
+            best, best_cost = candidate, cost
+    groups = [best[start : start + group_size] for start in starts]
+    return [group[np.lexsort(descending[group].T[::-1])] for group in groups]
+
+
 def group_by_length(
     samples: Sequence[Any],
     lengths: Sequence[tuple[int, ...] | None],
@@ -571,11 +612,10 @@ def group_by_length(
 ) -> list[Any]:
     """Reorders `samples` so that each run of `group_size` consecutive samples has similar lengths.
 
-    The order is cut into pools of `pool_size` consecutive samples; each pool is sorted by `lengths` (longest first,
-    compared as tuples, so the first entry decides and the next ones break ties) and cut into groups, and the groups
-    of a pool are shuffled. Samples never leave their pool, so the order stays as random as its pools are small.
-    With `longest_first`, the longest group of all is moved to the front, so an out-of-memory error shows at the
-    first step.
+    The order is cut into pools of `pool_size` consecutive samples; each pool is cut into groups that pad little
+    (`length_groups`), and the groups of a pool are shuffled. Samples never leave their pool, so the order stays as
+    random as its pools are small. With `longest_first`, the group that pads to the most positions is moved to the
+    front, so an out-of-memory error shows at the first step.
 
     A sample of unknown length (`None`: its record cannot be read, and will be skipped) takes the length of the
     sample before it. Giving all of them one length would put them together into batches with nothing left to train
@@ -588,7 +628,7 @@ def group_by_length(
         group_size (`int`): Samples per group (the batch every optimizer step pads to its own longest).
         pool_size (`int`): Samples per pool; rounded down to a multiple of `group_size` (at least one group).
         rng (`np.random.Generator`): Shuffles the groups.
-        longest_first (`bool`, defaults to `True`): Move the longest group to the front.
+        longest_first (`bool`, defaults to `True`): Move the group that pads to the most positions to the front.
 
     Returns:
         `list`: The same samples, reordered.
@@ -608,13 +648,10 @@ def group_by_length(
     keys = np.asarray(filled, dtype=np.int64).reshape(len(lengths), -1)
     groups: list[np.ndarray] = []
     for start in range(0, len(samples), pool_size):
-        pool = np.arange(start, min(start + pool_size, len(samples)))
-        # lexsort sorts by its last key first; negated keys give the longest first, and it is stable.
-        ordered = pool[np.lexsort(-keys[pool].T[::-1])]
-        pool_groups = [ordered[i : i + group_size] for i in range(0, len(ordered), group_size)]
+        pool_groups = [start + group for group in length_groups(keys[start : start + pool_size], group_size)]
         groups.extend(pool_groups[i] for i in rng.permutation(len(pool_groups)))
     if groups and longest_first:
-        longest = max(range(len(groups)), key=lambda i: tuple(keys[groups[i][0]]))
+        longest = max(range(len(groups)), key=lambda i: int(keys[groups[i]].max(axis=0).sum()))
         groups[0], groups[longest] = groups[longest], groups[0]
     return [samples[i] for group in groups for i in group]
 
@@ -1064,6 +1101,7 @@ __all__ = [
     "WebDatasetStream",
     "expand_urls",
     "group_by_length",
+    "length_groups",
     "open_region_store",
     "region_arrays",
     "stable_seed",
