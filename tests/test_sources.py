@@ -144,6 +144,9 @@ def test_length_groups_pad_less_than_sorting_by_the_first_entry():
     cut = length_groups(single, 4)
     assert [len(group) for group in cut] == [4, 4, 4, 4, 4, 1]
     assert np.concatenate(cut).tolist() == np.lexsort(-single.T[::-1]).tolist()
+    # A fixed region count (a grid extractor): the same order as the plain sort, so such runs train as before.
+    fixed = np.stack([np.full(300, 30), rng.integers(5, 40, 300)], axis=1)
+    assert np.concatenate(length_groups(fixed, 8)).tolist() == np.lexsort(-fixed.T[::-1]).tolist()
     assert length_groups(np.zeros((0, 2), dtype=int), 4) == []
 
 
