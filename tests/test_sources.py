@@ -158,8 +158,8 @@ def test_group_by_length_sorts_within_pools_and_keeps_every_sample():
     assert sorted(grouped) == samples
     assert grouped == group_by_length(samples, lengths, 8, 400, np.random.default_rng(1))
     assert grouped != group_by_length(samples, lengths, 8, 400, np.random.default_rng(2))
-    # The group that pads to the most positions leads; every group is sorted longest first.
-    padded = [_padded_cost(grouped[start : start + 8], lengths, 8) for start in range(0, 1000, 8)]
+    # The group that pads to the longest leads; every group is sorted longest first.
+    padded = [sum(np.max([lengths[s] for s in grouped[start : start + 8]], axis=0)) for start in range(0, 1000, 8)]
     assert padded[0] == max(padded)
     pool_of = {sample: sample // 400 for sample in samples}
     for start in range(0, 1000, 8):

@@ -590,10 +590,10 @@ def length_groups(lengths: np.ndarray, group_size: int) -> list[np.ndarray]:
     starts = np.arange(0, len(order), group_size)
     sizes = np.diff(np.append(starts, len(order)))
     windows = LENGTH_GROUP_WINDOWS if descending.shape[1] > 1 else (1,)
+    later_entries = descending[order, 1:].T[::-1]
     best, best_cost = order, None
     for window in windows:
         window_of = np.arange(len(order)) // (window * group_size)
-        later_entries = descending[order, 1:].T[::-1]
         candidate = order[np.lexsort((descending[order, 0], *later_entries, window_of))] if window > 1 else order
         cost = int((sizes * np.maximum.reduceat(-descending[candidate], starts, axis=0).sum(axis=1)).sum())
         if best_cost is None or cost < best_cost:
@@ -614,8 +614,8 @@ def group_by_length(
 
     The order is cut into pools of `pool_size` consecutive samples; each pool is cut into groups that pad little
     (`length_groups`), and the groups of a pool are shuffled. Samples never leave their pool, so the order stays as
-    random as its pools are small. With `longest_first`, the group that pads to the most positions is moved to the
-    front, so an out-of-memory error shows at the first step.
+    random as its pools are small. With `longest_first`, the group whose samples pad to the longest (the sum of its
+    longest entries) is moved to the front, so an out-of-memory error shows at the first step.
 
     A sample of unknown length (`None`: its record cannot be read, and will be skipped) takes the length of the
     sample before it. Giving all of them one length would put them together into batches with nothing left to train
@@ -628,7 +628,7 @@ def group_by_length(
         group_size (`int`): Samples per group (the batch every optimizer step pads to its own longest).
         pool_size (`int`): Samples per pool; rounded down to a multiple of `group_size` (at least one group).
         rng (`np.random.Generator`): Shuffles the groups.
-        longest_first (`bool`, defaults to `True`): Move the group that pads to the most positions to the front.
+        longest_first (`bool`, defaults to `True`): Move the group that pads to the longest to the front.
 
     Returns:
         `list`: The same samples, reordered.
