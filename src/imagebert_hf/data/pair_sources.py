@@ -589,12 +589,11 @@ def length_groups(lengths: np.ndarray, group_size: int) -> list[np.ndarray]:
     order = np.lexsort(descending.T[::-1])
     starts = np.arange(0, len(order), group_size)
     sizes = np.diff(np.append(starts, len(order)))
-    windows = LENGTH_GROUP_WINDOWS if descending.shape[1] > 1 else (1,)
     later_entries = descending[order, 1:].T[::-1]
     best, best_cost = order, None
-    for window in windows:
+    for window in LENGTH_GROUP_WINDOWS:
         window_of = np.arange(len(order)) // (window * group_size)
-        candidate = order[np.lexsort((descending[order, 0], *later_entries, window_of))] if window > 1 else order
+        candidate = order[np.lexsort((descending[order, 0], *later_entries, window_of))]
         cost = int((sizes * np.maximum.reduceat(-descending[candidate], starts, axis=0).sum(axis=1)).sum())
         if best_cost is None or cost < best_cost:
             best, best_cost = candidate, cost
