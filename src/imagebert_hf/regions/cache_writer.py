@@ -559,7 +559,7 @@ def extract_regions(
     `merge_region_caches`; either way the cache equals that of a single-machine run.
 
     Args:
-        source: A jsonl manifest path (the `../shared/data` layout, see `formats.manifest`) or a `datasets.Dataset`
+        source: A jsonl manifest path (the layout of `formats.manifest`) or a `datasets.Dataset`
             whose `image_column` holds paths, `Image()` values or `{"bytes", "path"}` dicts.
         output_dir: The cache folder; an unfinished cache there is resumed.
         extractor: An `ImageBERTRoIExtractor`, a folder saved from one, or None for the offline default.

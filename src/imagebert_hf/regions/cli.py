@@ -17,7 +17,8 @@ class ExtractRegionsArguments:
 
     output_dir: str = field(metadata={"help": "Folder of the region cache (an unfinished one is resumed)."})
     manifest: str | None = field(
-        default=None, metadata={"help": "A jsonl manifest (one image per line, as in ../shared/data)."}
+        default=None,
+        metadata={"help": "A jsonl manifest: one image per line, as `imagebert_hf.formats.manifest` describes."},
     )
     dataset_path: str | None = field(
         default=None, metadata={"help": "A datasets folder saved with save_to_disk, instead of a manifest."}

@@ -159,34 +159,23 @@ def _build(cls, data: Any, where: str):
             except ValueError:
                 raise RecipeError(f"{where}.{name} must be a number, got {value!r}.") from None
         _check_type(data[name], str(fields[name].type), f"{where}.{name}")
-        if name in _RANGES.get(cls.__name__, {}) and data[name] is not None:
-            _check_range(data[name], *_RANGES[cls.__name__][name], f"{where}.{name}")
+        if name in _FIELD_RULES and data[name] is not None:
+            _check_field(f"{where}.{name}", data[name], *_FIELD_RULES[name])
     return data
 
 
-# Ranges of the numeric fields not checked with a message of their own: (lowest, highest, lowest excluded),
-# None for no bound.
-_RANGES: dict[str, dict[str, tuple[float | None, float | None, bool]]] = {
-    "SourceSpec": {
-        "max_captions_per_image": (1, None, False),
-        "first_image": (0, None, False),
-        "image_size": (1, None, False),
-        "captions_per_image": (1, None, False),
-    },
-    "StageSpec": {
-        "samples_per_epoch": (1, None, False),
-        "weight_decay": (0.0, None, False),
-        "adam_beta1": (0.0, 1.0, False),
-        "adam_beta2": (0.0, 1.0, False),
-        "adam_epsilon": (0.0, None, True),
-        "max_grad_norm": (0.0, None, False),
-        "warmup_steps": (0, None, False),
-    },
-    "Recipe": {
-        "save_total_limit": (1, None, False),
-        "min_records_for_failure_check": (0, None, False),
-        "num_workers": (0, None, False),
-    },
+# The numeric fields not checked with a message of their own, by rule in `check_field`'s `(kind, lowest, highest)`
+# form (inclusive bounds, None for none): counts that must let something through are at least 1, offsets and
+# optional counts at least 0, Adam's betas in [0, 1]. Field names are unique across the recipe's sections.
+_FIELD_RULES: dict[str, tuple[str, float | None, float | None]] = {
+    **dict.fromkeys(
+        ("max_captions_per_image", "image_size", "captions_per_image", "samples_per_epoch", "save_total_limit"),
+        ("int", 1, None),
+    ),
+    **dict.fromkeys(("first_image", "warmup_steps", "min_records_for_failure_check", "num_workers"), ("int", 0, None)),
+    **dict.fromkeys(("weight_decay", "max_grad_norm"), ("float", 0.0, None)),
+    **dict.fromkeys(("adam_beta1", "adam_beta2"), ("float", 0.0, 1.0)),
+    "adam_epsilon": ("positive", None, None),
 }
 
 _TYPE_NAMES = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false", "None": "null"}
@@ -225,15 +214,11 @@ def _check_type(value: Any, annotation: str, where: str) -> None:
     raise RecipeError(f"{where} must be {expected}, got {value!r} ({type(value).__name__}).")
 
 
-def _check_range(value: float, low: float | None, high: float | None, low_excluded: bool, where: str) -> None:
-    too_low = low is not None and (value <= low if low_excluded else value < low)
-    too_high = high is not None and value > high
-    if too_low or too_high:
-        if high is None:
-            expected = f"{'>' if low_excluded else '>='} {low}"
-        else:
-            expected = f"in {'(' if low_excluded else '['}{low}, {high}]"
-        raise RecipeError(f"{where} must be {expected}, got {value!r}.")
+def _check_field(where: str, value: Any, kind: str, low: float | None, high: float | None) -> None:
+    try:
+        check_field(where, value, kind, low, high)
+    except (TypeError, ValueError) as error:
+        raise RecipeError(str(error)) from None
 
 
 def _source(data: Any, where: str) -> SourceSpec:
@@ -309,7 +294,7 @@ def _stage(data: Any, where: str) -> StageSpec:
         raise RecipeError(f"{where}.loss_weights: unknown task(s) {unknown}; expected keys among {LOSS_TASKS}.")
     stage.loss_weights = {**dict.fromkeys(LOSS_TASKS, 1.0), **stage.loss_weights}
     for task, weight in stage.loss_weights.items():
-        _check_range(weight, 0.0, None, False, f"{where}.loss_weights.{task}")
+        _check_field(f"{where}.loss_weights.{task}", weight, "float", 0.0, None)
     try:
         stage.check_masking_settings(f"{where}.")
     except ValueError as error:
@@ -322,10 +307,7 @@ def _check_model_config(config: dict[str, Any], where: str) -> None:
     made, since a text checkpoint may supply the rest)."""
     for name, value in config.items():
         if name in FIELD_RULES:
-            try:
-                check_field(name, value, *FIELD_RULES[name])
-            except (TypeError, ValueError) as error:
-                raise RecipeError(f"{where}.{error}") from None
+            _check_field(f"{where}.{name}", value, *FIELD_RULES[name])
 
 
 def check_source_paths(recipe: Recipe, where: str = "recipe") -> None:
