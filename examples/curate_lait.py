@@ -6,7 +6,8 @@
 
 Without `--inputs`, the script writes a demo crawl around the COCO photos in ../shared/data (three WARC files and
 a folder of saved pages, with logos, ads, tracking pixels, spam alt texts, tiny images, a decompression bomb, a
-German page, a corrupt WARC segment and duplicates) and curates it.
+German page, a corrupt WARC segment and duplicates) and curates it. A bad flag or input ends the script with one line
+naming it and exit status 1.
 """
 
 from __future__ import annotations
@@ -79,4 +80,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from imagebert_hf.models.imagebert.script_errors import exit_on_error
+
+    with exit_on_error("curate_lait"):
+        main()

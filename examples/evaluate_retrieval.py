@@ -14,7 +14,8 @@ fine-tuned, by full ranking or shortlist + re-rank.
 Texts are tokenized once and regions read once from the cache (`--corpus_cache` keeps both for the next run);
 writes `results.json` (the input of `imagebert_hf.evaluation.hub.build_model_card`), recall@K curves, score
 histograms and, with `--model_card`, a filled model card. The evaluation itself is
-`imagebert_hf.evaluation.full_ranking`; this script only reads the flags.
+`imagebert_hf.evaluation.full_ranking`; this script only reads the flags. A bad flag or input ends it with one line
+naming it and exit status 1.
 """
 
 from __future__ import annotations
@@ -30,4 +31,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from safetensors import SafetensorError
+
+    from imagebert_hf.models.imagebert.script_errors import exit_on_error
+
+    # SafetensorError: a damaged weights file.
+    with exit_on_error("evaluate_retrieval", errors=(OSError, ValueError, SafetensorError)):
+        main()

@@ -7,7 +7,8 @@
 2. run it over a jsonl manifest + image folder into Arrow shards (resumable, deduplicated, bad images reported);
 3. read the regions back by image path and turn them into model inputs with `ImageBERTProcessor(regions=...)`.
 
-Arguments may also come from a JSON file: `python examples/extract_regions.py args.json`.
+Arguments may also come from a JSON file: `python examples/extract_regions.py args.json`. A bad flag or input ends the
+script with one line naming it and exit status 1.
 """
 
 import sys
@@ -120,4 +121,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from imagebert_hf.models.imagebert.script_errors import exit_on_error
+
+    # ImportError: an offline weights package (the backbone's, the tokenizer's) is missing.
+    with exit_on_error("extract_regions", errors=(ImportError, OSError, ValueError)):
+        main()

@@ -8,7 +8,8 @@
 
 Flags left unset never override the recipe; `--set dotted.key=value` reaches any recipe field. The device, mixed
 precision and distributed engine (DDP, FSDP, DeepSpeed) come from the accelerate launch config; `--mixed_precision`
-and `--cpu` override it only when given.
+and `--cpu` override it only when given. A bad flag, recipe or input ends the script with one line naming it and exit
+status 1.
 """
 
 import sys
@@ -66,4 +67,11 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from safetensors import SafetensorError
+
+    from imagebert_hf.models.imagebert.script_errors import exit_on_error
+    from imagebert_hf.training import TooManyFailedRecords
+
+    # SafetensorError: a damaged weights file; TooManyFailedRecords: sources whose records mostly fail to load.
+    with exit_on_error("run_pretraining", errors=(OSError, ValueError, SafetensorError, TooManyFailedRecords)):
+        main()

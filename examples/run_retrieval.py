@@ -9,7 +9,8 @@
 
 The fine-tuning itself (negatives, the contrastive loss of the shortlist heads, checkpoints, resumption, evaluation)
 is `imagebert_hf.training.retrieval_finetuning`; this script reads the flags and sets the exit status: 3 when
-`--stop_after_steps` stopped the run before its end (resubmit with `--resume`).
+`--stop_after_steps` stopped the run before its end (resubmit with `--resume`), 1 with one line naming it for a bad
+flag or input.
 """
 
 from __future__ import annotations
@@ -32,4 +33,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from safetensors import SafetensorError
+
+    from imagebert_hf.models.imagebert.script_errors import exit_on_error
+
+    # SafetensorError: a damaged weights file (the model's or a checkpoint's).
+    with exit_on_error("run_retrieval", errors=(OSError, ValueError, SafetensorError)):
+        main()

@@ -220,8 +220,13 @@ def test_a_bad_override_names_itself(override, named):
     assert override in str(info.value) and named in str(info.value)
 
 
-def test_invalid_yaml_names_the_file(tmp_path):
+def test_invalid_yaml_names_the_file_on_one_line(tmp_path):
     path = tmp_path / "broken.yaml"
-    path.write_text("stages: [\n")
-    with pytest.raises(RecipeError, match="broken.yaml is not valid YAML"):
+    path.write_text("stages:\n  - name: a\n  b: [1,\n")
+    with pytest.raises(RecipeError, match="broken.yaml is not valid YAML") as info:
         load_recipe(path)
+    # PyYAML's message spans lines; a script prints it as its one error line, with the line and column kept.
+    assert "\n" not in str(info.value) and "line 3, column 3" in str(info.value)
+    with pytest.raises(RecipeError, match="the value is not valid YAML") as info:
+        apply_overrides(TINY, ["seed=[1,"])
+    assert "\n" not in str(info.value)

@@ -58,11 +58,12 @@ OPTIONAL_DEPENDENCIES = {
 NEEDS_OPTIONAL_DEPENDENCY: set[str] = set()
 # `(module, function)` whose cross-folder imports wait inside the function so that `import imagebert_hf` and the
 # console scripts' `--help` load no torch: the package root's `register` (it runs once transformers' Auto classes
-# load), the curation config's shared field check (`configuration_imagebert` loads transformers, hence torch) and
-# the region-extraction command's extractor.
+# load), the curation config's and the app command's shared field check (`configuration_imagebert` loads
+# transformers, hence torch) and the region-extraction command's extractor.
 KEPT_OFF_THE_IMPORT: set[tuple[str, str]] = {
     (PACKAGE, "register"),
     (f"{PACKAGE}.curation.config", "check_stage_config"),
+    (f"{PACKAGE}.app.cli", "check_arguments"),
     (f"{PACKAGE}.regions.cli", "_extract"),
 }
 

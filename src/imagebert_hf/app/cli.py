@@ -9,6 +9,7 @@ photos by default, built first when absent).
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -48,7 +49,13 @@ class AppArguments:
         default=128, metadata={"help": "Candidates of the prebuilt index re-ranked by the cross-encoder per query."}
     )
     batch_size: int = field(default=32, metadata={"help": "Images per extraction batch and pairs per forward."})
-    device: int = field(default=-1, metadata={"help": "CUDA device index, or -1 for the CPU."})
+    device: str = field(
+        default="cpu",
+        metadata={
+            "help": "Where the model runs: cpu, an accelerator such as cuda, cuda:1 or mps, or an index of this "
+            "machine's accelerator (-1 for the CPU)."
+        },
+    )
 
 
 def find_demo_script() -> Path | None:
@@ -77,6 +84,50 @@ def ensure_demo_model(demo_dir: str | os.PathLike) -> Path:
     return model
 
 
+def _accelerator() -> tuple[str | None, int]:
+    """The type of the accelerator torch can use here (`"cuda"`, `"mps"`, ...) and its device count; None, 0 when
+    there is none."""
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is None:  # torch < 2.6 has no generic accelerator interface
+        return ("cuda", torch.cuda.device_count()) if torch.cuda.is_available() else (None, 0)
+    if not accelerator.is_available():
+        return None, 0
+    return accelerator.current_accelerator().type, accelerator.device_count()
+
+
+def app_device(value: str | int):
+    """The `torch.device` that `--device` names: `cpu`, a device string torch parses (`cuda`, `cuda:1`, `mps`), or
+    an index of this machine's accelerator (-1 for the CPU). Raises `ValueError` naming `--device` when torch cannot
+    parse it or the device is not here, before anything is loaded on it."""
+    import torch
+
+    text = str(value).strip()
+    kind, count = _accelerator()
+    available = ", ".join(["cpu"] + [f"{kind}:{index}" for index in range(count)])
+    index = int(text) if re.fullmatch(r"-?[0-9]+", text) else None
+    if index is not None and index >= 0 and kind is None:
+        raise ValueError(f"--device {text}: there is no accelerator here to index (available: {available})")
+    try:
+        if index is None:
+            device = torch.device(text)
+        elif index == -1:
+            device = torch.device("cpu")
+        elif index >= 0:
+            device = torch.device(kind, index)
+        else:
+            raise RuntimeError(f"no device has the index {index}")
+    except RuntimeError:
+        raise ValueError(
+            f"--device {text}: not a device (expected cpu, an accelerator such as cuda or cuda:0, or an "
+            f"accelerator index, -1 for the CPU; available: {available})"
+        ) from None
+    if device.type == "cpu" or (device.type == kind and (device.index is None or device.index < count)):
+        return device
+    raise ValueError(f"--device {text}: {device} is not available here (available: {available})")
+
+
 def load_demo(args: AppArguments):
     """The `RetrievalDemo` the arguments describe: the pipeline and the gallery, indexed."""
     import transformers
@@ -95,7 +146,7 @@ def load_demo(args: AppArguments):
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:  # the task is registered when the package is imported (`imagebert_hf.register`)
-        retriever = pipeline("image-text-retrieval", model=model, device=args.device)
+        retriever = pipeline("image-text-retrieval", model=model, device=app_device(args.device))
     finally:
         transformers.logging.set_verbosity(verbosity)
     photos = read_gallery(gallery, split=split, limit=args.max_gallery)
@@ -108,25 +159,53 @@ def _looks_like_a_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Serves the app until stopped; returns 0. A bad argument (a missing model folder or gallery, a gallery
-    without images) ends it with one line naming it and exit status 1, before any model is loaded."""
-    (args,) = HfArgumentParser(AppArguments).parse_args_into_dataclasses(args=argv)
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+def check_arguments(args: AppArguments) -> None:
+    """Raises `ValueError` naming the flag when a setting cannot work: every check of the command line, made
+    before a model or gallery is loaded. The values come before the paths, so a bad value is named even where the
+    model or gallery is missing too."""
+    from ..models.imagebert.configuration_imagebert import check_field
+
+    # The pipeline reads None as "all" for top_k and shortlist_k; these flags are always set, and below 1 they
+    # would leave nothing to rank or show.
+    for name in ("top_k", "shortlist_k", "batch_size"):
+        check_field(f"--{name}", getattr(args, name), "int", 1, None)
+    if args.max_gallery is not None:  # unset: the whole gallery
+        check_field("--max_gallery", args.max_gallery, "int", 1, None)
+    check_field("--port", args.port, "int", 1, 65535)
+    app_device(args.device)
     if args.model is not None and not Path(args.model).expanduser().exists() and _looks_like_a_path(args.model):
-        raise SystemExit(
-            f"imagebert-app: error: --model {args.model}: no such folder (expected a saved model folder or a Hub id "
-            "such as owner/name)"
+        raise ValueError(
+            f"--model {args.model}: no such folder (expected a saved model folder or a Hub id such as owner/name)"
         )
     if args.model is not None and args.gallery is None:
-        raise SystemExit(
-            "imagebert-app: error: --gallery is needed with --model: a folder of images or a jsonl manifest"
-        )
+        raise ValueError("--gallery is needed with --model: a folder of images or a jsonl manifest")
     if args.gallery is not None and not Path(args.gallery).exists():
-        raise SystemExit(
-            f"imagebert-app: error: --gallery {args.gallery}: no such file or folder (expected a folder of images "
-            "or a .jsonl manifest)"
+        raise ValueError(
+            f"--gallery {args.gallery}: no such file or folder (expected a folder of images or a .jsonl manifest)"
         )
+
+
+def parse_args(argv: list[str] | None = None) -> AppArguments:
+    """The command line (`sys.argv` when `argv` is None) as checked `AppArguments`; an unknown flag or a bad
+    setting ends it with one line naming it and exit status 1."""
+    args, unknown = HfArgumentParser(AppArguments).parse_args_into_dataclasses(
+        args=argv, return_remaining_strings=True
+    )
+    if unknown:
+        raise SystemExit(
+            f"imagebert-app: error: unrecognized arguments: {' '.join(unknown)} (see imagebert-app --help)"
+        )
+    with exit_on_error("imagebert-app", errors=(TypeError, ValueError)):
+        check_arguments(args)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serves the app until stopped; returns 0. A bad argument (an unknown flag, a value out of range, a device
+    that is not here, a missing model folder or gallery, a gallery without images) ends it with one line naming it
+    and exit status 1; all but the gallery's contents are checked before any model is loaded."""
+    args = parse_args(argv)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     with exit_on_error("imagebert-app", missing_extra="the app needs its extra: pip install 'imagebert_hf[app]'"):
         from .ui import build_app, launch_app
 
@@ -141,7 +220,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["AppArguments", "DEMO_GALLERY", "DEMO_MODEL", "ensure_demo_model", "find_demo_script", "load_demo", "main"]
+__all__ = [
+    "AppArguments",
+    "DEMO_GALLERY",
+    "DEMO_MODEL",
+    "app_device",
+    "check_arguments",
+    "ensure_demo_model",
+    "find_demo_script",
+    "load_demo",
+    "main",
+    "parse_args",
+]
 
 
 if __name__ == "__main__":

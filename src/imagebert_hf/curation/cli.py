@@ -55,7 +55,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunArguments, CurationCon
         # File values are the base; flags given explicitly on the command line win. The merged values go through
         # `from_dict`, so they are checked like any other configuration.
         given = {arg.lstrip("-").split("=")[0] for arg in argv if arg.startswith("--")}
-        merged = CurationConfig.load(run.config_file).to_dict()
+        try:
+            merged = CurationConfig.load(run.config_file).to_dict()
+        except (OSError, TypeError, ValueError) as error:
+            raise type(error)(f"--config_file: {error}") from None
         for name, part in config.to_dict().items():
             merged[name].update({key: value for key, value in part.items() if key in given})
         config = CurationConfig.from_dict(merged)
@@ -65,13 +68,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunArguments, CurationCon
 def main(argv: list[str] | None = None) -> int:
     """Runs `imagebert-curate`; returns 0 on success. A bad input (a missing file, a value the stages reject) ends
     the command with one line naming it and exit status 1."""
-    with exit_on_error(
-        "imagebert-curate",
-        missing_extra=(
-            "the curation stages and the spark runner need the extras: pip install 'imagebert_hf[curation,spark]'"
-        ),
-    ):
+    program = "imagebert-curate"
+    missing_extra = (
+        "the curation stages and the spark runner need the extras: pip install 'imagebert_hf[curation,spark]'"
+    )
+    # The configuration's checks raise TypeError for a value of the wrong type (from --config_file); once the run
+    # has started, a TypeError is a bug and keeps its traceback.
+    with exit_on_error(program, errors=(OSError, TypeError, ValueError), missing_extra=missing_extra):
         run, config = parse_args(argv)
+    with exit_on_error(program, missing_extra=missing_extra):
         if run.runner not in ("local", "spark"):
             raise ValueError(f"--runner must be local or spark, got {run.runner!r}")
         logging.basicConfig(level=run.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -328,20 +328,37 @@ class CurationConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> CurationConfig:
-        """Reads a file written by `save`; a file that is not JSON, or holds a bad value, is named in the error."""
-        try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(
-                f"{path} is not a valid JSON curation configuration (line {error.lineno}, column {error.colno}: "
-                f"{error.msg}); expected the config.json written by `CurationConfig.save`."
-            ) from None
-        except UnicodeDecodeError:
-            raise ValueError(f"{path} is not a text file; expected a JSON curation configuration.") from None
+        """Reads a file written by `save`; a file that cannot be read, is not JSON, or holds a bad value, is named in
+        the error."""
+        data = read_json_file(path, "a JSON curation configuration (the config.json written by `CurationConfig.save`)")
         try:
             return cls.from_dict(data)
         except (TypeError, ValueError) as error:
             raise type(error)(f"{path}: {error}") from None
+
+
+def read_text_file(path: str | Path, expected: str) -> str:
+    """The content of a UTF-8 text file the user names. A file that cannot be read (missing, a folder, no
+    permission) raises the same `OSError` class, one that is not UTF-8 text a `ValueError`; both name `path` and what
+    was `expected`."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise type(error)(f"cannot read {path} ({error.strerror or error}); expected {expected}.") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a UTF-8 text file; expected {expected}.") from None
+
+
+def read_json_file(path: str | Path, expected: str):
+    """The parsed content of a JSON file, its errors as `read_text_file`'s; JSON that does not parse raises a
+    `ValueError` naming `path`, the line and what was `expected`."""
+    text = read_text_file(path, expected)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{path} is not valid JSON (line {error.lineno}, column {error.colno}: {error.msg}); expected {expected}."
+        ) from None
 
 
 STAGE_CLASSES = {
@@ -474,4 +491,5 @@ __all__ = [
     "STAGE_CLASSES",
     "TextCleaningConfig",
     "check_stage_config",
+    "read_json_file",
 ]

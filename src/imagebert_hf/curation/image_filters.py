@@ -174,7 +174,10 @@ class LinearNaturalPhotoClassifier:
     def __init__(self, model_path: str | None = None):
         self.model = load_packaged_model("natural_photo.json") if model_path is None else LinearModel.load(model_path)
         if list(self.model.feature_names) != list(STAT_NAMES):
-            raise ValueError("the natural-photo model was trained on other image statistics")
+            raise ValueError(
+                f"{model_path or 'the packaged model'} is a model of other features than this version's image statistics; expected a "
+                "natural-photo model written by examples/train_curation_models.py."
+            )
 
     def score(self, images: list, stats: np.ndarray) -> list[float]:
         if len(stats) == 0:
@@ -188,11 +191,26 @@ def load_packaged_model(name: str) -> LinearModel:
         return LinearModel.load(path)
 
 
-def _import_plugin(spec: str):
+def import_plugin(spec: str) -> type:
+    """The class a `module:Class` plug-in names. A module that cannot be imported or a missing class raises
+    `ValueError` naming `spec`: the plug-in is the user's code, not one of the package's extras."""
     module_name, _, attr = spec.partition(":")
     if not attr:
         raise ValueError(f"plug-in {spec!r} must be a built-in name or `module:Class`")
-    return getattr(importlib.import_module(module_name), attr)()
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(
+            f"cannot import the module {module_name!r} of the plug-in {spec!r} ({error}); expected `module:Class` "
+            "naming a class importable in this environment."
+        ) from None
+    plugin = getattr(module, attr, None)
+    if not callable(plugin):
+        raise ValueError(
+            f"the module {module_name!r} has no class {attr!r} (plug-in {spec!r}); expected `module:Class` naming a "
+            "class importable in this environment."
+        )
+    return plugin
 
 
 @functools.lru_cache(maxsize=8)
@@ -201,7 +219,7 @@ def get_nsfw_detector(spec: str) -> ImageScorer:
         return NudeNetDetector()
     if spec == "none":
         return NoScorer(0.0)
-    return _import_plugin(spec)
+    return import_plugin(spec)()
 
 
 @functools.lru_cache(maxsize=8)
@@ -210,7 +228,7 @@ def get_natural_classifier(spec: str, model_path: str | None = None) -> ImageSco
         return LinearNaturalPhotoClassifier(model_path)
     if spec == "none":
         return NoScorer(1.0)
-    return _import_plugin(spec)
+    return import_plugin(spec)()
 
 
 def decode_image(data: bytes, config: ImageFilterConfig):
@@ -296,5 +314,6 @@ __all__ = [
     "filter_images",
     "get_natural_classifier",
     "image_statistics",
+    "import_plugin",
     "load_packaged_model",
 ]

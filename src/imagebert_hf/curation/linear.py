@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..formats.files import atomic_write_text
+from .config import read_json_file
 
 
 @dataclass
@@ -51,15 +52,41 @@ class LinearModel:
 
     @classmethod
     def load(cls, path: str | Path) -> LinearModel:
-        data = json.loads(Path(path).read_text())
-        return cls(
-            feature_names=data["feature_names"],
-            mean=np.asarray(data["mean"], dtype=np.float64),
-            scale=np.asarray(data["scale"], dtype=np.float64),
-            coef=np.asarray(data["coef"], dtype=np.float64),
-            intercept=float(data["intercept"]),
-            metadata=data.get("metadata", {}),
+        """Reads a file written by `save`; a file that cannot be read, is not JSON, or lacks a field of the right
+        shape raises naming `path` and the field."""
+        expected = "a JSON linear model written by `LinearModel.save` (see examples/train_curation_models.py)"
+        data = read_json_file(path, expected)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} holds a {type(data).__name__}; expected {expected}.")
+        missing = [name for name in ("feature_names", "mean", "scale", "coef", "intercept") if name not in data]
+        if missing:
+            raise ValueError(f"{path} lacks the field(s) {missing}; expected {expected}.")
+        names = data["feature_names"]
+        if not isinstance(names, list) or not names or not all(isinstance(name, str) for name in names):
+            raise ValueError(f"{path}: feature_names must be a non-empty list of strings, got {names!r:.80}.")
+        vectors = {name: _finite_vector(path, name, data[name], len(names)) for name in ("mean", "scale", "coef")}
+        if not (vectors["scale"] > 0).all():
+            raise ValueError(f"{path}: scale must be positive, got {data['scale']!r:.80}.")
+        intercept = data["intercept"]
+        if isinstance(intercept, bool) or not isinstance(intercept, (int, float)) or not math.isfinite(intercept):
+            raise ValueError(f"{path}: intercept must be a finite number, got {intercept!r}.")
+        metadata = data.get("metadata", {})
+        if not isinstance(metadata, dict):
+            raise ValueError(f"{path}: metadata must be a mapping, got {metadata!r:.80}.")
+        return cls(feature_names=names, intercept=float(intercept), metadata=metadata, **vectors)
+
+
+def _finite_vector(path, name: str, value, length: int) -> np.ndarray:
+    """`value` as a float64 vector of `length` finite numbers; anything else raises naming `path` and `name`."""
+    if (
+        not isinstance(value, list)
+        or len(value) != length
+        or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in value)
+    ):
+        raise ValueError(
+            f"{path}: {name} must be a list of {length} finite numbers (one per feature name), got {value!r:.80}."
         )
+    return np.asarray(value, dtype=np.float64)
 
 
 def fit_linear_model(

@@ -8,6 +8,7 @@ state between processes and works the same in `datasets` workers and Spark execu
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -23,12 +24,12 @@ from transformers.utils import logging
 from ..formats.files import atomic_write_text, publish_folder
 from .aggregation import aggregate
 from .config import CurationConfig
-from .image_filters import ADDED_COLUMNS, filter_images
+from .image_filters import ADDED_COLUMNS, filter_images, get_natural_classifier, import_plugin
 from .inputs import PAGE_COLUMNS, discover_sources, is_url, scan_source
 from .parse import IMAGE_COLUMNS, parse_pages
-from .relevance import score_relevance
+from .relevance import load_relevance_model, score_relevance
 from .tally import Tally, write_funnel_report
-from .text_cleaning import PAIR_COLUMNS, clean_texts, text_key
+from .text_cleaning import PAIR_COLUMNS, clean_texts, load_vocabulary, text_key
 
 
 logger = logging.get_logger(__name__)
@@ -196,6 +197,46 @@ def check_run_settings(num_proc, batch_size, rows_per_shard) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
 
+def check_stage_inputs(config: CurationConfig) -> None:
+    """Checks what the stages read besides the pages, before a runner touches its output folder: the languages
+    against those the detector can return, the vocabulary, the model files, and that plug-in scorers import. Inside
+    the stages a failure would be counted as a dropped record (every record), so a bad file or code would end in a
+    successful run that keeps nothing. Errors name the field (`text.vocabulary`, the flag without `--`)."""
+    from resiliparse.parse.lang import supported_langs
+
+    # `unknown` is what the detector returns for a page it cannot place.
+    known = [*supported_langs(), "unknown"]
+    unknown = sorted(set(config.parse.languages) - set(known))
+    if unknown:
+        raise ValueError(
+            f"parse.languages must be codes of resiliparse's language detector, got {config.parse.languages!r} "
+            f"(unknown: {unknown}); known codes: {', '.join(known)}."
+        )
+    images = config.images
+    checks = [
+        ("text.vocabulary", lambda: load_vocabulary(config.text.vocabulary, config.text.vocabulary_size)),
+        ("relevance.relevance_model_path", lambda: load_relevance_model(config.relevance.relevance_model_path)),
+    ]
+    if images.natural_classifier == "default":
+        checks.append(
+            ("images.natural_model_path", lambda: get_natural_classifier("default", images.natural_model_path))
+        )
+    elif images.natural_classifier != "none":
+        checks.append(("images.natural_classifier", lambda: import_plugin(images.natural_classifier)))
+    if images.nsfw_detector == "nudenet":
+        # A missing extra raises ModuleNotFoundError, which the scripts turn into the extras to install.
+        checks.append(("images.nsfw_detector", lambda: importlib.import_module("nudenet")))
+    elif images.nsfw_detector != "none":
+        checks.append(("images.nsfw_detector", lambda: import_plugin(images.nsfw_detector)))
+    for name, check in checks:
+        try:
+            check()
+        except OSError as error:
+            raise type(error)(f"{name}: {error}") from None
+        except ValueError as error:
+            raise ValueError(f"{name}: {error}") from None
+
+
 def run_local(
     inputs: list[str | Path],
     output_dir: str | Path,
@@ -225,6 +266,7 @@ def run_local(
     if not isinstance(config, CurationConfig):
         raise TypeError(f"config must be a CurationConfig, got {type(config).__name__}.")
     check_run_settings(num_proc, batch_size, rows_per_shard)
+    check_stage_inputs(config)
     output_dir = str(output_dir).removeprefix("file://")
     if is_url(output_dir):
         raise ValueError(
@@ -309,6 +351,7 @@ __all__ = [
     "TALLY",
     "apply_stage",
     "check_run_settings",
+    "check_stage_inputs",
     "features_for",
     "finalize_report",
     "load_curated",

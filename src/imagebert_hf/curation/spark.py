@@ -33,6 +33,7 @@ from .pipeline import (
     CurationResult,
     Stage,
     apply_stage,
+    check_stage_inputs,
     finalize_report,
     load_curated,
     scan_sources,
@@ -241,6 +242,7 @@ def run_spark(
         _check_positive(name, value)
     if num_partitions is not None:
         _check_positive("num_partitions", num_partitions)
+    check_stage_inputs(config)
     output_url = str(output_dir).rstrip("/")
     fs, root = _filesystem(output_url)
     settings = json.dumps(config.to_dict(), sort_keys=True, default=str)

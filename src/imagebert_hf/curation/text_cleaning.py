@@ -11,9 +11,8 @@ import functools
 import hashlib
 import re
 from collections import Counter
-from pathlib import Path
 
-from .config import TextCleaningConfig
+from .config import TextCleaningConfig, read_text_file
 from .tally import INPUT, KEPT, Tally
 
 
@@ -78,11 +77,15 @@ def load_vocabulary(vocabulary: str, size: int) -> frozenset[str]:
         from wordfreq import top_n_list
 
         return frozenset(top_n_list("en", size))
+    expected = "`wordfreq` or a UTF-8 text file with one word per line"
     words = set()
-    for line in Path(vocabulary).read_text(encoding="utf-8").splitlines():
+    for line in read_text_file(vocabulary, expected).splitlines():
         word = line.strip().lower()
         if word and not word.startswith("##") and not word.startswith("["):
             words.add(word)
+    if not words:
+        # An empty vocabulary makes every word rare, so every text would be dropped.
+        raise ValueError(f"{vocabulary} holds no words; expected {expected}.")
     return frozenset(words)
 
 

@@ -22,7 +22,7 @@ from ..data.retrieval_corpus import RetrievalCorpus, load_karpathy_split, load_m
 from ..data.synthetic import make_synthetic_examples, synthetic_region_record
 from ..formats.files import atomic_write_bytes, atomic_write_json
 from ..models.imagebert.modeling_imagebert import ImageBERTForImageTextRetrieval
-from ..models.imagebert.retrieval_index import score_all_pairs
+from ..models.imagebert.retrieval_index import index_factory_string, score_all_pairs
 from ..regions.cache_reader import load_region_cache
 from .hub import build_model_card, save_model_card
 from .plots import plot_recall_curves, plot_score_histograms
@@ -210,9 +210,57 @@ def load_corpus_cache(path: str | os.PathLike, fingerprint: dict) -> RetrievalCo
     )
 
 
+def check_model_path(name_or_path: str) -> None:
+    """Refuses a `--model_name_or_path` that is neither an existing path nor a Hub id (`name` or `namespace/name`),
+    which `from_pretrained` would report as a malformed Hub id rather than as a folder that does not exist."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if Path(name_or_path).exists():
+        return
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        raise FileNotFoundError(
+            f"--model_name_or_path {name_or_path} does not exist (expected a checkpoint folder or a Hub model id)."
+        ) from None
+
+
+def load_retrieval_model(name_or_path: str, **config_overrides) -> ImageBERTForImageTextRetrieval:
+    """`ImageBERTForImageTextRetrieval.from_pretrained`, with errors that name `--model_name_or_path`: a folder that
+    does not exist, a damaged weights file."""
+    from safetensors import SafetensorError
+
+    check_model_path(name_or_path)
+    try:
+        return ImageBERTForImageTextRetrieval.from_pretrained(name_or_path, **config_overrides)
+    except SafetensorError as error:
+        raise OSError(
+            f"--model_name_or_path {name_or_path}: a weights file is damaged ({error}); save the checkpoint again."
+        ) from error
+
+
+def check_evaluation_paths(args: EvaluationArguments) -> None:
+    """Refuses, before anything is loaded or written, a split file that does not exist, a `--corpus_cache` that is a
+    folder (the cache is one file, written only once the corpus is built) and an `--output_dir` that is a file."""
+    karpathy = ("karpathy_file", "a Karpathy split file such as dataset_coco.json")
+    split_flag, expected = {"coco": karpathy, "flickr30k": karpathy, "manifest": ("manifest", "a jsonl manifest")}.get(
+        args.dataset, (None, None)
+    )
+    split_file = getattr(args, split_flag) if split_flag else None
+    if split_file is not None and not Path(split_file).is_file():
+        raise FileNotFoundError(f"--{split_flag} {split_file} does not exist (expected {expected}).")
+    if args.corpus_cache is not None and Path(args.corpus_cache).is_dir():
+        raise IsADirectoryError(
+            f"--corpus_cache {args.corpus_cache} is a folder; expected a file path (the cache is one safetensors file)."
+        )
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        raise NotADirectoryError(f"--output_dir {args.output_dir} exists and is not a folder.")
+
+
 def load_evaluation_corpus(args: EvaluationArguments, tokenizer, config) -> RetrievalCorpus:
     """The split's tokenized texts and padded regions (from `args.corpus_cache` when it exists and was built from
     the same split and settings, and kept there otherwise)."""
+    check_evaluation_paths(args)
     if args.memory_mapped and (args.corpus_cache or args.dataset == "synthetic"):
         raise ValueError(
             "--memory_mapped reads the regions from --region_cache: it goes with neither --corpus_cache (which "
@@ -222,6 +270,11 @@ def load_evaluation_corpus(args: EvaluationArguments, tokenizer, config) -> Retr
         raise ValueError("give --region_cache (extract the regions once with imagebert-extract-regions).")
     records = _split_records(args, config)
     cache = None if args.dataset == "synthetic" else load_region_cache(args.region_cache)
+    if cache is not None and cache.info["region_feature_size"] != config.region_feature_size:
+        raise ValueError(
+            f"--region_cache {args.region_cache} holds regions of {cache.info['region_feature_size']} features; the "
+            f"model takes region_feature_size={config.region_feature_size} (extract them with the model's extractor)."
+        )
     fingerprint = corpus_fingerprint(args, records, tokenizer, config, cache and cache.info.get("fingerprint"))
     if args.corpus_cache and Path(args.corpus_cache).is_file():
         return load_corpus_cache(args.corpus_cache, fingerprint)
@@ -308,9 +361,12 @@ def run_retrieval_evaluation(args: EvaluationArguments) -> dict:
 
     if args.model_name_or_path is None:
         raise ValueError("give --model_name_or_path (a retrieval or pretraining checkpoint).")
+    check_evaluation_paths(args)
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    model = ImageBERTForImageTextRetrieval.from_pretrained(args.model_name_or_path).eval()
+    model = load_retrieval_model(args.model_name_or_path).eval()
+    if args.shortlist_k:
+        # Refused here rather than once every pair has been scored.
+        index_factory_string(args.index_type, args.shortlist_k, model.config.contrastive_embedding_size)
     if torch.cuda.is_available():
         model.cuda()
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
@@ -348,6 +404,7 @@ def run_retrieval_evaluation(args: EvaluationArguments) -> dict:
             }
         )
     print(format_metrics_table(table))
+    output_dir.mkdir(parents=True, exist_ok=True)
     ranking.plot(output_dir, title=f"{args.dataset} {args.split}")
     atomic_write_json(output_dir / "results.json", {"model": args.model_name_or_path, "results": results}, indent=1)
     if args.model_card:
@@ -361,9 +418,12 @@ __all__ = [
     "CorpusCacheError",
     "CorpusRanking",
     "EvaluationArguments",
+    "check_evaluation_paths",
+    "check_model_path",
     "corpus_fingerprint",
     "load_corpus_cache",
     "load_evaluation_corpus",
+    "load_retrieval_model",
     "protocols",
     "rank_corpus",
     "run_retrieval_evaluation",

@@ -16,6 +16,7 @@ cache/
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,7 @@ def _read_info(path: Path) -> dict[str, Any]:
         raise RegionCacheError(
             f"{info_path} is damaged ({error}); delete the cache folder {path} and rerun imagebert-extract-regions."
         ) from error
-    problem = _info_problem(info)
+    problem = _info_problem(info) or _shard_count_problem(path, info)
     if problem:
         raise RegionCacheError(
             f"{info_path} is damaged ({problem}); delete the cache folder {path} and rerun imagebert-extract-regions."
@@ -80,17 +81,46 @@ def _info_problem(info) -> str | None:
     return None
 
 
+def _shard_count_problem(path: Path, info: dict[str, Any]) -> str | None:
+    """Whether `num_shards` is more than `index.jsonl` could list (every shard holds at least one item, a line of the
+    index): a damaged count would otherwise have a reader build and stat that many shard paths."""
+    index = path / INDEX_NAME
+    if not index.is_file():  # a reader with a stored lookup.arrow needs no index; its shard check is bounded too
+        return None
+    size = index.stat().st_size
+    if info["num_shards"] > size:
+        return f"num_shards={info['num_shards']}, more than the {size} bytes of {INDEX_NAME} could list"
+    return None
+
+
+def _present_shards(path: Path) -> set[int]:
+    """The numbers of the finished shard folders in `shards/` (temporary `.tmp-<pid>` folders are not finished)."""
+    folder = path / SHARDS_DIR
+    if not folder.is_dir():
+        return set()
+    numbers = set()
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            digits = entry.name.removeprefix("shard-")
+            if digits.isdigit() and entry.name == _shard_dir(path, int(digits)).name and entry.is_dir():
+                numbers.add(int(digits))
+    return numbers
+
+
 def _shard_dirs(path: Path, info: dict[str, Any]) -> list[Path]:
-    shards = [_shard_dir(path, shard) for shard in range(info["num_shards"])]
-    missing = [s.name for s in shards if not s.is_dir()]
-    if missing:
+    num_shards = info["num_shards"]
+    # Counted from the folder's entries, so the work is bounded by what is on disk, not by the recorded count.
+    present = {shard for shard in _present_shards(path) if shard < num_shards}
+    if len(present) < num_shards:
+        first = next(shard for shard in range(num_shards) if shard not in present)
         raise RegionCacheError(
-            f"region cache {path} is incomplete ({len(missing)} shards missing, e.g. {missing[0]}); rerun "
-            "extract_regions with the same arguments to finish it (finished shards are kept)."
+            f"region cache {path} is incomplete ({num_shards - len(present)} shards missing, e.g. "
+            f"{_shard_dir(path, first).name}); rerun extract_regions with the same arguments to finish it (finished "
+            "shards are kept)."
         )
-    if not shards:
+    if not num_shards:
         raise RegionCacheError(f"region cache {path} is empty.")
-    return shards
+    return [_shard_dir(path, shard) for shard in range(num_shards)]
 
 
 def _damaged(file: Path, error: Exception) -> RegionCacheError:

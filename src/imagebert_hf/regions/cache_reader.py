@@ -19,6 +19,7 @@ from ..formats.files import atomic_writer, file_checksum
 from ..models.imagebert.region_batching import RegionRecord, as_feature_tensor
 from .cache_layout import (
     CACHE_INFO_NAME,
+    EXTRACTOR_DIR,
     INDEX_NAME,
     SHARD_REPORT_NAME,
     RegionCacheError,
@@ -257,16 +258,61 @@ def _check_shard_rows(shard: Path, table, report: dict[str, Any] | None) -> None
             )
 
 
+def _parse_problem(file: Path) -> Exception | None:
+    """Why a file written without a recorded checksum cannot be read: a JSON file that does not parse, a safetensors
+    file whose header does not cover the file (a truncated or cut one); None when it reads."""
+    if file.suffix == ".json":
+        try:
+            json.loads(file.read_bytes())
+        except (ValueError, UnicodeDecodeError) as error:
+            return error
+    elif file.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(file), framework="numpy"):
+                pass
+        except (OSError, SafetensorError) as error:
+            return error
+    return None
+
+
+def _check_unrecorded_files(path: Path, shards: list[Path]) -> None:
+    """The files no checksum was recorded for must at least parse: the extractor that made the regions (its
+    settings and weights) and each shard's `datasets` metadata (`state.json`, `dataset_info.json`, read by
+    `load_region_dataset`)."""
+    extractor = path / EXTRACTOR_DIR
+    if not extractor.is_dir():
+        raise RegionCacheError(
+            f"region cache {path} has no {EXTRACTOR_DIR}/ folder (the extractor that made its regions); rebuild the "
+            "cache into a new folder."
+        )
+    for file in sorted(extractor.iterdir()):
+        error = _parse_problem(file)
+        if error is not None:
+            raise RegionCacheError(
+                f"region cache file {file} is damaged ({type(error).__name__}: {error}); the extractor that made the "
+                f"regions cannot be loaded from it. Rebuild the cache into a new folder (or copy {EXTRACTOR_DIR}/ "
+                "from an intact copy of this cache)."
+            )
+    for shard in shards:
+        for file in sorted(shard.glob("*.json")):
+            error = _parse_problem(file) if file.name != SHARD_REPORT_NAME else None  # parsed by _shard_report
+            if error is not None:
+                raise _damaged(file, error)
+
+
 def verify_region_cache(path: str | os.PathLike) -> int:
     """The full integrity check of a region cache: reads every shard file and `index.jsonl` and compares their
-    sha256 with the checksums recorded when they were written. Slow (it reads the whole cache): run it after copying
-    a cache or when in doubt; opening a cache only checks sizes, shard places and key ranges.
+    sha256 with the checksums recorded when they were written, and parses the files written without one (the
+    extractor's settings and weights, each shard's `datasets` metadata). Slow (it reads the whole cache): run it
+    after copying a cache or when in doubt; opening a cache only checks sizes, shard places and key ranges.
 
     Returns:
-        The number of files checked.
+        The number of files compared with their recorded checksums.
 
     Raises:
-        RegionCacheError: naming the first file that is missing or whose contents differ.
+        RegionCacheError: naming the first file that is missing, does not parse or whose contents differ.
     """
     path = Path(path)
     info = _read_info(path)
@@ -279,7 +325,9 @@ def verify_region_cache(path: str | os.PathLike) -> int:
                 f"{path / INDEX_NAME} does not match the checksum recorded in {CACHE_INFO_NAME}; rebuild the cache."
             )
         checked += 1
-    for number, shard in enumerate(_shard_dirs(path, info)):
+    shards = _shard_dirs(path, info)
+    _check_unrecorded_files(path, shards)
+    for number, shard in enumerate(shards):
         report = _shard_report(shard)
         if not report or "files" not in report:
             logger.warning("%s was written without checksums; only its rows can be checked", shard)

@@ -311,10 +311,26 @@ def _worker_task(task: tuple[int, list[dict[str, Any]], str, int, bool, str]) ->
 # ------------------------------------------------------------------------------------------------ entry point
 
 
+def _is_hub_id(name: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
 def _resolve_extractor(extractor):
     if extractor is None:
         return ImageBERTRoIExtractor()
     if isinstance(extractor, (str, os.PathLike)):
+        # A name the Hub cannot hold can only be a folder: say it is missing rather than how repo ids are spelled.
+        if not Path(extractor).exists() and not _is_hub_id(str(extractor)):
+            raise FileNotFoundError(
+                f"extractor {extractor}: no such folder (expected a folder saved with "
+                "ImageBERTRoIExtractor.save_pretrained, or a Hub id such as owner/name)."
+            )
         return ImageBERTRoIExtractor.from_pretrained(extractor)
     return extractor
 
@@ -400,6 +416,7 @@ def _check_extract_arguments(
     source,
     output_dir,
     *,
+    image_root,
     storage_dtype: str,
     box_format: str,
     shard_size,
@@ -418,7 +435,13 @@ def _check_extract_arguments(
     if box_format not in ("xyxy", "xywh"):
         raise ValueError(f"box_format must be 'xyxy' or 'xywh', got {box_format!r}.")
     if isinstance(source, (str, os.PathLike)) and not Path(source).is_file():
-        raise FileNotFoundError(f"source {source} does not exist (expected a jsonl manifest or a datasets.Dataset).")
+        found = "is a folder" if Path(source).is_dir() else "does not exist"
+        raise FileNotFoundError(f"source {source} {found} (expected a jsonl manifest or a datasets.Dataset).")
+    if image_root is not None and not Path(image_root).is_dir():
+        found = "is not a folder" if Path(image_root).exists() else "does not exist"
+        raise FileNotFoundError(
+            f"image_root {image_root} {found} (expected the folder the manifest's image paths are relative to)."
+        )
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise NotADirectoryError(f"output_dir {output_dir} exists and is not a folder.")
@@ -594,6 +617,7 @@ def extract_regions(
     _check_extract_arguments(
         source,
         output_dir,
+        image_root=image_root,
         storage_dtype=storage_dtype,
         box_format=box_format,
         shard_size=shard_size,
@@ -612,6 +636,9 @@ def extract_regions(
         items = _manifest_items(source, image_root, use_boxes, allow_outside_root)
     else:
         items = _dataset_items(source, image_column, key_column, boxes_column, box_format)
+    if not items:  # refused before output_dir is touched: an empty cache is never what was asked for
+        named = f"manifest {source}" if isinstance(source, (str, os.PathLike)) else "the dataset"
+        raise ValueError(f"{named} lists no images: nothing to extract.")
     units, index = _plan(items, extractor.max_file_bytes)
     shards = [units[i : i + shard_size] for i in range(0, len(units), shard_size)]
     _open_cache(

@@ -61,8 +61,9 @@ class ExtractRegionsArguments:
     verify: bool = field(
         default=False,
         metadata={
-            "help": "Instead of extracting, check every file of the cache in output_dir against the checksums "
-            "recorded when it was written (exit status 1 and the damaged file's name when one differs)."
+            "help": "Instead of extracting, check every file of the cache in output_dir: shard files and the index "
+            "against the checksums recorded when it was written, the extractor and shard metadata by reading them "
+            "(exit status 1 and the damaged file's name when one fails)."
         },
     )
 
@@ -100,7 +101,8 @@ def _extract(args: ExtractRegionsArguments) -> int:
         source = load_from_disk(args.dataset_path)
     else:
         if not Path(args.manifest).is_file():
-            raise FileNotFoundError(f"--manifest {args.manifest}: no such file (expected a jsonl manifest)")
+            found = "a folder" if Path(args.manifest).is_dir() else "no such file"
+            raise FileNotFoundError(f"--manifest {args.manifest}: {found} (expected a jsonl manifest)")
         source = args.manifest
     extractor = args.extractor or ImageBERTRoIExtractor(max_regions=args.max_regions)
     report = extract_regions(
@@ -120,6 +122,14 @@ def _extract(args: ExtractRegionsArguments) -> int:
         num_shards=args.num_shards,
         shard_index=args.shard_index,
     )
+    if report.num_failed and not report.num_extracted:
+        # Some failures are normal at web scale (the report lists them, the exit status stays 0); none extracted
+        # means the input itself is wrong.
+        first = report.failures[0]
+        raise ValueError(
+            f"no image could be extracted: all {report.num_failed} failed (first: {first['key']}: {first['error']}); "
+            f"reasons in {Path(args.output_dir) / REPORT_NAME}"
+        )
     print(
         f"{report.num_items} items, {report.num_unique} distinct images, {report.num_extracted} extracted, "
         f"{report.num_failed} failed, {report.num_shards_skipped} shards reused in {report.seconds:.1f} s; report: "
@@ -136,15 +146,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     machines wrote separate folders. `--output_dir cache --verify` reads every file of an existing cache and compares
     it with the checksums recorded when it was written.
 
-    Returns 0 when the command ran (images that failed are counted and listed in `report.json`) or the verified
-    cache is intact; a bad argument or input (a missing manifest, a cache of another source in `output_dir`, a
-    damaged file of a verified cache) ends it with one line naming it and exit status 1.
+    Returns 0 when the command ran and extracted at least one image (images that failed are counted and listed in
+    `report.json`) or the verified cache is intact; a bad argument or input (an unknown flag, a missing manifest
+    or image root, an empty manifest, a cache of another source in `output_dir`, a damaged file of a verified
+    cache) ends it with one line naming it and exit status 1, before anything is written; so does a run in which
+    every image failed (its cache and `report.json` are written, with every reason).
     """
     from transformers import HfArgumentParser
 
-    (args,) = HfArgumentParser(ExtractRegionsArguments).parse_args_into_dataclasses(args=argv)
-    # ImportError: the offline weights package is missing
+    # ImportError: the offline weights package is missing; ValueError: a flag the parser does not know
     with exit_on_error("imagebert-extract-regions", errors=(ImportError, OSError, ValueError)):
+        (args,) = HfArgumentParser(ExtractRegionsArguments).parse_args_into_dataclasses(args=argv)
         if args.verify:
             return _verify(args)
         if args.merge:

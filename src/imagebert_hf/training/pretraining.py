@@ -262,8 +262,11 @@ class _RunProgress:
 
 
 def check_run_folder(output_dir: str | Path, resume: bool) -> None:
-    """Refuses to start a new run over an earlier one's stages (`resume` continues it instead)."""
+    """Refuses an `output_dir` that is a file, and a new run over an earlier one's stages (`resume` continues it
+    instead)."""
     output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise NotADirectoryError(f"output_dir {output_dir} exists and is not a folder.")
     existing = [p for p in output_dir.glob("stage*-*") if p.is_dir()] if output_dir.is_dir() else []
     if existing and not resume:
         raise FileExistsError(
@@ -273,21 +276,25 @@ def check_run_folder(output_dir: str | Path, resume: bool) -> None:
 
 
 def _start_run(recipe: Recipe, options: PretrainingRunOptions):
-    """The run's accelerator, after refusing to overwrite an earlier run and writing `recipe.yaml`."""
+    """The run's accelerator, after refusing to overwrite an earlier run."""
+    accelerator = build_accelerator(
+        recipe.output_dir, options.mixed_precision, recipe.report_to, options.cpu, gradient_accumulation_steps=1
+    )
+    check_run_folder(recipe.output_dir, options.resume)
+    return accelerator
+
+
+def _record_run(accelerator, recipe: Recipe) -> None:
+    """Writes `recipe.yaml` into the run's folder and starts the trackers (which write under it too)."""
     import yaml
 
     output_dir = Path(recipe.output_dir)
-    accelerator = build_accelerator(
-        output_dir, options.mixed_precision, recipe.report_to, options.cpu, gradient_accumulation_steps=1
-    )
-    check_run_folder(output_dir, options.resume)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(output_dir / "recipe.yaml", yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
     if accelerator.log_with:
         flat = {"seed": recipe.seed, "num_stages": len(recipe.stages), "num_processes": accelerator.num_processes}
         accelerator.init_trackers("imagebert_pretraining", config=flat)
-    return accelerator
 
 
 def _pretraining_stage(accelerator, recipe: Recipe, options, index: int, tokenizer, progress: _RunProgress) -> Stage:
@@ -360,6 +367,7 @@ def run_pretraining(recipe: Recipe, options: PretrainingRunOptions | None = None
     if recipe.model.processor is not None:
         processor = ImageBERTProcessor.from_pretrained(recipe.model.processor)
     progress = _RunProgress()
+    recorded = False
     for index, spec in enumerate(recipe.stages):
         stage_dir = stage_directory(recipe.output_dir, index, spec)
         if options.resume and (stage_dir / "final" / COMPLETE_FILE).is_file():
@@ -367,6 +375,11 @@ def run_pretraining(recipe: Recipe, options: PretrainingRunOptions | None = None
             accelerator.print(f"stage {index + 1} ({spec.name}) already complete; skipping it")
             continue
         stage = _pretraining_stage(accelerator, recipe, options, index, tokenizer, progress)
+        if not recorded:
+            # Only once the recipe's model and data have been built from it: a recipe they refuse (a config the
+            # model cannot take, a missing source) leaves output_dir as it was.
+            _record_run(accelerator, recipe)
+            recorded = True
         settings = loop_settings(recipe, spec, options)
         model, state = run_stage(accelerator, stage, settings, resume=options.resume, checkpoint_at_end=True)
         save_final(accelerator, model, state, stage.final_dir, processor or tokenizer)

@@ -394,11 +394,16 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, check_path
         try:
             data = yaml.load(handle, Loader=_unique_key_loader())  # noqa: S506 - a SafeLoader subclass
         except yaml.YAMLError as error:
-            raise RecipeError(f"{path} is not valid YAML: {error}") from None
+            raise RecipeError(f"{path} is not valid YAML: {_one_line(error)}") from None
     recipe = recipe_from_dict(apply_overrides(data, overrides or []), where=path.name)
     if check_paths:
         check_source_paths(recipe, where=path.name)
     return recipe
+
+
+def _one_line(error: Exception) -> str:
+    """PyYAML's message (problem, then where, on lines of their own) on one line, as a script's error line."""
+    return " ".join(str(error).split())
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -426,7 +431,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as error:
-            raise RecipeError(f"override {override!r}: the value is not valid YAML ({error}).") from None
+            raise RecipeError(f"override {override!r}: the value is not valid YAML ({_one_line(error)}).") from None
         if isinstance(node, list):
             node[int(keys[-1])] = value
         else:

@@ -25,11 +25,12 @@ from ..data.retrieval_corpus import (
     region_cache_lookup,
 )
 from ..data.synthetic import make_synthetic_examples, make_synthetic_tokenizer, synthetic_region_record
-from ..evaluation.full_ranking import rank_corpus
+from ..evaluation.full_ranking import load_retrieval_model, rank_corpus
 from ..evaluation.hub import push_to_hub
 from ..evaluation.recall import retrieval_metrics
 from ..formats.files import atomic_write_json
 from ..models.imagebert import ImageBERTConfig, ImageBERTForImageTextRetrieval
+from ..models.imagebert.configuration_imagebert import check_field
 from ..regions.cache_reader import load_region_cache
 from .arguments import RetrievalArguments
 from .checkpointing import TrainState
@@ -45,7 +46,10 @@ def parse_loss_weights(text: str) -> dict[str, float]:
         name, _, value = item.partition("=")
         if name not in LOSS_NAMES[:3] or not value:
             raise ValueError(f"--loss_weights takes name=weight with names {LOSS_NAMES[:3]}; got {item!r}.")
-        weights[name] = float(value)
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise ValueError(f"--loss_weights: the weight of {item!r} must be a number, got {value!r}.") from None
     if not any(weights.values()):
         raise ValueError(f"--loss_weights {text!r} turns every retrieval loss off.")
     return weights
@@ -95,7 +99,7 @@ def load_model_and_tokenizer(args: RetrievalArguments, loss_weights: dict[str, f
     if args.model_name_or_path is not None:
         from transformers import AutoTokenizer
 
-        model = ImageBERTForImageTextRetrieval.from_pretrained(args.model_name_or_path, **overrides)
+        model = load_retrieval_model(args.model_name_or_path, **overrides)
         try:  # a checkpoint saved with its processor keeps it, so the fine-tuned folder serves the pipeline
             from transformers import AutoProcessor
 
@@ -135,7 +139,36 @@ def evaluate(model, corpus: RetrievalCorpus, args: RetrievalArguments, output_di
     return results
 
 
+# The numeric flags' rules as `check_field`'s (kind, lowest, highest); a flag left unset (None) is not checked.
+_FLAG_RULES = {
+    "num_epochs": ("positive", None, None),
+    "max_steps": ("int", 1, None),
+    "learning_rate": ("positive", None, None),
+    "warmup_ratio": ("float", 0.0, 1.0),
+    "weight_decay": ("float", 0.0, None),
+    "num_negatives": ("int", 1, None),
+    "hard_pool_size": ("int", 1, None),
+    "per_device_train_batch_size": ("int", 1, None),
+    "gradient_accumulation_steps": ("int", 1, None),
+}
+
+
 def _check_arguments(args: RetrievalArguments, accelerator) -> None:
+    """Refuses flags that cannot work before the model is loaded or anything is written."""
+    from transformers import SchedulerType
+
+    for name, rule in _FLAG_RULES.items():
+        if getattr(args, name) is not None:
+            check_field(f"--{name}", getattr(args, name), *rule)
+    schedulers = [kind.value for kind in SchedulerType]
+    if args.lr_scheduler_type not in schedulers:
+        raise ValueError(f"--lr_scheduler_type must be one of {schedulers}, got {args.lr_scheduler_type!r}.")
+    if args.train_file is not None and not Path(args.train_file).is_file():
+        raise FileNotFoundError(
+            f"--train_file {args.train_file} does not exist (expected a Karpathy split file or a jsonl manifest)."
+        )
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        raise NotADirectoryError(f"--output_dir {args.output_dir} exists and is not a folder.")
     if args.hard_negatives and args.negative_mining != "random":
         raise ValueError(
             f"--hard_negatives and --negative_mining {args.negative_mining} both choose the negatives; pick one."

@@ -1,5 +1,7 @@
 """ImageBERT model configuration."""
 
+from collections.abc import Mapping
+
 from transformers import PreTrainedConfig
 from transformers.utils import logging
 
@@ -218,11 +220,19 @@ class ImageBERTConfig(PreTrainedConfig):
         self.mrfr_loss_weight = mrfr_loss_weight
         self.itm_loss_weight = itm_loss_weight
         self.moc_loss_type = moc_loss_type
-        self.retrieval_loss_weights = dict(retrieval_loss_weights) if retrieval_loss_weights else {"binary": 1.0}
+        self.retrieval_loss_weights = retrieval_loss_weights
         self.triplet_margin = triplet_margin
         self.contrastive_embedding_size = contrastive_embedding_size
         self.contrastive_temperature = contrastive_temperature
         self._validate()
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        # transformers builds the config from the file, then sets the keyword overrides of `from_pretrained` (e.g.
+        # `from_pretrained(path, layer_norm_eps=...)`) as attributes, past `__init__`: they get the same checks.
+        loaded = super().from_dict(config_dict, **kwargs)
+        (loaded[0] if kwargs.get("return_unused_kwargs") else loaded)._validate()
+        return loaded
 
     def _validate(self):
         """Checks every field's type and range, and the fields that must agree, naming the field."""
@@ -251,6 +261,13 @@ class ImageBERTConfig(PreTrainedConfig):
             )
         if self.moc_loss_type not in MOC_LOSS_TYPES:
             raise ValueError(f"moc_loss_type must be one of {MOC_LOSS_TYPES}, got {self.moc_loss_type!r}.")
+        weights = self.retrieval_loss_weights
+        if weights is not None and not isinstance(weights, Mapping):
+            raise TypeError(
+                f"retrieval_loss_weights must map loss names among {RETRIEVAL_LOSS_TYPES} to weights, e.g. "
+                f'{{"binary": 1.0}}, got {weights!r} ({type(weights).__name__}).'
+            )
+        self.retrieval_loss_weights = dict(weights) if weights else {"binary": 1.0}  # None or empty: the default
         unknown = set(self.retrieval_loss_weights) - set(RETRIEVAL_LOSS_TYPES)
         if unknown:
             raise ValueError(
@@ -290,6 +307,9 @@ FIELD_RULES: dict[str, tuple[str, float | None, float | None]] = {
     "initializer_range": ("float", 0.0, None),
     "layer_norm_eps": ("positive", None, None),
     "tie_word_embeddings": ("bool", None, None),
+    "region_projection_layer_norm": ("bool", None, None),
+    "region_position_embedding": ("bool", None, None),
+    "separate_region_layer_norm": ("bool", None, None),
     "region_feature_size": ("int", 1, None),
     "region_location_size": ("int", 1, None),
     "num_object_classes": ("int", 1, None),

@@ -177,7 +177,8 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
             RoIAlign output size before pooling to one vector.
         grid_sizes (`list[int]`, *optional*, defaults to `[1, 2, 3, 4, 5, 6]`):
             The multi-scale grid: an n x n tiling for each n (91 regions by default), used when an image has no
-            boxes.
+            boxes. The grid may hold at most as many cells (the sum of n x n) as the backbone input has pixels
+            (`size`); cells beyond `max_regions` are dropped, in order.
         detector_name (`str`, *optional*, defaults to `"fasterrcnn_resnet50_fpn"`):
             `torchvision.models.get_model` name of the detector.
         detector_weights (`str`, *optional*):
@@ -208,7 +209,8 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
         device (`str`, *optional*):
             Torch device; CUDA when available, else CPU, when None.
         max_image_pixels (`int`, *optional*, defaults to 64000000):
-            Largest width * height accepted, checked on the file header before decoding (decompression bombs).
+            Largest width * height accepted, checked on the file header before decoding (decompression bombs); the
+            backbone input `size` must not exceed it either.
         max_file_bytes (`int`, *optional*, defaults to 67108864):
             Largest file accepted.
         min_image_side (`int`, *optional*, defaults to 4):
@@ -459,6 +461,23 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
                 raise ValueError(f"grid_sizes must be a non-empty list of positive integers, got {grid!r}.")
             for i, n in enumerate(grid):
                 check_field(f"grid_sizes[{i}]", n, "int", 1, None)
+        # The resized input and the grid's boxes are built whole before the backbone runs, so a size beyond the
+        # loader's own pixel limit, or more grid cells than input pixels, would exhaust memory rather than fail.
+        pixels = _input_pixels(settings["size"]) if "size" in settings else None
+        limit = settings.get("max_image_pixels")
+        if pixels is not None and limit is not None and pixels > limit:
+            raise ValueError(
+                f"size {settings['size']!r} resizes an image to {pixels} pixels, more than "
+                f"max_image_pixels={limit}; choose a smaller size."
+            )
+        if pixels is not None and "grid_sizes" in settings:
+            cells = sum(n * n for n in settings["grid_sizes"])
+            if cells > pixels:
+                raise ValueError(
+                    f"grid_sizes {settings['grid_sizes']!r} tile an image into {cells} cells, more than the {pixels} "
+                    f"pixels of the backbone input (size {settings['size']!r}); use coarser grids (the default "
+                    "[1, 2, 3, 4, 5, 6] gives 91 cells)."
+                )
         for name in ("image_mean", "image_std"):
             values = settings.get(name)
             if values is None:
@@ -827,6 +846,14 @@ _SETTING_RULES: dict[str, tuple[str, float | None, float | None]] = {
     "apply_exif_orientation": ("bool", None, None),
     "detector_num_classes": ("int", 2, None),
 }
+
+
+def _input_pixels(size: dict[str, int]) -> int:
+    """The pixels of the backbone input `size` gives: height x width, or, keeping the aspect ratio, a square image's
+    shortest_edge squared."""
+    if "shortest_edge" in size:
+        return size["shortest_edge"] ** 2
+    return size["height"] * size["width"]
 
 
 def _looks_like_file(weights: str | os.PathLike) -> bool:

@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModel, Pipeline
 from transformers.utils import logging
 
-from .region_batching import pad_region_records
+from .region_batching import check_region_values, pad_region_records
 from .retrieval_index import (
     TEXT_KEYS,
     EmbeddingIndex,
@@ -47,6 +47,22 @@ def _positive_int(name: str, value: Any) -> int:
     if value < 1:
         raise ValueError(f"{name} must be at least 1, got {value}.")
     return int(value)
+
+
+def _check_scores(scores: torch.Tensor, image_index: torch.Tensor, text_index: torch.Tensor) -> None:
+    """Raises ValueError naming the (image, text) pairs whose score is NaN or infinite: a ranking of such scores
+    would be arbitrary, and its probabilities meaningless."""
+    bad = ~torch.isfinite(scores.reshape(-1).cpu())
+    if not bad.any():
+        return
+    images, texts = image_index.reshape(-1).cpu()[bad][:5], text_index.reshape(-1).cpu()[bad][:5]
+    pairs = [f"images[{int(i)}] with texts[{int(t)}]" for i, t in zip(images, texts)]
+    more = f" and {int(bad.sum()) - len(pairs)} more" if int(bad.sum()) > len(pairs) else ""
+    raise ValueError(
+        f"the model gave non-finite scores (NaN or infinite) for {', '.join(pairs)}{more}: its outputs are not "
+        "finite, so nothing was ranked (check the checkpoint's weights for NaN, and region features for values so "
+        "large that the model overflows)."
+    )
 
 
 def _describe(item: Any) -> str:
@@ -184,6 +200,9 @@ class ImageTextRetrievalPipeline(Pipeline):
                 "load ImageBERTForImageTextRetrieval."
             )
         self._untrained_heads = untrained_heads(self.model)
+        check_lengths = getattr(self.processor, "check_lengths", None)
+        if check_lengths is not None:
+            check_lengths(self.model.config)
         if self._untrained_heads:
             logger.warning(
                 "%s has untrained heads: %s (it comes from a pretraining checkpoint, which has no unimodal projection "
@@ -291,7 +310,14 @@ class ImageTextRetrievalPipeline(Pipeline):
                     for name in ("region_features", "region_locations"):
                         values = item[name]
                         values = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else values
-                        if not np.isfinite(np.asarray(values, dtype=np.float32)).all():
+                        try:
+                            values = np.asarray(values, dtype=np.float32)
+                        except (TypeError, ValueError) as error:
+                            errors.append(
+                                f"images[{position}] ({_describe(item)}): {name} must hold numbers ({error})"
+                            )
+                            continue
+                        if not np.isfinite(values).all():
                             errors.append(
                                 f"images[{position}] ({_describe(item)}): {name} contain NaN or infinite values"
                             )
@@ -327,7 +353,9 @@ class ImageTextRetrievalPipeline(Pipeline):
         location_size = getattr(
             extractor, "region_location_size", getattr(self.model.config, "region_location_size", 5)
         )
-        return pad_region_records(records, "longest", self.processor.max_regions, location_size=location_size)
+        batch = pad_region_records(records, "longest", self.processor.max_regions, location_size=location_size)
+        check_region_values(batch, [f"images[{i}] ({_describe(item)})" for i, item in enumerate(images)])
+        return batch
 
     def preprocess(self, inputs: dict, mode: str | None = None, index: RetrievalIndex | None = None, batch_size=None):
         if not _is_query(inputs) and not (isinstance(inputs, Mapping) and not inputs):
@@ -427,6 +455,7 @@ class ImageTextRetrievalPipeline(Pipeline):
         if mode == "pairs":
             pairs = torch.arange(num_images)
             scores = score_pairs(self.model, text_inputs, region_inputs, pairs, pairs, batch_size)
+            _check_scores(scores, pairs, pairs)
             return {**outputs, "candidates": pairs[:, None], "scores": scores[:, None]}
 
         num_queries, gallery_size = (num_images, num_texts) if mode == "rank_texts" else (num_texts, num_images)
@@ -450,6 +479,7 @@ class ImageTextRetrievalPipeline(Pipeline):
         flat = candidates.reshape(-1)
         image_index, text_index = (queries, flat) if mode == "rank_texts" else (flat, queries)
         scores = score_pairs(self.model, text_inputs, region_inputs, image_index, text_index, batch_size)
+        _check_scores(scores, image_index, text_index)
         return {**outputs, "candidates": candidates, "scores": scores.view_as(candidates)}
 
     def postprocess(self, model_outputs, top_k=None):
@@ -514,7 +544,12 @@ class ImageTextRetrievalPipeline(Pipeline):
         index_factory_string(index_type, 1, 4)  # names a bad index_type before any work
         if (images is None) == (texts is None):
             raise ValueError("build_index takes either images= or texts= (the gallery), not both or neither.")
-        batch_size = batch_size or self._batch_size or self.default_batch_size
+        if texts is not None and not isinstance(texts, (str, list, tuple)):
+            raise TypeError(f"texts must be a string or a list of strings, got {type(texts).__name__}.")
+        # Checked as __call__ checks it: 0 is refused, not replaced by the default.
+        if batch_size is None:
+            batch_size = self._batch_size or self.default_batch_size
+        batch_size = _positive_int("batch_size", batch_size)
         self.model.eval()
         if is_region_batches(images):
             items, inputs, kind = range(len(images)), prepare_region_inputs(images), "images"
@@ -594,6 +629,19 @@ class RegionsOnlyProcessor:
         return self.tokenizer.save_pretrained(save_directory, **kwargs)
 
 
+def _refused_by_this_package(error: Exception) -> bool:
+    """Whether `error` is a settings check of the processor, extractor or config code next to this file (a bad
+    value in a saved `processor_config.json`), rather than a processor that cannot be loaded at all."""
+    if not isinstance(error, (TypeError, ValueError)) or error.__traceback__ is None:
+        return False
+    frame = error.__traceback__
+    while frame.tb_next is not None:
+        frame = frame.tb_next
+    return os.path.dirname(os.path.abspath(frame.tb_frame.f_code.co_filename)) == os.path.dirname(
+        os.path.abspath(__file__)
+    )
+
+
 def _load_processor_for(model):
     """The processor saved with the model, or a `RegionsOnlyProcessor` where the folder has none that loads."""
     from transformers import AutoProcessor, AutoTokenizer
@@ -612,6 +660,8 @@ def _load_processor_for(model):
         if getattr(processor, "image_processor", None) is not None:
             return processor
     except Exception as error:  # unregistered processor class, missing code or files: fall back to text + regions
+        if _refused_by_this_package(error):
+            raise  # the saved processor loads but its settings are wrong: serving without it would hide that
         reason = f"{type(error).__name__}: {error}"
     logger.warning(
         "Could not load the region processor of %s (%s); images must be given as cached region records.", path, reason

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -11,9 +12,9 @@ from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import logging
 
-from .configuration_imagebert import ImageBERTConfig
+from .configuration_imagebert import FIELD_RULES, ImageBERTConfig, check_field
 from .image_processing_imagebert import ImageBERTRoIExtractor, check_region_sizes
-from .region_batching import pad_region_records
+from .region_batching import check_region_values, pad_region_records
 
 
 logger = logging.get_logger(__name__)
@@ -58,6 +59,9 @@ class ImageBERTProcessor(ProcessorMixin):
         max_regions: int = 100,
         **kwargs,
     ):
+        # Checked as the model config's fields of the same names: a saved processor_config.json is user input.
+        for name, value in (("max_text_length", max_text_length), ("max_regions", max_regions)):
+            check_field(name, value, *FIELD_RULES[name])
         super().__init__(image_processor=image_processor, tokenizer=tokenizer, **kwargs)
         self.max_text_length = max_text_length
         self.max_regions = max_regions
@@ -80,16 +84,24 @@ class ImageBERTProcessor(ProcessorMixin):
         check_region_sizes(
             extractor.region_feature_size, extractor.num_object_classes, config, extractor.region_location_size
         )
-        if self.max_text_length > config.max_text_length:
-            raise ValueError(
-                f"the processor's max_text_length {self.max_text_length} exceeds the model config's "
-                f"max_text_length {config.max_text_length}."
-            )
+        self.check_lengths(config)
         if len(self.tokenizer) > config.vocab_size:
             raise ValueError(
                 f"the tokenizer has {len(self.tokenizer)} tokens but the model config's vocab_size is "
                 f"{config.vocab_size}."
             )
+
+    def check_lengths(self, config: ImageBERTConfig) -> None:
+        """Raises ValueError, naming both numbers, when the processor pads text or regions beyond what `config`'s
+        model takes (its `max_text_length`, within the position table, and its `max_regions`). Cheap: the extractor's
+        backend is not built, so the pipeline checks this whenever it is given a processor."""
+        for name in ("max_text_length", "max_regions"):
+            value, limit = getattr(self, name), getattr(config, name)
+            if value > limit:
+                raise ValueError(
+                    f"the processor's {name} {value} exceeds the model config's {name} {limit}; save the processor "
+                    f"with the model's lengths (ImageBERTProcessor.from_model_config) or lower {name}."
+                )
 
     @property
     def model_input_names(self) -> list[str]:
@@ -145,6 +157,8 @@ class ImageBERTProcessor(ProcessorMixin):
                 raise ValueError(f"got {len(texts)} texts and {len(records)} images/regions; give one text per image.")
             self._check_records(records, return_region_labels)
             data.update(self._pad_regions(records, padding, max_regions, return_region_labels))
+            names = [f"regions[{i}] ({record.get('image_id')})" for i, record in enumerate(records)]
+            check_region_values(data, names)
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     def _check_call(self, images, text, regions, padding, max_length, max_regions):
@@ -204,7 +218,7 @@ class ImageBERTProcessor(ProcessorMixin):
             if record.get("error"):
                 continue  # padding names the failed record
             for name in ("region_features", "region_locations"):
-                if name in record and not np.isfinite(np.asarray(record[name], dtype=np.float32)).all():
+                if name in record and not np.isfinite(_as_numbers(record[name], f"regions[{i}]", record, name)).all():
                     raise ValueError(
                         f"regions[{i}] ({record.get('image_id')}): {name} contain NaN or infinite values."
                     )
@@ -277,8 +291,30 @@ class ImageBERTProcessor(ProcessorMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> ImageBERTProcessor:
+        """Loads a saved processor; in a local folder that also holds the model's `config.json`, its lengths are
+        checked against that config (`check_lengths`), so an edited `processor_config.json` cannot pad beyond the
+        model."""
         register_processing()
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        loaded = processor[0] if isinstance(processor, tuple) else processor
+        config_file = os.path.join(os.fspath(pretrained_model_name_or_path), "config.json")
+        if os.path.isfile(config_file):
+            try:
+                with open(config_file, encoding="utf-8") as handle:
+                    model_type = json.load(handle).get("model_type")
+            except (OSError, ValueError, AttributeError):
+                model_type = None  # not a model config this processor can be checked against; the model load says why
+            if model_type == ImageBERTConfig.model_type:
+                loaded.check_lengths(ImageBERTConfig.from_pretrained(pretrained_model_name_or_path))
+        return processor
+
+
+def _as_numbers(values: Any, where: str, record: dict[str, Any], name: str) -> np.ndarray:
+    """`values` as a float32 array; values that are not numbers (strings, objects) raise naming the record."""
+    try:
+        return np.asarray(values, dtype=np.float32)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{where} ({record.get('image_id')}): {name} must hold numbers ({error}).") from error
 
 
 def check_processor_config(processor: ImageBERTProcessor, config: ImageBERTConfig) -> None:

@@ -1,0 +1,174 @@
+"""The example scripts on bad input: one line `<script>: error: <message>` naming the flag or file and a non-zero exit
+status, never a traceback; and the checks that refuse such input before anything is loaded or written."""
+
+import os
+import runpy
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from imagebert_hf import ImageBERTForImageTextRetrieval
+from imagebert_hf.evaluation import full_ranking
+from imagebert_hf.evaluation.full_ranking import (
+    EvaluationArguments,
+    check_model_path,
+    load_evaluation_corpus,
+    run_retrieval_evaluation,
+)
+from imagebert_hf.training import RetrievalArguments, recipe_from_dict, run_pretraining, run_retrieval_finetuning
+from imagebert_hf.training.pretraining import check_run_folder
+from imagebert_hf.training.retrieval_finetuning import parse_loss_weights
+
+from .testing_utils import PROJECT_ROOT
+
+
+EXAMPLES = PROJECT_ROOT / "examples"
+TINY_RECIPE = EXAMPLES / "configs" / "pretrain_tiny_synthetic.yaml"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(make_tiny_config, tokenizer, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("checkpoint")
+    torch.manual_seed(0)
+    ImageBERTForImageTextRetrieval(make_tiny_config(vocab_size=len(tokenizer))).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def script_runs(checkpoint, tmp_path_factory):
+    """A few bad inputs, one per script, run at once as `python examples/<script>.py ...` (each run spends most of
+    its time importing): {case: (script, the name the line must hold, completed process)}."""
+    tmp = tmp_path_factory.mktemp("runs")
+    damaged = tmp / "damaged"
+    damaged.mkdir()
+    for item in checkpoint.iterdir():
+        (damaged / item.name).write_bytes(item.read_bytes())
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    corpus_cache = tmp / "corpus.safetensors"
+    corpus_cache.write_bytes(b"\x00\x14" + b"\x00" * 98)
+    cases = {
+        "unknown flag": ("run_pretraining", "--bogus", ["--config", str(TINY_RECIPE), "--bogus", "1"]),
+        "damaged weights": (
+            "run_retrieval",
+            str(damaged),
+            ["--model_name_or_path", str(damaged), "--synthetic_images", "4", "--output_dir", str(tmp / "rt")],
+        ),
+        "damaged corpus cache": (
+            "evaluate_retrieval",
+            str(corpus_cache),
+            ["--model_name_or_path", str(checkpoint), "--dataset", "synthetic", "--synthetic_images", "2"]
+            + ["--corpus_cache", str(corpus_cache), "--output_dir", str(tmp / "ev")],
+        ),
+    }
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    running = {
+        case: subprocess.Popen(
+            [sys.executable, str(EXAMPLES / f"{script}.py"), *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for case, (script, _, args) in cases.items()
+    }
+    results = {}
+    for case, process in running.items():
+        stdout, stderr = process.communicate(timeout=300)
+        results[case] = (
+            cases[case][0],
+            cases[case][1],
+            subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr),
+        )
+    return results
+
+
+@pytest.mark.parametrize("case", ["unknown flag", "damaged weights", "damaged corpus cache"])
+def test_a_bad_input_ends_the_script_with_one_line_naming_it(script_runs, case):
+    script, named, result = script_runs[case]
+    assert result.returncode != 0, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    last = [line for line in result.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith(f"{script}: error: ") and named in last, last
+
+
+@pytest.mark.parametrize("script", ["extract_regions", "curate_lait"])
+def test_an_unknown_flag_of_the_other_examples_is_one_line(script, monkeypatch, tmp_path):
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", "--output_dir", str(tmp_path), "--manifest", "m", "--bogus"])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(EXAMPLES / f"{script}.py"), run_name="__main__")
+    message = stop.value.code
+    assert isinstance(message, str) and message.startswith(f"{script}: error: ") and "--bogus" in message
+    assert "\n" not in message
+
+
+def test_an_evaluation_refuses_a_corpus_cache_folder_before_loading_anything(tmp_path, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(full_ranking, "load_retrieval_model", never)
+    args = EvaluationArguments(
+        output_dir=str(tmp_path / "out"),
+        model_name_or_path="unused",
+        dataset="synthetic",
+        synthetic_images=2,
+        corpus_cache=str(tmp_path),
+    )
+    with pytest.raises(IsADirectoryError, match=r"--corpus_cache .* is a folder; expected a file path"):
+        run_retrieval_evaluation(args)
+    assert not (tmp_path / "out").exists()
+
+
+def _retrieval_args(tmp_path, **changes) -> RetrievalArguments:
+    flags = {"output_dir": str(tmp_path / "run"), "synthetic_images": 4, "report_to": "none", "cpu": True}
+    return RetrievalArguments(**{**flags, **changes})
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"num_epochs": -1.0}, r"--num_epochs must be positive, got -1\.0"),
+        ({"warmup_ratio": 5.0}, r"--warmup_ratio must be in \[0\.0, 1\.0\], got 5\.0"),
+        ({"num_negatives": -2}, r"--num_negatives must be >= 1, got -2"),
+        ({"learning_rate": float("nan")}, r"--learning_rate must be a finite number, got nan"),
+        ({"lr_scheduler_type": "bogus"}, r"--lr_scheduler_type must be one of \[.*'linear'.*\], got 'bogus'"),
+    ],
+)
+def test_fine_tuning_refuses_flags_out_of_range_before_training(tmp_path, changes, message):
+    with pytest.raises(ValueError, match=message):
+        run_retrieval_finetuning(_retrieval_args(tmp_path, **changes))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_split_file_is_named_before_the_region_cache(tmp_path, tokenizer, make_tiny_config):
+    missing = tmp_path / "nope.jsonl"
+    with pytest.raises(FileNotFoundError, match=r"--train_file .*nope\.jsonl does not exist"):
+        run_retrieval_finetuning(_retrieval_args(tmp_path, synthetic_images=None, train_file=str(missing)))
+    args = EvaluationArguments(output_dir=str(tmp_path), dataset="coco", karpathy_file=str(tmp_path / "k.json"))
+    with pytest.raises(FileNotFoundError, match=r"--karpathy_file .*k\.json does not exist"):
+        load_evaluation_corpus(args, tokenizer, make_tiny_config())
+
+
+def test_a_model_config_the_model_refuses_leaves_no_run_folder(tmp_path):
+    recipe = yaml.safe_load(TINY_RECIPE.read_text())
+    recipe.update(output_dir=str(tmp_path / "run"), report_to="none")
+    recipe["model"]["config"]["num_attention_heads"] = 5
+    with pytest.raises(ValueError, match=r"hidden_size \(32\) must be a multiple of num_attention_heads \(5\)"):
+        run_pretraining(recipe_from_dict(recipe))
+    assert not (tmp_path / "run").exists()
+
+
+def test_paths_and_values_the_scripts_name(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(NotADirectoryError, match=r"output_dir .*a_file exists and is not a folder"):
+        check_run_folder(a_file, resume=False)
+    with pytest.raises(FileNotFoundError, match=r"--model_name_or_path .*nope does not exist"):
+        check_model_path(str(tmp_path / "nope"))
+    check_model_path("google-bert/bert-base-uncased")  # a Hub id is left to from_pretrained
+    with pytest.raises(ValueError, match=r"--loss_weights: the weight of 'binary=abc' must be a number"):
+        parse_loss_weights("binary=abc")
