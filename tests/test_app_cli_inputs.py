@@ -132,3 +132,13 @@ def test_devices_of_this_machine(tmp_path, no_loading):
     assert cli.app_device(kind) == torch.device(kind)
     message = refusal(["--model", str(tmp_path), "--gallery", str(tmp_path), "--device", str(count)])
     assert message.startswith(f"--device {count}: {kind}:{count} is not available here (available: cpu, {kind}:0")
+
+
+def test_a_missing_model_folder_is_named_and_a_hub_id_is_left_to_the_hub(tmp_path, no_loading):
+    missing = tmp_path / "no-such-model"
+    assert refusal(["--model", str(missing), "--gallery", str(tmp_path)]) == (
+        f"--model {missing}: no such folder (expected a saved model folder, or a Hub id such as owner/name)."
+    )
+    # A name the Hub could hold goes on to loading (which the fixture makes fail the test, so catch that).
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        cli.main(["--model", "no-such-owner/no-such-model", "--gallery", str(tmp_path)])

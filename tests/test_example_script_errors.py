@@ -14,10 +14,11 @@ from imagebert_hf import ImageBERTForImageTextRetrieval
 from imagebert_hf.evaluation import full_ranking
 from imagebert_hf.evaluation.full_ranking import (
     EvaluationArguments,
-    check_model_path,
     load_evaluation_corpus,
+    load_retrieval_model,
     run_retrieval_evaluation,
 )
+from imagebert_hf.formats.files import check_folder_or_hub_id
 from imagebert_hf.training import RetrievalArguments, recipe_from_dict, run_pretraining, run_retrieval_finetuning
 from imagebert_hf.training.pretraining import check_run_folder
 from imagebert_hf.training.retrieval_finetuning import parse_loss_weights
@@ -167,8 +168,11 @@ def test_paths_and_values_the_scripts_name(tmp_path):
     a_file.write_text("x")
     with pytest.raises(NotADirectoryError, match=r"output_dir .*a_file exists and is not a folder"):
         check_run_folder(a_file, resume=False)
-    with pytest.raises(FileNotFoundError, match=r"--model_name_or_path .*nope does not exist"):
-        check_model_path(str(tmp_path / "nope"))
-    check_model_path("google-bert/bert-base-uncased")  # a Hub id is left to from_pretrained
+    with pytest.raises(
+        FileNotFoundError, match=r"--model_name_or_path .*nope: no such folder \(expected a checkpoint"
+    ):
+        load_retrieval_model(str(tmp_path / "nope"))
+    # a name the Hub could hold is left to from_pretrained
+    check_folder_or_hub_id("google-bert/bert-base-uncased", "--model_name_or_path", "a checkpoint folder")
     with pytest.raises(ValueError, match=r"--loss_weights: the weight of 'binary=abc' must be a number"):
         parse_loss_weights("binary=abc")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
+from ..formats.files import check_folder_or_hub_id
 from ..models.imagebert.script_errors import exit_on_error
 
 
@@ -154,11 +155,6 @@ def load_demo(args: AppArguments):
     return RetrievalDemo(retriever, photos, shortlist_k=args.shortlist_k, batch_size=args.batch_size)
 
 
-def _looks_like_a_path(name: str) -> bool:
-    """A `--model` value that can only be a local folder (a Hub id is `name` or `owner/name`)."""
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
-
-
 def check_arguments(args: AppArguments) -> None:
     """Raises `ValueError` naming the flag when a setting cannot work: every check of the command line, made
     before a model or gallery is loaded. The values come before the paths, so a bad value is named even where the
@@ -173,10 +169,8 @@ def check_arguments(args: AppArguments) -> None:
         check_field("--max_gallery", args.max_gallery, "int", 1, None)
     check_field("--port", args.port, "int", 1, 65535)
     app_device(args.device)
-    if args.model is not None and not Path(args.model).expanduser().exists() and _looks_like_a_path(args.model):
-        raise ValueError(
-            f"--model {args.model}: no such folder (expected a saved model folder or a Hub id such as owner/name)"
-        )
+    if args.model is not None:
+        check_folder_or_hub_id(args.model, "--model", "a saved model folder")
     if args.model is not None and args.gallery is None:
         raise ValueError("--gallery is needed with --model: a folder of images or a jsonl manifest")
     if args.gallery is not None and not Path(args.gallery).exists():
@@ -195,7 +189,7 @@ def parse_args(argv: list[str] | None = None) -> AppArguments:
         raise SystemExit(
             f"imagebert-app: error: unrecognized arguments: {' '.join(unknown)} (see imagebert-app --help)"
         )
-    with exit_on_error("imagebert-app", errors=(TypeError, ValueError)):
+    with exit_on_error("imagebert-app", errors=(OSError, TypeError, ValueError)):
         check_arguments(args)
     return args
 

@@ -20,7 +20,7 @@ import torch
 
 from ..data.retrieval_corpus import RetrievalCorpus, load_karpathy_split, load_manifest_records, region_cache_lookup
 from ..data.synthetic import make_synthetic_examples, synthetic_region_record
-from ..formats.files import atomic_write_bytes, atomic_write_json
+from ..formats.files import atomic_write_bytes, atomic_write_json, check_folder_or_hub_id
 from ..models.imagebert.modeling_imagebert import ImageBERTForImageTextRetrieval
 from ..models.imagebert.retrieval_index import index_factory_string, score_all_pairs
 from ..regions.cache_reader import load_region_cache
@@ -210,27 +210,12 @@ def load_corpus_cache(path: str | os.PathLike, fingerprint: dict) -> RetrievalCo
     )
 
 
-def check_model_path(name_or_path: str) -> None:
-    """Refuses a `--model_name_or_path` that is neither an existing path nor a Hub id (`name` or `namespace/name`),
-    which `from_pretrained` would report as a malformed Hub id rather than as a folder that does not exist."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if Path(name_or_path).exists():
-        return
-    try:
-        validate_repo_id(name_or_path)
-    except HFValidationError:
-        raise FileNotFoundError(
-            f"--model_name_or_path {name_or_path} does not exist (expected a checkpoint folder or a Hub model id)."
-        ) from None
-
-
 def load_retrieval_model(name_or_path: str, **config_overrides) -> ImageBERTForImageTextRetrieval:
     """`ImageBERTForImageTextRetrieval.from_pretrained`, with errors that name `--model_name_or_path`: a folder that
     does not exist, a damaged weights file."""
     from safetensors import SafetensorError
 
-    check_model_path(name_or_path)
+    check_folder_or_hub_id(name_or_path, "--model_name_or_path", "a checkpoint folder")
     try:
         return ImageBERTForImageTextRetrieval.from_pretrained(name_or_path, **config_overrides)
     except SafetensorError as error:
@@ -419,7 +404,6 @@ __all__ = [
     "CorpusRanking",
     "EvaluationArguments",
     "check_evaluation_paths",
-    "check_model_path",
     "corpus_fingerprint",
     "load_corpus_cache",
     "load_evaluation_corpus",

@@ -172,11 +172,28 @@ def publish_folder_keeping_others(
     publish_folder(tmp, final)
 
 
+def check_folder_or_hub_id(name: str | os.PathLike, what: str, expected: str) -> None:
+    """Raises `FileNotFoundError` naming `what` when `name` is neither an existing path nor a name the Hub could
+    hold (`name` or `owner/name`): `from_pretrained` would report such a name as a malformed repo id rather than as
+    a folder that does not exist."""
+    if Path(name).expanduser().exists():
+        return
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(os.fspath(name))
+    except HFValidationError:
+        raise FileNotFoundError(
+            f"{what} {os.fspath(name)}: no such folder (expected {expected}, or a Hub id such as owner/name)."
+        ) from None
+
+
 __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
     "atomic_writer",
+    "check_folder_or_hub_id",
     "file_checksum",
     "fsync_tree",
     "publish_folder",

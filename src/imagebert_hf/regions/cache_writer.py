@@ -23,7 +23,14 @@ from typing import Any
 import numpy as np
 from transformers.utils import logging
 
-from ..formats.files import atomic_write_bytes, atomic_write_json, atomic_write_text, file_checksum, publish_folder
+from ..formats.files import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    check_folder_or_hub_id,
+    file_checksum,
+    publish_folder,
+)
 from ..formats.manifest import iter_manifest
 from ..models.imagebert.image_processing_imagebert import ImageBERTRoIExtractor, extract_in_batches
 from ..models.imagebert.roi_boxes import as_boxes
@@ -311,26 +318,11 @@ def _worker_task(task: tuple[int, list[dict[str, Any]], str, int, bool, str]) ->
 # ------------------------------------------------------------------------------------------------ entry point
 
 
-def _is_hub_id(name: str) -> bool:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
-
-
 def _resolve_extractor(extractor):
     if extractor is None:
         return ImageBERTRoIExtractor()
     if isinstance(extractor, (str, os.PathLike)):
-        # A name the Hub cannot hold can only be a folder: say it is missing rather than how repo ids are spelled.
-        if not Path(extractor).exists() and not _is_hub_id(str(extractor)):
-            raise FileNotFoundError(
-                f"extractor {extractor}: no such folder (expected a folder saved with "
-                "ImageBERTRoIExtractor.save_pretrained, or a Hub id such as owner/name)."
-            )
+        check_folder_or_hub_id(extractor, "extractor", "a folder saved with ImageBERTRoIExtractor.save_pretrained")
         return ImageBERTRoIExtractor.from_pretrained(extractor)
     return extractor
 
