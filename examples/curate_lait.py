@@ -29,6 +29,7 @@ from imagebert_hf.curation import (
     run_spark,
     synthetic,
 )
+from imagebert_hf.models.imagebert.script_errors import exit_on_error, parse_flags
 
 
 @dataclass
@@ -57,7 +58,7 @@ def main() -> None:
     parser = HfArgumentParser(
         (ExampleArguments, ParseConfig, ImageFilterConfig, TextCleaningConfig, RelevanceConfig, AggregationConfig)
     )
-    args, parse, images, text, relevance, aggregation = parser.parse_args_into_dataclasses()
+    args, parse, images, text, relevance, aggregation = parse_flags(parser)
     config = CurationConfig(parse, images, text, relevance, aggregation)
     output_dir = Path(args.output_dir)
 
@@ -80,7 +81,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from imagebert_hf.models.imagebert.script_errors import exit_on_error
-
     with exit_on_error("curate_lait"):
         main()

@@ -26,6 +26,8 @@ import torch
 import transformers
 from transformers import HfArgumentParser
 
+from imagebert_hf.models.imagebert.script_errors import parse_flags
+
 
 @dataclass
 class DemoArguments:
@@ -157,7 +159,7 @@ def demo_recipe(args: DemoArguments, data_dir: Path, cache_dir: Path, feature_si
 
 
 def main(argv: list[str] | None = None) -> dict:
-    (args,) = HfArgumentParser(DemoArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = parse_flags(HfArgumentParser(DemoArguments), argv)
     logging.basicConfig(level=logging.WARNING)
     # Saving a model with tied MLM weights makes accelerate warn at every checkpoint; nothing is lost.
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 
 from transformers import HfArgumentParser
 
+from imagebert_hf.models.imagebert.script_errors import parse_flags
+
 
 @dataclass
 class RelationSwapArguments:
@@ -61,7 +63,7 @@ class RelationSwapArguments:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    (args,) = HfArgumentParser(RelationSwapArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = parse_flags(HfArgumentParser(RelationSwapArguments), argv)
     # Imported once the flags are read, so that --help answers without loading torch.
     from imagebert_hf.evaluation.relation_swaps import format_relation_swap_table, run_relation_swap_evaluation
 

@@ -23,17 +23,16 @@ from __future__ import annotations
 from transformers import HfArgumentParser
 
 from imagebert_hf.evaluation.full_ranking import EvaluationArguments, run_retrieval_evaluation
+from imagebert_hf.models.imagebert.script_errors import exit_on_error, parse_flags
 
 
 def main(argv: list[str] | None = None) -> dict:
-    (args,) = HfArgumentParser(EvaluationArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = parse_flags(HfArgumentParser(EvaluationArguments), argv)
     return run_retrieval_evaluation(args)
 
 
 if __name__ == "__main__":
     from safetensors import SafetensorError
-
-    from imagebert_hf.models.imagebert.script_errors import exit_on_error
 
     # SafetensorError: a damaged weights file.
     with exit_on_error("evaluate_retrieval", errors=(OSError, ValueError, SafetensorError)):

@@ -20,6 +20,7 @@ from imagebert_hf import ImageBERTRoIExtractor
 from imagebert_hf.formats.manifest import read_manifest
 from imagebert_hf.models.imagebert.configuration_imagebert import ImageBERTConfig
 from imagebert_hf.models.imagebert.processing_imagebert import ImageBERTProcessor
+from imagebert_hf.models.imagebert.script_errors import exit_on_error, parse_flags
 from imagebert_hf.regions import extract_regions, load_region_cache
 
 
@@ -69,7 +70,7 @@ def main():
     if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
         extractor_args, cache_args = parser.parse_json_file(sys.argv[1])
     else:
-        extractor_args, cache_args = parser.parse_args_into_dataclasses()
+        extractor_args, cache_args = parse_flags(parser)
 
     # 1. The extractor. Its region_feature_size and num_object_classes size the model's config.
     extractor = ImageBERTRoIExtractor(
@@ -121,8 +122,6 @@ def main():
 
 
 if __name__ == "__main__":
-    from imagebert_hf.models.imagebert.script_errors import exit_on_error
-
     # ImportError: an offline weights package (the backbone's, the tokenizer's) is missing.
     with exit_on_error("extract_regions", errors=(ImportError, OSError, ValueError)):
         main()

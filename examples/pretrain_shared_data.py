@@ -23,6 +23,8 @@ from pathlib import Path
 import transformers
 from transformers import HfArgumentParser
 
+from imagebert_hf.models.imagebert.script_errors import exit_on_error, parse_flags
+
 
 @dataclass
 class SharedDataArguments:
@@ -57,7 +59,7 @@ class SharedDataArguments:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    (args,) = HfArgumentParser(SharedDataArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = parse_flags(HfArgumentParser(SharedDataArguments), argv)
     from accelerate import PartialState
 
     from imagebert_hf import ImageBERTConfig, ImageBERTRoIExtractor
@@ -181,7 +183,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from imagebert_hf.models.imagebert.script_errors import exit_on_error
-
     with exit_on_error("pretrain_shared_data"):
         main()

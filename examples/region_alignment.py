@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
+from imagebert_hf.models.imagebert.script_errors import exit_on_error, parse_flags
 from imagebert_hf.training.region_alignment import RegionAlignmentSettings
 
 
@@ -32,8 +33,7 @@ class RegionAlignmentArguments:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = HfArgumentParser((RegionAlignmentArguments, RegionAlignmentSettings))
-    args, settings = parser.parse_args_into_dataclasses(args=argv)
-    from imagebert_hf.models.imagebert.script_errors import exit_on_error
+    args, settings = parse_flags(parser, argv)
     from imagebert_hf.training import load_recipe
     from imagebert_hf.training.region_alignment import run_region_alignment
 

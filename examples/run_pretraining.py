@@ -16,6 +16,7 @@ import sys
 
 from transformers import HfArgumentParser
 
+from imagebert_hf.models.imagebert.script_errors import exit_on_error, parse_flags
 from imagebert_hf.training import (
     PretrainingArguments,
     PretrainingRunOptions,
@@ -53,7 +54,7 @@ def recipe_overrides(args: PretrainingArguments, num_stages: int) -> list[str]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = HfArgumentParser((PretrainingArguments, PretrainingRunOptions))
-    args, options = parser.parse_args_into_dataclasses(args=argv)
+    args, options = parse_flags(parser, argv)
     if options.mixed_precision not in (None, "no", "fp16", "bf16"):
         parser.error(f"--mixed_precision must be no, fp16 or bf16, got {options.mixed_precision!r}")
     first = load_recipe(args.config, args.set)
@@ -69,7 +70,6 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     from safetensors import SafetensorError
 
-    from imagebert_hf.models.imagebert.script_errors import exit_on_error
     from imagebert_hf.training import TooManyFailedRecords
 
     # SafetensorError: a damaged weights file; TooManyFailedRecords: sources whose records mostly fail to load.

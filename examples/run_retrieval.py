@@ -19,11 +19,12 @@ import sys
 
 from transformers import HfArgumentParser
 
+from imagebert_hf.models.imagebert.script_errors import exit_on_error, parse_flags
 from imagebert_hf.training import RetrievalArguments, TrainingStopped, run_retrieval_finetuning
 
 
 def main(argv: list[str] | None = None) -> dict:
-    (args,) = HfArgumentParser(RetrievalArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = parse_flags(HfArgumentParser(RetrievalArguments), argv)
     try:
         return run_retrieval_finetuning(args)
     except TrainingStopped as stop:
@@ -34,8 +35,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     from safetensors import SafetensorError
-
-    from imagebert_hf.models.imagebert.script_errors import exit_on_error
 
     # SafetensorError: a damaged weights file (the model's or a checkpoint's).
     with exit_on_error("run_retrieval", errors=(OSError, ValueError, SafetensorError)):

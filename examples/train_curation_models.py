@@ -26,6 +26,7 @@ from imagebert_hf.curation.fitting import (
     train_natural_photo_model,
     train_relevance_model,
 )
+from imagebert_hf.models.imagebert.script_errors import parse_flags
 
 
 @dataclass
@@ -41,7 +42,7 @@ class TrainingArguments:
 
 
 def main() -> None:
-    (args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses()
+    (args,) = parse_flags(HfArgumentParser(TrainingArguments))
     output_dir = Path(args.output_dir)
 
     # Photos and their statistics; the dev split (when the folder has one) is held out for the report.

@@ -139,3 +139,21 @@ def test_exit_on_error_turns_bad_inputs_into_one_line():
     with exit_on_error("prog"):
         result = "finished"
     assert result == "finished"
+
+
+def test_parse_flags_refuses_an_unknown_flag_as_argparse_does(capsys):
+    from dataclasses import dataclass
+
+    from transformers import HfArgumentParser
+
+    from imagebert_hf.models.imagebert.script_errors import parse_flags
+
+    @dataclass
+    class Flags:
+        size: int = 1
+
+    assert parse_flags(HfArgumentParser(Flags), ["--size", "3"]) == (Flags(size=3),)
+    with pytest.raises(SystemExit) as stop:
+        parse_flags(HfArgumentParser(Flags, prog="prog"), ["--size", "3", "--bogus", "1"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "prog: error: unrecognized arguments: --bogus 1"

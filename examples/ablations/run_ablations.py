@@ -30,6 +30,8 @@ from pathlib import Path
 import transformers
 from transformers import HfArgumentParser
 
+from imagebert_hf.models.imagebert.script_errors import parse_flags
+
 
 STUDIES = ("rerank", "finetune_losses", "stages", "mrfr_regions")
 # The recipe stage whose settings (rate, masking, loss weights) the pretraining studies reuse.
@@ -346,7 +348,7 @@ def ensure_region_caches(args: AblationArguments) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    (args,) = HfArgumentParser(AblationArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = parse_flags(HfArgumentParser(AblationArguments), argv)
     variants = study_variants(args.study)
     unknown = sorted(set(args.variants or []) - set(variants))
     if unknown:

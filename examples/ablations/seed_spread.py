@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from transformers import HfArgumentParser
 
+from imagebert_hf.models.imagebert.script_errors import exit_on_error, parse_flags
+
 
 KS = (1, 5, 10)
 
@@ -128,11 +130,10 @@ def read_scores(path: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    (args,) = HfArgumentParser(SeedSpreadArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = parse_flags(HfArgumentParser(SeedSpreadArguments), argv)
     from safetensors.torch import save
 
     from imagebert_hf.formats.files import atomic_write_bytes, atomic_write_json
-    from imagebert_hf.models.imagebert.script_errors import exit_on_error
 
     with exit_on_error("seed_spread"):
         if bool(args.checkpoints) == bool(args.scores):

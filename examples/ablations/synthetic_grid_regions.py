@@ -23,6 +23,8 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
+from imagebert_hf.models.imagebert.script_errors import exit_on_error, parse_flags
+
 
 GRID_SIZES = (1, 2, 3, 4)
 
@@ -38,10 +40,9 @@ class SyntheticGridArguments:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    (args,) = HfArgumentParser(SyntheticGridArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = parse_flags(HfArgumentParser(SyntheticGridArguments), argv)
     from imagebert_hf import ImageBERTRoIExtractor
     from imagebert_hf.data.synthetic import write_synthetic_manifest
-    from imagebert_hf.models.imagebert.script_errors import exit_on_error
     from imagebert_hf.regions import extract_regions
 
     output_dir = Path(args.output_dir)

@@ -29,6 +29,8 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
+from imagebert_hf.models.imagebert.script_errors import exit_on_error, parse_flags
+
 
 ROOT = Path(__file__).resolve().parents[2]
 GUARD_RECIPE = ROOT / "examples" / "configs" / "learning_quality_synthetic.yaml"
@@ -152,11 +154,10 @@ def run_one(setting: str, seed: int, overrides: list[str], region_alignment_step
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    (args,) = HfArgumentParser(PlateauArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = parse_flags(HfArgumentParser(PlateauArguments), argv)
     import torch
 
     from imagebert_hf.formats.files import atomic_write_text
-    from imagebert_hf.models.imagebert.script_errors import exit_on_error
 
     torch.set_num_threads(1)  # the figures depend on the order of float reductions, which the thread count changes
     results_file = Path(args.results_file)

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
+from imagebert_hf.models.imagebert.script_errors import exit_on_error, parse_flags
+
 
 # Parameter groups by name: the two region projections, the encoder layers, and the ITM head with the pooler.
 PARAMETER_GROUPS = {
@@ -61,10 +63,9 @@ def gradient_norms(model, batch: dict, loss_weights: dict[str, float], model_kwa
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    (args,) = HfArgumentParser(TaskGradientArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = parse_flags(HfArgumentParser(TaskGradientArguments), argv)
     from accelerate.utils import set_seed
 
-    from imagebert_hf.models.imagebert.script_errors import exit_on_error
     from imagebert_hf.training import PretrainingRunOptions, load_recipe
     from imagebert_hf.training.pretraining import build_model, build_stage_data, load_tokenizer, loop_settings
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from transformers import HfArgumentParser
 
 from ..formats.files import check_folder_or_hub_id
-from ..models.imagebert.script_errors import exit_on_error
+from ..models.imagebert.script_errors import exit_on_error, parse_flags
 
 
 DEMO_MODEL = Path("pretraining") / "stage2-clean" / "final"
@@ -180,15 +180,9 @@ def check_arguments(args: AppArguments) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> AppArguments:
-    """The command line (`sys.argv` when `argv` is None) as checked `AppArguments`; an unknown flag or a bad
-    setting ends it with one line naming it and exit status 1."""
-    args, unknown = HfArgumentParser(AppArguments).parse_args_into_dataclasses(
-        args=argv, return_remaining_strings=True
-    )
-    if unknown:
-        raise SystemExit(
-            f"imagebert-app: error: unrecognized arguments: {' '.join(unknown)} (see imagebert-app --help)"
-        )
+    """The command line (`sys.argv` when `argv` is None) as checked `AppArguments`: an unknown flag ends it as
+    argparse ends it (exit status 2), a bad setting with one line naming it and exit status 1."""
+    (args,) = parse_flags(HfArgumentParser(AppArguments), argv)
     with exit_on_error("imagebert-app", errors=(OSError, TypeError, ValueError)):
         check_arguments(args)
     return args

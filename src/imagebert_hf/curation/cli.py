@@ -16,7 +16,7 @@ import logging
 import sys
 from dataclasses import dataclass, field
 
-from ..models.imagebert.script_errors import exit_on_error
+from ..models.imagebert.script_errors import exit_on_error, parse_flags
 from .config import STAGE_CLASSES, CurationConfig
 
 
@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunArguments, CurationCon
     parser = HfArgumentParser((RunArguments, *STAGE_CLASSES.values()))
     parser.description = "LAIT-style curation of web pages into image-text pairs."
     argv = list(sys.argv[1:] if argv is None else argv)
-    run, *stages = parser.parse_args_into_dataclasses(args=argv)
+    run, *stages = parse_flags(parser, argv)
     config = CurationConfig(**dict(zip(STAGE_CLASSES, stages)))
     if run.config_file:
         # File values are the base; flags given explicitly on the command line win. The merged values go through

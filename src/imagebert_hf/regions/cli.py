@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..models.imagebert.script_errors import exit_on_error
+from ..models.imagebert.script_errors import exit_on_error, parse_flags
 from .cache_layout import REPORT_NAME
 
 
@@ -156,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # ImportError: the offline weights package is missing; ValueError: a flag the parser does not know
     with exit_on_error("imagebert-extract-regions", errors=(ImportError, OSError, ValueError)):
-        (args,) = HfArgumentParser(ExtractRegionsArguments).parse_args_into_dataclasses(args=argv)
+        (args,) = parse_flags(HfArgumentParser(ExtractRegionsArguments), argv)
         if args.verify:
             return _verify(args)
         if args.merge:

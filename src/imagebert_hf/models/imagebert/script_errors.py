@@ -33,4 +33,14 @@ def exit_on_error(
         raise
 
 
-__all__ = ["exit_on_error"]
+def parse_flags(parser, argv: list[str] | None = None) -> tuple:
+    """The dataclasses an `HfArgumentParser` fills from `argv` (`sys.argv` when None). An unknown flag is reported
+    as argparse reports every other bad flag (usage, then `<program>: error: unrecognized arguments: ...`, exit
+    status 2), where `parse_args_into_dataclasses` alone would raise a traceback."""
+    *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return tuple(parsed)
+
+
+__all__ = ["exit_on_error", "parse_flags"]
