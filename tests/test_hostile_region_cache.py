@@ -87,6 +87,14 @@ def test_float_read_dtypes_work(cache_folder, dtype):
     assert features.dtype == np.dtype(dtype or "float16") and np.isfinite(features).all()
 
 
+@pytest.mark.parametrize("key", [3, None, b"000000000139.jpg"])
+def test_a_key_that_is_not_a_string_is_named(cache_folder, key):
+    cache = load_region_cache(cache_folder)
+    with pytest.raises(TypeError, match=rf"region cache keys are strings .*got {re.escape(repr(key))}"):
+        cache[key]
+    assert cache.get(cache.keys()[0]) is not None
+
+
 DAMAGED_INFO = [
     ("not JSON", "{", r"Expecting property name.*rerun imagebert-extract-regions"),
     ("not UTF-8", b"\xff\xfe\x00", r"codec can.t decode byte 0xff"),

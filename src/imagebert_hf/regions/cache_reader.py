@@ -463,6 +463,11 @@ class RegionCache:
         verify_region_cache(self.path)
 
     def _row(self, key: str) -> int:
+        if not isinstance(key, str):
+            raise TypeError(
+                f"region cache keys are strings (the manifest's image paths or the image ids), got {key!r} "
+                f"({type(key).__name__})."
+            )
         row = self._find(key)
         if row is None:
             raise KeyError(f"{key!r} is not in the region cache {self.path}")
