@@ -98,6 +98,19 @@ def test_pipeline_names_a_bad_saved_length_rather_than_serving_without_its_proce
         pipeline("image-text-retrieval", model=str(folder), device=-1)
 
 
+def test_a_saved_tokenizer_without_its_vocabulary_is_refused_not_served(folder):
+    from transformers import AutoProcessor, pipeline
+
+    assert len(AutoProcessor.from_pretrained(folder).tokenizer) > 5
+    for name in ("tokenizer.json", "vocab.txt"):
+        (folder / name).unlink(missing_ok=True)
+    message = r"knows only its \d+ special tokens .* every word would become '\[UNK\]'"
+    with pytest.raises(ValueError, match=message):
+        AutoProcessor.from_pretrained(folder)
+    with pytest.raises(ValueError, match=message):
+        pipeline("image-text-retrieval", model=str(folder), device=-1)
+
+
 # ------------------------------------------------------------------------------------ extractor settings
 
 

@@ -65,6 +65,7 @@ class ImageBERTProcessor(ProcessorMixin):
         super().__init__(image_processor=image_processor, tokenizer=tokenizer, **kwargs)
         self.max_text_length = max_text_length
         self.max_regions = max_regions
+        check_tokenizer_vocabulary(tokenizer)
 
     @classmethod
     def from_model_config(
@@ -309,6 +310,19 @@ class ImageBERTProcessor(ProcessorMixin):
         return processor
 
 
+def check_tokenizer_vocabulary(tokenizer) -> None:
+    """Raises ValueError when `tokenizer` knows nothing but its special tokens: what transformers loads from a saved
+    folder whose vocabulary (tokenizer.json, vocab.txt) is missing, and a tokenizer that turns every word into
+    the unknown token, so that every text would score the same."""
+    specials = set(getattr(tokenizer, "all_special_tokens", ()))
+    if specials and len(tokenizer) <= len(specials):
+        raise ValueError(
+            f"the tokenizer ({getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__}) knows only its "
+            f"{len(tokenizer)} special tokens {sorted(specials)}: every word would become {tokenizer.unk_token!r}. "
+            "Its vocabulary file (tokenizer.json or vocab.txt) is missing or empty; save the tokenizer again."
+        )
+
+
 def _as_numbers(values: Any, where: str, record: dict[str, Any], name: str) -> np.ndarray:
     """`values` as a float32 array; values that are not numbers (strings, objects) raise naming the record."""
     try:
@@ -335,4 +349,4 @@ def register_processing() -> None:
     AutoProcessor.register(ImageBERTConfig, ImageBERTProcessor, exist_ok=True)
 
 
-__all__ = ["ImageBERTProcessor", "check_processor_config", "register_processing"]
+__all__ = ["ImageBERTProcessor", "check_processor_config", "check_tokenizer_vocabulary", "register_processing"]
