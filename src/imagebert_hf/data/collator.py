@@ -12,6 +12,7 @@ import torch
 
 from ..models.imagebert.region_batching import (
     as_feature_tensor,
+    check_region_record,
     check_region_values,
     empty_batch_tensor,
     pad_region_records,
@@ -109,7 +110,8 @@ class DataCollatorForImageBERTPretraining(MaskingSettings):
         return_region_class_probs (`bool`, defaults to `True`): Return `region_class_probs` when features have it.
         count_failed (`bool`, defaults to `False`): Add `num_failed_records` (dropped `None` features) to the batch.
         num_object_classes (`int`, *optional*): The MOC head's classes; a `region_class_labels` value outside
-            `[0, num_object_classes)` (other than -100) then raises, naming the sample, instead of reaching the loss.
+            `[0, num_object_classes)` (other than -100), or `region_class_probs` of another width, then raises,
+            naming the sample, instead of reaching the loss.
         seed (`int`, *optional*): Seed of the generator used for samples without `sample_seed`.
         feature_dtype (`torch.dtype`, *optional*): The dtype of `region_features` and `region_feature_targets`. By
             default the records' own floating dtype: a float16 region cache gives float16 batches (exact, half the
@@ -118,9 +120,11 @@ class DataCollatorForImageBERTPretraining(MaskingSettings):
             `(batch_size, num_regions, F)`, as before the model accepted the masked rows only (a copy of the whole
             feature batch: the slower layout, for code that indexes the targets by region).
 
-    Values are checked here, on the CPU, where the batch is made: token ids within the tokenizer, class labels
-    within `num_object_classes`, ITM labels 0 or 1 (per sample), finite features and class distributions and
-    locations in [0, 1] (`check_region_values`, once over the padded batch). The model checks only shapes.
+    Values are checked here, on the CPU, where the batch is made: the shapes and dtypes of each record's region
+    arrays, one row per region, integer class labels (`check_region_record`, on the whole record, before the cut to
+    `max_regions`), token ids within the tokenizer, class labels within `num_object_classes`, ITM labels 0 or 1
+    (per sample), finite features and class distributions and locations in [0, 1] (`check_region_values`, once over
+    the padded batch). The model checks only shapes.
     """
 
     tokenizer: Any
@@ -271,6 +275,14 @@ class DataCollatorForImageBERTPretraining(MaskingSettings):
         token_type_ids = (
             torch.zeros_like(input_ids) if token_type_ids is None else _as_tensor(token_type_ids, torch.long).flatten()
         )
+        # Shapes and dtypes on the whole record, before the cut to max_regions hides rows that disagree.
+        region_keys = ("region_features", "region_locations", "region_class_labels", "region_class_probs")
+        check_region_record(
+            feature,
+            f"sample {feature.get('image_id')!r}",
+            self.num_object_classes,
+            region_keys if self.return_region_class_probs else region_keys[:3],
+        )
         if self.max_text_length is not None and input_ids.shape[0] > self.max_text_length:
             # Keep [SEP] last so a truncated caption still looks like BERT input.
             input_ids = torch.cat([input_ids[: self.max_text_length - 1], input_ids[-1:]])
@@ -280,17 +292,13 @@ class DataCollatorForImageBERTPretraining(MaskingSettings):
             "region_features": as_feature_tensor(feature["region_features"]),
             "region_locations": _as_tensor(feature["region_locations"], torch.float32),
         }
-        num_regions = regions["region_features"].shape[0]
         if feature.get("region_class_labels") is not None:
             regions["region_class_labels"] = _as_tensor(feature["region_class_labels"], torch.long)
         if self.return_region_class_probs and feature.get("region_class_probs") is not None:
             regions["region_class_probs"] = _as_tensor(feature["region_class_probs"], torch.float32)
         self._check_values(feature, input_ids, regions)
-        for key, value in regions.items():
-            if value.shape[0] != num_regions:
-                raise ValueError(f"{key} has {value.shape[0]} rows but region_features has {num_regions}.")
-            if self.max_regions is not None:
-                regions[key] = value[: self.max_regions]
+        if self.max_regions is not None:
+            regions = {key: value[: self.max_regions] for key, value in regions.items()}
         sample = {
             "input_ids": input_ids,
             "token_type_ids": token_type_ids,

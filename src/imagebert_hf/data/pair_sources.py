@@ -11,6 +11,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
+import tarfile
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -22,6 +24,7 @@ import torch
 from transformers.utils import logging
 
 from ..formats.manifest import iter_manifest
+from ..models.imagebert.region_batching import check_region_record
 from ..regions.cache_reader import load_region_cache
 from .negatives import choose_hard_caption, choose_negative
 from .synthetic import (
@@ -127,9 +130,41 @@ class ManifestPairSource(PairSource):
             return image.convert("RGB")
 
 
+def _row_captions(key: Any, texts: Any, where: str, text_column: str, id_column: str | None) -> tuple[str, list[str]]:
+    """The image key and the captions of one row of a `datasets` source, listed or streamed: `texts` is a string or
+    a list of strings; null and blank captions are dropped (web data has them), anything else raises a `ValueError`
+    naming `where` (source and row), the key and the column. With `id_column`, `key` must be a non-empty string or
+    an integer (the region cache's key)."""
+    if id_column is not None and (
+        isinstance(key, bool) or not isinstance(key, (str, int)) or (isinstance(key, str) and not key.strip())
+    ):
+        raise ValueError(
+            f"{where}: {id_column!r} must be a non-empty string or an integer (the image key), got {key!r:.60}."
+        )
+    key = str(key)
+    if texts is not None and not isinstance(texts, (str, list, tuple)):
+        raise ValueError(
+            f"{where} (key {key!r}): {text_column!r} must be a string or a list of strings, got {type(texts).__name__}."
+        )
+    captions = []
+    for number, text in enumerate([texts] if isinstance(texts, str) else texts or ()):
+        if text is not None and not isinstance(text, str):
+            raise ValueError(
+                f"{where} (key {key!r}): {text_column}[{number}] must be a string, got {type(text).__name__} "
+                f"{text!r:.60}."
+            )
+        if text and text.strip():
+            captions.append(text)
+    return key, captions
+
+
 class DatasetPairSource(PairSource):
     """Pairs from a `datasets.Dataset` (or a folder saved with `save_to_disk`) with a text column of strings or
-    lists of strings.
+    lists of strings: one row per image, or one row per caption with the image's id in `id_column`.
+
+    Captions are checked as `DatasetStream` checks them: null and blank ones are dropped (a row left with none is
+    skipped, with a warning counting them), any other value that is not a string raises a `ValueError` naming the
+    source, row and column, as does an id that is missing or repeated.
 
     Args:
         dataset: A `datasets.Dataset`, or the path of one saved with `save_to_disk`.
@@ -147,21 +182,45 @@ class DatasetPairSource(PairSource):
         id_column: str | None = None,
         name: str = "dataset",
     ):
+        where = f"dataset source {name!r}"
         if isinstance(dataset, (str, Path)):
+            where = f"{where} ({dataset})"
             import datasets
 
-            dataset = datasets.load_from_disk(str(dataset))
+            try:
+                dataset = datasets.load_from_disk(str(dataset))
+            except FileNotFoundError as error:
+                raise FileNotFoundError(f"{where}: no dataset saved with save_to_disk there ({error}).") from error
+            except Exception as error:  # json / pyarrow / datasets errors of a damaged or mislabelled folder
+                raise ValueError(
+                    f"{where}: cannot load the saved dataset ({type(error).__name__}: {str(error)[:300]}); was it "
+                    "written by save_to_disk and left unchanged?"
+                ) from error
         for column in (text_column, id_column):
             if column is not None and column not in dataset.column_names:
                 raise ValueError(f"the dataset has no column {column!r}; its columns are {dataset.column_names}.")
         self.dataset = dataset
         self.image_column = image_column
         keys = dataset[id_column] if id_column else [str(i) for i in range(len(dataset))]
-        self._rows = {str(key): row for row, key in enumerate(keys)}
-        pairs = []
-        for key, texts in zip(keys, dataset[text_column]):
-            for text in [texts] if isinstance(texts, str) else texts:
-                pairs.append((str(key), text))
+        self._rows: dict[str, int] = {}
+        pairs, captionless = [], []
+        for row, (key, texts) in enumerate(zip(keys, dataset[text_column])):
+            key, captions = _row_captions(key, texts, f"{where}, row {row}", text_column, id_column)
+            # Rows that share an id are one image (a dataset of one row per caption): their captions are pooled
+            # and the image is read from the last of them.
+            self._rows[key] = row
+            if not captions:
+                captionless.append(row)
+            pairs.extend((key, text) for text in captions)
+        if captionless and not pairs:
+            raise ValueError(f"{where}: no row has a caption ({text_column!r} is null or blank in all {len(keys)}).")
+        if captionless:
+            logger.warning(
+                "%s: %d row(s) without a caption (null or blank) skipped; first: row %d.",
+                where,
+                len(captionless),
+                captionless[0],
+            )
         super().__init__(name, pairs)
 
     def open_image(self, key: str):
@@ -176,8 +235,8 @@ def _caption_of(sample: dict[str, Any]) -> str | None:
     """The caption of a webdataset sample as img2dataset writes it: `KEY.txt`, else `"caption"` of `KEY.json`.
 
     Raises:
-        ValueError: naming the shard and key of a caption that is not UTF-8 or a `.json` member that is not a JSON
-            object.
+        ValueError: naming the shard and key of a caption that is not UTF-8, a `.json` member that is not a JSON
+            object, or a `"caption"` in it that is not a string.
     """
     where = f"webdataset shard {sample.get('__url__')}, key {sample.get('__key__')!r}"
     try:
@@ -190,7 +249,9 @@ def _caption_of(sample: dict[str, Any]) -> str | None:
             if not isinstance(meta, dict):
                 raise ValueError(f"the .json member is a {type(meta).__name__}, not an object")
             caption = meta.get("caption")
-            return str(caption).strip() if caption else None
+            if caption is not None and not isinstance(caption, str):
+                raise ValueError(f'"caption" of the .json member is a {type(caption).__name__}, not a string')
+            return (caption or "").strip() or None
     except (UnicodeDecodeError, ValueError) as error:
         raise ValueError(f"{where}: unreadable caption ({type(error).__name__}: {error}).") from error
     return None
@@ -206,6 +267,8 @@ def _read_samples(reader, name: str):
             sample = next(iterator)
         except StopIteration:
             return
+        except _TruncatedShardError as error:
+            raise ValueError(f"webdataset source {name!r}: {error}") from error
         except Exception as error:
             raise ValueError(
                 f"webdataset source {name!r}: reading failed after shard {last['__url__']}, key {last['__key__']!r} "
@@ -222,20 +285,70 @@ def _image_of(sample: dict[str, Any]) -> bytes | None:
     return None
 
 
+# Members webdataset leaves out of samples: `__key__/...` and `__meta__`-like names.
+_META_MEMBER = re.compile(r"__[^/]*__($|/)")
+
+
+class _TruncatedShardError(ValueError):
+    """A shard whose members stop before the end-of-archive marker; the message names the shard."""
+
+
+class _EndMarkedTarInfo(tarfile.TarInfo):
+    """A member header that notes on its archive (`saw_end_marker`) whether the member list ended with the
+    end-of-archive marker, two zero blocks. `tarfile` also ends a member list without a word at a missing, short or
+    unreadable header, which is how a shard cut short on a block boundary or inside a header looks."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:
+            tar.saw_end_marker = tar.fileobj.read(tarfile.BLOCKSIZE) == bytes(tarfile.BLOCKSIZE)
+            raise
+
+
+def _tar_members(sources: Iterator[dict[str, Any]], select_files=None) -> Iterator[dict[str, Any]]:
+    """The regular files of each opened shard as webdataset's `group_by_keys` takes them, then `{}` at each shard's
+    end. Read as a stream, like webdataset's own expander, but a shard whose members do not end with the
+    end-of-archive marker raises a `ValueError` naming it instead of ending early."""
+    for source in sources:
+        url = source["url"]
+        with tarfile.open(fileobj=source["stream"], mode="r|*", tarinfo=_EndMarkedTarInfo) as tar:
+            for member in tar:
+                name = member.name
+                if not member.isreg() or _META_MEMBER.match(name) or (select_files and not select_files(name)):
+                    continue
+                file = {"fname": name, "data": tar.extractfile(member).read(), "__url__": url}
+                if source.get("local_path") is not None:
+                    file["__local_path__"] = source["local_path"]
+                yield file
+                tar.members = []  # a stream of any length in bounded memory
+            if not getattr(tar, "saw_end_marker", False):
+                raise _TruncatedShardError(
+                    f"webdataset shard {url} is truncated: its members stop at byte {tar.offset} without the "
+                    "end-of-archive marker (two zero blocks), so the samples after that point are missing; write or "
+                    "copy the shard again."
+                )
+        yield {}
+
+
 def _webdataset(urls: list[str], select_files=None, split: bool = False):
-    """The `webdataset` library's reader over `urls` (paths, http(s)/s3/gs URLs, `pipe:` commands), undecoded.
+    """A `webdataset` pipeline over `urls` (paths, http(s)/s3/gs URLs, `pipe:` commands) giving undecoded samples;
+    a truncated shard raises (see `_tar_members`).
 
     With `split`, the shards are divided between the processes of the run and the DataLoader workers of each.
     """
     import webdataset as wds
+    from webdataset.cache import StreamingOpen
+    from webdataset.tariterators import group_by_keys
 
-    return wds.WebDataset(
-        urls,
-        shardshuffle=False,
-        nodesplitter=wds.split_by_node if split else (lambda shards: shards),
-        workersplitter=wds.split_by_worker if split else (lambda shards: shards),
-        empty_check=False,
-        select_files=select_files,
+    splitters = [wds.split_by_node, wds.split_by_worker] if split else []
+    return wds.DataPipeline(
+        wds.SimpleShardList(urls),
+        *splitters,
+        StreamingOpen(),
+        lambda sources: _tar_members(sources, select_files),
+        group_by_keys,
     )
 
 
@@ -248,6 +361,9 @@ class WebDatasetPairSource(PairSource):
     construction; images are read by streaming their shard again (for extraction use `image_table`, one pass over
     all shards). For corpora too large to list in memory, use `WebDatasetStream`.
 
+    Raises a `ValueError` naming the shard (and key) for a shard that is truncated or not a tar file, an unreadable
+    caption, and a key that appears twice (in two shards, or twice in one).
+
     Args:
         urls (`str` or `Sequence[str]`): Shards; a string may use brace notation (`shards/{00000..00009}.tar`) or,
             for local files, a glob.
@@ -257,12 +373,22 @@ class WebDatasetPairSource(PairSource):
     def __init__(self, urls: str | Sequence[str], name: str = "webdataset"):
         self.urls = expand_urls(urls)
         self._shard_of: dict[str, str] = {}
+        seen: dict[str, str] = {}
         pairs = []
         for sample in _read_samples(_webdataset(self.urls), name):
+            key, shard = sample["__key__"], sample["__url__"]
+            # Images are found again by key (image_bytes, image_table): a second sample of a key would pair its
+            # captions with the first one's regions.
+            if key in seen:
+                where = "twice in shard" if seen[key] == shard else f"in shard {seen[key]} and in shard"
+                raise ValueError(
+                    f"webdataset source {name!r}: key {key!r} appears {where} {shard}; keys must be unique."
+                )
+            seen[key] = shard
             caption = _caption_of(sample)
             if caption and _image_of(sample) is not None:
-                self._shard_of[sample["__key__"]] = sample["__url__"]
-                pairs.append((sample["__key__"], caption))
+                self._shard_of[key] = shard
+                pairs.append((key, caption))
         super().__init__(name, pairs)
 
     def image_bytes(self, key: str) -> bytes:
@@ -352,6 +478,11 @@ class WebDatasetStream(StreamingPairSource):
     """img2dataset webdataset shards as a stream through the `webdataset` library: local paths, URLs or `pipe:`
     commands; shards split between processes (`split_by_node`) and DataLoader workers (`split_by_worker`), in an
     order reshuffled each epoch from `seed`. Only captions are read: regions come from the region cache.
+
+    A shard that is truncated or not a tar file, or an unreadable caption, raises a `ValueError` naming the shard
+    (and key) when the stream reaches it. Keys are not checked for repeats across shards, which would take memory
+    growing with the stream (and each process sees only its part): check a new corpus once with
+    `WebDatasetPairSource`, or build its region cache with `image_table`, which does.
 
     Args:
         urls (`str` or `Sequence[str]`): Shards, with brace notation (`pipe:aws s3 cp s3://b/{00000..09999}.tar -`).
@@ -448,15 +579,15 @@ class DatasetStream(StreamingPairSource):
                     f"streaming source {self.name!r}: rows need columns {self.text_column!r} and {self.id_column!r}; "
                     f"got {sorted(row)}."
                 )
-            texts = row[self.text_column]
-            if texts is not None and not isinstance(texts, (str, list, tuple)):
-                raise ValueError(
-                    f"streaming source {self.name!r}, row {number - 1} (key {row[self.id_column]!r}): "
-                    f"{self.text_column!r} must be a string or a list of strings, got {type(texts).__name__}."
-                )
-            for text in [texts] if isinstance(texts, str) else texts or ():
-                if isinstance(text, str) and text.strip():
-                    yield str(row[self.id_column]), text
+            key, captions = _row_captions(
+                row[self.id_column],
+                row[self.text_column],
+                f"streaming source {self.name!r}, row {number - 1}",
+                self.text_column,
+                self.id_column,
+            )
+            for text in captions:
+                yield key, text
 
 
 class SyntheticPairSource(PairSource):
@@ -519,6 +650,8 @@ def region_arrays(store: Mapping[str, dict], key: str, max_regions: int) -> dict
         raise KeyError(key)
     if record.get("error"):
         raise ValueError(f"region extraction failed: {record['error']}")
+    # On the whole record: cutting first would hide rows of one array that another lacks.
+    check_region_record(record, f"region record of {key!r}", keys=_REGION_KEYS)
     regions = {}
     for name in _REGION_KEYS:
         if record.get(name) is not None:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
-from ..formats.manifest import iter_manifest
+from ..formats.manifest import _image_path, iter_manifest
 from ..models.imagebert.region_batching import pad_region_records
 from ..models.imagebert.retrieval_index import RegionBatches, gather_pair_inputs, is_region_batches, score_pairs
 from ..regions.cache_reader import load_region_cache
@@ -44,13 +44,28 @@ def check_max_images(max_images) -> None:
         raise ValueError(f"max_images must be a positive integer or None (every image), got {max_images!r}.")
 
 
+def _karpathy_image_id(entry: Mapping, where: str) -> str:
+    """The id of a Karpathy entry: its `cocoid`, else `imgid`, else its filename."""
+    for name in ("cocoid", "imgid"):
+        if name in entry:
+            value = entry[name]
+            if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip():
+                raise ValueError(f"{where}: {name!r} must be an integer or a non-empty string, got {value!r:.60}.")
+            return str(value)
+    return entry["filename"]
+
+
 def load_karpathy_split(
     path: str | os.PathLike,
     split: str | Sequence[str] = "test",
     image_root: str | os.PathLike | None = None,
     max_images: int | None = None,
+    allow_outside_root: bool = False,
 ) -> list[dict[str, Any]]:
     """Reads one split of a Karpathy split file (`dataset_coco.json`, `dataset_flickr30k.json`).
+
+    Every entry must be an object; those of the split read must have a `filename`, a `filepath` (if any) that is a
+    folder name, and at least one sentence with a non-blank `raw`. An error names the file, `images[i]` and the field.
 
     Args:
         path: the json file: `{"images": [{"filepath"?, "filename", "split", "sentences": [{"raw"}], ...}]}`.
@@ -59,6 +74,8 @@ def load_karpathy_split(
         image_root: folder the image paths are relative to (COCO: the folder holding `val2014/`, `train2014/`;
             Flickr30k: the image folder). Defaults to the json's folder.
         max_images: keep only the first images (quick runs).
+        allow_outside_root: follow image paths that leave `image_root` (absolute, or `../`); refused by default,
+            as in manifests.
 
     Returns:
         Records `{"image_id", "image" (path), "captions"}` in file order: the order the 1k folds are cut from.
@@ -81,20 +98,38 @@ def load_karpathy_split(
     root = Path(image_root) if image_root is not None else path.parent
     records = []
     for number, entry in enumerate(data["images"]):
-        if not isinstance(entry, dict) or entry.get("split") not in splits:
+        entry_where = where = f"{path}: images[{number}]"
+        if not isinstance(entry, dict):
+            raise ValueError(
+                f"{where} must be an object with 'filename', 'split' and 'sentences', got {type(entry).__name__} "
+                f"{entry!r:.60}."
+            )
+        if entry.get("split") not in splits:
             continue
-        where = f"{path}: images[{number}]"
         if not isinstance(entry.get("filename"), str) or not entry["filename"]:
             raise ValueError(f"{where} has no 'filename' string, got {entry.get('filename')!r}.")
+        where = f"{where} ({entry['filename']})"
         sentences = entry.get("sentences")
         if not isinstance(sentences, list) or not all(
             isinstance(s, dict) and isinstance(s.get("raw"), str) for s in sentences
         ):
-            raise ValueError(f"{where} ({entry['filename']}): 'sentences' must be a list of {{'raw': str}}.")
-        relative = Path(entry.get("filepath", "")) / entry["filename"]
-        image_id = entry.get("cocoid", entry.get("imgid", entry["filename"]))
+            raise ValueError(f"{where}: 'sentences' must be a list of {{'raw': str}}.")
+        if not sentences:
+            raise ValueError(f"{where}: 'sentences' is empty; every image needs at least one caption.")
         captions = [sentence["raw"].strip() for sentence in sentences]
-        records.append({"image_id": str(image_id), "image": str(root / relative), "captions": captions})
+        if not all(captions):
+            raise ValueError(f"{where}: sentences[{captions.index('')}].raw is blank.")
+        filepath = entry.get("filepath", "")
+        if not isinstance(filepath, str):
+            raise ValueError(f"{where}: 'filepath' must be a folder name string, got {filepath!r:.60}.")
+        # The manifests' rule for image paths, so a split file cannot point at files outside the image root.
+        image = _image_path(
+            str(Path(filepath) / entry["filename"]),
+            root,
+            f"{entry_where} ('filepath' + 'filename')",
+            allow_outside_root,
+        )
+        records.append({"image_id": _karpathy_image_id(entry, where), "image": str(image), "captions": captions})
         if max_images is not None and len(records) >= max_images:
             break
     if not records:

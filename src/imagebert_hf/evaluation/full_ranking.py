@@ -22,6 +22,7 @@ from ..data.retrieval_corpus import RetrievalCorpus, load_karpathy_split, load_m
 from ..data.synthetic import make_synthetic_examples, synthetic_region_record
 from ..formats.files import atomic_write_bytes, atomic_write_json, check_folder_or_hub_id
 from ..models.imagebert.modeling_imagebert import ImageBERTForImageTextRetrieval
+from ..models.imagebert.region_batching import check_region_values
 from ..models.imagebert.retrieval_index import index_factory_string, score_all_pairs
 from ..regions.cache_reader import load_region_cache
 from .hub import build_model_card, save_model_card
@@ -155,15 +156,114 @@ def save_corpus_cache(path: str | os.PathLike, corpus: RetrievalCorpus, fingerpr
     atomic_write_bytes(path, save(tensors, metadata=metadata))
 
 
+# What `save_corpus_cache` stores: each tensor's dtype ("int64", or any floating one) and dimensions, named by the
+# size they share (N images, T texts, L tokens, R regions, F features, B box values). A corpus built without a
+# tokenizer or regions has no text or region tensors; with them, scoring needs these (the masks and token types
+# default to ones and zeros).
+_REQUIRED_CORPUS_TENSORS = {
+    "text_inputs.": ["text_inputs.input_ids"],
+    "region_inputs.": ["region_inputs.region_features", "region_inputs.region_locations"],
+}
+_CORPUS_TENSORS = {
+    "text_to_image": ("int64", ("T",)),
+    "text_inputs.input_ids": ("int64", ("T", "L")),
+    "text_inputs.attention_mask": ("int64", ("T", "L")),
+    "text_inputs.token_type_ids": ("int64", ("T", "L")),
+    "region_inputs.region_features": ("floating", ("N", "R", "F")),
+    "region_inputs.region_locations": ("floating", ("N", "R", "B")),
+    "region_inputs.region_attention_mask": ("int64", ("N", "R")),
+}
+
+
+def _check_corpus_tensors(path: Path, tensors: dict, image_ids: list, texts: list, fingerprint: dict) -> None:
+    """The names, dtypes, shapes and values of a corpus cache's tensors against what `save_corpus_cache` writes
+    for `image_ids` and `texts`: a tensor edited by hand or by another program would otherwise give silently wrong
+    recall targets or fail deep inside the model. One pass over the region features (a sum per region)."""
+
+    def damaged(problem: str) -> CorpusCacheError:
+        return CorpusCacheError(f"--corpus_cache {path} is damaged: {problem}; delete it and rerun to rebuild it.")
+
+    if not isinstance(image_ids, list) or not isinstance(texts, list):
+        raise damaged("its image_ids and texts metadata must be lists of strings")
+    if not all(isinstance(item, str) for item in [*image_ids, *texts]):
+        raise damaged("its image_ids and texts metadata must be lists of strings")
+    unknown = sorted(set(tensors) - set(_CORPUS_TENSORS))
+    if unknown:
+        raise damaged(f"it holds tensors {unknown}, which a corpus cache does not (it holds {list(_CORPUS_TENSORS)})")
+    for group, required in _REQUIRED_CORPUS_TENSORS.items():
+        missing = [name for name in required if name not in tensors]
+        if missing and any(name.startswith(group) for name in tensors):
+            raise damaged(f"tensor {missing[0]} is missing (a corpus cache with {group}* tensors holds {required})")
+    sizes = {"N": len(image_ids), "T": len(texts)}
+    for name, (dtype, dims) in _CORPUS_TENSORS.items():
+        tensor = tensors.get(name)
+        if tensor is None:
+            continue
+        expected = f"{dtype} of shape ({', '.join(dims)}) with N={sizes['N']} images and T={sizes['T']} captions"
+        if not (tensor.is_floating_point() if dtype == "floating" else tensor.dtype == torch.int64):
+            raise damaged(f"tensor {name} has dtype {str(tensor.dtype).replace('torch.', '')}; expected {expected}")
+        shape = tuple(tensor.shape)
+        if len(shape) != len(dims) or any(sizes.setdefault(dim, size) != size for dim, size in zip(dims, shape)):
+            raise damaged(f"tensor {name} has shape {shape}; expected {expected}")
+    limits = {"L": ("max_text_length", "tokens"), "R": ("max_regions", "regions")}
+    for dim, (setting, what) in limits.items():
+        limit = fingerprint.get(setting)
+        if dim in sizes and isinstance(limit, int) and sizes[dim] > limit:
+            raise damaged(f"it holds {sizes[dim]} {what} per item, more than {setting}={limit}")
+    feature_size = fingerprint.get("region_feature_size")
+    if "F" in sizes and isinstance(feature_size, int) and sizes["F"] != feature_size:
+        raise damaged(f"it holds regions of {sizes['F']} features; region_feature_size={feature_size}")
+    if sizes.get("B", 5) not in (5, 7):
+        raise damaged(f"its region_locations hold {sizes['B']} values per region; expected 5 (or UNITER's 7)")
+
+    text_to_image = tensors["text_to_image"]
+    if len(texts) and (int(text_to_image.min()) < 0 or int(text_to_image.max()) >= len(image_ids)):
+        raise damaged(
+            f"tensor text_to_image holds image indices {int(text_to_image.min())}..{int(text_to_image.max())}; "
+            f"expected 0..{len(image_ids) - 1} (its {len(image_ids)} images)"
+        )
+    captions = torch.bincount(text_to_image, minlength=len(image_ids))
+    if len(image_ids) and int(captions.min()) == 0:
+        raise damaged(f"image {image_ids[int(captions.argmin())]!r} has no caption in tensor text_to_image")
+    # The tokenizer's size, as `corpus_fingerprint` records it ("BertTokenizerFast/30522").
+    vocab = str(fingerprint.get("tokenizer", "")).rpartition("/")[2]
+    value_ranges = {
+        "text_inputs.input_ids": (0, int(vocab) - 1 if vocab.isdigit() else None),
+        "text_inputs.attention_mask": (0, 1),
+        "text_inputs.token_type_ids": (0, None),
+        "region_inputs.region_attention_mask": (0, 1),
+    }
+    for name, (low, high) in value_ranges.items():
+        tensor = tensors.get(name)
+        if tensor is None or not tensor.numel():
+            continue
+        least, most = int(tensor.min()), int(tensor.max())
+        if least < low or (high is not None and most > high):
+            allowed = f"{low}..{high}" if high is not None else f"at least {low}"
+            raise damaged(f"tensor {name} holds values {least}..{most}; expected {allowed}")
+    if "region_inputs.region_features" in tensors:
+        regions = {name.split(".", 1)[1]: tensor for name, tensor in tensors.items() if name.startswith("region_")}
+        try:
+            check_region_values(regions, image_ids)
+        except ValueError as error:
+            # "sample '<id>': region_features hold ...": named here by the tensor, then the image.
+            sample, _, problem = str(error).rstrip(".").partition(": ")
+            raise damaged(f"tensor region_inputs.{problem} (image {sample.removeprefix('sample ')})") from error
+
+
 def load_corpus_cache(path: str | os.PathLike, fingerprint: dict) -> RetrievalCorpus:
     """Reads a corpus cache written by `save_corpus_cache`, after checking it was built from `fingerprint`.
 
     The file is a safetensors file (tensors and JSON): nothing in it can run code. A file in any other format (a
     pickled `.pt` cache of an older version included) is refused, never unpickled.
 
+    The tensors are checked against what `save_corpus_cache` writes for the stored ids and captions: their names,
+    dtypes and shapes, image indices within the split, token ids within the tokenizer, masks of 0 and 1, and finite
+    region features and locations in [0, 1] (`check_region_values`).
+
     Raises:
-        CorpusCacheError: the file is not a corpus cache, is damaged, or was built for another split, dataset,
-            tokenizer or region cache (the message names the settings that differ).
+        CorpusCacheError: the file is not a corpus cache, is damaged (the message names the tensor), or was built
+            for another split, dataset, tokenizer or region cache (the message names the settings that differ).
     """
     from safetensors import SafetensorError
     from safetensors.torch import load
@@ -201,6 +301,7 @@ def load_corpus_cache(path: str | os.PathLike, fingerprint: dict) -> RetrievalCo
     text_to_image = tensors.get("text_to_image")
     if text_to_image is None or len(image_ids) != fingerprint["num_images"] or text_to_image.numel() != len(texts):
         raise CorpusCacheError(f"--corpus_cache {path} is damaged (its ids, captions and tensors disagree).")
+    _check_corpus_tensors(path, tensors, image_ids, texts, fingerprint)
     return RetrievalCorpus(
         image_ids=image_ids,
         texts=texts,

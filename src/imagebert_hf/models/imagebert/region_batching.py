@@ -153,11 +153,88 @@ def padded_length(
     return length if max_length is None else min(length, max(max_length, 1))
 
 
+# The per-region arrays of a record: dimensions, layout and the kind of numbers each holds.
+_REGION_ARRAY_LAYOUTS = {
+    "region_features": (2, "(R, F)", "numbers"),
+    "region_locations": (2, "(R, L), L the location size (5, or UNITER's 7)", "numbers"),
+    "region_class_labels": (1, "(R,)", "integer class ids"),
+    "region_class_probs": (2, "(R, C)", "numbers"),
+}
+_DTYPE_KINDS = {"numbers": "iuf", "integer class ids": "iu"}
+
+
+def _shape_and_kind(value: Any) -> tuple[tuple[int, ...], str, str]:
+    """The shape, numpy dtype kind and dtype name of an array, tensor or list, without converting an array."""
+    if isinstance(value, torch.Tensor):
+        dtype = value.dtype
+        kind = "b" if dtype == torch.bool else "c" if dtype.is_complex else "f" if dtype.is_floating_point else "i"
+        return tuple(value.shape), kind, str(dtype).replace("torch.", "")
+    array = value if isinstance(value, np.ndarray) else np.asarray(value)
+    return array.shape, array.dtype.kind, str(array.dtype)
+
+
+def check_region_record(
+    record: Mapping[str, Any],
+    name: str,
+    num_classes: int | None = None,
+    keys: Sequence[str] = tuple(_REGION_ARRAY_LAYOUTS),
+) -> None:
+    """Checks the shapes and dtypes of one region record's per-region arrays (`keys`; absent or None ones are
+    skipped), on the whole record, before anything is cut to `max_regions`: a cut would hide rows that disagree.
+    `region_features` (R, F) and `region_locations` (R, L) hold numbers, `region_class_labels` (R,) integers (a
+    float label is never rounded into a class), `region_class_probs` (R, C), C = `num_classes` when given. A record
+    without regions needs every array empty.
+
+    Raises:
+        ValueError: naming `name` (the record: its image or position), the array, what it holds and what was
+            expected.
+    """
+    shapes = {}
+    for key in keys:
+        value = record.get(key)
+        if value is None:
+            continue
+        _, layout, numbers = _REGION_ARRAY_LAYOUTS[key]
+        try:
+            shape, kind, dtype = _shape_and_kind(value)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{name}: {key} is not an array of {numbers} {layout} ({error}).") from error
+        if kind not in _DTYPE_KINDS[numbers]:
+            raise ValueError(f"{name}: {key} has dtype {dtype}; expected {numbers}.")
+        shapes[key] = shape
+    features = shapes.get("region_features")
+    if features is not None and math.prod(features) == 0:
+        non_empty = {key: shape for key, shape in shapes.items() if math.prod(shape)}
+        if non_empty:
+            key, shape = next(iter(non_empty.items()))
+            raise ValueError(f"{name}: region_features is empty (shape {features}) but {key} has shape {shape}.")
+        return
+    for key, shape in shapes.items():
+        ndim, layout, _ = _REGION_ARRAY_LAYOUTS[key]
+        if len(shape) != ndim:
+            raise ValueError(f"{name}: {key} has shape {shape}; expected {layout}.")
+        if features is not None and shape[0] != features[0]:
+            raise ValueError(
+                f"{name}: {key} has {shape[0]} rows but region_features has {features[0]} ({key} of shape {shape}, "
+                f"region_features of shape {features}); every array has one row per region."
+            )
+    probs = shapes.get("region_class_probs")
+    if probs is not None and num_classes is not None and probs[1] != num_classes:
+        raise ValueError(
+            f"{name}: region_class_probs hold {probs[1]} classes per region; expected {num_classes} "
+            "(num_object_classes)."
+        )
+
+
 def _record_arrays(
-    records: list[RegionRecord], max_regions: int | None, feature_size: int | None, location_size: int
+    records: list[RegionRecord],
+    max_regions: int | None,
+    feature_size: int | None,
+    location_size: int,
+    keys: Sequence[str] = ("region_features", "region_locations"),
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Each record's (R, F) features and (R, L) locations as tensors, cut to `max_regions`; a failed or malformed
-    record raises, naming it."""
+    record (its `keys` checked by `check_region_record` before the cut) raises, naming it."""
     features, locations = [], []
     for index, record in enumerate(records):
         if record.get("error"):
@@ -167,27 +244,29 @@ def _record_arrays(
                 f"region record {index} ({record.get('image_id')}) needs region_features and region_locations; got "
                 f"keys {sorted(record)}."
             )
+        check_region_record(record, f"region record {index} ({record.get('image_id')})", keys=keys)
         feature = as_feature_tensor(record["region_features"])
         location = _as_tensor(record["region_locations"], torch.float32)
         if feature.numel() == 0:
             feature = feature.reshape(0, feature.shape[-1] if feature.ndim == 2 else feature_size or 0)
             location = location.reshape(0, location.shape[-1] if location.ndim == 2 else location_size)
-        if feature.ndim != 2 or location.ndim != 2 or location.shape[0] != feature.shape[0]:
-            raise ValueError(
-                f"region record {index} ({record.get('image_id')}) has region_features of shape "
-                f"{tuple(feature.shape)} and region_locations of shape {tuple(location.shape)}; expected (R, F) "
-                "and (R, L), L the location size (5, or UNITER's 7)."
-            )
         features.append(feature[:max_regions] if max_regions is not None else feature)
         locations.append(location[: features[-1].shape[0]])
     return features, locations
 
 
 def _pad_per_region(
-    key: str, fill: float | int, values: list, counts: list[int], width: int, num_classes: int | None
+    key: str,
+    fill: float | int,
+    values: list,
+    counts: list[int],
+    width: int,
+    num_classes: int | None,
+    names: Sequence[Any],
 ) -> torch.Tensor:
     """One per-region array of every record (None: the record has none) padded to (N, `width`, ...) with `fill`;
-    a record without `region_class_labels` gets -100 (no MOC target) on every region."""
+    a record without `region_class_labels` gets -100 (no MOC target) on every region. A record whose rows are
+    shaped unlike the others' (class distributions of another width) raises, naming it (`names`)."""
     if key == "region_class_labels":
         values = [
             torch.full((count,), -100) if v is None else _as_tensor(v, torch.long) for v, count in zip(values, counts)
@@ -206,6 +285,11 @@ def _pad_per_region(
     for i, (value, count) in enumerate(zip(values, counts)):
         if value.shape[0] < count:
             raise ValueError(f"{key} of region record {i} has {value.shape[0]} rows but it has {count} regions.")
+        if count and value.shape[1:] != trailing:
+            raise ValueError(
+                f"{key} of region record {i} ({names[i]}) has rows of shape {tuple(value.shape[1:])}; the other "
+                f"records' have {tuple(trailing)}."
+            )
         padded[i, :count] = value[:count].reshape(count, *trailing)
     return padded
 
@@ -250,7 +334,13 @@ def pad_region_records(
     records = list(records)
     if not records:
         raise ValueError("no region records to pad.")
-    features, locations = _record_arrays(records, max_regions, feature_size, location_size)
+    padded = dict(extra_keys or {})
+    if return_labels:
+        padded["region_class_labels"] = -100
+    if return_probs and all(record.get("region_class_probs") is not None for record in records):
+        padded["region_class_probs"] = 0.0
+    checked = ("region_features", "region_locations", *(key for key in padded if key in _REGION_ARRAY_LAYOUTS))
+    features, locations = _record_arrays(records, max_regions, feature_size, location_size, checked)
     sizes = {f.shape[1] for f in features if len(f)} or {feature_size or 0}
     if len(sizes) > 1:
         raise ValueError(f"the region records have different feature sizes {sorted(sizes)}.")
@@ -277,13 +367,10 @@ def pad_region_records(
         out["region_locations"][i, :count] = location
         out["region_attention_mask"][i, :count] = 1
 
-    padded = dict(extra_keys or {})
-    if return_labels:
-        padded["region_class_labels"] = -100
-    if return_probs and all(record.get("region_class_probs") is not None for record in records):
-        padded["region_class_probs"] = 0.0
+    names = [record.get("image_id") for record in records]
     for key, fill in padded.items():
-        out[key] = _pad_per_region(key, fill, [record.get(key) for record in records], counts, width, num_classes)
+        values = [record.get(key) for record in records]
+        out[key] = _pad_per_region(key, fill, values, counts, width, num_classes, names)
     if return_tensors == "np":
         return {key: value.numpy() for key, value in out.items()}
     return out
@@ -368,6 +455,7 @@ __all__ = [
     "RegionArray",
     "RegionRecord",
     "as_feature_tensor",
+    "check_region_record",
     "check_region_values",
     "empty_batch_tensor",
     "pad_region_records",

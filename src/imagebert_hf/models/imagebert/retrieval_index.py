@@ -579,7 +579,9 @@ class EmbeddingIndex:
         """Reads an index written by `save` (moved to the GPU as in `__init__`).
 
         Every load checks the config's fields, each file's size against the size recorded at save time, and that
-        the arrays agree with the config (embeddings `(num_items, dim)`, the faiss index's size and dimension).
+        the arrays agree with the config (embeddings `(num_items, dim)`, the faiss index's size and dimension), and
+        that every embedding is finite, as `__init__` does (a NaN row would rank first for every exact query): one
+        pass over the loaded array, about 0.15 s for a million 768-d rows (3 GB), a fraction of reading them.
         With `verify=True` it also reads every file to compare its sha256 (slow for a large gallery).
 
         Raises:
@@ -607,15 +609,23 @@ class EmbeddingIndex:
         index.vectors = None
         if os.path.isfile(vectors_path):
             try:
-                index.vectors = np.load(vectors_path, allow_pickle=False)
+                vectors = np.load(vectors_path, allow_pickle=False)
             except (ValueError, OSError, EOFError) as error:
                 raise ValueError(f"{vectors_path} is damaged or not a float32 matrix ({error}).") from error
-            if index.vectors.dtype != np.float32 or index.vectors.shape != (index.num_items, index.dim):
+            if not isinstance(vectors, np.ndarray):
+                # An .npz archive (np.load opens it lazily): not what save() writes.
+                vectors.close()
                 raise ValueError(
-                    f"{vectors_path} holds a {index.vectors.dtype} array of shape {index.vectors.shape}, but "
+                    f"{vectors_path} is damaged or not a float32 matrix (it is an .npz archive, not an .npy array)."
+                )
+            if vectors.dtype != np.float32 or vectors.shape != (index.num_items, index.dim):
+                raise ValueError(
+                    f"{vectors_path} holds a {vectors.dtype} array of shape {vectors.shape}, but "
                     f"{INDEX_CONFIG_FILE} says ({index.num_items}, {index.dim}) float32: they belong to different "
                     "indexes."
                 )
+            _check_finite(vectors, vectors_path)
+            index.vectors = vectors
         index._index, index.nlist = None, None
         if config["faiss"]:
             if faiss is None:
@@ -711,10 +721,15 @@ def _publish(tmp: str, directory: str) -> None:
 
 
 def _check_finite(values: np.ndarray, name: str) -> None:
-    """NaN or inf rows would make faiss return -1 for every slot (or rank them anywhere): refused, naming a row."""
-    finite = np.isfinite(values).all(axis=1)
-    if not finite.all():
-        bad = np.flatnonzero(~finite)
+    """NaN or inf rows would make faiss return -1 for every slot (or rank them anywhere): refused, naming a row.
+
+    One read of `values` and no copy of its size: a row whose sum is finite is (NaN and inf propagate), and only
+    rows whose sum is not (a bad value, or a sum that overflowed) are looked at element by element.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        suspect = np.flatnonzero(~np.isfinite(values.sum(axis=1)))
+    bad = suspect[~np.isfinite(values[suspect]).all(axis=1)]
+    if bad.size:
         raise ValueError(
             f"{name} has {bad.size} row(s) with NaN or inf (first: row {int(bad[0])}); every embedding must be finite "
             "(check the model's outputs and the regions it was given)."
