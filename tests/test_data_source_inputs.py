@@ -233,11 +233,11 @@ SENTENCES = [{"raw": "a cat"}]
 KARPATHY = [
     (
         {"filename": "../../../etc/passwd"},
-        r"images\[0\] \('filepath' \+ 'filename'\): 'image' '../../../etc/passwd' points outside the image root",
+        r"images\[0\]: 'filepath/filename' '../../../etc/passwd' points outside the image root",
     ),
     (
         {"filepath": "/etc", "filename": "passwd"},
-        r"images\[0\] \('filepath' \+ 'filename'\): 'image' '/etc/passwd' points outside",
+        r"images\[0\]: 'filepath/filename' '/etc/passwd' points outside",
     ),
     ({"filepath": 5}, r"images\[0\] \(a.jpg\): 'filepath' must be a folder name string, got 5"),
     ({"sentences": []}, r"images\[0\] \(a.jpg\): 'sentences' is empty; every image needs at least one caption"),

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
-from ..formats.manifest import _image_path, iter_manifest
+from ..formats.manifest import image_path_inside_root, iter_manifest
 from ..models.imagebert.region_batching import pad_region_records
 from ..models.imagebert.retrieval_index import RegionBatches, gather_pair_inputs, is_region_batches, score_pairs
 from ..regions.cache_reader import load_region_cache
@@ -123,11 +123,8 @@ def load_karpathy_split(
         if not isinstance(filepath, str):
             raise ValueError(f"{where}: 'filepath' must be a folder name string, got {filepath!r:.60}.")
         # The manifests' rule for image paths, so a split file cannot point at files outside the image root.
-        image = _image_path(
-            str(Path(filepath) / entry["filename"]),
-            root,
-            f"{entry_where} ('filepath' + 'filename')",
-            allow_outside_root,
+        image = image_path_inside_root(
+            str(Path(filepath) / entry["filename"]), root, entry_where, allow_outside_root, field="filepath/filename"
         )
         records.append({"image_id": _karpathy_image_id(entry, where), "image": str(image), "captions": captions})
         if max_images is not None and len(records) >= max_images:

@@ -118,9 +118,14 @@ def _captions(item: dict[str, Any], where: str) -> tuple[str, ...]:
     return tuple(captions)
 
 
-def _image_path(image: Any, image_root: str | os.PathLike, where: str, allow_outside_root: bool) -> Path:
+def image_path_inside_root(
+    image: Any, image_root: str | os.PathLike, where: str, allow_outside_root: bool = False, field: str = "image"
+) -> Path:
+    """`image_root / image`, refusing (`ManifestError` naming `where` and `field`) a path that is not a non-empty
+    string or, unless `allow_outside_root`, one that leaves the image root (absolute, or `../`): the rule for every
+    image path read from a user's file (manifests, Karpathy split files)."""
     if not isinstance(image, str) or not image.strip():
-        _fail(where, f"'image' must be a non-empty path string, got {image!r:.60}")
+        _fail(where, f"{field!r} must be a non-empty path string, got {image!r:.60}")
     path = Path(image_root) / image
     if not allow_outside_root:
         root = os.path.normpath(os.path.abspath(image_root))
@@ -128,7 +133,7 @@ def _image_path(image: Any, image_root: str | os.PathLike, where: str, allow_out
         if os.path.isabs(image) or os.path.commonpath([root, resolved]) != root:
             _fail(
                 where,
-                f"'image' {image!r} points outside the image root {image_root}; give a path inside it, or pass "
+                f"{field!r} {image!r} points outside the image root {image_root}; give a path inside it, or pass "
                 "allow_outside_root=True to follow it",
             )
     return path
@@ -158,7 +163,7 @@ def parse_manifest_line(
     if "image" not in item:
         _fail(where, "no 'image' key")
     captions = _captions(item, where)
-    image_path = _image_path(item["image"], image_root, where, allow_outside_root)
+    image_path = image_path_inside_root(item["image"], image_root, where, allow_outside_root)
     boxes = labels = class_ids = None
     if item.get("objects") is not None:
         boxes, labels, class_ids = _parse_objects(item["objects"], where)
@@ -208,4 +213,11 @@ def read_manifest(
     return list(iter_manifest(path, image_root, allow_outside_root))
 
 
-__all__ = ["ManifestError", "ManifestRecord", "iter_manifest", "parse_manifest_line", "read_manifest"]
+__all__ = [
+    "ManifestError",
+    "ManifestRecord",
+    "image_path_inside_root",
+    "iter_manifest",
+    "parse_manifest_line",
+    "read_manifest",
+]
