@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..formats.files import atomic_write_text
+from ..formats.files import atomic_write_text, read_json_file
 
 
 def _help(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
@@ -337,30 +337,6 @@ class CurationConfig:
             raise type(error)(f"{path}: {error}") from None
 
 
-def read_text_file(path: str | Path, expected: str) -> str:
-    """The content of a UTF-8 text file the user names. A file that cannot be read (missing, a folder, no
-    permission) raises the same `OSError` class, one that is not UTF-8 text a `ValueError`; both name `path` and what
-    was `expected`."""
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except OSError as error:
-        raise type(error)(f"cannot read {path} ({error.strerror or error}); expected {expected}.") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{path} is not a UTF-8 text file; expected {expected}.") from None
-
-
-def read_json_file(path: str | Path, expected: str):
-    """The parsed content of a JSON file, its errors as `read_text_file`'s; JSON that does not parse raises a
-    `ValueError` naming `path`, the line and what was `expected`."""
-    text = read_text_file(path, expected)
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(
-            f"{path} is not valid JSON (line {error.lineno}, column {error.colno}: {error.msg}); expected {expected}."
-        ) from None
-
-
 STAGE_CLASSES = {
     "parse": ParseConfig,
     "images": ImageFilterConfig,
@@ -491,5 +467,4 @@ __all__ = [
     "STAGE_CLASSES",
     "TextCleaningConfig",
     "check_stage_config",
-    "read_json_file",
 ]

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..formats.files import atomic_write_text
-from .config import read_json_file
+from ..formats.files import atomic_write_text, read_json_file
 
 
 @dataclass

@@ -12,7 +12,8 @@ import hashlib
 import re
 from collections import Counter
 
-from .config import TextCleaningConfig, read_text_file
+from ..formats.files import read_text_file
+from .config import TextCleaningConfig
 from .tally import INPUT, KEPT, Tally
 
 

@@ -276,9 +276,65 @@ def save_for_hub(model, processor, output_dir: str | os.PathLike, card=None) -> 
     return sorted(str(path.relative_to(output_dir)) for path in output_dir.rglob("*") if path.is_file())
 
 
-def _check_repo_id(repo_id) -> None:
+def _check_repo_id(repo_id, name: str = "repo_id") -> None:
+    """Refuses a repository id the Hub would refuse, as huggingface_hub checks it locally (no request is made)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
     if not isinstance(repo_id, str) or not repo_id.strip():
-        raise ValueError(f"repo_id must be a non-empty Hub id such as 'user/name', got {repo_id!r}.")
+        raise ValueError(f"{name} must be a non-empty Hub id such as 'user/name', got {repo_id!r}.")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        reason = " ".join(str(error).split())
+        raise ValueError(f"{name} must be a Hub id such as 'user/name', got {repo_id!r}: {reason}") from None
+
+
+# The variables that put huggingface_hub in offline mode, and the values it reads as set.
+_OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+_TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
+
+
+def _offline_variable() -> str | None:
+    """The variable that makes an upload fail offline, or None."""
+    from huggingface_hub import constants
+
+    for name in _OFFLINE_VARIABLES:
+        if os.environ.get(name, "").strip().upper() in _TRUE_VALUES:
+            return name
+    # huggingface_hub reads the variables once, at import: a process that unset them since is still offline.
+    return "HF_HUB_OFFLINE" if constants.HF_HUB_OFFLINE else None
+
+
+def check_push_to_hub(hub_model_id: str | None, processor=None, needs_processor: bool = False) -> None:
+    """Refuses a `--push_to_hub` that could only fail once training is over, so a run asked to publish checks
+    before it trains: the repository id, offline mode, a token, and (`needs_processor`, for `push_to_hub`, whose
+    folder serves raw images) a processor with its region extractor. Makes no request to the Hub.
+
+    Raises:
+        ValueError: naming the flag or the setting that stops the upload.
+    """
+    from huggingface_hub import get_token
+
+    if hub_model_id is None:
+        raise ValueError("--push_to_hub needs --hub_model_id (the Hub repository, such as 'user/name'), got none.")
+    _check_repo_id(hub_model_id, "--hub_model_id")
+    offline = _offline_variable()
+    if offline is not None:
+        raise ValueError(
+            f"--push_to_hub cannot upload to {hub_model_id!r}: {offline} is set (offline mode); unset it or drop "
+            "--push_to_hub."
+        )
+    if get_token() is None:
+        raise ValueError(
+            f"--push_to_hub needs a Hugging Face token to upload to {hub_model_id!r}, and none was found; set HF_TOKEN "
+            "or run `hf auth login`, or drop --push_to_hub."
+        )
+    if needs_processor and getattr(processor, "image_processor", None) is None:
+        raise ValueError(
+            "--push_to_hub publishes the model with its processor (the pipeline reads raw images through it), and "
+            "this run has none: give --model_name_or_path a checkpoint saved with its ImageBERTProcessor "
+            "(--synthetic_images and checkpoints with a tokenizer only have none)."
+        )
 
 
 def upload_to_hub(
@@ -361,6 +417,7 @@ __all__ = [
     "BASE_MODEL",
     "DEFAULT_TAGS",
     "build_model_card",
+    "check_push_to_hub",
     "eval_results_from_run",
     "load_results",
     "push_to_hub",

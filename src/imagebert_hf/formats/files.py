@@ -172,6 +172,30 @@ def publish_folder_keeping_others(
     publish_folder(tmp, final)
 
 
+def read_text_file(path: str | Path, expected: str) -> str:
+    """The content of a UTF-8 text file the user names. A file that cannot be read (missing, a folder, no
+    permission) raises the same `OSError` class, one that is not UTF-8 text a `ValueError`; both name `path` and what
+    was `expected`."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise type(error)(f"cannot read {path} ({error.strerror or error}); expected {expected}.") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a UTF-8 text file; expected {expected}.") from None
+
+
+def read_json_file(path: str | Path, expected: str):
+    """The parsed content of a JSON file, its errors as `read_text_file`'s; JSON that does not parse raises a
+    `ValueError` naming `path`, the line and what was `expected`."""
+    text = read_text_file(path, expected)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{path} is not valid JSON (line {error.lineno}, column {error.colno}: {error.msg}); expected {expected}."
+        ) from None
+
+
 def check_folder_or_hub_id(name: str | os.PathLike, what: str, expected: str) -> None:
     """Raises `FileNotFoundError` naming `what` when `name` is neither an existing path nor a name the Hub could
     hold (`name` or `owner/name`): `from_pretrained` would report such a name as a malformed repo id rather than as
@@ -198,5 +222,7 @@ __all__ = [
     "fsync_tree",
     "publish_folder",
     "publish_folder_keeping_others",
+    "read_json_file",
+    "read_text_file",
     "restore_set_aside",
 ]

@@ -11,17 +11,26 @@ import json
 import logging
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..formats.files import atomic_write_json, publish_folder, publish_folder_keeping_others
+from transformers.utils import logging as transformers_logging
 
+from ..formats.files import atomic_write_json, publish_folder, publish_folder_keeping_others, read_json_file
+from ..models.imagebert.configuration_imagebert import check_field
+
+
+logger = transformers_logging.get_logger(__name__)
 
 STATE_FILE = "trainer_state.json"
 COMPLETE_FILE = "stage_complete.json"
 _PREFIX = "step_"
+_NAME = re.compile(rf"^{_PREFIX}(\d+)$")
 _TMP_PREFIX = ".tmp-"
+# What ends every message about a damaged checkpoint: the newest checkpoints can go, the run resumes from an older one.
+DAMAGED_ADVICE = "delete the checkpoint folder to resume from the one before"
 
 
 @dataclass
@@ -61,8 +70,44 @@ class TrainState:
 
     @classmethod
     def load(cls, folder: str | Path) -> TrainState:
-        with open(Path(folder) / STATE_FILE, encoding="utf-8") as handle:
-            return cls(**json.load(handle))
+        """Reads `folder/trainer_state.json`, as `save` writes it.
+
+        Raises:
+            OSError: The file cannot be read.
+            ValueError: It is not JSON, or not what `save` writes: a key missing or unknown, a count that is not an
+                integer >= 0, more failed records than records seen, a history that is not a list of objects. The
+                message names the file.
+        """
+        path = Path(folder) / STATE_FILE
+        data = read_json_file(path, "the training state saved with a checkpoint or a stage's final model")
+        try:
+            _check_state_fields(cls, data)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path} is not a training state: {error}") from None
+        return cls(**data)
+
+
+def _check_state_fields(cls, data) -> None:
+    names = [f.name for f in dataclasses.fields(cls)]
+    if not isinstance(data, dict):
+        raise TypeError(f"expected a JSON object with the keys {', '.join(names)}; got {type(data).__name__}.")
+    missing = [name for name in names if name not in data]
+    unknown = [key for key in data if key not in names]
+    if missing or unknown:
+        which = f"key {missing[0]!r} is missing" if missing else f"key {unknown[0]!r} is unknown"
+        raise ValueError(f"{which}; expected the keys {', '.join(names)}.")
+    if not isinstance(data["stage_name"], str):
+        raise TypeError(f"stage_name must be a string, got {data['stage_name']!r}.")
+    for name in names:
+        if name not in ("stage_name", "history"):
+            check_field(name, data[name], "int", 0, None)
+    if data["records_failed"] > data["records_seen"]:
+        raise ValueError(
+            f"records_failed ({data['records_failed']}) must be <= records_seen ({data['records_seen']})."
+        )
+    history = data["history"]
+    if not isinstance(history, list) or not all(isinstance(entry, dict) for entry in history):
+        raise TypeError(f"history must be a list of objects, got {json.dumps(history)[:80]}.")
 
 
 def checkpoint_name(step: int) -> str:
@@ -71,21 +116,55 @@ def checkpoint_name(step: int) -> str:
 
 def list_checkpoints(root: str | Path) -> list[Path]:
     """Complete checkpoints under `root`, oldest first (half-written ones are never listed)."""
+    return _scan_checkpoints(root)[0]
+
+
+def latest_checkpoint(root: str | Path, warn: bool = False) -> Path | None:
+    """The newest complete checkpoint under `root`, or None.
+
+    Args:
+        warn: Log a warning for each entry skipped that would otherwise be resumed from: a `step_N` newer than the
+            checkpoint returned that is not a folder or has no readable `trainer_state.json`, and a `step_*` entry
+            whose name is not `step_` and a number.
+    """
+    checkpoints, skipped = _scan_checkpoints(root)
+    newest = checkpoints[-1] if checkpoints else None
+    if warn:
+        for path, step, reason in skipped:
+            if step is None or newest is None or step > _checkpoint_step(newest):
+                fallback = f"resuming from {newest.name}" if newest is not None else "starting the stage afresh"
+                logger.warning(f"skipping checkpoint {path}: {reason}; {fallback}.")
+    return newest
+
+
+def _checkpoint_step(path: Path) -> int:
+    return int(_NAME.match(path.name).group(1))
+
+
+def _scan_checkpoints(root: str | Path) -> tuple[list[Path], list[tuple[Path, int | None, str]]]:
+    """The complete checkpoints under `root`, oldest first, and the entries that look like checkpoints but are not:
+    `(path, step or None, why)`."""
     root = Path(root)
     if not root.is_dir():
-        return []
-    found = [
-        path
-        for path in root.iterdir()
-        if path.is_dir() and path.name.startswith(_PREFIX) and (path / STATE_FILE).is_file()
-    ]
-    return sorted(found, key=lambda path: int(path.name[len(_PREFIX) :]))
-
-
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete checkpoint under `root`, or None."""
-    checkpoints = list_checkpoints(root)
-    return checkpoints[-1] if checkpoints else None
+        return [], []
+    found, skipped = [], []
+    for path in root.iterdir():
+        if not path.name.startswith(_PREFIX):
+            continue
+        match = _NAME.match(path.name)
+        step = int(match.group(1)) if match else None
+        state = path / STATE_FILE
+        if match is None:
+            skipped.append((path, None, f"its name is not {_PREFIX} followed by a number"))
+        elif not path.is_dir():
+            why = "a link to a missing folder" if path.is_symlink() and not path.exists() else "not a folder"
+            skipped.append((path, step, f"it is {why}"))
+        elif not state.is_file():
+            why = "a link to a missing file" if state.is_symlink() and not state.exists() else "missing"
+            skipped.append((path, step, f"its {STATE_FILE} is {why}"))
+        else:
+            found.append(path)
+    return sorted(found, key=_checkpoint_step), skipped
 
 
 def remove_partial_checkpoints(root: str | Path) -> None:
@@ -135,11 +214,54 @@ def save_checkpoint(accelerator, root: str | Path, state: TrainState, save_total
     return final
 
 
-def load_checkpoint(accelerator, checkpoint: str | Path) -> TrainState:
-    """Restores the accelerate state saved by `save_checkpoint` and returns its `TrainState`."""
-    _check_random_states(Path(checkpoint), accelerator.process_index)
-    accelerator.load_state(str(checkpoint))
-    return TrainState.load(checkpoint)
+def load_checkpoint(
+    accelerator, checkpoint: str | Path, check: Callable[[TrainState], None] | None = None
+) -> TrainState:
+    """Restores the accelerate state saved by `save_checkpoint` and returns its `TrainState`.
+
+    Args:
+        check: Called with the checkpoint's `TrainState` before anything is restored; raises to refuse it.
+
+    Raises:
+        ValueError: A file of the checkpoint is damaged (its `trainer_state.json` and random states are checked
+            before anything is restored); the message names the file.
+    """
+    checkpoint = Path(checkpoint)
+    try:
+        state = TrainState.load(checkpoint)
+    except ValueError as error:
+        raise ValueError(f"{error} The checkpoint is damaged: {DAMAGED_ADVICE}.") from None
+    if check is not None:
+        check(state)
+    _check_random_states(checkpoint, accelerator.process_index)
+    try:
+        accelerator.load_state(str(checkpoint))
+    except Exception as error:
+        # accelerate's errors for a damaged file (torch's reader, the unpickler, safetensors) name no file: find it.
+        damaged = _first_unreadable_file(checkpoint)
+        if damaged is None:
+            raise
+        path, detail = damaged
+        raise ValueError(f"checkpoint {checkpoint}: {path.name} is damaged ({detail}); {DAMAGED_ADVICE}.") from error
+    return state
+
+
+def _first_unreadable_file(checkpoint: Path) -> tuple[Path, str] | None:
+    """The first file of `checkpoint`, in the order accelerate restores them, that does not read, with why."""
+    from safetensors.torch import load_file
+
+    order = ("model", "optimizer", "scheduler")
+    files = [path for path in checkpoint.iterdir() if path.suffix in (".safetensors", ".bin", ".pt")]
+    files.sort(key=lambda path: (next((i for i, n in enumerate(order) if path.name.startswith(n)), 3), path.name))
+    for path in files:
+        try:
+            if path.suffix == ".safetensors":
+                load_file(path)
+            else:
+                _load_weights_only(path, map_location="cpu")
+        except Exception as error:  # noqa: BLE001 - any failure to read it means the same to the user
+            return path, _load_error_detail(error)
+    return None
 
 
 def _check_random_states(checkpoint: Path, process_index: int) -> None:
@@ -155,19 +277,28 @@ def _check_random_states(checkpoint: Path, process_index: int) -> None:
     try:
         _load_weights_only(path)
     except Exception as error:  # noqa: BLE001 - any failure to read it means the same to the user
-        # torch's message opens with advice to drop the weights-only guard (never for a file we did not write);
-        # the line after "WeightsUnpickler error" says what was refused.
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        marker = next((i for i, line in enumerate(lines) if "WeightsUnpickler error" in line), None)
-        detail = lines[marker + 1] if marker is not None and marker + 1 < len(lines) else (lines or [""])[0]
         raise ValueError(
             f"{path}: this checkpoint's random-state file does not load as tensors and plain values "
-            f"({type(error).__name__}: {detail[:200]}); resuming would silently change the run's random streams. "
+            f"({_load_error_detail(error)}); resuming would silently change the run's random streams. "
             "Delete the file to resume with fresh random streams."
         ) from error
 
 
-def _load_weights_only(path: Path):
+def _load_error_detail(error: Exception) -> str:
+    """`error`'s type and its telling sentence, at most 200 characters: torch's weights-only message opens with
+    advice to drop the guard (never for a file we did not write); what follows "WeightsUnpickler error:" (on its
+    line or the next), or else the line after that advice, says what was refused."""
+    text = str(error)
+    if "WeightsUnpickler error" in text:
+        text = text.split("WeightsUnpickler error", 1)[1].lstrip(" :")
+    elif text.startswith("Weights only load failed"):
+        text = text.split("\n", 1)[-1]
+    detail = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    detail = detail.split(". ")[0][:200]  # torch's reader goes on with several sentences of advice
+    return f"{type(error).__name__}: {detail}" if detail else type(error).__name__
+
+
+def _load_weights_only(path: Path, map_location=None):
     """`torch.load(path, weights_only=True)` with numpy's arrays and dtypes allowed: what accelerate's RNG files hold.
     Read here rather than through accelerate, whose 1.0 release unpickles them fully."""
     import codecs
@@ -180,9 +311,9 @@ def _load_weights_only(path: Path):
     allowed += [np.dtypes.UInt32DType] if hasattr(np, "dtypes") else []
     if not hasattr(torch.serialization, "safe_globals"):  # torch 2.4 has only the process-wide registry
         torch.serialization.add_safe_globals(allowed)
-        return torch.load(path, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     with torch.serialization.safe_globals(allowed):
-        return torch.load(path, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 # What `save_pretrained` writes or, when it is stale, removes: a new save drops these from the folder when it lacks

@@ -34,10 +34,10 @@ from ..models.imagebert.configuration_imagebert import ImageBERTConfig
 from ..models.imagebert.modeling_imagebert import ImageBERTForPreTraining
 from ..models.imagebert.processing_imagebert import ImageBERTProcessor
 from .arguments import PretrainingRunOptions
-from .checkpointing import COMPLETE_FILE, TrainState
+from .checkpointing import COMPLETE_FILE, TrainState, latest_checkpoint
 from .loop import LoopSettings, build_accelerator, describe_accelerator, pretraining_loss_counts
 from .plots import plot_losses
-from .recipe import LOSS_TASKS, ModelSpec, Recipe, SourceSpec, StageSpec, recipe_to_dict
+from .recipe import LOSS_TASKS, ModelSpec, Recipe, SourceSpec, StageSpec, load_recipe, recipe_to_dict
 from .runner import Schedule, Stage, run_stage, save_final
 
 
@@ -51,6 +51,22 @@ RECIPE_LOOP_FIELDS = tuple(
     for item in dataclasses.fields(LoopSettings)
     if item.name in {recipe_field.name for recipe_field in dataclasses.fields(Recipe)}
 )
+# Recipe fields a resumed run may change: where the folder is named from (it may be moved, or spelled another way),
+# how the run is logged and checkpointed, and when it gives up on failed records. None of them changes a weight or a
+# random draw; every other field does, so a run resumed with another value would be neither run.
+RESUMABLE_CHANGES = (
+    "output_dir",
+    "logging_steps",
+    "report_to",
+    "checkpointing_steps",
+    "save_total_limit",
+    "max_failure_rate",
+    "min_records_for_failure_check",
+)
+# Also `num_workers`, but only for a recipe without streams: a stream's shards and generators are split between the
+# workers, so their number decides a streamed stage's data (a sampled one draws each sample from its own seed).
+# The differences a refusal names, the rest counted.
+_DIFFERENCES_SHOWN = 5
 
 
 def resolve_pretrained(name: str | None) -> str | None:
@@ -275,12 +291,78 @@ def check_run_folder(output_dir: str | Path, resume: bool) -> None:
         )
 
 
+def _differences(stored, current, path: str = ""):
+    """(dotted path, stored value, current value) of each leaf where two recipe dicts differ."""
+    if isinstance(stored, dict) and isinstance(current, dict):
+        for key in list(stored) + [key for key in current if key not in stored]:
+            yield from _differences(stored.get(key), current.get(key), f"{path}.{key}" if path else str(key))
+    elif isinstance(stored, list) and isinstance(current, list) and len(stored) == len(current):
+        for index, (old, new) in enumerate(zip(stored, current)):
+            yield from _differences(old, new, f"{path}.{index}")
+    elif stored != current:
+        yield path, stored, current
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
+
+
+def check_resumed_recipe(recipe: Recipe) -> None:
+    """Refuses to resume a run whose `recipe.yaml` differs from `recipe` in a field that changes training (all but
+    `RESUMABLE_CHANGES`): the rest of the run would follow neither recipe. Nothing is read beyond that file."""
+    path = Path(recipe.output_dir) / "recipe.yaml"
+    if not path.is_file():
+        return
+    try:
+        # Read back through the recipe's own checks, so fields a later version added compare by their defaults.
+        stored = recipe_to_dict(load_recipe(path, check_paths=False))
+    except ValueError as error:
+        raise ValueError(
+            f"--resume: {path} (the recipe of the run being resumed) cannot be read: {error} Resume with a readable "
+            "recipe.yaml, or give a new --output_dir."
+        ) from None
+    may_change = set(RESUMABLE_CHANGES)
+    if not any(source.streaming for stage in recipe.stages for source in stage.sources):
+        may_change.add("num_workers")
+    differences = [item for item in _differences(stored, recipe_to_dict(recipe)) if item[0] not in may_change]
+    if not differences:
+        return
+    listed = "; ".join(
+        f"{key} is {_short(old)} there, {_short(new)} now" for key, old, new in differences[:_DIFFERENCES_SHOWN]
+    )
+    more = len(differences) - _DIFFERENCES_SHOWN
+    raise ValueError(
+        f"--resume: {recipe.output_dir} holds a run of another recipe: {listed}"
+        + (f"; and {more} more" if more > 0 else "")
+        + f". Resume with the recipe it was started with ({path}), or give a new --output_dir."
+    )
+
+
+def _has_progress(recipe: Recipe) -> bool:
+    """Whether a stage of the run is finished or has a complete checkpoint: what `--resume` continues from."""
+    for index, spec in enumerate(recipe.stages):
+        folder = stage_directory(recipe.output_dir, index, spec)
+        if (folder / "final" / COMPLETE_FILE).is_file() or latest_checkpoint(folder / "checkpoints") is not None:
+            return True
+    return False
+
+
 def _start_run(recipe: Recipe, options: PretrainingRunOptions):
-    """The run's accelerator, after refusing to overwrite an earlier run."""
+    """The run's accelerator, after refusing to overwrite an earlier run or to resume one of another recipe."""
     accelerator = build_accelerator(
         recipe.output_dir, options.mixed_precision, recipe.report_to, options.cpu, gradient_accumulation_steps=1
     )
     check_run_folder(recipe.output_dir, options.resume)
+    if options.resume:
+        check_resumed_recipe(recipe)
+        # A scheduler passes --resume on the first submission too, so an empty folder starts the run, with a word.
+        if accelerator.is_main_process and not _has_progress(recipe):
+            logger.warning(
+                "--resume: nothing to resume in %s (no finished stage, no complete checkpoint); the run starts from "
+                "the beginning.",
+                recipe.output_dir,
+            )
     return accelerator
 
 
@@ -361,6 +443,8 @@ def run_pretraining(recipe: Recipe, options: PretrainingRunOptions | None = None
         A dict with `final_model` (the last stage's folder), `stage_dirs`, `history` and `steps_per_stage`.
     """
     options = options or PretrainingRunOptions()
+    if options.push_to_hub:
+        hub.check_push_to_hub(options.hub_model_id)
     accelerator = _start_run(recipe, options)
     tokenizer = load_tokenizer(recipe.model)
     processor = None
@@ -406,6 +490,7 @@ __all__ = [
     "build_model",
     "build_source",
     "build_stage_data",
+    "check_resumed_recipe",
     "check_run_folder",
     "load_tokenizer",
     "loop_settings",

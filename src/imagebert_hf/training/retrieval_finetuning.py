@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import torch
+from transformers.utils import logging
 
 from ..data.pair_sources import MixtureSampler
 from ..data.retrieval_corpus import (
@@ -26,18 +27,21 @@ from ..data.retrieval_corpus import (
 )
 from ..data.synthetic import make_synthetic_examples, make_synthetic_tokenizer, synthetic_region_record
 from ..evaluation.full_ranking import load_retrieval_model, rank_corpus
-from ..evaluation.hub import push_to_hub
+from ..evaluation.hub import check_push_to_hub, push_to_hub
 from ..evaluation.recall import retrieval_metrics
 from ..formats.files import atomic_write_json
 from ..models.imagebert import ImageBERTConfig, ImageBERTForImageTextRetrieval
 from ..models.imagebert.configuration_imagebert import check_field
 from ..regions.cache_reader import load_region_cache
 from .arguments import RetrievalArguments
-from .checkpointing import TrainState
+from .checkpointing import TrainState, latest_checkpoint
 from .loop import LoopSettings, build_accelerator
 from .plots import plot_losses
 from .retrieval_objective import LOSS_NAMES, RetrievalTrainingModel
 from .runner import Schedule, Stage, run_stage, save_final
+
+
+logger = logging.get_logger(__name__)
 
 
 def parse_loss_weights(text: str) -> dict[str, float]:
@@ -281,8 +285,6 @@ def _finish(accelerator, wrapper, state, tokenizer, processor, eval_corpus, args
         atomic_write_json(output_dir / "eval_results.json", results["eval"], indent=1)
         accelerator.print(json.dumps(results["eval"], indent=1))
     if args.push_to_hub:
-        if not args.hub_model_id or processor is None:
-            raise ValueError("--push_to_hub needs --hub_model_id and a checkpoint saved with its processor.")
         push_to_hub(model, processor, args.hub_model_id, results=None)
     return results
 
@@ -305,8 +307,18 @@ def run_retrieval_finetuning(args: RetrievalArguments) -> dict:
         args.output_dir, args.mixed_precision, args.report_to, args.cpu, args.gradient_accumulation_steps
     )
     _check_arguments(args, accelerator)
+    checkpoints = Path(args.output_dir) / "checkpoints"
+    # A scheduler passes --resume on the first submission too, so an empty folder starts the run, with a word.
+    if args.resume and accelerator.is_main_process and latest_checkpoint(checkpoints) is None:
+        logger.warning(
+            "--resume: nothing to resume in %s (no complete checkpoint); the run starts from the beginning.",
+            checkpoints,
+        )
     set_seed(args.seed)
     model, tokenizer, processor = load_model_and_tokenizer(args, loss_weights)
+    if args.push_to_hub:
+        # Checked before training (nothing is written yet): the publisher needs the processor loaded with the model.
+        check_push_to_hub(args.hub_model_id, processor, needs_processor=True)
     train_corpus, eval_corpus = build_corpora(args, tokenizer, model.config)
     stage = retrieval_stage(args, accelerator, model, train_corpus)
     # The loop's settings that RetrievalArguments holds under the same names.

@@ -24,6 +24,8 @@ from transformers.utils import logging
 from ..formats.files import atomic_write_json, publish_folder
 from .checkpointing import (
     COMPLETE_FILE,
+    DAMAGED_ADVICE,
+    STATE_FILE,
     TrainState,
     latest_checkpoint,
     load_checkpoint,
@@ -153,7 +155,7 @@ def run_stage(
         optimizer, schedule.lr_scheduler_type, total_steps, schedule.warmup(total_steps), accelerator.num_processes
     )
     model, optimizer, scheduler = accelerator.prepare(stage.model, optimizer, scheduler)
-    state = _start_state(accelerator, stage, total_steps, resume)
+    state = _start_state(accelerator, stage, total_steps, resume, dataloader)
     if stage.on_prepared is not None:
         stage.on_prepared(model, state)
     if stage.describe is not None:
@@ -166,7 +168,7 @@ def run_stage(
     return model, state
 
 
-def _start_state(accelerator, stage: Stage, total_steps: int, resume: bool) -> TrainState:
+def _start_state(accelerator, stage: Stage, total_steps: int, resume: bool, dataloader) -> TrainState:
     """A fresh state, or the newest checkpoint's with `resume` (its accelerate state restored)."""
     state = TrainState(
         stage_index=stage.index,
@@ -178,13 +180,47 @@ def _start_state(accelerator, stage: Stage, total_steps: int, resume: bool) -> T
     if accelerator.is_main_process:
         remove_partial_checkpoints(stage.checkpoint_dir)
     accelerator.wait_for_everyone()
-    checkpoint = latest_checkpoint(stage.checkpoint_dir) if resume else None
+    checkpoint = latest_checkpoint(stage.checkpoint_dir, warn=accelerator.is_main_process) if resume else None
     if checkpoint is not None:
-        state = load_checkpoint(accelerator, checkpoint)
+        fresh = state
+        state = load_checkpoint(
+            accelerator, checkpoint, check=lambda saved: _check_resumable(checkpoint, saved, fresh, dataloader)
+        )
         accelerator.print(
             f"resumed stage {stage.index + 1} ({stage.name}) from {checkpoint} at step {state.completed_steps}"
         )
     return state
+
+
+def _check_resumable(checkpoint: Path, saved: TrainState, fresh: TrainState, dataloader) -> None:
+    """Raises `ValueError`, naming the checkpoint's state file, unless the checkpoint is of this stage (its position,
+    name and length) and where it stands lies inside it (its steps; its micro-batches of the epoch, where the
+    dataloader has a length)."""
+    path = checkpoint / STATE_FILE
+    which = [(state.stage_index, state.stage_name, state.total_steps) for state in (saved, fresh)]
+    if which[0] != which[1]:
+        raise ValueError(
+            f"{path}: this checkpoint is of stage {saved.stage_index + 1} ({saved.stage_name!r}, "
+            f"{saved.total_steps} steps), not of the stage resumed, stage {fresh.stage_index + 1} "
+            f"({fresh.stage_name!r}, {fresh.total_steps} steps); resume with the recipe and flags that wrote it, or "
+            f"move {checkpoint.parent} away to train the stage afresh."
+        )
+    if saved.completed_steps > saved.total_steps:
+        raise ValueError(
+            f"{path}: completed_steps ({saved.completed_steps}) must be <= total_steps ({saved.total_steps}); "
+            f"the checkpoint is damaged: {DAMAGED_ADVICE}."
+        )
+    if isinstance(getattr(dataloader, "dataset", None), torch.utils.data.IterableDataset):
+        return  # a stream: its length, when it has one, is an estimate
+    try:
+        batches = len(dataloader)
+    except TypeError:  # a sampler without a length
+        return
+    if saved.batches_in_epoch > batches:
+        raise ValueError(
+            f"{path}: batches_in_epoch ({saved.batches_in_epoch}) must be <= {batches}, the stage's micro-batches "
+            f"per epoch; the checkpoint is damaged: {DAMAGED_ADVICE}."
+        )
 
 
 def save_final(
