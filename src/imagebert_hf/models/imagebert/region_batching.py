@@ -163,14 +163,15 @@ _REGION_ARRAY_LAYOUTS = {
 _DTYPE_KINDS = {"numbers": "iuf", "integer class ids": "iu"}
 
 
-def _shape_and_kind(value: Any) -> tuple[tuple[int, ...], str, str]:
-    """The shape, numpy dtype kind and dtype name of an array, tensor or list, without converting an array."""
+def _shape_and_kind(value: Any) -> tuple[tuple[int, ...], str, Any]:
+    """The shape, numpy dtype kind and dtype of an array, tensor or list, without converting an array (the dtype is
+    named only in an error: naming a numpy dtype costs more than the rest of the check)."""
     if isinstance(value, torch.Tensor):
         dtype = value.dtype
         kind = "b" if dtype == torch.bool else "c" if dtype.is_complex else "f" if dtype.is_floating_point else "i"
-        return tuple(value.shape), kind, str(dtype).replace("torch.", "")
+        return tuple(value.shape), kind, dtype
     array = value if isinstance(value, np.ndarray) else np.asarray(value)
-    return array.shape, array.dtype.kind, str(array.dtype)
+    return array.shape, array.dtype.kind, array.dtype
 
 
 def check_region_record(
@@ -200,7 +201,7 @@ def check_region_record(
         except (TypeError, ValueError) as error:
             raise ValueError(f"{name}: {key} is not an array of {numbers} {layout} ({error}).") from error
         if kind not in _DTYPE_KINDS[numbers]:
-            raise ValueError(f"{name}: {key} has dtype {dtype}; expected {numbers}.")
+            raise ValueError(f"{name}: {key} has dtype {str(dtype).replace('torch.', '')}; expected {numbers}.")
         shapes[key] = shape
     features = shapes.get("region_features")
     if features is not None and math.prod(features) == 0:
