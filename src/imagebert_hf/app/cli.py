@@ -189,9 +189,10 @@ def parse_args(argv: list[str] | None = None) -> AppArguments:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Serves the app until stopped; returns 0. A bad argument (an unknown flag, a value out of range, a device
-    that is not here, a missing model folder or gallery, a gallery without images) ends it with one line naming it
-    and exit status 1; all but the gallery's contents are checked before any model is loaded."""
+    """Serves the app until stopped; returns 0. A bad argument (a value out of range, a device that is not here, a
+    missing model folder or gallery, a gallery without images) ends it with one line naming it and exit status 1,
+    an unknown flag with argparse's usage and exit status 2; all but the gallery's contents are checked before any
+    model is loaded."""
     args = parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     with exit_on_error("imagebert-app", missing_extra="the app needs its extra: pip install 'imagebert_hf[app]'"):

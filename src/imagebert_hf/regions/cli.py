@@ -147,14 +147,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     it with the checksums recorded when it was written.
 
     Returns 0 when the command ran and extracted at least one image (images that failed are counted and listed in
-    `report.json`) or the verified cache is intact; a bad argument or input (an unknown flag, a missing manifest
-    or image root, an empty manifest, a cache of another source in `output_dir`, a damaged file of a verified
-    cache) ends it with one line naming it and exit status 1, before anything is written; so does a run in which
-    every image failed (its cache and `report.json` are written, with every reason).
+    `report.json`) or the verified cache is intact; a bad argument or input (a missing manifest or image root, an
+    empty manifest, a cache of another source in `output_dir`, a damaged file of a verified cache) ends it with one
+    line naming it and exit status 1, before anything is written; so does a run in which every image failed (its
+    cache and `report.json` are written, with every reason). An unknown flag gets argparse's usage, exit status 2.
     """
     from transformers import HfArgumentParser
 
-    # ImportError: the offline weights package is missing; ValueError: a flag the parser does not know
+    # ImportError: the offline weights package is missing (an unknown flag ends in the parser, exit status 2)
     with exit_on_error("imagebert-extract-regions", errors=(ImportError, OSError, ValueError)):
         (args,) = parse_flags(HfArgumentParser(ExtractRegionsArguments), argv)
         if args.verify:
