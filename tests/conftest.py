@@ -60,3 +60,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def cache_copy(cache_folder, tmp_path):
+    """A copy of the module's `cache_folder` region cache, for a test to damage."""
+    import shutil
+
+    copy = tmp_path / "cache"
+    shutil.copytree(cache_folder, copy)
+    return copy

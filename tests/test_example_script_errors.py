@@ -7,10 +7,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
 import yaml
 
-from imagebert_hf import ImageBERTForImageTextRetrieval
 from imagebert_hf.evaluation import full_ranking
 from imagebert_hf.evaluation.full_ranking import (
     EvaluationArguments,
@@ -23,6 +21,7 @@ from imagebert_hf.training import RetrievalArguments, recipe_from_dict, run_pret
 from imagebert_hf.training.pretraining import check_run_folder
 from imagebert_hf.training.retrieval_finetuning import parse_loss_weights
 
+from .test_evaluate_retrieval import checkpoint  # noqa: F401 - fixture
 from .testing_utils import PROJECT_ROOT
 
 
@@ -31,16 +30,7 @@ TINY_RECIPE = EXAMPLES / "configs" / "pretrain_tiny_synthetic.yaml"
 
 
 @pytest.fixture(scope="module")
-def checkpoint(make_tiny_config, tokenizer, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("checkpoint")
-    torch.manual_seed(0)
-    ImageBERTForImageTextRetrieval(make_tiny_config(vocab_size=len(tokenizer))).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def script_runs(checkpoint, tmp_path_factory):
+def script_runs(checkpoint, tmp_path_factory):  # noqa: F811
     """A few bad inputs, one per script, run at once as `python examples/<script>.py ...` (each run spends most of
     its time importing): {case: (script, the name the line must hold, completed process)}."""
     tmp = tmp_path_factory.mktemp("runs")

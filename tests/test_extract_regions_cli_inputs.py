@@ -127,13 +127,6 @@ def cache_folder(tmp_path_factory, extractor_dir):
     return folder
 
 
-@pytest.fixture
-def cache_copy(cache_folder, tmp_path):
-    copy = tmp_path / "cache"
-    shutil.copytree(cache_folder, copy)
-    return copy
-
-
 @pytest.mark.parametrize(
     "damaged", ["extractor/roi_extractor.safetensors", "extractor/preprocessor_config.json", "shards/*/state.json"]
 )

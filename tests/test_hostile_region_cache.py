@@ -27,13 +27,6 @@ def cache_folder(tmp_path_factory):
     return folder
 
 
-@pytest.fixture
-def cache_copy(cache_folder, tmp_path):
-    copy = tmp_path / "cache"
-    shutil.copytree(cache_folder, copy)
-    return copy
-
-
 # ------------------------------------------------------------------------------------------------ settings
 
 SETTINGS = [

@@ -14,6 +14,7 @@ from imagebert_hf import ImageBERTForImageTextRetrieval
 from imagebert_hf.models.imagebert.pipeline_image_text_retrieval import ImageTextRetrievalPipeline
 from imagebert_hf.models.imagebert.processing_imagebert import ImageBERTProcessor
 
+from .test_bad_input_pipeline import _record
 from .test_pipeline_retrieval import TEXTS, retriever, saved_model  # noqa: F401 - fixtures
 
 
@@ -30,16 +31,6 @@ def _edit_processor_config(folder, change) -> None:
     data = json.loads(path.read_text())
     change(data)
     path.write_text(json.dumps(data))
-
-
-def _record(feature_size: int, **changes) -> dict:
-    record = {
-        "image_id": "cached",
-        "region_features": np.ones((3, feature_size), dtype=np.float32),
-        "region_locations": np.full((3, 5), 0.5, dtype=np.float32),
-    }
-    record.update(changes)
-    return record
 
 
 # ------------------------------------------------------------------------------------ processor lengths

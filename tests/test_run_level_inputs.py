@@ -10,7 +10,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 import yaml
 
 from imagebert_hf.evaluation.hub import check_push_to_hub
@@ -26,13 +25,8 @@ EXAMPLES = PROJECT_ROOT / "examples"
 TINY_RECIPE = EXAMPLES / "configs" / "pretrain_tiny_synthetic.yaml"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from threads, and extra threads crawl when the CI cores are shared.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models gain nothing from threads, and extra threads crawl when the CI cores are shared.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pretraining_flags(output_dir) -> list[str]:

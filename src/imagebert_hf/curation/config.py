@@ -330,7 +330,8 @@ class CurationConfig:
     def load(cls, path: str | Path) -> CurationConfig:
         """Reads a file written by `save`; a file that cannot be read, is not JSON, or holds a bad value, is named in
         the error."""
-        data = read_json_file(path, "a JSON curation configuration (the config.json written by `CurationConfig.save`)")
+        expected = "a JSON curation configuration (the config.json written by `CurationConfig.save`)"
+        data = read_json_file(path, expected)
         try:
             return cls.from_dict(data)
         except (TypeError, ValueError) as error:

@@ -175,8 +175,8 @@ class LinearNaturalPhotoClassifier:
         self.model = load_packaged_model("natural_photo.json") if model_path is None else LinearModel.load(model_path)
         if list(self.model.feature_names) != list(STAT_NAMES):
             raise ValueError(
-                f"{model_path or 'the packaged model'} is a model of other features than this version's image statistics; expected a "
-                "natural-photo model written by examples/train_curation_models.py."
+                f"{model_path or 'the packaged model'} is a model of other features than this version's image "
+                "statistics; expected a natural-photo model written by examples/train_curation_models.py."
             )
 
     def score(self, images: list, stats: np.ndarray) -> list[float]:

@@ -291,8 +291,8 @@ def load_relevance_model(path: str | None = None) -> LinearModel:
     model = load_packaged_model("relevance.json") if path is None else LinearModel.load(path)
     if tuple(model.feature_names) != FEATURE_NAMES:
         raise ValueError(
-            f"{path or 'the packaged model'} is a model of other features than this version's relevance features; expected a relevance "
-            "model written by examples/train_curation_models.py."
+            f"{path or 'the packaged model'} is a model of other features than this version's relevance features; "
+            "expected a relevance model written by examples/train_curation_models.py."
         )
     return model
 

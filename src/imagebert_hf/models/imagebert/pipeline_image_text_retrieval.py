@@ -8,6 +8,7 @@ packages and the files of its own folder (`retrieval_index.py`: scoring, embeddi
 
 from __future__ import annotations
 
+import json
 import os
 import types
 from collections.abc import Mapping, Sequence
@@ -629,17 +630,16 @@ class RegionsOnlyProcessor:
         return self.tokenizer.save_pretrained(save_directory, **kwargs)
 
 
-def _refused_by_this_package(error: Exception) -> bool:
-    """Whether `error` is a settings check of the processor, extractor or config code next to this file (a bad
-    value in a saved `processor_config.json`), rather than a processor that cannot be loaded at all."""
-    if not isinstance(error, (TypeError, ValueError)) or error.__traceback__ is None:
+def _saves_this_processor(path: str) -> bool:
+    """Whether the local folder `path` says it holds an `ImageBERTProcessor` (its `processor_config.json`): then a
+    processor that does not load is the folder's fault (a bad saved setting, a missing vocabulary), not a reason
+    to serve it without one."""
+    try:
+        with open(os.path.join(path, "processor_config.json"), encoding="utf-8") as handle:
+            saved = json.load(handle)
+    except (OSError, ValueError):
         return False
-    frame = error.__traceback__
-    while frame.tb_next is not None:
-        frame = frame.tb_next
-    return os.path.dirname(os.path.abspath(frame.tb_frame.f_code.co_filename)) == os.path.dirname(
-        os.path.abspath(__file__)
-    )
+    return isinstance(saved, dict) and saved.get("processor_class") == "ImageBERTProcessor"
 
 
 def _load_processor_for(model):
@@ -660,8 +660,8 @@ def _load_processor_for(model):
         if getattr(processor, "image_processor", None) is not None:
             return processor
     except Exception as error:  # unregistered processor class, missing code or files: fall back to text + regions
-        if _refused_by_this_package(error):
-            raise  # the saved processor loads but its settings are wrong: serving without it would hide that
+        if _saves_this_processor(path):
+            raise  # serving the folder without the processor it holds would hide what is wrong with it
         reason = f"{type(error).__name__}: {error}"
     logger.warning(
         "Could not load the region processor of %s (%s); images must be given as cached region records.", path, reason
