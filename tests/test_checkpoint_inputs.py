@@ -110,6 +110,26 @@ def test_a_damaged_file_of_the_checkpoint_is_named(trained, tmp_path, name, dama
     assert not (tmp_path / MARKER_NAME).exists()
 
 
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.bin", "scheduler.bin"])
+def test_a_missing_file_of_the_checkpoint_is_named(trained, tmp_path, name):
+    folder, checkpoint = _copy(trained, tmp_path)
+    (checkpoint / name).unlink()
+    expected = (
+        f"checkpoint {checkpoint}: {name} is missing; delete the checkpoint folder to resume from the one before."
+    )
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        _resume(tmp_path, folder)
+
+
+def test_a_missing_random_state_file_resumes_with_a_warning(trained, tmp_path):
+    folder, checkpoint = _copy(trained, tmp_path)
+    (checkpoint / "random_states_0.pkl").unlink()
+    with CaptureLogger(checkpointing.logger) as captured:
+        _, state = _resume(tmp_path, folder)
+    assert f"checkpoint {checkpoint} has no random_states_0.pkl: process 0 resumes with fresh random" in captured.out
+    assert state.completed_steps == 6
+
+
 @pytest.mark.parametrize(
     "edit, expected",
     [

@@ -2,14 +2,19 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
 from imagebert_hf.formats.files import (
+    RUN_LOCK_FILE,
+    FolderInUseError,
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
     atomic_writer,
+    exclusive_folder,
     fsync_tree,
     publish_folder,
 )
@@ -75,3 +80,43 @@ def test_a_kill_between_the_two_renames_is_undone_by_the_next_publish(tmp_path):
     (new / "a.txt").write_text("new")
     publish_folder(new, final)
     assert (final / "a.txt").read_text() == "new" and not list(tmp_path.glob(".out.*"))
+
+
+# ------------------------------------------------------------------------------------------------ the run lock
+
+
+def test_a_folder_held_by_one_run_is_refused_to_another_naming_the_holder(tmp_path):
+    folder = tmp_path / "run"
+    with exclusive_folder(folder):
+        assert (folder / RUN_LOCK_FILE).is_file()
+        with pytest.raises(FolderInUseError) as caught, exclusive_folder(folder, flag="--output_dir"):
+            pass
+    assert str(caught.value) == (
+        f"--output_dir {folder} is in use by another run (process {os.getpid()} on {os.uname().nodename}); wait for "
+        "it to end or choose another --output_dir."
+    )
+    with exclusive_folder(folder):  # released when the block ended
+        pass
+
+
+def test_the_lock_of_a_killed_run_is_free_at_once(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_AND_WAIT, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        refused = rf"in use by another run \(process {holder.pid} on "
+        with pytest.raises(FolderInUseError, match=refused), exclusive_folder(tmp_path):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with exclusive_folder(tmp_path):
+        pass
+
+
+HOLD_AND_WAIT = """
+import sys, time
+from imagebert_hf.formats.files import exclusive_folder
+with exclusive_folder(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(600)
+"""

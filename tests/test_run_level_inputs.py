@@ -3,6 +3,7 @@ another recipe, a `--resume` with nothing to resume, and `--push_to_hub` setting
 is over. Each refusal is one line naming the flag, and leaves the output folder as it was."""
 
 import logging
+import os
 import runpy
 import shutil
 import sys
@@ -13,6 +14,7 @@ import pytest
 import yaml
 
 from imagebert_hf.evaluation.hub import check_push_to_hub
+from imagebert_hf.formats.files import RUN_LOCK_FILE, exclusive_folder
 from imagebert_hf.training import recipe_from_dict, run_pretraining
 from imagebert_hf.training.arguments import PretrainingRunOptions
 from imagebert_hf.training.pretraining import check_resumed_recipe
@@ -155,6 +157,27 @@ def test_resume_of_a_fine_tuning_without_checkpoints_warns_and_starts_from_the_b
         "the beginning."
     ]
     assert (output_dir / "final" / "model.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------------------- a folder in use
+
+
+@pytest.mark.parametrize(
+    ("script", "flags"), [("run_pretraining", pretraining_flags), ("run_retrieval", retrieval_flags)]
+)
+def test_a_run_into_a_folder_another_run_holds_is_refused_before_writing(script, flags, tmp_path, monkeypatch):
+    output_dir = tmp_path / "run"
+    with exclusive_folder(output_dir):
+        stop = run_script(script, [*flags(output_dir), "--resume"], monkeypatch)
+        written = sorted(path.name for path in output_dir.iterdir())
+    assert isinstance(stop, SystemExit)
+    assert str(stop.code) == (
+        f"{script}: error: output_dir {output_dir} is in use by another run (process {os.getpid()} on "
+        f"{os.uname().nodename}); wait for it to end or choose another output_dir."
+    )
+    assert written == [RUN_LOCK_FILE]
+    namespace = run_script(script, flags(output_dir), monkeypatch)  # the same run once the folder is free
+    assert not isinstance(namespace, SystemExit), namespace.code
 
 
 # ------------------------------------------------------------------------------------------------- push_to_hub

@@ -18,6 +18,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+RUN_LOCK_FILE = ".run.lock"
+
 
 def _fsync_folder(folder: str | os.PathLike) -> None:
     """Syncs a folder's entries (a rename inside it) to disk; nothing where a folder cannot be opened (Windows)."""
@@ -212,12 +219,62 @@ def check_folder_or_hub_id(name: str | os.PathLike, what: str, expected: str) ->
         ) from None
 
 
+class FolderInUseError(OSError):
+    """Another process holds the folder's run lock (`exclusive_folder`)."""
+
+
+@contextlib.contextmanager
+def exclusive_folder(folder: str | os.PathLike, flag: str = "output_dir") -> Iterator[None]:
+    """Holds `folder`'s run lock while the block runs, creating the folder when needed: a second run writing into
+    the same folder (a job submitted twice, a requeued job whose first copy still runs) fails at once with
+    `FolderInUseError`, naming the holder, instead of interleaving checkpoints with the first.
+
+    The lock is the kernel's (`flock`) on `RUN_LOCK_FILE` in the folder, so it ends with the process that holds it,
+    however that process ends: a killed run leaves no stale lock. Across nodes it holds where the shared filesystem
+    passes `flock` on (NFSv4, Lustre mounted with `flock`); a mount with node-local locks guards only against runs on
+    the same node. Where the filesystem refuses locks or the platform has no `flock`, it warns and goes on unlocked.
+    Take it in one process of a run (the main one): the others write where that one tells them.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        logger.warning(f"{folder}: no file locks on this platform; nothing stops a second run writing here too.")
+        yield
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / RUN_LOCK_FILE
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(descriptor, 200, 0).decode("utf-8", "replace").strip() or "holder unknown"
+            raise FolderInUseError(
+                f"{flag} {folder} is in use by another run ({holder}); wait for it to end or choose another {flag}."
+            ) from None
+        except OSError as error:
+            logger.warning(
+                f"{folder}: this filesystem takes no file locks ({error.strerror}); nothing stops a second run "
+                "writing here too."
+            )
+        else:
+            os.ftruncate(descriptor, 0)
+            os.pwrite(descriptor, f"process {os.getpid()} on {os.uname().nodename}\n".encode(), 0)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
 __all__ = [
+    "FolderInUseError",
+    "RUN_LOCK_FILE",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
     "atomic_writer",
     "check_folder_or_hub_id",
+    "exclusive_folder",
     "file_checksum",
     "fsync_tree",
     "publish_folder",

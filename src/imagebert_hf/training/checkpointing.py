@@ -223,8 +223,9 @@ def load_checkpoint(
         check: Called with the checkpoint's `TrainState` before anything is restored; raises to refuse it.
 
     Raises:
-        ValueError: A file of the checkpoint is damaged (its `trainer_state.json` and random states are checked
-            before anything is restored); the message names the file.
+        ValueError: A file of the checkpoint is damaged or missing (its `trainer_state.json` and random states
+            are checked before anything is restored); the message names the file. A missing random-state file is
+            not an error: the process resumes with fresh random streams, with a warning.
     """
     checkpoint = Path(checkpoint)
     try:
@@ -236,6 +237,9 @@ def load_checkpoint(
     _check_random_states(checkpoint, accelerator.process_index)
     try:
         accelerator.load_state(str(checkpoint))
+    except FileNotFoundError as error:
+        name = _missing_file_name(Path(error.filename or ""), checkpoint)
+        raise ValueError(f"checkpoint {checkpoint}: {name} is missing; {DAMAGED_ADVICE}.") from error
     except Exception as error:
         # accelerate's errors for a damaged file (torch's reader, the unpickler, safetensors) name no file: find it.
         damaged = _first_unreadable_file(checkpoint)
@@ -244,6 +248,16 @@ def load_checkpoint(
         path, detail = damaged
         raise ValueError(f"checkpoint {checkpoint}: {path.name} is damaged ({detail}); {DAMAGED_ADVICE}.") from error
     return state
+
+
+def _missing_file_name(path: Path, checkpoint: Path) -> str:
+    """The name of the file accelerate did not find. For model weights it falls back from `model.safetensors` to
+    `pytorch_model.bin` and names the fallback; the checkpoints written here hold the safetensors file, so when
+    neither is there the safetensors name is the one to report."""
+    fallback = re.fullmatch(r"pytorch_model(_\d+)?\.bin", path.name)
+    if fallback and not any(checkpoint.glob("model*.safetensors")):
+        return f"model{fallback.group(1) or ''}.safetensors"
+    return path.name or "a file"
 
 
 def _first_unreadable_file(checkpoint: Path) -> tuple[Path, str] | None:
@@ -272,7 +286,11 @@ def _check_random_states(checkpoint: Path, process_index: int) -> None:
     file is refused here, never executed.
     """
     path = checkpoint / f"random_states_{process_index}.pkl"
-    if not path.is_file():
+    if not path.exists():
+        logger.warning(
+            f"checkpoint {checkpoint} has no {path.name}: process {process_index} resumes with fresh random streams, "
+            "so the run will not repeat the uninterrupted one (masking, negatives and dropout differ)."
+        )
         return
     try:
         _load_weights_only(path)

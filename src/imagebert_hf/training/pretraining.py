@@ -3,6 +3,7 @@ weights, and ends with a `save_pretrained` model that the next stage (and retrie
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ from .checkpointing import COMPLETE_FILE, TrainState, latest_checkpoint
 from .loop import LoopSettings, build_accelerator, describe_accelerator, pretraining_loss_counts
 from .plots import plot_losses
 from .recipe import LOSS_TASKS, ModelSpec, Recipe, SourceSpec, StageSpec, load_recipe, recipe_to_dict
-from .runner import Schedule, Stage, run_stage, save_final
+from .runner import Schedule, Stage, hold_run_folder, run_stage, save_final
 
 
 logger = logging.get_logger(__name__)
@@ -452,28 +453,30 @@ def run_pretraining(recipe: Recipe, options: PretrainingRunOptions | None = None
         processor = ImageBERTProcessor.from_pretrained(recipe.model.processor)
     progress = _RunProgress()
     recorded = False
-    for index, spec in enumerate(recipe.stages):
-        stage_dir = stage_directory(recipe.output_dir, index, spec)
-        if options.resume and (stage_dir / "final" / COMPLETE_FILE).is_file():
-            progress.add(stage_dir, TrainState.load(stage_dir / "final"))
-            accelerator.print(f"stage {index + 1} ({spec.name}) already complete; skipping it")
-            continue
-        stage = _pretraining_stage(accelerator, recipe, options, index, tokenizer, progress)
-        if not recorded:
-            # Only once the recipe's model and data have been built from it: a recipe they refuse (a config the
-            # model cannot take, a missing source) leaves output_dir as it was.
-            _record_run(accelerator, recipe)
-            recorded = True
-        settings = loop_settings(recipe, spec, options)
-        model, state = run_stage(accelerator, stage, settings, resume=options.resume, checkpoint_at_end=True)
-        save_final(accelerator, model, state, stage.final_dir, processor or tokenizer)
-        if accelerator.is_main_process:
-            if options.push_to_hub:
-                _push_stage(stage.final_dir, options.hub_model_id, f"stage {index + 1}: {spec.name}")
-            plot_losses(state.history, Path(recipe.output_dir) / "losses.png", title="pretraining losses")
-        progress.add(stage_dir, state)
-        accelerator.free_memory()
-        del model, stage
+    with contextlib.ExitStack() as run_folder:
+        for index, spec in enumerate(recipe.stages):
+            stage_dir = stage_directory(recipe.output_dir, index, spec)
+            if options.resume and (stage_dir / "final" / COMPLETE_FILE).is_file():
+                progress.add(stage_dir, TrainState.load(stage_dir / "final"))
+                accelerator.print(f"stage {index + 1} ({spec.name}) already complete; skipping it")
+                continue
+            stage = _pretraining_stage(accelerator, recipe, options, index, tokenizer, progress)
+            if not recorded:
+                # Only once the recipe's model and data have been built from it: a recipe they refuse (a config the
+                # model cannot take, a missing source) leaves output_dir as it was.
+                run_folder.enter_context(hold_run_folder(accelerator, recipe.output_dir))
+                _record_run(accelerator, recipe)
+                recorded = True
+            settings = loop_settings(recipe, spec, options)
+            model, state = run_stage(accelerator, stage, settings, resume=options.resume, checkpoint_at_end=True)
+            save_final(accelerator, model, state, stage.final_dir, processor or tokenizer)
+            if accelerator.is_main_process:
+                if options.push_to_hub:
+                    _push_stage(stage.final_dir, options.hub_model_id, f"stage {index + 1}: {spec.name}")
+                plot_losses(state.history, Path(recipe.output_dir) / "losses.png", title="pretraining losses")
+            progress.add(stage_dir, state)
+            accelerator.free_memory()
+            del model, stage
 
     accelerator.end_training()
     return {

@@ -38,7 +38,7 @@ from .checkpointing import TrainState, latest_checkpoint
 from .loop import LoopSettings, build_accelerator
 from .plots import plot_losses
 from .retrieval_objective import LOSS_NAMES, RetrievalTrainingModel
-from .runner import Schedule, Stage, run_stage, save_final
+from .runner import Schedule, Stage, hold_run_folder, run_stage, save_final
 
 
 logger = logging.get_logger(__name__)
@@ -328,8 +328,9 @@ def run_retrieval_finetuning(args: RetrievalArguments) -> dict:
         stop_after_global_step=args.stop_after_steps,
         **{name: getattr(args, name) for name in shared},
     )
-    wrapper, state = run_stage(accelerator, stage, settings, resume=args.resume)
-    results = _finish(accelerator, wrapper, state, tokenizer, processor, eval_corpus, args)
+    with hold_run_folder(accelerator, args.output_dir):
+        wrapper, state = run_stage(accelerator, stage, settings, resume=args.resume)
+        results = _finish(accelerator, wrapper, state, tokenizer, processor, eval_corpus, args)
     accelerator.end_training()
     return results
 

@@ -11,6 +11,7 @@ processor or tokenizer and `trainer_state.json`, published atomically).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 from transformers.utils import logging
 
-from ..formats.files import atomic_write_json, publish_folder
+from ..formats.files import atomic_write_json, exclusive_folder, publish_folder
 from .checkpointing import (
     COMPLETE_FILE,
     DAMAGED_ADVICE,
@@ -249,4 +250,13 @@ def save_final(
     return final_dir
 
 
-__all__ = ["Schedule", "Stage", "run_stage", "save_final"]
+def hold_run_folder(accelerator, output_dir: str | Path) -> contextlib.AbstractContextManager:
+    """The run lock of `output_dir` on the main process (`formats.files.exclusive_folder`): enter it before the
+    first write into a run's folder and keep it until the run ends. The other processes write only where the main
+    one leads them; when the lock is refused the main process raises and the launcher ends the others."""
+    if accelerator.is_main_process:
+        return exclusive_folder(output_dir)
+    return contextlib.nullcontext()
+
+
+__all__ = ["Schedule", "Stage", "hold_run_folder", "run_stage", "save_final"]
