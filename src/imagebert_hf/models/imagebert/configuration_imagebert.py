@@ -293,37 +293,48 @@ class ImageBERTConfig(PreTrainedConfig):
             )
 
 
-# field: (kind, lowest, highest), bounds inclusive (None: unbounded). "prob<1" is a float in [0, 1).
+# field: (kind, lowest, highest), bounds inclusive (None: unbounded), grouped by rule. "prob<1" is a float in [0, 1).
 FIELD_RULES: dict[str, tuple[str, float | None, float | None]] = {
-    "vocab_size": ("int", 1, None),
-    "hidden_size": ("int", 1, None),
-    "num_hidden_layers": ("int", 1, None),
-    "num_attention_heads": ("int", 1, None),
-    "intermediate_size": ("int", 1, None),
-    "hidden_dropout_prob": ("prob<1", 0.0, None),
-    "attention_probs_dropout_prob": ("prob<1", 0.0, None),
-    "max_position_embeddings": ("int", 2, None),
-    "type_vocab_size": ("int", 1, None),
-    "initializer_range": ("float", 0.0, None),
-    "layer_norm_eps": ("positive", None, None),
-    "tie_word_embeddings": ("bool", None, None),
-    "region_projection_layer_norm": ("bool", None, None),
-    "region_position_embedding": ("bool", None, None),
-    "separate_region_layer_norm": ("bool", None, None),
-    "region_feature_size": ("int", 1, None),
-    "region_location_size": ("int", 1, None),
-    "num_object_classes": ("int", 1, None),
-    "max_regions": ("int", 1, None),
-    "max_text_length": ("int", 2, None),
-    "region_position_id": ("int", 0, None),
-    "region_token_type_id": ("int", 0, None),
-    "mlm_loss_weight": ("float", 0.0, None),
-    "moc_loss_weight": ("float", 0.0, None),
-    "mrfr_loss_weight": ("float", 0.0, None),
-    "itm_loss_weight": ("float", 0.0, None),
-    "triplet_margin": ("float", 0.0, None),
-    "contrastive_embedding_size": ("int", 1, None),
-    "contrastive_temperature": ("positive", None, None),
+    **dict.fromkeys(
+        (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "type_vocab_size",
+            "region_feature_size",
+            "region_location_size",
+            "num_object_classes",
+            "max_regions",
+            "contrastive_embedding_size",
+        ),
+        ("int", 1, None),
+    ),
+    **dict.fromkeys(("max_position_embeddings", "max_text_length"), ("int", 2, None)),
+    **dict.fromkeys(("region_position_id", "region_token_type_id"), ("int", 0, None)),
+    **dict.fromkeys(("hidden_dropout_prob", "attention_probs_dropout_prob"), ("prob<1", 0.0, None)),
+    **dict.fromkeys(
+        (
+            "initializer_range",
+            "mlm_loss_weight",
+            "moc_loss_weight",
+            "mrfr_loss_weight",
+            "itm_loss_weight",
+            "triplet_margin",
+        ),
+        ("float", 0.0, None),
+    ),
+    **dict.fromkeys(("layer_norm_eps", "contrastive_temperature"), ("positive", None, None)),
+    **dict.fromkeys(
+        (
+            "tie_word_embeddings",
+            "region_projection_layer_norm",
+            "region_position_embedding",
+            "separate_region_layer_norm",
+        ),
+        ("bool", None, None),
+    ),
 }
 
 

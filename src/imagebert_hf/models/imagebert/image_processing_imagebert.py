@@ -496,34 +496,15 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
                 f"region_location_size must be one of {LOCATION_SIZES}, got {settings['region_location_size']}."
             )
 
-    def extract(
-        self,
-        images: Any = None,
-        boxes: Any = None,
-        image_ids: str | Sequence[str] | None = None,
-        box_format: str = "xyxy",
-        on_error: str = "raise",
-        **overrides,
-    ) -> list[dict[str, Any]]:
-        """Extracts the region records of one image or a batch.
+    def extract(self, images: Any = None, boxes: Any = None, **kwargs) -> list[dict[str, Any]]:
+        """Extracts the region records of one image or a batch, decoding in this process: the records of
+        `extract_stream(images, boxes, num_workers=0, **kwargs)` as one list, one per image, in order.
 
         Args:
-            images: One image or a list: paths, bytes, `{"bytes", "path"}` dicts, PIL images, numpy arrays, torch
-                tensors. For the precomputed backend: keys (image ids or file names), or None with `image_ids`.
-            boxes: Boxes in original pixels, one (R, 4) array (or None) per image; None for all: the grid
-                (backbone) or the detections (detector). An image given no boxes (None or empty) gets the grid.
-            image_ids: Ids for the records instead of the content hash.
-            box_format: `"xyxy"` or `"xywh"` (COCO's) for `boxes`.
-            on_error: `"raise"` (default): an unusable input raises `RegionExtractionError` (`ImageLoadError` for
-                an unreadable image) naming it and the reason. `"record"`: it yields a record with empty arrays and
-                its reason in `error`, and the batch goes on.
-            **overrides: Per-call values of the settings in `CALL_SETTINGS` (e.g. `max_regions=36`).
-
-        Returns:
-            One region record (dict of numpy arrays and scalars) per image, in order.
+            images, boxes: as in `extract_stream`.
+            **kwargs: `image_ids`, `box_format`, `on_error` and per-call settings, as in `extract_stream`.
         """
-        stream = self.extract_stream(images, boxes, image_ids, box_format, on_error, num_workers=0, **overrides)
-        return [record for batch in stream for record in batch]
+        return [record for batch in self.extract_stream(images, boxes, num_workers=0, **kwargs) for record in batch]
 
     def extract_stream(
         self,
@@ -535,13 +516,27 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
         num_workers: int | None = None,
         **overrides,
     ) -> Iterator[list[dict[str, Any]]]:
-        """`extract` batch by batch: yields the records of `batch_size` inputs at a time, in order, while
-        `num_workers` worker processes decode, check and resize the next batches (`iter_loaded_batches`).
+        """Extracts region records batch by batch: yields the records of `batch_size` inputs at a time, in order,
+        while `num_workers` worker processes decode, check and resize the next batches (`iter_loaded_batches`).
+        `extract` gives them as one list.
 
-        Same arguments and records as `extract`, plus:
+        Args:
+            images: One image or a list: paths, bytes, `{"bytes", "path"}` dicts, PIL images, numpy arrays, torch
+                tensors. For the precomputed backend: keys (image ids or file names), or None with `image_ids`.
+            boxes: Boxes in original pixels, one (R, 4) array (or None) per image; None for all: the grid
+                (backbone) or the detections (detector). An image given no boxes (None or empty) gets the grid.
+            image_ids: Ids for the records instead of the content hash.
+            box_format: `"xyxy"` or `"xywh"` (COCO's) for `boxes`.
+            on_error: `"raise"` (default): an unusable input raises `RegionExtractionError` (`ImageLoadError` for
+                an unreadable image) naming it and the reason. `"record"`: it yields a record with empty arrays and
+                its reason in `error`, and the batch goes on.
             num_workers: Decoding processes; None: `default_decode_workers()` (0 inside a multiprocessing pool's
                 worker), 0: decode in this process. Workers pay off when decoding would otherwise leave the
                 backbone's device (a GPU, or free CPU cores) waiting.
+            **overrides: Per-call values of the settings in `CALL_SETTINGS` (e.g. `max_regions=36`).
+
+        Yields:
+            The region records (dicts of numpy arrays and scalars) of one batch of inputs, in order.
         """
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}.")
@@ -829,22 +824,26 @@ def _load_input(
     return loaded, prepared, None
 
 
-# setting: (kind, lowest, highest), bounds inclusive (None: unbounded), checked as the config's fields are.
+# setting: (kind, lowest, highest), bounds inclusive (None: unbounded), grouped by rule, checked as the config's
+# fields are.
 _SETTING_RULES: dict[str, tuple[str, float | None, float | None]] = {
-    "max_regions": ("int", 1, None),
+    **dict.fromkeys(
+        (
+            "max_regions",
+            "roi_pool_size",
+            "batch_size",
+            "max_image_pixels",
+            "max_file_bytes",
+            "min_image_side",
+            "max_decode_side",
+        ),
+        ("int", 1, None),
+    ),
     "min_regions": ("int", 0, None),
-    "score_threshold": ("float", 0.0, 1.0),
-    "nms_threshold": ("float", 0.0, 1.0),
-    "roi_pool_size": ("int", 1, None),
-    "return_class_probs": ("bool", None, None),
-    "batch_size": ("int", 1, None),
-    "max_image_pixels": ("int", 1, None),
-    "max_file_bytes": ("int", 1, None),
-    "min_image_side": ("int", 1, None),
-    "max_aspect_ratio": ("float", 1.0, None),
-    "max_decode_side": ("int", 1, None),
-    "apply_exif_orientation": ("bool", None, None),
     "detector_num_classes": ("int", 2, None),
+    **dict.fromkeys(("score_threshold", "nms_threshold"), ("float", 0.0, 1.0)),
+    "max_aspect_ratio": ("float", 1.0, None),
+    **dict.fromkeys(("return_class_probs", "apply_exif_orientation"), ("bool", None, None)),
 }
 
 
