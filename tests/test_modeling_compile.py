@@ -51,6 +51,22 @@ def test_inductor_fullgraph_training_step_matches_eager():
         torch.testing.assert_close(a.grad, b.grad, atol=ATOL, rtol=RTOL, msg=name)
 
 
+@pytest.mark.parametrize("sparse", [True, False])
+def test_masked_row_feature_targets_compile_in_one_graph(sparse):
+    """The MRFR targets as the collator gives them, the masked rows only (M, F): the count check they take is one
+    graph with the rest (aot_eager), the losses equal eager's, and a wrong count still raises (compiled, as a runtime
+    assertion of the graph: eager names the argument, `test_mrfr_targets_of_the_masked_rows_equal_full_targets`)."""
+    config, batch = _pretraining_batch()
+    batch["region_feature_targets"] = batch["region_feature_targets"][batch["masked_regions"].bool()]
+    model = ImageBERTForPreTraining(config).train()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    expected, got = model(**batch, sparse_prediction=sparse), compiled(**batch, sparse_prediction=sparse)
+    torch.testing.assert_close(got.mrfr_loss, expected.mrfr_loss, atol=ATOL, rtol=RTOL)
+    batch["region_feature_targets"] = batch["region_feature_targets"][:1]
+    with pytest.raises(RuntimeError):
+        compiled(**batch, sparse_prediction=sparse)
+
+
 def test_fullgraph_inference_matches_eager():
     """The dense outputs of a model without targets, in one graph (aot_eager: the graph, not the kernels)."""
     config, batch = _pretraining_batch()

@@ -952,9 +952,11 @@ def test_mrfr_targets_of_the_masked_rows_equal_full_targets(tester, sparse_predi
     for name, p in model.named_parameters():
         if name in expected:
             torch.testing.assert_close(p.grad, expected[name], msg=name)
-    # A row count that does not match masked_regions fails rather than pairing rows wrongly.
-    with pytest.raises((IndexError, RuntimeError)):
-        model(**inputs, **{**targets, "region_feature_targets": rows[:-1]}, sparse_prediction=sparse_prediction)
+    # A row count that does not match masked_regions fails, naming the argument, rather than pairing rows wrongly;
+    # one row would otherwise broadcast to every masked region.
+    for wrong in (rows[:-1], rows[:1], torch.cat([rows, rows[:1]])):
+        with pytest.raises(ValueError, match=r"^region_feature_targets of shape \(M, region_feature_size\) needs one"):
+            model(**inputs, **{**targets, "region_feature_targets": wrong}, sparse_prediction=sparse_prediction)
 
 
 def test_float16_region_batches_give_the_losses_of_their_float32_values(tester):

@@ -127,7 +127,9 @@ class ImageBERTForImageTextRetrievalOutput(ModelOutput):
 # inside torch. They read only types, dtypes and shapes, never the values: they cost nothing, need no host-device
 # sync and behave the same on every device and under `torch.compile`. The values (id and label ranges, 0/1 masks,
 # finite features, locations in [0, 1]) are checked where the data is made, on the CPU: the collator, region
-# batching (`region_batching.check_region_values`), the processor and the pipeline.
+# batching (`region_batching.check_region_values`), the processor and the pipeline. One shape depends on values and
+# is checked where it is used: masked-row MRFR targets, (M, F), need M to be the count of `masked_regions`
+# (`_aligned_feature_targets`, where the indexing syncs for that count anyway).
 # --------------------------------------------------------------------------------------------------------------------
 
 # Each argument: (kind, dimensions, meaning). The kind fixes the accepted dtypes: "ids" integer, "flags" integer,
@@ -823,6 +825,13 @@ def _aligned_feature_targets(
     if targets.dim() == 3:
         return targets[region_targets] if sparse else targets
     masked = masked_regions.bool()
+    # The one shape check that reads values: the masked rows' count. The indexing below syncs for it anyway, and a
+    # single row would otherwise broadcast to every masked region without a word.
+    torch._check_value(
+        targets.shape[0] == masked.nonzero().shape[0],
+        lambda: "region_feature_targets of shape (M, region_feature_size) needs one row per masked region (M, the "
+        "True entries of masked_regions); or give the shape (batch_size, num_regions, region_feature_size).",
+    )
     if sparse:
         # `region_targets` is a subset of `masked` (matched pairs, real regions): keep those rows, in order.
         return targets[region_targets[masked]]
