@@ -16,6 +16,8 @@ from PIL import Image
 from imagebert_hf import ImageBERTForImageTextRetrieval, ImageBERTProcessor
 from imagebert_hf.app.drawing import importance_colour, region_weights, render_regions
 from imagebert_hf.app.engine import (
+    MAX_PASTED_CAPTIONS,
+    MAX_TEXT_CHARACTERS,
     AppInputError,
     GalleryImage,
     RegionImportance,
@@ -114,6 +116,19 @@ def test_an_unreadable_gallery_photo_is_named_at_start(demo, tmp_path):
 def test_caption_helpers():
     assert parse_caption_list(" a red circle \n\n  a blue square\n") == ["a red circle", "a blue square"]
     assert parse_caption_list(None) == []
+
+
+def test_a_request_too_large_for_a_shared_server_is_refused_in_words(demo):
+    most = "\n".join(f"a red circle number {i}" for i in range(MAX_PASTED_CAPTIONS))
+    assert len(parse_caption_list(most)) == MAX_PASTED_CAPTIONS
+    with pytest.raises(AppInputError, match=rf"^{MAX_PASTED_CAPTIONS + 1} captions pasted; at most"):
+        parse_caption_list(most + "\none more")
+    long = "a red circle " * 200
+    with pytest.raises(AppInputError, match=r"^caption 2 has 2,599 characters; at most 2,000 are accepted"):
+        parse_caption_list(f"a blue square\n{long}")
+    with pytest.raises(AppInputError, match=r"^the query has 2,599 characters; at most 2,000"):
+        demo.search_images(long)
+    assert len(demo.search_images(long[:MAX_TEXT_CHARACTERS], 2)) == 2
 
 
 def test_gallery_index_is_prebuilt_from_region_records(demo):

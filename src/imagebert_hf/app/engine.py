@@ -26,6 +26,10 @@ from ..models.imagebert.roi_image_loading import ImageLoadError, RegionExtractio
 logger = logging.get_logger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# What one request may ask of a shared server: each pasted caption is a cross-encoder pass, and a text is cut to the
+# model's `max_text_length` tokens anyway (44 by default, a few hundred characters).
+MAX_PASTED_CAPTIONS = 500
+MAX_TEXT_CHARACTERS = 2000
 
 
 class AppInputError(ValueError):
@@ -99,8 +103,26 @@ def gallery_captions(gallery: Sequence[GalleryImage]) -> list[str]:
 
 
 def parse_caption_list(text: str | None) -> list[str]:
-    """Pasted captions, one per line; blank lines dropped."""
-    return [line.strip() for line in (text or "").splitlines() if line.strip()]
+    """Pasted captions, one per line; blank lines dropped. More than `MAX_PASTED_CAPTIONS` captions, or one longer
+    than `MAX_TEXT_CHARACTERS`, is refused with `AppInputError`."""
+    captions = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    if len(captions) > MAX_PASTED_CAPTIONS:
+        raise AppInputError(
+            f"{len(captions)} captions pasted; at most {MAX_PASTED_CAPTIONS} are ranked per request: paste fewer."
+        )
+    for line, caption in enumerate(captions, start=1):
+        check_text_length(caption, f"caption {line}")
+    return captions
+
+
+def check_text_length(text: str, what: str) -> None:
+    """Refuses (`AppInputError`) a text longer than `MAX_TEXT_CHARACTERS`: the model reads its first few hundred
+    characters only, and tokenizing megabytes would hold the server."""
+    if len(text) > MAX_TEXT_CHARACTERS:
+        raise AppInputError(
+            f"{what} has {len(text):,} characters; at most {MAX_TEXT_CHARACTERS:,} are accepted (the model reads "
+            "only the first few hundred)."
+        )
 
 
 # ------------------------------------------------------------------------------------ regions that cover a photo
@@ -498,6 +520,7 @@ class RetrievalDemo:
         query = (query or "").strip()
         if not query:
             raise AppInputError("Type a query first: the search needs some words describing a photo.")
+        check_text_length(query, "the query")
         results = self.retriever(
             texts=query,
             index=self.image_index,
@@ -546,10 +569,13 @@ __all__ = [
     "CaptionHit",
     "GalleryImage",
     "LABEL_SOURCES",
+    "MAX_PASTED_CAPTIONS",
+    "MAX_TEXT_CHARACTERS",
     "ImageHit",
     "RegionImportance",
     "RegionLabel",
     "RetrievalDemo",
+    "check_text_length",
     "covering_grid",
     "gallery_captions",
     "grid_cell_name",
