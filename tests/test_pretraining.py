@@ -1,6 +1,7 @@
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -343,6 +344,43 @@ def test_kill_9_at_a_random_step_then_resume_gives_the_same_weights(reference_ru
     assert [e["loss"] for e in history(output_dir)] == pytest.approx(
         [e["loss"] for e in history(reference_dir)], rel=1e-5
     )
+
+
+def test_sigterm_to_the_job_saves_a_checkpoint_and_the_resumed_run_gives_the_same_weights(reference_run, tmp_path):
+    """As a scheduler preempts a job: SIGTERM to every process of the run, data worker included, at a random
+    point. The run saves a checkpoint at the end of its step and exits with status 3; resumed, it ends as the run
+    never stopped."""
+    reference_dir, _ = reference_run
+    output_dir = tmp_path / "preempted"
+    command = [sys.executable, str(RUN_PRETRAINING), "--config", str(TINY_RECIPE), "--output_dir", str(output_dir)]
+    command += ["--report_to", "none", "--checkpointing_steps", "3", "--num_workers", "1"]
+    signal_after = random.Random().randint(3, 6)  # stage 1 (its checkpoints: 3, 6), far from the run's end
+    process = subprocess.Popen(command, env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)  # fmt: skip
+    deadline = time.time() + 240
+    while process.poll() is None and time.time() < deadline:
+        states = sorted(output_dir.glob("stage*/checkpoints/step_*/trainer_state.json"))
+        reached = max(
+            (json.loads(p.read_text())["global_step_offset"] + int(p.parent.name[5:]) for p in states), default=0
+        )
+        if reached >= signal_after:
+            time.sleep(random.uniform(0.0, 0.3))
+            os.killpg(process.pid, signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == 3, stderr[-3000:]
+    stopped = re.search(r"stopped on SIGTERM (after|before) run-wide step (\d+)[^\n]*; continue with --resume", stderr)
+    assert stopped, stderr[-3000:]
+    if stopped.group(1) == "after":  # mid-stage (else between two stages, with the first one's final saved)
+        checkpoint = Path(re.search(r"\(checkpoint (\S+) saved\)", stderr).group(1))
+        state = TrainState.load(checkpoint)
+        assert state.global_step_offset + state.completed_steps == int(stopped.group(2))
+    resumed = subprocess.run(command + ["--resume"], env=script_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    reference, weights = final_weights(reference_dir), final_weights(output_dir)
+    for key in reference:
+        torch.testing.assert_close(weights[key], reference[key], atol=1e-6, rtol=1e-5, msg=f"{key} differs")
 
 
 def test_two_cpu_processes_match_one_at_the_same_global_batch(reference_run, tmp_path):

@@ -3,7 +3,8 @@
 
 Each task builds its model, data and losses into a `Stage` with its `Schedule`; `run_stage` (the runner) prepares it,
 resumes it and trains it with `train_loop` under `LoopSettings`, and `save_final` writes the stage's model folder.
-A run stopped on purpose (`stop_after_steps`) raises `TrainingStopped`; the example scripts turn it into exit status 3.
+A run stopped before its end, on purpose (`stop_after_steps`) or by SIGTERM (a checkpoint saved first,
+`stop_on_sigterm`), raises `TrainingStopped`; the example scripts turn it into exit status 3.
 """
 
 from .arguments import PretrainingArguments, PretrainingRunOptions, RetrievalArguments

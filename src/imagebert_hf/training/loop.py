@@ -3,8 +3,11 @@ budget for records that fail to load. Pretraining and retrieval fine-tuning both
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import signal
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +28,51 @@ class TooManyFailedRecords(RuntimeError):
 
 
 class TrainingStopped(Exception):
-    """Raised when a run stops on purpose before its end (`stop_after_steps`), as if it had been interrupted."""
+    """Raised when a run stops before its end and can continue with `resume`: `stop_after_steps` was reached, or the
+    process got SIGTERM (a scheduler preempting or cancelling the job), after which the loop saved a checkpoint."""
+
+
+# Set by SIGTERM inside `stop_on_sigterm`; a loop stops at the end of its optimizer step once every process knows.
+_SIGTERM_RECEIVED = threading.Event()
+_sigterm_blocks = 0  # how many `stop_on_sigterm` blocks are open: the outermost one installs and restores
+
+
+def _request_stop(signum, frame) -> None:
+    _SIGTERM_RECEIVED.set()
+    logger.warning("SIGTERM: stopping at the end of this optimizer step, with a checkpoint; continue with resume.")
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """While the block runs, SIGTERM sets a flag instead of ending the process: `train_loop` finishes its optimizer
+    step, saves a checkpoint and raises `TrainingStopped` (a signal between two loops, during a stage's final save,
+    stops the next loop before its first step). Schedulers send SIGTERM before they kill a job (SLURM on preemption,
+    time limit or `scancel`; Kubernetes on eviction; torchrun passes it on to every process), with a grace period
+    that must cover a step and a checkpoint. The run functions hold it for the whole run, `train_loop` for itself;
+    blocks nest, and the outermost restores the previous handler and forgets the signal. Outside the main thread,
+    where no handler can be installed, nothing changes."""
+    global _sigterm_blocks
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    if _sigterm_blocks == 0:
+        _SIGTERM_RECEIVED.clear()
+        previous = signal.signal(signal.SIGTERM, _request_stop)
+    _sigterm_blocks += 1
+    try:
+        yield
+    finally:
+        _sigterm_blocks -= 1
+        if _sigterm_blocks == 0:
+            # None: a handler installed outside Python, which cannot be put back; the default is the closest.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+            _SIGTERM_RECEIVED.clear()
+
+
+def ignore_sigterm(worker_id: int) -> None:
+    """`worker_init_fn` of the training loaders: a scheduler's SIGTERM reaches a job's every process, and a data
+    worker it ended would take the run down before the checkpoint. The workers end with their loader as usual."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def build_accelerator(
@@ -171,6 +218,7 @@ class _StepTally:
         self.sums = torch.zeros(len(self.names), device=device)
         self.counts = torch.zeros(len(self.names), device=device)
         self.records = torch.zeros(2, device=device)
+        self.stop = torch.zeros(1, device=device)
 
     def add_records(self, batch_size: int, failed) -> None:
         self.records[0] += batch_size + (0 if failed is None else float(failed))
@@ -185,18 +233,21 @@ class _StepTally:
                 self.sums[i] += value * weight
                 self.counts[i] += weight
 
-    def reduce(self, accelerator, state: TrainState) -> dict[str, float | None]:
-        """Adds the step's records to `state`, returns its average losses over all processes and starts afresh."""
+    def reduce(self, accelerator, state: TrainState) -> tuple[dict[str, float | None], bool]:
+        """Adds the step's records to `state`, returns its average losses over all processes, and whether any
+        process got SIGTERM (in the same reduction: the processes agree on it at no extra cost); starts afresh."""
         n = len(self.names)
-        totals = accelerator.reduce(torch.cat([self.sums, self.counts, self.records]), reduction="sum")
+        self.stop.fill_(float(_SIGTERM_RECEIVED.is_set()))
+        totals = accelerator.reduce(torch.cat([self.sums, self.counts, self.records, self.stop]), reduction="sum")
         step_sums, step_counts = totals[:n], totals[n : 2 * n]
-        state.records_seen += int(totals[-2])
-        state.records_failed += int(totals[-1])
+        state.records_seen += int(totals[-3])
+        state.records_failed += int(totals[-2])
         self.sums.zero_(), self.counts.zero_(), self.records.zero_()
-        return {
+        losses = {
             name: (float(step_sums[i] / step_counts[i]) if step_counts[i] > 0 else None)
             for i, name in enumerate(self.names)
         }
+        return losses, bool(totals[-1] > 0)
 
 
 def train_loop(
@@ -212,6 +263,8 @@ def train_loop(
     on_step: Callable[[TrainState, dict[str, Any]], None] | None = None,
 ) -> TrainState:
     """Trains until `state.completed_steps == state.total_steps`, resuming from `state` (epoch, micro-batches).
+    On SIGTERM it saves a checkpoint at the end of the optimizer step and raises `TrainingStopped`
+    (`stop_on_sigterm`).
 
     The model's output must have `loss` and may have `<name>_loss` for each of `settings.loss_names`.
 
@@ -238,31 +291,42 @@ def train_loop(
     tally = _StepTally(["loss", *settings.loss_names], accelerator.device)
     model.train()
     try:
-        while state.completed_steps < state.total_steps:
-            if sampler is not None and hasattr(sampler, "set_epoch"):
-                sampler.set_epoch(state.epoch)
-            loader = dataloader
-            if state.batches_in_epoch:
-                loader = accelerator.skip_first_batches(dataloader, state.batches_in_epoch)
-            for batch in loader:
-                _train_micro_batch(accelerator, model, optimizer, scheduler, batch, state, settings, tally)
-                if not accelerator.sync_gradients:
-                    continue
-                losses = _finish_step(accelerator, scheduler, state, settings, tally)
-                progress.update(1)
-                progress.set_postfix(loss=f"{losses['loss']:.3f}" if losses["loss"] is not None else "n/a")
-                if on_step is not None:
-                    on_step(state, losses)
-                _checkpoint_or_stop(accelerator, state, settings)
-                if state.completed_steps >= state.total_steps:
-                    break
-            else:
-                state.epoch += 1
-                state.batches_in_epoch = 0
+        with stop_on_sigterm():
+            _stop_if_signalled_between_loops(accelerator, state)
+            while state.completed_steps < state.total_steps:
+                if sampler is not None and hasattr(sampler, "set_epoch"):
+                    sampler.set_epoch(state.epoch)
+                loader = dataloader
+                if state.batches_in_epoch:
+                    loader = accelerator.skip_first_batches(dataloader, state.batches_in_epoch)
+                for batch in loader:
+                    _train_micro_batch(accelerator, model, optimizer, scheduler, batch, state, settings, tally)
+                    if not accelerator.sync_gradients:
+                        continue
+                    losses, stop_requested = _finish_step(accelerator, scheduler, state, settings, tally)
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{losses['loss']:.3f}" if losses["loss"] is not None else "n/a")
+                    if on_step is not None:
+                        on_step(state, losses)
+                    _checkpoint_or_stop(accelerator, state, settings, stop_requested)
+                    if state.completed_steps >= state.total_steps:
+                        break
+                else:
+                    state.epoch += 1
+                    state.batches_in_epoch = 0
     finally:
         progress.close()
     _check_failures(state, settings.max_failure_rate, 0)
     return state
+
+
+def _stop_if_signalled_between_loops(accelerator, state: TrainState) -> None:
+    """Stops before the first step when SIGTERM came since the previous loop's last step (during a stage's final
+    save, or while this stage was built): its checkpoints and the finished stages already hold all the work. The
+    processes agree on it first."""
+    received = torch.tensor([float(_SIGTERM_RECEIVED.is_set())], device=accelerator.device)
+    if accelerator.reduce(received, reduction="sum").item() > 0 and state.completed_steps < state.total_steps:
+        raise TrainingStopped(f"stopped on SIGTERM before run-wide step {state.global_step + 1}, nothing left to save")
 
 
 def _train_micro_batch(accelerator, model, optimizer, scheduler, batch, state, settings, tally) -> None:
@@ -284,10 +348,13 @@ def _train_micro_batch(accelerator, model, optimizer, scheduler, batch, state, s
     tally.add_losses(outputs, weights)
 
 
-def _finish_step(accelerator, scheduler, state: TrainState, settings: LoopSettings, tally) -> dict[str, float | None]:
-    """Counts the optimizer step, checks the failure budget, logs; returns the step's losses."""
+def _finish_step(
+    accelerator, scheduler, state: TrainState, settings: LoopSettings, tally
+) -> tuple[dict[str, float | None], bool]:
+    """Counts the optimizer step, checks the failure budget, logs; returns the step's losses and whether a process
+    got SIGTERM."""
     state.completed_steps += 1
-    losses = tally.reduce(accelerator, state)
+    losses, stop_requested = tally.reduce(accelerator, state)
     if settings.task_weights is not None:
         parts = [
             settings.task_weights.get(name, 1.0) * losses[name]
@@ -300,17 +367,20 @@ def _finish_step(accelerator, scheduler, state: TrainState, settings: LoopSettin
         entry = {"step": state.global_step, "stage": state.stage_name, "lr": scheduler.get_last_lr()[0], **losses}
         state.history.append(entry)
         accelerator.log({f"train/{k}": v for k, v in entry.items() if isinstance(v, float)}, step=state.global_step)
-    return losses
+    return losses, stop_requested
 
 
-def _checkpoint_or_stop(accelerator, state: TrainState, settings: LoopSettings) -> None:
-    if (
-        settings.checkpoint_dir is not None
-        and settings.checkpointing_steps
-        and state.completed_steps % settings.checkpointing_steps == 0
-        and state.completed_steps < state.total_steps
-    ):
-        save_checkpoint(accelerator, settings.checkpoint_dir, state, settings.save_total_limit)
+def _checkpoint_or_stop(accelerator, state: TrainState, settings: LoopSettings, stop_requested: bool) -> None:
+    """Saves a checkpoint every `checkpointing_steps` and, on SIGTERM, one at this step before stopping (at a
+    stage's last step the stage ends as usual, and the next loop stops before it starts)."""
+    unfinished = state.completed_steps < state.total_steps
+    due = bool(settings.checkpointing_steps) and state.completed_steps % settings.checkpointing_steps == 0
+    saved = None
+    if settings.checkpoint_dir is not None and unfinished and (due or stop_requested):
+        saved = save_checkpoint(accelerator, settings.checkpoint_dir, state, settings.save_total_limit)
+    if stop_requested and unfinished:
+        what = f"checkpoint {saved} saved" if saved is not None else "no checkpoint_dir: nothing saved"
+        raise TrainingStopped(f"stopped on SIGTERM after run-wide step {state.global_step} ({what})")
     if settings.stop_after_global_step is not None and state.global_step >= settings.stop_after_global_step:
         raise TrainingStopped(f"stopped after run-wide step {state.global_step} as asked")
 
@@ -352,7 +422,9 @@ __all__ = [
     "describe_accelerator",
     "build_optimizer",
     "build_scheduler",
+    "ignore_sigterm",
     "pretraining_loss_counts",
     "steps_per_epoch",
+    "stop_on_sigterm",
     "train_loop",
 ]

@@ -36,7 +36,14 @@ from ..models.imagebert.modeling_imagebert import ImageBERTForPreTraining
 from ..models.imagebert.processing_imagebert import ImageBERTProcessor
 from .arguments import PretrainingRunOptions
 from .checkpointing import COMPLETE_FILE, TrainState, latest_checkpoint
-from .loop import LoopSettings, build_accelerator, describe_accelerator, pretraining_loss_counts
+from .loop import (
+    LoopSettings,
+    build_accelerator,
+    describe_accelerator,
+    ignore_sigterm,
+    pretraining_loss_counts,
+    stop_on_sigterm,
+)
 from .plots import plot_losses
 from .recipe import LOSS_TASKS, ModelSpec, Recipe, SourceSpec, StageSpec, load_recipe, recipe_to_dict
 from .runner import Schedule, Stage, hold_run_folder, run_stage, save_final
@@ -203,6 +210,7 @@ def build_stage_data(stage: StageSpec, tokenizer, config, seed: int, num_workers
         sampler=sampler,
         collate_fn=collator,
         num_workers=num_workers,
+        worker_init_fn=ignore_sigterm,
         drop_last=False,
     )
     return dataloader, sampler, dataset
@@ -225,7 +233,11 @@ def _streaming_data(stage: StageSpec, sources, stores, weights, tokenizer, confi
         pool_groups=stage.length_group_pool,
     )
     dataloader = torch.utils.data.DataLoader(
-        dataset, batch_size=stage.per_device_train_batch_size, collate_fn=collator, num_workers=num_workers
+        dataset,
+        batch_size=stage.per_device_train_batch_size,
+        collate_fn=collator,
+        num_workers=num_workers,
+        worker_init_fn=ignore_sigterm,
     )
     return dataloader, None, dataset
 
@@ -438,7 +450,8 @@ def run_pretraining(recipe: Recipe, options: PretrainingRunOptions | None = None
     `losses.png`.
 
     Raises:
-        TrainingStopped: `options.stop_after_steps` was reached (the run continues with `resume`).
+        TrainingStopped: `options.stop_after_steps` was reached, or the process got SIGTERM (a checkpoint was
+            saved at the end of the step; see `stop_on_sigterm`); the run continues with `resume`.
 
     Returns:
         A dict with `final_model` (the last stage's folder), `stage_dirs`, `history` and `steps_per_stage`.
@@ -453,7 +466,8 @@ def run_pretraining(recipe: Recipe, options: PretrainingRunOptions | None = None
         processor = ImageBERTProcessor.from_pretrained(recipe.model.processor)
     progress = _RunProgress()
     recorded = False
-    with contextlib.ExitStack() as run_folder:
+    with contextlib.ExitStack() as run:
+        run.enter_context(stop_on_sigterm())
         for index, spec in enumerate(recipe.stages):
             stage_dir = stage_directory(recipe.output_dir, index, spec)
             if options.resume and (stage_dir / "final" / COMPLETE_FILE).is_file():
@@ -464,7 +478,7 @@ def run_pretraining(recipe: Recipe, options: PretrainingRunOptions | None = None
             if not recorded:
                 # Only once the recipe's model and data have been built from it: a recipe they refuse (a config the
                 # model cannot take, a missing source) leaves output_dir as it was.
-                run_folder.enter_context(hold_run_folder(accelerator, recipe.output_dir))
+                run.enter_context(hold_run_folder(accelerator, recipe.output_dir))
                 _record_run(accelerator, recipe)
                 recorded = True
             settings = loop_settings(recipe, spec, options)

@@ -35,7 +35,7 @@ from ..models.imagebert.configuration_imagebert import check_field
 from ..regions.cache_reader import load_region_cache
 from .arguments import RetrievalArguments
 from .checkpointing import TrainState, latest_checkpoint
-from .loop import LoopSettings, build_accelerator
+from .loop import LoopSettings, build_accelerator, stop_on_sigterm
 from .plots import plot_losses
 from .retrieval_objective import LOSS_NAMES, RetrievalTrainingModel
 from .runner import Schedule, Stage, hold_run_folder, run_stage, save_final
@@ -294,7 +294,8 @@ def run_retrieval_finetuning(args: RetrievalArguments) -> dict:
     processor or tokenizer, and evaluates on the evaluation split when there is one.
 
     Raises:
-        TrainingStopped: `args.stop_after_steps` was reached (the run continues with `--resume`).
+        TrainingStopped: `args.stop_after_steps` was reached, or the process got SIGTERM during training (a
+            checkpoint was saved at the end of the step); the run continues with `--resume`.
 
     Returns:
         `{"history", "final_model"}` and, with an evaluation split, `"eval"` (recall of full ranking and, with
@@ -328,7 +329,7 @@ def run_retrieval_finetuning(args: RetrievalArguments) -> dict:
         stop_after_global_step=args.stop_after_steps,
         **{name: getattr(args, name) for name in shared},
     )
-    with hold_run_folder(accelerator, args.output_dir):
+    with hold_run_folder(accelerator, args.output_dir), stop_on_sigterm():
         wrapper, state = run_stage(accelerator, stage, settings, resume=args.resume)
         results = _finish(accelerator, wrapper, state, tokenizer, processor, eval_corpus, args)
     accelerator.end_training()
