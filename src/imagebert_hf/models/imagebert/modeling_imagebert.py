@@ -829,8 +829,10 @@ def _aligned_feature_targets(
     # single row would otherwise broadcast to every masked region without a word.
     torch._check_value(
         targets.shape[0] == masked.nonzero().shape[0],
-        lambda: "region_feature_targets of shape (M, region_feature_size) needs one row per masked region (M, the "
-        "True entries of masked_regions); or give the shape (batch_size, num_regions, region_feature_size).",
+        lambda: (
+            "region_feature_targets of shape (M, region_feature_size) needs one row per masked region (M, the "
+            "True entries of masked_regions); or give the shape (batch_size, num_regions, region_feature_size)."
+        ),
     )
     if sparse:
         # `region_targets` is a subset of `masked` (matched pairs, real regions): keep those rows, in order.
