@@ -411,6 +411,35 @@ def test_two_cpu_processes_match_one_at_the_same_global_batch(reference_run, tmp
     assert [e["lr"] for e in double] == pytest.approx([e["lr"] for e in single])
 
 
+def test_sigterm_to_two_processes_stops_both_after_the_same_step_and_the_run_resumes(tmp_path):
+    """Under `accelerate launch`, the launcher passes SIGTERM on to its processes, which may see it at different
+    points: they agree through the step's reduction (a disagreement would hang a collective), stop together, and
+    the resumed run finishes both stages."""
+    output_dir = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(RUN_PRETRAINING),
+        "--config", str(TINY_RECIPE), "--output_dir", str(output_dir), "--report_to", "none",
+        "--per_device_train_batch_size", "4", "--checkpointing_steps", "2", "--cpu",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)  # fmt: skip
+    deadline = time.time() + 240
+    while process.poll() is None and time.time() < deadline:
+        if list(output_dir.glob("stage1-noisy/checkpoints/step_00000002/trainer_state.json")):
+            time.sleep(random.uniform(0.0, 0.3))
+            os.killpg(process.pid, signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode != 0, "the run ended before the signal"
+    stops = re.findall(r"stopped on SIGTERM (?:after|before) run-wide step \d+", stderr)
+    assert len(stops) == 2 and stops[0] == stops[1], stderr[-3000:]
+    resumed = subprocess.run(command + ["--resume"], env=script_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert TrainState.load(output_dir / "stage2-clean" / "final").completed_steps == 6
+
+
 # --------------------------------------------------------------------------------------------------- examples
 
 
