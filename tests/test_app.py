@@ -5,6 +5,7 @@ Everything runs on a tiny random-weight ImageBERT, the synthetic tokenizer and a
 
 import json
 import random
+import re
 import subprocess
 import sys
 
@@ -17,6 +18,7 @@ from imagebert_hf import ImageBERTForImageTextRetrieval, ImageBERTProcessor
 from imagebert_hf.app.drawing import importance_colour, region_weights, render_regions
 from imagebert_hf.app.engine import (
     MAX_PASTED_CAPTIONS,
+    MAX_RESULTS,
     MAX_TEXT_CHARACTERS,
     AppInputError,
     GalleryImage,
@@ -129,6 +131,27 @@ def test_a_request_too_large_for_a_shared_server_is_refused_in_words(demo):
     with pytest.raises(AppInputError, match=r"^the query has 2,599 characters; at most 2,000"):
         demo.search_images(long)
     assert len(demo.search_images(long[:MAX_TEXT_CHARACTERS], 2)) == 2
+
+
+@pytest.mark.parametrize(
+    ("top_k", "expected"),
+    [
+        (MAX_RESULTS + 1, f"must be from 1 to {MAX_RESULTS}, got {MAX_RESULTS + 1}"),
+        (10**9, f"must be from 1 to {MAX_RESULTS}, got 1e"),
+        (0, f"must be from 1 to {MAX_RESULTS}, got 0"),
+        (2.5, "must be a whole number, got 2.5"),
+        ("8", "must be a whole number, got '8'"),
+        (float("nan"), "must be a whole number, got nan"),
+    ],
+)
+def test_a_result_count_the_page_would_not_send_is_refused_in_words(demo, top_k, expected):
+    """The page's API takes any value a client sends; a large one would widen the shortlist the cross-encoder
+    re-ranks to the whole gallery."""
+    with pytest.raises(AppInputError, match=re.escape(f"the number of photos {expected}")):
+        demo.search_images(QUERY, top_k)
+    with pytest.raises(AppInputError, match=re.escape(f"the number of captions {expected}")):
+        demo.rank_captions(demo.records[0], ["a red circle"], top_k)
+    assert len(demo.search_images(QUERY, float(MAX_RESULTS))) == min(MAX_RESULTS, len(demo.gallery))
 
 
 def test_gallery_index_is_prebuilt_from_region_records(demo):

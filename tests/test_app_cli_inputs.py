@@ -39,8 +39,9 @@ BAD_VALUES = [
     (["--port", "99999"], "--port must be in [1, 65535], got 99999."),
     (["--port", "0"], "--port must be in [1, 65535], got 0."),
     (["--port", "-80"], "--port must be in [1, 65535], got -80."),
-    (["--top_k", "-1"], "--top_k must be >= 1, got -1."),
-    (["--top_k", "0"], "--top_k must be >= 1, got 0."),
+    (["--top_k", "-1"], "--top_k must be in [1, 32], got -1."),
+    (["--top_k", "0"], "--top_k must be in [1, 32], got 0."),
+    (["--top_k", "33"], "--top_k must be in [1, 32], got 33."),
     (["--shortlist_k", "-3"], "--shortlist_k must be >= 1, got -3."),
     (["--shortlist_k", "0"], "--shortlist_k must be >= 1, got 0."),
     (["--batch_size", "0"], "--batch_size must be >= 1, got 0."),
@@ -79,7 +80,7 @@ def test_the_command_exits_1_with_one_line(tmp_path):
         cwd=tmp_path,
     )
     assert result.returncode == 1, result.stderr[-2000:]
-    assert result.stderr.strip().splitlines() == [PREFIX + "--top_k must be >= 1, got -1."], result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [PREFIX + "--top_k must be in [1, 32], got -1."], result.stderr[-2000:]
 
 
 def test_good_values_pass_the_checks(tmp_path):

@@ -160,11 +160,13 @@ def check_arguments(args: AppArguments) -> None:
     before a model or gallery is loaded. The values come before the paths, so a bad value is named even where the
     model or gallery is missing too."""
     from ..models.imagebert.configuration_imagebert import check_field
+    from .engine import MAX_RESULTS
 
     # The pipeline reads None as "all" for top_k and shortlist_k; these flags are always set, and below 1 they
     # would leave nothing to rank or show.
-    for name in ("top_k", "shortlist_k", "batch_size"):
+    for name in ("shortlist_k", "batch_size"):
         check_field(f"--{name}", getattr(args, name), "int", 1, None)
+    check_field("--top_k", args.top_k, "int", 1, MAX_RESULTS)  # the page's slider goes no further
     if args.max_gallery is not None:  # unset: the whole gallery
         check_field("--max_gallery", args.max_gallery, "int", 1, None)
     check_field("--port", args.port, "int", 1, 65535)

@@ -30,6 +30,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 # model's `max_text_length` tokens anyway (44 by default, a few hundred characters).
 MAX_PASTED_CAPTIONS = 500
 MAX_TEXT_CHARACTERS = 2000
+# The most results a search shows (the page's sliders stop below it): a larger `top_k` would widen the shortlist the
+# cross-encoder re-ranks, up to the whole gallery.
+MAX_RESULTS = 32
 
 
 class AppInputError(ValueError):
@@ -113,6 +116,15 @@ def parse_caption_list(text: str | None) -> list[str]:
     for line, caption in enumerate(captions, start=1):
         check_text_length(caption, f"caption {line}")
     return captions
+
+
+def check_result_count(top_k, what: str) -> int:
+    """`top_k` as an int in [1, `MAX_RESULTS`], else `AppInputError` (the page's API takes any value a client sends)."""
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, float)) or not float(top_k).is_integer():
+        raise AppInputError(f"the number of {what} must be a whole number, got {top_k!r}.")
+    if not 1 <= top_k <= MAX_RESULTS:
+        raise AppInputError(f"the number of {what} must be from 1 to {MAX_RESULTS}, got {top_k:g}.")
+    return int(top_k)
 
 
 def check_text_length(text: str, what: str) -> None:
@@ -524,7 +536,7 @@ class RetrievalDemo:
         results = self.retriever(
             texts=query,
             index=self.image_index,
-            top_k=int(top_k),
+            top_k=check_result_count(top_k, "photos"),
             shortlist_k=self.shortlist_k,
             batch_size=self.batch_size,
         )
@@ -535,7 +547,7 @@ class RetrievalDemo:
 
     def rank_captions(self, record: dict[str, Any], captions: Sequence[str] | None = None, top_k: int = 5):
         """The best `top_k` captions for a photo's region record: of `captions`, or of the gallery's."""
-        kwargs = {"top_k": int(top_k), "batch_size": self.batch_size}
+        kwargs = {"top_k": check_result_count(top_k, "captions"), "batch_size": self.batch_size}
         if captions:
             results = self.retriever(images=record, texts=list(captions), **kwargs)
         elif self.caption_index is not None:
@@ -570,11 +582,13 @@ __all__ = [
     "GalleryImage",
     "LABEL_SOURCES",
     "MAX_PASTED_CAPTIONS",
+    "MAX_RESULTS",
     "MAX_TEXT_CHARACTERS",
     "ImageHit",
     "RegionImportance",
     "RegionLabel",
     "RetrievalDemo",
+    "check_result_count",
     "check_text_length",
     "covering_grid",
     "gallery_captions",

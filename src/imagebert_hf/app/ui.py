@@ -17,7 +17,7 @@ from PIL import Image
 from transformers.utils import logging
 
 from .drawing import render_regions
-from .engine import AppInputError, RetrievalDemo, parse_caption_list
+from .engine import MAX_RESULTS, AppInputError, RetrievalDemo, parse_caption_list
 from .relations import KIND_NAMES, SCORER_NAMES, RelationView
 
 
@@ -80,7 +80,7 @@ def search_view(demo: RetrievalDemo, query: str, top_k: float) -> tuple[list, st
     """Text -> images: the gallery items `(path, caption)`, the results table, the region picture of the top photo
     and the error message (empty on success)."""
     try:
-        hits = demo.search_images(query, int(top_k))
+        hits = demo.search_images(query, top_k)
         top = hits[0]
         importance = demo.region_importance(query.strip(), top.record)
         with Image.open(top.image.path) as photo:
@@ -113,7 +113,7 @@ def photo_view(demo: RetrievalDemo, upload: str | None, pick: str | None, captio
             which = f"the gallery photo **{html.escape(Path(image.key).name)}**"
         else:
             raise AppInputError("Upload a photo or pick one from the gallery first.")
-        hits = demo.rank_captions(record, parse_caption_list(captions), int(top_k))
+        hits = demo.rank_captions(record, parse_caption_list(captions), top_k)
         importance = demo.region_importance(hits[0].text, record)
         picture = render_regions(photo, record, labels, importance, text=hits[0].text)
     except Exception as error:
@@ -191,7 +191,7 @@ def build_app(demo: RetrievalDemo, title: str = "ImageBERT image-text retrieval"
                 )
                 # A slider needs two ends: a one-photo gallery still gets 1..2 (a search returns what there is).
                 search_k = gr.Slider(
-                    1, max(2, min(32, num_images)), value=min(top_k, num_images), step=1, label="photos"
+                    1, max(2, min(MAX_RESULTS, num_images)), value=min(top_k, num_images), step=1, label="photos"
                 )
                 search_button = gr.Button("Search", variant="primary", elem_id="search-button")
             if examples:
