@@ -38,8 +38,9 @@ _sigterm_blocks = 0  # how many `stop_on_sigterm` blocks are open: the outermost
 
 
 def _request_stop(signum, frame) -> None:
+    # Only the flag: a handler that wrote to a stream the interrupted code was writing to (a progress bar, a log)
+    # would raise a reentrant-write error in the middle of the step. The loop says what it does once it sees it.
     _SIGTERM_RECEIVED.set()
-    logger.warning("SIGTERM: stopping at the end of this optimizer step, with a checkpoint; continue with resume.")
 
 
 @contextlib.contextmanager
@@ -375,6 +376,8 @@ def _checkpoint_or_stop(accelerator, state: TrainState, settings: LoopSettings, 
     stage's last step the stage ends as usual, and the next loop stops before it starts)."""
     unfinished = state.completed_steps < state.total_steps
     due = bool(settings.checkpointing_steps) and state.completed_steps % settings.checkpointing_steps == 0
+    if stop_requested and unfinished:
+        logger.warning(f"SIGTERM: stopping after run-wide step {state.global_step}, with a checkpoint of it.")
     saved = None
     if settings.checkpoint_dir is not None and unfinished and (due or stop_requested):
         saved = save_checkpoint(accelerator, settings.checkpoint_dir, state, settings.save_total_limit)
