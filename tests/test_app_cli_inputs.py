@@ -80,7 +80,9 @@ def test_the_command_exits_1_with_one_line(tmp_path):
         cwd=tmp_path,
     )
     assert result.returncode == 1, result.stderr[-2000:]
-    assert result.stderr.strip().splitlines() == [PREFIX + "--top_k must be in [1, 32], got -1."], result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [PREFIX + "--top_k must be in [1, 32], got -1."], result.stderr[
+        -2000:
+    ]
 
 
 def test_good_values_pass_the_checks(tmp_path):
