@@ -125,6 +125,19 @@ def test_prebuilt_index_and_shortlist(retriever, saved_model):
     assert len(retriever(images=paths[1], index=texts_index, top_k=2)) == 2
 
 
+def test_building_a_gallery_of_several_batches_shows_its_progress(retriever, saved_model, capsys):
+    _, paths = saved_model
+    retriever.build_index(images=paths, batch_size=8)  # one pass: no bar
+    retriever.build_index(texts=TEXTS, batch_size=8)
+    assert capsys.readouterr().err == ""
+    gallery = retriever.build_index(images=paths * 3, batch_size=2)
+    err = capsys.readouterr().err
+    assert "extracting regions: 100%" in err and "embedding the gallery's images: 100%" in err and "9/9" in err
+    torch.testing.assert_close(gallery.embeddings[:3], retriever.build_index(images=paths).embeddings)
+    retriever.build_index(texts=TEXTS * 3, batch_size=2)
+    assert "embedding the gallery's texts: 100%" in capsys.readouterr().err
+
+
 def test_lists_generators_and_datasets_stream_like_any_pipeline(retriever, saved_model):
     _, paths = saved_model
     queries = [{"images": paths[0], "texts": TEXTS}, {"images": paths[1], "texts": TEXTS[:2], "mode": None}]

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoModel, Pipeline
 from transformers.utils import logging
 
@@ -337,15 +338,20 @@ class ImageTextRetrievalPipeline(Pipeline):
                 )
             else:
                 to_extract.append(position)
-        for start in range(0, len(to_extract) if not errors else 0, batch_size):
-            chunk = to_extract[start : start + batch_size]
-            extracted = extractor.extract(
-                [images[i] for i in chunk], on_error="record", max_regions=self.processor.max_regions
-            )
-            for position, record in zip(chunk, extracted):
-                if record.get("error"):
-                    errors.append(f"images[{position}] ({_describe(images[position])}): {record['error']}")
-                records[position] = record
+        bar = tqdm(
+            total=len(to_extract), desc="extracting regions", disable=bool(errors) or len(to_extract) <= batch_size
+        )
+        with bar:
+            for start in range(0, len(to_extract) if not errors else 0, batch_size):
+                chunk = to_extract[start : start + batch_size]
+                extracted = extractor.extract(
+                    [images[i] for i in chunk], on_error="record", max_regions=self.processor.max_regions
+                )
+                for position, record in zip(chunk, extracted):
+                    if record.get("error"):
+                        errors.append(f"images[{position}] ({_describe(images[position])}): {record['error']}")
+                    records[position] = record
+                bar.update(len(chunk))
         if errors:
             raise ValueError(
                 f"{len(errors)} of {len(images)} image(s) could not be used, so nothing was scored:\n  "
@@ -512,11 +518,13 @@ class ImageTextRetrievalPipeline(Pipeline):
     # Prebuilt galleries and saving
     # ------------------------------------------------------------------------------------------------------------
 
-    def _make_index(self, kind, items, inputs, batch_size, index_type="flat", **index_kwargs) -> RetrievalIndex:
+    def _make_index(
+        self, kind, items, inputs, batch_size, index_type="flat", progress=None, **index_kwargs
+    ) -> RetrievalIndex:
         if kind == "images":
-            embeddings = encode_images(self.model, inputs, batch_size)
+            embeddings = encode_images(self.model, inputs, batch_size, progress)
         else:
-            embeddings = encode_texts(self.model, inputs, batch_size)
+            embeddings = encode_texts(self.model, inputs, batch_size, progress)
         items = items if isinstance(items, range) else list(items)
         return RetrievalIndex(kind, items, inputs, EmbeddingIndex(embeddings, index_type, **index_kwargs))
 
@@ -568,7 +576,9 @@ class ImageTextRetrievalPipeline(Pipeline):
             kind = "texts"
         if not is_region_batches(inputs):  # once, for every later query (a mapped gallery is read where it lies)
             inputs = {key: value.to(self.device) for key, value in inputs.items()}
-        return self._make_index(kind, items, inputs, batch_size, index_type, **index_kwargs)
+        # A bar where the gallery takes more than one pass: a mapped gallery of millions takes hours on a CPU.
+        with tqdm(total=len(items), desc=f"embedding the gallery's {kind}", disable=len(items) <= batch_size) as bar:
+            return self._make_index(kind, items, inputs, batch_size, index_type, bar.update, **index_kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
         """Saves model, processor (tokenizer, region extractor and its weights) and the code of all of them

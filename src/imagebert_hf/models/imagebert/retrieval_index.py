@@ -240,8 +240,11 @@ def score_all_pairs(
 
 
 @torch.no_grad()
-def _encode(model, num_items: int, rows: Callable[[torch.Tensor], dict], embed: Callable, batch_size: int):
-    """Embeddings of `num_items` inputs, `batch_size` at a time; `rows(positions)` gives a batch's trimmed inputs."""
+def _encode(
+    model, num_items: int, rows: Callable[[torch.Tensor], dict], embed: Callable, batch_size: int, progress=None
+):
+    """Embeddings of `num_items` inputs, `batch_size` at a time; `rows(positions)` gives a batch's trimmed inputs;
+    `progress` is called with the number of inputs done after each batch."""
     device, was_training = model_device(model), model.training
     model.eval()
     chunks = []
@@ -250,25 +253,31 @@ def _encode(model, num_items: int, rows: Callable[[torch.Tensor], dict], embed: 
             positions = torch.arange(start, min(start + batch_size, num_items))
             batch = {key: value.to(device) for key, value in rows(positions).items()}
             chunks.append(embed(**batch).float().cpu())
+            if progress is not None:
+                progress(int(positions.numel()))
     finally:
         model.train(was_training)
     return torch.cat(chunks)
 
 
-def encode_texts(model, text_inputs: Mapping, batch_size: int = 256) -> torch.Tensor:
-    """Unimodal text embeddings `(num_texts, contrastive_embedding_size)`, float32 on the CPU."""
+def encode_texts(model, text_inputs: Mapping, batch_size: int = 256, progress: Callable | None = None) -> torch.Tensor:
+    """Unimodal text embeddings `(num_texts, contrastive_embedding_size)`, float32 on the CPU. `progress`: as in
+    `score_pairs`, counting texts."""
     texts = prepare_text_inputs(text_inputs)
 
     def rows(positions: torch.Tensor) -> dict[str, torch.Tensor]:
         width = max(int(texts["attention_mask"][positions].sum(1).max()), 1)
         return {key: texts[key][positions, :width] for key in TEXT_KEYS}
 
-    return _encode(model, texts["input_ids"].shape[0], rows, model.get_text_embeddings, batch_size)
+    return _encode(model, texts["input_ids"].shape[0], rows, model.get_text_embeddings, batch_size, progress)
 
 
-def encode_images(model, region_inputs: Mapping | RegionBatches, batch_size: int = 256) -> torch.Tensor:
+def encode_images(
+    model, region_inputs: Mapping | RegionBatches, batch_size: int = 256, progress: Callable | None = None
+) -> torch.Tensor:
     """Unimodal image embeddings `(num_images, contrastive_embedding_size)` from regions (stacked, or a
-    `RegionBatches` gallery read batch by batch), float32 on the CPU."""
+    `RegionBatches` gallery read batch by batch), float32 on the CPU. `progress`: as in `score_pairs`, counting
+    images."""
     regions = prepare_region_inputs(region_inputs)
     return _encode(
         model,
@@ -276,6 +285,7 @@ def encode_images(model, region_inputs: Mapping | RegionBatches, batch_size: int
         lambda positions: region_rows(regions, positions),
         model.get_region_embeddings,
         batch_size,
+        progress,
     )
 
 
