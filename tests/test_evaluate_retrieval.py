@@ -34,6 +34,7 @@ def test_the_example_prints_and_writes_the_evaluation(tokenizer, checkpoint, tmp
     printed = captured.out.splitlines()
     assert printed[0] == "12 images, 24 texts: 288 pairs"
     assert "scoring pairs: 100%" in captured.err and "288/288" in captured.err  # the full ranking's progress bar
+    assert "re-ranking the shortlist: 100%" in captured.err
     assert printed[1].startswith("| split | TR R@1 | TR R@5 | TR R@10 | IR R@1")
     assert printed[3].startswith("| synthetic (full) |") and printed[4].startswith("| synthetic (shortlist k=24) |")
 

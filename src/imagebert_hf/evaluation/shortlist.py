@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 from ..models.imagebert.retrieval_index import (
     EmbeddingIndex,
@@ -59,6 +60,7 @@ def shortlist_rerank(
     index_type: str = "flat",
     text_embeddings: torch.Tensor | None = None,
     image_embeddings: torch.Tensor | None = None,
+    progress: bool = True,
     **index_kwargs,
 ) -> ShortlistResult:
     """Retrieval in both directions with a unimodal shortlist of `k` candidates per query and cross-encoder
@@ -74,6 +76,7 @@ def shortlist_rerank(
         batch_size (`int`, *optional*, defaults to 256): pairs (or unimodal inputs) per forward pass.
         index_type (`str`, *optional*, defaults to `"flat"`): see `EmbeddingIndex`.
         text_embeddings, image_embeddings (`torch.Tensor`, *optional*): precomputed unimodal embeddings.
+        progress (`bool`, *optional*, defaults to True): a progress bar over the re-scored pairs.
         **index_kwargs: passed to `EmbeddingIndex` (`nlist`, `nprobe`, `hnsw_m`, `ef_search`, `pq_m`, `use_faiss`,
             `use_gpu`).
 
@@ -108,7 +111,9 @@ def shortlist_rerank(
     start = time.perf_counter()
     # Each distinct pair once, in image-major order: the order (and so the batches) of `score_all_pairs`.
     image_index, text_index = torch.nonzero(i2t_mask | t2i_mask, as_tuple=True)
-    pair_scores = score_pairs(model, text_inputs, region_inputs, image_index, text_index, batch_size)
+    bar = tqdm(total=int(image_index.numel()), desc="re-ranking the shortlist", unit="pair", disable=not progress)
+    with bar:
+        pair_scores = score_pairs(model, text_inputs, region_inputs, image_index, text_index, batch_size, bar.update)
     timings["rerank"] = time.perf_counter() - start
 
     # Below any score the cross-encoder gives, so a candidate left out of the shortlist ranks after every re-scored
