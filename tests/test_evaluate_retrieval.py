@@ -2,7 +2,10 @@
 `results.json`, the plots, the model card and the corpus cache."""
 
 import json
+import os
 import runpy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -71,3 +74,36 @@ def test_flags_that_are_missing_are_named(make_tiny_config, tokenizer, tmp_path)
     args = EvaluationArguments(output_dir=str(tmp_path), dataset="coco", region_cache=str(tmp_path))
     with pytest.raises(ValueError, match="--dataset coco needs --karpathy_file"):
         load_evaluation_corpus(args, tokenizer, make_tiny_config())
+
+
+def test_two_processes_share_the_pairs_and_give_the_ranking_of_one(checkpoint, tmp_path):
+    """`accelerate launch` with two CPU processes: each scores half of the pairs (full ranking and the shortlist's
+    re-ranking), the main process alone prints and writes, and the metrics are those of one process."""
+    flags = ["--model_name_or_path", str(checkpoint), "--dataset", "synthetic", "--synthetic_images", "12"]
+    flags += ["--shortlist_k", "5", "--batch_size", "16"]
+    one = run_retrieval_evaluation(
+        EvaluationArguments(
+            model_name_or_path=str(checkpoint),
+            dataset="synthetic",
+            synthetic_images=12,
+            shortlist_k=5,
+            batch_size=16,
+            output_dir=str(tmp_path / "one"),
+        )  # fmt: skip
+    )
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(PROJECT_ROOT / "examples" / "evaluate_retrieval.py"), *flags, "--output_dir", str(tmp_path / "two"), "--cpu",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PROJECT_ROOT / "src")}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = result.stdout.splitlines()  # by the main process only
+    assert printed.count("12 images, 24 texts: 288 pairs, shared out over 2 processes") == 1, result.stdout
+    two = json.loads((tmp_path / "two" / "results.json").read_text())["results"]
+    assert [r["ranking"] for r in two] == [r["ranking"] for r in one["results"]]
+    for shared, alone in zip(two, one["results"]):
+        for key, value in alone["metrics"].items():
+            assert shared["metrics"][key] == pytest.approx(value), (shared["ranking"], key)
+    assert two[-1]["pairs_scored"] == one["results"][-1]["pairs_scored"]

@@ -24,8 +24,9 @@ from ..data.synthetic import make_synthetic_examples, synthetic_region_record
 from ..formats.files import atomic_write_bytes, atomic_write_json, check_folder_or_hub_id
 from ..models.imagebert.modeling_imagebert import ImageBERTForImageTextRetrieval
 from ..models.imagebert.region_batching import check_region_values
-from ..models.imagebert.retrieval_index import index_factory_string, score_all_pairs
+from ..models.imagebert.retrieval_index import index_factory_string, score_all_pairs, score_pairs
 from ..regions.cache_reader import load_region_cache
+from .across_processes import score_pairs_across_processes
 from .hub import build_model_card, save_model_card
 from .plots import plot_recall_curves, plot_score_histograms
 from .recall import format_metrics_table, retrieval_metrics
@@ -72,6 +73,14 @@ class EvaluationArguments:
     index_type: str = field(default="flat", metadata={"help": "Shortlist index: flat (exact), ivf or hnsw."})
     model_card: bool = field(default=False, metadata={"help": "Write README.md, a model card with these results."})
     model_id: str = field(default="imagebert-base", metadata={"help": "Name of the model in the card."})
+    cpu: bool = field(
+        default=False,
+        metadata={
+            "help": "Score on the CPU even when an accelerator is present; several processes on CPUs need it too "
+            "(`accelerate launch --multi_gpu --num_processes N evaluate_retrieval.py ... --cpu` on a machine "
+            "without GPUs)."
+        },
+    )
 
     def __post_init__(self):
         if self.dataset not in DATASETS:
@@ -420,20 +429,34 @@ class CorpusRanking:
 
 
 def rank_corpus(
-    model, corpus: RetrievalCorpus, batch_size: int = 256, shortlist_k: int | None = None, index_type: str = "flat"
+    model,
+    corpus: RetrievalCorpus,
+    batch_size: int = 256,
+    shortlist_k: int | None = None,
+    index_type: str = "flat",
+    across_processes: bool = False,
 ) -> CorpusRanking:
     """Scores every pair of `corpus` with the cross-encoder and, with `shortlist_k`, also ranks it by a unimodal
-    shortlist of that many candidates per query and re-ranking (`shortlist_rerank` with `index_type`)."""
+    shortlist of that many candidates per query and re-ranking (`shortlist_rerank` with `index_type`).
+    `across_processes`: share the pairs out over the processes of the launch (`score_pairs_across_processes`; call
+    it on every process, each gets the whole ranking); the progress bars show on the main process."""
+    scorer, shown = score_pairs, True
+    if across_processes:
+        from accelerate import PartialState
+
+        scorer, shown = score_pairs_across_processes, PartialState().is_main_process
     start = time.perf_counter()
     # Every pair through the cross-encoder: seconds here, hours at COCO's 5k test images.
-    with tqdm(total=corpus.num_images * corpus.num_texts, desc="scoring pairs", unit="pair") as bar:
-        scores = score_all_pairs(model, corpus.text_inputs, corpus.region_inputs, batch_size, progress=bar.update)
+    bar = tqdm(total=corpus.num_images * corpus.num_texts, desc="scoring pairs", unit="pair", disable=not shown)
+    with bar:
+        scores = score_all_pairs(model, corpus.text_inputs, corpus.region_inputs, batch_size, bar.update, scorer)
     ranking = CorpusRanking(scores, corpus.text_to_image, time.perf_counter() - start)
     if shortlist_k:
         start = time.perf_counter()
         ranking.shortlist = shortlist_rerank(
-            model, corpus.text_inputs, corpus.region_inputs, shortlist_k, batch_size, index_type
-        )
+            model, corpus.text_inputs, corpus.region_inputs, shortlist_k, batch_size, index_type,
+            progress=shown, scorer=scorer,
+        )  # fmt: skip
         ranking.shortlist_k, ranking.shortlist_seconds = shortlist_k, time.perf_counter() - start
     return ranking
 
@@ -441,11 +464,14 @@ def rank_corpus(
 def run_retrieval_evaluation(args: EvaluationArguments) -> dict:
     """Evaluates `args.model_name_or_path` on the split `args` names; prints the corpus size and a table of the
     results, writes `results.json`, the plots and (with `args.model_card`) `README.md` under `args.output_dir`.
+    Under `accelerate launch` with several processes, each scores a share of the pairs on its own device and the main
+    process prints and writes.
 
     Returns:
         `{"results": [...], "table": {...}}`: one result per protocol of full ranking (and one for the shortlist
         run), as `results.json` holds them, and the rows of the printed table.
     """
+    from accelerate import PartialState
     from transformers import AutoTokenizer
 
     if args.model_name_or_path is None:
@@ -456,13 +482,16 @@ def run_retrieval_evaluation(args: EvaluationArguments) -> dict:
     if args.shortlist_k:
         # Refused here rather than once every pair has been scored.
         index_factory_string(args.index_type, args.shortlist_k, model.config.contrastive_embedding_size)
-    if torch.cuda.is_available():
-        model.cuda()
+    processes = PartialState(cpu=args.cpu)  # one process on its accelerator (or the CPU) unless launched with more
+    model.to(processes.device)
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     corpus = load_evaluation_corpus(args, tokenizer, model.config)
-    print(f"{corpus.num_images} images, {corpus.num_texts} texts: {corpus.num_images * corpus.num_texts:,} pairs")
+    across = processes.num_processes > 1
+    shared = f", shared out over {processes.num_processes} processes" if across else ""
+    pairs = corpus.num_images * corpus.num_texts
+    processes.print(f"{corpus.num_images} images, {corpus.num_texts} texts: {pairs:,} pairs{shared}")
 
-    ranking = rank_corpus(model, corpus, args.batch_size, args.shortlist_k, args.index_type)
+    ranking = rank_corpus(model, corpus, args.batch_size, args.shortlist_k, args.index_type, across_processes=across)
     results, table = [], {}
     for name, config_name, folds in protocols(args.dataset, corpus.num_images):
         metrics = retrieval_metrics(ranking.scores, corpus.text_to_image, num_folds=folds)
@@ -492,6 +521,8 @@ def run_retrieval_evaluation(args: EvaluationArguments) -> dict:
                 "pairs_scored": ranking.shortlist.num_pairs_scored,
             }
         )
+    if not processes.is_main_process:
+        return {"results": results, "table": table}
     print(format_metrics_table(table))
     output_dir.mkdir(parents=True, exist_ok=True)
     ranking.plot(output_dir, title=f"{args.dataset} {args.split}")

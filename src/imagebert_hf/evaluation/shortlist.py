@@ -7,7 +7,7 @@ With k equal to the gallery size every pair is re-scored, and the result equals 
 """
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -61,6 +61,7 @@ def shortlist_rerank(
     text_embeddings: torch.Tensor | None = None,
     image_embeddings: torch.Tensor | None = None,
     progress: bool = True,
+    scorer: Callable = score_pairs,
     **index_kwargs,
 ) -> ShortlistResult:
     """Retrieval in both directions with a unimodal shortlist of `k` candidates per query and cross-encoder
@@ -77,6 +78,8 @@ def shortlist_rerank(
         index_type (`str`, *optional*, defaults to `"flat"`): see `EmbeddingIndex`.
         text_embeddings, image_embeddings (`torch.Tensor`, *optional*): precomputed unimodal embeddings.
         progress (`bool`, *optional*, defaults to True): a progress bar over the re-scored pairs.
+        scorer (`Callable`, *optional*, defaults to `score_pairs`): scores the shortlisted pairs (see
+            `score_all_pairs`).
         **index_kwargs: passed to `EmbeddingIndex` (`nlist`, `nprobe`, `hnsw_m`, `ef_search`, `pq_m`, `use_faiss`,
             `use_gpu`).
 
@@ -113,7 +116,7 @@ def shortlist_rerank(
     image_index, text_index = torch.nonzero(i2t_mask | t2i_mask, as_tuple=True)
     bar = tqdm(total=int(image_index.numel()), desc="re-ranking the shortlist", unit="pair", disable=not progress)
     with bar:
-        pair_scores = score_pairs(model, text_inputs, region_inputs, image_index, text_index, batch_size, bar.update)
+        pair_scores = scorer(model, text_inputs, region_inputs, image_index, text_index, batch_size, bar.update)
     timings["rerank"] = time.perf_counter() - start
 
     # Below any score the cross-encoder gives, so a candidate left out of the shortlist ranks after every re-scored

@@ -227,15 +227,17 @@ def score_all_pairs(
     region_inputs: Mapping | RegionBatches,
     batch_size: int = 256,
     progress: Callable | None = None,
+    scorer: Callable = score_pairs,
 ) -> torch.Tensor:
     """Full ranking: the cross-encoder score of every (image, text) pair, a `(num_images, num_texts)` float32
-    matrix (the input of `retrieval_metrics`). Arguments as in `score_pairs`."""
+    matrix (the input of `retrieval_metrics`). Arguments as in `score_pairs`, which `scorer` is unless it is given
+    another function of the same arguments (the evaluation's, sharing the pairs out over several processes)."""
     num_texts = prepare_text_inputs(text_inputs)["input_ids"].shape[0]
     num_images = num_region_images(prepare_region_inputs(region_inputs))
     # Image-major order, the order `shortlist_rerank` also uses, so that both batch the same pairs identically.
     image_indices = torch.arange(num_images).repeat_interleave(num_texts)
     text_indices = torch.arange(num_texts).repeat(num_images)
-    scores = score_pairs(model, text_inputs, region_inputs, image_indices, text_indices, batch_size, progress)
+    scores = scorer(model, text_inputs, region_inputs, image_indices, text_indices, batch_size, progress)
     return scores.view(num_images, num_texts)
 
 
