@@ -204,16 +204,7 @@ def build_stage_data(stage: StageSpec, tokenizer, config, seed: int, num_workers
         group_size=stage.per_device_train_batch_size * num_processes,
         pool_groups=stage.length_group_pool,
     )
-    dataloader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=stage.per_device_train_batch_size,
-        sampler=sampler,
-        collate_fn=collator,
-        num_workers=num_workers,
-        worker_init_fn=ignore_sigterm,
-        drop_last=False,
-    )
-    return dataloader, sampler, dataset
+    return _stage_loader(stage, dataset, collator, num_workers, sampler), sampler, dataset
 
 
 def _streaming_data(stage: StageSpec, sources, stores, weights, tokenizer, config, collator, seed, num_workers):
@@ -232,14 +223,20 @@ def _streaming_data(stage: StageSpec, sources, stores, weights, tokenizer, confi
         group_size=stage.per_device_train_batch_size if stage.group_by_length else 1,
         pool_groups=stage.length_group_pool,
     )
-    dataloader = torch.utils.data.DataLoader(
+    return _stage_loader(stage, dataset, collator, num_workers), None, dataset
+
+
+def _stage_loader(stage: StageSpec, dataset, collator, num_workers: int, sampler=None):
+    """The stage's DataLoader (a sampler for a listed dataset, none for a stream); its workers ignore a
+    scheduler's SIGTERM, which the loop answers at the end of the step (`ignore_sigterm`)."""
+    return torch.utils.data.DataLoader(
         dataset,
         batch_size=stage.per_device_train_batch_size,
+        sampler=sampler,
         collate_fn=collator,
         num_workers=num_workers,
         worker_init_fn=ignore_sigterm,
     )
-    return dataloader, None, dataset
 
 
 def _configure_for_stage(model, stage: StageSpec) -> None:
