@@ -314,6 +314,22 @@ def test_failed_records_are_counted_and_stop_the_run_past_the_rate(tmp_path, mon
     assert state.records_seen >= 6 * 8
 
 
+def _checkpointed(process, output_dir: Path, step: int, timeout: float = 240) -> bool:
+    """Waits until the run has a checkpoint at run-wide `step` or later, then a random moment more (mid-step);
+    False if the run ended or the time ran out first."""
+    deadline = time.time() + timeout
+    while process.poll() is None and time.time() < deadline:
+        states = sorted(output_dir.glob("stage*/checkpoints/step_*/trainer_state.json"))
+        reached = max(
+            (json.loads(p.read_text())["global_step_offset"] + int(p.parent.name[5:]) for p in states), default=0
+        )
+        if reached >= step:
+            time.sleep(random.uniform(0.0, 0.3))
+            return True
+        time.sleep(0.02)
+    return False
+
+
 def test_kill_9_at_a_random_step_then_resume_gives_the_same_weights(reference_run, tmp_path):
     reference_dir, _ = reference_run
     output_dir = tmp_path / "killed"
@@ -322,17 +338,8 @@ def test_kill_9_at_a_random_step_then_resume_gives_the_same_weights(reference_ru
     # Kill once the run has reached a random point past its first checkpoint (stage 1 or 2), mid-step.
     kill_after = random.Random().randint(2, 10)
     process = subprocess.Popen(command, env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while process.poll() is None and time.time() < deadline:
-        states = sorted(output_dir.glob("stage*/checkpoints/step_*/trainer_state.json"))
-        reached = max(
-            (json.loads(p.read_text())["global_step_offset"] + int(p.parent.name[5:]) for p in states), default=0
-        )
-        if reached >= kill_after:
-            time.sleep(random.uniform(0.0, 0.3))
-            process.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
+    if _checkpointed(process, output_dir, kill_after):
+        process.send_signal(signal.SIGKILL)
     process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     resumed = subprocess.run(command + ["--resume"], env=script_env(), capture_output=True, text=True, timeout=300)
@@ -357,17 +364,8 @@ def test_sigterm_to_the_job_saves_a_checkpoint_and_the_resumed_run_gives_the_sam
     signal_after = random.Random().randint(3, 6)  # stage 1 (its checkpoints: 3, 6), far from the run's end
     process = subprocess.Popen(command, env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                text=True, start_new_session=True)  # fmt: skip
-    deadline = time.time() + 240
-    while process.poll() is None and time.time() < deadline:
-        states = sorted(output_dir.glob("stage*/checkpoints/step_*/trainer_state.json"))
-        reached = max(
-            (json.loads(p.read_text())["global_step_offset"] + int(p.parent.name[5:]) for p in states), default=0
-        )
-        if reached >= signal_after:
-            time.sleep(random.uniform(0.0, 0.3))
-            os.killpg(process.pid, signal.SIGTERM)
-            break
-        time.sleep(0.02)
+    if _checkpointed(process, output_dir, signal_after):
+        os.killpg(process.pid, signal.SIGTERM)
     stderr = process.communicate(timeout=120)[1]
     assert process.returncode == 3, stderr[-3000:]
     stopped = re.search(r"stopped on SIGTERM (after|before) run-wide step (\d+)[^\n]*; continue with --resume", stderr)
