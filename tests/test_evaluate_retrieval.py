@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import runpy
 import subprocess
 import sys
@@ -99,6 +100,7 @@ def test_two_processes_share_the_pairs_and_give_the_ranking_of_one(checkpoint, t
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PROJECT_ROOT / "src")}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"re-ranking the shortlist: 100%\S* (\d+)/\1 ", result.stderr), result.stderr[-2000:]
     printed = result.stdout.splitlines()  # by the main process only
     assert printed.count("12 images, 24 texts: 288 pairs, shared out over 2 processes") == 1, result.stdout
     two = json.loads((tmp_path / "two" / "results.json").read_text())["results"]
@@ -107,3 +109,32 @@ def test_two_processes_share_the_pairs_and_give_the_ranking_of_one(checkpoint, t
         for key, value in alone["metrics"].items():
             assert shared["metrics"][key] == pytest.approx(value), (shared["ranking"], key)
     assert two[-1]["pairs_scored"] == one["results"][-1]["pairs_scored"]
+
+
+DIFFERENT_PAIRS = """
+import torch
+from accelerate import PartialState
+from imagebert_hf.evaluation.across_processes import score_pairs_across_processes
+
+processes = PartialState(cpu=True)
+images = torch.tensor([0, 1, 2]) + processes.process_index  # each process lists other pairs
+try:
+    score_pairs_across_processes(None, {}, {}, images, torch.zeros(3, dtype=torch.long))
+except ValueError as error:
+    print("refused:", error, flush=True)
+"""
+
+
+def test_processes_that_hold_different_pairs_are_all_refused(tmp_path):
+    script = tmp_path / "different_pairs.py"
+    script.write_text(DIFFERENT_PAIRS)
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PROJECT_ROOT / "src")}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Both processes refuse (their lines may interleave), so neither waits in a collective for the other.
+    assert result.stdout.count("refused:") == 2, result.stdout
+    assert "the processes hold different pairs to score (3, 3 pairs)" in result.stdout

@@ -1,7 +1,9 @@
 """The atomic writers of `formats/files.py`: complete files or none, no temporary file left, folders published whole."""
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -118,5 +120,36 @@ import sys, time
 from imagebert_hf.formats.files import exclusive_folder
 with exclusive_folder(sys.argv[1]):
     print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_the_lock_of_a_killed_run_is_free_at_once_though_its_forked_workers_live_on(tmp_path):
+    """A DataLoader worker is a forked copy of the run, descriptors included; it must not keep the lock."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_WITH_A_CHILD, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        child = int(holder.stdout.readline())
+        holder.kill()
+        holder.wait()
+        os.kill(child, 0)  # the child is alive
+        with exclusive_folder(tmp_path):
+            pass
+    finally:
+        holder.kill()
+        with contextlib.suppress(ProcessLookupError, UnboundLocalError):
+            os.kill(child, signal.SIGKILL)
+
+
+HOLD_WITH_A_CHILD = """
+import os, sys, time
+from imagebert_hf.formats.files import exclusive_folder
+with exclusive_folder(sys.argv[1]):
+    child = os.fork()
+    if child == 0:
+        time.sleep(60)
+        os._exit(0)
+    print(child, flush=True)
     time.sleep(600)
 """

@@ -139,3 +139,18 @@ def test_the_pretraining_loaders_workers_ignore_sigterm():
     config = build_model(recipe.model, tokenizer).config
     dataloader, _, _ = build_stage_data(recipe.stages[0], tokenizer, config, seed=0, num_workers=1)
     assert dataloader.worker_init_fn is ignore_sigterm
+
+
+def test_a_sigterm_nothing_answered_is_passed_on_to_the_previous_handler(tmp_path):
+    """A signal during a stage's last step lets the stage end; with no later loop to answer it, the block hands it
+    to the handler it replaced (the default one ends the process, as SIGTERM always did)."""
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        accelerator = build_accelerator(tmp_path, report_to="none", cpu=True)
+        _, state = run_stage(accelerator, _signalled_stage(tmp_path / "stage", at=6), _settings())
+        accelerator.free_memory()
+        assert state.completed_steps == 6
+        assert received == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)

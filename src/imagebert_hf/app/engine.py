@@ -30,8 +30,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 # model's `max_text_length` tokens anyway (44 by default, a few hundred characters).
 MAX_PASTED_CAPTIONS = 500
 MAX_TEXT_CHARACTERS = 2000
-# The most results a search shows (the page's sliders stop below it): a larger `top_k` would widen the shortlist the
-# cross-encoder re-ranks, up to the whole gallery.
+# The most results a search shows (the page's photo slider stops there): a larger `top_k` would widen the shortlist
+# the cross-encoder re-ranks, up to the whole gallery.
 MAX_RESULTS = 32
 
 

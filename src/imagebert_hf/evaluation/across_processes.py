@@ -29,6 +29,10 @@ def score_pairs_across_processes(
 
     Returns:
         `torch.Tensor` of shape `(num_pairs,)`, float32 on the CPU, on every process.
+
+    Raises:
+        ValueError: on every process, when the processes hold different pairs (their shares would not fit
+            together): a shortlist from an approximate index can differ between processes.
     """
     from accelerate import PartialState
     from accelerate.utils import gather, pad_across_processes
@@ -37,9 +41,16 @@ def score_pairs_across_processes(
     if processes.num_processes == 1:
         return score_pairs(model, text_inputs, region_inputs, image_indices, text_indices, batch_size, progress)
     count, shares = len(image_indices), processes.num_processes
+    _check_same_pairs(image_indices, text_indices, processes.device, gather)
     bounds = [count * share // shares for share in range(shares + 1)]
     start, end = bounds[processes.process_index], bounds[processes.process_index + 1]
-    local_progress = None if progress is None else (lambda done: progress(done * shares))
+    reported = 0
+
+    def local_progress(done: int) -> None:
+        nonlocal reported
+        reported += done * shares
+        progress(done * shares)
+
     local = score_pairs(
         model,
         text_inputs,
@@ -47,14 +58,31 @@ def score_pairs_across_processes(
         image_indices[start:end],
         text_indices[start:end],
         batch_size,
-        local_progress,
+        None if progress is None else local_progress,
     )
     # Shares differ by one pair at most; the collective needs equal lengths (and the device of the backend).
     padded = pad_across_processes(local.to(processes.device), dim=0)
     gathered, width = gather(padded).cpu(), padded.shape[0]
+    if progress is not None and reported < count:  # this process's share was the smallest: the bar ends at the total
+        progress(count - reported)
     return torch.cat(
         [gathered[share * width : share * width + bounds[share + 1] - bounds[share]] for share in range(shares)]
     )
+
+
+def _check_same_pairs(image_indices: torch.Tensor, text_indices: torch.Tensor, device, gather) -> None:
+    """Raises on every process unless all hold the same pairs in the same order (their count and an
+    order-sensitive sum, compared over the processes)."""
+    pairs = torch.as_tensor(image_indices).long() * 1_000_003 + torch.as_tensor(text_indices).long()
+    positions = torch.arange(1, len(pairs) + 1, dtype=torch.long)
+    signature = torch.tensor([len(pairs), int((pairs * positions).sum())], dtype=torch.long, device=device)
+    signatures = gather(signature).view(-1, 2).cpu()
+    if not bool((signatures == signatures[0]).all()):
+        raise ValueError(
+            f"the processes hold different pairs to score ({', '.join(str(int(n)) for n in signatures[:, 0])} "
+            "pairs): each must build the same list, and an approximate shortlist index (ivf, hnsw, or one on a "
+            "GPU) can differ between processes; use index_type='flat' or one process."
+        )
 
 
 __all__ = ["score_pairs_across_processes"]

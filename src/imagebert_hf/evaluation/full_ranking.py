@@ -440,11 +440,14 @@ def rank_corpus(
     shortlist of that many candidates per query and re-ranking (`shortlist_rerank` with `index_type`).
     `across_processes`: share the pairs out over the processes of the launch (`score_pairs_across_processes`; call
     it on every process, each gets the whole ranking); the progress bars show on the main process."""
-    scorer, shown = score_pairs, True
+    scorer, shown, index_settings = score_pairs, True, {}
     if across_processes:
         from accelerate import PartialState
 
         scorer, shown = score_pairs_across_processes, PartialState().is_main_process
+        # Each process builds the shortlist itself: on the CPU, where every process builds the same one (faiss
+        # would otherwise put each process's index on every GPU).
+        index_settings = {"use_gpu": False}
     start = time.perf_counter()
     # Every pair through the cross-encoder: seconds here, hours at COCO's 5k test images.
     bar = tqdm(total=corpus.num_images * corpus.num_texts, desc="scoring pairs", unit="pair", disable=not shown)
@@ -455,7 +458,7 @@ def rank_corpus(
         start = time.perf_counter()
         ranking.shortlist = shortlist_rerank(
             model, corpus.text_inputs, corpus.region_inputs, shortlist_k, batch_size, index_type,
-            progress=shown, scorer=scorer,
+            show_progress=shown, scorer=scorer, **index_settings,
         )  # fmt: skip
         ranking.shortlist_k, ranking.shortlist_seconds = shortlist_k, time.perf_counter() - start
     return ranking

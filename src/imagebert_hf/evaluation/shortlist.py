@@ -60,7 +60,7 @@ def shortlist_rerank(
     index_type: str = "flat",
     text_embeddings: torch.Tensor | None = None,
     image_embeddings: torch.Tensor | None = None,
-    progress: bool = True,
+    show_progress: bool = True,
     scorer: Callable = score_pairs,
     **index_kwargs,
 ) -> ShortlistResult:
@@ -77,7 +77,7 @@ def shortlist_rerank(
         batch_size (`int`, *optional*, defaults to 256): pairs (or unimodal inputs) per forward pass.
         index_type (`str`, *optional*, defaults to `"flat"`): see `EmbeddingIndex`.
         text_embeddings, image_embeddings (`torch.Tensor`, *optional*): precomputed unimodal embeddings.
-        progress (`bool`, *optional*, defaults to True): a progress bar over the re-scored pairs.
+        show_progress (`bool`, *optional*, defaults to True): a progress bar over the re-scored pairs.
         scorer (`Callable`, *optional*, defaults to `score_pairs`): scores the shortlisted pairs (see
             `score_all_pairs`).
         **index_kwargs: passed to `EmbeddingIndex` (`nlist`, `nprobe`, `hnsw_m`, `ef_search`, `pq_m`, `use_faiss`,
@@ -114,7 +114,7 @@ def shortlist_rerank(
     start = time.perf_counter()
     # Each distinct pair once, in image-major order: the order (and so the batches) of `score_all_pairs`.
     image_index, text_index = torch.nonzero(i2t_mask | t2i_mask, as_tuple=True)
-    bar = tqdm(total=int(image_index.numel()), desc="re-ranking the shortlist", unit="pair", disable=not progress)
+    bar = tqdm(total=int(image_index.numel()), desc="re-ranking the shortlist", unit="pair", disable=not show_progress)
     with bar:
         pair_scores = scorer(model, text_inputs, region_inputs, image_index, text_index, batch_size, bar.update)
     timings["rerank"] = time.perf_counter() - start

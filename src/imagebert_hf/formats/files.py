@@ -24,6 +24,20 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 RUN_LOCK_FILE = ".run.lock"
+# Descriptors of the run locks this process holds. A forked child (a DataLoader worker) closes its copies at once: a
+# lock lasts as long as any copy of its descriptor, and a worker outliving a killed run would keep the folder locked.
+_HELD_LOCKS: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for descriptor in _HELD_LOCKS:
+        with contextlib.suppress(OSError):
+            os.close(descriptor)
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
 def _fsync_folder(folder: str | os.PathLike) -> None:
@@ -244,7 +258,7 @@ def exclusive_folder(folder: str | os.PathLike, flag: str = "output_dir") -> Ite
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / RUN_LOCK_FILE
-    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    descriptor, owner = os.open(path, os.O_RDWR | os.O_CREAT, 0o644), os.getpid()
     try:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -261,9 +275,12 @@ def exclusive_folder(folder: str | os.PathLike, flag: str = "output_dir") -> Ite
         else:
             os.ftruncate(descriptor, 0)
             os.pwrite(descriptor, f"process {os.getpid()} on {os.uname().nodename}\n".encode(), 0)
+        _HELD_LOCKS.add(descriptor)
         yield
     finally:
-        os.close(descriptor)  # releases the lock
+        if os.getpid() == owner:  # a forked child that gets here closed its copy when it was forked
+            _HELD_LOCKS.discard(descriptor)
+            os.close(descriptor)  # releases the lock
 
 
 __all__ = [

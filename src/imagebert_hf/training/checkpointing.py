@@ -252,10 +252,10 @@ def load_checkpoint(
 
 def _missing_file_name(path: Path, checkpoint: Path) -> str:
     """The name of the file accelerate did not find. For model weights it falls back from `model.safetensors` to
-    `pytorch_model.bin` and names the fallback; the checkpoints written here hold the safetensors file, so when
-    neither is there the safetensors name is the one to report."""
+    `pytorch_model.bin` and names the fallback; a checkpoint holding no `.bin` weights was written with safetensors,
+    so the safetensors name is the one to report."""
     fallback = re.fullmatch(r"pytorch_model(_\d+)?\.bin", path.name)
-    if fallback and not any(checkpoint.glob("model*.safetensors")):
+    if fallback and not any(checkpoint.glob("pytorch_model*.bin")):
         return f"model{fallback.group(1) or ''}.safetensors"
     return path.name or "a file"
 

@@ -46,12 +46,14 @@ def _request_stop(signum, frame) -> None:
 @contextlib.contextmanager
 def stop_on_sigterm():
     """While the block runs, SIGTERM sets a flag instead of ending the process: `train_loop` finishes its optimizer
-    step, saves a checkpoint and raises `TrainingStopped` (a signal between two loops, during a stage's final save,
-    stops the next loop before its first step). Schedulers send SIGTERM before they kill a job (SLURM on preemption,
-    time limit or `scancel`; Kubernetes on eviction; torchrun passes it on to every process), with a grace period
-    that must cover a step and a checkpoint. The run functions hold it for the whole run, `train_loop` for itself;
-    blocks nest, and the outermost restores the previous handler and forgets the signal. Outside the main thread,
-    where no handler can be installed, nothing changes."""
+    step, saves a checkpoint and raises `TrainingStopped`; `stop_if_sigterm_received` answers it at other points
+    every process reaches (pretraining checks before each stage). Schedulers send SIGTERM before they kill a job
+    (SLURM on preemption, time limit or `scancel`; Kubernetes on eviction; torchrun passes it on to every process),
+    with a grace period that must cover a step and a checkpoint. Pretraining holds it for the whole run, fine-tuning
+    for its training, `train_loop` for itself; blocks nest, and the outermost restores the previous handler and,
+    when a signal came that nothing answered (during the last step, or after it), passes it on to that handler, which
+    by default ends the process as SIGTERM always did. Outside the main thread, where no handler can be installed,
+    nothing changes. A process blocked in a collective or a read answers only once the call returns."""
     global _sigterm_blocks
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -67,7 +69,18 @@ def stop_on_sigterm():
         if _sigterm_blocks == 0:
             # None: a handler installed outside Python, which cannot be put back; the default is the closest.
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-            _SIGTERM_RECEIVED.clear()
+            if _SIGTERM_RECEIVED.is_set():
+                _SIGTERM_RECEIVED.clear()
+                signal.raise_signal(signal.SIGTERM)
+
+
+def stop_if_sigterm_received(accelerator, before: str) -> None:
+    """Raises `TrainingStopped` ("stopped on SIGTERM before <before>") when any process got SIGTERM inside
+    `stop_on_sigterm`, and counts the signal answered. A collective: call it on every process at the same point."""
+    received = torch.tensor([float(_SIGTERM_RECEIVED.is_set())], device=accelerator.device)
+    if accelerator.reduce(received, reduction="sum").item() > 0:
+        _SIGTERM_RECEIVED.clear()
+        raise TrainingStopped(f"stopped on SIGTERM before {before}, nothing left to save")
 
 
 def ignore_sigterm(worker_id: int) -> None:
@@ -293,7 +306,9 @@ def train_loop(
     model.train()
     try:
         with stop_on_sigterm():
-            _stop_if_signalled_between_loops(accelerator, state)
+            if state.completed_steps < state.total_steps:
+                # A signal since the previous loop (a stage's final save, this stage's build): nothing to save.
+                stop_if_sigterm_received(accelerator, f"run-wide step {state.global_step + 1}")
             while state.completed_steps < state.total_steps:
                 if sampler is not None and hasattr(sampler, "set_epoch"):
                     sampler.set_epoch(state.epoch)
@@ -319,15 +334,6 @@ def train_loop(
         progress.close()
     _check_failures(state, settings.max_failure_rate, 0)
     return state
-
-
-def _stop_if_signalled_between_loops(accelerator, state: TrainState) -> None:
-    """Stops before the first step when SIGTERM came since the previous loop's last step (during a stage's final
-    save, or while this stage was built): its checkpoints and the finished stages already hold all the work. The
-    processes agree on it first."""
-    received = torch.tensor([float(_SIGTERM_RECEIVED.is_set())], device=accelerator.device)
-    if accelerator.reduce(received, reduction="sum").item() > 0 and state.completed_steps < state.total_steps:
-        raise TrainingStopped(f"stopped on SIGTERM before run-wide step {state.global_step + 1}, nothing left to save")
 
 
 def _train_micro_batch(accelerator, model, optimizer, scheduler, batch, state, settings, tally) -> None:
@@ -382,6 +388,7 @@ def _checkpoint_or_stop(accelerator, state: TrainState, settings: LoopSettings, 
     if settings.checkpoint_dir is not None and unfinished and (due or stop_requested):
         saved = save_checkpoint(accelerator, settings.checkpoint_dir, state, settings.save_total_limit)
     if stop_requested and unfinished:
+        _SIGTERM_RECEIVED.clear()  # answered
         what = f"checkpoint {saved} saved" if saved is not None else "no checkpoint_dir: nothing saved"
         raise TrainingStopped(f"stopped on SIGTERM after run-wide step {state.global_step} ({what})")
     if settings.stop_after_global_step is not None and state.global_step >= settings.stop_after_global_step:
@@ -428,6 +435,7 @@ __all__ = [
     "ignore_sigterm",
     "pretraining_loss_counts",
     "steps_per_epoch",
+    "stop_if_sigterm_received",
     "stop_on_sigterm",
     "train_loop",
 ]

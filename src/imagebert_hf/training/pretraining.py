@@ -42,6 +42,7 @@ from .loop import (
     describe_accelerator,
     ignore_sigterm,
     pretraining_loss_counts,
+    stop_if_sigterm_received,
     stop_on_sigterm,
 )
 from .plots import plot_losses
@@ -471,6 +472,8 @@ def run_pretraining(recipe: Recipe, options: PretrainingRunOptions | None = None
                 progress.add(stage_dir, TrainState.load(stage_dir / "final"))
                 accelerator.print(f"stage {index + 1} ({spec.name}) already complete; skipping it")
                 continue
+            # A signal during the previous stage's final save, its plot or its upload stops the run here.
+            stop_if_sigterm_received(accelerator, f"stage {index + 1} ({spec.name})")
             stage = _pretraining_stage(accelerator, recipe, options, index, tokenizer, progress)
             if not recorded:
                 # Only once the recipe's model and data have been built from it: a recipe they refuse (a config the
@@ -488,8 +491,7 @@ def run_pretraining(recipe: Recipe, options: PretrainingRunOptions | None = None
             progress.add(stage_dir, state)
             accelerator.free_memory()
             del model, stage
-
-    accelerator.end_training()
+        accelerator.end_training()  # the trackers write under output_dir: inside the lock
     return {
         "final_model": str(progress.previous_final),
         "stage_dirs": [str(path) for path in progress.stage_dirs],

@@ -329,10 +329,12 @@ def run_retrieval_finetuning(args: RetrievalArguments) -> dict:
         stop_after_global_step=args.stop_after_steps,
         **{name: getattr(args, name) for name in shared},
     )
-    with hold_run_folder(accelerator, args.output_dir), stop_on_sigterm():
-        wrapper, state = run_stage(accelerator, stage, settings, resume=args.resume)
+    with hold_run_folder(accelerator, args.output_dir):
+        # Training answers SIGTERM with a checkpoint; the final save and the evaluation end on it as before.
+        with stop_on_sigterm():
+            wrapper, state = run_stage(accelerator, stage, settings, resume=args.resume)
         results = _finish(accelerator, wrapper, state, tokenizer, processor, eval_corpus, args)
-    accelerator.end_training()
+        accelerator.end_training()
     return results
 
 
