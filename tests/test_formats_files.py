@@ -142,14 +142,14 @@ def test_the_lock_of_a_killed_run_is_free_at_once_though_its_forked_workers_live
             os.kill(child, signal.SIGKILL)
 
 
+# The child prints its pid itself: by then the fork hooks, which close the inherited lock, have run in it.
 HOLD_WITH_A_CHILD = """
 import os, sys, time
 from imagebert_hf.formats.files import exclusive_folder
 with exclusive_folder(sys.argv[1]):
-    child = os.fork()
-    if child == 0:
+    if os.fork() == 0:
+        print(os.getpid(), flush=True)
         time.sleep(60)
         os._exit(0)
-    print(child, flush=True)
     time.sleep(600)
 """

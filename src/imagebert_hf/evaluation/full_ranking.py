@@ -524,15 +524,18 @@ def run_retrieval_evaluation(args: EvaluationArguments) -> dict:
                 "pairs_scored": ranking.shortlist.num_pairs_scored,
             }
         )
-    if not processes.is_main_process:
-        return {"results": results, "table": table}
-    print(format_metrics_table(table))
-    output_dir.mkdir(parents=True, exist_ok=True)
-    ranking.plot(output_dir, title=f"{args.dataset} {args.split}")
-    atomic_write_json(output_dir / "results.json", {"model": args.model_name_or_path, "results": results}, indent=1)
-    if args.model_card:
-        card_results = [r for r in results if r["ranking"] == "full"]
-        save_model_card(build_model_card(card_results, model_id=args.model_id, config=model.config), output_dir)
+    if processes.is_main_process:
+        print(format_metrics_table(table))
+        output_dir.mkdir(parents=True, exist_ok=True)
+        ranking.plot(output_dir, title=f"{args.dataset} {args.split}")
+        atomic_write_json(
+            output_dir / "results.json", {"model": args.model_name_or_path, "results": results}, indent=1
+        )
+        if args.model_card:
+            card_results = [r for r in results if r["ranking"] == "full"]
+            save_model_card(build_model_card(card_results, model_id=args.model_id, config=model.config), output_dir)
+    # The other processes leave with the main one: one leaving mid-write can abort the shared backend on exit.
+    processes.wait_for_everyone()
     return {"results": results, "table": table}
 
 
