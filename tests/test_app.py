@@ -120,6 +120,26 @@ def test_caption_helpers():
     assert parse_caption_list(None) == []
 
 
+def test_a_gallery_photo_declaring_a_bomb_size_is_named_at_start(demo, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.new("RGB", (32, 32), (10, 200, 10)).save(folder / "good.png")
+    # Beyond PIL's own limit (twice its warning size), where opening the header raises rather than warns.
+    (folder / "bomb.png").write_bytes(png_header_only(20000, 20000))
+    with pytest.raises(AppInputError, match=r"1 gallery image\(s\) could not be read:\n  bomb.png: .*bomb"):
+        RetrievalDemo(demo.retriever, read_gallery(folder))
+
+
+INVISIBLE = ["\u200b", "\ufeff", "\u2060", "\x00\x07", " \u200b\t"]
+
+
+def test_lines_of_invisible_characters_are_not_captions(demo):
+    assert parse_caption_list("\n".join([*INVISIBLE, "a red circle"])) == ["a red circle"]
+    for query in INVISIBLE:
+        with pytest.raises(AppInputError, match="Type a query first"):
+            demo.search_images(query, 3)
+
+
 def test_a_request_too_large_for_a_shared_server_is_refused_in_words(demo):
     most = "\n".join(f"a red circle number {i}" for i in range(MAX_PASTED_CAPTIONS))
     assert len(parse_caption_list(most)) == MAX_PASTED_CAPTIONS

@@ -8,6 +8,7 @@ of the gallery images and one of the gallery captions), the pipeline's `ImageBER
 from __future__ import annotations
 
 import os
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,7 +109,7 @@ def gallery_captions(gallery: Sequence[GalleryImage]) -> list[str]:
 def parse_caption_list(text: str | None) -> list[str]:
     """Pasted captions, one per line; blank lines dropped. More than `MAX_PASTED_CAPTIONS` captions, or one longer
     than `MAX_TEXT_CHARACTERS`, is refused with `AppInputError`."""
-    captions = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    captions = [line.strip() for line in (text or "").splitlines() if has_visible_text(line)]
     if len(captions) > MAX_PASTED_CAPTIONS:
         raise AppInputError(
             f"{len(captions)} captions pasted; at most {MAX_PASTED_CAPTIONS} are ranked per request: paste fewer."
@@ -116,6 +117,12 @@ def parse_caption_list(text: str | None) -> list[str]:
     for line, caption in enumerate(captions, start=1):
         check_text_length(caption, f"caption {line}")
     return captions
+
+
+def has_visible_text(text: str) -> bool:
+    """Whether `text` holds a character other than spaces, control and format characters (zero-width spaces, byte
+    order marks, joiners: pasted text is full of them, and a line of nothing else would be ranked as no text)."""
+    return any(not character.isspace() and unicodedata.category(character) not in ("Cc", "Cf") for character in text)
 
 
 def check_result_count(top_k, what: str) -> int:
@@ -199,14 +206,18 @@ def grid_cell_name(box: Sequence[float], width: float, height: float) -> str | N
     return None
 
 
-def _photo_size(path: str | os.PathLike) -> tuple[int, int]:
-    """Width and height of an image file as the extractor sees it (after its EXIF rotation), from the header."""
+def _photo_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """Width and height of an image file as the extractor sees it (after its EXIF rotation), from the header; None
+    when the header cannot be read (the extractor, with its own limits, then names the reason)."""
     from PIL import Image
 
-    with Image.open(path) as image:
-        width, height = image.size
-        if image.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated by a quarter turn
-            width, height = height, width
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if image.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated by a quarter turn
+                width, height = height, width
+    except Exception:  # noqa: BLE001 - PIL raises many types on damaged headers, DecompressionBombError among them
+        return None
     return width, height
 
 
@@ -419,10 +430,8 @@ class RetrievalDemo:
                 if image.boxes is not None:
                     boxes.append(np.asarray(image.boxes, dtype=np.float32))
                     continue
-                try:
-                    boxes.append(self._grid_for(*_photo_size(image.path)))
-                except OSError:  # unreadable: the extractor names the reason below
-                    boxes.append(None)
+                size = _photo_size(image.path)
+                boxes.append(None if size is None else self._grid_for(*size))
             out = self.extractor.extract(
                 [str(image.path) for image in chunk],
                 boxes=boxes,
@@ -530,7 +539,7 @@ class RetrievalDemo:
     def search_images(self, query: str, top_k: int = 8) -> list[ImageHit]:
         """The `top_k` gallery photos for a text query, best first."""
         query = (query or "").strip()
-        if not query:
+        if not has_visible_text(query):
             raise AppInputError("Type a query first: the search needs some words describing a photo.")
         check_text_length(query, "the query")
         results = self.retriever(

@@ -191,6 +191,9 @@ class ImageBERTConfig(PreTrainedConfig):
                 f"ImageBERTConfig got unknown field(s) {', '.join(hints)}: kept on the config as transformers does, "
                 "but no part of ImageBERT reads them."
             )
+        for name in ("dtype", "torch_dtype"):
+            if kwargs.get(name) is not None:
+                check_weights_dtype(name, kwargs[name])
         super().__init__(pad_token_id=pad_token_id, **kwargs)
         self.tie_word_embeddings = tie_word_embeddings
         self.vocab_size = vocab_size
@@ -230,6 +233,10 @@ class ImageBERTConfig(PreTrainedConfig):
     def from_dict(cls, config_dict, **kwargs):
         # transformers builds the config from the file, then sets the keyword overrides of `from_pretrained` (e.g.
         # `from_pretrained(path, layer_norm_eps=...)`) as attributes, past `__init__`: they get the same checks.
+        if not isinstance(config_dict, Mapping):
+            raise ValueError(
+                f"a model config (config.json) must be a JSON object of fields, got {type(config_dict).__name__}."
+            )
         loaded = super().from_dict(config_dict, **kwargs)
         (loaded[0] if kwargs.get("return_unused_kwargs") else loaded)._validate()
         return loaded
@@ -291,6 +298,16 @@ class ImageBERTConfig(PreTrainedConfig):
                 f"max_text_length ({self.max_text_length}) must not reach region_position_id "
                 f"({self.region_position_id}), the position row reserved for regions."
             )
+
+
+WEIGHTS_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def check_weights_dtype(name: str, dtype) -> None:
+    """Raises ValueError unless `dtype` (a config's `dtype`: a string or a torch dtype) is a floating dtype the
+    weights can be loaded in; transformers would turn any other string into an AttributeError of torch's."""
+    if str(dtype).removeprefix("torch.") not in WEIGHTS_DTYPES:
+        raise ValueError(f"{name} must be one of {WEIGHTS_DTYPES} or null (the weights' dtype), got {dtype!r}.")
 
 
 # field: (kind, lowest, highest), bounds inclusive (None: unbounded), grouped by rule. "prob<1" is a float in [0, 1).
@@ -366,4 +383,11 @@ def check_field(name: str, value, kind: str, low, high) -> None:
         raise ValueError(f"{name} must be {expected}, got {value!r}.")
 
 
-__all__ = ["FIELD_RULES", "KNOWN_EXTRA_KEYS", "ImageBERTConfig", "check_field"]
+__all__ = [
+    "FIELD_RULES",
+    "KNOWN_EXTRA_KEYS",
+    "WEIGHTS_DTYPES",
+    "ImageBERTConfig",
+    "check_field",
+    "check_weights_dtype",
+]

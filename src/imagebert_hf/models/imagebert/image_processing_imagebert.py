@@ -275,9 +275,11 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
         self.nms_threshold = nms_threshold
         self.backbone_name = backbone_name
         self.backbone_weights = backbone_weights
-        self.backbone_out_indices = list(backbone_out_indices) if backbone_out_indices is not None else None
-        self.backbone_kwargs = dict(backbone_kwargs) if backbone_kwargs else None
         # Kept as given when malformed, so that _settings_check below names them.
+        self.backbone_out_indices = (
+            list(backbone_out_indices) if isinstance(backbone_out_indices, (list, tuple)) else backbone_out_indices
+        )
+        self.backbone_kwargs = dict(backbone_kwargs) if isinstance(backbone_kwargs, dict) else backbone_kwargs or None
         self.size = (
             dict(size)
             if isinstance(size, dict)
@@ -290,7 +292,7 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
         self.detector_name = detector_name
         self.detector_weights = detector_weights
         self.detector_num_classes = detector_num_classes
-        self.detector_kwargs = dict(detector_kwargs) if detector_kwargs else None
+        self.detector_kwargs = dict(detector_kwargs) if isinstance(detector_kwargs, dict) else detector_kwargs or None
         self.precomputed_path = str(precomputed_path) if precomputed_path is not None else None
         self.tsv_fieldnames = list(tsv_fieldnames) if tsv_fieldnames else None
         self.precomputed_feature_size = precomputed_feature_size
@@ -308,9 +310,9 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
         self._settings_check(
             {
                 **self._settings({}),
+                **{name: getattr(self, name) for name in _BACKEND_SETTINGS},
                 "backbone_weights": backbone_weights,
                 "detector_weights": detector_weights,
-                "detector_num_classes": detector_num_classes,
             }
         )
         self._backend: RegionBackend | None = None
@@ -367,6 +369,22 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
             import torch
 
             device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            try:
+                if torch.empty(0, device=device).is_meta:
+                    raise RuntimeError("the meta device holds no data")
+            except Exception as error:  # a malformed name, or a device this machine does not have
+                raise ValueError(
+                    f"device {device!r} cannot be used here ({type(error).__name__}: {str(error)[:200]}); set the "
+                    "extractor's device to None (a GPU when there is one, else the CPU) or to a device this machine "
+                    "has."
+                ) from None
+            if self.backend == "backbone":
+                import timm
+
+                if not timm.is_model(self.backbone_name):
+                    raise ValueError(
+                        f"backbone_name {self.backbone_name!r} is not a timm model name (see timm.list_models())."
+                    )
             if self.backend in ("backbone", "detector", "butd"):
                 name = "backbone_weights" if self.backend == "backbone" else "detector_weights"
                 weights = self._weights_file or getattr(self, name)
@@ -486,6 +504,23 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
                 raise ValueError(f"{name} must be 3 numbers (one per RGB channel) or None, got {values!r}.")
             for i, value in enumerate(values):
                 check_field(f"{name}[{i}]", value, "positive" if name == "image_std" else "float", None, None)
+        for name in ("backbone_name", "detector_name"):
+            if name in settings and (not isinstance(settings[name], str) or not settings[name]):
+                raise TypeError(f"{name} must be a model name (a non-empty string), got {settings[name]!r}.")
+        for name in ("backbone_kwargs", "detector_kwargs"):
+            if settings.get(name) is not None and not isinstance(settings[name], dict):
+                raise TypeError(f"{name} must be a mapping of model arguments or None, got {settings[name]!r}.")
+        indices = settings.get("backbone_out_indices")
+        if indices is not None:
+            if not isinstance(indices, list) or not indices:
+                raise ValueError(
+                    f"backbone_out_indices must be a non-empty list of stage indices or None, got {indices!r}."
+                )
+            for i, index in enumerate(indices):
+                check_field(f"backbone_out_indices[{i}]", index, "int", None, None)
+        device = settings.get("device")
+        if device is not None and not isinstance(device, str):
+            raise TypeError(f"device must be a device name such as 'cpu' or 'cuda:0', or None, got {device!r}.")
         for name in ("backbone_weights", "detector_weights"):
             weights = settings.get(name)
             # A weights file is opened when the backend is built (a saved folder's own weights take precedence).
@@ -826,6 +861,17 @@ def _load_input(
 
 # setting: (kind, lowest, highest), bounds inclusive (None: unbounded), grouped by rule, checked as the config's
 # fields are.
+# Settings that choose and place the backend model, checked by type when the extractor is built.
+_BACKEND_SETTINGS = (
+    "backbone_name",
+    "backbone_out_indices",
+    "backbone_kwargs",
+    "detector_name",
+    "detector_num_classes",
+    "detector_kwargs",
+    "device",
+)
+
 _SETTING_RULES: dict[str, tuple[str, float | None, float | None]] = {
     **dict.fromkeys(
         (
@@ -861,16 +907,18 @@ def _looks_like_file(weights: str | os.PathLike) -> bool:
     return os.path.sep in weights or Path(weights).suffix in (".safetensors", ".pth", ".pt", ".bin")
 
 
-def check_region_sizes(feature_size: int, num_classes: int, config, location_size: int | None = None) -> None:
-    """Raises ValueError when regions of `feature_size`, `num_classes` (and `location_size`, when given) do not fit
-    an `ImageBERTConfig`."""
+def check_region_sizes(
+    feature_size: int | None, num_classes: int | None, config, location_size: int | None = None
+) -> None:
+    """Raises ValueError when regions of `feature_size`, `num_classes` and `location_size` do not fit an
+    `ImageBERTConfig` (each None or 0 is not checked)."""
     problems = []
     if location_size is not None and location_size != config.region_location_size:
         problems.append(
             f"region location size {location_size} != the model config's region_location_size "
             f"{config.region_location_size} (set the extractor's region_location_size)"
         )
-    if feature_size != config.region_feature_size:
+    if feature_size is not None and feature_size != config.region_feature_size:
         problems.append(
             f"region feature size {feature_size} != the model config's region_feature_size "
             f"{config.region_feature_size}"

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModel, Pipeline
 from transformers.utils import logging
 
+from .processing_imagebert import check_tokenizer_vocabulary, read_saved_processor_config, tokenize_texts
 from .region_batching import check_region_values, pad_region_records
 from .retrieval_index import (
     TEXT_KEYS,
@@ -202,9 +203,11 @@ class ImageTextRetrievalPipeline(Pipeline):
                 "load ImageBERTForImageTextRetrieval."
             )
         self._untrained_heads = untrained_heads(self.model)
-        check_lengths = getattr(self.processor, "check_lengths", None)
-        if check_lengths is not None:
-            check_lengths(self.model.config)
+        # What needs no extractor backend is checked now; the region sizes before regions are first extracted.
+        self._extractor_checked = False
+        check_model_config = getattr(self.processor, "check_model_config", None)
+        if check_model_config is not None:
+            check_model_config(self.model.config, build_backend=False)
         if self._untrained_heads:
             logger.warning(
                 "%s has untrained heads: %s (it comes from a pretraining checkpoint, which has no unimodal projection "
@@ -341,6 +344,9 @@ class ImageTextRetrievalPipeline(Pipeline):
         bar = tqdm(
             total=len(to_extract), desc="extracting regions", disable=bool(errors) or len(to_extract) <= batch_size
         )
+        if to_extract and not errors and not self._extractor_checked:
+            self.processor.check_model_config(self.model.config)
+            self._extractor_checked = True
         with bar:
             for start in range(0, len(to_extract) if not errors else 0, batch_size):
                 chunk = to_extract[start : start + batch_size]
@@ -621,35 +627,35 @@ class RegionsOnlyProcessor:
     texts; the pipeline then takes images only as cached region records."""
 
     def __init__(self, tokenizer, max_text_length: int, max_regions: int):
+        check_tokenizer_vocabulary(tokenizer)
         self.tokenizer = tokenizer
         self.max_text_length = max_text_length
         self.max_regions = max_regions
         self.image_processor = None
 
+    def check_model_config(self, config, build_backend: bool = False) -> None:
+        """Raises ValueError when the tokenizer has more tokens than `config`'s vocabulary; the lengths are the
+        config's own and there are no regions to check."""
+        check_tokenizer_vocabulary(self.tokenizer, config)
+
     def __call__(self, text=None, return_tensors="pt"):
-        encoded = self.tokenizer(
-            [text] if isinstance(text, str) else list(text),
-            padding="max_length",
-            truncation=True,
-            max_length=self.max_text_length,
-            return_tensors=return_tensors,
+        texts = [text] if isinstance(text, str) else list(text)
+        encoded = tokenize_texts(
+            self.tokenizer, texts, padding="max_length", truncation=True, max_length=self.max_text_length
         )
-        return {key: encoded[key] for key in TEXT_KEYS if key in encoded}
+        convert = torch.as_tensor if return_tensors == "pt" else np.asarray
+        return {key: convert(encoded[key]) for key in TEXT_KEYS if key in encoded}
 
     def save_pretrained(self, save_directory, **kwargs):
         return self.tokenizer.save_pretrained(save_directory, **kwargs)
 
 
-def _saves_this_processor(path: str) -> bool:
-    """Whether the local folder `path` says it holds an `ImageBERTProcessor` (its `processor_config.json`): then a
-    processor that does not load is the folder's fault (a bad saved setting, a missing vocabulary), not a reason
-    to serve it without one."""
-    try:
-        with open(os.path.join(path, "processor_config.json"), encoding="utf-8") as handle:
-            saved = json.load(handle)
-    except (OSError, ValueError):
-        return False
-    return isinstance(saved, dict) and saved.get("processor_class") == "ImageBERTProcessor"
+def _saved_processor_class(path: str) -> str | None:
+    """The `processor_class` of the local folder's `processor_config.json`; None without that file or field. A file
+    that is there but damaged raises, naming it: serving the folder without the processor it holds would hide
+    what is wrong with it."""
+    saved = read_saved_processor_config(path)
+    return None if saved is None else saved.get("processor_class")
 
 
 def _load_processor_for(model):
@@ -664,13 +670,19 @@ def _load_processor_for(model):
         )
     # Run the folder's code only when the model already comes from it (the user passed trust_remote_code=True).
     trust = type(model).__module__.startswith("transformers_modules")
+    saved_class = _saved_processor_class(path)
+    if saved_class not in (None, "ImageBERTProcessor"):
+        raise ValueError(
+            f"{os.path.join(path, 'processor_config.json')} names processor_class {saved_class!r}; an ImageBERT "
+            "model takes an 'ImageBERTProcessor' (save it with the model, or pass processor=...)."
+        )
     try:
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust)
         reason = "AutoProcessor gave a tokenizer only"
         if getattr(processor, "image_processor", None) is not None:
             return processor
     except Exception as error:  # unregistered processor class, missing code or files: fall back to text + regions
-        if _saves_this_processor(path):
+        if saved_class is not None:
             raise  # serving the folder without the processor it holds would hide what is wrong with it
         reason = f"{type(error).__name__}: {error}"
     logger.warning(
@@ -689,7 +701,6 @@ PRETRAINING_ONLY = ("cls.predictions.", "cls.object_predictions.", "cls.feature_
 
 def _checkpoint_keys(path: str | os.PathLike) -> set[str] | None:
     """The parameter names stored in a local checkpoint folder (safetensors, one file or sharded), or None."""
-    import json
 
     single, sharded = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(sharded):

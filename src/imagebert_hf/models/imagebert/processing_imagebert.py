@@ -20,6 +20,7 @@ from .region_batching import check_region_values, pad_region_records
 logger = logging.get_logger(__name__)
 
 PADDING = ("max_length", "longest")
+PROCESSOR_CONFIG_NAME = "processor_config.json"
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 REGION_INPUTS = ("region_features", "region_locations", "region_attention_mask")
 
@@ -79,18 +80,20 @@ class ImageBERTProcessor(ProcessorMixin):
         processor.check_model_config(config)
         return processor
 
-    def check_model_config(self, config: ImageBERTConfig) -> None:
-        """Raises ValueError, naming both numbers, when the regions or lengths do not fit `config`."""
+    def check_model_config(self, config: ImageBERTConfig, build_backend: bool = True) -> None:
+        """Raises ValueError, naming both numbers, when what the processor gives does not fit `config`'s model: the
+        lengths, the tokenizer's size, the region location layout and, with `build_backend` (which builds the
+        extractor's model to learn them), the region feature size and class count. Loading a processor or a
+        pipeline checks what needs no backend; the pipeline checks the rest before it first extracts regions."""
         extractor = self.image_processor
-        check_region_sizes(
-            extractor.region_feature_size, extractor.num_object_classes, config, extractor.region_location_size
-        )
-        self.check_lengths(config)
-        if len(self.tokenizer) > config.vocab_size:
-            raise ValueError(
-                f"the tokenizer has {len(self.tokenizer)} tokens but the model config's vocab_size is "
-                f"{config.vocab_size}."
+        if build_backend:
+            check_region_sizes(
+                extractor.region_feature_size, extractor.num_object_classes, config, extractor.region_location_size
             )
+        else:
+            check_region_sizes(None, None, config, extractor.region_location_size)
+        self.check_lengths(config)
+        check_tokenizer_vocabulary(self.tokenizer, config)
 
     def check_lengths(self, config: ImageBERTConfig) -> None:
         """Raises ValueError, naming both numbers, when the processor pads text or regions beyond what `config`'s
@@ -241,18 +244,7 @@ class ImageBERTProcessor(ProcessorMixin):
                     )
 
     def _encode_text(self, texts: list[str], padding: str, truncation: bool, max_length: int) -> dict[str, np.ndarray]:
-        encoded = self.tokenizer(
-            texts,
-            padding=padding,
-            truncation=truncation,
-            max_length=max_length,
-            return_attention_mask=True,
-            return_token_type_ids=True,
-        )
-        lengths = {len(ids) for ids in encoded["input_ids"]}
-        if len(lengths) > 1:
-            raise ValueError(f"text longer than max_length={max_length}; pass truncation=True.")
-        return {name: np.asarray(encoded[name], dtype=np.int64) for name in TEXT_INPUTS}
+        return tokenize_texts(self.tokenizer, texts, padding=padding, truncation=truncation, max_length=max_length)
 
     def _pad_regions(
         self, records: list[dict[str, Any]], padding: str, max_regions: int, return_labels: bool
@@ -292,10 +284,11 @@ class ImageBERTProcessor(ProcessorMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> ImageBERTProcessor:
-        """Loads a saved processor; in a local folder that also holds the model's `config.json`, its lengths are
-        checked against that config (`check_lengths`), so an edited `processor_config.json` cannot pad beyond the
-        model."""
+        """Loads a saved processor; in a local folder that also holds the model's `config.json`, it is checked against
+        that config (`check_model_config` without building the backend), so an edited `processor_config.json` or
+        tokenizer cannot give what the model cannot take."""
         register_processing()
+        read_saved_processor_config(pretrained_model_name_or_path)
         processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         loaded = processor[0] if isinstance(processor, tuple) else processor
         config_file = os.path.join(os.fspath(pretrained_model_name_or_path), "config.json")
@@ -306,20 +299,89 @@ class ImageBERTProcessor(ProcessorMixin):
             except (OSError, ValueError, AttributeError):
                 model_type = None  # not a model config this processor can be checked against; the model load says why
             if model_type == ImageBERTConfig.model_type:
-                loaded.check_lengths(ImageBERTConfig.from_pretrained(pretrained_model_name_or_path))
+                config = ImageBERTConfig.from_pretrained(pretrained_model_name_or_path)
+                loaded.check_model_config(config, build_backend=False)
         return processor
 
 
-def check_tokenizer_vocabulary(tokenizer) -> None:
-    """Raises ValueError when `tokenizer` knows nothing but its special tokens: what transformers loads from a saved
-    folder whose vocabulary (tokenizer.json, vocab.txt) is missing, and a tokenizer that turns every word into
-    the unknown token, so that every text would score the same."""
+def read_saved_processor_config(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The `processor_config.json` of a local folder, checked for the layout `save_pretrained` writes (a JSON object
+    whose `image_processor` is an object and whose `processor_class` is a string); None when the folder has no
+    such file (a Hub repository is read by transformers itself). Raises ValueError naming the file and the field:
+    transformers would otherwise fail on it with an AttributeError naming neither."""
+    file = os.path.join(os.fspath(folder), PROCESSOR_CONFIG_NAME)
+    try:
+        with open(file, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError:
+        return None
+    try:
+        saved = json.loads(text)
+    except ValueError as error:
+        raise ValueError(f"{file} is not valid JSON ({error}); save the processor again.") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{file} must hold a JSON object, got {type(saved).__name__}; save the processor again.")
+    for field, kind, expected in (("image_processor", dict, "an object"), ("processor_class", str, "a string")):
+        if field in saved and not isinstance(saved[field], kind):
+            raise ValueError(
+                f"{file}: {field} must be {expected}, got {saved[field]!r:.80}; save the processor again."
+            )
+    return saved
+
+
+def tokenize_texts(
+    tokenizer, texts: list[str], *, padding: str, truncation: bool, max_length: int, name: str = "text"
+) -> dict[str, np.ndarray]:
+    """`[CLS] text [SEP]` token ids, attention mask and token types of `texts` as int64 arrays, padded on the right
+    whatever the tokenizer's saved `padding_side` (the model reads the sequence summary at position 0, so a
+    left-padded row would be summarised by a padding token). Raises ValueError naming `name[i]` for a text that
+    gives no token but the special ones (only invisible or control characters: it would be scored as no text)."""
+    encoded = tokenizer(
+        texts,
+        padding=padding,
+        truncation=truncation,
+        max_length=max_length,
+        padding_side="right",
+        return_attention_mask=True,
+        return_token_type_ids=True,
+        return_special_tokens_mask=True,
+    )
+    lengths = {len(ids) for ids in encoded["input_ids"]}
+    if len(lengths) > 1:
+        raise ValueError(f"text longer than max_length={max_length}; pass truncation=True.")
+    words = (1 - np.asarray(encoded["special_tokens_mask"])) * np.asarray(encoded["attention_mask"])
+    for i in np.flatnonzero(words.sum(axis=1) == 0):
+        raise ValueError(
+            f"{name}[{i}] ({texts[i]!r:.60}) has no words: it holds only spaces, invisible or control characters."
+        )
+    return {key: np.asarray(encoded[key], dtype=np.int64) for key in TEXT_INPUTS}
+
+
+def check_tokenizer_vocabulary(tokenizer, config: ImageBERTConfig | None = None) -> None:
+    """Raises ValueError when `tokenizer` cannot make the model's text input: it knows nothing but its special
+    tokens (what transformers loads from a saved folder whose vocabulary, tokenizer.json or vocab.txt, is missing:
+    every word would become the unknown token and every text score the same), it lacks `[CLS]`, `[SEP]` or
+    `[PAD]` (a folder saved without tokenizer_config.json or special_tokens_map.json), or, given the model's
+    `config`, it has more tokens than the model's vocabulary (ids the embedding table has no row for)."""
+    name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    if config is not None and len(tokenizer) > config.vocab_size:
+        raise ValueError(
+            f"the tokenizer ({name}) has {len(tokenizer)} tokens but the model config's vocab_size is "
+            f"{config.vocab_size}: save the tokenizer the model was trained with."
+        )
     specials = set(getattr(tokenizer, "all_special_tokens", ()))
     if specials and len(tokenizer) <= len(specials):
         raise ValueError(
-            f"the tokenizer ({getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__}) knows only its "
-            f"{len(tokenizer)} special tokens {sorted(specials)}: every word would become {tokenizer.unk_token!r}. "
-            "Its vocabulary file (tokenizer.json or vocab.txt) is missing or empty; save the tokenizer again."
+            f"the tokenizer ({name}) knows only its {len(tokenizer)} special tokens {sorted(specials)}: every word "
+            f"would become {tokenizer.unk_token!r}. Its vocabulary file (tokenizer.json or vocab.txt) is missing or "
+            "empty; save the tokenizer again."
+        )
+    missing = [role for role in ("cls_token", "sep_token", "pad_token") if getattr(tokenizer, role, None) is None]
+    if missing:
+        raise ValueError(
+            f"the tokenizer ({name}) has no {', '.join(missing)}; the model's text input is [CLS] text [SEP] padded "
+            "with [PAD]. Its tokenizer_config.json (or special_tokens_map.json) is missing or lacks them; save the "
+            "tokenizer again."
         )
 
 
@@ -349,4 +411,11 @@ def register_processing() -> None:
     AutoProcessor.register(ImageBERTConfig, ImageBERTProcessor, exist_ok=True)
 
 
-__all__ = ["ImageBERTProcessor", "check_processor_config", "check_tokenizer_vocabulary", "register_processing"]
+__all__ = [
+    "ImageBERTProcessor",
+    "check_processor_config",
+    "check_tokenizer_vocabulary",
+    "read_saved_processor_config",
+    "register_processing",
+    "tokenize_texts",
+]

@@ -308,9 +308,16 @@ def load_image(
     else:
         if isinstance(image, Image.Image):
             _check_geometry(source, image.width, image.height, *limits)
-            if getattr(image, "is_animated", False):
-                image.seek(0)
-            pil = to_rgb(image)
+            try:
+                if getattr(image, "is_animated", False):
+                    image.seek(0)
+                # A PIL image opened from a file decodes its pixels only now, so a damaged file fails here.
+                image.load()
+                pil = to_rgb(image)
+            except Exception as error:  # truncated data surfaces as OSError, SyntaxError, EOFError, struct.error...
+                raise ImageLoadError(
+                    source, f"truncated or corrupt image data ({type(error).__name__}: {error})", "corrupt_image"
+                ) from None
         else:
             if type(image).__module__.startswith("torch"):
                 image = image.detach().cpu().numpy()
