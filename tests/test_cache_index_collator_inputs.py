@@ -80,6 +80,11 @@ TAMPERED = [
     ("ids beyond vocab", {"text_inputs__input_ids": torch.full((2, 44), 10**6)}, r"input_ids holds values 1000000"),
     ("mask of 2s", {"text_inputs__attention_mask": torch.full((2, 44), 2)}, r"attention_mask holds values 2\.\.2"),
     (
+        "token type 1",
+        {"text_inputs__token_type_ids": torch.ones(2, 44, dtype=torch.long)},
+        r"token_type_ids holds values 1\.\.1",
+    ),
+    (
         "features of 7 images",
         {"region_inputs__region_features": torch.ones(7, 3, 4)},
         r"features has shape \(7, 3, 4\)",

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..models.imagebert.configuration_imagebert import FIELD_RULES, check_field
 from ..models.imagebert.region_batching import (
     as_feature_tensor,
     check_region_record,
@@ -26,6 +27,36 @@ def _as_tensor(value: Any, dtype: torch.dtype) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value.to(dtype)
     return torch.as_tensor(np.asarray(value), dtype=dtype)
+
+
+def _integer_ids(value: Any, name: str, key: str) -> torch.Tensor:
+    """`value` (token ids or token types) as a flat long tensor; floats, booleans and other values raise, naming
+    the sample (`name`) and `key`: a float id would be truncated into another token without a word."""
+    if isinstance(value, torch.Tensor):
+        integer = not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+        dtype = str(value.dtype).replace("torch.", "")
+    else:
+        try:
+            value = np.asarray(value)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{name}: {key} is not a list of integers ({error}).") from error
+        integer, dtype = value.dtype.kind in "iu", value.dtype
+    if (value.size if isinstance(value, np.ndarray) else value.numel()) == 0:
+        return torch.zeros(0, dtype=torch.long)
+    if not integer:
+        raise ValueError(f"{name}: {key} has dtype {dtype}; expected integers (ids are never rounded).")
+    return _as_tensor(value, torch.long).flatten()
+
+
+def _is_binary_label(value: Any) -> bool:
+    """Whether `value` is the number 0 or 1 (an int, a whole float, a numpy or one-element torch scalar); NaN,
+    booleans and strings are not."""
+    if isinstance(value, (bool, str, bytes)):
+        return False
+    try:
+        return float(value) in (0.0, 1.0)
+    except (TypeError, ValueError, RuntimeError):
+        return False
 
 
 @dataclass(kw_only=True)
@@ -53,10 +84,11 @@ class MaskingSettings:
         return {item.name: getattr(self, item.name) for item in dataclasses.fields(MaskingSettings)}
 
     def check_masking_settings(self, where: str = "") -> None:
-        """Raises ValueError, naming the setting (after `where`), unless every one is a share in [0, 1]."""
+        """Raises ValueError, naming the setting (after `where`), unless every one is a number in [0, 1]."""
         for name, value in self.masking_settings().items():
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{where}{name} must be in [0, 1], got {value}.")
+            # `not 0 <= value <= 1` also holds for NaN; a string would compare with a bare TypeError.
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{where}{name} must be a number in [0, 1], got {value!r}.")
 
 
 @dataclass
@@ -112,6 +144,8 @@ class DataCollatorForImageBERTPretraining(MaskingSettings):
         num_object_classes (`int`, *optional*): The MOC head's classes; a `region_class_labels` value outside
             `[0, num_object_classes)` (other than -100), or `region_class_probs` of another width, then raises,
             naming the sample, instead of reaching the loss.
+        type_vocab_size (`int`, defaults to 2): The model's token types (`ImageBERTConfig.type_vocab_size`, 2 as in
+            BERT); a `token_type_ids` value outside `[0, type_vocab_size)` raises, naming the sample.
         seed (`int`, *optional*): Seed of the generator used for samples without `sample_seed`.
         feature_dtype (`torch.dtype`, *optional*): The dtype of `region_features` and `region_feature_targets`. By
             default the records' own floating dtype: a float16 region cache gives float16 batches (exact, half the
@@ -122,9 +156,11 @@ class DataCollatorForImageBERTPretraining(MaskingSettings):
 
     Values are checked here, on the CPU, where the batch is made: the shapes and dtypes of each record's region
     arrays, one row per region, integer class labels (`check_region_record`, on the whole record, before the cut to
-    `max_regions`), token ids within the tokenizer, class labels within `num_object_classes`, ITM labels 0 or 1
-    (per sample), finite features and class distributions and locations in [0, 1] (`check_region_values`, once over
-    the padded batch). The model checks only shapes.
+    `max_regions`), non-empty integer token ids within the tokenizer, integer token types within `type_vocab_size`
+    and as many as the token ids, class labels within `num_object_classes`, ITM labels 0 or 1 (per sample), finite
+    features, class distributions that sum to 1 (a region without one, all zeros, is refused when
+    `return_region_class_probs`: MOC's KL loss would have no target there) and locations in [0, 1]
+    (`check_region_values`, once over the padded batch). The model checks only shapes.
     """
 
     tokenizer: Any
@@ -139,9 +175,27 @@ class DataCollatorForImageBERTPretraining(MaskingSettings):
     num_object_classes: int | None = None
     full_region_feature_targets: bool = False
     feature_dtype: torch.dtype | None = None
+    type_vocab_size: int = 2
 
     def __post_init__(self):
         self.check_masking_settings()
+        # A non-positive max_regions would slice off regions ([:-1]) or leave none; zero text fails in torch.cat.
+        for name in ("max_text_length", "max_regions", "num_object_classes"):
+            if getattr(self, name) is not None:
+                check_field(name, getattr(self, name), *FIELD_RULES[name])
+        check_field("type_vocab_size", self.type_vocab_size, *FIELD_RULES["type_vocab_size"])
+        if self.pad_to_multiple_of is not None:
+            check_field("pad_to_multiple_of", self.pad_to_multiple_of, "int", 1, None)
+        if self.seed is not None:
+            check_field("seed", self.seed, "int", 0, None)
+        for name in (
+            "ensure_one_masked",
+            "pad_to_max_length",
+            "return_region_class_probs",
+            "count_failed",
+            "full_region_feature_targets",
+        ):
+            check_field(name, getattr(self, name), "bool", None, None)
         if self.pad_to_max_length and (self.max_text_length is None or self.max_regions is None):
             raise ValueError(
                 "pad_to_max_length needs max_text_length and max_regions, got "
@@ -270,16 +324,26 @@ class DataCollatorForImageBERTPretraining(MaskingSettings):
                 "each feature needs 'input_ids', 'region_features' and 'region_locations'; got keys "
                 f"{sorted(feature)}."
             )
-        input_ids = _as_tensor(feature["input_ids"], torch.long).flatten()
+        name = f"sample {feature.get('image_id')!r}"
+        input_ids = _integer_ids(feature["input_ids"], name, "input_ids")
         token_type_ids = feature.get("token_type_ids")
-        token_type_ids = (
-            torch.zeros_like(input_ids) if token_type_ids is None else _as_tensor(token_type_ids, torch.long).flatten()
-        )
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        else:
+            token_type_ids = _integer_ids(token_type_ids, name, "token_type_ids")
+            if token_type_ids.shape != input_ids.shape:
+                # Filling the row with fewer types would broadcast one type over every token.
+                raise ValueError(
+                    f"{name}: token_type_ids has {token_type_ids.numel()} entries but input_ids has "
+                    f"{input_ids.numel()}; expected one token type per token."
+                )
+        # On the whole text, before the cut to max_text_length hides values.
+        self._check_text(name, input_ids, token_type_ids)
         # Shapes and dtypes on the whole record, before the cut to max_regions hides rows that disagree.
         region_keys = ("region_features", "region_locations", "region_class_labels", "region_class_probs")
         check_region_record(
             feature,
-            f"sample {feature.get('image_id')!r}",
+            name,
             self.num_object_classes,
             region_keys if self.return_region_class_probs else region_keys[:3],
         )
@@ -296,7 +360,7 @@ class DataCollatorForImageBERTPretraining(MaskingSettings):
             regions["region_class_labels"] = _as_tensor(feature["region_class_labels"], torch.long)
         if self.return_region_class_probs and feature.get("region_class_probs") is not None:
             regions["region_class_probs"] = _as_tensor(feature["region_class_probs"], torch.float32)
-        self._check_values(feature, input_ids, regions)
+        self._check_values(feature, regions)
         if self.max_regions is not None:
             regions = {key: value[: self.max_regions] for key, value in regions.items()}
         sample = {
@@ -314,18 +378,29 @@ class DataCollatorForImageBERTPretraining(MaskingSettings):
             sample["itm_labels"] = feature["itm_labels"]
         return sample
 
-    def _check_values(self, feature: dict, input_ids: torch.Tensor, regions: dict[str, torch.Tensor]) -> None:
-        """The values a model would fail on deep inside (or train on silently): token ids beyond the tokenizer,
-        class labels beyond the MOC head, ITM labels other than 0/1 (features and locations: `check_region_values`,
-        on the whole batch). Checked here, on the data loader's side, on every device alike; the model checks
-        shapes only."""
-        name = f"sample {feature.get('image_id')!r}"
+    def _check_text(self, name: str, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> None:
+        """Token ids within the tokenizer and token types within `type_vocab_size`: beyond them the model's embedding
+        lookup fails deep inside (a device-side assert on a GPU). `name` names the sample."""
+        if not input_ids.numel():
+            raise ValueError(f"{name}: input_ids is empty; every sample needs its text ([CLS] ... [SEP]).")
         vocab = len(self.tokenizer)
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+        if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
             raise ValueError(
                 f"{name}: input_ids hold {int(input_ids.min())}..{int(input_ids.max())}, outside the tokenizer's "
                 f"{vocab} ids (was the text tokenized with another tokenizer?)."
             )
+        if int(token_type_ids.min()) < 0 or int(token_type_ids.max()) >= self.type_vocab_size:
+            raise ValueError(
+                f"{name}: token_type_ids hold {int(token_type_ids.min())}..{int(token_type_ids.max())}; expected "
+                f"values in [0, {self.type_vocab_size}) (type_vocab_size)."
+            )
+
+    def _check_values(self, feature: dict, regions: dict[str, torch.Tensor]) -> None:
+        """The region and label values a model would fail on deep inside (or train on silently): class labels
+        beyond the MOC head, regions without a class distribution for MOC's KL loss, ITM labels other than 0/1
+        (features, locations and distributions: `check_region_values`, on the whole batch). Checked here, on the
+        data loader's side, on every device alike; the model checks shapes only."""
+        name = f"sample {feature.get('image_id')!r}"
         labels = regions.get("region_class_labels")
         if labels is not None and self.num_object_classes is not None:
             bad = (labels != -100) & ((labels < 0) | (labels >= self.num_object_classes))
@@ -334,8 +409,20 @@ class DataCollatorForImageBERTPretraining(MaskingSettings):
                     f"{name}: region_class_labels {labels[bad][:5].tolist()} are outside [0, "
                     f"{self.num_object_classes}) (num_object_classes; -100 for none), and are never clamped."
                 )
+        probs = regions.get("region_class_probs")
+        if probs is not None and probs.numel():
+            # All zeros is what the extractor and the region cache store for a region without a distribution (a
+            # backbone without a classifier); MOC's KL loss would count it as a target with nothing to learn.
+            empty = ~probs.ne(0).any(dim=-1)
+            if empty.any():
+                raise ValueError(
+                    f"{name}: region_class_probs are all zero in {int(empty.sum())} of {len(empty)} regions (no class "
+                    "distribution: the extractor had no classifier), so MOC with moc_loss_type='kl' has no target "
+                    "there; extract regions with a classifier, or pass return_region_class_probs=False "
+                    "(moc_loss_type='cross_entropy')."
+                )
         itm = feature.get("itm_labels")
-        if itm is not None and (isinstance(itm, bool) or int(itm) not in (0, 1) or int(itm) != itm):
+        if itm is not None and not _is_binary_label(itm):
             raise ValueError(f"{name}: itm_labels must be 0 or 1, got {itm!r}.")
 
     def _pad(self, samples: list[dict]) -> dict[str, torch.Tensor]:

@@ -38,7 +38,8 @@ from .synthetic import (
 
 logger = logging.get_logger(__name__)
 
-_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
+# Every format the image loader (PIL) decodes that img2dataset or a web crawl writes; a GIF gives its first frame.
+_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 _REGION_KEYS = ("region_features", "region_locations", "region_class_labels", "region_class_probs")
 
 
@@ -164,7 +165,10 @@ class DatasetPairSource(PairSource):
 
     Captions are checked as `DatasetStream` checks them: null and blank ones are dropped (a row left with none is
     skipped, with a warning counting them), any other value that is not a string raises a `ValueError` naming the
-    source, row and column, as does an id that is missing or repeated.
+    source, row and column, as does an id that is missing or blank. Rows that share an id are one image: their
+    captions are pooled (a dataset of one row per caption). `open_image` compares the image cells of such rows and
+    raises a `ValueError` naming the rows when they differ, rather than pairing one row's captions with another
+    row's image.
 
     Args:
         dataset: A `datasets.Dataset`, or the path of one saved with `save_to_disk`.
@@ -202,13 +206,13 @@ class DatasetPairSource(PairSource):
         self.dataset = dataset
         self.image_column = image_column
         keys = dataset[id_column] if id_column else [str(i) for i in range(len(dataset))]
-        self._rows: dict[str, int] = {}
+        self._where = where
+        self._rows: dict[str, list[int]] = {}
         pairs, captionless = [], []
         for row, (key, texts) in enumerate(zip(keys, dataset[text_column])):
             key, captions = _row_captions(key, texts, f"{where}, row {row}", text_column, id_column)
-            # Rows that share an id are one image (a dataset of one row per caption): their captions are pooled
-            # and the image is read from the last of them.
-            self._rows[key] = row
+            # Rows that share an id are one image (a dataset of one row per caption): their captions are pooled.
+            self._rows.setdefault(key, []).append(row)
             if not captions:
                 captionless.append(row)
             pairs.extend((key, text) for text in captions)
@@ -224,7 +228,35 @@ class DatasetPairSource(PairSource):
         super().__init__(name, pairs)
 
     def open_image(self, key: str):
-        return self.dataset[self._rows[key]][self.image_column].convert("RGB")
+        rows = self._rows[key]
+        if len(rows) > 1:
+            self._check_one_image(key, rows)
+        return self.dataset[rows[0]][self.image_column].convert("RGB")
+
+    def _check_one_image(self, key: str, rows: list[int]) -> None:
+        """Raises a `ValueError` naming the rows when rows sharing `key` hold different images: their captions are
+        pooled, so they would be paired with one row's image without a word. Compared undecoded (the stored bytes,
+        else the path), only for the rows of this key."""
+        import datasets
+
+        subset = self.dataset.select(rows)
+        if isinstance(subset.features.get(self.image_column), datasets.Image):
+            subset = subset.cast_column(self.image_column, datasets.Image(decode=False))
+        cells = subset[self.image_column]
+
+        def identity(cell):
+            if isinstance(cell, dict):
+                return cell.get("bytes") if cell.get("bytes") is not None else cell.get("path")
+            return cell
+
+        first = identity(cells[0])
+        other = next((row for row, cell in zip(rows, cells) if identity(cell) != first), None)
+        if other is not None:
+            raise ValueError(
+                f"{self._where}: rows {rows[0]} and {other} share the id {key!r} but hold different images in "
+                f"{self.image_column!r}; rows of one id are one image (their captions are pooled), so give each image "
+                "its own id."
+            )
 
 
 def _is_text_member(name: str) -> bool:
@@ -362,7 +394,9 @@ class WebDatasetPairSource(PairSource):
     all shards). For corpora too large to list in memory, use `WebDatasetStream`.
 
     Raises a `ValueError` naming the shard (and key) for a shard that is truncated or not a tar file, an unreadable
-    caption, and a key that appears twice (in two shards, or twice in one).
+    caption, and a key that appears twice (in two shards, or twice in one). A sample without an image member (of
+    `jpg`, `jpeg`, `png`, `webp`, `bmp`, `gif`, `tif`, `tiff`) or without a non-blank caption is skipped, with a
+    warning counting them and naming the first (shard, key and why).
 
     Args:
         urls (`str` or `Sequence[str]`): Shards; a string may use brace notation (`shards/{00000..00009}.tar`) or,
@@ -374,7 +408,7 @@ class WebDatasetPairSource(PairSource):
         self.urls = expand_urls(urls)
         self._shard_of: dict[str, str] = {}
         seen: dict[str, str] = {}
-        pairs = []
+        pairs, skipped = [], []
         for sample in _read_samples(_webdataset(self.urls), name):
             key, shard = sample["__key__"], sample["__url__"]
             # Images are found again by key (image_bytes, image_table): a second sample of a key would pair its
@@ -386,9 +420,24 @@ class WebDatasetPairSource(PairSource):
                 )
             seen[key] = shard
             caption = _caption_of(sample)
-            if caption and _image_of(sample) is not None:
+            has_image = _image_of(sample) is not None
+            if caption and has_image:
                 self._shard_of[key] = shard
                 pairs.append((key, caption))
+            else:
+                missing = [] if has_image else [f"no image member (of {', '.join(_IMAGE_EXTENSIONS)})"]
+                missing += [] if caption else ["no caption (.txt, or 'caption' of .json, missing or blank)"]
+                skipped.append((shard, key, " and ".join(missing)))
+        if skipped:
+            shard, key, reason = skipped[0]
+            logger.warning(
+                "webdataset source %r: %d sample(s) skipped as unusable; first: shard %s, key %r: %s.",
+                name,
+                len(skipped),
+                shard,
+                key,
+                reason,
+            )
         super().__init__(name, pairs)
 
     def image_bytes(self, key: str) -> bytes:

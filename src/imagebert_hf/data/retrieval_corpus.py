@@ -150,7 +150,8 @@ def load_manifest_records(
 
     Returns:
         Records `{"image_id", "image" (resolved path), "manifest_image" (the path as written, the region cache
-        key), "captions"}` in file order.
+        key), "captions"}` in file order. `image_id` is the line's `image_id`, else its `coco_id`, else its image
+        path as written (a string or an integer; the manifest reader refuses other ids).
     """
     check_max_images(max_images)
     records = []
@@ -159,7 +160,11 @@ def load_manifest_records(
             continue
         if not record.captions:
             raise ValueError(f"{path}: image {record.image} has no captions.")
-        image_id = record.extra.get("image_id") or record.extra.get("coco_id") or Path(record.image).stem
+        # The id a line gives (0 included), else the image path as written: unique per image, where the file
+        # name alone would merge images/train/001.jpg and images/val/001.jpg into one gallery item.
+        image_id = next(
+            (record.extra[key] for key in ("image_id", "coco_id") if record.extra.get(key) is not None), record.image
+        )
         records.append(
             {
                 "image_id": str(image_id),

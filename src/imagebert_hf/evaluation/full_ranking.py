@@ -240,7 +240,9 @@ def _check_corpus_tensors(path: Path, tensors: dict, image_ids: list, texts: lis
     value_ranges = {
         "text_inputs.input_ids": (0, int(vocab) - 1 if vocab.isdigit() else None),
         "text_inputs.attention_mask": (0, 1),
-        "text_inputs.token_type_ids": (0, None),
+        # Each caption is one segment, so the tokenizer gives every token type 0; another value would index the
+        # model's token-type table out of range (a device-side assert on a GPU).
+        "text_inputs.token_type_ids": (0, 0),
         "region_inputs.region_attention_mask": (0, 1),
     }
     for name, (low, high) in value_ranges.items():

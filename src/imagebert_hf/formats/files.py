@@ -205,15 +205,44 @@ def read_text_file(path: str | Path, expected: str) -> str:
         raise ValueError(f"{path} is not a UTF-8 text file; expected {expected}.") from None
 
 
+class DuplicateJSONKeyError(ValueError):
+    """A JSON object gives one key twice: plain JSON readers keep the last value without a word."""
+
+    def __init__(self, key: str):
+        super().__init__(f"the key {key!r} is given twice in one object")
+        self.key = key
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = {}
+    for key, value in pairs:
+        if key in result:
+            raise DuplicateJSONKeyError(key)
+        result[key] = value
+    return result
+
+
+def loads_json(text: str) -> Any:
+    """`json.loads` that raises `DuplicateJSONKeyError` for an object giving one key twice (a user's file read with
+    plain `json.loads` would silently keep the last value)."""
+    return json.loads(text, object_pairs_hook=_refuse_duplicate_keys)
+
+
 def read_json_file(path: str | Path, expected: str):
-    """The parsed content of a JSON file, its errors as `read_text_file`'s; JSON that does not parse raises a
-    `ValueError` naming `path`, the line and what was `expected`."""
+    """The parsed content of a JSON file, its errors as `read_text_file`'s; JSON that does not parse, or has a key
+    twice in one object (which plain JSON readers resolve silently, the last one winning), raises a `ValueError`
+    naming `path`, the line or the key, and what was `expected`."""
     text = read_text_file(path, expected)
     try:
-        return json.loads(text)
+        return loads_json(text)
     except json.JSONDecodeError as error:
         raise ValueError(
             f"{path} is not valid JSON (line {error.lineno}, column {error.colno}: {error.msg}); expected {expected}."
+        ) from None
+    except DuplicateJSONKeyError as duplicate:
+        raise ValueError(
+            f"{path} gives the key {duplicate.key!r} twice in one object, so which value holds is unclear; expected "
+            f"{expected}."
         ) from None
 
 
@@ -284,6 +313,7 @@ def exclusive_folder(folder: str | os.PathLike, flag: str = "output_dir") -> Ite
 
 
 __all__ = [
+    "DuplicateJSONKeyError",
     "FolderInUseError",
     "RUN_LOCK_FILE",
     "atomic_write_bytes",
@@ -294,6 +324,7 @@ __all__ = [
     "exclusive_folder",
     "file_checksum",
     "fsync_tree",
+    "loads_json",
     "publish_folder",
     "publish_folder_keeping_others",
     "read_json_file",

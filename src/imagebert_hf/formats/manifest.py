@@ -9,7 +9,9 @@
 `objects` with `bbox_xywh` (absolute pixels, COCO style) or `bbox_xyxy` is optional. Other keys are kept in
 `extra`. Reading is pure: no image is opened. Every line is checked where it is read: a malformed one raises
 `ManifestError` with `file:line` and the field; captions must be non-empty strings, and an `image` path that leaves
-the image root (absolute, or `../`) is refused unless `allow_outside_root=True`.
+the image root (absolute, or `../`) is refused unless `allow_outside_root=True`. A key given twice in one object, a
+path holding NUL, a box corner that is not finite, a `class_id` outside `[0, MAX_CLASS_ID]` (other than -1, none)
+and an `image_id` / `coco_id` that is not a non-empty string or an integer are refused too.
 """
 
 from __future__ import annotations
@@ -22,8 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .files import DuplicateJSONKeyError, loads_json
+
 
 _KNOWN_KEYS = {"image", "captions", "caption", "objects", "width", "height"}
+# Keys of `extra` that name the image (the retrieval gallery's id, the region cache's key field).
+_ID_KEYS = ("image_id", "coco_id")
+# Class ids are stored as int64 and index a classifier: past this bound an id is a damaged value, not a class.
+MAX_CLASS_ID = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,8 @@ def _parse_objects(objects: Any, where: str):
             _fail(where, f"{name}.{key} must be 4 numbers, got {box!r:.60}")
         a, b, c, d = (_number(v, where, f"{name}.{key}[{k}]") for k, v in enumerate(box))
         x1, y1, x2, y2 = (a, b, c, d) if key == "bbox_xyxy" else (a, b, a + c, b + d)
+        if not (math.isfinite(x2) and math.isfinite(y2)):
+            _fail(where, f"{name}.{key} gives a corner that is not finite (x2={x2}, y2={y2}), got {list(box)}")
         if x2 < x1 or y2 < y1:
             _fail(where, f"{name}.{key} has a negative width or height, got {list(box)}")
         label, class_id = obj.get("label", ""), obj.get("class_id", -1)
@@ -91,6 +101,8 @@ def _parse_objects(objects: Any, where: str):
             _fail(where, f"{name}.label must be a string, got {label!r}")
         if isinstance(class_id, bool) or not isinstance(class_id, int):
             _fail(where, f"{name}.class_id must be an integer, got {class_id!r}")
+        if class_id != -1 and not 0 <= class_id <= MAX_CLASS_ID:
+            _fail(where, f"{name}.class_id must be in [0, {MAX_CLASS_ID}] (or -1 for none), got {class_id!r}")
         boxes.append((x1, y1, x2, y2))
         labels.append(label)
         class_ids.append(class_id)
@@ -126,6 +138,9 @@ def image_path_inside_root(
     image path read from a user's file (manifests, Karpathy split files)."""
     if not isinstance(image, str) or not image.strip():
         _fail(where, f"{field!r} must be a non-empty path string, got {image!r:.60}")
+    if "\0" in image:
+        # The OS cuts a path at NUL (or refuses it): the file opened would not be the one named.
+        _fail(where, f"{field!r} holds a NUL character, got {image!r:.60}")
     path = Path(image_root) / image
     if not allow_outside_root:
         root = os.path.normpath(os.path.abspath(image_root))
@@ -155,9 +170,11 @@ def parse_manifest_line(
         allow_outside_root: Follow `image` paths that leave `image_root` (absolute, or `../`); refused by default.
     """
     try:
-        item = json.loads(line) if isinstance(line, str) else line
+        item = loads_json(line) if isinstance(line, str) else line
     except json.JSONDecodeError as error:
         _fail(where, f"invalid JSON ({error})")
+    except DuplicateJSONKeyError as error:
+        _fail(where, f"key {error.key!r} appears twice in one object; JSON keeps only the last, so write it once")
     if not isinstance(item, dict):
         _fail(where, f"a line must be a JSON object, got {type(item).__name__}")
     if "image" not in item:
@@ -171,6 +188,14 @@ def parse_manifest_line(
         value = item.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             _fail(where, f"{key!r} must be a positive integer, got {value!r}")
+    for key in _ID_KEYS:
+        value = item.get(key)
+        if value is not None and (
+            isinstance(value, bool)
+            or not isinstance(value, (str, int))
+            or (isinstance(value, str) and not value.strip())
+        ):
+            _fail(where, f"{key!r} must be a non-empty string or an integer, got {value!r:.60}")
     return ManifestRecord(
         image=item["image"],
         image_path=image_path,

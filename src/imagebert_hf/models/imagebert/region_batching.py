@@ -22,6 +22,8 @@ import torch
 PADDING = ("longest", "max_length")
 # Rounding slack of normalised box coordinates (a box edge at the image border may land a hair outside [0, 1]).
 LOCATION_TOLERANCE = 1e-4
+# How far a class distribution's sum may be from 1: float16 storage rounds each entry by up to 2^-11 of its value.
+PROB_SUM_TOLERANCE = 1e-2
 
 # numpy arrays from the extractor and the cache; lists and tensors are accepted wherever records are padded.
 RegionArray = np.ndarray | torch.Tensor | Sequence[Any]
@@ -389,10 +391,13 @@ def _non_finite_rows(values: torch.Tensor) -> torch.Tensor:
 
 
 def _bad_prob_rows(probs: torch.Tensor) -> torch.Tensor | None:
-    """(B, R) True where a class distribution holds NaN, inf or a negative entry; None after one read when none does."""
-    if torch.isfinite(probs.sum()) and not (probs < 0).any():
-        return None
-    return _non_finite_rows(probs) | (probs < 0).any(dim=-1)
+    """(B, R) True where a class distribution holds NaN, inf or a negative entry, or does not sum to 1 (within
+    `PROB_SUM_TOLERANCE`); None when none does. A row of zeros passes: it is what the extractor and the region cache
+    store for a region without a distribution (a backbone without a classifier)."""
+    # Summed in float32: a float16 sum of a long row would round more than the stored values do.
+    sums = probs.sum(dim=-1, dtype=torch.float32)
+    bad = ~torch.isfinite(sums) | (((sums - 1).abs() > PROB_SUM_TOLERANCE) & (sums != 0)) | (probs < 0).any(dim=-1)
+    return bad if bad.any() else None
 
 
 def _bad_location_rows(locations: torch.Tensor) -> torch.Tensor | None:
@@ -408,7 +413,12 @@ def _bad_location_rows(locations: torch.Tensor) -> torch.Tensor | None:
 # What `check_region_values` checks: the array, its bad rows (None: none), what they hold and what was expected.
 _REGION_VALUE_CHECKS = (
     ("region_features", _non_finite_rows, "NaN or infinite values", "finite numbers"),
-    ("region_class_probs", _bad_prob_rows, "NaN, infinite or negative values", "a probability distribution"),
+    (
+        "region_class_probs",
+        _bad_prob_rows,
+        "NaN, infinite or negative values, or rows that do not sum to 1",
+        f"a probability distribution per region (summing to 1 within {PROB_SUM_TOLERANCE}; all zeros for none)",
+    ),
     (
         "region_locations",
         _bad_location_rows,
@@ -420,7 +430,8 @@ _REGION_VALUE_CHECKS = (
 
 def check_region_values(batch: Mapping[str, Any], names: Sequence[str] | None = None) -> None:
     """Checks the values of a padded region batch, where it is made (on the CPU): finite `region_features`,
-    `region_class_probs` without negative or non-finite entries, and `region_locations` in [0, 1] (normalised by the
+    `region_class_probs` without negative or non-finite entries whose rows sum to 1 (or are all zero: no
+    distribution), and `region_locations` in [0, 1] (normalised by the
     image size), in the real regions (`region_attention_mask`). The model checks only shapes and dtypes, so the same
     batch behaves alike on every device; the processor, the collators and the pipeline call this.
 
