@@ -174,5 +174,13 @@ def test_a_shard_count_without_an_index_is_checked_against_the_shard_folders(tin
     shutil.copytree(tiny_cache, copy)
     (copy / "index.jsonl").unlink()  # lookup.arrow alone can serve reads: the index is no bound here
     set_num_shards(copy, 10**9)
+    with pytest.raises(
+        RegionCacheError,
+        match=r"cache_info\.json says num_shards=1000000000, but .*shard_report\.json \(written with the shards\) holds 2",
+    ):
+        load_region_cache(copy)
+    # A cache written before the shard reports recorded the count: the shards on disk still bound the check.
+    for report in copy.glob("shards/shard-*/shard_report.json"):
+        report.write_text(json.dumps({k: v for k, v in json.loads(report.read_text()).items() if k != "num_shards"}))
     with pytest.raises(RegionCacheError, match=r"incomplete \(999999998 shards missing, e\.g\. shard-00002\)"):
         load_region_cache(copy)

@@ -107,10 +107,40 @@ def _present_shards(path: Path) -> set[int]:
     return numbers
 
 
+def _info_mismatch(path: Path, name: str, recorded: Any, found: Any, where: str) -> RegionCacheError:
+    """`cache_info.json` disagrees with what the cache holds: its `name` says `recorded`, `where` holds `found`."""
+    return RegionCacheError(
+        f"{path / CACHE_INFO_NAME} says {name}={recorded!r}, but {where} holds {found!r}: {CACHE_INFO_NAME} was "
+        "edited or belongs to another cache, and would misread every record. Restore it from an intact copy of this "
+        "cache, or rebuild the cache into a new folder."
+    )
+
+
+def _recorded_num_shards(path: Path, present: set[int]) -> int | None:
+    """The shard count the writer recorded in the `shard_report.json` of the first shard on disk (None for caches
+    written before it was recorded, or when that report does not parse: the reader names it later)."""
+    if not present:
+        return None
+    try:
+        report = json.loads((_shard_dir(path, min(present)) / SHARD_REPORT_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    count = report.get("num_shards") if isinstance(report, dict) else None
+    return count if isinstance(count, int) and not isinstance(count, bool) else None
+
+
 def _shard_dirs(path: Path, info: dict[str, Any]) -> list[Path]:
     num_shards = info["num_shards"]
     # Counted from the folder's entries, so the work is bounded by what is on disk, not by the recorded count.
-    present = {shard for shard in _present_shards(path) if shard < num_shards}
+    on_disk = _present_shards(path)
+    if on_disk and max(on_disk) >= num_shards:
+        last = _shard_dir(path, max(on_disk))
+        raise _info_mismatch(path, "num_shards", num_shards, max(on_disk) + 1, f"{SHARDS_DIR}/ (up to {last.name})")
+    present = {shard for shard in on_disk if shard < num_shards}
+    recorded = _recorded_num_shards(path, present)
+    if recorded is not None and recorded != num_shards:
+        first = _shard_dir(path, min(present)) / SHARD_REPORT_NAME
+        raise _info_mismatch(path, "num_shards", num_shards, recorded, f"{first} (written with the shards)")
     if len(present) < num_shards:
         first = next(shard for shard in range(num_shards) if shard not in present)
         raise RegionCacheError(

@@ -24,6 +24,7 @@ from .cache_layout import (
     SHARD_REPORT_NAME,
     RegionCacheError,
     _damaged,
+    _info_mismatch,
     _read_info,
     _shard_dir,
     _shard_dirs,
@@ -64,6 +65,12 @@ def _storage(chunk):
     import pyarrow as pa
 
     return chunk.storage if isinstance(chunk.type, pa.ExtensionType) else chunk
+
+
+def _storage_type(data_type):
+    import pyarrow as pa
+
+    return data_type.storage_type if isinstance(data_type, pa.ExtensionType) else data_type
 
 
 class _ListColumn:
@@ -258,6 +265,45 @@ def _check_shard_rows(shard: Path, table, report: dict[str, Any] | None) -> None
             )
 
 
+def _region_widths(column) -> tuple[int, int | None]:
+    """Regions and values per region of a (R, D) list column, from its offsets alone (no value is read); the width
+    is the first region's, and None when every region does not hold the same number (or there is no region)."""
+    regions, values, first = 0, 0, None
+    for chunk in column.chunks:
+        inner = _storage(chunk).values
+        if not len(inner):
+            continue
+        offsets = inner.offsets
+        regions += len(inner)
+        values += offsets[len(inner)].as_py() - offsets[0].as_py()
+        if first is None:
+            first = offsets[1].as_py() - offsets[0].as_py()
+    if not regions:
+        return 0, None
+    return regions, first if values == regions * first else None
+
+
+def _check_shard_against_info(path: Path, info: dict[str, Any], shard: Path, table) -> None:
+    """The sizes and dtype `cache_info.json` gives against what a shard's Arrow schema and offsets hold (nothing is
+    decoded): an edited or swapped `cache_info.json` would otherwise cut every record into rows of the wrong width."""
+    file = sorted(shard.glob("data-*.arrow"))[0]
+    recorded_dtype = info.get("feature_dtype", "float32")
+    checks = [("region_features", "region_feature_size", info["region_feature_size"])]
+    if "region_class_probs" in table.column_names:  # without them no stored array shows the class count
+        checks.append(("region_class_probs", "num_object_classes", info["num_object_classes"]))
+    for column, name, recorded in checks:
+        stored_dtype = str(
+            np.dtype(_storage_type(table.schema.field(column).type).value_type.value_type.to_pandas_dtype())
+        )
+        if stored_dtype != recorded_dtype:
+            raise _info_mismatch(path, "feature_dtype", recorded_dtype, stored_dtype, f"{file} ({column})")
+        regions, width = _region_widths(table.column(column))
+        # A cache without classes stores one zero per region.
+        if regions and width != (max(recorded, 1) if name == "num_object_classes" else recorded):
+            found = width if width is not None else "rows of differing widths"
+            raise _info_mismatch(path, name, recorded, found, f"{file} ({column}: values per region)")
+
+
 def _parse_problem(file: Path) -> Exception | None:
     """Why a file written without a recorded checksum cannot be read: a JSON file that does not parse, a safetensors
     file whose header does not cover the file (a truncated or cut one); None when it reads."""
@@ -312,7 +358,9 @@ def verify_region_cache(path: str | os.PathLike) -> int:
         The number of files compared with their recorded checksums.
 
     Raises:
-        RegionCacheError: naming the first file that is missing, does not parse or whose contents differ.
+        RegionCacheError: naming the first file that is missing, does not parse or whose contents differ, or the
+            field of `cache_info.json` that disagrees with what the shards hold (feature size, class count, feature
+            dtype, shard count).
     """
     path = Path(path)
     info = _read_info(path)
@@ -337,6 +385,9 @@ def verify_region_cache(path: str | os.PathLike) -> int:
             if file_checksum(shard / name) != expected:
                 raise _damaged(shard / name, ValueError("its sha256 differs from the one recorded when written"))
             checked += 1
+    # cache_info.json has no recorded checksum: it is checked against what the shards hold, as at every open.
+    for shard in shards:
+        _check_shard_against_info(path, info, shard, _open_shard_table(shard))
     return checked
 
 
@@ -380,6 +431,7 @@ class RegionCache:
             _check_shard_files(shard, number, report)
             table = _open_shard_table(shard)
             _check_shard_rows(shard, table, report)
+            _check_shard_against_info(self.path, self.info, shard, table)
             tables.append(table)
             self._shard_rows.append(table.num_rows)
         self.table = pa.concat_tables(tables)

@@ -33,6 +33,7 @@ from ..formats.files import (
 )
 from ..formats.manifest import iter_manifest
 from ..models.imagebert.image_processing_imagebert import ImageBERTRoIExtractor, extract_in_batches
+from ..models.imagebert.region_batching import as_feature_tensor, check_region_record, check_region_values
 from ..models.imagebert.roi_boxes import as_boxes
 from ..models.imagebert.roi_image_loading import ImageLoadError, image_content_hash
 from .cache_layout import (
@@ -201,6 +202,92 @@ def _features(feature_size: int, num_classes: int, store_class_probs: bool, stor
     return Features(features)
 
 
+# The stored width of each per-region array (`_features`): a record of another width cannot be written.
+_STORED_WIDTHS = {"region_boxes": 4, "region_locations": 5}
+
+
+def _storage_problem(
+    record: dict[str, Any], key: str, feature_size: int, num_classes: int, store_class_probs: bool, storage_dtype: str
+) -> tuple[str | None, dict[str, Any]]:
+    """Why an extracted record cannot be stored (None when it can), and the record as it is stored: float arrays
+    cast to `storage_dtype`, a class distribution of zeros where the extractor has none.
+
+    The record's shapes and dtypes (`check_region_record`), its feature width, `num_regions`, boxes and class labels
+    (-100, none, or one of the `num_classes`) are checked, then its values after the cast (`check_region_values`): a
+    feature that overflows float16 is stored as inf, and would stop training at the first batch that reads it.
+    """
+    import torch
+
+    name = f"image {key!r}"
+    record = dict(record)
+    try:
+        for array in ("region_features", "region_boxes", "region_locations", "region_class_labels"):
+            if record.get(array) is None:
+                raise ValueError(f"{name}: {array} is missing; every stored record has it.")
+        check_region_record(record, name, keys=("region_features", "region_locations", "region_class_labels"))
+        count = np.shape(record["region_features"])[0]
+        if store_class_probs:
+            probs = record.get("region_class_probs")
+            if probs is None or np.shape(probs)[-1:] == (0,):  # an extractor without classes
+                record["region_class_probs"] = np.zeros((count, max(num_classes, 1)), np.float32)
+            check_region_record(record, name, max(num_classes, 1), keys=("region_features", "region_class_probs"))
+        else:
+            record.pop("region_class_probs", None)
+        shapes = {"region_features": (count, feature_size)}
+        shapes.update({array: (count, width) for array, width in _STORED_WIDTHS.items()})
+        for array, shape in shapes.items():
+            if np.shape(record[array]) != shape:
+                raise ValueError(
+                    f"{name}: {array} has shape {np.shape(record[array])}; expected {shape} ({count} regions)."
+                )
+        if record.get("num_regions") != count:
+            raise ValueError(
+                f"{name}: num_regions is {record.get('num_regions')!r}, but region_features has {count} rows (one per "
+                "region)."
+            )
+        if not np.isfinite(np.asarray(record["region_boxes"], dtype=np.float32)).all():
+            raise ValueError(f"{name}: region_boxes hold NaN or infinite values; expected pixel coordinates.")
+        labels = np.asarray(record["region_class_labels"])
+        bad = labels[(labels != -100) & ((labels < 0) | (labels >= num_classes))]
+        if bad.size:
+            raise ValueError(
+                f"{name}: region_class_labels {bad[:5].tolist()} are outside [0, {num_classes}) (the extractor's "
+                "classes; -100 for none)."
+            )
+        dtype = getattr(torch, storage_dtype)
+        cast = {
+            array: as_feature_tensor(record[array]).to(dtype)
+            for array in ("region_features", "region_class_probs")
+            if array in record
+        }
+        locations = torch.as_tensor(np.asarray(record["region_locations"], dtype=np.float32))
+        try:
+            check_region_values(
+                {array: values[None] for array, values in {**cast, "region_locations": locations}.items()},
+                names=[key],
+            )
+        except ValueError as error:
+            raise ValueError(f"{str(error).rstrip('.')} (as stored, in {storage_dtype}).") from error
+    except ValueError as error:
+        return f"the extractor returned regions that cannot be stored: {error}", {}
+    return None, record | {array: values.numpy() for array, values in cast.items()}
+
+
+def _failed_record(reason: str, feature_size: int, num_classes: int) -> dict[str, Any]:
+    """A row for an image without regions, as the extractor gives for one it cannot read."""
+    return {
+        "region_features": np.zeros((0, feature_size), np.float32),
+        "region_boxes": np.zeros((0, 4), np.float32),
+        "region_locations": np.zeros((0, 5), np.float32),
+        "region_class_labels": np.zeros((0,), np.int64),
+        "region_class_probs": np.zeros((0, max(num_classes, 1)), np.float32),
+        "image_width": 0,
+        "image_height": 0,
+        "num_regions": 0,
+        "error": reason,
+    }
+
+
 def _shard_columns(
     extractor,
     units: list[dict[str, Any]],
@@ -208,9 +295,11 @@ def _shard_columns(
     batch_size: int,
     store_class_probs: bool,
     on_batch: Callable[[int], None] | None = None,
+    storage_dtype: str = "float32",
 ) -> tuple[dict[str, list[Any]], list[dict[str, str]]]:
-    """Runs the extractor over a shard's units: the shard's columns, and one failure entry per image that failed."""
-    num_classes = extractor.num_object_classes
+    """Runs the extractor over a shard's units: the shard's columns, and one failure entry per image that failed
+    (unreadable, or whose regions cannot be stored: see `_storage_problem`)."""
+    num_classes, feature_size = extractor.num_object_classes, extractor.region_feature_size
     columns: dict[str, list[Any]] = {name: [] for name in features}
     failures = []
     stream = extract_in_batches(
@@ -225,6 +314,11 @@ def _shard_columns(
     for start, records in zip(range(0, len(units), batch_size), stream):
         batch = units[start : start + batch_size]
         for unit, record in zip(batch, records):
+            if not record["error"]:
+                problem, stored = _storage_problem(
+                    record, unit["key"], feature_size, num_classes, store_class_probs, storage_dtype
+                )
+                record = stored if problem is None else _failed_record(problem, feature_size, num_classes)
             columns["cache_key"].append(unit["cache_key"])
             columns["image_id"].append(unit["image_id"])
             columns["source"].append(unit["key"])
@@ -250,7 +344,12 @@ def _shard_columns(
 
 
 def _write_shard(
-    columns: dict[str, list[Any]], features, units: list[dict[str, Any]], failures, shard_path: Path
+    columns: dict[str, list[Any]],
+    features,
+    units: list[dict[str, Any]],
+    failures,
+    shard_path: Path,
+    num_shards: int | None = None,
 ) -> dict[str, Any]:
     """Saves the columns under a temporary name with their `shard_report.json`, then renames the folder into place."""
     import datasets
@@ -273,6 +372,8 @@ def _write_shard(
         # What a reader checks: the shard's place, the keys of its first and last rows (cheap, at every open), and
         # each file's size (at every open) and sha256 (`verify_region_cache`).
         "shard": int(shard_path.name.rsplit("-", 1)[-1]),
+        # The plan's shard count, so a reader can tell an edited count in cache_info.json from a missing shard.
+        "num_shards": num_shards,
         "first_cache_key": units[0]["cache_key"] if units else None,
         "last_cache_key": units[-1]["cache_key"] if units else None,
         "files": {file.name: file_checksum(file) for file in sorted(tmp_path.glob("data-*.arrow"))},
@@ -291,10 +392,13 @@ def _extract_shard(
     store_class_probs: bool,
     on_batch: Callable[[int], None] | None = None,
     storage_dtype: str = "float32",
+    num_shards: int | None = None,
 ) -> dict[str, Any]:
     features = _features(extractor.region_feature_size, extractor.num_object_classes, store_class_probs, storage_dtype)
-    columns, failures = _shard_columns(extractor, units, features, batch_size, store_class_probs, on_batch)
-    return _write_shard(columns, features, units, failures, shard_path)
+    columns, failures = _shard_columns(
+        extractor, units, features, batch_size, store_class_probs, on_batch, storage_dtype
+    )
+    return _write_shard(columns, features, units, failures, shard_path, num_shards)
 
 
 def _init_worker(extractor_dir: str, num_threads: int, devices) -> None:
@@ -307,10 +411,18 @@ def _init_worker(extractor_dir: str, num_threads: int, devices) -> None:
     _WORKER_EXTRACTOR = ImageBERTRoIExtractor.from_pretrained(extractor_dir, device=device)
 
 
-def _worker_task(task: tuple[int, list[dict[str, Any]], str, int, bool, str]) -> tuple[int, int, dict[str, Any]]:
-    shard, units, shard_path, batch_size, store_class_probs, storage_dtype = task
+def _worker_task(
+    task: tuple[int, list[dict[str, Any]], str, int, bool, str, int],
+) -> tuple[int, int, dict[str, Any]]:
+    shard, units, shard_path, batch_size, store_class_probs, storage_dtype, num_shards = task
     report = _extract_shard(
-        _WORKER_EXTRACTOR, units, Path(shard_path), batch_size, store_class_probs, storage_dtype=storage_dtype
+        _WORKER_EXTRACTOR,
+        units,
+        Path(shard_path),
+        batch_size,
+        store_class_probs,
+        storage_dtype=storage_dtype,
+        num_shards=num_shards,
     )
     return shard, len(units), report
 
@@ -523,6 +635,7 @@ def _run_shards(
                 batch_size,
                 store_class_probs,
                 storage_dtype,
+                len(shards),
             )
             for shard in todo
         ]
@@ -540,6 +653,7 @@ def _run_shards(
                 store_class_probs,
                 on_images,
                 storage_dtype=storage_dtype,
+                num_shards=len(shards),
             )
 
 
