@@ -224,8 +224,9 @@ def load_checkpoint(
 
     Raises:
         ValueError: A file of the checkpoint is damaged or missing (its `trainer_state.json` and random states
-            are checked before anything is restored); the message names the file. A missing random-state file is
-            not an error: the process resumes with fresh random streams, with a warning.
+            are checked before anything is restored), its model weights do not fit the model or hold NaN or
+            infinite values; the message names the file. A missing random-state file is not an error: the process
+            resumes with fresh random streams, with a warning.
     """
     checkpoint = Path(checkpoint)
     try:
@@ -243,10 +244,26 @@ def load_checkpoint(
     except Exception as error:
         # accelerate's errors for a damaged file (torch's reader, the unpickler, safetensors) name no file: find it.
         damaged = _first_unreadable_file(checkpoint)
-        if damaged is None:
+        if damaged is not None:
+            path, detail = damaged
+            raise ValueError(
+                f"checkpoint {checkpoint}: {path.name} is damaged ({detail}); {DAMAGED_ADVICE}."
+            ) from error
+        # The prepared models, as accelerate restores them (file `model_i` into the i-th): no public accessor.
+        misfit = _first_misfit_model_file(checkpoint, accelerator._models)
+        if misfit is None:
             raise
-        path, detail = damaged
-        raise ValueError(f"checkpoint {checkpoint}: {path.name} is damaged ({detail}); {DAMAGED_ADVICE}.") from error
+        path, detail = misfit
+        raise ValueError(
+            f"checkpoint {checkpoint}: {path.name} does not fit the model ({detail}); {DAMAGED_ADVICE}."
+        ) from error
+    non_finite = _first_non_finite_weight(checkpoint)
+    if non_finite is not None:
+        path, name = non_finite
+        raise ValueError(
+            f"checkpoint {checkpoint}: {path.name} holds NaN or infinite values in {name!r} (the run had diverged "
+            f"when it was saved); {DAMAGED_ADVICE}, and lower learning_rate."
+        )
     return state
 
 
@@ -275,6 +292,66 @@ def _first_unreadable_file(checkpoint: Path) -> tuple[Path, str] | None:
                 _load_weights_only(path, map_location="cpu")
         except Exception as error:  # noqa: BLE001 - any failure to read it means the same to the user
             return path, _load_error_detail(error)
+    return None
+
+
+def _model_weight_files(checkpoint: Path, index: int) -> list[Path]:
+    """The files accelerate restores model `index` from: `model[_i].safetensors`, else `pytorch_model[_i].bin`."""
+    ending = f"_{index}" if index > 0 else ""
+    safetensors = checkpoint / f"model{ending}.safetensors"
+    return [safetensors] if safetensors.is_file() else [checkpoint / f"pytorch_model{ending}.bin"]
+
+
+def _first_misfit_model_file(checkpoint: Path, models) -> tuple[Path, str] | None:
+    """The first model file of `checkpoint` that reads but does not fit its model, with the first key missing from
+    it, the first key the model lacks, or the first shape that differs. Tensors the model shares (a tied decoder)
+    are saved once, so one of their names may be absent."""
+    from safetensors import safe_open
+
+    for index, model in enumerate(models):
+        path = _model_weight_files(checkpoint, index)[0]
+        if path.suffix == ".safetensors":
+            with safe_open(path, framework="pt") as handle:
+                saved = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118
+        elif path.is_file():
+            saved = {name: tuple(tensor.shape) for name, tensor in _load_weights_only(path, "cpu").items()}
+        else:
+            continue
+        expected = model.state_dict()
+        storages: dict[int, list[str]] = {}
+        for name, tensor in expected.items():
+            storages.setdefault(tensor.untyped_storage().data_ptr(), []).append(name)
+        for name, tensor in expected.items():
+            if name not in saved:
+                if not any(alias in saved for alias in storages[tensor.untyped_storage().data_ptr()]):
+                    return path, f"the model's {name!r} is missing"
+            elif saved[name] != tuple(tensor.shape):
+                return path, f"{name!r} has shape {list(saved[name])}, the model's {list(tensor.shape)}"
+        unexpected = [name for name in saved if name not in expected]
+        if unexpected:
+            return path, f"it holds {unexpected[0]!r}, which the model does not have"
+    return None
+
+
+def _first_non_finite_weight(checkpoint: Path) -> tuple[Path, str] | None:
+    """The first model file of `checkpoint` holding a NaN or infinite value, with the first tensor that does; read
+    from the files, so every process finds the same whatever part of the model it holds."""
+    import torch
+    from safetensors import safe_open
+
+    index = 0
+    while (path := _model_weight_files(checkpoint, index)[0]).is_file():
+        if path.suffix == ".safetensors":
+            with safe_open(path, framework="pt") as handle:
+                for name in handle.keys():  # noqa: SIM118 - a safetensors handle is not a mapping
+                    tensor = handle.get_tensor(name)
+                    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                        return path, name
+        else:
+            for name, tensor in _load_weights_only(path, "cpu").items():
+                if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    return path, name
+        index += 1
     return None
 
 

@@ -27,6 +27,17 @@ class TooManyFailedRecords(RuntimeError):
     """More records failed to load than the run allows."""
 
 
+# Optimizer steps in a row whose loss is not finite after which a run with a gradient scaler (fp16) stops: the scaler
+# skips each such step and halves its scale, so a few are an overflow it recovers from, and this many a divergence.
+NON_FINITE_STEPS_UNDER_SCALER = 10
+
+
+class NonFiniteLossError(ValueError):
+    """A loss came out NaN or infinite: training diverged (too high a learning rate, bad data), and every step after
+    it would train the weights into NaN. A `ValueError`, like the other bad values a run refuses: the scripts end on
+    it with one line."""
+
+
 class TrainingStopped(Exception):
     """Raised when a run stops before its end and can continue with `resume`: `stop_after_steps` was reached, or the
     process got SIGTERM (a scheduler preempting or cancelling the job), after which the loop saved a checkpoint."""
@@ -231,6 +242,9 @@ class _StepTally:
         self.names = list(names)
         self.sums = torch.zeros(len(self.names), device=device)
         self.counts = torch.zeros(len(self.names), device=device)
+        # Micro-batches whose loss was NaN or infinite, per name: reduced with the sums, so every process agrees.
+        self.non_finite = torch.zeros(len(self.names), device=device)
+        self.non_finite_steps_in_a_row = 0
         self.records = torch.zeros(2, device=device)
         self.stop = torch.zeros(1, device=device)
 
@@ -241,27 +255,35 @@ class _StepTally:
     def add_losses(self, outputs, weights: dict[str, torch.Tensor]) -> None:
         for i, name in enumerate(self.names):
             value = getattr(outputs, "loss" if name == "loss" else f"{name}_loss", None)
-            value = None if value is None else value.detach().float()
-            weight = weights.get(name, 1.0)
-            if value is not None and torch.isfinite(value) and float(weight) > 0:
-                self.sums[i] += value * weight
-                self.counts[i] += weight
+            if value is None:
+                continue
+            value = value.detach().float()
+            weight = torch.as_tensor(weights.get(name, 1.0), dtype=torch.float32, device=value.device)
+            # Selected on the device rather than tested on the host: no sync per micro-batch.
+            counted, finite = weight > 0, torch.isfinite(value)
+            self.sums[i] += torch.where(counted & finite, value * weight, 0.0)
+            self.counts[i] += torch.where(counted & finite, weight, 0.0)
+            self.non_finite[i] += (counted & ~finite).float()
 
-    def reduce(self, accelerator, state: TrainState) -> tuple[dict[str, float | None], bool]:
-        """Adds the step's records to `state`, returns its average losses over all processes, and whether any
-        process got SIGTERM (in the same reduction: the processes agree on it at no extra cost); starts afresh."""
+    def reduce(self, accelerator, state: TrainState) -> tuple[dict[str, float | None], bool, list[str]]:
+        """Adds the step's records to `state`, returns its average losses over all processes, whether any process
+        got SIGTERM, and the names whose loss was not finite on some process (all in the same reduction: the
+        processes agree on them at no extra cost); starts afresh."""
         n = len(self.names)
         self.stop.fill_(float(_SIGTERM_RECEIVED.is_set()))
-        totals = accelerator.reduce(torch.cat([self.sums, self.counts, self.records, self.stop]), reduction="sum")
-        step_sums, step_counts = totals[:n], totals[n : 2 * n]
+        totals = accelerator.reduce(
+            torch.cat([self.sums, self.counts, self.non_finite, self.records, self.stop]), reduction="sum"
+        )
+        step_sums, step_counts, step_non_finite = totals[:n], totals[n : 2 * n], totals[2 * n : 3 * n]
         state.records_seen += int(totals[-3])
         state.records_failed += int(totals[-2])
-        self.sums.zero_(), self.counts.zero_(), self.records.zero_()
+        self.sums.zero_(), self.counts.zero_(), self.non_finite.zero_(), self.records.zero_()
         losses = {
             name: (float(step_sums[i] / step_counts[i]) if step_counts[i] > 0 else None)
             for i, name in enumerate(self.names)
         }
-        return losses, bool(totals[-1] > 0)
+        not_finite = [name for i, name in enumerate(self.names) if step_non_finite[i] > 0]
+        return losses, bool(totals[-1] > 0), not_finite
 
 
 def train_loop(
@@ -291,6 +313,11 @@ def train_loop(
 
     Returns:
         The final `state`.
+
+    Raises:
+        NonFiniteLossError: A step's loss (on any process) is NaN or infinite; nothing of that step is saved.
+        TooManyFailedRecords: More records failed to load than `settings.max_failure_rate` allows.
+        TrainingStopped: SIGTERM, or `settings.stop_after_global_step` reached.
     """
     from tqdm.auto import tqdm
 
@@ -358,10 +385,16 @@ def _train_micro_batch(accelerator, model, optimizer, scheduler, batch, state, s
 def _finish_step(
     accelerator, scheduler, state: TrainState, settings: LoopSettings, tally
 ) -> tuple[dict[str, float | None], bool]:
-    """Counts the optimizer step, checks the failure budget, logs; returns the step's losses and whether a process
-    got SIGTERM."""
+    """Counts the optimizer step, checks its losses are finite and the failure budget, logs; returns the step's
+    losses and whether a process got SIGTERM."""
     state.completed_steps += 1
-    losses, stop_requested = tally.reduce(accelerator, state)
+    losses, stop_requested, not_finite = tally.reduce(accelerator, state)
+    tally.non_finite_steps_in_a_row = tally.non_finite_steps_in_a_row + 1 if not_finite else 0
+    # A gradient scaler (fp16) skips a step whose gradients are not finite, as a NaN loss's are, so one such step
+    # leaves the weights as they were; without one, the optimizer would write NaN into every weight at once.
+    allowed = NON_FINITE_STEPS_UNDER_SCALER if getattr(accelerator, "scaler", None) is not None else 1
+    if tally.non_finite_steps_in_a_row >= allowed:
+        _raise_non_finite(state, not_finite, tally.non_finite_steps_in_a_row)
     if settings.task_weights is not None:
         parts = [
             settings.task_weights.get(name, 1.0) * losses[name]
@@ -375,6 +408,23 @@ def _finish_step(
         state.history.append(entry)
         accelerator.log({f"train/{k}": v for k, v in entry.items() if isinstance(v, float)}, step=state.global_step)
     return losses, stop_requested
+
+
+def _raise_non_finite(state: TrainState, names: list[str], steps_in_a_row: int) -> None:
+    """Stops the run at a step whose loss is NaN or infinite, before it is logged or checkpointed.
+
+    The loss itself is what is checked, not the gradients: under fp16, accelerate's gradient scaler meets infinite
+    gradients by design, skips those steps and lowers its scale, while the loss stays finite. A loss that is not
+    finite comes from the forward pass; the scaler skips its step too, so under fp16 the run stops only when that
+    happens `NON_FINITE_STEPS_UNDER_SCALER` steps in a row, and at the first one otherwise."""
+    tasks = [name for name in names if name != "loss"]
+    which = f"the {', '.join(tasks)} loss{'es are' if len(tasks) > 1 else ' is'}" if tasks else "the loss is"
+    streak = f" (the {steps_in_a_row}th step in a row)" if steps_in_a_row > 1 else ""
+    raise NonFiniteLossError(
+        f"{which} not finite (NaN or infinite) at run-wide step {state.global_step}{streak} of stage "
+        f"{state.stage_name!r}: training diverged. Lower learning_rate, check the data for extreme values, and resume "
+        "from the last checkpoint."
+    )
 
 
 def _checkpoint_or_stop(accelerator, state: TrainState, settings: LoopSettings, stop_requested: bool) -> None:
@@ -426,6 +476,7 @@ def _check_failures(state: TrainState, max_failure_rate: float, min_records: int
 
 __all__ = [
     "LoopSettings",
+    "NonFiniteLossError",
     "TooManyFailedRecords",
     "TrainingStopped",
     "build_accelerator",

@@ -46,7 +46,16 @@ from .loop import (
     stop_on_sigterm,
 )
 from .plots import plot_losses
-from .recipe import LOSS_TASKS, ModelSpec, Recipe, SourceSpec, StageSpec, load_recipe, recipe_to_dict
+from .recipe import (
+    LOSS_TASKS,
+    ModelSpec,
+    Recipe,
+    SourceSpec,
+    StageSpec,
+    check_folder_name,
+    load_recipe,
+    recipe_to_dict,
+)
 from .runner import Schedule, Stage, hold_run_folder, run_stage, save_final
 
 
@@ -183,6 +192,7 @@ def build_stage_data(stage: StageSpec, tokenizer, config, seed: int, num_workers
         count_failed=True,
         seed=seed,
         num_object_classes=config.num_object_classes,
+        type_vocab_size=config.type_vocab_size,
     )
     weights = [spec.weight for spec in stage.sources]
     if isinstance(sources[0], StreamingPairSource):
@@ -248,6 +258,8 @@ def _configure_for_stage(model, stage: StageSpec) -> None:
 
 
 def stage_directory(output_dir: str | Path, index: int, stage: StageSpec) -> Path:
+    # A recipe built in code skips `load_recipe`'s checks; the name must not lead the folder out of output_dir.
+    check_folder_name(stage.name, f"stages[{index}].name")
     return Path(output_dir) / f"stage{index + 1}-{stage.name}"
 
 

@@ -19,8 +19,9 @@ stages:
 ```
 
 Every key is checked: an unknown key or one given twice, a value of the wrong type or out of range, a source whose
-file or region cache does not exist, zero steps or a weight that is not positive fails at load time with the dotted
-path of the field (`stages[1].sources[0].weight`).
+file or region cache does not exist, zero steps, a source weight that is not positive, loss weights that are all
+zero, or a stage name that cannot be a folder name fails at load time with the dotted path of the field
+(`stages[1].sources[0].weight`).
 """
 
 from __future__ import annotations
@@ -140,9 +141,7 @@ def _build(cls, data: Any, where: str):
     if not isinstance(data, dict):
         raise RecipeError(f"{where} must be a mapping, got {type(data).__name__}.")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise RecipeError(f"{where}: unknown key(s) {unknown}; allowed keys are {sorted(fields)}.")
+    _check_keys(data, fields, where, "key")
     required = [
         name
         for name, f in fields.items()
@@ -162,6 +161,38 @@ def _build(cls, data: Any, where: str):
         if name in _FIELD_RULES and data[name] is not None:
             _check_field(f"{where}.{name}", data[name], *_FIELD_RULES[name])
     return data
+
+
+def _check_keys(data: dict, allowed, where: str, what: str) -> None:
+    """Refuses keys of `data` not in `allowed`, a key that is not a string (YAML reads `1:`, `yes:` or `null:` as a
+    number, a boolean or None) among them."""
+    unknown = [key for key in data if not isinstance(key, str) or key not in allowed]
+    if unknown:
+        unknown = sorted(unknown, key=repr)
+        raise RecipeError(f"{where}: unknown {what}(s) {unknown}; allowed {what}s are {sorted(allowed)}.")
+
+
+def check_folder_name(value: str, where: str) -> None:
+    """Refuses a name that cannot be a folder name of its own: empty, a path (`/`, `\\`, `..`), or holding a
+    character some filesystem refuses or a shell misreads (control characters, `<>:"|?*`)."""
+    unsafe = sorted({char for char in value if ord(char) < 32 or ord(char) == 127 or char in _UNSAFE_IN_NAMES})
+    if unsafe:
+        why = f"holds the character(s) {unsafe}"
+    elif ".." in value:
+        why = "holds '..'"
+    elif not value.strip():
+        why = "is empty"
+    elif value != value.strip():
+        why = "starts or ends with a space"
+    else:
+        return
+    raise RecipeError(
+        f"{where} is {value!r}, which {why}; the name becomes a folder name, so use letters, digits, '-', '_' and "
+        "'.' (no '..')."
+    )
+
+
+_UNSAFE_IN_NAMES = frozenset('/\\<>:"|?*')
 
 
 # The numeric fields not checked with a message of their own, by rule in `check_field`'s `(kind, lowest, highest)`
@@ -258,6 +289,7 @@ def _source(data: Any, where: str) -> SourceSpec:
 
 def _stage(data: Any, where: str) -> StageSpec:
     data = _build(StageSpec, data, where)
+    check_folder_name(data["name"], f"{where}.name")
     data = dict(data)
     sources = data.pop("sources")
     if not isinstance(sources, list) or not sources:
@@ -289,12 +321,15 @@ def _stage(data: Any, where: str) -> StageSpec:
         )
     if not 0.0 <= stage.warmup_ratio < 1.0:
         raise RecipeError(f"{where}.warmup_ratio must be in [0, 1), got {stage.warmup_ratio}.")
-    unknown = sorted(set(stage.loss_weights) - set(LOSS_TASKS))
-    if unknown:
-        raise RecipeError(f"{where}.loss_weights: unknown task(s) {unknown}; expected keys among {LOSS_TASKS}.")
+    _check_keys(stage.loss_weights, LOSS_TASKS, f"{where}.loss_weights", "task")
     stage.loss_weights = {**dict.fromkeys(LOSS_TASKS, 1.0), **stage.loss_weights}
     for task, weight in stage.loss_weights.items():
         _check_field(f"{where}.loss_weights.{task}", weight, "float", 0.0, None)
+    if not any(weight > 0 for weight in stage.loss_weights.values()):
+        raise RecipeError(
+            f"{where}.loss_weights are all zero ({stage.loss_weights}): the stage would train on no task; give at "
+            "least one task a positive weight."
+        )
     try:
         stage.check_masking_settings(f"{where}.")
     except ValueError as error:
@@ -305,6 +340,9 @@ def _stage(data: Any, where: str) -> StageSpec:
 def _check_model_config(config: dict[str, Any], where: str) -> None:
     """Types and ranges of the config fields a recipe sets (fields that must agree are checked when the model is
     made, since a text checkpoint may supply the rest)."""
+    non_string = [key for key in config if not isinstance(key, str)]
+    if non_string:
+        raise RecipeError(f"{where}: keys must be config field names, got {sorted(non_string, key=repr)}.")
     for name, value in config.items():
         if name in FIELD_RULES:
             _check_field(f"{where}.{name}", value, *FIELD_RULES[name])
@@ -451,6 +489,7 @@ __all__ = [
     "SourceSpec",
     "StageSpec",
     "apply_overrides",
+    "check_folder_name",
     "check_source_paths",
     "load_recipe",
     "recipe_from_dict",
