@@ -246,6 +246,18 @@ def read_json_file(path: str | Path, expected: str):
         ) from None
 
 
+def check_output_dir(path: str | os.PathLike | None, flag: str = "--output_dir") -> Path:
+    """The folder a command writes into, as a `Path`; raises ValueError naming `flag` when it is empty (an empty
+    string is the current folder to the OS, and a command would write, or replace, its files there) or names an
+    existing file. A missing folder is fine: the command creates it."""
+    if path is None or not str(path).strip():
+        raise ValueError(f"{flag} must be a non-empty path, got {path!r}.")
+    folder = Path(path).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{flag} {folder} is a file; expected a folder (created when missing).")
+    return folder
+
+
 def check_folder_or_hub_id(name: str | os.PathLike, what: str, expected: str) -> None:
     """Raises `FileNotFoundError` naming `what` when `name` is neither an existing path nor a name the Hub could
     hold (`name` or `owner/name`): `from_pretrained` would report such a name as a malformed repo id rather than as
@@ -321,6 +333,7 @@ __all__ = [
     "atomic_write_text",
     "atomic_writer",
     "check_folder_or_hub_id",
+    "check_output_dir",
     "exclusive_folder",
     "file_checksum",
     "fsync_tree",
