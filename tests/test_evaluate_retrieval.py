@@ -122,6 +122,9 @@ try:
     score_pairs_across_processes(None, {}, {}, images, torch.zeros(3, dtype=torch.long))
 except ValueError as error:
     print("refused:", error, flush=True)
+# Leave together: a process that exits while the other still talks to it can abort gloo's threads at exit.
+processes.wait_for_everyone()
+torch.distributed.destroy_process_group()
 """
 
 
