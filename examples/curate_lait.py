@@ -29,6 +29,7 @@ from imagebert_hf.curation import (
     run_spark,
     synthetic,
 )
+from imagebert_hf.formats.files import check_output_dir
 from imagebert_hf.models.imagebert.script_errors import exit_on_error, parse_flags
 
 
@@ -60,16 +61,19 @@ def main() -> None:
     )
     args, parse, images, text, relevance, aggregation = parse_flags(parser)
     config = CurationConfig(parse, images, text, relevance, aggregation)
-    output_dir = Path(args.output_dir)
+    output_dir = check_output_dir(args.output_dir)
+    if args.runner not in ("local", "spark"):
+        raise ValueError(f"--runner must be local or spark, got {args.runner!r}")
 
     # 2. Inputs: a real crawl, or the demo crawl.
     inputs = args.inputs or demo_inputs(Path(args.data_dir), output_dir)
 
-    # 3. Run the five stages: locally with datasets, or on Spark (the active session under spark-submit).
+    # 3. Run the five stages: locally with datasets, or on Spark (the active session under spark-submit). Inputs
+    #    that yield not a single page end the run with their counts by reason, rather than with zero pairs.
     if args.runner == "spark":
-        result = run_spark(inputs, output_dir / "pairs", config)
+        result = run_spark(inputs, output_dir / "pairs", config, require_pages=True)
     else:
-        result = run_local(inputs, output_dir / "pairs", config, num_proc=args.num_proc)
+        result = run_local(inputs, output_dir / "pairs", config, num_proc=args.num_proc, require_pages=True)
 
     # 4. The result: a datasets.Dataset of image bytes, text, URLs and per-stage scores.
     print(result.dataset)

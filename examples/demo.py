@@ -26,7 +26,9 @@ import torch
 import transformers
 from transformers import HfArgumentParser
 
-from imagebert_hf.models.imagebert.script_errors import parse_flags
+from imagebert_hf.formats.files import check_output_dir
+from imagebert_hf.models.imagebert.configuration_imagebert import check_field
+from imagebert_hf.models.imagebert.script_errors import exit_on_error, parse_flags
 
 
 @dataclass
@@ -54,6 +56,42 @@ class DemoArguments:
             "slow everything down badly when the cores are shared."
         },
     )
+
+
+# Every numeric setting's rule as `check_field`'s (kind, lowest, highest). Generated images are at least 32 pixels a
+# side, the backbone's input too (it downsamples by 32); the demo needs held-out images to rank.
+_RULES = {
+    "num_train_images": ("int", 1, None),
+    "num_test_images": ("int", 1, None),
+    "image_size": ("int", 32, None),
+    "extraction_size": ("int", 32, None),
+    "caption_noise": ("float", 0.0, 1.0),
+    "noisy_steps": ("int", 1, None),
+    "clean_steps": ("int", 1, None),
+    "batch_size": ("int", 1, None),
+    "learning_rate": ("positive", None, None),
+    "hidden_size": ("int", 4, None),
+    "num_hidden_layers": ("int", 1, None),
+    "seed": ("int", 0, 2**32 - 1),
+    "num_threads": ("int", 1, None),
+}
+NUM_ATTENTION_HEADS = 4
+
+
+def check_arguments(args: DemoArguments) -> None:
+    """Raises `ValueError` naming the flag when a setting cannot work, before anything is written."""
+    for name, rule in _RULES.items():
+        try:
+            check_field(f"--{name}", getattr(args, name), *rule)
+        except TypeError as error:  # a value set in code rather than parsed from the command line
+            raise ValueError(str(error)) from None
+    if args.hidden_size % NUM_ATTENTION_HEADS:
+        raise ValueError(
+            f"--hidden_size must be a multiple of the {NUM_ATTENTION_HEADS} attention heads, got {args.hidden_size}."
+        )
+    if args.report_to not in ("tensorboard", "none"):
+        raise ValueError(f"--report_to must be 'tensorboard' or 'none', got {args.report_to!r}.")
+    check_output_dir(args.output_dir)
 
 
 def log(message: str, started: float) -> None:
@@ -138,7 +176,7 @@ def demo_recipe(args: DemoArguments, data_dir: Path, cache_dir: Path, feature_si
             "config": {
                 "hidden_size": args.hidden_size,
                 "num_hidden_layers": args.num_hidden_layers,
-                "num_attention_heads": 4,
+                "num_attention_heads": NUM_ATTENTION_HEADS,
                 "intermediate_size": 4 * args.hidden_size,
                 "max_position_embeddings": 64,
                 "max_text_length": 24,
@@ -160,6 +198,7 @@ def demo_recipe(args: DemoArguments, data_dir: Path, cache_dir: Path, feature_si
 
 def main(argv: list[str] | None = None) -> dict:
     (args,) = parse_flags(HfArgumentParser(DemoArguments), argv)
+    check_arguments(args)
     logging.basicConfig(level=logging.WARNING)
     # Saving a model with tied MLM weights makes accelerate warn at every checkpoint; nothing is lost.
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
@@ -251,4 +290,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from imagebert_hf.training import TooManyFailedRecords
+
+    with exit_on_error("demo", errors=(OSError, ValueError, TooManyFailedRecords)):
+        main()

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 from transformers import HfArgumentParser
 
+from imagebert_hf.formats.files import check_folder_or_hub_id
 from imagebert_hf.models.imagebert.script_errors import parse_flags
 
 
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     from imagebert_hf.evaluation.relation_swaps import format_relation_swap_table, run_relation_swap_evaluation
 
     try:
+        check_folder_or_hub_id(args.model_name_or_path, "--model_name_or_path", "an ImageBERT model folder")
         summary = run_relation_swap_evaluation(**asdict(args))
     except (ValueError, OSError) as error:
         print(f"evaluate_relation_swaps: {error}", file=sys.stderr)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from transformers import BertTokenizer, HfArgumentParser
 
 from imagebert_hf import ImageBERTRoIExtractor
+from imagebert_hf.formats.files import check_folder_or_hub_id, check_output_dir
 from imagebert_hf.formats.manifest import read_manifest
 from imagebert_hf.models.imagebert.configuration_imagebert import ImageBERTConfig
 from imagebert_hf.models.imagebert.processing_imagebert import ImageBERTProcessor
@@ -71,6 +72,10 @@ def main():
         extractor_args, cache_args = parser.parse_json_file(sys.argv[1])
     else:
         extractor_args, cache_args = parse_flags(parser)
+    # Checked before the extraction, which can take hours, rather than by its last step.
+    check_output_dir(cache_args.output_dir)
+    if cache_args.tokenizer is not None:
+        check_folder_or_hub_id(cache_args.tokenizer, "--tokenizer", "a BERT tokenizer folder")
 
     # 1. The extractor. Its region_feature_size and num_object_classes size the model's config.
     extractor = ImageBERTRoIExtractor(

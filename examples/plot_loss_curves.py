@@ -43,11 +43,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def output_path(output: str) -> Path:
+    """The PNG that `--output` names, as it will be written (matplotlib adds `.png` to a name without a suffix);
+    raises ValueError when it is a folder or lies under a file."""
+    path = Path(output)
+    if not output.strip():
+        raise ValueError(f"--output must be the path of a PNG file, got {output!r}.")
+    if path.is_dir():
+        raise ValueError(f"--output {output} is a folder; expected the path of a PNG file.")
+    if not path.suffix:
+        path = path.with_name(path.name + ".png")
+    if path.is_dir():
+        raise ValueError(f"--output {output}: {path} is a folder; expected the path of a PNG file.")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"--output {output}: {parent} is a file, not a folder.")
+    return path
+
+
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     from imagebert_hf.training.plots import plot_run_groups
 
     try:
+        output = output_path(args.output)
         groups = {}
         for label, *files in args.group:
             if not files:
@@ -56,7 +75,10 @@ def main(argv: list[str] | None = None) -> Path:
         if args.smoothing < 1:
             raise ValueError(f"--smoothing must be at least 1, got {args.smoothing}.")
         reference = {"ln 2 (chance)": math.log(2)} if args.task == "itm" else None
-        path = plot_run_groups(groups, args.output, args.task, args.smoothing, reference, args.title)
+        path = plot_run_groups(groups, output, args.task, args.smoothing, reference, args.title)
+    except OSError as error:  # the folder cannot be made or the file written
+        print(f"plot_loss_curves: cannot write --output {args.output}: {error.strerror or error}", file=sys.stderr)
+        sys.exit(1)
     except ValueError as error:
         print(f"plot_loss_curves: {error}", file=sys.stderr)
         sys.exit(1)

@@ -13,9 +13,12 @@ status 1.
 """
 
 import sys
+from pathlib import Path
 
 from transformers import HfArgumentParser
 
+from imagebert_hf.formats.files import check_output_dir
+from imagebert_hf.models.imagebert.configuration_imagebert import check_field
 from imagebert_hf.models.imagebert.script_errors import exit_on_error, parse_flags
 from imagebert_hf.training import (
     PretrainingArguments,
@@ -24,6 +27,8 @@ from imagebert_hf.training import (
     load_recipe,
     run_pretraining,
 )
+from imagebert_hf.training.arguments import TRAINING_FLAG_RULES
+from imagebert_hf.training.pretraining import check_run_options
 
 
 # Flags that replace the same field of every stage.
@@ -39,6 +44,24 @@ RUN_FLAGS = (
     "max_failure_rate",
     "num_workers",
 )
+
+
+# The flags' rules as `check_field`'s (kind, lowest, highest): the recipe's, named by flag before the recipe is read.
+FLAG_RULES = {**TRAINING_FLAG_RULES, "max_failure_rate": ("float", 0.0, 1.0), "num_workers": ("int", 0, None)}
+
+
+def check_flags(args: PretrainingArguments, options: PretrainingRunOptions) -> None:
+    """Raises `ValueError` (or `OSError` for a path) naming the flag when a flag cannot work."""
+    for name in (*RUN_FLAGS, *STAGE_FLAGS):
+        if name in FLAG_RULES and getattr(args, name) is not None:
+            check_field(f"--{name}", getattr(args, name), *FLAG_RULES[name])
+    check_run_options(options)
+    if args.output_dir is not None:
+        check_output_dir(args.output_dir)
+    if not args.config.strip():
+        raise ValueError("--config must be the path of a YAML recipe, got ''.")
+    if Path(args.config).is_dir():
+        raise IsADirectoryError(f"--config {args.config} is a folder; expected a YAML recipe file.")
 
 
 def recipe_overrides(args: PretrainingArguments, num_stages: int) -> list[str]:
@@ -57,6 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     args, options = parse_flags(parser, argv)
     if options.mixed_precision not in (None, "no", "fp16", "bf16"):
         parser.error(f"--mixed_precision must be no, fp16 or bf16, got {options.mixed_precision!r}")
+    check_flags(args, options)
     first = load_recipe(args.config, args.set)
     recipe = load_recipe(args.config, args.set + recipe_overrides(args, len(first.stages)))
     try:

@@ -8,6 +8,9 @@ Both are logistic regressions saved as JSON; pass them to the pipeline with `--n
 
     python examples/train_curation_models.py --data_dir ../shared/data/flickr8k_trainval \
         --eval_dir ../shared/data/coco_val2017_128 --output_dir outputs/curation_models
+
+Every flag is checked before any image is read; a bad flag or input ends the script with one line naming it and exit
+status 1, and no model file is written unless both models trained.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from imagebert_hf.curation.fitting import (
     train_natural_photo_model,
     train_relevance_model,
 )
-from imagebert_hf.models.imagebert.script_errors import parse_flags
+from imagebert_hf.formats.files import check_output_dir
+from imagebert_hf.models.imagebert.configuration_imagebert import check_field
+from imagebert_hf.models.imagebert.script_errors import exit_on_error, parse_flags
 
 
 @dataclass
@@ -41,9 +46,29 @@ class TrainingArguments:
     seed: int = field(default=0, metadata={"help": "Seed for the generated graphics and the negative sampling."})
 
 
+def check_arguments(args: TrainingArguments) -> Path:
+    """Every flag, before any image is read or any file written; returns the output folder."""
+    for flag, folder in (("--data_dir", args.data_dir), ("--eval_dir", args.eval_dir)):
+        if folder is None:
+            continue
+        if not str(folder).strip() or not Path(folder).is_dir():
+            found = "not a folder" if Path(folder).exists() else "no such folder"
+            raise FileNotFoundError(
+                f"{flag} {folder!r}: {found}; expected a folder holding captions.jsonl and its images."
+            )
+        if not (Path(folder) / "captions.jsonl").is_file():
+            raise FileNotFoundError(
+                f"{flag} {folder}: no captions.jsonl in it; expected a folder of captioned images."
+            )
+    check_field("--num_graphics", args.num_graphics, "int", 1, None)
+    check_field("--relevance_c", args.relevance_c, "positive", None, None)
+    check_field("--seed", args.seed, "int", 0, None)
+    return check_output_dir(args.output_dir)
+
+
 def main() -> None:
     (args,) = parse_flags(HfArgumentParser(TrainingArguments))
-    output_dir = Path(args.output_dir)
+    output_dir = check_arguments(args)
 
     # Photos and their statistics; the dev split (when the folder has one) is held out for the report.
     images = load_captioned_images(args.data_dir)
@@ -51,6 +76,13 @@ def main() -> None:
     held_out = [item for item in images if item.split != "train" and item not in train]
     if args.eval_dir:
         held_out += load_captioned_images(args.eval_dir)
+    # Negatives pair each caption with another image: one image has none to pair with.
+    if len(train) < 2:
+        raise ValueError(f"--data_dir {args.data_dir}: {len(train)} training image(s); expected at least 2.")
+    if len(held_out) == 1:
+        raise ValueError(
+            "the held-out images (--eval_dir and --data_dir's non-train split) number 1; expected 0 or 2+."
+        )
 
     # Natural-photo classifier: photos against generated graphics, evaluated on unseen ones of each.
     natural = train_natural_photo_model(
@@ -64,16 +96,18 @@ def main() -> None:
             "held_out_photos_kept": float((photos >= 0.5).mean()),
             "held_out_graphics_kept": float((graphics >= 0.5).mean()),
         }
-    natural.save(output_dir / "natural_photo.json")
 
     # Weak relevance model: ranking accuracy of true over mismatched captions on held-out photos.
     relevance = train_relevance_model(train, c=args.relevance_c, seed=args.seed)
     if held_out:
         report["relevance"] = {"held_out_ranking_accuracy": ranking_accuracy(relevance, held_out, seed=args.seed)}
+    # Both files are written once both models trained: a failure leaves the output folder as it was.
+    natural.save(output_dir / "natural_photo.json")
     relevance.save(output_dir / "relevance.json")
 
     print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_error("train_curation_models"):
+        main()

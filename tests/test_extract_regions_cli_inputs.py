@@ -111,7 +111,7 @@ def test_a_missing_extractor_folder_is_named(tmp_path):
     manifest = write_manifest(tmp_path / "data", {"good.jpg": jpeg_bytes(4)})
     out, missing = tmp_path / "out", tmp_path / "no" / "extractor"
     message = run_main("--manifest", manifest, "--output_dir", out, "--extractor", missing)
-    assert message.startswith(f"extractor {missing}: no such folder (expected a folder saved with"), message
+    assert message.startswith(f"--extractor {missing}: no such folder (expected a folder saved with"), message
     assert not out.exists()
 
 

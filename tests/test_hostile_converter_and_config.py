@@ -152,7 +152,9 @@ def checkpoint(tmp_path, state_dict):
 def test_an_output_that_is_a_file_fails_and_prints_nothing_saved(tmp_path, checkpoint, capsys):
     (tmp_path / "out").write_text("x")
     args = ["--checkpoint", str(checkpoint), "--output", str(tmp_path / "out")]
-    with pytest.raises(SystemExit, match=r"^imagebert-convert-uniter: error: output .*out exists and is not a folder"):
+    with pytest.raises(
+        SystemExit, match=r"^imagebert-convert-uniter: error: --output .*out is a file; expected a folder"
+    ):
         main([*args, "--uniter_config", str(tmp_path / "uniter.json")])
     assert "saved" not in capsys.readouterr().out
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from ..formats.files import check_folder_or_hub_id
+from ..formats.files import check_folder_or_hub_id, check_output_dir
 from ..models.imagebert.script_errors import exit_on_error, parse_flags
 
 
@@ -173,6 +173,8 @@ def check_arguments(args: AppArguments) -> None:
     app_device(args.device)
     if args.model is not None:
         check_folder_or_hub_id(args.model, "--model", "a saved model folder")
+    else:  # the demo model is read from, or built into, --demo_dir
+        check_output_dir(args.demo_dir, "--demo_dir")
     if args.model is not None and args.gallery is None:
         raise ValueError("--gallery is needed with --model: a folder of images or a jsonl manifest")
     if args.gallery is not None and not Path(args.gallery).exists():

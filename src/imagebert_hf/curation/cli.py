@@ -16,6 +16,7 @@ import logging
 import sys
 from dataclasses import dataclass, field
 
+from ..formats.files import check_output_dir
 from ..models.imagebert.script_errors import exit_on_error, parse_flags
 from .config import STAGE_CLASSES, CurationConfig
 
@@ -65,9 +66,32 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunArguments, CurationCon
     return run, config
 
 
+def check_run_paths(run: RunArguments) -> None:
+    """`--inputs` and `--output_dir`, checked before anything is read or written: no input is an empty string, and
+    the output folder is named, not a file, lies apart from every input, and has no `data/` of someone else's (a run
+    replaces its `data/`)."""
+    from .inputs import check_output_apart
+
+    empty = [index for index, item in enumerate(run.inputs) if not item]
+    if empty:
+        raise ValueError(
+            f"--inputs: input {empty[0] + 1} of {len(run.inputs)} is an empty string; expected WARC files, HTML "
+            "pages, folders or glob patterns (paths or URLs)."
+        )
+    check_output_dir(run.output_dir, "--output_dir")
+    check_output_apart(run.inputs, run.output_dir, "--output_dir")
+    from fsspec.core import url_to_fs
+
+    from .pipeline import check_data_replaceable
+
+    fs, root = url_to_fs(run.output_dir)
+    check_data_replaceable(fs, f"{root.rstrip('/')}/data", "--output_dir")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Runs `imagebert-curate`; returns 0 on success. A bad input (a missing file, a value the stages reject) ends
-    the command with one line naming it and exit status 1."""
+    """Runs `imagebert-curate`; returns 0 on success. A bad input (a missing file, a value the stages reject, an
+    output folder among the inputs, inputs that yield not a single page) ends the command with one line naming it
+    and exit status 1, leaving an earlier run's output as it was."""
     program = "imagebert-curate"
     missing_extra = (
         "the curation stages and the spark runner need the extras: pip install 'imagebert_hf[curation,spark]'"
@@ -79,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     with exit_on_error(program, missing_extra=missing_extra):
         if run.runner not in ("local", "spark"):
             raise ValueError(f"--runner must be local or spark, got {run.runner!r}")
+        check_run_paths(run)
         logging.basicConfig(level=run.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if run.runner == "local":
             from .pipeline import run_local
@@ -90,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                 num_proc=run.num_proc,
                 batch_size=run.batch_size,
                 rows_per_shard=run.rows_per_shard,
+                require_pages=True,
             )
         else:
             from .spark import local_spark_session, run_spark
@@ -102,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                 spark=spark,
                 num_partitions=run.num_partitions,
                 batch_size=run.batch_size,
+                require_pages=True,
             )
     summary = {"pairs": len(result.dataset), "output_dir": str(result.output_dir), "drops": result.tally.drops()}
     print(json.dumps(summary, indent=2, sort_keys=True))
@@ -109,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["RunArguments", "main", "parse_args"]
+__all__ = ["RunArguments", "check_run_paths", "main", "parse_args"]
 
 
 if __name__ == "__main__":

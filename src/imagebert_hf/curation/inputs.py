@@ -18,7 +18,7 @@ import os
 import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath, PurePosixPath
 from urllib.parse import unquote, urldefrag, urlsplit
 
 from transformers.utils import logging
@@ -180,6 +180,60 @@ def discover_sources(inputs: list[str | os.PathLike]) -> list[Source]:
             "names."
         )
     return sorted(set(sources), key=lambda s: (s.path, s.kind))
+
+
+def _has_magic(path: str) -> bool:
+    return any(char in path for char in "*?[")
+
+
+def _location(fs, path: str) -> tuple[str, PurePath]:
+    """`(filesystem, absolute path)` of a path on `fs`: local paths resolved (symlinks, `..`), others as written."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol in ("file", "local"):
+        return "local", Path(path).resolve()
+    return protocol, PurePosixPath("/" + path.lstrip("/"))
+
+
+def _locations(item: str | os.PathLike, expand: bool = True) -> list[tuple[str, PurePath]]:
+    """Where an input points (a file, a folder, or with `expand` each match of a glob pattern), or an output."""
+    item = _local(item)
+    if not is_url(item):
+        if expand and not os.path.exists(item) and _has_magic(item):
+            return [("local", Path(match).resolve()) for match in glob.glob(item, recursive=True)]
+        return [("local", Path(item).resolve())]
+    from fsspec.core import url_to_fs
+
+    fs, path = url_to_fs(item)
+    paths = fs.glob(path) if expand and _has_magic(path) else [path]
+    return [_location(fs, match) for match in paths]
+
+
+def check_output_apart(
+    inputs: list[str | os.PathLike], output_dir: str | os.PathLike, flag: str = "output_dir"
+) -> None:
+    """Raises ValueError naming `flag` when the output folder is an input, lies inside one, or contains one: a run
+    replaces its `data/` folder and its report files, and must never write among the files it reads. Local paths
+    are compared resolved; URLs by filesystem and path (a URL and a local path never overlap)."""
+    (output,) = _locations(output_dir, expand=False)
+    for item in inputs:
+        local = _local(item)
+        if output[0] == "local" and is_url(local) and not local.startswith("local://"):
+            continue  # a remote input cannot overlap a local folder; listing it would reach the store
+        for kind, path in _locations(item):
+            if kind != output[0]:
+                continue
+            if path == output[1]:
+                where = "is the input"
+            elif path in output[1].parents:
+                where = "is inside the input"
+            elif output[1] in path.parents:
+                where = "contains the input"
+            else:
+                continue
+            raise ValueError(
+                f"{flag} {os.fspath(output_dir)} {where} {os.fspath(item)}; a run replaces data/ and the report files "
+                f"of its output folder, so the output must lie apart from the inputs: choose another {flag}."
+            )
 
 
 def _page_row(page_id: str, page_url: str, source: str, html: bytes, charset: str | None) -> dict:
@@ -500,6 +554,7 @@ __all__ = [
     "ImageResolver",
     "PAGE_COLUMNS",
     "Source",
+    "check_output_apart",
     "discover_sources",
     "input_version",
     "is_url",

@@ -8,10 +8,12 @@ state between processes and works the same in `datasets` workers and Spark execu
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -21,20 +23,28 @@ from pathlib import Path
 
 from transformers.utils import logging
 
-from ..formats.files import atomic_write_text, publish_folder
+from ..formats.files import atomic_write_text, check_output_dir, publish_folder
 from .aggregation import aggregate
 from .config import CurationConfig
 from .image_filters import ADDED_COLUMNS, filter_images, get_natural_classifier, import_plugin
-from .inputs import PAGE_COLUMNS, discover_sources, is_url, scan_source
+from .inputs import PAGE_COLUMNS, check_output_apart, discover_sources, is_url, scan_source
 from .parse import IMAGE_COLUMNS, parse_pages
 from .relevance import load_relevance_model, score_relevance
-from .tally import Tally, write_funnel_report
+from .tally import INPUT, KEPT, Tally, write_funnel_report
 from .text_cleaning import PAIR_COLUMNS, clean_texts, load_vocabulary, text_key
 
 
 logger = logging.get_logger(__name__)
 
 TALLY = "_tally"
+
+# The local runner's work folder (`curation-work-*` in the output folder) holds this file, naming the unpublished
+# data folder it writes: a rerun removes a killed run's folders by it, and nothing else of the output folder.
+WORK_PREFIX = "curation-work-"
+WORK_MARKER = ".imagebert-curate-work.json"
+_DATA_TMP_NAME = re.compile(r"\.data\.tmp-\d+-[0-9a-f]{8}")
+# What the runners write into `data/` (local: part-00000-of-00004.parquet; Spark: part-00000.parquet).
+_OWN_DATA_FILE = re.compile(r"part-\d{5}(-of-\d{5})?\.parquet")
 
 # Column types, shared by the local runner (datasets Features) and the Spark runner (its own StructType).
 COLUMN_TYPES: dict[str, str] = {
@@ -156,11 +166,10 @@ class CurationResult:
     output_dir: Path
 
 
-def _write_parquet_shards(dataset, data_dir: Path, rows_per_shard: int) -> None:
-    """Writes the shards into a temporary folder next to `data_dir`, then publishes it in one rename: a run that
-    fails or is killed leaves the previous run's `data/` as it was."""
-    tmp = data_dir.with_name(f".{data_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
+def _write_parquet_shards(dataset, data_dir: Path, rows_per_shard: int, tmp: Path) -> None:
+    """Writes the shards into the temporary folder `tmp` next to `data_dir`, then publishes it in one rename: a run
+    that fails or is killed leaves the previous run's `data/` as it was."""
+    tmp.mkdir()
     try:
         n_shards = max(1, math.ceil(len(dataset) / rows_per_shard))
         for index in range(n_shards):
@@ -183,6 +192,72 @@ def load_curated(output_dir: str | Path, cache_dir: str | None = None):
         empty = {name: [] for name in OUTPUT_COLUMNS}
         return Dataset.from_dict(empty, features=features_for(OUTPUT_COLUMNS, with_tally=False))
     return Dataset.from_parquet(files, cache_dir=cache_dir)
+
+
+class NoPagesError(ValueError):
+    """No input yielded a single page: every file was unreadable, not a WARC, or held no HTML response. `tally`
+    holds the counts."""
+
+    def __init__(self, message: str, tally: Tally):
+        super().__init__(message)
+        self.tally = tally
+
+
+def check_pages_read(tally: Tally, output_dir) -> None:
+    """Raises `NoPagesError` with the read stage's counts by reason when no page was read at all."""
+    if tally.get_count("read", "record", KEPT):
+        return
+    reasons = [
+        f"{row['unit']}/{row['reason']}: {row['count']}"
+        for row in tally.rows()
+        if row["stage"] == "read" and row["reason"] not in (INPUT, KEPT)
+    ]
+    raise NoPagesError(
+        f"no input yielded a single page to curate (read: {', '.join(reasons) or 'nothing'}); no data or report "
+        f"was written to {output_dir}.",
+        tally,
+    )
+
+
+def check_data_replaceable(fs, data_path: str, flag: str = "output_dir") -> None:
+    """A run replaces its output folder's `data/` as a whole: raises ValueError naming `flag` when `data/` holds
+    anything the runners did not write (a user's own `data/` folder), or is a file."""
+    if not fs.exists(data_path):
+        return
+    if not fs.isdir(data_path):
+        raise ValueError(f"{flag}: {data_path} is a file; a run writes its pairs to a data/ folder there.")
+    foreign = sorted(
+        entry["name"].rstrip("/").rsplit("/", 1)[-1]
+        for entry in fs.ls(data_path, detail=True)
+        if entry["type"] != "file" or not _OWN_DATA_FILE.fullmatch(entry["name"].rstrip("/").rsplit("/", 1)[-1])
+    )
+    if foreign:
+        raise ValueError(
+            f"{flag}: {data_path} holds {foreign[0]!r}"
+            + (f" and {len(foreign) - 1} more entries" if len(foreign) > 1 else "")
+            + " that no curation run wrote; a run replaces data/ as a whole, so choose another "
+            f"{flag} or move that folder away."
+        )
+
+
+def _remove_stale_work(output_dir: Path) -> None:
+    """Removes what a killed local run left in `output_dir`: its marked work folder and the data folder it names."""
+    for work in output_dir.glob(f"{WORK_PREFIX}*"):
+        marker = work / WORK_MARKER
+        if work.is_symlink() or not marker.is_file():
+            continue
+        try:
+            recorded = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(recorded, dict) or recorded.get("tool") != "imagebert-curate":
+            continue
+        data_tmp = recorded.get("data_tmp")
+        if isinstance(data_tmp, str) and _DATA_TMP_NAME.fullmatch(data_tmp):
+            stale = output_dir / data_tmp
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def finalize_report(tally: Tally, output_dir: Path, config: CurationConfig) -> None:
@@ -244,6 +319,7 @@ def run_local(
     num_proc: int = 1,
     batch_size: int = 32,
     rows_per_shard: int = 2000,
+    require_pages: bool = False,
 ) -> CurationResult:
     """Curates WARC files and HTML folders on one machine with `datasets`.
 
@@ -255,10 +331,17 @@ def run_local(
         num_proc: Worker processes for reading and for every stage.
         batch_size: Records per batch handed to a stage function.
         rows_per_shard: Rows per output parquet shard.
+        require_pages: Raise `NoPagesError` (a ValueError), writing nothing, when no input yields a single page,
+            rather than write an empty result and its funnel.
 
     Returns:
         The curated dataset (sorted by `pair_id`), the counts, and the output folder.
+
+    Raises:
+        ValueError: `output_dir` is empty, is an input, lies inside one or contains one, or its `data/` holds files
+            no run wrote (checked before anything is read or written).
     """
+    import fsspec
     from datasets import Dataset, disable_progress_bars
 
     disable_progress_bars()
@@ -273,19 +356,23 @@ def run_local(
             f"the local runner writes to a local folder, got output_dir={str(output_dir)!r}; write to an fsspec URL "
             "with the Spark runner (run_spark, --runner spark), or copy the folder afterwards."
         )
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
+    if Path(output_dir).exists() and not Path(output_dir).is_dir():
         raise NotADirectoryError(f"output_dir {output_dir} exists and is not a folder.")
+    # An empty string is the current folder to the OS: the run would write, and replace data/, there.
+    output_dir = Path(check_output_dir(output_dir, "output_dir"))
     # Every input is found before the output folder is touched: a missing input leaves an earlier run's output
     # intact. The previous `data/` is replaced only once the new one is complete (one rename).
     sources = [s.to_dict() for s in discover_sources(inputs)]
+    check_output_apart(inputs, output_dir, "output_dir")
+    check_data_replaceable(fsspec.filesystem("file"), str(output_dir / "data"), "output_dir")
+    created = [folder for folder in (output_dir, *output_dir.parents) if not folder.exists()]
     output_dir.mkdir(parents=True, exist_ok=True)
-    # What a killed run left: its work folder and its unpublished data folder (one local run per output folder).
-    for stale in [*output_dir.glob("curation-*"), *output_dir.glob(".data.tmp-*")]:
-        if stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
-    work = Path(tempfile.mkdtemp(prefix="curation-", dir=output_dir))
+    # One local run per output folder: a work folder found here was left by a killed run.
+    _remove_stale_work(output_dir)
+    work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX, dir=output_dir))
+    data_tmp = output_dir / f".data.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
+        atomic_write_text(work / WORK_MARKER, json.dumps({"tool": "imagebert-curate", "data_tmp": data_tmp.name}))
         ds = Dataset.from_generator(
             scan_sources,
             features=features_for(PAGE_COLUMNS),
@@ -324,6 +411,8 @@ def run_local(
                             "relevance_score": score,
                         }
                     )
+        if require_pages:
+            check_pages_read(tally, output_dir)
         kept_ids, agg_tally = aggregate(key_rows, config.aggregation)
         tally.update(agg_tally)
 
@@ -336,20 +425,28 @@ def run_local(
             new_fingerprint=f"curation-kept-{uuid.uuid4().hex}",
         )
         ds = ds.select_columns(list(OUTPUT_COLUMNS)).sort("pair_id")
-        _write_parquet_shards(ds, output_dir / "data", rows_per_shard)
+        _write_parquet_shards(ds, output_dir / "data", rows_per_shard, data_tmp)
         finalize_report(tally, output_dir, config)
-    finally:
+    except BaseException:
         shutil.rmtree(work, ignore_errors=True)
+        for folder in created:  # the folders this call created, when nothing was written into them
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    shutil.rmtree(work, ignore_errors=True)
     return CurationResult(dataset=load_curated(output_dir), tally=tally, output_dir=output_dir)
 
 
 __all__ = [
     "CurationResult",
+    "NoPagesError",
     "OUTPUT_COLUMNS",
     "STAGES",
     "Stage",
     "TALLY",
     "apply_stage",
+    "check_data_replaceable",
+    "check_pages_read",
     "check_run_settings",
     "check_stage_inputs",
     "features_for",

@@ -22,10 +22,10 @@ from pathlib import Path
 
 from transformers.utils import logging
 
-from ..formats.files import atomic_write_text, publish_folder
+from ..formats.files import atomic_write_text, check_output_dir, publish_folder
 from .aggregation import aggregate_image_group, aggregate_text_group
 from .config import CurationConfig
-from .inputs import discover_sources
+from .inputs import check_output_apart, discover_sources
 from .pipeline import (
     OUTPUT_COLUMNS,
     STAGES,
@@ -33,6 +33,8 @@ from .pipeline import (
     CurationResult,
     Stage,
     apply_stage,
+    check_data_replaceable,
+    check_pages_read,
     check_stage_inputs,
     finalize_report,
     load_curated,
@@ -43,6 +45,8 @@ from .text_cleaning import text_key
 
 
 logger = logging.get_logger(__name__)
+
+DATA_TMP_PREFIX = ".data.tmp-"
 
 
 def local_spark_session(master: str = "local[2]", app_name: str = "imagebert-curate", shuffle_partitions: int = 4):
@@ -205,6 +209,7 @@ def run_spark(
     batch_size: int = 32,
     sources_per_part: int = 64,
     load_result: bool = True,
+    require_pages: bool = False,
 ) -> CurationResult:
     """Curates WARC files and HTML folders with Spark; same output as `run_local` on the same input.
 
@@ -225,31 +230,41 @@ def run_spark(
         sources_per_part: Input files per part (the unit of resumption).
         load_result: Load the curated pairs as a `datasets.Dataset` for the result (False: `dataset` is None, for
             outputs too large for the driver).
+        require_pages: Raise `NoPagesError` (a ValueError), leaving `data/` and the report files as they were, when
+            no input yields a single page, rather than write an empty result.
 
     Returns:
         The curated dataset (sorted by `pair_id`) unless `load_result` is False, the counts, and the output folder.
     """
     from pyspark import StorageLevel
 
-    if spark is None:
-        from pyspark.sql import SparkSession
-
-        spark = SparkSession.getActiveSession() or local_spark_session()
-    sc = spark.sparkContext
     config = config or CurationConfig()
-    # Everything is checked and the inputs found before the output folder is touched.
+    # Everything is checked and the inputs found before a session starts or the output folder is touched.
     for name, value in (("batch_size", batch_size), ("sources_per_part", sources_per_part)):
         _check_positive(name, value)
     if num_partitions is not None:
         _check_positive("num_partitions", num_partitions)
     check_stage_inputs(config)
-    output_url = str(output_dir).rstrip("/")
+    # An empty string is the current folder to the OS: the run would write, and replace data/, there.
+    check_output_dir(output_dir, "output_dir")
+    output_url = str(output_dir).rstrip("/") or str(output_dir)
     fs, root = _filesystem(output_url)
+    if fs.exists(root) and not fs.isdir(root):
+        raise NotADirectoryError(f"output_dir {output_dir} exists and is not a folder.")
     settings = json.dumps(config.to_dict(), sort_keys=True, default=str)
     sources = discover_inputs(inputs)
+    check_output_apart(inputs, output_url, "output_dir")
+    check_data_replaceable(fs, f"{root}/data", "output_dir")
+    if spark is None:
+        from pyspark.sql import SparkSession
+
+        spark = SparkSession.getActiveSession() or local_spark_session()
+    sc = spark.sparkContext
     partitions = num_partitions or 2 * sc.defaultParallelism
     fs.makedirs(root, exist_ok=True)
-    for stale in fs.glob(f"{root}/.data.tmp-*"):  # left by a killed run
+    # The unpublished data folder lives in the runner's own `parts/`: a killed run's is removed by its name there,
+    # and nothing else of the output folder.
+    for stale in fs.glob(f"{root}/parts/{DATA_TMP_PREFIX}*"):
         fs.rm(stale, recursive=True)
 
     tally = Tally()
@@ -274,6 +289,8 @@ def run_spark(
             fs.pipe(done, marker.encode())
         tally.update(part_tally)
 
+    if require_pages:
+        check_pages_read(tally, output_url)
     record_files = sorted(
         f"{output_url}/parts/{_part_name(i)}/{Path(f).name}"
         for i in range(len(parts))
@@ -303,7 +320,7 @@ def run_spark(
     kept = by_image.flatMap(lambda kt: [(row["pair_id"], None) for row in kt[0]])
     final = records.map(lambda r: (r["pair_id"], r)).join(kept).map(lambda kv: kv[1][0]).sortBy(lambda r: r["pair_id"])
     # The executors write the new `data/` under a temporary name; it replaces the earlier one only once complete.
-    tmp_name = f".data.tmp-{uuid.uuid4().hex[:8]}"
+    tmp_name = f"parts/{DATA_TMP_PREFIX}{uuid.uuid4().hex[:8]}"
     try:
         final.mapPartitionsWithIndex(_write_parquet(f"{output_url}/{tmp_name}/part", OUTPUT_COLUMNS)).sum()
         fs.makedirs(f"{root}/{tmp_name}", exist_ok=True)  # an RDD without partitions writes no file

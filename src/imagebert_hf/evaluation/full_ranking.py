@@ -95,6 +95,9 @@ class EvaluationArguments:
                 raise ValueError(f"--{name} must be a positive integer, got {value!r}.")
         if not isinstance(self.output_dir, str) or not self.output_dir:
             raise ValueError(f"--output_dir must be a non-empty path, got {self.output_dir!r}.")
+        # The card is written last: refused here rather than once the results and plots are.
+        if self.model_card and (not isinstance(self.model_id, str) or not self.model_id.strip()):
+            raise ValueError(f"--model_id must be a non-empty name for --model_card, got {self.model_id!r}.")
 
 
 def protocols(dataset: str, num_images: int) -> list[tuple[str, str | None, int]]:
@@ -338,15 +341,22 @@ def load_retrieval_model(name_or_path: str, **config_overrides) -> ImageBERTForI
 
 
 def check_evaluation_paths(args: EvaluationArguments) -> None:
-    """Refuses, before anything is loaded or written, a split file that does not exist, a `--corpus_cache` that is a
-    folder (the cache is one file, written only once the corpus is built) and an `--output_dir` that is a file."""
+    """Refuses, before anything is loaded or written, a split file that is missing or does not exist, a missing
+    `--region_cache`, a `--corpus_cache` that is a folder (the cache is one file, written only once the corpus is
+    built) and an `--output_dir` that is a file."""
     karpathy = ("karpathy_file", "a Karpathy split file such as dataset_coco.json")
     split_flag, expected = {"coco": karpathy, "flickr30k": karpathy, "manifest": ("manifest", "a jsonl manifest")}.get(
         args.dataset, (None, None)
     )
     split_file = getattr(args, split_flag) if split_flag else None
+    if split_flag and split_file is None:
+        raise ValueError(f"--dataset {args.dataset} needs --{split_flag} ({expected}).")
     if split_file is not None and not Path(split_file).is_file():
         raise FileNotFoundError(f"--{split_flag} {split_file} does not exist (expected {expected}).")
+    if args.dataset != "synthetic" and args.region_cache is None:
+        raise ValueError(
+            f"--dataset {args.dataset} needs --region_cache (extract the regions once with imagebert-extract-regions)."
+        )
     if args.corpus_cache is not None and Path(args.corpus_cache).is_dir():
         raise IsADirectoryError(
             f"--corpus_cache {args.corpus_cache} is a folder; expected a file path (the cache is one safetensors file)."
@@ -364,8 +374,6 @@ def load_evaluation_corpus(args: EvaluationArguments, tokenizer, config) -> Retr
             "--memory_mapped reads the regions from --region_cache: it goes with neither --corpus_cache (which "
             "stores stacked regions) nor --dataset synthetic (which has no region cache)."
         )
-    if args.dataset != "synthetic" and args.region_cache is None:
-        raise ValueError("give --region_cache (extract the regions once with imagebert-extract-regions).")
     records = _split_records(args, config)
     cache = None if args.dataset == "synthetic" else load_region_cache(args.region_cache)
     if cache is not None and cache.info["region_feature_size"] != config.region_feature_size:
@@ -528,14 +536,18 @@ def run_retrieval_evaluation(args: EvaluationArguments) -> dict:
         )
     if processes.is_main_process:
         print(format_metrics_table(table))
+        # Built before anything is written, so a card that cannot be built leaves no results without their card.
+        card = None
+        if args.model_card:
+            card_results = [r for r in results if r["ranking"] == "full"]
+            card = build_model_card(card_results, model_id=args.model_id, config=model.config)
         output_dir.mkdir(parents=True, exist_ok=True)
         ranking.plot(output_dir, title=f"{args.dataset} {args.split}")
         atomic_write_json(
             output_dir / "results.json", {"model": args.model_name_or_path, "results": results}, indent=1
         )
-        if args.model_card:
-            card_results = [r for r in results if r["ranking"] == "full"]
-            save_model_card(build_model_card(card_results, model_id=args.model_id, config=model.config), output_dir)
+        if card is not None:
+            save_model_card(card, output_dir)
     # The other processes leave with the main one: one leaving mid-write can abort the shared backend on exit.
     processes.wait_for_everyone()
     return {"results": results, "table": table}

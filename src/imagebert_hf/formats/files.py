@@ -261,9 +261,18 @@ def check_output_dir(path: str | os.PathLike | None, flag: str = "--output_dir")
 def check_folder_or_hub_id(name: str | os.PathLike, what: str, expected: str) -> None:
     """Raises `FileNotFoundError` naming `what` when `name` is neither an existing path nor a name the Hub could
     hold (`name` or `owner/name`): `from_pretrained` would report such a name as a malformed repo id rather than as
-    a folder that does not exist."""
-    if Path(name).expanduser().exists():
+    a folder that does not exist. An existing file raises `NotADirectoryError`: `from_pretrained` would try to read
+    it as a config and report a JSON error that names neither `what` nor the folder it expected. An empty name
+    raises `ValueError`."""
+    if not os.fspath(name).strip():  # the empty path is the current folder to the OS
+        raise ValueError(f"{what} must name {expected} or a Hub id, got {os.fspath(name)!r}.")
+    path = Path(name).expanduser()
+    if path.is_dir():
         return
+    if path.exists():
+        raise NotADirectoryError(
+            f"{what} {os.fspath(name)} is a file; expected {expected} (or a Hub id such as owner/name)."
+        )
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:

@@ -28,6 +28,7 @@ from ..formats.files import (
     atomic_write_json,
     atomic_write_text,
     check_folder_or_hub_id,
+    check_output_dir,
     file_checksum,
     publish_folder,
 )
@@ -526,6 +527,7 @@ def _check_extract_arguments(
     shard_size,
     num_proc,
     num_shards,
+    shard_index,
     batch_size,
     max_shards,
 ) -> None:
@@ -534,6 +536,11 @@ def _check_extract_arguments(
         raise ValueError(f"storage_dtype must be one of {STORAGE_DTYPES}, got {storage_dtype!r}.")
     for name, value in (("shard_size", shard_size), ("num_proc", num_proc), ("num_shards", num_shards)):
         _check_positive(name, value)
+    # Here rather than only in `shards_of`, which runs once the cache's skeleton is written.
+    if isinstance(shard_index, bool) or not isinstance(shard_index, int) or not 0 <= shard_index < num_shards:
+        raise ValueError(
+            f"shard_index must be an integer from 0 to num_shards - 1 = {num_shards - 1}, got {shard_index!r}."
+        )
     _check_positive("batch_size", batch_size, allow_none=True)
     _check_positive("max_shards", max_shards, allow_none=True)
     if box_format not in ("xyxy", "xywh"):
@@ -546,9 +553,9 @@ def _check_extract_arguments(
         raise FileNotFoundError(
             f"image_root {image_root} {found} (expected the folder the manifest's image paths are relative to)."
         )
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
+    if Path(output_dir).exists() and not Path(output_dir).is_dir():
         raise NotADirectoryError(f"output_dir {output_dir} exists and is not a folder.")
+    check_output_dir(output_dir, "output_dir")  # the empty path, which the OS reads as the current folder
 
 
 def _place_on_launch_device(extractor, world: int, local_rank: int) -> None:
@@ -729,6 +736,7 @@ def extract_regions(
         shard_size=shard_size,
         num_proc=num_proc,
         num_shards=num_shards,
+        shard_index=shard_index,
         batch_size=batch_size,
         max_shards=max_shards,
     )

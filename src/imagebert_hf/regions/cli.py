@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..formats.files import check_folder_or_hub_id, check_output_dir
 from ..models.imagebert.script_errors import exit_on_error, parse_flags
 from .cache_layout import REPORT_NAME
 
@@ -84,6 +85,7 @@ def _verify(args: ExtractRegionsArguments) -> int:
 def _merge(args: ExtractRegionsArguments) -> int:
     from .cache_writer import merge_region_caches
 
+    check_output_dir(args.output_dir)
     report = merge_region_caches(args.merge, args.output_dir)
     print(f"merged {len(args.merge)} parts: {report.num_unique} distinct images, {report.num_failed} failed")
     return 0
@@ -95,6 +97,11 @@ def _extract(args: ExtractRegionsArguments) -> int:
 
     if (args.manifest is None) == (args.dataset_path is None):
         raise ValueError("give exactly one of --manifest and --dataset_path")
+    check_output_dir(args.output_dir)
+    if args.extractor is not None:
+        check_folder_or_hub_id(
+            args.extractor, "--extractor", "a folder saved with ImageBERTRoIExtractor.save_pretrained"
+        )
     if args.dataset_path is not None:
         from datasets import load_from_disk
 

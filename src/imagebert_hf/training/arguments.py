@@ -10,6 +10,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+# The numeric flags both training scripts take, as `check_field`'s (kind, lowest, highest), so that pretraining and
+# fine-tuning refuse the same values under the same names; a flag left unset (None) is not checked. The bounds are
+# the recipe's; a seed is what accelerate's `set_seed` takes (numpy's seeds are 32-bit and not negative).
+TRAINING_FLAG_RULES: dict[str, tuple[str, float | None, float | None]] = {
+    "seed": ("int", 0, 2**32 - 1),
+    "max_steps": ("int", 1, None),
+    "per_device_train_batch_size": ("int", 1, None),
+    "gradient_accumulation_steps": ("int", 1, None),
+    "learning_rate": ("positive", None, None),
+    "checkpointing_steps": ("int", 1, None),
+    "save_total_limit": ("int", 1, None),
+    "logging_steps": ("int", 1, None),
+    "stop_after_steps": ("int", 1, None),
+}
+
+
 @dataclass
 class PretrainingRunOptions:
     """Per-invocation settings of a pretraining run that are not part of its recipe: what `run_pretraining` takes
@@ -48,8 +64,8 @@ class PretrainingRunOptions:
     stop_after_steps: int | None = field(
         default=None,
         metadata={
-            "help": "Stop (as if interrupted) after this many optimizer steps of the whole run, with no final save; "
-            "for testing resumption."
+            "help": "Stop (as if interrupted) after this many optimizer steps of the whole run (1 or more), with no "
+            "final save; for testing resumption."
         },
     )
 
@@ -62,7 +78,9 @@ class PretrainingArguments:
     output_dir: str | None = field(
         default=None, metadata={"help": "Where checkpoints, stage models, logs and plots go; overrides the recipe."}
     )
-    seed: int | None = field(default=None, metadata={"help": "Seed of initialisation, data order and masking."})
+    seed: int | None = field(
+        default=None, metadata={"help": "Seed of initialisation, data order and masking (0 to 2**32 - 1)."}
+    )
     max_steps: int | None = field(
         default=None, metadata={"help": "Optimizer steps of every stage (replaces each stage's steps or epochs)."}
     )
@@ -121,14 +139,20 @@ class RetrievalArguments:
     synthetic_images: int | None = field(
         default=None, metadata={"help": "Train on this many generated images instead of files (demo and tests)."}
     )
-    eval_images: int = field(default=100, metadata={"help": "Held-out generated images evaluated at the end."})
+    eval_images: int = field(
+        default=100,
+        metadata={
+            "help": "Held-out generated images evaluated at the end (with --synthetic_images; 0: no evaluation)."
+        },
+    )
     max_images: int | None = field(default=None, metadata={"help": "Use only the first images of each split."})
     captions_per_image: int | None = field(default=None, metadata={"help": "Keep at most this many captions."})
     loss_weights: str = field(
         default="binary=1", metadata={"help": "Retrieval losses and weights, e.g. binary=1,multiclass=0.5,triplet=1."}
     )
     contrastive_weight: float = field(
-        default=1.0, metadata={"help": "Weight of the contrastive loss of the shortlist heads (0: not trained)."}
+        default=1.0,
+        metadata={"help": "Weight of the contrastive loss of the shortlist heads (0 or more; 0: not trained)."},
     )
     num_negatives: int = field(default=3, metadata={"help": "Negatives per positive (the paper's P)."})
     negative_type: str = field(default="both", metadata={"help": "'text', 'image' or 'both' (random mix)."})
@@ -148,7 +172,9 @@ class RetrievalArguments:
             "similarity (ALBEF / BLIP), the candidates a shortlist gives the re-ranker."
         },
     )
-    seed: int = field(default=42, metadata={"help": "Seed of initialisation, data order and negatives."})
+    seed: int = field(
+        default=42, metadata={"help": "Seed of initialisation, data order and negatives (0 to 2**32 - 1)."}
+    )
     max_steps: int | None = field(default=None, metadata={"help": "Optimizer steps (overrides num_epochs)."})
     num_epochs: float = field(default=1.0, metadata={"help": "Epochs over the training captions."})
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Positives per process and micro-batch."})
@@ -157,12 +183,14 @@ class RetrievalArguments:
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
     warmup_ratio: float = field(default=0.1, metadata={"help": "Share of steps with linear warmup."})
     lr_scheduler_type: str = field(default="linear", metadata={"help": "A transformers scheduler name."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0: no clipping)."})
     logging_steps: int = field(default=10, metadata={"help": "Log losses every this many steps."})
     checkpointing_steps: int | None = field(default=None, metadata={"help": "Save the training state this often."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
     resume: bool = field(default=False, metadata={"help": "Continue from the last complete checkpoint."})
-    stop_after_steps: int | None = field(default=None, metadata={"help": "Stop as if killed (resumption tests)."})
+    stop_after_steps: int | None = field(
+        default=None, metadata={"help": "Stop as if killed after this many steps, 1 or more (resumption tests)."}
+    )
     report_to: str = field(default="tensorboard", metadata={"help": "Accelerate tracker, or 'none'."})
     mixed_precision: str | None = field(
         default=None, metadata={"help": "'no', 'fp16' or 'bf16' to override the accelerate launch config."}
@@ -176,4 +204,4 @@ class RetrievalArguments:
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository for push_to_hub."})
 
 
-__all__ = ["PretrainingArguments", "PretrainingRunOptions", "RetrievalArguments"]
+__all__ = ["TRAINING_FLAG_RULES", "PretrainingArguments", "PretrainingRunOptions", "RetrievalArguments"]

@@ -31,10 +31,10 @@ from ..data.pair_sources import (
 from ..data.synthetic import make_synthetic_tokenizer
 from ..evaluation import hub
 from ..formats.files import atomic_write_text
-from ..models.imagebert.configuration_imagebert import ImageBERTConfig
+from ..models.imagebert.configuration_imagebert import ImageBERTConfig, check_field
 from ..models.imagebert.modeling_imagebert import ImageBERTForPreTraining
 from ..models.imagebert.processing_imagebert import ImageBERTProcessor
-from .arguments import PretrainingRunOptions
+from .arguments import TRAINING_FLAG_RULES, PretrainingRunOptions
 from .checkpointing import COMPLETE_FILE, TrainState, latest_checkpoint
 from .loop import (
     LoopSettings,
@@ -300,6 +300,15 @@ class _RunProgress:
         self.previous_final = stage_dir / "final"
 
 
+def check_run_options(options: PretrainingRunOptions) -> None:
+    """Raises `ValueError` naming the flag when a run option cannot work, before anything is built or written."""
+    if options.stop_after_steps is not None:
+        try:
+            check_field("--stop_after_steps", options.stop_after_steps, *TRAINING_FLAG_RULES["stop_after_steps"])
+        except TypeError as error:  # a value set in code rather than parsed from the command line
+            raise ValueError(str(error)) from None
+
+
 def check_run_folder(output_dir: str | Path, resume: bool) -> None:
     """Refuses an `output_dir` that is a file, and a new run over an earlier one's stages (`resume` continues it
     instead)."""
@@ -467,6 +476,7 @@ def run_pretraining(recipe: Recipe, options: PretrainingRunOptions | None = None
         A dict with `final_model` (the last stage's folder), `stage_dirs`, `history` and `steps_per_stage`.
     """
     options = options or PretrainingRunOptions()
+    check_run_options(options)
     if options.push_to_hub:
         hub.check_push_to_hub(options.hub_model_id)
     accelerator = _start_run(recipe, options)
@@ -520,6 +530,7 @@ __all__ = [
     "build_stage_data",
     "check_resumed_recipe",
     "check_run_folder",
+    "check_run_options",
     "load_tokenizer",
     "loop_settings",
     "resolve_pretrained",

@@ -29,11 +29,11 @@ from ..data.synthetic import make_synthetic_examples, make_synthetic_tokenizer, 
 from ..evaluation.full_ranking import load_retrieval_model, rank_corpus
 from ..evaluation.hub import check_push_to_hub, push_to_hub
 from ..evaluation.recall import retrieval_metrics
-from ..formats.files import atomic_write_json
+from ..formats.files import atomic_write_json, check_output_dir
 from ..models.imagebert import ImageBERTConfig, ImageBERTForImageTextRetrieval
 from ..models.imagebert.configuration_imagebert import check_field
 from ..regions.cache_reader import load_region_cache
-from .arguments import RetrievalArguments
+from .arguments import TRAINING_FLAG_RULES, RetrievalArguments
 from .checkpointing import TrainState, latest_checkpoint
 from .loop import LoopSettings, build_accelerator, stop_on_sigterm
 from .plots import plot_losses
@@ -143,49 +143,64 @@ def evaluate(model, corpus: RetrievalCorpus, args: RetrievalArguments, output_di
     return results
 
 
-# The numeric flags' rules as `check_field`'s (kind, lowest, highest); a flag left unset (None) is not checked.
+# Every numeric flag's rule as `check_field`'s (kind, lowest, highest); a flag left unset (None) is not checked. The
+# flags pretraining takes too follow its rules (`TRAINING_FLAG_RULES`). `eval_images` 0 means no evaluation,
+# `contrastive_weight` 0 no contrastive loss and `max_grad_norm` 0 no clipping.
 _FLAG_RULES = {
-    "num_epochs": ("positive", None, None),
-    "max_steps": ("int", 1, None),
-    "learning_rate": ("positive", None, None),
-    "warmup_ratio": ("float", 0.0, 1.0),
-    "weight_decay": ("float", 0.0, None),
+    **TRAINING_FLAG_RULES,
+    "synthetic_images": ("int", 1, None),
+    "eval_images": ("int", 0, None),
+    "max_images": ("int", 1, None),
+    "captions_per_image": ("int", 1, None),
+    "contrastive_weight": ("float", 0.0, None),
     "num_negatives": ("int", 1, None),
     "hard_pool_size": ("int", 1, None),
-    "per_device_train_batch_size": ("int", 1, None),
-    "gradient_accumulation_steps": ("int", 1, None),
+    "num_epochs": ("positive", None, None),
+    "warmup_ratio": ("float", 0.0, 1.0),
+    "weight_decay": ("float", 0.0, None),
+    "max_grad_norm": ("float", 0.0, None),
+    "eval_batch_size": ("int", 1, None),
+    "eval_shortlist_k": ("int", 1, None),
 }
 
 
-def _check_arguments(args: RetrievalArguments, accelerator) -> None:
-    """Refuses flags that cannot work before the model is loaded or anything is written."""
+def check_flags(args: RetrievalArguments) -> None:
+    """Raises `ValueError` naming the flag when a setting cannot work: the checks that need no accelerator, made
+    before one is built (it takes some of them) and before anything is written."""
     from transformers import SchedulerType
 
     for name, rule in _FLAG_RULES.items():
         if getattr(args, name) is not None:
-            check_field(f"--{name}", getattr(args, name), *rule)
+            try:
+                check_field(f"--{name}", getattr(args, name), *rule)
+            except TypeError as error:  # a value set in code rather than parsed from the command line
+                raise ValueError(str(error)) from None
     schedulers = [kind.value for kind in SchedulerType]
     if args.lr_scheduler_type not in schedulers:
         raise ValueError(f"--lr_scheduler_type must be one of {schedulers}, got {args.lr_scheduler_type!r}.")
+    check_output_dir(args.output_dir)
     if args.train_file is not None and not Path(args.train_file).is_file():
         raise FileNotFoundError(
             f"--train_file {args.train_file} does not exist (expected a Karpathy split file or a jsonl manifest)."
         )
-    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
-        raise NotADirectoryError(f"--output_dir {args.output_dir} exists and is not a folder.")
     if args.hard_negatives and args.negative_mining != "random":
         raise ValueError(
             f"--hard_negatives and --negative_mining {args.negative_mining} both choose the negatives; pick one."
         )
+    if (Path(args.output_dir) / "final").exists() and not args.resume:
+        raise FileExistsError(
+            f"{args.output_dir} already holds a finished run; pass --resume or another --output_dir."
+        )
+
+
+def _check_arguments(args: RetrievalArguments, accelerator) -> None:
+    """Refuses what the launch does not allow, before the model is loaded or anything is written (the flags
+    themselves: `check_flags`)."""
     if args.hard_negatives and accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
         raise ValueError(
             f"--hard_negatives scores candidates with the whole model inside the collator, which sharded parameters "
             f"({accelerator.distributed_type.value}) do not allow; use a DDP launch config (accelerate_4gpu.yaml) "
             "or random negatives."
-        )
-    if (Path(args.output_dir) / "final").exists() and not args.resume:
-        raise FileExistsError(
-            f"{args.output_dir} already holds a finished run; pass --resume or another --output_dir."
         )
 
 
@@ -303,6 +318,7 @@ def run_retrieval_finetuning(args: RetrievalArguments) -> dict:
     """
     from accelerate.utils import set_seed
 
+    check_flags(args)
     loss_weights = parse_loss_weights(args.loss_weights)
     accelerator = build_accelerator(
         args.output_dir, args.mixed_precision, args.report_to, args.cpu, args.gradient_accumulation_steps
@@ -340,6 +356,7 @@ def run_retrieval_finetuning(args: RetrievalArguments) -> dict:
 
 __all__ = [
     "build_corpora",
+    "check_flags",
     "evaluate",
     "load_model_and_tokenizer",
     "parse_loss_weights",

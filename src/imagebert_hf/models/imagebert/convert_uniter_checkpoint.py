@@ -110,6 +110,10 @@ def read_uniter_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     from .roi_backends import load_state_dict_file
 
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"checkpoint {path} is a folder; expected a file, UNITER's .pt (e.g. uniter-base.pt) or a .safetensors."
+        )
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist (expected UNITER's .pt, e.g. uniter-base.pt).")
     if path.stat().st_size == 0:
@@ -335,6 +339,11 @@ def convert_uniter_checkpoint(
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise NotADirectoryError(f"output {output_dir} exists and is not a folder; the model is saved as a folder.")
+    if detector_weights is not None and tokenizer is None:
+        raise ValueError(
+            "detector_weights goes into the processor, which is saved only with a tokenizer: give tokenizer too, "
+            "or leave detector_weights unset."
+        )
     uniter = None
     if uniter_config:
         try:
@@ -380,6 +389,43 @@ def _save_converted(model, output_dir: Path, tokenizer: str | None, detector_wei
         processor.save_pretrained(output_dir)
 
 
+def _check_flags(args: argparse.Namespace) -> None:
+    """Refuses, before the conversion, the flags whose fault would otherwise show only once the model is built (or
+    never: detector weights without a tokenizer have no processor to go into), each message naming its flag. The
+    wording is that of `formats.files.check_output_dir` and `check_folder_or_hub_id`, which this folder, the bottom
+    of the package, cannot import."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    def hub_id(name: str) -> bool:
+        try:
+            validate_repo_id(name)
+        except HFValidationError:
+            return False
+        return True
+
+    if not args.output.strip():  # the empty path is the current folder to the OS
+        raise ValueError(f"--output must be a non-empty path, got {args.output!r}.")
+    output = Path(args.output).expanduser()
+    if output.exists() and not output.is_dir():
+        raise NotADirectoryError(f"--output {output} is a file; expected a folder (created when missing).")
+    if args.detector_weights is not None and args.tokenizer is None:
+        raise ValueError(
+            "--detector_weights goes into the processor, which is saved only with --tokenizer: give --tokenizer "
+            "too, or leave --detector_weights out."
+        )
+    expected = "a tokenizer folder such as a saved BERT's, or a Hub id such as owner/name"
+    if args.tokenizer is not None and Path(args.tokenizer).expanduser().is_file():
+        raise NotADirectoryError(f"--tokenizer {args.tokenizer} is a file; expected {expected}.")
+    if args.tokenizer is not None and not Path(args.tokenizer).expanduser().exists() and not hub_id(args.tokenizer):
+        raise FileNotFoundError(f"--tokenizer {args.tokenizer}: no such folder (expected {expected}).")
+    weights = args.detector_weights
+    if weights is not None and not Path(weights).expanduser().exists() and not hub_id(weights):
+        raise FileNotFoundError(
+            f"--detector_weights {weights}: no such file or folder (expected the BUTD detector's checkpoint, or a "
+            "Hub id such as unc-nlp/frcnn-vg-finetuned)."
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs `imagebert-convert-uniter`; returns 0. A missing or unreadable checkpoint, config or tokenizer ends it
     with one line naming it and exit status 1."""
@@ -399,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_text_length", type=int, default=UNITER_MAX_TEXT_LENGTH)
     args = parser.parse_args(argv)
     with exit_on_error("imagebert-convert-uniter"):
+        _check_flags(args)
         model = convert_uniter_checkpoint(
             args.checkpoint,
             args.output,
