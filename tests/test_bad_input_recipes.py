@@ -102,6 +102,9 @@ RANGE_CASES = [
     (Recipe, "max_failure_rate", 1.5),
     (Recipe, "min_records_for_failure_check", -1),
     (Recipe, "num_workers", -2),
+    (Recipe, "seed", -1),
+    (Recipe, "seed", 2**32),
+    (SourceSpec, "seed", -5),
 ]
 MODEL_CONFIG_CASES = [
     ("hidden_size", 0),

@@ -207,6 +207,8 @@ _FIELD_RULES: dict[str, tuple[str, float | None, float | None]] = {
     **dict.fromkeys(("weight_decay", "max_grad_norm"), ("float", 0.0, None)),
     **dict.fromkeys(("adam_beta1", "adam_beta2"), ("float", 0.0, 1.0)),
     "adam_epsilon": ("positive", None, None),
+    # The range accelerate's `set_seed` takes (numpy's legacy seeding), as the scripts' --seed.
+    "seed": ("int", 0, 2**32 - 1),
 }
 
 _TYPE_NAMES = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false", "None": "null"}
