@@ -61,19 +61,23 @@ class DemoArguments:
 # Every numeric setting's rule as `check_field`'s (kind, lowest, highest). Generated images are at least 32 pixels a
 # side, the backbone's input too (it downsamples by 32); the demo needs held-out images to rank.
 _RULES = {
-    "num_train_images": ("int", 1, None),
-    "num_test_images": ("int", 1, None),
-    "image_size": ("int", 32, None),
-    "extraction_size": ("int", 32, None),
+    **dict.fromkeys(
+        (
+            "num_train_images",
+            "num_test_images",
+            "noisy_steps",
+            "clean_steps",
+            "batch_size",
+            "num_hidden_layers",
+            "num_threads",
+        ),
+        ("int", 1, None),
+    ),
+    **dict.fromkeys(("image_size", "extraction_size"), ("int", 32, None)),
     "caption_noise": ("float", 0.0, 1.0),
-    "noisy_steps": ("int", 1, None),
-    "clean_steps": ("int", 1, None),
-    "batch_size": ("int", 1, None),
     "learning_rate": ("positive", None, None),
     "hidden_size": ("int", 4, None),
-    "num_hidden_layers": ("int", 1, None),
     "seed": ("int", 0, 2**32 - 1),
-    "num_threads": ("int", 1, None),
 }
 NUM_ATTENTION_HEADS = 4
 

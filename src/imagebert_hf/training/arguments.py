@@ -14,15 +14,20 @@ from dataclasses import dataclass, field
 # fine-tuning refuse the same values under the same names; a flag left unset (None) is not checked. The bounds are
 # the recipe's; a seed is what accelerate's `set_seed` takes (numpy's seeds are 32-bit and not negative).
 TRAINING_FLAG_RULES: dict[str, tuple[str, float | None, float | None]] = {
-    "seed": ("int", 0, 2**32 - 1),
-    "max_steps": ("int", 1, None),
-    "per_device_train_batch_size": ("int", 1, None),
-    "gradient_accumulation_steps": ("int", 1, None),
+    **dict.fromkeys(
+        (
+            "max_steps",
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+            "checkpointing_steps",
+            "save_total_limit",
+            "logging_steps",
+            "stop_after_steps",
+        ),
+        ("int", 1, None),
+    ),
     "learning_rate": ("positive", None, None),
-    "checkpointing_steps": ("int", 1, None),
-    "save_total_limit": ("int", 1, None),
-    "logging_steps": ("int", 1, None),
-    "stop_after_steps": ("int", 1, None),
+    "seed": ("int", 0, 2**32 - 1),
 }
 
 
