@@ -207,6 +207,18 @@ def test_a_missing_source_path_fails_at_load_time(tmp_path, monkeypatch, edit, f
     load_recipe(_written(tmp_path, recipe), check_paths=False)  # the check can be left for later
 
 
+@pytest.mark.parametrize("field", ["text_pretrained", "init_from", "tokenizer", "processor"])
+def test_a_model_folder_that_is_missing_or_a_file_fails_at_load_time(tmp_path, monkeypatch, field):
+    monkeypatch.chdir(tmp_path)
+    recipe = _manifest_recipe(tmp_path, **_ok_files(tmp_path))
+    recipe["model"] = {**recipe.get("model", {}), field: str(tmp_path / "saved")}
+    load_recipe(_written(tmp_path, recipe))  # an existing folder (or a Hub id) passes
+    for value, named in (("no/such/folder/here", "no such folder"), (str(tmp_path / "m.jsonl"), "is a file")):
+        recipe["model"][field] = value
+        with pytest.raises(RecipeError, match=rf"recipe\.yaml\.model\.{field}: .*{named}"):
+            load_recipe(_written(tmp_path, recipe))
+
+
 OVERRIDE_CASES = [
     ("stages.7.max_steps=3", "expected an index below 2"),
     ("stages.first.max_steps=3", "got 'first'"),

@@ -39,6 +39,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
         (["--synthetic_images", "-5"], "--synthetic_images must be >= 1, got -5."),
         (["--seed", "-1"], "--seed must be in [0, 4294967295], got -1."),
         (["--seed", str(2**32)], f"--seed must be in [0, 4294967295], got {2**32}."),
+        (
+            ["--hard_negatives", "--num_negatives", "4", "--hard_pool_size", "2"],
+            "--hard_pool_size (2) must be at least --num_negatives (4): the hard negatives are the best-scored of "
+            "that many candidates.",
+        ),
     ],
 )
 def test_fine_tuning_refuses_a_flag_out_of_range_before_writing(flags, line, tmp_path, monkeypatch):

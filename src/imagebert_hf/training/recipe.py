@@ -35,6 +35,7 @@ from typing import Any
 
 from ..data.collator import MaskingSettings
 from ..data.pair_sources import expand_urls
+from ..formats.files import check_folder_or_hub_id
 from ..models.imagebert.configuration_imagebert import FIELD_RULES, check_field
 
 
@@ -350,8 +351,26 @@ def _check_model_config(config: dict[str, Any], where: str) -> None:
             _check_field(f"{where}.{name}", value, *FIELD_RULES[name])
 
 
+# The model section's fields that name a folder or a Hub id, and what each folder holds.
+_MODEL_FOLDERS = {
+    "text_pretrained": "a BERT checkpoint folder",
+    "init_from": "a folder saved with ImageBERTForPreTraining.save_pretrained",
+    "tokenizer": "a tokenizer folder",
+    "processor": "a folder saved with ImageBERTProcessor.save_pretrained",
+}
+
+
 def check_source_paths(recipe: Recipe, where: str = "recipe") -> None:
-    """Fails with a `RecipeError` naming the field when a source's data or region cache does not exist."""
+    """Fails with a `RecipeError` naming the field when a source's data or region cache does not exist, or a model
+    folder the recipe names (`text_pretrained`, `init_from`, `tokenizer`, `processor`) is missing or a file and not
+    a Hub id either."""
+    for name, expected in _MODEL_FOLDERS.items():
+        value = getattr(recipe.model, name)
+        if value is not None:
+            try:
+                check_folder_or_hub_id(value, f"{where}.model.{name}:", expected)
+            except (OSError, ValueError) as error:
+                raise RecipeError(str(error)) from None
     for i, stage in enumerate(recipe.stages):
         for j, spec in enumerate(stage.sources):
             at = f"{where}.stages[{i}].sources[{j}]"

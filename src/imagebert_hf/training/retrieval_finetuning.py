@@ -183,6 +183,11 @@ def check_flags(args: RetrievalArguments) -> None:
         raise FileNotFoundError(
             f"--train_file {args.train_file} does not exist (expected a Karpathy split file or a jsonl manifest)."
         )
+    if args.hard_negatives and args.hard_pool_size < args.num_negatives:
+        raise ValueError(
+            f"--hard_pool_size ({args.hard_pool_size}) must be at least --num_negatives ({args.num_negatives}): the "
+            "hard negatives are the best-scored of that many candidates."
+        )
     if args.hard_negatives and args.negative_mining != "random":
         raise ValueError(
             f"--hard_negatives and --negative_mining {args.negative_mining} both choose the negatives; pick one."
