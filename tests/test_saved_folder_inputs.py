@@ -68,6 +68,15 @@ def test_a_tokenizer_without_its_special_tokens_is_refused(folder):  # noqa: F81
         _pipeline(folder)
 
 
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json"])
+def test_a_tokenizer_file_that_is_not_json_is_named(folder, name):  # noqa: F811
+    (folder / name).write_text("{")
+    with pytest.raises(ValueError, match=rf"{name} is not valid JSON"):
+        _pipeline(folder)
+    with pytest.raises(ValueError, match=rf"{name} is not valid JSON"):
+        ImageBERTProcessor.from_pretrained(folder)
+
+
 INVISIBLE = ["\u200b", "\ufeff", "\u2060", "\x00\x07", " \u200b\t"]
 
 

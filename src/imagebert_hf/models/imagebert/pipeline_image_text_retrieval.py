@@ -21,7 +21,12 @@ from tqdm.auto import tqdm
 from transformers import AutoModel, Pipeline
 from transformers.utils import logging
 
-from .processing_imagebert import check_tokenizer_vocabulary, read_saved_processor_config, tokenize_texts
+from .processing_imagebert import (
+    check_tokenizer_files,
+    check_tokenizer_vocabulary,
+    read_saved_processor_config,
+    tokenize_texts,
+)
 from .region_batching import check_region_values, pad_region_records
 from .retrieval_index import (
     TEXT_KEYS,
@@ -671,6 +676,7 @@ def _load_processor_for(model):
     # Run the folder's code only when the model already comes from it (the user passed trust_remote_code=True).
     trust = type(model).__module__.startswith("transformers_modules")
     saved_class = _saved_processor_class(path)
+    check_tokenizer_files(path)
     if saved_class not in (None, "ImageBERTProcessor"):
         raise ValueError(
             f"{os.path.join(path, 'processor_config.json')} names processor_class {saved_class!r}; an ImageBERT "

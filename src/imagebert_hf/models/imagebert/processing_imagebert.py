@@ -289,6 +289,7 @@ class ImageBERTProcessor(ProcessorMixin):
         tokenizer cannot give what the model cannot take."""
         register_processing()
         read_saved_processor_config(pretrained_model_name_or_path)
+        check_tokenizer_files(pretrained_model_name_or_path)
         processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         loaded = processor[0] if isinstance(processor, tuple) else processor
         config_file = os.path.join(os.fspath(pretrained_model_name_or_path), "config.json")
@@ -327,6 +328,24 @@ def read_saved_processor_config(folder: str | os.PathLike) -> dict[str, Any] | N
                 f"{file}: {field} must be {expected}, got {saved[field]!r:.80}; save the processor again."
             )
     return saved
+
+
+TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def check_tokenizer_files(folder: str | os.PathLike) -> None:
+    """Raises ValueError naming the file when a JSON file of the tokenizer saved in the local `folder` does not parse
+    (the tokenizers library reports it with no file name); files that are absent, and Hub repositories, are left to
+    transformers."""
+    for name in TOKENIZER_JSON_FILES:
+        file = os.path.join(os.fspath(folder), name)
+        try:
+            with open(file, encoding="utf-8") as handle:
+                json.load(handle)
+        except OSError:
+            continue
+        except ValueError as error:
+            raise ValueError(f"{file} is not valid JSON ({error}); save the tokenizer again.") from None
 
 
 def tokenize_texts(
@@ -414,6 +433,7 @@ def register_processing() -> None:
 __all__ = [
     "ImageBERTProcessor",
     "check_processor_config",
+    "check_tokenizer_files",
     "check_tokenizer_vocabulary",
     "read_saved_processor_config",
     "register_processing",
