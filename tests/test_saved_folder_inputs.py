@@ -5,7 +5,6 @@ rather than serving texts with equal scores or failing later with an error that 
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -39,7 +38,7 @@ def test_a_left_padding_tokenizer_config_still_pads_on_the_right(folder, retriev
     image = saved_model[1][0]
     scores = [r["score"] for r in left(images=image, texts=TEXTS)]
     assert scores == pytest.approx([r["score"] for r in retriever(images=image, texts=TEXTS)], abs=1e-6)
-    assert len(set(np.round(scores, 6))) == len(TEXTS)  # not every text scored alike
+    assert len(set(scores)) > 1  # left-padded, every text got the very same score
 
 
 def test_a_folder_without_processor_or_vocabulary_is_refused(folder):  # noqa: F811
