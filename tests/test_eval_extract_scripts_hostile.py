@@ -237,3 +237,15 @@ def test_evaluate_relation_swaps_names_a_model_that_is_missing_or_a_file(tmp_pat
     assert capsys.readouterr().err.startswith(
         f"evaluate_relation_swaps: --model_name_or_path {tmp_path / model}{said[model]}"
     )
+
+
+def test_the_evaluation_functions_name_a_file_given_as_the_model(tmp_path):
+    from imagebert_hf.evaluation.relation_swaps import load_retrieval_model
+    from imagebert_hf.evaluation.zero_shot import zero_shot_scores
+
+    not_a_model = tmp_path / "notes.txt"
+    not_a_model.write_text("x")
+    with pytest.raises(NotADirectoryError, match=r"model_name_or_path .*notes.txt is a file; expected a checkpoint"):
+        load_retrieval_model(str(not_a_model))
+    with pytest.raises(NotADirectoryError, match=r"model .*notes.txt is a file; expected a checkpoint"):
+        zero_shot_scores(not_a_model, {}, {}, [0])

@@ -33,7 +33,7 @@ from ..data.synthetic import (
     synthetic_region_record,
     synthetic_swap_captions,
 )
-from ..formats.files import atomic_write_json
+from ..formats.files import atomic_write_json, check_folder_or_hub_id
 from ..formats.manifest import read_manifest
 from ..models.imagebert.modeling_imagebert import ImageBERTForImageTextRetrieval
 from ..models.imagebert.region_batching import pad_region_records
@@ -342,6 +342,7 @@ def _check_arguments(
 def load_retrieval_model(model_name_or_path: str) -> tuple[ImageBERTForImageTextRetrieval, bool]:
     """The model as `ImageBERTForImageTextRetrieval` and whether its dual-encoder heads were loaded (False for a
     pretraining checkpoint: the projections are then freshly initialised and their scores mean nothing)."""
+    check_folder_or_hub_id(model_name_or_path, "model_name_or_path", "a checkpoint folder")
     model, info = ImageBERTForImageTextRetrieval.from_pretrained(model_name_or_path, output_loading_info=True)
     new = [key for key in info.get("missing_keys", []) if "projection" in key]
     if new:

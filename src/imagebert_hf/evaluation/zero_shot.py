@@ -16,6 +16,7 @@ from ..data.synthetic import (
     make_synthetic_tokenizer,
     synthetic_region_record,
 )
+from ..formats.files import check_folder_or_hub_id
 from ..formats.manifest import read_manifest
 from ..models.imagebert.modeling_imagebert import ImageBERTForImageTextRetrieval
 from ..models.imagebert.region_batching import pad_region_records
@@ -119,6 +120,7 @@ def zero_shot_scores(
     from tqdm.auto import tqdm
 
     if isinstance(model, (str, Path)):
+        check_folder_or_hub_id(model, "model", "a checkpoint folder")
         model = ImageBERTForImageTextRetrieval.from_pretrained(str(model))
     num_images, num_texts = max(text_to_image) + 1, len(text_to_image)
     bar = tqdm(total=num_images * num_texts, desc="scoring pairs", unit="pair", disable=not progress)
