@@ -28,8 +28,8 @@ from .files import DuplicateJSONKeyError, loads_json
 
 
 _KNOWN_KEYS = {"image", "captions", "caption", "objects", "width", "height"}
-# Keys of `extra` that name the image (the retrieval gallery's id, the region cache's key field).
-_ID_KEYS = ("image_id", "coco_id")
+# Keys of `extra` that name the image, in the order the retrieval gallery takes its id from them.
+ID_KEYS = ("image_id", "coco_id")
 # Class ids are stored as int64 and index a classifier: past this bound an id is a damaged value, not a class.
 MAX_CLASS_ID = 2**31 - 1
 
@@ -188,7 +188,7 @@ def parse_manifest_line(
         value = item.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             _fail(where, f"{key!r} must be a positive integer, got {value!r}")
-    for key in _ID_KEYS:
+    for key in ID_KEYS:
         value = item.get(key)
         if value is not None and (
             isinstance(value, bool)
@@ -239,6 +239,7 @@ def read_manifest(
 
 
 __all__ = [
+    "ID_KEYS",
     "ManifestError",
     "ManifestRecord",
     "image_path_inside_root",

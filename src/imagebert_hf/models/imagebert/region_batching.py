@@ -394,8 +394,9 @@ def _bad_prob_rows(probs: torch.Tensor) -> torch.Tensor | None:
     """(B, R) True where a class distribution holds NaN, inf or a negative entry, or does not sum to 1 (within
     `PROB_SUM_TOLERANCE`); None when none does. A row of zeros passes: it is what the extractor and the region cache
     store for a region without a distribution (a backbone without a classifier)."""
-    # Summed in float32: a float16 sum of a long row would round more than the stored values do.
-    sums = probs.sum(dim=-1, dtype=torch.float32)
+    # Summed in the stored dtype: torch accumulates float16 and bfloat16 reductions in float32 on every device, so
+    # only the result is rounded (by at most 4e-3, within the tolerance), and no float32 copy of the batch is made.
+    sums = probs.sum(dim=-1).float()
     bad = ~torch.isfinite(sums) | (((sums - 1).abs() > PROB_SUM_TOLERANCE) & (sums != 0)) | (probs < 0).any(dim=-1)
     return bad if bad.any() else None
 
