@@ -346,6 +346,8 @@ class _CollateAndReportSharing:
 
 def test_dataloader_workers_collate_the_features_straight_into_shared_memory(tokenizer):
     features = make_features(tokenizer, 8, seed=6)
+    for i, feature in enumerate(features):
+        feature["sample_seed"] = i  # a worker draws other seeds than the process for features without one
 
     def collate():
         return _CollateAndReportSharing(DataCollatorForImageBERTPretraining(tokenizer, seed=0))
@@ -375,6 +377,8 @@ class _CollateAndCountSegments:
 
 def test_a_worker_hands_the_small_batch_tensors_over_in_one_shared_block(tokenizer):
     features = make_features(tokenizer, 8, seed=6)
+    for i, feature in enumerate(features):
+        feature["sample_seed"] = i  # a worker draws other seeds than the process for features without one
 
     def collate():
         return _CollateAndCountSegments(DataCollatorForImageBERTPretraining(tokenizer, seed=0))

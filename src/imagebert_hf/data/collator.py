@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -105,7 +106,7 @@ class DataCollatorForImageBERTPretraining(MaskingSettings):
        `itm_negative_probability`: its text (share `text_negative_share`) or its regions are replaced by those of
        another sample of the batch with a different `image_id` (`data.negatives.choose_negative`, the rule the
        datasets apply over a whole source). When they carry `itm_labels` (a dataset that picks negatives from the
-       whole corpus), those are kept and nothing is drawn here.
+       whole corpus), those are kept and nothing is drawn here. A batch where only some do raises ValueError.
     2. MLM: each text token that is neither special nor padding is chosen with probability `mlm_probability`;
        chosen tokens become [MASK] (80%), a random non-special token (10%) or stay (10%).
     3. Region masking: each real region is chosen with probability `region_mask_probability`;
@@ -124,7 +125,10 @@ class DataCollatorForImageBERTPretraining(MaskingSettings):
     Randomness: a sample with `sample_seed` draws its masks (and, in-batch, its negative) from generators seeded
     with it alone, so the batch is the same however the samples are split across processes or resumed; otherwise
     each sample's seed comes from one generator seeded with `seed`, so the same sequence of calls gives the same
-    batches. A sample's masks do not depend on whether negatives are drawn.
+    batches. Inside a DataLoader worker that generator is seeded with `seed` and the worker's seed together, so
+    the workers (and the epochs, each of which starts its workers afresh) draw different masks and negatives,
+    reproducibly under `torch.manual_seed` or the loader's `generator`. A sample's masks do not depend on whether
+    negatives are drawn.
 
     Args:
         tokenizer: A BERT tokenizer; gives the pad, [MASK] and special token ids and the vocabulary size.
@@ -146,7 +150,8 @@ class DataCollatorForImageBERTPretraining(MaskingSettings):
             naming the sample, instead of reaching the loss.
         type_vocab_size (`int`, defaults to 2): The model's token types (`ImageBERTConfig.type_vocab_size`, 2 as in
             BERT); a `token_type_ids` value outside `[0, type_vocab_size)` raises, naming the sample.
-        seed (`int`, *optional*): Seed of the generator used for samples without `sample_seed`.
+        seed (`int`, *optional*): Seed of the generator used for samples without `sample_seed`; None draws one from
+            the operating system (torch's global generator is left as it is).
         feature_dtype (`torch.dtype`, *optional*): The dtype of `region_features` and `region_feature_targets`. By
             default the records' own floating dtype: a float16 region cache gives float16 batches (exact, half the
             bytes to fill and to move to the device; the model converts them to its own dtype), a float32 one float32.
@@ -209,15 +214,32 @@ class DataCollatorForImageBERTPretraining(MaskingSettings):
         self._is_special[self._special_ids.numpy()] = True
         vocab_ids = torch.arange(len(self.tokenizer))
         self._random_token_ids = vocab_ids[~torch.isin(vocab_ids, self._special_ids)]
+        # Fresh entropy for `seed=None` from the OS: `torch.seed()` would reseed torch's global generator, and with it
+        # every later draw of the caller (model init, dropout) that `torch.manual_seed` had made reproducible.
+        self._base_seed = self.seed if self.seed is not None else secrets.randbits(63)
         self._generator = torch.Generator()
-        self._generator.manual_seed(self.seed if self.seed is not None else torch.seed() % (2**63))
+        self._generator.manual_seed(self._base_seed)
+        self._worker_seed = None  # the DataLoader worker seed `_generator` was last derived from
 
     # --- randomness -------------------------------------------------------------------------------------------
     def _sample_seed(self, feature: dict) -> int:
         seed = feature.get("sample_seed")
         if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,), generator=self._generator))
+            seed = int(torch.randint(0, 2**62, (1,), generator=self._fallback_generator()))
         return int(seed)
+
+    def _fallback_generator(self) -> torch.Generator:
+        """The generator of samples without `sample_seed`. Each DataLoader worker holds a copy of the collator made
+        when its loader was iterated, generator included, so every worker would draw the same seeds (the same masks
+        and negatives in every worker's batches, and again in every epoch): inside a worker it is derived once from
+        the worker's seed (distinct per worker and per iteration of the loader, and reproducible under
+        `torch.manual_seed` or the loader's `generator`) mixed with `seed`."""
+        worker = torch.utils.data.get_worker_info()
+        if worker is not None and worker.seed != self._worker_seed:
+            mixed = np.random.SeedSequence([self._base_seed, worker.seed]).generate_state(1, np.uint64)[0]
+            self._generator.manual_seed(int(mixed))
+            self._worker_seed = worker.seed
+        return self._generator
 
     @staticmethod
     def _mask_generator(seed: int) -> torch.Generator:
@@ -297,9 +319,16 @@ class DataCollatorForImageBERTPretraining(MaskingSettings):
         if not samples:
             raise ValueError(f"every record of this batch ({num_failed}) failed to load; nothing to collate.")
 
-        if all("itm_labels" in sample for sample in samples):
+        unlabelled = [sample for sample in samples if "itm_labels" not in sample]
+        if not unlabelled:
             for sample in samples:
                 sample["itm_labels"] = int(sample["itm_labels"])
+        elif len(unlabelled) < len(samples):
+            # Drawing in-batch negatives next to a dataset's own would overwrite its labels and mix two rules.
+            raise ValueError(
+                f"sample {unlabelled[0]['image_id']!r} has no itm_labels but {len(samples) - len(unlabelled)} of the "
+                f"{len(samples)} samples of this batch have them; itm_labels must be given for every sample or none."
+            )
         else:
             for sample in samples:
                 sample["itm_labels"] = 1

@@ -308,7 +308,8 @@ def train_loop(
         accelerator: The run's `Accelerator`; `model`, `optimizer`, `scheduler` and `dataloader` are prepared by it.
         state: Where the stage is; updated in place and returned.
         settings: Logging, checkpoints, clipping, the failure budget and early stop (`LoopSettings()` if None).
-        sampler: The sampler inside `dataloader`; its `set_epoch` is called at each epoch.
+        sampler: The sampler inside `dataloader`; its `set_epoch` (and the prepared loader's) is called at each
+            epoch, so a resumed run walks each epoch in the order an uninterrupted one does.
         on_step: Called after each optimizer step with the state and that step's averaged losses.
 
     Returns:
@@ -337,8 +338,7 @@ def train_loop(
                 # A signal since the previous loop (a stage's final save, this stage's build): nothing to save.
                 stop_if_sigterm_received(accelerator, f"run-wide step {state.global_step + 1}")
             while state.completed_steps < state.total_steps:
-                if sampler is not None and hasattr(sampler, "set_epoch"):
-                    sampler.set_epoch(state.epoch)
+                _set_epoch(dataloader, sampler, state.epoch)
                 loader = dataloader
                 if state.batches_in_epoch:
                     loader = accelerator.skip_first_batches(dataloader, state.batches_in_epoch)
@@ -361,6 +361,18 @@ def train_loop(
         progress.close()
     _check_failures(state, settings.max_failure_rate, 0)
     return state
+
+
+def _set_epoch(dataloader, sampler, epoch: int) -> None:
+    """Puts the data order at `epoch`. A loader accelerate prepared sets its own epoch counter on the sampler each
+    time it is iterated (overriding any earlier `sampler.set_epoch`); the counter starts at 0 and only advances when
+    that same loader is exhausted, and `skip_first_batches` copies it into the loader it makes. So a resumed epoch,
+    and every epoch after one walked through such a copy, would replay another epoch's order unless the loader's
+    counter is set here, before the copy is made."""
+    if hasattr(dataloader, "set_epoch"):
+        dataloader.set_epoch(epoch)
+    if sampler is not None and hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
 
 
 def _train_micro_batch(accelerator, model, optimizer, scheduler, batch, state, settings, tally) -> None:
