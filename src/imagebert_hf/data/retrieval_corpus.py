@@ -183,27 +183,49 @@ def load_manifest_records(
 # ------------------------------------------------------------------------------------------------------------------
 
 
+def _image_file(record: Mapping) -> str | None:
+    """The image file a record shows: its resolved path (`image`), else its path as written (`manifest_image`);
+    None for a record without one (an in-memory image, or ids and captions only)."""
+    for key in ("image", "manifest_image"):
+        value = record.get(key)
+        if isinstance(value, (str, os.PathLike)):
+            return os.fspath(value)
+    return None
+
+
 def merge_duplicate_images(records: Sequence[Mapping]) -> list[Mapping]:
-    """Each image once: a record whose `image_id` came earlier has its captions added to the first record of that
-    id, with a warning naming the ids. An image listed twice would otherwise be two gallery items, each a wrong
-    answer for the other's captions, which lowers recall without a word."""
-    first: dict[str, int] = {}
+    """Each image once: a record whose `image_id` or image file (`image`, else `manifest_image`) came earlier has
+    its captions added to the first record of that id or file, with a warning naming them. An image listed twice
+    would otherwise be two gallery items, each a wrong answer for the other's captions, which lowers recall without
+    a word; the same rule serves full-ranking and zero-shot evaluation, so both rank the same gallery."""
+    first_of_id: dict[str, int] = {}
+    first_of_file: dict[str, int] = {}
     merged: list[Mapping] = []
     repeated: list[str] = []
     for number, record in enumerate(records):
         if not isinstance(record, Mapping) or "image_id" not in record or "captions" not in record:
             raise ValueError(f"record {number} must be a dict with 'image_id' and 'captions', got {record!r:.200}.")
-        image_id = str(record["image_id"])
-        if image_id in first:
-            target = merged[first[image_id]]
+        image_id, image_file = str(record["image_id"]), _image_file(record)
+        matches = [first_of_id.get(image_id), first_of_file.get(image_file) if image_file is not None else None]
+        matches = [index for index in matches if index is not None]
+        if matches:
+            index = min(matches)
+            target = merged[index]
             target["captions"] = list(target["captions"]) + list(record["captions"])
-            repeated.append(image_id)
+            if str(target["image_id"]) == image_id:
+                repeated.append(repr(image_id))
+            else:
+                shown = f"image {image_file}, " if image_file is not None else ""
+                repeated.append(f"{image_id!r} ({shown}merged into {str(target['image_id'])!r})")
         else:
-            first[image_id] = len(merged)
+            index = len(merged)
             merged.append(dict(record))
+        first_of_id.setdefault(image_id, index)
+        if image_file is not None:
+            first_of_file.setdefault(image_file, index)
     if repeated:
         logger.warning(
-            "%d record(s) repeat an image listed earlier (first: %r); their captions were merged into the first "
+            "%d record(s) repeat an image listed earlier (first: %s); their captions were merged into the first "
             "record of that image, so each image is one gallery item.",
             len(repeated),
             repeated[0],

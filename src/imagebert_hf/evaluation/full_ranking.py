@@ -19,7 +19,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..data.retrieval_corpus import RetrievalCorpus, load_karpathy_split, load_manifest_records, region_cache_lookup
+from ..data.retrieval_corpus import (
+    RetrievalCorpus,
+    load_karpathy_split,
+    load_manifest_records,
+    region_cache_key,
+    region_cache_lookup,
+)
 from ..data.synthetic import make_synthetic_examples, synthetic_region_record
 from ..formats.files import atomic_write_bytes, atomic_write_json, check_folder_or_hub_id
 from ..models.imagebert.modeling_imagebert import ImageBERTForImageTextRetrieval
@@ -101,13 +107,17 @@ class EvaluationArguments:
 
 
 def protocols(dataset: str, num_images: int) -> list[tuple[str, str | None, int]]:
-    """(name, dataset_config, num_folds) of each standard protocol the split supports."""
-    if dataset == "coco" and num_images % 1000 == 0 and num_images >= 5000:
-        return [("MS-COCO 1k", "1k", num_images // 1000), ("MS-COCO 5k", "5k", 1)]
+    """(name, dataset_config, num_folds) of each standard protocol the split supports. A protocol's name is given
+    only to a gallery of exactly its size (COCO's 5k test images, Flickr30k's 1k): a part of it (`--max_images`) or
+    another split is reported under the plain dataset name, with no config, as it is no published protocol."""
+    if dataset == "coco" and num_images == 5000:
+        return [("MS-COCO 1k", "1k", 5), ("MS-COCO 5k", "5k", 1)]
     if dataset == "coco":
         return [("MS-COCO", None, 1)]
-    if dataset == "flickr30k":
+    if dataset == "flickr30k" and num_images == 1000:
         return [("Flickr30k 1k", "1k", 1)]
+    if dataset == "flickr30k":
+        return [("Flickr30k", None, 1)]
     return [(dataset, None, 1)]
 
 
@@ -132,13 +142,16 @@ def _split_records(args: EvaluationArguments, config) -> list[dict]:
     return load_manifest_records(args.manifest, args.split, args.max_images)
 
 
-def corpus_fingerprint(args: EvaluationArguments, records, tokenizer, config, region_cache_fingerprint=None) -> dict:
-    """What a corpus cache is built from: the dataset, split and its records (ids and captions), the tokenizer,
-    the text and region limits and the region cache. Two runs share a cache only when all of these agree."""
+def corpus_fingerprint(
+    args: EvaluationArguments, records, tokenizer, config, region_cache_fingerprint=None, region_cache=None
+) -> dict:
+    """What a corpus cache is built from: the dataset, split and its records (ids and captions), the image each
+    record's regions are read from (its key in `region_cache`), the tokenizer, the text and region limits and the
+    region cache. Two runs share a cache only when all of these agree."""
     digest = hashlib.sha256()
     for record in records:
         digest.update(json.dumps([str(record["image_id"]), list(record["captions"])]).encode() + b"\n")
-    return {
+    fingerprint = {
         "dataset": args.dataset,
         "split": args.split,
         "num_images": len(records),
@@ -149,6 +162,14 @@ def corpus_fingerprint(args: EvaluationArguments, records, tokenizer, config, re
         "region_feature_size": int(config.region_feature_size),
         "region_cache": region_cache_fingerprint,
     }
+    if region_cache is not None:
+        # A manifest line pointed at another image keeps its id and captions: only its key in the region cache tells
+        # which regions the cache holds for it.
+        images = hashlib.sha256()
+        for record in records:
+            images.update(json.dumps(region_cache_key(region_cache, record)).encode() + b"\n")
+        fingerprint["images_sha256"] = images.hexdigest()
+    return fingerprint
 
 
 def save_corpus_cache(path: str | os.PathLike, corpus: RetrievalCorpus, fingerprint: dict) -> None:
@@ -381,7 +402,7 @@ def load_evaluation_corpus(args: EvaluationArguments, tokenizer, config) -> Retr
             f"--region_cache {args.region_cache} holds regions of {cache.info['region_feature_size']} features; the "
             f"model takes region_feature_size={config.region_feature_size} (extract them with the model's extractor)."
         )
-    fingerprint = corpus_fingerprint(args, records, tokenizer, config, cache and cache.info.get("fingerprint"))
+    fingerprint = corpus_fingerprint(args, records, tokenizer, config, cache and cache.info.get("fingerprint"), cache)
     if args.corpus_cache and Path(args.corpus_cache).is_file():
         return load_corpus_cache(args.corpus_cache, fingerprint)
     if args.dataset == "synthetic":
@@ -514,6 +535,8 @@ def run_retrieval_evaluation(args: EvaluationArguments) -> dict:
                 "dataset_type": args.dataset,
                 "dataset_config": config_name,
                 "dataset_split": args.split,
+                "num_images": corpus.num_images,
+                "num_texts": corpus.num_texts,
                 "metrics": metrics,
                 "ranking": "full",
                 "seconds": round(ranking.seconds, 2),
@@ -528,6 +551,8 @@ def run_retrieval_evaluation(args: EvaluationArguments) -> dict:
                 "dataset_name": args.dataset,
                 "dataset_type": args.dataset,
                 "dataset_split": args.split,
+                "num_images": corpus.num_images,
+                "num_texts": corpus.num_texts,
                 "metrics": metrics,
                 "ranking": f"shortlist k={args.shortlist_k}",
                 "seconds": round(ranking.shortlist_seconds, 2),

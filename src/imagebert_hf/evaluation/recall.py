@@ -6,9 +6,10 @@ Conventions (those of the ImageBERT, UNITER and BLIP papers):
   the K best-scored texts.
 - IR (image retrieval): each text is a query over all images; it is a hit at K when its image is among the K
   best-scored images.
-- Ties are broken against the query: a candidate that scores exactly as high as the best correct one counts as
-  ranked above it. A constant scorer therefore gets chance level or less, never a perfect score, and the result
-  does not depend on the order of the gallery.
+- Ties are broken against the query: a candidate that scores as high as the best correct one, or within
+  `TIE_RTOL` / `TIE_ATOL` below it, counts as ranked above it. A constant scorer therefore gets chance level or
+  less, never a perfect score, and the result depends neither on the order of the gallery nor on the batch size
+  the scores were computed with (the same input scores a few float32 units apart in batches padded differently).
 - Several folds (COCO 1k): the images are cut into consecutive, equal folds; each fold is ranked against its own
   images and their captions only, and every recall is averaged over the folds.
 """
@@ -20,6 +21,9 @@ import torch
 
 
 DEFAULT_KS = (1, 5, 10)
+# Scores this close are a tie: the same input in two rows of a batch, or in batches padded differently, can score a
+# few float32 units apart (1e-7 of the score); a real difference of a tiny random model is already 1e-4 of it.
+TIE_RTOL, TIE_ATOL = 1e-6, 1e-9
 
 
 def _as_score_tensor(scores) -> torch.Tensor:
@@ -79,21 +83,30 @@ def retrieval_ranks(scores, text_to_image, chunk_size: int = 256) -> tuple[torch
             "text retrieval for them is undefined. Drop them from the score matrix."
         )
 
-    # IR: for text t with image i, count the other images scoring at least scores[i, t].
+    # IR: for text t with image i, count the other images scoring at least scores[i, t] (less the tie tolerance).
     positive_scores = scores[text_to_image, torch.arange(num_texts)]
     ir_ranks = torch.empty(num_texts, dtype=torch.long)
     for start in range(0, num_texts, chunk_size):
-        block = scores[:, start : start + chunk_size]
-        ir_ranks[start : start + chunk_size] = (block >= positive_scores[start : start + chunk_size]).sum(0) - 1
+        block = scores[:, start : start + chunk_size].double()
+        floor = _tie_floor(positive_scores[start : start + chunk_size])
+        ir_ranks[start : start + chunk_size] = (block >= floor).sum(0) - 1
 
-    # TR: for image i, count the texts of other images scoring at least its best caption.
+    # TR: for image i, count the texts of other images scoring at least its best caption (less the tolerance).
     tr_ranks = torch.empty(num_images, dtype=torch.long)
     for start in range(0, num_images, chunk_size):
-        block = scores[start : start + chunk_size]
+        block = scores[start : start + chunk_size].double()
         is_positive = text_to_image[None, :] == torch.arange(start, start + block.shape[0])[:, None]
         best_positive = block.masked_fill(~is_positive, float("-inf")).max(dim=1).values
-        tr_ranks[start : start + block.shape[0]] = ((block >= best_positive[:, None]) & ~is_positive).sum(1)
+        floor = _tie_floor(best_positive)[:, None]
+        tr_ranks[start : start + block.shape[0]] = ((block >= floor) & ~is_positive).sum(1)
     return tr_ranks, ir_ranks
+
+
+def _tie_floor(positive: torch.Tensor) -> torch.Tensor:
+    """The lowest score that ties with `positive` (`torch.isclose` with `TIE_RTOL`, `TIE_ATOL`), in float64 so that
+    the tolerance is neither rounded away nor pushes the lowest float32 (a shortlist's fill value) to -inf."""
+    positive = positive.double()
+    return positive - (TIE_ATOL + TIE_RTOL * positive.abs())
 
 
 def recall_at_k(ranks, k: int) -> float:
@@ -181,4 +194,12 @@ def format_metrics_table(results: dict[str, dict[str, float]], ks: Sequence[int]
     return "\n".join(lines)
 
 
-__all__ = ["DEFAULT_KS", "format_metrics_table", "recall_at_k", "retrieval_metrics", "retrieval_ranks"]
+__all__ = [
+    "DEFAULT_KS",
+    "TIE_ATOL",
+    "TIE_RTOL",
+    "format_metrics_table",
+    "recall_at_k",
+    "retrieval_metrics",
+    "retrieval_ranks",
+]

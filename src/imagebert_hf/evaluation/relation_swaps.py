@@ -45,6 +45,7 @@ from ..models.imagebert.retrieval_index import (
     score_pairs,
 )
 from ..regions.cache_reader import load_region_cache
+from .recall import TIE_ATOL, TIE_RTOL
 
 
 logger = logging.get_logger(__name__)
@@ -57,9 +58,6 @@ PROBE_KINDS = (*SWAP_KINDS, CONTROL_KIND)
 PROBE_SETS = ("synthetic", "manifest")
 # The normal quantile of a two-sided 95% interval.
 Z_95 = 1.959963984540054
-# Scores this close are a tie: the same input in two rows of a batch can score a few float32 units apart (1e-7 of
-# the score); a real difference of a tiny random model is already 1e-4 of it.
-TIE_RTOL, TIE_ATOL = 1e-6, 1e-9
 
 
 @dataclass(frozen=True)

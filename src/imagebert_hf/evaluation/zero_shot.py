@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.retrieval_corpus import check_max_images, merge_duplicate_images
+from ..data.retrieval_corpus import check_max_images, load_manifest_records, merge_duplicate_images
 from ..data.synthetic import (
     chance_recall,
     make_synthetic_examples,
@@ -17,7 +17,6 @@ from ..data.synthetic import (
     synthetic_region_record,
 )
 from ..formats.files import check_folder_or_hub_id
-from ..formats.manifest import read_manifest
 from ..models.imagebert.modeling_imagebert import ImageBERTForImageTextRetrieval
 from ..models.imagebert.region_batching import pad_region_records
 from ..models.imagebert.retrieval_index import score_all_pairs
@@ -58,15 +57,10 @@ def manifest_retrieval_inputs(
     check_max_images(max_images)
     if isinstance(region_cache, (str, Path)):
         region_cache = load_region_cache(region_cache)
-    records = [r for r in read_manifest(manifest) if split is None or r.extra.get("split") == split]
-    records = records[:max_images]
-    if not records:
-        raise ValueError(f"{manifest} has no images in split {split!r}.")
-    # An image listed on two lines is one gallery item with the captions of both (a warning names it).
-    merged = merge_duplicate_images(
-        [{"image_id": record.image, "captions": list(record.captions), "record": record} for record in records]
-    )
-    records = [entry["record"] for entry in merged]
+    # The ids and the merging of `evaluate_retrieval`: an image listed on two lines (under one id, or one file under
+    # two ids) is one gallery item with the captions of both (a warning names it), so both rank the same gallery.
+    merged = merge_duplicate_images(load_manifest_records(manifest, split, max_images))
+    keys = [entry["manifest_image"] for entry in merged]
     captions = [list(entry["captions"])[:captions_per_image] for entry in merged]
     texts = [caption for kept in captions for caption in kept]
     text_to_image = [i for i, kept in enumerate(captions) for _ in kept]
@@ -77,9 +71,9 @@ def manifest_retrieval_inputs(
                 f"memory_mapped=True reads regions from a region cache (folder or RegionCache), got "
                 f"{type(region_cache).__name__}."
             )
-        region_inputs = region_cache.gallery([record.image for record in records], max_regions)
+        region_inputs = region_cache.gallery(keys, max_regions)
     else:
-        region_inputs = pad_region_records([region_cache[record.image] for record in records], "longest", max_regions)
+        region_inputs = pad_region_records([region_cache[key] for key in keys], "longest", max_regions)
     return dict(text_inputs), region_inputs, text_to_image
 
 
