@@ -109,7 +109,8 @@ class ImageBERTForImageTextRetrievalOutput(ModelOutput):
         multiclass_loss (`torch.FloatTensor` of shape `()`): softmax cross-entropy over each group of candidates.
         triplet_loss (`torch.FloatTensor` of shape `()`): hinge loss between each positive and its negatives.
         logits (`torch.FloatTensor` of shape `(batch_size,)`): relevance score of each (text, regions) pair; its
-            sigmoid is the probability that they match.
+            sigmoid is the probability that they match. float32 whatever the model's dtype (the score head runs in
+            float32, also under autocast).
         hidden_states, attentions: as in [`ImageBERTModelOutput`].
     """
 
@@ -592,15 +593,24 @@ class ImageBERTPreTrainedModel(PreTrainedModel):
             output_loading_info: also return a dict with `new_keys` (freshly initialised), `unused_keys` and
                 `itm_head` (`"mapped from NSP"`, `"new"`, or None for a model without the head).
             itm_from_nsp: map a checkpoint's NSP head into the ITM head (True) or start the ITM head fresh (False).
-            **config_overrides: ImageBERT fields to set, e.g. `region_feature_size=1280, num_object_classes=1000`.
+            **config_overrides: ImageBERT fields to set, e.g. `region_feature_size=1280, num_object_classes=1000`;
+                `dtype` (or its older name `torch_dtype`) is the dtype to load in, as in `from_pretrained` (default:
+                the checkpoint's).
         """
         from transformers import AutoConfig
 
+        # The load dtype, not a config field: as a field, `torch_dtype` loses to the `dtype` BERT's config carries.
+        dtype = config_overrides.pop("dtype", None)
+        torch_dtype = config_overrides.pop("torch_dtype", None)
+        if dtype is None:
+            dtype = torch_dtype
         text_config = AutoConfig.from_pretrained(pretrained_model_name_or_path).to_dict()
         for key in ("model_type", "architectures", "auto_map", "transformers_version"):
             text_config.pop(key, None)
         config = ImageBERTConfig(**{**text_config, **config_overrides})
-        model, info = cls.from_pretrained(pretrained_model_name_or_path, config=config, output_loading_info=True)
+        model, info = cls.from_pretrained(
+            pretrained_model_name_or_path, config=config, output_loading_info=True, dtype=dtype
+        )
         new_keys = set(info.get("missing_keys", []))
         unused_keys = sorted(info.get("unexpected_keys", []))
 
@@ -814,6 +824,19 @@ def masked_region_feature_regression_loss(
 def image_text_matching_loss(logits: torch.Tensor, itm_labels: torch.Tensor) -> torch.Tensor:
     """ITM: cross-entropy of the (not matched, matched) scores against `itm_labels`."""
     return F.cross_entropy(logits.float(), itm_labels.long())
+
+
+def _pair_scores(head: nn.Linear, pooled: torch.Tensor) -> torch.Tensor:
+    """The retrieval score of each pair: the log-odds of "matched", `logits[:, 1] - logits[:, 0]` of the ITM head
+    `head` on the pooled vectors, so binary cross-entropy on it equals ITM's 2-way softmax loss.
+
+    The head runs in float32 whatever the model's dtype or autocast: each logit rounded to bfloat16 keeps 8
+    significant bits (logits near 8 on a grid of 1/16), so the difference of two would tie close pairs, and ties rank
+    against the query in recall. The product is two rows wide, so float32 costs nothing.
+    """
+    with torch.autocast(device_type=pooled.device.type, enabled=False):
+        logits = F.linear(pooled.float(), head.weight.float(), head.bias.float())
+    return logits[:, 1] - logits[:, 0]
 
 
 def _aligned_feature_targets(
@@ -1141,9 +1164,7 @@ class ImageBERTForImageTextRetrieval(ImageBERTPreTrainedModel):
             region_attention_mask=region_attention_mask,
             **kwargs,
         )
-        pair_logits = self.cls.seq_relationship(outputs.pooler_output).float()
-        # The score is the log-odds of "matched", so binary cross-entropy on it equals ITM's 2-way softmax loss.
-        scores = pair_logits[:, 1] - pair_logits[:, 0]
+        scores = _pair_scores(self.cls.seq_relationship, outputs.pooler_output)
         losses = self._losses(scores, labels, group_size)
         loss = None
         if losses:

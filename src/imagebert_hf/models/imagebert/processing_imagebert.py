@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
-from transformers.utils import logging
+from transformers.utils import is_torch_tensor, logging
 
 from .configuration_imagebert import FIELD_RULES, ImageBERTConfig, check_field
 from .image_processing_imagebert import ImageBERTRoIExtractor, check_region_sizes
@@ -406,6 +406,9 @@ def check_tokenizer_vocabulary(tokenizer, config: ImageBERTConfig | None = None)
 
 def _as_numbers(values: Any, where: str, record: dict[str, Any], name: str) -> np.ndarray:
     """`values` as a float32 array; values that are not numbers (strings, objects) raise naming the record."""
+    if is_torch_tensor(values) and values.is_floating_point():
+        # numpy has no bfloat16: a tensor of regions computed in bfloat16 converts through float32 (exactly).
+        values = values.detach().float().cpu()
     try:
         return np.asarray(values, dtype=np.float32)
     except (TypeError, ValueError) as error:

@@ -115,14 +115,18 @@ def share_batch_tensors(batch: dict[str, Any]) -> dict[str, Any]:
     return shared
 
 
+# The dtypes a feature tensor keeps: float32, and the half-precision ones a cache stores (no copy, half the bytes).
+_KEPT_FEATURE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def as_feature_tensor(value: Any) -> torch.Tensor:
     """`value` as a floating tensor without a copy where it already is one (a float16 cache row stays float16, a
     read-only view of the mapped file): the padded batch converts it once, while it is filled. Other dtypes become
-    float32."""
+    float32: lists (a region-cache row read as a dataset, which numpy makes float64), float64 and integers."""
     if isinstance(value, torch.Tensor):
-        return value if value.is_floating_point() else value.to(torch.float32)
+        return value if value.dtype in _KEPT_FEATURE_DTYPES else value.to(torch.float32)
     array = np.asarray(value)
-    if array.dtype.kind != "f":
+    if array.dtype.kind != "f" or array.dtype.itemsize > 4:
         return torch.as_tensor(array, dtype=torch.float32)
     if array.flags.writeable:
         return torch.from_numpy(array)
