@@ -138,7 +138,10 @@ def test_push_uploads_exactly_model_processor_code_and_card(model_and_processor)
     import json
 
     config = json.loads(hub.files["config.json"])
-    assert config["auto_map"]["AutoModel"] == "modeling_imagebert.ImageBERTForImageTextRetrieval"
+    assert config["auto_map"]["AutoModel"] == "modeling_imagebert.ImageBERTModel"
+    assert config["auto_map"]["AutoModelForZeroShotImageClassification"] == (
+        "modeling_imagebert.ImageBERTForImageTextRetrieval"
+    )
     assert (
         config["custom_pipelines"]["image-text-retrieval"]["impl"]
         == "pipeline_image_text_retrieval.ImageTextRetrievalPipeline"

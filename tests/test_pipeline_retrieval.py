@@ -265,8 +265,11 @@ def test_saved_pipeline_loads_as_remote_code_without_the_package(retriever, tmp_
     saved = tmp_path / "saved"
     retriever.save_pretrained(saved)
     config = json.loads((saved / "config.json").read_text())
-    assert config["custom_pipelines"]["image-text-retrieval"]["pt"] == ["AutoModel"]
-    assert config["auto_map"]["AutoModel"] == "modeling_imagebert.ImageBERTForImageTextRetrieval"
+    assert config["custom_pipelines"]["image-text-retrieval"]["pt"] == ["AutoModelForZeroShotImageClassification"]
+    assert config["auto_map"]["AutoModelForZeroShotImageClassification"] == (
+        "modeling_imagebert.ImageBERTForImageTextRetrieval"
+    )
+    assert config["auto_map"]["AutoModel"] == "modeling_imagebert.ImageBERTModel"
     processor_config = json.loads((saved / "processor_config.json").read_text())
     assert processor_config["auto_map"]["AutoProcessor"] == "processing_imagebert.ImageBERTProcessor"
     assert processor_config["image_processor"]["auto_map"]["AutoImageProcessor"] == (

@@ -2,7 +2,8 @@
 
 Importing the package is cheap: the public names below load their module (and torch, transformers, torchvision) on
 first access, so `imagebert-curate --help` or `import imagebert_hf.formats.files` stays light. ImageBERT is still
-known to `AutoConfig`, `AutoModel`, `AutoModelForPreTraining`, `AutoImageProcessor`, `AutoProcessor` and
+known to `AutoConfig`, `AutoModel`, `AutoModelForPreTraining`, `AutoModelForZeroShotImageClassification` (the
+retrieval head, as transformers files BLIP-2's), `AutoImageProcessor`, `AutoProcessor` and
 `pipeline("image-text-retrieval")` with no further call: `register()` runs as soon as transformers' Auto classes
 are loaded (now, when they already are, or right after the import that loads them).
 """
@@ -54,22 +55,25 @@ def register() -> None:
     It runs by itself once transformers' Auto classes are loaded (see the module docstring); calling it by hand is
     never needed, only harmless.
     """
-    from transformers import AutoConfig, AutoModel, AutoModelForPreTraining
+    import transformers
+    from transformers import AutoConfig
 
+    from .models.imagebert import modeling_imagebert
     from .models.imagebert.configuration_imagebert import ImageBERTConfig
     from .models.imagebert.modeling_auto import AutoModelForImageTextRetrieval
-    from .models.imagebert.modeling_imagebert import (
-        ImageBERTForImageTextRetrieval,
-        ImageBERTForPreTraining,
-        ImageBERTModel,
-    )
-    from .models.imagebert.pipeline_image_text_retrieval import register_pipeline
+    from .models.imagebert.pipeline_image_text_retrieval import MODEL_AUTO_CLASSES, register_pipeline
     from .models.imagebert.processing_imagebert import register_processing
 
     AutoConfig.register("imagebert", ImageBERTConfig, exist_ok=True)
-    AutoModel.register(ImageBERTConfig, ImageBERTModel, exist_ok=True)
-    AutoModelForPreTraining.register(ImageBERTConfig, ImageBERTForPreTraining, exist_ok=True)
-    AutoModelForImageTextRetrieval.register(ImageBERTConfig, ImageBERTForImageTextRetrieval, exist_ok=True)
+    # The Auto classes a saved folder's `auto_map` names (`AutoModel`, `AutoModelForPreTraining`, and transformers'
+    # class for the retrieval head): registered here, they load the folder in-process as its code does elsewhere.
+    for model_class, auto_class in MODEL_AUTO_CLASSES.items():
+        getattr(transformers, auto_class).register(
+            ImageBERTConfig, getattr(modeling_imagebert, model_class), exist_ok=True
+        )
+    AutoModelForImageTextRetrieval.register(
+        ImageBERTConfig, modeling_imagebert.ImageBERTForImageTextRetrieval, exist_ok=True
+    )
     register_processing()
     register_pipeline()
 

@@ -131,10 +131,7 @@ def app_device(value: str | int):
 
 def load_demo(args: AppArguments):
     """The `RetrievalDemo` the arguments describe: the pipeline and the gallery, indexed."""
-    import transformers
-    from transformers import pipeline
-
-    from .engine import RetrievalDemo, read_gallery
+    from .engine import RetrievalDemo, load_retriever, read_gallery
 
     model, gallery, split = args.model, args.gallery, args.split
     if model is None:
@@ -143,13 +140,7 @@ def load_demo(args: AppArguments):
             gallery, split = str(Path(args.demo_dir) / DEMO_GALLERY), split or "test"
     if gallery is None:
         raise SystemExit("--gallery is needed with --model: a folder of images or a jsonl manifest.")
-    # A pretraining checkpoint loads into the retrieval class without its pretraining heads; that report is expected.
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    try:  # the task is registered when the package is imported (`imagebert_hf.register`)
-        retriever = pipeline("image-text-retrieval", model=model, device=app_device(args.device))
-    finally:
-        transformers.logging.set_verbosity(verbosity)
+    retriever = load_retriever(model, device=app_device(args.device))
     photos = read_gallery(gallery, split=split, limit=args.max_gallery)
     print(f"Indexing {len(photos)} gallery photos from {gallery} ...", flush=True)
     return RetrievalDemo(retriever, photos, shortlist_k=args.shortlist_k, batch_size=args.batch_size)

@@ -19,7 +19,7 @@ import torch
 from transformers.utils import logging
 
 from ..formats.manifest import read_manifest
-from ..models.imagebert.pipeline_image_text_retrieval import untrained_heads
+from ..models.imagebert.pipeline_image_text_retrieval import load_retrieval_model, untrained_heads
 from ..models.imagebert.roi_boxes import grid_boxes
 from ..models.imagebert.roi_image_loading import ImageLoadError, RegionExtractionError, load_image
 
@@ -99,6 +99,14 @@ def read_gallery(source: str | os.PathLike, split: str | None = None, limit: int
     if not gallery:
         raise AppInputError(f"{where} holds no images (looked for {', '.join(IMAGE_SUFFIXES)}).")
     return gallery
+
+
+def load_retriever(model: str, device=None):
+    """The `image-text-retrieval` pipeline on `model` (a folder or Hub id), served by the installed package's
+    classes: a published folder declares its own pipeline, which `pipeline(model=path)` would run as remote code."""
+    from transformers import pipeline
+
+    return pipeline("image-text-retrieval", model=load_retrieval_model(model), device=device)
 
 
 def gallery_captions(gallery: Sequence[GalleryImage]) -> list[str]:
@@ -602,6 +610,7 @@ __all__ = [
     "covering_grid",
     "gallery_captions",
     "grid_cell_name",
+    "load_retriever",
     "parse_caption_list",
     "read_gallery",
     "region_class_names",

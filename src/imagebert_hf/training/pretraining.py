@@ -455,7 +455,9 @@ def _pretraining_stage(accelerator, recipe: Recipe, options, index: int, tokeniz
 
 
 def _push_stage(final_dir: Path, hub_model_id: str | None, message: str) -> None:
-    """Uploads a stage's published folder (the gathered weights; a sharded model in memory has only its shards)."""
+    """Uploads a stage's published folder (the gathered weights; a sharded model in memory has only its shards). It
+    holds the code of the model and of an `ImageBERTProcessor` (`save_final`), so the Auto classes load it with
+    `trust_remote_code=True` where `imagebert_hf` is not installed."""
     if not hub_model_id:
         raise ValueError("push_to_hub needs hub_model_id, got none.")
     hub.upload_to_hub(final_dir, hub_model_id, message)

@@ -6,7 +6,7 @@ schedule, prepares everything with Accelerate, resumes from the stage's last che
 and returns the trained, prepared module with its `TrainState`. `save_final` then writes the stage's model folder.
 
 Folder of a stage: `checkpoints/step_N` (full training state, `save_checkpoint`) and `final/` (the model with its
-processor or tokenizer and `trainer_state.json`, published atomically).
+processor or tokenizer, their code for `trust_remote_code=True`, and `trainer_state.json`, published atomically).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 from transformers.utils import logging
 
 from ..formats.files import atomic_write_json, exclusive_folder, publish_folder
+from ..models.imagebert.pipeline_image_text_retrieval import saving_code
 from .checkpointing import (
     COMPLETE_FILE,
     DAMAGED_ADVICE,
@@ -230,6 +231,10 @@ def save_final(
     """Writes the trained model with its processor or tokenizer (`companion`), `trainer_state.json` and the
     completion marker to a hidden folder, then renames it to `final_dir`. Call on every process.
 
+    The model and an `ImageBERTProcessor` companion are saved with their code and `auto_map` (`saving_code`), so
+    the folder, and what `--push_to_hub` uploads of it, loads with `trust_remote_code=True` where `imagebert_hf` is
+    not installed.
+
     Args:
         model: The prepared module; its full state dict is gathered when the parameters are sharded.
         submodule: Save only this attribute of it (a training wrapper around the model to publish).
@@ -240,9 +245,14 @@ def save_final(
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    save_model(accelerator, model, tmp, submodule=submodule)
+    published = accelerator.unwrap_model(model)
+    if isinstance(submodule, str):  # save_model names a submodule that is not there
+        published = getattr(published, submodule, published)
+    with saving_code(published, companion):
+        save_model(accelerator, model, tmp, submodule=submodule)
+        if accelerator.is_main_process:
+            companion.save_pretrained(tmp)
     if accelerator.is_main_process:
-        companion.save_pretrained(tmp)
         state.save(tmp)
         atomic_write_json(tmp / COMPLETE_FILE, {"stage": state.stage_name, "steps": state.completed_steps})
         publish_folder(tmp, final_dir)

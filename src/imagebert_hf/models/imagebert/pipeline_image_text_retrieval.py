@@ -8,8 +8,11 @@ packages and the files of its own folder (`retrieval_index.py`: scoring, embeddi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import sys
 import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -17,8 +20,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import transformers
 from tqdm.auto import tqdm
-from transformers import AutoModel, Pipeline
+from transformers import Pipeline
 from transformers.utils import logging
 
 from .processing_imagebert import (
@@ -319,10 +323,13 @@ class ImageTextRetrievalPipeline(Pipeline):
                 else:
                     for name in ("region_features", "region_locations"):
                         values = item[name]
-                        values = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else values
                         try:
+                            if isinstance(values, torch.Tensor):
+                                # numpy has no bfloat16: a record computed in bf16 is read through float32.
+                                values = values.detach().cpu()
+                                values = (values.float() if values.is_floating_point() else values).numpy()
                             values = np.asarray(values, dtype=np.float32)
-                        except (TypeError, ValueError) as error:
+                        except (TypeError, ValueError, RuntimeError) as error:
                             errors.append(
                                 f"images[{position}] ({_describe(item)}): {name} must hold numbers ({error})"
                             )
@@ -595,36 +602,91 @@ class ImageTextRetrievalPipeline(Pipeline):
         """Saves model, processor (tokenizer, region extractor and its weights) and the code of all of them
         (pipeline, modeling, processing, region extraction), so that `pipeline(model=save_directory,
         trust_remote_code=True)` works, raw images included, where `imagebert_hf` is not installed."""
-        # The remote pipeline loads its model through AutoModel (transformers resolves the model classes of a custom
-        # pipeline by name among its own), so the folder's auto_map sends AutoModel to the retrieval class.
-        auto_classes = [(type(self.model), "AutoModel"), (type(self.model.config), "AutoConfig")]
-        auto_classes.append((type(self.processor), "AutoProcessor"))
-        image_processor = getattr(self.processor, "image_processor", None)
-        if image_processor is not None:
-            auto_classes.append((type(image_processor), "AutoImageProcessor"))
-        auto_classes = [
-            (cls, name)
-            for cls, name in auto_classes
-            if not cls.__module__.startswith("transformers.") and hasattr(cls, "register_for_auto_class")
-        ]
-        previous = [(cls, cls.__dict__.get("_auto_class")) for cls, _ in auto_classes]
         registered = getattr(self, "_registered_impl", None)
         try:
-            for cls, name in auto_classes:
-                cls.register_for_auto_class(name)
-            if registered is not None:
-                self._registered_impl = {task: {**info, "pt": (AutoModel,)} for task, info in registered.items()}
-            super().save_pretrained(save_directory, **kwargs)
-            self.processor.save_pretrained(save_directory)
+            with saving_code(self.model, self.processor):
+                if registered is not None:
+                    # The folder's `custom_pipelines` entry names the model's Auto class; transformers reads it as
+                    # the name of one of its own classes.
+                    pt = (getattr(transformers, RETRIEVAL_AUTO_CLASS),)
+                    self._registered_impl = {task: {**info, "pt": pt} for task, info in registered.items()}
+                super().save_pretrained(save_directory, **kwargs)
+                self.processor.save_pretrained(save_directory)
         finally:
-            # register_for_auto_class is class-wide; leave other saves of these classes as they were.
-            for cls, value in previous:
-                if value is None:
-                    cls._auto_class = None
-                else:
-                    cls._auto_class = value
             if registered is not None:
                 self._registered_impl = registered
+
+
+# transformers has no Auto class for image-text retrieval; it files its own retrieval cross-encoder (BLIP-2's
+# `Blip2ForImageTextRetrieval`) under `AutoModelForZeroShotImageClassification`, and so does a saved folder. It must
+# be one of transformers' classes: a folder's `custom_pipelines` entry names the model's Auto class, which
+# transformers looks up among its own. `AutoModel` stays the base model: where the package is imported, the classes
+# it registers win over a folder's code, so a folder whose `AutoModel` named the retrieval class would get the base
+# model there, and a folder saved with code names each Auto class as the package registers it.
+RETRIEVAL_AUTO_CLASS = "AutoModelForZeroShotImageClassification"
+# The transformers Auto class of each model class: `imagebert_hf.register()` registers them, and a folder saved with
+# its code names them all in its `auto_map`.
+MODEL_AUTO_CLASSES = {
+    "ImageBERTModel": "AutoModel",
+    "ImageBERTForPreTraining": "AutoModelForPreTraining",
+    "ImageBERTForImageTextRetrieval": RETRIEVAL_AUTO_CLASS,
+}
+_SAVED_CONFIG_FIELDS = ("auto_map", "custom_pipelines")
+
+
+@contextlib.contextmanager
+def saving_code(model, processor=None):
+    """While it lasts, `model.save_pretrained` and `processor.save_pretrained` also write their classes' code and
+    `auto_map` entries, so the folder loads with `trust_remote_code=True` where `imagebert_hf` is not installed, and
+    each Auto class gives the class it gives where the package is imported (with no `trust_remote_code` needed
+    there): `AutoConfig`, the model classes of `MODEL_AUTO_CLASSES` (`AutoModel` is the base model), `AutoProcessor`
+    and `AutoImageProcessor` (the region extractor) when `processor` is an `ImageBERTProcessor`.
+
+    The saved config holds only these `auto_map` entries and no `custom_pipelines` (a save of the pipeline adds its
+    own): a model loaded from another saved folder does not carry that folder's entries into this one.
+    `register_for_auto_class` is class-wide and a save writes into the model's config; both are restored on exit, so
+    other saves of these classes, and of this model, are as they were.
+    """
+    model_auto_class = MODEL_AUTO_CLASSES.get(type(model).__name__)
+    config = getattr(model, "config", None) if model_auto_class is not None else None  # another model: as it is
+    auto_classes, auto_map = [], {}
+    if config is not None:
+        auto_classes += [(type(config), "AutoConfig"), (type(model), model_auto_class)]
+        module = sys.modules[type(model).__module__]  # saved with the model; it holds every model class
+        auto_map = {
+            auto_class: f"{module.__name__.rsplit('.', 1)[-1]}.{name}"
+            for name, auto_class in MODEL_AUTO_CLASSES.items()
+            if hasattr(module, name)
+        }
+    if processor is not None:
+        auto_classes.append((type(processor), "AutoProcessor"))
+        image_processor = getattr(processor, "image_processor", None)
+        if image_processor is not None:
+            auto_classes.append((type(image_processor), "AutoImageProcessor"))
+    auto_classes = [
+        (cls, name)
+        for cls, name in auto_classes
+        if not cls.__module__.startswith("transformers.") and hasattr(cls, "register_for_auto_class")
+    ]
+    previous_classes = [(cls, cls.__dict__.get("_auto_class")) for cls, _ in auto_classes]
+    fields = vars(config) if config is not None else {}
+    previous_fields = {name: fields[name] for name in _SAVED_CONFIG_FIELDS if name in fields}
+    try:
+        if config is not None:
+            for name in previous_fields:
+                delattr(config, name)
+            config.auto_map = auto_map
+        for cls, name in auto_classes:
+            cls.register_for_auto_class(name)
+        yield
+    finally:
+        for cls, value in previous_classes:
+            cls._auto_class = value
+        for name in _SAVED_CONFIG_FIELDS:
+            if name in fields:
+                delattr(config, name)
+        for name, value in previous_fields.items():
+            setattr(config, name, value)
 
 
 class RegionsOnlyProcessor:
@@ -705,14 +767,31 @@ PROJECTION_HEADS = ("cls.text_projection", "cls.region_projection")
 PRETRAINING_ONLY = ("cls.predictions.", "cls.object_predictions.", "cls.feature_regression")
 
 
-def _checkpoint_keys(path: str | os.PathLike) -> set[str] | None:
-    """The parameter names stored in a local checkpoint folder (safetensors, one file or sharded), or None."""
+_HUB_FILE_KWARGS = ("cache_dir", "local_files_only", "revision", "subfolder", "token")
 
-    single, sharded = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(sharded):
+
+def _checkpoint_keys(path: str | os.PathLike, **hub_kwargs) -> set[str] | None:
+    """The parameter names stored in a checkpoint (safetensors, one file or sharded): a local folder, or a Hub id
+    whose weights are fetched into the cache as `from_pretrained` fetches them (`hub_kwargs`: its `cache_dir`,
+    `revision`, `token`, ...). None where the checkpoint has no safetensors weights; a file that cannot be fetched
+    or read raises."""
+    names = ("model.safetensors.index.json", "model.safetensors")
+    if os.path.isdir(path):
+        folder = os.path.join(path, hub_kwargs.get("subfolder") or "")
+        files = [os.path.join(folder, name) for name in names]
+        files = [file if os.path.isfile(file) else None for file in files]
+    else:
+        from transformers.utils import cached_file
+
+        kwargs = {key: hub_kwargs[key] for key in _HUB_FILE_KWARGS if hub_kwargs.get(key) is not None}
+        files = [cached_file(path, names[0], _raise_exceptions_for_missing_entries=False, **kwargs), None]
+        if files[0] is None:
+            files[1] = cached_file(path, names[1], _raise_exceptions_for_missing_entries=False, **kwargs)
+    sharded, single = files
+    if sharded is not None:
         with open(sharded) as handle:
             return set(json.load(handle)["weight_map"])
-    if os.path.isfile(single):
+    if single is not None:
         from safetensors import safe_open
 
         with safe_open(single, framework="pt") as handle:
@@ -733,31 +812,68 @@ def untrained_heads(model) -> list[str]:
     return [head for head in PROJECTION_HEADS if any(key.startswith(head + ".") for key in missing)]
 
 
+def _prefix_pattern(prefixes: Sequence[str]) -> str:
+    return "^(" + "|".join(re.escape(prefix) for prefix in prefixes) + ")"
+
+
+@contextlib.contextmanager
+def _expected_differences_ignored(model_class):
+    """While it lasts, loading `model_class` leaves out of transformers' load report, and of its loading info, the
+    differences a pretraining checkpoint is expected to have: its pretraining heads (unused) and the projection heads
+    (new). `_keys_to_ignore_on_load_*` is transformers' way to declare such keys; it is class-wide (read when a
+    model is built), so it is set for this load only and restored."""
+    names = ("_keys_to_ignore_on_load_missing", "_keys_to_ignore_on_load_unexpected")
+    previous = {name: model_class.__dict__[name] for name in names if name in model_class.__dict__}
+    added = {
+        names[0]: _prefix_pattern([head + "." for head in PROJECTION_HEADS]),
+        names[1]: _prefix_pattern(PRETRAINING_ONLY),
+    }
+    try:
+        for name, pattern in added.items():
+            setattr(model_class, name, [*(getattr(model_class, name, None) or ()), pattern])
+        yield
+    finally:
+        for name in names:
+            if name in previous:
+                setattr(model_class, name, previous[name])
+            elif name in model_class.__dict__:
+                delattr(model_class, name)
+
+
 class _RetrievalModelLoader:
     """What `pipeline("image-text-retrieval", model=path)` loads the model with: the registered retrieval class
-    through `AutoModelForImageTextRetrieval`, whose load report is replaced by the pipeline's own notice when the only
-    differences are the expected ones of a pretraining checkpoint (pretraining heads unused, projection heads new)."""
+    through `AutoModelForImageTextRetrieval`. Where the checkpoint's parameter names can be read (safetensors), the
+    expected differences of a pretraining checkpoint (pretraining heads unused, projection heads new) are left out of
+    transformers' load report: the pipeline's own notice names the untrained heads. Any other difference is reported
+    as transformers reports it."""
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         from .modeling_auto import AutoModelForImageTextRetrieval
+        from .modeling_imagebert import ImageBERTForImageTextRetrieval
 
-        model, info = AutoModelForImageTextRetrieval.from_pretrained(
-            pretrained_model_name_or_path, output_loading_info=True, **kwargs
-        )
-        missing, unexpected = list(info.get("missing_keys", [])), list(info.get("unexpected_keys", []))
-        other_missing = [key for key in missing if not key.startswith(PROJECTION_HEADS)]
-        other_unexpected = [key for key in unexpected if not key.startswith(PRETRAINING_ONLY)]
-        if other_missing or other_unexpected:
-            logger.warning(
-                "Loading %s: weights missing from the checkpoint (initialised at random): %s; weights of the "
-                "checkpoint left unused: %s.",
-                pretrained_model_name_or_path,
-                other_missing or "none",
-                other_unexpected or "none",
+        try:
+            keys = _checkpoint_keys(pretrained_model_name_or_path, **kwargs)
+        except Exception:  # noqa: BLE001 - a damaged or unreachable checkpoint: the load below says what is wrong
+            keys = None
+        ignoring = _expected_differences_ignored if keys is not None else lambda _: contextlib.nullcontext()
+        with ignoring(ImageBERTForImageTextRetrieval):
+            model, info = AutoModelForImageTextRetrieval.from_pretrained(
+                pretrained_model_name_or_path, output_loading_info=True, **kwargs
             )
+        missing = list(info.get("missing_keys", []))
+        if keys is not None:  # the projection heads' keys were left out of the loading info: these are the new ones
+            missing += [key for key in model.state_dict() if key.startswith(PROJECTION_HEADS) and key not in keys]
         model._missing_keys_at_load = missing
         return model
+
+
+def load_retrieval_model(pretrained_model_name_or_path: str | os.PathLike, **kwargs):
+    """The model `pipeline("image-text-retrieval", model=path)` loads, with the installed package's classes:
+    `pipeline("image-text-retrieval", model=load_retrieval_model(path))` serves any ImageBERT folder, a published one
+    included, whose `custom_pipelines` entry makes `pipeline(model=path)` run the folder's own code (and ask for
+    `trust_remote_code=True`). `kwargs` go to `from_pretrained` (`revision`, `dtype`, ...)."""
+    return _RetrievalModelLoader.from_pretrained(os.fspath(pretrained_model_name_or_path), **kwargs)
 
 
 def register_pipeline() -> None:
@@ -768,8 +884,8 @@ def register_pipeline() -> None:
         from imagebert_hf.models.imagebert.modeling_auto import AutoModelForImageTextRetrieval  # noqa: F401
 
         model_class = _RetrievalModelLoader
-    except ImportError:  # loaded as remote code: transformers' own AutoModel reads the folder's auto_map
-        model_class = AutoModel
+    except ImportError:  # loaded as remote code: transformers' own Auto class reads the folder's auto_map
+        model_class = getattr(transformers, RETRIEVAL_AUTO_CLASS)
     PIPELINE_REGISTRY.register_pipeline(
         "image-text-retrieval",
         pipeline_class=ImageTextRetrievalPipeline,
@@ -778,4 +894,13 @@ def register_pipeline() -> None:
     )
 
 
-__all__ = ["MODES", "ImageTextRetrievalPipeline", "RetrievalIndex", "register_pipeline"]
+__all__ = [
+    "MODEL_AUTO_CLASSES",
+    "MODES",
+    "RETRIEVAL_AUTO_CLASS",
+    "ImageTextRetrievalPipeline",
+    "RetrievalIndex",
+    "load_retrieval_model",
+    "register_pipeline",
+    "saving_code",
+]
