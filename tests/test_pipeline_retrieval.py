@@ -163,7 +163,7 @@ def test_a_prebuilt_gallery_stays_out_of_the_per_query_inputs(retriever, saved_m
     assert all(value.device == retriever.device for value in gallery.inputs.values())
 
 
-def test_a_pretraining_checkpoint_says_once_which_heads_are_untrained(saved_model, tmp_path, caplog, capfd):
+def test_a_pretraining_checkpoint_says_once_which_heads_are_untrained(saved_model, tmp_path, caplog):
     import logging
 
     from transformers import pipeline
@@ -175,14 +175,14 @@ def test_a_pretraining_checkpoint_says_once_which_heads_are_untrained(saved_mode
     config = ImageBERTConfig.from_pretrained(folder)
     ImageBERTForPreTraining(config).save_pretrained(pretrained)
     ImageBERTProcessor.from_pretrained(folder).save_pretrained(pretrained)
-    capfd.readouterr()
     with caplog.at_level(logging.WARNING):
         pipe = pipeline("image-text-retrieval", model=str(pretrained), device=-1)
         full = pipe(images=paths[0], texts=TEXTS)
         shortlisted = pipe(images=paths[0], texts=TEXTS, shortlist_k=1)
     notices = [r.getMessage() for r in caplog.records if "untrained heads" in r.getMessage()]
     assert len(notices) == 1 and "cls.text_projection, cls.region_projection" in notices[0]
-    assert "LOAD REPORT" not in capfd.readouterr().err
+    # transformers' own load report goes to its logger's handler, not to caplog: tests/test_published_folders.py
+    # checks that it is left out.
     # No shortlist through random projections: every text is ranked by the cross-encoder.
     assert len(shortlisted) == len(full) == len(TEXTS) and shortlisted == full
     # A prebuilt gallery is ranked whole as well, whatever shortlist_k says.
