@@ -212,15 +212,20 @@ class _Records(logging.Handler):
 
 def _load_messages(folder) -> tuple[list[str], ImageTextRetrievalPipeline]:
     """What transformers and the package log while the pipeline loads `folder`."""
+    import transformers
     from transformers import pipeline
 
     handler = _Records()
     loggers = [logging.getLogger(name) for name in ("transformers", "imagebert_hf")]
     for logger in loggers:
         logger.addHandler(handler)
+    # Scripts run in-process by other tests lower transformers' verbosity for good; the report is a warning.
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_warning()
     try:
         pipe = pipeline("image-text-retrieval", model=str(folder), device=-1)
     finally:
+        transformers.logging.set_verbosity(verbosity)
         for logger in loggers:
             logger.removeHandler(handler)
     return handler.messages, pipe
