@@ -27,7 +27,7 @@ import transformers
 from transformers import HfArgumentParser
 
 from imagebert_hf.formats.files import check_output_dir
-from imagebert_hf.models.imagebert.configuration_imagebert import check_field
+from imagebert_hf.models.imagebert.configuration_imagebert import SEED_RULE, check_flag_values
 from imagebert_hf.models.imagebert.script_errors import exit_on_error, parse_flags
 
 
@@ -77,18 +77,14 @@ _RULES = {
     "caption_noise": ("float", 0.0, 1.0),
     "learning_rate": ("positive", None, None),
     "hidden_size": ("int", 4, None),
-    "seed": ("int", 0, 2**32 - 1),
+    "seed": SEED_RULE,
 }
 NUM_ATTENTION_HEADS = 4
 
 
 def check_arguments(args: DemoArguments) -> None:
     """Raises `ValueError` naming the flag when a setting cannot work, before anything is written."""
-    for name, rule in _RULES.items():
-        try:
-            check_field(f"--{name}", getattr(args, name), *rule)
-        except TypeError as error:  # a value set in code rather than parsed from the command line
-            raise ValueError(str(error)) from None
+    check_flag_values(args, _RULES)
     if args.hidden_size % NUM_ATTENTION_HEADS:
         raise ValueError(
             f"--hidden_size must be a multiple of the {NUM_ATTENTION_HEADS} attention heads, got {args.hidden_size}."
@@ -200,9 +196,17 @@ def demo_recipe(args: DemoArguments, data_dir: Path, cache_dir: Path, feature_si
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
+def read_arguments(argv: list[str] | None = None) -> DemoArguments:
     (args,) = parse_flags(HfArgumentParser(DemoArguments), argv)
     check_arguments(args)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run_demo(read_arguments(argv))
+
+
+def run_demo(args: DemoArguments) -> dict:
     logging.basicConfig(level=logging.WARNING)
     # Saving a model with tied MLM weights makes accelerate warn at every checkpoint; nothing is lost.
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
@@ -294,7 +298,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    with exit_on_error("demo"):
+        arguments = read_arguments()
+    # Imported once the flags are read: `--help` and a refused flag need none of the training stack.
     from imagebert_hf.training import TooManyFailedRecords
 
     with exit_on_error("demo", errors=(OSError, ValueError, TooManyFailedRecords)):
-        main()
+        run_demo(arguments)

@@ -18,7 +18,7 @@ from pathlib import Path
 from transformers import HfArgumentParser
 
 from imagebert_hf.formats.files import check_output_dir
-from imagebert_hf.models.imagebert.configuration_imagebert import check_field
+from imagebert_hf.models.imagebert.configuration_imagebert import check_flag_values
 from imagebert_hf.models.imagebert.script_errors import exit_on_error, parse_flags
 from imagebert_hf.training import (
     PretrainingArguments,
@@ -52,9 +52,7 @@ FLAG_RULES = {**TRAINING_FLAG_RULES, "max_failure_rate": ("float", 0.0, 1.0), "n
 
 def check_flags(args: PretrainingArguments, options: PretrainingRunOptions) -> None:
     """Raises `ValueError` (or `OSError` for a path) naming the flag when a flag cannot work."""
-    for name in (*RUN_FLAGS, *STAGE_FLAGS):
-        if name in FLAG_RULES and getattr(args, name) is not None:
-            check_field(f"--{name}", getattr(args, name), *FLAG_RULES[name])
+    check_flag_values(args, {name: FLAG_RULES[name] for name in (*RUN_FLAGS, *STAGE_FLAGS) if name in FLAG_RULES})
     check_run_options(options)
     if args.output_dir is not None:
         check_output_dir(args.output_dir)

@@ -30,7 +30,6 @@ from imagebert_hf.curation.fitting import (
     train_relevance_model,
 )
 from imagebert_hf.formats.files import check_output_dir
-from imagebert_hf.models.imagebert.configuration_imagebert import check_field
 from imagebert_hf.models.imagebert.script_errors import exit_on_error, parse_flags
 
 
@@ -48,6 +47,9 @@ class TrainingArguments:
 
 def check_arguments(args: TrainingArguments) -> Path:
     """Every flag, before any image is read or any file written; returns the output folder."""
+    # Here, not at the top: the model config's module imports torch, which `--help` does not need.
+    from imagebert_hf.models.imagebert.configuration_imagebert import check_field
+
     for flag, folder in (("--data_dir", args.data_dir), ("--eval_dir", args.eval_dir)):
         if folder is None:
             continue

@@ -359,7 +359,7 @@ def run_local(
     if Path(output_dir).exists() and not Path(output_dir).is_dir():
         raise NotADirectoryError(f"output_dir {output_dir} exists and is not a folder.")
     # An empty string is the current folder to the OS: the run would write, and replace data/, there.
-    output_dir = Path(check_output_dir(output_dir, "output_dir"))
+    output_dir = check_output_dir(output_dir, "output_dir")
     # Every input is found before the output folder is touched: a missing input leaves an earlier run's output
     # intact. The previous `data/` is replaced only once the new one is complete (one rename).
     sources = [s.to_dict() for s in discover_sources(inputs)]

@@ -142,12 +142,10 @@ def _split_records(args: EvaluationArguments, config) -> list[dict]:
     return load_manifest_records(args.manifest, args.split, args.max_images)
 
 
-def corpus_fingerprint(
-    args: EvaluationArguments, records, tokenizer, config, region_cache_fingerprint=None, region_cache=None
-) -> dict:
+def corpus_fingerprint(args: EvaluationArguments, records, tokenizer, config, region_cache=None) -> dict:
     """What a corpus cache is built from: the dataset, split and its records (ids and captions), the image each
     record's regions are read from (its key in `region_cache`), the tokenizer, the text and region limits and the
-    region cache. Two runs share a cache only when all of these agree."""
+    region cache (its own fingerprint). Two runs share a cache only when all of these agree."""
     digest = hashlib.sha256()
     for record in records:
         digest.update(json.dumps([str(record["image_id"]), list(record["captions"])]).encode() + b"\n")
@@ -160,7 +158,7 @@ def corpus_fingerprint(
         "max_text_length": int(config.max_text_length),
         "max_regions": int(config.max_regions),
         "region_feature_size": int(config.region_feature_size),
-        "region_cache": region_cache_fingerprint,
+        "region_cache": None if region_cache is None else region_cache.info.get("fingerprint"),
     }
     if region_cache is not None:
         # A manifest line pointed at another image keeps its id and captions: only its key in the region cache tells
@@ -402,7 +400,7 @@ def load_evaluation_corpus(args: EvaluationArguments, tokenizer, config) -> Retr
             f"--region_cache {args.region_cache} holds regions of {cache.info['region_feature_size']} features; the "
             f"model takes region_feature_size={config.region_feature_size} (extract them with the model's extractor)."
         )
-    fingerprint = corpus_fingerprint(args, records, tokenizer, config, cache and cache.info.get("fingerprint"), cache)
+    fingerprint = corpus_fingerprint(args, records, tokenizer, config, cache)
     if args.corpus_cache and Path(args.corpus_cache).is_file():
         return load_corpus_cache(args.corpus_cache, fingerprint)
     if args.dataset == "synthetic":

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..models.imagebert.configuration_imagebert import SEED_RULE
+
 
 # The numeric flags both training scripts take, as `check_field`'s (kind, lowest, highest), so that pretraining and
 # fine-tuning refuse the same values under the same names; a flag left unset (None) is not checked. The bounds are
-# the recipe's; a seed is what accelerate's `set_seed` takes (numpy's seeds are 32-bit and not negative).
+# the recipe's.
 TRAINING_FLAG_RULES: dict[str, tuple[str, float | None, float | None]] = {
     **dict.fromkeys(
         (
@@ -27,7 +29,7 @@ TRAINING_FLAG_RULES: dict[str, tuple[str, float | None, float | None]] = {
         ("int", 1, None),
     ),
     "learning_rate": ("positive", None, None),
-    "seed": ("int", 0, 2**32 - 1),
+    "seed": SEED_RULE,
 }
 
 

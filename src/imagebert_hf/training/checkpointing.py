@@ -419,6 +419,25 @@ _MODEL_FILE = re.compile(
 )
 
 
+def published_module(accelerator, model, submodule: str | None = None):
+    """The module a save of the prepared `model` writes: the unwrapped model, or its attribute `submodule` (a
+    training wrapper around the model to publish).
+
+    Raises:
+        ValueError: `submodule` is not an attribute of the model with `save_pretrained`.
+    """
+    target = accelerator.unwrap_model(model)
+    if submodule is None:
+        return target
+    inner = getattr(target, submodule, None) if isinstance(submodule, str) else None
+    if not hasattr(inner, "save_pretrained"):
+        raise ValueError(
+            f"save_model: submodule {submodule!r} is not an attribute of {type(target).__name__} with "
+            f"save_pretrained; got {type(inner).__name__}."
+        )
+    return inner
+
+
 def save_model(accelerator, model, folder: str | Path, submodule: str | None = None) -> None:
     """`save_pretrained` of a prepared model into `folder`, correct when its parameters are sharded, and atomic.
     Call on every process.
@@ -443,15 +462,7 @@ def save_model(accelerator, model, folder: str | Path, submodule: str | None = N
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"save_model: folder {str(folder)!r} is an existing file, expected a folder.")
-    target = accelerator.unwrap_model(model)
-    if submodule is not None:
-        inner = getattr(target, submodule, None) if isinstance(submodule, str) else None
-        if not hasattr(inner, "save_pretrained"):
-            raise ValueError(
-                f"save_model: submodule {submodule!r} is not an attribute of {type(target).__name__} with "
-                f"save_pretrained; got {type(inner).__name__}."
-            )
-        target = inner
+    target = published_module(accelerator, model, submodule)
     state_dict = accelerator.get_state_dict(model)
     if submodule is not None:
         prefix = submodule + "."
@@ -483,6 +494,7 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "published_module",
     "remove_partial_checkpoints",
     "save_checkpoint",
     "save_model",

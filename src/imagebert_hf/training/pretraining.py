@@ -31,7 +31,7 @@ from ..data.pair_sources import (
 from ..data.synthetic import make_synthetic_tokenizer
 from ..evaluation import hub
 from ..formats.files import atomic_write_text
-from ..models.imagebert.configuration_imagebert import ImageBERTConfig, check_field
+from ..models.imagebert.configuration_imagebert import ImageBERTConfig, check_flag_values
 from ..models.imagebert.modeling_imagebert import ImageBERTForPreTraining
 from ..models.imagebert.processing_imagebert import ImageBERTProcessor
 from .arguments import TRAINING_FLAG_RULES, PretrainingRunOptions
@@ -302,11 +302,7 @@ class _RunProgress:
 
 def check_run_options(options: PretrainingRunOptions) -> None:
     """Raises `ValueError` naming the flag when a run option cannot work, before anything is built or written."""
-    if options.stop_after_steps is not None:
-        try:
-            check_field("--stop_after_steps", options.stop_after_steps, *TRAINING_FLAG_RULES["stop_after_steps"])
-        except TypeError as error:  # a value set in code rather than parsed from the command line
-            raise ValueError(str(error)) from None
+    check_flag_values(options, {"stop_after_steps": TRAINING_FLAG_RULES["stop_after_steps"]})
 
 
 def check_run_folder(output_dir: str | Path, resume: bool) -> None:

@@ -36,7 +36,7 @@ from typing import Any
 from ..data.collator import MaskingSettings
 from ..data.pair_sources import expand_urls
 from ..formats.files import check_folder_or_hub_id
-from ..models.imagebert.configuration_imagebert import FIELD_RULES, check_field
+from ..models.imagebert.configuration_imagebert import FIELD_RULES, SEED_RULE, check_field
 
 
 SOURCE_TYPES = ("manifest", "hf_dataset", "webdataset", "synthetic")
@@ -208,8 +208,7 @@ _FIELD_RULES: dict[str, tuple[str, float | None, float | None]] = {
     **dict.fromkeys(("weight_decay", "max_grad_norm"), ("float", 0.0, None)),
     **dict.fromkeys(("adam_beta1", "adam_beta2"), ("float", 0.0, 1.0)),
     "adam_epsilon": ("positive", None, None),
-    # The range accelerate's `set_seed` takes (numpy's legacy seeding), as the scripts' --seed.
-    "seed": ("int", 0, 2**32 - 1),
+    "seed": SEED_RULE,
 }
 
 _TYPE_NAMES = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false", "None": "null"}

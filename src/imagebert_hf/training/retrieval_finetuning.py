@@ -31,7 +31,7 @@ from ..evaluation.hub import check_push_to_hub, push_to_hub
 from ..evaluation.recall import retrieval_metrics
 from ..formats.files import atomic_write_json, check_output_dir
 from ..models.imagebert import ImageBERTConfig, ImageBERTForImageTextRetrieval
-from ..models.imagebert.configuration_imagebert import check_field
+from ..models.imagebert.configuration_imagebert import check_flag_values
 from ..regions.cache_reader import load_region_cache
 from .arguments import TRAINING_FLAG_RULES, RetrievalArguments
 from .checkpointing import TrainState, latest_checkpoint
@@ -169,12 +169,7 @@ def check_flags(args: RetrievalArguments) -> None:
     before one is built (it takes some of them) and before anything is written."""
     from transformers import SchedulerType
 
-    for name, rule in _FLAG_RULES.items():
-        if getattr(args, name) is not None:
-            try:
-                check_field(f"--{name}", getattr(args, name), *rule)
-            except TypeError as error:  # a value set in code rather than parsed from the command line
-                raise ValueError(str(error)) from None
+    check_flag_values(args, _FLAG_RULES)
     schedulers = [kind.value for kind in SchedulerType]
     if args.lr_scheduler_type not in schedulers:
         raise ValueError(f"--lr_scheduler_type must be one of {schedulers}, got {args.lr_scheduler_type!r}.")

@@ -31,6 +31,7 @@ from .checkpointing import (
     TrainState,
     latest_checkpoint,
     load_checkpoint,
+    published_module,
     remove_partial_checkpoints,
     save_checkpoint,
     save_model,
@@ -245,10 +246,7 @@ def save_final(
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    published = accelerator.unwrap_model(model)
-    if isinstance(submodule, str):  # save_model names a submodule that is not there
-        published = getattr(published, submodule, published)
-    with saving_code(published, companion):
+    with saving_code(published_module(accelerator, model, submodule), companion):
         save_model(accelerator, model, tmp, submodule=submodule)
         if accelerator.is_main_process:
             companion.save_pretrained(tmp)

@@ -383,11 +383,31 @@ def check_field(name: str, value, kind: str, low, high) -> None:
         raise ValueError(f"{name} must be {expected}, got {value!r}.")
 
 
+# A run's seed: the range accelerate's `set_seed` takes (numpy's legacy seeding), for the scripts' --seed and recipes.
+SEED_RULE = ("int", 0, 2**32 - 1)
+
+
+def check_flag_values(args, rules: dict[str, tuple]) -> None:
+    """`check_field` on each attribute of `args` that `rules` names (`name: (kind, lowest, highest)`) and that is set
+    (not None), named as its flag (`--name`). A value of the wrong type (set in code rather than parsed from the
+    command line) raises ValueError too, so that a script ends on it with one line."""
+    for name, rule in rules.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        try:
+            check_field(f"--{name}", value, *rule)
+        except TypeError as error:
+            raise ValueError(str(error)) from None
+
+
 __all__ = [
     "FIELD_RULES",
     "KNOWN_EXTRA_KEYS",
+    "SEED_RULE",
     "WEIGHTS_DTYPES",
     "ImageBERTConfig",
     "check_field",
+    "check_flag_values",
     "check_weights_dtype",
 ]

@@ -26,6 +26,7 @@ from transformers import Pipeline
 from transformers.utils import logging
 
 from .processing_imagebert import (
+    as_float32_array,
     check_tokenizer_files,
     check_tokenizer_vocabulary,
     read_saved_processor_config,
@@ -322,13 +323,8 @@ class ImageTextRetrievalPipeline(Pipeline):
                     errors.append(f"images[{position}] ({_describe(item)}): its extraction failed: {item['error']}")
                 else:
                     for name in ("region_features", "region_locations"):
-                        values = item[name]
                         try:
-                            if isinstance(values, torch.Tensor):
-                                # numpy has no bfloat16: a record computed in bf16 is read through float32.
-                                values = values.detach().cpu()
-                                values = (values.float() if values.is_floating_point() else values).numpy()
-                            values = np.asarray(values, dtype=np.float32)
+                            values = as_float32_array(item[name])
                         except (TypeError, ValueError, RuntimeError) as error:
                             errors.append(
                                 f"images[{position}] ({_describe(item)}): {name} must hold numbers ({error})"
@@ -738,12 +734,14 @@ def _load_processor_for(model):
     # Run the folder's code only when the model already comes from it (the user passed trust_remote_code=True).
     trust = type(model).__module__.startswith("transformers_modules")
     saved_class = _saved_processor_class(path)
-    check_tokenizer_files(path)
     if saved_class not in (None, "ImageBERTProcessor"):
         raise ValueError(
             f"{os.path.join(path, 'processor_config.json')} names processor_class {saved_class!r}; an ImageBERT "
             "model takes an 'ImageBERTProcessor' (save it with the model, or pass processor=...)."
         )
+    if saved_class is None:
+        # `ImageBERTProcessor.from_pretrained` checks the tokenizer files itself; a folder without one is read here.
+        check_tokenizer_files(path)
     try:
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust)
         reason = "AutoProcessor gave a tokenizer only"

@@ -404,14 +404,22 @@ def check_tokenizer_vocabulary(tokenizer, config: ImageBERTConfig | None = None)
         )
 
 
+def as_float32_array(values: Any) -> np.ndarray:
+    """A region record's `region_features` or `region_locations` as a float32 array: lists, arrays, and torch
+    tensors of any dtype on any device (numpy has no bfloat16: a floating tensor converts through float32, exactly).
+    Raises TypeError or ValueError for values that are not numbers, RuntimeError for a tensor without data."""
+    if is_torch_tensor(values):
+        values = values.detach().cpu()
+        if values.is_floating_point():
+            values = values.float()
+    return np.asarray(values, dtype=np.float32)
+
+
 def _as_numbers(values: Any, where: str, record: dict[str, Any], name: str) -> np.ndarray:
     """`values` as a float32 array; values that are not numbers (strings, objects) raise naming the record."""
-    if is_torch_tensor(values) and values.is_floating_point():
-        # numpy has no bfloat16: a tensor of regions computed in bfloat16 converts through float32 (exactly).
-        values = values.detach().float().cpu()
     try:
-        return np.asarray(values, dtype=np.float32)
-    except (TypeError, ValueError) as error:
+        return as_float32_array(values)
+    except (TypeError, ValueError, RuntimeError) as error:
         raise ValueError(f"{where} ({record.get('image_id')}): {name} must hold numbers ({error}).") from error
 
 
@@ -435,6 +443,7 @@ def register_processing() -> None:
 
 __all__ = [
     "ImageBERTProcessor",
+    "as_float32_array",
     "check_processor_config",
     "check_tokenizer_files",
     "check_tokenizer_vocabulary",
