@@ -245,3 +245,12 @@ def test_invalid_yaml_names_the_file_on_one_line(tmp_path):
     with pytest.raises(RecipeError, match="the value is not valid YAML") as info:
         apply_overrides(TINY, ["seed=[1,"])
     assert "\n" not in str(info.value)
+
+
+def test_a_recipe_path_that_is_a_folder_or_not_text_is_named(tmp_path):
+    with pytest.raises(IsADirectoryError, match=r"is a folder; expected a YAML recipe file\.$"):
+        load_recipe(tmp_path)
+    binary = tmp_path / "recipe.yaml"
+    binary.write_bytes(b"stages:\n  - name: \xff\xfe\n")
+    with pytest.raises(ValueError, match=r"recipe.yaml is not a UTF-8 text file; expected a YAML recipe file\.$"):
+        load_recipe(binary)

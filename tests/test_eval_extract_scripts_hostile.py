@@ -139,13 +139,16 @@ def convert(uniter_files, output, *flags):
 
 def test_the_converter_refuses_an_empty_output_and_writes_nothing_here(empty_cwd, uniter_files):
     assert convert(uniter_files, "") == "--output must be a non-empty path, got ''."
+    # The function refuses it too, naming its parameter, before the checkpoint is read.
+    with pytest.raises(ValueError, match=r"^output_dir must be a non-empty path, got ''\.$"):
+        convert_uniter_checkpoint(uniter_files / "uniter.pt", "")
     assert not list(empty_cwd.iterdir())
 
 
 def test_the_converter_refuses_detector_weights_without_a_tokenizer(tmp_path, uniter_files, a_file):
     message = convert(uniter_files, tmp_path / "out", "--detector_weights", tmp_path / "nope")
     assert message.startswith("--detector_weights goes into the processor, which is saved only with --tokenizer")
-    with pytest.raises(ValueError, match=r"^detector_weights goes into the processor, which is saved only with a"):
+    with pytest.raises(ValueError, match=r"^detector_weights goes into the processor, which is saved only with tok"):
         convert_uniter_checkpoint(uniter_files / "uniter.pt", tmp_path / "out", detector_weights=str(a_file))
     assert not (tmp_path / "out").exists()
 
@@ -160,6 +163,10 @@ def test_the_converter_names_a_tokenizer_or_detector_that_is_not_there(tmp_path,
     assert convert(uniter_files, out, *flags).startswith(
         f"--detector_weights {tmp_path / 'nope'}: no such file or folder"
     )
+    with pytest.raises(NotADirectoryError, match=r"^tokenizer .* is a file; expected a tokenizer folder"):
+        convert_uniter_checkpoint(uniter_files / "uniter.pt", out, tokenizer=str(a_file))
+    with pytest.raises(NotADirectoryError, match=r"^output_dir .* is a file; expected a folder"):
+        convert_uniter_checkpoint(uniter_files / "uniter.pt", a_file)
     assert not out.exists()
 
 

@@ -3,10 +3,12 @@
 import importlib.util
 import json
 import math
+import shutil
 import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from imagebert_hf import ImageBERTConfig, ImageBERTForImageTextRetrieval
 from imagebert_hf.data.retrieval_corpus import (
@@ -253,6 +255,28 @@ def test_script_trains_checkpoints_and_resumes(tmp_path):
                  "score_histogram.png", "eval_results.json"):  # fmt: skip
         assert (tmp_path / "straight" / name).is_file(), name
     assert set(straight["eval"]["full"]) == {"tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "rsum"}
+
+
+def test_a_run_killed_after_training_resumes_at_its_last_step(tmp_path, capsys):
+    # A kill while the final model is saved or the evaluation runs: the resumed run repeats no step.
+    run_retrieval = _load_example("run_retrieval")
+    flags = [
+        "--synthetic_images", "16", "--eval_images", "4", "--max_steps", "3", "--per_device_train_batch_size", "4",
+        "--report_to", "none", "--logging_steps", "1", "--checkpointing_steps", "2", "--cpu",
+        "--output_dir", str(tmp_path / "run"),
+    ]  # fmt: skip
+    first = run_retrieval.main(flags)
+    checkpoints = sorted(path.name for path in (tmp_path / "run" / "checkpoints").iterdir())
+    assert checkpoints == ["step_00000002", "step_00000003"]
+    weights = load_file(tmp_path / "run" / "final" / "model.safetensors")
+    shutil.rmtree(tmp_path / "run" / "final")
+    (tmp_path / "run" / "eval_results.json").unlink()
+    capsys.readouterr()
+    resumed = run_retrieval.main([*flags, "--resume"])
+    assert "from " + str(tmp_path / "run" / "checkpoints" / "step_00000003") + " at step 3" in capsys.readouterr().out
+    assert resumed["history"] == first["history"] and resumed["eval"] == first["eval"]
+    again = load_file(tmp_path / "run" / "final" / "model.safetensors")
+    assert all(torch.equal(weights[name], again[name]) for name in weights) and weights.keys() == again.keys()
 
 
 def test_brief_training_ranks_better_than_chance(tmp_path):

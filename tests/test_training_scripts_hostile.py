@@ -37,6 +37,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
         (["--stop_after_steps", "0"], "--stop_after_steps must be >= 1, got 0."),
         (["--eval_images", "-1"], "--eval_images must be >= 0, got -1."),
         (["--synthetic_images", "-5"], "--synthetic_images must be >= 1, got -5."),
+        (["--warmup_ratio", "1"], "--warmup_ratio must be in [0, 1), got 1.0."),
+        (["--warmup_ratio", "-0.1"], "--warmup_ratio must be in [0, 1), got -0.1."),
         (["--seed", "-1"], "--seed must be in [0, 4294967295], got -1."),
         (["--seed", str(2**32)], f"--seed must be in [0, 4294967295], got {2**32}."),
         (

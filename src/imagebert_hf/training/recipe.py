@@ -35,7 +35,7 @@ from typing import Any
 
 from ..data.collator import MaskingSettings
 from ..data.pair_sources import expand_urls
-from ..formats.files import check_folder_or_hub_id
+from ..formats.files import check_folder_or_hub_id, read_text_file
 from ..models.imagebert.configuration_imagebert import FIELD_RULES, SEED_RULE, check_field
 
 
@@ -446,13 +446,15 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, check_path
     import yaml
 
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"recipe {path} is a folder; expected a YAML recipe file.")
     if not path.is_file():
         raise FileNotFoundError(f"recipe {path} does not exist.")
-    with open(path, encoding="utf-8") as handle:
-        try:
-            data = yaml.load(handle, Loader=_unique_key_loader())  # noqa: S506 - a SafeLoader subclass
-        except yaml.YAMLError as error:
-            raise RecipeError(f"{path} is not valid YAML: {_one_line(error)}") from None
+    text = read_text_file(path, "a YAML recipe file")
+    try:
+        data = yaml.load(text, Loader=_unique_key_loader())  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{path} is not valid YAML: {_one_line(error)}") from None
     recipe = recipe_from_dict(apply_overrides(data, overrides or []), where=path.name)
     if check_paths:
         check_source_paths(recipe, where=path.name)

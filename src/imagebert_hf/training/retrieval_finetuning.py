@@ -156,7 +156,7 @@ _FLAG_RULES = {
     "num_negatives": ("int", 1, None),
     "hard_pool_size": ("int", 1, None),
     "num_epochs": ("positive", None, None),
-    "warmup_ratio": ("float", 0.0, 1.0),
+    "warmup_ratio": ("prob<1", None, None),
     "weight_decay": ("float", 0.0, None),
     "max_grad_norm": ("float", 0.0, None),
     "eval_batch_size": ("int", 1, None),
@@ -346,9 +346,17 @@ def run_retrieval_finetuning(args: RetrievalArguments) -> dict:
         **{name: getattr(args, name) for name in shared},
     )
     with hold_run_folder(accelerator, args.output_dir):
-        # Training answers SIGTERM with a checkpoint; the final save and the evaluation end on it as before.
+        # Training answers SIGTERM with a checkpoint. The final save and the evaluation end on it as on any signal;
+        # with checkpoints asked for, the last step gets one too, so that a run killed while it saves `final/` or
+        # evaluates (hours on a large gallery) resumes there with no step repeated.
         with stop_on_sigterm():
-            wrapper, state = run_stage(accelerator, stage, settings, resume=args.resume)
+            wrapper, state = run_stage(
+                accelerator,
+                stage,
+                settings,
+                resume=args.resume,
+                checkpoint_at_end=args.checkpointing_steps is not None,
+            )
         results = _finish(accelerator, wrapper, state, tokenizer, processor, eval_corpus, args)
         accelerator.end_training()
     return results

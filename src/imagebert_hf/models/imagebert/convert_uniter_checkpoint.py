@@ -84,6 +84,8 @@ CONVERTED_BELOW = {
 # UNITER's `max_txt_len` and the bottom-up-attention region count.
 UNITER_MAX_TEXT_LENGTH = 60
 UNITER_MAX_REGIONS = 100
+# How `check_destination` names the arguments in the command's messages.
+FLAG_NAMES = ("--output", "--tokenizer", "--detector_weights")
 
 
 def _rename_layer_norm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -336,14 +338,8 @@ def convert_uniter_checkpoint(
     extractor is the BUTD detector with 7-d locations) to `output_dir`. Returns the model."""
     from .retrieval_index import _publish
 
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise NotADirectoryError(f"output {output_dir} exists and is not a folder; the model is saved as a folder.")
-    if detector_weights is not None and tokenizer is None:
-        raise ValueError(
-            "detector_weights goes into the processor, which is saved only with a tokenizer: give tokenizer too, "
-            "or leave detector_weights unset."
-        )
+    check_destination(output_dir, tokenizer, detector_weights)
+    output_dir = Path(output_dir).expanduser()
     uniter = None
     if uniter_config:
         try:
@@ -389,11 +385,17 @@ def _save_converted(model, output_dir: Path, tokenizer: str | None, detector_wei
         processor.save_pretrained(output_dir)
 
 
-def _check_flags(args: argparse.Namespace) -> None:
-    """Refuses, before the conversion, the flags whose fault would otherwise show only once the model is built (or
-    never: detector weights without a tokenizer have no processor to go into), each message naming its flag. The
-    wording is that of `formats.files.check_output_dir` and `check_folder_or_hub_id`, which this folder, the bottom
-    of the package, cannot import."""
+def check_destination(
+    output: str | os.PathLike,
+    tokenizer: str | None,
+    detector_weights: str | None,
+    names: tuple[str, str, str] = ("output_dir", "tokenizer", "detector_weights"),
+) -> None:
+    """Refuses, before the conversion, the arguments whose fault would otherwise show only once the model is built
+    (or never: detector weights without a tokenizer have no processor to go into), each message naming its argument
+    as `names` gives them (the command's flags, or the function's parameters). The wording is that of
+    `formats.files.check_output_dir` and `check_folder_or_hub_id`, which this folder, the bottom of the package,
+    cannot import."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     def hub_id(name: str) -> bool:
@@ -403,26 +405,30 @@ def _check_flags(args: argparse.Namespace) -> None:
             return False
         return True
 
-    if not args.output.strip():  # the empty path is the current folder to the OS
-        raise ValueError(f"--output must be a non-empty path, got {args.output!r}.")
-    output = Path(args.output).expanduser()
-    if output.exists() and not output.is_dir():
-        raise NotADirectoryError(f"--output {output} is a file; expected a folder (created when missing).")
-    if args.detector_weights is not None and args.tokenizer is None:
+    output_name, tokenizer_name, weights_name = names
+    if not os.fspath(output).strip():  # the empty path is the current folder to the OS
+        raise ValueError(f"{output_name} must be a non-empty path, got {os.fspath(output)!r}.")
+    path = Path(output).expanduser()
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{output_name} {path} is a file; expected a folder (created when missing).")
+    if detector_weights is not None and tokenizer is None:
         raise ValueError(
-            "--detector_weights goes into the processor, which is saved only with --tokenizer: give --tokenizer "
-            "too, or leave --detector_weights out."
+            f"{weights_name} goes into the processor, which is saved only with {tokenizer_name}: give "
+            f"{tokenizer_name} too, or leave {weights_name} out."
         )
     expected = "a tokenizer folder such as a saved BERT's, or a Hub id such as owner/name"
-    if args.tokenizer is not None and Path(args.tokenizer).expanduser().is_file():
-        raise NotADirectoryError(f"--tokenizer {args.tokenizer} is a file; expected {expected}.")
-    if args.tokenizer is not None and not Path(args.tokenizer).expanduser().exists() and not hub_id(args.tokenizer):
-        raise FileNotFoundError(f"--tokenizer {args.tokenizer}: no such folder (expected {expected}).")
-    weights = args.detector_weights
-    if weights is not None and not Path(weights).expanduser().exists() and not hub_id(weights):
+    if tokenizer is not None and Path(tokenizer).expanduser().is_file():
+        raise NotADirectoryError(f"{tokenizer_name} {tokenizer} is a file; expected {expected}.")
+    if tokenizer is not None and not Path(tokenizer).expanduser().exists() and not hub_id(tokenizer):
+        raise FileNotFoundError(f"{tokenizer_name} {tokenizer}: no such folder (expected {expected}).")
+    if (
+        detector_weights is not None
+        and not Path(detector_weights).expanduser().exists()
+        and not hub_id(detector_weights)
+    ):
         raise FileNotFoundError(
-            f"--detector_weights {weights}: no such file or folder (expected the BUTD detector's checkpoint, or a "
-            "Hub id such as unc-nlp/frcnn-vg-finetuned)."
+            f"{weights_name} {detector_weights}: no such file or folder (expected the BUTD detector's checkpoint, or "
+            "a Hub id such as unc-nlp/frcnn-vg-finetuned)."
         )
 
 
@@ -445,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_text_length", type=int, default=UNITER_MAX_TEXT_LENGTH)
     args = parser.parse_args(argv)
     with exit_on_error("imagebert-convert-uniter"):
-        _check_flags(args)
+        check_destination(args.output, args.tokenizer, args.detector_weights, FLAG_NAMES)
         model = convert_uniter_checkpoint(
             args.checkpoint,
             args.output,
@@ -460,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = [
+    "check_destination",
     "convert_uniter_checkpoint",
     "convert_uniter_state_dict",
     "load_uniter_model",
