@@ -1,12 +1,19 @@
 """What a Hub push uploads (files and model card), checked against a local stand-in for the Hub."""
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from imagebert_hf import ImageBERTForImageTextRetrieval
-from imagebert_hf.evaluation.hub import build_model_card, eval_results_from_run, push_to_hub, save_for_hub
+from imagebert_hf.evaluation.hub import (
+    build_model_card,
+    eval_results_from_run,
+    load_results,
+    push_to_hub,
+    save_for_hub,
+)
 
 
 RESULTS = [
@@ -95,6 +102,32 @@ def test_card_metadata_and_sections(model_and_processor):
     assert "## Citation" in text and "qi2020imagebert" in text
     assert f"{model.config.num_hidden_layers} layers of width {model.config.hidden_size}" in text
     assert 'pipeline("image-text-retrieval", model="someone/imagebert-tiny", trust_remote_code=True)' in text
+
+
+def test_the_card_reports_full_ranking_once_per_row_and_the_model_s_location_size(model_and_processor, tmp_path):
+    model, _ = model_and_processor
+    # What examples/evaluate_retrieval.py writes with --shortlist_k for a gallery of no published protocol: two
+    # entries of one name, the second the shortlist's recall.
+    full = {"tr_r1": 50.0, "tr_r5": 80.0, "tr_r10": 90.0, "ir_r1": 40.0, "ir_r5": 70.0, "ir_r10": 80.0, "rsum": 410.0}
+    entry = {"dataset_name": "coco", "dataset_type": "coco", "dataset_split": "test", "ranking": "full"}
+    shortlist = {**entry, "ranking": "shortlist k=16", "metrics": {key: value / 2 for key, value in full.items()}}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"model": "m", "results": [{**entry, "metrics": full}, shortlist]}))
+    card = build_model_card(load_results(path), model_id="me/x", config=model.config)
+    text = str(card)
+    assert "| coco (test) | 50.0 | 80.0 | 90.0 | 40.0 | 70.0 | 80.0 | 410.0 |" in text
+    assert "| coco (test) | 25.0 |" not in text
+    metrics = card.data.to_dict()["model-index"][0]["results"][0]["metrics"]
+    assert [m["value"] for m in metrics] == list(full.values())
+    assert f"a {model.config.region_location_size}-d location each" in text
+    with pytest.raises(ValueError, match=r"evaluation results 0 and 1 both report 'coco \(test\)'"):
+        build_model_card([{**entry, "metrics": full}, {**entry, "metrics": full}])
+    # One name, two configurations: two rows.
+    both = build_model_card([{**entry, "dataset_config": c, "metrics": full} for c in ("1k", "5k")])
+    assert "| coco (1k, test) |" in str(both) and "| coco (5k, test) |" in str(both)
+    path.write_text('{"results": 3}')
+    with pytest.raises(ValueError, match="holds no list of results"):
+        load_results(path)
 
 
 def test_push_uploads_exactly_model_processor_code_and_card(model_and_processor):

@@ -562,8 +562,7 @@ def run_retrieval_evaluation(args: EvaluationArguments) -> dict:
         # Built before anything is written, so a card that cannot be built leaves no results without their card.
         card = None
         if args.model_card:
-            card_results = [r for r in results if r["ranking"] == "full"]
-            card = build_model_card(card_results, model_id=args.model_id, config=model.config)
+            card = build_model_card(results, model_id=args.model_id, config=model.config)
         output_dir.mkdir(parents=True, exist_ok=True)
         ranking.plot(output_dir, title=f"{args.dataset} {args.split}")
         atomic_write_json(

@@ -9,7 +9,6 @@ the recall@K of an evaluation run (`examples/evaluate_retrieval.py --results_jso
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -19,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..formats.files import atomic_write_text, publish_folder_keeping_others
+from ..formats.files import atomic_write_text, publish_folder_keeping_others, read_json_file
 from ..models.imagebert.pipeline_image_text_retrieval import ImageTextRetrievalPipeline, register_pipeline
 from .recall import format_metrics_table
 
@@ -44,10 +43,14 @@ PAPER_BIBTEX = """@article{qi2020imagebert,
 
 
 def load_results(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Reads the results json written by `examples/evaluate_retrieval.py` (`{"results": [...]}` or a list)."""
-    with open(path, encoding="utf-8") as handle:
-        data = json.load(handle)
-    return list(data["results"] if isinstance(data, Mapping) else data)
+    """Reads the results json written by `examples/evaluate_retrieval.py` (`{"results": [...]}` or a list); a file
+    that is not JSON or not of that form raises `ValueError` naming it (`build_model_card` checks the entries)."""
+    expected = 'the results.json of examples/evaluate_retrieval.py ({"results": [...]} or a list of results)'
+    data = read_json_file(path, expected)
+    entries = data.get("results") if isinstance(data, Mapping) else data
+    if not isinstance(entries, list):
+        raise ValueError(f"{path} holds no list of results; expected {expected}.")
+    return entries
 
 
 def eval_results_from_run(results: Sequence[Mapping[str, Any]]):
@@ -129,12 +132,34 @@ def _check_names(name: str, values) -> list[str] | None:
     return list(values)
 
 
+def full_ranking_results(results: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The entries a card reports: full-ranking recall, one per dataset, configuration and split. Entries of another
+    `ranking` (shortlist + re-rank, as `examples/evaluate_retrieval.py --shortlist_k` adds them) are left out: the
+    card's metrics are defined over the full ranking. Two full-ranking entries for one row raise `ValueError`, rather
+    than one silently replacing the other in the table."""
+    kept, seen = [], {}
+    for number, result in enumerate(results):
+        if isinstance(result, Mapping) and result.get("ranking", "full") != "full":
+            continue
+        if isinstance(result, Mapping):
+            row = _row_name(result)
+            if row in seen:
+                raise ValueError(
+                    f"evaluation results {seen[row]} and {number} both report {row!r}; give them distinct "
+                    "dataset_name, dataset_config or dataset_split."
+                )
+            seen[row] = number
+        kept.append(result)
+    return kept
+
+
+def _row_name(result: Mapping[str, Any]) -> str:
+    details = [str(result[key]) for key in ("dataset_config", "dataset_split") if result.get(key)]
+    return str(result.get("dataset_name")) + (f" ({', '.join(details)})" if details else "")
+
+
 def _results_table(results: Sequence[Mapping[str, Any]]) -> str:
-    rows = {}
-    for result in results:
-        name = result["dataset_name"] + (f" ({result['dataset_split']})" if result.get("dataset_split") else "")
-        rows[name] = result["metrics"]
-    return format_metrics_table(rows)
+    return format_metrics_table({_row_name(result): result["metrics"] for result in results})
 
 
 def build_model_card(
@@ -167,6 +192,8 @@ def build_model_card(
     """
     from huggingface_hub import ModelCard, ModelCardData
 
+    if results is not None and not isinstance(results, (str, bytes, Mapping)) and isinstance(results, Sequence):
+        results = full_ranking_results(results)
     eval_results = eval_results_from_run([] if results is None else results) or None
     results = list(results or [])
     if not isinstance(model_id, str) or not model_id.strip():
@@ -184,6 +211,7 @@ def build_model_card(
         eval_results=eval_results,
     )
     size = ""
+    location = "" if config is None else f"{config.region_location_size}-d "
     if config is not None:
         size = (
             f" This checkpoint has {config.num_hidden_layers} layers of width {config.hidden_size}, "
@@ -195,7 +223,7 @@ def build_model_card(
         "model_summary": "ImageBERT cross-encoder for image-text retrieval: one BERT over WordPiece tokens and "
         "object regions, scoring how well a caption matches an image.",
         "model_description": "ImageBERT (Qi et al. 2020) feeds `[CLS] text [SEP]` followed by the image's regions "
-        "(a visual feature and a 5-d location each) through one transformer; a head on `[CLS]` gives the relevance "
+        f"(a visual feature and a {location}location each) through one transformer; a head on `[CLS]` gives the relevance "
         "score of the pair. Two small projection heads over text-only and regions-only passes give unimodal "
         "embeddings, used to shortlist candidates before the cross-encoder re-ranks them." + size,
         "model_type": "Single-stream vision-language transformer (cross-encoder)",
@@ -419,6 +447,7 @@ __all__ = [
     "build_model_card",
     "check_push_to_hub",
     "eval_results_from_run",
+    "full_ranking_results",
     "load_results",
     "push_to_hub",
     "save_for_hub",
