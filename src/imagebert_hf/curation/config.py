@@ -141,6 +141,11 @@ DEFAULT_FUNCTION_WORDS = (
     *RELEVANCE_PREPOSITIONS,
     *("next", "across", "along", "around", "inside", "outside", "while"),
 )
+# Words whose repetition is never keyword stuffing, on top of `function_words`: articles and conjunctions.
+REPETITION_EXEMPT_WORDS = frozenset({"a", "an", "the", "and", "or", "but", "nor"})
+# Languages written without spaces between words (codes of resiliparse's detector): the text-cleaning rules count
+# words between spaces, so each of their texts would read as one word and be dropped as `too_short`.
+UNSEGMENTED_LANGUAGES = ("bo", "ja", "km", "my", "th", "zh")
 
 
 class _StageConfig:
@@ -418,6 +423,13 @@ def check_stage_config(config: Any) -> None:
 
             check_field(name, value, annotation, *_RANGES.get(f.name, (None, None)))
     if isinstance(config, ParseConfig):
+        unsegmented = sorted(set(config.languages) & set(UNSEGMENTED_LANGUAGES))
+        if unsegmented:
+            raise ValueError(
+                f"parse.languages must not name languages written without spaces between words, got "
+                f"{config.languages!r} (unsupported: {unsegmented}): the text-cleaning rules count words between "
+                "spaces, so every text in these languages would be dropped as too_short."
+            )
         unknown = sorted(set(config.text_sources) - set(TEXT_SOURCES))
         if unknown:
             raise ValueError(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib
+import numbers
 from importlib import resources
 from typing import Protocol
 
@@ -26,6 +27,7 @@ from ..models.imagebert.roi_image_loading import ImageLoadError, load_image
 from .config import ImageFilterConfig
 from .linear import LinearModel
 from .tally import INPUT, KEPT, Tally
+from .text_cleaning import file_version
 
 
 logger = logging.get_logger(__name__)
@@ -222,13 +224,37 @@ def get_nsfw_detector(spec: str) -> ImageScorer:
     return import_plugin(spec)()
 
 
-@functools.lru_cache(maxsize=8)
 def get_natural_classifier(spec: str, model_path: str | None = None) -> ImageScorer:
+    """The natural-photo classifier `spec` names; the default one is built again when its model file changes."""
+    return _get_natural_classifier(spec, model_path, file_version(model_path) if spec == "default" else None)
+
+
+@functools.lru_cache(maxsize=8)
+def _get_natural_classifier(spec: str, model_path: str | None, version: tuple | None) -> ImageScorer:
     if spec == "default":
         return LinearNaturalPhotoClassifier(model_path)
     if spec == "none":
         return NoScorer(1.0)
     return import_plugin(spec)()
+
+
+def plugin_scores(field: str, spec: str, scorer: ImageScorer, images: list, stats: np.ndarray) -> list[float]:
+    """`scorer.score(images, stats)` as a list of floats, checked: anything but one number per image raises naming the
+    scorer (`images.<field>` and `spec`), since a score cannot then be matched to its image. A non-finite score (a
+    scorer that failed on one image) is returned as it is, for the caller to drop that image with a reason."""
+    what = f"images.{field} {spec!r}"
+    expected = f"expected a sequence of {len(images)} probabilities, one per image"
+    result = scorer.score(images, stats)
+    try:
+        scores = list(result)
+    except TypeError:
+        raise ValueError(f"{what} returned {result!r:.80} ({type(result).__name__}); {expected}.") from None
+    if len(scores) != len(images):
+        raise ValueError(f"{what} returned {len(scores)} scores for {len(images)} images; {expected}.")
+    wrong = [s for s in scores if not isinstance(s, numbers.Real) or isinstance(s, bool)]
+    if wrong:
+        raise ValueError(f"{what} returned {wrong[0]!r} ({type(wrong[0]).__name__}) among its scores; {expected}.")
+    return [float(s) for s in scores]
 
 
 def decode_image(data: bytes, config: ImageFilterConfig):
@@ -280,14 +306,28 @@ def filter_images(batch: dict[str, list], config: ImageFilterConfig) -> tuple[di
         stats.append(image_stats)
 
     stats_arr = np.stack(stats) if stats else np.zeros((0, len(STAT_NAMES)), dtype=np.float32)
-    natural = get_natural_classifier(config.natural_classifier, config.natural_model_path).score(images, stats_arr)
-    keep_natural = [j for j, p in enumerate(natural) if p >= config.natural_threshold]
-    tally.drop(STAGE, "image", "not_natural_photo", len(natural) - len(keep_natural))
+    natural_classifier = get_natural_classifier(config.natural_classifier, config.natural_model_path)
+    natural = plugin_scores("natural_classifier", config.natural_classifier, natural_classifier, images, stats_arr)
+    keep_natural = []
+    for j, p in enumerate(natural):
+        if not np.isfinite(p):
+            tally.drop(STAGE, "image", "bad_natural_score")
+        elif p < config.natural_threshold:
+            tally.drop(STAGE, "image", "not_natural_photo")
+        else:
+            keep_natural.append(j)
     nsfw_input = [images[j] for j in keep_natural]
-    nsfw = get_nsfw_detector(config.nsfw_detector).score(nsfw_input, stats_arr[keep_natural]) if nsfw_input else []
+    nsfw = []
+    if nsfw_input:
+        detector = get_nsfw_detector(config.nsfw_detector)
+        nsfw = plugin_scores("nsfw_detector", config.nsfw_detector, detector, nsfw_input, stats_arr[keep_natural])
 
     out = {name: [] for name in columns + list(ADDED_COLUMNS)}
     for j, nsfw_score in zip(keep_natural, nsfw):
+        if not np.isfinite(nsfw_score):
+            # An image the detector could not score is not known to be safe.
+            tally.drop(STAGE, "image", "bad_nsfw_score")
+            continue
         if nsfw_score >= config.nsfw_threshold:
             tally.drop(STAGE, "image", "nsfw")
             continue
@@ -316,4 +356,5 @@ __all__ = [
     "image_statistics",
     "import_plugin",
     "load_packaged_model",
+    "plugin_scores",
 ]

@@ -44,6 +44,7 @@ _AD = re.compile(
     r"(?<![a-z])(ad|ads|advert\w*|adserver|adservice|banner|sponsor\w*|doubleclick|googlesyndication|promo)(?![a-z])"
 )
 _PIXEL = re.compile(r"(?<![a-z])(pixel|beacon|tracking|tracker|track|spacer|blank|1x1|clear\.gif)(?![a-z])")
+_PIXELS = re.compile(r"\s*(\d+)(?:\.\d*)?\s*(?:px)?\s*", re.IGNORECASE)
 _CSS_SIZE = re.compile(r"(?:^|;)\s*(width|height)\s*:\s*(\d+(?:\.\d+)?)px", re.IGNORECASE)
 _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
 _SPACE = re.compile(r"\s+")
@@ -76,9 +77,9 @@ def _clean(text: str | None) -> str:
 
 
 def _int_attr(value: str | None) -> int | None:
-    if not value:
-        return None
-    match = re.match(r"\s*(\d+)", value)
+    """A size in pixels from a width or height attribute: `640` or `640px`. A percentage (`60%`) or another unit
+    says nothing about the image's pixels, so it counts as no declaration."""
+    match = _PIXELS.fullmatch(value or "")
     return int(match.group(1)) if match else None
 
 
@@ -223,10 +224,32 @@ def candidate_texts(cand: Candidate, config: ParseConfig) -> tuple[list[str], li
 
 
 def decode_html(html: bytes, charset: str | None) -> str:
+    """The page as text, in the charset its HTTP header declares, or else the one found from its bytes (a declared
+    name Python has no text codec for, such as `utf8mb4` or `none`, counts as no declaration): UTF-8 when the
+    bytes are valid UTF-8, else the page's `<meta charset>`, else the detector's guess."""
     from resiliparse.parse.encoding import bytes_to_str, detect_encoding
 
-    encoding = charset or detect_encoding(html)
+    if charset:
+        try:
+            return bytes_to_str(html, charset)
+        except (LookupError, ValueError):
+            logger.debug("unknown charset %r: finding the page's encoding from its bytes", charset)
+    try:
+        # Accented text in a legacy encoding is almost never valid UTF-8, while the detector alone reads a UTF-8
+        # page with few accents as Windows-1250 ("café" -> "cafĂ©").
+        html.decode("utf-8")
+        encoding = "utf-8"
+    except UnicodeDecodeError:
+        encoding = detect_encoding(html, from_html_meta=True)
     return bytes_to_str(html, encoding)
+
+
+def _resolve(base: str, src: str) -> str | None:
+    """The absolute URL of an image; None for a src that is no URL (`http://[host/x.jpg`: urljoin raises)."""
+    try:
+        return urljoin(base, src)
+    except ValueError:
+        return None
 
 
 def _parse_one(row: dict, config: ParseConfig, tally: Tally, resolver: ImageResolver | None) -> list[dict]:
@@ -267,7 +290,8 @@ def _parse_one(row: dict, config: ParseConfig, tally: Tally, resolver: ImageReso
             base = page_url if base.startswith("file:") else base
         base_tag = tree.head.query_selector("base[href]")
         if base_tag is not None:
-            base = urljoin(base, base_tag.getattr("href").strip())
+            # A <base href> that is no URL is ignored, as browsers do.
+            base = _resolve(base, base_tag.getattr("href").strip()) or base
 
     nodes = tree.body.query_selector_all("img")
     n_nodes = len(nodes)
@@ -294,6 +318,8 @@ def _parse_one(row: dict, config: ParseConfig, tally: Tally, resolver: ImageReso
         )
         cand.width, cand.height = declared_size(node)
         cand.reason = _disqualify(cand, "", config)
+        if cand.reason is None and _resolve(base, src) is None:
+            cand.reason = "bad_src"
         if cand.reason is None:
             in_main, in_figure, in_boilerplate, ancestors_sig = _ancestor_features(node)
             cand.reason = "advertisement" if _AD.search(ancestors_sig) else None

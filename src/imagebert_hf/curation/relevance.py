@@ -19,7 +19,7 @@ from .config import RELEVANCE_DETERMINERS, RELEVANCE_PREPOSITIONS, RelevanceConf
 from .image_filters import COLOUR_NAMES, STAT_NAMES, load_packaged_model
 from .linear import LinearModel
 from .tally import INPUT, KEPT, Tally
-from .text_cleaning import load_vocabulary, rare_word_ratio
+from .text_cleaning import WORD_PATTERN, file_version, load_vocabulary, rare_word_ratio
 
 
 STAGE = "relevance"
@@ -216,7 +216,7 @@ _DETERMINERS = frozenset(RELEVANCE_DETERMINERS)
 _PREPOSITIONS = frozenset(RELEVANCE_PREPOSITIONS)
 _FIRST_PERSON = frozenset(["i", "we", "our", "us", "my", "me", "mine", "ours"])
 _SECOND_PERSON = frozenset(["you", "your", "yours"])
-_WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
+_WORD = re.compile(rf"{WORD_PATTERN}(?:'{WORD_PATTERN})?")
 
 TEXT_FEATURES = (
     "log_words",
@@ -286,8 +286,13 @@ def relevance_features(texts: list[str], image_stats: np.ndarray) -> np.ndarray:
     return np.stack(rows)
 
 
-@functools.lru_cache(maxsize=4)
 def load_relevance_model(path: str | None = None) -> LinearModel:
+    """The relevance model at `path` (the packaged one when None), read again when the file changes."""
+    return _load_relevance_model(path, file_version(path))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_relevance_model(path: str | None, version: tuple | None) -> LinearModel:
     model = load_packaged_model("relevance.json") if path is None else LinearModel.load(path)
     if tuple(model.feature_names) != FEATURE_NAMES:
         raise ValueError(

@@ -10,10 +10,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
+import unicodedata
 from collections import Counter
 
 from ..formats.files import read_text_file
-from .config import TextCleaningConfig
+from .config import REPETITION_EXEMPT_WORDS, TextCleaningConfig
+from .inputs import input_version, is_url
 from .tally import INPUT, KEPT, Tally
 
 
@@ -38,7 +40,24 @@ PAIR_COLUMNS = (
     "image_stats",
 )
 
-_WORD = re.compile(r"[A-Za-z]+(?:['’][A-Za-z]+)?")
+
+def _combining_marks() -> str:
+    r"""The combining marks of the Basic Multilingual Plane as character-class ranges. `\w` does not match them, yet
+    they belong to the letter before them: Devanagari or Tamil vowel signs, decomposed accents."""
+    ranges, start = [], None
+    for code in range(0x10001):
+        is_mark = code < 0x10000 and unicodedata.category(chr(code)).startswith("M")
+        if is_mark and start is None:
+            start = code
+        elif not is_mark and start is not None:
+            ranges.append(f"\\u{start:04x}-\\u{code - 1:04x}")
+            start = None
+    return "".join(ranges)
+
+
+# A word: letters of any script, each with its combining marks (ASCII text splits exactly as `[A-Za-z]+` would).
+WORD_PATTERN = rf"(?:[^\W\d_][{_combining_marks()}]*)+"
+_WORD = re.compile(rf"{WORD_PATTERN}(?:['’]{WORD_PATTERN})?")
 _TOKEN = re.compile(r"\S+")
 _SPACE = re.compile(r"\s+")
 _FILE_EXT = re.compile(r"\.(jpe?g|png|gif|webp|bmp|tiff?|svg|heic|avif)\b", re.IGNORECASE)
@@ -71,9 +90,25 @@ def _patterns(spam: tuple[str, ...], porn: tuple[str, ...], boilerplate: tuple[s
     return _phrase_pattern(spam), _phrase_pattern(porn), _phrase_pattern(boilerplate)
 
 
-@functools.lru_cache(maxsize=4)
+def file_version(path: str | None) -> tuple | None:
+    """What the caches of loaded models and vocabularies are keyed by besides the path, so that a file rewritten at
+    the same path is read again: its size and modification time. None for no path, a URL (the loaders read local
+    files only, and say so) and a file that cannot be read (its loader raises naming it)."""
+    if path is None or is_url(path):
+        return None
+    try:
+        return input_version(path)
+    except OSError:
+        return None
+
+
 def load_vocabulary(vocabulary: str, size: int) -> frozenset[str]:
     """The set of known lowercase words: wordfreq's top English words (offline) or a one-word-per-line file."""
+    return _load_vocabulary(vocabulary, size, None if vocabulary == "wordfreq" else file_version(vocabulary))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_vocabulary(vocabulary: str, size: int, version: tuple | None) -> frozenset[str]:
     if vocabulary == "wordfreq":
         from wordfreq import top_n_list
 
@@ -132,7 +167,11 @@ def check_text(text: str, config: TextCleaningConfig) -> tuple[str | None, float
     later = words[1:]
     if later and sum(w[0].isupper() for w in later) > config.max_capitalized_ratio * len(later):
         return "capitalized", 1.0
-    top_word, top_count = Counter(lower_words).most_common(1)[0]
+    # Keyword stuffing repeats content words; "a", "the" or "and" three times is an ordinary sentence. A text of
+    # function words alone is judged on all of them.
+    exempt = REPETITION_EXEMPT_WORDS.union(config.function_words)
+    counted = [w for w in lower_words if w not in exempt] or lower_words
+    top_count = Counter(counted).most_common(1)[0][1]
     if top_count >= 3 and top_count > config.max_repeated_word_ratio * len(lower_words):
         return "repeated_words", 1.0
     ratio = rare_word_ratio(words, load_vocabulary(config.vocabulary, config.vocabulary_size))
