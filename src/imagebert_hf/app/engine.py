@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
+from ..data.retrieval_corpus import merge_duplicate_images
 from ..formats.manifest import read_manifest
 from ..models.imagebert.pipeline_image_text_retrieval import load_retrieval_model, untrained_heads
 from ..models.imagebert.roi_boxes import grid_boxes
@@ -66,7 +67,10 @@ def read_gallery(source: str | os.PathLike, split: str | None = None, limit: int
     """The gallery of a folder of images (sorted by name) or of a jsonl manifest (`imagebert_hf.formats.manifest`).
 
     A manifest's object boxes are used as the regions, with the whole image added as one more region, as
-    `make demo` trains on; a folder's images get the extractor's own regions (the grid, or the detections).
+    `make demo` trains on; a folder's images get the extractor's own regions (the grid, or the detections). An image
+    a manifest lists on several lines (one line per caption, say) is one photo with the captions of all its lines,
+    by the evaluation's rule (`merge_duplicate_images`, which warns): the app ranks the gallery an evaluation of the
+    same split ranks.
 
     Args:
         source: a folder or a `.jsonl` manifest.
@@ -79,25 +83,50 @@ def read_gallery(source: str | os.PathLike, split: str | None = None, limit: int
         gallery = [GalleryImage(key=p.name, path=p) for p in paths]
         where = f"the folder {source}"
     elif source.is_file() and source.suffix == ".jsonl":
-        gallery = []
-        for record in read_manifest(source):
-            if split is not None and record.extra.get("split") != split:
-                continue
-            boxes = labels = None
-            if record.boxes:
-                boxes = record.boxes
-                labels = record.box_labels
-                if record.width and record.height:  # the whole image as one more region
-                    boxes = boxes + ((0.0, 0.0, float(record.width), float(record.height)),)
-                    labels = (labels or ("",) * len(record.boxes)) + ("whole image",)
-            gallery.append(GalleryImage(record.image, record.image_path, record.captions, boxes, labels))
-        where = f"the manifest {source}" + (f" (split {split!r})" if split else "")
+        gallery = _manifest_gallery(source, split)
+        where = f"the manifest {source}"
     else:
         raise AppInputError(f"gallery must be a folder of images or a .jsonl manifest, got {str(source)!r}.")
     if limit is not None:
         gallery = gallery[:limit]
     if not gallery:
         raise AppInputError(f"{where} holds no images (looked for {', '.join(IMAGE_SUFFIXES)}).")
+    return gallery
+
+
+def _manifest_gallery(source: Path, split: str | None) -> list[GalleryImage]:
+    lines = read_manifest(source)
+    kept = [record for record in lines if split is None or record.extra.get("split") == split]
+    if not kept:
+        if not lines:
+            raise AppInputError(f"the manifest {source} has no lines.")
+        splits = sorted({repr(record.extra["split"]) for record in lines if "split" in record.extra})
+        have = f"its splits are {', '.join(splits)}" if splits else "its lines have no 'split' field"
+        raise AppInputError(f"split {split!r} matches no line of the manifest {source}: {have}.")
+    # The records `load_manifest_records` makes for an evaluation, so that the merge joins the lines it joins.
+    records = []
+    for record in kept:
+        records.append(
+            {
+                "image_id": record.image_id,
+                "image": str(record.image_path),
+                "manifest_image": record.image,
+                "captions": list(record.captions),
+                "line": record,
+            }
+        )
+    entries = merge_duplicate_images(records)
+    gallery = []
+    for entry in entries:
+        record = entry["line"]  # the image's first line: its boxes and size
+        boxes = labels = None
+        if record.boxes:
+            boxes = record.boxes
+            labels = record.box_labels
+            if record.width and record.height:  # the whole image as one more region
+                boxes = boxes + ((0.0, 0.0, float(record.width), float(record.height)),)
+                labels = (labels or ("",) * len(record.boxes)) + ("whole image",)
+        gallery.append(GalleryImage(record.image, record.image_path, tuple(entry["captions"]), boxes, labels))
     return gallery
 
 
@@ -115,9 +144,13 @@ def gallery_captions(gallery: Sequence[GalleryImage]) -> list[str]:
 
 
 def parse_caption_list(text: str | None) -> list[str]:
-    """Pasted captions, one per line; blank lines dropped. More than `MAX_PASTED_CAPTIONS` captions, or one longer
-    than `MAX_TEXT_CHARACTERS`, is refused with `AppInputError`."""
-    captions = [line.strip() for line in (text or "").splitlines() if has_visible_text(line)]
+    """Pasted captions, one per line; lines without visible text (`has_visible_text`) dropped. More than
+    `MAX_PASTED_CAPTIONS` captions, one longer than `MAX_TEXT_CHARACTERS`, or a line holding a lone surrogate, is
+    refused with `AppInputError`."""
+    lines = (text or "").splitlines()
+    for number, line in enumerate(lines, start=1):
+        check_no_surrogates(line, f"line {number} of the pasted captions")
+    captions = [line.strip() for line in lines if has_visible_text(line)]
     if len(captions) > MAX_PASTED_CAPTIONS:
         raise AppInputError(
             f"{len(captions)} captions pasted; at most {MAX_PASTED_CAPTIONS} are ranked per request: paste fewer."
@@ -128,9 +161,24 @@ def parse_caption_list(text: str | None) -> list[str]:
 
 
 def has_visible_text(text: str) -> bool:
-    """Whether `text` holds a character other than spaces, control and format characters (zero-width spaces, byte
-    order marks, joiners: pasted text is full of them, and a line of nothing else would be ranked as no text)."""
-    return any(not character.isspace() and unicodedata.category(character) not in ("Cc", "Cf") for character in text)
+    """Whether `text` holds a letter, digit, punctuation mark or symbol: what the tokenizer makes a word of.
+
+    Pasted text is full of characters it drops (zero-width spaces, byte order marks, joiners, controls, U+FFFD),
+    and of combining marks and variation selectors, which it strips or reads alone as an unknown token: a text of
+    nothing else would reach the model with no word in it.
+    """
+    return any(unicodedata.category(character)[0] in "LNPS" and character != "\ufffd" for character in text)
+
+
+def check_no_surrogates(text: str, what: str) -> None:
+    """Refuses (`AppInputError`) a text holding a lone surrogate, half of a UTF-16 pair that a client can send as a
+    JSON escape (`"\\ud83d"`): it is no character, and the tokenizer cannot encode it."""
+    surrogate = next((character for character in text if "\ud800" <= character <= "\udfff"), None)
+    if surrogate is not None:
+        raise AppInputError(
+            f"{what} holds U+{ord(surrogate):04X}, half of a UTF-16 surrogate pair and not a character: paste the "
+            "text again."
+        )
 
 
 def check_result_count(top_k, what: str) -> int:
@@ -547,6 +595,7 @@ class RetrievalDemo:
     def search_images(self, query: str, top_k: int = 8) -> list[ImageHit]:
         """The `top_k` gallery photos for a text query, best first."""
         query = (query or "").strip()
+        check_no_surrogates(query, "the query")
         if not has_visible_text(query):
             raise AppInputError("Type a query first: the search needs some words describing a photo.")
         check_text_length(query, "the query")

@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
 from transformers.utils import logging
 
 from .drawing import render_regions
@@ -83,10 +82,11 @@ def search_view(demo: RetrievalDemo, query: str, top_k: float) -> tuple[list, st
         hits = demo.search_images(query, top_k)
         top = hits[0]
         importance = demo.region_importance(query.strip(), top.record)
-        with Image.open(top.image.path) as photo:
-            picture = render_regions(
-                photo, top.record, demo.labels_for(top.record, top.image), importance, text=query.strip()
-            )
+        # The photo as the model saw it (EXIF rotation, 16-bit scaling), as in every view.
+        photo = demo.load_photo(str(top.image.path))
+        picture = render_regions(
+            photo, top.record, demo.labels_for(top.record, top.image), importance, text=query.strip()
+        )
     except Exception as error:
         return [], "", None, _report(error)
     items = [(str(hit.image.path), f"#{hit.rank}  {hit.score:.3f}") for hit in hits]
@@ -135,14 +135,14 @@ def relation_view(view: RelationView, key: str | None, kind_name: str | None) ->
         comparison = view.compare(example)
         image, record = view.demo.gallery_image(example.key)
         labels = view.demo.labels_for(record, image)
-        with Image.open(image.path) as photo:
-            pictures = [
-                render_regions(photo, record, labels, importance, text=caption)
-                for importance, caption in (
-                    (comparison.true_importance, example.true_caption),
-                    (comparison.swapped_importance, example.swapped_caption),
-                )
-            ]
+        photo = view.demo.load_photo(str(image.path))
+        pictures = [
+            render_regions(photo, record, labels, importance, text=caption)
+            for importance, caption in (
+                (comparison.true_importance, example.true_caption),
+                (comparison.swapped_importance, example.swapped_caption),
+            )
+        ]
         gallery = view.summary_lines(example.kind)
     except Exception as error:
         return "", None, None, _report(error)

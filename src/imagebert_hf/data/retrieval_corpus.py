@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
-from ..formats.manifest import ID_KEYS, image_path_inside_root, iter_manifest
+from ..formats.manifest import image_path_inside_root, iter_manifest
 from ..models.imagebert.region_batching import pad_region_records
 from ..models.imagebert.retrieval_index import RegionBatches, gather_pair_inputs, is_region_batches, score_pairs
 from ..regions.cache_reader import load_region_cache
@@ -160,12 +160,9 @@ def load_manifest_records(
             continue
         if not record.captions:
             raise ValueError(f"{path}: image {record.image} has no captions.")
-        # The id a line gives (0 included), else the image path as written: unique per image, where the file
-        # name alone would merge images/train/001.jpg and images/val/001.jpg into one gallery item.
-        image_id = next((record.extra[key] for key in ID_KEYS if record.extra.get(key) is not None), record.image)
         records.append(
             {
-                "image_id": str(image_id),
+                "image_id": record.image_id,
                 "image": str(record.image_path),
                 "manifest_image": record.image,
                 "captions": list(record.captions),

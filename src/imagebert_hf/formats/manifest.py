@@ -61,6 +61,13 @@ class ManifestRecord:
     height: int | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
+    @property
+    def image_id(self) -> str:
+        """The image's id in a retrieval gallery: the line's `image_id`, else its `coco_id` (0 included), else the
+        image path as written, unique per image where the file name alone would make images/train/001.jpg and
+        images/val/001.jpg one item. Lines of one id are one image (`merge_duplicate_images`)."""
+        return str(next((self.extra[key] for key in ID_KEYS if self.extra.get(key) is not None), self.image))
+
 
 class ManifestError(ValueError):
     """A manifest line that cannot be read; the message starts with `file:line` and names the field."""
