@@ -11,14 +11,17 @@ earlier run (`config.json` in its output folder), and flags given as well overri
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import logging
 import sys
 from dataclasses import dataclass, field
 
-from ..formats.files import check_output_dir
-from ..models.imagebert.script_errors import exit_on_error, parse_flags
+from ..formats.files import check_output_dir, read_json_file
+from ..models.imagebert.script_errors import exit_on_error
 from .config import STAGE_CLASSES, CurationConfig
+from .tally import KEPT, funnel_markdown
 
 
 @dataclass
@@ -45,24 +48,47 @@ class RunArguments:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[RunArguments, CurationConfig]:
+    """The run's arguments and the stage configuration: the flags, over the values of `--config_file` when it is
+    given. Only the merged configuration is checked, so a flag may move a bound that the file's other value must
+    respect (`--min_words 50` over a file with `max_words` 100)."""
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser((RunArguments, *STAGE_CLASSES.values()))
     parser.description = "LAIT-style curation of web pages into image-text pairs."
     argv = list(sys.argv[1:] if argv is None else argv)
-    run, *stages = parse_flags(parser, argv)
-    config = CurationConfig(**dict(zip(STAGE_CLASSES, stages)))
-    if run.config_file:
-        # File values are the base; flags given explicitly on the command line win. The merged values go through
-        # `from_dict`, so they are checked like any other configuration.
-        given = {arg.lstrip("-").split("=")[0] for arg in argv if arg.startswith("--")}
-        try:
-            merged = CurationConfig.load(run.config_file).to_dict()
-        except (OSError, TypeError, ValueError) as error:
-            raise type(error)(f"--config_file: {error}") from None
-        for name, part in config.to_dict().items():
-            merged[name].update({key: value for key, value in part.items() if key in given})
-        config = CurationConfig.from_dict(merged)
+    # Parsed into a namespace, not into the dataclasses: building them would check the flags against the defaults
+    # of the other fields rather than against the file's values.
+    values, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    values = vars(values)
+    run = RunArguments(**{f.name: values[f.name] for f in dataclasses.fields(RunArguments)})
+    sections = {name: {f.name: values[f.name] for f in dataclasses.fields(cls)} for name, cls in STAGE_CLASSES.items()}
+    if not run.config_file:
+        return run, CurationConfig(**{name: cls(**sections[name]) for name, cls in STAGE_CLASSES.items()})
+    # The fields given on the command line, whatever the spelling argparse accepted (`--min-words`, `--no_*`, an
+    # abbreviation): the destinations set when no default fills in the others.
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    given = vars(parser.parse_known_args(argv)[0])
+    flags = {
+        name: {key: value for key, value in section.items() if key in given} for name, section in sections.items()
+    }
+    expected = "a JSON curation configuration (the config.json written by `CurationConfig.save`)"
+    try:
+        data = read_json_file(run.config_file, expected)
+    except (OSError, ValueError) as error:
+        raise type(error)(f"--config_file: {error}") from None
+    if isinstance(data, dict):
+        for name, section in flags.items():
+            # A section that is not a mapping is left for `from_dict` to name.
+            if section and isinstance(data.get(name, {}), dict):
+                data[name] = {**data.get(name, {}), **section}
+    try:
+        config = CurationConfig.from_dict(data)
+    except (TypeError, ValueError) as error:
+        with_flags = " with the flags given" if any(flags.values()) else ""
+        raise type(error)(f"--config_file: {run.config_file}{with_flags}: {error}") from None
     return run, config
 
 
@@ -116,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                 batch_size=run.batch_size,
                 rows_per_shard=run.rows_per_shard,
                 require_pages=True,
+                load_result=False,
             )
         else:
             from .spark import local_spark_session, run_spark
@@ -129,10 +156,13 @@ def main(argv: list[str] | None = None) -> int:
                 num_partitions=run.num_partitions,
                 batch_size=run.batch_size,
                 require_pages=True,
+                load_result=False,
             )
-    summary = {"pairs": len(result.dataset), "output_dir": str(result.output_dir), "drops": result.tally.drops()}
+    # Counted, not loaded: the funnel's kept pairs are the rows written.
+    pairs = result.tally.get_count("aggregation", "pair", KEPT)
+    summary = {"pairs": pairs, "output_dir": str(result.output_dir), "drops": result.tally.drops()}
     print(json.dumps(summary, indent=2, sort_keys=True))
-    print((result.output_dir / "funnel.md").read_text())
+    print(funnel_markdown(result.tally))
     return 0
 
 

@@ -94,9 +94,19 @@ def _discover_url(url: str) -> list[Source]:
     in_folder = not magic and fs.isdir(root)
     if magic:
         base = root[: min(magic)].rsplit("/", 1)[0]  # the folder the pattern starts from
-        paths = [path for path in fs.glob(root) if fs.isfile(path)]
+        matches = fs.glob(root, detail=True)
+        folders = {path.rstrip("/") for path, info in matches.items() if info.get("type") == "directory"}
+        paths = [path for path, info in matches.items() if info.get("type") == "file"]
         if not paths:
             raise FileNotFoundError(f"input not found: no file matches {url}")
+        # A file inside a matched folder is taken as that folder's files are (`site/**` reads what `site/` reads):
+        # the images saved next to pages are not WARC files.
+        paths = sorted(
+            path
+            for path in paths
+            if path.lower().endswith((*WARC_SUFFIXES, *HTML_SUFFIXES))
+            or not any(str(parent) in folders for parent in PurePosixPath(path).parents)
+        )
     elif in_folder:
         base, paths = root.rstrip("/"), sorted(fs.find(root))
     elif fs.isfile(root):
@@ -144,7 +154,9 @@ def discover_sources(inputs: list[str | os.PathLike]) -> list[Source]:
     """Expands files, folders and glob patterns (local paths or fsspec URLs, see the module docstring) into a sorted
     list of sources (sorting keeps reruns identical). In a folder, files named like WARCs or HTML pages are taken; a
     file given by name is a WARC unless it is named like an HTML page. A local pattern (`crawl/*.warc.gz`, quoted
-    so that the shell leaves it alone) is expanded here, like a URL's.
+    so that the shell leaves it alone) is expanded here, like a URL's; a file it matches inside a folder it also
+    matches is taken as that folder's files are (`site/**` reads what `site/` reads). A file named by several
+    inputs (`site/` and `site/sub/`) is one source.
 
     Raises:
         TypeError: `inputs` is a single string rather than a list of them.
@@ -165,10 +177,18 @@ def discover_sources(inputs: list[str | os.PathLike]) -> list[Source]:
             sources.extend(_discover_url(item))
             continue
         if not os.path.exists(item) and any(char in item for char in "*?["):
-            matches = sorted(glob.glob(item, recursive=True))
+            matches = [Path(match) for match in sorted(glob.glob(item, recursive=True))]
             if not matches:
                 raise FileNotFoundError(f"input not found: no file matches the pattern {item}")
-            sources.extend(_local_sources([Path(match) for match in matches], item))
+            # A file inside a matched folder is left to that folder's scan (`site/**` reads what `site/` reads):
+            # the images saved next to pages are not WARC files.
+            folders = {match.resolve() for match in matches if match.is_dir()}
+            matches = [
+                match
+                for match in matches
+                if match.is_dir() or not any(parent in folders for parent in match.resolve().parents)
+            ]
+            sources.extend(_local_sources(matches, item))
             continue
         path = Path(item)
         if not path.exists():
@@ -179,7 +199,25 @@ def discover_sources(inputs: list[str | os.PathLike]) -> list[Source]:
             f"no WARC (.warc, .warc.gz) or HTML file in inputs {inputs}: a folder is searched for files with those "
             "names."
         )
-    return sorted(set(sources), key=lambda s: (s.path, s.kind))
+    return _distinct_files(sources)
+
+
+def _distinct_files(sources: list[Source]) -> list[Source]:
+    """One source per file: inputs that overlap (`site/` and `site/sub/`, a `**` pattern and its folders) name the
+    same file several times, and a page read twice would give two records with one id. A page keeps the outermost
+    folder given as its root, so its `file:` URL is the same as when that folder alone is the input."""
+
+    depths: dict[str, int] = {"": 0}
+
+    def root_depth(source: Source) -> int:
+        if source.root not in depths:
+            depths[source.root] = len(_locations(source.root, expand=False)[0][1].parts)
+        return depths[source.root]
+
+    chosen: dict[tuple, Source] = {}
+    for source in sorted(set(sources), key=lambda s: (root_depth(s), s.path, s.kind)):
+        chosen.setdefault(_locations(source.path, expand=False)[0], source)
+    return sorted(chosen.values(), key=lambda s: (s.path, s.kind))
 
 
 def _has_magic(path: str) -> bool:
@@ -302,7 +340,8 @@ def iter_warc_records(path: str, tally: Tally, max_resyncs: int, **iterator_kwar
 
     marker = _GZIP_MAGIC if _is_gzip(path) else _WARC_MAGIC
     with open_input(path) as f:
-        start, resyncs = 0, 0
+        # `counted`: where the last segment counted starts, so that retrying it is not counted a second time.
+        start, resyncs, counted = 0, 0, -1
         while True:
             f.seek(start)
             last = None
@@ -313,17 +352,25 @@ def iter_warc_records(path: str, tally: Tally, max_resyncs: int, **iterator_kwar
                 return
             except OSError as err:
                 logger.debug("unreadable segment in %s after offset %s: %s", path, last, err)
+            if last is None:
+                # Nothing read since `start`: the segment starting there is unreadable; go on after it.
+                failed, nxt = start, _next_marker(f, start + 1, marker)
+            else:
+                # Most often the record after the last one read is unreadable; it is retried once, since the
+                # iterator may instead have failed in the rest of the last record.
+                failed = nxt = _next_marker(f, last + 1, marker)
+            if failed != counted:
                 # An unreadable segment stands for at least one record: counted in and dropped.
+                counted = failed
                 tally.add("read", "record", INPUT)
                 tally.drop("read", "record", "unreadable_segment")
                 resyncs += 1
                 if resyncs > max_resyncs:
                     tally.drop("read", "file", "too_many_unreadable_segments")
                     return
-                nxt = _next_marker(f, (last if last is not None else start) + 1, marker)
-                if nxt is None:
-                    return
-                start = nxt
+            if nxt is None:
+                return
+            start = nxt
 
 
 def _content_type(record) -> str:

@@ -13,6 +13,7 @@ import importlib
 import json
 import math
 import os
+import posixpath
 import re
 import shutil
 import tempfile
@@ -25,7 +26,7 @@ from transformers.utils import logging
 
 from ..formats.files import atomic_write_text, check_output_dir, publish_folder
 from .aggregation import aggregate
-from .config import CurationConfig
+from .config import STAGE_CLASSES, CurationConfig, check_stage_config
 from .image_filters import ADDED_COLUMNS, filter_images, get_natural_classifier, import_plugin
 from .inputs import PAGE_COLUMNS, check_output_apart, discover_sources, is_url, scan_source
 from .parse import IMAGE_COLUMNS, parse_pages
@@ -181,16 +182,40 @@ def _write_parquet_shards(dataset, data_dir: Path, rows_per_shard: int, tmp: Pat
         raise
 
 
-def load_curated(output_dir: str | Path, cache_dir: str | None = None):
-    """Loads the curated pairs written by either runner as a `datasets.Dataset`, in `pair_id` order."""
+def load_curated(output_dir: str | Path, cache_dir: str | None = None, keep_in_memory: bool = False):
+    """Loads the curated pairs written by either runner as a `datasets.Dataset`, in `pair_id` order.
+
+    Args:
+        output_dir: The run's output folder: a local path or an fsspec URL.
+        cache_dir: Where `datasets` writes the Arrow copy it memory-maps; its cache when omitted.
+        keep_in_memory: Read the shards into memory instead, writing no copy anywhere (for results that fit in
+            memory).
+    """
+    import pyarrow as pa
     import pyarrow.parquet as pq
     from datasets import Dataset
+    from datasets.table import InMemoryTable
+    from fsspec.core import url_to_fs
 
-    files = sorted(str(p) for p in (Path(output_dir) / "data").glob("*.parquet"))
+    output_dir = str(output_dir).removeprefix("file://")
+    fs, root = url_to_fs(output_dir)
+    paths = sorted(fs.glob(f"{root.rstrip('/')}/data/*.parquet"))
+
+    def metadata(path: str):
+        with fs.open(path, "rb") as handle:
+            return pq.read_metadata(handle)
+
     # A run that kept nothing writes one empty shard, which `datasets` cannot read back.
-    if sum(pq.read_metadata(f).num_rows for f in files) == 0:
+    if sum(metadata(path).num_rows for path in paths) == 0:
         empty = {name: [] for name in OUTPUT_COLUMNS}
         return Dataset.from_dict(empty, features=features_for(OUTPUT_COLUMNS, with_tally=False))
+    if keep_in_memory:
+        tables = []
+        for path in paths:
+            with fs.open(path, "rb") as handle:
+                tables.append(pq.read_table(handle))
+        return Dataset(InMemoryTable(pa.concat_tables(tables)))
+    files = [f"{output_dir.rstrip('/')}/data/{posixpath.basename(path)}" for path in paths]
     return Dataset.from_parquet(files, cache_dir=cache_dir)
 
 
@@ -260,6 +285,20 @@ def _remove_stale_work(output_dir: Path) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def duplicate_rank(row: dict) -> tuple:
+    """Which of several records of one `pair_id` is kept (the lowest), by content: both runners keep the same one
+    whatever order their workers produce them in."""
+    return (-row["relevance_score"], row["source"] or "", row["page_url"] or "", row["image_url"] or "")
+
+
+def count_duplicate_pairs(tally: Tally, duplicates: int) -> None:
+    """The records of a `pair_id` other than the one kept (`duplicate_rank`) are counted in and dropped by the
+    aggregation (`duplicate_pair_id`): the output holds one row per kept `pair_id`, so the funnel's kept count is its
+    number of rows."""
+    tally.add("aggregation", "pair", INPUT, duplicates)
+    tally.drop("aggregation", "pair", "duplicate_pair_id", duplicates)
+
+
 def finalize_report(tally: Tally, output_dir: Path, config: CurationConfig) -> None:
     atomic_write_text(output_dir / "config.json", json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
     write_funnel_report(tally, output_dir)
@@ -272,12 +311,28 @@ def check_run_settings(num_proc, batch_size, rows_per_shard) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
 
+def check_config(config: CurationConfig) -> None:
+    """Checks every section of `config` again, as its constructor did: a field set after the configuration was built
+    (`config.images.min_side = 400`) is checked by nothing else, and a bad one would be counted as a drop reason for
+    every record of an otherwise successful run. Errors name the field (`images.min_side`)."""
+    if not isinstance(config, CurationConfig):
+        raise TypeError(f"config must be a CurationConfig, got {type(config).__name__}.")
+    for name, cls in STAGE_CLASSES.items():
+        section = getattr(config, name)
+        if not isinstance(section, cls):
+            raise TypeError(f"{name} must be a {cls.__name__}, got {section!r} ({type(section).__name__}).")
+        check_stage_config(section)
+
+
 def check_stage_inputs(config: CurationConfig) -> None:
-    """Checks what the stages read besides the pages, before a runner touches its output folder: the languages
-    against those the detector can return, the vocabulary, the model files, and that plug-in scorers import. Inside
-    the stages a failure would be counted as a dropped record (every record), so a bad file or code would end in a
-    successful run that keeps nothing. Errors name the field (`text.vocabulary`, the flag without `--`)."""
+    """Checks every field of `config` (`check_config`), then what the stages read besides the pages, before a runner
+    touches its output folder: the languages against those the detector can return, the vocabulary, the model
+    files, and that plug-in scorers import. Inside the stages a failure would be counted as a dropped record (every
+    record), so a bad file or code would end in a successful run that keeps nothing. Errors name the field
+    (`text.vocabulary`, the flag without `--`)."""
     from resiliparse.parse.lang import supported_langs
+
+    check_config(config)
 
     # `unknown` is what the detector returns for a page it cannot place.
     known = [*supported_langs(), "unknown"]
@@ -320,6 +375,7 @@ def run_local(
     batch_size: int = 32,
     rows_per_shard: int = 2000,
     require_pages: bool = False,
+    load_result: bool = True,
 ) -> CurationResult:
     """Curates WARC files and HTML folders on one machine with `datasets`.
 
@@ -333,11 +389,16 @@ def run_local(
         rows_per_shard: Rows per output parquet shard.
         require_pages: Raise `NoPagesError` (a ValueError), writing nothing, when no input yields a single page,
             rather than write an empty result and its funnel.
+        load_result: Read the curated pairs back into memory as a `datasets.Dataset` for the result (no copy is
+            written anywhere); False: `dataset` is None, for outputs larger than memory (`load_curated` memory-maps
+            them later, through the `datasets` cache).
 
     Returns:
-        The curated dataset (sorted by `pair_id`), the counts, and the output folder.
+        The curated dataset (sorted by `pair_id`) unless `load_result` is False, the counts, and the output folder.
 
     Raises:
+        TypeError, ValueError: a field of `config` is of the wrong type or out of range, including one set after the
+            configuration was built (checked before anything is read or written).
         ValueError: `output_dir` is empty, is an input, lies inside one or contains one, or its `data/` holds files
             no run wrote (checked before anything is read or written).
     """
@@ -346,8 +407,6 @@ def run_local(
 
     disable_progress_bars()
     config = config or CurationConfig()
-    if not isinstance(config, CurationConfig):
-        raise TypeError(f"config must be a CurationConfig, got {type(config).__name__}.")
     check_run_settings(num_proc, batch_size, rows_per_shard)
     check_stage_inputs(config)
     output_dir = str(output_dir).removeprefix("file://")
@@ -393,37 +452,34 @@ def run_local(
                 desc=f"curation: {stage.name}",
             )
 
-        keys = ds.select_columns(["pair_id", "image_hash", "text", "relevance_score", TALLY])
+        key_columns = ["pair_id", "image_hash", "text", "relevance_score", "source", "page_url", "image_url"]
+        keys = ds.select_columns([*key_columns, TALLY])
         tally = Tally()
-        key_rows = []
+        # Each pair_id's record (its row in `ds`, its rank) and key: one per pair_id goes on to the aggregation.
+        chosen: dict[str, tuple[int, tuple, dict]] = {}
+        index, records = 0, 0
         for batch in keys.iter(batch_size=10_000):
-            for pid, image_hash, text, score, t in zip(
-                batch["pair_id"], batch["image_hash"], batch["text"], batch["relevance_score"], batch[TALLY]
-            ):
-                if t is not None:
-                    tally.update(Tally.from_json(t))
+            for row in (dict(zip(batch, values)) for values in zip(*batch.values())):
+                if row[TALLY] is not None:
+                    tally.update(Tally.from_json(row[TALLY]))
                 else:
-                    key_rows.append(
-                        {
-                            "pair_id": pid,
-                            "image_hash": image_hash,
-                            "text_key": text_key(text),
-                            "relevance_score": score,
+                    records += 1
+                    rank = duplicate_rank(row)
+                    if row["pair_id"] not in chosen or rank < chosen[row["pair_id"]][1]:
+                        key = {
+                            "pair_id": row["pair_id"],
+                            "image_hash": row["image_hash"],
+                            "text_key": text_key(row["text"]),
+                            "relevance_score": row["relevance_score"],
                         }
-                    )
+                        chosen[row["pair_id"]] = (index, rank, key)
+                index += 1
         if require_pages:
             check_pages_read(tally, output_dir)
-        kept_ids, agg_tally = aggregate(key_rows, config.aggregation)
+        count_duplicate_pairs(tally, records - len(chosen))
+        kept_ids, agg_tally = aggregate([key for _, _, key in chosen.values()], config.aggregation)
         tally.update(agg_tally)
-
-        ds = ds.filter(
-            lambda batch: [t is None and pid in kept_ids for pid, t in zip(batch["pair_id"], batch[TALLY])],
-            batched=True,
-            batch_size=1000,
-            load_from_cache_file=False,
-            # An explicit fingerprint spares datasets from hashing the closure (the set of kept ids).
-            new_fingerprint=f"curation-kept-{uuid.uuid4().hex}",
-        )
+        ds = ds.select(sorted(chosen[pid][0] for pid in kept_ids))
         ds = ds.select_columns(list(OUTPUT_COLUMNS)).sort("pair_id")
         _write_parquet_shards(ds, output_dir / "data", rows_per_shard, data_tmp)
         finalize_report(tally, output_dir, config)
@@ -434,7 +490,8 @@ def run_local(
                 folder.rmdir()
         raise
     shutil.rmtree(work, ignore_errors=True)
-    return CurationResult(dataset=load_curated(output_dir), tally=tally, output_dir=output_dir)
+    dataset = load_curated(output_dir, keep_in_memory=True) if load_result else None
+    return CurationResult(dataset=dataset, tally=tally, output_dir=output_dir)
 
 
 __all__ = [
@@ -445,10 +502,13 @@ __all__ = [
     "Stage",
     "TALLY",
     "apply_stage",
+    "check_config",
     "check_data_replaceable",
     "check_pages_read",
     "check_run_settings",
     "check_stage_inputs",
+    "count_duplicate_pairs",
+    "duplicate_rank",
     "features_for",
     "finalize_report",
     "load_curated",

@@ -12,6 +12,8 @@ the executors (or shipped with `--py-files`).
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import json
 import os
 import sys
@@ -25,7 +27,7 @@ from transformers.utils import logging
 from ..formats.files import atomic_write_text, check_output_dir, publish_folder
 from .aggregation import aggregate_image_group, aggregate_text_group
 from .config import CurationConfig
-from .inputs import check_output_apart, discover_sources
+from .inputs import check_output_apart, discover_sources, input_version
 from .pipeline import (
     OUTPUT_COLUMNS,
     STAGES,
@@ -36,6 +38,8 @@ from .pipeline import (
     check_data_replaceable,
     check_pages_read,
     check_stage_inputs,
+    count_duplicate_pairs,
+    duplicate_rank,
     finalize_report,
     load_curated,
     scan_sources,
@@ -181,6 +185,89 @@ def _part_name(part: int) -> str:
     return f"part-{part:05d}"
 
 
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _distribution_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def _model_versions(config: CurationConfig) -> dict:
+    """What the stages read besides the pages and the configuration, by content: the vocabulary, the relevance and
+    natural-photo models (given or packaged), plug-in scorers' modules, and the package. A part finished with other
+    ones is redone, although its configuration reads the same (a model retrained at the same path)."""
+    from importlib import resources
+
+    def packaged(name: str) -> str:
+        return _digest((resources.files(__package__) / "weights" / name).read_bytes())
+
+    def user_file(path: str) -> str:
+        return _digest(Path(path).read_bytes())
+
+    def plugin(spec: str) -> str:
+        module = importlib.import_module(spec.partition(":")[0])
+        path = getattr(module, "__file__", None)
+        return user_file(path) if path else spec
+
+    images, text, relevance = config.images, config.text, config.relevance
+    versions = {
+        "imagebert_hf": _distribution_version("imagebert_hf"),
+        "text.vocabulary": (
+            f"wordfreq {_distribution_version('wordfreq')}"
+            if text.vocabulary == "wordfreq"
+            else user_file(text.vocabulary)
+        ),
+        "relevance.relevance_model_path": (
+            packaged("relevance.json")
+            if relevance.relevance_model_path is None
+            else user_file(relevance.relevance_model_path)
+        ),
+    }
+    if images.natural_classifier == "default":
+        versions["images.natural_model_path"] = (
+            packaged("natural_photo.json")
+            if images.natural_model_path is None
+            else user_file(images.natural_model_path)
+        )
+    elif images.natural_classifier != "none":
+        versions["images.natural_classifier"] = plugin(images.natural_classifier)
+    if images.nsfw_detector == "nudenet":
+        versions["images.nsfw_detector"] = f"nudenet {_distribution_version('nudenet')}"
+    elif images.nsfw_detector != "none":
+        versions["images.nsfw_detector"] = plugin(images.nsfw_detector)
+    return versions
+
+
+def _aggregation_key(record: dict) -> dict:
+    """The small key record of a pair that the aggregation groups."""
+    return {
+        "pair_id": record["pair_id"],
+        "image_hash": record["image_hash"],
+        "text_key": text_key(record["text"]),
+        "relevance_score": record["relevance_score"],
+    }
+
+
+def _lower_ranked(a: tuple, b: tuple) -> tuple:
+    """Of two `(rank, key, count)` of one pair_id: the lower-ranked key, and both counts."""
+    rank, key, _ = min(a, b, key=lambda item: item[0])
+    return rank, key, a[2] + b[2]
+
+
+def _source_version(path: str) -> list[str] | None:
+    """The version of an input file (`input_version`); None when it cannot be read now, which its scan counts."""
+    try:
+        return [str(mark) for mark in input_version(path)]
+    except OSError:
+        return None
+
+
 def _run_part(sc, sources: list[dict], part_url: str, config, num_partitions: int, batch_size: int) -> Tally:
     """Scans and runs the stages on one part's sources; executors write its records; returns its tally."""
     from pyspark import StorageLevel
@@ -215,8 +302,10 @@ def run_spark(
 
     The input files are cut into parts of `sources_per_part`; each part is scanned, parsed, filtered and scored
     on the executors, which write its records to `output_dir/parts/part-N/`, and is marked done (`_SUCCESS`) with
-    its tally. A rerun skips the finished parts. Deduplication by text and by image then runs over all parts'
-    records, and the executors write the curated pairs to `output_dir/data/`.
+    its tally. A rerun skips a finished part when its input files are unchanged (size and modification time, or the
+    store's version), and so are the configuration, the model and vocabulary files it names and the package
+    version; otherwise the part is redone. Deduplication by text and by image then runs over all parts' records,
+    and the executors write the curated pairs to `output_dir/data/`, one row per kept `pair_id`.
 
     Args:
         inputs: WARC files, saved HTML pages, folders holding either, or glob patterns: local paths or any fsspec
@@ -228,8 +317,8 @@ def run_spark(
         num_partitions: Partitions for the page records; twice the default parallelism when omitted.
         batch_size: Records per batch handed to a stage function.
         sources_per_part: Input files per part (the unit of resumption).
-        load_result: Load the curated pairs as a `datasets.Dataset` for the result (False: `dataset` is None, for
-            outputs too large for the driver).
+        load_result: Read the curated pairs into the driver's memory as a `datasets.Dataset` for the result (no
+            copy is written anywhere); False: `dataset` is None, for outputs too large for the driver.
         require_pages: Raise `NoPagesError` (a ValueError), leaving `data/` and the report files as they were, when
             no input yields a single page, rather than write an empty result.
 
@@ -252,6 +341,7 @@ def run_spark(
     if fs.exists(root) and not fs.isdir(root):
         raise NotADirectoryError(f"output_dir {output_dir} exists and is not a folder.")
     settings = json.dumps(config.to_dict(), sort_keys=True, default=str)
+    versions = _model_versions(config)
     sources = discover_inputs(inputs)
     check_output_apart(inputs, output_url, "output_dir")
     check_data_replaceable(fs, f"{root}/data", "output_dir")
@@ -272,7 +362,10 @@ def run_spark(
     for index, part_sources in enumerate(parts):
         part_url = f"{output_url}/parts/{_part_name(index)}"
         part_path = f"{root}/parts/{_part_name(index)}"
-        plan = {"sources": [s["path"] for s in part_sources], "config": settings}
+        # A part is reused only for the same files, unchanged since (size and modification time, or the store's
+        # version), the same configuration and the same models.
+        sources_plan = [[s["path"], _source_version(s["path"])] for s in part_sources]
+        plan = {"sources": sources_plan, "config": settings, "versions": versions}
         done = f"{part_path}/_SUCCESS"
         if fs.exists(done) and json.loads(fs.cat(done))["plan"] == plan:
             tally.update(Tally.from_json(json.loads(fs.cat(done))["tally"]))
@@ -298,16 +391,20 @@ def run_spark(
     )
     records = sc.parallelize(record_files, max(1, min(len(record_files), partitions))).flatMap(_read_parquet)
     records = records.persist(StorageLevel.MEMORY_AND_DISK)
-    keys = records.map(
-        lambda r: (
-            text_key(r["text"]),
-            {"pair_id": r["pair_id"], "image_hash": r["image_hash"], "relevance_score": r["relevance_score"]},
-        )
+    # One key per pair_id goes on to the aggregation (the lowest `duplicate_rank`, as in the local runner); the other
+    # records of that pair_id are counted as duplicates.
+    by_pair = (
+        records.map(lambda r: (r["pair_id"], (duplicate_rank(r), _aggregation_key(r), 1)))
+        .reduceByKey(_lower_ranked)
+        .persist(StorageLevel.MEMORY_AND_DISK)
     )
-    by_text = keys.groupByKey().map(
-        lambda kv: aggregate_text_group([{**row, "text_key": kv[0]} for row in kv[1]], config.aggregation)
+    count_duplicate_pairs(tally, by_pair.map(lambda kv: kv[1][2] - 1).sum())
+    by_text = (
+        by_pair.map(lambda kv: (kv[1][1]["text_key"], kv[1][1]))
+        .groupByKey()
+        .map(lambda kv: aggregate_text_group(list(kv[1]), config.aggregation))
+        .persist(StorageLevel.MEMORY_AND_DISK)
     )
-    by_text = by_text.persist(StorageLevel.MEMORY_AND_DISK)
     by_image = (
         by_text.flatMap(lambda kept_tally: kept_tally[0])
         .map(lambda row: (row["image_hash"], row))
@@ -318,7 +415,14 @@ def run_spark(
     tally.update(_merge_tallies(by_text.map(lambda kt: {TALLY: kt[1].to_json()})))
     tally.update(_merge_tallies(by_image.map(lambda kt: {TALLY: kt[1].to_json()})))
     kept = by_image.flatMap(lambda kt: [(row["pair_id"], None) for row in kt[0]])
-    final = records.map(lambda r: (r["pair_id"], r)).join(kept).map(lambda kv: kv[1][0]).sortBy(lambda r: r["pair_id"])
+    final = (
+        records.map(lambda r: (r["pair_id"], r))
+        .join(kept)
+        .mapValues(lambda pair: pair[0])
+        .reduceByKey(lambda a, b: min(a, b, key=duplicate_rank))
+        .values()
+        .sortBy(lambda r: r["pair_id"])
+    )
     # The executors write the new `data/` under a temporary name; it replaces the earlier one only once complete.
     tmp_name = f"parts/{DATA_TMP_PREFIX}{uuid.uuid4().hex[:8]}"
     try:
@@ -329,7 +433,7 @@ def run_spark(
         if fs.exists(f"{root}/{tmp_name}"):
             fs.rm(f"{root}/{tmp_name}", recursive=True)
         raise
-    for cached in (records, by_text, by_image):
+    for cached in (records, by_pair, by_text, by_image):
         cached.unpersist()
 
     if _is_local(output_url):
@@ -339,15 +443,8 @@ def run_spark(
             finalize_report(tally, Path(report_dir), config)
             for file in Path(report_dir).iterdir():
                 fs.put(str(file), f"{root}/{file.name}")  # one object each: a store shows all of it or none
-    dataset = None
-    if load_result:
-        dataset = load_curated(root) if _is_local(output_url) or output_url.startswith("file://") else None
-        if dataset is None:
-            from datasets import Dataset
-
-            dataset = Dataset.from_parquet(
-                sorted(f"{output_url}/data/{Path(f).name}" for f in fs.glob(f"{root}/data/*.parquet"))
-            )
+    # Read into the driver's memory: no second copy of the output in the `datasets` cache.
+    dataset = load_curated(output_url, keep_in_memory=True) if load_result else None
     return CurationResult(dataset=dataset, tally=tally, output_dir=Path(root))
 
 
