@@ -11,6 +11,7 @@ logger = logging.get_logger(__name__)
 MOC_LOSS_TYPES = ("cross_entropy", "kl")
 REGION_LOCATION_SIZES = (5, 7)
 RETRIEVAL_LOSS_TYPES = ("binary", "multiclass", "triplet")
+PRETRAINING_LOSS_WEIGHTS = ("mlm_loss_weight", "moc_loss_weight", "mrfr_loss_weight", "itm_loss_weight")
 # Settings of the data pipeline that older configs carried but no model ever read; the collator, the pair dataset
 # and the recipes hold their own. Configs that still have them load, without them.
 REMOVED_FIELDS = (
@@ -103,7 +104,7 @@ class ImageBERTConfig(PreTrainedConfig):
         region_token_type_id (`int`, *optional*, defaults to 1):
             Segment id of the regions.
         mlm_loss_weight (`float`, *optional*, defaults to 1.0):
-            Weight of the masked language modelling loss.
+            Weight of the masked language modelling loss. The four pretraining weights must not all be zero.
         moc_loss_weight (`float`, *optional*, defaults to 1.0):
             Weight of the masked object classification loss.
         mrfr_loss_weight (`float`, *optional*, defaults to 1.0):
@@ -114,7 +115,7 @@ class ImageBERTConfig(PreTrainedConfig):
             `"cross_entropy"` against the detector's hard label, or `"kl"` against its class distribution.
         retrieval_loss_weights (`dict[str, float]`, *optional*):
             Weights of the retrieval losses by name (`"binary"`, `"multiclass"`, `"triplet"`). Defaults to
-            `{"binary": 1.0}`, the paper's best.
+            `{"binary": 1.0}`, the paper's best. At least one weight must be positive.
         triplet_margin (`float`, *optional*, defaults to 0.2):
             Margin of the triplet loss.
         contrastive_embedding_size (`int`, *optional*, defaults to 256):
@@ -283,6 +284,17 @@ class ImageBERTConfig(PreTrainedConfig):
             )
         for loss, weight in self.retrieval_loss_weights.items():
             check_field(f"retrieval_loss_weights[{loss!r}]", weight, "float", 0.0, None)
+        # All-zero weights train on nothing: retrieval's forward would return no loss, pretraining's a constant 0.
+        if not any(self.retrieval_loss_weights.values()):
+            raise ValueError(
+                f"retrieval_loss_weights are all zero ({self.retrieval_loss_weights}): retrieval would train on no "
+                f"loss; give at least one of {RETRIEVAL_LOSS_TYPES} a positive weight."
+            )
+        if not any(getattr(self, name) for name in PRETRAINING_LOSS_WEIGHTS):
+            raise ValueError(
+                f"{', '.join(PRETRAINING_LOSS_WEIGHTS)} are all zero: pretraining would train on no task; give at "
+                "least one task a positive weight."
+            )
         if not 0 <= self.region_position_id < self.max_position_embeddings:
             raise ValueError(
                 f"region_position_id must index the position table of max_position_embeddings="

@@ -159,8 +159,9 @@ def prepare_uniter_state_dict(state_dict, source: str = "the state dict") -> dic
         if any(marker in state_dict for marker in BERT_MARKERS):
             raise ValueError(
                 f"{source} is a plain BERT checkpoint (bert.* / embeddings.* keys), not UNITER: it has no region "
-                "embeddings. Load it with ImageBERTForPreTraining.from_pretrained or ImageBERTModel's BERT weights "
-                "instead (docs/pretrained_components.md)."
+                "embeddings. Load its BERT folder (config.json and weights) or Hub id with "
+                "ImageBERTForPreTraining.from_text_pretrained instead, which maps BERT's next-sentence head into the "
+                "ITM head (docs/pretrained_components.md)."
             )
         raise ValueError(
             f"{source} is not a UNITER checkpoint: no uniter.embeddings.word_embeddings.weight; its keys start "

@@ -228,6 +228,11 @@ def validate_inputs(config: ImageBERTConfig, **arguments) -> tuple[int, int, int
                 "text and regions must come in the same number of samples."
             )
         batch_size, num_regions = region_features.shape[:2]
+        if num_regions == 0 and input_ids is None:
+            raise ValueError(
+                f"region_features has shape {_shape(region_features)} and no input_ids were given; a regions-only "
+                "pass needs at least one region per sample."
+            )
         if num_regions > config.max_regions:
             raise ValueError(
                 f"region_features has {num_regions} regions per sample; expected at most max_regions="
@@ -596,6 +601,10 @@ class ImageBERTPreTrainedModel(PreTrainedModel):
             **config_overrides: ImageBERT fields to set, e.g. `region_feature_size=1280, num_object_classes=1000`;
                 `dtype` (or its older name `torch_dtype`) is the dtype to load in, as in `from_pretrained` (default:
                 the checkpoint's).
+
+        Raises:
+            ValueError: for an ImageBERT checkpoint (load it with `from_pretrained`), and for a checkpoint whose word
+                embeddings or encoder would not load, its weights not carrying BERT's names (RoBERTa, DistilBERT).
         """
         from transformers import AutoConfig
 
@@ -605,6 +614,15 @@ class ImageBERTPreTrainedModel(PreTrainedModel):
         if dtype is None:
             dtype = torch_dtype
         text_config = AutoConfig.from_pretrained(pretrained_model_name_or_path).to_dict()
+        model_type = text_config.get("model_type")
+        if model_type == ImageBERTConfig.model_type:
+            # Its `cls.seq_relationship` is a trained ITM head, which the NSP mapping below would invert.
+            raise ValueError(
+                f"{pretrained_model_name_or_path} is an ImageBERT checkpoint (model_type {model_type!r}), not a "
+                "text-only BERT: from_text_pretrained would read its trained ITM head as BERT's next-sentence head "
+                f"and swap its rows. Load it with {cls.__name__}.from_pretrained (in a recipe: model.init_from, "
+                "not model.text_pretrained)."
+            )
         for key in ("model_type", "architectures", "auto_map", "transformers_version"):
             text_config.pop(key, None)
         config = ImageBERTConfig(**{**text_config, **config_overrides})
@@ -613,6 +631,9 @@ class ImageBERTPreTrainedModel(PreTrainedModel):
         )
         new_keys = set(info.get("missing_keys", []))
         unused_keys = sorted(info.get("unexpected_keys", []))
+        _check_text_weights_loaded(
+            pretrained_model_name_or_path, model_type, new_keys, unused_keys, cls.base_model_prefix
+        )
 
         itm_head = None
         heads = getattr(model, "cls", None)
@@ -650,6 +671,26 @@ class ImageBERTPreTrainedModel(PreTrainedModel):
         if output_loading_info:
             return model, {"new_keys": new_keys, "unused_keys": unused_keys, "itm_head": itm_head}
         return model
+
+
+# The text side a BERT checkpoint must supply: without these, the model would be a randomly initialised encoder.
+_TEXT_WEIGHT_PREFIXES = ("embeddings.word_embeddings.", "encoder.")
+
+
+def _check_text_weights_loaded(source, model_type, new_keys, unused_keys, base_prefix: str) -> None:
+    """Raises a ValueError when a text checkpoint left the word embeddings or the encoder fresh: its weights are not
+    named as BERT's (RoBERTa, DistilBERT, ...), so none of its text side loaded."""
+    fresh = sorted(key for key in new_keys if key.removeprefix(f"{base_prefix}.").startswith(_TEXT_WEIGHT_PREFIXES))
+    if not fresh:
+        return
+    prefixes = sorted({".".join(key.split(".")[:2]) for key in unused_keys})
+    held = ", ".join(prefixes[:5]) + (", ..." if len(prefixes) > 5 else "") if prefixes else "none"
+    raise ValueError(
+        f"{source} (model_type {model_type!r}) is not a BERT-layout checkpoint: {len(fresh)} text weights would start "
+        f"fresh (e.g. {', '.join(fresh[:2])}), and its unused weights are named {held}. from_text_pretrained loads "
+        "checkpoints whose weights carry BERT's names (embeddings.word_embeddings, encoder.layer.N, optionally under "
+        "bert.), such as bert-base-uncased or MiniLM."
+    )
 
 
 class ImageBERTModel(ImageBERTPreTrainedModel):
@@ -770,7 +811,10 @@ def _padding_mask(batch_size, text_length, num_regions, attention_mask, region_a
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of `values` where `mask` is True, without reading the mask on the host. With nothing selected, a zero
-    that keeps the graph, so every head takes part in every step (distributed training expects it)."""
+    that keeps the graph, so every head takes part in every step (distributed training expects it).
+
+    The unselected values must come from finite numbers: `where` hides a NaN from the forward, but the backward
+    multiplies its zero gradient by the NaN's derivative. The losses zero their unselected targets first."""
     total = torch.where(mask, values, values.new_zeros(())).sum()
     return total / mask.sum().clamp(min=1).to(values.dtype)
 
@@ -807,7 +851,7 @@ def masked_object_classification_loss(
         ).view_as(class_labels)
         return _masked_mean(region_losses, selected & (class_labels != IGNORE_INDEX))
     if loss_type == "kl" and class_probs is not None:
-        target = class_probs.float()
+        target = class_probs.float().masked_fill(~selected[..., None], 0.0)
         region_losses = (target * (target.clamp(min=1e-12).log() - logits.float().log_softmax(dim=-1))).sum(dim=-1)
         return _masked_mean(region_losses, selected)
     return None
@@ -817,7 +861,8 @@ def masked_region_feature_regression_loss(
     predictions: torch.Tensor, targets: torch.Tensor, selected: torch.Tensor
 ) -> torch.Tensor:
     """MRFR: mean squared error between reconstructed and original features, averaged per region over `selected`."""
-    region_losses = (predictions.float() - targets.float()).pow(2).mean(dim=-1)
+    targets = targets.float().masked_fill(~selected[..., None], 0.0)
+    region_losses = (predictions.float() - targets).pow(2).mean(dim=-1)
     return _masked_mean(region_losses, selected)
 
 
