@@ -130,7 +130,7 @@ def _retrieval_args(tmp_path, **changes) -> RetrievalArguments:
     ("changes", "message"),
     [
         ({"num_epochs": -1.0}, r"--num_epochs must be positive, got -1\.0"),
-        ({"warmup_ratio": 5.0}, r"--warmup_ratio must be in \[0\.0, 1\.0\], got 5\.0"),
+        ({"warmup_ratio": 5.0}, r"--warmup_ratio must be in \[0, 1\), got 5\.0"),
         ({"num_negatives": -2}, r"--num_negatives must be >= 1, got -2"),
         ({"learning_rate": float("nan")}, r"--learning_rate must be a finite number, got nan"),
         ({"lr_scheduler_type": "bogus"}, r"--lr_scheduler_type must be one of \[.*'linear'.*\], got 'bogus'"),

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -450,9 +451,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, check_path
         raise IsADirectoryError(f"recipe {path} is a folder; expected a YAML recipe file.")
     if not path.is_file():
         raise FileNotFoundError(f"recipe {path} does not exist.")
-    text = read_text_file(path, "a YAML recipe file")
+    stream = io.StringIO(read_text_file(path, "a YAML recipe file"))
+    stream.name = str(path)  # what YAML's marks, and so the messages naming a line, call the file
     try:
-        data = yaml.load(text, Loader=_unique_key_loader())  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(stream, Loader=_unique_key_loader())  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as error:
         raise RecipeError(f"{path} is not valid YAML: {_one_line(error)}") from None
     recipe = recipe_from_dict(apply_overrides(data, overrides or []), where=path.name)
