@@ -18,6 +18,9 @@ from ..models.imagebert.retrieval_index import (
     RegionBatches,
     encode_images,
     encode_texts,
+    num_region_images,
+    prepare_region_inputs,
+    prepare_text_inputs,
     score_pairs,
 )
 
@@ -76,7 +79,8 @@ def shortlist_rerank(
             gallery size scores every pair and reproduces full ranking exactly.
         batch_size (`int`, *optional*, defaults to 256): pairs (or unimodal inputs) per forward pass.
         index_type (`str`, *optional*, defaults to `"flat"`): see `EmbeddingIndex`.
-        text_embeddings, image_embeddings (`torch.Tensor`, *optional*): precomputed unimodal embeddings.
+        text_embeddings, image_embeddings (`torch.Tensor`, *optional*): precomputed unimodal embeddings, one row
+            per text / image of the inputs (other row counts raise `ValueError`).
         show_progress (`bool`, *optional*, defaults to True): a progress bar over the re-scored pairs.
         scorer (`Callable`, *optional*, defaults to `score_pairs`): scores the shortlisted pairs (see
             `score_all_pairs`).
@@ -89,6 +93,22 @@ def shortlist_rerank(
     """
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}.")
+    # Precomputed embeddings must have a row per input: fewer would silently drop queries from the score matrices,
+    # more would index past the inputs while re-ranking.
+    checks = (
+        ("text_embeddings", text_embeddings, "text_inputs", "text", lambda: prepare_text_inputs(text_inputs)),
+        ("image_embeddings", image_embeddings, "region_inputs", "image", lambda: prepare_region_inputs(region_inputs)),
+    )
+    for name, embeddings, inputs_name, what, prepared in checks:
+        if embeddings is None:
+            continue
+        inputs = prepared()
+        expected = inputs["input_ids"].shape[0] if what == "text" else num_region_images(inputs)
+        if embeddings.ndim != 2 or embeddings.shape[0] != expected:
+            raise ValueError(
+                f"{name} has shape {tuple(embeddings.shape)}, but {inputs_name} holds {expected} {what}s: give one "
+                f"embedding per {what}, a ({expected}, dim) matrix (or leave {name} out to compute them)."
+            )
     timings = {}
     start = time.perf_counter()
     if text_embeddings is None:

@@ -15,7 +15,7 @@ import re
 import sys
 import types
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -51,6 +51,37 @@ logger = logging.get_logger(__name__)
 
 MODES = ("rank_texts", "rank_images", "pairs")
 QUERY_KEYS = ("images", "texts", "image", "text")
+
+
+def projection_fingerprint(model) -> str | None:
+    """A sha256 of what a model's unimodal embeddings come from: the embedding size and the weights of its
+    projection heads (`cls.text_projection`, `cls.region_projection`), rounded to bfloat16 so that the same checkpoint
+    loaded in float32 or bfloat16 gives the same fingerprint. Reads a few hundred thousand numbers (about a
+    millisecond). None for a model without these heads."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    digest.update(f"contrastive_embedding_size={getattr(model.config, 'contrastive_embedding_size', None)}".encode())
+    for head in PROJECTION_HEADS:
+        try:
+            module = model.get_submodule(head)
+        except AttributeError:
+            return None
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(f"{head}.{name}{tuple(tensor.shape)}".encode())
+            digest.update(_bfloat16_bits(tensor).tobytes())
+    return digest.hexdigest()
+
+
+def _bfloat16_bits(tensor: torch.Tensor) -> np.ndarray:
+    """The bits of `tensor` rounded to bfloat16 (to nearest, ties to even, as `tensor.to(torch.bfloat16)`), computed
+    in numpy: torch's own conversion takes tens of milliseconds for a projection head on some CPUs."""
+    tensor = tensor.detach().cpu().contiguous()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(np.uint16)
+    bits = tensor.to(torch.float32).numpy().view(np.uint32)
+    one = np.uint32(1)
+    return ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & one)) >> np.uint32(16)).astype(np.uint16)
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -114,13 +145,16 @@ class RetrievalIndex:
             re-extracting or re-tokenizing; a `RegionBatches` gallery (the region cache's `RegionGallery`) stays as
             it is, read from the memory-mapped cache as candidates are re-ranked.
         index: the `EmbeddingIndex` (faiss `Flat`, IVF, HNSW, IVF-PQ or a torch matrix product) of the gallery's
-            L2-normalised unimodal embeddings.
+            L2-normalised unimodal embeddings. Its `model_fingerprint` (`projection_fingerprint` of the model that
+            built it) ties it to that model: a pipeline of another model refuses it.
     """
 
     kind: str
     items: Sequence
     inputs: dict[str, torch.Tensor] | RegionBatches
     index: EmbeddingIndex
+    # The notices already given about this index (each is logged once per index, not once per query).
+    _notices: set = field(default_factory=set, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -135,9 +169,23 @@ class RetrievalIndex:
         return self.index.index_type
 
     def search(self, queries: torch.Tensor, k: int) -> torch.Tensor:
-        """Indices `(num_queries, min(k, len(self)))` of the most similar gallery items, best first (slots an
-        approximate index leaves empty are filled by exact search)."""
-        return self.index.search(queries, k, fill_missing=True)[1]
+        """Indices `(num_queries, min(k, len(self)))` of the most similar gallery items, best first, each row's items
+        distinct. Slots an approximate index leaves empty are filled by exact search; an index built with
+        `keep_vectors=False` holds no float32 embeddings to search exactly, so those slots hold -1 (such a query gets
+        fewer candidates; a notice says so once per index)."""
+        can_fill = self.index.vectors is not None
+        indices = self.index.search(queries, k, fill_missing=can_fill)[1]
+        if not can_fill and "unfilled" not in self._notices and bool((indices < 0).any()):
+            self._notices.add("unfilled")
+            logger.warning(
+                "The approximate search of this index of %s (%s) found fewer than %d candidates for some queries, "
+                "and it was built with keep_vectors=False (no float32 embeddings to search exactly): those queries "
+                "get fewer results. Raise nprobe (or ef_search) for more candidates per query.",
+                self.kind,
+                self.index.factory,
+                min(k, len(self)),
+            )
+        return indices
 
 
 def _is_hf_dataset(inputs: Any) -> bool:
@@ -230,6 +278,31 @@ class ImageTextRetrievalPipeline(Pipeline):
     def _heads_trained(self) -> bool:
         return not self._untrained_heads
 
+    def _check_index_model(self, index: RetrievalIndex) -> None:
+        """Raises ValueError when `index` was built by another model: its embeddings would shortlist candidates
+        another model's way (or fail on their size). An index that records no model (saved before indexes recorded
+        one, or made by hand) is used with a notice, once per index, unless its embedding size gives it away."""
+        if not self._heads_trained():
+            return  # untrained projection heads: the index's embeddings are not used, the whole gallery is ranked
+        size = getattr(self.model.config, "contrastive_embedding_size", index.index.dim)
+        built_by, mine = getattr(index.index, "model_fingerprint", None), projection_fingerprint(self.model)
+        if built_by is None and index.index.dim == size:
+            if "no model" not in index._notices:
+                index._notices.add("no model")
+                logger.warning(
+                    "This index of %s records no model (it was saved before indexes recorded the model that built "
+                    "them, or made by hand): it is used as it is, but nothing shows that this pipeline's model made "
+                    "its embeddings. Build it again with this pipeline's build_index() to have that checked.",
+                    index.kind,
+                )
+        elif index.index.dim != size or (mine is not None and built_by != mine):
+            recorded = "records no model" if built_by is None else f"records projection weights {built_by[:16]}"
+            raise ValueError(
+                f"this index was built by another model: it holds {index.index.dim}-d embeddings and {recorded}, "
+                f"while this pipeline's model gives {size}-d embeddings with projection weights {str(mine)[:16]}. "
+                "Build the index with this pipeline (build_index), or query it with the pipeline that built it."
+            )
+
     # ------------------------------------------------------------------------------------------------------------
     # Parameters and entry point
     # ------------------------------------------------------------------------------------------------------------
@@ -301,6 +374,14 @@ class ImageTextRetrievalPipeline(Pipeline):
                 raise TypeError(f"texts[{position}] is a {type(text).__name__}; expected a string.")
             if not text.strip():
                 raise ValueError(f"texts[{position}] is empty ({text!r}); every text needs some words to score.")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as error:
+                raise ValueError(
+                    f"texts[{position}] ({text!r:.60}) is not valid Unicode text: character {error.start} "
+                    f"({text[error.start]!r}) is a lone surrogate, which cannot be encoded as UTF-8 (text decoded with "
+                    "errors='surrogateescape', or half of an emoji). Give the text as valid UTF-8."
+                ) from None
         encoded = self.processor(text=list(texts), return_tensors="pt")
         out = {key: encoded[key] for key in TEXT_KEYS if key in encoded}
         out.setdefault("attention_mask", torch.ones_like(out["input_ids"]))
@@ -402,6 +483,7 @@ class ImageTextRetrievalPipeline(Pipeline):
             raise ValueError("texts is an empty list: give at least one text.")
 
         if index is not None:
+            self._check_index_model(index)
             inferred = "rank_images" if index.kind == "images" else "rank_texts"
             if mode not in (None, inferred):
                 raise ValueError(f"an index of {index.kind} serves mode {inferred!r}, not {mode!r}.")
@@ -496,12 +578,17 @@ class ImageTextRetrievalPipeline(Pipeline):
                 queries = encode_texts(self.model, text_inputs, batch_size)
                 gallery = index if index is not None else self._make_index("images", [], region_inputs, batch_size)
             candidates = gallery.search(queries, shortlist_k)
-        queries = torch.arange(num_queries)[:, None].expand_as(candidates).reshape(-1)
-        flat = candidates.reshape(-1)
+        # An index without float32 embeddings may leave slots empty (-1): those are not scored, and postprocess
+        # leaves them out.
+        found = (candidates >= 0).reshape(-1)
+        queries = torch.arange(num_queries)[:, None].expand_as(candidates).reshape(-1)[found]
+        flat = candidates.reshape(-1)[found]
         image_index, text_index = (queries, flat) if mode == "rank_texts" else (flat, queries)
         scores = score_pairs(self.model, text_inputs, region_inputs, image_index, text_index, batch_size)
         _check_scores(scores, image_index, text_index)
-        return {**outputs, "candidates": candidates, "scores": scores.view_as(candidates)}
+        all_scores = torch.full((candidates.numel(),), float("-inf"), dtype=scores.dtype)
+        all_scores[found] = scores
+        return {**outputs, "candidates": candidates, "scores": all_scores.view_as(candidates)}
 
     def postprocess(self, model_outputs, top_k=None):
         mode, scores, candidates = model_outputs["mode"], model_outputs["scores"], model_outputs["candidates"]
@@ -514,7 +601,8 @@ class ImageTextRetrievalPipeline(Pipeline):
         keep = candidates.shape[1] if top_k is None else min(top_k, candidates.shape[1])
         results = []
         for row_scores, row_probabilities, row_candidates in zip(scores, probabilities, candidates):
-            order = torch.sort(row_scores, descending=True, stable=True).indices[:keep]
+            order = torch.sort(row_scores, descending=True, stable=True).indices
+            order = order[row_candidates[order] >= 0][:keep]  # slots an index left empty hold -1
             results.append(
                 [
                     {
@@ -540,7 +628,10 @@ class ImageTextRetrievalPipeline(Pipeline):
         else:
             embeddings = encode_texts(self.model, inputs, batch_size, progress)
         items = items if isinstance(items, range) else list(items)
-        return RetrievalIndex(kind, items, inputs, EmbeddingIndex(embeddings, index_type, **index_kwargs))
+        index = EmbeddingIndex(
+            embeddings, index_type, model_fingerprint=projection_fingerprint(self.model), **index_kwargs
+        )
+        return RetrievalIndex(kind, items, inputs, index)
 
     def build_index(
         self,
@@ -562,7 +653,11 @@ class ImageTextRetrievalPipeline(Pipeline):
                 `index_factory` string (see `EmbeddingIndex`).
             batch_size: images per processor call and inputs per embedding pass.
             **index_kwargs: `EmbeddingIndex` settings: `nlist`, `nprobe` (IVF), `hnsw_m`, `ef_search` (HNSW), `pq_m`
-                (IVF-PQ), `use_faiss`, `use_gpu` (faiss on the GPU, by default when faiss sees one).
+                (IVF-PQ), `use_faiss`, `use_gpu` (faiss on the GPU, by default when faiss sees one), `keep_vectors`
+                (`False` for an IVF-PQ gallery too large to hold twice: then a query for which the approximate
+                search finds fewer than `shortlist_k` candidates gets fewer results, with a notice once per index).
+
+        The index records the model that built it (`projection_fingerprint`); a pipeline of another model refuses it.
         """
         index_factory_string(index_type, 1, 4)  # names a bad index_type before any work
         if (images is None) == (texts is None):
@@ -899,6 +994,7 @@ __all__ = [
     "ImageTextRetrievalPipeline",
     "RetrievalIndex",
     "load_retrieval_model",
+    "projection_fingerprint",
     "register_pipeline",
     "saving_code",
 ]

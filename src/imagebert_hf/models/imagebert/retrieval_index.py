@@ -412,6 +412,9 @@ class EmbeddingIndex:
             (`faiss.get_num_gpus()`) and the index type runs there (HNSW does not; it stays on the CPU).
         keep_vectors (`bool`, *optional*, defaults to `True`): keep the float32 embeddings next to the index, for
             `fill_missing` and `save`; turn off for a compressed (IVF-PQ) gallery too large to hold twice.
+        model_fingerprint (`str`, *optional*): what made the embeddings (the retrieval pipeline records its model's
+            `projection_fingerprint`), saved with the index; the pipeline refuses an index whose fingerprint is
+            another model's.
     """
 
     def __init__(
@@ -426,7 +429,11 @@ class EmbeddingIndex:
         use_faiss: bool | None = None,
         use_gpu: bool | None = None,
         keep_vectors: bool = True,
+        model_fingerprint: str | None = None,
     ):
+        if model_fingerprint is not None and not isinstance(model_fingerprint, str):
+            raise TypeError(f"model_fingerprint must be a string, got {type(model_fingerprint).__name__}.")
+        self.model_fingerprint = model_fingerprint
         vectors = _as_matrix(embeddings, "embeddings")
         _check_finite(vectors, "embeddings")
         if vectors.shape[0] == 0:
@@ -505,8 +512,10 @@ class EmbeddingIndex:
 
         Returns:
             `(similarities, indices)`, both `(num_queries, k)` torch tensors, best first. Approximate indexes may
-            find fewer than k hits for a query; those slots hold index -1, or, with `fill_missing=True`, the exact
-            top-k at the same rank.
+            find fewer than k hits for a query; those slots (at the end of the row) hold index -1, or, with
+            `fill_missing=True`, the best items of an exact search that the approximate one did not find: every row
+            then holds k distinct items, sorted by similarity. `fill_missing` needs the float32 embeddings
+            (`keep_vectors=True`); without them it raises, whatever the queries.
         """
         queries = _as_matrix(queries, "queries")
         if queries.shape[1] != self.dim:
@@ -517,15 +526,28 @@ class EmbeddingIndex:
         k = min(int(k), len(self))
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}.")
+        if fill_missing and self.vectors is None:
+            raise ValueError(
+                "fill_missing=True needs the gallery's float32 embeddings, but this index was built with "
+                "keep_vectors=False; search without fill_missing (slots the approximate search leaves empty hold -1)."
+            )
         if self._index is None:
             return self._exact(queries, k)
         values, indices = self._index.search(queries, k)
         values, indices = torch.from_numpy(values), torch.from_numpy(indices).long()
-        if fill_missing and (indices < 0).any():
-            exact_values, exact_indices = self._exact(queries, k)
-            missing = indices < 0
-            values = torch.where(missing, exact_values, values)
-            indices = torch.where(missing, exact_indices, indices)
+        if fill_missing:
+            rows = torch.nonzero((indices < 0).any(1)).flatten()
+            if rows.numel():
+                # Only the rows with empty slots are searched again. The exact top-k holds at least as many items the
+                # approximate search missed as it left slots empty, so each row fills up with distinct items.
+                exact_values, exact_indices = self._exact(queries[rows.numpy()], k)
+                for row, row_values, row_indices in zip(rows.tolist(), exact_values, exact_indices):
+                    found = indices[row] >= 0
+                    new = ~torch.isin(row_indices, indices[row][found])
+                    merged_values = torch.cat([values[row][found], row_values[new]])[:k]
+                    merged_indices = torch.cat([indices[row][found], row_indices[new]])[:k]
+                    order = torch.argsort(merged_values, descending=True, stable=True)
+                    values[row], indices[row] = merged_values[order], merged_indices[order]
         return values, indices
 
     def _exact(self, queries: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -541,13 +563,23 @@ class EmbeddingIndex:
         The config records what the index was built from (`built_from`: the settings, the sha256 of the embeddings
         when kept, and `metadata`, e.g. the model and gallery it embeds) and the size and sha256 of each file. The
         folder is written under a temporary name and renamed into place, so a failed or killed save leaves an
-        earlier index there intact.
+        earlier index there intact: it is renamed aside (`.NAME.old-*`) before the new one goes in and deleted only
+        after; a kill between the two renames leaves it whole there, where `load(directory)` reads it and the next
+        save puts it back.
+
+        `directory` is new, empty, or an earlier index (its `index_config.json` and nothing but the files `save`
+        writes), which is replaced. Any other folder raises `ValueError` before anything is written: the index
+        replaces the whole folder, and the files in it would be lost.
         """
         if metadata is not None and not isinstance(metadata, Mapping):
             raise TypeError(f"metadata must be a dict (saved as JSON), got {type(metadata).__name__}.")
+        if not os.fspath(directory).strip():
+            raise ValueError(
+                f"save() needs a folder to write the index to, got {os.fspath(directory)!r} (the empty path is the "
+                "current folder, which the index would replace)."
+            )
         directory = os.path.abspath(os.fspath(directory))
-        if os.path.exists(directory) and not os.path.isdir(directory):
-            raise NotADirectoryError(f"{directory} exists and is not a folder; save() writes a folder.")
+        _check_index_folder(directory)
         built_from = {"factory": self.factory, "dim": self.dim, "num_items": self.num_items, **dict(metadata or {})}
         if self.vectors is not None:
             built_from["embeddings_sha256"] = _sha256_bytes(self.vectors.tobytes())
@@ -560,6 +592,7 @@ class EmbeddingIndex:
             "dim": self.dim,
             "num_items": self.num_items,
             "faiss": self._index is not None,
+            "model_fingerprint": self.model_fingerprint,
             "built_from": built_from,
         }
         json.dumps(config)  # metadata that is not JSON fails here, before anything is written
@@ -594,13 +627,19 @@ class EmbeddingIndex:
         the arrays agree with the config (embeddings `(num_items, dim)`, the faiss index's size and dimension), and
         that every embedding is finite, as `__init__` does (a NaN row would rank first for every exact query): one
         pass over the loaded array, about 0.15 s for a million 768-d rows (3 GB), a fraction of reading them.
-        With `verify=True` it also reads every file to compare its sha256 (slow for a large gallery).
+        With `verify=True` it also reads every file to compare its sha256 (slow for a large gallery). Where a save
+        was killed between renaming the earlier index aside and renaming the new one in, that earlier index is read.
 
         Raises:
             FileNotFoundError: `directory` holds no index.
             ValueError: a damaged or inconsistent index; the message names the file and what disagrees.
         """
         directory = os.fspath(directory)
+        set_aside = _set_aside_folders(directory)
+        if set_aside and not os.path.lexists(directory):
+            # A save was killed (or is running, in another process) between renaming the earlier index aside and
+            # renaming the new one in: the earlier one is whole there, and the next save puts it back.
+            directory = set_aside[-1]
         config_path = os.path.join(directory, INDEX_CONFIG_FILE)
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"{directory} holds no {INDEX_CONFIG_FILE}: not a folder written by save().")
@@ -618,6 +657,7 @@ class EmbeddingIndex:
         index.index_type, index.factory = config["index_type"], config["factory"]
         index.nprobe, index.ef_search = config["nprobe"], config["ef_search"]
         index.dim, index.num_items = config["dim"], config["num_items"]
+        index.model_fingerprint = config.get("model_fingerprint")  # None in an index saved before it was recorded
         index.vectors = None
         if os.path.isfile(vectors_path):
             try:
@@ -697,6 +737,9 @@ def _read_index_config(path: str) -> dict:
         raise ValueError(f"{path}: field 'files' must map file names to {{'size', 'sha256'}}, got {files!r:.200}.")
     if any(os.path.basename(name) != name for name in files):
         raise ValueError(f"{path}: field 'files' names a file outside the index folder: {sorted(files)}.")
+    fingerprint = config.get("model_fingerprint")
+    if fingerprint is not None and not isinstance(fingerprint, str):
+        raise ValueError(f"{path}: field 'model_fingerprint' must be a string or null, got {fingerprint!r:.200}.")
     return config
 
 
@@ -718,18 +761,92 @@ def _file_checksum(path: str) -> dict:
     return {"size": os.path.getsize(path), "sha256": digest.hexdigest()}
 
 
+INDEX_FOLDER_FILES = (INDEX_CONFIG_FILE, INDEX_FILE, VECTORS_FILE)
+
+
+def _check_index_folder(directory: str) -> None:
+    """Raises unless `directory` may be replaced by an index: missing, empty, or an earlier index holding nothing
+    but the files `save` writes. The folder holding the working folder is refused too: renamed aside and deleted, it
+    would leave this process in a folder that no longer exists."""
+    if not os.path.lexists(directory):
+        return
+    if not os.path.isdir(directory):
+        raise NotADirectoryError(f"{directory} exists and is not a folder; save() writes a folder.")
+    cwd, real = os.path.realpath(os.getcwd()), os.path.realpath(directory)
+    if cwd == real or cwd.startswith(real.rstrip(os.sep) + os.sep):
+        raise ValueError(
+            f"{directory} holds the current working folder; save() replaces the folder it writes. Name a new or "
+            "empty folder (or an earlier index) elsewhere."
+        )
+    entries = sorted(os.listdir(directory))
+    others = [name for name in entries if name not in INDEX_FOLDER_FILES]
+    if others and INDEX_CONFIG_FILE not in entries:
+        held = f"{len(entries)} entries: {', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''}"
+        raise ValueError(
+            f"{directory} is not an index folder (it holds {held}, and no {INDEX_CONFIG_FILE}); save() replaces the "
+            "folder it writes, so it takes only a new or empty folder, or an earlier index. Name a folder of its own, "
+            "e.g. a subfolder."
+        )
+    if others:
+        raise ValueError(
+            f"{directory} holds an index and other files ({', '.join(others[:5])}{', ...' if len(others) > 5 else ''}"
+            "); save() replaces the folder it writes, so these would be lost. Move them out, or name another folder."
+        )
+
+
 def _publish(tmp: str, directory: str) -> None:
-    """Syncs the folder `tmp` and renames it to `directory` (the previous one removed first). This file travels as
-    remote code and imports no package module, so it keeps this short copy of `formats.files.publish_folder`."""
+    """Syncs the folder `tmp` and renames it to `directory`. An earlier index there is renamed aside first and
+    deleted only once the new one is in, so a failure (or a kill) between the two renames never loses both; a
+    folder a killed save left aside is put back first. This file travels as remote code and imports no package
+    module, so it keeps this short copy of `formats.files.publish_folder`."""
     import shutil
 
     for folder, _, names in os.walk(tmp):
         for name in names:
             with open(os.path.join(folder, name), "rb") as handle:
                 os.fsync(handle.fileno())
-    if os.path.exists(directory):
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
+    parent, name = os.path.split(directory)
+    set_aside = _set_aside_folders(directory)
+    if set_aside and not os.path.lexists(directory):
+        os.replace(set_aside.pop(), directory)
+    for stale in set_aside:
+        shutil.rmtree(stale, ignore_errors=True)
+    if not os.path.lexists(directory):
+        os.replace(tmp, directory)
+        _fsync_folder(parent)
+        return
+    old = os.path.join(parent, f".{name}.old-{os.getpid()}-{os.urandom(4).hex()}")
+    os.replace(directory, old)
+    try:
+        os.replace(tmp, directory)
+    except BaseException:
+        os.replace(old, directory)
+        raise
+    _fsync_folder(parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _set_aside_folders(directory: str) -> list[str]:
+    """The earlier indexes `_publish` renamed aside as `.NAME.old-*` next to `directory`, oldest first."""
+    import glob
+
+    parent, name = os.path.split(os.path.abspath(directory))
+    pattern = os.path.join(glob.escape(parent), f".{glob.escape(name)}.old-*")
+    return sorted((path for path in glob.glob(pattern) if os.path.isdir(path)), key=os.path.getmtime)
+
+
+def _fsync_folder(folder: str) -> None:
+    """Syncs a folder's entries (a rename inside it); nothing where a folder cannot be opened (Windows)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
 
 
 def _check_finite(values: np.ndarray, name: str) -> None:
