@@ -67,6 +67,18 @@ def _first(mapping: dict[str, Any], field: str):
     return None
 
 
+def _found(mapping: dict[str, Any], field: str) -> str:
+    """The key under which `field` was found, so that messages name what the file holds."""
+    return next((alias for alias in _ALIASES[field] if alias in mapping), field)
+
+
+def _size(value: Any, name: str, source: str) -> int:
+    try:
+        return int(np.asarray(value).item())
+    except (TypeError, ValueError):
+        raise ValueError(f"{source}: {name!r} is {value!r}, expected the image size in pixels") from None
+
+
 def _to_raw(values: dict[str, Any], source: str) -> dict[str, Any]:
     features = _first(values, "features")
     boxes = _first(values, "boxes")
@@ -75,14 +87,41 @@ def _to_raw(values: dict[str, Any], source: str) -> dict[str, Any]:
     missing += [name for name, value in (("image width", width), ("image height", height)) if value is None]
     if missing:
         raise ValueError(f"{source}: no {', '.join(missing)} (keys: {sorted(values)})")
+    boxes_key = _found(values, "boxes")
     features = np.asarray(features, dtype=np.float32)
-    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-    if features.ndim != 2 or features.shape[0] != boxes.shape[0]:
-        raise ValueError(f"{source}: features {features.shape} do not match {boxes.shape[0]} boxes")
+    boxes = np.asarray(boxes, dtype=np.float32)
+    # A flat array of corners is common; a 2-D one with other than 4 columns (a score column, say) is not boxes.
+    if (boxes.ndim == 2 and boxes.shape[1] != 4) or boxes.ndim > 2 or boxes.size % 4:
+        raise ValueError(f"{source}: {boxes_key!r} has shape {boxes.shape}, expected (num_boxes, 4)")
+    boxes = boxes.reshape(-1, 4)
+    num_boxes = boxes.shape[0]
+    if features.ndim != 2 or features.shape[0] != num_boxes:
+        raise ValueError(f"{source}: features {features.shape} do not match {num_boxes} boxes")
+    # NaN compares false here and is reported by the extractor as a non-finite value instead.
+    inverted = np.flatnonzero((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1]))
+    if inverted.size:
+        raise ValueError(
+            f"{source}: {boxes_key!r} row {int(inverted[0])} is {boxes[inverted[0]].tolist()}, with x2 < x1 or "
+            f"y2 < y1 ({inverted.size} such rows); boxes must be (x1, y1, x2, y2) corners, not (x, y, width, height)"
+        )
     probs = _first(values, "class_probs")
+    if probs is not None:
+        probs_key = _found(values, "class_probs")
+        probs = np.asarray(probs, dtype=np.float32)
+        rows = probs.shape[0] if probs.ndim == 2 else None
+        if probs.ndim == 1 and num_boxes and probs.size % num_boxes == 0:
+            rows, probs = num_boxes, probs.reshape(num_boxes, -1)
+        if rows != num_boxes:
+            raise ValueError(
+                f"{source}: {probs_key!r} has shape {probs.shape}, expected one row of class probabilities per box "
+                f"({num_boxes} boxes)"
+            )
     labels = _first(values, "class_labels")
-    probs = None if probs is None else np.asarray(probs, dtype=np.float32).reshape(boxes.shape[0], -1)
-    labels = None if labels is None else np.asarray(labels, dtype=np.int64).reshape(-1)
+    if labels is not None:
+        labels_key = _found(values, "class_labels")
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        if labels.shape[0] != num_boxes:
+            raise ValueError(f"{source}: {labels_key!r} has {labels.shape[0]} labels for {num_boxes} boxes")
     image_id = _first(values, "image_id")
     return {
         "image_id": None if image_id is None else str(np.asarray(image_id).item()),
@@ -90,8 +129,8 @@ def _to_raw(values: dict[str, Any], source: str) -> dict[str, Any]:
         "region_boxes": boxes,
         "region_class_probs": probs,
         "region_class_labels": labels,
-        "image_width": int(np.asarray(width).item()),
-        "image_height": int(np.asarray(height).item()),
+        "image_width": _size(width, _found(values, "width"), source),
+        "image_height": _size(height, _found(values, "height"), source),
     }
 
 
@@ -124,12 +163,23 @@ def write_npz_regions(path: str | os.PathLike, record: dict[str, Any]) -> None:
 
 
 def _decode_tsv_row(row: dict[str, str], source: str) -> dict[str, Any]:
-    num_boxes = int(row["num_boxes"])
+    try:
+        num_boxes = int(row["num_boxes"])
+    except (KeyError, ValueError):
+        raise ValueError(f"{source}: column 'num_boxes' is {row.get('num_boxes')!r}, expected a number") from None
     values: dict[str, Any] = {key: value for key, value in row.items() if key not in _TSV_DTYPES}
     for key, dtype in _TSV_DTYPES.items():
         if row.get(key):
-            array = np.frombuffer(base64.b64decode(row[key]), dtype=dtype)
-            values[key] = array.reshape(num_boxes, -1) if key in ("boxes", "features", "cls_prob") else array
+            try:
+                array = np.frombuffer(base64.b64decode(row[key]), dtype=dtype)
+                if key in ("boxes", "features", "cls_prob"):
+                    array = array.reshape(num_boxes, -1)
+            except ValueError as error:  # binascii.Error included
+                raise ValueError(
+                    f"{source}: column {key!r} does not decode to {num_boxes} rows of {np.dtype(dtype).name} "
+                    f"({error}); the row may be cut short"
+                ) from None
+            values[key] = array
     return _to_raw(values, source)
 
 
@@ -147,10 +197,17 @@ def _set_csv_field_limit():
 class TsvRegionIndex:
     """Random access to the rows of a bottom-up-attention `.tsv` by image id (byte offsets are indexed once).
 
+    Image ids are read as `csv` reads them, so ids that `write_tsv_regions` quoted are found; a leading UTF-8
+    byte-order mark is skipped.
+
     Args:
         path: The `.tsv` file.
         fieldnames: Column names in order; by default the original bottom-up layout, or LXMERT's when a row has
             its number of columns.
+
+    Raises:
+        ValueError: An image id is on two rows (the message names both lines), a line is not UTF-8, or a quoted
+            field is never closed.
     """
 
     def __init__(self, path: str | os.PathLike, fieldnames: Sequence[str] | None = None):
@@ -158,13 +215,21 @@ class TsvRegionIndex:
         self.path = Path(path)
         self.fieldnames = tuple(fieldnames) if fieldnames else None
         self._offsets: dict[str, int] = {}
+        lines: dict[str, int] = {}
         with open(self.path, "rb") as handle:
-            offset = handle.tell()
-            for line in iter(handle.readline, b""):
-                key = line.split(b"\t", 1)[0].decode("utf-8")
-                if key:
-                    self._offsets[key] = offset
-                offset = handle.tell()
+            reader = _RecordReader(handle, self.path)
+            while (start := reader.next_record_head()) is not None:
+                offset, line_number, key = start
+                if not key:
+                    continue
+                if key in lines:
+                    # Serving either row would silently give some images the regions of another extraction.
+                    raise ValueError(
+                        f"{self.path}: image id {key!r} is on line {lines[key]} and again on line {line_number}; "
+                        "each image id must appear once"
+                    )
+                lines[key] = line_number
+                self._offsets[key] = offset
 
     def _fields_for(self, num_columns: int) -> tuple[str, ...]:
         if self.fieldnames:
@@ -183,11 +248,75 @@ class TsvRegionIndex:
     def __getitem__(self, key: str) -> dict[str, Any]:
         if key not in self._offsets:
             raise KeyError(f"image id {key!r} is not in {self.path}")
-        with open(self.path, encoding="utf-8", newline="") as handle:
+        with open(self.path, "rb") as handle:
             handle.seek(self._offsets[key])
-            columns = next(csv.reader([handle.readline().rstrip("\r\n")], delimiter="\t"))
+            columns = _RecordReader(handle, self.path).read_record()
         row = dict(zip(self._fields_for(len(columns)), columns))
+        missing = [name for name in self._fields_for(len(columns)) if name not in row]
+        if missing:
+            raise ValueError(
+                f"{self.path} (image id {key}): the row has {len(columns)} columns, no {', '.join(missing)}; "
+                "the row may be cut short"
+            )
         return _decode_tsv_row(row, f"{self.path} (image id {key})")
+
+
+class _RecordReader:
+    """Reads a `.tsv` record by record from a binary handle, as `csv` parses it, keeping byte offsets.
+
+    A record is one line unless a quoted field holds a line break; only lines with a quote go through `csv`, so
+    indexing a file of long base64 rows stays a scan of lines.
+    """
+
+    def __init__(self, handle, path: Path):
+        self.handle = handle
+        self.path = path
+        self.line_number = 0
+        if handle.tell() == 0 and handle.read(3) != b"\xef\xbb\xbf":
+            # The BOM some editors write would otherwise become part of the first image id.
+            handle.seek(0)
+
+    def _lines(self, first: bytes):
+        line = first
+        while line:
+            try:
+                yield line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{self.path}: line {self.line_number} is not UTF-8 ({error})") from None
+            line = self.handle.readline()
+            if line:
+                self.line_number += 1
+
+    def _parse(self, first: bytes) -> list[str]:
+        line_number = self.line_number
+        try:
+            # Strict, so that a quote never closed is an error rather than the rest of the file read as one id.
+            return next(csv.reader(self._lines(first), delimiter="\t", strict=True), [])
+        except csv.Error as error:
+            raise ValueError(f"{self.path}: the row on line {line_number} is not valid TSV ({error})") from None
+
+    def read_record(self) -> list[str]:
+        line = self.handle.readline()
+        self.line_number += 1
+        return self._parse(line) if line else []
+
+    def next_record_head(self) -> tuple[int, int, str] | None:
+        """(byte offset, line number, image id) of the next record, or None at the end of the file."""
+        offset = self.handle.tell()
+        line = self.handle.readline()
+        if not line:
+            return None
+        self.line_number += 1
+        line_number = self.line_number
+        if b'"' in line:
+            columns = self._parse(line)
+            return offset, line_number, columns[0] if columns else ""
+        end = line.find(b"\t")
+        head = line[:end] if end >= 0 else line.rstrip(b"\r\n")
+        try:
+            return offset, line_number, head.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{self.path}: line {line_number} is not UTF-8 ({error})") from None
 
 
 def write_tsv_regions(
