@@ -114,13 +114,68 @@ def load_tokenizer(spec: ModelSpec):
     return AutoTokenizer.from_pretrained(resolve_pretrained(name))
 
 
+# Config fields a trained model's weights fix (their shapes, or what the trained values mean): `model.config` may
+# repeat them for `init_from` but not change them.
+TRAINED_MODEL_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_act",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "layer_norm_eps",
+    "pad_token_id",
+    "tie_word_embeddings",
+    "region_feature_size",
+    "region_location_size",
+    "region_projection_layer_norm",
+    "region_position_embedding",
+    "separate_region_layer_norm",
+    "num_object_classes",
+    "region_position_id",
+    "region_token_type_id",
+    "contrastive_embedding_size",
+)
+# The load dtype is the training's, not a config field: weights train in float32 whatever dtype a checkpoint was saved
+# in (a bfloat16 master copy loses the small updates); mixed precision comes from the launch settings.
+_LOAD_DTYPE_KEYS = ("dtype", "torch_dtype")
+
+
+def _load_trained(folder: str, overrides: dict[str, Any]):
+    """A saved ImageBERT model in float32, with the recipe's `model.config` entries set on its config; an entry that
+    would change what the trained weights are (`TRAINED_MODEL_FIELDS`) is refused, naming the field."""
+    saved = ImageBERTConfig.from_pretrained(folder)
+    changed = [
+        f"model.config.{name} is {value!r} but the model has {getattr(saved, name)!r}"
+        for name, value in overrides.items()
+        if name in TRAINED_MODEL_FIELDS and value != getattr(saved, name)
+    ]
+    if changed:
+        raise ValueError(
+            f"recipe model.init_from ({folder}) is a trained model, whose weights fix these fields: "
+            f"{'; '.join(changed)}. Drop them from model.config or set them to the model's values (settings such "
+            "as dropout apply)."
+        )
+    config = ImageBERTConfig(**{**saved.to_dict(), **overrides}) if overrides else saved
+    return ImageBERTForPreTraining.from_pretrained(folder, config=config, dtype=torch.float32)
+
+
 def build_model(spec: ModelSpec, tokenizer, init_from: str | Path | None = None):
-    """The model a stage starts from: the previous stage's (`init_from`), else the recipe's init, else a fresh one."""
-    if init_from is not None or spec.init_from is not None:
-        return ImageBERTForPreTraining.from_pretrained(str(init_from or resolve_pretrained(spec.init_from)))
+    """The model a stage starts from, in float32: the previous stage's (`init_from`), else the recipe's `init_from`
+    (with `model.config` set on its config), else its text checkpoint, else a fresh one."""
+    if init_from is not None:
+        # The previous stage's model already has the recipe's config.
+        return ImageBERTForPreTraining.from_pretrained(str(init_from), dtype=torch.float32)
     overrides = dict(spec.config)
-    if spec.text_pretrained is not None:
-        return ImageBERTForPreTraining.from_text_pretrained(resolve_pretrained(spec.text_pretrained), **overrides)
+    if spec.init_from is not None or spec.text_pretrained is not None:
+        loaded = {key: value for key, value in overrides.items() if key not in _LOAD_DTYPE_KEYS}
+        if spec.init_from is not None:
+            return _load_trained(resolve_pretrained(spec.init_from), loaded)
+        return ImageBERTForPreTraining.from_text_pretrained(
+            resolve_pretrained(spec.text_pretrained), dtype=torch.float32, **loaded
+        )
     if spec.config_path is not None:
         config = ImageBERTConfig.from_pretrained(spec.config_path, **overrides)
     else:
@@ -132,6 +187,48 @@ def build_model(spec: ModelSpec, tokenizer, init_from: str | Path | None = None)
             f"({len(tokenizer)})."
         )
     return ImageBERTForPreTraining(config)
+
+
+# Cased words, punctuation, a number and a word no vocabulary splits the same way: two tokenizers that give these the
+# same ids and hold the same vocabulary give the model the same input.
+_TOKENIZER_PROBE = "A red Circle, to the LEFT of 2 blue squares; unbelievably-tokenized!"
+
+
+def _token_ids(tokenizer) -> tuple:
+    return (
+        tokenizer.get_vocab(),
+        list(tokenizer(_TOKENIZER_PROBE)["input_ids"]),
+        [
+            tokenizer.convert_tokens_to_ids(getattr(tokenizer, role))
+            for role in ("cls_token", "sep_token", "pad_token")
+        ],
+    )
+
+
+def check_processor_tokenizer(processor, tokenizer, spec: ModelSpec) -> None:
+    """Refuses a `model.processor` whose tokenizer is not the run's (`model.tokenizer`): the processor shipped with
+    each stage's model would give other ids than those the model was trained on."""
+    if _token_ids(processor.tokenizer) != _token_ids(tokenizer):
+        raise ValueError(
+            f"recipe model.processor ({spec.processor}) holds another tokenizer "
+            f"({getattr(processor.tokenizer, 'name_or_path', '') or type(processor.tokenizer).__name__}, "
+            f"{len(processor.tokenizer)} tokens) than the run trains with, model.tokenizer ({spec.tokenizer}, "
+            f"{len(tokenizer)} tokens): the processor shipped with each stage's model would give other token ids. "
+            "Save the processor with the run's tokenizer (ImageBERTProcessor.from_model_config), or leave "
+            "model.tokenizer out to train with the processor's."
+        )
+
+
+def check_processor_fits(processor, config, spec: ModelSpec) -> None:
+    """Refuses a `model.processor` that gives what the stage-1 model cannot take (longer text or more regions,
+    regions of another size, a larger vocabulary): the processor shipped with each stage's model would not load
+    with it, or would feed it inputs it cannot read."""
+    try:
+        processor.check_model_config(config)
+    except ValueError as error:
+        raise ValueError(
+            f"recipe model.processor ({spec.processor}) does not fit the model the run trains: {error}"
+        ) from None
 
 
 def _fields(spec, *names: str) -> dict[str, Any]:
@@ -482,6 +579,7 @@ def run_pretraining(recipe: Recipe, options: PretrainingRunOptions | None = None
     processor = None
     if recipe.model.processor is not None:
         processor = ImageBERTProcessor.from_pretrained(recipe.model.processor)
+        check_processor_tokenizer(processor, tokenizer, recipe.model)
     progress = _RunProgress()
     recorded = False
     with contextlib.ExitStack() as run:
@@ -496,6 +594,8 @@ def run_pretraining(recipe: Recipe, options: PretrainingRunOptions | None = None
             stop_if_sigterm_received(accelerator, f"stage {index + 1} ({spec.name})")
             stage = _pretraining_stage(accelerator, recipe, options, index, tokenizer, progress)
             if not recorded:
+                if processor is not None:
+                    check_processor_fits(processor, stage.model.config, recipe.model)
                 # Only once the recipe's model and data have been built from it: a recipe they refuse (a config the
                 # model cannot take, a missing source) leaves output_dir as it was.
                 run.enter_context(hold_run_folder(accelerator, recipe.output_dir))
@@ -528,6 +628,8 @@ __all__ = [
     "build_stage_data",
     "check_resumed_recipe",
     "check_run_folder",
+    "check_processor_fits",
+    "check_processor_tokenizer",
     "check_run_options",
     "load_tokenizer",
     "loop_settings",

@@ -34,11 +34,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from transformers.utils import logging
+
 from ..data.collator import MaskingSettings
 from ..data.pair_sources import expand_urls
 from ..formats.files import check_folder_or_hub_id, read_text_file
 from ..models.imagebert.configuration_imagebert import FIELD_RULES, SEED_RULE, check_field
 
+
+logger = logging.get_logger(__name__)
 
 SOURCE_TYPES = ("manifest", "hf_dataset", "webdataset", "synthetic")
 LOSS_TASKS = ("mlm", "moc", "mrfr", "itm")
@@ -351,6 +355,25 @@ def _check_model_config(config: dict[str, Any], where: str) -> None:
             _check_field(f"{where}.{name}", value, *FIELD_RULES[name])
 
 
+def _check_model_start(model: dict[str, Any], where: str) -> None:
+    """Says (a warning) that `init_from` replaces the recipe's other way to make the stage-1 model: `--set
+    model.init_from=FOLDER` on a recipe that starts from `text_pretrained` is how a run starts from a trained model
+    instead, and the field it replaces is not used."""
+    if model.get("init_from") is None:
+        return
+    for name in ("text_pretrained", "config_path"):
+        if model.get(name) is not None:
+            logger.warning(
+                "%s.init_from (%r) is set: the run starts from that trained model (its weights and config, with the "
+                "recipe's model.config settings), and %s.%s (%r) is not used.",
+                where,
+                model["init_from"],
+                where,
+                name,
+                model[name],
+            )
+
+
 # The model section's fields that name a folder or a Hub id, and what each folder holds.
 _MODEL_FOLDERS = {
     "text_pretrained": "a BERT checkpoint folder",
@@ -403,6 +426,7 @@ def recipe_from_dict(data: Any, where: str = "recipe") -> Recipe:
     model = data.pop("model", {}) or {}
     model = _build(ModelSpec, model, f"{where}.model")
     _check_model_config(model.get("config", {}), f"{where}.model.config")
+    _check_model_start(model, f"{where}.model")
     recipe = Recipe(
         stages=[_stage(stage, f"{where}.stages[{i}]") for i, stage in enumerate(stages)],
         model=ModelSpec(**model),
