@@ -178,7 +178,7 @@ def test_retrieval_index_save_killed_keeps_the_earlier_index(tmp_path):
         f"""
         import numpy as np
         import imagebert_hf.models.imagebert.retrieval_index as retrieval_index
-        retrieval_index._publish = pause
+        retrieval_index.publish_folder = pause
         retrieval_index.EmbeddingIndex(np.load({str(tmp_path / "second.npy")!r})).save({str(folder)!r})
         """,
         tmp_path,

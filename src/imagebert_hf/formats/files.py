@@ -20,6 +20,9 @@ from typing import IO, Any
 
 from transformers.utils import logging
 
+from ..models.imagebert.folder_publishing import fsync_folder as _fsync_folder
+from ..models.imagebert.folder_publishing import fsync_tree, publish_folder, restore_set_aside
+
 
 logger = logging.get_logger(__name__)
 
@@ -38,20 +41,6 @@ def _close_inherited_locks() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_close_inherited_locks)
-
-
-def _fsync_folder(folder: str | os.PathLike) -> None:
-    """Syncs a folder's entries (a rename inside it) to disk; nothing where a folder cannot be opened (Windows)."""
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
 
 
 @contextlib.contextmanager
@@ -93,15 +82,6 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, **json_kwargs) -> None:
     atomic_write_text(path, json.dumps(obj, **json_kwargs))
 
 
-def fsync_tree(folder: str | os.PathLike) -> None:
-    """Syncs every file under `folder` to disk, so that a rename publishing the folder never reaches the disk
-    before the files it publishes."""
-    for path in Path(folder).rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-
-
 def file_checksum(path: str | os.PathLike) -> dict[str, Any]:
     """`{"size", "sha256"}` of a file, read in 8 MiB blocks: what integrity records store and verification compares."""
     import hashlib
@@ -111,51 +91,6 @@ def file_checksum(path: str | os.PathLike) -> dict[str, Any]:
         for block in iter(lambda: handle.read(8 << 20), b""):
             digest.update(block)
     return {"size": os.path.getsize(path), "sha256": digest.hexdigest()}
-
-
-def publish_folder(tmp: str | os.PathLike, final: str | os.PathLike, replace: bool = True) -> None:
-    """Atomically puts the fully written folder `tmp` at `final`: its files are synced, then it is renamed.
-
-    Args:
-        tmp: The folder, written under a temporary name next to `final`.
-        final: Where it goes.
-        replace: Remove an existing `final` first. When False, an existing `final` raises `FileExistsError` (an
-            `OSError`, as when another process publishes the same folder at the same moment) and `tmp` is kept.
-    """
-    tmp, final = Path(tmp), Path(final)
-    fsync_tree(tmp)
-    restore_set_aside(final)
-    if not final.exists():
-        os.replace(tmp, final)
-        _fsync_folder(final.parent)
-        return
-    if not replace:
-        raise FileExistsError(f"{final} exists")
-    # The earlier folder is renamed aside, not deleted, before the new one goes in: a kill between the two renames
-    # leaves it whole under `.NAME.old-*` rather than half deleted.
-    old = final.with_name(f".{final.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    os.replace(final, old)
-    try:
-        os.replace(tmp, final)
-    except BaseException:
-        os.replace(old, final)
-        raise
-    _fsync_folder(final.parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def restore_set_aside(final: str | os.PathLike) -> bool:
-    """Puts back the earlier folder that `publish_folder` set aside as `.NAME.old-*` when a kill came between its two
-    renames (`final` is then missing); the newest one wins and the others are removed. Returns whether it restored."""
-    final = Path(final)
-    set_aside = sorted(final.parent.glob(f".{final.name}.old-*"), key=lambda path: path.stat().st_mtime)
-    if not set_aside or final.exists():
-        return False
-    os.replace(set_aside[-1], final)
-    _fsync_folder(final.parent)
-    for stale in set_aside[:-1]:
-        shutil.rmtree(stale, ignore_errors=True)
-    return True
 
 
 def _link_tree(source: Path, target: Path) -> None:

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from transformers.utils import logging
 
+from .folder_publishing import publish_folder
 from .script_errors import exit_on_error
 
 
@@ -337,8 +338,6 @@ def convert_uniter_checkpoint(
 ):
     """Converts `checkpoint` and saves the model (and, with `tokenizer`, an `ImageBERTProcessor` whose region
     extractor is the BUTD detector with 7-d locations) to `output_dir`. Returns the model."""
-    from .retrieval_index import _publish
-
     check_destination(output_dir, tokenizer, detector_weights)
     output_dir = Path(output_dir).expanduser()
     uniter = None
@@ -354,7 +353,7 @@ def convert_uniter_checkpoint(
     tmp = output_dir.with_name(f".{output_dir.name}.tmp-{os.getpid()}")
     try:
         _save_converted(model, tmp, tokenizer, detector_weights)
-        _publish(str(tmp), str(output_dir))
+        publish_folder(tmp, output_dir)
     except BaseException:
         import shutil
 

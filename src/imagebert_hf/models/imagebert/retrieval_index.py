@@ -2,7 +2,7 @@
 
 The retrieval pipeline, full-ranking and shortlist evaluation (`imagebert_hf.evaluation`) and hard-negative mining
 (`imagebert_hf.data.retrieval_corpus`) all go through these functions. The pipeline travels as remote code, so this file
-imports only torch, numpy and faiss (optional).
+imports only torch, numpy, faiss (optional) and its folder's `folder_publishing`.
 
 A cross-encoder must see every pair it ranks, so scoring never re-tokenizes or re-extracts: texts are tokenized once
 (`text_inputs`), regions come from the cache or the extractor once (`region_inputs`), and each batch of pairs only
@@ -20,6 +20,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
+
+from .folder_publishing import publish_folder, set_aside_folders
 
 
 try:  # exact and approximate search when faiss is installed; a torch matrix product otherwise
@@ -612,7 +614,7 @@ class EmbeddingIndex:
             config["files"] = files
             with open(os.path.join(tmp, INDEX_CONFIG_FILE), "w", encoding="utf-8") as handle:
                 json.dump(config, handle, indent=2)
-            _publish(tmp, directory)
+            publish_folder(tmp, directory)
         except BaseException:
             import shutil
 
@@ -635,11 +637,11 @@ class EmbeddingIndex:
             ValueError: a damaged or inconsistent index; the message names the file and what disagrees.
         """
         directory = os.fspath(directory)
-        set_aside = _set_aside_folders(directory)
+        set_aside = set_aside_folders(directory)
         if set_aside and not os.path.lexists(directory):
             # A save was killed (or is running, in another process) between renaming the earlier index aside and
             # renaming the new one in: the earlier one is whole there, and the next save puts it back.
-            directory = set_aside[-1]
+            directory = os.fspath(set_aside[-1])
         config_path = os.path.join(directory, INDEX_CONFIG_FILE)
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"{directory} holds no {INDEX_CONFIG_FILE}: not a folder written by save().")
@@ -792,61 +794,6 @@ def _check_index_folder(directory: str) -> None:
             f"{directory} holds an index and other files ({', '.join(others[:5])}{', ...' if len(others) > 5 else ''}"
             "); save() replaces the folder it writes, so these would be lost. Move them out, or name another folder."
         )
-
-
-def _publish(tmp: str, directory: str) -> None:
-    """Syncs the folder `tmp` and renames it to `directory`. An earlier index there is renamed aside first and
-    deleted only once the new one is in, so a failure (or a kill) between the two renames never loses both; a
-    folder a killed save left aside is put back first. This file travels as remote code and imports no package
-    module, so it keeps this short copy of `formats.files.publish_folder`."""
-    import shutil
-
-    for folder, _, names in os.walk(tmp):
-        for name in names:
-            with open(os.path.join(folder, name), "rb") as handle:
-                os.fsync(handle.fileno())
-    parent, name = os.path.split(directory)
-    set_aside = _set_aside_folders(directory)
-    if set_aside and not os.path.lexists(directory):
-        os.replace(set_aside.pop(), directory)
-    for stale in set_aside:
-        shutil.rmtree(stale, ignore_errors=True)
-    if not os.path.lexists(directory):
-        os.replace(tmp, directory)
-        _fsync_folder(parent)
-        return
-    old = os.path.join(parent, f".{name}.old-{os.getpid()}-{os.urandom(4).hex()}")
-    os.replace(directory, old)
-    try:
-        os.replace(tmp, directory)
-    except BaseException:
-        os.replace(old, directory)
-        raise
-    _fsync_folder(parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _set_aside_folders(directory: str) -> list[str]:
-    """The earlier indexes `_publish` renamed aside as `.NAME.old-*` next to `directory`, oldest first."""
-    import glob
-
-    parent, name = os.path.split(os.path.abspath(directory))
-    pattern = os.path.join(glob.escape(parent), f".{glob.escape(name)}.old-*")
-    return sorted((path for path in glob.glob(pattern) if os.path.isdir(path)), key=os.path.getmtime)
-
-
-def _fsync_folder(folder: str) -> None:
-    """Syncs a folder's entries (a rename inside it); nothing where a folder cannot be opened (Windows)."""
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
 
 
 def _check_finite(values: np.ndarray, name: str) -> None:
