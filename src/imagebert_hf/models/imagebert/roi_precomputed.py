@@ -113,8 +113,7 @@ def _to_raw(values: dict[str, Any], source: str) -> dict[str, Any]:
             rows, probs = num_boxes, probs.reshape(num_boxes, -1)
         if rows != num_boxes:
             raise ValueError(
-                f"{source}: {probs_key!r} has shape {probs.shape}, expected one row of class probabilities per box "
-                f"({num_boxes} boxes)"
+                f"{source}: {probs_key!r} has shape {probs.shape}, expected one row per box ({num_boxes} boxes)"
             )
     labels = _first(values, "class_labels")
     if labels is not None:
