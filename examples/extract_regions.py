@@ -13,6 +13,7 @@ script with one line naming it and exit status 1.
 
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from transformers import BertTokenizer, HfArgumentParser
 
@@ -23,6 +24,7 @@ from imagebert_hf.models.imagebert.configuration_imagebert import ImageBERTConfi
 from imagebert_hf.models.imagebert.processing_imagebert import ImageBERTProcessor
 from imagebert_hf.models.imagebert.script_errors import exit_on_error, parse_flags
 from imagebert_hf.regions import extract_regions, load_region_cache
+from imagebert_hf.regions.cache_layout import REPORT_NAME
 
 
 @dataclass
@@ -102,6 +104,13 @@ def main():
         batch_size=cache_args.batch_size,
         store_class_probs=cache_args.store_class_probs,
     )
+    if not report.num_extracted:
+        # A few failures are normal on web images; none extracted means the input or the extractor is wrong.
+        first = report.failures[0] if report.failures else {"key": "-", "error": "no images"}
+        raise ValueError(
+            f"no image could be extracted: all {report.num_failed} failed (first: {first['key']}: {first['error']}); "
+            f"reasons in {Path(cache_args.output_dir) / REPORT_NAME}"
+        )
     print(f"{report.num_extracted} images extracted, {report.num_failed} failed, {report.num_duplicates} duplicates")
     for failure in report.failures[:10]:
         print(f"  skipped {failure['key']}: {failure['error']}")

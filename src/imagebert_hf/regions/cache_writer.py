@@ -1,7 +1,8 @@
 """Writing a region cache: run the RoI extractor once over a dataset and keep its regions as Arrow shards.
 
 Items are keyed by their manifest path (or a dataset column) and deduplicated by content: the sha1 of the image
-bytes (with a digest of the boxes when boxes are given), so an image listed twice is extracted once. Each shard is
+bytes (with a digest of the boxes when boxes are given), so an image listed twice is extracted once; one key names
+one image. Precomputed regions are read by each item's key (their files are named after it). Each shard is
 written under a temporary name and renamed when complete: a rerun after a kill skips the finished shards and gives
 the same cache. A bad image becomes a row with its reason in `error` and a line of the report; it never stops the
 run. Machines of a split run join their folders with `merge_region_caches`. The folder layout is in
@@ -32,7 +33,7 @@ from ..formats.files import (
     file_checksum,
     publish_folder,
 )
-from ..formats.manifest import iter_manifest
+from ..formats.manifest import ManifestError, parse_manifest_line
 from ..models.imagebert.image_processing_imagebert import ImageBERTRoIExtractor, extract_in_batches
 from ..models.imagebert.region_batching import as_feature_tensor, check_region_record, check_region_values
 from ..models.imagebert.roi_boxes import as_boxes
@@ -90,14 +91,29 @@ class CacheReport:
 def _manifest_items(
     path: str | os.PathLike, image_root, use_boxes: bool, allow_outside_root: bool = False
 ) -> list[dict[str, Any]]:
-    return [
-        {
-            "key": record.image,
-            "image": str(record.image_path),
-            "boxes": np.asarray(record.boxes, dtype=np.float32).reshape(-1, 4) if use_boxes and record.boxes else None,
-        }
-        for record in iter_manifest(path, image_root, allow_outside_root)
-    ]
+    # Read line by line, as `iter_manifest` does, so that each item can name its line.
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    items = []
+    with open(path, encoding="utf-8") as handle:
+        try:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{number}"
+                record = parse_manifest_line(line, root, where, allow_outside_root)
+                boxes = record.boxes if use_boxes else None
+                items.append(
+                    {
+                        "key": record.image,
+                        "image": str(record.image_path),
+                        "boxes": np.asarray(boxes, dtype=np.float32).reshape(-1, 4) if boxes else None,
+                        "where": f"manifest line {where}",
+                    }
+                )
+        except UnicodeDecodeError as error:
+            raise ManifestError(f"{path}: not UTF-8 text ({error})") from None
+    return items
 
 
 def _dataset_items(dataset, image_column: str, key_column: str | None, boxes_column: str | None, box_format: str):
@@ -119,35 +135,68 @@ def _dataset_items(dataset, image_column: str, key_column: str | None, boxes_col
         else:
             key = f"row-{row_index}"
         boxes = row[boxes_column] if boxes_column else None
-        boxes = as_boxes(boxes, box_format) if boxes is not None and len(boxes) else None
-        items.append({"key": key, "image": image, "boxes": boxes})
+        try:
+            boxes = as_boxes(boxes, box_format) if boxes is not None and len(boxes) else None
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"boxes_column {boxes_column!r}, dataset row {row_index} (key {key!r}): {str(error).rstrip('.')}."
+            ) from error
+        items.append({"key": key, "image": image, "boxes": boxes, "where": f"dataset row {row_index}"})
     return items
 
 
-def _plan(items: list[dict[str, Any]], max_file_bytes: int) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-    """Deduplicates items into units (one per distinct image and boxes); returns units and (key, cache_key)."""
+def _plan(
+    items: list[dict[str, Any]], max_file_bytes: int, by_key: bool = False
+) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """Deduplicates items into units (one per distinct image and boxes); returns units and (key, cache_key).
+
+    With `by_key` (regions read from precomputed files named by key), an image whose file cannot be read is still
+    extracted, deduplicated by its key rather than its content.
+
+    Raises:
+        ValueError: When a key cannot be stored (not valid UTF-8) or names two different images or boxes.
+    """
     units: dict[str, dict[str, Any]] = {}
     index: list[tuple[str, str]] = []
+    first_of: dict[str, tuple[str, str]] = {}  # key -> (cache_key, where)
     for item in items:
+        key, where = item["key"], item.get("where", "an item")
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError:
+            # A file name in another encoding, read as surrogate escapes: Arrow stores UTF-8 only.
+            raise ValueError(
+                f"{where}: the image key {key!r} is not valid UTF-8 text (a file name in another encoding?); "
+                "rename the file or give UTF-8 keys."
+            ) from None
+        digest = hashlib.sha1(key.encode()).hexdigest()
         try:
             content = image_content_hash(item["image"], max_file_bytes)
         except ImageLoadError:
-            # Unreadable: its own unit, so the worker records the reason in the error column.
-            content = "unreadable-" + hashlib.sha1(item["key"].encode()).hexdigest()
+            # Unreadable: its own unit, so the worker records the reason in the error column (or, read by key, the
+            # precomputed files give its regions).
+            content = ("key-" if by_key else "unreadable-") + digest
         cache_key = content
         if item["boxes"] is not None:
             cache_key += (
                 "-" + hashlib.sha1(np.ascontiguousarray(item["boxes"], dtype=np.float32).tobytes()).hexdigest()[:12]
             )
+        if key in first_of and first_of[key][0] != cache_key:
+            # The cache serves one record per key: the second image would silently get the first one's regions.
+            raise ValueError(
+                f"the key {key!r} names two different images (or boxes): {first_of[key][1]} and {where}; give each "
+                "image its own key."
+            )
+        first_of.setdefault(key, (cache_key, where))
         if cache_key not in units:
             units[cache_key] = {
                 "cache_key": cache_key,
                 "image_id": content,
-                "key": item["key"],
+                "key": key,
                 "image": item["image"],
                 "boxes": item["boxes"],
             }
-        index.append((item["key"], cache_key))
+        index.append((key, cache_key))
     return list(units.values()), index
 
 
@@ -157,6 +206,7 @@ def _fingerprint(
     store_class_probs: bool,
     shard_size: int,
     storage_dtype: str = "float32",
+    weights_sha256: str | None = None,
 ):
     digest = hashlib.sha1()
     # The device is where a process runs, not what it computes: every device of a run shares one cache.
@@ -165,8 +215,29 @@ def _fingerprint(
     digest.update(
         f"{store_class_probs}|{shard_size}{'' if storage_dtype == 'float32' else '|' + storage_dtype}".encode()
     )
+    if weights_sha256 is not None:
+        # Settings alone do not tell a retrained backbone from the one that wrote the cache.
+        digest.update(f"|weights:{weights_sha256}".encode())
     for unit in units:
         digest.update(unit["cache_key"].encode() + b"\n")
+    return digest.hexdigest()
+
+
+def _weights_sha256(extractor) -> str | None:
+    """The sha256 of the extractor's backend weights (names, dtypes, shapes and values); None for an extractor
+    without weights (precomputed regions, or an object that only has `extract`)."""
+    get_backend = getattr(extractor, "get_backend", None)
+    if get_backend is None:
+        return None
+    backend = get_backend()
+    if not getattr(backend, "has_weights", False):
+        return None
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(backend.state_dict().items()):
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
 
 
@@ -303,12 +374,14 @@ def _shard_columns(
     num_classes, feature_size = extractor.num_object_classes, extractor.region_feature_size
     columns: dict[str, list[Any]] = {name: [] for name in features}
     failures = []
+    # Precomputed files are named by the item's key (a manifest path's file name, a dataset key), not by content.
+    by_key = getattr(extractor, "backend", None) == "precomputed"
     stream = extract_in_batches(
         extractor,
-        [unit["image"] for unit in units],
+        [unit["key" if by_key else "image"] for unit in units],
         batch_size,
         boxes=[unit["boxes"] for unit in units],
-        image_ids=[unit["image_id"] for unit in units],
+        image_ids=None if by_key else [unit["image_id"] for unit in units],
         on_error="record",
         return_class_probs=store_class_probs,
     )
@@ -582,16 +655,31 @@ def _open_cache(
     """Starts the cache at `output_dir`, or checks that the one there is of the same plan (its fingerprint); alone
     (`world == 1`), removes the temporary shard folders a killed run left."""
     extractor_config = extractor.to_dict()
-    fingerprint = _fingerprint(units, extractor_config, store_class_probs, shard_size, storage_dtype)
+    weights_sha256 = _weights_sha256(extractor)
+    fingerprint = _fingerprint(units, extractor_config, store_class_probs, shard_size, storage_dtype, weights_sha256)
     shard_of = {unit["cache_key"]: shard for shard, chunk in enumerate(shards) for unit in chunk}
     info_path = output_dir / CACHE_INFO_NAME
     if info_path.is_file():
         previous = json.loads(info_path.read_text())
         if previous.get("fingerprint") != fingerprint:
+            if (
+                weights_sha256 is not None
+                and isinstance(previous.get("weights_sha256"), str)
+                and previous.get("fingerprint")
+                == _fingerprint(
+                    units, extractor_config, store_class_probs, shard_size, storage_dtype, previous["weights_sha256"]
+                )
+            ):
+                # Named apart: with identical settings (a retrained backbone) the generic message would mislead.
+                raise ValueError(
+                    f"{output_dir} holds a region cache made with other extractor weights (sha256 "
+                    f"{previous['weights_sha256'][:12]}..., this extractor's {weights_sha256[:12]}...); one cache "
+                    "holds the regions of one extractor: use a new output_dir or delete it."
+                )
             raise ValueError(
-                f"{output_dir} holds a region cache of another source, extractor, shard size or storage dtype (it "
-                f"stores {previous.get('feature_dtype', 'float32')}; pass storage_dtype to match); use a new "
-                "output_dir or delete it."
+                f"{output_dir} holds a region cache of another source, extractor (settings or weights), shard size "
+                f"or storage dtype (it stores {previous.get('feature_dtype', 'float32')}; pass storage_dtype to "
+                "match); use a new output_dir or delete it."
             )
     else:
         info = {
@@ -605,6 +693,7 @@ def _open_cache(
             "shard_size": shard_size,
             "num_shards": len(shards),
             "extractor": {**extractor_config, "device": None},
+            "weights_sha256": weights_sha256,
         }
         _start_cache(output_dir, extractor, index, shard_of, info)
     (output_dir / SHARDS_DIR).mkdir(exist_ok=True)
@@ -723,7 +812,9 @@ def extract_regions(
         numbers are in `output_dir/report.json`.
 
     Raises:
-        ValueError: When `output_dir` holds a cache of another source, extractor or storage dtype.
+        ValueError: When `output_dir` holds a cache of another source, extractor (settings or weights) or storage
+            dtype; when a key names two different images (or boxes), is not valid UTF-8, or a row's boxes are
+            malformed; when the extractor's `region_location_size` is not 5 (the cache stores 5-d locations).
     """
     from tqdm.auto import tqdm
 
@@ -743,6 +834,13 @@ def extract_regions(
     started = time.perf_counter()
     output_dir = Path(output_dir)
     extractor = _resolve_extractor(extractor)
+    location_size = getattr(extractor, "region_location_size", 5)
+    if location_size != 5:
+        raise ValueError(
+            f"the extractor's region_location_size is {location_size!r}, but a region cache stores 5-d locations "
+            "(x1/W, y1/H, x2/W, y2/H, area); extract with region_location_size=5 (boxes and image sizes are stored: "
+            "box_locations(boxes, width, height, 7) gives 7-d ones)."
+        )
     rank, world, local_rank = launch_process()
     _place_on_launch_device(extractor, world, local_rank)
     batch_size = batch_size or extractor.batch_size
@@ -753,7 +851,7 @@ def extract_regions(
     if not items:  # refused before output_dir is touched: an empty cache is never what was asked for
         named = f"manifest {source}" if isinstance(source, (str, os.PathLike)) else "the dataset"
         raise ValueError(f"{named} lists no images: nothing to extract.")
-    units, index = _plan(items, extractor.max_file_bytes)
+    units, index = _plan(items, extractor.max_file_bytes, by_key=getattr(extractor, "backend", None) == "precomputed")
     shards = [units[i : i + shard_size] for i in range(0, len(units), shard_size)]
     _open_cache(
         output_dir,
