@@ -161,6 +161,7 @@ def test_push_uploads_exactly_model_processor_code_and_card(model_and_processor)
         "roi_butd.py",
         "region_batching.py",
         "retrieval_index.py",
+        "folder_publishing.py",
         "modeling_auto.py",
         "roi_extractor.safetensors",
     }

@@ -281,6 +281,7 @@ def test_saved_pipeline_loads_as_remote_code_without_the_package(retriever, tmp_
         "image_processing_imagebert.py",
         "roi_boxes.py",
         "retrieval_index.py",
+        "folder_publishing.py",
     }
     code |= {"roi_backends.py", "roi_image_loading.py", "roi_offline_weights.py", "roi_precomputed.py"}
     assert code <= {path.name for path in saved.iterdir()}
