@@ -189,7 +189,13 @@ class RetrievalArguments:
     learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate (the paper: 5e-5)."})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
     warmup_ratio: float = field(default=0.1, metadata={"help": "Share of steps with linear warmup."})
-    lr_scheduler_type: str = field(default="linear", metadata={"help": "A transformers scheduler name."})
+    lr_scheduler_type: str = field(
+        default="linear",
+        metadata={
+            "help": "'linear', 'cosine', 'constant', 'constant_with_warmup', 'cosine_with_restarts' or 'polynomial' "
+            "(the schedules pretraining recipes take)."
+        },
+    )
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0: no clipping)."})
     logging_steps: int = field(default=10, metadata={"help": "Log losses every this many steps."})
     checkpointing_steps: int | None = field(default=None, metadata={"help": "Save the training state this often."})

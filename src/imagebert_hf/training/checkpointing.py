@@ -47,6 +47,8 @@ class TrainState:
         global_step_offset: Optimizer steps of the earlier stages, for run-wide step numbers.
         records_seen: Records requested from the data so far (this stage, all processes).
         records_failed: Of those, records that failed to load.
+        num_processes: Processes of the run that saved the state, which with the batch size makes the global batch
+            and sets how far the learning-rate schedule moves per step; None in a state an earlier version saved.
         history: One dict per logged step: `step` (run-wide), `stage`, `lr`, `loss` and each task's loss.
     """
 
@@ -59,6 +61,7 @@ class TrainState:
     global_step_offset: int = 0
     records_seen: int = 0
     records_failed: int = 0
+    num_processes: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -76,7 +79,8 @@ class TrainState:
             OSError: The file cannot be read.
             ValueError: It is not JSON, or not what `save` writes: a key missing or unknown, a count that is not an
                 integer >= 0, more failed records than records seen, a history that is not a list of objects. The
-                message names the file.
+                message names the file. A state without `num_processes` (saved by an earlier version) loads with
+                None there.
         """
         path = Path(folder) / STATE_FILE
         data = read_json_file(path, "the training state saved with a checkpoint or a stage's final model")
@@ -87,19 +91,27 @@ class TrainState:
         return cls(**data)
 
 
+# Keys a state saved by an earlier version lacks: such a state loads with None there (unknown).
+_KEYS_ADDED_LATER = ("num_processes",)
+
+
 def _check_state_fields(cls, data) -> None:
     names = [f.name for f in dataclasses.fields(cls)]
     if not isinstance(data, dict):
         raise TypeError(f"expected a JSON object with the keys {', '.join(names)}; got {type(data).__name__}.")
-    missing = [name for name in names if name not in data]
+    missing = [name for name in names if name not in data and name not in _KEYS_ADDED_LATER]
     unknown = [key for key in data if key not in names]
     if missing or unknown:
         which = f"key {missing[0]!r} is missing" if missing else f"key {unknown[0]!r} is unknown"
         raise ValueError(f"{which}; expected the keys {', '.join(names)}.")
     if not isinstance(data["stage_name"], str):
         raise TypeError(f"stage_name must be a string, got {data['stage_name']!r}.")
+    for name in _KEYS_ADDED_LATER:
+        data.setdefault(name, None)
+    if data["num_processes"] is not None:
+        check_field("num_processes", data["num_processes"], "int", 1, None)
     for name in names:
-        if name not in ("stage_name", "history"):
+        if name not in ("stage_name", "history", "num_processes"):
             check_field(name, data[name], "int", 0, None)
     if data["records_failed"] > data["records_seen"]:
         raise ValueError(
@@ -182,7 +194,8 @@ def save_checkpoint(accelerator, root: str | Path, state: TrainState, save_total
         accelerator: The run's `Accelerator` (model, optimizer, scheduler and RNG states are saved).
         root: The stage's checkpoint folder.
         state: The stage's `TrainState`.
-        save_total_limit: Keep only this many newest checkpoints (None keeps all).
+        save_total_limit: Keep only this many checkpoints: this one and the newest of the older ones (None keeps
+            all). A checkpoint with a higher step than this one is left alone.
 
     Returns:
         The checkpoint's final path.
@@ -208,7 +221,10 @@ def save_checkpoint(accelerator, root: str | Path, state: TrainState, save_total
         state.save(tmp)
         publish_folder(tmp, final)
         if save_total_limit is not None and save_total_limit > 0:
-            for old in list_checkpoints(root)[:-save_total_limit]:
+            # Only checkpoints older than this one count against the limit: one with a higher step is not of this
+            # run's past, and pruning by step number would otherwise delete the checkpoint just written.
+            older = [path for path in list_checkpoints(root) if _checkpoint_step(path) < state.completed_steps]
+            for old in older[: max(len(older) - (save_total_limit - 1), 0)]:
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final

@@ -8,6 +8,7 @@ positives (`RetrievalTrainingModel`). Checkpoints, resumption, logging and the l
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -29,19 +30,45 @@ from ..data.synthetic import make_synthetic_examples, make_synthetic_tokenizer, 
 from ..evaluation.full_ranking import load_retrieval_model, rank_corpus
 from ..evaluation.hub import check_push_to_hub, push_to_hub
 from ..evaluation.recall import retrieval_metrics
-from ..formats.files import atomic_write_json, check_output_dir
+from ..formats.files import atomic_write_json, check_output_dir, read_json_file
 from ..models.imagebert import ImageBERTConfig, ImageBERTForImageTextRetrieval
 from ..models.imagebert.configuration_imagebert import check_flag_values
 from ..regions.cache_reader import load_region_cache
 from .arguments import TRAINING_FLAG_RULES, RetrievalArguments
-from .checkpointing import TrainState, latest_checkpoint
+from .checkpointing import COMPLETE_FILE, TrainState, latest_checkpoint
 from .loop import LoopSettings, build_accelerator, stop_on_sigterm
 from .plots import plot_losses
+from .pretraining import _DIFFERENCES_SHOWN, _short
+from .recipe import SCHEDULER_TYPES
 from .retrieval_objective import LOSS_NAMES, RetrievalTrainingModel
 from .runner import Schedule, Stage, hold_run_folder, run_stage, save_final
 
 
 logger = logging.get_logger(__name__)
+
+# The flags of a run, as it started, in its folder: `--resume` refuses other values of those that decide a weight or
+# a batch.
+RUN_ARGS_FILE = "run_args.json"
+# Flags a resumed run may change: where the folder is named from, how the run is logged, checkpointed, stopped,
+# evaluated and published, and the device and precision (the launch config's, as in pretraining). Every other flag
+# decides a weight or the data, so a run resumed with another value would be neither run.
+RESUMABLE_FLAGS = (
+    "output_dir",
+    "resume",
+    "stop_after_steps",
+    "logging_steps",
+    "checkpointing_steps",
+    "save_total_limit",
+    "report_to",
+    "mixed_precision",
+    "cpu",
+    "eval_split",
+    "eval_images",
+    "eval_batch_size",
+    "eval_shortlist_k",
+    "push_to_hub",
+    "hub_model_id",
+)
 
 
 def parse_loss_weights(text: str) -> dict[str, float]:
@@ -103,7 +130,9 @@ def load_model_and_tokenizer(args: RetrievalArguments, loss_weights: dict[str, f
     if args.model_name_or_path is not None:
         from transformers import AutoTokenizer
 
-        model = load_retrieval_model(args.model_name_or_path, **overrides)
+        # Trained in float32 whatever dtype the folder was saved in (mixed precision comes from the launch config):
+        # bf16 weights would drop most of an update as small as the fine-tuning learning rate makes it.
+        model = load_retrieval_model(args.model_name_or_path, dtype=torch.float32, **overrides)
         try:  # a checkpoint saved with its processor keeps it, so the fine-tuned folder serves the pipeline
             from transformers import AutoProcessor
 
@@ -167,13 +196,13 @@ _FLAG_RULES = {
 def check_flags(args: RetrievalArguments) -> None:
     """Raises `ValueError` naming the flag when a setting cannot work: the checks that need no accelerator, made
     before one is built (it takes some of them) and before anything is written."""
-    from transformers import SchedulerType
-
     check_flag_values(args, _FLAG_RULES)
-    schedulers = [kind.value for kind in SchedulerType]
-    if args.lr_scheduler_type not in schedulers:
-        raise ValueError(f"--lr_scheduler_type must be one of {schedulers}, got {args.lr_scheduler_type!r}.")
-    check_output_dir(args.output_dir)
+    # The schedules the loop can step (pretraining's too): the others need a metric or settings no flag gives.
+    if args.lr_scheduler_type not in SCHEDULER_TYPES:
+        raise ValueError(
+            f"--lr_scheduler_type must be one of {list(SCHEDULER_TYPES)}, got {args.lr_scheduler_type!r}."
+        )
+    output_dir = check_output_dir(args.output_dir)
     if args.train_file is not None and not Path(args.train_file).is_file():
         raise FileNotFoundError(
             f"--train_file {args.train_file} does not exist (expected a Karpathy split file or a jsonl manifest)."
@@ -187,10 +216,67 @@ def check_flags(args: RetrievalArguments) -> None:
         raise ValueError(
             f"--hard_negatives and --negative_mining {args.negative_mining} both choose the negatives; pick one."
         )
-    if (Path(args.output_dir) / "final").exists() and not args.resume:
+    if args.resume:
+        if _has_progress(output_dir):
+            check_resumed_flags(args)
+    elif (output_dir / "final").exists():
         raise FileExistsError(
             f"{args.output_dir} already holds a finished run; pass --resume or another --output_dir."
         )
+    elif (checkpoint := latest_checkpoint(output_dir / "checkpoints")) is not None:
+        # A new run would save its steps beside the other run's, and --resume would continue the newest of them.
+        raise FileExistsError(
+            f"--output_dir {args.output_dir} holds an interrupted run ({checkpoint.name}): pass --resume to continue "
+            "it or choose another --output_dir."
+        )
+
+
+def _has_progress(output_dir: Path) -> bool:
+    """Whether the run in `output_dir` is finished or has a complete checkpoint: what `--resume` continues from."""
+    if (output_dir / "final" / COMPLETE_FILE).is_file():
+        return True
+    return latest_checkpoint(output_dir / "checkpoints") is not None
+
+
+def _recorded_flags(args: RetrievalArguments) -> dict:
+    """The flags as `run_args.json` holds them (a path given as a `Path` is its string)."""
+    return json.loads(json.dumps(dataclasses.asdict(args), default=str))
+
+
+def check_resumed_flags(args: RetrievalArguments) -> None:
+    """Refuses to resume a run whose `run_args.json` differs from `args` in a flag that decides a weight or the data
+    (all but `RESUMABLE_FLAGS`): the rest of the run would follow neither setting. A folder without the file (a run
+    started by an earlier version) is not checked; a flag the file lacks compares by its default."""
+    path = Path(args.output_dir) / RUN_ARGS_FILE
+    if not path.is_file():
+        return
+    try:
+        stored = read_json_file(path, "the flags of the run being resumed, as a JSON object")
+        if not isinstance(stored, dict):
+            raise ValueError(f"{path} holds a JSON {type(stored).__name__}, not an object.")
+    except ValueError as error:
+        raise ValueError(
+            f"--resume: {path} (the flags of the run being resumed) cannot be read: {error} Restore it, or give a new "
+            "--output_dir."
+        ) from None
+    current = _recorded_flags(args)
+    differences = []
+    for item in dataclasses.fields(args):
+        if item.name in RESUMABLE_FLAGS:
+            continue
+        default = item.default if item.default is not dataclasses.MISSING else None
+        old, new = stored.get(item.name, default), current[item.name]
+        if old != new:
+            differences.append(f"{item.name} is {_short(old)} there, {_short(new)} now")
+    if not differences:
+        return
+    more = len(differences) - _DIFFERENCES_SHOWN
+    raise ValueError(
+        f"--resume: {args.output_dir} holds a run started with other flags: "
+        + "; ".join(differences[:_DIFFERENCES_SHOWN])
+        + (f"; and {more} more" if more > 0 else "")
+        + f". Resume with the flags it was started with ({path}), or give a new --output_dir."
+    )
 
 
 def _check_arguments(args: RetrievalArguments, accelerator) -> None:
@@ -281,7 +367,8 @@ def retrieval_stage(args: RetrievalArguments, accelerator, model, train_corpus: 
 
 
 def _finish(accelerator, wrapper, state, tokenizer, processor, eval_corpus, args: RetrievalArguments) -> dict:
-    """Saves `final/`, plots the losses, evaluates on the evaluation corpus and pushes to the Hub when asked."""
+    """Saves `final/`, then plots the losses, evaluates on the evaluation corpus and pushes to the Hub when asked
+    (`_report`)."""
     output_dir = Path(args.output_dir)
     # Gathers sharded parameters (FSDP, DeepSpeed ZeRO-3) on every process; the main process writes.
     final_dir = save_final(
@@ -294,7 +381,13 @@ def _finish(accelerator, wrapper, state, tokenizer, processor, eval_corpus, args
     if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
         # The model in memory holds this process's shards only; evaluate and publish the gathered copy.
         model = type(model).from_pretrained(final_dir).to(accelerator.device)
-    plot_losses(state.history, output_dir / "losses.png", tasks=("loss", *LOSS_NAMES), title="retrieval losses")
+    return _report(accelerator, model, processor, eval_corpus, args, results)
+
+
+def _report(accelerator, model, processor, eval_corpus, args: RetrievalArguments, results: dict) -> dict:
+    """The end of a run once `final/` is saved (main process): the loss plot, the evaluation and the upload."""
+    output_dir = Path(args.output_dir)
+    plot_losses(results["history"], output_dir / "losses.png", tasks=("loss", *LOSS_NAMES), title="retrieval losses")
     if eval_corpus is not None:
         results["eval"] = evaluate(model, eval_corpus, args, output_dir)
         atomic_write_json(output_dir / "eval_results.json", results["eval"], indent=1)
@@ -304,9 +397,36 @@ def _finish(accelerator, wrapper, state, tokenizer, processor, eval_corpus, args
     return results
 
 
+def _end_finished_run(accelerator, args: RetrievalArguments, loss_weights: dict[str, float]) -> dict:
+    """`--resume` of a run whose `final/` is complete: nothing is trained again; `final/` is evaluated and pushed
+    as the end of the run does (a run stopped while it evaluated or uploaded ends here)."""
+    final_dir = Path(args.output_dir) / "final"
+    state = TrainState.load(final_dir)
+    model, tokenizer, processor = load_model_and_tokenizer(
+        dataclasses.replace(args, model_name_or_path=str(final_dir)), loss_weights
+    )
+    if args.push_to_hub:
+        check_push_to_hub(args.hub_model_id, processor, needs_processor=True)
+    _, eval_corpus = build_corpora(args, tokenizer, model.config)
+    accelerator.print(
+        f"{final_dir} holds the finished run ({state.completed_steps} steps): nothing to train"
+        + ("; evaluating it" if eval_corpus is not None else "")
+    )
+    results = {"history": state.history, "final_model": str(final_dir)}
+    with hold_run_folder(accelerator, args.output_dir):
+        if accelerator.is_main_process:
+            _report(accelerator, model.to(accelerator.device), processor, eval_corpus, args, results)
+        accelerator.wait_for_everyone()
+    return results
+
+
 def run_retrieval_finetuning(args: RetrievalArguments) -> dict:
     """Fine-tunes (or, with `--synthetic_images`, trains a tiny model) for retrieval, saves `final/` with its
     processor or tokenizer, and evaluates on the evaluation split when there is one.
+
+    With `--resume`, a run whose `final/` is complete is not trained again: `final/` is evaluated (and pushed when
+    asked). The flags that decide the weights or the data must be those the run started with (`run_args.json` in
+    the output folder), and a new run (no `--resume`) is refused in a folder that holds another one's checkpoints.
 
     Raises:
         TrainingStopped: `args.stop_after_steps` was reached, or the process got SIGTERM during training (a
@@ -324,12 +444,22 @@ def run_retrieval_finetuning(args: RetrievalArguments) -> dict:
         args.output_dir, args.mixed_precision, args.report_to, args.cpu, args.gradient_accumulation_steps
     )
     _check_arguments(args, accelerator)
-    checkpoints = Path(args.output_dir) / "checkpoints"
+    output_dir = Path(args.output_dir)
+    if args.resume and (output_dir / "final" / COMPLETE_FILE).is_file():
+        return _end_finished_run(accelerator, args, loss_weights)
+    checkpoints = output_dir / "checkpoints"
     # A scheduler passes --resume on the first submission too, so an empty folder starts the run, with a word.
     if args.resume and accelerator.is_main_process and latest_checkpoint(checkpoints) is None:
         logger.warning(
             "--resume: nothing to resume in %s (no complete checkpoint); the run starts from the beginning.",
             checkpoints,
+        )
+    elif args.resume and accelerator.is_main_process and not (output_dir / RUN_ARGS_FILE).is_file():
+        logger.warning(
+            "--resume: %s has no %s (a run started by an earlier version), so the flags it was started with cannot "
+            "be compared with these; resume with the same ones.",
+            output_dir,
+            RUN_ARGS_FILE,
         )
     set_seed(args.seed)
     model, tokenizer, processor = load_model_and_tokenizer(args, loss_weights)
@@ -346,6 +476,8 @@ def run_retrieval_finetuning(args: RetrievalArguments) -> dict:
         **{name: getattr(args, name) for name in shared},
     )
     with hold_run_folder(accelerator, args.output_dir):
+        if accelerator.is_main_process:
+            atomic_write_json(output_dir / RUN_ARGS_FILE, _recorded_flags(args), indent=1)
         # Training answers SIGTERM with a checkpoint. The final save and the evaluation end on it as on any signal;
         # with checkpoints asked for, the last step gets one too, so that a run killed while it saves `final/` or
         # evaluates (hours on a large gallery) resumes there with no step repeated.
@@ -363,8 +495,11 @@ def run_retrieval_finetuning(args: RetrievalArguments) -> dict:
 
 
 __all__ = [
+    "RESUMABLE_FLAGS",
+    "RUN_ARGS_FILE",
     "build_corpora",
     "check_flags",
+    "check_resumed_flags",
     "evaluate",
     "load_model_and_tokenizer",
     "parse_loss_weights",

@@ -178,6 +178,7 @@ def _start_state(accelerator, stage: Stage, total_steps: int, resume: bool, data
         stage_name=stage.name,
         total_steps=total_steps,
         global_step_offset=stage.global_step_offset,
+        num_processes=accelerator.num_processes,
         history=list(stage.history),
     )
     if accelerator.is_main_process:
@@ -189,17 +190,37 @@ def _start_state(accelerator, stage: Stage, total_steps: int, resume: bool, data
         state = load_checkpoint(
             accelerator, checkpoint, check=lambda saved: _check_resumable(checkpoint, saved, fresh, dataloader)
         )
+        if state.num_processes is None:
+            if accelerator.is_main_process:
+                logger.warning(
+                    f"{checkpoint / STATE_FILE} does not say how many processes saved it (an earlier version wrote "
+                    f"it); resuming with {accelerator.num_processes}. With another number than the run had, the "
+                    "global batch and the learning-rate schedule change from here on."
+                )
+            state.num_processes = accelerator.num_processes
         accelerator.print(
             f"resumed stage {stage.index + 1} ({stage.name}) from {checkpoint} at step {state.completed_steps}"
         )
     return state
 
 
+def _processes(count: int) -> str:
+    return f"{count} process" if count == 1 else f"{count} processes"
+
+
 def _check_resumable(checkpoint: Path, saved: TrainState, fresh: TrainState, dataloader) -> None:
-    """Raises `ValueError`, naming the checkpoint's state file, unless the checkpoint is of this stage (its position,
-    name and length) and where it stands lies inside it (its steps; its micro-batches of the epoch, where the
-    dataloader has a length)."""
+    """Raises `ValueError`, naming the checkpoint's state file, unless the checkpoint was saved by as many processes
+    as this run has (when it says so), is of this stage (its position, name and length) and where it stands lies
+    inside it (its steps; its micro-batches of the epoch, where the dataloader has a length)."""
     path = checkpoint / STATE_FILE
+    # First: with another process count, an epoch-long stage also has another length.
+    if saved.num_processes is not None and saved.num_processes != fresh.num_processes:
+        raise ValueError(
+            f"{path}: this checkpoint was saved by a run of {_processes(saved.num_processes)}, this run has "
+            f"{_processes(fresh.num_processes)}; the global batch and the learning-rate schedule would change "
+            f"mid-stage. Resume with {_processes(saved.num_processes)} (accelerate launch --num_processes "
+            f"{saved.num_processes}), or move {checkpoint.parent} away to train the stage afresh."
+        )
     which = [(state.stage_index, state.stage_name, state.total_steps) for state in (saved, fresh)]
     if which[0] != which[1]:
         raise ValueError(
