@@ -84,7 +84,7 @@ RESUMABLE_CHANGES = (
 # Also `num_workers`, but only for a recipe without streams: a stream's shards and generators are split between the
 # workers, so their number decides a streamed stage's data (a sampled one draws each sample from its own seed).
 # The differences a refusal names, the rest counted.
-_DIFFERENCES_SHOWN = 5
+DIFFERENCES_SHOWN = 5
 
 
 def resolve_pretrained(name: str | None) -> str | None:
@@ -428,7 +428,8 @@ def _differences(stored, current, path: str = ""):
         yield path, stored, current
 
 
-def _short(value) -> str:
+def short_value(value) -> str:
+    """`repr(value)`, cut to 80 characters: how a refused resume shows a setting's two values."""
     text = repr(value)
     return text if len(text) <= 80 else f"{text[:77]}..."
 
@@ -454,9 +455,10 @@ def check_resumed_recipe(recipe: Recipe) -> None:
     if not differences:
         return
     listed = "; ".join(
-        f"{key} is {_short(old)} there, {_short(new)} now" for key, old, new in differences[:_DIFFERENCES_SHOWN]
+        f"{key} is {short_value(old)} there, {short_value(new)} now"
+        for key, old, new in differences[:DIFFERENCES_SHOWN]
     )
-    more = len(differences) - _DIFFERENCES_SHOWN
+    more = len(differences) - DIFFERENCES_SHOWN
     raise ValueError(
         f"--resume: {recipe.output_dir} holds a run of another recipe: {listed}"
         + (f"; and {more} more" if more > 0 else "")

@@ -38,7 +38,7 @@ from .arguments import TRAINING_FLAG_RULES, RetrievalArguments
 from .checkpointing import COMPLETE_FILE, TrainState, latest_checkpoint
 from .loop import LoopSettings, build_accelerator, stop_on_sigterm
 from .plots import plot_losses
-from .pretraining import _DIFFERENCES_SHOWN, _short
+from .pretraining import DIFFERENCES_SHOWN, short_value
 from .recipe import SCHEDULER_TYPES
 from .retrieval_objective import LOSS_NAMES, RetrievalTrainingModel
 from .runner import Schedule, Stage, hold_run_folder, run_stage, save_final
@@ -267,13 +267,13 @@ def check_resumed_flags(args: RetrievalArguments) -> None:
         default = item.default if item.default is not dataclasses.MISSING else None
         old, new = stored.get(item.name, default), current[item.name]
         if old != new:
-            differences.append(f"{item.name} is {_short(old)} there, {_short(new)} now")
+            differences.append(f"{item.name} is {short_value(old)} there, {short_value(new)} now")
     if not differences:
         return
-    more = len(differences) - _DIFFERENCES_SHOWN
+    more = len(differences) - DIFFERENCES_SHOWN
     raise ValueError(
         f"--resume: {args.output_dir} holds a run started with other flags: "
-        + "; ".join(differences[:_DIFFERENCES_SHOWN])
+        + "; ".join(differences[:DIFFERENCES_SHOWN])
         + (f"; and {more} more" if more > 0 else "")
         + f". Resume with the flags it was started with ({path}), or give a new --output_dir."
     )
