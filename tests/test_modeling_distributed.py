@@ -76,6 +76,9 @@ def _worker(rank, world_size, port, folder):
                 {"units": units, "loss": (loss.item(), reference_loss.item()), "difference": difference},
                 os.path.join(folder, "result.pt"),
             )
+        # Both processes leave together: one tearing gloo down while the other still talks to it can abort the
+        # other with "terminate called without an active exception".
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
