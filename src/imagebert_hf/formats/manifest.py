@@ -49,6 +49,7 @@ class ManifestRecord:
         width (`int | None`): Width stated by the manifest.
         height (`int | None`): Height stated by the manifest.
         extra (`dict`): Every other key of the line.
+        where (`str`): Where the line is (`file:line`), for messages about the record.
     """
 
     image: str
@@ -60,6 +61,7 @@ class ManifestRecord:
     width: int | None = None
     height: int | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    where: str = field(default="", compare=False, repr=False)
 
     @property
     def image_id(self) -> str:
@@ -213,6 +215,7 @@ def parse_manifest_line(
         width=item.get("width"),
         height=item.get("height"),
         extra={key: value for key, value in item.items() if key not in _KNOWN_KEYS},
+        where=where,
     )
 
 

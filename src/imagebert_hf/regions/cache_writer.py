@@ -33,7 +33,7 @@ from ..formats.files import (
     file_checksum,
     publish_folder,
 )
-from ..formats.manifest import ManifestError, parse_manifest_line
+from ..formats.manifest import iter_manifest
 from ..models.imagebert.image_processing_imagebert import ImageBERTRoIExtractor, extract_in_batches
 from ..models.imagebert.region_batching import as_feature_tensor, check_region_record, check_region_values
 from ..models.imagebert.roi_boxes import as_boxes
@@ -91,29 +91,15 @@ class CacheReport:
 def _manifest_items(
     path: str | os.PathLike, image_root, use_boxes: bool, allow_outside_root: bool = False
 ) -> list[dict[str, Any]]:
-    # Read line by line, as `iter_manifest` does, so that each item can name its line.
-    path = Path(path)
-    root = Path(image_root) if image_root is not None else path.parent
-    items = []
-    with open(path, encoding="utf-8") as handle:
-        try:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{number}"
-                record = parse_manifest_line(line, root, where, allow_outside_root)
-                boxes = record.boxes if use_boxes else None
-                items.append(
-                    {
-                        "key": record.image,
-                        "image": str(record.image_path),
-                        "boxes": np.asarray(boxes, dtype=np.float32).reshape(-1, 4) if boxes else None,
-                        "where": f"manifest line {where}",
-                    }
-                )
-        except UnicodeDecodeError as error:
-            raise ManifestError(f"{path}: not UTF-8 text ({error})") from None
-    return items
+    return [
+        {
+            "key": record.image,
+            "image": str(record.image_path),
+            "boxes": np.asarray(record.boxes, dtype=np.float32).reshape(-1, 4) if use_boxes and record.boxes else None,
+            "where": f"manifest line {record.where}",
+        }
+        for record in iter_manifest(path, image_root, allow_outside_root)
+    ]
 
 
 def _dataset_items(dataset, image_column: str, key_column: str | None, boxes_column: str | None, box_format: str):
