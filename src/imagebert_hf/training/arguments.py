@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 from ..models.imagebert.configuration_imagebert import SEED_RULE
 
 
+# The learning-rate schedules the training loop can step (recipes and `--lr_scheduler_type`); transformers' others
+# need a metric or settings that no flag gives.
+SCHEDULER_TYPES = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
+
 # The numeric flags both training scripts take, as `check_field`'s (kind, lowest, highest), so that pretraining and
 # fine-tuning refuse the same values under the same names; a flag left unset (None) is not checked. The bounds are
 # the recipe's.
@@ -189,13 +193,7 @@ class RetrievalArguments:
     learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate (the paper: 5e-5)."})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
     warmup_ratio: float = field(default=0.1, metadata={"help": "Share of steps with linear warmup."})
-    lr_scheduler_type: str = field(
-        default="linear",
-        metadata={
-            "help": "'linear', 'cosine', 'constant', 'constant_with_warmup', 'cosine_with_restarts' or 'polynomial' "
-            "(the schedules pretraining recipes take)."
-        },
-    )
+    lr_scheduler_type: str = field(default="linear", metadata={"help": f"One of {', '.join(SCHEDULER_TYPES)}."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0: no clipping)."})
     logging_steps: int = field(default=10, metadata={"help": "Log losses every this many steps."})
     checkpointing_steps: int | None = field(default=None, metadata={"help": "Save the training state this often."})

@@ -40,13 +40,13 @@ from ..data.collator import MaskingSettings
 from ..data.pair_sources import expand_urls
 from ..formats.files import check_folder_or_hub_id, read_text_file
 from ..models.imagebert.configuration_imagebert import FIELD_RULES, SEED_RULE, check_field
+from .arguments import SCHEDULER_TYPES
 
 
 logger = logging.get_logger(__name__)
 
 SOURCE_TYPES = ("manifest", "hf_dataset", "webdataset", "synthetic")
 LOSS_TASKS = ("mlm", "moc", "mrfr", "itm")
-SCHEDULER_TYPES = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 
 
 class RecipeError(ValueError):

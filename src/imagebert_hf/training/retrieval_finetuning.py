@@ -34,12 +34,11 @@ from ..formats.files import atomic_write_json, check_output_dir, read_json_file
 from ..models.imagebert import ImageBERTConfig, ImageBERTForImageTextRetrieval
 from ..models.imagebert.configuration_imagebert import check_flag_values
 from ..regions.cache_reader import load_region_cache
-from .arguments import TRAINING_FLAG_RULES, RetrievalArguments
+from .arguments import SCHEDULER_TYPES, TRAINING_FLAG_RULES, RetrievalArguments
 from .checkpointing import COMPLETE_FILE, TrainState, latest_checkpoint
 from .loop import LoopSettings, build_accelerator, stop_on_sigterm
 from .plots import plot_losses
 from .pretraining import DIFFERENCES_SHOWN, short_value
-from .recipe import SCHEDULER_TYPES
 from .retrieval_objective import LOSS_NAMES, RetrievalTrainingModel
 from .runner import Schedule, Stage, hold_run_folder, run_stage, save_final
 
