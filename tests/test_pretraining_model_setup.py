@@ -18,12 +18,8 @@ from .test_modeling_imagebert import _tiny_bert_with_nsp_head
 from .test_pretraining import tiny_recipe
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models gain nothing from threads (conftest's fixture).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def short_recipe(output_dir, **model) -> dict:
