@@ -4,6 +4,9 @@ CPU.)"""
 
 import os
 import socket
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,11 +79,29 @@ def _worker(rank, world_size, port, folder):
                 {"units": units, "loss": (loss.item(), reference_loss.item()), "difference": difference},
                 os.path.join(folder, "result.pt"),
             )
-        # Both processes leave together: one tearing gloo down while the other still talks to it can abort the
-        # other with "terminate called without an active exception".
-        dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    _leave_together(folder, rank, world_size)
+
+
+def _leave_together(folder, rank, world_size, timeout=120.0):
+    """End a worker that succeeded without tearing gloo down or finalizing the interpreter.
+
+    Both teardowns are torch's, not the model's, and on a busy machine either can abort a worker now and then with
+    "terminate called without an active exception" (a gloo or store thread still running when the interpreter or the
+    process group goes away). Each worker marks itself done after the last collective and waits for the others'
+    marks, so no process leaves while another can still talk to it; then `os._exit(0)` skips both teardowns.
+    """
+    Path(folder, f"done.{rank}").touch()
+    deadline = time.monotonic() + timeout
+    while not all(Path(folder, f"done.{other}").exists() for other in range(world_size)):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"worker {rank}: the other workers did not finish within {timeout:.0f} s")
+        time.sleep(0.02)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch without gloo")
