@@ -196,9 +196,11 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
         tsv_fieldnames (`list[str]`, *optional*):
             Column names of a `.tsv` in neither the bottom-up nor the LXMERT layout.
         precomputed_feature_size (`int`, *optional*):
-            Feature size of the precomputed files; read from the first file when None.
+            Feature size of the precomputed files; when None, that of the first readable file holding regions. A
+            file of another size is refused, naming it.
         precomputed_num_classes (`int`, *optional*):
-            Class distribution size of the precomputed files; read from the first file when None.
+            Class distribution size of the precomputed files (0: none); when None, that of the same first file. A
+            file of another size, or with class labels outside it, is refused, naming it.
         return_class_probs (`bool`, *optional*, defaults to `True`):
             Include `region_class_probs` (R x classes floats: large) in the records.
         region_location_size (`int`, *optional*, defaults to 5):
@@ -313,6 +315,12 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
                 **{name: getattr(self, name) for name in _BACKEND_SETTINGS},
                 "backbone_weights": backbone_weights,
                 "detector_weights": detector_weights,
+                # Unset (None) means read from the first file; a set one is checked as the other sizes are.
+                **{
+                    name: getattr(self, name)
+                    for name in ("precomputed_feature_size", "precomputed_num_classes")
+                    if getattr(self, name) is not None
+                },
             }
         )
         self._backend: RegionBackend | None = None
@@ -682,11 +690,13 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
         height = loaded.height if loaded is not None else regions["image_height"]
         region_boxes = np.asarray(regions["region_boxes"], dtype=np.float32).reshape(-1, 4)
         count = len(region_boxes)
-        features = np.asarray(regions["region_features"], dtype=np.float32).reshape(count, -1)
+        features = np.asarray(regions["region_features"], dtype=np.float32)
+        # Without regions a width cannot be inferred from the data (reshape(0, -1) is ambiguous).
+        features = features.reshape(count, -1) if count else np.zeros((0, self.region_feature_size), np.float32)
         probs = regions.get("region_class_probs")
         labels = regions.get("region_class_labels")
         if labels is None:
-            labels = probs.argmax(axis=1) if probs is not None else np.full(count, -100)
+            labels = probs.argmax(axis=1) if probs is not None and count else np.full(count, -100)
         record = {
             "image_id": image_id,
             "region_features": features,
@@ -701,7 +711,7 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
             num_classes = self.num_object_classes
             record["region_class_probs"] = (
                 np.asarray(probs, dtype=np.float32).reshape(count, -1)
-                if probs is not None
+                if probs is not None and count
                 else np.zeros((count, num_classes), dtype=np.float32)
             )
         record.update(image_width=int(width), image_height=int(height), num_regions=count, error=None)
@@ -734,12 +744,6 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
         key = str(key)
         try:
             raw = backend.read(key)
-            if raw["image_width"] <= 0 or raw["image_height"] <= 0:
-                raise ValueError(f"image size {raw['image_width']}x{raw['image_height']} in the file")
-            if raw["region_features"].shape[1] != backend.feature_size:
-                raise ValueError(
-                    f"features of size {raw['region_features'].shape[1]}, expected {backend.feature_size}"
-                )
             for name in ("region_features", "region_boxes"):
                 if not np.isfinite(raw[name]).all():
                     raise ValueError(f"{name} in the file contain NaN or infinite values")
@@ -887,6 +891,8 @@ _SETTING_RULES: dict[str, tuple[str, float | None, float | None]] = {
     ),
     "min_regions": ("int", 0, None),
     "detector_num_classes": ("int", 2, None),
+    "precomputed_feature_size": ("int", 1, None),
+    "precomputed_num_classes": ("int", 0, None),
     **dict.fromkeys(("score_threshold", "nms_threshold"), ("float", 0.0, 1.0)),
     "max_aspect_ratio": ("float", 1.0, None),
     **dict.fromkeys(("return_class_probs", "apply_exif_orientation"), ("bool", None, None)),

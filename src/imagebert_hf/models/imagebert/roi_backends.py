@@ -6,6 +6,7 @@ features, boxes, class labels and class distributions. `ImageBERTRoIExtractor` b
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -664,11 +665,15 @@ class PrecomputedBackend(RegionBackend):
     Images are looked up by key: the image id given to the extractor, else the input's file name without
     extension (`images/000000000139.jpg` -> `000000000139`), else the file name.
 
+    Every file must give features of one size and class distributions of one size: `read` refuses a file of
+    another size, naming it, its size and the expected one, and class labels outside the class distribution.
+
     Args:
         path: A folder of `<key>.npz` files, or a `.tsv` file.
         tsv_fieldnames: Column names of the `.tsv` when neither standard layout fits.
-        feature_size: Expected feature size; read from the first file when None.
-        num_classes: Expected size of the class distribution; read from the first file when None.
+        feature_size: Expected feature size; when None, that of the first readable file (in name order; the first
+            readable row of a `.tsv`) holding regions.
+        num_classes: Expected size of the class distribution (0: none); when None, that of the same first file.
     """
 
     def __init__(
@@ -682,45 +687,112 @@ class PrecomputedBackend(RegionBackend):
         if not self.path.exists():
             raise FileNotFoundError(f"precomputed region path not found: {self.path}")
         self._tsv = TsvRegionIndex(self.path, tsv_fieldnames) if self.path.is_file() else None
-        self._feature_size = feature_size
-        self._num_classes = num_classes
+        self.declared_feature_size, self.declared_num_classes = feature_size, num_classes
+        self._feature_size, self._num_classes = feature_size, num_classes
+        # (file, feature size, class distribution size) of the first readable file holding regions.
+        self._reference: tuple[str, int, int] | None = None
 
-    def _first_record(self) -> dict[str, Any]:
+    def _sources(self):
+        """(name for messages, reader) of every file (or row), in order."""
         if self._tsv is not None:
-            keys = self._tsv.keys()
-            if not keys:
-                raise ValueError(f"{self.path} holds no rows")
-            return self._tsv[keys[0]]
-        files = sorted(self.path.glob("*.npz"))
-        if not files:
-            raise ValueError(f"{self.path} holds no .npz files")
-        return read_npz_regions(files[0])
+            keys = self._tsv.keys()  # a list in file order (the index has no iterator)
+            for key in keys:
+                yield f"{self.path} (image id {key})", functools.partial(self._tsv.__getitem__, key)
+        else:
+            for file in sorted(self.path.glob("*.npz")):
+                yield str(file), functools.partial(read_npz_regions, file)
+
+    def _reference_sizes(self) -> tuple[str, int, int]:
+        """The first readable file (or row) holding regions, its feature size and its class distribution size (0:
+        none): the sizes not declared."""
+        if self._reference is None:
+            first_problem = None
+            for source, read in self._sources():
+                try:
+                    raw = read()
+                except (ValueError, OSError) as error:
+                    # A damaged file must not decide the size of every other: the next readable one does.
+                    first_problem = first_problem or str(error)
+                    continue
+                if len(raw["region_features"]):
+                    probs = raw["region_class_probs"]
+                    self._reference = (source, raw["region_features"].shape[1], 0 if probs is None else probs.shape[1])
+                    break
+            else:
+                what = "rows" if self._tsv is not None else ".npz files"
+                empty = first_problem is None and next(self._sources(), None) is None
+                found = f"no {what}" if empty else f"no readable {what} with regions"
+                problem = f" (the first unreadable: {first_problem})" if first_problem else ""
+                raise ValueError(
+                    f"{self.path} holds {found}{problem} to read the region sizes from; set "
+                    "precomputed_feature_size and precomputed_num_classes"
+                )
+        return self._reference
 
     @property
     def feature_size(self) -> int:
         if self._feature_size is None:
-            self._feature_size = int(self._first_record()["region_features"].shape[1])
+            self._feature_size = int(self._reference_sizes()[1])
         return self._feature_size
 
     @property
     def num_classes(self) -> int:
         if self._num_classes is None:
-            probs = self._first_record()["region_class_probs"]
-            self._num_classes = 0 if probs is None else int(probs.shape[1])
+            self._num_classes = int(self._reference_sizes()[2])
         return self._num_classes
 
+    def _expected(self, declared: int | None, setting: str) -> str:
+        """Where an expected size comes from, for messages."""
+        if declared is not None:
+            return setting
+        return f"as in {self._reference_sizes()[0]}, the first readable file; set {setting} to choose"
+
+    def _check_sizes(self, raw: dict[str, Any], source: str) -> None:
+        """Raises ValueError, naming `source`, when `raw` (from `read_npz_regions` or a `.tsv` row) disagrees with
+        the feature size or the class distribution size of the other files, or has a class label outside it."""
+        features = raw["region_features"]
+        # A file without regions may not tell its feature size (a .tsv row stores none): 0 columns are unknown.
+        if (len(features) or features.shape[1]) and features.shape[1] != self.feature_size:
+            raise ValueError(
+                f"{source}: features of size {features.shape[1]}, expected {self.feature_size} "
+                f"({self._expected(self.declared_feature_size, 'precomputed_feature_size')})"
+            )
+        probs = raw["region_class_probs"]
+        if probs is not None and (len(probs) or probs.shape[1]) and probs.shape[1] != self.num_classes:
+            expected = self.num_classes or "none"
+            raise ValueError(
+                f"{source}: class distributions of {probs.shape[1]} classes, expected {expected} "
+                f"({self._expected(self.declared_num_classes, 'precomputed_num_classes')})"
+            )
+        labels = raw["region_class_labels"]
+        if labels is not None and self.num_classes:
+            outside = labels[(labels != -100) & (labels >= self.num_classes)]
+            if outside.size:
+                raise ValueError(
+                    f"{source}: class label {int(outside[0])} ({outside.size} such labels), expected class ids in "
+                    f"[0, {self.num_classes}), the classes of the class distributions (-100 for none)"
+                )
+
     def candidate_keys(self, key: str) -> list[str]:
+        """The names `key` is looked up under; never one that leads out of the folder (`../x`, an absolute path):
+        a key names an image, not a file to read wherever it lies."""
         path = Path(key)
-        return list(dict.fromkeys([key, path.stem, path.name]))
+        candidates = dict.fromkeys([key, path.stem, path.name])
+        return [name for name in candidates if name and not Path(name).is_absolute() and ".." not in Path(name).parts]
 
     def read(self, key: str) -> dict[str, Any]:
-        """The raw record of `key`; raises KeyError naming the key and the place searched."""
+        """The raw record of `key`; raises KeyError naming the key and the place searched, ValueError naming the
+        file when it cannot be read or disagrees with the others."""
         for candidate in self.candidate_keys(key):
             if self._tsv is not None:
                 if candidate in self._tsv:
-                    return self._tsv[candidate]
+                    raw = self._tsv[candidate]
+                    self._check_sizes(raw, f"{self.path} (image id {candidate})")
+                    return raw
             elif (self.path / f"{candidate}.npz").is_file():
-                return read_npz_regions(self.path / f"{candidate}.npz")
+                raw = read_npz_regions(self.path / f"{candidate}.npz")
+                self._check_sizes(raw, str(self.path / f"{candidate}.npz"))
+                return raw
         raise KeyError(f"no precomputed regions for {key!r} in {self.path}")
 
     def extract(self, images, boxes, settings):

@@ -16,13 +16,19 @@ from __future__ import annotations
 
 import base64
 import csv
+import math
 import os
 import sys
+import zipfile
+import zlib
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .region_batching import PROB_SUM_TOLERANCE
 
 
 BOTTOM_UP_TSV_FIELDS = ("image_id", "image_w", "image_h", "num_boxes", "boxes", "features")
@@ -72,14 +78,99 @@ def _found(mapping: dict[str, Any], field: str) -> str:
     return next((alias for alias in _ALIASES[field] if alias in mapping), field)
 
 
+def _check_aliases(values: dict[str, Any], source: str) -> None:
+    # Two keys for one field that disagree (features under both `features` and `x`, say) mean the file mixes two
+    # extractions; reading either would be a guess.
+    for field, aliases in _ALIASES.items():
+        present = [alias for alias in aliases if alias in values]
+        for alias in present[1:]:
+            first, other = np.asarray(values[present[0]]), np.asarray(values[alias])
+            if first.shape != other.shape or not np.array_equal(first, other):
+                raise ValueError(
+                    f"{source}: {present[0]!r} and {alias!r} both hold the {field.replace('_', ' ')} and differ; "
+                    "keep one of them"
+                )
+
+
+def _numbers(value: Any, key: str, source: str, dtype=np.float32) -> np.ndarray:
+    """`value` as an array of `dtype`; float32 takes any real numbers, int64 whole numbers only (a float label is
+    never rounded into a class)."""
+    array = np.asarray(value)
+    kinds = "iu" if dtype is np.int64 else "iuf"
+    whole_floats = dtype is np.int64 and array.dtype.kind == "f"
+    if array.dtype.kind not in kinds and not whole_floats:
+        expected = "integers" if dtype is np.int64 else "numbers"
+        raise ValueError(f"{source}: {key!r} has dtype {array.dtype}, expected {expected}")
+    if whole_floats:
+        odd = ~np.isfinite(array) | (array != np.round(array))
+        if odd.any():
+            raise ValueError(
+                f"{source}: {key!r} holds {array[odd].reshape(-1)[0].item()!r}, expected whole numbers (class ids)"
+            )
+    return array.astype(dtype)
+
+
 def _size(value: Any, name: str, source: str) -> int:
+    array = np.asarray(value)
     try:
-        return int(np.asarray(value).item())
+        number = float(array.item()) if array.dtype.kind in "iufUS" else math.nan
     except (TypeError, ValueError):
-        raise ValueError(f"{source}: {name!r} is {value!r}, expected the image size in pixels") from None
+        number = math.nan
+    if array.dtype.kind == "b" or not math.isfinite(number) or number != int(number) or number <= 0:
+        shown = repr(array.item()) if array.size == 1 else f"an array of shape {array.shape}"
+        raise ValueError(f"{source}: {name!r} is {shown}, expected the image size in pixels (a whole number > 0)")
+    return int(number)
+
+
+def _image_id(value: Any, key: str, source: str) -> str | None:
+    if value is None:
+        return None
+    array = np.asarray(value)
+    if array.size != 1:
+        raise ValueError(f"{source}: {key!r} has shape {array.shape}, expected one image id")
+    item = array.item()
+    return item.decode("utf-8", "replace") if isinstance(item, bytes) else str(item)
+
+
+# A box corner may overshoot the image by rounding (boxes scaled back from the detector's input); one further out
+# means boxes in another frame than the stored image size (the resized input, say), which clipping would hide.
+BOX_TOLERANCE = 0.01
+
+
+def _check_boxes_inside(boxes: np.ndarray, key: str, width: int, height: int, source: str) -> None:
+    limits = np.array([width, height, width, height], dtype=np.float32)
+    slack = np.maximum(1.0, BOX_TOLERANCE * limits)
+    with np.errstate(invalid="ignore"):
+        # NaN and infinite corners are left to the check of non-finite values, which names them as such.
+        outside = np.isfinite(boxes) & ((boxes < -slack) | (boxes > limits + slack))
+    rows = np.flatnonzero(outside.any(axis=1))
+    if rows.size:
+        raise ValueError(
+            f"{source}: {key!r} row {int(rows[0])} is {boxes[rows[0]].tolist()}, outside the {width}x{height} image "
+            f"({rows.size} such rows); boxes must be pixel corners of the image whose size the file gives"
+        )
+
+
+def _check_distributions(probs: np.ndarray, key: str, source: str) -> None:
+    with np.errstate(invalid="ignore", over="ignore"):
+        sums = probs.sum(axis=1, dtype=np.float64)
+        bad = (
+            ~np.isfinite(probs).all(axis=1)
+            | (probs < 0).any(axis=1)
+            | ((np.abs(sums - 1) > PROB_SUM_TOLERANCE) & (sums != 0))
+        )
+    rows = np.flatnonzero(bad)
+    if rows.size:
+        row = int(rows[0])
+        raise ValueError(
+            f"{source}: {key!r} row {row} sums to {sums[row]:.4g} (lowest value {probs[row].min():.4g}; "
+            f"{rows.size} such rows), expected a probability distribution per region: finite, non-negative values "
+            f"summing to 1 within {PROB_SUM_TOLERANCE} (all zeros for none)"
+        )
 
 
 def _to_raw(values: dict[str, Any], source: str) -> dict[str, Any]:
+    _check_aliases(values, source)
     features = _first(values, "features")
     boxes = _first(values, "boxes")
     width, height = _first(values, "width"), _first(values, "height")
@@ -87,14 +178,19 @@ def _to_raw(values: dict[str, Any], source: str) -> dict[str, Any]:
     missing += [name for name, value in (("image width", width), ("image height", height)) if value is None]
     if missing:
         raise ValueError(f"{source}: no {', '.join(missing)} (keys: {sorted(values)})")
+    image_width = _size(width, _found(values, "width"), source)
+    image_height = _size(height, _found(values, "height"), source)
     boxes_key = _found(values, "boxes")
-    features = np.asarray(features, dtype=np.float32)
-    boxes = np.asarray(boxes, dtype=np.float32)
+    features = _numbers(features, _found(values, "features"), source)
+    boxes = _numbers(boxes, boxes_key, source)
     # A flat array of corners is common; a 2-D one with other than 4 columns (a score column, say) is not boxes.
     if (boxes.ndim == 2 and boxes.shape[1] != 4) or boxes.ndim > 2 or boxes.size % 4:
         raise ValueError(f"{source}: {boxes_key!r} has shape {boxes.shape}, expected (num_boxes, 4)")
     boxes = boxes.reshape(-1, 4)
     num_boxes = boxes.shape[0]
+    if num_boxes == 0 and features.size == 0 and features.ndim != 2:
+        # An image without regions, stored flat: its feature size is unknown (0 columns) rather than wrong.
+        features = features.reshape(0, 0)
     if features.ndim != 2 or features.shape[0] != num_boxes:
         raise ValueError(f"{source}: features {features.shape} do not match {num_boxes} boxes")
     # NaN compares false here and is reported by the extractor as a non-finite value instead.
@@ -104,32 +200,41 @@ def _to_raw(values: dict[str, Any], source: str) -> dict[str, Any]:
             f"{source}: {boxes_key!r} row {int(inverted[0])} is {boxes[inverted[0]].tolist()}, with x2 < x1 or "
             f"y2 < y1 ({inverted.size} such rows); boxes must be (x1, y1, x2, y2) corners, not (x, y, width, height)"
         )
+    _check_boxes_inside(boxes, boxes_key, image_width, image_height, source)
     probs = _first(values, "class_probs")
     if probs is not None:
         probs_key = _found(values, "class_probs")
-        probs = np.asarray(probs, dtype=np.float32)
+        probs = _numbers(probs, probs_key, source)
         rows = probs.shape[0] if probs.ndim == 2 else None
         if probs.ndim == 1 and num_boxes and probs.size % num_boxes == 0:
             rows, probs = num_boxes, probs.reshape(num_boxes, -1)
+        elif probs.ndim == 1 and num_boxes == 0 and probs.size == 0:
+            rows, probs = 0, probs.reshape(0, 0)
         if rows != num_boxes:
             raise ValueError(
                 f"{source}: {probs_key!r} has shape {probs.shape}, expected one row per box ({num_boxes} boxes)"
             )
+        _check_distributions(probs, probs_key, source)
     labels = _first(values, "class_labels")
     if labels is not None:
         labels_key = _found(values, "class_labels")
-        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        labels = _numbers(labels, labels_key, source, np.int64).reshape(-1)
         if labels.shape[0] != num_boxes:
             raise ValueError(f"{source}: {labels_key!r} has {labels.shape[0]} labels for {num_boxes} boxes")
-    image_id = _first(values, "image_id")
+        negative = labels[(labels < 0) & (labels != -100)]
+        if negative.size:
+            raise ValueError(
+                f"{source}: {labels_key!r} holds the class id {int(negative[0])}, expected class ids >= 0 "
+                "(-100 for none)"
+            )
     return {
-        "image_id": None if image_id is None else str(np.asarray(image_id).item()),
+        "image_id": _image_id(_first(values, "image_id"), _found(values, "image_id"), source),
         "region_features": features,
         "region_boxes": boxes,
         "region_class_probs": probs,
         "region_class_labels": labels,
-        "image_width": _size(width, _found(values, "width"), source),
-        "image_height": _size(height, _found(values, "height"), source),
+        "image_width": image_width,
+        "image_height": image_height,
     }
 
 
@@ -140,8 +245,23 @@ def read_npz_regions(path: str | os.PathLike) -> dict[str, Any]:
         A dict with `region_features`, `region_boxes`, `region_class_probs` (or None), `region_class_labels`
         (or None), `image_width`, `image_height` and `image_id` (or None).
     """
-    with np.load(path, allow_pickle=False) as npz:
-        values = {key: npz[key] for key in npz.files}
+    try:
+        with open(path, "rb") as handle:
+            # Anything else (a lone .npy, a pickle, a cut file) would reach numpy's pickle fallback or its messages.
+            if not zipfile.is_zipfile(handle):
+                raise ValueError(f"{path}: not a .npz archive (a zip of .npy arrays, as numpy.savez writes)")
+            handle.seek(0)
+            with np.load(handle, allow_pickle=False) as npz:
+                repeated = sorted(key for key, count in Counter(npz.files).items() if count > 1)
+                if repeated:
+                    # Two arrays of one name: which one numpy returns is an accident of the zip's layout.
+                    raise ValueError(f"{path}: the archive holds {repeated[0]!r} twice; each key must appear once")
+                values = {key: npz[key] for key in npz.files}
+    except (OSError, EOFError, KeyError, NotImplementedError, zipfile.BadZipFile, zlib.error) as error:
+        raise ValueError(f"{path}: cannot read the .npz archive ({type(error).__name__}: {error})") from None
+    except ValueError as error:  # pickled arrays (refused), damaged .npy headers
+        message = str(error)
+        raise ValueError(message if message.startswith(f"{path}: ") else f"{path}: {message}") from None
     return _to_raw(values, str(path))
 
 
@@ -165,10 +285,15 @@ def _decode_tsv_row(row: dict[str, str], source: str) -> dict[str, Any]:
     try:
         num_boxes = int(row["num_boxes"])
     except (KeyError, ValueError):
-        raise ValueError(f"{source}: column 'num_boxes' is {row.get('num_boxes')!r}, expected a number") from None
+        num_boxes = -1
+    if num_boxes < 0:
+        raise ValueError(f"{source}: column 'num_boxes' is {row.get('num_boxes')!r}, expected a count of boxes >= 0")
     values: dict[str, Any] = {key: value for key, value in row.items() if key not in _TSV_DTYPES}
     for key, dtype in _TSV_DTYPES.items():
-        if row.get(key):
+        if key in ("boxes", "features") and key in row and not row[key] and num_boxes == 0:
+            # An image without regions: base64 of no bytes is the empty string (its feature size is unknown).
+            values[key] = np.zeros((0, 4 if key == "boxes" else 0), dtype=dtype)
+        elif row.get(key):
             try:
                 array = np.frombuffer(base64.b64decode(row[key]), dtype=dtype)
                 if key in ("boxes", "features", "cls_prob"):
