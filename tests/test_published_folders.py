@@ -109,6 +109,29 @@ def test_the_cards_line_serves_a_published_folder_alike_with_and_without_the_pac
         assert [score for _, score in run["results"]] == pytest.approx([r["score"] for r in expected], abs=1e-5), how
 
 
+SERVED_BY_THE_PACKAGE_SCRIPT = """
+import json, sys
+import imagebert_hf
+from transformers import pipeline
+folder, record, texts = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+served = pipeline("image-text-retrieval", model=folder, device=-1)
+print(json.dumps({
+    "modules": [type(served).__module__, type(served.model).__module__],
+    "scores": [r["score"] for r in served(images=record, texts=texts)],
+}))
+"""
+
+
+def test_after_import_the_package_serves_a_published_folder_without_trust_remote_code(published, tmp_path):
+    folder, record, expected = published
+    args = (str(folder), json.dumps({key: value.tolist() for key, value in record.items()}), json.dumps(TEXTS))
+    run = run_with_the_package(SERVED_BY_THE_PACKAGE_SCRIPT, tmp_path, *args)
+    # The package's own pipeline and classes, not the folder's code (which would ask for trust_remote_code).
+    assert [module.split(".")[0] for module in run["modules"]] == ["imagebert_hf", "imagebert_hf"], run["modules"]
+    assert run["scores"] == pytest.approx([r["score"] for r in expected], abs=1e-5)
+    assert "custom_pipelines" in json.loads((folder / "config.json").read_text())  # the folder is as published
+
+
 def test_the_app_and_the_package_classes_serve_a_published_folder(published, tmp_path):
     from transformers import AutoModel, pipeline
 

@@ -1,5 +1,6 @@
 """ImageBERT model configuration."""
 
+import sys
 from collections.abc import Mapping
 
 from transformers import PreTrainedConfig
@@ -38,6 +39,28 @@ KNOWN_EXTRA_KEYS = frozenset(
 # Fields that moved out of the config: `sparse_prediction` is an argument of `ImageBERTForPreTraining.forward`.
 # Configs (and code) that still set it load, with a deprecation warning, without it.
 DEPRECATED_FIELDS = ("sparse_prediction",)
+
+
+def _without_tasks_the_package_serves(custom_pipelines: dict) -> dict:
+    """A saved folder's `custom_pipelines` entries, less the tasks the installed `imagebert_hf` registered itself.
+
+    transformers' `pipeline(task, model=folder)` runs the folder's own pipeline code for a task its config lists, and
+    asks for `trust_remote_code=True` first, even where the installed package registered that task. The package's
+    config class (the one `AutoConfig` picks without `trust_remote_code`) drops those tasks, so the installed
+    package serves them as it serves folders saved without code. The folder's code copy keeps them: with
+    `trust_remote_code=True`, or where the package is not installed, the folder's pipeline runs as published.
+    """
+    if not __name__.startswith("imagebert_hf.") or not isinstance(custom_pipelines, Mapping):
+        return custom_pipelines
+    registry = getattr(sys.modules.get("transformers.pipelines"), "PIPELINE_REGISTRY", None)
+    if registry is None:  # transformers' pipelines are not imported yet, so nothing registered a task
+        return custom_pipelines
+    served = {
+        task
+        for task, entry in registry.supported_tasks.items()
+        if getattr(entry.get("impl"), "__module__", "").startswith("imagebert_hf.")
+    }
+    return {task: entry for task, entry in custom_pipelines.items() if task not in served}
 
 
 class ImageBERTConfig(PreTrainedConfig):
@@ -195,6 +218,8 @@ class ImageBERTConfig(PreTrainedConfig):
         for name in ("dtype", "torch_dtype"):
             if kwargs.get(name) is not None:
                 check_weights_dtype(name, kwargs[name])
+        if kwargs.get("custom_pipelines"):
+            kwargs["custom_pipelines"] = _without_tasks_the_package_serves(kwargs["custom_pipelines"])
         super().__init__(pad_token_id=pad_token_id, **kwargs)
         self.tie_word_embeddings = tie_word_embeddings
         self.vocab_size = vocab_size

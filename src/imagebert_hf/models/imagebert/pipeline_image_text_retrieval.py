@@ -964,8 +964,8 @@ class _RetrievalModelLoader:
 def load_retrieval_model(pretrained_model_name_or_path: str | os.PathLike, **kwargs):
     """The model `pipeline("image-text-retrieval", model=path)` loads, with the installed package's classes:
     `pipeline("image-text-retrieval", model=load_retrieval_model(path))` serves any ImageBERT folder, a published one
-    included, whose `custom_pipelines` entry makes `pipeline(model=path)` run the folder's own code (and ask for
-    `trust_remote_code=True`). `kwargs` go to `from_pretrained` (`revision`, `dtype`, ...)."""
+    included, as `pipeline("image-text-retrieval", model=path)` does where the package is imported. `kwargs` go to
+    `from_pretrained` (`revision`, `dtype`, ...)."""
     return _RetrievalModelLoader.from_pretrained(os.fspath(pretrained_model_name_or_path), **kwargs)
 
 
