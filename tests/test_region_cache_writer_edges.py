@@ -14,7 +14,7 @@ from PIL import Image
 
 from imagebert_hf import ImageBERTRoIExtractor
 from imagebert_hf.models.imagebert.roi_image_loading import image_content_hash
-from imagebert_hf.models.imagebert.roi_precomputed import write_npz_regions
+from imagebert_hf.models.imagebert.roi_precomputed import LXMERT_TSV_FIELDS, write_npz_regions, write_tsv_regions
 from imagebert_hf.regions import extract_regions, load_region_cache
 from imagebert_hf.regions.cache_writer import merge_region_caches
 
@@ -70,6 +70,29 @@ def test_precomputed_regions_are_found_by_the_manifest_key(tiny, tmp_path):
     np.testing.assert_allclose(
         cache["images/absent.png"]["region_features"], expected["images/000.png"]["region_features"], rtol=1e-6
     )
+
+
+def test_lxmert_class_ids_without_distributions_need_the_class_count_and_then_are_kept(tiny, tmp_path):
+    manifest = _images(tmp_path, 2)
+    records = []
+    for i in range(2):
+        record = tiny.extract(str(tmp_path / "images" / f"{i:03d}.png"))[0]
+        count = record["num_regions"]
+        record.update(image_id=f"{i:03d}", region_class_labels=np.arange(count) % 7, region_class_probs=None)
+        records.append(record)
+    tsv = tmp_path / "regions.tsv"
+    write_tsv_regions(tsv, records, LXMERT_TSV_FIELDS)
+
+    undeclared = ImageBERTRoIExtractor(backend="precomputed", precomputed_path=str(tsv))
+    report = extract_regions(manifest, tmp_path / "refused", undeclared, progress=False)
+    assert report.num_extracted == 0 and report.num_failed == 2
+    assert "Set the extractor's precomputed_num_classes" in report.failures[0]["error"]
+
+    declared = ImageBERTRoIExtractor(backend="precomputed", precomputed_path=str(tsv), precomputed_num_classes=1600)
+    report = extract_regions(manifest, tmp_path / "cache", declared, progress=False)
+    assert (report.num_extracted, report.num_failed) == (2, 0), report.failures
+    cache = load_region_cache(tmp_path / "cache")
+    np.testing.assert_array_equal(cache["images/001.png"]["region_class_labels"], records[1]["region_class_labels"])
 
 
 def test_the_example_ends_with_one_line_when_no_image_was_extracted(tmp_path, monkeypatch):

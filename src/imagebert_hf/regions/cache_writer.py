@@ -308,9 +308,16 @@ def _storage_problem(
         labels = np.asarray(record["region_class_labels"])
         bad = labels[(labels != -100) & ((labels < 0) | (labels >= num_classes))]
         if bad.size:
+            # Precomputed files with class ids but no distributions (LXMERT's `objects_id`) leave the class count
+            # unknown until it is declared.
+            hint = (
+                " Set the extractor's precomputed_num_classes to the detector's class count."
+                if not num_classes
+                else ""
+            )
             raise ValueError(
                 f"{name}: region_class_labels {bad[:5].tolist()} are outside [0, {num_classes}) (the extractor's "
-                "classes; -100 for none)."
+                f"classes; -100 for none).{hint}"
             )
         dtype = getattr(torch, storage_dtype)
         cast = {
