@@ -7,6 +7,7 @@ Hub), parsed from the same command line. `RetrievalArguments`: every setting of 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from ..models.imagebert.configuration_imagebert import SEED_RULE
@@ -14,7 +15,30 @@ from ..models.imagebert.configuration_imagebert import SEED_RULE
 
 # The learning-rate schedules the training loop can step (recipes and `--lr_scheduler_type`); transformers' others
 # need a metric or settings that no flag gives.
-SCHEDULER_TYPES = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
+SCHEDULER_TYPES = (
+    "linear",
+    "cosine",
+    "constant",
+    "constant_with_warmup",
+    "cosine_with_restarts",
+    "inverse_sqrt",
+    "polynomial",
+)
+
+# The metavars of the flags that name a file or a folder (the last: or a Hub repository). `--help` shows them, and a
+# resumed fine-tuning compares these flags by the location they name rather than as written (`path_flags`).
+PATH_METAVARS = ("FILE", "FOLDER", "FOLDER_OR_HUB_ID")
+
+
+def path_flags(arguments) -> dict[str, bool]:
+    """The fields of the dataclass `arguments` that name a file or folder (their metavar is one of
+    `PATH_METAVARS`), each with whether it may name a Hub repository instead."""
+    return {
+        item.name: item.metadata["metavar"] == "FOLDER_OR_HUB_ID"
+        for item in dataclasses.fields(arguments)
+        if item.metadata.get("metavar") in PATH_METAVARS
+    }
+
 
 # The numeric flags both training scripts take, as `check_field`'s (kind, lowest, highest), so that pretraining and
 # fine-tuning refuse the same values under the same names; a flag left unset (None) is not checked. The bounds are
@@ -131,21 +155,32 @@ class PretrainingArguments:
 class RetrievalArguments:
     """Flags of `examples/run_retrieval.py` (`HfArgumentParser` dataclass)."""
 
-    output_dir: str = field(metadata={"help": "Where checkpoints, the final model, logs and plots go."})
+    output_dir: str = field(
+        metadata={"help": "Where checkpoints, the final model, logs and plots go.", "metavar": "FOLDER"}
+    )
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "ImageBERT checkpoint to start from (e.g. a pretraining stage's final/)."}
+        default=None,
+        metadata={
+            "help": "ImageBERT checkpoint to start from (e.g. a pretraining stage's final/).",
+            "metavar": "FOLDER_OR_HUB_ID",
+        },
     )
     train_file: str | None = field(
         default=None,
-        metadata={"help": "Karpathy split file (dataset_coco.json, dataset_flickr30k.json) or a jsonl manifest."},
+        metadata={
+            "help": "Karpathy split file (dataset_coco.json, dataset_flickr30k.json) or a jsonl manifest.",
+            "metavar": "FILE",
+        },
     )
-    image_root: str | None = field(default=None, metadata={"help": "Folder the Karpathy image paths start from."})
+    image_root: str | None = field(
+        default=None, metadata={"help": "Folder the Karpathy image paths start from.", "metavar": "FOLDER"}
+    )
     train_split: str = field(
         default="train", metadata={"help": "Split(s) to train on, comma-separated (COCO: train,restval)."}
     )
     eval_split: str | None = field(default=None, metadata={"help": "Split to evaluate on at the end (e.g. test)."})
     region_cache: str | None = field(
-        default=None, metadata={"help": "Region cache folder (imagebert-extract-regions)."}
+        default=None, metadata={"help": "Region cache folder (imagebert-extract-regions).", "metavar": "FOLDER"}
     )
     synthetic_images: int | None = field(
         default=None, metadata={"help": "Train on this many generated images instead of files (demo and tests)."}
@@ -193,7 +228,10 @@ class RetrievalArguments:
     learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate (the paper: 5e-5)."})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
     warmup_ratio: float = field(default=0.1, metadata={"help": "Share of steps with linear warmup."})
-    lr_scheduler_type: str = field(default="linear", metadata={"help": f"One of {', '.join(SCHEDULER_TYPES)}."})
+    lr_scheduler_type: str = field(
+        default="linear",
+        metadata={"help": f"One of {', '.join(SCHEDULER_TYPES)}."},
+    )
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0: no clipping)."})
     logging_steps: int = field(default=10, metadata={"help": "Log losses every this many steps."})
     checkpointing_steps: int | None = field(default=None, metadata={"help": "Save the training state this often."})
@@ -215,4 +253,12 @@ class RetrievalArguments:
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository for push_to_hub."})
 
 
-__all__ = ["TRAINING_FLAG_RULES", "PretrainingArguments", "PretrainingRunOptions", "RetrievalArguments"]
+__all__ = [
+    "PATH_METAVARS",
+    "SCHEDULER_TYPES",
+    "TRAINING_FLAG_RULES",
+    "PretrainingArguments",
+    "PretrainingRunOptions",
+    "RetrievalArguments",
+    "path_flags",
+]

@@ -179,15 +179,18 @@ def build_scheduler(optimizer, name: str, total_steps: int, warmup_steps: int, n
     """A transformers schedule over `total_steps` optimizer steps.
 
     Accelerate's prepared scheduler advances `num_processes` times per optimizer step, so the lengths are scaled by
-    it; the learning rate is then the same at each step whatever the number of processes.
+    it, `inverse_sqrt`'s time scale too (the warmup, else transformers' 10,000 steps); the learning rate is then the
+    same at each step whatever the number of processes.
     """
     from transformers import get_scheduler
 
+    specific = {"timescale": (warmup_steps or 10_000) * num_processes} if name == "inverse_sqrt" else None
     return get_scheduler(
         name,
         optimizer=optimizer,
         num_warmup_steps=warmup_steps * num_processes,
         num_training_steps=total_steps * num_processes,
+        scheduler_specific_kwargs=specific,
     )
 
 

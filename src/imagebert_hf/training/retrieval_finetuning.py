@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -34,7 +35,7 @@ from ..formats.files import atomic_write_json, check_output_dir, read_json_file
 from ..models.imagebert import ImageBERTConfig, ImageBERTForImageTextRetrieval
 from ..models.imagebert.configuration_imagebert import check_flag_values
 from ..regions.cache_reader import load_region_cache
-from .arguments import SCHEDULER_TYPES, TRAINING_FLAG_RULES, RetrievalArguments
+from .arguments import SCHEDULER_TYPES, TRAINING_FLAG_RULES, RetrievalArguments, path_flags
 from .checkpointing import COMPLETE_FILE, TrainState, latest_checkpoint
 from .loop import LoopSettings, build_accelerator, stop_on_sigterm
 from .plots import plot_losses
@@ -48,6 +49,9 @@ logger = logging.get_logger(__name__)
 # The flags of a run, as it started, in its folder: `--resume` refuses other values of those that decide a weight or
 # a batch.
 RUN_ARGS_FILE = "run_args.json"
+# The key of `run_args.json` (not a flag) that holds the working directory the flags were given in: a relative path
+# among them names a file from there. A file without it (an earlier version's) reads them from the current one.
+WORKING_DIR_KEY = "_working_dir"
 # Flags a resumed run may change: where the folder is named from, how the run is logged, checkpointed, stopped,
 # evaluated and published, and the device and precision (the launch config's, as in pretraining). Every other flag
 # decides a weight or the data, so a run resumed with another value would be neither run.
@@ -242,10 +246,24 @@ def _recorded_flags(args: RetrievalArguments) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(args), default=str))
 
 
+def _location(value, working_dir: str, hub_id_allowed: bool):
+    """The file or folder a path flag's `value` names from `working_dir`, resolved; `value` itself when it names
+    none: unset, empty, or (`hub_id_allowed`) no local path, so a Hub id as `from_pretrained` reads it."""
+    if not isinstance(value, str) or not value.strip():
+        return value
+    path = os.path.join(working_dir, value)
+    if hub_id_allowed and not os.path.exists(path):
+        return value
+    return os.path.realpath(path)
+
+
 def check_resumed_flags(args: RetrievalArguments) -> None:
     """Refuses to resume a run whose `run_args.json` differs from `args` in a flag that decides a weight or the data
     (all but `RESUMABLE_FLAGS`): the rest of the run would follow neither setting. A folder without the file (a run
-    started by an earlier version) is not checked; a flag the file lacks compares by its default."""
+    started by an earlier version) is not checked; a flag the file lacks compares by its default. A flag naming a
+    file or folder compares by the place it names, each read from the working directory its run was given it in (the
+    file's `WORKING_DIR_KEY`, else the current one): `x`, `./x/` and its absolute path are one flag value, while the
+    same relative path given from another directory is another."""
     path = Path(args.output_dir) / RUN_ARGS_FILE
     if not path.is_file():
         return
@@ -253,11 +271,16 @@ def check_resumed_flags(args: RetrievalArguments) -> None:
         stored = read_json_file(path, "the flags of the run being resumed, as a JSON object")
         if not isinstance(stored, dict):
             raise ValueError(f"{path} holds a JSON {type(stored).__name__}, not an object.")
+        if not isinstance(stored.get(WORKING_DIR_KEY, ""), str):
+            raise ValueError(f"{path} holds {WORKING_DIR_KEY} {stored[WORKING_DIR_KEY]!r}, not a folder.")
     except ValueError as error:
         raise ValueError(
             f"--resume: {path} (the flags of the run being resumed) cannot be read: {error} Restore it, or give a new "
             "--output_dir."
         ) from None
+    working_dir = os.getcwd()
+    stored_working_dir = stored.get(WORKING_DIR_KEY) or working_dir
+    paths = path_flags(args)
     current = _recorded_flags(args)
     differences = []
     for item in dataclasses.fields(args):
@@ -265,7 +288,13 @@ def check_resumed_flags(args: RetrievalArguments) -> None:
             continue
         default = item.default if item.default is not dataclasses.MISSING else None
         old, new = stored.get(item.name, default), current[item.name]
-        if old != new:
+        if item.name in paths:
+            old = _location(old, stored_working_dir, paths[item.name])
+            new = _location(new, working_dir, paths[item.name])
+            # Whole: a path cut short would hide where the two differ.
+            if old != new:
+                differences.append(f"{item.name} is {old!r} there, {new!r} now")
+        elif old != new:
             differences.append(f"{item.name} is {short_value(old)} there, {short_value(new)} now")
     if not differences:
         return
@@ -476,7 +505,8 @@ def run_retrieval_finetuning(args: RetrievalArguments) -> dict:
     )
     with hold_run_folder(accelerator, args.output_dir):
         if accelerator.is_main_process:
-            atomic_write_json(output_dir / RUN_ARGS_FILE, _recorded_flags(args), indent=1)
+            record = {**_recorded_flags(args), WORKING_DIR_KEY: os.getcwd()}
+            atomic_write_json(output_dir / RUN_ARGS_FILE, record, indent=1)
         # Training answers SIGTERM with a checkpoint. The final save and the evaluation end on it as on any signal;
         # with checkpoints asked for, the last step gets one too, so that a run killed while it saves `final/` or
         # evaluates (hours on a large gallery) resumes there with no step repeated.
@@ -496,6 +526,7 @@ def run_retrieval_finetuning(args: RetrievalArguments) -> dict:
 __all__ = [
     "RESUMABLE_FLAGS",
     "RUN_ARGS_FILE",
+    "WORKING_DIR_KEY",
     "build_corpora",
     "check_flags",
     "check_resumed_flags",
