@@ -18,7 +18,7 @@ import logging
 import sys
 from dataclasses import dataclass, field
 
-from ..formats.files import check_output_dir, read_json_file
+from ..formats.files import read_json_file
 from ..models.imagebert.script_errors import exit_on_error
 from .config import STAGE_CLASSES, CurationConfig
 from .tally import KEPT, funnel_markdown
@@ -92,26 +92,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunArguments, CurationCon
     return run, config
 
 
-def check_run_paths(run: RunArguments) -> None:
-    """`--inputs` and `--output_dir`, checked before anything is read or written: no input is an empty string, and
-    the output folder is named, not a file, lies apart from every input, and has no `data/` of someone else's (a run
-    replaces its `data/`)."""
-    from .inputs import check_output_apart
-
+def check_inputs_given(run: RunArguments) -> None:
+    """No `--inputs` is an empty string. The runners refuse one too, with a TypeError (a wrong value in Python), which
+    here would end in a traceback; every other check of the paths is the runners' own (`check_run_paths`)."""
     empty = [index for index, item in enumerate(run.inputs) if not item]
     if empty:
         raise ValueError(
             f"--inputs: input {empty[0] + 1} of {len(run.inputs)} is an empty string; expected WARC files, HTML "
             "pages, folders or glob patterns (paths or URLs)."
         )
-    check_output_dir(run.output_dir, "--output_dir")
-    check_output_apart(run.inputs, run.output_dir, "--output_dir")
-    from fsspec.core import url_to_fs
-
-    from .pipeline import check_data_replaceable
-
-    fs, root = url_to_fs(run.output_dir)
-    check_data_replaceable(fs, f"{root.rstrip('/')}/data", "--output_dir")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     with exit_on_error(program, missing_extra=missing_extra):
         if run.runner not in ("local", "spark"):
             raise ValueError(f"--runner must be local or spark, got {run.runner!r}")
-        check_run_paths(run)
+        check_inputs_given(run)
         logging.basicConfig(level=run.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if run.runner == "local":
             from .pipeline import run_local
@@ -143,20 +132,22 @@ def main(argv: list[str] | None = None) -> int:
                 rows_per_shard=run.rows_per_shard,
                 require_pages=True,
                 load_result=False,
+                output_flag="--output_dir",
             )
         else:
-            from .spark import local_spark_session, run_spark
+            from .spark import run_spark
 
-            spark = local_spark_session(run.spark_master) if run.spark_master else None
+            # The runner starts the session once it has checked every argument.
             result = run_spark(
                 run.inputs,
                 run.output_dir,
                 config,
-                spark=spark,
                 num_partitions=run.num_partitions,
                 batch_size=run.batch_size,
                 require_pages=True,
                 load_result=False,
+                spark_master=run.spark_master,
+                output_flag="--output_dir",
             )
     # Counted, not loaded: the funnel's kept pairs are the rows written.
     pairs = result.tally.get_count("aggregation", "pair", KEPT)
@@ -166,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["RunArguments", "check_run_paths", "main", "parse_args"]
+__all__ = ["RunArguments", "check_inputs_given", "main", "parse_args"]
 
 
 if __name__ == "__main__":

@@ -79,8 +79,12 @@ def input_version(path: str) -> tuple:
         return stat.st_mtime_ns, stat.st_size
     from fsspec.core import url_to_fs
 
-    fs, fs_path = url_to_fs(path)
-    info = fs.info(fs_path)
+    return _store_version(*url_to_fs(path))
+
+
+def _store_version(fs, path: str) -> tuple:
+    """`input_version` of a file of an fsspec filesystem: its size and what the store says changes with it."""
+    info = fs.info(path)
     marks = ("mtime", "LastModified", "last_modified", "updated", "created", "ETag", "etag", "md5")
     return (info.get("size"), *(str(info[key]) for key in marks if info.get(key) is not None))
 
@@ -541,21 +545,43 @@ class FolderImageResolver(ImageResolver):
     def _read(self, path) -> bytes:
         return path.read_bytes()
 
+    def _version(self, path) -> tuple:
+        return input_version(str(path))
+
+    def _locate(self, url: str):
+        """The file `fetch(url)` reads: the first candidate that exists inside the page's folder (never one outside
+        it, whatever the page links to), or None."""
+        if url.startswith("data:"):
+            return None
+        for candidate in self._relative_candidates(url):
+            path = self._file_in_folder(candidate)
+            if path is not None:
+                return path
+        return None
+
+    def image_version(self, url: str) -> list[str] | None:
+        """The file `fetch(url)` would read now and its version (`input_version`), or None when there is none: what
+        a rerun compares to tell an image rewritten, added or removed next to an unchanged page."""
+        path = self._locate(url)
+        if path is None:
+            return None
+        try:
+            return [str(path), *(str(mark) for mark in self._version(path))]
+        except OSError:
+            return None
+
     def fetch(self, url: str, max_bytes: int) -> tuple[bytes | None, str | None]:
         if url.startswith("data:"):
             return None, "data_uri"
-        for candidate in self._relative_candidates(url):
-            # Never read outside the page's folder, whatever the page links to.
-            path = self._file_in_folder(candidate)
-            if path is None:
-                continue
-            try:
-                if self._size(path) > max_bytes:
-                    return None, "image_too_large"
-                return self._read(path), None
-            except OSError:
-                return None, "image_record_unreadable"
-        return None, "image_not_archived"
+        path = self._locate(url)
+        if path is None:
+            return None, "image_not_archived"
+        try:
+            if self._size(path) > max_bytes:
+                return None, "image_too_large"
+            return self._read(path), None
+        except OSError:
+            return None, "image_record_unreadable"
 
 
 class UrlFolderImageResolver(FolderImageResolver):
@@ -581,6 +607,9 @@ class UrlFolderImageResolver(FolderImageResolver):
 
     def _read(self, path) -> bytes:
         return self.fs.cat_file(path)
+
+    def _version(self, path) -> tuple:
+        return _store_version(self.fs, path)
 
 
 @functools.lru_cache(maxsize=4)

@@ -265,6 +265,25 @@ def check_data_replaceable(fs, data_path: str, flag: str = "output_dir") -> None
         )
 
 
+def check_run_paths(inputs: list[str | Path], output_dir: str | Path, flag: str = "output_dir") -> list[dict]:
+    """The sources of `inputs` (`discover_sources`), once the output folder is known to be usable: named, not a file,
+    apart from every input, without a `data/` of someone else's (a run replaces its `data/`). Both runners call it
+    before anything is read or written; errors name the output folder as `flag` (the command's `--output_dir`)."""
+    from fsspec.core import url_to_fs
+
+    # An empty path is the current folder to the OS: the run would write, and replace data/, there.
+    if output_dir is None or not str(output_dir).strip():
+        check_output_dir(output_dir, flag)  # raises, naming `flag`
+    fs, root = url_to_fs(str(output_dir))
+    if fs.exists(root) and not fs.isdir(root):
+        raise NotADirectoryError(f"{flag} {output_dir} exists and is not a folder.")
+    # Every input is found before the output folder is touched: a missing input leaves an earlier run's output intact.
+    sources = [source.to_dict() for source in discover_sources(inputs)]
+    check_output_apart(inputs, output_dir, flag)
+    check_data_replaceable(fs, f"{root.rstrip('/')}/data", flag)
+    return sources
+
+
 def _remove_stale_work(output_dir: Path) -> None:
     """Removes what a killed local run left in `output_dir`: its marked work folder and the data folder it names."""
     for work in output_dir.glob(f"{WORK_PREFIX}*"):
@@ -376,6 +395,7 @@ def run_local(
     rows_per_shard: int = 2000,
     require_pages: bool = False,
     load_result: bool = True,
+    output_flag: str = "output_dir",
 ) -> CurationResult:
     """Curates WARC files and HTML folders on one machine with `datasets`.
 
@@ -392,6 +412,7 @@ def run_local(
         load_result: Read the curated pairs back into memory as a `datasets.Dataset` for the result (no copy is
             written anywhere); False: `dataset` is None, for outputs larger than memory (`load_curated` memory-maps
             them later, through the `datasets` cache).
+        output_flag: How refusals of `output_dir` name it (`imagebert-curate` passes `--output_dir`).
 
     Returns:
         The curated dataset (sorted by `pair_id`) unless `load_result` is False, the counts, and the output folder.
@@ -402,7 +423,6 @@ def run_local(
         ValueError: `output_dir` is empty, is an input, lies inside one or contains one, or its `data/` holds files
             no run wrote (checked before anything is read or written).
     """
-    import fsspec
     from datasets import Dataset, disable_progress_bars
 
     disable_progress_bars()
@@ -412,18 +432,12 @@ def run_local(
     output_dir = str(output_dir).removeprefix("file://")
     if is_url(output_dir):
         raise ValueError(
-            f"the local runner writes to a local folder, got output_dir={str(output_dir)!r}; write to an fsspec URL "
-            "with the Spark runner (run_spark, --runner spark), or copy the folder afterwards."
+            f"the local runner writes to a local folder, got {output_flag}={str(output_dir)!r}; write to an fsspec "
+            "URL with the Spark runner (run_spark, --runner spark), or copy the folder afterwards."
         )
-    if Path(output_dir).exists() and not Path(output_dir).is_dir():
-        raise NotADirectoryError(f"output_dir {output_dir} exists and is not a folder.")
-    # An empty string is the current folder to the OS: the run would write, and replace data/, there.
-    output_dir = check_output_dir(output_dir, "output_dir")
-    # Every input is found before the output folder is touched: a missing input leaves an earlier run's output
-    # intact. The previous `data/` is replaced only once the new one is complete (one rename).
-    sources = [s.to_dict() for s in discover_sources(inputs)]
-    check_output_apart(inputs, output_dir, "output_dir")
-    check_data_replaceable(fsspec.filesystem("file"), str(output_dir / "data"), "output_dir")
+    sources = check_run_paths(inputs, output_dir, output_flag)
+    output_dir = Path(output_dir).expanduser()
+    # The previous `data/` is replaced only once the new one is complete (one rename).
     created = [folder for folder in (output_dir, *output_dir.parents) if not folder.exists()]
     output_dir.mkdir(parents=True, exist_ok=True)
     # One local run per output folder: a work folder found here was left by a killed run.
@@ -505,6 +519,7 @@ __all__ = [
     "check_config",
     "check_data_replaceable",
     "check_pages_read",
+    "check_run_paths",
     "check_run_settings",
     "check_stage_inputs",
     "count_duplicate_pairs",

@@ -24,10 +24,11 @@ from pathlib import Path
 
 from transformers.utils import logging
 
-from ..formats.files import atomic_write_text, check_output_dir, publish_folder
+from ..formats.files import atomic_write_text, publish_folder
 from .aggregation import aggregate_image_group, aggregate_text_group
-from .config import CurationConfig
-from .inputs import check_output_apart, discover_sources, input_version
+from .config import CurationConfig, ParseConfig
+from .inputs import discover_sources, input_version, open_input, resolver_for
+from .parse import _image_src, decode_html
 from .pipeline import (
     OUTPUT_COLUMNS,
     STAGES,
@@ -35,8 +36,8 @@ from .pipeline import (
     CurationResult,
     Stage,
     apply_stage,
-    check_data_replaceable,
     check_pages_read,
+    check_run_paths,
     check_stage_inputs,
     count_duplicate_pairs,
     duplicate_rank,
@@ -268,6 +269,40 @@ def _source_version(path: str) -> list[str] | None:
         return None
 
 
+def _page_images(path: str, config: ParseConfig) -> list | None:
+    """The images a saved page may read from files next to it (`resolver_for`): `[src, file, version...]` of each
+    `<img>` the parse stage looks at, `[src]` alone when no file is there now. Its part's plan holds them, for the
+    page's own version does not change when an image is rewritten beside it. None for a page that cannot be read
+    or parsed (its parse counts why)."""
+    from resiliparse.parse.html import HTMLTree
+
+    try:
+        with open_input(path) as handle:
+            html = handle.read(config.max_page_bytes + 1)
+        if len(html) > config.max_page_bytes:
+            return []  # skipped unread by the scan
+        tree = HTMLTree.parse(decode_html(html, None))
+        nodes = tree.body.query_selector_all("img") if tree.body is not None else []
+        resolver = resolver_for(path, config.max_resyncs_per_file)
+        found = []
+        for index in range(min(len(nodes), config.max_images_per_page)):
+            src = _image_src(nodes[index])
+            if src:
+                found.append([src, *(resolver.image_version(src) or [])])
+        return found
+    except Exception:  # the plan records it as unreadable; the part's parse counts the page
+        return None
+
+
+def _images_plan(sc, sources: list[dict], config: ParseConfig, num_partitions: int) -> list:
+    """`[page, _page_images(page)]` of the part's saved pages, read by the executors (which reach the inputs)."""
+    pages = [source["path"] for source in sources if source["kind"] == "html"]
+    if not pages:
+        return []
+    rdd = sc.parallelize(pages, max(1, min(len(pages), num_partitions)))
+    return rdd.map(lambda page: [page, _page_images(page, config)]).collect()
+
+
 def _run_part(sc, sources: list[dict], part_url: str, config, num_partitions: int, batch_size: int) -> Tally:
     """Scans and runs the stages on one part's sources; executors write its records; returns its tally."""
     from pyspark import StorageLevel
@@ -297,15 +332,18 @@ def run_spark(
     sources_per_part: int = 64,
     load_result: bool = True,
     require_pages: bool = False,
+    spark_master: str | None = None,
+    output_flag: str = "output_dir",
 ) -> CurationResult:
     """Curates WARC files and HTML folders with Spark; same output as `run_local` on the same input.
 
     The input files are cut into parts of `sources_per_part`; each part is scanned, parsed, filtered and scored
     on the executors, which write its records to `output_dir/parts/part-N/`, and is marked done (`_SUCCESS`) with
     its tally. A rerun skips a finished part when its input files are unchanged (size and modification time, or the
-    store's version), and so are the configuration, the model and vocabulary files it names and the package
-    version; otherwise the part is redone. Deduplication by text and by image then runs over all parts' records,
-    and the executors write the curated pairs to `output_dir/data/`, one row per kept `pair_id`.
+    store's version), and so are the image files its saved pages reference, the configuration, the model and
+    vocabulary files it names and the package version; otherwise the part is redone. Deduplication by text and by
+    image then runs over all parts' records, and the executors write the curated pairs to `output_dir/data/`, one
+    row per kept `pair_id`.
 
     Args:
         inputs: WARC files, saved HTML pages, folders holding either, or glob patterns: local paths or any fsspec
@@ -321,6 +359,9 @@ def run_spark(
             copy is written anywhere); False: `dataset` is None, for outputs too large for the driver.
         require_pages: Raise `NoPagesError` (a ValueError), leaving `data/` and the report files as they were, when
             no input yields a single page, rather than write an empty result.
+        spark_master: The master URL of the local session started when `spark` is omitted and none is active
+            (`local[2]` when None); it starts only once every argument has been checked.
+        output_flag: How refusals of `output_dir` name it (`imagebert-curate` passes `--output_dir`).
 
     Returns:
         The curated dataset (sorted by `pair_id`) unless `load_result` is False, the counts, and the output folder.
@@ -334,21 +375,15 @@ def run_spark(
     if num_partitions is not None:
         _check_positive("num_partitions", num_partitions)
     check_stage_inputs(config)
-    # An empty string is the current folder to the OS: the run would write, and replace data/, there.
-    check_output_dir(output_dir, "output_dir")
+    sources = check_run_paths(inputs, output_dir, output_flag)
     output_url = str(output_dir).rstrip("/") or str(output_dir)
     fs, root = _filesystem(output_url)
-    if fs.exists(root) and not fs.isdir(root):
-        raise NotADirectoryError(f"output_dir {output_dir} exists and is not a folder.")
     settings = json.dumps(config.to_dict(), sort_keys=True, default=str)
     versions = _model_versions(config)
-    sources = discover_inputs(inputs)
-    check_output_apart(inputs, output_url, "output_dir")
-    check_data_replaceable(fs, f"{root}/data", "output_dir")
     if spark is None:
         from pyspark.sql import SparkSession
 
-        spark = SparkSession.getActiveSession() or local_spark_session()
+        spark = SparkSession.getActiveSession() or local_spark_session(spark_master or "local[2]")
     sc = spark.sparkContext
     partitions = num_partitions or 2 * sc.defaultParallelism
     fs.makedirs(root, exist_ok=True)
@@ -363,9 +398,10 @@ def run_spark(
         part_url = f"{output_url}/parts/{_part_name(index)}"
         part_path = f"{root}/parts/{_part_name(index)}"
         # A part is reused only for the same files, unchanged since (size and modification time, or the store's
-        # version), the same configuration and the same models.
+        # version), the same images beside its saved pages, the same configuration and the same models.
         sources_plan = [[s["path"], _source_version(s["path"])] for s in part_sources]
-        plan = {"sources": sources_plan, "config": settings, "versions": versions}
+        images_plan = _images_plan(sc, part_sources, config.parse, partitions)
+        plan = {"sources": sources_plan, "images": images_plan, "config": settings, "versions": versions}
         done = f"{part_path}/_SUCCESS"
         if fs.exists(done) and json.loads(fs.cat(done))["plan"] == plan:
             tally.update(Tally.from_json(json.loads(fs.cat(done))["tally"]))

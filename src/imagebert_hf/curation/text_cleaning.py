@@ -55,8 +55,12 @@ def _combining_marks() -> str:
     return "".join(ranges)
 
 
+_MARKS = _combining_marks()
 # A word: letters of any script, each with its combining marks (ASCII text splits exactly as `[A-Za-z]+` would).
-WORD_PATTERN = rf"(?:[^\W\d_][{_combining_marks()}]*)+"
+WORD_PATTERN = rf"(?:[^\W\d_][{_MARKS}]*)+"
+# Where a word does not go on: neither a letter nor a combining mark before (or after) this point.
+_NO_LETTER_BEFORE = rf"(?<![^\W\d_])(?<![{_MARKS}])"
+_NO_LETTER_AFTER = rf"(?![^\W\d_]|[{_MARKS}])"
 _WORD = re.compile(rf"{WORD_PATTERN}(?:['’]{WORD_PATTERN})?")
 _TOKEN = re.compile(r"\S+")
 _SPACE = re.compile(r"\s+")
@@ -64,8 +68,23 @@ _FILE_EXT = re.compile(r"\.(jpe?g|png|gif|webp|bmp|tiff?|svg|heic|avif)\b", re.I
 _CAMERA_NAME = re.compile(r"^(img|dsc|dscn|dscf|dcim|pict|pic|photo|image|screenshot|scan|p)[\s_\-]*\d{2,}", re.I)
 _SLUG = re.compile(r"^[\w]+([_\-][\w]+){2,}$")
 _URL = re.compile(r"(https?://|www\.|\b[\w\-]+\.(com|net|org|io|co|info|biz|ru|de|uk|html?|php)\b)", re.IGNORECASE)
-_MOJIBAKE = re.compile("(\ufffd|Ã.|â€|Â )")
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+
+
+def _continuation_characters() -> str:
+    """What UTF-8's continuation bytes (0x80-0xBF) become when UTF-8 is read as cp1252 or Latin-1."""
+    found = {chr(byte) for byte in range(0x80, 0xC0)}
+    for byte in range(0x80, 0xC0):
+        found.update(bytes([byte]).decode("cp1252", errors="ignore"))
+    return "".join(sorted(found))
+
+
+# UTF-8 read as cp1252 or Latin-1: "é" becomes "Ã©", "É" "Ã‰", a no-break space "Â" and a space. "Ã" or "Â" before an
+# ASCII letter is no such pair ("SÃO", "NÃO", "CÂMARA"): no continuation byte reads as one.
+_MOJIBAKE = re.compile(rf"\ufffd|â€|[ÃÂ][{re.escape(_continuation_characters())}]|Â(?!\S)")
+# "Ã" then a space or the end is "à" read as cp1252, unless it ends a word in capitals ("IRMÃ", "AMANHÃ").
+_A_TILDE_AT_WORD_END = re.compile(r"Ã(?!\S)")
+# Control characters (C0 but tab and line breaks, DEL, C1), surrogates, private-use characters (icon fonts' glyphs).
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff\ue000-\uf8ff\U000f0000-\U0010ffff]")
 
 
 def normalize_text(text: str) -> str:
@@ -77,12 +96,26 @@ def text_key(text: str) -> str:
     return normalize_text(text).lower().rstrip(" .!")
 
 
+def _has_mojibake(text: str) -> bool:
+    if _MOJIBAKE.search(text):
+        return True
+    return any(m.start() == 0 or not text[m.start() - 1].isupper() for m in _A_TILDE_AT_WORD_END.finditer(text))
+
+
+def _caseless(text: str) -> str:
+    """The form in which phrases are looked for: composed accents (as typed or decomposed), lower case. Not
+    `casefold`: it turns German "aß" into the word "ass"."""
+    return unicodedata.normalize("NFC", text).lower()
+
+
 def _phrase_pattern(phrases: tuple[str, ...]) -> re.Pattern | None:
-    parts = [re.escape(p.lower()) for p in phrases if p.strip()]
+    parts = [re.escape(_caseless(p)) for p in phrases if p.strip()]
     if not parts:
         return None
-    # Whole words only, so "ad" does not match "bread" and "sex" does not match "Essex".
-    return re.compile(r"(?<![a-z])(" + "|".join(sorted(parts, key=len, reverse=True)) + r")(?![a-z])")
+    # Whole words of any script, as `WORD_PATTERN` splits them: "ad" does not match "bread", "sex" not "Essex", "секс"
+    # not "сексуальный", "cafe" not the "café" written with a combining accent.
+    alternatives = "|".join(sorted(parts, key=len, reverse=True))
+    return re.compile(f"{_NO_LETTER_BEFORE}({alternatives}){_NO_LETTER_AFTER}")
 
 
 @functools.lru_cache(maxsize=32)
@@ -134,7 +167,7 @@ def rare_word_ratio(words: list[str], vocabulary: frozenset[str]) -> float:
 
 def check_text(text: str, config: TextCleaningConfig) -> tuple[str | None, float]:
     """The first rule `text` breaks (or None) and its rare-word ratio."""
-    if _CONTROL.search(text) or _MOJIBAKE.search(text):
+    if _CONTROL.search(text) or _has_mojibake(text):
         return "bad_characters", 1.0
     tokens = _TOKEN.findall(text)
     words = _WORD.findall(text)
@@ -149,7 +182,7 @@ def check_text(text: str, config: TextCleaningConfig) -> tuple[str | None, float
         return "too_short", 1.0
     if len(tokens) > config.max_words or len(text) > config.max_chars:
         return "too_long", 1.0
-    lower = text.lower()
+    lower = _caseless(text)
     spam, porn, boilerplate = _patterns(
         tuple(config.spam_phrases), tuple(config.porn_words), tuple(config.boilerplate_phrases)
     )
