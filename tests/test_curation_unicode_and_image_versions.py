@@ -160,3 +160,17 @@ def test_the_runners_name_the_output_folder_as_the_command_does(tmp_path, monkey
     with pytest.raises(NotADirectoryError, match=r"^--output_dir .*afile exists and is not a folder"):
         spark.run_spark([str(crawl)], tmp_path / "afile", spark_master="local[1]", output_flag="--output_dir")
     assert not (crawl / "lait").exists()
+
+
+def test_context_sentences_split_before_capitals_of_any_script():
+    from imagebert_hf.curation.parse import _sentences
+
+    text = 'Vue de Paris. Élégante maison!  Ωραίο σπίτι. Дом у моря. e.g. not here. 3 dogs. "Quoted" one.'
+    assert _sentences(text) == [
+        "Vue de Paris.",
+        "Élégante maison!",
+        "Ωραίο σπίτι.",
+        "Дом у моря. e.g. not here.",
+        "3 dogs.",
+        '"Quoted" one.',
+    ]

@@ -46,7 +46,9 @@ _AD = re.compile(
 _PIXEL = re.compile(r"(?<![a-z])(pixel|beacon|tracking|tracker|track|spacer|blank|1x1|clear\.gif)(?![a-z])")
 _PIXELS = re.compile(r"\s*(\d+)(?:\.\d*)?\s*(?:px)?\s*", re.IGNORECASE)
 _CSS_SIZE = re.compile(r"(?:^|;)\s*(width|height)\s*:\s*(\d+(?:\.\d+)?)px", re.IGNORECASE)
-_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
+# A sentence ends at . ! or ? and the space after it, where the next one starts in capitals (of any script), with a
+# digit, a quote or a parenthesis.
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _SPACE = re.compile(r"\s+")
 _MAIN_TAGS = frozenset({"main", "article"})
 _BOILERPLATE_TAGS = frozenset({"nav", "header", "footer", "aside", "form", "menu"})
@@ -164,7 +166,14 @@ def _real_size(data: bytes) -> tuple[int, int] | None:
 
 
 def _sentences(text: str) -> list[str]:
-    return [s.strip() for s in _SENTENCE.split(text) if s.strip()]
+    pieces, start = [], 0
+    for end in _SENTENCE_END.finditer(text):
+        following = text[end.end() : end.end() + 1]
+        if following.isupper() or following.isdigit() or following in ('"', "'", "("):
+            pieces.append(text[start : end.start()])
+            start = end.end()
+    pieces.append(text[start:])
+    return [s.strip() for s in pieces if s.strip()]
 
 
 def _context_sentences(node, config: ParseConfig, skip: set[str]) -> list[str]:
