@@ -113,7 +113,9 @@ class DataCollatorForImageBERTPretraining(MaskingSettings):
        chosen regions get a zero feature with probability `region_zero_probability` and keep it otherwise.
        `region_feature_targets` holds the features of the chosen regions before masking (MRFR): one row per True of
        `masked_regions`, in its row-major order, `(num_masked, F)`; `region_class_labels` / `region_class_probs`
-       pass through for MOC, which reads them at `masked_regions`.
+       pass through for MOC, which reads them at `masked_regions`. Labels are kept per sample (-100 on the regions of
+       a sample without them); distributions come from every sample or none (a batch where only some samples have
+       them raises ValueError, naming the first without).
     4. Padding of text and regions to the longest in this batch (optionally to a multiple, never beyond
        `max_text_length` / `max_regions`), regions through the shared `pad_region_records`.
 
@@ -143,7 +145,8 @@ class DataCollatorForImageBERTPretraining(MaskingSettings):
         pad_to_max_length (`bool`, defaults to `False`): Pad every batch to `max_text_length` tokens and `max_regions`
             regions (the paper's fixed layout; static shapes for compilers that want them) instead of to the batch's
             own longest sample.
-        return_region_class_probs (`bool`, defaults to `True`): Return `region_class_probs` when features have it.
+        return_region_class_probs (`bool`, defaults to `True`): Return `region_class_probs` when the features have
+            them (MOC's KL targets): every feature of a batch, or none.
         count_failed (`bool`, defaults to `False`): Add `num_failed_records` (dropped `None` features) to the batch.
         num_object_classes (`int`, *optional*): The MOC head's classes; a `region_class_labels` value outside
             `[0, num_object_classes)` (other than -100), or `region_class_probs` of another width, then raises,
@@ -163,9 +166,10 @@ class DataCollatorForImageBERTPretraining(MaskingSettings):
     arrays, one row per region, integer class labels (`check_region_record`, on the whole record, before the cut to
     `max_regions`), non-empty integer token ids within the tokenizer, integer token types within `type_vocab_size`
     and as many as the token ids, class labels within `num_object_classes`, ITM labels 0 or 1 (per sample), finite
-    features, class distributions that sum to 1 (a region without one, all zeros, is refused when
-    `return_region_class_probs`: MOC's KL loss would have no target there) and locations in [0, 1]
-    (`check_region_values`, once over the padded batch). The model checks only shapes.
+    features, class distributions that sum to 1 (a region without one, all zeros, or a sample without them in a batch
+    whose other samples have them, is refused when `return_region_class_probs`: MOC's KL loss would have no target
+    there) and locations in [0, 1] (`check_region_values`, once over the padded batch). The model checks only
+    shapes.
     """
 
     tokenizer: Any
@@ -318,6 +322,7 @@ class DataCollatorForImageBERTPretraining(MaskingSettings):
         samples = [self._prepare(feature) for feature in features if feature is not None]
         if not samples:
             raise ValueError(f"every record of this batch ({num_failed}) failed to load; nothing to collate.")
+        self._check_class_probs_everywhere(samples)
 
         unlabelled = [sample for sample in samples if "itm_labels" not in sample]
         if not unlabelled:
@@ -346,6 +351,21 @@ class DataCollatorForImageBERTPretraining(MaskingSettings):
         if self.count_failed:
             batch["num_failed_records"] = torch.tensor(num_failed)
         return share_batch_tensors(batch)
+
+    def _check_class_probs_everywhere(self, samples: list[dict]) -> None:
+        """With `return_region_class_probs`, a batch's class distributions come from every sample or none: padding
+        keeps them only when every sample has them, so one sample without them would take MOC's KL targets from the
+        whole batch, and a zero row in its place would be a target with nothing to learn."""
+        if not self.return_region_class_probs:
+            return
+        missing = [sample for sample in samples if "region_class_probs" not in sample]
+        if missing and len(missing) < len(samples):
+            raise ValueError(
+                f"sample {missing[0]['image_id']!r} has no region_class_probs but {len(samples) - len(missing)} of "
+                f"the {len(samples)} samples of this batch have them, so MOC with moc_loss_type='kl' has no target "
+                "in its regions; extract every source's regions with class distributions, or pass "
+                "return_region_class_probs=False (moc_loss_type='cross_entropy')."
+            )
 
     def _prepare(self, feature: dict) -> dict:
         if "input_ids" not in feature or "region_features" not in feature or "region_locations" not in feature:
@@ -476,7 +496,8 @@ class DataCollatorForImageBERTPretraining(MaskingSettings):
                 padding,
                 self.max_regions,
                 self.pad_to_multiple_of,
-                return_labels=all("region_class_labels" in s for s in samples),
+                # Per record: one without labels gets -100 (no MOC target), the others keep theirs.
+                return_labels=any("region_class_labels" in s for s in samples),
                 return_probs=True,
                 extra_keys={"masked_regions": False, "_zeroed_regions": False},
                 feature_dtype=self.feature_dtype,

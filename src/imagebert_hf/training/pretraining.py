@@ -50,6 +50,7 @@ from .recipe import (
     LOSS_TASKS,
     ModelSpec,
     Recipe,
+    RecipeError,
     SourceSpec,
     StageSpec,
     check_folder_name,
@@ -271,6 +272,30 @@ def build_source(spec: SourceSpec, feature_size: int) -> tuple[PairSource | Stre
     return source, open_region_store(spec.region_cache)
 
 
+def _check_class_distributions(stage: StageSpec, stores, config) -> None:
+    """Refuses a stage whose model learns MOC from class distributions (`moc_loss_type="kl"`) where a source's
+    regions have none: a region cache written with `store_class_probs=False` (its `cache_info.json` says so), or a
+    synthetic source's annotation regions. Its batches would carry no KL targets and MOC would never be trained,
+    while every other task would."""
+    if config.moc_loss_type != "kl":
+        return
+    for spec, store in zip(stage.sources, stores):
+        if spec.region_cache is None:
+            raise RecipeError(
+                f"stage {stage.name!r}: moc_loss_type 'kl' needs class distributions, but source {spec.name!r} has "
+                "no region_cache and its annotation regions carry none; give it a region_cache extracted with class "
+                "distributions, or set model.config.moc_loss_type: cross_entropy."
+            )
+        info = getattr(store, "info", None) or {}
+        if not info.get("store_class_probs", True):
+            raise RecipeError(
+                f"stage {stage.name!r}: moc_loss_type 'kl' needs class distributions, but the region cache "
+                f"{spec.region_cache} of source {spec.name!r} was written without them (store_class_probs: false in "
+                "its cache_info.json); extract its regions again with class distributions (store_class_probs=True, "
+                "the extraction scripts' default), or set model.config.moc_loss_type: cross_entropy."
+            )
+
+
 def build_stage_data(stage: StageSpec, tokenizer, config, seed: int, num_workers: int = 0, num_processes: int = 1):
     """The stage's mixture sampler, dataset and collator, and a DataLoader over them (not yet prepared).
 
@@ -278,6 +303,7 @@ def build_stage_data(stage: StageSpec, tokenizer, config, seed: int, num_workers
     batches on every process) is grouped by length, so the batches every process pads are short as well.
     """
     sources, stores = zip(*(build_source(spec, config.region_feature_size) for spec in stage.sources))
+    _check_class_distributions(stage, stores, config)
     collator = DataCollatorForImageBERTPretraining(
         tokenizer,
         # The datasets below pick negatives from the whole source and give their itm_labels, which the collator
