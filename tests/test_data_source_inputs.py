@@ -134,12 +134,16 @@ def saved(path, data):
 
 
 BAD_ROWS = [
-    ({"captions": [1, 2]}, None, r", row 0 \(key '0'\): 'captions' must be a string or a list of strings, got int"),
-    ({"captions": [[1, 2]]}, None, r", row 0 \(key '0'\): captions\[0\] must be a string, got int 1"),
+    (
+        {"captions": [1, 2]},
+        None,
+        r", row 0 \(key 'row-0'\): 'captions' must be a string or a list of strings, got int",
+    ),
+    ({"captions": [[1, 2]]}, None, r", row 0 \(key 'row-0'\): captions\[0\] must be a string, got int 1"),
     (
         {"captions": [{"text": "a cat"}]},
         None,
-        r", row 0 \(key '0'\): 'captions' must be a string or a list of strings, got dict",
+        r", row 0 \(key 'row-0'\): 'captions' must be a string or a list of strings, got dict",
     ),
     (
         {"captions": ["a", "b"], "key": ["k", None]},
@@ -224,7 +228,7 @@ def test_a_valid_dataset_reads_as_before(tmp_path):
     path = saved(tmp_path / "lists", {"captions": [["a cat", "a mat"], ["a dog"]], "id": [7, 8]})
     assert DatasetPairSource(path, id_column="id").pairs == [("7", "a cat"), ("7", "a mat"), ("8", "a dog")]
     path = saved(tmp_path / "strings", {"captions": [" a cat ", "a dog"]})
-    assert DatasetPairSource(path).pairs == [("0", " a cat "), ("1", "a dog")]
+    assert DatasetPairSource(path).pairs == [("row-0", " a cat "), ("row-1", "a dog")]
 
 
 # ------------------------------------------------------------------------------------------------ Karpathy files

@@ -74,7 +74,7 @@ def test_dataset_source_from_memory_and_disk(tmp_path):
     assert source.open_image(dataset["image_id"][2]).size == (48, 48)
     dataset.save_to_disk(tmp_path / "saved")
     single = DatasetPairSource(str(tmp_path / "saved"), text_column="captions")
-    assert single.image_keys() == ["0", "1", "2", "3"]
+    assert single.image_keys() == ["row-0", "row-1", "row-2", "row-3"]
     with pytest.raises(ValueError, match="no column 'text'"):
         DatasetPairSource(dataset, text_column="text")
 

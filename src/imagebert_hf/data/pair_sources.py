@@ -26,6 +26,7 @@ from transformers.utils import logging
 from ..formats.manifest import iter_manifest
 from ..models.imagebert.region_batching import check_region_record
 from ..regions.cache_reader import load_region_cache
+from ..regions.cache_writer import dataset_row_key
 from .negatives import choose_hard_caption, choose_negative
 from .synthetic import (
     SWAP_CAPTION_KINDS,
@@ -159,9 +160,35 @@ def _row_captions(key: Any, texts: Any, where: str, text_column: str, id_column:
     return key, captions
 
 
+def _default_row_keys(dataset, image_column: str) -> list[str]:
+    """Each row's key by `dataset_row_key` (the region cache's rule without `key_column`), reading only the image
+    paths: the image bytes stay in the Arrow files."""
+    import datasets
+    import pyarrow as pa
+
+    if image_column not in dataset.column_names:
+        return [dataset_row_key(None, row) for row in range(len(dataset))]
+    column = dataset.select_columns([image_column])
+    if isinstance(column.features[image_column], datasets.Image):
+        column = column.cast_column(image_column, datasets.Image(decode=False))
+    keys = []
+    for batch in column.with_format("arrow").iter(batch_size=10_000):
+        cells = batch.column(image_column).combine_chunks()
+        if pa.types.is_struct(cells.type) and cells.type.get_field_index("path") >= 0:
+            cells = [{"path": path} for path in cells.field("path").to_pylist()]
+        else:
+            cells = cells.to_pylist()
+        keys.extend(dataset_row_key(cell, len(keys)) for cell in cells)
+    return keys
+
+
 class DatasetPairSource(PairSource):
     """Pairs from a `datasets.Dataset` (or a folder saved with `save_to_disk`) with a text column of strings or
     lists of strings: one row per image, or one row per caption with the image's id in `id_column`.
+
+    Without `id_column` a row's key is the one `extract_regions` gives it without `key_column`: its image's path,
+    else `row-<index>` (`dataset_row_key`), so the source finds the regions extracted from the same dataset.
+    `check_region_store` tells, before training, when its keys are not those of a region store.
 
     Captions are checked as `DatasetStream` checks them: null and blank ones are dropped (a row left with none is
     skipped, with a warning counting them), any other value that is not a string raises a `ValueError` naming the
@@ -174,8 +201,11 @@ class DatasetPairSource(PairSource):
         dataset: A `datasets.Dataset`, or the path of one saved with `save_to_disk`.
         text_column (`str`, defaults to `"captions"`): Caption(s) of each row.
         image_column (`str`, defaults to `"image"`): The image (for extraction).
-        id_column (`str`, *optional*): The image key; defaults to the row index as a string.
+        id_column (`str`, *optional*): The image key; defaults to the image path, else `row-<index>`, as
+            `extract_regions` keys a dataset without `key_column`.
         name (`str`, defaults to `"dataset"`): Name used in logs.
+        split (`str`, *optional*): The split to read when `dataset` is a `datasets.DatasetDict` (what
+            `load_dataset(...).save_to_disk` writes); unused for a single `Dataset`.
     """
 
     def __init__(
@@ -185,12 +215,13 @@ class DatasetPairSource(PairSource):
         image_column: str = "image",
         id_column: str | None = None,
         name: str = "dataset",
+        split: str | None = None,
     ):
+        import datasets
+
         where = f"dataset source {name!r}"
         if isinstance(dataset, (str, Path)):
             where = f"{where} ({dataset})"
-            import datasets
-
             try:
                 dataset = datasets.load_from_disk(str(dataset))
             except FileNotFoundError as error:
@@ -200,12 +231,24 @@ class DatasetPairSource(PairSource):
                     f"{where}: cannot load the saved dataset ({type(error).__name__}: {str(error)[:300]}); was it "
                     "written by save_to_disk and left unchanged?"
                 ) from error
+        if isinstance(dataset, datasets.DatasetDict):
+            if split not in dataset:
+                given = "no split was given" if split is None else f"split {split!r} is not one of them"
+                raise ValueError(
+                    f"{where} is a DatasetDict of the splits {list(dataset)} and {given}; set split to the one to "
+                    "read."
+                )
+            dataset = dataset[split]
+            where = f"{where}, split {split!r}"
         for column in (text_column, id_column):
             if column is not None and column not in dataset.column_names:
-                raise ValueError(f"the dataset has no column {column!r}; its columns are {dataset.column_names}.")
+                raise ValueError(
+                    f"{where}: the dataset has no column {column!r}; its columns are {dataset.column_names}."
+                )
         self.dataset = dataset
         self.image_column = image_column
-        keys = dataset[id_column] if id_column else [str(i) for i in range(len(dataset))]
+        self.id_column = id_column
+        keys = dataset[id_column] if id_column else _default_row_keys(dataset, image_column)
         self._where = where
         self._rows: dict[str, list[int]] = {}
         pairs, captionless = [], []
@@ -226,6 +269,31 @@ class DatasetPairSource(PairSource):
                 captionless[0],
             )
         super().__init__(name, pairs)
+
+    def check_region_store(self, store: Mapping[str, Any], num_keys: int = 8) -> None:
+        """Raises a `ValueError` when none of the first `num_keys` image keys is in `store` (a key whose image
+        failed extraction counts as present): every sample would then be skipped. The message names the keys on
+        both sides and the key rule to change (`id_column`)."""
+        keys = self.image_keys()[:num_keys]
+        failed = getattr(store, "errors", {})
+        if any(key in store or key in failed for key in keys):
+            return
+        theirs = [key for key, _ in zip(store, range(3))]
+        named = f"the region cache {store.path}" if hasattr(store, "path") else "its region store"
+        if self.id_column is None:
+            rule = (
+                "keyed by image path, else row-<index> (no id_column); if the cache was built with a key_column, set "
+                "id_column to that column"
+            )
+        else:
+            rule = (
+                f"keyed by its column {self.id_column!r} (id_column); set id_column to the column the cache was built "
+                "with (extract_regions' key_column), or leave it unset if the cache was built without one"
+            )
+        raise ValueError(
+            f"{self._where}: none of its first {len(keys)} image keys {keys[:3]} is in {named}, whose keys look "
+            f"like {theirs}; the source is {rule}."
+        )
 
     def open_image(self, key: str):
         rows = self._rows[key]

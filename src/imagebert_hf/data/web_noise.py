@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..formats.files import atomic_write_text
+from ..formats.files import atomic_write_text, loads_json
+from ..formats.manifest import read_manifest
 from .synthetic import corrupt_captions
 
 
@@ -99,22 +100,33 @@ def write_noisy_manifest(
 ) -> list[dict[str, Any]]:
     """Writes a copy of a jsonl manifest whose captions are replaced by `noisy_captions(lines)`, atomically.
 
-    Every other field of a line (the image path, its split, boxes) is kept, so the copy reads the same region cache
-    (whose keys are the manifest's image paths).
+    The manifest is read as the package's manifest reader reads it: a malformed line raises `ManifestError` naming
+    `file:line` and the field before anything is written. Every other field of a line (the image path, its split,
+    boxes) is kept, so the copy reads the same region cache (whose keys are the manifest's image paths); the captions
+    are written as `"captions"`, a list, whether the line gave `"captions"` or one `"caption"`.
 
     Args:
         manifest: The clean `captions.jsonl`.
         output: Where the noisy manifest goes.
-        noisy_captions: Given the kept lines (dicts, in order), the captions of each line in the copy.
+        noisy_captions: Given the kept lines (dicts, in order, each with its `"captions"` list), the captions of
+            each line in the copy.
         splits: Keep only lines whose `"split"` is one of these (None: every line).
 
     Returns:
         The lines written.
     """
     manifest = Path(manifest)
+    # No image is opened here and the copy keeps each path as written: whoever reads the copy applies the image
+    # root rule.
+    records = read_manifest(manifest, allow_outside_root=True)
+    # The lines as written, for the fields the records parse (objects) or leave out; every line parsed above.
     with open(manifest, encoding="utf-8") as handle:
-        lines = [json.loads(line) for line in handle if line.strip()]
-    lines = [line for line in lines if splits is None or line.get("split") in splits]
+        raw = [loads_json(line) for line in handle if line.strip()]
+    lines = [
+        {**{key: value for key, value in line.items() if key != "caption"}, "captions": list(record.captions)}
+        for line, record in zip(raw, records)
+        if splits is None or record.extra.get("split") in splits
+    ]
     captions = noisy_captions(lines)
     if len(captions) != len(lines):
         raise ValueError(

@@ -102,6 +102,17 @@ def _manifest_items(
     ]
 
 
+def dataset_row_key(image: Any, row_index: int) -> str:
+    """The key of a dataset row without a key column: its image's path (a string cell, or the `"path"` of an
+    undecoded `datasets.Image` cell), else `row-<index>`. `DatasetPairSource` keys its rows by this same rule, so a
+    source without `id_column` finds the regions `extract_regions` wrote for its dataset without `key_column`."""
+    if isinstance(image, str):
+        return image
+    if isinstance(image, dict) and image.get("path"):
+        return str(image["path"])
+    return f"row-{row_index}"
+
+
 def _dataset_items(dataset, image_column: str, key_column: str | None, boxes_column: str | None, box_format: str):
     from datasets import Image as ImageFeature
 
@@ -112,14 +123,7 @@ def _dataset_items(dataset, image_column: str, key_column: str | None, boxes_col
     items = []
     for row_index, row in enumerate(dataset.select_columns(columns)):
         image = row[image_column]
-        if key_column:
-            key = str(row[key_column])
-        elif isinstance(image, str):
-            key = image
-        elif isinstance(image, dict) and image.get("path"):
-            key = str(image["path"])
-        else:
-            key = f"row-{row_index}"
+        key = str(row[key_column]) if key_column else dataset_row_key(image, row_index)
         boxes = row[boxes_column] if boxes_column else None
         try:
             boxes = as_boxes(boxes, box_format) if boxes is not None and len(boxes) else None
@@ -959,4 +963,11 @@ def _link_or_copy(source: str, target: str) -> None:
         shutil.copy2(source, target)
 
 
-__all__ = ["CacheReport", "extract_regions", "launch_process", "merge_region_caches", "shards_of"]
+__all__ = [
+    "CacheReport",
+    "dataset_row_key",
+    "extract_regions",
+    "launch_process",
+    "merge_region_caches",
+    "shards_of",
+]

@@ -251,7 +251,9 @@ def build_source(spec: SourceSpec, feature_size: int) -> tuple[PairSource | Stre
             **_fields(spec, "image_root", "splits", "key_field", "max_captions_per_image", "allow_outside_root"),
         )
     elif spec.type == "hf_dataset":
-        source = DatasetPairSource(spec.path, spec.text_column, spec.image_column, spec.id_column, name=spec.name)
+        source = DatasetPairSource(
+            spec.path, spec.text_column, spec.image_column, spec.id_column, name=spec.name, split=spec.split
+        )
     elif spec.type == "webdataset":
         source = WebDatasetPairSource(spec.path, name=spec.name)
     else:
@@ -269,7 +271,10 @@ def build_source(spec: SourceSpec, feature_size: int) -> tuple[PairSource | Stre
             f"region cache {spec.region_cache} of source {spec.name!r} does not exist; build it with "
             "examples/extract_regions.py (or imagebert_hf.regions.extract_regions) first."
         )
-    return source, open_region_store(spec.region_cache)
+    store = open_region_store(spec.region_cache)
+    if isinstance(source, DatasetPairSource):
+        source.check_region_store(store)
+    return source, store
 
 
 def _check_class_distributions(stage: StageSpec, stores, config) -> None:
