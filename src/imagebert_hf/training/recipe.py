@@ -64,6 +64,7 @@ class SourceSpec:
     region_cache: str | None = None
     # webdataset, hf_dataset: read as a stream (never listed in memory; the stage then needs max_steps)
     streaming: bool = False
+    # hf_dataset: the split of a stream, or of a saved DatasetDict
     split: str = "train"
     # manifest
     image_root: str | None = None
