@@ -23,11 +23,12 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
-from ..formats.manifest import iter_manifest
+from ..formats.manifest import ID_KEYS, ManifestError, ManifestRecord, iter_manifest
 from ..models.imagebert.region_batching import check_region_record
-from ..regions.cache_reader import load_region_cache
+from ..regions.cache_reader import RegionCache, RegionCacheError, load_region_cache
 from ..regions.cache_writer import dataset_row_key
 from .negatives import choose_hard_caption, choose_negative
+from .retrieval_corpus import same_image_groups
 from .synthetic import (
     SWAP_CAPTION_KINDS,
     corrupt_captions,
@@ -88,6 +89,17 @@ class ManifestPairSource(PairSource):
     """Pairs from a jsonl manifest: one image per line with `"image"` (a path relative to the manifest's folder or
     `image_root`) and `"captions"` (a list, or `"caption"`, a string).
 
+    Lines of one image are pooled, by the rule evaluation merges them with (`merge_duplicate_images`): lines that
+    share the key, the id (`ManifestRecord.image_id`: `image_id`, else `coco_id`, else the path as written) or the
+    image file (normalised: `./images/a.jpg` is `images/a.jpg`) are one image, under the first line's key. A later
+    line adds only the captions the image does not hold yet, and the cut to `max_captions_per_image` applies to the
+    pooled captions; a warning counts the lines pooled and the captions dropped. An image listed twice would
+    otherwise be trained on twice as often, past `max_captions_per_image`.
+
+    A key read from another field (`key_field`) must be a non-empty string or an integer, on every line kept; a
+    line without it, and an integer id that reads as another line's string id (`1` and `"1"`: one key once written
+    as text), raise `ManifestError` naming `file:line`.
+
     Args:
         manifest (`str` or `Path`): The `captions.jsonl` file.
         image_root (`str` or `Path`, *optional*): Folder the `"image"` paths are relative to (the manifest's).
@@ -111,15 +123,53 @@ class ManifestPairSource(PairSource):
         manifest = Path(manifest)
         if not manifest.is_file():
             raise FileNotFoundError(f"manifest {manifest} does not exist.")
-        self._paths: dict[str, Path] = {}
-        pairs = []
+        records, keys, names = [], [], []
+        # Id as text -> (value, field, where) of its first line: the keys, and the ids evaluation merges lines by.
+        keys_as_text: dict[str, tuple[Any, str, str]] = {}
+        ids_as_text: dict[str, tuple[Any, str, str]] = {}
         for record in iter_manifest(manifest, image_root, allow_outside_root):
             if splits is not None and record.extra.get("split") not in splits:
                 continue
             # The region cache keys items by the manifest's image path, the default key here too.
-            key = record.image if key_field == "image" else str(record.extra[key_field])
-            self._paths[key] = record.image_path
-            pairs.extend((key, caption) for caption in record.captions[:max_captions_per_image])
+            key = record.image if key_field == "image" else _manifest_key(record, key_field, keys_as_text)
+            id_field = next((field for field in ID_KEYS if record.extra.get(field) is not None), None)
+            if id_field is not None:
+                _check_id_text(record.extra[id_field], id_field, record.where, ids_as_text)
+            records.append(record)
+            keys.append(key)
+            names.append(
+                [("key", key), ("id", record.image_id), ("file", os.path.normpath(os.fspath(record.image_path)))]
+            )
+        self._paths: dict[str, Path] = {}
+        captions_of: dict[str, list[str]] = {}
+        pooled, dropped, first = 0, 0, None
+        groups = same_image_groups(names)
+        group_keys: list[str] = []
+        for record, key, group in zip(records, keys, groups):
+            if group == len(group_keys):
+                group_keys.append(key)
+                self._paths[key] = record.image_path
+                captions_of[key] = list(record.captions)
+                continue
+            target = captions_of[group_keys[group]]
+            held = {_caption_text(caption) for caption in target}
+            new = [caption for caption in record.captions if _caption_text(caption) not in held]
+            pooled, dropped = pooled + 1, dropped + len(record.captions) - len(new)
+            first = first or (record.where, record.image, group_keys[group])
+            target.extend(new)
+        if pooled:
+            logger.warning(
+                "manifest %s: %d line(s) repeat an image of an earlier line (first: %s, image %r, pooled with %r); "
+                "their captions were pooled with that image's, %d repeated caption(s) dropped, so each image is "
+                "trained on as often as the others.",
+                manifest,
+                pooled,
+                *first,
+                dropped,
+            )
+        pairs = [
+            (key, caption) for key, captions in captions_of.items() for caption in captions[:max_captions_per_image]
+        ]
         super().__init__(name or manifest.parent.name, pairs)
 
     def image_path(self, key: str) -> Path:
@@ -130,6 +180,40 @@ class ManifestPairSource(PairSource):
 
         with Image.open(self._paths[key]) as image:
             return image.convert("RGB")
+
+
+def _caption_text(caption: str) -> str:
+    """A caption as the tokenizer reads it: spacing aside."""
+    return " ".join(caption.split())
+
+
+def _check_id_text(value: Any, field: str, where: str, ids_as_text: dict[str, tuple[Any, str, str]]) -> None:
+    """Refuses an integer id that reads as a string id of an earlier line (or the reverse): keys and gallery ids are
+    compared as text, so `1` and `"1"` would be one image without a word."""
+    text = str(value)
+    earlier = ids_as_text.setdefault(text, (value, field, where))
+    if type(earlier[0]) is not type(value):
+        kinds = {int: "an integer", str: "a string"}
+        raise ManifestError(
+            f"{where}: {field!r} is {value!r} ({kinds[type(value)]}), but {earlier[2]} gives {earlier[1]!r} "
+            f"{earlier[0]!r} ({kinds[type(earlier[0])]}); ids are compared as text, so these would be one image. "
+            "Write every id as a string, or every id as an integer."
+        )
+
+
+def _manifest_key(record: ManifestRecord, key_field: str, ids_as_text: dict[str, tuple[Any, str, str]]) -> str:
+    """The image key of a manifest line read from `key_field`; `ManifestError` naming `file:line` for a line without
+    it or whose value is not a non-empty string or an integer."""
+    if record.extra.get(key_field) is None:
+        raise ManifestError(f"{record.where}: no {key_field!r} (the source's key_field, the image key)")
+    value = record.extra[key_field]
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or (isinstance(value, str) and not value.strip()):
+        raise ManifestError(
+            f"{record.where}: {key_field!r} (the source's key_field) must be a non-empty string or an integer, got "
+            f"{value!r:.60}"
+        )
+    _check_id_text(value, key_field, record.where, ids_as_text)
+    return str(value)
 
 
 def _row_captions(key: Any, texts: Any, where: str, text_column: str, id_column: str | None) -> tuple[str, list[str]]:
@@ -791,6 +875,43 @@ def _stored_region_count(store: Mapping[str, dict], key: str, max_regions: int) 
         return None
 
 
+def _cache_row(store: Mapping[str, dict], key: str) -> int | None:
+    """The row of `key` in a region cache, which stores each picture once (it deduplicates by content): keys of one
+    row name one picture, a byte-identical copy under another file name included. None when `store` is no region
+    cache or cannot say (a missing key, a damaged shard: the sample is skipped, and counted, when loaded)."""
+    if not isinstance(store, RegionCache) or not isinstance(key, str):
+        return None
+    try:
+        return store._find(key)
+    except RegionCacheError:
+        return None
+
+
+def _picture_numbers(source: PairSource, store: Mapping[str, dict]) -> np.ndarray | None:
+    """One number per pair of `source` naming the picture it shows: its region-cache row, so that ITM negatives
+    compare pictures rather than names. A key the cache cannot place gets a number of its own (negative). None when
+    the store is no region cache: names are compared then, as nothing tells two names of one picture apart."""
+    if not isinstance(store, RegionCache):
+        return None
+    number_of: dict[str, int] = {}
+    row_keys: dict[int, str] = {}
+    shared = []
+    for key in source.image_keys():
+        row = _cache_row(store, key)
+        number_of[key] = -1 - len(number_of) if row is None else row
+        if row is not None and row_keys.setdefault(row, key) != key:
+            shared.append((key, row_keys[row]))
+    if shared:
+        logger.warning(
+            "source %r: %d image key(s) name the picture of another key (first: %r is %r, one row of the region "
+            "cache); ITM negatives never pair a caption with regions of its own picture.",
+            source.name,
+            len(shared),
+            *shared[0],
+        )
+    return np.fromiter((number_of[key] for key, _ in source.pairs), dtype=np.int64, count=len(source))
+
+
 class _WarningBudget:
     """Logs the first `limit` warnings of skipped records, then counts the rest silently."""
 
@@ -1009,9 +1130,13 @@ class PretrainingPairDataset(torch.utils.data.Dataset):
     Indexed by what `MixtureSampler` yields, `(flat_index, sample_seed)` (a plain int index also works, with the
     index as seed). With probability `itm_negative_probability` the sample becomes a negative: its caption (share
     `text_negative_share`) or its regions are replaced by those of a random pair of the same source showing another
-    image. A source with a `hard_negative_share` (`SyntheticPairSource(swap_negatives=...)`) turns that share of
-    its negatives into hard ones: the sample's own image with one of its `hard_negative_captions`. A record whose
-    regions cannot be loaded gives `None` (the collator drops and counts it) and a warning.
+    image. With a region cache as the store, images are told apart by their cache row, not their key: the cache
+    stores a picture once (it deduplicates by content), so a copy of a file under another name is never a negative
+    of the original (each source key is placed once, when the dataset is built, with a warning counting the keys
+    that share a picture; another store compares keys). A source with a `hard_negative_share`
+    (`SyntheticPairSource(swap_negatives=...)`) turns that share of its negatives into hard ones: the sample's own
+    image with one of its `hard_negative_captions`. A record whose regions cannot be loaded gives `None` (the
+    collator drops and counts it) and a warning.
 
     Args:
         sources (`Sequence[PairSource]`): The sources, in mixture order.
@@ -1055,6 +1180,7 @@ class PretrainingPairDataset(torch.utils.data.Dataset):
         self._cached: OrderedDict[tuple[int, str], dict[str, Any]] = OrderedDict()
         self._token_count_cache: dict[int, np.ndarray] = {}  # per source; -1 until first asked for
         self._region_count_cache: dict[tuple[int, str], int] = {}
+        self._pictures = [_picture_numbers(source, store) for source, store in zip(self.sources, self.region_stores)]
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -1090,14 +1216,14 @@ class PretrainingPairDataset(torch.utils.data.Dataset):
         Every random choice comes from `sample_seed`, so `sample_lengths` can replay it without loading anything.
         """
         source_index, pair = self._locate(index)
-        source = self.sources[source_index]
+        source, pictures = self.sources[source_index], self._pictures[source_index]
         key = source[pair][0]
         rng = np.random.default_rng([sample_seed, 17])
         negative = choose_negative(
             rng,
-            key,
+            key if pictures is None else int(pictures[pair]),
             len(source),
-            lambda other: source[other][0],
+            (lambda other: source[other][0]) if pictures is None else (lambda other: int(pictures[other])),
             self.itm_negative_probability,
             self.text_negative_share,
         )
@@ -1190,7 +1316,8 @@ class PretrainingPairDataset(torch.utils.data.Dataset):
 
 class StreamingPretrainingDataset(torch.utils.data.IterableDataset):
     """Pretraining samples from streaming sources: pairs mixed by weight, joined to their regions by image key, ITM
-    negatives drawn from a buffer of recent pairs of the same source, and grouped by length pool by pool.
+    negatives drawn from a buffer of recent pairs of the same source (showing another picture: with a region cache,
+    another cache row, as in `PretrainingPairDataset`), and grouped by length pool by pool.
 
     Each process and DataLoader worker reads its own part of every source (see `StreamingPairSource`) and draws
     from its own generator (seeded by `seed`, the process rank and the worker id); sources start again at their
@@ -1282,11 +1409,14 @@ class StreamingPretrainingDataset(torch.utils.data.IterableDataset):
                 ) from None
             region_key, text, label = key, caption, 1
             candidates = recent[source_index]
+            # The picture, not the name: a region cache holds one row for every name of a picture.
+            row = _cache_row(self.region_stores[source_index], key)
+            picture = ("key", key) if row is None else ("row", row)
             negative = choose_negative(
                 rng,
-                key,
+                picture,
                 len(candidates),
-                lambda other: candidates[other][0],
+                lambda other: candidates[other][2],
                 self.itm_negative_probability,
                 self.text_negative_share,
             )
@@ -1296,7 +1426,7 @@ class StreamingPretrainingDataset(torch.utils.data.IterableDataset):
                     text = candidates[negative.partner][1]
                 else:
                     region_key = candidates[negative.partner][0]
-            candidates.append((key, caption))
+            candidates.append((key, caption, picture))
             pool.append((source_index, region_key, text, label, int(rng.integers(0, 2**62))))
             if len(pool) >= max(self.pool_size, 1):
                 yield from self._emit(pool, rng)

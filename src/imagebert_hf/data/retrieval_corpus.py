@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,44 +190,100 @@ def _image_file(record: Mapping) -> str | None:
     return None
 
 
+def same_image_groups(names: Iterable[Iterable[Hashable | None]]) -> list[int]:
+    """The image each item shows, by the names it goes by: an item that shares a name with an earlier item is that
+    item's image, else a new one. Returns one group number per item, groups numbered in first-seen order (an item
+    sharing names with two earlier images joins the first of them). `None` names match nothing.
+
+    Names of different kinds are told apart by the caller, e.g. `("id", "1")` and `("file", "x/a.jpg")`: the rule
+    of `merge_duplicate_images` (one image per id, and per file) and of `ManifestPairSource`."""
+    first_of: dict[Hashable, int] = {}
+    groups: list[int] = []
+    count = 0
+    for item_names in names:
+        item_names = [name for name in item_names if name is not None]
+        matches = [first_of[name] for name in item_names if name in first_of]
+        if matches:
+            group = min(matches)
+        else:
+            group, count = count, count + 1
+        for name in item_names:
+            first_of.setdefault(name, group)
+        groups.append(group)
+    return groups
+
+
+def _pool_groups(records: Sequence[Mapping], groups: Sequence[int]) -> tuple[list[dict], list[int], list[int]]:
+    """The first record of each group, with the captions of the group's later records added to it; the positions
+    of the records kept, and of those merged into another."""
+    merged: list[dict] = []
+    kept, pooled = [], []
+    for number, (record, group) in enumerate(zip(records, groups)):
+        if group == len(merged):
+            merged.append(dict(record))
+            kept.append(number)
+        else:
+            target = merged[group]
+            target["captions"] = list(target["captions"]) + list(record["captions"])
+            pooled.append(number)
+    return merged, kept, pooled
+
+
 def merge_duplicate_images(records: Sequence[Mapping]) -> list[Mapping]:
-    """Each image once: a record whose `image_id` or image file (`image`, else `manifest_image`) came earlier has
-    its captions added to the first record of that id or file, with a warning naming them. An image listed twice
-    would otherwise be two gallery items, each a wrong answer for the other's captions, which lowers recall without
-    a word; the same rule serves full-ranking and zero-shot evaluation, so both rank the same gallery."""
-    first_of_id: dict[str, int] = {}
-    first_of_file: dict[str, int] = {}
-    merged: list[Mapping] = []
-    repeated: list[str] = []
+    """Each image once: a record whose `image_id` or image file (`image`, else `manifest_image`, compared as
+    normalised paths: `./a.jpg` is `a.jpg`) came earlier has its captions added to the first record of that id or
+    file, with a warning naming them. An image listed twice would otherwise be two gallery items, each a wrong
+    answer for the other's captions, which lowers recall without a word; the same rule serves full-ranking and
+    zero-shot evaluation, so both rank the same gallery."""
+    names = []
     for number, record in enumerate(records):
         if not isinstance(record, Mapping) or "image_id" not in record or "captions" not in record:
             raise ValueError(f"record {number} must be a dict with 'image_id' and 'captions', got {record!r:.200}.")
+        image_file = _image_file(record)
+        names.append(
+            [("id", str(record["image_id"])), None if image_file is None else ("file", os.path.normpath(image_file))]
+        )
+    groups = same_image_groups(names)
+    merged, kept, pooled = _pool_groups(records, groups)
+    if pooled:
+        record, target = records[pooled[0]], merged[groups[pooled[0]]]
         image_id, image_file = str(record["image_id"]), _image_file(record)
-        matches = [first_of_id.get(image_id), first_of_file.get(image_file) if image_file is not None else None]
-        matches = [index for index in matches if index is not None]
-        if matches:
-            index = min(matches)
-            target = merged[index]
-            target["captions"] = list(target["captions"]) + list(record["captions"])
-            if str(target["image_id"]) == image_id:
-                repeated.append(repr(image_id))
-            else:
-                shown = f"image {image_file}, " if image_file is not None else ""
-                repeated.append(f"{image_id!r} ({shown}merged into {str(target['image_id'])!r})")
+        if str(target["image_id"]) == image_id:
+            first = repr(image_id)
         else:
-            index = len(merged)
-            merged.append(dict(record))
-        first_of_id.setdefault(image_id, index)
-        if image_file is not None:
-            first_of_file.setdefault(image_file, index)
-    if repeated:
+            shown = f"image {image_file}, " if image_file is not None else ""
+            first = f"{image_id!r} ({shown}merged into {str(target['image_id'])!r})"
         logger.warning(
             "%d record(s) repeat an image listed earlier (first: %s); their captions were merged into the first "
             "record of that image, so each image is one gallery item.",
-            len(repeated),
-            repeated[0],
+            len(pooled),
+            first,
         )
     return merged
+
+
+def _merge_same_pictures(records: list[dict], pictures: Sequence[Hashable | None]) -> list[int] | None:
+    """Merges (in place, into `records`' first of each) records whose regions are one region-cache row: the cache
+    stores a picture once whatever its names (it deduplicates by content), so a byte-identical copy under another
+    file name or id is the same picture, and two gallery items of it would each be a wrong answer for the other's
+    captions. Returns the positions kept (None when no two records share a row), after a warning naming them."""
+    groups = same_image_groups([[("picture", picture)] if picture is not None else [] for picture in pictures])
+    if len(set(groups)) == len(groups):
+        return None
+    merged, kept, pooled = _pool_groups(records, groups)
+    record, target = records[pooled[0]], merged[groups[pooled[0]]]
+    shown = _image_file(record)
+    logger.warning(
+        "%d record(s) show the picture of an earlier record under another id or file (first: %r%s, merged into "
+        "%r): the region cache holds one row for both; their captions were merged into the first record of that "
+        "picture, so each picture is one gallery item.",
+        len(pooled),
+        str(record["image_id"]),
+        f" (image {shown})" if shown is not None else "",
+        str(target["image_id"]),
+    )
+    records[:] = merged
+    return kept
 
 
 def stack_region_records(records: Sequence[Mapping], max_regions: int | None = None) -> dict[str, torch.Tensor]:
@@ -284,7 +340,10 @@ class RetrievalCorpus:
                 `region_cache_lookup(load_region_cache(path))`), or a sequence aligned with `records`, all stacked
                 into memory; or a `RegionBatches` gallery aligned with `records` (`cache.gallery(keys)`), kept as
                 it is (see `from_region_cache`). Records whose regions carry an `error` are rejected with their id,
-                rather than silently dropped: filter them out before building the corpus.
+                rather than silently dropped: filter them out before building the corpus. Records whose regions are
+                one region-cache row (the cache stores a picture once, so a copy of a file under another name or id
+                is that row too; a row's `cache_key`, a gallery's row) are merged into the first of them with a
+                warning, as `merge_duplicate_images` merges records of one id or file.
             max_text_length: tokens per caption, [CLS] and [SEP] included.
             max_regions: most regions per image (a gallery applies its own `max_regions`).
             captions_per_image: keep the first captions of each image only (COCO has a few images with 6 or 7;
@@ -300,8 +359,40 @@ class RetrievalCorpus:
                     f"image_id {repeated!r} is listed more than once, and the regions are aligned with the records: "
                     "merge the records first (merge_duplicate_images) so that each image is one gallery item."
                 )
+            records = [dict(record) for record in records]
         else:
             records = merge_duplicate_images(records)
+        region_records = None
+        if is_region_batches(regions):
+            if len(regions) != len(records):
+                raise ValueError(f"the region gallery has {len(regions)} images; the records have {len(records)}.")
+            if max_regions is not None and getattr(regions, "max_regions", max_regions) != max_regions:
+                raise ValueError(
+                    f"max_regions={max_regions}, but the gallery keeps {regions.max_regions}: set it on the gallery "
+                    "(cache.gallery(keys, max_regions))."
+                )
+            # A region cache's gallery: one row per picture, whatever names the records give it.
+            rows = getattr(regions, "rows", None)
+            kept = None if rows is None else _merge_same_pictures(records, [int(row) for row in rows])
+            if kept is not None:
+                regions = GallerySubset(regions, kept)
+        elif regions is not None:
+            if isinstance(regions, Mapping):
+                region_records = [regions[str(record["image_id"])] for record in records]
+            elif callable(regions):
+                region_records = [regions(record) for record in records]
+            else:
+                region_records = list(regions)
+                if len(region_records) != len(records):
+                    raise ValueError(f"{len(region_records)} region records for {len(records)} images.")
+            failed = [(r.get("image_id"), r.get("error")) for r in region_records if r.get("error")]
+            if failed:
+                raise ValueError(f"{len(failed)} image(s) have no regions (first: {failed[0][0]}: {failed[0][1]}).")
+            # Rows of a region cache carry the key they are stored under: one per picture.
+            pictures = [r.get("cache_key") if isinstance(r.get("cache_key"), str) else None for r in region_records]
+            kept = _merge_same_pictures(records, pictures)
+            if kept is not None:
+                region_records = [region_records[index] for index in kept]
         image_ids, texts, text_to_image = [], [], []
         for index, record in enumerate(records):
             captions = list(record["captions"])[:captions_per_image]
@@ -314,26 +405,8 @@ class RetrievalCorpus:
         if tokenizer is not None:
             corpus.text_inputs = tokenize_texts(tokenizer, texts, max_text_length)
         if is_region_batches(regions):
-            if len(regions) != len(image_ids):
-                raise ValueError(f"the region gallery has {len(regions)} images; the records have {len(image_ids)}.")
-            if max_regions is not None and getattr(regions, "max_regions", max_regions) != max_regions:
-                raise ValueError(
-                    f"max_regions={max_regions}, but the gallery keeps {regions.max_regions}: set it on the gallery "
-                    "(cache.gallery(keys, max_regions))."
-                )
             corpus.region_inputs = regions
-        elif regions is not None:
-            if isinstance(regions, Mapping):
-                region_records = [regions[image_id] for image_id in image_ids]
-            elif callable(regions):
-                region_records = [regions(record) for record in records]
-            else:
-                region_records = list(regions)
-                if len(region_records) != len(image_ids):
-                    raise ValueError(f"{len(region_records)} region records for {len(image_ids)} images.")
-            failed = [(r.get("image_id"), r.get("error")) for r in region_records if r.get("error")]
-            if failed:
-                raise ValueError(f"{len(failed)} image(s) have no regions (first: {failed[0][0]}: {failed[0][1]}).")
+        elif region_records is not None:
             corpus.region_inputs = stack_region_records(region_records, max_regions)
         return corpus
 
@@ -350,7 +423,8 @@ class RetrievalCorpus:
         """A corpus whose regions stay in the region cache: `region_inputs` is a `RegionGallery` (a row number and a
         region count per image) that reads each batch's regions from the memory-mapped shards, so the gallery's
         features are never copied into RAM. Scores, mined negatives and batches equal those of the stacked corpus
-        `from_records(records, tokenizer, region_cache_lookup(cache), ...)`.
+        `from_records(records, tokenizer, region_cache_lookup(cache), ...)`, whose records are merged by the same
+        rules: by id or file, then by cache row (one picture under several names is one gallery item).
 
         Args:
             records: image records, found in the cache by their manifest path, image path or id (as
@@ -684,6 +758,7 @@ __all__ = [
     "merge_duplicate_images",
     "region_cache_key",
     "region_cache_lookup",
+    "same_image_groups",
     "stack_region_records",
     "tokenize_texts",
 ]
