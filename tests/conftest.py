@@ -70,3 +70,15 @@ def cache_copy(cache_folder, tmp_path):
     copy = tmp_path / "cache"
     shutil.copytree(cache_folder, copy)
     return copy
+
+
+@pytest.fixture(scope="module")
+def spark():
+    """A one-core local Spark session for the module's tests (skipped without pyspark), stopped after them."""
+    pytest.importorskip("pyspark")
+    from imagebert_hf.curation.spark import local_spark_session
+
+    session = local_spark_session("local[1]", shuffle_partitions=1)
+    session.sparkContext.setLogLevel("ERROR")
+    yield session
+    session.stop()

@@ -272,17 +272,6 @@ def test_model_versions_follow_the_files_the_config_names(tmp_path):
     assert _model_versions(_config()) != first  # the packaged files
 
 
-@pytest.fixture(scope="module")
-def spark():
-    pytest.importorskip("pyspark")
-    from imagebert_hf.curation.spark import local_spark_session
-
-    session = local_spark_session("local[1]", shuffle_partitions=1)
-    session.sparkContext.setLogLevel("ERROR")
-    yield session
-    session.stop()
-
-
 @require_module("pyspark")
 def test_a_spark_rerun_redoes_a_part_whose_input_was_rewritten(spark, tmp_path):
     from imagebert_hf.curation.spark import run_spark

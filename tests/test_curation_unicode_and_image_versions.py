@@ -78,17 +78,6 @@ def test_phrases_match_whole_words_of_any_script():
         assert check_text(text, config)[0] == ("spam" if found else None), (phrase, text)
 
 
-@pytest.fixture(scope="module")
-def spark():
-    pytest.importorskip("pyspark")
-    from imagebert_hf.curation.spark import local_spark_session
-
-    session = local_spark_session("local[1]", shuffle_partitions=1)
-    session.sparkContext.setLogLevel("ERROR")
-    yield session
-    session.stop()
-
-
 @require_module("pyspark")
 @require_module("resiliparse")
 @require_module("fastwarc")

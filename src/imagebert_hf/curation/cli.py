@@ -120,19 +120,18 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--runner must be local or spark, got {run.runner!r}")
         check_inputs_given(run)
         logging.basicConfig(level=run.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        # What both runners take alike: the pairs are counted, not loaded; a run that reads no page is an error.
+        shared = {
+            "batch_size": run.batch_size,
+            "require_pages": True,
+            "load_result": False,
+            "output_flag": "--output_dir",
+        }
         if run.runner == "local":
             from .pipeline import run_local
 
             result = run_local(
-                run.inputs,
-                run.output_dir,
-                config,
-                num_proc=run.num_proc,
-                batch_size=run.batch_size,
-                rows_per_shard=run.rows_per_shard,
-                require_pages=True,
-                load_result=False,
-                output_flag="--output_dir",
+                run.inputs, run.output_dir, config, num_proc=run.num_proc, rows_per_shard=run.rows_per_shard, **shared
             )
         else:
             from .spark import run_spark
@@ -143,11 +142,8 @@ def main(argv: list[str] | None = None) -> int:
                 run.output_dir,
                 config,
                 num_partitions=run.num_partitions,
-                batch_size=run.batch_size,
-                require_pages=True,
-                load_result=False,
                 spark_master=run.spark_master,
-                output_flag="--output_dir",
+                **shared,
             )
     # Counted, not loaded: the funnel's kept pairs are the rows written.
     pairs = result.tally.get_count("aggregation", "pair", KEPT)
