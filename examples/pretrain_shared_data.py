@@ -23,7 +23,17 @@ from pathlib import Path
 import transformers
 from transformers import HfArgumentParser
 
+from imagebert_hf.models.imagebert.configuration_imagebert import check_flag_values
 from imagebert_hf.models.imagebert.script_errors import exit_on_error, parse_flags
+
+
+# The evaluation flags as `check_field`'s (kind, lowest, highest): checked before anything is extracted or trained,
+# as they are otherwise first read once pretraining has finished.
+FLAG_RULES = {
+    "eval_captions_per_image": ("int", 1, None),
+    "eval_batch_size": ("int", 1, None),
+    "region_alignment_steps": ("int", 0, None),
+}
 
 
 @dataclass
@@ -60,6 +70,7 @@ class SharedDataArguments:
 
 def main(argv: list[str] | None = None) -> dict:
     (args,) = parse_flags(HfArgumentParser(SharedDataArguments), argv)
+    check_flag_values(args, FLAG_RULES)
     from accelerate import PartialState
 
     from imagebert_hf import ImageBERTConfig, ImageBERTRoIExtractor
@@ -83,8 +94,6 @@ def main(argv: list[str] | None = None) -> dict:
         if not manifest.is_file():
             raise FileNotFoundError(f"{manifest} not found; point --data_dir at the folder holding the real data.")
 
-    if args.region_alignment_steps < 0:
-        raise ValueError(f"--region_alignment_steps must be 0 or more, got {args.region_alignment_steps}.")
     check_run_folder(args.output_dir, args.resume)
 
     # Every stage's sources read the data and caches given here: found by source name, so a recipe may add stages.

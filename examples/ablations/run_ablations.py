@@ -14,11 +14,15 @@ several processes started with the same arguments share the runs between them.
 
 Fine-tuning studies start from `--pretrained` (the real-data example's final stage, see `--help`) and are scored on
 the first `--eval_images` Flickr8k dev images with all their captions, every pair by the cross-encoder.
-Pretraining studies run `--pretrain_steps` steps per variant and are scored zero-shot the same way.
+Pretraining studies run `--pretrain_steps` steps per variant and are scored zero-shot the same way. A fine-tuned
+run is shared by every study and invocation that asks for it with the same settings; one fine-tuned with others
+(another `--pretrained`, step count, rate...) is refused, naming the difference, rather than reported as this one.
+Exits 1 with one line on stderr when an argument or file is wrong (`exit_on_error`, as the console scripts).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shlex
@@ -30,10 +34,13 @@ from pathlib import Path
 import transformers
 from transformers import HfArgumentParser
 
-from imagebert_hf.models.imagebert.script_errors import parse_flags
+from imagebert_hf.formats.files import check_folder_or_hub_id, read_json_file
+from imagebert_hf.models.imagebert.configuration_imagebert import SEED_RULE, check_field, check_flag_values
+from imagebert_hf.models.imagebert.script_errors import exit_on_error, parse_flags
 
 
 STUDIES = ("rerank", "finetune_losses", "stages", "mrfr_regions")
+FINETUNING_STUDIES = ("rerank", "finetune_losses")
 # The recipe stage whose settings (rate, masking, loss weights) the pretraining studies reuse.
 TEMPLATE_STAGE = "flickr8k"
 FINETUNE_LOSSES = {
@@ -97,6 +104,23 @@ def study_variants(study: str) -> list[str]:
     raise ValueError(f"--study must be one of {STUDIES}, got {study!r}.")
 
 
+# The numeric flags as `check_field`'s (kind, lowest, highest): checked before anything is extracted or trained, as
+# the evaluation flags are otherwise first read once every run of the study has trained.
+FLAG_RULES = {
+    "eval_images": ("int", 1, None),
+    "eval_captions_per_image": ("int", 1, None),
+    "eval_batch_size": ("int", 1, None),
+    "shortlist_k": ("int", 1, None),
+    "finetune_steps": ("int", 1, None),
+    "finetune_batch_size": ("int", 1, None),
+    "finetune_learning_rate": ("positive", None, None),
+    "num_negatives": ("int", 1, None),
+    "pretrain_steps": ("int", 1, None),
+    "noise_seed": SEED_RULE,
+}
+PRETRAINED_EXPECTED = "a checkpoint folder, such as the final stage of examples/pretrain_shared_data.py"
+
+
 def slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-").replace("--", "-")
 
@@ -156,7 +180,7 @@ def evaluate_model(model, args: AblationArguments, tokenizer, ways: tuple[str, .
 # ---------------------------------------------------------------------------------------------------- fine-tuning
 
 
-def finetune(
+def finetune_arguments(
     args: AblationArguments,
     loss_weights: str,
     negative_mining: str,
@@ -164,14 +188,11 @@ def finetune(
     seed: int,
     run_dir: Path,
     contrastive_trains_encoder: bool = True,
-) -> dict:
-    from imagebert_hf.training.retrieval_finetuning import RetrievalArguments, run_retrieval_finetuning
+):
+    """The `RetrievalArguments` of one fine-tuning run (`run_retrieval_finetuning`)."""
+    from imagebert_hf.training.retrieval_finetuning import RetrievalArguments
 
-    if not Path(args.pretrained).is_dir():
-        raise FileNotFoundError(
-            f"--pretrained {args.pretrained} does not exist; run examples/pretrain_shared_data.py first (see --help)."
-        )
-    finetune_args = RetrievalArguments(
+    return RetrievalArguments(
         output_dir=str(run_dir),
         model_name_or_path=args.pretrained,
         train_file=str(Path(args.data_dir) / "flickr8k_trainval" / "captions.jsonl"),
@@ -192,14 +213,10 @@ def finetune(
         report_to="none",
         resume=run_dir.exists(),
     )
-    return run_retrieval_finetuning(finetune_args)
 
 
-def run_finetuning_variant(args: AblationArguments, variant: str, seed: int) -> dict:
-    from transformers import AutoTokenizer
-
-    from imagebert_hf import ImageBERTForImageTextRetrieval
-
+def finetuning_variant(args: AblationArguments, variant: str, seed: int):
+    """`(finetune_args, ways)`: the fine-tuning run of a variant and how its model is scored (`evaluate_model`)."""
     contrastive_weight, ways, trains_encoder = 1.0, ("cross-encoder",), True
     if args.study == "rerank":
         loss_weights, mining = "binary=1", "contrastive" if variant.startswith("contrastive") else "random"
@@ -211,14 +228,92 @@ def run_finetuning_variant(args: AblationArguments, variant: str, seed: int) -> 
             trains_encoder = not variant.endswith("heads only")
     else:
         loss_weights, mining = FINETUNE_LOSSES[variant], "contrastive"
-    # Runs are shared between studies: the rerank study's mined run is the loss study's binary run.
+    # Runs are shared between studies: the rerank study's mined run is the loss study's binary run. The folder is
+    # named by what differs between variants; `check_finetuning_run` compares the rest with the run's record.
     name = f"{slug(loss_weights)}-{mining}" + ("" if contrastive_weight else "-no-contrastive")
     name += "" if trains_encoder else "-heads-only"
     run_dir = Path(args.output_dir) / "finetune" / name / f"seed{seed}"
+    finetune_args = finetune_arguments(args, loss_weights, mining, contrastive_weight, seed, run_dir, trains_encoder)
+    return finetune_args, ways
+
+
+# The fine-tuning settings that an ablation flag sets, named by that flag when a run folder holds other values.
+ABLATION_FLAG_OF = {
+    "model_name_or_path": "--pretrained",
+    "train_file": "--data_dir",
+    "region_cache": "--cache_dir",
+    "max_steps": "--finetune_steps",
+    "per_device_train_batch_size": "--finetune_batch_size",
+    "learning_rate": "--finetune_learning_rate",
+    "num_negatives": "--num_negatives",
+}
+
+
+def _place(value, working_dir: str):
+    """The file or folder a path setting names from `working_dir`, resolved; `value` itself when it names none (a
+    Hub id)."""
+    if not isinstance(value, str) or not value.strip():
+        return value
+    path = os.path.join(working_dir, value)
+    return os.path.realpath(path) if os.path.exists(path) else value
+
+
+def check_finetuning_run(finetune_args) -> None:
+    """Refuses to reuse or resume the run folder of `finetune_args` when it was fine-tuned with other settings: the
+    folder's name holds the variant and seed only, so a run of another `--pretrained`, step count or rate would be
+    reported under these. The comparison reads the run's own record of its flags (`run_args.json`); a run without
+    one (an earlier version's) cannot be compared and is refused too."""
+    from imagebert_hf.training.arguments import path_flags
+    from imagebert_hf.training.checkpointing import latest_checkpoint
+    from imagebert_hf.training.retrieval_finetuning import RESUMABLE_FLAGS, RUN_ARGS_FILE, WORKING_DIR_KEY
+
+    run_dir = Path(finetune_args.output_dir)
+    record = run_dir / RUN_ARGS_FILE
+    if not record.is_file():
+        if (run_dir / "final").exists() or latest_checkpoint(run_dir / "checkpoints") is not None:
+            raise ValueError(
+                f"--output_dir: {run_dir} holds a fine-tuning run without {RUN_ARGS_FILE} (the settings it was "
+                "trained with), so it cannot be reused for these; remove that folder or give another --output_dir."
+            )
+        return
+    stored = read_json_file(record, "the flags of a fine-tuning run, as a JSON object")
+    if not isinstance(stored, dict):
+        raise ValueError(f"{record} holds a JSON {type(stored).__name__}, not the flags of a fine-tuning run.")
+    working_dir = os.getcwd()
+    stored_working_dir = stored.get(WORKING_DIR_KEY) or working_dir
+    paths = path_flags(finetune_args)
+    differences = []
+    for item in dataclasses.fields(finetune_args):
+        if item.name in RESUMABLE_FLAGS:
+            continue
+        default = item.default if item.default is not dataclasses.MISSING else None
+        old, new = stored.get(item.name, default), getattr(finetune_args, item.name)
+        if item.name in paths:
+            old, new = _place(old, str(stored_working_dir)), _place(new, working_dir)
+        if old != new:
+            name = ABLATION_FLAG_OF.get(item.name, f"fine-tuning's {item.name}")
+            differences.append(f"{name} is {old!r} there, {new!r} now")
+    if differences:
+        raise ValueError(
+            f"--output_dir: {run_dir} holds a run fine-tuned with other settings: {'; '.join(differences)}. Give "
+            "another --output_dir to fine-tune with these, or the settings of that run to reuse it."
+        )
+
+
+def run_finetuning_variant(args: AblationArguments, variant: str, seed: int) -> dict:
+    from transformers import AutoTokenizer
+
+    from imagebert_hf import ImageBERTForImageTextRetrieval
+    from imagebert_hf.training.retrieval_finetuning import run_retrieval_finetuning
+
+    check_folder_or_hub_id(args.pretrained, "--pretrained", PRETRAINED_EXPECTED)
+    finetune_args, ways = finetuning_variant(args, variant, seed)
+    check_finetuning_run(finetune_args)
+    run_dir = Path(finetune_args.output_dir)
     timings_file = run_dir / "timings.json"
     if not (run_dir / "final").is_dir():
         started = time.perf_counter()
-        finetune(args, loss_weights, mining, contrastive_weight, seed, run_dir, trains_encoder)
+        run_retrieval_finetuning(finetune_args)
         timings_file.write_text(json.dumps({"train": round(time.perf_counter() - started)}))
     train_seconds = json.loads(timings_file.read_text())["train"] if timings_file.is_file() else None
     transformers.logging.set_verbosity_error()
@@ -247,8 +342,9 @@ def run_finetuning_variant(args: AblationArguments, variant: str, seed: int) -> 
         # Training and every ranking computed for this model, when this invocation only reused them.
         "seconds": {"train": train_seconds, "score": sum(entry.get("seconds", {}).values())},
         "settings": {
-            "loss_weights": loss_weights, "negative_mining": mining, "contrastive_weight": contrastive_weight,
-            "contrastive_trains_encoder": trains_encoder,
+            "loss_weights": finetune_args.loss_weights, "negative_mining": finetune_args.negative_mining,
+            "contrastive_weight": finetune_args.contrastive_weight,
+            "contrastive_trains_encoder": finetune_args.contrastive_trains_encoder,
             "num_negatives": args.num_negatives, "batch_size": args.finetune_batch_size,
             "learning_rate": args.finetune_learning_rate, "shortlist_k": args.shortlist_k,
             "pretrained": args.pretrained,
@@ -347,12 +443,33 @@ def ensure_region_caches(args: AblationArguments) -> None:
         extract_regions(manifest, Path(args.cache_dir) / name, extractor, store_class_probs=False)
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    (args,) = parse_flags(HfArgumentParser(AblationArguments), argv)
+def check_arguments(args: AblationArguments) -> None:
+    """Refuses what could only fail, or change the protocol, once runs have trained: a number out of range, an
+    unknown study or variant, a `--pretrained` that is neither a folder nor a Hub id, and a fine-tuned run folder
+    of another run's settings. Nothing is read beyond small files, and nothing is written."""
+    check_flag_values(args, FLAG_RULES)
+    for seed in args.seeds:
+        try:
+            check_field("--seeds", seed, *SEED_RULE)
+        except TypeError as error:
+            raise ValueError(str(error)) from None
     variants = study_variants(args.study)
     unknown = sorted(set(args.variants or []) - set(variants))
     if unknown:
         raise ValueError(f"--variants {unknown} are not variants of {args.study}; expected some of {variants}.")
+    if args.study not in FINETUNING_STUDIES:
+        return
+    check_folder_or_hub_id(args.pretrained, "--pretrained", PRETRAINED_EXPECTED)
+    for seed in args.seeds:
+        for variant in args.variants or variants:
+            if not (Path(args.results_dir) / args.study / f"{slug(variant)}_seed{seed}.json").is_file():
+                check_finetuning_run(finetuning_variant(args, variant, seed)[0])
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    (args,) = parse_flags(HfArgumentParser(AblationArguments), argv)
+    check_arguments(args)
+    variants = study_variants(args.study)
     ensure_region_caches(args)
     command = "python examples/ablations/run_ablations.py " + " ".join(map(shlex.quote, argv or sys.argv[1:]))
     finished = []
@@ -374,7 +491,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 continue
             print(f"{args.study} / {variant} / seed {seed}: running", flush=True)
             try:
-                if args.study in ("rerank", "finetune_losses"):
+                if args.study in FINETUNING_STUDIES:
                     result = run_finetuning_variant(args, variant, seed)
                 else:
                     result = run_pretraining_variant(args, variant, seed)
@@ -390,4 +507,5 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_error("run_ablations"):
+        main()

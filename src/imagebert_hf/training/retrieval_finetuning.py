@@ -416,13 +416,38 @@ def _report(accelerator, model, processor, eval_corpus, args: RetrievalArguments
     """The end of a run once `final/` is saved (main process): the loss plot, the evaluation and the upload."""
     output_dir = Path(args.output_dir)
     plot_losses(results["history"], output_dir / "losses.png", tasks=("loss", *LOSS_NAMES), title="retrieval losses")
+    card_results = None
     if eval_corpus is not None:
         results["eval"] = evaluate(model, eval_corpus, args, output_dir)
-        atomic_write_json(output_dir / "eval_results.json", results["eval"], indent=1)
+        # The gallery's size beside its recall: --max_images and --captions_per_image cut the split.
+        sizes = {"num_images": eval_corpus.num_images, "num_texts": eval_corpus.num_texts}
+        atomic_write_json(output_dir / "eval_results.json", {**results["eval"], **sizes}, indent=1)
         accelerator.print(json.dumps(results["eval"], indent=1))
+        card_results = [_card_result(args, results["eval"]["full"], **sizes)]
     if args.push_to_hub:
-        push_to_hub(model, processor, args.hub_model_id, results=None)
+        push_to_hub(model, processor, args.hub_model_id, results=card_results)
     return results
+
+
+def _card_result(args: RetrievalArguments, metrics: dict, num_images: int, num_texts: int) -> dict:
+    """The model card's entry (`evaluation.hub.build_model_card`) for the full ranking of the evaluation corpus. It
+    is named by the file and the size of the gallery ranked, never a published protocol's name: the split may be
+    cut (`--max_images`, `--captions_per_image`)."""
+    if args.synthetic_images:
+        name, kind, split = "synthetic", "synthetic", None
+    else:
+        name = Path(args.train_file).name
+        kind, split = ("karpathy" if args.train_file.endswith(".json") else "manifest"), args.eval_split
+    return {
+        "dataset_name": name,
+        "dataset_type": kind,
+        "dataset_config": f"{num_images} images x {num_texts} texts",
+        "dataset_split": split,
+        "num_images": num_images,
+        "num_texts": num_texts,
+        "metrics": metrics,
+        "ranking": "full",
+    }
 
 
 def _end_finished_run(accelerator, args: RetrievalArguments, loss_weights: dict[str, float]) -> dict:
