@@ -477,14 +477,29 @@ class GallerySubset:
 
 def region_cache_key(cache, record: Mapping) -> str:
     """The key a record's regions have in a region cache: its manifest path, image path, id or file name,
-    whichever the cache was written with."""
+    whichever the cache was written with.
+
+    Raises:
+        KeyError: the image has no regions; the message names it and, when the cache recorded why its extraction
+            failed (`RegionCache.errors`), that reason.
+    """
     candidates = [record.get("manifest_image"), record.get("image"), record.get("image_id")]
     if isinstance(record.get("image"), str):
         candidates.append(os.path.basename(record["image"]))
     for key in candidates:
         if isinstance(key, str) and key in cache:
             return key
-    raise KeyError(f"no regions in the cache for image {record.get('image_id')!r} (tried {candidates}).")
+    failures = getattr(cache, "errors", None) or {}
+    for key in candidates:
+        if isinstance(key, str) and key in failures:
+            raise KeyError(
+                f"image {record.get('image_id')!r} has no regions: its extraction failed ({failures[key]}, recorded "
+                f"for {key!r}); replace the image file and extract its regions again, or leave it out of the split."
+            )
+    raise KeyError(
+        f"image {record.get('image_id')!r} is not in the region cache (looked up as {candidates}); extract the "
+        "split's images into it (imagebert-extract-regions)."
+    )
 
 
 def region_cache_lookup(cache) -> Callable[[Mapping], Mapping]:
@@ -498,10 +513,19 @@ def region_cache_lookup(cache) -> Callable[[Mapping], Mapping]:
 
 
 def tokenize_texts(tokenizer, texts: Sequence[str], max_length: int = 44) -> dict[str, torch.Tensor]:
-    """Tokenizes captions once: `input_ids`, `attention_mask`, `token_type_ids`, padded to `max_length`."""
+    """Tokenizes captions once: `input_ids`, `attention_mask`, `token_type_ids`, padded to `max_length` on the
+    right whatever the tokenizer's `padding_side` (the model reads the pair's summary at position 0, and scoring
+    trims the padding at the end of each batch)."""
     if not texts:
         raise ValueError("no texts to tokenize.")
-    encoded = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    encoded = tokenizer(
+        list(texts),
+        padding="max_length",
+        truncation=True,
+        max_length=max_length,
+        padding_side="right",
+        return_tensors="pt",
+    )
     if "token_type_ids" not in encoded:
         encoded["token_type_ids"] = torch.zeros_like(encoded["input_ids"])
     return {key: encoded[key].long() for key in ("input_ids", "attention_mask", "token_type_ids")}

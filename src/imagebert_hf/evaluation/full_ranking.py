@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers.utils import logging
 
 from ..data.retrieval_corpus import (
     RetrievalCorpus,
@@ -27,19 +28,27 @@ from ..data.retrieval_corpus import (
     region_cache_lookup,
 )
 from ..data.synthetic import make_synthetic_examples, synthetic_region_record
-from ..formats.files import atomic_write_bytes, atomic_write_json, check_folder_or_hub_id
+from ..formats.files import atomic_write_bytes, atomic_write_json, check_folder_or_hub_id, file_checksum
 from ..models.imagebert.modeling_imagebert import ImageBERTForImageTextRetrieval
+from ..models.imagebert.pipeline_image_text_retrieval import untrained_heads
 from ..models.imagebert.region_batching import check_region_values
 from ..models.imagebert.retrieval_index import index_factory_string, score_all_pairs, score_pairs
 from ..regions.cache_reader import load_region_cache
 from .across_processes import score_pairs_across_processes
 from .hub import build_model_card, save_model_card
 from .plots import plot_recall_curves, plot_score_histograms
-from .recall import format_metrics_table, retrieval_metrics
+from .recall import format_metrics_table, retrieval_metrics, shared_caption_count
 from .shortlist import ShortlistResult, shortlist_rerank
 
 
+logger = logging.get_logger(__name__)
+
 DATASETS = ("coco", "flickr30k", "manifest", "synthetic")
+# The one split of `--dataset synthetic`: a generated set the training script never shows.
+SYNTHETIC_SPLIT = "test"
+# The split the standard protocols (Flickr30k 1k, MS-COCO 1k and 5k) are defined on.
+PROTOCOL_SPLIT = "test"
+MODEL_CARD = "README.md"
 
 
 @dataclass
@@ -54,7 +63,10 @@ class EvaluationArguments:
     karpathy_file: str | None = field(default=None, metadata={"help": "dataset_coco.json or dataset_flickr30k.json."})
     image_root: str | None = field(default=None, metadata={"help": "Folder the Karpathy image paths start from."})
     manifest: str | None = field(default=None, metadata={"help": "A jsonl manifest (dataset=manifest)."})
-    split: str = field(default="test", metadata={"help": "Split to evaluate."})
+    split: str = field(
+        default="test",
+        metadata={"help": f"Split to evaluate ({SYNTHETIC_SPLIT!r}, the only one, for dataset=synthetic)."},
+    )
     region_cache: str | None = field(default=None, metadata={"help": "Region cache folder of the split's images."})
     corpus_cache: str | None = field(
         default=None,
@@ -106,15 +118,17 @@ class EvaluationArguments:
             raise ValueError(f"--model_id must be a non-empty name for --model_card, got {self.model_id!r}.")
 
 
-def protocols(dataset: str, num_images: int) -> list[tuple[str, str | None, int]]:
+def protocols(dataset: str, num_images: int, split: str = PROTOCOL_SPLIT) -> list[tuple[str, str | None, int]]:
     """(name, dataset_config, num_folds) of each standard protocol the split supports. A protocol's name is given
-    only to a gallery of exactly its size (COCO's 5k test images, Flickr30k's 1k): a part of it (`--max_images`) or
-    another split is reported under the plain dataset name, with no config, as it is no published protocol."""
-    if dataset == "coco" and num_images == 5000:
+    only to the Karpathy test split at exactly its size (COCO's 5k test images, Flickr30k's 1k): a part of it
+    (`--max_images`) or another split, of whatever size, is reported under the plain dataset name, with no config,
+    as it is no published protocol."""
+    standard = split == PROTOCOL_SPLIT
+    if dataset == "coco" and standard and num_images == 5000:
         return [("MS-COCO 1k", "1k", 5), ("MS-COCO 5k", "5k", 1)]
     if dataset == "coco":
         return [("MS-COCO", None, 1)]
-    if dataset == "flickr30k" and num_images == 1000:
+    if dataset == "flickr30k" and standard and num_images == 1000:
         return [("Flickr30k 1k", "1k", 1)]
     if dataset == "flickr30k":
         return [("Flickr30k", None, 1)]
@@ -132,7 +146,7 @@ def _split_records(args: EvaluationArguments, config) -> list[dict]:
     """The split's image records (for `dataset=synthetic`, the generated examples), in evaluation order."""
     if args.dataset == "synthetic":
         # A seed the training script never uses for its images, so the evaluation set is held out.
-        return make_synthetic_examples(args.synthetic_images, seed=1234, image_size=32)
+        return make_synthetic_examples(args.synthetic_images, seed=1234, image_size=32)[: args.max_images]
     if args.dataset in ("coco", "flickr30k"):
         if args.karpathy_file is None:
             raise ValueError(f"--dataset {args.dataset} needs --karpathy_file.")
@@ -142,10 +156,38 @@ def _split_records(args: EvaluationArguments, config) -> list[dict]:
     return load_manifest_records(args.manifest, args.split, args.max_images)
 
 
+# Tokenizer settings that change the ids a text gets, where a tokenizer has them (BERT's normalisation).
+_TOKENIZER_SETTINGS = ("do_lower_case", "strip_accents", "tokenize_chinese_chars", "do_basic_tokenize")
+_TOKENIZER_ROLES = ("cls_token", "sep_token", "pad_token", "unk_token")
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A sha256 of what makes a tokenizer's ids: its vocabulary (every token and its id), the settings that
+    normalise text before the lookup (lower case, accents, ...) and its special tokens. Two tokenizers of one class
+    and size with another vocabulary order, or another casing, differ here."""
+    settings = {}
+    for name in _TOKENIZER_SETTINGS:
+        value = getattr(tokenizer, name, None)
+        if value is None:
+            value = getattr(tokenizer, "init_kwargs", {}).get(name)
+        settings[name] = value if value is None or isinstance(value, (bool, int, str)) else str(value)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # a tokenizers-backed tokenizer normalises and splits text by its own pipeline
+        pipeline = json.loads(backend.to_str())
+        settings.update({name: pipeline.get(name) for name in ("normalizer", "pre_tokenizer")})
+    state = {
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "settings": settings,
+        "special_tokens": {role: str(getattr(tokenizer, role, None)) for role in _TOKENIZER_ROLES},
+    }
+    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
+
+
 def corpus_fingerprint(args: EvaluationArguments, records, tokenizer, config, region_cache=None) -> dict:
     """What a corpus cache is built from: the dataset, split and its records (ids and captions), the image each
-    record's regions are read from (its key in `region_cache`), the tokenizer, the text and region limits and the
-    region cache (its own fingerprint). Two runs share a cache only when all of these agree."""
+    record's regions are read from (its key in `region_cache`), the tokenizer (its class and size, and
+    `tokenizer_fingerprint`), the text and region limits and the region cache (its own fingerprint). Two runs share
+    a cache only when all of these agree. An image without regions in `region_cache` raises ValueError naming it."""
     digest = hashlib.sha256()
     for record in records:
         digest.update(json.dumps([str(record["image_id"]), list(record["captions"])]).encode() + b"\n")
@@ -155,6 +197,7 @@ def corpus_fingerprint(args: EvaluationArguments, records, tokenizer, config, re
         "num_images": len(records),
         "records_sha256": digest.hexdigest(),
         "tokenizer": f"{type(tokenizer).__name__}/{len(tokenizer)}",
+        "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
         "max_text_length": int(config.max_text_length),
         "max_regions": int(config.max_regions),
         "region_feature_size": int(config.region_feature_size),
@@ -165,7 +208,11 @@ def corpus_fingerprint(args: EvaluationArguments, records, tokenizer, config, re
         # which regions the cache holds for it.
         images = hashlib.sha256()
         for record in records:
-            images.update(json.dumps(region_cache_key(region_cache, record)).encode() + b"\n")
+            try:
+                key = region_cache_key(region_cache, record)
+            except KeyError as error:
+                raise ValueError(f"--region_cache {args.region_cache}: {error.args[0]}") from None
+            images.update(json.dumps(key).encode() + b"\n")
         fingerprint["images_sha256"] = images.hexdigest()
     return fingerprint
 
@@ -347,16 +394,34 @@ def load_corpus_cache(path: str | os.PathLike, fingerprint: dict) -> RetrievalCo
 
 def load_retrieval_model(name_or_path: str, **config_overrides) -> ImageBERTForImageTextRetrieval:
     """`ImageBERTForImageTextRetrieval.from_pretrained`, with errors that name `--model_name_or_path`: a folder that
-    does not exist, a damaged weights file."""
+    does not exist, a damaged weights file. The weights the checkpoint lacked are kept on the model, so that
+    `untrained_heads` names the projection heads of a pretraining checkpoint wherever it was loaded from."""
     from safetensors import SafetensorError
 
     check_folder_or_hub_id(name_or_path, "--model_name_or_path", "a checkpoint folder")
     try:
-        return ImageBERTForImageTextRetrieval.from_pretrained(name_or_path, **config_overrides)
+        model, info = ImageBERTForImageTextRetrieval.from_pretrained(
+            name_or_path, output_loading_info=True, **config_overrides
+        )
     except SafetensorError as error:
         raise OSError(
             f"--model_name_or_path {name_or_path}: a weights file is damaged ({error}); save the checkpoint again."
         ) from error
+    model._missing_keys_at_load = list(info.get("missing_keys", []))
+    return model
+
+
+def check_shortlist_heads(model, shortlist_k: int | None, name_or_path: str) -> None:
+    """Refuses `--shortlist_k` for a model whose unimodal projection heads were not in its checkpoint (a pretraining
+    checkpoint, evaluated zero-shot): they are freshly initialised, so its shortlist would rank at random, and
+    differently on every run."""
+    heads = untrained_heads(model) if shortlist_k else []
+    if heads:
+        raise ValueError(
+            f"--shortlist_k {shortlist_k}: {name_or_path} has no trained projection heads ({', '.join(heads)} are "
+            "freshly initialised, as in a pretraining checkpoint), so its shortlist would be random; evaluate it "
+            "without --shortlist_k (full ranking with the ITM head), or fine-tune it for retrieval first."
+        )
 
 
 def check_evaluation_paths(args: EvaluationArguments) -> None:
@@ -493,6 +558,26 @@ def rank_corpus(
     return ranking
 
 
+def _remove_earlier_card(output_dir: Path) -> None:
+    """Deletes the model card an earlier evaluation wrote into `output_dir`, which would otherwise stand beside
+    results it does not describe. A card is this script's when the `results.json` it replaces records it
+    (`model_card`) with the card's sha256: a README.md of anyone else, or a card edited since, is left as it is."""
+    card = output_dir / MODEL_CARD
+    try:
+        earlier = json.loads((output_dir / "results.json").read_text(encoding="utf-8"))
+        recorded = earlier.get("model_card") if isinstance(earlier, dict) else None
+        if not (isinstance(recorded, dict) and recorded.get("file") == MODEL_CARD and card.is_file()):
+            return
+        if file_checksum(card)["sha256"] != recorded.get("sha256"):
+            return
+    except (OSError, ValueError):  # no earlier results, or not this script's: no card of ours to remove
+        return
+    card.unlink()
+    logger.warning(
+        "removed %s, the model card of the earlier evaluation (--model_card writes one for these results).", card
+    )
+
+
 def run_retrieval_evaluation(args: EvaluationArguments) -> dict:
     """Evaluates `args.model_name_or_path` on the split `args` names; prints the corpus size and a table of the
     results, writes `results.json`, the plots and (with `args.model_card`) `README.md` under `args.output_dir`.
@@ -508,11 +593,18 @@ def run_retrieval_evaluation(args: EvaluationArguments) -> dict:
 
     if args.model_name_or_path is None:
         raise ValueError("give --model_name_or_path (a retrieval or pretraining checkpoint).")
+    if args.dataset == "synthetic" and args.split != SYNTHETIC_SPLIT:
+        # results.json records the split: refused rather than recorded for a set it does not name.
+        raise ValueError(
+            f"--split {args.split!r}: --dataset synthetic has one split, the generated held-out set recorded as "
+            f"{SYNTHETIC_SPLIT!r}; leave --split out (its size is --synthetic_images)."
+        )
     check_evaluation_paths(args)
     output_dir = Path(args.output_dir)
     model = load_retrieval_model(args.model_name_or_path).eval()
     if args.shortlist_k:
         # Refused here rather than once every pair has been scored.
+        check_shortlist_heads(model, args.shortlist_k, args.model_name_or_path)
         index_factory_string(args.index_type, args.shortlist_k, model.config.contrastive_embedding_size)
     processes = PartialState(cpu=args.cpu)  # one process on its accelerator (or the CPU) unless launched with more
     model.to(processes.device)
@@ -523,9 +615,19 @@ def run_retrieval_evaluation(args: EvaluationArguments) -> dict:
     pairs = corpus.num_images * corpus.num_texts
     processes.print(f"{corpus.num_images} images, {corpus.num_texts} texts: {pairs:,} pairs{shared}")
 
+    shared_captions = shared_caption_count(corpus.texts, corpus.text_to_image)
+    if shared_captions and processes.is_main_process:
+        logger.warning(
+            "%d of the %d texts are, as the same string, a caption of more than one image: ties count against the "
+            "query, so even a perfect scorer cannot reach 100 here; results.json records the count "
+            "(num_captions_shared_by_images).",
+            shared_captions,
+            corpus.num_texts,
+        )
+
     ranking = rank_corpus(model, corpus, args.batch_size, args.shortlist_k, args.index_type, across_processes=across)
     results, table = [], {}
-    for name, config_name, folds in protocols(args.dataset, corpus.num_images):
+    for name, config_name, folds in protocols(args.dataset, corpus.num_images, args.split):
         metrics = retrieval_metrics(ranking.scores, corpus.text_to_image, num_folds=folds)
         results.append(
             {
@@ -535,6 +637,7 @@ def run_retrieval_evaluation(args: EvaluationArguments) -> dict:
                 "dataset_split": args.split,
                 "num_images": corpus.num_images,
                 "num_texts": corpus.num_texts,
+                "num_captions_shared_by_images": shared_caption_count(corpus.texts, corpus.text_to_image, folds),
                 "metrics": metrics,
                 "ranking": "full",
                 "seconds": round(ranking.seconds, 2),
@@ -551,6 +654,7 @@ def run_retrieval_evaluation(args: EvaluationArguments) -> dict:
                 "dataset_split": args.split,
                 "num_images": corpus.num_images,
                 "num_texts": corpus.num_texts,
+                "num_captions_shared_by_images": shared_captions,
                 "metrics": metrics,
                 "ranking": f"shortlist k={args.shortlist_k}",
                 "seconds": round(ranking.shortlist_seconds, 2),
@@ -565,9 +669,12 @@ def run_retrieval_evaluation(args: EvaluationArguments) -> dict:
             card = build_model_card(results, model_id=args.model_id, config=model.config)
         output_dir.mkdir(parents=True, exist_ok=True)
         ranking.plot(output_dir, title=f"{args.dataset} {args.split}")
-        atomic_write_json(
-            output_dir / "results.json", {"model": args.model_name_or_path, "results": results}, indent=1
-        )
+        written = {"model": args.model_name_or_path, "results": results}
+        if card is not None:
+            written["model_card"] = {"file": MODEL_CARD, "sha256": hashlib.sha256(str(card).encode()).hexdigest()}
+        else:
+            _remove_earlier_card(output_dir)
+        atomic_write_json(output_dir / "results.json", written, indent=1)
         if card is not None:
             save_model_card(card, output_dir)
     # The other processes leave with the main one: one leaving mid-write can abort the shared backend on exit.
@@ -581,6 +688,7 @@ __all__ = [
     "CorpusRanking",
     "EvaluationArguments",
     "check_evaluation_paths",
+    "check_shortlist_heads",
     "corpus_fingerprint",
     "load_corpus_cache",
     "load_evaluation_corpus",
@@ -589,4 +697,5 @@ __all__ = [
     "rank_corpus",
     "run_retrieval_evaluation",
     "save_corpus_cache",
+    "tokenizer_fingerprint",
 ]

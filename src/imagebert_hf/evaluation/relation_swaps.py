@@ -277,7 +277,8 @@ def relation_swap_accuracy(
     if max_text_length is None:
         max_text_length = getattr(getattr(model, "config", None), "max_text_length", None)
     truncate = {"truncation": True, "max_length": max_text_length} if max_text_length else {}
-    text_inputs = dict(tokenizer(texts, padding=True, return_tensors="pt", **truncate))
+    # On the right whatever the tokenizer's saved `padding_side`: the model reads the pair's summary at position 0.
+    text_inputs = dict(tokenizer(texts, padding=True, padding_side="right", return_tensors="pt", **truncate))
     images = torch.tensor([probe.image for probe in probes]).repeat_interleave(2)
     captions = torch.tensor([position[c] for probe in probes for c in (probe.true_caption, probe.swapped_caption)])
     kinds = [probe.kind for probe in probes]

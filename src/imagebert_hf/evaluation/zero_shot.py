@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers.utils import logging
 
 from ..data.retrieval_corpus import check_max_images, load_manifest_records, merge_duplicate_images
 from ..data.synthetic import (
@@ -21,7 +22,10 @@ from ..models.imagebert.modeling_imagebert import ImageBERTForImageTextRetrieval
 from ..models.imagebert.region_batching import pad_region_records
 from ..models.imagebert.retrieval_index import score_all_pairs
 from ..regions.cache_reader import load_region_cache
-from .recall import retrieval_metrics
+from .recall import retrieval_metrics, shared_caption_count
+
+
+logger = logging.get_logger(__name__)
 
 
 def manifest_retrieval_inputs(
@@ -64,7 +68,19 @@ def manifest_retrieval_inputs(
     captions = [list(entry["captions"])[:captions_per_image] for entry in merged]
     texts = [caption for kept in captions for caption in kept]
     text_to_image = [i for i, kept in enumerate(captions) for _ in kept]
-    text_inputs = tokenizer(texts, padding=True, truncation=True, max_length=max_text_length, return_tensors="pt")
+    shared = shared_caption_count(texts, text_to_image)
+    if shared:
+        logger.warning(
+            "%d of the %d captions are also, as the same string, a caption of another image: ties count against the "
+            "query, so even a perfect scorer cannot reach 100 on this split.",
+            shared,
+            len(texts),
+        )
+    # Padded on the right whatever the tokenizer's saved `padding_side`: the model reads the pair's summary at
+    # position 0, and scoring trims each batch's padding from the end.
+    text_inputs = tokenizer(
+        texts, padding=True, truncation=True, max_length=max_text_length, padding_side="right", return_tensors="pt"
+    )
     if memory_mapped:
         if not hasattr(region_cache, "gallery"):
             raise TypeError(
@@ -88,7 +104,7 @@ def synthetic_retrieval_inputs(
     examples = make_synthetic_examples(first_image + num_images, seed=seed)[first_image:]
     texts = [caption for example in examples for caption in example["captions"]]
     text_to_image = [i for i, example in enumerate(examples) for _ in example["captions"]]
-    text_inputs = dict(make_synthetic_tokenizer()(texts, padding=True, return_tensors="pt"))
+    text_inputs = dict(make_synthetic_tokenizer()(texts, padding=True, padding_side="right", return_tensors="pt"))
     region_inputs = pad_region_records([synthetic_region_record(example, region_feature_size) for example in examples])
     return text_inputs, region_inputs, text_to_image
 
