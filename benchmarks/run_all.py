@@ -1,15 +1,26 @@
 """Runs every `benchmarks/bench_*.py` in turn (`make bench`); pass names to run a subset: `run_all.py model`."""
 
+import argparse
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 
-def main() -> int:
-    folder = Path(__file__).resolve().parent
-    wanted = set(sys.argv[1:])
-    scripts = sorted(p for p in folder.glob("bench_*.py") if not wanted or p.stem.removeprefix("bench_") in wanted)
+FOLDER = Path(__file__).resolve().parent
+
+
+def main(argv: list[str] | None = None) -> int:
+    known = {path.stem.removeprefix("bench_"): path for path in sorted(FOLDER.glob("bench_*.py"))}
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "names", nargs="*", metavar="NAME", help=f"Benchmarks to run (default: all): {', '.join(known)}."
+    )
+    wanted = parser.parse_args(argv).names
+    unknown = sorted(set(wanted) - set(known))
+    if unknown:  # a misspelled name would otherwise run nothing and report success
+        parser.error(f"unknown benchmark {', '.join(unknown)}; expected some of: {', '.join(known)}.")
+    scripts = [path for name, path in known.items() if not wanted or name in wanted]
     failed = []
     for script in scripts:
         print(f"\n=== {script.name} ===", flush=True)

@@ -8,6 +8,10 @@ the markers is left as written. `<!-- results:shipped -->` takes `docs/results/p
 `results.json` of `examples/pretrain_shared_data.py` (with the command that made it). A table gives, per variant and ranking, the mean and standard deviation over the seeds
 found, the scoring protocol, the seeds, and the minutes one run took here. `<!-- results:TABLE_by_seed -->` takes
 each variant's RSUM minus the study's first variant's, seed by seed.
+
+The defaults, `docs/results/` and `docs/results.md`, are those of this checkout, whatever the working directory.
+A missing or empty `--results_dir` or a missing `--page` exits 1 with one line on stderr before the page is written:
+a mistyped folder would otherwise replace every table by "no runs yet".
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from imagebert_hf.models.imagebert.script_errors import exit_on_error
 
+
+ROOT = Path(__file__).resolve().parents[2]
 COLUMNS = ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "rsum")
 HEADERS = ("TR R@1", "TR R@5", "TR R@10", "IR R@1", "IR R@5", "IR R@10", "RSUM")
 
@@ -154,21 +161,49 @@ def fill_page(page: str, tables: dict[str, str]) -> str:
     return re.sub(r"<!-- results:(\w+) -->.*?<!-- /results:\1 -->", replace, page, flags=re.DOTALL)
 
 
+def check_results_dir(results_dir: str) -> Path:
+    """The folder of run files; raises naming `--results_dir` when it is empty, missing, or holds no run file."""
+    if not results_dir.strip():  # the empty path is the current folder to the OS
+        raise ValueError(f"--results_dir must be a non-empty path, got {results_dir!r}.")
+    folder = Path(results_dir).expanduser()
+    expected = "the folder of run files (one subfolder per study, as docs/results/)"
+    if not folder.is_dir():
+        found = "is a file" if folder.exists() else "does not exist"
+        raise FileNotFoundError(f"--results_dir {folder} {found}; expected {expected}.")
+    if not any(folder.glob("*/*.json")) and not (folder / "pretrain_shared_data.json").is_file():
+        raise FileNotFoundError(
+            f"--results_dir {folder} holds no run file (STUDY/*.json or pretrain_shared_data.json); expected {expected}."
+        )
+    return folder
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results_dir", default="docs/results", help="Folder of run files, one subfolder per study.")
-    parser.add_argument("--page", default="docs/results.md", help="The page whose tables are filled.")
+    parser.add_argument(
+        "--results_dir",
+        default=str(ROOT / "docs" / "results"),
+        help="Folder of run files, one subfolder per study (default: docs/results/ of this checkout).",
+    )
+    parser.add_argument(
+        "--page",
+        default=str(ROOT / "docs" / "results.md"),
+        help="The page whose tables are filled (default: docs/results.md of this checkout).",
+    )
     args = parser.parse_args(argv)
-    page_path = Path(args.page)
+    page_path = Path(args.page).expanduser()
     if not page_path.is_file():
-        raise FileNotFoundError(f"--page {page_path} does not exist; it holds the text around the tables.")
+        found = "is a folder" if page_path.exists() else "does not exist"
+        raise FileNotFoundError(
+            f"--page {page_path} {found}; expected the markdown page that holds the text around the tables."
+        )
+    results_dir = check_results_dir(args.results_dir)
     tables = {}
-    for table, runs in load_runs(Path(args.results_dir)).items():
+    for table, runs in load_runs(results_dir).items():
         tables[table] = study_table(runs)
         seed_gaps = by_seed_table(runs)
         if seed_gaps is not None:
             tables[f"{table}_by_seed"] = seed_gaps
-    shipped = Path(args.results_dir) / "pretrain_shared_data.json"
+    shipped = results_dir / "pretrain_shared_data.json"
     if shipped.is_file():
         tables["shipped"] = shipped_recipe_table(json.loads(shipped.read_text()))
     template = page_path.read_text(encoding="utf-8")
@@ -179,4 +214,5 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_error("make_results_page"):
+        main()

@@ -19,10 +19,10 @@ Exits 1 with one line on stderr when an argument or file is wrong (`exit_on_erro
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from transformers import HfArgumentParser
 
+from imagebert_hf.formats.files import check_output_dir
 from imagebert_hf.models.imagebert.script_errors import exit_on_error, parse_flags
 
 
@@ -45,9 +45,9 @@ def main(argv: list[str] | None = None) -> dict:
     from imagebert_hf.data.synthetic import write_synthetic_manifest
     from imagebert_hf.regions import extract_regions
 
-    output_dir = Path(args.output_dir)
-    manifest = output_dir / "data" / "captions.jsonl"
     with exit_on_error("synthetic_grid_regions"):
+        output_dir = check_output_dir(args.output_dir)
+        manifest = output_dir / "data" / "captions.jsonl"
         if not 0 < args.test_images < args.num_images:
             raise ValueError(
                 f"--test_images must be in [1, num_images), got {args.test_images} with --num_images {args.num_images}."
