@@ -202,3 +202,18 @@ def test_an_integer_id_and_the_same_id_as_a_string_are_refused(tmp_path, key_fie
     assert len(source.image_keys()) == 3
     if key_field == "image_id":
         assert source.image_keys() == ["1", "2", "3"]
+
+
+def test_evaluation_refuses_an_integer_id_and_the_same_id_as_a_string_within_its_split(tmp_path):
+    from imagebert_hf.data.retrieval_corpus import load_manifest_records
+
+    lines = [
+        {"image": "a.jpg", "image_id": 1, "captions": ["a"], "split": "test"},
+        {"image": "b.jpg", "image_id": "1", "captions": ["b"], "split": "train"},
+        {"image": "c.jpg", "coco_id": "1", "captions": ["c"], "split": "test"},
+    ]
+    manifest = _write_lines(tmp_path / "captions.jsonl", lines)
+    # Another split's line is never in the same gallery.
+    assert [record["image_id"] for record in load_manifest_records(manifest, split="train")] == ["1"]
+    with pytest.raises(ManifestError, match=rf"^{manifest}:3: 'coco_id' is '1' \(a string\), but {manifest}:1 gives"):
+        load_manifest_records(manifest, split="test")

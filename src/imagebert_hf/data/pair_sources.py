@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
-from ..formats.manifest import ID_KEYS, ManifestError, ManifestRecord, iter_manifest
+from ..formats.manifest import ManifestError, ManifestRecord, check_id_text, iter_manifest
 from ..models.imagebert.region_batching import check_region_record
 from ..regions.cache_reader import RegionCache, RegionCacheError, load_region_cache
 from ..regions.cache_writer import dataset_row_key
@@ -132,9 +132,8 @@ class ManifestPairSource(PairSource):
                 continue
             # The region cache keys items by the manifest's image path, the default key here too.
             key = record.image if key_field == "image" else _manifest_key(record, key_field, keys_as_text)
-            id_field = next((field for field in ID_KEYS if record.extra.get(field) is not None), None)
-            if id_field is not None:
-                _check_id_text(record.extra[id_field], id_field, record.where, ids_as_text)
+            if record.id_field is not None:
+                check_id_text(record.extra[record.id_field], record.id_field, record.where, ids_as_text)
             records.append(record)
             keys.append(key)
             names.append(
@@ -187,20 +186,6 @@ def _caption_text(caption: str) -> str:
     return " ".join(caption.split())
 
 
-def _check_id_text(value: Any, field: str, where: str, ids_as_text: dict[str, tuple[Any, str, str]]) -> None:
-    """Refuses an integer id that reads as a string id of an earlier line (or the reverse): keys and gallery ids are
-    compared as text, so `1` and `"1"` would be one image without a word."""
-    text = str(value)
-    earlier = ids_as_text.setdefault(text, (value, field, where))
-    if type(earlier[0]) is not type(value):
-        kinds = {int: "an integer", str: "a string"}
-        raise ManifestError(
-            f"{where}: {field!r} is {value!r} ({kinds[type(value)]}), but {earlier[2]} gives {earlier[1]!r} "
-            f"{earlier[0]!r} ({kinds[type(earlier[0])]}); ids are compared as text, so these would be one image. "
-            "Write every id as a string, or every id as an integer."
-        )
-
-
 def _manifest_key(record: ManifestRecord, key_field: str, ids_as_text: dict[str, tuple[Any, str, str]]) -> str:
     """The image key of a manifest line read from `key_field`; `ManifestError` naming `file:line` for a line without
     it or whose value is not a non-empty string or an integer."""
@@ -212,7 +197,7 @@ def _manifest_key(record: ManifestRecord, key_field: str, ids_as_text: dict[str,
             f"{record.where}: {key_field!r} (the source's key_field) must be a non-empty string or an integer, got "
             f"{value!r:.60}"
         )
-    _check_id_text(value, key_field, record.where, ids_as_text)
+    check_id_text(value, key_field, record.where, ids_as_text)
     return str(value)
 
 

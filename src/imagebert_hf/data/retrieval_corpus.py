@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
-from ..formats.manifest import image_path_inside_root, iter_manifest
+from ..formats.manifest import check_id_text, image_path_inside_root, iter_manifest
 from ..models.imagebert.region_batching import pad_region_records
 from ..models.imagebert.retrieval_index import RegionBatches, gather_pair_inputs, is_region_batches, score_pairs
 from ..regions.cache_reader import load_region_cache
@@ -151,13 +151,18 @@ def load_manifest_records(
     Returns:
         Records `{"image_id", "image" (resolved path), "manifest_image" (the path as written, the region cache
         key), "captions"}` in file order. `image_id` is the line's `image_id`, else its `coco_id`, else its image
-        path as written (a string or an integer; the manifest reader refuses other ids).
+        path as written (a string or an integer; the manifest reader refuses other ids). An id written as an
+        integer on one line of the split and as a string on another (`1`, `"1"`) raises `ManifestError` naming both
+        lines, as pretraining's manifest source does.
     """
     check_max_images(max_images)
     records = []
+    ids_as_text: dict[str, tuple[Any, str, str]] = {}
     for record in iter_manifest(path, image_root):
         if split is not None and record.extra.get("split") != split:
             continue
+        if record.id_field is not None:  # `1` and `"1"` would be merged as one image: refused, as in pretraining
+            check_id_text(record.extra[record.id_field], record.id_field, record.where, ids_as_text)
         if not record.captions:
             raise ValueError(f"{path}: image {record.image} has no captions.")
         records.append(

@@ -68,7 +68,12 @@ class ManifestRecord:
         """The image's id in a retrieval gallery: the line's `image_id`, else its `coco_id` (0 included), else the
         image path as written, unique per image where the file name alone would make images/train/001.jpg and
         images/val/001.jpg one item. Lines of one id are one image (`merge_duplicate_images`)."""
-        return str(next((self.extra[key] for key in ID_KEYS if self.extra.get(key) is not None), self.image))
+        return str(self.extra[self.id_field]) if self.id_field is not None else self.image
+
+    @property
+    def id_field(self) -> str | None:
+        """The field `image_id` reads (`image_id`, else `coco_id`), or None when the line has neither."""
+        return next((key for key in ID_KEYS if self.extra.get(key) is not None), None)
 
 
 class ManifestError(ValueError):
@@ -219,6 +224,21 @@ def parse_manifest_line(
     )
 
 
+def check_id_text(value: Any, field: str, where: str, seen: dict[str, tuple[Any, str, str]]) -> None:
+    """Refuses an integer id that reads as a string id of an earlier line (or the reverse), naming both lines: ids
+    are compared as text (`ManifestRecord.image_id`), so `1` and `"1"` would be one image without a word. `seen`
+    maps each id's text to the value, field and place of its first line; the caller keeps it across the lines of
+    one gallery or source."""
+    earlier = seen.setdefault(str(value), (value, field, where))
+    if type(earlier[0]) is not type(value):
+        kinds = {int: "an integer", str: "a string"}
+        raise ManifestError(
+            f"{where}: {field!r} is {value!r} ({kinds[type(value)]}), but {earlier[2]} gives {earlier[1]!r} "
+            f"{earlier[0]!r} ({kinds[type(earlier[0])]}); ids are compared as text, so these would be one image. "
+            "Write every id as a string, or every id as an integer."
+        )
+
+
 def iter_manifest(
     path: str | os.PathLike, image_root: str | os.PathLike | None = None, allow_outside_root: bool = False
 ) -> Iterator[ManifestRecord]:
@@ -252,6 +272,7 @@ __all__ = [
     "ID_KEYS",
     "ManifestError",
     "ManifestRecord",
+    "check_id_text",
     "image_path_inside_root",
     "iter_manifest",
     "parse_manifest_line",
