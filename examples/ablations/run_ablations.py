@@ -22,7 +22,6 @@ Exits 1 with one line on stderr when an argument or file is wrong (`exit_on_erro
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shlex
@@ -249,23 +248,13 @@ ABLATION_FLAG_OF = {
 }
 
 
-def _place(value, working_dir: str):
-    """The file or folder a path setting names from `working_dir`, resolved; `value` itself when it names none (a
-    Hub id)."""
-    if not isinstance(value, str) or not value.strip():
-        return value
-    path = os.path.join(working_dir, value)
-    return os.path.realpath(path) if os.path.exists(path) else value
-
-
 def check_finetuning_run(finetune_args) -> None:
     """Refuses to reuse or resume the run folder of `finetune_args` when it was fine-tuned with other settings: the
     folder's name holds the variant and seed only, so a run of another `--pretrained`, step count or rate would be
     reported under these. The comparison reads the run's own record of its flags (`run_args.json`); a run without
     one (an earlier version's) cannot be compared and is refused too."""
-    from imagebert_hf.training.arguments import path_flags
     from imagebert_hf.training.checkpointing import latest_checkpoint
-    from imagebert_hf.training.retrieval_finetuning import RESUMABLE_FLAGS, RUN_ARGS_FILE, WORKING_DIR_KEY
+    from imagebert_hf.training.retrieval_finetuning import RUN_ARGS_FILE, flag_differences
 
     run_dir = Path(finetune_args.output_dir)
     record = run_dir / RUN_ARGS_FILE
@@ -279,20 +268,10 @@ def check_finetuning_run(finetune_args) -> None:
     stored = read_json_file(record, "the flags of a fine-tuning run, as a JSON object")
     if not isinstance(stored, dict):
         raise ValueError(f"{record} holds a JSON {type(stored).__name__}, not the flags of a fine-tuning run.")
-    working_dir = os.getcwd()
-    stored_working_dir = stored.get(WORKING_DIR_KEY) or working_dir
-    paths = path_flags(finetune_args)
     differences = []
-    for item in dataclasses.fields(finetune_args):
-        if item.name in RESUMABLE_FLAGS:
-            continue
-        default = item.default if item.default is not dataclasses.MISSING else None
-        old, new = stored.get(item.name, default), getattr(finetune_args, item.name)
-        if item.name in paths:
-            old, new = _place(old, str(stored_working_dir)), _place(new, working_dir)
-        if old != new:
-            name = ABLATION_FLAG_OF.get(item.name, f"fine-tuning's {item.name}")
-            differences.append(f"{name} is {old!r} there, {new!r} now")
+    for name, old, new in flag_differences(finetune_args, stored):
+        flag = ABLATION_FLAG_OF.get(name, f"fine-tuning's {name}")
+        differences.append(f"{flag} is {old!r} there, {new!r} now")
     if differences:
         raise ValueError(
             f"--output_dir: {run_dir} holds a run fine-tuned with other settings: {'; '.join(differences)}. Give "

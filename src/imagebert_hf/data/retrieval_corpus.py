@@ -517,6 +517,28 @@ def region_cache_lookup(cache) -> Callable[[Mapping], Mapping]:
     return lookup
 
 
+# Cased words, an accent, punctuation, a number and a word no vocabulary splits the same way: two tokenizers that give
+# these the same ids, and hold the same vocabulary and special tokens, give a model the same input.
+_TOKENIZER_PROBE = "A red Circle, to the LEFT of 2 blue squares by a Café; unbelievably-tokenized!"
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A sha256 of what decides the ids a tokenizer gives: its vocabulary (every token and its id), the ids of a probe
+    text (its casing and accent rules at work) and the ids of its special tokens. Two tokenizers of one class and
+    size with another vocabulary order, or another casing, differ here; one saved and read again does not."""
+    import hashlib
+
+    state = {
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "probe": list(tokenizer(_TOKENIZER_PROBE)["input_ids"]),
+        "special": [
+            tokenizer.convert_tokens_to_ids(getattr(tokenizer, role))
+            for role in ("cls_token", "sep_token", "pad_token", "unk_token")
+        ],
+    }
+    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
+
+
 def tokenize_texts(tokenizer, texts: Sequence[str], max_length: int = 44) -> dict[str, torch.Tensor]:
     """Tokenizes captions once: `input_ids`, `attention_mask`, `token_type_ids`, padded to `max_length` on the
     right whatever the tokenizer's `padding_side` (the model reads the pair's summary at position 0, and scoring
@@ -773,6 +795,7 @@ class DataCollatorForImageTextRetrieval:
 
 
 __all__ = [
+    "tokenizer_fingerprint",
     "KARPATHY_SPLITS",
     "NEGATIVE_TYPES",
     "DataCollatorForImageTextRetrieval",

@@ -26,6 +26,7 @@ from ..data.retrieval_corpus import (
     load_manifest_records,
     region_cache_key,
     region_cache_lookup,
+    tokenizer_fingerprint,
 )
 from ..data.synthetic import make_synthetic_examples, synthetic_region_record
 from ..formats.files import atomic_write_bytes, atomic_write_json, check_folder_or_hub_id, file_checksum
@@ -154,33 +155,6 @@ def _split_records(args: EvaluationArguments, config) -> list[dict]:
     if args.manifest is None:
         raise ValueError("--dataset manifest needs --manifest.")
     return load_manifest_records(args.manifest, args.split, args.max_images)
-
-
-# Tokenizer settings that change the ids a text gets, where a tokenizer has them (BERT's normalisation).
-_TOKENIZER_SETTINGS = ("do_lower_case", "strip_accents", "tokenize_chinese_chars", "do_basic_tokenize")
-_TOKENIZER_ROLES = ("cls_token", "sep_token", "pad_token", "unk_token")
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """A sha256 of what makes a tokenizer's ids: its vocabulary (every token and its id), the settings that
-    normalise text before the lookup (lower case, accents, ...) and its special tokens. Two tokenizers of one class
-    and size with another vocabulary order, or another casing, differ here."""
-    settings = {}
-    for name in _TOKENIZER_SETTINGS:
-        value = getattr(tokenizer, name, None)
-        if value is None:
-            value = getattr(tokenizer, "init_kwargs", {}).get(name)
-        settings[name] = value if value is None or isinstance(value, (bool, int, str)) else str(value)
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:  # a tokenizers-backed tokenizer normalises and splits text by its own pipeline
-        pipeline = json.loads(backend.to_str())
-        settings.update({name: pipeline.get(name) for name in ("normalizer", "pre_tokenizer")})
-    state = {
-        "vocab": sorted(tokenizer.get_vocab().items()),
-        "settings": settings,
-        "special_tokens": {role: str(getattr(tokenizer, role, None)) for role in _TOKENIZER_ROLES},
-    }
-    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
 
 
 def corpus_fingerprint(args: EvaluationArguments, records, tokenizer, config, region_cache=None) -> dict:
@@ -697,5 +671,4 @@ __all__ = [
     "rank_corpus",
     "run_retrieval_evaluation",
     "save_corpus_cache",
-    "tokenizer_fingerprint",
 ]

@@ -28,6 +28,7 @@ from ..data.pair_sources import (
     open_region_store,
     stable_seed,
 )
+from ..data.retrieval_corpus import tokenizer_fingerprint
 from ..data.synthetic import make_synthetic_tokenizer
 from ..evaluation import hub
 from ..formats.files import atomic_write_text
@@ -190,26 +191,10 @@ def build_model(spec: ModelSpec, tokenizer, init_from: str | Path | None = None)
     return ImageBERTForPreTraining(config)
 
 
-# Cased words, punctuation, a number and a word no vocabulary splits the same way: two tokenizers that give these the
-# same ids and hold the same vocabulary give the model the same input.
-_TOKENIZER_PROBE = "A red Circle, to the LEFT of 2 blue squares; unbelievably-tokenized!"
-
-
-def _token_ids(tokenizer) -> tuple:
-    return (
-        tokenizer.get_vocab(),
-        list(tokenizer(_TOKENIZER_PROBE)["input_ids"]),
-        [
-            tokenizer.convert_tokens_to_ids(getattr(tokenizer, role))
-            for role in ("cls_token", "sep_token", "pad_token")
-        ],
-    )
-
-
 def check_processor_tokenizer(processor, tokenizer, spec: ModelSpec) -> None:
     """Refuses a `model.processor` whose tokenizer is not the run's (`model.tokenizer`): the processor shipped with
     each stage's model would give other ids than those the model was trained on."""
-    if _token_ids(processor.tokenizer) != _token_ids(tokenizer):
+    if tokenizer_fingerprint(processor.tokenizer) != tokenizer_fingerprint(tokenizer):
         raise ValueError(
             f"recipe model.processor ({spec.processor}) holds another tokenizer "
             f"({getattr(processor.tokenizer, 'name_or_path', '') or type(processor.tokenizer).__name__}, "

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers.utils import logging
@@ -257,6 +258,29 @@ def _location(value, working_dir: str, hub_id_allowed: bool):
     return os.path.realpath(path)
 
 
+def flag_differences(args: RetrievalArguments, stored: dict) -> list[tuple[str, Any, Any]]:
+    """`(flag, value there, value now)` of each flag that decides a weight or the data (all but `RESUMABLE_FLAGS`)
+    and differs between `stored`, a run's `run_args.json`, and `args`; a flag the file lacks compares by its default.
+    A flag naming a file or folder compares by the place it names, each read from the working directory its run was
+    given it in (the file's `WORKING_DIR_KEY`, else the current one)."""
+    working_dir = os.getcwd()
+    stored_working_dir = stored.get(WORKING_DIR_KEY) or working_dir
+    paths = path_flags(args)
+    current = _recorded_flags(args)
+    differences = []
+    for item in dataclasses.fields(args):
+        if item.name in RESUMABLE_FLAGS:
+            continue
+        default = item.default if item.default is not dataclasses.MISSING else None
+        old, new = stored.get(item.name, default), current[item.name]
+        if item.name in paths:
+            old = _location(old, stored_working_dir, paths[item.name])
+            new = _location(new, working_dir, paths[item.name])
+        if old != new:
+            differences.append((item.name, old, new))
+    return differences
+
+
 def check_resumed_flags(args: RetrievalArguments) -> None:
     """Refuses to resume a run whose `run_args.json` differs from `args` in a flag that decides a weight or the data
     (all but `RESUMABLE_FLAGS`): the rest of the run would follow neither setting. A folder without the file (a run
@@ -278,24 +302,14 @@ def check_resumed_flags(args: RetrievalArguments) -> None:
             f"--resume: {path} (the flags of the run being resumed) cannot be read: {error} Restore it, or give a new "
             "--output_dir."
         ) from None
-    working_dir = os.getcwd()
-    stored_working_dir = stored.get(WORKING_DIR_KEY) or working_dir
     paths = path_flags(args)
-    current = _recorded_flags(args)
-    differences = []
-    for item in dataclasses.fields(args):
-        if item.name in RESUMABLE_FLAGS:
-            continue
-        default = item.default if item.default is not dataclasses.MISSING else None
-        old, new = stored.get(item.name, default), current[item.name]
-        if item.name in paths:
-            old = _location(old, stored_working_dir, paths[item.name])
-            new = _location(new, working_dir, paths[item.name])
-            # Whole: a path cut short would hide where the two differ.
-            if old != new:
-                differences.append(f"{item.name} is {old!r} there, {new!r} now")
-        elif old != new:
-            differences.append(f"{item.name} is {short_value(old)} there, {short_value(new)} now")
+    differences = [
+        # A path whole: cut short, it would hide where the two differ.
+        f"{name} is {old!r} there, {new!r} now"
+        if name in paths
+        else f"{name} is {short_value(old)} there, {short_value(new)} now"
+        for name, old, new in flag_differences(args, stored)
+    ]
     if not differences:
         return
     more = len(differences) - DIFFERENCES_SHOWN
@@ -555,6 +569,7 @@ __all__ = [
     "build_corpora",
     "check_flags",
     "check_resumed_flags",
+    "flag_differences",
     "evaluate",
     "load_model_and_tokenizer",
     "parse_loss_weights",
