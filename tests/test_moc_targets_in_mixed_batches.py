@@ -155,6 +155,25 @@ def test_a_kl_stage_on_a_cache_without_class_distributions_is_refused_before_tra
     assert "region_class_probs" not in batch and "region_class_labels" in batch
 
 
+def test_a_later_kl_stage_on_a_cache_without_class_distributions_is_refused_before_the_first_trains(caches, tmp_path):
+    output_dir = tmp_path / "run"
+    data = _cache_recipe(output_dir, caches, "kl", ("with_probs",))
+    later = _cache_recipe(output_dir, caches, "kl", ("without_probs",))["stages"][0]
+    data["stages"].append({**later, "name": "later"})
+    with pytest.raises(RecipeError) as error:
+        run_pretraining(recipe_from_dict(data), PretrainingRunOptions(cpu=True))
+    message = str(error.value)
+    assert message.startswith("stage 'later': moc_loss_type 'kl' needs class distributions")
+    assert f"region cache {caches[2]} of source 'without_probs'" in message
+    assert not output_dir.exists()
+
+    # A later stage's cache that is not written yet is its own stage's business: the first stage trains.
+    data["stages"][1]["sources"][0]["region_cache"] = str(tmp_path / "extracted_later")
+    with pytest.raises(FileNotFoundError, match="extracted_later"):
+        run_pretraining(recipe_from_dict(data), PretrainingRunOptions(cpu=True))
+    assert (output_dir / "stage1-regions" / "final").is_dir()
+
+
 def test_a_kl_stage_on_annotation_regions_is_refused(tmp_path):
     data = tiny_recipe(tmp_path / "run")
     data["model"]["config"]["moc_loss_type"] = "kl"

@@ -40,7 +40,8 @@ class RegionCacheError(ValueError):
     """A region cache folder that cannot be read: missing, incomplete or damaged (the message says how to fix it)."""
 
 
-def _read_info(path: Path) -> dict[str, Any]:
+def read_cache_info(path: Path) -> dict[str, Any]:
+    """A cache folder's parsed `cache_info.json`, its fields checked (not against the shards: see the reader)."""
     info_path = path / CACHE_INFO_NAME
     if not info_path.is_file():
         raise RegionCacheError(
@@ -172,4 +173,5 @@ __all__ = [
     "SHARD_REPORT_NAME",
     "STORAGE_DTYPES",
     "RegionCacheError",
+    "read_cache_info",
 ]

@@ -25,7 +25,7 @@ from .cache_layout import (
     RegionCacheError,
     _damaged,
     _info_mismatch,
-    _read_info,
+    read_cache_info,
     _shard_dir,
     _shard_dirs,
 )
@@ -40,7 +40,7 @@ def load_region_dataset(path: str | os.PathLike):
     from datasets import concatenate_datasets, load_from_disk
 
     path = Path(path)
-    shards = _shard_dirs(path, _read_info(path))
+    shards = _shard_dirs(path, read_cache_info(path))
     return concatenate_datasets([load_from_disk(str(s)) for s in shards])
 
 
@@ -126,7 +126,7 @@ def _build_lookup(path: Path, cache_keys: list[str], image_ids: list[str]):
     import pyarrow as pa
 
     index_path = path / INDEX_NAME
-    info = _read_info(path)
+    info = read_cache_info(path)
     if not index_path.is_file():
         raise RegionCacheError(f"region cache {path} has no {INDEX_NAME}; rerun extract_regions into a new folder.")
     data = index_path.read_bytes()
@@ -363,7 +363,7 @@ def verify_region_cache(path: str | os.PathLike) -> int:
             dtype, shard count).
     """
     path = Path(path)
-    info = _read_info(path)
+    info = read_cache_info(path)
     checked = 0
     recorded = info.get("index")
     if recorded:
@@ -420,7 +420,7 @@ class RegionCache:
                 f"dtype must be one of {READ_DTYPES} (None: the stored dtype), got {dtype!r}; the regions are floats."
             )
         self.path = Path(path)
-        self.info = _read_info(self.path)
+        self.info = read_cache_info(self.path)
         self.dtype = None if dtype is None else np.dtype(dtype)
         self.feature_dtype = np.dtype(self.info.get("feature_dtype", "float32"))
         shards = _shard_dirs(self.path, self.info)

@@ -47,7 +47,7 @@ from .cache_layout import (
     SHARD_REPORT_NAME,
     SHARDS_DIR,
     STORAGE_DTYPES,
-    _read_info,
+    read_cache_info,
     _shard_dir,
 )
 from .cache_reader import RegionCache
@@ -916,14 +916,14 @@ def merge_region_caches(parts: Sequence[str | os.PathLike], output_dir: str | os
     started = time.perf_counter()
     parts = [Path(part) for part in parts]
     output_dir = Path(output_dir)
-    infos = [_read_info(part) for part in parts]
+    infos = [read_cache_info(part) for part in parts]
     fingerprints = {info["fingerprint"] for info in infos}
     if len(fingerprints) != 1:
         raise ValueError(
             f"the parts {[str(p) for p in parts]} are of different caches (source, extractor or settings differ)."
         )
     info = dict(infos[0], complete=False)
-    if (output_dir / CACHE_INFO_NAME).is_file() and _read_info(output_dir)["fingerprint"] not in fingerprints:
+    if (output_dir / CACHE_INFO_NAME).is_file() and read_cache_info(output_dir)["fingerprint"] not in fingerprints:
         raise ValueError(f"{output_dir} holds another region cache; merge into a new folder.")
     output_dir.mkdir(parents=True, exist_ok=True)
     if not (output_dir / EXTRACTOR_DIR).is_dir():

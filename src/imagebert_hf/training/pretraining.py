@@ -35,6 +35,7 @@ from ..formats.files import atomic_write_text
 from ..models.imagebert.configuration_imagebert import ImageBERTConfig, check_flag_values
 from ..models.imagebert.modeling_imagebert import ImageBERTForPreTraining
 from ..models.imagebert.processing_imagebert import ImageBERTProcessor
+from ..regions.cache_layout import read_cache_info
 from .arguments import TRAINING_FLAG_RULES, PretrainingRunOptions
 from .checkpointing import COMPLETE_FILE, TrainState, latest_checkpoint
 from .loop import (
@@ -262,28 +263,43 @@ def build_source(spec: SourceSpec, feature_size: int) -> tuple[PairSource | Stre
     return source, store
 
 
-def _check_class_distributions(stage: StageSpec, stores, config) -> None:
+def _check_class_distributions(stage: StageSpec, cache_infos, config) -> None:
     """Refuses a stage whose model learns MOC from class distributions (`moc_loss_type="kl"`) where a source's
     regions have none: a region cache written with `store_class_probs=False` (its `cache_info.json` says so), or a
     synthetic source's annotation regions. Its batches would carry no KL targets and MOC would never be trained,
-    while every other task would."""
+    while every other task would.
+
+    `cache_infos` holds each source's parsed `cache_info.json` (None for a cache not written yet, which its own stage
+    reports when it starts)."""
     if config.moc_loss_type != "kl":
         return
-    for spec, store in zip(stage.sources, stores):
+    for spec, info in zip(stage.sources, cache_infos):
         if spec.region_cache is None:
             raise RecipeError(
                 f"stage {stage.name!r}: moc_loss_type 'kl' needs class distributions, but source {spec.name!r} has "
                 "no region_cache and its annotation regions carry none; give it a region_cache extracted with class "
                 "distributions, or set model.config.moc_loss_type: cross_entropy."
             )
-        info = getattr(store, "info", None) or {}
-        if not info.get("store_class_probs", True):
+        if info is not None and not info.get("store_class_probs", True):
             raise RecipeError(
                 f"stage {stage.name!r}: moc_loss_type 'kl' needs class distributions, but the region cache "
                 f"{spec.region_cache} of source {spec.name!r} was written without them (store_class_probs: false in "
                 "its cache_info.json); extract its regions again with class distributions (store_class_probs=True, "
                 "the extraction scripts' default), or set model.config.moc_loss_type: cross_entropy."
             )
+
+
+def check_later_stages(stages: list[StageSpec], config) -> None:
+    """What the stages after the first one to train need of their region caches and that `config` fixes for the
+    whole run (MOC's targets), checked before any stage trains: a refusal at stage 3 would otherwise come after the
+    hours of stages 1 and 2. A cache that does not exist yet is left to its own stage, which may be extracted while
+    earlier stages train."""
+    for stage in stages:
+        infos = []
+        for spec in stage.sources:
+            folder = None if spec.region_cache is None else Path(spec.region_cache)
+            infos.append(read_cache_info(folder) if folder is not None and folder.is_dir() else None)
+        _check_class_distributions(stage, infos, config)
 
 
 def build_stage_data(stage: StageSpec, tokenizer, config, seed: int, num_workers: int = 0, num_processes: int = 1):
@@ -293,7 +309,7 @@ def build_stage_data(stage: StageSpec, tokenizer, config, seed: int, num_workers
     batches on every process) is grouped by length, so the batches every process pads are short as well.
     """
     sources, stores = zip(*(build_source(spec, config.region_feature_size) for spec in stage.sources))
-    _check_class_distributions(stage, stores, config)
+    _check_class_distributions(stage, [getattr(store, "info", None) for store in stores], config)
     collator = DataCollatorForImageBERTPretraining(
         tokenizer,
         # The datasets below pick negatives from the whole source and give their itm_labels, which the collator
@@ -614,6 +630,7 @@ def run_pretraining(recipe: Recipe, options: PretrainingRunOptions | None = None
             if not recorded:
                 if processor is not None:
                     check_processor_fits(processor, stage.model.config, recipe.model)
+                check_later_stages(recipe.stages[index + 1 :], stage.model.config)
                 # Only once the recipe's model and data have been built from it: a recipe they refuse (a config the
                 # model cannot take, a missing source) leaves output_dir as it was.
                 run.enter_context(hold_run_folder(accelerator, recipe.output_dir))
