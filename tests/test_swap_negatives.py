@@ -7,7 +7,7 @@ import pytest
 from imagebert_hf.data.collator import DataCollatorForImageBERTPretraining
 from imagebert_hf.data.negatives import choose_hard_caption, choose_negative
 from imagebert_hf.data.pair_sources import MixtureSampler, PretrainingPairDataset, SyntheticPairSource
-from imagebert_hf.data.synthetic import make_synthetic_tokenizer, swap_caption_words, synthetic_swap_captions
+from imagebert_hf.data.synthetic import COLORS, make_synthetic_tokenizer, swap_caption_words, synthetic_swap_captions
 from imagebert_hf.training.pretraining import build_source
 from imagebert_hf.training.recipe import RecipeError, recipe_from_dict
 
@@ -66,6 +66,12 @@ def test_choose_hard_caption_rate_and_choices():
             {"attribute_swap": "a green circle and a red square on a white background"},
         ),
         ("a red circle above a red circle", {}),
+        # Two shapes alike joined by "and": the colour swap is the object swap, true as well.
+        ("a red cross and a blue cross on a black background", {}),
+        (
+            "a red cross above a blue cross",
+            {"object_swap": "a blue cross above a red cross", "attribute_swap": "a blue cross above a red cross"},
+        ),
         ("circle red above blue square", {}),
     ],
 )
@@ -82,9 +88,10 @@ def test_source_hard_captions_swap_each_true_caption_in_its_wording():
         assert source.hard_negative_captions(index) == [
             twins[k] for k in ("object_swap", "attribute_swap") if k in twins
         ]
-        assert "attribute_swap" in twins  # the generator draws two different colours
-        if " and " not in true_caption:
-            assert "object_swap" in twins
+        joined, shapes = " and " in true_caption, [label.split()[1] for label in _object_labels(source, key)]
+        # The generator draws two different colours: only two shapes alike joined by "and" give no colour swap.
+        assert ("attribute_swap" in twins) == (not joined or shapes[0] != shapes[1])
+        assert ("object_swap" in twins) == (not joined)
         # A twin is false of the image: it is none of the image's true captions (left-of and right-of included).
         example = source.examples[key]
         for twin in twins.values():
@@ -93,6 +100,26 @@ def test_source_hard_captions_swap_each_true_caption_in_its_wording():
     assert SyntheticPairSource(5).hard_negative_share == 0.0
     with pytest.raises(ValueError, match="swap_negatives must be in"):
         SyntheticPairSource(5, swap_negatives=1.5)
+
+
+def _object_labels(source, key) -> list[str]:
+    return [item["label"] for item in source.examples[key]["objects"]]
+
+
+def test_no_swap_twin_is_true_of_its_image():
+    """A twin names the image's objects in another arrangement: with "and" (no relation) a twin naming the same
+    objects would be true, so none may."""
+    source = SyntheticPairSource(400, seed=0, captions_per_image=3, swap_negatives=1.0)
+    twins = 0
+    for index, (key, _) in enumerate(source.pairs):
+        objects = sorted(_object_labels(source, key))
+        for twin in source.hard_negative_captions(index):
+            twins += 1
+            words = twin.split()
+            named = sorted(f"{word} {words[i + 1]}" for i, word in enumerate(words[:-1]) if word in COLORS)
+            assert twin not in source.examples[key]["captions"]
+            assert not (" and " in twin and named == objects), (twin, objects)
+    assert twins > 1500
 
 
 def test_swap_negatives_show_the_own_image_with_label_zero(tokenizer):
@@ -108,8 +135,11 @@ def test_swap_negatives_show_the_own_image_with_label_zero(tokenizer):
             swaps += 1
             assert sample["itm_labels"] == 0 and sample["image_id"] == key
     negatives = sum(sample["itm_labels"] == 0 for sample in samples)
-    # Half the samples are negatives and half of those become swaps (a few images give only one twin, none none).
-    assert 0.18 < swaps / len(samples) < 0.32 and swaps < negatives
+    # Half the samples are negatives and half of those become swaps, of the pairs whose caption has a twin (about 9
+    # in 10: two shapes alike joined by "and" give none).
+    with_twins = sum(bool(source.hard_negative_captions(index)) for index in range(len(source.pairs)))
+    expected = 0.25 * with_twins / len(source.pairs)
+    assert abs(swaps / len(samples) - expected) < 0.1 and swaps < negatives
     # The lengths the sampler groups by are those of the texts the samples show.
     lengths = dataset.sample_lengths(chosen)
     assert lengths == [(len(sample["region_features"]), len(sample["input_ids"])) for sample in samples]

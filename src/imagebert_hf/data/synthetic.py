@@ -357,8 +357,9 @@ def swap_caption_words(caption: str) -> dict[str, str]:
     Unlike `synthetic_swap_captions`, which builds the twins of an image's relation in one wording ("to the left
     of", "above"), these keep the caption's wording, so a twin can be told from a true caption only by what it
     says, never by how it is phrased. Only a caption of two "<colour> <shape>" objects gets twins; a caption that
-    joins its objects with "and" (no relation: swapping them keeps it true) gets no object swap, and a twin that
-    would read like the caption (same objects, or same colours) is left out.
+    joins its objects with "and" (no relation: swapping them keeps it true) gets no object swap, nor a colour swap
+    of two shapes alike (which is the same exchange), and a twin that would read like the caption (same objects, or
+    same colours) is left out.
     """
     words = caption.split()
     colors = [i for i, word in enumerate(words) if word in COLORS]
@@ -375,10 +376,12 @@ def swap_caption_words(caption: str) -> dict[str, str]:
         return " ".join(swapped)
 
     a, b = (words[first], words[first + 1]), (words[second], words[second + 1])
+    joined = "and" in words[first + 2 : second]
     twins = {}
-    if a != b and "and" not in words[first + 2 : second]:
+    if a != b and not joined:
         twins["object_swap"] = with_objects(b, a)
-    if a[0] != b[0]:
+    # Two shapes alike: exchanging their colours exchanges the objects, which "and" leaves true.
+    if a[0] != b[0] and not (joined and a[1] == b[1]):
         twins["attribute_swap"] = with_objects((b[0], a[1]), (a[0], b[1]))
     return twins
 
