@@ -183,6 +183,44 @@ def test_contrastive_mining_draws_by_similarity_and_never_the_same_image():
     assert not found.any()
 
 
+def test_contrastive_mining_never_pairs_a_caption_with_an_image_it_describes(corpus):
+    # Texts 8 and 10 are one caption string, of images 4 and 5; text 2 is image 1's.
+    collator = DataCollatorForImageTextRetrieval(corpus, RandomNegativeSampler(corpus, 2, "both", seed=0))
+    batch = collator([8, 10, 2])
+    matches = batch["positive_caption_matches"]
+    assert matches.tolist() == [[True, True, False], [True, True, False], [False, False, True]]
+    # The duplicate is the most similar pair: unguarded, mining picks it.
+    similarities = torch.full((3, 3), -30.0)
+    similarities[0, 1] = similarities[1, 0] = 30.0
+    images = batch["positive_images"]
+    texts, regions, found = mine_contrastive_negatives(
+        similarities, images, 4, "both", torch.Generator().manual_seed(0), matches
+    )
+    assert found.all() and not matches[texts, regions].any()
+    texts, regions, _ = mine_contrastive_negatives(similarities, images, 4, "both", torch.Generator().manual_seed(0))
+    assert matches[texts, regions].any()
+    # Nothing but the duplicate to draw from: the collator's random negatives stay.
+    pair = collator([8, 10])
+    _, _, found = mine_contrastive_negatives(
+        torch.zeros(2, 2), pair["positive_images"], 2, "both", None, pair["positive_caption_matches"]
+    )
+    assert not found.any()
+
+    # Through the training model: no group holds its own positive's caption and image again, labelled 0.
+    model = _model(corpus)
+    seen = {}
+    model.register_forward_pre_hook(lambda module, args, kwargs: seen.update(kwargs), with_kwargs=True)
+    mining = RetrievalTrainingModel(model, 1.0, negative_mining="contrastive", negative_type="text", seed=0)
+    for seed in range(10):
+        mining.seed = seed
+        mining(**batch)
+        for row in range(seen["input_ids"].shape[0]):
+            positive = row - row % batch["group_size"]
+            same_text = torch.equal(seen["input_ids"][row], seen["input_ids"][positive])
+            same_regions = torch.equal(seen["region_features"][row], seen["region_features"][positive])
+            assert row == positive or not (same_text and same_regions), (seed, row)
+
+
 def test_contrastive_mining_replaces_the_collators_negatives(corpus):
     model = _model(corpus, retrieval_loss_weights={"binary": 1.0, "multiclass": 1.0})
     collator = DataCollatorForImageTextRetrieval(corpus, RandomNegativeSampler(corpus, 3, "both", seed=0))

@@ -587,6 +587,13 @@ class _Candidates:
     def image_is_valid(self, image: int, positive_text: int) -> bool:
         return image not in self.images_of_group[int(self.text_group[positive_text])]
 
+    def caption_matches(self, texts: list[int]) -> torch.Tensor:
+        """`(B, B)` bool: True where caption `texts[a]` describes the image of caption `texts[b]` (its own image, or
+        an image with an identical caption): the pairs of a batch's positives that in-batch mining must not use."""
+        images = [int(self.corpus.text_to_image[text]) for text in texts]
+        described = [self.images_of_group[int(self.text_group[text])] for text in texts]
+        return torch.tensor([[image in images_of_caption for image in images] for images_of_caption in described])
+
     def sample(self, positive_text: int, kind: str, count: int, generator: torch.Generator) -> list[tuple[int, int]]:
         """`count` negative pairs `(image, text)` of one kind, drawn with replacement-free rejection sampling."""
         image = int(self.corpus.text_to_image[positive_text])
@@ -753,7 +760,9 @@ class DataCollatorForImageTextRetrieval:
     The batch holds the model inputs of `B * (1 + P)` pairs, `labels` (1 for the first pair of each group, 0 for
     the others) and `group_size = 1 + P`, which is what `ImageBERTForImageTextRetrieval` needs for the binary,
     multi-class and triplet losses. `positive_index` (B,) points at each group's positive, for the contrastive
-    loss of the unimodal heads, and `positive_images` (B,) gives its image (in-batch negative mining). Text and regions are trimmed to the longest in the batch.
+    loss of the unimodal heads, `positive_images` (B,) gives its image and `positive_caption_matches` (B, B) marks
+    where positive a's caption also describes positive b's image (identical captions), for in-batch negative mining.
+    Text and regions are trimmed to the longest in the batch.
 
     Args:
         corpus: the corpus the caption indices refer to (with `text_inputs` and `region_inputs`).
@@ -791,6 +800,7 @@ class DataCollatorForImageTextRetrieval:
         batch["group_size"] = group_size
         batch["positive_index"] = torch.arange(0, len(text_index), group_size)
         batch["positive_images"] = torch.tensor(image_index[::group_size])
+        batch["positive_caption_matches"] = self.sampler.candidates.caption_matches(positive_texts)
         return batch
 
 

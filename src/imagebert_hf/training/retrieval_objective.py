@@ -22,6 +22,7 @@ def mine_contrastive_negatives(
     num_negatives: int,
     negative_type: str,
     generator: torch.Generator | None = None,
+    caption_matches: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """In-batch hard negatives drawn by the unimodal similarity of the positives, as ALBEF and BLIP train ITM.
 
@@ -33,21 +34,31 @@ def mine_contrastive_negatives(
         negative_type: `"text"` (another caption for the positive's image), `"image"` (another image for its
             caption) or `"both"` (alternating, text first).
         generator: seeds the draws.
+        caption_matches: `(B, B)` bool, True where positive a's caption also describes positive b's image (a caption
+            identical to one of that image's: the collator's `positive_caption_matches`); such pairs are true, never
+            negatives. Mining prefers the most similar pairs, so a duplicate caption would be its likeliest pick.
 
     Returns:
         `(text_source, image_source, found)`, each `(B, P)`: negative p of positive i pairs the caption of positive
         `text_source[i, p]` with the image of positive `image_source[i, p]`; `found` is False where the batch holds
-        no other image to draw from (the caller keeps its random negative there).
+        no valid pair to draw from (the caller keeps its random negative there).
     """
     batch_size = similarities.shape[0]
-    same_image = positive_images[:, None] == positive_images[None, :]
-    logits = similarities.detach().float().masked_fill(same_image, float("-inf"))
-    found_any = ~same_image.all(dim=1)
-    # Rows without candidates get uniform weights; their draws are discarded through `found`.
-    safe = torch.where(found_any[:, None], logits, torch.zeros_like(logits))
+    invalid = positive_images[:, None] == positive_images[None, :]
+    if caption_matches is not None:
+        invalid = invalid | caption_matches.to(device=invalid.device, dtype=torch.bool)
+    logits = similarities.detach().float().masked_fill(invalid, float("-inf"))
+    # Row i: the candidates of positive i, captions for its image (columns of `logits`) or images for its caption.
+    found_text, found_image = ~invalid.all(dim=0), ~invalid.all(dim=1)
+
+    def draw(candidates: torch.Tensor, found: torch.Tensor) -> torch.Tensor:
+        # Rows without candidates get uniform weights; their draws are discarded through `found`.
+        safe = torch.where(found[:, None], candidates, torch.zeros_like(candidates))
+        return torch.multinomial(safe.softmax(dim=1), num_negatives, replacement=True, generator=generator)
+
     own = torch.arange(batch_size, device=similarities.device)[:, None].expand(batch_size, num_negatives)
-    texts_for_image = torch.multinomial(safe.T.softmax(dim=1), num_negatives, replacement=True, generator=generator)
-    images_for_text = torch.multinomial(safe.softmax(dim=1), num_negatives, replacement=True, generator=generator)
+    texts_for_image = draw(logits.T, found_text)
+    images_for_text = draw(logits, found_image)
     if negative_type == "text":
         use_text = torch.ones(batch_size, num_negatives, dtype=torch.bool, device=similarities.device)
     elif negative_type == "image":
@@ -56,7 +67,7 @@ def mine_contrastive_negatives(
         use_text = (torch.arange(num_negatives, device=similarities.device) % 2 == 0)[None].expand(batch_size, -1)
     text_source = torch.where(use_text, texts_for_image, own)
     image_source = torch.where(use_text, own, images_for_text)
-    return text_source, image_source, found_any[:, None].expand(batch_size, num_negatives)
+    return text_source, image_source, torch.where(use_text, found_text[:, None], found_image[:, None])
 
 
 class RetrievalTrainingModel(torch.nn.Module):
@@ -93,14 +104,19 @@ class RetrievalTrainingModel(torch.nn.Module):
         self.seed = int(seed)
         self.contrastive_trains_encoder = contrastive_trains_encoder
 
-    def _mined_inputs(self, inputs, group_size, positive_index, positive_images, similarities):
+    def _mined_inputs(self, inputs, group_size, positive_index, positive_images, similarities, caption_matches):
         num_negatives = group_size - 1
         positive_images = positive_images.cpu()
         # Seeded by the batch itself, so that a resumed run (same data order) draws the same negatives.
         batch_key = int((positive_images * torch.arange(1, positive_images.numel() + 1)).sum())
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + batch_key)
         text_source, image_source, found = mine_contrastive_negatives(
-            similarities.cpu(), positive_images, num_negatives, self.negative_type, generator
+            similarities.cpu(),
+            positive_images,
+            num_negatives,
+            self.negative_type,
+            generator,
+            None if caption_matches is None else caption_matches.cpu(),
         )
         device = positive_index.device
         positives = positive_index.cpu()
@@ -117,7 +133,9 @@ class RetrievalTrainingModel(torch.nn.Module):
             mined[key] = value[rows] if rows is not None else value
         return mined
 
-    def forward(self, labels, group_size, positive_index, positive_images=None, **inputs) -> ModelOutput:
+    def forward(
+        self, labels, group_size, positive_index, positive_images=None, positive_caption_matches=None, **inputs
+    ) -> ModelOutput:
         contrastive, similarities = None, None
         if self.contrastive_weight and positive_index.numel() > 1:
             text = {key: inputs[key][positive_index] for key in TEXT_INPUTS if key in inputs}
@@ -130,7 +148,9 @@ class RetrievalTrainingModel(torch.nn.Module):
         if self.negative_mining == "contrastive" and similarities is not None and group_size > 1:
             if positive_images is None:
                 raise ValueError("negative_mining='contrastive' needs the batch's positive_images (the collator's).")
-            inputs = self._mined_inputs(inputs, group_size, positive_index, positive_images, similarities)
+            inputs = self._mined_inputs(
+                inputs, group_size, positive_index, positive_images, similarities, positive_caption_matches
+            )
         outputs = self.model(**inputs, labels=labels, group_size=group_size)
         losses = {f"{name}_loss": getattr(outputs, f"{name}_loss") for name in LOSS_NAMES[:3]}
         result = ModelOutput(loss=outputs.loss, **{key: value for key, value in losses.items() if value is not None})
