@@ -183,6 +183,20 @@ def test_contrastive_mining_draws_by_similarity_and_never_the_same_image():
     assert not found.any()
 
 
+@pytest.mark.parametrize(("contrastive_weight", "positives"), [(0.0, [0, 2, 4]), (1.0, [0]), (1.0, [0, 2])])
+def test_every_trainable_parameter_gets_a_gradient_at_each_step(corpus, contrastive_weight, positives):
+    """What several processes need (DistributedDataParallel without `find_unused_parameters` fails on the next step
+    otherwise): with the contrastive loss off the heads are frozen; a micro-batch of one positive still runs them."""
+    model = _model(corpus, retrieval_loss_weights={"binary": 1.0})
+    training = RetrievalTrainingModel(model, contrastive_weight)
+    collator = DataCollatorForImageTextRetrieval(corpus, RandomNegativeSampler(corpus, 2, "both", seed=0))
+    training(**collator(positives))["loss"].backward()
+    missing = [name for name, param in training.named_parameters() if param.requires_grad and param.grad is None]
+    assert missing == []
+    heads = [model.cls.text_projection.weight, model.cls.region_projection.weight]
+    assert all(head.requires_grad == bool(contrastive_weight) for head in heads)
+
+
 def test_contrastive_mining_never_pairs_a_caption_with_an_image_it_describes(corpus):
     # Texts 8 and 10 are one caption string, of images 4 and 5; text 2 is image 1's.
     collator = DataCollatorForImageTextRetrieval(corpus, RandomNegativeSampler(corpus, 2, "both", seed=0))

@@ -78,6 +78,9 @@ class RetrievalTrainingModel(torch.nn.Module):
     cross-encoder shares then learns from the retrieval losses alone (on the shared data the contrastive loss
     otherwise halves the cross-encoder's recall, docs/results.md).
 
+    With `contrastive_weight=0` the projection heads are frozen (`requires_grad=False`): nothing trains them, and
+    several processes need every trainable parameter to get a gradient at each step.
+
     With `negative_mining="contrastive"`, each group's negatives are replaced by in-batch hard negatives drawn by
     the unimodal similarity (`mine_contrastive_negatives`): the cross-encoder then learns to separate the candidates
     a shortlist actually gives it, rather than random pairs, which a briefly trained shortlist already tells apart.
@@ -103,6 +106,11 @@ class RetrievalTrainingModel(torch.nn.Module):
         self.negative_type = negative_type
         self.seed = int(seed)
         self.contrastive_trains_encoder = contrastive_trains_encoder
+        if not contrastive_weight:
+            # Without their loss the projection heads get no gradient; DistributedDataParallel (built without
+            # `find_unused_parameters`) fails on the step after one where a trainable parameter got none.
+            for head in (model.cls.text_projection, model.cls.region_projection):
+                head.requires_grad_(False)
 
     def _mined_inputs(self, inputs, group_size, positive_index, positive_images, similarities, caption_matches):
         num_negatives = group_size - 1
@@ -137,7 +145,9 @@ class RetrievalTrainingModel(torch.nn.Module):
         self, labels, group_size, positive_index, positive_images=None, positive_caption_matches=None, **inputs
     ) -> ModelOutput:
         contrastive, similarities = None, None
-        if self.contrastive_weight and positive_index.numel() > 1:
+        # A micro-batch of one positive (the last of an epoch, or a batch size of 1) still runs the heads: its InfoNCE
+        # is 0 with a zero gradient, which keeps every trainable parameter in each step's graph (see __init__).
+        if self.contrastive_weight:
             text = {key: inputs[key][positive_index] for key in TEXT_INPUTS if key in inputs}
             regions = {key: inputs[key][positive_index] for key in REGION_INPUTS if key in inputs}
             grad = self.contrastive_trains_encoder
