@@ -100,3 +100,52 @@ def test_checkpoint_at_end_saves_the_last_step_once(tmp_path):
     assert state.total_steps == 3
     # Step 2 by checkpointing_steps, step 3 as the last one.
     assert [path.name for path in list_checkpoints(tmp_path / "checkpoints")] == ["step_00000002", "step_00000003"]
+
+
+class Mean(torch.nn.Module):
+    """One weight `w`; a micro-batch's loss is `(w - x)^2`, so its gradient is `2 (w - x)`."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        loss = (self.w - x).pow(2).mean()
+        return ModelOutput(loss=loss, x_loss=loss)
+
+
+@pytest.mark.parametrize(
+    ("epoch_batches", "accumulation", "scales"),
+    [(5, 2, [1, 1, 1, 1, 2]), (7, 3, [1, 1, 1, 1, 1, 1, 3]), (8, 3, [1, 1, 1, 1, 1, 1, 1.5, 1.5]), (4, 2, [1] * 4)],
+)
+def test_window_loss_scale(epoch_batches, accumulation, scales):
+    from imagebert_hf.training.loop import window_loss_scale
+
+    assert [window_loss_scale(p, epoch_batches, accumulation) for p in range(1, epoch_batches + 1)] == scales
+    assert window_loss_scale(3, None, accumulation) == 1.0 and window_loss_scale(5, 5, 1) == 1.0
+
+
+def test_a_short_last_accumulation_window_steps_with_the_mean_of_its_micro_batches(tmp_path):
+    """Five micro-batches with two per step: windows {1, 2}, {3, 4} and {5}. With plain SGD at rate 1 each step moves
+    the weight by minus the gradient it applied, which must be the mean over the window's micro-batches."""
+    from imagebert_hf.training.checkpointing import TrainState
+    from imagebert_hf.training.loop import train_loop
+
+    accelerator = build_accelerator(tmp_path, report_to="none", cpu=True, gradient_accumulation_steps=2)
+    model = Mean()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    values = [1.0, 2.0, 3.0, 4.0, 10.0]
+    loader = torch.utils.data.DataLoader([{"x": torch.tensor([value])} for value in values], batch_size=1)
+    model, optimizer, scheduler, loader = accelerator.prepare(model, optimizer, scheduler, loader)
+    weights = []
+    settings = LoopSettings(loss_names=("x",), logging_steps=1, max_grad_norm=None)
+    train_loop(
+        accelerator, model, optimizer, scheduler, loader, TrainState(total_steps=3, num_processes=1), settings,
+        on_step=lambda state, losses: weights.append(accelerator.unwrap_model(model).w.item()),
+    )  # fmt: skip
+    expected, w = [], 0.0
+    for window in ([1.0, 2.0], [3.0, 4.0], [10.0]):
+        w -= sum(2 * (w - x) for x in window) / len(window)
+        expected.append(w)
+    assert weights == pytest.approx(expected)

@@ -208,7 +208,8 @@ class LoopSettings:
         checkpoint_dir: Where `save_checkpoint` writes every `checkpointing_steps` steps (None: never).
         checkpointing_steps: Save the full training state every this many optimizer steps (None: never).
         save_total_limit: Keep at most this many step checkpoints (oldest deleted; None keeps all).
-        logging_steps: Every this many steps (and at the last), losses go to the trackers and to `state.history`.
+        logging_steps: Every this many steps (and at the last), that step's losses go to the trackers and to
+            `state.history` (the step's own, not a mean over the steps since the last log).
         max_grad_norm: Clip the gradient norm to this before each optimizer step (None or 0: no clipping).
         max_failure_rate: Raise `TooManyFailedRecords` when a larger share of records fails to load (batches carry
             `num_failed_records` from the collator); checked over all processes.
@@ -334,6 +335,7 @@ def train_loop(
         dynamic_ncols=True,
     )
     tally = _StepTally(["loss", *settings.loss_names], accelerator.device)
+    epoch_batches = _epoch_batches(dataloader)
     model.train()
     try:
         with stop_on_sigterm():
@@ -346,7 +348,10 @@ def train_loop(
                 if state.batches_in_epoch:
                     loader = accelerator.skip_first_batches(dataloader, state.batches_in_epoch)
                 for batch in loader:
-                    _train_micro_batch(accelerator, model, optimizer, scheduler, batch, state, settings, tally)
+                    scale = window_loss_scale(
+                        state.batches_in_epoch + 1, epoch_batches, accelerator.gradient_accumulation_steps
+                    )
+                    _train_micro_batch(accelerator, model, optimizer, scheduler, batch, state, settings, tally, scale)
                     if not accelerator.sync_gradients:
                         continue
                     losses, stop_requested = _finish_step(accelerator, scheduler, state, settings, tally)
@@ -378,7 +383,36 @@ def _set_epoch(dataloader, sampler, epoch: int) -> None:
         sampler.set_epoch(epoch)
 
 
-def _train_micro_batch(accelerator, model, optimizer, scheduler, batch, state, settings, tally) -> None:
+def _epoch_batches(dataloader) -> int | None:
+    """Micro-batches per epoch of a loader accelerate prepared, where it ends the accumulation window at the end of
+    the loader; None for a stream (used as it is: its windows run on across epochs, and its length is an estimate)."""
+    from accelerate.data_loader import DataLoaderStateMixin
+
+    if not isinstance(dataloader, DataLoaderStateMixin):
+        return None
+    if isinstance(getattr(dataloader, "dataset", None), torch.utils.data.IterableDataset):
+        return None
+    try:
+        return len(dataloader)
+    except TypeError:  # a sampler without a length
+        return None
+
+
+def window_loss_scale(position: int, epoch_batches: int | None, accumulation_steps: int) -> float:
+    """The factor on the loss of the micro-batch at `position` (1-based) of an epoch of `epoch_batches`, so that
+    every optimizer step applies the mean gradient of the micro-batches of its window.
+
+    `accelerator.backward` divides each loss by `accumulation_steps`, and accelerate steps at the end of the loader
+    whatever the window holds: the last window of an epoch whose length the steps do not divide would otherwise
+    step with its mean scaled down by its size over `accumulation_steps`."""
+    if accumulation_steps <= 1 or not epoch_batches:
+        return 1.0
+    start = (position - 1) // accumulation_steps * accumulation_steps
+    size = min(accumulation_steps, epoch_batches - start)
+    return accumulation_steps / size if 0 < size < accumulation_steps else 1.0
+
+
+def _train_micro_batch(accelerator, model, optimizer, scheduler, batch, state, settings, tally, scale=1.0) -> None:
     """Forward and backward of one micro-batch; the optimizer steps when the accumulation is complete."""
     # A loader that accelerate did not prepare (a stream each process reads its own part of) is moved here.
     batch = {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -388,7 +422,7 @@ def _train_micro_batch(accelerator, model, optimizer, scheduler, batch, state, s
     weights = settings.loss_counts(batch) if settings.loss_counts is not None else {}
     with accelerator.accumulate(model):
         outputs = model(**batch, **(settings.model_kwargs or {}))
-        accelerator.backward(outputs.loss)
+        accelerator.backward(outputs.loss * scale if scale != 1.0 else outputs.loss)
         if accelerator.sync_gradients and settings.max_grad_norm:
             accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
         optimizer.step()
