@@ -146,6 +146,23 @@ def test_one_cache_row_is_one_gallery_item_in_both_corpora(copied_picture, token
         assert (mapped_regions[name] == value).all(), name
 
 
+@pytest.mark.parametrize("memory_mapped", [False, True])
+def test_zero_shot_evaluation_ranks_the_gallery_of_full_ranking(copied_picture, tokenizer, memory_mapped):
+    """`manifest_retrieval_inputs` (the real-data example, the ablations, the demo) merges a copied picture as the
+    full-ranking corpus does: the copy's caption is the original's, not a tie against it."""
+    from imagebert_hf.evaluation.zero_shot import manifest_retrieval_inputs
+
+    manifest, cache_folder = copied_picture
+    cache = load_region_cache(cache_folder)
+    corpus = RetrievalCorpus.from_region_cache(load_manifest_records(manifest), cache, tokenizer, 16)
+    text_inputs, regions, text_to_image = manifest_retrieval_inputs(
+        manifest, cache, tokenizer, max_text_length=16, memory_mapped=memory_mapped
+    )
+    assert text_to_image == corpus.text_to_image.tolist()
+    assert (len(regions) if memory_mapped else regions["region_features"].shape[0]) == corpus.num_images == 4
+    assert text_inputs["input_ids"].shape[0] == corpus.num_texts
+
+
 def test_lines_of_one_image_are_pooled_before_the_caption_cut(tmp_path):
     lines = [
         {"image": "images/a.jpg", "captions": ["a dog", "a cat"]},

@@ -10,7 +10,12 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
-from ..data.retrieval_corpus import check_max_images, load_manifest_records, merge_duplicate_images
+from ..data.retrieval_corpus import (
+    _merge_same_pictures,
+    check_max_images,
+    load_manifest_records,
+    merge_duplicate_images,
+)
 from ..data.synthetic import (
     chance_recall,
     make_synthetic_examples,
@@ -63,8 +68,12 @@ def manifest_retrieval_inputs(
         region_cache = load_region_cache(region_cache)
     # The ids and the merging of `evaluate_retrieval`: an image listed on two lines (under one id, or one file under
     # two ids) is one gallery item with the captions of both (a warning names it), so both rank the same gallery.
-    merged = merge_duplicate_images(load_manifest_records(manifest, split, max_images))
+    merged = list(merge_duplicate_images(load_manifest_records(manifest, split, max_images)))
     keys = [entry["manifest_image"] for entry in merged]
+    # And one item per picture, as `RetrievalCorpus` makes it: a copy under another name is one region-cache row.
+    kept = _merge_same_pictures(merged, _cache_pictures(region_cache, keys, max_regions))
+    if kept is not None:
+        keys = [keys[index] for index in kept]
     captions = [list(entry["captions"])[:captions_per_image] for entry in merged]
     texts = [caption for kept in captions for caption in kept]
     text_to_image = [i for i, kept in enumerate(captions) for _ in kept]
@@ -91,6 +100,17 @@ def manifest_retrieval_inputs(
     else:
         region_inputs = pad_region_records([region_cache[key] for key in keys], "longest", max_regions)
     return dict(text_inputs), region_inputs, text_to_image
+
+
+def _cache_pictures(region_cache, keys: list[str], max_regions: int | None) -> list:
+    """The picture behind each key: its region-cache row (read from the cache's index, no features), or for a plain
+    mapping of records the `cache_key` a record carries (None where it carries none)."""
+    if hasattr(region_cache, "gallery"):
+        return [int(row) for row in region_cache.gallery(keys, max_regions).rows]
+    records = [region_cache[key] for key in keys]
+    return [
+        r.get("cache_key") if isinstance(r, dict) and isinstance(r.get("cache_key"), str) else None for r in records
+    ]
 
 
 def synthetic_retrieval_inputs(
