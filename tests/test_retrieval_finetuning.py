@@ -352,3 +352,67 @@ def test_brief_training_ranks_better_than_chance(tmp_path):
     assert metrics["ir_r5"] > 2 * chance_ir5, metrics
     assert metrics["tr_r5"] > 2 * chance_tr5, metrics
     assert math.isfinite(result["history"][-1]["loss"])
+
+
+@pytest.fixture
+def pretraining_checkpoint(tmp_path):
+    """A pretraining checkpoint of the synthetic set's sizes: no projection heads."""
+    from imagebert_hf import ImageBERTForPreTraining
+    from imagebert_hf.data.synthetic import make_synthetic_tokenizer
+
+    tokenizer = make_synthetic_tokenizer()
+    torch.manual_seed(0)
+    config = ImageBERTConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37,
+        max_position_embeddings=64, region_feature_size=32, num_object_classes=24, max_regions=8, max_text_length=16,
+        contrastive_embedding_size=16,
+    )  # fmt: skip
+    folder = tmp_path / "pretrained"
+    ImageBERTForPreTraining(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _head_run(folder, output_dir, contrastive_weight, **flags):
+    from imagebert_hf.training import RetrievalArguments
+
+    return RetrievalArguments(
+        output_dir=str(output_dir), model_name_or_path=str(folder), synthetic_images=12, eval_images=6,
+        contrastive_weight=contrastive_weight, max_steps=2, per_device_train_batch_size=4, report_to="none",
+        cpu=True, seed=0, **flags,
+    )  # fmt: skip
+
+
+def test_heads_nothing_trains_are_left_out_of_final_and_not_shortlisted(pretraining_checkpoint, tmp_path, monkeypatch):
+    """From a pretraining checkpoint with --contrastive_weight 0 the projection heads stay random: `final/` leaves
+    them out (every later load reports them untrained), and --eval_shortlist_k is refused before anything runs."""
+    from imagebert_hf.evaluation.full_ranking import check_shortlist_heads, load_retrieval_model
+    from imagebert_hf.models.imagebert.pipeline_image_text_retrieval import PROJECTION_HEADS, untrained_heads
+    from imagebert_hf.training import retrieval_finetuning, run_retrieval_finetuning
+
+    refused = _head_run(pretraining_checkpoint, tmp_path / "refused", 0.0, eval_shortlist_k=2)
+    with pytest.raises(ValueError, match=r"^--eval_shortlist_k 2: with --contrastive_weight 0 nothing trains"):
+        run_retrieval_finetuning(refused)
+    assert not (tmp_path / "refused").exists()
+
+    reported = {}
+    report = retrieval_finetuning._report
+    monkeypatch.setattr(
+        retrieval_finetuning,
+        "_report",
+        lambda acc, model, *rest: reported.setdefault("model", model) and report(acc, model, *rest),
+    )
+    run_retrieval_finetuning(_head_run(pretraining_checkpoint, tmp_path / "frozen", 0.0))
+    final = tmp_path / "frozen" / "final"
+    saved = load_file(str(final / "model.safetensors"))
+    assert not [key for key in saved if key.startswith(tuple(PROJECTION_HEADS))]
+    assert untrained_heads(reported.pop("model")) == list(PROJECTION_HEADS)
+    with pytest.raises(ValueError, match="has no trained projection heads"):
+        check_shortlist_heads(load_retrieval_model(str(final)), 2, str(final))
+
+    # With the contrastive loss the heads are trained: saved, and no longer reported untrained by the model in memory
+    # (the pipeline built to publish it uses them).
+    run_retrieval_finetuning(_head_run(pretraining_checkpoint, tmp_path / "trained", 1.0, eval_shortlist_k=2))
+    assert untrained_heads(reported.pop("model")) == []
+    saved = load_file(str(tmp_path / "trained" / "final" / "model.safetensors"))
+    assert {key.rsplit(".", 1)[0] for key in saved if key.startswith(tuple(PROJECTION_HEADS))} == set(PROJECTION_HEADS)

@@ -11,7 +11,7 @@ import json
 import logging
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -454,7 +454,9 @@ def published_module(accelerator, model, submodule: str | None = None):
     return inner
 
 
-def save_model(accelerator, model, folder: str | Path, submodule: str | None = None) -> None:
+def save_model(
+    accelerator, model, folder: str | Path, submodule: str | None = None, leave_out: Sequence[str] = ()
+) -> None:
     """`save_pretrained` of a prepared model into `folder`, correct when its parameters are sharded, and atomic.
     Call on every process.
 
@@ -470,6 +472,8 @@ def save_model(accelerator, model, folder: str | Path, submodule: str | None = N
         folder: Where to write (`config.json`, `model.safetensors`).
         submodule: Save only this attribute of the unwrapped model (its keys lose the `submodule.` prefix), for a
             training wrapper around the model to publish.
+        leave_out: Modules (names in the saved model) whose weights are not saved, such as heads nothing trained:
+            a later load then reports them missing, as in the checkpoint they came from.
 
     Raises:
         ValueError: `folder` is an existing file, `submodule` is not an attribute of the model with
@@ -483,6 +487,9 @@ def save_model(accelerator, model, folder: str | Path, submodule: str | None = N
     if submodule is not None:
         prefix = submodule + "."
         state_dict = {k[len(prefix) :]: v for k, v in (state_dict or {}).items() if k.startswith(prefix)}
+    if leave_out and state_dict is not None:
+        prefixes = tuple(name + "." for name in leave_out)
+        state_dict = {key: value for key, value in state_dict.items() if not key.startswith(prefixes)}
     tmp = folder.with_name(f".{folder.name}.tmp-save")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -35,6 +35,7 @@ from ..evaluation.recall import retrieval_metrics
 from ..formats.files import atomic_write_json, check_output_dir, read_json_file
 from ..models.imagebert import ImageBERTConfig, ImageBERTForImageTextRetrieval
 from ..models.imagebert.configuration_imagebert import check_flag_values
+from ..models.imagebert.pipeline_image_text_retrieval import untrained_heads
 from ..regions.cache_reader import load_region_cache
 from .arguments import SCHEDULER_TYPES, TRAINING_FLAG_RULES, RetrievalArguments, path_flags
 from .checkpointing import COMPLETE_FILE, TrainState, latest_checkpoint
@@ -174,6 +175,21 @@ def evaluate(model, corpus: RetrievalCorpus, args: RetrievalArguments, output_di
         results[f"shortlist_k{args.eval_shortlist_k}"] = ranking.shortlist_metrics()
     ranking.plot(output_dir, title=f"{corpus.num_images} images")
     return results
+
+
+def heads_left_untrained(model, args: RetrievalArguments) -> list[str]:
+    """The projection heads the run leaves as they came when its start checkpoint lacked them (a pretraining
+    checkpoint with `--contrastive_weight 0`: nothing trains them). They are left out of `final/`, so that every
+    later load reports them untrained (the pipeline then ranks without a shortlist), and `--eval_shortlist_k` is
+    refused, naming both flags, before anything is trained or written."""
+    heads = [] if args.contrastive_weight else untrained_heads(model)
+    if heads and args.eval_shortlist_k:
+        raise ValueError(
+            f"--eval_shortlist_k {args.eval_shortlist_k}: with --contrastive_weight 0 nothing trains the projection "
+            f"heads ({', '.join(heads)}), which {args.model_name_or_path} does not hold, so the shortlist would be "
+            "random; leave out --eval_shortlist_k, or give --contrastive_weight > 0 to train them."
+        )
+    return heads
 
 
 # Every numeric flag's rule as `check_field`'s (kind, lowest, highest); a flag left unset (None) is not checked. The
@@ -408,15 +424,28 @@ def retrieval_stage(args: RetrievalArguments, accelerator, model, train_corpus: 
     )
 
 
-def _finish(accelerator, wrapper, state, tokenizer, processor, eval_corpus, args: RetrievalArguments) -> dict:
-    """Saves `final/`, then plots the losses, evaluates on the evaluation corpus and pushes to the Hub when asked
-    (`_report`)."""
+def _finish(
+    accelerator, wrapper, state, tokenizer, processor, eval_corpus, args: RetrievalArguments, untrained: list[str]
+) -> dict:
+    """Saves `final/` (without the `untrained` heads, `heads_left_untrained`), then plots the losses, evaluates on
+    the evaluation corpus and pushes to the Hub when asked (`_report`)."""
     output_dir = Path(args.output_dir)
     # Gathers sharded parameters (FSDP, DeepSpeed ZeRO-3) on every process; the main process writes.
     final_dir = save_final(
-        accelerator, wrapper, state, output_dir / "final", processor or tokenizer, submodule="model"
+        accelerator,
+        wrapper,
+        state,
+        output_dir / "final",
+        processor or tokenizer,
+        submodule="model",
+        leave_out=untrained,
     )
     model = accelerator.unwrap_model(wrapper).model
+    # What the start checkpoint lacked is trained now, but for the heads left untrained: the pipeline built to
+    # publish the model reads this (`untrained_heads`).
+    model._missing_keys_at_load = [
+        key for key in getattr(model, "_missing_keys_at_load", None) or [] if key.startswith(tuple(untrained))
+    ]
     results = {"history": state.history, "final_model": str(final_dir)}
     if not accelerator.is_main_process:
         return results
@@ -472,6 +501,7 @@ def _end_finished_run(accelerator, args: RetrievalArguments, loss_weights: dict[
     model, tokenizer, processor = load_model_and_tokenizer(
         dataclasses.replace(args, model_name_or_path=str(final_dir)), loss_weights
     )
+    heads_left_untrained(model, dataclasses.replace(args, model_name_or_path=str(final_dir)))
     if args.push_to_hub:
         check_push_to_hub(args.hub_model_id, processor, needs_processor=True)
     _, eval_corpus = build_corpora(args, tokenizer, model.config)
@@ -530,6 +560,7 @@ def run_retrieval_finetuning(args: RetrievalArguments) -> dict:
         )
     set_seed(args.seed)
     model, tokenizer, processor = load_model_and_tokenizer(args, loss_weights)
+    untrained = heads_left_untrained(model, args)
     if args.push_to_hub:
         # Checked before training (nothing is written yet): the publisher needs the processor loaded with the model.
         check_push_to_hub(args.hub_model_id, processor, needs_processor=True)
@@ -557,7 +588,7 @@ def run_retrieval_finetuning(args: RetrievalArguments) -> dict:
                 resume=args.resume,
                 checkpoint_at_end=args.checkpointing_steps is not None,
             )
-        results = _finish(accelerator, wrapper, state, tokenizer, processor, eval_corpus, args)
+        results = _finish(accelerator, wrapper, state, tokenizer, processor, eval_corpus, args, untrained)
         accelerator.end_training()
     return results
 

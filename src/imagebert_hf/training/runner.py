@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -248,7 +248,13 @@ def _check_resumable(checkpoint: Path, saved: TrainState, fresh: TrainState, dat
 
 
 def save_final(
-    accelerator, model, state: TrainState, final_dir: str | Path, companion, submodule: str | None = None
+    accelerator,
+    model,
+    state: TrainState,
+    final_dir: str | Path,
+    companion,
+    submodule: str | None = None,
+    leave_out: Sequence[str] = (),
 ) -> Path:
     """Writes the trained model with its processor or tokenizer (`companion`), `trainer_state.json` and the
     completion marker to a hidden folder, then renames it to `final_dir`. Call on every process.
@@ -260,6 +266,7 @@ def save_final(
     Args:
         model: The prepared module; its full state dict is gathered when the parameters are sharded.
         submodule: Save only this attribute of it (a training wrapper around the model to publish).
+        leave_out: Modules of the saved model whose weights are left out (`save_model`).
     """
     final_dir = Path(final_dir)
     tmp = final_dir.parent / f".tmp-{final_dir.name}"
@@ -268,7 +275,7 @@ def save_final(
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     with saving_code(published_module(accelerator, model, submodule), companion):
-        save_model(accelerator, model, tmp, submodule=submodule)
+        save_model(accelerator, model, tmp, submodule=submodule, leave_out=leave_out)
         if accelerator.is_main_process:
             companion.save_pretrained(tmp)
     if accelerator.is_main_process:
