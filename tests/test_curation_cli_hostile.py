@@ -155,6 +155,17 @@ def test_inputs_without_a_single_page_end_with_the_counts_and_keep_the_earlier_o
     assert not (tmp_path / "new").exists()
 
 
+def test_an_output_inside_an_input_is_refused_when_given_from_home(tmp_path, monkeypatch):
+    """The runner writes to the output folder with `~` expanded, so the comparison with the inputs expands it too."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    crawl = tmp_path / "crawl"
+    _saved_site(crawl / "data")
+    before = _snapshot(tmp_path)
+    with pytest.raises(ValueError, match=r"output_dir ~/crawl/out is inside the input .*crawl"):
+        run_local([str(crawl)], "~/crawl/out")
+    assert _snapshot(tmp_path) == before
+
+
 @require_module("pyspark")
 def test_the_spark_runner_refuses_an_output_among_the_inputs_before_starting(tmp_path, monkeypatch):
     from imagebert_hf.curation import spark

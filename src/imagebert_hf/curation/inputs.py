@@ -240,6 +240,8 @@ def _locations(item: str | os.PathLike, expand: bool = True) -> list[tuple[str, 
     """Where an input points (a file, a folder, or with `expand` each match of a glob pattern), or an output."""
     item = _local(item)
     if not is_url(item):
+        # "~" as the runners read and write it (they expand it): unexpanded, "~/in/out" would not lie inside "/home/in".
+        item = os.path.expanduser(item)
         if expand and not os.path.exists(item) and _has_magic(item):
             return [("local", Path(match).resolve()) for match in glob.glob(item, recursive=True)]
         return [("local", Path(item).resolve())]
