@@ -416,3 +416,53 @@ def test_heads_nothing_trains_are_left_out_of_final_and_not_shortlisted(pretrain
     assert untrained_heads(reported.pop("model")) == []
     saved = load_file(str(tmp_path / "trained" / "final" / "model.safetensors"))
     assert {key.rsplit(".", 1)[0] for key in saved if key.startswith(tuple(PROJECTION_HEADS))} == set(PROJECTION_HEADS)
+
+
+def test_contrastive_loss_against_a_larger_batch_is_each_parts_share_of_its_loss(corpus):
+    from imagebert_hf.training.retrieval_objective import gather_across_processes
+
+    model = _model(corpus)
+    generator = torch.Generator().manual_seed(0)
+    text = torch.nn.functional.normalize(torch.randn(8, 16, generator=generator), dim=-1)
+    regions = torch.nn.functional.normalize(torch.randn(8, 16, generator=generator), dim=-1)
+    whole = model.contrastive_loss(text, regions)
+    parts = [model.contrastive_loss(text[i : i + 4], regions[i : i + 4], text, regions, i) for i in (0, 4)]
+    assert torch.allclose((parts[0] + parts[1]) / 2, whole)
+    assert not torch.allclose(model.contrastive_loss(text[:4], regions[:4]), parts[0])
+    # Outside a run of several processes nothing is gathered.
+    gathered, first = gather_across_processes(text)
+    assert gathered is text and first == 0
+
+
+def test_two_processes_contrast_their_positives_with_each_others(tmp_path):
+    """Under `accelerate launch` with two gloo processes each contrasts its half of the batch with every process's
+    embeddings: the mean of their losses is one process's loss over the whole batch, and the gradients of each half
+    are that loss's."""
+    import subprocess
+    import sys
+
+    from .test_pretraining import script_env
+
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+        str(PROJECT_ROOT / "examples" / "configs" / "accelerate_2cpu.yaml"),
+        str(PROJECT_ROOT / "tests" / "gather_probe.py"), str(tmp_path),
+    ]  # fmt: skip
+    result = subprocess.run(command, env=script_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"gather-{rank}.json").read_text()) for rank in (0, 1)]
+    assert [(r["first"], r["rows"]) for r in ranks] == [(0, 8), (4, 8)]
+
+    model = ImageBERTForImageTextRetrieval(
+        ImageBERTConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
+    )
+    generator = torch.Generator().manual_seed(0)
+    text = torch.nn.functional.normalize(torch.randn(8, 16, generator=generator), dim=-1).requires_grad_(True)
+    regions = torch.nn.functional.normalize(torch.randn(8, 16, generator=generator), dim=-1)
+    whole = model.contrastive_loss(text, regions)
+    assert (ranks[0]["loss"] + ranks[1]["loss"]) / 2 == pytest.approx(whole.item(), rel=1e-5)
+    # Each process's loss reaches every text through the gather, so each process's rows get the gradient of the sum
+    # of both losses, twice that of their mean (DDP's averaging over the two processes halves it back).
+    whole.backward()
+    gathered_grad = torch.tensor(ranks[0]["text_grad"] + ranks[1]["text_grad"])
+    assert torch.allclose(gathered_grad, 2 * text.grad, atol=1e-5)

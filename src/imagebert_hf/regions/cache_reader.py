@@ -25,9 +25,9 @@ from .cache_layout import (
     RegionCacheError,
     _damaged,
     _info_mismatch,
-    read_cache_info,
     _shard_dir,
     _shard_dirs,
+    read_cache_info,
 )
 from .gallery import RegionGallery
 

@@ -47,8 +47,8 @@ from .cache_layout import (
     SHARD_REPORT_NAME,
     SHARDS_DIR,
     STORAGE_DTYPES,
-    read_cache_info,
     _shard_dir,
+    read_cache_info,
 )
 from .cache_reader import RegionCache
 

@@ -16,6 +16,39 @@ REGION_INPUTS = ("region_features", "region_locations", "region_attention_mask")
 NEGATIVE_MINING = ("random", "contrastive")
 
 
+class _GatherWithGradient(torch.autograd.Function):
+    """All-gather whose backward hands each process the sum of every process's gradient for its own rows (each
+    process's loss reads every process's rows)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        rows = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * rows : (dist.get_rank() + 1) * rows]
+
+
+def gather_across_processes(embeddings: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every process's `embeddings` stacked in rank order (gradients flow back to each process's own rows), and
+    the row where this process's start; the tensor itself and 0 outside a multi-process run. Each process must hold
+    as many rows (accelerate's prepared loaders give every process equal batches)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return embeddings, 0
+    return _GatherWithGradient.apply(embeddings), dist.get_rank() * embeddings.shape[0]
+
+
 def mine_contrastive_negatives(
     similarities: torch.Tensor,
     positive_images: torch.Tensor,
@@ -153,7 +186,11 @@ class RetrievalTrainingModel(torch.nn.Module):
             grad = self.contrastive_trains_encoder
             text_embeddings = self.model.get_text_embeddings(**text, encoder_grad=grad)
             region_embeddings = self.model.get_region_embeddings(**regions, encoder_grad=grad)
-            contrastive = self.model.contrastive_loss(text_embeddings, region_embeddings)
+            # Against every process's positives, as CLIP-style training does across devices: the softmax then runs
+            # over the global batch of one micro-batch step whatever the number of processes.
+            all_text, first = gather_across_processes(text_embeddings)
+            all_regions, _ = gather_across_processes(region_embeddings)
+            contrastive = self.model.contrastive_loss(text_embeddings, region_embeddings, all_text, all_regions, first)
             similarities = text_embeddings @ region_embeddings.T / self.model.config.contrastive_temperature
         if self.negative_mining == "contrastive" and similarities is not None and group_size > 1:
             if positive_images is None:
@@ -176,5 +213,6 @@ __all__ = [
     "REGION_INPUTS",
     "RetrievalTrainingModel",
     "TEXT_INPUTS",
+    "gather_across_processes",
     "mine_contrastive_negatives",
 ]

@@ -1293,14 +1293,30 @@ class ImageBERTForImageTextRetrieval(ImageBERTPreTrainedModel):
             pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
         return F.normalize(self.cls.region_projection(pooled).float(), dim=-1)
 
-    def contrastive_loss(self, text_embeddings: torch.Tensor, region_embeddings: torch.Tensor) -> torch.FloatTensor:
-        """Symmetric InfoNCE over a batch of matching (text, image) embeddings: row i of each belongs together."""
+    def contrastive_loss(
+        self,
+        text_embeddings: torch.Tensor,
+        region_embeddings: torch.Tensor,
+        all_text_embeddings: torch.Tensor | None = None,
+        all_region_embeddings: torch.Tensor | None = None,
+        first_index: int = 0,
+    ) -> torch.FloatTensor:
+        """Symmetric InfoNCE over a batch of matching (text, image) embeddings: row i of each belongs together.
+
+        With `all_text_embeddings` / `all_region_embeddings` (a larger batch holding this one at rows `first_index`
+        on, e.g. every process's batch), each text is contrasted with all those images and each image with all those
+        texts, as CLIP-style training does across devices; the loss is this batch's share of that batch's loss.
+        """
         _expect_shape(
             "region_embeddings", region_embeddings, _shape(text_embeddings), "one image embedding per text embedding"
         )
-        similarities = text_embeddings @ region_embeddings.T / self.config.contrastive_temperature
-        target = torch.arange(similarities.shape[0], device=similarities.device)
-        return (F.cross_entropy(similarities, target) + F.cross_entropy(similarities.T, target)) / 2
+        all_text = text_embeddings if all_text_embeddings is None else all_text_embeddings
+        all_regions = region_embeddings if all_region_embeddings is None else all_region_embeddings
+        temperature = self.config.contrastive_temperature
+        target = first_index + torch.arange(text_embeddings.shape[0], device=text_embeddings.device)
+        text_to_image = text_embeddings @ all_regions.T / temperature
+        image_to_text = region_embeddings @ all_text.T / temperature
+        return (F.cross_entropy(text_to_image, target) + F.cross_entropy(image_to_text, target)) / 2
 
 
 __all__ = [
