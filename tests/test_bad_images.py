@@ -477,3 +477,14 @@ def test_bomb_memory_stays_bounded(png_bomb_12000, name):
     grown = _peak_rss_mib() - before
     # Decoding would take 137 MiB at least; the refused header costs a few.
     assert grown < 48, f"{name}: peak memory grew by {grown:.0f} MiB"
+
+
+@pytest.mark.parametrize(("orientation", "check"), [(6, _rotated_90), (3, _rotated_180)])
+def test_an_opened_pil_image_is_rotated_as_its_file_is(orientation, check):
+    """`Image.open(path)` leaves the EXIF orientation unapplied; the loader applies it as it does for the path, so
+    the same photo gives the same pixels and size either way."""
+    data = exif_rotated(orientation, 0)
+    from_bytes, from_pil = load_image(data), load_image(Image.open(io.BytesIO(data)))
+    check(from_pil)
+    assert np.array_equal(np.asarray(from_pil.image), np.asarray(from_bytes.image))
+    assert load_image(Image.open(io.BytesIO(data)), apply_exif_orientation=False).image.size == (40, 20)

@@ -313,6 +313,11 @@ def load_image(
                     image.seek(0)
                 # A PIL image opened from a file decodes its pixels only now, so a damaged file fails here.
                 image.load()
+                # `Image.open(path)` (or a decoded `datasets` image) keeps the EXIF tag unapplied: rotated here as
+                # the same photo given by its path is, so both give the same regions.
+                if apply_exif_orientation and image.getexif().get(0x0112, 1) != 1:
+                    with contextlib.suppress(Exception):  # a broken EXIF block must not cost the image
+                        image = ImageOps.exif_transpose(image)
                 pil = to_rgb(image)
             except Exception as error:  # truncated data surfaces as OSError, SyntaxError, EOFError, struct.error...
                 raise ImageLoadError(
