@@ -362,3 +362,19 @@ def test_captions_shared_by_images_are_counted_in_the_results(region_checkpoint,
     with CaptureLogger(zero_shot.logger) as captured:
         manifest_retrieval_inputs(manifest, region_folder, tokenizer, "test")
     assert "2 of the 4 captions are also, as the same string, a caption of another image" in captured.out
+
+
+def test_split_all_keeps_every_line_of_a_manifest_whose_lines_name_none(tmp_path):
+    """The bundled COCO manifest names no split: `--split all` evaluates it (or trains on it); another split is
+    refused naming what the manifest holds."""
+    from imagebert_hf.data.retrieval_corpus import ALL_SPLITS, load_manifest_records
+
+    manifest = tmp_path / "captions.jsonl"
+    lines = [{"image": "a.jpg", "captions": ["a dog"]}, {"image": "b.jpg", "captions": ["a cat"], "split": "dev"}]
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert [r["manifest_image"] for r in load_manifest_records(manifest, ALL_SPLITS)] == ["a.jpg", "b.jpg"]
+    with pytest.raises(ValueError, match=r"has no record with split 'test': its lines' splits are \['dev'\] \(some "):
+        load_manifest_records(manifest, "test")
+    manifest.write_text(json.dumps(lines[0]) + "\n")
+    with pytest.raises(ValueError, match=r"split 'test': its lines name no split; split 'all' keeps every line\.$"):
+        load_manifest_records(manifest, "test")

@@ -30,6 +30,8 @@ from ..regions.cache_reader import load_region_cache
 logger = logging.get_logger(__name__)
 
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
+# The `split` of a manifest that keeps every line, for manifests whose lines name no split (the COCO 128 set).
+ALL_SPLITS = "all"
 NEGATIVE_TYPES = ("text", "image", "both")
 
 
@@ -144,7 +146,7 @@ def load_manifest_records(
 
     Args:
         path: the `.jsonl` file (`{"image", "captions", "split"?, "image_id"?, ...}` per line).
-        split: keep only lines with this `split` (e.g. `"dev"`, `"test"`); all lines when None.
+        split: keep only lines with this `split` (e.g. `"dev"`, `"test"`); all lines when None or `"all"`.
         max_images: keep only the first images.
         image_root: folder the image paths are relative to; the manifest's folder by default.
 
@@ -156,10 +158,13 @@ def load_manifest_records(
         lines, as pretraining's manifest source does.
     """
     check_max_images(max_images)
+    split = None if split == ALL_SPLITS else split
     records = []
     ids_as_text: dict[str, tuple[Any, str, str]] = {}
+    splits_seen: set = set()
     for record in iter_manifest(path, image_root):
         if split is not None and record.extra.get("split") != split:
+            splits_seen.add(record.extra.get("split"))
             continue
         if record.id_field is not None:  # `1` and `"1"` would be merged as one image: refused, as in pretraining
             check_id_text(record.extra[record.id_field], record.id_field, record.where, ids_as_text)
@@ -175,8 +180,14 @@ def load_manifest_records(
         )
         if max_images is not None and len(records) >= max_images:
             break
+    if not records and split is not None:
+        named = sorted(str(name) for name in splits_seen if name is not None)
+        found = f"its lines' splits are {named}" if named else "its lines name no split"
+        if None in splits_seen and named:
+            found += " (some lines name none)"
+        raise ValueError(f"{path} has no record with split {split!r}: {found}; split {ALL_SPLITS!r} keeps every line.")
     if not records:
-        raise ValueError(f"{path} has no record" + (f" with split {split!r}." if split else "."))
+        raise ValueError(f"{path} has no record.")
     return records
 
 
@@ -806,6 +817,7 @@ class DataCollatorForImageTextRetrieval:
 
 __all__ = [
     "tokenizer_fingerprint",
+    "ALL_SPLITS",
     "KARPATHY_SPLITS",
     "NEGATIVE_TYPES",
     "DataCollatorForImageTextRetrieval",

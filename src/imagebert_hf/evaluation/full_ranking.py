@@ -66,7 +66,10 @@ class EvaluationArguments:
     manifest: str | None = field(default=None, metadata={"help": "A jsonl manifest (dataset=manifest)."})
     split: str = field(
         default="test",
-        metadata={"help": f"Split to evaluate ({SYNTHETIC_SPLIT!r}, the only one, for dataset=synthetic)."},
+        metadata={
+            "help": f"Split to evaluate ({SYNTHETIC_SPLIT!r}, the only one, for dataset=synthetic; for a manifest, "
+            "'all' keeps every line, as for one whose lines name no split)."
+        },
     )
     region_cache: str | None = field(default=None, metadata={"help": "Region cache folder of the split's images."})
     corpus_cache: str | None = field(

@@ -176,7 +176,11 @@ class RetrievalArguments:
         default=None, metadata={"help": "Folder the Karpathy image paths start from.", "metavar": "FOLDER"}
     )
     train_split: str = field(
-        default="train", metadata={"help": "Split(s) to train on, comma-separated (COCO: train,restval)."}
+        default="train",
+        metadata={
+            "help": "Split(s) to train on, comma-separated (COCO: train,restval); for a manifest, one split, or 'all' "
+            "for every line."
+        },
     )
     eval_split: str | None = field(default=None, metadata={"help": "Split to evaluate on at the end (e.g. test)."})
     region_cache: str | None = field(
