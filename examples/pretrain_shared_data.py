@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     check_flag_values(args, FLAG_RULES)
     from accelerate import PartialState
 
-    from imagebert_hf import ImageBERTConfig, ImageBERTRoIExtractor
+    from imagebert_hf import ImageBERTConfig, ImageBERTProcessor, ImageBERTRoIExtractor
     from imagebert_hf.evaluation import format_metrics_table
     from imagebert_hf.evaluation.zero_shot import chance_metrics, manifest_retrieval_inputs, zero_shot_retrieval
     from imagebert_hf.formats.files import atomic_write_json
@@ -103,7 +103,16 @@ def main(argv: list[str] | None = None) -> dict:
     }
     # The recipe and --set are checked here, before anything is extracted or trained (the caches come next).
     overrides = [f"output_dir={args.output_dir}"]
-    for stage_index, stage in enumerate(load_recipe(args.config, args.set, check_paths=False).stages):
+    checked = load_recipe(args.config, args.set, check_paths=False)
+    model_config = ImageBERTConfig(**checked.model.config)
+    cells = sum(n * n for n in args.grid_sizes)
+    if cells > model_config.max_regions:
+        raise ValueError(
+            f"--grid_sizes {' '.join(map(str, args.grid_sizes))}: {cells} cells, more regions than the model keeps "
+            f"(model.config.max_regions {model_config.max_regions}), so the last cells of every image would be dropped; "
+            f"choose smaller grids or --set model.config.max_regions={cells}."
+        )
+    for stage_index, stage in enumerate(checked.stages):
         for source_index, source in enumerate(stage.sources):
             if source.name in data_of_source:
                 path, cache = data_of_source[source.name]
@@ -119,6 +128,17 @@ def main(argv: list[str] | None = None) -> dict:
             f"regions of {name}: {report.num_extracted} images ({report.num_shards_skipped} shards reused) in {report.seconds:.1f}s"
         )
 
+    if checked.model.processor is None:
+        # Each stage's model is published with the extractor its regions came from, so its folder serves photos
+        # (`pipeline("image-text-retrieval", model=...)`) with the regions it was trained on.
+        processor_dir = Path(args.output_dir) / "processor"
+        with PartialState().main_process_first():
+            if PartialState().is_main_process:
+                processor = ImageBERTProcessor(
+                    extractor, load_tokenizer(checked.model), model_config.max_text_length, model_config.max_regions
+                )
+                processor.save_pretrained(processor_dir)
+        overrides.append(f"model.processor={processor_dir}")
     recipe = load_recipe(args.config, overrides + args.set)
     alignment = None
     if args.region_alignment_steps and recipe.model.init_from is None:

@@ -146,6 +146,15 @@ def test_real_photo_example_runs_end_to_end_on_a_subset(tmp_path, one_thread):
     assert load_recipe(output_dir / "recipe.yaml", check_paths=False).model.init_from == str(
         output_dir / "region_alignment"
     )
+    # Each stage's folder ships the extractor its regions came from, so it serves photos with the training grid.
+    from imagebert_hf import ImageBERTProcessor
+
+    served = ImageBERTProcessor.from_pretrained(output_dir / stages[-1] / "final")
+    assert list(served.image_processor.grid_sizes) == [1, 2, 3, 4] and served.max_regions == 30
+    # A grid of more cells than the model keeps is refused before anything is extracted.
+    with pytest.raises(ValueError, match=r"^--grid_sizes 1 3 5: 35 cells, more regions than the model keeps"):
+        main([*arguments, "--grid_sizes", "1", "3", "5", "--output_dir", str(tmp_path / "other")])
+    assert not (tmp_path / "other").exists()
     # A resumed run starts from the same warm start, and refuses one fitted for another number of steps.
     assert arguments[8:10] == ["--region_alignment_steps", "2"]
     other_steps = [*arguments[:9], "3", *arguments[10:], "--resume"]
