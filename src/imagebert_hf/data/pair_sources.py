@@ -28,7 +28,7 @@ from ..models.imagebert.region_batching import check_region_record
 from ..regions.cache_reader import RegionCache, RegionCacheError, load_region_cache
 from ..regions.cache_writer import dataset_row_key
 from .negatives import choose_hard_caption, choose_negative
-from .retrieval_corpus import same_image_groups
+from .retrieval_corpus import SameImageGroups
 from .synthetic import (
     SWAP_CAPTION_KINDS,
     corrupt_captions,
@@ -123,7 +123,14 @@ class ManifestPairSource(PairSource):
         manifest = Path(manifest)
         if not manifest.is_file():
             raise FileNotFoundError(f"manifest {manifest} does not exist.")
-        records, keys, names = [], [], []
+        # Lines are pooled while they are read: a web-scale manifest keeps, per image, only its key, path and
+        # captions, never its lines.
+        grouping = SameImageGroups()
+        group_keys: list[str] = []
+        group_captions: list[Sequence[str]] = []
+        held_of: dict[int, set[str]] = {}  # caption texts of the images pooled so far
+        self._paths: dict[str, Path] = {}
+        pooled, dropped, first = 0, 0, None
         # Id as text -> (value, field, where) of its first line: the keys, and the ids evaluation merges lines by.
         keys_as_text: dict[str, tuple[Any, str, str]] = {}
         ids_as_text: dict[str, tuple[Any, str, str]] = {}
@@ -134,28 +141,27 @@ class ManifestPairSource(PairSource):
             key = record.image if key_field == "image" else _manifest_key(record, key_field, keys_as_text)
             if record.id_field is not None:
                 check_id_text(record.extra[record.id_field], record.id_field, record.where, ids_as_text)
-            records.append(record)
-            keys.append(key)
-            names.append(
-                [("key", key), ("id", record.image_id), ("file", os.path.normpath(os.fspath(record.image_path)))]
-            )
-        self._paths: dict[str, Path] = {}
-        captions_of: dict[str, list[str]] = {}
-        pooled, dropped, first = 0, 0, None
-        groups = same_image_groups(names)
-        group_keys: list[str] = []
-        for record, key, group in zip(records, keys, groups):
+            image_file = os.fspath(record.image_path)
+            normal_file = os.path.normpath(image_file)
+            # An already normal path shares its text with the path kept in `_paths`.
+            normal_file = image_file if normal_file == image_file else normal_file
+            group = grouping.add([("key", key), ("id", record.image_id), ("file", normal_file)])
             if group == len(group_keys):
                 group_keys.append(key)
                 self._paths[key] = record.image_path
-                captions_of[key] = list(record.captions)
+                group_captions.append(record.captions)
                 continue
-            target = captions_of[group_keys[group]]
-            held = {_caption_text(caption) for caption in target}
+            if group not in held_of:
+                group_captions[group] = list(group_captions[group])
+                held_of[group] = {_caption_text(caption) for caption in group_captions[group]}
+            held = held_of[group]
             new = [caption for caption in record.captions if _caption_text(caption) not in held]
             pooled, dropped = pooled + 1, dropped + len(record.captions) - len(new)
             first = first or (record.where, record.image, group_keys[group])
-            target.extend(new)
+            group_captions[group].extend(new)
+            held.update(_caption_text(caption) for caption in new)
+        # The name tables go before the pairs are built, so the peak holds one or the other, not both.
+        del grouping, held_of, keys_as_text, ids_as_text
         if pooled:
             logger.warning(
                 "manifest %s: %d line(s) repeat an image of an earlier line (first: %s, image %r, pooled with %r); "
@@ -167,7 +173,9 @@ class ManifestPairSource(PairSource):
                 dropped,
             )
         pairs = [
-            (key, caption) for key, captions in captions_of.items() for caption in captions[:max_captions_per_image]
+            (key, caption)
+            for key, captions in zip(group_keys, group_captions)
+            for caption in captions[:max_captions_per_image]
         ]
         super().__init__(name or manifest.parent.name, pairs)
 
@@ -232,23 +240,39 @@ def _row_captions(key: Any, texts: Any, where: str, text_column: str, id_column:
 def _default_row_keys(dataset, image_column: str) -> list[str]:
     """Each row's key by `dataset_row_key` (the region cache's rule without `key_column`), reading only the image
     paths: the image bytes stay in the Arrow files."""
-    import datasets
     import pyarrow as pa
 
     if image_column not in dataset.column_names:
         return [dataset_row_key(None, row) for row in range(len(dataset))]
-    column = dataset.select_columns([image_column])
-    if isinstance(column.features[image_column], datasets.Image):
-        column = column.cast_column(image_column, datasets.Image(decode=False))
-    keys = []
-    for batch in column.with_format("arrow").iter(batch_size=10_000):
-        cells = batch.column(image_column).combine_chunks()
-        if pa.types.is_struct(cells.type) and cells.type.get_field_index("path") >= 0:
-            cells = [{"path": path} for path in cells.field("path").to_pylist()]
-        else:
-            cells = cells.to_pylist()
-        keys.extend(dataset_row_key(cell, len(keys)) for cell in cells)
+    # The stored column, chunk by chunk: iterating the dataset or combining chunks would copy every image's bytes
+    # along with its path, in every process at every stage start.
+    cells = dataset.data.column(image_column)
+    is_path_struct = pa.types.is_struct(cells.type) and cells.type.get_field_index("path") >= 0
+    if is_path_struct:
+        path_type = cells.type[cells.type.get_field_index("path")].type
+        cells = pa.chunked_array([chunk.field("path") for chunk in cells.chunks], type=path_type)
+    elif _is_binary(cells.type):
+        return [dataset_row_key(None, row) for row in range(len(dataset))]
+    # A dataset selected, shuffled or filtered (without flatten_indices) maps its rows to the stored ones.
+    indices = dataset._indices
+    if indices is not None:
+        cells = cells.take(indices.column(0))
+    keys: list[str] = []
+    for chunk in cells.chunks:
+        for start in range(0, len(chunk), 10_000):
+            values = chunk.slice(start, 10_000).to_pylist()
+            if is_path_struct:
+                values = [{"path": path} for path in values]
+            keys.extend(dataset_row_key(cell, row) for row, cell in enumerate(values, start=len(keys)))
     return keys
+
+
+def _is_binary(data_type) -> bool:
+    """Whether an Arrow column holds raw bytes, without a path: its rows are keyed `row-<index>`."""
+    import pyarrow as pa
+
+    checks = ("is_binary", "is_large_binary", "is_fixed_size_binary", "is_binary_view")  # binary_view: pyarrow>=16
+    return any(getattr(pa.types, check, lambda _: False)(data_type) for check in checks)
 
 
 class DatasetPairSource(PairSource):

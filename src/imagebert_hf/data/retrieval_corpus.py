@@ -206,27 +206,48 @@ def _image_file(record: Mapping) -> str | None:
     return None
 
 
-def same_image_groups(names: Iterable[Iterable[Hashable | None]]) -> list[int]:
+class SameImageGroups:
+    """`same_image_groups` one item at a time, for a source read as a stream (a manifest of millions of lines):
+    `add` gives an item's group as `same_image_groups` would, keeping only each name's first group.
+
+    Names are `(kind, value)` pairs, kept one table per kind, so a name costs a table entry and no tuple."""
+
+    def __init__(self):
+        self._first_of: dict[Hashable, dict[Hashable, int]] = {}
+        self.count = 0
+
+    def add(self, names: Iterable[tuple[Hashable, Hashable] | None]) -> int:
+        """The group of an item going by `names` (`None` names match nothing): the first group of the earlier
+        items it shares a name with, else a new one (numbered `count` before the call)."""
+        group, named = None, []
+        for name in names:
+            if name is None:
+                continue
+            kind, value = name
+            table = self._first_of.get(kind)
+            if table is None:
+                table = self._first_of[kind] = {}
+            earlier = table.get(value)
+            if earlier is not None and (group is None or earlier < group):
+                group = earlier
+            named.append((table, value))
+        if group is None:
+            group, self.count = self.count, self.count + 1
+        for table, value in named:
+            table.setdefault(value, group)
+        return group
+
+
+def same_image_groups(names: Iterable[Iterable[tuple[Hashable, Hashable] | None]]) -> list[int]:
     """The image each item shows, by the names it goes by: an item that shares a name with an earlier item is that
     item's image, else a new one. Returns one group number per item, groups numbered in first-seen order (an item
     sharing names with two earlier images joins the first of them). `None` names match nothing.
 
-    Names of different kinds are told apart by the caller, e.g. `("id", "1")` and `("file", "x/a.jpg")`: the rule
-    of `merge_duplicate_images` (one image per id, and per file) and of `ManifestPairSource`."""
-    first_of: dict[Hashable, int] = {}
-    groups: list[int] = []
-    count = 0
-    for item_names in names:
-        item_names = [name for name in item_names if name is not None]
-        matches = [first_of[name] for name in item_names if name in first_of]
-        if matches:
-            group = min(matches)
-        else:
-            group, count = count, count + 1
-        for name in item_names:
-            first_of.setdefault(name, group)
-        groups.append(group)
-    return groups
+    Names are `(kind, value)` pairs, so names of different kinds are told apart, e.g. `("id", "1")` and
+    `("file", "x/a.jpg")`: the rule of `merge_duplicate_images` (one image per id, and per file) and of
+    `ManifestPairSource` (which groups its lines while reading them, with `SameImageGroups`)."""
+    grouping = SameImageGroups()
+    return [grouping.add(item_names) for item_names in names]
 
 
 def _pool_groups(records: Sequence[Mapping], groups: Sequence[int]) -> tuple[list[dict], list[int], list[int]]:
@@ -234,14 +255,20 @@ def _pool_groups(records: Sequence[Mapping], groups: Sequence[int]) -> tuple[lis
     of the records kept, and of those merged into another."""
     merged: list[dict] = []
     kept, pooled = [], []
+    grown: set[int] = set()  # groups whose caption list is already their own copy
     for number, (record, group) in enumerate(zip(records, groups)):
         if group == len(merged):
             merged.append(dict(record))
             kept.append(number)
-        else:
-            target = merged[group]
-            target["captions"] = list(target["captions"]) + list(record["captions"])
-            pooled.append(number)
+            continue
+        target = merged[group]
+        # Copied at the group's first merge, then grown in place: a copy at every merge is quadratic in the records
+        # of one picture (every dead link of a crawl that saved the same placeholder shares one cache row).
+        if group not in grown:
+            target["captions"] = list(target["captions"])
+            grown.add(group)
+        target["captions"].extend(record["captions"])
+        pooled.append(number)
     return merged, kept, pooled
 
 
@@ -826,6 +853,7 @@ __all__ = [
     "RandomNegativeSampler",
     "RetrievalCorpus",
     "RetrievalPairDataset",
+    "SameImageGroups",
     "check_max_images",
     "load_karpathy_split",
     "load_manifest_records",
