@@ -3,6 +3,7 @@ own half of a fixed batch of embeddings with every process's (`gather_across_pro
 gradient of its half to `<output_dir>/gather-<rank>.json`."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -33,6 +34,12 @@ def main() -> None:
     record = {"rank": rank, "process_index": state.process_index, "first": first, "rows": all_text.shape[0], "loss": loss.item(),
               "text_grad": own_text.grad.tolist()}  # fmt: skip
     Path(sys.argv[1], f"gather-{rank}.json").write_text(json.dumps(record))
+    # Both records are written once both processes pass the barrier; leaving without the interpreter's teardown
+    # avoids gloo's threads aborting it (SIGABRT at exit, seen on loaded machines), which is not what is tested.
+    torch.distributed.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

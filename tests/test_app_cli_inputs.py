@@ -1,6 +1,7 @@
 """`imagebert-app`'s flags: an unknown flag or a value that cannot work (a port out of range, a count below 1, a
 device that is not here) ends the command with one line naming the flag, before any model or gallery is loaded."""
 
+import json
 import re
 import subprocess
 import sys
@@ -47,6 +48,7 @@ BAD_VALUES = [
     (["--batch_size", "0"], "--batch_size must be >= 1, got 0."),
     (["--max_gallery", "0"], "--max_gallery must be >= 1, got 0."),
     (["--max_gallery", "-2"], "--max_gallery must be >= 1, got -2."),
+    (["--gallery_regions", "grid"], "--gallery_regions must be one of ['auto', 'boxes', 'extractor'], got 'grid'"),
 ]
 
 
@@ -148,3 +150,30 @@ def test_a_missing_model_folder_is_named_and_a_hub_id_is_left_to_the_hub(tmp_pat
     # A name the Hub could hold goes on to loading (which the fixture makes fail the test, so catch that).
     with pytest.raises(AssertionError, match="the model was loaded"):
         cli.main(["--model", "no-such-owner/no-such-model", "--gallery", str(tmp_path)])
+
+
+@pytest.mark.parametrize(
+    ("model", "gallery_regions", "boxed"),
+    [(None, "auto", True), ("MODEL", "auto", False), ("MODEL", "boxes", True), (None, "extractor", False)],
+)
+def test_a_manifest_gallery_uses_its_boxes_for_the_demo_model_only_unless_asked(
+    model, gallery_regions, boxed, tmp_path, monkeypatch
+):
+    """A model trained on its processor's regions is served a manifest's photos as the processor covers them, not
+    over the manifest's boxes (the demo's training layout), unless --gallery_regions says otherwise."""
+    from imagebert_hf.app import engine
+
+    manifest = tmp_path / "captions.jsonl"
+    objects = [{"bbox_xyxy": [0, 0, 4, 4], "label": "dog"}]
+    line = {"image": "a.png", "captions": ["a dog"], "objects": objects, "width": 8, "height": 8, "split": "test"}
+    manifest.write_text(json.dumps(line) + "\n")
+    seen = {}
+    monkeypatch.setattr(engine, "load_retriever", lambda model, device=None: None)
+    monkeypatch.setattr(engine, "RetrievalDemo", lambda retriever, photos, **kwargs: seen.setdefault("photos", photos))
+    monkeypatch.setattr(cli, "ensure_demo_model", lambda demo_dir: tmp_path)
+    args = cli.AppArguments(model=model and str(tmp_path), gallery=str(manifest), gallery_regions=gallery_regions)
+    cli.load_demo(args)
+    [photo] = seen["photos"]
+    assert (photo.boxes is not None) == boxed
+    if boxed:
+        assert photo.boxes[-1] == (0.0, 0.0, 8.0, 8.0) and photo.box_labels[-1] == "whole image"

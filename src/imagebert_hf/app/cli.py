@@ -23,6 +23,7 @@ from ..models.imagebert.script_errors import exit_on_error, parse_flags
 
 DEMO_MODEL = Path("pretraining") / "stage2-clean" / "final"
 DEMO_GALLERY = Path("data") / "captions.jsonl"
+GALLERY_REGIONS = ("auto", "boxes", "extractor")
 
 
 @dataclass
@@ -42,6 +43,14 @@ class AppArguments:
         metadata={"help": "Keep only this split of a manifest gallery ('test' for the default demo gallery)."},
     )
     max_gallery: int | None = field(default=None, metadata={"help": "Use at most this many gallery photos."})
+    gallery_regions: str = field(
+        default="auto",
+        metadata={
+            "help": "Regions of a manifest gallery's photos: 'boxes' (its annotated boxes plus the whole image, the "
+            "layout `make demo` trains on), 'extractor' (the model's processor covers each photo, as for a folder or "
+            "an upload), or 'auto': boxes for the demo model, the extractor for a --model."
+        },
+    )
     demo_dir: str = field(default="outputs/demo", metadata={"help": "Where `make demo` writes (and the app reads)."})
     host: str = field(default="127.0.0.1", metadata={"help": "Address to serve on (loopback by default)."})
     port: int = field(default=7860, metadata={"help": "Port to serve on."})
@@ -134,6 +143,9 @@ def load_demo(args: AppArguments):
     from .engine import RetrievalDemo, load_retriever, read_gallery
 
     model, gallery, split = args.model, args.gallery, args.split
+    # A model trained on its processor's regions (the real-data example's grid) would rank a manifest's boxes as
+    # regions it never saw: the boxes serve the demo, whose training used them.
+    use_boxes = args.gallery_regions == "boxes" or (args.gallery_regions == "auto" and model is None)
     if model is None:
         model = str(ensure_demo_model(args.demo_dir))
         if gallery is None:
@@ -141,7 +153,7 @@ def load_demo(args: AppArguments):
     if gallery is None:
         raise SystemExit("--gallery is needed with --model: a folder of images or a jsonl manifest.")
     retriever = load_retriever(model, device=app_device(args.device))
-    photos = read_gallery(gallery, split=split, limit=args.max_gallery)
+    photos = read_gallery(gallery, split=split, limit=args.max_gallery, use_boxes=use_boxes)
     print(f"Indexing {len(photos)} gallery photos from {gallery} ...", flush=True)
     return RetrievalDemo(retriever, photos, shortlist_k=args.shortlist_k, batch_size=args.batch_size)
 
@@ -161,6 +173,8 @@ def check_arguments(args: AppArguments) -> None:
     if args.max_gallery is not None:  # unset: the whole gallery
         check_field("--max_gallery", args.max_gallery, "int", 1, None)
     check_field("--port", args.port, "int", 1, 65535)
+    if args.gallery_regions not in GALLERY_REGIONS:
+        raise ValueError(f"--gallery_regions must be one of {list(GALLERY_REGIONS)}, got {args.gallery_regions!r}")
     app_device(args.device)
     if args.model is not None:
         check_folder_or_hub_id(args.model, "--model", "a saved model folder")

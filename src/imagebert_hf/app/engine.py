@@ -63,11 +63,14 @@ class GalleryImage:
     box_labels: tuple[str, ...] | None = None
 
 
-def read_gallery(source: str | os.PathLike, split: str | None = None, limit: int | None = None) -> list[GalleryImage]:
+def read_gallery(
+    source: str | os.PathLike, split: str | None = None, limit: int | None = None, use_boxes: bool = True
+) -> list[GalleryImage]:
     """The gallery of a folder of images (sorted by name) or of a jsonl manifest (`imagebert_hf.formats.manifest`).
 
-    A manifest's object boxes are used as the regions, with the whole image added as one more region, as
-    `make demo` trains on; a folder's images get the extractor's own regions (the grid, or the detections). An image
+    With `use_boxes`, a manifest's object boxes are used as the regions, with the whole image added as one more
+    region, as `make demo` trains on; otherwise, and for a folder's images, the extractor's own regions (the grid,
+    or the detections), as a model trained on its processor's regions saw them. An image
     a manifest lists on several lines (one line per caption, say) is one photo with the captions of all its lines,
     by the evaluation's rule (`merge_duplicate_images`, which warns): the app ranks the gallery an evaluation of the
     same split ranks.
@@ -76,6 +79,7 @@ def read_gallery(source: str | os.PathLike, split: str | None = None, limit: int
         source: a folder or a `.jsonl` manifest.
         split: keep only the manifest lines whose `"split"` is this (e.g. `"test"`); all lines when None.
         limit: keep at most this many images (the first ones).
+        use_boxes: pool a manifest's photos over its annotated boxes (and the whole image).
     """
     source = Path(source)
     if source.is_dir():
@@ -83,7 +87,7 @@ def read_gallery(source: str | os.PathLike, split: str | None = None, limit: int
         gallery = [GalleryImage(key=p.name, path=p) for p in paths]
         where = f"the folder {source}"
     elif source.is_file() and source.suffix == ".jsonl":
-        gallery = _manifest_gallery(source, split)
+        gallery = _manifest_gallery(source, split, use_boxes)
         where = f"the manifest {source}"
     else:
         raise AppInputError(f"gallery must be a folder of images or a .jsonl manifest, got {str(source)!r}.")
@@ -94,7 +98,7 @@ def read_gallery(source: str | os.PathLike, split: str | None = None, limit: int
     return gallery
 
 
-def _manifest_gallery(source: Path, split: str | None) -> list[GalleryImage]:
+def _manifest_gallery(source: Path, split: str | None, use_boxes: bool = True) -> list[GalleryImage]:
     lines = read_manifest(source)
     kept = [record for record in lines if split is None or record.extra.get("split") == split]
     if not kept:
@@ -120,7 +124,7 @@ def _manifest_gallery(source: Path, split: str | None) -> list[GalleryImage]:
     for entry in entries:
         record = entry["line"]  # the image's first line: its boxes and size
         boxes = labels = None
-        if record.boxes:
+        if record.boxes and use_boxes:
             boxes = record.boxes
             labels = record.box_labels
             if record.width and record.height:  # the whole image as one more region
