@@ -305,7 +305,7 @@ def merge_duplicate_images(records: Sequence[Mapping]) -> list[Mapping]:
     return merged
 
 
-def _merge_same_pictures(records: list[dict], pictures: Sequence[Hashable | None]) -> list[int] | None:
+def merge_same_pictures(records: list[dict], pictures: Sequence[Hashable | None]) -> list[int] | None:
     """Merges (in place, into `records`' first of each) records whose regions are one region-cache row: the cache
     stores a picture once whatever its names (it deduplicates by content), so a byte-identical copy under another
     file name or id is the same picture, and two gallery items of it would each be a wrong answer for the other's
@@ -416,7 +416,7 @@ class RetrievalCorpus:
                 )
             # A region cache's gallery: one row per picture, whatever names the records give it.
             rows = getattr(regions, "rows", None)
-            kept = None if rows is None else _merge_same_pictures(records, [int(row) for row in rows])
+            kept = None if rows is None else merge_same_pictures(records, [int(row) for row in rows])
             if kept is not None:
                 regions = GallerySubset(regions, kept)
         elif regions is not None:
@@ -433,7 +433,7 @@ class RetrievalCorpus:
                 raise ValueError(f"{len(failed)} image(s) have no regions (first: {failed[0][0]}: {failed[0][1]}).")
             # Rows of a region cache carry the key they are stored under: one per picture.
             pictures = [r.get("cache_key") if isinstance(r.get("cache_key"), str) else None for r in region_records]
-            kept = _merge_same_pictures(records, pictures)
+            kept = merge_same_pictures(records, pictures)
             if kept is not None:
                 region_records = [region_records[index] for index in kept]
         image_ids, texts, text_to_image = [], [], []
@@ -858,6 +858,7 @@ __all__ = [
     "load_karpathy_split",
     "load_manifest_records",
     "merge_duplicate_images",
+    "merge_same_pictures",
     "region_cache_key",
     "region_cache_lookup",
     "same_image_groups",

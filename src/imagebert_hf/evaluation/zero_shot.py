@@ -11,10 +11,10 @@ import torch
 from transformers.utils import logging
 
 from ..data.retrieval_corpus import (
-    _merge_same_pictures,
     check_max_images,
     load_manifest_records,
     merge_duplicate_images,
+    merge_same_pictures,
 )
 from ..data.synthetic import (
     chance_recall,
@@ -71,7 +71,7 @@ def manifest_retrieval_inputs(
     merged = list(merge_duplicate_images(load_manifest_records(manifest, split, max_images)))
     keys = [entry["manifest_image"] for entry in merged]
     # And one item per picture, as `RetrievalCorpus` makes it: a copy under another name is one region-cache row.
-    kept = _merge_same_pictures(merged, _cache_pictures(region_cache, keys, max_regions))
+    kept = merge_same_pictures(merged, _cache_pictures(region_cache, keys, max_regions))
     if kept is not None:
         keys = [keys[index] for index in kept]
     captions = [list(entry["captions"])[:captions_per_image] for entry in merged]
