@@ -17,6 +17,7 @@ from imagebert_hf.evaluation.shortlist import shortlist_rerank
 from imagebert_hf.models.imagebert import retrieval_index
 from imagebert_hf.models.imagebert.pipeline_image_text_retrieval import (
     RetrievalIndex,
+    embedding_fingerprint,
     projection_fingerprint,
     register_pipeline,
 )
@@ -251,7 +252,7 @@ def test_the_model_a_saved_index_records_is_checked_and_an_older_index_is_used_w
     expected_one = retriever(texts=TEXTS[0], index=built, top_k=3, shortlist_k=5)
     built.index.save(tmp_path / "index")
     loaded = EmbeddingIndex.load(tmp_path / "index")
-    assert loaded.model_fingerprint == built.index.model_fingerprint == projection_fingerprint(retriever.model)
+    assert loaded.model_fingerprint == built.index.model_fingerprint == embedding_fingerprint(retriever.model)
     with pytest.raises(ValueError, match="this index was built by another model"):
         pipelines["B"](texts=TEXTS[0], index=RetrievalIndex("images", records, built.inputs, loaded), shortlist_k=5)
 
@@ -272,6 +273,44 @@ def test_the_model_a_saved_index_records_is_checked_and_an_older_index_is_used_w
         ValueError, match="this index was built by another model: it holds 16-d embeddings and records no"
     ):
         pipelines["C"](texts=TEXTS[0], index=older, shortlist_k=5)
+
+
+def test_the_embedding_fingerprint_covers_the_encoder_and_the_heads_not_the_dtype(pipelines):
+    model = pipelines["A"].model
+    fingerprint = embedding_fingerprint(model)
+    assert embedding_fingerprint(copy.deepcopy(model).to(torch.bfloat16)) == fingerprint
+    for name in ("cls.region_projection.bias", "bert.encoder.layer.0.attention.self.query.weight",
+                 "bert.embeddings.word_embeddings.weight"):  # fmt: skip
+        changed = copy.deepcopy(model)
+        with torch.no_grad():
+            changed.get_parameter(name).add_(1e-2)
+        assert embedding_fingerprint(changed) != fingerprint, name
+    assert fingerprint != embedding_fingerprint(pipelines["B"].model)
+
+
+def test_an_index_is_refused_after_the_encoder_changed_and_an_older_heads_only_one_is_used_with_a_notice(
+    pipelines, caplog
+):
+    """Fine-tuning with the contrastive loss off keeps the heads and changes the encoder, and with it every
+    embedding: the index of the model before is another model's."""
+    retriever = pipelines["A"]
+    records = _records(retriever, 12)
+    built = retriever.build_index(images=records)
+    tuned = copy.deepcopy(retriever.model)
+    with torch.no_grad():
+        tuned.bert.encoder.layer[0].output.dense.weight.mul_(1.05)
+    assert projection_fingerprint(tuned) == projection_fingerprint(retriever.model)
+    other = type(retriever)(model=tuned, tokenizer=retriever.tokenizer, image_processor=retriever.image_processor)
+    with pytest.raises(ValueError, match="this index was built by another model"):
+        other(texts=TEXTS[0], index=built, shortlist_k=5)
+    # An index of an earlier version recorded the heads alone: still compared by them, with a notice once.
+    built.index.model_fingerprint = projection_fingerprint(retriever.model)
+    with caplog.at_level(logging.WARNING):
+        retriever(texts=TEXTS[0], index=built, top_k=3, shortlist_k=5)
+        retriever(texts=TEXTS[0], index=built, top_k=3, shortlist_k=5)
+    assert len([r for r in caplog.records if "records only the projection heads" in r.getMessage()]) == 1
+    with pytest.raises(ValueError, match="this index was built by another model"):
+        pipelines["B"](texts=TEXTS[0], index=built, shortlist_k=5)
 
 
 def test_the_projection_fingerprint_follows_the_weights_not_the_dtype(pipelines):
@@ -341,3 +380,16 @@ def test_shortlist_rerank_refuses_precomputed_embeddings_of_another_count(make_t
         model, text_inputs, region_inputs, k=2, show_progress=False, text_embeddings=texts[:6], image_embeddings=images
     )
     assert result.i2t_scores.shape == (5, 6)
+
+
+def test_a_saved_index_paired_with_another_gallery_is_refused(pipelines, tmp_path):
+    retriever = pipelines["A"]
+    built = retriever.build_index(images=_records(retriever, 12))
+    built.index.save(tmp_path / "index")
+    grown = retriever.build_index(images=_records(retriever, 20))
+    with pytest.raises(ValueError, match=r"do not match \(20 items, 12 embeddings in the index, 20 inputs\)"):
+        RetrievalIndex("images", grown.items, grown.inputs, EmbeddingIndex.load(tmp_path / "index"))
+    with pytest.raises(ValueError, match=r"do not match \(12 items, 12 embeddings in the index, 20 inputs\)"):
+        RetrievalIndex("images", built.items, grown.inputs, built.index)
+    with pytest.raises(ValueError, match="kind must be 'images' or 'texts'"):
+        RetrievalIndex("photos", built.items, built.inputs, built.index)

@@ -73,6 +73,37 @@ def projection_fingerprint(model) -> str | None:
     return digest.hexdigest()
 
 
+# Marks the fingerprint of every weight the embeddings come from (`embedding_fingerprint`); an index whose recorded
+# fingerprint lacks it was built by an earlier version, which recorded `projection_fingerprint`.
+EMBEDDING_FINGERPRINT_PREFIX = "encoder+heads:"
+# Values read per weight tensor: training moves every value of a tensor it trains, so a sample spread over each
+# tensor tells a retrained model from its start as the whole would, at a cost that does not grow with the model.
+FINGERPRINT_VALUES_PER_TENSOR = 4096
+
+
+def embedding_fingerprint(model) -> str | None:
+    """What a model's unimodal embeddings come from: every weight of its encoder (`bert.*`, text and region
+    embeddings included) and of its projection heads, each by its name, shape and up to 4,096 evenly spaced values
+    rounded to bfloat16 (so the same checkpoint loaded in float32 or bfloat16 gives the same fingerprint). An index
+    records it when built; fine-tuning that leaves the heads as they were (`contrastive_weight=0` freezes them) still
+    changes the encoder, and with it every embedding. None for a model without projection heads."""
+    import hashlib
+
+    if projection_fingerprint(model) is None:
+        return None
+    digest = hashlib.sha256()
+    digest.update(f"contrastive_embedding_size={getattr(model.config, 'contrastive_embedding_size', None)}".encode())
+    prefixes = ("bert.", *(head + "." for head in PROJECTION_HEADS))
+    for name, tensor in sorted(model.state_dict().items()):
+        if not name.startswith(prefixes) or not torch.is_floating_point(tensor):
+            continue
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // FINGERPRINT_VALUES_PER_TENSOR)][:FINGERPRINT_VALUES_PER_TENSOR]
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(_bfloat16_bits(sample).tobytes())
+    return EMBEDDING_FINGERPRINT_PREFIX + digest.hexdigest()
+
+
 def _bfloat16_bits(tensor: torch.Tensor) -> np.ndarray:
     """The bits of `tensor` rounded to bfloat16 (to nearest, ties to even, as `tensor.to(torch.bfloat16)`), computed
     in numpy: torch's own conversion takes tens of milliseconds for a projection head on some CPUs."""
@@ -145,7 +176,7 @@ class RetrievalIndex:
             re-extracting or re-tokenizing; a `RegionBatches` gallery (the region cache's `RegionGallery`) stays as
             it is, read from the memory-mapped cache as candidates are re-ranked.
         index: the `EmbeddingIndex` (faiss `Flat`, IVF, HNSW, IVF-PQ or a torch matrix product) of the gallery's
-            L2-normalised unimodal embeddings. Its `model_fingerprint` (`projection_fingerprint` of the model that
+            L2-normalised unimodal embeddings. Its `model_fingerprint` (`embedding_fingerprint` of the model that
             built it) ties it to that model: a pipeline of another model refuses it.
     """
 
@@ -155,6 +186,25 @@ class RetrievalIndex:
     index: EmbeddingIndex
     # The notices already given about this index (each is logged once per index, not once per query).
     _notices: set = field(default_factory=set, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        # A saved EmbeddingIndex paired by hand with a gallery that has grown or shrunk since would return positions
+        # that are no item, or never the new ones.
+        if self.kind not in ("images", "texts"):
+            raise ValueError(f"kind must be 'images' or 'texts', got {self.kind!r}.")
+        sizes = {"items": len(self.items), "embeddings in the index": int(self.index.num_items)}
+        if isinstance(self.inputs, dict):
+            first = next(iter(self.inputs.values()), None)
+            if first is not None:
+                sizes["inputs"] = int(first.shape[0])
+        else:
+            sizes["inputs"] = len(self.inputs)
+        if len(set(sizes.values())) > 1:
+            found = ", ".join(f"{count} {what}" for what, count in sizes.items())
+            raise ValueError(
+                f"this gallery and its index do not match ({found}): they were built from different galleries; build "
+                "the index from this gallery (build_index)."
+            )
 
     def __len__(self) -> int:
         return len(self.items)
@@ -285,7 +335,20 @@ class ImageTextRetrievalPipeline(Pipeline):
         if not self._heads_trained():
             return  # untrained projection heads: the index's embeddings are not used, the whole gallery is ranked
         size = getattr(self.model.config, "contrastive_embedding_size", index.index.dim)
-        built_by, mine = getattr(index.index, "model_fingerprint", None), projection_fingerprint(self.model)
+        built_by = getattr(index.index, "model_fingerprint", None)
+        if built_by is not None and not built_by.startswith(EMBEDDING_FINGERPRINT_PREFIX):
+            # An earlier version recorded the projection heads alone: compared as it was, with a notice.
+            mine = projection_fingerprint(self.model)
+            if built_by == mine and "heads only" not in index._notices:
+                index._notices.add("heads only")
+                logger.warning(
+                    "This index of %s records only the projection heads of the model that built it (it was saved "
+                    "by an earlier version): a change of the encoder since would not be seen. Build it again with "
+                    "this pipeline's build_index() to have the whole model checked.",
+                    index.kind,
+                )
+        else:
+            mine = embedding_fingerprint(self.model)
         if built_by is None and index.index.dim == size:
             if "no model" not in index._notices:
                 index._notices.add("no model")
@@ -296,10 +359,10 @@ class ImageTextRetrievalPipeline(Pipeline):
                     index.kind,
                 )
         elif index.index.dim != size or (mine is not None and built_by != mine):
-            recorded = "records no model" if built_by is None else f"records projection weights {built_by[:16]}"
+            recorded = "records no model" if built_by is None else f"records the model {built_by[-16:]}"
             raise ValueError(
                 f"this index was built by another model: it holds {index.index.dim}-d embeddings and {recorded}, "
-                f"while this pipeline's model gives {size}-d embeddings with projection weights {str(mine)[:16]}. "
+                f"while this pipeline's model gives {size}-d embeddings and is {str(mine)[-16:]}. "
                 "Build the index with this pipeline (build_index), or query it with the pipeline that built it."
             )
 
@@ -629,7 +692,7 @@ class ImageTextRetrievalPipeline(Pipeline):
             embeddings = encode_texts(self.model, inputs, batch_size, progress)
         items = items if isinstance(items, range) else list(items)
         index = EmbeddingIndex(
-            embeddings, index_type, model_fingerprint=projection_fingerprint(self.model), **index_kwargs
+            embeddings, index_type, model_fingerprint=embedding_fingerprint(self.model), **index_kwargs
         )
         return RetrievalIndex(kind, items, inputs, index)
 
@@ -657,7 +720,7 @@ class ImageTextRetrievalPipeline(Pipeline):
                 (`False` for an IVF-PQ gallery too large to hold twice: then a query for which the approximate
                 search finds fewer than `shortlist_k` candidates gets fewer results, with a notice once per index).
 
-        The index records the model that built it (`projection_fingerprint`); a pipeline of another model refuses it.
+        The index records the model that built it (`embedding_fingerprint`); a pipeline of another model refuses it.
         """
         index_factory_string(index_type, 1, 4)  # names a bad index_type before any work
         if (images is None) == (texts is None):
@@ -994,6 +1057,7 @@ __all__ = [
     "ImageTextRetrievalPipeline",
     "RetrievalIndex",
     "load_retrieval_model",
+    "embedding_fingerprint",
     "projection_fingerprint",
     "register_pipeline",
     "saving_code",
