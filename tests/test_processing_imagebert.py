@@ -193,3 +193,16 @@ def test_offline_default_processor_on_coco(tokenizer, make_tiny_config):
     out = processor(images=[COCO_DIR / "images" / "000000000285.jpg"], text=["a bear in the grass"])
     assert out["region_features"].shape == (1, 36, 1280)
     assert out["region_attention_mask"].sum() == 36
+
+
+def test_a_model_limit_above_the_extractors_gives_the_extractors_regions(tokenizer, make_tiny_extractor):
+    """A region cache written with an extractor holds at most its `max_regions` per photo; a processor for a model
+    that takes more must give the same photo the same regions, not more grid cells."""
+    extractor = make_tiny_extractor(grid_sizes=[1, 2, 3], max_regions=5)
+    roomy = ImageBERTProcessor(extractor, tokenizer, max_text_length=16, max_regions=20)
+    cached = extractor.extract(_images())
+    given = roomy(images=_images(), text=TEXTS, padding="longest")
+    assert given["region_attention_mask"].sum(dim=1).tolist() == [len(r["region_features"]) for r in cached] == [5, 5]
+    assert torch.allclose(given["region_features"][0, :5], torch.as_tensor(cached[0]["region_features"]), atol=1e-6)
+    # A smaller limit for one call still cuts.
+    assert roomy(images=_images(), text=TEXTS, max_regions=3)["region_attention_mask"].sum(dim=1).tolist() == [3, 3]

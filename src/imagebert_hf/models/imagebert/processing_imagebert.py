@@ -152,7 +152,9 @@ class ImageBERTProcessor(ProcessorMixin):
         if texts is not None:
             data.update(self._encode_text(texts, padding, truncation, max_length))
         if images is not None:
-            extractor_kwargs.setdefault("max_regions", max_regions)
+            # No more than the extractor's own limit: a region cache written with that extractor (what the model
+            # trained on) holds at most that many, so a larger model limit must not give a photo more regions here.
+            extractor_kwargs.setdefault("max_regions", min(max_regions, self.image_processor.max_regions))
             records = self.image_processor.extract(images, boxes=boxes, box_format=box_format, **extractor_kwargs)
         elif boxes is not None or extractor_kwargs:
             raise ValueError(f"boxes and extractor settings {sorted(extractor_kwargs)} need images.")
