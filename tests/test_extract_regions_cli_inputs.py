@@ -184,3 +184,21 @@ def test_a_shard_count_without_an_index_is_checked_against_the_shard_folders(tin
         report.write_text(json.dumps({k: v for k, v in json.loads(report.read_text()).items() if k != "num_shards"}))
     with pytest.raises(RegionCacheError, match=r"incomplete \(999999998 shards missing, e\.g\. shard-00002\)"):
         load_region_cache(copy)
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--max_regions", "2"], "--max_regions 2 applies to the default extractor; the saved --extractor"),
+        (["--dataset_path", "DATA", "--use_boxes"], "--use_boxes applies to a manifest (its object boxes"),
+        (["--dataset_path", "DATA", "--image_root", "ROOT"], "--image_root applies to a manifest (its object boxes"),
+    ],
+)
+def test_a_flag_that_would_not_apply_is_refused(flags, expected, tmp_path, extractor_dir):
+    manifest = write_manifest(tmp_path / "data", {"good.jpg": jpeg_bytes(5)})
+    source = ["--manifest", manifest] if "--dataset_path" not in flags else []
+    flags = [str(tmp_path / "data") if flag in ("DATA", "ROOT") else flag for flag in flags]
+    out = tmp_path / "out"
+    message = run_main(*source, *flags, "--output_dir", out, "--extractor", extractor_dir)
+    assert message.startswith(expected), message
+    assert not out.exists()

@@ -39,7 +39,12 @@ class ExtractRegionsArguments:
         default=None,
         metadata={"help": "A saved ImageBERTRoIExtractor folder; the offline EfficientNet-Lite0 default if unset."},
     )
-    max_regions: int = field(default=100, metadata={"help": "Most regions per image (for the default extractor)."})
+    max_regions: int | None = field(
+        default=None,
+        metadata={
+            "help": "Most regions per image of the default extractor (100 when unset); a saved --extractor keeps its own."
+        },
+    )
     shard_size: int = field(default=512, metadata={"help": "Distinct images per shard."})
     num_proc: int = field(default=1, metadata={"help": "Worker processes."})
     batch_size: int = field(default=8, metadata={"help": "Images per extractor forward."})
@@ -92,11 +97,27 @@ def _merge(args: ExtractRegionsArguments) -> int:
 
 
 def _extract(args: ExtractRegionsArguments) -> int:
+    from ..models.imagebert.configuration_imagebert import check_field
     from ..models.imagebert.image_processing_imagebert import ImageBERTRoIExtractor
     from .cache_writer import extract_regions
 
     if (args.manifest is None) == (args.dataset_path is None):
         raise ValueError("give exactly one of --manifest and --dataset_path")
+    # Flags that would otherwise be accepted and have no effect on what is extracted.
+    if args.extractor is not None and args.max_regions is not None:
+        raise ValueError(
+            f"--max_regions {args.max_regions} applies to the default extractor; the saved --extractor "
+            f"{args.extractor} keeps its own max_regions (save it again with the limit you want)"
+        )
+    if args.dataset_path is not None:
+        for flag, value in (("--use_boxes", args.use_boxes), ("--image_root", args.image_root)):
+            if value:
+                raise ValueError(
+                    f"{flag} applies to a manifest (its object boxes, its relative image paths), not to --dataset_path "
+                    f"{args.dataset_path}, whose image column holds the images"
+                )
+    if args.max_regions is not None:
+        check_field("--max_regions", args.max_regions, "int", 1, None)
     check_output_dir(args.output_dir)
     if args.extractor is not None:
         check_folder_or_hub_id(
@@ -111,7 +132,7 @@ def _extract(args: ExtractRegionsArguments) -> int:
             found = "a folder" if Path(args.manifest).is_dir() else "no such file"
             raise FileNotFoundError(f"--manifest {args.manifest}: {found} (expected a jsonl manifest)")
         source = args.manifest
-    extractor = args.extractor or ImageBERTRoIExtractor(max_regions=args.max_regions)
+    extractor = args.extractor or ImageBERTRoIExtractor(max_regions=args.max_regions or 100)
     report = extract_regions(
         source,
         args.output_dir,
