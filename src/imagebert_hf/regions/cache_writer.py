@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -213,9 +214,32 @@ def _fingerprint(
     return digest.hexdigest()
 
 
+def _precomputed_files_sha256(path: str) -> str | None:
+    """The sha256 of the precomputed files' names, sizes and modification times (a folder's files, or the one
+    `.tsv`): regenerated files change it, so a resume never mixes regions of two runs of the detector."""
+    root = Path(path)
+    if root.is_file():
+        files = [(root.name, root)]
+    elif root.is_dir():
+        files = sorted(
+            (os.path.relpath(os.path.join(folder, name), root), Path(folder) / name)
+            for folder, _, names in os.walk(root)
+            for name in names
+        )
+    else:
+        return None
+    digest = hashlib.sha256(b"precomputed\n")
+    for name, file in files:
+        stat = file.stat()
+        digest.update(f"{name}|{stat.st_size}|{stat.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
+
+
 def _weights_sha256(extractor) -> str | None:
-    """The sha256 of the extractor's backend weights (names, dtypes, shapes and values); None for an extractor
-    without weights (precomputed regions, or an object that only has `extract`)."""
+    """The sha256 of the extractor's backend weights (names, dtypes, shapes and values), or for precomputed regions
+    of their files (`_precomputed_files_sha256`); None for an object that only has `extract`."""
+    if getattr(extractor, "backend", None) == "precomputed" and getattr(extractor, "precomputed_path", None):
+        return _precomputed_files_sha256(extractor.precomputed_path)
     get_backend = getattr(extractor, "get_backend", None)
     if get_backend is None:
         return None
@@ -472,14 +496,34 @@ def _extract_shard(
     return _write_shard(columns, features, units, failures, shard_path, num_shards)
 
 
-def _init_worker(extractor_dir: str, num_threads: int, devices) -> None:
+def _init_worker(extractor_dir: str, num_threads: int, devices, extractor_class=ImageBERTRoIExtractor) -> None:
     global _WORKER_EXTRACTOR
     import torch
 
     torch.set_num_threads(max(1, num_threads))
     # Worker k takes the k-th device from the queue, so N workers on N GPUs use one GPU each.
     device = devices.get() if devices is not None else None
-    _WORKER_EXTRACTOR = ImageBERTRoIExtractor.from_pretrained(extractor_dir, device=device)
+    _WORKER_EXTRACTOR = extractor_class.from_pretrained(extractor_dir, device=device)
+
+
+def _check_worker_class(extractor, num_proc: int) -> None:
+    """Refuses `num_proc > 1` with an extractor class the spawned workers cannot import by name (defined in a
+    function, or in an interactive session): they would load another class's regions into the cache."""
+    if num_proc == 1:
+        return
+    cls = type(extractor)
+    module = sys.modules.get(cls.__module__)
+    if cls.__module__ == "__main__" and not getattr(module, "__file__", None):
+        module = None  # an interactive session: spawned workers cannot re-import it
+    found = module
+    for part in cls.__qualname__.split("."):
+        found = getattr(found, part, None)
+    if found is not cls or not callable(getattr(cls, "from_pretrained", None)):
+        raise ValueError(
+            f"num_proc={num_proc} needs an extractor class the worker processes can import and load with "
+            f"from_pretrained; {cls.__module__}.{cls.__qualname__} is not (defined inside a function or an "
+            "interactive session?): define it at the top level of a module, or pass num_proc=1."
+        )
 
 
 def _worker_task(
@@ -516,6 +560,22 @@ def launch_process() -> tuple[int, int, int]:
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     return rank, world, local_rank
+
+
+def _split_process(num_shards: int, rank: int, world: int, local_rank: int) -> tuple[int, int]:
+    """The `(rank, world)` that splits this machine's shards among its processes. Without `num_shards` the launcher's
+    global ranks split every shard; with it, `shard_index` already names the machine, so its processes split its
+    shards by their machine-local ranks (`LOCAL_RANK` of `LOCAL_WORLD_SIZE`): under one multi-machine `torchrun` the
+    global ranks would leave every machine's shards of the other ranks undone."""
+    if num_shards == 1:
+        return rank, world
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if not 0 <= local_rank < local_world:
+        raise ValueError(
+            f"LOCAL_RANK={local_rank} is outside LOCAL_WORLD_SIZE={local_world} (as the launcher set them); expected "
+            "0 <= LOCAL_RANK < LOCAL_WORLD_SIZE."
+        )
+    return local_rank, local_world
 
 
 def shards_of(num_cache_shards: int, num_shards: int = 1, shard_index: int = 0, rank: int = 0, world: int = 1):
@@ -555,11 +615,52 @@ def _start_cache(output_dir: Path, extractor, index, shard_of, info: dict[str, A
             publish_folder(tmp, output_dir / EXTRACTOR_DIR, replace=False)
         except OSError:  # another process published it first
             shutil.rmtree(tmp, ignore_errors=True)
-    lines = "".join(json.dumps({"key": key, "cache_key": ck, "shard": shard_of[ck]}) + "\n" for key, ck in index)
+    lines = _index_text(index, shard_of)
     atomic_write_text(output_dir / INDEX_NAME, lines)
-    data = lines.encode("utf-8")
-    info = {**info, "index": {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}}
+    info = {**info, "index": _index_checksum(lines)}
     atomic_write_json(output_dir / CACHE_INFO_NAME, info, indent=2, default=str)
+
+
+def _index_text(index, shard_of) -> str:
+    return "".join(json.dumps({"key": key, "cache_key": ck, "shard": shard_of[ck]}) + "\n" for key, ck in index)
+
+
+def _index_checksum(lines: str) -> dict[str, Any]:
+    data = lines.encode("utf-8")
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _first_index_difference(old_lines: list[str], new_lines: list[str]) -> str:
+    """Names the first line where two `index.jsonl` texts differ, by the key each gives."""
+    for number, (old, new) in enumerate(zip(old_lines, new_lines), start=1):
+        if old != new:
+            old_key, new_key = json.loads(old).get("key"), json.loads(new).get("key")
+            if old_key == new_key:
+                return f"the key {new_key!r} (index line {number}) names another image"
+            return f"index line {number} is the key {old_key!r} there, {new_key!r} here"
+    if len(old_lines) > len(new_lines):
+        key = json.loads(old_lines[len(new_lines)]).get("key")
+        return f"the key {key!r} (index line {len(new_lines) + 1}) is not in this source"
+    if len(new_lines) > len(old_lines):
+        key = json.loads(new_lines[len(old_lines)]).get("key")
+        return f"the key {key!r} (index line {len(old_lines) + 1}) is new"
+    return "the recorded index checksum does not match"
+
+
+def _check_same_index(output_dir: Path, previous: dict[str, Any], lines: str) -> None:
+    """Refuses to resume a cache whose key -> image index differs from this source's: the same images under other
+    keys (or a key added to an image) would keep the old index, so a key would read another image's regions."""
+    if previous.get("index") == _index_checksum(lines):
+        return
+    index_path = output_dir / INDEX_NAME
+    recorded = index_path.read_text(encoding="utf-8") if index_path.is_file() else ""
+    if recorded == lines and "index" not in previous:  # a cache written before the checksum was recorded
+        return
+    raise ValueError(
+        f"{output_dir} holds a region cache of the same images under other keys: "
+        f"{_first_index_difference(recorded.splitlines(), lines.splitlines())}; a cache keeps the keys it was "
+        "started with: use another output_dir (or delete this one)."
+    )
 
 
 def _finish_cache(output_dir: Path, report: CacheReport, num_shards: int, started: float | None = None) -> CacheReport:
@@ -643,14 +744,13 @@ def _open_cache(
     units: list[dict[str, Any]],
     index: list[tuple[str, str]],
     shards: list[list[dict[str, Any]]],
-    world: int,
     *,
     store_class_probs: bool,
     shard_size: int,
     storage_dtype: str,
 ) -> None:
-    """Starts the cache at `output_dir`, or checks that the one there is of the same plan (its fingerprint); alone
-    (`world == 1`), removes the temporary shard folders a killed run left."""
+    """Starts the cache at `output_dir`, or checks that the one there is of the same plan (its fingerprint and its
+    index)."""
     extractor_config = extractor.to_dict()
     weights_sha256 = _weights_sha256(extractor)
     fingerprint = _fingerprint(units, extractor_config, store_class_probs, shard_size, storage_dtype, weights_sha256)
@@ -668,6 +768,12 @@ def _open_cache(
                 )
             ):
                 # Named apart: with identical settings (a retrained backbone) the generic message would mislead.
+                if getattr(extractor, "backend", None) == "precomputed":
+                    raise ValueError(
+                        f"{output_dir} holds a region cache made from other precomputed files: the files under "
+                        f"{extractor.precomputed_path} changed (names, sizes or modification times) since it was "
+                        "started; one cache holds the regions of one set of files: use a new output_dir or delete it."
+                    )
                 raise ValueError(
                     f"{output_dir} holds a region cache made with other extractor weights (sha256 "
                     f"{previous['weights_sha256'][:12]}..., this extractor's {weights_sha256[:12]}...); one cache "
@@ -678,6 +784,7 @@ def _open_cache(
                 f"or storage dtype (it stores {previous.get('feature_dtype', 'float32')}; pass storage_dtype to "
                 "match); use a new output_dir or delete it."
             )
+        _check_same_index(output_dir, previous, _index_text(index, shard_of))
     else:
         info = {
             "format_version": CACHE_FORMAT_VERSION,
@@ -694,8 +801,14 @@ def _open_cache(
         }
         _start_cache(output_dir, extractor, index, shard_of, info)
     (output_dir / SHARDS_DIR).mkdir(exist_ok=True)
-    if world == 1:  # with several processes, another one's temporary folder may be in use
-        for stale in (output_dir / SHARDS_DIR).glob("*.tmp-*"):
+
+
+def _remove_stale_tmp(output_dir: Path, mine: list[int]) -> None:
+    """Removes the temporary folders a killed run left for the shards this process extracts. Only those: another
+    machine writing the same folder may be writing its own shards' temporary folders right now."""
+    owned = {_shard_dir(output_dir, shard).name for shard in mine}
+    for stale in (output_dir / SHARDS_DIR).glob("*.tmp-*"):
+        if stale.name.split(".tmp-", 1)[0] in owned:
             shutil.rmtree(stale, ignore_errors=True)
 
 
@@ -732,7 +845,12 @@ def _run_shards(
             )
             for shard in todo
         ]
-        initargs = (str(output_dir / EXTRACTOR_DIR), threads, _device_queue(context, workers, extractor))
+        initargs = (
+            str(output_dir / EXTRACTOR_DIR),
+            threads,
+            _device_queue(context, workers, extractor),
+            type(extractor),  # a subclass's workers run the subclass (pickled by name)
+        )
         with context.Pool(workers, initializer=_init_worker, initargs=initargs) as pool:
             for _, count, _ in pool.imap_unordered(_worker_task, tasks):
                 on_images(count)
@@ -839,6 +957,8 @@ def extract_regions(
             "box_locations(boxes, width, height, 7) gives 7-d ones)."
         )
     rank, world, local_rank = launch_process()
+    split_rank, split_world = _split_process(num_shards, rank, world, local_rank)
+    _check_worker_class(extractor, num_proc)
     _place_on_launch_device(extractor, world, local_rank)
     batch_size = batch_size or extractor.batch_size
     if isinstance(source, (str, os.PathLike)):
@@ -856,13 +976,13 @@ def extract_regions(
         units,
         index,
         shards,
-        world,
         store_class_probs=store_class_probs,
         shard_size=shard_size,
         storage_dtype=storage_dtype,
     )
 
-    mine = shards_of(len(shards), num_shards, shard_index, rank, world)
+    mine = shards_of(len(shards), num_shards, shard_index, split_rank, split_world)
+    _remove_stale_tmp(output_dir, mine)
     todo = [shard for shard in mine if not _shard_dir(output_dir, shard).is_dir()]
     skipped = len(mine) - len(todo)
     if max_shards is not None:
@@ -922,6 +1042,18 @@ def merge_region_caches(parts: Sequence[str | os.PathLike], output_dir: str | os
         raise ValueError(
             f"the parts {[str(p) for p in parts]} are of different caches (source, extractor or settings differ)."
         )
+    first_index = (parts[0] / INDEX_NAME).read_text(encoding="utf-8")
+    for part, part_info in zip(parts[1:], infos[1:]):
+        # The fingerprint covers the images, not their keys: parts of one run share their index too.
+        if part_info.get("index") is not None and part_info.get("index") == infos[0].get("index"):
+            continue
+        part_index = (part / INDEX_NAME).read_text(encoding="utf-8")
+        if part_index != first_index:
+            raise ValueError(
+                f"the parts {parts[0]} and {part} key their images differently: "
+                f"{_first_index_difference(first_index.splitlines(), part_index.splitlines())}; merge the parts of "
+                "one run (one source) only."
+            )
     info = dict(infos[0], complete=False)
     if (output_dir / CACHE_INFO_NAME).is_file() and read_cache_info(output_dir)["fingerprint"] not in fingerprints:
         raise ValueError(f"{output_dir} holds another region cache; merge into a new folder.")
