@@ -76,7 +76,9 @@ def shortlist_rerank(
         region_inputs (`Mapping` or `RegionBatches`): cached regions, stacked or a `RegionGallery` over the
             memory-mapped cache read batch by batch (see `score_pairs`); the scores are the same.
         k (`int`, *optional*, defaults to 128): candidates per query; clamped to the gallery size. k equal to the
-            gallery size scores every pair and reproduces full ranking exactly.
+            gallery size scores every pair and reproduces full ranking exactly, whatever the index type: as in the
+            retrieval pipeline, the slots an approximate index leaves empty are filled by exact search (not with
+            `keep_vectors=False`, which keeps no embeddings to search exactly).
         batch_size (`int`, *optional*, defaults to 256): pairs (or unimodal inputs) per forward pass.
         index_type (`str`, *optional*, defaults to `"flat"`): see `EmbeddingIndex`.
         text_embeddings, image_embeddings (`torch.Tensor`, *optional*): precomputed unimodal embeddings, one row
@@ -119,8 +121,8 @@ def shortlist_rerank(
     num_texts, num_images = text_embeddings.shape[0], image_embeddings.shape[0]
 
     start = time.perf_counter()
-    _, texts_of_image = EmbeddingIndex(text_embeddings, index_type, **index_kwargs).search(image_embeddings, k)
-    _, images_of_text = EmbeddingIndex(image_embeddings, index_type, **index_kwargs).search(text_embeddings, k)
+    texts_of_image = _shortlist(EmbeddingIndex(text_embeddings, index_type, **index_kwargs), image_embeddings, k)
+    images_of_text = _shortlist(EmbeddingIndex(image_embeddings, index_type, **index_kwargs), text_embeddings, k)
     i2t_mask = torch.zeros(num_images, num_texts, dtype=torch.bool)
     rows = torch.arange(num_images)[:, None].expand_as(texts_of_image)
     valid = texts_of_image >= 0
@@ -147,6 +149,14 @@ def shortlist_rerank(
     i2t_scores = torch.where(i2t_mask, scored, fill_value)
     t2i_scores = torch.where(t2i_mask, scored, fill_value)
     return ShortlistResult(i2t_scores, t2i_scores, int(image_index.numel()), timings)
+
+
+def _shortlist(index: EmbeddingIndex, queries: torch.Tensor, k: int) -> torch.Tensor:
+    """Each query's k candidates as the retrieval pipeline finds them: the slots an approximate index leaves empty
+    are filled by exact search, so that the evaluation measures what the pipeline serves (and k equal to the gallery
+    size is every pair). An index without its float32 embeddings (`keep_vectors=False`) cannot fill them; those
+    slots stay -1 there too."""
+    return index.search(queries, k, fill_missing=index.vectors is not None)[1]
 
 
 __all__ = ["ShortlistResult", "dual_encoder_scores", "shortlist_rerank"]

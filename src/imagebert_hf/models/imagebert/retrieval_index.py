@@ -203,24 +203,122 @@ def score_pairs(
             f"image_indices has {image_indices.numel()} entries and text_indices {text_indices.numel()}; each pair "
             "needs one of each."
         )
-    device = model_device(model)
-    was_training = model.training
-    model.eval()
-    scores = torch.empty(image_indices.numel(), dtype=torch.float32)
     # Pairs of similar text length share a batch (a stable sort: one set of pairs is always batched the same way),
     # so each batch is trimmed to about its own captions' length rather than to the longest of the gallery.
     text_lengths = texts["attention_mask"].sum(1).cpu()
     order = torch.argsort(text_lengths[text_indices], stable=True)
+    batches = (
+        (chunk, image_indices[chunk], text_indices[chunk])
+        for chunk in (order[start : start + batch_size] for start in range(0, image_indices.numel(), batch_size))
+    )
+    return _score_batches(model, texts, regions, batches, image_indices.numel(), progress)
+
+
+def _score_batches(model, texts, regions, batches, num_pairs: int, progress: Callable | None) -> torch.Tensor:
+    """Scores `num_pairs` pairs given as `(positions, image_index, text_index)` batches, each batch's scores written
+    at its positions of the returned `(num_pairs,)` float32 tensor."""
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    scores = torch.empty(num_pairs, dtype=torch.float32)
     try:
-        for start in range(0, image_indices.numel(), batch_size):
-            chunk = order[start : start + batch_size]
-            batch = gather_pair_inputs(texts, regions, text_indices[chunk], image_indices[chunk], device)
-            scores[chunk] = model(**batch).logits.float().cpu()
+        for positions, image_index, text_index in batches:
+            batch = gather_pair_inputs(texts, regions, text_index, image_index, device)
+            scores[positions] = model(**batch).logits.float().cpu()
             if progress is not None:
-                progress(int(chunk.numel()))
+                progress(int(positions.numel()))
     finally:
         model.train(was_training)
     return scores
+
+
+def _pair_range_batches(text_lengths: torch.Tensor, start: int, end: int, batch_size: int):
+    """The batches `score_pairs` makes of the pairs `start..end-1` of the image-major list of every pair (pair `p`
+    is image `p // num_texts` and text `p % num_texts`), computed one batch at a time without listing the pairs.
+
+    `score_pairs` sorts its pairs stably by text length: the pairs of the shortest texts first, in list order, then
+    the next length, and so on. Within one length, the range's pairs are that length's texts (in index order) with
+    a partial first image, with every image in between, and with a partial last image, so each place in that order
+    maps back to its pair by arithmetic. Memory: a few tensors of `num_texts` and of `batch_size` entries.
+    Yields `(list position - start, image_index, text_index)` per batch.
+    """
+    num_texts = text_lengths.numel()
+    if end <= start:
+        return
+    text_order = torch.argsort(text_lengths, stable=True)
+    _, sizes = torch.unique_consecutive(text_lengths[text_order], return_counts=True)
+    group_starts = torch.cumsum(sizes, 0) - sizes
+    group_of_text = torch.empty(num_texts, dtype=torch.long)
+    group_of_text[text_order] = torch.arange(sizes.numel()).repeat_interleave(sizes)
+
+    def below(text: int) -> torch.Tensor:  # per length: how many of its texts have an index below `text`
+        return torch.bincount(group_of_text[:text], minlength=sizes.numel())
+
+    first_image, first_text = divmod(start, num_texts)
+    last_image, last_text = divmod(end - 1, num_texts)
+    last_text += 1  # the last image pairs with the texts below it
+    skipped = below(first_text)  # per length: its texts the first image does not pair with
+    if first_image == last_image:
+        first, middle, last = below(last_text) - skipped, 0, torch.zeros_like(sizes)
+    else:
+        first, middle, last = sizes - skipped, last_image - first_image - 1, below(last_text)
+    counts = first + middle * sizes + last
+    group_ends = torch.cumsum(counts, 0)
+    group_offsets = group_ends - counts
+    for batch_start in range(0, end - start, batch_size):
+        place = torch.arange(batch_start, min(batch_start + batch_size, end - start))
+        group = torch.searchsorted(group_ends, place, right=True)
+        local = place - group_offsets[group]
+        size, in_first = sizes[group], local < first[group]
+        rest = (local - first[group]).clamp(min=0)
+        in_middle = ~in_first & (rest < middle * size)
+        image_index = torch.where(
+            in_first, first_image, torch.where(in_middle, first_image + 1 + rest // size, last_image)
+        )
+        within = torch.where(
+            in_first, skipped[group] + local, torch.where(in_middle, rest % size, rest - middle * size)
+        )
+        text_index = text_order[group_starts[group] + within]
+        yield image_index * num_texts + text_index - start, image_index, text_index
+
+
+@torch.no_grad()
+def score_pair_range(
+    model,
+    text_inputs: Mapping,
+    region_inputs: Mapping | RegionBatches,
+    start: int,
+    end: int,
+    batch_size: int = 256,
+    progress: Callable | None = None,
+) -> torch.Tensor:
+    """Cross-encoder scores of the pairs `start..end-1` of the image-major list of every (image, text) pair (pair
+    `p` is image `p // num_texts` and text `p % num_texts`), without building that list.
+
+    The batches, and so the scores, are those `score_pairs` makes of that part of the list, bit for bit; but where
+    the list and its sort cost about 54 bytes a pair (6.7 GB for COCO 5k's 125M pairs, next to a 500 MB score
+    matrix), this holds the scores and one batch. Other arguments as in `score_pairs`.
+
+    Returns:
+        `torch.Tensor` of shape `(end - start,)`, float32 on the CPU, in list order.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    texts = prepare_text_inputs(text_inputs)
+    regions = prepare_region_inputs(region_inputs)
+    num_pairs = texts["input_ids"].shape[0] * num_region_images(regions)
+    for name, value in (("start", start), ("end", end)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{name} must be an integer, got {type(value).__name__}: {value!r}.")
+    if not 0 <= start <= end <= num_pairs:
+        raise ValueError(f"start={start} and end={end} must satisfy 0 <= start <= end <= {num_pairs} (the pairs).")
+    text_lengths = texts["attention_mask"].sum(1).cpu()
+    batches = _pair_range_batches(text_lengths, int(start), int(end), batch_size)
+    return _score_batches(model, texts, regions, batches, int(end) - int(start), progress)
+
+
+# Full ranking asks a scorer for ranges of the pair list where it can score them (see `score_all_pairs`).
+score_pairs.score_pair_range = score_pair_range
 
 
 def score_all_pairs(
@@ -233,13 +331,22 @@ def score_all_pairs(
 ) -> torch.Tensor:
     """Full ranking: the cross-encoder score of every (image, text) pair, a `(num_images, num_texts)` float32
     matrix (the input of `retrieval_metrics`). Arguments as in `score_pairs`, which `scorer` is unless it is given
-    another function of the same arguments (the evaluation's, sharing the pairs out over several processes)."""
+    another function of the same arguments (the evaluation's, sharing the pairs out over several processes).
+
+    The pairs are never listed: a scorer with a `score_pair_range` attribute (`score_pairs`, and the evaluation's
+    `score_pairs_across_processes`) scores the whole image-major list as one range, with the batches and scores it
+    would give the list, at a peak memory of about the score matrix. Any other scorer is given the list itself.
+    """
     num_texts = prepare_text_inputs(text_inputs)["input_ids"].shape[0]
     num_images = num_region_images(prepare_region_inputs(region_inputs))
-    # Image-major order, the order `shortlist_rerank` also uses, so that both batch the same pairs identically.
-    image_indices = torch.arange(num_images).repeat_interleave(num_texts)
-    text_indices = torch.arange(num_texts).repeat(num_images)
-    scores = scorer(model, text_inputs, region_inputs, image_indices, text_indices, batch_size, progress)
+    ranged = getattr(scorer, "score_pair_range", None)
+    if ranged is not None:
+        scores = ranged(model, text_inputs, region_inputs, 0, num_images * num_texts, batch_size, progress)
+    else:
+        # Image-major order, the order `shortlist_rerank` also uses, so that both batch the same pairs identically.
+        image_indices = torch.arange(num_images).repeat_interleave(num_texts)
+        text_indices = torch.arange(num_texts).repeat(num_images)
+        scores = scorer(model, text_inputs, region_inputs, image_indices, text_indices, batch_size, progress)
     return scores.view(num_images, num_texts)
 
 
@@ -584,7 +691,7 @@ class EmbeddingIndex:
         _check_index_folder(directory)
         built_from = {"factory": self.factory, "dim": self.dim, "num_items": self.num_items, **dict(metadata or {})}
         if self.vectors is not None:
-            built_from["embeddings_sha256"] = _sha256_bytes(self.vectors.tobytes())
+            built_from["embeddings_sha256"] = _sha256_array(self.vectors)
         config = {
             "format_version": INDEX_FORMAT_VERSION,
             "index_type": self.index_type,
@@ -689,11 +796,7 @@ class EmbeddingIndex:
                 faiss_path = os.path.join(directory, INDEX_FILE)
                 if not os.path.isfile(faiss_path):
                     raise ValueError(f"{faiss_path} is missing; {INDEX_CONFIG_FILE} says the index is a faiss index.")
-                try:
-                    cpu_index = faiss.read_index(faiss_path)
-                except RuntimeError as error:
-                    message = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-                    raise ValueError(f"{faiss_path} is damaged or not a faiss index ({message}).") from error
+                cpu_index = _read_faiss_index(faiss_path)
                 if cpu_index.ntotal != index.num_items or cpu_index.d != index.dim:
                     raise ValueError(
                         f"{faiss_path} holds {cpu_index.ntotal} vectors of dimension {cpu_index.d}, but "
@@ -704,6 +807,103 @@ class EmbeddingIndex:
         elif index.vectors is None:
             raise ValueError(f"{directory} holds neither {INDEX_FILE} nor {VECTORS_FILE}: nothing to search.")
         return index
+
+
+# What reading a faiss file in a child process found, per file (path, device, inode, size, modification time).
+_CHECKED_FAISS_FILES: dict[tuple, str | None] = {}
+
+# Read in a child whose address space is capped: mapped where this faiss can map the file (no copy of the codes),
+# read as `load` reads it otherwise. Exit 3: out of memory; 2: faiss refused the file; 4: no faiss there.
+_FAISS_READ_PROBE = """
+import os, sys
+try:
+    import faiss
+except ImportError:
+    sys.exit(4)
+path, budget = sys.argv[1], int(sys.argv[2])
+try:
+    import resource
+    with open("/proc/self/statm") as handle:
+        used = int(handle.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+    limit = used + budget if hard == resource.RLIM_INFINITY else min(used + budget, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+except (ImportError, OSError, ValueError):
+    pass  # no cap where the platform has none: the read below still runs away from the caller
+try:
+    try:
+        faiss.read_index(path, getattr(faiss, "IO_FLAG_MMAP_IFC", 0))
+    except RuntimeError:
+        faiss.read_index(path)
+except MemoryError:
+    sys.exit(3)
+except RuntimeError as error:
+    lines = str(error).strip().splitlines()
+    sys.stdout.write(lines[-1] if lines else type(error).__name__)
+    sys.exit(2)
+"""
+
+
+def _faiss_read_budget(size: int) -> int:
+    """The memory a faiss file of `size` bytes may take to read: its arrays are in its bytes, and faiss builds little
+    beside them (plus a fixed allowance for small indexes)."""
+    return 2 * size + (512 << 20)
+
+
+def _read_faiss_index(path: str):
+    """`faiss.read_index(path)`, after reading the file once in a child process whose memory is capped.
+
+    faiss trusts the sizes in a file's header: it allocates the array a header claims before reading it, so a
+    109-byte file can make it allocate (and zero) gigabytes, or end this process in `std::bad_alloc`. A file whose
+    arrays its bytes hold reads within `_faiss_read_budget` of its size; one that does not is refused here, as is one
+    whose read aborts the child, before this process reads it. The answer is remembered per file (a fraction of a
+    second, the codes mapped rather than read where faiss can map them).
+
+    Raises:
+        ValueError: naming `path` and what is wrong with it.
+    """
+    import subprocess
+    import sys
+
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    budget = _faiss_read_budget(stat.st_size)
+    if key not in _CHECKED_FAISS_FILES:
+        problem = None
+        try:
+            done = subprocess.run(
+                [sys.executable, "-c", _FAISS_READ_PROBE, path, str(budget)],
+                capture_output=True,
+                text=True,
+                errors="replace",
+            )
+        except OSError:  # no child process here: faiss reads it in this process, below
+            done = None
+        if done is not None and done.returncode == 3:
+            problem = (
+                f"reading it needs more than {budget >> 20} MB of memory, more than any faiss file of {stat.st_size} "
+                "bytes needs: its header claims arrays its bytes do not hold"
+            )
+        elif done is not None and done.returncode == 2:
+            problem = done.stdout.strip()[-400:] or "faiss refused it"
+        elif done is not None and done.returncode < 0:
+            problem = f"reading it aborted a process (signal {-done.returncode})"
+        elif done is not None and done.returncode not in (0, 4):
+            lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+            problem = (lines[-1] if lines else f"reading it failed (exit status {done.returncode})")[-400:]
+        _CHECKED_FAISS_FILES[key] = problem
+    if _CHECKED_FAISS_FILES[key]:
+        raise ValueError(f"{path} is damaged or not a faiss index ({_CHECKED_FAISS_FILES[key]}).")
+    try:
+        return faiss.read_index(path)
+    except RuntimeError as error:
+        message = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{path} is damaged or not a faiss index ({message}).") from error
+    except MemoryError as error:
+        raise ValueError(
+            f"{path} could not be read: faiss ran out of memory reading this {stat.st_size}-byte index, which needs "
+            f"up to {budget >> 20} MB free (a compressed index, index_type='ivfpq', needs less)."
+        ) from error
 
 
 _INDEX_CONFIG_FIELDS = {
@@ -745,10 +945,16 @@ def _read_index_config(path: str) -> dict:
     return config
 
 
-def _sha256_bytes(data: bytes) -> str:
+def _sha256_array(values: np.ndarray) -> str:
+    """The sha256 of `values.tobytes()` without that copy of the whole matrix (3 GB for a million 768-d rows): the
+    rows are hashed in place, 8 MB at a time (a block of a matrix that is not C-contiguous is copied alone)."""
     import hashlib
 
-    return hashlib.sha256(data).hexdigest()
+    digest = hashlib.sha256()
+    rows = max(1, (8 << 20) // max(values[:1].nbytes, 1))
+    for start in range(0, values.shape[0], rows):
+        digest.update(np.ascontiguousarray(values[start : start + rows]).reshape(-1).view(np.uint8))
+    return digest.hexdigest()
 
 
 def _file_checksum(path: str) -> dict:
@@ -841,5 +1047,6 @@ __all__ = [
     "prepare_text_inputs",
     "region_rows",
     "score_all_pairs",
+    "score_pair_range",
     "score_pairs",
 ]
