@@ -210,9 +210,13 @@ def click_example(driver, elem_id: str, row: int = 0) -> None:
     wait_until(driver, lambda d: _elements(d, css))[0].click()
 
 
-def wait_for_relations(driver, previous: str = "", timeout: float = 60.0) -> tuple[list[list[str]], str]:
+def wait_for_relations(
+    driver, previous: str = "", timeout: float = 60.0, captions: list[str] | None = None
+) -> tuple[list[list[str]], str]:
     """Waits for the relations table to change from `previous` (its text before) with both region pictures shown, or
-    for an error; returns the table's rows and the error."""
+    for an error; returns the table's rows and the error. With `captions` (true, twin), waits for the table to show
+    those: picking an example sets the photo and then the kind of swap, and the table may show the photo's other
+    twin in between."""
 
     def done(d):
         table = _elements(d, "#relation-results")
@@ -221,9 +225,14 @@ def wait_for_relations(driver, previous: str = "", timeout: float = 60.0) -> tup
         pictures = region_picture_shown(d, "relation-true-regions") and region_picture_shown(
             d, "relation-twin-regions"
         )
-        return (
-            (table_rows(d, "relation-results"), error) if (text and text != previous and pictures) or error else None
-        )
+        if error:
+            return table_rows(d, "relation-results"), error
+        if not (text and text != previous and pictures):
+            return None
+        rows = table_rows(d, "relation-results")
+        if captions is not None and [row[1] for row in rows[:2]] != list(captions):
+            return None
+        return rows, error
 
     return wait_until(driver, done, timeout)
 

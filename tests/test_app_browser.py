@@ -179,7 +179,7 @@ def test_the_relations_example_shows_both_captions_and_their_scores(served):
     other = view.examples[row]
     previous = driver.find_element("css selector", "#relation-results").text
     click_example(driver, "relation-examples", row)
-    rows, error = wait_for_relations(driver, previous)
+    rows, error = wait_for_relations(driver, previous, captions=[other.true_caption, other.swapped_caption])
     assert error == "" and [row[1] for row in rows[:2]] == [other.true_caption, other.swapped_caption]
     checked = driver.find_element("css selector", "#relation-kind input:checked").get_attribute("value")
     assert checked == KIND_NAMES[other.kind]
