@@ -155,9 +155,9 @@ def test_the_relations_example_shows_both_captions_and_their_scores(served):
     demo, driver = served
     view = RelationView(demo)
     show_tab(driver, "Relations")
-    click_example(driver, "relation-examples", 0)
-    rows, error = wait_for_relations(driver)
     example = view.examples[0]
+    click_example(driver, "relation-examples", 0)
+    rows, error = wait_for_relations(driver, captions=[example.true_caption, example.swapped_caption])
     comparison = view.compare(example)
     assert error == "" and dropdown_value(driver, "relation-pick") == example.key
     headers = [th.text for th in driver.find_elements("css selector", "#relation-results thead th")]
