@@ -17,7 +17,7 @@ def main() -> None:
     from imagebert_hf import ImageBERTConfig, ImageBERTForImageTextRetrieval
     from imagebert_hf.training.retrieval_objective import gather_across_processes
 
-    state = PartialState()
+    PartialState()  # starts the launch's process group
     rank = torch.distributed.get_rank()
     generator = torch.Generator().manual_seed(0)
     text = F.normalize(torch.randn(8, 16, generator=generator), dim=-1)
@@ -31,7 +31,7 @@ def main() -> None:
     all_regions, _ = gather_across_processes(own_regions)
     loss = model.contrastive_loss(own_text, own_regions, all_text, all_regions, first)
     loss.backward()
-    record = {"rank": rank, "process_index": state.process_index, "first": first, "rows": all_text.shape[0], "loss": loss.item(),
+    record = {"rank": rank, "first": first, "rows": all_text.shape[0], "loss": loss.item(),
               "text_grad": own_text.grad.tolist()}  # fmt: skip
     Path(sys.argv[1], f"gather-{rank}.json").write_text(json.dumps(record))
     # Both records are written once both processes pass the barrier; leaving without the interpreter's teardown

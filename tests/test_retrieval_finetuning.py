@@ -355,18 +355,16 @@ def test_brief_training_ranks_better_than_chance(tmp_path):
 
 
 @pytest.fixture
-def pretraining_checkpoint(tmp_path):
-    """A pretraining checkpoint of the synthetic set's sizes: no projection heads."""
+def pretraining_checkpoint(tmp_path, make_tiny_config):
+    """A pretraining checkpoint of the synthetic set's sizes (`--synthetic_images`): no projection heads."""
     from imagebert_hf import ImageBERTForPreTraining
     from imagebert_hf.data.synthetic import make_synthetic_tokenizer
 
     tokenizer = make_synthetic_tokenizer()
     torch.manual_seed(0)
-    config = ImageBERTConfig(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37,
-        max_position_embeddings=64, region_feature_size=32, num_object_classes=24, max_regions=8, max_text_length=16,
-        contrastive_embedding_size=16,
-    )  # fmt: skip
+    config = make_tiny_config(
+        vocab_size=len(tokenizer), region_feature_size=32, num_object_classes=24, max_regions=8, max_text_length=16
+    )
     folder = tmp_path / "pretrained"
     ImageBERTForPreTraining(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -11,6 +11,7 @@ import torch
 from transformers.utils import logging
 
 from ..data.retrieval_corpus import (
+    GallerySubset,
     check_max_images,
     load_manifest_records,
     merge_duplicate_images,
@@ -70,10 +71,24 @@ def manifest_retrieval_inputs(
     # two ids) is one gallery item with the captions of both (a warning names it), so both rank the same gallery.
     merged = list(merge_duplicate_images(load_manifest_records(manifest, split, max_images)))
     keys = [entry["manifest_image"] for entry in merged]
-    # And one item per picture, as `RetrievalCorpus` makes it: a copy under another name is one region-cache row.
-    kept = merge_same_pictures(merged, _cache_pictures(region_cache, keys, max_regions))
-    if kept is not None:
-        keys = [keys[index] for index in kept]
+    # And one item per picture, as `RetrievalCorpus` makes it: a copy under another name is one region-cache row
+    # (a gallery's `rows`, a cached record's `cache_key`).
+    if memory_mapped:
+        if not hasattr(region_cache, "gallery"):
+            raise TypeError(
+                f"memory_mapped=True reads regions from a region cache (folder or RegionCache), got "
+                f"{type(region_cache).__name__}."
+            )
+        region_inputs = region_cache.gallery(keys, max_regions)
+        kept = merge_same_pictures(merged, [int(row) for row in region_inputs.rows])
+        region_inputs = region_inputs if kept is None else GallerySubset(region_inputs, kept)
+    else:
+        records = [region_cache[key] for key in keys]
+        pictures = [r.get("cache_key") if isinstance(r.get("cache_key"), str) else None for r in records]
+        kept = merge_same_pictures(merged, pictures)
+        region_inputs = pad_region_records(
+            records if kept is None else [records[i] for i in kept], "longest", max_regions
+        )
     captions = [list(entry["captions"])[:captions_per_image] for entry in merged]
     texts = [caption for kept in captions for caption in kept]
     text_to_image = [i for i, kept in enumerate(captions) for _ in kept]
@@ -90,27 +105,7 @@ def manifest_retrieval_inputs(
     text_inputs = tokenizer(
         texts, padding=True, truncation=True, max_length=max_text_length, padding_side="right", return_tensors="pt"
     )
-    if memory_mapped:
-        if not hasattr(region_cache, "gallery"):
-            raise TypeError(
-                f"memory_mapped=True reads regions from a region cache (folder or RegionCache), got "
-                f"{type(region_cache).__name__}."
-            )
-        region_inputs = region_cache.gallery(keys, max_regions)
-    else:
-        region_inputs = pad_region_records([region_cache[key] for key in keys], "longest", max_regions)
     return dict(text_inputs), region_inputs, text_to_image
-
-
-def _cache_pictures(region_cache, keys: list[str], max_regions: int | None) -> list:
-    """The picture behind each key: its region-cache row (read from the cache's index, no features), or for a plain
-    mapping of records the `cache_key` a record carries (None where it carries none)."""
-    if hasattr(region_cache, "gallery"):
-        return [int(row) for row in region_cache.gallery(keys, max_regions).rows]
-    records = [region_cache[key] for key in keys]
-    return [
-        r.get("cache_key") if isinstance(r, dict) and isinstance(r.get("cache_key"), str) else None for r in records
-    ]
 
 
 def synthetic_retrieval_inputs(
