@@ -18,6 +18,7 @@ from imagebert_hf.models.imagebert import retrieval_index
 from imagebert_hf.models.imagebert.pipeline_image_text_retrieval import (
     RetrievalIndex,
     embedding_fingerprint,
+    gallery_fingerprint,
     projection_fingerprint,
     register_pipeline,
 )
@@ -393,3 +394,45 @@ def test_a_saved_index_paired_with_another_gallery_is_refused(pipelines, tmp_pat
         RetrievalIndex("images", built.items, grown.inputs, built.index)
     with pytest.raises(ValueError, match="kind must be 'images' or 'texts'"):
         RetrievalIndex("photos", built.items, built.inputs, built.index)
+
+
+def test_a_saved_index_paired_with_other_items_of_the_same_count_or_kind_is_refused(pipelines, tmp_path):
+    retriever = pipelines["A"]
+    records = _records(retriever, 12)
+    built = retriever.build_index(images=records)
+    built.index.save(tmp_path / "index")
+    loaded = EmbeddingIndex.load(tmp_path / "index")
+    assert loaded.gallery_fingerprint == built.index.gallery_fingerprint == gallery_fingerprint("images", built.inputs)
+    paired = RetrievalIndex("images", built.items, built.inputs, loaded)  # its own gallery is taken
+    assert retriever(texts=TEXTS[0], index=paired, shortlist_k=5) == retriever(
+        texts=TEXTS[0], index=built, shortlist_k=5
+    )
+
+    others = retriever.build_index(images=_records(retriever, 12, seed=1))
+    reordered = retriever.build_index(images=records[1:] + records[:1])
+    for gallery in (others, reordered):
+        with pytest.raises(
+            ValueError, match="built from another gallery: its images are other images, or the same in"
+        ):
+            RetrievalIndex("images", gallery.items, gallery.inputs, loaded)
+
+    texts = retriever.build_index(texts=TEXTS)
+    other_texts = retriever.build_index(texts=TEXTS[::-1])
+    with pytest.raises(ValueError, match="built from another gallery: its texts are other texts"):
+        RetrievalIndex("texts", other_texts.items, other_texts.inputs, texts.index)
+    as_images = retriever.build_index(images=records[:4])
+    with pytest.raises(ValueError, match="it is an index of texts, and this gallery holds images"):
+        RetrievalIndex("images", as_images.items, as_images.inputs, texts.index)
+
+    # An index saved before galleries were recorded is checked by its size alone.
+    config_path = tmp_path / "index" / "index_config.json"
+    config = json.loads(config_path.read_text())
+    del config["gallery_fingerprint"]
+    config_path.write_text(json.dumps(config))
+    older = EmbeddingIndex.load(tmp_path / "index")
+    assert older.gallery_fingerprint is None
+    RetrievalIndex("images", reordered.items, reordered.inputs, older)
+    config["gallery_fingerprint"] = 7
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="field 'gallery_fingerprint' must be a string or null, got 7"):
+        EmbeddingIndex.load(tmp_path / "index")

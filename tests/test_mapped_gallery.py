@@ -158,6 +158,8 @@ def test_the_pipeline_indexes_and_queries_a_mapped_gallery(setup, tmp_path):
         by_records = retriever(texts=queries, index=retriever.build_index(images=records), shortlist_k=shortlist_k)
         index = retriever.build_index(images=gallery)
         assert index.items == range(NUM_IMAGES) and index.inputs is gallery
+        # The same gallery, memory-mapped in float16 or stacked in float32, is the same gallery to an index.
+        assert index.index.gallery_fingerprint == retriever.build_index(images=records).index.gallery_fingerprint
         by_gallery = retriever(texts=queries, index=index, shortlist_k=shortlist_k)
         for expected, got in zip(by_records, by_gallery):
             assert [(r["index"], r["score"]) for r in got] == [(r["index"], r["score"]) for r in expected]

@@ -310,3 +310,15 @@ print(json.dumps([
     for remote, expected in ((remote_record, expected_record), (remote_image, expected_image)):
         assert [r["text"] for r in remote] == [r["text"] for r in expected]
         assert [r["score"] for r in remote] == pytest.approx([r["score"] for r in expected], abs=1e-5)
+
+
+def test_a_shortlist_without_a_prebuilt_index_ranks_as_one_built_for_the_query(retriever, saved_model):
+    _, paths = saved_model
+    texts = TEXTS * 2
+    for k in (1, 3):
+        shortlisted = retriever(images=paths[0], texts=texts, shortlist_k=k)
+        assert shortlisted == retriever(images=paths[0], index=retriever.build_index(texts=texts), shortlist_k=k)
+        assert len(shortlisted) == k and all(texts[r["index"]] == r["text"] for r in shortlisted)
+    shortlisted = retriever(images=paths, texts=TEXTS[1], shortlist_k=2)
+    assert shortlisted == retriever(texts=TEXTS[1], index=retriever.build_index(images=paths), shortlist_k=2)
+    assert len(shortlisted) == 2 and all(paths[r["index"]] == r["image"] for r in shortlisted)

@@ -104,6 +104,39 @@ def embedding_fingerprint(model) -> str | None:
     return EMBEDDING_FINGERPRINT_PREFIX + digest.hexdigest()
 
 
+# Gallery items read for a gallery's fingerprint: enough that a reordered or exchanged gallery of the same size shows
+# in almost every case, few enough that a memory-mapped gallery of millions is fingerprinted in a fraction of a second.
+GALLERY_FINGERPRINT_ROWS = 256
+
+
+def gallery_fingerprint(kind: str, inputs: Mapping | RegionBatches) -> str:
+    """What an index's gallery is: its kind (`"images"` or `"texts"`), its size, and the model inputs of up to
+    `GALLERY_FINGERPRINT_ROWS` items evenly spaced over it (their unpadded token ids, or their unpadded regions'
+    features and boxes rounded to bfloat16), as `"KIND:SHA256"`. The same gallery gives the same fingerprint as
+    stacked tensors or as a memory-mapped `RegionBatches` gallery, in float16 or float32, on any device; a gallery
+    of the same size whose items were exchanged or reordered gives another unless every changed item falls between
+    the sampled ones (a gallery of at most 256 items is read whole)."""
+    import hashlib
+
+    count = len(inputs) if is_region_batches(inputs) else int(next(iter(inputs.values())).shape[0])
+    rows = sorted({position * count // GALLERY_FINGERPRINT_ROWS for position in range(GALLERY_FINGERPRINT_ROWS)})
+    rows = [row for row in rows if row < count]
+    digest = hashlib.sha256(f"{kind}:{count}".encode())
+    if kind == "texts":
+        ids, mask = inputs["input_ids"][rows].cpu(), inputs["attention_mask"][rows].cpu().bool()
+        for row_ids, row_mask in zip(ids, mask):
+            digest.update(row_ids[row_mask].to(torch.int64).numpy().tobytes() + b"|")
+    else:
+        batch = (
+            inputs.batch(rows) if is_region_batches(inputs) else {key: value[rows] for key, value in inputs.items()}
+        )
+        mask = batch["region_attention_mask"].cpu().bool()
+        for features, locations, row_mask in zip(batch["region_features"], batch["region_locations"], mask):
+            digest.update(_bfloat16_bits(features.cpu()[row_mask]).tobytes() + b"|")
+            digest.update(_bfloat16_bits(locations.cpu()[row_mask]).tobytes() + b"|")
+    return f"{kind}:{digest.hexdigest()}"
+
+
 def _bfloat16_bits(tensor: torch.Tensor) -> np.ndarray:
     """The bits of `tensor` rounded to bfloat16 (to nearest, ties to even, as `tensor.to(torch.bfloat16)`), computed
     in numpy: torch's own conversion takes tens of milliseconds for a projection head on some CPUs."""
@@ -177,7 +210,10 @@ class RetrievalIndex:
             it is, read from the memory-mapped cache as candidates are re-ranked.
         index: the `EmbeddingIndex` (faiss `Flat`, IVF, HNSW, IVF-PQ or a torch matrix product) of the gallery's
             L2-normalised unimodal embeddings. Its `model_fingerprint` (`embedding_fingerprint` of the model that
-            built it) ties it to that model: a pipeline of another model refuses it.
+            built it) ties it to that model: a pipeline of another model refuses it; its `gallery_fingerprint`
+            (`gallery_fingerprint`) ties it to this gallery: an index paired with another gallery, or with the same
+            items in another order, is refused (an index that records none, saved by an earlier version, is not
+            checked beyond its size).
     """
 
     kind: str
@@ -204,6 +240,19 @@ class RetrievalIndex:
             raise ValueError(
                 f"this gallery and its index do not match ({found}): they were built from different galleries; build "
                 "the index from this gallery (build_index)."
+            )
+        recorded = self.index.gallery_fingerprint
+        if recorded is not None and recorded != gallery_fingerprint(self.kind, self.inputs):
+            recorded_kind = recorded.split(":", 1)[0]
+            what = (
+                f"it is an index of {recorded_kind}, and this gallery holds {self.kind}"
+                if recorded_kind != self.kind
+                else f"its {self.kind} are other {self.kind}, or the same in another order"
+            )
+            raise ValueError(
+                f"this index was built from another gallery: {what} (its gallery_fingerprint differs). Build the index "
+                "from this gallery (build_index), or pair the saved index with the gallery it was built from, in the "
+                "same order."
             )
 
     def __len__(self) -> int:
@@ -636,11 +685,13 @@ class ImageTextRetrievalPipeline(Pipeline):
         else:
             if mode == "rank_texts":
                 queries = encode_images(self.model, region_inputs, batch_size)
-                gallery = index if index is not None else self._make_index("texts", [], text_inputs, batch_size)
+                kind, gallery_inputs = "texts", text_inputs
             else:
                 queries = encode_texts(self.model, text_inputs, batch_size)
-                gallery = index if index is not None else self._make_index("images", [], region_inputs, batch_size)
-            candidates = gallery.search(queries, shortlist_k)
+                kind, gallery_inputs = "images", region_inputs
+            if index is None:  # a gallery for this query alone
+                index = self._make_index(kind, range(gallery_size), gallery_inputs, batch_size)
+            candidates = index.search(queries, shortlist_k)
         # An index without float32 embeddings may leave slots empty (-1): those are not scored, and postprocess
         # leaves them out.
         found = (candidates >= 0).reshape(-1)
@@ -692,7 +743,11 @@ class ImageTextRetrievalPipeline(Pipeline):
             embeddings = encode_texts(self.model, inputs, batch_size, progress)
         items = items if isinstance(items, range) else list(items)
         index = EmbeddingIndex(
-            embeddings, index_type, model_fingerprint=embedding_fingerprint(self.model), **index_kwargs
+            embeddings,
+            index_type,
+            model_fingerprint=embedding_fingerprint(self.model),
+            gallery_fingerprint=gallery_fingerprint(kind, inputs),
+            **index_kwargs,
         )
         return RetrievalIndex(kind, items, inputs, index)
 
@@ -1058,6 +1113,7 @@ __all__ = [
     "RetrievalIndex",
     "load_retrieval_model",
     "embedding_fingerprint",
+    "gallery_fingerprint",
     "projection_fingerprint",
     "register_pipeline",
     "saving_code",

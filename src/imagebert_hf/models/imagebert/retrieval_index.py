@@ -524,6 +524,9 @@ class EmbeddingIndex:
         model_fingerprint (`str`, *optional*): what made the embeddings (the retrieval pipeline records its model's
             `projection_fingerprint`), saved with the index; the pipeline refuses an index whose fingerprint is
             another model's.
+        gallery_fingerprint (`str`, *optional*): what the embeddings are of (the retrieval pipeline records
+            `gallery_fingerprint`: the gallery's kind, size and a sample of its items), saved with the index; a
+            `RetrievalIndex` refuses to pair the index with another gallery.
     """
 
     def __init__(
@@ -539,10 +542,12 @@ class EmbeddingIndex:
         use_gpu: bool | None = None,
         keep_vectors: bool = True,
         model_fingerprint: str | None = None,
+        gallery_fingerprint: str | None = None,
     ):
-        if model_fingerprint is not None and not isinstance(model_fingerprint, str):
-            raise TypeError(f"model_fingerprint must be a string, got {type(model_fingerprint).__name__}.")
-        self.model_fingerprint = model_fingerprint
+        for name, value in (("model_fingerprint", model_fingerprint), ("gallery_fingerprint", gallery_fingerprint)):
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{name} must be a string, got {type(value).__name__}.")
+        self.model_fingerprint, self.gallery_fingerprint = model_fingerprint, gallery_fingerprint
         vectors = _as_matrix(embeddings, "embeddings")
         _check_finite(vectors, "embeddings")
         if vectors.shape[0] == 0:
@@ -702,6 +707,7 @@ class EmbeddingIndex:
             "num_items": self.num_items,
             "faiss": self._index is not None,
             "model_fingerprint": self.model_fingerprint,
+            "gallery_fingerprint": self.gallery_fingerprint,
             "built_from": built_from,
         }
         json.dumps(config)  # metadata that is not JSON fails here, before anything is written
@@ -766,7 +772,9 @@ class EmbeddingIndex:
         index.index_type, index.factory = config["index_type"], config["factory"]
         index.nprobe, index.ef_search = config["nprobe"], config["ef_search"]
         index.dim, index.num_items = config["dim"], config["num_items"]
-        index.model_fingerprint = config.get("model_fingerprint")  # None in an index saved before it was recorded
+        # None in an index saved before they were recorded.
+        index.model_fingerprint = config.get("model_fingerprint")
+        index.gallery_fingerprint = config.get("gallery_fingerprint")
         index.vectors = None
         if os.path.isfile(vectors_path):
             try:
@@ -939,9 +947,10 @@ def _read_index_config(path: str) -> dict:
         raise ValueError(f"{path}: field 'files' must map file names to {{'size', 'sha256'}}, got {files!r:.200}.")
     if any(os.path.basename(name) != name for name in files):
         raise ValueError(f"{path}: field 'files' names a file outside the index folder: {sorted(files)}.")
-    fingerprint = config.get("model_fingerprint")
-    if fingerprint is not None and not isinstance(fingerprint, str):
-        raise ValueError(f"{path}: field 'model_fingerprint' must be a string or null, got {fingerprint!r:.200}.")
+    for name in ("model_fingerprint", "gallery_fingerprint"):
+        fingerprint = config.get(name)
+        if fingerprint is not None and not isinstance(fingerprint, str):
+            raise ValueError(f"{path}: field {name!r} must be a string or null, got {fingerprint!r:.200}.")
     return config
 
 
