@@ -183,3 +183,27 @@ def test_a_model_saved_in_bf16_is_fine_tuned_in_float32(tmp_path):
     args = RetrievalArguments(output_dir=str(tmp_path / "run"), model_name_or_path=str(tmp_path / "bf16"))
     loaded, _, _ = load_model_and_tokenizer(args, {"binary": 1.0})
     assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+
+
+def test_a_checkpoint_whose_optimizer_trains_other_parameters_is_refused_naming_it(tmp_path):
+    """A checkpoint of a run that trained more parameters (an earlier version kept the frozen projection heads of a
+    --contrastive_weight 0 run in its optimizer) ends the resume with one line naming it, not torch's traceback."""
+    from accelerate import Accelerator
+
+    from imagebert_hf.training.checkpointing import load_checkpoint
+    from imagebert_hf.training.loop import build_optimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    saving = Accelerator(cpu=True)
+    saving.prepare(model, build_optimizer(model, 1e-3))
+    checkpoint = save_checkpoint(saving, tmp_path / "checkpoints", TrainState(completed_steps=1))
+    model[1].requires_grad_(False)
+    resuming = Accelerator(cpu=True)
+    resuming.prepare(model, build_optimizer(model, 1e-3))
+    with pytest.raises(ValueError, match=r"step_00000001: its optimizer state trains other parameters than this run"):
+        load_checkpoint(resuming, checkpoint)
+    model[1].requires_grad_(True)  # the same parameters: it resumes
+    same = Accelerator(cpu=True)
+    same.prepare(model, build_optimizer(model, 1e-3))
+    assert load_checkpoint(same, checkpoint).completed_steps == 1

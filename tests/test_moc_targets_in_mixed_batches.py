@@ -7,6 +7,7 @@ import torch
 
 from imagebert_hf.data.collator import DataCollatorForImageBERTPretraining
 from imagebert_hf.data.synthetic import write_synthetic_manifest
+from imagebert_hf.regions.cache_layout import RegionCacheError
 from imagebert_hf.training import PretrainingRunOptions, RecipeError, recipe_from_dict, run_pretraining
 from imagebert_hf.training.loop import pretraining_loss_counts
 from imagebert_hf.training.pretraining import build_model, build_stage_data, load_tokenizer
@@ -172,6 +173,13 @@ def test_a_later_kl_stage_on_a_cache_without_class_distributions_is_refused_befo
     with pytest.raises(FileNotFoundError, match="extracted_later"):
         run_pretraining(recipe_from_dict(data), PretrainingRunOptions(cpu=True))
     assert (output_dir / "stage1-regions" / "final").is_dir()
+    # So is one whose folder a job script made ahead, empty until the extraction writes its cache_info.json.
+    (tmp_path / "made_ahead").mkdir()
+    data["stages"][1]["sources"][0]["region_cache"] = str(tmp_path / "made_ahead")
+    data["output_dir"] = str(tmp_path / "second_run")
+    with pytest.raises(RegionCacheError, match="made_ahead is not a region cache"):
+        run_pretraining(recipe_from_dict(data), PretrainingRunOptions(cpu=True))
+    assert (tmp_path / "second_run" / "stage1-regions" / "final").is_dir()
 
 
 def test_a_kl_stage_on_annotation_regions_is_refused(tmp_path):

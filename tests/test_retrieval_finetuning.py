@@ -1,10 +1,12 @@
 """Retrieval fine-tuning: data sources, negatives, grouped batches, each loss, and the example script."""
 
+import dataclasses
 import importlib.util
 import json
 import math
 import shutil
 import sys
+from copy import copy as copy_of
 
 import pytest
 import torch
@@ -190,11 +192,17 @@ def test_every_trainable_parameter_gets_a_gradient_at_each_step(corpus, contrast
     model = _model(corpus, retrieval_loss_weights={"binary": 1.0})
     training = RetrievalTrainingModel(model, contrastive_weight)
     collator = DataCollatorForImageTextRetrieval(corpus, RandomNegativeSampler(corpus, 2, "both", seed=0))
-    training(**collator(positives))["loss"].backward()
+    outputs = training(**collator(positives))
+    outputs["loss"].backward()
     missing = [name for name, param in training.named_parameters() if param.requires_grad and param.grad is None]
     assert missing == []
     heads = [model.cls.text_projection.weight, model.cls.region_projection.weight]
     assert all(head.requires_grad == bool(contrastive_weight) for head in heads)
+    # One positive has nothing to be contrasted with: no contrastive loss is reported (a logged 0 would be a lie).
+    assert ("contrastive_loss" in outputs) == (contrastive_weight > 0 and len(positives) > 1)
+    # A later wrapper of the same model with the loss on trains the heads again.
+    RetrievalTrainingModel(model, 1.0)
+    assert all(head.requires_grad for head in heads)
 
 
 def test_contrastive_mining_never_pairs_a_caption_with_an_image_it_describes(corpus):
@@ -384,8 +392,14 @@ def _head_run(folder, output_dir, contrastive_weight, **flags):
 def test_heads_nothing_trains_are_left_out_of_final_and_not_shortlisted(pretraining_checkpoint, tmp_path, monkeypatch):
     """From a pretraining checkpoint with --contrastive_weight 0 the projection heads stay random: `final/` leaves
     them out (every later load reports them untrained), and --eval_shortlist_k is refused before anything runs."""
+    from transformers import AutoTokenizer
+
     from imagebert_hf.evaluation.full_ranking import check_shortlist_heads, load_retrieval_model
-    from imagebert_hf.models.imagebert.pipeline_image_text_retrieval import PROJECTION_HEADS, untrained_heads
+    from imagebert_hf.models.imagebert.pipeline_image_text_retrieval import (
+        PROJECTION_HEADS,
+        ImageTextRetrievalPipeline,
+        untrained_heads,
+    )
     from imagebert_hf.training import retrieval_finetuning, run_retrieval_finetuning
 
     refused = _head_run(pretraining_checkpoint, tmp_path / "refused", 0.0, eval_shortlist_k=2)
@@ -400,20 +414,51 @@ def test_heads_nothing_trains_are_left_out_of_final_and_not_shortlisted(pretrain
         "_report",
         lambda acc, model, *rest: reported.setdefault("model", model) and report(acc, model, *rest),
     )
+
+    def saved_heads(folder):
+        saved = load_file(str(folder / "model.safetensors"))
+        return {key.rsplit(".", 1)[0] for key in saved if key.startswith(tuple(PROJECTION_HEADS))}
+
+    def published(model, folder):  # what save_for_hub uploads: the retrieval pipeline's save
+        ImageTextRetrievalPipeline(model=model, tokenizer=tokenizer, task="image-text-retrieval").save_pretrained(
+            folder
+        )
+        return folder
+
+    tokenizer = AutoTokenizer.from_pretrained(pretraining_checkpoint)
     run_retrieval_finetuning(_head_run(pretraining_checkpoint, tmp_path / "frozen", 0.0))
     final = tmp_path / "frozen" / "final"
-    saved = load_file(str(final / "model.safetensors"))
-    assert not [key for key in saved if key.startswith(tuple(PROJECTION_HEADS))]
-    assert untrained_heads(reported.pop("model")) == list(PROJECTION_HEADS)
+    assert saved_heads(final) == set()
+    in_memory = reported.pop("model")
+    assert untrained_heads(in_memory) == list(PROJECTION_HEADS)
     with pytest.raises(ValueError, match="has no trained projection heads"):
         check_shortlist_heads(load_retrieval_model(str(final)), 2, str(final))
+    # Published from the run's model or from final/, the heads stay out: every load reports them untrained.
+    ignored_on_save = copy_of(in_memory._keys_to_ignore_on_save)
+    for model, name in ((in_memory, "from-run"), (load_retrieval_model(str(final)), "from-final")):
+        copy = published(model, tmp_path / name)
+        assert saved_heads(copy) == set() and untrained_heads(load_retrieval_model(str(copy))) == list(
+            PROJECTION_HEADS
+        )
+    assert in_memory._keys_to_ignore_on_save == ignored_on_save  # as it was
+
+    # A model built from scratch (no --model_name_or_path) starts with random heads: the same with weight 0.
+    scratch = dataclasses.replace(_head_run(None, tmp_path / "scratch", 0.0), model_name_or_path=None)
+    with pytest.raises(
+        ValueError, match="projection heads .*, which a model built from scratch starts with at random"
+    ):
+        run_retrieval_finetuning(dataclasses.replace(scratch, eval_shortlist_k=2))
+    run_retrieval_finetuning(scratch)
+    assert saved_heads(tmp_path / "scratch" / "final") == set()
+    assert untrained_heads(reported.pop("model")) == list(PROJECTION_HEADS)
 
     # With the contrastive loss the heads are trained: saved, and no longer reported untrained by the model in memory
     # (the pipeline built to publish it uses them).
     run_retrieval_finetuning(_head_run(pretraining_checkpoint, tmp_path / "trained", 1.0, eval_shortlist_k=2))
-    assert untrained_heads(reported.pop("model")) == []
-    saved = load_file(str(tmp_path / "trained" / "final" / "model.safetensors"))
-    assert {key.rsplit(".", 1)[0] for key in saved if key.startswith(tuple(PROJECTION_HEADS))} == set(PROJECTION_HEADS)
+    in_memory = reported.pop("model")
+    assert untrained_heads(in_memory) == []
+    assert saved_heads(tmp_path / "trained" / "final") == set(PROJECTION_HEADS)
+    assert saved_heads(published(in_memory, tmp_path / "trained-published")) == set(PROJECTION_HEADS)
 
 
 def test_contrastive_loss_against_a_larger_batch_is_each_parts_share_of_its_loss(corpus):

@@ -241,7 +241,8 @@ def load_checkpoint(
     Raises:
         ValueError: A file of the checkpoint is damaged or missing (its `trainer_state.json` and random states
             are checked before anything is restored), its model weights do not fit the model or hold NaN or
-            infinite values; the message names the file. A missing random-state file is not an error: the process
+            infinite values, or its optimizer state holds other parameters than the run's optimizer; the message
+            names the file or the checkpoint. A missing random-state file is not an error: the process
             resumes with fresh random streams, with a warning.
     """
     checkpoint = Path(checkpoint)
@@ -267,6 +268,14 @@ def load_checkpoint(
             ) from error
         # The prepared models, as accelerate restores them (file `model_i` into the i-th): no public accessor.
         misfit = _first_misfit_model_file(checkpoint, accelerator._models)
+        if misfit is None and isinstance(error, ValueError) and "parameter group" in str(error):
+            # torch's optimizer refuses a state whose parameter groups hold other counts of parameters.
+            raise ValueError(
+                f"checkpoint {checkpoint}: its optimizer state trains other parameters than this run does ({error}): "
+                "the run that saved it left other parts of the model frozen or trainable (an earlier version of "
+                "this package also kept the projection heads of a --contrastive_weight 0 run in the optimizer). "
+                "Resume it with the version and flags that saved it, or start the run again in a new output folder."
+            ) from error
         if misfit is None:
             raise
         path, detail = misfit

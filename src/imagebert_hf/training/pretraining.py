@@ -35,7 +35,7 @@ from ..formats.files import atomic_write_text
 from ..models.imagebert.configuration_imagebert import ImageBERTConfig, check_flag_values
 from ..models.imagebert.modeling_imagebert import ImageBERTForPreTraining
 from ..models.imagebert.processing_imagebert import ImageBERTProcessor
-from ..regions.cache_layout import read_cache_info
+from ..regions.cache_layout import CACHE_INFO_NAME, read_cache_info
 from .arguments import TRAINING_FLAG_RULES, PretrainingRunOptions
 from .checkpointing import COMPLETE_FILE, TrainState, latest_checkpoint
 from .loop import (
@@ -292,13 +292,14 @@ def _check_class_distributions(stage: StageSpec, cache_infos, config) -> None:
 def check_later_stages(stages: list[StageSpec], config) -> None:
     """What the stages after the first one to train need of their region caches and that `config` fixes for the
     whole run (MOC's targets), checked before any stage trains: a refusal at stage 3 would otherwise come after the
-    hours of stages 1 and 2. A cache that does not exist yet is left to its own stage, which may be extracted while
-    earlier stages train."""
+    hours of stages 1 and 2. A cache not written yet (no folder, or a folder without its `cache_info.json`, made
+    ahead by a job script) is left to its own stage, which may be extracted while earlier stages train."""
     for stage in stages:
         infos = []
         for spec in stage.sources:
             folder = None if spec.region_cache is None else Path(spec.region_cache)
-            infos.append(read_cache_info(folder) if folder is not None and folder.is_dir() else None)
+            written = folder is not None and (folder / CACHE_INFO_NAME).is_file()
+            infos.append(read_cache_info(folder) if written else None)
         _check_class_distributions(stage, infos, config)
 
 

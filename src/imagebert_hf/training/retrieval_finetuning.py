@@ -35,7 +35,7 @@ from ..evaluation.recall import retrieval_metrics
 from ..formats.files import atomic_write_json, check_output_dir, read_json_file
 from ..models.imagebert import ImageBERTConfig, ImageBERTForImageTextRetrieval
 from ..models.imagebert.configuration_imagebert import check_flag_values
-from ..models.imagebert.pipeline_image_text_retrieval import untrained_heads
+from ..models.imagebert.pipeline_image_text_retrieval import PROJECTION_HEADS, untrained_heads
 from ..regions.cache_reader import load_region_cache
 from .arguments import SCHEDULER_TYPES, TRAINING_FLAG_RULES, RetrievalArguments, path_flags
 from .checkpointing import COMPLETE_FILE, TrainState, latest_checkpoint
@@ -178,16 +178,25 @@ def evaluate(model, corpus: RetrievalCorpus, args: RetrievalArguments, output_di
 
 
 def heads_left_untrained(model, args: RetrievalArguments) -> list[str]:
-    """The projection heads the run leaves as they came when its start checkpoint lacked them (a pretraining
-    checkpoint with `--contrastive_weight 0`: nothing trains them). They are left out of `final/`, so that every
-    later load reports them untrained (the pipeline then ranks without a shortlist), and `--eval_shortlist_k` is
-    refused, naming both flags, before anything is trained or written."""
-    heads = [] if args.contrastive_weight else untrained_heads(model)
+    """The projection heads the run leaves as they came when they came untrained: with `--contrastive_weight 0`
+    nothing trains them, so those a start checkpoint lacked (a pretraining one), or all of a model built from
+    scratch (`--synthetic_images` without `--model_name_or_path`), stay as initialised. They are left out of
+    `final/` and of what is published, so that every later load reports them untrained (the pipeline then ranks
+    without a shortlist), and `--eval_shortlist_k` is refused, naming both flags, before anything is trained or
+    written."""
+    if args.contrastive_weight:
+        return []
+    heads = list(PROJECTION_HEADS) if args.model_name_or_path is None else untrained_heads(model)
     if heads and args.eval_shortlist_k:
+        source = (
+            "which a model built from scratch starts with at random"
+            if args.model_name_or_path is None
+            else f"which {args.model_name_or_path} does not hold"
+        )
         raise ValueError(
             f"--eval_shortlist_k {args.eval_shortlist_k}: with --contrastive_weight 0 nothing trains the projection "
-            f"heads ({', '.join(heads)}), which {args.model_name_or_path} does not hold, so the shortlist would be "
-            "random; leave out --eval_shortlist_k, or give --contrastive_weight > 0 to train them."
+            f"heads ({', '.join(heads)}), {source}, so the shortlist would be random; leave out --eval_shortlist_k, "
+            "or give --contrastive_weight > 0 to train them."
         )
     return heads
 
@@ -442,10 +451,9 @@ def _finish(
     )
     model = accelerator.unwrap_model(wrapper).model
     # What the start checkpoint lacked is trained now, but for the heads left untrained: the pipeline built to
-    # publish the model reads this (`untrained_heads`).
-    model._missing_keys_at_load = [
-        key for key in getattr(model, "_missing_keys_at_load", None) or [] if key.startswith(tuple(untrained))
-    ]
+    # publish the model reads this (`untrained_heads`) and leaves them out too.
+    left_out = tuple(head + "." for head in untrained)
+    model._missing_keys_at_load = [key for key in model.state_dict() if left_out and key.startswith(left_out)]
     results = {"history": state.history, "final_model": str(final_dir)}
     if not accelerator.is_main_process:
         return results

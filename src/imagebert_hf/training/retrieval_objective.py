@@ -112,7 +112,8 @@ class RetrievalTrainingModel(torch.nn.Module):
     otherwise halves the cross-encoder's recall, docs/results.md).
 
     With `contrastive_weight=0` the projection heads are frozen (`requires_grad=False`): nothing trains them, and
-    several processes need every trainable parameter to get a gradient at each step.
+    several processes need every trainable parameter to get a gradient at each step. With a weight above 0 they are
+    trainable, whatever an earlier wrapper of the same model set.
 
     With `negative_mining="contrastive"`, each group's negatives are replaced by in-batch hard negatives drawn by
     the unimodal similarity (`mine_contrastive_negatives`): the cross-encoder then learns to separate the candidates
@@ -139,11 +140,11 @@ class RetrievalTrainingModel(torch.nn.Module):
         self.negative_type = negative_type
         self.seed = int(seed)
         self.contrastive_trains_encoder = contrastive_trains_encoder
-        if not contrastive_weight:
-            # Without their loss the projection heads get no gradient; DistributedDataParallel (built without
-            # `find_unused_parameters`) fails on the step after one where a trainable parameter got none.
-            for head in (model.cls.text_projection, model.cls.region_projection):
-                head.requires_grad_(False)
+        # Without their loss the projection heads get no gradient; DistributedDataParallel (built without
+        # `find_unused_parameters`) fails on the step after one where a trainable parameter got none. With it they
+        # train, also where an earlier wrapper of the same model froze them.
+        for head in (model.cls.text_projection, model.cls.region_projection):
+            head.requires_grad_(bool(contrastive_weight))
 
     def _mined_inputs(self, inputs, group_size, positive_index, positive_images, similarities, caption_matches):
         num_negatives = group_size - 1
@@ -179,7 +180,8 @@ class RetrievalTrainingModel(torch.nn.Module):
     ) -> ModelOutput:
         contrastive, similarities = None, None
         # A micro-batch of one positive (the last of an epoch, or a batch size of 1) still runs the heads: its InfoNCE
-        # is 0 with a zero gradient, which keeps every trainable parameter in each step's graph (see __init__).
+        # is 0 with a zero gradient, which keeps every trainable parameter in each step's graph (see __init__); where
+        # the step's global batch holds that one positive alone, no contrastive loss is reported.
         if self.contrastive_weight:
             text = {key: inputs[key][positive_index] for key in TEXT_INPUTS if key in inputs}
             regions = {key: inputs[key][positive_index] for key in REGION_INPUTS if key in inputs}
@@ -202,7 +204,8 @@ class RetrievalTrainingModel(torch.nn.Module):
         losses = {f"{name}_loss": getattr(outputs, f"{name}_loss") for name in LOSS_NAMES[:3]}
         result = ModelOutput(loss=outputs.loss, **{key: value for key, value in losses.items() if value is not None})
         if contrastive is not None:
-            result["contrastive_loss"] = contrastive
+            if all_text.shape[0] > 1:  # one positive in the whole step has nothing to be contrasted with: no loss
+                result["contrastive_loss"] = contrastive
             result["loss"] = outputs.loss + self.contrastive_weight * contrastive
         return result
 

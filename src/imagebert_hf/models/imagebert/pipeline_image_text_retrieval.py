@@ -821,10 +821,17 @@ class ImageTextRetrievalPipeline(Pipeline):
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
         """Saves model, processor (tokenizer, region extractor and its weights) and the code of all of them
         (pipeline, modeling, processing, region extraction), so that `pipeline(model=save_directory,
-        trust_remote_code=True)` works, raw images included, where `imagebert_hf` is not installed."""
+        trust_remote_code=True)` works, raw images included, where `imagebert_hf` is not installed.
+
+        Projection heads the model's load recorded as missing (`untrained_heads`: a pretraining checkpoint's, or
+        those a fine-tuning run with `--contrastive_weight 0` left untrained) are left out, as that checkpoint left
+        them out, so every load of the saved folder reports them untrained rather than shortlisting with random
+        ones."""
         registered = getattr(self, "_registered_impl", None)
+        recorded_missing = getattr(self.model, "_missing_keys_at_load", None) is not None
+        left_out = tuple(head + "." for head in (untrained_heads(self.model) if recorded_missing else []))
         try:
-            with saving_code(self.model, self.processor):
+            with saving_code(self.model, self.processor), _keys_left_out_on_save(self.model, left_out):
                 if registered is not None:
                     # The folder's `custom_pipelines` entry names the model's Auto class; transformers reads it as
                     # the name of one of its own classes.
@@ -835,6 +842,28 @@ class ImageTextRetrievalPipeline(Pipeline):
         finally:
             if registered is not None:
                 self._registered_impl = registered
+
+
+@contextlib.contextmanager
+def _keys_left_out_on_save(model, prefixes: tuple[str, ...]):
+    """While it lasts, `model.save_pretrained` leaves out the weights under `prefixes`, through transformers' own
+    `_keys_to_ignore_on_save`, set on this model alone."""
+    if not prefixes:
+        yield
+        return
+    had_own = "_keys_to_ignore_on_save" in vars(model)
+    previous = model._keys_to_ignore_on_save
+    model._keys_to_ignore_on_save = [
+        *(previous or []),
+        *(key for key in model.state_dict() if key.startswith(prefixes)),
+    ]
+    try:
+        yield
+    finally:
+        if had_own:
+            model._keys_to_ignore_on_save = previous
+        else:
+            del model._keys_to_ignore_on_save
 
 
 # transformers has no Auto class for image-text retrieval; it files its own retrieval cross-encoder (BLIP-2's
