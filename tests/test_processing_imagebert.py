@@ -195,9 +195,15 @@ def test_offline_default_processor_on_coco(tokenizer, make_tiny_config):
     assert out["region_attention_mask"].sum() == 36
 
 
-def test_a_model_limit_above_the_extractors_gives_the_extractors_regions(tokenizer, make_tiny_extractor):
+def test_a_model_limit_above_the_extractors_gives_the_extractors_regions(
+    tokenizer, make_tiny_extractor, make_tiny_config
+):
     """A region cache written with an extractor holds at most its `max_regions` per photo; a processor for a model
-    that takes more must give the same photo the same regions, not more grid cells."""
+    that takes more must give the same photo the same regions, not more grid cells, and so must the retrieval
+    pipeline built on it, for queries and galleries alike."""
+    from imagebert_hf import ImageBERTForImageTextRetrieval
+    from imagebert_hf.models.imagebert.pipeline_image_text_retrieval import ImageTextRetrievalPipeline
+
     extractor = make_tiny_extractor(grid_sizes=[1, 2, 3], max_regions=5)
     roomy = ImageBERTProcessor(extractor, tokenizer, max_text_length=16, max_regions=20)
     cached = extractor.extract(_images())
@@ -206,3 +212,14 @@ def test_a_model_limit_above_the_extractors_gives_the_extractors_regions(tokeniz
     assert torch.allclose(given["region_features"][0, :5], torch.as_tensor(cached[0]["region_features"]), atol=1e-6)
     # A smaller limit for one call still cuts.
     assert roomy(images=_images(), text=TEXTS, max_regions=3)["region_attention_mask"].sum(dim=1).tolist() == [3, 3]
+    assert roomy.regions_to_extract() == 5 and roomy.regions_to_extract(3) == 3
+
+    config = make_tiny_config(vocab_size=len(tokenizer), **{**extractor.config_kwargs(), "max_regions": 20})
+    model = ImageBERTForImageTextRetrieval(config).eval()
+    retriever = ImageTextRetrievalPipeline(model=model, processor=roomy, task="image-text-retrieval")
+    gallery = retriever.build_index(images=_images())
+    assert gallery.inputs["region_attention_mask"].sum(dim=1).tolist() == [5, 5]
+    scores = {r["index"]: r["score"] for r in retriever(images=_images()[0], texts=TEXTS)}
+    with torch.no_grad():
+        expected = model(**roomy(images=[_images()[0]] * len(TEXTS), text=TEXTS, padding="longest")).logits
+    assert [scores[i] for i in range(len(TEXTS))] == pytest.approx(expected.tolist(), abs=1e-5)

@@ -463,7 +463,8 @@ class RetrievalDemo:
 
     @property
     def max_regions(self) -> int:
-        return int(self.processor.max_regions)
+        """Regions a photo gets: the model's limit, within the extractor's own (`regions_to_extract`)."""
+        return int(self.processor.regions_to_extract())
 
     @property
     def num_caption_lines(self) -> int:

@@ -563,7 +563,7 @@ class ImageTextRetrievalPipeline(Pipeline):
             for start in range(0, len(to_extract) if not errors else 0, batch_size):
                 chunk = to_extract[start : start + batch_size]
                 extracted = extractor.extract(
-                    [images[i] for i in chunk], on_error="record", max_regions=self.processor.max_regions
+                    [images[i] for i in chunk], on_error="record", max_regions=self.processor.regions_to_extract()
                 )
                 for position, record in zip(chunk, extracted):
                     if record.get("error"):

@@ -107,6 +107,12 @@ class ImageBERTProcessor(ProcessorMixin):
                     f"with the model's lengths (ImageBERTProcessor.from_model_config) or lower {name}."
                 )
 
+    def regions_to_extract(self, max_regions: int | None = None) -> int:
+        """The regions a photo gets from the extractor: `max_regions` (this processor's by default), but no more
+        than the extractor's own limit. A region cache written with that extractor (what the model trained on)
+        holds at most that many, so a larger model limit must not give a photo more regions when it is served."""
+        return min(self.max_regions if max_regions is None else max_regions, self.image_processor.max_regions)
+
     @property
     def model_input_names(self) -> list[str]:
         return list(TEXT_INPUTS + REGION_INPUTS)
@@ -152,9 +158,7 @@ class ImageBERTProcessor(ProcessorMixin):
         if texts is not None:
             data.update(self._encode_text(texts, padding, truncation, max_length))
         if images is not None:
-            # No more than the extractor's own limit: a region cache written with that extractor (what the model
-            # trained on) holds at most that many, so a larger model limit must not give a photo more regions here.
-            extractor_kwargs.setdefault("max_regions", min(max_regions, self.image_processor.max_regions))
+            extractor_kwargs.setdefault("max_regions", self.regions_to_extract(max_regions))
             records = self.image_processor.extract(images, boxes=boxes, box_format=box_format, **extractor_kwargs)
         elif boxes is not None or extractor_kwargs:
             raise ValueError(f"boxes and extractor settings {sorted(extractor_kwargs)} need images.")
