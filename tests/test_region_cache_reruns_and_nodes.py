@@ -132,6 +132,36 @@ def test_a_resume_after_the_precomputed_files_were_regenerated_is_refused(tiny, 
     assert (report.num_shards_skipped, report.num_extracted) == (1, 4)
 
 
+def test_precomputed_files_copied_to_each_machine_and_a_cache_inside_their_folder_are_the_same_files(tiny, tmp_path):
+    """What the fingerprint of precomputed regions reads: the `.npz` files and their bytes, not their modification
+    times (each machine of a sharded run copies the files), nor the cache being written inside their folder."""
+    import shutil
+
+    manifest = _images(tmp_path, 4)
+    master = tmp_path / "master"
+    master.mkdir()
+    for i in range(4):
+        write_npz_regions(master / f"{i:03d}.npz", dict(tiny.extract(str(tmp_path / "images" / f"{i:03d}.png"))[0]))
+    local = tmp_path / "local"  # the same path on every machine, a plain copy there
+    for machine in (0, 1):
+        shutil.rmtree(local, ignore_errors=True)
+        shutil.copytree(master, local, copy_function=shutil.copyfile)
+        os.utime(local / "000.npz", ns=(10**18 + machine, 10**18 + machine))
+        precomputed = ImageBERTRoIExtractor(backend="precomputed", precomputed_path=str(local))
+        extract_regions(
+            manifest, tmp_path / f"part{machine}", precomputed, shard_size=1, num_shards=2, shard_index=machine,
+            progress=False,
+        )  # fmt: skip
+    merge_region_caches([tmp_path / "part0", tmp_path / "part1"], tmp_path / "merged")
+    assert len(load_region_cache(tmp_path / "merged")) == 4
+
+    # The cache written inside the folder of the files it reads: its own files do not change them, so it resumes.
+    precomputed = ImageBERTRoIExtractor(backend="precomputed", precomputed_path=str(master))
+    extract_regions(manifest, master / "cache", precomputed, shard_size=2, max_shards=1, progress=False)
+    report = extract_regions(manifest, master / "cache", precomputed, shard_size=2, progress=False)
+    assert (report.num_shards_skipped, report.num_extracted) == (1, 4)
+
+
 def test_worker_processes_run_the_extractor_subclass(tmp_path):
     manifest = _images(tmp_path, 4)
     extractor = ZeroFeaturesExtractor(**{**tiny_kwargs(), "batch_size": 2})
