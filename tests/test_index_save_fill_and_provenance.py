@@ -289,6 +289,27 @@ def test_the_embedding_fingerprint_covers_the_encoder_and_the_heads_not_the_dtyp
     assert fingerprint != embedding_fingerprint(pipelines["B"].model)
 
 
+def test_the_embedding_fingerprint_is_read_again_only_when_a_weight_changed(pipelines, monkeypatch):
+    """Remembered per model, so a query with an index costs no read of the encoder; any in-place write (an optimizer
+    step, `load_state_dict`) or a new dtype is seen."""
+    from imagebert_hf.models.imagebert import pipeline_image_text_retrieval as module
+
+    model = copy.deepcopy(pipelines["A"].model)
+    before = embedding_fingerprint(model)
+    reads = []
+    read = module._encoder_and_heads_fingerprint
+    monkeypatch.setattr(module, "_encoder_and_heads_fingerprint", lambda m: reads.append(1) or read(m))
+    assert embedding_fingerprint(model) == before and reads == []
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.bert.encoder.layer[0].output.dense.weight.sum().backward()
+    optimizer.step()
+    stepped = embedding_fingerprint(model)
+    assert stepped != before and len(reads) == 1
+    model.load_state_dict(pipelines["A"].model.state_dict())
+    assert embedding_fingerprint(model) == before and len(reads) == 2
+    assert embedding_fingerprint(model.to(torch.bfloat16)) == before and len(reads) == 3
+
+
 def test_an_index_is_refused_after_the_encoder_changed_and_an_older_heads_only_one_is_used_with_a_notice(
     pipelines, caplog
 ):
