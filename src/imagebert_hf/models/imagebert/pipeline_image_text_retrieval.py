@@ -144,10 +144,10 @@ def gallery_fingerprint(kind: str, inputs: Mapping | RegionBatches) -> str:
     """What an index's gallery is: its kind (`"images"` or `"texts"`), its size, and the model inputs of up to
     `GALLERY_FINGERPRINT_ROWS` items evenly spaced over it (their unpadded token ids, or their unpadded regions'
     boxes and `GALLERY_FINGERPRINT_FEATURES` evenly spaced feature values of each, rounded to bfloat16), as
-    `"KIND:SHA256"`. The same gallery gives the same fingerprint as
-    stacked tensors or as a memory-mapped `RegionBatches` gallery, in float16 or float32, on any device; a gallery
-    of the same size whose items were exchanged or reordered gives another unless every changed item falls between
-    the sampled ones (a gallery of at most 256 items is read whole)."""
+    `"KIND:SHA256"`. The same gallery gives the same fingerprint as stacked tensors or as a memory-mapped
+    `RegionBatches` gallery, in float16 or float32, on any device; a gallery of the same size whose items were
+    exchanged or reordered gives another unless every changed item falls between the sampled ones (a gallery of at
+    most 256 items is read whole)."""
     import hashlib
 
     count = len(inputs) if is_region_batches(inputs) else int(next(iter(inputs.values())).shape[0])
@@ -249,10 +249,10 @@ class RetrievalIndex:
             it is, read from the memory-mapped cache as candidates are re-ranked.
         index: the `EmbeddingIndex` (faiss `Flat`, IVF, HNSW, IVF-PQ or a torch matrix product) of the gallery's
             L2-normalised unimodal embeddings. Its `model_fingerprint` (`embedding_fingerprint` of the model that
-            built it) ties it to that model: a pipeline of another model refuses it; its `gallery_fingerprint`
-            (`gallery_fingerprint`) ties it to this gallery: an index paired with another gallery, or with the same
-            items in another order, is refused (an index that records none, saved by an earlier version, is not
-            checked beyond its size).
+            built it) ties it to that model: a pipeline of another model refuses it. Its `gallery_fingerprint`
+            (the function of that name, of the gallery it was built from) ties it to this gallery: an index paired
+            with another gallery, or with the same items in another order, is refused (an index that records none,
+            saved by an earlier version, is checked by its size alone).
     """
 
     kind: str
