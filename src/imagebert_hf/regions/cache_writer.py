@@ -799,7 +799,8 @@ def _open_cache(
                     raise ValueError(
                         f"{output_dir} holds a region cache made from other precomputed files: the files under "
                         f"{extractor.precomputed_path} changed (names, sizes or contents) since it was "
-                        "started; one cache holds the regions of one set of files: use a new output_dir or delete it."
+                        "started, or an earlier version started it (it compared the files' modification times); one "
+                        "cache holds the regions of one set of files: use a new output_dir or delete it."
                     )
                 raise ValueError(
                     f"{output_dir} holds a region cache made with other extractor weights (sha256 "
