@@ -110,9 +110,12 @@ def test_a_pretraining_checkpoint_refuses_a_shortlist_before_anything_is_written
     line = _run_script(monkeypatch, *[f"--{k}={v}" for k, v in flags.items()], "--shortlist_k=3", "--output_dir=out")
     assert line.startswith("evaluate_retrieval: error: --shortlist_k 3: ") and "fine-tune it" in line, line
 
-    # Zero-shot full ranking (the ITM head) stays what a pretraining checkpoint is evaluated with.
-    done = run_retrieval_evaluation(EvaluationArguments(**flags, output_dir=str(tmp_path / "full")))
-    assert [result["ranking"] for result in done["results"]] == ["full"]
+    # Zero-shot full ranking (the ITM head) stays what a pretraining checkpoint is evaluated with, and is named so
+    # in results.json and the card.
+    done = run_retrieval_evaluation(EvaluationArguments(**flags, output_dir=str(tmp_path / "full"), model_card=True))
+    assert [(result["ranking"], result["evaluation"]) for result in done["results"]] == [("full", "zero-shot")]
+    card = (tmp_path / "full" / "README.md").read_text()
+    assert "evaluated zero-shot" in card and "retrieval losses" not in card
 
 
 def test_a_fine_tuned_checkpoint_still_ranks_a_shortlist(checkpoint, tmp_path):  # noqa: F811
@@ -224,8 +227,24 @@ def test_a_thousand_images_of_another_split_are_not_flickr30k_1k(checkpoint, tmp
     )
     run_retrieval_evaluation(args)
     (result,) = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
-    assert (result["dataset_name"], result["dataset_config"], result["dataset_split"]) == ("Flickr30k", None, split)
-    assert "1k" not in (tmp_path / "out" / "README.md").read_text()
+    named = (result["dataset_name"], result["dataset_config"], result["dataset_split"], result["evaluation"])
+    assert named == ("Flickr30k", "1000 images x 1000 texts", split, "fine-tuned")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "1k" not in card and "Flickr30k (1000 images x 1000 texts," in card
+
+
+def test_a_karpathy_file_of_another_dataset_is_refused_before_its_results_get_a_benchmark_name(tmp_path):
+    # Karpathy's dataset_flickr8k.json has a 1,000-image test split: as --dataset flickr30k it would be "Flickr30k 1k".
+    images = [{"filename": f"{i}.jpg", "split": "test", "sentences": [{"raw": "a dog"}]} for i in range(3)]
+    path = tmp_path / "dataset_flickr8k.json"
+    path.write_text(json.dumps({"dataset": "flickr8k", "images": images}))
+    with pytest.raises(ValueError, match=r"dataset_flickr8k.json is the Karpathy split file of 'flickr8k', not of "):
+        full_ranking._split_records(
+            EvaluationArguments(output_dir=str(tmp_path / "out"), dataset="flickr30k", karpathy_file=str(path)), None
+        )
+    from imagebert_hf.data.retrieval_corpus import load_karpathy_split
+
+    assert len(load_karpathy_split(path, "test", dataset="flickr8k")) == len(load_karpathy_split(path, "test")) == 3
 
 
 # ------------------------------------------------------------------------------------------------ missing regions

@@ -278,7 +278,7 @@ def test_bad_dataset_names_are_named(datasets, message):
 
 @pytest.mark.parametrize("model_id", ["", "   ", None, 5])
 def test_a_model_id_that_is_not_a_name_is_refused(model_id):
-    with pytest.raises(ValueError, match=r"model_id must be a non-empty string, got"):
+    with pytest.raises(ValueError, match=r"model_id must be a non-empty name on one line, got"):
         build_model_card([_result()], model_id=model_id)
 
 

@@ -263,3 +263,77 @@ def test_pretraining_stages_and_retrieval_push_go_through_the_one_hub_publisher(
         _push_stage(stage_final, None, "stage 1: mlm")
     with pytest.raises(ValueError, match="repo_id must be a non-empty Hub id such as 'user/name', got ''"):
         hub.upload_to_hub(stage_final, "", "x", api=RecordingHub())
+
+
+FULL = {"tr_r1": 50.0, "tr_r5": 80.0, "tr_r10": 90.0, "ir_r1": 40.0, "ir_r5": 70.0, "ir_r10": 80.0, "rsum": 410.0}
+
+
+def test_the_card_names_a_zero_shot_evaluation_and_refuses_results_it_would_misreport(model_and_processor):
+    model, _ = model_and_processor
+    entry = {"dataset_name": "coco", "dataset_type": "coco", "dataset_split": "test", "metrics": FULL}
+    card = build_model_card([{**entry, "evaluation": "zero-shot"}], model_id="me/x", config=model.config)
+    text = str(card)
+    assert "| coco (test, zero-shot) | 50.0 |" in text and "evaluated zero-shot" in text
+    assert "retrieval losses" not in text and "used to shortlist candidates" not in text
+    names = {m["name"] for m in card.data.to_dict()["model-index"][0]["results"][0]["metrics"]}
+    assert "Text retrieval R@1 (zero-shot)" in names
+    fine_tuned = str(build_model_card([{**entry, "evaluation": "fine-tuned"}], model_id="me/x", config=model.config))
+    assert "retrieval losses" in fine_tuned and "zero-shot" not in fine_tuned
+    # Code and citation are fenced, so that they render as code.
+    assert "```python\nfrom transformers import pipeline" in fine_tuned and "```bibtex\n@article{qi2020" in fine_tuned
+
+    cases = (
+        ({**entry, "dataset_split": "test\n## Results"}, "dataset_split holds a line break"),
+        ({**entry, "ranking": None}, r"ranking must be a non-empty string \(.*\), got None"),
+        ({**entry, "metrics": {**FULL, "tr_r1": 95.0}}, "tr_r1 95.0 is above tr_r5 80.0"),
+        ({**entry, "metrics": {**FULL, "rsum": 500.0}}, r"rsum 500.0 is not the sum of the six recalls \(410.00\)"),
+    )
+    for result, message in cases:
+        with pytest.raises(ValueError, match=message):
+            build_model_card([result], model_id="me/x")
+    with pytest.raises(ValueError, match="none of the 1 evaluation results is of full ranking"):
+        build_model_card([{**entry, "ranking": "shortlist k=16"}], model_id="me/x")
+    with pytest.raises(ValueError, match="model_id must be a non-empty name on one line"):
+        build_model_card([entry], model_id="me/x\n<img src=x onerror=alert(1)>")
+    # A `|` or HTML in a name stays inside its cell, as text.
+    text = str(build_model_card([{**entry, "dataset_name": "coco <b>|hard|</b>"}], model_id="me/x"))
+    assert "| coco &lt;b&gt;\\|hard\\|&lt;/b&gt; (test) | 50.0 |" in text
+
+
+def test_a_published_folder_names_no_local_weights_path_and_keeps_an_earlier_card_with_a_warning(
+    model_and_processor, tmp_path
+):
+    import logging
+
+    from transformers.testing_utils import CaptureLogger
+
+    from imagebert_hf.evaluation import hub
+
+    model, processor = model_and_processor
+    weights = tmp_path / "private" / "backbone.safetensors"
+    weights.parent.mkdir()
+    processor.image_processor.save_weights(weights.parent)
+    (weights.parent / "roi_extractor.safetensors").rename(weights)
+    local = type(processor)(
+        type(processor.image_processor)(**{**processor.image_processor.to_dict(), "backbone_weights": str(weights)}),
+        processor.tokenizer,
+        processor.max_text_length,
+        processor.max_regions,
+    )
+    folder = tmp_path / "upload"
+    save_for_hub(model, local, folder, build_model_card(model_id="me/x"))
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        if (folder / name).is_file():
+            assert str(tmp_path) not in (folder / name).read_text(), name
+    weights.unlink()  # the folder's own weights are what a load reads
+    from imagebert_hf.models.imagebert.processing_imagebert import ImageBERTProcessor
+
+    reloaded = ImageBERTProcessor.from_pretrained(folder)
+    assert reloaded.image_processor.backbone_weights == "roi_extractor.safetensors"
+    assert reloaded.image_processor.extract([torch.zeros(3, 32, 32)])[0]["region_features"].shape[0] >= 1
+
+    logger = logging.getLogger(hub.__name__)
+    with CaptureLogger(hub.logger) as captured:
+        logger.setLevel(logging.WARNING)
+        files = save_for_hub(model, processor, folder)  # no card: the earlier one stays, said so
+    assert "README.md" in files and "it may describe an earlier model" in captured.out

@@ -63,6 +63,7 @@ def load_karpathy_split(
     image_root: str | os.PathLike | None = None,
     max_images: int | None = None,
     allow_outside_root: bool = False,
+    dataset: str | None = None,
 ) -> list[dict[str, Any]]:
     """Reads one split of a Karpathy split file (`dataset_coco.json`, `dataset_flickr30k.json`).
 
@@ -78,6 +79,9 @@ def load_karpathy_split(
         max_images: keep only the first images (quick runs).
         allow_outside_root: follow image paths that leave `image_root` (absolute, or `../`); refused by default,
             as in manifests.
+        dataset: the dataset the file must be of (`"coco"`, `"flickr30k"`): a file whose own `"dataset"` names
+            another (Karpathy's `dataset_flickr8k.json` has a 1k test split too) is refused, so that its results are
+            never reported under another benchmark's name. Not checked when None or when the file names none.
 
     Returns:
         Records `{"image_id", "image" (path), "captions"}` in file order: the order the 1k folds are cut from.
@@ -97,6 +101,12 @@ def load_karpathy_split(
         raise ValueError(f"{path} is not a Karpathy split file: not JSON ({error}).") from error
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise ValueError(f"{path} is not a Karpathy split file: it has no 'images' list.")
+    named = data.get("dataset")
+    if dataset is not None and named is not None and named != dataset:
+        raise ValueError(
+            f"{path} is the Karpathy split file of {named!r}, not of {dataset!r}: its results would be reported "
+            f"under {dataset!r}'s name. Give the {dataset} file, or evaluate this one as a manifest."
+        )
     root = Path(image_root) if image_root is not None else path.parent
     records = []
     for number, entry in enumerate(data["images"]):

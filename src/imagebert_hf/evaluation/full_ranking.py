@@ -36,7 +36,7 @@ from ..models.imagebert.region_batching import check_region_values
 from ..models.imagebert.retrieval_index import index_factory_string, score_all_pairs, score_pairs
 from ..regions.cache_reader import load_region_cache
 from .across_processes import score_pairs_across_processes
-from .hub import build_model_card, save_model_card
+from .hub import ZERO_SHOT, build_model_card, save_model_card
 from .plots import plot_recall_curves, plot_score_histograms
 from .recall import format_metrics_table, retrieval_metrics, shared_caption_count
 from .shortlist import ShortlistResult, shortlist_rerank
@@ -154,7 +154,9 @@ def _split_records(args: EvaluationArguments, config) -> list[dict]:
     if args.dataset in ("coco", "flickr30k"):
         if args.karpathy_file is None:
             raise ValueError(f"--dataset {args.dataset} needs --karpathy_file.")
-        return load_karpathy_split(args.karpathy_file, args.split, args.image_root, args.max_images)
+        return load_karpathy_split(
+            args.karpathy_file, args.split, args.image_root, args.max_images, dataset=args.dataset
+        )
     if args.manifest is None:
         raise ValueError("--dataset manifest needs --manifest.")
     return load_manifest_records(args.manifest, args.split, args.max_images)
@@ -388,6 +390,13 @@ def load_retrieval_model(name_or_path: str, **config_overrides) -> ImageBERTForI
     return model
 
 
+def evaluated_as(model) -> str:
+    """`"zero-shot"` for a pretraining checkpoint (its image-text matching head ranks the pairs), `"fine-tuned"` for
+    a retrieval one, by the class the checkpoint was saved from; what results.json and the model card say."""
+    architectures = getattr(model.config, "architectures", None) or []
+    return "fine-tuned" if "ImageBERTForImageTextRetrieval" in architectures else ZERO_SHOT
+
+
 def check_shortlist_heads(model, shortlist_k: int | None, name_or_path: str) -> None:
     """Refuses `--shortlist_k` for a model whose unimodal projection heads were not in its checkpoint (a pretraining
     checkpoint, evaluated zero-shot): they are freshly initialised, so its shortlist would rank at random, and
@@ -604,13 +613,16 @@ def run_retrieval_evaluation(args: EvaluationArguments) -> dict:
 
     ranking = rank_corpus(model, corpus, args.batch_size, args.shortlist_k, args.index_type, across_processes=across)
     results, table = [], {}
+    evaluation = evaluated_as(model)
     for name, config_name, folds in protocols(args.dataset, corpus.num_images, args.split):
         metrics = retrieval_metrics(ranking.scores, corpus.text_to_image, num_folds=folds)
         results.append(
             {
                 "dataset_name": name,
                 "dataset_type": args.dataset,
-                "dataset_config": config_name,
+                # A set that is no published protocol is named by its size, so that no card compares it with one.
+                "dataset_config": config_name or f"{corpus.num_images} images x {corpus.num_texts} texts",
+                "evaluation": evaluation,
                 "dataset_split": args.split,
                 "num_images": corpus.num_images,
                 "num_texts": corpus.num_texts,
@@ -629,6 +641,7 @@ def run_retrieval_evaluation(args: EvaluationArguments) -> dict:
                 "dataset_name": args.dataset,
                 "dataset_type": args.dataset,
                 "dataset_split": args.split,
+                "evaluation": evaluation,
                 "num_images": corpus.num_images,
                 "num_texts": corpus.num_texts,
                 "num_captions_shared_by_images": shared_captions,
@@ -667,6 +680,7 @@ __all__ = [
     "check_evaluation_paths",
     "check_shortlist_heads",
     "corpus_fingerprint",
+    "evaluated_as",
     "load_corpus_cache",
     "load_evaluation_corpus",
     "load_retrieval_model",

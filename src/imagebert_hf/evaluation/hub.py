@@ -4,11 +4,14 @@
 (tokenizer, region extractor config and backbone weights, processing and region extraction code), the `image-text-retrieval` pipeline code with its
 `custom_pipelines` entry, and `README.md`, the model card. `push_to_hub` uploads that folder in one commit. The card
 is built with `huggingface_hub.ModelCard` from its standard template (or another one), and its `model-index` holds
-the recall@K of an evaluation run (`examples/evaluate_retrieval.py --results_json`).
+the recall@K of an evaluation run (the `results.json` that `examples/evaluate_retrieval.py` writes, read with
+`load_results`).
 """
 
 from __future__ import annotations
 
+import html
+import json
 import math
 import os
 import shutil
@@ -18,9 +21,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..formats.files import atomic_write_text, publish_folder_keeping_others, read_json_file
+from transformers.utils import logging
+
+from ..formats.files import atomic_write_json, atomic_write_text, publish_folder_keeping_others, read_json_file
+from ..models.imagebert.image_processing_imagebert import WEIGHTS_NAME
 from ..models.imagebert.pipeline_image_text_retrieval import ImageTextRetrievalPipeline, register_pipeline
 from .recall import format_metrics_table
+
+
+logger = logging.get_logger(__name__)
 
 
 BASE_MODEL = "google-bert/bert-base-uncased"
@@ -80,7 +89,7 @@ def eval_results_from_run(results: Sequence[Mapping[str, Any]]):
                     dataset_config=result.get("dataset_config"),
                     dataset_split=result.get("dataset_split"),
                     metric_type="recall" if key != "rsum" else "rsum",
-                    metric_name=name,
+                    metric_name=name + (f" ({ZERO_SHOT})" if result.get("evaluation") == ZERO_SHOT else ""),
                     metric_value=round(float(result["metrics"][key]), 2),
                     source_name=result.get("source_name"),
                 )
@@ -96,10 +105,15 @@ def _check_result(number: int, result) -> None:
     for key in ("dataset_name", "dataset_type", "metrics"):
         if key not in result:
             raise ValueError(f"evaluation result {number} has no {key!r}; got keys {sorted(result)}.")
-    for key in ("dataset_name", "dataset_type", "dataset_config", "dataset_split", "source_name"):
+    for key in ("dataset_name", "dataset_type", "dataset_config", "dataset_split", "source_name", "ranking"):
         value = result.get(key)
         if value is not None and not (isinstance(value, str) and value.strip()):
             raise ValueError(f"evaluation result {number}: {key} must be a non-empty string, got {value!r}.")
+        if value is not None and _has_control_characters(value):
+            raise ValueError(
+                f"evaluation result {number}: {key} holds a line break or another control character ({value!r}): "
+                "names go on one line of the card."
+            )
     metrics = result["metrics"]
     if not isinstance(metrics, Mapping) or not metrics:
         raise ValueError(
@@ -116,6 +130,32 @@ def _check_result(number: int, result) -> None:
             raise ValueError(
                 f"evaluation result {number}: metric {key} is {value}, outside [0, {top:g}] (recalls are percent)."
             )
+    for direction in ("tr", "ir"):
+        keys = [key for key in (f"{direction}_r1", f"{direction}_r5", f"{direction}_r10") if key in metrics]
+        for low, high in zip(keys, keys[1:]):
+            if metrics[low] > metrics[high]:
+                raise ValueError(
+                    f"evaluation result {number}: {low} {metrics[low]} is above {high} {metrics[high]}; recall@K "
+                    "cannot fall as K grows."
+                )
+    parts = [metrics.get(f"{direction}_r{k}") for direction in ("tr", "ir") for k in (1, 5, 10)]
+    if "rsum" in metrics and None not in parts and abs(sum(parts) - metrics["rsum"]) > RSUM_TOLERANCE:
+        raise ValueError(
+            f"evaluation result {number}: rsum {metrics['rsum']} is not the sum of the six recalls ({sum(parts):.2f})."
+        )
+
+
+# Recalls are often stored rounded to two decimals, each on its own: their sum may then differ from the rounded RSUM.
+RSUM_TOLERANCE = 0.1
+
+
+def _has_control_characters(text: str) -> bool:
+    return any(ord(character) < 32 or ord(character) == 127 for character in text)
+
+
+def _markdown_text(text: str) -> str:
+    """`text` as it should read in the card's markdown: no HTML, and a `|` that does not end a table cell."""
+    return html.escape(text, quote=False).replace("|", r"\|")
 
 
 def _check_names(name: str, values) -> list[str] | None:
@@ -139,8 +179,15 @@ def full_ranking_results(results: Sequence[Mapping[str, Any]]) -> list[Mapping[s
     than one silently replacing the other in the table."""
     kept, seen = [], {}
     for number, result in enumerate(results):
-        if isinstance(result, Mapping) and result.get("ranking", "full") != "full":
-            continue
+        if isinstance(result, Mapping) and "ranking" in result:
+            if not isinstance(result["ranking"], str):
+                raise ValueError(
+                    f"evaluation result {number}: ranking must be a non-empty string ('full', or 'shortlist k=K'), "
+                    f"got {result['ranking']!r}."
+                )
+            _check_result(number, result)
+            if result["ranking"] != "full":
+                continue
         if isinstance(result, Mapping):
             row = _row_name(result)
             if row in seen:
@@ -150,16 +197,28 @@ def full_ranking_results(results: Sequence[Mapping[str, Any]]) -> list[Mapping[s
                 )
             seen[row] = number
         kept.append(result)
+    if results and not kept:
+        rankings = sorted({str(result.get("ranking")) for result in results if isinstance(result, Mapping)})
+        raise ValueError(
+            f"none of the {len(results)} evaluation results is of full ranking (their rankings: {rankings}); the "
+            "card's metrics are defined over the full ranking."
+        )
     return kept
 
 
 def _row_name(result: Mapping[str, Any]) -> str:
     details = [str(result[key]) for key in ("dataset_config", "dataset_split") if result.get(key)]
+    if result.get("evaluation") == ZERO_SHOT:
+        details.append(ZERO_SHOT)
     return str(result.get("dataset_name")) + (f" ({', '.join(details)})" if details else "")
 
 
 def _results_table(results: Sequence[Mapping[str, Any]]) -> str:
-    return format_metrics_table({_row_name(result): result["metrics"] for result in results})
+    return format_metrics_table({_markdown_text(_row_name(result)): result["metrics"] for result in results})
+
+
+# What a result's `evaluation` says of a pretraining checkpoint ranked with its ITM head, not fine-tuned for retrieval.
+ZERO_SHOT = "zero-shot"
 
 
 def build_model_card(
@@ -196,8 +255,9 @@ def build_model_card(
         results = full_ranking_results(results)
     eval_results = eval_results_from_run([] if results is None else results) or None
     results = list(results or [])
-    if not isinstance(model_id, str) or not model_id.strip():
-        raise ValueError(f"model_id must be a non-empty string, got {model_id!r}.")
+    if not isinstance(model_id, str) or not model_id.strip() or _has_control_characters(model_id):
+        raise ValueError(f"model_id must be a non-empty name on one line, got {model_id!r}.")
+    zero_shot = bool(results) and all(result.get("evaluation") == ZERO_SHOT for result in results)
     datasets = _check_names("datasets", datasets)
     tags = _check_names("tags", tags) or []
     card_data = ModelCardData(
@@ -216,16 +276,25 @@ def build_model_card(
         size = (
             f" This checkpoint has {config.num_hidden_layers} layers of width {config.hidden_size}, "
             f"{config.num_attention_heads} heads, up to {config.max_regions} regions of {config.region_feature_size}-d "
-            f"features and {config.max_text_length} text tokens; retrieval losses {config.retrieval_loss_weights}."
+            f"features and {config.max_text_length} text tokens"
+            + ("." if zero_shot else f"; retrieval losses {config.retrieval_loss_weights}.")
+        )
+    heads = (
+        "Two small projection heads over text-only and regions-only passes give unimodal embeddings, used to "
+        "shortlist candidates before the cross-encoder re-ranks them."
+    )
+    if zero_shot:
+        heads = (
+            "This is a pretraining checkpoint, evaluated zero-shot: its image-text matching head scores the pairs. "
+            "It was not fine-tuned for retrieval, and its projection heads for shortlisting are untrained."
         )
     defaults = {
-        "model_id": model_id,
+        "model_id": _markdown_text(model_id),
         "model_summary": "ImageBERT cross-encoder for image-text retrieval: one BERT over WordPiece tokens and "
         "object regions, scoring how well a caption matches an image.",
         "model_description": "ImageBERT (Qi et al. 2020) feeds `[CLS] text [SEP]` followed by the image's regions "
         f"(a visual feature and a {location}location each) through one transformer; a head on `[CLS]` gives the relevance "
-        "score of the pair. Two small projection heads over text-only and regions-only passes give unimodal "
-        "embeddings, used to shortlist candidates before the cross-encoder re-ranks them." + size,
+        f"score of the pair. {heads}" + size,
         "model_type": "Single-stream vision-language transformer (cross-encoder)",
         "language": "en",
         "license": license,
@@ -239,15 +308,15 @@ def build_model_card(
         "bias_risks_limitations": "Scores reflect the training pairs: web captions carry their sources' biases, "
         "and region features come from a detector trained on a fixed label set.",
         "bias_recommendations": "Evaluate on data from the target domain before relying on the rankings.",
-        "get_started_code": 'from transformers import pipeline\n\nretriever = pipeline("image-text-retrieval", '
-        f'model="{model_id}", trust_remote_code=True)\n'
-        'retriever(images="photo.jpg", texts=["a dog on a beach", "a bowl of soup"], top_k=1)',
+        "get_started_code": "```python\nfrom transformers import pipeline\n\nretriever = pipeline("
+        f'"image-text-retrieval", model={json.dumps(model_id)}, trust_remote_code=True)\n'
+        'retriever(images="photo.jpg", texts=["a dog on a beach", "a bowl of soup"], top_k=1)\n```',
         "training_regime": "fp32, AdamW; see the training script's arguments stored with the run.",
         "testing_metrics": "Recall@K (K = 1, 5, 10) for text retrieval (image queries; a hit when any of the "
         "image's captions is in the top K) and image retrieval (caption queries), and RSUM, their sum. Ties count "
         "against the query.",
         "results": _results_table(results) if results else "No evaluation run was attached to this card.",
-        "citation_bibtex": PAPER_BIBTEX,
+        "citation_bibtex": f"```bibtex\n{PAPER_BIBTEX}\n```",
     }
     defaults.update(fields)
     if template_path is None:
@@ -277,7 +346,9 @@ def save_for_hub(model, processor, output_dir: str | os.PathLike, card=None) -> 
 
     The inputs are checked first, then everything is written to a hidden sibling of `output_dir`, which replaces it
     in one rename (other files already in `output_dir` are kept, see `publish_folder_keeping_others`): a save that
-    fails or is killed leaves the earlier folder as it was.
+    fails or is killed leaves the earlier folder as it was. Without `card`, a `README.md` already there is kept, with
+    a warning (it may be the card of an earlier model). The region extractor's weights travel in the folder
+    (`roi_extractor.safetensors`), so its config names that file rather than the local path they were read from.
     """
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
@@ -294,14 +365,42 @@ def save_for_hub(model, processor, output_dir: str | os.PathLike, card=None) -> 
         tmp.mkdir()
         pipe = ImageTextRetrievalPipeline(model=model, processor=processor, task="image-text-retrieval", device=-1)
         pipe.save_pretrained(tmp)
+        _name_weights_in_folder(tmp)
         if card is not None:
             save_model_card(card, tmp)
+        elif (output_dir / "README.md").is_file():
+            logger.warning(
+                "save_for_hub: %s is kept as it is, and would be uploaded as this model's card: it may describe an "
+                "earlier model. Pass card= (build_model_card) to replace it, or delete it.",
+                output_dir / "README.md",
+            )
         written = set(os.listdir(tmp))
         publish_folder_keeping_others(tmp, output_dir, owned=lambda name: name in written)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return sorted(str(path.relative_to(output_dir)) for path in output_dir.rglob("*") if path.is_file())
+
+
+def _name_weights_in_folder(folder: Path) -> None:
+    """Where the extractor's weights were saved into `folder`, its saved configs name that file instead of a local
+    weights path (an absolute path would publish the machine's folders; the folder's own weights file is what a load
+    reads in any case)."""
+    if not (folder / WEIGHTS_NAME).is_file():
+        return
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        saved = read_json_file(path, "a saved processor config")
+        settings = saved.get("image_processor") if isinstance(saved.get("image_processor"), dict) else saved
+        changed = False
+        for key in ("backbone_weights", "detector_weights"):
+            value = settings.get(key)
+            if isinstance(value, str) and (os.path.isabs(value) or os.path.exists(value)):
+                settings[key], changed = WEIGHTS_NAME, True
+        if changed:
+            atomic_write_json(path, saved, indent=2, sort_keys=True)
 
 
 def _check_repo_id(repo_id, name: str = "repo_id") -> None:
@@ -444,6 +543,7 @@ def push_to_hub(
 __all__ = [
     "BASE_MODEL",
     "DEFAULT_TAGS",
+    "ZERO_SHOT",
     "build_model_card",
     "check_push_to_hub",
     "eval_results_from_run",
