@@ -973,3 +973,94 @@ def test_float16_region_batches_give_the_losses_of_their_float32_values(tester):
                 sparse_prediction=True)  # fmt: skip
     for name in ("loss", "mlm_loss", "moc_loss", "mrfr_loss", "itm_loss"):
         assert torch.equal(getattr(got, name), getattr(expected, name)), name
+
+
+@pytest.mark.parametrize("model_class", [ImageBERTForPreTraining, ImageBERTForImageTextRetrieval])
+def test_from_pretrained_on_a_bert_checkpoint_maps_its_nsp_head_as_from_text_pretrained_does(tmp_path, model_class):
+    """The head loads by the name it shares with BERT's NSP head; its meaning is swapped, once, and said."""
+    import logging
+
+    from transformers.testing_utils import CaptureLogger
+
+    from imagebert_hf.models.imagebert import modeling_imagebert
+
+    _tiny_bert_with_nsp_head(tmp_path / "bert")
+    with CaptureLogger(modeling_imagebert.logger) as captured:
+        modeling_imagebert.logger.setLevel(logging.WARNING)
+        plain = model_class.from_pretrained(tmp_path / "bert")
+    mapped = model_class.from_text_pretrained(tmp_path / "bert")
+    torch.testing.assert_close(plain.cls.seq_relationship.weight, mapped.cls.seq_relationship.weight)
+    torch.testing.assert_close(plain.cls.seq_relationship.bias, mapped.cls.seq_relationship.bias)
+    assert plain.cls.seq_relationship.bias.tolist() == [-1.0, 2.0]
+    assert "next-sentence head was loaded as the ITM head with its two rows swapped" in captured.out
+    # Saved again it is an ImageBERT checkpoint: loaded as it is, not swapped back.
+    plain.save_pretrained(tmp_path / "ours")
+    again, info = model_class.from_pretrained(tmp_path / "ours", output_loading_info=True)
+    assert again.cls.seq_relationship.bias.tolist() == [-1.0, 2.0] and "missing_keys" in info
+
+
+def test_a_config_that_returns_tuples_leaves_embeddings_and_scoring_as_they_are():
+    from imagebert_hf.models.imagebert.retrieval_index import encode_images, encode_texts, score_pairs
+
+    tester = ImageBERTModelTester()
+    torch.manual_seed(0)
+    model = ImageBERTForImageTextRetrieval(tester.get_config()).eval()
+    inputs = tester.prepare_inputs(model.config)
+    texts = {key: inputs[key] for key in ("input_ids", "attention_mask", "token_type_ids")}
+    regions = {key: inputs[key] for key in ("region_features", "region_locations", "region_attention_mask")}
+    pairs = torch.arange(tester.batch_size)
+    expected = (
+        encode_texts(model, texts, 2),
+        encode_images(model, regions, 2),
+        score_pairs(model, texts, regions, pairs, pairs, 2),
+    )
+    model.config.return_dict = False
+    assert isinstance(model(**inputs), tuple)
+    got = (
+        encode_texts(model, texts, 2),
+        encode_images(model, regions, 2),
+        score_pairs(model, texts, regions, pairs, pairs, 2),
+    )
+    for want, have in zip(expected, got):
+        torch.testing.assert_close(have, want)
+
+
+def test_frozen_embeddings_with_reentrant_checkpointing_still_train_the_encoder_from_regions_alone():
+    """Adapters freeze the embeddings and call `enable_input_require_grads`; a regions-only pass (the image side of a
+    dual-encoder loss) must then reach the encoder's weights as it does without checkpointing."""
+    tester = ImageBERTModelTester()
+    config = tester.get_config()
+    inputs = tester.prepare_inputs(config)
+    regions = {key: inputs[key] for key in ("region_features", "region_locations", "region_attention_mask")}
+    gradients = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = ImageBERTForImageTextRetrieval(config).train()
+        model.bert.embeddings.requires_grad_(False)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+            model.enable_input_require_grads()
+        model.get_region_embeddings(**regions).sum().backward()
+        gradients.append(model.bert.encoder.layer[0].attention.self.query.weight.grad)
+    assert gradients[1] is not None
+    torch.testing.assert_close(gradients[1], gradients[0])
+    model.disable_input_require_grads()
+    assert model._require_grads_hooks == []
+
+
+def test_int32_targets_are_taken_and_narrower_ids_are_refused_by_name():
+    tester = ImageBERTModelTester()
+    torch.manual_seed(0)
+    config = tester.get_config()
+    model = ImageBERTForPreTraining(config).eval()
+    inputs = tester.prepare_inputs(config)
+    targets = tester.prepare_pretraining_targets(config, inputs)
+    with torch.no_grad():
+        expected = model(**inputs, **targets).loss
+        narrow = {
+            key: value.int() if key in ("labels", "region_class_labels") else value for key, value in targets.items()
+        }
+        torch.testing.assert_close(model(**inputs, **narrow).loss, expected)
+        for name in ("input_ids", "token_type_ids"):
+            with pytest.raises(TypeError, match=rf"^{name} has dtype torch.int16; expected int64 or int32"):
+                model(**{**inputs, name: inputs[name].short()})

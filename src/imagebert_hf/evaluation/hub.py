@@ -311,7 +311,8 @@ def build_model_card(
         "get_started_code": "```python\nfrom transformers import pipeline\n\nretriever = pipeline("
         f'"image-text-retrieval", model={json.dumps(model_id)}, trust_remote_code=True)\n'
         'retriever(images="photo.jpg", texts=["a dog on a beach", "a bowl of soup"], top_k=1)\n```',
-        "training_regime": "fp32, AdamW; see the training script's arguments stored with the run.",
+        "training_regime": "AdamW; the precision and the other settings are the training script's arguments, stored "
+        "with the run.",
         "testing_metrics": "Recall@K (K = 1, 5, 10) for text retrieval (image queries; a hit when any of the "
         "image's captions is in the top K) and image retrieval (caption queries), and RSUM, their sum. Ties count "
         "against the query.",

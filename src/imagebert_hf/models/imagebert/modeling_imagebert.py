@@ -133,7 +133,7 @@ class ImageBERTForImageTextRetrievalOutput(ModelOutput):
 # (`_aligned_feature_targets`, where the indexing syncs for that count anyway).
 # --------------------------------------------------------------------------------------------------------------------
 
-# Each argument: (kind, dimensions, meaning). The kind fixes the accepted dtypes: "ids" integer, "flags" integer,
+# Each argument: (kind, dimensions, meaning). The kind fixes the accepted dtypes: "ids" int64 or int32, "flags" integer,
 # bool or float holding 0/1, "float" floating point. Dimensions name the sizes they must match: "B" the batch, "T"
 # the text length, "R" the regions, or a config field.
 _ARGUMENTS = {
@@ -144,7 +144,7 @@ _ARGUMENTS = {
     "region_locations": (
         "float",
         ("B", "R", "region_location_size"),
-        "(x1/W, y1/H, x2/W, y2/H, area/(W*H)) per region",
+        "each region's box: (x1/W, y1/H, x2/W, y2/H, area/(W*H)), or UNITER's 7 values with its width and height",
     ),
     "region_attention_mask": ("flags", ("B", "R"), "one per region"),
     "labels": ("ids", ("B", "T"), "one MLM target per text token, -100 where unmasked"),
@@ -157,7 +157,9 @@ _ARGUMENTS = {
 }
 # Retrieval's pair labels are its `labels` argument; the MLM targets of pretraining hold that name here.
 _SHOWN_AS = {"pair_labels": "labels"}
-_DTYPES = {"ids": "an integer dtype", "flags": "an integer, bool or float dtype", "float": "a floating dtype"}
+_DTYPES = {"ids": "int64 or int32", "flags": "an integer, bool or float dtype", "float": "a floating dtype"}
+# Ids index embedding tables and targets, which take these two integer dtypes; a narrower one would fail inside torch.
+_ID_DTYPES = (torch.int64, torch.int32)
 
 
 def _shape(tensor: torch.Tensor) -> tuple[int, ...]:
@@ -179,11 +181,7 @@ def _expect_kind(name: str, value, kind: str):
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} is a {type(value).__name__}; expected a torch.Tensor ({_DTYPES[kind]}).")
     floating = value.is_floating_point()
-    if (
-        value.is_complex()
-        or (kind == "ids" and (floating or value.dtype == torch.bool))
-        or (kind == "float" and not floating)
-    ):
+    if value.is_complex() or (kind == "ids" and value.dtype not in _ID_DTYPES) or (kind == "float" and not floating):
         raise TypeError(f"{name} has dtype {value.dtype}; expected {_DTYPES[kind]}.")
 
 
@@ -578,6 +576,46 @@ class ImageBERTPreTrainedModel(PreTrainedModel):
         if isinstance(module, ImageBERTLMPredictionHead):
             init.zeros_(module.bias)
 
+    def enable_input_require_grads(self):
+        """transformers' hook on the word embeddings, which only a pass with text runs, and one on the joint
+        embeddings, which a regions-only pass runs too: with frozen embeddings (adapters) and reentrant gradient
+        checkpointing, the image side of a dual-encoder loss would otherwise train nothing in the encoder."""
+        super().enable_input_require_grads()
+
+        def make_output_require_grad(module, inputs, output):
+            output.requires_grad_(True)
+
+        self._require_grads_hooks = list(getattr(self, "_require_grads_hooks", [])) + [
+            module.register_forward_hook(make_output_require_grad)
+            for module in self.modules()
+            if isinstance(module, ImageBERTEmbeddings)
+        ]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`. A BERT checkpoint's next-sentence head loads into the ITM head by the
+        name they share (`cls.seq_relationship`), but NSP's class 0 is "is next" where ITM's class 1 is "matched":
+        its rows are swapped, as `from_text_pretrained` does, with a warning that says so."""
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        )
+        source_type = getattr(model.config, "model_type", ImageBERTConfig.model_type)
+        head = getattr(getattr(model, "cls", None), "seq_relationship", None)
+        loaded_head = not {"cls.seq_relationship.weight", "cls.seq_relationship.bias"} & set(info["missing_keys"])
+        if source_type != ImageBERTConfig.model_type and head is not None and loaded_head:
+            with torch.no_grad():
+                head.weight.copy_(head.weight.flip(0))
+                head.bias.copy_(head.bias.flip(0))
+            logger.warning(
+                "%s is a %s checkpoint: its next-sentence head was loaded as the ITM head with its two rows swapped "
+                "(NSP class 0, 'is next', is ITM class 1, 'matched'). from_text_pretrained does the same and says "
+                "which weights are new.",
+                pretrained_model_name_or_path,
+                source_type,
+            )
+        return (model, info) if wants_info else model
+
     @classmethod
     def from_text_pretrained(
         cls,
@@ -828,6 +866,7 @@ def masked_language_modeling_loss(
     logits: torch.Tensor, labels: torch.Tensor, selected: torch.Tensor, sparse: bool
 ) -> torch.Tensor:
     """MLM: cross-entropy of the word scores `logits` (..., vocab_size) against `labels` where `selected`."""
+    labels = labels.long()  # int32 targets (numpy's default integer on some platforms) are as good as int64
     if sparse:
         return F.cross_entropy(logits.float(), labels, reduction="sum") / selected.sum().clamp(min=1)
     token_losses = F.cross_entropy(
@@ -846,6 +885,7 @@ def masked_object_classification_loss(
     """MOC: cross-entropy against the detector's labels (`loss_type="cross_entropy"`, -100: none) or KL divergence
     from its class distribution (`"kl"`), over the `selected` regions; None when the variant's targets are absent."""
     if loss_type == "cross_entropy" and class_labels is not None:
+        class_labels = class_labels.long()
         region_losses = F.cross_entropy(
             logits.float().flatten(0, -2), class_labels.clamp(min=0).flatten(), reduction="none"
         ).view_as(class_labels)
@@ -1268,7 +1308,9 @@ class ImageBERTForImageTextRetrieval(ImageBERTPreTrainedModel):
         pass). With `encoder_grad=False` the encoder pass keeps no gradients: a loss on the embeddings then trains
         the projection head only, and leaves the encoder the cross-encoder shares to its own losses."""
         with torch.set_grad_enabled(encoder_grad and torch.is_grad_enabled()):
-            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+            hidden = self.bert(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, return_dict=True
+            )
         return F.normalize(self.cls.text_projection(hidden.last_hidden_state[:, 0]).float(), dim=-1)
 
     def get_region_embeddings(
@@ -1285,6 +1327,7 @@ class ImageBERTForImageTextRetrieval(ImageBERTPreTrainedModel):
                 region_features=region_features,
                 region_locations=region_locations,
                 region_attention_mask=region_attention_mask,
+                return_dict=True,
             ).last_hidden_state
         if region_attention_mask is None:
             pooled = hidden.mean(dim=1)

@@ -224,7 +224,7 @@ def _score_batches(model, texts, regions, batches, num_pairs: int, progress: Cal
     try:
         for positions, image_index, text_index in batches:
             batch = gather_pair_inputs(texts, regions, text_index, image_index, device)
-            scores[positions] = model(**batch).logits.float().cpu()
+            scores[positions] = model(**batch, return_dict=True).logits.float().cpu()
             if progress is not None:
                 progress(int(positions.numel()))
     finally:
