@@ -11,20 +11,25 @@ each variant's RSUM minus the study's first variant's, seed by seed.
 
 The defaults, `docs/results/` and `docs/results.md`, are those of this checkout, whatever the working directory.
 A missing or empty `--results_dir` or a missing `--page` exits 1 with one line on stderr before the page is written:
-a mistyped folder would otherwise replace every table by "no runs yet".
+a mistyped folder would otherwise replace every table by "no runs yet". So does a run file that is not JSON, lacks a
+field the tables show or holds one of the wrong type or out of range (a recall outside [0, 100], an RSUM outside
+[0, 600]), naming the file and the field; and a table whose run files were scored on different protocols (gallery,
+captions per image, or a flag that decides the figures), naming two of them and both protocols: its mean over
+seeds would mix two galleries.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import re
 import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
 
+from imagebert_hf.formats.files import read_json_file
+from imagebert_hf.models.imagebert.configuration_imagebert import SEED_RULE, check_field
 from imagebert_hf.models.imagebert.script_errors import exit_on_error
 
 
@@ -33,24 +38,152 @@ COLUMNS = ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "rsum")
 HEADERS = ("TR R@1", "TR R@5", "TR R@10", "IR R@1", "IR R@5", "IR R@10", "RSUM")
 
 
+RUN_FILE = "a run file of run_ablations.py, as a JSON object"
+SHIPPED_FILE = "the results.json of examples/pretrain_shared_data.py, as a JSON object"
+
+
 def load_runs(results_dir: Path) -> dict[str, list[dict]]:
-    """Run files by table, in a stable order. The folder a run file sits in names its table: the study's own
-    (`rerank`), or a kept earlier series of it (`rerank_six_epochs`, started from another checkpoint)."""
-    runs = defaultdict(list)
+    """Run files by table, in a stable order, each checked (`check_run_file`) and each table's on one protocol
+    (`check_one_protocol`). The folder a run file sits in names its table: the study's own (`rerank`), or a kept
+    earlier series of it (`rerank_six_epochs`, started from another checkpoint)."""
+    files = defaultdict(list)
     for path in sorted(results_dir.glob("*/*.json")):
-        runs[path.parent.name].append(json.loads(path.read_text()))
-    return dict(runs)
+        files[path.parent.name].append((path, check_run_file(path, read_json_file(path, RUN_FILE))))
+    for table, runs in files.items():
+        check_one_protocol(table, runs)
+    return {table: [run for _, run in runs] for table, runs in files.items()}
 
 
-def study_variants(study: str) -> list[str]:
-    """`run_ablations.study_variants`, read from the file beside this one however this one was loaded."""
+def check_number(path: Path, name: str, value, kind: str = "float", low=None, high=None) -> None:
+    """`check_field` naming the file and the field, its type errors raised as ValueError (one line on exit)."""
+    try:
+        check_field(f"{path}: {name}", value, kind, low, high)
+    except TypeError as error:
+        raise ValueError(str(error)) from None
+
+
+def check_text(path: Path, name: str, value, cell: bool = False) -> None:
+    """Raises ValueError unless `value` is a non-empty string; one shown in a table cell (`cell`) may hold neither
+    `|` nor a line break, which would cut the markdown table."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{path}: {name} must be a non-empty string, got {value!r}.")
+    if cell and ("|" in value or "\n" in value or "\r" in value):
+        raise ValueError(f"{path}: {name} must hold neither '|' nor a line break (a table cell), got {value!r}.")
+
+
+def check_metrics(path: Path, name: str, metrics) -> None:
+    """A ranking's recall: every column of the tables, a finite percentage; RSUM, the sum of six, in [0, 600]."""
+    if not isinstance(metrics, dict):
+        raise ValueError(f"{path}: {name} must be an object of {list(COLUMNS)}, got {metrics!r}.")
+    for column in COLUMNS:
+        if column not in metrics:
+            raise ValueError(f"{path}: {name} has no {column!r}; expected {list(COLUMNS)}.")
+        check_number(path, f"{name}[{column!r}]", metrics[column], "float", 0, 600 if column == "rsum" else 100)
+
+
+def check_seconds(path: Path, seconds, allow_unknown: bool) -> None:
+    if not isinstance(seconds, dict):
+        raise ValueError(f"{path}: 'seconds' must be an object of durations, got {seconds!r}.")
+    for key, value in seconds.items():
+        if not (allow_unknown and value is None):
+            check_number(path, f"seconds[{key!r}]", value, "float", 0, None)
+
+
+def check_run_file(path: Path, run) -> dict:
+    """`run`, the content of the run file `path`, once every field the tables read is there, of its type and in
+    range; raises ValueError naming the file and the field otherwise."""
+    if not isinstance(run, dict):
+        raise ValueError(f"{path} holds a JSON {type(run).__name__}; expected {RUN_FILE}.")
+    for key in ("study", "variant", "seed", "command", "date", "protocol", "metrics", "seconds"):
+        if key not in run:
+            raise ValueError(f"{path} has no {key!r} field; expected {RUN_FILE}.")
+    for key in ("study", "command", "date", "protocol"):
+        check_text(path, repr(key), run[key])
+    check_text(path, "'variant'", run["variant"], cell=True)
+    check_number(path, "'seed'", run["seed"], *SEED_RULE)
+    metrics = run["metrics"]
+    if not isinstance(metrics, dict) or not any(way != "chance" for way in metrics):
+        raise ValueError(
+            f"{path}: 'metrics' must be an object of recall per ranking (not chance alone), got {metrics!r}."
+        )
+    for way, recall in metrics.items():
+        check_text(path, f"metrics key {way!r}", way, cell=True)
+        check_metrics(path, f"metrics[{way!r}]", recall)
+    check_seconds(path, run["seconds"], allow_unknown=True)
+    if not isinstance(run.get("arguments", {}), dict):
+        raise ValueError(f"{path}: 'arguments' must be an object of the run's flags, got {run['arguments']!r}.")
+    return run
+
+
+def check_one_protocol(table: str, runs: list[tuple[Path, dict]]) -> None:
+    """Refuses a table whose run files were scored on different protocols: their `protocol` (the gallery and the
+    captions per image), or a flag of `run_ablations.RESULT_FLAGS` that both record, differs. One row averages the
+    seeds of a variant, and the seed-by-seed table subtracts variants: figures of two galleries do not mix. Every
+    pair is compared, as a run file of an earlier version may lack the flags."""
+    for index, (path, run) in enumerate(runs):
+        for earlier_path, earlier in runs[:index]:
+            if run["study"] != earlier["study"]:
+                raise ValueError(
+                    f"{table}: {earlier_path} is a run of {earlier['study']!r}, {path} of {run['study']!r}; one "
+                    "folder holds the runs of one study."
+                )
+            differing = runner_module().differing_flags(
+                run["study"], earlier.get("arguments", {}), run.get("arguments", {})
+            )
+            if run["protocol"] != earlier["protocol"] or differing:
+                raise ValueError(
+                    f"{table}: {earlier_path} was scored on {describe_protocol(earlier, differing)}, {path} on "
+                    f"{describe_protocol(run, differing)}; one table would average the two. Keep the runs of one "
+                    "protocol in one folder (another protocol's in a folder, and a table, of its own)."
+                )
+
+
+def describe_protocol(run: dict, flags: list[str]) -> str:
+    text = repr(run["protocol"])
+    if flags:
+        text += " with " + runner_module().protocol_flags(run["study"], run["arguments"], flags)
+    return text
+
+
+def runner_module():
+    """`run_ablations.py`, the file beside this one, however this one was loaded."""
     runner = sys.modules.get("run_ablations")
     if runner is None:
         spec = importlib.util.spec_from_file_location("run_ablations", Path(__file__).with_name("run_ablations.py"))
         runner = importlib.util.module_from_spec(spec)
         sys.modules["run_ablations"] = runner  # its dataclasses look their module up while it loads
         spec.loader.exec_module(runner)
-    return runner.study_variants(study)
+    return runner
+
+
+def study_variants(study: str) -> list[str]:
+    """`run_ablations.study_variants`."""
+    return runner_module().study_variants(study)
+
+
+def check_shipped_file(path: Path, summary) -> dict:
+    """`summary`, the content of `pretrain_shared_data.json`, once the fields its table reads are there and of
+    their type; raises ValueError naming the file and the field otherwise."""
+    if not isinstance(summary, dict):
+        raise ValueError(f"{path} holds a JSON {type(summary).__name__}; expected {SHIPPED_FILE}.")
+    for key in ("results", "seconds", "steps_per_stage"):
+        if key not in summary:
+            raise ValueError(f"{path} has no {key!r} field; expected {SHIPPED_FILE}.")
+    if not isinstance(summary["results"], dict) or not summary["results"]:
+        raise ValueError(f"{path}: 'results' must be an object of recall per model, got {summary['results']!r}.")
+    for name, metrics in summary["results"].items():
+        check_text(path, f"results key {name!r}", name, cell=True)
+        check_metrics(path, f"results[{name!r}]", metrics)
+    check_seconds(path, summary["seconds"], allow_unknown=False)
+    steps = summary["steps_per_stage"]
+    if not isinstance(steps, list) or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in steps):
+        raise ValueError(f"{path}: 'steps_per_stage' must be a list of step counts, got {steps!r}.")
+    for key in ("protocol", "command", "note"):
+        if key in summary:
+            check_text(path, repr(key), summary[key])
+    if "seed" in summary:
+        check_number(path, "'seed'", summary["seed"], *SEED_RULE)
+    return summary
 
 
 def variant_rank(study: str, variant: str) -> tuple[int, str]:
@@ -60,6 +193,15 @@ def variant_rank(study: str, variant: str) -> tuple[int, str]:
     except ValueError:
         order = []
     return (order.index(variant) if variant in order else len(order), variant)
+
+
+def single_protocol(runs: list[dict]) -> str:
+    """The protocol every run of a table was scored on; `load_runs` names the files that differ, and runs given to
+    the table makers directly are refused as well."""
+    protocols = sorted({run["protocol"] for run in runs})
+    if len(protocols) > 1:
+        raise ValueError(f"the runs of one table were scored on different protocols, {protocols}; not averaged.")
+    return protocols[0]
 
 
 def mean_std(values: list[float]) -> str:
@@ -73,8 +215,7 @@ def study_table(runs: list[dict]) -> str:
     by_variant = defaultdict(list)
     for run in sorted(runs, key=lambda run: variant_rank(run["study"], run["variant"])):
         by_variant[run["variant"]].append(run)
-    protocols = sorted({run["protocol"] for run in runs})
-    lines = [f"Scoring: {'; '.join(protocols)}. Recall in %, mean ± standard deviation over seeds.", ""]
+    lines = [f"Scoring: {single_protocol(runs)}. Recall in %, mean ± standard deviation over seeds.", ""]
     lines.append("| variant | ranking | seeds | " + " | ".join(HEADERS) + " | minutes per run |")
     lines.append("|---|---|---|" + "---|" * len(HEADERS) + "---|")
     chance_row = None
@@ -105,6 +246,7 @@ def by_seed_table(runs: list[dict], column: str = "rsum") -> str | None:
     for a study of one variant, or when its variants share fewer than two seeds. Variants that lack the baseline's
     ranking are left out.
     """
+    single_protocol(runs)
     by_variant = defaultdict(dict)
     for run in sorted(runs, key=lambda run: variant_rank(run["study"], run["variant"])):
         by_variant[run["variant"]][run["seed"]] = run
@@ -205,7 +347,7 @@ def main(argv: list[str] | None = None) -> str:
             tables[f"{table}_by_seed"] = seed_gaps
     shipped = results_dir / "pretrain_shared_data.json"
     if shipped.is_file():
-        tables["shipped"] = shipped_recipe_table(json.loads(shipped.read_text()))
+        tables["shipped"] = shipped_recipe_table(check_shipped_file(shipped, read_json_file(shipped, SHIPPED_FILE)))
     template = page_path.read_text(encoding="utf-8")
     page = fill_page(template, tables)
     page_path.write_text(page, encoding="utf-8")

@@ -5,7 +5,9 @@ Text encoder: the offline MiniLM (6 layers, 384 wide); regions: the offline Effi
 file to `--results_dir` (its metrics, seconds, steps, protocol and command); `make_results_page.py` turns them into
 docs/results.md. A run whose JSON exists is skipped (one written with other settings, or from another `--pretrained`
 checkpoint or recipe by content, is refused, naming the difference), and an interrupted one resumes from its last
-checkpoint; several processes started with the same arguments share the runs between them.
+checkpoint; several processes started with the same arguments share the runs between them. A run scored on another
+protocol (gallery, captions per image, the flags that decide the figures) than the study's results already in
+`--results_dir` is refused before anything trains: the page averages a study's runs as one protocol.
 
     python examples/ablations/run_ablations.py --study rerank            # cross-encoder vs dual encoder
     python examples/ablations/run_ablations.py --study finetune_losses   # binary / multi-class / triplet / all
@@ -36,7 +38,13 @@ from pathlib import Path
 import transformers
 from transformers import HfArgumentParser
 
-from imagebert_hf.formats.files import check_folder_or_hub_id, file_checksum, read_json_file
+from imagebert_hf.formats.files import (
+    atomic_write_json,
+    atomic_write_text,
+    check_folder_or_hub_id,
+    file_checksum,
+    read_json_file,
+)
 from imagebert_hf.models.imagebert.configuration_imagebert import SEED_RULE, check_field, check_flag_values
 from imagebert_hf.models.imagebert.script_errors import exit_on_error, parse_flags
 
@@ -168,15 +176,35 @@ def content_checksums(args: AblationArguments) -> dict[str, str | None]:
     return {"recipe": file_checksum_or_none(args.recipe)}
 
 
-def check_result_file(args: AblationArguments, result_file: Path) -> None:
-    """Refuses to report `result_file` as this invocation's result when it was written with other settings (its
-    `arguments`, and the checksums it recorded): a changed step count or checkpoint would otherwise be shown the old
-    run's figures."""
+def read_result_file(result_file: Path) -> dict:
+    """A result file's content; raises naming the file when it is not JSON or has no `arguments` object."""
     stored = read_json_file(result_file, "an ablation result, as a JSON object")
     if not isinstance(stored, dict) or not isinstance(stored.get("arguments"), dict):
         raise ValueError(
             f"{result_file} is not an ablation result (no 'arguments' object); remove it to run it again."
         )
+    return stored
+
+
+def protocol_flags(study: str, arguments: dict, names: list[str] | None = None) -> str:
+    """`--eval_images 50, --eval_captions_per_image 5, ...`: the result flags of `study` that `arguments` records
+    (those of `names` alone when given), as the results and the page name a protocol."""
+    names = [name for name in (RESULT_FLAGS.get(study, ()) if names is None else names) if name in arguments]
+    return ", ".join(f"--{name} {arguments[name]!r}" for name in names)
+
+
+def differing_flags(study: str, there: dict, here: dict) -> list[str]:
+    """The result flags of `study` that both records give, with other values (a record of an earlier version may
+    lack some: those cannot be compared); none for a study this file does not run."""
+    flags = RESULT_FLAGS.get(study, ())
+    return [name for name in flags if name in there and name in here and there[name] != here[name]]
+
+
+def check_result_file(args: AblationArguments, result_file: Path) -> None:
+    """Refuses to report `result_file` as this invocation's result when it was written with other settings (its
+    `arguments`, and the checksums it recorded): a changed step count or checkpoint would otherwise be shown the old
+    run's figures."""
+    stored = read_result_file(result_file)
     differences = [
         f"--{name} {stored['arguments'][name]!r} there, {getattr(args, name)!r} now"
         for name in RESULT_FLAGS[args.study]
@@ -374,9 +402,9 @@ def run_finetuning_variant(args: AblationArguments, variant: str, seed: int) -> 
         if not (run_dir / PRETRAINED_WEIGHTS_FILE).is_file():
             run_dir.mkdir(parents=True, exist_ok=True)
             checksum = weights_checksum(str(Path(args.pretrained)))
-            (run_dir / PRETRAINED_WEIGHTS_FILE).write_text(json.dumps({"sha256": checksum}))
+            atomic_write_json(run_dir / PRETRAINED_WEIGHTS_FILE, {"sha256": checksum})
         run_retrieval_finetuning(finetune_args)
-        timings_file.write_text(json.dumps({"train": round(time.perf_counter() - started)}))
+        atomic_write_json(timings_file, {"train": round(time.perf_counter() - started)})
     train_seconds = json.loads(timings_file.read_text())["train"] if timings_file.is_file() else None
     transformers.logging.set_verbosity_error()
     model = ImageBERTForImageTextRetrieval.from_pretrained(str(run_dir / "final"))
@@ -392,7 +420,7 @@ def run_finetuning_variant(args: AblationArguments, variant: str, seed: int) -> 
         entry = scored.setdefault(key, {"metrics": {}, "protocol": scoring, "seconds": {}})
         entry["metrics"].update(metrics)
         entry.setdefault("seconds", {})[", ".join(missing)] = round(time.perf_counter() - started)
-        scored_file.write_text(json.dumps(scored, indent=1))
+        atomic_write_json(scored_file, scored, indent=1)
     entry = scored[key]
     metrics = {way: entry["metrics"][way] for way in ("chance", *ways)}
     scoring = entry["protocol"]
@@ -508,7 +536,8 @@ def ensure_region_caches(args: AblationArguments) -> None:
 def check_arguments(args: AblationArguments) -> None:
     """Refuses what could only fail, or change the protocol, once runs have trained: a number out of range, an
     unknown study or variant, a `--pretrained` that is neither a folder nor a Hub id, and a fine-tuned run folder
-    of another run's settings. Nothing is read beyond small files, and nothing is written."""
+    of another run's settings, and a protocol other than that of the study's results already in `--results_dir`.
+    Nothing is read beyond small files, and nothing is written."""
     check_flag_values(args, FLAG_RULES)
     for seed in args.seeds:
         try:
@@ -521,13 +550,38 @@ def check_arguments(args: AblationArguments) -> None:
         raise ValueError(f"--variants {unknown} are not variants of {args.study}; expected some of {variants}.")
     if args.study in FINETUNING_STUDIES:
         check_folder_or_hub_id(args.pretrained, "--pretrained", PRETRAINED_EXPECTED)
+    own = set()
     for seed in args.seeds:
         for variant in args.variants or variants:
             result_file = result_path(args, variant, seed)
+            own.add(result_file)
             if result_file.is_file():
                 check_result_file(args, result_file)
             elif args.study in FINETUNING_STUDIES:
                 check_finetuning_run(finetuning_variant(args, variant, seed)[0])
+    check_study_protocol(args, own)
+
+
+def check_study_protocol(args: AblationArguments, own: set[Path]) -> None:
+    """Refuses a run scored on another protocol than the study's results already in `--results_dir` (other seeds
+    and variants; this invocation's own result files, `own`, are checked by `check_result_file`): the results page
+    averages a study's seeds and compares its variants, which only means something on one gallery and one set of
+    result flags."""
+    folder = Path(args.results_dir) / args.study
+    now = {name: getattr(args, name) for name in RESULT_FLAGS[args.study]}
+    for result_file in sorted(folder.glob("*.json")):
+        if result_file in own:
+            continue
+        stored = read_result_file(result_file)
+        differing = differing_flags(args.study, stored["arguments"], now)
+        if differing:
+            scored = f"scored on {stored['protocol']!r} with " if isinstance(stored.get("protocol"), str) else ""
+            there = protocol_flags(args.study, stored["arguments"], differing)
+            raise ValueError(
+                f"--results_dir: {result_file} was {scored}{there}; this run would be scored with "
+                f"{protocol_flags(args.study, now, differing)}, and the results page averages a study's runs as one "
+                "protocol. Give another --results_dir, or that file's flags."
+            )
 
 
 def result_path(args: AblationArguments, variant: str, seed: int) -> Path:
@@ -569,7 +623,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                       "date": time.strftime("%Y-%m-%d"), "arguments": asdict(args),
                       "checksums": content_checksums(args), **result}  # fmt: skip
             result_file.parent.mkdir(parents=True, exist_ok=True)
-            result_file.write_text(json.dumps(result, indent=1) + "\n")
+            # Whole or not at all: a run killed while writing would leave a file that the page cannot read.
+            atomic_write_text(result_file, json.dumps(result, indent=1) + "\n")
             finished.append(result)
             print(json.dumps({key: result[key] for key in ("variant", "seed", "seconds")}), flush=True)
     return finished
