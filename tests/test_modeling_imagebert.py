@@ -1064,3 +1064,25 @@ def test_int32_targets_are_taken_and_narrower_ids_are_refused_by_name():
         for name in ("input_ids", "token_type_ids"):
             with pytest.raises(TypeError, match=rf"^{name} has dtype torch.int16; expected int64 or int32"):
                 model(**{**inputs, name: inputs[name].short()})
+
+
+@pytest.mark.parametrize("name", ["input_ids", "token_type_ids", "region_features", "region_locations"])
+def test_every_input_reaches_the_text_s_cls_output(name):
+    """A defect that drops an input on its way in (locations zeroed, features scaled away) leaves training running
+    and, on the synthetic set, even ranking: only this shows it."""
+    tester = ImageBERTModelTester()
+    config = tester.get_config(type_vocab_size=2)
+    torch.manual_seed(0)
+    model = ImageBERTModel(config).eval()
+    inputs = tester.prepare_inputs(config)
+    changed = dict(inputs)
+    if name == "input_ids":
+        changed[name] = inputs[name].roll(1, dims=1)
+    elif name == "token_type_ids":
+        changed[name] = 1 - inputs[name]
+    else:
+        changed[name] = inputs[name].flip(1)  # the same values, other regions
+    with torch.no_grad():
+        before = model(**inputs).last_hidden_state[:, 0]
+        after = model(**changed).last_hidden_state[:, 0]
+    assert (after - before).abs().max() > 1e-4
