@@ -254,3 +254,30 @@ def test_a_recipe_path_that_is_a_folder_or_not_text_is_named(tmp_path):
     binary.write_bytes(b"stages:\n  - name: \xff\xfe\n")
     with pytest.raises(ValueError, match=r"recipe.yaml is not a UTF-8 text file; expected a YAML recipe file\.$"):
         load_recipe(binary)
+
+
+@pytest.mark.parametrize(
+    ("weights", "switched_off"),
+    [
+        ({"mlm": 0.0, "moc": 0.0, "mrfr": 0.0}, ["mlm_probability", "region_mask_probability"]),
+        ({"mlm": 0.0}, ["mlm_probability"]),
+        ({"moc": 0.0}, []),  # MRFR still predicts the masked regions
+        ({"moc": 0.0, "mrfr": 0.0}, ["region_mask_probability"]),
+        ({"itm": 0.0}, ["itm_negative_probability"]),
+    ],
+)
+def test_a_task_at_weight_zero_changes_no_input_of_the_others(weights, switched_off):
+    """Masked words or regions that no loss predicts, or mismatched pairs whose masked losses are skipped, only take
+    signal from the tasks that train: a stage that leaves a task out does not change its inputs for it."""
+    from transformers.testing_utils import CaptureLogger
+
+    from imagebert_hf.training import recipe as recipe_module
+
+    data = copy.deepcopy(TINY)
+    data["stages"][0]["loss_weights"] = {**data["stages"][0].get("loss_weights", {}), **weights}
+    with CaptureLogger(recipe_module.logger) as captured:
+        stage = recipe_from_dict(data).stages[0]
+    settings = ("mlm_probability", "region_mask_probability", "itm_negative_probability")
+    assert [name for name in settings if getattr(stage, name) == 0.0] == switched_off
+    for name in switched_off:
+        assert f"{name} is " in captured.out and "set to 0" in captured.out

@@ -74,7 +74,7 @@ def test_a_datasets_stream_from_files_split_between_processes(tmp_path, monkeypa
     rows = [{"key": f"img{i}", "captions": [f"caption {i}a", f"caption {i}b"]} for i in range(6)]
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    stream = DatasetStream(str(path))
+    stream = DatasetStream(str(path), shuffle_buffer=0)
     pairs = list(stream.epoch_pairs(0))
     assert pairs == [(row["key"], text) for row in rows for text in row["captions"]]
     monkeypatch.setenv("RANK", "1")
@@ -83,6 +83,21 @@ def test_a_datasets_stream_from_files_split_between_processes(tmp_path, monkeypa
     assert 0 < len(half) < len(pairs) and set(half) <= set(pairs)
     with pytest.raises(ValueError, match="rows need columns 'text'"):
         next(DatasetStream(str(path), text_column="text").epoch_pairs(0))
+
+
+def test_a_datasets_stream_is_shuffled_anew_each_epoch_and_parts_a_row_s_captions(tmp_path):
+    """Read in file order, every epoch would repeat one order and a row's captions would share batches."""
+    rows = [{"key": f"img{i}", "captions": [f"caption {i}{part}" for part in "abcde"]} for i in range(200)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    in_order = [(row["key"], text) for row in rows for text in row["captions"]]
+    stream = DatasetStream(str(path), seed=3, shuffle_buffer=64)
+    first, second = list(stream.epoch_pairs(0)), list(stream.epoch_pairs(1))
+    assert sorted(first) == sorted(second) == sorted(in_order)  # every pair once
+    assert first != second and first != in_order
+    assert first == list(DatasetStream(str(path), seed=3, shuffle_buffer=64).epoch_pairs(0))  # replayed from its seed
+    neighbours = sum(a[0] == b[0] for a, b in zip(first, first[1:]))
+    assert neighbours < len(first) * 0.1, neighbours  # in file order: 4 of every 5
 
 
 @pytest.fixture(scope="module")

@@ -723,6 +723,11 @@ class DatasetStream(StreamingPairSource):
     """A `datasets` streaming dataset (`load_dataset(..., streaming=True)`) as a pair stream: split between
     processes with `split_dataset_by_node`; `datasets` splits its shards between DataLoader workers.
 
+    Rows are shuffled as `datasets` shuffles a stream (`IterableDataset.shuffle`: its shards in another order, and
+    rows drawn from a buffer of `shuffle_buffer`), in another order each epoch from `seed`: a stream read in file
+    order would give every epoch the same order and bring a row's captions together, one image several times in a
+    batch.
+
     Args:
         dataset: A `datasets.IterableDataset`, a Hub id or folder for `load_dataset`, or data files (`.jsonl`,
             `.json`, `.parquet`, `.csv`, a glob of them, or an fsspec URL to them).
@@ -730,6 +735,8 @@ class DatasetStream(StreamingPairSource):
         id_column (`str`, defaults to `"key"`): The image key (the region cache's key).
         split (`str`, defaults to `"train"`): The split to stream.
         name (`str`, defaults to `"dataset"`): Name used in logs.
+        seed (`int`, defaults to 0): Seed of the shuffle.
+        shuffle_buffer (`int`, defaults to 10000): Rows the shuffle draws from; 0 reads the stream in its order.
     """
 
     _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -741,9 +748,12 @@ class DatasetStream(StreamingPairSource):
         id_column: str = "key",
         split: str = "train",
         name: str = "dataset",
+        seed: int = 0,
+        shuffle_buffer: int = 10_000,
     ):
         self.dataset, self.text_column, self.id_column = dataset, text_column, id_column
         self.split, self.name = split, name
+        self.seed, self.shuffle_buffer = seed, shuffle_buffer
 
     def _open(self):
         import datasets
@@ -766,12 +776,21 @@ class DatasetStream(StreamingPairSource):
                 f"streaming source {self.name!r}: cannot open {self.dataset} ({type(error).__name__}: "
                 f"{str(error)[:300]})."
             ) from error
+        if self.shuffle_buffer and hasattr(stream, "shuffle"):
+            stream = stream.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
         if hasattr(stream, "set_epoch"):
             stream.set_epoch(epoch)
         rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         if world > 1:
             stream = split_dataset_by_node(stream, rank=rank, world_size=world)
-        rows = iter(stream)
+        pairs = self._row_pairs(iter(stream))
+        if not self.shuffle_buffer:
+            yield from pairs
+            return
+        # Rows arrive shuffled, but each row's captions together: the pairs are shuffled again, within a buffer.
+        yield from buffer_shuffled(pairs, self.shuffle_buffer, np.random.default_rng([self.seed, epoch, rank]))
+
+    def _row_pairs(self, rows) -> Iterator[tuple[str, str]]:
         number = 0
         while True:
             try:
@@ -798,6 +817,21 @@ class DatasetStream(StreamingPairSource):
             )
             for text in captions:
                 yield key, text
+
+
+def buffer_shuffled(items, buffer_size: int, rng: np.random.Generator):
+    """`items` in a random order drawn from a buffer of `buffer_size` (as `datasets` shuffles a stream): each item
+    is yielded once, an item at most `buffer_size` places before it came, in one pass without the whole list."""
+    buffer = []
+    for item in items:
+        if len(buffer) < buffer_size:
+            buffer.append(item)
+            continue
+        position = int(rng.integers(buffer_size))
+        yield buffer[position]
+        buffer[position] = item
+    rng.shuffle(buffer)
+    yield from buffer
 
 
 class SyntheticPairSource(PairSource):

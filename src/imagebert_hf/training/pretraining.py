@@ -229,7 +229,9 @@ def build_source(spec: SourceSpec, feature_size: int) -> tuple[PairSource | Stre
     if spec.streaming and spec.type == "webdataset":
         source = WebDatasetStream(spec.path, name=spec.name, seed=spec.seed)
     elif spec.streaming:
-        source = DatasetStream(spec.path, spec.text_column, spec.id_column or "key", spec.split, name=spec.name)
+        source = DatasetStream(
+            spec.path, spec.text_column, spec.id_column or "key", spec.split, name=spec.name, seed=spec.seed
+        )
     elif spec.type == "manifest":
         source = ManifestPairSource(
             spec.path,

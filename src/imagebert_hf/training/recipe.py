@@ -342,7 +342,32 @@ def _stage(data: Any, where: str) -> StageSpec:
         stage.check_masking_settings(f"{where}.")
     except ValueError as error:
         raise RecipeError(str(error)) from None
+    _switch_off_inputs_of_untrained_tasks(stage, where)
     return stage
+
+
+# The input changes each task needs, and the tasks that need them: with all of those at weight 0 the change only
+# takes signal from the others (masked words or regions that no loss predicts, mismatched pairs whose masked losses
+# are skipped), so it is switched off.
+_INPUT_CHANGES = {
+    "mlm_probability": ("mlm",),
+    "region_mask_probability": ("moc", "mrfr"),
+    "itm_negative_probability": ("itm",),
+}
+
+
+def _switch_off_inputs_of_untrained_tasks(stage: StageSpec, where: str) -> None:
+    for setting, tasks in _INPUT_CHANGES.items():
+        if getattr(stage, setting) > 0 and all(stage.loss_weights[task] == 0 for task in tasks):
+            logger.warning(
+                "%s.%s is %s, but %s trained in this stage (loss weight 0): set to 0, so that no input is changed "
+                "for a task that does not learn from it.",
+                where,
+                setting,
+                getattr(stage, setting),
+                " and ".join(tasks) + (" are not" if len(tasks) > 1 else " is not"),
+            )
+            setattr(stage, setting, 0.0)
 
 
 def _check_model_config(config: dict[str, Any], where: str) -> None:
