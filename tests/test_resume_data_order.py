@@ -125,8 +125,9 @@ def _assert_same_weights(reference_dir: Path, resumed_dir: Path) -> None:
         torch.testing.assert_close(weights[key], reference[key], atol=1e-6, rtol=1e-5, msg=f"{key} differs")
 
 
-def _pretraining_recipe(output_dir: Path):
+def _pretraining_recipe(output_dir: Path, dropout: float = 0.0):
     recipe = tiny_recipe(output_dir, checkpointing_steps=2, save_total_limit=None)
+    recipe["model"]["config"].update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     stage = dict(recipe["stages"][0])
     # 16 pairs by 4: 4 steps an epoch, so 10 steps run into a third epoch.
     stage["sources"] = [{"name": "s", "type": "synthetic", "num_images": 8, "seed": 0, "regions": "annotations"}]
@@ -135,11 +136,14 @@ def _pretraining_recipe(output_dir: Path):
     return recipe_from_dict(recipe)
 
 
-def test_pretraining_stopped_in_its_second_epoch_resumes_to_the_same_weights(tmp_path, one_thread):
-    straight = run_pretraining(_pretraining_recipe(tmp_path / "straight"))
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_pretraining_stopped_in_its_second_epoch_resumes_to_the_same_weights(tmp_path, one_thread, dropout):
+    """With dropout on, every mask after the resume must be the uninterrupted run's: nothing may draw from the
+    global RNG once more on resuming (a DataLoader's iterator, made anew, would)."""
+    straight = run_pretraining(_pretraining_recipe(tmp_path / "straight", dropout))
     with pytest.raises(TrainingStopped):
-        run_pretraining(_pretraining_recipe(tmp_path / "resumed"), PretrainingRunOptions(stop_after_steps=6))
-    resumed = run_pretraining(_pretraining_recipe(tmp_path / "resumed"), PretrainingRunOptions(resume=True))
+        run_pretraining(_pretraining_recipe(tmp_path / "resumed", dropout), PretrainingRunOptions(stop_after_steps=6))
+    resumed = run_pretraining(_pretraining_recipe(tmp_path / "resumed", dropout), PretrainingRunOptions(resume=True))
     assert [e["loss"] for e in resumed["history"]] == pytest.approx([e["loss"] for e in straight["history"]], rel=1e-5)
     _assert_same_weights(tmp_path / "straight" / "stage1-noisy", tmp_path / "resumed" / "stage1-noisy")
 

@@ -347,7 +347,7 @@ def build_stage_data(stage: StageSpec, tokenizer, config, seed: int, num_workers
         group_size=stage.per_device_train_batch_size * num_processes,
         pool_groups=stage.length_group_pool,
     )
-    return _stage_loader(stage, dataset, collator, num_workers, sampler), sampler, dataset
+    return _stage_loader(stage, dataset, collator, num_workers, seed, sampler), sampler, dataset
 
 
 def _streaming_data(stage: StageSpec, sources, stores, weights, tokenizer, config, collator, seed, num_workers):
@@ -366,10 +366,10 @@ def _streaming_data(stage: StageSpec, sources, stores, weights, tokenizer, confi
         group_size=stage.per_device_train_batch_size if stage.group_by_length else 1,
         pool_groups=stage.length_group_pool,
     )
-    return _stage_loader(stage, dataset, collator, num_workers), None, dataset
+    return _stage_loader(stage, dataset, collator, num_workers, seed), None, dataset
 
 
-def _stage_loader(stage: StageSpec, dataset, collator, num_workers: int, sampler=None):
+def _stage_loader(stage: StageSpec, dataset, collator, num_workers: int, seed: int, sampler=None):
     """The stage's DataLoader (a sampler for a listed dataset, none for a stream); its workers ignore a
     scheduler's SIGTERM, which the loop answers at the end of the step (`ignore_sigterm`)."""
     return torch.utils.data.DataLoader(
@@ -379,6 +379,9 @@ def _stage_loader(stage: StageSpec, dataset, collator, num_workers: int, sampler
         collate_fn=collator,
         num_workers=num_workers,
         worker_init_fn=ignore_sigterm,
+        # Its own generator: creating an iterator would otherwise draw from the global RNG, which a resumed run
+        # does once more than an uninterrupted one, so every dropout mask after it would differ.
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
