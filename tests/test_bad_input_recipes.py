@@ -281,3 +281,45 @@ def test_a_task_at_weight_zero_changes_no_input_of_the_others(weights, switched_
     assert [name for name in settings if getattr(stage, name) == 0.0] == switched_off
     for name in switched_off:
         assert f"{name} is " in captured.out and "set to 0" in captured.out
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        (
+            "hiden_size",
+            r"hiden_size is not a field of ImageBERTConfig, so it would do nothing\. Did you mean 'hidden_size'",
+        ),
+        ("position_embedding_type", "position_embedding_type is not a field of ImageBERTConfig"),
+        ("mlm_probability", r"mlm_probability: the model never reads it; it is a stage's setting \(stages\[i\]"),
+        (
+            "itm_loss_weight",
+            r"itm_loss_weight: each stage sets it from its loss_weights \(stages\[i\]\.loss_weights\.itm\)",
+        ),
+    ],
+)
+def test_a_model_config_key_that_would_do_nothing_is_refused_naming_where_it_belongs(name, message):
+    recipe = copy.deepcopy(TINY)
+    recipe["model"]["config"][name] = 0.5
+    with pytest.raises(RecipeError, match=message):
+        recipe_from_dict(recipe)
+
+
+def test_a_run_an_earlier_version_started_with_a_task_at_weight_zero_is_not_resumed_with_its_inputs_changed(tmp_path):
+    """Its recipe.yaml records the masking it trained with; read back, the rate would now be switched off on both
+    sides of the comparison, and the resumed steps would mask otherwise than the first ones did."""
+    from imagebert_hf.training.pretraining import check_resumed_recipe
+    from imagebert_hf.training.recipe import recipe_to_dict
+
+    data = copy.deepcopy(TINY)
+    data["output_dir"] = str(tmp_path)
+    data["stages"][0]["loss_weights"] = {"mlm": 0.0}
+    recipe = recipe_from_dict(data)
+    written = recipe_to_dict(recipe)
+    check_resumed_recipe(recipe)  # no recipe.yaml yet: nothing to compare
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(written))
+    check_resumed_recipe(recipe)  # written by this version: the same recipe
+    written["stages"][0]["mlm_probability"] = 0.15  # as an earlier version wrote it
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(written))
+    with pytest.raises(ValueError, match=r"stages\.0\.mlm_probability is 0\.15 there, 0\.0 now"):
+        check_resumed_recipe(recipe)

@@ -50,6 +50,7 @@ from .loop import (
 from .plots import plot_losses
 from .recipe import (
     LOSS_TASKS,
+    TASK_INPUT_SETTINGS,
     ModelSpec,
     Recipe,
     RecipeError,
@@ -486,6 +487,16 @@ def check_resumed_recipe(recipe: Recipe) -> None:
             f"--resume: {path} (the recipe of the run being resumed) cannot be read: {error} Resume with a readable "
             "recipe.yaml, or give a new --output_dir."
         ) from None
+    # A stage of a task at weight 0 now changes no input for it (`TASK_INPUT_SETTINGS`); the file's own values say
+    # what a run started by an earlier version trained with.
+    import yaml
+
+    written = yaml.safe_load(path.read_text(encoding="utf-8"))
+    written_stages = (written.get("stages") if isinstance(written, dict) else None) or []
+    for index, stage in enumerate(written_stages):
+        for name in TASK_INPUT_SETTINGS:
+            if isinstance(stage, dict) and name in stage and index < len(stored["stages"]):
+                stored["stages"][index][name] = stage[name]
     may_change = set(RESUMABLE_CHANGES)
     if not any(source.streaming for stage in recipe.stages for source in stage.sources):
         may_change.add("num_workers")

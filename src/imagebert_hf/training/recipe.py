@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import io
 import math
 from dataclasses import dataclass, field
@@ -39,7 +40,14 @@ from transformers.utils import logging
 from ..data.collator import MaskingSettings
 from ..data.pair_sources import expand_urls
 from ..formats.files import check_folder_or_hub_id, read_text_file
-from ..models.imagebert.configuration_imagebert import FIELD_RULES, SEED_RULE, check_field
+from ..models.imagebert.configuration_imagebert import (
+    FIELD_RULES,
+    PRETRAINING_LOSS_WEIGHTS,
+    REMOVED_FIELDS,
+    SEED_RULE,
+    ImageBERTConfig,
+    check_field,
+)
 from .arguments import SCHEDULER_TYPES
 
 
@@ -349,7 +357,7 @@ def _stage(data: Any, where: str) -> StageSpec:
 # The input changes each task needs, and the tasks that need them: with all of those at weight 0 the change only
 # takes signal from the others (masked words or regions that no loss predicts, mismatched pairs whose masked losses
 # are skipped), so it is switched off.
-_INPUT_CHANGES = {
+TASK_INPUT_SETTINGS = {
     "mlm_probability": ("mlm",),
     "region_mask_probability": ("moc", "mrfr"),
     "itm_negative_probability": ("itm",),
@@ -357,7 +365,7 @@ _INPUT_CHANGES = {
 
 
 def _switch_off_inputs_of_untrained_tasks(stage: StageSpec, where: str) -> None:
-    for setting, tasks in _INPUT_CHANGES.items():
+    for setting, tasks in TASK_INPUT_SETTINGS.items():
         if getattr(stage, setting) > 0 and all(stage.loss_weights[task] == 0 for task in tasks):
             logger.warning(
                 "%s.%s is %s, but %s trained in this stage (loss weight 0): set to 0, so that no input is changed "
@@ -370,12 +378,35 @@ def _switch_off_inputs_of_untrained_tasks(stage: StageSpec, where: str) -> None:
             setattr(stage, setting, 0.0)
 
 
+# What a recipe's `model.config` may set: the fields of ImageBERTConfig, and how the model is loaded and what it returns.
+MODEL_CONFIG_KEYS = frozenset(
+    name for name in inspect.signature(ImageBERTConfig.__init__).parameters if name not in ("self", "kwargs")
+) | {"dtype", "torch_dtype", "attn_implementation", "output_attentions", "output_hidden_states", "return_dict"}
+
+
 def _check_model_config(config: dict[str, Any], where: str) -> None:
     """Types and ranges of the config fields a recipe sets (fields that must agree are checked when the model is
     made, since a text checkpoint may supply the rest)."""
     non_string = [key for key in config if not isinstance(key, str)]
     if non_string:
         raise RecipeError(f"{where}: keys must be config field names, got {sorted(non_string, key=repr)}.")
+    for name in config:
+        if name in REMOVED_FIELDS:
+            raise RecipeError(
+                f"{where}.{name}: the model never reads it; it is a stage's setting (stages[i].{name}), for each "
+                "stage's data."
+            )
+        if name in PRETRAINING_LOSS_WEIGHTS:
+            raise RecipeError(
+                f"{where}.{name}: each stage sets it from its loss_weights (stages[i].loss_weights."
+                f"{name.removesuffix('_loss_weight')}), so a value here would be replaced."
+            )
+        if name not in MODEL_CONFIG_KEYS:
+            import difflib
+
+            close = difflib.get_close_matches(name, sorted(MODEL_CONFIG_KEYS), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise RecipeError(f"{where}.{name} is not a field of ImageBERTConfig, so it would do nothing.{hint}")
     for name, value in config.items():
         if name in FIELD_RULES:
             _check_field(f"{where}.{name}", value, *FIELD_RULES[name])
@@ -562,6 +593,8 @@ __all__ = [
     "RecipeError",
     "SourceSpec",
     "StageSpec",
+    "TASK_INPUT_SETTINGS",
+    "MODEL_CONFIG_KEYS",
     "apply_overrides",
     "check_folder_name",
     "check_source_paths",
