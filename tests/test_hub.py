@@ -1,5 +1,6 @@
 """What a Hub push uploads (files and model card), checked against a local stand-in for the Hub."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -337,3 +338,35 @@ def test_a_published_folder_names_no_local_weights_path_and_keeps_an_earlier_car
         logger.setLevel(logging.WARNING)
         files = save_for_hub(model, processor, folder)  # no card: the earlier one stays, said so
     assert "README.md" in files and "it may describe an earlier model" in captured.out
+
+
+def test_a_stage_whose_upload_failed_is_uploaded_when_the_run_resumes(tmp_path, monkeypatch):
+    """The stage's model is saved before its upload; a run that died there (or whose upload failed) skips the
+    complete stage on resuming, and must still publish it, as the run would have."""
+    import imagebert_hf.evaluation.hub as hub
+    from imagebert_hf.training import PretrainingRunOptions, recipe_from_dict, run_pretraining
+    from imagebert_hf.training.pretraining import PUSHED_FILE
+
+    from .test_pretraining import tiny_recipe
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    uploads = []
+
+    def upload(folder, repo_id, message, **kwargs):
+        uploads.append(message)
+        if message == "stage 2: clean" and uploads.count(message) == 1:
+            raise ConnectionError("the Hub did not answer")
+
+    monkeypatch.setattr(hub, "upload_to_hub", upload)
+    recipe = recipe_from_dict(tiny_recipe(tmp_path / "run"))
+    options = PretrainingRunOptions(push_to_hub=True, hub_model_id="someone/imagebert-pretrained")
+    with pytest.raises(ConnectionError):
+        run_pretraining(recipe, options)
+    assert uploads == ["stage 1: noisy", "stage 2: clean"]
+    assert (tmp_path / "run" / "stage1-noisy" / PUSHED_FILE).is_file()
+    assert not (tmp_path / "run" / "stage2-clean" / PUSHED_FILE).is_file()
+    run_pretraining(recipe, dataclasses.replace(options, resume=True))
+    assert uploads == ["stage 1: noisy", "stage 2: clean", "stage 2: clean"]  # stage 1 is not uploaded twice
+    assert (tmp_path / "run" / "stage2-clean" / PUSHED_FILE).is_file()

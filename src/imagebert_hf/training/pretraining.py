@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -598,13 +599,26 @@ def _pretraining_stage(accelerator, recipe: Recipe, options, index: int, tokeniz
     )
 
 
+# Written beside a stage's `final/` once its upload went through: a resumed run uploads the complete stages that
+# lack it (the process died, or the upload failed, after the model was saved), in order, as the run would have.
+PUSHED_FILE = "pushed.json"
+
+
 def _push_stage(final_dir: Path, hub_model_id: str | None, message: str) -> None:
     """Uploads a stage's published folder (the gathered weights; a sharded model in memory has only its shards). It
     holds the code of the model and of an `ImageBERTProcessor` (`save_final`), so the Auto classes load it with
-    `trust_remote_code=True` where `imagebert_hf` is not installed."""
+    `trust_remote_code=True` where `imagebert_hf` is not installed. Then records the upload (`PUSHED_FILE`)."""
     if not hub_model_id:
         raise ValueError("push_to_hub needs hub_model_id, got none.")
     hub.upload_to_hub(final_dir, hub_model_id, message)
+    atomic_write_text(final_dir.parent / PUSHED_FILE, json.dumps({"hub_model_id": hub_model_id, "message": message}))
+
+
+def _pushed_to(stage_dir: Path, hub_model_id: str | None) -> bool:
+    try:
+        return json.loads((stage_dir / PUSHED_FILE).read_text(encoding="utf-8")).get("hub_model_id") == hub_model_id
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def run_pretraining(recipe: Recipe, options: PretrainingRunOptions | None = None) -> dict[str, Any]:
@@ -640,6 +654,13 @@ def run_pretraining(recipe: Recipe, options: PretrainingRunOptions | None = None
             if options.resume and (stage_dir / "final" / COMPLETE_FILE).is_file():
                 progress.add(stage_dir, TrainState.load(stage_dir / "final"))
                 accelerator.print(f"stage {index + 1} ({spec.name}) already complete; skipping it")
+                if (
+                    options.push_to_hub
+                    and accelerator.is_main_process
+                    and not _pushed_to(stage_dir, options.hub_model_id)
+                ):
+                    accelerator.print(f"stage {index + 1} ({spec.name}) was not uploaded; uploading it")
+                    _push_stage(stage_dir / "final", options.hub_model_id, f"stage {index + 1}: {spec.name}")
                 continue
             # A signal during the previous stage's final save, its plot or its upload stops the run here.
             stop_if_sigterm_received(accelerator, f"stage {index + 1} ({spec.name})")
@@ -663,6 +684,9 @@ def run_pretraining(recipe: Recipe, options: PretrainingRunOptions | None = None
             progress.add(stage_dir, state)
             accelerator.free_memory()
             del model, stage
+        if accelerator.is_main_process and progress.history:
+            # Again at the end: a run resumed after its last stage's plot was cut short draws it here.
+            plot_losses(progress.history, Path(recipe.output_dir) / "losses.png", title="pretraining losses")
         accelerator.end_training()  # the trackers write under output_dir: inside the lock
     return {
         "final_model": str(progress.previous_final),
