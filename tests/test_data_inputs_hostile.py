@@ -255,3 +255,29 @@ def test_a_key_given_twice_in_a_manifest_line_is_named(tmp_path):
         tmp_path,
     )
     assert record.boxes == ((1.0, 2.0, 4.0, 6.0),) and record.box_class_ids == (-1,)
+
+
+def test_a_file_name_from_another_folder_never_takes_another_picture_s_regions(tmp_path, make_tiny_extractor):
+    """A cache extracted for folder A keys its regions by A's file names; folder B's other pictures of the same
+    names are not in it, and a byte-identical copy elsewhere is the same picture."""
+    import shutil
+
+    from PIL import Image
+
+    from imagebert_hf.data.retrieval_corpus import region_cache_key
+    from imagebert_hf.regions import extract_regions, load_region_cache
+
+    for folder, colour in (("A", (200, 30, 30)), ("B", (30, 30, 200))):
+        (tmp_path / folder).mkdir()
+        Image.new("RGB", (32, 32), colour).save(tmp_path / folder / "1.png")
+    (tmp_path / "A" / "captions.jsonl").write_text(json.dumps({"image": "1.png", "captions": ["red"]}) + "\n")
+    extract_regions(tmp_path / "A" / "captions.jsonl", tmp_path / "cache", make_tiny_extractor(), progress=False)
+    cache = load_region_cache(tmp_path / "cache")
+    (tmp_path / "C").mkdir()
+    shutil.copyfile(tmp_path / "A" / "1.png", tmp_path / "C" / "1.png")
+    lines = [{"image": "B/1.png", "captions": ["blue"]}, {"image": "C/1.png", "captions": ["red"]}]
+    (tmp_path / "split.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    other, copy = load_manifest_records(tmp_path / "split.jsonl")
+    with pytest.raises(KeyError, match=r"image 'B/1.png' is not in the region cache"):
+        region_cache_key(cache, other)
+    assert region_cache_key(cache, copy) == "1.png"

@@ -509,3 +509,53 @@ def test_two_processes_contrast_their_positives_with_each_others(tmp_path):
     whole.backward()
     gathered_grad = torch.tensor(ranks[0]["text_grad"] + ranks[1]["text_grad"])
     assert torch.allclose(gathered_grad, 2 * text.grad, atol=1e-5)
+
+
+def test_evaluation_images_that_are_training_images_are_named_and_a_missing_image_is_one_line(
+    tmp_path, tokenizer, make_tiny_config
+):
+    from transformers.testing_utils import CaptureLogger
+
+    from imagebert_hf.training import RetrievalArguments, retrieval_finetuning
+    from imagebert_hf.training.retrieval_finetuning import build_corpora
+
+    from .test_region_cache_scale import FEATURES, build
+
+    build(tmp_path / "cache", num_images=6)
+    lines = [{"image": f"img{i:05d}", "captions": [f"a caption {i}"], "split": "train"} for i in range(4)]
+    lines += [{"image": f"img{i:05d}", "captions": [f"a caption {i}"], "split": "dev"} for i in (3, 4, 5)]
+    manifest = tmp_path / "captions.jsonl"
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    config = make_tiny_config(vocab_size=len(tokenizer), region_feature_size=FEATURES)
+    args = RetrievalArguments(
+        output_dir=str(tmp_path / "out"), train_file=str(manifest), region_cache=str(tmp_path / "cache"),
+        train_split="train", eval_split="dev", report_to="none", cpu=True,
+    )  # fmt: skip
+    with CaptureLogger(retrieval_finetuning.logger) as captured:
+        train, held_out = build_corpora(args, tokenizer, config)
+    assert (train.num_images, held_out.num_images) == (4, 3)
+    assert "1 of the 3 images of --eval_split 'dev' are training images too" in captured.out
+    assert "e.g. img00003" in captured.out
+
+    manifest.write_text(manifest.read_text() + json.dumps({"image": "img00009", "captions": ["x"], "split": "dev"}))
+    with pytest.raises(ValueError, match=r"^--region_cache .*cache: image 'img00009' is not in the region cache"):
+        build_corpora(args, tokenizer, config)
+
+
+def test_a_start_checkpoint_whose_processor_does_not_load_is_said_so(pretraining_checkpoint, make_tiny_extractor):
+    from transformers import AutoTokenizer
+    from transformers.testing_utils import CaptureLogger
+
+    from imagebert_hf.models.imagebert.processing_imagebert import ImageBERTProcessor
+    from imagebert_hf.training import retrieval_finetuning
+    from imagebert_hf.training.retrieval_finetuning import load_model_and_tokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(pretraining_checkpoint)
+    extractor = make_tiny_extractor()
+    # Longer texts than the model takes: the processor refuses the model's config when it loads.
+    ImageBERTProcessor(extractor, tokenizer, max_text_length=44, max_regions=8).save_pretrained(pretraining_checkpoint)
+    args = _head_run(pretraining_checkpoint, "unused", 1.0)
+    with CaptureLogger(retrieval_finetuning.logger) as captured:
+        _, _, processor = load_model_and_tokenizer(args, {"binary": 1.0})
+    assert processor is None
+    assert "holds a processor that does not load" in captured.out and "will not read raw images" in captured.out

@@ -539,8 +539,12 @@ def region_cache_key(cache, record: Mapping) -> str:
     candidates = [record.get("manifest_image"), record.get("image"), record.get("image_id")]
     if isinstance(record.get("image"), str):
         candidates.append(os.path.basename(record["image"]))
-    for key in candidates:
+    for position, key in enumerate(candidates):
         if isinstance(key, str) and key in cache:
+            # A bare file name is the weakest key: `B/1.jpg` must not take the regions of the cache's `1.jpg` from
+            # another folder. Where both pictures can be read, their contents decide.
+            if position == 3 and not _same_picture(cache, key, record["image"]):
+                continue
             return key
     failures = getattr(cache, "errors", None) or {}
     for key in candidates:
@@ -553,6 +557,22 @@ def region_cache_key(cache, record: Mapping) -> str:
         f"image {record.get('image_id')!r} is not in the region cache (looked up as {candidates}); extract the "
         "split's images into it (imagebert-extract-regions)."
     )
+
+
+def _same_picture(cache, key: str, path: str) -> bool:
+    """Whether the picture at `path` is the one the cache holds under `key`, by the content hash the cache recorded
+    for it (`image_id`); True when either cannot be read (regions of files not at hand, precomputed ids)."""
+    import re
+
+    from ..models.imagebert.roi_image_loading import ImageLoadError, image_content_hash
+
+    stored = cache[key].get("image_id")
+    if not os.path.isfile(path) or not isinstance(stored, str) or not re.fullmatch(r"[0-9a-f]{40}", stored):
+        return True
+    try:
+        return image_content_hash(path) == stored
+    except (ImageLoadError, OSError):
+        return True
 
 
 def region_cache_lookup(cache) -> Callable[[Mapping], Mapping]:

@@ -26,6 +26,7 @@ from ..data.retrieval_corpus import (
     RetrievalPairDataset,
     load_karpathy_split,
     load_manifest_records,
+    region_cache_key,
     region_cache_lookup,
 )
 from ..data.synthetic import make_synthetic_examples, make_synthetic_tokenizer, synthetic_region_record
@@ -117,17 +118,48 @@ def build_corpora(args: RetrievalArguments, tokenizer, config) -> tuple[Retrieva
             return load_karpathy_split(args.train_file, split.split(","), args.image_root, args.max_images)
         return load_manifest_records(args.train_file, split, args.max_images)
 
-    def corpus(split: str) -> RetrievalCorpus:
-        return RetrievalCorpus.from_records(
-            read(split),
-            tokenizer,
-            region_cache_lookup(cache),
-            config.max_text_length,
-            config.max_regions,
-            args.captions_per_image,
-        )
+    def corpus(records: list[dict]) -> RetrievalCorpus:
+        try:
+            return RetrievalCorpus.from_records(
+                records,
+                tokenizer,
+                region_cache_lookup(cache),
+                config.max_text_length,
+                config.max_regions,
+                args.captions_per_image,
+            )
+        except KeyError as error:  # an image without regions: one line naming the cache, as evaluation says it
+            raise ValueError(f"--region_cache {args.region_cache}: {error.args[0]}") from None
 
-    return corpus(args.train_split), corpus(args.eval_split) if args.eval_split else None
+    train_records = read(args.train_split)
+    if not args.eval_split:
+        return corpus(train_records), None
+    eval_records = read(args.eval_split)
+    shared = _shared_pictures(cache, train_records, eval_records)
+    if shared:
+        logger.warning(
+            "%d of the %d images of --eval_split %r are training images too (--train_split %r; e.g. %s): the recall "
+            "at the end is not that of held-out images.",
+            len(shared),
+            len(eval_records),
+            args.eval_split,
+            args.train_split,
+            shared[0],
+        )
+    return corpus(train_records), corpus(eval_records)
+
+
+def _shared_pictures(cache, train_records: list[dict], eval_records: list[dict]) -> list[str]:
+    """The evaluation images whose regions the training split has too (the same cache entry)."""
+
+    def key(record: dict) -> str | None:
+        try:
+            return region_cache_key(cache, record)
+        except KeyError:
+            return None  # reported, naming it, when its corpus is built
+
+    training = {key(record) for record in train_records} - {None}
+    return [str(record.get("image_id")) for record in eval_records if key(record) in training]
 
 
 def load_model_and_tokenizer(args: RetrievalArguments, loss_weights: dict[str, float]):
@@ -144,8 +176,15 @@ def load_model_and_tokenizer(args: RetrievalArguments, loss_weights: dict[str, f
             processor = AutoProcessor.from_pretrained(args.model_name_or_path)
             if getattr(processor, "image_processor", None) is not None:
                 return model, processor.tokenizer, processor
-        except (OSError, ValueError, KeyError):
-            pass
+        except OSError:
+            pass  # a checkpoint saved without a processor: the fine-tuned folder then serves region records only
+        except (ValueError, KeyError) as error:
+            logger.warning(
+                "--model_name_or_path %s holds a processor that does not load (%s); the fine-tuned folder is saved "
+                "without one, so it will not read raw images. Fix or remove its processor files to keep it.",
+                args.model_name_or_path,
+                str(error)[:300],
+            )
         return model, AutoTokenizer.from_pretrained(args.model_name_or_path), None
     if not args.synthetic_images:
         raise ValueError("--model_name_or_path is needed unless --synthetic_images builds a tiny model.")
