@@ -559,3 +559,23 @@ def test_a_start_checkpoint_whose_processor_does_not_load_is_said_so(pretraining
         _, _, processor = load_model_and_tokenizer(args, {"binary": 1.0})
     assert processor is None
     assert "holds a processor that does not load" in captured.out and "will not read raw images" in captured.out
+
+
+def test_a_region_cache_of_another_feature_size_is_refused_before_fine_tuning_builds_anything(
+    tmp_path, tokenizer, make_tiny_config
+):
+    from imagebert_hf.training import RetrievalArguments
+    from imagebert_hf.training.retrieval_finetuning import build_corpora
+
+    from .test_region_cache_scale import FEATURES, build
+
+    build(tmp_path / "cache", num_images=2)
+    manifest = tmp_path / "captions.jsonl"
+    manifest.write_text(json.dumps({"image": "img00000", "captions": ["a caption"]}) + "\n")
+    config = make_tiny_config(vocab_size=len(tokenizer), region_feature_size=FEATURES + 1)
+    args = RetrievalArguments(
+        output_dir=str(tmp_path / "out"), train_file=str(manifest), region_cache=str(tmp_path / "cache"),
+        eval_split=None, report_to="none", cpu=True,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=rf"^--region_cache .*cache holds regions of {FEATURES} features; the model"):
+        build_corpora(args, tokenizer, config)

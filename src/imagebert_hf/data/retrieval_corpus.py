@@ -575,6 +575,17 @@ def _same_picture(cache, key: str, path: str) -> bool:
         return True
 
 
+def check_region_cache_fits(cache, config, where: str) -> None:
+    """Raises ValueError, naming `where` (the flag and the folder), when the cache's regions have another feature size
+    than the model takes: refused before any corpus is built, rather than at the first forward pass."""
+    size = cache.info["region_feature_size"]
+    if size != config.region_feature_size:
+        raise ValueError(
+            f"{where} holds regions of {size} features; the model takes region_feature_size="
+            f"{config.region_feature_size} (extract them with the model's extractor)."
+        )
+
+
 def region_cache_lookup(cache) -> Callable[[Mapping], Mapping]:
     """A function finding a record's regions in a region cache (`load_region_cache`): by its manifest path, image
     path or id, the keys the cache may have been written with (see `region_cache_key`)."""
@@ -873,6 +884,7 @@ class DataCollatorForImageTextRetrieval:
 
 
 __all__ = [
+    "check_region_cache_fits",
     "tokenizer_fingerprint",
     "ALL_SPLITS",
     "KARPATHY_SPLITS",

@@ -22,6 +22,7 @@ from transformers.utils import logging
 
 from ..data.retrieval_corpus import (
     RetrievalCorpus,
+    check_region_cache_fits,
     load_karpathy_split,
     load_manifest_records,
     region_cache_key,
@@ -446,11 +447,8 @@ def load_evaluation_corpus(args: EvaluationArguments, tokenizer, config) -> Retr
         )
     records = _split_records(args, config)
     cache = None if args.dataset == "synthetic" else load_region_cache(args.region_cache)
-    if cache is not None and cache.info["region_feature_size"] != config.region_feature_size:
-        raise ValueError(
-            f"--region_cache {args.region_cache} holds regions of {cache.info['region_feature_size']} features; the "
-            f"model takes region_feature_size={config.region_feature_size} (extract them with the model's extractor)."
-        )
+    if cache is not None:
+        check_region_cache_fits(cache, config, f"--region_cache {args.region_cache}")
     fingerprint = corpus_fingerprint(args, records, tokenizer, config, cache)
     if args.corpus_cache and Path(args.corpus_cache).is_file():
         return load_corpus_cache(args.corpus_cache, fingerprint)

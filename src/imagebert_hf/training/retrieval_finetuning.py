@@ -24,6 +24,7 @@ from ..data.retrieval_corpus import (
     RandomNegativeSampler,
     RetrievalCorpus,
     RetrievalPairDataset,
+    check_region_cache_fits,
     load_karpathy_split,
     load_manifest_records,
     region_cache_key,
@@ -112,6 +113,7 @@ def build_corpora(args: RetrievalArguments, tokenizer, config) -> tuple[Retrieva
         raise ValueError("--train_file needs --region_cache: extract the regions once with imagebert-extract-regions.")
 
     cache = load_region_cache(args.region_cache)
+    check_region_cache_fits(cache, config, f"--region_cache {args.region_cache}")
 
     def read(split: str) -> list[dict]:
         if args.train_file.endswith(".json"):
