@@ -588,3 +588,33 @@ def test_cli_on_saved_html_pages(corpus, tmp_path, capsys):
     }
     assert CurationConfig.load(out / "config.json").aggregation.max_images_per_text == 3
     assert '"pairs": 2' in capsys.readouterr().out
+
+
+def test_a_warc_s_image_is_its_200_response_not_its_request_record_or_an_error_capture(tmp_path):
+    """Crawlers store each capture's request record before its response, and a failed capture may come first: the
+    image is the bytes of the 200 response."""
+    import io
+
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    from imagebert_hf.curation.inputs import WarcImageResolver
+
+    image = b"\xff\xd8\xff\xe0 a jpeg body"
+    url = "https://news.example.com/photos/bear.jpg"
+    path = tmp_path / "crawl.warc.gz"
+    with open(path, "wb") as handle:
+        writer = WARCWriter(handle, gzip=True)
+        request = StatusAndHeaders(
+            "GET /photos/bear.jpg HTTP/1.1", [("Host", "news.example.com")], is_http_request=True
+        )
+        writer.write_record(writer.create_warc_record(url, "request", payload=io.BytesIO(b""), http_headers=request))
+        for status, content_type, body in (("404 Not Found", "image/jpeg", b"<html>gone</html>"),
+                                           ("200 OK", "image/jpeg", image)):  # fmt: skip
+            headers = StatusAndHeaders(
+                status, [("Content-Type", content_type), ("Content-Length", str(len(body)))], protocol="HTTP/1.1"
+            )
+            writer.write_record(
+                writer.create_warc_record(url, "response", payload=io.BytesIO(body), http_headers=headers)
+            )
+    assert WarcImageResolver(str(path)).fetch(url, 1 << 20) == (image, None)

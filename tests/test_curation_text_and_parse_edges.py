@@ -234,3 +234,19 @@ def test_a_plugin_may_return_a_numpy_array():
     out, tally = filter_two(nsfw=f"{__name__}:ArrayNSFW")
     assert out["image_id"] == ["0", "1"] and out["nsfw_score"] == [0.0, 0.0]
     assert len(out["image_stats"][0]) == len(STAT_NAMES)
+
+
+def test_a_text_far_beyond_the_length_limit_is_too_long_before_any_pattern_reads_it(monkeypatch):
+    """A page may carry megabytes of alt text; the URL pattern's cost grows with the square of a hyphenated run."""
+    from imagebert_hf.curation import text_cleaning
+
+    config = TextCleaningConfig()
+    hostile = "a-" * (4 * config.max_chars)
+    assert check_text("see www.example.com for the photo", config)[0] == "url_like"  # the order of the rules holds
+
+    class Untouchable:
+        def search(self, text):
+            raise AssertionError("a pattern read a text far beyond max_chars")
+
+    monkeypatch.setattr(text_cleaning, "_URL", Untouchable())
+    assert check_text(hostile, config) == ("too_long", 1.0)

@@ -484,10 +484,18 @@ class WarcImageResolver(ImageResolver):
         self.path = path
         self.offsets: dict[str, int] = {}
         index_tally = Tally()
+        from fastwarc.warc import WarcRecordType
+
         for record in iter_warc_records(path, index_tally, max_resyncs, parse_http=True):
             try:
+                # Only a 200 response holds the image: crawlers store each capture's request record before its
+                # response, and a redirect or an error page may come first.
+                if record.record_type != WarcRecordType.response or not record.is_http:
+                    continue
+                if getattr(record.http_headers, "status_code", None) != 200:
+                    continue
                 url = _target_uri(record)
-                if record.is_http and _is_image_record(_content_type(record), url):
+                if _is_image_record(_content_type(record), url):
                     # The first capture wins, as in a replay: later duplicates are ignored.
                     self.offsets.setdefault(normalize_url(url), record.stream_pos)
             except Exception:  # noqa: S112 - an unindexable record only means its image is not found later

@@ -165,8 +165,15 @@ def rare_word_ratio(words: list[str], vocabulary: frozenset[str]) -> float:
     return rare / len(words)
 
 
+# A text this many times `max_chars` is refused as too long before any pattern reads it.
+_HOSTILE_LENGTH_FACTOR = 4
+
+
 def check_text(text: str, config: TextCleaningConfig) -> tuple[str | None, float]:
     """The first rule `text` breaks (or None) and its rare-word ratio."""
+    if len(text) > _HOSTILE_LENGTH_FACTOR * config.max_chars:
+        # Far too long for any rule to matter, and the URL pattern's cost grows with the square of such a text.
+        return "too_long", 1.0
     if _CONTROL.search(text) or _has_mojibake(text):
         return "bad_characters", 1.0
     tokens = _TOKEN.findall(text)
