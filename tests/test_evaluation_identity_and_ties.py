@@ -110,7 +110,7 @@ def test_a_protocol_name_only_for_a_gallery_of_its_size(tmp_path, region_folder,
     )
     run_retrieval_evaluation(args)
     full, shortlist = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
-    assert full["dataset_name"] == "Flickr30k" and full["dataset_config"] is None
+    assert full["dataset_name"] == "Flickr30k" and full["dataset_config"] == "3 images x 6 texts"
     for result in (full, shortlist):
         assert result["num_images"] == 3 and result["num_texts"] == 6
     card = (tmp_path / "out" / "README.md").read_text()

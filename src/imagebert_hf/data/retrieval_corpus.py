@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from transformers.utils import logging
 from ..formats.manifest import check_id_text, image_path_inside_root, iter_manifest
 from ..models.imagebert.region_batching import pad_region_records
 from ..models.imagebert.retrieval_index import RegionBatches, gather_pair_inputs, is_region_batches, score_pairs
+from ..models.imagebert.roi_image_loading import ImageLoadError, image_content_hash
 from ..regions.cache_reader import load_region_cache
 
 
@@ -562,10 +564,6 @@ def region_cache_key(cache, record: Mapping) -> str:
 def _same_picture(cache, key: str, path: str) -> bool:
     """Whether the picture at `path` is the one the cache holds under `key`, by the content hash the cache recorded
     for it (`image_id`); True when either cannot be read (regions of files not at hand, precomputed ids)."""
-    import re
-
-    from ..models.imagebert.roi_image_loading import ImageLoadError, image_content_hash
-
     stored = cache[key].get("image_id")
     if not os.path.isfile(path) or not isinstance(stored, str) or not re.fullmatch(r"[0-9a-f]{40}", stored):
         return True

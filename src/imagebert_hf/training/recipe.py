@@ -392,10 +392,12 @@ def _check_model_config(config: dict[str, Any], where: str) -> None:
         raise RecipeError(f"{where}: keys must be config field names, got {sorted(non_string, key=repr)}.")
     for name in config:
         if name in REMOVED_FIELDS:
-            raise RecipeError(
-                f"{where}.{name}: the model never reads it; it is a stage's setting (stages[i].{name}), for each "
-                "stage's data."
+            belongs = (
+                f"it is a stage's setting (stages[i].{name})"
+                if name in {item.name for item in dataclasses.fields(MaskingSettings)}
+                else "it is a setting of the data, not of the model"
             )
+            raise RecipeError(f"{where}.{name}: the model never reads it; {belongs}.")
         if name in PRETRAINING_LOSS_WEIGHTS:
             raise RecipeError(
                 f"{where}.{name}: each stage sets it from its loss_weights (stages[i].loss_weights."
