@@ -788,7 +788,7 @@ class DatasetStream(StreamingPairSource):
             yield from pairs
             return
         # Rows arrive shuffled, but each row's captions together: the pairs are shuffled again, within a buffer.
-        yield from buffer_shuffled(pairs, self.shuffle_buffer, np.random.default_rng([self.seed, epoch, rank]))
+        yield from _buffer_shuffled(pairs, self.shuffle_buffer, np.random.default_rng([self.seed, epoch, rank]))
 
     def _row_pairs(self, rows) -> Iterator[tuple[str, str]]:
         number = 0
@@ -819,7 +819,7 @@ class DatasetStream(StreamingPairSource):
                 yield key, text
 
 
-def buffer_shuffled(items, buffer_size: int, rng: np.random.Generator):
+def _buffer_shuffled(items, buffer_size: int, rng: np.random.Generator):
     """`items` in a random order drawn from a buffer of `buffer_size` (as `datasets` shuffles a stream): each item
     is yielded once, an item at most `buffer_size` places before it came, in one pass without the whole list."""
     buffer = []

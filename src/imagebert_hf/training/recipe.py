@@ -40,14 +40,8 @@ from transformers.utils import logging
 from ..data.collator import MaskingSettings
 from ..data.pair_sources import expand_urls
 from ..formats.files import check_folder_or_hub_id, read_text_file
-from ..models.imagebert.configuration_imagebert import (
-    FIELD_RULES,
-    PRETRAINING_LOSS_WEIGHTS,
-    REMOVED_FIELDS,
-    SEED_RULE,
-    ImageBERTConfig,
-    check_field,
-)
+from ..models.imagebert import configuration_imagebert as model_configuration
+from ..models.imagebert.configuration_imagebert import FIELD_RULES, SEED_RULE, check_field
 from .arguments import SCHEDULER_TYPES
 
 
@@ -380,7 +374,9 @@ def _switch_off_inputs_of_untrained_tasks(stage: StageSpec, where: str) -> None:
 
 # What a recipe's `model.config` may set: the fields of ImageBERTConfig, and how the model is loaded and what it returns.
 MODEL_CONFIG_KEYS = frozenset(
-    name for name in inspect.signature(ImageBERTConfig.__init__).parameters if name not in ("self", "kwargs")
+    name
+    for name in inspect.signature(model_configuration.ImageBERTConfig.__init__).parameters
+    if name not in ("self", "kwargs")
 ) | {"dtype", "torch_dtype", "attn_implementation", "output_attentions", "output_hidden_states", "return_dict"}
 
 
@@ -391,14 +387,14 @@ def _check_model_config(config: dict[str, Any], where: str) -> None:
     if non_string:
         raise RecipeError(f"{where}: keys must be config field names, got {sorted(non_string, key=repr)}.")
     for name in config:
-        if name in REMOVED_FIELDS:
+        if name in model_configuration.REMOVED_FIELDS:
             belongs = (
                 f"it is a stage's setting (stages[i].{name})"
                 if name in {item.name for item in dataclasses.fields(MaskingSettings)}
                 else "it is a setting of the data, not of the model"
             )
             raise RecipeError(f"{where}.{name}: the model never reads it; {belongs}.")
-        if name in PRETRAINING_LOSS_WEIGHTS:
+        if name in model_configuration.PRETRAINING_LOSS_WEIGHTS:
             raise RecipeError(
                 f"{where}.{name}: each stage sets it from its loss_weights (stages[i].loss_weights."
                 f"{name.removesuffix('_loss_weight')}), so a value here would be replaced."
