@@ -27,7 +27,6 @@ from ..data.retrieval_corpus import (
     check_region_cache_fits,
     load_karpathy_split,
     load_manifest_records,
-    region_cache_key,
     region_cache_lookup,
 )
 from ..data.synthetic import make_synthetic_examples, make_synthetic_tokenizer, synthetic_region_record
@@ -137,7 +136,7 @@ def build_corpora(args: RetrievalArguments, tokenizer, config) -> tuple[Retrieva
     if not args.eval_split:
         return corpus(train_records), None
     eval_records = read(args.eval_split)
-    shared = _shared_pictures(cache, train_records, eval_records)
+    shared = _shared_pictures(train_records, eval_records)
     if shared:
         logger.warning(
             "%d of the %d images of --eval_split %r are training images too (--train_split %r; e.g. %s): the recall "
@@ -151,17 +150,11 @@ def build_corpora(args: RetrievalArguments, tokenizer, config) -> tuple[Retrieva
     return corpus(train_records), corpus(eval_records)
 
 
-def _shared_pictures(cache, train_records: list[dict], eval_records: list[dict]) -> list[str]:
-    """The evaluation images whose regions the training split has too (the same cache entry)."""
-
-    def key(record: dict) -> str | None:
-        try:
-            return region_cache_key(cache, record)
-        except KeyError:
-            return None  # reported, naming it, when its corpus is built
-
-    training = {key(record) for record in train_records} - {None}
-    return [str(record.get("image_id")) for record in eval_records if key(record) in training]
+def _shared_pictures(train_records: list[dict], eval_records: list[dict]) -> list[str]:
+    """The evaluation images the training split lists too (the same image file), found from the records alone: no
+    cache lookup, which for a cache keyed by file name reads each image to confirm it."""
+    training = {record.get("image") for record in train_records} - {None}
+    return [str(record.get("image_id")) for record in eval_records if record.get("image") in training]
 
 
 def load_model_and_tokenizer(args: RetrievalArguments, loss_weights: dict[str, float]):
