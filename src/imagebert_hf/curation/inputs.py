@@ -16,6 +16,7 @@ import functools
 import glob
 import os
 import posixpath
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePath, PurePosixPath
@@ -394,11 +395,172 @@ def _is_image_record(content_type: str, url: str) -> bool:
     return content_type.startswith("image/") or urlsplit(url).path.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def warc_signature_problem(path: str) -> str | None:
-    """Why a file named like a WARC is not one (`empty_file`, `not_a_warc_file`), or None when it starts like one:
-    `WARC/` (or an ARC's `filedesc://`), plain or in a gzip member."""
-    import zlib
+class HttpBodyError(ValueError):
+    """A stored HTTP body that cannot be decoded; `reason` is the drop reason it is counted as
+    (`bad_transfer_encoding`, `bad_content_encoding` or `unsupported_content_encoding`)."""
 
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class HttpBodyTooLarge(HttpBodyError):
+    """The decoded body would exceed the size limit; the caller counts it as its own too-large reason."""
+
+    def __init__(self, max_bytes: int):
+        super().__init__("too_large", f"the decoded body exceeds {max_bytes} bytes")
+
+
+_GZIP_CODINGS = ("gzip", "x-gzip")
+_DEFLATE_CODINGS = ("deflate", "x-deflate")
+# Compressions with a name this module knows but cannot undo; any other name is passed through, as browsers do
+# with a content coding they do not know (`none`, `utf-8`, ... are common).
+_UNDECODABLE_CODINGS = ("zstd", "compress", "x-compress", "lz4")
+_MAX_CHUNK_SIZE_DIGITS = 16
+_HEX_DIGITS = b"0123456789abcdefABCDEF"
+
+
+def _codings(header: str | None) -> list[str]:
+    """The codings an HTTP coding header lists, in the order they were applied (`identity` is none)."""
+    names = (name.strip().lower() for name in (header or "").split(","))
+    return [name for name in names if name and name != "identity"]
+
+
+def _dechunk(body: bytes, max_bytes: int) -> bytes:
+    """The data of a `Transfer-Encoding: chunked` body (chunk extensions and trailers are ignored)."""
+    out = bytearray()
+    pos = 0
+    while True:
+        end = body.find(b"\n", pos)
+        if end < 0:
+            raise HttpBodyError("bad_transfer_encoding", "a chunked body ends before its last chunk")
+        size_text = body[pos:end].split(b";", 1)[0].strip()
+        # Only hexadecimal digits: `int` would also take a sign, `0x` or underscores.
+        if not size_text or len(size_text) > _MAX_CHUNK_SIZE_DIGITS or size_text.lstrip(_HEX_DIGITS):
+            raise HttpBodyError(
+                "bad_transfer_encoding", f"a chunk-size line is not a hexadecimal size: {body[pos:end][:40]!r}"
+            )
+        size = int(size_text, 16)
+        pos = end + 1
+        if size == 0:
+            return bytes(out)
+        if pos + size > len(body):
+            raise HttpBodyError("bad_transfer_encoding", "a chunk runs past the end of the body")
+        if len(out) + size > max_bytes:
+            raise HttpBodyTooLarge(max_bytes)
+        out += body[pos : pos + size]
+        pos += size
+        if body.startswith(b"\r\n", pos):
+            pos += 2
+        elif body.startswith(b"\n", pos):
+            pos += 1
+        else:
+            raise HttpBodyError("bad_transfer_encoding", "a chunk is not followed by a line end")
+
+
+def _inflate(data: bytes, wbits: int, max_bytes: int) -> bytes:
+    """zlib, gzip (several members too) or raw deflate data, inflated at most `max_bytes` (+1) at a time, so that
+    a small bomb never expands in memory beyond the limit."""
+    out = bytearray()
+    while True:
+        inflater = zlib.decompressobj(wbits)
+        try:
+            out += inflater.decompress(data, max_bytes + 1 - len(out))
+            while not inflater.eof and len(out) <= max_bytes:
+                chunk = inflater.decompress(inflater.unconsumed_tail, max_bytes + 1 - len(out))
+                if not chunk and not inflater.unconsumed_tail:
+                    break
+                out += chunk
+        except zlib.error as err:
+            raise HttpBodyError("bad_content_encoding", f"corrupt compressed data: {err}") from None
+        if len(out) > max_bytes:
+            raise HttpBodyTooLarge(max_bytes)
+        if not inflater.eof:
+            raise HttpBodyError("bad_content_encoding", "the compressed data ends before its end of stream")
+        data = inflater.unused_data
+        # Bytes after the end of the stream are ignored, as browsers do, unless they start another gzip member.
+        if not (wbits > zlib.MAX_WBITS and data.startswith(_GZIP_MAGIC)):
+            return bytes(out)
+
+
+def _unbrotli(data: bytes, max_bytes: int) -> bytes:
+    try:
+        import brotli
+    except ImportError:
+        raise HttpBodyError("unsupported_content_encoding", "br needs the brotli module") from None
+    decompressor = brotli.Decompressor()
+    if not hasattr(decompressor, "can_accept_more_data"):
+        # Older brotli releases cannot bound their output: decoding would allocate whatever the data expands to.
+        raise HttpBodyError("unsupported_content_encoding", "br needs brotli>=1.2 to bound the decoded size")
+    out = bytearray()
+    try:
+        out += decompressor.process(data, output_buffer_limit=max_bytes + 1)
+        while len(out) <= max_bytes and not decompressor.is_finished() and not decompressor.can_accept_more_data():
+            chunk = decompressor.process(b"", output_buffer_limit=max_bytes + 1 - len(out))
+            if not chunk:
+                break
+            out += chunk
+    except brotli.error as err:
+        raise HttpBodyError("bad_content_encoding", f"corrupt brotli data: {err}") from None
+    if len(out) > max_bytes:
+        raise HttpBodyTooLarge(max_bytes)
+    if not decompressor.is_finished():
+        raise HttpBodyError("bad_content_encoding", "the brotli data ends before its end of stream")
+    return bytes(out)
+
+
+def _undo_coding(data: bytes, coding: str, max_bytes: int) -> bytes:
+    if coding == "chunked":
+        return _dechunk(data, max_bytes)
+    if coding in _GZIP_CODINGS:
+        return _inflate(data, 16 + zlib.MAX_WBITS, max_bytes)
+    if coding in _DEFLATE_CODINGS:
+        # HTTP's deflate is zlib-wrapped, but many servers send raw deflate: the zlib header tells them apart.
+        wrapped = len(data) >= 2 and data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
+        return _inflate(data, zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS, max_bytes)
+    if coding == "br":
+        return _unbrotli(data, max_bytes)
+    if coding in _UNDECODABLE_CODINGS:
+        raise HttpBodyError("unsupported_content_encoding", f"no decoder for the {coding} coding")
+    return data
+
+
+def decode_http_body(
+    body: bytes, transfer_encoding: str | None, content_encoding: str | None, max_bytes: int
+) -> bytes:
+    """An HTTP body as stored by crawlers that keep it as sent (wget, warcprox, Browsertrix), decoded: the transfer
+    codings (`chunked`) are undone, then the content codings (`gzip`/`x-gzip`, `deflate`, `br` when the brotli
+    module is installed), each list in the reverse of the order it names them. Common Crawl stores decoded bodies
+    and renames these headers `X-Crawler-*`: pass only the real `Transfer-Encoding` and `Content-Encoding`.
+
+    Every step is bounded by `max_bytes`, so a small compressed bomb is refused without being expanded.
+
+    Raises:
+        HttpBodyTooLarge: the decoded body would exceed `max_bytes`.
+        HttpBodyError: a malformed chunked body or corrupt compressed data (`reason` names which), or a
+            compression with no decoder here (`unsupported_content_encoding`).
+    """
+    if not body:
+        return body
+    for coding in [*_codings(content_encoding), *_codings(transfer_encoding)][::-1]:
+        body = _undo_coding(body, coding, max_bytes)
+    if len(body) > max_bytes:
+        raise HttpBodyTooLarge(max_bytes)
+    return body
+
+
+def _http_codings(record) -> tuple[str, str]:
+    """The record's `Transfer-Encoding` and `Content-Encoding`, each header given several times joined in order."""
+    if not record.is_http:
+        return "", ""
+    headers = record.http_headers
+    return tuple(", ".join(headers.get_multiple(name) or ()) for name in ("Transfer-Encoding", "Content-Encoding"))
+
+
+def warc_signature_problem(path: str) -> str | None:
+    """Why a file named like a WARC cannot be read as one (`empty_file`, `not_a_warc_file`, or `arc_not_supported`
+    for an ARC file, which starts with `filedesc://`), or None when it starts like a WARC (`WARC/`), plain or in a
+    gzip member."""
     with open_input(path) as f:
         head = f.read(1 << 16)
     if not head:
@@ -409,13 +571,25 @@ def warc_signature_problem(path: str) -> str | None:
         except zlib.error:
             return "not_a_warc_file"
     head = head.lstrip()
-    return None if head.startswith((b"WARC/", b"filedesc://")) else "not_a_warc_file"
+    if head.startswith(b"filedesc://"):
+        # fastwarc reads no record of an ARC file: counted, so that its pages are never silently missing.
+        return "arc_not_supported"
+    return None if head.startswith(b"WARC/") else "not_a_warc_file"
 
 
 def _scan_warc(path: str, config: ParseConfig, tally: Tally) -> Iterator[dict]:
     from fastwarc.warc import WarcRecordType
 
     problem = warc_signature_problem(path)
+    if problem == "arc_not_supported":
+        logger.warning(
+            "%s is an ARC file, which is not read: it is counted as read/file/%s and skipped. Convert it to a WARC "
+            "(`warcio recompress crawl.arc.gz crawl.warc.gz`, from the warcio package) and give the WARC instead.",
+            path,
+            problem,
+        )
+        tally.drop("read", "file", problem)
+        return
     if problem is not None:
         # Counted, never silently zero pages: the funnel report shows the file and the reason.
         logger.warning(
@@ -455,11 +629,20 @@ def _scan_warc(path: str, config: ParseConfig, tally: Tally) -> Iterator[dict]:
         except OSError:
             tally.drop("read", "record", "truncated_record")
             continue
+        # Truncation is judged on the bytes stored, before any decoding changes their length.
         if len(html) < record.content_length:
             tally.drop("read", "record", "truncated_record")
             continue
         if len(html) > config.max_page_bytes:
             tally.drop("read", "record", "page_too_large")
+            continue
+        try:
+            html = decode_http_body(html, *_http_codings(record), config.max_page_bytes)
+        except HttpBodyTooLarge:
+            tally.drop("read", "record", "page_too_large")
+            continue
+        except HttpBodyError as err:
+            tally.drop("read", "record", err.reason)
             continue
         charset = record.http_charset if record.is_http else None
         tally.add("read", "record", KEPT)
@@ -518,11 +701,17 @@ class WarcImageResolver(ImageResolver):
                 if record.content_length > max_bytes:
                     return None, "image_too_large"
                 data = record.reader.read(max_bytes + 1)
+                codings = _http_codings(record)
         except (OSError, StopIteration):
             return None, "image_record_unreadable"
         if len(data) < record.content_length:
             return None, "image_record_unreadable"
-        return data, None
+        try:
+            return decode_http_body(data, *codings, max_bytes), None
+        except HttpBodyTooLarge:
+            return None, "image_too_large"
+        except HttpBodyError as err:
+            return None, err.reason
 
 
 class FolderImageResolver(ImageResolver):
@@ -637,10 +826,13 @@ def resolver_for(source: str, max_resyncs: int = 1000) -> ImageResolver:
 
 __all__ = [
     "HTML_SUFFIXES",
+    "HttpBodyError",
+    "HttpBodyTooLarge",
     "ImageResolver",
     "PAGE_COLUMNS",
     "Source",
     "check_output_apart",
+    "decode_http_body",
     "discover_sources",
     "input_version",
     "is_url",

@@ -55,6 +55,14 @@ _BOILERPLATE_TAGS = frozenset({"nav", "header", "footer", "aside", "form", "menu
 _BLOCK_TAGS = frozenset({"p", "div", "li", "td", "section", "blockquote", "dd", "span", "a"})
 _TEXT_TAGS = frozenset({"p", "div", "span", "blockquote"})
 _VECTOR_EXT = (".svg", ".ico", ".svgz")
+_LAZY_SRC_ATTRS = ("data-src", "data-lazy-src", "data-original")
+_PLACEHOLDER = re.compile(
+    r"(?<![a-z])(blank|spacer|placeholder|transparent|trans|pixel|1x1|1px|lazy|lazyload|loading|loader|spinner|empty|"
+    r"dummy|grey|gray|clear|pix)(?![a-z])"
+)
+_PLACEHOLDER_EXT = (".gif", ".png", ".svg")
+_SRCSET_URL = re.compile(r"[\s,]*(\S*)")
+_SRCSET_DESCRIPTOR = re.compile(r"(\d+(?:\.\d+)?|\.\d+)([wx])", re.IGNORECASE)
 _DEFAULT_SIDE = 250  # assumed side of an image that declares no size, before its real size is known
 
 
@@ -96,13 +104,67 @@ def declared_size(node) -> tuple[int | None, int | None]:
     return width, height
 
 
+def _is_placeholder(src: str) -> bool:
+    """Whether a src only stands in for an image a script loads later: none, a data URI, or a small stand-in file
+    (`blank.gif`, `lazy-placeholder.png`)."""
+    if not src or src.startswith("data:") or src in ("#", "about:blank"):
+        return True
+    name = src.split("?", 1)[0].split("#", 1)[0].rsplit("/", 1)[-1].lower()
+    return name.endswith(_PLACEHOLDER_EXT) and _PLACEHOLDER.search(name) is not None
+
+
+def _srcset_candidates(srcset: str) -> list[tuple[str, str]]:
+    """`(url, descriptor)` pairs of a srcset, parsed as browsers do: a URL is a run of non-space characters (it may
+    hold commas), and a comma after its descriptor ends the candidate."""
+    out, pos = [], 0
+    while pos < len(srcset):
+        match = _SRCSET_URL.match(srcset, pos)
+        url, pos = match.group(1), match.end()
+        if not url:
+            break
+        descriptor = ""
+        if url.endswith(","):
+            url = url.rstrip(",")
+        else:
+            end = srcset.find(",", pos)
+            end = len(srcset) if end < 0 else end
+            descriptor, pos = srcset[pos:end].strip(), end + 1
+        if url:
+            out.append((url, descriptor))
+    return out
+
+
+def _largest_in_srcset(srcset: str | None) -> str:
+    """The srcset candidate with the largest width (`640w`) or, without widths, density (`2x`); the first one of
+    equal size, and never a placeholder."""
+    best, best_key = "", None
+    for url, descriptor in _srcset_candidates(srcset or ""):
+        if _is_placeholder(url):
+            continue
+        match = _SRCSET_DESCRIPTOR.fullmatch(descriptor.split()[0] if descriptor else "1x")
+        # A candidate with a width outranks one with only a density: the width is the image's own pixels.
+        key = (match.group(2).lower() == "w", float(match.group(1))) if match else (False, 0.0)
+        if best_key is None or key > best_key:
+            best, best_key = url, key
+    return best
+
+
 def _image_src(node) -> str:
-    src = node.getattr("src") or node.getattr("data-src") or node.getattr("data-original") or ""
-    if not src.strip():
-        srcset = node.getattr("srcset") or ""
-        if srcset.strip():
-            src = srcset.split(",")[-1].strip().split(" ")[0]
-    return src.strip()
+    """The URL of an `<img>`'s picture: its src, or where a lazy loader keeps the real one while the src is a
+    placeholder (`data-src`, `data-lazy-src`, `data-original`, or the largest candidate of `data-srcset` or
+    `srcset`), which is what a browser shows once the page is scrolled."""
+    src = (node.getattr("src") or "").strip()
+    if not _is_placeholder(src):
+        return src
+    for name in _LAZY_SRC_ATTRS:
+        lazy = (node.getattr(name) or "").strip()
+        if not _is_placeholder(lazy):
+            return lazy
+    for name in ("data-srcset", "srcset"):
+        lazy = _largest_in_srcset(node.getattr(name))
+        if lazy:
+            return lazy
+    return src
 
 
 def _ancestor_features(node, max_depth: int = 25) -> tuple[bool, bool, bool, str]:
