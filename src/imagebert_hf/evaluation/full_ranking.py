@@ -448,7 +448,7 @@ def load_evaluation_corpus(args: EvaluationArguments, tokenizer, config) -> Retr
     records = _split_records(args, config)
     cache = None if args.dataset == "synthetic" else load_region_cache(args.region_cache)
     if cache is not None:
-        check_region_cache_fits(cache, config, f"--region_cache {args.region_cache}")
+        check_region_cache_fits(cache, config, f"--region_cache {args.region_cache}", args.model_name_or_path)
     fingerprint = corpus_fingerprint(args, records, tokenizer, config, cache)
     if args.corpus_cache and Path(args.corpus_cache).is_file():
         return load_corpus_cache(args.corpus_cache, fingerprint)

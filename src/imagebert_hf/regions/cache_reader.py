@@ -16,6 +16,7 @@ import numpy as np
 from transformers.utils import logging
 
 from ..formats.files import atomic_writer, file_checksum
+from ..models.imagebert.image_processing_imagebert import WEIGHTS_NAME, ImageBERTRoIExtractor
 from ..models.imagebert.region_batching import RegionRecord, as_feature_tensor
 from .cache_layout import (
     CACHE_INFO_NAME,
@@ -604,4 +605,178 @@ def load_region_cache(path: str | os.PathLike, dtype: str | None = "float32", ve
     return RegionCache(path, dtype=dtype)
 
 
-__all__ = ["RegionCache", "RegionCacheError", "load_region_cache", "load_region_dataset", "verify_region_cache"]
+# ------------------------------------------------------------------------------------------------ extractor identity
+
+# The extractor settings that decide an image's regions, by backend, as the backends read them: the backbone resizes
+# to `size`, normalises, and pools `roi_pool_size` bins over the boxes or the `grid_sizes` grid; the detectors keep
+# the proposals that `score_threshold`, `nms_threshold` and `min_regions` select (torchvision's resizes by its
+# `detector_kwargs`, BUTD's by `size`, with only a pixel mean). Settings that change where or how fast regions are
+# made (`device`, `batch_size`), or only which images are accepted (`max_file_bytes`, `max_image_pixels`,
+# `min_image_side`, `max_aspect_ratio`), are left out, and so is `return_class_probs`, which keeps or drops the class
+# distributions without changing a feature.
+_REGION_SETTINGS = {
+    "backbone": (
+        "backbone_name",
+        "backbone_out_indices",
+        "backbone_kwargs",
+        "size",
+        "image_mean",
+        "image_std",
+        "roi_pool_size",
+        "grid_sizes",
+    ),
+    "detector": (
+        "detector_name",
+        "detector_num_classes",
+        "detector_kwargs",
+        "score_threshold",
+        "nms_threshold",
+        "min_regions",
+    ),
+    "butd": ("detector_kwargs", "size", "image_mean", "score_threshold", "nms_threshold", "min_regions"),
+}
+# What every backend's regions depend on: the decoded pixels (EXIF rotation, the longest side kept) and the location
+# layout.
+_DECODING_SETTINGS = ("apply_exif_orientation", "max_decode_side", "region_location_size")
+_WEIGHTS_SETTINGS = {"backbone": "backbone_weights", "detector": "detector_weights", "butd": "detector_weights"}
+
+
+def _normalised_extractor(settings: dict[str, Any]) -> dict[str, Any]:
+    """`settings` as an extractor built from them gives them back: the defaults of settings an older version did not
+    save filled in, a backend's own `size` default. Settings that no longer build an extractor are kept as they are."""
+    given = {key: value for key, value in settings.items() if key not in ("image_processor_type", "weights_sha256")}
+    try:
+        normalised = ImageBERTRoIExtractor(**given).to_dict()
+    except (TypeError, ValueError):
+        normalised = dict(given)
+    return {**normalised, "weights_sha256": settings.get("weights_sha256")}
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def extractor_differences(
+    cache_extractor: dict[str, Any], model_extractor: dict[str, Any], max_regions: int | None = None
+) -> list[str]:
+    """The settings of two `ImageBERTRoIExtractor`s that give an image other regions, one line per setting naming
+    both values: a region cache's extractor (`cache_extractor_record`) and a model's (`saved_extractor_record`).
+
+    Only the settings the backend reads are compared (all of them only when both have the same `backend`; else the
+    backend alone is named). The weights compare by their sha256 (`weights_sha256`) where both record one, else by
+    their setting (`backbone_weights` or `detector_weights`). `max_regions` is the most regions the model takes: the
+    extractors' own limits differ only where one of them keeps fewer than that.
+
+    Returns:
+        `list[str]`: e.g. `["grid_sizes: [1, 2] in the cache, [1, 2, 3] in the model's processor"]`; empty when both
+        give the same regions.
+    """
+    cache, model = _normalised_extractor(cache_extractor), _normalised_extractor(model_extractor)
+
+    def line(name: str, there: Any, here: Any) -> str:
+        return f"{name}: {_short(there)} in the cache, {_short(here)} in the model's processor"
+
+    backend = cache.get("backend")
+    if backend != model.get("backend"):
+        return [line("backend", backend, model.get("backend"))]
+    differences = []
+    for name in (*_REGION_SETTINGS.get(backend, ()), *_DECODING_SETTINGS):
+        there, here = cache.get(name), model.get(name)
+        if name.endswith("_kwargs"):  # no extra arguments, however they were saved
+            there, here = there or None, here or None
+        if there != here:
+            differences.append(line(name, there, here))
+    there, here = cache.get("max_regions"), model.get("max_regions")
+    if max_regions is not None and isinstance(there, int) and isinstance(here, int):
+        there, here = min(there, max_regions), min(here, max_regions)
+    if there != here:
+        differences.append(line("max_regions", there, here))
+    weights = _WEIGHTS_SETTINGS.get(backend)
+    there, here = cache["weights_sha256"], model["weights_sha256"]
+    if isinstance(there, str) and isinstance(here, str):
+        # A saved folder's weights file wins over its weights setting, so the setting alone can name other weights.
+        if there != here:
+            differences.append(
+                f"{weights.replace('_', ' ')}: sha256 {there[:12]}... in the cache, {here[:12]}... in the model's "
+                "processor"
+            )
+    elif weights is not None and cache.get(weights) != model.get(weights):
+        differences.append(line(weights, cache.get(weights), model.get(weights)))
+    return differences
+
+
+def cache_extractor_record(info: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+    """The extractor a region cache's `info` (`cache_info.json`) records, with its weights' sha256 as
+    `weights_sha256`, for `extractor_differences`; or None, with the reason, where the cache records none that can be
+    compared: an older cache, one written by another extractor class, or regions read from precomputed files, whose
+    settings describe the files' reader and not the detector that made the features."""
+    recorded = info.get("extractor")
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("backend"), str):
+        return None, "it records no ImageBERTRoIExtractor settings (an older cache, or another extractor's)"
+    if recorded["backend"] == "precomputed":
+        return None, "its regions were read from precomputed files, which do not record the extractor that made them"
+    return {**recorded, "weights_sha256": info.get("weights_sha256")}, ""
+
+
+def _weights_file_sha256(path: str) -> str:
+    """The sha256 of a saved extractor's weights file, as the cache writer hashes the backend's weights (each tensor's
+    name, dtype, shape and bytes, by name): equal for the weights a cache was extracted with."""
+    import torch
+    from safetensors import safe_open
+
+    digest = hashlib.sha256()
+    with safe_open(path, framework="pt") as weights:
+        for name in sorted(weights.keys()):
+            tensor = weights.get_tensor(name)
+            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+            digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def saved_extractor_record(name_or_path: str | os.PathLike) -> tuple[dict[str, Any] | None, str]:
+    """The extractor saved with a model (a folder or a Hub id): its processor's image processor
+    (`processor_config.json`) or an extractor saved on its own (`preprocessor_config.json`), with the sha256 of its
+    weights (`roi_extractor.safetensors`) as `weights_sha256` where the folder holds them; or None, with the reason,
+    where it holds none that can be compared (no processor, one that does not parse, precomputed regions)."""
+    from safetensors import SafetensorError
+    from transformers.utils import IMAGE_PROCESSOR_NAME, PROCESSOR_NAME, cached_file
+
+    def find(name: str) -> str | None:
+        return cached_file(
+            str(name_or_path),
+            name,
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+        )
+
+    settings = None
+    try:
+        for name, nested in ((PROCESSOR_NAME, True), (IMAGE_PROCESSOR_NAME, False)):
+            file = find(name)
+            if file is not None:
+                saved = json.loads(Path(file).read_text(encoding="utf-8"))
+                settings = saved.get("image_processor") if nested and isinstance(saved, dict) else saved
+                if settings is not None:
+                    break
+        if not isinstance(settings, dict) or not isinstance(settings.get("backend"), str):
+            return None, "it holds no saved ImageBERTRoIExtractor"
+        if settings["backend"] == "precomputed":
+            return None, "its processor reads precomputed regions, which do not record the extractor that made them"
+        weights = find(WEIGHTS_NAME)
+        sha256 = _weights_file_sha256(weights) if weights is not None else None
+    except (OSError, ValueError, SafetensorError) as error:  # loading the model's processor names what is damaged
+        return None, f"its processor cannot be read ({type(error).__name__}: {str(error)[:200]})"
+    return {**settings, "weights_sha256": sha256}, ""
+
+
+__all__ = [
+    "RegionCache",
+    "RegionCacheError",
+    "cache_extractor_record",
+    "extractor_differences",
+    "load_region_cache",
+    "load_region_dataset",
+    "saved_extractor_record",
+    "verify_region_cache",
+]

@@ -112,7 +112,7 @@ def build_corpora(args: RetrievalArguments, tokenizer, config) -> tuple[Retrieva
         raise ValueError("--train_file needs --region_cache: extract the regions once with imagebert-extract-regions.")
 
     cache = load_region_cache(args.region_cache)
-    check_region_cache_fits(cache, config, f"--region_cache {args.region_cache}")
+    check_region_cache_fits(cache, config, f"--region_cache {args.region_cache}", args.model_name_or_path)
 
     def read(split: str) -> list[dict]:
         if args.train_file.endswith(".json"):
