@@ -22,4 +22,6 @@ demo = build_app(load_demo(args), title=os.environ.get("IMAGEBERT_TITLE", "Image
 
 if __name__ == "__main__":
     # A Space sets GRADIO_SERVER_NAME and GRADIO_SERVER_PORT; elsewhere this serves on the loopback address.
+    # `launch_app`, not `demo.launch`: it lets gradio serve the gallery's photo files, which a gallery outside the
+    # working folder (IMAGEBERT_GALLERY) would otherwise have refused.
     launch_app(demo, server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))

@@ -18,6 +18,7 @@ from pathlib import Path
 from transformers import HfArgumentParser
 
 from ..formats.files import check_folder_or_hub_id, check_output_dir
+from ..formats.manifest import ManifestError
 from ..models.imagebert.script_errors import exit_on_error, parse_flags
 
 
@@ -43,6 +44,13 @@ class AppArguments:
         metadata={"help": "Keep only this split of a manifest gallery ('test' for the default demo gallery)."},
     )
     max_gallery: int | None = field(default=None, metadata={"help": "Use at most this many gallery photos."})
+    allow_outside_root: bool = field(
+        default=False,
+        metadata={
+            "help": "Follow a manifest gallery's image paths that leave the manifest's folder (absolute, or ../); "
+            "refused by default."
+        },
+    )
     gallery_regions: str = field(
         default="auto",
         metadata={
@@ -152,8 +160,18 @@ def load_demo(args: AppArguments):
             gallery, split = str(Path(args.demo_dir) / DEMO_GALLERY), split or "test"
     if gallery is None:
         raise SystemExit("--gallery is needed with --model: a folder of images or a jsonl manifest.")
+    try:
+        photos = read_gallery(
+            gallery,
+            split=split,
+            limit=args.max_gallery,
+            use_boxes=use_boxes,
+            allow_outside_root=args.allow_outside_root,
+        )
+    except ManifestError as error:
+        # The manifest reader names its Python argument; here the switch is a flag.
+        raise ManifestError(str(error).replace("allow_outside_root=True", "--allow_outside_root")) from None
     retriever = load_retriever(model, device=app_device(args.device))
-    photos = read_gallery(gallery, split=split, limit=args.max_gallery, use_boxes=use_boxes)
     print(f"Indexing {len(photos)} gallery photos from {gallery} ...", flush=True)
     return RetrievalDemo(retriever, photos, shortlist_k=args.shortlist_k, batch_size=args.batch_size)
 

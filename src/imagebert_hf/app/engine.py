@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import unicodedata
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ class GalleryImage:
         captions: its captions (a manifest's; none for a plain folder).
         boxes: object boxes `x1, y1, x2, y2` in pixels to pool regions over, or None for the extractor's own.
         box_labels: the objects' names, one per box (shown on the region picture), or None.
+        size: the width and height the manifest states (the frame its boxes are in), or None.
     """
 
     key: str
@@ -61,16 +62,22 @@ class GalleryImage:
     captions: tuple[str, ...] = ()
     boxes: tuple[tuple[float, float, float, float], ...] | None = None
     box_labels: tuple[str, ...] | None = None
+    size: tuple[int, int] | None = None
 
 
 def read_gallery(
-    source: str | os.PathLike, split: str | None = None, limit: int | None = None, use_boxes: bool = True
+    source: str | os.PathLike,
+    split: str | None = None,
+    limit: int | None = None,
+    use_boxes: bool = True,
+    allow_outside_root: bool = False,
 ) -> list[GalleryImage]:
     """The gallery of a folder of images (sorted by name) or of a jsonl manifest (`imagebert_hf.formats.manifest`).
 
     With `use_boxes`, a manifest's object boxes are used as the regions, with the whole image added as one more
-    region, as `make demo` trains on; otherwise, and for a folder's images, the extractor's own regions (the grid,
-    or the detections), as a model trained on its processor's regions saw them. An image
+    region, as `make demo` trains on (a photo with more objects than the model's regions keeps its first objects and
+    the whole image, see `RetrievalDemo`); otherwise, and for a folder's images, the extractor's own regions (the
+    grid, or the detections), as a model trained on its processor's regions saw them. An image
     a manifest lists on several lines (one line per caption, say) is one photo with the captions of all its lines,
     by the evaluation's rule (`merge_duplicate_images`, which warns): the app ranks the gallery an evaluation of the
     same split ranks.
@@ -80,6 +87,8 @@ def read_gallery(
         split: keep only the manifest lines whose `"split"` is this (e.g. `"test"`); all lines when None.
         limit: keep at most this many images (the first ones).
         use_boxes: pool a manifest's photos over its annotated boxes (and the whole image).
+        allow_outside_root: follow a manifest's image paths that leave its folder (absolute, or `../`); refused by
+            default.
     """
     source = Path(source)
     if source.is_dir():
@@ -87,7 +96,7 @@ def read_gallery(
         gallery = [GalleryImage(key=p.name, path=p) for p in paths]
         where = f"the folder {source}"
     elif source.is_file() and source.suffix == ".jsonl":
-        gallery = _manifest_gallery(source, split, use_boxes)
+        gallery = _manifest_gallery(source, split, use_boxes, allow_outside_root)
         where = f"the manifest {source}"
     else:
         raise AppInputError(f"gallery must be a folder of images or a .jsonl manifest, got {str(source)!r}.")
@@ -98,8 +107,10 @@ def read_gallery(
     return gallery
 
 
-def _manifest_gallery(source: Path, split: str | None, use_boxes: bool = True) -> list[GalleryImage]:
-    lines = read_manifest(source)
+def _manifest_gallery(
+    source: Path, split: str | None, use_boxes: bool = True, allow_outside_root: bool = False
+) -> list[GalleryImage]:
+    lines = read_manifest(source, allow_outside_root=allow_outside_root)
     kept = [record for record in lines if split is None or record.extra.get("split") == split]
     if not kept:
         if not lines:
@@ -130,7 +141,8 @@ def _manifest_gallery(source: Path, split: str | None, use_boxes: bool = True) -
             if record.width and record.height:  # the whole image as one more region
                 boxes = boxes + ((0.0, 0.0, float(record.width), float(record.height)),)
                 labels = (labels or ("",) * len(record.boxes)) + ("whole image",)
-        gallery.append(GalleryImage(record.image, record.image_path, tuple(entry["captions"]), boxes, labels))
+        size = (record.width, record.height) if record.width and record.height else None
+        gallery.append(GalleryImage(record.image, record.image_path, tuple(entry["captions"]), boxes, labels, size))
     return gallery
 
 
@@ -266,15 +278,16 @@ def grid_cell_name(box: Sequence[float], width: float, height: float) -> str | N
     return None
 
 
-def _photo_size(path: str | os.PathLike) -> tuple[int, int] | None:
-    """Width and height of an image file as the extractor sees it (after its EXIF rotation), from the header; None
-    when the header cannot be read (the extractor, with its own limits, then names the reason)."""
+def _photo_size(path: str | os.PathLike, apply_exif_orientation: bool = True) -> tuple[int, int] | None:
+    """Width and height of an image file as the extractor sees it (after its EXIF rotation where it applies one),
+    from the header; None when the header cannot be read (the extractor, with its own limits, then names the
+    reason)."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
             width, height = image.size
-            if image.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated by a quarter turn
+            if apply_exif_orientation and image.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated by a quarter turn
                 width, height = height, width
     except Exception:  # noqa: BLE001 - PIL raises many types on damaged headers, DecompressionBombError among them
         return None
@@ -368,6 +381,43 @@ def region_labels(
     return out
 
 
+def fit_regions(image: GalleryImage, max_regions: int) -> GalleryImage:
+    """`image` with at most `max_regions` boxes: its first objects and, where its boxes end with the whole image
+    (`read_gallery` adds it last), the whole image kept among them, labels cut the same way. The extractor keeps
+    the first `max_regions` boxes, which would drop the whole image of a photo with many objects."""
+    if image.boxes is None or len(image.boxes) <= max_regions:
+        return image
+    labels = image.box_labels
+    if labels is not None and len(labels) == len(image.boxes) and labels[-1] == "whole image":
+        keep = max_regions - 1
+        return replace(image, boxes=image.boxes[:keep] + image.boxes[-1:], box_labels=labels[:keep] + labels[-1:])
+    return replace(image, boxes=image.boxes[:max_regions], box_labels=None if labels is None else labels[:max_regions])
+
+
+def check_stated_sizes(gallery: Sequence[GalleryImage], apply_exif_orientation: bool = True) -> None:
+    """Refuses (`AppInputError`, naming each photo, the manifest's size and the photo's) a gallery whose photos
+    pooled over the manifest's boxes are not the size the manifest states (photos resized after it was written, or
+    a phone photo whose EXIF turns it): the boxes are in the stated frame, and rescaling them would be a guess."""
+    wrong = []
+    for image in gallery:
+        if image.boxes is None or image.size is None:
+            continue
+        size = _photo_size(image.path, apply_exif_orientation)
+        if size is None or tuple(size) == tuple(image.size):
+            continue  # an unreadable header is named by the extractor
+        turned = apply_exif_orientation and _photo_size(image.path, False) != size
+        note = " once its EXIF orientation turns it (the manifest must give the photo as shown)" if turned else ""
+        wrong.append(
+            f"{image.key}: the manifest says {image.size[0]}x{image.size[1]}, the photo is {size[0]}x{size[1]}{note}"
+        )
+    if wrong:
+        shown = "; ".join(wrong[:10]) + (f"; and {len(wrong) - 10} more" if len(wrong) > 10 else "")
+        raise AppInputError(
+            f"{len(wrong)} gallery photo(s) are not the size their manifest lines state, so their boxes would be "
+            f"misplaced: {shown}. Give each line the photo's width, height and boxes; boxes are not rescaled."
+        )
+
+
 # ---------------------------------------------------------------------------------------------------- the engine
 
 
@@ -421,7 +471,9 @@ class RetrievalDemo:
             unimodal heads are untrained (a pretraining checkpoint: `uses_shortlist` says which).
         batch_size: images per extraction batch and pairs per forward pass.
         records: the gallery's region records, one per photo in gallery order, when they were extracted before
-            (a region cache, or records made another way); the photos are read and extracted at start when None.
+            (a region cache, or records made another way); the photos are read and extracted at start when None:
+            then a photo pooled over its manifest boxes must be the size its line states (`check_stated_sizes`),
+            and keeps at most `max_regions` boxes, the whole image among them (`fit_regions`).
     """
 
     def __init__(
@@ -449,6 +501,8 @@ class RetrievalDemo:
         self.untrained_heads = untrained_heads(retriever.model)
         self.class_names = region_class_names(self.extractor)
         if records is None:
+            check_stated_sizes(self.gallery, self.extractor.apply_exif_orientation)
+            self.gallery = [fit_regions(image, self.max_regions) for image in self.gallery]
             self.records = self._extract_gallery()
         elif len(records) != len(self.gallery):
             raise AppInputError(f"got {len(records)} region records for a gallery of {len(self.gallery)} photos.")
@@ -491,7 +545,7 @@ class RetrievalDemo:
                 if image.boxes is not None:
                     boxes.append(np.asarray(image.boxes, dtype=np.float32))
                     continue
-                size = _photo_size(image.path)
+                size = _photo_size(image.path, self.extractor.apply_exif_orientation)
                 boxes.append(None if size is None else self._grid_for(*size))
             out = self.extractor.extract(
                 [str(image.path) for image in chunk],
@@ -569,10 +623,18 @@ class RetrievalDemo:
 
     def load_photo(self, image: Any):
         """An uploaded or picked photo as a PIL image, checked with the extractor's limits (size, pixels,
-        decompression bombs); raises `AppInputError` with the reason when it is not a usable image."""
+        decompression bombs) and turned by its EXIF rule (`apply_exif_orientation`), as the extractor reads it;
+        raises `AppInputError` with the reason when it is not a usable image."""
         if image is None or (isinstance(image, str) and not image):
             raise AppInputError("Upload a photo or pick one from the gallery first.")
-        settings = ("max_image_pixels", "max_file_bytes", "min_image_side", "max_aspect_ratio", "max_decode_side")
+        settings = (
+            "max_image_pixels",
+            "max_file_bytes",
+            "min_image_side",
+            "max_aspect_ratio",
+            "max_decode_side",
+            "apply_exif_orientation",
+        )
         try:
             loaded = load_image(image, **{name: getattr(self.extractor, name) for name in settings})
         except ImageLoadError as error:
@@ -660,8 +722,10 @@ __all__ = [
     "RegionLabel",
     "RetrievalDemo",
     "check_result_count",
+    "check_stated_sizes",
     "check_text_length",
     "covering_grid",
+    "fit_regions",
     "gallery_captions",
     "grid_cell_name",
     "load_retriever",

@@ -8,8 +8,8 @@ with its traceback on the server and shown as one readable line, never as a stac
 
 from __future__ import annotations
 
-import html
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,10 @@ CSS = """
 """
 # The query box's placeholder where the gallery has no caption the model answers (a folder of photos, say).
 GENERIC_PLACEHOLDER = "Describe a photo"
+# What Markdown (with gradio's tables, strikethrough and LaTeX) reads as markup inside a line: links and images,
+# emphasis, code, HTML and entities, table cells. User text never starts a line here (newlines become spaces), so
+# the line-start markers (#, >, lists) need no escape.
+_MARKDOWN_MARKUP = re.compile(r"([\\`*_\[\]<>&|~$!])")
 
 
 def _theme():
@@ -44,8 +48,15 @@ def _theme():
     )
 
 
+def markdown_text(value: Any) -> str:
+    """`value` as Markdown that shows it literally on one line: the page renders Markdown, and a gallery's captions,
+    labels and file names are anyone's text (an image link in a caption would make every viewer's browser fetch
+    it, a newline would start a new table row)."""
+    return _MARKDOWN_MARKUP.sub(r"\\\1", " ".join(str(value).split()))
+
+
 def error_markdown(message: str) -> str:
-    return f"**Could not do that:** {html.escape(message)}"
+    return f"**Could not do that:** {markdown_text(message)}"
 
 
 def _report(error: Exception) -> str:
@@ -71,7 +82,7 @@ def page_header(demo: RetrievalDemo, title: str) -> str:
 def _results_table(rows: list[tuple], header: tuple[str, ...]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        lines.append("| " + " | ".join(html.escape(str(cell)).replace("|", "\\|") for cell in row) + " |")
+        lines.append("| " + " | ".join(markdown_text(cell) for cell in row) + " |")
     return "\n".join(lines)
 
 
@@ -105,12 +116,12 @@ def photo_view(demo: RetrievalDemo, upload: str | None, pick: str | None, captio
             photo = demo.load_photo(upload)
             record = demo.photo_regions(photo)
             labels = demo.labels_for(record)
-            which = f"the uploaded photo **{html.escape(Path(upload).name)}**"
+            which = f"the uploaded photo **{markdown_text(Path(upload).name)}**"
         elif pick:
             image, record = demo.gallery_image(pick)
             photo = demo.load_photo(str(image.path))
             labels = demo.labels_for(record, image)
-            which = f"the gallery photo **{html.escape(Path(image.key).name)}**"
+            which = f"the gallery photo **{markdown_text(Path(image.key).name)}**"
         else:
             raise AppInputError("Upload a photo or pick one from the gallery first.")
         hits = demo.rank_captions(record, parse_caption_list(captions), top_k)
@@ -153,7 +164,7 @@ def relation_view(view: RelationView, key: str | None, kind_name: str | None) ->
         ("", "", *(score.verdict() for score in comparison.scores)),
     ]
     lines = [
-        f"**{html.escape(image.path.name)}**, {KIND_NAMES[example.kind]}: {html.escape(view.where(example))}",
+        f"**{markdown_text(image.path.name)}**, {KIND_NAMES[example.kind]}: {markdown_text(view.where(example))}",
         "",
         _results_table(rows, header),
         "",
@@ -329,15 +340,33 @@ def build_app(demo: RetrievalDemo, title: str = "ImageBERT image-text retrieval"
             [pick, captions, caption_k],
             [*photo_outputs, upload],
         )
+    # The photos a search returns, which `launch_app` lets gradio serve from wherever the gallery lies.
+    blocks.gallery_files = sorted({str(image.path.resolve()) for image in demo.gallery})
     return blocks
 
 
 def launch_app(blocks, server_name: str | None = "127.0.0.1", server_port: int | None = None, **kwargs):
     """`blocks.launch` with the app's theme and styles, no share link, and the extractor's file size limit. Pass
-    `server_name=None` where the host sets `GRADIO_SERVER_NAME` (a Space)."""
+    `server_name=None` where the host sets `GRADIO_SERVER_NAME` (a Space).
+
+    Gradio serves only files under the working folder or the temp folder, unless `allowed_paths` names them: the
+    gallery's photo files (`build_app` records them) are added, each file by name, so a gallery may lie anywhere
+    and nothing else of its folder is served. `allowed_paths` given here, or in `GRADIO_ALLOWED_PATHS` (which an
+    explicit list would otherwise replace), are kept.
+    """
     kwargs.setdefault("max_file_size", "64mb")
+    given = kwargs.pop("allowed_paths", None)
+    if given is None:
+        given = [item.strip() for item in os.environ.get("GRADIO_ALLOWED_PATHS", "").split(",") if item.strip()]
+    allowed = [*given, *getattr(blocks, "gallery_files", ())]
     return blocks.launch(
-        server_name=server_name, server_port=server_port, share=False, theme=_theme(), css=CSS, **kwargs
+        server_name=server_name,
+        server_port=server_port,
+        share=False,
+        theme=_theme(),
+        css=CSS,
+        allowed_paths=allowed or None,
+        **kwargs,
     )
 
 

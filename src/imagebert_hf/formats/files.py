@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
@@ -157,10 +158,32 @@ def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
+# A JSON string (escapes included) or a bracket: enough of the grammar to measure how deep arrays and objects nest.
+_JSON_NESTING = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def _too_deep(text: str) -> json.JSONDecodeError:
+    """The `JSONDecodeError` for a text whose arrays or objects nest deeper than the reader's recursion allows,
+    placed at the innermost bracket of the deepest nesting."""
+    depth = deepest = position = 0
+    for token in _JSON_NESTING.finditer(text):
+        if token.group() in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest, position = depth, token.start()
+        elif token.group() in "]}":
+            depth -= 1
+    return json.JSONDecodeError(f"arrays or objects nested {deepest} deep, too deep to read", text, position)
+
+
 def loads_json(text: str) -> Any:
     """`json.loads` that raises `DuplicateJSONKeyError` for an object giving one key twice (a user's file read with
-    plain `json.loads` would silently keep the last value)."""
-    return json.loads(text, object_pairs_hook=_refuse_duplicate_keys)
+    plain `json.loads` would silently keep the last value), and `json.JSONDecodeError` for arrays or objects nested
+    too deep for the reader (where `json.loads` raises `RecursionError`)."""
+    try:
+        return json.loads(text, object_pairs_hook=_refuse_duplicate_keys)
+    except RecursionError:
+        raise _too_deep(text) from None
 
 
 def read_json_file(path: str | Path, expected: str):

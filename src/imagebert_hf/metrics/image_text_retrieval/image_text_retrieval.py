@@ -1,5 +1,7 @@
 """Image-text retrieval recall@K (TR and IR R@1/5/10 and RSUM) as an `evaluate` metric."""
 
+from collections.abc import Sequence
+
 import datasets
 import evaluate
 import numpy as np
@@ -21,7 +23,7 @@ Args:
     references (`list[int]`): for each text, the index of its image.
     num_folds (`int`, defaults to 1): rank consecutive equal folds of the images separately and average
         (5 for COCO 1k).
-    ks (`list[int]`, defaults to [1, 5, 10]): the cut-offs K.
+    ks (`list[int]`, defaults to [1, 5, 10]): the cut-offs K, positive integers.
 Returns:
     tr_r1, tr_r5, tr_r10, ir_r1, ir_r5, ir_r10 (percent) and rsum, their sum.
 Examples:
@@ -54,10 +56,32 @@ class ImageTextRetrieval(evaluate.Metric):
         )
 
     def _compute(self, predictions, references, num_folds: int = 1, ks=(1, 5, 10)) -> dict[str, float]:
+        if (
+            isinstance(ks, (str, bytes))
+            or not isinstance(ks, Sequence)
+            or not ks
+            or any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 for k in ks)
+        ):
+            raise ValueError(f"ks must be a non-empty list of positive integers (the cut-offs K), got {ks!r}.")
+        # Checked row by row: numpy's message for ragged rows names no text.
+        expected = len(predictions[0]) if len(predictions) else 0
+        for text, row in enumerate(predictions):
+            if len(row) != expected:
+                raise ValueError(
+                    f"predictions: text {text} has {len(row)} scores where {expected} were expected (one per gallery "
+                    "image, the same number for every text)."
+                )
         scores = np.asarray(predictions, dtype=np.float64)
         if scores.ndim != 2:
             raise ValueError("every prediction must hold one score per gallery image, the same number for all texts.")
-        return retrieval_metrics(scores.T, np.asarray(references), num_folds=num_folds, ks=tuple(ks))
+        bad = np.argwhere(~np.isfinite(scores))
+        if len(bad):
+            text, image = (int(i) for i in bad[0])
+            raise ValueError(
+                f"predictions[{text}][{image}] is {scores[text, image]}; every score must be a finite number (a "
+                "missing score reads as nan)."
+            )
+        return retrieval_metrics(scores.T, np.asarray(references), num_folds=num_folds, ks=tuple(int(k) for k in ks))
 
 
 __all__ = ["ImageTextRetrieval"]
