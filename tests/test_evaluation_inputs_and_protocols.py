@@ -374,7 +374,7 @@ def test_captions_shared_by_images_are_counted_in_the_results(region_checkpoint,
     )
     with CaptureLogger(full_ranking.logger) as captured:
         run_retrieval_evaluation(args)
-    assert "2 of the 4 texts are, as the same string, a caption of more than one image" in captured.out
+    assert "2 of the 4 texts are, as the tokens the model reads, a caption of more than one image" in captured.out
     results = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
     assert [result["num_captions_shared_by_images"] for result in results] == [2, 2]
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import weakref
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,9 @@ from ..regions.cache_reader import (
 logger = logging.get_logger(__name__)
 
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
+# Captions per image of the standard protocols on the Karpathy splits (COCO 1k and 5k, Flickr30k 1k): a few COCO
+# images have 6 or 7, which the protocols leave out.
+PROTOCOL_CAPTIONS_PER_IMAGE = 5
 # The `split` of a manifest that keeps every line, for manifests whose lines name no split (the COCO 128 set).
 ALL_SPLITS = "all"
 NEGATIVE_TYPES = ("text", "image", "both")
@@ -51,6 +55,14 @@ def check_max_images(max_images) -> None:
     """`max_images` must be None (every image) or a positive integer: 0 would evaluate nothing (or one image)."""
     if max_images is not None and (isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1):
         raise ValueError(f"max_images must be a positive integer or None (every image), got {max_images!r}.")
+
+
+def evaluation_captions_per_image(karpathy: bool, cut: int | None = None) -> int | None:
+    """The captions per image an evaluation ranks, one rule for `evaluate_retrieval` and the evaluation at the end of
+    fine-tuning, so that both measure the same gallery: the protocol's first `PROTOCOL_CAPTIONS_PER_IMAGE` of a
+    Karpathy split's images, every caption of a manifest's; `cut` (a number asked for, or None) keeps fewer."""
+    limits = [limit for limit in (PROTOCOL_CAPTIONS_PER_IMAGE if karpathy else None, cut) if limit is not None]
+    return min(limits) if limits else None
 
 
 def _karpathy_image_id(entry: Mapping, where: str) -> str:
@@ -158,6 +170,7 @@ def load_manifest_records(
     split: str | None = None,
     max_images: int | None = None,
     image_root: str | os.PathLike | None = None,
+    allow_outside_root: bool = False,
 ) -> list[dict[str, Any]]:
     """Reads a jsonl manifest (the layout of the real data and the synthetic set) with the package's manifest reader.
 
@@ -166,6 +179,7 @@ def load_manifest_records(
         split: keep only lines with this `split` (e.g. `"dev"`, `"test"`); all lines when None or `"all"`.
         max_images: keep only the first images.
         image_root: folder the image paths are relative to; the manifest's folder by default.
+        allow_outside_root: follow image paths that leave `image_root` (absolute, or `../`); refused by default.
 
     Returns:
         Records `{"image_id", "image" (resolved path), "manifest_image" (the path as written, the region cache
@@ -179,7 +193,7 @@ def load_manifest_records(
     records = []
     ids_as_text: dict[str, tuple[Any, str, str]] = {}
     splits_seen: set = set()
-    for record in iter_manifest(path, image_root):
+    for record in iter_manifest(path, image_root, allow_outside_root):
         if split is not None and record.extra.get("split") != split:
             splits_seen.add(record.extra.get("split"))
             continue
@@ -381,6 +395,15 @@ class RetrievalCorpus:
     def num_texts(self) -> int:
         return len(self.texts)
 
+    def text_keys(self) -> list[Hashable]:
+        """Each caption as the model reads it: its token ids without the padding, so that captions the tokenizer
+        normalises alike (an uncased one: `A Dog` and `a  dog`) are one query; the caption as written when the
+        corpus holds no tokenized texts."""
+        if not self.text_inputs:
+            return list(self.texts)
+        ids, mask = self.text_inputs["input_ids"], self.text_inputs["attention_mask"].bool()
+        return [tuple(ids[t][mask[t]].tolist()) for t in range(self.num_texts)]
+
     @classmethod
     def from_records(
         cls,
@@ -536,8 +559,10 @@ class GallerySubset:
 
 
 def region_cache_key(cache, record: Mapping) -> str:
-    """The key a record's regions have in a region cache: its manifest path, image path, id or file name,
-    whichever the cache was written with.
+    """The key a record's regions have in a region cache: its manifest path, image path or id, whichever the cache
+    was written with; else a key naming the record's image file under another spelling of its path (`_PathKeys`:
+    `./x`, `a/../x`, relative or absolute, a symlinked folder), or, where the picture is confirmed, its trailing
+    folders and file name.
 
     Raises:
         KeyError: the image has no regions; the message names it and, when the cache recorded why its extraction
@@ -546,24 +571,117 @@ def region_cache_key(cache, record: Mapping) -> str:
     candidates = [record.get("manifest_image"), record.get("image"), record.get("image_id")]
     if isinstance(record.get("image"), str):
         candidates.append(os.path.basename(record["image"]))
-    for position, key in enumerate(candidates):
+    for key in candidates[:3]:
         if isinstance(key, str) and key in cache:
-            # A bare file name is the weakest key: `B/1.jpg` must not take the regions of the cache's `1.jpg` from
-            # another folder. Where both pictures can be read, their contents decide.
-            if position == 3 and not _same_picture(cache, key, record["image"]):
-                continue
+            return key
+    image = record.get("image")
+    image = os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
+    if image:
+        key = _key_of_same_file(cache, image)
+        if key is not None:
+            return key
+        key = _key_of_trailing_path(cache, image)
+        if key is not None:
             return key
     failures = getattr(cache, "errors", None) or {}
     for key in candidates:
         if isinstance(key, str) and key in failures:
-            raise KeyError(
-                f"image {record.get('image_id')!r} has no regions: its extraction failed ({failures[key]}, recorded "
-                f"for {key!r}); replace the image file and extract its regions again, or leave it out of the split."
-            )
+            raise _failed_extraction(record, key, failures[key])
+    if image and failures:
+        failed = _PathKeys(failures)
+        key = failed.by_normal_path(image) or failed.by_real_path(image)
+        if key is not None:
+            raise _failed_extraction(record, key, failures[key])
     raise KeyError(
         f"image {record.get('image_id')!r} is not in the region cache (looked up as {candidates}); extract the "
         "split's images into it (imagebert-extract-regions)."
     )
+
+
+def _failed_extraction(record: Mapping, key: str, reason: str) -> KeyError:
+    return KeyError(
+        f"image {record.get('image_id')!r} has no regions: its extraction failed ({reason}, recorded for {key!r}); "
+        "replace the image file and extract its regions again, or leave it out of the split."
+    )
+
+
+class _PathKeys:
+    """A region cache's keys by the file they name, for records that spell a path another way than the cache was
+    keyed with. An absolute key names one file whatever the working folder: it matches by its normalised path, or by
+    its real path (symlinks resolved, computed on first need: one filesystem call per key). A relative key is
+    relative to the folder of the manifest it was extracted from, which the cache does not record: it matches by its
+    normalised text only, as the trailing part of a record's path, and only once the picture is confirmed."""
+
+    def __init__(self, keys: Iterable[str]):
+        self.absolute: dict[str, str] = {}
+        self.relative: dict[str, str] = {}
+        for key in keys:
+            table = self.absolute if os.path.isabs(key) else self.relative
+            table.setdefault(os.path.normpath(key), key)
+        self._real: dict[str, str] | None = None
+
+    def by_normal_path(self, path: str) -> str | None:
+        """The absolute key that is `path` once both are made absolute and normalised (`./`, `a/../`, `//`)."""
+        return self.absolute.get(os.path.normpath(os.path.abspath(path)))
+
+    def by_real_path(self, path: str) -> str | None:
+        """The absolute key whose real path is that of `path`: the same file reached through other symlinks."""
+        if not self.absolute:
+            return None
+        if self._real is None:
+            self._real = {}
+            for written in self.absolute.values():
+                self._real.setdefault(os.path.realpath(written), written)
+        return self._real.get(os.path.realpath(path))
+
+
+# The key tables of each region cache a lookup needed them for, built at its first record that no key names as
+# written and kept as long as the cache; a cache that cannot be weakly referenced (a plain dict) builds them each time.
+_PATH_KEYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _path_keys(cache) -> _PathKeys:
+    try:
+        table = _PATH_KEYS.get(cache)
+    except TypeError:
+        return _PathKeys(cache.keys())
+    if table is None:
+        table = _PATH_KEYS[cache] = _PathKeys(cache.keys())
+    return table
+
+
+def _key_of_same_file(cache, path: str) -> str | None:
+    """The key that names the file at `path` under another spelling: its normalised absolute path, then its real
+    path, as written in the cache or as the cache's keys normalise to. A match through symlinks is confirmed by the
+    picture (`_same_picture`): a link retargeted since the extraction names another file than the cache read."""
+    normal = os.path.normpath(os.path.abspath(path))
+    key = normal if normal in cache else _path_keys(cache).by_normal_path(path)
+    if key is not None:
+        return key
+    real = os.path.realpath(path)
+    key = real if real in cache else _path_keys(cache).by_real_path(path)
+    if key is not None and _same_picture(cache, key, path):
+        return key
+    return None
+
+
+def _key_of_trailing_path(cache, path: str) -> str | None:
+    """The relative key that is the longest trailing part of `path` (its last folders and file name, down to the
+    bare file name) and whose picture is the one at `path`: the cache does not record the folder its relative keys
+    start from, so `B/1.jpg` must not take the regions of another folder's `1.jpg`. Where both pictures can be read,
+    their contents decide (`_same_picture`)."""
+    parts = Path(os.path.normpath(path)).parts
+    parts = parts[1:] if os.path.isabs(path) else parts
+    table = None
+    for start in range(len(parts)):
+        trailing = os.path.join(*parts[start:])
+        key = trailing if trailing in cache else None
+        if key is None:
+            table = table or _path_keys(cache)
+            key = table.relative.get(trailing)
+        if key is not None and _same_picture(cache, key, path):
+            return key
+    return None
 
 
 def _same_picture(cache, key: str, path: str) -> bool:
@@ -690,8 +808,7 @@ class _Candidates:
         self.corpus = corpus
         signature: dict[tuple, int] = {}
         if corpus.text_inputs:
-            ids, mask = corpus.text_inputs["input_ids"], corpus.text_inputs["attention_mask"].bool()
-            keys = [tuple(ids[t][mask[t]].tolist()) for t in range(corpus.num_texts)]
+            keys = corpus.text_keys()
         else:
             keys = [(text.strip().lower(),) for text in corpus.texts]
         self.text_group = torch.tensor([signature.setdefault(key, len(signature)) for key in keys], dtype=torch.long)
@@ -929,6 +1046,7 @@ __all__ = [
     "ALL_SPLITS",
     "KARPATHY_SPLITS",
     "NEGATIVE_TYPES",
+    "PROTOCOL_CAPTIONS_PER_IMAGE",
     "DataCollatorForImageTextRetrieval",
     "GallerySubset",
     "HardNegativeSampler",
@@ -937,6 +1055,7 @@ __all__ = [
     "RetrievalPairDataset",
     "SameImageGroups",
     "check_max_images",
+    "evaluation_captions_per_image",
     "load_karpathy_split",
     "load_manifest_records",
     "merge_duplicate_images",

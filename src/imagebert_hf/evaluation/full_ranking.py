@@ -23,6 +23,7 @@ from transformers.utils import logging
 from ..data.retrieval_corpus import (
     RetrievalCorpus,
     check_region_cache_fits,
+    evaluation_captions_per_image,
     load_karpathy_split,
     load_manifest_records,
     region_cache_key,
@@ -65,6 +66,13 @@ class EvaluationArguments:
     karpathy_file: str | None = field(default=None, metadata={"help": "dataset_coco.json or dataset_flickr30k.json."})
     image_root: str | None = field(default=None, metadata={"help": "Folder the Karpathy image paths start from."})
     manifest: str | None = field(default=None, metadata={"help": "A jsonl manifest (dataset=manifest)."})
+    allow_outside_root: bool = field(
+        default=False,
+        metadata={
+            "help": "Follow image paths of the manifest or Karpathy file that leave their image root (absolute, or "
+            "../); refused by default."
+        },
+    )
     split: str = field(
         default="test",
         metadata={
@@ -156,11 +164,18 @@ def _split_records(args: EvaluationArguments, config) -> list[dict]:
         if args.karpathy_file is None:
             raise ValueError(f"--dataset {args.dataset} needs --karpathy_file.")
         return load_karpathy_split(
-            args.karpathy_file, args.split, args.image_root, args.max_images, dataset=args.dataset
+            args.karpathy_file,
+            args.split,
+            args.image_root,
+            args.max_images,
+            allow_outside_root=args.allow_outside_root,
+            dataset=args.dataset,
         )
     if args.manifest is None:
         raise ValueError("--dataset manifest needs --manifest.")
-    return load_manifest_records(args.manifest, args.split, args.max_images)
+    return load_manifest_records(
+        args.manifest, args.split, args.max_images, allow_outside_root=args.allow_outside_root
+    )
 
 
 def corpus_fingerprint(args: EvaluationArguments, records, tokenizer, config, region_cache=None) -> dict:
@@ -456,8 +471,8 @@ def load_evaluation_corpus(args: EvaluationArguments, tokenizer, config) -> Retr
         regions = [synthetic_region_record(example, config.region_feature_size) for example in records]
         corpus = RetrievalCorpus.from_records(records, tokenizer, regions, config.max_text_length, config.max_regions)
     else:
-        # The standard protocols use 5 captions per image (a few COCO images have 6 or 7).
-        captions = 5 if args.dataset in ("coco", "flickr30k") else None
+        # The rule of the evaluation at the end of fine-tuning too, so that both rank the same gallery.
+        captions = evaluation_captions_per_image(args.dataset in ("coco", "flickr30k"))
         if args.memory_mapped:
             corpus = RetrievalCorpus.from_region_cache(
                 records, cache, tokenizer, config.max_text_length, config.max_regions, captions
@@ -599,11 +614,14 @@ def run_retrieval_evaluation(args: EvaluationArguments) -> dict:
     pairs = corpus.num_images * corpus.num_texts
     processes.print(f"{corpus.num_images} images, {corpus.num_texts} texts: {pairs:,} pairs{shared}")
 
-    shared_captions = shared_caption_count(corpus.texts, corpus.text_to_image)
+    # Compared as the model reads them: captions that differ only where the tokenizer normalises (case, spacing)
+    # are one query.
+    queries = corpus.text_keys()
+    shared_captions = shared_caption_count(queries, corpus.text_to_image)
     if shared_captions and processes.is_main_process:
         logger.warning(
-            "%d of the %d texts are, as the same string, a caption of more than one image: ties count against the "
-            "query, so even a perfect scorer cannot reach 100 here; results.json records the count "
+            "%d of the %d texts are, as the tokens the model reads, a caption of more than one image: ties count "
+            "against the query, so even a perfect scorer cannot reach 100 here; results.json records the count "
             "(num_captions_shared_by_images).",
             shared_captions,
             corpus.num_texts,
@@ -624,7 +642,7 @@ def run_retrieval_evaluation(args: EvaluationArguments) -> dict:
                 "dataset_split": args.split,
                 "num_images": corpus.num_images,
                 "num_texts": corpus.num_texts,
-                "num_captions_shared_by_images": shared_caption_count(corpus.texts, corpus.text_to_image, folds),
+                "num_captions_shared_by_images": shared_caption_count(queries, corpus.text_to_image, folds),
                 "metrics": metrics,
                 "ranking": "full",
                 "seconds": round(ranking.seconds, 2),

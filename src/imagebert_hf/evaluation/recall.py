@@ -14,7 +14,7 @@ Conventions (those of the ImageBERT, UNITER and BLIP papers):
   images and their captions only, and every recall is averaged over the folds.
 """
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 import numpy as np
 import torch
@@ -182,11 +182,15 @@ def retrieval_metrics(
     return {key: sum(fold[key] for fold in per_fold) / num_folds for key in per_fold[0]}
 
 
-def shared_caption_count(texts: Sequence[str], text_to_image, num_folds: int = 1) -> int:
-    """How many texts are, as the exact same string, a caption of more than one image (of the same fold, with
-    `num_folds` as in `retrieval_metrics`). A cross-encoder scores such a string the same whichever image it came
-    with, and ties count against the query, so even a perfect scorer misses some of the queries these texts and
-    their images make: recall below 100 that no model can recover, which the metric itself does not show."""
+def shared_caption_count(texts: Sequence[Hashable], text_to_image, num_folds: int = 1) -> int:
+    """How many texts are, as the same query, a caption of more than one image (of the same fold, with `num_folds`
+    as in `retrieval_metrics`). A cross-encoder scores such a query the same whichever image it came with, and ties
+    count against the query, so even a perfect scorer misses some of the queries these texts and their images make:
+    recall below 100 that no model can recover, which the metric itself does not show.
+
+    `texts` holds each text as the model reads it, e.g. its token ids as a tuple (`RetrievalCorpus.text_keys`): an
+    uncased tokenizer gives `A dog` and `a  dog` the same ids, so they are one query. Strings are compared as
+    written."""
     text_to_image = torch.as_tensor(np.asarray(text_to_image), dtype=torch.long).reshape(-1).tolist()
     if len(texts) != len(text_to_image):
         raise ValueError(f"texts has {len(texts)} entries and text_to_image {len(text_to_image)}; expected one each.")
@@ -194,7 +198,7 @@ def shared_caption_count(texts: Sequence[str], text_to_image, num_folds: int = 1
         raise ValueError(f"num_folds must be a positive integer, got {num_folds}.")
     # The folds of `retrieval_metrics`: consecutive images, every image holding at least one caption.
     fold_size = max(1, (max(text_to_image, default=0) + 1) // num_folds)
-    images_of: dict[tuple[int, str], set[int]] = {}
+    images_of: dict[tuple[int, Hashable], set[int]] = {}
     for text, image in zip(texts, text_to_image):
         images_of.setdefault((image // fold_size, text), set()).add(image)
     return sum(len(images_of[(image // fold_size, text)]) > 1 for text, image in zip(texts, text_to_image))

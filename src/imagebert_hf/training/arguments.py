@@ -175,6 +175,13 @@ class RetrievalArguments:
     image_root: str | None = field(
         default=None, metadata={"help": "Folder the Karpathy image paths start from.", "metavar": "FOLDER"}
     )
+    allow_outside_root: bool = field(
+        default=False,
+        metadata={
+            "help": "Follow image paths of --train_file that leave their image root (absolute, or ../); refused by "
+            "default."
+        },
+    )
     train_split: str = field(
         default="train",
         metadata={
@@ -196,7 +203,14 @@ class RetrievalArguments:
         },
     )
     max_images: int | None = field(default=None, metadata={"help": "Use only the first images of each split."})
-    captions_per_image: int | None = field(default=None, metadata={"help": "Keep at most this many captions."})
+    captions_per_image: int | None = field(
+        default=None,
+        metadata={
+            "help": "Keep at most this many captions per image. Unset, training takes every caption and the "
+            "evaluation split those evaluate_retrieval.py ranks (a Karpathy split's first 5, a manifest's all); set, "
+            "it cuts both."
+        },
+    )
     loss_weights: str = field(
         default="binary=1", metadata={"help": "Retrieval losses and weights, e.g. binary=1,multiclass=0.5,triplet=1."}
     )

@@ -25,6 +25,7 @@ from ..data.retrieval_corpus import (
     RetrievalCorpus,
     RetrievalPairDataset,
     check_region_cache_fits,
+    evaluation_captions_per_image,
     load_karpathy_split,
     load_manifest_records,
     region_cache_lookup,
@@ -114,12 +115,18 @@ def build_corpora(args: RetrievalArguments, tokenizer, config) -> tuple[Retrieva
     cache = load_region_cache(args.region_cache)
     check_region_cache_fits(cache, config, f"--region_cache {args.region_cache}", args.model_name_or_path)
 
-    def read(split: str) -> list[dict]:
-        if args.train_file.endswith(".json"):
-            return load_karpathy_split(args.train_file, split.split(","), args.image_root, args.max_images)
-        return load_manifest_records(args.train_file, split, args.max_images)
+    karpathy = args.train_file.endswith(".json")
 
-    def corpus(records: list[dict]) -> RetrievalCorpus:
+    def read(split: str) -> list[dict]:
+        if karpathy:
+            return load_karpathy_split(
+                args.train_file, split.split(","), args.image_root, args.max_images, args.allow_outside_root
+            )
+        return load_manifest_records(
+            args.train_file, split, args.max_images, allow_outside_root=args.allow_outside_root
+        )
+
+    def corpus(records: list[dict], captions_per_image: int | None) -> RetrievalCorpus:
         try:
             return RetrievalCorpus.from_records(
                 records,
@@ -127,14 +134,14 @@ def build_corpora(args: RetrievalArguments, tokenizer, config) -> tuple[Retrieva
                 region_cache_lookup(cache),
                 config.max_text_length,
                 config.max_regions,
-                args.captions_per_image,
+                captions_per_image,
             )
         except KeyError as error:  # an image without regions: one line naming the cache, as evaluation says it
             raise ValueError(f"--region_cache {args.region_cache}: {error.args[0]}") from None
 
     train_records = read(args.train_split)
     if not args.eval_split:
-        return corpus(train_records), None
+        return corpus(train_records, args.captions_per_image), None
     eval_records = read(args.eval_split)
     shared = _shared_pictures(train_records, eval_records)
     if shared:
@@ -147,7 +154,10 @@ def build_corpora(args: RetrievalArguments, tokenizer, config) -> tuple[Retrieva
             args.train_split,
             shared[0],
         )
-    return corpus(train_records), corpus(eval_records)
+    # The captions `evaluate_retrieval` ranks on the same split (the protocol's 5 of a Karpathy split), so the
+    # recall reported here is that measurement.
+    eval_captions = evaluation_captions_per_image(karpathy, args.captions_per_image)
+    return corpus(train_records, args.captions_per_image), corpus(eval_records, eval_captions)
 
 
 def _shared_pictures(train_records: list[dict], eval_records: list[dict]) -> list[str]:
