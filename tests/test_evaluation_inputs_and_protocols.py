@@ -380,7 +380,7 @@ def test_captions_shared_by_images_are_counted_in_the_results(region_checkpoint,
 
     with CaptureLogger(zero_shot.logger) as captured:
         manifest_retrieval_inputs(manifest, region_folder, tokenizer, "test")
-    assert "2 of the 4 captions are also, as the same string, a caption of another image" in captured.out
+    assert "2 of the 4 captions are also, as the tokens the model reads, a caption of another image" in captured.out
 
 
 def test_split_all_keeps_every_line_of_a_manifest_whose_lines_name_none(tmp_path):

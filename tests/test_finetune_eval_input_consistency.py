@@ -15,8 +15,9 @@ from transformers.testing_utils import CaptureLogger
 
 from imagebert_hf import ImageBERTForImageTextRetrieval
 from imagebert_hf.data.retrieval_corpus import load_karpathy_split, region_cache_key
-from imagebert_hf.evaluation import full_ranking
+from imagebert_hf.evaluation import full_ranking, zero_shot
 from imagebert_hf.evaluation.full_ranking import EvaluationArguments, load_evaluation_corpus, run_retrieval_evaluation
+from imagebert_hf.evaluation.zero_shot import manifest_retrieval_inputs
 from imagebert_hf.regions import extract_regions, load_region_cache
 from imagebert_hf.training.arguments import RetrievalArguments
 from imagebert_hf.training.retrieval_finetuning import (
@@ -304,3 +305,8 @@ def test_captions_the_tokenizer_reads_alike_are_counted_as_shared(data, tokenize
     assert "2 of the 3 texts are, as the tokens the model reads, a caption of more than one image" in captured.out
     results = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
     assert [result["num_captions_shared_by_images"] for result in results] == [2, 2]
+
+    # Zero-shot evaluation of the same manifest counts them the same way.
+    with CaptureLogger(zero_shot.logger) as captured:
+        manifest_retrieval_inputs(manifest, str(data / "relative"), tokenizer)
+    assert "2 of the 3 captions are also, as the tokens the model reads, a caption of another image" in captured.out

@@ -92,19 +92,21 @@ def manifest_retrieval_inputs(
     captions = [list(entry["captions"])[:captions_per_image] for entry in merged]
     texts = [caption for kept in captions for caption in kept]
     text_to_image = [i for i, kept in enumerate(captions) for _ in kept]
-    shared = shared_caption_count(texts, text_to_image)
-    if shared:
-        logger.warning(
-            "%d of the %d captions are also, as the same string, a caption of another image: ties count against the "
-            "query, so even a perfect scorer cannot reach 100 on this split.",
-            shared,
-            len(texts),
-        )
     # Padded on the right whatever the tokenizer's saved `padding_side`: the model reads the pair's summary at
     # position 0, and scoring trims each batch's padding from the end.
     text_inputs = tokenizer(
         texts, padding=True, truncation=True, max_length=max_text_length, padding_side="right", return_tensors="pt"
     )
+    # Counted by the tokens the model reads: an uncased tokenizer gives `A Dog` and `a  dog` the same query.
+    ids, mask = text_inputs["input_ids"], text_inputs["attention_mask"].bool()
+    shared = shared_caption_count([tuple(ids[t][mask[t]].tolist()) for t in range(len(texts))], text_to_image)
+    if shared:
+        logger.warning(
+            "%d of the %d captions are also, as the tokens the model reads, a caption of another image: ties count "
+            "against the query, so even a perfect scorer cannot reach 100 on this split.",
+            shared,
+            len(texts),
+        )
     return dict(text_inputs), region_inputs, text_to_image
 
 
