@@ -134,6 +134,18 @@ def _resize_target(width: int, height: int, size: dict[str, int]) -> tuple[int, 
     raise ValueError(f"size must have height and width, or shortest_edge (and longest_edge); got {size}.")
 
 
+def group_by_shape(shapes: list[Any]) -> dict[Any, list[int]]:
+    """Indices of the items of each distinct shape, in order of first appearance (and in order within a group).
+
+    A network run on a batch padded to its largest image gives the other images of the batch other features at their
+    bottom and right; running one forward per group of equal input shapes keeps each image's regions what they are
+    when it is extracted alone."""
+    groups: dict[Any, list[int]] = defaultdict(list)
+    for index, shape in enumerate(shapes):
+        groups[shape].append(index)
+    return groups
+
+
 def resized_pixels(image: LoadedImage, size: dict[str, int]) -> torch.Tensor:
     """The backbone input of one image before normalisation: (H, W, 3) uint8, resized (bicubic) to `size`.
 
@@ -471,13 +483,10 @@ class BackboneBackend(RegionBackend):
         mean = settings.get("image_mean") or self.mean
         std = settings.get("image_std") or self.std
         targets = [_resize_target(image.width, image.height, settings["size"]) for image in images]
-        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for index, target in enumerate(targets):
-            groups[target].append(index)
         results: list[dict | None] = [None] * len(images)
         model = self.inference_model()
         # Images of one resized shape are stacked; no padding, so a batch gives what one-at-a-time gives.
-        for target, indices in groups.items():
+        for target, indices in group_by_shape(targets).items():
             pixels = self._pixels([images[i] for i in indices], settings["size"], mean, std)
             sizes = [(images[i].width, images[i].height) for i in indices]
             group_boxes = [boxes[i] for i in indices]
@@ -543,7 +552,8 @@ class DetectorBackend(RegionBackend):
     are kept, at least `min_regions` and at most `max_regions`, best first. A region's box is its proposal box, its
     feature the box head's output for it (1024-d for torchvision's `TwoMLPHead`) and its class distribution the
     box classifier's softmax without the background column, renormalised. With given boxes, the boxes replace the
-    proposals and are all kept.
+    proposals and are all kept. The images of a batch run in groups of equal input shape (after the transform's
+    resizing and rounding up), so none is padded to a larger partner: an image gets the regions it gets alone.
 
     Args:
         name: A `torchvision.models.get_model` detection model name, e.g. `fasterrcnn_resnet50_fpn`.
@@ -601,23 +611,44 @@ class DetectorBackend(RegionBackend):
 
     @torch.inference_mode()
     def extract(self, images, boxes, settings):
-        from torchvision.ops import boxes as box_ops
+        from torchvision.models.detection.image_list import ImageList
 
-        pixels = [
-            torch.from_numpy(np.array(image.image, dtype=np.float32)).permute(2, 0, 1).div(255.0).to(self.device)
+        given = [b is not None for b in boxes]
+        if any(given) and not all(given):
+            raise ValueError("give boxes for every image of a batch or for none.")
+        # The transform resizes each image, then pads a batch to its largest one (sides rounded up to a multiple of
+        # its `size_divisible`): run alone, each image is padded to its own rounded size. One forward per padded
+        # shape gives every image of a batch the features it has alone.
+        inputs = [
+            self.model.transform(
+                [torch.from_numpy(np.array(image.image, dtype=np.float32)).permute(2, 0, 1).div(255.0).to(self.device)]
+            )[0]
             for image in images
         ]
-        image_list, _ = self.model.transform(pixels)
+        results: list[dict | None] = [None] * len(images)
+        for indices in group_by_shape([tuple(single.tensors.shape[-2:]) for single in inputs]).values():
+            image_list = ImageList(
+                torch.cat([inputs[i].tensors for i in indices]), [inputs[i].image_sizes[0] for i in indices]
+            )
+            group = self._extract_padded(
+                image_list, [images[i] for i in indices], [boxes[i] for i in indices], settings
+            )
+            for index, result in zip(indices, group):
+                results[index] = result
+        return results
+
+    def _extract_padded(self, image_list, images, boxes, settings):
+        """Regions of the images of one padded batch (`image_list`, the transform's output)."""
+        from torchvision.ops import boxes as box_ops
+
         features = self.model.backbone(image_list.tensors)
         # (scale from original pixels to the detector's input frame) per image
         scales = [
             (width / image.width, height / image.height)
             for image, (height, width) in zip(images, image_list.image_sizes)
         ]
-        given = [b is not None for b in boxes]
-        if any(given) and not all(given):
-            raise ValueError("give boxes for every image of a batch or for none.")
-        if all(given):
+        given = boxes[0] is not None
+        if given:
             proposals = [
                 torch.from_numpy(scale_boxes(b, sx, sy)).to(self.device) for b, (sx, sy) in zip(boxes, scales)
             ]
@@ -639,7 +670,7 @@ class DetectorBackend(RegionBackend):
                 image_list.image_sizes,
             )
         ):
-            if all(given):
+            if given:
                 keep = torch.arange(min(len(image_proposals), int(settings["max_regions"])), device=self.device)
             else:
                 image_boxes = box_ops.clip_boxes_to_image(image_boxes, image_size)
@@ -805,6 +836,7 @@ __all__ = [
     "PrecomputedBackend",
     "RegionBackend",
     "fold_batch_norms",
+    "group_by_shape",
     "load_state_dict_file",
     "resized_pixels",
     "roi_align_mean",

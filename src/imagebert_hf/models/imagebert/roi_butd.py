@@ -30,7 +30,7 @@ from PIL import Image
 from torch import nn
 from transformers.utils import logging
 
-from .roi_backends import RegionBackend, load_state_dict_file, select_detections
+from .roi_backends import RegionBackend, group_by_shape, load_state_dict_file, select_detections
 from .roi_boxes import scale_boxes
 
 
@@ -483,8 +483,8 @@ class BUTDBackend(RegionBackend):
     attribute the best of the 400 attributes (softmax without the "no attribute" column) with that probability.
     With given boxes, the boxes replace the proposals and are all kept.
 
-    Images of a batch are padded at the bottom and right to the largest one, as detectron2 does: the features of
-    regions at the border of a smaller image can differ slightly from a one-image run.
+    The images of a batch run in groups of equal resized shape, without padding: padded to a larger partner at the
+    bottom and right (as detectron2 batches), an image's regions near that border would differ from a one-image run.
 
     Args:
         weights: A local checkpoint file or folder, a Hub repository name (`unc-nlp/frcnn-vg-finetuned`), or None
@@ -517,20 +517,24 @@ class BUTDBackend(RegionBackend):
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         self.model.load_checkpoint(state_dict)
 
-    def preprocess(self, images, settings) -> tuple[torch.Tensor, list[tuple[int, int]], list[tuple[float, float]]]:
-        """Padded caffe pixels, each image's (height, width) in them, and its (x, y) scale from original pixels."""
+    def input_shape(self, image, settings) -> tuple[int, int]:
+        """(height, width) of `image` at the network's input."""
         size = settings["size"]
         if "shortest_edge" not in size:
             raise ValueError(
                 f"the BUTD detector resizes by the shortest edge: size must be {{'shortest_edge': ..., "
                 f"'longest_edge': ...}} (default {BUTD_SIZE}), got {size}."
             )
+        return resized_shape(
+            image.height, image.width, int(size["shortest_edge"]), int(size.get("longest_edge", 10**9))
+        )
+
+    def preprocess(self, images, settings) -> tuple[torch.Tensor, list[tuple[int, int]], list[tuple[float, float]]]:
+        """Padded caffe pixels, each image's (height, width) in them, and its (x, y) scale from original pixels."""
         mean = settings.get("image_mean") or BUTD_PIXEL_MEAN
         sizes, scales, tensors = [], [], []
         for image in images:
-            height, width = resized_shape(
-                image.height, image.width, int(size["shortest_edge"]), int(size.get("longest_edge", 10**9))
-            )
+            height, width = self.input_shape(image, settings)
             tensors.append(caffe_pixels(image.image, height, width, mean))
             sizes.append((height, width))
             scales.append((width / image.width, height / image.height))
@@ -540,12 +544,23 @@ class BUTDBackend(RegionBackend):
         return batch.to(self.device), sizes, scales
 
     def extract(self, images, boxes, settings):
-        pixels, sizes, scales = self.preprocess(images, settings)
         given = [b is not None for b in boxes]
         if any(given) and not all(given):
             raise ValueError("give boxes for every image of a batch or for none.")
+        results: list[dict | None] = [None] * len(images)
+        shapes = [self.input_shape(image, settings) for image in images]
+        for indices in group_by_shape(shapes).values():
+            group = self._extract_unpadded([images[i] for i in indices], [boxes[i] for i in indices], settings)
+            for index, result in zip(indices, group):
+                results[index] = result
+        return results
+
+    def _extract_unpadded(self, images, boxes, settings):
+        """Regions of images of one resized shape."""
+        pixels, sizes, scales = self.preprocess(images, settings)
+        given = boxes[0] is not None
         proposals = None
-        if all(given):
+        if given:
             proposals = [
                 torch.from_numpy(scale_boxes(b, sx, sy)).to(self.device) for b, (sx, sy) in zip(boxes, scales)
             ]
@@ -553,7 +568,7 @@ class BUTDBackend(RegionBackend):
         for output, (sx, sy) in zip(self.model(pixels, sizes, proposals), scales):
             probs = F.softmax(output["scores"].float(), dim=-1)
             foreground = probs[:, :-1]
-            if all(given):
+            if given:
                 keep = torch.arange(min(len(foreground), int(settings["max_regions"])), device=foreground.device)
             else:
                 keep = select_detections(foreground, output["class_boxes"], settings)

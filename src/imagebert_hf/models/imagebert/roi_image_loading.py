@@ -28,6 +28,17 @@ DEFAULT_MIN_IMAGE_SIDE = 4
 DEFAULT_MAX_ASPECT_RATIO = 50.0
 DEFAULT_MAX_DECODE_SIDE = 1333
 
+# Float pixels whose maximum is at most FLOAT_UNIT_MAX are [0, 1] data, above it 0..255 data up to FLOAT_BYTE_MAX.
+# Resampling a [0, 1] image overshoots at sharp edges: torch's bicubic resize of a photo reaches about 1.08, and the
+# worst case (pixel-wise noise) about 1.45 for bicubic and 1.7 for Lanczos-3, all below 2; a 0..255 image whose
+# brightest pixel is at most 2 is black to the eye whichever way it is read. The same relative margin bounds 0..255.
+FLOAT_UNIT_MAX = 2.0
+FLOAT_BYTE_MAX = 255.0 * FLOAT_UNIT_MAX
+# The minimum may lie below 0 by at most this fraction of the maximum (of 1 for a dark [0, 1] image): a resampling
+# undershoot is a fraction of the image's range (at most about 0.7 of 1.7 in the worst case above), while normalised
+# pixels ([-1, 1], or mean/std with a minimum near minus the maximum) are not pixels this loader can read.
+FLOAT_MIN_MARGIN = 0.5
+
 
 class RegionExtractionError(ValueError):
     """Regions could not be extracted for one input; `source` names it and `reason` says why."""
@@ -148,22 +159,53 @@ def _flatten_alpha(image: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Converts any PIL mode to 8-bit RGB, rescaling high bit depths instead of clipping them."""
+def float_pixels_to_uint8(array: np.ndarray, source: str) -> np.ndarray:
+    """uint8 pixels from float pixels in [0, 1] or in 0..255: the one rule for float arrays, tensors and float ("F")
+    images, so that a picture reads the same whichever of them holds it.
+
+    The data is [0, 1] when its maximum is at most `FLOAT_UNIT_MAX` (a resampling overshoot above 1 is clipped), else
+    0..255 up to `FLOAT_BYTE_MAX`; its minimum may lie below 0 by at most `FLOAT_MIN_MARGIN` times the maximum (or
+    times 1 for [0, 1] data). Values are clipped to the range and scaled. Anything else (NaN, infinities, values far
+    above 255, a range mostly below 0) raises `ImageLoadError` naming the range found.
+    """
+    low, high = float(np.min(array)), float(np.max(array))
+    expected = (
+        f"expected floats in [0, 1] or in 0..255 (a maximum up to {FLOAT_UNIT_MAX:g}, resp. {FLOAT_BYTE_MAX:g}, "
+        f"and a minimum down to -{FLOAT_MIN_MARGIN:g} times it are clipped)"
+    )
+    if not (np.isfinite(low) and np.isfinite(high)):
+        finite = array[np.isfinite(array)]
+        found = f"finite values from {finite.min():.6g} to {finite.max():.6g}" if finite.size else "no finite value"
+        bad = array.size - finite.size
+        raise ImageLoadError(source, f"float pixels contain {bad} NaN or infinite values ({found}); {expected}")
+    top = 1.0 if high <= FLOAT_UNIT_MAX else 255.0
+    if high > FLOAT_BYTE_MAX or low < -FLOAT_MIN_MARGIN * max(high, 1.0):
+        raise ImageLoadError(source, f"float pixels range from {low:.6g} to {high:.6g}; {expected}")
+    return np.round(np.clip(array, 0.0, top) * (255.0 / top)).astype(np.uint8)
+
+
+def sixteen_bit_to_uint8(array: np.ndarray) -> np.ndarray:
+    """uint8 pixels from 16-bit integer pixels (uint16 arrays, "I;16" and "I" images), scaled from 0..65535 whatever
+    the brightest pixel: a dark 16-bit picture stays dark, as viewers show it. Values outside 0..65535 are clipped."""
+    return np.round(np.clip(array.astype(np.float64), 0, 65535) / 257.0).astype(np.uint8)
+
+
+def to_rgb(image: Image.Image, source: str = "<PIL.Image>") -> Image.Image:
+    """Converts any PIL mode to 8-bit RGB, rescaling high bit depths instead of clipping them.
+
+    Integer modes ("I;16*", "I") are 16-bit data (`sixteen_bit_to_uint8`), float ("F") images follow
+    `float_pixels_to_uint8` as float arrays do; raises `ImageLoadError` naming `source` for float pixels of neither
+    range."""
     mode = image.mode
     if mode == "RGB":
         return image
     if mode in ("RGBA", "LA", "RGBa", "La", "PA") or (mode == "P" and "transparency" in image.info):
         return _flatten_alpha(image)
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        if not np.isfinite(array).all():
-            array = np.nan_to_num(array, nan=0.0, posinf=0.0, neginf=0.0)
-        # 16-bit data spans 0..65535; PIL's own "L" conversion would clip it to white.
-        high = 65535.0 if mode.startswith("I;16") or array.max() > 255 else 255.0
-        array = np.clip(array, 0, high) * (255.0 / high)
-        grey = Image.fromarray(np.round(array).astype(np.uint8))
-        return grey.convert("RGB")
+    if mode == "F":
+        return Image.fromarray(float_pixels_to_uint8(np.asarray(image), source)).convert("RGB")
+    if mode.startswith("I;16") or mode == "I":
+        # PIL's own "L" conversion would clip 16-bit data to white.
+        return Image.fromarray(sixteen_bit_to_uint8(np.asarray(image))).convert("RGB")
     return image.convert("RGB")
 
 
@@ -179,17 +221,14 @@ def _array_to_pil(array: np.ndarray, source: str) -> Image.Image:
     if array.dtype == np.bool_:
         array = array.astype(np.uint8) * 255
     elif array.dtype == np.uint16:
-        array = np.round(array.astype(np.float64) / 257.0).astype(np.uint8)
+        array = sixteen_bit_to_uint8(array)
     elif np.issubdtype(array.dtype, np.floating):
-        if not np.isfinite(array).all():
-            raise ImageLoadError(source, "array contains NaN or infinite values")
-        scale = 255.0 if array.max(initial=0.0) <= 1.0 else 1.0
-        array = np.round(np.clip(array * scale, 0, 255)).astype(np.uint8)
+        array = float_pixels_to_uint8(array, source)
     elif array.dtype != np.uint8:
         array = np.clip(array, 0, 255).astype(np.uint8)
     if array.ndim == 3 and array.shape[-1] == 4:
         return _flatten_alpha(Image.fromarray(np.ascontiguousarray(array)))
-    return to_rgb(Image.fromarray(np.ascontiguousarray(array)))
+    return to_rgb(Image.fromarray(np.ascontiguousarray(array)), source)
 
 
 def _decode_bytes(
@@ -245,7 +284,7 @@ def _decode_bytes(
         if apply_exif_orientation and orientation != 1:
             with contextlib.suppress(Exception):  # a broken EXIF block must not cost the image
                 image = ImageOps.exif_transpose(image)
-        image = to_rgb(image)
+        image = to_rgb(image, source)
     return image, width, height
 
 
@@ -263,8 +302,9 @@ def load_image(
     """Loads one image from a path, bytes, a `datasets` image dict, a PIL image, a numpy array or a torch tensor.
 
     Args:
-        image: The input. Arrays may be HxW, HxWxC or CxHxW, uint8/uint16/bool or float in [0, 1]; a dict is the
-            `{"bytes": ..., "path": ...}` form of a `datasets.Image(decode=False)` column.
+        image: The input. Arrays may be HxW, HxWxC or CxHxW, uint8/uint16/bool or float in [0, 1] (or 0..255, see
+            `float_pixels_to_uint8`); a dict is the `{"bytes": ..., "path": ...}` form of a `datasets.Image(decode=False)`
+            column.
         max_image_pixels: Largest accepted width * height, checked on the header before any decoding.
         max_file_bytes: Largest accepted file size.
         min_image_side: Smallest accepted side in pixels.
@@ -318,7 +358,9 @@ def load_image(
                 if apply_exif_orientation and image.getexif().get(0x0112, 1) != 1:
                     with contextlib.suppress(Exception):  # a broken EXIF block must not cost the image
                         image = ImageOps.exif_transpose(image)
-                pil = to_rgb(image)
+                pil = to_rgb(image, source)
+            except ImageLoadError:
+                raise
             except Exception as error:  # truncated data surfaces as OSError, SyntaxError, EOFError, struct.error...
                 raise ImageLoadError(
                     source, f"truncated or corrupt image data ({type(error).__name__}: {error})", "corrupt_image"

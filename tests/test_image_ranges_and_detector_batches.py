@@ -1,0 +1,206 @@
+"""Float and 32-bit integer pixels read by one rule whatever holds them, and detectors that give an image the same
+regions alone as in a batch.
+
+Float pixels are [0, 1] data (a resampling overshoot above 1 is clipped) or 0..255 data, the same for numpy arrays,
+torch tensors and float ("F") image files; other ranges are refused naming the range. 32-bit integer ("I") files are
+16-bit data as uint16 arrays are, whatever their brightest pixel. The torchvision detector and the BUTD backend run a
+batch in groups of equal input shape, so no image is padded to a larger partner.
+"""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from imagebert_hf import ImageBERTRoIExtractor, ImageLoadError, load_image
+
+from .test_butd import SMALL as BUTD_SMALL
+from .test_butd import random_checkpoint
+
+
+def _pixels(image) -> np.ndarray:
+    return np.asarray(load_image(image).image)
+
+
+def _tiff(array: np.ndarray, mode: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buffer, format="TIFF")
+    return buffer.getvalue()
+
+
+def _unit_image(height: int = 40, width: int = 48, seed: int = 0) -> np.ndarray:
+    """(H, W, 3) float32 in [0, 1] with hard edges: blocks of random grey levels, some at 0 and 1."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.choice([0.0, 0.2, 0.7, 1.0], size=(height // 8, width // 8, 3)).astype(np.float32)
+    return np.kron(blocks, np.ones((8, 8, 1), dtype=np.float32))
+
+
+def _grey_ramp(top: float, dtype) -> np.ndarray:
+    return np.linspace(0, top, 32 * 32).reshape(32, 32).astype(dtype)
+
+
+# ---------------------------------------------------------------------------------------------- float pixels
+
+
+def test_bicubic_resized_tensor_loads_like_its_clipped_version():
+    x = torch.from_numpy(_unit_image()).permute(2, 0, 1)
+    y = F.interpolate(x[None], size=(72, 80), mode="bicubic", align_corners=False)[0]
+    assert float(y.max()) > 1.0 and float(y.min()) < 0.0  # bicubic overshoots both ways at the edges
+    loaded = _pixels(y)
+    np.testing.assert_array_equal(loaded, _pixels(y.clamp(0, 1)))
+    assert abs(loaded.mean() - 255 * float(y.clamp(0, 1).mean())) < 1.0
+
+
+def test_numpy_float_slightly_above_one_loads_as_the_clipped_unit_image():
+    unit = _unit_image()
+    over = unit * 1.05
+    expected = np.round(np.clip(over, 0, 1) * 255).astype(np.uint8)
+    np.testing.assert_array_equal(_pixels(over), expected)
+    np.testing.assert_array_equal(_pixels(over.astype(np.float64)), expected)
+
+
+def test_float_tiff_in_unit_range_equals_the_numpy_array():
+    ramp = _grey_ramp(1.0, np.float32)
+    from_file = _pixels(_tiff(ramp, "F"))
+    np.testing.assert_array_equal(from_file, _pixels(ramp))
+    np.testing.assert_array_equal(from_file[..., 0], np.round(ramp * 255).astype(np.uint8))
+    # A float image opened by PIL follows the same rule as its file.
+    np.testing.assert_array_equal(_pixels(Image.fromarray(ramp, mode="F")), from_file)
+
+
+def test_float_pixels_in_byte_range_load_as_bytes():
+    ramp = _grey_ramp(255.0, np.float32)
+    expected = np.round(ramp).astype(np.uint8)
+    np.testing.assert_array_equal(_pixels(ramp)[..., 0], expected)
+    np.testing.assert_array_equal(_pixels(_tiff(ramp, "F"))[..., 0], expected)
+    # A resampling overshoot above 255 is clipped as one above 1 is, in an array as in a file.
+    over = ramp * 1.05
+    np.testing.assert_array_equal(_pixels(over)[..., 0], np.round(np.clip(over, 0, 255)))
+    np.testing.assert_array_equal(_pixels(_tiff(over, "F")), _pixels(over))
+
+
+@pytest.mark.parametrize(
+    "array, found",
+    [
+        (_grey_ramp(65535.0, np.float32), "from 0 to 65535"),
+        (_grey_ramp(2.0, np.float32) - 1.0, "from -1 to 1"),
+        ((_grey_ramp(1.0, np.float32) - 0.45) / 0.225, "from -2 to 2.44444"),
+        (-_grey_ramp(1.0, np.float32) - 0.1, "from -1.1 to -0.1"),
+    ],
+    ids=["sixteen_bit_floats", "minus_one_to_one", "mean_std_normalised", "all_negative"],
+)
+def test_float_pixels_of_another_range_are_refused_naming_it(array, found):
+    for source in (array, torch.from_numpy(array), _tiff(array, "F")):
+        with pytest.raises(ImageLoadError, match=r"expected floats in \[0, 1\] or in 0\.\.255") as info:
+            load_image(source)
+        assert f"float pixels range {found};" in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_float_pixels_are_refused_naming_the_range(bad):
+    ramp = _grey_ramp(1.0, np.float32)
+    ramp[3, 5] = bad
+    for source in (ramp, torch.from_numpy(ramp), _tiff(ramp, "F")):
+        with pytest.raises(ImageLoadError, match=r"1 NaN or infinite values \(finite values from 0 to 1\)"):
+            load_image(source)
+
+
+def test_refusal_names_the_file():
+    with pytest.raises(ImageLoadError, match=r"a_depth_map\.tiff: float pixels range from 0 to 65535"):
+        load_image({"bytes": _tiff(_grey_ramp(65535.0, np.float32), "F"), "path": "a_depth_map.tiff"})
+
+
+# ---------------------------------------------------------------------------------------------- 32-bit integers
+
+
+def test_32_bit_integer_tiff_reads_as_16_bit_data_whatever_its_maximum():
+    ramp = np.linspace(0, 255, 32 * 32).reshape(32, 32)
+    low = _pixels(_tiff(ramp.astype(np.int32), "I"))[..., 0]
+    high = _pixels(_tiff((ramp * 300 / 255).round().astype(np.int32), "I"))[..., 0]
+    # The same stored value gives the same grey in both files: the 300 file is not read on another scale.
+    np.testing.assert_array_equal(low, np.round(ramp.astype(np.int32) / 257.0).astype(np.uint8))
+    np.testing.assert_array_equal(high, np.round((ramp * 300 / 255).round() / 257.0).astype(np.uint8))
+    assert high.max() - low.max() <= 1
+    # As a uint16 array holding the same values.
+    np.testing.assert_array_equal(low, _pixels(ramp.astype(np.uint16))[..., 0])
+
+
+# ---------------------------------------------------------------------------------------------- detector batches
+
+
+def _scene(width: int, height: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    image.paste((250, 30, 30), (width // 4, height // 3, width // 2, height - 4))
+    return image
+
+
+def _assert_same_regions(batch_record, alone_record):
+    for field in ("region_boxes", "region_features", "region_class_probs"):
+        expected = alone_record[field]
+        assert batch_record[field].shape == expected.shape, field
+        np.testing.assert_allclose(batch_record[field], expected, rtol=0, atol=1e-5, err_msg=field)
+
+
+@pytest.fixture(scope="module")
+def detector():
+    torch.manual_seed(0)
+    extractor = ImageBERTRoIExtractor(
+        backend="detector",
+        detector_name="fasterrcnn_mobilenet_v3_large_320_fpn",
+        detector_weights=None,
+        detector_num_classes=91,
+        min_regions=10,
+        max_regions=20,
+    )
+    # torchvision's randomly initialised MobileNet shrinks its activations to about 1e-8, so every region would get
+    # the same feature whatever the pixels: batch norm statistics measured on random images keep them at unit scale.
+    body = extractor.get_backend().model.backbone.body
+    for module in body.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None
+    with torch.no_grad():
+        body.train()(torch.rand(4, 3, 320, 320, generator=torch.Generator().manual_seed(0)))
+    body.eval()
+    return extractor
+
+
+@pytest.fixture(scope="module")
+def butd(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("frcnn-vg-finetuned")
+    torch.save(random_checkpoint(), folder / "pytorch_model.bin")
+    return ImageBERTRoIExtractor(backend="butd", detector_weights=str(folder), device="cpu", **BUTD_SMALL)
+
+
+# Two photos that the detectors resize to different shapes: in one batch, the smaller would be padded to the larger.
+SCENES = [_scene(96, 64, 0), _scene(64, 112, 1)]
+
+
+@pytest.mark.parametrize("backend", ["detector", "butd"])
+def test_image_in_a_batch_gets_its_regions_alone(request, backend):
+    extractor = request.getfixturevalue(backend)
+    alone = [extractor.extract(image)[0] for image in SCENES]
+    assert alone[0]["region_features"].std(axis=0).max() > 1e-3  # the regions depend on the pixels
+    for order in ([0, 1], [1, 0]):
+        batch = extractor.extract([SCENES[i] for i in order], batch_size=2)
+        for index, record in zip(order, batch):
+            _assert_same_regions(record, alone[index])
+
+
+@pytest.mark.parametrize("backend", ["detector", "butd"])
+def test_given_boxes_in_a_batch_get_the_features_they_get_alone(request, backend):
+    extractor = request.getfixturevalue(backend)
+    # The whole image, its bottom-right corner (where a larger partner's padding would begin) and its top-left one.
+    boxes = [
+        np.array([[0, 0, w, h], [w - 30, h - 30, w, h], [0, 0, 30, 30]], dtype=np.float32)
+        for w, h in (image.size for image in SCENES)
+    ]
+    alone = [extractor.extract(image, boxes=b)[0] for image, b in zip(SCENES, boxes)]
+    for order in ([0, 1], [1, 0]):
+        batch = extractor.extract([SCENES[i] for i in order], boxes=[boxes[i] for i in order], batch_size=2)
+        for index, record in zip(order, batch):
+            _assert_same_regions(record, alone[index])
