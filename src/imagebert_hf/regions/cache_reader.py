@@ -40,7 +40,7 @@ def load_region_dataset(path: str | os.PathLike):
     """The cache's region records as one `datasets.Dataset` (all shards, in order; memory-mapped)."""
     from datasets import concatenate_datasets, load_from_disk
 
-    path = Path(path)
+    path = Path(path).expanduser()
     shards = _shard_dirs(path, read_cache_info(path))
     return concatenate_datasets([load_from_disk(str(s)) for s in shards])
 
@@ -213,11 +213,16 @@ def _open_lookup(path: Path, fingerprint: str, num_rows: int):
 READ_DTYPES = (None, "float16", "float32", "float64")
 
 
-def _shard_report(shard: Path) -> dict[str, Any] | None:
-    """A shard's `shard_report.json` (None for shards written before it existed)."""
+def _shard_report(shard: Path) -> dict[str, Any]:
+    """A shard's `shard_report.json`, checked to parse. The writer writes it before it renames the shard folder into
+    place, so a folder without one is a shard copied or moved in part, whose rows cannot be trusted."""
     file = shard / SHARD_REPORT_NAME
     if not file.is_file():
-        return None
+        raise RegionCacheError(
+            f"region cache shard folder {shard} has no {SHARD_REPORT_NAME} (a shard folder copied or moved in part?). "
+            f"Rerun extract_regions (imagebert-extract-regions) with the same arguments into {shard.parent.parent}: "
+            "it recomputes that shard (or copy the whole folder again from an intact cache)."
+        )
     try:
         report = json.loads(file.read_text(encoding="utf-8"))
         if not isinstance(report, dict) or not isinstance(report.get("rows"), int):
@@ -227,9 +232,11 @@ def _shard_report(shard: Path) -> dict[str, Any] | None:
     return report
 
 
-def _check_shard_files(shard: Path, number: int, report: dict[str, Any] | None) -> None:
-    """Cheap checks at every open: the shard is where it was written and its files have their recorded sizes."""
-    if not report or "files" not in report:
+def _check_shard_files(shard: Path, number: int, report: dict[str, Any], fingerprint: str | None = None) -> None:
+    """Cheap checks at every open: the shard was written for this cache's plan (`fingerprint`, where its report
+    records one), is where it was written, and its files have their recorded sizes."""
+    _check_shard_fingerprint(shard, report, fingerprint)
+    if "files" not in report:
         return
     if report.get("shard") != number:
         raise RegionCacheError(
@@ -246,6 +253,21 @@ def _check_shard_files(shard: Path, number: int, report: dict[str, Any] | None) 
         size = (shard / name).stat().st_size
         if size != recorded.get("size"):
             raise _damaged(shard / name, ValueError(f"{size} bytes, {recorded.get('size')} recorded when written"))
+
+
+def _check_shard_fingerprint(shard: Path, report: dict[str, Any], fingerprint: str | None) -> None:
+    """Refuses a shard whose `shard_report.json` records another plan fingerprint than its cache's: regions made
+    with other settings, images or weights (two runs that started one folder at once, or a shard copied from
+    another cache). Shards written before the fingerprint was recorded pass."""
+    recorded = report.get("fingerprint")
+    if fingerprint is None or recorded is None or recorded == fingerprint:
+        return
+    raise RegionCacheError(
+        f"region cache shard folder {shard} was written for another cache (its {SHARD_REPORT_NAME} records the "
+        f"fingerprint {str(recorded)[:12]}..., {CACHE_INFO_NAME} {fingerprint[:12]}...): its regions come from "
+        f"another source, extractor or settings. Delete {shard} and rerun extract_regions with this cache's "
+        "arguments: only that shard is recomputed."
+    )
 
 
 def _check_shard_rows(shard: Path, table, report: dict[str, Any] | None) -> None:
@@ -363,7 +385,7 @@ def verify_region_cache(path: str | os.PathLike) -> int:
             field of `cache_info.json` that disagrees with what the shards hold (feature size, class count, feature
             dtype, shard count).
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     info = read_cache_info(path)
     checked = 0
     recorded = info.get("index")
@@ -378,7 +400,8 @@ def verify_region_cache(path: str | os.PathLike) -> int:
     _check_unrecorded_files(path, shards)
     for number, shard in enumerate(shards):
         report = _shard_report(shard)
-        if not report or "files" not in report:
+        _check_shard_fingerprint(shard, report, info["fingerprint"])
+        if "files" not in report:
             logger.warning("%s was written without checksums; only its rows can be checked", shard)
             continue
         _check_shard_files(shard, number, report)
@@ -420,7 +443,7 @@ class RegionCache:
             raise ValueError(
                 f"dtype must be one of {READ_DTYPES} (None: the stored dtype), got {dtype!r}; the regions are floats."
             )
-        self.path = Path(path)
+        self.path = Path(path).expanduser()
         self.info = read_cache_info(self.path)
         self.dtype = None if dtype is None else np.dtype(dtype)
         self.feature_dtype = np.dtype(self.info.get("feature_dtype", "float32"))
@@ -429,7 +452,7 @@ class RegionCache:
         self._shard_rows = []
         for number, shard in enumerate(shards):
             report = _shard_report(shard)
-            _check_shard_files(shard, number, report)
+            _check_shard_files(shard, number, report, self.info["fingerprint"])
             table = _open_shard_table(shard)
             _check_shard_rows(shard, table, report)
             _check_shard_against_info(self.path, self.info, shard, table)

@@ -11,12 +11,15 @@ run. Machines of a split run join their folders with `merge_region_caches`. The 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import sys
 import time
+import uuid
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +38,7 @@ from ..formats.files import (
     publish_folder,
 )
 from ..formats.manifest import iter_manifest
+from ..models.imagebert.folder_publishing import fsync_folder
 from ..models.imagebert.image_processing_imagebert import ImageBERTRoIExtractor, extract_in_batches
 from ..models.imagebert.region_batching import as_feature_tensor, check_region_record, check_region_values
 from ..models.imagebert.roi_boxes import as_boxes
@@ -48,10 +52,11 @@ from .cache_layout import (
     SHARD_REPORT_NAME,
     SHARDS_DIR,
     STORAGE_DTYPES,
+    RegionCacheError,
     _shard_dir,
     read_cache_info,
 )
-from .cache_reader import RegionCache
+from .cache_reader import RegionCache, _check_shard_fingerprint, _shard_report
 
 
 logger = logging.get_logger(__name__)
@@ -92,15 +97,21 @@ class CacheReport:
 def _manifest_items(
     path: str | os.PathLike, image_root, use_boxes: bool, allow_outside_root: bool = False
 ) -> list[dict[str, Any]]:
-    return [
-        {
-            "key": record.image,
-            "image": str(record.image_path),
-            "boxes": np.asarray(record.boxes, dtype=np.float32).reshape(-1, 4) if use_boxes and record.boxes else None,
-            "where": f"manifest line {record.where}",
-        }
-        for record in iter_manifest(path, image_root, allow_outside_root)
-    ]
+    items = []
+    for record in iter_manifest(path, image_root, allow_outside_root):
+        boxes = np.asarray(record.boxes, dtype=np.float32).reshape(-1, 4) if use_boxes and record.boxes else None
+        # The frame the boxes are given in: a file of another size (a resized copy) would misplace them.
+        stated = boxes is not None and record.width is not None and record.height is not None
+        items.append(
+            {
+                "key": record.image,
+                "image": str(record.image_path),
+                "boxes": boxes,
+                "size": (record.width, record.height) if stated else None,
+                "where": f"manifest line {record.where}",
+            }
+        )
+    return items
 
 
 def dataset_row_key(image: Any, row_index: int) -> str:
@@ -186,6 +197,7 @@ def _plan(
                 "key": key,
                 "image": item["image"],
                 "boxes": item["boxes"],
+                "size": item.get("size"),
             }
         index.append((key, cache_key))
     return list(units.values()), index
@@ -408,6 +420,50 @@ def _failed_record(reason: str, feature_size: int, num_classes: int) -> dict[str
     }
 
 
+def _header_size(
+    path: str | os.PathLike, apply_exif_orientation: bool, max_image_pixels: int | None = None
+) -> tuple[int, int] | None:
+    """Width and height of an image file as the extractor sees it (after its EXIF rotation where it applies one),
+    from the header alone; None when the header cannot be read or declares more than `max_image_pixels` (the
+    extractor, with its own limits, names why)."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if max_image_pixels is not None and width * height > max_image_pixels:
+                    return None  # reading a PNG's EXIF can decode the whole image
+                # Orientations 5-8 turn the image by a quarter turn: the displayed image is the frame of the boxes.
+                if apply_exif_orientation and image.getexif().get(0x0112) in (5, 6, 7, 8):
+                    width, height = height, width
+    except Exception:  # noqa: BLE001 - PIL raises many types on damaged headers, DecompressionBombError among them
+        return None
+    return width, height
+
+
+def _stated_size_problem(
+    unit: dict[str, Any], apply_exif_orientation: bool, max_image_pixels: int | None = None
+) -> str | None:
+    """Why a unit's boxes cannot be used on its image file: the manifest states the frame of its boxes (its width and
+    height), and the file is another size (a resized copy, or a photo its EXIF orientation turns). Rescaling the
+    boxes would be a guess, so the image fails instead. None when the sizes agree or nothing is stated."""
+    stated = unit.get("size")
+    if stated is None or unit["boxes"] is None or not isinstance(unit["image"], (str, os.PathLike)):
+        return None
+    found = _header_size(unit["image"], apply_exif_orientation, max_image_pixels)
+    if found is None or found == tuple(stated):
+        return None
+    turned = apply_exif_orientation and _header_size(unit["image"], False, max_image_pixels) != found
+    note = " once its EXIF orientation turns it (the manifest must give the image as shown)" if turned else ""
+    return (
+        f"the manifest states {stated[0]}x{stated[1]}, but the image file is {found[0]}x{found[1]}{note}: its boxes "
+        "are in the manifest's frame and would be misplaced (boxes are not rescaled); give the line the file's width, "
+        "height and boxes"
+    )
+
+
 def _shard_columns(
     extractor,
     units: list[dict[str, Any]],
@@ -418,50 +474,73 @@ def _shard_columns(
     storage_dtype: str = "float32",
 ) -> tuple[dict[str, list[Any]], list[dict[str, str]]]:
     """Runs the extractor over a shard's units: the shard's columns, and one failure entry per image that failed
-    (unreadable, or whose regions cannot be stored: see `_storage_problem`)."""
+    (unreadable, of another size than its manifest line states for its boxes, or whose regions cannot be stored: see
+    `_stated_size_problem` and `_storage_problem`)."""
     num_classes, feature_size = extractor.num_object_classes, extractor.region_feature_size
     columns: dict[str, list[Any]] = {name: [] for name in features}
     failures = []
+
+    def add(unit: dict[str, Any], record: dict[str, Any]) -> None:
+        columns["cache_key"].append(unit["cache_key"])
+        columns["image_id"].append(unit["image_id"])
+        columns["source"].append(unit["key"])
+        for name in ("region_features", "region_boxes", "region_locations"):
+            columns[name].append(record[name])
+        columns["region_class_labels"].append(record["region_class_labels"])
+        if store_class_probs:
+            probs = record.get("region_class_probs")
+            columns["region_class_probs"].append(
+                np.zeros((record["num_regions"], max(num_classes, 1)), np.float32)
+                if probs is None or probs.shape[1] == 0
+                else probs
+            )
+        columns["image_width"].append(record["image_width"])
+        columns["image_height"].append(record["image_height"])
+        columns["num_regions"].append(record["num_regions"])
+        columns["error"].append(record["error"])
+        if record["error"]:
+            failures.append({"key": unit["key"], "cache_key": unit["cache_key"], "error": record["error"]})
+
     # Precomputed files are named by the item's key (a manifest path's file name, a dataset key), not by content.
     by_key = getattr(extractor, "backend", None) == "precomputed"
+    apply_exif = getattr(extractor, "apply_exif_orientation", True)
+    limit = getattr(extractor, "max_image_pixels", None)
+    refused = {} if by_key else {i: _stated_size_problem(unit, apply_exif, limit) for i, unit in enumerate(units)}
+    refused = {i: problem for i, problem in refused.items() if problem is not None}
+    todo = [unit for i, unit in enumerate(units) if i not in refused]
     stream = extract_in_batches(
         extractor,
-        [unit["key" if by_key else "image"] for unit in units],
+        [unit["key" if by_key else "image"] for unit in todo],
         batch_size,
-        boxes=[unit["boxes"] for unit in units],
-        image_ids=None if by_key else [unit["image_id"] for unit in units],
+        boxes=[unit["boxes"] for unit in todo],
+        image_ids=None if by_key else [unit["image_id"] for unit in todo],
         on_error="record",
         return_class_probs=store_class_probs,
     )
-    for start, records in zip(range(0, len(units), batch_size), stream):
-        batch = units[start : start + batch_size]
-        for unit, record in zip(batch, records):
+    position = 0  # rows stay in the units' order, refused ones in their place
+
+    def add_refused() -> None:
+        nonlocal position
+        while position in refused:
+            add(units[position], _failed_record(refused[position], feature_size, num_classes))
+            position += 1
+
+    for _, records in zip(range(0, len(todo), batch_size), stream):
+        for record in records:
+            add_refused()
+            unit = units[position]
+            position += 1
             if not record["error"]:
                 problem, stored = _storage_problem(
                     record, unit["key"], feature_size, num_classes, store_class_probs, storage_dtype
                 )
                 record = stored if problem is None else _failed_record(problem, feature_size, num_classes)
-            columns["cache_key"].append(unit["cache_key"])
-            columns["image_id"].append(unit["image_id"])
-            columns["source"].append(unit["key"])
-            for name in ("region_features", "region_boxes", "region_locations"):
-                columns[name].append(record[name])
-            columns["region_class_labels"].append(record["region_class_labels"])
-            if store_class_probs:
-                probs = record.get("region_class_probs")
-                columns["region_class_probs"].append(
-                    np.zeros((record["num_regions"], max(num_classes, 1)), np.float32)
-                    if probs is None or probs.shape[1] == 0
-                    else probs
-                )
-            columns["image_width"].append(record["image_width"])
-            columns["image_height"].append(record["image_height"])
-            columns["num_regions"].append(record["num_regions"])
-            columns["error"].append(record["error"])
-            if record["error"]:
-                failures.append({"key": unit["key"], "cache_key": unit["cache_key"], "error": record["error"]})
+            add(unit, record)
         if on_batch is not None:
-            on_batch(len(batch))
+            on_batch(len(records))
+    add_refused()
+    if refused and on_batch is not None:
+        on_batch(len(refused))
     return columns, failures
 
 
@@ -472,6 +551,7 @@ def _write_shard(
     failures,
     shard_path: Path,
     num_shards: int | None = None,
+    fingerprint: str | None = None,
 ) -> dict[str, Any]:
     """Saves the columns under a temporary name with their `shard_report.json`, then renames the folder into place."""
     import datasets
@@ -496,6 +576,8 @@ def _write_shard(
         "shard": int(shard_path.name.rsplit("-", 1)[-1]),
         # The plan's shard count, so a reader can tell an edited count in cache_info.json from a missing shard.
         "num_shards": num_shards,
+        # The plan it was extracted for: a shard of another plan (other settings, images or weights) is refused.
+        "fingerprint": fingerprint,
         "first_cache_key": units[0]["cache_key"] if units else None,
         "last_cache_key": units[-1]["cache_key"] if units else None,
         "files": {file.name: file_checksum(file) for file in sorted(tmp_path.glob("data-*.arrow"))},
@@ -515,21 +597,26 @@ def _extract_shard(
     on_batch: Callable[[int], None] | None = None,
     storage_dtype: str = "float32",
     num_shards: int | None = None,
+    fingerprint: str | None = None,
 ) -> dict[str, Any]:
     features = _features(extractor.region_feature_size, extractor.num_object_classes, store_class_probs, storage_dtype)
     columns, failures = _shard_columns(
         extractor, units, features, batch_size, store_class_probs, on_batch, storage_dtype
     )
-    return _write_shard(columns, features, units, failures, shard_path, num_shards)
+    return _write_shard(columns, features, units, failures, shard_path, num_shards, fingerprint)
 
 
-def _init_worker(extractor_dir: str, num_threads: int, devices, extractor_class=ImageBERTRoIExtractor) -> None:
+def _init_worker(
+    extractor_dir: str, num_threads: int, devices, extractor_class=ImageBERTRoIExtractor, device: str | None = None
+) -> None:
     global _WORKER_EXTRACTOR
     import torch
 
     torch.set_num_threads(max(1, num_threads))
-    # Worker k takes the k-th device from the queue, so N workers on N GPUs use one GPU each.
-    device = devices.get() if devices is not None else None
+    # Worker k takes the k-th device from the queue, so N workers on N GPUs use one GPU each; without a queue (a
+    # device the user pinned, or no GPU) every worker runs where the extractor was asked to.
+    if devices is not None:
+        device = devices.get()
     _WORKER_EXTRACTOR = extractor_class.from_pretrained(extractor_dir, device=device)
 
 
@@ -554,9 +641,9 @@ def _check_worker_class(extractor, num_proc: int) -> None:
 
 
 def _worker_task(
-    task: tuple[int, list[dict[str, Any]], str, int, bool, str, int],
+    task: tuple[int, list[dict[str, Any]], str, int, bool, str, int, str],
 ) -> tuple[int, int, dict[str, Any]]:
-    shard, units, shard_path, batch_size, store_class_probs, storage_dtype, num_shards = task
+    shard, units, shard_path, batch_size, store_class_probs, storage_dtype, num_shards, fingerprint = task
     report = _extract_shard(
         _WORKER_EXTRACTOR,
         units,
@@ -565,6 +652,7 @@ def _worker_task(
         store_class_probs,
         storage_dtype=storage_dtype,
         num_shards=num_shards,
+        fingerprint=fingerprint,
     )
     return shard, len(units), report
 
@@ -631,10 +719,51 @@ def _device_queue(context, num_proc: int, extractor):
     return devices
 
 
-def _start_cache(output_dir: Path, extractor, index, shard_of, info: dict[str, Any]) -> None:
-    """Writes the extractor, `index.jsonl` and `cache_info.json` of a new cache; safe when several processes or
-    machines start the same cache at once (each writes identical files and renames them into place)."""
+def _publish_new_file(path: Path, text: str) -> bool:
+    """Puts `text` at `path` unless a file is there already; True when this call put it there. The file is written
+    and synced under a unique temporary name, then hard-linked into place: a link never replaces a file, so of
+    several processes publishing at once exactly one succeeds, and readers only ever see a complete file. Where the
+    filesystem has no hard links, the file is created exclusively (`O_EXCL`) and written in place."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    data = text.encode("utf-8")
+    try:
+        with open(tmp, "xb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError:
+            try:
+                with open(path, "xb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            except FileExistsError:
+                return False
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    fsync_folder(path.parent)
+    return True
+
+
+def _start_cache(output_dir: Path, info: dict[str, Any]) -> dict[str, Any] | None:
+    """Claims `output_dir` for a new cache by publishing its `cache_info.json` (never over another one): None when
+    this process's info is the cache's, else the info another process published first, for the caller to compare.
+    Two machines starting one folder at the same moment with other settings cannot both go on."""
     output_dir.mkdir(parents=True, exist_ok=True)
+    if _publish_new_file(output_dir / CACHE_INFO_NAME, json.dumps(info, indent=2, default=str)):
+        return None
+    return read_cache_info(output_dir)
+
+
+def _complete_skeleton(output_dir: Path, extractor, lines: str) -> None:
+    """Writes the extractor and `index.jsonl` of a cache whose `cache_info.json` matches this run's plan, where they
+    are missing (a process killed just after publishing the info); several processes may do it at once, each
+    renaming identical files into place."""
     if not (output_dir / EXTRACTOR_DIR).is_dir():
         tmp = output_dir / f".{EXTRACTOR_DIR}.tmp-{os.getpid()}"
         extractor.save_pretrained(tmp)
@@ -642,10 +771,8 @@ def _start_cache(output_dir: Path, extractor, index, shard_of, info: dict[str, A
             publish_folder(tmp, output_dir / EXTRACTOR_DIR, replace=False)
         except OSError:  # another process published it first
             shutil.rmtree(tmp, ignore_errors=True)
-    lines = _index_text(index, shard_of)
-    atomic_write_text(output_dir / INDEX_NAME, lines)
-    info = {**info, "index": _index_checksum(lines)}
-    atomic_write_json(output_dir / CACHE_INFO_NAME, info, indent=2, default=str)
+    if not (output_dir / INDEX_NAME).is_file():
+        atomic_write_text(output_dir / INDEX_NAME, lines)
 
 
 def _index_text(index, shard_of) -> str:
@@ -674,6 +801,21 @@ def _first_index_difference(old_lines: list[str], new_lines: list[str]) -> str:
     return "the recorded index checksum does not match"
 
 
+def _first_plan_difference(output_dir: Path, index: list[tuple[str, str]]) -> str | None:
+    """Names the first item whose key reads another image in this run's plan than in the cache's `index.jsonl` (an
+    image replaced or restored, a key added or dropped); None when they agree item for item or the index cannot be
+    read (the caller then names the settings)."""
+    try:
+        recorded = [
+            json.dumps({"key": entry["key"], "cache_key": entry["cache_key"]})
+            for entry in map(json.loads, (output_dir / INDEX_NAME).read_text(encoding="utf-8").splitlines())
+        ]
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    planned = [json.dumps({"key": key, "cache_key": cache_key}) for key, cache_key in index]
+    return None if recorded == planned else _first_index_difference(recorded, planned)
+
+
 def _check_same_index(output_dir: Path, previous: dict[str, Any], lines: str) -> None:
     """Refuses to resume a cache whose key -> image index differs from this source's: the same images under other
     keys (or a key added to an image) would keep the old index, so a key would read another image's regions."""
@@ -693,22 +835,29 @@ def _check_same_index(output_dir: Path, previous: dict[str, Any], lines: str) ->
 def _finish_cache(output_dir: Path, report: CacheReport, num_shards: int, started: float | None = None) -> CacheReport:
     """Counts every finished shard into `report`; once all are there, marks the cache complete and builds its
     key table. Run by whichever process finishes last (running it twice writes the same files). With `started`
-    (a `time.perf_counter()` value), `report.seconds` is the wall time since then, in `report.json` too."""
-    finished = [shard for shard in range(num_shards) if _shard_dir(output_dir, shard).is_dir()]
-    rows = 0
+    (a `time.perf_counter()` value), `report.seconds` is the wall time since then, in `report.json` too.
+
+    Raises:
+        RegionCacheError: When `cache_info.json` or a shard's report is damaged, or a shard was written for another
+            plan (its report records another fingerprint), naming the file or the shard folder.
+    """
+    info = read_cache_info(output_dir)
+    rows, finished = 0, 0
     report.failures = []
-    for shard in finished:
-        shard_report = json.loads((_shard_dir(output_dir, shard) / SHARD_REPORT_NAME).read_text())
-        report.failures.extend(shard_report["failures"])
+    for shard in range(num_shards):
+        shard_report = _finished_shard_report(_shard_dir(output_dir, shard))
+        if shard_report is None:
+            continue
+        _check_shard_fingerprint(_shard_dir(output_dir, shard), shard_report, info["fingerprint"])
+        finished += 1
+        report.failures.extend(shard_report.get("failures") or [])
         rows += shard_report["rows"]
     report.num_failed = len(report.failures)
     report.num_extracted = rows - report.num_failed
-    if len(finished) == num_shards:
-        info = json.loads((output_dir / CACHE_INFO_NAME).read_text())
-        if not info.get("complete"):
-            RegionCache(output_dir)  # builds lookup.arrow from the shards and the index
-            info["complete"] = True
-            atomic_write_json(output_dir / CACHE_INFO_NAME, info, indent=2, default=str)
+    if finished == num_shards and not info.get("complete"):
+        RegionCache(output_dir)  # builds lookup.arrow from the shards and the index
+        info["complete"] = True
+        atomic_write_json(output_dir / CACHE_INFO_NAME, info, indent=2, default=str)
     if started is not None:
         report.seconds = round(time.perf_counter() - started, 3)
     atomic_write_json(output_dir / REPORT_NAME, asdict(report), indent=2)
@@ -743,6 +892,15 @@ def _check_extract_arguments(
     _check_positive("max_shards", max_shards, allow_none=True)
     if box_format not in ("xyxy", "xywh"):
         raise ValueError(f"box_format must be 'xyxy' or 'xywh', got {box_format!r}.")
+    if not isinstance(source, (str, os.PathLike)):
+        from datasets import DatasetDict
+
+        if isinstance(source, DatasetDict):  # its splits hold the rows, and it has no `features` of its own
+            splits = list(source)
+            raise ValueError(
+                f"source is a DatasetDict of the splits {splits}; pass one split's Dataset (e.g. "
+                f"source[{(splits or ['train'])[0]!r}]) or a manifest."
+            )
     if isinstance(source, (str, os.PathLike)) and not Path(source).is_file():
         found = "is a folder" if Path(source).is_dir() else "does not exist"
         raise FileNotFoundError(f"source {source} {found} (expected a jsonl manifest or a datasets.Dataset).")
@@ -775,16 +933,35 @@ def _open_cache(
     store_class_probs: bool,
     shard_size: int,
     storage_dtype: str,
-) -> None:
-    """Starts the cache at `output_dir`, or checks that the one there is of the same plan (its fingerprint and its
-    index)."""
+) -> str:
+    """Starts the cache at `output_dir`, or checks that the one there (found at the start, or published by another
+    process while this one started it) is of the same plan (its fingerprint and its index); returns the plan's
+    fingerprint."""
     extractor_config = extractor.to_dict()
     weights_sha256 = _weights_sha256(extractor, output_dir)
     fingerprint = _fingerprint(units, extractor_config, store_class_probs, shard_size, storage_dtype, weights_sha256)
     shard_of = {unit["cache_key"]: shard for shard, chunk in enumerate(shards) for unit in chunk}
-    info_path = output_dir / CACHE_INFO_NAME
-    if info_path.is_file():
-        previous = json.loads(info_path.read_text())
+    lines = _index_text(index, shard_of)
+    previous = None
+    if (output_dir / CACHE_INFO_NAME).is_file():
+        previous = read_cache_info(output_dir)
+    else:
+        info = {
+            "format_version": CACHE_FORMAT_VERSION,
+            "fingerprint": fingerprint,
+            "complete": False,
+            "region_feature_size": extractor.region_feature_size,
+            "num_object_classes": extractor.num_object_classes,
+            "store_class_probs": store_class_probs,
+            "feature_dtype": storage_dtype,
+            "shard_size": shard_size,
+            "num_shards": len(shards),
+            "extractor": {**extractor_config, "device": None},
+            "weights_sha256": weights_sha256,
+            "index": _index_checksum(lines),
+        }
+        previous = _start_cache(output_dir, info)
+    if previous is not None:
         if previous.get("fingerprint") != fingerprint:
             if (
                 weights_sha256 is not None
@@ -807,28 +984,53 @@ def _open_cache(
                     f"{previous['weights_sha256'][:12]}..., this extractor's {weights_sha256[:12]}...); one cache "
                     "holds the regions of one extractor: use a new output_dir or delete it."
                 )
+            difference = _first_plan_difference(output_dir, index)
+            if difference is not None:
+                raise ValueError(
+                    f"{output_dir} holds a region cache of another source: {difference} (an image replaced, restored "
+                    "or given other boxes since the cache was started, or another manifest); a cache keeps the images "
+                    "it was started with: use a new output_dir or delete it."
+                )
             raise ValueError(
                 f"{output_dir} holds a region cache of another source, extractor (settings or weights), shard size "
                 f"or storage dtype (it stores {previous.get('feature_dtype', 'float32')}; pass storage_dtype to "
                 "match); use a new output_dir or delete it."
             )
-        _check_same_index(output_dir, previous, _index_text(index, shard_of))
-    else:
-        info = {
-            "format_version": CACHE_FORMAT_VERSION,
-            "fingerprint": fingerprint,
-            "complete": False,
-            "region_feature_size": extractor.region_feature_size,
-            "num_object_classes": extractor.num_object_classes,
-            "store_class_probs": store_class_probs,
-            "feature_dtype": storage_dtype,
-            "shard_size": shard_size,
-            "num_shards": len(shards),
-            "extractor": {**extractor_config, "device": None},
-            "weights_sha256": weights_sha256,
-        }
-        _start_cache(output_dir, extractor, index, shard_of, info)
+        _check_same_index(output_dir, previous, lines)
+    _complete_skeleton(output_dir, extractor, lines)
     (output_dir / SHARDS_DIR).mkdir(exist_ok=True)
+    return fingerprint
+
+
+def _finished_shard_report(folder: Path) -> dict[str, Any] | None:
+    """The `shard_report.json` of a finished shard folder, or None where the folder is missing or unfinished: without
+    its report or the data files the report lists (a copy or move cut short; the writer renames a shard into place
+    only with both).
+
+    Raises:
+        RegionCacheError: When the report is there but damaged, naming it.
+    """
+    if not (folder / SHARD_REPORT_NAME).is_file():
+        return None
+    report = _shard_report(folder)
+    files = report.get("files")
+    names = list(files) if isinstance(files, dict) else [file.name for file in folder.glob("data-*.arrow")]
+    if not names or not all((folder / name).is_file() for name in names):
+        return None
+    return report
+
+
+def _recompute_unfinished_shards(output_dir: Path, mine: list[int]) -> None:
+    """Removes the shard folders of this process that hold no finished shard, so that they are extracted again."""
+    for shard in mine:
+        folder = _shard_dir(output_dir, shard)
+        if folder.is_dir() and _finished_shard_report(folder) is None:
+            logger.warning(
+                "%s has no %s or lacks data files (a copy cut short?): extracting that shard again",
+                folder,
+                SHARD_REPORT_NAME,
+            )
+            shutil.rmtree(folder)
 
 
 def _remove_stale_tmp(output_dir: Path, mine: list[int]) -> None:
@@ -851,6 +1053,7 @@ def _run_shards(
     batch_size: int,
     store_class_probs: bool,
     storage_dtype: str,
+    fingerprint: str,
 ) -> None:
     """Extracts the shards `todo`: in this process, or with `num_proc > 1` in spawned workers, one shard a task;
     `on_images(n)` is called as images are done."""
@@ -870,6 +1073,7 @@ def _run_shards(
                 store_class_probs,
                 storage_dtype,
                 len(shards),
+                fingerprint,
             )
             for shard in todo
         ]
@@ -878,6 +1082,7 @@ def _run_shards(
             threads,
             _device_queue(context, workers, extractor),
             type(extractor),  # a subclass's workers run the subclass (pickled by name)
+            extractor.device,
         )
         with context.Pool(workers, initializer=_init_worker, initargs=initargs) as pool:
             for _, count, _ in pool.imap_unordered(_worker_task, tasks):
@@ -893,6 +1098,7 @@ def _run_shards(
                 on_images,
                 storage_dtype=storage_dtype,
                 num_shards=len(shards),
+                fingerprint=fingerprint,
             )
 
 
@@ -955,12 +1161,20 @@ def extract_regions(
         numbers are in `output_dir/report.json`.
 
     Raises:
-        ValueError: When `output_dir` holds a cache of another source, extractor (settings or weights) or storage
-            dtype; when a key names two different images (or boxes), is not valid UTF-8, or a row's boxes are
-            malformed; when the extractor's `region_location_size` is not 5 (the cache stores 5-d locations).
+        ValueError: When `output_dir` holds a cache of another source (the first key reading another image is
+            named), extractor (settings or weights) or storage dtype, or another process started it meanwhile with
+            other settings; when a key names two different images (or boxes), is not valid UTF-8, or a row's boxes
+            are malformed; when `source` is a `DatasetDict` (pass one split); when the extractor's
+            `region_location_size` is not 5 (the cache stores 5-d locations). A `RegionCacheError` (a `ValueError`)
+            names a damaged `cache_info.json` or shard report, or a shard written for another plan.
     """
     from tqdm.auto import tqdm
 
+    # "~" as datasets and fsspec read it, so that every file of the cache lands in one folder.
+    source, output_dir, image_root, extractor = (
+        os.path.expanduser(value) if isinstance(value, (str, os.PathLike)) else value
+        for value in (source, output_dir, image_root, extractor)
+    )
     _check_extract_arguments(
         source,
         output_dir,
@@ -998,7 +1212,7 @@ def extract_regions(
         raise ValueError(f"{named} lists no images: nothing to extract.")
     units, index = _plan(items, extractor.max_file_bytes, by_key=getattr(extractor, "backend", None) == "precomputed")
     shards = [units[i : i + shard_size] for i in range(0, len(units), shard_size)]
-    _open_cache(
+    fingerprint = _open_cache(
         output_dir,
         extractor,
         units,
@@ -1011,6 +1225,7 @@ def extract_regions(
 
     mine = shards_of(len(shards), num_shards, shard_index, split_rank, split_world)
     _remove_stale_tmp(output_dir, mine)
+    _recompute_unfinished_shards(output_dir, mine)
     todo = [shard for shard in mine if not _shard_dir(output_dir, shard).is_dir()]
     skipped = len(mine) - len(todo)
     if max_shards is not None:
@@ -1032,6 +1247,7 @@ def extract_regions(
             batch_size=batch_size,
             store_class_probs=store_class_probs,
             storage_dtype=storage_dtype,
+            fingerprint=fingerprint,
         )
     finally:
         bar.close()
@@ -1057,13 +1273,16 @@ def merge_region_caches(parts: Sequence[str | os.PathLike], output_dir: str | os
 
     Every part must come from the same source, extractor and settings (the same fingerprint); the shards are copied
     (hard-linked where the filesystem allows) into `output_dir`, which then equals a single-machine run's cache.
+    Every part is checked before anything is written.
 
     Raises:
-        ValueError: When the parts are of different caches, or together miss shards.
+        ValueError: When the parts are of different caches, together miss shards, or a part is damaged (its
+            `cache_info.json` or `index.jsonl`, or a shard folder without its report or data files, or written for
+            another plan), naming the file or folder.
     """
     started = time.perf_counter()
-    parts = [Path(part) for part in parts]
-    output_dir = Path(output_dir)
+    parts = [Path(part).expanduser() for part in parts]
+    output_dir = Path(output_dir).expanduser()
     infos = [read_cache_info(part) for part in parts]
     fingerprints = {info["fingerprint"] for info in infos}
     if len(fingerprints) != 1:
@@ -1071,6 +1290,13 @@ def merge_region_caches(parts: Sequence[str | os.PathLike], output_dir: str | os
             f"the parts {[str(p) for p in parts]} are of different caches (source, extractor or settings differ, or "
             "the precomputed regions they were read from)."
         )
+    (fingerprint,) = fingerprints
+    for part in parts:
+        if not (part / INDEX_NAME).is_file():
+            raise RegionCacheError(
+                f"the part {part} has no {INDEX_NAME} (a folder copied in part?); copy it again from the machine "
+                "that wrote it, or rerun that machine's extraction."
+            )
     first_index = (parts[0] / INDEX_NAME).read_text(encoding="utf-8")
     for part, part_info in zip(parts[1:], infos[1:]):
         # The fingerprint covers the images, not their keys: parts of one run share their index too.
@@ -1084,8 +1310,31 @@ def merge_region_caches(parts: Sequence[str | os.PathLike], output_dir: str | os
                 "one run (one source) only."
             )
     info = dict(infos[0], complete=False)
-    if (output_dir / CACHE_INFO_NAME).is_file() and read_cache_info(output_dir)["fingerprint"] not in fingerprints:
+    num_shards = info["num_shards"]
+    if (output_dir / CACHE_INFO_NAME).is_file() and read_cache_info(output_dir)["fingerprint"] != fingerprint:
         raise ValueError(f"{output_dir} holds another region cache; merge into a new folder.")
+    # Where each shard comes from, every shard folder of every part checked before anything is written.
+    sources: dict[int, Path] = {}
+    for folder in (output_dir, *parts):  # shards of an earlier, interrupted merge first
+        for shard in range(num_shards):
+            shard_folder = _shard_dir(folder, shard)
+            if not shard_folder.is_dir():
+                continue
+            shard_report = _finished_shard_report(shard_folder)
+            if shard_report is None:
+                raise RegionCacheError(
+                    f"{folder} holds an unfinished shard folder {shard_folder} (no {SHARD_REPORT_NAME}, or without "
+                    "the data files it lists: a copy cut short?); copy it again from the machine that wrote it, or "
+                    "delete it and rerun that machine's extraction."
+                )
+            _check_shard_fingerprint(shard_folder, shard_report, fingerprint)
+            sources.setdefault(shard, shard_folder)
+    missing = [shard for shard in range(num_shards) if shard not in sources]
+    if missing:
+        raise ValueError(
+            f"the parts hold {num_shards - len(missing)} of {num_shards} shards (missing e.g. "
+            f"shard {missing[0]}); run the missing shard_index values first."
+        )
     output_dir.mkdir(parents=True, exist_ok=True)
     if not (output_dir / EXTRACTOR_DIR).is_dir():
         shutil.copytree(parts[0] / EXTRACTOR_DIR, output_dir / EXTRACTOR_DIR)
@@ -1093,28 +1342,18 @@ def merge_region_caches(parts: Sequence[str | os.PathLike], output_dir: str | os
     if not (output_dir / CACHE_INFO_NAME).is_file():
         atomic_write_json(output_dir / CACHE_INFO_NAME, info, indent=2, default=str)
     (output_dir / SHARDS_DIR).mkdir(exist_ok=True)
-    for part in parts:
-        for shard in range(info["num_shards"]):
-            source, target = _shard_dir(part, shard), _shard_dir(output_dir, shard)
-            if source.is_dir() and not target.exists() and source.resolve() != target.resolve():
-                tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-                shutil.copytree(source, tmp, copy_function=_link_or_copy)
-                publish_folder(tmp, target, replace=False)
-    missing = [shard for shard in range(info["num_shards"]) if not _shard_dir(output_dir, shard).is_dir()]
-    if missing:
-        raise ValueError(
-            f"the parts hold {info['num_shards'] - len(missing)} of {info['num_shards']} shards (missing e.g. "
-            f"shard {missing[0]}); run the missing shard_index values first."
-        )
-    report = CacheReport(output_dir=str(output_dir), num_shards=info["num_shards"])
+    for shard, source in sources.items():
+        target = _shard_dir(output_dir, shard)
+        if not target.exists() and source.resolve() != target.resolve():
+            tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+            shutil.copytree(source, tmp, copy_function=_link_or_copy)
+            publish_folder(tmp, target, replace=False)
+    report = CacheReport(output_dir=str(output_dir), num_shards=num_shards)
     with open(output_dir / INDEX_NAME, encoding="utf-8") as handle:
         report.num_items = sum(1 for _ in handle)
-    report.num_unique = sum(
-        json.loads((_shard_dir(output_dir, s) / SHARD_REPORT_NAME).read_text())["rows"]
-        for s in range(info["num_shards"])
-    )
+    report.num_unique = sum(_shard_report(_shard_dir(output_dir, s))["rows"] for s in range(num_shards))
     report.num_duplicates = report.num_items - report.num_unique
-    return _finish_cache(output_dir, report, info["num_shards"], started)
+    return _finish_cache(output_dir, report, num_shards, started)
 
 
 def _link_or_copy(source: str, target: str) -> None:

@@ -3,8 +3,9 @@ cache (`python -m imagebert_hf.regions ...` runs the same `main`)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 
 from ..formats.files import check_folder_or_hub_id, check_output_dir
@@ -74,6 +75,63 @@ class ExtractRegionsArguments:
     )
 
 
+# The flags each mode reads besides --output_dir; any other flag given a value of its own is refused, since it would
+# be accepted and change nothing.
+_EXTRACTION_FLAGS = (
+    "extractor",
+    "max_regions",
+    "shard_size",
+    "num_proc",
+    "batch_size",
+    "no_class_probs",
+    "storage_dtype",
+    "num_shards",
+    "shard_index",
+)
+_MODE_FLAGS = {
+    "--verify": ("verify",),
+    "--merge": ("merge",),
+    "--manifest": ("manifest", "image_root", "allow_outside_root", "use_boxes", *_EXTRACTION_FLAGS),
+    "--dataset_path": ("dataset_path", "image_column", "key_column", *_EXTRACTION_FLAGS),
+}
+_MODE_WORDS = {
+    "--verify": "checks the cache in --output_dir as it was written",
+    "--merge": "joins finished parts as their machines extracted them",
+    "--manifest": "reads its images and keys from the manifest's lines",
+    "--dataset_path": "reads its images from the dataset's image column",
+}
+
+
+def _default(name: str):
+    (found,) = (f for f in fields(ExtractRegionsArguments) if f.name == name)
+    return found.default_factory() if found.default is MISSING else found.default
+
+
+def _refuse_other_flags(args: ExtractRegionsArguments, mode: str) -> None:
+    """Refuses a flag that `mode` does not read (one given a value other than its default), naming both."""
+    for item in fields(args):
+        if item.name == "output_dir" or item.name in _MODE_FLAGS[mode]:
+            continue
+        value = getattr(args, item.name)
+        if value == _default(item.name):
+            continue
+        if mode == "--dataset_path" and item.name in ("use_boxes", "image_root", "allow_outside_root"):
+            raise ValueError(
+                f"--{item.name} applies to a manifest (its object boxes, its relative image paths), not to "
+                f"--dataset_path {args.dataset_path}, whose image column holds the images"
+            )
+        given = "" if isinstance(value, bool) else " " + (" ".join(value) if isinstance(value, list) else str(value))
+        raise ValueError(f"--{item.name}{given} does not apply to {mode}, which {_MODE_WORDS[mode]}; drop it")
+
+
+def _expand_paths(args: ExtractRegionsArguments) -> ExtractRegionsArguments:
+    """The path flags with "~" expanded, as datasets and fsspec expand it: unexpanded, a cache would be split between
+    a folder named "~" and the home folder."""
+    paths = ("output_dir", "manifest", "dataset_path", "image_root", "extractor")
+    expanded = {name: os.path.expanduser(getattr(args, name)) for name in paths if getattr(args, name) is not None}
+    return replace(args, **expanded, merge=[os.path.expanduser(part) for part in args.merge])
+
+
 # The cache's reader and writer (and torch with them) are imported by the command that needs them, so `--help` is fast.
 def _verify(args: ExtractRegionsArguments) -> int:
     from .cache_reader import verify_region_cache
@@ -82,6 +140,7 @@ def _verify(args: ExtractRegionsArguments) -> int:
         raise ValueError(
             "--verify checks the cache in --output_dir; give it without --manifest, --dataset_path or --merge"
         )
+    _refuse_other_flags(args, "--verify")
     checked = verify_region_cache(args.output_dir)
     print(f"{args.output_dir}: intact ({checked} files match their recorded checksums)")
     return 0
@@ -90,6 +149,7 @@ def _verify(args: ExtractRegionsArguments) -> int:
 def _merge(args: ExtractRegionsArguments) -> int:
     from .cache_writer import merge_region_caches
 
+    _refuse_other_flags(args, "--merge")
     check_output_dir(args.output_dir)
     report = merge_region_caches(args.merge, args.output_dir)
     print(f"merged {len(args.merge)} parts: {report.num_unique} distinct images, {report.num_failed} failed")
@@ -109,13 +169,7 @@ def _extract(args: ExtractRegionsArguments) -> int:
             f"--max_regions {args.max_regions} applies to the default extractor; the saved --extractor "
             f"{args.extractor} keeps its own max_regions (save it again with the limit you want)"
         )
-    if args.dataset_path is not None:
-        for flag, value in (("--use_boxes", args.use_boxes), ("--image_root", args.image_root)):
-            if value:
-                raise ValueError(
-                    f"{flag} applies to a manifest (its object boxes, its relative image paths), not to --dataset_path "
-                    f"{args.dataset_path}, whose image column holds the images"
-                )
+    _refuse_other_flags(args, "--manifest" if args.manifest is not None else "--dataset_path")
     if args.max_regions is not None:
         check_field("--max_regions", args.max_regions, "int", 1, None)
     check_output_dir(args.output_dir)
@@ -124,9 +178,16 @@ def _extract(args: ExtractRegionsArguments) -> int:
             args.extractor, "--extractor", "a folder saved with ImageBERTRoIExtractor.save_pretrained"
         )
     if args.dataset_path is not None:
-        from datasets import load_from_disk
+        from datasets import DatasetDict, load_from_disk
 
         source = load_from_disk(args.dataset_path)
+        if isinstance(source, DatasetDict):
+            splits = list(source)
+            example = Path(args.dataset_path) / (splits[0] if splits else "train")
+            raise ValueError(
+                f"--dataset_path {args.dataset_path} holds a DatasetDict of the splits {splits}; give one split's "
+                f"folder (e.g. --dataset_path {example})"
+            )
     else:
         if not Path(args.manifest).is_file():
             found = "a folder" if Path(args.manifest).is_dir() else "no such file"
@@ -185,6 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # ImportError: the offline weights package is missing (an unknown flag ends in the parser, exit status 2)
     with exit_on_error("imagebert-extract-regions", errors=(ImportError, OSError, ValueError)):
         (args,) = parse_flags(HfArgumentParser(ExtractRegionsArguments), argv)
+        args = _expand_paths(args)
         if args.verify:
             return _verify(args)
         if args.merge:
