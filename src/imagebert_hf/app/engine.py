@@ -22,7 +22,12 @@ from ..data.retrieval_corpus import merge_duplicate_images
 from ..formats.manifest import read_manifest
 from ..models.imagebert.pipeline_image_text_retrieval import load_retrieval_model, untrained_heads
 from ..models.imagebert.roi_boxes import grid_boxes
-from ..models.imagebert.roi_image_loading import ImageLoadError, RegionExtractionError, load_image
+from ..models.imagebert.roi_image_loading import (
+    ImageLoadError,
+    RegionExtractionError,
+    image_header_size,
+    load_image,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -278,22 +283,6 @@ def grid_cell_name(box: Sequence[float], width: float, height: float) -> str | N
     return None
 
 
-def _photo_size(path: str | os.PathLike, apply_exif_orientation: bool = True) -> tuple[int, int] | None:
-    """Width and height of an image file as the extractor sees it (after its EXIF rotation where it applies one),
-    from the header; None when the header cannot be read (the extractor, with its own limits, then names the
-    reason)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-            if apply_exif_orientation and image.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated by a quarter turn
-                width, height = height, width
-    except Exception:  # noqa: BLE001 - PIL raises many types on damaged headers, DecompressionBombError among them
-        return None
-    return width, height
-
-
 # ---------------------------------------------------------------------------------------------- region labels
 
 
@@ -402,10 +391,10 @@ def check_stated_sizes(gallery: Sequence[GalleryImage], apply_exif_orientation: 
     for image in gallery:
         if image.boxes is None or image.size is None:
             continue
-        size = _photo_size(image.path, apply_exif_orientation)
+        size = image_header_size(image.path, apply_exif_orientation)
         if size is None or tuple(size) == tuple(image.size):
             continue  # an unreadable header is named by the extractor
-        turned = apply_exif_orientation and _photo_size(image.path, False) != size
+        turned = apply_exif_orientation and image_header_size(image.path, False) != size
         note = " once its EXIF orientation turns it (the manifest must give the photo as shown)" if turned else ""
         wrong.append(
             f"{image.key}: the manifest says {image.size[0]}x{image.size[1]}, the photo is {size[0]}x{size[1]}{note}"
@@ -545,7 +534,7 @@ class RetrievalDemo:
                 if image.boxes is not None:
                     boxes.append(np.asarray(image.boxes, dtype=np.float32))
                     continue
-                size = _photo_size(image.path, self.extractor.apply_exif_orientation)
+                size = image_header_size(image.path, self.extractor.apply_exif_orientation)
                 boxes.append(None if size is None else self._grid_for(*size))
             out = self.extractor.extract(
                 [str(image.path) for image in chunk],

@@ -19,7 +19,6 @@ import shutil
 import sys
 import time
 import uuid
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,7 +41,7 @@ from ..models.imagebert.folder_publishing import fsync_folder
 from ..models.imagebert.image_processing_imagebert import ImageBERTRoIExtractor, extract_in_batches
 from ..models.imagebert.region_batching import as_feature_tensor, check_region_record, check_region_values
 from ..models.imagebert.roi_boxes import as_boxes
-from ..models.imagebert.roi_image_loading import ImageLoadError, image_content_hash
+from ..models.imagebert.roi_image_loading import ImageLoadError, image_content_hash, image_header_size
 from .cache_layout import (
     CACHE_FORMAT_VERSION,
     CACHE_INFO_NAME,
@@ -420,29 +419,6 @@ def _failed_record(reason: str, feature_size: int, num_classes: int) -> dict[str
     }
 
 
-def _header_size(
-    path: str | os.PathLike, apply_exif_orientation: bool, max_image_pixels: int | None = None
-) -> tuple[int, int] | None:
-    """Width and height of an image file as the extractor sees it (after its EXIF rotation where it applies one),
-    from the header alone; None when the header cannot be read or declares more than `max_image_pixels` (the
-    extractor, with its own limits, names why)."""
-    from PIL import Image
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                width, height = image.size
-                if max_image_pixels is not None and width * height > max_image_pixels:
-                    return None  # reading a PNG's EXIF can decode the whole image
-                # Orientations 5-8 turn the image by a quarter turn: the displayed image is the frame of the boxes.
-                if apply_exif_orientation and image.getexif().get(0x0112) in (5, 6, 7, 8):
-                    width, height = height, width
-    except Exception:  # noqa: BLE001 - PIL raises many types on damaged headers, DecompressionBombError among them
-        return None
-    return width, height
-
-
 def _stated_size_problem(
     unit: dict[str, Any], apply_exif_orientation: bool, max_image_pixels: int | None = None
 ) -> str | None:
@@ -452,10 +428,10 @@ def _stated_size_problem(
     stated = unit.get("size")
     if stated is None or unit["boxes"] is None or not isinstance(unit["image"], (str, os.PathLike)):
         return None
-    found = _header_size(unit["image"], apply_exif_orientation, max_image_pixels)
+    found = image_header_size(unit["image"], apply_exif_orientation, max_image_pixels)
     if found is None or found == tuple(stated):
         return None
-    turned = apply_exif_orientation and _header_size(unit["image"], False, max_image_pixels) != found
+    turned = apply_exif_orientation and image_header_size(unit["image"], False, max_image_pixels) != found
     note = " once its EXIF orientation turns it (the manifest must give the image as shown)" if turned else ""
     return (
         f"the manifest states {stated[0]}x{stated[1]}, but the image file is {found[0]}x{found[1]}{note}: its boxes "

@@ -381,6 +381,27 @@ def load_image(
     return LoadedImage(image=pil, width=width, height=height, image_id=image_id, source=source)
 
 
+def image_header_size(
+    path: str | os.PathLike, apply_exif_orientation: bool = True, max_image_pixels: int | None = None
+) -> tuple[int, int] | None:
+    """Width and height of an image file as `load_image` gives it (after its EXIF rotation where it applies one),
+    from the header alone; None when the header cannot be read or declares more than `max_image_pixels` (loading
+    the image then names why)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if max_image_pixels is not None and width * height > max_image_pixels:
+                    return None  # reading a PNG's EXIF can decode the whole image
+                # Orientations 5-8 turn the image by a quarter turn: the displayed image is the frame of its boxes.
+                if apply_exif_orientation and image.getexif().get(0x0112) in (5, 6, 7, 8):
+                    width, height = height, width
+    except Exception:  # noqa: BLE001 - PIL raises many types on damaged headers, DecompressionBombError among them
+        return None
+    return width, height
+
+
 def image_content_hash(image: Any, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> str:
     """The `image_id` that `load_image` would give, without decoding when the input is a file or bytes."""
     if isinstance(image, dict):
@@ -483,6 +504,7 @@ __all__ = [
     "default_decode_workers",
     "describe_source",
     "image_content_hash",
+    "image_header_size",
     "iter_loaded_batches",
     "load_image",
 ]
