@@ -13,10 +13,9 @@ from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging
 
 from imagebert_hf import ImageBERTForImageTextRetrieval, ImageBERTRoIExtractor, write_npz_regions
-from imagebert_hf.data import retrieval_corpus
 from imagebert_hf.data.retrieval_corpus import check_region_cache_fits
 from imagebert_hf.models.imagebert.processing_imagebert import ImageBERTProcessor
-from imagebert_hf.regions import extract_regions, load_region_cache
+from imagebert_hf.regions import cache_reader, extract_regions, load_region_cache
 from imagebert_hf.regions.cache_reader import cache_extractor_record, extractor_differences, saved_extractor_record
 
 from .test_region_cache_scale import build
@@ -64,7 +63,7 @@ def setup(tmp_path_factory, make_tiny_extractor, make_tiny_config, tokenizer):
 
 
 def warnings_of(call):
-    with CaptureLogger(retrieval_corpus.logger) as captured:
+    with CaptureLogger(cache_reader.logger) as captured:
         call()
     return captured.out
 
@@ -118,10 +117,10 @@ def test_region_limits_count_only_where_the_model_takes_more(setup):
 
 @pytest.fixture
 def debug_logs():
-    level = retrieval_corpus.logger.level
-    retrieval_corpus.logger.setLevel(logging.DEBUG)
+    level = cache_reader.logger.level
+    cache_reader.logger.setLevel(logging.DEBUG)
     yield
-    retrieval_corpus.logger.setLevel(level)
+    cache_reader.logger.setLevel(level)
 
 
 def test_caches_and_models_that_record_no_extractor_give_no_warning(setup, tmp_path, debug_logs):
@@ -164,7 +163,7 @@ def test_evaluation_warns_once_and_still_evaluates(setup, tmp_path):
         output_dir=str(tmp_path / "out"), model_name_or_path=str(root / "grid"), dataset="manifest",
         manifest=str(root / "captions.jsonl"), split="test", region_cache=str(root / "regions"), cpu=True,
     )  # fmt: skip
-    with CaptureLogger(retrieval_corpus.logger) as captured:
+    with CaptureLogger(cache_reader.logger) as captured:
         returned = run_retrieval_evaluation(args)
     assert captured.out.count(OTHER_EXTRACTOR) == 1, captured.out
     assert f"--region_cache {root / 'regions'} {OTHER_EXTRACTOR}" in captured.out and "grid_sizes" in captured.out
@@ -181,7 +180,7 @@ def test_fine_tuning_warns_before_it_builds_its_corpora(setup, tmp_path, tokeniz
         train_file=str(root / "captions.jsonl"), region_cache=str(root / "regions"), train_split="train",
         eval_split="test", report_to="none", cpu=True,
     )  # fmt: skip
-    with CaptureLogger(retrieval_corpus.logger) as captured:
+    with CaptureLogger(cache_reader.logger) as captured:
         train, held_out = build_corpora(args, tokenizer, setup["config"])
     assert (train.num_images, held_out.num_images) == (4, 2)
     assert captured.out.count(OTHER_EXTRACTOR) == 1, captured.out

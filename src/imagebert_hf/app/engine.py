@@ -20,14 +20,10 @@ from transformers.utils import logging
 
 from ..data.retrieval_corpus import merge_duplicate_images
 from ..formats.manifest import read_manifest
+from ..models.imagebert.image_processing_imagebert import LOAD_SETTINGS
 from ..models.imagebert.pipeline_image_text_retrieval import load_retrieval_model, untrained_heads
 from ..models.imagebert.roi_boxes import grid_boxes
-from ..models.imagebert.roi_image_loading import (
-    ImageLoadError,
-    RegionExtractionError,
-    image_header_size,
-    load_image,
-)
+from ..models.imagebert.roi_image_loading import ImageLoadError, RegionExtractionError, image_header_size, load_image
 
 
 logger = logging.get_logger(__name__)
@@ -616,16 +612,8 @@ class RetrievalDemo:
         raises `AppInputError` with the reason when it is not a usable image."""
         if image is None or (isinstance(image, str) and not image):
             raise AppInputError("Upload a photo or pick one from the gallery first.")
-        settings = (
-            "max_image_pixels",
-            "max_file_bytes",
-            "min_image_side",
-            "max_aspect_ratio",
-            "max_decode_side",
-            "apply_exif_orientation",
-        )
         try:
-            loaded = load_image(image, **{name: getattr(self.extractor, name) for name in settings})
+            loaded = load_image(image, **{name: getattr(self.extractor, name) for name in LOAD_SETTINGS})
         except ImageLoadError as error:
             name = Path(str(image)).name if isinstance(image, (str, os.PathLike)) else "the photo"
             raise AppInputError(f"{name} is not a usable image: {error.reason.rstrip('.')}.") from None

@@ -27,12 +27,7 @@ from ..formats.manifest import check_id_text, image_path_inside_root, iter_manif
 from ..models.imagebert.region_batching import pad_region_records
 from ..models.imagebert.retrieval_index import RegionBatches, gather_pair_inputs, is_region_batches, score_pairs
 from ..models.imagebert.roi_image_loading import ImageLoadError, image_content_hash
-from ..regions.cache_reader import (
-    cache_extractor_record,
-    extractor_differences,
-    load_region_cache,
-    saved_extractor_record,
-)
+from ..regions.cache_reader import load_region_cache, warn_if_other_extractor
 
 
 logger = logging.get_logger(__name__)
@@ -708,40 +703,6 @@ def check_region_cache_fits(cache, config, where: str, model_name_or_path: str |
         )
     if model_name_or_path is not None:
         warn_if_other_extractor(cache, where, model_name_or_path, config.max_regions)
-
-
-def warn_if_other_extractor(cache, where: str, model_name_or_path: str, max_regions: int | None = None) -> list[str]:
-    """Logs one warning, naming `where` and each setting with both values, when the cache's regions were made by
-    another extractor than the one saved with the model (`extractor_differences`; `max_regions`: the most the model
-    takes). Not an error: fine-tuning on another extractor's regions is legitimate, but the model then reads
-    features unlike those it learned from (or, once fine-tuned, unlike those its saved processor gives). A cache or
-    a model that records no comparable extractor is said so at debug level only.
-
-    Returns:
-        `list[str]`: the differing settings (empty when the extractors agree or cannot be compared).
-    """
-    recorded, reason = cache_extractor_record(cache.info)
-    if recorded is None:
-        logger.debug("%s: its extractor is not compared with the model's: %s.", where, reason)
-        return []
-    saved, reason = saved_extractor_record(model_name_or_path)
-    if saved is None:
-        logger.debug("%s: its extractor is not compared with that of %s: %s.", where, model_name_or_path, reason)
-        return []
-    differences = extractor_differences(recorded, saved, max_regions)
-    if differences:
-        logger.warning(
-            "%s holds regions of another extractor than the processor saved with %s (%s). A model ranks worse on "
-            "another extractor's regions than on those it learned from, and the processor saved with it extracts "
-            "photos as its own. Extract the split with the model's processor (imagebert-extract-regions --extractor "
-            "%s); or, to adapt the model to these regions by fine-tuning, accept this and then save the cache's "
-            "extractor (its extractor/ folder) as the fine-tuned model's image processor.",
-            where,
-            model_name_or_path,
-            "; ".join(differences),
-            model_name_or_path,
-        )
-    return differences
 
 
 def region_cache_lookup(cache) -> Callable[[Mapping], Mapping]:

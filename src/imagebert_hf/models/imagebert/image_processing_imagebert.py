@@ -41,7 +41,7 @@ WEIGHTS_NAME = "roi_extractor.safetensors"
 ON_ERROR = ("raise", "record")
 
 # How images are read and guarded (load_image's keyword arguments).
-_LOAD_SETTINGS = (
+LOAD_SETTINGS = (
     "max_image_pixels",
     "max_file_bytes",
     "min_image_side",
@@ -63,7 +63,7 @@ CALL_SETTINGS = (
     "return_class_probs",
     "region_location_size",
     "batch_size",
-    *_LOAD_SETTINGS,
+    *LOAD_SETTINGS,
 )
 ATTRIBUTE_FIELDS = ("region_attribute_labels", "region_attribute_scores")
 
@@ -597,7 +597,7 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
             return
         load = functools.partial(
             _load_input,
-            load_settings={name: settings[name] for name in _LOAD_SETTINGS},
+            load_settings={name: settings[name] for name in LOAD_SETTINGS},
             box_format=box_format,
             max_regions=settings["max_regions"],
             # The backbone's resize runs with the decoding (in the workers); other backends resize themselves.
@@ -964,4 +964,4 @@ def _find_weights_file(path: str | os.PathLike, kwargs: dict[str, Any]) -> str |
     return resolved
 
 
-__all__ = ["ImageBERTRoIExtractor", "check_region_sizes", "extract_in_batches", "WEIGHTS_NAME"]
+__all__ = ["ImageBERTRoIExtractor", "LOAD_SETTINGS", "WEIGHTS_NAME", "check_region_sizes", "extract_in_batches"]
