@@ -20,6 +20,7 @@ naming it and exit status 1.
 
 from __future__ import annotations
 
+from accelerate import PartialState
 from transformers import HfArgumentParser
 
 from imagebert_hf.evaluation.full_ranking import EvaluationArguments, run_retrieval_evaluation
@@ -28,7 +29,11 @@ from imagebert_hf.models.imagebert.script_errors import exit_on_error, parse_fla
 
 def main(argv: list[str] | None = None) -> dict:
     (args,) = parse_flags(HfArgumentParser(EvaluationArguments), argv)
-    return run_retrieval_evaluation(args)
+    evaluation = run_retrieval_evaluation(args)
+    # Torn down here, as the training scripts' `end_training` does: a process group left to the interpreter's exit
+    # can abort a process that has finished its work (gloo's threads), and the launcher then reports a failure.
+    PartialState().destroy_process_group()
+    return evaluation
 
 
 if __name__ == "__main__":
