@@ -49,6 +49,17 @@ def deflate(body: bytes, wrapped: bool = True) -> bytes:
     return compressor.compress(body) + compressor.flush()
 
 
+def chunk_then_garbage(body: bytes) -> bytes:
+    """A chunked body whose first chunk is valid and whose next chunk-size line is not a size."""
+    return b"10\r\n" + body[:16] + b"\r\nnot a size\r\n" + body[16:] + b"\r\n0\r\n\r\n"
+
+
+def deflate_broken_after_its_first_block(body: bytes, wrapped: bool = True) -> bytes:
+    """Deflate data whose first block is whole and whose next block is corrupt (a stored block of bad lengths)."""
+    compressor = zlib.compressobj(wbits=zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS)
+    return compressor.compress(body) + compressor.flush(zlib.Z_FULL_FLUSH) + bytes(8)
+
+
 def response(url: str, content_type: str, body: bytes, headers=(), status: str = "200 OK") -> bytes:
     """A WARC response record holding an HTTP response whose body is stored byte for byte."""
     fields = [("Content-Type", content_type), *headers]
@@ -143,17 +154,21 @@ def test_a_brotli_body_is_decoded():
 @pytest.mark.parametrize(
     ("stored", "transfer", "content", "reason"),
     [
-        (b"zz\r\n" + BODY + b"\r\n0\r\n\r\n", "chunked", None, "bad_transfer_encoding"),
+        (b"3\r\nabc\r\nzz\r\n" + BODY + b"\r\n0\r\n\r\n", "chunked", None, "bad_transfer_encoding"),
         (chunked(BODY)[:-30], "chunked", None, "bad_transfer_encoding"),
         (b"ffff\r\n" + BODY[:10] + b"\r\n0\r\n\r\n", "chunked", None, "bad_transfer_encoding"),
         (b"5\r\nabcdefgh\r\n0\r\n\r\n", "chunked", None, "bad_transfer_encoding"),
-        (b"0x5\r\nabcde\r\n0\r\n\r\n", "chunked", None, "bad_transfer_encoding"),
-        (b"-5\r\nabcde\r\n0\r\n\r\n", "chunked", None, "bad_transfer_encoding"),
-        (BODY, "chunked", None, "bad_transfer_encoding"),
+        (b"3\r\nabc\r\n0x5\r\nabcde\r\n0\r\n\r\n", "chunked", None, "bad_transfer_encoding"),
+        (b"3\r\nabc\r\n-5\r\nabcde\r\n0\r\n\r\n", "chunked", None, "bad_transfer_encoding"),
+        (chunk_then_garbage(BODY), "chunked", None, "bad_transfer_encoding"),
+        (b"1a", "chunked", None, "bad_transfer_encoding"),
         (gzip.compress(BODY)[:-40], None, "gzip", "bad_content_encoding"),
         (gzip.compress(BODY)[:20] + bytes(60) + gzip.compress(BODY)[80:], None, "gzip", "bad_content_encoding"),
-        (BODY, None, "gzip", "bad_content_encoding"),
-        (BODY, None, "deflate", "bad_content_encoding"),
+        (b"\x1f\x8b" + BODY, None, "gzip", "bad_content_encoding"),
+        (deflate_broken_after_its_first_block(BODY), None, "deflate", "bad_content_encoding"),
+        (deflate_broken_after_its_first_block(BODY, wrapped=False), None, "deflate", "bad_content_encoding"),
+        (deflate(BODY)[:-40], None, "deflate", "bad_content_encoding"),
+        (deflate(BODY, wrapped=False)[:-40], None, "deflate", "bad_content_encoding"),
         (gzip.compress(BODY), None, "zstd", "unsupported_content_encoding"),
     ],
     ids=[
@@ -163,11 +178,15 @@ def test_a_brotli_body_is_decoded():
         "chunk-longer-than-its-size",
         "chunk-size-with-0x",
         "chunk-size-with-a-sign",
-        "not-chunked-at-all",
+        "a-chunk-then-no-chunk-size",
+        "only-a-chunk-size",
         "gzip-cut-short",
         "gzip-corrupt",
-        "plain-body-said-gzip",
-        "plain-body-said-deflate",
+        "gzip-magic-then-garbage",
+        "deflate-zlib-broken-after-its-first-block",
+        "deflate-raw-broken-after-its-first-block",
+        "deflate-zlib-cut-short",
+        "deflate-raw-cut-short",
         "zstd",
     ],
 )
@@ -177,6 +196,51 @@ def test_a_body_that_cannot_be_decoded_names_why(stored, transfer, content, reas
     with pytest.raises(HttpBodyError) as info:
         decode_http_body(stored, transfer, content, 1 << 20)
     assert info.value.reason == reason and not isinstance(info.value, HttpBodyTooLarge)
+
+
+# Some warcprox and heritrix versions store a body already de-chunked or decompressed under the headers that still
+# name the coding; warcio reads such a body as it is, and so does the pipeline.
+NEWLINE_BODY = b"\n<!DOCTYPE html>\n" + BODY  # raw deflate would read its first bytes as a fixed-Huffman block
+
+
+@pytest.mark.parametrize(
+    ("stored", "transfer", "content", "expected", "named"),
+    [
+        (BODY, "chunked", None, BODY, "chunked"),
+        (NEWLINE_BODY, "chunked", None, NEWLINE_BODY, "chunked"),
+        (b"zz\r\n" + BODY + b"\r\n0\r\n\r\n", "chunked", None, b"zz\r\n" + BODY + b"\r\n0\r\n\r\n", "chunked"),
+        (PHOTO, "chunked", None, PHOTO, "chunked"),
+        (BODY, None, "gzip", BODY, "gzip"),
+        (PHOTO, None, "x-gzip", PHOTO, "x-gzip"),
+        (BODY, None, "deflate", BODY, "deflate"),
+        (NEWLINE_BODY, None, "deflate", NEWLINE_BODY, "deflate"),
+        (PHOTO, None, "deflate", PHOTO, "deflate"),
+        (gzip.compress(BODY), "chunked", "gzip", BODY, "chunked"),
+        (chunked(BODY), "chunked", "gzip", BODY, "gzip"),
+        (BODY, "chunked", "gzip", BODY, "gzip"),
+    ],
+    ids=[
+        "de-chunked",
+        "de-chunked-starting-with-a-newline",
+        "de-chunked-first-line-not-a-size",
+        "de-chunked-image",
+        "decompressed-gzip",
+        "decompressed-x-gzip-image",
+        "decompressed-deflate",
+        "decompressed-deflate-starting-with-a-newline",
+        "decompressed-deflate-image",
+        "de-chunked-but-still-gzip",
+        "chunked-but-decompressed",
+        "de-chunked-and-decompressed",
+    ],
+)
+def test_a_body_already_decoded_under_its_coding_headers_is_kept(stored, transfer, content, expected, named, caplog):
+    from imagebert_hf.curation.inputs import decode_http_body
+
+    with caplog.at_level(logging.DEBUG, logger="imagebert_hf.curation.inputs"):
+        assert decode_http_body(stored, transfer, content, 1 << 20) == expected
+    messages = [record.getMessage() for record in caplog.records if record.levelno == logging.DEBUG]
+    assert any(f"`{named}`" in message for message in messages), messages
 
 
 def test_brotli_without_its_module_is_unsupported(monkeypatch):
@@ -288,10 +352,29 @@ def test_a_gzip_bomb_page_is_too_large_and_never_expanded(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "headers",
+    [
+        [("Transfer-Encoding", "chunked")],
+        [("Content-Encoding", "gzip")],
+        [("Content-Encoding", "deflate")],
+        [("Content-Encoding", "gzip"), ("Transfer-Encoding", "chunked")],
+    ],
+    ids=["chunked", "gzip", "deflate", "chunked-gzip"],
+)
+def test_a_page_already_decoded_under_its_coding_headers_is_read_as_the_page(tmp_path, headers):
+    path = write_warc(tmp_path / "crawl.warc.gz", [page_record(PAGE, headers), image_record()])
+    pages, tally = scan(path)
+    assert [page["html"] for page in pages] == [PAGE]
+    assert tally.drops("read", "record") == {"image_record": 1}
+    out, _ = parse(pages)
+    assert out["image"] == [PHOTO] and out["texts"][0][:2] == [ALT, CAPTION]
+
+
+@pytest.mark.parametrize(
     ("body", "headers", "reason"),
     [
         (gzip.compress(PAGE)[:-60] + bytes(60), [("Content-Encoding", "gzip")], "bad_content_encoding"),
-        (PAGE, [("Transfer-Encoding", "chunked")], "bad_transfer_encoding"),
+        (chunk_then_garbage(PAGE), [("Transfer-Encoding", "chunked")], "bad_transfer_encoding"),
         (PAGE, [("Content-Encoding", "zstd")], "unsupported_content_encoding"),
     ],
     ids=["corrupt-gzip", "not-chunked", "zstd"],
@@ -311,7 +394,7 @@ def test_the_funnel_report_shows_the_new_reasons(tmp_path):
         inputs / "crawl.warc.gz",
         [
             page_record(gzip.compress(PAGE)[:-60] + bytes(60), [("Content-Encoding", "gzip")], url=PAGE_URL + "?a"),
-            page_record(PAGE, [("Transfer-Encoding", "chunked")], url=PAGE_URL + "?b"),
+            page_record(chunk_then_garbage(PAGE), [("Transfer-Encoding", "chunked")], url=PAGE_URL + "?b"),
             page_record(*STORED_PAGES["gzip"]),
             image_record(),
         ],
@@ -352,15 +435,32 @@ def test_an_image_stored_as_sent_is_read_as_its_bytes(tmp_path, body, headers):
     [
         (BOMB, [("Content-Encoding", "gzip")], "image_too_large"),
         (gzip.compress(PHOTO)[:-50] + bytes(50), [("Content-Encoding", "gzip")], "bad_content_encoding"),
-        (PHOTO, [("Transfer-Encoding", "chunked")], "bad_transfer_encoding"),
+        (chunk_then_garbage(PHOTO), [("Transfer-Encoding", "chunked")], "bad_transfer_encoding"),
     ],
-    ids=["gzip-bomb", "corrupt-gzip", "not-chunked"],
+    ids=["gzip-bomb", "corrupt-gzip", "a-chunk-then-no-chunk-size"],
 )
 def test_an_image_that_cannot_be_decoded_is_a_counted_drop(tmp_path, body, headers, reason):
     path = write_warc(tmp_path / "crawl.warc.gz", [page_record(), image_record(body, headers)])
     assert WarcImageResolver(str(path)).fetch(PHOTO_URL, 1 << 20) == (None, reason)
     out, tally = parse(scan(path)[0], ParseConfig(max_image_bytes=1 << 20))
     assert out["image"] == [] and tally.get_count("parse", "image", reason) == 1
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("Transfer-Encoding", "chunked")],
+        [("Content-Encoding", "gzip")],
+        [("Content-Encoding", "deflate")],
+        [("Transfer-Encoding", "chunked"), ("Content-Encoding", "deflate")],
+    ],
+    ids=["chunked", "gzip", "deflate", "chunked-deflate"],
+)
+def test_an_image_already_decoded_under_its_coding_headers_is_read_as_its_bytes(tmp_path, headers):
+    path = write_warc(tmp_path / "crawl.warc.gz", [page_record(), image_record(PHOTO, headers)])
+    assert WarcImageResolver(str(path)).fetch(PHOTO_URL, 1 << 22) == (PHOTO, None)
+    out, tally = parse(scan(path)[0])
+    assert out["image"] == [PHOTO] and tally.get_count("parse", "image", KEPT) == 1
 
 
 # ARC files ----------------------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ HTML_SUFFIXES = (".html", ".htm", ".xhtml")
 HTML_TYPES = ("text/html", "application/xhtml+xml")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".avif")
 _GZIP_MAGIC = b"\x1f\x8b\x08"
+_GZIP_ID = _GZIP_MAGIC[:2]
 _WARC_MAGIC = b"WARC/1."
 _SCAN_CHUNK = 1 << 20
 
@@ -426,20 +427,29 @@ def _codings(header: str | None) -> list[str]:
     return [name for name in names if name and name != "identity"]
 
 
+def _passed_through(coding: str, why: str) -> None:
+    logger.debug("A body said to be `%s` %s: it is read as stored, already decoded by the crawler.", coding, why)
+
+
 def _dechunk(body: bytes, max_bytes: int) -> bytes:
     """The data of a `Transfer-Encoding: chunked` body (chunk extensions and trailers are ignored)."""
     out = bytearray()
     pos = 0
     while True:
         end = body.find(b"\n", pos)
+        line = body[pos:] if end < 0 else body[pos:end]
+        size_text = line.split(b";", 1)[0].strip()
+        # Only hexadecimal digits: `int` would also take a sign, `0x` or underscores.
+        is_size = size_text and len(size_text) <= _MAX_CHUNK_SIZE_DIGITS and not size_text.lstrip(_HEX_DIGITS)
+        if pos == 0 and not is_size:
+            # Some warcprox and heritrix versions store the body de-chunked but keep the header; warcio reads a body
+            # that does not start with a chunk size as it is, and so does this.
+            _passed_through("chunked", "does not start with a chunk size")
+            return body
         if end < 0:
             raise HttpBodyError("bad_transfer_encoding", "a chunked body ends before its last chunk")
-        size_text = body[pos:end].split(b";", 1)[0].strip()
-        # Only hexadecimal digits: `int` would also take a sign, `0x` or underscores.
-        if not size_text or len(size_text) > _MAX_CHUNK_SIZE_DIGITS or size_text.lstrip(_HEX_DIGITS):
-            raise HttpBodyError(
-                "bad_transfer_encoding", f"a chunk-size line is not a hexadecimal size: {body[pos:end][:40]!r}"
-            )
+        if not is_size:
+            raise HttpBodyError("bad_transfer_encoding", f"a chunk-size line is not a hexadecimal size: {line[:40]!r}")
         size = int(size_text, 16)
         pos = end + 1
         if size == 0:
@@ -483,6 +493,38 @@ def _inflate(data: bytes, wbits: int, max_bytes: int) -> bytes:
             return bytes(out)
 
 
+def _first_deflate_block_breaks(data: bytes, max_bytes: int) -> bool:
+    """Whether raw deflate `data` is corrupt within its first block. The block is marked as the last one, so that the
+    decoder stops at its end: data that runs out, or decodes past `max_bytes`, without an error has not broken."""
+    if not data:
+        return False
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        inflater.decompress(bytes([data[0] | 1]) + data[1:], max_bytes + 1)
+    except zlib.error:
+        return True
+    return False
+
+
+def _inflate_deflate_coding(data: bytes, max_bytes: int) -> bytes:
+    # HTTP's deflate is zlib-wrapped, but many servers send raw deflate: the zlib header tells them apart.
+    wrapped = len(data) >= 2 and data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
+    try:
+        return _inflate(data, zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS, max_bytes)
+    except HttpBodyTooLarge:
+        raise
+    except HttpBodyError:
+        # Raw deflate has no magic number, and the first bytes of a page or image often decode as a few bytes of a
+        # fixed-Huffman block before failing: only data whose first block breaks in both framings is taken as
+        # already decompressed, so that deflate data which breaks later is still refused.
+        if _first_deflate_block_breaks(data, max_bytes) and (
+            not wrapped or _first_deflate_block_breaks(data[2:], max_bytes)
+        ):
+            _passed_through("deflate", "is not deflate data")
+            return data
+        raise
+
+
 def _unbrotli(data: bytes, max_bytes: int) -> bytes:
     try:
         import brotli
@@ -513,11 +555,13 @@ def _undo_coding(data: bytes, coding: str, max_bytes: int) -> bytes:
     if coding == "chunked":
         return _dechunk(data, max_bytes)
     if coding in _GZIP_CODINGS:
+        if not data.startswith(_GZIP_ID):
+            # Decompressed by the crawler under the header that still says gzip (warcio reads it as it is).
+            _passed_through(coding, "does not start with the gzip magic number")
+            return data
         return _inflate(data, 16 + zlib.MAX_WBITS, max_bytes)
     if coding in _DEFLATE_CODINGS:
-        # HTTP's deflate is zlib-wrapped, but many servers send raw deflate: the zlib header tells them apart.
-        wrapped = len(data) >= 2 and data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
-        return _inflate(data, zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS, max_bytes)
+        return _inflate_deflate_coding(data, max_bytes)
     if coding == "br":
         return _unbrotli(data, max_bytes)
     if coding in _UNDECODABLE_CODINGS:
@@ -533,11 +577,15 @@ def decode_http_body(
     module is installed), each list in the reverse of the order it names them. Common Crawl stores decoded bodies
     and renames these headers `X-Crawler-*`: pass only the real `Transfer-Encoding` and `Content-Encoding`.
 
+    Some crawlers store a body already decoded under the headers that still name its codings; as warcio does, a
+    body said to be chunked whose first line is not a chunk size, said to be gzip without the gzip magic number, or
+    said to be deflate whose first block breaks both zlib-wrapped and raw, is taken as it is (logged at debug level).
+
     Every step is bounded by `max_bytes`, so a small compressed bomb is refused without being expanded.
 
     Raises:
         HttpBodyTooLarge: the decoded body would exceed `max_bytes`.
-        HttpBodyError: a malformed chunked body or corrupt compressed data (`reason` names which), or a
+        HttpBodyError: a chunked body or compressed data that starts well and then breaks (`reason` names which), or a
             compression with no decoder here (`unsupported_content_encoding`).
     """
     if not body:
