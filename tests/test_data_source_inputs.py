@@ -283,7 +283,8 @@ def test_a_karpathy_path_outside_the_root_is_followed_when_allowed(tmp_path):
         tmp_path, [{"split": "test", "filepath": "..", "filename": "a.jpg", "cocoid": 3, "sentences": SENTENCES}]
     )
     records = load_karpathy_split(path, "test", image_root=tmp_path / "coco", allow_outside_root=True)
-    assert records == [{"image_id": "3", "image": str(tmp_path / "coco" / ".." / "a.jpg"), "captions": ["a cat"]}]
+    image = str(tmp_path / "coco" / ".." / "a.jpg")
+    assert records == [{"image_id": "3", "image": image, "manifest_image": "../a.jpg", "captions": ["a cat"]}]
 
 
 def test_region_arrays_check_the_whole_record_before_cutting_it():

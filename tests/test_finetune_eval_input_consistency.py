@@ -58,10 +58,10 @@ def _write_lines(path, lines):
     return path
 
 
-def _karpathy(path, captions_per_image):
+def _karpathy(path, captions_per_image, filepath="val2014"):
     images = [
         {
-            "filepath": "val2014",
+            "filepath": filepath,
             "filename": f"img{i}.png",
             "split": "test",
             "cocoid": i,
@@ -112,19 +112,22 @@ def test_a_karpathy_record_finds_its_regions_under_any_spelling_of_its_image_roo
 
 
 def test_another_picture_under_the_same_folder_and_file_name_never_takes_the_regions(data, tmp_path):
-    karpathy = _karpathy(tmp_path / "dataset_coco.json", [1, 1, 1, 1])
-    # The same folder and file names, other pictures: in neither cache, whatever it is keyed by.
+    # The same folder and file names, other pictures: in neither cache, whatever it is keyed by. (A record whose
+    # `filepath/filename` is a key as written takes it, as a manifest line does: here the relative keys are only
+    # the trailing part of the records' paths.)
+    karpathy = _karpathy(tmp_path / "dataset_coco.json", [1, 1, 1, 1], filepath="other/val2014")
     for i, colour in enumerate(reversed(COLOURS.values())):
         _picture(tmp_path / "other" / "val2014" / f"img{i}.png", colour)
     for keyed in ("relative", "absolute"):
         cache = load_region_cache(data / keyed)
-        for record in load_karpathy_split(karpathy, "test", image_root=tmp_path / "other"):
+        for record in load_karpathy_split(karpathy, "test", image_root=tmp_path):
             with pytest.raises(KeyError, match=rf"image '{record['image_id']}' is not in the region cache"):
                 region_cache_key(cache, record)
     # A byte-identical copy under another folder is the picture a cache keyed by relative paths holds.
     shutil.copytree(data / "coco", tmp_path / "copy")
     cache = load_region_cache(data / "relative")
-    records = load_karpathy_split(karpathy, "test", image_root=tmp_path / "copy")
+    karpathy = _karpathy(tmp_path / "dataset_coco.json", [1, 1, 1, 1], filepath="copy/val2014")
+    records = load_karpathy_split(karpathy, "test", image_root=tmp_path)
     assert [region_cache_key(cache, record) for record in records] == [f"val2014/img{i}.png" for i in range(4)]
 
 
@@ -147,6 +150,124 @@ def test_a_key_through_a_symlink_retargeted_since_the_extraction_never_gives_the
     for record in load_karpathy_split(karpathy, "test", image_root=tmp_path / "other"):
         with pytest.raises(KeyError, match=rf"image '{record['image_id']}' is not in the region cache"):
             region_cache_key(cache, record)
+
+
+class _CountedHashes:
+    """Counts the image files `region_cache_key` reads to compare a picture with the one a cache key holds."""
+
+    def __init__(self, monkeypatch):
+        from imagebert_hf.data import retrieval_corpus
+
+        self.count, hashing = 0, retrieval_corpus.image_content_hash
+
+        def counted(*args, **kwargs):
+            self.count += 1
+            return hashing(*args, **kwargs)
+
+        monkeypatch.setattr(retrieval_corpus, "image_content_hash", counted)
+
+
+@pytest.fixture(scope="module")
+def unconfirmed(tmp_path_factory, make_tiny_extractor):
+    """A region cache of one manifest in `set_a/`: `images/00001.png` (relative key), `val/images/00001.png` (its
+    file missing: the failure is recorded), `<root>/root/x.png` and `<root>/current/y.png` (absolute keys, `current`
+    a symlink to `pictures/`); `y.png` is removed after the extraction (a cache-only run), and `root/link` is a
+    symlink to `other/deep/`, so that `root/link/../x.png` opens `other/x.png`, another picture."""
+    root = tmp_path_factory.mktemp("unconfirmed")
+    _picture(root / "set_a" / "images" / "00001.png", COLOURS["red"])
+    _picture(root / "root" / "x.png", COLOURS["green"])
+    _picture(root / "other" / "x.png", COLOURS["blue"])
+    _picture(root / "pictures" / "y.png", COLOURS["yellow"])
+    (root / "other" / "deep").mkdir()
+    os.symlink(root / "other" / "deep", root / "root" / "link")
+    os.symlink(root / "pictures", root / "current")
+    lines = ["images/00001.png", "val/images/00001.png", str(root / "root" / "x.png"), str(root / "current" / "y.png")]
+    manifest = _write_lines(root / "set_a" / "m.jsonl", [{"image": line, "captions": ["x"]} for line in lines])
+    extract_regions(manifest, root / "cache", make_tiny_extractor(), **OUTSIDE)
+    (root / "pictures" / "y.png").unlink()
+    return root
+
+
+def test_a_match_on_trailing_folders_or_through_a_symlink_needs_the_picture_read_and_confirmed(unconfirmed):
+    cache = load_region_cache(unconfirmed / "cache")
+    # Another dataset's `val/images/00001.png`, not on this machine: `images/00001.png` is only the trailing part
+    # of its path, and nothing says the cache's picture is that one.
+    record = {"image_id": "b1", "image": str(unconfirmed / "set_b" / "val" / "images" / "00001.png")}
+    with pytest.raises(KeyError, match=r"image 'b1' is not in the region cache"):
+        region_cache_key(cache, record)
+    # A file reached through another symlink than the key's, gone since the extraction: the link may have named
+    # another picture then.
+    os.symlink(unconfirmed / "pictures", unconfirmed / "alias")
+    record = {"image_id": "y", "image": str(unconfirmed / "alias" / "y.png")}
+    with pytest.raises(KeyError, match=r"image 'y' is not in the region cache"):
+        region_cache_key(cache, record)
+    # Once the picture there is read and is the cache's, both matches are taken.
+    _picture(unconfirmed / "set_b" / "images" / "00001.png", COLOURS["red"])
+    record = {"image_id": "b1", "image": str(unconfirmed / "set_b" / "images" / "00001.png")}
+    assert region_cache_key(cache, record) == "images/00001.png"
+    _picture(unconfirmed / "alias" / "y.png", COLOURS["yellow"])
+    record = {"image_id": "y", "image": str(unconfirmed / "alias" / "y.png")}
+    assert region_cache_key(cache, record) == str(unconfirmed / "current" / "y.png")
+    (unconfirmed / "pictures" / "y.png").unlink()
+
+
+def test_a_record_whose_extraction_failed_is_told_so_before_any_other_key_is_tried(unconfirmed, tmp_path):
+    cache = load_region_cache(unconfirmed / "cache")
+    assert "val/images/00001.png" in cache.errors
+    failed = r"image 'v1' has no regions: its extraction failed \(.*recorded for 'val/images/00001.png'\)"
+    image = tmp_path / "val" / "images" / "00001.png"
+    record = {"image_id": "v1", "image": str(image), "manifest_image": "val/images/00001.png"}
+    with pytest.raises(KeyError, match=failed):
+        region_cache_key(cache, record)
+    # Even where its file is now a copy of a picture the cache holds under a key its path ends with.
+    _picture(image, COLOURS["red"])
+    with pytest.raises(KeyError, match=failed):
+        region_cache_key(cache, record)
+
+
+def test_a_path_normalised_across_a_symlink_is_not_the_file_the_key_names(unconfirmed):
+    cache = load_region_cache(unconfirmed / "cache")
+    # `root/link/../x.png` opens `other/x.png` (`link` is `other/deep`): the text normalises to `root/x.png`.
+    path = f"{unconfirmed}/root/link/../x.png"
+    assert os.path.realpath(path) == str(unconfirmed / "other" / "x.png")
+    with pytest.raises(KeyError, match=r"image 'x' is not in the region cache"):
+        region_cache_key(cache, {"image_id": "x", "image": path})
+    # Where no symlink is crossed, the spelling is still the key's file.
+    path = f"{unconfirmed}/root/./sub/../x.png"
+    assert region_cache_key(cache, {"image_id": "x", "image": path}) == str(unconfirmed / "root" / "x.png")
+
+
+def test_a_karpathy_record_finds_a_cache_keyed_by_a_manifest_of_its_layout_without_reading_its_image(
+    data, tmp_path, monkeypatch
+):
+    hashes = _CountedHashes(monkeypatch)
+    cache = load_region_cache(data / "relative")
+    records = load_karpathy_split(_karpathy(tmp_path / "dataset_coco.json", [1, 1, 1, 1]), "test", data / "coco")
+    assert [record["manifest_image"] for record in records] == [f"val2014/img{i}.png" for i in range(4)]
+    assert [region_cache_key(cache, record) for record in records] == [f"val2014/img{i}.png" for i in range(4)]
+    assert hashes.count == 0
+    # An entry without `filepath` (Flickr30k) is written as its file name.
+    flickr = tmp_path / "dataset_flickr30k.json"
+    flickr.write_text(json.dumps({"images": [{"filename": "1.jpg", "split": "test", "sentences": [{"raw": "x"}]}]}))
+    assert load_karpathy_split(flickr, "test")[0]["manifest_image"] == "1.jpg"
+
+    # A cache keyed from another folder (only the trailing part of the paths): each picture is read once, the
+    # second lookup of a record (evaluation's corpus fingerprint, then its corpus) reuses the comparison.
+    records = load_karpathy_split(_karpathy(tmp_path / "up.json", [1, 1, 1, 1], "coco/val2014"), "test", data)
+    for expected in (4, 4):
+        assert [region_cache_key(cache, record) for record in records] == [f"val2014/img{i}.png" for i in range(4)]
+        assert hashes.count == expected
+
+
+def test_a_karpathy_file_nested_too_deep_or_with_a_key_twice_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "dataset_coco.json"
+    entry = '{"filename": "a.jpg", "split": "test", "sentences": [{"raw": "x"}], "extra": '
+    path.write_text('{"images": [' + entry + "[" * 100_000 + "]" * 100_000 + "}]}")
+    with pytest.raises(ValueError, match=r"dataset_coco.json is not a Karpathy split file: not JSON \(.*too deep"):
+        load_karpathy_split(path, "test")
+    path.write_text('{"images": [' + entry + '1, "split": "val"}]}')
+    with pytest.raises(ValueError, match=r"dataset_coco.json gives the key 'split' twice in one object"):
+        load_karpathy_split(path, "test")
 
 
 # ------------------------------------------------------------------------------------------ --allow_outside_root

@@ -67,7 +67,8 @@ def test_karpathy_split_reader(tmp_path):
     path = tmp_path / "dataset_coco.json"
     path.write_text(json.dumps(data))
     test = load_karpathy_split(path, "test", image_root=tmp_path / "coco")
-    assert test == [{"image_id": "1", "image": str(tmp_path / "coco" / "val2014" / "a.jpg"), "captions": ["A dog."]}]
+    image = str(tmp_path / "coco" / "val2014" / "a.jpg")
+    assert test == [{"image_id": "1", "image": image, "manifest_image": "val2014/a.jpg", "captions": ["A dog."]}]
     train = load_karpathy_split(path, ("train", "restval"))
     assert [r["image_id"] for r in train] == ["2", "3"]
     assert train[1]["image"] == str(tmp_path / "train2014" / "c.jpg")

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
+from ..formats.files import DuplicateJSONKeyError, loads_json
 from ..formats.manifest import check_id_text, image_path_inside_root, iter_manifest
 from ..models.imagebert.region_batching import pad_region_records
 from ..models.imagebert.retrieval_index import RegionBatches, gather_pair_inputs, is_region_batches, score_pairs
@@ -98,7 +99,9 @@ def load_karpathy_split(
             never reported under another benchmark's name. Not checked when None or when the file names none.
 
     Returns:
-        Records `{"image_id", "image" (path), "captions"}` in file order: the order the 1k folds are cut from.
+        Records `{"image_id", "image" (path), "manifest_image" (`filepath/filename`, the path a manifest in the
+        Karpathy layout writes: a region cache keyed by such a manifest's paths finds the record by it),
+        "captions"}` in file order: the order the 1k folds are cut from.
     """
     check_max_images(max_images)
     splits = (split,) if isinstance(split, str) else tuple(split)
@@ -109,10 +112,14 @@ def load_karpathy_split(
     if not path.is_file():
         raise FileNotFoundError(f"karpathy_file {path} does not exist (expected dataset_coco.json or similar).")
     try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
+        data = loads_json(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is not a Karpathy split file: not JSON ({error}).") from error
+    except DuplicateJSONKeyError as duplicate:
+        raise ValueError(
+            f"{path} gives the key {duplicate.key!r} twice in one object, so which value holds is unclear; expected a "
+            "Karpathy split file."
+        ) from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise ValueError(f"{path} is not a Karpathy split file: it has no 'images' list.")
     named = data.get("dataset")
@@ -148,11 +155,17 @@ def load_karpathy_split(
         filepath = entry.get("filepath", "")
         if not isinstance(filepath, str):
             raise ValueError(f"{where}: 'filepath' must be a folder name string, got {filepath!r:.60}.")
+        written = str(Path(filepath) / entry["filename"])
         # The manifests' rule for image paths, so a split file cannot point at files outside the image root.
-        image = image_path_inside_root(
-            str(Path(filepath) / entry["filename"]), root, entry_where, allow_outside_root, field="filepath/filename"
+        image = image_path_inside_root(written, root, entry_where, allow_outside_root, field="filepath/filename")
+        records.append(
+            {
+                "image_id": _karpathy_image_id(entry, where),
+                "image": str(image),
+                "manifest_image": written,
+                "captions": captions,
+            }
         )
-        records.append({"image_id": _karpathy_image_id(entry, where), "image": str(image), "captions": captions})
         if max_images is not None and len(records) >= max_images:
             break
     if not records:
@@ -554,10 +567,10 @@ class GallerySubset:
 
 
 def region_cache_key(cache, record: Mapping) -> str:
-    """The key a record's regions have in a region cache: its manifest path, image path or id, whichever the cache
-    was written with; else a key naming the record's image file under another spelling of its path (`_PathKeys`:
-    `./x`, `a/../x`, relative or absolute, a symlinked folder), or, where the picture is confirmed, its trailing
-    folders and file name.
+    """The key a record's regions have in a region cache: its manifest path (a Karpathy record's `filepath/filename`),
+    image path or id, whichever the cache was written with; else a key naming the record's image file under another
+    spelling of its path (`_PathKeys`: `./x`, `a/../x`, relative or absolute, a symlinked folder), its trailing
+    folders and file name where the picture is confirmed, or its bare file name unless the picture there is another.
 
     Raises:
         KeyError: the image has no regions; the message names it and, when the cache recorded why its extraction
@@ -569,24 +582,34 @@ def region_cache_key(cache, record: Mapping) -> str:
     for key in candidates[:3]:
         if isinstance(key, str) and key in cache:
             return key
+    # The record's own failure, before any key of another spelling or another folder: those could lend it the
+    # regions of another picture, or hide why its own image has none.
+    failures = getattr(cache, "errors", None) or {}
+    for key in candidates[:3]:
+        if isinstance(key, str) and key in failures:
+            raise _failed_extraction(record, key, failures[key])
     image = record.get("image")
     image = os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
     if image:
         key = _key_of_same_file(cache, image)
         if key is not None:
             return key
+        if failures:
+            failed = _failed_keys(cache, failures)
+            key = failed.by_normal_path(image) or failed.by_real_path(image)
+            if key is not None:
+                raise _failed_extraction(record, key, failures[key])
         key = _key_of_trailing_path(cache, image)
         if key is not None:
             return key
-    failures = getattr(cache, "errors", None) or {}
-    for key in candidates:
-        if isinstance(key, str) and key in failures:
-            raise _failed_extraction(record, key, failures[key])
-    if image and failures:
-        failed = _PathKeys(failures)
-        key = failed.by_normal_path(image) or failed.by_real_path(image)
-        if key is not None:
-            raise _failed_extraction(record, key, failures[key])
+    # A bare file name is the weakest key: `B/1.jpg` must not take the regions of the cache's `1.jpg` from another
+    # folder. Where both pictures can be read, their contents decide; caches keyed by file name alone (precomputed
+    # features of files not at hand) are taken as written.
+    name = candidates[3] if len(candidates) > 3 else None
+    if isinstance(name, str) and name in cache and _same_picture(cache, name, record["image"]):
+        return name
+    if isinstance(name, str) and name in failures:
+        raise _failed_extraction(record, name, failures[name])
     raise KeyError(
         f"image {record.get('image_id')!r} is not in the region cache (looked up as {candidates}); extract the "
         "split's images into it (imagebert-extract-regions)."
@@ -602,10 +625,13 @@ def _failed_extraction(record: Mapping, key: str, reason: str) -> KeyError:
 
 class _PathKeys:
     """A region cache's keys by the file they name, for records that spell a path another way than the cache was
-    keyed with. An absolute key names one file whatever the working folder: it matches by its normalised path, or by
-    its real path (symlinks resolved, computed on first need: one filesystem call per key). A relative key is
-    relative to the folder of the manifest it was extracted from, which the cache does not record: it matches by its
-    normalised text only, as the trailing part of a record's path, and only once the picture is confirmed."""
+    keyed with. An absolute key names one file whatever the working folder: it matches by its normalised path where
+    both resolve to one file, or by its real path (symlinks resolved, computed on first need: one filesystem call per
+    key) once the picture is confirmed. A relative key is relative to the folder of the manifest it was extracted
+    from, which the cache does not record: it matches by its normalised text only, as the trailing part of a
+    record's path, and only once the picture is confirmed. `confirmed` keeps the (key, path) pairs whose pictures
+    were found alike, so that a record looked up twice (a corpus's fingerprint, then the corpus) reads its image
+    once."""
 
     def __init__(self, keys: Iterable[str]):
         self.absolute: dict[str, str] = {}
@@ -614,6 +640,8 @@ class _PathKeys:
             table = self.absolute if os.path.isabs(key) else self.relative
             table.setdefault(os.path.normpath(key), key)
         self._real: dict[str, str] | None = None
+        self.confirmed: set[tuple[str, str]] = set()
+        self.failed: _PathKeys | None = None  # the same tables of the cache's recorded failures
 
     def by_normal_path(self, path: str) -> str | None:
         """The absolute key that is `path` once both are made absolute and normalised (`./`, `a/../`, `//`)."""
@@ -635,60 +663,87 @@ class _PathKeys:
 _PATH_KEYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _path_keys(cache) -> _PathKeys:
+def _kept_path_keys(cache) -> _PathKeys | None:
     try:
         table = _PATH_KEYS.get(cache)
     except TypeError:
-        return _PathKeys(cache.keys())
+        return None
     if table is None:
         table = _PATH_KEYS[cache] = _PathKeys(cache.keys())
     return table
 
 
+def _path_keys(cache) -> _PathKeys:
+    return _kept_path_keys(cache) or _PathKeys(cache.keys())
+
+
+def _failed_keys(cache, failures: Mapping[str, str]) -> _PathKeys:
+    table = _kept_path_keys(cache)
+    if table is None:
+        return _PathKeys(failures)
+    if table.failed is None:
+        table.failed = _PathKeys(failures)
+    return table.failed
+
+
 def _key_of_same_file(cache, path: str) -> str | None:
-    """The key that names the file at `path` under another spelling: its normalised absolute path, then its real
-    path, as written in the cache or as the cache's keys normalise to. A match through symlinks is confirmed by the
-    picture (`_same_picture`): a link retargeted since the extraction names another file than the cache read."""
+    """The key that names the file at `path` under another spelling: its normalised absolute path where both resolve
+    to one file (`link/../x` is not `x` when `link` is a symlink into another folder), then its real path, as written
+    in the cache or as the cache's keys normalise to. A match through symlinks is taken only once the picture is
+    confirmed (`_confirmed_picture`): a link retargeted since the extraction names another file than the cache read."""
     normal = os.path.normpath(os.path.abspath(path))
     key = normal if normal in cache else _path_keys(cache).by_normal_path(path)
-    if key is not None:
-        return key
     real = os.path.realpath(path)
+    if key is not None and os.path.realpath(key) == real:
+        return key
     key = real if real in cache else _path_keys(cache).by_real_path(path)
-    if key is not None and _same_picture(cache, key, path):
+    if key is not None and _confirmed_picture(cache, key, path):
         return key
     return None
 
 
 def _key_of_trailing_path(cache, path: str) -> str | None:
-    """The relative key that is the longest trailing part of `path` (its last folders and file name, down to the
-    bare file name) and whose picture is the one at `path`: the cache does not record the folder its relative keys
-    start from, so `B/1.jpg` must not take the regions of another folder's `1.jpg`. Where both pictures can be read,
-    their contents decide (`_same_picture`)."""
+    """The relative key that is the longest trailing part of `path` of two parts or more (its last folders and file
+    name) and whose picture is confirmed to be the one at `path` (`_confirmed_picture`): the cache does not record
+    the folder its relative keys start from, so another dataset's `images/1.jpg` must not lend its regions."""
     parts = Path(os.path.normpath(path)).parts
     parts = parts[1:] if os.path.isabs(path) else parts
     table = None
-    for start in range(len(parts)):
+    for start in range(len(parts) - 1):
         trailing = os.path.join(*parts[start:])
         key = trailing if trailing in cache else None
         if key is None:
             table = table or _path_keys(cache)
             key = table.relative.get(trailing)
-        if key is not None and _same_picture(cache, key, path):
+        if key is not None and _confirmed_picture(cache, key, path):
             return key
     return None
 
 
-def _same_picture(cache, key: str, path: str) -> bool:
+def _confirmed_picture(cache, key: str, path: str) -> bool:
+    """Whether the picture at `path` was read and found to be the one the cache holds under `key` (`_same_picture`,
+    strict): False where either cannot be read. A confirmation is kept in the cache's key table; a refusal is not,
+    as the file may be put in place before the next lookup."""
+    table = _kept_path_keys(cache)
+    if table is not None and (key, path) in table.confirmed:
+        return True
+    same = _same_picture(cache, key, path, strict=True)
+    if same and table is not None:
+        table.confirmed.add((key, path))
+    return same
+
+
+def _same_picture(cache, key: str, path: str, strict: bool = False) -> bool:
     """Whether the picture at `path` is the one the cache holds under `key`, by the content hash the cache recorded
-    for it (`image_id`); True when either cannot be read (regions of files not at hand, precomputed ids)."""
+    for it (`image_id`). Where either cannot be read (regions of files not at hand, precomputed ids): True, or False
+    when `strict`."""
     stored = cache[key].get("image_id")
     if not os.path.isfile(path) or not isinstance(stored, str) or not re.fullmatch(r"[0-9a-f]{40}", stored):
-        return True
+        return not strict
     try:
         return image_content_hash(path) == stored
     except (ImageLoadError, OSError):
-        return True
+        return not strict
 
 
 def check_region_cache_fits(cache, config, where: str, model_name_or_path: str | None = None) -> None:
