@@ -6,6 +6,7 @@ the `evaluate` metric's refusals.
 Everything runs on the tiny random-weight model and 12-photo synthetic gallery of `tests/test_app.py`."""
 
 import json
+import os
 import re
 import tempfile
 from pathlib import Path
@@ -90,7 +91,7 @@ def rendered(markdown: str) -> str:
 @require_module("gradio_client")
 def test_a_search_serves_gallery_photos_from_outside_the_working_and_temp_folders(demo, tmp_path, monkeypatch):
     """Gradio serves only files under the working folder or the temp folder unless `allowed_paths` names them: the
-    gallery's photo files, and nothing else of their folder, are named."""
+    gallery's photos are."""
     from gradio_client import Client
 
     from imagebert_hf.app import build_app
@@ -116,7 +117,8 @@ def test_a_search_serves_gallery_photos_from_outside_the_working_and_temp_folder
             if [parameter["label"] for parameter in endpoint["parameters"]] == ["Describe a photo", "photos"]
         )
         items, table, _, error = client.predict(QUERY, 3, api_name=search)
-    assert sorted(blocks.allowed_paths) == photos  # single files: not their folder, nor the manifest
+    # Their folder holds nothing else: one entry, not one a photo (gradio scans the list for every file it serves).
+    assert blocks.allowed_paths == [str(Path(photos[0]).parent)]
     expected = demo.search_images(QUERY, 3)
     assert error == "" and len(items) == 3
     assert [Path(item["image"]).name for item in items] == [hit.image.path.name for hit in expected]
@@ -140,6 +142,93 @@ def test_launch_keeps_the_allowed_paths_it_is_given(monkeypatch, tmp_path):
     monkeypatch.setenv("GRADIO_ALLOWED_PATHS", f"{tmp_path}, /more")
     launch_app(Blocks())
     assert seen["allowed_paths"] == [str(tmp_path), "/more", "/photos/a.png"]
+
+
+class RecordingBlocks:
+    """Stands in for the built app: records what `launch_app` would pass to gradio."""
+
+    def __init__(self, photos):
+        self.gallery_files = [str(photo) for photo in photos]
+        self.launched = {}
+
+    def launch(self, **kwargs):
+        self.launched = kwargs
+
+
+def touched(folder, *names):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).touch()
+    return [folder / name for name in names]
+
+
+@pytest.fixture
+def elsewhere(tmp_path, monkeypatch):
+    """Working and temp folders of their own, so that the rest of `tmp_path` is a place gradio does not serve."""
+    for name in ("work", "temp"):
+        (tmp_path / name).mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "temp"))
+    monkeypatch.delenv("GRADIO_ALLOWED_PATHS", raising=False)
+    return tmp_path
+
+
+def gradio_serves(path, allowed_paths) -> bool:
+    from gradio.utils import is_allowed_file
+
+    served = [*allowed_paths, os.getcwd(), tempfile.gettempdir()]
+    return is_allowed_file(Path(path), blocked_paths=[], allowed_paths=served, created_paths=[])[0]
+
+
+@require_module("gradio")
+def test_a_gallery_under_the_working_or_temp_folder_adds_no_allowed_paths(tmp_path, monkeypatch):
+    from imagebert_hf.app.ui import launch_app
+
+    monkeypatch.delenv("GRADIO_ALLOWED_PATHS", raising=False)
+    photos = touched(tmp_path / "photos", "a.png", "b.png") + touched(tmp_path / "photos" / "more", "c.png")
+    (tmp_path / "photos" / "notes.txt").touch()
+    for work, temp in ((tmp_path / "photos", tmp_path / "temp"), (tmp_path / "work", tmp_path)):
+        work.mkdir(exist_ok=True)
+        monkeypatch.chdir(work)
+        monkeypatch.setattr(tempfile, "tempdir", str(temp))
+        blocks = RecordingBlocks(photos)
+        launch_app(blocks)
+        assert blocks.launched["allowed_paths"] is None
+        assert all(gradio_serves(photo, []) for photo in photos)
+
+
+@require_module("gradio")
+def test_a_folder_gallery_elsewhere_is_allowed_as_its_folder(elsewhere):
+    from imagebert_hf.app.ui import launch_app
+
+    folder = elsewhere / "photos"
+    photos = touched(folder, "a.png", "b.png") + touched(folder / "2024", "c.png")
+    # A link is no file of the folder to gradio, which refuses what it points to outside the folder.
+    (elsewhere / "secret.txt").touch()
+    (folder / "secret.txt").symlink_to(elsewhere / "secret.txt")
+    blocks = RecordingBlocks([folder / ".." / "photos" / "a.png", *photos[1:]])
+    launch_app(blocks, allowed_paths=[])
+    assert blocks.launched["allowed_paths"] == [str(folder.resolve())]
+    assert all(gradio_serves(photo, [str(folder.resolve())]) for photo in photos)
+    assert not gradio_serves(folder / "secret.txt", [str(folder.resolve())])
+
+
+@require_module("gradio")
+def test_a_manifest_gallery_elsewhere_allows_only_its_photo_files(elsewhere):
+    from imagebert_hf.app.ui import launch_app
+
+    photos = touched(elsewhere / "data", "a.png", "b.png")
+    (elsewhere / "data" / "captions.jsonl").touch()
+    # A folder of photos only, but for a file in a subfolder, which gradio would serve too.
+    photos += touched(elsewhere / "images", "c.png", "d.png")
+    touched(elsewhere / "images" / "private", "e.png")
+    blocks = RecordingBlocks(photos)
+    launch_app(blocks)
+    allowed = blocks.launched["allowed_paths"]
+    assert allowed == sorted(str(photo.resolve()) for photo in photos)
+    assert all(gradio_serves(photo, allowed) for photo in photos)
+    assert not gradio_serves(elsewhere / "data" / "captions.jsonl", allowed)
+    assert not gradio_serves(elsewhere / "images" / "private" / "e.png", allowed)
 
 
 # ------------------------------------------------------------------------------------ manifest sizes and regions
@@ -355,3 +444,22 @@ def test_the_metric_names_ragged_rows_bad_scores_and_bad_cut_offs(tmp_path, monk
     for ks in ("15", [0, 1], [1.5], [True], []):
         assert refusal(**square, ks=ks) == expected.format(repr(ks))
     assert metric.compute(**square, ks=[1, 2])["rsum"] == 400.0
+
+
+@require_module("evaluate")
+def test_the_metric_takes_cut_offs_as_a_numpy_array(tmp_path, monkeypatch):
+    import evaluate
+
+    from imagebert_hf.metrics import retrieval_metric_path
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    metric = evaluate.load(retrieval_metric_path(), cache_dir=str(tmp_path / "cache"))
+    square = {"predictions": [[0.9, 0.1], [0.2, 0.8]], "references": [0, 1]}
+    for ks in (np.array([1, 2]), np.array([1, 2], dtype=np.uint8), range(1, 3), [np.int32(1), 2]):
+        assert metric.compute(**square, ks=ks)["rsum"] == 400.0
+    expected = "ks must be a non-empty list of positive integers (the cut-offs K), got {}."
+    for ks in (np.array([1.0, 2.0]), np.array([True]), np.array([], dtype=int), np.array(1), np.array([[1, 2]])):
+        with pytest.raises(ValueError) as error:
+            metric.compute(**square, ks=ks)
+        assert str(error.value) == expected.format(repr(ks))

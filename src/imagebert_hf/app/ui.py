@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -345,20 +346,67 @@ def build_app(demo: RetrievalDemo, title: str = "ImageBERT image-text retrieval"
     return blocks
 
 
+def _raise(error: OSError):
+    raise error
+
+
+def _holds_only(folder: Path, photos: set[Path]) -> bool:
+    """Whether every file gradio would serve from `folder` named in `allowed_paths` (any file below it, in any
+    subfolder, whose real path lies there) is one of `photos` (real paths). A link is passed over: gradio serves
+    what it points to only where that lies in the folder too, where the walk meets it. A subfolder that cannot be
+    listed may still hold files gradio could serve, so it answers no."""
+    try:
+        for parent, _, names in os.walk(folder, onerror=_raise):
+            for name in names:
+                path = Path(parent, name)
+                if path not in photos and not path.is_symlink():
+                    return False
+    except OSError:
+        return False
+    return True
+
+
+def _gallery_allowed_paths(gallery_files) -> list[str]:
+    """The fewest `allowed_paths` entries that let gradio serve the gallery's photos: gradio checks each file it
+    serves or returns against every entry in turn, resolving both, so naming thousands of photos would cost seconds
+    a file and hold up every user. Photos under the working folder or the temp folder need none; a folder whose every
+    file is a gallery photo is named once; other photos are named one by one, so nothing else of their folder is
+    served."""
+    served = [Path(os.getcwd()).resolve(), Path(tempfile.gettempdir()).resolve()]
+    photos = {Path(file).resolve() for file in gallery_files}
+    by_folder: dict[Path, list[Path]] = {}
+    for photo in photos:
+        if any(photo.is_relative_to(folder) for folder in served):
+            continue
+        by_folder.setdefault(photo.parent, []).append(photo)
+    allowed, whole = [], []
+    # Sorted, a folder comes before its subfolders, which a folder named whole already covers.
+    for folder in sorted(by_folder):
+        if any(folder.is_relative_to(named) for named in whole):
+            continue
+        if _holds_only(folder, photos):
+            whole.append(folder)
+            allowed.append(str(folder))
+        else:
+            allowed.extend(sorted(str(photo) for photo in by_folder[folder]))
+    return allowed
+
+
 def launch_app(blocks, server_name: str | None = "127.0.0.1", server_port: int | None = None, **kwargs):
     """`blocks.launch` with the app's theme and styles, no share link, and the extractor's file size limit. Pass
     `server_name=None` where the host sets `GRADIO_SERVER_NAME` (a Space).
 
     Gradio serves only files under the working folder or the temp folder, unless `allowed_paths` names them: the
-    gallery's photo files (`build_app` records them) are added, each file by name, so a gallery may lie anywhere
-    and nothing else of its folder is served. `allowed_paths` given here, or in `GRADIO_ALLOWED_PATHS` (which an
-    explicit list would otherwise replace), are kept.
+    gallery's photos elsewhere (`build_app` records them) are added, a folder by its name where its every file is a
+    gallery photo and the others one by one, so a gallery may lie anywhere and nothing else of its folder is
+    served. `allowed_paths` given here, or in `GRADIO_ALLOWED_PATHS` (which an explicit list would otherwise
+    replace), are kept.
     """
     kwargs.setdefault("max_file_size", "64mb")
     given = kwargs.pop("allowed_paths", None)
     if given is None:
         given = [item.strip() for item in os.environ.get("GRADIO_ALLOWED_PATHS", "").split(",") if item.strip()]
-    allowed = [*given, *getattr(blocks, "gallery_files", ())]
+    allowed = [*given, *_gallery_allowed_paths(getattr(blocks, "gallery_files", ()))]
     return blocks.launch(
         server_name=server_name,
         server_port=server_port,

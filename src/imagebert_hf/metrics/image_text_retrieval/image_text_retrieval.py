@@ -23,7 +23,7 @@ Args:
     references (`list[int]`): for each text, the index of its image.
     num_folds (`int`, defaults to 1): rank consecutive equal folds of the images separately and average
         (5 for COCO 1k).
-    ks (`list[int]`, defaults to [1, 5, 10]): the cut-offs K, positive integers.
+    ks (`list[int]`, defaults to [1, 5, 10]): the cut-offs K, positive integers (a list, tuple or 1-D integer array).
 Returns:
     tr_r1, tr_r5, tr_r10, ir_r1, ir_r5, ir_r10 (percent) and rsum, their sum.
 Examples:
@@ -56,10 +56,12 @@ class ImageTextRetrieval(evaluate.Metric):
         )
 
     def _compute(self, predictions, references, num_folds: int = 1, ks=(1, 5, 10)) -> dict[str, float]:
+        # A numpy array is no `Sequence`, and the truth of one with several values is an error: its length tells.
         if (
             isinstance(ks, (str, bytes))
-            or not isinstance(ks, Sequence)
-            or not ks
+            or not isinstance(ks, (Sequence, np.ndarray))
+            or (isinstance(ks, np.ndarray) and ks.ndim != 1)
+            or len(ks) == 0
             or any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 for k in ks)
         ):
             raise ValueError(f"ks must be a non-empty list of positive integers (the cut-offs K), got {ks!r}.")
