@@ -1,21 +1,25 @@
-"""Float and 32-bit integer pixels read by one rule whatever holds them, and detectors that give an image the same
-regions alone as in a batch.
+"""Float and integer pixels read by one rule per kind whatever holds them, a file's displayed size read from its
+header alone, and detectors that give an image the same regions alone as in a batch.
 
-Float pixels are [0, 1] data (a resampling overshoot above 1 is clipped) or 0..255 data, the same for numpy arrays,
-torch tensors and float ("F") image files; other ranges are refused naming the range. 32-bit integer ("I") files are
-16-bit data as uint16 arrays are, whatever their brightest pixel. The torchvision detector and the BUTD backend run a
-batch in groups of equal input shape, so no image is padded to a larger partner.
+Float pixels are [0, 1] data (a resampling overshoot above 1 is clipped), 0..255 data or 0..65535 data, the same for
+numpy arrays, torch tensors and float ("F") images; other ranges are refused naming the range. Integers held wider
+than 16 bits (int32/int64 arrays, "I" images, a `datasets` column of int64 greyscale) are 0..255 data when their
+brightest pixel is at most 255, else 16-bit data; uint16 arrays and "I;16" images are always 16-bit data. The
+torchvision detector and the BUTD backend run a batch in groups of equal input shape, so no image is padded to a
+larger partner.
 """
 
 import io
+import warnings
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageFile
 
 from imagebert_hf import ImageBERTRoIExtractor, ImageLoadError, load_image
+from imagebert_hf.models.imagebert.roi_image_loading import image_header_size
 
 from .test_butd import SMALL as BUTD_SMALL
 from .test_butd import random_checkpoint
@@ -85,16 +89,16 @@ def test_float_pixels_in_byte_range_load_as_bytes():
 @pytest.mark.parametrize(
     "array, found",
     [
-        (_grey_ramp(65535.0, np.float32), "from 0 to 65535"),
+        (_grey_ramp(1e6, np.float32), "from 0 to 1e+06"),
         (_grey_ramp(2.0, np.float32) - 1.0, "from -1 to 1"),
         ((_grey_ramp(1.0, np.float32) - 0.45) / 0.225, "from -2 to 2.44444"),
         (-_grey_ramp(1.0, np.float32) - 0.1, "from -1.1 to -0.1"),
     ],
-    ids=["sixteen_bit_floats", "minus_one_to_one", "mean_std_normalised", "all_negative"],
+    ids=["far_above_sixteen_bit", "minus_one_to_one", "mean_std_normalised", "all_negative"],
 )
 def test_float_pixels_of_another_range_are_refused_naming_it(array, found):
     for source in (array, torch.from_numpy(array), _tiff(array, "F")):
-        with pytest.raises(ImageLoadError, match=r"expected floats in \[0, 1\] or in 0\.\.255") as info:
+        with pytest.raises(ImageLoadError, match=r"expected floats in \[0, 1\], 0\.\.255 or 0\.\.65535") as info:
             load_image(source)
         assert f"float pixels range {found};" in str(info.value), str(info.value)
 
@@ -109,23 +113,139 @@ def test_non_finite_float_pixels_are_refused_naming_the_range(bad):
 
 
 def test_refusal_names_the_file():
-    with pytest.raises(ImageLoadError, match=r"a_depth_map\.tiff: float pixels range from 0 to 65535"):
-        load_image({"bytes": _tiff(_grey_ramp(65535.0, np.float32), "F"), "path": "a_depth_map.tiff"})
+    with pytest.raises(ImageLoadError, match=r"a_depth_map\.tiff: float pixels range from 0 to 1e\+06"):
+        load_image({"bytes": _tiff(_grey_ramp(1e6, np.float32), "F"), "path": "a_depth_map.tiff"})
 
 
-# ---------------------------------------------------------------------------------------------- 32-bit integers
+# ---------------------------------------------------------------------------------------------- one picture, any holder
 
 
-def test_32_bit_integer_tiff_reads_as_16_bit_data_whatever_its_maximum():
-    ramp = np.linspace(0, 255, 32 * 32).reshape(32, 32)
-    low = _pixels(_tiff(ramp.astype(np.int32), "I"))[..., 0]
-    high = _pixels(_tiff((ramp * 300 / 255).round().astype(np.int32), "I"))[..., 0]
-    # The same stored value gives the same grey in both files: the 300 file is not read on another scale.
-    np.testing.assert_array_equal(low, np.round(ramp.astype(np.int32) / 257.0).astype(np.uint8))
-    np.testing.assert_array_equal(high, np.round((ramp * 300 / 255).round() / 257.0).astype(np.uint8))
-    assert high.max() - low.max() <= 1
-    # As a uint16 array holding the same values.
-    np.testing.assert_array_equal(low, _pixels(ramp.astype(np.uint16))[..., 0])
+def _grey_picture(height: int = 40, width: int = 48) -> np.ndarray:
+    """(H, W) uint8 with every grey level from 0 to 255, so that a wrong scale shows in every pixel."""
+    return (np.arange(height * width).reshape(height, width) * 7 % 256).astype(np.uint8)
+
+
+def _png(image: Image.Image, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", **options)
+    return buffer.getvalue()
+
+
+def _datasets_int64_decode(array: np.ndarray):
+    """What a `datasets.Image()` column of an int64 greyscale array gives: decoded ("I" mode) and undecoded."""
+    datasets = pytest.importorskip("datasets")
+    features = datasets.Features({"image": datasets.Image()})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # datasets says it stores int64 as int32, which PIL reads
+        table = datasets.Dataset.from_dict({"image": [array.astype(np.int64)]}, features=features)
+    decoded = table[0]["image"]
+    assert decoded.mode == "I"
+    return decoded, table.cast_column("image", datasets.Image(decode=False))[0]["image"]
+
+
+def test_one_picture_gives_the_same_pixels_whatever_holds_it():
+    grey = _grey_picture()
+    expected = _pixels(grey)
+    np.testing.assert_array_equal(expected[..., 0], grey)
+    decoded, undecoded = _datasets_int64_decode(grey)
+    holders = {
+        "int32 array": grey.astype(np.int32),
+        "int64 array": grey.astype(np.int64),
+        "int64 tensor": torch.from_numpy(grey.astype(np.int64)),
+        "Image.fromarray(int32)": Image.fromarray(grey.astype(np.int32)),
+        'convert("I")': Image.fromarray(grey).convert("I"),
+        '"I" TIFF file': _tiff(grey.astype(np.int32), "I"),
+        "datasets int64, decoded": decoded,
+        "datasets int64, undecoded": undecoded,
+        'convert("F")': Image.fromarray(grey).convert("F"),
+        "float 0..65535 array": grey.astype(np.float32) * 257,
+        "float 0..65535 image": Image.fromarray(grey.astype(np.float32) * 257),
+        "float 0..65535 tensor": torch.from_numpy(grey.astype(np.float32) * 257),
+        "uint16 array": grey.astype(np.uint16) * 257,
+        "16-bit PNG": _png(Image.fromarray(grey.astype(np.uint16) * 257)),
+    }
+    for name, holder in holders.items():
+        np.testing.assert_array_equal(_pixels(holder), expected, err_msg=name)
+
+
+def test_sixteen_bit_png_converted_to_float_loads_like_the_png():
+    values = np.linspace(0, 60000, 40 * 48).reshape(40, 48).astype(np.uint16)
+    data = _png(Image.fromarray(values))
+    with Image.open(io.BytesIO(data)) as opened:
+        assert opened.mode.startswith("I;16")
+        as_float = opened.convert("F")
+    expected = _pixels(data)
+    np.testing.assert_array_equal(expected[..., 0], np.round(values / 257.0).astype(np.uint8))
+    np.testing.assert_array_equal(_pixels(as_float), expected)
+    np.testing.assert_array_equal(_pixels(np.asarray(as_float)), expected)
+    # A resampling overshoot above 65535 is clipped as one above 255 is.
+    over = np.asarray(as_float) * 1.05
+    np.testing.assert_array_equal(_pixels(over), _pixels(np.clip(over, 0, 65535)))
+
+
+def test_wide_integers_above_255_are_sixteen_bit_data_and_stay_dark_when_dark():
+    values = np.linspace(0, 3000, 32 * 32).reshape(32, 32).astype(np.int32)
+    expected = np.round(values / 257.0).astype(np.uint8)
+    for name, holder in {
+        "int32 array": values,
+        "int64 array": values.astype(np.int64),
+        '"I" image': Image.fromarray(values),
+        '"I" TIFF file': _tiff(values, "I"),
+        "uint16 array": values.astype(np.uint16),
+        '"I;16" PNG': _png(Image.fromarray(values.astype(np.uint16))),
+    }.items():
+        np.testing.assert_array_equal(_pixels(holder)[..., 0], expected, err_msg=name)
+    # A dark uint16 picture is not stretched to 0..255 as a wide integer of the same values is.
+    np.testing.assert_array_equal(_pixels((values // 20).astype(np.uint16))[..., 0], np.round(values // 20 / 257.0))
+    np.testing.assert_array_equal(_pixels((values // 20).astype(np.int32))[..., 0], values // 20)
+
+
+def test_wide_integers_outside_the_range_are_clipped():
+    values = np.array([[-5, 0, 255, 70000]] * 4, dtype=np.int64)
+    np.testing.assert_array_equal(_pixels(values)[0, :, 0], [0, 0, 1, 255])
+    np.testing.assert_array_equal(_pixels(Image.fromarray(values.astype(np.int32)))[0, :, 0], [0, 0, 1, 255])
+    np.testing.assert_array_equal(_pixels(values.clip(-5, 200))[0, :, 0], [0, 0, 200, 200])
+
+
+# ---------------------------------------------------------------------------------------------- header sizes
+
+
+def _refuse_decoding(monkeypatch):
+    def load(self):
+        raise AssertionError(f"{self.format} pixels decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+
+
+def test_header_size_of_a_large_png_decodes_no_pixel(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 256, (900, 1200, 3), dtype=np.uint8))
+    plain, turned = tmp_path / "plain.png", tmp_path / "turned.png"
+    plain.write_bytes(_png(photo))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    turned.write_bytes(_png(photo, exif=exif))
+    _refuse_decoding(monkeypatch)
+    assert image_header_size(plain) == (1200, 900)
+    assert image_header_size(turned) == (900, 1200)
+    assert image_header_size(turned, apply_exif_orientation=False) == (1200, 900)
+    monkeypatch.undo()
+    loaded = load_image(turned)
+    assert (loaded.width, loaded.height) == (900, 1200)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "TIFF", "WEBP"])
+def test_header_size_of_an_exif_rotated_photo_is_its_displayed_size(tmp_path, monkeypatch, fmt):
+    path = tmp_path / f"photo.{fmt.lower()}"
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    Image.fromarray(np.zeros((30, 40, 3), dtype=np.uint8)).save(path, format=fmt, exif=exif)
+    loaded = load_image(path)
+    _refuse_decoding(monkeypatch)
+    assert image_header_size(path) == (loaded.width, loaded.height)
+    with Image.open(path) as image:
+        assert image_header_size(path, apply_exif_orientation=False) == image.size
+        assert image.size == (loaded.height, loaded.width)
 
 
 # ---------------------------------------------------------------------------------------------- detector batches

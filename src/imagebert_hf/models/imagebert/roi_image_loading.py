@@ -28,12 +28,14 @@ DEFAULT_MIN_IMAGE_SIDE = 4
 DEFAULT_MAX_ASPECT_RATIO = 50.0
 DEFAULT_MAX_DECODE_SIDE = 1333
 
-# Float pixels whose maximum is at most FLOAT_UNIT_MAX are [0, 1] data, above it 0..255 data up to FLOAT_BYTE_MAX.
-# Resampling a [0, 1] image overshoots at sharp edges: torch's bicubic resize of a photo reaches about 1.08, and the
-# worst case (pixel-wise noise) about 1.45 for bicubic and 1.7 for Lanczos-3, all below 2; a 0..255 image whose
-# brightest pixel is at most 2 is black to the eye whichever way it is read. The same relative margin bounds 0..255.
+# Float pixels whose maximum is at most FLOAT_UNIT_MAX are [0, 1] data, above it 0..255 data up to FLOAT_BYTE_MAX,
+# above that 0..65535 data up to FLOAT_SIXTEEN_MAX. Resampling a [0, 1] image overshoots at sharp edges: torch's
+# bicubic resize of a photo reaches about 1.08, and the worst case (pixel-wise noise) about 1.45 for bicubic and 1.7
+# for Lanczos-3, all below 2; a 0..255 image whose brightest pixel is at most 2 is black to the eye whichever way it
+# is read, as is a 0..65535 image whose brightest pixel is at most 510. The same relative margin bounds each range.
 FLOAT_UNIT_MAX = 2.0
 FLOAT_BYTE_MAX = 255.0 * FLOAT_UNIT_MAX
+FLOAT_SIXTEEN_MAX = 65535.0 * FLOAT_UNIT_MAX
 # The minimum may lie below 0 by at most this fraction of the maximum (of 1 for a dark [0, 1] image): a resampling
 # undershoot is a fraction of the image's range (at most about 0.7 of 1.7 in the worst case above), while normalised
 # pixels ([-1, 1], or mean/std with a minimum near minus the maximum) are not pixels this loader can read.
@@ -160,42 +162,54 @@ def _flatten_alpha(image: Image.Image) -> Image.Image:
 
 
 def float_pixels_to_uint8(array: np.ndarray, source: str) -> np.ndarray:
-    """uint8 pixels from float pixels in [0, 1] or in 0..255: the one rule for float arrays, tensors and float ("F")
-    images, so that a picture reads the same whichever of them holds it.
+    """uint8 pixels from float pixels in [0, 1], 0..255 or 0..65535: the one rule for float arrays, tensors and float
+    ("F") images, so that a picture reads the same whichever of them holds it.
 
-    The data is [0, 1] when its maximum is at most `FLOAT_UNIT_MAX` (a resampling overshoot above 1 is clipped), else
-    0..255 up to `FLOAT_BYTE_MAX`; its minimum may lie below 0 by at most `FLOAT_MIN_MARGIN` times the maximum (or
-    times 1 for [0, 1] data). Values are clipped to the range and scaled. Anything else (NaN, infinities, values far
-    above 255, a range mostly below 0) raises `ImageLoadError` naming the range found.
+    The scale is chosen by the maximum: [0, 1] up to `FLOAT_UNIT_MAX` (a resampling overshoot above 1 is clipped),
+    0..255 up to `FLOAT_BYTE_MAX`, 0..65535 (16-bit data, e.g. a 16-bit PNG converted to "F") up to
+    `FLOAT_SIXTEEN_MAX`; the minimum may lie below 0 by at most `FLOAT_MIN_MARGIN` times the maximum (or times 1 for
+    [0, 1] data). Values are clipped to the range and scaled. Anything else (NaN, infinities, values far above 65535,
+    a range mostly below 0) raises `ImageLoadError` naming the range found.
     """
     low, high = float(np.min(array)), float(np.max(array))
     expected = (
-        f"expected floats in [0, 1] or in 0..255 (a maximum up to {FLOAT_UNIT_MAX:g}, resp. {FLOAT_BYTE_MAX:g}, "
-        f"and a minimum down to -{FLOAT_MIN_MARGIN:g} times it are clipped)"
+        f"expected floats in [0, 1], 0..255 or 0..65535 (a maximum up to {FLOAT_UNIT_MAX:g}, {FLOAT_BYTE_MAX:g}, "
+        f"resp. {FLOAT_SIXTEEN_MAX:g}, and a minimum down to -{FLOAT_MIN_MARGIN:g} times it are clipped)"
     )
     if not (np.isfinite(low) and np.isfinite(high)):
         finite = array[np.isfinite(array)]
         found = f"finite values from {finite.min():.6g} to {finite.max():.6g}" if finite.size else "no finite value"
         bad = array.size - finite.size
         raise ImageLoadError(source, f"float pixels contain {bad} NaN or infinite values ({found}); {expected}")
-    top = 1.0 if high <= FLOAT_UNIT_MAX else 255.0
-    if high > FLOAT_BYTE_MAX or low < -FLOAT_MIN_MARGIN * max(high, 1.0):
+    if high > FLOAT_SIXTEEN_MAX or low < -FLOAT_MIN_MARGIN * max(high, 1.0):
         raise ImageLoadError(source, f"float pixels range from {low:.6g} to {high:.6g}; {expected}")
+    if high > FLOAT_BYTE_MAX:
+        return sixteen_bit_to_uint8(array)
+    top = 1.0 if high <= FLOAT_UNIT_MAX else 255.0
     return np.round(np.clip(array, 0.0, top) * (255.0 / top)).astype(np.uint8)
 
 
 def sixteen_bit_to_uint8(array: np.ndarray) -> np.ndarray:
-    """uint8 pixels from 16-bit integer pixels (uint16 arrays, "I;16" and "I" images), scaled from 0..65535 whatever
-    the brightest pixel: a dark 16-bit picture stays dark, as viewers show it. Values outside 0..65535 are clipped."""
+    """uint8 pixels from 16-bit pixels (uint16 arrays, "I;16" images), scaled from 0..65535 whatever the brightest
+    pixel: a dark 16-bit picture stays dark, as viewers show it. Values outside 0..65535 are clipped."""
     return np.round(np.clip(array.astype(np.float64), 0, 65535) / 257.0).astype(np.uint8)
+
+
+def integer_pixels_to_uint8(array: np.ndarray) -> np.ndarray:
+    """uint8 pixels from integers held wider than their depth (int32/int64 arrays, 32-bit "I" images, which is what
+    `Image.fromarray`, `convert("I")` and `datasets` make of 8-bit data): 0..255 data when the brightest pixel is at
+    most 255, else 16-bit data on the 0..65535 scale. Values outside the range are clipped."""
+    if array.max() > 255:
+        return sixteen_bit_to_uint8(array)
+    return np.clip(array, 0, 255).astype(np.uint8)
 
 
 def to_rgb(image: Image.Image, source: str = "<PIL.Image>") -> Image.Image:
     """Converts any PIL mode to 8-bit RGB, rescaling high bit depths instead of clipping them.
 
-    Integer modes ("I;16*", "I") are 16-bit data (`sixteen_bit_to_uint8`), float ("F") images follow
-    `float_pixels_to_uint8` as float arrays do; raises `ImageLoadError` naming `source` for float pixels of neither
-    range."""
+    16-bit modes ("I;16*") follow `sixteen_bit_to_uint8` as uint16 arrays do, 32-bit integer ("I") images
+    `integer_pixels_to_uint8` as int32/int64 arrays do, and float ("F") images `float_pixels_to_uint8` as float
+    arrays do; raises `ImageLoadError` naming `source` for float pixels of no accepted range."""
     mode = image.mode
     if mode == "RGB":
         return image
@@ -203,9 +217,11 @@ def to_rgb(image: Image.Image, source: str = "<PIL.Image>") -> Image.Image:
         return _flatten_alpha(image)
     if mode == "F":
         return Image.fromarray(float_pixels_to_uint8(np.asarray(image), source)).convert("RGB")
-    if mode.startswith("I;16") or mode == "I":
-        # PIL's own "L" conversion would clip 16-bit data to white.
+    # PIL's own "L" conversion would clip 16-bit data to white.
+    if mode.startswith("I;16"):
         return Image.fromarray(sixteen_bit_to_uint8(np.asarray(image))).convert("RGB")
+    if mode == "I":
+        return Image.fromarray(integer_pixels_to_uint8(np.asarray(image))).convert("RGB")
     return image.convert("RGB")
 
 
@@ -225,7 +241,8 @@ def _array_to_pil(array: np.ndarray, source: str) -> Image.Image:
     elif np.issubdtype(array.dtype, np.floating):
         array = float_pixels_to_uint8(array, source)
     elif array.dtype != np.uint8:
-        array = np.clip(array, 0, 255).astype(np.uint8)
+        # Other integers are what PIL holds as "I" (`Image.fromarray` of int8..int32): the same rule as those images.
+        array = integer_pixels_to_uint8(array)
     if array.ndim == 3 and array.shape[-1] == 4:
         return _flatten_alpha(Image.fromarray(np.ascontiguousarray(array)))
     return to_rgb(Image.fromarray(np.ascontiguousarray(array)), source)
@@ -302,9 +319,9 @@ def load_image(
     """Loads one image from a path, bytes, a `datasets` image dict, a PIL image, a numpy array or a torch tensor.
 
     Args:
-        image: The input. Arrays may be HxW, HxWxC or CxHxW, uint8/uint16/bool or float in [0, 1] (or 0..255, see
-            `float_pixels_to_uint8`); a dict is the `{"bytes": ..., "path": ...}` form of a `datasets.Image(decode=False)`
-            column.
+        image: The input. Arrays may be HxW, HxWxC or CxHxW, uint8/uint16/bool, wider integers (see
+            `integer_pixels_to_uint8`) or float in [0, 1] (or 0..255 or 0..65535, see `float_pixels_to_uint8`); a
+            dict is the `{"bytes": ..., "path": ...}` form of a `datasets.Image(decode=False)` column.
         max_image_pixels: Largest accepted width * height, checked on the header before any decoding.
         max_file_bytes: Largest accepted file size.
         min_image_side: Smallest accepted side in pixels.
@@ -385,18 +402,26 @@ def image_header_size(
     path: str | os.PathLike, apply_exif_orientation: bool = True, max_image_pixels: int | None = None
 ) -> tuple[int, int] | None:
     """Width and height of an image file as `load_image` gives it (after its EXIF rotation where it applies one),
-    from the header alone; None when the header cannot be read or declares more than `max_image_pixels` (loading
-    the image then names why)."""
+    from the header alone, without decoding any pixel; None when the header cannot be read or declares more than
+    `max_image_pixels` (loading the image then names why).
+
+    A PNG's orientation is read from the EXIF that precedes its pixel data (where PIL and most writers put the eXIf
+    chunk); one stored after the pixels is seen only by decoding, which `load_image` does and this does not."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 width, height = image.size
                 if max_image_pixels is not None and width * height > max_image_pixels:
-                    return None  # reading a PNG's EXIF can decode the whole image
-                # Orientations 5-8 turn the image by a quarter turn: the displayed image is the frame of its boxes.
-                if apply_exif_orientation and image.getexif().get(0x0112) in (5, 6, 7, 8):
-                    width, height = height, width
+                    return None
+                if apply_exif_orientation:
+                    # PIL's PNG `getexif` decodes the whole image (64 ms for 2000x1500, against 0.1 ms for the
+                    # header) to look for an eXIf chunk after the pixels; the base class reads what `open` parsed
+                    # (the eXIf chunk, an ImageMagick EXIF text chunk, XMP) as it does for JPEG, TIFF and WebP.
+                    exif = Image.Image.getexif(image) if image.format == "PNG" else image.getexif()
+                    # Orientations 5-8 turn the image by a quarter turn: the displayed image is the frame of its boxes.
+                    if exif.get(0x0112) in (5, 6, 7, 8):
+                        width, height = height, width
     except Exception:  # noqa: BLE001 - PIL raises many types on damaged headers, DecompressionBombError among them
         return None
     return width, height
