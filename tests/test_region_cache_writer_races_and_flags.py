@@ -14,7 +14,7 @@ from transformers.testing_utils import CaptureLogger
 from imagebert_hf import ImageBERTRoIExtractor
 from imagebert_hf.regions import cache_writer
 from imagebert_hf.regions.cache_layout import RegionCacheError
-from imagebert_hf.regions.cache_reader import load_region_cache
+from imagebert_hf.regions.cache_reader import _weights_file_sha256, load_region_cache
 from imagebert_hf.regions.cache_writer import extract_regions, merge_region_caches
 from imagebert_hf.regions.cli import main
 
@@ -114,6 +114,135 @@ def test_a_shard_written_for_another_plan_is_refused_when_finishing_opening_and_
     with pytest.raises(RegionCacheError, match=r"part1/shards/shard-00001 was written for another cache"):
         merge_region_caches([tmp_path / "part0", tmp_path / "part1"], tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
+
+
+# ------------------------------------------------------------------------------------------ starts cut short
+
+
+def killed_start(manifest, out, extractor, **kwargs):
+    """What a start killed after writing `extractor/` and `index.jsonl` but before `cache_info.json` leaves (the
+    order of earlier versions): a run of `extractor` over `manifest` without its other files."""
+    extract_regions(manifest, out, extractor, progress=False, **kwargs)
+    for name in ("cache_info.json", "report.json", "lookup.arrow"):
+        (out / name).unlink()
+    shutil.rmtree(out / "shards")
+
+
+def reversed_manifest(manifest):
+    lines = manifest.read_text().splitlines(keepends=True)
+    other = manifest.with_name("reversed.jsonl")
+    other.write_text("".join(reversed(lines)))
+    return other
+
+
+def assert_same_cache(found, expected, workers=False):
+    """`found` holds the cache `expected` holds: the same regions, key table, settings and extractor."""
+    found_records, expected_records = (
+        records(load_region_cache(found, verify=True)),
+        records(load_region_cache(expected)),
+    )
+    if workers:
+        # Worker processes run other thread counts: the same regions, features equal up to float summation order.
+        assert found_records.keys() == expected_records.keys()
+        for key, record in expected_records.items():
+            np.testing.assert_array_equal(found_records[key]["region_boxes"], record["region_boxes"], err_msg=key)
+            np.testing.assert_allclose(
+                found_records[key]["region_features"], record["region_features"], rtol=1e-2, atol=1e-5, err_msg=key
+            )
+    else:
+        assert_same_records(found_records, expected_records)
+    for name in ("cache_info.json", "index.jsonl", "extractor/preprocessor_config.json"):
+        assert (found / name).read_text() == (expected / name).read_text(), name
+    weights = [str(folder / "extractor" / "roi_extractor.safetensors") for folder in (found, expected)]
+    assert _weights_file_sha256(weights[0]) == _weights_file_sha256(weights[1])
+
+
+def test_a_folder_a_killed_start_left_is_reused_by_another_source_and_settings(tmp_path, extractor_dir):  # noqa: F811
+    manifest = _images(tmp_path, 4)
+    other = reversed_manifest(manifest)
+    out, fresh = tmp_path / "cache", tmp_path / "fresh"
+    killed_start(manifest, out, ImageBERTRoIExtractor.from_pretrained(extractor_dir, grid_sizes=[1]), shard_size=2)
+
+    with CaptureLogger(cache_writer.logger) as captured:
+        report = extract_regions(
+            other, out, ImageBERTRoIExtractor.from_pretrained(extractor_dir), shard_size=2, progress=False
+        )
+    assert (report.num_extracted, report.num_failed) == (4, 0)
+    assert f"{out / 'index.jsonl'} does not match the checksum in cache_info.json" in captured.out
+    assert f"{out / 'extractor'} holds an extractor of other settings or weights" in captured.out
+    extract_regions(other, fresh, ImageBERTRoIExtractor.from_pretrained(extractor_dir), shard_size=2, progress=False)
+    assert_same_cache(out, fresh)
+    # Not stuck: a rerun finds every shard done.
+    rerun = extract_regions(
+        other, out, ImageBERTRoIExtractor.from_pretrained(extractor_dir), shard_size=2, progress=False
+    )
+    assert rerun.num_shards_skipped == 2
+    assert not [path.name for path in out.iterdir() if path.name.startswith(".")]
+
+
+@pytest.mark.parametrize("stale", ["settings", "weights"])
+def test_workers_load_the_extractor_the_cache_records_not_the_one_a_killed_start_left(
+    stale,
+    tmp_path,
+    make_tiny_extractor,
+    extractor_dir,  # noqa: F811
+):
+    manifest = _images(tmp_path, 4)
+    out, fresh = tmp_path / "cache", tmp_path / "fresh"
+    left = (
+        ImageBERTRoIExtractor.from_pretrained(extractor_dir, grid_sizes=[1])
+        if stale == "settings"
+        else make_tiny_extractor(max_regions=4)  # the same settings, other (random) weights
+    )
+    killed_start(manifest, out, left, shard_size=2)
+
+    extractor = ImageBERTRoIExtractor.from_pretrained(extractor_dir)
+    report = extract_regions(manifest, out, extractor, shard_size=2, num_proc=2, progress=False)
+    assert (report.num_extracted, report.num_failed) == (4, 0)
+    extract_regions(manifest, fresh, extractor, shard_size=2, progress=False)
+    assert_same_cache(out, fresh, workers=True)
+    info = json.loads((out / "cache_info.json").read_text())
+    saved = json.loads((out / "extractor" / "preprocessor_config.json").read_text())
+    assert {**saved, "device": None} == info["extractor"]
+    assert _weights_file_sha256(str(out / "extractor" / "roi_extractor.safetensors")) == info["weights_sha256"]
+
+
+@pytest.mark.parametrize("meanwhile", ["_start_cache", "_complete_skeleton", "_same_saved_extractor"])
+def test_two_machines_of_the_same_settings_both_go_on_over_a_killed_start(
+    meanwhile,
+    tmp_path,
+    monkeypatch,
+    extractor_dir,  # noqa: F811
+):
+    manifest = _images(tmp_path, 4)
+    out, fresh = tmp_path / "cache", tmp_path / "fresh"
+    killed_start(
+        reversed_manifest(manifest), out, ImageBERTRoIExtractor.from_pretrained(extractor_dir, grid_sizes=[1]),
+        shard_size=2,
+    )  # fmt: skip
+    step = getattr(cache_writer, meanwhile)
+    placed = {}
+
+    def other_machine_first(*args, **kwargs):
+        # Before this machine claims the folder, completes its skeleton, or compares the extractor it just saved, the
+        # other machine (the same settings) completes the skeleton and extracts its shard.
+        monkeypatch.setattr(cache_writer, meanwhile, step)
+        extract_regions(
+            manifest, out, ImageBERTRoIExtractor.from_pretrained(extractor_dir), shard_size=2, num_shards=2,
+            shard_index=1, progress=False,
+        )  # fmt: skip
+        placed.update({name: (out / name).stat().st_ino for name in ("extractor", "index.jsonl")})
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(cache_writer, meanwhile, other_machine_first)
+    extractor = ImageBERTRoIExtractor.from_pretrained(extractor_dir)
+    report = extract_regions(manifest, out, extractor, shard_size=2, num_shards=2, shard_index=0, progress=False)
+
+    assert (report.num_extracted, report.num_failed) == (4, 0)
+    # The other machine's extractor and index stay in place, untouched.
+    assert placed == {name: (out / name).stat().st_ino for name in ("extractor", "index.jsonl")}
+    extract_regions(manifest, fresh, extractor, shard_size=2, progress=False)
+    assert_same_cache(out, fresh)
 
 
 # ------------------------------------------------------------------------------------------ stated image sizes

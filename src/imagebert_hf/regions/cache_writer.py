@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from transformers.utils import logging
+from transformers.utils import IMAGE_PROCESSOR_NAME, logging
 
 from ..formats.files import (
     atomic_write_bytes,
@@ -37,8 +37,8 @@ from ..formats.files import (
     publish_folder,
 )
 from ..formats.manifest import iter_manifest
-from ..models.imagebert.folder_publishing import fsync_folder
-from ..models.imagebert.image_processing_imagebert import ImageBERTRoIExtractor, extract_in_batches
+from ..models.imagebert.folder_publishing import fsync_folder, fsync_tree
+from ..models.imagebert.image_processing_imagebert import WEIGHTS_NAME, ImageBERTRoIExtractor, extract_in_batches
 from ..models.imagebert.region_batching import as_feature_tensor, check_region_record, check_region_values
 from ..models.imagebert.roi_boxes import as_boxes
 from ..models.imagebert.roi_image_loading import ImageLoadError, image_content_hash, image_header_size
@@ -55,7 +55,7 @@ from .cache_layout import (
     _shard_dir,
     read_cache_info,
 )
-from .cache_reader import RegionCache, _check_shard_fingerprint, _shard_report
+from .cache_reader import RegionCache, _check_shard_fingerprint, _shard_report, _weights_file_sha256
 
 
 logger = logging.get_logger(__name__)
@@ -736,19 +736,124 @@ def _start_cache(output_dir: Path, info: dict[str, Any]) -> dict[str, Any] | Non
     return read_cache_info(output_dir)
 
 
-def _complete_skeleton(output_dir: Path, extractor, lines: str) -> None:
-    """Writes the extractor and `index.jsonl` of a cache whose `cache_info.json` matches this run's plan, where they
-    are missing (a process killed just after publishing the info); several processes may do it at once, each
-    renaming identical files into place."""
-    if not (output_dir / EXTRACTOR_DIR).is_dir():
-        tmp = output_dir / f".{EXTRACTOR_DIR}.tmp-{os.getpid()}"
-        extractor.save_pretrained(tmp)
+def _saved_extractor_matches(folder: Path, info: dict[str, Any]) -> bool:
+    """Whether `folder` holds the extractor `info` (`cache_info.json`) records: the same saved settings (the device
+    aside: it is where a process runs) and weights of the recorded sha256. False for a folder that is missing, does
+    not parse, or was saved by an extractor whose file does not record its settings."""
+    from safetensors import SafetensorError
+
+    recorded = info.get("extractor")
+    try:
+        saved = json.loads((folder / IMAGE_PROCESSOR_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(saved, dict) or not isinstance(recorded, dict):
+        return False
+    recorded = json.loads(json.dumps(recorded, default=str))
+    if {**saved, "device": None} != {**recorded, "device": None}:
+        return False
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        # Precomputed regions record the sha256 of their files, and save no weights.
+        return info.get("weights_sha256") is None or recorded.get("backend") == "precomputed"
+    try:
+        return _weights_file_sha256(str(weights)) == info.get("weights_sha256")
+    except (OSError, ValueError, SafetensorError):
+        return False
+
+
+def _same_saved_extractor(folder: Path, fresh: Path) -> bool:
+    """Whether `folder` holds what this process just saved at `fresh`: the same files, with equal bytes, for JSON
+    files equal values once the device is left out, and for weights equal tensors (two saves of the same tensors may
+    order their header's metadata otherwise)."""
+    from safetensors import SafetensorError
+
+    if not folder.is_dir() or folder.is_symlink():
+        return False
+    names = sorted(str(path.relative_to(fresh)) for path in fresh.rglob("*") if path.is_file())
+    if names != sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file()):
+        return False
+    for name in names:
+        there, here = (folder / name).read_bytes(), (fresh / name).read_bytes()
+        if there == here:
+            continue
+        if name.endswith(".safetensors"):
+            try:
+                if _weights_file_sha256(str(folder / name)) == _weights_file_sha256(str(fresh / name)):
+                    continue
+            except (OSError, ValueError, SafetensorError):
+                pass
+            return False
+        if not name.endswith(".json"):
+            return False
         try:
-            publish_folder(tmp, output_dir / EXTRACTOR_DIR, replace=False)
-        except OSError:  # another process published it first
-            shutil.rmtree(tmp, ignore_errors=True)
-    if not (output_dir / INDEX_NAME).is_file():
-        atomic_write_text(output_dir / INDEX_NAME, lines)
+            there, here = json.loads(there), json.loads(here)
+        except ValueError:
+            return False
+        if not isinstance(there, dict) or not isinstance(here, dict):
+            return False
+        if {**there, "device": None} != {**here, "device": None}:
+            return False
+    return True
+
+
+def _remove_path(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def _place_extractor(output_dir: Path, extractor, info: dict[str, Any]) -> None:
+    """Puts this run's extractor at `output_dir/extractor` unless the one there is the extractor `info` records.
+    The replaced one is renamed aside before the new one is published, never overwritten: another process that just
+    put the same extractor there keeps a complete folder (the one it put, or this process's identical one)."""
+    final = output_dir / EXTRACTOR_DIR
+    if _saved_extractor_matches(final, info):
+        return
+    # Unique: machines sharing the folder may run processes of the same id.
+    tmp = output_dir / f".{EXTRACTOR_DIR}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    stale = output_dir / f".{EXTRACTOR_DIR}.stale-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        extractor.save_pretrained(tmp)
+        fsync_tree(tmp)  # before the stale folder goes aside, so that the folder is missing only between two renames
+        # Compared again after the save: another process may have placed it meanwhile.
+        if os.path.lexists(final) and not _same_saved_extractor(final, tmp):
+            logger.warning(
+                "%s holds an extractor of other settings or weights than %s records (left by a start that was cut "
+                "short?): replacing it",
+                final,
+                CACHE_INFO_NAME,
+            )
+            with contextlib.suppress(FileNotFoundError):  # another process set it aside first
+                os.replace(final, stale)
+        if not os.path.lexists(final):
+            with contextlib.suppress(FileExistsError):  # another process published the same extractor first
+                publish_folder(tmp, final, replace=False)
+    finally:
+        _remove_path(tmp)
+        _remove_path(stale)
+
+
+def _complete_skeleton(output_dir: Path, extractor, lines: str, info: dict[str, Any]) -> None:
+    """Makes the extractor and `index.jsonl` of a cache agree with its `cache_info.json` (`info`, checked to match
+    this run's plan, `lines` its index): writes them where they are missing (a process killed just after publishing
+    the info), and replaces those of other settings or another source (a start killed before publishing its info,
+    which it once wrote last). Several processes may do it at once: each puts identical content in place, and one
+    that finds them right leaves them alone."""
+    index_path = output_dir / INDEX_NAME
+    recorded = info.get("index")  # absent from older caches, whose index `_check_same_index` compared whole
+    if not index_path.is_file():
+        atomic_write_text(index_path, lines)
+    elif recorded is not None and file_checksum(index_path) != recorded:
+        logger.warning(
+            "%s does not match the checksum in %s (left by a start that was cut short?): writing it again",
+            index_path,
+            CACHE_INFO_NAME,
+        )
+        atomic_write_text(index_path, lines)
+    _place_extractor(output_dir, extractor, info)
 
 
 def _index_text(index, shard_of) -> str:
@@ -918,7 +1023,6 @@ def _open_cache(
     fingerprint = _fingerprint(units, extractor_config, store_class_probs, shard_size, storage_dtype, weights_sha256)
     shard_of = {unit["cache_key"]: shard for shard, chunk in enumerate(shards) for unit in chunk}
     lines = _index_text(index, shard_of)
-    previous = None
     if (output_dir / CACHE_INFO_NAME).is_file():
         previous = read_cache_info(output_dir)
     else:
@@ -973,7 +1077,8 @@ def _open_cache(
                 "match); use a new output_dir or delete it."
             )
         _check_same_index(output_dir, previous, lines)
-    _complete_skeleton(output_dir, extractor, lines)
+        info = previous
+    _complete_skeleton(output_dir, extractor, lines, info)
     (output_dir / SHARDS_DIR).mkdir(exist_ok=True)
     return fingerprint
 
