@@ -407,10 +407,7 @@ class RetrievalCorpus:
         """Each caption as the model reads it: its token ids without the padding, so that captions the tokenizer
         normalises alike (an uncased one: `A Dog` and `a  dog`) are one query; the caption as written when the
         corpus holds no tokenized texts."""
-        if not self.text_inputs:
-            return list(self.texts)
-        ids, mask = self.text_inputs["input_ids"], self.text_inputs["attention_mask"].bool()
-        return [tuple(ids[t][mask[t]].tolist()) for t in range(self.num_texts)]
+        return token_id_keys(self.text_inputs) if self.text_inputs else list(self.texts)
 
     @classmethod
     def from_records(
@@ -792,6 +789,13 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
 
 
+def token_id_keys(text_inputs: Mapping[str, torch.Tensor]) -> list[tuple[int, ...]]:
+    """Each tokenized text as the model reads it, its token ids without the padding: texts a tokenizer normalises
+    alike (an uncased one: `A Dog` and `a  dog`) give one key."""
+    ids, mask = text_inputs["input_ids"], text_inputs["attention_mask"].bool()
+    return [tuple(ids[t][mask[t]].tolist()) for t in range(len(ids))]
+
+
 def tokenize_texts(tokenizer, texts: Sequence[str], max_length: int = 44) -> dict[str, torch.Tensor]:
     """Tokenizes captions once: `input_ids`, `attention_mask`, `token_type_ids`, padded to `max_length` on the
     right whatever the tokenizer's `padding_side` (the model reads the pair's summary at position 0, and scoring
@@ -1058,6 +1062,7 @@ class DataCollatorForImageTextRetrieval:
 
 __all__ = [
     "check_region_cache_fits",
+    "token_id_keys",
     "tokenizer_fingerprint",
     "ALL_SPLITS",
     "KARPATHY_SPLITS",

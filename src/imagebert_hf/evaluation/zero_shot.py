@@ -16,6 +16,7 @@ from ..data.retrieval_corpus import (
     load_manifest_records,
     merge_duplicate_images,
     merge_same_pictures,
+    token_id_keys,
 )
 from ..data.synthetic import (
     chance_recall,
@@ -98,8 +99,7 @@ def manifest_retrieval_inputs(
         texts, padding=True, truncation=True, max_length=max_text_length, padding_side="right", return_tensors="pt"
     )
     # Counted by the tokens the model reads: an uncased tokenizer gives `A Dog` and `a  dog` the same query.
-    ids, mask = text_inputs["input_ids"], text_inputs["attention_mask"].bool()
-    shared = shared_caption_count([tuple(ids[t][mask[t]].tolist()) for t in range(len(texts))], text_to_image)
+    shared = shared_caption_count(token_id_keys(text_inputs), text_to_image)
     if shared:
         logger.warning(
             "%d of the %d captions are also, as the tokens the model reads, a caption of another image: ties count "

@@ -742,19 +742,25 @@ def cache_extractor_record(info: dict[str, Any]) -> tuple[dict[str, Any] | None,
     return {**recorded, "weights_sha256": info.get("weights_sha256")}, ""
 
 
-def _weights_file_sha256(path: str) -> str:
-    """The sha256 of a saved extractor's weights file, as the cache writer hashes the backend's weights (each tensor's
-    name, dtype, shape and bytes, by name): equal for the weights a cache was extracted with."""
+def tensors_sha256(named_tensors) -> str:
+    """The sha256 of `(name, tensor)` pairs given in name order: each tensor's name, dtype, shape and bytes. The one
+    digest of extractor weights, whether they are in memory (the cache writer) or in a saved file."""
     import torch
-    from safetensors import safe_open
 
     digest = hashlib.sha256()
-    with safe_open(path, framework="pt") as weights:
-        for name in sorted(weights.keys()):
-            tensor = weights.get_tensor(name)
-            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
-            digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+    for name, tensor in named_tensors:
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
+
+
+def _weights_file_sha256(path: str) -> str:
+    """`tensors_sha256` of a saved extractor's weights file, read one tensor at a time: equal to the cache writer's
+    digest of the weights a cache was extracted with."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as weights:
+        return tensors_sha256((name, weights.get_tensor(name)) for name in sorted(weights.keys()))
 
 
 def saved_extractor_record(name_or_path: str | os.PathLike) -> tuple[dict[str, Any] | None, str]:
@@ -835,6 +841,7 @@ __all__ = [
     "load_region_cache",
     "load_region_dataset",
     "saved_extractor_record",
+    "tensors_sha256",
     "verify_region_cache",
     "warn_if_other_extractor",
 ]

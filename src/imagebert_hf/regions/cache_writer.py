@@ -55,7 +55,7 @@ from .cache_layout import (
     _shard_dir,
     read_cache_info,
 )
-from .cache_reader import RegionCache, _check_shard_fingerprint, _shard_report, _weights_file_sha256
+from .cache_reader import RegionCache, _check_shard_fingerprint, _shard_report, _weights_file_sha256, tensors_sha256
 
 
 logger = logging.get_logger(__name__)
@@ -284,13 +284,7 @@ def _weights_sha256(extractor, output_dir: str | os.PathLike | None = None) -> s
     backend = get_backend()
     if not getattr(backend, "has_weights", False):
         return None
-    import torch
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(backend.state_dict().items()):
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
+    return tensors_sha256(sorted(backend.state_dict().items()))
 
 
 # ------------------------------------------------------------------------------------------------ shards
