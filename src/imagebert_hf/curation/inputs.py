@@ -17,7 +17,7 @@ import glob
 import os
 import posixpath
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePath, PurePosixPath
 from urllib.parse import unquote, urldefrag, urlsplit
@@ -468,29 +468,53 @@ def _dechunk(body: bytes, max_bytes: int) -> bytes:
             raise HttpBodyError("bad_transfer_encoding", "a chunk is not followed by a line end")
 
 
+def _decode_bounded(
+    decode_step: Callable[[int], bytes],
+    finished: Callable[[], bool],
+    decoded: bytearray,
+    max_bytes: int,
+    corrupt: type[Exception],
+    what: str,
+) -> None:
+    """Runs a streaming decoder until its stream ends, appending to `decoded`, `decode_step(limit)` giving at most
+    `limit` bytes a call, so that a small bomb never expands in memory beyond `max_bytes` (+1) in all. `corrupt` is
+    the decoder's error, `what` names its data in the failures."""
+    try:
+        while len(decoded) <= max_bytes and not finished():
+            chunk = decode_step(max_bytes + 1 - len(decoded))
+            if not chunk:
+                break
+            decoded += chunk
+    except corrupt as err:
+        raise HttpBodyError("bad_content_encoding", f"corrupt {what} data: {err}") from None
+    if len(decoded) > max_bytes:
+        raise HttpBodyTooLarge(max_bytes)
+    if not finished():
+        raise HttpBodyError("bad_content_encoding", f"the {what} data ends before its end of stream")
+
+
 def _inflate(data: bytes, wbits: int, max_bytes: int) -> bytes:
-    """zlib, gzip (several members too) or raw deflate data, inflated at most `max_bytes` (+1) at a time, so that
-    a small bomb never expands in memory beyond the limit."""
-    out = bytearray()
+    """zlib, gzip (several members too) or raw deflate data, inflated at most `max_bytes` (+1) bytes in all."""
+    decoded = bytearray()
     while True:
-        inflater = zlib.decompressobj(wbits)
-        try:
-            out += inflater.decompress(data, max_bytes + 1 - len(out))
-            while not inflater.eof and len(out) <= max_bytes:
-                chunk = inflater.decompress(inflater.unconsumed_tail, max_bytes + 1 - len(out))
-                if not chunk and not inflater.unconsumed_tail:
-                    break
-                out += chunk
-        except zlib.error as err:
-            raise HttpBodyError("bad_content_encoding", f"corrupt compressed data: {err}") from None
-        if len(out) > max_bytes:
-            raise HttpBodyTooLarge(max_bytes)
-        if not inflater.eof:
-            raise HttpBodyError("bad_content_encoding", "the compressed data ends before its end of stream")
-        data = inflater.unused_data
+        data = _inflate_member(data, wbits, decoded, max_bytes)
         # Bytes after the end of the stream are ignored, as browsers do, unless they start another gzip member.
         if not (wbits > zlib.MAX_WBITS and data.startswith(_GZIP_MAGIC)):
-            return bytes(out)
+            return bytes(decoded)
+
+
+def _inflate_member(data: bytes, wbits: int, decoded: bytearray, max_bytes: int) -> bytes:
+    """Inflates the stream at the start of `data` onto `decoded`; returns the bytes after it."""
+    inflater, pending = zlib.decompressobj(wbits), data
+
+    def inflate_step(limit: int) -> bytes:
+        nonlocal pending
+        chunk = inflater.decompress(pending, limit)
+        pending = inflater.unconsumed_tail
+        return chunk
+
+    _decode_bounded(inflate_step, lambda: inflater.eof, decoded, max_bytes, zlib.error, "compressed")
+    return inflater.unused_data
 
 
 def _first_deflate_block_breaks(data: bytes, max_bytes: int) -> bool:
@@ -534,21 +558,18 @@ def _unbrotli(data: bytes, max_bytes: int) -> bytes:
     if not hasattr(decompressor, "can_accept_more_data"):
         # Older brotli releases cannot bound their output: decoding would allocate whatever the data expands to.
         raise HttpBodyError("unsupported_content_encoding", "br needs brotli>=1.2 to bound the decoded size")
-    out = bytearray()
-    try:
-        out += decompressor.process(data, output_buffer_limit=max_bytes + 1)
-        while len(out) <= max_bytes and not decompressor.is_finished() and not decompressor.can_accept_more_data():
-            chunk = decompressor.process(b"", output_buffer_limit=max_bytes + 1 - len(out))
-            if not chunk:
-                break
-            out += chunk
-    except brotli.error as err:
-        raise HttpBodyError("bad_content_encoding", f"corrupt brotli data: {err}") from None
-    if len(out) > max_bytes:
-        raise HttpBodyTooLarge(max_bytes)
-    if not decompressor.is_finished():
-        raise HttpBodyError("bad_content_encoding", "the brotli data ends before its end of stream")
-    return bytes(out)
+    pending = data
+
+    def brotli_step(limit: int) -> bytes:
+        nonlocal pending
+        if not pending and decompressor.can_accept_more_data():  # it needs input there is no more of
+            return b""
+        chunk, pending = decompressor.process(pending, output_buffer_limit=limit), b""
+        return chunk
+
+    decoded = bytearray()
+    _decode_bounded(brotli_step, decompressor.is_finished, decoded, max_bytes, brotli.error, "brotli")
+    return bytes(decoded)
 
 
 def _undo_coding(data: bytes, coding: str, max_bytes: int) -> bytes:
