@@ -18,7 +18,7 @@ from pathlib import Path
 from transformers import HfArgumentParser
 
 from ..formats.files import check_folder_or_hub_id, check_output_dir
-from ..formats.manifest import ManifestError
+from ..formats.manifest import ManifestError, outside_root_flag
 from ..models.imagebert.script_errors import exit_on_error, parse_flags
 
 
@@ -44,13 +44,7 @@ class AppArguments:
         metadata={"help": "Keep only this split of a manifest gallery ('test' for the default demo gallery)."},
     )
     max_gallery: int | None = field(default=None, metadata={"help": "Use at most this many gallery photos."})
-    allow_outside_root: bool = field(
-        default=False,
-        metadata={
-            "help": "Follow a manifest gallery's image paths that leave the manifest's folder (absolute, or ../); "
-            "refused by default."
-        },
-    )
+    allow_outside_root: bool = outside_root_flag("a manifest gallery (rooted at the manifest's folder)")
     gallery_regions: str = field(
         default="auto",
         metadata={

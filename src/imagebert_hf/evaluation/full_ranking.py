@@ -32,6 +32,7 @@ from ..data.retrieval_corpus import (
 )
 from ..data.synthetic import make_synthetic_examples, synthetic_region_record
 from ..formats.files import atomic_write_bytes, atomic_write_json, check_folder_or_hub_id, file_checksum
+from ..formats.manifest import outside_root_flag
 from ..models.imagebert.modeling_imagebert import ImageBERTForImageTextRetrieval
 from ..models.imagebert.pipeline_image_text_retrieval import untrained_heads
 from ..models.imagebert.region_batching import check_region_values
@@ -66,13 +67,7 @@ class EvaluationArguments:
     karpathy_file: str | None = field(default=None, metadata={"help": "dataset_coco.json or dataset_flickr30k.json."})
     image_root: str | None = field(default=None, metadata={"help": "Folder the Karpathy image paths start from."})
     manifest: str | None = field(default=None, metadata={"help": "A jsonl manifest (dataset=manifest)."})
-    allow_outside_root: bool = field(
-        default=False,
-        metadata={
-            "help": "Follow image paths of the manifest or Karpathy file that leave their image root (absolute, or "
-            "../); refused by default."
-        },
-    )
+    allow_outside_root: bool = outside_root_flag("the manifest or Karpathy file")
     split: str = field(
         default="test",
         metadata={

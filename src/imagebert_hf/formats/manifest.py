@@ -168,6 +168,18 @@ def image_path_inside_root(
     return path
 
 
+def outside_root_flag(paths: str) -> Any:
+    """The `allow_outside_root` field of a script's argument dataclass (`HfArgumentParser`), `paths` naming the
+    image paths it lets leave their root."""
+    return field(
+        default=False,
+        metadata={
+            "help": f"Follow image paths of {paths} that leave their image root (absolute, or ../); refused by "
+            "default."
+        },
+    )
+
+
 def parse_manifest_line(
     line: str | dict[str, Any],
     image_root: str | os.PathLike,
@@ -275,6 +287,7 @@ __all__ = [
     "check_id_text",
     "image_path_inside_root",
     "iter_manifest",
+    "outside_root_flag",
     "parse_manifest_line",
     "read_manifest",
 ]

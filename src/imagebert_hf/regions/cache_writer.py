@@ -434,19 +434,30 @@ def _stated_size_problem(
     )
 
 
+@dataclass(frozen=True)
+class _ShardSettings:
+    """How every shard of one cache is extracted and written, in this process and in its workers alike."""
+
+    batch_size: int
+    store_class_probs: bool
+    storage_dtype: str
+    # The plan's shard count and fingerprint, recorded in each shard's report (see `_write_shard`).
+    num_shards: int
+    fingerprint: str
+
+
 def _shard_columns(
     extractor,
     units: list[dict[str, Any]],
     features,
-    batch_size: int,
-    store_class_probs: bool,
+    settings: _ShardSettings,
     on_batch: Callable[[int], None] | None = None,
-    storage_dtype: str = "float32",
 ) -> tuple[dict[str, list[Any]], list[dict[str, str]]]:
     """Runs the extractor over a shard's units: the shard's columns, and one failure entry per image that failed
     (unreadable, of another size than its manifest line states for its boxes, or whose regions cannot be stored: see
     `_stated_size_problem` and `_storage_problem`)."""
     num_classes, feature_size = extractor.num_object_classes, extractor.region_feature_size
+    batch_size, store_class_probs = settings.batch_size, settings.store_class_probs
     columns: dict[str, list[Any]] = {name: [] for name in features}
     failures = []
 
@@ -502,7 +513,7 @@ def _shard_columns(
             position += 1
             if not record["error"]:
                 problem, stored = _storage_problem(
-                    record, unit["key"], feature_size, num_classes, store_class_probs, storage_dtype
+                    record, unit["key"], feature_size, num_classes, store_class_probs, settings.storage_dtype
                 )
                 record = stored if problem is None else _failed_record(problem, feature_size, num_classes)
             add(unit, record)
@@ -520,8 +531,7 @@ def _write_shard(
     units: list[dict[str, Any]],
     failures,
     shard_path: Path,
-    num_shards: int | None = None,
-    fingerprint: str | None = None,
+    settings: _ShardSettings,
 ) -> dict[str, Any]:
     """Saves the columns under a temporary name with their `shard_report.json`, then renames the folder into place."""
     import datasets
@@ -545,9 +555,9 @@ def _write_shard(
         # each file's size (at every open) and sha256 (`verify_region_cache`).
         "shard": int(shard_path.name.rsplit("-", 1)[-1]),
         # The plan's shard count, so a reader can tell an edited count in cache_info.json from a missing shard.
-        "num_shards": num_shards,
+        "num_shards": settings.num_shards,
         # The plan it was extracted for: a shard of another plan (other settings, images or weights) is refused.
-        "fingerprint": fingerprint,
+        "fingerprint": settings.fingerprint,
         "first_cache_key": units[0]["cache_key"] if units else None,
         "last_cache_key": units[-1]["cache_key"] if units else None,
         "files": {file.name: file_checksum(file) for file in sorted(tmp_path.glob("data-*.arrow"))},
@@ -562,18 +572,14 @@ def _extract_shard(
     extractor,
     units: list[dict[str, Any]],
     shard_path: Path,
-    batch_size: int,
-    store_class_probs: bool,
+    settings: _ShardSettings,
     on_batch: Callable[[int], None] | None = None,
-    storage_dtype: str = "float32",
-    num_shards: int | None = None,
-    fingerprint: str | None = None,
 ) -> dict[str, Any]:
-    features = _features(extractor.region_feature_size, extractor.num_object_classes, store_class_probs, storage_dtype)
-    columns, failures = _shard_columns(
-        extractor, units, features, batch_size, store_class_probs, on_batch, storage_dtype
+    features = _features(
+        extractor.region_feature_size, extractor.num_object_classes, settings.store_class_probs, settings.storage_dtype
     )
-    return _write_shard(columns, features, units, failures, shard_path, num_shards, fingerprint)
+    columns, failures = _shard_columns(extractor, units, features, settings, on_batch)
+    return _write_shard(columns, features, units, failures, shard_path, settings)
 
 
 def _init_worker(
@@ -610,21 +616,9 @@ def _check_worker_class(extractor, num_proc: int) -> None:
         )
 
 
-def _worker_task(
-    task: tuple[int, list[dict[str, Any]], str, int, bool, str, int, str],
-) -> tuple[int, int, dict[str, Any]]:
-    shard, units, shard_path, batch_size, store_class_probs, storage_dtype, num_shards, fingerprint = task
-    report = _extract_shard(
-        _WORKER_EXTRACTOR,
-        units,
-        Path(shard_path),
-        batch_size,
-        store_class_probs,
-        storage_dtype=storage_dtype,
-        num_shards=num_shards,
-        fingerprint=fingerprint,
-    )
-    return shard, len(units), report
+def _worker_task(task: tuple[int, list[dict[str, Any]], str, _ShardSettings]) -> tuple[int, int, dict[str, Any]]:
+    shard, units, shard_path, settings = task
+    return shard, len(units), _extract_shard(_WORKER_EXTRACTOR, units, Path(shard_path), settings)
 
 
 # ------------------------------------------------------------------------------------------------ entry point
@@ -1123,12 +1117,8 @@ def _run_shards(
     shards: list[list[dict[str, Any]]],
     todo: list[int],
     on_images: Callable[[int], Any],
-    *,
     num_proc: int,
-    batch_size: int,
-    store_class_probs: bool,
-    storage_dtype: str,
-    fingerprint: str,
+    settings: _ShardSettings,
 ) -> None:
     """Extracts the shards `todo`: in this process, or with `num_proc > 1` in spawned workers, one shard a task;
     `on_images(n)` is called as images are done."""
@@ -1139,19 +1129,7 @@ def _run_shards(
         context = multiprocessing.get_context("spawn")
         workers = min(num_proc, len(todo))
         threads = max(1, (os.cpu_count() or 1) // workers)
-        tasks = [
-            (
-                shard,
-                shards[shard],
-                str(_shard_dir(output_dir, shard)),
-                batch_size,
-                store_class_probs,
-                storage_dtype,
-                len(shards),
-                fingerprint,
-            )
-            for shard in todo
-        ]
+        tasks = [(shard, shards[shard], str(_shard_dir(output_dir, shard)), settings) for shard in todo]
         initargs = (
             str(output_dir / EXTRACTOR_DIR),
             threads,
@@ -1164,17 +1142,7 @@ def _run_shards(
                 on_images(count)
     else:
         for shard in todo:
-            _extract_shard(
-                extractor,
-                shards[shard],
-                _shard_dir(output_dir, shard),
-                batch_size,
-                store_class_probs,
-                on_images,
-                storage_dtype=storage_dtype,
-                num_shards=len(shards),
-                fingerprint=fingerprint,
-            )
+            _extract_shard(extractor, shards[shard], _shard_dir(output_dir, shard), settings, on_images)
 
 
 def extract_regions(
@@ -1277,7 +1245,6 @@ def extract_regions(
     split_rank, split_world = _split_process(num_shards, rank, world, local_rank)
     _check_worker_class(extractor, num_proc)
     _place_on_launch_device(extractor, world, local_rank)
-    batch_size = batch_size or extractor.batch_size
     if isinstance(source, (str, os.PathLike)):
         items = _manifest_items(source, image_root, use_boxes, allow_outside_root)
     else:
@@ -1311,19 +1278,11 @@ def extract_regions(
         unit="img",
         disable=not progress,
     )
+    settings = _ShardSettings(
+        batch_size or extractor.batch_size, store_class_probs, storage_dtype, len(shards), fingerprint
+    )
     try:
-        _run_shards(
-            extractor,
-            output_dir,
-            shards,
-            todo,
-            bar.update,
-            num_proc=num_proc,
-            batch_size=batch_size,
-            store_class_probs=store_class_probs,
-            storage_dtype=storage_dtype,
-            fingerprint=fingerprint,
-        )
+        _run_shards(extractor, output_dir, shards, todo, bar.update, num_proc, settings)
     finally:
         bar.close()
 

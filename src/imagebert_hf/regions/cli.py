@@ -9,6 +9,7 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 
 from ..formats.files import check_folder_or_hub_id, check_output_dir
+from ..formats.manifest import outside_root_flag
 from ..models.imagebert.script_errors import exit_on_error, parse_flags
 from .cache_layout import REPORT_NAME
 
@@ -28,9 +29,7 @@ class ExtractRegionsArguments:
     image_root: str | None = field(
         default=None, metadata={"help": "Folder the manifest's image paths are relative to (its own by default)."}
     )
-    allow_outside_root: bool = field(
-        default=False, metadata={"help": "Follow manifest image paths outside the image root (absolute, ../)."}
-    )
+    allow_outside_root: bool = outside_root_flag("the manifest")
     image_column: str = field(default="image", metadata={"help": "Dataset column of the images."})
     key_column: str | None = field(default=None, metadata={"help": "Dataset column naming each row."})
     use_boxes: bool = field(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from ..formats.manifest import outside_root_flag
 from ..models.imagebert.configuration_imagebert import SEED_RULE
 
 
@@ -175,13 +176,7 @@ class RetrievalArguments:
     image_root: str | None = field(
         default=None, metadata={"help": "Folder the Karpathy image paths start from.", "metavar": "FOLDER"}
     )
-    allow_outside_root: bool = field(
-        default=False,
-        metadata={
-            "help": "Follow image paths of --train_file that leave their image root (absolute, or ../); refused by "
-            "default."
-        },
-    )
+    allow_outside_root: bool = outside_root_flag("--train_file")
     train_split: str = field(
         default="train",
         metadata={
