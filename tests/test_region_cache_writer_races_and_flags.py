@@ -465,3 +465,50 @@ def test_a_rerun_after_an_image_was_restored_names_its_key(tiny, tmp_path):
     image.write_bytes(kept)
     with pytest.raises(ValueError, match=r"another source: the key 'images/003\.png' \(index line 4\) names another"):
         extract_regions(manifest, tmp_path / "cache", tiny, shard_size=2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def extractor_parts(tiny, tmp_path_factory):
+    """Two parts of a split run with a real (tiny) extractor, whose `extractor/` folders hold its weights."""
+    folder = tmp_path_factory.mktemp("extractor_parts")
+    manifest = _images(folder, 4)
+    for index in (0, 1):
+        extract_regions(
+            manifest, folder / f"part{index}", tiny, shard_size=2, num_shards=2, shard_index=index, progress=False
+        )
+    return [folder / "part0", folder / "part1"]
+
+
+def weights_of(folder):
+    return _weights_file_sha256(str(folder / "extractor" / "roi_extractor.safetensors"))
+
+
+def test_a_merge_takes_the_extractor_the_caches_record_passing_over_a_copy_cut_short(extractor_parts, tmp_path):
+    copies = [tmp_path / part.name for part in extractor_parts]
+    for part, copy in zip(extractor_parts, copies):
+        shutil.copytree(part, copy)
+    recorded = json.loads((copies[0] / "cache_info.json").read_text())["weights_sha256"]
+    weights = copies[0] / "extractor" / "roi_extractor.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    # An earlier merge into the same folder, cut short while copying the extractor.
+    out = tmp_path / "merged"
+    (out / "extractor").mkdir(parents=True)
+    (out / "extractor" / "preprocessor_config.json").write_text("{")
+
+    with CaptureLogger(cache_writer.logger) as captured:
+        merge_region_caches(copies, out)
+    assert "could be confirmed" not in captured.out
+    assert weights_of(out) == weights_of(copies[1]) == recorded
+    ImageBERTRoIExtractor.from_pretrained(out / "extractor")  # a complete folder
+    assert len(load_region_cache(out)) == 4
+
+
+def test_a_merge_without_any_extractor_folder_names_it(extractor_parts, tmp_path):
+    copies = [tmp_path / part.name for part in extractor_parts]
+    for part, copy in zip(extractor_parts, copies):
+        shutil.copytree(part, copy)
+        shutil.rmtree(copy / "extractor")
+    out = tmp_path / "merged"
+    with pytest.raises(RegionCacheError, match=r"no part holds its extractor/ folder"):
+        merge_region_caches(copies, out)
+    assert not out.exists()

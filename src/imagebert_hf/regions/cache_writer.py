@@ -793,10 +793,11 @@ def _remove_path(path: Path) -> None:
             path.unlink()
 
 
-def _place_extractor(output_dir: Path, extractor, info: dict[str, Any]) -> None:
-    """Puts this run's extractor at `output_dir/extractor` unless the one there is the extractor `info` records.
-    The replaced one is renamed aside before the new one is published, never overwritten: another process that just
-    put the same extractor there keeps a complete folder (the one it put, or this process's identical one)."""
+def _place_extractor(output_dir: Path, save: Callable[[Path], Any], info: dict[str, Any]) -> None:
+    """Puts the extractor `save(folder)` saves at `output_dir/extractor` unless the one there is the extractor `info`
+    records. The replaced one is renamed aside before the new one is published, never overwritten: another process
+    that just put the same extractor there keeps a complete folder (the one it put, or this process's identical
+    one)."""
     final = output_dir / EXTRACTOR_DIR
     if _saved_extractor_matches(final, info):
         return
@@ -804,7 +805,7 @@ def _place_extractor(output_dir: Path, extractor, info: dict[str, Any]) -> None:
     tmp = output_dir / f".{EXTRACTOR_DIR}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     stale = output_dir / f".{EXTRACTOR_DIR}.stale-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        extractor.save_pretrained(tmp)
+        save(tmp)
         fsync_tree(tmp)  # before the stale folder goes aside, so that the folder is missing only between two renames
         # Compared again after the save: another process may have placed it meanwhile.
         if os.path.lexists(final) and not _same_saved_extractor(final, tmp):
@@ -841,7 +842,7 @@ def _complete_skeleton(output_dir: Path, extractor, lines: str, info: dict[str, 
             CACHE_INFO_NAME,
         )
         atomic_write_text(index_path, lines)
-    _place_extractor(output_dir, extractor, info)
+    _place_extractor(output_dir, extractor.save_pretrained, info)
 
 
 def _index_text(index, shard_of) -> str:
@@ -1325,6 +1326,7 @@ def merge_region_caches(parts: Sequence[str | os.PathLike], output_dir: str | os
             "the precomputed regions they were read from)."
         )
     (fingerprint,) = fingerprints
+    extractor_dir = _part_extractor(parts, infos[0])
     for part in parts:
         if not (part / INDEX_NAME).is_file():
             raise RegionCacheError(
@@ -1370,8 +1372,7 @@ def merge_region_caches(parts: Sequence[str | os.PathLike], output_dir: str | os
             f"shard {missing[0]}); run the missing shard_index values first."
         )
     output_dir.mkdir(parents=True, exist_ok=True)
-    if not (output_dir / EXTRACTOR_DIR).is_dir():
-        shutil.copytree(parts[0] / EXTRACTOR_DIR, output_dir / EXTRACTOR_DIR)
+    _place_extractor(output_dir, lambda folder: shutil.copytree(extractor_dir, folder), info)
     atomic_write_bytes(output_dir / INDEX_NAME, (parts[0] / INDEX_NAME).read_bytes())
     if not (output_dir / CACHE_INFO_NAME).is_file():
         atomic_write_json(output_dir / CACHE_INFO_NAME, info, indent=2, default=str)
@@ -1388,6 +1389,27 @@ def merge_region_caches(parts: Sequence[str | os.PathLike], output_dir: str | os
     report.num_unique = sum(_shard_report(_shard_dir(output_dir, s))["rows"] for s in range(num_shards))
     report.num_duplicates = report.num_items - report.num_unique
     return _finish_cache(output_dir, report, num_shards, started)
+
+
+def _part_extractor(parts: list[Path], info: dict[str, Any]) -> Path:
+    """The parts' `extractor/` folder that the merged cache's readers will load: the first that is the extractor
+    `info` records, passing over copies cut short or edited; else (none can be confirmed, as for an extractor whose
+    saved file does not record its settings) the first there is, with a warning."""
+    folders = [part / EXTRACTOR_DIR for part in parts if (part / EXTRACTOR_DIR).is_dir()]
+    if not folders:
+        raise RegionCacheError(
+            f"no part holds its {EXTRACTOR_DIR}/ folder (copied in part?); copy one again from a machine that wrote it."
+        )
+    confirmed = next((folder for folder in folders if _saved_extractor_matches(folder, info)), None)
+    if confirmed is None:
+        logger.warning(
+            "no part's %s/ folder could be confirmed as the extractor %s records (cut short, edited, or saved "
+            "without its settings); the merged cache gets the copy in %s",
+            EXTRACTOR_DIR,
+            CACHE_INFO_NAME,
+            folders[0].parent,
+        )
+    return confirmed or folders[0]
 
 
 def _link_or_copy(source: str, target: str) -> None:
