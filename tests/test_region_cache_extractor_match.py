@@ -185,3 +185,34 @@ def test_fine_tuning_warns_before_it_builds_its_corpora(setup, tmp_path, tokeniz
     assert (train.num_images, held_out.num_images) == (4, 2)
     assert captured.out.count(OTHER_EXTRACTOR) == 1, captured.out
     assert "backbone weights: sha256 " in captured.out
+
+
+def test_pretraining_warns_once_per_stage_cache_of_another_extractor_than_its_processor(
+    tmp_path, make_tiny_extractor, tokenizer
+):
+    from imagebert_hf.data.synthetic import write_synthetic_manifest
+    from imagebert_hf.training import PretrainingRunOptions, recipe_from_dict, run_pretraining
+
+    from .test_moc_targets_in_mixed_batches import _cache_recipe
+
+    torch.manual_seed(0)
+    extractor = make_tiny_extractor(grid_sizes=[1])
+    manifest = write_synthetic_manifest(tmp_path / "shapes", 4, seed=0, image_size=64)
+    extract_regions(manifest, tmp_path / "regions", extractor, progress=False)
+    extractor.save_pretrained(tmp_path / "extractor")
+
+    def run(name, image_processor):
+        processor = ImageBERTProcessor(image_processor, tokenizer, max_text_length=20, max_regions=10)
+        processor.save_pretrained(tmp_path / f"{name}_processor")
+        data = _cache_recipe(tmp_path / name, (manifest, tmp_path / "regions", None, extractor), "cross_entropy")
+        data["stages"][0]["sources"] = data["stages"][0]["sources"][:1]
+        data["stages"].append({**data["stages"][0], "name": "again"})  # the same cache in a second stage
+        data["model"]["processor"] = str(tmp_path / f"{name}_processor")
+        return warnings_of(lambda: run_pretraining(recipe_from_dict(data), PretrainingRunOptions(cpu=True)))
+
+    own = ImageBERTRoIExtractor.from_pretrained(tmp_path / "extractor")
+    assert run("own", own) == ""
+    out = run("grid", ImageBERTRoIExtractor.from_pretrained(tmp_path / "extractor", grid_sizes=[1, 2]))
+    assert out.count(OTHER_EXTRACTOR) == 1, out
+    assert f"stage 'regions', source 'with_probs': region cache {tmp_path / 'regions'} {OTHER_EXTRACTOR}" in out
+    assert "grid_sizes: [1] in the cache, [1, 2] in the model's processor" in out

@@ -754,7 +754,7 @@ def check_region_cache_fits(cache, config, where: str, model_name_or_path: str |
             f"{config.region_feature_size} (extract them with the model's extractor)."
         )
     if model_name_or_path is not None:
-        warn_if_other_extractor(cache, where, model_name_or_path, config.max_regions)
+        warn_if_other_extractor(cache.info, where, model_name_or_path, config.max_regions)
 
 
 def region_cache_lookup(cache) -> Callable[[Mapping], Mapping]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -799,17 +799,19 @@ def saved_extractor_record(name_or_path: str | os.PathLike) -> tuple[dict[str, A
     return {**settings, "weights_sha256": sha256}, ""
 
 
-def warn_if_other_extractor(cache, where: str, model_name_or_path: str, max_regions: int | None = None) -> list[str]:
-    """Logs one warning, naming `where` and each setting with both values, when the cache's regions were made by
-    another extractor than the one saved with the model (`extractor_differences`; `max_regions`: the most the model
-    takes). Not an error: fine-tuning on another extractor's regions is legitimate, but the model then reads
+def warn_if_other_extractor(
+    cache_info: Mapping[str, Any], where: str, model_name_or_path: str, max_regions: int | None = None
+) -> list[str]:
+    """Logs one warning, naming `where` and each setting with both values, when the regions of the cache whose
+    `cache_info.json` is `cache_info` were made by another extractor than the one saved with the model
+    (`extractor_differences`; `max_regions`: the most the model takes). Not an error: fine-tuning on another extractor's regions is legitimate, but the model then reads
     features unlike those it learned from (or, once fine-tuned, unlike those its saved processor gives). A cache or
     a model that records no comparable extractor is said so at debug level only.
 
     Returns:
         `list[str]`: the differing settings (empty when the extractors agree or cannot be compared).
     """
-    recorded, reason = cache_extractor_record(cache.info)
+    recorded, reason = cache_extractor_record(cache_info)
     if recorded is None:
         logger.debug("%s: its extractor is not compared with the model's: %s.", where, reason)
         return []

@@ -37,6 +37,7 @@ from ..models.imagebert.configuration_imagebert import ImageBERTConfig, check_fl
 from ..models.imagebert.modeling_imagebert import ImageBERTForPreTraining
 from ..models.imagebert.processing_imagebert import ImageBERTProcessor
 from ..regions.cache_layout import CACHE_INFO_NAME, read_cache_info
+from ..regions.cache_reader import warn_if_other_extractor
 from .arguments import TRAINING_FLAG_RULES, PretrainingRunOptions
 from .checkpointing import COMPLETE_FILE, TrainState, latest_checkpoint
 from .loop import (
@@ -305,6 +306,23 @@ def check_later_stages(stages: list[StageSpec], config) -> None:
             written = folder is not None and (folder / CACHE_INFO_NAME).is_file()
             infos.append(read_cache_info(folder) if written else None)
         _check_class_distributions(stage, infos, config)
+
+
+def warn_caches_of_other_extractors(
+    stages: list[StageSpec], processor: str, max_regions: int, compared: set[str]
+) -> None:
+    """Warns where a stage's region cache was made by another extractor than the one of `processor` (the recipe's
+    `model.processor`, saved with each stage's model, which extracts the photos that model is later given): the
+    model would learn from regions unlike those its own processor gives (`warn_if_other_extractor`). Each cache is
+    compared once (`compared` holds the folders done); one not written yet is left to its own stage's start."""
+    for stage in stages:
+        for spec in stage.sources:
+            folder = None if spec.region_cache is None else Path(spec.region_cache)
+            if folder is None or str(folder) in compared or not (folder / CACHE_INFO_NAME).is_file():
+                continue
+            compared.add(str(folder))
+            where = f"stage {stage.name!r}, source {spec.name!r}: region cache {folder}"
+            warn_if_other_extractor(read_cache_info(folder), where, processor, max_regions)
 
 
 def build_stage_data(stage: StageSpec, tokenizer, config, seed: int, num_workers: int = 0, num_processes: int = 1):
@@ -646,7 +664,7 @@ def run_pretraining(recipe: Recipe, options: PretrainingRunOptions | None = None
         processor = ImageBERTProcessor.from_pretrained(recipe.model.processor)
         check_processor_tokenizer(processor, tokenizer, recipe.model)
     progress = _RunProgress()
-    recorded = False
+    recorded, compared_caches = False, set()
     with contextlib.ExitStack() as run:
         run.enter_context(stop_on_sigterm())
         for index, spec in enumerate(recipe.stages):
@@ -665,6 +683,11 @@ def run_pretraining(recipe: Recipe, options: PretrainingRunOptions | None = None
             # A signal during the previous stage's final save, its plot or its upload stops the run here.
             stop_if_sigterm_received(accelerator, f"stage {index + 1} ({spec.name})")
             stage = _pretraining_stage(accelerator, recipe, options, index, tokenizer, progress)
+            if processor is not None and accelerator.is_main_process:
+                # From the first stage that trains, every cache written by then; a later one when its stage starts.
+                warn_caches_of_other_extractors(
+                    recipe.stages[index:], recipe.model.processor, stage.model.config.max_regions, compared_caches
+                )
             if not recorded:
                 if processor is not None:
                     check_processor_fits(processor, stage.model.config, recipe.model)
@@ -713,4 +736,5 @@ __all__ = [
     "run_pretraining",
     "stage_directory",
     "stage_schedule",
+    "warn_caches_of_other_extractors",
 ]
