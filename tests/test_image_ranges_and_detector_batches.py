@@ -234,6 +234,25 @@ def test_header_size_of_a_large_png_decodes_no_pixel(tmp_path, monkeypatch):
     assert (loaded.width, loaded.height) == (900, 1200)
 
 
+def test_header_size_of_a_png_whose_exif_follows_its_pixels_is_its_displayed_size(tmp_path, monkeypatch):
+    import struct
+    import zlib
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    payload = exif.tobytes()
+    chunk = struct.pack(">I", len(payload)) + b"eXIf" + payload + struct.pack(">I", zlib.crc32(b"eXIf" + payload))
+    data = _png(Image.fromarray(np.zeros((30, 40, 3), dtype=np.uint8)))
+    end = data.rindex(b"IEND") - 4  # the IEND chunk's length field
+    path = tmp_path / "trailing_exif.png"
+    path.write_bytes(data[:end] + chunk + data[end:])
+    loaded = load_image(path)
+    assert (loaded.width, loaded.height) == (30, 40)  # PIL finds the chunk when it decodes
+    _refuse_decoding(monkeypatch)
+    assert image_header_size(path) == (30, 40)
+    assert image_header_size(path, apply_exif_orientation=False) == (40, 30)
+
+
 @pytest.mark.parametrize("fmt", ["JPEG", "TIFF", "WEBP"])
 def test_header_size_of_an_exif_rotated_photo_is_its_displayed_size(tmp_path, monkeypatch, fmt):
     path = tmp_path / f"photo.{fmt.lower()}"

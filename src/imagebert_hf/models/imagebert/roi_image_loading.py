@@ -12,6 +12,7 @@ import hashlib
 import io
 import multiprocessing
 import os
+import struct
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -403,10 +404,8 @@ def image_header_size(
 ) -> tuple[int, int] | None:
     """Width and height of an image file as `load_image` gives it (after its EXIF rotation where it applies one),
     from the header alone, without decoding any pixel; None when the header cannot be read or declares more than
-    `max_image_pixels` (loading the image then names why).
-
-    A PNG's orientation is read from the EXIF that precedes its pixel data (where PIL and most writers put the eXIf
-    chunk); one stored after the pixels is seen only by decoding, which `load_image` does and this does not."""
+    `max_image_pixels` (loading the image then names why). A PNG file whose eXIf chunk follows its pixel data is
+    read chunk header by chunk header to find it, as `load_image`'s decoding does."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -419,12 +418,33 @@ def image_header_size(
                     # header) to look for an eXIf chunk after the pixels; the base class reads what `open` parsed
                     # (the eXIf chunk, an ImageMagick EXIF text chunk, XMP) as it does for JPEG, TIFF and WebP.
                     exif = Image.Image.getexif(image) if image.format == "PNG" else image.getexif()
+                    orientation = exif.get(0x0112)
+                    if orientation is None and image.format == "PNG" and isinstance(path, (str, os.PathLike)):
+                        orientation = _png_orientation_after_pixels(path)
                     # Orientations 5-8 turn the image by a quarter turn: the displayed image is the frame of its boxes.
-                    if exif.get(0x0112) in (5, 6, 7, 8):
+                    if orientation in (5, 6, 7, 8):
                         width, height = height, width
     except Exception:  # noqa: BLE001 - PIL raises many types on damaged headers, DecompressionBombError among them
         return None
     return width, height
+
+
+def _png_orientation_after_pixels(path: str | os.PathLike) -> int | None:
+    """The EXIF orientation of a PNG file's eXIf chunk wherever it stands, found by seeking from chunk header to chunk
+    header (PIL's `getexif` decodes every pixel to reach one after the image data)."""
+    with open(path, "rb") as handle:
+        if handle.read(8) != b"\x89PNG\r\n\x1a\n":
+            return None
+        while len(header := handle.read(8)) == 8:
+            length, kind = struct.unpack(">I4s", header)
+            if kind == b"eXIf":
+                exif = Image.Exif()
+                exif.load(handle.read(length))
+                return exif.get(0x0112)
+            if kind == b"IEND":
+                return None
+            handle.seek(length + 4, os.SEEK_CUR)  # the data and its CRC
+    return None
 
 
 def image_content_hash(image: Any, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> str:
