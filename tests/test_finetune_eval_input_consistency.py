@@ -431,3 +431,16 @@ def test_captions_the_tokenizer_reads_alike_are_counted_as_shared(data, tokenize
     with CaptureLogger(zero_shot.logger) as captured:
         manifest_retrieval_inputs(manifest, str(data / "relative"), tokenizer)
     assert "2 of the 3 captions are also, as the tokens the model reads, a caption of another image" in captured.out
+
+
+def test_a_plain_dict_of_regions_builds_its_key_tables_once_for_all_records(monkeypatch):
+    from imagebert_hf.data import retrieval_corpus
+
+    regions = {f"/data/images/./{i}.jpg": {"index": i} for i in range(50)}  # keys spelled otherwise than the records
+    built = []
+    build = retrieval_corpus._PathKeys.__init__
+    monkeypatch.setattr(retrieval_corpus._PathKeys, "__init__", lambda self, keys: built.append(build(self, keys)))
+    lookup = retrieval_corpus.region_cache_lookup(regions)
+    for i in range(50):
+        assert lookup({"image": f"/data/images/{i}.jpg", "image_id": str(i)})["index"] == i
+    assert len(built) == 1

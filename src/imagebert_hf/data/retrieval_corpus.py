@@ -655,6 +655,14 @@ class _PathKeys:
         return self._real.get(os.path.realpath(path))
 
 
+class _RegionsByKey(dict):
+    """A copy of a dict of regions that can be weakly referenced and is hashed by identity, as a region cache is, so
+    that its key tables are kept (`_PATH_KEYS`)."""
+
+    __hash__ = object.__hash__
+    __eq__ = object.__eq__
+
+
 # The key tables of each region cache a lookup needed them for, built at its first record that no key names as
 # written and kept as long as the cache; a cache that cannot be weakly referenced (a plain dict) builds them each time.
 _PATH_KEYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -759,7 +767,10 @@ def check_region_cache_fits(cache, config, where: str, model_name_or_path: str |
 
 def region_cache_lookup(cache) -> Callable[[Mapping], Mapping]:
     """A function finding a record's regions in a region cache (`load_region_cache`): by its manifest path, image
-    path or id, the keys the cache may have been written with (see `region_cache_key`)."""
+    path or id, the keys the cache may have been written with (see `region_cache_key`). A plain dict of regions is
+    read as it is when this is called (a copy, whose key tables are built once for all the records)."""
+    if type(cache) is dict:
+        cache = _RegionsByKey(cache)
 
     def lookup(record: Mapping) -> Mapping:
         return cache[region_cache_key(cache, record)]
