@@ -175,11 +175,13 @@ def test_contrastive_mining_draws_by_similarity_and_never_the_same_image():
     texts, regions, found = mine_contrastive_negatives(similarities, images, 4, "both", generator)
     assert found.all()
     own = torch.arange(4)[:, None].expand(4, 4)
-    # Even slots swap the text (another caption for the positive's image), odd ones the image.
-    assert torch.equal(regions[:, ::2], own[:, ::2]) and torch.equal(texts[:, 1::2], own[:, 1::2])
-    assert regions[:, 1::2].tolist() == [[2, 2], [2, 2], [3, 3], [0, 0]]
+    # A slot swaps either the text (another caption for the positive's image) or the image, never both.
+    swaps_text = regions == own
+    assert torch.equal(swaps_text, texts != own) and swaps_text.any() and (~swaps_text).any()
+    each_texts_image = torch.tensor([2, 2, 3, 0])[:, None].expand(4, 4)
+    assert torch.equal(regions[~swaps_text], each_texts_image[~swaps_text])
     # Column 2 (image 1) is most similar to texts 0 and 1; column 0 only to text 3.
-    assert set(texts[2, ::2].tolist()) <= {0, 1} and texts[0, ::2].tolist() == [3, 3]
+    assert set(texts[2][swaps_text[2]].tolist()) <= {0, 1} and set(texts[0][swaps_text[0]].tolist()) <= {3}
     assert not (images[texts] == images[regions]).any()
     # A batch of one image has nothing to draw from: the caller keeps its random negatives.
     _, _, found = mine_contrastive_negatives(torch.zeros(2, 2), torch.tensor([5, 5]), 2, "text")
@@ -580,3 +582,25 @@ def test_a_region_cache_of_another_feature_size_is_refused_before_fine_tuning_bu
     )  # fmt: skip
     with pytest.raises(ValueError, match=rf"^--region_cache .*cache holds regions of {FEATURES} features; the model"):
         build_corpora(args, tokenizer, config)
+
+
+@pytest.mark.parametrize("num_negatives", [1, 3])
+def test_contrastive_mining_of_both_kinds_draws_each_negative_of_either_kind(num_negatives):
+    # With one negative per positive, an alternation starting with text would never mine an image negative.
+    from imagebert_hf.training.retrieval_objective import mine_contrastive_negatives
+
+    positive_images = torch.arange(16)
+    own = positive_images[:, None]
+    text_kind = []
+    for seed in range(50):
+        generator = torch.Generator().manual_seed(seed)
+        similarities = torch.randn(16, 16, generator=generator)
+        text_source, image_source, found = mine_contrastive_negatives(
+            similarities, positive_images, num_negatives, "both", generator
+        )
+        assert found.all()
+        is_text, is_image = image_source == own, text_source == own
+        assert torch.equal(is_text, ~is_image)  # each negative replaces exactly one half of its positive
+        text_kind.append(is_text.float())
+    share = torch.cat(text_kind).mean(dim=0)  # per negative slot, over 800 positives
+    assert ((share > 0.4) & (share < 0.6)).all(), share

@@ -65,7 +65,7 @@ def mine_contrastive_negatives(
         positive_images: `(B,)` the image of each positive; pairs of one image are never negatives of each other.
         num_negatives: negatives per positive (P).
         negative_type: `"text"` (another caption for the positive's image), `"image"` (another image for its
-            caption) or `"both"` (alternating, text first).
+            caption) or `"both"` (each negative either kind, drawn 50/50 as the collator's random negatives are).
         generator: seeds the draws.
         caption_matches: `(B, B)` bool, True where positive a's caption also describes positive b's image (a caption
             identical to one of that image's: the collator's `positive_caption_matches`); such pairs are true, never
@@ -97,7 +97,9 @@ def mine_contrastive_negatives(
     elif negative_type == "image":
         use_text = torch.zeros(batch_size, num_negatives, dtype=torch.bool, device=similarities.device)
     else:
-        use_text = (torch.arange(num_negatives, device=similarities.device) % 2 == 0)[None].expand(batch_size, -1)
+        use_text = torch.randint(
+            2, (batch_size, num_negatives), generator=generator, device=similarities.device
+        ).bool()
     text_source = torch.where(use_text, texts_for_image, own)
     image_source = torch.where(use_text, own, images_for_text)
     return text_source, image_source, torch.where(use_text, found_text[:, None], found_image[:, None])
