@@ -24,6 +24,7 @@ import torch
 from transformers.utils import logging
 
 from ..formats.manifest import ManifestError, ManifestRecord, check_id_text, iter_manifest
+from ..models.imagebert.processing_imagebert import tokenize_as_text
 from ..models.imagebert.region_batching import check_region_record
 from ..regions.cache_reader import RegionCache, RegionCacheError, load_region_cache
 from ..regions.cache_writer import dataset_row_key
@@ -1287,8 +1288,12 @@ class PretrainingPairDataset(torch.utils.data.Dataset):
         if missing:
             source = self.sources[source_index]
             # One batched call lets the fast tokenizer work in parallel; a call per caption costs several times more.
-            encoded = self.tokenizer(
-                [source[pair][1] for pair in missing], truncation=True, max_length=self.max_text_length
+            encoded = tokenize_as_text(
+                self.tokenizer,
+                [source[pair][1] for pair in missing],
+                name="caption",
+                truncation=True,
+                max_length=self.max_text_length,
             )
             counts[missing] = [len(ids) for ids in encoded["input_ids"]]
         return [int(counts[pair]) for pair in pairs]
@@ -1314,7 +1319,9 @@ class PretrainingPairDataset(torch.utils.data.Dataset):
             tokens[source_index] = dict(zip(pairs, self._token_counts(source_index, pairs)))
         captions = sorted({plan[2] for plan in plans if isinstance(plan[2], str)})
         if captions:  # hard negatives: captions of no pair
-            encoded = self.tokenizer(captions, truncation=True, max_length=self.max_text_length)["input_ids"]
+            encoded = tokenize_as_text(
+                self.tokenizer, captions, name="caption", truncation=True, max_length=self.max_text_length
+            )["input_ids"]
             counts = {caption: len(ids) for caption, ids in zip(captions, encoded)}
             for source_index, _, text, _, _ in plans:
                 if isinstance(text, str):
@@ -1348,7 +1355,9 @@ class PretrainingPairDataset(torch.utils.data.Dataset):
                 {**regions, "image_id": region_key, "itm_labels": itm_label, "sample_seed": int(sample_seed)}
             )
         if texts:
-            encoding = self.tokenizer(texts, truncation=True, max_length=self.max_text_length)
+            encoding = tokenize_as_text(
+                self.tokenizer, texts, name="caption", truncation=True, max_length=self.max_text_length
+            )
             token_types = encoding.get("token_type_ids")
             loaded = (sample for sample in samples if sample is not None)
             for row, sample in enumerate(loaded):
@@ -1476,7 +1485,13 @@ class StreamingPretrainingDataset(torch.utils.data.IterableDataset):
                 pool = []
 
     def _emit(self, pool: list[tuple[int, str, str, int, int]], rng: np.random.Generator):
-        encoded = self.tokenizer([text for _, _, text, _, _ in pool], truncation=True, max_length=self.max_text_length)
+        encoded = tokenize_as_text(
+            self.tokenizer,
+            [text for _, _, text, _, _ in pool],
+            name="caption",
+            truncation=True,
+            max_length=self.max_text_length,
+        )
         token_types = encoded.get("token_type_ids")
         order = list(range(len(pool)))
         if self.group_size > 1:

@@ -25,6 +25,7 @@ from transformers.utils import logging
 
 from ..formats.files import DuplicateJSONKeyError, loads_json
 from ..formats.manifest import check_id_text, image_path_inside_root, iter_manifest
+from ..models.imagebert.processing_imagebert import tokenize_as_text
 from ..models.imagebert.region_batching import pad_region_records
 from ..models.imagebert.retrieval_index import RegionBatches, gather_pair_inputs, is_region_batches, score_pairs
 from ..models.imagebert.roi_image_loading import ImageLoadError, image_content_hash
@@ -791,7 +792,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
     state = {
         "vocab": sorted(tokenizer.get_vocab().items()),
-        "probe": list(tokenizer(_TOKENIZER_PROBE)["input_ids"]),
+        "probe": list(tokenize_as_text(tokenizer, [_TOKENIZER_PROBE])["input_ids"][0]),
         "special": [
             tokenizer.convert_tokens_to_ids(getattr(tokenizer, role))
             for role in ("cls_token", "sep_token", "pad_token", "unk_token")
@@ -810,11 +811,13 @@ def token_id_keys(text_inputs: Mapping[str, torch.Tensor]) -> list[tuple[int, ..
 def tokenize_texts(tokenizer, texts: Sequence[str], max_length: int = 44) -> dict[str, torch.Tensor]:
     """Tokenizes captions once: `input_ids`, `attention_mask`, `token_type_ids`, padded to `max_length` on the
     right whatever the tokenizer's `padding_side` (the model reads the pair's summary at position 0, and scoring
-    trims the padding at the end of each batch)."""
+    trims the padding at the end of each batch). A special token's spelling in a caption is read as text (see
+    `tokenize_as_text`)."""
     if not texts:
         raise ValueError("no texts to tokenize.")
-    encoded = tokenizer(
-        list(texts),
+    encoded = tokenize_as_text(
+        tokenizer,
+        texts,
         padding="max_length",
         truncation=True,
         max_length=max_length,

@@ -36,6 +36,7 @@ from ..data.synthetic import (
 from ..formats.files import atomic_write_json, check_folder_or_hub_id
 from ..formats.manifest import read_manifest
 from ..models.imagebert.modeling_imagebert import ImageBERTForImageTextRetrieval
+from ..models.imagebert.processing_imagebert import tokenize_as_text
 from ..models.imagebert.region_batching import pad_region_records
 from ..models.imagebert.retrieval_index import (
     encode_images,
@@ -278,7 +279,11 @@ def relation_swap_accuracy(
         max_text_length = getattr(getattr(model, "config", None), "max_text_length", None)
     truncate = {"truncation": True, "max_length": max_text_length} if max_text_length else {}
     # On the right whatever the tokenizer's saved `padding_side`: the model reads the pair's summary at position 0.
-    text_inputs = dict(tokenizer(texts, padding=True, padding_side="right", return_tensors="pt", **truncate))
+    text_inputs = dict(
+        tokenize_as_text(
+            tokenizer, texts, name="caption", padding=True, padding_side="right", return_tensors="pt", **truncate
+        )
+    )
     images = torch.tensor([probe.image for probe in probes]).repeat_interleave(2)
     captions = torch.tensor([position[c] for probe in probes for c in (probe.true_caption, probe.swapped_caption)])
     kinds = [probe.kind for probe in probes]

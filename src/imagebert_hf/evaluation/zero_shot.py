@@ -26,6 +26,7 @@ from ..data.synthetic import (
 )
 from ..formats.files import check_folder_or_hub_id
 from ..models.imagebert.modeling_imagebert import ImageBERTForImageTextRetrieval
+from ..models.imagebert.processing_imagebert import tokenize_as_text
 from ..models.imagebert.region_batching import pad_region_records
 from ..models.imagebert.retrieval_index import score_all_pairs
 from ..regions.cache_reader import load_region_cache
@@ -95,8 +96,15 @@ def manifest_retrieval_inputs(
     text_to_image = [i for i, kept in enumerate(captions) for _ in kept]
     # Padded on the right whatever the tokenizer's saved `padding_side`: the model reads the pair's summary at
     # position 0, and scoring trims each batch's padding from the end.
-    text_inputs = tokenizer(
-        texts, padding=True, truncation=True, max_length=max_text_length, padding_side="right", return_tensors="pt"
+    text_inputs = tokenize_as_text(
+        tokenizer,
+        texts,
+        name="caption",
+        padding=True,
+        truncation=True,
+        max_length=max_text_length,
+        padding_side="right",
+        return_tensors="pt",
     )
     # Counted by the tokens the model reads: an uncased tokenizer gives `A Dog` and `a  dog` the same query.
     shared = shared_caption_count(token_id_keys(text_inputs), text_to_image)
@@ -121,7 +129,8 @@ def synthetic_retrieval_inputs(
     examples = make_synthetic_examples(first_image + num_images, seed=seed)[first_image:]
     texts = [caption for example in examples for caption in example["captions"]]
     text_to_image = [i for i, example in enumerate(examples) for _ in example["captions"]]
-    text_inputs = dict(make_synthetic_tokenizer()(texts, padding=True, padding_side="right", return_tensors="pt"))
+    tokenizer = make_synthetic_tokenizer()
+    text_inputs = dict(tokenize_as_text(tokenizer, texts, padding=True, padding_side="right", return_tensors="pt"))
     region_inputs = pad_region_records([synthetic_region_record(example, region_feature_size) for example in examples])
     return text_inputs, region_inputs, text_to_image
 

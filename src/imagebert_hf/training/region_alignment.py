@@ -31,6 +31,7 @@ from transformers.utils import logging
 from ..data.pair_sources import region_arrays
 from ..evaluation.recall import retrieval_metrics
 from ..formats.files import atomic_write_json, publish_folder
+from ..models.imagebert.processing_imagebert import tokenize_as_text
 from ..models.imagebert.region_batching import pad_region_records
 from .pretraining import build_model, build_source, load_tokenizer
 from .recipe import Recipe, StageSpec
@@ -138,8 +139,14 @@ def align_region_embeddings(
 
     @torch.no_grad()
     def embed_texts(texts):
-        encoded = tokenizer(
-            texts, padding=True, truncation=True, max_length=config.max_text_length, return_tensors="pt"
+        encoded = tokenize_as_text(
+            tokenizer,
+            texts,
+            name="caption",
+            padding=True,
+            truncation=True,
+            max_length=config.max_text_length,
+            return_tensors="pt",
         ).to(device)
         hidden = encoder(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]).last_hidden_state
         return F.normalize(_masked_mean(hidden, encoded["attention_mask"]), dim=-1)

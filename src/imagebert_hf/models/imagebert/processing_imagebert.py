@@ -354,15 +354,54 @@ def check_tokenizer_files(folder: str | os.PathLike) -> None:
             raise ValueError(f"{file} is not valid JSON ({error}); save the tokenizer again.") from None
 
 
+def tokenize_as_text(tokenizer, texts: Sequence[str], *, name: str = "text", **kwargs):
+    """`tokenizer(texts, **kwargs)` with every text read as text: a special token's spelling inside a caption or
+    query (`"[SEP]"`, `"[PAD]"`) is split into ordinary tokens (`split_special_tokens=True`) instead of becoming that
+    control token, so `"a red [SEP] circle"` holds no separator. Texts without such a spelling get the same ids as
+    without the option. Raises ValueError naming `name[i]` and the token for a tokenizer that ignores the option
+    (transformers' Python `BertTokenizerLegacy` does): the model would read the text's control token as its own."""
+    texts = list(texts)
+    asked_mask = kwargs.pop("return_special_tokens_mask", False)
+    encoded = tokenizer(texts, split_special_tokens=True, return_special_tokens_mask=True, **kwargs)
+    check_text_tokens(tokenizer, texts, encoded["input_ids"], encoded["special_tokens_mask"], name)
+    if not asked_mask:
+        del encoded["special_tokens_mask"]
+    return encoded
+
+
+def check_text_tokens(tokenizer, texts: Sequence[str], input_ids, special_tokens_mask, name: str = "text") -> None:
+    """Raises ValueError naming `name[i]` and the token when a text's own tokens (those `special_tokens_mask` does
+    not mark as added by the tokenizer) hold a control token: `[CLS]`, `[SEP]`, `[PAD]`, `[MASK]`. The unknown token
+    is allowed: it is what any word outside the vocabulary becomes."""
+    control = sorted(set(getattr(tokenizer, "all_special_ids", ())) - {getattr(tokenizer, "unk_token_id", None)})
+    if not control or not len(texts):
+        return
+    rows = [np.asarray(row).reshape(-1) for row in input_ids]
+    masks = [np.asarray(row).reshape(-1) for row in special_tokens_mask]
+    ids, added = np.concatenate(rows), np.concatenate(masks)
+    bad = np.flatnonzero((added == 0) & np.isin(ids, control))
+    if len(bad):
+        i = int(np.searchsorted(np.cumsum([len(row) for row in rows]), bad[0], side="right"))
+        token = tokenizer.convert_ids_to_tokens(int(ids[bad[0]]))
+        raise ValueError(
+            f"{name}[{i}] ({texts[i]!r:.60}) holds {token!r}, which this tokenizer ({type(tokenizer).__name__}) reads "
+            "as its control token even with split_special_tokens=True; remove it from the text or use the fast "
+            "tokenizer (AutoTokenizer)."
+        )
+
+
 def tokenize_texts(
     tokenizer, texts: list[str], *, padding: str, truncation: bool, max_length: int, name: str = "text"
 ) -> dict[str, np.ndarray]:
     """`[CLS] text [SEP]` token ids, attention mask and token types of `texts` as int64 arrays, padded on the right
     whatever the tokenizer's saved `padding_side` (the model reads the sequence summary at position 0, so a
     left-padded row would be summarised by a padding token). Raises ValueError naming `name[i]` for a text that
-    gives no token but the special ones (only invisible or control characters: it would be scored as no text)."""
-    encoded = tokenizer(
+    gives no token but the special ones (only invisible or control characters: it would be scored as no text). A
+    special token's spelling in a text is read as text (see `tokenize_as_text`)."""
+    encoded = tokenize_as_text(
+        tokenizer,
         texts,
+        name=name,
         padding=padding,
         truncation=truncation,
         max_length=max_length,
@@ -451,9 +490,11 @@ __all__ = [
     "ImageBERTProcessor",
     "as_float32_array",
     "check_processor_config",
+    "check_text_tokens",
     "check_tokenizer_files",
     "check_tokenizer_vocabulary",
     "read_saved_processor_config",
     "register_processing",
+    "tokenize_as_text",
     "tokenize_texts",
 ]
