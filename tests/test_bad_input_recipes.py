@@ -284,6 +284,39 @@ def test_a_task_at_weight_zero_changes_no_input_of_the_others(weights, switched_
 
 
 @pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"mlm_probability": 0.0}, r"mlm_probability is 0: no word is masked for MLM to predict"),
+        (
+            {"region_mask_probability": 0.0},
+            r"region_mask_probability is 0: no region is masked for MOC to predict; region_mask_probability is 0: "
+            r"no region is masked for MRFR",
+        ),
+        ({"itm_negative_probability": 0.0}, r"itm_negative_probability is 0.0: every pair is matched, so ITM learns"),
+        (
+            {"itm_negative_probability": 1.0},
+            r"every pair is mismatched, so ITM learns one label; itm_negative_probability is 1: every pair is "
+            r"mismatched, and the masked losses of mismatched pairs are skipped, so MLM, MOC, MRFR learn nothing",
+        ),
+    ],
+)
+def test_a_trained_task_whose_inputs_leave_it_no_targets_is_refused(settings, message):
+    """The mirror of the switch-off above: a task at a weight above 0 that its stage's settings give nothing to
+    learn would train silently on nothing (its loss missing at every step) or on one label."""
+    data = copy.deepcopy(TINY)
+    data["stages"][0].update(settings)
+    with pytest.raises(RecipeError, match=r"stages\[0\]"):
+        recipe_from_dict(data)
+    with pytest.raises(RecipeError, match=message):
+        recipe_from_dict(data)
+    # The same settings with those tasks left out train the others.
+    data["stages"][0]["loss_weights"] = {"mlm": 0.0, "moc": 0.0, "mrfr": 0.0, "itm": 1.0}
+    if settings.get("itm_negative_probability") in (0.0, 1.0):
+        data["stages"][0]["loss_weights"] = {"mlm": 1.0, "moc": 1.0, "mrfr": 1.0, "itm": 0.0}
+    recipe_from_dict(data)
+
+
+@pytest.mark.parametrize(
     ("name", "message"),
     [
         (

@@ -204,3 +204,26 @@ def test_kl_moc_counts_every_masked_region_of_a_batch_with_mixed_labels(tokenize
     assert loss is not None and torch.isfinite(loss)
     real = batch["masked_regions"] & batch["region_attention_mask"].bool()
     assert pretraining_loss_counts(batch)["moc"] == real.sum()
+
+
+def test_a_moc_stage_on_a_cache_without_object_classes_is_refused_before_training(tmp_path, make_tiny_extractor):
+    from imagebert_hf.regions import extract_regions
+
+    manifest = write_synthetic_manifest(tmp_path / "shapes", 4, seed=0, image_size=64)
+    extractor = make_tiny_extractor(backbone_out_indices=[-1])  # feature maps only: no classifier, labels -100
+    assert extractor.num_object_classes == 0
+    extract_regions(manifest, tmp_path / "no_classes", extractor, store_class_probs=False, progress=False)
+    data = _cache_recipe(tmp_path / "run", (manifest, tmp_path / "no_classes", None, extractor), "cross_entropy")
+    data["stages"][0]["sources"] = data["stages"][0]["sources"][:1]
+    data["model"]["config"]["num_object_classes"] = 10
+    with pytest.raises(RecipeError) as error:
+        run_pretraining(recipe_from_dict(data), PretrainingRunOptions(cpu=True))
+    message = str(error.value)
+    assert message.startswith("stage 'regions': MOC needs object classes, but the region cache")
+    assert "num_object_classes: 0" in message and "loss_weights.moc: 0" in message
+    assert not (tmp_path / "run").exists()
+
+    # Without MOC the same cache trains the other tasks.
+    data["stages"][0]["loss_weights"] = {"moc": 0.0}
+    run_pretraining(recipe_from_dict(data), PretrainingRunOptions(cpu=True))
+    assert (tmp_path / "run" / "stage1-regions" / "final").is_dir()

@@ -268,14 +268,23 @@ def build_source(spec: SourceSpec, feature_size: int) -> tuple[PairSource | Stre
     return source, store
 
 
-def _check_class_distributions(stage: StageSpec, cache_infos, config) -> None:
-    """Refuses a stage whose model learns MOC from class distributions (`moc_loss_type="kl"`) where a source's
-    regions have none: a region cache written with `store_class_probs=False` (its `cache_info.json` says so), or a
-    synthetic source's annotation regions. Its batches would carry no KL targets and MOC would never be trained,
-    while every other task would.
+def _check_moc_targets(stage: StageSpec, cache_infos, config) -> None:
+    """Refuses a stage that trains MOC where a source's regions give it no target: a region cache extracted without
+    an object classifier (`num_object_classes: 0` in its `cache_info.json`: every label is -100), or, where the model
+    learns MOC from class distributions (`moc_loss_type="kl"`), a cache written with `store_class_probs=False` or a
+    synthetic source's annotation regions. MOC would never be trained, while every other task would.
 
     `cache_infos` holds each source's parsed `cache_info.json` (None for a cache not written yet, which its own stage
     reports when it starts)."""
+    if stage.loss_weights.get("moc", 1.0) > 0:
+        for spec, info in zip(stage.sources, cache_infos):
+            if info is not None and info.get("num_object_classes") == 0:
+                raise RecipeError(
+                    f"stage {stage.name!r}: MOC needs object classes, but the region cache {spec.region_cache} of "
+                    f"source {spec.name!r} was extracted without an object classifier (num_object_classes: 0 in its "
+                    "cache_info.json), so every region's label is -100 and MOC would learn nothing; extract its "
+                    "regions with an extractor that classifies them, or set stages[i].loss_weights.moc: 0."
+                )
     if config.moc_loss_type != "kl":
         return
     for spec, info in zip(stage.sources, cache_infos):
@@ -305,7 +314,7 @@ def check_later_stages(stages: list[StageSpec], config) -> None:
             folder = None if spec.region_cache is None else Path(spec.region_cache)
             written = folder is not None and (folder / CACHE_INFO_NAME).is_file()
             infos.append(read_cache_info(folder) if written else None)
-        _check_class_distributions(stage, infos, config)
+        _check_moc_targets(stage, infos, config)
 
 
 def warn_caches_of_other_extractors(
@@ -332,7 +341,7 @@ def build_stage_data(stage: StageSpec, tokenizer, config, seed: int, num_workers
     batches on every process) is grouped by length, so the batches every process pads are short as well.
     """
     sources, stores = zip(*(build_source(spec, config.region_feature_size) for spec in stage.sources))
-    _check_class_distributions(stage, [getattr(store, "info", None) for store in stores], config)
+    _check_moc_targets(stage, [getattr(store, "info", None) for store in stores], config)
     collator = DataCollatorForImageBERTPretraining(
         tokenizer,
         # The datasets below pick negatives from the whole source and give their itm_labels, which the collator

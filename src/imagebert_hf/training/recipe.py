@@ -345,6 +345,7 @@ def _stage(data: Any, where: str) -> StageSpec:
     except ValueError as error:
         raise RecipeError(str(error)) from None
     _switch_off_inputs_of_untrained_tasks(stage, where)
+    _check_trained_tasks_have_targets(stage, where)
     return stage
 
 
@@ -370,6 +371,32 @@ def _switch_off_inputs_of_untrained_tasks(stage: StageSpec, where: str) -> None:
                 " and ".join(tasks) + (" are not" if len(tasks) > 1 else " is not"),
             )
             setattr(stage, setting, 0.0)
+
+
+def _check_trained_tasks_have_targets(stage: StageSpec, where: str) -> None:
+    """Refuses a task trained in the stage (loss weight above 0) whose inputs give it nothing to learn: its loss would
+    be logged as missing, or fall while the head learns one label, with every other task training as asked."""
+    weights, negatives = stage.loss_weights, stage.itm_negative_probability
+    problems = []
+    if weights["mlm"] > 0 and stage.mlm_probability == 0:
+        problems.append("mlm_probability is 0: no word is masked for MLM to predict")
+    for task in ("moc", "mrfr"):
+        if weights[task] > 0 and stage.region_mask_probability == 0:
+            problems.append(f"region_mask_probability is 0: no region is masked for {task.upper()} to predict")
+    if weights["itm"] > 0 and negatives in (0, 1):
+        kind = "matched" if negatives == 0 else "mismatched"
+        problems.append(f"itm_negative_probability is {negatives}: every pair is {kind}, so ITM learns one label")
+    masked_tasks = [task.upper() for task in ("mlm", "moc", "mrfr") if weights[task] > 0]
+    if masked_tasks and negatives == 1:
+        problems.append(
+            f"itm_negative_probability is 1: every pair is mismatched, and the masked losses of mismatched pairs are "
+            f"skipped, so {', '.join(masked_tasks)} learn nothing"
+        )
+    if problems:
+        raise RecipeError(
+            f"{where}: {'; '.join(problems)}. Give the setting a value that leaves the task targets, or set the "
+            f"task's {where}.loss_weights entry to 0."
+        )
 
 
 # What a recipe's `model.config` may set: the fields of ImageBERTConfig, and how the model is loaded and what it returns.
