@@ -15,7 +15,7 @@ import re
 import sys
 import types
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,28 +77,51 @@ def projection_fingerprint(model) -> str | None:
 # Marks the fingerprint of every weight the embeddings come from (`embedding_fingerprint`); an index whose recorded
 # fingerprint lacks it was built by an earlier version, which recorded `projection_fingerprint`.
 EMBEDDING_FINGERPRINT_PREFIX = "encoder+heads:"
-# Values read per weight tensor: training moves every value of a tensor it trains, so a sample spread over each
-# tensor tells a retrained model from its start as the whole would, at a cost that does not grow with the model.
+# Weight values an embedding fingerprint keeps, spread over every tensor it covers (at least 4 a tensor): training
+# moves every value of a tensor it trains, so a few values of each tell a retrained model from its start, and the
+# values themselves (not a hash of them) are kept so that they can be compared within a tolerance.
+EMBEDDING_FINGERPRINT_VALUES = 1024
+# Kept values of one checkpoint loaded in float32, bfloat16 or float16 differ by at most one bfloat16 step (2**-7 of
+# the value: a float16 value can round to the neighbouring bfloat16 one) or by float16's spacing near zero (under
+# 1e-7); twice the one and a hundred times the other still tell a value any fine-tuning moves by a few percent.
+EMBEDDING_FINGERPRINT_RTOL = 2.0**-6
+EMBEDDING_FINGERPRINT_ATOL = 1e-5
+# Values read per weight tensor by the fingerprint of an earlier version, which hashed them rounded to bfloat16
+# (`_earlier_embedding_fingerprint`): an index it saved is compared by that hash.
 FINGERPRINT_VALUES_PER_TENSOR = 4096
 
 
 def embedding_fingerprint(model) -> str | None:
     """What a model's unimodal embeddings come from: every weight of its encoder (`bert.*`, text and region
-    embeddings included) and of its projection heads, each by its name, shape and up to 4,096 evenly spaced values
-    rounded to bfloat16 (so the same checkpoint loaded in float32 or bfloat16 gives the same fingerprint). An index
-    records it when built; fine-tuning that leaves the heads as they were (`contrastive_weight=0` freezes them) still
-    changes the encoder, and with it every embedding. None for a model without projection heads.
+    embeddings included) and of its projection heads, as `"encoder+heads:SHA256:bf16:VALUES"`: a sha256 of the
+    embedding size and of each weight's name and shape, and `EMBEDDING_FINGERPRINT_VALUES` weight values (at least 4
+    evenly spaced over each weight) rounded to bfloat16, base64-encoded. An index records it when built; fine-tuning
+    that leaves the heads as they were (`contrastive_weight=0` freezes them) still changes the encoder, and with it
+    every embedding. None for a model without projection heads.
+
+    The same checkpoint loaded in float32 or bfloat16 gives the same string; loaded in float16, values can round to
+    a neighbouring bfloat16 value, so an index's record is compared with `same_model_fingerprint`, which allows for
+    that, rather than by equality.
 
     Remembered per model until one of its weights changes (each tensor's storage, dtype and version counter, which
     every in-place write bumps: an optimizer step, `load_state_dict`), so a pipeline checks an index at every query
     for a fraction of a millisecond rather than the milliseconds of reading a base-size encoder."""
+    return _remembered(
+        _EMBEDDING_FINGERPRINTS,
+        model,
+        lambda: None if projection_fingerprint(model) is None else _encoder_and_heads_fingerprint(model),
+    )
+
+
+def _remembered(remembered: weakref.WeakKeyDictionary, model, read: Callable[[], str | None]) -> str | None:
+    """`read()`, remembered in `remembered` per model until one of its weights changes (`_weights_state`)."""
     state = _weights_state(model)
-    remembered = _EMBEDDING_FINGERPRINTS.get(model)
-    if state is not None and remembered is not None and remembered[0] == state:
-        return remembered[1]
-    fingerprint = None if projection_fingerprint(model) is None else _encoder_and_heads_fingerprint(model)
+    known = remembered.get(model)
+    if state is not None and known is not None and known[0] == state:
+        return known[1]
+    fingerprint = read()
     if state is not None:
-        _EMBEDDING_FINGERPRINTS[model] = (state, fingerprint)
+        remembered[model] = (state, fingerprint)
     return fingerprint
 
 
@@ -112,8 +135,27 @@ def _weights_state(model) -> tuple | None:
     return getattr(model.config, "contrastive_embedding_size", None), weights
 
 
-# The last fingerprint of each model and the state of its weights it was read from (`embedding_fingerprint`).
+# The last fingerprint of each model and the state of its weights it was read from (`embedding_fingerprint`), and the
+# same for the fingerprint an earlier version recorded (`_earlier_embedding_fingerprint`).
 _EMBEDDING_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_EARLIER_EMBEDDING_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _embedding_weights(model) -> list[tuple[str, torch.Tensor]]:
+    """The floating-point weights the unimodal embeddings come from (the encoder's and the projection heads'), by
+    name."""
+    prefixes = ("bert.", *(head + "." for head in PROJECTION_HEADS))
+    return [
+        (name, tensor)
+        for name, tensor in sorted(model.state_dict().items())
+        if name.startswith(prefixes) and torch.is_floating_point(tensor)
+    ]
+
+
+def _evenly_spaced(tensor: torch.Tensor, count: int) -> torch.Tensor:
+    """Up to `count` values spread evenly over `tensor` (all of them for a smaller tensor)."""
+    flat = tensor.detach().reshape(-1)
+    return flat[:: max(1, flat.numel() // count)][:count]
 
 
 def _encoder_and_heads_fingerprint(model) -> str:
@@ -121,15 +163,58 @@ def _encoder_and_heads_fingerprint(model) -> str:
 
     digest = hashlib.sha256()
     digest.update(f"contrastive_embedding_size={getattr(model.config, 'contrastive_embedding_size', None)}".encode())
-    prefixes = ("bert.", *(head + "." for head in PROJECTION_HEADS))
-    for name, tensor in sorted(model.state_dict().items()):
-        if not name.startswith(prefixes) or not torch.is_floating_point(tensor):
-            continue
-        flat = tensor.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // FINGERPRINT_VALUES_PER_TENSOR)][:FINGERPRINT_VALUES_PER_TENSOR]
+    weights = _embedding_weights(model)
+    per_tensor = max(4, EMBEDDING_FINGERPRINT_VALUES // max(len(weights), 1))
+    values = []
+    for name, tensor in weights:
         digest.update(f"{name}{tuple(tensor.shape)}".encode())
-        digest.update(_bfloat16_bits(sample).tobytes())
-    return EMBEDDING_FINGERPRINT_PREFIX + digest.hexdigest()
+        values.append(_bfloat16_bits(_evenly_spaced(tensor, per_tensor)))
+    bits = np.concatenate(values) if values else np.zeros(0, np.uint16)
+    return f"{EMBEDDING_FINGERPRINT_PREFIX}{digest.hexdigest()}:bf16:{_encode_values(bits.astype('<u2'))}"
+
+
+def _earlier_embedding_fingerprint(model) -> str:
+    """The fingerprint an earlier version recorded for `model`: a sha256 of the names, shapes and up to 4,096 values
+    of each weight rounded to bfloat16. Exact, so the same checkpoint in float16 does not give it."""
+    import hashlib
+
+    def read() -> str:
+        digest = hashlib.sha256()
+        size = getattr(model.config, "contrastive_embedding_size", None)
+        digest.update(f"contrastive_embedding_size={size}".encode())
+        for name, tensor in _embedding_weights(model):
+            digest.update(f"{name}{tuple(tensor.shape)}".encode())
+            digest.update(_bfloat16_bits(_evenly_spaced(tensor, FINGERPRINT_VALUES_PER_TENSOR)).tobytes())
+        return EMBEDDING_FINGERPRINT_PREFIX + digest.hexdigest()
+
+    return _remembered(_EARLIER_EMBEDDING_FINGERPRINTS, model, read)
+
+
+def same_model_fingerprint(recorded: str, model) -> bool:
+    """Whether the `embedding_fingerprint` an index recorded is `model`'s: the same embedding size and weights (names
+    and shapes), and every kept value within `EMBEDDING_FINGERPRINT_RTOL` of `model`'s (plus
+    `EMBEDDING_FINGERPRINT_ATOL`), so that the checkpoint that built the index matches in float32, bfloat16 or
+    float16, and another checkpoint or a fine-tuned one does not. A record of an earlier version (a hash of rounded
+    values, `_earlier_embedding_fingerprint`) must match exactly.
+
+    Raises:
+        ValueError: `recorded` is damaged (its values cannot be read).
+    """
+    mine = embedding_fingerprint(model)
+    if mine is None:
+        return False
+    if recorded == mine:
+        return True
+    exact, values = _split_values(recorded, "model_fingerprint")
+    if values is None:
+        return recorded == _earlier_embedding_fingerprint(model)
+    mine_exact, mine_values = _split_values(mine, "model_fingerprint")
+    if exact != mine_exact or values.shape != mine_values.shape:
+        return False
+    tolerance = (
+        EMBEDDING_FINGERPRINT_RTOL * np.maximum(np.abs(values), np.abs(mine_values)) + EMBEDDING_FINGERPRINT_ATOL
+    )
+    return bool((np.abs(values - mine_values) <= tolerance).all())
 
 
 # Gallery items read for a gallery's fingerprint: enough that a reordered or exchanged gallery of the same size shows
@@ -138,42 +223,156 @@ GALLERY_FINGERPRINT_ROWS = 256
 # Feature values read per region, evenly spaced (with its box): a region's features tell it from another's long before
 # all 2,048 are read.
 GALLERY_FINGERPRINT_FEATURES = 32
+# Feature and box values an image gallery's fingerprint keeps, spread evenly over the values read (at least one an
+# item): kept themselves, not hashed, because extracting the same photos again (another batch size, thread count or
+# device) moves them by float noise, and a hash would tell that from other photos no better than a value rounding
+# the other way.
+GALLERY_FINGERPRINT_VALUES = 512
+# A kept value matches within this fraction of its size plus this fraction of the kept values' mean size (a value
+# near zero moves with the values it was computed from): above the noise of extracting again (about 1e-7 of a value
+# on one CPU; more where a GPU convolves in TF32, which keeps 10 bits of each product) and of a float16 region cache
+# (5e-4), well below the difference between two photos' features.
+GALLERY_FINGERPRINT_RTOL = 1e-2
 
 
 def gallery_fingerprint(kind: str, inputs: Mapping | RegionBatches) -> str:
-    """What an index's gallery is: its kind (`"images"` or `"texts"`), its size, and the model inputs of up to
-    `GALLERY_FINGERPRINT_ROWS` items evenly spaced over it (their unpadded token ids, or their unpadded regions'
-    boxes and `GALLERY_FINGERPRINT_FEATURES` evenly spaced feature values of each, rounded to bfloat16), as
-    `"KIND:SHA256"`. The same gallery gives the same fingerprint as stacked tensors or as a memory-mapped
-    `RegionBatches` gallery, in float16 or float32, on any device; a gallery of the same size whose items were
-    exchanged or reordered gives another unless every changed item falls between the sampled ones (a gallery of at
-    most 256 items is read whole)."""
+    """What an index's gallery is, from its kind (`"images"` or `"texts"`), its size, and the model inputs of up to
+    `GALLERY_FINGERPRINT_ROWS` items evenly spaced over it.
+
+    A gallery of texts is `"texts:SHA256"`, a hash of their unpadded token ids. A gallery of images is
+    `"images:SHA256:f32:VALUES"`: a hash of each item's region count, and `GALLERY_FINGERPRINT_VALUES` values evenly
+    spaced over those items' regions (`GALLERY_FINGERPRINT_FEATURES` feature values and the box of each region),
+    base64-encoded float32. An index's record is compared with `same_gallery_fingerprint`, which takes the same
+    photos extracted again (values moved by float noise) and refuses other items of the same size or kind, or the same
+    in another order, unless every changed item falls between the sampled ones (a gallery of at most 256 items is read
+    whole). The same gallery gives the same string as stacked tensors or as a memory-mapped `RegionBatches` gallery,
+    in float16 or float32."""
     import hashlib
 
     count = len(inputs) if is_region_batches(inputs) else int(next(iter(inputs.values())).shape[0])
-    rows = sorted({position * count // GALLERY_FINGERPRINT_ROWS for position in range(GALLERY_FINGERPRINT_ROWS)})
-    rows = [row for row in rows if row < count]
+    rows = _gallery_rows(count)
     digest = hashlib.sha256(f"{kind}:{count}".encode())
     if kind == "texts":
         ids, mask = inputs["input_ids"][rows].cpu(), inputs["attention_mask"][rows].cpu().bool()
         for row_ids, row_mask in zip(ids, mask):
             digest.update(row_ids[row_mask].to(torch.int64).numpy().tobytes() + b"|")
+        return f"{kind}:{digest.hexdigest()}"
+    per_item = max(1, GALLERY_FINGERPRINT_VALUES // max(len(rows), 1))
+    values = []
+    for features, locations in _gallery_regions(inputs, rows):
+        digest.update(f"{features.shape[0]}x{features.shape[1]}+{locations.shape[1]}|".encode())
+        read = torch.cat([features.reshape(-1).float(), locations.reshape(-1).float()]).numpy()
+        kept = min(per_item, read.size)
+        values.append(read[np.arange(kept) * read.size // max(kept, 1)])
+    kept = np.concatenate(values).astype("<f4") if values else np.zeros(0, "<f4")
+    return f"{kind}:{digest.hexdigest()}:f32:{_encode_values(kept)}"
+
+
+def _gallery_rows(count: int) -> list[int]:
+    rows = sorted({position * count // GALLERY_FINGERPRINT_ROWS for position in range(GALLERY_FINGERPRINT_ROWS)})
+    return [row for row in rows if row < count]
+
+
+def _gallery_regions(inputs: Mapping | RegionBatches, rows: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per item of `rows`, on the CPU: its unpadded regions' `GALLERY_FINGERPRINT_FEATURES` evenly spaced feature
+    values `(regions, ~32)` and boxes `(regions, L)`."""
+    if is_region_batches(inputs):
+        batch = inputs.batch(rows)
+        features = batch["region_features"]
     else:
-        if is_region_batches(inputs):
-            batch = inputs.batch(rows)
-            features = batch["region_features"]
-        else:
-            batch = {key: inputs[key][rows] for key in ("region_locations", "region_attention_mask")}
-            features = inputs["region_features"]
-        # Strided before the rows are picked from stacked inputs, so that only the values read are copied.
-        features = features[:, :, :: max(1, features.shape[-1] // GALLERY_FINGERPRINT_FEATURES)]
-        if not is_region_batches(inputs):
-            features = features[rows]
-        mask = batch["region_attention_mask"].cpu().bool()
-        for row_features, locations, row_mask in zip(features, batch["region_locations"], mask):
-            digest.update(_bfloat16_bits(row_features.cpu()[row_mask]).tobytes() + b"|")
-            digest.update(_bfloat16_bits(locations.cpu()[row_mask]).tobytes() + b"|")
+        batch = {key: inputs[key][rows] for key in ("region_locations", "region_attention_mask")}
+        features = inputs["region_features"]
+    # Strided before the rows are picked from stacked inputs, so that only the values read are copied.
+    features = features[:, :, :: max(1, features.shape[-1] // GALLERY_FINGERPRINT_FEATURES)]
+    if not is_region_batches(inputs):
+        features = features[rows]
+    mask = batch["region_attention_mask"].cpu().bool()
+    return [
+        (row_features.cpu()[row_mask], locations.cpu()[row_mask])
+        for row_features, locations, row_mask in zip(features, batch["region_locations"], mask)
+    ]
+
+
+def _earlier_gallery_fingerprint(kind: str, inputs: Mapping | RegionBatches) -> str:
+    """The fingerprint an earlier version recorded for a gallery of images: a hash of the read values rounded to
+    bfloat16, which the same photos extracted again can miss when float noise rounds one the other way."""
+    import hashlib
+
+    count = len(inputs) if is_region_batches(inputs) else int(next(iter(inputs.values())).shape[0])
+    digest = hashlib.sha256(f"{kind}:{count}".encode())
+    for features, locations in _gallery_regions(inputs, _gallery_rows(count)):
+        digest.update(_bfloat16_bits(features).tobytes() + b"|")
+        digest.update(_bfloat16_bits(locations).tobytes() + b"|")
     return f"{kind}:{digest.hexdigest()}"
+
+
+def same_gallery_fingerprint(recorded: str, kind: str, inputs: Mapping | RegionBatches) -> bool:
+    """Whether the `gallery_fingerprint` an index recorded is that of the gallery `inputs` of `kind`: the same kind,
+    size, token ids or region counts, and every kept value within `GALLERY_FINGERPRINT_RTOL` of its size (plus that
+    fraction of the kept values' mean size) of this gallery's. An image gallery's record of an earlier version (a hash
+    of rounded values) must match exactly.
+
+    Raises:
+        ValueError: `recorded` is damaged (its values cannot be read).
+    """
+    if recorded.split(":", 1)[0] != kind:
+        return False
+    current = gallery_fingerprint(kind, inputs)
+    if recorded == current:
+        return True
+    exact, values = _split_values(recorded, "gallery_fingerprint")
+    if values is None:
+        return kind == "images" and recorded == _earlier_gallery_fingerprint(kind, inputs)
+    current_exact, current_values = _split_values(current, "gallery_fingerprint")
+    if exact != current_exact or values.shape != current_values.shape:
+        return False
+    scale = float(np.abs(current_values).mean()) if current_values.size else 0.0
+    tolerance = GALLERY_FINGERPRINT_RTOL * (np.maximum(np.abs(values), np.abs(current_values)) + scale)
+    return bool((np.abs(values - current_values) <= tolerance).all())
+
+
+# The kinds of values a fingerprint keeps (`"...:KIND:BASE64"`), as little-endian numpy types.
+_FINGERPRINT_VALUE_TYPES = {"f32": "<f4", "bf16": "<u2"}
+
+
+def _encode_values(values: np.ndarray) -> str:
+    import base64
+
+    return base64.b64encode(values.tobytes()).decode("ascii")
+
+
+def _split_values(fingerprint: str, name: str) -> tuple[str, np.ndarray | None]:
+    """A fingerprint's exact part and its kept values as float32 (None for a fingerprint that keeps none: a gallery of
+    texts, or one an earlier version recorded).
+
+    Raises:
+        ValueError: naming `name`, when the values cannot be read (an edited or damaged `index_config.json`).
+    """
+    import base64
+    import binascii
+
+    parts = fingerprint.split(":")
+    if len(parts) < 4 or parts[-2] not in _FINGERPRINT_VALUE_TYPES:
+        return fingerprint, None
+    try:
+        values = np.frombuffer(base64.b64decode(parts[-1], validate=True), _FINGERPRINT_VALUE_TYPES[parts[-2]])
+    except (binascii.Error, ValueError) as error:
+        raise ValueError(
+            f"this index's {name} is damaged: its values cannot be read ({error}). Build the index again "
+            "(build_index) and save it."
+        ) from None
+    if parts[-2] == "bf16":
+        values = (values.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    return ":".join(parts[:-2]), values.astype(np.float32)
+
+
+def _fingerprint_id(fingerprint: str | None) -> str:
+    """16 hex digits that name a fingerprint in a message (a fingerprint that keeps values ends in base64)."""
+    import hashlib
+
+    if fingerprint is None or _split_values(fingerprint, "fingerprint")[1] is None:
+        return str(fingerprint)[-16:]
+    return hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
 
 
 def _bfloat16_bits(tensor: torch.Tensor) -> np.ndarray:
@@ -249,10 +448,12 @@ class RetrievalIndex:
             it is, read from the memory-mapped cache as candidates are re-ranked.
         index: the `EmbeddingIndex` (faiss `Flat`, IVF, HNSW, IVF-PQ or a torch matrix product) of the gallery's
             L2-normalised unimodal embeddings. Its `model_fingerprint` (`embedding_fingerprint` of the model that
-            built it) ties it to that model: a pipeline of another model refuses it. Its `gallery_fingerprint`
-            (the function of that name, of the gallery it was built from) ties it to this gallery: an index paired
-            with another gallery, or with the same items in another order, is refused (an index that records none,
-            saved by an earlier version, is checked by its size alone).
+            built it) ties it to that model: a pipeline of another model refuses it, while the same checkpoint in
+            any dtype takes it (`same_model_fingerprint`). Its `gallery_fingerprint` (the function of that name, of
+            the gallery it was built from) ties it to this gallery: an index paired with another gallery, or with
+            the same items in another order, is refused, while the same photos extracted again, whatever the batch
+            size, thread count or device, are taken (`same_gallery_fingerprint`); an index that records none, saved
+            by an earlier version, is checked by its size alone.
     """
 
     kind: str
@@ -281,17 +482,28 @@ class RetrievalIndex:
                 "the index from this gallery (build_index)."
             )
         recorded = self.index.gallery_fingerprint
-        if recorded is not None and recorded != gallery_fingerprint(self.kind, self.inputs):
+        if recorded is not None and not same_gallery_fingerprint(recorded, self.kind, self.inputs):
             recorded_kind = recorded.split(":", 1)[0]
             what = (
                 f"it is an index of {recorded_kind}, and this gallery holds {self.kind}"
                 if recorded_kind != self.kind
                 else f"its {self.kind} are other {self.kind}, or the same in another order"
             )
+            # An earlier version hashed rounded feature values, which the same photos extracted again can miss.
+            earlier = (
+                recorded_kind == "images" == self.kind and _split_values(recorded, "gallery_fingerprint")[1] is None
+            )
             raise ValueError(
                 f"this index was built from another gallery: {what} (its gallery_fingerprint differs). Build the index "
                 "from this gallery (build_index), or pair the saved index with the gallery it was built from, in the "
                 "same order."
+                + (
+                    " The index was saved by an earlier version, whose gallery_fingerprint the same photos extracted "
+                    "again (another batch size, thread count or device) can miss: if these are its photos, in its "
+                    "order, build the index again (build_index) and save it."
+                    if earlier
+                    else ""
+                )
             )
 
     def __len__(self) -> int:
@@ -330,9 +542,14 @@ def _is_hf_dataset(inputs: Any) -> bool:
     return type(inputs).__module__.startswith("datasets.") and type(inputs).__name__ in ("Dataset", "IterableDataset")
 
 
+def _is_region_record(item: Any) -> bool:
+    """A region record (a mapping holding `region_features`), whatever other keys it has (`path`, `bytes`)."""
+    return isinstance(item, Mapping) and "region_features" in item
+
+
 def _is_query(item: Any) -> bool:
     """A query dict (`{"images": ..., "texts": ...}` or `{"image", "text"}`, a dataset row), not a region record."""
-    return isinstance(item, Mapping) and "region_features" not in item and any(key in item for key in QUERY_KEYS)
+    return isinstance(item, Mapping) and not _is_region_record(item) and any(key in item for key in QUERY_KEYS)
 
 
 class ImageTextRetrievalPipeline(Pipeline):
@@ -424,9 +641,11 @@ class ImageTextRetrievalPipeline(Pipeline):
             return  # untrained projection heads: the index's embeddings are not used, the whole gallery is ranked
         size = getattr(self.model.config, "contrastive_embedding_size", index.index.dim)
         built_by = getattr(index.index, "model_fingerprint", None)
+        earlier = False  # a record of an earlier version, compared exactly
         if built_by is not None and not built_by.startswith(EMBEDDING_FINGERPRINT_PREFIX):
             # An earlier version recorded the projection heads alone: compared as it was, with a notice.
             mine = projection_fingerprint(self.model)
+            same = mine is None or built_by == mine
             if built_by == mine and "heads only" not in index._notices:
                 index._notices.add("heads only")
                 logger.warning(
@@ -437,6 +656,10 @@ class ImageTextRetrievalPipeline(Pipeline):
                 )
         else:
             mine = embedding_fingerprint(self.model)
+            # Compared within a tolerance, not by equality: the checkpoint that built the index, loaded in another
+            # dtype, keeps values a rounding step away.
+            same = built_by is None or mine is None or same_model_fingerprint(built_by, self.model)
+            earlier = built_by is not None and _split_values(built_by, "model_fingerprint")[1] is None
         if built_by is None and index.index.dim == size:
             if "no model" not in index._notices:
                 index._notices.add("no model")
@@ -446,12 +669,18 @@ class ImageTextRetrievalPipeline(Pipeline):
                     "its embeddings. Build it again with this pipeline's build_index() to have that checked.",
                     index.kind,
                 )
-        elif index.index.dim != size or (mine is not None and built_by != mine):
-            recorded = "records no model" if built_by is None else f"records the model {built_by[-16:]}"
+        elif index.index.dim != size or not same:
+            recorded = "records no model" if built_by is None else f"records the model {_fingerprint_id(built_by)}"
             raise ValueError(
                 f"this index was built by another model: it holds {index.index.dim}-d embeddings and {recorded}, "
-                f"while this pipeline's model gives {size}-d embeddings and is {str(mine)[-16:]}. "
+                f"while this pipeline's model gives {size}-d embeddings and is {_fingerprint_id(mine)}. "
                 "Build the index with this pipeline (build_index), or query it with the pipeline that built it."
+                + (
+                    " The index was saved by an earlier version, whose record the same checkpoint loaded in float16 "
+                    "does not match: if this pipeline's model built it, build the index again and save it."
+                    if earlier and index.index.dim == size
+                    else ""
+                )
             )
 
     # ------------------------------------------------------------------------------------------------------------
@@ -545,7 +774,9 @@ class ImageTextRetrievalPipeline(Pipeline):
         extractor = getattr(self.processor, "image_processor", None)
         records, errors, to_extract = [None] * len(images), [], []
         for position, item in enumerate(images):
-            if isinstance(item, Mapping) and "bytes" not in item and "path" not in item:
+            # A mapping with region features is a record, whatever else it holds (a cache row may name its photo's
+            # path): extracting that photo instead would drop the given regions. `_is_query` draws the same line.
+            if _is_region_record(item) or (isinstance(item, Mapping) and "bytes" not in item and "path" not in item):
                 if "region_features" not in item or "region_locations" not in item:
                     errors.append(
                         f"images[{position}] ({_describe(item)}): a region record needs region_features and "
@@ -1184,5 +1415,7 @@ __all__ = [
     "gallery_fingerprint",
     "projection_fingerprint",
     "register_pipeline",
+    "same_gallery_fingerprint",
+    "same_model_fingerprint",
     "saving_code",
 ]

@@ -191,6 +191,10 @@ def score_pairs(
 
     Returns:
         `torch.Tensor` of shape `(num_pairs,)`, float32 on the CPU: the model's `logits` for each pair.
+
+    Raises:
+        ValueError: an index outside `0..num_images-1` or `0..num_texts-1`, negative ones included (the -1 of an
+            empty `EmbeddingIndex.search` slot is not an item: drop those pairs before scoring).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
@@ -203,6 +207,8 @@ def score_pairs(
             f"image_indices has {image_indices.numel()} entries and text_indices {text_indices.numel()}; each pair "
             "needs one of each."
         )
+    _check_pair_indices("image_indices", image_indices, num_region_images(regions), "images of region_inputs")
+    _check_pair_indices("text_indices", text_indices, texts["input_ids"].shape[0], "texts of text_inputs")
     # Pairs of similar text length share a batch (a stable sort: one set of pairs is always batched the same way),
     # so each batch is trimmed to about its own captions' length rather than to the longest of the gallery.
     text_lengths = texts["attention_mask"].sum(1).cpu()
@@ -212,6 +218,25 @@ def score_pairs(
         for chunk in (order[start : start + batch_size] for start in range(0, image_indices.numel(), batch_size))
     )
     return _score_batches(model, texts, regions, batches, image_indices.numel(), progress)
+
+
+def _check_pair_indices(name: str, indices: torch.Tensor, count: int, what: str) -> None:
+    """Raises ValueError naming `name` when an index is outside `0..count-1`. Checked once per call, before any
+    batch: a negative index would pick an item from the end (torch's indexing), so the -1 that
+    `EmbeddingIndex.search` puts in an empty slot would score the last item in its place."""
+    if indices.numel() == 0:
+        return
+    low, high = int(indices.min()), int(indices.max())
+    if low >= 0 and high < count:
+        return
+    bad = low if low < 0 else high
+    hint = (
+        " (-1 marks an empty slot of EmbeddingIndex.search, which an approximate index leaves where it finds fewer "
+        "than k items: drop those pairs, or search with fill_missing=True)"
+        if low < 0
+        else ""
+    )
+    raise ValueError(f"{name} holds {bad}, outside the valid range 0..{count - 1} (the {count} {what}){hint}.")
 
 
 def _score_batches(model, texts, regions, batches, num_pairs: int, progress: Callable | None) -> torch.Tensor:
@@ -522,11 +547,13 @@ class EmbeddingIndex:
         keep_vectors (`bool`, *optional*, defaults to `True`): keep the float32 embeddings next to the index, for
             `fill_missing` and `save`; turn off for a compressed (IVF-PQ) gallery too large to hold twice.
         model_fingerprint (`str`, *optional*): what made the embeddings (the retrieval pipeline records its model's
-            `projection_fingerprint`), saved with the index; the pipeline refuses an index whose fingerprint is
-            another model's.
+            `embedding_fingerprint`: a hash of its weights' names and shapes and a sample of their values), saved
+            with the index; the pipeline refuses an index whose fingerprint is another model's.
         gallery_fingerprint (`str`, *optional*): what the embeddings are of (the retrieval pipeline records
             `gallery_fingerprint`: the gallery's kind, size and a sample of its items), saved with the index; a
-            `RetrievalIndex` refuses to pair the index with another gallery.
+            `RetrievalIndex` refuses to pair the index with another gallery. Both keep sampled values, compared
+            within a tolerance (float noise of the same model or photos is no other model or gallery), so compare
+            them with the pipeline's `same_model_fingerprint` and `same_gallery_fingerprint`, not by equality.
     """
 
     def __init__(
