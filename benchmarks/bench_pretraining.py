@@ -96,13 +96,17 @@ def worker(name: str, steps: int, warmup: int) -> None:
         def __len__(self):
             return config.vocab_size
 
-        def __call__(self, text, truncation=True, max_length=None):
+        def __call__(self, text, truncation=True, max_length=None, split_special_tokens=False, **kwargs):
+            # The captions' ids are never special ones, so splitting special-token spellings changes nothing.
             if not isinstance(text, str):  # a batch of captions, as the dataset tokenizes them
-                encoded = [self(one) for one in text]
-                return {key: [one[key] for one in encoded] for key in ("input_ids", "token_type_ids")}
+                encoded = [self(one, **kwargs) for one in text]
+                return {key: [one[key] for one in encoded] for key in encoded[0]}
             rng = np.random.default_rng(abs(hash(text)) % 2**32)
             ids = rng.integers(5, config.vocab_size, spec["text_length"] - 2).tolist()
-            return {"input_ids": [2, *ids, 3], "token_type_ids": [0] * spec["text_length"]}
+            encoded = {"input_ids": [2, *ids, 3], "token_type_ids": [0] * spec["text_length"]}
+            if kwargs.get("return_special_tokens_mask"):
+                encoded["special_tokens_mask"] = [1] + [0] * len(ids) + [1]
+            return encoded
 
     rng = np.random.default_rng(0)
     num_images = 512
