@@ -55,6 +55,18 @@ PROTOCOL_SPLIT = "test"
 MODEL_CARD = "README.md"
 
 
+# The flags of `EvaluationArguments` that name a file or a folder (`model_name_or_path`: or a Hub id).
+_PATH_FLAGS = (
+    "output_dir",
+    "model_name_or_path",
+    "karpathy_file",
+    "image_root",
+    "manifest",
+    "region_cache",
+    "corpus_cache",
+)
+
+
 @dataclass
 class EvaluationArguments:
     """Flags of `examples/evaluate_retrieval.py`."""
@@ -109,6 +121,12 @@ class EvaluationArguments:
     )
 
     def __post_init__(self):
+        # A shell leaves `--output_dir=~/eval` as typed: expanded here, where the flags are checked, so that every
+        # check and every reader sees the path the user meant, not a folder named `~` in the working directory. A Hub
+        # id never starts with `~`.
+        for name in _PATH_FLAGS:
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, os.path.expanduser(getattr(self, name)))
         if self.dataset not in DATASETS:
             raise ValueError(f"--dataset must be one of {DATASETS}, got {self.dataset!r}.")
         for name in ("max_images", "shortlist_k"):

@@ -29,6 +29,12 @@ COMPLETE_FILE = "stage_complete.json"
 _PREFIX = "step_"
 _NAME = re.compile(rf"^{_PREFIX}(\d+)$")
 _TMP_PREFIX = ".tmp-"
+# The files `accelerator.save_state` wrote into a checkpoint, listed beside them by the run that saved it: which files
+# a checkpoint must hold depends on that run (the gradient scaler's only under fp16), so a missing one is damage only
+# when the list names it.
+FILES_RECORD = "checkpoint_files.json"
+# accelerate's name for the gradient scaler's state (fp16 on an accelerator).
+SCALER_FILE = "scaler.pt"
 # What ends every message about a damaged checkpoint: the newest checkpoints can go, the run resumes from an older one.
 DAMAGED_ADVICE = "delete the checkpoint folder to resume from the one before"
 
@@ -218,6 +224,8 @@ def save_checkpoint(accelerator, root: str | Path, state: TrainState, save_total
         accelerate_logger.setLevel(level)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        saved = sorted(path.name for path in tmp.iterdir())
+        atomic_write_json(tmp / FILES_RECORD, {"files": saved}, indent=1)
         state.save(tmp)
         publish_folder(tmp, final)
         if save_total_limit is not None and save_total_limit > 0:
@@ -243,7 +251,8 @@ def load_checkpoint(
             are checked before anything is restored), its model weights do not fit the model or hold NaN or
             infinite values, or its optimizer state holds other parameters than the run's optimizer; the message
             names the file or the checkpoint. A missing random-state file is not an error: the process
-            resumes with fresh random streams, with a warning.
+            resumes with fresh random streams, with a warning. Nor is a missing gradient scaler under fp16 when the
+            checkpoint was saved without one (`FILES_RECORD`): the scaler starts afresh, with a warning.
     """
     checkpoint = Path(checkpoint)
     try:
@@ -253,7 +262,12 @@ def load_checkpoint(
     if check is not None:
         check(state)
     _check_random_states(checkpoint, accelerator.process_index)
+    scaler = getattr(accelerator, "scaler", None)
+    fresh_scaler = scaler is not None and _saved_without_scaler(checkpoint)
     try:
+        # accelerate restores the scaler whenever the run has one; this checkpoint holds none to restore.
+        if fresh_scaler:
+            accelerator.scaler = None
         accelerator.load_state(str(checkpoint))
     except FileNotFoundError as error:
         name = _missing_file_name(Path(error.filename or ""), checkpoint)
@@ -282,6 +296,9 @@ def load_checkpoint(
         raise ValueError(
             f"checkpoint {checkpoint}: {path.name} does not fit the model ({detail}); {DAMAGED_ADVICE}."
         ) from error
+    finally:
+        if fresh_scaler:
+            accelerator.scaler = scaler
     non_finite = _first_non_finite_weight(checkpoint)
     if non_finite is not None:
         path, name = non_finite
@@ -290,6 +307,39 @@ def load_checkpoint(
             f"when it was saved); {DAMAGED_ADVICE}, and lower learning_rate."
         )
     return state
+
+
+def _saved_without_scaler(checkpoint: Path) -> bool:
+    """Whether `checkpoint`, lacking the gradient scaler a run under fp16 restores, was saved by a run that had none
+    (without fp16): the model and optimizer states are the same in every precision, so the run resumes with a fresh
+    scaler, and a warning naming `--mixed_precision` is logged here. A checkpoint whose `FILES_RECORD` names the
+    scaler's file lost it (False: refused as damaged when it is loaded); one without the record (saved by an earlier
+    version) is taken as saved without fp16, whose checkpoints never hold it.
+
+    Raises:
+        ValueError: The record does not read, or is not a list of file names.
+    """
+    if (checkpoint / SCALER_FILE).exists():
+        return False
+    record = checkpoint / FILES_RECORD
+    recorded = None
+    if record.exists():
+        try:
+            data = read_json_file(record, "the files of the checkpoint, as {'files': [names]}")
+            recorded = data.get("files") if isinstance(data, dict) else None
+            if not isinstance(recorded, list) or not all(isinstance(name, str) for name in recorded):
+                raise ValueError(f"{record} is not {{'files': [names]}}: got {json.dumps(data)[:80]}.")
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{error} The checkpoint is damaged: {DAMAGED_ADVICE}.") from None
+        if SCALER_FILE in recorded:
+            return False
+    taken = "" if recorded is not None else " (an earlier version's checkpoint lists no files: taken to be)"
+    logger.warning(
+        f"checkpoint {checkpoint} has no {SCALER_FILE}: it was saved without fp16 mixed precision{taken}, and this "
+        "run's fp16 (--mixed_precision or the launch config) resumes it with a fresh gradient scaler, which finds its "
+        "scale within a few steps; the model and optimizer states are the same in every precision."
+    )
+    return True
 
 
 def _missing_file_name(path: Path, checkpoint: Path) -> str:
@@ -521,6 +571,8 @@ def save_model(
 
 __all__ = [
     "COMPLETE_FILE",
+    "FILES_RECORD",
+    "SCALER_FILE",
     "STATE_FILE",
     "TrainState",
     "latest_checkpoint",

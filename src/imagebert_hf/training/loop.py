@@ -120,6 +120,11 @@ def build_accelerator(
         report_to: Accelerate tracker (`"tensorboard"`), or None / `"none"` for no tracking.
         cpu: Run on the CPU even when an accelerator is present.
         gradient_accumulation_steps: Micro-batches per optimizer step.
+
+    Raises:
+        ValueError: fp16 mixed precision (given or from the launch config) on the CPU, where accelerate makes neither
+            an fp16 autocast nor a gradient scaler: the run would train in float32 while saying fp16. bf16 works
+            there. Nothing is written before.
     """
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
@@ -128,13 +133,20 @@ def build_accelerator(
         raise ValueError(f"mixed_precision must be None, 'no', 'fp16' or 'bf16', got {mixed_precision!r}.")
     log_with = None if report_to in (None, "", "none") else report_to
     overrides = {} if mixed_precision is None else {"mixed_precision": mixed_precision}
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=cpu or _multi_process_without_accelerator(),
         gradient_accumulation_steps=gradient_accumulation_steps,
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(Path(output_dir) / "logs")),
         **overrides,
     )
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        given = "--mixed_precision fp16" if mixed_precision == "fp16" else "mixed precision fp16 (the launch config's)"
+        raise ValueError(
+            f"{given} does not work on the CPU: accelerate makes no fp16 autocast and no gradient scaler there, so "
+            "the run would train in float32; use --mixed_precision bf16, which works on the CPU, or no."
+        )
+    return accelerator
 
 
 def _multi_process_without_accelerator() -> bool:

@@ -266,9 +266,27 @@ _FLAG_RULES = {
 }
 
 
-def check_flags(args: RetrievalArguments) -> None:
+def expand_path_flags(args: RetrievalArguments) -> RetrievalArguments:
+    """`args` with `~` expanded in every flag naming a file or folder: a shell leaves `--output_dir=~/run` as typed,
+    and a reader that did not expand it would write into, or look in, a folder named `~` under the working
+    directory while the checks looked in the home folder. A Hub id never starts with `~`, so `--model_name_or_path`
+    is expanded too."""
+    expanded = {
+        name: os.path.expanduser(getattr(args, name))
+        for name in path_flags(args)
+        if isinstance(getattr(args, name), str)
+    }
+    return dataclasses.replace(args, **expanded)
+
+
+def check_flags(args: RetrievalArguments) -> RetrievalArguments:
     """Raises `ValueError` naming the flag when a setting cannot work: the checks that need no accelerator, made
-    before one is built (it takes some of them) and before anything is written."""
+    before one is built (it takes some of them) and before anything is written.
+
+    Returns:
+        The flags as the run uses them, `~` expanded in its paths (`expand_path_flags`): what was checked.
+    """
+    args = expand_path_flags(args)
     check_flag_values(args, _FLAG_RULES)
     # The schedules the loop can step (pretraining's too): the others need a metric or settings no flag gives.
     if args.lr_scheduler_type not in SCHEDULER_TYPES:
@@ -302,6 +320,7 @@ def check_flags(args: RetrievalArguments) -> None:
             f"--output_dir {args.output_dir} holds an interrupted run ({checkpoint.name}): pass --resume to continue "
             "it or choose another --output_dir."
         )
+    return args
 
 
 def _has_progress(output_dir: Path) -> bool:
@@ -321,7 +340,8 @@ def _location(value, working_dir: str, hub_id_allowed: bool):
     none: unset, empty, or (`hub_id_allowed`) no local path, so a Hub id as `from_pretrained` reads it."""
     if not isinstance(value, str) or not value.strip():
         return value
-    path = os.path.join(working_dir, value)
+    # A run of an earlier version recorded `~` as typed (its region cache was read from the home folder).
+    path = os.path.join(working_dir, os.path.expanduser(value))
     if hub_id_allowed and not os.path.exists(path):
         return value
     return os.path.realpath(path)
@@ -587,7 +607,7 @@ def run_retrieval_finetuning(args: RetrievalArguments) -> dict:
     """
     from accelerate.utils import set_seed
 
-    check_flags(args)
+    args = check_flags(args)
     loss_weights = parse_loss_weights(args.loss_weights)
     accelerator = build_accelerator(
         args.output_dir, args.mixed_precision, args.report_to, args.cpu, args.gradient_accumulation_steps
@@ -652,6 +672,7 @@ __all__ = [
     "build_corpora",
     "check_flags",
     "check_resumed_flags",
+    "expand_path_flags",
     "flag_differences",
     "evaluate",
     "load_model_and_tokenizer",
