@@ -21,7 +21,9 @@ stages:
 Every key is checked: an unknown key or one given twice, a value of the wrong type or out of range, a source whose
 file or region cache does not exist, zero steps, a source weight that is not positive, loss weights that are all
 zero, or a stage name that cannot be a folder name fails at load time with the dotted path of the field
-(`stages[1].sources[0].weight`).
+(`stages[1].sources[0].weight`). So does a source key that only another kind of source reads, set to other than its
+default, and hf_dataset's `split` on a manifest (whose key is `splits`). A path that starts with `~` is taken from the
+home folder.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import dataclasses
 import inspect
 import io
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +52,9 @@ logger = logging.get_logger(__name__)
 
 SOURCE_TYPES = ("manifest", "hf_dataset", "webdataset", "synthetic")
 LOSS_TASKS = ("mlm", "moc", "mrfr", "itm")
+# The rate transformers' polynomial schedule ends at (`lr_end` of get_polynomial_decay_schedule_with_warmup, which the
+# runner leaves at its default); the schedule refuses a learning rate that is not above it.
+POLYNOMIAL_LR_END = 1e-7
 
 
 class RecipeError(ValueError):
@@ -206,7 +212,7 @@ _UNSAFE_IN_NAMES = frozenset('/\\<>:"|?*')
 
 # The numeric fields not checked with a message of their own, by rule in `check_field`'s `(kind, lowest, highest)`
 # form (inclusive bounds, None for none): counts that must let something through are at least 1, offsets and
-# optional counts at least 0, Adam's betas in [0, 1]. Field names are unique across the recipe's sections.
+# optional counts at least 0, Adam's betas in [0, 1). Field names are unique across the recipe's sections.
 _FIELD_RULES: dict[str, tuple[str, float | None, float | None]] = {
     **dict.fromkeys(
         ("max_captions_per_image", "image_size", "captions_per_image", "samples_per_epoch", "save_total_limit"),
@@ -214,7 +220,8 @@ _FIELD_RULES: dict[str, tuple[str, float | None, float | None]] = {
     ),
     **dict.fromkeys(("first_image", "warmup_steps", "min_records_for_failure_check", "num_workers"), ("int", 0, None)),
     **dict.fromkeys(("weight_decay", "max_grad_norm"), ("float", 0.0, None)),
-    **dict.fromkeys(("adam_beta1", "adam_beta2"), ("float", 0.0, 1.0)),
+    # torch's AdamW refuses a beta of 1, when the stage starts (after the stages before it trained).
+    **dict.fromkeys(("adam_beta1", "adam_beta2"), ("prob<1", None, None)),
     "adam_epsilon": ("positive", None, None),
     "seed": SEED_RULE,
 }
@@ -262,8 +269,93 @@ def _check_field(where: str, value: Any, kind: str, low: float | None, high: flo
         raise RecipeError(str(error)) from None
 
 
+# The keys each kind of source reads besides name, type, weight, region_cache and streaming. A key only other kinds
+# read does nothing, so one set to other than its default is refused (`_check_unread_keys`).
+SOURCE_KEYS = {
+    "manifest": ("path", "image_root", "allow_outside_root", "splits", "key_field", "max_captions_per_image"),
+    "hf_dataset": ("path", "split", "text_column", "image_column", "id_column"),
+    "webdataset": ("path",),
+    "synthetic": (
+        "num_images",
+        "seed",
+        "first_image",
+        "image_size",
+        "captions_per_image",
+        "caption_noise",
+        "regions",
+        "swap_negatives",
+    ),
+}
+# A stream (`streaming: true`) also reads `seed`, the order of its shards; its rows' images are never read.
+_STREAM_ONLY_KEYS, _LIST_ONLY_KEYS = ("seed",), ("image_column",)
+# What a key of another kind is likely meant as, where its name is close to the key of this kind.
+_KEY_HINTS = {
+    ("manifest", "split"): "a manifest keeps the lines of the splits in `splits`: give `splits: [{value}]` instead",
+    ("hf_dataset", "splits"): "an hf_dataset source reads the one split in `split`: give `split: NAME` instead",
+}
+
+
+def source_keys(kind: str, streaming: bool) -> frozenset[str]:
+    """The keys a source of `kind` reads, read as a stream or not."""
+    keys = {"name", "type", "weight", "region_cache", "streaming", *SOURCE_KEYS.get(kind, ())}
+    return frozenset((keys | set(_STREAM_ONLY_KEYS)) - set(_LIST_ONLY_KEYS) if streaming else keys)
+
+
+def _readers(key: str) -> str:
+    """Which sources read `key`, as in "only {an hf_dataset source} reads it"."""
+    kinds = [kind for kind, keys in SOURCE_KEYS.items() if key in keys]
+    named = kinds[0] if len(kinds) == 1 else f"{', '.join(kinds[:-1])} or {kinds[-1]}"
+    named = f"{'an' if named[0] in 'aeiouh' else 'a'} {named} source"
+    if key in _LIST_ONLY_KEYS:
+        named += " not read as a stream"
+    if key in _STREAM_ONLY_KEYS:
+        named += " or a stream (streaming: true)"
+    return named
+
+
+def _set_by_hand(data: dict, key: str, default: Any) -> bool:
+    """Whether `data[key]` was set to mean something: a value other than the default, or `split` without `splits`.
+    The recipe.yaml a run writes gives every source every key, `split: train` (the default) beside `splits`; a
+    manifest given `split: train` alone means to keep that split, which only `splits` does."""
+    return data[key] != default or (key == "split" and "splits" not in data)
+
+
+def _check_unread_keys(data: dict, spec: SourceSpec, where: str) -> None:
+    """Refuses keys of `data` that a source of its kind does not read, set by hand (`_set_by_hand`): the source would
+    be built as though they were left out (a manifest's `split: train` would keep every line)."""
+    defaults = {item.name: item.default for item in dataclasses.fields(SourceSpec)}
+    readable = source_keys(spec.type, spec.streaming)
+    unread = [key for key in data if key not in readable and _set_by_hand(data, key, defaults[key])]
+    if not unread:
+        return
+    problems = []
+    for key in unread:
+        hint = _KEY_HINTS.get((spec.type, key))
+        hint = f" ({hint.format(value=data[key])})" if hint else ""
+        problems.append(f"{where}.{key} is {data[key]!r}, but only {_readers(key)} reads it{hint}")
+    kind = f"{spec.type} source" + (" read as a stream" if spec.streaming else "")
+    them = "it" if len(unread) == 1 else "them"
+    raise RecipeError(
+        f"{'; '.join(problems)}. Source {spec.name!r} is a {kind}, which would ignore {them}: leave {them} out."
+    )
+
+
+# The fields that name a file or folder (or, for the model's, a Hub id or a short name, which never starts with `~`).
+_SOURCE_PATH_FIELDS = ("path", "region_cache", "image_root")
+_MODEL_PATH_FIELDS = ("config_path", "text_pretrained", "init_from", "tokenizer", "processor")
+
+
+def _expand_home(data: dict, names) -> None:
+    """Expands a leading `~` in the named string fields of `data`, once, where the recipe is read: the checks and the
+    run then see the same path (and a run is not written to a folder named `~`)."""
+    for name in names:
+        if isinstance(data.get(name), str):
+            data[name] = os.path.expanduser(data[name])
+
+
 def _source(data: Any, where: str) -> SourceSpec:
     data = _build(SourceSpec, data, where)
+    _expand_home(data, _SOURCE_PATH_FIELDS)
     spec = SourceSpec(**data)
     if spec.type not in SOURCE_TYPES:
         raise RecipeError(f"{where}.type is {spec.type!r}; expected one of {SOURCE_TYPES}.")
@@ -271,6 +363,8 @@ def _source(data: Any, where: str) -> SourceSpec:
         raise RecipeError(f"{where}.weight must be a positive number, got {spec.weight!r}.")
     if spec.regions not in (None, "annotations"):
         raise RecipeError(f"{where}.regions must be 'annotations' or absent, got {spec.regions!r}.")
+    if spec.streaming not in (False, True) or (spec.streaming and spec.type not in ("webdataset", "hf_dataset")):
+        raise RecipeError(f"{where}.streaming must be true or false, and true only for webdataset or hf_dataset.")
     if spec.type == "synthetic":
         if not spec.num_images or spec.num_images < 1:
             raise RecipeError(
@@ -283,17 +377,11 @@ def _source(data: Any, where: str) -> SourceSpec:
         if not 0.0 <= spec.swap_negatives <= 1.0:
             raise RecipeError(f"{where}.swap_negatives must be in [0, 1], got {spec.swap_negatives}.")
     else:
-        if spec.swap_negatives != 0.0:
-            raise RecipeError(
-                f"{where}.swap_negatives is {spec.swap_negatives}, but only a synthetic source can build swapped "
-                f"captions (this one is {spec.type!r}); leave it out."
-            )
         if not spec.path:
             raise RecipeError(f"{where}.path is required for a {spec.type} source.")
         if not spec.region_cache:
             raise RecipeError(f"{where}.region_cache is required: pretraining reads regions from the cache.")
-    if spec.streaming not in (False, True) or (spec.streaming and spec.type not in ("webdataset", "hf_dataset")):
-        raise RecipeError(f"{where}.streaming must be true or false, and true only for webdataset or hf_dataset.")
+    _check_unread_keys(data, spec, where)
     return spec
 
 
@@ -313,6 +401,11 @@ def _stage(data: Any, where: str) -> StageSpec:
         raise RecipeError(f"{where}: give exactly one of max_steps and num_epochs.")
     if any(spec.streaming for spec in specs) and not (all(spec.streaming for spec in specs) and stage.max_steps):
         raise RecipeError(f"{where}: a stage over streaming sources needs max_steps, and every source streaming.")
+    if specs[0].streaming and stage.samples_per_epoch is not None:
+        raise RecipeError(
+            f"{where}.samples_per_epoch is {stage.samples_per_epoch}, but a stage over streaming sources has no epoch "
+            "to size (it reads its streams for max_steps steps), so it would be ignored: leave it out."
+        )
     if stage.max_steps is not None and (not isinstance(stage.max_steps, int) or stage.max_steps < 1):
         raise RecipeError(f"{where}.max_steps must be a positive integer, got {stage.max_steps!r}.")
     if stage.num_epochs is not None and not stage.num_epochs > 0:
@@ -331,6 +424,18 @@ def _stage(data: Any, where: str) -> StageSpec:
         )
     if not 0.0 <= stage.warmup_ratio < 1.0:
         raise RecipeError(f"{where}.warmup_ratio must be in [0, 1), got {stage.warmup_ratio}.")
+    if stage.max_steps is not None and stage.warmup_steps is not None and stage.warmup_steps > stage.max_steps:
+        raise RecipeError(
+            f"{where}.warmup_steps is {stage.warmup_steps}, longer than the stage's {stage.max_steps} steps "
+            f"({where}.max_steps): the learning rate would never reach {stage.learning_rate:g}; give at most "
+            f"{stage.max_steps} warmup steps, or a warmup_ratio."
+        )
+    if stage.lr_scheduler_type == "polynomial" and not stage.learning_rate > POLYNOMIAL_LR_END:
+        raise RecipeError(
+            f"{where}.learning_rate is {stage.learning_rate!r}, but the polynomial schedule decays it to "
+            f"{POLYNOMIAL_LR_END:g}, so it must be above that; give a larger learning_rate or another "
+            "lr_scheduler_type."
+        )
     _check_keys(stage.loss_weights, LOSS_TASKS, f"{where}.loss_weights", "task")
     stage.loss_weights = {**dict.fromkeys(LOSS_TASKS, 1.0), **stage.loss_weights}
     for task, weight in stage.loss_weights.items():
@@ -507,6 +612,8 @@ def recipe_from_dict(data: Any, where: str = "recipe") -> Recipe:
         raise RecipeError(f"{where}.stages must be a non-empty list of stages.")
     model = data.pop("model", {}) or {}
     model = _build(ModelSpec, model, f"{where}.model")
+    _expand_home(model, _MODEL_PATH_FIELDS)
+    _expand_home(data, ("output_dir",))
     _check_model_config(model.get("config", {}), f"{where}.model.config")
     _check_model_start(model, f"{where}.model")
     recipe = Recipe(
@@ -523,7 +630,17 @@ def recipe_from_dict(data: Any, where: str = "recipe") -> Recipe:
         raise RecipeError(f"{where}.max_failure_rate must be in [0, 1], got {recipe.max_failure_rate}.")
     if recipe.logging_steps < 1:
         raise RecipeError(f"{where}.logging_steps must be positive, got {recipe.logging_steps}.")
+    _check_report_to(recipe.report_to, f"{where}.report_to")
     return recipe
+
+
+def _check_report_to(value: str, where: str) -> None:
+    """Refuses a tracker name Accelerate does not know, at load time rather than when the run starts."""
+    from accelerate.utils import LoggerType
+
+    trackers = [tracker.value for tracker in LoggerType]
+    if value not in ("", "none", *trackers):
+        raise RecipeError(f"{where} is {value!r}; expected 'none' or one of Accelerate's trackers {trackers}.")
 
 
 def _unique_key_loader():
@@ -546,10 +663,9 @@ def _unique_key_loader():
     return UniqueKeyLoader
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None, check_paths: bool = True) -> Recipe:
-    """Reads and validates a YAML recipe; `overrides` are `dotted.key=value` strings (`stages.0.max_steps=10`),
-    values parsed as YAML. Relative paths in the recipe stay relative to the working directory. A key given twice
-    fails, and with `check_paths` so does a source whose data or region cache does not exist."""
+def read_recipe(path: str | Path, overrides: list[str] | None = None) -> Any:
+    """The data of a YAML recipe with `overrides` set (see `load_recipe`), not validated: what a script reads to count
+    the stages its flags set before the one validated load (`load_recipe`) with them."""
     import yaml
 
     path = Path(path)
@@ -563,7 +679,25 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, check_path
         data = yaml.load(stream, Loader=_unique_key_loader())  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as error:
         raise RecipeError(f"{path} is not valid YAML: {_one_line(error)}") from None
-    recipe = recipe_from_dict(apply_overrides(data, overrides or []), where=path.name)
+    return apply_overrides(data, overrides or [])
+
+
+def load_recipe(
+    path: str | Path,
+    overrides: list[str] | None = None,
+    check_paths: bool = True,
+    values: dict[str, Any] | None = None,
+) -> Recipe:
+    """Reads and validates a YAML recipe; `overrides` are `dotted.key=value` strings (`stages.0.max_steps=10`),
+    values parsed as YAML, and `values` maps dotted keys to values set as they are, after the overrides (a script's
+    typed flags: `--output_dir "exp #2"` stays that string). Relative paths in the recipe stay relative to the working
+    directory; a leading `~` is the home folder. A key given twice fails, and with `check_paths` so does a source
+    whose data or region cache does not exist."""
+    path = Path(path)
+    data = read_recipe(path, overrides)
+    if values and isinstance(data, dict):  # a recipe that is not a mapping is refused as such below
+        data = set_values(data, values)
+    recipe = recipe_from_dict(data, where=path.name)
     if check_paths:
         check_source_paths(recipe, where=path.name)
     return recipe
@@ -574,8 +708,37 @@ def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())
 
 
+def _parent(data, dotted: str, what: str):
+    """The mapping or list that holds `dotted.key` of `data` (list items by index; a missing mapping on the way is
+    made), and the key in it. `what` is how a refusal names the setting."""
+    keys = dotted.split(".")
+    node = data
+    for i, key in enumerate(keys):
+        if isinstance(node, list) and not (key.isdigit() and int(key) < len(node)):
+            raise RecipeError(
+                f"{what}: {'.'.join(keys[:i]) or 'the recipe'} is a list of {len(node)}; "
+                f"expected an index below {len(node)}, got {key!r}."
+            )
+        if not isinstance(node, (dict, list)):
+            raise RecipeError(f"{what}: {'.'.join(keys[:i])} is not a mapping or list.")
+        if i == len(keys) - 1:
+            break
+        node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
+    return node, int(keys[-1]) if isinstance(node, list) else keys[-1]
+
+
+def set_values(data: dict, values: dict[str, Any]) -> dict:
+    """Returns a copy of `data` with each `dotted.key` of `values` set to its value as it is (not parsed)."""
+    data = copy.deepcopy(data)
+    for dotted, value in values.items():
+        node, key = _parent(data, dotted, f"setting {dotted}")
+        node[key] = value
+    return data
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Returns a copy of `data` with each `dotted.key=value` override set (list items by index)."""
+    """Returns a copy of `data` with each `dotted.key=value` override set (list items by index), its value parsed
+    as YAML."""
     import yaml
 
     data = copy.deepcopy(data)
@@ -583,27 +746,11 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if "=" not in override:
             raise RecipeError(f"override {override!r} must look like dotted.key=value.")
         dotted, raw = override.split("=", 1)
-        keys = dotted.split(".")
-        node = data
-        for i, key in enumerate(keys):
-            if isinstance(node, list) and not (key.isdigit() and int(key) < len(node)):
-                raise RecipeError(
-                    f"override {override!r}: {'.'.join(keys[:i]) or 'the recipe'} is a list of {len(node)}; "
-                    f"expected an index below {len(node)}, got {key!r}."
-                )
-            if not isinstance(node, (dict, list)):
-                raise RecipeError(f"override {override!r}: {'.'.join(keys[:i])} is not a mapping or list.")
-            if i == len(keys) - 1:
-                break
-            node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
+        node, key = _parent(data, dotted, f"override {override!r}")
         try:
-            value = yaml.safe_load(raw)
+            node[key] = yaml.safe_load(raw)
         except yaml.YAMLError as error:
             raise RecipeError(f"override {override!r}: the value is not valid YAML ({_one_line(error)}).") from None
-        if isinstance(node, list):
-            node[int(keys[-1])] = value
-        else:
-            node[keys[-1]] = value
     return data
 
 
@@ -624,6 +771,9 @@ __all__ = [
     "check_folder_name",
     "check_source_paths",
     "load_recipe",
+    "read_recipe",
     "recipe_from_dict",
     "recipe_to_dict",
+    "set_values",
+    "source_keys",
 ]
