@@ -424,12 +424,6 @@ def _stage(data: Any, where: str) -> StageSpec:
         )
     if not 0.0 <= stage.warmup_ratio < 1.0:
         raise RecipeError(f"{where}.warmup_ratio must be in [0, 1), got {stage.warmup_ratio}.")
-    if stage.max_steps is not None and stage.warmup_steps is not None and stage.warmup_steps > stage.max_steps:
-        raise RecipeError(
-            f"{where}.warmup_steps is {stage.warmup_steps}, longer than the stage's {stage.max_steps} steps "
-            f"({where}.max_steps): the learning rate would never reach {stage.learning_rate:g}; give at most "
-            f"{stage.max_steps} warmup steps, or a warmup_ratio."
-        )
     if stage.lr_scheduler_type == "polynomial" and not stage.learning_rate > POLYNOMIAL_LR_END:
         raise RecipeError(
             f"{where}.learning_rate is {stage.learning_rate!r}, but the polynomial schedule decays it to "

@@ -81,14 +81,18 @@ class Schedule:
     def warmup(self, total_steps: int) -> int:
         return self.warmup_steps if self.warmup_steps is not None else int(self.warmup_ratio * total_steps)
 
-    def check_warmup(self, total_steps: int, where: str) -> None:
-        """Raises `ValueError` naming `where` (the field that set `warmup_steps`) when the warmup is longer than the
-        stage: its learning rate would never reach `learning_rate`. (`warmup_ratio` is below 1, so it never is.)"""
+    def warn_if_warmup_outlasts(self, total_steps: int, where: str) -> None:
+        """Warns, naming `where` (the field that set `warmup_steps`), when the warmup is longer than the stage: its
+        learning rate never reaches `learning_rate`. A warning, not a refusal: a short trial run of a recipe made for
+        a long one (`--max_steps 20`) is legitimate. (`warmup_ratio` is below 1, so it never is.)"""
         if self.warmup_steps is not None and self.warmup_steps > total_steps:
-            raise ValueError(
-                f"{where} is {self.warmup_steps}, longer than the stage's {total_steps} steps: the learning rate "
-                f"would never reach {self.learning_rate:g}; give at most {total_steps} warmup steps, or a "
-                "warmup_ratio."
+            logger.warning(
+                "%s is %d, longer than the stage's %d steps: the learning rate never reaches %g (it ends at %.3g).",
+                where,
+                self.warmup_steps,
+                total_steps,
+                self.learning_rate,
+                self.learning_rate * total_steps / self.warmup_steps,
             )
 
 
@@ -164,8 +168,8 @@ def run_stage(
     # Scheduler lengths need the per-process batch count, known once the dataloader is sharded.
     dataloader = accelerator.prepare(stage.dataloader) if stage.shard_dataloader else stage.dataloader
     total_steps = schedule.total_steps(dataloader)
-    # A stage of `num_epochs` has its length only now, with its data built: refused here, before it trains.
-    schedule.check_warmup(total_steps, f"stages[{stage.index}].warmup_steps")
+    # A stage of `num_epochs` has its length only now, with its data built.
+    schedule.warn_if_warmup_outlasts(total_steps, f"stages[{stage.index}].warmup_steps")
     scheduler = build_scheduler(
         optimizer, schedule.lr_scheduler_type, total_steps, schedule.warmup(total_steps), accelerator.num_processes
     )
