@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
         "coco128": (coco, cache_dir / "coco128"),
     }
     # The recipe and --set are checked here, before anything is extracted or trained (the caches come next).
-    overrides = [f"output_dir={args.output_dir}"]
+    # Set as they are (a folder named `exp #2` stays that string); a field --set names keeps --set's value.
+    values = {"output_dir": args.output_dir}
     checked = load_recipe(args.config, args.set, check_paths=False)
     model_config = ImageBERTConfig(**checked.model.config)
     cells = sum(n * n for n in args.grid_sizes)
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
             if source.name in data_of_source:
                 path, cache = data_of_source[source.name]
                 where = f"stages.{stage_index}.sources.{source_index}"
-                overrides += [f"{where}.path={path}", f"{where}.region_cache={cache}"]
+                values.update({f"{where}.path": str(path), f"{where}.region_cache": str(cache)})
 
     extractor = ImageBERTRoIExtractor(grid_sizes=args.grid_sizes, max_regions=sum(n * n for n in args.grid_sizes))
     timings = {}
@@ -138,8 +139,11 @@ def main(argv: list[str] | None = None) -> dict:
                     extractor, load_tokenizer(checked.model), model_config.max_text_length, model_config.max_regions
                 )
                 processor.save_pretrained(processor_dir)
-        overrides.append(f"model.processor={processor_dir}")
-    recipe = load_recipe(args.config, overrides + args.set)
+        values["model.processor"] = str(processor_dir)
+    set_by_flag = {override.split("=", 1)[0] for override in args.set}
+    recipe = load_recipe(
+        args.config, args.set, values={key: value for key, value in values.items() if key not in set_by_flag}
+    )
     alignment = None
     if args.region_alignment_steps and recipe.model.init_from is None:
         aligned = Path(args.output_dir) / "region_alignment"
@@ -167,7 +171,10 @@ def main(argv: list[str] | None = None) -> dict:
             f"region alignment: held-out dual-encoder RSUM {alignment['held_out_rsum_before']:.1f} -> "
             f"{alignment['held_out_rsum_after']:.1f}"
         )
-        recipe = load_recipe(args.config, overrides + [f"model.init_from={aligned}"] + args.set)
+        values["model.init_from"] = str(aligned)
+        recipe = load_recipe(
+            args.config, args.set, values={key: value for key, value in values.items() if key not in set_by_flag}
+        )
     train_started = time.perf_counter()
     run = run_pretraining(recipe, PretrainingRunOptions(resume=args.resume))
     timings["pretraining"] = time.perf_counter() - train_started

@@ -356,3 +356,50 @@ def test_a_run_an_earlier_version_started_with_a_task_at_weight_zero_is_not_resu
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(written))
     with pytest.raises(ValueError, match=r"stages\.0\.mlm_probability is 0\.15 there, 0\.0 now"):
         check_resumed_recipe(recipe)
+
+
+def test_a_run_an_earlier_version_trained_with_a_task_without_targets_resumes_with_that_task_at_weight_zero(tmp_path):
+    """An earlier version trained an ITM-only stage set up by its masking rates alone (MLM, MOC and MRFR at weight 1
+    learned nothing); its recipe.yaml reads back as that run trained, so the recipe this version asks for resumes."""
+    from imagebert_hf.training.pretraining import check_resumed_recipe
+    from imagebert_hf.training.recipe import Recipe, SourceSpec, StageSpec, recipe_to_dict
+
+    source = SourceSpec(name="s", type="synthetic", num_images=8, regions="annotations")
+    written = StageSpec(name="a", sources=[source], max_steps=20, mlm_probability=0.0, region_mask_probability=0.0)
+    written.loss_weights = dict.fromkeys(("mlm", "moc", "mrfr", "itm"), 1.0)
+    (tmp_path / "recipe.yaml").write_text(
+        yaml.safe_dump(recipe_to_dict(Recipe(stages=[written], output_dir=str(tmp_path))), sort_keys=False)
+    )
+    asked = {
+        "output_dir": str(tmp_path),
+        "stages": [
+            {
+                "name": "a",
+                "max_steps": 20,
+                "sources": [{"name": "s", "type": "synthetic", "num_images": 8, "regions": "annotations"}],
+                "mlm_probability": 0.0,
+                "region_mask_probability": 0.0,
+                "loss_weights": {"mlm": 0.0, "moc": 0.0, "mrfr": 0.0, "itm": 1.0},
+            }
+        ],
+    }
+    check_resumed_recipe(recipe_from_dict(asked))
+    asked["stages"][0]["loss_weights"]["itm"] = 0.5  # a real change is still refused
+    with pytest.raises(ValueError, match=r"holds a run of another recipe: stages\.0\.loss_weights\.itm is 1\.0 there"):
+        check_resumed_recipe(recipe_from_dict(asked))
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        {"type": "webdataset", "path": "shards/{00000..00001}.tar", "region_cache": "regions"},
+        {"type": "synthetic", "num_images": 4, "regions": "annotations"},
+    ],
+)
+def test_split_at_its_default_is_taken_on_sources_that_do_not_read_it(source):
+    # Only a manifest's `split` means something it does not do (keep one split: its key is `splits`).
+    stage = {"name": "a", "max_steps": 1, "sources": [{"name": "s", "split": "train", **source}]}
+    recipe_from_dict({"output_dir": "out", "stages": [stage]})
+    stage["sources"][0]["split"] = "test"
+    with pytest.raises(RecipeError, match=r"split is 'test', but only an hf_dataset source reads it"):
+        recipe_from_dict({"output_dir": "out", "stages": [stage]})

@@ -227,3 +227,26 @@ def test_a_moc_stage_on_a_cache_without_object_classes_is_refused_before_trainin
     data["stages"][0]["loss_weights"] = {"moc": 0.0}
     run_pretraining(recipe_from_dict(data), PretrainingRunOptions(cpu=True))
     assert (tmp_path / "run" / "stage1-regions" / "final").is_dir()
+
+
+def test_a_source_without_object_classes_beside_one_with_them_trains_moc_on_the_other_with_a_warning():
+    from transformers.testing_utils import CaptureLogger
+
+    from imagebert_hf import ImageBERTConfig
+    from imagebert_hf.training import pretraining
+    from imagebert_hf.training.recipe import SourceSpec, StageSpec
+
+    sources = [
+        SourceSpec(name=name, type="manifest", path="m.jsonl", region_cache=f"{name}_regions")
+        for name in ("plain", "classified")
+    ]
+    stage = StageSpec(name="mixed", sources=sources, max_steps=1)
+    config = ImageBERTConfig(moc_loss_type="cross_entropy")
+    with CaptureLogger(pretraining.logger) as captured:
+        pretraining._check_moc_targets(stage, [{"num_object_classes": 0}, {"num_object_classes": 10}], config)
+    assert "plain_regions of source 'plain' holds no object classes" in captured.out
+    assert "MOC learns from the stage's other sources only" in captured.out
+    with pytest.raises(RecipeError, match="MOC needs object classes"):
+        pretraining._check_moc_targets(stage, [{"num_object_classes": 0}, {"num_object_classes": 0}], config)
+    stage.loss_weights = {"moc": 0.0}
+    pretraining._check_moc_targets(stage, [{"num_object_classes": 0}, {"num_object_classes": 0}], config)

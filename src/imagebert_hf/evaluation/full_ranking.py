@@ -206,6 +206,9 @@ def corpus_fingerprint(args: EvaluationArguments, records, tokenizer, config, re
         "records_sha256": digest.hexdigest(),
         "tokenizer": f"{type(tokenizer).__name__}/{len(tokenizer)}",
         "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
+        # Captions are read as text (`tokenize_as_text`): a cache made when `[SEP]` in a caption was a separator is
+        # not reused.
+        "text_tokenization": "special_token_spellings_as_text",
         "max_text_length": int(config.max_text_length),
         "max_regions": int(config.max_regions),
         "region_feature_size": int(config.region_feature_size),

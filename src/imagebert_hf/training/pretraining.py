@@ -269,22 +269,34 @@ def build_source(spec: SourceSpec, feature_size: int) -> tuple[PairSource | Stre
 
 
 def _check_moc_targets(stage: StageSpec, cache_infos, config) -> None:
-    """Refuses a stage that trains MOC where a source's regions give it no target: a region cache extracted without
-    an object classifier (`num_object_classes: 0` in its `cache_info.json`: every label is -100), or, where the model
-    learns MOC from class distributions (`moc_loss_type="kl"`), a cache written with `store_class_probs=False` or a
+    """Refuses a stage that trains MOC where its sources' regions give it no target: every region cache extracted
+    without an object classifier (`num_object_classes: 0` in its `cache_info.json`: every label is -100; one such
+    source beside sources with classes is named in a warning, as its regions teach MOC nothing), or, where the model
+    learns MOC from class distributions (`moc_loss_type="kl"`), any cache written with `store_class_probs=False` or a
     synthetic source's annotation regions. MOC would never be trained, while every other task would.
 
     `cache_infos` holds each source's parsed `cache_info.json` (None for a cache not written yet, which its own stage
     reports when it starts)."""
-    if stage.loss_weights.get("moc", 1.0) > 0:
-        for spec, info in zip(stage.sources, cache_infos):
-            if info is not None and info.get("num_object_classes") == 0:
-                raise RecipeError(
-                    f"stage {stage.name!r}: MOC needs object classes, but the region cache {spec.region_cache} of "
-                    f"source {spec.name!r} was extracted without an object classifier (num_object_classes: 0 in its "
-                    "cache_info.json), so every region's label is -100 and MOC would learn nothing; extract its "
-                    "regions with an extractor that classifies them, or set stages[i].loss_weights.moc: 0."
-                )
+    unclassified = [
+        spec
+        for spec, info in zip(stage.sources, cache_infos)
+        if info is not None and info.get("num_object_classes") == 0
+    ]
+    if stage.loss_weights.get("moc", 1.0) > 0 and unclassified:
+        named = ", ".join(f"{spec.region_cache} of source {spec.name!r}" for spec in unclassified)
+        if len(unclassified) == len(stage.sources):
+            raise RecipeError(
+                f"stage {stage.name!r}: MOC needs object classes, but the region cache {named} was extracted without "
+                "an object classifier (num_object_classes: 0 in its cache_info.json), so every region's label is "
+                "-100 and MOC would learn nothing; extract its regions with an extractor that classifies them, or "
+                "set stages[i].loss_weights.moc: 0."
+            )
+        logger.warning(
+            "stage %r: the region cache %s holds no object classes (num_object_classes: 0 in its cache_info.json): "
+            "MOC learns from the stage's other sources only.",
+            stage.name,
+            named,
+        )
     if config.moc_loss_type != "kl":
         return
     for spec, info in zip(stage.sources, cache_infos):
@@ -509,7 +521,7 @@ def check_resumed_recipe(recipe: Recipe) -> None:
         return
     try:
         # Read back through the recipe's own checks, so fields a later version added compare by their defaults.
-        stored = recipe_to_dict(load_recipe(path, check_paths=False))
+        stored = recipe_to_dict(load_recipe(path, check_paths=False, as_written=True))
     except ValueError as error:
         raise ValueError(
             f"--resume: {path} (the recipe of the run being resumed) cannot be read: {error} Resume with a readable "

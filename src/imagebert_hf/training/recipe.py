@@ -313,11 +313,11 @@ def _readers(key: str) -> str:
     return named
 
 
-def _set_by_hand(data: dict, key: str, default: Any) -> bool:
-    """Whether `data[key]` was set to mean something: a value other than the default, or `split` without `splits`.
-    The recipe.yaml a run writes gives every source every key, `split: train` (the default) beside `splits`; a
-    manifest given `split: train` alone means to keep that split, which only `splits` does."""
-    return data[key] != default or (key == "split" and "splits" not in data)
+def _set_by_hand(data: dict, key: str, default: Any, kind: str) -> bool:
+    """Whether `data[key]` was set to mean something: a value other than the default, or a manifest's `split`
+    without `splits`. The recipe.yaml a run writes gives every source every key, `split: train` (the default) beside
+    `splits`; a manifest given `split: train` alone means to keep that split, which only `splits` does."""
+    return data[key] != default or (key == "split" and kind == "manifest" and "splits" not in data)
 
 
 def _check_unread_keys(data: dict, spec: SourceSpec, where: str) -> None:
@@ -325,7 +325,7 @@ def _check_unread_keys(data: dict, spec: SourceSpec, where: str) -> None:
     be built as though they were left out (a manifest's `split: train` would keep every line)."""
     defaults = {item.name: item.default for item in dataclasses.fields(SourceSpec)}
     readable = source_keys(spec.type, spec.streaming)
-    unread = [key for key in data if key not in readable and _set_by_hand(data, key, defaults[key])]
+    unread = [key for key in data if key not in readable and _set_by_hand(data, key, defaults[key], spec.type)]
     if not unread:
         return
     problems = []
@@ -385,7 +385,7 @@ def _source(data: Any, where: str) -> SourceSpec:
     return spec
 
 
-def _stage(data: Any, where: str) -> StageSpec:
+def _stage(data: Any, where: str, as_written: bool = False) -> StageSpec:
     data = _build(StageSpec, data, where)
     check_folder_name(data["name"], f"{where}.name")
     data = dict(data)
@@ -444,7 +444,12 @@ def _stage(data: Any, where: str) -> StageSpec:
     except ValueError as error:
         raise RecipeError(str(error)) from None
     _switch_off_inputs_of_untrained_tasks(stage, where)
-    _check_trained_tasks_have_targets(stage, where)
+    if as_written:
+        # What the stage trained: a task its settings left without targets learned nothing.
+        for task in _tasks_without_targets(stage):
+            stage.loss_weights[task] = 0.0
+    else:
+        _check_trained_tasks_have_targets(stage, where)
     return stage
 
 
@@ -470,6 +475,19 @@ def _switch_off_inputs_of_untrained_tasks(stage: StageSpec, where: str) -> None:
                 " and ".join(tasks) + (" are not" if len(tasks) > 1 else " is not"),
             )
             setattr(stage, setting, 0.0)
+
+
+def _tasks_without_targets(stage: StageSpec) -> list[str]:
+    """The tasks trained in the stage that its settings leave no target at all (no masked word or region, or every
+    pair a negative, whose masked losses are skipped)."""
+    weights = stage.loss_weights
+    untrainable = []
+    if weights["mlm"] > 0 and (stage.mlm_probability == 0 or stage.itm_negative_probability == 1):
+        untrainable.append("mlm")
+    for task in ("moc", "mrfr"):
+        if weights[task] > 0 and (stage.region_mask_probability == 0 or stage.itm_negative_probability == 1):
+            untrainable.append(task)
+    return untrainable
 
 
 def _check_trained_tasks_have_targets(stage: StageSpec, where: str) -> None:
@@ -597,8 +615,10 @@ def check_source_paths(recipe: Recipe, where: str = "recipe") -> None:
                 )
 
 
-def recipe_from_dict(data: Any, where: str = "recipe") -> Recipe:
-    """Validates a recipe given as a dict (as read from YAML)."""
+def recipe_from_dict(data: Any, where: str = "recipe", as_written: bool = False) -> Recipe:
+    """Validates a recipe given as a dict (as read from YAML). `as_written` reads the `recipe.yaml` a run wrote, as
+    that run trained: a task its stage left without targets, which an earlier version trained on nothing and this
+    one refuses, is read at loss weight 0."""
     data = _build(Recipe, data, where)
     data = dict(data)
     stages = data.pop("stages")
@@ -611,7 +631,7 @@ def recipe_from_dict(data: Any, where: str = "recipe") -> Recipe:
     _check_model_config(model.get("config", {}), f"{where}.model.config")
     _check_model_start(model, f"{where}.model")
     recipe = Recipe(
-        stages=[_stage(stage, f"{where}.stages[{i}]") for i, stage in enumerate(stages)],
+        stages=[_stage(stage, f"{where}.stages[{i}]", as_written) for i, stage in enumerate(stages)],
         model=ModelSpec(**model),
         **data,
     )
@@ -681,17 +701,18 @@ def load_recipe(
     overrides: list[str] | None = None,
     check_paths: bool = True,
     values: dict[str, Any] | None = None,
+    as_written: bool = False,
 ) -> Recipe:
     """Reads and validates a YAML recipe; `overrides` are `dotted.key=value` strings (`stages.0.max_steps=10`),
     values parsed as YAML, and `values` maps dotted keys to values set as they are, after the overrides (a script's
     typed flags: `--output_dir "exp #2"` stays that string). Relative paths in the recipe stay relative to the working
     directory; a leading `~` is the home folder. A key given twice fails, and with `check_paths` so does a source
-    whose data or region cache does not exist."""
+    whose data or region cache does not exist. `as_written`: see `recipe_from_dict`."""
     path = Path(path)
     data = read_recipe(path, overrides)
     if values and isinstance(data, dict):  # a recipe that is not a mapping is refused as such below
         data = set_values(data, values)
-    recipe = recipe_from_dict(data, where=path.name)
+    recipe = recipe_from_dict(data, where=path.name, as_written=as_written)
     if check_paths:
         check_source_paths(recipe, where=path.name)
     return recipe

@@ -358,11 +358,14 @@ def tokenize_as_text(tokenizer, texts: Sequence[str], *, name: str = "text", **k
     """`tokenizer(texts, **kwargs)` with every text read as text: a special token's spelling inside a caption or
     query (`"[SEP]"`, `"[PAD]"`) is split into ordinary tokens (`split_special_tokens=True`) instead of becoming that
     control token, so `"a red [SEP] circle"` holds no separator. Texts without such a spelling get the same ids as
-    without the option. Raises ValueError naming `name[i]` and the token for a tokenizer that ignores the option
-    (transformers' Python `BertTokenizerLegacy` does): the model would read the text's control token as its own."""
+    without the option. Raises ValueError naming `name[i]` and the token for a Python tokenizer (transformers'
+    `BertTokenizerLegacy`), which cannot split them: the model would read the text's control token as its own."""
     texts = list(texts)
     asked_mask = kwargs.pop("return_special_tokens_mask", False)
-    encoded = tokenizer(texts, split_special_tokens=True, return_special_tokens_mask=True, **kwargs)
+    # Only fast tokenizers honour the option; a Python one would also stop matching its added tokens with it, and
+    # cannot split special tokens anyway (`check_text_tokens` refuses their spellings there).
+    split = {"split_special_tokens": True} if getattr(tokenizer, "is_fast", False) else {}
+    encoded = tokenizer(texts, return_special_tokens_mask=True, **split, **kwargs)
     check_text_tokens(tokenizer, texts, encoded["input_ids"], encoded["special_tokens_mask"], name)
     if not asked_mask:
         del encoded["special_tokens_mask"]
@@ -385,7 +388,7 @@ def check_text_tokens(tokenizer, texts: Sequence[str], input_ids, special_tokens
         token = tokenizer.convert_ids_to_tokens(int(ids[bad[0]]))
         raise ValueError(
             f"{name}[{i}] ({texts[i]!r:.60}) holds {token!r}, which this tokenizer ({type(tokenizer).__name__}) reads "
-            "as its control token even with split_special_tokens=True; remove it from the text or use the fast "
+            "as its control token (only a fast tokenizer can read it as text); remove it from the text or use the fast "
             "tokenizer (AutoTokenizer)."
         )
 

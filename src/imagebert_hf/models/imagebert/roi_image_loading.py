@@ -432,7 +432,7 @@ def image_header_size(
 def _png_orientation_after_pixels(path: str | os.PathLike) -> int | None:
     """The EXIF orientation of a PNG file's eXIf chunk wherever it stands, found by seeking from chunk header to chunk
     header (PIL's `getexif` decodes every pixel to reach one after the image data)."""
-    with open(path, "rb") as handle:
+    with open(path, "rb", buffering=0) as handle:  # unbuffered: each seek reads 8 bytes, not a buffer's worth
         if handle.read(8) != b"\x89PNG\r\n\x1a\n":
             return None
         while len(header := handle.read(8)) == 8:
