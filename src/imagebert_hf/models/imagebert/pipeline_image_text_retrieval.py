@@ -220,19 +220,29 @@ def same_model_fingerprint(recorded: str, model) -> bool:
 # Gallery items read for a gallery's fingerprint: enough that a reordered or exchanged gallery of the same size shows
 # in almost every case, few enough that a memory-mapped gallery of millions is fingerprinted in a fraction of a second.
 GALLERY_FINGERPRINT_ROWS = 256
-# Feature values read per region, evenly spaced (with its box): a region's features tell it from another's long before
-# all 2,048 are read.
-GALLERY_FINGERPRINT_FEATURES = 32
-# Feature and box values an image gallery's fingerprint keeps, spread evenly over the values read (at least one an
-# item): kept themselves, not hashed, because extracting the same photos again (another batch size, thread count or
-# device) moves them by float noise, and a hash would tell that from other photos no better than a value rounding
-# the other way.
-GALLERY_FINGERPRINT_VALUES = 512
-# A kept value matches within this fraction of its size plus this fraction of the kept values' mean size (a value
-# near zero moves with the values it was computed from): above the noise of extracting again (about 1e-7 of a value
-# on one CPU; more where a GPU convolves in TF32, which keeps 10 bits of each product) and of a float16 region cache
-# (5e-4), well below the difference between two photos' features.
-GALLERY_FINGERPRINT_RTOL = 1e-2
+# Feature values an image gallery's fingerprint keeps per read item, kept themselves, not hashed: extracting the same
+# photos again (another batch size, thread count or device) moves them by float noise, which a hash cannot tell from
+# other photos. Measured on 300 real photos with the default extractor, whose features are about 71% exact zeros: with
+# 32 values (56% of them zeros) no item had all its kept values zero (with 2 an item, about 18% had).
+GALLERY_FINGERPRINT_ITEM_VALUES = 32
+# The kept values come from an item's leading regions (spread over their features, each region its own feature
+# positions): a detector orders its regions by score, so a region at its score threshold kept or dropped by float
+# noise changes only the tail; a grid gives every photo the same boxes, so features, not boxes, tell photos apart.
+GALLERY_FINGERPRINT_REGIONS = 8
+# Two items are the same when their kept values are within this relative L2 distance, ||a - b|| / max(||a||, ||b||).
+# Measured with the default extractor: the same 32 COCO photos through TF32 convolutions (a GPU's default, 10 bits kept
+# of each operand) moved them by at most 0.02 (median 0.004), a float16 region cache by about 5e-4; of 300 COCO and
+# Flickr photos, two different ones were at least 0.27 apart, and 99% of pairs more than 0.68.
+GALLERY_FINGERPRINT_MAX_DISTANCE = 0.2
+# The smallest norm an item's distance is divided by, as a fraction of the median norm of the gallery's read items: an
+# item whose kept values are all zero is another item than one whose values are not, unless those are tiny for this
+# gallery (noise), whatever the features' overall scale.
+GALLERY_FINGERPRINT_NORM_FLOOR = 0.05
+# An item's region count may differ by this much: a detector's region at its score threshold can be kept or dropped
+# by float noise (a grid's counts never change).
+GALLERY_FINGERPRINT_COUNT_SLACK = 1
+# The value type of an image gallery's record: per read item, its region count and its kept values, as float32.
+_GALLERY_VALUES = "f32items"
 
 
 def gallery_fingerprint(kind: str, inputs: Mapping | RegionBatches) -> str:
@@ -240,13 +250,13 @@ def gallery_fingerprint(kind: str, inputs: Mapping | RegionBatches) -> str:
     `GALLERY_FINGERPRINT_ROWS` items evenly spaced over it.
 
     A gallery of texts is `"texts:SHA256"`, a hash of their unpadded token ids. A gallery of images is
-    `"images:SHA256:f32:VALUES"`: a hash of each item's region count, and `GALLERY_FINGERPRINT_VALUES` values evenly
-    spaced over those items' regions (`GALLERY_FINGERPRINT_FEATURES` feature values and the box of each region),
-    base64-encoded float32. An index's record is compared with `same_gallery_fingerprint`, which takes the same
-    photos extracted again (values moved by float noise) and refuses other items of the same size or kind, or the same
-    in another order, unless every changed item falls between the sampled ones (a gallery of at most 256 items is read
-    whole). The same gallery gives the same string as stacked tensors or as a memory-mapped `RegionBatches` gallery,
-    in float16 or float32."""
+    `"images:SHA256:f32items:VALUES"`: a hash of its kind and size, and per read item its region count and
+    `GALLERY_FINGERPRINT_ITEM_VALUES` feature values spread over its first `GALLERY_FINGERPRINT_REGIONS` unpadded
+    regions, base64-encoded float32 (about 45 KB for 256 items). An index's record is compared with
+    `same_gallery_fingerprint`, which takes the same photos extracted again (values moved by float noise, TF32
+    included) and refuses other items of the same size or kind, or the same in another order, unless every changed
+    item falls between the read ones (a gallery of at most 256 items is read whole). The same gallery gives the same
+    string as stacked tensors or as a memory-mapped `RegionBatches` gallery, in float16 or float32."""
     import hashlib
 
     count = len(inputs) if is_region_batches(inputs) else int(next(iter(inputs.values())).shape[0])
@@ -257,15 +267,8 @@ def gallery_fingerprint(kind: str, inputs: Mapping | RegionBatches) -> str:
         for row_ids, row_mask in zip(ids, mask):
             digest.update(row_ids[row_mask].to(torch.int64).numpy().tobytes() + b"|")
         return f"{kind}:{digest.hexdigest()}"
-    per_item = max(1, GALLERY_FINGERPRINT_VALUES // max(len(rows), 1))
-    values = []
-    for features, locations in _gallery_regions(inputs, rows):
-        digest.update(f"{features.shape[0]}x{features.shape[1]}+{locations.shape[1]}|".encode())
-        read = torch.cat([features.reshape(-1).float(), locations.reshape(-1).float()]).numpy()
-        kept = min(per_item, read.size)
-        values.append(read[np.arange(kept) * read.size // max(kept, 1)])
-    kept = np.concatenate(values).astype("<f4") if values else np.zeros(0, "<f4")
-    return f"{kind}:{digest.hexdigest()}:f32:{_encode_values(kept)}"
+    kept = _gallery_item_values(inputs, rows).astype("<f4")
+    return f"{kind}:{digest.hexdigest()}:{_GALLERY_VALUES}:{_encode_values(kept)}"
 
 
 def _gallery_rows(count: int) -> list[int]:
@@ -273,24 +276,29 @@ def _gallery_rows(count: int) -> list[int]:
     return [row for row in rows if row < count]
 
 
-def _gallery_regions(inputs: Mapping | RegionBatches, rows: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per item of `rows`, on the CPU: its unpadded regions' `GALLERY_FINGERPRINT_FEATURES` evenly spaced feature
-    values `(regions, ~32)` and boxes `(regions, L)`."""
+def _gallery_item_values(inputs: Mapping | RegionBatches, rows: list[int]) -> np.ndarray:
+    """`(len(rows), 1 + GALLERY_FINGERPRINT_ITEM_VALUES)` float32: per item of `rows`, its unpadded region count, then
+    value `s` of its kept ones from leading region `s % n` (`n` = its regions, at most `GALLERY_FINGERPRINT_REGIONS`)
+    at feature `s * F // GALLERY_FINGERPRINT_ITEM_VALUES`; zeros for an item without regions."""
     if is_region_batches(inputs):
         batch = inputs.batch(rows)
         features = batch["region_features"]
+        mask = batch["region_attention_mask"]
     else:
-        batch = {key: inputs[key][rows] for key in ("region_locations", "region_attention_mask")}
         features = inputs["region_features"]
-    # Strided before the rows are picked from stacked inputs, so that only the values read are copied.
-    features = features[:, :, :: max(1, features.shape[-1] // GALLERY_FINGERPRINT_FEATURES)]
-    if not is_region_batches(inputs):
-        features = features[rows]
-    mask = batch["region_attention_mask"].cpu().bool()
-    return [
-        (row_features.cpu()[row_mask], locations.cpu()[row_mask])
-        for row_features, locations, row_mask in zip(features, batch["region_locations"], mask)
-    ]
+        mask = inputs["region_attention_mask"][rows]
+    slots = np.arange(GALLERY_FINGERPRINT_ITEM_VALUES)
+    positions = torch.as_tensor(slots * features.shape[-1] // GALLERY_FINGERPRINT_ITEM_VALUES)
+    values = np.zeros((len(rows), 1 + GALLERY_FINGERPRINT_ITEM_VALUES), np.float32)
+    mask = mask.cpu().bool()
+    for item, (row, row_mask) in enumerate(zip(rows, mask)):
+        regions = torch.nonzero(row_mask).reshape(-1)[:GALLERY_FINGERPRINT_REGIONS]
+        values[item, 0] = int(row_mask.sum())
+        if regions.numel():
+            row_features = features[item if is_region_batches(inputs) else row]
+            picked = row_features[regions.to(row_features.device)][:, positions.to(row_features.device)]
+            values[item, 1:] = picked.float().cpu().numpy()[slots % regions.numel(), slots]
+    return values
 
 
 def _earlier_gallery_fingerprint(kind: str, inputs: Mapping | RegionBatches) -> str:
@@ -300,17 +308,47 @@ def _earlier_gallery_fingerprint(kind: str, inputs: Mapping | RegionBatches) -> 
 
     count = len(inputs) if is_region_batches(inputs) else int(next(iter(inputs.values())).shape[0])
     digest = hashlib.sha256(f"{kind}:{count}".encode())
-    for features, locations in _gallery_regions(inputs, _gallery_rows(count)):
+    for features, locations in _earlier_gallery_regions(inputs, _gallery_rows(count)):
         digest.update(_bfloat16_bits(features).tobytes() + b"|")
         digest.update(_bfloat16_bits(locations).tobytes() + b"|")
     return f"{kind}:{digest.hexdigest()}"
 
 
+def _earlier_gallery_regions(
+    inputs: Mapping | RegionBatches, rows: list[int]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per item of `rows`, on the CPU, what an earlier version's fingerprint read: its unpadded regions' 32 evenly
+    spaced feature values `(regions, ~32)` and boxes `(regions, L)`."""
+    if is_region_batches(inputs):
+        batch = inputs.batch(rows)
+        features = batch["region_features"]
+    else:
+        batch = {key: inputs[key][rows] for key in ("region_locations", "region_attention_mask")}
+        features = inputs["region_features"]
+    features = features[:, :, :: max(1, features.shape[-1] // 32)]
+    if not is_region_batches(inputs):
+        features = features[rows]
+    mask = batch["region_attention_mask"].cpu().bool()
+    return [
+        (row_features.cpu()[row_mask], locations.cpu()[row_mask])
+        for row_features, locations, row_mask in zip(features, batch["region_locations"], mask)
+    ]
+
+
+def _is_earlier_gallery_record(recorded: str) -> bool:
+    """An image gallery's record saved by an earlier version: a hash of rounded values, or kept values in a layout
+    this version no longer compares."""
+    parts = recorded.split(":")
+    return parts[0] == "images" and (len(parts) < 4 or parts[-2] != _GALLERY_VALUES)
+
+
 def same_gallery_fingerprint(recorded: str, kind: str, inputs: Mapping | RegionBatches) -> bool:
     """Whether the `gallery_fingerprint` an index recorded is that of the gallery `inputs` of `kind`: the same kind,
-    size, token ids or region counts, and every kept value within `GALLERY_FINGERPRINT_RTOL` of its size (plus that
-    fraction of the kept values' mean size) of this gallery's. An image gallery's record of an earlier version (a hash
-    of rounded values) must match exactly.
+    size and (texts) token ids; for images, each read item's region count within `GALLERY_FINGERPRINT_COUNT_SLACK`
+    and its kept values within relative L2 distance `GALLERY_FINGERPRINT_MAX_DISTANCE`, item by item (an item's norm
+    counted as at least `GALLERY_FINGERPRINT_NORM_FLOOR` of the gallery's median, so an item of zeros is not taken
+    for one of values). An image gallery's record of the earliest version (a hash of rounded values) must match
+    exactly; one in a layout no longer compared never matches (build the index again).
 
     Raises:
         ValueError: `recorded` is damaged (its values cannot be read).
@@ -323,16 +361,26 @@ def same_gallery_fingerprint(recorded: str, kind: str, inputs: Mapping | RegionB
     exact, values = _split_values(recorded, "gallery_fingerprint")
     if values is None:
         return kind == "images" and recorded == _earlier_gallery_fingerprint(kind, inputs)
-    current_exact, current_values = _split_values(current, "gallery_fingerprint")
-    if exact != current_exact or values.shape != current_values.shape:
+    if _is_earlier_gallery_record(recorded):
         return False
-    scale = float(np.abs(current_values).mean()) if current_values.size else 0.0
-    tolerance = GALLERY_FINGERPRINT_RTOL * (np.maximum(np.abs(values), np.abs(current_values)) + scale)
-    return bool((np.abs(values - current_values) <= tolerance).all())
+    current_exact, current_values = _split_values(current, "gallery_fingerprint")
+    width = 1 + GALLERY_FINGERPRINT_ITEM_VALUES
+    if exact != current_exact or values.shape != current_values.shape or values.size % width:
+        return False
+    values, current_values = values.reshape(-1, width), current_values.reshape(-1, width)
+    counts, current_counts = values[:, 0], current_values[:, 0]
+    if (np.abs(counts - current_counts) > GALLERY_FINGERPRINT_COUNT_SLACK).any():
+        return False
+    norms = np.linalg.norm(values[:, 1:].astype(np.float64), axis=1)
+    current_norms = np.linalg.norm(current_values[:, 1:].astype(np.float64), axis=1)
+    floor = GALLERY_FINGERPRINT_NORM_FLOOR * float(np.median(np.maximum(norms, current_norms))) if norms.size else 0.0
+    distances = np.linalg.norm((values[:, 1:] - current_values[:, 1:]).astype(np.float64), axis=1)
+    scales = np.maximum(np.maximum(norms, current_norms), max(floor, np.finfo(np.float32).tiny))
+    return bool((distances <= GALLERY_FINGERPRINT_MAX_DISTANCE * scales).all())
 
 
 # The kinds of values a fingerprint keeps (`"...:KIND:BASE64"`), as little-endian numpy types.
-_FINGERPRINT_VALUE_TYPES = {"f32": "<f4", "bf16": "<u2"}
+_FINGERPRINT_VALUE_TYPES = {_GALLERY_VALUES: "<f4", "f32": "<f4", "bf16": "<u2"}
 
 
 def _encode_values(values: np.ndarray) -> str:
@@ -490,9 +538,7 @@ class RetrievalIndex:
                 else f"its {self.kind} are other {self.kind}, or the same in another order"
             )
             # An earlier version hashed rounded feature values, which the same photos extracted again can miss.
-            earlier = (
-                recorded_kind == "images" == self.kind and _split_values(recorded, "gallery_fingerprint")[1] is None
-            )
+            earlier = recorded_kind == "images" == self.kind and _is_earlier_gallery_record(recorded)
             raise ValueError(
                 f"this index was built from another gallery: {what} (its gallery_fingerprint differs). Build the index "
                 "from this gallery (build_index), or pair the saved index with the gallery it was built from, in the "
@@ -543,8 +589,19 @@ def _is_hf_dataset(inputs: Any) -> bool:
 
 
 def _is_region_record(item: Any) -> bool:
-    """A region record (a mapping holding `region_features`), whatever other keys it has (`path`, `bytes`)."""
-    return isinstance(item, Mapping) and "region_features" in item
+    """A region record (a mapping holding non-empty `region_features`), whatever other keys it has (`path`,
+    `bytes`). A photo dict whose `region_features` is None or empty (a dataset's null cell, a row not extracted yet)
+    is a photo."""
+    if not isinstance(item, Mapping) or item.get("region_features") is None:
+        return False
+    features = item["region_features"]
+    shape = getattr(features, "shape", None)
+    if shape is not None:
+        return all(int(size) > 0 for size in shape)
+    try:
+        return len(features) > 0
+    except TypeError:
+        return True  # a scalar or another value: refused as a record, with its own message
 
 
 def _is_query(item: Any) -> bool:

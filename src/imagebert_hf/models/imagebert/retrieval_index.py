@@ -194,14 +194,15 @@ def score_pairs(
 
     Raises:
         ValueError: an index outside `0..num_images-1` or `0..num_texts-1`, negative ones included (the -1 of an
-            empty `EmbeddingIndex.search` slot is not an item: drop those pairs before scoring).
+            empty `EmbeddingIndex.search` slot is not an item: drop those pairs before scoring), or indices that are
+            not integers (floats, NaN, bools).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
     texts = prepare_text_inputs(text_inputs)
     regions = prepare_region_inputs(region_inputs)
-    image_indices = _tensor(image_indices).long().reshape(-1).cpu()
-    text_indices = _tensor(text_indices).long().reshape(-1).cpu()
+    image_indices = _integer_indices("image_indices", image_indices)
+    text_indices = _integer_indices("text_indices", text_indices)
     if image_indices.shape != text_indices.shape:
         raise ValueError(
             f"image_indices has {image_indices.numel()} entries and text_indices {text_indices.numel()}; each pair "
@@ -220,6 +221,19 @@ def score_pairs(
     return _score_batches(model, texts, regions, batches, image_indices.numel(), progress)
 
 
+def _integer_indices(name: str, indices) -> torch.Tensor:
+    """`indices` as a flat int64 CPU tensor. Raises ValueError naming `name` for floats or bools: cast to int64, a
+    float is truncated (1.7 scores item 1), NaN becomes the most negative int64, and bools become 0s and 1s. An empty
+    sequence (`[]`, a float32 tensor) is no pairs."""
+    tensor = _tensor(indices)
+    if tensor.numel() and (tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool):
+        raise ValueError(
+            f"{name} must hold integer item positions, got {str(tensor.dtype).removeprefix('torch.')} values: "
+            "convert them to integers (e.g. .long()) after checking they are whole numbers."
+        )
+    return tensor.long().reshape(-1).cpu()
+
+
 def _check_pair_indices(name: str, indices: torch.Tensor, count: int, what: str) -> None:
     """Raises ValueError naming `name` when an index is outside `0..count-1`. Checked once per call, before any
     batch: a negative index would pick an item from the end (torch's indexing), so the -1 that
@@ -233,7 +247,7 @@ def _check_pair_indices(name: str, indices: torch.Tensor, count: int, what: str)
     hint = (
         " (-1 marks an empty slot of EmbeddingIndex.search, which an approximate index leaves where it finds fewer "
         "than k items: drop those pairs, or search with fill_missing=True)"
-        if low < 0
+        if bad == -1
         else ""
     )
     raise ValueError(f"{name} holds {bad}, outside the valid range 0..{count - 1} (the {count} {what}){hint}.")
