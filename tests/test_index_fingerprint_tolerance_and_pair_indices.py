@@ -261,6 +261,10 @@ def test_score_pairs_refuses_float_and_bool_indices_and_hints_only_at_minus_one(
     for bad, dtype in ((torch.tensor([1.7]), "float32"), (torch.tensor([float("nan")]), "float32"), ([True], "bool")):
         with pytest.raises(ValueError, match=f"image_indices must hold integer item positions, got {dtype} values"):
             score_pairs(retriever.model, texts, built.inputs, bad, [0])
+    whole = score_pairs(
+        retriever.model, texts, built.inputs, torch.tensor([1.0, 3.0]), [0, 2]
+    )  # positions all the same
+    assert torch.equal(whole, score_pairs(retriever.model, texts, built.inputs, [1, 3], [0, 2]))
     with pytest.raises(ValueError, match=r"text_indices holds -2, outside the valid range 0..2 \(the 3 texts[^(]*\.$"):
         score_pairs(retriever.model, texts, built.inputs, [0], [-2])
     assert score_pairs(retriever.model, texts, built.inputs, [], []).shape == (0,)

@@ -220,7 +220,9 @@ class RelationView:
         model = demo.retriever.model
         scores = []
         for name, scorer in self.scorers.items():
-            values = scorer(model, text_inputs, region_inputs, torch.zeros(2), torch.arange(2), demo.batch_size)
+            values = scorer(
+                model, text_inputs, region_inputs, torch.zeros(2, dtype=torch.long), torch.arange(2), demo.batch_size
+            )
             true_score, swapped_score = (float(v) for v in torch.as_tensor(values).float())
             scores.append(ScorerComparison(name, true_score, swapped_score))
         return SwapComparison(

@@ -222,11 +222,14 @@ def score_pairs(
 
 
 def _integer_indices(name: str, indices) -> torch.Tensor:
-    """`indices` as a flat int64 CPU tensor. Raises ValueError naming `name` for floats or bools: cast to int64, a
-    float is truncated (1.7 scores item 1), NaN becomes the most negative int64, and bools become 0s and 1s. An empty
-    sequence (`[]`, a float32 tensor) is no pairs."""
+    """`indices` as a flat int64 CPU tensor. Raises ValueError naming `name` for bools, complex values and floats that
+    are not whole numbers: cast to int64, a float is truncated (1.7 scores item 1), NaN becomes the most negative
+    int64, and bools become 0s and 1s. Whole floats (`torch.zeros(2)`) are positions. An empty sequence (`[]`, a
+    float32 tensor) is no pairs."""
     tensor = _tensor(indices)
-    if tensor.numel() and (tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool):
+    whole = tensor.dtype.is_floating_point and bool((torch.isfinite(tensor) & (tensor == tensor.round())).all())
+    not_integer = tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool
+    if tensor.numel() and not_integer and not whole:
         raise ValueError(
             f"{name} must hold integer item positions, got {str(tensor.dtype).removeprefix('torch.')} values: "
             "convert them to integers (e.g. .long()) after checking they are whole numbers."
