@@ -712,11 +712,13 @@ class ImageTextRetrievalPipeline(Pipeline):
                     index.kind,
                 )
         else:
-            mine = embedding_fingerprint(self.model)
             # Compared within a tolerance, not by equality: the checkpoint that built the index, loaded in another
-            # dtype, keeps values a rounding step away.
-            same = built_by is None or mine is None or same_model_fingerprint(built_by, self.model)
-            earlier = built_by is not None and _split_values(built_by, "model_fingerprint")[1] is None
+            # dtype, keeps values a rounding step away. Checked at every query: the model's fingerprint is read once
+            # (by the comparison) where the index matches.
+            same = built_by is None or same_model_fingerprint(built_by, self.model)
+            mine = None if same else embedding_fingerprint(self.model)
+            same = same or mine is None  # a model without projection heads gives no fingerprint to compare
+            earlier = not same and _split_values(built_by, "model_fingerprint")[1] is None
         if built_by is None and index.index.dim == size:
             if "no model" not in index._notices:
                 index._notices.add("no model")
@@ -727,6 +729,7 @@ class ImageTextRetrievalPipeline(Pipeline):
                     index.kind,
                 )
         elif index.index.dim != size or not same:
+            mine = mine if mine is not None else embedding_fingerprint(self.model)
             recorded = "records no model" if built_by is None else f"records the model {_fingerprint_id(built_by)}"
             raise ValueError(
                 f"this index was built by another model: it holds {index.index.dim}-d embeddings and {recorded}, "
