@@ -21,7 +21,7 @@ from ..models.imagebert.region_batching import (
     padded_length,
     share_batch_tensors,
 )
-from .negatives import choose_negative
+from .negatives import CaptionPictures, choose_negative
 
 
 def _as_tensor(value: Any, dtype: torch.dtype) -> torch.Tensor:
@@ -256,6 +256,11 @@ class DataCollatorForImageBERTPretraining(MaskingSettings):
         if self.itm_negative_probability == 0.0:  # nothing to draw (the choice would always be "positive")
             return
         image_ids = [sample.get("image_id") for sample in samples]
+        # Captions as the model reads them: the same ids on two pictures describe both.
+        texts = [tuple(sample["_orig_input_ids"].tolist()) for sample in samples]
+        described = CaptionPictures()
+        for text, image_id in zip(texts, image_ids):
+            described.add(text, image_id)
         for i, sample in enumerate(samples):
             # The shared rule (`choose_negative`), over the other samples of the batch, drawn from the sample's
             # seed apart from its masks, as the datasets draw theirs over a whole source.
@@ -267,6 +272,7 @@ class DataCollatorForImageBERTPretraining(MaskingSettings):
                 self.itm_negative_probability,
                 self.text_negative_share,
                 exclude=i,
+                caption_fits=lambda other, i=i: described.fit(texts[i], image_ids[i], texts[other], image_ids[other]),
             )
             if negative is None:
                 continue

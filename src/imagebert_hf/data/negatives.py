@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Hashable, Sequence
 from typing import NamedTuple
 
@@ -26,12 +27,14 @@ def choose_negative(
     text_share: float,
     exclude: int | None = None,
     tries: int = 8,
+    caption_fits: Callable[[int], bool] | None = None,
 ) -> Negative | None:
     """Whether a sample becomes an ITM negative, and with which candidate and which side swapped.
 
     With probability `probability`, up to `tries` candidates are drawn uniformly from `range(num_candidates)`; the
-    first that shows another image (its key differs from `image_key`, or either key is unknown, `None`) and is not
-    `exclude` (the sample's own position among the candidates) is the partner. Its text replaces the sample's with
+    first that shows another image (its key differs from `image_key`, or either key is unknown, `None`), is not
+    `exclude` (the sample's own position among the candidates) and whose pairing with the sample is not a true one
+    (`caption_fits`) is the partner. Its text replaces the sample's with
     probability `text_share`, its regions otherwise. A few tries are enough: candidates where most show the same
     image cannot give negatives anyway, and the draw needs no list of all valid candidates (a source may hold
     millions). Every draw comes from `rng`, so a sample's choice is replayed from its seed.
@@ -45,6 +48,10 @@ def choose_negative(
         text_share (`float`): Chance that a negative swaps its text rather than its regions.
         exclude (`int`, *optional*): The sample's own position among the candidates.
         tries (`int`, defaults to 8): Candidates drawn before giving up (the sample then stays a positive).
+        caption_fits (`Callable[[int], bool]`, *optional*): Whether candidate `i`'s caption describes the sample's
+            picture, or the sample's caption the candidate's picture (`CaptionPictures.fit`). Short and web captions
+            repeat across images ("a dog runs through the grass"): such a swap makes a true pair, and labelled a
+            negative it would teach the model a falsehood.
 
     Returns:
         `Negative(partner, swap_text)`, or `None` when the sample stays a matched pair.
@@ -56,9 +63,62 @@ def choose_negative(
         if candidate == exclude:
             continue
         key = candidate_key(candidate)
-        if image_key is None or key is None or key != image_key:
+        if (image_key is None or key is None or key != image_key) and not (caption_fits and caption_fits(candidate)):
             return Negative(candidate, bool(rng.random() < text_share))
     return None
+
+
+def caption_key(text: str) -> int:
+    """A caption as a 63-bit key, case and spacing ignored (as an uncased tokenizer reads it); the same in every
+    process, unlike `hash`, so that keys computed before DataLoader workers start agree with theirs."""
+    normal = " ".join(text.casefold().split()).encode()
+    return int.from_bytes(hashlib.blake2b(normal, digest_size=8).digest(), "little") >> 1
+
+
+class CaptionPictures:
+    """Which pictures the captions of a set of pairs describe, for `choose_negative`'s `caption_fits`.
+
+    Built from every pair of a source (`from_pairs`), it keeps only the captions found on more than one picture, so
+    that millions of distinct captions cost one array of keys; filled pair by pair (`add` / `discard`), it follows a
+    window of pairs, such as a stream's recent ones or a batch. Captions are any hashable keys: `caption_key` of a
+    text, or the token ids the model reads.
+    """
+
+    def __init__(self):
+        self._counts: dict[tuple[Hashable, Hashable], int] = {}
+
+    @classmethod
+    def from_pairs(cls, captions: Sequence[Hashable], pictures: Sequence[Hashable]) -> CaptionPictures:
+        index = cls()
+        keys = np.asarray(captions)
+        order = np.argsort(keys, kind="stable")
+        ordered = keys[order]
+        starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+        ends = np.r_[starts[1:], len(ordered)]
+        for start, end in zip(starts[ends - starts > 1], ends[ends - starts > 1]):
+            seen = {pictures[int(pair)] for pair in order[start:end]}
+            if len(seen) > 1:
+                index._counts.update(((ordered[start].item(), picture), 1) for picture in seen)
+        return index
+
+    def add(self, caption: Hashable, picture: Hashable) -> None:
+        self._counts[caption, picture] = self._counts.get((caption, picture), 0) + 1
+
+    def discard(self, caption: Hashable, picture: Hashable) -> None:
+        count = self._counts.get((caption, picture), 0)
+        if count > 1:
+            self._counts[caption, picture] = count - 1
+        else:
+            self._counts.pop((caption, picture), None)
+
+    def fit(self, caption: Hashable, picture: Hashable, other_caption: Hashable, other_picture: Hashable) -> bool:
+        """Whether either caption describes the other pair's picture: swapping them would make a true pair. A
+        caption describes its own pair's picture, and those of the pairs known to carry it."""
+        return (
+            caption == other_caption
+            or (caption, other_picture) in self._counts
+            or (other_caption, picture) in self._counts
+        )
 
 
 def choose_hard_caption(rng: np.random.Generator, share: float, captions: Callable[[], Sequence[str]]) -> str | None:
@@ -84,4 +144,4 @@ def choose_hard_caption(rng: np.random.Generator, share: float, captions: Callab
     return options[int(rng.integers(len(options)))]
 
 
-__all__ = ["Negative", "choose_hard_caption", "choose_negative"]
+__all__ = ["CaptionPictures", "Negative", "caption_key", "choose_hard_caption", "choose_negative"]

@@ -28,7 +28,7 @@ from ..models.imagebert.processing_imagebert import tokenize_as_text
 from ..models.imagebert.region_batching import check_region_record
 from ..regions.cache_reader import RegionCache, RegionCacheError, load_region_cache
 from ..regions.cache_writer import dataset_row_key
-from .negatives import choose_hard_caption, choose_negative
+from .negatives import CaptionPictures, caption_key, choose_hard_caption, choose_negative
 from .retrieval_corpus import SameImageGroups
 from .synthetic import (
     SWAP_CAPTION_KINDS,
@@ -931,6 +931,14 @@ def _cache_row(store: Mapping[str, dict], key: str) -> int | None:
         return None
 
 
+def _source_captions(source: PairSource, pictures: np.ndarray | None) -> tuple[np.ndarray, CaptionPictures]:
+    """Each pair's `caption_key`, and the pictures of the captions `source` holds on several pictures (by region-cache
+    row where `pictures` numbers them, by key otherwise), for ITM negatives that are never true pairs."""
+    keys = np.fromiter((caption_key(caption) for _, caption in source.pairs), dtype=np.int64, count=len(source))
+    named = [key for key, _ in source.pairs] if pictures is None else pictures.tolist()
+    return keys, CaptionPictures.from_pairs(keys, named)
+
+
 def _picture_numbers(source: PairSource, store: Mapping[str, dict]) -> np.ndarray | None:
     """One number per pair of `source` naming the picture it shows: its region-cache row, so that ITM negatives
     compare pictures rather than names. A key the cache cannot place gets a number of its own (negative). None when
@@ -1225,6 +1233,10 @@ class PretrainingPairDataset(torch.utils.data.Dataset):
         self._token_count_cache: dict[int, np.ndarray] = {}  # per source; -1 until first asked for
         self._region_count_cache: dict[tuple[int, str], int] = {}
         self._pictures = [_picture_numbers(source, store) for source, store in zip(self.sources, self.region_stores)]
+        self._captions = [
+            _source_captions(source, pictures) if itm_negative_probability > 0 else None
+            for source, pictures in zip(self.sources, self._pictures)
+        ]
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -1262,14 +1274,19 @@ class PretrainingPairDataset(torch.utils.data.Dataset):
         source_index, pair = self._locate(index)
         source, pictures = self.sources[source_index], self._pictures[source_index]
         key = source[pair][0]
+        picture = (lambda other: source[other][0]) if pictures is None else (lambda other: int(pictures[other]))
+        captions = self._captions[source_index]
         rng = np.random.default_rng([sample_seed, 17])
         negative = choose_negative(
             rng,
-            key if pictures is None else int(pictures[pair]),
+            picture(pair),
             len(source),
-            (lambda other: source[other][0]) if pictures is None else (lambda other: int(pictures[other])),
+            picture,
             self.itm_negative_probability,
             self.text_negative_share,
+            caption_fits=None
+            if captions is None
+            else lambda other: captions[1].fit(captions[0][pair], picture(pair), captions[0][other], picture(other)),
         )
         if negative is None:
             return source_index, pair, pair, key, 1
@@ -1450,6 +1467,7 @@ class StreamingPretrainingDataset(torch.utils.data.IterableDataset):
         rng = np.random.default_rng([self.seed, rank, worker_id])
         streams = [self._pairs(i, where) for i in range(len(self.sources))]
         recent = [deque(maxlen=self.negative_buffer) for _ in self.sources]
+        recent_captions = [CaptionPictures() for _ in self.sources]
         pool: list[tuple[int, str, str, int, int]] = []
         while True:
             source_index = int(rng.choice(len(self.sources), p=self.probabilities))
@@ -1464,6 +1482,7 @@ class StreamingPretrainingDataset(torch.utils.data.IterableDataset):
             # The picture, not the name: a region cache holds one row for every name of a picture.
             row = _cache_row(self.region_stores[source_index], key)
             picture = ("key", key) if row is None else ("row", row)
+            own_caption = caption_key(caption)
             negative = choose_negative(
                 rng,
                 picture,
@@ -1471,6 +1490,9 @@ class StreamingPretrainingDataset(torch.utils.data.IterableDataset):
                 lambda other: candidates[other][2],
                 self.itm_negative_probability,
                 self.text_negative_share,
+                caption_fits=lambda other: recent_captions[source_index].fit(
+                    own_caption, picture, candidates[other][3], candidates[other][2]
+                ),
             )
             if negative is not None:
                 label = 0
@@ -1478,7 +1500,10 @@ class StreamingPretrainingDataset(torch.utils.data.IterableDataset):
                     text = candidates[negative.partner][1]
                 else:
                     region_key = candidates[negative.partner][0]
-            candidates.append((key, caption, picture))
+            if len(candidates) == candidates.maxlen:
+                recent_captions[source_index].discard(candidates[0][3], candidates[0][2])
+            candidates.append((key, caption, picture, own_caption))
+            recent_captions[source_index].add(own_caption, picture)
             pool.append((source_index, region_key, text, label, int(rng.integers(0, 2**62))))
             if len(pool) >= max(self.pool_size, 1):
                 yield from self._emit(pool, rng)
