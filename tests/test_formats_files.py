@@ -153,3 +153,19 @@ with exclusive_folder(sys.argv[1]):
         os._exit(0)
     time.sleep(600)
 """
+
+
+def test_expand_home_expands_strings_and_lists_only(monkeypatch, tmp_path):
+    from imagebert_hf.formats.files import expand_home
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    expanded = expand_home(
+        {"output_dir": "~/run", "merge": ["~/a", "b", 3], "hub": "org/model", "unset": None, "steps": 5}
+    )
+    assert expanded == {
+        "output_dir": str(tmp_path / "run"),
+        "merge": [str(tmp_path / "a"), "b", 3],
+        "hub": "org/model",
+        "unset": None,
+        "steps": 5,
+    }

@@ -31,7 +31,13 @@ from ..data.retrieval_corpus import (
     tokenizer_fingerprint,
 )
 from ..data.synthetic import make_synthetic_examples, synthetic_region_record
-from ..formats.files import atomic_write_bytes, atomic_write_json, check_folder_or_hub_id, file_checksum
+from ..formats.files import (
+    atomic_write_bytes,
+    atomic_write_json,
+    check_folder_or_hub_id,
+    expand_home,
+    file_checksum,
+)
 from ..formats.manifest import outside_root_flag
 from ..models.imagebert.modeling_imagebert import ImageBERTForImageTextRetrieval
 from ..models.imagebert.pipeline_image_text_retrieval import untrained_heads
@@ -121,12 +127,8 @@ class EvaluationArguments:
     )
 
     def __post_init__(self):
-        # A shell leaves `--output_dir=~/eval` as typed: expanded here, where the flags are checked, so that every
-        # check and every reader sees the path the user meant, not a folder named `~` in the working directory. A Hub
-        # id never starts with `~`.
-        for name in _PATH_FLAGS:
-            if isinstance(getattr(self, name), str):
-                setattr(self, name, os.path.expanduser(getattr(self, name)))
+        for name, value in expand_home({name: getattr(self, name) for name in _PATH_FLAGS}).items():
+            setattr(self, name, value)
         if self.dataset not in DATASETS:
             raise ValueError(f"--dataset must be one of {DATASETS}, got {self.dataset!r}.")
         for name in ("max_images", "shortlist_k"):

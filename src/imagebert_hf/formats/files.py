@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -204,6 +204,24 @@ def read_json_file(path: str | Path, expected: str):
         ) from None
 
 
+def expand_home(values: Mapping[str, Any]) -> dict[str, Any]:
+    """`values` with a leading `~` expanded in each string, and in each string of a list; other values unchanged.
+
+    A shell leaves `--output_dir=~/run` as typed, and YAML never expands it: a reader that did not expand it would
+    write into, or look in, a folder named `~` under the working directory while the checks looked in the home
+    folder. Expanded once where flags or a recipe are read, the checks and the run see the same path. A Hub id never
+    starts with `~`, so fields that take either are expanded too.
+    """
+    return {
+        name: os.path.expanduser(value)
+        if isinstance(value, str)
+        else [os.path.expanduser(item) if isinstance(item, str) else item for item in value]
+        if isinstance(value, list)
+        else value
+        for name, value in values.items()
+    }
+
+
 def check_output_dir(path: str | os.PathLike | None, flag: str = "--output_dir") -> Path:
     """The folder a command writes into, as a `Path`; raises ValueError naming `flag` when it is empty (an empty
     string is the current folder to the OS, and a command would write, or replace, its files there) or names an
@@ -302,6 +320,7 @@ __all__ = [
     "check_folder_or_hub_id",
     "check_output_dir",
     "exclusive_folder",
+    "expand_home",
     "file_checksum",
     "fsync_tree",
     "loads_json",

@@ -3,12 +3,11 @@ cache (`python -m imagebert_hf.regions ...` runs the same `main`)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 
-from ..formats.files import check_folder_or_hub_id, check_output_dir
+from ..formats.files import check_folder_or_hub_id, check_output_dir, expand_home
 from ..formats.manifest import outside_root_flag
 from ..models.imagebert.script_errors import exit_on_error, parse_flags
 from .cache_layout import REPORT_NAME
@@ -124,11 +123,10 @@ def _refuse_other_flags(args: ExtractRegionsArguments, mode: str) -> None:
 
 
 def _expand_paths(args: ExtractRegionsArguments) -> ExtractRegionsArguments:
-    """The path flags with "~" expanded, as datasets and fsspec expand it: unexpanded, a cache would be split between
-    a folder named "~" and the home folder."""
-    paths = ("output_dir", "manifest", "dataset_path", "image_root", "extractor")
-    expanded = {name: os.path.expanduser(getattr(args, name)) for name in paths if getattr(args, name) is not None}
-    return replace(args, **expanded, merge=[os.path.expanduser(part) for part in args.merge])
+    """The path flags with "~" expanded (`expand_home`), as datasets and fsspec expand it: unexpanded, a cache would
+    be split between a folder named "~" and the home folder."""
+    paths = ("output_dir", "manifest", "dataset_path", "image_root", "extractor", "merge")
+    return replace(args, **expand_home({name: getattr(args, name) for name in paths}))
 
 
 # The cache's reader and writer (and torch with them) are imported by the command that needs them, so `--help` is fast.

@@ -33,7 +33,6 @@ import dataclasses
 import inspect
 import io
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,7 @@ from transformers.utils import logging
 
 from ..data.collator import MaskingSettings
 from ..data.pair_sources import expand_urls
-from ..formats.files import check_folder_or_hub_id, read_text_file
+from ..formats.files import check_folder_or_hub_id, expand_home, read_text_file
 from ..models.imagebert import configuration_imagebert as model_configuration
 from ..models.imagebert.configuration_imagebert import FIELD_RULES, SEED_RULE, check_field
 from .arguments import SCHEDULER_TYPES
@@ -346,11 +345,8 @@ _MODEL_PATH_FIELDS = ("config_path", "text_pretrained", "init_from", "tokenizer"
 
 
 def _expand_home(data: dict, names) -> None:
-    """Expands a leading `~` in the named string fields of `data`, once, where the recipe is read: the checks and the
-    run then see the same path (and a run is not written to a folder named `~`)."""
-    for name in names:
-        if isinstance(data.get(name), str):
-            data[name] = os.path.expanduser(data[name])
+    """Expands a leading `~` in the named fields of `data` (`expand_home`), once, where the recipe is read."""
+    data.update(expand_home({name: data[name] for name in names if name in data}))
 
 
 def _source(data: Any, where: str) -> SourceSpec:

@@ -34,7 +34,7 @@ from ..data.synthetic import make_synthetic_examples, make_synthetic_tokenizer, 
 from ..evaluation.full_ranking import load_retrieval_model, rank_corpus
 from ..evaluation.hub import check_push_to_hub, push_to_hub
 from ..evaluation.recall import retrieval_metrics
-from ..formats.files import atomic_write_json, check_output_dir, read_json_file
+from ..formats.files import atomic_write_json, check_output_dir, expand_home, read_json_file
 from ..models.imagebert import ImageBERTConfig, ImageBERTForImageTextRetrieval
 from ..models.imagebert.configuration_imagebert import check_flag_values
 from ..models.imagebert.pipeline_image_text_retrieval import PROJECTION_HEADS, untrained_heads
@@ -267,16 +267,8 @@ _FLAG_RULES = {
 
 
 def expand_path_flags(args: RetrievalArguments) -> RetrievalArguments:
-    """`args` with `~` expanded in every flag naming a file or folder: a shell leaves `--output_dir=~/run` as typed,
-    and a reader that did not expand it would write into, or look in, a folder named `~` under the working
-    directory while the checks looked in the home folder. A Hub id never starts with `~`, so `--model_name_or_path`
-    is expanded too."""
-    expanded = {
-        name: os.path.expanduser(getattr(args, name))
-        for name in path_flags(args)
-        if isinstance(getattr(args, name), str)
-    }
-    return dataclasses.replace(args, **expanded)
+    """`args` with `~` expanded in every flag naming a file or folder (`expand_home`)."""
+    return dataclasses.replace(args, **expand_home({name: getattr(args, name) for name in path_flags(args)}))
 
 
 def check_flags(args: RetrievalArguments) -> RetrievalArguments:
