@@ -11,13 +11,14 @@ import torch
 from transformers.testing_utils import CaptureLogger
 
 from imagebert_hf.evaluation.full_ranking import EvaluationArguments
+from imagebert_hf.formats.files import check_nothing_left_unexpanded
 from imagebert_hf.training import RetrievalArguments, build_accelerator, checkpointing, run_stage
 from imagebert_hf.training.checkpointing import FILES_RECORD, SCALER_FILE
 from imagebert_hf.training.retrieval_finetuning import check_flags, flag_differences, load_model_and_tokenizer
 
 from .test_checkpoint_inputs import NEWEST, _copy, trained  # noqa: F401 - trained: a fixture
 from .test_launch import fresh_accelerate_state  # noqa: F401 - a fixture
-from .test_run_level_inputs import retrieval_flags, run_script
+from .test_run_level_inputs import pretraining_flags, retrieval_flags, run_script
 from .test_stage_runner import _settings, _stage
 
 
@@ -79,6 +80,35 @@ def test_a_resumed_run_compares_a_recorded_tilde_path_by_the_folder_it_names(hom
     args = RetrievalArguments(output_dir=str(home / "run"), synthetic_images=8, region_cache=str(home / "regions"))
     stored = {"synthetic_images": 8, "region_cache": "~/regions"}
     assert flag_differences(args, stored) == []
+
+
+def _leave_unexpanded_run(name: str) -> Path:
+    """A run as an earlier version wrote `--output_dir=~/<name>`: under a folder named `~` in the working folder."""
+    folder = Path.cwd() / "~" / name
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "recipe.yaml").write_text("seed: 0\n")
+    return folder
+
+
+def test_resuming_a_run_an_earlier_version_left_under_a_folder_named_tilde_is_refused(home):
+    left = _leave_unexpanded_run("run")
+    with pytest.raises(ValueError, match=r"--resume: nothing to resume in .*home/run, but .*work/~/run holds files"):
+        check_nothing_left_unexpanded(home / "run")
+    check_nothing_left_unexpanded(home / "other")  # nothing left for this one
+    check_nothing_left_unexpanded(Path.cwd() / "run")  # not under the home folder: no `~` was typed
+    for item in sorted(left.rglob("*"), reverse=True):
+        item.rmdir() if item.is_dir() else item.unlink()
+    check_nothing_left_unexpanded(home / "run")  # an empty folder holds nothing to lose
+
+
+@pytest.mark.parametrize("script", ["run_pretraining", "run_retrieval"])
+def test_the_training_scripts_refuse_to_restart_a_run_left_under_tilde(script, home, monkeypatch):
+    left = _leave_unexpanded_run("run")
+    flags = pretraining_flags("~/run") if script == "run_pretraining" else retrieval_flags("~/run")
+    stop = run_script(script, [*flags, "--resume"], monkeypatch)
+    assert isinstance(stop, SystemExit) and f"{script}: error: --resume: nothing to resume" in str(stop.code)
+    assert f"but {left} holds files" in str(stop.code)
+    assert not any((home / "run").rglob("*.safetensors"))
 
 
 def test_the_evaluation_flags_are_expanded_where_they_are_checked(home):

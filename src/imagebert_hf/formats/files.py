@@ -222,6 +222,26 @@ def expand_home(values: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def check_nothing_left_unexpanded(output_dir: str | os.PathLike, flag: str = "--resume") -> None:
+    """Raises when `--resume` finds nothing in `output_dir`, under the home folder, but an earlier release wrote the
+    run there as typed: into a folder named `~` under the working directory (it did not expand `~`). Resuming would
+    otherwise start the run again from its first step in the home folder.
+
+    Call it only once the run's folder is known to hold nothing to resume.
+    """
+    try:
+        rest = Path(output_dir).absolute().relative_to(Path.home())
+    except ValueError:
+        return
+    unexpanded = Path.cwd() / "~" / rest
+    if unexpanded.is_dir() and any(unexpanded.iterdir()):
+        raise ValueError(
+            f"{flag}: nothing to resume in {output_dir}, but {unexpanded} holds files: an earlier version wrote "
+            f"'~/{rest.as_posix()}' into a folder named '~' in the working directory. Move it to {output_dir} and "
+            "resume again, or remove it to start the run afresh."
+        )
+
+
 def check_output_dir(path: str | os.PathLike | None, flag: str = "--output_dir") -> Path:
     """The folder a command writes into, as a `Path`; raises ValueError naming `flag` when it is empty (an empty
     string is the current folder to the OS, and a command would write, or replace, its files there) or names an
@@ -318,6 +338,7 @@ __all__ = [
     "atomic_write_text",
     "atomic_writer",
     "check_folder_or_hub_id",
+    "check_nothing_left_unexpanded",
     "check_output_dir",
     "exclusive_folder",
     "expand_home",

@@ -32,7 +32,7 @@ from ..data.pair_sources import (
 from ..data.retrieval_corpus import tokenizer_fingerprint
 from ..data.synthetic import make_synthetic_tokenizer
 from ..evaluation import hub
-from ..formats.files import atomic_write_text
+from ..formats.files import atomic_write_text, check_nothing_left_unexpanded
 from ..models.imagebert.configuration_imagebert import ImageBERTConfig, check_flag_values
 from ..models.imagebert.modeling_imagebert import ImageBERTForPreTraining
 from ..models.imagebert.processing_imagebert import ImageBERTProcessor
@@ -573,12 +573,14 @@ def _start_run(recipe: Recipe, options: PretrainingRunOptions):
     if options.resume:
         check_resumed_recipe(recipe)
         # A scheduler passes --resume on the first submission too, so an empty folder starts the run, with a word.
-        if accelerator.is_main_process and not _has_progress(recipe):
-            logger.warning(
-                "--resume: nothing to resume in %s (no finished stage, no complete checkpoint); the run starts from "
-                "the beginning.",
-                recipe.output_dir,
-            )
+        if not _has_progress(recipe):
+            check_nothing_left_unexpanded(recipe.output_dir)
+            if accelerator.is_main_process:
+                logger.warning(
+                    "--resume: nothing to resume in %s (no finished stage, no complete checkpoint); the run starts "
+                    "from the beginning.",
+                    recipe.output_dir,
+                )
     return accelerator
 
 

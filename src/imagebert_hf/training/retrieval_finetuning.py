@@ -34,7 +34,13 @@ from ..data.synthetic import make_synthetic_examples, make_synthetic_tokenizer, 
 from ..evaluation.full_ranking import load_retrieval_model, rank_corpus
 from ..evaluation.hub import check_push_to_hub, push_to_hub
 from ..evaluation.recall import retrieval_metrics
-from ..formats.files import atomic_write_json, check_output_dir, expand_home, read_json_file
+from ..formats.files import (
+    atomic_write_json,
+    check_nothing_left_unexpanded,
+    check_output_dir,
+    expand_home,
+    read_json_file,
+)
 from ..models.imagebert import ImageBERTConfig, ImageBERTForImageTextRetrieval
 from ..models.imagebert.configuration_imagebert import check_flag_values
 from ..models.imagebert.pipeline_image_text_retrieval import PROJECTION_HEADS, untrained_heads
@@ -610,7 +616,10 @@ def run_retrieval_finetuning(args: RetrievalArguments) -> dict:
         return _end_finished_run(accelerator, args, loss_weights)
     checkpoints = output_dir / "checkpoints"
     # A scheduler passes --resume on the first submission too, so an empty folder starts the run, with a word.
-    if args.resume and accelerator.is_main_process and latest_checkpoint(checkpoints) is None:
+    nothing_to_resume = args.resume and latest_checkpoint(checkpoints) is None
+    if nothing_to_resume:
+        check_nothing_left_unexpanded(output_dir)
+    if nothing_to_resume and accelerator.is_main_process:
         logger.warning(
             "--resume: nothing to resume in %s (no complete checkpoint); the run starts from the beginning.",
             checkpoints,
