@@ -256,3 +256,10 @@ def test_warmup_steps_longer_than_the_stage_are_named_in_a_warning_when_it_start
         expected = "stages[0].warmup_steps is 5, longer than the stage's 3 steps: the learning rate never reaches"
         assert (expected in captured.out) == warned, captured.out
     accelerator.free_memory()
+
+
+@pytest.mark.parametrize("name", ["dtype", "torch_dtype"])
+def test_a_model_config_dtype_which_training_would_ignore_is_refused(name):
+    # The weights train in float32 whatever it says: a recipe asking bfloat16 here would get float32 without a word.
+    with pytest.raises(RecipeError, match=rf"model\.config\.{name}: the weights train in float32 .*--mixed_precision"):
+        recipe_from_dict({**recipe_with(SYNTHETIC), "model": {"tokenizer": "synthetic", "config": {name: "bfloat16"}}})

@@ -144,9 +144,6 @@ TRAINED_MODEL_FIELDS = (
     "region_token_type_id",
     "contrastive_embedding_size",
 )
-# The load dtype is the training's, not a config field: weights train in float32 whatever dtype a checkpoint was saved
-# in (a bfloat16 master copy loses the small updates); mixed precision comes from the launch settings.
-_LOAD_DTYPE_KEYS = ("dtype", "torch_dtype")
 
 
 def _load_trained(folder: str, overrides: dict[str, Any]):
@@ -175,12 +172,13 @@ def build_model(spec: ModelSpec, tokenizer, init_from: str | Path | None = None)
         # The previous stage's model already has the recipe's config.
         return ImageBERTForPreTraining.from_pretrained(str(init_from), dtype=torch.float32)
     overrides = dict(spec.config)
-    if spec.init_from is not None or spec.text_pretrained is not None:
-        loaded = {key: value for key, value in overrides.items() if key not in _LOAD_DTYPE_KEYS}
-        if spec.init_from is not None:
-            return _load_trained(resolve_pretrained(spec.init_from), loaded)
+    # Loaded in float32 whatever dtype a checkpoint was saved in: a bfloat16 master copy loses the small updates, and
+    # mixed precision comes from the launch settings.
+    if spec.init_from is not None:
+        return _load_trained(resolve_pretrained(spec.init_from), overrides)
+    if spec.text_pretrained is not None:
         return ImageBERTForPreTraining.from_text_pretrained(
-            resolve_pretrained(spec.text_pretrained), dtype=torch.float32, **loaded
+            resolve_pretrained(spec.text_pretrained), dtype=torch.float32, **overrides
         )
     if spec.config_path is not None:
         config = ImageBERTConfig.from_pretrained(spec.config_path, **overrides)

@@ -512,12 +512,14 @@ def _check_trained_tasks_have_targets(stage: StageSpec, where: str) -> None:
         )
 
 
-# What a recipe's `model.config` may set: the fields of ImageBERTConfig, and how the model is loaded and what it returns.
+# What a recipe's `model.config` may set: the fields of ImageBERTConfig, and how the model attends and what it returns.
 MODEL_CONFIG_KEYS = frozenset(
     name
     for name in inspect.signature(model_configuration.ImageBERTConfig.__init__).parameters
     if name not in ("self", "kwargs")
-) | {"dtype", "torch_dtype", "attn_implementation", "output_attentions", "output_hidden_states", "return_dict"}
+) | {"attn_implementation", "output_attentions", "output_hidden_states", "return_dict"}
+# Weights train in float32 whatever a config's dtype says (a low-precision master copy loses the small updates).
+_PRECISION_KEYS = ("dtype", "torch_dtype")
 
 
 def _check_model_config(config: dict[str, Any], where: str) -> None:
@@ -534,6 +536,11 @@ def _check_model_config(config: dict[str, Any], where: str) -> None:
                 else "it is a setting of the data, not of the model"
             )
             raise RecipeError(f"{where}.{name}: the model never reads it; {belongs}.")
+        if name in _PRECISION_KEYS:
+            raise RecipeError(
+                f"{where}.{name}: the weights train in float32 whatever it says; mixed precision comes from "
+                "--mixed_precision (bf16 or fp16) or the accelerate launch config. Drop it."
+            )
         if name in model_configuration.PRETRAINING_LOSS_WEIGHTS:
             raise RecipeError(
                 f"{where}.{name}: each stage sets it from its loss_weights (stages[i].loss_weights."
