@@ -997,6 +997,12 @@ def test_from_pretrained_on_a_bert_checkpoint_maps_its_nsp_head_as_from_text_pre
     plain.save_pretrained(tmp_path / "ours")
     again, info = model_class.from_pretrained(tmp_path / "ours", output_loading_info=True)
     assert again.cls.seq_relationship.bias.tolist() == [-1.0, 2.0] and "missing_keys" in info
+    # The checkpoint decides, not a config the caller passes: an ImageBERT config on the BERT folder still maps its
+    # head, and the loaded model's own config on its saved folder does not swap the trained head back.
+    given = model_class.from_pretrained(tmp_path / "bert", config=again.config)
+    assert given.cls.seq_relationship.bias.tolist() == [-1.0, 2.0]
+    own = model_class.from_pretrained(tmp_path / "ours", config=plain.config)
+    assert own.cls.seq_relationship.bias.tolist() == [-1.0, 2.0]
 
 
 def test_a_config_that_returns_tuples_leaves_embeddings_and_scoring_as_they_are():

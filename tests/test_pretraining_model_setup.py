@@ -174,3 +174,13 @@ def test_a_processor_with_another_tokenizer_is_refused_and_the_runs_own_ships(tm
     shipped = AutoProcessor.from_pretrained(tmp_path / "run" / "stage2-clean" / "final")
     text = "a red circle to the left of a blue square"
     assert shipped.tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
+
+
+def test_init_from_a_text_only_bert_is_refused_pointing_at_text_pretrained(tmp_path):
+    # Loaded as a trained model, its region side would start fresh without a word and the recipe's config settings
+    # would decide how its next-sentence head is read; `text_pretrained` is the way in for it.
+    _tiny_bert_with_nsp_head(tmp_path / "bert")
+    spec = tiny_model_spec(init_from=str(tmp_path / "bert"))
+    with pytest.raises(ValueError, match=r"model\.init_from \(.*bert\) is a bert checkpoint, not an ImageBERT one.*"
+                       r"model\.text_pretrained"):  # fmt: skip
+        build_model(spec, load_tokenizer(spec))

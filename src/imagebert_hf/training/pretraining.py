@@ -148,7 +148,15 @@ TRAINED_MODEL_FIELDS = (
 
 def _load_trained(folder: str, overrides: dict[str, Any]):
     """A saved ImageBERT model in float32, with the recipe's `model.config` entries set on its config; an entry that
-    would change what the trained weights are (`TRAINED_MODEL_FIELDS`) is refused, naming the field."""
+    would change what the trained weights are (`TRAINED_MODEL_FIELDS`) is refused, naming the field, and so is a
+    folder of another kind of model (a text-only BERT belongs in `model.text_pretrained`)."""
+    model_type = ImageBERTConfig.get_config_dict(folder)[0].get("model_type")
+    if model_type != ImageBERTConfig.model_type:
+        raise ValueError(
+            f"recipe model.init_from ({folder}) is a {model_type or 'model without a model_type'} checkpoint, not an "
+            "ImageBERT one; a text-only BERT starts a run as model.text_pretrained, which says which weights are new "
+            "and maps its next-sentence head into the ITM head."
+        )
     saved = ImageBERTConfig.from_pretrained(folder)
     changed = [
         f"model.config.{name} is {value!r} but the model has {getattr(saved, name)!r}"

@@ -593,26 +593,24 @@ class ImageBERTPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """`PreTrainedModel.from_pretrained`. A BERT checkpoint's next-sentence head loads into the ITM head by the
-        name they share (`cls.seq_relationship`), but NSP's class 0 is "is next" where ITM's class 1 is "matched":
-        its rows are swapped, as `from_text_pretrained` does, with a warning that says so."""
+        """`PreTrainedModel.from_pretrained`. A text-only checkpoint's next-sentence head loads into the ITM head by
+        the name they share (`cls.seq_relationship`), but NSP's class 0 is "is next" where ITM's class 1 is
+        "matched": its rows are swapped, as `from_text_pretrained` does, with a warning that says so. What decides is
+        the checkpoint's weights (it holds no region embeddings), not the config, which a caller may pass."""
         wants_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(
             pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
         )
-        source_type = getattr(model.config, "model_type", ImageBERTConfig.model_type)
         head = getattr(getattr(model, "cls", None), "seq_relationship", None)
-        loaded_head = not {"cls.seq_relationship.weight", "cls.seq_relationship.bias"} & set(info["missing_keys"])
-        if source_type != ImageBERTConfig.model_type and head is not None and loaded_head:
+        if head is not None and _holds_nsp_head(info["missing_keys"]):
             with torch.no_grad():
                 head.weight.copy_(head.weight.flip(0))
                 head.bias.copy_(head.bias.flip(0))
             logger.warning(
-                "%s is a %s checkpoint: its next-sentence head was loaded as the ITM head with its two rows swapped "
-                "(NSP class 0, 'is next', is ITM class 1, 'matched'). from_text_pretrained does the same and says "
-                "which weights are new.",
+                "%s is a text-only checkpoint (it holds no region embeddings): its next-sentence head was loaded as "
+                "the ITM head with its two rows swapped (NSP class 0, 'is next', is ITM class 1, 'matched'). "
+                "from_text_pretrained does the same and says which weights are new.",
                 pretrained_model_name_or_path,
-                source_type,
             )
         return (model, info) if wants_info else model
 
@@ -664,7 +662,8 @@ class ImageBERTPreTrainedModel(PreTrainedModel):
         for key in ("model_type", "architectures", "auto_map", "transformers_version"):
             text_config.pop(key, None)
         config = ImageBERTConfig(**{**text_config, **config_overrides})
-        model, info = cls.from_pretrained(
+        # transformers' own loading: the NSP head is mapped below, as `itm_from_nsp` says.
+        model, info = super().from_pretrained(
             pretrained_model_name_or_path, config=config, output_loading_info=True, dtype=dtype
         )
         new_keys = set(info.get("missing_keys", []))
@@ -709,6 +708,14 @@ class ImageBERTPreTrainedModel(PreTrainedModel):
         if output_loading_info:
             return model, {"new_keys": new_keys, "unused_keys": unused_keys, "itm_head": itm_head}
         return model
+
+
+def _holds_nsp_head(missing_keys) -> bool:
+    """Whether a load whose `missing_keys` these are read a text-only checkpoint's next-sentence head: the head
+    loaded while the region embeddings, which every ImageBERT checkpoint holds, did not."""
+    missing = set(missing_keys)
+    head_loaded = not {"cls.seq_relationship.weight", "cls.seq_relationship.bias"} & missing
+    return head_loaded and any(key.endswith("embeddings.region_feature_projection.weight") for key in missing)
 
 
 # The text side a BERT checkpoint must supply: without these, the model would be a randomly initialised encoder.
