@@ -322,3 +322,22 @@ def test_a_shortlist_without_a_prebuilt_index_ranks_as_one_built_for_the_query(r
     shortlisted = retriever(images=paths, texts=TEXTS[1], shortlist_k=2)
     assert shortlisted == retriever(texts=TEXTS[1], index=retriever.build_index(images=paths), shortlist_k=2)
     assert len(shortlisted) == 2 and all(paths[r["index"]] == r["image"] for r in shortlisted)
+
+
+def test_regions_are_extracted_on_the_pipelines_device_not_the_first_gpu(saved_model, monkeypatch, tmp_path):
+    # On a machine with GPUs, an extractor left at device None went to CUDA whatever device the pipeline was given
+    # (`device="cpu"`, or each serving process's own GPU). Simulated here: the CPU pipeline on a "GPU machine".
+    from transformers import pipeline
+
+    folder, paths = saved_model
+    on_cpu = pipeline("image-text-retrieval", model=str(folder), device="cpu")
+    assert on_cpu.processor.image_processor.device is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    results = on_cpu(images=paths[0], texts=TEXTS)
+    assert len(results) == len(TEXTS)
+    backend = on_cpu.processor.image_processor.get_backend()
+    assert backend.device == "cpu" and {p.device.type for p in backend.model.parameters()} == {"cpu"}
+    # The device is the pipeline's at run time, never written into the saved processor.
+    on_cpu.processor.save_pretrained(tmp_path)
+    saved = "".join(path.read_text() for path in tmp_path.glob("*.json"))
+    assert '"device": null' in saved and '"cpu"' not in saved

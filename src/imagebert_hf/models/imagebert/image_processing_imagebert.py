@@ -209,7 +209,8 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
         batch_size (`int`, *optional*, defaults to 8):
             Images per backbone/detector forward.
         device (`str`, *optional*):
-            Torch device; CUDA when available, else CPU, when None.
+            Torch device; when None, the device of the pipeline that uses the extractor (`set_default_device`), else
+            CUDA when available, else CPU.
         max_image_pixels (`int`, *optional*, defaults to 64000000):
             Largest width * height accepted, checked on the file header before decoding (decompression bombs); the
             backbone input `size` must not exceed it either.
@@ -325,6 +326,7 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
         )
         self._backend: RegionBackend | None = None
         self._weights_file: str | None = None
+        self._default_device: str | None = None
 
     # ---------------------------------------------------------------- saving and loading
 
@@ -371,12 +373,17 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
 
     # ---------------------------------------------------------------- backend
 
+    def set_default_device(self, device) -> None:
+        """Where the backend is built when `device` is None: the device of the model it serves (a pipeline gives
+        its own), rather than the first GPU. Runtime state, never saved; no effect on a backend already built."""
+        self._default_device = None if device is None else str(device)
+
     def get_backend(self) -> RegionBackend:
         """The backend model, built on first use."""
         if self._backend is None:
             import torch
 
-            device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            device = self.device or self._default_device or ("cuda" if torch.cuda.is_available() else "cpu")
             try:
                 if torch.empty(0, device=device).is_meta:
                     raise RuntimeError("the meta device holds no data")

@@ -666,6 +666,11 @@ class ImageTextRetrievalPipeline(Pipeline):
         super().__init__(*args, **kwargs)
         if self.processor is None:
             self.processor = _load_processor_for(self.model)
+        extractor = getattr(self.processor, "image_processor", None)
+        if extractor is not None and hasattr(extractor, "set_default_device"):
+            # Regions are extracted where the model runs (`device="cpu"`, or each serving process's own GPU), not on
+            # the first GPU, unless the extractor names its device itself.
+            extractor.set_default_device(self.device)
         missing = [name for name in ("get_text_embeddings", "get_region_embeddings") if not hasattr(self.model, name)]
         if missing:
             raise TypeError(
