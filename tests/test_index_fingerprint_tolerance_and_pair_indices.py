@@ -19,7 +19,7 @@ from imagebert_hf.models.imagebert.pipeline_image_text_retrieval import (
     same_gallery_fingerprint,
     same_model_fingerprint,
 )
-from imagebert_hf.models.imagebert.retrieval_index import EmbeddingIndex, score_pairs
+from imagebert_hf.models.imagebert.retrieval_index import EmbeddingIndex, encode_images, score_pairs
 
 from . import test_index_save_fill_and_provenance as provenance
 from .test_index_save_fill_and_provenance import TEXTS, _records
@@ -213,6 +213,48 @@ def test_score_pairs_names_an_index_outside_its_range_and_the_empty_search_slot(
                 score_pairs(retriever.model, texts, regions, images, text_indices)
         with pytest.raises(ValueError, match="-1 marks an empty slot of EmbeddingIndex.search"):
             score_pairs(retriever.model, texts, regions, torch.tensor([-1]), torch.tensor([0]))
+
+
+def test_scores_and_embeddings_do_not_depend_on_where_a_rows_region_padding_sits(pipelines):
+    # The model reads regions as a set; the scoring batches once kept each row's first mask-sum columns, so real
+    # regions after a padded one were dropped and the pair scored as another image.
+    retriever = pipelines["A"]
+    regions = {
+        key: value[:2].clone() for key, value in retriever.build_index(images=_records(retriever, 2)).inputs.items()
+    }
+    count = int(regions["region_attention_mask"][0].sum())
+    assert count >= 2
+    moved = {key: value.clone() for key, value in regions.items()}
+    # Image 0 with a padded column first: its real regions moved one column right, the freed column padding.
+    width = regions["region_attention_mask"].shape[1]
+    if count == width:
+        moved = {key: torch.cat([value[:, :1] * 0, value], dim=1) for key, value in moved.items()}
+        regions = {key: torch.cat([value, value[:, :1] * 0], dim=1) for key, value in regions.items()}
+    else:
+        moved = {key: value.roll(1, dims=1) for key, value in moved.items()}
+        moved = {key: torch.cat([value[:1], regions[key][1:]]) for key, value in moved.items()}
+    texts = retriever._text_inputs(TEXTS[:2])
+    pairs = ([0, 0, 1], [0, 1, 1])
+    torch.testing.assert_close(score_pairs(retriever.model, texts, moved, *pairs),
+                               score_pairs(retriever.model, texts, regions, *pairs), rtol=1e-5, atol=1e-5)  # fmt: skip
+    torch.testing.assert_close(encode_images(retriever.model, moved), encode_images(retriever.model, regions),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+def test_texts_padded_on_the_left_are_refused_naming_the_row(pipelines):
+    retriever = pipelines["A"]
+    texts = retriever._text_inputs(TEXTS[:2])
+    regions = retriever.build_index(images=_records(retriever, 1)).inputs
+    mask = texts["attention_mask"].clone()
+    length = int(mask[1].sum())
+    assert length < mask.shape[1]
+    left = {key: value.clone() for key, value in texts.items()}
+    for key in left:
+        left[key][1] = left[key][1].roll(mask.shape[1] - length)
+    with pytest.raises(
+        ValueError, match=r"attention_mask'\] row 1 has padding before real tokens; .*padding_side='right'"
+    ):
+        score_pairs(retriever.model, left, regions, [0], [1])
 
 
 # ------------------------------------------------------------------------------------------------ region records

@@ -65,6 +65,14 @@ def prepare_text_inputs(text_inputs: Mapping) -> dict[str, torch.Tensor]:
         raise ValueError(f"text_inputs['input_ids'] has shape {tuple(input_ids.shape)}; expected (num_texts>0, T).")
     attention_mask = text_inputs.get("attention_mask")
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else _tensor(attention_mask).long()
+    if attention_mask.shape == input_ids.shape and input_ids.shape[1] > 1:
+        # The model reads the pair's summary at position 0, and batches keep each text's first mask-sum tokens.
+        padded_first = torch.nonzero((attention_mask[:, 1:] > attention_mask[:, :-1]).any(1)).flatten()
+        if len(padded_first):
+            raise ValueError(
+                f"text_inputs['attention_mask'] row {int(padded_first[0])} has padding before real tokens; texts must "
+                "be padded on the right ([CLS] first): tokenize with padding_side='right'."
+            )
     token_type_ids = text_inputs.get("token_type_ids")
     token_type_ids = torch.zeros_like(input_ids) if token_type_ids is None else _tensor(token_type_ids).long()
     return {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
@@ -137,8 +145,10 @@ def region_rows(
     else:
         image_index = image_index.to(regions["region_features"].device)
         rows = {key: regions[key][image_index] for key in REGION_KEYS}
-    # Keep at least one column so that a batch of regions-free images still has a valid shape.
-    num_regions = max(int(rows["region_attention_mask"].sum(1).max()), 1)
+    # Up to the last column a row uses (a row's padding may sit anywhere: the model reads regions as a set), and at
+    # least one, so that a batch of regions-free images still has a valid shape.
+    used = torch.nonzero(rows["region_attention_mask"].any(0)).flatten()
+    num_regions = int(used[-1]) + 1 if len(used) else 1
     return {key: value[:, :num_regions] for key, value in rows.items()}
 
 
