@@ -1092,3 +1092,48 @@ def test_every_input_reaches_the_text_s_cls_output(name):
         before = model(**inputs).last_hidden_state[:, 0]
         after = model(**changed).last_hidden_state[:, 0]
     assert (after - before).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_every_parameter_trains_and_a_resized_head_reloads_tied_or_not(tmp_path, tied):
+    """Untied, the head once kept BERT's separate `bias` unused: no gradient (distributed training refuses such a
+    parameter) and, after `resize_token_embeddings`, a saved model reloaded without the decoder's own bias."""
+    tester = ImageBERTModelTester()
+    config = tester.get_config(tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    model = ImageBERTForPreTraining(config)
+    inputs = tester.prepare_inputs(config)
+    outputs = model(**inputs, **tester.prepare_pretraining_targets(config, inputs))
+    outputs.loss.backward()
+    # The ITM head's pooler and the four heads all take part; only the contrastive projections are not in this model.
+    unused = [name for name, parameter in model.named_parameters() if parameter.grad is None]
+    assert unused == []
+    with torch.no_grad():
+        decoder_bias = model.cls.predictions.decoder.bias
+        decoder_bias.copy_(torch.linspace(-3, 3, decoder_bias.numel()))
+    model.eval()
+    model.resize_token_embeddings(config.vocab_size + 7)
+    ids = inputs["input_ids"][:1]
+    with torch.no_grad():
+        before = model(input_ids=ids).mlm_logits
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        again = ImageBERTForPreTraining.from_pretrained(tmp_path).eval()(input_ids=ids).mlm_logits
+    torch.testing.assert_close(again, before)
+
+
+def test_an_untied_head_saved_by_an_earlier_version_loads_its_decoder_bias(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    config = ImageBERTModelTester().get_config(tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = ImageBERTForPreTraining(config).eval()
+    with torch.no_grad():
+        model.cls.predictions.decoder.bias.normal_()
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["cls.predictions.bias"] = torch.zeros(config.vocab_size)  # the unused copy an earlier version saved
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded, info = ImageBERTForPreTraining.from_pretrained(tmp_path, output_loading_info=True)
+    torch.testing.assert_close(loaded.cls.predictions.decoder.bias, model.cls.predictions.decoder.bias)
+    assert not info["unexpected_keys"] and not info["missing_keys"]

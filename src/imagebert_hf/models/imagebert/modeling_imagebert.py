@@ -503,13 +503,16 @@ class ImageBERTPredictionHeadTransform(nn.Module):
 
 
 class ImageBERTLMPredictionHead(nn.Module):
-    """BERT's MLM head; `decoder.weight` is tied to the word embeddings."""
+    """BERT's MLM head; `decoder.weight` is tied to the word embeddings and `decoder.bias` to `bias`, BERT's names.
+    With `tie_word_embeddings=False` nothing is tied and the head has no separate `bias`: it would sit unused (a
+    parameter distributed training refuses) and a resized vocabulary would lose the decoder's own."""
 
     def __init__(self, config: ImageBERTConfig):
         super().__init__()
         self.transform = ImageBERTPredictionHeadTransform(config)
         self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
-        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        if config.tie_word_embeddings:
+            self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.transform(hidden_states))
@@ -565,8 +568,9 @@ class ImageBERTPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     # The units `device_map="auto"` and FSDP auto-wrap keep whole: a layer's residuals must stay on one device.
     _no_split_modules = ["ImageBERTEmbeddings", "ImageBERTLayer"]
-    # Older BERT checkpoints store their position-id buffer; ours computes positions on the fly.
-    _keys_to_ignore_on_load_unexpected = [r"position_ids"]
+    # Older BERT checkpoints store their position-id buffer; ours computes positions on the fly. A head saved untied by
+    # an earlier version kept an unused `cls.predictions.bias` beside the decoder's own.
+    _keys_to_ignore_on_load_unexpected = [r"position_ids", r"^cls\.predictions\.bias$"]
     # What `output_hidden_states` / `output_attentions` collect (transformers' output recorder, through hooks): the
     # embeddings and each layer's output; each layer's attention probabilities (eager path).
     _can_record_outputs = {"hidden_states": ImageBERTLayer, "attentions": ImageBERTSelfAttention}
@@ -574,7 +578,7 @@ class ImageBERTPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, ImageBERTLMPredictionHead):
-            init.zeros_(module.bias)
+            init.zeros_(module.decoder.bias if getattr(module, "bias", None) is None else module.bias)
 
     def enable_input_require_grads(self):
         """transformers' hook on the word embeddings, which only a pass with text runs, and one on the joint
@@ -1030,7 +1034,8 @@ class ImageBERTForPreTraining(ImageBERTPreTrainedModel):
 
     def set_output_embeddings(self, new_embeddings):
         self.cls.predictions.decoder = new_embeddings
-        self.cls.predictions.bias = new_embeddings.bias
+        if hasattr(self.cls.predictions, "bias"):
+            self.cls.predictions.bias = new_embeddings.bias
 
     @can_return_tuple
     def forward(
