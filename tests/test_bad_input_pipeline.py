@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from .test_bad_images import BOMB_SIDE, _peak_rss_mib, _reset_peak_rss, png_zero_bomb
 from .test_pipeline_retrieval import TEXTS, retriever, saved_model  # noqa: F401 - fixtures
@@ -77,3 +78,33 @@ def test_the_bomb_is_refused_by_the_pipeline_before_decoding(retriever, saved_mo
         grown = _peak_rss_mib() - before
         # Decoding it would take 137 MiB at least; the model and one real image cost a few.
         assert grown < 48, f"peak memory grew by {grown:.0f} MiB"
+
+
+ARRAY_CASES = [
+    ("strings", lambda: np.array([["a"] * 32] * 32), "an array of dtype <U1 holds no pixel values"),
+    ("objects", lambda: np.array([[None] * 32] * 32, dtype=object), "an array of dtype object holds no pixel values"),
+    ("complex", lambda: np.full((32, 32, 3), 0.5 + 1j, dtype=np.complex64), "dtype complex64 holds no pixel values"),
+    ("datetimes", lambda: np.zeros((32, 32, 3), dtype="datetime64[s]"), "dtype datetime64\\[s\\] holds no pixel"),
+    ("complex tensor", lambda: torch.rand(3, 32, 32, dtype=torch.complex64), "dtype torch.complex64 holds no pixel"),
+    ("meta tensor", lambda: torch.empty(3, 32, 32, device="meta"), "a tensor on the meta device holds no pixels"),
+    (
+        "ragged record",
+        lambda: {"region_features": [[1.0] * 8, [1.0] * 3], "region_locations": [[0.1] * 5] * 2},
+        "region_features must hold numbers",
+    ),
+]
+
+
+@pytest.mark.parametrize(("make", "message"), [c[1:] for c in ARRAY_CASES], ids=[c[0] for c in ARRAY_CASES])
+def test_arrays_without_pixel_values_are_named_among_the_images(retriever, saved_model, make, message):  # noqa: F811
+    # They escaped as numpy's or torch's own errors (or, complex, were cast to their real part with a warning),
+    # naming no image.
+    _, paths = saved_model
+    with pytest.raises(ValueError, match=rf"(?s)1 of 2 image\(s\) could not be used.*images\[0\] .*{message}"):
+        retriever(images=[make(), paths[0]], texts=TEXTS[0])
+
+
+def test_a_bfloat16_image_tensor_reads_as_its_float32_values(retriever, saved_model):  # noqa: F811
+    image = torch.rand(3, 32, 32).to(torch.bfloat16)
+    expected = retriever(images=image.float(), texts=TEXTS[:1])[0]["score"]
+    assert retriever(images=image, texts=TEXTS[:1])[0]["score"] == expected

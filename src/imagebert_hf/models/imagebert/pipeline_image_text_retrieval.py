@@ -850,6 +850,7 @@ class ImageTextRetrievalPipeline(Pipeline):
                 elif item.get("error"):
                     errors.append(f"images[{position}] ({_describe(item)}): its extraction failed: {item['error']}")
                 else:
+                    readable = True
                     for name in ("region_features", "region_locations"):
                         try:
                             values = as_float32_array(item[name])
@@ -857,12 +858,13 @@ class ImageTextRetrievalPipeline(Pipeline):
                             errors.append(
                                 f"images[{position}] ({_describe(item)}): {name} must hold numbers ({error})"
                             )
+                            readable = False
                             continue
                         if not np.isfinite(values).all():
                             errors.append(
                                 f"images[{position}] ({_describe(item)}): {name} contain NaN or infinite values"
                             )
-                    if np.ndim(item["region_features"]) == 0 or len(item["region_features"]) == 0:
+                    if readable and (np.ndim(item["region_features"]) == 0 or len(item["region_features"]) == 0):
                         errors.append(
                             f"images[{position}] ({_describe(item)}): the record has no regions (region_features of "
                             f"shape {tuple(np.shape(item['region_features']))}); every image needs at least one region"

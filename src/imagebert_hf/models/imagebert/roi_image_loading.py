@@ -226,7 +226,22 @@ def to_rgb(image: Image.Image, source: str = "<PIL.Image>") -> Image.Image:
     return image.convert("RGB")
 
 
+def _tensor_pixels(tensor, source: str) -> np.ndarray:
+    """A torch tensor's pixels as a numpy array: floating point as float32 (numpy has no bfloat16)."""
+    if tensor.is_meta:
+        raise ImageLoadError(source, "a tensor on the meta device holds no pixels")
+    if tensor.is_complex():
+        raise ImageLoadError(source, f"a tensor of dtype {tensor.dtype} holds no pixel values")
+    if tensor.is_floating_point():
+        tensor = tensor.float()
+    return tensor.detach().cpu().numpy()
+
+
 def _array_to_pil(array: np.ndarray, source: str) -> Image.Image:
+    if array.dtype.kind not in "biuf":
+        raise ImageLoadError(
+            source, f"an array of dtype {array.dtype} holds no pixel values (expected bool, integers or floats)"
+        )
     if array.size == 0:
         raise ImageLoadError(source, f"empty array of shape {tuple(array.shape)}")
     if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
@@ -385,7 +400,7 @@ def load_image(
                 ) from None
         else:
             if type(image).__module__.startswith("torch"):
-                image = image.detach().cpu().numpy()
+                image = _tensor_pixels(image, source)
             if not isinstance(image, np.ndarray):
                 raise ImageLoadError(source, f"unsupported input type {type(image).__name__}")
             pil = _array_to_pil(image, source)
