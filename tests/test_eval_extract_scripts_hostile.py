@@ -4,7 +4,9 @@ or extractor folder is expected, a missing tokenizer or detector, a card that ca
 one line naming the flag, before anything is written."""
 
 import json
+import os
 import runpy
+from pathlib import Path
 
 import pytest
 import torch
@@ -186,9 +188,35 @@ def evaluate_retrieval_main():
 
 def test_an_empty_model_id_for_the_card_is_refused_before_anything_is_written(checkpoint, tmp_path):  # noqa: F811
     flags = ["--model_name_or_path", str(checkpoint), "--dataset", "synthetic", "--synthetic_images", "4"]
-    with pytest.raises(ValueError, match=r"^--model_id must be a non-empty name for --model_card, got ''"):
-        evaluate_retrieval_main()([*flags, "--output_dir", str(tmp_path / "out"), "--model_card", "--model_id", ""])
+    for model_id in ("", "my\nmodel"):
+        with pytest.raises(ValueError, match=r"^--model_id must be a non-empty name on one line for --model_card"):
+            evaluate_retrieval_main()(
+                [*flags, "--output_dir", str(tmp_path / "out"), "--model_card", "--model_id", model_id]
+            )
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "unwritable"])
+def test_an_output_dir_that_cannot_be_made_is_refused_before_any_pair_is_scored(
+    checkpoint,  # noqa: F811
+    tmp_path,
+    where,
+    monkeypatch,
+):
+    # Found only when results were written, it cost every score of the run (hours at COCO 5k).
+    (tmp_path / "a_file").write_text("x")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    output_dir = tmp_path / "a_file" / "out" if where == "under_a_file" else locked / "out"
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: real_access(path, mode) and Path(path) != locked)
+    scored = []
+    monkeypatch.setattr(full_ranking, "rank_corpus", lambda *args, **kwargs: scored.append(1))
+    flags = ["--model_name_or_path", str(checkpoint), "--dataset", "synthetic", "--synthetic_images", "4"]
+    message = r"is a file, not a folder" if where == "under_a_file" else r"is not a folder this user may write in"
+    with pytest.raises(ValueError, match=rf"^--output_dir .*out cannot be .*{message}"):
+        evaluate_retrieval_main()([*flags, "--output_dir", str(output_dir)])
+    assert not scored
 
 
 def test_a_card_that_cannot_be_built_leaves_no_results_behind(checkpoint, tmp_path, monkeypatch):  # noqa: F811

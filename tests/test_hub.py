@@ -9,6 +9,7 @@ import torch
 
 from imagebert_hf import ImageBERTForImageTextRetrieval
 from imagebert_hf.evaluation.hub import (
+    BASE_MODEL,
     build_model_card,
     eval_results_from_run,
     load_results,
@@ -85,11 +86,19 @@ def test_model_index_from_an_evaluation_run():
 
 def test_card_metadata_and_sections(model_and_processor):
     model, _ = model_and_processor
-    card = build_model_card(RESULTS, model_id="someone/imagebert-tiny", config=model.config, datasets=["flickr8k"])
+    card = build_model_card(
+        RESULTS,
+        model_id="someone/imagebert-tiny",
+        config=model.config,
+        datasets=["flickr8k"],
+        base_model=BASE_MODEL,
+        license="apache-2.0",
+    )
     data = card.data.to_dict()
     assert data["license"] == "apache-2.0"
     assert data["library_name"] == "transformers"
     assert data["base_model"] == "google-bert/bert-base-uncased"
+    assert "Finetuned from model [optional]:** google-bert/bert-base-uncased" in str(card)
     assert data["datasets"] == ["flickr8k"]
     assert data["metrics"] == ["recall"]
     assert "image-text-retrieval" in data["tags"] and "pipeline_tag" not in data
@@ -370,3 +379,30 @@ def test_a_stage_whose_upload_failed_is_uploaded_when_the_run_resumes(tmp_path, 
     run_pretraining(recipe, dataclasses.replace(options, resume=True))
     assert uploads == ["stage 1: noisy", "stage 2: clean", "stage 2: clean"]  # stage 1 is not uploaded twice
     assert (tmp_path / "run" / "stage2-clean" / PUSHED_FILE).is_file()
+
+
+def test_a_card_claims_no_base_model_or_license_nobody_gave(model_and_processor):
+    # Every card once said it came from bert-base-uncased under apache-2.0, also for a model trained from scratch on
+    # research-only data.
+    model, _ = model_and_processor
+    card = build_model_card(RESULTS, model_id="me/scratch", config=model.config)
+    data = card.data.to_dict()
+    assert "base_model" not in data and "license" not in data
+    assert "google-bert" not in str(card) and "apache" not in str(card)
+    for name, value in (("base_model", "a\nb"), ("license", " ")):
+        with pytest.raises(ValueError, match=rf"{name} must be a non-empty name on one line"):
+            build_model_card(RESULTS, model_id="me/x", **{name: value})
+
+
+def test_a_fine_tuning_run_names_its_hub_start_as_the_cards_base_model(tmp_path):
+    from imagebert_hf.training import RetrievalArguments
+    from imagebert_hf.training.retrieval_finetuning import _hub_start
+
+    def start(name):
+        return _hub_start(RetrievalArguments(output_dir=str(tmp_path / "run"), model_name_or_path=name))
+
+    assert start("someone/imagebert-pretrained") == "someone/imagebert-pretrained"
+    local = tmp_path / "someone"
+    (local / "ckpt").mkdir(parents=True)
+    assert start(str(local / "ckpt")) is None  # a folder is no Hub id, whatever its name
+    assert start(None) is None and start("not a/valid id!") is None

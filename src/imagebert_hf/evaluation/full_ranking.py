@@ -35,6 +35,7 @@ from ..formats.files import (
     atomic_write_bytes,
     atomic_write_json,
     check_folder_or_hub_id,
+    check_output_dir,
     expand_home,
     file_checksum,
 )
@@ -45,7 +46,7 @@ from ..models.imagebert.region_batching import check_region_values
 from ..models.imagebert.retrieval_index import index_factory_string, score_all_pairs, score_pairs
 from ..regions.cache_reader import load_region_cache
 from .across_processes import score_pairs_across_processes
-from .hub import ZERO_SHOT, build_model_card, save_model_card
+from .hub import ZERO_SHOT, build_model_card, is_one_line_name, save_model_card
 from .plots import plot_recall_curves, plot_score_histograms
 from .recall import format_metrics_table, retrieval_metrics, shared_caption_count
 from .shortlist import ShortlistResult, shortlist_rerank
@@ -117,6 +118,13 @@ class EvaluationArguments:
     index_type: str = field(default="flat", metadata={"help": "Shortlist index: flat (exact), ivf or hnsw."})
     model_card: bool = field(default=False, metadata={"help": "Write README.md, a model card with these results."})
     model_id: str = field(default="imagebert-base", metadata={"help": "Name of the model in the card."})
+    base_model: str | None = field(
+        default=None,
+        metadata={"help": "Hub id the model started from, for the card's base_model (left out when unset)."},
+    )
+    license: str | None = field(
+        default=None, metadata={"help": "License id for the card (e.g. apache-2.0; left out when unset)."}
+    )
     cpu: bool = field(
         default=False,
         metadata={
@@ -141,9 +149,11 @@ class EvaluationArguments:
                 raise ValueError(f"--{name} must be a positive integer, got {value!r}.")
         if not isinstance(self.output_dir, str) or not self.output_dir:
             raise ValueError(f"--output_dir must be a non-empty path, got {self.output_dir!r}.")
-        # The card is written last: refused here rather than once the results and plots are.
-        if self.model_card and (not isinstance(self.model_id, str) or not self.model_id.strip()):
-            raise ValueError(f"--model_id must be a non-empty name for --model_card, got {self.model_id!r}.")
+        # The card is written last: refused here rather than once every pair is scored.
+        for name in ("model_id", "base_model", "license"):
+            value = getattr(self, name)
+            if self.model_card and (value is not None or name == "model_id") and not is_one_line_name(value):
+                raise ValueError(f"--{name} must be a non-empty name on one line for --model_card, got {value!r}.")
 
 
 def protocols(dataset: str, num_images: int, split: str = PROTOCOL_SPLIT) -> list[tuple[str, str | None, int]]:
@@ -465,8 +475,7 @@ def check_evaluation_paths(args: EvaluationArguments) -> None:
         raise IsADirectoryError(
             f"--corpus_cache {args.corpus_cache} is a folder; expected a file path (the cache is one safetensors file)."
         )
-    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
-        raise NotADirectoryError(f"--output_dir {args.output_dir} exists and is not a folder.")
+    check_output_dir(args.output_dir)
 
 
 def load_evaluation_corpus(args: EvaluationArguments, tokenizer, config) -> RetrievalCorpus:
@@ -690,7 +699,9 @@ def run_retrieval_evaluation(args: EvaluationArguments) -> dict:
         # Built before anything is written, so a card that cannot be built leaves no results without their card.
         card = None
         if args.model_card:
-            card = build_model_card(results, model_id=args.model_id, config=model.config)
+            card = build_model_card(
+                results, model_id=args.model_id, config=model.config, base_model=args.base_model, license=args.license
+            )
         output_dir.mkdir(parents=True, exist_ok=True)
         ranking.plot(output_dir, title=f"{args.dataset} {args.split}")
         written = {"model": args.model_name_or_path, "results": results}

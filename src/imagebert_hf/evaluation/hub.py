@@ -109,7 +109,7 @@ def _check_result(number: int, result) -> None:
         value = result.get(key)
         if value is not None and not (isinstance(value, str) and value.strip()):
             raise ValueError(f"evaluation result {number}: {key} must be a non-empty string, got {value!r}.")
-        if value is not None and _has_control_characters(value):
+        if value is not None and has_control_characters(value):
             raise ValueError(
                 f"evaluation result {number}: {key} holds a line break or another control character ({value!r}): "
                 "names go on one line of the card."
@@ -149,13 +149,18 @@ def _check_result(number: int, result) -> None:
 RSUM_TOLERANCE = 0.1
 
 
-def _has_control_characters(text: str) -> bool:
+def has_control_characters(text: str) -> bool:
     return any(ord(character) < 32 or ord(character) == 127 for character in text)
 
 
 def _markdown_text(text: str) -> str:
     """`text` as it should read in the card's markdown: no HTML, and a `|` that does not end a table cell."""
     return html.escape(text, quote=False).replace("|", r"\|")
+
+
+def is_one_line_name(value) -> bool:
+    """A non-empty string on one line: what a card's names (model, base model, license, datasets) must be."""
+    return isinstance(value, str) and bool(value.strip()) and not has_control_characters(value)
 
 
 def _check_names(name: str, values) -> list[str] | None:
@@ -226,8 +231,8 @@ def build_model_card(
     model_id: str = "imagebert-base",
     config=None,
     datasets: Sequence[str] | None = None,
-    base_model: str = BASE_MODEL,
-    license: str = "apache-2.0",
+    base_model: str | None = None,
+    license: str | None = None,
     tags: Sequence[str] = DEFAULT_TAGS,
     template_path: str | os.PathLike | None = None,
     **fields: str,
@@ -240,8 +245,10 @@ def build_model_card(
         model_id: the card's title and `model-index` name.
         config: the model's `ImageBERTConfig`, to state its size in the card.
         datasets: Hub dataset ids the model was trained or evaluated on.
-        base_model: the checkpoint the text side started from.
-        license: the card's license id.
+        base_model: the Hub id of the checkpoint the model started from (e.g. `BASE_MODEL` for a run from
+            bert-base-uncased); left out when None, as a card must not claim a lineage nobody gave it.
+        license: the card's license id (e.g. "apache-2.0"); left out when None: the weights' terms depend on the
+            data they were trained on, which only the publisher knows.
         tags: Hub tags (the task has no Hub id, so it goes in the tags rather than `pipeline_tag`).
         template_path: a Jinja template; huggingface_hub's standard model card template by default.
         **fields: any template section to set or override (e.g. `training_data="..."`).
@@ -255,8 +262,9 @@ def build_model_card(
         results = full_ranking_results(results)
     eval_results = eval_results_from_run([] if results is None else results) or None
     results = list(results or [])
-    if not isinstance(model_id, str) or not model_id.strip() or _has_control_characters(model_id):
-        raise ValueError(f"model_id must be a non-empty name on one line, got {model_id!r}.")
+    for name, value in (("model_id", model_id), ("base_model", base_model), ("license", license)):
+        if (value is not None or name == "model_id") and not is_one_line_name(value):
+            raise ValueError(f"{name} must be a non-empty name on one line, got {value!r}.")
     zero_shot = bool(results) and all(result.get("evaluation") == ZERO_SHOT for result in results)
     datasets = _check_names("datasets", datasets)
     tags = _check_names("tags", tags) or []
@@ -514,6 +522,7 @@ def push_to_hub(
     revision: str | None = None,
     commit_message: str = "Upload ImageBERT image-text retrieval model",
     api=None,
+    base_model: str | None = None,
 ):
     """Pushes model, processor, pipeline code and model card to `repo_id` in one commit (`upload_to_hub`).
 
@@ -524,10 +533,13 @@ def push_to_hub(
         card: a `ModelCard`; built with `build_model_card(results, model_id=repo_id, config=model.config)` if None.
         results: evaluation results for the card's `model-index` (ignored when `card` is given).
         private, token, revision, commit_message, api: as in `upload_to_hub`, which this returns from.
+        base_model: the Hub id the model started from, for the built card (see `build_model_card`).
     """
     _check_repo_id(repo_id)
     if card is None:
-        card = build_model_card(results, model_id=repo_id, config=getattr(model, "config", None))
+        card = build_model_card(
+            results, model_id=repo_id, config=getattr(model, "config", None), base_model=base_model
+        )
     with tempfile.TemporaryDirectory() as folder:
         save_for_hub(model, processor, Path(folder) / "upload", card)
         return upload_to_hub(
@@ -546,6 +558,8 @@ __all__ = [
     "DEFAULT_TAGS",
     "ZERO_SHOT",
     "build_model_card",
+    "has_control_characters",
+    "is_one_line_name",
     "check_push_to_hub",
     "eval_results_from_run",
     "full_ranking_results",

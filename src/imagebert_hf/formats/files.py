@@ -244,13 +244,21 @@ def check_nothing_left_unexpanded(output_dir: str | os.PathLike, flag: str = "--
 
 def check_output_dir(path: str | os.PathLike | None, flag: str = "--output_dir") -> Path:
     """The folder a command writes into, as a `Path`; raises ValueError naming `flag` when it is empty (an empty
-    string is the current folder to the OS, and a command would write, or replace, its files there) or names an
-    existing file. A missing folder is fine: the command creates it."""
+    string is the current folder to the OS, and a command would write, or replace, its files there), names an
+    existing file, or could not be made: a file or an unwritable folder where it would be created. A missing folder
+    is fine: the command creates it. Checked before the work starts, so that hours of it are not lost to a path."""
     if path is None or not str(path).strip():
         raise ValueError(f"{flag} must be a non-empty path, got {path!r}.")
     folder = Path(path).expanduser()
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{flag} {folder} is a file; expected a folder (created when missing).")
+    existing = folder.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {folder} cannot be created: {existing} is a file, not a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {folder} cannot be written: {existing} is not a folder this user may write in.")
     return folder
 
 

@@ -538,8 +538,22 @@ def _report(accelerator, model, processor, eval_corpus, args: RetrievalArguments
         accelerator.print(json.dumps(results["eval"], indent=1))
         card_results = [_card_result(args, results["eval"]["full"], **sizes)]
     if args.push_to_hub:
-        push_to_hub(model, processor, args.hub_model_id, results=card_results)
+        push_to_hub(model, processor, args.hub_model_id, results=card_results, base_model=_hub_start(args))
     return results
+
+
+def _hub_start(args: RetrievalArguments) -> str | None:
+    """The Hub id the run started from, for the card's `base_model`; None for a local folder or a fresh model."""
+    name = args.model_name_or_path
+    if name is None or os.path.exists(name):
+        return None
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
 
 
 def _card_result(args: RetrievalArguments, metrics: dict, num_images: int, num_texts: int) -> dict:
