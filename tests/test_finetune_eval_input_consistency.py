@@ -444,3 +444,30 @@ def test_a_plain_dict_of_regions_builds_its_key_tables_once_for_all_records(monk
     for i in range(50):
         assert lookup({"image": f"/data/images/{i}.jpg", "image_id": str(i)})["index"] == i
     assert len(built) == 1
+
+
+@pytest.mark.parametrize("memory_mapped", [False, True])
+def test_zero_shot_inputs_find_regions_under_another_spelling_of_the_path_as_evaluation_does(
+    data, tokenizer, tmp_path, memory_mapped
+):
+    # The zero-shot inputs once looked regions up by the manifest's literal path: `./val2014/img0.png` was "not in
+    # the region cache" that `evaluate_retrieval` read it from.
+    captions = [["a red circle"], ["a blue cross"]]
+    plain = [{"image": f"val2014/img{i}.png", "captions": texts} for i, texts in enumerate(captions)]
+    dotted = [{**line, "image": "./" + line["image"]} for line in plain]
+    inputs = [
+        manifest_retrieval_inputs(
+            _write_lines(data / "coco" / f"{tmp_path.name}-{name}.jsonl", lines),
+            str(data / "relative"),
+            tokenizer,
+            memory_mapped=memory_mapped,
+        )
+        for name, lines in (("plain", plain), ("dotted", dotted))
+    ]
+    (texts, regions, text_to_image), (dotted_texts, dotted_regions, dotted_text_to_image) = inputs
+    assert dotted_text_to_image == text_to_image == [0, 1]
+    assert torch.equal(dotted_texts["input_ids"], texts["input_ids"])
+    if memory_mapped:
+        regions, dotted_regions = regions.batch([0, 1]), dotted_regions.batch([0, 1])
+    for key in ("region_features", "region_locations", "region_attention_mask"):
+        assert torch.equal(dotted_regions[key], regions[key]), key

@@ -11,12 +11,10 @@ import torch
 from transformers.utils import logging
 
 from ..data.retrieval_corpus import (
-    GallerySubset,
+    RetrievalCorpus,
     check_max_images,
     load_manifest_records,
-    merge_duplicate_images,
-    merge_same_pictures,
-    token_id_keys,
+    region_cache_lookup,
 )
 from ..data.synthetic import (
     chance_recall,
@@ -69,53 +67,34 @@ def manifest_retrieval_inputs(
     check_max_images(max_images)
     if isinstance(region_cache, (str, Path)):
         region_cache = load_region_cache(region_cache)
-    # The ids and the merging of `evaluate_retrieval`: an image listed on two lines (under one id, or one file under
-    # two ids) is one gallery item with the captions of both (a warning names it), so both rank the same gallery.
-    merged = list(merge_duplicate_images(load_manifest_records(manifest, split, max_images)))
-    keys = [entry["manifest_image"] for entry in merged]
-    # And one item per picture, as `RetrievalCorpus` makes it: a copy under another name is one region-cache row
-    # (a gallery's `rows`, a cached record's `cache_key`).
+    records = load_manifest_records(manifest, split, max_images)
+    # The corpus `evaluate_retrieval` ranks, built the same way: each record found in the cache by its manifest
+    # path, image path or id under any spelling (`region_cache_key`); an image listed on two lines, or one picture
+    # under two names (one cache row), is one gallery item with the captions of both (a warning names it).
     if memory_mapped:
         if not hasattr(region_cache, "gallery"):
             raise TypeError(
                 f"memory_mapped=True reads regions from a region cache (folder or RegionCache), got "
                 f"{type(region_cache).__name__}."
             )
-        region_inputs = region_cache.gallery(keys, max_regions)
-        kept = merge_same_pictures(merged, [int(row) for row in region_inputs.rows])
-        region_inputs = region_inputs if kept is None else GallerySubset(region_inputs, kept)
-    else:
-        records = [region_cache[key] for key in keys]
-        pictures = [r.get("cache_key") if isinstance(r.get("cache_key"), str) else None for r in records]
-        kept = merge_same_pictures(merged, pictures)
-        region_inputs = pad_region_records(
-            records if kept is None else [records[i] for i in kept], "longest", max_regions
+        corpus = RetrievalCorpus.from_region_cache(
+            records, region_cache, tokenizer, max_text_length, max_regions, captions_per_image
         )
-    captions = [list(entry["captions"])[:captions_per_image] for entry in merged]
-    texts = [caption for kept in captions for caption in kept]
-    text_to_image = [i for i, kept in enumerate(captions) for _ in kept]
-    # Padded on the right whatever the tokenizer's saved `padding_side`: the model reads the pair's summary at
-    # position 0, and scoring trims each batch's padding from the end.
-    text_inputs = tokenize_as_text(
-        tokenizer,
-        texts,
-        name="caption",
-        padding=True,
-        truncation=True,
-        max_length=max_text_length,
-        padding_side="right",
-        return_tensors="pt",
-    )
+    else:
+        corpus = RetrievalCorpus.from_records(
+            records, tokenizer, region_cache_lookup(region_cache), max_text_length, max_regions, captions_per_image
+        )
+    text_to_image = corpus.text_to_image.tolist()
     # Counted by the tokens the model reads: an uncased tokenizer gives `A Dog` and `a  dog` the same query.
-    shared = shared_caption_count(token_id_keys(text_inputs), text_to_image)
+    shared = shared_caption_count(corpus.text_keys(), text_to_image)
     if shared:
         logger.warning(
             "%d of the %d captions are also, as the tokens the model reads, a caption of another image: ties count "
             "against the query, so even a perfect scorer cannot reach 100 on this split.",
             shared,
-            len(texts),
+            corpus.num_texts,
         )
-    return dict(text_inputs), region_inputs, text_to_image
+    return corpus.text_inputs, corpus.region_inputs, text_to_image
 
 
 def synthetic_retrieval_inputs(
