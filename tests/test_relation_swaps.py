@@ -1,6 +1,7 @@
 """The relation-swap probe: captions and their swaps from annotations, COCO pair selection, the Wilson interval, the
 scoring (stub scorers with known answers, and the tiny model against a direct computation) and the script."""
 
+import json
 import runpy
 import subprocess
 import sys
@@ -346,7 +347,7 @@ def test_script_end_to_end(tmp_path, tiny_model, tokenizer, make_tiny_config, ca
     assert set(summary["results"]["object_swap"]) == {"chance", "cross_encoder"}
 
 
-def test_script_on_a_manifest_with_a_region_cache(tmp_path, tokenizer, make_tiny_config, make_tiny_extractor):
+def test_script_on_a_manifest_with_a_region_cache(tmp_path, tokenizer, make_tiny_config, make_tiny_extractor, capsys):
     """The real-photo path end to end, on generated images written as a manifest with boxes and labels."""
     from imagebert_hf.data.synthetic import write_synthetic_manifest
     from imagebert_hf.regions import extract_regions
@@ -370,6 +371,30 @@ def test_script_on_a_manifest_with_a_region_cache(tmp_path, tokenizer, make_tiny
     assert summary["results"]["object_swap"]["cross_encoder"]["n"] == len(kept)
     assert summary["results"]["object_swap"]["dual_encoder"]["n"] == len(kept)
     assert summary["examples"][0]["true"] == probes[0].true_caption
+
+    # The same manifest with its paths spelt `./images/...`: its regions are found as the evaluation finds them.
+    lines = [json.loads(line) for line in manifest.read_text().splitlines()]
+    dotted = manifest.with_name("dotted.jsonl")
+    dotted.write_text("".join(json.dumps({**line, "image": "./" + line["image"]}) + "\n" for line in lines))
+    again = main([
+        "--model_name_or_path", str(tmp_path / "model"), "--probe", "manifest", "--manifest", str(dotted),
+        "--region_cache", str(tmp_path / "regions"),
+    ])  # fmt: skip
+    assert again["results"] == summary["results"]
+
+    # A cache of another feature size is named as the cache that does not fit the model.
+    other = make_tiny_config(vocab_size=len(tokenizer), region_feature_size=extractor.region_feature_size + 1)
+    ImageBERTForImageTextRetrieval(other).save_pretrained(tmp_path / "other")
+    tokenizer.save_pretrained(tmp_path / "other")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main([
+            "--model_name_or_path", str(tmp_path / "other"), "--probe", "manifest", "--manifest", str(manifest),
+            "--region_cache", str(tmp_path / "regions"),
+        ])  # fmt: skip
+    size = extractor.region_feature_size
+    said = f"regions holds regions of {size} features; the model takes region_feature_size={size + 1}"
+    assert said in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

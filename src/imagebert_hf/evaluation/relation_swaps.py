@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from transformers.utils import logging
 
+from ..data.retrieval_corpus import check_region_cache_fits, region_cache_lookup
 from ..data.synthetic import (
     SWAP_CAPTION_KINDS,
     make_synthetic_examples,
@@ -418,13 +419,24 @@ def run_relation_swap_evaluation(
                 f"min_area_fraction {min_area_fraction}; expected objects with boxes and labels."
             )
         cache = load_region_cache(region_cache)
-        missing = [record.image for record in kept if record.image not in cache]
+        check_region_cache_fits(cache, model.config, f"region_cache {region_cache}", model_name_or_path)
+        # Found as the evaluation finds them: by manifest path, image path or id, under any spelling of the path.
+        lookup = region_cache_lookup(cache)
+        records, missing = [], []
+        for record in kept:
+            try:
+                records.append(
+                    lookup(
+                        {"manifest_image": record.image, "image": str(record.image_path), "image_id": record.image_id}
+                    )
+                )
+            except KeyError:
+                missing.append(record.image)
         if missing:
             raise ValueError(
                 f"region_cache {region_cache} has no regions for {len(missing)} image(s) of the manifest, e.g. "
                 f"{missing[0]}; expected every image (extract them with imagebert-extract-regions)."
             )
-        records = [cache[record.image] for record in kept]
         description = {"images": len(kept), "manifest": manifest, "min_area_fraction": min_area_fraction}
     region_inputs = pad_region_records(records, "longest", model.config.max_regions)
     results = relation_swap_accuracy(
