@@ -173,3 +173,50 @@ def test_paths_and_values_the_scripts_name(tmp_path):
     check_folder_or_hub_id("google-bert/bert-base-uncased", "--model_name_or_path", "a checkpoint folder")
     with pytest.raises(ValueError, match=r"--loss_weights: the weight of 'binary=abc' must be a number"):
         parse_loss_weights("binary=abc")
+
+
+def test_an_error_in_a_data_worker_ends_the_run_with_one_line_and_no_hang(tmp_path):
+    # The workers ignore SIGTERM (a scheduler's signal must not cost the step's checkpoint). Kept alive by the error's
+    # traceback, they once blocked the interpreter's exit forever after the error was printed, with torch's worker
+    # traceback as the "one line". Here the collator refuses a record in the worker (class labels beyond the model's).
+    recipe = {
+        "output_dir": str(tmp_path / "run"),
+        "report_to": "none",
+        "num_workers": 1,
+        "model": {
+            "tokenizer": "synthetic",
+            "config": {
+                "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4, "intermediate_size": 64,
+                "region_feature_size": 16, "num_object_classes": 5, "max_regions": 8, "max_text_length": 20,
+            },
+        },
+        "stages": [{
+            "name": "s", "max_steps": 20, "per_device_train_batch_size": 4,
+            "sources": [{"name": "s", "type": "synthetic", "num_images": 8, "regions": "annotations"}],
+        }],
+    }  # fmt: skip
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PROJECT_ROOT / "src")}
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "run_pretraining.py"), "--config", str(path), "--cpu"],
+        capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert errors == [
+        "run_pretraining: error: ValueError: sample 'synthetic-0-000003': region_class_labels [20] are outside [0, 5) "
+        "(num_object_classes; -100 for none), and are never clamped. (in DataLoader worker process 0)"
+    ]
+    assert "Original Traceback" not in done.stderr
+
+
+def test_error_line_keeps_a_workers_own_message_and_leaves_others_as_they_are():
+    from imagebert_hf.models.imagebert.script_errors import error_line
+
+    wrapped = ValueError(
+        "Caught KeyError in DataLoader worker process 3.\nOriginal Traceback (most recent call last):\n"
+        "  File \"x.py\", line 1, in f\n    g()\nKeyError: 'img7'\n"
+    )
+    assert error_line(wrapped) == "KeyError: 'img7' (in DataLoader worker process 3)"
+    assert error_line(ValueError("--output_dir x is a file")) == "--output_dir x is a file"

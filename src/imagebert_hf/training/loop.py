@@ -8,6 +8,7 @@ import math
 import os
 import signal
 import threading
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -377,6 +378,12 @@ def train_loop(
                 else:
                     state.epoch += 1
                     state.batches_in_epoch = 0
+    except BaseException as error:
+        # The frames of the error's traceback hold the loader's iterator, whose DataLoader workers ignore SIGTERM:
+        # kept alive until the interpreter exits, they would block its final join forever. Cleared, the iterator
+        # shuts its workers down now, as at the end of an epoch.
+        traceback.clear_frames(error.__traceback__)
+        raise
     finally:
         progress.close()
     _check_failures(state, settings.max_failure_rate, 0)

@@ -4,8 +4,24 @@ UNITER converter of this folder included)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+
+# How torch re-raises an error of a DataLoader worker: its type and worker, then the worker's whole traceback.
+_WORKER_ERROR = re.compile(r"^Caught \w+ (in DataLoader worker process \d+)\.\nOriginal Traceback", re.DOTALL)
+
+
+def error_line(error: BaseException) -> str:
+    """The message of `error` on one line: for an error a DataLoader worker raised, its own last line (the error
+    and its message) and which worker, rather than the worker's traceback that torch puts in the message."""
+    message = str(error)
+    worker = _WORKER_ERROR.match(message)
+    if worker is None:
+        return message
+    last = [line for line in message.splitlines() if line.strip()][-1].strip()
+    return f"{last} ({worker.group(1)})"
 
 
 @contextmanager
@@ -29,7 +45,7 @@ def exit_on_error(
         if missing_extra is not None and isinstance(error, ModuleNotFoundError):
             raise SystemExit(f"{program}: error: {error}; {missing_extra}") from None
         if isinstance(error, errors):
-            raise SystemExit(f"{program}: error: {error}") from None
+            raise SystemExit(f"{program}: error: {error_line(error)}") from None
         raise
 
 
@@ -43,4 +59,4 @@ def parse_flags(parser, argv: list[str] | None = None) -> tuple:
     return tuple(parsed)
 
 
-__all__ = ["exit_on_error", "parse_flags"]
+__all__ = ["error_line", "exit_on_error", "parse_flags"]
