@@ -5,6 +5,7 @@ data path that uses it (the map-style dataset, the streaming dataset and the col
 import itertools
 
 import numpy as np
+import pytest
 import torch
 
 from imagebert_hf.data.collator import DataCollatorForImageBERTPretraining
@@ -152,3 +153,10 @@ def test_in_batch_negatives_are_never_true_pairs(tokenizer):
             assert shown and shown[0] not in texts_of[tuple(ids)], (ids, shown)
             negatives += 1
     assert negatives > 1500
+
+
+@pytest.mark.parametrize("buffer", [0, -1, 2.5, True])
+def test_a_stream_without_a_buffer_of_recent_pairs_is_refused(tokenizer, buffer):
+    # 0 crashed on the first sample (an empty deque indexed when evicting).
+    with pytest.raises(ValueError, match=rf"negative_buffer must be a positive number of recent pairs .*{buffer!r}"):
+        StreamingPretrainingDataset([None], [{}], [1.0], tokenizer, 16, 2, negative_buffer=buffer)

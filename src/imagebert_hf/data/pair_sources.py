@@ -1433,6 +1433,11 @@ class StreamingPretrainingDataset(torch.utils.data.IterableDataset):
             )
         if any(w <= 0 for w in weights):
             raise ValueError(f"mixing weights must be positive, got {list(weights)}.")
+        if isinstance(negative_buffer, bool) or not isinstance(negative_buffer, int) or negative_buffer < 1:
+            raise ValueError(
+                f"negative_buffer must be a positive number of recent pairs to draw negatives from, got "
+                f"{negative_buffer!r}."
+            )
         self.sources, self.region_stores = list(sources), list(region_stores)
         self.probabilities = np.asarray(weights, dtype=np.float64) / float(sum(weights))
         self.tokenizer = tokenizer
