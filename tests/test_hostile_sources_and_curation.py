@@ -35,19 +35,35 @@ GOOD = {"k1.jpg": b"\xff\xd8jpeg", "k1.txt": b"a cat on a mat", "k2.jpg": b"\xff
 
 
 @require_module("webdataset")
-def test_a_truncated_shard_is_named_with_the_last_key_read(tmp_path):
+def test_a_truncated_shard_is_named(tmp_path):
     shard = write_shard(tmp_path / "00000.tar", {**GOOD, "k3.jpg": b"\xff\xd8" + bytes(4000), "k3.txt": b"x"})
     path = tmp_path / "00000.tar"
     path.write_bytes(path.read_bytes()[:6000])  # cut inside k3.jpg (at bytes 4608 .. 8610)
-    with pytest.raises(ValueError, match=r"webdataset source 'wds': reading failed after shard .*00000.tar, key 'k"):
+    with pytest.raises(ValueError, match=r"webdataset source 'wds': webdataset shard .*00000.tar cannot be read"):
         WebDatasetPairSource(shard, name="wds")
+
+
+@require_module("webdataset")
+@pytest.mark.parametrize("streamed", [False, True])
+def test_the_unreadable_shard_is_named_not_the_one_read_before_it(tmp_path, streamed):
+    # A corrupt third shard was reported as "after shard 00001.tar": the user would copy a good shard again.
+    for index in range(3):
+        write_shard(tmp_path / f"0000{index}.tar", {f"s{index}.jpg": b"\xff\xd8jpeg", f"s{index}.txt": b"a cat"})
+    (tmp_path / "00002.tar").write_bytes(b"<html>403 Forbidden</html>" * 40)
+    urls = str(tmp_path / "0000{0..2}.tar")
+    with pytest.raises(ValueError, match=r"webdataset shard .*00002\.tar cannot be read .*not a tar file") as raised:
+        if streamed:
+            list(WebDatasetStream(urls, name="stream", shuffle_shards=False).epoch_pairs(0))
+        else:
+            WebDatasetPairSource(urls, name="wds")
+    assert "00001.tar" not in str(raised.value)
 
 
 @require_module("webdataset")
 def test_a_file_that_is_not_a_tar_is_named(tmp_path):
     (tmp_path / "00000.tar").write_bytes(b"not a tar at all" * 100)
     stream = WebDatasetStream(str(tmp_path / "00000.tar"), name="stream")
-    with pytest.raises(ValueError, match=r"webdataset source 'stream': reading failed after shard None.*not a tar"):
+    with pytest.raises(ValueError, match=r"webdataset source 'stream': webdataset shard .*00000.tar .*not a tar"):
         list(stream.epoch_pairs(0))
 
 

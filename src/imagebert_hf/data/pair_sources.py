@@ -461,7 +461,7 @@ def _read_samples(reader, name: str):
             sample = next(iterator)
         except StopIteration:
             return
-        except _TruncatedShardError as error:
+        except _ShardError as error:
             raise ValueError(f"webdataset source {name!r}: {error}") from error
         except Exception as error:
             raise ValueError(
@@ -483,8 +483,9 @@ def _image_of(sample: dict[str, Any]) -> bytes | None:
 _META_MEMBER = re.compile(r"__[^/]*__($|/)")
 
 
-class _TruncatedShardError(ValueError):
-    """A shard whose members stop before the end-of-archive marker; the message names the shard."""
+class _ShardError(ValueError):
+    """A shard that cannot be read whole (truncated, not a tar file, a member twice in a sample); the message names
+    the shard."""
 
 
 class _EndMarkedTarInfo(tarfile.TarInfo):
@@ -507,23 +508,49 @@ def _tar_members(sources: Iterator[dict[str, Any]], select_files=None) -> Iterat
     end-of-archive marker raises a `ValueError` naming it instead of ending early."""
     for source in sources:
         url = source["url"]
-        with tarfile.open(fileobj=source["stream"], mode="r|*", tarinfo=_EndMarkedTarInfo) as tar:
-            for member in tar:
-                name = member.name
-                if not member.isreg() or _META_MEMBER.match(name) or (select_files and not select_files(name)):
-                    continue
-                file = {"fname": name, "data": tar.extractfile(member).read(), "__url__": url}
-                if source.get("local_path") is not None:
-                    file["__local_path__"] = source["local_path"]
-                yield file
-                tar.members = []  # a stream of any length in bounded memory
-            if not getattr(tar, "saw_end_marker", False):
-                raise _TruncatedShardError(
-                    f"webdataset shard {url} is truncated: its members stop at byte {tar.offset} without the "
-                    "end-of-archive marker (two zero blocks), so the samples after that point are missing; write or "
-                    "copy the shard again."
-                )
+        try:
+            with tarfile.open(fileobj=source["stream"], mode="r|*", tarinfo=_EndMarkedTarInfo) as tar:
+                for member in tar:
+                    name = member.name
+                    if not member.isreg() or _META_MEMBER.match(name) or (select_files and not select_files(name)):
+                        continue
+                    file = {"fname": name, "data": tar.extractfile(member).read(), "__url__": url}
+                    if source.get("local_path") is not None:
+                        file["__local_path__"] = source["local_path"]
+                    yield file
+                    tar.members = []  # a stream of any length in bounded memory
+                if not getattr(tar, "saw_end_marker", False):
+                    raise _ShardError(
+                        f"webdataset shard {url} is truncated: its members stop at byte {tar.offset} without the "
+                        "end-of-archive marker (two zero blocks), so the samples after that point are missing; write "
+                        "or copy the shard again."
+                    )
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
+            raise _ShardError(
+                f"webdataset shard {url} cannot be read ({type(error).__name__}: {str(error)[:300]}); is it truncated "
+                "or not a tar file? Write or copy it again."
+            ) from error
         yield {}
+
+
+def _samples_by_key(files: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """webdataset's `group_by_keys` over `files`, its own errors (a member name twice in one sample) naming the shard
+    they were read from."""
+    from webdataset.tariterators import group_by_keys
+
+    current = {"url": None}
+
+    def tracked():
+        for file in files:
+            current["url"] = file.get("__url__", current["url"])
+            yield file
+
+    try:
+        yield from group_by_keys(tracked())
+    except _ShardError:
+        raise
+    except Exception as error:
+        raise _ShardError(f"webdataset shard {current['url']}: {type(error).__name__}: {str(error)[:300]}") from error
 
 
 def _webdataset(urls: list[str], select_files=None, split: bool = False):
@@ -534,7 +561,6 @@ def _webdataset(urls: list[str], select_files=None, split: bool = False):
     """
     import webdataset as wds
     from webdataset.cache import StreamingOpen
-    from webdataset.tariterators import group_by_keys
 
     splitters = [wds.split_by_node, wds.split_by_worker] if split else []
     return wds.DataPipeline(
@@ -542,7 +568,7 @@ def _webdataset(urls: list[str], select_files=None, split: bool = False):
         *splitters,
         StreamingOpen(),
         lambda sources: _tar_members(sources, select_files),
-        group_by_keys,
+        _samples_by_key,
     )
 
 
