@@ -2,6 +2,7 @@
 splitting), `datasets` streaming, joined to the region cache by key, and a recipe stage that trains on them."""
 
 import json
+import re
 from collections import Counter
 
 import numpy as np
@@ -177,3 +178,50 @@ def test_a_recipe_trains_on_streaming_sources(shards, region_cache, tmp_path):
     bad["stages"][0]["sources"][0]["type"] = "manifest"
     with pytest.raises(RecipeError, match="streaming must be"):
         recipe_from_dict(bad)
+
+
+def test_a_datasets_stream_reads_compressed_files_and_names_an_empty_or_unmatched_one(tmp_path):
+    import gzip
+
+    rows = [{"key": f"img{i}", "captions": [f"caption {i}"]} for i in range(3)]
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    (tmp_path / "pairs.jsonl.gz").write_bytes(gzip.compress(text.encode()))
+    pairs = list(DatasetStream(str(tmp_path / "pairs.jsonl.gz"), shuffle_buffer=0).epoch_pairs(0))
+    assert pairs == [(row["key"], row["captions"][0]) for row in rows]
+    (tmp_path / "empty.jsonl").write_text("")
+    # These escaped as datasets' "generator raised StopIteration", naming no file.
+    for path in (tmp_path / "empty.jsonl", tmp_path / "none*.jsonl"):
+        with pytest.raises(
+            ValueError, match=rf"streaming source 'dataset': cannot open {re.escape(str(path))} \(.*no data"
+        ):
+            next(DatasetStream(str(path)).epoch_pairs(0))
+
+
+def test_the_local_data_of_a_streamed_source_is_checked_when_the_recipe_is_read(shards, tmp_path):
+    # Found only when its stage started, after the stages before it had trained.
+    from imagebert_hf.training.recipe import check_source_paths
+
+    folder, _ = shards
+    warm = {"name": "warm", "type": "synthetic", "num_images": 8, "regions": "annotations"}
+    regions = {"region_cache": str(tmp_path)}
+    for source, message in (
+        ({"type": "webdataset", "path": str(folder / "{00000..00003}.tarz")}, "webdataset shards not found"),
+        ({"type": "hf_dataset", "path": str(tmp_path / "none*.jsonl")}, r"no file matches .*none\*\.jsonl"),
+    ):
+        recipe = recipe_from_dict({
+            "output_dir": str(tmp_path / "run"),
+            "model": {"tokenizer": "synthetic"},
+            "stages": [
+                {"name": "one", "max_steps": 1, "sources": [warm]},
+                {"name": "two", "max_steps": 1, "sources": [{"name": "s", "streaming": True, **regions, **source}]},
+            ],
+        })  # fmt: skip
+        with pytest.raises(RecipeError, match=rf"stages\[1\]\.sources\[0\]\.path: {message}"):
+            check_source_paths(recipe)
+    # A Hub id and a remote URL are left to the stream.
+    hub = {"name": "s", "streaming": True, "type": "hf_dataset", "path": "org/captions", **regions}
+    remote = {"name": "w", "streaming": True, "type": "webdataset", "path": "https://host/{000..009}.tar", **regions}
+    check_source_paths(recipe_from_dict({
+        "output_dir": str(tmp_path / "run"), "model": {"tokenizer": "synthetic"},
+        "stages": [{"name": "one", "max_steps": 1, "sources": [hub, remote]}],
+    }))  # fmt: skip

@@ -766,8 +766,6 @@ class DatasetStream(StreamingPairSource):
         shuffle_buffer (`int`, defaults to 10000): Rows the shuffle draws from; 0 reads the stream in its order.
     """
 
-    _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-
     def __init__(
         self,
         dataset,
@@ -788,7 +786,7 @@ class DatasetStream(StreamingPairSource):
         if not isinstance(self.dataset, (str, Path)):
             return self.dataset
         path = str(self.dataset)
-        builder = self._BUILDERS.get(Path(path.split("?")[0]).suffix.lower())
+        builder = data_file_builder(path)
         if builder is not None:
             return datasets.load_dataset(builder, data_files={self.split: path}, split=self.split, streaming=True)
         return datasets.load_dataset(path, split=self.split, streaming=True)
@@ -798,10 +796,10 @@ class DatasetStream(StreamingPairSource):
 
         try:
             stream = self._open()
-        except (FileNotFoundError, ValueError, OSError) as error:
+        except Exception as error:  # noqa: BLE001 - datasets raises many kinds (an empty file: StopIteration)
+            detail = str(error)[:300] or "no data: an empty file, or a pattern no file matches"
             raise ValueError(
-                f"streaming source {self.name!r}: cannot open {self.dataset} ({type(error).__name__}: "
-                f"{str(error)[:300]})."
+                f"streaming source {self.name!r}: cannot open {self.dataset} ({type(error).__name__}: {detail})."
             ) from error
         if self.shuffle_buffer and hasattr(stream, "shuffle"):
             stream = stream.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
@@ -844,6 +842,20 @@ class DatasetStream(StreamingPairSource):
             )
             for text in captions:
                 yield key, text
+
+
+# The `datasets` builder of data files by suffix, after any compression suffix (`datasets` reads those too).
+_DATA_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+_COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4")
+
+
+def data_file_builder(path: str) -> str | None:
+    """The `datasets` builder (`json`, `parquet`, `csv`) of data files named by `path` (a file, a glob or an fsspec
+    URL, `.jsonl.gz` as `.jsonl`); None for a Hub id or a folder, which `load_dataset` opens by its name."""
+    name = path.split("?")[0].lower()
+    for suffix in _COMPRESSION_SUFFIXES:
+        name = name.removesuffix(suffix)
+    return _DATA_FILE_BUILDERS.get(Path(name).suffix)
 
 
 def _buffer_shuffled(items, buffer_size: int, rng: np.random.Generator):

@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import glob
 import inspect
 import io
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,7 @@ from typing import Any
 from transformers.utils import logging
 
 from ..data.collator import MaskingSettings
-from ..data.pair_sources import expand_urls
+from ..data.pair_sources import data_file_builder, expand_urls
 from ..formats.files import check_folder_or_hub_id, expand_home, read_text_file
 from ..models.imagebert import configuration_imagebert as model_configuration
 from ..models.imagebert.configuration_imagebert import FIELD_RULES, SEED_RULE, check_field
@@ -585,6 +587,11 @@ _MODEL_FOLDERS = {
 }
 
 
+def _names_local_files(path: str) -> bool:
+    """Whether a stream's `path` names data files on this machine (not a Hub id, a folder or an fsspec URL)."""
+    return "://" not in path and data_file_builder(path) is not None
+
+
 def check_source_paths(recipe: Recipe, where: str = "recipe") -> None:
     """Fails with a `RecipeError` naming the field when a source's data or region cache does not exist, or a model
     folder the recipe names (`text_pretrained`, `init_from`, `tokenizer`, `processor`) is missing or a file and not
@@ -604,7 +611,11 @@ def check_source_paths(recipe: Recipe, where: str = "recipe") -> None:
             streamed = spec.streaming  # a stream's path may be a URL or a Hub name
             if spec.type == "hf_dataset" and not streamed and not Path(spec.path).is_dir():
                 raise RecipeError(f"{at}.path: {spec.path} is not a folder saved with Dataset.save_to_disk.")
-            if spec.type == "webdataset" and not streamed:
+            # Local data of a stream too: a missing shard or file is otherwise found when its stage starts.
+            local = spec.type == "hf_dataset" and streamed and _names_local_files(spec.path)
+            if local and not glob.glob(os.path.expanduser(spec.path)):
+                raise RecipeError(f"{at}.path: no file matches {spec.path} (expected its data files).")
+            if spec.type == "webdataset":
                 try:
                     expand_urls(spec.path)
                 except FileNotFoundError as error:
