@@ -129,6 +129,27 @@ def test_bad_input_is_named(scores, text_to_image, num_folds, message):
         retrieval_metrics(scores, text_to_image, num_folds=num_folds)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        # 0.7, 1.2, 1.9 were cut to images 0, 1, 1 and scored as such.
+        ({"text_to_image": [0.7, 1.2, 1.9]}, ValueError, r"whole image indices; got float64 values such as \[0.7\]"),
+        ({"text_to_image": [0.0, float("nan"), 2.0]}, ValueError, r"such as \[nan\]"),
+        ({"text_to_image": [True, False, True]}, ValueError, r"got bool values"),
+        ({"num_folds": "3"}, TypeError, r"num_folds must be an integer, got '3'"),
+        ({"num_folds": 3.0}, TypeError, r"num_folds must be an integer, got 3.0"),
+        ({"ks": (0,)}, ValueError, r"ks must be a non-empty list of positive integers"),
+        ({"ks": ()}, ValueError, r"ks must be a non-empty list"),
+    ],
+)
+def test_indices_folds_and_cut_offs_that_are_not_whole_counts_are_refused(kwargs, error, message):
+    arguments = {"text_to_image": [0, 1, 2], **kwargs}
+    with pytest.raises(error, match=message):
+        retrieval_metrics(np.eye(3), **arguments)
+    # Whole floats are indices, as they are elsewhere.
+    assert retrieval_metrics(np.eye(3), [0.0, 1.0, 2.0])["rsum"] == 600.0
+
+
 def test_table_formatting():
     table = format_metrics_table({"toy": retrieval_metrics(np.eye(2), [0, 1])})
     assert table.splitlines()[2] == "| toy | 100.0 | 100.0 | 100.0 | 100.0 | 100.0 | 100.0 | 600.0 |"

@@ -41,8 +41,32 @@ def _as_score_tensor(scores) -> torch.Tensor:
     return scores
 
 
+def check_ks(ks) -> tuple[int, ...]:
+    """The cut-offs K as a tuple; raises a ValueError for anything but a non-empty list of positive integers."""
+    # A numpy array is no `Sequence`, and the truth of one with several values is an error: its length tells.
+    if (
+        isinstance(ks, (str, bytes))
+        or not isinstance(ks, (Sequence, np.ndarray))
+        or (isinstance(ks, np.ndarray) and ks.ndim != 1)
+        or len(ks) == 0
+        or any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 for k in ks)
+    ):
+        raise ValueError(f"ks must be a non-empty list of positive integers (the cut-offs K), got {ks!r}.")
+    return tuple(int(k) for k in ks)
+
+
 def _as_text_to_image(text_to_image, num_images: int, num_texts: int) -> torch.Tensor:
-    text_to_image = torch.as_tensor(np.asarray(text_to_image), dtype=torch.long).reshape(-1)
+    array = np.asarray(text_to_image).reshape(-1)
+    # Cast as it is, 1.9 would be image 1: an index is a whole number.
+    whole = array.dtype.kind in "iu" or (
+        array.dtype.kind == "f" and bool(np.isfinite(array).all()) and bool((array == np.round(array)).all())
+    )
+    if array.size and not whole:
+        wrong = array[:1] if array.dtype.kind != "f" else array[~(np.isfinite(array) & (array == np.round(array)))][:1]
+        raise ValueError(
+            f"text_to_image must hold whole image indices; got {array.dtype} values such as {wrong.tolist()}."
+        )
+    text_to_image = torch.as_tensor(array.astype(np.int64, copy=False), dtype=torch.long)
     if text_to_image.numel() != num_texts:
         raise ValueError(
             f"text_to_image has {text_to_image.numel()} entries but scores has {num_texts} texts (columns); "
@@ -159,6 +183,9 @@ def retrieval_metrics(
     scores = _as_score_tensor(scores)
     num_images, num_texts = scores.shape
     text_to_image = _as_text_to_image(text_to_image, num_images, num_texts)
+    ks = check_ks(ks)
+    if isinstance(num_folds, bool) or not isinstance(num_folds, (int, np.integer)):
+        raise TypeError(f"num_folds must be an integer, got {num_folds!r}.")
     if num_folds < 1 or num_images % num_folds:
         raise ValueError(
             f"num_folds must be a positive divisor of the number of images ({num_images}), got {num_folds}."
@@ -220,6 +247,7 @@ __all__ = [
     "DEFAULT_KS",
     "TIE_ATOL",
     "TIE_RTOL",
+    "check_ks",
     "format_metrics_table",
     "recall_at_k",
     "retrieval_metrics",

@@ -1,12 +1,10 @@
 """Image-text retrieval recall@K (TR and IR R@1/5/10 and RSUM) as an `evaluate` metric."""
 
-from collections.abc import Sequence
-
 import datasets
 import evaluate
 import numpy as np
 
-from imagebert_hf.evaluation.recall import retrieval_metrics
+from imagebert_hf.evaluation.recall import check_ks, retrieval_metrics
 
 
 _DESCRIPTION = """
@@ -56,15 +54,7 @@ class ImageTextRetrieval(evaluate.Metric):
         )
 
     def _compute(self, predictions, references, num_folds: int = 1, ks=(1, 5, 10)) -> dict[str, float]:
-        # A numpy array is no `Sequence`, and the truth of one with several values is an error: its length tells.
-        if (
-            isinstance(ks, (str, bytes))
-            or not isinstance(ks, (Sequence, np.ndarray))
-            or (isinstance(ks, np.ndarray) and ks.ndim != 1)
-            or len(ks) == 0
-            or any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 for k in ks)
-        ):
-            raise ValueError(f"ks must be a non-empty list of positive integers (the cut-offs K), got {ks!r}.")
+        ks = check_ks(ks)
         # Checked row by row: numpy's message for ragged rows names no text.
         expected = len(predictions[0]) if len(predictions) else 0
         for text, row in enumerate(predictions):
@@ -83,7 +73,7 @@ class ImageTextRetrieval(evaluate.Metric):
                 f"predictions[{text}][{image}] is {scores[text, image]}; every score must be a finite number (a "
                 "missing score reads as nan)."
             )
-        return retrieval_metrics(scores.T, np.asarray(references), num_folds=num_folds, ks=tuple(int(k) for k in ks))
+        return retrieval_metrics(scores.T, np.asarray(references), num_folds=num_folds, ks=ks)
 
 
 __all__ = ["ImageTextRetrieval"]
