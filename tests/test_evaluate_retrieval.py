@@ -48,6 +48,7 @@ def test_the_example_prints_and_writes_the_evaluation(tokenizer, checkpoint, tmp
     full, shortlist = written["results"]
     assert full["ranking"] == "full" and full["dataset_name"] == "synthetic" and full["dataset_split"] == "test"
     assert shortlist["ranking"] == "shortlist k=24" and shortlist["pairs_scored"] == 288
+    assert shortlist["index_type"] == "flat"  # an approximate index's results are told apart
 
     # The metrics are those of the model on the held-out generated set, computed here on their own.
     model = ImageBERTForImageTextRetrieval.from_pretrained(checkpoint).eval()
@@ -67,6 +68,24 @@ def test_the_example_prints_and_writes_the_evaluation(tokenizer, checkpoint, tmp
     # A second run reads the corpus cache and gives the same results.
     again = main([*flags, "--output_dir", str(tmp_path / "again")])
     assert [r["metrics"] for r in again["results"]] == [r["metrics"] for r in returned["results"]]
+
+    # As fine-tuning's evaluation can, fewer captions per image; the corpus cache of all of them is not reused.
+    with pytest.raises(ValueError, match=r"built from other data or settings \(captions_per_image: cache None, this"):
+        main([*flags, "--output_dir", str(tmp_path / "fewer"), "--captions_per_image", "1"])
+    flags[flags.index("--corpus_cache") + 1] = str(tmp_path / "fewer.pt")
+    fewer = main([*flags, "--output_dir", str(tmp_path / "fewer"), "--captions_per_image", "1"])
+    assert [(r["num_images"], r["num_texts"]) for r in fewer["results"]] == [(12, 12), (12, 12)]
+
+
+def test_a_gallery_of_one_image_plots_its_histogram_without_a_warning(checkpoint, tmp_path):
+    import warnings
+
+    main = runpy.run_path(str(PROJECT_ROOT / "examples" / "evaluate_retrieval.py"))["main"]
+    flags = ["--model_name_or_path", str(checkpoint), "--dataset", "synthetic", "--synthetic_images", "4"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # numpy's "invalid value encountered in divide"
+        main([*flags, "--max_images", "1", "--output_dir", str(tmp_path / "one")])
+    assert (tmp_path / "one" / "score_histogram.png").stat().st_size > 0
 
 
 def test_flags_that_are_missing_are_named(make_tiny_config, tokenizer, tmp_path):

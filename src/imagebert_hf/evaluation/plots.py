@@ -90,10 +90,9 @@ def plot_score_histograms(scores, text_to_image, path: str | Path, bins: int = 5
     positive = torch.zeros_like(scores, dtype=torch.bool)
     positive[text_to_image, torch.arange(scores.shape[1])] = True
     fig, axis = subplots(figsize=(5, 3.4))
-    axis.hist(
-        scores[~positive].numpy(), bins=bins, density=True, alpha=0.6, label=f"non-matching ({(~positive).sum()})"
-    )
-    axis.hist(scores[positive].numpy(), bins=bins, density=True, alpha=0.6, label=f"matching ({positive.sum()})")
+    for values, label in ((scores[~positive], "non-matching"), (scores[positive], "matching")):
+        if values.numel():  # a one-image gallery has no non-matching pair: an empty density would divide by zero
+            axis.hist(values.numpy(), bins=bins, density=True, alpha=0.6, label=f"{label} ({values.numel()})")
     axis.set_xlabel("score (log-odds of a match)")
     axis.set_ylabel("density")
     axis.legend(fontsize=8)
