@@ -19,9 +19,11 @@ from imagebert_hf.data.synthetic import (
 )
 from imagebert_hf.evaluation.relation_swaps import (
     CONTROL_KIND,
+    SCORERS,
     SwapProbe,
     clear_left_right_pair,
     cross_encoder_scores,
+    format_relation_swap_table,
     manifest_swap_probes,
     relation_swap_accuracy,
     synthetic_swap_probes,
@@ -344,7 +346,7 @@ def test_script_end_to_end(tmp_path, tiny_model, tokenizer, make_tiny_config, ca
     tokenizer.save_pretrained(tmp_path / "pretrained")
     summary = main(["--model_name_or_path", str(tmp_path / "pretrained"), "--num_images", "4"])
     assert summary["dual_encoder_heads_trained"] is False
-    assert set(summary["results"]["object_swap"]) == {"chance", "cross_encoder"}
+    assert set(summary["results"]["object_swap"]) == {"chance", "cross_encoder", "indistinguishable"}
 
 
 def test_script_on_a_manifest_with_a_region_cache(tmp_path, tokenizer, make_tiny_config, make_tiny_extractor, capsys):
@@ -419,3 +421,26 @@ def test_script_names_a_bad_argument(flags, message, tmp_path, tiny_model, token
     assert stop.value.code == 1
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and message in error[0], error
+
+
+def test_probes_the_tokenizer_reads_as_one_input_are_left_out_and_counted(tiny_model, tokenizer):
+    # Both captions `a [UNK] to the left of a [UNK]` for a tokenizer without the object names: the model saw one
+    # input twice, and these ties once made the accuracy "significantly below chance".
+    probes = [
+        SwapProbe(0, "a red circle to the left of a blue square", "a blue square to the left of a red circle", "object_swap"),
+        SwapProbe(1, "a zebra to the left of a giraffe", "a giraffe to the left of a zebra", "object_swap"),
+        SwapProbe(2, "a kite to the left of a dog", "a dog to the left of a kite", "object_swap"),
+    ]  # fmt: skip
+    regions = {
+        "region_features": torch.randn(3, 4, tiny_model.config.region_feature_size),
+        "region_locations": torch.rand(3, 4, 5),
+    }
+    results = relation_swap_accuracy(
+        tiny_model, probes, tokenizer, regions, {"cross_encoder": SCORERS["cross_encoder"]}
+    )
+    assert results["object_swap"]["indistinguishable"] == 2
+    assert results["object_swap"]["cross_encoder"]["n"] == 1
+    table = format_relation_swap_table(results)
+    assert "| ties | left out (same tokens) |" in table and table.splitlines()[2].endswith(" | 2 |")
+    with pytest.raises(ValueError, match=r"all 2 probes give the model the same tokens .*\[UNK\]"):
+        relation_swap_accuracy(tiny_model, probes[1:], tokenizer, regions)

@@ -248,15 +248,18 @@ class RelationView:
                 if e.key in rows
             ]
             region_inputs = dict(self.demo.processor(regions=records, return_tensors="pt"))
-            self._summary = relation_swap_accuracy(
-                self.demo.retriever.model,
-                probes,
-                self.demo.processor.tokenizer,
-                region_inputs,
-                self.scorers,
-                self.demo.batch_size,
-                self.demo.processor.max_text_length,
-            )
+            try:
+                self._summary = relation_swap_accuracy(
+                    self.demo.retriever.model,
+                    probes,
+                    self.demo.processor.tokenizer,
+                    region_inputs,
+                    self.scorers,
+                    self.demo.batch_size,
+                    self.demo.processor.max_text_length,
+                )
+            except ValueError as error:  # e.g. a tokenizer that reads none of the gallery's object names
+                raise AppInputError(str(error)) from None
         return self._summary
 
     def summary_lines(self, kind: str) -> list[str]:

@@ -262,11 +262,17 @@ def relation_swap_accuracy(
             `config.max_text_length` by default).
 
     Returns:
-        `{kind: {scorer: {"accuracy", "ci_low", "ci_high", "wins", "n", "ties"}, "chance": 0.5}}` for each kind
-        present, plus `"all_swaps"` over the swap probes when there is more than one kind of swap (the
-        `"other_image"` control stays apart). A tie (scores within `TIE_RTOL` / `TIE_ATOL`, float32 batch noise)
-        counts as a loss (the true caption must win), and `ties` says how many there were. `"all_swaps"` pools two probes per image, which are not independent: its interval is
-        too narrow, so read the per-kind ones.
+        `{kind: {scorer: {"accuracy", "ci_low", "ci_high", "wins", "n", "ties"}, "chance": 0.5, "indistinguishable":
+        k}}` for each kind present, plus `"all_swaps"` over the swap probes when there is more than one kind of swap
+        (the `"other_image"` control stays apart). A tie (scores within `TIE_RTOL` / `TIE_ATOL`, float32 batch noise)
+        counts as a loss (the true caption must win), and `ties` says how many there were. A probe whose two captions
+        the tokenizer reads as the same tokens (words outside its vocabulary, both `[UNK]`; a cut at
+        `max_text_length` before the swapped words) gives the model one input twice: it measures nothing and is left
+        out of `n`, counted in `indistinguishable` (a kind left with no probe has no scorer entry). `"all_swaps"`
+        pools two probes per image, which are not independent: its interval is too narrow, so read the per-kind ones.
+
+    Raises:
+        ValueError: no probes, unknown kinds, or every probe indistinguishable.
     """
     if not probes:
         raise ValueError("probes is empty; expected at least one SwapProbe (no image had a clear relation?).")
@@ -285,19 +291,37 @@ def relation_swap_accuracy(
             tokenizer, texts, name="caption", padding=True, padding_side="right", return_tensors="pt", **truncate
         )
     )
+    ids, mask = text_inputs["input_ids"], text_inputs["attention_mask"].bool()
+    read = [tuple(ids[row][mask[row]].tolist()) for row in range(len(texts))]
+    same = {
+        i
+        for i, probe in enumerate(probes)
+        if read[position[probe.true_caption]] == read[position[probe.swapped_caption]]
+    }
+    if len(same) == len(probes):
+        raise ValueError(
+            f"all {len(probes)} probes give the model the same tokens for the true and the swapped caption (e.g. "
+            f"{probes[0].true_caption!r} -> {tokenizer.convert_ids_to_tokens(list(read[position[probes[0].true_caption]]))}): "
+            "the tokenizer does not read the words that were swapped, so there is nothing to measure."
+        )
     images = torch.tensor([probe.image for probe in probes]).repeat_interleave(2)
     captions = torch.tensor([position[c] for probe in probes for c in (probe.true_caption, probe.swapped_caption)])
     kinds = [probe.kind for probe in probes]
     groups = {kind: [i for i, k in enumerate(kinds) if k == kind] for kind in PROBE_KINDS if kind in kinds}
     if len(set(kinds) & set(SWAP_KINDS)) > 1:
         groups["all_swaps"] = [i for i, kind in enumerate(kinds) if kind in SWAP_KINDS]
-    results: dict[str, Any] = {name: {"chance": 0.5} for name in groups}
+    results: dict[str, Any] = {
+        name: {"chance": 0.5, "indistinguishable": sum(i in same for i in members)} for name, members in groups.items()
+    }
+    groups = {name: [i for i in members if i not in same] for name, members in groups.items()}
     for name, scorer in scorers.items():
         scores = torch.as_tensor(scorer(model, text_inputs, region_inputs, images, captions, batch_size)).float()
         if scores.shape != (2 * len(probes),):
             raise ValueError(f"scorer {name!r} returned shape {tuple(scores.shape)}; expected ({2 * len(probes)},).")
         true_scores, swapped_scores = scores.view(-1, 2).unbind(1)
         for group, members in groups.items():
+            if not members:
+                continue
             members = torch.tensor(members)
             true_member, swapped_member = true_scores[members], swapped_scores[members]
             # The same pair in two rows of a batch can score a few float32 units apart: that is a tie, not a win.
@@ -459,16 +483,21 @@ def run_relation_swap_evaluation(
 
 def format_relation_swap_table(results: Mapping[str, Any]) -> str:
     """The results of `relation_swap_accuracy` as a Markdown table: accuracy and 95% interval per kind and scorer."""
-    lines = ["| probes | scorer | true caption wins | 95% interval | n |", "|---|---|---|---|---|"]
+    lines = [
+        "| probes | scorer | true caption wins | 95% interval | n | ties | left out (same tokens) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for group, by_scorer in results.items():
+        left_out = by_scorer.get("indistinguishable", 0)
         for name, value in by_scorer.items():
-            if name == "chance":
+            if not isinstance(value, Mapping):
                 continue
             lines.append(
                 f"| {group} | {name} | {100 * value['accuracy']:.1f}% | "
-                f"{100 * value['ci_low']:.1f}-{100 * value['ci_high']:.1f}% | {value['n']} |"
+                f"{100 * value['ci_low']:.1f}-{100 * value['ci_high']:.1f}% | {value['n']} | {value['ties']} | "
+                f"{left_out} |"
             )
-        lines.append(f"| {group} | chance | 50.0% | | |")
+        lines.append(f"| {group} | chance | 50.0% | | | | {left_out} |")
     return "\n".join(lines)
 
 
