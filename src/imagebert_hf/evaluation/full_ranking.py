@@ -32,8 +32,8 @@ from ..data.retrieval_corpus import (
 )
 from ..data.synthetic import make_synthetic_examples, synthetic_region_record
 from ..formats.files import (
-    atomic_write_bytes,
     atomic_write_json,
+    atomic_writer,
     check_folder_or_hub_id,
     check_output_dir,
     expand_home,
@@ -250,8 +250,9 @@ def corpus_fingerprint(args: EvaluationArguments, records, tokenizer, config, re
 
 def save_corpus_cache(path: str | os.PathLike, corpus: RetrievalCorpus, fingerprint: dict) -> None:
     """Writes a stacked corpus as one safetensors file (tensors, plus ids, captions and `fingerprint` as JSON
-    metadata), atomically: an interrupted write leaves the previous file."""
-    from safetensors.torch import save
+    metadata), atomically: an interrupted write leaves the previous file. The tensors are written from their own
+    memory, not first gathered into one file-sized buffer (COCO 5k's regions are gigabytes)."""
+    from safetensors.torch import save_file
 
     tensors = {"text_to_image": corpus.text_to_image.contiguous()}
     tensors.update({f"text_inputs.{k}": v.contiguous() for k, v in corpus.text_inputs.items()})
@@ -263,7 +264,9 @@ def save_corpus_cache(path: str | os.PathLike, corpus: RetrievalCorpus, fingerpr
         "texts": json.dumps(corpus.texts),
     }
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, save(tensors, metadata=metadata))
+    with atomic_writer(path) as handle:
+        # Written by name into the writer's temporary file, which the writer then syncs and renames.
+        save_file(tensors, handle.name, metadata=metadata)
 
 
 # What `save_corpus_cache` stores: each tensor's dtype ("int64", or any floating one) and dimensions, named by the
@@ -378,20 +381,25 @@ def load_corpus_cache(path: str | os.PathLike, fingerprint: dict) -> RetrievalCo
             for another split, dataset, tokenizer or region cache (the message names the settings that differ).
     """
     from safetensors import SafetensorError
-    from safetensors.torch import load
+    from safetensors.torch import load_file
 
     path = Path(path)
-    data = path.read_bytes()
-    header_size = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
-    if not 2 <= header_size <= len(data) - 8 or data[8:9] != b"{":
+    size = path.stat().st_size
+    # The header alone is read to check the file; the tensors are then read from the mapped file, never the whole
+    # file into memory beside them.
+    with open(path, "rb") as handle:
+        start = handle.read(9)
+        header_size = int.from_bytes(start[:8], "little") if len(start) >= 8 else -1
+        header = handle.read(header_size - 1) if 2 <= header_size <= size - 8 and start[8:9] == b"{" else None
+    if header is None:
         raise CorpusCacheError(
             f"--corpus_cache {path} is not a corpus cache written by this version (a safetensors file); got "
-            f"{len(data)} bytes starting with {data[:8]!r}. Older .pt caches were pickles, which are never loaded "
+            f"{size} bytes starting with {start[:8]!r}. Older .pt caches were pickles, which are never loaded "
             "(they can run code): delete the file and rerun, which rebuilds it."
         )
     try:
-        metadata = json.loads(data[8 : 8 + header_size]).get("__metadata__") or {}
-        tensors = load(data)
+        metadata = json.loads(b"{" + header).get("__metadata__") or {}
+        tensors = load_file(path)
         stored = json.loads(metadata["fingerprint"])
         image_ids, texts = json.loads(metadata["image_ids"]), json.loads(metadata["texts"])
     except (SafetensorError, ValueError, KeyError, TypeError) as error:
