@@ -160,3 +160,31 @@ def test_a_stream_without_a_buffer_of_recent_pairs_is_refused(tokenizer, buffer)
     # 0 crashed on the first sample (an empty deque indexed when evicting).
     with pytest.raises(ValueError, match=rf"negative_buffer must be a positive number of recent pairs .*{buffer!r}"):
         StreamingPretrainingDataset([None], [{}], [1.0], tokenizer, 16, 2, negative_buffer=buffer)
+
+
+@pytest.mark.parametrize("image_id", ["given", "absent", "a list"])
+def test_in_batch_negatives_are_drawn_whatever_the_samples_say_of_their_picture(tokenizer, image_id):
+    # Without `image_id` (it is optional) every sample was once passed over as a partner: no negative at all.
+    rng = np.random.default_rng(1)
+    features = []
+    for i, (_, caption) in enumerate(PAIRS[:6]):
+        feature = {
+            "input_ids": tokenizer(caption)["input_ids"],
+            "region_features": rng.standard_normal((2, 4)).astype(np.float32),
+            "region_locations": np.full((2, 5), 0.5, dtype=np.float32),
+        }
+        if image_id != "absent":
+            feature["image_id"] = f"img{i}" if image_id == "given" else [f"img{i}"]
+        features.append(feature)
+    negatives = sum(
+        int(
+            (
+                DataCollatorForImageBERTPretraining(tokenizer, itm_negative_probability=0.5, seed=seed)(features)[
+                    "itm_labels"
+                ]
+                == 0
+            ).sum()
+        )
+        for seed in range(40)
+    )
+    assert 0.4 < negatives / (40 * len(features)) < 0.6

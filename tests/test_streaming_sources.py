@@ -225,3 +225,18 @@ def test_the_local_data_of_a_streamed_source_is_checked_when_the_recipe_is_read(
         "output_dir": str(tmp_path / "run"), "model": {"tokenizer": "synthetic"},
         "stages": [{"name": "one", "max_steps": 1, "sources": [hub, remote]}],
     }))  # fmt: skip
+
+
+def test_a_recursive_glob_of_a_streams_data_files_is_resolved_as_the_stream_resolves_it(tmp_path):
+    from imagebert_hf.training.recipe import check_source_paths
+
+    nested = tmp_path / "data" / "part-a" / "2024"
+    nested.mkdir(parents=True)
+    (nested / "x.jsonl").write_text(json.dumps({"key": "img0", "captions": ["a cat"]}) + "\n")
+    source = {"name": "s", "type": "hf_dataset", "streaming": True, "path": str(tmp_path / "data" / "**" / "*.jsonl"),
+              "region_cache": str(tmp_path)}  # fmt: skip
+    check_source_paths(recipe_from_dict({
+        "output_dir": str(tmp_path / "run"), "model": {"tokenizer": "synthetic"},
+        "stages": [{"name": "one", "max_steps": 1, "sources": [source]}],
+    }))  # fmt: skip
+    assert list(DatasetStream(source["path"], shuffle_buffer=0).epoch_pairs(0)) == [("img0", "a cat")]

@@ -81,7 +81,8 @@ class CaptionPictures:
     Built from every pair of a source (`from_pairs`), it keeps only the captions found on more than one picture, so
     that millions of distinct captions cost one array of keys; filled pair by pair (`add` / `discard`), it follows a
     window of pairs, such as a stream's recent ones or a batch. Captions are any hashable keys: `caption_key` of a
-    text, or the token ids the model reads.
+    text, or the token ids the model reads. A pair whose picture is unknown (None, or not hashable) is not indexed:
+    it describes no picture that another pair could be.
     """
 
     def __init__(self):
@@ -102,9 +103,13 @@ class CaptionPictures:
         return index
 
     def add(self, caption: Hashable, picture: Hashable) -> None:
+        if picture is None or not isinstance(picture, Hashable):
+            return
         self._counts[caption, picture] = self._counts.get((caption, picture), 0) + 1
 
     def discard(self, caption: Hashable, picture: Hashable) -> None:
+        if picture is None or not isinstance(picture, Hashable):
+            return
         count = self._counts.get((caption, picture), 0)
         if count > 1:
             self._counts[caption, picture] = count - 1
@@ -113,12 +118,12 @@ class CaptionPictures:
 
     def fit(self, caption: Hashable, picture: Hashable, other_caption: Hashable, other_picture: Hashable) -> bool:
         """Whether either caption describes the other pair's picture: swapping them would make a true pair. A
-        caption describes its own pair's picture, and those of the pairs known to carry it."""
-        return (
-            caption == other_caption
-            or (caption, other_picture) in self._counts
-            or (other_caption, picture) in self._counts
-        )
+        caption describes its own pair's picture, and those of the pairs known to carry it; an unknown picture is
+        described only by its own pair's caption."""
+        return caption == other_caption or self._known(caption, other_picture) or self._known(other_caption, picture)
+
+    def _known(self, caption: Hashable, picture: Hashable) -> bool:
+        return picture is not None and isinstance(picture, Hashable) and (caption, picture) in self._counts
 
 
 def choose_hard_caption(rng: np.random.Generator, share: float, captions: Callable[[], Sequence[str]]) -> str | None:

@@ -613,7 +613,7 @@ def check_source_paths(recipe: Recipe, where: str = "recipe") -> None:
                 raise RecipeError(f"{at}.path: {spec.path} is not a folder saved with Dataset.save_to_disk.")
             # Local data of a stream too: a missing shard or file is otherwise found when its stage starts.
             local = spec.type == "hf_dataset" and streamed and _names_local_files(spec.path)
-            if local and not glob.glob(os.path.expanduser(spec.path)):
+            if local and not glob.glob(os.path.expanduser(spec.path), recursive=True):
                 raise RecipeError(f"{at}.path: no file matches {spec.path} (expected its data files).")
             if spec.type == "webdataset":
                 try:
