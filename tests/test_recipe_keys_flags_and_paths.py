@@ -263,3 +263,15 @@ def test_a_model_config_dtype_which_training_would_ignore_is_refused(name):
     # The weights train in float32 whatever it says: a recipe asking bfloat16 here would get float32 without a word.
     with pytest.raises(RecipeError, match=rf"model\.config\.{name}: the weights train in float32 .*--mixed_precision"):
         recipe_from_dict({**recipe_with(SYNTHETIC), "model": {"tokenizer": "synthetic", "config": {name: "bfloat16"}}})
+
+
+def test_a_run_whose_recipe_yaml_set_a_dtype_an_earlier_version_ignored_resumes(tmp_path):
+    from imagebert_hf.training.recipe import recipe_to_dict
+
+    recipe = recipe_from_dict(
+        {**recipe_with(SYNTHETIC), "output_dir": str(tmp_path), "model": {"tokenizer": "synthetic"}}
+    )
+    written = recipe_to_dict(recipe)
+    written["model"]["config"] = {"dtype": "bfloat16"}  # what an earlier version took, and trained in float32
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(written, sort_keys=False))
+    check_resumed_recipe(recipe)

@@ -632,7 +632,7 @@ def check_source_paths(recipe: Recipe, where: str = "recipe") -> None:
 def recipe_from_dict(data: Any, where: str = "recipe", as_written: bool = False) -> Recipe:
     """Validates a recipe given as a dict (as read from YAML). `as_written` reads the `recipe.yaml` a run wrote, as
     that run trained: a task its stage left without targets, which an earlier version trained on nothing and this
-    one refuses, is read at loss weight 0."""
+    one refuses, is read at loss weight 0; a `model.config.dtype` it ignored is left out."""
     data = _build(Recipe, data, where)
     data = dict(data)
     stages = data.pop("stages")
@@ -642,6 +642,16 @@ def recipe_from_dict(data: Any, where: str = "recipe", as_written: bool = False)
     model = _build(ModelSpec, model, f"{where}.model")
     _expand_home(model, _MODEL_PATH_FIELDS)
     _expand_home(data, ("output_dir",))
+    if as_written and isinstance(model.get("config"), dict):
+        # An earlier version took these and trained in float32 all the same: the run resumes without them.
+        ignored = [name for name in _PRECISION_KEYS if name in model["config"]]
+        if ignored:
+            model["config"] = {k: v for k, v in model["config"].items() if k not in _PRECISION_KEYS}
+            logger.warning(
+                "%s.model.config sets %s, which the run ignored (it trained in float32); read without it.",
+                where,
+                ", ".join(ignored),
+            )
     _check_model_config(model.get("config", {}), f"{where}.model.config")
     _check_model_start(model, f"{where}.model")
     recipe = Recipe(
