@@ -236,3 +236,29 @@ def test_the_training_scripts_refuse_fp16_on_the_cpu_before_writing(
     stop = run_script(script, [*flags, "--mixed_precision", "fp16"], monkeypatch)
     assert isinstance(stop, SystemExit) and stop.code == f"{script}: error: --mixed_precision fp16 {CPU_FP16}", stop
     assert not output_dir.exists()
+
+
+def test_an_untied_head_checkpoint_of_an_earlier_version_is_named_as_such_not_as_damaged(
+    tmp_path,
+    fresh_accelerate_state,  # noqa: F811
+):
+    # An earlier untied head kept an unused `cls.predictions.bias` in the model and optimizer states. Calling such a
+    # checkpoint damaged, with advice to delete it, would have had a user delete every checkpoint of the run.
+    from accelerate import Accelerator
+    from safetensors.torch import load_file, save_file
+
+    from imagebert_hf import ImageBERTConfig, ImageBERTForPreTraining
+    from imagebert_hf.training.checkpointing import TrainState, load_checkpoint, save_checkpoint
+
+    from .testing_utils import tiny_config_kwargs
+
+    torch.manual_seed(0)
+    accelerator = Accelerator(cpu=True)
+    model = ImageBERTForPreTraining(ImageBERTConfig(**tiny_config_kwargs(tie_word_embeddings=False)))
+    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+    saved = save_checkpoint(accelerator, tmp_path, TrainState(completed_steps=1, total_steps=4, num_processes=1))
+    weights = load_file(saved / "model.safetensors")
+    weights["cls.predictions.bias"] = torch.zeros_like(weights["cls.predictions.decoder.bias"])
+    save_file(weights, saved / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"was saved by an earlier version, whose untied MLM head .*itself is sound"):
+        load_checkpoint(accelerator, saved)

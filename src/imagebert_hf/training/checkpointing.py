@@ -293,6 +293,14 @@ def load_checkpoint(
         if misfit is None:
             raise
         path, detail = misfit
+        if detail == "it holds 'cls.predictions.bias', which the model does not have":
+            # Not damage: the untied MLM head lost a parameter it never used, and the saved optimizer holds it too.
+            raise ValueError(
+                f"checkpoint {checkpoint} was saved by an earlier version, whose untied MLM head "
+                "(tie_word_embeddings=False) kept an unused cls.predictions.bias that this version's head no longer "
+                "has, so its training state cannot be restored here. Resume it with the version that saved it, or "
+                "start the stage again from the model it started from; the checkpoint itself is sound."
+            ) from error
         raise ValueError(
             f"checkpoint {checkpoint}: {path.name} does not fit the model ({detail}); {DAMAGED_ADVICE}."
         ) from error
