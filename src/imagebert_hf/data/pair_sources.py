@@ -425,6 +425,10 @@ def _is_text_member(name: str) -> bool:
     return name.rsplit(".", 1)[-1].lower() in ("txt", "json")
 
 
+def _is_image_member(name: str) -> bool:
+    return name.rsplit(".", 1)[-1].lower() in _IMAGE_EXTENSIONS
+
+
 def _caption_of(sample: dict[str, Any]) -> str | None:
     """The caption of a webdataset sample as img2dataset writes it: `KEY.txt`, else `"caption"` of `KEY.json`.
 
@@ -502,19 +506,27 @@ class _EndMarkedTarInfo(tarfile.TarInfo):
             raise
 
 
-def _tar_members(sources: Iterator[dict[str, Any]], select_files=None) -> Iterator[dict[str, Any]]:
+def _tar_members(sources: Iterator[dict[str, Any]], select_files=None, name_only=None) -> Iterator[dict[str, Any]]:
     """The regular files of each opened shard as webdataset's `group_by_keys` takes them, then `{}` at each shard's
-    end. Read as a stream, like webdataset's own expander, but a shard whose members do not end with the
-    end-of-archive marker raises a `ValueError` naming it instead of ending early."""
+    end: those `select_files` takes (every one without it), and with empty data those `name_only` takes, so that a
+    sample's members are known without reading their bytes. Read as a stream, like webdataset's own expander, but a
+    shard whose members do not end with the end-of-archive marker raises a `ValueError` naming it instead of ending
+    early."""
     for source in sources:
         url = source["url"]
         try:
             with tarfile.open(fileobj=source["stream"], mode="r|*", tarinfo=_EndMarkedTarInfo) as tar:
                 for member in tar:
                     name = member.name
-                    if not member.isreg() or _META_MEMBER.match(name) or (select_files and not select_files(name)):
+                    if not member.isreg() or _META_MEMBER.match(name):
                         continue
-                    file = {"fname": name, "data": tar.extractfile(member).read(), "__url__": url}
+                    if select_files and not select_files(name):
+                        if not (name_only and name_only(name)):
+                            continue
+                        data = b""
+                    else:
+                        data = tar.extractfile(member).read()
+                    file = {"fname": name, "data": data, "__url__": url}
                     if source.get("local_path") is not None:
                         file["__local_path__"] = source["local_path"]
                     yield file
@@ -553,7 +565,7 @@ def _samples_by_key(files: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]
         raise _ShardError(f"webdataset shard {current['url']}: {type(error).__name__}: {str(error)[:300]}") from error
 
 
-def _webdataset(urls: list[str], select_files=None, split: bool = False):
+def _webdataset(urls: list[str], select_files=None, split: bool = False, name_only=None):
     """A `webdataset` pipeline over `urls` (paths, http(s)/s3/gs URLs, `pipe:` commands) giving undecoded samples;
     a truncated shard raises (see `_tar_members`).
 
@@ -567,7 +579,7 @@ def _webdataset(urls: list[str], select_files=None, split: bool = False):
         wds.SimpleShardList(urls),
         *splitters,
         StreamingOpen(),
-        lambda sources: _tar_members(sources, select_files),
+        lambda sources: _tar_members(sources, select_files, name_only),
         _samples_by_key,
     )
 
@@ -740,10 +752,21 @@ class WebDatasetStream(StreamingPairSource):
         urls = list(self.urls)
         if self.shuffle_shards:
             urls = [urls[i] for i in np.random.default_rng([self.seed, epoch]).permutation(len(urls))]
-        for sample in _read_samples(_webdataset(urls, select_files=_is_text_member, split=True), self.name):
+        warnings = _WarningBudget(10)
+        # The image members by name only: the regions come from the cache, but a sample without an image is
+        # skipped, as the listed source skips it, rather than counted as a failed record with each of its negatives.
+        samples = _webdataset(urls, select_files=_is_text_member, split=True, name_only=_is_image_member)
+        for sample in _read_samples(samples, self.name):
             caption = _caption_of(sample)
-            if caption:
+            has_image = any(extension in sample for extension in _IMAGE_EXTENSIONS)
+            if caption and has_image:
                 yield sample["__key__"], caption
+            else:
+                missing = " and no ".join(part for part, ok in (("image", has_image), ("caption", caption)) if not ok)
+                warnings.warn(
+                    f"webdataset source {self.name!r}: sample skipped, shard {sample.get('__url__')}, key "
+                    f"{sample.get('__key__')!r}: it has no {missing}."
+                )
 
 
 class DatasetStream(StreamingPairSource):
