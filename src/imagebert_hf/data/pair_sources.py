@@ -726,7 +726,9 @@ class StreamingPairSource:
 class WebDatasetStream(StreamingPairSource):
     """img2dataset webdataset shards as a stream through the `webdataset` library: local paths, URLs or `pipe:`
     commands; shards split between processes (`split_by_node`) and DataLoader workers (`split_by_worker`), in an
-    order reshuffled each epoch from `seed`. Only captions are read: regions come from the region cache.
+    order reshuffled each epoch from `seed`. Only captions are read: regions come from the region cache (image members
+are seen by name only, so that a sample without an image, or without a caption, is skipped with a warning, as
+`WebDatasetPairSource` skips it).
 
     A shard that is truncated or not a tar file, or an unreadable caption, raises a `ValueError` naming the shard
     (and key) when the stream reaches it. Keys are not checked for repeats across shards, which would take memory
