@@ -342,11 +342,13 @@ class DatasetPairSource(PairSource):
         self.dataset = dataset
         self.image_column = image_column
         self.id_column = id_column
-        keys = dataset[id_column] if id_column else _default_row_keys(dataset, image_column)
+        # Whole columns through Arrow: `dataset[column]` formats row by row, ten times slower on millions of rows.
+        columns = dataset.with_format("arrow")
+        keys = columns[id_column].to_pylist() if id_column else _default_row_keys(dataset, image_column)
         self._where = where
         self._rows: dict[str, list[int]] = {}
         pairs, captionless = [], []
-        for row, (key, texts) in enumerate(zip(keys, dataset[text_column])):
+        for row, (key, texts) in enumerate(zip(keys, columns[text_column].to_pylist())):
             key, captions = _row_captions(key, texts, f"{where}, row {row}", text_column, id_column)
             # Rows that share an id are one image (a dataset of one row per caption): their captions are pooled.
             self._rows.setdefault(key, []).append(row)
