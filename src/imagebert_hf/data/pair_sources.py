@@ -727,21 +727,21 @@ class StreamingPairSource:
 
 class WebDatasetStream(StreamingPairSource):
     """img2dataset webdataset shards as a stream through the `webdataset` library: local paths, URLs or `pipe:`
-    commands; shards split between processes (`split_by_node`) and DataLoader workers (`split_by_worker`), in an
-    order reshuffled each epoch from `seed`. Only captions are read: regions come from the region cache (image members
-are seen by name only, so that a sample without an image, or without a caption, is skipped with a warning, as
-`WebDatasetPairSource` skips it).
+        commands; shards split between processes (`split_by_node`) and DataLoader workers (`split_by_worker`), in an
+        order reshuffled each epoch from `seed`. Only captions are read: regions come from the region cache (image members
+    are seen by name only, so that a sample without an image, or without a caption, is skipped with a warning, as
+    `WebDatasetPairSource` skips it).
 
-    A shard that is truncated or not a tar file, or an unreadable caption, raises a `ValueError` naming the shard
-    (and key) when the stream reaches it. Keys are not checked for repeats across shards, which would take memory
-    growing with the stream (and each process sees only its part): check a new corpus once with
-    `WebDatasetPairSource`, or build its region cache with `image_table`, which does.
+        A shard that is truncated or not a tar file, or an unreadable caption, raises a `ValueError` naming the shard
+        (and key) when the stream reaches it. Keys are not checked for repeats across shards, which would take memory
+        growing with the stream (and each process sees only its part): check a new corpus once with
+        `WebDatasetPairSource`, or build its region cache with `image_table`, which does.
 
-    Args:
-        urls (`str` or `Sequence[str]`): Shards, with brace notation (`pipe:aws s3 cp s3://b/{00000..09999}.tar -`).
-        name (`str`, defaults to `"webdataset"`): Name used in logs.
-        shuffle_shards (`bool`, defaults to `True`): Visit the shards in another order each epoch.
-        seed (`int`, defaults to 0): Seed of that order (the same in every process, so the split stays disjoint).
+        Args:
+            urls (`str` or `Sequence[str]`): Shards, with brace notation (`pipe:aws s3 cp s3://b/{00000..09999}.tar -`).
+            name (`str`, defaults to `"webdataset"`): Name used in logs.
+            shuffle_shards (`bool`, defaults to `True`): Visit the shards in another order each epoch.
+            seed (`int`, defaults to 0): Seed of that order (the same in every process, so the split stays disjoint).
     """
 
     def __init__(

@@ -111,11 +111,7 @@ class EvaluationArguments:
     )
     max_images: int | None = field(default=None, metadata={"help": "Evaluate only the first images (quick runs)."})
     captions_per_image: int | None = field(
-        default=None,
-        metadata={
-            "help": "Keep at most this many captions of each image (a Karpathy split keeps the protocol's 5 anyway), "
-            "as run_retrieval.py's flag of the same name does for its evaluation."
-        },
+        default=None, metadata={"help": "Keep at most this many captions of each image, as run_retrieval.py does."}
     )
     synthetic_images: int = field(default=100, metadata={"help": "Generated images for dataset=synthetic."})
     batch_size: int = field(default=256, metadata={"help": "Pairs per cross-encoder forward pass."})
