@@ -6,8 +6,10 @@
 
 Without `--inputs`, the script writes a demo crawl around the COCO photos in ../shared/data (three WARC files and
 a folder of saved pages, with logos, ads, tracking pixels, spam alt texts, tiny images, a decompression bomb, a
-German page, a corrupt WARC segment and duplicates) and curates it. A bad flag or input ends the script with one line
-naming it and exit status 1.
+German page, a corrupt WARC segment and duplicates) into `OUTPUT_DIR/demo_crawl/` and curates it into
+`OUTPUT_DIR/pairs/`; with `--inputs` the pairs go into `--output_dir` itself, which may be an fsspec URL
+(`s3://bucket/lait`) for the Spark runner. A bad flag or input ends the script with one line naming it and exit
+status 1.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from imagebert_hf.curation import (
     run_spark,
     synthetic,
 )
+from imagebert_hf.curation.tally import funnel_markdown
 from imagebert_hf.formats.files import check_output_dir
 from imagebert_hf.models.imagebert.script_errors import exit_on_error, parse_flags
 
@@ -61,27 +64,34 @@ def main() -> None:
     )
     args, parse, images, text, relevance, aggregation = parse_flags(parser)
     config = CurationConfig(parse, images, text, relevance, aggregation)
-    output_dir = check_output_dir(args.output_dir)
+    # A local folder is checked here; an fsspec URL (s3://, hdfs://) is passed on as written, for the runner.
+    remote = "://" in args.output_dir
+    output_dir = args.output_dir if remote else str(check_output_dir(args.output_dir))
     if args.runner not in ("local", "spark"):
         raise ValueError(f"--runner must be local or spark, got {args.runner!r}")
 
-    # 2. Inputs: a real crawl, or the demo crawl.
-    inputs = args.inputs or demo_inputs(Path(args.data_dir), output_dir)
+    # 2. Inputs: a real crawl, curated into --output_dir; or the demo crawl, written locally into its demo_crawl/
+    #    and curated into its pairs/ (a run's output must lie apart from its inputs).
+    if not args.inputs and remote:
+        raise ValueError(f"--output_dir {args.output_dir} is a URL; the demo crawl is written locally: give --inputs.")
+    inputs = args.inputs or demo_inputs(Path(args.data_dir), Path(output_dir))
+    if not args.inputs:
+        output_dir = str(Path(output_dir) / "pairs")
 
     # 3. Run the five stages: locally with datasets, or on Spark (the active session under spark-submit). Inputs
     #    that yield not a single page end the run with their counts by reason, rather than with zero pairs.
     if args.runner == "spark":
-        result = run_spark(inputs, output_dir / "pairs", config, require_pages=True)
+        result = run_spark(inputs, output_dir, config, require_pages=True)
     else:
-        result = run_local(inputs, output_dir / "pairs", config, num_proc=args.num_proc, require_pages=True)
+        result = run_local(inputs, output_dir, config, num_proc=args.num_proc, require_pages=True)
 
     # 4. The result: a datasets.Dataset of image bytes, text, URLs and per-stage scores.
     print(result.dataset)
     for row in result.dataset.select(range(min(3, len(result.dataset)))):
         print(f"{row['relevance_score']:.2f}  {row['text']!r}  <- {row['image_url']}")
 
-    # 5. The funnel: what each stage received, kept and dropped, by reason (also funnel.png next to it).
-    print((result.output_dir / "funnel.md").read_text())
+    # 5. The funnel: what each stage received, kept and dropped, by reason (also funnel.{json,md,png} beside the data).
+    print(funnel_markdown(result.tally))
 
 
 if __name__ == "__main__":
