@@ -220,3 +220,26 @@ def test_error_line_keeps_a_workers_own_message_and_leaves_others_as_they_are():
     )
     assert error_line(wrapped) == "KeyError: 'img7' (in DataLoader worker process 3)"
     assert error_line(ValueError("--output_dir x is a file")) == "--output_dir x is a file"
+
+
+def test_curate_lait_passes_a_url_output_dir_to_the_runner_as_written(monkeypatch, tmp_path):
+    # A Path made `s3://bucket/lait` the local folder `s3:/bucket/lait/pairs` on each Spark executor, without a word.
+    module = runpy.run_path(str(EXAMPLES / "curate_lait.py"))
+    received = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_runner(inputs, output_dir, config, **kwargs):
+        received.append(output_dir)
+        raise Stop
+
+    module["main"].__globals__["run_spark"] = fake_runner
+    monkeypatch.setattr(sys, "argv", ["curate_lait.py", "--inputs", str(tmp_path), "--runner", "spark",
+                                      "--output_dir", "s3://bucket/lait"])  # fmt: skip
+    with pytest.raises(Stop):
+        module["main"]()
+    assert received == ["s3://bucket/lait"]
+    monkeypatch.setattr(sys, "argv", ["curate_lait.py", "--output_dir", "s3://bucket/lait"])
+    with pytest.raises(ValueError, match=r"is a URL; the demo crawl is written locally: give --inputs"):
+        module["main"]()
