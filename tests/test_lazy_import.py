@@ -170,3 +170,18 @@ def test_auto_classes_and_pipeline_know_imagebert_right_after_the_import(saved_m
         "ImageBERTProcessor",
         "ImageTextRetrievalPipeline",
     ]
+
+
+def test_a_subpackage_is_reached_as_an_attribute_after_the_package_import():
+    # The README's `evaluate.load(imagebert_hf.metrics.retrieval_metric_path())` once raised AttributeError unless
+    # `imagebert_hf.metrics` had been imported by name; a name that is no submodule still raises.
+    done = run_python(
+        "import sys, imagebert_hf\n"
+        "path = imagebert_hf.metrics.retrieval_metric_path()\n"
+        "print(path.endswith('image_text_retrieval'), imagebert_hf.evaluation.recall.__name__)\n"
+        "try:\n    imagebert_hf.no_such_part\nexcept AttributeError as error:\n    print(error)\n"
+    )
+    assert done.stdout.splitlines() == [
+        "True imagebert_hf.evaluation.recall",
+        "module 'imagebert_hf' has no attribute 'no_such_part'",
+    ]
