@@ -52,6 +52,7 @@ class RelationSwapArguments:
     region_cache: str | None = field(
         default=None, metadata={"help": "manifest: the region cache of its images (imagebert-extract-regions)."}
     )
+    # relation_swaps.MIN_AREA_FRACTION, written out so that --help loads no torch (a test holds them equal).
     min_area_fraction: float = field(
         default=0.01, metadata={"help": "manifest: smallest share of the image each box of a pair covers."}
     )

@@ -23,15 +23,20 @@ import numpy as np
 import torch
 
 from ..data.synthetic import CLASS_NAMES, relation_caption, synthetic_relation, synthetic_swap_captions
-from ..evaluation.relation_swaps import SCORERS, SWAP_KINDS, SwapProbe, clear_left_right_pair, relation_swap_accuracy
+from ..evaluation.relation_swaps import (
+    MIN_AREA_FRACTION,
+    SCORERS,
+    SWAP_KINDS,
+    SwapProbe,
+    clear_left_right_pair,
+    relation_swap_accuracy,
+)
 from .engine import AppInputError, GalleryImage, RegionImportance, RetrievalDemo
 
 
 # What each swap is called in the page.
 KIND_NAMES = {"object_swap": "objects swapped", "attribute_swap": "colours swapped"}
 SCORER_NAMES = {"cross_encoder": "cross-encoder (ITM head)", "dual_encoder": "dual encoder (cosine of embeddings)"}
-# Smallest share of the photo each box of a real photo's pair covers (the probe script's default).
-MIN_AREA_FRACTION = 0.01
 # The gallery's rate is taken over the examples of at most this many photos (their regions are padded in one batch).
 MAX_SUMMARY_PHOTOS = 500
 # Scores are shown to 3 decimals: a margin below half the last digit reads as equal scores.
