@@ -22,7 +22,7 @@ from imagebert_hf.formats.files import check_folder_or_hub_id, check_output_dir
 from imagebert_hf.formats.manifest import read_manifest
 from imagebert_hf.models.imagebert.configuration_imagebert import ImageBERTConfig
 from imagebert_hf.models.imagebert.processing_imagebert import ImageBERTProcessor
-from imagebert_hf.models.imagebert.script_errors import exit_on_error, parse_flags
+from imagebert_hf.models.imagebert.script_errors import exit_on_error, parse_flags, parse_json_arguments
 from imagebert_hf.regions import extract_regions, load_region_cache
 from imagebert_hf.regions.cache_layout import REPORT_NAME
 
@@ -71,7 +71,7 @@ class CacheArguments:
 def main():
     parser = HfArgumentParser((ExtractorArguments, CacheArguments))
     if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        extractor_args, cache_args = parser.parse_json_file(sys.argv[1])
+        extractor_args, cache_args = parse_json_arguments(parser, sys.argv[1])
     else:
         extractor_args, cache_args = parse_flags(parser)
     # Checked before the extraction, which can take hours, rather than by its last step.
@@ -137,5 +137,6 @@ def main():
 
 if __name__ == "__main__":
     # ImportError: an offline weights package (the backbone's, the tokenizer's) is missing.
-    with exit_on_error("extract_regions", errors=(ImportError, OSError, ValueError)):
+    # TypeError too: values read from a JSON file keep their JSON types, which the extractor checks.
+    with exit_on_error("extract_regions", errors=(ImportError, OSError, TypeError, ValueError)):
         main()

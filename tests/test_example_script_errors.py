@@ -2,6 +2,7 @@
 status, never a traceback; and the checks that refuse such input before anything is loaded or written."""
 
 import os
+import re
 import runpy
 import subprocess
 import sys
@@ -243,3 +244,29 @@ def test_curate_lait_passes_a_url_output_dir_to_the_runner_as_written(monkeypatc
     monkeypatch.setattr(sys, "argv", ["curate_lait.py", "--output_dir", "s3://bucket/lait"])
     with pytest.raises(ValueError, match=r"is a URL; the demo crawl is written locally: give --inputs"):
         module["main"]()
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"output_dir": "out"}, r"args\.json: CacheArguments\.__init__\(\) missing 1 required positional argument"),
+        (
+            {"manifest": "m.jsonl", "output_dir": "out", "max_regions": "ten"},
+            r"max_regions must be an integer, got 'ten'",
+        ),
+        (["manifest", "m.jsonl"], r"args\.json holds a JSON list; expected an object of argument names and values"),
+        ({"manifest": "m.jsonl", "output_dir": "out", "colour": 1}, r"args\.json: Some keys are not used"),
+    ],
+)
+def test_extract_regions_arguments_from_a_json_file_end_in_one_line(arguments, message, tmp_path, monkeypatch):
+    # These ended in tracebacks (a TypeError, an AttributeError) where the script promises one line.
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "args.json").write_text(json.dumps(arguments))
+    monkeypatch.setattr(sys, "argv", ["extract_regions.py", str(tmp_path / "args.json")])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(EXAMPLES / "extract_regions.py"), run_name="__main__")
+    assert str(stop.value.code).startswith("extract_regions: error: ")
+    assert re.search(message, str(stop.value.code)), stop.value.code
+    assert "\n" not in str(stop.value.code)

@@ -49,6 +49,28 @@ def exit_on_error(
         raise
 
 
+def parse_json_arguments(parser, path: str) -> tuple:
+    """The dataclasses an `HfArgumentParser` fills from the JSON object in the file `path` (a script's arguments
+    given as `script.py args.json`). Raises a `ValueError` naming the file for one that cannot be read, is not a JSON
+    object, misses a required argument or names an unknown one; values keep their JSON types, which the code
+    reading them checks."""
+    import json
+    from pathlib import Path
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: cannot read the arguments ({type(error).__name__}: {error}).") from None
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{path} holds a JSON {type(data).__name__}; expected an object of argument names and values."
+        )
+    try:
+        return tuple(parser.parse_dict(data))
+    except (TypeError, ValueError) as error:  # a required argument missing, an unknown one given
+        raise ValueError(f"{path}: {error}") from None
+
+
 def parse_flags(parser, argv: list[str] | None = None) -> tuple:
     """The dataclasses an `HfArgumentParser` fills from `argv` (`sys.argv` when None). An unknown flag is reported
     as argparse reports every other bad flag (usage, then `<program>: error: unrecognized arguments: ...`, exit
@@ -59,4 +81,4 @@ def parse_flags(parser, argv: list[str] | None = None) -> tuple:
     return tuple(parsed)
 
 
-__all__ = ["error_line", "exit_on_error", "parse_flags"]
+__all__ = ["error_line", "exit_on_error", "parse_flags", "parse_json_arguments"]
