@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
         check_folder_or_hub_id(args.model_name_or_path, "--model_name_or_path", "an ImageBERT model folder")
         summary = run_relation_swap_evaluation(**asdict(args))
     except (ValueError, OSError) as error:
-        print(f"evaluate_relation_swaps: {error}", file=sys.stderr)
+        print(f"evaluate_relation_swaps: error: {error}", file=sys.stderr)
         sys.exit(1)
     print(f"{summary['probe']} relation swaps, {summary['images']} images, model {summary['model']}")
     print(format_relation_swap_table(summary["results"]))

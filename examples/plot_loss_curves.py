@@ -77,10 +77,12 @@ def main(argv: list[str] | None = None) -> Path:
         reference = {"ln 2 (chance)": math.log(2)} if args.task == "itm" else None
         path = plot_run_groups(groups, output, args.task, args.smoothing, reference, args.title)
     except OSError as error:  # the folder cannot be made or the file written
-        print(f"plot_loss_curves: cannot write --output {args.output}: {error.strerror or error}", file=sys.stderr)
+        print(
+            f"plot_loss_curves: error: cannot write --output {args.output}: {error.strerror or error}", file=sys.stderr
+        )
         sys.exit(1)
     except ValueError as error:
-        print(f"plot_loss_curves: {error}", file=sys.stderr)
+        print(f"plot_loss_curves: error: {error}", file=sys.stderr)
         sys.exit(1)
     print(f"wrote {path}")
     return path

@@ -270,7 +270,7 @@ def test_evaluate_relation_swaps_names_a_model_that_is_missing_or_a_file(tmp_pat
     assert stop.value.code == 1
     said = {"nope": ": no such folder (expected an ImageBERT model folder", "a_file": " is a file; expected an"}
     assert capsys.readouterr().err.startswith(
-        f"evaluate_relation_swaps: --model_name_or_path {tmp_path / model}{said[model]}"
+        f"evaluate_relation_swaps: error: --model_name_or_path {tmp_path / model}{said[model]}"
     )
 
 

@@ -164,8 +164,11 @@ def _plot(tmp_path, output: str, capsys):
 @pytest.mark.parametrize(
     ("output", "line"),
     [
-        ("a_file/x.png", "plot_loss_curves: --output {tmp}/a_file/x.png: {tmp}/a_file is a file, not a folder."),
-        ("folder", "plot_loss_curves: --output {tmp}/folder is a folder; expected the path of a PNG file."),
+        (
+            "a_file/x.png",
+            "plot_loss_curves: error: --output {tmp}/a_file/x.png: {tmp}/a_file is a file, not a folder.",
+        ),
+        ("folder", "plot_loss_curves: error: --output {tmp}/folder is a folder; expected the path of a PNG file."),
     ],
 )
 def test_the_loss_plot_refuses_an_output_it_cannot_write(output, line, tmp_path, capsys):
