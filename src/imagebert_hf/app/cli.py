@@ -216,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     model is loaded."""
     args = parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    with exit_on_error("imagebert-app", missing_extra="the app needs its extra: pip install 'imagebert_hf[app]'"):
+    with exit_on_error(
+        "imagebert-app", missing_extra="the app needs its extra: pip install -e '.[app]' in the project's checkout"
+    ):
         from .ui import build_app, launch_app
 
         try:

