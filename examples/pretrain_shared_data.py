@@ -8,7 +8,8 @@ OUTPUT_DIR/region_alignment and reused). Reports ITM-ranked R@1/5/10 on the Flic
 
     python examples/pretrain_shared_data.py --output_dir outputs/minilm_shared_data
     python examples/pretrain_shared_data.py --output_dir outputs/quick --region_alignment_steps 20 \
-        --set stages.0.max_steps=10 stages.1.max_steps=20 stages.1.num_epochs=null
+        --set stages.0.max_steps=10 stages.1.max_steps=20 stages.1.num_epochs=null stages.2.max_steps=20 \
+        stages.2.num_epochs=null
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
     # the synthetic demo data, a tiny model, a minute on a CPU
     python examples/run_retrieval.py --synthetic_images 300 --output_dir outputs/retrieval --max_steps 300
     # Flickr30k from a pretrained checkpoint, regions from the cache, hard negatives
-    accelerate launch examples/run_retrieval.py --model_name_or_path outputs/pretrain/stage2-ccsbu/final \
+    accelerate launch examples/run_retrieval.py --model_name_or_path outputs/pretrain/stage2-cc_sbu/final \
         --train_file dataset_flickr30k.json --region_cache regions/flickr30k --hard_negatives \
         --loss_weights binary=1 --output_dir outputs/flickr30k
 
