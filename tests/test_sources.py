@@ -324,3 +324,18 @@ def test_training_reads_float16_caches_without_a_float32_copy(tokenizer, make_ti
     assert stored.keys() == as_float.keys()
     for key in stored:
         assert torch.equal(stored[key], as_float[key]), key
+
+
+def test_a_dataset_whose_captions_are_a_string_on_one_row_and_a_list_on_another_reads_each_caption():
+    # datasets stores such a column as Json (encoded text): read through Arrow it gave '"a cat"' and the list as one
+    # caption; the same rows with plain columns, reselected and shuffled, read as datasets gives them.
+    import datasets
+
+    mixed = datasets.Dataset.from_dict(
+        {"id": ["a", "b"], "captions": ["a cat", ["a dog", "two dogs"]]}, on_mixed_types="use_json"
+    )
+    assert DatasetPairSource(mixed, id_column="id").pairs == [("a", "a cat"), ("b", "a dog"), ("b", "two dogs")]
+    plain = datasets.Dataset.from_dict({"id": ["a", "b", "c", "d"], "captions": [["1"], ["2"], ["3"], ["4"]]})
+    reordered = plain.select([3, 1]).shuffle(seed=0)
+    assert DatasetPairSource(reordered, id_column="id").pairs == [(key, text) for key, (text,) in
+                                                                  zip(reordered["id"], reordered["captions"])]  # fmt: skip

@@ -268,6 +268,19 @@ def _default_row_keys(dataset, image_column: str) -> list[str]:
     return keys
 
 
+def _column_values(dataset, column: str) -> list:
+    """A column's values, as `dataset[column]` gives them: read as one Arrow column when it holds plain values or
+    lists of them (row by row, `datasets` formats every value, ten times slower on millions of rows), else decoded
+    by `datasets` (a `Json` column, a string on one row and a list on another, stores encoded text)."""
+    import datasets
+
+    feature = dataset.features.get(column)
+    inner = getattr(feature, "feature", None) if isinstance(feature, (datasets.List, datasets.LargeList)) else feature
+    if isinstance(inner, datasets.Value):
+        return dataset.with_format("arrow")[column].to_pylist()
+    return list(dataset[column])
+
+
 def _is_binary(data_type) -> bool:
     """Whether an Arrow column holds raw bytes, without a path: its rows are keyed `row-<index>`."""
     import pyarrow as pa
@@ -342,13 +355,11 @@ class DatasetPairSource(PairSource):
         self.dataset = dataset
         self.image_column = image_column
         self.id_column = id_column
-        # Whole columns through Arrow: `dataset[column]` formats row by row, ten times slower on millions of rows.
-        columns = dataset.with_format("arrow")
-        keys = columns[id_column].to_pylist() if id_column else _default_row_keys(dataset, image_column)
+        keys = _column_values(dataset, id_column) if id_column else _default_row_keys(dataset, image_column)
         self._where = where
         self._rows: dict[str, list[int]] = {}
         pairs, captionless = [], []
-        for row, (key, texts) in enumerate(zip(keys, columns[text_column].to_pylist())):
+        for row, (key, texts) in enumerate(zip(keys, _column_values(dataset, text_column))):
             key, captions = _row_captions(key, texts, f"{where}, row {row}", text_column, id_column)
             # Rows that share an id are one image (a dataset of one row per caption): their captions are pooled.
             self._rows.setdefault(key, []).append(row)
@@ -425,10 +436,6 @@ class DatasetPairSource(PairSource):
 
 def _is_text_member(name: str) -> bool:
     return name.rsplit(".", 1)[-1].lower() in ("txt", "json")
-
-
-def _is_image_member(name: str) -> bool:
-    return name.rsplit(".", 1)[-1].lower() in _IMAGE_EXTENSIONS
 
 
 def _caption_of(sample: dict[str, Any]) -> str | None:
@@ -508,27 +515,19 @@ class _EndMarkedTarInfo(tarfile.TarInfo):
             raise
 
 
-def _tar_members(sources: Iterator[dict[str, Any]], select_files=None, name_only=None) -> Iterator[dict[str, Any]]:
+def _tar_members(sources: Iterator[dict[str, Any]], select_files=None) -> Iterator[dict[str, Any]]:
     """The regular files of each opened shard as webdataset's `group_by_keys` takes them, then `{}` at each shard's
-    end: those `select_files` takes (every one without it), and with empty data those `name_only` takes, so that a
-    sample's members are known without reading their bytes. Read as a stream, like webdataset's own expander, but a
-    shard whose members do not end with the end-of-archive marker raises a `ValueError` naming it instead of ending
-    early."""
+    end. Read as a stream, like webdataset's own expander, but a shard whose members do not end with the
+    end-of-archive marker raises a `ValueError` naming it instead of ending early."""
     for source in sources:
         url = source["url"]
         try:
             with tarfile.open(fileobj=source["stream"], mode="r|*", tarinfo=_EndMarkedTarInfo) as tar:
                 for member in tar:
                     name = member.name
-                    if not member.isreg() or _META_MEMBER.match(name):
+                    if not member.isreg() or _META_MEMBER.match(name) or (select_files and not select_files(name)):
                         continue
-                    if select_files and not select_files(name):
-                        if not (name_only and name_only(name)):
-                            continue
-                        data = b""
-                    else:
-                        data = tar.extractfile(member).read()
-                    file = {"fname": name, "data": data, "__url__": url}
+                    file = {"fname": name, "data": tar.extractfile(member).read(), "__url__": url}
                     if source.get("local_path") is not None:
                         file["__local_path__"] = source["local_path"]
                     yield file
@@ -567,7 +566,7 @@ def _samples_by_key(files: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]
         raise _ShardError(f"webdataset shard {current['url']}: {type(error).__name__}: {str(error)[:300]}") from error
 
 
-def _webdataset(urls: list[str], select_files=None, split: bool = False, name_only=None):
+def _webdataset(urls: list[str], select_files=None, split: bool = False):
     """A `webdataset` pipeline over `urls` (paths, http(s)/s3/gs URLs, `pipe:` commands) giving undecoded samples;
     a truncated shard raises (see `_tar_members`).
 
@@ -581,7 +580,7 @@ def _webdataset(urls: list[str], select_files=None, split: bool = False, name_on
         wds.SimpleShardList(urls),
         *splitters,
         StreamingOpen(),
-        lambda sources: _tar_members(sources, select_files, name_only),
+        lambda sources: _tar_members(sources, select_files),
         _samples_by_key,
     )
 
@@ -727,21 +726,20 @@ class StreamingPairSource:
 
 class WebDatasetStream(StreamingPairSource):
     """img2dataset webdataset shards as a stream through the `webdataset` library: local paths, URLs or `pipe:`
-        commands; shards split between processes (`split_by_node`) and DataLoader workers (`split_by_worker`), in an
-        order reshuffled each epoch from `seed`. Only captions are read: regions come from the region cache (image members
-    are seen by name only, so that a sample without an image, or without a caption, is skipped with a warning, as
-    `WebDatasetPairSource` skips it).
+    commands; shards split between processes (`split_by_node`) and DataLoader workers (`split_by_worker`), in an
+    order reshuffled each epoch from `seed`. Only captions are read: regions come from the region cache, so shards may
+    hold the captions alone once the regions are extracted (a key the cache lacks is a failed record when loaded).
 
-        A shard that is truncated or not a tar file, or an unreadable caption, raises a `ValueError` naming the shard
-        (and key) when the stream reaches it. Keys are not checked for repeats across shards, which would take memory
-        growing with the stream (and each process sees only its part): check a new corpus once with
-        `WebDatasetPairSource`, or build its region cache with `image_table`, which does.
+    A shard that is truncated or not a tar file, or an unreadable caption, raises a `ValueError` naming the shard
+    (and key) when the stream reaches it. Keys are not checked for repeats across shards, which would take memory
+    growing with the stream (and each process sees only its part): check a new corpus once with
+    `WebDatasetPairSource`, or build its region cache with `image_table`, which does.
 
-        Args:
-            urls (`str` or `Sequence[str]`): Shards, with brace notation (`pipe:aws s3 cp s3://b/{00000..09999}.tar -`).
-            name (`str`, defaults to `"webdataset"`): Name used in logs.
-            shuffle_shards (`bool`, defaults to `True`): Visit the shards in another order each epoch.
-            seed (`int`, defaults to 0): Seed of that order (the same in every process, so the split stays disjoint).
+    Args:
+        urls (`str` or `Sequence[str]`): Shards, with brace notation (`pipe:aws s3 cp s3://b/{00000..09999}.tar -`).
+        name (`str`, defaults to `"webdataset"`): Name used in logs.
+        shuffle_shards (`bool`, defaults to `True`): Visit the shards in another order each epoch.
+        seed (`int`, defaults to 0): Seed of that order (the same in every process, so the split stays disjoint).
     """
 
     def __init__(
@@ -756,21 +754,10 @@ class WebDatasetStream(StreamingPairSource):
         urls = list(self.urls)
         if self.shuffle_shards:
             urls = [urls[i] for i in np.random.default_rng([self.seed, epoch]).permutation(len(urls))]
-        warnings = _WarningBudget(10)
-        # The image members by name only: the regions come from the cache, but a sample without an image is
-        # skipped, as the listed source skips it, rather than counted as a failed record with each of its negatives.
-        samples = _webdataset(urls, select_files=_is_text_member, split=True, name_only=_is_image_member)
-        for sample in _read_samples(samples, self.name):
+        for sample in _read_samples(_webdataset(urls, select_files=_is_text_member, split=True), self.name):
             caption = _caption_of(sample)
-            has_image = any(extension in sample for extension in _IMAGE_EXTENSIONS)
-            if caption and has_image:
+            if caption:
                 yield sample["__key__"], caption
-            else:
-                missing = " and no ".join(part for part, ok in (("image", has_image), ("caption", caption)) if not ok)
-                warnings.warn(
-                    f"webdataset source {self.name!r}: sample skipped, shard {sample.get('__url__')}, key "
-                    f"{sample.get('__key__')!r}: it has no {missing}."
-                )
 
 
 class DatasetStream(StreamingPairSource):
