@@ -202,6 +202,10 @@ def test_protocol_names_only_for_the_karpathy_test_split():
     assert protocols("flickr30k", 1000, "val") == protocols("flickr30k", 1000, "train") == [("Flickr30k", None, 1)]
     assert protocols("coco", 5000, "val") == protocols("coco", 5000, "restval") == [("MS-COCO", None, 1)]
     assert protocols("manifest", 1000, "test") == [("manifest", None, 1)]
+    # Fewer captions than the protocol's 5 make another gallery: no protocol's name for it.
+    assert protocols("coco", 5000, "test", captions_per_image=1) == [("MS-COCO", None, 1)]
+    assert protocols("flickr30k", 1000, "test", captions_per_image=4) == [("Flickr30k", None, 1)]
+    assert protocols("flickr30k", 1000, "test", captions_per_image=5) == [("Flickr30k 1k", "1k", 1)]
 
 
 @pytest.mark.parametrize("split", ["val", "train"])

@@ -208,6 +208,26 @@ def test_a_corpus_cache_with_damaged_metadata_is_named(tmp_path, metadata, messa
         load_corpus_cache(tmp_path / "c.st", fingerprint)
 
 
+def test_a_corpus_cache_written_before_a_setting_was_recorded_is_read_at_that_settings_old_value(tmp_path):
+    # A cache of the previous version records no `captions_per_image`: it was built with all the captions, as a run
+    # without the flag asks, and was refused with an empty list of differences.
+    from safetensors.torch import load, save
+
+    fingerprint = {"num_images": 1, "captions_per_image": None, "max_regions": 2, "region_feature_size": 4}
+    corpus = RetrievalCorpus.from_records([{"image_id": "1", "captions": ["a"]}])
+    corpus.region_inputs = {"region_features": torch.ones(1, 2, 4), "region_locations": torch.full((1, 2, 5), 0.5)}
+    save_corpus_cache(tmp_path / "c.st", corpus, fingerprint)
+    data = (tmp_path / "c.st").read_bytes()
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["__metadata__"]
+    header["fingerprint"] = json.dumps(
+        {key: value for key, value in fingerprint.items() if key != "captions_per_image"}
+    )
+    (tmp_path / "c.st").write_bytes(save(load(data), metadata=header))
+    assert load_corpus_cache(tmp_path / "c.st", fingerprint).num_images == 1
+    with pytest.raises(CorpusCacheError, match=r"\(captions_per_image: cache None, this run 2\)"):
+        load_corpus_cache(tmp_path / "c.st", {**fingerprint, "captions_per_image": 2})
+
+
 def test_a_corpus_cache_whose_ids_disagree_with_its_tensors_is_named(tmp_path):
     corpus = _tiny_corpus()
     corpus.texts = ["a", "b"]  # two captions, one text_to_image entry

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from ..data.retrieval_corpus import (
+    PROTOCOL_CAPTIONS_PER_IMAGE,
     RetrievalCorpus,
     check_region_cache_fits,
     evaluation_captions_per_image,
@@ -159,12 +160,16 @@ class EvaluationArguments:
                 raise ValueError(f"--{name} must be a non-empty name on one line for --model_card, got {value!r}.")
 
 
-def protocols(dataset: str, num_images: int, split: str = PROTOCOL_SPLIT) -> list[tuple[str, str | None, int]]:
+def protocols(
+    dataset: str, num_images: int, split: str = PROTOCOL_SPLIT, captions_per_image: int | None = None
+) -> list[tuple[str, str | None, int]]:
     """(name, dataset_config, num_folds) of each standard protocol the split supports. A protocol's name is given
-    only to the Karpathy test split at exactly its size (COCO's 5k test images, Flickr30k's 1k): a part of it
-    (`--max_images`) or another split, of whatever size, is reported under the plain dataset name, with no config,
-    as it is no published protocol."""
-    standard = split == PROTOCOL_SPLIT
+    only to the Karpathy test split at exactly its size (COCO's 5k test images, Flickr30k's 1k) with its captions
+    (`captions_per_image` unset, or at least the protocol's 5): a part of it (`--max_images`, fewer captions) or
+    another split, of whatever size, is reported under the plain dataset name, with no config, as it is no published
+    protocol."""
+    whole = captions_per_image is None or captions_per_image >= PROTOCOL_CAPTIONS_PER_IMAGE
+    standard = split == PROTOCOL_SPLIT and whole
     if dataset == "coco" and standard and num_images == 5000:
         return [("MS-COCO 1k", "1k", 5), ("MS-COCO 5k", "5k", 1)]
     if dataset == "coco":
@@ -177,6 +182,10 @@ def protocols(dataset: str, num_images: int, split: str = PROTOCOL_SPLIT) -> lis
 
 
 CORPUS_CACHE_FORMAT = "imagebert-corpus-cache/1"
+
+
+# Fingerprint keys added after the cache format: a cache written before records none of them.
+_FINGERPRINT_DEFAULTS = {"captions_per_image": None}
 
 
 class CorpusCacheError(ValueError):
@@ -407,8 +416,11 @@ def load_corpus_cache(path: str | os.PathLike, fingerprint: dict) -> RetrievalCo
             f"--corpus_cache {path} has format {metadata.get('format')!r}, expected {CORPUS_CACHE_FORMAT!r}; delete "
             "it and rerun to rebuild it."
         )
+    # Settings a cache records since a later version, at the value every earlier cache was built with.
+    stored = {**_FINGERPRINT_DEFAULTS, **stored}
     if stored != fingerprint:
         differs = {key: (stored.get(key), value) for key, value in fingerprint.items() if stored.get(key) != value}
+        differs.update({key: (value, None) for key, value in stored.items() if key not in fingerprint})
         described = "; ".join(f"{key}: cache {old!r}, this run {new!r}" for key, (old, new) in differs.items())
         raise CorpusCacheError(
             f"--corpus_cache {path} was built from other data or settings ({described}); give another "
@@ -671,7 +683,7 @@ def run_retrieval_evaluation(args: EvaluationArguments) -> dict:
     ranking = rank_corpus(model, corpus, args.batch_size, args.shortlist_k, args.index_type, across_processes=across)
     results, table = [], {}
     evaluation = evaluated_as(model)
-    for name, config_name, folds in protocols(args.dataset, corpus.num_images, args.split):
+    for name, config_name, folds in protocols(args.dataset, corpus.num_images, args.split, args.captions_per_image):
         metrics = retrieval_metrics(ranking.scores, corpus.text_to_image, num_folds=folds)
         results.append(
             {
