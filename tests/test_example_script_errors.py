@@ -256,6 +256,10 @@ def test_curate_lait_passes_a_url_output_dir_to_the_runner_as_written(monkeypatc
         ),
         (["manifest", "m.jsonl"], r"args\.json holds a JSON list; expected an object of argument names and values"),
         ({"manifest": "m.jsonl", "output_dir": "out", "colour": 1}, r"args\.json: Some keys are not used"),
+        # Not converted as a flag's text is: "false" would be a true string, and boxes used where a grid was meant.
+        ({"manifest": "m.jsonl", "output_dir": "out", "use_boxes": "false"}, r"use_boxes must be true or false, got"),
+        ({"manifest": "m.jsonl", "output_dir": "out", "num_proc": 2.5}, r"num_proc must be an integer, got 2\.5"),
+        ({"manifest": "m.jsonl", "output_dir": 3}, r"output_dir must be a string, got 3"),
     ],
 )
 def test_extract_regions_arguments_from_a_json_file_end_in_one_line(arguments, message, tmp_path, monkeypatch):

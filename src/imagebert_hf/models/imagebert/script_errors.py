@@ -52,9 +52,11 @@ def exit_on_error(
 def parse_json_arguments(parser, path: str) -> tuple:
     """The dataclasses an `HfArgumentParser` fills from the JSON object in the file `path` (a script's arguments
     given as `script.py args.json`). Raises a `ValueError` naming the file for one that cannot be read, is not a JSON
-    object, misses a required argument or names an unknown one; values keep their JSON types, which the code
-    reading them checks."""
+    object, misses a required argument, names an unknown one, or gives one a value of another type than its field's
+    (`"false"` for a flag would otherwise be a string, and true: argparse converts a flag's text, this does not)."""
+    import dataclasses
     import json
+    import typing
     from pathlib import Path
 
     try:
@@ -65,10 +67,54 @@ def parse_json_arguments(parser, path: str) -> tuple:
         raise ValueError(
             f"{path} holds a JSON {type(data).__name__}; expected an object of argument names and values."
         )
+    for arguments in parser.dataclass_types:
+        hints = typing.get_type_hints(arguments)
+        for item in dataclasses.fields(arguments):
+            if item.name in data and not _json_value_fits(data[item.name], hints[item.name]):
+                raise ValueError(
+                    f"{path}: {item.name} must be {_describe_type(hints[item.name])}, got {data[item.name]!r}."
+                )
     try:
         return tuple(parser.parse_dict(data))
     except (TypeError, ValueError) as error:  # a required argument missing, an unknown one given
         raise ValueError(f"{path}: {error}") from None
+
+
+def _json_value_fits(value, hint) -> bool:
+    """Whether a JSON value is of the field type `hint` (bool, int, float, str, a list of those, None, a union);
+    other types are left to the code that reads them."""
+    import types
+    import typing
+
+    origin, arguments = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_json_value_fits(value, argument) for argument in arguments)
+    if origin is typing.Literal:
+        return value in arguments
+    if origin in (list, tuple):
+        return isinstance(value, list) and (not arguments or all(_json_value_fits(x, arguments[0]) for x in value))
+    checks = {
+        type(None): lambda: value is None,
+        bool: lambda: isinstance(value, bool),
+        int: lambda: isinstance(value, int) and not isinstance(value, bool),
+        float: lambda: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: lambda: isinstance(value, str),
+    }
+    return checks[hint]() if hint in checks else True
+
+
+def _describe_type(hint) -> str:
+    """A field type in words, for a message: `int | None` is "an integer or null"."""
+    import typing
+
+    names = {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    origin, arguments = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (list, tuple):
+        plural = {bool: "true or false values", int: "integers", float: "numbers", str: "strings"}
+        return f"a list of {plural.get(arguments[0], 'values')}" if arguments else "a list"
+    if arguments:
+        return " or ".join(_describe_type(argument) for argument in arguments)
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def parse_flags(parser, argv: list[str] | None = None) -> tuple:
