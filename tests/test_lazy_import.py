@@ -180,8 +180,10 @@ def test_a_subpackage_is_reached_as_an_attribute_after_the_package_import():
         "path = imagebert_hf.metrics.retrieval_metric_path()\n"
         "print(path.endswith('image_text_retrieval'), imagebert_hf.evaluation.recall.__name__)\n"
         "try:\n    imagebert_hf.no_such_part\nexcept AttributeError as error:\n    print(error)\n"
+        "print(hasattr(imagebert_hf, 'no_such.part'), hasattr(imagebert_hf, '__wrapped__'))\n"
     )
     assert done.stdout.splitlines() == [
         "True imagebert_hf.evaluation.recall",
         "module 'imagebert_hf' has no attribute 'no_such_part'",
+        "False False",
     ]

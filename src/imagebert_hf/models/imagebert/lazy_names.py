@@ -36,7 +36,7 @@ def lazy_names(
         module = defined_in.get(name)
         if module is None:
             # A submodule, loaded on first access as `import package.name` would (`imagebert_hf.metrics....`).
-            if not name.startswith("_") and importlib.util.find_spec(f"{package}.{name}") is not None:
+            if name.isidentifier() and not name.startswith("_") and _has_submodule(package, name):
                 return importlib.import_module(f".{name}", package)
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
         value = getattr(importlib.import_module(f".{module}", package), name)
@@ -47,6 +47,13 @@ def lazy_names(
         return sorted(set(namespace) | set(namespace.get("__all__", ())))
 
     return __getattr__, __dir__
+
+
+def _has_submodule(package: str, name: str) -> bool:
+    try:
+        return importlib.util.find_spec(f"{package}.{name}") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def type_checking_imports(init_file: str, package: str) -> dict[str, list[str]]:
