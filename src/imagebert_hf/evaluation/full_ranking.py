@@ -417,7 +417,7 @@ def load_corpus_cache(path: str | os.PathLike, fingerprint: dict) -> RetrievalCo
             "it and rerun to rebuild it."
         )
     # Settings a cache records since a later version, at the value every earlier cache was built with.
-    stored = {**_FINGERPRINT_DEFAULTS, **stored}
+    stored = {**{key: value for key, value in _FINGERPRINT_DEFAULTS.items() if key in fingerprint}, **stored}
     if stored != fingerprint:
         differs = {key: (stored.get(key), value) for key, value in fingerprint.items() if stored.get(key) != value}
         differs.update({key: (value, None) for key, value in stored.items() if key not in fingerprint})
