@@ -108,7 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     output folder among the inputs, inputs that yield not a single page) ends the command with one line naming it
     and exit status 1, leaving an earlier run's output as it was."""
     program = "imagebert-curate"
-    missing_extra = "the curation stages and the spark runner need the extras: pip install -e '.[curation,spark]' in the project's checkout"
+    missing_extra = (
+        "the curation stages and the spark runner need the extras: pip install -e '.[curation,spark]' in the "
+        "project's checkout"
+    )
     # The configuration's checks raise TypeError for a value of the wrong type (from --config_file); once the run
     # has started, a TypeError is a bug and keeps its traceback.
     with exit_on_error(program, errors=(OSError, TypeError, ValueError), missing_extra=missing_extra):

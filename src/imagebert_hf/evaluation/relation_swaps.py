@@ -302,10 +302,12 @@ def relation_swap_accuracy(
         if read[position[probe.true_caption]] == read[position[probe.swapped_caption]]
     }
     if len(same) == len(probes):
+        example = probes[0].true_caption
+        tokens = tokenizer.convert_ids_to_tokens(list(read[position[example]]))
         raise ValueError(
             f"all {len(probes)} probes give the model the same tokens for the true and the swapped caption (e.g. "
-            f"{probes[0].true_caption!r} -> {tokenizer.convert_ids_to_tokens(list(read[position[probes[0].true_caption]]))}): "
-            "the tokenizer does not read the words that were swapped, so there is nothing to measure."
+            f"{example!r} -> {tokens}): the tokenizer does not read the words that were swapped, so there is nothing "
+            "to measure."
         )
     images = torch.tensor([probe.image for probe in probes]).repeat_interleave(2)
     captions = torch.tensor([position[c] for probe in probes for c in (probe.true_caption, probe.swapped_caption)])
