@@ -7,6 +7,10 @@
 2. run it over a jsonl manifest + image folder into Arrow shards (resumable, deduplicated, bad images reported);
 3. read the regions back by image path and turn them into model inputs with `ImageBERTProcessor(regions=...)`.
 
+This script shows the steps on one machine. At scale, save the extractor (`extractor.save_pretrained(folder)`) and run
+the `imagebert-extract-regions --extractor folder ...` command (docs/regions.md): it splits the work over the processes
+of a `torchrun` launch and, with `--num_shards M --shard_index K`, over machines, and `--merge` joins their parts.
+
 Arguments may also come from a JSON file: `python examples/extract_regions.py args.json`. A bad flag or input ends the
 script with one line naming it and exit status 1.
 """

@@ -3,13 +3,15 @@
 The Space holds (see README.md and docs/app.md of the project):
 - `model/`: a retrieval model folder with its processor (e.g. the `make demo` checkpoint), or set the Space variable
   `IMAGEBERT_MODEL` to a Hub id;
-- `gallery/`: a folder of photos or a jsonl manifest with its images (`IMAGEBERT_GALLERY`, `IMAGEBERT_SPLIT`).
+- `gallery/`: a folder of photos or a jsonl manifest with its images (`IMAGEBERT_GALLERY`, `IMAGEBERT_SPLIT`);
+  a manifest's photos are pooled over its object boxes, the regions the `make demo` checkpoint trained on
+  (`IMAGEBERT_GALLERY_REGIONS=extractor` for a model trained on its processor's regions).
 """
 
 import os
 
 from imagebert_hf.app import build_app, launch_app
-from imagebert_hf.app.cli import AppArguments, load_demo
+from imagebert_hf.app.cli import AppArguments, check_arguments, load_demo
 
 
 args = AppArguments(
@@ -17,7 +19,9 @@ args = AppArguments(
     gallery=os.environ.get("IMAGEBERT_GALLERY", "gallery/captions.jsonl"),
     split=os.environ.get("IMAGEBERT_SPLIT", "test") or None,
     max_gallery=int(os.environ["IMAGEBERT_MAX_GALLERY"]) if os.environ.get("IMAGEBERT_MAX_GALLERY") else None,
+    gallery_regions=os.environ.get("IMAGEBERT_GALLERY_REGIONS", "boxes"),
 )
+check_arguments(args)
 demo = build_app(load_demo(args), title=os.environ.get("IMAGEBERT_TITLE", "ImageBERT image-text retrieval"))
 
 if __name__ == "__main__":

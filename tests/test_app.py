@@ -79,6 +79,15 @@ def demo(tmp_path_factory, tokenizer, make_tiny_extractor, make_tiny_config):
     return make_tiny_demo(tmp_path_factory.mktemp("app"), tokenizer, make_tiny_extractor, make_tiny_config)
 
 
+def test_a_backbone_gallery_keeps_no_class_distributions(demo):
+    """Grid cells and annotated boxes are named without classes: a 1,000-class distribution per region would take
+    more of a large gallery's memory than its features."""
+    assert demo.extractor.backend == "backbone" and demo.extractor.return_class_probs
+    photo = demo.extractor.extract([str(demo.gallery[0].path)])[0]
+    assert photo["region_class_probs"].shape[-1] == demo.extractor.num_object_classes
+    assert not any("region_class_probs" in record for record in demo.records)
+
+
 def test_read_gallery_from_a_manifest_and_a_folder(demo, tmp_path):
     manifest = demo.gallery[0].path.parents[1] / "captions.jsonl"
     test_split = read_gallery(manifest, split="test")
@@ -617,14 +626,26 @@ def test_the_space_app_builds_the_page_from_its_folder(demo, monkeypatch):
 
     import gradio as gr
 
+    from imagebert_hf.app import cli
+
     from .testing_utils import PROJECT_ROOT
 
+    load_demo = cli.load_demo
     manifest = demo.gallery[0].path.parents[1] / "captions.jsonl"
     monkeypatch.setenv("IMAGEBERT_MODEL", demo.retriever.model.name_or_path)
     monkeypatch.setenv("IMAGEBERT_GALLERY", str(manifest))
     monkeypatch.setenv("IMAGEBERT_SPLIT", "")
     monkeypatch.setenv("IMAGEBERT_MAX_GALLERY", "4")
+    built = []
+    monkeypatch.setattr(cli, "load_demo", lambda args: built.append(load_demo(args)) or built[-1])
     space = runpy.run_path(str(PROJECT_ROOT / "spaces" / "app.py"), run_name="space_app")
     assert isinstance(space["demo"], gr.Blocks) and space["args"].max_gallery == 4 and space["args"].split is None
+    # The manifest's boxes (and the whole photo), as `make app` pools the demo checkpoint's gallery: not a grid.
+    (served,) = built
+    for photo, record in zip(served.gallery, served.records, strict=True):
+        assert photo.boxes and record["region_boxes"].tolist() == [list(box) for box in photo.boxes]
+    monkeypatch.setenv("IMAGEBERT_GALLERY_REGIONS", "grid")
+    with pytest.raises(ValueError, match="--gallery_regions must be one of"):
+        runpy.run_path(str(PROJECT_ROOT / "spaces" / "app.py"), run_name="space_app")
     header = (PROJECT_ROOT / "spaces" / "README.md").read_text().split("---")[1]
     assert "sdk: gradio" in header and "app_file: app.py" in header

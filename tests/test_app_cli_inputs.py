@@ -177,3 +177,15 @@ def test_a_manifest_gallery_uses_its_boxes_for_the_demo_model_only_unless_asked(
     assert (photo.boxes is not None) == boxed
     if boxed:
         assert photo.boxes[-1] == (0.0, 0.0, 8.0, 8.0) and photo.box_labels[-1] == "whole image"
+
+
+def test_an_address_the_app_cannot_serve_on_is_named_before_the_gallery_is_indexed(tmp_path, no_loading):
+    import socket
+
+    flags = ["--model", str(tmp_path), "--gallery", str(tmp_path)]
+    assert refusal([*flags, "--host", "256.1.1.1"]).startswith("--host 256.1.1.1: not an address this machine")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert refusal([*flags, "--port", str(port)]).startswith(f"--port {port}: cannot serve on 127.0.0.1:{port}")

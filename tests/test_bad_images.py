@@ -7,6 +7,7 @@ viewer would show them.
 
 import io
 import json
+import os
 import resource
 import struct
 import zlib
@@ -488,3 +489,57 @@ def test_an_opened_pil_image_is_rotated_as_its_file_is(orientation, check):
     check(from_pil)
     assert np.array_equal(np.asarray(from_pil.image), np.asarray(from_bytes.image))
     assert load_image(Image.open(io.BytesIO(data)), apply_exif_orientation=False).image.size == (40, 20)
+
+
+# ------------------------------------------------------------------------------------------------ formats outside
+# the accepted ones: Pillow decodes an EPS by running Ghostscript on it, whatever the file is named.
+
+_EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n%%EndComments\nnewpath 0 0 moveto 64 64 lineto stroke\n"
+
+
+@pytest.fixture
+def ghostscript_calls(tmp_path, monkeypatch):
+    """A `gs` first on PATH that records each call: Pillow's EPS decoder runs it (and checks `gs --version`)."""
+    folder, log = tmp_path / "bin", tmp_path / "gs_calls.txt"
+    folder.mkdir()
+    script = folder / "gs"
+    script.write_text(f'#!/bin/sh\necho "$@" >> {log}\nexit 1\n')
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}:{os.environ.get('PATH', '')}")
+    return log
+
+
+def test_an_eps_upload_is_refused_without_running_ghostscript(tmp_path, ghostscript_calls):
+    from imagebert_hf.models.imagebert.roi_image_loading import image_header_size
+
+    upload = tmp_path / "photo.jpg"
+    upload.write_bytes(_EPS + b"showpage\n%%EOF\n")
+    for given in (upload, upload.read_bytes()):
+        with pytest.raises(ImageLoadError, match="not a recognised image format.*accepted: JPEG") as info:
+            load_image(given)
+        assert info.value.code == "not_an_image"
+    assert image_header_size(upload) is None
+    # An EPS that a program opened (a `datasets` column decodes lazily) is refused before its pixels are decoded.
+    with Image.open(upload) as opened, pytest.raises(ImageLoadError, match="EPS image is not read") as info:
+        load_image(opened)
+    assert info.value.code == "not_an_image"
+    assert not ghostscript_calls.exists(), ghostscript_calls.read_text()
+
+
+def test_sixteen_bit_pixels_convert_in_bounded_memory_and_as_before(tmp_path):
+    from imagebert_hf.models.imagebert.roi_image_loading import sixteen_bit_to_uint8
+
+    every = np.arange(65536, dtype=np.uint16)
+    assert np.array_equal(sixteen_bit_to_uint8(every), np.round(every / 257.0).astype(np.uint8))
+    wide = np.array([-5, 0, 128, 129, 65535, 70_000, 2**40], dtype=np.int64)
+    assert sixteen_bit_to_uint8(wide).tolist() == [0, 0, 0, 1, 255, 255, 255]
+    path = tmp_path / "grey16.png"
+    Image.new("I;16", (6000, 6000)).save(path)
+    if not _reset_peak_rss():
+        pytest.skip("the peak resident memory cannot be reset here (needs Linux /proc/self/clear_refs)")
+    before = _peak_rss_mib()
+    loaded = load_image(path)
+    grown = _peak_rss_mib() - before
+    assert loaded.image.size == (1333, 1333)
+    # The decoded 16-bit image (69 MiB), its array and its RGB copy; float64 temporaries would add 550 MiB.
+    assert grown < 300, f"peak memory grew by {grown:.0f} MiB"

@@ -200,6 +200,29 @@ def check_arguments(args: AppArguments) -> None:
         )
 
 
+def check_address(host: str, port: int) -> None:
+    """Raises `ValueError` naming `--host` or `--port` when the app could not serve on `host:port` (an address that
+    does not resolve or is not this machine's, a port in use): found by binding it for a moment, before the gallery
+    is indexed, rather than by the server once it has been. A port taken in between still fails at launch."""
+    import errno
+    import socket
+
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as error:
+        raise ValueError(f"--host {host}: not an address this machine can serve on ({error})") from None
+    with socket.socket(family, kind, protocol) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: a closed port is free
+        try:
+            probe.bind(address)
+        except OSError as error:
+            if error.errno in (errno.EADDRINUSE, errno.EACCES):
+                raise ValueError(
+                    f"--port {port}: cannot serve on {host}:{port} ({error.strerror}); choose another port"
+                ) from None
+            raise ValueError(f"--host {host}: cannot serve on it ({error.strerror})") from None
+
+
 def parse_args(argv: list[str] | None = None) -> AppArguments:
     """The command line (`sys.argv` when `argv` is None) as checked `AppArguments`: an unknown flag ends it as
     argparse ends it (exit status 2), a bad setting with one line naming it and exit status 1."""
@@ -211,10 +234,12 @@ def parse_args(argv: list[str] | None = None) -> AppArguments:
 
 def main(argv: list[str] | None = None) -> int:
     """Serves the app until stopped; returns 0. A bad argument (a value out of range, a device that is not here, a
-    missing model folder or gallery, a gallery without images) ends it with one line naming it and exit status 1,
+    missing model folder or gallery, a gallery without images, a host or port it cannot serve on) ends it with one line naming it and exit status 1,
     an unknown flag with argparse's usage and exit status 2; all but the gallery's contents are checked before any
     model is loaded."""
     args = parse_args(argv)
+    with exit_on_error("imagebert-app"):
+        check_address(args.host, args.port)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     with exit_on_error(
         "imagebert-app", missing_extra="the app needs its extra: pip install -e '.[app]' in the project's checkout"
@@ -237,6 +262,7 @@ __all__ = [
     "DEMO_GALLERY",
     "DEMO_MODEL",
     "app_device",
+    "check_address",
     "check_arguments",
     "ensure_demo_model",
     "find_demo_script",

@@ -542,6 +542,10 @@ class RetrievalDemo:
             for image, record in zip(chunk, out):
                 if record.get("error"):
                     failures.append(f"{image.key}: {record['error']}")
+                if self.extractor.backend == "backbone":
+                    # Grid cells are named by their place, never by a class: the distributions (1,000 classes per
+                    # region for an ImageNet backbone) would take more memory than the features.
+                    record.pop("region_class_probs", None)
                 records.append(record)
         if failures:
             raise AppInputError(

@@ -216,12 +216,12 @@ def _dom_score(cand: Candidate, in_main: bool, in_figure: bool, in_boilerplate: 
 
 
 def _real_size(data: bytes) -> tuple[int, int] | None:
-    from PIL import Image
+    from ..models.imagebert.roi_image_loading import open_image_file
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data)) as im:
+            with open_image_file(io.BytesIO(data)) as im:
                 return im.size
     except Exception:  # header unreadable: the image-filter stage counts it
         return None

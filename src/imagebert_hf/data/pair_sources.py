@@ -26,6 +26,7 @@ from transformers.utils import logging
 from ..formats.manifest import ManifestError, ManifestRecord, check_id_text, iter_manifest
 from ..models.imagebert.processing_imagebert import tokenize_as_text
 from ..models.imagebert.region_batching import check_region_record
+from ..models.imagebert.roi_image_loading import open_image_file
 from ..regions.cache_reader import RegionCache, RegionCacheError, load_region_cache
 from ..regions.cache_writer import dataset_row_key
 from .negatives import CaptionPictures, caption_key, choose_hard_caption, choose_negative
@@ -184,9 +185,7 @@ class ManifestPairSource(PairSource):
         return self._paths[key]
 
     def open_image(self, key: str):
-        from PIL import Image
-
-        with Image.open(self._paths[key]) as image:
+        with open_image_file(self._paths[key]) as image:
             return image.convert("RGB")
 
 
@@ -648,9 +647,7 @@ class WebDatasetPairSource(PairSource):
         raise KeyError(f"{key!r} is no longer in shard {self._shard_of[key]}")
 
     def open_image(self, key: str):
-        from PIL import Image
-
-        return Image.open(io.BytesIO(self.image_bytes(key))).convert("RGB")
+        return open_image_file(io.BytesIO(self.image_bytes(key))).convert("RGB")
 
     def image_table(self):
         """A `datasets.Dataset` with `key` and `image` (`{"bytes", "path"}`) per distinct image, streamed from the

@@ -42,6 +42,13 @@ FLOAT_SIXTEEN_MAX = 65535.0 * FLOAT_UNIT_MAX
 # pixels ([-1, 1], or mean/std with a minimum near minus the maximum) are not pixels this loader can read.
 FLOAT_MIN_MARGIN = 0.5
 
+# The formats read from files and bytes: those photos come in from cameras, the web and datasets (HEIF where a plugin
+# such as pillow-heif registers it). Pillow opens many more, and decoding some runs an external program on the file
+# (EPS runs Ghostscript): an upload's bytes are untrusted whatever its name says.
+IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "AVIF", "HEIF", "BMP", "TIFF", "PPM")
+# Pixels converted per step from a wide dtype to uint8, so the temporaries of a large image stay a few megabytes.
+_CONVERSION_CHUNK = 1 << 20
+
 
 class RegionExtractionError(ValueError):
     """Regions could not be extracted for one input; `source` names it and `reason` says why."""
@@ -162,6 +169,35 @@ def _flatten_alpha(image: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 
+def open_image_file(file) -> Image.Image:
+    """`PIL.Image.open` of a path or file object limited to `IMAGE_FORMATS` (those registered in this process); any
+    other format raises `UnidentifiedImageError`, as a file that is no image does."""
+    Image.init()
+    return Image.open(file, formats=[name for name in IMAGE_FORMATS if name in Image.OPEN])
+
+
+def _check_image_format(image: Image.Image, source: str) -> None:
+    """Refuses a PIL image opened from a file of a format outside `IMAGE_FORMATS` whose pixels are not decoded yet:
+    decoding it is what would run the format's external program."""
+    if image.format is not None and image.format not in IMAGE_FORMATS and getattr(image, "tile", None):
+        raise ImageLoadError(
+            source,
+            f"a {image.format} image is not read (accepted formats: {', '.join(IMAGE_FORMATS)}); decode it yourself "
+            "(image.convert('RGB')) if you trust the file",
+            "not_an_image",
+        )
+
+
+def _chunked_to_uint8(array: np.ndarray, convert: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """`convert` (wide pixels to uint8) applied a chunk at a time: a 64-megapixel 16-bit image would otherwise take
+    gigabytes of float64 temporaries."""
+    flat = np.ascontiguousarray(array).reshape(-1)
+    result = np.empty(flat.shape, dtype=np.uint8)
+    for start in range(0, flat.size, _CONVERSION_CHUNK):
+        result[start : start + _CONVERSION_CHUNK] = convert(flat[start : start + _CONVERSION_CHUNK])
+    return result.reshape(array.shape)
+
+
 def float_pixels_to_uint8(array: np.ndarray, source: str) -> np.ndarray:
     """uint8 pixels from float pixels in [0, 1], 0..255 or 0..65535: the one rule for float arrays, tensors and float
     ("F") images, so that a picture reads the same whichever of them holds it.
@@ -187,13 +223,16 @@ def float_pixels_to_uint8(array: np.ndarray, source: str) -> np.ndarray:
     if high > FLOAT_BYTE_MAX:
         return sixteen_bit_to_uint8(array)
     top = 1.0 if high <= FLOAT_UNIT_MAX else 255.0
-    return np.round(np.clip(array, 0.0, top) * (255.0 / top)).astype(np.uint8)
+    return _chunked_to_uint8(array, lambda chunk: np.round(np.clip(chunk, 0.0, top) * (255.0 / top)))
 
 
 def sixteen_bit_to_uint8(array: np.ndarray) -> np.ndarray:
     """uint8 pixels from 16-bit pixels (uint16 arrays, "I;16" images), scaled from 0..65535 whatever the brightest
     pixel: a dark 16-bit picture stays dark, as viewers show it. Values outside 0..65535 are clipped."""
-    return np.round(np.clip(array.astype(np.float64), 0, 65535) / 257.0).astype(np.uint8)
+    if np.issubdtype(array.dtype, np.integer):
+        # round(v / 257) in integers: v / 257 never ends in exactly .5, so rounding half up is rounding to nearest.
+        return _chunked_to_uint8(array, lambda chunk: (np.clip(chunk, 0, 65535).astype(np.uint32) * 2 + 257) // 514)
+    return _chunked_to_uint8(array, lambda chunk: np.round(np.clip(chunk.astype(np.float64), 0, 65535) / 257.0))
 
 
 def integer_pixels_to_uint8(array: np.ndarray) -> np.ndarray:
@@ -202,7 +241,7 @@ def integer_pixels_to_uint8(array: np.ndarray) -> np.ndarray:
     most 255, else 16-bit data on the 0..65535 scale. Values outside the range are clipped."""
     if array.max() > 255:
         return sixteen_bit_to_uint8(array)
-    return np.clip(array, 0, 255).astype(np.uint8)
+    return _chunked_to_uint8(array, lambda chunk: np.clip(chunk, 0, 255))
 
 
 def to_rgb(image: Image.Image, source: str = "<PIL.Image>") -> Image.Image:
@@ -278,7 +317,7 @@ def _decode_bytes(
         # Our own pixel limit is checked below, before decoding; PIL's warning would only add noise.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            image = Image.open(io.BytesIO(data))
+            image = open_image_file(io.BytesIO(data))
         except Image.DecompressionBombError as error:
             raise ImageLoadError(
                 source, f"declared size too large, possible decompression bomb ({error})", "decompression_bomb"
@@ -286,7 +325,9 @@ def _decode_bytes(
         except UnidentifiedImageError:
             head = data[:32].lstrip().lower()
             hint = " (looks like text/HTML)" if head.startswith((b"<", b"{", b"[")) or head.isascii() else ""
-            raise ImageLoadError(source, f"not a recognised image format{hint}", "not_an_image") from None
+            raise ImageLoadError(
+                source, f"not a recognised image format{hint}; accepted: {', '.join(IMAGE_FORMATS)}", "not_an_image"
+            ) from None
         except Exception as error:  # PIL raises many types on corrupt headers
             raise ImageLoadError(
                 source, f"corrupt image header ({type(error).__name__}: {error})", "corrupt_image"
@@ -296,16 +337,22 @@ def _decode_bytes(
             # The header's size is checked before anything else is read: the limits do not depend on which side
             # is which, and reading the EXIF of a PNG decodes the whole image when the EXIF follows the pixels.
             _check_geometry(source, width, height, max_image_pixels, min_side, max_aspect)
-            # EXIF orientations 5-8 swap the axes of the displayed image (the frame of all boxes).
-            orientation = image.getexif().get(0x0112, 1) if apply_exif_orientation else 1
-            if orientation in (5, 6, 7, 8):
-                width, height = height, width
+            # Pillow turns a TIFF as it decodes it, whatever `apply_exif_orientation` says: its tag is read then too.
+            orientation = image.getexif().get(0x0112, 1) if apply_exif_orientation or image.format == "TIFF" else 1
             if getattr(image, "is_animated", False):
                 image.seek(0)
             if image.format == "JPEG" and max(width, height) > draft_margin * max_decode_side:
                 # JPEG can decode at 1/2, 1/4 or 1/8 scale directly: large photos never reach full size in memory.
                 image.draft("RGB", (draft_margin * max_decode_side, draft_margin * max_decode_side))
             image.load()
+            if orientation != 1 and image.getexif().get(0x0112, 1) != orientation:
+                # Pillow applied the orientation as it decoded (a TIFF) and dropped the tag; its header's size may
+                # have been the turned one already or not. Not drafted, the pixels are the frame.
+                (width, height), orientation = image.size, 1
+            elif not apply_exif_orientation:
+                orientation = 1
+            elif orientation in (5, 6, 7, 8):  # they swap the axes of the displayed image (the frame of all boxes)
+                width, height = height, width
         except ImageLoadError:
             raise
         except Image.DecompressionBombError as error:
@@ -344,7 +391,8 @@ def load_image(
         max_aspect_ratio: Largest accepted long side / short side.
         max_decode_side: Pixels are kept at most this long on their longest side (boxes still refer to the
             original size, see `LoadedImage.width`).
-        apply_exif_orientation: Rotate/flip according to the EXIF orientation tag, as viewers display it.
+        apply_exif_orientation: Rotate/flip according to the EXIF orientation tag, as viewers display it (Pillow
+            turns a TIFF as it decodes it, whatever this says).
         draft_margin: A JPEG longer than `draft_margin * max_decode_side` decodes at a reduced scale (1/2, 1/4,
             1/8) that keeps at least that size before the final resize: 2 keeps detail for region features, 1 is
             the fastest (image statistics).
@@ -380,6 +428,7 @@ def load_image(
         image_id = sha1_hex(data)
     else:
         if isinstance(image, Image.Image):
+            _check_image_format(image, source)
             _check_geometry(source, image.width, image.height, *limits)
             try:
                 if getattr(image, "is_animated", False):
@@ -424,7 +473,7 @@ def image_header_size(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with open_image_file(path) as image:
                 width, height = image.size
                 if max_image_pixels is not None and width * height > max_image_pixels:
                     return None
@@ -437,11 +486,21 @@ def image_header_size(
                     if orientation is None and image.format == "PNG" and isinstance(path, (str, os.PathLike)):
                         orientation = _png_orientation_after_pixels(path)
                     # Orientations 5-8 turn the image by a quarter turn: the displayed image is the frame of its boxes.
-                    if orientation in (5, 6, 7, 8):
+                    # Pillow reports a TIFF's size turned already (from its header's own width and length tags).
+                    if orientation in (5, 6, 7, 8) and not _turned_by_pillow(image):
                         width, height = height, width
     except Exception:  # noqa: BLE001 - PIL raises many types on damaged headers, DecompressionBombError among them
         return None
     return width, height
+
+
+def _turned_by_pillow(image: Image.Image) -> bool:
+    """Whether Pillow gives this image's size with its EXIF orientation applied already: a TIFF whose size differs
+    from its own width and length tags (Pillow turns TIFFs as it decodes them)."""
+    tags = getattr(image, "tag_v2", None)
+    if image.format != "TIFF" or tags is None:
+        return False
+    return image.size != (tags.get(256), tags.get(257))
 
 
 def _png_orientation_after_pixels(path: str | os.PathLike) -> int | None:
@@ -557,6 +616,7 @@ __all__ = [
     "DEFAULT_MAX_FILE_BYTES",
     "DEFAULT_MAX_IMAGE_PIXELS",
     "DEFAULT_MIN_IMAGE_SIDE",
+    "IMAGE_FORMATS",
     "ImageLoadError",
     "LoadedImage",
     "RegionExtractionError",
@@ -567,4 +627,5 @@ __all__ = [
     "image_header_size",
     "iter_loaded_batches",
     "load_image",
+    "open_image_file",
 ]
