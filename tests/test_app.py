@@ -538,13 +538,23 @@ def test_views_on_good_inputs(demo, monkeypatch):
 def test_build_app_gives_the_page(demo):
     import gradio as gr
 
-    from imagebert_hf.app import build_app
+    from imagebert_hf.app import build_app, launch_app
 
     blocks = build_app(demo)
     assert isinstance(blocks, gr.Blocks)
     ids = {block.elem_id for block in blocks.blocks.values() if getattr(block, "elem_id", None)}
     assert {"query", "search-button", "result-gallery", "search-regions", "photo-upload", "photo-pick"} <= ids
     assert {"caption-results", "photo-regions", "photo-error", "search-error"} <= ids
+    # Uploads are refused by gradio at the extractor's own file size limit, not at a size of the page's.
+    demo.extractor.max_file_bytes, default = 1_000_000, demo.extractor.max_file_bytes
+    try:
+        launched = {}
+        blocks = build_app(demo)
+        blocks.launch = lambda **kwargs: launched.update(kwargs)
+        launch_app(blocks)
+        assert launched["max_file_size"] == 1_000_000
+    finally:
+        demo.extractor.max_file_bytes = default
 
 
 def test_the_header_says_how_queries_are_ranked_and_counts_the_captions(demo, tmp_path):

@@ -139,6 +139,7 @@ def test_launch_keeps_the_allowed_paths_it_is_given(monkeypatch, tmp_path):
 
     launch_app(Blocks(), allowed_paths=[str(tmp_path)])
     assert seen["allowed_paths"] == [str(tmp_path), "/photos/a.png"]
+    assert seen["max_file_size"] == 64 * 1024 * 1024  # the loader's default limit, for blocks built elsewhere
     monkeypatch.setenv("GRADIO_ALLOWED_PATHS", f"{tmp_path}, /more")
     launch_app(Blocks())
     assert seen["allowed_paths"] == [str(tmp_path), "/more", "/photos/a.png"]

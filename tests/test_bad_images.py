@@ -543,3 +543,13 @@ def test_sixteen_bit_pixels_convert_in_bounded_memory_and_as_before(tmp_path):
     assert loaded.image.size == (1333, 1333)
     # The decoded 16-bit image (69 MiB), its array and its RGB copy; float64 temporaries would add 550 MiB.
     assert grown < 300, f"peak memory grew by {grown:.0f} MiB"
+
+
+@pytest.mark.parametrize(("mode", "straight"), [("La", "LA"), ("RGBa", "RGBA")])
+def test_premultiplied_alpha_images_composite_on_white_as_their_straight_modes(mode, straight):
+    pixels = np.zeros((8, 8, 2 if mode == "La" else 4), dtype=np.uint8)
+    pixels[..., :-1], pixels[:4, ..., -1] = 120, 255  # the top half opaque grey, the bottom half transparent
+    premultiplied = Image.fromarray(pixels, straight).convert(mode)
+    loaded = np.asarray(load_image(premultiplied).image)
+    assert loaded[:4].tolist() == np.full((4, 8, 3), 120).tolist()
+    assert loaded[4:].tolist() == np.full((4, 8, 3), 255).tolist()

@@ -16,6 +16,7 @@ from typing import Any
 
 from transformers.utils import logging
 
+from ..models.imagebert.roi_image_loading import DEFAULT_MAX_FILE_BYTES
 from .drawing import render_regions
 from .engine import MAX_RESULTS, AppInputError, RetrievalDemo, parse_caption_list
 from .relations import KIND_NAMES, SCORER_NAMES, RelationView
@@ -343,6 +344,8 @@ def build_app(demo: RetrievalDemo, title: str = "ImageBERT image-text retrieval"
         )
     # The photos a search returns, which `launch_app` lets gradio serve from wherever the gallery lies.
     blocks.gallery_files = sorted({str(image.path.resolve()) for image in demo.gallery})
+    # Gradio refuses a larger upload itself, before it is stored: the extractor would refuse it after.
+    blocks.max_upload_bytes = int(demo.extractor.max_file_bytes)
     return blocks
 
 
@@ -402,7 +405,7 @@ def launch_app(blocks, server_name: str | None = "127.0.0.1", server_port: int |
     served. `allowed_paths` given here, or in `GRADIO_ALLOWED_PATHS` (which an explicit list would otherwise
     replace), are kept.
     """
-    kwargs.setdefault("max_file_size", "64mb")
+    kwargs.setdefault("max_file_size", getattr(blocks, "max_upload_bytes", DEFAULT_MAX_FILE_BYTES))
     given = kwargs.pop("allowed_paths", None)
     if given is None:
         given = [item.strip() for item in os.environ.get("GRADIO_ALLOWED_PATHS", "").split(",") if item.strip()]

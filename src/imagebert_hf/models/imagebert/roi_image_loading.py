@@ -164,6 +164,8 @@ def _check_geometry(source: str, width: int, height: int, max_image_pixels: int,
 
 def _flatten_alpha(image: Image.Image) -> Image.Image:
     # Transparent pixels carry arbitrary colours; compositing on white is what a browser shows.
+    if image.mode == "La":  # premultiplied: Pillow converts it to "LA" only
+        image = image.convert("LA")
     rgba = image.convert("RGBA")
     background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     return Image.alpha_composite(background, rgba).convert("RGB")
