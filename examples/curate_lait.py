@@ -27,6 +27,7 @@ from imagebert_hf.curation import (
     ParseConfig,
     RelevanceConfig,
     TextCleaningConfig,
+    load_curated,
     run_local,
     run_spark,
     synthetic,
@@ -79,15 +80,17 @@ def main() -> None:
         output_dir = str(Path(output_dir) / "pairs")
 
     # 3. Run the five stages: locally with datasets, or on Spark (the active session under spark-submit). Inputs
-    #    that yield not a single page end the run with their counts by reason, rather than with zero pairs.
+    #    that yield not a single page end the run with their counts by reason, rather than with zero pairs. The
+    #    pairs, image bytes included, stay on disk rather than being read back into this process's memory.
     if args.runner == "spark":
-        result = run_spark(inputs, output_dir, config, require_pages=True)
+        result = run_spark(inputs, output_dir, config, require_pages=True, load_result=False)
     else:
-        result = run_local(inputs, output_dir, config, num_proc=args.num_proc, require_pages=True)
+        result = run_local(inputs, output_dir, config, num_proc=args.num_proc, require_pages=True, load_result=False)
 
-    # 4. The result: a datasets.Dataset of image bytes, text, URLs and per-stage scores.
-    print(result.dataset)
-    for row in result.dataset.select(range(min(3, len(result.dataset)))):
+    # 4. The result: a datasets.Dataset of image bytes, text, URLs and per-stage scores, memory-mapped from disk.
+    pairs = load_curated(output_dir)
+    print(pairs)
+    for row in pairs.select(range(min(3, len(pairs)))):
         print(f"{row['relevance_score']:.2f}  {row['text']!r}  <- {row['image_url']}")
 
     # 5. The funnel: what each stage received, kept and dropped, by reason (also funnel.{json,md,png} beside the data).

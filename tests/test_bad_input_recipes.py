@@ -5,6 +5,7 @@ import copy
 import dataclasses
 import json
 import math
+import re
 
 import pytest
 import yaml
@@ -403,3 +404,34 @@ def test_split_at_its_default_is_taken_on_sources_that_do_not_read_it(source):
     stage["sources"][0]["split"] = "test"
     with pytest.raises(RecipeError, match=r"split is 'test', but only an hf_dataset source reads it"):
         recipe_from_dict({"output_dir": "out", "stages": [stage]})
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"lr_scheduler_type": "constant", "warmup_ratio": 0.1}, "'constant' has no warmup, so its warmup_ratio 0.1"),
+        ({"lr_scheduler_type": "constant", "warmup_steps": 3}, "'constant' has no warmup, so its warmup_steps 3"),
+        ({"warmup_steps": 3, "warmup_ratio": 0.1}, "gives warmup_steps 3 and warmup_ratio 0.1; the steps would"),
+    ],
+)
+def test_warmup_settings_the_schedule_would_ignore_are_refused(settings, message):
+    recipe = copy.deepcopy(TINY)
+    del recipe["stages"][0]["warmup_steps"]
+    recipe["stages"][0].update(settings)
+    with pytest.raises(
+        RecipeError, match=re.escape(f"recipe.stages[0]{'.lr_scheduler_type' * ('constant' in message)}")
+    ):
+        recipe_from_dict(recipe)
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        recipe_from_dict(recipe)
+    recipe["stages"][0].update(lr_scheduler_type="constant_with_warmup", warmup_ratio=0.0)
+    recipe_from_dict(recipe)
+
+
+@pytest.mark.parametrize("output_dir", ["", "  "])
+def test_an_empty_output_dir_in_a_recipe_is_refused(output_dir):
+    recipe = {**copy.deepcopy(TINY), "output_dir": output_dir}
+    with pytest.raises(
+        RecipeError, match=re.escape(f"recipe.output_dir must be a non-empty path, got {output_dir!r}")
+    ):
+        recipe_from_dict(recipe)

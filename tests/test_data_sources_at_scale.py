@@ -167,3 +167,45 @@ def test_merging_the_records_of_one_picture_copies_each_caption_list_once(monkey
     assert merged[0]["captions"] == [f"caption {n}" for n in range(2_000)]
     assert records == originals  # the records given are left as they were
     assert sum(copied) <= 2 * len(records), f"merging 2,000 records copied {sum(copied):,} captions"
+
+
+def _bytes_read() -> int | None:
+    """Bytes this process has read through system calls so far (Linux), cached or not."""
+    try:
+        with open("/proc/self/io") as stats:
+            return next(int(line.split()[1]) for line in stats if line.startswith("rchar"))
+    except (OSError, StopIteration):
+        return None
+
+
+def test_local_webdataset_shards_are_listed_without_reading_their_images(tmp_path):
+    """Pretraining reads regions from the cache: listing a corpus's captions must not read its image bytes (about
+    0.5 TB for 10M web images, in every process, at every stage start and resume)."""
+    import io
+    import tarfile
+
+    from imagebert_hf.data.pair_sources import WebDatasetPairSource, WebDatasetStream
+
+    rng = np.random.default_rng(0)
+    images = {}
+    for shard in range(2):
+        with tarfile.open(tmp_path / f"{shard:05d}.tar", "w") as tar:
+            for item in range(20):
+                key = f"{shard}{item:03d}"
+                images[key] = rng.integers(0, 256, 200_000, dtype=np.uint8).tobytes()
+                for extension, data in (("jpg", images[key]), ("txt", f"caption {key}".encode())):
+                    member = tarfile.TarInfo(f"{key}.{extension}")
+                    member.size = len(data)
+                    tar.addfile(member, io.BytesIO(data))
+    total = sum(path.stat().st_size for path in tmp_path.glob("*.tar"))
+    before = _bytes_read()
+    if before is None:
+        pytest.skip("needs /proc/self/io (Linux) to count the bytes read")
+    source = WebDatasetPairSource(str(tmp_path / "*.tar"))
+    listed = _bytes_read() - before
+    assert sorted(source.pairs) == sorted((key, f"caption {key}") for key in images)
+    before = _bytes_read()
+    streamed = sorted(WebDatasetStream(str(tmp_path / "*.tar"), shuffle_shards=False).epoch_pairs(0))
+    assert streamed == sorted(source.pairs) and _bytes_read() - before < total / 10
+    assert listed < total / 10, f"listing read {listed} of the shards' {total} bytes"
+    assert source.image_bytes("1007") == images["1007"]  # the images are there when asked for

@@ -207,3 +207,10 @@ def test_a_checkpoint_whose_optimizer_trains_other_parameters_is_refused_naming_
     same = Accelerator(cpu=True)
     same.prepare(model, build_optimizer(model, 1e-3))
     assert load_checkpoint(same, checkpoint).completed_steps == 1
+
+
+def test_a_constant_schedule_with_a_warmup_is_refused_naming_both_flags(tmp_path):
+    args = RetrievalArguments(output_dir=str(tmp_path / "run"), lr_scheduler_type="constant")
+    with pytest.raises(ValueError, match=r"--lr_scheduler_type constant has no warmup, so --warmup_ratio 0\.1"):
+        check_flags(args)
+    check_flags(RetrievalArguments(output_dir=str(tmp_path / "run"), lr_scheduler_type="constant", warmup_ratio=0.0))

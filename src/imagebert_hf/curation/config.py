@@ -247,7 +247,8 @@ class TextCleaningConfig(_StageConfig):
         "Require a determiner or preposition, as Conceptual Captions requires (drops keyword lists).", True
     )
     function_words: list[str] = _help(
-        "Determiners and prepositions for `require_function_word`.", factory=lambda: list(DEFAULT_FUNCTION_WORDS)
+        "Determiners and prepositions for `require_function_word` (matched ignoring case).",
+        factory=lambda: list(DEFAULT_FUNCTION_WORDS),
     )
     max_capitalized_ratio: float = _help(
         "Drop texts where more than this ratio of the words after the first are capitalised (title case, shouting).",

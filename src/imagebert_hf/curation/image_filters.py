@@ -8,7 +8,8 @@ is all the statistics and the classifiers need.
 The NSFW detector and the natural-photo classifier are plug-ins named in the config: a built-in name, `none`, or
 `package.module:Class` (a class whose no-argument constructor builds it and whose `score(images, stats)` returns
 one probability per image). Plug-ins are built lazily once per process, which suits `datasets` workers and Spark
-executors alike.
+executors alike; the runners check them before reading any page (`check_plugin`), so a plug-in whose class takes
+arguments or has no `score` ends the run before any work is done.
 """
 
 from __future__ import annotations
@@ -215,13 +216,56 @@ def import_plugin(spec: str) -> type:
     return plugin
 
 
+def check_plugin(spec: str) -> type:
+    """The class a `module:Class` plug-in names, checked without building it: its constructor must take no argument
+    and the class must define a callable `score`. Building it is left to each worker, where its constructor may
+    open a GPU context that a process forked after it could not use. Raises `ValueError` naming `spec`."""
+    import inspect
+
+    plugin = import_plugin(spec)
+    try:
+        inspect.signature(plugin).bind()
+    except TypeError as error:
+        raise ValueError(
+            f"the plug-in {spec!r} cannot be built without arguments ({error}); expected `module:Class` naming a "
+            "class whose no-argument constructor builds the scorer."
+        ) from None
+    except ValueError:  # a built-in without a signature: building it will tell
+        pass
+    if not inspect.isclass(plugin) or not callable(getattr(plugin, "score", None)):
+        raise ValueError(
+            f"the plug-in {spec!r} is a {type(plugin).__name__} without a callable `score`; expected a class with a "
+            "method `score(images, stats)` returning one probability per image."
+        )
+    return plugin
+
+
+def build_plugin(spec: str) -> ImageScorer:
+    """The scorer a `module:Class` plug-in builds, checked: a constructor that fails without arguments, or a scorer
+    without a callable `score`, raises `ValueError` naming `spec`, before any image is scored."""
+    plugin = import_plugin(spec)
+    try:
+        scorer = plugin()
+    except Exception as error:
+        raise ValueError(
+            f"the plug-in {spec!r} cannot be built without arguments ({type(error).__name__}: {error}); expected "
+            "`module:Class` naming a class whose no-argument constructor builds the scorer."
+        ) from error
+    if not callable(getattr(scorer, "score", None)):
+        raise ValueError(
+            f"the plug-in {spec!r} built a {type(scorer).__name__} without a callable `score`; expected a class "
+            "with a method `score(images, stats)` returning one probability per image."
+        )
+    return scorer
+
+
 @functools.lru_cache(maxsize=8)
 def get_nsfw_detector(spec: str) -> ImageScorer:
     if spec == "nudenet":
         return NudeNetDetector()
     if spec == "none":
         return NoScorer(0.0)
-    return import_plugin(spec)()
+    return build_plugin(spec)
 
 
 def get_natural_classifier(spec: str, model_path: str | None = None) -> ImageScorer:
@@ -235,7 +279,7 @@ def _get_natural_classifier(spec: str, model_path: str | None, version: tuple | 
         return LinearNaturalPhotoClassifier(model_path)
     if spec == "none":
         return NoScorer(1.0)
-    return import_plugin(spec)()
+    return build_plugin(spec)
 
 
 def plugin_scores(field: str, spec: str, scorer: ImageScorer, images: list, stats: np.ndarray) -> list[float]:
@@ -350,6 +394,8 @@ __all__ = [
     "NudeNetDetector",
     "STAGE",
     "STAT_NAMES",
+    "build_plugin",
+    "check_plugin",
     "decode_image",
     "filter_images",
     "get_natural_classifier",

@@ -16,11 +16,12 @@ import functools
 import glob
 import os
 import posixpath
+import re
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePath, PurePosixPath
-from urllib.parse import unquote, urldefrag, urlsplit
+from urllib.parse import quote, unquote, urldefrag, urlsplit, urlunsplit
 
 from transformers.utils import logging
 
@@ -718,8 +719,36 @@ def _scan_warc(path: str, config: ParseConfig, tally: Tally) -> Iterator[dict]:
         yield _page_row(f"{path}#{record.stream_pos}", url, path, html, charset)
 
 
+# Left as written when a URL is put in canonical form: reserved characters (`/` and `%2F`, `&` and `%26` mean
+# different things) and `%` itself, whose escapes are normalised on their own.
+_URL_KEEP = "!#$&'()*+,/:;=?@[]%"
+_URL_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def _canonical_component(text: str) -> str:
+    """A path or query as a browser requests it: spaces and non-ASCII letters percent-encoded (UTF-8), escapes in
+    upper case, and escaped unreserved characters (`%41`, `%7E`) written out."""
+
+    def escape(match: re.Match) -> str:
+        char = chr(int(match.group(1), 16))
+        return char if char in _UNRESERVED else f"%{match.group(1).upper()}"
+
+    return _URL_ESCAPE.sub(escape, quote(text, safe=_URL_KEEP))
+
+
 def normalize_url(url: str) -> str:
-    return urldefrag(url.strip())[0]
+    """The form under which an image's URL is indexed and looked up: a page's `<img src="/my dog.jpg">` names the
+    capture stored as `/my%20dog.jpg`, `café.jpg` the one stored as `caf%C3%A9.jpg`, and `HTTP://Ex.COM/a.jpg` the one
+    stored as `http://ex.com/a.jpg`. The fragment is dropped: it is never sent to the server."""
+    url = urldefrag(url.strip())[0]
+    try:
+        parts = urlsplit(url)
+        userinfo, at, host = parts.netloc.rpartition("@")
+        path, query = _canonical_component(parts.path), _canonical_component(parts.query)
+    except ValueError:  # `http://[host/x.jpg`, or a lone surrogate: no URL to normalise, matched only as written
+        return url
+    return urlunsplit((parts.scheme.lower(), f"{userinfo}{at}{host.lower()}", path, query, ""))
 
 
 class ImageResolver:

@@ -19,6 +19,7 @@ from urllib.parse import urljoin
 
 from transformers.utils import logging
 
+from ..models.imagebert.roi_image_loading import open_image_file
 from .config import ParseConfig
 from .inputs import HTML_SUFFIXES, ImageResolver, resolver_for
 from .tally import INPUT, KEPT, Tally
@@ -64,6 +65,7 @@ _PLACEHOLDER_EXT = (".gif", ".png", ".svg")
 _SRCSET_URL = re.compile(r"[\s,]*(\S*)")
 _SRCSET_DESCRIPTOR = re.compile(r"(\d+(?:\.\d+)?|\.\d+)([wx])", re.IGNORECASE)
 _DEFAULT_SIDE = 250  # assumed side of an image that declares no size, before its real size is known
+_MAX_SIZE_DIGITS = 6  # a declared side of a million pixels or more is no image's
 
 
 @dataclass
@@ -86,21 +88,32 @@ def _clean(text: str | None) -> str:
     return _SPACE.sub(" ", text or "").strip()
 
 
+def _pixels(digits: str) -> int | None:
+    """The whole pixels of a declared size; None for one of more than `_MAX_SIZE_DIGITS` digits, which no image
+    has: hundreds of digits would overflow the page's scoring, thousands exceed what `int` converts."""
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= _MAX_SIZE_DIGITS else None
+
+
 def _int_attr(value: str | None) -> int | None:
     """A size in pixels from a width or height attribute: `640` or `640px`. A percentage (`60%`) or another unit
     says nothing about the image's pixels, so it counts as no declaration."""
     match = _PIXELS.fullmatch(value or "")
-    return int(match.group(1)) if match else None
+    return _pixels(match.group(1)) if match else None
 
 
 def declared_size(node) -> tuple[int | None, int | None]:
-    """Width and height declared by HTML attributes or inline CSS (CSS wins, as in a browser)."""
+    """Width and height declared by HTML attributes or inline CSS (CSS wins, as in a browser). A size no image has
+    (`_pixels`) counts as no declaration, so one hostile `<img>` does not cost the page its other images."""
     width, height = _int_attr(node.getattr("width")), _int_attr(node.getattr("height"))
     for prop, value in _CSS_SIZE.findall(node.getattr("style") or ""):
+        pixels = _pixels(value.partition(".")[0])
+        if pixels is None:
+            continue
         if prop.lower() == "width":
-            width = int(float(value))
+            width = pixels
         else:
-            height = int(float(value))
+            height = pixels
     return width, height
 
 
@@ -216,8 +229,6 @@ def _dom_score(cand: Candidate, in_main: bool, in_figure: bool, in_boilerplate: 
 
 
 def _real_size(data: bytes) -> tuple[int, int] | None:
-    from ..models.imagebert.roi_image_loading import open_image_file
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

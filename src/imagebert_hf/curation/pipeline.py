@@ -9,6 +9,7 @@ state between processes and works the same in `datasets` workers and Spark execu
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import json
 import math
@@ -24,10 +25,10 @@ from pathlib import Path
 
 from transformers.utils import logging
 
-from ..formats.files import atomic_write_text, check_output_dir, publish_folder
+from ..formats.files import atomic_write_bytes, atomic_write_text, check_output_dir, publish_folder
 from .aggregation import aggregate
 from .config import STAGE_CLASSES, CurationConfig, check_stage_config
-from .image_filters import ADDED_COLUMNS, filter_images, get_natural_classifier, import_plugin
+from .image_filters import ADDED_COLUMNS, check_plugin, filter_images, get_natural_classifier
 from .inputs import PAGE_COLUMNS, check_output_apart, discover_sources, is_url, scan_source
 from .parse import IMAGE_COLUMNS, parse_pages
 from .relevance import load_relevance_model, score_relevance
@@ -46,6 +47,8 @@ WORK_MARKER = ".imagebert-curate-work.json"
 _DATA_TMP_NAME = re.compile(r"\.data\.tmp-\d+-[0-9a-f]{8}")
 # What the runners write into `data/` (local: part-00000-of-00004.parquet; Spark: part-00000.parquet).
 _OWN_DATA_FILE = re.compile(r"part-\d{5}(-of-\d{5})?\.parquet")
+# The report beside `data/`, in the order it is published: `funnel.json`, which reruns and `load_funnel` read, last.
+REPORT_FILES = ("config.json", "funnel.png", "funnel.md", "funnel.json")
 
 # Column types, shared by the local runner (datasets Features) and the Spark runner (its own StructType).
 COLUMN_TYPES: dict[str, str] = {
@@ -319,8 +322,24 @@ def count_duplicate_pairs(tally: Tally, duplicates: int) -> None:
 
 
 def finalize_report(tally: Tally, output_dir: Path, config: CurationConfig) -> None:
+    """Writes `config.json` and the funnel report (`REPORT_FILES`) into `output_dir`, each file atomically."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output_dir / "config.json", json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
     write_funnel_report(tally, output_dir)
+
+
+def publish_report(staged: Path, output_dir: Path) -> None:
+    """Moves the report files `finalize_report` wrote into `staged` to `output_dir`, one rename each (a copy written
+    atomically from another filesystem), `funnel.json` last: the runners render the report before they publish
+    `data/`, so a report that cannot be written leaves an earlier run's output as it was."""
+    for name in REPORT_FILES:
+        try:
+            os.replace(staged / name, output_dir / name)
+        except OSError as error:
+            if error.errno != errno.EXDEV:
+                raise
+            atomic_write_bytes(output_dir / name, (staged / name).read_bytes())
 
 
 def check_run_settings(num_proc, batch_size, rows_per_shard) -> None:
@@ -346,8 +365,8 @@ def check_config(config: CurationConfig) -> None:
 def check_stage_inputs(config: CurationConfig) -> None:
     """Checks every field of `config` (`check_config`), then what the stages read besides the pages, before a runner
     touches its output folder: the languages against those the detector can return, the vocabulary, the model
-    files, and that plug-in scorers import. Inside the stages a failure would be counted as a dropped record (every
-    record), so a bad file or code would end in a successful run that keeps nothing. Errors name the field
+    files, and that plug-in scorers' classes take no argument and have a `score` method. Inside the stages a failure would be counted as
+    a dropped record (every record), or would end the run only once every page is parsed. Errors name the field
     (`text.vocabulary`, the flag without `--`)."""
     from resiliparse.parse.lang import supported_langs
 
@@ -371,12 +390,12 @@ def check_stage_inputs(config: CurationConfig) -> None:
             ("images.natural_model_path", lambda: get_natural_classifier("default", images.natural_model_path))
         )
     elif images.natural_classifier != "none":
-        checks.append(("images.natural_classifier", lambda: import_plugin(images.natural_classifier)))
+        checks.append(("images.natural_classifier", lambda: check_plugin(images.natural_classifier)))
     if images.nsfw_detector == "nudenet":
         # A missing extra raises ModuleNotFoundError, which the scripts turn into the extras to install.
         checks.append(("images.nsfw_detector", lambda: importlib.import_module("nudenet")))
     elif images.nsfw_detector != "none":
-        checks.append(("images.nsfw_detector", lambda: import_plugin(images.nsfw_detector)))
+        checks.append(("images.nsfw_detector", lambda: check_plugin(images.nsfw_detector)))
     for name, check in checks:
         try:
             check()
@@ -495,8 +514,12 @@ def run_local(
         tally.update(agg_tally)
         ds = ds.select(sorted(chosen[pid][0] for pid in kept_ids))
         ds = ds.select_columns(list(OUTPUT_COLUMNS)).sort("pair_id")
+        # The report is rendered before `data/` is published and moved beside it after, by renames alone: a run
+        # that fails (a full disk, a chart that cannot be drawn) changes nothing of an earlier output.
+        report = work / "report"
+        finalize_report(tally, report, config)
         _write_parquet_shards(ds, output_dir / "data", rows_per_shard, data_tmp)
-        finalize_report(tally, output_dir, config)
+        publish_report(report, output_dir)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         for folder in created:  # the folders this call created, when nothing was written into them
@@ -527,6 +550,7 @@ __all__ = [
     "features_for",
     "finalize_report",
     "load_curated",
+    "publish_report",
     "run_local",
     "scan_sources",
 ]

@@ -31,6 +31,7 @@ from .inputs import discover_sources, input_version, open_input, resolver_for
 from .parse import _image_src, decode_html
 from .pipeline import (
     OUTPUT_COLUMNS,
+    REPORT_FILES,
     STAGES,
     TALLY,
     CurationResult,
@@ -43,6 +44,7 @@ from .pipeline import (
     duplicate_rank,
     finalize_report,
     load_curated,
+    publish_report,
     scan_sources,
 )
 from .tally import Tally
@@ -460,25 +462,25 @@ def run_spark(
         .sortBy(lambda r: r["pair_id"])
     )
     # The executors write the new `data/` under a temporary name; it replaces the earlier one only once complete.
+    # The report is rendered first and put beside it after: a run that fails changes nothing of an earlier output.
     tmp_name = f"parts/{DATA_TMP_PREFIX}{uuid.uuid4().hex[:8]}"
-    try:
-        final.mapPartitionsWithIndex(_write_parquet(f"{output_url}/{tmp_name}/part", OUTPUT_COLUMNS)).sum()
-        fs.makedirs(f"{root}/{tmp_name}", exist_ok=True)  # an RDD without partitions writes no file
-        _publish_data(fs, f"{root}/{tmp_name}", f"{root}/data", local=_is_local(output_url))
-    except BaseException:
-        if fs.exists(f"{root}/{tmp_name}"):
-            fs.rm(f"{root}/{tmp_name}", recursive=True)
-        raise
+    with tempfile.TemporaryDirectory() as report_dir:
+        finalize_report(tally, Path(report_dir), config)
+        try:
+            final.mapPartitionsWithIndex(_write_parquet(f"{output_url}/{tmp_name}/part", OUTPUT_COLUMNS)).sum()
+            fs.makedirs(f"{root}/{tmp_name}", exist_ok=True)  # an RDD without partitions writes no file
+            _publish_data(fs, f"{root}/{tmp_name}", f"{root}/data", local=_is_local(output_url))
+        except BaseException:
+            if fs.exists(f"{root}/{tmp_name}"):
+                fs.rm(f"{root}/{tmp_name}", recursive=True)
+            raise
+        if _is_local(output_url):
+            publish_report(Path(report_dir), Path(root))
+        else:
+            for name in REPORT_FILES:
+                fs.put(f"{report_dir}/{name}", f"{root}/{name}")  # one object each: a store shows all of it or none
     for cached in (records, by_pair, by_text, by_image):
         cached.unpersist()
-
-    if _is_local(output_url):
-        finalize_report(tally, Path(root), config)  # atomic file by file
-    else:
-        with tempfile.TemporaryDirectory() as report_dir:
-            finalize_report(tally, Path(report_dir), config)
-            for file in Path(report_dir).iterdir():
-                fs.put(str(file), f"{root}/{file.name}")  # one object each: a store shows all of it or none
     # Read into the driver's memory: no second copy of the output in the `datasets` cache.
     dataset = load_curated(output_url, keep_in_memory=True) if load_result else None
     return CurationResult(dataset=dataset, tally=tally, output_dir=Path(root))

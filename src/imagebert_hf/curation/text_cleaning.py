@@ -119,6 +119,12 @@ def _phrase_pattern(phrases: tuple[str, ...]) -> re.Pattern | None:
 
 
 @functools.lru_cache(maxsize=32)
+def _caseless_words(words: tuple[str, ...]) -> frozenset[str]:
+    """Configured words as the text's words are compared with them: "Der" in a list matches "der" in a text."""
+    return frozenset(_caseless(word.strip()) for word in words)
+
+
+@functools.lru_cache(maxsize=32)
 def _patterns(spam: tuple[str, ...], porn: tuple[str, ...], boilerplate: tuple[str, ...]):
     return _phrase_pattern(spam), _phrase_pattern(porn), _phrase_pattern(boilerplate)
 
@@ -201,15 +207,16 @@ def check_text(text: str, config: TextCleaningConfig) -> tuple[str | None, float
         return "boilerplate", 1.0
     if sum(c.isdigit() for c in text) > config.max_digit_ratio * len(text):
         return "too_many_digits", 1.0
-    lower_words = [w.lower() for w in words]
-    if config.require_function_word and not set(lower_words) & set(config.function_words):
+    lower_words = [_caseless(w) for w in words]
+    function_words = _caseless_words(tuple(config.function_words))
+    if config.require_function_word and not function_words.intersection(lower_words):
         return "no_function_word", 1.0
     later = words[1:]
     if later and sum(w[0].isupper() for w in later) > config.max_capitalized_ratio * len(later):
         return "capitalized", 1.0
     # Keyword stuffing repeats content words; "a", "the" or "and" three times is an ordinary sentence. A text of
     # function words alone is judged on all of them.
-    exempt = REPETITION_EXEMPT_WORDS.union(config.function_words)
+    exempt = REPETITION_EXEMPT_WORDS | function_words
     counted = [w for w in lower_words if w not in exempt] or lower_words
     top_count = Counter(counted).most_common(1)[0][1]
     if top_count >= 3 and top_count > config.max_repeated_word_ratio * len(lower_words):

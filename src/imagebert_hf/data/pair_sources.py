@@ -514,19 +514,24 @@ class _EndMarkedTarInfo(tarfile.TarInfo):
             raise
 
 
-def _tar_members(sources: Iterator[dict[str, Any]], select_files=None) -> Iterator[dict[str, Any]]:
+def _tar_members(sources: Iterator[dict[str, Any]], select_files=None, read_data=None) -> Iterator[dict[str, Any]]:
     """The regular files of each opened shard as webdataset's `group_by_keys` takes them, then `{}` at each shard's
-    end. Read as a stream, like webdataset's own expander, but a shard whose members do not end with the
+    end: those `select_files` keeps (all by default), with their bytes where `read_data` says so (all by default)
+    and `None` for the others, whose presence is all their sample shows. A local shard is read by seeking from
+    header to header, so the members whose bytes are not wanted (the images, when only captions are) are never read
+    from disk; a stream is read through, like webdataset's own expander. A shard whose members do not end with the
     end-of-archive marker raises a `ValueError` naming it instead of ending early."""
     for source in sources:
         url = source["url"]
+        mode = "r|*" if source.get("local_path") is None else "r:*"
         try:
-            with tarfile.open(fileobj=source["stream"], mode="r|*", tarinfo=_EndMarkedTarInfo) as tar:
+            with tarfile.open(fileobj=source["stream"], mode=mode, tarinfo=_EndMarkedTarInfo) as tar:
                 for member in tar:
                     name = member.name
                     if not member.isreg() or _META_MEMBER.match(name) or (select_files and not select_files(name)):
                         continue
-                    file = {"fname": name, "data": tar.extractfile(member).read(), "__url__": url}
+                    data = tar.extractfile(member).read() if read_data is None or read_data(name) else None
+                    file = {"fname": name, "data": data, "__url__": url}
                     if source.get("local_path") is not None:
                         file["__local_path__"] = source["local_path"]
                     yield file
@@ -538,9 +543,11 @@ def _tar_members(sources: Iterator[dict[str, Any]], select_files=None) -> Iterat
                         "or copy the shard again."
                     )
         except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
+            # tarfile's message lists each compression it tried on lines of their own: one line here.
+            reason = " ".join(str(error).split())[:300]
             raise _ShardError(
-                f"webdataset shard {url} cannot be read ({type(error).__name__}: {str(error)[:300]}); is it truncated "
-                "or not a tar file? Write or copy it again."
+                f"webdataset shard {url} cannot be read ({type(error).__name__}: {reason}); is it truncated or not a "
+                "tar file? Write or copy it again."
             ) from error
         yield {}
 
@@ -565,9 +572,10 @@ def _samples_by_key(files: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]
         raise _ShardError(f"webdataset shard {current['url']}: {type(error).__name__}: {str(error)[:300]}") from error
 
 
-def _webdataset(urls: list[str], select_files=None, split: bool = False):
-    """A `webdataset` pipeline over `urls` (paths, http(s)/s3/gs URLs, `pipe:` commands) giving undecoded samples;
-    a truncated shard raises (see `_tar_members`).
+def _webdataset(urls: list[str], select_files=None, split: bool = False, read_data=None):
+    """A `webdataset` pipeline over `urls` (paths, http(s)/s3/gs URLs, `pipe:` commands) giving undecoded samples,
+    the members `select_files` keeps, with the bytes of those `read_data` names (see `_tar_members`); a truncated
+    shard raises.
 
     With `split`, the shards are divided between the processes of the run and the DataLoader workers of each.
     """
@@ -579,7 +587,7 @@ def _webdataset(urls: list[str], select_files=None, split: bool = False):
         wds.SimpleShardList(urls),
         *splitters,
         StreamingOpen(),
-        lambda sources: _tar_members(sources, select_files),
+        lambda sources: _tar_members(sources, select_files, read_data),
         _samples_by_key,
     )
 
@@ -609,7 +617,8 @@ class WebDatasetPairSource(PairSource):
         self._shard_of: dict[str, str] = {}
         seen: dict[str, str] = {}
         pairs, skipped = [], []
-        for sample in _read_samples(_webdataset(self.urls), name):
+        # The captions alone are read: an image member's presence is all the listing needs of it.
+        for sample in _read_samples(_webdataset(self.urls, read_data=_is_text_member), name):
             key, shard = sample["__key__"], sample["__url__"]
             # Images are found again by key (image_bytes, image_table): a second sample of a key would pair its
             # captions with the first one's regions.
@@ -620,7 +629,7 @@ class WebDatasetPairSource(PairSource):
                 )
             seen[key] = shard
             caption = _caption_of(sample)
-            has_image = _image_of(sample) is not None
+            has_image = any(extension in sample for extension in _IMAGE_EXTENSIONS)
             if caption and has_image:
                 self._shard_of[key] = shard
                 pairs.append((key, caption))

@@ -422,6 +422,19 @@ def _stage(data: Any, where: str, as_written: bool = False) -> StageSpec:
         )
     if not 0.0 <= stage.warmup_ratio < 1.0:
         raise RecipeError(f"{where}.warmup_ratio must be in [0, 1), got {stage.warmup_ratio}.")
+    # Settings that would be accepted and change nothing: transformers' "constant" schedule drops the warmup it is
+    # given, and `warmup_steps` replaces `warmup_ratio`.
+    if stage.lr_scheduler_type == "constant" and (stage.warmup_steps or stage.warmup_ratio):
+        given = f"warmup_steps {stage.warmup_steps}" if stage.warmup_steps else f"warmup_ratio {stage.warmup_ratio}"
+        raise RecipeError(
+            f"{where}.lr_scheduler_type 'constant' has no warmup, so its {given} would be ignored; use "
+            "'constant_with_warmup', or leave the warmup out."
+        )
+    if stage.warmup_steps is not None and stage.warmup_ratio:
+        raise RecipeError(
+            f"{where} gives warmup_steps {stage.warmup_steps} and warmup_ratio {stage.warmup_ratio}; the steps would "
+            "replace the ratio: give one of them."
+        )
     if stage.lr_scheduler_type == "polynomial" and not stage.learning_rate > POLYNOMIAL_LR_END:
         raise RecipeError(
             f"{where}.learning_rate is {stage.learning_rate!r}, but the polynomial schedule decays it to "
@@ -642,6 +655,9 @@ def recipe_from_dict(data: Any, where: str = "recipe", as_written: bool = False)
     model = _build(ModelSpec, model, f"{where}.model")
     _expand_home(model, _MODEL_PATH_FIELDS)
     _expand_home(data, ("output_dir",))
+    if not str(data.get("output_dir", Recipe.output_dir)).strip():
+        # The empty path is the working folder to the OS: a run would write its stages there.
+        raise RecipeError(f"{where}.output_dir must be a non-empty path, got {data['output_dir']!r}.")
     if as_written and isinstance(model.get("config"), dict):
         # An earlier version took these and trained in float32 all the same: the run resumes without them.
         ignored = [name for name in _PRECISION_KEYS if name in model["config"]]

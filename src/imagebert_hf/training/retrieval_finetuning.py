@@ -291,6 +291,12 @@ def check_flags(args: RetrievalArguments) -> RetrievalArguments:
         raise ValueError(
             f"--lr_scheduler_type must be one of {list(SCHEDULER_TYPES)}, got {args.lr_scheduler_type!r}."
         )
+    if args.lr_scheduler_type == "constant" and args.warmup_ratio > 0:
+        # transformers' "constant" schedule drops the warmup it is given: the flag would change nothing.
+        raise ValueError(
+            f"--lr_scheduler_type constant has no warmup, so --warmup_ratio {args.warmup_ratio} (0.1 unless given) "
+            "would be ignored; use --lr_scheduler_type constant_with_warmup, or --warmup_ratio 0."
+        )
     output_dir = check_output_dir(args.output_dir)
     if args.train_file is not None and not Path(args.train_file).is_file():
         raise FileNotFoundError(
