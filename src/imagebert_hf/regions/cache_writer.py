@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 import uuid
@@ -55,7 +56,15 @@ from .cache_layout import (
     _shard_dir,
     read_cache_info,
 )
-from .cache_reader import RegionCache, _check_shard_fingerprint, _shard_report, _weights_file_sha256, tensors_sha256
+from .cache_reader import (
+    LOOKUP_NAME,
+    _check_shard_fingerprint,
+    _lookup_problem,
+    _shard_report,
+    _weights_file_sha256,
+    _write_lookup,
+    tensors_sha256,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -298,6 +307,9 @@ def _check_positive(name: str, value, allow_none: bool = False) -> None:
 
 
 _WORKER_EXTRACTOR = None
+# Where a worker process names each shard it takes, as `(pid, shard)`: a pool only says that a worker died, and
+# the parent needs to know which shard it was extracting.
+_WORKER_STARTED = None
 
 
 def _features(feature_size: int, num_classes: int, store_class_probs: bool, storage_dtype: str = "float32"):
@@ -564,7 +576,16 @@ def _write_shard(
     }
     atomic_write_json(tmp_path / SHARD_REPORT_NAME, shard_report)
     # The rename is the commit: a shard folder without the .tmp suffix is always complete.
-    publish_folder(tmp_path, shard_path, replace=False)
+    try:
+        publish_folder(tmp_path, shard_path, replace=False)
+    except OSError:
+        # Published meanwhile by another run of the same plan (a requeued job while the first still runs, two
+        # machines given the same shard_index): its shard holds the same regions, so this one is dropped.
+        published = _finished_shard_report(shard_path) if shard_path.is_dir() else None
+        if published is None or published.get("fingerprint") != settings.fingerprint:
+            raise
+        shutil.rmtree(tmp_path, ignore_errors=True)
+        return published
     return shard_report
 
 
@@ -583,10 +604,17 @@ def _extract_shard(
 
 
 def _init_worker(
-    extractor_dir: str, num_threads: int, devices, extractor_class=ImageBERTRoIExtractor, device: str | None = None
+    extractor_dir: str,
+    num_threads: int,
+    devices,
+    extractor_class=ImageBERTRoIExtractor,
+    device: str | None = None,
+    started=None,
 ) -> None:
-    global _WORKER_EXTRACTOR
+    global _WORKER_EXTRACTOR, _WORKER_STARTED
     import torch
+
+    _WORKER_STARTED = started
 
     torch.set_num_threads(max(1, num_threads))
     # Worker k takes the k-th device from the queue, so N workers on N GPUs use one GPU each; without a queue (a
@@ -618,6 +646,9 @@ def _check_worker_class(extractor, num_proc: int) -> None:
 
 def _worker_task(task: tuple[int, list[dict[str, Any]], str, _ShardSettings]) -> tuple[int, int, dict[str, Any]]:
     shard, units, shard_path, settings = task
+    if _WORKER_STARTED is not None:
+        # A SimpleQueue writes at once (no feeder thread): a worker killed the next moment has named its shard.
+        _WORKER_STARTED.put((os.getpid(), shard))
     return shard, len(units), _extract_shard(_WORKER_EXTRACTOR, units, Path(shard_path), settings)
 
 
@@ -902,35 +933,55 @@ def _check_same_index(output_dir: Path, previous: dict[str, Any], lines: str) ->
     )
 
 
-def _finish_cache(output_dir: Path, report: CacheReport, num_shards: int, started: float | None = None) -> CacheReport:
-    """Counts every finished shard into `report`; once all are there, marks the cache complete and builds its
-    key table. Run by whichever process finishes last (running it twice writes the same files). With `started`
-    (a `time.perf_counter()` value), `report.seconds` is the wall time since then, in `report.json` too.
-
-    Raises:
-        RegionCacheError: When `cache_info.json` or a shard's report is damaged, or a shard was written for another
-            plan (its report records another fingerprint), naming the file or the shard folder.
-    """
-    info = read_cache_info(output_dir)
+def _count_finished(output_dir: Path, report: CacheReport, num_shards: int, fingerprint: str) -> int:
+    """Counts every finished shard's rows and failures into `report`; returns how many shards are finished."""
     rows, finished = 0, 0
     report.failures = []
     for shard in range(num_shards):
         shard_report = _finished_shard_report(_shard_dir(output_dir, shard))
         if shard_report is None:
             continue
-        _check_shard_fingerprint(_shard_dir(output_dir, shard), shard_report, info["fingerprint"])
+        _check_shard_fingerprint(_shard_dir(output_dir, shard), shard_report, fingerprint)
         finished += 1
         report.failures.extend(shard_report.get("failures") or [])
         rows += shard_report["rows"]
     report.num_failed = len(report.failures)
     report.num_extracted = rows - report.num_failed
-    if finished == num_shards and not info.get("complete"):
-        RegionCache(output_dir)  # builds lookup.arrow from the shards and the index
-        info["complete"] = True
-        atomic_write_json(output_dir / CACHE_INFO_NAME, info, indent=2, default=str)
+    return finished
+
+
+def _finish_cache(output_dir: Path, report: CacheReport, num_shards: int, started: float | None = None) -> CacheReport:
+    """Counts every finished shard into `report`; once all are there, marks the cache complete and builds its
+    key table, recording its checksum. Run by whichever process finishes last (running it twice writes the same
+    files); on a complete cache, builds the key table again where it does not match its recorded checksum. With
+    `started` (a `time.perf_counter()` value), `report.seconds` is the wall time since then, in `report.json` too.
+
+    Raises:
+        RegionCacheError: When `cache_info.json` or a shard's report is damaged, or a shard was written for another
+            plan (its report records another fingerprint), naming the file or the shard folder.
+    """
+    info = read_cache_info(output_dir)
+    finished = _count_finished(output_dir, report, num_shards, info["fingerprint"])
+    if finished == num_shards:
+        if not info.get("complete"):
+            info["lookup"] = _write_lookup(output_dir)
+            info["complete"] = True
+            atomic_write_json(output_dir / CACHE_INFO_NAME, info, indent=2, default=str)
+        else:
+            problem = _lookup_problem(output_dir, info) if info.get("lookup") else "no checksum of it was recorded"
+            if problem is not None:
+                if info.get("lookup"):
+                    logger.warning("%s: %s; building it again from %s", output_dir / LOOKUP_NAME, problem, INDEX_NAME)
+                info["lookup"] = _write_lookup(output_dir)
+                atomic_write_json(output_dir / CACHE_INFO_NAME, info, indent=2, default=str)
     if started is not None:
         report.seconds = round(time.perf_counter() - started, 3)
     atomic_write_json(output_dir / REPORT_NAME, asdict(report), indent=2)
+    if finished < num_shards and read_cache_info(output_dir).get("complete"):
+        # Another process completed the cache, and wrote its report, after this one counted the shards: this
+        # report, of fewer shards, may have replaced it. Counted again, the cache's report covers every shard.
+        _count_finished(output_dir, report, num_shards, info["fingerprint"])
+        atomic_write_json(output_dir / REPORT_NAME, asdict(report), indent=2)
     return report
 
 
@@ -1122,28 +1173,129 @@ def _run_shards(
     settings: _ShardSettings,
 ) -> None:
     """Extracts the shards `todo`: in this process, or with `num_proc > 1` in spawned workers, one shard a task;
-    `on_images(n)` is called as images are done."""
-    if num_proc > 1 and len(todo) > 1:
-        import multiprocessing
+    `on_images(n)` is called as images are done. A worker that dies (the out-of-memory killer, a crash in an image
+    decoder) ends the run with a `ChildProcessError` naming its shard; `multiprocessing.Pool` would wait for its
+    result forever.
 
-        # Spawned workers: forking a process whose torch already ran OpenMP threads can deadlock.
-        context = multiprocessing.get_context("spawn")
-        workers = min(num_proc, len(todo))
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        tasks = [(shard, shards[shard], str(_shard_dir(output_dir, shard)), settings) for shard in todo]
-        initargs = (
-            str(output_dir / EXTRACTOR_DIR),
-            threads,
-            _device_queue(context, workers, extractor),
-            type(extractor),  # a subclass's workers run the subclass (pickled by name)
-            extractor.device,
-        )
-        with context.Pool(workers, initializer=_init_worker, initargs=initargs) as pool:
-            for _, count, _ in pool.imap_unordered(_worker_task, tasks):
-                on_images(count)
-    else:
+    Raises:
+        ChildProcessError: When a worker process died, naming the shard it was extracting.
+    """
+    if num_proc <= 1 or len(todo) <= 1:
         for shard in todo:
             _extract_shard(extractor, shards[shard], _shard_dir(output_dir, shard), settings, on_images)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    # Spawned workers: forking a process whose torch already ran OpenMP threads can deadlock.
+    context = multiprocessing.get_context("spawn")
+    workers = min(num_proc, len(todo))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    started = context.SimpleQueue()
+    initargs = (
+        str(output_dir / EXTRACTOR_DIR),
+        threads,
+        _device_queue(context, workers, extractor),
+        type(extractor),  # a subclass's workers run the subclass (pickled by name)
+        extractor.device,
+        started,
+    )
+    executor = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=initargs)
+    processes: dict[int, Any] = {}
+    finished: set[int] = set()
+    taken: dict[int, int] = {}  # pid -> the last shard the worker took, the one it is on
+
+    def drain() -> None:
+        # Read as the shards finish, so the pipe never fills and blocks a worker.
+        while not started.empty():
+            pid, shard = started.get()
+            taken[pid] = shard
+
+    try:
+        futures = [
+            executor.submit(_worker_task, (shard, shards[shard], str(_shard_dir(output_dir, shard)), settings))
+            for shard in todo
+        ]
+        # The workers start as the tasks are submitted. Kept for their exit codes: the pool does not say which died.
+        processes = {process.pid: process for process in multiprocessing.active_children()}
+        for future in as_completed(futures):
+            drain()
+            shard, count, _ = future.result()
+            finished.add(shard)
+            on_images(count)
+    except BrokenProcessPool as error:
+        executor.shutdown(wait=True)  # the pool stops the other workers; every exit code is known after
+        drain()
+        raise ChildProcessError(
+            _dead_worker_message(output_dir, processes, taken, finished, todo, num_proc)
+        ) from error
+    except BaseException:
+        # Stop at once, as Pool.terminate did: a shard cut short leaves a temporary folder a rerun removes.
+        executor.shutdown(wait=False, cancel_futures=True)
+        for process in processes.values():
+            if process.is_alive():
+                process.terminate()
+        raise
+    finally:
+        executor.shutdown(wait=True)
+
+
+def _exit_reason(exitcode: int | None) -> str:
+    if exitcode is None or exitcode >= 0:
+        return f"exit code {exitcode}"
+    try:
+        name = signal.Signals(-exitcode).name
+    except ValueError:
+        name = f"signal {-exitcode}"
+    hint = {
+        "SIGKILL": ", as the out-of-memory killer kills",
+        "SIGSEGV": ": a crash in native code (an image decoder?)",
+    }
+    return f"killed by {name}{hint.get(name, '')}"
+
+
+def _dead_worker_message(
+    output_dir: Path,
+    processes: dict[int, Any],
+    taken: dict[int, int],
+    finished: set[int],
+    todo: list[int],
+    num_proc: int,
+) -> str:
+    """Names the shards whose worker died, how it died, and that a rerun resumes."""
+    # The pool stops its other workers with SIGTERM once one has died.
+    dead = {
+        pid: process.exitcode for pid, process in processes.items() if process.exitcode not in (None, -signal.SIGTERM)
+    }
+    running = {pid: shard for pid, shard in taken.items() if shard not in finished}
+    culprits = {pid: running[pid] for pid in dead if pid in running}
+    if culprits:
+        what = "; ".join(
+            f"{_shard_dir(output_dir, shard).name} ({_exit_reason(dead[pid])})" for pid, shard in culprits.items()
+        )
+        what = f"a worker process died while extracting {what}"
+    elif dead:  # before it took a shard: while loading the extractor, whose error it printed
+        what = (
+            f"a worker process ended before taking a shard ({_exit_reason(next(iter(dead.values())))}; the error it "
+            "printed, if any, is above)"
+        )
+    elif running:  # its exit code is not known: every shard that was being extracted
+        names = ", ".join(_shard_dir(output_dir, shard).name for shard in sorted(running.values()))
+        what = f"a worker process died while extracting one of {names}"
+    else:
+        what = "a worker process died"
+    left = len([shard for shard in todo if shard not in finished])
+    hint = (
+        " A worker that dies again on the same shard points at one of its images or at memory: num_proc=1 shows the "
+        "error in the process itself, and fewer workers need less memory."
+        if culprits or running
+        else ""
+    )
+    return (
+        f"{what}, and extract_regions(num_proc={num_proc}) stopped with {left} of its {len(todo)} shards in "
+        f"{output_dir} unfinished. The finished shards are kept: rerun with the same arguments to resume.{hint}"
+    )
 
 
 def extract_regions(
@@ -1211,6 +1363,8 @@ def extract_regions(
             are malformed; when `source` is a `DatasetDict` (pass one split); when the extractor's
             `region_location_size` is not 5 (the cache stores 5-d locations). A `RegionCacheError` (a `ValueError`)
             names a damaged `cache_info.json` or shard report, or a shard written for another plan.
+        ChildProcessError: When one of the `num_proc` worker processes died (killed by the out-of-memory killer, a
+            crash in native code), naming the shard it was extracting; the finished shards are kept for a rerun.
     """
     from tqdm.auto import tqdm
 
@@ -1346,6 +1500,7 @@ def merge_region_caches(parts: Sequence[str | os.PathLike], output_dir: str | os
                 "one run (one source) only."
             )
     info = dict(infos[0], complete=False)
+    info.pop("lookup", None)  # a complete part's key table is not the merged cache's file
     num_shards = info["num_shards"]
     if (output_dir / CACHE_INFO_NAME).is_file() and read_cache_info(output_dir)["fingerprint"] != fingerprint:
         raise ValueError(f"{output_dir} holds another region cache; merge into a new folder.")
@@ -1377,10 +1532,14 @@ def merge_region_caches(parts: Sequence[str | os.PathLike], output_dir: str | os
     if not (output_dir / CACHE_INFO_NAME).is_file():
         atomic_write_json(output_dir / CACHE_INFO_NAME, info, indent=2, default=str)
     (output_dir / SHARDS_DIR).mkdir(exist_ok=True)
+    # Copies a killed merge left: the merge owns its output folder, and nothing else writes shards there.
+    for stale in (output_dir / SHARDS_DIR).glob("shard-*.tmp-*"):
+        _remove_path(stale)
     for shard, source in sources.items():
         target = _shard_dir(output_dir, shard)
         if not target.exists() and source.resolve() != target.resolve():
-            tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+            # Unique: a rerun in a container may get the pid of the merge that was killed.
+            tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
             shutil.copytree(source, tmp, copy_function=_link_or_copy)
             publish_folder(tmp, target, replace=False)
     report = CacheReport(output_dir=str(output_dir), num_shards=num_shards)
