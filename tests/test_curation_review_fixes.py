@@ -312,3 +312,21 @@ def test_curate_lait_leaves_the_pairs_on_disk_and_shows_a_few(monkeypatch, tmp_p
     assert "'caption 0'  <- https://ex.com/0.jpg" in printed and "'caption 2'" in printed
     assert "'caption 3'" not in printed
     assert len(load_curated(tmp_path / "out")) == 5
+
+
+def test_the_image_stage_reads_every_image_the_parse_stage_fetched(monkeypatch):
+    """`parse.max_image_bytes` may exceed the loader's default file limit (64 MiB): the image stage must not drop
+    what the parse stage kept as `file_too_large`."""
+    from imagebert_hf.curation import image_filters
+    from imagebert_hf.models.imagebert import roi_image_loading
+
+    seen = {}
+
+    def load_image(data, **limits):
+        seen.update(limits)
+        return roi_image_loading.load_image(data, **limits)
+
+    monkeypatch.setattr(image_filters, "load_image", load_image)
+    data = b"\xff" * (roi_image_loading.DEFAULT_MAX_FILE_BYTES + 1)
+    image, _, _, reason = image_filters.decode_image(data, CurationConfig().images)
+    assert image is None and reason != "file_too_large" and seen["max_file_bytes"] >= len(data)

@@ -313,6 +313,9 @@ def decode_image(data: bytes, config: ImageFilterConfig):
             max_aspect_ratio=config.max_aspect_ratio,
             max_decode_side=config.analysis_size,
             draft_margin=1,
+            # The parse stage bounds the bytes it fetches (`parse.max_image_bytes`); the loader's own default limit
+            # (64 MiB) would drop, as `file_too_large`, images that setting lets through.
+            max_file_bytes=max(len(data), 1),
         )
     except ImageLoadError as error:
         return None, 0, 0, error.code

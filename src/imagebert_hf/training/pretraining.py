@@ -727,7 +727,12 @@ def run_pretraining(recipe: Recipe, options: PretrainingRunOptions | None = None
                 _record_run(accelerator, recipe)
                 recorded = True
             settings = loop_settings(recipe, spec, options)
-            model, state = run_stage(accelerator, stage, settings, resume=options.resume, checkpoint_at_end=True)
+            # A recipe without checkpoints (checkpointing_steps: null) gets none at the stage's end either: a full
+            # training state per stage that no later stage reads, as fine-tuning does.
+            checkpoint_at_end = recipe.checkpointing_steps is not None
+            model, state = run_stage(
+                accelerator, stage, settings, resume=options.resume, checkpoint_at_end=checkpoint_at_end
+            )
             save_final(accelerator, model, state, stage.final_dir, processor or tokenizer)
             if accelerator.is_main_process:
                 if options.push_to_hub:
