@@ -77,7 +77,7 @@ def test_a_dataset_of_image_files_is_keyed_by_their_paths_on_both_sides(tmp_path
     assert source.open_image(image_files[2]).getpixel((0, 0)) == (0, 0, 255)
     # A row without an image: the same index key on both sides.
     plain = datasets.Dataset.from_dict({"image": [image_files[0], None], "captions": ["a red box", "nothing"]})
-    items = _dataset_items(plain, "image", None, None, "xyxy")
+    items = _dataset_items(plain, "image", None, None, "xyxy", 1 << 20)
     assert [item["key"] for item in items] == DatasetPairSource(plain).image_keys() == [image_files[0], "row-1"]
 
 

@@ -133,13 +133,41 @@ def dataset_row_key(image: Any, row_index: int) -> str:
     return f"row-{row_index}"
 
 
-def _dataset_items(dataset, image_column: str, key_column: str | None, boxes_column: str | None, box_format: str):
+@dataclass(frozen=True)
+class _DatasetImage:
+    """The image cell of one row of a dataset stored in its own Arrow files, read again when the row's shard is
+    extracted: planning hashes every image but keeps none (held whole, in every process, a dataset of image bytes
+    would take its size in memory, twice). Pickled to a worker, the dataset is its file names."""
+
+    images: Any  # the dataset with its image column alone
+    row: int
+
+    def read(self) -> Any:
+        return self.images[self.row][self.images.column_names[0]]
+
+
+def _image_of(unit: dict[str, Any]) -> Any:
+    """A unit's image as the extractor takes it."""
+    image = unit["image"]
+    return image.read() if isinstance(image, _DatasetImage) else image
+
+
+def _dataset_items(
+    dataset,
+    image_column: str,
+    key_column: str | None,
+    boxes_column: str | None,
+    box_format: str,
+    max_file_bytes: int,
+):
     from datasets import Image as ImageFeature
 
     if isinstance(dataset.features.get(image_column), ImageFeature):
         # Undecoded, the column gives the file bytes: hashed as they are, decoded once by the extractor.
         dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
     columns = [c for c in (image_column, key_column, boxes_column) if c]
+    # In memory, the dataset holds its images already: its cells are kept as they are.
+    images = dataset.select_columns([image_column]) if dataset.cache_files else None
     items = []
     for row_index, row in enumerate(dataset.select_columns(columns)):
         image = row[image_column]
@@ -151,8 +179,25 @@ def _dataset_items(dataset, image_column: str, key_column: str | None, boxes_col
             raise ValueError(
                 f"boxes_column {boxes_column!r}, dataset row {row_index} (key {key!r}): {str(error).rstrip('.')}."
             ) from error
-        items.append({"key": key, "image": image, "boxes": boxes, "where": f"dataset row {row_index}"})
+        item = {"key": key, "image": image, "boxes": boxes, "where": f"dataset row {row_index}"}
+        if (
+            images is not None
+            and not isinstance(image, str)
+            and not (isinstance(image, dict) and not image.get("bytes"))
+        ):
+            # Pixels or bytes in the cell (a path is cheap to keep): hashed now, read again by its shard.
+            item["content"] = _content_hash(image, max_file_bytes)
+            item["image"] = _DatasetImage(images, row_index)
+        items.append(item)
     return items
+
+
+def _content_hash(image: Any, max_file_bytes: int) -> str | None:
+    """`image_content_hash`, or None for an image that cannot be read (its unit records why)."""
+    try:
+        return image_content_hash(image, max_file_bytes)
+    except ImageLoadError:
+        return None
 
 
 def _plan(
@@ -180,9 +225,8 @@ def _plan(
                 "rename the file or give UTF-8 keys."
             ) from None
         digest = hashlib.sha1(key.encode()).hexdigest()
-        try:
-            content = image_content_hash(item["image"], max_file_bytes)
-        except ImageLoadError:
+        content = item["content"] if "content" in item else _content_hash(item["image"], max_file_bytes)
+        if content is None:
             # Unreadable: its own unit, so the worker records the reason in the error column (or, read by key, the
             # precomputed files give its regions).
             content = ("key-" if by_key else "unreadable-") + digest
@@ -503,7 +547,7 @@ def _shard_columns(
     todo = [unit for i, unit in enumerate(units) if i not in refused]
     stream = extract_in_batches(
         extractor,
-        [unit["key" if by_key else "image"] for unit in todo],
+        [unit["key"] if by_key else _image_of(unit) for unit in todo],
         batch_size,
         boxes=[unit["boxes"] for unit in todo],
         image_ids=None if by_key else [unit["image_id"] for unit in todo],
@@ -1403,7 +1447,7 @@ def extract_regions(
     if isinstance(source, (str, os.PathLike)):
         items = _manifest_items(source, image_root, use_boxes, allow_outside_root)
     else:
-        items = _dataset_items(source, image_column, key_column, boxes_column, box_format)
+        items = _dataset_items(source, image_column, key_column, boxes_column, box_format, extractor.max_file_bytes)
     if not items:  # refused before output_dir is touched: an empty cache is never what was asked for
         named = f"manifest {source}" if isinstance(source, (str, os.PathLike)) else "the dataset"
         raise ValueError(f"{named} lists no images: nothing to extract.")
