@@ -330,3 +330,31 @@ def test_the_image_stage_reads_every_image_the_parse_stage_fetched(monkeypatch):
     data = b"\xff" * (roi_image_loading.DEFAULT_MAX_FILE_BYTES + 1)
     image, _, _, reason = image_filters.decode_image(data, CurationConfig().images)
     assert image is None and reason != "file_too_large" and seen["max_file_bytes"] >= len(data)
+
+
+def test_a_batch_of_pages_asks_for_its_warc_once(tmp_path, monkeypatch):
+    """Finding a page's WARC asks a store for the file's version (a HEAD request on S3): once per batch and source,
+    not once per page."""
+    from imagebert_hf.curation import inputs
+
+    pages = [
+        (
+            f"https://ex.com/{i}.html",
+            "text/html; charset=utf-8",
+            synthetic.page_html(
+                f"Day {i}",
+                f"/images/{i}.jpg",
+                alt="A brown dog on a bench",
+                paragraphs=synthetic.FILLER_PARAGRAPHS[:3],
+            ).encode(),
+        )
+        for i in range(5)
+    ]
+    photos = [(f"https://ex.com/images/{i}.jpg", "image/jpeg", PHOTO) for i in range(5)]
+    warc = str(synthetic.write_warc(tmp_path / "crawl.warc.gz", pages + photos))
+    versions = []
+    monkeypatch.setattr(inputs, "input_version", lambda path: versions.append(path) or (0, 0))
+    rows = list(inputs.scan_source({"kind": "warc", "path": warc}, ParseConfig(), Tally()))
+    batch = {name: [row[name] for row in rows] for name in rows[0]}
+    records, tally = parse_pages(batch, ParseConfig())
+    assert len(rows) == 5 and len(records["image_url"]) == 5 and versions == [warc]

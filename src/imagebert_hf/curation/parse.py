@@ -481,6 +481,9 @@ def parse_pages(
     """
     tally = Tally()
     out = {name: [] for name in IMAGE_COLUMNS}
+    # One resolver per source and batch: for a WARC in a store, finding it asks the store for the file's version
+    # (one request), and a WARC holds tens of thousands of pages.
+    resolvers: dict[str, ImageResolver] = {}
     n = len(batch["page_id"])
     for i in range(n):
         row = {key: values[i] for key, values in batch.items()}
@@ -488,7 +491,12 @@ def parse_pages(
         # Counts of a page are merged only when it is fully parsed, so a failure never leaves half its counts.
         page_tally = Tally()
         try:
-            records = _parse_one(row, config, page_tally, resolver)
+            page_resolver = resolver
+            if page_resolver is None:
+                if row["source"] not in resolvers:
+                    resolvers[row["source"]] = resolver_for(row["source"], config.max_resyncs_per_file)
+                page_resolver = resolvers[row["source"]]
+            records = _parse_one(row, config, page_tally, page_resolver)
         except Exception as err:  # one bad page must never stop a run
             logger.debug("parse failed for %s: %r", row.get("page_id"), err)
             tally.drop(STAGE, "page", "parse_error")
