@@ -36,6 +36,8 @@ def _nan(shape, where=(1, 2), value=math.nan):
 CASES = [
     ("token id beyond the vocabulary", {"input_ids": [2, 10_000, 3]}, "input_ids hold"),
     ("negative token id", {"input_ids": [2, -1, 3]}, "input_ids hold"),
+    # Padded by the tokenizer (padding="max_length"): attention over [PAD], and a cut text ending on one.
+    ("padded already", {"input_ids": [2, 5, 3, 0, 0]}, r"input_ids hold the padding id 0 at \[3, 4\]"),
     ("NaN feature", {"region_features": _nan((3, 6))}, "region_features hold NaN or infinite values"),
     (
         "infinite feature",

@@ -138,3 +138,33 @@ def test_pretraining_sources_follow_outside_paths_only_with_the_option(tmp_path)
         ManifestPairSource(path)
     source = ManifestPairSource(path, allow_outside_root=True)
     assert len(source) == 1
+
+
+def test_a_caption_with_a_lone_surrogate_is_named_at_its_line(tmp_path):
+    """JSON's "\\ud800" escape reads as a lone surrogate, which no tokenizer takes: refused with the line, not at the
+    training batch that holds it."""
+    with pytest.raises(ManifestError, match=r"m.jsonl:1: captions\[1\] holds a lone surrogate"):
+        parse_manifest_line('{"image": "a.jpg", "captions": ["a dog", "a red \\ud800 circle"]}', tmp_path, "m.jsonl:1")
+
+
+def test_a_number_of_more_digits_than_python_converts_is_named_at_its_line(tmp_path):
+    line = '{"image": "a.jpg", "captions": ["a dog"], "coco_id": ' + "9" * 5000 + "}"
+    with pytest.raises(ManifestError, match=r"m.jsonl:3: invalid JSON \(Exceeds the limit"):
+        parse_manifest_line(line, tmp_path, "m.jsonl:3")
+
+
+def test_a_manifest_source_checks_its_arguments_and_keeps_a_caption_once(tmp_path):
+    from imagebert_hf.data.pair_sources import ManifestPairSource
+
+    manifest = tmp_path / "captions.jsonl"
+    lines = [
+        {"image": "a.jpg", "captions": ["a dog", "a cat", "a  dog"], "split": "val"},
+        {"image": "b.jpg", "captions": ["a bird"], "split": "validation"},
+    ]
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with pytest.raises(TypeError, match="splits must be a list of split names, got 'validation'"):
+        ManifestPairSource(manifest, splits="validation")
+    with pytest.raises(ValueError, match="max_captions_per_image must be a positive integer or None, got -1"):
+        ManifestPairSource(manifest, max_captions_per_image=-1)
+    source = ManifestPairSource(manifest, splits=["val"])
+    assert source.pairs == [("a.jpg", "a dog"), ("a.jpg", "a cat")]

@@ -444,6 +444,14 @@ class DataCollatorForImageBERTPretraining(MaskingSettings):
                 f"{name}: input_ids hold {int(input_ids.min())}..{int(input_ids.max())}, outside the tokenizer's "
                 f"{vocab} ids (was the text tokenized with another tokenizer?)."
             )
+        pad = self.tokenizer.pad_token_id
+        if pad is not None and bool((input_ids == pad).any()):
+            # Padded already (`padding="max_length"` in a `datasets.map`): the batch would attend to the [PAD]
+            # tokens as text, and a cut to max_text_length would end the text on one instead of [SEP].
+            raise ValueError(
+                f"{name}: input_ids hold the padding id {pad} at {(input_ids == pad).nonzero().flatten()[:5].tolist()}; "
+                "give each text unpadded (tokenize without padding): the collator pads each batch itself."
+            )
         if int(token_type_ids.min()) < 0 or int(token_type_ids.max()) >= self.type_vocab_size:
             raise ValueError(
                 f"{name}: token_type_ids hold {int(token_type_ids.min())}..{int(token_type_ids.max())}; expected "

@@ -96,7 +96,8 @@ class ManifestPairSource(PairSource):
     image file (normalised: `./images/a.jpg` is `images/a.jpg`) are one image, under the first line's key. A later
     line adds only the captions the image does not hold yet, and the cut to `max_captions_per_image` applies to the
     pooled captions; a warning counts the lines pooled and the captions dropped. An image listed twice would
-    otherwise be trained on twice as often, past `max_captions_per_image`.
+    otherwise be trained on twice as often, past `max_captions_per_image`. A caption a line lists twice (spacing
+    aside) is kept once, for the same reason.
 
     A key read from another field (`key_field`) must be a non-empty string or an integer, on every line kept; a
     line without it, and an integer id that reads as another line's string id (`1` and `"1"`: one key once written
@@ -125,6 +126,17 @@ class ManifestPairSource(PairSource):
         manifest = Path(manifest)
         if not manifest.is_file():
             raise FileNotFoundError(f"manifest {manifest} does not exist.")
+        if splits is not None and (isinstance(splits, str) or not all(isinstance(split, str) for split in splits)):
+            # A string would be searched for substrings: "validation" would keep the lines of split "val".
+            raise TypeError(f"splits must be a list of split names, got {splits!r}.")
+        if max_captions_per_image is not None and (
+            isinstance(max_captions_per_image, bool)
+            or not isinstance(max_captions_per_image, int)
+            or max_captions_per_image < 1
+        ):
+            raise ValueError(
+                f"max_captions_per_image must be a positive integer or None, got {max_captions_per_image!r}."
+            )
         # Lines are pooled while they are read: a web-scale manifest keeps, per image, only its key, path and
         # captions, never its lines.
         grouping = SameImageGroups()
@@ -132,7 +144,7 @@ class ManifestPairSource(PairSource):
         group_captions: list[Sequence[str]] = []
         held_of: dict[int, set[str]] = {}  # caption texts of the images pooled so far
         self._paths: dict[str, Path] = {}
-        pooled, dropped, first = 0, 0, None
+        pooled, dropped, repeated, first = 0, 0, 0, None
         # Id as text -> (value, field, where) of its first line: the keys, and the ids evaluation merges lines by.
         keys_as_text: dict[str, tuple[Any, str, str]] = {}
         ids_as_text: dict[str, tuple[Any, str, str]] = {}
@@ -151,7 +163,9 @@ class ManifestPairSource(PairSource):
             if group == len(group_keys):
                 group_keys.append(key)
                 self._paths[key] = record.image_path
-                group_captions.append(record.captions)
+                distinct = _distinct_captions(record.captions)
+                repeated += len(record.captions) - len(distinct)
+                group_captions.append(distinct)
                 continue
             if group not in held_of:
                 group_captions[group] = list(group_captions[group])
@@ -164,6 +178,10 @@ class ManifestPairSource(PairSource):
             held.update(_caption_text(caption) for caption in new)
         # The name tables go before the pairs are built, so the peak holds one or the other, not both.
         del grouping, held_of, keys_as_text, ids_as_text
+        if repeated:
+            logger.warning(
+                "manifest %s: %d caption(s) repeated within their own line were kept once.", manifest, repeated
+            )
         if pooled:
             logger.warning(
                 "manifest %s: %d line(s) repeat an image of an earlier line (first: %s, image %r, pooled with %r); "
@@ -187,6 +205,13 @@ class ManifestPairSource(PairSource):
     def open_image(self, key: str):
         with open_image_file(self._paths[key]) as image:
             return image.convert("RGB")
+
+
+def _distinct_captions(captions: Sequence[str]) -> Sequence[str]:
+    """`captions` without the later repeats of a caption (spacing aside), in their order."""
+    seen: set[str] = set()
+    distinct = [c for c in captions if not (_caption_text(c) in seen or seen.add(_caption_text(c)))]
+    return captions if len(distinct) == len(captions) else distinct
 
 
 def _caption_text(caption: str) -> str:

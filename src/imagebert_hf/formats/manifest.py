@@ -141,6 +141,11 @@ def _captions(item: dict[str, Any], where: str) -> tuple[str, ...]:
     for i, caption in enumerate(captions):
         if not isinstance(caption, str) or not caption.strip():
             _fail(where, f"{name.format(i)} must be a non-empty string, got {caption!r:.60}")
+        try:
+            caption.encode("utf-8")
+        except UnicodeEncodeError:
+            # JSON's "\ud800" escape gives a lone surrogate, which no tokenizer reads: found here, not at its batch.
+            _fail(where, f"{name.format(i)} holds a lone surrogate (a broken \\u escape), not text: {caption!r:.60}")
     return tuple(captions)
 
 
@@ -201,6 +206,8 @@ def parse_manifest_line(
         _fail(where, f"invalid JSON ({error})")
     except DuplicateJSONKeyError as error:
         _fail(where, f"key {error.key!r} appears twice in one object; JSON keeps only the last, so write it once")
+    except ValueError as error:  # a number of more digits than Python converts
+        _fail(where, f"invalid JSON ({error})")
     if not isinstance(item, dict):
         _fail(where, f"a line must be a JSON object, got {type(item).__name__}")
     if "image" not in item:
