@@ -209,3 +209,31 @@ def test_local_webdataset_shards_are_listed_without_reading_their_images(tmp_pat
     assert streamed == sorted(source.pairs) and _bytes_read() - before < total / 10
     assert listed < total / 10, f"listing read {listed} of the shards' {total} bytes"
     assert source.image_bytes("1007") == images["1007"]  # the images are there when asked for
+
+
+def test_a_dataset_source_builds_its_row_index_only_for_open_image():
+    """Training reads regions, never images: the index from each key to its rows (about 110 MB per million rows, in
+    every process and DataLoader worker) is built by the first `open_image`, and finds pooled rows as before."""
+    import contextlib
+
+    from PIL import Image
+
+    keys = [f"img{row // 2:06d}" for row in range(200_000)]  # two rows (two captions) per image
+    dataset = datasets.Dataset.from_dict(
+        {"key": keys, "image": [None] * len(keys), "captions": [f"caption {row}" for row in range(len(keys))]}
+    )
+    tracemalloc.start()
+    source = DatasetPairSource(dataset, text_column="captions", id_column="key")
+    made = tracemalloc.get_traced_memory()[0]
+    with contextlib.suppress(AttributeError):  # the image cell is null: the index is built, the image not read
+        source.open_image("img000000")
+    opened = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    assert len(source) == 200_000
+    assert opened - made > 5_000_000, f"the first open_image added {opened - made} bytes: the index was built before"
+
+    pixels = np.zeros((4, 4, 3), dtype=np.uint8)
+    small = datasets.Dataset.from_dict(
+        {"key": ["a", "a", "b"], "image": [Image.fromarray(pixels)] * 3, "captions": ["x", "y", "z"]}
+    )
+    assert DatasetPairSource(small, text_column="captions", id_column="key").open_image("a").size == (4, 4)

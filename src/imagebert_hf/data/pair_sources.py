@@ -381,12 +381,13 @@ class DatasetPairSource(PairSource):
         self.id_column = id_column
         keys = _column_values(dataset, id_column) if id_column else _default_row_keys(dataset, image_column)
         self._where = where
-        self._rows: dict[str, list[int]] = {}
+        # Each key's rows, built by the first `open_image`: training reads regions, never the images, and the index
+        # would take about 110 MB per million rows in every process and DataLoader worker.
+        self._rows: dict[str, list[int]] | None = None
         pairs, captionless = [], []
         for row, (key, texts) in enumerate(zip(keys, _column_values(dataset, text_column))):
-            key, captions = _row_captions(key, texts, f"{where}, row {row}", text_column, id_column)
             # Rows that share an id are one image (a dataset of one row per caption): their captions are pooled.
-            self._rows.setdefault(key, []).append(row)
+            key, captions = _row_captions(key, texts, f"{where}, row {row}", text_column, id_column)
             if not captions:
                 captionless.append(row)
             pairs.extend((key, text) for text in captions)
@@ -427,6 +428,15 @@ class DatasetPairSource(PairSource):
         )
 
     def open_image(self, key: str):
+        if self._rows is None:
+            keys = (
+                _column_values(self.dataset, self.id_column)
+                if self.id_column
+                else _default_row_keys(self.dataset, self.image_column)
+            )
+            self._rows = {}
+            for row, row_key in enumerate(keys):
+                self._rows.setdefault(str(row_key), []).append(row)
         rows = self._rows[key]
         if len(rows) > 1:
             self._check_one_image(key, rows)
