@@ -240,32 +240,13 @@ def check_plugin(spec: str) -> type:
     return plugin
 
 
-def build_plugin(spec: str) -> ImageScorer:
-    """The scorer a `module:Class` plug-in builds, checked: a constructor that fails without arguments, or a scorer
-    without a callable `score`, raises `ValueError` naming `spec`, before any image is scored."""
-    plugin = import_plugin(spec)
-    try:
-        scorer = plugin()
-    except Exception as error:
-        raise ValueError(
-            f"the plug-in {spec!r} cannot be built without arguments ({type(error).__name__}: {error}); expected "
-            "`module:Class` naming a class whose no-argument constructor builds the scorer."
-        ) from error
-    if not callable(getattr(scorer, "score", None)):
-        raise ValueError(
-            f"the plug-in {spec!r} built a {type(scorer).__name__} without a callable `score`; expected a class "
-            "with a method `score(images, stats)` returning one probability per image."
-        )
-    return scorer
-
-
 @functools.lru_cache(maxsize=8)
 def get_nsfw_detector(spec: str) -> ImageScorer:
     if spec == "nudenet":
         return NudeNetDetector()
     if spec == "none":
         return NoScorer(0.0)
-    return build_plugin(spec)
+    return check_plugin(spec)()
 
 
 def get_natural_classifier(spec: str, model_path: str | None = None) -> ImageScorer:
@@ -279,7 +260,7 @@ def _get_natural_classifier(spec: str, model_path: str | None, version: tuple | 
         return LinearNaturalPhotoClassifier(model_path)
     if spec == "none":
         return NoScorer(1.0)
-    return build_plugin(spec)
+    return check_plugin(spec)()
 
 
 def plugin_scores(field: str, spec: str, scorer: ImageScorer, images: list, stats: np.ndarray) -> list[float]:
@@ -397,7 +378,6 @@ __all__ = [
     "NudeNetDetector",
     "STAGE",
     "STAT_NAMES",
-    "build_plugin",
     "check_plugin",
     "decode_image",
     "filter_images",

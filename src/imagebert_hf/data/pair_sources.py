@@ -210,7 +210,12 @@ class ManifestPairSource(PairSource):
 def _distinct_captions(captions: Sequence[str]) -> Sequence[str]:
     """`captions` without the later repeats of a caption (spacing aside), in their order."""
     seen: set[str] = set()
-    distinct = [c for c in captions if not (_caption_text(c) in seen or seen.add(_caption_text(c)))]
+    distinct = []
+    for caption in captions:
+        text = _caption_text(caption)
+        if text not in seen:
+            seen.add(text)
+            distinct.append(caption)
     return captions if len(distinct) == len(captions) else distinct
 
 
