@@ -5,7 +5,9 @@ The Space holds (see README.md and docs/app.md of the project):
   `IMAGEBERT_MODEL` to a Hub id;
 - `gallery/`: a folder of photos or a jsonl manifest with its images (`IMAGEBERT_GALLERY`, `IMAGEBERT_SPLIT`);
   a manifest's photos are pooled over its object boxes, the regions the `make demo` checkpoint trained on
-  (`IMAGEBERT_GALLERY_REGIONS=extractor` for a model trained on its processor's regions).
+  (`IMAGEBERT_GALLERY_REGIONS=extractor` for a model trained on its processor's regions);
+- optionally a region cache of the gallery's photos (`IMAGEBERT_REGION_CACHE`, a folder written by
+  `imagebert-extract-regions`): the regions are then read from it rather than extracted when the Space starts.
 """
 
 import os
@@ -20,6 +22,7 @@ args = AppArguments(
     split=os.environ.get("IMAGEBERT_SPLIT", "test") or None,
     max_gallery=int(os.environ["IMAGEBERT_MAX_GALLERY"]) if os.environ.get("IMAGEBERT_MAX_GALLERY") else None,
     gallery_regions=os.environ.get("IMAGEBERT_GALLERY_REGIONS", "boxes"),
+    region_cache=os.environ.get("IMAGEBERT_REGION_CACHE") or None,
 )
 check_arguments(args)
 demo = build_app(load_demo(args), title=os.environ.get("IMAGEBERT_TITLE", "ImageBERT image-text retrieval"))

@@ -53,6 +53,14 @@ class AppArguments:
             "an upload), or 'auto': boxes for the demo model, the extractor for a --model."
         },
     )
+    region_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "A region cache of the gallery's photos (imagebert-extract-regions over the same manifest, with "
+            "the model's extractor): their regions are read from it, memory-mapped, instead of extracted at start. "
+            "For a large gallery; --gallery_regions does not apply (the cache's regions are used)."
+        },
+    )
     demo_dir: str = field(default="outputs/demo", metadata={"help": "Where `make demo` writes (and the app reads)."})
     host: str = field(default="127.0.0.1", metadata={"help": "Address to serve on (loopback by default)."})
     port: int = field(default=7860, metadata={"help": "Port to serve on."})
@@ -142,7 +150,7 @@ def app_device(value: str | int):
 
 def load_demo(args: AppArguments):
     """The `RetrievalDemo` the arguments describe: the pipeline and the gallery, indexed."""
-    from .engine import RetrievalDemo, load_retriever, read_gallery
+    from .engine import AppInputError, RetrievalDemo, load_retriever, open_gallery_cache, read_gallery
 
     model, gallery, split = args.model, args.gallery, args.split
     # A model trained on its processor's regions (the real-data example's grid) would rank a manifest's boxes as
@@ -166,8 +174,18 @@ def load_demo(args: AppArguments):
         # The manifest reader names its Python argument; here the switch is a flag.
         raise ManifestError(str(error).replace("allow_outside_root=True", "--allow_outside_root")) from None
     retriever = load_retriever(model, device=app_device(args.device))
+    where = f"--region_cache {args.region_cache}"
+    cache = None if args.region_cache is None else open_gallery_cache(args.region_cache, retriever, model, where)
     print(f"Indexing {len(photos)} gallery photos from {gallery} ...", flush=True)
-    return RetrievalDemo(retriever, photos, shortlist_k=args.shortlist_k, batch_size=args.batch_size)
+    try:
+        return RetrievalDemo(
+            retriever, photos, shortlist_k=args.shortlist_k, batch_size=args.batch_size, region_cache=cache
+        )
+    except AppInputError as error:
+        if cache is None:
+            raise
+        # The engine names the cache by its folder; here it is a flag.
+        raise AppInputError(str(error).replace(f"the region cache {cache.path}", where, 1)) from None
 
 
 def check_arguments(args: AppArguments) -> None:
@@ -197,6 +215,11 @@ def check_arguments(args: AppArguments) -> None:
     if args.gallery is not None and not Path(args.gallery).exists():
         raise ValueError(
             f"--gallery {args.gallery}: no such file or folder (expected a folder of images or a .jsonl manifest)"
+        )
+    if args.region_cache is not None and not (Path(args.region_cache) / "cache_info.json").is_file():
+        raise ValueError(
+            f"--region_cache {args.region_cache}: not a region cache (expected a folder written by "
+            "imagebert-extract-regions, holding cache_info.json)"
         )
 
 

@@ -18,12 +18,13 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
-from ..data.retrieval_corpus import merge_duplicate_images
+from ..data.retrieval_corpus import check_region_cache_fits, merge_duplicate_images, region_cache_key
 from ..formats.manifest import read_manifest
 from ..models.imagebert.image_processing_imagebert import LOAD_SETTINGS
 from ..models.imagebert.pipeline_image_text_retrieval import load_retrieval_model, untrained_heads
-from ..models.imagebert.roi_boxes import grid_boxes
+from ..models.imagebert.roi_boxes import clip_boxes, grid_boxes
 from ..models.imagebert.roi_image_loading import ImageLoadError, RegionExtractionError, image_header_size, load_image
+from ..regions.cache_reader import load_region_cache
 
 
 logger = logging.get_logger(__name__)
@@ -403,6 +404,89 @@ def check_stated_sizes(gallery: Sequence[GalleryImage], apply_exif_orientation: 
         )
 
 
+# ---------------------------------------------------------------------------------------------------- cached regions
+
+# The parts of a region record that hold one row per region.
+_PER_REGION = ("region_features", "region_boxes", "region_locations", "region_class_labels", "region_class_probs")
+
+
+def first_regions(record: dict[str, Any], count: int) -> dict[str, Any]:
+    """`record` with its first `count` regions, the ones a model of `max_regions=count` reads."""
+    if record.get("num_regions", count) <= count:
+        return record
+    cut = {
+        name: value[:count] if name in _PER_REGION and value is not None else value for name, value in record.items()
+    }
+    cut["num_regions"] = count
+    return cut
+
+
+class CachedGalleryRecords(Sequence):
+    """The region records of a gallery's photos in a region cache, in gallery order, each read from the cache's
+    memory-mapped shards when it is asked for (a photo shown, a hit re-ranked): a gallery of millions of photos
+    holds its keys, not its features. A record has the first `max_regions` regions, the ones the model reads."""
+
+    def __init__(self, cache, keys: Sequence[str], max_regions: int):
+        self.cache = cache
+        self.keys = list(keys)
+        self.max_regions = max_regions
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, position):
+        if isinstance(position, slice):
+            return [self[i] for i in range(*position.indices(len(self)))]
+        return first_regions(self.cache[self.keys[position]], self.max_regions)
+
+
+def open_gallery_cache(path: str | os.PathLike, retriever, model_name_or_path: str, where: str):
+    """The region cache at `path`, opened for a gallery: refused (`ValueError` naming `where`) when its regions have
+    another feature size than the retriever's model takes, with a warning when another extractor than the model's
+    made them (an upload, read by the model's, would then be ranked in another space)."""
+    cache = load_region_cache(path)
+    check_region_cache_fits(cache, retriever.model.config, where, model_name_or_path)
+    return cache
+
+
+def cached_gallery_keys(cache, gallery: Sequence[GalleryImage], where: str) -> list[str]:
+    """The key of each gallery photo's regions in a region cache (`load_region_cache`), found by the photo's
+    manifest path or file as an evaluation finds them (`region_cache_key`). Raises `AppInputError`, naming `where`
+    and the first photos, when some photos have no regions there (not extracted, or their extraction failed)."""
+    keys, missing = [], []
+    for image in gallery:
+        try:
+            keys.append(region_cache_key(cache, {"manifest_image": image.key, "image": str(image.path)}))
+        except KeyError as error:
+            missing.append(f"{image.key}: {str(error.args[0]).rstrip('.')}")
+    if missing:
+        shown = "; ".join(missing[:10]) + (f"; and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise AppInputError(
+            f"{where}: {len(missing)} of {len(gallery)} gallery photo(s) have no regions there: {shown}. Extract "
+            "the gallery's regions into it with imagebert-extract-regions (the same manifest, the model's extractor)."
+        )
+    return keys
+
+
+def annotated_labels(image: GalleryImage, record: dict[str, Any]) -> list[str | None]:
+    """The gallery's label of each region of `record` pooled over the box the gallery annotates at that place (the
+    box clipped to the photo, as the extractor clips it); None for the others. Regions made over other boxes (a
+    region cache extracted over the extractor's grid or detections) get no annotation's name."""
+    boxes = np.asarray(record["region_boxes"], dtype=np.float32).reshape(-1, 4)
+    if image.boxes is None or image.box_labels is None:
+        return [None] * len(boxes)
+    width, height = float(record.get("image_width") or 0), float(record.get("image_height") or 0)
+    given = np.asarray(image.boxes[: len(boxes)], dtype=np.float32).reshape(-1, 4)
+    if width > 0 and height > 0:
+        given = clip_boxes(given, width, height)
+    return [
+        image.box_labels[i] or None
+        if i < min(len(given), len(image.box_labels)) and np.allclose(box, given[i], atol=0.5)
+        else None
+        for i, box in enumerate(boxes)
+    ]
+
+
 # ---------------------------------------------------------------------------------------------------- the engine
 
 
@@ -455,10 +539,14 @@ class RetrievalDemo:
             the prebuilt index; a gallery no larger is ranked in full, and so is every gallery when the model's
             unimodal heads are untrained (a pretraining checkpoint: `uses_shortlist` says which).
         batch_size: images per extraction batch and pairs per forward pass.
-        records: the gallery's region records, one per photo in gallery order, when they were extracted before
-            (a region cache, or records made another way); the photos are read and extracted at start when None:
-            then a photo pooled over its manifest boxes must be the size its line states (`check_stated_sizes`),
-            and keeps at most `max_regions` boxes, the whole image among them (`fit_regions`).
+        records: the gallery's region records, one per photo in gallery order, when they were made another way;
+            with neither these nor `region_cache` the photos are read and extracted at start: then a photo pooled
+            over its manifest boxes must be the size its line states (`check_stated_sizes`), and keeps at most
+            `max_regions` boxes, the whole image among them (`fit_regions`).
+        region_cache: an open region cache (`load_region_cache`) holding the gallery's regions: they are read from
+            its memory-mapped shards (found by `cached_gallery_keys`, cut to the model's first `max_regions` as an
+            evaluation over the cache cuts them), never extracted nor held in memory; the photos' files are read
+            only to be shown.
     """
 
     def __init__(
@@ -468,9 +556,12 @@ class RetrievalDemo:
         shortlist_k: int = 128,
         batch_size: int = 32,
         records: Sequence[dict[str, Any]] | None = None,
+        region_cache=None,
     ):
         if not gallery:
             raise AppInputError("the gallery is empty.")
+        if records is not None and region_cache is not None:
+            raise ValueError("give the gallery's regions as records or as a region_cache, not both.")
         self.retriever = retriever
         self.processor = retriever.processor
         self.extractor = getattr(self.processor, "image_processor", None)
@@ -485,15 +576,20 @@ class RetrievalDemo:
         # The same test the pipeline makes: untrained projection heads rank everything with the cross-encoder.
         self.untrained_heads = untrained_heads(retriever.model)
         self.class_names = region_class_names(self.extractor)
-        if records is None:
+        if region_cache is not None:
+            keys = cached_gallery_keys(region_cache, self.gallery, f"the region cache {region_cache.path}")
+            self.records = CachedGalleryRecords(region_cache, keys, self.max_regions)
+            indexed = region_cache.gallery(keys, self.max_regions)
+        elif records is None:
             check_stated_sizes(self.gallery, self.extractor.apply_exif_orientation)
             self.gallery = [fit_regions(image, self.max_regions) for image in self.gallery]
-            self.records = self._extract_gallery()
+            self.records = indexed = self._extract_gallery()
         elif len(records) != len(self.gallery):
             raise AppInputError(f"got {len(records)} region records for a gallery of {len(self.gallery)} photos.")
         else:
-            self.records = list(records)
-        self.image_index = retriever.build_index(images=self.records, batch_size=batch_size)
+            self.records = indexed = list(records)
+        self._positions = {image.key: position for position, image in reversed(list(enumerate(self.gallery)))}
+        self.image_index = retriever.build_index(images=indexed, batch_size=batch_size)
         self.captions = gallery_captions(self.gallery)
         self.caption_index = (
             retriever.build_index(texts=self.captions, batch_size=batch_size) if self.captions else None
@@ -633,10 +729,10 @@ class RetrievalDemo:
             raise AppInputError(f"no regions could be extracted from the photo: {error.reason.rstrip('.')}.") from None
 
     def gallery_image(self, key: str) -> tuple[GalleryImage, dict[str, Any]]:
-        for image, record in zip(self.gallery, self.records):
-            if image.key == key:
-                return image, record
-        raise AppInputError(f"{key!r} is not a photo of the gallery.")
+        position = self._positions.get(key)
+        if position is None:
+            raise AppInputError(f"{key!r} is not a photo of the gallery.")
+        return self.gallery[position], self.records[position]
 
     # ------------------------------------------------------------------------------------------------ searches
 
@@ -685,13 +781,14 @@ class RetrievalDemo:
         return RegionImportance(float(scores[0]), (scores[0] - scores[1:]).astype(np.float32))
 
     def labels_for(self, record: dict[str, Any], image: GalleryImage | None = None) -> list[RegionLabel]:
-        """The region labels of a record: a gallery photo's annotated names where `image` has them."""
-        box_labels = image.box_labels if image is not None else None
+        """The region labels of a record: a gallery photo's annotated names where its regions are its boxes."""
+        box_labels = annotated_labels(image, record) if image is not None else None
         return region_labels(record, self.extractor.backend, self.class_names, box_labels)
 
 
 __all__ = [
     "AppInputError",
+    "CachedGalleryRecords",
     "CaptionHit",
     "GalleryImage",
     "LABEL_SOURCES",
@@ -702,14 +799,18 @@ __all__ = [
     "RegionImportance",
     "RegionLabel",
     "RetrievalDemo",
+    "annotated_labels",
+    "cached_gallery_keys",
     "check_result_count",
     "check_stated_sizes",
     "check_text_length",
     "covering_grid",
+    "first_regions",
     "fit_regions",
     "gallery_captions",
     "grid_cell_name",
     "load_retriever",
+    "open_gallery_cache",
     "parse_caption_list",
     "read_gallery",
     "region_class_names",

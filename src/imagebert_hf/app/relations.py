@@ -31,7 +31,7 @@ from ..evaluation.relation_swaps import (
     clear_left_right_pair,
     relation_swap_accuracy,
 )
-from .engine import AppInputError, GalleryImage, RegionImportance, RetrievalDemo
+from .engine import AppInputError, GalleryImage, RegionImportance, RetrievalDemo, annotated_labels
 
 
 # What each swap is called in the page.
@@ -70,10 +70,9 @@ def _annotated_objects(image: GalleryImage, record: dict[str, Any]) -> list[tupl
     within the record's regions, without the whole image."""
     if image.boxes is None or image.box_labels is None:
         return []
-    count = len(np.asarray(record["region_boxes"]).reshape(-1, 4))
     return [
-        (i, label, tuple(float(v) for v in box))
-        for i, (label, box) in enumerate(zip(image.box_labels[:count], image.boxes[:count]))
+        (i, label, tuple(float(v) for v in image.boxes[i]))
+        for i, label in enumerate(annotated_labels(image, record))
         if label and label != "whole image"
     ]
 
@@ -184,10 +183,13 @@ class RelationView:
 
     def __init__(self, demo: RetrievalDemo):
         self.demo = demo
+        # Only photos with labelled boxes can have one: the others' records (read from disk for a cached gallery)
+        # are never asked for.
         self.examples = [
             example
-            for image, record in zip(demo.gallery, demo.records)
-            for example in relation_examples(image, record)
+            for position, image in enumerate(demo.gallery)
+            if image.box_labels is not None
+            for example in relation_examples(image, demo.records[position])
         ]
         # Untrained projection heads (a pretraining checkpoint) give meaningless cosines: not shown.
         self.scorers = {
