@@ -238,11 +238,14 @@ def test_a_dataset_in_its_own_files_is_planned_without_holding_its_images(tmp_pa
     extractor.max_file_bytes = 1 << 20
 
     tracemalloc.start()
-    items = cache_writer._dataset_items(on_disk, "image", "key", None, "xyxy", extractor.max_file_bytes)
+    items = cache_writer._dataset_items(on_disk, "image", "key", None, "xyxy")
+    listing_peak = tracemalloc.get_traced_memory()[1]
     units, _ = cache_writer._plan(items, extractor.max_file_bytes)
     held = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
     assert len(units) == 40 and held < 1_000_000, f"planning holds {held} bytes of a 4,000,000-byte dataset"
+    # Listed from the column's paths and byte lengths: not one image's bytes were read into memory.
+    assert listing_peak < 100_000, f"listing 40 rows of 100,000-byte images peaked at {listing_peak} bytes"
 
     kept = extract_regions(on_disk, tmp_path / "from_disk", extractor, key_column="key", shard_size=16, progress=False)
     whole = extract_regions(

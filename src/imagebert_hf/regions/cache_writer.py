@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ from ..models.imagebert.folder_publishing import fsync_folder, fsync_tree
 from ..models.imagebert.image_processing_imagebert import WEIGHTS_NAME, ImageBERTRoIExtractor, extract_in_batches
 from ..models.imagebert.region_batching import as_feature_tensor, check_region_record, check_region_values
 from ..models.imagebert.roi_boxes import as_boxes
-from ..models.imagebert.roi_image_loading import ImageLoadError, image_content_hash, image_header_size
+from ..models.imagebert.roi_image_loading import image_header_size
 from .cache_layout import (
     CACHE_FORMAT_VERSION,
     CACHE_INFO_NAME,
@@ -65,9 +66,13 @@ from .cache_reader import (
     _write_lookup,
     tensors_sha256,
 )
+from .image_hashes import PLAN_DIR, DatasetImage, content_hash, image_of, share_content_hashes
 
 
 logger = logging.get_logger(__name__)
+
+# Rows of a stored dataset listed at a time while planning (their paths and byte lengths, not their images).
+_LISTING_BATCH = 4096
 
 
 @dataclass
@@ -133,23 +138,32 @@ def dataset_row_key(image: Any, row_index: int) -> str:
     return f"row-{row_index}"
 
 
-@dataclass(frozen=True)
-class _DatasetImage:
-    """The image cell of one row of a dataset stored in its own Arrow files, read again when the row's shard is
-    extracted: planning hashes every image but keeps none (held whole, in every process, a dataset of image bytes
-    would take its size in memory, twice). Pickled to a worker, the dataset is its file names."""
+def _stored_image_cells(images) -> Iterator[tuple[Any, Any]]:
+    """`(cell the key is read from, image as planning keeps it)` of each row of a dataset stored in its own Arrow
+    files (`images`: its image column alone), found from the column's paths and byte lengths: the images' bytes stay
+    on disk (memory-mapped, untouched) until they are hashed and extracted. A path stays a path; bytes or pixels
+    become a `DatasetImage`."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
-    images: Any  # the dataset with its image column alone
-    row: int
-
-    def read(self) -> Any:
-        return self.images[self.row][self.images.column_names[0]]
-
-
-def _image_of(unit: dict[str, Any]) -> Any:
-    """A unit's image as the extractor takes it."""
-    image = unit["image"]
-    return image.read() if isinstance(image, _DatasetImage) else image
+    table = images.with_format("arrow")
+    # A selection of rows (`select`, `shuffle`) is read by copying them: a few at a time.
+    batch = _LISTING_BATCH if images._indices is None else 16
+    for start in range(0, len(images), batch):
+        column = table[start : start + batch].column(0)
+        kind = column.type
+        if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+            for path in column.to_pylist():
+                yield path, path
+        elif pa.types.is_struct(kind) and {kind.field(i).name for i in range(kind.num_fields)} == {"bytes", "path"}:
+            paths = pc.struct_field(column, "path").to_pylist()
+            lengths = pc.binary_length(pc.struct_field(column, "bytes")).to_pylist()
+            for offset, (path, length) in enumerate(zip(paths, lengths)):
+                cell = {"bytes": None, "path": path}
+                yield cell, DatasetImage(images, start + offset) if length else cell
+        else:  # pixels (an array column): nothing to list them by
+            for offset in range(len(column)):
+                yield None, DatasetImage(images, start + offset)
 
 
 def _dataset_items(
@@ -158,20 +172,21 @@ def _dataset_items(
     key_column: str | None,
     boxes_column: str | None,
     box_format: str,
-    max_file_bytes: int,
 ):
     from datasets import Image as ImageFeature
 
     if isinstance(dataset.features.get(image_column), ImageFeature):
         # Undecoded, the column gives the file bytes: hashed as they are, decoded once by the extractor.
         dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
-    columns = [c for c in (image_column, key_column, boxes_column) if c]
-    # In memory, the dataset holds its images already: its cells are kept as they are.
-    images = dataset.select_columns([image_column]) if dataset.cache_files else None
+    if dataset.cache_files:
+        cells = _stored_image_cells(dataset.select_columns([image_column]))
+    else:  # in memory, the dataset holds its images already: its cells are kept as they are
+        cells = ((row[image_column],) * 2 for row in dataset.select_columns([image_column]))
+    others = [column for column in (key_column, boxes_column) if column]
+    rows = dataset.select_columns(others) if others else itertools.repeat({}, len(dataset))
     items = []
-    for row_index, row in enumerate(dataset.select_columns(columns)):
-        image = row[image_column]
-        key = str(row[key_column]) if key_column else dataset_row_key(image, row_index)
+    for row_index, ((cell, image), row) in enumerate(zip(cells, rows)):
+        key = str(row[key_column]) if key_column else dataset_row_key(cell, row_index)
         boxes = row[boxes_column] if boxes_column else None
         try:
             boxes = as_boxes(boxes, box_format) if boxes is not None and len(boxes) else None
@@ -179,25 +194,32 @@ def _dataset_items(
             raise ValueError(
                 f"boxes_column {boxes_column!r}, dataset row {row_index} (key {key!r}): {str(error).rstrip('.')}."
             ) from error
-        item = {"key": key, "image": image, "boxes": boxes, "where": f"dataset row {row_index}"}
-        if (
-            images is not None
-            and not isinstance(image, str)
-            and not (isinstance(image, dict) and not image.get("bytes"))
-        ):
-            # Pixels or bytes in the cell (a path is cheap to keep): hashed now, read again by its shard.
-            item["content"] = _content_hash(image, max_file_bytes)
-            item["image"] = _DatasetImage(images, row_index)
-        items.append(item)
+        items.append({"key": key, "image": image, "boxes": boxes, "where": f"dataset row {row_index}"})
     return items
 
 
-def _content_hash(image: Any, max_file_bytes: int) -> str | None:
-    """`image_content_hash`, or None for an image that cannot be read (its unit records why)."""
-    try:
-        return image_content_hash(image, max_file_bytes)
-    except ImageLoadError:
-        return None
+def _remove_new_plan(output_dir: Path, hashes: Path | None, output_existed: bool) -> None:
+    """Removes the image hashes of a planning that was refused where this call made their folder (`hashes`), then
+    the plan folder and the output folder where they are left empty and this call made the output folder. Another
+    plan's hashes, and a cache, are left as they were."""
+    if hashes is not None:
+        shutil.rmtree(hashes, ignore_errors=True)
+    for folder in (output_dir / PLAN_DIR, output_dir) if not output_existed else (output_dir / PLAN_DIR,):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+def _check_keys(items: list[dict[str, Any]]) -> None:
+    """Raises ValueError naming the first item whose key cannot be stored, before any image is read."""
+    for item in items:
+        try:
+            item["key"].encode("utf-8")
+        except UnicodeEncodeError:
+            # A file name in another encoding, read as surrogate escapes: Arrow stores UTF-8 only.
+            raise ValueError(
+                f"{item.get('where', 'an item')}: the image key {item['key']!r} is not valid UTF-8 text (a file name "
+                "in another encoding?); rename the file or give UTF-8 keys."
+            ) from None
 
 
 def _plan(
@@ -209,23 +231,15 @@ def _plan(
     extracted, deduplicated by its key rather than its content.
 
     Raises:
-        ValueError: When a key cannot be stored (not valid UTF-8) or names two different images or boxes.
+        ValueError: When a key names two different images or boxes.
     """
     units: dict[str, dict[str, Any]] = {}
     index: list[tuple[str, str]] = []
     first_of: dict[str, tuple[str, str]] = {}  # key -> (cache_key, where)
     for item in items:
         key, where = item["key"], item.get("where", "an item")
-        try:
-            key.encode("utf-8")
-        except UnicodeEncodeError:
-            # A file name in another encoding, read as surrogate escapes: Arrow stores UTF-8 only.
-            raise ValueError(
-                f"{where}: the image key {key!r} is not valid UTF-8 text (a file name in another encoding?); "
-                "rename the file or give UTF-8 keys."
-            ) from None
         digest = hashlib.sha1(key.encode()).hexdigest()
-        content = item["content"] if "content" in item else _content_hash(item["image"], max_file_bytes)
+        content = item["content"] if "content" in item else content_hash(item["image"], max_file_bytes)
         if content is None:
             # Unreadable: its own unit, so the worker records the reason in the error column (or, read by key, the
             # precomputed files give its regions).
@@ -547,7 +561,7 @@ def _shard_columns(
     todo = [unit for i, unit in enumerate(units) if i not in refused]
     stream = extract_in_batches(
         extractor,
-        [unit["key"] if by_key else _image_of(unit) for unit in todo],
+        [unit["key"] if by_key else image_of(unit["image"]) for unit in todo],
         batch_size,
         boxes=[unit["boxes"] for unit in todo],
         image_ids=None if by_key else [unit["image_id"] for unit in todo],
@@ -1447,22 +1461,31 @@ def extract_regions(
     if isinstance(source, (str, os.PathLike)):
         items = _manifest_items(source, image_root, use_boxes, allow_outside_root)
     else:
-        items = _dataset_items(source, image_column, key_column, boxes_column, box_format, extractor.max_file_bytes)
+        items = _dataset_items(source, image_column, key_column, boxes_column, box_format)
     if not items:  # refused before output_dir is touched: an empty cache is never what was asked for
         named = f"manifest {source}" if isinstance(source, (str, os.PathLike)) else "the dataset"
         raise ValueError(f"{named} lists no images: nothing to extract.")
-    units, index = _plan(items, extractor.max_file_bytes, by_key=getattr(extractor, "backend", None) == "precomputed")
-    shards = [units[i : i + shard_size] for i in range(0, len(units), shard_size)]
-    fingerprint = _open_cache(
-        output_dir,
-        extractor,
-        units,
-        index,
-        shards,
-        store_class_probs=store_class_probs,
-        shard_size=shard_size,
-        storage_dtype=storage_dtype,
-    )
+    _check_keys(items)
+    output_existed = output_dir.is_dir()
+    hashes = share_content_hashes(items, output_dir, extractor.max_file_bytes, split_rank, split_world, progress)
+    try:
+        by_key = getattr(extractor, "backend", None) == "precomputed"
+        units, index = _plan(items, extractor.max_file_bytes, by_key=by_key)
+        shards = [units[i : i + shard_size] for i in range(0, len(units), shard_size)]
+        fingerprint = _open_cache(
+            output_dir,
+            extractor,
+            units,
+            index,
+            shards,
+            store_class_probs=store_class_probs,
+            shard_size=shard_size,
+            storage_dtype=storage_dtype,
+        )
+    except ValueError:
+        # A refused source or folder: the image hashes this call left (in a folder it made) go with it.
+        _remove_new_plan(output_dir, hashes, output_existed)
+        raise
 
     mine = shards_of(len(shards), num_shards, shard_index, split_rank, split_world)
     _remove_stale_tmp(output_dir, mine)
