@@ -277,3 +277,75 @@ def test_cli_converts_a_checkpoint_file_that_loads_with_from_pretrained(tmp_path
         scores = model(**inputs).logits
     reference = torch.stack([uniter_reference(sd, *sample)["rank"] for sample in samples])
     torch.testing.assert_close(scores, reference, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("where", ["a_folder_of_other_files", "the_folder_of_its_checkpoint", "an_earlier_conversion"])
+def test_the_converter_replaces_only_an_earlier_conversion_never_other_files(tmp_path, capsys, where):
+    """The output folder is replaced whole: a folder of other models or notes, or the one the checkpoint lies in,
+    would be deleted; refused in one line before anything is converted, while an earlier conversion is replaced."""
+    output = tmp_path / "models"
+    output.mkdir()
+    checkpoint = tmp_path / "uniter-itr.pt"
+    if where == "a_folder_of_other_files":
+        (output / "notes.txt").write_text("keep me")
+        (output / "other_model").mkdir()
+    elif where == "the_folder_of_its_checkpoint":
+        checkpoint = output / "uniter-itr.pt"
+    torch.save(uniter_state_dict("retrieval", seed=5), checkpoint)
+    (tmp_path / "uniter-tiny.json").write_text(json.dumps({"num_attention_heads": HEADS}))
+    args = [
+        "--checkpoint",
+        str(checkpoint),
+        "--output",
+        str(output),
+        "--uniter_config",
+        str(tmp_path / "uniter-tiny.json"),
+    ]
+    if where == "an_earlier_conversion":
+        assert main(args) == 0
+        (output / "stale.txt").write_text("from the earlier conversion")
+        assert main(args) == 0
+        assert sorted(path.name for path in output.iterdir()) == ["config.json", "model.safetensors"]
+        return
+    before = sorted(path.name for path in output.iterdir())
+    with pytest.raises(SystemExit) as error:
+        main(args)
+    message = str(error.value)
+    assert message.startswith(f"imagebert-convert-uniter: error: --output {output} ") and "\n" not in message
+    expected = (
+        "is a folder holding other files (notes.txt, other_model)"
+        if where == "a_folder_of_other_files"
+        else "holds " + str(checkpoint)
+    )
+    assert expected in message
+    assert sorted(path.name for path in output.iterdir()) == before
+
+
+def test_a_converted_model_reads_as_having_untrained_projection_heads(tmp_path):
+    """UNITER has no unimodal heads: the conversion leaves them out of the saved weights, so the pipeline and the
+    evaluation see them untrained (no shortlist through random heads) rather than as trained ones."""
+    from imagebert_hf.evaluation.full_ranking import check_shortlist_heads
+    from imagebert_hf.models.imagebert.pipeline_image_text_retrieval import PROJECTION_HEADS, untrained_heads
+
+    checkpoint = tmp_path / "uniter-itr.pt"
+    torch.save(uniter_state_dict("retrieval", seed=5), checkpoint)
+    (tmp_path / "uniter-tiny.json").write_text(json.dumps({"num_attention_heads": HEADS}))
+    output = tmp_path / "converted"
+    main(
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--output",
+            str(output),
+            "--uniter_config",
+            str(tmp_path / "uniter-tiny.json"),
+        ]
+    )
+    from safetensors import safe_open
+
+    with safe_open(output / "model.safetensors", "pt") as weights:
+        assert not [key for key in weights.keys() if key.startswith(tuple(head + "." for head in PROJECTION_HEADS))]
+    model = ImageBERTForImageTextRetrieval.from_pretrained(output)
+    assert untrained_heads(model) == list(PROJECTION_HEADS)
+    with pytest.raises(ValueError, match="has no trained projection heads"):
+        check_shortlist_heads(model, 16, str(output))

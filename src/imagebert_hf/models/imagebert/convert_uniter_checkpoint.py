@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 from transformers.utils import logging
 
 from .folder_publishing import publish_folder
+from .pipeline_image_text_retrieval import PROJECTION_HEADS
 from .script_errors import exit_on_error
 
 
@@ -322,7 +323,8 @@ def load_uniter_model(
     model.load_state_dict(converted, strict=False)
     if task == "retrieval":
         logger.info(
-            "cls.text_projection and cls.region_projection have no UNITER counterpart: left at initialisation."
+            "cls.text_projection and cls.region_projection have no UNITER counterpart: left at initialisation, and "
+            "out of a saved conversion (fine-tune them before shortlisting)."
         )
     return model.eval()
 
@@ -338,7 +340,7 @@ def convert_uniter_checkpoint(
 ):
     """Converts `checkpoint` and saves the model (and, with `tokenizer`, an `ImageBERTProcessor` whose region
     extractor is the BUTD detector with 7-d locations) to `output_dir`. Returns the model."""
-    check_destination(output_dir, tokenizer, detector_weights)
+    check_destination(output_dir, tokenizer, detector_weights, inputs=(checkpoint, uniter_config))
     output_dir = Path(output_dir).expanduser()
     uniter = None
     if uniter_config:
@@ -363,7 +365,13 @@ def convert_uniter_checkpoint(
 
 
 def _save_converted(model, output_dir: Path, tokenizer: str | None, detector_weights: str | None) -> None:
-    model.save_pretrained(output_dir)
+    # UNITER has no unimodal projection heads: saved at their random initialisation they would read as trained, and
+    # a shortlist through them would rank at random. Left out, every load reports them untrained.
+    untrained = tuple(head + "." for head in PROJECTION_HEADS)
+    model.save_pretrained(
+        output_dir,
+        state_dict={name: value for name, value in model.state_dict().items() if not name.startswith(untrained)},
+    )
     written = {path.name for path in output_dir.glob("*")} if output_dir.is_dir() else set()
     if "config.json" not in written or not any(name.endswith((".safetensors", ".bin")) for name in written):
         raise OSError(f"saving the model to {output_dir} failed: it holds {sorted(written)}.")
@@ -385,17 +393,51 @@ def _save_converted(model, output_dir: Path, tokenizer: str | None, detector_wei
         processor.save_pretrained(output_dir)
 
 
+def _check_replaceable(path: Path, output_name: str, inputs: tuple[str | os.PathLike | None, ...]) -> None:
+    """The conversion replaces its output folder whole: only an empty one, or an earlier conversion (a `config.json`
+    of an ImageBERT model) that holds none of the `inputs`, may be replaced."""
+    if not path.is_dir():
+        return
+    entries = sorted(entry.name for entry in path.iterdir())
+    if not entries:
+        return
+    inside = [
+        str(source)
+        for source in inputs
+        if source is not None
+        and Path(source).expanduser().exists()
+        and Path(source).expanduser().resolve().is_relative_to(path.resolve())
+    ]
+    if inside:
+        raise ValueError(
+            f"{output_name} {path} holds {inside[0]}, an input of the conversion, and would be replaced by the "
+            "converted model; write it to another folder."
+        )
+    try:
+        earlier = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type") == "imagebert"
+    except (OSError, ValueError, AttributeError):
+        earlier = False
+    if not earlier:
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise ValueError(
+            f"{output_name} {path} is a folder holding other files ({shown}), which the conversion would delete "
+            "(it replaces its output folder whole); give a new or empty folder, or one an earlier conversion wrote."
+        )
+
+
 def check_destination(
     output: str | os.PathLike,
     tokenizer: str | None,
     detector_weights: str | None,
     names: tuple[str, str, str] = ("output_dir", "tokenizer", "detector_weights"),
+    inputs: tuple[str | os.PathLike | None, ...] = (),
 ) -> None:
     """Refuses, before the conversion, the arguments whose fault would otherwise show only once the model is built
     (or never: detector weights without a tokenizer have no processor to go into), each message naming its argument
-    as `names` gives them (the command's flags, or the function's parameters). The wording is that of
-    `formats.files.check_output_dir` and `check_folder_or_hub_id`, which this folder, the bottom of the package,
-    cannot import."""
+    as `names` gives them (the command's flags, or the function's parameters); and an output folder the conversion
+    would replace that is not an earlier conversion, or that holds one of the `inputs` (the checkpoint, its config).
+    The wording is that of `formats.files.check_output_dir` and `check_folder_or_hub_id`, which this folder, the
+    bottom of the package, cannot import."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     def hub_id(name: str) -> bool:
@@ -411,6 +453,7 @@ def check_destination(
     path = Path(output).expanduser()
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{output_name} {path} is a file; expected a folder (created when missing).")
+    _check_replaceable(path, output_name, (*inputs, tokenizer, detector_weights))
     if detector_weights is not None and tokenizer is None:
         raise ValueError(
             f"{weights_name} goes into the processor, which is saved only with {tokenizer_name}: give "
@@ -451,7 +494,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_text_length", type=int, default=UNITER_MAX_TEXT_LENGTH)
     args = parser.parse_args(argv)
     with exit_on_error("imagebert-convert-uniter"):
-        check_destination(args.output, args.tokenizer, args.detector_weights, FLAG_NAMES)
+        check_destination(
+            args.output, args.tokenizer, args.detector_weights, FLAG_NAMES, (args.checkpoint, args.uniter_config)
+        )
         model = convert_uniter_checkpoint(
             args.checkpoint,
             args.output,
