@@ -1137,3 +1137,26 @@ def test_an_untied_head_saved_by_an_earlier_version_loads_its_decoder_bias(tmp_p
     loaded, info = ImageBERTForPreTraining.from_pretrained(tmp_path, output_loading_info=True)
     torch.testing.assert_close(loaded.cls.predictions.decoder.bias, model.cls.predictions.decoder.bias)
     assert not info["unexpected_keys"] and not info["missing_keys"]
+
+
+@pytest.mark.parametrize("model_class", [ImageBERTForPreTraining, ImageBERTForImageTextRetrieval])
+def test_an_imagebert_checkpoint_missing_only_its_feature_projection_keeps_its_itm_head(tmp_path, model_class):
+    """Dropping the region feature projection (to train it anew for another extractor) leaves the other region
+    embeddings in the checkpoint: it is not text-only, and its trained ITM head must not be swapped (that would
+    negate every score)."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    model = model_class(ImageBERTModelTester().get_config())
+    model.save_pretrained(tmp_path / "full")
+    weights = load_file(tmp_path / "full" / "model.safetensors")
+    dropped = [name for name in weights if ".region_feature_projection." in name]
+    assert dropped
+    save_file(
+        {k: v for k, v in weights.items() if k not in dropped},
+        tmp_path / "full" / "model.safetensors",
+        {"format": "pt"},
+    )
+    loaded = model_class.from_pretrained(tmp_path / "full")
+    torch.testing.assert_close(loaded.cls.seq_relationship.weight, model.cls.seq_relationship.weight)
+    torch.testing.assert_close(loaded.cls.seq_relationship.bias, model.cls.seq_relationship.bias)

@@ -190,6 +190,29 @@ def test_a_pretraining_checkpoint_says_once_which_heads_are_untrained(saved_mode
     assert pipe(images=paths[0], index=gallery, shortlist_k=1) == full
 
 
+def test_a_base_model_folder_is_refused_rather_than_scored_by_a_random_head(saved_model, tmp_path):
+    """`AutoModel` loads and saves the base `ImageBERTModel`, which has no ITM head: served, its scores would come
+    from a head initialised anew at every load. Refused, naming the head, for the folder and for the pipeline given
+    the model loaded from it."""
+    from transformers import AutoModel, pipeline
+
+    from imagebert_hf import ImageBERTProcessor
+
+    folder, _ = saved_model
+    base = tmp_path / "base"
+    AutoModel.from_pretrained(folder).save_pretrained(base)
+    ImageBERTProcessor.from_pretrained(folder).save_pretrained(base)
+    with pytest.raises(ValueError, match=r"holds no image-text matching head \(cls.seq_relationship\)"):
+        pipeline("image-text-retrieval", model=str(base), device=-1)
+    with pytest.raises(ValueError, match="base ImageBERTModel checkpoint"):
+        pipeline(
+            "image-text-retrieval",
+            model=ImageBERTForImageTextRetrieval.from_pretrained(base),
+            processor=ImageBERTProcessor.from_pretrained(base),
+            device=-1,
+        )
+
+
 @require_module("faiss")
 def test_approximate_index(retriever):
     gallery = retriever.build_index(texts=TEXTS * 5, index_type="hnsw")
@@ -310,6 +333,30 @@ print(json.dumps([
     for remote, expected in ((remote_record, expected_record), (remote_image, expected_image)):
         assert [r["text"] for r in remote] == [r["text"] for r in expected]
         assert [r["score"] for r in remote] == pytest.approx([r["score"] for r in expected], abs=1e-5)
+
+
+def test_a_pipeline_served_from_remote_code_saves_a_folder_that_serves_again(retriever, saved_model, tmp_path):
+    """Where the package is not installed, the pipeline runs from a folder's code and carries no registration of
+    its own: saved again, the new folder must still hold the pipeline's code and its `custom_pipelines` entry."""
+    _, paths = saved_model
+    retriever.save_pretrained(tmp_path / "published")
+    script = f"""
+import json, os
+from transformers import pipeline
+pipe = pipeline(model={str(tmp_path / "published")!r}, trust_remote_code=True, device=-1)
+pipe.save_pretrained({str(tmp_path / "again")!r})
+again = pipeline("image-text-retrieval", model={str(tmp_path / "again")!r}, trust_remote_code=True, device=-1)
+assert type(again).__module__.startswith("transformers_modules"), type(again).__module__
+print(json.dumps([sorted(os.listdir({str(tmp_path / "published")!r})), sorted(os.listdir({str(tmp_path / "again")!r})),
+                  again(images={paths[0]!r}, texts={TEXTS!r})]))
+"""
+    published, again, ranked = run_without_the_package(script, tmp_path)
+    assert set(published) <= set(again)
+    config = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert config["custom_pipelines"]["image-text-retrieval"]["pt"] == ["AutoModelForZeroShotImageClassification"]
+    expected = retriever(images=paths[0], texts=TEXTS)
+    assert [r["text"] for r in ranked] == [r["text"] for r in expected]
+    assert [r["score"] for r in ranked] == pytest.approx([r["score"] for r in expected], abs=1e-5)
 
 
 def test_a_shortlist_without_a_prebuilt_index_ranks_as_one_built_for_the_query(retriever, saved_model):

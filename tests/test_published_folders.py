@@ -270,14 +270,12 @@ def test_a_pretraining_checkpoint_gets_the_pipelines_notice_instead_of_the_load_
     _, info = ImageBERTForImageTextRetrieval.from_pretrained(pretrained, output_loading_info=True)
     assert any(key.startswith("cls.text_projection.") for key in info["missing_keys"])
 
-    # Any other difference is still reported: a base model's checkpoint has no ITM head.
+    # A base model's checkpoint has no ITM head: not served (its scores would be random), named.
     base = tmp_path / "base"
     ImageBERTModel(config).save_pretrained(base)
     processor.save_pretrained(base)
-    messages, _ = _load_messages(base)
-    reports = [message for message in messages if "LOAD REPORT" in message]
-    assert len(reports) == 1 and "cls.seq_relationship.weight" in reports[0]
-    assert "cls.text_projection" not in reports[0]
+    with pytest.raises(ValueError, match=r"holds no image-text matching head \(cls.seq_relationship\)"):
+        _load_messages(base)
 
 
 def test_a_bfloat16_region_record_is_scored_as_its_float32_values(published):
@@ -292,3 +290,22 @@ def test_a_bfloat16_region_record_is_scored_as_its_float32_values(published):
     broken = {**half, "image_id": "photo-7", "region_locations": torch.empty(3, 5, device="meta")}
     with pytest.raises(ValueError, match=r"images\[0\] \(cached regions 'photo-7'\): region_locations"):
         pipe(images=broken, texts=TEXTS)
+
+
+def test_a_model_and_processor_loaded_from_a_published_folder_save_plainly_without_code_they_do_not_hold(
+    parts, tmp_path
+):
+    """Read back from a published folder (its `auto_map` names its code), an ordinary `save_pretrained` writes no
+    `auto_map`: it would name code files the folder does not hold, and a load without the package would fail on them."""
+    from imagebert_hf import ImageBERTProcessor
+    from imagebert_hf.evaluation.hub import save_for_hub
+
+    config, processor = parts
+    save_for_hub(ImageBERTForImageTextRetrieval(config), processor, tmp_path / "published")
+    assert "auto_map" in json.loads((tmp_path / "published" / "config.json").read_text())
+    ImageBERTForImageTextRetrieval.from_pretrained(tmp_path / "published").save_pretrained(tmp_path / "plain")
+    ImageBERTProcessor.from_pretrained(tmp_path / "published").save_pretrained(tmp_path / "plain")
+    assert "auto_map" not in json.loads((tmp_path / "plain" / "config.json").read_text())
+    saved = json.loads((tmp_path / "plain" / "processor_config.json").read_text())
+    assert "auto_map" not in saved and "auto_map" not in saved["image_processor"]
+    assert not list((tmp_path / "plain").glob("*.py"))

@@ -220,6 +220,10 @@ class ImageBERTConfig(PreTrainedConfig):
                 check_weights_dtype(name, kwargs[name])
         if kwargs.get("custom_pipelines"):
             kwargs["custom_pipelines"] = _without_tasks_the_package_serves(kwargs["custom_pipelines"])
+        if __name__.startswith("imagebert_hf."):
+            # The installed package's class: a folder's `auto_map` names code files a later save would not write (a
+            # publishing save writes its own); the folder's code copy keeps it.
+            kwargs.pop("auto_map", None)
         super().__init__(pad_token_id=pad_token_id, **kwargs)
         self.tie_word_embeddings = tie_word_embeddings
         self.vocab_size = vocab_size

@@ -40,7 +40,6 @@ from typing import TYPE_CHECKING, Any
 from transformers.utils import logging
 
 from .folder_publishing import publish_folder
-from .pipeline_image_text_retrieval import PROJECTION_HEADS
 from .script_errors import exit_on_error
 
 
@@ -365,6 +364,8 @@ def convert_uniter_checkpoint(
 
 
 def _save_converted(model, output_dir: Path, tokenizer: str | None, detector_weights: str | None) -> None:
+    from .pipeline_image_text_retrieval import PROJECTION_HEADS  # here: `--help` loads no torch
+
     # UNITER has no unimodal projection heads: saved at their random initialisation they would read as trained, and
     # a shortlist through them would rank at random. Left out, every load reports them untrained.
     untrained = tuple(head + "." for head in PROJECTION_HEADS)

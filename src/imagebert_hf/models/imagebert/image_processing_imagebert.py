@@ -266,6 +266,8 @@ class ImageBERTRoIExtractor(BaseImageProcessor):
         **kwargs,
     ):
         kwargs.pop("image_processor_type", None)
+        if __name__.startswith("imagebert_hf."):  # as the config drops it (see `ImageBERTConfig`)
+            kwargs.pop("auto_map", None)
         super().__init__(**kwargs)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")

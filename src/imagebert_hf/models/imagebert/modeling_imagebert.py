@@ -606,7 +606,7 @@ class ImageBERTPreTrainedModel(PreTrainedModel):
             pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
         )
         head = getattr(getattr(model, "cls", None), "seq_relationship", None)
-        if head is not None and _holds_nsp_head(info["missing_keys"]):
+        if head is not None and _holds_nsp_head(info["missing_keys"], model):
             with torch.no_grad():
                 head.weight.copy_(head.weight.flip(0))
                 head.bias.copy_(head.bias.flip(0))
@@ -714,12 +714,15 @@ class ImageBERTPreTrainedModel(PreTrainedModel):
         return model
 
 
-def _holds_nsp_head(missing_keys) -> bool:
-    """Whether a load whose `missing_keys` these are read a text-only checkpoint's next-sentence head: the head
-    loaded while the region embeddings, which every ImageBERT checkpoint holds, did not."""
+def _holds_nsp_head(missing_keys, model: nn.Module) -> bool:
+    """Whether a load of `model` whose `missing_keys` these are read a text-only checkpoint's next-sentence head: the
+    head loaded while none of the region embeddings, which every ImageBERT checkpoint holds, did. An ImageBERT
+    checkpoint missing only some of them (a feature projection dropped to be trained anew) keeps its ITM head as it
+    is."""
     missing = set(missing_keys)
     head_loaded = not {"cls.seq_relationship.weight", "cls.seq_relationship.bias"} & missing
-    return head_loaded and any(key.endswith("embeddings.region_feature_projection.weight") for key in missing)
+    region = {name for name, _ in model.named_parameters() if f".{name}".count(".embeddings.region_")}
+    return head_loaded and bool(region) and region <= missing
 
 
 # The text side a BERT checkpoint must supply: without these, the model would be a randomly initialised encoder.

@@ -677,6 +677,13 @@ class ImageTextRetrievalPipeline(Pipeline):
                 f"{type(self.model).__name__} is not an image-text retrieval model (it has no {', '.join(missing)}); "
                 "load ImageBERTForImageTextRetrieval."
             )
+        if untrained_heads(self.model, (SCORE_HEAD,)):
+            # Every score, ranking and probability would come from a randomly initialised head, other at each load.
+            raise ValueError(
+                f"{getattr(self.model, 'name_or_path', '') or type(self.model).__name__} holds no image-text matching "
+                f"head ({SCORE_HEAD}), so its scores would be random: it is a base ImageBERTModel checkpoint (what "
+                "AutoModel loads and saves). Serve a pretraining or retrieval checkpoint."
+            )
         self._untrained_heads = untrained_heads(self.model)
         # What needs no extractor backend is checked now; the region sizes before regions are first extracted.
         self._extractor_checked = False
@@ -1156,18 +1163,21 @@ class ImageTextRetrievalPipeline(Pipeline):
         registered = getattr(self, "_registered_impl", None)
         recorded_missing = getattr(self.model, "_missing_keys_at_load", None) is not None
         left_out = tuple(head + "." for head in (untrained_heads(self.model) if recorded_missing else []))
+        # transformers writes the folder's `custom_pipelines` entry, and the pipeline's code, from the registration
+        # the pipeline carries; one built from a folder's own code (the package not installed) carries none.
+        tasks = registered or {"image-text-retrieval": {"impl": type(self), "type": "multimodal"}}
         try:
             with saving_code(self.model, self.processor), _keys_left_out_on_save(self.model, left_out):
-                if registered is not None:
-                    # The folder's `custom_pipelines` entry names the model's Auto class; transformers reads it as
-                    # the name of one of its own classes.
-                    pt = (getattr(transformers, RETRIEVAL_AUTO_CLASS),)
-                    self._registered_impl = {task: {**info, "pt": pt} for task, info in registered.items()}
+                # The entry names the model's Auto class; transformers reads it as the name of one of its own classes.
+                pt = (getattr(transformers, RETRIEVAL_AUTO_CLASS),)
+                self._registered_impl = {task: {**info, "pt": pt} for task, info in tasks.items()}
                 super().save_pretrained(save_directory, **kwargs)
                 self.processor.save_pretrained(save_directory)
         finally:
             if registered is not None:
                 self._registered_impl = registered
+            else:
+                del self._registered_impl
 
 
 @contextlib.contextmanager
@@ -1341,6 +1351,7 @@ def _load_processor_for(model):
 
 
 PROJECTION_HEADS = ("cls.text_projection", "cls.region_projection")
+SCORE_HEAD = "cls.seq_relationship"
 PRETRAINING_ONLY = ("cls.predictions.", "cls.object_predictions.", "cls.feature_regression")
 
 
@@ -1376,17 +1387,17 @@ def _checkpoint_keys(path: str | os.PathLike, **hub_kwargs) -> set[str] | None:
     return None
 
 
-def untrained_heads(model) -> list[str]:
-    """The unimodal projection heads that `model`'s checkpoint did not hold (so they are freshly initialised); empty
-    for a fine-tuned checkpoint or a model not loaded from a local folder."""
+def untrained_heads(model, heads: Sequence[str] = PROJECTION_HEADS) -> list[str]:
+    """The `heads` (the unimodal projection heads by default) that `model`'s checkpoint did not hold (so they are
+    freshly initialised); empty for a fine-tuned checkpoint or a model not loaded from a local folder."""
     missing = getattr(model, "_missing_keys_at_load", None)
     if missing is None:
         path = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
         keys = _checkpoint_keys(path) if path and os.path.isdir(path) else None
         if keys is None:
             return []
-        return [head for head in PROJECTION_HEADS if not any(key.startswith(head + ".") for key in keys)]
-    return [head for head in PROJECTION_HEADS if any(key.startswith(head + ".") for key in missing)]
+        return [head for head in heads if not any(key.startswith(head + ".") for key in keys)]
+    return [head for head in heads if any(key.startswith(head + ".") for key in missing)]
 
 
 def _prefix_pattern(prefixes: Sequence[str]) -> str:
