@@ -122,6 +122,83 @@ def test_the_deepspeed_launch_configs_name_their_zero_settings(stage):
         assert ds_config[key] == "auto", key
 
 
+class DeepSpeedStub:
+    """What accelerate's DeepSpeed prepare reads of `deepspeed`, which needs CUDA to install: its `initialize`, the
+    last call, stops here, so the code run up to it is accelerate's own."""
+
+    class Initialized(RuntimeError):
+        pass
+
+    @classmethod
+    def install(cls, monkeypatch):
+        import importlib.machinery
+        import types
+
+        stub = types.ModuleType("deepspeed")
+        stub.__spec__ = importlib.machinery.ModuleSpec("deepspeed", None)
+        stub.runtime = types.SimpleNamespace(lr_schedules=types.SimpleNamespace(VALID_LR_SCHEDULES=[]))
+
+        def initialize(**kwargs):
+            raise cls.Initialized(kwargs["config_params"])
+
+        stub.initialize = initialize
+        monkeypatch.setitem(sys.modules, "deepspeed", stub)
+        import accelerate.accelerator
+        from accelerate.utils.deepspeed import DummyOptim, DummyScheduler
+
+        # Imported by accelerate only where deepspeed was importable when it loaded.
+        for name, value in (("DummyOptim", DummyOptim), ("DummyScheduler", DummyScheduler)):
+            monkeypatch.setattr(accelerate.accelerator, name, value, raising=False)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_each_stage_tells_deepspeed_its_own_batch_and_accumulation(stage, monkeypatch):
+    """The stage runner prepares its dataloader first (for the scheduler's length) and its model, optimizer and
+    scheduler in a second call, which holds no dataloader to fill the shipped config's "auto" micro-batch from; and
+    accelerate fills the "auto" values once. Each stage writes its own before the second call: accelerate's DeepSpeed
+    prepare then goes through to `deepspeed.initialize` with the stage's values, stage after stage."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from imagebert_hf.training.runner import Schedule, fit_deepspeed_to_stage
+
+    DeepSpeedStub.install(monkeypatch)
+    from accelerate.utils import DeepSpeedPlugin
+
+    launch = load_config_from_file(str(CONFIGS / f"accelerate_deepspeed_zero{stage}.yaml"))
+    ds_file = PROJECT_ROOT / launch.deepspeed_config["deepspeed_config_file"]
+    plugin = DeepSpeedPlugin(hf_ds_config=json.loads(ds_file.read_text()))
+    plugin.set_mixed_precision(launch.mixed_precision)  # as accelerate's state does when the launch starts
+    for micro, accumulation in ((12, 1), (4, 3)):
+        accelerator = SimpleNamespace(
+            state=SimpleNamespace(deepspeed_plugin=plugin),
+            deepspeed_plugin=plugin,
+            parallelism_config=None,
+            gradient_accumulation_steps=accumulation,
+            num_processes=8,
+            split_batches=False,
+            _prepare_one=lambda obj, first_pass=False, device_placement=None: obj,
+            _get_named_parameters=lambda model: {},
+            fp8_backend=None,
+            te_recipe_handler=None,
+            device=torch.device("cpu"),
+        )
+        fit_deepspeed_to_stage(
+            accelerator, Schedule(1e-4, gradient_accumulation_steps=accumulation, per_device_train_batch_size=micro)
+        )
+        model = torch.nn.Linear(4, 4)
+        optimizer = torch.optim.AdamW(model.parameters())
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        with pytest.raises(DeepSpeedStub.Initialized) as initialized:
+            Accelerator._prepare_deepspeed(accelerator, model, optimizer, scheduler)
+        config = initialized.value.args[0]
+        assert config["train_micro_batch_size_per_gpu"] == micro
+        assert config["gradient_accumulation_steps"] == accumulation
+        assert config["train_batch_size"] == micro * accumulation * 8
+
+
 def test_save_model_writes_the_gathered_weights_of_a_wrapped_model(tmp_path, fresh_accelerate_state):
     class Wrapper(torch.nn.Module):
         def __init__(self, model):

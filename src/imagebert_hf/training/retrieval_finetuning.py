@@ -488,6 +488,7 @@ def retrieval_stage(args: RetrievalArguments, accelerator, model, train_corpus: 
         weight_decay=args.weight_decay,
         lr_scheduler_type=args.lr_scheduler_type,
         warmup_ratio=args.warmup_ratio,
+        per_device_train_batch_size=args.per_device_train_batch_size,
     )
     return Stage(
         name="retrieval",

@@ -56,6 +56,8 @@ class Schedule:
         lr_scheduler_type: A transformers scheduler name (`"linear"`, `"cosine"`, ...).
         warmup_steps: Steps of warmup; None takes `warmup_ratio` of the stage's steps.
         warmup_ratio: Share of the steps with warmup when `warmup_steps` is None.
+        per_device_train_batch_size: Examples per process and micro-batch, as the stage's data gives them (what
+            DeepSpeed is told, see `fit_deepspeed_to_stage`); None where unknown.
     """
 
     learning_rate: float
@@ -69,6 +71,7 @@ class Schedule:
     lr_scheduler_type: str = "linear"
     warmup_steps: int | None = None
     warmup_ratio: float = 0.0
+    per_device_train_batch_size: int | None = None
 
     def total_steps(self, dataloader) -> int:
         """`max_steps`, else `num_epochs` over `dataloader` (a partial accumulation still steps at an epoch's end)."""
@@ -165,6 +168,7 @@ def run_stage(
         schedule.adam_epsilon,
     )
     accelerator.gradient_accumulation_steps = schedule.gradient_accumulation_steps
+    fit_deepspeed_to_stage(accelerator, schedule)
     # Scheduler lengths need the per-process batch count, known once the dataloader is sharded.
     dataloader = accelerator.prepare(stage.dataloader) if stage.shard_dataloader else stage.dataloader
     total_steps = schedule.total_steps(dataloader)
@@ -185,6 +189,23 @@ def run_stage(
         if newest is None or TrainState.load(newest).completed_steps != state.completed_steps:
             save_checkpoint(accelerator, stage.checkpoint_dir, state, settings.save_total_limit)
     return model, state
+
+
+def fit_deepspeed_to_stage(accelerator, schedule: Schedule) -> None:
+    """Under DeepSpeed, writes the stage's micro-batch, gradient accumulation and global batch into the plugin's
+    config. accelerate fills their `"auto"` values only in a `prepare` call that also holds a dataloader (the stage
+    prepares its dataloader first, for the scheduler's length, and a stream's loader not at all), and only once: a
+    later stage would keep the first one's. Numbers the DeepSpeed config gives for them are replaced: the recipe
+    decides."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    values = {"gradient_accumulation_steps": schedule.gradient_accumulation_steps}
+    if schedule.per_device_train_batch_size is not None:
+        micro = schedule.per_device_train_batch_size
+        values["train_micro_batch_size_per_gpu"] = micro
+        values["train_batch_size"] = micro * schedule.gradient_accumulation_steps * accelerator.num_processes
+    plugin.deepspeed_config.update(values)
 
 
 def _start_state(accelerator, stage: Stage, total_steps: int, resume: bool, dataloader) -> TrainState:
