@@ -406,3 +406,42 @@ def test_a_fine_tuning_run_names_its_hub_start_as_the_cards_base_model(tmp_path)
     (local / "ckpt").mkdir(parents=True)
     assert start(str(local / "ckpt")) is None  # a folder is no Hub id, whatever its name
     assert start(None) is None and start("not a/valid id!") is None
+
+
+def test_a_stage_is_uploaded_while_the_next_one_trains(tmp_path, monkeypatch):
+    """The main process uploads a finished stage beside the next one's training: done before the next stage, the
+    other processes would wait for it at their next collective, and an upload longer than the process group's
+    timeout ended the run. The run still ends only once every upload went through, in stage order."""
+    import threading
+
+    import imagebert_hf.evaluation.hub as hub
+    from imagebert_hf.training import PretrainingRunOptions, pretraining, recipe_from_dict, run_pretraining
+    from imagebert_hf.training.pretraining import PUSHED_FILE
+
+    from .test_pretraining import tiny_recipe
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    second_stage_started, events = threading.Event(), []
+    build_stage = pretraining._pretraining_stage
+
+    def stage(accelerator, recipe, options, index, *args):
+        if index == 1:
+            events.append("stage 2 starts")
+            second_stage_started.set()
+        return build_stage(accelerator, recipe, options, index, *args)
+
+    def upload(folder, repo_id, message, **kwargs):
+        if message == "stage 1: noisy":
+            # Held until the next stage has started: a run that uploads before going on never gets there.
+            assert second_stage_started.wait(timeout=120), "stage 2 waited for stage 1's upload"
+        events.append(f"uploaded {message}")
+
+    monkeypatch.setattr(pretraining, "_pretraining_stage", stage)
+    monkeypatch.setattr(hub, "upload_to_hub", upload)
+    recipe = recipe_from_dict(tiny_recipe(tmp_path / "run"))
+    run_pretraining(recipe, PretrainingRunOptions(push_to_hub=True, hub_model_id="someone/imagebert-pretrained"))
+    assert events == ["stage 2 starts", "uploaded stage 1: noisy", "uploaded stage 2: clean"]
+    for stage_dir in ("stage1-noisy", "stage2-clean"):
+        assert (tmp_path / "run" / stage_dir / PUSHED_FILE).is_file()

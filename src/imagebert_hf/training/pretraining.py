@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -694,8 +695,12 @@ def run_pretraining(recipe: Recipe, options: PretrainingRunOptions | None = None
         check_processor_tokenizer(processor, tokenizer, recipe.model)
     progress = _RunProgress()
     recorded, compared_caches = False, set()
+    uploads: list[Future] = []
     with contextlib.ExitStack() as run:
         run.enter_context(stop_on_sigterm())
+        # Uploads run beside the next stages, on the main process: the others would wait for one at their next
+        # collective, and an upload longer than the process group's timeout would end the run.
+        uploader = run.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-upload"))
         for index, spec in enumerate(recipe.stages):
             stage_dir = stage_directory(recipe.output_dir, index, spec)
             if options.resume and (stage_dir / "final" / COMPLETE_FILE).is_file():
@@ -707,7 +712,8 @@ def run_pretraining(recipe: Recipe, options: PretrainingRunOptions | None = None
                     and not _pushed_to(stage_dir, options.hub_model_id)
                 ):
                     accelerator.print(f"stage {index + 1} ({spec.name}) was not uploaded; uploading it")
-                    _push_stage(stage_dir / "final", options.hub_model_id, f"stage {index + 1}: {spec.name}")
+                    message = f"stage {index + 1}: {spec.name}"
+                    uploads.append(uploader.submit(_push_stage, stage_dir / "final", options.hub_model_id, message))
                 continue
             # A signal during the previous stage's final save, its plot or its upload stops the run here.
             stop_if_sigterm_received(accelerator, f"stage {index + 1} ({spec.name})")
@@ -736,7 +742,8 @@ def run_pretraining(recipe: Recipe, options: PretrainingRunOptions | None = None
             save_final(accelerator, model, state, stage.final_dir, processor or tokenizer)
             if accelerator.is_main_process:
                 if options.push_to_hub:
-                    _push_stage(stage.final_dir, options.hub_model_id, f"stage {index + 1}: {spec.name}")
+                    message = f"stage {index + 1}: {spec.name}"
+                    uploads.append(uploader.submit(_push_stage, stage.final_dir, options.hub_model_id, message))
                 plot_losses(state.history, Path(recipe.output_dir) / "losses.png", title="pretraining losses")
             progress.add(stage_dir, state)
             accelerator.free_memory()
@@ -745,6 +752,10 @@ def run_pretraining(recipe: Recipe, options: PretrainingRunOptions | None = None
             # Again at the end: a run resumed after its last stage's plot was cut short draws it here.
             plot_losses(progress.history, Path(recipe.output_dir) / "losses.png", title="pretraining losses")
         accelerator.end_training()  # the trackers write under output_dir: inside the lock
+        if uploads:
+            accelerator.print("waiting for the Hub uploads to finish ...")
+        for upload in uploads:  # in stage order; the first that failed raises
+            upload.result()
     return {
         "final_model": str(progress.previous_final),
         "stage_dirs": [str(path) for path in progress.stage_dirs],

@@ -601,10 +601,11 @@ def _end_finished_run(accelerator, args: RetrievalArguments, loss_weights: dict[
         + ("; evaluating it" if eval_corpus is not None else "")
     )
     results = {"history": state.history, "final_model": str(final_dir)}
-    with hold_run_folder(accelerator, args.output_dir):
-        if accelerator.is_main_process:
+    # The other processes end here, as at the end of a run: waiting at a barrier while the main process evaluates (hours
+    # on a large gallery) would outlast the process group's timeout and end the run with the evaluation unwritten.
+    if accelerator.is_main_process:
+        with hold_run_folder(accelerator, args.output_dir):
             _report(accelerator, model.to(accelerator.device), processor, eval_corpus, args, results)
-        accelerator.wait_for_everyone()
     return results
 
 
