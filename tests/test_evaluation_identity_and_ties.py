@@ -196,3 +196,25 @@ def test_one_image_file_under_two_ids_is_one_gallery_item_in_both_evaluations(
         ]
     )
     assert [(r["image_id"], r["captions"]) for r in merged] == [("1", ["a", "c"]), ("2", ["b", "d"]), ("4", ["e"])]
+
+
+def test_a_repeated_line_adds_no_caption_its_image_holds_already(caplog):
+    """A manifest that lists a line twice (a concatenation, a re-export) pools that image's captions: the repeats
+    are kept once (spacing aside), or each would count as two texts and split its credit between identical ones.
+    The first record's own captions stay as they are: they are a protocol's texts."""
+    import logging
+
+    records = [
+        {"image_id": "1", "image": "a.jpg", "captions": ["a dog", "a dog", "a brown dog"]},
+        {"image_id": "2", "image": "b.jpg", "captions": ["a cat"]},
+        {"image_id": "1", "image": "a.jpg", "captions": ["a  brown dog", "a dog on grass", "a dog"]},
+        {"image_id": "3", "image": "b.jpg", "captions": ["a cat", "a cat  "]},
+    ]
+    with caplog.at_level(logging.WARNING):
+        merged = merge_duplicate_images(records)
+    assert [(r["image_id"], r["captions"]) for r in merged] == [
+        ("1", ["a dog", "a dog", "a brown dog", "a dog on grass"]),
+        ("2", ["a cat"]),
+    ]
+    assert "2 record(s) repeat an image" in caplog.text and "(4 caption(s) the image held already" in caplog.text
+    assert records[0]["captions"] == ["a dog", "a dog", "a brown dog"]  # the input is left as it was

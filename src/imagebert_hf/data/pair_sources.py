@@ -30,7 +30,7 @@ from ..models.imagebert.roi_image_loading import open_image_file
 from ..regions.cache_reader import RegionCache, RegionCacheError, load_region_cache
 from ..regions.cache_writer import dataset_row_key
 from .negatives import CaptionPictures, caption_key, choose_hard_caption, choose_negative
-from .retrieval_corpus import SameImageGroups
+from .retrieval_corpus import SameImageGroups, caption_text
 from .synthetic import (
     SWAP_CAPTION_KINDS,
     corrupt_captions,
@@ -169,13 +169,13 @@ class ManifestPairSource(PairSource):
                 continue
             if group not in held_of:
                 group_captions[group] = list(group_captions[group])
-                held_of[group] = {_caption_text(caption) for caption in group_captions[group]}
+                held_of[group] = {caption_text(caption) for caption in group_captions[group]}
             held = held_of[group]
-            new = [caption for caption in record.captions if _caption_text(caption) not in held]
+            new = [caption for caption in record.captions if caption_text(caption) not in held]
             pooled, dropped = pooled + 1, dropped + len(record.captions) - len(new)
             first = first or (record.where, record.image, group_keys[group])
             group_captions[group].extend(new)
-            held.update(_caption_text(caption) for caption in new)
+            held.update(caption_text(caption) for caption in new)
         # The name tables go before the pairs are built, so the peak holds one or the other, not both.
         del grouping, held_of, keys_as_text, ids_as_text
         if repeated:
@@ -212,16 +212,11 @@ def _distinct_captions(captions: Sequence[str]) -> Sequence[str]:
     seen: set[str] = set()
     distinct = []
     for caption in captions:
-        text = _caption_text(caption)
+        text = caption_text(caption)
         if text not in seen:
             seen.add(text)
             distinct.append(caption)
     return captions if len(distinct) == len(captions) else distinct
-
-
-def _caption_text(caption: str) -> str:
-    """A caption as the tokenizer reads it: spacing aside."""
-    return " ".join(caption.split())
 
 
 def _manifest_key(record: ManifestRecord, key_field: str, ids_as_text: dict[str, tuple[Any, str, str]]) -> str:

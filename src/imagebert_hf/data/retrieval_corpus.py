@@ -290,12 +290,20 @@ def same_image_groups(names: Iterable[Iterable[tuple[Hashable, Hashable] | None]
     return [grouping.add(item_names) for item_names in names]
 
 
-def _pool_groups(records: Sequence[Mapping], groups: Sequence[int]) -> tuple[list[dict], list[int], list[int]]:
-    """The first record of each group, with the captions of the group's later records added to it; the positions
-    of the records kept, and of those merged into another."""
+def caption_text(caption: str) -> str:
+    """A caption as the tokenizer reads it: spacing aside."""
+    return " ".join(caption.split())
+
+
+def _pool_groups(records: Sequence[Mapping], groups: Sequence[int]) -> tuple[list[dict], list[int], list[int], int]:
+    """The first record of each group, with the captions of the group's later records added to it, less those the
+    group holds already (spacing aside: a line listed twice would count each caption twice, and split its credit
+    between two identical texts); the positions of the records kept and of those merged into another, and how many
+    captions were dropped as repeats. The first record's own captions are kept as they are (a protocol's texts)."""
     merged: list[dict] = []
     kept, pooled = [], []
-    grown: set[int] = set()  # groups whose caption list is already their own copy
+    held: dict[int, set[str]] = {}  # groups grown so far: the texts they hold (their caption list is their own copy)
+    dropped = 0
     for number, (record, group) in enumerate(zip(records, groups)):
         if group == len(merged):
             merged.append(dict(record))
@@ -304,12 +312,18 @@ def _pool_groups(records: Sequence[Mapping], groups: Sequence[int]) -> tuple[lis
         target = merged[group]
         # Copied at the group's first merge, then grown in place: a copy at every merge is quadratic in the records
         # of one picture (every dead link of a crawl that saved the same placeholder shares one cache row).
-        if group not in grown:
+        if group not in held:
             target["captions"] = list(target["captions"])
-            grown.add(group)
-        target["captions"].extend(record["captions"])
+            held[group] = {caption_text(caption) for caption in target["captions"]}
+        for caption in record["captions"]:
+            text = caption_text(caption) if isinstance(caption, str) else caption
+            if text in held[group]:
+                dropped += 1
+                continue
+            held[group].add(text)
+            target["captions"].append(caption)
         pooled.append(number)
-    return merged, kept, pooled
+    return merged, kept, pooled, dropped
 
 
 def merge_duplicate_images(records: Sequence[Mapping]) -> list[Mapping]:
@@ -327,7 +341,7 @@ def merge_duplicate_images(records: Sequence[Mapping]) -> list[Mapping]:
             [("id", str(record["image_id"])), None if image_file is None else ("file", os.path.normpath(image_file))]
         )
     groups = same_image_groups(names)
-    merged, kept, pooled = _pool_groups(records, groups)
+    merged, kept, pooled, dropped = _pool_groups(records, groups)
     if pooled:
         record, target = records[pooled[0]], merged[groups[pooled[0]]]
         image_id, image_file = str(record["image_id"]), _image_file(record)
@@ -338,11 +352,16 @@ def merge_duplicate_images(records: Sequence[Mapping]) -> list[Mapping]:
             first = f"{image_id!r} ({shown}merged into {str(target['image_id'])!r})"
         logger.warning(
             "%d record(s) repeat an image listed earlier (first: %s); their captions were merged into the first "
-            "record of that image, so each image is one gallery item.",
+            "record of that image, so each image is one gallery item%s.",
             len(pooled),
             first,
+            _repeats_note(dropped),
         )
     return merged
+
+
+def _repeats_note(dropped: int) -> str:
+    return f" ({dropped} caption(s) the image held already were kept once)" if dropped else ""
 
 
 def merge_same_pictures(records: list[dict], pictures: Sequence[Hashable | None]) -> list[int] | None:
@@ -353,17 +372,18 @@ def merge_same_pictures(records: list[dict], pictures: Sequence[Hashable | None]
     groups = same_image_groups([[("picture", picture)] if picture is not None else [] for picture in pictures])
     if len(set(groups)) == len(groups):
         return None
-    merged, kept, pooled = _pool_groups(records, groups)
+    merged, kept, pooled, dropped = _pool_groups(records, groups)
     record, target = records[pooled[0]], merged[groups[pooled[0]]]
     shown = _image_file(record)
     logger.warning(
         "%d record(s) show the picture of an earlier record under another id or file (first: %r%s, merged into "
         "%r): the region cache holds one row for both; their captions were merged into the first record of that "
-        "picture, so each picture is one gallery item.",
+        "picture, so each picture is one gallery item%s.",
         len(pooled),
         str(record["image_id"]),
         f" (image {shown})" if shown is not None else "",
         str(target["image_id"]),
+        _repeats_note(dropped),
     )
     records[:] = merged
     return kept
@@ -1075,6 +1095,7 @@ class DataCollatorForImageTextRetrieval:
 
 
 __all__ = [
+    "caption_text",
     "check_region_cache_fits",
     "token_id_keys",
     "tokenizer_fingerprint",
