@@ -471,3 +471,30 @@ def test_zero_shot_inputs_find_regions_under_another_spelling_of_the_path_as_eva
         regions, dotted_regions = regions.batch([0, 1]), dotted_regions.batch([0, 1])
     for key in ("region_features", "region_locations", "region_attention_mask"):
         assert torch.equal(dotted_regions[key], regions[key]), key
+
+
+def test_generated_images_follow_the_cuts_and_never_the_held_out_seed(tokenizer, make_tiny_config, tmp_path):
+    """`--max_images` and `--captions_per_image` cut the generated splits as they cut a file's (both were ignored,
+    while `run_args.json` recorded them), and `--seed 1234` would generate, as training images, the held-out set
+    `evaluate_retrieval --dataset synthetic` ranks: refused in one line."""
+    from imagebert_hf.data.synthetic import HELD_OUT_SEED
+    from imagebert_hf.training.retrieval_finetuning import check_flags
+
+    config = make_tiny_config(vocab_size=len(tokenizer))
+    args = RetrievalArguments(
+        output_dir=str(tmp_path / "run"), synthetic_images=12, eval_images=4, max_images=6, captions_per_image=1
+    )
+    training, evaluation = build_corpora(args, tokenizer, config)
+    assert (training.num_images, training.num_texts) == (6, 6)
+    assert (evaluation.num_images, evaluation.num_texts) == (4, 4)
+    whole, held_out = build_corpora(
+        dataclasses.replace(args, max_images=None, captions_per_image=None), tokenizer, config
+    )
+    assert (whole.num_images, whole.num_texts, held_out.num_texts) == (12, 24, 8)
+    assert training.image_ids == whole.image_ids[:6] and evaluation.image_ids == held_out.image_ids
+
+    check_flags(dataclasses.replace(args, seed=HELD_OUT_SEED + 1))
+    with pytest.raises(
+        ValueError, match=rf"^--seed {HELD_OUT_SEED} with --synthetic_images would train on the held-out"
+    ):
+        check_flags(dataclasses.replace(args, seed=HELD_OUT_SEED))

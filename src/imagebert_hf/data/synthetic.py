@@ -135,6 +135,11 @@ def _make_one(index: int, seed: int, image_size: int, captions_per_image: int) -
     }
 
 
+# The seed of the held-out synthetic set `evaluate_retrieval --dataset synthetic` ranks: a fine-tuning run may not
+# generate its training images from it.
+HELD_OUT_SEED = 1234
+
+
 def make_synthetic_examples(
     num_images: int, seed: int = 0, image_size: int = 96, captions_per_image: int = 2
 ) -> list[dict[str, Any]]:
@@ -395,6 +400,7 @@ def chance_recall(num_candidates: int, k: int, num_relevant: int = 1) -> float:
 
 
 __all__ = [
+    "HELD_OUT_SEED",
     "CLASS_NAMES",
     "COLORS",
     "SHAPES",

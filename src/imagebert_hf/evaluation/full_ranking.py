@@ -31,7 +31,7 @@ from ..data.retrieval_corpus import (
     region_cache_lookup,
     tokenizer_fingerprint,
 )
-from ..data.synthetic import make_synthetic_examples, synthetic_region_record
+from ..data.synthetic import HELD_OUT_SEED, make_synthetic_examples, synthetic_region_record
 from ..formats.files import (
     atomic_write_json,
     atomic_writer,
@@ -195,8 +195,8 @@ class CorpusCacheError(ValueError):
 def _split_records(args: EvaluationArguments, config) -> list[dict]:
     """The split's image records (for `dataset=synthetic`, the generated examples), in evaluation order."""
     if args.dataset == "synthetic":
-        # A seed the training script never uses for its images, so the evaluation set is held out.
-        return make_synthetic_examples(args.synthetic_images, seed=1234, image_size=32)[: args.max_images]
+        # A seed the training script refuses for its images, so the evaluation set is held out.
+        return make_synthetic_examples(args.synthetic_images, seed=HELD_OUT_SEED, image_size=32)[: args.max_images]
     if args.dataset in ("coco", "flickr30k"):
         if args.karpathy_file is None:
             raise ValueError(f"--dataset {args.dataset} needs --karpathy_file.")

@@ -30,7 +30,12 @@ from ..data.retrieval_corpus import (
     load_manifest_records,
     region_cache_lookup,
 )
-from ..data.synthetic import make_synthetic_examples, make_synthetic_tokenizer, synthetic_region_record
+from ..data.synthetic import (
+    HELD_OUT_SEED,
+    make_synthetic_examples,
+    make_synthetic_tokenizer,
+    synthetic_region_record,
+)
 from ..evaluation.full_ranking import load_retrieval_model, rank_corpus
 from ..evaluation.hub import check_push_to_hub, push_to_hub
 from ..evaluation.recall import retrieval_metrics
@@ -105,13 +110,20 @@ def build_corpora(args: RetrievalArguments, tokenizer, config) -> tuple[Retrieva
         examples = make_synthetic_examples(args.synthetic_images + args.eval_images, seed=args.seed, image_size=32)
         regions = [synthetic_region_record(example, config.region_feature_size) for example in examples]
 
-        def corpus(part: slice) -> RetrievalCorpus:
+        def corpus(start: int, end: int) -> RetrievalCorpus:
+            # `--max_images` and `--captions_per_image` cut both splits, as they cut a file's.
+            end = min(end, start + args.max_images) if args.max_images else end
             return RetrievalCorpus.from_records(
-                examples[part], tokenizer, regions[part], config.max_text_length, config.max_regions
+                examples[start:end],
+                tokenizer,
+                regions[start:end],
+                config.max_text_length,
+                config.max_regions,
+                args.captions_per_image,
             )
 
-        train = corpus(slice(0, args.synthetic_images))
-        return train, corpus(slice(args.synthetic_images, None)) if args.eval_images else None
+        train = corpus(0, args.synthetic_images)
+        return train, corpus(args.synthetic_images, len(examples)) if args.eval_images else None
 
     if args.train_file is None:
         raise ValueError("give --train_file (with --region_cache) or --synthetic_images.")
@@ -290,6 +302,11 @@ def check_flags(args: RetrievalArguments) -> RetrievalArguments:
     if args.lr_scheduler_type not in SCHEDULER_TYPES:
         raise ValueError(
             f"--lr_scheduler_type must be one of {list(SCHEDULER_TYPES)}, got {args.lr_scheduler_type!r}."
+        )
+    if args.synthetic_images and args.seed == HELD_OUT_SEED:
+        raise ValueError(
+            f"--seed {args.seed} with --synthetic_images would train on the held-out images evaluate_retrieval "
+            "--dataset synthetic ranks (they are generated from that seed); choose another --seed."
         )
     if args.lr_scheduler_type == "constant" and args.warmup_ratio > 0:
         # transformers' "constant" schedule drops the warmup it is given: the flag would change nothing.
