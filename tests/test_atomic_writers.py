@@ -3,6 +3,7 @@ output) replace their own files in one step, keep every other file, and leave th
 rerun is refused. (The kill -9 cases are in test_kill9_writers.py.)"""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -201,3 +202,37 @@ def test_spark_refused_rerun_leaves_the_earlier_output_and_a_rerun_publishes_ato
         assert not [p for p in output.iterdir() if p.name.startswith(".")]  # no temporary or old data folder
     finally:
         spark.stop()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX permission bits")
+def test_weights_saved_for_a_team_are_readable_as_the_umask_allows(tmp_path, accelerator, make_tiny_config):
+    """safetensors creates its files 0o600 whatever the umask: a model a run saved, or a corpus cache, would be
+    readable by its writer alone on a shared cluster. Published folders and the corpus cache give them the mode of
+    every other file (0o644 under umask 022, 0o640 under 027)."""
+    import os
+
+    from safetensors.torch import save_file
+
+    from imagebert_hf import ImageBERTForImageTextRetrieval
+    from imagebert_hf.data.retrieval_corpus import RetrievalCorpus
+    from imagebert_hf.evaluation.full_ranking import save_corpus_cache
+    from imagebert_hf.training.checkpointing import save_model
+
+    previous = os.umask(0o027)
+    try:
+        save_file({"weight": torch.zeros(2)}, tmp_path / "bare.safetensors")
+        assert (tmp_path / "bare.safetensors").stat().st_mode & 0o777 == 0o600  # what safetensors does
+        save_model(accelerator, ImageBERTForImageTextRetrieval(make_tiny_config()), tmp_path / "model")
+        corpus = RetrievalCorpus(
+            image_ids=["a"],
+            texts=["x"],
+            text_to_image=torch.zeros(1, dtype=torch.long),
+            text_inputs={},
+            region_inputs={},
+        )
+        save_corpus_cache(tmp_path / "corpus.safetensors", corpus, {"split": "test"})
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "model" / "config.json").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "model" / "model.safetensors").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "corpus.safetensors").stat().st_mode & 0o777 == 0o640

@@ -41,6 +41,7 @@ from ..formats.files import (
     file_checksum,
 )
 from ..formats.manifest import outside_root_flag
+from ..models.imagebert.folder_publishing import give_ordinary_mode
 from ..models.imagebert.modeling_imagebert import ImageBERTForImageTextRetrieval
 from ..models.imagebert.pipeline_image_text_retrieval import untrained_heads
 from ..models.imagebert.region_batching import check_region_values
@@ -272,6 +273,10 @@ def save_corpus_cache(path: str | os.PathLike, corpus: RetrievalCorpus, fingerpr
     with atomic_writer(path) as handle:
         # Written by name into the writer's temporary file, which the writer then syncs and renames.
         save_file(tensors, handle.name, metadata=metadata)
+        # safetensors replaced the writer's file by its own: that one is given the usual mode, and synced.
+        give_ordinary_mode(handle.name)
+        with open(handle.name, "rb") as written:
+            os.fsync(written.fileno())
 
 
 # What `save_corpus_cache` stores: each tensor's dtype ("int64", or any floating one) and dimensions, named by the

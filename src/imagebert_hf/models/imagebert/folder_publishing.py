@@ -39,6 +39,27 @@ def fsync_tree(folder: str | os.PathLike) -> None:
                 os.fsync(handle.fileno())
 
 
+def ordinary_file_mode() -> int:
+    """The permission bits a new file gets from `open` here: 0o666 less the process's umask (read without setting
+    it where Linux shows it, as setting it is not thread-safe)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def give_ordinary_mode(path: str | os.PathLike) -> None:
+    """Gives a file written by safetensors the mode `open` would have given it: safetensors creates its files 0o600
+    whatever the umask (safetensors issue 782), so a model saved for a team would be readable by its writer alone."""
+    os.chmod(path, ordinary_file_mode())
+
+
 def set_aside_folders(final: str | os.PathLike) -> list[Path]:
     """The earlier folders `publish_folder` renamed aside as `.NAME.old-*` next to `final`, oldest first."""
     final = Path(final).absolute()
@@ -62,7 +83,8 @@ def restore_set_aside(final: str | os.PathLike) -> bool:
 
 
 def publish_folder(tmp: str | os.PathLike, final: str | os.PathLike, replace: bool = True) -> None:
-    """Atomically puts the fully written folder `tmp` at `final`: its files are synced, then it is renamed.
+    """Atomically puts the fully written folder `tmp` at `final`: its files are synced (its safetensors files given
+    the mode of the others, `give_ordinary_mode`), then it is renamed.
 
     Args:
         tmp: The folder, written under a temporary name next to `final`.
@@ -72,6 +94,8 @@ def publish_folder(tmp: str | os.PathLike, final: str | os.PathLike, replace: bo
             folder at the same moment) and `tmp` is kept.
     """
     tmp, final = Path(tmp), Path(final)
+    for weights in tmp.rglob("*.safetensors"):
+        give_ordinary_mode(weights)
     fsync_tree(tmp)
     restore_set_aside(final)
     if not os.path.lexists(final):
@@ -91,4 +115,12 @@ def publish_folder(tmp: str | os.PathLike, final: str | os.PathLike, replace: bo
     shutil.rmtree(old, ignore_errors=True)
 
 
-__all__ = ["fsync_folder", "fsync_tree", "publish_folder", "restore_set_aside", "set_aside_folders"]
+__all__ = [
+    "fsync_folder",
+    "fsync_tree",
+    "give_ordinary_mode",
+    "ordinary_file_mode",
+    "publish_folder",
+    "restore_set_aside",
+    "set_aside_folders",
+]
