@@ -350,6 +350,40 @@ def test_script_end_to_end(tmp_path, tiny_model, tokenizer, make_tiny_config, ca
     assert set(summary["results"]["object_swap"]) == {"chance", "cross_encoder", "indistinguishable"}
 
 
+def test_the_script_checks_its_output_file_first_and_names_damaged_weights_in_one_line(
+    tmp_path, tiny_model, tokenizer, capsys
+):
+    """An output file that cannot be written was found only after every probe was scored (the work lost, a traceback
+    naming a temporary file); a damaged weights file gave a traceback. Both end in one line, before any scoring; a
+    file in a folder that does not exist yet is written, its folder made."""
+    main = runpy.run_path(str(SCRIPT))["main"]
+    tiny_model.save_pretrained(tmp_path / "retrieval")
+    tokenizer.save_pretrained(tmp_path / "retrieval")
+    flags = ["--model_name_or_path", str(tmp_path / "retrieval"), "--num_images", "4"]
+    (tmp_path / "a_folder").mkdir()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main([*flags, "--output_file", str(tmp_path / "a_folder")])
+    said = capsys.readouterr()
+    assert stop.value.code == 1 and "object_swap" not in said.out
+    assert (
+        said.err.strip()
+        == f"evaluate_relation_swaps: error: output_file {tmp_path / 'a_folder'} is a folder; expected a file path."
+    )
+    main([*flags, "--output_file", str(tmp_path / "new" / "folder" / "swaps.json")])
+    assert json.loads((tmp_path / "new" / "folder" / "swaps.json").read_text())["images"] == 4
+
+    weights = tmp_path / "retrieval" / "model.safetensors"
+    weights.write_bytes(b"\xff" * 64)
+    with pytest.raises(SystemExit) as stop:
+        main(flags)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stop.value.code == 1
+    assert err.startswith(
+        f"evaluate_relation_swaps: error: --model_name_or_path {tmp_path / 'retrieval'}: a weights file is damaged"
+    )
+
+
 def test_script_on_a_manifest_with_a_region_cache(tmp_path, tokenizer, make_tiny_config, make_tiny_extractor, capsys):
     """The real-photo path end to end, on generated images written as a manifest with boxes and labels."""
     from imagebert_hf.data.synthetic import write_synthetic_manifest

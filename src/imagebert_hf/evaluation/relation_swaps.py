@@ -34,9 +34,10 @@ from ..data.synthetic import (
     synthetic_region_record,
     synthetic_swap_captions,
 )
-from ..formats.files import atomic_write_json, check_folder_or_hub_id
+from ..formats.files import atomic_write_json, check_output_file
 from ..formats.manifest import read_manifest
 from ..models.imagebert.modeling_imagebert import ImageBERTForImageTextRetrieval
+from ..models.imagebert.pipeline_image_text_retrieval import untrained_heads
 from ..models.imagebert.processing_imagebert import tokenize_as_text
 from ..models.imagebert.region_batching import pad_region_records
 from ..models.imagebert.retrieval_index import (
@@ -47,6 +48,7 @@ from ..models.imagebert.retrieval_index import (
     score_pairs,
 )
 from ..regions.cache_reader import load_region_cache
+from . import full_ranking
 from .recall import TIE_ATOL, TIE_RTOL
 
 
@@ -351,6 +353,7 @@ def _check_arguments(
     min_area_fraction: float,
     manifest: str | None,
     region_cache: str | None,
+    output_file: str | None = None,
 ) -> list[str]:
     if probe not in PROBE_SETS:
         raise ValueError(f"probe is {probe!r}; expected one of {PROBE_SETS}.")
@@ -364,6 +367,8 @@ def _check_arguments(
         raise ValueError(f"synthetic_first_index is {synthetic_first_index}; expected at least 0.")
     if not 0.0 <= min_area_fraction <= 1.0:
         raise ValueError(f"min_area_fraction is {min_area_fraction}; expected a share in [0, 1].")
+    if output_file is not None:
+        check_output_file(output_file, "output_file")
     if probe == "manifest":
         for name, value in (("manifest", manifest), ("region_cache", region_cache)):
             if value is None:
@@ -374,11 +379,11 @@ def _check_arguments(
 
 
 def load_retrieval_model(model_name_or_path: str) -> tuple[ImageBERTForImageTextRetrieval, bool]:
-    """The model as `ImageBERTForImageTextRetrieval` and whether its dual-encoder heads were loaded (False for a
-    pretraining checkpoint: the projections are then freshly initialised and their scores mean nothing)."""
-    check_folder_or_hub_id(model_name_or_path, "model_name_or_path", "a checkpoint folder")
-    model, info = ImageBERTForImageTextRetrieval.from_pretrained(model_name_or_path, output_loading_info=True)
-    new = [key for key in info.get("missing_keys", []) if "projection" in key]
+    """The model as `ImageBERTForImageTextRetrieval` (loaded as the evaluation loads it: a missing folder or a
+    damaged weights file named in one line) and whether its dual-encoder heads were trained (False for a pretraining
+    checkpoint or a UNITER conversion: the projections are then freshly initialised and their scores mean nothing)."""
+    model = full_ranking.load_retrieval_model(model_name_or_path)
+    new = untrained_heads(model)
     if new:
         logger.warning(
             f"{model_name_or_path} has no trained dual-encoder heads ({', '.join(sorted(new))} are freshly "
@@ -419,7 +424,15 @@ def run_relation_swap_evaluation(
     from transformers import AutoTokenizer
 
     scorer_names = _check_arguments(
-        probe, scorers, num_images, batch_size, synthetic_first_index, min_area_fraction, manifest, region_cache
+        probe,
+        scorers,
+        num_images,
+        batch_size,
+        synthetic_first_index,
+        min_area_fraction,
+        manifest,
+        region_cache,
+        output_file,
     )
     model, dual_trained = load_retrieval_model(model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
@@ -482,7 +495,8 @@ def run_relation_swap_evaluation(
         ],
     }
     if output_file:
-        atomic_write_json(output_file, summary, indent=1)
+        Path(output_file).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(Path(output_file).expanduser(), summary, indent=1)
     return summary
 
 

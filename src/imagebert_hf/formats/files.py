@@ -262,6 +262,19 @@ def check_output_dir(path: str | os.PathLike | None, flag: str = "--output_dir")
     return folder
 
 
+def check_output_file(path: str | os.PathLike, flag: str) -> Path:
+    """The file a command writes at its end, as a `Path`; raises ValueError naming `flag` when it is a folder or its
+    folder could not be made or written (`check_output_dir`): checked before the work, so that none of it is lost to
+    the path."""
+    if path is None or not str(path).strip():
+        raise ValueError(f"{flag} must be a non-empty path, got {path!r}.")
+    file = Path(path).expanduser()
+    if file.is_dir():
+        raise ValueError(f"{flag} {file} is a folder; expected a file path.")
+    check_output_dir(file.parent, flag)
+    return file
+
+
 def check_folder_or_hub_id(name: str | os.PathLike, what: str, expected: str) -> None:
     """Raises `FileNotFoundError` naming `what` when `name` is neither an existing path nor a name the Hub could
     hold (`name` or `owner/name`): `from_pretrained` would report such a name as a malformed repo id rather than as
@@ -348,6 +361,7 @@ __all__ = [
     "check_folder_or_hub_id",
     "check_nothing_left_unexpanded",
     "check_output_dir",
+    "check_output_file",
     "exclusive_folder",
     "expand_home",
     "file_checksum",
