@@ -381,6 +381,41 @@ def test_a_stage_whose_upload_failed_is_uploaded_when_the_run_resumes(tmp_path, 
     assert (tmp_path / "run" / "stage2-clean" / PUSHED_FILE).is_file()
 
 
+def test_a_card_claims_no_shortlist_heads_a_fine_tuned_model_does_not_have(model_and_processor, tmp_path, monkeypatch):
+    """A run fine-tuned with `--contrastive_weight 0` leaves its projection heads untrained (and out of `final/`):
+    its card must not say they shortlist candidates, whether built by the evaluation or by `push_to_hub`."""
+    from safetensors.torch import load_file, save_file
+
+    from imagebert_hf.evaluation.full_ranking import load_retrieval_model
+
+    model, _ = model_and_processor
+    trained = str(build_model_card(RESULTS, model_id="me/x", config=model.config))
+    assert "used to shortlist candidates" in trained
+    untrained = str(build_model_card(RESULTS, model_id="me/x", config=model.config, shortlist_heads_trained=False))
+    assert "used to shortlist candidates" not in untrained
+    assert "projection heads for shortlisting were not trained" in untrained
+
+    model.save_pretrained(tmp_path / "final")
+    weights = load_file(tmp_path / "final" / "model.safetensors")
+    kept = {
+        name: value
+        for name, value in weights.items()
+        if not name.startswith(("cls.text_projection.", "cls.region_projection."))
+    }
+    save_file(kept, tmp_path / "final" / "model.safetensors", {"format": "pt"})
+    loaded = load_retrieval_model(str(tmp_path / "final"))
+    captured = {}
+
+    def upload(folder, repo_id, message, **kwargs):
+        captured["card"] = (Path(folder) / "README.md").read_text()
+
+    import imagebert_hf.evaluation.hub as hub
+
+    monkeypatch.setattr(hub, "upload_to_hub", upload)
+    hub.push_to_hub(loaded, model_and_processor[1], "me/x", results=RESULTS)
+    assert "projection heads for shortlisting were not trained" in captured["card"]
+
+
 def test_a_card_claims_no_base_model_or_license_nobody_gave(model_and_processor):
     # Every card once said it came from bert-base-uncased under apache-2.0, also for a model trained from scratch on
     # research-only data.

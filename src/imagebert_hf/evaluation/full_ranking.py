@@ -472,14 +472,15 @@ def evaluated_as(model) -> str:
 
 def check_shortlist_heads(model, shortlist_k: int | None, name_or_path: str) -> None:
     """Refuses `--shortlist_k` for a model whose unimodal projection heads were not in its checkpoint (a pretraining
-    checkpoint, evaluated zero-shot): they are freshly initialised, so its shortlist would rank at random, and
-    differently on every run."""
+    checkpoint, evaluated zero-shot; a UNITER conversion; a fine-tuning run without the contrastive loss): they are
+    freshly initialised, so its shortlist would rank at random, and differently on every run."""
     heads = untrained_heads(model) if shortlist_k else []
     if heads:
         raise ValueError(
             f"--shortlist_k {shortlist_k}: {name_or_path} has no trained projection heads ({', '.join(heads)} are "
-            "freshly initialised, as in a pretraining checkpoint), so its shortlist would be random; evaluate it "
-            "without --shortlist_k (full ranking with the ITM head), or fine-tune it for retrieval first."
+            "freshly initialised: a pretraining checkpoint, a UNITER conversion or a fine-tuning run with "
+            "--contrastive_weight 0 leaves them untrained), so its shortlist would be random; evaluate it without "
+            "--shortlist_k (full ranking with the ITM head), or fine-tune it with the contrastive loss first."
         )
 
 
@@ -733,7 +734,12 @@ def run_retrieval_evaluation(args: EvaluationArguments) -> dict:
         card = None
         if args.model_card:
             card = build_model_card(
-                results, model_id=args.model_id, config=model.config, base_model=args.base_model, license=args.license
+                results,
+                model_id=args.model_id,
+                config=model.config,
+                base_model=args.base_model,
+                license=args.license,
+                shortlist_heads_trained=not untrained_heads(model),
             )
         output_dir.mkdir(parents=True, exist_ok=True)
         ranking.plot(output_dir, title=f"{args.dataset} {args.split}")

@@ -25,7 +25,11 @@ from transformers.utils import logging
 
 from ..formats.files import atomic_write_json, atomic_write_text, publish_folder_keeping_others, read_json_file
 from ..models.imagebert.image_processing_imagebert import WEIGHTS_NAME
-from ..models.imagebert.pipeline_image_text_retrieval import ImageTextRetrievalPipeline, register_pipeline
+from ..models.imagebert.pipeline_image_text_retrieval import (
+    ImageTextRetrievalPipeline,
+    register_pipeline,
+    untrained_heads,
+)
 from .recall import format_metrics_table
 
 
@@ -235,6 +239,7 @@ def build_model_card(
     license: str | None = None,
     tags: Sequence[str] = DEFAULT_TAGS,
     template_path: str | os.PathLike | None = None,
+    shortlist_heads_trained: bool = True,
     **fields: str,
 ):
     """A model card: YAML metadata (license, library, tags, datasets, base model, `model-index` from `results`) and
@@ -251,6 +256,8 @@ def build_model_card(
             data they were trained on, which only the publisher knows.
         tags: Hub tags (the task has no Hub id, so it goes in the tags rather than `pipeline_tag`).
         template_path: a Jinja template; huggingface_hub's standard model card template by default.
+        shortlist_heads_trained: whether the model's unimodal projection heads were trained (`untrained_heads` of
+            the model is empty): a fine-tuned model without them shortlists nothing, and its card says so.
         **fields: any template section to set or override (e.g. `training_data="..."`).
 
     Returns:
@@ -295,6 +302,11 @@ def build_model_card(
         heads = (
             "This is a pretraining checkpoint, evaluated zero-shot: its image-text matching head scores the pairs. "
             "It was not fine-tuned for retrieval, and its projection heads for shortlisting are untrained."
+        )
+    elif not shortlist_heads_trained:
+        heads = (
+            "Its projection heads for shortlisting were not trained (it was fine-tuned without the contrastive "
+            "loss): the cross-encoder scores every candidate."
         )
     defaults = {
         "model_id": _markdown_text(model_id),
@@ -538,7 +550,11 @@ def push_to_hub(
     _check_repo_id(repo_id)
     if card is None:
         card = build_model_card(
-            results, model_id=repo_id, config=getattr(model, "config", None), base_model=base_model
+            results,
+            model_id=repo_id,
+            config=getattr(model, "config", None),
+            base_model=base_model,
+            shortlist_heads_trained=not untrained_heads(model),
         )
     with tempfile.TemporaryDirectory() as folder:
         save_for_hub(model, processor, Path(folder) / "upload", card)
