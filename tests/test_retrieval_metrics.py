@@ -169,3 +169,20 @@ def test_evaluate_module_loads_offline_by_path(tmp_path, monkeypatch):
     result = metric.compute()
     assert result == pytest.approx(retrieval_metrics(scores, [0, 0, 1]))
     assert result["ir_r1"] == 100.0
+
+
+def test_the_evaluate_module_refuses_a_fractional_reference_rather_than_truncating_it(tmp_path, monkeypatch):
+    """Declared as int64, the references were cast by Arrow before the metric saw them: 1.7 silently became image 1.
+    They now reach `retrieval_metrics`, which refuses indices that are not whole, as it does when called directly."""
+    evaluate = pytest.importorskip("evaluate")
+    from imagebert_hf.metrics import retrieval_metric_path
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    metric = evaluate.load(retrieval_metric_path(), cache_dir=str(tmp_path / "cache"))
+    scores = [[0.9, 0.1], [0.2, 0.8], [0.4, 0.6]]
+    assert metric.compute(predictions=scores, references=[0, 1, 1])["rsum"] == pytest.approx(
+        retrieval_metrics(np.asarray(scores).T, [0, 1, 1])["rsum"]
+    )
+    with pytest.raises(ValueError, match="whole"):
+        metric.compute(predictions=scores, references=[0, 1.7, 1])

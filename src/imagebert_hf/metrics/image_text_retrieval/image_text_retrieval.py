@@ -48,7 +48,7 @@ class ImageTextRetrieval(evaluate.Metric):
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
             features=datasets.Features(
-                {"predictions": datasets.Sequence(datasets.Value("float64")), "references": datasets.Value("int64")}
+                {"predictions": datasets.Sequence(datasets.Value("float64")), "references": datasets.Value("float64")}
             ),
             reference_urls=["https://arxiv.org/abs/2001.07966"],
         )
