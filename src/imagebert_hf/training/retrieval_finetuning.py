@@ -497,15 +497,10 @@ def retrieval_stage(args: RetrievalArguments, accelerator, model, train_corpus: 
             f"{kind} negatives ({args.negative_type})"
         )
 
+    # The flags named as the schedule's fields set them, as a pretraining stage's do (AdamW's betas and epsilon, which
+    # no flag names, keep their defaults).
     schedule = Schedule(
-        learning_rate=args.learning_rate,
-        max_steps=args.max_steps or None,
-        num_epochs=args.num_epochs,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        weight_decay=args.weight_decay,
-        lr_scheduler_type=args.lr_scheduler_type,
-        warmup_ratio=args.warmup_ratio,
-        per_device_train_batch_size=args.per_device_train_batch_size,
+        **{item.name: getattr(args, item.name) for item in dataclasses.fields(Schedule) if hasattr(args, item.name)}
     )
     return Stage(
         name="retrieval",
