@@ -107,7 +107,8 @@ def _write_part(path: Path, positions: list[int], identities: list[tuple], conte
 def _read_part(path: Path, identities: dict[int, tuple]) -> dict[int, str | None]:
     """The hashes a part file holds for the positions whose file is still the one it hashed (same size and
     modification time); {} for a part that cannot be read (damaged or of another layout: its images are hashed
-    again)."""
+    again). An image it found unreadable is tried again (the file may be readable now, or under another size
+    limit)."""
     import pyarrow as pa
 
     try:
@@ -121,7 +122,7 @@ def _read_part(path: Path, identities: dict[int, tuple]) -> dict[int, str | None
     for position, size, mtime, content in zip(*columns.values()):
         identity = identities.get(position)
         unchanged = identity is not None and identity[1:] == (size, mtime) and size >= 0
-        if unchanged and (content is None or (isinstance(content, str) and _SHA1.fullmatch(content))):
+        if unchanged and isinstance(content, str) and _SHA1.fullmatch(content):
             found[position] = content
     return found
 
@@ -152,7 +153,10 @@ def share_content_hashes(
             identity = _stored_identity(item["image"], dataset_states)
             if identity is not None:
                 stored[position] = identity
-    folder = output_dir / PLAN_DIR / hashlib.sha256("\n".join(i[0] for i in stored.values()).encode()).hexdigest()[:24]
+    listing = hashlib.sha256()
+    for name, _, _ in stored.values():
+        listing.update(name.encode("utf-8", "surrogateescape") + b"\n")
+    folder = output_dir / PLAN_DIR / listing.hexdigest()[:24]
     known: dict[int, str | None] = {}
     made = None if folder.is_dir() else folder
     if stored and folder.is_dir():
@@ -187,16 +191,17 @@ def share_content_hashes(
 def _collect_peer_parts(
     folder: Path, stored: dict[int, tuple], known: dict[int, str | None], rank: int, world: int, deadline: float
 ) -> None:
-    """Reads the parts of the other processes into `known` as they land, until each is read or `deadline` passes."""
-    waiting = [peer for peer in range(world) if peer != rank]
+    """Reads the parts of the other processes into `known` as they land, until each is read or `deadline` passes; a
+    process whose share is known already (from an earlier run's parts) is not waited for."""
     positions = list(stored)
+    waiting = [
+        peer
+        for peer in range(world)
+        if peer != rank and any(position not in known for position in positions[peer::world])
+    ]
     pause, told = _POLL_SECONDS[0], False
     while waiting:
         for peer in list(waiting):
-            share = positions[peer::world]
-            if all(position in known for position in share):
-                waiting.remove(peer)
-                continue
             part = folder / _part_name(peer, world)
             if part.is_file():
                 known.update(_read_part(part, stored))
