@@ -13,6 +13,7 @@ from imagebert_hf.data.web_noise import corrupted_captions, write_noisy_manifest
 from imagebert_hf.formats.manifest import ManifestError, read_manifest
 from imagebert_hf.regions.cache_reader import load_region_cache
 from imagebert_hf.regions.cache_writer import _dataset_items, dataset_row_key, extract_regions
+from imagebert_hf.regions.image_hashes import DatasetImage
 from imagebert_hf.training.pretraining import build_source
 from imagebert_hf.training.recipe import SourceSpec
 
@@ -77,8 +78,15 @@ def test_a_dataset_of_image_files_is_keyed_by_their_paths_on_both_sides(tmp_path
     assert source.open_image(image_files[2]).getpixel((0, 0)) == (0, 0, 255)
     # A row without an image: the same index key on both sides.
     plain = datasets.Dataset.from_dict({"image": [image_files[0], None], "captions": ["a red box", "nothing"]})
-    items = _dataset_items(plain, "image", None, None, "xyxy", 1 << 20)
+    items = _dataset_items(plain, "image", None, None, "xyxy")
     assert [item["key"] for item in items] == DatasetPairSource(plain).image_keys() == [image_files[0], "row-1"]
+    # Stored in their own files (`save_to_disk` embeds the image, keeping its file name), the rows are listed from
+    # the column without reading an image: the file's name keys its row, a row without an image stays one.
+    plain.cast_column("image", datasets.Image()).save_to_disk(tmp_path / "plain")
+    stored = datasets.load_from_disk(tmp_path / "plain")
+    items = _dataset_items(stored, "image", None, None, "xyxy")
+    assert [item["key"] for item in items] == DatasetPairSource(stored).image_keys() == ["0.png", "row-1"]
+    assert isinstance(items[0]["image"], DatasetImage) and items[1]["image"] is None
 
 
 @pytest.fixture(scope="module")

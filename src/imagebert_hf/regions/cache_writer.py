@@ -156,10 +156,11 @@ def _stored_image_cells(images) -> Iterator[tuple[Any, Any]]:
             for path in column.to_pylist():
                 yield path, path
         elif pa.types.is_struct(kind) and {kind.field(i).name for i in range(kind.num_fields)} == {"bytes", "path"}:
+            present = column.is_valid().to_pylist()
             paths = pc.struct_field(column, "path").to_pylist()
             lengths = pc.binary_length(pc.struct_field(column, "bytes")).to_pylist()
-            for offset, (path, length) in enumerate(zip(paths, lengths)):
-                cell = {"bytes": None, "path": path}
+            for offset, (valid, path, length) in enumerate(zip(present, paths, lengths)):
+                cell = {"bytes": None, "path": path} if valid else None  # a row without an image stays one
                 yield cell, DatasetImage(images, start + offset) if length else cell
         else:  # pixels (an array column): nothing to list them by
             for offset in range(len(column)):
