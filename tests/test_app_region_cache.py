@@ -247,3 +247,25 @@ def test_the_space_reads_its_gallery_regions_from_the_cache_its_variable_names(
     assert space["args"].region_cache == str(box_cache)
     (served,) = built
     assert isinstance(served.records, CachedGalleryRecords) and len(served.gallery) == 12
+
+
+@require_module("gradio")
+def test_a_large_gallerys_picker_lists_its_first_photos_and_takes_any_name_typed(
+    app_files, retriever, box_cache, monkeypatch
+):
+    """A page listing every photo of a gallery of millions would not load: the picker lists the first ones, says
+    how many there are, and any other photo is picked by typing its name (a name that is no photo is named)."""
+    from imagebert_hf.app import ui
+
+    monkeypatch.setattr(ui, "MAX_PICKER_CHOICES", 5)
+    demo = RetrievalDemo(retriever, read_gallery(app_files[1]), region_cache=load_region_cache(box_cache))
+    blocks = ui.build_app(demo)
+    [pick] = [block for block in blocks.blocks.values() if getattr(block, "elem_id", None) == "photo-pick"]
+    assert [choice[1] for choice in pick.choices] == [image.key for image in demo.gallery[:5]]
+    assert pick.allow_custom_value and "first 5 of 12 are listed" in pick.info
+    unlisted = demo.gallery[9].key
+    table, _, error = ui.photo_view(demo, None, unlisted, "", 3)[:3]
+    assert not error and unlisted.rsplit("/", 1)[-1] in table
+    assert "is not a photo of the gallery" in ui.photo_view(demo, None, "images/nothing.png", "", 3)[2]
+    small = ui.picker_settings(["a.png", "b.png"])
+    assert small == {"choices": ["a.png", "b.png"], "info": None}

@@ -34,6 +34,9 @@ CSS = """
 """
 # The query box's placeholder where the gallery has no caption the model answers (a folder of photos, say).
 GENERIC_PLACEHOLDER = "Describe a photo"
+# The most photos a picker lists: a page listing a gallery of millions would not load. Past it, a photo is picked by
+# typing its name.
+MAX_PICKER_CHOICES = 1000
 # What Markdown (with gradio's tables, strikethrough and LaTeX) reads as markup inside a line: links and images,
 # emphasis, code, HTML and entities, table cells. User text never starts a line here (newlines become spaces), so
 # the line-start markers (#, >, lists) need no escape.
@@ -108,6 +111,19 @@ def search_view(demo: RetrievalDemo, query: str, top_k: float) -> tuple[list, st
         ("#", "score", "p(match)", "photo"),
     )
     return items, table, picture, ""
+
+
+def picker_settings(keys: list[str], info: str | None = None) -> dict[str, Any]:
+    """`gr.Dropdown` settings for picking one photo of `keys`: all of them listed, or the first `MAX_PICKER_CHOICES`
+    with any other typed by its name (the page says so)."""
+    if len(keys) <= MAX_PICKER_CHOICES:
+        return {"choices": keys, "info": info}
+    listed = f"the first {MAX_PICKER_CHOICES} of {len(keys)} are listed; type another's name"
+    return {
+        "choices": keys[:MAX_PICKER_CHOICES],
+        "allow_custom_value": True,
+        "info": f"{info} ({listed})" if info else listed.capitalize(),
+    }
 
 
 def photo_view(demo: RetrievalDemo, upload: str | None, pick: str | None, captions: str, top_k: float):
@@ -237,7 +253,7 @@ def build_app(demo: RetrievalDemo, title: str = "ImageBERT image-text retrieval"
             with gr.Column(scale=1):
                 upload = gr.File(label="Upload a photo", type="filepath", elem_id="photo-upload")
                 pick = gr.Dropdown(
-                    [image.key for image in demo.gallery],
+                    **picker_settings([image.key for image in demo.gallery]),
                     value=None,
                     label="or pick a gallery photo",
                     elem_id="photo-pick",
@@ -287,10 +303,11 @@ def build_app(demo: RetrievalDemo, title: str = "ImageBERT image-text retrieval"
                             elem_id="relation-intro",
                         )
                         relation_pick = gr.Dropdown(
-                            relations.photos(),
+                            **picker_settings(
+                                relations.photos(), "gallery photos with two labelled objects in a clear relation"
+                            ),
                             value=None,
                             label="photo",
-                            info="gallery photos with two labelled objects in a clear relation",
                             elem_id="relation-pick",
                         )
                         relation_kind = gr.Radio(
@@ -421,4 +438,13 @@ def launch_app(blocks, server_name: str | None = "127.0.0.1", server_port: int |
     )
 
 
-__all__ = ["build_app", "launch_app", "page_header", "photo_view", "relation_view", "search_view"]
+__all__ = [
+    "MAX_PICKER_CHOICES",
+    "build_app",
+    "launch_app",
+    "page_header",
+    "photo_view",
+    "picker_settings",
+    "relation_view",
+    "search_view",
+]
