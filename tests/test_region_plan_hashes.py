@@ -14,42 +14,11 @@ from PIL import Image
 
 from imagebert_hf.regions import extract_regions, image_hashes, load_region_cache
 
+from .test_region_cache_scale import GeneratedExtractor
 from .testing_utils import PROJECT_ROOT
 
 
-FEATURES = 8
 NUM_IMAGES = 12
-
-
-class PathExtractor:
-    """Stands in for the RoI extractor over image files: regions generated from each image's content hash."""
-
-    region_feature_size, num_object_classes, batch_size, max_file_bytes, device = FEATURES, 3, 4, 1 << 20, None
-
-    def to_dict(self):
-        return {"generated": True, "device": self.device}
-
-    def save_pretrained(self, folder):
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        (Path(folder) / "preprocessor_config.json").write_text("{}")
-
-    def extract(self, images, boxes=None, image_ids=None, on_error="record", return_class_probs=False):
-        records = []
-        for image_id in image_ids:
-            rng = np.random.default_rng(int(image_id[:12], 16))
-            records.append(
-                {
-                    "region_features": rng.standard_normal((2, FEATURES)).astype(np.float32),
-                    "region_boxes": np.array([[0, 0, 8, 8], [0, 0, 4, 4]], dtype=np.float32),
-                    "region_locations": rng.random((2, 5), dtype=np.float32),
-                    "region_class_labels": np.array([0, 1]),
-                    "image_width": 8,
-                    "image_height": 8,
-                    "num_regions": 2,
-                    "error": None,
-                }
-            )
-        return records
 
 
 def write_manifest(folder: Path, count: int = NUM_IMAGES) -> Path:
@@ -79,11 +48,11 @@ def counted_hashes(monkeypatch):
 RANK_SCRIPT = """
 import json, sys
 from imagebert_hf.regions import extract_regions, image_hashes
-from tests.test_region_plan_hashes import PathExtractor
+from tests.test_region_cache_scale import GeneratedExtractor
 hashed = []
 original = image_hashes.image_content_hash
 image_hashes.image_content_hash = lambda image, *args: hashed.append(str(image)) or original(image, *args)
-report = extract_regions(sys.argv[1], sys.argv[2], PathExtractor(), shard_size=3, progress=False)
+report = extract_regions(sys.argv[1], sys.argv[2], GeneratedExtractor(), shard_size=3, progress=False)
 print(json.dumps({"hashed": hashed, "shards": report.num_shards}))
 """
 
@@ -128,7 +97,7 @@ def test_the_processes_of_a_launch_hash_each_image_once_and_plan_the_same_cache(
     assert [len(rank["hashed"]) for rank in ranks] == [NUM_IMAGES // 2] * 2
     assert sorted((tmp_path / "shared" / "plan").glob("*/part-*.arrow")) and len(ranks[0]) == 2
 
-    extract_regions(manifest, tmp_path / "alone", PathExtractor(), shard_size=3, progress=False)
+    extract_regions(manifest, tmp_path / "alone", GeneratedExtractor(), shard_size=3, progress=False)
     shared, alone = load_region_cache(tmp_path / "shared"), load_region_cache(tmp_path / "alone")
     assert shared.info["complete"] and shared.info["fingerprint"] == alone.info["fingerprint"]
     assert (tmp_path / "shared" / "index.jsonl").read_text() == (tmp_path / "alone" / "index.jsonl").read_text()
@@ -139,18 +108,18 @@ def test_the_processes_of_a_launch_hash_each_image_once_and_plan_the_same_cache(
 
 def test_a_rerun_hashes_only_the_files_that_changed(tmp_path, counted_hashes):
     manifest = write_manifest(tmp_path / "data")
-    extract_regions(manifest, tmp_path / "cache", PathExtractor(), shard_size=3, progress=False)
+    extract_regions(manifest, tmp_path / "cache", GeneratedExtractor(), shard_size=3, progress=False)
     assert len(counted_hashes) == NUM_IMAGES
     counted_hashes.clear()
 
-    report = extract_regions(manifest, tmp_path / "cache", PathExtractor(), shard_size=3, progress=False)
+    report = extract_regions(manifest, tmp_path / "cache", GeneratedExtractor(), shard_size=3, progress=False)
     assert counted_hashes == [] and report.num_shards_skipped == 4
     # A photo replaced by another: its file's size or time changed, so it is read again, and the cache still tells
     # that it was started with other images.
     replaced = tmp_path / "data" / "images" / "004.png"
     Image.new("RGB", (9, 9), (1, 2, 3)).save(replaced)
     with pytest.raises(ValueError, match="holds a region cache of another source: .*images/004.png"):
-        extract_regions(manifest, tmp_path / "cache", PathExtractor(), shard_size=3, progress=False)
+        extract_regions(manifest, tmp_path / "cache", GeneratedExtractor(), shard_size=3, progress=False)
     assert counted_hashes == [str(replaced)]
 
 
@@ -161,7 +130,7 @@ def test_a_share_no_process_publishes_is_hashed_here_after_a_bounded_wait(tmp_pa
     monkeypatch.setattr(image_hashes, "MIN_PEER_WAIT_SECONDS", 0.3)
     for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_WORLD_SIZE", "2")):
         monkeypatch.setenv(name, value)
-    report = extract_regions(manifest, tmp_path / "cache", PathExtractor(), shard_size=3, progress=False)
+    report = extract_regions(manifest, tmp_path / "cache", GeneratedExtractor(), shard_size=3, progress=False)
     assert sorted(counted_hashes) == sorted(str(p) for p in (tmp_path / "data" / "images").iterdir())
     assert report.num_shards == 4 and len(list((tmp_path / "cache" / "shards").iterdir())) == 2  # its half
 
@@ -171,7 +140,7 @@ def test_a_damaged_or_lying_plan_part_is_not_believed(tmp_path, counted_hashes, 
     import pyarrow as pa
 
     manifest = write_manifest(tmp_path / "data")
-    extract_regions(manifest, tmp_path / "alone", PathExtractor(), shard_size=3, progress=False)
+    extract_regions(manifest, tmp_path / "alone", GeneratedExtractor(), shard_size=3, progress=False)
     (part,) = (tmp_path / "alone" / "plan").glob("*/part-*.arrow")
     if damage == "garbage":
         part.write_bytes(b"not an arrow file")
@@ -186,17 +155,17 @@ def test_a_damaged_or_lying_plan_part_is_not_believed(tmp_path, counted_hashes, 
         with pa.OSFile(str(part), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table)
     counted_hashes.clear()
-    report = extract_regions(manifest, tmp_path / "alone", PathExtractor(), shard_size=3, progress=False)
+    report = extract_regions(manifest, tmp_path / "alone", GeneratedExtractor(), shard_size=3, progress=False)
     assert report.num_shards_skipped == 4  # the same plan: the hashes it did not believe were computed again
     assert len(counted_hashes) == (NUM_IMAGES if damage == "garbage" else 1)
 
 
 def test_a_refused_source_leaves_no_plan_behind_in_a_cache_of_another_one(tmp_path):
     first, second = write_manifest(tmp_path / "one"), write_manifest(tmp_path / "two", count=5)
-    extract_regions(first, tmp_path / "cache", PathExtractor(), shard_size=3, progress=False)
+    extract_regions(first, tmp_path / "cache", GeneratedExtractor(), shard_size=3, progress=False)
     plans = sorted((tmp_path / "cache" / "plan").iterdir())
     with pytest.raises(ValueError, match="holds a region cache of another source"):
-        extract_regions(second, tmp_path / "cache", PathExtractor(), shard_size=3, progress=False)
+        extract_regions(second, tmp_path / "cache", GeneratedExtractor(), shard_size=3, progress=False)
     assert sorted((tmp_path / "cache" / "plan").iterdir()) == plans
     with pytest.raises(ValueError, match="holds a region cache of another source"):
-        extract_regions(second, tmp_path / "cache", PathExtractor(), shard_size=4, progress=False)
+        extract_regions(second, tmp_path / "cache", GeneratedExtractor(), shard_size=4, progress=False)

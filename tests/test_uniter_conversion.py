@@ -255,20 +255,20 @@ def test_conversion_names_unknown_and_missing_keys():
         load_uniter_model(retrieval_only, task="pretraining", uniter_config={"num_attention_heads": HEADS})
 
 
+def conversion_flags(tmp_path, output, checkpoint=None, **uniter_config) -> tuple[list[str], dict]:
+    """The command line converting a tiny UNITER retrieval checkpoint (written at `checkpoint`, in `tmp_path` by
+    default, with its JSON config) to `output`, and the checkpoint's state dict."""
+    state_dict = uniter_state_dict("retrieval", seed=5)
+    checkpoint = checkpoint or tmp_path / "uniter-itr.pt"
+    torch.save(state_dict, checkpoint)
+    config = tmp_path / "uniter-tiny.json"
+    config.write_text(json.dumps({"num_attention_heads": HEADS, **uniter_config}))
+    return ["--checkpoint", str(checkpoint), "--output", str(output), "--uniter_config", str(config)], state_dict
+
+
 def test_cli_converts_a_checkpoint_file_that_loads_with_from_pretrained(tmp_path, batch):
-    sd = uniter_state_dict("retrieval", seed=5)
-    checkpoint = tmp_path / "uniter-itr.pt"
-    torch.save(sd, checkpoint)
-    (tmp_path / "uniter-tiny.json").write_text(json.dumps({"num_attention_heads": HEADS, "hidden_act": "gelu"}))
     output = tmp_path / "converted"
-    args = [
-        "--checkpoint",
-        str(checkpoint),
-        "--output",
-        str(output),
-        "--uniter_config",
-        str(tmp_path / "uniter-tiny.json"),
-    ]
+    args, sd = conversion_flags(tmp_path, output, hidden_act="gelu")
     assert main([*args, "--max_text_length", "10"]) == 0
     model = ImageBERTForImageTextRetrieval.from_pretrained(output).eval()
     assert model.config.separate_region_layer_norm and not model.config.region_position_embedding
@@ -291,16 +291,7 @@ def test_the_converter_replaces_only_an_earlier_conversion_never_other_files(tmp
         (output / "other_model").mkdir()
     elif where == "the_folder_of_its_checkpoint":
         checkpoint = output / "uniter-itr.pt"
-    torch.save(uniter_state_dict("retrieval", seed=5), checkpoint)
-    (tmp_path / "uniter-tiny.json").write_text(json.dumps({"num_attention_heads": HEADS}))
-    args = [
-        "--checkpoint",
-        str(checkpoint),
-        "--output",
-        str(output),
-        "--uniter_config",
-        str(tmp_path / "uniter-tiny.json"),
-    ]
+    args, _ = conversion_flags(tmp_path, output, checkpoint)
     if where == "an_earlier_conversion":
         assert main(args) == 0
         (output / "stale.txt").write_text("from the earlier conversion")
@@ -327,20 +318,8 @@ def test_a_converted_model_reads_as_having_untrained_projection_heads(tmp_path):
     from imagebert_hf.evaluation.full_ranking import check_shortlist_heads
     from imagebert_hf.models.imagebert.pipeline_image_text_retrieval import PROJECTION_HEADS, untrained_heads
 
-    checkpoint = tmp_path / "uniter-itr.pt"
-    torch.save(uniter_state_dict("retrieval", seed=5), checkpoint)
-    (tmp_path / "uniter-tiny.json").write_text(json.dumps({"num_attention_heads": HEADS}))
     output = tmp_path / "converted"
-    main(
-        [
-            "--checkpoint",
-            str(checkpoint),
-            "--output",
-            str(output),
-            "--uniter_config",
-            str(tmp_path / "uniter-tiny.json"),
-        ]
-    )
+    assert main(conversion_flags(tmp_path, output)[0]) == 0
     from safetensors.torch import load_file
 
     saved = load_file(output / "model.safetensors")

@@ -76,11 +76,17 @@ def _stored_identity(image: Any, dataset_states: dict) -> tuple[str, int, int] |
     if isinstance(image, str):
         return (os.path.abspath(image), *_file_state(image))
     if isinstance(image, DatasetImage):
-        files = tuple(os.path.abspath(entry["filename"]) for entry in image.images.cache_files)
-        if files not in dataset_states:
+        # Every row of a listing shares one dataset: its files are read and stated once, not once a row.
+        if id(image.images) not in dataset_states:
+            files = [os.path.abspath(entry["filename"]) for entry in image.images.cache_files]
             states = [_file_state(name) for name in files]
-            dataset_states[files] = (sum(size for size, _ in states), max(mtime for _, mtime in states))
-        return (f"{'|'.join(files)}#{image.row}", *dataset_states[files])
+            dataset_states[id(image.images)] = (
+                "|".join(files),
+                sum(size for size, _ in states),
+                max(mtime for _, mtime in states),
+            )
+        files, size, mtime = dataset_states[id(image.images)]
+        return (f"{files}#{image.row}", size, mtime)
     return None
 
 
